@@ -1,0 +1,123 @@
+//! The backend tier: where SCOs and TLogs go once they leave a node's write buffer.
+//!
+//! Everything above this crate talks to an [`ObjectStore`]: namespaces (one per volume) of named,
+//! immutable objects with put, get, ranged get, delete and list. Backend TLogs are the source of
+//! truth for a volume's metadata, so a store must never hand back bytes it cannot vouch for: every
+//! implementation verifies checksums on read and names the object in its errors.
+//!
+//! Fencing. Each namespace carries an *owner tag*, a number that grows with every ownership change.
+//! [`ObjectStore::put_if_owner`] succeeds only while the namespace's tag equals the writer's, so a
+//! node that lost a volume (and does not know it yet) cannot overwrite the new owner's objects.
+//!
+//! The embedded default is [`LocalStore`], a directory tree; the erasure-coded tier and S3 will be
+//! further implementations of the same trait.
+
+mod local;
+
+pub use local::LocalStore;
+
+use std::path::PathBuf;
+
+/// Fencing token of a namespace's current owner; higher is newer.
+pub type OwnerTag = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("namespace {namespace} does not exist")]
+    NoSuchNamespace { namespace: String },
+    #[error("namespace {namespace} already exists")]
+    NamespaceExists { namespace: String },
+    #[error("object {namespace}/{name} does not exist")]
+    NoSuchObject { namespace: String, name: String },
+    #[error("object {namespace}/{name} is corrupt: {reason}")]
+    Corrupt {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("range [{offset}, +{len}) is outside object {namespace}/{name} of {size} bytes")]
+    RangeOutOfBounds {
+        namespace: String,
+        name: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("write to {namespace} fenced: owner tag is {current}, writer holds {presented}")]
+    Fenced {
+        namespace: String,
+        current: OwnerTag,
+        presented: OwnerTag,
+    },
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// A store of namespaces of immutable named objects.
+///
+/// Puts are atomic: a reader sees either the old object, the new one, or none, never a mix. All
+/// methods are blocking; callers keep them off latency-sensitive threads.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Create an empty namespace with the given owner tag.
+    fn create_namespace(&self, namespace: &str, owner: OwnerTag) -> Result<()>;
+    /// Remove a namespace and every object in it.
+    fn delete_namespace(&self, namespace: &str) -> Result<()>;
+    fn namespace_exists(&self, namespace: &str) -> Result<bool>;
+    fn list_namespaces(&self) -> Result<Vec<String>>;
+
+    /// Current owner tag of a namespace.
+    fn owner_tag(&self, namespace: &str) -> Result<OwnerTag>;
+    /// Take ownership: set the tag to `new`, which must be greater than the current one.
+    fn claim(&self, namespace: &str, new: OwnerTag) -> Result<()>;
+
+    /// Store `data` as `namespace/name`, replacing any previous object of that name.
+    fn put(&self, namespace: &str, name: &str, data: &[u8]) -> Result<()>;
+    /// As [`put`](Self::put), but only if `owner` is the namespace's current owner tag.
+    fn put_if_owner(&self, namespace: &str, name: &str, data: &[u8], owner: OwnerTag)
+        -> Result<()>;
+    fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>>;
+    /// Read `buf.len()` bytes at `offset` of the object, verifying only the parts read.
+    fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Size of the object's payload in bytes.
+    fn size(&self, namespace: &str, name: &str) -> Result<u64>;
+    fn exists(&self, namespace: &str, name: &str) -> Result<bool>;
+    /// Delete an object; deleting a missing object is not an error.
+    fn delete(&self, namespace: &str, name: &str) -> Result<()>;
+    /// Delete an object only while `owner` holds the namespace.
+    fn delete_if_owner(&self, namespace: &str, name: &str, owner: OwnerTag) -> Result<()>;
+    /// Names of every object in the namespace, sorted.
+    fn list(&self, namespace: &str) -> Result<Vec<String>>;
+}
+
+/// Names are used as file names by the local store and as keys elsewhere: keep them portable.
+pub fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > 200 {
+        Some("longer than 200 bytes")
+    } else if name.starts_with('.') {
+        Some("starts with '.'")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+    {
+        Some("only ASCII letters, digits, '_', '-', '.' and '@' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(BackendError::InvalidName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}

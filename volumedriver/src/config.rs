@@ -1,0 +1,223 @@
+//! Per-volume settings and the backend's record of which TLogs make up a volume.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, VolumeError};
+use crate::types::{MAX_SCO_CLUSTERS, MAX_VOLUME_SIZE};
+
+pub const CLUSTER_SIZE: u64 = 4096;
+/// A TLog covers about this much written data (it is closed after `tlog_scos` SCOs).
+pub const TLOG_TARGET_BYTES: u64 = 64 << 20;
+pub const DEFAULT_SCO_SIZE: u64 = 64 << 20;
+pub const DEFAULT_WRITE_BUFFER: u64 = 1 << 30;
+/// SCO sizes offered to users; the engine itself accepts any size up to 65 536 clusters.
+pub const USER_SCO_SIZE_RANGE: (u64, u64) = (4 << 20, 128 << 20);
+
+pub const CONFIG_KIND: &[u8; 4] = b"VCFG";
+pub const CONFIG_VERSION: u32 = 1;
+pub const TLOG_LIST_KIND: &[u8; 4] = b"TLGS";
+pub const TLOG_LIST_VERSION: u32 = 1;
+/// Backend object holding the volume configuration.
+pub const CONFIG_OBJECT: &str = "volume_config";
+/// Backend object listing the volume's TLogs in order (the role of Open vStorage's snapshots.xml).
+pub const TLOG_LIST_OBJECT: &str = "tlogs";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Backend namespace holding this volume's SCOs and TLogs.
+    pub namespace: String,
+    pub size: u64,
+    pub cluster_size: u64,
+    pub sco_clusters: u64,
+    /// A TLog is closed after this many SCOs.
+    pub tlog_scos: u64,
+    /// Not-yet-uploaded bytes above which writes are throttled.
+    pub write_buffer: u64,
+    pub owner_tag: u64,
+    pub read_only: bool,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// What a user may choose when creating a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeOptions {
+    pub size: u64,
+    pub sco_size: u64,
+    pub write_buffer: u64,
+}
+
+impl VolumeOptions {
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            sco_size: DEFAULT_SCO_SIZE,
+            write_buffer: DEFAULT_WRITE_BUFFER,
+        }
+    }
+}
+
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(VolumeError::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() || name.len() > 128 {
+        return bad("must be 1 to 128 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || name.starts_with('.')
+        || name.starts_with('-')
+    {
+        return bad("use ASCII letters, digits, '-', '_' and '.', not starting with '.' or '-'");
+    }
+    Ok(())
+}
+
+pub fn validate_size(volume: &str, size: u64) -> Result<()> {
+    let bad = |reason: String| {
+        Err(VolumeError::InvalidConfig {
+            volume: volume.to_string(),
+            reason,
+        })
+    };
+    if size == 0 {
+        return bad("size must be greater than zero".into());
+    }
+    if size % CLUSTER_SIZE != 0 {
+        return bad(format!(
+            "size {size} is not a multiple of {CLUSTER_SIZE} bytes"
+        ));
+    }
+    if size > MAX_VOLUME_SIZE {
+        return bad(format!("size {size} exceeds the maximum of 64 TiB"));
+    }
+    Ok(())
+}
+
+impl VolumeConfig {
+    /// Build and check a configuration. `sco_size` is checked against the engine's hard limits
+    /// only; the API layer applies the narrower user-facing range.
+    pub fn new(name: &str, options: &VolumeOptions, created: u64) -> Result<Self> {
+        validate_volume_name(name)?;
+        validate_size(name, options.size)?;
+        let bad = |reason: String| {
+            Err(VolumeError::InvalidConfig {
+                volume: name.to_string(),
+                reason,
+            })
+        };
+        if options.sco_size == 0 || options.sco_size % CLUSTER_SIZE != 0 {
+            return bad(format!(
+                "SCO size {} must be a positive multiple of {CLUSTER_SIZE}",
+                options.sco_size
+            ));
+        }
+        let sco_clusters = options.sco_size / CLUSTER_SIZE;
+        if sco_clusters > MAX_SCO_CLUSTERS {
+            return bad(format!(
+                "SCO size {} exceeds {} clusters",
+                options.sco_size, MAX_SCO_CLUSTERS
+            ));
+        }
+        if options.write_buffer < options.sco_size {
+            return bad(format!(
+                "write buffer {} must hold at least one SCO ({})",
+                options.write_buffer, options.sco_size
+            ));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            namespace: name.to_string(),
+            size: options.size,
+            cluster_size: CLUSTER_SIZE,
+            sco_clusters,
+            tlog_scos: (TLOG_TARGET_BYTES / options.sco_size).max(1),
+            write_buffer: options.write_buffer,
+            owner_tag: 1,
+            read_only: false,
+            created,
+        })
+    }
+
+    pub fn sco_size(&self) -> u64 {
+        self.sco_clusters * self.cluster_size
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        crate::meta::encode(CONFIG_KIND, CONFIG_VERSION, self)
+    }
+
+    pub fn decode(volume: &str, what: &str, bytes: &[u8]) -> Result<Self> {
+        crate::meta::decode(CONFIG_KIND, CONFIG_VERSION, bytes)
+            .map_err(|e| VolumeError::corrupt(volume, what, e.to_string()))
+    }
+}
+
+/// One TLog on the backend and the SCOs whose data it references.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TLogRecord {
+    pub number: u64,
+    pub scos: Vec<u32>,
+    /// Bytes of cluster data written into its SCOs.
+    pub data_bytes: u64,
+}
+
+/// The backend's ordered list of a volume's TLogs; replaying them in order rebuilds the map.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TLogList {
+    pub tlogs: Vec<TLogRecord>,
+}
+
+impl TLogList {
+    pub fn encode(&self) -> Vec<u8> {
+        crate::meta::encode(TLOG_LIST_KIND, TLOG_LIST_VERSION, self)
+    }
+
+    pub fn decode(volume: &str, bytes: &[u8]) -> Result<Self> {
+        crate::meta::decode(TLOG_LIST_KIND, TLOG_LIST_VERSION, bytes).map_err(|e| {
+            VolumeError::corrupt(
+                volume,
+                format!("backend object {TLOG_LIST_OBJECT}"),
+                e.to_string(),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let config = VolumeConfig::new("vol", &VolumeOptions::new(1 << 30), 0).unwrap();
+        assert_eq!(config.sco_clusters, 16384);
+        assert_eq!(config.tlog_scos, 1);
+        let mut small = VolumeOptions::new(1 << 30);
+        small.sco_size = 4 << 20;
+        assert_eq!(VolumeConfig::new("v", &small, 0).unwrap().tlog_scos, 16);
+        assert!(VolumeConfig::new("bad/name", &VolumeOptions::new(4096), 0).is_err());
+        assert!(VolumeConfig::new("v", &VolumeOptions::new(1000), 0).is_err());
+        assert!(VolumeConfig::new("v", &VolumeOptions::new(0), 0).is_err());
+        assert!(VolumeConfig::new("v", &VolumeOptions::new(MAX_VOLUME_SIZE + 4096), 0).is_err());
+        let mut huge_sco = VolumeOptions::new(1 << 30);
+        huge_sco.sco_size = 512 << 20;
+        assert!(VolumeConfig::new("v", &huge_sco, 0).is_err());
+        let bytes = config.encode();
+        assert_eq!(
+            VolumeConfig::decode("vol", "config", &bytes).unwrap(),
+            config
+        );
+        let err = VolumeConfig::decode("vol", "config", &bytes[1..]).unwrap_err();
+        assert!(
+            err.to_string().contains("volume vol: config is corrupt"),
+            "{err}"
+        );
+    }
+}

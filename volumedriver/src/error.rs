@@ -1,0 +1,82 @@
+use std::path::PathBuf;
+
+use vstor_backend::BackendError;
+
+/// Everything that can go wrong in the volume engine. Each message names the volume and, where
+/// there is one, the file or object involved.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {volume} does not exist")]
+    NotFound { volume: String },
+    #[error("volume {volume} already exists")]
+    Exists { volume: String },
+    #[error("invalid volume name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("invalid setting for volume {volume}: {reason}")]
+    InvalidConfig { volume: String, reason: String },
+    #[error("volume {volume}: request [{offset}, +{len}) is outside the volume of {size} bytes")]
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("volume {volume}: offset {offset} and length {len} must be multiples of 512")]
+    Misaligned {
+        volume: String,
+        offset: u64,
+        len: u64,
+    },
+    #[error("volume {volume} is read-only")]
+    ReadOnly { volume: String },
+    #[error("volume {volume} is halted: {reason}")]
+    Halted { volume: String, reason: String },
+    #[error("volume {volume} is stopped")]
+    Stopped { volume: String },
+    #[error("volume {volume}: backend: {source}")]
+    Backend {
+        volume: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("volume {volume}: I/O error on {path}: {source}")]
+    Io {
+        volume: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {volume}: {what} is corrupt: {reason}")]
+    Corrupt {
+        volume: String,
+        what: String,
+        reason: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, VolumeError>;
+
+impl VolumeError {
+    pub fn io(volume: &str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let volume = volume.to_string();
+        let path = path.into();
+        move |source| VolumeError::Io {
+            volume,
+            path,
+            source,
+        }
+    }
+
+    pub fn backend(volume: &str) -> impl FnOnce(BackendError) -> Self {
+        let volume = volume.to_string();
+        move |source| VolumeError::Backend { volume, source }
+    }
+
+    pub fn corrupt(volume: &str, what: impl Into<String>, reason: impl Into<String>) -> Self {
+        VolumeError::Corrupt {
+            volume: volume.to_string(),
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}

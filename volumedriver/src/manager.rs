@@ -1,0 +1,280 @@
+//! The node's set of volumes: creation, deletion, restart, the upload threads, and the write
+//! buffer's size limit.
+//!
+//! The registry file lists the volumes this node owns, so a restart knows what to bring back
+//! even if a volume's write-buffer directory is gone (then it is rebuilt from the backend). Each
+//! volume gets one uploader thread that drives [`Volume::upload_one`], backing off while the
+//! backend fails; after every successful upload the manager checks the write buffer against its
+//! limit and evicts disposable SCOs, oldest first, from every volume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use vstor_backend::ObjectStore;
+
+use crate::config::{validate_volume_name, VolumeConfig, VolumeOptions};
+use crate::error::{Result, VolumeError};
+use crate::meta;
+use crate::volume::{Volume, VolumeInfo};
+
+const REGISTRY_KIND: &[u8; 4] = b"REGY";
+const REGISTRY_VERSION: u32 = 1;
+const UPLOAD_IDLE_WAIT: Duration = Duration::from_secs(1);
+const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Directory holding one write-buffer directory per volume.
+    pub write_buffer_dir: PathBuf,
+    /// File listing the volumes this node owns.
+    pub registry_path: PathBuf,
+    /// Total SCO bytes the write buffer may hold before disposable SCOs are evicted.
+    pub write_buffer_limit: u64,
+}
+
+impl ManagerConfig {
+    /// The standard layout under a node's data directory.
+    pub fn under(data_dir: &Path, write_buffer_limit: u64) -> Self {
+        Self {
+            write_buffer_dir: data_dir.join("write-buffer"),
+            registry_path: data_dir.join("registry"),
+            write_buffer_limit,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Registry {
+    volumes: Vec<String>,
+}
+
+pub struct VolumeManager {
+    config: ManagerConfig,
+    backend: Arc<dyn ObjectStore>,
+    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    /// Volumes in the registry that could not be restarted, with the reason.
+    failed: RwLock<BTreeMap<String, String>>,
+    uploaders: Mutex<HashMap<String, JoinHandle<()>>>,
+    registry_lock: Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl VolumeManager {
+    /// Open the node: restart every registered volume and start its uploader.
+    pub fn open(config: ManagerConfig, backend: Arc<dyn ObjectStore>) -> Result<Arc<Self>> {
+        let wb = &config.write_buffer_dir;
+        fs::create_dir_all(wb).map_err(VolumeError::io("-", wb))?;
+        let registry = Self::load_registry(&config.registry_path)?;
+        let manager = Arc::new(Self {
+            config,
+            backend,
+            volumes: RwLock::new(BTreeMap::new()),
+            failed: RwLock::new(BTreeMap::new()),
+            uploaders: Mutex::new(HashMap::new()),
+            registry_lock: Mutex::new(()),
+        });
+        for name in registry.volumes {
+            let dir = manager.config.write_buffer_dir.join(&name);
+            match Volume::open(&dir, manager.backend.clone(), &name) {
+                Ok(volume) => {
+                    tracing::info!(volume = %name, "volume restarted");
+                    manager.volumes.write().insert(name.clone(), volume.clone());
+                    manager.start_uploader(volume);
+                }
+                Err(e) => {
+                    tracing::error!(volume = %name, error = %e, "volume could not be restarted");
+                    manager.failed.write().insert(name, e.to_string());
+                }
+            }
+        }
+        Ok(manager)
+    }
+
+    fn load_registry(path: &Path) -> Result<Registry> {
+        match fs::read(path) {
+            Ok(bytes) => meta::decode(REGISTRY_KIND, REGISTRY_VERSION, &bytes)
+                .map_err(|e| VolumeError::corrupt("-", path.display().to_string(), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Err(e) => Err(VolumeError::io("-", path)(e)),
+        }
+    }
+
+    fn update_registry(&self, change: impl FnOnce(&mut Vec<String>)) -> Result<()> {
+        let _guard = self.registry_lock.lock();
+        let path = &self.config.registry_path;
+        let mut registry = Self::load_registry(path)?;
+        change(&mut registry.volumes);
+        registry.volumes.sort();
+        registry.volumes.dedup();
+        meta::write_file_atomic(
+            path,
+            &meta::encode(REGISTRY_KIND, REGISTRY_VERSION, &registry),
+        )
+        .map_err(VolumeError::io("-", path))
+    }
+
+    fn start_uploader(self: &Arc<Self>, volume: Arc<Volume>) {
+        let manager = Arc::downgrade(self);
+        let name = volume.name().to_string();
+        let handle = std::thread::Builder::new()
+            .name(format!("upload-{name}"))
+            .spawn(move || {
+                let mut backoff = Duration::from_millis(50);
+                while !volume.is_stopped() {
+                    match volume.upload_one() {
+                        Ok(true) => {
+                            backoff = Duration::from_millis(50);
+                            if let Some(manager) = manager.upgrade() {
+                                manager.enforce_write_buffer_limit();
+                            }
+                        }
+                        Ok(false) => volume.wait_for_upload_work(UPLOAD_IDLE_WAIT),
+                        Err(VolumeError::Halted { .. }) | Err(VolumeError::Stopped { .. }) => break,
+                        Err(e) => {
+                            tracing::warn!(volume = %volume.name(), error = %e, retry_in = ?backoff, "upload failed");
+                            volume.pause(backoff);
+                            backoff = (backoff * 2).min(UPLOAD_BACKOFF_MAX);
+                        }
+                    }
+                }
+            });
+        match handle {
+            Ok(handle) => {
+                self.uploaders.lock().insert(name, handle);
+            }
+            Err(e) => tracing::error!(volume = %name, error = %e, "cannot start uploader thread"),
+        }
+    }
+
+    /// Evict disposable SCOs while the write buffer holds more than its limit.
+    pub fn enforce_write_buffer_limit(&self) {
+        let volumes: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        let total: u64 = volumes.iter().map(|v| v.local_bytes().0).sum();
+        let mut excess = total.saturating_sub(self.config.write_buffer_limit);
+        for volume in volumes {
+            if excess == 0 {
+                break;
+            }
+            let freed = volume.evict(excess);
+            if freed > 0 {
+                tracing::debug!(volume = %volume.name(), freed, "evicted disposable SCOs");
+            }
+            excess = excess.saturating_sub(freed);
+        }
+    }
+
+    pub fn create(self: &Arc<Self>, name: &str, options: &VolumeOptions) -> Result<Arc<Volume>> {
+        validate_volume_name(name)?;
+        if self.volumes.read().contains_key(name) || self.failed.read().contains_key(name) {
+            return Err(VolumeError::Exists {
+                volume: name.to_string(),
+            });
+        }
+        let config = VolumeConfig::new(name, options, now_secs())?;
+        let dir = self.config.write_buffer_dir.join(name);
+        let volume = Volume::create(&dir, self.backend.clone(), config)?;
+        if let Err(e) = self.update_registry(|names| names.push(name.to_string())) {
+            let _ = volume.destroy();
+            return Err(e);
+        }
+        self.volumes
+            .write()
+            .insert(name.to_string(), volume.clone());
+        self.start_uploader(volume.clone());
+        tracing::info!(volume = %name, size = options.size, "volume created");
+        Ok(volume)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Volume>> {
+        if let Some(reason) = self.failed.read().get(name) {
+            return Err(VolumeError::Halted {
+                volume: name.to_string(),
+                reason: format!("restart failed: {reason}"),
+            });
+        }
+        self.volumes
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::NotFound {
+                volume: name.to_string(),
+            })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.volumes.read().keys().cloned().collect()
+    }
+
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        self.volumes.read().values().map(|v| v.info()).collect()
+    }
+
+    /// Volumes that failed to restart, with the reason.
+    pub fn failed(&self) -> BTreeMap<String, String> {
+        self.failed.read().clone()
+    }
+
+    fn stop_uploader(&self, name: &str) {
+        let handle = self.uploaders.lock().remove(name);
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    /// Delete a volume, its write buffer and its backend namespace.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        if self.failed.write().remove(name).is_some() {
+            let _ = fs::remove_dir_all(self.config.write_buffer_dir.join(name));
+            let _ = self.backend.delete_namespace(name);
+            return self.update_registry(|names| names.retain(|n| n != name));
+        }
+        let volume = self
+            .volumes
+            .write()
+            .remove(name)
+            .ok_or_else(|| VolumeError::NotFound {
+                volume: name.to_string(),
+            })?;
+        volume.stop();
+        self.stop_uploader(name);
+        volume.destroy()?;
+        self.update_registry(|names| names.retain(|n| n != name))?;
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// Clean stop: flush every volume, queue everything for upload, wait up to `timeout` for the
+    /// uploads, then stop the volumes. Returns the names of volumes whose uploads did not finish.
+    pub fn shutdown(&self, timeout: Duration) -> Vec<String> {
+        let volumes: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        for volume in &volumes {
+            if let Err(e) = volume.flush().and_then(|()| volume.close_current_tlog()) {
+                tracing::error!(volume = %volume.name(), error = %e, "flush at shutdown failed");
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut unfinished = Vec::new();
+        for volume in &volumes {
+            if !volume.wait_for_uploads(deadline) {
+                unfinished.push(volume.name().to_string());
+            }
+            volume.stop();
+        }
+        let names: Vec<String> = self.uploaders.lock().keys().cloned().collect();
+        for name in names {
+            self.stop_uploader(&name);
+        }
+        unfinished
+    }
+}

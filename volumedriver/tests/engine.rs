@@ -1,0 +1,643 @@
+//! Engine tests through the public API: no sockets, no threads, no timers. Uploads are stepped by
+//! hand, crashes are simulated by dropping a volume without flushing (what `kill -9` leaves:
+//! everything written to files survives, everything buffered in the process is gone).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use vstor_backend::{BackendError, LocalStore, ObjectStore, OwnerTag};
+use vstor_volumedriver::config::{TLogList, TLOG_LIST_OBJECT};
+use vstor_volumedriver::{UploadTask, Volume, VolumeConfig, VolumeError, VolumeOptions};
+
+const CS: usize = 4096;
+
+/// A backend whose puts can be made to fail, standing in for an unreachable backend.
+struct FlakyStore {
+    inner: LocalStore,
+    failing: AtomicBool,
+}
+
+impl FlakyStore {
+    fn check(&self) -> vstor_backend::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackendError::Io {
+                path: PathBuf::from("flaky"),
+                source: std::io::Error::other("backend unreachable (injected)"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ObjectStore for FlakyStore {
+    fn create_namespace(&self, ns: &str, owner: OwnerTag) -> vstor_backend::Result<()> {
+        self.inner.create_namespace(ns, owner)
+    }
+    fn delete_namespace(&self, ns: &str) -> vstor_backend::Result<()> {
+        self.inner.delete_namespace(ns)
+    }
+    fn namespace_exists(&self, ns: &str) -> vstor_backend::Result<bool> {
+        self.inner.namespace_exists(ns)
+    }
+    fn list_namespaces(&self) -> vstor_backend::Result<Vec<String>> {
+        self.inner.list_namespaces()
+    }
+    fn owner_tag(&self, ns: &str) -> vstor_backend::Result<OwnerTag> {
+        self.inner.owner_tag(ns)
+    }
+    fn claim(&self, ns: &str, new: OwnerTag) -> vstor_backend::Result<()> {
+        self.inner.claim(ns, new)
+    }
+    fn put(&self, ns: &str, name: &str, data: &[u8]) -> vstor_backend::Result<()> {
+        self.check()?;
+        self.inner.put(ns, name, data)
+    }
+    fn put_if_owner(
+        &self,
+        ns: &str,
+        name: &str,
+        data: &[u8],
+        owner: OwnerTag,
+    ) -> vstor_backend::Result<()> {
+        self.check()?;
+        self.inner.put_if_owner(ns, name, data, owner)
+    }
+    fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
+        self.inner.get(ns, name)
+    }
+    fn get_range(
+        &self,
+        ns: &str,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> vstor_backend::Result<()> {
+        self.inner.get_range(ns, name, offset, buf)
+    }
+    fn size(&self, ns: &str, name: &str) -> vstor_backend::Result<u64> {
+        self.inner.size(ns, name)
+    }
+    fn exists(&self, ns: &str, name: &str) -> vstor_backend::Result<bool> {
+        self.inner.exists(ns, name)
+    }
+    fn delete(&self, ns: &str, name: &str) -> vstor_backend::Result<()> {
+        self.inner.delete(ns, name)
+    }
+    fn delete_if_owner(&self, ns: &str, name: &str, owner: OwnerTag) -> vstor_backend::Result<()> {
+        self.inner.delete_if_owner(ns, name, owner)
+    }
+    fn list(&self, ns: &str) -> vstor_backend::Result<Vec<String>> {
+        self.inner.list(ns)
+    }
+}
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    store: Arc<FlakyStore>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(FlakyStore {
+            inner: LocalStore::open(tmp.path().join("backend")).expect("store"),
+            failing: AtomicBool::new(false),
+        });
+        Self {
+            dir: tmp.path().join("wb").join("vol"),
+            _tmp: tmp,
+            store,
+        }
+    }
+
+    /// A small volume: `clusters` clusters, SCOs of `sco_clusters`, TLogs of `tlog_scos` SCOs.
+    fn create(
+        &self,
+        clusters: u64,
+        sco_clusters: u64,
+        tlog_scos: u64,
+        write_buffer: u64,
+    ) -> Arc<Volume> {
+        let mut config =
+            VolumeConfig::new("vol", &VolumeOptions::new(clusters * CS as u64), 0).unwrap();
+        config.sco_clusters = sco_clusters;
+        config.tlog_scos = tlog_scos;
+        config.write_buffer = write_buffer;
+        Volume::create(&self.dir, self.store.clone(), config).expect("create volume")
+    }
+
+    fn open(&self) -> Arc<Volume> {
+        Volume::open(&self.dir, self.store.clone(), "vol").expect("reopen volume")
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u8)
+                .wrapping_mul(7)
+                .wrapping_add(seed)
+                .wrapping_add((i >> 9) as u8)
+        })
+        .collect()
+}
+
+fn read_all(volume: &Volume) -> Vec<u8> {
+    let mut buf = vec![0u8; volume.size() as usize];
+    volume.read(0, &mut buf).expect("read whole volume");
+    buf
+}
+
+fn sco_dir(dir: &Path) -> PathBuf {
+    dir.join("sco")
+}
+
+#[test]
+fn unaligned_writes_read_back_and_unwritten_reads_zero() {
+    let rig = Rig::new();
+    let volume = rig.create(16, 4, 2, 1 << 30);
+    assert!(read_all(&volume).iter().all(|b| *b == 0));
+    let data = pattern(3 * 512, 1);
+    volume.write(512 * 7, &data, false).unwrap();
+    let mut back = vec![0u8; data.len()];
+    volume.read(512 * 7, &mut back).unwrap();
+    assert_eq!(back, data);
+    let mut around = vec![0xffu8; 512];
+    volume.read(512 * 6, &mut around).unwrap();
+    assert!(
+        around.iter().all(|b| *b == 0),
+        "neighbouring sector untouched"
+    );
+    // Errors: out of range, misaligned, zero-length is fine.
+    let size = volume.size();
+    assert!(matches!(
+        volume.write(size - 512, &[0u8; 1024], false),
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        volume.read(u64::MAX - 511, &mut [0u8; 512]),
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        volume.write(100, &[0u8; 512], false),
+        Err(VolumeError::Misaligned { .. })
+    ));
+    volume.write(0, &[], false).unwrap();
+}
+
+#[test]
+fn sco_and_tlog_rollover_upload_in_barrier_order() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 2, 1 << 30);
+    volume.write(0, &pattern(8 * CS, 3), false).unwrap(); // fills SCO 1 and 2 → TLog 1 closes
+    let info = volume.info();
+    assert_eq!(info.upload_queue, 3);
+    assert!(volume.upload_one().unwrap());
+    assert!(rig.store.exists("vol", "00_00000001_00").unwrap());
+    assert!(!rig.store.exists("vol", "tlog_0000000000000001").unwrap());
+    volume.drain_uploads().unwrap();
+    assert!(rig.store.exists("vol", "00_00000002_00").unwrap());
+    assert!(rig.store.exists("vol", "tlog_0000000000000001").unwrap());
+    let list = TLogList::decode("vol", &rig.store.get("vol", TLOG_LIST_OBJECT).unwrap()).unwrap();
+    assert_eq!(list.tlogs.len(), 1);
+    assert_eq!(list.tlogs[0].scos, vec![1, 2]);
+    let info = volume.info();
+    assert_eq!(info.not_uploaded_bytes, 0);
+    assert_eq!(info.disposable_bytes, 2 * (4096 + 4 * CS as u64));
+    assert_eq!(info.tlogs_on_backend, 1);
+    assert!(
+        !rig.dir.join("tlog").join("tlog_0000000000000001").exists(),
+        "uncorked TLog removed locally"
+    );
+}
+
+#[test]
+fn corrupt_sco_in_write_buffer_is_caught_before_upload() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 2, 1 << 30);
+    volume.write(0, &pattern(4 * CS, 5), false).unwrap();
+    // Damage the sealed SCO behind the engine's back.
+    let path = sco_dir(&rig.dir).join("00_00000001_00");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 100] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = volume.upload_one().unwrap_err();
+    assert!(
+        err.to_string().contains("00_00000001_00") && err.to_string().contains("CRC"),
+        "{err}"
+    );
+    assert!(!rig.store.exists("vol", "00_00000001_00").unwrap());
+    assert!(matches!(
+        volume.write(0, &[0u8; 512], false),
+        Err(VolumeError::Halted { .. })
+    ));
+    assert_eq!(volume.info().state, "halted");
+}
+
+#[test]
+fn throttles_but_never_fails_when_backend_is_down() {
+    let rig = Rig::new();
+    let volume = rig.create(256, 4, 1, 8 * CS as u64);
+    rig.store.failing.store(true, Ordering::SeqCst);
+    let mut throttled = 0;
+    for i in 0..64u64 {
+        let outcome = volume
+            .write(i * CS as u64, &pattern(CS, i as u8), false)
+            .unwrap();
+        throttled += outcome.throttle.is_some() as u32;
+        if i % 8 == 7 {
+            let err = volume.upload_one().unwrap_err();
+            assert!(err.to_string().contains("backend unreachable"), "{err}");
+        }
+    }
+    assert!(throttled > 0);
+    let info = volume.info();
+    assert!(info.throttling);
+    assert!(info.throttled_writes >= throttled as u64);
+    assert!(info
+        .last_upload_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("unreachable"));
+    volume.flush().unwrap();
+    // Backend back: everything drains, throttling stops, nothing was lost.
+    rig.store.failing.store(false, Ordering::SeqCst);
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    let info = volume.info();
+    assert!(!info.throttling);
+    assert!(info.last_upload_error.is_none());
+    for i in 0..64u64 {
+        let mut back = vec![0u8; CS];
+        volume.read(i * CS as u64, &mut back).unwrap();
+        assert_eq!(back, pattern(CS, i as u8), "cluster {i}");
+    }
+}
+
+#[test]
+fn evicted_scos_are_read_back_with_ranged_backend_reads() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 8, 1, 1 << 30);
+    let data = pattern(32 * CS, 9);
+    volume.write(0, &data, false).unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    let (local, disposable) = volume.local_bytes();
+    assert_eq!(local, disposable);
+    let freed = volume.evict(u64::MAX);
+    assert_eq!(freed, local);
+    assert_eq!(std::fs::read_dir(sco_dir(&rig.dir)).unwrap().count(), 0);
+    let mut part = vec![0u8; 3 * 512];
+    volume.read(5 * CS as u64 + 512, &mut part).unwrap();
+    assert_eq!(part, data[5 * CS + 512..5 * CS + 512 + 3 * 512]);
+    assert_eq!(read_all(&volume)[..data.len()], data[..]);
+    assert!(volume.info().backend_reads > 0);
+    // A restart does not need the evicted SCOs locally either.
+    drop(volume);
+    let volume = rig.open();
+    assert_eq!(read_all(&volume)[..data.len()], data[..]);
+}
+
+#[test]
+fn fenced_volume_halts_instead_of_overwriting_the_new_owner() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 1, 1 << 30);
+    volume.write(0, &pattern(4 * CS, 1), false).unwrap();
+    rig.store.claim("vol", 2).unwrap();
+    let err = volume.upload_one().unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert!(!rig.store.exists("vol", "00_00000001_00").unwrap());
+    assert!(matches!(
+        volume.read(0, &mut [0u8; 512]),
+        Err(VolumeError::Halted { .. })
+    ));
+}
+
+#[test]
+fn corrupt_backend_tlog_is_reported_on_restart() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 1, 1 << 30);
+    volume.write(0, &pattern(4 * CS, 1), false).unwrap();
+    volume.drain_uploads().unwrap();
+    drop(volume);
+    // Replace the TLog with garbage (a valid backend object whose content is not a TLog).
+    rig.store
+        .inner
+        .put("vol", "tlog_0000000000000001", b"not a tlog at all")
+        .unwrap();
+    std::fs::remove_dir_all(&rig.dir).unwrap();
+    let err = Volume::open(&rig.dir, rig.store.clone(), "vol")
+        .err()
+        .expect("must fail");
+    assert!(
+        err.to_string()
+            .contains("backend TLog tlog_0000000000000001 is corrupt"),
+        "{err}"
+    );
+    let err = Volume::open(&rig.dir.with_file_name("other"), rig.store.clone(), "other")
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, VolumeError::NotFound { .. }), "{err}");
+}
+
+#[test]
+fn crash_keeps_flushed_and_fua_writes() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 2, 1 << 30);
+    volume.write(0, &pattern(3 * CS, 1), false).unwrap();
+    volume.flush().unwrap();
+    volume.write(8 * CS as u64, &pattern(CS, 2), true).unwrap(); // FUA
+    volume
+        .write(20 * CS as u64, &pattern(CS, 3), false)
+        .unwrap(); // never flushed
+    drop(volume); // kill -9
+    let volume = rig.open();
+    let mut back = vec![0u8; 3 * CS];
+    volume.read(0, &mut back).unwrap();
+    assert_eq!(back, pattern(3 * CS, 1));
+    let mut one = vec![0u8; CS];
+    volume.read(8 * CS as u64, &mut one).unwrap();
+    assert_eq!(one, pattern(CS, 2));
+    volume.read(20 * CS as u64, &mut one).unwrap();
+    assert!(one == pattern(CS, 3) || one.iter().all(|b| *b == 0));
+    // The recovered TLog and its SCO reach the backend normally.
+    volume.drain_uploads().unwrap();
+    assert!(volume.info().tlogs_on_backend >= 1);
+}
+
+#[test]
+fn discard_and_block_status() {
+    let rig = Rig::new();
+    let volume = rig.create(1024, 64, 1, 1 << 30);
+    volume.write(0, &pattern(16 * CS, 4), false).unwrap();
+    volume.discard(4 * CS as u64 + 512, 4 * CS as u64).unwrap();
+    let all = read_all(&volume);
+    let mut expect = pattern(16 * CS, 4);
+    expect[4 * CS + 512..8 * CS + 512].fill(0);
+    assert_eq!(&all[..16 * CS], &expect[..]);
+    let runs = volume.block_status(0, volume.size()).unwrap();
+    assert_eq!(
+        runs,
+        vec![
+            (5 * CS as u64, false),
+            (3 * CS as u64, true),
+            (8 * CS as u64, false),
+            ((1024 - 16) * CS as u64, true)
+        ]
+    );
+    volume
+        .write_zeroes(10 * CS as u64, 2 * CS as u64, true, false)
+        .unwrap();
+    assert_eq!(
+        volume.block_status(10 * CS as u64, CS as u64).unwrap(),
+        vec![(CS as u64, false)]
+    );
+    let runs = volume.block_status(512, 1024).unwrap();
+    assert_eq!(runs, vec![(1024, false)]);
+}
+
+#[test]
+fn restart_from_backend_alone_after_clean_stop() {
+    let rig = Rig::new();
+    let volume = rig.create(128, 4, 2, 1 << 30);
+    for i in 0..40u64 {
+        volume
+            .write(i * 3 * 512, &pattern(1536, i as u8), false)
+            .unwrap();
+    }
+    volume.discard(10 * CS as u64, 8 * CS as u64).unwrap();
+    let before = read_all(&volume);
+    volume.flush().unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    volume.resize(256 * CS as u64).unwrap();
+    drop(volume);
+    std::fs::remove_dir_all(&rig.dir).unwrap();
+    let volume = rig.open();
+    assert_eq!(volume.size(), 256 * CS as u64);
+    let after = read_all(&volume);
+    assert_eq!(&after[..before.len()], &before[..]);
+    assert!(after[before.len()..].iter().all(|b| *b == 0));
+    // And it keeps working: new writes get fresh SCO numbers.
+    volume.write(0, &pattern(CS, 77), false).unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    let names = rig.store.list("vol").unwrap();
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("tlog_")).count(),
+        volume.info().tlogs_on_backend
+    );
+}
+
+// ------------------------------------------------------------------ model-based property test
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    Zero {
+        sector: u64,
+        sectors: u64,
+        allocate: bool,
+    },
+    Flush,
+    Upload(u8),
+    Evict,
+    Crash,
+    CleanRestart,
+    BackendRestart,
+}
+
+const CLUSTERS: u64 = 48;
+const SECTORS: u64 = CLUSTERS * 8;
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let range = (0..SECTORS).prop_flat_map(|s| (Just(s), 1..=(SECTORS - s).min(40)));
+    prop_oneof![
+        8 => (range.clone(), any::<u8>(), prop::bool::weighted(0.1)).prop_map(|((sector, sectors), seed, fua)| Op::Write { sector, sectors, seed, fua }),
+        2 => range.clone().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+        1 => (range, any::<bool>()).prop_map(|((sector, sectors), allocate)| Op::Zero { sector, sectors, allocate }),
+        2 => Just(Op::Flush),
+        2 => (1u8..6).prop_map(Op::Upload),
+        1 => Just(Op::Evict),
+        2 => Just(Op::Crash),
+        1 => Just(Op::CleanRestart),
+        1 => Just(Op::BackendRestart),
+    ]
+}
+
+/// The disk as the client should see it, plus what may legitimately be seen after a crash:
+/// every cluster changed since the last flush may hold any version it had since then.
+struct Model {
+    current: Vec<u8>,
+    durable: Vec<u8>,
+    since_flush: HashMap<usize, Vec<Vec<u8>>>,
+}
+
+impl Model {
+    fn changed(&mut self, start: usize, len: usize) {
+        for cluster in start / CS..(start + len).div_ceil(CS) {
+            let version = self.current[cluster * CS..(cluster + 1) * CS].to_vec();
+            self.since_flush.entry(cluster).or_default().push(version);
+        }
+    }
+
+    fn flushed(&mut self) {
+        self.durable = self.current.clone();
+        self.since_flush.clear();
+    }
+}
+
+fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let rig = Rig::new();
+    let mut volume = rig.create(CLUSTERS, 4, 2, 8 * CS as u64);
+    let size = (CLUSTERS * CS as u64) as usize;
+    let mut model = Model {
+        current: vec![0; size],
+        durable: vec![0; size],
+        since_flush: HashMap::new(),
+    };
+    for (step, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Write {
+                sector,
+                sectors,
+                seed,
+                fua,
+            } => {
+                let data = pattern((sectors * 512) as usize, seed);
+                let at = (sector * 512) as usize;
+                volume.write(at as u64, &data, fua).unwrap();
+                model.current[at..at + data.len()].copy_from_slice(&data);
+                model.changed(at, data.len());
+                if fua {
+                    model.flushed();
+                }
+            }
+            Op::Discard { sector, sectors }
+            | Op::Zero {
+                sector,
+                sectors,
+                allocate: false,
+            } => {
+                let (at, len) = ((sector * 512) as usize, (sectors * 512) as usize);
+                volume.discard(at as u64, len as u64).unwrap();
+                model.current[at..at + len].fill(0);
+                model.changed(at, len);
+            }
+            Op::Zero {
+                sector,
+                sectors,
+                allocate: true,
+            } => {
+                let (at, len) = ((sector * 512) as usize, (sectors * 512) as usize);
+                volume
+                    .write_zeroes(at as u64, len as u64, true, false)
+                    .unwrap();
+                model.current[at..at + len].fill(0);
+                model.changed(at, len);
+            }
+            Op::Flush => {
+                volume.flush().unwrap();
+                model.flushed();
+            }
+            Op::Upload(steps) => {
+                for _ in 0..steps {
+                    volume.upload_one().unwrap();
+                }
+            }
+            Op::Evict => {
+                volume.evict(u64::MAX);
+            }
+            Op::Crash => {
+                drop(volume);
+                volume = rig.open();
+                let actual = read_all(&volume);
+                for cluster in 0..CLUSTERS as usize {
+                    let got = &actual[cluster * CS..(cluster + 1) * CS];
+                    let durable = &model.durable[cluster * CS..(cluster + 1) * CS];
+                    let ok = got == durable
+                        || model
+                            .since_flush
+                            .get(&cluster)
+                            .is_some_and(|versions| versions.iter().any(|v| v == got));
+                    prop_assert!(
+                        ok,
+                        "step {}: cluster {} holds content that was never written there",
+                        step,
+                        cluster
+                    );
+                }
+                model.current = actual;
+                model.flushed();
+                continue;
+            }
+            Op::CleanRestart | Op::BackendRestart => {
+                volume.flush().unwrap();
+                volume.close_current_tlog().unwrap();
+                volume.drain_uploads().unwrap();
+                model.flushed();
+                drop(volume);
+                if matches!(op, Op::BackendRestart) {
+                    std::fs::remove_dir_all(&rig.dir).unwrap();
+                }
+                volume = rig.open();
+            }
+        }
+        let actual = read_all(&volume);
+        prop_assert!(
+            actual == model.current,
+            "step {}: volume differs from the model",
+            step
+        );
+        for (len, hole) in volume
+            .block_status(0, size as u64)
+            .unwrap()
+            .into_iter()
+            .scan(0u64, |pos, (len, hole)| {
+                let start = *pos;
+                *pos += len;
+                Some((start..start + len, hole))
+            })
+        {
+            if hole {
+                prop_assert!(model.current[len.start as usize..len.end as usize]
+                    .iter()
+                    .all(|b| *b == 0));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn engine_matches_model_across_crashes_and_restarts(ops in proptest::collection::vec(arb_op(), 1..60)) {
+        run_model(ops)?;
+    }
+}
+
+#[test]
+fn upload_queue_names_tasks() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 1, 1 << 30);
+    volume.write(0, &pattern(4 * CS, 1), false).unwrap();
+    assert_eq!(volume.pending_uploads(), 2);
+    assert_eq!(
+        UploadTask::Sco(vstor_volumedriver::ScoNumber(1)),
+        UploadTask::Sco(vstor_volumedriver::ScoNumber(1))
+    );
+}
