@@ -1,1 +1,251 @@
-fn main() {}
+//! `vstor`: the node daemon (`serve`), the management CLI (`volume ...`) and the benchmarks
+//! (`bench ...`), in one binary.
+
+mod api;
+mod client;
+mod config;
+mod export;
+mod server;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{create_body, print_info, print_json, print_list, Client};
+use crate::config::{FileConfig, Overrides, DEFAULT_API};
+use crate::size::{format_size, parse_size};
+
+#[derive(Parser)]
+#[command(
+    name = "vstor",
+    version,
+    about = "vstor: virtual block devices with SCO/TLog write buffer, NBD export and a local backend"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: volume engine, local backend, NBD server, management API.
+    Serve(ServeArgs),
+    /// Manage volumes through a running daemon's API.
+    Volume(VolumeArgs),
+    /// Benchmarks against peer servers.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (see docs/vstor.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node state directory [default: ./vstor-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Backend directory [default: <data-dir>/backend].
+    #[arg(long)]
+    backend: Option<PathBuf>,
+    /// Management API listen address [default: 127.0.0.1:7800].
+    #[arg(long)]
+    api: Option<String>,
+    /// NBD listen address [default: 127.0.0.1:10809].
+    #[arg(long)]
+    nbd: Option<String>,
+    /// Write-buffer size limit before disposable SCOs are evicted, e.g. 8G.
+    #[arg(long)]
+    write_buffer_limit: Option<String>,
+    /// Do not create the default volume on first start.
+    #[arg(long)]
+    no_default_volume: bool,
+}
+
+#[derive(Args)]
+struct VolumeArgs {
+    /// Address of the daemon's API.
+    #[arg(long, env = "VSTOR_API", default_value = DEFAULT_API, global = true)]
+    api: String,
+    /// Print the daemon's JSON answer instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    verb: VolumeVerb,
+}
+
+#[derive(Subcommand)]
+enum VolumeVerb {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10G (K/M/G/T suffixes).
+        #[arg(long)]
+        size: String,
+        /// SCO size, 4M to 128M [default: 64M].
+        #[arg(long)]
+        sco_size: Option<String>,
+        /// Not-yet-uploaded data above which writes are throttled [default: 1G].
+        #[arg(long)]
+        write_buffer: Option<String>,
+    },
+    /// List volumes.
+    List,
+    /// Show a volume's state and counters.
+    Info { name: String },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a volume and its backend data.
+    Delete { name: String },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    target: BenchTarget,
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// fio over NBD: vstor against qemu-nbd serving a raw file, interleaved in one run.
+    Nbd {
+        /// Size of the test volume and file.
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// Seconds per fio job.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// Interleaved rounds per row (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Directory for the test data [default: a temporary directory under /var/tmp].
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_volume(args: VolumeArgs) -> Result<()> {
+    let client = Client::new(&args.api);
+    let show = |value: serde_json::Value, text: &dyn Fn(&serde_json::Value)| {
+        if args.json {
+            print_json(&value);
+        } else {
+            text(&value);
+        }
+    };
+    match args.verb {
+        VolumeVerb::Create {
+            name,
+            size,
+            sco_size,
+            write_buffer,
+        } => {
+            let size = parse_size(&size)?;
+            let sco_size = sco_size.as_deref().map(parse_size).transpose()?;
+            let write_buffer = write_buffer.as_deref().map(parse_size).transpose()?;
+            let value = client.post(
+                "/v1/volumes",
+                create_body(&name, size, sco_size, write_buffer),
+            )?;
+            show(value, &|v| {
+                println!(
+                    "created volume {name} ({}), NBD export {}",
+                    format_size(size),
+                    v["nbd_uri"].as_str().unwrap_or("-")
+                )
+            });
+        }
+        VolumeVerb::List => show(client.get("/v1/volumes")?, &print_list),
+        VolumeVerb::Info { name } => show(client.get(&format!("/v1/volumes/{name}"))?, &print_info),
+        VolumeVerb::Resize { name, size } => {
+            let size = parse_size(&size)?;
+            let value = client.post(
+                &format!("/v1/volumes/{name}/resize"),
+                serde_json::json!({ "size": size }),
+            )?;
+            show(value, &|_| {
+                println!("resized volume {name} to {}", format_size(size))
+            });
+        }
+        VolumeVerb::Delete { name } => {
+            let value = client.delete(&format!("/v1/volumes/{name}"))?;
+            show(value, &|_| println!("deleted volume {name}"));
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            let file = match &args.config {
+                Some(path) => FileConfig::load(path)?,
+                None => FileConfig::default(),
+            };
+            let config = file.resolve(Overrides {
+                data_dir: args.data_dir,
+                backend: args.backend,
+                api: args.api,
+                nbd: args.nbd,
+                write_buffer_limit: args.write_buffer_limit,
+                no_default_volume: args.no_default_volume,
+            })?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(server::serve(config))
+        }
+        Command::Volume(args) => run_volume(args),
+        Command::Bench(BenchArgs {
+            target:
+                BenchTarget::Nbd {
+                    size,
+                    runtime,
+                    rounds,
+                    work_dir,
+                    json,
+                },
+        }) => {
+            let options = vstor_benches::nbd::NbdBenchOptions {
+                vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,
+                size: parse_size(&size)?,
+                runtime_secs: runtime,
+                rounds: rounds.max(1),
+                json,
+                work_dir,
+            };
+            vstor_benches::nbd::run(&options)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

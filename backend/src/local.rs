@@ -197,9 +197,10 @@ impl LocalStore {
         })
     }
 
-    fn encode_object(data: &[u8]) -> Vec<u8> {
+    /// The header and CRC table of an object holding `data`; the payload follows it unchanged.
+    fn encode_header(data: &[u8]) -> Vec<u8> {
         let chunk_count = data.len().div_ceil(CHUNK_SIZE as usize);
-        let mut out = Vec::with_capacity(HEADER_LEN as usize + chunk_count * 4 + data.len());
+        let mut out = Vec::with_capacity(HEADER_LEN as usize + chunk_count * 4);
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
@@ -214,12 +215,11 @@ impl LocalStore {
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&table);
-        out.extend_from_slice(data);
         out
     }
 
-    /// Write `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
-    fn atomic_write(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    /// Write `parts` to `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
+    fn atomic_write(&self, dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
         let temp = dir.join(self.temp_name(name));
         let result = (|| {
             let mut file = OpenOptions::new()
@@ -227,7 +227,9 @@ impl LocalStore {
                 .create_new(true)
                 .open(&temp)
                 .map_err(io_err(&temp))?;
-            file.write_all(bytes).map_err(io_err(&temp))?;
+            for part in parts {
+                file.write_all(part).map_err(io_err(&temp))?;
+            }
             file.sync_all().map_err(io_err(&temp))?;
             let target = dir.join(name);
             fs::rename(&temp, &target).map_err(io_err(&target))?;
@@ -313,7 +315,7 @@ impl ObjectStore for LocalStore {
         let temp = self.root.join(self.temp_name(namespace));
         let build = (|| {
             fs::create_dir_all(temp.join(OBJECTS_DIR)).map_err(io_err(&temp))?;
-            self.atomic_write(&temp, OWNER_TAG_FILE, &Self::encode_owner_tag(owner))?;
+            self.atomic_write(&temp, OWNER_TAG_FILE, &[&Self::encode_owner_tag(owner)])?;
             fsync_dir(&temp.join(OBJECTS_DIR))?;
             fs::rename(&temp, &target).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::DirectoryNotEmpty
@@ -396,7 +398,7 @@ impl ObjectStore for LocalStore {
     fn put(&self, namespace: &str, name: &str, data: &[u8]) -> Result<()> {
         validate_name(name)?;
         let dir = self.namespace_dir(namespace)?.join(OBJECTS_DIR);
-        self.atomic_write(&dir, name, &Self::encode_object(data))
+        self.atomic_write(&dir, name, &[&Self::encode_header(data), data])
     }
 
     fn put_if_owner(
@@ -407,7 +409,7 @@ impl ObjectStore for LocalStore {
         owner: OwnerTag,
     ) -> Result<()> {
         validate_name(name)?;
-        let encoded = Self::encode_object(data);
+        let header = Self::encode_header(data);
         self.with_owner_lock(namespace, false, |dir, current| {
             if current != owner {
                 return Err(BackendError::Fenced {
@@ -416,7 +418,7 @@ impl ObjectStore for LocalStore {
                     presented: owner,
                 });
             }
-            self.atomic_write(&dir.join(OBJECTS_DIR), name, &encoded)
+            self.atomic_write(&dir.join(OBJECTS_DIR), name, &[&header, data])
         })
     }
 

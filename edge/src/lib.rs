@@ -1,1 +1,9 @@
-//! placeholder
+//! vstor frontends. `target` is the contract with the volume engine; `nbd` is the NBD server.
+
+pub mod nbd;
+pub mod target;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use nbd::{NbdError, NbdServer, NbdServerConfig};
+pub use target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};

@@ -89,7 +89,7 @@ pub fn validate_size(volume: &str, size: u64) -> Result<()> {
     if size == 0 {
         return bad("size must be greater than zero".into());
     }
-    if size % CLUSTER_SIZE != 0 {
+    if !size.is_multiple_of(CLUSTER_SIZE) {
         return bad(format!(
             "size {size} is not a multiple of {CLUSTER_SIZE} bytes"
         ));
@@ -112,7 +112,7 @@ impl VolumeConfig {
                 reason,
             })
         };
-        if options.sco_size == 0 || options.sco_size % CLUSTER_SIZE != 0 {
+        if options.sco_size == 0 || !options.sco_size.is_multiple_of(CLUSTER_SIZE) {
             return bad(format!(
                 "SCO size {} must be a positive multiple of {CLUSTER_SIZE}",
                 options.sco_size

@@ -453,7 +453,7 @@ impl Volume {
             let header = self.sco_header(st, sco);
             match sco::open(&path, &header) {
                 Ok((file, len))
-                    if len >= SCO_HEADER_LEN && (len - SCO_HEADER_LEN) % self.cluster_size == 0 =>
+                    if len >= SCO_HEADER_LEN && (len - SCO_HEADER_LEN).is_multiple_of(self.cluster_size) =>
                 {
                     st.scos.insert(
                         sco.number,
@@ -610,7 +610,7 @@ impl Volume {
 
     fn check_range(&self, st: &State, offset: u64, len: u64, write: bool) -> Result<()> {
         self.check_usable(st)?;
-        if offset % LBA_SIZE != 0 || len % LBA_SIZE != 0 {
+        if !offset.is_multiple_of(LBA_SIZE) || !len.is_multiple_of(LBA_SIZE) {
             return Err(VolumeError::Misaligned {
                 volume: self.name.clone(),
                 offset,
@@ -794,15 +794,15 @@ impl Volume {
         let cs = self.cluster_size;
         let end = offset + data.len() as u64;
         let first = offset / cs;
-        if offset % cs == 0 && end % cs == 0 {
+        if offset.is_multiple_of(cs) && end.is_multiple_of(cs) {
             self.write_clusters(st, first, data)?;
         } else {
             let last = (end - 1) / cs;
             let mut whole = vec![0u8; ((last - first + 1) * cs) as usize];
-            if offset % cs != 0 {
+            if !offset.is_multiple_of(cs) {
                 self.read_cluster_locked(st, first, &mut whole[..cs as usize])?;
             }
-            if end % cs != 0 && (last != first || offset % cs == 0) {
+            if !end.is_multiple_of(cs) && (last != first || offset.is_multiple_of(cs)) {
                 let at = ((last - first) * cs) as usize;
                 self.read_cluster_locked(st, last, &mut whole[at..at + cs as usize])?;
             }
@@ -963,14 +963,17 @@ impl Volume {
         Ok(())
     }
 
-    /// Seal the full open SCO and close the TLog if it now covers `tlog_scos` SCOs (deferred
-    /// while a flush is between its two phases).
+    /// Seal the full open SCO and close the TLog if it now covers `tlog_scos` SCOs, or early if
+    /// not-yet-uploaded data passed half the write-buffer budget: data only becomes disposable
+    /// once its TLog is on the backend, so a TLog larger than the budget would throttle the
+    /// volume forever. Closing is deferred while a flush is between its two phases.
     fn seal_and_maybe_roll(&self, st: &mut State) -> Result<()> {
         self.seal_open_sco(st)?;
+        let over_budget = st.non_disposable_bytes > st.config.write_buffer / 2;
         if st
             .tlog
             .as_ref()
-            .is_some_and(|t| t.sealed_scos >= st.config.tlog_scos)
+            .is_some_and(|t| t.sealed_scos >= st.config.tlog_scos || over_budget)
         {
             if st.flush_in_progress {
                 st.roll_pending = true;

@@ -1,0 +1,338 @@
+//! One fio job against an NBD URI, and what we read back from fio's JSON report.
+//!
+//! fio runs as a child process with `--output-format=json --output=FILE`: its stdout carries
+//! chatter from the nbd engine ("fio: connected to NBD server"), so the report goes to a file of
+//! its own. A watchdog kills fio if a server stops answering, so a hung target fails the run
+//! instead of stalling it forever.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::process::{log_file, log_tail, ChildGuard};
+
+pub(crate) const RAMP_SECS: u64 = 1;
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Read,
+    Write,
+}
+
+impl Direction {
+    fn section(self) -> &'static str {
+        match self {
+            Direction::Read => "read",
+            Direction::Write => "write",
+        }
+    }
+}
+
+/// One row of the benchmark: a time-based fio job.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Job {
+    pub name: &'static str,
+    pub rw: &'static str,
+    pub block_size: u64,
+    pub iodepth: u32,
+}
+
+impl Job {
+    pub(crate) fn direction(&self) -> Direction {
+        if self.rw.contains("read") {
+            Direction::Read
+        } else {
+            Direction::Write
+        }
+    }
+
+    fn slug(&self) -> String {
+        self.name.replace(' ', "-")
+    }
+
+    pub(crate) fn args(&self, uri: &str, runtime_secs: u64) -> Vec<String> {
+        let mut args = common_args(&self.slug(), uri, self.rw, self.block_size, self.iodepth);
+        args.extend([
+            "--time_based".into(),
+            format!("--runtime={runtime_secs}"),
+            format!("--ramp_time={RAMP_SECS}"),
+            "--norandommap".into(),
+            "--randrepeat=0".into(),
+        ]);
+        args
+    }
+}
+
+pub(crate) const JOBS: [Job; 6] = [
+    Job {
+        name: "4k randread qd1",
+        rw: "randread",
+        block_size: 4096,
+        iodepth: 1,
+    },
+    Job {
+        name: "4k randread qd32",
+        rw: "randread",
+        block_size: 4096,
+        iodepth: 32,
+    },
+    Job {
+        name: "4k randwrite qd1",
+        rw: "randwrite",
+        block_size: 4096,
+        iodepth: 1,
+    },
+    Job {
+        name: "4k randwrite qd32",
+        rw: "randwrite",
+        block_size: 4096,
+        iodepth: 32,
+    },
+    Job {
+        name: "1M seqwrite qd8",
+        rw: "write",
+        block_size: MIB,
+        iodepth: 8,
+    },
+    Job {
+        name: "1M seqread qd8",
+        rw: "read",
+        block_size: MIB,
+        iodepth: 8,
+    },
+];
+
+/// A sequential 1 MiB write over the whole device, so later reads hit written data.
+pub(crate) fn prefill_args(uri: &str, size: u64) -> Vec<String> {
+    let mut args = common_args("prefill", uri, "write", MIB, 8);
+    args.push(format!("--size={size}"));
+    args
+}
+
+fn common_args(name: &str, uri: &str, rw: &str, block_size: u64, iodepth: u32) -> Vec<String> {
+    vec![
+        format!("--name={name}"),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        format!("--rw={rw}"),
+        format!("--bs={block_size}"),
+        format!("--iodepth={iodepth}"),
+        "--direct=1".into(),
+        "--output-format=json".into(),
+    ]
+}
+
+/// What one fio run measured in the direction that matters for its job.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct Sample {
+    pub iops: f64,
+    /// Decimal megabytes per second (10^6 bytes), as fio's `bw_bytes` / 10^6.
+    pub mb_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    #[serde(skip)]
+    pub io_bytes: u64,
+}
+
+impl Sample {
+    /// Median of each figure on its own: with few rounds the middle value of every column is a
+    /// better estimate than the run that happened to have the middle IOPS.
+    pub(crate) fn median(samples: &[Sample]) -> Sample {
+        Sample {
+            iops: median(samples.iter().map(|s| s.iops)),
+            mb_per_s: median(samples.iter().map(|s| s.mb_per_s)),
+            p50_us: median(samples.iter().map(|s| s.p50_us)),
+            p99_us: median(samples.iter().map(|s| s.p99_us)),
+            io_bytes: samples.iter().map(|s| s.io_bytes).sum(),
+        }
+    }
+}
+
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Reads fio's JSON report: `jobs[0].<read|write>` with `iops`, `bw_bytes`, `io_bytes` and the
+/// completion-latency percentiles `clat_ns.percentile["50.000000"]` / `["99.000000"]`.
+pub(crate) fn parse_report(text: &str, direction: Direction) -> Result<Sample> {
+    let start = text
+        .find('{')
+        .ok_or_else(|| anyhow!("fio wrote no JSON report"))?;
+    let report: Value =
+        serde_json::from_str(&text[start..]).context("fio's report is not valid JSON")?;
+    let job = report
+        .pointer("/jobs/0")
+        .ok_or_else(|| anyhow!("fio's report has no jobs"))?;
+    if let Some(error) = job.get("error").and_then(Value::as_i64).filter(|e| *e != 0) {
+        bail!("fio job failed with error {error}");
+    }
+    let section_name = direction.section();
+    let section = job
+        .get(section_name)
+        .ok_or_else(|| anyhow!("fio's report has no {section_name} section"))?;
+    let number = |pointer: &str| {
+        section
+            .pointer(pointer)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| anyhow!("fio's report lacks {section_name}{pointer}"))
+    };
+    let io_bytes = section.get("io_bytes").and_then(Value::as_u64).unwrap_or(0);
+    if io_bytes == 0 {
+        bail!("fio did no {section_name} I/O");
+    }
+    Ok(Sample {
+        iops: number("/iops")?,
+        mb_per_s: number("/bw_bytes")? / 1e6,
+        p50_us: number("/clat_ns/percentile/50.000000")? / 1e3,
+        p99_us: number("/clat_ns/percentile/99.000000")? / 1e3,
+        io_bytes,
+    })
+}
+
+/// Runs fio with `args`, writing its report and log under `dir` as `<label>.json` / `.log`.
+pub(crate) fn run(
+    args: &[String],
+    direction: Direction,
+    dir: &Path,
+    label: &str,
+    timeout: Duration,
+) -> Result<Sample> {
+    let report_path = dir.join(format!("{label}.json"));
+    let log_path = dir.join(format!("{label}.log"));
+    let log = log_file(&log_path)?;
+    let mut command = Command::new("fio");
+    command
+        .args(args)
+        .arg(format!("--output={}", report_path.display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut fio = ChildGuard::spawn(&mut command, "fio", Duration::from_secs(5))?;
+    let status = match fio.wait_timeout(timeout)? {
+        Some(status) => status,
+        None => bail!(
+            "fio ({label}) did not finish within {} s; is the server stuck?\n{}",
+            timeout.as_secs(),
+            log_tail(&log_path, 20)
+        ),
+    };
+    if !status.success() {
+        bail!(
+            "fio ({label}) failed ({status})\n{}",
+            log_tail(&log_path, 20)
+        );
+    }
+    let text = std::fs::read_to_string(&report_path)
+        .with_context(|| format!("cannot read fio's report {}", report_path.display()))?;
+    parse_report(&text, direction).with_context(|| format!("fio ({label})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = r#"fio: connected to NBD server
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    {
+      "jobname" : "4k-randread-qd1",
+      "error" : 0,
+      "read" : {
+        "io_bytes" : 809476096,
+        "bw_bytes" : 80947686,
+        "iops" : 19762.618691,
+        "clat_ns" : {
+          "min" : 4832,
+          "N" : 197626,
+          "percentile" : {
+            "1.000000" : 4832,
+            "50.000000" : 24704,
+            "99.000000" : 142336,
+            "99.900000" : 1220608
+          }
+        }
+      },
+      "write" : {
+        "io_bytes" : 0,
+        "bw_bytes" : 0,
+        "iops" : 0.000000,
+        "clat_ns" : { "min" : 0, "max" : 0, "mean" : 0.000000, "stddev" : 0.000000, "N" : 0 }
+      }
+    }
+  ]
+}
+"#;
+
+    #[test]
+    fn parses_the_read_section_after_engine_chatter() {
+        let sample = parse_report(REPORT, Direction::Read).unwrap();
+        assert!((sample.iops - 19762.618691).abs() < 1e-6);
+        assert!((sample.mb_per_s - 80.947686).abs() < 1e-9);
+        assert!((sample.p50_us - 24.704).abs() < 1e-9);
+        assert!((sample.p99_us - 142.336).abs() < 1e-9);
+        assert_eq!(sample.io_bytes, 809476096);
+    }
+
+    #[test]
+    fn a_direction_without_io_is_an_error() {
+        let err = parse_report(REPORT, Direction::Write)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "fio did no write I/O");
+    }
+
+    #[test]
+    fn a_failed_job_is_an_error() {
+        let failed = REPORT.replace("\"error\" : 0", "\"error\" : 5");
+        let err = parse_report(&failed, Direction::Read)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "fio job failed with error 5");
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+    }
+
+    #[test]
+    fn job_args_carry_the_fixed_fio_settings() {
+        let args = JOBS[1].args("nbd://127.0.0.1:10809/bench", 10);
+        for expected in [
+            "--ioengine=nbd",
+            "--uri=nbd://127.0.0.1:10809/bench",
+            "--rw=randread",
+            "--bs=4096",
+            "--iodepth=32",
+            "--direct=1",
+            "--time_based",
+            "--runtime=10",
+            "--ramp_time=1",
+            "--norandommap",
+            "--randrepeat=0",
+            "--output-format=json",
+        ] {
+            assert!(
+                args.iter().any(|a| a == expected),
+                "{expected} missing from {args:?}"
+            );
+        }
+        let prefill = prefill_args("nbd://127.0.0.1:1/bench", 1 << 30);
+        assert!(prefill.contains(&"--size=1073741824".to_string()));
+        assert!(!prefill.iter().any(|a| a == "--time_based"));
+    }
+}

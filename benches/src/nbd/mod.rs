@@ -1,0 +1,308 @@
+//! `vstor bench nbd`: vstor's NBD export against `qemu-nbd` on a raw file, measured with fio's
+//! `nbd` engine (libnbd) in one run on one machine.
+//!
+//! How the numbers are made, and why:
+//!
+//! - **Same run, interleaved.** Both servers run side by side for the whole benchmark. For each
+//!   row the vstor job runs, then the qemu-nbd job, and that pair repeats `rounds` times. Drift
+//!   during the run (thermal throttling, a neighbour compiling, page cache filling up) then hits
+//!   both servers alike instead of whichever happened to run second.
+//! - **Medians.** Each figure of a row is the median over its rounds, taken per column, so one
+//!   disturbed round does not move the result. The ratio is vstor IOPS / qemu-nbd IOPS of those
+//!   medians.
+//! - **Prefill before reading.** vstor answers reads of never-written blocks from memory, and
+//!   qemu-nbd reads holes of a sparse file almost as cheaply, so reading an empty volume measures
+//!   neither. Both targets are first written end to end with sequential 1 MiB writes.
+//! - **Memory.** vstor's RSS is read right after it is ready and again after the prefill has
+//!   written the whole volume once; the growth per GiB written is what the block map and caches
+//!   cost, reported next to the map size the volume itself accounts for (`map_memory_bytes`).
+//! - **Loopback only.** Both servers bind 127.0.0.1; the network stack is the same for both, so
+//!   the comparison is of the servers, not of the wire.
+//!
+//! fio is driven with `--direct=1 --time_based --runtime=N --ramp_time=1 --norandommap
+//! --randrepeat=0`; latencies are fio's completion latency (`clat_ns`) percentiles.
+
+mod fio;
+mod process;
+mod report;
+mod targets;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use fio::{Direction, Sample, JOBS, RAMP_SECS};
+use process::{find_program, InterruptGuard};
+use report::{Memory, Report, Row};
+use targets::{rss_bytes, QemuNbd, Vstor};
+
+const EXPORT: &str = "bench";
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const DEFAULT_WORK_ROOT: &str = "/var/tmp";
+
+/// Settings of one `vstor bench nbd` run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdBenchOptions {
+    /// The `vstor` binary to benchmark; a release build gives meaningful numbers.
+    pub vstor_bin: PathBuf,
+    /// Size of the vstor volume and of qemu-nbd's raw file, in bytes; a multiple of 1 MiB.
+    pub size: u64,
+    /// Measured seconds per fio job, after a 1 s ramp.
+    pub runtime_secs: u64,
+    /// How many times each row runs on each server; figures are medians over the rounds.
+    pub rounds: u32,
+    /// Print one JSON document instead of a table.
+    pub json: bool,
+    /// Directory under which a fresh work directory is made (and removed afterwards);
+    /// `/var/tmp` when `None`, to stay off a RAM-backed `/tmp`.
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for NbdBenchOptions {
+    /// 1 GiB, 10 s per job, one round. `vstor_bin` is the running executable when that is
+    /// `vstor` itself (the `vstor bench nbd` case), else `target/release/vstor`.
+    fn default() -> Self {
+        Self {
+            vstor_bin: default_vstor_bin(),
+            size: GIB,
+            runtime_secs: 10,
+            rounds: 1,
+            json: false,
+            work_dir: None,
+        }
+    }
+}
+
+fn default_vstor_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .filter(|exe| exe.file_stem().is_some_and(|stem| stem == "vstor"))
+        .unwrap_or_else(|| PathBuf::from("target/release/vstor"))
+}
+
+/// Runs the benchmark and prints the report (table or JSON) to stdout. Progress goes to stderr.
+pub fn run(options: &NbdBenchOptions) -> Result<()> {
+    let report = measure(options)?;
+    if options.json {
+        println!("{}", report::to_json(&report)?);
+    } else {
+        print!("{}", report::to_table(&report));
+    }
+    Ok(())
+}
+
+fn measure(options: &NbdBenchOptions) -> Result<Report> {
+    validate(options)?;
+    let vstor_bin = find_program(&options.vstor_bin).ok_or_else(|| {
+        anyhow!(
+            "vstor binary {} not found; build it with `cargo build --release` or point vstor_bin at it",
+            options.vstor_bin.display()
+        )
+    })?;
+    let fio_version = tool_version("fio", "fio")?;
+    require_fio_nbd_engine()?;
+    let qemu_nbd_version = tool_version("qemu-nbd", "qemu-utils")?;
+    let qemu_nbd_version = qemu_nbd_version
+        .strip_prefix("qemu-nbd ")
+        .unwrap_or(&qemu_nbd_version)
+        .to_string();
+
+    let _signals = InterruptGuard::install()?;
+    let root = options
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_ROOT));
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("vstor-bench-")
+        .tempdir_in(&root)
+        .with_context(|| format!("cannot create a work directory under {}", root.display()))?;
+    require_free_space(work.path(), options.size)?;
+    let fio_dir = work.path().join("fio");
+    std::fs::create_dir(&fio_dir)?;
+    progress(format_args!("work directory {}", work.path().display()));
+
+    progress(format_args!("starting {} serve", vstor_bin.display()));
+    let vstor = Vstor::start(
+        &vstor_bin,
+        &work.path().join("vstor"),
+        &work.path().join("vstor.log"),
+    )?;
+    let rss_baseline = rss_bytes(vstor.pid())?;
+    vstor.create_volume(EXPORT, options.size)?;
+    progress(format_args!("starting qemu-nbd"));
+    let qemu = QemuNbd::start(
+        &work.path().join("qemu.raw"),
+        options.size,
+        EXPORT,
+        &work.path().join("qemu-nbd.log"),
+    )?;
+    let vstor_uri = vstor.uri(EXPORT);
+    let qemu_uri = qemu.uri(EXPORT);
+
+    let vstor_prefill = prefill("vstor", &vstor_uri, options.size, &fio_dir)?;
+    let rss_after_prefill = rss_bytes(vstor.pid())?;
+    let info = vstor.volume_info(EXPORT)?;
+    let field = |name: &str| info.get(name).and_then(Value::as_u64);
+    let vstor_memory = Memory::new(
+        rss_baseline,
+        rss_after_prefill,
+        vstor_prefill.io_bytes,
+        field("map_memory_bytes"),
+        field("written_bytes"),
+    );
+    prefill("qemu-nbd", &qemu_uri, options.size, &fio_dir)?;
+
+    let job_timeout = Duration::from_secs(options.runtime_secs + RAMP_SECS + 60);
+    let total = JOBS.len() * options.rounds as usize;
+    let mut rows = Vec::with_capacity(JOBS.len());
+    for (index, job) in JOBS.iter().enumerate() {
+        let mut vstor_samples = Vec::new();
+        let mut qemu_samples = Vec::new();
+        for round in 1..=options.rounds {
+            let args = |uri: &str| job.args(uri, options.runtime_secs);
+            let label = |target: &str| format!("{target}-{}-{round}", job.name.replace(' ', "-"));
+            let v = fio::run(
+                &args(&vstor_uri),
+                job.direction(),
+                &fio_dir,
+                &label("vstor"),
+                job_timeout,
+            )?;
+            let q = fio::run(
+                &args(&qemu_uri),
+                job.direction(),
+                &fio_dir,
+                &label("qemu-nbd"),
+                job_timeout,
+            )?;
+            progress(format_args!(
+                "[{}/{total}] {} round {round}/{}: vstor {:.0} IOPS, qemu-nbd {:.0} IOPS",
+                index * options.rounds as usize + round as usize,
+                job.name,
+                options.rounds,
+                v.iops,
+                q.iops
+            ));
+            vstor_samples.push(v);
+            qemu_samples.push(q);
+        }
+        rows.push(Row::new(
+            job,
+            Sample::median(&vstor_samples),
+            Sample::median(&qemu_samples),
+        ));
+    }
+
+    progress(format_args!("stopping the servers"));
+    vstor.stop()?;
+    qemu.stop()?;
+    Ok(Report {
+        size_bytes: options.size,
+        runtime_secs: options.runtime_secs,
+        ramp_secs: RAMP_SECS,
+        rounds: options.rounds,
+        fio_version,
+        qemu_nbd_version,
+        rows,
+        vstor_memory,
+    })
+}
+
+fn validate(options: &NbdBenchOptions) -> Result<()> {
+    if options.size == 0 || options.size % MIB != 0 {
+        bail!(
+            "size must be a positive multiple of 1 MiB, not {}",
+            options.size
+        );
+    }
+    if options.runtime_secs == 0 {
+        bail!("runtime_secs must be at least 1");
+    }
+    if options.rounds == 0 {
+        bail!("rounds must be at least 1");
+    }
+    Ok(())
+}
+
+/// Writes the whole device once and checks that fio really got to the end.
+fn prefill(target: &str, uri: &str, size: u64, fio_dir: &Path) -> Result<Sample> {
+    progress(format_args!(
+        "prefilling {target} ({} MiB of 1 MiB writes)",
+        size / MIB
+    ));
+    let timeout = Duration::from_secs((size / (2 * MIB)).max(600));
+    let sample = fio::run(
+        &fio::prefill_args(uri, size),
+        Direction::Write,
+        fio_dir,
+        &format!("{target}-prefill"),
+        timeout,
+    )?;
+    if sample.io_bytes != size {
+        bail!(
+            "prefill of {target} wrote {} of {size} bytes",
+            sample.io_bytes
+        );
+    }
+    progress(format_args!(
+        "prefilled {target} at {:.0} MB/s",
+        sample.mb_per_s
+    ));
+    Ok(sample)
+}
+
+/// First line of `<program> --version`, or an error naming the Debian package to install.
+fn tool_version(program: &str, package: &str) -> Result<String> {
+    if find_program(Path::new(program)).is_none() {
+        bail!("`{program}` not found on PATH; `vstor bench nbd` needs it (Debian/Ubuntu: apt-get install {package})");
+    }
+    let output = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{program} --version`"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
+}
+
+fn require_fio_nbd_engine() -> Result<()> {
+    let status = Command::new("fio")
+        .arg("--enghelp=nbd")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("cannot run `fio --enghelp=nbd`")?;
+    if !status.success() {
+        bail!("this fio has no nbd engine; it needs a fio built with libnbd (Debian/Ubuntu: apt-get install fio libnbd0)");
+    }
+    Ok(())
+}
+
+/// The raw file and vstor's data (write buffer plus backend copy) take about three times the
+/// volume size; vstor's log grows further with every write row.
+fn require_free_space(dir: &Path, size: u64) -> Result<()> {
+    let stats = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("cannot stat {}", dir.display()))?;
+    let available = stats.blocks_available() as u64 * stats.fragment_size() as u64;
+    let needed = size.saturating_mul(3);
+    if available < needed {
+        bail!(
+            "{} has {} MiB free; a {} MiB benchmark needs at least {} MiB (choose a smaller size or another work_dir)",
+            dir.display(),
+            available / MIB,
+            size / MIB,
+            needed / MIB
+        );
+    }
+    Ok(())
+}
+
+fn progress(message: std::fmt::Arguments) {
+    eprintln!("bench nbd: {message}");
+}

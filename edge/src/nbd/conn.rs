@@ -1,0 +1,677 @@
+//! Transmission phase of one connection.
+//!
+//! One task per connection owns both halves of the socket and runs an event loop over: socket
+//! readable, reply bytes writable, a blocking operation finished, throttle expired, shutdown,
+//! and forced disconnect. Each turn of the loop first pulls every complete request out of the read
+//! buffer and executes it:
+//!
+//! * `READ`, `WRITE`, `TRIM`, `WRITE_ZEROES` and `BLOCK_STATUS` run inline. The target contract
+//!   says these only touch memory and the page cache, so a thread hop would cost more than the
+//!   operation; `READ` data is filled straight into the reply buffer.
+//! * `FLUSH` and anything carrying FUA wait for fsync, so they go to `spawn_blocking`; their
+//!   completions come back over a channel to this same task, which stays the only writer of the
+//!   socket. Reads keep flowing while a flush is in progress, and replies go out in completion
+//!   order, matched by cookie. At most `max_inflight` of them run at once per connection; the next
+//!   one waits (and the socket is not read) until a slot frees up, which pushes back on the client.
+//!
+//! Replies accumulate in one buffer and are written when the read buffer has no complete request
+//! left, so a client pipelining 32 requests gets their replies in a handful of `write` calls.
+//!
+//! When the target asks for throttling (`WriteAck::throttle`), the loop stops taking requests and
+//! stops reading the socket until the delay has passed, so TCP flow control slows the client down.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use super::handshake::{Negotiated, MIN_BLOCK_SIZE};
+use super::proto::*;
+use super::NbdError;
+use crate::target::{BlockTarget, Extent, TargetError, WriteAck};
+
+/// Socket read size; large enough for a QD32 burst of 4 KiB writes in one `read`.
+const READ_BUF: usize = 256 * 1024;
+/// Below this much free space the read buffer is topped up before reading.
+const READ_MIN_SPARE: usize = 16 * 1024;
+/// Stop executing requests once this many reply bytes are waiting to be written.
+const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Cap on descriptors in one `BLOCK_STATUS` reply; the client asks again for the rest.
+const MAX_DESCRIPTORS: usize = 128 * 1024;
+
+pub(crate) struct ConnParams {
+    pub peer: SocketAddr,
+    pub max_payload: u32,
+    pub max_inflight: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Why a connection ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed its side of the connection.
+    Eof,
+    /// `disconnect_export` closed it.
+    Killed,
+    /// Server shutdown: the grace period for the client to disconnect ran out.
+    Shutdown,
+}
+
+impl End {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            End::Disconnect => "client sent NBD_CMD_DISC",
+            End::Eof => "client closed the connection",
+            End::Killed => "export disconnected by the server",
+            End::Shutdown => "server shut down",
+        }
+    }
+
+    /// Whether the socket should be shut down cleanly (FIN after the last reply).
+    pub(crate) fn graceful(self) -> bool {
+        self != End::Killed
+    }
+}
+
+struct Completion {
+    cookie: u64,
+    command: Command,
+    result: Result<WriteAck, TargetError>,
+}
+
+/// A request that failed: the NBD error to send, a message, and whose fault it was (client
+/// protocol violations are logged as warnings).
+struct Failure {
+    errno: u32,
+    message: Cow<'static, str>,
+    client_fault: bool,
+}
+
+fn client_fault(errno: u32, message: &'static str) -> Failure {
+    Failure {
+        errno,
+        message: Cow::Borrowed(message),
+        client_fault: true,
+    }
+}
+
+fn target_failure(command: Command, err: TargetError) -> Failure {
+    let errno = match &err {
+        TargetError::OutOfRange { .. } => match command {
+            Command::Write | Command::WriteZeroes => NBD_ENOSPC,
+            _ => NBD_EINVAL,
+        },
+        TargetError::ReadOnly => NBD_EPERM,
+        TargetError::Shutdown => NBD_ESHUTDOWN,
+        TargetError::Io(_) => NBD_EIO,
+    };
+    Failure {
+        errno,
+        message: Cow::Owned(err.to_string()),
+        client_fault: false,
+    }
+}
+
+/// Turn the target's allocation map into `base:allocation` descriptors covering at most `len`
+/// bytes: adjacent runs of the same kind are merged and empty runs dropped.
+pub(crate) fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let len = u64::from(len);
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut covered = 0u64;
+    for extent in extents {
+        if covered >= len {
+            break;
+        }
+        let take = extent.length.min(len - covered);
+        if take == 0 {
+            continue;
+        }
+        let flags = if extent.hole {
+            NBD_STATE_HOLE | NBD_STATE_ZERO
+        } else {
+            0
+        };
+        covered += take;
+        // `covered <= len <= u32::MAX`, so neither the run nor a merged run overflows.
+        match out.last_mut() {
+            Some(last) if last.1 == flags => last.0 += take as u32,
+            _ => {
+                if out.len() == MAX_DESCRIPTORS {
+                    break;
+                }
+                out.push((take as u32, flags));
+            }
+        }
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+struct Session {
+    peer: SocketAddr,
+    export: String,
+    target: Arc<dyn BlockTarget>,
+    structured: bool,
+    base_allocation: Option<u32>,
+    max_payload: u32,
+    max_inflight: usize,
+    inflight: usize,
+    done_tx: mpsc::UnboundedSender<Completion>,
+    wbuf: BytesMut,
+    throttle_until: Option<Instant>,
+    disc: bool,
+}
+
+impl Session {
+    fn push(&mut self, reply: Reply) {
+        let cookie = match &reply {
+            Reply::Simple { cookie, .. }
+            | Reply::SimpleData { cookie, .. }
+            | Reply::OffsetData { cookie, .. }
+            | Reply::Done { cookie }
+            | Reply::Error { cookie, .. }
+            | Reply::BlockStatus { cookie, .. } => *cookie,
+        };
+        if let Err(e) = ReplyEncoder.encode(reply, &mut self.wbuf) {
+            error!(peer = %self.peer, export = %self.export, error = %e, "cannot encode NBD reply");
+            self.wbuf.reserve(16);
+            let _ = ReplyEncoder.encode(
+                Reply::Simple {
+                    cookie,
+                    error: NBD_EIO,
+                },
+                &mut self.wbuf,
+            );
+        }
+    }
+
+    fn fail(&mut self, req: &Request, failure: Failure) {
+        if failure.client_fault {
+            warn!(
+                peer = %self.peer,
+                export = %self.export,
+                command = ?req.command,
+                flags = req.flags,
+                offset = req.offset,
+                length = req.length,
+                errno = failure.errno,
+                "NBD protocol violation: {}",
+                failure.message
+            );
+        } else if failure.errno == NBD_EIO {
+            warn!(peer = %self.peer, export = %self.export, command = ?req.command,
+                offset = req.offset, length = req.length, "NBD request failed: {}", failure.message);
+        } else {
+            debug!(peer = %self.peer, export = %self.export, command = ?req.command,
+                errno = failure.errno, "NBD request failed: {}", failure.message);
+        }
+        let reply = if self.structured && matches!(req.command, Command::Read | Command::BlockStatus)
+        {
+            Reply::Error {
+                cookie: req.cookie,
+                error: failure.errno,
+                message: failure.message.into_owned(),
+            }
+        } else {
+            Reply::Simple {
+                cookie: req.cookie,
+                error: failure.errno,
+            }
+        };
+        self.push(reply);
+    }
+
+    fn ok(&mut self, req: &Request) {
+        self.push(Reply::Simple {
+            cookie: req.cookie,
+            error: 0,
+        });
+    }
+
+    fn throttle(&mut self, ack: WriteAck) {
+        if let Some(delay) = ack.throttle {
+            let until = Instant::now() + delay;
+            self.throttle_until = Some(self.throttle_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    fn throttled(&mut self) -> bool {
+        match self.throttle_until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.throttle_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn needs_blocking(req: &Request) -> bool {
+        match req.command {
+            Command::Flush => true,
+            Command::Write | Command::Trim | Command::WriteZeroes => {
+                req.flags & NBD_CMD_FLAG_FUA != 0
+            }
+            _ => false,
+        }
+    }
+
+    /// Execute or queue one request; its reply is either in `wbuf` on return or will come back as
+    /// a completion.
+    fn handle(&mut self, req: Request, shutting_down: bool) {
+        if req.command == Command::Disc {
+            self.disc = true;
+            return;
+        }
+        let result = if shutting_down {
+            Err(Failure {
+                errno: NBD_ESHUTDOWN,
+                message: Cow::Borrowed("server is shutting down"),
+                client_fault: false,
+            })
+        } else {
+            self.execute(&req)
+        };
+        if let Err(failure) = result {
+            self.fail(&req, failure);
+        }
+    }
+
+    fn execute(&mut self, req: &Request) -> Result<(), Failure> {
+        let allowed = NBD_CMD_FLAG_FUA
+            | match req.command {
+                Command::Read => NBD_CMD_FLAG_DF,
+                Command::WriteZeroes => NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+                Command::BlockStatus => NBD_CMD_FLAG_REQ_ONE,
+                _ => 0,
+            };
+        if req.flags & !allowed != 0 {
+            return Err(client_fault(NBD_EINVAL, "command flags not valid for this command"));
+        }
+        let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+        match req.command {
+            Command::Read => self.read(req),
+            Command::Write => self.write(req, fua),
+            Command::Flush => {
+                self.spawn(req, |t| t.flush().map(|()| WriteAck::default()));
+                Ok(())
+            }
+            Command::Trim => self.trim(req, fua),
+            Command::WriteZeroes => self.write_zeroes(req, fua),
+            Command::BlockStatus => self.block_status(req),
+            Command::Disc | Command::Cache | Command::Unknown(_) => {
+                Err(client_fault(NBD_EINVAL, "unsupported command"))
+            }
+        }
+    }
+
+    /// Validate `[offset, offset+length)`: nonzero, 512-aligned, inside the export. `beyond` is
+    /// the error for a range past the end (ENOSPC for writes, EINVAL otherwise).
+    fn check_range(&self, req: &Request, beyond: u32) -> Result<(), Failure> {
+        let len = u64::from(req.length);
+        if len == 0 {
+            return Err(client_fault(NBD_EINVAL, "zero-length request"));
+        }
+        let align = u64::from(MIN_BLOCK_SIZE);
+        if req.offset % align != 0 || len % align != 0 {
+            return Err(client_fault(
+                NBD_EINVAL,
+                "request not aligned to the 512-byte minimum block size",
+            ));
+        }
+        match req.offset.checked_add(len) {
+            Some(end) if end <= self.target.size() => Ok(()),
+            _ => Err(client_fault(beyond, "request extends beyond the end of the export")),
+        }
+    }
+
+    fn writable(&self) -> Result<(), Failure> {
+        if self.target.read_only() {
+            return Err(client_fault(NBD_EPERM, "export is read-only"));
+        }
+        Ok(())
+    }
+
+    fn spawn<F>(&mut self, req: &Request, op: F)
+    where
+        F: FnOnce(&dyn BlockTarget) -> Result<WriteAck, TargetError> + Send + 'static,
+    {
+        self.inflight += 1;
+        let target = Arc::clone(&self.target);
+        let tx = self.done_tx.clone();
+        let (cookie, command) = (req.cookie, req.command);
+        tokio::task::spawn_blocking(move || {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| op(target.as_ref())))
+                .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
+            // The connection may be gone (forced disconnect); then nobody wants the reply.
+            let _ = tx.send(Completion {
+                cookie,
+                command,
+                result,
+            });
+        });
+    }
+
+    fn complete(&mut self, done: Completion) {
+        self.inflight -= 1;
+        match done.result {
+            Ok(ack) => {
+                self.throttle(ack);
+                self.push(Reply::Simple {
+                    cookie: done.cookie,
+                    error: 0,
+                });
+            }
+            Err(err) => {
+                let req = Request {
+                    flags: 0,
+                    command: done.command,
+                    cookie: done.cookie,
+                    offset: 0,
+                    length: 0,
+                    payload: Default::default(),
+                    payload_discarded: false,
+                };
+                let failure = target_failure(done.command, err);
+                self.fail(&req, failure);
+            }
+        }
+    }
+
+    fn read(&mut self, req: &Request) -> Result<(), Failure> {
+        self.check_range(req, NBD_EINVAL)?;
+        if req.length > self.max_payload {
+            return Err(client_fault(NBD_EINVAL, "read larger than the maximum block size"));
+        }
+        let target = &self.target;
+        encode_read_reply(
+            &mut self.wbuf,
+            req.cookie,
+            req.offset,
+            req.length as usize,
+            self.structured,
+            |buf| target.read(req.offset, buf),
+        )
+        .map_err(|e| target_failure(Command::Read, e))
+    }
+
+    fn write(&mut self, req: &Request, fua: bool) -> Result<(), Failure> {
+        self.writable()?;
+        if req.payload_discarded {
+            return Err(client_fault(NBD_EINVAL, "write larger than the maximum block size"));
+        }
+        self.check_range(req, NBD_ENOSPC)?;
+        if fua {
+            let (offset, data) = (req.offset, req.payload.clone());
+            self.spawn(req, move |t| t.write(offset, &data, true));
+            return Ok(());
+        }
+        let ack = self
+            .target
+            .write(req.offset, &req.payload, false)
+            .map_err(|e| target_failure(Command::Write, e))?;
+        self.throttle(ack);
+        self.ok(req);
+        Ok(())
+    }
+
+    fn trim(&mut self, req: &Request, fua: bool) -> Result<(), Failure> {
+        self.writable()?;
+        self.check_range(req, NBD_EINVAL)?;
+        let (offset, len) = (req.offset, u64::from(req.length));
+        if fua {
+            self.spawn(req, move |t| {
+                t.discard(offset, len)?;
+                t.flush()?;
+                Ok(WriteAck::default())
+            });
+            return Ok(());
+        }
+        self.target
+            .discard(offset, len)
+            .map_err(|e| target_failure(Command::Trim, e))?;
+        self.ok(req);
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, req: &Request, fua: bool) -> Result<(), Failure> {
+        self.writable()?;
+        self.check_range(req, NBD_ENOSPC)?;
+        let allocate = req.flags & NBD_CMD_FLAG_NO_HOLE != 0;
+        if allocate && req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 {
+            // Keeping the range allocated means writing zeros as data: no faster than a WRITE.
+            return Err(Failure {
+                errno: NBD_ENOTSUP,
+                message: Cow::Borrowed("zeroing with NO_HOLE is not fast"),
+                client_fault: false,
+            });
+        }
+        let (offset, len) = (req.offset, u64::from(req.length));
+        if fua {
+            self.spawn(req, move |t| t.write_zeroes(offset, len, allocate, true));
+            return Ok(());
+        }
+        let ack = self
+            .target
+            .write_zeroes(offset, len, allocate, false)
+            .map_err(|e| target_failure(Command::WriteZeroes, e))?;
+        self.throttle(ack);
+        self.ok(req);
+        Ok(())
+    }
+
+    fn block_status(&mut self, req: &Request) -> Result<(), Failure> {
+        let context_id = match self.base_allocation {
+            Some(id) if self.structured => id,
+            _ => {
+                return Err(client_fault(
+                    NBD_EINVAL,
+                    "BLOCK_STATUS without a negotiated metadata context",
+                ))
+            }
+        };
+        self.check_range(req, NBD_EINVAL)?;
+        let extents = self
+            .target
+            .block_status(req.offset, u64::from(req.length))
+            .map_err(|e| target_failure(Command::BlockStatus, e))?;
+        let descriptors = descriptors(
+            &extents,
+            req.length,
+            req.flags & NBD_CMD_FLAG_REQ_ONE != 0,
+        );
+        if descriptors.is_empty() {
+            return Err(Failure {
+                errno: NBD_EIO,
+                message: Cow::Borrowed("target returned an empty allocation map"),
+                client_fault: false,
+            });
+        }
+        self.push(Reply::BlockStatus {
+            cookie: req.cookie,
+            context_id,
+            descriptors,
+        });
+        Ok(())
+    }
+}
+
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serve requests until the client disconnects, the export is disconnected (`kill`), or the
+/// server shuts down. On return every reply that could be produced has been written.
+pub(crate) async fn run(
+    stream: &mut TcpStream,
+    negotiated: Negotiated,
+    params: &ConnParams,
+    shutdown: &CancellationToken,
+    kill: &CancellationToken,
+) -> Result<End, NbdError> {
+    let (mut rd, mut wr) = stream.split();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut s = Session {
+        peer: params.peer,
+        export: negotiated.name,
+        target: negotiated.target,
+        structured: negotiated.structured,
+        base_allocation: negotiated.base_allocation,
+        max_payload: params.max_payload,
+        max_inflight: params.max_inflight.max(1),
+        inflight: 0,
+        done_tx,
+        wbuf: BytesMut::with_capacity(64 * 1024),
+        throttle_until: None,
+        disc: false,
+    };
+    let mut decoder = RequestDecoder::new(params.max_payload);
+    let mut rbuf = BytesMut::with_capacity(READ_BUF);
+    let mut stalled: Option<Request> = None;
+    let mut eof = false;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut grace_over = false;
+
+    loop {
+        while let Ok(done) = done_rx.try_recv() {
+            s.complete(done);
+        }
+
+        let mut input_drained = false;
+        while !s.disc && !grace_over && s.wbuf.len() < WRITE_HIGH_WATER && !s.throttled() {
+            let req = match stalled.take() {
+                Some(req) => req,
+                None => match decoder.decode(&mut rbuf)? {
+                    Some(req) => req,
+                    None => {
+                        input_drained = true;
+                        break;
+                    }
+                },
+            };
+            let shutting_down = shutdown.is_cancelled();
+            if !shutting_down && Session::needs_blocking(&req) && false {
+                stalled = Some(req);
+                break;
+            }
+            s.handle(req, shutting_down);
+        }
+
+        let idle = s.inflight == 0 && s.wbuf.is_empty();
+        if idle && s.disc {
+            return Ok(End::Disconnect);
+        }
+        if idle && grace_over {
+            return Ok(End::Shutdown);
+        }
+        if idle && eof && input_drained && stalled.is_none() {
+            return Ok(End::Eof);
+        }
+
+        let can_read = !s.disc
+            && !eof
+            && !grace_over
+            && stalled.is_none()
+            && s.throttle_until.is_none()
+            && s.wbuf.len() < WRITE_HIGH_WATER;
+        if can_read && rbuf.capacity() - rbuf.len() < READ_MIN_SPARE {
+            rbuf.reserve(READ_BUF);
+        }
+
+        tokio::select! {
+            biased;
+            _ = kill.cancelled() => return Ok(End::Killed),
+            _ = shutdown.cancelled(), if drain_deadline.is_none() => {
+                drain_deadline = Some(Instant::now() + params.shutdown_grace);
+            }
+            _ = until(drain_deadline), if drain_deadline.is_some() && !grace_over => {
+                grace_over = true;
+            }
+            Some(done) = done_rx.recv() => s.complete(done),
+            written = wr.write_all_buf(&mut s.wbuf), if !s.wbuf.is_empty() => written?,
+            _ = until(s.throttle_until), if s.throttle_until.is_some() => {
+                s.throttle_until = None;
+            }
+            read = rd.read_buf(&mut rbuf), if can_read => {
+                if read? == 0 {
+                    eof = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(length: u64, hole: bool) -> Extent {
+        Extent { length, hole }
+    }
+
+    #[test]
+    fn descriptors_are_clamped_merged_and_nonempty() {
+        let map = [
+            ext(4096, false),
+            ext(0, true),
+            ext(4096, false),
+            ext(1 << 40, true),
+        ];
+        assert_eq!(
+            descriptors(&map, 16384, false),
+            vec![(8192, 0), (8192, NBD_STATE_HOLE | NBD_STATE_ZERO)]
+        );
+        assert_eq!(descriptors(&map, 16384, true), vec![(8192, 0)]);
+        assert_eq!(descriptors(&map, 512, false), vec![(512, 0)]);
+        assert_eq!(
+            descriptors(&[ext(u64::MAX, true)], u32::MAX, false),
+            vec![(u32::MAX, 3)]
+        );
+        assert!(descriptors(&[], 512, false).is_empty());
+    }
+
+    #[test]
+    fn out_of_range_maps_per_command() {
+        let oor = TargetError::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0,
+        };
+        assert_eq!(target_failure(Command::Write, oor.clone()).errno, NBD_ENOSPC);
+        assert_eq!(
+            target_failure(Command::WriteZeroes, oor.clone()).errno,
+            NBD_ENOSPC
+        );
+        assert_eq!(target_failure(Command::Read, oor.clone()).errno, NBD_EINVAL);
+        assert_eq!(target_failure(Command::Trim, oor).errno, NBD_EINVAL);
+        assert_eq!(
+            target_failure(Command::Read, TargetError::Io("x".into())).errno,
+            NBD_EIO
+        );
+        assert_eq!(
+            target_failure(Command::Flush, TargetError::Shutdown).errno,
+            NBD_ESHUTDOWN
+        );
+        assert_eq!(
+            target_failure(Command::Write, TargetError::ReadOnly).errno,
+            NBD_EPERM
+        );
+    }
+}

@@ -1,0 +1,393 @@
+//! The NBD server: exports every volume of an [`ExportRegistry`] over the Network Block Device
+//! protocol (`doc/proto.md` of the NBD project), so that qemu, libnbd tools or the kernel's
+//! `nbd-client` can use a vstor volume as a disk.
+//!
+//! # Why a server of our own
+//!
+//! The `nbd` crate only offers a synchronous, one-request-at-a-time server without `NBD_OPT_GO`,
+//! structured replies or block status. qemu and the kernel keep tens of requests in flight per
+//! connection and expect `NBD_OPT_GO`, block-size negotiation, `base:allocation` and FUA, so the
+//! server is written here on tokio.
+//!
+//! # Shape
+//!
+//! * [`proto`]: constants and the transmission-phase codec (requests decoded with a
+//!   `tokio_util` `Decoder`, replies encoded with an `Encoder`).
+//! * `handshake`: fixed-newstyle option haggling (`NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`,
+//!   structured replies, `base:allocation`).
+//! * `conn`: the per-connection event loop. Fast operations run inline on the connection's task;
+//!   only fsync-bound ones (`FLUSH`, FUA) hop to the blocking pool. See that module for why.
+//!
+//! [`NbdServer`] owns the bookkeeping around them: a table of live connections (used by
+//! [`NbdServer::connections`], [`NbdServer::disconnect_export`] and [`NbdServer::shutdown`]) and
+//! the shutdown signal.
+//!
+//! # Shutdown
+//!
+//! `shutdown()` stops the accept loops and closes connections still in the handshake. Attached
+//! connections switch to draining: operations already started finish and are answered, every
+//! request that arrives afterwards gets `NBD_ESHUTDOWN`, and the connection closes as soon as the
+//! client sends `NBD_CMD_DISC` or hangs up, or after a grace period
+//! ([`NbdServer::with_shutdown_grace`], 1 s by default) once nothing is in flight.
+//!
+//! # Errors and hostile clients
+//!
+//! Malformed requests get an NBD error reply and the connection carries on. The connection is
+//! closed only where the stream cannot be trusted any more (bad magic, unknown client flags, a
+//! failing `NBD_OPT_EXPORT_NAME`). All buffering is bounded: option data by 64 KiB, `WRITE`
+//! payloads by `max_payload` (larger ones are read and dropped, then answered with `EINVAL`), and
+//! replies waiting for a slow reader by a high-water mark after which the socket is not read.
+
+pub mod proto;
+
+mod conn;
+mod handshake;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::target::ExportRegistry;
+use handshake::{Outcome, PREFERRED_BLOCK_SIZE};
+
+/// How long a client may take to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Largest READ/WRITE we can describe: a structured data chunk carries 8 bytes of offset in a
+/// 32-bit length, and the maximum block size must be a multiple of the 512-byte minimum.
+const MAX_PAYLOAD_LIMIT: u32 = (u32::MAX - 8) & !511;
+
+/// Failures of the NBD server itself (as opposed to errors reported to clients).
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("bad option magic {0:#018x}")]
+    BadOptionMagic(u64),
+    #[error("bad request magic {0:#010x}")]
+    BadRequestMagic(u32),
+    #[error("client flags {0:#x} contain unknown bits")]
+    UnknownClientFlags(u32),
+    #[error("export name of {0} bytes is longer than 4096")]
+    ExportNameTooLong(u32),
+    #[error("client asked for unknown export {0:?}")]
+    UnknownExport(String),
+    #[error("reply of {0} bytes does not fit in one chunk")]
+    ReplyTooLarge(usize),
+    #[error("handshake not completed within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+/// Tunables of the NBD server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdServerConfig {
+    /// Largest READ/WRITE accepted, advertised as the maximum block size. Rounded down to a
+    /// multiple of 512 and kept within [4096, 2^32 - 512].
+    pub max_payload: u32,
+    /// Fsync-bound operations (`FLUSH`, FUA writes) running at once per connection; further ones
+    /// wait, and the connection stops reading until one finishes.
+    pub max_inflight_per_conn: usize,
+}
+
+impl Default for NbdServerConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: 32 * 1024 * 1024,
+            max_inflight_per_conn: 64,
+        }
+    }
+}
+
+impl NbdServerConfig {
+    fn effective_max_payload(&self) -> u32 {
+        (self.max_payload & !511).clamp(PREFERRED_BLOCK_SIZE, MAX_PAYLOAD_LIMIT)
+    }
+}
+
+struct ConnEntry {
+    export: Option<String>,
+    kill: CancellationToken,
+}
+
+#[derive(Default)]
+struct ConnTable {
+    shutting_down: bool,
+    conns: HashMap<u64, ConnEntry>,
+}
+
+struct Inner {
+    registry: Arc<dyn ExportRegistry>,
+    max_payload: u32,
+    max_inflight: usize,
+    shutdown_grace_ms: AtomicU64,
+    shutdown: CancellationToken,
+    table: Mutex<ConnTable>,
+    all_closed: Notify,
+    next_id: AtomicU64,
+}
+
+impl Inner {
+    fn table(&self) -> MutexGuard<'_, ConnTable> {
+        // The table stays consistent across a panic (single inserts/removes), so poisoning is moot.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Add a connection unless the server is shutting down.
+    fn register(&self, kill: &CancellationToken) -> Option<u64> {
+        let mut table = self.table();
+        if table.shutting_down {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        table.conns.insert(
+            id,
+            ConnEntry {
+                export: None,
+                kill: kill.clone(),
+            },
+        );
+        Some(id)
+    }
+
+    fn attach(&self, id: u64, export: &str) {
+        if let Some(entry) = self.table().conns.get_mut(&id) {
+            entry.export = Some(export.to_owned());
+        }
+    }
+
+    fn deregister(&self, id: u64) {
+        let mut table = self.table();
+        table.conns.remove(&id);
+        if table.conns.is_empty() {
+            self.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Removes the connection from the table when dropped, so that it disappears even if its task is
+/// aborted.
+struct Registration {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.inner.deregister(self.id);
+    }
+}
+
+/// The NBD server. Cloning is cheap and every clone controls the same server.
+#[derive(Clone)]
+pub struct NbdServer {
+    inner: Arc<Inner>,
+}
+
+impl NbdServer {
+    pub fn new(registry: Arc<dyn ExportRegistry>, config: NbdServerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                max_payload: config.effective_max_payload(),
+                max_inflight: config.max_inflight_per_conn.max(1),
+                shutdown_grace_ms: AtomicU64::new(DEFAULT_SHUTDOWN_GRACE.as_millis() as u64),
+                shutdown: CancellationToken::new(),
+                table: Mutex::new(ConnTable::default()),
+                all_closed: Notify::new(),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How long, after [`shutdown`](Self::shutdown), an idle client is given to send
+    /// `NBD_CMD_DISC` before the server closes the connection. Applies to connections accepted
+    /// after the call.
+    pub fn with_shutdown_grace(self, grace: Duration) -> Self {
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.inner.shutdown_grace_ms.store(ms, Ordering::Relaxed);
+        self
+    }
+
+    /// Accept connections on an already-bound listener until [`shutdown`](Self::shutdown) is
+    /// called. May run on several listeners at once.
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        match listener.local_addr() {
+            Ok(addr) => info!(%addr, "NBD server listening"),
+            Err(e) => debug!(error = %e, "NBD listener has no local address"),
+        }
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.inner.shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.spawn_connection(stream, peer),
+                Err(e) if is_connection_error(&e) => {
+                    debug!(error = %e, "NBD accept: connection failed before it was accepted");
+                }
+                Err(e) => {
+                    // Typically EMFILE/ENFILE: back off instead of spinning on the error.
+                    error!(error = %e, "NBD accept failed; retrying in 1 s");
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_connection(&self, stream: TcpStream, peer: SocketAddr) {
+        if let Err(e) = stream.set_nodelay(true) {
+            warn!(%peer, error = %e, "cannot set TCP_NODELAY on NBD connection");
+        }
+        let kill = CancellationToken::new();
+        let Some(id) = self.inner.register(&kill) else {
+            debug!(%peer, "NBD server shutting down; dropping new connection");
+            return;
+        };
+        let registration = Registration {
+            inner: Arc::clone(&self.inner),
+            id,
+        };
+        tokio::spawn(serve_connection(stream, peer, kill, registration));
+    }
+
+    /// Stop accepting; in-flight requests finish and are answered; requests arriving afterwards
+    /// get `NBD_ESHUTDOWN`; then connections close. Returns when every connection has ended.
+    pub async fn shutdown(&self) {
+        let first = {
+            let mut table = self.inner.table();
+            !std::mem::replace(&mut table.shutting_down, true)
+        };
+        if first {
+            info!("NBD server shutting down");
+        }
+        self.inner.shutdown.cancel();
+        loop {
+            let closed = self.inner.all_closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.inner.table().conns.is_empty() {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    /// Forcibly disconnect every client of one export (used when a volume is deleted; remove it
+    /// from the registry first so that no new client attaches). Returns how many were closed.
+    pub fn disconnect_export(&self, name: &str) -> usize {
+        let table = self.inner.table();
+        let mut closed = 0;
+        for entry in table.conns.values() {
+            if entry.export.as_deref() == Some(name) && !entry.kill.is_cancelled() {
+                entry.kill.cancel();
+                closed += 1;
+            }
+        }
+        drop(table);
+        if closed > 0 {
+            info!(export = name, closed, "disconnected NBD clients of export");
+        }
+        closed
+    }
+
+    /// Number of connected clients per export (for `vstor volume info`).
+    pub fn connections(&self, name: &str) -> usize {
+        self.inner
+            .table()
+            .conns
+            .values()
+            .filter(|e| e.export.as_deref() == Some(name) && !e.kill.is_cancelled())
+            .count()
+    }
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    )
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    kill: CancellationToken,
+    registration: Registration,
+) {
+    let inner = Arc::clone(&registration.inner);
+    info!(%peer, "NBD client connected");
+
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::negotiate(&mut stream, inner.registry.as_ref(), inner.max_payload),
+    );
+    let outcome = tokio::select! {
+        biased;
+        _ = inner.shutdown.cancelled() => {
+            info!(%peer, "NBD client closed during handshake: server shutting down");
+            return;
+        }
+        outcome = handshake => outcome.unwrap_or(Err(NbdError::HandshakeTimeout(HANDSHAKE_TIMEOUT))),
+    };
+    let negotiated = match outcome {
+        Ok(Outcome::Transmission(negotiated)) => negotiated,
+        Ok(Outcome::Aborted) => {
+            info!(%peer, "NBD client ended the handshake (NBD_OPT_ABORT)");
+            return;
+        }
+        Err(NbdError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            info!(%peer, "NBD client hung up during the handshake");
+            return;
+        }
+        Err(e) => {
+            warn!(%peer, error = %e, "NBD handshake failed; closing connection");
+            return;
+        }
+    };
+
+    let export = negotiated.name.clone();
+    inner.attach(registration.id, &export);
+    info!(%peer, %export, structured = negotiated.structured,
+        block_status = negotiated.base_allocation.is_some(), "NBD client attached");
+
+    let params = conn::ConnParams {
+        peer,
+        max_payload: inner.max_payload,
+        max_inflight: inner.max_inflight,
+        shutdown_grace: Duration::from_millis(inner.shutdown_grace_ms.load(Ordering::Relaxed)),
+    };
+    let result = conn::run(&mut stream, negotiated, &params, &inner.shutdown, &kill).await;
+    let graceful = match &result {
+        Ok(end) => {
+            info!(%peer, %export, reason = end.describe(), "NBD client disconnected");
+            end.graceful()
+        }
+        Err(NbdError::Io(e)) => {
+            info!(%peer, %export, error = %e, "NBD connection lost");
+            false
+        }
+        Err(e) => {
+            warn!(%peer, %export, error = %e, "NBD protocol error; closing connection");
+            false
+        }
+    };
+    // Leave the table before the client can observe the close, so that anyone who saw the
+    // connection end also sees it gone from `connections()`.
+    drop(registration);
+    if graceful {
+        let _ = stream.shutdown().await;
+    }
+}

@@ -1,0 +1,80 @@
+//! The contract between a frontend (NBD today, vhost-user-blk next) and whatever serves a volume's
+//! blocks: the local volume engine in `vstor serve`, or later a remote volume driver reached over the
+//! edge protocol.
+//!
+//! Frontends never see SCOs, TLogs or the backend; they see a byte-addressed device with a size, a
+//! read-only bit and six operations. Keeping the trait this small is what lets a frontend be tested
+//! against an in-memory target and lets the binary swap the engine in without the frontend knowing.
+//!
+//! Blocking contract: `read`, `write` without FUA, `discard`, `write_zeroes` and `block_status` touch
+//! only memory and the page cache on the fast path, so a frontend may call them inline on its
+//! reactor thread (run to completion, no thread hop). `flush` and FUA writes wait for fsync and may
+//! take milliseconds; frontends run them off the reactor (e.g. `spawn_blocking`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why an operation on a target failed. Frontends map these onto their protocol's error codes
+/// (NBD: `EINVAL`, `ENOSPC`, `EPERM`, `EIO`, `ESHUTDOWN`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("request [{offset}, +{len}) is outside the device of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("device is read-only")]
+    ReadOnly,
+    #[error("device is shutting down or was removed")]
+    Shutdown,
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+/// What a successful write reports back besides "done".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteAck {
+    /// The engine is over its write-buffer budget: the frontend should wait this long before taking
+    /// more requests from this client (backpressure: slow the client down, never fail it).
+    pub throttle: Option<Duration>,
+}
+
+/// One run of the `base:allocation` map: `length` bytes that are either all allocated (written
+/// data) or all a hole that reads as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub hole: bool,
+}
+
+/// A block device served by a frontend. Offsets and lengths are in bytes; any 512-byte-aligned
+/// request is valid, and implementations handle sub-cluster I/O themselves.
+pub trait BlockTarget: Send + Sync + 'static {
+    /// Size in bytes; a multiple of 512.
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// Fill `buf` with the bytes at `offset`. Unwritten ranges read as zeros.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError>;
+    /// Write `data` at `offset`. With `fua`, the data is durable before this returns.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError>;
+    /// Unmap `[offset, offset+len)`: afterwards it reads as zeros and costs no space.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError>;
+    /// Make `[offset, offset+len)` read as zeros. With `allocate` (NBD's NO_HOLE), the range stays
+    /// allocated (zeros are written as data) instead of becoming a hole.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fua: bool,
+    ) -> Result<WriteAck, TargetError>;
+    /// Every write completed before this call (on any connection) is durable when it returns.
+    fn flush(&self) -> Result<(), TargetError>;
+    /// Allocation map of `[offset, offset+len)`, in order, covering at least the first byte and at
+    /// most the whole range.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError>;
+}
+
+/// Name → target lookup for the frontends. The export name is the volume name.
+pub trait ExportRegistry: Send + Sync + 'static {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>>;
+    /// Names of every export, for NBD_OPT_LIST.
+    fn list(&self) -> Vec<String>;
+}

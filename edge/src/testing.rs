@@ -1,0 +1,403 @@
+//! In-memory [`BlockTarget`] and [`ExportRegistry`] for tests (enabled by `cfg(test)` or the
+//! `testing` feature).
+//!
+//! [`MemTarget`] keeps the device in a `Vec<u8>`, tracks allocation per 4 KiB block the way a
+//! thin-provisioned volume would (writes allocate, whole-block discards and hole-punching zeroes
+//! deallocate), records every operation it receives, and has a few knobs to make a frontend's
+//! behaviour observable: a flush gate that holds `flush` until released, a throttle returned in
+//! every `WriteAck`, and I/O-error injection.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};
+
+/// Allocation granularity of [`MemTarget`].
+pub const ALLOC_BLOCK: u64 = 4096;
+
+/// One call received by a [`MemTarget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fua: bool,
+    },
+    Flush,
+    BlockStatus {
+        offset: u64,
+        len: u64,
+    },
+}
+
+struct Device {
+    data: Vec<u8>,
+    allocated: Vec<bool>,
+}
+
+#[derive(Default)]
+struct FlushGate {
+    held: Mutex<bool>,
+    released: Condvar,
+    entered: Mutex<Option<mpsc::UnboundedSender<()>>>,
+}
+
+/// A RAM-backed block device; see the module docs.
+pub struct MemTarget {
+    size: u64,
+    read_only: bool,
+    device: Mutex<Device>,
+    ops: Mutex<Vec<Op>>,
+    flushes: AtomicU64,
+    throttle: Mutex<Option<Duration>>,
+    fail_io: AtomicBool,
+    gate: FlushGate,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl MemTarget {
+    /// A writable device of `size` bytes (a multiple of 4096), all holes.
+    pub fn new(size: u64) -> Self {
+        Self::build(size, false)
+    }
+
+    /// A read-only device of `size` bytes.
+    pub fn new_read_only(size: u64) -> Self {
+        Self::build(size, true)
+    }
+
+    fn build(size: u64, read_only: bool) -> Self {
+        assert!(
+            size % ALLOC_BLOCK == 0,
+            "MemTarget size must be a multiple of 4096"
+        );
+        let len = usize::try_from(size).expect("MemTarget size fits in memory");
+        Self {
+            size,
+            read_only,
+            device: Mutex::new(Device {
+                data: vec![0; len],
+                allocated: vec![false; (size / ALLOC_BLOCK) as usize],
+            }),
+            ops: Mutex::new(Vec::new()),
+            flushes: AtomicU64::new(0),
+            throttle: Mutex::new(None),
+            fail_io: AtomicBool::new(false),
+            gate: FlushGate::default(),
+        }
+    }
+
+    /// Put data on the device without going through (or recording) the `BlockTarget` API.
+    pub fn preload(&self, offset: u64, data: &[u8]) {
+        let mut dev = lock(&self.device);
+        Self::store(&mut dev, offset, data);
+    }
+
+    /// Copy of `len` bytes at `offset`.
+    pub fn contents(&self, offset: u64, len: usize) -> Vec<u8> {
+        let dev = lock(&self.device);
+        dev.data[offset as usize..offset as usize + len].to_vec()
+    }
+
+    /// Allocation state of every 4 KiB block.
+    pub fn allocation(&self) -> Vec<bool> {
+        lock(&self.device).allocated.clone()
+    }
+
+    /// Every operation received so far, in order.
+    pub fn ops(&self) -> Vec<Op> {
+        lock(&self.ops).clone()
+    }
+
+    pub fn clear_ops(&self) {
+        lock(&self.ops).clear();
+    }
+
+    /// Number of completed `flush` calls.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    /// Report this throttle delay in every `WriteAck` from now on.
+    pub fn set_throttle(&self, delay: Option<Duration>) {
+        *lock(&self.throttle) = delay;
+    }
+
+    /// Make every operation fail with `TargetError::Io`.
+    pub fn set_fail_io(&self, fail: bool) {
+        self.fail_io.store(fail, Ordering::SeqCst);
+    }
+
+    /// From now on `flush` blocks until [`release_flushes`](Self::release_flushes); the returned
+    /// channel gets one message each time a flush starts waiting.
+    pub fn hold_flushes(&self) -> mpsc::UnboundedReceiver<()> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *lock(&self.gate.entered) = Some(tx);
+        *lock(&self.gate.held) = true;
+        rx
+    }
+
+    /// Let held and future flushes through.
+    pub fn release_flushes(&self) {
+        *lock(&self.gate.held) = false;
+        self.gate.released.notify_all();
+    }
+
+    fn record(&self, op: Op) {
+        lock(&self.ops).push(op);
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), TargetError> {
+        if self.fail_io.load(Ordering::SeqCst) {
+            return Err(TargetError::Io("injected failure".into()));
+        }
+        if write && self.read_only {
+            return Err(TargetError::ReadOnly);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(TargetError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn ack(&self) -> WriteAck {
+        WriteAck {
+            throttle: *lock(&self.throttle),
+        }
+    }
+
+    fn store(dev: &mut Device, offset: u64, data: &[u8]) {
+        let start = offset as usize;
+        dev.data[start..start + data.len()].copy_from_slice(data);
+        if !data.is_empty() {
+            let first = offset / ALLOC_BLOCK;
+            let last = (offset + data.len() as u64 - 1) / ALLOC_BLOCK;
+            for b in first..=last {
+                dev.allocated[b as usize] = true;
+            }
+        }
+    }
+
+    /// Zero `[offset, offset+len)`; blocks entirely inside become holes unless `allocate`, in
+    /// which case every touched block becomes allocated.
+    fn zero(dev: &mut Device, offset: u64, len: u64, allocate: bool) {
+        dev.data[offset as usize..(offset + len) as usize].fill(0);
+        if len == 0 {
+            return;
+        }
+        let first_touched = offset / ALLOC_BLOCK;
+        let last_touched = (offset + len - 1) / ALLOC_BLOCK;
+        for b in first_touched..=last_touched {
+            let block_start = b * ALLOC_BLOCK;
+            let whole = block_start >= offset && block_start + ALLOC_BLOCK <= offset + len;
+            if allocate {
+                dev.allocated[b as usize] = true;
+            } else if whole {
+                dev.allocated[b as usize] = false;
+            }
+        }
+    }
+}
+
+impl BlockTarget for MemTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+        self.record(Op::Read {
+            offset,
+            len: buf.len() as u64,
+        });
+        self.check(offset, buf.len() as u64, false)?;
+        let dev = lock(&self.device);
+        buf.copy_from_slice(&dev.data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
+        self.record(Op::Write {
+            offset,
+            len: data.len() as u64,
+            fua,
+        });
+        self.check(offset, data.len() as u64, true)?;
+        Self::store(&mut lock(&self.device), offset, data);
+        Ok(self.ack())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        self.record(Op::Discard { offset, len });
+        self.check(offset, len, true)?;
+        Self::zero(&mut lock(&self.device), offset, len, false);
+        Ok(())
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fua: bool,
+    ) -> Result<WriteAck, TargetError> {
+        self.record(Op::WriteZeroes {
+            offset,
+            len,
+            allocate,
+            fua,
+        });
+        self.check(offset, len, true)?;
+        Self::zero(&mut lock(&self.device), offset, len, allocate);
+        Ok(self.ack())
+    }
+
+    fn flush(&self) -> Result<(), TargetError> {
+        self.record(Op::Flush);
+        if self.fail_io.load(Ordering::SeqCst) {
+            return Err(TargetError::Io("injected failure".into()));
+        }
+        let mut held = lock(&self.gate.held);
+        if *held {
+            if let Some(tx) = lock(&self.gate.entered).as_ref() {
+                let _ = tx.send(());
+            }
+            while *held {
+                held = self
+                    .gate
+                    .released
+                    .wait(held)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        drop(held);
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError> {
+        self.record(Op::BlockStatus { offset, len });
+        self.check(offset, len, false)?;
+        let dev = lock(&self.device);
+        let end = offset + len;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / ALLOC_BLOCK;
+            let next = ((block + 1) * ALLOC_BLOCK).min(end);
+            let hole = !dev.allocated[block as usize];
+            match extents.last_mut() {
+                Some(last) if last.hole == hole => last.length += next - pos,
+                _ => extents.push(Extent {
+                    length: next - pos,
+                    hole,
+                }),
+            }
+            pos = next;
+        }
+        Ok(extents)
+    }
+}
+
+/// A name → target map.
+#[derive(Default)]
+pub struct MemRegistry {
+    exports: Mutex<BTreeMap<String, Arc<dyn BlockTarget>>>,
+}
+
+impl MemRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&self, name: &str, target: Arc<dyn BlockTarget>) {
+        lock(&self.exports).insert(name.to_owned(), target);
+    }
+
+    pub fn remove(&self, name: &str) -> bool {
+        lock(&self.exports).remove(name).is_some()
+    }
+}
+
+impl ExportRegistry for MemRegistry {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>> {
+        lock(&self.exports).get(name).cloned()
+    }
+
+    fn list(&self) -> Vec<String> {
+        lock(&self.exports).keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_follows_writes_discards_and_zeroes() {
+        let t = MemTarget::new(8 * ALLOC_BLOCK);
+        t.write(512, &[1; 512], false).unwrap();
+        t.write(3 * ALLOC_BLOCK, &[2; 8192], false).unwrap();
+        assert_eq!(
+            t.allocation(),
+            [true, false, false, true, true, false, false, false]
+        );
+        // Partial discard keeps the block allocated but zeroes the bytes.
+        t.discard(0, 1024).unwrap();
+        assert!(t.allocation()[0]);
+        assert_eq!(t.contents(512, 512), vec![0; 512]);
+        t.discard(3 * ALLOC_BLOCK, ALLOC_BLOCK).unwrap();
+        assert!(!t.allocation()[3]);
+        t.write_zeroes(6 * ALLOC_BLOCK, ALLOC_BLOCK, true, false)
+            .unwrap();
+        assert!(t.allocation()[6]);
+        let map = t.block_status(0, 8 * ALLOC_BLOCK).unwrap();
+        let expect = [(4096, false), (12288, true), (4096, false), (4096, true), (4096, false), (4096, true)];
+        assert_eq!(
+            map,
+            expect
+                .iter()
+                .map(|&(length, hole)| Extent { length, hole })
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            t.block_status(512, 1024).unwrap(),
+            vec![Extent {
+                length: 1024,
+                hole: false
+            }]
+        );
+        assert!(matches!(
+            t.read(8 * ALLOC_BLOCK, &mut [0; 512]),
+            Err(TargetError::OutOfRange { .. })
+        ));
+    }
+}

@@ -1,0 +1,184 @@
+//! The HTTP JSON management API served by `vstor serve` and used by the CLI.
+//!
+//! | method | path                         | body                                   |
+//! |--------|------------------------------|----------------------------------------|
+//! | GET    | /v1/health                   |                                        |
+//! | GET    | /v1/volumes                  |                                        |
+//! | POST   | /v1/volumes                  | `{name, size, sco_size?, write_buffer?}` |
+//! | GET    | /v1/volumes/{name}           |                                        |
+//! | POST   | /v1/volumes/{name}/resize    | `{size}`                               |
+//! | DELETE | /v1/volumes/{name}           |                                        |
+//!
+//! Sizes are bytes. Errors come back as `{"error": "..."}` with 400 (bad request), 404 (no such
+//! volume), 409 (exists), 503 (halted) or 500.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use vstor_edge::nbd::NbdServer;
+use vstor_volumedriver::config::USER_SCO_SIZE_RANGE;
+use vstor_volumedriver::{VolumeError, VolumeInfo, VolumeManager, VolumeOptions};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub manager: Arc<VolumeManager>,
+    pub nbd: NbdServer,
+    pub nbd_addr: SocketAddr,
+    pub default_sco_size: u64,
+    pub default_write_buffer: u64,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(err: VolumeError) -> Self {
+        let status = match &err {
+            VolumeError::NotFound { .. } => StatusCode::NOT_FOUND,
+            VolumeError::Exists { .. } => StatusCode::CONFLICT,
+            VolumeError::InvalidName { .. } | VolumeError::InvalidConfig { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            VolumeError::Halted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, err.to_string())
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn view(state: &ApiState, info: VolumeInfo) -> Value {
+    let connections = state.nbd.connections(&info.name);
+    let uri = format!("nbd://{}/{}", state.nbd_addr, info.name);
+    let mut value = serde_json::to_value(info).unwrap_or(Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        object.insert("nbd_uri".into(), json!(uri));
+        object.insert("nbd_connections".into(), json!(connections));
+    }
+    value
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub name: String,
+    pub size: u64,
+    pub sco_size: Option<u64>,
+    pub write_buffer: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    pub size: u64,
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn list(State(state): State<ApiState>) -> Json<Value> {
+    let volumes: Vec<Value> = state
+        .manager
+        .list()
+        .into_iter()
+        .map(|info| view(&state, info))
+        .collect();
+    let failed: Vec<Value> = state
+        .manager
+        .failed()
+        .into_iter()
+        .map(|(name, reason)| json!({ "name": name, "state": "failed", "halted_reason": reason }))
+        .collect();
+    Json(Value::Array(volumes.into_iter().chain(failed).collect()))
+}
+
+async fn create(
+    State(state): State<ApiState>,
+    Json(request): Json<CreateRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let sco_size = request.sco_size.unwrap_or(state.default_sco_size);
+    let (min, max) = USER_SCO_SIZE_RANGE;
+    if !(min..=max).contains(&sco_size) {
+        return Err(bad_request(format!(
+            "invalid setting for volume {}: SCO size must be between 4 MiB and 128 MiB",
+            request.name
+        )));
+    }
+    let options = VolumeOptions {
+        size: request.size,
+        sco_size,
+        write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
+    };
+    let manager = state.manager.clone();
+    let volume = blocking(move || manager.create(&request.name, &options)).await?;
+    Ok((StatusCode::CREATED, Json(view(&state, volume.info()))))
+}
+
+async fn info(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    Ok(Json(view(&state, volume.info())))
+}
+
+async fn resize(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Json(request): Json<ResizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    let target = volume.clone();
+    blocking(move || target.resize(request.size)).await?;
+    Ok(Json(view(&state, volume.info())))
+}
+
+async fn delete(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let manager = state.manager.clone();
+    let target = name.clone();
+    let nbd = state.nbd.clone();
+    blocking(move || {
+        let result = manager.delete(&target);
+        nbd.disconnect_export(&target);
+        result
+    })
+    .await?;
+    Ok(Json(json!({ "deleted": name })))
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/volumes", get(list).post(create))
+        .route("/v1/volumes/{name}", get(info).delete(delete))
+        .route("/v1/volumes/{name}/resize", post(resize))
+        .with_state(state)
+}

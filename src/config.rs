@@ -1,0 +1,243 @@
+//! `vstor serve` settings: built-in defaults, overridden by a TOML file (`--config`), overridden
+//! by command-line flags. `docs/vstor.example.toml` documents every setting and is checked by a
+//! test to parse to exactly these defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::size::parse_size;
+
+pub const DEFAULT_API: &str = "127.0.0.1:7800";
+pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+
+/// Settings as written in the TOML file; sizes are strings with K/M/G/T suffixes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub data_dir: PathBuf,
+    /// Backend directory; empty means `<data_dir>/backend`.
+    pub backend: Option<PathBuf>,
+    pub api: String,
+    pub nbd: String,
+    pub write_buffer_limit: String,
+    pub shutdown_upload_timeout_secs: u64,
+    pub default_volume: DefaultVolume,
+    pub volume_defaults: VolumeDefaults,
+    pub nbd_server: NbdSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultVolume {
+    pub create: bool,
+    pub name: String,
+    pub size: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumeDefaults {
+    pub sco_size: String,
+    pub write_buffer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdSettings {
+    pub max_payload: String,
+    pub max_inflight_per_connection: usize,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./vstor-data"),
+            backend: None,
+            api: DEFAULT_API.into(),
+            nbd: DEFAULT_NBD.into(),
+            write_buffer_limit: "8G".into(),
+            shutdown_upload_timeout_secs: 120,
+            default_volume: DefaultVolume::default(),
+            volume_defaults: VolumeDefaults::default(),
+            nbd_server: NbdSettings::default(),
+        }
+    }
+}
+
+impl Default for DefaultVolume {
+    fn default() -> Self {
+        Self {
+            create: true,
+            name: "vol0".into(),
+            size: "10G".into(),
+        }
+    }
+}
+
+impl Default for VolumeDefaults {
+    fn default() -> Self {
+        Self {
+            sco_size: "64M".into(),
+            write_buffer: "1G".into(),
+        }
+    }
+}
+
+impl Default for NbdSettings {
+    fn default() -> Self {
+        Self {
+            max_payload: "32M".into(),
+            max_inflight_per_connection: 64,
+        }
+    }
+}
+
+/// Resolved, validated settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub backend: PathBuf,
+    pub api: SocketAddr,
+    pub nbd: SocketAddr,
+    pub write_buffer_limit: u64,
+    pub shutdown_upload_timeout_secs: u64,
+    pub default_volume: Option<(String, u64)>,
+    pub sco_size: u64,
+    pub write_buffer: u64,
+    pub nbd_max_payload: u32,
+    pub nbd_max_inflight: usize,
+}
+
+/// Flags of `vstor serve` that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub backend: Option<PathBuf>,
+    pub api: Option<String>,
+    pub nbd: Option<String>,
+    pub write_buffer_limit: Option<String>,
+    pub no_default_volume: bool,
+}
+
+fn parse_addr(what: &str, value: &str) -> Result<SocketAddr> {
+    value
+        .parse()
+        .with_context(|| format!("{what} address {value:?} is not IP:PORT"))
+}
+
+fn size_setting(what: &str, value: &str) -> Result<u64> {
+    parse_size(value).with_context(|| format!("setting {what}"))
+}
+
+impl FileConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn resolve(mut self, overrides: Overrides) -> Result<ServeConfig> {
+        if let Some(dir) = overrides.data_dir {
+            self.data_dir = dir;
+        }
+        if let Some(dir) = overrides.backend {
+            self.backend = Some(dir);
+        }
+        if let Some(api) = overrides.api {
+            self.api = api;
+        }
+        if let Some(nbd) = overrides.nbd {
+            self.nbd = nbd;
+        }
+        if let Some(limit) = overrides.write_buffer_limit {
+            self.write_buffer_limit = limit;
+        }
+        if overrides.no_default_volume {
+            self.default_volume.create = false;
+        }
+        let max_payload = size_setting("nbd_server.max_payload", &self.nbd_server.max_payload)?;
+        if !(4096..=u32::MAX as u64).contains(&max_payload) {
+            bail!("nbd_server.max_payload must be between 4K and 4G");
+        }
+        if self.nbd_server.max_inflight_per_connection == 0 {
+            bail!("nbd_server.max_inflight_per_connection must be at least 1");
+        }
+        let default_volume = if self.default_volume.create {
+            Some((
+                self.default_volume.name.clone(),
+                size_setting("default_volume.size", &self.default_volume.size)?,
+            ))
+        } else {
+            None
+        };
+        Ok(ServeConfig {
+            backend: self
+                .backend
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("backend")),
+            api: parse_addr("API", &self.api)?,
+            nbd: parse_addr("NBD", &self.nbd)?,
+            write_buffer_limit: size_setting("write_buffer_limit", &self.write_buffer_limit)?,
+            shutdown_upload_timeout_secs: self.shutdown_upload_timeout_secs,
+            default_volume,
+            sco_size: size_setting("volume_defaults.sco_size", &self.volume_defaults.sco_size)?,
+            write_buffer: size_setting(
+                "volume_defaults.write_buffer",
+                &self.volume_defaults.write_buffer,
+            )?,
+            nbd_max_payload: max_payload as u32,
+            nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
+            data_dir: self.data_dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_documents_the_defaults() {
+        let text = include_str!("../docs/vstor.example.toml");
+        let parsed: FileConfig = toml::from_str(text).expect("example parses");
+        assert_eq!(parsed, FileConfig::default());
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_rejected() {
+        assert!(toml::from_str::<FileConfig>("dat_dir = \"x\"").is_err());
+        let bad = FileConfig {
+            api: "localhost".into(),
+            ..FileConfig::default()
+        };
+        let err = bad.resolve(Overrides::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("API address \"localhost\""),
+            "{err:#}"
+        );
+        let bad = FileConfig {
+            write_buffer_limit: "lots".into(),
+            ..FileConfig::default()
+        };
+        let err = bad.resolve(Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("write_buffer_limit"), "{err:#}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let config = FileConfig::default()
+            .resolve(Overrides {
+                data_dir: Some("/tmp/d".into()),
+                nbd: Some("127.0.0.1:0".into()),
+                no_default_volume: true,
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(config.backend, PathBuf::from("/tmp/d/backend"));
+        assert_eq!(config.nbd.port(), 0);
+        assert!(config.default_volume.is_none());
+    }
+}

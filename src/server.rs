@@ -1,0 +1,109 @@
+//! `vstor serve`: one node of the embedded single-node default — local-directory backend, the
+//! volume engine, the NBD server and the management API — until SIGTERM or SIGINT, then a clean
+//! stop: refuse new I/O, answer what is in flight, flush, upload, exit 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use vstor_backend::LocalStore;
+use vstor_edge::nbd::{NbdServer, NbdServerConfig};
+use vstor_volumedriver::{ManagerConfig, VolumeManager, VolumeOptions};
+
+use crate::api::{router, ApiState};
+use crate::config::ServeConfig;
+use crate::export::Exports;
+
+pub async fn serve(config: ServeConfig) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let backend = LocalStore::open(&config.backend)
+        .with_context(|| format!("cannot open backend directory {}", config.backend.display()))?;
+    let manager_config = ManagerConfig::under(&config.data_dir, config.write_buffer_limit);
+    let manager =
+        tokio::task::spawn_blocking(move || VolumeManager::open(manager_config, Arc::new(backend)))
+            .await?
+            .context("cannot start the volume manager")?;
+
+    if let Some((name, size)) = &config.default_volume {
+        if manager.names().is_empty() && manager.failed().is_empty() {
+            let options = VolumeOptions {
+                size: *size,
+                sco_size: config.sco_size,
+                write_buffer: config.write_buffer,
+            };
+            manager
+                .create(name, &options)
+                .with_context(|| format!("cannot create the default volume {name}"))?;
+        }
+    }
+
+    let nbd_listener = TcpListener::bind(config.nbd)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", config.nbd))?;
+    let api_listener = TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", config.api))?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+
+    let nbd = NbdServer::new(
+        Arc::new(Exports(manager.clone())),
+        NbdServerConfig {
+            max_payload: config.nbd_max_payload,
+            max_inflight_per_conn: config.nbd_max_inflight,
+        },
+    );
+    let nbd_task = {
+        let nbd = nbd.clone();
+        tokio::spawn(async move { nbd.serve(nbd_listener).await })
+    };
+    let api_stop = Arc::new(tokio::sync::Notify::new());
+    let api_task = {
+        let app = router(ApiState {
+            manager: manager.clone(),
+            nbd: nbd.clone(),
+            nbd_addr,
+            default_sco_size: config.sco_size,
+            default_write_buffer: config.write_buffer,
+        });
+        let stop = api_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(api_listener, app)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await
+        })
+    };
+
+    println!("vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}");
+    tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %config.data_dir.display(), "vstor serving");
+
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+        result = nbd_task => {
+            result??;
+            anyhow::bail!("NBD server stopped unexpectedly");
+        }
+    }
+
+    nbd.shutdown().await;
+    api_stop.notify_one();
+    let _ = api_task.await;
+    let timeout = Duration::from_secs(config.shutdown_upload_timeout_secs);
+    let unfinished = tokio::task::spawn_blocking(move || manager.shutdown(timeout)).await?;
+    if unfinished.is_empty() {
+        tracing::info!("all volumes flushed and uploaded; bye");
+    } else {
+        tracing::warn!(
+            volumes = ?unfinished,
+            "uploads did not finish in time; the data is safe in the write buffer and will be uploaded at the next start"
+        );
+    }
+    Ok(())
+}

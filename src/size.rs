@@ -1,0 +1,52 @@
+//! Sizes on the command line and in the config: `10G`, `512M`, `4096`, `1.5T` (powers of 1024).
+
+use anyhow::{anyhow, Result};
+
+pub fn parse_size(text: &str) -> Result<u64> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(text.trim())
+        .map_err(|e| {
+            anyhow!("bad size {text:?}: {e} (use a number with an optional K, M, G or T suffix)")
+        })
+}
+
+/// `10737418240` → `10 GiB`; exact multiples print without decimals.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut value = bytes as f64;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        let err = parse_size("ten").unwrap_err().to_string();
+        assert!(err.starts_with("bad size \"ten\""), "{err}");
+        assert!(parse_size("-1G").is_err());
+    }
+
+    #[test]
+    fn sizes_format_readably() {
+        assert_eq!(format_size(10 << 30), "10 GiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(0), "0 B");
+    }
+}

@@ -1,0 +1,342 @@
+//! Test harness: a `vstor serve` process on loopback ports with its own data directory, the CLI,
+//! real client tools, and a minimal synchronous NBD client for crash tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const VSTOR: &str = env!("CARGO_BIN_EXE_vstor");
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub api: String,
+    pub nbd: String,
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+/// Is a command-line tool installed? Tests of real clients require it: a missing tool is a
+/// failed test, not a skipped one (`.ci/run` installs them).
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed (run .ci/run or apt-get install it)"
+    );
+}
+
+impl Daemon {
+    /// Start a daemon on a fresh data directory inside `root`.
+    pub fn start(root: &Path) -> Self {
+        Self::start_with(root, &[])
+    }
+
+    pub fn start_with(root: &Path, extra: &[&str]) -> Self {
+        let mut daemon = Daemon {
+            child: None,
+            data_dir: root.join("data"),
+            api: String::new(),
+            nbd: String::new(),
+            log: root.join("daemon.log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        daemon.launch();
+        daemon
+    }
+
+    /// (Re)start the process on the same data directory, on new ports.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
+        let mut child = Command::new(VSTOR)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--api",
+                "127.0.0.1:0",
+                "--nbd",
+                "127.0.0.1:0",
+                "--no-default-volume",
+            ])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vstor serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "vstor serve did not become ready; log:\n{}",
+                    self.log_text()
+                )
+            });
+        let rest = ready
+            .strip_prefix("vstor ready: api=http://")
+            .unwrap_or_else(|| panic!("unexpected first line {ready:?}"));
+        let (api, nbd) = rest
+            .split_once(" nbd=nbd://")
+            .expect("ready line has nbd address");
+        self.api = api.to_string();
+        self.nbd = nbd.to_string();
+        self.child = Some(child);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{}", self.nbd, volume)
+    }
+
+    /// Run `vstor <args> --api <this daemon>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(VSTOR)
+            .args(args)
+            .env("VSTOR_API", &self.api)
+            .output()
+            .expect("run vstor cli")
+    }
+
+    /// Run the CLI and insist on success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "vstor {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn create_volume(&self, name: &str, size: &str) {
+        self.cli_ok(&["volume", "create", name, "--size", size]);
+    }
+
+    pub fn info(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["volume", "info", name, "--json"])).expect("info JSON")
+    }
+
+    /// Poll the volume's info until `ready` holds (state-based synchronisation with a deadline).
+    pub fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let info = self.info(name);
+            if ready(&info) {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run a command, insisting on success; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `cksum` (CRC and length) of a file: fast enough for multi-GiB images (sha256sum is ~30x
+/// slower on this machine), and any wrong byte changes it.
+pub fn checksum_file(path: &Path) -> String {
+    let out = run_ok(Command::new("cksum").arg(path));
+    let mut fields = out.split_whitespace();
+    format!(
+        "{} {}",
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default()
+    )
+}
+
+/// A deliberately small NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies, one
+/// request at a time) so crash tests control exactly which writes were acknowledged.
+pub struct NbdClient {
+    stream: TcpStream,
+    pub size: u64,
+    cookie: u64,
+}
+
+pub const NBD_CMD_READ: u16 = 0;
+pub const NBD_CMD_WRITE: u16 = 1;
+pub const NBD_CMD_FLUSH: u16 = 3;
+pub const NBD_CMD_FLAG_FUA: u16 = 1;
+
+impl NbdClient {
+    pub fn connect(addr: &str, export: &str) -> std::io::Result<Self> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut hello = [0u8; 18];
+        stream.read_exact(&mut hello)?;
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        let flags = u16::from_be_bytes([hello[16], hello[17]]);
+        assert!(flags & 1 != 0, "server is not fixed newstyle");
+        stream.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
+        let mut option = Vec::new();
+        option.extend_from_slice(b"IHAVEOPT");
+        option.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+        option.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        option.extend_from_slice(export.as_bytes());
+        stream.write_all(&option)?;
+        let mut reply = [0u8; 10];
+        stream.read_exact(&mut reply)?;
+        let size = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
+        Ok(Self {
+            stream,
+            size,
+            cookie: 0,
+        })
+    }
+
+    fn request(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<u32> {
+        self.cookie += 1;
+        let mut header = Vec::with_capacity(28 + payload.len());
+        header.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        header.extend_from_slice(&flags.to_be_bytes());
+        header.extend_from_slice(&kind.to_be_bytes());
+        header.extend_from_slice(&self.cookie.to_be_bytes());
+        header.extend_from_slice(&offset.to_be_bytes());
+        header.extend_from_slice(&len.to_be_bytes());
+        header.extend_from_slice(payload);
+        self.stream.write_all(&header)?;
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply)?;
+        assert_eq!(
+            u32::from_be_bytes(reply[..4].try_into().expect("4")),
+            0x6744_6698,
+            "simple reply magic"
+        );
+        assert_eq!(
+            u64::from_be_bytes(reply[8..].try_into().expect("8")),
+            self.cookie,
+            "reply cookie"
+        );
+        Ok(u32::from_be_bytes(reply[4..8].try_into().expect("4")))
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<u32> {
+        let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
+        self.request(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<u32> {
+        self.request(0, NBD_CMD_FLUSH, 0, 0, &[])
+    }
+
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<u32> {
+        let error = self.request(0, NBD_CMD_READ, offset, buf.len() as u32, &[])?;
+        if error == 0 {
+            self.stream.read_exact(buf)?;
+        }
+        Ok(error)
+    }
+}
+
+/// Content of `block` for write sequence number `seq`: derived from both, so a read tells which
+/// write it came from.
+pub fn block_content(block: u64, seq: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    for (i, chunk) in out.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&block.to_le_bytes());
+        chunk[8..].copy_from_slice(&(seq ^ (i as u64) << 40).to_le_bytes());
+    }
+    out
+}
+
+/// Which write (sequence number) a block's content came from; 0 for never written (zeros).
+pub fn decode_block(block: u64, data: &[u8]) -> Option<u64> {
+    if data.iter().all(|b| *b == 0) {
+        return Some(0);
+    }
+    let seq = u64::from_le_bytes(data[8..16].try_into().ok()?);
+    (block_content(block, seq, data.len()) == data).then_some(seq)
+}
