@@ -49,7 +49,9 @@ fn writer(addr: String, oracle: Arc<Mutex<Oracle>>, seq: Arc<AtomicU64>, progres
         if fua {
             let mut o = oracle.lock().unwrap();
             o.committed.insert(block, n);
-            if let Some(v) = o.since.get_mut(&block) { v.retain(|s| *s > n) }
+            if let Some(v) = o.since.get_mut(&block) {
+                v.retain(|s| *s > n)
+            }
         } else {
             unflushed.push((block, n));
         }
@@ -63,7 +65,9 @@ fn writer(addr: String, oracle: Arc<Mutex<Oracle>>, seq: Arc<AtomicU64>, progres
                 if o.committed.get(&block).is_none_or(|c| *c < n) {
                     o.committed.insert(block, n);
                 }
-                if let Some(v) = o.since.get_mut(&block) { v.retain(|s| *s > n) }
+                if let Some(v) = o.since.get_mut(&block) {
+                    v.retain(|s| *s > n)
+                }
             }
         }
         progress.fetch_add(1, Ordering::SeqCst);

@@ -214,7 +214,8 @@ fn qemu_img_convert_sparse_image_in_and_out() {
             .args(["convert", "-f", "raw", "-O", "raw", &uri])
             .arg(&out),
     );
-    assert_eq!(checksum_file(&source), checksum_file(&out));
+    let source_checksum = checksum_file(&source);
+    assert_eq!(checksum_file(&out), source_checksum);
     run_ok(
         Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "raw"])
@@ -234,10 +235,25 @@ fn qemu_img_convert_sparse_image_in_and_out() {
         (8u64 << 20) + (16 << 20) + (1 << 20) + (64 << 10)
     );
 
-    // nbdcopy out skips the holes and gives the same bytes.
-    let copy = tmp.path().join("copy.raw");
-    run_ok(Command::new("nbdcopy").arg(&uri).arg(&copy));
-    assert_eq!(checksum_file(&source), checksum_file(&copy));
+    // nbdcopy volume to volume (multi-conn, block status on both ends) gives the same bytes
+    // and the same holes.
+    daemon.create_volume("copy", "4G");
+    let copy = daemon.uri("copy");
+    run_ok(Command::new("nbdcopy").args(["--connections=2", &uri, &copy]));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&source)
+            .arg(&copy),
+    );
+    assert_eq!(data_extents(&copy), expected);
+    let copied = tmp.path().join("copied.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &copy])
+            .arg(&copied),
+    );
+    assert_eq!(checksum_file(&copied), source_checksum);
 }
 
 #[test]

@@ -49,6 +49,13 @@ pub enum BackendError {
         current: OwnerTag,
         presented: OwnerTag,
     },
+    #[error("reading the data for {namespace}/{name} failed: {source}")]
+    Source {
+        namespace: String,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
     #[error("I/O error on {path}: {source}")]
@@ -83,6 +90,36 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// As [`put`](Self::put), but only if `owner` is the namespace's current owner tag.
     fn put_if_owner(&self, namespace: &str, name: &str, data: &[u8], owner: OwnerTag)
         -> Result<()>;
+    /// As [`put_if_owner`](Self::put_if_owner), with the `len` bytes of data read from
+    /// `source`, so that large objects (SCOs) need not be held in memory. Stores that cannot
+    /// stream fall back to buffering.
+    fn put_from(
+        &self,
+        namespace: &str,
+        name: &str,
+        len: u64,
+        source: &mut dyn std::io::Read,
+        owner: OwnerTag,
+    ) -> Result<()> {
+        let mut data = Vec::with_capacity(len as usize);
+        let read = std::io::Read::read_to_end(&mut std::io::Read::take(source, len), &mut data);
+        match read {
+            Ok(n) if n as u64 == len => self.put_if_owner(namespace, name, &data, owner),
+            Ok(n) => Err(BackendError::Source {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("source ended after {n} of {len} bytes"),
+                ),
+            }),
+            Err(source) => Err(BackendError::Source {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>>;
     /// Read `buf.len()` bytes at `offset` of the object, verifying only the parts read.
     fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;

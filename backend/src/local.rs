@@ -199,18 +199,22 @@ impl LocalStore {
 
     /// The header and CRC table of an object holding `data`; the payload follows it unchanged.
     fn encode_header(data: &[u8]) -> Vec<u8> {
-        let chunk_count = data.len().div_ceil(CHUNK_SIZE as usize);
-        let mut out = Vec::with_capacity(HEADER_LEN as usize + chunk_count * 4);
+        let crcs: Vec<u32> = data
+            .chunks(CHUNK_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        Self::header_from_crcs(data.len() as u64, &crcs)
+    }
+
+    fn header_from_crcs(payload_len: u64, crcs: &[u32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN as usize + crcs.len() * 4);
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(&payload_len.to_le_bytes());
         out.extend_from_slice(&CHUNK_SIZE.to_le_bytes());
-        out.extend_from_slice(&(chunk_count as u32).to_le_bytes());
-        let mut table = Vec::with_capacity(chunk_count * 4);
-        for chunk in data.chunks(CHUNK_SIZE as usize) {
-            table.extend_from_slice(&crc32c::crc32c(chunk).to_le_bytes());
-        }
+        out.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+        let table: Vec<u8> = crcs.iter().flat_map(|crc| crc.to_le_bytes()).collect();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..24]), &table);
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
@@ -220,6 +224,21 @@ impl LocalStore {
 
     /// Write `parts` to `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
     fn atomic_write(&self, dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
+        self.atomic_write_with(dir, name, |file, temp| {
+            for part in parts {
+                file.write_all(part).map_err(io_err(temp))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Create `dir/name` atomically with content written by `fill` into a temp file.
+    fn atomic_write_with(
+        &self,
+        dir: &Path,
+        name: &str,
+        fill: impl FnOnce(&mut File, &Path) -> Result<()>,
+    ) -> Result<()> {
         let temp = dir.join(self.temp_name(name));
         let result = (|| {
             let mut file = OpenOptions::new()
@@ -227,10 +246,16 @@ impl LocalStore {
                 .create_new(true)
                 .open(&temp)
                 .map_err(io_err(&temp))?;
-            for part in parts {
-                file.write_all(part).map_err(io_err(&temp))?;
-            }
+            fill(&mut file, &temp)?;
             file.sync_all().map_err(io_err(&temp))?;
+            // Objects are cold once stored: hand their clean pages back so the next write-buffer
+            // append reuses them instead of faulting in fresh memory.
+            let _ = nix::fcntl::posix_fadvise(
+                &file,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
             let target = dir.join(name);
             fs::rename(&temp, &target).map_err(io_err(&target))?;
             fsync_dir(dir)
@@ -419,6 +444,52 @@ impl ObjectStore for LocalStore {
                 });
             }
             self.atomic_write(&dir.join(OBJECTS_DIR), name, &[&header, data])
+        })
+    }
+
+    fn put_from(
+        &self,
+        namespace: &str,
+        name: &str,
+        len: u64,
+        source: &mut dyn Read,
+        owner: OwnerTag,
+    ) -> Result<()> {
+        validate_name(name)?;
+        let chunk_count = len.div_ceil(CHUNK_SIZE as u64) as usize;
+        let table_at = HEADER_LEN as usize;
+        let payload_at = table_at + chunk_count * 4;
+        let source_err = |source| BackendError::Source {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            source,
+        };
+        self.with_owner_lock(namespace, false, |dir, current| {
+            if current != owner {
+                return Err(BackendError::Fenced {
+                    namespace: namespace.to_string(),
+                    current,
+                    presented: owner,
+                });
+            }
+            self.atomic_write_with(&dir.join(OBJECTS_DIR), name, |file, temp| {
+                // Stream the payload behind room for the header, checksumming chunk by chunk,
+                // then write the header (which needs every chunk's CRC) in front of it.
+                let mut crcs = Vec::with_capacity(chunk_count);
+                let mut buf = vec![0u8; 16 * CHUNK_SIZE as usize];
+                let mut remaining = len;
+                let mut offset = payload_at as u64;
+                while remaining > 0 {
+                    let n = remaining.min(buf.len() as u64) as usize;
+                    source.read_exact(&mut buf[..n]).map_err(source_err)?;
+                    crcs.extend(buf[..n].chunks(CHUNK_SIZE as usize).map(crc32c::crc32c));
+                    file.write_all_at(&buf[..n], offset).map_err(io_err(temp))?;
+                    offset += n as u64;
+                    remaining -= n as u64;
+                }
+                let header = Self::header_from_crcs(len, &crcs);
+                file.write_all_at(&header, 0).map_err(io_err(temp))
+            })
         })
     }
 
@@ -728,6 +799,42 @@ mod tests {
         assert_eq!(store.get("ns", "a").unwrap(), b"3");
         store.delete_if_owner("ns", "a", 6).unwrap();
         assert!(!store.exists("ns", "a").unwrap());
+    }
+
+    #[test]
+    fn streaming_put_matches_buffered_put() {
+        let (_dir, store) = store();
+        store.create_namespace("ns", 3).unwrap();
+        let data = pattern(5 * CHUNK_SIZE as usize * 16 + 12_345, 11);
+        store
+            .put_from("ns", "streamed", data.len() as u64, &mut &data[..], 3)
+            .unwrap();
+        store.put_if_owner("ns", "buffered", &data, 3).unwrap();
+        let dir = store.root().join("ns").join(OBJECTS_DIR);
+        assert_eq!(
+            fs::read(dir.join("streamed")).unwrap(),
+            fs::read(dir.join("buffered")).unwrap(),
+            "identical on-disk objects"
+        );
+        let mut part = vec![0u8; 70_000];
+        store
+            .get_range("ns", "streamed", 1_000_000, &mut part)
+            .unwrap();
+        assert_eq!(part, data[1_000_000..1_070_000]);
+
+        let err = store
+            .put_from("ns", "short", data.len() as u64 + 1, &mut &data[..], 3)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Source { .. }), "{err}");
+        assert!(
+            !store.exists("ns", "short").unwrap(),
+            "nothing half-written is visible"
+        );
+        let err = store
+            .put_from("ns", "fenced", 4, &mut &b"abcd"[..], 2)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Fenced { .. }), "{err}");
+        assert_eq!(store.list("ns").unwrap(), vec!["buffered", "streamed"]);
     }
 
     #[test]

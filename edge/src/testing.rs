@@ -89,7 +89,7 @@ impl MemTarget {
 
     fn build(size: u64, read_only: bool) -> Self {
         assert!(
-            size % ALLOC_BLOCK == 0,
+            size.is_multiple_of(ALLOC_BLOCK),
             "MemTarget size must be a multiple of 4096"
         );
         let len = usize::try_from(size).expect("MemTarget size fits in memory");
@@ -149,19 +149,16 @@ impl MemTarget {
         self.fail_io.store(fail, Ordering::SeqCst);
     }
 
-    /// From now on `flush` blocks until [`release_flushes`](Self::release_flushes); the returned
-    /// channel gets one message each time a flush starts waiting.
-    pub fn hold_flushes(&self) -> mpsc::UnboundedReceiver<()> {
+    /// Make `flush` block until the returned hold is released or dropped (dropping it on a test
+    /// failure keeps blocked flushes from hanging the runtime's shutdown).
+    pub fn hold_flushes(&self) -> FlushHold<'_> {
         let (tx, rx) = mpsc::unbounded_channel();
         *lock(&self.gate.entered) = Some(tx);
         *lock(&self.gate.held) = true;
-        rx
-    }
-
-    /// Let held and future flushes through.
-    pub fn release_flushes(&self) {
-        *lock(&self.gate.held) = false;
-        self.gate.released.notify_all();
+        FlushHold {
+            target: self,
+            entered: rx,
+        }
     }
 
     fn record(&self, op: Op) {
@@ -327,6 +324,34 @@ impl BlockTarget for MemTarget {
     }
 }
 
+/// Flushes of a [`MemTarget`] block while this exists.
+pub struct FlushHold<'a> {
+    target: &'a MemTarget,
+    entered: mpsc::UnboundedReceiver<()>,
+}
+
+impl FlushHold<'_> {
+    /// Wait until a flush is blocked on this hold.
+    pub async fn flush_started(&mut self) {
+        self.entered
+            .recv()
+            .await
+            .expect("the target keeps the sender while held");
+    }
+
+    /// Let held and future flushes through.
+    pub fn release(self) {}
+}
+
+impl Drop for FlushHold<'_> {
+    fn drop(&mut self) {
+        let gate = &self.target.gate;
+        *lock(&gate.entered) = None;
+        *lock(&gate.held) = false;
+        gate.released.notify_all();
+    }
+}
+
 /// A name → target map.
 #[derive(Default)]
 pub struct MemRegistry {
@@ -380,7 +405,14 @@ mod tests {
             .unwrap();
         assert!(t.allocation()[6]);
         let map = t.block_status(0, 8 * ALLOC_BLOCK).unwrap();
-        let expect = [(4096, false), (12288, true), (4096, false), (4096, true), (4096, false), (4096, true)];
+        let expect = [
+            (4096, false),
+            (12288, true),
+            (4096, false),
+            (4096, true),
+            (4096, false),
+            (4096, true),
+        ];
         assert_eq!(
             map,
             expect

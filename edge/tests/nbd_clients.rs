@@ -36,10 +36,7 @@ fn have(tool: &str) -> bool {
 /// Run a tool to completion (the server keeps running on the test runtime meanwhile) and return
 /// its stdout, failing the test on a nonzero exit.
 async fn run(tool: &str, args: &[&str]) -> String {
-    let child = Command::new(tool)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
+    let child = Command::new(tool).args(args).kill_on_drop(true).output();
     let out = tokio::time::timeout(TOOL_TIMEOUT, child)
         .await
         .unwrap_or_else(|_| panic!("{tool} {args:?} timed out"))
@@ -214,7 +211,10 @@ async fn qemu_io_writes_and_reads_back() {
         "qemu-io output:\n{out}"
     );
     assert!(target.contents(0, 65536).iter().all(|&b| b == 0xab));
-    assert!(target.contents(MIB, MIB as usize).iter().all(|&b| b == 0xcd));
+    assert!(target
+        .contents(MIB, MIB as usize)
+        .iter()
+        .all(|&b| b == 0xcd));
     // 69120 = 64K + 3584: an unaligned 3000-byte write in the middle of preserved 0x77 bytes.
     let around = target.contents(65536, 8192);
     assert!(around[..3584].iter().all(|&b| b == 0x77));
@@ -260,12 +260,22 @@ async fn qemu_io_detects_corruption() {
     let (srv, target) = TestServer::with_export("vol", MIB).await;
     target.preload(0, &[0x42; 4096]);
     let child = Command::new("qemu-io")
-        .args(["-f", "raw", "-r", &uri(&srv, "vol"), "-c", "read -P 0x43 0 4k"])
+        .args([
+            "-f",
+            "raw",
+            "-r",
+            &uri(&srv, "vol"),
+            "-c",
+            "read -P 0x43 0 4k",
+        ])
         .output()
         .await
         .unwrap();
     let out = String::from_utf8_lossy(&child.stdout);
-    assert!(out.contains("verification failed") || !child.status.success(), "{out}");
+    assert!(
+        out.contains("verification failed") || !child.status.success(),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

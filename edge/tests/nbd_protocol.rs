@@ -11,6 +11,14 @@ use tokio::io::AsyncWriteExt;
 use vstor_edge::testing::{MemRegistry, MemTarget, Op};
 use vstor_edge::NbdServerConfig;
 
+/// Compile-time check: the binary spawns these futures on a multi-threaded runtime.
+#[allow(dead_code)]
+fn server_futures_are_send(server: vstor_edge::NbdServer, listener: tokio::net::TcpListener) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&server.serve(listener));
+    is_send(&server.shutdown());
+}
+
 fn infos(replies: &[OptReply]) -> HashMap<u16, Vec<u8>> {
     replies
         .iter()
@@ -282,7 +290,12 @@ fn meta_contexts(replies: &[OptReply]) -> Vec<(u32, String)> {
     replies
         .iter()
         .filter(|r| r.kind == REP_META_CONTEXT)
-        .map(|r| (be32(&r.data), String::from_utf8(r.data[4..].to_vec()).unwrap()))
+        .map(|r| {
+            (
+                be32(&r.data),
+                String::from_utf8(r.data[4..].to_vec()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -328,8 +341,11 @@ async fn meta_context_negotiation_and_block_status() {
 
     let mut raw = srv.connect().await;
     raw.greet(C_FIXED_NEWSTYLE | C_NO_ZEROES).await;
-    raw.send_option(OPT_SET_META_CONTEXT, &meta_request("a", &["base:allocation"]))
-        .await;
+    raw.send_option(
+        OPT_SET_META_CONTEXT,
+        &meta_request("a", &["base:allocation"]),
+    )
+    .await;
     assert_eq!(raw.read_option_reply().await.kind, REP_ERR_INVALID);
 
     for queries in [&[][..], &["base:"], &["base:allocation", "qemu:foo"]] {
@@ -339,8 +355,11 @@ async fn meta_context_negotiation_and_block_status() {
         assert_eq!(replies.last().unwrap().kind, REP_ACK);
         assert_eq!(meta_contexts(&replies), [(0, "base:allocation".into())]);
     }
-    raw.send_option(OPT_LIST_META_CONTEXT, &meta_request("a", &["qemu:dirty-bitmap:x"]))
-        .await;
+    raw.send_option(
+        OPT_LIST_META_CONTEXT,
+        &meta_request("a", &["qemu:dirty-bitmap:x"]),
+    )
+    .await;
     let replies = raw.read_option_replies().await;
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].kind, REP_ACK);
@@ -374,7 +393,9 @@ async fn meta_context_negotiation_and_block_status() {
 
     assert_eq!(c.write(0, 0, &pattern(1, 4096)).await, 0);
     assert_eq!(c.write(0, 12288, &pattern(2, 4096)).await, 0);
-    let r = c.call(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 32768, 4096).await;
+    let r = c
+        .call(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 32768, 4096)
+        .await;
     assert_eq!(r.error(), 0);
 
     let r = c.call(0, CMD_BLOCK_STATUS, 0, 65536).await;
@@ -390,7 +411,10 @@ async fn meta_context_negotiation_and_block_status() {
             (28672, 3)
         ]
     );
-    assert_eq!(holes_per_block(&descriptors), a.allocation()[..16].iter().map(|&x| !x).collect::<Vec<_>>());
+    assert_eq!(
+        holes_per_block(&descriptors),
+        a.allocation()[..16].iter().map(|&x| !x).collect::<Vec<_>>()
+    );
 
     // Whole device: one run of the tail hole, clamped to the request.
     let r = c.call(0, CMD_BLOCK_STATUS, 0, MIB as u32).await;
@@ -401,20 +425,31 @@ async fn meta_context_negotiation_and_block_status() {
         a.allocation().iter().map(|&x| !x).collect::<Vec<_>>()
     );
 
-    let r = c.call(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 4096, 61440).await;
+    let r = c
+        .call(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 4096, 61440)
+        .await;
     assert_eq!(block_status_reply(&r, id), [(8192, 3)]);
 
     let r = c.call(0, CMD_BLOCK_STATUS, MIB - 4096, 8192).await;
     assert_eq!(r.error(), EINVAL);
-    assert!(matches!(r, Reply::Chunk { kind: REPLY_TYPE_ERROR, .. }));
+    assert!(matches!(
+        r,
+        Reply::Chunk {
+            kind: REPLY_TYPE_ERROR,
+            ..
+        }
+    ));
 
     // Context selected for "b" does not carry over to "a".
     let mut raw = srv.connect().await;
     raw.greet(C_FIXED_NEWSTYLE | C_NO_ZEROES).await;
     raw.send_option(OPT_STRUCTURED_REPLY, &[]).await;
     assert_eq!(raw.read_option_reply().await.kind, REP_ACK);
-    raw.send_option(OPT_SET_META_CONTEXT, &meta_request("b", &["base:allocation"]))
-        .await;
+    raw.send_option(
+        OPT_SET_META_CONTEXT,
+        &meta_request("b", &["base:allocation"]),
+    )
+    .await;
     assert_eq!(meta_contexts(&raw.read_option_replies().await).len(), 1);
     assert_eq!(raw.go(OPT_GO, "a", &[]).await.last().unwrap().kind, REP_ACK);
     let mut c = raw.into_client(true);
@@ -425,11 +460,17 @@ async fn meta_context_negotiation_and_block_status() {
     raw.greet(C_FIXED_NEWSTYLE | C_NO_ZEROES).await;
     raw.send_option(OPT_STRUCTURED_REPLY, &[]).await;
     assert_eq!(raw.read_option_reply().await.kind, REP_ACK);
-    raw.send_option(OPT_SET_META_CONTEXT, &meta_request("a", &["base:allocation"]))
-        .await;
+    raw.send_option(
+        OPT_SET_META_CONTEXT,
+        &meta_request("a", &["base:allocation"]),
+    )
+    .await;
     assert_eq!(meta_contexts(&raw.read_option_replies().await).len(), 1);
-    raw.send_option(OPT_SET_META_CONTEXT, &meta_request("zzz", &["base:allocation"]))
-        .await;
+    raw.send_option(
+        OPT_SET_META_CONTEXT,
+        &meta_request("zzz", &["base:allocation"]),
+    )
+    .await;
     assert_eq!(raw.read_option_reply().await.kind, REP_ERR_UNKNOWN);
     assert_eq!(raw.go(OPT_GO, "a", &[]).await.last().unwrap().kind, REP_ACK);
     let mut c = raw.into_client(true);
@@ -475,7 +516,10 @@ async fn out_of_range_unaligned_and_oversized_requests() {
     let mut c = srv.client("vol", false, false).await;
 
     assert_eq!(c.call(0, CMD_READ, MIB - 512, 1024).await.error(), EINVAL);
-    assert_eq!(c.call(0, CMD_READ, u64::MAX - 511, 512).await.error(), EINVAL);
+    assert_eq!(
+        c.call(0, CMD_READ, u64::MAX - 511, 512).await.error(),
+        EINVAL
+    );
     assert_eq!(c.write(0, MIB, &[1; 512]).await, ENOSPC);
     assert_eq!(c.write(0, MIB - 512, &[1; 1024]).await, ENOSPC);
     assert_eq!(c.call(0, CMD_WRITE_ZEROES, MIB, 4096).await.error(), ENOSPC);
@@ -525,8 +569,14 @@ async fn unknown_commands_and_flags_are_einval() {
     assert_eq!(c.call(0, 42, 0, 512).await.error(), EINVAL);
     assert_eq!(c.call(0, CMD_CACHE, 0, 512).await.error(), EINVAL);
     assert_eq!(c.call(1 << 7, CMD_READ, 0, 512).await.error(), EINVAL);
-    assert_eq!(c.call(CMD_FLAG_REQ_ONE, CMD_READ, 0, 512).await.error(), EINVAL);
-    assert_eq!(c.call(CMD_FLAG_NO_HOLE, CMD_TRIM, 0, 4096).await.error(), EINVAL);
+    assert_eq!(
+        c.call(CMD_FLAG_REQ_ONE, CMD_READ, 0, 512).await.error(),
+        EINVAL
+    );
+    assert_eq!(
+        c.call(CMD_FLAG_NO_HOLE, CMD_TRIM, 0, 4096).await.error(),
+        EINVAL
+    );
     // A WRITE with a bad flag still has its payload consumed.
     assert_eq!(c.write(CMD_FLAG_NO_HOLE, 0, &[3; 4096]).await, EINVAL);
     // FUA is valid on every command (it is ignored where meaningless); DF on reads.
@@ -598,9 +648,14 @@ async fn flush_and_fua_reach_the_target() {
     assert_eq!(c.write(CMD_FLAG_FUA, 0, &[1; 4096]).await, 0);
     assert_eq!(c.write(0, 4096, &[2; 4096]).await, 0);
     assert_eq!(
-        c.call(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 8192, 4096)
-            .await
-            .error(),
+        c.call(
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_WRITE_ZEROES,
+            8192,
+            4096
+        )
+        .await
+        .error(),
         0
     );
     assert_eq!(c.call(CMD_FLAG_FUA, CMD_TRIM, 12288, 4096).await.error(), 0);
@@ -640,16 +695,16 @@ async fn reads_are_answered_while_a_flush_is_in_progress() {
     target.preload(0, &[4; 4096]);
     let mut c = srv.client("vol", false, false).await;
 
-    let mut entered = target.hold_flushes();
+    let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
-    within("flush to start", entered.recv()).await.unwrap();
+    within("flush to start", hold.flush_started()).await;
     c.send(0, CMD_READ, 2, 0, 4096).await;
     let r = c.reply().await;
     assert_eq!(r.cookie(), 2, "the read overtakes the pending flush");
     assert_eq!(r.data(), &[4; 4096][..]);
     assert_eq!(target.flushes(), 0);
 
-    target.release_flushes();
+    hold.release();
     let r = c.reply().await;
     assert_eq!((r.cookie(), r.error()), (1, 0));
     assert_eq!(target.flushes(), 1);
@@ -667,11 +722,11 @@ async fn blocking_operations_are_limited_per_connection() {
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;
 
-    let mut entered = target.hold_flushes();
+    let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
     c.send(0, CMD_FLUSH, 2, 0, 0).await;
     c.send(0, CMD_READ, 3, 0, 512).await;
-    within("first flush to start", entered.recv()).await.unwrap();
+    within("first flush to start", hold.flush_started()).await;
     // The second flush waits for a slot, and the read queued behind it waits too.
     assert!(tokio::time::timeout(Duration::from_millis(200), c.reply())
         .await
@@ -682,7 +737,7 @@ async fn blocking_operations_are_limited_per_connection() {
     );
     assert!(!target.ops().iter().any(|op| matches!(op, Op::Read { .. })));
 
-    target.release_flushes();
+    hold.release();
     let mut cookies = HashSet::new();
     for _ in 0..3 {
         let r = c.reply().await;
@@ -700,7 +755,9 @@ async fn write_zeroes_no_hole_and_fast_zero() {
     assert_eq!(c.write(0, 0, &[0xff; 16384]).await, 0);
 
     assert_eq!(
-        c.call(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 0, 8192).await.error(),
+        c.call(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 0, 8192)
+            .await
+            .error(),
         0
     );
     assert_eq!(&target.allocation()[..2], [true, true]);
@@ -712,7 +769,7 @@ async fn write_zeroes_no_hole_and_fast_zero() {
             .error(),
         0
     );
-    assert_eq!(target.allocation()[2], false);
+    assert!(!target.allocation()[2]);
     assert_eq!(target.contents(8192, 4096), vec![0; 4096]);
 
     target.clear_ops();
@@ -727,7 +784,10 @@ async fn write_zeroes_no_hole_and_fast_zero() {
         .error(),
         ENOTSUP
     );
-    assert!(target.ops().is_empty(), "fast-zero refusal must not touch data");
+    assert!(
+        target.ops().is_empty(),
+        "fast-zero refusal must not touch data"
+    );
     assert_eq!(target.contents(12288, 4096), vec![0xff; 4096]);
 
     assert_eq!(c.call(0, CMD_WRITE_ZEROES, 12288, 4096).await.error(), 0);
@@ -740,7 +800,7 @@ async fn write_zeroes_no_hole_and_fast_zero() {
             fua: false
         }]
     );
-    assert_eq!(target.allocation()[3], false);
+    assert!(!target.allocation()[3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,8 +808,11 @@ async fn disc_finishes_outstanding_requests_then_closes() {
     let (srv, target) = TestServer::with_export("vol", MIB).await;
     let mut c = srv.client("vol", false, false).await;
     let data = pattern(5, 8192);
-    c.send_write(0, 7, 0, &data).await;
-    c.disc().await;
+    // WRITE and DISC in one segment: the write's reply must still go out before the close.
+    let mut batch = request(0, CMD_WRITE, 7, 0, 8192);
+    batch.extend_from_slice(&data);
+    batch.extend(request(0, CMD_DISC, 0xd15c, 0, 0));
+    c.stream.write_all(&batch).await.unwrap();
     let r = c.reply().await;
     assert_eq!((r.cookie(), r.error()), (7, 0));
     c.expect_closed().await;
@@ -758,11 +821,15 @@ async fn disc_finishes_outstanding_requests_then_closes() {
 
     // A flush still running when DISC arrives is completed and answered first.
     let mut c = srv.client("vol", false, false).await;
-    let mut entered = target.hold_flushes();
+    let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 8, 0, 0).await;
-    within("flush to start", entered.recv()).await.unwrap();
+    within("flush to start", hold.flush_started()).await;
     c.disc().await;
-    target.release_flushes();
+    // Give the server time to act on DISC; it must keep the connection open meanwhile.
+    assert!(tokio::time::timeout(Duration::from_millis(100), c.reply())
+        .await
+        .is_err());
+    hold.release();
     let r = c.reply().await;
     assert_eq!((r.cookie(), r.error()), (8, 0));
     c.expect_closed().await;
@@ -784,9 +851,9 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
     let mut negotiating = srv.connect().await;
     negotiating.greet(C_FIXED_NEWSTYLE).await;
 
-    let mut entered = target.hold_flushes();
+    let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
-    within("flush to start", entered.recv()).await.unwrap();
+    within("flush to start", hold.flush_started()).await;
 
     let shutdown = srv.server.shutdown();
     tokio::pin!(shutdown);
@@ -808,7 +875,7 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
     negotiating.expect_closed().await;
     assert!(tokio::net::TcpStream::connect(srv.addr).await.is_err());
 
-    target.release_flushes();
+    hold.release();
     let r = c.reply().await;
     assert_eq!((r.cookie(), r.error()), (1, 0));
     assert_eq!(target.flushes(), 1);
@@ -899,7 +966,13 @@ async fn target_io_errors_become_eio() {
     assert_eq!(c.write(CMD_FLAG_FUA, 0, &[1; 512]).await, EIO);
     assert_eq!(c.call(0, CMD_FLUSH, 0, 0).await.error(), EIO);
     let r = s.call(0, CMD_READ, 0, 512).await;
-    assert!(matches!(r, Reply::Chunk { kind: REPLY_TYPE_ERROR, .. }));
+    assert!(matches!(
+        r,
+        Reply::Chunk {
+            kind: REPLY_TYPE_ERROR,
+            ..
+        }
+    ));
     assert_eq!(r.error(), EIO);
     assert_eq!(s.call(0, CMD_BLOCK_STATUS, 0, 4096).await.error(), EIO);
     target.set_fail_io(false);

@@ -132,8 +132,15 @@ impl VolumeManager {
             .spawn(move || {
                 let mut backoff = Duration::from_millis(50);
                 while !volume.is_stopped() {
+                    let before = volume.uploaded_bytes();
+                    let started = Instant::now();
                     match volume.upload_one() {
                         Ok(true) => {
+                            let bytes = volume.uploaded_bytes() - before;
+                            let elapsed = started.elapsed().as_secs_f64();
+                            if bytes > 0 && elapsed > 0.0 {
+                                volume.report_upload_rate((bytes as f64 / elapsed) as u64);
+                            }
                             backoff = Duration::from_millis(50);
                             if let Some(manager) = manager.upgrade() {
                                 manager.enforce_write_buffer_limit();

@@ -152,6 +152,21 @@ pub struct ParsedTLog {
 /// Parse a TLog. A closed TLog must verify completely. An unclosed one (crash recovery) yields the
 /// entries covered by its last valid SYNC marker; with `require_closed` it is an error instead.
 pub fn parse(bytes: &[u8], require_closed: bool) -> Result<ParsedTLog, String> {
+    parse_inner(bytes, require_closed, true)
+}
+
+/// Parse a TLog as if it had no CLOSE: only the prefix vouched for by its last verified SYNC.
+/// Used when a closed TLog's SCOs turn out not to hold what it describes (power was lost before
+/// they reached the disk).
+pub fn parse_synced_prefix(bytes: &[u8]) -> Result<ParsedTLog, String> {
+    parse_inner(bytes, false, false)
+}
+
+fn parse_inner(
+    bytes: &[u8],
+    require_closed: bool,
+    trust_close: bool,
+) -> Result<ParsedTLog, String> {
     if bytes.len() < ENTRY_LEN {
         return Err("empty TLog (no header)".into());
     }
@@ -178,6 +193,7 @@ pub fn parse(bytes: &[u8], require_closed: bool) -> Result<ParsedTLog, String> {
             Entry::decode(&entry)
         };
         match parsed {
+            Ok(Entry::Close { .. }) if !trust_close => break,
             Ok(Entry::Close { count, crc }) => {
                 if count == index as u64 && crc == running {
                     if (index + 1) * ENTRY_LEN != bytes.len() {
@@ -469,11 +485,15 @@ mod tests {
         forged[sync_at] ^= 1;
         assert!(parse(&forged, false).unwrap().entries.is_empty());
 
-        // Closing makes every entry count.
+        // Closing makes every entry count, unless the CLOSE is not to be trusted.
         let (_, _, _) = writer.close().unwrap();
-        let closed = parse(&std::fs::read(&path).unwrap(), true).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let closed = parse(&bytes, true).unwrap();
         assert!(closed.closed);
         assert_eq!(closed.entries, vec![e(1), e(2), e(3), e(4)]);
+        let prefix = parse_synced_prefix(&bytes).unwrap();
+        assert!(!prefix.closed);
+        assert_eq!(prefix.entries, vec![e(1), e(2)]);
     }
 
     #[test]

@@ -54,10 +54,11 @@ use crate::sco::{self, ScoHeader, SCO_HEADER_LEN};
 use crate::tlog::{self, Entry, SyncPoint, TLogWriter};
 use crate::types::{ClusterLocation, ScoName, ScoNumber, TLogNumber, LBA_SIZE};
 
-/// Delay imposed per cluster written while the volume is over its write-buffer budget.
-const THROTTLE_PER_CLUSTER: Duration = Duration::from_micros(500);
-/// Upper bound of the delay imposed on one request.
+/// Bounds of the delay imposed on one request while the volume is over its write-buffer budget.
+const THROTTLE_MIN: Duration = Duration::from_micros(50);
 const THROTTLE_MAX: Duration = Duration::from_millis(100);
+/// Upload rate assumed before any upload was measured, and the floor of the estimate.
+const MIN_UPLOAD_RATE: u64 = 16 << 20;
 /// WRITE_ZEROES with allocation writes zeros in chunks of this size.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -126,6 +127,7 @@ struct Stats {
     throttle_micros: AtomicU64,
     evicted_scos: AtomicU64,
     uploaded_scos: AtomicU64,
+    uploaded_bytes: AtomicU64,
     uploaded_tlogs: AtomicU64,
     upload_errors: AtomicU64,
 }
@@ -149,6 +151,9 @@ struct State {
     halted: Option<String>,
     stopped: bool,
     last_upload_error: Option<String>,
+    /// A SCO or TLog file was created since the last flush: its directory entry must be fsynced
+    /// too, or a power cut could lose the whole file.
+    new_files: bool,
 }
 
 /// Where the bytes of one piece of a read come from.
@@ -198,6 +203,9 @@ pub struct VolumeInfo {
     pub backend_reads: u64,
     pub evicted_scos: u64,
     pub uploaded_scos: u64,
+    pub uploaded_bytes: u64,
+    /// Smoothed upload throughput, bytes per second (0 until measured).
+    pub upload_rate: u64,
     pub uploaded_tlogs: u64,
     pub upload_errors: u64,
     pub last_upload_error: Option<String>,
@@ -211,7 +219,27 @@ pub struct Volume {
     state: Mutex<State>,
     flush_lock: Mutex<()>,
     upload_work: Condvar,
+    /// Smoothed upload throughput in bytes per second (0 = not measured yet).
+    upload_rate: AtomicU64,
     stats: Stats,
+}
+
+/// Reads a SCO file from the start with positional reads (leaving its cursor alone) and
+/// computes the CRC32C of its data (everything after the header) on the way.
+struct ScoReader<'a> {
+    file: &'a File,
+    offset: u64,
+    crc: u32,
+}
+
+impl std::io::Read for ScoReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.offset)?;
+        let data_start = SCO_HEADER_LEN.saturating_sub(self.offset).min(n as u64) as usize;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[data_start..n]);
+        self.offset += n as u64;
+        Ok(n)
+    }
 }
 
 fn sco_path(dir: &Path, sco: ScoName) -> PathBuf {
@@ -280,6 +308,7 @@ impl Volume {
             state: Mutex::new(state),
             flush_lock: Mutex::new(()),
             upload_work: Condvar::new(),
+            upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
         }
     }
@@ -376,11 +405,24 @@ impl Volume {
                     continue;
                 }
             };
-            let entries = if parsed.closed {
-                parsed.entries
-            } else {
-                torn = true;
-                self.reseal_after_crash(st, number, &path, parsed.entries)?
+            let entries = match (parsed.closed, self.first_bad_sco(st, &parsed.entries)) {
+                (true, None) => parsed.entries,
+                (true, Some(reason)) => {
+                    tracing::warn!(
+                        volume = %name,
+                        tlog = %number.object_name(),
+                        %reason,
+                        "closed TLog describes data that did not reach the disk; keeping its synced prefix"
+                    );
+                    torn = true;
+                    let prefix = tlog::parse_synced_prefix(&bytes)
+                        .map_err(|e| VolumeError::corrupt(&name, path.display().to_string(), e))?;
+                    self.reseal_after_crash(st, number, &path, prefix.entries)?
+                }
+                (false, _) => {
+                    torn = true;
+                    self.reseal_after_crash(st, number, &path, parsed.entries)?
+                }
             };
             self.apply_entries(st, &entries, &path.display().to_string())?;
             let mut record = TLogRecord {
@@ -453,7 +495,8 @@ impl Volume {
             let header = self.sco_header(st, sco);
             match sco::open(&path, &header) {
                 Ok((file, len))
-                    if len >= SCO_HEADER_LEN && (len - SCO_HEADER_LEN).is_multiple_of(self.cluster_size) =>
+                    if len >= SCO_HEADER_LEN
+                        && (len - SCO_HEADER_LEN).is_multiple_of(self.cluster_size) =>
                 {
                     st.scos.insert(
                         sco.number,
@@ -471,6 +514,29 @@ impl Volume {
             }
         }
         Ok(())
+    }
+
+    /// Why the SCOs sealed in `entries` cannot be trusted, if they cannot: a file missing, too
+    /// short, or whose data no longer matches the CRC the TLog recorded for it.
+    fn first_bad_sco(&self, st: &State, entries: &[Entry]) -> Option<String> {
+        entries.iter().find_map(|entry| {
+            let Entry::ScoCrc { sco, clusters, crc } = *entry else {
+                return None;
+            };
+            let path = sco_path(&self.dir, sco);
+            let clusters = clusters as u64;
+            let check = sco::open(&path, &self.sco_header(st, sco)).and_then(|(file, len)| {
+                if len < sco::cluster_offset(clusters, self.cluster_size) {
+                    return Err(format!("holds fewer than {clusters} clusters"));
+                }
+                match sco::data_crc(&file, clusters, self.cluster_size) {
+                    Ok(found) if found == crc => Ok(()),
+                    Ok(_) => Err("data does not match its CRC".to_string()),
+                    Err(e) => Err(format!("cannot read: {e}")),
+                }
+            });
+            check.err().map(|reason| format!("SCO {sco}: {reason}"))
+        })
     }
 
     /// Crash recovery of an unclosed TLog: keep its verified entries, truncate and reseal the SCOs
@@ -813,12 +879,22 @@ impl Volume {
         Ok(self.throttle(st, data.len() as u64))
     }
 
+    /// Backpressure for a write of `bytes` while not-yet-uploaded data exceeds the budget: the
+    /// delay that makes ingest match the upload rate, growing with the overshoot so that a backlog
+    /// that keeps growing (the rate estimate is stale, the backend is failing) is pushed back
+    /// harder, up to `THROTTLE_MAX` per request.
     fn throttle(&self, st: &State, bytes: u64) -> WriteOutcome {
-        if st.non_disposable_bytes <= st.config.write_buffer {
+        let budget = st.config.write_buffer;
+        if st.non_disposable_bytes <= budget {
             return WriteOutcome::default();
         }
-        let clusters = bytes.div_ceil(self.cluster_size) as u32;
-        let delay = (THROTTLE_PER_CLUSTER * clusters).min(THROTTLE_MAX);
+        let rate = self
+            .upload_rate
+            .load(Ordering::Relaxed)
+            .max(MIN_UPLOAD_RATE);
+        let overshoot = (st.non_disposable_bytes - budget) as f64 / budget as f64;
+        let seconds = bytes as f64 / rate as f64 * (1.0 + 8.0 * overshoot);
+        let delay = Duration::from_secs_f64(seconds).clamp(THROTTLE_MIN, THROTTLE_MAX);
         self.stats.throttled_writes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .throttle_micros
@@ -826,6 +902,18 @@ impl Volume {
         WriteOutcome {
             throttle: Some(delay),
         }
+    }
+
+    /// Tell the throttle how fast uploads currently go (bytes per second), as measured by
+    /// whoever drives [`upload_one`](Self::upload_one).
+    pub fn report_upload_rate(&self, bytes_per_second: u64) {
+        let old = self.upload_rate.load(Ordering::Relaxed);
+        let smoothed = if old == 0 {
+            bytes_per_second
+        } else {
+            (old + bytes_per_second) / 2
+        };
+        self.upload_rate.store(smoothed, Ordering::Relaxed);
     }
 
     /// Append whole clusters starting at cluster `first`.
@@ -894,6 +982,7 @@ impl Volume {
         let file = sco::create(&path, &self.sco_header(st, sco))
             .map_err(VolumeError::io(&self.name, &path))?;
         st.next_sco += 1;
+        st.new_files = true;
         st.scos.insert(
             number,
             LocalSco {
@@ -918,6 +1007,7 @@ impl Volume {
             let writer =
                 TLogWriter::create(&path, number).map_err(VolumeError::io(&self.name, &path))?;
             st.next_tlog += 1;
+            st.new_files = true;
             st.tlog = Some(CurrentTLog {
                 writer,
                 scos: Vec::new(),
@@ -1129,6 +1219,19 @@ impl Volume {
                 closed.dirty = false;
                 files.push((closed.file.clone(), closed.path.clone()));
             }
+            if std::mem::take(&mut st.new_files) {
+                for sub in [SCO_DIR, TLOG_DIR] {
+                    let dir = self.dir.join(sub);
+                    match File::open(&dir) {
+                        Ok(handle) => files.push((Arc::new(handle), dir)),
+                        Err(e) => {
+                            let err = VolumeError::io(&self.name, dir)(e);
+                            self.halt(&mut st, err.to_string());
+                            return Err(err);
+                        }
+                    }
+                }
+            }
             let last_sync = st.last_sync;
             let mut point = None;
             let mut failure = None;
@@ -1291,19 +1394,27 @@ impl Volume {
             Ok(job) => job,
             Err(err) => return self.halt_with(err),
         };
+        let upload =
+            |object: &str,
+             store_op: &mut dyn FnMut(&dyn ObjectStore, &str) -> vstor_backend::Result<()>|
+             -> Result<()> {
+                match store_op(self.backend.as_ref(), object) {
+                    Ok(()) => Ok(()),
+                    Err(e @ BackendError::Fenced { .. }) => {
+                        self.halt_with(VolumeError::backend(&self.name)(e))
+                    }
+                    Err(e) => {
+                        self.stats.upload_errors.fetch_add(1, Ordering::Relaxed);
+                        let err = VolumeError::backend(&self.name)(e);
+                        self.state.lock().last_upload_error = Some(err.to_string());
+                        Err(err)
+                    }
+                }
+            };
         let put = |object: &str, bytes: &[u8]| -> Result<()> {
-            match self.backend.put_if_owner(&namespace, object, bytes, owner) {
-                Ok(()) => Ok(()),
-                Err(e @ BackendError::Fenced { .. }) => {
-                    self.halt_with(VolumeError::backend(&self.name)(e))
-                }
-                Err(e) => {
-                    self.stats.upload_errors.fetch_add(1, Ordering::Relaxed);
-                    let err = VolumeError::backend(&self.name)(e);
-                    self.state.lock().last_upload_error = Some(err.to_string());
-                    Err(err)
-                }
-            }
+            upload(object, &mut |store: &dyn ObjectStore, object: &str| {
+                store.put_if_owner(&namespace, object, bytes, owner)
+            })
         };
         let done = match job {
             Job::Sco {
@@ -1315,21 +1426,32 @@ impl Volume {
                 let name = ScoName::new(number);
                 let path = sco_path(&self.dir, name);
                 let len = sco::cluster_offset(clusters, self.cluster_size);
-                let mut bytes = vec![0u8; len as usize];
-                let read = file
-                    .sync_data()
-                    .and_then(|()| file.read_exact_at(&mut bytes, 0));
-                if let Err(e) = read {
-                    return self.halt_with(VolumeError::io(&self.name, path)(e));
-                }
-                if crc32c::crc32c(&bytes[SCO_HEADER_LEN as usize..]) != crc {
+                // No fsync of the write-buffer copy first: the backend copy is made durable by
+                // the put, and restart verifies every not-yet-uploaded SCO against its CRC. The
+                // CRC is checked while streaming, in the same pass as the upload; a mismatch
+                // deletes the object again (no TLog references it yet) and halts the volume.
+                let mut reader = ScoReader {
+                    file: &file,
+                    offset: 0,
+                    crc: 0,
+                };
+                upload(
+                    &name.to_string(),
+                    &mut |store: &dyn ObjectStore, object: &str| {
+                        store.put_from(&namespace, object, len, &mut reader, owner)
+                    },
+                )?;
+                if reader.crc != crc {
+                    let _ = self
+                        .backend
+                        .delete_if_owner(&namespace, &name.to_string(), owner);
                     return self.halt_with(VolumeError::corrupt(
                         &self.name,
                         path.display().to_string(),
                         "data does not match the CRC recorded when it was sealed",
                     ));
                 }
-                put(&name.to_string(), &bytes)?;
+                self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
                 self.stats.uploaded_scos.fetch_add(1, Ordering::Relaxed);
                 UploadTask::Sco(number)
             }
@@ -1398,6 +1520,11 @@ impl Volume {
         if let Err(e) = fs::remove_file(&closed.path) {
             tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
         }
+    }
+
+    /// Bytes of SCO data uploaded since the volume was opened.
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.stats.uploaded_bytes.load(Ordering::Relaxed)
     }
 
     /// Run upload steps until the queue is empty (tests, clean shutdown).
@@ -1609,6 +1736,8 @@ impl Volume {
             backend_reads: load(&self.stats.backend_reads),
             evicted_scos: load(&self.stats.evicted_scos),
             uploaded_scos: load(&self.stats.uploaded_scos),
+            uploaded_bytes: load(&self.stats.uploaded_bytes),
+            upload_rate: self.upload_rate.load(Ordering::Relaxed),
             uploaded_tlogs: load(&self.stats.uploaded_tlogs),
             upload_errors: load(&self.stats.upload_errors),
             last_upload_error: st.last_upload_error.clone(),
@@ -1637,6 +1766,7 @@ impl State {
             halted: None,
             stopped: false,
             last_upload_error: None,
+            new_files: false,
         }
     }
 }

@@ -214,7 +214,7 @@ fn measure(options: &NbdBenchOptions) -> Result<Report> {
 }
 
 fn validate(options: &NbdBenchOptions) -> Result<()> {
-    if options.size == 0 || options.size % MIB != 0 {
+    if options.size == 0 || !options.size.is_multiple_of(MIB) {
         bail!(
             "size must be a positive multiple of 1 MiB, not {}",
             options.size

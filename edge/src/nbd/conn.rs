@@ -219,19 +219,19 @@ impl Session {
             debug!(peer = %self.peer, export = %self.export, command = ?req.command,
                 errno = failure.errno, "NBD request failed: {}", failure.message);
         }
-        let reply = if self.structured && matches!(req.command, Command::Read | Command::BlockStatus)
-        {
-            Reply::Error {
-                cookie: req.cookie,
-                error: failure.errno,
-                message: failure.message.into_owned(),
-            }
-        } else {
-            Reply::Simple {
-                cookie: req.cookie,
-                error: failure.errno,
-            }
-        };
+        let reply =
+            if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
+                Reply::Error {
+                    cookie: req.cookie,
+                    error: failure.errno,
+                    message: failure.message.into_owned(),
+                }
+            } else {
+                Reply::Simple {
+                    cookie: req.cookie,
+                    error: failure.errno,
+                }
+            };
         self.push(reply);
     }
 
@@ -300,7 +300,10 @@ impl Session {
                 _ => 0,
             };
         if req.flags & !allowed != 0 {
-            return Err(client_fault(NBD_EINVAL, "command flags not valid for this command"));
+            return Err(client_fault(
+                NBD_EINVAL,
+                "command flags not valid for this command",
+            ));
         }
         let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
         match req.command {
@@ -327,7 +330,7 @@ impl Session {
             return Err(client_fault(NBD_EINVAL, "zero-length request"));
         }
         let align = u64::from(MIN_BLOCK_SIZE);
-        if req.offset % align != 0 || len % align != 0 {
+        if !req.offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(client_fault(
                 NBD_EINVAL,
                 "request not aligned to the 512-byte minimum block size",
@@ -335,7 +338,10 @@ impl Session {
         }
         match req.offset.checked_add(len) {
             Some(end) if end <= self.target.size() => Ok(()),
-            _ => Err(client_fault(beyond, "request extends beyond the end of the export")),
+            _ => Err(client_fault(
+                beyond,
+                "request extends beyond the end of the export",
+            )),
         }
     }
 
@@ -395,7 +401,10 @@ impl Session {
     fn read(&mut self, req: &Request) -> Result<(), Failure> {
         self.check_range(req, NBD_EINVAL)?;
         if req.length > self.max_payload {
-            return Err(client_fault(NBD_EINVAL, "read larger than the maximum block size"));
+            return Err(client_fault(
+                NBD_EINVAL,
+                "read larger than the maximum block size",
+            ));
         }
         let target = &self.target;
         encode_read_reply(
@@ -412,7 +421,10 @@ impl Session {
     fn write(&mut self, req: &Request, fua: bool) -> Result<(), Failure> {
         self.writable()?;
         if req.payload_discarded {
-            return Err(client_fault(NBD_EINVAL, "write larger than the maximum block size"));
+            return Err(client_fault(
+                NBD_EINVAL,
+                "write larger than the maximum block size",
+            ));
         }
         self.check_range(req, NBD_ENOSPC)?;
         if fua {
@@ -489,11 +501,7 @@ impl Session {
             .target
             .block_status(req.offset, u64::from(req.length))
             .map_err(|e| target_failure(Command::BlockStatus, e))?;
-        let descriptors = descriptors(
-            &extents,
-            req.length,
-            req.flags & NBD_CMD_FLAG_REQ_ONE != 0,
-        );
+        let descriptors = descriptors(&extents, req.length, req.flags & NBD_CMD_FLAG_REQ_ONE != 0);
         if descriptors.is_empty() {
             return Err(Failure {
                 errno: NBD_EIO,
@@ -567,7 +575,7 @@ pub(crate) async fn run(
                 },
             };
             let shutting_down = shutdown.is_cancelled();
-            if !shutting_down && Session::needs_blocking(&req) && false {
+            if !shutting_down && Session::needs_blocking(&req) && s.inflight >= s.max_inflight {
                 stalled = Some(req);
                 break;
             }
@@ -654,7 +662,10 @@ mod tests {
             len: 1,
             size: 0,
         };
-        assert_eq!(target_failure(Command::Write, oor.clone()).errno, NBD_ENOSPC);
+        assert_eq!(
+            target_failure(Command::Write, oor.clone()).errno,
+            NBD_ENOSPC
+        );
         assert_eq!(
             target_failure(Command::WriteZeroes, oor.clone()).errno,
             NBD_ENOSPC

@@ -92,7 +92,8 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// A string prefixed by its 32-bit length.
@@ -167,11 +168,12 @@ impl Negotiation<'_> {
                 Err(refusal) => Err(refusal),
             },
             NBD_OPT_STRUCTURED_REPLY => self.structured_reply(option, data),
-            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
-                self.meta_context(option, data)
-            }
+            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => self.meta_context(option, data),
             NBD_OPT_STARTTLS => Err((NBD_REP_ERR_UNSUP, "TLS is not supported".into())),
-            _ => Err((NBD_REP_ERR_UNSUP, format!("option {option} is not supported"))),
+            _ => Err((
+                NBD_REP_ERR_UNSUP,
+                format!("option {option} is not supported"),
+            )),
         };
         if let Err((kind, message)) = result {
             debug!(option, kind, %message, "refusing NBD option");
@@ -201,10 +203,15 @@ impl Negotiation<'_> {
     fn info(&mut self, option: u32, data: &[u8]) -> Result<Option<Negotiated>, Refusal> {
         let mut r = Reader { buf: data };
         let name = r.string().ok_or_else(|| invalid("truncated export name"))?;
-        let count = r.u16().ok_or_else(|| invalid("missing information request count"))?;
+        let count = r
+            .u16()
+            .ok_or_else(|| invalid("missing information request count"))?;
         let mut requests = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
-            requests.push(r.u16().ok_or_else(|| invalid("truncated information requests"))?);
+            requests.push(
+                r.u16()
+                    .ok_or_else(|| invalid("truncated information requests"))?,
+            );
         }
         if !r.is_empty() {
             return Err(invalid("trailing bytes after information requests"));
@@ -301,7 +308,8 @@ async fn read_vec<S: AsyncRead + Unpin>(io: &mut S, len: u32) -> std::io::Result
 }
 
 async fn discard<S: AsyncRead + Unpin>(io: &mut S, len: u32) -> std::io::Result<()> {
-    let copied = tokio::io::copy(&mut (&mut *io).take(u64::from(len)), &mut tokio::io::sink()).await?;
+    let copied =
+        tokio::io::copy(&mut (&mut *io).take(u64::from(len)), &mut tokio::io::sink()).await?;
     if copied < u64::from(len) {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
@@ -351,8 +359,9 @@ where
                 return Err(NbdError::ExportNameTooLong(len));
             }
             let raw = read_vec(io, len).await?;
-            let name = String::from_utf8(raw)
-                .map_err(|e| NbdError::UnknownExport(String::from_utf8_lossy(e.as_bytes()).into()))?;
+            let name = String::from_utf8(raw).map_err(|e| {
+                NbdError::UnknownExport(String::from_utf8_lossy(e.as_bytes()).into())
+            })?;
             let target = n
                 .lookup(&name)
                 .map_err(|_| NbdError::UnknownExport(name.clone()))?;

@@ -284,8 +284,9 @@ impl NbdServer {
         }
     }
 
-    /// Forcibly disconnect every client of one export (used when a volume is deleted; remove it
-    /// from the registry first so that no new client attaches). Returns how many were closed.
+    /// Forcibly disconnect every client of one export (used when a volume is deleted). Remove the
+    /// export from the registry first: a client still in the handshake then either fails to find
+    /// it or is counted here. Returns how many were closed.
     pub fn disconnect_export(&self, name: &str) -> usize {
         let table = self.inner.table();
         let mut closed = 0;
@@ -360,6 +361,12 @@ async fn serve_connection(
 
     let export = negotiated.name.clone();
     inner.attach(registration.id, &export);
+    // Checked after attaching: if the export is removed concurrently, either this sees it gone or
+    // the remover's `disconnect_export` sees this connection.
+    if inner.registry.lookup(&export).is_none() {
+        info!(%peer, %export, "NBD export removed during the handshake; closing");
+        return;
+    }
     info!(%peer, %export, structured = negotiated.structured,
         block_status = negotiated.base_allocation.is_some(), "NBD client attached");
 

@@ -308,7 +308,11 @@ pub enum Reply {
     /// Simple reply to a successful `READ`.
     SimpleData { cookie: u64, data: Bytes },
     /// `NBD_REPLY_TYPE_OFFSET_DATA` for a successful `READ`.
-    OffsetData { cookie: u64, offset: u64, data: Bytes },
+    OffsetData {
+        cookie: u64,
+        offset: u64,
+        data: Bytes,
+    },
     /// `NBD_REPLY_TYPE_NONE`: success of a command that returns nothing.
     Done { cookie: u64 },
     /// `NBD_REPLY_TYPE_ERROR`.
@@ -533,7 +537,10 @@ mod tests {
         let mut buf = BytesMut::from(&wire[..]);
         let first = dec.decode(&mut buf).unwrap().unwrap();
         assert_eq!(first.command, Command::Unknown(42));
-        assert_eq!(dec.decode(&mut buf).unwrap().unwrap().command, Command::Disc);
+        assert_eq!(
+            dec.decode(&mut buf).unwrap().unwrap().command,
+            Command::Disc
+        );
     }
 
     #[test]
@@ -550,9 +557,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             &dst[..],
-            &[
-                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8
-            ]
+            &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]
         );
 
         dst.clear();

@@ -211,6 +211,15 @@ pub fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
     v
 }
 
+/// Wait for the server to close `stream` (EOF or reset), failing if it sends anything instead.
+pub async fn expect_eof(stream: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    match within("connection close", stream.read(&mut buf)).await {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("expected close, got {n} bytes: {:?}", &buf[..n]),
+    }
+}
+
 /// A connection in the handshake phase.
 pub struct Raw {
     pub stream: TcpStream,
@@ -287,13 +296,7 @@ impl Raw {
 
     /// Wait for the server to close the connection (EOF or reset), failing if it sends data.
     pub async fn expect_closed(&mut self) {
-        let mut buf = [0u8; 64];
-        loop {
-            match within("connection close", self.stream.read(&mut buf)).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => panic!("expected close, got {n} bytes: {:?}", &buf[..n]),
-            }
-        }
+        expect_eof(&mut self.stream).await;
     }
 
     pub fn into_client(self, structured: bool) -> Client {
@@ -401,7 +404,10 @@ impl Client {
                 let read_len = self.reads.remove(&cookie);
                 let data = match read_len {
                     Some(len) if error == 0 => {
-                        assert!(!self.structured, "simple reply to READ with structured replies");
+                        assert!(
+                            !self.structured,
+                            "simple reply to READ with structured replies"
+                        );
                         self.read_exact(len as usize).await
                     }
                     _ => Vec::new(),
@@ -466,13 +472,7 @@ impl Client {
     }
 
     pub async fn expect_closed(&mut self) {
-        let mut buf = [0u8; 64];
-        loop {
-            match within("connection close", self.stream.read(&mut buf)).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => panic!("expected close, got {n} bytes: {:?}", &buf[..n]),
-            }
-        }
+        expect_eof(&mut self.stream).await;
     }
 }
 
