@@ -315,6 +315,26 @@ impl LocalStore {
         result
     }
 
+    /// Run `f` while `owner` holds the namespace: the shared owner lock keeps a claim from
+    /// slipping in between the check and the write.
+    fn as_owner<T>(
+        &self,
+        namespace: &str,
+        owner: OwnerTag,
+        f: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        self.with_owner_lock(namespace, false, |dir, current| {
+            if current != owner {
+                return Err(BackendError::Fenced {
+                    namespace: namespace.to_string(),
+                    current,
+                    presented: owner,
+                });
+            }
+            f(dir)
+        })
+    }
+
     fn remove_stale_temps(dir: &Path) {
         if let Ok(entries) = fs::read_dir(dir) {
             for entry in entries.flatten() {
@@ -435,14 +455,7 @@ impl ObjectStore for LocalStore {
     ) -> Result<()> {
         validate_name(name)?;
         let header = Self::encode_header(data);
-        self.with_owner_lock(namespace, false, |dir, current| {
-            if current != owner {
-                return Err(BackendError::Fenced {
-                    namespace: namespace.to_string(),
-                    current,
-                    presented: owner,
-                });
-            }
+        self.as_owner(namespace, owner, |dir| {
             self.atomic_write(&dir.join(OBJECTS_DIR), name, &[&header, data])
         })
     }
@@ -464,14 +477,7 @@ impl ObjectStore for LocalStore {
             name: name.to_string(),
             source,
         };
-        self.with_owner_lock(namespace, false, |dir, current| {
-            if current != owner {
-                return Err(BackendError::Fenced {
-                    namespace: namespace.to_string(),
-                    current,
-                    presented: owner,
-                });
-            }
+        self.as_owner(namespace, owner, |dir| {
             self.atomic_write_with(&dir.join(OBJECTS_DIR), name, |file, temp| {
                 // Stream the payload behind room for the header, checksumming chunk by chunk,
                 // then write the header (which needs every chunk's CRC) in front of it.
@@ -578,16 +584,7 @@ impl ObjectStore for LocalStore {
     }
 
     fn delete_if_owner(&self, namespace: &str, name: &str, owner: OwnerTag) -> Result<()> {
-        self.with_owner_lock(namespace, false, |_, current| {
-            if current != owner {
-                return Err(BackendError::Fenced {
-                    namespace: namespace.to_string(),
-                    current,
-                    presented: owner,
-                });
-            }
-            self.delete(namespace, name)
-        })
+        self.as_owner(namespace, owner, |_| self.delete(namespace, name))
     }
 
     fn list(&self, namespace: &str) -> Result<Vec<String>> {
