@@ -7,6 +7,7 @@
 //! | POST   | /v1/volumes                  | `{name, size, sco_size?, write_buffer?}` |
 //! | GET    | /v1/volumes/{name}           |                                        |
 //! | POST   | /v1/volumes/{name}/resize    | `{size}`                               |
+//! | PATCH  | /v1/volumes/{name}           | `{read_only?}`                         |
 //! | DELETE | /v1/volumes/{name}           |                                        |
 //!
 //! Sizes are bytes. Errors come back as `{"error": "..."}` with 400 (bad request), 404 (no such
@@ -97,6 +98,12 @@ pub struct ResizeRequest {
     pub size: u64,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    pub read_only: Option<bool>,
+}
+
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -158,6 +165,19 @@ async fn resize(
     Ok(Json(view(&state, volume.info())))
 }
 
+async fn update(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Json(request): Json<UpdateRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    if let Some(read_only) = request.read_only {
+        let target = volume.clone();
+        blocking(move || target.set_read_only(read_only)).await?;
+    }
+    Ok(Json(view(&state, volume.info())))
+}
+
 async fn delete(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -178,7 +198,10 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/volumes", get(list).post(create))
-        .route("/v1/volumes/{name}", get(info).delete(delete))
+        .route(
+            "/v1/volumes/{name}",
+            get(info).patch(update).delete(delete),
+        )
         .route("/v1/volumes/{name}/resize", post(resize))
         .with_state(state)
 }

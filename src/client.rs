@@ -65,6 +65,10 @@ impl Client {
         )
     }
 
+    pub fn patch(&self, path: &str, body: Value) -> Result<Value> {
+        self.handle(self.agent.patch(format!("{}{path}", self.base)).send_json(body))
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value> {
         self.handle(self.agent.delete(format!("{}{path}", self.base)).call())
     }

@@ -101,6 +101,13 @@ enum VolumeVerb {
         #[arg(long)]
         size: String,
     },
+    /// Change a volume's settings.
+    Update {
+        name: String,
+        /// Refuse writes (true) or accept them again (false).
+        #[arg(long)]
+        read_only: Option<bool>,
+    },
     /// Delete a volume and its backend data.
     Delete { name: String },
 }
@@ -183,6 +190,18 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             )?;
             show(value, &|_| {
                 println!("resized volume {name} to {}", format_size(size))
+            });
+        }
+        VolumeVerb::Update { name, read_only } => {
+            if read_only.is_none() {
+                anyhow::bail!("nothing to update: give --read-only true|false");
+            }
+            let value = client.patch(
+                &format!("/v1/volumes/{name}"),
+                serde_json::json!({ "read_only": read_only }),
+            )?;
+            show(value, &|v| {
+                println!("updated volume {name}: read-only {}", v["read_only"])
             });
         }
         VolumeVerb::Delete { name } => {

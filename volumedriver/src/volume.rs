@@ -1647,6 +1647,27 @@ impl Volume {
         }
         let mut config = st.config.clone();
         config.size = new_size;
+        self.store_config(&config)?;
+        st.map.grow(new_size / self.cluster_size);
+        st.config = config;
+        Ok(())
+    }
+
+    /// Make the volume read-only (writes fail with `ReadOnly`) or writable again. Writes that
+    /// already completed are unaffected; flush first if they must be durable.
+    pub fn set_read_only(&self, read_only: bool) -> Result<()> {
+        let mut st = self.state.lock();
+        self.check_usable(&st)?;
+        let mut config = st.config.clone();
+        config.read_only = read_only;
+        self.store_config(&config)?;
+        st.config = config;
+        Ok(())
+    }
+
+    /// Persist a changed configuration: on the backend (the source of truth for a restart from
+    /// the backend alone) and then in the write buffer.
+    fn store_config(&self, config: &VolumeConfig) -> Result<()> {
         self.backend
             .put_if_owner(
                 &config.namespace,
@@ -1656,10 +1677,7 @@ impl Volume {
             )
             .map_err(VolumeError::backend(&self.name))?;
         let path = self.dir.join(CONFIG_FILE);
-        write_file_atomic(&path, &config.encode()).map_err(VolumeError::io(&self.name, &path))?;
-        st.map.grow(new_size / self.cluster_size);
-        st.config = config;
-        Ok(())
+        write_file_atomic(&path, &config.encode()).map_err(VolumeError::io(&self.name, &path))
     }
 
     /// Refuse further I/O and wake the uploader so it can exit.

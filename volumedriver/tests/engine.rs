@@ -443,6 +443,28 @@ fn discard_and_block_status() {
 }
 
 #[test]
+fn read_only_volumes_refuse_writes_and_stay_read_only_across_restarts() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 1, 1 << 30);
+    volume.write(0, &pattern(CS, 1), false).unwrap();
+    volume.set_read_only(true).unwrap();
+    assert!(matches!(volume.write(0, &pattern(CS, 2), false), Err(VolumeError::ReadOnly { .. })));
+    assert!(matches!(volume.discard(0, CS as u64), Err(VolumeError::ReadOnly { .. })));
+    let mut back = vec![0u8; CS];
+    volume.read(0, &mut back).unwrap();
+    assert_eq!(back, pattern(CS, 1));
+    volume.flush().unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    drop(volume);
+    std::fs::remove_dir_all(&rig.dir).unwrap();
+    let volume = rig.open();
+    assert!(volume.read_only(), "read-only survives a restart from the backend");
+    volume.set_read_only(false).unwrap();
+    volume.write(0, &pattern(CS, 3), false).unwrap();
+}
+
+#[test]
 fn restart_from_backend_alone_after_clean_stop() {
     let rig = Rig::new();
     let volume = rig.create(128, 4, 2, 1 << 30);
