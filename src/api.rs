@@ -24,6 +24,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vstor_edge::nbd::NbdServer;
+use vstor_edge::vhost::VhostServer;
 use vstor_volumedriver::config::USER_SCO_SIZE_RANGE;
 use vstor_volumedriver::{VolumeError, VolumeInfo, VolumeManager, VolumeOptions};
 
@@ -32,6 +33,7 @@ pub struct ApiState {
     pub manager: Arc<VolumeManager>,
     pub nbd: NbdServer,
     pub nbd_addr: SocketAddr,
+    pub vhost: VhostServer,
     pub default_sco_size: u64,
     pub default_write_buffer: u64,
 }
@@ -79,6 +81,16 @@ fn view(state: &ApiState, info: VolumeInfo) -> Value {
     if let Some(object) = value.as_object_mut() {
         object.insert("nbd_uri".into(), json!(uri));
         object.insert("nbd_connections".into(), json!(connections));
+        let name = object
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        object.insert("vhost_socket".into(), json!(state.vhost.socket_path(&name)));
+        object.insert(
+            "vhost_connected".into(),
+            json!(state.vhost.connected(&name)),
+        );
     }
     value
 }
@@ -142,7 +154,15 @@ async fn create(
         write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
     };
     let manager = state.manager.clone();
-    let volume = blocking(move || manager.create(&request.name, &options)).await?;
+    let vhost = state.vhost.clone();
+    let volume = blocking(move || {
+        let volume = manager.create(&request.name, &options)?;
+        if let Err(e) = vhost.add_export(&request.name) {
+            tracing::error!(volume = %request.name, error = %e, "cannot export the volume over vhost-user");
+        }
+        Ok(volume)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(view(&state, volume.info()))))
 }
 
@@ -185,7 +205,13 @@ async fn delete(
     let manager = state.manager.clone();
     let target = name.clone();
     let nbd = state.nbd.clone();
+    let vhost = state.vhost.clone();
     blocking(move || {
+        manager.get(&target).map(|_| ()).or_else(|e| match e {
+            VolumeError::NotFound { .. } => Err(e),
+            _ => Ok(()),
+        })?;
+        vhost.remove_export(&target);
         let result = manager.delete(&target);
         nbd.disconnect_export(&target);
         result
@@ -198,10 +224,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/volumes", get(list).post(create))
-        .route(
-            "/v1/volumes/{name}",
-            get(info).patch(update).delete(delete),
-        )
+        .route("/v1/volumes/{name}", get(info).patch(update).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
         .with_state(state)
 }

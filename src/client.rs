@@ -66,7 +66,11 @@ impl Client {
     }
 
     pub fn patch(&self, path: &str, body: Value) -> Result<Value> {
-        self.handle(self.agent.patch(format!("{}{path}", self.base)).send_json(body))
+        self.handle(
+            self.agent
+                .patch(format!("{}{path}", self.base))
+                .send_json(body),
+        )
     }
 
     pub fn delete(&self, path: &str) -> Result<Value> {
@@ -121,7 +125,7 @@ pub fn print_list(volumes: &Value) {
 }
 
 pub fn print_info(volume: &Value) {
-    let rows: [(&str, String); 20] = [
+    let rows: [(&str, String); 22] = [
         ("name", text(volume, "name")),
         ("state", text(volume, "state")),
         ("halted reason", text(volume, "halted_reason")),
@@ -159,6 +163,15 @@ pub fn print_info(volume: &Value) {
         ("backend reads", text(volume, "backend_reads")),
         ("NBD export", text(volume, "nbd_uri")),
         ("NBD clients", text(volume, "nbd_connections")),
+        ("vhost-user socket", text(volume, "vhost_socket")),
+        (
+            "vhost-user frontend",
+            if volume["vhost_connected"] == true {
+                "connected".into()
+            } else {
+                "none".into()
+            },
+        ),
     ];
     for (key, value) in rows {
         println!("{:<20} {value}", format!("{key}:"));

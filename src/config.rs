@@ -22,11 +22,30 @@ pub struct FileConfig {
     pub backend: Option<PathBuf>,
     pub api: String,
     pub nbd: String,
+    /// Directory of vhost-user-blk sockets; empty means `<data_dir>/vhost`.
+    pub vhost_dir: Option<PathBuf>,
     pub write_buffer_limit: String,
     pub shutdown_upload_timeout_secs: u64,
     pub default_volume: DefaultVolume,
     pub volume_defaults: VolumeDefaults,
     pub nbd_server: NbdSettings,
+    pub vhost: VhostSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VhostSettings {
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+impl Default for VhostSettings {
+    fn default() -> Self {
+        Self {
+            num_queues: 4,
+            queue_size: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -58,11 +77,13 @@ impl Default for FileConfig {
             backend: None,
             api: DEFAULT_API.into(),
             nbd: DEFAULT_NBD.into(),
+            vhost_dir: None,
             write_buffer_limit: "8G".into(),
             shutdown_upload_timeout_secs: 120,
             default_volume: DefaultVolume::default(),
             volume_defaults: VolumeDefaults::default(),
             nbd_server: NbdSettings::default(),
+            vhost: VhostSettings::default(),
         }
     }
 }
@@ -102,6 +123,9 @@ pub struct ServeConfig {
     pub backend: PathBuf,
     pub api: SocketAddr,
     pub nbd: SocketAddr,
+    pub vhost_dir: PathBuf,
+    pub vhost_queues: u16,
+    pub vhost_queue_size: u16,
     pub write_buffer_limit: u64,
     pub shutdown_upload_timeout_secs: u64,
     pub default_volume: Option<(String, u64)>,
@@ -118,6 +142,7 @@ pub struct Overrides {
     pub backend: Option<PathBuf>,
     pub api: Option<String>,
     pub nbd: Option<String>,
+    pub vhost_dir: Option<PathBuf>,
     pub write_buffer_limit: Option<String>,
     pub no_default_volume: bool,
 }
@@ -152,6 +177,9 @@ impl FileConfig {
         if let Some(nbd) = overrides.nbd {
             self.nbd = nbd;
         }
+        if let Some(dir) = overrides.vhost_dir {
+            self.vhost_dir = Some(dir);
+        }
         if let Some(limit) = overrides.write_buffer_limit {
             self.write_buffer_limit = limit;
         }
@@ -161,6 +189,12 @@ impl FileConfig {
         let max_payload = size_setting("nbd_server.max_payload", &self.nbd_server.max_payload)?;
         if !(4096..=u32::MAX as u64).contains(&max_payload) {
             bail!("nbd_server.max_payload must be between 4K and 4G");
+        }
+        if !(1..=8).contains(&self.vhost.num_queues) {
+            bail!("vhost.num_queues must be between 1 and 8");
+        }
+        if !self.vhost.queue_size.is_power_of_two() || self.vhost.queue_size > 1024 {
+            bail!("vhost.queue_size must be a power of two up to 1024");
         }
         if self.nbd_server.max_inflight_per_connection == 0 {
             bail!("nbd_server.max_inflight_per_connection must be at least 1");
@@ -180,6 +214,12 @@ impl FileConfig {
                 .unwrap_or_else(|| self.data_dir.join("backend")),
             api: parse_addr("API", &self.api)?,
             nbd: parse_addr("NBD", &self.nbd)?,
+            vhost_dir: self
+                .vhost_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("vhost")),
+            vhost_queues: self.vhost.num_queues,
+            vhost_queue_size: self.vhost.queue_size,
             write_buffer_limit: size_setting("write_buffer_limit", &self.write_buffer_limit)?,
             shutdown_upload_timeout_secs: self.shutdown_upload_timeout_secs,
             default_volume,

@@ -56,6 +56,9 @@ struct ServeArgs {
     /// NBD listen address [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd: Option<String>,
+    /// Directory for the vhost-user-blk sockets [default: <data-dir>/vhost].
+    #[arg(long)]
+    vhost_dir: Option<PathBuf>,
     /// Write-buffer size limit before disposable SCOs are evicted, e.g. 8G.
     #[arg(long)]
     write_buffer_limit: Option<String>,
@@ -130,6 +133,25 @@ enum BenchTarget {
         runtime: u64,
         /// Interleaved rounds per row (the median is reported).
         #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Directory for the test data [default: a temporary directory under /var/tmp].
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A blkio load generator over vhost-user-blk: vstor against qemu-storage-daemon serving a
+    /// raw file, interleaved in one run.
+    Vhost {
+        /// Size of the test volume and file.
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// Interleaved rounds per row (the median is reported; use an even number).
+        #[arg(long, default_value_t = 2)]
         rounds: u32,
         /// Directory for the test data [default: a temporary directory under /var/tmp].
         #[arg(long)]
@@ -225,6 +247,7 @@ fn run(cli: Cli) -> Result<()> {
                 backend: args.backend,
                 api: args.api,
                 nbd: args.nbd,
+                vhost_dir: args.vhost_dir,
                 write_buffer_limit: args.write_buffer_limit,
                 no_default_volume: args.no_default_volume,
             })?;
@@ -254,6 +277,26 @@ fn run(cli: Cli) -> Result<()> {
                 work_dir,
             };
             vstor_benches::nbd::run(&options)
+        }
+        Command::Bench(BenchArgs {
+            target:
+                BenchTarget::Vhost {
+                    size,
+                    runtime,
+                    rounds,
+                    work_dir,
+                    json,
+                },
+        }) => {
+            let options = vstor_benches::vhost::VhostBenchOptions {
+                vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,
+                size: parse_size(&size)?,
+                runtime_secs: runtime,
+                rounds: rounds.max(1),
+                json,
+                work_dir,
+            };
+            vstor_benches::vhost::run(&options)
         }
     }
 }

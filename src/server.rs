@@ -10,13 +10,23 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use vstor_backend::LocalStore;
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
+use vstor_edge::vhost::{VhostConfig, VhostServer};
 use vstor_volumedriver::{ManagerConfig, VolumeManager, VolumeOptions};
 
 use crate::api::{router, ApiState};
 use crate::config::ServeConfig;
 use crate::export::Exports;
 
-pub async fn serve(config: ServeConfig) -> Result<()> {
+pub async fn serve(mut config: ServeConfig) -> Result<()> {
+    // Absolute paths: they are shown to users (socket paths) and must not depend on a later cwd.
+    for path in [
+        &mut config.data_dir,
+        &mut config.backend,
+        &mut config.vhost_dir,
+    ] {
+        *path = std::path::absolute(&*path)
+            .with_context(|| format!("cannot resolve path {}", path.display()))?;
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let backend = LocalStore::open(&config.backend)
@@ -56,6 +66,27 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             max_inflight_per_conn: config.nbd_max_inflight,
         },
     );
+    let vhost = VhostServer::new(
+        Arc::new(Exports(manager.clone())),
+        config.vhost_dir.clone(),
+        VhostConfig {
+            num_queues: config.vhost_queues,
+            queue_size: config.vhost_queue_size,
+        },
+        tokio::runtime::Handle::current(),
+    )
+    .with_context(|| {
+        format!(
+            "cannot use vhost socket directory {}",
+            config.vhost_dir.display()
+        )
+    })?;
+    for name in manager.names() {
+        vhost
+            .add_export(&name)
+            .with_context(|| format!("cannot export volume {name} over vhost-user"))?;
+    }
+
     let nbd_task = {
         let nbd = nbd.clone();
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
@@ -66,6 +97,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             manager: manager.clone(),
             nbd: nbd.clone(),
             nbd_addr,
+            vhost: vhost.clone(),
             default_sco_size: config.sco_size,
             default_write_buffer: config.write_buffer,
         });
@@ -78,6 +110,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     };
 
     println!("vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}");
+    tracing::info!(dir = %config.vhost_dir.display(), "vhost-user-blk sockets");
     tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %config.data_dir.display(), "vstor serving");
 
     let mut terminate =
@@ -95,6 +128,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     nbd.shutdown().await;
     api_stop.notify_one();
     let _ = api_task.await;
+    tokio::task::spawn_blocking(move || vhost.shutdown()).await?;
     let timeout = Duration::from_secs(config.shutdown_upload_timeout_secs);
     let unfinished = tokio::task::spawn_blocking(move || manager.shutdown(timeout)).await?;
     if unfinished.is_empty() {

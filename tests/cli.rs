@@ -62,11 +62,18 @@ fn volume_lifecycle_through_the_cli() {
     assert_eq!(daemon.info("disk1")["size"], 2u64 << 30);
 
     let out = daemon.cli_ok(&["volume", "update", "disk1", "--read-only", "true"]);
-    assert!(out.contains("updated volume disk1: read-only true"), "{out}");
+    assert!(
+        out.contains("updated volume disk1: read-only true"),
+        "{out}"
+    );
     assert_eq!(daemon.info("disk1")["read_only"], true);
     let out = daemon.cli(&["volume", "update", "disk1"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("nothing to update"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing to update"),
+        "{}",
+        stderr(&out)
+    );
     daemon.cli_ok(&["volume", "update", "disk1", "--read-only", "false"]);
     assert_eq!(daemon.info("disk1")["read_only"], false);
 

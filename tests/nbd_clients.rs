@@ -80,13 +80,26 @@ fn qemu_io_patterns_aligned_unaligned_discard_and_zero() {
         .args(["-f", "raw", "-r", &uri, "-c", "read -P 0x22 2M 1M"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new("qemu-io")
         .args(["-f", "raw", &uri, "-c", "write -P 0x99 2M 4k"])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("Operation not permitted") || text.contains("read-only") || text.contains("Permission denied"), "{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Operation not permitted")
+            || text.contains("read-only")
+            || text.contains("Permission denied"),
+        "{text}"
+    );
     daemon.cli_ok(&["volume", "update", "vol", "--read-only", "false"]);
     qemu_io(&uri, &["read -P 0x22 2M 1M"]);
     assert!(info["flushes"].as_u64().unwrap() >= 1, "{info}");

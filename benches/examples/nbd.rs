@@ -5,10 +5,11 @@
 //! cargo run --release -p vstor-benches --example nbd -- --vstor-bin target/release/vstor --size 256M --runtime 2
 //! ```
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::Result;
 use vstor_benches::nbd::{run, NbdBenchOptions};
 
 const USAGE: &str = "usage: nbd [--vstor-bin PATH] [--size SIZE] [--runtime SECS] [--rounds N] [--work-dir DIR] [--json]
@@ -26,52 +27,16 @@ fn main() -> ExitCode {
 
 /// `None` when only the usage was asked for.
 fn parse_args() -> Result<Option<NbdBenchOptions>> {
-    let mut options = NbdBenchOptions::default();
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}"))
-        };
-        match flag.as_str() {
-            "--vstor-bin" => options.vstor_bin = PathBuf::from(value()?),
-            "--size" => options.size = parse_size(&value()?)?,
-            "--runtime" => options.runtime_secs = value()?.parse().context("--runtime")?,
-            "--rounds" => options.rounds = value()?.parse().context("--rounds")?,
-            "--work-dir" => options.work_dir = Some(PathBuf::from(value()?)),
-            "--json" => options.json = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(None);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    Ok(Some(options))
-}
-
-fn parse_size(text: &str) -> Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, suffix) = text.split_at(split);
-    let shift = match suffix
-        .trim_end_matches(['i', 'B'])
-        .to_ascii_uppercase()
-        .as_str()
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => bail!("bad size {text:?}: use a whole number with an optional K, M, G or T suffix"),
+    let Some(args) = common::parse(USAGE, &[])? else {
+        return Ok(None);
     };
-    let number: u64 = digits
-        .parse()
-        .with_context(|| format!("bad size {text:?}"))?;
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| anyhow!("size {text:?} is too large"))
+    let defaults = NbdBenchOptions::default();
+    Ok(Some(NbdBenchOptions {
+        vstor_bin: args.vstor_bin.unwrap_or(defaults.vstor_bin),
+        size: args.size.unwrap_or(defaults.size),
+        runtime_secs: args.runtime_secs.unwrap_or(defaults.runtime_secs),
+        rounds: args.rounds.unwrap_or(defaults.rounds),
+        json: args.json,
+        work_dir: args.work_dir.or(defaults.work_dir),
+    }))
 }

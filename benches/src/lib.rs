@@ -7,5 +7,9 @@
 //!
 //! - [`nbd`]: vstor's NBD export against `qemu-nbd` serving a raw file, driven by fio's `nbd`
 //!   engine (`vstor bench nbd`).
+//! - [`vhost`]: vstor's vhost-user-blk export against `qemu-storage-daemon` exporting a raw
+//!   file, driven by a load generator built on libblkio (`vstor bench vhost`).
 
+mod common;
 pub mod nbd;
+pub mod vhost;

@@ -4,6 +4,7 @@ pub mod nbd;
 pub mod target;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod vhost;
 
 pub use nbd::{NbdError, NbdServer, NbdServerConfig};
 pub use target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};

@@ -448,8 +448,14 @@ fn read_only_volumes_refuse_writes_and_stay_read_only_across_restarts() {
     let volume = rig.create(64, 4, 1, 1 << 30);
     volume.write(0, &pattern(CS, 1), false).unwrap();
     volume.set_read_only(true).unwrap();
-    assert!(matches!(volume.write(0, &pattern(CS, 2), false), Err(VolumeError::ReadOnly { .. })));
-    assert!(matches!(volume.discard(0, CS as u64), Err(VolumeError::ReadOnly { .. })));
+    assert!(matches!(
+        volume.write(0, &pattern(CS, 2), false),
+        Err(VolumeError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        volume.discard(0, CS as u64),
+        Err(VolumeError::ReadOnly { .. })
+    ));
     let mut back = vec![0u8; CS];
     volume.read(0, &mut back).unwrap();
     assert_eq!(back, pattern(CS, 1));
@@ -459,7 +465,10 @@ fn read_only_volumes_refuse_writes_and_stay_read_only_across_restarts() {
     drop(volume);
     std::fs::remove_dir_all(&rig.dir).unwrap();
     let volume = rig.open();
-    assert!(volume.read_only(), "read-only survives a restart from the backend");
+    assert!(
+        volume.read_only(),
+        "read-only survives a restart from the backend"
+    );
     volume.set_read_only(false).unwrap();
     volume.write(0, &pattern(CS, 3), false).unwrap();
 }

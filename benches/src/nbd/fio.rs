@@ -13,7 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::process::{log_file, log_tail, ChildGuard};
+use crate::common::process::{log_file, log_tail, ChildGuard};
+use crate::common::stats::median;
 
 pub(crate) const RAMP_SECS: u64 = 1;
 const MIB: u64 = 1 << 20;
@@ -150,16 +151,6 @@ impl Sample {
             p99_us: median(samples.iter().map(|s| s.p99_us)),
             io_bytes: samples.iter().map(|s| s.io_bytes).sum(),
         }
-    }
-}
-
-pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
@@ -300,13 +291,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "fio job failed with error 5");
-    }
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
-        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), 2.5);
-        assert!(median(std::iter::empty()).is_nan());
     }
 
     #[test]

@@ -23,7 +23,6 @@
 //! --randrepeat=0`; latencies are fio's completion latency (`clat_ns`) percentiles.
 
 mod fio;
-mod process;
 mod report;
 mod targets;
 
@@ -31,18 +30,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::common::process::InterruptGuard;
+use crate::common::setup::{self, GIB, MIB};
+use crate::common::vstor::{rss_bytes, Vstor};
 use fio::{Direction, Sample, JOBS, RAMP_SECS};
-use process::{find_program, InterruptGuard};
 use report::{Memory, Report, Row};
-use targets::{rss_bytes, QemuNbd, Vstor};
+use targets::QemuNbd;
 
 const EXPORT: &str = "bench";
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-const DEFAULT_WORK_ROOT: &str = "/var/tmp";
 
 /// Settings of one `vstor bench nbd` run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +65,7 @@ impl Default for NbdBenchOptions {
     /// `vstor` itself (the `vstor bench nbd` case), else `target/release/vstor`.
     fn default() -> Self {
         Self {
-            vstor_bin: default_vstor_bin(),
+            vstor_bin: setup::default_vstor_bin(),
             size: GIB,
             runtime_secs: 10,
             rounds: 1,
@@ -75,13 +73,6 @@ impl Default for NbdBenchOptions {
             work_dir: None,
         }
     }
-}
-
-fn default_vstor_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .filter(|exe| exe.file_stem().is_some_and(|stem| stem == "vstor"))
-        .unwrap_or_else(|| PathBuf::from("target/release/vstor"))
 }
 
 /// Runs the benchmark and prints the report (table or JSON) to stdout. Progress goes to stderr.
@@ -96,32 +87,19 @@ pub fn run(options: &NbdBenchOptions) -> Result<()> {
 }
 
 fn measure(options: &NbdBenchOptions) -> Result<Report> {
-    validate(options)?;
-    let vstor_bin = find_program(&options.vstor_bin).ok_or_else(|| {
-        anyhow!(
-            "vstor binary {} not found; build it with `cargo build --release` or point vstor_bin at it",
-            options.vstor_bin.display()
-        )
-    })?;
-    let fio_version = tool_version("fio", "fio")?;
+    setup::validate(options.size, options.runtime_secs, options.rounds)?;
+    let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
+    let fio_version = setup::tool_version("fio", "fio", "nbd")?;
     require_fio_nbd_engine()?;
-    let qemu_nbd_version = tool_version("qemu-nbd", "qemu-utils")?;
+    let qemu_nbd_version = setup::tool_version("qemu-nbd", "qemu-utils", "nbd")?;
     let qemu_nbd_version = qemu_nbd_version
         .strip_prefix("qemu-nbd ")
         .unwrap_or(&qemu_nbd_version)
         .to_string();
 
     let _signals = InterruptGuard::install()?;
-    let root = options
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_ROOT));
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("vstor-bench-")
-        .tempdir_in(&root)
-        .with_context(|| format!("cannot create a work directory under {}", root.display()))?;
-    require_free_space(work.path(), options.size)?;
+    let work = setup::work_dir(options.work_dir.as_deref())?;
+    setup::require_free_space(work.path(), options.size)?;
     let fio_dir = work.path().join("fio");
     std::fs::create_dir(&fio_dir)?;
     progress(format_args!("work directory {}", work.path().display()));
@@ -213,22 +191,6 @@ fn measure(options: &NbdBenchOptions) -> Result<Report> {
     })
 }
 
-fn validate(options: &NbdBenchOptions) -> Result<()> {
-    if options.size == 0 || !options.size.is_multiple_of(MIB) {
-        bail!(
-            "size must be a positive multiple of 1 MiB, not {}",
-            options.size
-        );
-    }
-    if options.runtime_secs == 0 {
-        bail!("runtime_secs must be at least 1");
-    }
-    if options.rounds == 0 {
-        bail!("rounds must be at least 1");
-    }
-    Ok(())
-}
-
 /// Writes the whole device once and checks that fio really got to the end.
 fn prefill(target: &str, uri: &str, size: u64, fio_dir: &Path) -> Result<Sample> {
     progress(format_args!(
@@ -256,20 +218,6 @@ fn prefill(target: &str, uri: &str, size: u64, fio_dir: &Path) -> Result<Sample>
     Ok(sample)
 }
 
-/// First line of `<program> --version`, or an error naming the Debian package to install.
-fn tool_version(program: &str, package: &str) -> Result<String> {
-    if find_program(Path::new(program)).is_none() {
-        bail!("`{program}` not found on PATH; `vstor bench nbd` needs it (Debian/Ubuntu: apt-get install {package})");
-    }
-    let output = Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{program} --version`"))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text.lines().next().unwrap_or_default().trim().to_string())
-}
-
 fn require_fio_nbd_engine() -> Result<()> {
     let status = Command::new("fio")
         .arg("--enghelp=nbd")
@@ -280,25 +228,6 @@ fn require_fio_nbd_engine() -> Result<()> {
         .context("cannot run `fio --enghelp=nbd`")?;
     if !status.success() {
         bail!("this fio has no nbd engine; it needs a fio built with libnbd (Debian/Ubuntu: apt-get install fio libnbd0)");
-    }
-    Ok(())
-}
-
-/// The raw file and vstor's data (write buffer plus backend copy) take about three times the
-/// volume size; vstor's log grows further with every write row.
-fn require_free_space(dir: &Path, size: u64) -> Result<()> {
-    let stats = nix::sys::statvfs::statvfs(dir)
-        .with_context(|| format!("cannot stat {}", dir.display()))?;
-    let available = stats.blocks_available() as u64 * stats.fragment_size() as u64;
-    let needed = size.saturating_mul(3);
-    if available < needed {
-        bail!(
-            "{} has {} MiB free; a {} MiB benchmark needs at least {} MiB (choose a smaller size or another work_dir)",
-            dir.display(),
-            available / MIB,
-            size / MIB,
-            needed / MIB
-        );
     }
     Ok(())
 }

@@ -3,9 +3,9 @@
 use serde::Serialize;
 
 use super::fio::Sample;
+use crate::common::table::{self, latencies, mib_or_gib};
 
 const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
@@ -87,16 +87,13 @@ pub(crate) fn to_json(report: &Report) -> serde_json::Result<String> {
 }
 
 pub(crate) fn to_table(report: &Report) -> String {
-    let rounds = match report.rounds {
-        1 => "1 round".to_string(),
-        n => format!("median of {n} rounds"),
-    };
     let mut out = format!(
         "vstor vs qemu-nbd over NBD: {} volume, fio nbd engine, {} s per job after {} s ramp, \
-         {rounds} ({}, qemu-nbd {})\n\n",
+         {} ({}, qemu-nbd {})\n\n",
         mib_or_gib(report.size_bytes as f64),
         report.runtime_secs,
         report.ramp_secs,
+        table::rounds_label(report.rounds),
         report.fio_version,
         report.qemu_nbd_version,
     );
@@ -110,9 +107,8 @@ pub(crate) fn to_table(report: &Report) -> String {
         "qemu-nbd p50/p99 µs",
         "vstor MB/s",
         "qemu-nbd MB/s",
-    ]
-    .map(String::from);
-    let mut lines = vec![header];
+    ];
+    let mut lines = vec![header.map(String::from).to_vec()];
     for row in &report.rows {
         let bandwidth = |sample: &Sample| {
             if row.is_large() {
@@ -121,39 +117,18 @@ pub(crate) fn to_table(report: &Report) -> String {
                 "-".to_string()
             }
         };
-        lines.push([
+        lines.push(vec![
             row.name.clone(),
             format!("{:.0}", row.vstor.iops),
             format!("{:.0}", row.qemu_nbd.iops),
             format!("{:.2}", row.ratio),
-            latencies(&row.vstor),
-            latencies(&row.qemu_nbd),
+            latencies(row.vstor.p50_us, row.vstor.p99_us),
+            latencies(row.qemu_nbd.p50_us, row.qemu_nbd.p99_us),
             bandwidth(&row.vstor),
             bandwidth(&row.qemu_nbd),
         ]);
     }
-    let mut widths = [0; 8];
-    for line in &lines {
-        for (width, cell) in widths.iter_mut().zip(line) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    for line in &lines {
-        let cells: Vec<String> = line
-            .iter()
-            .zip(widths)
-            .enumerate()
-            .map(|(column, (cell, width))| {
-                if column == 0 {
-                    format!("{cell:<width$}")
-                } else {
-                    format!("{cell:>width$}")
-                }
-            })
-            .collect();
-        out.push_str(&cells.join("  "));
-        out.push('\n');
-    }
+    out.push_str(&table::render(&lines));
 
     let memory = &report.vstor_memory;
     out.push_str(&format!(
@@ -178,31 +153,6 @@ pub(crate) fn to_table(report: &Report) -> String {
     }
     out.push('\n');
     out
-}
-
-fn latencies(sample: &Sample) -> String {
-    format!("{}/{}", micros(sample.p50_us), micros(sample.p99_us))
-}
-
-fn micros(us: f64) -> String {
-    if us < 100.0 {
-        format!("{us:.1}")
-    } else {
-        format!("{us:.0}")
-    }
-}
-
-fn mib_or_gib(bytes: f64) -> String {
-    let (value, unit, decimals) = if bytes.abs() >= GIB {
-        (bytes / GIB, "GiB", 2)
-    } else {
-        (bytes / MIB, "MiB", 1)
-    };
-    if value.fract() == 0.0 {
-        format!("{value:.0} {unit}")
-    } else {
-        format!("{value:.decimals$} {unit}")
-    }
 }
 
 #[cfg(test)]

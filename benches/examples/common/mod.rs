@@ -1,0 +1,74 @@
+//! Command-line parsing shared by the benchmark examples (`nbd`, `vhost`): the flags every
+//! benchmark takes, plus any boolean flags of its own.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The flags given; `None` where the benchmark's default applies.
+#[derive(Debug, Default)]
+pub struct Args {
+    pub vstor_bin: Option<PathBuf>,
+    pub size: Option<u64>,
+    pub runtime_secs: Option<u64>,
+    pub rounds: Option<u32>,
+    pub work_dir: Option<PathBuf>,
+    pub json: bool,
+    /// Those of the benchmark's own `switches` that were given.
+    pub switches: Vec<String>,
+}
+
+/// Parses the process arguments: `--vstor-bin PATH --size SIZE --runtime SECS --rounds N
+/// --work-dir DIR --json` and `switches`. `None` when only the usage was asked for (and printed).
+pub fn parse(usage: &str, switches: &[&str]) -> Result<Option<Args>> {
+    let mut parsed = Args::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow!("{flag} needs a value\n{usage}"))
+        };
+        match flag.as_str() {
+            "--vstor-bin" => parsed.vstor_bin = Some(PathBuf::from(value()?)),
+            "--size" => parsed.size = Some(parse_size(&value()?)?),
+            "--runtime" => parsed.runtime_secs = Some(value()?.parse().context("--runtime")?),
+            "--rounds" => parsed.rounds = Some(value()?.parse().context("--rounds")?),
+            "--work-dir" => parsed.work_dir = Some(PathBuf::from(value()?)),
+            "--json" => parsed.json = true,
+            "-h" | "--help" => {
+                println!("{usage}");
+                return Ok(None);
+            }
+            other if switches.contains(&other) => parsed.switches.push(other.to_string()),
+            other => bail!("unknown argument {other}\n{usage}"),
+        }
+    }
+    Ok(Some(parsed))
+}
+
+/// A whole number of bytes with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let shift = match suffix
+        .trim_end_matches(['i', 'B'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("bad size {text:?}: use a whole number with an optional K, M, G or T suffix"),
+    };
+    let number: u64 = digits
+        .parse()
+        .with_context(|| format!("bad size {text:?}"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| anyhow!("size {text:?} is too large"))
+}

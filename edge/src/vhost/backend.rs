@@ -1,0 +1,641 @@
+//! The virtio-blk device behind one vhost-user connection: the `VhostUserBackend` implementation.
+//!
+//! # Threads and queues
+//!
+//! vhost-user-backend runs one epoll worker per entry of [`queues_per_thread`]; we give every
+//! queue its own worker (bit `i` for queue `i`), so the worker's `thread_id` *is* the queue index
+//! and queues are served in parallel. The trait is the `&self` one: all mutable state is either
+//! atomic or per queue ([`QueueCtl`]), so workers never contend on a backend-wide lock.
+//!
+//! Fast requests (read, write, discard, write-zeroes, get-id) run to completion on the queue's
+//! worker, through the queue's bounce buffer. Requests that wait for durability (FLUSH, and writes
+//! while the guest has the cache in writethrough mode) go to the tokio blocking pool carrying
+//! everything needed to complete them: a [`VringRwLock`] clone, the head index, the status address
+//! and a snapshot of the guest memory map. Their completion writes the status, adds the chain to
+//! the used ring and signals the guest if `needs_notification()` says so.
+//!
+//! # In-flight accounting
+//!
+//! Every queue counts its in-flight work: a pass of the worker over the ring counts as one, and so
+//! does every request handed to the blocking pool until its completion has been published. At
+//! most `MAX_DEFERRED_PER_QUEUE` requests per queue wait on the blocking pool; beyond that the
+//! worker waits, which stops the queue (backpressure) instead of growing memory and threads.
+//! `stop_vring` (GET_VRING_BASE) and `reset_device` wait for the count to reach zero, so nothing is
+//! written to guest memory after the frontend has stopped the ring. A deferred request that is
+//! dropped without running (runtime shutting down) is completed with `IOERR` by its `Drop`, so the
+//! count always comes back down.
+//!
+//! [`queues_per_thread`]: VhostUserBackend::queues_per_thread
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tracing::{debug, error, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{VirtioBlockConfig, WRITEBACK_OFFSET};
+use super::request::{
+    self, GuestMem, Limits, Outcome, Parsed, RequestKind, ID_LEN, MAX_DISCARD_SECTORS,
+    MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, STATUS_IOERR,
+};
+use crate::target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};
+
+/// Longest pause honoured for one `WriteAck::throttle`.
+const MAX_THROTTLE: Duration = Duration::from_secs(1);
+/// Most requests of one queue waiting on the blocking pool (FLUSH, writethrough writes). Each may
+/// hold a bounce buffer of up to `BOUNCE_CHUNK`, so this bounds memory and blocking threads.
+const MAX_DEFERRED_PER_QUEUE: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every value behind these mutexes stays consistent across a panic (counters, buffers).
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The block device served on this connection, resolved when the frontend first asks about it.
+struct Device {
+    target: Arc<dyn BlockTarget>,
+    capacity: u64,
+    read_only: bool,
+}
+
+/// Stand-in for an export that vanished from the registry: an empty, read-only device.
+struct Absent;
+
+impl BlockTarget for Absent {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), TargetError> {
+        Err(TargetError::Shutdown)
+    }
+    fn write(&self, _: u64, _: &[u8], _: bool) -> Result<WriteAck, TargetError> {
+        Err(TargetError::Shutdown)
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<(), TargetError> {
+        Err(TargetError::Shutdown)
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<WriteAck, TargetError> {
+        Err(TargetError::Shutdown)
+    }
+    fn flush(&self) -> Result<(), TargetError> {
+        Err(TargetError::Shutdown)
+    }
+    fn block_status(&self, _: u64, _: u64) -> Result<Vec<Extent>, TargetError> {
+        Err(TargetError::Shutdown)
+    }
+}
+
+/// Per-queue state: the in-flight counts and the bounce buffer of the queue's worker.
+#[derive(Default)]
+struct QueueCtl {
+    counts: Mutex<Counts>,
+    changed: Condvar,
+    bounce: Mutex<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Worker passes plus deferred requests not yet completed.
+    inflight: usize,
+    /// Deferred requests not yet completed.
+    deferred: usize,
+}
+
+/// One unit of in-flight work on a queue; dropping it ends it.
+struct Inflight {
+    ctl: Arc<QueueCtl>,
+    deferred: bool,
+}
+
+impl QueueCtl {
+    fn enter(self: &Arc<Self>) -> Inflight {
+        lock(&self.counts).inflight += 1;
+        Inflight {
+            ctl: Arc::clone(self),
+            deferred: false,
+        }
+    }
+
+    /// Account for a request handed to the blocking pool, first waiting while
+    /// [`MAX_DEFERRED_PER_QUEUE`] are already there (backpressure: the queue stops taking work
+    /// until durability catches up, and memory and blocking threads stay bounded).
+    fn enter_deferred(self: &Arc<Self>) -> Inflight {
+        let mut counts = lock(&self.counts);
+        while counts.deferred >= MAX_DEFERRED_PER_QUEUE {
+            counts = self
+                .changed
+                .wait(counts)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        counts.inflight += 1;
+        counts.deferred += 1;
+        Inflight {
+            ctl: Arc::clone(self),
+            deferred: true,
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut counts = lock(&self.counts);
+        while counts.inflight > 0 {
+            counts = self
+                .changed
+                .wait(counts)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.ctl.counts);
+        counts.inflight -= 1;
+        if self.deferred {
+            counts.deferred -= 1;
+        }
+        drop(counts);
+        self.ctl.changed.notify_all();
+    }
+}
+
+fn write_status(mem: &GuestMem, addr: GuestAddress, status: u8) {
+    // The address was checked against this memory map when the chain was parsed.
+    if let Err(e) = mem.write_obj(status, addr) {
+        warn!(error = %e, "cannot write virtio-blk status byte");
+    }
+}
+
+fn used_len(outcome: &Outcome) -> u32 {
+    u32::try_from(outcome.written.saturating_add(1)).unwrap_or(u32::MAX)
+}
+
+fn signal_if_needed(vring: &VringRwLock) {
+    let needed = vring.needs_notification().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read used_event; notifying the guest");
+        true
+    });
+    if needed {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!(error = %e, "cannot signal the used queue");
+        }
+    }
+}
+
+fn add_used(vring: &VringRwLock, head: u16, len: u32) {
+    if let Err(e) = vring.add_used(head, len) {
+        error!(head, error = %e, "cannot add a chain to the used ring");
+    }
+}
+
+/// A request running on the blocking pool. Completing it publishes the result; dropping it
+/// without completing (e.g. the runtime is shutting down) publishes `IOERR`.
+struct Deferred {
+    vring: VringRwLock,
+    head: u16,
+    status: GuestAddress,
+    mem: GuestMemoryLoadGuard<GuestMem>,
+    done: bool,
+    // Declared last: released only after the completion is visible to the guest.
+    _inflight: Inflight,
+}
+
+impl Deferred {
+    fn complete(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        write_status(&self.mem, self.status, outcome.status);
+        add_used(&self.vring, self.head, used_len(&outcome));
+        signal_if_needed(&self.vring);
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if !self.done {
+            self.complete(Outcome {
+                status: STATUS_IOERR,
+                written: 0,
+                throttle: None,
+            });
+        }
+    }
+}
+
+/// The virtio-blk device of one vhost-user connection.
+pub(crate) struct BlkBackend {
+    name: String,
+    id: [u8; ID_LEN],
+    registry: Arc<dyn ExportRegistry>,
+    device: OnceLock<Device>,
+    runtime: Handle,
+    num_queues: usize,
+    queue_size: u16,
+    mem: Mutex<GuestMemoryAtomic<GuestMem>>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    /// The `writeback` config byte: false = writethrough (every write is FUA).
+    writeback: AtomicBool,
+    /// Set once the connection is over: workers stop touching the rings.
+    closed: AtomicBool,
+    queues: Vec<Arc<QueueCtl>>,
+    exit_notifiers: Mutex<Vec<EventNotifier>>,
+}
+
+impl BlkBackend {
+    /// `queue_size` must be a power of two of at least 4 (`seg_max` is `queue_size - 2`).
+    pub(crate) fn new(
+        name: &str,
+        registry: Arc<dyn ExportRegistry>,
+        runtime: Handle,
+        num_queues: usize,
+        queue_size: u16,
+        mem: GuestMemoryAtomic<GuestMem>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            id: request::serial(name),
+            registry,
+            device: OnceLock::new(),
+            runtime,
+            num_queues,
+            queue_size,
+            mem: Mutex::new(mem),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            writeback: AtomicBool::new(true),
+            closed: AtomicBool::new(false),
+            queues: (0..num_queues).map(|_| Arc::default()).collect(),
+            exit_notifiers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The target, looked up in the registry on first use, i.e. once the frontend is connected
+    /// and asks for features or config (so each connection sees the volume's current size and
+    /// read-only flag).
+    fn device(&self) -> &Device {
+        self.device
+            .get_or_init(|| match self.registry.lookup(&self.name) {
+                Some(target) => Device {
+                    capacity: target.size() & !(SECTOR_SIZE - 1),
+                    read_only: target.read_only(),
+                    target,
+                },
+                None => {
+                    warn!(export = %self.name, "vhost-user export is not in the registry; \
+                    serving an empty read-only device");
+                    Device {
+                        target: Arc::new(Absent),
+                        capacity: 0,
+                        read_only: true,
+                    }
+                }
+            })
+    }
+
+    fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    fn limits(&self) -> Limits {
+        let dev = self.device();
+        Limits {
+            max_descs: self.seg_max() as usize + 2,
+            capacity: dev.capacity,
+            read_only: dev.read_only,
+        }
+    }
+
+    /// Writes must be durable before completing: the guest chose writethrough, or did not
+    /// negotiate FLUSH (then it has no other way to make data durable).
+    fn writethrough(&self) -> bool {
+        let acked = self.acked_features.load(Ordering::Acquire);
+        acked & (1 << VIRTIO_BLK_F_FLUSH) == 0 || !self.writeback.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn config(&self) -> VirtioBlockConfig {
+        let dev = self.device();
+        VirtioBlockConfig {
+            capacity: (dev.capacity / SECTOR_SIZE).to_le(),
+            seg_max: self.seg_max().to_le(),
+            blk_size: 512u32.to_le(),
+            // 4 KiB physical blocks: the engine's allocation unit.
+            physical_block_exp: 3,
+            min_io_size: 8u16.to_le(),
+            opt_io_size: 8u32.to_le(),
+            writeback: u8::from(self.writeback.load(Ordering::Acquire)),
+            num_queues: (self.num_queues as u16).to_le(),
+            max_discard_sectors: MAX_DISCARD_SECTORS.to_le(),
+            max_discard_seg: 1u32.to_le(),
+            discard_sector_alignment: 8u32.to_le(),
+            max_write_zeroes_sectors: MAX_WRITE_ZEROES_SECTORS.to_le(),
+            max_write_zeroes_seg: 1u32.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+    }
+
+    /// End of the connection: stop the queue workers and wait for every in-flight request.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for notifier in lock(&self.exit_notifiers).iter() {
+            if let Err(e) = notifier.notify() {
+                error!(error = %e, "cannot stop a vhost-user queue worker");
+            }
+        }
+        for queue in &self.queues {
+            queue.wait_idle();
+        }
+    }
+
+    /// Serve queue `index` until it is empty (the EVENT_IDX-safe loop: re-check after
+    /// re-enabling notifications, since the guest may have added chains in between).
+    pub(crate) fn serve_queue(&self, index: usize, vring: &VringRwLock) {
+        let Some(ctl) = self.queues.get(index) else {
+            error!(
+                queue = index,
+                "event for a queue this backend does not have"
+            );
+            return;
+        };
+        // Taken before the checks below so that `stop_vring` either sees this pass or this pass
+        // sees the ring stopped.
+        let _active = ctl.enter();
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let state = vring.get_ref();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return;
+            }
+        }
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(queue = index, error = %e, "cannot disable queue notifications");
+                }
+            }
+            self.drain(ctl, vring);
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(queue = index, error = %e, "cannot enable queue notifications");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Pop and process every available chain.
+    fn drain(&self, ctl: &Arc<QueueCtl>, vring: &VringRwLock) {
+        let mem = lock(&self.mem).memory();
+        let target = Arc::clone(&self.device().target);
+        let limits = self.limits();
+        let fua = self.writethrough();
+        let mut bounce = lock(&ctl.bounce);
+        let mut pending_signal = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            match request::parse(chain, &mem, &limits) {
+                Parsed::NoStatus(reason) => {
+                    debug!(
+                        head,
+                        reason, "virtio-blk chain without status; returned unused"
+                    );
+                    add_used(vring, head, 0);
+                    pending_signal = true;
+                }
+                Parsed::Rejected {
+                    status,
+                    code,
+                    reason,
+                } => {
+                    debug!(head, code, reason, "virtio-blk request rejected");
+                    write_status(&mem, status, code);
+                    add_used(vring, head, 1);
+                    pending_signal = true;
+                }
+                Parsed::Request(req) if request::is_blocking(&req.kind, fua) => {
+                    // Publish what is done first: `defer` may wait for earlier deferred requests.
+                    if std::mem::take(&mut pending_signal) {
+                        signal_if_needed(vring);
+                    }
+                    self.defer(ctl, vring, head, mem.clone(), req, fua, &target);
+                }
+                Parsed::Request(req) => {
+                    let outcome = request::execute(
+                        &req.kind,
+                        &mem,
+                        target.as_ref(),
+                        fua,
+                        &self.id,
+                        &mut bounce,
+                    );
+                    write_status(&mem, req.status, outcome.status);
+                    add_used(vring, head, used_len(&outcome));
+                    pending_signal = true;
+                    if let Some(delay) = outcome.throttle {
+                        // Backpressure: let the guest see what is done, then stop taking work
+                        // from this queue for a while.
+                        signal_if_needed(vring);
+                        pending_signal = false;
+                        std::thread::sleep(delay.min(MAX_THROTTLE));
+                    }
+                }
+            }
+        }
+        if pending_signal {
+            signal_if_needed(vring);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn defer(
+        &self,
+        ctl: &Arc<QueueCtl>,
+        vring: &VringRwLock,
+        head: u16,
+        mem: GuestMemoryLoadGuard<GuestMem>,
+        req: request::Request,
+        fua: bool,
+        target: &Arc<dyn BlockTarget>,
+    ) {
+        let mut deferred = Deferred {
+            vring: vring.clone(),
+            head,
+            status: req.status,
+            mem,
+            done: false,
+            _inflight: ctl.enter_deferred(),
+        };
+        let target = Arc::clone(target);
+        let id = self.id;
+        let kind: RequestKind = req.kind;
+        self.runtime.spawn_blocking(move || {
+            let mut bounce = Vec::new();
+            let outcome =
+                request::execute(&kind, &deferred.mem, target.as_ref(), fua, &id, &mut bounce);
+            deferred.complete(outcome);
+        });
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | (1 << VIRTIO_BLK_F_CONFIG_WCE);
+        if self.device().read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // REPLY_ACK is added by vhost-user-backend itself.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        // The handler has already disabled every vring; wait for work still running.
+        for queue in &self.queues {
+            queue.wait_idle();
+        }
+        self.acked_features.store(0, Ordering::Release);
+        self.event_idx.store(false, Ordering::Release);
+        self.writeback.store(true, Ordering::Release);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let start = offset as usize;
+        let end = start.saturating_add(buf.len());
+        if end > std::mem::size_of::<VirtioBlockConfig>() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write beyond the virtio-blk config space",
+            ));
+        }
+        // Only `writeback` is writable; writes to the other (read-only) fields are ignored.
+        if (start..end).contains(&WRITEBACK_OFFSET) {
+            let writeback = buf[WRITEBACK_OFFSET - start] != 0;
+            debug!(export = %self.name, writeback, "guest set the write cache mode");
+            self.writeback.store(writeback, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        *lock(&self.mem) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .and_then(|(consumer, notifier)| {
+                let ours = notifier.try_clone()?;
+                Ok((consumer, notifier, ours))
+            });
+        match pair {
+            Ok((consumer, notifier, ours)) => {
+                lock(&self.exit_notifiers).push(ours);
+                Some((consumer, notifier))
+            }
+            Err(e) => {
+                error!(thread = thread_index, error = %e, "cannot create a worker exit event");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(queue) = self.queues.get(queue_index as usize) {
+            queue.wait_idle();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per worker: the worker's only vring is local index 0, global `thread_id`.
+        // Never return an error: that would end the worker and with it the queue.
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => self.serve_queue(thread_id, vring),
+            None => warn!(device_event, "vhost-user event for an unknown vring"),
+        }
+        Ok(())
+    }
+}

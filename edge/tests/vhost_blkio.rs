@@ -1,0 +1,659 @@
+//! The vhost-user-blk server driven end to end by a real virtio-blk driver: libblkio's
+//! `virtio-blk-vhost-user` driver (pure Rust), in this process, over the export's UNIX socket.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
+use vstor_edge::testing::{MemRegistry, MemTarget, Op};
+use vstor_edge::vhost::{VhostConfig, VhostError, VhostServer};
+use vstor_edge::BlockTarget;
+
+const MIB: u64 = 1 << 20;
+const DEV_SIZE: u64 = 16 * MIB;
+
+struct Fixture {
+    server: VhostServer,
+    registry: Arc<MemRegistry>,
+    dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Fixture {
+    fn new(config: VhostConfig) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let registry = Arc::new(MemRegistry::new());
+        let dir = tempfile::tempdir().unwrap();
+        let server = VhostServer::new(
+            Arc::clone(&registry) as _,
+            dir.path().join("sockets"),
+            config,
+            rt.handle().clone(),
+        )
+        .unwrap();
+        Self {
+            server,
+            registry,
+            dir,
+            _rt: rt,
+        }
+    }
+
+    /// A server exporting one writable 16 MiB volume called `vol`.
+    fn with_volume() -> (Self, Arc<MemTarget>) {
+        let f = Self::new(VhostConfig::default());
+        let target = f.add("vol", MemTarget::new(DEV_SIZE));
+        (f, target)
+    }
+
+    fn add(&self, name: &str, target: MemTarget) -> Arc<MemTarget> {
+        let target = Arc::new(target);
+        self.registry
+            .insert(name, Arc::clone(&target) as Arc<dyn BlockTarget>);
+        let path = self.server.add_export(name).unwrap();
+        assert_eq!(path, self.server.socket_path(name));
+        target
+    }
+}
+
+/// Poll `cond` until it holds (state changes made by the server's export threads).
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A connected libblkio instance with one buffer region shared with the device.
+struct Client {
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+    blkio: Blkio,
+}
+
+fn try_connect(path: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+    try_connect_sized(path, num_queues, read_only, 256)
+}
+
+fn try_connect_sized(
+    path: &Path,
+    num_queues: i32,
+    read_only: bool,
+    queue_size: i32,
+) -> Result<Client, blkio::Error> {
+    let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+    blkio.set_str("path", path.to_str().unwrap())?;
+    if read_only {
+        blkio.set_bool("read-only", true)?;
+    }
+    blkio.connect()?;
+    blkio.set_i32("num-queues", num_queues)?;
+    blkio.set_i32("queue-size", queue_size)?;
+    let queues = blkio.start()?.queues;
+    let region = blkio.alloc_mem_region(8 * MIB as usize)?;
+    blkio.map_mem_region(&region)?;
+    Ok(Client {
+        queues,
+        region,
+        blkio,
+    })
+}
+
+fn connect(path: &Path, num_queues: i32) -> Client {
+    try_connect(path, num_queues, false).unwrap()
+}
+
+impl Client {
+    /// Buffer `[off, off + len)` of the shared region.
+    fn buf(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(off + len <= self.region.len);
+        (self.region.addr + off) as *mut u8
+    }
+
+    fn fill(&self, off: usize, data: &[u8]) {
+        // SAFETY: the range is inside our mapped region and no request uses it concurrently.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(off, data.len()), data.len())
+        }
+    }
+
+    fn contents(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        // SAFETY: as in `fill`.
+        unsafe { std::ptr::copy_nonoverlapping(self.buf(off, len), out.as_mut_ptr(), len) }
+        out
+    }
+
+    fn write(&mut self, offset: u64, buf_off: usize, len: usize) -> i32 {
+        let buf = self.buf(buf_off, len);
+        run_one(&mut self.queues[0], |q| {
+            q.write(offset, buf, len, 0, ReqFlags::empty())
+        })
+    }
+
+    fn read(&mut self, offset: u64, buf_off: usize, len: usize) -> i32 {
+        let buf = self.buf(buf_off, len);
+        run_one(&mut self.queues[0], |q| {
+            q.read(offset, buf, len, 0, ReqFlags::empty())
+        })
+    }
+
+    fn write_data(&mut self, offset: u64, data: &[u8]) {
+        self.fill(0, data);
+        assert_eq!(self.write(offset, 0, data.len()), 0, "write at {offset}");
+    }
+
+    fn read_data(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        assert_eq!(self.read(offset, 0, len), 0, "read at {offset}");
+        self.contents(0, len)
+    }
+}
+
+/// Submit one request on `q` and wait for its completion; returns its `ret` (0 or -errno).
+fn run_one(q: &mut Blkioq, submit: impl FnOnce(&mut Blkioq)) -> i32 {
+    submit(q);
+    let rets = wait_all(q, 1);
+    rets[0].1
+}
+
+/// Wait for `n` completions; returns (user_data, ret) sorted by user_data.
+fn wait_all(q: &mut Blkioq, n: usize) -> Vec<(usize, i32)> {
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..n).map(|_| MaybeUninit::uninit()).collect();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let got = q
+            .do_io(&mut completions[..n - out.len()], 1, None, None)
+            .unwrap();
+        for c in &completions[..got] {
+            // SAFETY: do_io initialised the first `got` entries.
+            let c = unsafe { c.assume_init_read() };
+            out.push((c.user_data, c.ret));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    // FNV-1a.
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn write_read_and_flush_on_one_queue() {
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    assert_eq!(c.blkio.get_u64("capacity").unwrap(), DEV_SIZE);
+    assert_eq!(c.blkio.get_i32("max-queues").unwrap(), 4);
+
+    let mut written = Vec::new();
+    for (i, (offset, len)) in [
+        (0u64, 4096usize),
+        (MIB + 512, 65536),
+        (DEV_SIZE - 8192, 8192),
+        (3 * MIB, 1 << 20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(i as u64 + 1, len);
+        c.write_data(offset, &data);
+        written.push((offset, data));
+    }
+    for (offset, data) in &written {
+        let back = c.read_data(*offset, data.len());
+        assert_eq!(checksum(&back), checksum(data), "read back at {offset}");
+        assert_eq!(target.contents(*offset, data.len()), *data);
+    }
+    // Never written: zeros.
+    assert_eq!(c.read_data(8 * MIB, 4096), vec![0; 4096]);
+
+    let before = target.flushes();
+    assert_eq!(
+        run_one(&mut c.queues[0], |q| q.flush(0, ReqFlags::empty())),
+        0
+    );
+    assert_eq!(target.flushes(), before + 1);
+    // FUA writes are emulated by libblkio as write + flush.
+    c.fill(0, &pattern(9, 4096));
+    let buf = c.buf(0, 4096);
+    assert_eq!(
+        run_one(&mut c.queues[0], |q| q.write(
+            0,
+            buf,
+            4096,
+            0,
+            ReqFlags::FUA
+        )),
+        0
+    );
+    assert_eq!(target.flushes(), before + 2);
+}
+
+#[test]
+fn several_queues_in_parallel() {
+    const QUEUES: usize = 4;
+    const PER_QUEUE: u64 = 2 * MIB;
+    const BLOCK: usize = 64 * 1024;
+    const DEPTH: usize = 8;
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), QUEUES as i32);
+    assert_eq!(c.queues.len(), QUEUES);
+    let base = c.region.addr;
+    let queues = std::mem::take(&mut c.queues);
+
+    std::thread::scope(|s| {
+        for (qi, mut q) in queues.into_iter().enumerate() {
+            s.spawn(move || {
+                // Each queue owns 2 MiB of the buffer region and of the device.
+                let buf = base + qi * PER_QUEUE as usize;
+                let dev = qi as u64 * PER_QUEUE;
+                let data = pattern(100 + qi as u64, PER_QUEUE as usize);
+                // SAFETY: this thread's own part of the mapped region.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf as *mut u8, data.len()) };
+                let blocks = PER_QUEUE as usize / BLOCK;
+                for batch in (0..blocks).collect::<Vec<_>>().chunks(DEPTH) {
+                    for &b in batch {
+                        let p = (buf + b * BLOCK) as *const u8;
+                        q.write(dev + (b * BLOCK) as u64, p, BLOCK, b, ReqFlags::empty());
+                    }
+                    for (b, ret) in wait_all(&mut q, batch.len()) {
+                        assert_eq!(ret, 0, "queue {qi} write of block {b}");
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { std::ptr::write_bytes(buf as *mut u8, 0, PER_QUEUE as usize) };
+                for batch in (0..blocks).collect::<Vec<_>>().chunks(DEPTH) {
+                    for &b in batch {
+                        let p = (buf + b * BLOCK) as *mut u8;
+                        q.read(dev + (b * BLOCK) as u64, p, BLOCK, b, ReqFlags::empty());
+                    }
+                    for (b, ret) in wait_all(&mut q, batch.len()) {
+                        assert_eq!(ret, 0, "queue {qi} read of block {b}");
+                    }
+                }
+                let mut back = vec![0u8; PER_QUEUE as usize];
+                // SAFETY: as above; all reads have completed.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(buf as *const u8, back.as_mut_ptr(), back.len())
+                };
+                assert_eq!(checksum(&back), checksum(&data), "queue {qi}");
+            });
+        }
+    });
+    for qi in 0..QUEUES as u64 {
+        let data = pattern(100 + qi, PER_QUEUE as usize);
+        assert_eq!(target.contents(qi * PER_QUEUE, PER_QUEUE as usize), data);
+    }
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_as_zeros() {
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    let data = pattern(5, 64 * 1024);
+    c.write_data(0, &data);
+    target.clear_ops();
+
+    assert_eq!(
+        run_one(&mut c.queues[0], |q| q.discard(
+            0,
+            8192,
+            0,
+            ReqFlags::empty()
+        )),
+        0
+    );
+    assert_eq!(
+        run_one(&mut c.queues[0], |q| q.write_zeroes(
+            8192,
+            8192,
+            0,
+            ReqFlags::empty()
+        )),
+        0
+    );
+    assert_eq!(
+        run_one(&mut c.queues[0], |q| q.write_zeroes(
+            16384,
+            4096,
+            0,
+            ReqFlags::NO_UNMAP
+        )),
+        0
+    );
+    assert_eq!(
+        target.ops(),
+        [
+            Op::Discard {
+                offset: 0,
+                len: 8192
+            },
+            Op::WriteZeroes {
+                offset: 8192,
+                len: 8192,
+                allocate: false,
+                fua: false
+            },
+            Op::WriteZeroes {
+                offset: 16384,
+                len: 4096,
+                allocate: true,
+                fua: false
+            },
+        ]
+    );
+    let back = c.read_data(0, data.len());
+    assert_eq!(back[..20480], vec![0; 20480]);
+    assert_eq!(back[20480..], data[20480..]);
+    assert_eq!(
+        target.allocation()[..6],
+        [false, false, false, false, true, true]
+    );
+}
+
+#[test]
+fn out_of_range_requests_fail_and_the_device_keeps_working() {
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    c.write_data(DEV_SIZE - 4096, &pattern(3, 4096));
+    target.clear_ops();
+
+    assert!(c.read(DEV_SIZE, 0, 4096) < 0, "read past the end");
+    assert!(c.read(DEV_SIZE - 512, 0, 1024) < 0, "read crossing the end");
+    assert!(
+        c.write(DEV_SIZE - 4096, 0, 8192) < 0,
+        "write crossing the end"
+    );
+    assert!(
+        run_one(&mut c.queues[0], |q| q.discard(
+            DEV_SIZE,
+            4096,
+            0,
+            ReqFlags::empty()
+        )) < 0,
+        "discard past the end"
+    );
+    assert_eq!(target.ops(), [], "rejected before reaching the target");
+
+    assert_eq!(c.read_data(DEV_SIZE - 4096, 4096), pattern(3, 4096));
+}
+
+#[test]
+fn read_only_volume() {
+    let f = Fixture::new(VhostConfig::default());
+    let target = MemTarget::new_read_only(DEV_SIZE);
+    target.preload(0, &pattern(8, 4096));
+    let target = f.add("ro", target);
+    let path = f.server.socket_path("ro");
+
+    // The device says VIRTIO_BLK_F_RO: libblkio refuses to start it read-write.
+    let err = try_connect(&path, 1, false)
+        .err()
+        .expect("read-write start must fail");
+    assert_eq!(err.errno(), Errno::ROFS);
+
+    let mut c = try_connect(&path, 1, true).unwrap();
+    assert_eq!(c.read_data(0, 4096), pattern(8, 4096));
+    assert!(c.write(0, 0, 4096) < 0);
+    assert!(!target.ops().iter().any(|op| matches!(op, Op::Write { .. })));
+}
+
+#[test]
+fn reconnect_sees_the_same_data() {
+    let (f, _target) = Fixture::with_volume();
+    let path = f.server.socket_path("vol");
+    assert!(!f.server.connected("vol"));
+
+    let mut c = connect(&path, 2);
+    wait_until("the first client is connected", || {
+        f.server.connected("vol")
+    });
+    let data = pattern(77, 128 * 1024);
+    c.write_data(4 * MIB, &data);
+    drop(c);
+    wait_until("the first client is gone", || !f.server.connected("vol"));
+
+    let mut c = connect(&path, 1);
+    wait_until("the second client is connected", || {
+        f.server.connected("vol")
+    });
+    assert_eq!(checksum(&c.read_data(4 * MIB, data.len())), checksum(&data));
+    drop(c);
+
+    // And a third time, with more queues than before.
+    let mut c = connect(&path, 4);
+    assert_eq!(c.read_data(4 * MIB, 4096), data[..4096]);
+}
+
+#[test]
+fn a_resized_volume_is_seen_by_the_next_connection() {
+    let (f, _target) = Fixture::with_volume();
+    let path = f.server.socket_path("vol");
+    let c = connect(&path, 1);
+    assert_eq!(c.blkio.get_u64("capacity").unwrap(), DEV_SIZE);
+    drop(c);
+    wait_until("the client is gone", || !f.server.connected("vol"));
+    f.registry.insert(
+        "vol",
+        Arc::new(MemTarget::new(2 * DEV_SIZE)) as Arc<dyn BlockTarget>,
+    );
+    let c = connect(&path, 1);
+    assert_eq!(c.blkio.get_u64("capacity").unwrap(), 2 * DEV_SIZE);
+}
+
+#[test]
+fn remove_export_disconnects_and_removes_the_socket() {
+    let (f, _target) = Fixture::with_volume();
+    let idle = f.add("idle", MemTarget::new(DEV_SIZE));
+    let path = f.server.socket_path("vol");
+    let idle_path = f.server.socket_path("idle");
+    assert!(path.exists() && idle_path.exists());
+
+    let mut c = connect(&path, 1);
+    c.write_data(0, &pattern(1, 4096));
+    wait_until("the client is connected", || f.server.connected("vol"));
+    f.server.remove_export("vol");
+    assert!(!f.server.connected("vol"));
+    assert!(!path.exists(), "socket file removed");
+    assert!(try_connect(&path, 1, false).is_err());
+
+    // An export nobody is connected to: its thread is blocked in accept.
+    f.server.remove_export("idle");
+    assert!(!idle_path.exists());
+    drop(idle);
+
+    // Removing again, or something unknown, is a no-op; adding back works.
+    f.server.remove_export("vol");
+    f.server.remove_export("nope");
+    f.server.add_export("vol").unwrap();
+    let mut c = connect(&path, 1);
+    assert_eq!(c.read_data(0, 4096), pattern(1, 4096));
+}
+
+#[test]
+fn remove_export_waits_for_requests_in_flight() {
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    wait_until("the client is connected", || f.server.connected("vol"));
+    let mut hold = target.hold_flushes();
+    c.queues[0].flush(7, ReqFlags::empty());
+    // Submit without waiting for the completion.
+    let mut none: [MaybeUninit<Completion>; 0] = [];
+    c.queues[0].do_io(&mut none, 0, None, None).unwrap();
+    f._rt.block_on(hold.flush_started());
+
+    let (tx, rx) = mpsc::channel();
+    let server = f.server.clone();
+    let remover = std::thread::spawn(move || {
+        server.remove_export("vol");
+        tx.send(()).unwrap();
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_millis(100)),
+        Err(mpsc::RecvTimeoutError::Timeout),
+        "remove_export returned while a flush was in flight"
+    );
+    hold.release();
+    rx.recv().unwrap();
+    remover.join().unwrap();
+    assert_eq!(target.flushes(), 1);
+    // The flush was completed to the (now disconnected) client before removal finished.
+    assert_eq!(wait_all(&mut c.queues[0], 1), [(7, 0)]);
+}
+
+#[test]
+fn requests_waiting_for_durability_are_bounded_per_queue() {
+    const FLUSHES: usize = 40;
+    const BOUND: usize = 32;
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    let mut hold = target.hold_flushes();
+    for i in 0..FLUSHES {
+        c.queues[0].flush(i, ReqFlags::empty());
+    }
+    let mut none: [MaybeUninit<Completion>; 0] = [];
+    c.queues[0].do_io(&mut none, 0, None, None).unwrap();
+    for _ in 0..BOUND {
+        f._rt.block_on(hold.flush_started());
+    }
+    let more = f._rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(100), hold.flush_started()).await
+    });
+    assert!(
+        more.is_err(),
+        "more than {BOUND} flushes of one queue reached the target"
+    );
+    hold.release();
+    let done = wait_all(&mut c.queues[0], FLUSHES);
+    assert_eq!(done, (0..FLUSHES).map(|i| (i, 0)).collect::<Vec<_>>());
+    assert_eq!(target.flushes(), FLUSHES as u64);
+}
+
+#[test]
+fn shutdown_stops_every_export() {
+    let (f, _target) = Fixture::with_volume();
+    f.add("other", MemTarget::new(DEV_SIZE));
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    c.write_data(0, &pattern(1, 4096));
+    f.server.shutdown();
+    assert!(!f.server.socket_path("vol").exists());
+    assert!(!f.server.socket_path("other").exists());
+    assert!(!f.server.connected("vol"));
+    assert!(matches!(
+        f.server.add_export("vol"),
+        Err(VhostError::ShuttingDown)
+    ));
+    f.server.shutdown();
+}
+
+#[test]
+fn add_export_validates_and_replaces_stale_sockets() {
+    let f = Fixture::new(VhostConfig {
+        num_queues: 2,
+        queue_size: 128,
+    });
+    assert!(matches!(
+        f.server.add_export("missing"),
+        Err(VhostError::UnknownExport(_))
+    ));
+    for bad in ["", ".", "..", "a/b"] {
+        assert!(
+            matches!(f.server.add_export(bad), Err(VhostError::InvalidName(_))),
+            "{bad:?}"
+        );
+    }
+    let long = "x".repeat(200);
+    f.registry.insert(
+        &long,
+        Arc::new(MemTarget::new(DEV_SIZE)) as Arc<dyn BlockTarget>,
+    );
+    assert!(matches!(
+        f.server.add_export(&long),
+        Err(VhostError::PathTooLong(_))
+    ));
+
+    // A socket file left behind by a dead process is replaced.
+    let path = f.server.socket_path("vol");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    f.add("vol", MemTarget::new(DEV_SIZE));
+    assert_eq!(f.server.add_export("vol").unwrap(), path, "idempotent");
+    // The frontend may not use queues larger than configured.
+    assert!(try_connect(&path, 1, false).is_err());
+    let mut c = try_connect_sized(&path, 2, false, 128).unwrap();
+    assert_eq!(c.blkio.get_i32("max-queues").unwrap(), 2);
+    c.write_data(0, &pattern(4, 4096));
+    assert_eq!(c.read_data(0, 4096), pattern(4, 4096));
+
+    // Anything else at the path is left alone.
+    f.registry.insert(
+        "file",
+        Arc::new(MemTarget::new(DEV_SIZE)) as Arc<dyn BlockTarget>,
+    );
+    std::fs::write(f.server.socket_path("file"), b"not a socket").unwrap();
+    assert!(matches!(
+        f.server.add_export("file"),
+        Err(VhostError::Listen { .. })
+    ));
+    assert!(f.dir.path().join("sockets/file.sock").is_file());
+}
+
+#[test]
+fn invalid_configs_are_refused() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for config in [
+        VhostConfig {
+            num_queues: 0,
+            queue_size: 256,
+        },
+        VhostConfig {
+            num_queues: 9,
+            queue_size: 256,
+        },
+        VhostConfig {
+            num_queues: 1,
+            queue_size: 100,
+        },
+        VhostConfig {
+            num_queues: 1,
+            queue_size: 2,
+        },
+    ] {
+        let err = VhostServer::new(
+            Arc::new(MemRegistry::new()),
+            dir.path().to_owned(),
+            config,
+            rt.handle().clone(),
+        )
+        .err()
+        .expect("invalid config accepted");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{config:?}");
+    }
+}
