@@ -35,8 +35,24 @@ enum Command {
     Serve(ServeArgs),
     /// Manage volumes through a running daemon's API.
     Volume(VolumeArgs),
+    /// Run a DTL (distributed transaction log) server that other nodes mirror writes to.
+    Dtl(DtlArgs),
     /// Benchmarks against peer servers.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct DtlArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    listen: String,
+    /// Where the per-volume logs are kept.
+    #[arg(long, default_value = "./vstor-dtl")]
+    data_dir: PathBuf,
+    /// Acknowledge entries only once they are on disk (fdatasync per batch) instead of once they
+    /// are written to the page cache.
+    #[arg(long)]
+    fsync: bool,
 }
 
 #[derive(Args)]
@@ -258,6 +274,18 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(server::serve(config))
         }
         Command::Volume(args) => run_volume(args),
+        Command::Dtl(args) => {
+            init_logging();
+            let listen: std::net::SocketAddr = args
+                .listen
+                .parse()
+                .with_context(|| format!("listen address {:?} is not IP:PORT", args.listen))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(server::serve_dtl(listen, args.data_dir, args.fsync))
+        }
         Command::Bench(BenchArgs {
             target:
                 BenchTarget::Nbd {

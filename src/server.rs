@@ -141,3 +141,38 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     }
     Ok(())
 }
+
+/// `vstor dtl`: a DTL server until SIGTERM or SIGINT.
+pub async fn serve_dtl(
+    listen: std::net::SocketAddr,
+    data_dir: std::path::PathBuf,
+    fsync: bool,
+) -> Result<()> {
+    let server = Arc::new(
+        vstor_dtl::DtlServer::new(&data_dir, vstor_dtl::DtlServerConfig { fsync }).with_context(
+            || format!("cannot open the DTL data directory {}", data_dir.display()),
+        )?,
+    );
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for the DTL on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let task = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener).await })
+    };
+    println!("vstor dtl ready: {addr}");
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+        result = task => {
+            result??;
+            anyhow::bail!("DTL server stopped unexpectedly");
+        }
+    }
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The volume side of the DTL: an async client over one TCP connection.
+//!
+//! Every call is one request and its reply (or reply stream), bounded by
+//! [`DtlClientConfig::request_timeout`]; connecting (TCP + `Hello`) is bounded by
+//! [`DtlClientConfig::connect_timeout`]. The defaults are Open vStorage's (1 s connect, 60 s
+//! request).
+//!
+//! *Why a failed call poisons the client:* after a timeout, a transport error, or a call whose
+//! future was dropped mid-way, a reply may still be in flight, and the next call would read it as
+//! its own. The client therefore marks itself broken at the start of every exchange and clears
+//! the mark only once the exchange completed; a broken client fails fast with
+//! [`DtlError::ConnectionBroken`] and the owner reconnects (and, in the engine, goes degraded).
+//! A server *refusal* (`Error` reply, e.g. a stale owner tag) leaves the connection usable.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::time::timeout;
+use tokio_util::codec::Framed;
+
+use crate::error::DtlError;
+use crate::protocol::{DtlCodec, Entry, Message, ScoRange, PROTOCOL_VERSION};
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct DtlClientConfig {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for DtlClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct DtlClient {
+    framed: Framed<TcpStream, DtlCodec>,
+    config: DtlClientConfig,
+    broken: bool,
+}
+
+impl DtlClient {
+    /// Connects with default timeouts and checks the protocol version.
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self> {
+        Self::connect_with(addr, DtlClientConfig::default()).await
+    }
+
+    pub async fn connect_with(addr: impl ToSocketAddrs, config: DtlClientConfig) -> Result<Self> {
+        let after = config.connect_timeout;
+        let handshake = async {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let mut framed = Framed::new(stream, DtlCodec::new());
+            framed
+                .send(Message::Hello {
+                    version: PROTOCOL_VERSION,
+                })
+                .await?;
+            match framed.next().await {
+                Some(Ok(Message::HelloOk { version })) if version == PROTOCOL_VERSION => Ok(framed),
+                Some(Ok(Message::HelloOk { version }))
+                | Some(Ok(Message::VersionMismatch {
+                    server: version, ..
+                })) => Err(DtlError::VersionMismatch {
+                    server: version,
+                    client: PROTOCOL_VERSION,
+                }),
+                Some(Ok(Message::Error { code, message })) => {
+                    Err(DtlError::Remote { code, message })
+                }
+                Some(Ok(other)) => Err(DtlError::UnexpectedMessage(format!(
+                    "{} in reply to Hello",
+                    other.name()
+                ))),
+                Some(Err(e)) => Err(e),
+                None => Err(DtlError::ConnectionClosed),
+            }
+        };
+        let framed = timeout(after, handshake)
+            .await
+            .map_err(|_| DtlError::Timeout {
+                during: "connecting to the DTL",
+                after,
+            })??;
+        Ok(Self {
+            framed,
+            config,
+            broken: false,
+        })
+    }
+
+    pub fn config(&self) -> &DtlClientConfig {
+        &self.config
+    }
+
+    /// False once a call failed in a way that leaves the connection out of step.
+    pub fn is_usable(&self) -> bool {
+        !self.broken
+    }
+
+    async fn send(&mut self, msg: Message, during: &'static str) -> Result<()> {
+        let after = self.config.request_timeout;
+        timeout(after, self.framed.send(msg))
+            .await
+            .map_err(|_| DtlError::Timeout { during, after })?
+    }
+
+    async fn recv(&mut self, during: &'static str) -> Result<Message> {
+        let after = self.config.request_timeout;
+        match timeout(after, self.framed.next())
+            .await
+            .map_err(|_| DtlError::Timeout { during, after })?
+        {
+            Some(r) => r,
+            None => Err(DtlError::ConnectionClosed),
+        }
+    }
+
+    /// One request, one reply. A server `Error` is returned as [`DtlError::Remote`].
+    async fn call(&mut self, msg: Message, during: &'static str) -> Result<Message> {
+        if self.broken {
+            return Err(DtlError::ConnectionBroken);
+        }
+        self.broken = true;
+        self.send(msg, during).await?;
+        let reply = self.recv(during).await?;
+        self.broken = false;
+        match reply {
+            Message::Error { code, message } => Err(DtlError::Remote { code, message }),
+            other => Ok(other),
+        }
+    }
+
+    async fn call_ok(&mut self, msg: Message, during: &'static str) -> Result<()> {
+        match self.call(msg, during).await? {
+            Message::Ok => Ok(()),
+            other => {
+                self.broken = true;
+                Err(DtlError::UnexpectedMessage(format!(
+                    "{} while {during}",
+                    other.name()
+                )))
+            }
+        }
+    }
+
+    /// Registers `namespace`, or takes it over with a newer `owner_tag`.
+    pub async fn register(
+        &mut self,
+        namespace: &str,
+        cluster_size: u32,
+        owner_tag: u64,
+    ) -> Result<()> {
+        let msg = Message::Register {
+            namespace: namespace.to_string(),
+            cluster_size,
+            owner_tag,
+        };
+        self.call_ok(msg, "registering").await
+    }
+
+    /// Forgets `namespace` and deletes its entries on the server.
+    pub async fn unregister(&mut self, namespace: &str, owner_tag: u64) -> Result<()> {
+        let msg = Message::Unregister {
+            namespace: namespace.to_string(),
+            owner_tag,
+        };
+        self.call_ok(msg, "unregistering").await
+    }
+
+    /// Appends a batch; all entries must belong to SCO `sco`. `Ok` means the server stored it.
+    pub async fn add_entries(
+        &mut self,
+        namespace: &str,
+        owner_tag: u64,
+        sco: u32,
+        entries: Vec<Entry>,
+    ) -> Result<()> {
+        let msg = Message::AddEntries {
+            namespace: namespace.to_string(),
+            owner_tag,
+            sco,
+            entries,
+        };
+        self.call_ok(msg, "adding entries").await
+    }
+
+    pub async fn flush(&mut self, namespace: &str) -> Result<()> {
+        let msg = Message::Flush {
+            namespace: namespace.to_string(),
+        };
+        self.call_ok(msg, "flushing").await
+    }
+
+    pub async fn sco_range(&mut self, namespace: &str) -> Result<ScoRange> {
+        let msg = Message::GetScoRange {
+            namespace: namespace.to_string(),
+        };
+        match self.call(msg, "getting the SCO range").await? {
+            Message::ScoRange(r) => Ok(r),
+            other => {
+                self.broken = true;
+                Err(DtlError::UnexpectedMessage(format!(
+                    "{} in reply to GetScoRange",
+                    other.name()
+                )))
+            }
+        }
+    }
+
+    /// All entries of SCOs `from_sco..=to_sco`, in append order. Each reply batch is bounded by
+    /// the request timeout, not the whole transfer.
+    pub async fn entries(
+        &mut self,
+        namespace: &str,
+        from_sco: u32,
+        to_sco: u32,
+    ) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        self.for_each_batch(namespace, from_sco, to_sco, |_, batch| {
+            out.extend(batch);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Streams the entries of SCOs `from_sco..=to_sco` batch by batch to `f(sco, entries)`
+    /// without holding them all in memory (replay). An error from `f` aborts the transfer and
+    /// leaves the client broken (the rest of the stream is still in flight).
+    pub async fn for_each_batch(
+        &mut self,
+        namespace: &str,
+        from_sco: u32,
+        to_sco: u32,
+        mut f: impl FnMut(u32, Vec<Entry>) -> Result<()>,
+    ) -> Result<()> {
+        if self.broken {
+            return Err(DtlError::ConnectionBroken);
+        }
+        self.broken = true;
+        let during = "getting entries";
+        self.send(
+            Message::GetEntries {
+                namespace: namespace.to_string(),
+                from_sco,
+                to_sco,
+            },
+            during,
+        )
+        .await?;
+        loop {
+            match self.recv(during).await? {
+                Message::Entries { sco, entries } => f(sco, entries)?,
+                Message::EntriesEnd => {
+                    self.broken = false;
+                    return Ok(());
+                }
+                Message::Error { code, message } => {
+                    self.broken = false;
+                    return Err(DtlError::Remote { code, message });
+                }
+                other => {
+                    return Err(DtlError::UnexpectedMessage(format!(
+                        "{} while {during}",
+                        other.name()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Trim: the server drops every entry of SCOs `<= sco`.
+    pub async fn remove_up_to(&mut self, namespace: &str, owner_tag: u64, sco: u32) -> Result<()> {
+        let msg = Message::RemoveUpTo {
+            namespace: namespace.to_string(),
+            owner_tag,
+            sco,
+        };
+        self.call_ok(msg, "trimming").await
+    }
+
+    pub async fn clear(&mut self, namespace: &str, owner_tag: u64) -> Result<()> {
+        let msg = Message::Clear {
+            namespace: namespace.to_string(),
+            owner_tag,
+        };
+        self.call_ok(msg, "clearing").await
+    }
+}

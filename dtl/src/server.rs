@@ -1,0 +1,287 @@
+//! The DTL daemon (`vstor dtl`): a tokio TCP server in front of a [`DtlStore`].
+//!
+//! One task per connection; each connection is a strict request → reply(ies) sequence processed
+//! in order, which is all a volume needs (it keeps one connection per volume and pipelining comes
+//! from batching entries, not from many requests in flight). The store is called directly from
+//! the connection task: a page-cache append is a few microseconds, and a hand-off to another
+//! thread would cost more than the work (see DESIGN.md, performance notes).
+//!
+//! A connection must start with `Hello`; a version mismatch is answered and the connection
+//! closed. A frame that fails to decode (bad magic, CRC, oversized, unknown kind, ...) gets a
+//! best-effort `Error` reply and the connection is closed: after a framing error the byte stream
+//! cannot be trusted to be aligned on frames any more. Nothing of a bad frame reaches the store,
+//! and other connections are unaffected.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::error::DtlError;
+use crate::protocol::{DtlCodec, Message, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
+use crate::store::DtlStore;
+use crate::Result;
+
+/// Largest `Entries` batch the server sends back (entries / bytes of data).
+const REPLY_MAX_ENTRIES: usize = 256;
+const REPLY_MAX_BYTES: usize = 8 << 20;
+
+#[derive(Clone, Debug, Default)]
+pub struct DtlServerConfig {
+    /// fdatasync every batch before acknowledging it (see the `store` module doc).
+    pub fsync: bool,
+}
+
+/// The DTL server. Cheap to share behind an `Arc`; `serve` may run on several listeners.
+pub struct DtlServer {
+    store: Arc<DtlStore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl DtlServer {
+    /// Opens (and recovers) the store in `data_dir`. Blocking: call before serving.
+    pub fn new(data_dir: impl Into<PathBuf>, config: DtlServerConfig) -> Result<Self> {
+        let store = DtlStore::open(data_dir, config.fsync)?;
+        Ok(Self {
+            store: Arc::new(store),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<DtlStore> {
+        &self.store
+    }
+
+    /// Accepts connections until [`shutdown`](Self::shutdown) is called.
+    pub async fn serve(&self, listener: TcpListener) -> Result<()> {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, fsync = self.store.fsync_enabled(), "DTL server listening");
+        }
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(()),
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let store = self.store.clone();
+                    let cancel = self.cancel.clone();
+                    self.tracker.spawn(async move {
+                        if let Err(e) = handle_connection(store, stream, peer, cancel).await {
+                            debug!(%peer, error = %e, "DTL connection ended");
+                        }
+                    });
+                }
+                // Per-connection accept errors (ECONNABORTED, EMFILE, ...) must not stop the
+                // server; EMFILE would spin, so yield to let connections finish.
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, ends every connection (between requests), waits for them, and syncs
+    /// the open segments.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Err(e) = self.store.sync_all() {
+            warn!(error = %e, "sync at shutdown failed");
+        }
+    }
+}
+
+fn error_reply(e: &DtlError) -> Message {
+    let mut message = e.to_string();
+    message.truncate(1024);
+    Message::Error {
+        code: e.code(),
+        message,
+    }
+}
+
+async fn handle_connection(
+    store: Arc<DtlStore>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) -> Result<()> {
+    stream.set_nodelay(true)?;
+    let mut framed = Framed::new(stream, DtlCodec::new());
+    let mut greeted = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            n = framed.next() => n,
+        };
+        let msg = match next {
+            None => return Ok(()),
+            Some(Ok(m)) => m,
+            Some(Err(DtlError::Io(e))) => return Err(e.into()),
+            Some(Err(e)) => {
+                warn!(%peer, error = %e, "malformed frame; closing connection");
+                let _ = framed.send(error_reply(&e)).await;
+                return Err(e);
+            }
+        };
+        if !greeted {
+            match msg {
+                Message::Hello { version } if version == PROTOCOL_VERSION => {
+                    framed
+                        .send(Message::HelloOk {
+                            version: PROTOCOL_VERSION,
+                        })
+                        .await?;
+                    greeted = true;
+                    continue;
+                }
+                Message::Hello { version } => {
+                    warn!(%peer, client = version, "protocol version mismatch");
+                    framed
+                        .send(Message::VersionMismatch {
+                            server: PROTOCOL_VERSION,
+                            client: version,
+                        })
+                        .await?;
+                    return Ok(());
+                }
+                other => {
+                    let e = DtlError::Invalid(format!("expected Hello, got {}", other.name()));
+                    let _ = framed.send(error_reply(&e)).await;
+                    return Err(e);
+                }
+            }
+        }
+        match msg {
+            Message::GetEntries {
+                namespace,
+                from_sco,
+                to_sco,
+            } => stream_entries(&store, &mut framed, &namespace, from_sco, to_sco).await?,
+            other => {
+                let reply = match handle_request(&store, other) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "request refused");
+                        error_reply(&e)
+                    }
+                };
+                framed.send(reply).await?;
+            }
+        }
+    }
+}
+
+fn handle_request(store: &DtlStore, msg: Message) -> Result<Message> {
+    Ok(match msg {
+        Message::Register {
+            namespace,
+            cluster_size,
+            owner_tag,
+        } => {
+            store.register(&namespace, cluster_size, owner_tag)?;
+            Message::Ok
+        }
+        Message::AddEntries {
+            namespace,
+            owner_tag,
+            sco,
+            entries,
+        } => {
+            store.add_entries(&namespace, owner_tag, sco, &entries)?;
+            Message::Ok
+        }
+        Message::Flush { namespace } => {
+            store.flush(&namespace)?;
+            Message::Ok
+        }
+        Message::GetScoRange { namespace } => Message::ScoRange(store.sco_range(&namespace)?),
+        Message::RemoveUpTo {
+            namespace,
+            owner_tag,
+            sco,
+        } => {
+            store.remove_up_to(&namespace, owner_tag, sco)?;
+            Message::Ok
+        }
+        Message::Clear {
+            namespace,
+            owner_tag,
+        } => {
+            store.clear(&namespace, owner_tag)?;
+            Message::Ok
+        }
+        Message::Unregister {
+            namespace,
+            owner_tag,
+        } => {
+            store.unregister(&namespace, owner_tag)?;
+            Message::Ok
+        }
+        other => {
+            return Err(DtlError::Invalid(format!(
+                "{} is not a request the server accepts here",
+                other.name()
+            )))
+        }
+    })
+}
+
+/// Streams `Entries` batches, then `EntriesEnd`; a failure part-way ends the stream with
+/// `Error` instead (the client must treat what it got as incomplete).
+async fn stream_entries(
+    store: &DtlStore,
+    framed: &mut Framed<TcpStream, DtlCodec>,
+    namespace: &str,
+    from: u32,
+    to: u32,
+) -> Result<()> {
+    let snapshots = match store.segments(namespace, from, to) {
+        Ok(s) => s,
+        Err(e) => return framed.send(error_reply(&e)).await,
+    };
+    for snap in snapshots {
+        let mut reader = match snap.open() {
+            Ok(Some(r)) => r,
+            Ok(None) => continue, // trimmed since the snapshot
+            Err(e) => return framed.send(error_reply(&e)).await,
+        };
+        let per_entry = snap.cluster_size() as usize + 20;
+        let max = REPLY_MAX_ENTRIES
+            .min(REPLY_MAX_BYTES / per_entry)
+            .min((MAX_FRAME_PAYLOAD - 64) / per_entry)
+            .max(1);
+        loop {
+            match reader.next_batch(max) {
+                Ok(batch) if batch.is_empty() => break,
+                Ok(entries) => {
+                    framed
+                        .send(Message::Entries {
+                            sco: snap.sco,
+                            entries,
+                        })
+                        .await?
+                }
+                Err(e) => {
+                    warn!(namespace, sco = snap.sco, error = %e, "reading entries failed");
+                    return framed.send(error_reply(&e)).await;
+                }
+            }
+        }
+    }
+    framed.send(Message::EntriesEnd).await?;
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! Server + client over 127.0.0.1:0.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Decoder, Framed};
+use vstor_dtl::{
+    DtlClient, DtlClientConfig, DtlCodec, DtlError, DtlServer, DtlServerConfig, Entry, ErrorCode,
+    Message, ScoRange, PROTOCOL_VERSION,
+};
+
+const CS: u32 = 4096;
+
+struct Running {
+    server: Arc<DtlServer>,
+    addr: SocketAddr,
+    task: JoinHandle<vstor_dtl::Result<()>>,
+}
+
+impl Running {
+    async fn start(dir: &Path, fsync: bool) -> Self {
+        let server = Arc::new(DtlServer::new(dir, DtlServerConfig { fsync }).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = server.clone();
+        let task = tokio::spawn(async move { s.serve(listener).await });
+        Running { server, addr, task }
+    }
+
+    async fn stop(self) {
+        self.server.shutdown().await;
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn batch(sco: u32, first_offset: u16, n: u16, seed: u8) -> Vec<Entry> {
+    (0..n)
+        .map(|i| {
+            let off = first_offset + i;
+            let data: Vec<u8> = (0..CS as usize)
+                .map(|j| (j as u8) ^ seed ^ (off as u8).wrapping_mul(31))
+                .collect();
+            Entry {
+                location: sco as u64 | (off as u64) << 32,
+                lba: (sco as u64 * 1_000 + off as u64) * 8,
+                data: Bytes::from(data),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn full_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+    let mut c = DtlClient::connect(srv.addr).await.unwrap();
+    c.register("vol", CS, 1).await.unwrap();
+
+    let mut expect = Vec::new();
+    for sco in 1..=3u32 {
+        for k in 0..3u16 {
+            // 300 entries per SCO: the server must split them into several reply batches.
+            let b = batch(sco, k * 100, 100, sco as u8 * 7 + k as u8);
+            c.add_entries("vol", 1, sco, b.clone()).await.unwrap();
+            expect.extend(b);
+        }
+    }
+    c.flush("vol").await.unwrap();
+    assert_eq!(
+        c.sco_range("vol").await.unwrap(),
+        ScoRange {
+            oldest: Some(1),
+            newest: Some(3)
+        }
+    );
+    let got = c.entries("vol", 0, u32::MAX).await.unwrap();
+    assert_eq!(got.len(), expect.len());
+    assert!(got == expect, "entries differ from what was added");
+    assert_eq!(
+        c.entries("vol", 2, 2).await.unwrap(),
+        expect[300..600].to_vec()
+    );
+    // Batches arrive tagged with their SCO and in order.
+    let mut seen = Vec::new();
+    c.for_each_batch("vol", 0, u32::MAX, |sco, b| {
+        assert!(b.iter().all(|e| e.sco() == sco));
+        seen.push((sco, b.len()));
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        seen.len() > 3,
+        "300 x 4 KiB per SCO should need several batches: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0));
+
+    c.remove_up_to("vol", 1, 2).await.unwrap();
+    assert_eq!(c.sco_range("vol").await.unwrap().oldest, Some(3));
+    assert_eq!(
+        c.entries("vol", 0, u32::MAX).await.unwrap(),
+        expect[600..].to_vec()
+    );
+
+    c.clear("vol", 1).await.unwrap();
+    assert_eq!(c.sco_range("vol").await.unwrap(), ScoRange::default());
+    assert!(c.entries("vol", 0, u32::MAX).await.unwrap().is_empty());
+
+    // Refusals come back with their code and leave the connection usable.
+    let e = c.sco_range("nope").await.unwrap_err();
+    assert_eq!(e.remote_code(), Some(ErrorCode::UnknownNamespace), "{e}");
+    let e = c.entries("nope", 0, 1).await.unwrap_err();
+    assert_eq!(e.remote_code(), Some(ErrorCode::UnknownNamespace), "{e}");
+    let e = c
+        .add_entries("vol", 1, 5, batch(4, 0, 1, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.remote_code(), Some(ErrorCode::Invalid), "{e}");
+    assert!(c.is_usable());
+
+    c.unregister("vol", 1).await.unwrap();
+    let e = c.flush("vol").await.unwrap_err();
+    assert_eq!(e.remote_code(), Some(ErrorCode::UnknownNamespace));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn stale_owner_tag_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+    let mut old = DtlClient::connect(srv.addr).await.unwrap();
+    old.register("vol", CS, 10).await.unwrap();
+    let first = batch(1, 0, 4, 1);
+    old.add_entries("vol", 10, 1, first.clone()).await.unwrap();
+
+    // The volume moves: the new owner registers with a newer tag and sees the old entries.
+    let mut new = DtlClient::connect(srv.addr).await.unwrap();
+    new.register("vol", CS, 11).await.unwrap();
+    assert_eq!(new.entries("vol", 0, u32::MAX).await.unwrap(), first);
+
+    for e in [
+        old.add_entries("vol", 10, 1, batch(1, 4, 1, 2))
+            .await
+            .unwrap_err(),
+        old.remove_up_to("vol", 10, 1).await.unwrap_err(),
+        old.clear("vol", 10).await.unwrap_err(),
+        old.register("vol", CS, 10).await.unwrap_err(),
+    ] {
+        assert_eq!(e.remote_code(), Some(ErrorCode::StaleOwnerTag), "{e}");
+    }
+    // Nothing the old owner sent landed.
+    assert_eq!(new.entries("vol", 0, u32::MAX).await.unwrap(), first);
+    new.add_entries("vol", 11, 2, batch(2, 0, 1, 3))
+        .await
+        .unwrap();
+    assert_eq!(new.sco_range("vol").await.unwrap().newest, Some(2));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn acknowledged_entries_survive_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), true).await;
+    let mut c = DtlClient::connect(srv.addr).await.unwrap();
+    c.register("a", CS, 3).await.unwrap();
+    c.register("b", CS, 1).await.unwrap();
+    let mut expect = Vec::new();
+    for sco in [4u32, 5, 9] {
+        let b = batch(sco, 0, 50, sco as u8);
+        c.add_entries("a", 3, sco, b.clone()).await.unwrap();
+        expect.extend(b);
+    }
+    c.remove_up_to("a", 3, 4).await.unwrap();
+    expect.drain(..50);
+    drop(c);
+    srv.stop().await;
+
+    let srv = Running::start(dir.path(), true).await;
+    let mut c = DtlClient::connect(srv.addr).await.unwrap();
+    assert_eq!(
+        c.sco_range("a").await.unwrap(),
+        ScoRange {
+            oldest: Some(5),
+            newest: Some(9)
+        }
+    );
+    assert_eq!(c.entries("a", 0, u32::MAX).await.unwrap(), expect);
+    assert_eq!(c.sco_range("b").await.unwrap(), ScoRange::default());
+    // The registration (owner tag) survived too: fencing still holds after the restart.
+    let e = c
+        .add_entries("a", 2, 9, batch(9, 50, 1, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.remote_code(), Some(ErrorCode::StaleOwnerTag));
+    c.add_entries("a", 3, 9, batch(9, 50, 1, 0)).await.unwrap();
+    srv.stop().await;
+}
+
+/// Reads until EOF (bounded so a broken server fails the test instead of hanging it).
+async fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("server should close the connection")
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn garbage_client_is_disconnected_others_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+    let mut good = DtlClient::connect(srv.addr).await.unwrap();
+    good.register("vol", CS, 1).await.unwrap();
+    let b = batch(1, 0, 8, 9);
+    good.add_entries("vol", 1, 1, b.clone()).await.unwrap();
+
+    // 1. Pure garbage before any Hello.
+    let mut bad = TcpStream::connect(srv.addr).await.unwrap();
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = read_to_eof(&mut bad).await;
+    let msg = DtlCodec::new()
+        .decode(&mut BytesMut::from(&reply[..]))
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            msg,
+            Message::Error {
+                code: ErrorCode::Corrupt,
+                ..
+            }
+        ),
+        "{msg:?}"
+    );
+
+    // 2. A proper handshake, then an AddEntries frame with one flipped payload byte.
+    let mut bad = TcpStream::connect(srv.addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut codec = DtlCodec::new();
+    tokio_util::codec::Encoder::encode(
+        &mut codec,
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+        },
+        &mut buf,
+    )
+    .unwrap();
+    let hello_len = buf.len();
+    tokio_util::codec::Encoder::encode(
+        &mut codec,
+        Message::AddEntries {
+            namespace: "vol".into(),
+            owner_tag: 1,
+            sco: 1,
+            entries: batch(1, 8, 1, 0),
+        },
+        &mut buf,
+    )
+    .unwrap();
+    let last = buf.len() - 1;
+    buf[last] ^= 1;
+    assert!(last > hello_len);
+    bad.write_all(&buf).await.unwrap();
+    let reply = read_to_eof(&mut bad).await;
+    let mut rb = BytesMut::from(&reply[..]);
+    assert_eq!(
+        codec.decode(&mut rb).unwrap(),
+        Some(Message::HelloOk {
+            version: PROTOCOL_VERSION
+        })
+    );
+    assert!(matches!(
+        codec.decode(&mut rb).unwrap(),
+        Some(Message::Error {
+            code: ErrorCode::Corrupt,
+            ..
+        })
+    ));
+
+    // 3. A frame header announcing more than 64 MiB.
+    let mut bad = TcpStream::connect(srv.addr).await.unwrap();
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&vstor_dtl::protocol::MAGIC.to_le_bytes());
+    hdr.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hdr.extend_from_slice(&11u16.to_le_bytes());
+    hdr.extend_from_slice(&(100u32 << 20).to_le_bytes());
+    hdr.extend_from_slice(&0u32.to_le_bytes());
+    bad.write_all(&hdr).await.unwrap();
+    let reply = read_to_eof(&mut bad).await;
+    let msg = DtlCodec::new()
+        .decode(&mut BytesMut::from(&reply[..]))
+        .unwrap()
+        .unwrap();
+    assert!(matches!(msg, Message::Error { .. }), "{msg:?}");
+
+    // 4. A request before Hello.
+    let mut bad = Framed::new(TcpStream::connect(srv.addr).await.unwrap(), DtlCodec::new());
+    bad.send(Message::Flush {
+        namespace: "vol".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        bad.next().await,
+        Some(Ok(Message::Error {
+            code: ErrorCode::Invalid,
+            ..
+        }))
+    ));
+    assert!(bad.next().await.is_none());
+
+    // The good client, connected all along, still works and the data is intact.
+    assert_eq!(good.entries("vol", 0, u32::MAX).await.unwrap(), b);
+    let b2 = batch(1, 8, 2, 4);
+    good.add_entries("vol", 1, 1, b2.clone()).await.unwrap();
+    assert_eq!(good.entries("vol", 1, 1).await.unwrap().len(), 10);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn version_mismatch_is_reported_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+
+    // A future client talking to this server.
+    let mut v2 = Framed::new(
+        TcpStream::connect(srv.addr).await.unwrap(),
+        DtlCodec::with_version(PROTOCOL_VERSION + 1),
+    );
+    v2.send(Message::Hello {
+        version: PROTOCOL_VERSION + 1,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        v2.next().await.unwrap().unwrap(),
+        Message::VersionMismatch {
+            server: PROTOCOL_VERSION,
+            client: PROTOCOL_VERSION + 1
+        }
+    );
+    assert!(v2.next().await.is_none(), "server closes after a mismatch");
+    srv.stop().await;
+
+    // This client talking to a future server.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut f = Framed::new(s, DtlCodec::with_version(PROTOCOL_VERSION + 1));
+        let hello = f.next().await.unwrap().unwrap();
+        assert_eq!(
+            hello,
+            Message::Hello {
+                version: PROTOCOL_VERSION
+            }
+        );
+        f.send(Message::VersionMismatch {
+            server: PROTOCOL_VERSION + 1,
+            client: PROTOCOL_VERSION,
+        })
+        .await
+        .unwrap();
+    });
+    let err = DtlClient::connect(addr).await.err().unwrap();
+    assert!(
+        matches!(err, DtlError::VersionMismatch { server, client } if server == PROTOCOL_VERSION + 1 && client == PROTOCOL_VERSION),
+        "{err}"
+    );
+    fake.await.unwrap();
+}
+
+#[tokio::test]
+async fn timeouts_are_reported_and_poison_the_client() {
+    // A server that accepts and completes the handshake, then never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let silent = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut f = Framed::new(s, DtlCodec::new());
+        let _ = f.next().await;
+        f.send(Message::HelloOk {
+            version: PROTOCOL_VERSION,
+        })
+        .await
+        .unwrap();
+        let _ = f.next().await; // the request, never answered
+        let _ = done_rx.await;
+    });
+    let config = DtlClientConfig {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_millis(100),
+    };
+    let mut c = DtlClient::connect_with(addr, config).await.unwrap();
+    let e = c.flush("vol").await.unwrap_err();
+    assert!(matches!(e, DtlError::Timeout { .. }), "{e}");
+    assert!(!c.is_usable());
+    assert!(matches!(
+        c.flush("vol").await.unwrap_err(),
+        DtlError::ConnectionBroken
+    ));
+    done_tx.send(()).unwrap();
+    silent.await.unwrap();
+
+    // Connect timeout: a listener that never accepts still completes TCP (backlog), but never
+    // answers Hello.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = DtlClientConfig {
+        connect_timeout: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(5),
+    };
+    let e = DtlClient::connect_with(addr, config).await.err().unwrap();
+    assert!(matches!(e, DtlError::Timeout { .. }), "{e}");
+    drop(listener);
+}
+
+#[tokio::test]
+async fn many_clients_many_namespaces_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+    let mut tasks = Vec::new();
+    for v in 0..8u8 {
+        let addr = srv.addr;
+        tasks.push(tokio::spawn(async move {
+            let ns = format!("vol{v}");
+            let mut c = DtlClient::connect(addr).await.unwrap();
+            c.register(&ns, CS, 1).await.unwrap();
+            let mut expect = Vec::new();
+            for sco in 1..=4u32 {
+                let b = batch(sco, 0, 16, v);
+                c.add_entries(&ns, 1, sco, b.clone()).await.unwrap();
+                expect.extend(b);
+            }
+            c.flush(&ns).await.unwrap();
+            assert_eq!(c.entries(&ns, 0, u32::MAX).await.unwrap(), expect);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    srv.stop().await;
+}

@@ -1,0 +1,90 @@
+//! `vstor dtl` as a process: entries acknowledged with `--fsync` survive `kill -9`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use common::VSTOR;
+use vstor_dtl::{DtlClient, Entry};
+
+fn start(dir: &std::path::Path, listen: &str) -> (Child, String) {
+    let mut child = Command::new(VSTOR)
+        .args(["dtl", "--fsync", "--listen", listen, "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vstor dtl");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let addr = line
+        .trim()
+        .strip_prefix("vstor dtl ready: ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+fn cluster(seed: u8) -> Bytes {
+    Bytes::from(
+        (0..4096u32)
+            .map(|i| (i as u8).wrapping_mul(13) ^ seed)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[tokio::test]
+async fn acknowledged_entries_survive_kill_9_of_the_dtl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start(tmp.path(), "127.0.0.1:0");
+    let mut client = DtlClient::connect(addr.as_str()).await.unwrap();
+    client.register("vol", 4096, 1).await.unwrap();
+    let batch = |sco: u32, seed: u8| -> Vec<Entry> {
+        (0..16u64)
+            .map(|i| Entry {
+                location: sco as u64 | (i << 32),
+                lba: (seed as u64 * 16 + i) * 8,
+                data: cluster(seed.wrapping_add(i as u8)),
+            })
+            .collect()
+    };
+    client.add_entries("vol", 1, 1, batch(1, 1)).await.unwrap();
+    client.add_entries("vol", 1, 2, batch(2, 2)).await.unwrap();
+    drop(client);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+
+    let (mut child, addr) = start(tmp.path(), "127.0.0.1:0");
+    let mut client = DtlClient::connect(addr.as_str()).await.unwrap();
+    let range = client.sco_range("vol").await.unwrap();
+    assert_eq!((range.oldest, range.newest), (Some(1), Some(2)));
+    let entries = client.entries("vol", 1, 2).await.unwrap();
+    let expected: Vec<Entry> = batch(1, 1).into_iter().chain(batch(2, 2)).collect();
+    assert_eq!(entries, expected);
+    // The old owner is fenced once a newer one registers.
+    client.register("vol", 4096, 2).await.unwrap();
+    let err = client
+        .add_entries("vol", 1, 3, batch(3, 3))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("owner"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let out = Command::new(VSTOR)
+        .args(["dtl", "--listen", "nowhere"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen address \"nowhere\" is not IP:PORT")
+    );
+}
