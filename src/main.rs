@@ -140,42 +140,30 @@ struct BenchArgs {
 #[derive(Subcommand)]
 enum BenchTarget {
     /// fio over NBD: vstor against qemu-nbd serving a raw file, interleaved in one run.
-    Nbd {
-        /// Size of the test volume and file.
-        #[arg(long, default_value = "1G")]
-        size: String,
-        /// Seconds per fio job.
-        #[arg(long, default_value_t = 10)]
-        runtime: u64,
-        /// Interleaved rounds per row (the median is reported).
-        #[arg(long, default_value_t = 1)]
-        rounds: u32,
-        /// Directory for the test data [default: a temporary directory under /var/tmp].
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Nbd(BenchOptions),
     /// A blkio load generator over vhost-user-blk: vstor against qemu-storage-daemon serving a
     /// raw file, interleaved in one run.
-    Vhost {
-        /// Size of the test volume and file.
-        #[arg(long, default_value = "1G")]
-        size: String,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 10)]
-        runtime: u64,
-        /// Interleaved rounds per row (the median is reported; use an even number).
-        #[arg(long, default_value_t = 2)]
-        rounds: u32,
-        /// Directory for the test data [default: a temporary directory under /var/tmp].
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Vhost(BenchOptions),
+}
+
+#[derive(Args)]
+struct BenchOptions {
+    /// Size of the test volume and file.
+    #[arg(long, default_value = "1G")]
+    size: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    runtime: u64,
+    /// Interleaved rounds per row; the median is reported (an even number cancels any advantage
+    /// of running first).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Directory for the test data [default: a temporary directory under /var/tmp].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn init_logging() {
@@ -286,45 +274,30 @@ fn run(cli: Cli) -> Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(server::serve_dtl(listen, args.data_dir, args.fsync))
         }
-        Command::Bench(BenchArgs {
-            target:
-                BenchTarget::Nbd {
-                    size,
-                    runtime,
-                    rounds,
-                    work_dir,
-                    json,
-                },
-        }) => {
-            let options = vstor_benches::nbd::NbdBenchOptions {
-                vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,
-                size: parse_size(&size)?,
-                runtime_secs: runtime,
-                rounds: rounds.max(1),
-                json,
-                work_dir,
-            };
-            vstor_benches::nbd::run(&options)
-        }
-        Command::Bench(BenchArgs {
-            target:
-                BenchTarget::Vhost {
-                    size,
-                    runtime,
-                    rounds,
-                    work_dir,
-                    json,
-                },
-        }) => {
-            let options = vstor_benches::vhost::VhostBenchOptions {
-                vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,
-                size: parse_size(&size)?,
-                runtime_secs: runtime,
-                rounds: rounds.max(1),
-                json,
-                work_dir,
-            };
-            vstor_benches::vhost::run(&options)
+        Command::Bench(BenchArgs { target }) => {
+            let vstor_bin = std::env::current_exe().context("cannot locate the vstor binary")?;
+            match target {
+                BenchTarget::Nbd(o) => {
+                    vstor_benches::nbd::run(&vstor_benches::nbd::NbdBenchOptions {
+                        vstor_bin,
+                        size: parse_size(&o.size)?,
+                        runtime_secs: o.runtime,
+                        rounds: o.rounds.max(1),
+                        json: o.json,
+                        work_dir: o.work_dir,
+                    })
+                }
+                BenchTarget::Vhost(o) => {
+                    vstor_benches::vhost::run(&vstor_benches::vhost::VhostBenchOptions {
+                        vstor_bin,
+                        size: parse_size(&o.size)?,
+                        runtime_secs: o.runtime,
+                        rounds: o.rounds.max(1),
+                        json: o.json,
+                        work_dir: o.work_dir,
+                    })
+                }
+            }
         }
     }
 }

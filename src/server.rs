@@ -113,17 +113,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     tracing::info!(dir = %config.vhost_dir.display(), "vhost-user-blk sockets");
     tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %config.data_dir.display(), "vstor serving");
 
-    let mut terminate =
-        signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
-        result = nbd_task => {
-            result??;
-            anyhow::bail!("NBD server stopped unexpectedly");
-        }
-    }
+    until_stop_signal(nbd_task, "NBD server").await?;
 
     nbd.shutdown().await;
     api_stop.notify_one();
@@ -162,6 +152,20 @@ pub async fn serve_dtl(
         tokio::spawn(async move { server.serve(listener).await })
     };
     println!("vstor dtl ready: {addr}");
+    until_stop_signal(task, "DTL server").await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Wait for SIGTERM or SIGINT. The server task ending first (with an error or not) is an error:
+/// a daemon that silently stopped serving must not look like a clean stop.
+async fn until_stop_signal<E>(
+    task: tokio::task::JoinHandle<std::result::Result<(), E>>,
+    what: &str,
+) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     let mut terminate =
         signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
@@ -170,9 +174,8 @@ pub async fn serve_dtl(
         _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
         result = task => {
             result??;
-            anyhow::bail!("DTL server stopped unexpectedly");
+            anyhow::bail!("{what} stopped unexpectedly");
         }
     }
-    server.shutdown().await;
     Ok(())
 }
