@@ -275,29 +275,19 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(server::serve_dtl(listen, args.data_dir, args.fsync))
         }
         Command::Bench(BenchArgs { target }) => {
-            let vstor_bin = std::env::current_exe().context("cannot locate the vstor binary")?;
-            match target {
-                BenchTarget::Nbd(o) => {
-                    vstor_benches::nbd::run(&vstor_benches::nbd::NbdBenchOptions {
-                        vstor_bin,
-                        size: parse_size(&o.size)?,
-                        runtime_secs: o.runtime,
-                        rounds: o.rounds.max(1),
-                        json: o.json,
-                        work_dir: o.work_dir,
-                    })
-                }
-                BenchTarget::Vhost(o) => {
-                    vstor_benches::vhost::run(&vstor_benches::vhost::VhostBenchOptions {
-                        vstor_bin,
-                        size: parse_size(&o.size)?,
-                        runtime_secs: o.runtime,
-                        rounds: o.rounds.max(1),
-                        json: o.json,
-                        work_dir: o.work_dir,
-                    })
-                }
-            }
+            let (run, o): (fn(&vstor_benches::BenchOptions) -> Result<()>, BenchOptions) =
+                match target {
+                    BenchTarget::Nbd(o) => (vstor_benches::nbd::run, o),
+                    BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
+                };
+            run(&vstor_benches::BenchOptions {
+                vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,
+                size: parse_size(&o.size)?,
+                runtime_secs: o.runtime,
+                rounds: o.rounds.max(1),
+                json: o.json,
+                work_dir: o.work_dir,
+            })
         }
     }
 }

@@ -10,7 +10,8 @@ mod common;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use vstor_benches::nbd::{run, NbdBenchOptions};
+use vstor_benches::nbd::run;
+use vstor_benches::BenchOptions;
 
 const USAGE: &str = "usage: nbd [--vstor-bin PATH] [--size SIZE] [--runtime SECS] [--rounds N] [--work-dir DIR] [--json]
   SIZE takes a K, M, G or T suffix (powers of 1024); defaults: target/release/vstor, 1G, 10 s, 1 round, /var/tmp";
@@ -26,12 +27,12 @@ fn main() -> ExitCode {
 }
 
 /// `None` when only the usage was asked for.
-fn parse_args() -> Result<Option<NbdBenchOptions>> {
+fn parse_args() -> Result<Option<BenchOptions>> {
     let Some(args) = common::parse(USAGE, &[])? else {
         return Ok(None);
     };
-    let defaults = NbdBenchOptions::default();
-    Ok(Some(NbdBenchOptions {
+    let defaults = BenchOptions::default();
+    Ok(Some(BenchOptions {
         vstor_bin: args.vstor_bin.unwrap_or(defaults.vstor_bin),
         size: args.size.unwrap_or(defaults.size),
         runtime_secs: args.runtime_secs.unwrap_or(defaults.runtime_secs),

@@ -11,7 +11,8 @@ mod common;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use vstor_benches::vhost::{run, run_calibration, VhostBenchOptions};
+use vstor_benches::vhost::{run, run_calibration};
+use vstor_benches::BenchOptions;
 
 const USAGE: &str = "usage: vhost [--vstor-bin PATH] [--size SIZE] [--runtime SECS] [--rounds N] [--work-dir DIR] [--json] [--calibrate]
   SIZE takes a K, M, G or T suffix (powers of 1024); defaults: target/release/vstor, 1G, 10 s, 1 round, /var/tmp
@@ -33,14 +34,14 @@ fn main() -> ExitCode {
 }
 
 /// The options and whether to calibrate; `None` when only the usage was asked for.
-fn parse_args() -> Result<Option<(VhostBenchOptions, bool)>> {
+fn parse_args() -> Result<Option<(BenchOptions, bool)>> {
     let Some(args) = common::parse(USAGE, &["--calibrate"])? else {
         return Ok(None);
     };
-    let defaults = VhostBenchOptions::default();
+    let defaults = BenchOptions::default();
     let calibrate = args.switches.iter().any(|s| s == "--calibrate");
     Ok(Some((
-        VhostBenchOptions {
+        BenchOptions {
             vstor_bin: args.vstor_bin.unwrap_or(defaults.vstor_bin),
             size: args.size.unwrap_or(defaults.size),
             runtime_secs: args.runtime_secs.unwrap_or(defaults.runtime_secs),

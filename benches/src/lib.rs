@@ -13,3 +13,38 @@
 mod common;
 pub mod nbd;
 pub mod vhost;
+
+use std::path::PathBuf;
+
+/// Settings of one benchmark run, the same for every benchmark here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// The `vstor` binary to benchmark; a release build gives meaningful numbers.
+    pub vstor_bin: PathBuf,
+    /// Size of the vstor volume and of the peer's raw file, in bytes; a multiple of 1 MiB.
+    pub size: u64,
+    /// Measured seconds per row and server, after a 1 s warmup.
+    pub runtime_secs: u64,
+    /// How many times each row runs on each server; figures are medians over the rounds.
+    pub rounds: u32,
+    /// Print one JSON document instead of a table.
+    pub json: bool,
+    /// Directory under which a fresh work directory is made (and removed afterwards);
+    /// `/var/tmp` when `None`, to stay off a RAM-backed `/tmp`.
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for BenchOptions {
+    /// 1 GiB, 10 s per row, one round. `vstor_bin` is the running executable when that is
+    /// `vstor` itself (the `vstor bench ...` case), else `target/release/vstor`.
+    fn default() -> Self {
+        Self {
+            vstor_bin: common::setup::default_vstor_bin(),
+            size: common::setup::GIB,
+            runtime_secs: 10,
+            rounds: 1,
+            json: false,
+            work_dir: None,
+        }
+    }
+}

@@ -26,7 +26,7 @@ mod fio;
 mod report;
 mod targets;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -34,49 +34,17 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::common::process::InterruptGuard;
-use crate::common::setup::{self, GIB, MIB};
+use crate::common::setup::{self, MIB};
 use crate::common::vstor::{rss_bytes, Vstor};
+use crate::BenchOptions;
 use fio::{Direction, Sample, JOBS, RAMP_SECS};
 use report::{Memory, Report, Row};
 use targets::QemuNbd;
 
 const EXPORT: &str = "bench";
 
-/// Settings of one `vstor bench nbd` run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdBenchOptions {
-    /// The `vstor` binary to benchmark; a release build gives meaningful numbers.
-    pub vstor_bin: PathBuf,
-    /// Size of the vstor volume and of qemu-nbd's raw file, in bytes; a multiple of 1 MiB.
-    pub size: u64,
-    /// Measured seconds per fio job, after a 1 s ramp.
-    pub runtime_secs: u64,
-    /// How many times each row runs on each server; figures are medians over the rounds.
-    pub rounds: u32,
-    /// Print one JSON document instead of a table.
-    pub json: bool,
-    /// Directory under which a fresh work directory is made (and removed afterwards);
-    /// `/var/tmp` when `None`, to stay off a RAM-backed `/tmp`.
-    pub work_dir: Option<PathBuf>,
-}
-
-impl Default for NbdBenchOptions {
-    /// 1 GiB, 10 s per job, one round. `vstor_bin` is the running executable when that is
-    /// `vstor` itself (the `vstor bench nbd` case), else `target/release/vstor`.
-    fn default() -> Self {
-        Self {
-            vstor_bin: setup::default_vstor_bin(),
-            size: GIB,
-            runtime_secs: 10,
-            rounds: 1,
-            json: false,
-            work_dir: None,
-        }
-    }
-}
-
 /// Runs the benchmark and prints the report (table or JSON) to stdout. Progress goes to stderr.
-pub fn run(options: &NbdBenchOptions) -> Result<()> {
+pub fn run(options: &BenchOptions) -> Result<()> {
     let report = measure(options)?;
     if options.json {
         println!("{}", report::to_json(&report)?);
@@ -86,7 +54,7 @@ pub fn run(options: &NbdBenchOptions) -> Result<()> {
     Ok(())
 }
 
-fn measure(options: &NbdBenchOptions) -> Result<Report> {
+fn measure(options: &BenchOptions) -> Result<Report> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
     let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
     let fio_version = setup::tool_version("fio", "fio", "nbd")?;

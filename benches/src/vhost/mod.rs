@@ -31,14 +31,15 @@ mod load;
 mod report;
 mod targets;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
 use crate::common::process::InterruptGuard;
-use crate::common::setup::{self, GIB, MIB};
+use crate::common::setup::{self, MIB};
 use crate::common::vstor::Vstor;
+use crate::BenchOptions;
 use load::{Op, Workload};
 use report::{PrefillSpeeds, Report, Row, Sample, TARGET_RATIO};
 use targets::{QemuStorageDaemon, VSTOR_SOCKET_TIMEOUT};
@@ -49,40 +50,6 @@ const WARMUP_SECS: u64 = 1;
 const CLIENT: &str = "libblkio 0.5 virtio-blk-vhost-user";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
-
-/// Settings of one `vstor bench vhost` run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VhostBenchOptions {
-    /// The `vstor` binary to benchmark; a release build gives meaningful numbers.
-    pub vstor_bin: PathBuf,
-    /// Size of the vstor volume and of qemu-storage-daemon's raw file, in bytes; a multiple of
-    /// 1 MiB.
-    pub size: u64,
-    /// Measured seconds per row and server, after a 1 s warmup.
-    pub runtime_secs: u64,
-    /// How many times each row runs on each server; figures are medians over the rounds.
-    pub rounds: u32,
-    /// Print one JSON document instead of a table.
-    pub json: bool,
-    /// Directory under which a fresh work directory is made (and removed afterwards);
-    /// `/var/tmp` when `None`, to stay off a RAM-backed `/tmp`.
-    pub work_dir: Option<PathBuf>,
-}
-
-impl Default for VhostBenchOptions {
-    /// 1 GiB, 10 s per row, one round. `vstor_bin` is the running executable when that is
-    /// `vstor` itself (the `vstor bench vhost` case), else `target/release/vstor`.
-    fn default() -> Self {
-        Self {
-            vstor_bin: setup::default_vstor_bin(),
-            size: GIB,
-            runtime_secs: 10,
-            rounds: 1,
-            json: false,
-            work_dir: None,
-        }
-    }
-}
 
 /// One row of the benchmark.
 #[derive(Debug, Clone, Copy)]
@@ -124,14 +91,14 @@ pub(crate) const JOBS: [Job; 8] = [
 ];
 
 /// Runs the benchmark and prints the report (table or JSON) to stdout. Progress goes to stderr.
-pub fn run(options: &VhostBenchOptions) -> Result<()> {
+pub fn run(options: &BenchOptions) -> Result<()> {
     print(&measure(options, false)?, options.json)
 }
 
 /// Runs the benchmark with a second `qemu-storage-daemon` where vstor would be (`vstor_bin` is
 /// not used): both columns then measure the same server, and the distance of the ratios from
 /// 1.0 is the noise of the harness on this machine.
-pub fn run_calibration(options: &VhostBenchOptions) -> Result<()> {
+pub fn run_calibration(options: &BenchOptions) -> Result<()> {
     print(&measure(options, true)?, options.json)
 }
 
@@ -166,7 +133,7 @@ impl Subject {
     }
 }
 
-fn measure(options: &VhostBenchOptions, calibration: bool) -> Result<Report> {
+fn measure(options: &BenchOptions, calibration: bool) -> Result<Report> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
     let vstor_bin = if calibration {
         None
