@@ -4,11 +4,15 @@
 //! |--------|------------------------------|----------------------------------------|
 //! | GET    | /v1/health                   |                                        |
 //! | GET    | /v1/volumes                  |                                        |
-//! | POST   | /v1/volumes                  | `{name, size, sco_size?, write_buffer?}` |
+//! | POST   | /v1/volumes                  | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?}` |
 //! | GET    | /v1/volumes/{name}           |                                        |
 //! | POST   | /v1/volumes/{name}/resize    | `{size}`                               |
-//! | PATCH  | /v1/volumes/{name}           | `{read_only?}`                         |
+//! | PATCH  | /v1/volumes/{name}           | `{read_only?, dtl_mode?, dtl?}`        |
+//! | POST   | /v1/volumes/{name}/adopt     |                                        |
 //! | DELETE | /v1/volumes/{name}           |                                        |
+//!
+//! `dtl_mode` is `sync`, `async` or `none`; `dtl` a DTL server's `host:port`. Without them a new
+//! volume uses the node's default (`vstor serve --dtl`: mode `sync`, or the configured mode).
 //!
 //! Sizes are bytes. Errors come back as `{"error": "..."}` with 400 (bad request), 404 (no such
 //! volume), 409 (exists), 503 (halted) or 500.
@@ -26,7 +30,7 @@ use serde_json::{json, Value};
 use vstor_edge::nbd::NbdServer;
 use vstor_edge::vhost::VhostServer;
 use vstor_volumedriver::config::USER_SCO_SIZE_RANGE;
-use vstor_volumedriver::{VolumeError, VolumeInfo, VolumeManager, VolumeOptions};
+use vstor_volumedriver::{DtlMode, VolumeError, VolumeInfo, VolumeManager, VolumeOptions};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -36,6 +40,8 @@ pub struct ApiState {
     pub vhost: VhostServer,
     pub default_sco_size: u64,
     pub default_write_buffer: u64,
+    /// Mode and address of the DTL new volumes use unless told otherwise.
+    pub default_dtl: Option<(DtlMode, String)>,
 }
 
 pub struct ApiError(StatusCode, String);
@@ -54,7 +60,10 @@ impl From<VolumeError> for ApiError {
             VolumeError::InvalidName { .. } | VolumeError::InvalidConfig { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            VolumeError::Halted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            VolumeError::Halted { .. } | VolumeError::Adopted { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            VolumeError::Dtl { .. } => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, err.to_string())
@@ -102,6 +111,8 @@ pub struct CreateRequest {
     pub size: u64,
     pub sco_size: Option<u64>,
     pub write_buffer: Option<u64>,
+    pub dtl_mode: Option<String>,
+    pub dtl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +125,12 @@ pub struct ResizeRequest {
 #[serde(deny_unknown_fields)]
 pub struct UpdateRequest {
     pub read_only: Option<bool>,
+    pub dtl_mode: Option<String>,
+    pub dtl: Option<String>,
+}
+
+fn parse_dtl_mode(mode: &str) -> Result<DtlMode, ApiError> {
+    mode.parse().map_err(bad_request)
 }
 
 async fn health() -> Json<Value> {
@@ -148,10 +165,20 @@ async fn create(
             request.name
         )));
     }
+    let default_dtl = state.default_dtl.clone();
+    let dtl_mode = match (&request.dtl_mode, &request.dtl, &default_dtl) {
+        (Some(mode), _, _) => parse_dtl_mode(mode)?,
+        (None, Some(_), Some((mode, _))) => *mode,
+        (None, Some(_), None) => DtlMode::Sync,
+        (None, None, Some((mode, _))) => *mode,
+        (None, None, None) => DtlMode::None,
+    };
     let options = VolumeOptions {
         size: request.size,
         sco_size,
         write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
+        dtl_mode,
+        dtl_addr: request.dtl.clone().or(default_dtl.map(|(_, addr)| addr)),
     };
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
@@ -195,7 +222,41 @@ async fn update(
         let target = volume.clone();
         blocking(move || target.set_read_only(read_only)).await?;
     }
+    if request.dtl_mode.is_some() || request.dtl.is_some() {
+        let current = volume.config();
+        let mode = match &request.dtl_mode {
+            Some(mode) => parse_dtl_mode(mode)?,
+            None if current.dtl_mode == DtlMode::None => DtlMode::Sync,
+            None => current.dtl_mode,
+        };
+        let addr = request
+            .dtl
+            .or(current.dtl_addr)
+            .or(state.default_dtl.clone().map(|(_, addr)| addr));
+        let target = volume.clone();
+        blocking(move || target.set_dtl(mode, addr)).await?;
+    }
     Ok(Json(view(&state, volume.info())))
+}
+
+async fn adopt(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let manager = state.manager.clone();
+    let vhost = state.vhost.clone();
+    let (volume, summary) = blocking(move || {
+        let adopted = manager.adopt(&name)?;
+        if let Err(e) = vhost.add_export(&name) {
+            tracing::error!(volume = %name, error = %e, "cannot export the volume over vhost-user");
+        }
+        Ok(adopted)
+    })
+    .await?;
+    let mut value = view(&state, volume.info());
+    value["dtl_entries_held"] = json!(summary.held);
+    value["dtl_entries_replayed"] = json!(summary.applied);
+    Ok(Json(value))
 }
 
 async fn delete(
@@ -226,5 +287,6 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{name}", get(info).patch(update).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
+        .route("/v1/volumes/{name}/adopt", post(adopt))
         .with_state(state)
 }

@@ -125,7 +125,7 @@ pub fn print_list(volumes: &Value) {
 }
 
 pub fn print_info(volume: &Value) {
-    let rows: [(&str, String); 22] = [
+    let rows: [(&str, String); 23] = [
         ("name", text(volume, "name")),
         ("state", text(volume, "state")),
         ("halted reason", text(volume, "halted_reason")),
@@ -139,6 +139,17 @@ pub fn print_info(volume: &Value) {
         ("upload queue", text(volume, "upload_queue")),
         ("TLogs on backend", text(volume, "tlogs_on_backend")),
         ("throttling", text(volume, "throttling")),
+        (
+            "DTL",
+            format!(
+                "{} {} ({}, backlog {}, last error: {})",
+                text(volume, "dtl_mode"),
+                text(volume, "dtl_addr"),
+                text(volume, "dtl_state"),
+                size_of(volume, "dtl_backlog_bytes"),
+                text(volume, "dtl_last_error")
+            ),
+        ),
         (
             "throttled writes",
             format!(

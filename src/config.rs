@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::size::parse_size;
+use vstor_volumedriver::DtlMode;
 
 pub const DEFAULT_API: &str = "127.0.0.1:7800";
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
@@ -24,6 +25,8 @@ pub struct FileConfig {
     pub nbd: String,
     /// Directory of vhost-user-blk sockets; empty means `<data_dir>/vhost`.
     pub vhost_dir: Option<PathBuf>,
+    /// DTL server (`host:port`) new volumes mirror their writes to; empty means none.
+    pub dtl: String,
     pub write_buffer_limit: String,
     pub shutdown_upload_timeout_secs: u64,
     pub default_volume: DefaultVolume,
@@ -61,6 +64,8 @@ pub struct DefaultVolume {
 pub struct VolumeDefaults {
     pub sco_size: String,
     pub write_buffer: String,
+    /// DTL mode of new volumes when a DTL is configured: sync or async.
+    pub dtl_mode: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -78,6 +83,7 @@ impl Default for FileConfig {
             api: DEFAULT_API.into(),
             nbd: DEFAULT_NBD.into(),
             vhost_dir: None,
+            dtl: String::new(),
             write_buffer_limit: "8G".into(),
             shutdown_upload_timeout_secs: 120,
             default_volume: DefaultVolume::default(),
@@ -103,6 +109,7 @@ impl Default for VolumeDefaults {
         Self {
             sco_size: "64M".into(),
             write_buffer: "1G".into(),
+            dtl_mode: "sync".into(),
         }
     }
 }
@@ -133,6 +140,8 @@ pub struct ServeConfig {
     pub write_buffer: u64,
     pub nbd_max_payload: u32,
     pub nbd_max_inflight: usize,
+    /// DTL of new volumes: `None` means mode `none`.
+    pub dtl: Option<(DtlMode, String)>,
 }
 
 /// Flags of `vstor serve` that override the file.
@@ -143,6 +152,7 @@ pub struct Overrides {
     pub api: Option<String>,
     pub nbd: Option<String>,
     pub vhost_dir: Option<PathBuf>,
+    pub dtl: Option<String>,
     pub write_buffer_limit: Option<String>,
     pub no_default_volume: bool,
 }
@@ -180,6 +190,9 @@ impl FileConfig {
         if let Some(dir) = overrides.vhost_dir {
             self.vhost_dir = Some(dir);
         }
+        if let Some(dtl) = overrides.dtl {
+            self.dtl = dtl;
+        }
         if let Some(limit) = overrides.write_buffer_limit {
             self.write_buffer_limit = limit;
         }
@@ -199,6 +212,23 @@ impl FileConfig {
         if self.nbd_server.max_inflight_per_connection == 0 {
             bail!("nbd_server.max_inflight_per_connection must be at least 1");
         }
+        let dtl_mode: DtlMode = self
+            .volume_defaults
+            .dtl_mode
+            .parse()
+            .map_err(|e| anyhow::anyhow!("setting volume_defaults.dtl_mode: {e}"))?;
+        if dtl_mode == DtlMode::None {
+            bail!("volume_defaults.dtl_mode must be sync or async (leave `dtl` empty for no DTL)");
+        }
+        let dtl = match self.dtl.trim() {
+            "" => None,
+            addr => {
+                if !addr.contains(':') {
+                    bail!("DTL address {addr:?} is not HOST:PORT");
+                }
+                Some((dtl_mode, addr.to_string()))
+            }
+        };
         let default_volume = if self.default_volume.create {
             Some((
                 self.default_volume.name.clone(),
@@ -230,6 +260,7 @@ impl FileConfig {
             )?,
             nbd_max_payload: max_payload as u32,
             nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
+            dtl,
             data_dir: self.data_dir,
         })
     }

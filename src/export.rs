@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vstor_edge::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};
+use vstor_edge::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
 use vstor_volumedriver::{Volume, VolumeError, VolumeManager, WriteOutcome};
 
 pub struct VolumeExport(pub Arc<Volume>);
@@ -22,6 +22,7 @@ fn target_error(err: VolumeError) -> TargetError {
 fn ack(outcome: WriteOutcome) -> WriteAck {
     WriteAck {
         throttle: outcome.throttle,
+        pending: None,
     }
 }
 
@@ -39,10 +40,17 @@ impl BlockTarget for VolumeExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
-        self.0
-            .write(offset, data, fua)
-            .map(ack)
-            .map_err(target_error)
+        if fua {
+            return self
+                .0
+                .write(offset, data, true)
+                .map(ack)
+                .map_err(target_error);
+        }
+        let (outcome, dtl) = self.0.write_deferred(offset, data).map_err(target_error)?;
+        let mut write_ack = ack(outcome);
+        write_ack.pending = dtl.map(|ticket| Box::pin(ticket.wait()) as PendingAck);
+        Ok(write_ack)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError> {

@@ -78,6 +78,10 @@ struct ServeArgs {
     /// Write-buffer size limit before disposable SCOs are evicted, e.g. 8G.
     #[arg(long)]
     write_buffer_limit: Option<String>,
+    /// DTL server (HOST:PORT) new volumes mirror their writes to, in sync mode unless the config
+    /// file says otherwise [default: none].
+    #[arg(long)]
+    dtl: Option<String>,
     /// Do not create the default volume on first start.
     #[arg(long)]
     no_default_volume: bool,
@@ -109,6 +113,12 @@ enum VolumeVerb {
         /// Not-yet-uploaded data above which writes are throttled [default: 1G].
         #[arg(long)]
         write_buffer: Option<String>,
+        /// DTL mode: sync, async or none [default: the node's, see `vstor serve --dtl`].
+        #[arg(long, value_parser = ["sync", "async", "none"])]
+        dtl_mode: Option<String>,
+        /// DTL server HOST:PORT [default: the node's].
+        #[arg(long)]
+        dtl: Option<String>,
     },
     /// List volumes.
     List,
@@ -126,7 +136,16 @@ enum VolumeVerb {
         /// Refuse writes (true) or accept them again (false).
         #[arg(long)]
         read_only: Option<bool>,
+        /// DTL mode: sync, async or none. The link restarts and catches up.
+        #[arg(long, value_parser = ["sync", "async", "none"])]
+        dtl_mode: Option<String>,
+        /// DTL server HOST:PORT.
+        #[arg(long)]
+        dtl: Option<String>,
     },
+    /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
+    /// the old node, and serve it from this node.
+    Adopt { name: String },
     /// Delete a volume and its backend data.
     Delete { name: String },
 }
@@ -190,14 +209,20 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             size,
             sco_size,
             write_buffer,
+            dtl_mode,
+            dtl,
         } => {
             let size = parse_size(&size)?;
             let sco_size = sco_size.as_deref().map(parse_size).transpose()?;
             let write_buffer = write_buffer.as_deref().map(parse_size).transpose()?;
-            let value = client.post(
-                "/v1/volumes",
-                create_body(&name, size, sco_size, write_buffer),
-            )?;
+            let mut body = create_body(&name, size, sco_size, write_buffer);
+            if let Some(mode) = dtl_mode {
+                body["dtl_mode"] = serde_json::json!(mode);
+            }
+            if let Some(addr) = dtl {
+                body["dtl"] = serde_json::json!(addr);
+            }
+            let value = client.post("/v1/volumes", body)?;
             show(value, &|v| {
                 println!(
                     "created volume {name} ({}), NBD export {}",
@@ -218,16 +243,45 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 println!("resized volume {name} to {}", format_size(size))
             });
         }
-        VolumeVerb::Update { name, read_only } => {
-            if read_only.is_none() {
-                anyhow::bail!("nothing to update: give --read-only true|false");
+        VolumeVerb::Update {
+            name,
+            read_only,
+            dtl_mode,
+            dtl,
+        } => {
+            if read_only.is_none() && dtl_mode.is_none() && dtl.is_none() {
+                anyhow::bail!(
+                    "nothing to update: give --read-only true|false, --dtl-mode or --dtl"
+                );
             }
-            let value = client.patch(
-                &format!("/v1/volumes/{name}"),
-                serde_json::json!({ "read_only": read_only }),
-            )?;
+            let mut body = serde_json::json!({});
+            if let Some(read_only) = read_only {
+                body["read_only"] = serde_json::json!(read_only);
+            }
+            if let Some(mode) = dtl_mode {
+                body["dtl_mode"] = serde_json::json!(mode);
+            }
+            if let Some(addr) = dtl {
+                body["dtl"] = serde_json::json!(addr);
+            }
+            let value = client.patch(&format!("/v1/volumes/{name}"), body)?;
             show(value, &|v| {
-                println!("updated volume {name}: read-only {}", v["read_only"])
+                println!(
+                    "updated volume {name}: read-only {}, DTL {} {} ({})",
+                    v["read_only"],
+                    v["dtl_mode"].as_str().unwrap_or("-"),
+                    v["dtl_addr"].as_str().unwrap_or(""),
+                    v["dtl_state"].as_str().unwrap_or("-")
+                )
+            });
+        }
+        VolumeVerb::Adopt { name } => {
+            let value = client.post(&format!("/v1/volumes/{name}/adopt"), serde_json::json!({}))?;
+            show(value, &|v| {
+                println!(
+                    "adopted volume {name}: owner tag {}, {} DTL entries replayed ({} held)",
+                    v["owner_tag"], v["dtl_entries_replayed"], v["dtl_entries_held"]
+                )
             });
         }
         VolumeVerb::Delete { name } => {
@@ -252,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
                 api: args.api,
                 nbd: args.nbd,
                 vhost_dir: args.vhost_dir,
+                dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
                 no_default_volume: args.no_default_volume,
             })?;

@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use vstor_backend::LocalStore;
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
 use vstor_edge::vhost::{VhostConfig, VhostServer};
-use vstor_volumedriver::{ManagerConfig, VolumeManager, VolumeOptions};
+use vstor_volumedriver::{DtlMode, ManagerConfig, VolumeManager, VolumeOptions};
 
 use crate::api::{router, ApiState};
 use crate::config::ServeConfig;
@@ -43,6 +43,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 size: *size,
                 sco_size: config.sco_size,
                 write_buffer: config.write_buffer,
+                dtl_mode: config.dtl.as_ref().map_or(DtlMode::None, |(mode, _)| *mode),
+                dtl_addr: config.dtl.as_ref().map(|(_, addr)| addr.clone()),
             };
             manager
                 .create(name, &options)
@@ -100,6 +102,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             vhost: vhost.clone(),
             default_sco_size: config.sco_size,
             default_write_buffer: config.write_buffer,
+            default_dtl: config.dtl.clone(),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {

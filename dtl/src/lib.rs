@@ -12,16 +12,21 @@
 //! entries keyed by namespace and SCO number. The only engine fact it relies on is the layout of
 //! a raw `ClusterLocation` (SCO number in the low 32 bits), used to check that every entry of a
 //! batch belongs to the batch's SCO. Modes (sync/async), degraded/catch-up states and replay into
-//! a restarted volume are the engine's business and are built on top of [`client::DtlClient`].
+//! a restarted volume are built on top of [`client::DtlClient`]: [`mirror`] is the engine's ordered,
+//! bounded link with its state machine, [`replay`] reads a DTL back; *which* entries to replay
+//! and when to seal a SCO for catch-up stay the engine's decisions.
 
 pub mod client;
 pub mod error;
+pub mod mirror;
 pub mod protocol;
+pub mod replay;
 pub mod server;
 pub mod store;
 
 pub use client::{DtlClient, DtlClientConfig};
 pub use error::DtlError;
+pub use mirror::{CatchUpRequest, DtlState, Mirror, MirrorConfig, MirrorStatus, Ticket};
 pub use protocol::{DtlCodec, Entry, ErrorCode, Message, ScoRange, PROTOCOL_VERSION};
 pub use server::{DtlServer, DtlServerConfig};
 pub use store::{DtlStore, Registration};

@@ -7,4 +7,4 @@ pub mod testing;
 pub mod vhost;
 
 pub use nbd::{NbdError, NbdServer, NbdServerConfig};
-pub use target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};
+pub use target::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};

@@ -11,6 +11,8 @@
 //! reactor thread (run to completion, no thread hop). `flush` and FUA writes wait for fsync and may
 //! take milliseconds; frontends run them off the reactor (e.g. `spawn_blocking`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +30,36 @@ pub enum TargetError {
     Io(String),
 }
 
+/// Completes when a write may be acknowledged to the client (e.g. once its DTL mirror holds it).
+pub type PendingAck = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// What a successful write reports back besides "done".
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Default)]
 pub struct WriteAck {
     /// The engine is over its write-buffer budget: the frontend should wait this long before taking
     /// more requests from this client (backpressure: slow the client down, never fail it).
     pub throttle: Option<Duration>,
+    /// The write is applied (later reads see it) but must not be acknowledged before this
+    /// completes. Frontends await it without blocking their other requests.
+    pub pending: Option<PendingAck>,
+}
+
+impl WriteAck {
+    /// Wait for `pending` on the calling thread (frontends without an async reactor).
+    pub fn wait_blocking(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            futures::executor::block_on(pending);
+        }
+    }
+}
+
+impl std::fmt::Debug for WriteAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteAck")
+            .field("throttle", &self.throttle)
+            .field("pending", &self.pending.is_some())
+            .finish()
+    }
 }
 
 /// One run of the `base:allocation` map: `length` bytes that are either all allocated (written

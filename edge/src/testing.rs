@@ -185,6 +185,7 @@ impl MemTarget {
     fn ack(&self) -> WriteAck {
         WriteAck {
             throttle: *lock(&self.throttle),
+            pending: None,
         }
     }
 

@@ -38,6 +38,67 @@ pub struct VolumeConfig {
     pub read_only: bool,
     /// Unix seconds.
     pub created: u64,
+    /// How writes are mirrored to the DTL.
+    #[serde(default)]
+    pub dtl_mode: DtlMode,
+    /// `host:port` of the DTL server (required unless `dtl_mode` is `none`).
+    #[serde(default)]
+    pub dtl_addr: Option<String>,
+}
+
+/// How a volume mirrors its writes to a DTL.
+///
+/// * `sync`: a write is acknowledged only once the DTL holds it.
+/// * `async`: writes are sent in the background (bounded backlog); FLUSH and FUA wait for the
+///   DTL, so everything acknowledged before a completed FLUSH survives the node's loss.
+/// * `none`: no DTL; what is not on the backend is only in this node's write buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DtlMode {
+    #[default]
+    None,
+    Sync,
+    Async,
+}
+
+impl DtlMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DtlMode::None => "none",
+            DtlMode::Sync => "sync",
+            DtlMode::Async => "async",
+        }
+    }
+}
+
+impl std::str::FromStr for DtlMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(DtlMode::None),
+            "sync" => Ok(DtlMode::Sync),
+            "async" => Ok(DtlMode::Async),
+            other => Err(format!(
+                "unknown DTL mode {other:?} (expected sync, async or none)"
+            )),
+        }
+    }
+}
+
+/// Check a DTL setting: a mode other than `none` needs an address.
+pub fn validate_dtl(volume: &str, mode: DtlMode, addr: Option<&str>) -> Result<()> {
+    match (mode, addr) {
+        (DtlMode::None, _) => Ok(()),
+        (_, Some(addr)) if !addr.trim().is_empty() => Ok(()),
+        (mode, _) => Err(VolumeError::InvalidConfig {
+            volume: volume.to_string(),
+            reason: format!(
+                "DTL mode {} needs a DTL address (--dtl HOST:PORT, or `vstor serve --dtl`)",
+                mode.as_str()
+            ),
+        }),
+    }
 }
 
 /// What a user may choose when creating a volume.
@@ -46,6 +107,8 @@ pub struct VolumeOptions {
     pub size: u64,
     pub sco_size: u64,
     pub write_buffer: u64,
+    pub dtl_mode: DtlMode,
+    pub dtl_addr: Option<String>,
 }
 
 impl VolumeOptions {
@@ -54,6 +117,8 @@ impl VolumeOptions {
             size,
             sco_size: DEFAULT_SCO_SIZE,
             write_buffer: DEFAULT_WRITE_BUFFER,
+            dtl_mode: DtlMode::None,
+            dtl_addr: None,
         }
     }
 }
@@ -131,6 +196,7 @@ impl VolumeConfig {
                 options.write_buffer, options.sco_size
             ));
         }
+        validate_dtl(name, options.dtl_mode, options.dtl_addr.as_deref())?;
         Ok(Self {
             name: name.to_string(),
             namespace: name.to_string(),
@@ -142,6 +208,11 @@ impl VolumeConfig {
             owner_tag: 1,
             read_only: false,
             created,
+            dtl_mode: options.dtl_mode,
+            dtl_addr: options
+                .dtl_addr
+                .clone()
+                .filter(|_| options.dtl_mode != DtlMode::None),
         })
     }
 

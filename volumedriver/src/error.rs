@@ -46,6 +46,18 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("volume {volume}: DTL {addr}: {reason}")]
+    Dtl {
+        volume: String,
+        addr: String,
+        reason: String,
+    },
+    #[error("volume {volume} was adopted by another node (backend owner tag {current} is newer than this node's {ours}); it is no longer served here")]
+    Adopted {
+        volume: String,
+        ours: u64,
+        current: u64,
+    },
     #[error("volume {volume}: {what} is corrupt: {reason}")]
     Corrupt {
         volume: String,

@@ -21,8 +21,9 @@ pub mod tlog;
 pub mod types;
 pub mod volume;
 
-pub use config::{VolumeConfig, VolumeOptions};
+pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
-pub use volume::{UploadTask, Volume, VolumeInfo, WriteOutcome};
+pub use volume::{ReplaySummary, UploadTask, Volume, VolumeInfo, WriteOutcome};
+pub use vstor_dtl::{DtlState, Ticket};

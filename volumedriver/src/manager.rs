@@ -18,10 +18,10 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use vstor_backend::ObjectStore;
 
-use crate::config::{validate_volume_name, VolumeConfig, VolumeOptions};
+use crate::config::{validate_volume_name, DtlMode, VolumeConfig, VolumeOptions};
 use crate::error::{Result, VolumeError};
 use crate::meta;
-use crate::volume::{Volume, VolumeInfo};
+use crate::volume::{ReplaySummary, Volume, VolumeInfo};
 
 const REGISTRY_KIND: &[u8; 4] = b"REGY";
 const REGISTRY_VERSION: u32 = 1;
@@ -89,6 +89,13 @@ impl VolumeManager {
             match Volume::open(&dir, manager.backend.clone(), &name) {
                 Ok(volume) => {
                     tracing::info!(volume = %name, "volume restarted");
+                    // Writes acknowledged after the last FLUSH may be missing from the write
+                    // buffer after a crash; the DTL has them. An unreachable DTL is not fatal:
+                    // the volume comes up degraded with what the write buffer kept.
+                    if let Err(e) = volume.replay_dtl() {
+                        tracing::error!(volume = %name, error = %e, "DTL replay at restart failed; continuing without it");
+                    }
+                    volume.attach_dtl();
                     manager.volumes.write().insert(name.clone(), volume.clone());
                     manager.start_uploader(volume);
                 }
@@ -132,6 +139,7 @@ impl VolumeManager {
             .spawn(move || {
                 let mut backoff = Duration::from_millis(50);
                 while !volume.is_stopped() {
+                    volume.dtl_tick();
                     let before = volume.uploaded_bytes();
                     let started = Instant::now();
                     match volume.upload_one() {
@@ -198,6 +206,7 @@ impl VolumeManager {
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());
+        volume.attach_dtl();
         self.start_uploader(volume.clone());
         tracing::info!(volume = %name, size = options.size, "volume created");
         Ok(volume)
@@ -241,9 +250,16 @@ impl VolumeManager {
 
     /// Delete a volume, its write buffer and its backend namespace.
     pub fn delete(&self, name: &str) -> Result<()> {
-        if self.failed.write().remove(name).is_some() {
-            let _ = fs::remove_dir_all(self.config.write_buffer_dir.join(name));
-            let _ = self.backend.delete_namespace(name);
+        let failed = self.failed.write().remove(name);
+        if let Some(reason) = failed {
+            let dir = self.config.write_buffer_dir.join(name);
+            // A volume another node adopted is only forgotten here: its namespace is theirs.
+            if self.owned_elsewhere(name, &dir) {
+                tracing::info!(volume = %name, %reason, "forgetting a volume adopted by another node");
+            } else {
+                let _ = self.backend.delete_namespace(name);
+            }
+            let _ = fs::remove_dir_all(&dir);
             return self.update_registry(|names| names.retain(|n| n != name));
         }
         let volume = self
@@ -254,11 +270,96 @@ impl VolumeManager {
                 volume: name.to_string(),
             })?;
         volume.stop();
+        volume.detach_dtl();
         self.stop_uploader(name);
+        volume.forget_dtl();
         volume.destroy()?;
         self.update_registry(|names| names.retain(|n| n != name))?;
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
+    }
+
+    fn owned_elsewhere(&self, name: &str, dir: &Path) -> bool {
+        let ours = fs::read(dir.join("config"))
+            .ok()
+            .and_then(|bytes| VolumeConfig::decode(name, "config", &bytes).ok())
+            .map(|c| c.owner_tag);
+        match (ours, self.backend.owner_tag(name)) {
+            (Some(ours), Ok(current)) => current > ours,
+            _ => false,
+        }
+    }
+
+    /// Change a volume's DTL mode and address; the link restarts (and catches up).
+    pub fn update_dtl(&self, name: &str, mode: DtlMode, addr: Option<String>) -> Result<()> {
+        let volume = self.get(name)?;
+        volume.set_dtl(mode, addr)
+    }
+
+    /// Take over a volume whose node is gone: claim its backend namespace with a newer owner
+    /// tag (fencing the old node's uploads), restore it from the backend into this node's write
+    /// buffer, replay its DTL (registering with the new tag fences the old node's DTL writes),
+    /// and serve it here. Fails if the DTL cannot be read: adopting without it would silently
+    /// drop every acknowledged write that had not reached the backend.
+    pub fn adopt(self: &Arc<Self>, name: &str) -> Result<(Arc<Volume>, ReplaySummary)> {
+        validate_volume_name(name)?;
+        if self.volumes.read().contains_key(name) {
+            return Err(VolumeError::InvalidConfig {
+                volume: name.to_string(),
+                reason: "already served by this node".into(),
+            });
+        }
+        let bytes = self
+            .backend
+            .get(name, crate::config::CONFIG_OBJECT)
+            .map_err(|e| match e {
+                vstor_backend::BackendError::NoSuchNamespace { .. } => VolumeError::NotFound {
+                    volume: name.to_string(),
+                },
+                other => VolumeError::backend(name)(other),
+            })?;
+        let mut config = VolumeConfig::decode(name, "backend volume_config", &bytes)?;
+        let current = self
+            .backend
+            .owner_tag(&config.namespace)
+            .map_err(VolumeError::backend(name))?;
+        let tag = current.max(config.owner_tag) + 1;
+        self.backend
+            .claim(&config.namespace, tag)
+            .map_err(VolumeError::backend(name))?;
+        config.owner_tag = tag;
+        self.backend
+            .put_if_owner(
+                &config.namespace,
+                crate::config::CONFIG_OBJECT,
+                &config.encode(),
+                tag,
+            )
+            .map_err(VolumeError::backend(name))?;
+        let dir = self.config.write_buffer_dir.join(name);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VolumeError::io(name, &dir)(e)),
+        }
+        self.failed.write().remove(name);
+        let volume = Volume::open(&dir, self.backend.clone(), name)?;
+        let summary = match volume.replay_dtl() {
+            Ok(summary) => summary,
+            Err(e) => {
+                volume.stop();
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        self.update_registry(|names| names.push(name.to_string()))?;
+        self.volumes
+            .write()
+            .insert(name.to_string(), volume.clone());
+        volume.attach_dtl();
+        self.start_uploader(volume.clone());
+        tracing::info!(volume = %name, owner_tag = tag, replayed = summary.applied, "volume adopted");
+        Ok((volume, summary))
     }
 
     /// Clean stop: flush every volume, queue everything for upload, wait up to `timeout` for the
@@ -277,6 +378,7 @@ impl VolumeManager {
                 unfinished.push(volume.name().to_string());
             }
             volume.stop();
+            volume.detach_dtl();
         }
         let names: Vec<String> = self.uploaders.lock().keys().cloned().collect();
         for name in names {

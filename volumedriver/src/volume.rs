@@ -45,8 +45,13 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use vstor_backend::{BackendError, ObjectStore};
+use vstor_dtl::Ticket;
 
 use crate::config::{TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT};
+use dtl_link::{DtlLink, Position};
+pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
+
+mod dtl_link;
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
 use crate::meta::write_file_atomic;
@@ -154,6 +159,11 @@ struct State {
     /// A SCO or TLog file was created since the last flush: its directory entry must be fsynced
     /// too, or a power cut could lose the whole file.
     new_files: bool,
+    /// The DTL link, when the volume's mode is not `none`.
+    dtl: Option<DtlLink>,
+    /// End of the write history applied at restart: the position after the newest cluster
+    /// location read back from the backend's and the write buffer's TLogs (see `dtl_link`).
+    applied_end: Position,
 }
 
 /// Where the bytes of one piece of a read come from.
@@ -209,6 +219,16 @@ pub struct VolumeInfo {
     pub uploaded_tlogs: u64,
     pub upload_errors: u64,
     pub last_upload_error: Option<String>,
+    /// `sync`, `async` or `none`.
+    pub dtl_mode: String,
+    pub dtl_addr: Option<String>,
+    /// `ok_sync`, `ok_standalone`, `catch_up` or `degraded`.
+    pub dtl_state: String,
+    /// Data bytes queued for the DTL and not yet acknowledged by it.
+    pub dtl_backlog_bytes: u64,
+    /// Times the DTL link went degraded since the volume was opened.
+    pub dtl_degradations: u64,
+    pub dtl_last_error: Option<String>,
 }
 
 pub struct Volume {
@@ -338,6 +358,17 @@ impl Volume {
                 config_path.display().to_string(),
                 format!("configuration is for volume {:?}", config.name),
             ));
+        }
+        match backend.owner_tag(&config.namespace) {
+            Ok(current) if current > config.owner_tag => {
+                return Err(VolumeError::Adopted {
+                    volume: name.to_string(),
+                    ours: config.owner_tag,
+                    current,
+                })
+            }
+            Ok(_) => {}
+            Err(e) => return Err(VolumeError::backend(name)(e)),
         }
         let backend_tlogs = match backend.get(&config.namespace, TLOG_LIST_OBJECT) {
             Ok(bytes) => TLogList::decode(name, &bytes)?,
@@ -623,8 +654,14 @@ impl Volume {
                         ));
                     }
                     st.map.set(address, location);
+                    if location.clone_id() == 0 && !location.is_unwritten() {
+                        st.applied_end = st.applied_end.max(Position::after(location));
+                    }
                 }
                 Entry::Trim { start, count } => st.map.clear_range(start, count, |_, _| {}),
+                Entry::ScoCrc { sco, clusters, .. } if sco.clone_id == 0 => {
+                    st.applied_end = st.applied_end.max(Position::new(sco.number.0, clusters));
+                }
                 _ => {}
             }
         }
@@ -838,19 +875,38 @@ impl Volume {
     /// Write `data` at `offset` (both multiples of 512). With `fua` the write is durable before
     /// this returns.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteOutcome> {
-        let outcome = {
+        let (outcome, dtl) = self.write_deferred(offset, data)?;
+        if let Some(ticket) = dtl {
+            ticket.wait_blocking();
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(outcome)
+    }
+
+    /// A write without FUA whose DTL wait is left to the caller: when a ticket is returned
+    /// (sync mode, or an async backlog over its bound), the write must not be acknowledged to
+    /// the client before the ticket completes. Lets a frontend keep serving other requests
+    /// while the DTL round trip is in flight.
+    pub fn write_deferred(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(WriteOutcome, Option<Ticket>)> {
+        let (outcome, dtl) = {
             let mut st = self.state.lock();
             self.check_range(&st, offset, data.len() as u64, true)?;
-            self.write_locked(&mut st, offset, data)?
+            self.dtl_service(&mut st)?;
+            let written = self.write_locked(&mut st, offset, data);
+            let dtl = self.dtl_submit(&mut st);
+            (written?, dtl)
         };
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if fua {
-            self.flush()?;
-        }
-        Ok(outcome)
+        Ok((outcome, dtl))
     }
 
     fn write_locked(&self, st: &mut State, offset: u64, data: &[u8]) -> Result<WriteOutcome> {
@@ -952,6 +1008,9 @@ impl Volume {
                 open.clusters += n;
             }
             let sco = ScoName::new(number);
+            if st.dtl.is_some() {
+                self.dtl_record_writes(st, sco, index, first + done, chunk);
+            }
             for i in 0..n {
                 let location = ClusterLocation::new(sco, (index + i) as u16);
                 self.append_entry(
@@ -1114,8 +1173,14 @@ impl Volume {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut st = self.state.lock();
         self.check_range(&st, offset, len, true)?;
-        self.zero_locked(&mut st, offset, len)?;
+        self.dtl_service(&mut st)?;
+        let zeroed = self.zero_locked(&mut st, offset, len);
+        let dtl = self.dtl_submit(&mut st);
         drop(st);
+        zeroed?;
+        if let Some(ticket) = dtl {
+            ticket.wait_blocking();
+        }
         self.stats.discards.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1160,6 +1225,9 @@ impl Volume {
                     count: full_end - full_start,
                 },
             )?;
+            if st.dtl.is_some() {
+                self.dtl_record_trim(st, full_start, full_end - full_start);
+            }
         }
         Ok(())
     }
@@ -1180,13 +1248,19 @@ impl Volume {
                 let st = self.state.lock();
                 self.check_range(&st, offset, len, true)?;
             }
+            let mut dtl = None;
             while pos < offset + len {
                 let n = (offset + len - pos).min(ZERO_CHUNK);
                 let mut st = self.state.lock();
                 self.check_usable(&st)?;
-                let step = self.write_locked(&mut st, pos, &zeros[..n as usize])?;
-                outcome.throttle = outcome.throttle.max(step.throttle);
+                self.dtl_service(&mut st)?;
+                let step = self.write_locked(&mut st, pos, &zeros[..n as usize]);
+                dtl = self.dtl_submit(&mut st).or(dtl);
+                outcome.throttle = outcome.throttle.max(step?.throttle);
                 pos += n;
+            }
+            if let Some(ticket) = dtl {
+                ticket.wait_blocking();
             }
             outcome
         } else {
@@ -1201,8 +1275,18 @@ impl Volume {
 
     // ---------------------------------------------------------------- flush
 
-    /// Make every write completed before this call durable in the write buffer.
+    /// Make every write completed before this call durable: in the write buffer, and on the DTL
+    /// when the volume has one.
     pub fn flush(&self) -> Result<()> {
+        let dtl = self.dtl_flush_ticket();
+        self.flush_local()?;
+        if let Some(ticket) = dtl {
+            ticket.wait_blocking();
+        }
+        Ok(())
+    }
+
+    fn flush_local(&self) -> Result<()> {
         let _serial = self.flush_lock.lock();
         let (files, point) = {
             let mut st = self.state.lock();
@@ -1308,15 +1392,18 @@ impl Volume {
         let _serial = self.flush_lock.lock();
         let mut st = self.state.lock();
         self.check_usable(&st)?;
-        if st
-            .tlog
-            .as_ref()
-            .is_some_and(|t| t.writer.data_entries() > 0 || !t.scos.is_empty())
-            || st.open_sco.as_ref().is_some_and(|o| o.clusters > 0)
-        {
+        if self.has_unclosed_data(&st) {
             self.close_tlog(&mut st)?;
         }
         Ok(())
+    }
+
+    /// Whether the current TLog or open SCO holds anything not yet queued for upload.
+    fn has_unclosed_data(&self, st: &State) -> bool {
+        st.tlog
+            .as_ref()
+            .is_some_and(|t| t.writer.data_entries() > 0 || !t.scos.is_empty())
+            || st.open_sco.as_ref().is_some_and(|o| o.clusters > 0)
     }
 
     // ---------------------------------------------------------------- uploads
@@ -1517,6 +1604,7 @@ impl Volume {
                 st.disposable_bytes += bytes + SCO_HEADER_LEN;
             }
         }
+        self.dtl_uncorked(st, &closed.record);
         if let Err(e) = fs::remove_file(&closed.path) {
             tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
         }
@@ -1709,6 +1797,7 @@ impl Volume {
 
     pub fn info(&self) -> VolumeInfo {
         let st = self.state.lock();
+        let dtl = Self::dtl_status(&st);
         let c = &st.config;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         VolumeInfo {
@@ -1759,6 +1848,12 @@ impl Volume {
             uploaded_tlogs: load(&self.stats.uploaded_tlogs),
             upload_errors: load(&self.stats.upload_errors),
             last_upload_error: st.last_upload_error.clone(),
+            dtl_mode: c.dtl_mode.as_str().to_string(),
+            dtl_addr: c.dtl_addr.clone(),
+            dtl_state: dtl.state.as_str().to_string(),
+            dtl_backlog_bytes: dtl.backlog_bytes,
+            dtl_degradations: dtl.degradations,
+            dtl_last_error: dtl.last_error,
         }
     }
 }
@@ -1785,6 +1880,8 @@ impl State {
             stopped: false,
             last_upload_error: None,
             new_files: false,
+            dtl: None,
+            applied_end: Position::default(),
         }
     }
 }

@@ -361,13 +361,39 @@ impl Session {
         let tx = self.done_tx.clone();
         let (cookie, command) = (req.cookie, req.command);
         tokio::task::spawn_blocking(move || {
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| op(target.as_ref())))
-                .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let mut ack = op(target.as_ref())?;
+                ack.wait_blocking();
+                Ok(ack)
+            }))
+            .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
             // The connection may be gone (forced disconnect); then nobody wants the reply.
             let _ = tx.send(Completion {
                 cookie,
                 command,
                 result,
+            });
+        });
+    }
+
+    /// Reply to a completed write now, or once its pending acknowledgement (a DTL round trip)
+    /// completes; the connection keeps taking requests meanwhile.
+    fn acknowledge(&mut self, req: &Request, mut ack: WriteAck) {
+        let Some(pending) = ack.pending.take() else {
+            self.throttle(ack);
+            self.ok(req);
+            return;
+        };
+        self.throttle(ack);
+        self.inflight += 1;
+        let tx = self.done_tx.clone();
+        let (cookie, command) = (req.cookie, req.command);
+        tokio::spawn(async move {
+            pending.await;
+            let _ = tx.send(Completion {
+                cookie,
+                command,
+                result: Ok(WriteAck::default()),
             });
         });
     }
@@ -436,8 +462,7 @@ impl Session {
             .target
             .write(req.offset, &req.payload, false)
             .map_err(|e| target_failure(Command::Write, e))?;
-        self.throttle(ack);
-        self.ok(req);
+        self.acknowledge(req, ack);
         Ok(())
     }
 
@@ -481,8 +506,7 @@ impl Session {
             .target
             .write_zeroes(offset, len, allocate, false)
             .map_err(|e| target_failure(Command::WriteZeroes, e))?;
-        self.throttle(ack);
-        self.ok(req);
+        self.acknowledge(req, ack);
         Ok(())
     }
 

@@ -533,7 +533,12 @@ pub(crate) fn execute(
                     return Outcome::new(STATUS_IOERR, 0);
                 }
                 match target.write(offset + done, &bounce[..n], fua) {
-                    Ok(ack) => throttle = max_throttle(throttle, ack.throttle),
+                    Ok(mut ack) => {
+                        // A pending acknowledgement (DTL sync mode) is waited for on this queue's
+                        // worker: the status byte must not be written before it completes.
+                        ack.wait_blocking();
+                        throttle = max_throttle(throttle, ack.throttle)
+                    }
                     Err(e) => return target_failed("write", *offset, *len, &e),
                 }
                 done += n as u64;
@@ -561,11 +566,14 @@ pub(crate) fn execute(
         },
         RequestKind::WriteZeroes { offset, len, unmap } => {
             match target.write_zeroes(*offset, *len, !unmap, fua) {
-                Ok(ack) => Outcome {
-                    status: STATUS_OK,
-                    written: 0,
-                    throttle: ack.throttle,
-                },
+                Ok(mut ack) => {
+                    ack.wait_blocking();
+                    Outcome {
+                        status: STATUS_OK,
+                        written: 0,
+                        throttle: ack.throttle,
+                    }
+                }
                 Err(e) => target_failed("write_zeroes", *offset, *len, &e),
             }
         }
