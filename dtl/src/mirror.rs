@@ -374,7 +374,8 @@ impl Mirror {
         }
     }
 
-    /// Stop the worker; pending tickets complete.
+    /// Stop the worker after it sent what is queued (bounded by the request timeout while the
+    /// DTL is reachable; at once otherwise); pending tickets complete.
     pub fn stop(&self) {
         self.shared.inner.lock().stopping = true;
         self.shared.work.notify_all();
@@ -455,8 +456,12 @@ fn run(shared: Arc<Shared>) {
     let config = &shared.config;
     let mut client: Option<DtlClient> = None;
     loop {
-        if shared.inner.lock().stopping {
-            return;
+        {
+            let inner = shared.inner.lock();
+            // Stopping drains what is queued (trims of the last uploads, say) while connected.
+            if inner.stopping && (client.is_none() || inner.queue.is_empty()) {
+                return;
+            }
         }
         if client.is_none() {
             let connected = runtime.block_on(async {
@@ -495,9 +500,6 @@ fn run(shared: Arc<Shared>) {
         let mut inner = shared.inner.lock();
         while inner.queue.is_empty() && !inner.stopping {
             shared.work.wait(&mut inner);
-        }
-        if inner.stopping {
-            return;
         }
         let Some(first) = inner.queue.pop_front() else {
             continue;

@@ -70,6 +70,26 @@ pub struct MemTarget {
     throttle: Mutex<Option<Duration>>,
     fail_io: AtomicBool,
     gate: FlushGate,
+    /// While set, writes return acknowledgements that stay pending until the sender says true.
+    ack_gate: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
+}
+
+/// Holds the acknowledgements of writes made while it lives (see [`MemTarget::hold_acks`]).
+pub struct AckHold<'a> {
+    target: &'a MemTarget,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl AckHold<'_> {
+    /// Let every held acknowledgement complete, and stop holding new ones.
+    pub fn release(self) {}
+}
+
+impl Drop for AckHold<'_> {
+    fn drop(&mut self) {
+        *lock(&self.target.ack_gate) = None;
+        let _ = self.release.send(true);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -105,6 +125,7 @@ impl MemTarget {
             throttle: Mutex::new(None),
             fail_io: AtomicBool::new(false),
             gate: FlushGate::default(),
+            ack_gate: Mutex::new(None),
         }
     }
 
@@ -183,9 +204,25 @@ impl MemTarget {
     }
 
     fn ack(&self) -> WriteAck {
+        let pending = lock(&self.ack_gate).clone().map(|mut released| {
+            Box::pin(async move {
+                let _ = released.wait_for(|released| *released).await;
+            }) as crate::PendingAck
+        });
         WriteAck {
             throttle: *lock(&self.throttle),
-            pending: None,
+            pending,
+        }
+    }
+
+    /// Until the returned hold is released, writes are applied at once but their
+    /// acknowledgements stay pending (what a sync-mode DTL round trip looks like to a frontend).
+    pub fn hold_acks(&self) -> AckHold<'_> {
+        let (release, released) = tokio::sync::watch::channel(false);
+        *lock(&self.ack_gate) = Some(released);
+        AckHold {
+            target: self,
+            release,
         }
     }
 

@@ -711,6 +711,30 @@ async fn reads_are_answered_while_a_flush_is_in_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_answered_only_once_their_pending_ack_completes() {
+    let (srv, target) = TestServer::with_export("vol", MIB).await;
+    let mut c = srv.client("vol", false, false).await;
+
+    let hold = target.hold_acks();
+    c.send_write(0, 1, 0, &[9; 4096]).await;
+    c.send(0, CMD_READ, 2, 0, 4096).await;
+    // The write is applied (the read sees it) but not acknowledged, and the connection keeps
+    // serving requests meanwhile.
+    let r = c.reply().await;
+    assert_eq!(r.cookie(), 2, "the read overtakes the unacknowledged write");
+    assert_eq!(r.data(), &[9; 4096][..]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), c.reply())
+            .await
+            .is_err(),
+        "a write was acknowledged before its pending ack completed"
+    );
+    hold.release();
+    let r = c.reply().await;
+    assert_eq!((r.cookie(), r.error()), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_operations_are_limited_per_connection() {
     let registry = Arc::new(MemRegistry::new());
     let target = Arc::new(MemTarget::new(MIB));

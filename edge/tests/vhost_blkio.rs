@@ -526,6 +526,38 @@ fn remove_export_waits_for_requests_in_flight() {
 }
 
 #[test]
+fn writes_complete_only_once_their_pending_ack_completes() {
+    let (f, target) = Fixture::with_volume();
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    c.fill(0, &pattern(3, 4096));
+    let hold = target.hold_acks();
+    let buf = c.buf(0, 4096);
+    c.queues[0].write(0, buf, 4096, 1, ReqFlags::empty());
+    let mut none: [MaybeUninit<Completion>; 0] = [];
+    c.queues[0].do_io(&mut none, 0, None, None).unwrap();
+    // The write is applied (a read on the same queue sees it) but does not complete yet.
+    let read_buf = c.buf(8192, 4096);
+    c.queues[0].read(0, read_buf, 4096, 2, ReqFlags::empty());
+    let mut one = [MaybeUninit::<Completion>::uninit()];
+    assert_eq!(c.queues[0].do_io(&mut one, 1, None, None).unwrap(), 1);
+    // SAFETY: do_io initialised the first entry.
+    let first = unsafe { one[0].assume_init_read() };
+    assert_eq!(
+        (first.user_data, first.ret),
+        (2, 0),
+        "the read completed first"
+    );
+    assert_eq!(
+        checksum(&c.contents(8192, 4096)),
+        checksum(&pattern(3, 4096))
+    );
+    let later = c.queues[0].do_io(&mut one, 0, None, None).unwrap();
+    assert_eq!(later, 0, "the write completed before its ack was released");
+    hold.release();
+    assert_eq!(wait_all(&mut c.queues[0], 1), [(1, 0)]);
+}
+
+#[test]
 fn requests_waiting_for_durability_are_bounded_per_queue() {
     const FLUSHES: usize = 40;
     const BOUND: usize = 32;

@@ -55,7 +55,7 @@ use super::request::{
     self, GuestMem, Limits, Outcome, Parsed, RequestKind, ID_LEN, MAX_DISCARD_SECTORS,
     MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, STATUS_IOERR,
 };
-use crate::target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};
+use crate::target::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
 
 /// Longest pause honoured for one `WriteAck::throttle`.
 const MAX_THROTTLE: Duration = Duration::from_secs(1);
@@ -454,14 +454,33 @@ impl BlkBackend {
                     self.defer(ctl, vring, head, mem.clone(), req, fua, &target);
                 }
                 Parsed::Request(req) => {
-                    let outcome = request::execute(
+                    let mut acks = Vec::new();
+                    let outcome = request::execute_deferrable(
                         &req.kind,
                         &mem,
                         target.as_ref(),
                         fua,
                         &self.id,
                         &mut bounce,
+                        &mut acks,
                     );
+                    if !acks.is_empty() {
+                        // Applied, but not acknowledgeable yet (sync DTL): complete it from the
+                        // runtime once the acknowledgements arrive, and keep draining.
+                        if std::mem::take(&mut pending_signal) {
+                            signal_if_needed(vring);
+                        }
+                        self.complete_later(
+                            ctl,
+                            vring,
+                            head,
+                            mem.clone(),
+                            req.status,
+                            outcome,
+                            acks,
+                        );
+                        continue;
+                    }
                     write_status(&mem, req.status, outcome.status);
                     add_used(vring, head, used_len(&outcome));
                     pending_signal = true;
@@ -478,6 +497,33 @@ impl BlkBackend {
         if pending_signal {
             signal_if_needed(vring);
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete_later(
+        &self,
+        ctl: &Arc<QueueCtl>,
+        vring: &VringRwLock,
+        head: u16,
+        mem: GuestMemoryLoadGuard<GuestMem>,
+        status: GuestAddress,
+        outcome: Outcome,
+        acks: Vec<PendingAck>,
+    ) {
+        let mut deferred = Deferred {
+            vring: vring.clone(),
+            head,
+            status,
+            mem,
+            done: false,
+            _inflight: ctl.enter_deferred(),
+        };
+        self.runtime.spawn(async move {
+            for ack in acks {
+                ack.await;
+            }
+            deferred.complete(outcome);
+        });
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -47,7 +47,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
-use crate::target::{BlockTarget, TargetError};
+use crate::target::{BlockTarget, PendingAck, TargetError};
 
 /// The guest memory type of the backend: plain mmap regions, no dirty bitmap (live migration's
 /// dirty logging is not offered).
@@ -487,7 +487,7 @@ fn max_throttle(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 /// Run a validated request. `bounce` is scratch space (grown up to [`BOUNCE_CHUNK`]); `fua` makes
-/// writes durable before they complete.
+/// writes durable before they complete. Waits for any pending acknowledgement on this thread.
 pub(crate) fn execute(
     kind: &RequestKind,
     mem: &GuestMem,
@@ -495,6 +495,26 @@ pub(crate) fn execute(
     fua: bool,
     id: &[u8; ID_LEN],
     bounce: &mut Vec<u8>,
+) -> Outcome {
+    let mut pending = Vec::new();
+    let outcome = execute_deferrable(kind, mem, target, fua, id, bounce, &mut pending);
+    for ack in pending {
+        futures::executor::block_on(ack);
+    }
+    outcome
+}
+
+/// Like [`execute`], but acknowledgements the target left pending (a sync-mode DTL round trip)
+/// are handed back in `pending`: the request's status must not be published before they all
+/// complete, and the caller decides where to wait for them.
+pub(crate) fn execute_deferrable(
+    kind: &RequestKind,
+    mem: &GuestMem,
+    target: &dyn BlockTarget,
+    fua: bool,
+    id: &[u8; ID_LEN],
+    bounce: &mut Vec<u8>,
+    pending: &mut Vec<PendingAck>,
 ) -> Outcome {
     match kind {
         RequestKind::Read { offset, len, data } => {
@@ -534,9 +554,7 @@ pub(crate) fn execute(
                 }
                 match target.write(offset + done, &bounce[..n], fua) {
                     Ok(mut ack) => {
-                        // A pending acknowledgement (DTL sync mode) is waited for on this queue's
-                        // worker: the status byte must not be written before it completes.
-                        ack.wait_blocking();
+                        pending.extend(ack.pending.take());
                         throttle = max_throttle(throttle, ack.throttle)
                     }
                     Err(e) => return target_failed("write", *offset, *len, &e),
@@ -567,7 +585,7 @@ pub(crate) fn execute(
         RequestKind::WriteZeroes { offset, len, unmap } => {
             match target.write_zeroes(*offset, *len, !unmap, fua) {
                 Ok(mut ack) => {
-                    ack.wait_blocking();
+                    pending.extend(ack.pending.take());
                     Outcome {
                         status: STATUS_OK,
                         written: 0,
