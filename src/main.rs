@@ -163,6 +163,9 @@ enum BenchTarget {
     /// A blkio load generator over vhost-user-blk: vstor against qemu-storage-daemon serving a
     /// raw file, interleaved in one run.
     Vhost(BenchOptions),
+    /// fio 4k random writes over NBD: vstor volumes with DTL none, async and sync (a `vstor dtl`
+    /// on loopback) against qemu-nbd serving a raw file, interleaved in one run.
+    Dtl(BenchOptions),
 }
 
 #[derive(Args)]
@@ -334,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
                 match target {
                     BenchTarget::Nbd(o) => (vstor_benches::nbd::run, o),
                     BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
+                    BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
                 };
             run(&vstor_benches::BenchOptions {
                 vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,

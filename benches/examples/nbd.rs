@@ -28,16 +28,5 @@ fn main() -> ExitCode {
 
 /// `None` when only the usage was asked for.
 fn parse_args() -> Result<Option<BenchOptions>> {
-    let Some(args) = common::parse(USAGE, &[])? else {
-        return Ok(None);
-    };
-    let defaults = BenchOptions::default();
-    Ok(Some(BenchOptions {
-        vstor_bin: args.vstor_bin.unwrap_or(defaults.vstor_bin),
-        size: args.size.unwrap_or(defaults.size),
-        runtime_secs: args.runtime_secs.unwrap_or(defaults.runtime_secs),
-        rounds: args.rounds.unwrap_or(defaults.rounds),
-        json: args.json,
-        work_dir: args.work_dir.or(defaults.work_dir),
-    }))
+    Ok(common::parse(USAGE, &[])?.map(|args| args.options()))
 }

@@ -35,20 +35,8 @@ fn main() -> ExitCode {
 
 /// The options and whether to calibrate; `None` when only the usage was asked for.
 fn parse_args() -> Result<Option<(BenchOptions, bool)>> {
-    let Some(args) = common::parse(USAGE, &["--calibrate"])? else {
-        return Ok(None);
-    };
-    let defaults = BenchOptions::default();
-    let calibrate = args.switches.iter().any(|s| s == "--calibrate");
-    Ok(Some((
-        BenchOptions {
-            vstor_bin: args.vstor_bin.unwrap_or(defaults.vstor_bin),
-            size: args.size.unwrap_or(defaults.size),
-            runtime_secs: args.runtime_secs.unwrap_or(defaults.runtime_secs),
-            rounds: args.rounds.unwrap_or(defaults.rounds),
-            json: args.json,
-            work_dir: args.work_dir.or(defaults.work_dir),
-        },
-        calibrate,
-    )))
+    Ok(common::parse(USAGE, &["--calibrate"])?.map(|args| {
+        let calibrate = args.switches.iter().any(|s| s == "--calibrate");
+        (args.options(), calibrate)
+    }))
 }

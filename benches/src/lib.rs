@@ -9,8 +9,12 @@
 //!   engine (`vstor bench nbd`).
 //! - [`vhost`]: vstor's vhost-user-blk export against `qemu-storage-daemon` exporting a raw
 //!   file, driven by a load generator built on libblkio (`vstor bench vhost`).
+//! - [`dtl`]: the cost of mirroring writes to a DTL: vstor volumes in DTL modes `none`, `async`
+//!   and `sync` (with `vstor dtl` as a separate process) against `qemu-nbd`, driven by fio's
+//!   `nbd` engine (`vstor bench dtl`).
 
 mod common;
+pub mod dtl;
 pub mod nbd;
 pub mod vhost;
 

@@ -1,5 +1,7 @@
 //! Per-volume settings and the backend's record of which TLogs make up a volume.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, VolumeError};
@@ -44,6 +46,29 @@ pub struct VolumeConfig {
     /// `host:port` of the DTL server (required unless `dtl_mode` is `none`).
     #[serde(default)]
     pub dtl_addr: Option<String>,
+    /// The snapshot this volume was cloned from.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
+    /// Namespaces of the ancestors whose SCOs this volume reads: index 0 is clone id 1 (the
+    /// parent), index 1 is clone id 2, and so on.
+    #[serde(default)]
+    pub ancestors: Vec<String>,
+    /// A template is read-only and may only be cloned.
+    #[serde(default)]
+    pub template: bool,
+}
+
+/// `VOLUME@SNAPSHOT` a clone was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub volume: String,
+    pub snapshot: String,
+}
+
+impl std::fmt::Display for ParentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.volume, self.snapshot)
+    }
 }
 
 /// How a volume mirrors its writes to a DTL.
@@ -213,6 +238,9 @@ impl VolumeConfig {
                 .dtl_addr
                 .clone()
                 .filter(|_| options.dtl_mode != DtlMode::None),
+            parent: None,
+            ancestors: Vec::new(),
+            template: false,
         })
     }
 
@@ -237,12 +265,85 @@ pub struct TLogRecord {
     pub scos: Vec<u32>,
     /// Bytes of cluster data written into its SCOs.
     pub data_bytes: u64,
+    /// Bumped each time scrubbing rewrites the TLog (merging it with the TLogs before it in its
+    /// snapshot region); part of the object name so a rewrite never overwrites the live object.
+    #[serde(default)]
+    pub generation: u32,
+    /// Versions of the SCOs in `scos` that scrubbing rewrote (absent = version 0).
+    #[serde(default)]
+    pub sco_versions: BTreeMap<u32, u8>,
+}
+
+impl TLogRecord {
+    pub fn new(number: u64) -> Self {
+        Self {
+            number,
+            scos: Vec::new(),
+            data_bytes: 0,
+            generation: 0,
+            sco_versions: BTreeMap::new(),
+        }
+    }
+
+    /// Backend object holding this TLog.
+    pub fn object_name(&self) -> String {
+        let base = crate::types::TLogNumber(self.number).object_name();
+        match self.generation {
+            0 => base,
+            g => format!("{base}.g{g}"),
+        }
+    }
+
+    pub fn sco_version(&self, sco: u32) -> u8 {
+        self.sco_versions.get(&sco).copied().unwrap_or(0)
+    }
+}
+
+/// A snapshot: a TLog boundary. The volume's state at the snapshot is the replay of every TLog
+/// numbered up to `tlog`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Last TLog of the snapshot (0: the volume was empty).
+    pub tlog: u64,
+    /// Bytes written between the previous snapshot and this one.
+    pub written_bytes: u64,
+    /// Volumes cloned from this snapshot.
+    #[serde(default)]
+    pub clones: Vec<String>,
+    /// Volume size when the snapshot was taken.
+    #[serde(default)]
+    pub size: u64,
 }
 
 /// The backend's ordered list of a volume's TLogs; replaying them in order rebuilds the map.
+/// It also carries the snapshots and what rollbacks dropped, so a restart from the backend alone
+/// knows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TLogList {
     pub tlogs: Vec<TLogRecord>,
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// TLog number ranges (inclusive) a rollback dropped: never replayed, wherever found.
+    #[serde(default)]
+    pub dropped: Vec<(u64, u64)>,
+    /// DTL entries below this position (SCO, cluster) belong to history a rollback dropped.
+    #[serde(default)]
+    pub dtl_floor: (u32, u32),
+}
+
+impl TLogList {
+    pub fn is_dropped(&self, number: u64) -> bool {
+        self.dropped
+            .iter()
+            .any(|(from, to)| (*from..=*to).contains(&number))
+    }
+
+    pub fn last_number(&self) -> u64 {
+        self.tlogs.last().map_or(0, |r| r.number)
+    }
 }
 
 impl TLogList {

@@ -58,6 +58,20 @@ pub enum VolumeError {
         ours: u64,
         current: u64,
     },
+    #[error("volume {volume} has no snapshot {snapshot:?}")]
+    SnapshotNotFound { volume: String, snapshot: String },
+    #[error("volume {volume} already has a snapshot {snapshot:?}")]
+    SnapshotExists { volume: String, snapshot: String },
+    #[error("{what} of volume {volume} has clones ({}); delete them first", clones.join(", "))]
+    HasClones {
+        volume: String,
+        what: String,
+        clones: Vec<String>,
+    },
+    #[error("snapshot {snapshot:?} of volume {volume} is not on the backend yet; retry once its uploads are done")]
+    NotInBackend { volume: String, snapshot: String },
+    #[error("volume {volume}: {reason}")]
+    Refused { volume: String, reason: String },
     #[error("volume {volume}: {what} is corrupt: {reason}")]
     Corrupt {
         volume: String,

@@ -25,5 +25,8 @@ pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
-pub use volume::{ReplaySummary, UploadTask, Volume, VolumeInfo, WriteOutcome};
+pub use volume::{
+    ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView, UploadTask, Volume,
+    VolumeInfo, WriteOutcome,
+};
 pub use vstor_dtl::{DtlState, Ticket};

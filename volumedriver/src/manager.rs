@@ -18,7 +18,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use vstor_backend::ObjectStore;
 
-use crate::config::{validate_volume_name, DtlMode, VolumeConfig, VolumeOptions};
+use crate::config::{validate_volume_name, DtlMode, ParentRef, VolumeConfig, VolumeOptions};
+use crate::types::{ClusterLocation, ScoName};
 use crate::error::{Result, VolumeError};
 use crate::meta;
 use crate::volume::{ReplaySummary, Volume, VolumeInfo};
@@ -248,8 +249,106 @@ impl VolumeManager {
         }
     }
 
-    /// Delete a volume, its write buffer and its backend namespace.
+    /// Clone snapshot `snapshot` of `parent` as a new volume `name` (see `Volume::create_clone`).
+    /// Waits up to `wait` for the snapshot to reach the backend.
+    pub fn clone_volume(
+        self: &Arc<Self>,
+        name: &str,
+        parent: &str,
+        snapshot: &str,
+        options: &VolumeOptions,
+        wait: Duration,
+    ) -> Result<Arc<Volume>> {
+        validate_volume_name(name)?;
+        if self.volumes.read().contains_key(name) || self.failed.read().contains_key(name) {
+            return Err(VolumeError::Exists {
+                volume: name.to_string(),
+            });
+        }
+        let source = self.get(parent)?;
+        let parent_config = source.config();
+        if parent_config.ancestors.len() >= u8::MAX as usize - 1 {
+            return Err(VolumeError::Refused {
+                volume: parent.to_string(),
+                reason: format!(
+                    "clone chains are at most {} deep",
+                    u8::MAX as usize - 1
+                ),
+            });
+        }
+        if !source.wait_snapshot_in_backend(snapshot, Instant::now() + wait)? {
+            return Err(VolumeError::NotInBackend {
+                volume: parent.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        let (map, size) = source.snapshot_map(snapshot)?;
+        let mut inherited = Vec::with_capacity(map.written_clusters() as usize);
+        let mut too_deep = false;
+        map.for_each_written(|address, location| {
+            match location.clone_id().checked_add(1) {
+                Some(clone_id) => inherited.push((
+                    address,
+                    ClusterLocation::new(
+                        ScoName {
+                            clone_id,
+                            ..location.sco()
+                        },
+                        location.offset(),
+                    ),
+                )),
+                None => too_deep = true,
+            }
+        });
+        if too_deep {
+            return Err(VolumeError::Refused {
+                volume: parent.to_string(),
+                reason: "clone chain too deep".into(),
+            });
+        }
+        let mut options = options.clone();
+        options.size = size;
+        options.sco_size = parent_config.sco_size();
+        let mut config = VolumeConfig::new(name, &options, now_secs())?;
+        config.parent = Some(ParentRef {
+            volume: parent.to_string(),
+            snapshot: snapshot.to_string(),
+        });
+        config.ancestors = std::iter::once(parent_config.namespace.clone())
+            .chain(parent_config.ancestors.iter().cloned())
+            .collect();
+        let dir = self.config.write_buffer_dir.join(name);
+        let volume = Volume::create_clone(&dir, self.backend.clone(), config, &inherited)?;
+        let registered = source
+            .set_clone(snapshot, name, true)
+            .and_then(|()| self.update_registry(|names| names.push(name.to_string())));
+        if let Err(e) = registered {
+            let _ = source.set_clone(snapshot, name, false);
+            let _ = volume.destroy();
+            return Err(e);
+        }
+        self.volumes
+            .write()
+            .insert(name.to_string(), volume.clone());
+        volume.attach_dtl();
+        self.start_uploader(volume.clone());
+        tracing::info!(volume = %name, parent = %parent, %snapshot, clusters = inherited.len(), "clone created");
+        Ok(volume)
+    }
+
+    /// Delete a volume, its write buffer and its backend namespace. Refused while clones of its
+    /// snapshots exist (they read its SCOs).
     pub fn delete(&self, name: &str) -> Result<()> {
+        if let Ok(volume) = self.get(name) {
+            let clones = volume.clones();
+            if !clones.is_empty() {
+                return Err(VolumeError::HasClones {
+                    volume: name.to_string(),
+                    what: "a snapshot".into(),
+                    clones,
+                });
+            }
+        }
         let failed = self.failed.write().remove(name);
         if let Some(reason) = failed {
             let dir = self.config.write_buffer_dir.join(name);
@@ -273,8 +372,21 @@ impl VolumeManager {
         volume.detach_dtl();
         self.stop_uploader(name);
         volume.forget_dtl();
+        let parent = volume.config().parent;
         volume.destroy()?;
         self.update_registry(|names| names.retain(|n| n != name))?;
+        if let Some(parent) = parent {
+            match self.get(&parent.volume) {
+                Ok(source) => {
+                    if let Err(e) = source.set_clone(&parent.snapshot, name, false) {
+                        tracing::warn!(volume = %name, %parent, error = %e, "could not unregister the clone from its parent");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, %parent, error = %e, "parent of the deleted clone is not on this node")
+                }
+            }
+        }
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
     }

@@ -52,6 +52,12 @@ use dtl_link::{DtlLink, Position};
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
 
 mod dtl_link;
+mod scrub;
+mod snapshots;
+
+pub use scrub::{ScrubProgress, ScrubReport};
+pub use snapshots::{SnapshotInfo, SnapshotView};
+use snapshots::LocalMeta;
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
 use crate::meta::write_file_atomic;
@@ -164,13 +170,32 @@ struct State {
     /// End of the write history applied at restart: the position after the newest cluster
     /// location read back from the backend's and the write buffer's TLogs (see `dtl_link`).
     applied_end: Position,
+    /// Snapshots, rollback-dropped TLog ranges and the DTL floor (see `snapshots`).
+    meta: LocalMeta,
+    /// Bumped by every change that rewrites the backend TLog list other than appending (a
+    /// rollback, a scrub): an upload started before it must not put a list built on the old one.
+    epoch: u64,
+    /// The backend TLog list lacks a metadata change (snapshot, clone registration): the
+    /// uploader puts it.
+    list_dirty: bool,
+    /// The snapshot metadata file was replaced without fsync: the next FLUSH syncs it.
+    meta_unsynced: bool,
+    /// Clusters overwritten or trimmed since the last scrub (garbage estimate).
+    garbage_clusters: u64,
 }
 
 /// Where the bytes of one piece of a read come from.
 enum Source {
     Zero,
-    Local { file: Arc<File>, offset: u64 },
-    Backend { object: String, offset: u64 },
+    Local {
+        file: Arc<File>,
+        offset: u64,
+    },
+    Backend {
+        namespace: Arc<str>,
+        object: String,
+        offset: u64,
+    },
 }
 
 struct Segment {
@@ -229,6 +254,16 @@ pub struct VolumeInfo {
     /// Times the DTL link went degraded since the volume was opened.
     pub dtl_degradations: u64,
     pub dtl_last_error: Option<String>,
+    /// Bytes of SCO data the backend TLogs reference.
+    pub backend_bytes: u64,
+    /// `VOLUME@SNAPSHOT` this volume was cloned from.
+    pub parent: Option<String>,
+    /// Volumes cloned from this volume's snapshots.
+    pub children: Vec<String>,
+    pub template: bool,
+    pub snapshots: usize,
+    /// Overwritten or trimmed data since the last scrub (an estimate of what a scrub frees).
+    pub garbage_bytes: u64,
 }
 
 pub struct Volume {
@@ -238,6 +273,10 @@ pub struct Volume {
     cluster_size: u64,
     state: Mutex<State>,
     flush_lock: Mutex<()>,
+    /// Serialises every put of the backend TLog list with the check that it is still current.
+    list_lock: Mutex<()>,
+    /// One scrub at a time.
+    scrub_lock: Mutex<()>,
     upload_work: Condvar,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
@@ -271,6 +310,48 @@ fn tlog_path(dir: &Path, number: TLogNumber) -> PathBuf {
 }
 
 impl Volume {
+    /// Create a clone: a new volume whose backend history starts with one TLog (number 1) mapping
+    /// every inherited cluster to its ancestor's SCO (`inherited`, clone ids already remapped).
+    /// No data is copied.
+    pub fn create_clone(
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        config: VolumeConfig,
+        inherited: &[(u64, ClusterLocation)],
+    ) -> Result<Arc<Self>> {
+        let name = config.name.clone();
+        let namespace = config.namespace.clone();
+        let owner = config.owner_tag;
+        Self::create(dir, backend.clone(), config)?;
+        let base = (|| {
+            let entries: Vec<Entry> = inherited
+                .iter()
+                .map(|(address, location)| Entry::Loc {
+                    address: *address,
+                    location: *location,
+                })
+                .collect();
+            let record = TLogRecord::new(1);
+            let bytes = tlog::encode_closed(TLogNumber(1), &entries);
+            backend
+                .put_if_owner(&namespace, &record.object_name(), &bytes, owner)
+                .map_err(VolumeError::backend(&name))?;
+            let list = TLogList {
+                tlogs: vec![record],
+                ..TLogList::default()
+            };
+            backend
+                .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
+                .map_err(VolumeError::backend(&name))?;
+            Self::open(dir, backend.clone(), &name)
+        })();
+        if base.is_err() {
+            let _ = backend.delete_namespace(&namespace);
+            let _ = fs::remove_dir_all(dir);
+        }
+        base
+    }
+
     /// Create a new volume: its backend namespace (owned with the config's owner tag), its
     /// configuration there and in the write buffer directory `dir`.
     pub fn create(
@@ -327,6 +408,8 @@ impl Volume {
             cluster_size: state.config.cluster_size,
             state: Mutex::new(state),
             flush_lock: Mutex::new(()),
+            list_lock: Mutex::new(()),
+            scrub_lock: Mutex::new(()),
             upload_work: Condvar::new(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
@@ -375,7 +458,9 @@ impl Volume {
             Err(BackendError::NoSuchObject { .. }) => TLogList::default(),
             Err(e) => return Err(VolumeError::backend(name)(e)),
         };
-        let volume = Self::from_state(dir, backend, State::new(config, backend_tlogs));
+        let mut state = State::new(config, backend_tlogs);
+        state.meta = LocalMeta::load(name, dir, &state.backend_tlogs)?;
+        let volume = Self::from_state(dir, backend, state);
         {
             let mut st = volume.state.lock();
             volume.rebuild(&mut st)?;
@@ -388,8 +473,9 @@ impl Volume {
         let namespace = st.config.namespace.clone();
         let mut backend_scos = BTreeSet::new();
         let records = st.backend_tlogs.tlogs.clone();
+        st.applied_end = st.applied_end.max(Position::from_pair(st.meta.dtl_floor));
         for record in &records {
-            let object = TLogNumber(record.number).object_name();
+            let object = record.object_name();
             let bytes = self
                 .backend
                 .get(&namespace, &object)
@@ -397,11 +483,20 @@ impl Volume {
             let parsed = tlog::parse(&bytes, true)
                 .map_err(|e| VolumeError::corrupt(&name, format!("backend TLog {object}"), e))?;
             self.apply_entries(st, &parsed.entries, &object)?;
-            backend_scos.extend(record.scos.iter().copied());
+            backend_scos.extend(record.scos.iter().map(|n| (*n, record.sco_version(*n))));
+            if let Some(newest) = record.scos.iter().max() {
+                // Every SCO of an uploaded TLog is complete: nothing in it is left to replay.
+                st.applied_end = st.applied_end.max(Position::new(*newest, u32::MAX));
+            }
             st.next_tlog = st.next_tlog.max(record.number + 1);
         }
-        if let Some(max) = backend_scos.last() {
+        if let Some((max, _)) = backend_scos.last() {
             st.next_sco = st.next_sco.max(max + 1);
+        }
+        // Numbers handed out before a rollback are never reused.
+        st.next_sco = st.next_sco.max(st.meta.dtl_floor.0);
+        if let Some(end) = st.meta.dropped.iter().map(|(_, to)| *to).max() {
+            st.next_tlog = st.next_tlog.max(end + 1);
         }
         let last_backend_tlog = records.last().map_or(0, |r| r.number);
 
@@ -422,7 +517,7 @@ impl Volume {
         let mut pending_scos = BTreeSet::new();
         let mut torn = false;
         for (number, path) in local_tlogs {
-            if number.0 <= last_backend_tlog || torn {
+            if number.0 <= last_backend_tlog || torn || st.meta.is_dropped(number.0) {
                 fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
                 continue;
             }
@@ -456,11 +551,7 @@ impl Volume {
                 }
             };
             self.apply_entries(st, &entries, &path.display().to_string())?;
-            let mut record = TLogRecord {
-                number: number.0,
-                scos: Vec::new(),
-                data_bytes: 0,
-            };
+            let mut record = TLogRecord::new(number.0);
             for entry in &entries {
                 if let Entry::ScoCrc { sco, clusters, crc } = *entry {
                     let header = self.sco_header(st, sco);
@@ -519,7 +610,7 @@ impl Volume {
             if pending_scos.contains(&sco.number.0) {
                 continue;
             }
-            if !backend_scos.contains(&sco.number.0) {
+            if !backend_scos.contains(&(sco.number.0, sco.version)) {
                 fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
                 continue;
             }
@@ -755,7 +846,15 @@ impl Volume {
     // ---------------------------------------------------------------- reads
 
     fn plan_read(&self, st: &State, offset: u64, len: usize) -> Vec<Segment> {
+        self.plan_read_in(st, &st.map, offset, len)
+    }
+
+    /// Plan a read of `map` (the live map or a snapshot's): own SCOs from the write buffer when
+    /// a copy of that version is there, everything else from its namespace on the backend
+    /// (clone id `k` > 0 is the `k`-th ancestor).
+    fn plan_read_in(&self, st: &State, map: &ClusterMap, offset: u64, len: usize) -> Vec<Segment> {
         let cs = self.cluster_size;
+        let own: Arc<str> = Arc::from(st.config.namespace.as_str());
         let mut plan: Vec<Segment> = Vec::new();
         let mut pos = offset;
         let end = offset + len as u64;
@@ -764,22 +863,33 @@ impl Volume {
             let within = pos % cs;
             let n = (cs - within).min(end - pos) as usize;
             let start = (pos - offset) as usize;
-            let location = st.map.get(cluster);
+            let location = map.get(cluster);
             let source = if location.is_unwritten() {
                 Source::Zero
             } else {
                 let file_offset = sco::cluster_offset(location.offset() as u64, cs) + within;
-                match st
-                    .scos
-                    .get(&location.sco_number())
-                    .filter(|_| location.clone_id() == 0)
-                {
-                    Some(local) => Source::Local {
-                        file: local.file.clone(),
+                let object = ScoName {
+                    clone_id: 0,
+                    ..location.sco()
+                }
+                .to_string();
+                match (location.clone_id(), location.version()) {
+                    (0, 0) if st.scos.contains_key(&location.sco_number()) => Source::Local {
+                        file: st.scos[&location.sco_number()].file.clone(),
                         offset: file_offset,
                     },
-                    None => Source::Backend {
-                        object: location.sco().to_string(),
+                    (0, _) => Source::Backend {
+                        namespace: own.clone(),
+                        object,
+                        offset: file_offset,
+                    },
+                    (k, _) => Source::Backend {
+                        namespace: st
+                            .config
+                            .ancestors
+                            .get(k as usize - 1)
+                            .map_or_else(|| own.clone(), |ns| Arc::from(ns.as_str())),
+                        object,
                         offset: file_offset,
                     },
                 }
@@ -798,11 +908,19 @@ impl Volume {
                     }
                     _ => false,
                 },
-                (Some(last), Source::Backend { object, offset }) => match &last.source {
+                (
+                    Some(last),
                     Source::Backend {
+                        namespace,
+                        object,
+                        offset,
+                    },
+                ) => match &last.source {
+                    Source::Backend {
+                        namespace: ns,
                         object: b,
                         offset: o,
-                    } if b == object && o + last.len as u64 == *offset => {
+                    } if ns == namespace && b == object && o + last.len as u64 == *offset => {
                         last.len += n;
                         true
                     }
@@ -822,7 +940,7 @@ impl Volume {
         plan
     }
 
-    fn execute_read(&self, namespace: &str, plan: Vec<Segment>, buf: &mut [u8]) -> Result<()> {
+    fn execute_read(&self, plan: Vec<Segment>, buf: &mut [u8]) -> Result<()> {
         for segment in plan {
             let out = &mut buf[segment.start..segment.start + segment.len];
             match segment.source {
@@ -835,10 +953,14 @@ impl Volume {
                             source: e,
                         })?;
                 }
-                Source::Backend { object, offset } => {
+                Source::Backend {
+                    namespace,
+                    object,
+                    offset,
+                } => {
                     self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
                     self.backend
-                        .get_range(namespace, &object, offset, out)
+                        .get_range(&namespace, &object, offset, out)
                         .map_err(VolumeError::backend(&self.name))?;
                 }
             }
@@ -848,15 +970,12 @@ impl Volume {
 
     /// Read `buf.len()` bytes at `offset` (both multiples of 512).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (plan, namespace) = {
+        let plan = {
             let st = self.state.lock();
             self.check_range(&st, offset, buf.len() as u64, false)?;
-            (
-                self.plan_read(&st, offset, buf.len()),
-                st.config.namespace.clone(),
-            )
+            self.plan_read(&st, offset, buf.len())
         };
-        self.execute_read(&namespace, plan, buf)?;
+        self.execute_read(plan, buf)?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .read_bytes
@@ -867,7 +986,7 @@ impl Volume {
     /// Read one whole cluster while holding the lock (read-modify-write).
     fn read_cluster_locked(&self, st: &State, cluster: u64, out: &mut [u8]) -> Result<()> {
         let plan = self.plan_read(st, cluster * self.cluster_size, out.len());
-        self.execute_read(&st.config.namespace, plan, out)
+        self.execute_read(plan, out)
     }
 
     // ---------------------------------------------------------------- writes
@@ -1020,7 +1139,9 @@ impl Volume {
                         location,
                     },
                 )?;
-                st.map.set(first + done + i, location);
+                if !st.map.set(first + done + i, location).is_unwritten() {
+                    st.garbage_clusters += 1;
+                }
             }
             st.non_disposable_bytes += n * cs;
             if let Some(tlog) = st.tlog.as_mut() {
@@ -1156,9 +1277,9 @@ impl Volume {
             path,
             file,
             record: TLogRecord {
-                number: number.0,
                 scos: current.scos,
                 data_bytes: current.data_bytes,
+                ..TLogRecord::new(number.0)
             },
             dirty: true,
         });
@@ -1214,9 +1335,11 @@ impl Volume {
         }
         partial(st, offset, full_start * cs)?;
         partial(st, full_end * cs, end)?;
-        let mut cleared = false;
+        let mut cleared = 0;
         st.map
-            .clear_range(full_start, full_end - full_start, |_, _| cleared = true);
+            .clear_range(full_start, full_end - full_start, |_, _| cleared += 1);
+        st.garbage_clusters += cleared;
+        let cleared = cleared > 0;
         if cleared {
             self.append_entry(
                 st,
@@ -1303,9 +1426,24 @@ impl Volume {
                 closed.dirty = false;
                 files.push((closed.file.clone(), closed.path.clone()));
             }
+            if std::mem::take(&mut st.meta_unsynced) {
+                let path = self.meta_path();
+                match File::open(&path) {
+                    Ok(handle) => files.push((Arc::new(handle), path)),
+                    Err(e) => {
+                        let err = VolumeError::io(&self.name, path)(e);
+                        self.halt(&mut st, err.to_string());
+                        return Err(err);
+                    }
+                }
+                st.new_files = true;
+            }
             if std::mem::take(&mut st.new_files) {
-                for sub in [SCO_DIR, TLOG_DIR] {
-                    let dir = self.dir.join(sub);
+                for dir in [
+                    self.dir.join(SCO_DIR),
+                    self.dir.join(TLOG_DIR),
+                    self.dir.clone(),
+                ] {
                     match File::open(&dir) {
                         Ok(handle) => files.push((Arc::new(handle), dir)),
                         Err(e) => {
@@ -1422,10 +1560,10 @@ impl Volume {
                 number: TLogNumber,
                 file: Arc<File>,
                 path: PathBuf,
-                list: TLogList,
+                record: TLogRecord,
             },
         }
-        let (job, namespace, owner) = {
+        let (job, namespace, owner, epoch) = {
             let st = self.state.lock();
             if let Some(reason) = &st.halted {
                 return Err(VolumeError::Halted {
@@ -1434,6 +1572,11 @@ impl Volume {
                 });
             }
             let job = match st.uploads.front() {
+                None if st.list_dirty => {
+                    drop(st);
+                    self.put_backend_list()?;
+                    return Ok(true);
+                }
                 None => return Ok(false),
                 Some(UploadTask::Sco(number)) => match st.scos.get(number) {
                     Some(local) => match local.state {
@@ -1457,16 +1600,12 @@ impl Volume {
                 },
                 Some(UploadTask::TLog(number)) => {
                     match st.closed_tlogs.iter().find(|t| t.number == *number) {
-                        Some(closed) => {
-                            let mut list = st.backend_tlogs.clone();
-                            list.tlogs.push(closed.record.clone());
-                            Ok(Job::TLog {
-                                number: *number,
-                                file: closed.file.clone(),
-                                path: closed.path.clone(),
-                                list,
-                            })
-                        }
+                        Some(closed) => Ok(Job::TLog {
+                            number: *number,
+                            file: closed.file.clone(),
+                            path: closed.path.clone(),
+                            record: closed.record.clone(),
+                        }),
                         None => Err(VolumeError::corrupt(
                             &self.name,
                             number.object_name(),
@@ -1475,7 +1614,7 @@ impl Volume {
                     }
                 }
             };
-            (job, st.config.namespace.clone(), st.config.owner_tag)
+            (job, st.config.namespace.clone(), st.config.owner_tag, st.epoch)
         };
         let job = match job {
             Ok(job) => job,
@@ -1546,7 +1685,7 @@ impl Volume {
                 number,
                 file,
                 path,
-                list,
+                record,
             } => {
                 let mut bytes = Vec::new();
                 let read = file.sync_data().and_then(|()| {
@@ -1564,10 +1703,22 @@ impl Volume {
                         reason,
                     ));
                 }
-                put(&number.object_name(), &bytes)?;
+                put(&record.object_name(), &bytes)?;
+                let _list = self.list_lock.lock();
+                let list = {
+                    let st = self.state.lock();
+                    if st.epoch != epoch {
+                        // A rollback or scrub rewrote the list meanwhile; the queue was rebuilt.
+                        return Ok(true);
+                    }
+                    let mut list = Self::backend_list(&st);
+                    list.tlogs.push(record.clone());
+                    list
+                };
                 put(TLOG_LIST_OBJECT, &list.encode())?;
                 let mut st = self.state.lock();
-                st.backend_tlogs = list;
+                st.backend_tlogs.tlogs.push(record);
+                st.list_dirty = false;
                 drop(st);
                 self.stats.uploaded_tlogs.fetch_add(1, Ordering::Relaxed);
                 UploadTask::TLog(number)
@@ -1704,19 +1855,7 @@ impl Volume {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
         let st = self.state.lock();
         self.check_range(&st, offset, len, false)?;
-        let cs = self.cluster_size;
-        let end = offset + len;
-        let mut runs = Vec::new();
-        let mut pos = offset;
-        while pos < end && runs.len() < 1024 {
-            let cluster = pos / cs;
-            let limit = (end - cluster * cs).div_ceil(cs);
-            let (written, count) = st.map.run_at(cluster, limit);
-            let run_end = ((cluster + count.max(1)) * cs).min(end);
-            runs.push((run_end - pos, !written));
-            pos = run_end;
-        }
-        Ok(runs)
+        Ok(allocation_runs(&st.map, self.cluster_size, offset, len))
     }
 
     /// Grow the volume to `new_size` bytes.
@@ -1746,11 +1885,51 @@ impl Volume {
     pub fn set_read_only(&self, read_only: bool) -> Result<()> {
         let mut st = self.state.lock();
         self.check_usable(&st)?;
+        if st.config.template && !read_only {
+            return Err(VolumeError::Refused {
+                volume: self.name.clone(),
+                reason: "a template stays read-only; clone it instead".into(),
+            });
+        }
         let mut config = st.config.clone();
         config.read_only = read_only;
         self.store_config(&config)?;
         st.config = config;
         Ok(())
+    }
+
+    /// Make the volume a template: flush it, snapshot its current state as `template` unless the
+    /// newest snapshot already is it, and make it read-only for good. Templates are only cloned.
+    pub fn set_template(&self) -> Result<SnapshotInfo> {
+        self.flush()?;
+        let needs_snapshot = {
+            let st = self.state.lock();
+            self.check_usable(&st)?;
+            self.has_unclosed_data(&st)
+                || st
+                    .meta
+                    .snapshots
+                    .last()
+                    .is_none_or(|s| s.tlog != snapshots_last_tlog(&st))
+        };
+        let snapshot = if needs_snapshot {
+            self.snapshot_create("template")?
+        } else {
+            let st = self.state.lock();
+            let last = st.meta.snapshots.last().cloned().ok_or_else(|| VolumeError::Refused {
+                volume: self.name.clone(),
+                reason: "no snapshot to base the template on".into(),
+            })?;
+            drop(st);
+            self.snapshot(&last.name)?
+        };
+        let mut st = self.state.lock();
+        let mut config = st.config.clone();
+        config.read_only = true;
+        config.template = true;
+        self.store_config(&config)?;
+        st.config = config;
+        Ok(snapshot)
     }
 
     /// Persist a changed configuration: on the backend (the source of truth for a restart from
@@ -1854,8 +2033,43 @@ impl Volume {
             dtl_backlog_bytes: dtl.backlog_bytes,
             dtl_degradations: dtl.degradations,
             dtl_last_error: dtl.last_error,
+            backend_bytes: st.backend_tlogs.tlogs.iter().map(|r| r.data_bytes).sum(),
+            parent: c.parent.as_ref().map(|p| p.to_string()),
+            children: st
+                .meta
+                .snapshots
+                .iter()
+                .flat_map(|s| s.clones.iter().cloned())
+                .collect(),
+            template: c.template,
+            snapshots: st.meta.snapshots.len(),
+            garbage_bytes: st.garbage_clusters * c.cluster_size,
         }
     }
+}
+
+fn snapshots_last_tlog(st: &State) -> u64 {
+    st.closed_tlogs
+        .back()
+        .map_or(0, |t| t.number.0)
+        .max(st.backend_tlogs.last_number())
+}
+
+/// Allocation runs of `[offset, offset+len)` in `map`: (length in bytes, is a hole), at most
+/// 1024 runs.
+fn allocation_runs(map: &ClusterMap, cs: u64, offset: u64, len: u64) -> Vec<(u64, bool)> {
+    let end = offset + len;
+    let mut runs = Vec::new();
+    let mut pos = offset;
+    while pos < end && runs.len() < 1024 {
+        let cluster = pos / cs;
+        let limit = (end - cluster * cs).div_ceil(cs);
+        let (written, count) = map.run_at(cluster, limit);
+        let run_end = ((cluster + count.max(1)) * cs).min(end);
+        runs.push((run_end - pos, !written));
+        pos = run_end;
+    }
+    runs
 }
 
 impl State {
@@ -1882,6 +2096,11 @@ impl State {
             new_files: false,
             dtl: None,
             applied_end: Position::default(),
+            meta: LocalMeta::default(),
+            epoch: 0,
+            list_dirty: false,
+            meta_unsynced: false,
+            garbage_clusters: 0,
         }
     }
 }

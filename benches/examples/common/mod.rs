@@ -1,9 +1,10 @@
-//! Command-line parsing shared by the benchmark examples (`nbd`, `vhost`): the flags every
+//! Command-line parsing shared by the benchmark examples (`nbd`, `vhost`, `dtl`): the flags every
 //! benchmark takes, plus any boolean flags of its own.
 
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
+use vstor_benches::BenchOptions;
 
 /// The flags given; `None` where the benchmark's default applies.
 #[derive(Debug, Default)]
@@ -16,6 +17,21 @@ pub struct Args {
     pub json: bool,
     /// Those of the benchmark's own `switches` that were given.
     pub switches: Vec<String>,
+}
+
+impl Args {
+    /// The options these flags give, with [`BenchOptions::default`] for those not given.
+    pub fn options(&self) -> BenchOptions {
+        let defaults = BenchOptions::default();
+        BenchOptions {
+            vstor_bin: self.vstor_bin.clone().unwrap_or(defaults.vstor_bin),
+            size: self.size.unwrap_or(defaults.size),
+            runtime_secs: self.runtime_secs.unwrap_or(defaults.runtime_secs),
+            rounds: self.rounds.unwrap_or(defaults.rounds),
+            json: self.json,
+            work_dir: self.work_dir.clone().or(defaults.work_dir),
+        }
+    }
 }
 
 /// Parses the process arguments: `--vstor-bin PATH --size SIZE --runtime SECS --rounds N

@@ -14,13 +14,15 @@
 //!   them.
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;
 
@@ -177,6 +179,82 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// Starts a server that announces on stdout when it is ready (`vstor serve`, `vstor dtl`) and
+/// waits up to `timeout` for the first line `ready` accepts. Its stderr goes to `log_path`,
+/// whose tail goes into the error if it exits or stays silent. `grace` is as for
+/// [`ChildGuard::spawn`]; the rest of its stdout is drained so it never blocks on the pipe.
+pub(crate) fn spawn_until_ready<T>(
+    command: &mut Command,
+    name: &str,
+    grace: Duration,
+    log_path: &Path,
+    timeout: Duration,
+    ready: impl Fn(&str) -> Option<T>,
+) -> Result<(ChildGuard, T)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(log_path)?);
+    let mut process = ChildGuard::spawn(command, name, grace)?;
+    let stdout = process
+        .child_mut()
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("{name} has no stdout pipe"))?;
+    let lines = forward_lines(stdout);
+
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        check_interrupted()?;
+        match lines.recv_timeout(POLL) {
+            Ok(line) => match ready(&line) {
+                Some(value) => return Ok((process, value)),
+                None => seen.push(line),
+            },
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = process.wait_timeout(Duration::from_secs(5))?;
+                let stdout = if seen.is_empty() {
+                    String::new()
+                } else {
+                    format!("its stdout:\n{}\n", seen.join("\n"))
+                };
+                bail!(
+                    "{name} exited before it was ready ({})\n{stdout}{}",
+                    status.map_or_else(|| "closed its stdout".to_string(), |s| s.to_string()),
+                    log_tail(log_path, 20)
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{name} did not print its ready line within {} s\n{}",
+                timeout.as_secs(),
+                log_tail(log_path, 20)
+            );
+        }
+    }
+}
+
+/// Sends each line of `stdout` over a channel until the receiver goes away, then keeps draining
+/// the pipe so the child never blocks on a full stdout.
+fn forward_lines(stdout: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+            if sender.send(line.trim_end().to_string()).is_err() {
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                return;
+            }
+            line.clear();
+        }
+    });
+    receiver
 }
 
 /// Finds `program` on `PATH`, or checks it directly when it is a path.

@@ -72,13 +72,14 @@ pub(crate) fn work_dir(root: Option<&Path>) -> Result<TempDir> {
         .with_context(|| format!("cannot create a work directory under {}", root.display()))
 }
 
-/// The raw file and vstor's data (write buffer plus backend copy) take about three times the
-/// volume size; vstor's log grows further with every write row.
-pub(crate) fn require_free_space(dir: &Path, size: u64) -> Result<()> {
+/// Free space for a benchmark that writes `copies` times the volume size: the peer's raw file
+/// and, per vstor volume, its write buffer plus the backend copy, so 3 for one volume against one
+/// peer. vstor's log grows further with every write row.
+pub(crate) fn require_free_space(dir: &Path, size: u64, copies: u64) -> Result<()> {
     let stats = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("cannot stat {}", dir.display()))?;
     let available = stats.blocks_available() as u64 * stats.fragment_size() as u64;
-    let needed = size.saturating_mul(3);
+    let needed = size.saturating_mul(copies);
     if available < needed {
         bail!(
             "{} has {} MiB free; a {} MiB benchmark needs at least {} MiB (choose a smaller size or another work_dir)",

@@ -4,7 +4,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 
 /// Lays `lines` out in columns two spaces apart: the first column (the row name) left-aligned,
-/// every other column right-aligned. Each line ends with a newline.
+/// every other column right-aligned. Each line ends with a newline, without trailing spaces (a
+/// line may have fewer cells than others, e.g. a group heading).
 pub(crate) fn render(lines: &[Vec<String>]) -> String {
     let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; columns];
@@ -27,7 +28,7 @@ pub(crate) fn render(lines: &[Vec<String>]) -> String {
                 }
             })
             .collect();
-        out.push_str(&cells.join("  "));
+        out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
     out
@@ -85,6 +86,11 @@ mod tests {
             render(&lines),
             "row                 IOPS\n4k randread qd32  123456\nx                      7\n"
         );
+        let grouped = vec![
+            vec!["qd1".to_string()],
+            vec!["  vstor".to_string(), "12".to_string()],
+        ];
+        assert_eq!(render(&grouped), "qd1\n  vstor  12\n");
     }
 
     #[test]

@@ -1,17 +1,16 @@
 //! `vstor serve` under test, with its own data directory, ephemeral loopback ports and its log
-//! in the work directory, whose tail goes into the error when it dies early.
+//! in the work directory, whose tail goes into the error when it dies early; and `vstor dtl`,
+//! the DTL server `bench dtl` mirrors to, kept the same way.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use super::process::{check_interrupted, log_file, log_tail, ChildGuard, POLL};
+use super::process::{log_tail, spawn_until_ready, ChildGuard};
 
 const VSTOR_READY_TIMEOUT: Duration = Duration::from_secs(60);
 const VSTOR_STOP_GRACE: Duration = Duration::from_secs(120);
@@ -42,50 +41,15 @@ impl Vstor {
                 "--no-default-volume",
             ])
             // Plain text in the log file, whose tail goes into error messages.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file(log_path)?);
-        let mut process = ChildGuard::spawn(&mut command, "vstor serve", VSTOR_STOP_GRACE)?;
-        let stdout = process
-            .child_mut()
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("vstor serve has no stdout pipe"))?;
-        let lines = forward_lines(stdout);
-
-        let deadline = Instant::now() + VSTOR_READY_TIMEOUT;
-        let mut seen = Vec::new();
-        let (api, nbd) = loop {
-            check_interrupted()?;
-            match lines.recv_timeout(POLL) {
-                Ok(line) => match parse_ready_line(&line) {
-                    Some(addresses) => break addresses,
-                    None => seen.push(line),
-                },
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = process.wait_timeout(Duration::from_secs(5))?;
-                    let stdout = if seen.is_empty() {
-                        String::new()
-                    } else {
-                        format!("its stdout:\n{}\n", seen.join("\n"))
-                    };
-                    bail!(
-                        "vstor serve exited before it was ready ({})\n{stdout}{}",
-                        status.map_or_else(|| "closed its stdout".to_string(), |s| s.to_string()),
-                        log_tail(log_path, 20)
-                    );
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "vstor serve did not print its ready line within {} s\n{}",
-                    VSTOR_READY_TIMEOUT.as_secs(),
-                    log_tail(log_path, 20)
-                );
-            }
-        };
+            .env("NO_COLOR", "1");
+        let (process, (api, nbd)) = spawn_until_ready(
+            &mut command,
+            "vstor serve",
+            VSTOR_STOP_GRACE,
+            log_path,
+            VSTOR_READY_TIMEOUT,
+            parse_ready_line,
+        )?;
         Ok(Self {
             process,
             bin: bin.to_path_buf(),
@@ -127,8 +91,15 @@ impl Vstor {
     }
 
     pub(crate) fn create_volume(&self, name: &str, size: u64) -> Result<()> {
-        self.cli(&["volume", "create", name, "--size", &size.to_string()])
-            .map(drop)
+        self.create_volume_with(name, size, &[])
+    }
+
+    /// `vstor volume create NAME --size SIZE` with more options, e.g. `--dtl-mode sync`.
+    pub(crate) fn create_volume_with(&self, name: &str, size: u64, options: &[&str]) -> Result<()> {
+        let size = size.to_string();
+        let mut args = vec!["volume", "create", name, "--size", &size];
+        args.extend_from_slice(options);
+        self.cli(&args).map(drop)
     }
 
     pub(crate) fn volume_info(&self, name: &str) -> Result<Value> {
@@ -166,22 +137,75 @@ impl Vstor {
     }
 }
 
-/// Sends each line of `stdout` over a channel until the receiver goes away, then keeps draining
-/// the pipe so the server never blocks on a full stdout.
-fn forward_lines(stdout: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-            if sender.send(line.trim_end().to_string()).is_err() {
-                let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                return;
-            }
-            line.clear();
+/// A running `vstor dtl`: the DTL server volumes mirror their writes to, on an ephemeral
+/// loopback port, acknowledging once entries are in the page cache (no `--fsync`).
+pub(crate) struct VstorDtl {
+    process: ChildGuard,
+    log_path: PathBuf,
+    address: SocketAddr,
+}
+
+impl VstorDtl {
+    /// Starts `vstor dtl` and waits for its ready line.
+    pub(crate) fn start(bin: &Path, data_dir: &Path, log_path: &Path) -> Result<Self> {
+        let mut command = Command::new(bin);
+        command
+            .arg("dtl")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("NO_COLOR", "1");
+        let (process, address) = spawn_until_ready(
+            &mut command,
+            "vstor dtl",
+            VSTOR_STOP_GRACE,
+            log_path,
+            VSTOR_READY_TIMEOUT,
+            parse_dtl_ready_line,
+        )?;
+        Ok(Self {
+            process,
+            log_path: log_path.to_path_buf(),
+            address,
+        })
+    }
+
+    /// The `HOST:PORT` it listens on.
+    pub(crate) fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// An error with the tail of its log if `vstor dtl` has exited.
+    pub(crate) fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.process.try_wait()? {
+            bail!(
+                "vstor dtl exited ({status})\n{}",
+                log_tail(&self.log_path, 20)
+            );
         }
-    });
-    receiver
+        Ok(())
+    }
+
+    /// The last lines of its log, for errors.
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log_path, lines)
+    }
+
+    pub(crate) fn stop(mut self) -> Result<()> {
+        let status = self.process.stop()?;
+        if !status.success() {
+            eprintln!("warning: vstor dtl exited with {status} on SIGTERM");
+        }
+        Ok(())
+    }
+}
+
+/// `vstor dtl ready: IP:PORT` → the address.
+fn parse_dtl_ready_line(line: &str) -> Option<SocketAddr> {
+    line.trim()
+        .strip_prefix("vstor dtl ready:")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `vstor ready: api=http://IP:PORT nbd=nbd://IP:PORT` → (`IP:PORT` of the API, NBD address).
@@ -225,6 +249,19 @@ mod tests {
         assert_eq!(nbd, "127.0.0.1:40111".parse().unwrap());
         assert!(parse_ready_line("vstor starting").is_none());
         assert!(parse_ready_line("vstor ready: api=http://127.0.0.1:1").is_none());
+    }
+
+    #[test]
+    fn dtl_ready_line_gives_the_address() {
+        assert_eq!(
+            parse_dtl_ready_line("vstor dtl ready: 127.0.0.1:40112"),
+            Some("127.0.0.1:40112".parse().unwrap())
+        );
+        assert!(
+            parse_dtl_ready_line("vstor ready: api=http://127.0.0.1:1 nbd=nbd://127.0.0.1:2")
+                .is_none()
+        );
+        assert!(parse_dtl_ready_line("vstor dtl ready: soon").is_none());
     }
 
     #[test]

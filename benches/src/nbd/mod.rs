@@ -22,26 +22,62 @@
 //! fio is driven with `--direct=1 --time_based --runtime=N --ramp_time=1 --norandommap
 //! --randrepeat=0`; latencies are fio's completion latency (`clat_ns`) percentiles.
 
-mod fio;
 mod report;
-mod targets;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 
+use crate::common::fio::{self, Job, Sample, RAMP_SECS};
 use crate::common::process::InterruptGuard;
+use crate::common::qemu_nbd::QemuNbd;
 use crate::common::setup::{self, MIB};
 use crate::common::vstor::{rss_bytes, Vstor};
 use crate::BenchOptions;
-use fio::{Direction, Sample, JOBS, RAMP_SECS};
 use report::{Memory, Report, Row};
-use targets::QemuNbd;
 
 const EXPORT: &str = "bench";
+
+/// The rows, in the order they run.
+pub(crate) const JOBS: [Job; 6] = [
+    Job {
+        name: "4k randread qd1",
+        rw: "randread",
+        block_size: 4096,
+        iodepth: 1,
+    },
+    Job {
+        name: "4k randread qd32",
+        rw: "randread",
+        block_size: 4096,
+        iodepth: 32,
+    },
+    Job {
+        name: "4k randwrite qd1",
+        rw: "randwrite",
+        block_size: 4096,
+        iodepth: 1,
+    },
+    Job {
+        name: "4k randwrite qd32",
+        rw: "randwrite",
+        block_size: 4096,
+        iodepth: 32,
+    },
+    Job {
+        name: "1M seqwrite qd8",
+        rw: "write",
+        block_size: MIB,
+        iodepth: 8,
+    },
+    Job {
+        name: "1M seqread qd8",
+        rw: "read",
+        block_size: MIB,
+        iodepth: 8,
+    },
+];
 
 /// Runs the benchmark and prints the report (table or JSON) to stdout. Progress goes to stderr.
 pub fn run(options: &BenchOptions) -> Result<()> {
@@ -58,7 +94,7 @@ fn measure(options: &BenchOptions) -> Result<Report> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
     let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
     let fio_version = setup::tool_version("fio", "fio", "nbd")?;
-    require_fio_nbd_engine()?;
+    fio::require_nbd_engine("nbd")?;
     let qemu_nbd_version = setup::tool_version("qemu-nbd", "qemu-utils", "nbd")?;
     let qemu_nbd_version = qemu_nbd_version
         .strip_prefix("qemu-nbd ")
@@ -67,7 +103,7 @@ fn measure(options: &BenchOptions) -> Result<Report> {
 
     let _signals = InterruptGuard::install()?;
     let work = setup::work_dir(options.work_dir.as_deref())?;
-    setup::require_free_space(work.path(), options.size)?;
+    setup::require_free_space(work.path(), options.size, 3)?;
     let fio_dir = work.path().join("fio");
     std::fs::create_dir(&fio_dir)?;
     progress(format_args!("work directory {}", work.path().display()));
@@ -90,7 +126,7 @@ fn measure(options: &BenchOptions) -> Result<Report> {
     let vstor_uri = vstor.uri(EXPORT);
     let qemu_uri = qemu.uri(EXPORT);
 
-    let vstor_prefill = prefill("vstor", &vstor_uri, options.size, &fio_dir)?;
+    let vstor_prefill = fio::prefill("vstor", &vstor_uri, options.size, &fio_dir, &progress)?;
     let rss_after_prefill = rss_bytes(vstor.pid())?;
     let info = vstor.volume_info(EXPORT)?;
     let field = |name: &str| info.get(name).and_then(Value::as_u64);
@@ -101,7 +137,7 @@ fn measure(options: &BenchOptions) -> Result<Report> {
         field("map_memory_bytes"),
         field("written_bytes"),
     );
-    prefill("qemu-nbd", &qemu_uri, options.size, &fio_dir)?;
+    fio::prefill("qemu-nbd", &qemu_uri, options.size, &fio_dir, &progress)?;
 
     let job_timeout = Duration::from_secs(options.runtime_secs + RAMP_SECS + 60);
     let total = JOBS.len() * options.rounds as usize;
@@ -157,47 +193,6 @@ fn measure(options: &BenchOptions) -> Result<Report> {
         rows,
         vstor_memory,
     })
-}
-
-/// Writes the whole device once and checks that fio really got to the end.
-fn prefill(target: &str, uri: &str, size: u64, fio_dir: &Path) -> Result<Sample> {
-    progress(format_args!(
-        "prefilling {target} ({} MiB of 1 MiB writes)",
-        size / MIB
-    ));
-    let timeout = Duration::from_secs((size / (2 * MIB)).max(600));
-    let sample = fio::run(
-        &fio::prefill_args(uri, size),
-        Direction::Write,
-        fio_dir,
-        &format!("{target}-prefill"),
-        timeout,
-    )?;
-    if sample.io_bytes != size {
-        bail!(
-            "prefill of {target} wrote {} of {size} bytes",
-            sample.io_bytes
-        );
-    }
-    progress(format_args!(
-        "prefilled {target} at {:.0} MB/s",
-        sample.mb_per_s
-    ));
-    Ok(sample)
-}
-
-fn require_fio_nbd_engine() -> Result<()> {
-    let status = Command::new("fio")
-        .arg("--enghelp=nbd")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("cannot run `fio --enghelp=nbd`")?;
-    if !status.success() {
-        bail!("this fio has no nbd engine; it needs a fio built with libnbd (Debian/Ubuntu: apt-get install fio libnbd0)");
-    }
-    Ok(())
 }
 
 fn progress(message: std::fmt::Arguments) {

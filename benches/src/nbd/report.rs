@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::fio::Sample;
+use crate::common::fio::{Job, Sample};
 use crate::common::table::{self, latencies, mib_or_gib};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -33,7 +33,7 @@ pub(crate) struct Row {
 }
 
 impl Row {
-    pub(crate) fn new(job: &super::fio::Job, vstor: Sample, qemu_nbd: Sample) -> Self {
+    pub(crate) fn new(job: &Job, vstor: Sample, qemu_nbd: Sample) -> Self {
         Self {
             name: job.name.to_string(),
             rw: job.rw.to_string(),
@@ -157,8 +157,9 @@ pub(crate) fn to_table(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fio::{JOBS, RAMP_SECS};
+    use super::super::JOBS;
     use super::*;
+    use crate::common::fio::RAMP_SECS;
 
     fn sample(iops: f64, mb_per_s: f64, p50_us: f64, p99_us: f64) -> Sample {
         Sample {

@@ -148,7 +148,7 @@ fn measure(options: &BenchOptions, calibration: bool) -> Result<Report> {
 
     let _signals = InterruptGuard::install()?;
     let work = setup::work_dir(options.work_dir.as_deref())?;
-    setup::require_free_space(work.path(), options.size)?;
+    setup::require_free_space(work.path(), options.size, 3)?;
     progress(format_args!("work directory {}", work.path().display()));
 
     let (subject_name, mut subject, subject_socket) = match &vstor_bin {

@@ -59,6 +59,10 @@ impl Position {
         Self { sco, cluster }
     }
 
+    pub fn from_pair((sco, cluster): (u32, u32)) -> Self {
+        Self::new(sco, cluster)
+    }
+
     /// The position just after `location`.
     pub fn after(location: ClusterLocation) -> Self {
         Self::new(location.sco_number().0, location.offset() as u32 + 1)
@@ -304,7 +308,10 @@ impl Volume {
     /// Drop the volume's registration and entries on its DTL (volume deletion). Best effort:
     /// an unreachable DTL keeps the entries until an operator clears them.
     pub fn forget_dtl(&self) {
-        let config = self.config();
+        self.forget_dtl_at(&self.config());
+    }
+
+    fn forget_dtl_at(&self, config: &crate::config::VolumeConfig) {
         let Some(addr) = config
             .dtl_addr
             .as_deref()
@@ -323,6 +330,9 @@ impl Volume {
     /// Change the DTL mode and address, persist them, and re-attach the link.
     pub fn set_dtl(self: &Arc<Self>, mode: DtlMode, addr: Option<String>) -> Result<()> {
         crate::config::validate_dtl(&self.name, mode, addr.as_deref())?;
+        let before = self.config();
+        let moved = before.dtl_mode != DtlMode::None
+            && (mode == DtlMode::None || before.dtl_addr != addr);
         {
             let mut st = self.state.lock();
             self.check_usable(&st)?;
@@ -333,6 +343,10 @@ impl Volume {
             st.config = config;
         }
         self.detach_dtl();
+        if moved {
+            // The old DTL would otherwise keep this volume's entries forever.
+            self.forget_dtl_at(&before);
+        }
         self.attach_dtl();
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! One fio job against an NBD URI, and what we read back from fio's JSON report.
+//! fio's `nbd` engine against an NBD URI (`bench nbd`, `bench dtl`): one job, the prefill that
+//! writes a device end to end, and what we read back from fio's JSON report.
 //!
 //! fio runs as a child process with `--output-format=json --output=FILE`: its stdout carries
 //! chatter from the nbd engine ("fio: connected to NBD server"), so the report goes to a file of
@@ -14,10 +15,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::common::process::{log_file, log_tail, ChildGuard};
+use crate::common::setup::MIB;
 use crate::common::stats::median;
 
 pub(crate) const RAMP_SECS: u64 = 1;
-const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -69,45 +70,6 @@ impl Job {
     }
 }
 
-pub(crate) const JOBS: [Job; 6] = [
-    Job {
-        name: "4k randread qd1",
-        rw: "randread",
-        block_size: 4096,
-        iodepth: 1,
-    },
-    Job {
-        name: "4k randread qd32",
-        rw: "randread",
-        block_size: 4096,
-        iodepth: 32,
-    },
-    Job {
-        name: "4k randwrite qd1",
-        rw: "randwrite",
-        block_size: 4096,
-        iodepth: 1,
-    },
-    Job {
-        name: "4k randwrite qd32",
-        rw: "randwrite",
-        block_size: 4096,
-        iodepth: 32,
-    },
-    Job {
-        name: "1M seqwrite qd8",
-        rw: "write",
-        block_size: MIB,
-        iodepth: 8,
-    },
-    Job {
-        name: "1M seqread qd8",
-        rw: "read",
-        block_size: MIB,
-        iodepth: 8,
-    },
-];
-
 /// A sequential 1 MiB write over the whole device, so later reads hit written data.
 pub(crate) fn prefill_args(uri: &str, size: u64) -> Vec<String> {
     let mut args = common_args("prefill", uri, "write", MIB, 8);
@@ -126,6 +88,56 @@ fn common_args(name: &str, uri: &str, rw: &str, block_size: u64, iodepth: u32) -
         "--direct=1".into(),
         "--output-format=json".into(),
     ]
+}
+
+/// An error unless this fio has the `nbd` engine (libnbd); `bench` names the benchmark that
+/// needs it.
+pub(crate) fn require_nbd_engine(bench: &str) -> Result<()> {
+    let status = Command::new("fio")
+        .arg("--enghelp=nbd")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("cannot run `fio --enghelp=nbd`")?;
+    if !status.success() {
+        bail!("this fio has no nbd engine, which `vstor bench {bench}` needs; it needs a fio built with libnbd (Debian/Ubuntu: apt-get install fio libnbd0)");
+    }
+    Ok(())
+}
+
+/// Writes the whole device at `uri` once with sequential 1 MiB writes and checks that fio really
+/// got to the end. `progress` gets the messages for the user.
+pub(crate) fn prefill(
+    target: &str,
+    uri: &str,
+    size: u64,
+    dir: &Path,
+    progress: &dyn Fn(std::fmt::Arguments),
+) -> Result<Sample> {
+    progress(format_args!(
+        "prefilling {target} ({} MiB of 1 MiB writes)",
+        size / MIB
+    ));
+    let timeout = Duration::from_secs((size / (2 * MIB)).max(600));
+    let sample = run(
+        &prefill_args(uri, size),
+        Direction::Write,
+        dir,
+        &format!("{target}-prefill"),
+        timeout,
+    )?;
+    if sample.io_bytes != size {
+        bail!(
+            "prefill of {target} wrote {} of {size} bytes",
+            sample.io_bytes
+        );
+    }
+    progress(format_args!(
+        "prefilled {target} at {:.0} MB/s",
+        sample.mb_per_s
+    ));
+    Ok(sample)
 }
 
 /// What one fio run measured in the direction that matters for its job.
@@ -295,7 +307,13 @@ mod tests {
 
     #[test]
     fn job_args_carry_the_fixed_fio_settings() {
-        let args = JOBS[1].args("nbd://127.0.0.1:10809/bench", 10);
+        let job = Job {
+            name: "4k randread qd32",
+            rw: "randread",
+            block_size: 4096,
+            iodepth: 32,
+        };
+        let args = job.args("nbd://127.0.0.1:10809/bench", 10);
         for expected in [
             "--ioengine=nbd",
             "--uri=nbd://127.0.0.1:10809/bench",

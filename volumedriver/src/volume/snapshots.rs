@@ -1,0 +1,596 @@
+//! Snapshots, rollback, and reading a snapshot (views, clone bases).
+//!
+//! # A snapshot is a TLog boundary
+//! Creating one seals the open SCO, closes the current TLog and records `(name, last TLog
+//! number)`: the volume's state at the snapshot is the replay of every TLog up to that number.
+//! Nothing is copied, so creation costs one TLog close and one small metadata file replace,
+//! whatever the volume's size (the file reaches the disk with the next FLUSH, like the TLog).
+//!
+//! # Where snapshot metadata lives
+//! The write buffer's `snapshots` file (format: `meta` envelope, kind `SNPS`) is authoritative
+//! on this node: every change is written there first. The backend TLog list carries the same
+//! records, so a restart from the backend alone knows them (snapshots whose TLogs never reached
+//! the backend are dropped then: their history is gone). Each change marks the backend list
+//! dirty and the uploader puts it.
+//!
+//! # Rollback
+//! Rollback to snapshot `S` drops every later TLog and SCO. It is written down before anything is
+//! removed: the TLog numbers after `S` become a *dropped range* that restart never replays,
+//! wherever such a TLog is still found (write buffer or backend), and the *DTL floor* moves
+//! past every SCO number handed out so far, so DTL entries of the dropped history are never
+//! replayed either. SCO and TLog numbers are never reused. Then the backend list is rewritten
+//! without the dropped TLogs, the in-memory state is rebuilt by the restart code itself, and the
+//! dropped objects are deleted (anything a crash leaves behind is swept by the next scrub).
+//!
+//! # Reading a snapshot
+//! A [`SnapshotView`] replays the snapshot's TLogs into its own map and reads through the volume's
+//! read path (write-buffer copies of SCOs where present, ranged backend reads otherwise). Its map
+//! is rebuilt whenever a scrub or rollback changed the TLogs under it.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{State, Volume, TLOG_LIST_OBJECT};
+use crate::config::{validate_volume_name, SnapshotRecord, TLogList};
+use crate::error::{Result, VolumeError};
+use crate::map::ClusterMap;
+use crate::meta::{self, replace_file, write_file_atomic};
+use crate::tlog::{self, Entry};
+use crate::types::{TLogNumber, LBA_SIZE};
+
+const META_FILE: &str = "snapshots";
+const META_KIND: &[u8; 4] = b"SNPS";
+const META_VERSION: u32 = 1;
+
+/// The node-local copy of a volume's snapshot metadata (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct LocalMeta {
+    pub snapshots: Vec<SnapshotRecord>,
+    pub dropped: Vec<(u64, u64)>,
+    pub dtl_floor: (u32, u32),
+}
+
+impl LocalMeta {
+    pub fn load(volume: &str, dir: &Path, backend: &TLogList) -> Result<Self> {
+        let path = dir.join(META_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => meta::decode(META_KIND, META_VERSION, &bytes)
+                .map_err(|e| VolumeError::corrupt(volume, path.display().to_string(), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let last = backend.last_number();
+                Ok(Self {
+                    snapshots: backend
+                        .snapshots
+                        .iter()
+                        .filter(|s| s.tlog <= last)
+                        .cloned()
+                        .collect(),
+                    dropped: backend.dropped.clone(),
+                    dtl_floor: backend.dtl_floor,
+                })
+            }
+            Err(e) => Err(VolumeError::io(volume, &path)(e)),
+        }
+    }
+
+    pub fn is_dropped(&self, number: u64) -> bool {
+        self.dropped
+            .iter()
+            .any(|(from, to)| (*from..=*to).contains(&number))
+    }
+}
+
+/// What `vstor snapshot list` shows about one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created: u64,
+    /// Bytes written between the previous snapshot and this one.
+    pub written_bytes: u64,
+    /// Every TLog of the snapshot is on the backend (it can be cloned and exported).
+    pub in_backend: bool,
+    pub clones: Vec<String>,
+    pub size: u64,
+    pub tlog: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn validate_snapshot_name(volume: &str, name: &str) -> Result<()> {
+    validate_volume_name(name).map_err(|e| VolumeError::InvalidConfig {
+        volume: volume.to_string(),
+        reason: format!("snapshot name: {e}"),
+    })
+}
+
+/// Where to read one TLog of a snapshot from.
+enum TLogSource {
+    Backend(String),
+    Local(std::path::PathBuf, String),
+}
+
+impl Volume {
+    /// The full backend TLog list: uploaded TLogs plus the current snapshot metadata.
+    pub(super) fn backend_list(st: &State) -> TLogList {
+        TLogList {
+            tlogs: st.backend_tlogs.tlogs.clone(),
+            snapshots: st.meta.snapshots.clone(),
+            dropped: st.meta.dropped.clone(),
+            dtl_floor: st.meta.dtl_floor,
+        }
+    }
+
+    /// Put the backend TLog list as the state says it is now.
+    pub(super) fn put_backend_list(&self) -> Result<()> {
+        let _list = self.list_lock.lock();
+        let (list, namespace, owner) = {
+            let st = self.state.lock();
+            (
+                Self::backend_list(&st),
+                st.config.namespace.clone(),
+                st.config.owner_tag,
+            )
+        };
+        match self
+            .backend
+            .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
+        {
+            Ok(()) => {
+                self.state.lock().list_dirty = false;
+                Ok(())
+            }
+            Err(e @ vstor_backend::BackendError::Fenced { .. }) => {
+                self.halt_with(VolumeError::backend(&self.name)(e))
+            }
+            Err(e) => Err(VolumeError::backend(&self.name)(e)),
+        }
+    }
+
+    /// Persist the snapshot metadata: durably, or (snapshot creation, the latency-critical case)
+    /// crash-safely now and durably at the next FLUSH.
+    fn store_meta(&self, st: &mut State, durable: bool) -> Result<()> {
+        let path = self.dir.join(META_FILE);
+        let bytes = meta::encode(META_KIND, META_VERSION, &st.meta);
+        let written = if durable {
+            write_file_atomic(&path, &bytes)
+        } else {
+            replace_file(&path, &bytes)
+        };
+        if let Err(e) = written {
+            let err = VolumeError::io(&self.name, &path)(e);
+            self.halt(st, err.to_string());
+            return Err(err);
+        }
+        if !durable {
+            st.meta_unsynced = true;
+        }
+        st.list_dirty = true;
+        self.upload_work.notify_all();
+        Ok(())
+    }
+
+    /// The snapshot metadata file, for FLUSH to fsync.
+    pub(super) fn meta_path(&self) -> std::path::PathBuf {
+        self.dir.join(META_FILE)
+    }
+
+    fn snapshot_info(st: &State, record: &SnapshotRecord) -> SnapshotInfo {
+        SnapshotInfo {
+            name: record.name.clone(),
+            created: record.created,
+            written_bytes: record.written_bytes,
+            in_backend: st.backend_tlogs.last_number() >= record.tlog,
+            clones: record.clones.clone(),
+            size: if record.size > 0 {
+                record.size
+            } else {
+                st.config.size
+            },
+            tlog: record.tlog,
+        }
+    }
+
+    fn find_snapshot<'a>(&self, st: &'a State, name: &str) -> Result<&'a SnapshotRecord> {
+        st.meta
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| VolumeError::SnapshotNotFound {
+                volume: self.name.clone(),
+                snapshot: name.to_string(),
+            })
+    }
+
+    /// Number of the newest TLog that exists (uploaded or closed locally), 0 if none.
+    fn last_closed_tlog(st: &State) -> u64 {
+        st.closed_tlogs
+            .back()
+            .map_or(st.backend_tlogs.last_number(), |t| t.number.0)
+            .max(st.backend_tlogs.last_number())
+    }
+
+    /// Take a snapshot: seal the open SCO, close the current TLog, record the boundary.
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        validate_snapshot_name(&self.name, name)?;
+        let _serial = self.flush_lock.lock();
+        let mut st = self.state.lock();
+        self.check_usable(&st)?;
+        if st.meta.snapshots.iter().any(|s| s.name == name) {
+            return Err(VolumeError::SnapshotExists {
+                volume: self.name.clone(),
+                snapshot: name.to_string(),
+            });
+        }
+        if self.has_unclosed_data(&st) {
+            self.close_tlog(&mut st)?;
+        }
+        let tlog = Self::last_closed_tlog(&st);
+        let previous = st.meta.snapshots.last().map_or(0, |s| s.tlog);
+        let written_bytes = st
+            .backend_tlogs
+            .tlogs
+            .iter()
+            .map(|r| (r.number, r.data_bytes))
+            .chain(
+                st.closed_tlogs
+                    .iter()
+                    .map(|t| (t.number.0, t.record.data_bytes)),
+            )
+            .filter(|(number, _)| *number > previous && *number <= tlog)
+            .map(|(_, bytes)| bytes)
+            .sum();
+        let record = SnapshotRecord {
+            name: name.to_string(),
+            created: now_secs(),
+            tlog,
+            written_bytes,
+            clones: Vec::new(),
+            size: st.config.size,
+        };
+        st.meta.snapshots.push(record.clone());
+        self.store_meta(&mut st, false)?;
+        Ok(Self::snapshot_info(&st, &record))
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let st = self.state.lock();
+        st.meta
+            .snapshots
+            .iter()
+            .map(|s| Self::snapshot_info(&st, s))
+            .collect()
+    }
+
+    pub fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        let st = self.state.lock();
+        let record = self.find_snapshot(&st, name)?;
+        Ok(Self::snapshot_info(&st, record))
+    }
+
+    /// Delete a snapshot: its TLogs now belong to the next snapshot's region, and the next scrub
+    /// reclaims what only it kept alive. Refused while it has clones.
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        let mut st = self.state.lock();
+        self.check_usable(&st)?;
+        let record = self.find_snapshot(&st, name)?;
+        if !record.clones.is_empty() {
+            return Err(VolumeError::HasClones {
+                volume: self.name.clone(),
+                what: format!("snapshot {name}"),
+                clones: record.clones.clone(),
+            });
+        }
+        st.meta.snapshots.retain(|s| s.name != name);
+        self.store_meta(&mut st, true)
+    }
+
+    /// Clones of any snapshot of this volume.
+    pub fn clones(&self) -> Vec<String> {
+        let st = self.state.lock();
+        st.meta
+            .snapshots
+            .iter()
+            .flat_map(|s| s.clones.iter().cloned())
+            .collect()
+    }
+
+    /// Record (or forget) that `clone` was made from snapshot `name`.
+    pub fn set_clone(&self, name: &str, clone: &str, present: bool) -> Result<()> {
+        {
+            let mut st = self.state.lock();
+            let Some(record) = st.meta.snapshots.iter_mut().find(|s| s.name == name) else {
+                return Err(VolumeError::SnapshotNotFound {
+                    volume: self.name.clone(),
+                    snapshot: name.to_string(),
+                });
+            };
+            record.clones.retain(|c| c != clone);
+            if present {
+                record.clones.push(clone.to_string());
+            }
+            self.store_meta(&mut st, true)?;
+        }
+        self.put_backend_list()
+    }
+
+    /// Roll the volume back to snapshot `name`, dropping every later write, TLog, SCO and
+    /// snapshot (see the module docs). Refused if a later snapshot has clones.
+    pub fn rollback(&self, name: &str) -> Result<()> {
+        let _serial = self.flush_lock.lock();
+        let _list = self.list_lock.lock();
+        let mut st = self.state.lock();
+        self.check_usable(&st)?;
+        if st.config.template {
+            return Err(VolumeError::Refused {
+                volume: self.name.clone(),
+                reason: "a template cannot be rolled back".into(),
+            });
+        }
+        let index = st
+            .meta
+            .snapshots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| VolumeError::SnapshotNotFound {
+                volume: self.name.clone(),
+                snapshot: name.to_string(),
+            })?;
+        if let Some(later) = st.meta.snapshots[index + 1..]
+            .iter()
+            .find(|s| !s.clones.is_empty())
+        {
+            return Err(VolumeError::HasClones {
+                volume: self.name.clone(),
+                what: format!("later snapshot {}", later.name),
+                clones: later.clones.clone(),
+            });
+        }
+        let boundary = st.meta.snapshots[index].tlog;
+        if self.has_unclosed_data(&st) {
+            self.close_tlog(&mut st)?;
+        }
+        // 1. Write the decision down: dropped range, DTL floor, remaining snapshots.
+        let last = st.next_tlog.saturating_sub(1);
+        if last > boundary {
+            st.meta.dropped.push((boundary + 1, last));
+        }
+        st.meta.dtl_floor = (st.next_sco, 0);
+        st.meta.snapshots.truncate(index + 1);
+        self.store_meta(&mut st, true)?;
+        // 2. The backend list without the dropped TLogs.
+        let (kept, dropped): (Vec<_>, Vec<_>) = st
+            .backend_tlogs
+            .tlogs
+            .iter()
+            .cloned()
+            .partition(|r| r.number <= boundary);
+        st.backend_tlogs.tlogs = kept;
+        st.epoch += 1;
+        let list = Self::backend_list(&st);
+        let namespace = st.config.namespace.clone();
+        let owner = st.config.owner_tag;
+        if let Err(e) =
+            self.backend
+                .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
+        {
+            tracing::warn!(volume = %self.name, error = %e, "rollback: backend TLog list not updated yet; the uploader retries");
+            st.list_dirty = true;
+        } else {
+            st.list_dirty = false;
+        }
+        // 3. Rebuild the in-memory state with the restart code.
+        let (next_sco, next_tlog) = (st.next_sco, st.next_tlog);
+        let mut fresh = State::new(st.config.clone(), st.backend_tlogs.clone());
+        fresh.meta = st.meta.clone();
+        fresh.epoch = st.epoch;
+        fresh.list_dirty = st.list_dirty;
+        fresh.dtl = st.dtl.take();
+        fresh.next_sco = next_sco;
+        fresh.next_tlog = next_tlog;
+        // Open files of the dropped SCOs and TLogs close with the old state.
+        let old = std::mem::replace(&mut *st, fresh);
+        drop(old);
+        if let Err(e) = self.rebuild(&mut st) {
+            self.halt(&mut st, e.to_string());
+            return Err(e);
+        }
+        st.next_sco = st.next_sco.max(next_sco);
+        st.next_tlog = st.next_tlog.max(next_tlog);
+        self.upload_work.notify_all();
+        drop(st);
+        // 4. Delete what was dropped from the backend (best effort; scrub sweeps leftovers).
+        for record in dropped {
+            let _ = self
+                .backend
+                .delete_if_owner(&namespace, &record.object_name(), owner);
+            for sco in &record.scos {
+                let object = crate::types::ScoName {
+                    clone_id: 0,
+                    number: crate::types::ScoNumber(*sco),
+                    version: record.sco_version(*sco),
+                }
+                .to_string();
+                let _ = self.backend.delete_if_owner(&namespace, &object, owner);
+            }
+        }
+        tracing::info!(volume = %self.name, snapshot = %name, "rolled back");
+        Ok(())
+    }
+
+    /// Block until snapshot `name` is entirely on the backend, or `deadline`. Returns whether it is.
+    pub fn wait_snapshot_in_backend(&self, name: &str, deadline: std::time::Instant) -> Result<bool> {
+        let mut st = self.state.lock();
+        loop {
+            let tlog = self.find_snapshot(&st, name)?.tlog;
+            if st.backend_tlogs.last_number() >= tlog {
+                return Ok(true);
+            }
+            if st.halted.is_some()
+                || self.upload_work.wait_until(&mut st, deadline).timed_out()
+            {
+                return Ok(st.backend_tlogs.last_number() >= tlog);
+            }
+        }
+    }
+
+    /// The map of the volume at snapshot `name`, replayed from its TLogs, and its size.
+    pub fn snapshot_map(&self, name: &str) -> Result<(ClusterMap, u64)> {
+        let (sources, size, namespace) = {
+            let st = self.state.lock();
+            let record = self.find_snapshot(&st, name)?;
+            let info = Self::snapshot_info(&st, record);
+            let mut sources: Vec<TLogSource> = st
+                .backend_tlogs
+                .tlogs
+                .iter()
+                .filter(|r| r.number <= record.tlog)
+                .map(|r| TLogSource::Backend(r.object_name()))
+                .collect();
+            sources.extend(
+                st.closed_tlogs
+                    .iter()
+                    .filter(|t| t.number.0 <= record.tlog)
+                    .map(|t| TLogSource::Local(t.path.clone(), t.record.object_name())),
+            );
+            (sources, info.size, st.config.namespace.clone())
+        };
+        let mut map = ClusterMap::new(size / self.cluster_size);
+        for source in sources {
+            let (bytes, what) = match source {
+                TLogSource::Backend(object) => (
+                    self.backend
+                        .get(&namespace, &object)
+                        .map_err(VolumeError::backend(&self.name))?,
+                    object,
+                ),
+                // Uploaded (and removed locally) since the list was taken: the backend has it.
+                TLogSource::Local(path, object) => match fs::read(&path) {
+                    Ok(bytes) => (bytes, path.display().to_string()),
+                    Err(_) => (
+                        self.backend
+                            .get(&namespace, &object)
+                            .map_err(VolumeError::backend(&self.name))?,
+                        object,
+                    ),
+                },
+            };
+            let parsed =
+                tlog::parse(&bytes, true).map_err(|e| VolumeError::corrupt(&self.name, &what, e))?;
+            for entry in parsed.entries {
+                match entry {
+                    Entry::Loc { address, location } if address < map.clusters() => {
+                        map.set(address, location);
+                    }
+                    Entry::Trim { start, count } => map.clear_range(start, count, |_, _| {}),
+                    _ => {}
+                }
+            }
+        }
+        Ok((map, size))
+    }
+
+    /// A read-only view of snapshot `name`.
+    pub fn snapshot_view(self: &Arc<Self>, name: &str) -> Result<SnapshotView> {
+        let (map, size) = self.snapshot_map(name)?;
+        let epoch = self.state.lock().epoch;
+        Ok(SnapshotView {
+            volume: self.clone(),
+            snapshot: name.to_string(),
+            size,
+            map: Mutex::new((epoch, Arc::new(map))),
+        })
+    }
+
+    pub(super) fn current_epoch(&self) -> u64 {
+        self.state.lock().epoch
+    }
+}
+
+/// A snapshot, readable like a read-only volume (NBD export `VOL@SNAP`, vhost-user RO).
+pub struct SnapshotView {
+    volume: Arc<Volume>,
+    snapshot: String,
+    size: u64,
+    map: Mutex<(u64, Arc<ClusterMap>)>,
+}
+
+impl SnapshotView {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    pub fn snapshot(&self) -> &str {
+        &self.snapshot
+    }
+
+    /// The map, rebuilt if a scrub or rollback rewrote the TLogs since it was built.
+    fn current_map(&self) -> Result<Arc<ClusterMap>> {
+        let epoch = self.volume.current_epoch();
+        let mut cached = self.map.lock();
+        if cached.0 != epoch {
+            let (map, _) = self.volume.snapshot_map(&self.snapshot)?;
+            *cached = (epoch, Arc::new(map));
+        }
+        Ok(cached.1.clone())
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        let name = format!("{}@{}", self.volume.name(), self.snapshot);
+        if !offset.is_multiple_of(LBA_SIZE) || !len.is_multiple_of(LBA_SIZE) {
+            return Err(VolumeError::Misaligned {
+                volume: name,
+                offset,
+                len,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(VolumeError::OutOfRange {
+                volume: name,
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let map = self.current_map()?;
+        let plan = {
+            let st = self.volume.state.lock();
+            self.volume.check_usable(&st)?;
+            self.volume
+                .find_snapshot(&st, &self.snapshot)
+                .map(|_| ())?;
+            self.volume.plan_read_in(&st, &map, offset, buf.len())
+        };
+        self.volume.execute_read(plan, buf)
+    }
+
+    /// Allocation map of `[offset, offset+len)`: runs of (length in bytes, is a hole).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        self.check(offset, len)?;
+        let map = self.current_map()?;
+        Ok(super::allocation_runs(&map, self.volume.cluster_size, offset, len))
+    }
+}
+
+/// Number of the TLog object a record names; used by scrub and sweep.
+pub(super) fn tlog_number_of(object: &str) -> Option<u64> {
+    let base = object.split('.').next()?;
+    TLogNumber::parse_object_name(base).map(|n| n.0)
+}
