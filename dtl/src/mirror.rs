@@ -39,6 +39,7 @@
 //! until the next one.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -157,16 +158,24 @@ struct Inner {
 struct Shared {
     config: MirrorConfig,
     inner: Mutex<Inner>,
+    /// Highest sequence number the DTL really acknowledged (`acked` also moves when waiters are
+    /// released because the link failed).
+    stored: AtomicU64,
     work: Condvar,
     acked: watch::Sender<u64>,
     waker: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Waits for the DTL to hold a submitted batch (or for the link to give up on it).
+///
+/// Waiting succeeds when the DTL stored the batch, and also when the link went degraded first
+/// (writes are never failed because the DTL is away). It fails only when the link was *fenced*
+/// before storing the batch: another node owns the volume now, and the write must not be
+/// acknowledged.
 #[must_use = "a ticket does nothing unless waited for"]
 pub struct Ticket {
     seq: u64,
-    acked: Option<watch::Receiver<u64>>,
+    acked: Option<(watch::Receiver<u64>, Arc<Shared>)>,
 }
 
 impl Ticket {
@@ -177,22 +186,44 @@ impl Ticket {
         }
     }
 
-    pub fn is_done(&self) -> bool {
-        self.acked
-            .as_ref()
-            .is_none_or(|rx| *rx.borrow() >= self.seq)
-    }
-
-    pub async fn wait(self) {
-        if let Some(mut rx) = self.acked {
-            // An error means the mirror is gone: nothing is left to wait for.
-            let _ = rx.wait_for(|acked| *acked >= self.seq).await;
+    fn new(seq: u64, shared: &Arc<Shared>) -> Self {
+        Self {
+            seq,
+            acked: Some((shared.acked.subscribe(), shared.clone())),
         }
     }
 
-    pub fn wait_blocking(self) {
-        if !self.is_done() {
-            futures::executor::block_on(self.wait());
+    pub fn is_done(&self) -> bool {
+        self.acked
+            .as_ref()
+            .is_none_or(|(rx, _)| *rx.borrow() >= self.seq)
+    }
+
+    /// Wait; `Err` carries why the link was fenced.
+    pub async fn wait(self) -> Result<(), String> {
+        let Some((mut rx, shared)) = self.acked else {
+            return Ok(());
+        };
+        // An error means the mirror is gone: nothing is left to wait for.
+        let _ = rx.wait_for(|acked| *acked >= self.seq).await;
+        Self::outcome(self.seq, &shared)
+    }
+
+    pub fn wait_blocking(self) -> Result<(), String> {
+        match &self.acked {
+            Some((_, shared)) if self.is_done() => Self::outcome(self.seq, shared),
+            Some(_) => futures::executor::block_on(self.wait()),
+            None => Ok(()),
+        }
+    }
+
+    fn outcome(seq: u64, shared: &Shared) -> Result<(), String> {
+        if shared.stored.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        match &shared.inner.lock().fenced_reason {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
         }
     }
 }
@@ -242,6 +273,7 @@ impl Mirror {
                 entries_sent: 0,
                 degradations: 0,
             }),
+            stored: AtomicU64::new(0),
             work: Condvar::new(),
             acked,
             waker,
@@ -307,10 +339,7 @@ impl Mirror {
         });
         drop(inner);
         self.shared.work.notify_one();
-        Ticket {
-            seq,
-            acked: Some(self.shared.acked.subscribe()),
-        }
+        Ticket::new(seq, &self.shared)
     }
 
     /// Whether the unacknowledged backlog is over its limit (the caller should wait).
@@ -325,10 +354,7 @@ impl Mirror {
         if seq == 0 || !accepts_entries(inner.phase) {
             return Ticket::done();
         }
-        Ticket {
-            seq,
-            acked: Some(self.shared.acked.subscribe()),
-        }
+        Ticket::new(seq, &self.shared)
     }
 
     /// The TLog covering every SCO `<= sco` is on the backend: the DTL may drop them.
@@ -581,6 +607,7 @@ fn run(shared: Arc<Shared>) {
                     inner.batches_sent += 1;
                     inner.entries_sent += entries.len() as u64;
                     drop(inner);
+                    shared.stored.fetch_max(last_seq, Ordering::AcqRel);
                     shared.acked.send_if_modified(|acked| {
                         let moved = *acked < last_seq;
                         *acked = (*acked).max(last_seq);

@@ -30,8 +30,9 @@ pub enum TargetError {
     Io(String),
 }
 
-/// Completes when a write may be acknowledged to the client (e.g. once its DTL mirror holds it).
-pub type PendingAck = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// Completes when a write may be acknowledged to the client (e.g. once its DTL mirror holds it),
+/// or fails: then the write must be reported as failed.
+pub type PendingAck = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send + 'static>>;
 
 /// What a successful write reports back besides "done".
 #[derive(Default)]
@@ -46,9 +47,10 @@ pub struct WriteAck {
 
 impl WriteAck {
     /// Wait for `pending` on the calling thread (frontends without an async reactor).
-    pub fn wait_blocking(&mut self) {
-        if let Some(pending) = self.pending.take() {
-            futures::executor::block_on(pending);
+    pub fn wait_blocking(&mut self) -> Result<(), TargetError> {
+        match self.pending.take() {
+            Some(pending) => futures::executor::block_on(pending),
+            None => Ok(()),
         }
     }
 }

@@ -207,6 +207,7 @@ impl MemTarget {
         let pending = lock(&self.ack_gate).clone().map(|mut released| {
             Box::pin(async move {
                 let _ = released.wait_for(|released| *released).await;
+                Ok(())
             }) as crate::PendingAck
         });
         WriteAck {

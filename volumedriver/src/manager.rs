@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use vstor_backend::ObjectStore;
 
 use crate::config::{validate_volume_name, DtlMode, ParentRef, VolumeConfig, VolumeOptions};
-use crate::types::{ClusterLocation, ScoName};
 use crate::error::{Result, VolumeError};
 use crate::meta;
+use crate::types::{ClusterLocation, ScoName};
 use crate::volume::{ReplaySummary, Volume, VolumeInfo};
 
 const REGISTRY_KIND: &[u8; 4] = b"REGY";
@@ -270,10 +270,7 @@ impl VolumeManager {
         if parent_config.ancestors.len() >= u8::MAX as usize - 1 {
             return Err(VolumeError::Refused {
                 volume: parent.to_string(),
-                reason: format!(
-                    "clone chains are at most {} deep",
-                    u8::MAX as usize - 1
-                ),
+                reason: format!("clone chains are at most {} deep", u8::MAX as usize - 1),
             });
         }
         if !source.wait_snapshot_in_backend(snapshot, Instant::now() + wait)? {
@@ -285,8 +282,8 @@ impl VolumeManager {
         let (map, size) = source.snapshot_map(snapshot)?;
         let mut inherited = Vec::with_capacity(map.written_clusters() as usize);
         let mut too_deep = false;
-        map.for_each_written(|address, location| {
-            match location.clone_id().checked_add(1) {
+        map.for_each_written(
+            |address, location| match location.clone_id().checked_add(1) {
                 Some(clone_id) => inherited.push((
                     address,
                     ClusterLocation::new(
@@ -298,8 +295,8 @@ impl VolumeManager {
                     ),
                 )),
                 None => too_deep = true,
-            }
-        });
+            },
+        );
         if too_deep {
             return Err(VolumeError::Refused {
                 volume: parent.to_string(),

@@ -55,15 +55,15 @@ mod dtl_link;
 mod scrub;
 mod snapshots;
 
-pub use scrub::{ScrubProgress, ScrubReport};
-pub use snapshots::{SnapshotInfo, SnapshotView};
-use snapshots::LocalMeta;
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
 use crate::meta::write_file_atomic;
 use crate::sco::{self, ScoHeader, SCO_HEADER_LEN};
 use crate::tlog::{self, Entry, SyncPoint, TLogWriter};
 use crate::types::{ClusterLocation, ScoName, ScoNumber, TLogNumber, LBA_SIZE};
+pub use scrub::{ScrubProgress, ScrubReport};
+use snapshots::LocalMeta;
+pub use snapshots::{SnapshotInfo, SnapshotView};
 
 /// Bounds of the delay imposed on one request while the volume is over its write-buffer budget.
 const THROTTLE_MIN: Duration = Duration::from_micros(50);
@@ -178,6 +178,9 @@ struct State {
     /// The backend TLog list lacks a metadata change (snapshot, clone registration): the
     /// uploader puts it.
     list_dirty: bool,
+    /// Counts metadata changes, so a list put only clears `list_dirty` if nothing changed
+    /// while it was in flight.
+    list_changes: u64,
     /// The snapshot metadata file was replaced without fsync: the next FLUSH syncs it.
     meta_unsynced: bool,
     /// Clusters overwritten or trimmed since the last scrub (garbage estimate).
@@ -277,6 +280,8 @@ pub struct Volume {
     list_lock: Mutex<()>,
     /// One scrub at a time.
     scrub_lock: Mutex<()>,
+    /// Held for each upload step; a rollback waits for the step in flight.
+    upload_lock: Mutex<()>,
     upload_work: Condvar,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
@@ -410,6 +415,7 @@ impl Volume {
             flush_lock: Mutex::new(()),
             list_lock: Mutex::new(()),
             scrub_lock: Mutex::new(()),
+            upload_lock: Mutex::new(()),
             upload_work: Condvar::new(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
@@ -996,7 +1002,7 @@ impl Volume {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteOutcome> {
         let (outcome, dtl) = self.write_deferred(offset, data)?;
         if let Some(ticket) = dtl {
-            ticket.wait_blocking();
+            self.dtl_wait(ticket)?;
         }
         if fua {
             self.flush()?;
@@ -1300,7 +1306,7 @@ impl Volume {
         drop(st);
         zeroed?;
         if let Some(ticket) = dtl {
-            ticket.wait_blocking();
+            self.dtl_wait(ticket)?;
         }
         self.stats.discards.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1383,7 +1389,7 @@ impl Volume {
                 pos += n;
             }
             if let Some(ticket) = dtl {
-                ticket.wait_blocking();
+                self.dtl_wait(ticket)?;
             }
             outcome
         } else {
@@ -1404,7 +1410,7 @@ impl Volume {
         let dtl = self.dtl_flush_ticket();
         self.flush_local()?;
         if let Some(ticket) = dtl {
-            ticket.wait_blocking();
+            self.dtl_wait(ticket)?;
         }
         Ok(())
     }
@@ -1563,6 +1569,7 @@ impl Volume {
                 record: TLogRecord,
             },
         }
+        let _step = self.upload_lock.lock();
         let (job, namespace, owner, epoch) = {
             let st = self.state.lock();
             if let Some(reason) = &st.halted {
@@ -1614,7 +1621,12 @@ impl Volume {
                     }
                 }
             };
-            (job, st.config.namespace.clone(), st.config.owner_tag, st.epoch)
+            (
+                job,
+                st.config.namespace.clone(),
+                st.config.owner_tag,
+                st.epoch,
+            )
         };
         let job = match job {
             Ok(job) => job,
@@ -1705,7 +1717,7 @@ impl Volume {
                 }
                 put(&record.object_name(), &bytes)?;
                 let _list = self.list_lock.lock();
-                let list = {
+                let (list, changes) = {
                     let st = self.state.lock();
                     if st.epoch != epoch {
                         // A rollback or scrub rewrote the list meanwhile; the queue was rebuilt.
@@ -1713,12 +1725,14 @@ impl Volume {
                     }
                     let mut list = Self::backend_list(&st);
                     list.tlogs.push(record.clone());
-                    list
+                    (list, st.list_changes)
                 };
                 put(TLOG_LIST_OBJECT, &list.encode())?;
                 let mut st = self.state.lock();
                 st.backend_tlogs.tlogs.push(record);
-                st.list_dirty = false;
+                if st.list_changes == changes {
+                    st.list_dirty = false;
+                }
                 drop(st);
                 self.stats.uploaded_tlogs.fetch_add(1, Ordering::Relaxed);
                 UploadTask::TLog(number)
@@ -1780,7 +1794,7 @@ impl Volume {
     /// Block until there is upload work, the volume stops, or `timeout` passes.
     pub fn wait_for_upload_work(&self, timeout: Duration) {
         let mut st = self.state.lock();
-        if st.uploads.is_empty() && !st.stopped {
+        if st.uploads.is_empty() && !st.list_dirty && !st.stopped {
             self.upload_work.wait_for(&mut st, timeout);
         }
     }
@@ -1796,12 +1810,12 @@ impl Volume {
     /// whether everything was uploaded.
     pub fn wait_for_uploads(&self, deadline: std::time::Instant) -> bool {
         let mut st = self.state.lock();
-        while !st.uploads.is_empty() && st.halted.is_none() {
+        while (!st.uploads.is_empty() || st.list_dirty) && st.halted.is_none() {
             if self.upload_work.wait_until(&mut st, deadline).timed_out() {
                 break;
             }
         }
-        st.uploads.is_empty()
+        st.uploads.is_empty() && !st.list_dirty
     }
 
     // ---------------------------------------------------------------- write buffer
@@ -1916,10 +1930,15 @@ impl Volume {
             self.snapshot_create("template")?
         } else {
             let st = self.state.lock();
-            let last = st.meta.snapshots.last().cloned().ok_or_else(|| VolumeError::Refused {
-                volume: self.name.clone(),
-                reason: "no snapshot to base the template on".into(),
-            })?;
+            let last = st
+                .meta
+                .snapshots
+                .last()
+                .cloned()
+                .ok_or_else(|| VolumeError::Refused {
+                    volume: self.name.clone(),
+                    reason: "no snapshot to base the template on".into(),
+                })?;
             drop(st);
             self.snapshot(&last.name)?
         };
@@ -2099,6 +2118,7 @@ impl State {
             meta: LocalMeta::default(),
             epoch: 0,
             list_dirty: false,
+            list_changes: 0,
             meta_unsynced: false,
             garbage_clusters: 0,
         }

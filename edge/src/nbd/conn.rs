@@ -363,7 +363,7 @@ impl Session {
         tokio::task::spawn_blocking(move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut ack = op(target.as_ref())?;
-                ack.wait_blocking();
+                ack.wait_blocking()?;
                 Ok(ack)
             }))
             .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
@@ -389,11 +389,11 @@ impl Session {
         let tx = self.done_tx.clone();
         let (cookie, command) = (req.cookie, req.command);
         tokio::spawn(async move {
-            pending.await;
+            let result = pending.await.map(|()| WriteAck::default());
             let _ = tx.send(Completion {
                 cookie,
                 command,
-                result: Ok(WriteAck::default()),
+                result,
             });
         });
     }

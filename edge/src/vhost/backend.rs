@@ -519,10 +519,11 @@ impl BlkBackend {
             _inflight: ctl.enter_deferred(),
         };
         self.runtime.spawn(async move {
+            let mut results = Vec::with_capacity(acks.len());
             for ack in acks {
-                ack.await;
+                results.push(ack.await);
             }
-            deferred.complete(outcome);
+            deferred.complete(request::settle(outcome, results));
         });
     }
 

@@ -498,8 +498,21 @@ pub(crate) fn execute(
 ) -> Outcome {
     let mut pending = Vec::new();
     let outcome = execute_deferrable(kind, mem, target, fua, id, bounce, &mut pending);
-    for ack in pending {
-        futures::executor::block_on(ack);
+    settle(
+        outcome,
+        pending.into_iter().map(futures::executor::block_on),
+    )
+}
+
+/// The outcome of a request once its pending acknowledgements settled: any failure fails it.
+pub(crate) fn settle(
+    outcome: Outcome,
+    acks: impl IntoIterator<Item = Result<(), TargetError>>,
+) -> Outcome {
+    for ack in acks {
+        if let Err(e) = ack {
+            return target_failed("write acknowledgement", 0, 0, &e);
+        }
     }
     outcome
 }

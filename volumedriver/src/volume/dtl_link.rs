@@ -248,6 +248,24 @@ impl Volume {
         }
     }
 
+    /// Wait for a DTL ticket; a fenced link halts the volume and fails the operation (another
+    /// node owns the volume: acknowledging would report a write the new owner never sees).
+    pub(super) fn dtl_wait(&self, ticket: Ticket) -> Result<()> {
+        ticket
+            .wait_blocking()
+            .map_err(|reason| self.dtl_fenced(reason))
+    }
+
+    /// Halt the volume because its DTL link was fenced; the error to report.
+    pub fn dtl_fenced(&self, reason: String) -> VolumeError {
+        let mut st = self.state.lock();
+        self.halt(&mut st, reason.clone());
+        VolumeError::Halted {
+            volume: self.name.clone(),
+            reason,
+        }
+    }
+
     pub(super) fn dtl_flush_ticket(&self) -> Option<Ticket> {
         let st = self.state.lock();
         st.dtl.as_ref().map(|l| l.mirror.flush_ticket())
@@ -331,8 +349,8 @@ impl Volume {
     pub fn set_dtl(self: &Arc<Self>, mode: DtlMode, addr: Option<String>) -> Result<()> {
         crate::config::validate_dtl(&self.name, mode, addr.as_deref())?;
         let before = self.config();
-        let moved = before.dtl_mode != DtlMode::None
-            && (mode == DtlMode::None || before.dtl_addr != addr);
+        let moved =
+            before.dtl_mode != DtlMode::None && (mode == DtlMode::None || before.dtl_addr != addr);
         {
             let mut st = self.state.lock();
             self.check_usable(&st)?;

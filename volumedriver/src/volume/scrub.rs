@@ -121,7 +121,10 @@ fn key(location: ClusterLocation) -> (u32, u8) {
     (location.sco_number().0, location.version())
 }
 
-fn relocated(location: ClusterLocation, relocate: &HashMap<(u32, u8, u16), u16>) -> ClusterLocation {
+fn relocated(
+    location: ClusterLocation,
+    relocate: &HashMap<(u32, u8, u16), u16>,
+) -> ClusterLocation {
     if location.clone_id() != 0 {
         return location;
     }
@@ -199,8 +202,9 @@ impl Volume {
                 .backend
                 .get(&namespace, &object)
                 .map_err(VolumeError::backend(&self.name))?;
-            let parsed = tlog::parse(&bytes, true)
-                .map_err(|e| VolumeError::corrupt(&self.name, format!("backend TLog {object}"), e))?;
+            let parsed = tlog::parse(&bytes, true).map_err(|e| {
+                VolumeError::corrupt(&self.name, format!("backend TLog {object}"), e)
+            })?;
             for entry in parsed.entries {
                 match entry {
                     Entry::Loc { address, location } => {
@@ -256,7 +260,9 @@ impl Volume {
                 fates.insert((number, version), Fate::Delete);
                 report.bytes_freed += total * self.cluster_size;
             } else if (alive as f64) < FILL_RATIO * total as f64 && version < u8::MAX {
-                let offsets = offsets.map(|o| o.iter().copied().collect()).unwrap_or_default();
+                let offsets = offsets
+                    .map(|o| o.iter().copied().collect())
+                    .unwrap_or_default();
                 fates.insert((number, version), Fate::Rewrite(offsets));
                 report.bytes_freed += (total - alive) * self.cluster_size;
             }
@@ -327,9 +333,15 @@ impl Volume {
         // 4. One TLog per changed region.
         let mut replaced: Vec<(usize, usize, TLogRecord)> = Vec::new();
         for summary in &summaries {
-            let touches = summary.locations.values().any(|l| {
-                l.clone_id() == 0 && fates.contains_key(&key(*l))
-            });
+            let touches = summary
+                .locations
+                .values()
+                .any(|l| l.clone_id() == 0 && fates.contains_key(&key(*l)))
+                || records[summary.first..=summary.last].iter().any(|r| {
+                    r.scos
+                        .iter()
+                        .any(|n| fates.contains_key(&(*n, r.sco_version(*n))))
+                });
             if summary.first == summary.last && !touches {
                 continue;
             }
@@ -351,7 +363,7 @@ impl Volume {
             for r in region {
                 for n in &r.scos {
                     let v = r.sco_version(*n);
-                    if !matches!(fates.get(&(*n, v)), Some(_)) {
+                    if !fates.contains_key(&(*n, v)) {
                         scos.entry(*n).or_insert(v);
                     }
                 }
@@ -404,8 +416,10 @@ impl Volume {
             st.epoch += 1;
             st.list_dirty = false;
             report.tlogs_after = st.backend_tlogs.tlogs.len();
-            if let Some(last) = summaries.last() {
-                for (address, location) in &last.locations {
+            // A cluster the live map still takes from a rewritten SCO (whatever region wrote it)
+            // now reads its new version.
+            for summary in &summaries {
+                for (address, location) in &summary.locations {
                     let moved = relocated(*location, &relocate);
                     if moved != *location && st.map.get(*address) == *location {
                         st.map.set(*address, moved);

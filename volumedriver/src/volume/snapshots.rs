@@ -59,8 +59,9 @@ impl LocalMeta {
     pub fn load(volume: &str, dir: &Path, backend: &TLogList) -> Result<Self> {
         let path = dir.join(META_FILE);
         match fs::read(&path) {
-            Ok(bytes) => meta::decode(META_KIND, META_VERSION, &bytes)
-                .map_err(|e| VolumeError::corrupt(volume, path.display().to_string(), e.to_string())),
+            Ok(bytes) => meta::decode(META_KIND, META_VERSION, &bytes).map_err(|e| {
+                VolumeError::corrupt(volume, path.display().to_string(), e.to_string())
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let last = backend.last_number();
                 Ok(Self {
@@ -132,12 +133,13 @@ impl Volume {
     /// Put the backend TLog list as the state says it is now.
     pub(super) fn put_backend_list(&self) -> Result<()> {
         let _list = self.list_lock.lock();
-        let (list, namespace, owner) = {
+        let (list, namespace, owner, changes) = {
             let st = self.state.lock();
             (
                 Self::backend_list(&st),
                 st.config.namespace.clone(),
                 st.config.owner_tag,
+                st.list_changes,
             )
         };
         match self
@@ -145,7 +147,12 @@ impl Volume {
             .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
         {
             Ok(()) => {
-                self.state.lock().list_dirty = false;
+                let mut st = self.state.lock();
+                if st.list_changes == changes {
+                    st.list_dirty = false;
+                }
+                drop(st);
+                self.upload_work.notify_all();
                 Ok(())
             }
             Err(e @ vstor_backend::BackendError::Fenced { .. }) => {
@@ -174,6 +181,7 @@ impl Volume {
             st.meta_unsynced = true;
         }
         st.list_dirty = true;
+        st.list_changes += 1;
         self.upload_work.notify_all();
         Ok(())
     }
@@ -325,6 +333,7 @@ impl Volume {
     /// Roll the volume back to snapshot `name`, dropping every later write, TLog, SCO and
     /// snapshot (see the module docs). Refused if a later snapshot has clones.
     pub fn rollback(&self, name: &str) -> Result<()> {
+        let _uploads = self.upload_lock.lock();
         let _serial = self.flush_lock.lock();
         let _list = self.list_lock.lock();
         let mut st = self.state.lock();
@@ -367,13 +376,21 @@ impl Volume {
         st.meta.snapshots.truncate(index + 1);
         self.store_meta(&mut st, true)?;
         // 2. The backend list without the dropped TLogs.
-        let (kept, dropped): (Vec<_>, Vec<_>) = st
+        let dropped_local: Vec<_> = st
+            .closed_tlogs
+            .iter()
+            .filter(|t| t.number.0 > boundary)
+            .map(|t| t.record.clone())
+            .collect();
+        let (kept, mut dropped): (Vec<_>, Vec<_>) = st
             .backend_tlogs
             .tlogs
             .iter()
             .cloned()
             .partition(|r| r.number <= boundary);
         st.backend_tlogs.tlogs = kept;
+        // Their SCOs may already be on the backend even though the TLog is not.
+        dropped.extend(dropped_local);
         st.epoch += 1;
         let list = Self::backend_list(&st);
         let namespace = st.config.namespace.clone();
@@ -427,16 +444,18 @@ impl Volume {
     }
 
     /// Block until snapshot `name` is entirely on the backend, or `deadline`. Returns whether it is.
-    pub fn wait_snapshot_in_backend(&self, name: &str, deadline: std::time::Instant) -> Result<bool> {
+    pub fn wait_snapshot_in_backend(
+        &self,
+        name: &str,
+        deadline: std::time::Instant,
+    ) -> Result<bool> {
         let mut st = self.state.lock();
         loop {
             let tlog = self.find_snapshot(&st, name)?.tlog;
             if st.backend_tlogs.last_number() >= tlog {
                 return Ok(true);
             }
-            if st.halted.is_some()
-                || self.upload_work.wait_until(&mut st, deadline).timed_out()
-            {
+            if st.halted.is_some() || self.upload_work.wait_until(&mut st, deadline).timed_out() {
                 return Ok(st.backend_tlogs.last_number() >= tlog);
             }
         }
@@ -483,8 +502,8 @@ impl Volume {
                     ),
                 },
             };
-            let parsed =
-                tlog::parse(&bytes, true).map_err(|e| VolumeError::corrupt(&self.name, &what, e))?;
+            let parsed = tlog::parse(&bytes, true)
+                .map_err(|e| VolumeError::corrupt(&self.name, &what, e))?;
             for entry in parsed.entries {
                 match entry {
                     Entry::Loc { address, location } if address < map.clusters() => {
@@ -573,9 +592,7 @@ impl SnapshotView {
         let plan = {
             let st = self.volume.state.lock();
             self.volume.check_usable(&st)?;
-            self.volume
-                .find_snapshot(&st, &self.snapshot)
-                .map(|_| ())?;
+            self.volume.find_snapshot(&st, &self.snapshot).map(|_| ())?;
             self.volume.plan_read_in(&st, &map, offset, buf.len())
         };
         self.volume.execute_read(plan, buf)
@@ -585,7 +602,12 @@ impl SnapshotView {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
         self.check(offset, len)?;
         let map = self.current_map()?;
-        Ok(super::allocation_runs(&map, self.volume.cluster_size, offset, len))
+        Ok(super::allocation_runs(
+            &map,
+            self.volume.cluster_size,
+            offset,
+            len,
+        ))
     }
 }
 

@@ -1,0 +1,400 @@
+//! Snapshots, clones (of clones), rollback, snapshot deletion, scrubbing and restarts against a
+//! model: after every step every volume and every snapshot must read back exactly as the model
+//! says. Runs the real manager (uploader threads included) on a local backend.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use vstor_backend::{LocalStore, ObjectStore};
+use vstor_volumedriver::{ManagerConfig, VolumeError, VolumeManager, VolumeOptions};
+
+const CS: u64 = 4096;
+const CLUSTERS: u64 = 48;
+
+fn options() -> VolumeOptions {
+    VolumeOptions {
+        sco_size: 8 * CS,
+        write_buffer: 16 * CS,
+        ..VolumeOptions::new(CLUSTERS * CS)
+    }
+}
+
+fn content(seed: u32) -> Vec<u8> {
+    let mut x = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..CS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Model of one volume: per cluster the seed of its content (None = zeros).
+#[derive(Clone, Default)]
+struct ModelVolume {
+    clusters: Vec<Option<u32>>,
+    snapshots: Vec<(String, Vec<Option<u32>>)>,
+}
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+    backend: Arc<LocalStore>,
+    manager: Arc<VolumeManager>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = Arc::new(LocalStore::open(tmp.path().join("backend")).unwrap());
+        let manager = Self::open_manager(tmp.path(), &backend);
+        Self {
+            root: tmp.path().to_path_buf(),
+            _tmp: tmp,
+            backend,
+            manager,
+        }
+    }
+
+    fn open_manager(root: &Path, backend: &Arc<LocalStore>) -> Arc<VolumeManager> {
+        VolumeManager::open(
+            ManagerConfig::under(&root.join("node"), 1 << 30),
+            backend.clone(),
+        )
+        .unwrap()
+    }
+
+    fn restart(&mut self) {
+        let unfinished = self.manager.shutdown(Duration::from_secs(30));
+        assert!(unfinished.is_empty(), "uploads unfinished: {unfinished:?}");
+        self.manager = Self::open_manager(&self.root, &self.backend);
+    }
+
+    /// Restart after losing the write buffers (everything is on the backend after shutdown).
+    fn restart_from_backend(&mut self) {
+        let unfinished = self.manager.shutdown(Duration::from_secs(30));
+        assert!(unfinished.is_empty(), "uploads unfinished: {unfinished:?}");
+        std::fs::remove_dir_all(self.root.join("node").join("write-buffer")).unwrap();
+        self.manager = Self::open_manager(&self.root, &self.backend);
+    }
+}
+
+fn check_volume(rig: &Rig, name: &str, model: &ModelVolume) -> Result<(), TestCaseError> {
+    let volume = rig.manager.get(name).unwrap();
+    let mut buf = vec![0u8; (CLUSTERS * CS) as usize];
+    volume.read(0, &mut buf).unwrap();
+    compare(&buf, &model.clusters, name)?;
+    let snapshots = volume.snapshots();
+    prop_assert_eq!(
+        snapshots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        model
+            .snapshots
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect::<Vec<_>>(),
+        "snapshots of {}",
+        name
+    );
+    for (snapshot, expected) in &model.snapshots {
+        let view = volume.snapshot_view(snapshot).unwrap();
+        view.read(0, &mut buf).unwrap();
+        compare(&buf, expected, &format!("{name}@{snapshot}"))?;
+    }
+    Ok(())
+}
+
+fn compare(buf: &[u8], expected: &[Option<u32>], what: &str) -> Result<(), TestCaseError> {
+    for (cluster, seed) in expected.iter().enumerate() {
+        let got = &buf[cluster * CS as usize..(cluster + 1) * CS as usize];
+        match seed {
+            Some(seed) => prop_assert!(
+                got == &content(*seed)[..],
+                "{}: cluster {} is not content {}",
+                what,
+                cluster,
+                seed
+            ),
+            None => prop_assert!(
+                got.iter().all(|b| *b == 0),
+                "{}: cluster {} is not zero",
+                what,
+                cluster
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        volume: usize,
+        cluster: u64,
+        count: u64,
+    },
+    Trim {
+        volume: usize,
+        cluster: u64,
+        count: u64,
+    },
+    Snapshot {
+        volume: usize,
+    },
+    Clone {
+        volume: usize,
+        snapshot: usize,
+    },
+    Rollback {
+        volume: usize,
+        snapshot: usize,
+    },
+    DeleteSnapshot {
+        volume: usize,
+        snapshot: usize,
+    },
+    Scrub {
+        volume: usize,
+    },
+    Restart,
+    RestartFromBackend,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..4usize, 0..CLUSTERS, 1..6u64).prop_map(|(volume, cluster, count)| Op::Write { volume, cluster, count }),
+        2 => (0..4usize, 0..CLUSTERS, 1..12u64).prop_map(|(volume, cluster, count)| Op::Trim { volume, cluster, count }),
+        3 => (0..4usize).prop_map(|volume| Op::Snapshot { volume }),
+        2 => (0..4usize, 0..4usize).prop_map(|(volume, snapshot)| Op::Clone { volume, snapshot }),
+        1 => (0..4usize, 0..4usize).prop_map(|(volume, snapshot)| Op::Rollback { volume, snapshot }),
+        2 => (0..4usize, 0..4usize).prop_map(|(volume, snapshot)| Op::DeleteSnapshot { volume, snapshot }),
+        2 => (0..4usize).prop_map(|volume| Op::Scrub { volume }),
+        1 => Just(Op::Restart),
+        1 => Just(Op::RestartFromBackend),
+    ]
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut rig = Rig::new();
+    rig.manager.create("v0", &options()).unwrap();
+    let mut names = vec!["v0".to_string()];
+    let mut models: BTreeMap<String, ModelVolume> = BTreeMap::new();
+    models.insert(
+        "v0".into(),
+        ModelVolume {
+            clusters: vec![None; CLUSTERS as usize],
+            ..ModelVolume::default()
+        },
+    );
+    let mut seed = 1u32;
+    let mut counter = 0;
+    for op in ops {
+        match op {
+            Op::Write {
+                volume,
+                cluster,
+                count,
+            } => {
+                let name = &names[volume % names.len()];
+                let end = (cluster + count).min(CLUSTERS);
+                let mut data = Vec::new();
+                let model = models.get_mut(name).unwrap();
+                for c in cluster..end {
+                    seed += 1;
+                    data.extend(content(seed));
+                    model.clusters[c as usize] = Some(seed);
+                }
+                rig.manager
+                    .get(name)
+                    .unwrap()
+                    .write(cluster * CS, &data, false)
+                    .unwrap();
+            }
+            Op::Trim {
+                volume,
+                cluster,
+                count,
+            } => {
+                let name = &names[volume % names.len()];
+                let end = (cluster + count).min(CLUSTERS);
+                rig.manager
+                    .get(name)
+                    .unwrap()
+                    .discard(cluster * CS, (end - cluster) * CS)
+                    .unwrap();
+                let model = models.get_mut(name).unwrap();
+                for c in cluster..end {
+                    model.clusters[c as usize] = None;
+                }
+            }
+            Op::Snapshot { volume } => {
+                let name = &names[volume % names.len()];
+                counter += 1;
+                let snapshot = format!("s{counter}");
+                rig.manager
+                    .get(name)
+                    .unwrap()
+                    .snapshot_create(&snapshot)
+                    .unwrap();
+                let model = models.get_mut(name).unwrap();
+                let state = model.clusters.clone();
+                model.snapshots.push((snapshot, state));
+            }
+            Op::Clone { volume, snapshot } => {
+                let name = names[volume % names.len()].clone();
+                let model = models[&name].clone();
+                if model.snapshots.is_empty() || names.len() >= 6 {
+                    continue;
+                }
+                let (snap, state) = &model.snapshots[snapshot % model.snapshots.len()];
+                counter += 1;
+                let clone = format!("c{counter}");
+                rig.manager
+                    .clone_volume(&clone, &name, snap, &options(), Duration::from_secs(30))
+                    .unwrap();
+                names.push(clone.clone());
+                models.insert(
+                    clone,
+                    ModelVolume {
+                        clusters: state.clone(),
+                        snapshots: Vec::new(),
+                    },
+                );
+            }
+            Op::Rollback { volume, snapshot } => {
+                let name = &names[volume % names.len()];
+                let model = models.get_mut(name).unwrap();
+                if model.snapshots.is_empty() {
+                    continue;
+                }
+                let index = snapshot % model.snapshots.len();
+                let volume = rig.manager.get(name).unwrap();
+                let has_later_clones = volume.snapshots()[index + 1..]
+                    .iter()
+                    .any(|s| !s.clones.is_empty());
+                let result = volume.rollback(&model.snapshots[index].0);
+                if has_later_clones {
+                    prop_assert!(
+                        matches!(result, Err(VolumeError::HasClones { .. })),
+                        "rollback past a cloned snapshot: {:?}",
+                        result
+                    );
+                } else {
+                    result.unwrap();
+                    model.clusters = model.snapshots[index].1.clone();
+                    model.snapshots.truncate(index + 1);
+                }
+            }
+            Op::DeleteSnapshot { volume, snapshot } => {
+                let name = &names[volume % names.len()];
+                let model = models.get_mut(name).unwrap();
+                if model.snapshots.is_empty() {
+                    continue;
+                }
+                let index = snapshot % model.snapshots.len();
+                let volume = rig.manager.get(name).unwrap();
+                let has_clones = !volume.snapshots()[index].clones.is_empty();
+                let result = volume.snapshot_delete(&model.snapshots[index].0);
+                if has_clones {
+                    prop_assert!(
+                        matches!(result, Err(VolumeError::HasClones { .. })),
+                        "deleting a cloned snapshot: {:?}",
+                        result
+                    );
+                } else {
+                    result.unwrap();
+                    model.snapshots.remove(index);
+                }
+            }
+            Op::Scrub { volume } => {
+                let name = &names[volume % names.len()];
+                let volume = rig.manager.get(name).unwrap();
+                volume.flush().unwrap();
+                volume.close_current_tlog().unwrap();
+                volume
+                    .wait_for_uploads(std::time::Instant::now() + Duration::from_secs(30))
+                    .then_some(())
+                    .expect("uploads finish");
+                volume.scrub(None, &mut |_| {}).unwrap();
+                // A second scrub finds nothing left behind.
+                let again = volume.scrub(None, &mut |_| {}).unwrap();
+                prop_assert_eq!(again.orphans_deleted, 0, "leaked objects after scrub");
+                prop_assert_eq!(again.scos_deleted, 0);
+            }
+            Op::Restart => rig.restart(),
+            Op::RestartFromBackend => rig.restart_from_backend(),
+        }
+        for name in &names {
+            check_volume(&rig, name, &models[name])?;
+        }
+    }
+    // Everything the backend holds is referenced.
+    for name in &names {
+        let volume = rig.manager.get(name).unwrap();
+        volume.flush().unwrap();
+        volume.close_current_tlog().unwrap();
+        assert!(volume.wait_for_uploads(std::time::Instant::now() + Duration::from_secs(30)));
+        prop_assert_eq!(
+            volume.sweep().unwrap(),
+            0,
+            "unreferenced objects in {}",
+            name
+        );
+    }
+    let _ = rig.backend.list_namespaces();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 200, .. ProptestConfig::default() })]
+    #[test]
+    fn snapshots_clones_rollback_scrub_match_the_model(ops in prop::collection::vec(arb_op(), 1..40)) {
+        run(ops)?;
+    }
+}
+
+#[test]
+fn scrub_frees_overwritten_data_and_keeps_snapshots() {
+    let rig = Rig::new();
+    let volume = rig.manager.create("v", &options()).unwrap();
+    let mut model = ModelVolume {
+        clusters: vec![None; CLUSTERS as usize],
+        ..ModelVolume::default()
+    };
+    for round in 0..6u32 {
+        for c in 0..CLUSTERS {
+            let seed = round * 1000 + c as u32;
+            volume.write(c * CS, &content(seed), false).unwrap();
+            model.clusters[c as usize] = Some(seed);
+        }
+        if round == 2 {
+            volume.snapshot_create("keep").unwrap();
+            model
+                .snapshots
+                .push(("keep".into(), model.clusters.clone()));
+        }
+    }
+    volume.flush().unwrap();
+    volume.close_current_tlog().unwrap();
+    assert!(volume.wait_for_uploads(std::time::Instant::now() + Duration::from_secs(30)));
+    let objects_before = rig.backend.list("v").unwrap().len();
+    let report = volume.scrub(None, &mut |_| {}).unwrap();
+    assert!(report.scos_deleted > 0, "{report:?}");
+    assert!(report.tlogs_after < report.tlogs_before, "{report:?}");
+    let objects_after = rig.backend.list("v").unwrap().len();
+    assert!(
+        objects_after < objects_before,
+        "{objects_before} -> {objects_after}"
+    );
+    check_volume(&rig, "v", &model).unwrap();
+    // Deleting the snapshot frees what only it kept alive.
+    volume.snapshot_delete("keep").unwrap();
+    model.snapshots.clear();
+    let report = volume.scrub(None, &mut |_| {}).unwrap();
+    assert!(report.scos_deleted > 0, "{report:?}");
+    check_volume(&rig, "v", &model).unwrap();
+}
