@@ -14,6 +14,11 @@
 //!   order, matched by cookie. At most `max_inflight` of them run at once per connection; the next
 //!   one waits (and the socket is not read) until a slot frees up, which pushes back on the client.
 //!
+//! * A write the target applied but whose acknowledgement is pending (`WriteAck::pending`: a
+//!   sync-mode DTL round trip) is answered when that future completes; the futures are polled by
+//!   this task in a `FuturesUnordered`, so the connection keeps taking requests meanwhile and a
+//!   client at queue depth 32 has its writes' round trips overlap.
+//!
 //! Replies accumulate in one buffer and are written when the read buffer has no complete request
 //! left, so a client pipelining 32 requests gets their replies in a handful of `write` calls.
 //!
@@ -21,12 +26,15 @@
 //! stops reading the socket until the delay has passed, so TCP flow control slows the client down.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -171,6 +179,9 @@ struct Session {
     max_inflight: usize,
     inflight: usize,
     done_tx: mpsc::UnboundedSender<Completion>,
+    /// Writes applied but waiting for their acknowledgement (a DTL round trip), polled by this
+    /// task itself: no spawn and no channel hop per write.
+    acks: FuturesUnordered<Pin<Box<dyn Future<Output = Completion> + Send>>>,
     wbuf: BytesMut,
     throttle_until: Option<Instant>,
     disc: bool,
@@ -386,16 +397,14 @@ impl Session {
         };
         self.throttle(ack);
         self.inflight += 1;
-        let tx = self.done_tx.clone();
         let (cookie, command) = (req.cookie, req.command);
-        tokio::spawn(async move {
-            let result = pending.await.map(|()| WriteAck::default());
-            let _ = tx.send(Completion {
+        self.acks.push(Box::pin(async move {
+            Completion {
                 cookie,
                 command,
-                result,
-            });
-        });
+                result: pending.await.map(|()| WriteAck::default()),
+            }
+        }));
     }
 
     fn complete(&mut self, done: Completion) {
@@ -570,6 +579,7 @@ pub(crate) async fn run(
         max_inflight: params.max_inflight.max(1),
         inflight: 0,
         done_tx,
+        acks: FuturesUnordered::new(),
         wbuf: BytesMut::with_capacity(64 * 1024),
         throttle_until: None,
         disc: false,
@@ -637,6 +647,7 @@ pub(crate) async fn run(
                 grace_over = true;
             }
             Some(done) = done_rx.recv() => s.complete(done),
+            Some(done) = s.acks.next(), if !s.acks.is_empty() => s.complete(done),
             written = wr.write_all_buf(&mut s.wbuf), if !s.wbuf.is_empty() => written?,
             _ = until(s.throttle_until), if s.throttle_until.is_some() => {
                 s.throttle_until = None;
