@@ -478,6 +478,17 @@ impl Volume {
         let name = self.name.clone();
         let namespace = st.config.namespace.clone();
         let mut backend_scos = BTreeSet::new();
+        // A rollback that was killed after writing its decision down but before rewriting the
+        // backend list: finish it here.
+        let before = st.backend_tlogs.tlogs.len();
+        let meta = st.meta.clone();
+        st.backend_tlogs
+            .tlogs
+            .retain(|r| !meta.is_dropped(r.number));
+        if st.backend_tlogs.tlogs.len() != before {
+            st.list_dirty = true;
+            st.list_changes += 1;
+        }
         let records = st.backend_tlogs.tlogs.clone();
         st.applied_end = st.applied_end.max(Position::from_pair(st.meta.dtl_floor));
         for record in &records {
