@@ -267,10 +267,10 @@ impl VolumeManager {
         }
         let source = self.get(parent)?;
         let parent_config = source.config();
-        if parent_config.ancestors.len() >= u8::MAX as usize - 1 {
+        if parent_config.ancestors.len() >= u8::MAX as usize {
             return Err(VolumeError::Refused {
                 volume: parent.to_string(),
-                reason: format!("clone chains are at most {} deep", u8::MAX as usize - 1),
+                reason: format!("clone chains are at most {} deep", u8::MAX),
             });
         }
         if !source.wait_snapshot_in_backend(snapshot, Instant::now() + wait)? {

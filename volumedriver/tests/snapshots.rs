@@ -586,3 +586,47 @@ fn interrupted_scrub_and_rollback_lose_nothing_and_leak_nothing() {
         }
     }
 }
+
+/// Clones of clones down to the deepest chain a clone id can express: every level reads its own
+/// write plus everything inherited; one level more is refused with a clear error.
+#[test]
+fn clone_chains_255_deep() {
+    let rig = Rig::new();
+    let small = VolumeOptions {
+        size: 256 * CS,
+        ..options()
+    };
+    rig.manager.create("c0", &small).unwrap();
+    let mut expected: Vec<Option<u32>> = vec![None; 256];
+    for depth in 0..=255u32 {
+        let name = format!("c{depth}");
+        let volume = rig.manager.get(&name).unwrap();
+        volume
+            .write(depth as u64 * CS, &content(depth + 1), false)
+            .unwrap();
+        expected[depth as usize] = Some(depth + 1);
+        volume.snapshot_create("s").unwrap();
+        let next = format!("c{}", depth + 1);
+        let cloned = rig
+            .manager
+            .clone_volume(&next, &name, "s", &small, Duration::from_secs(30));
+        if depth == 255 {
+            let err = cloned.err().expect("a 256th level is refused");
+            assert!(err.to_string().contains("at most 255"), "{err}");
+            break;
+        }
+        let clone = cloned.unwrap();
+        assert_eq!(clone.config().ancestors.len(), depth as usize + 1);
+    }
+    for depth in [1u32, 17, 128, 255] {
+        let volume = rig.manager.get(&format!("c{depth}")).unwrap();
+        let mut buf = vec![0u8; (256 * CS) as usize];
+        volume.read(0, &mut buf).unwrap();
+        let upto: Vec<Option<u32>> = expected
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.filter(|_| i as u32 <= depth))
+            .collect();
+        compare(&buf, &upto, &format!("c{depth}")).unwrap();
+    }
+}
