@@ -1,24 +1,50 @@
 //! The HTTP JSON management API served by `vstor serve` and used by the CLI.
 //!
-//! | method | path                         | body                                   |
-//! |--------|------------------------------|----------------------------------------|
-//! | GET    | /v1/health                   |                                        |
-//! | GET    | /v1/volumes                  |                                        |
-//! | POST   | /v1/volumes                  | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?}` |
-//! | GET    | /v1/volumes/{name}           |                                        |
-//! | POST   | /v1/volumes/{name}/resize    | `{size}`                               |
-//! | PATCH  | /v1/volumes/{name}           | `{read_only?, dtl_mode?, dtl?}`        |
-//! | POST   | /v1/volumes/{name}/adopt     |                                        |
-//! | DELETE | /v1/volumes/{name}           |                                        |
+//! | method | path                                      | body                                   |
+//! |--------|-------------------------------------------|----------------------------------------|
+//! | GET    | /v1/health                                |                                        |
+//! | GET    | /v1/volumes                               |                                        |
+//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?}` |
+//! | GET    | /v1/volumes/{name}                        |                                        |
+//! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
+//! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
+//! | POST   | /v1/volumes/{name}/adopt                  |                                        |
+//! | DELETE | /v1/volumes/{name}                        |                                        |
+//! | POST   | /v1/volumes/{name}/scrub                  | `{rate?}` (bytes per second; body optional) |
+//! | POST   | /v1/volumes/{name}/template               |                                        |
+//! | GET    | /v1/volumes/{name}/snapshots              |                                        |
+//! | POST   | /v1/volumes/{name}/snapshots              | `{name}`                               |
+//! | GET    | /v1/volumes/{name}/snapshots/{snap}       |                                        |
+//! | DELETE | /v1/volumes/{name}/snapshots/{snap}       |                                        |
+//! | POST   | /v1/volumes/{name}/snapshots/{snap}/rollback | `{force?}` (body optional)          |
+//! | POST   | /v1/volumes/{name}/snapshots/{snap}/export | (vhost-user socket `VOL@SNAP.sock`)   |
+//! | DELETE | /v1/volumes/{name}/snapshots/{snap}/export |                                       |
+//! | POST   | /v1/clones                                | `{name, from, write_buffer?, dtl_mode?, dtl?, wait_secs?}` |
 //!
 //! `dtl_mode` is `sync`, `async` or `none`; `dtl` a DTL server's `host:port`. Without them a new
-//! volume uses the node's default (`vstor serve --dtl`: mode `sync`, or the configured mode).
+//! volume (or clone) uses the node's default (`vstor serve --dtl`: mode `sync`, or the configured
+//! mode).
+//!
+//! Snapshots: creating one also flushes the volume, so an acknowledged snapshot survives a crash
+//! with everything written before it. A snapshot is readable as the NBD export `VOL@SNAP`
+//! (read-only) and, once exported with `.../export`, as a read-only vhost-user-blk socket
+//! `<vhost-dir>/VOL@SNAP.sock` (not re-created by a restart). Rollback refuses (409) while NBD
+//! clients or a vhost-user frontend use the volume, unless `force`, which disconnects them first.
+//! A clone's `from` is `VOL@SNAP`, or a template volume's name (its newest snapshot); the clone
+//! waits up to `wait_secs` (default 30) for the snapshot to reach the backend (else 503).
+//!
+//! Scrubbing runs in the request (one per volume at a time, else 409) and answers with its
+//! report; while it runs, the volume's `scrub_progress` shows its phase, and afterwards
+//! `last_scrub` its outcome. Without `rate` it copies as fast as it can.
 //!
 //! Sizes are bytes. Errors come back as `{"error": "..."}` with 400 (bad request), 404 (no such
-//! volume), 409 (exists), 503 (halted) or 500.
+//! volume or snapshot), 409 (exists, has clones, in use, refused, scrub running), 503 (halted,
+//! snapshot not on the backend yet), 502 (DTL) or 500.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -30,7 +56,16 @@ use serde_json::{json, Value};
 use vstor_edge::nbd::NbdServer;
 use vstor_edge::vhost::VhostServer;
 use vstor_volumedriver::config::USER_SCO_SIZE_RANGE;
-use vstor_volumedriver::{DtlMode, VolumeError, VolumeInfo, VolumeManager, VolumeOptions};
+use vstor_volumedriver::{
+    DtlMode, SnapshotInfo, VolumeError, VolumeInfo, VolumeManager, VolumeOptions,
+};
+
+use crate::export::{snapshot_export_name, Exports};
+use crate::scrub::{ScrubError, Scrubs};
+
+/// How long a clone waits for its snapshot to reach the backend unless told otherwise.
+const CLONE_WAIT: Duration = Duration::from_secs(30);
+const CLONE_WAIT_MAX: Duration = Duration::from_secs(600);
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -42,6 +77,18 @@ pub struct ApiState {
     pub default_write_buffer: u64,
     /// Mode and address of the DTL new volumes use unless told otherwise.
     pub default_dtl: Option<(DtlMode, String)>,
+    pub exports: Arc<Exports>,
+    pub scrubs: Arc<Scrubs>,
+    /// Snapshots exported over vhost-user (`VOL@SNAP`).
+    pub vhost_snapshots: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl ApiState {
+    fn vhost_snapshots(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.vhost_snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 pub struct ApiError(StatusCode, String);
@@ -55,14 +102,22 @@ impl IntoResponse for ApiError {
 impl From<VolumeError> for ApiError {
     fn from(err: VolumeError) -> Self {
         let status = match &err {
-            VolumeError::NotFound { .. } => StatusCode::NOT_FOUND,
-            VolumeError::Exists { .. } => StatusCode::CONFLICT,
-            VolumeError::InvalidName { .. } | VolumeError::InvalidConfig { .. } => {
-                StatusCode::BAD_REQUEST
+            VolumeError::NotFound { .. } | VolumeError::SnapshotNotFound { .. } => {
+                StatusCode::NOT_FOUND
             }
-            VolumeError::Halted { .. } | VolumeError::Adopted { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            VolumeError::Exists { .. }
+            | VolumeError::SnapshotExists { .. }
+            | VolumeError::HasClones { .. }
+            | VolumeError::Refused { .. }
+            | VolumeError::ReadOnly { .. } => StatusCode::CONFLICT,
+            VolumeError::InvalidName { .. }
+            | VolumeError::InvalidConfig { .. }
+            | VolumeError::OutOfRange { .. }
+            | VolumeError::Misaligned { .. } => StatusCode::BAD_REQUEST,
+            VolumeError::Halted { .. }
+            | VolumeError::Adopted { .. }
+            | VolumeError::Stopped { .. }
+            | VolumeError::NotInBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             VolumeError::Dtl { .. } => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -72,6 +127,21 @@ impl From<VolumeError> for ApiError {
 
 fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+fn conflict(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::CONFLICT, message.into())
+}
+
+fn internal(message: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, message.to_string())
+}
+
+/// Run blocking work that cannot fail with a volume error on the blocking pool.
+async fn off_reactor<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(internal)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -100,8 +170,68 @@ fn view(state: &ApiState, info: VolumeInfo) -> Value {
             "vhost_connected".into(),
             json!(state.vhost.connected(&name)),
         );
+        let (progress, last) = state.scrubs.status(&name);
+        object.insert("scrub_progress".into(), progress);
+        object.insert("last_scrub".into(), last);
     }
     value
+}
+
+fn snapshot_value(state: &ApiState, volume: &str, info: SnapshotInfo) -> Value {
+    let export = format!("{volume}@{}", info.name);
+    let exported = state.vhost_snapshots().contains(&export);
+    let mut value = serde_json::to_value(info).unwrap_or(Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        object.insert("volume".into(), json!(volume));
+        object.insert(
+            "nbd_uri".into(),
+            json!(format!("nbd://{}/{export}", state.nbd_addr)),
+        );
+        object.insert(
+            "nbd_connections".into(),
+            json!(state.nbd.connections(&export)),
+        );
+        object.insert(
+            "vhost_socket".into(),
+            if exported {
+                json!(state.vhost.socket_path(&export))
+            } else {
+                Value::Null
+            },
+        );
+        object.insert(
+            "vhost_connected".into(),
+            json!(state.vhost.connected(&export)),
+        );
+    }
+    value
+}
+
+/// Stop serving snapshots that are gone: disconnect their NBD clients, remove their vhost-user
+/// sockets, drop their cached views.
+async fn drop_snapshot_exports(state: &ApiState, volume: &str, snapshots: Vec<String>) {
+    let mut vhost_exports = Vec::new();
+    for snapshot in &snapshots {
+        let export = format!("{volume}@{snapshot}");
+        state.nbd.disconnect_export(&export);
+        if state.vhost_snapshots().remove(&export) {
+            vhost_exports.push(export);
+        }
+        state.exports.forget(volume, Some(snapshot));
+    }
+    if !vhost_exports.is_empty() {
+        let vhost = state.vhost.clone();
+        let _ = off_reactor(move || {
+            for export in vhost_exports {
+                vhost.remove_export(&export);
+            }
+        })
+        .await;
+    }
+}
+
+fn snapshot_names(snapshots: &[SnapshotInfo]) -> Vec<String> {
+    snapshots.iter().map(|s| s.name.clone()).collect()
 }
 
 #[derive(Deserialize)]
@@ -129,8 +259,57 @@ pub struct UpdateRequest {
     pub dtl: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub name: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubRequest {
+    /// Bytes copied per second at most; absent or 0: unlimited.
+    pub rate: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    pub name: String,
+    /// `VOLUME@SNAPSHOT`, or a template volume (its newest snapshot).
+    pub from: String,
+    pub write_buffer: Option<u64>,
+    pub dtl_mode: Option<String>,
+    pub dtl: Option<String>,
+    pub wait_secs: Option<u64>,
+}
+
 fn parse_dtl_mode(mode: &str) -> Result<DtlMode, ApiError> {
     mode.parse().map_err(bad_request)
+}
+
+/// DTL mode and address of a new volume: what the request says, else the node's default.
+fn dtl_choice(
+    state: &ApiState,
+    mode: Option<&str>,
+    addr: Option<String>,
+) -> Result<(DtlMode, Option<String>), ApiError> {
+    let default_dtl = state.default_dtl.clone();
+    let dtl_mode = match (mode, &addr, &default_dtl) {
+        (Some(mode), _, _) => parse_dtl_mode(mode)?,
+        (None, Some(_), Some((mode, _))) => *mode,
+        (None, Some(_), None) => DtlMode::Sync,
+        (None, None, Some((mode, _))) => *mode,
+        (None, None, None) => DtlMode::None,
+    };
+    Ok((dtl_mode, addr.or(default_dtl.map(|(_, addr)| addr))))
 }
 
 async fn health() -> Json<Value> {
@@ -165,20 +344,14 @@ async fn create(
             request.name
         )));
     }
-    let default_dtl = state.default_dtl.clone();
-    let dtl_mode = match (&request.dtl_mode, &request.dtl, &default_dtl) {
-        (Some(mode), _, _) => parse_dtl_mode(mode)?,
-        (None, Some(_), Some((mode, _))) => *mode,
-        (None, Some(_), None) => DtlMode::Sync,
-        (None, None, Some((mode, _))) => *mode,
-        (None, None, None) => DtlMode::None,
-    };
+    let (dtl_mode, dtl_addr) =
+        dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
     let options = VolumeOptions {
         size: request.size,
         sco_size,
         write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
         dtl_mode,
-        dtl_addr: request.dtl.clone().or(default_dtl.map(|(_, addr)| addr)),
+        dtl_addr,
     };
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
@@ -263,6 +436,22 @@ async fn delete(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    // Refuse before anything is torn down: a volume whose snapshots have clones stays served.
+    let snapshots = match state.manager.get(&name) {
+        Ok(volume) => {
+            let clones = volume.clones();
+            if !clones.is_empty() {
+                return Err(VolumeError::HasClones {
+                    volume: name.clone(),
+                    what: "a snapshot".into(),
+                    clones,
+                }
+                .into());
+            }
+            snapshot_names(&volume.snapshots())
+        }
+        Err(_) => Vec::new(),
+    };
     let manager = state.manager.clone();
     let target = name.clone();
     let nbd = state.nbd.clone();
@@ -274,11 +463,269 @@ async fn delete(
         })?;
         vhost.remove_export(&target);
         let result = manager.delete(&target);
+        if matches!(result, Err(VolumeError::HasClones { .. })) {
+            // A clone appeared since the check: keep serving the volume.
+            let _ = vhost.add_export(&target);
+            return result;
+        }
         nbd.disconnect_export(&target);
         result
     })
     .await?;
+    drop_snapshot_exports(&state, &name, snapshots).await;
+    state.exports.forget(&name, None);
+    state.scrubs.forget(&name);
     Ok(Json(json!({ "deleted": name })))
+}
+
+async fn scrub(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    request: Option<Json<ScrubRequest>>,
+) -> Result<Json<Value>, ApiError> {
+    let request = request.map(|Json(r)| r).unwrap_or_default();
+    let volume = state.manager.get(&name)?;
+    let scrubs = state.scrubs.clone();
+    let rate = request.rate.filter(|r| *r > 0);
+    let started = std::time::Instant::now();
+    let report = off_reactor(move || scrubs.run(&volume, rate, "api"))
+        .await?
+        .map_err(|e| match e {
+            ScrubError::Busy => conflict(format!(
+                "volume {name}: a scrub is already running (see `vstor volume info {name}`)"
+            )),
+            ScrubError::Volume(e) => e.into(),
+        })?;
+    let mut value = serde_json::to_value(report).unwrap_or(Value::Null);
+    value["volume"] = json!(name);
+    value["seconds"] = json!(started.elapsed().as_secs_f64());
+    Ok(Json(value))
+}
+
+async fn template(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    let target = volume.clone();
+    let snapshot = blocking(move || {
+        let snapshot = target.set_template()?;
+        // The snapshot record reaches the disk with a flush, like a created snapshot's.
+        target.flush()?;
+        Ok(snapshot)
+    })
+    .await?;
+    let mut value = view(&state, volume.info());
+    value["template_snapshot"] = snapshot_value(&state, &name, snapshot);
+    Ok(Json(value))
+}
+
+async fn snapshot_list(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    Ok(Json(Value::Array(
+        volume
+            .snapshots()
+            .into_iter()
+            .map(|info| snapshot_value(&state, &name, info))
+            .collect(),
+    )))
+}
+
+async fn snapshot_create(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Json(request): Json<SnapshotRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let volume = state.manager.get(&name)?;
+    let info = blocking(move || {
+        let info = volume.snapshot_create(&request.name)?;
+        // Acknowledged means durable: the snapshot record and everything written before it.
+        volume.flush()?;
+        Ok(info)
+    })
+    .await?;
+    tracing::info!(volume = %name, snapshot = %info.name, "snapshot created");
+    Ok((
+        StatusCode::CREATED,
+        Json(snapshot_value(&state, &name, info)),
+    ))
+}
+
+async fn snapshot_info(
+    State(state): State<ApiState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    let info = volume.snapshot(&snapshot)?;
+    Ok(Json(snapshot_value(&state, &name, info)))
+}
+
+async fn snapshot_delete(
+    State(state): State<ApiState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    let target = snapshot.clone();
+    blocking(move || volume.snapshot_delete(&target)).await?;
+    drop_snapshot_exports(&state, &name, vec![snapshot.clone()]).await;
+    tracing::info!(volume = %name, %snapshot, "snapshot deleted");
+    Ok(Json(json!({ "volume": name, "deleted": snapshot })))
+}
+
+async fn rollback(
+    State(state): State<ApiState>,
+    Path((name, snapshot)): Path<(String, String)>,
+    request: Option<Json<RollbackRequest>>,
+) -> Result<Json<Value>, ApiError> {
+    let request = request.map(|Json(r)| r).unwrap_or_default();
+    let volume = state.manager.get(&name)?;
+    volume.snapshot(&snapshot)?;
+    let nbd_clients = state.nbd.connections(&name);
+    let vhost_connected = state.vhost.connected(&name);
+    if !request.force && (nbd_clients > 0 || vhost_connected) {
+        let mut users = Vec::new();
+        if nbd_clients > 0 {
+            users.push(format!(
+                "{nbd_clients} NBD client{}",
+                if nbd_clients == 1 { "" } else { "s" }
+            ));
+        }
+        if vhost_connected {
+            users.push("a vhost-user frontend".to_string());
+        }
+        return Err(conflict(format!(
+            "volume {name} is in use ({} connected); disconnect them first, or use --force to disconnect them and roll back",
+            users.join(" and ")
+        )));
+    }
+    let before = snapshot_names(&volume.snapshots());
+    let disconnected = if request.force {
+        state.nbd.disconnect_export(&name)
+    } else {
+        0
+    };
+    let target = volume.clone();
+    let vhost = state.vhost.clone();
+    let (force, export, to) = (request.force, name.clone(), snapshot.clone());
+    blocking(move || {
+        // The frontend is cut by removing the export; it may reconnect once it is back.
+        if force {
+            vhost.remove_export(&export);
+        }
+        let result = target.rollback(&to);
+        if force {
+            if let Err(e) = vhost.add_export(&export) {
+                tracing::error!(volume = %export, error = %e, "cannot export the volume over vhost-user again");
+            }
+        }
+        result
+    })
+    .await?;
+    let after = snapshot_names(&volume.snapshots());
+    let dropped: Vec<String> = before.into_iter().filter(|s| !after.contains(s)).collect();
+    drop_snapshot_exports(&state, &name, dropped.clone()).await;
+    tracing::info!(volume = %name, %snapshot, force = request.force, "volume rolled back");
+    let mut value = view(&state, volume.info());
+    value["rolled_back_to"] = json!(snapshot);
+    value["snapshots_dropped"] = json!(dropped);
+    value["nbd_clients_disconnected"] = json!(disconnected);
+    value["vhost_frontend_disconnected"] = json!(request.force && vhost_connected);
+    Ok(Json(value))
+}
+
+async fn snapshot_export(
+    State(state): State<ApiState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    let info = volume.snapshot(&snapshot)?;
+    let export = format!("{name}@{snapshot}");
+    let vhost = state.vhost.clone();
+    let target = export.clone();
+    off_reactor(move || vhost.add_export(&target))
+        .await?
+        .map_err(|e| internal(format!("cannot export {export} over vhost-user: {e}")))?;
+    state.vhost_snapshots().insert(export);
+    Ok(Json(snapshot_value(&state, &name, info)))
+}
+
+async fn snapshot_unexport(
+    State(state): State<ApiState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let export = format!("{name}@{snapshot}");
+    if !state.vhost_snapshots().remove(&export) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("snapshot {snapshot:?} of volume {name} is not exported over vhost-user"),
+        ));
+    }
+    let vhost = state.vhost.clone();
+    off_reactor(move || vhost.remove_export(&export)).await?;
+    Ok(Json(
+        json!({ "volume": name, "snapshot": snapshot, "vhost_socket": null }),
+    ))
+}
+
+async fn clone_create(
+    State(state): State<ApiState>,
+    Json(request): Json<CloneRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (parent, snapshot) = match snapshot_export_name(&request.from) {
+        Some((volume, snapshot)) => (volume.to_string(), snapshot.to_string()),
+        None if request.from.contains('@') => {
+            return Err(bad_request(format!(
+                "clone source {:?} must be VOLUME@SNAPSHOT or a template volume",
+                request.from
+            )))
+        }
+        None => {
+            let source = state.manager.get(&request.from)?;
+            if !source.config().template {
+                return Err(bad_request(format!(
+                    "volume {} is not a template: give VOLUME@SNAPSHOT to clone one of its snapshots",
+                    request.from
+                )));
+            }
+            let newest = source
+                .snapshots()
+                .pop()
+                .ok_or_else(|| conflict(format!("template {} has no snapshot", request.from)))?;
+            (request.from.clone(), newest.name)
+        }
+    };
+    let (dtl_mode, dtl_addr) =
+        dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
+    // Size and SCO size come from the parent.
+    let options = VolumeOptions {
+        size: 0,
+        sco_size: state.default_sco_size,
+        write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
+        dtl_mode,
+        dtl_addr,
+    };
+    let wait = request
+        .wait_secs
+        .map_or(CLONE_WAIT, Duration::from_secs)
+        .min(CLONE_WAIT_MAX);
+    let manager = state.manager.clone();
+    let vhost = state.vhost.clone();
+    let name = request.name.clone();
+    let (from_volume, from_snapshot) = (parent.clone(), snapshot.clone());
+    let volume = blocking(move || {
+        let volume = manager.clone_volume(&name, &from_volume, &from_snapshot, &options, wait)?;
+        if let Err(e) = vhost.add_export(&name) {
+            tracing::error!(volume = %name, error = %e, "cannot export the volume over vhost-user");
+        }
+        Ok(volume)
+    })
+    .await?;
+    let mut value = view(&state, volume.info());
+    value["cloned_from"] = json!(format!("{parent}@{snapshot}"));
+    Ok((StatusCode::CREATED, Json(value)))
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -288,5 +735,24 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}", get(info).patch(update).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
         .route("/v1/volumes/{name}/adopt", post(adopt))
+        .route("/v1/volumes/{name}/scrub", post(scrub))
+        .route("/v1/volumes/{name}/template", post(template))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(snapshot_list).post(snapshot_create),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}",
+            get(snapshot_info).delete(snapshot_delete),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}/rollback",
+            post(rollback),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}/export",
+            post(snapshot_export).delete(snapshot_unexport),
+        )
+        .route("/v1/clones", post(clone_create))
         .with_state(state)
 }

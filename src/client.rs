@@ -1,5 +1,8 @@
-//! The CLI side of the management API: `vstor volume ...` verbs.
+//! The CLI side of the management API: `vstor volume|snapshot|clone|template ...` verbs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,9 +18,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(addr: &str) -> Self {
+        Self::with_timeout(addr, Some(Duration::from_secs(300)))
+    }
+
+    /// For requests that take as long as the work they start (scrubbing, cloning).
+    pub fn without_timeout(addr: &str) -> Self {
+        Self::with_timeout(addr, None)
+    }
+
+    fn with_timeout(addr: &str, timeout: Option<Duration>) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(300)))
+            .timeout_global(timeout)
             .build()
             .into();
         Self {
@@ -124,14 +136,186 @@ pub fn print_list(volumes: &Value) {
     }
 }
 
+/// `1714567890` → `2024-05-01 12:51:30Z` (UTC).
+pub fn format_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+pub fn print_snapshots(volume: &str, snapshots: &Value) {
+    let empty = Vec::new();
+    let snapshots = snapshots.as_array().unwrap_or(&empty);
+    if snapshots.is_empty() {
+        println!("volume {volume} has no snapshots");
+        return;
+    }
+    println!(
+        "{:<24} {:<20} {:>10} {:<10} CLONES",
+        "NAME", "CREATED", "WRITTEN", "ON BACKEND"
+    );
+    for snapshot in snapshots {
+        let clones: Vec<&str> = snapshot["clones"]
+            .as_array()
+            .map(|c| c.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<20} {:>10} {:<10} {}",
+            text(snapshot, "name"),
+            snapshot["created"]
+                .as_u64()
+                .map_or_else(|| "-".into(), format_time),
+            size_of(snapshot, "written_bytes"),
+            if snapshot["in_backend"] == true {
+                "yes"
+            } else {
+                "no"
+            },
+            if clones.is_empty() {
+                "-".to_string()
+            } else {
+                clones.join(",")
+            },
+        );
+    }
+}
+
+fn progress_text(progress: &Value) -> String {
+    format!(
+        "{} {}/{}",
+        text(progress, "phase"),
+        text(progress, "done"),
+        text(progress, "total")
+    )
+}
+
+fn scrub_summary(report: &Value) -> String {
+    format!(
+        "{} SCOs rewritten, {} deleted, {} copied, {} freed, {} orphaned objects deleted, TLogs {} -> {}",
+        text(report, "scos_rewritten"),
+        text(report, "scos_deleted"),
+        size_of(report, "bytes_copied"),
+        size_of(report, "bytes_freed"),
+        text(report, "orphans_deleted"),
+        text(report, "tlogs_before"),
+        text(report, "tlogs_after"),
+    )
+}
+
+pub fn print_scrub(report: &Value) {
+    println!(
+        "scrubbed volume {} in {:.1} s: {}",
+        text(report, "volume"),
+        report["seconds"].as_f64().unwrap_or(0.0),
+        scrub_summary(report)
+    );
+}
+
+/// Prints a volume's scrub progress on stderr while a scrub request runs (polling its info).
+pub struct ProgressPrinter {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProgressPrinter {
+    pub fn start(api: &str, volume: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let client = Client::new(api);
+        let path = format!("/v1/volumes/{volume}");
+        let volume = volume.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut last = String::new();
+            // Quick answers (a refusal, a small volume) print no progress.
+            std::thread::park_timeout(Duration::from_millis(500));
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok(info) = client.get(&path) {
+                    let progress = &info["scrub_progress"];
+                    if !progress.is_null() {
+                        let line = progress_text(progress);
+                        if line != last {
+                            eprintln!("scrub {volume}: {line}");
+                            last = line;
+                        }
+                    }
+                }
+                std::thread::park_timeout(Duration::from_millis(250));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
 pub fn print_info(volume: &Value) {
-    let rows: [(&str, String); 23] = [
+    let scrub = if !volume["scrub_progress"].is_null() {
+        format!("running: {}", progress_text(&volume["scrub_progress"]))
+    } else if let Some(last) = volume["last_scrub"].as_object() {
+        let when = last
+            .get("finished")
+            .and_then(Value::as_u64)
+            .map_or_else(|| "-".into(), format_time);
+        match last.get("error").and_then(Value::as_str) {
+            Some(error) => format!("last one failed at {when}: {error}"),
+            None => format!(
+                "last one at {when} ({}): {}",
+                text(&volume["last_scrub"], "trigger"),
+                scrub_summary(&volume["last_scrub"]["report"])
+            ),
+        }
+    } else {
+        "-".into()
+    };
+    let children: Vec<&str> = volume["children"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let rows: Vec<(&str, String)> = vec![
         ("name", text(volume, "name")),
         ("state", text(volume, "state")),
         ("halted reason", text(volume, "halted_reason")),
         ("size", size_of(volume, "size")),
         ("written", size_of(volume, "written_bytes")),
+        ("on backend", size_of(volume, "backend_bytes")),
+        ("garbage", size_of(volume, "garbage_bytes")),
         ("read-only", text(volume, "read_only")),
+        ("template", text(volume, "template")),
+        ("parent", text(volume, "parent")),
+        (
+            "clones",
+            if children.is_empty() {
+                "-".into()
+            } else {
+                children.join(", ")
+            },
+        ),
+        ("snapshots", text(volume, "snapshots")),
+        ("scrub", scrub),
         ("SCO size", size_of(volume, "sco_size")),
         ("write buffer budget", size_of(volume, "write_buffer")),
         ("in write buffer", size_of(volume, "local_sco_bytes")),
@@ -203,4 +387,16 @@ pub fn create_body(
         body["write_buffer"] = json!(wb);
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_as_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time(1_714_567_890), "2024-05-01 12:51:30Z");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00Z");
+    }
 }

@@ -33,6 +33,30 @@ pub struct FileConfig {
     pub volume_defaults: VolumeDefaults,
     pub nbd_server: NbdSettings,
     pub vhost: VhostSettings,
+    pub scrub: ScrubSettings,
+}
+
+/// Background scrubbing: reclaim backend space once a volume's garbage passes a threshold.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubSettings {
+    pub auto: bool,
+    /// Overwritten or trimmed data (`garbage_bytes`) above which a volume is scrubbed.
+    pub garbage_threshold: String,
+    /// Bytes per second a background scrub copies at most; "0" means unlimited.
+    pub rate: String,
+    pub check_interval_secs: u64,
+}
+
+impl Default for ScrubSettings {
+    fn default() -> Self {
+        Self {
+            auto: true,
+            garbage_threshold: "1G".into(),
+            rate: "64M".into(),
+            check_interval_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -90,6 +114,7 @@ impl Default for FileConfig {
             volume_defaults: VolumeDefaults::default(),
             nbd_server: NbdSettings::default(),
             vhost: VhostSettings::default(),
+            scrub: ScrubSettings::default(),
         }
     }
 }
@@ -142,6 +167,17 @@ pub struct ServeConfig {
     pub nbd_max_inflight: usize,
     /// DTL of new volumes: `None` means mode `none`.
     pub dtl: Option<(DtlMode, String)>,
+    /// Background scrubbing; `None` when `scrub.auto` is false.
+    pub auto_scrub: Option<AutoScrub>,
+}
+
+/// Resolved `[scrub]` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoScrub {
+    pub garbage_threshold: u64,
+    /// Bytes per second; `None` is unlimited.
+    pub rate: Option<u64>,
+    pub check_interval: std::time::Duration,
 }
 
 /// Flags of `vstor serve` that override the file.
@@ -229,6 +265,22 @@ impl FileConfig {
                 Some((dtl_mode, addr.to_string()))
             }
         };
+        let auto_scrub = if self.scrub.auto {
+            if self.scrub.check_interval_secs == 0 {
+                bail!("scrub.check_interval_secs must be at least 1");
+            }
+            let rate = size_setting("scrub.rate", &self.scrub.rate)?;
+            Some(AutoScrub {
+                garbage_threshold: size_setting(
+                    "scrub.garbage_threshold",
+                    &self.scrub.garbage_threshold,
+                )?,
+                rate: (rate > 0).then_some(rate),
+                check_interval: std::time::Duration::from_secs(self.scrub.check_interval_secs),
+            })
+        } else {
+            None
+        };
         let default_volume = if self.default_volume.create {
             Some((
                 self.default_volume.name.clone(),
@@ -261,6 +313,7 @@ impl FileConfig {
             nbd_max_payload: max_payload as u32,
             nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
             dtl,
+            auto_scrub,
             data_dir: self.data_dir,
         })
     }
@@ -295,6 +348,38 @@ mod tests {
         };
         let err = bad.resolve(Overrides::default()).unwrap_err();
         assert!(format!("{err:#}").contains("write_buffer_limit"), "{err:#}");
+        let bad = FileConfig {
+            scrub: ScrubSettings {
+                rate: "fast".into(),
+                ..ScrubSettings::default()
+            },
+            ..FileConfig::default()
+        };
+        let err = bad.resolve(Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("scrub.rate"), "{err:#}");
+    }
+
+    #[test]
+    fn scrub_settings_resolve() {
+        let config = FileConfig::default().resolve(Overrides::default()).unwrap();
+        assert_eq!(
+            config.auto_scrub,
+            Some(AutoScrub {
+                garbage_threshold: 1 << 30,
+                rate: Some(64 << 20),
+                check_interval: std::time::Duration::from_secs(30),
+            })
+        );
+        let text = "[scrub]\nauto = false\n";
+        let off: FileConfig = toml::from_str(text).unwrap();
+        assert!(off
+            .resolve(Overrides::default())
+            .unwrap()
+            .auto_scrub
+            .is_none());
+        let unlimited: FileConfig = toml::from_str("[scrub]\nrate = \"0\"\n").unwrap();
+        let resolved = unlimited.resolve(Overrides::default()).unwrap();
+        assert_eq!(resolved.auto_scrub.unwrap().rate, None);
     }
 
     #[test]

@@ -1,10 +1,19 @@
-//! Glue between the engine and the frontends: a [`Volume`] seen as an edge [`BlockTarget`], and
-//! the node's volumes seen as an [`ExportRegistry`] (export name = volume name).
+//! Glue between the engine and the frontends: a [`Volume`] seen as an edge [`BlockTarget`], a
+//! snapshot seen as a read-only one, and the node's volumes and snapshots seen as an
+//! [`ExportRegistry`].
+//!
+//! Export names: a volume's name, or `VOLUME@SNAPSHOT` for a snapshot (`@` cannot occur in a
+//! volume or snapshot name). A snapshot export is read-only: writes, trims and write-zeroes fail
+//! with EPERM (NBD) / VIRTIO_BLK_S_IOERR after `VIRTIO_BLK_F_RO` was advertised (vhost-user).
+//! Its view (the snapshot's map, replayed from its TLogs) is built on first lookup and cached
+//! until the snapshot or its volume goes away; NBD_OPT_LIST shows the snapshots that are on
+//! the backend.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vstor_edge::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
-use vstor_volumedriver::{Volume, VolumeError, VolumeManager, WriteOutcome};
+use vstor_volumedriver::{SnapshotView, Volume, VolumeError, VolumeManager, WriteOutcome};
 
 pub struct VolumeExport(pub Arc<Volume>);
 
@@ -49,7 +58,15 @@ impl BlockTarget for VolumeExport {
         }
         let (outcome, dtl) = self.0.write_deferred(offset, data).map_err(target_error)?;
         let mut write_ack = ack(outcome);
-        write_ack.pending = dtl.map(|ticket| Box::pin(ticket.wait()) as PendingAck);
+        write_ack.pending = dtl.map(|ticket| {
+            let volume = self.0.clone();
+            Box::pin(async move {
+                ticket
+                    .wait()
+                    .await
+                    .map_err(|reason| target_error(volume.dtl_fenced(reason)))
+            }) as PendingAck
+        });
         Ok(write_ack)
     }
 
@@ -85,17 +102,164 @@ impl BlockTarget for VolumeExport {
     }
 }
 
-pub struct Exports(pub Arc<VolumeManager>);
+/// A snapshot as a read-only block device.
+pub struct SnapshotExport(pub Arc<SnapshotView>);
+
+impl BlockTarget for SnapshotExport {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+        self.0.read(offset, buf).map_err(target_error)
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<WriteAck, TargetError> {
+        Err(TargetError::ReadOnly)
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<(), TargetError> {
+        Err(TargetError::ReadOnly)
+    }
+
+    fn write_zeroes(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _allocate: bool,
+        _fua: bool,
+    ) -> Result<WriteAck, TargetError> {
+        Err(TargetError::ReadOnly)
+    }
+
+    fn flush(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError> {
+        Ok(self
+            .0
+            .block_status(offset, len)
+            .map_err(target_error)?
+            .into_iter()
+            .map(|(length, hole)| Extent { length, hole })
+            .collect())
+    }
+}
+
+/// Splits `VOLUME@SNAPSHOT`.
+pub fn snapshot_export_name(name: &str) -> Option<(&str, &str)> {
+    name.split_once('@')
+        .filter(|(volume, snapshot)| !volume.is_empty() && !snapshot.is_empty())
+}
+
+/// Cached views beyond which the ones no client holds are dropped (each holds a map of the
+/// snapshot: about 2 MiB per GiB written).
+const MAX_IDLE_VIEWS: usize = 16;
+
+/// A cached snapshot view and what identifies the snapshot it was built for (a snapshot deleted
+/// and re-created under the same name is a different one).
+struct CachedView {
+    view: Arc<SnapshotView>,
+    tlog: u64,
+    created: u64,
+}
+
+/// The node's exports: volumes and their snapshots.
+pub struct Exports {
+    manager: Arc<VolumeManager>,
+    views: Mutex<HashMap<String, CachedView>>,
+}
+
+impl Exports {
+    pub fn new(manager: Arc<VolumeManager>) -> Self {
+        Self {
+            manager,
+            views: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The read-only view of `volume@snapshot`, cached.
+    pub fn snapshot_view(
+        &self,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<Arc<SnapshotView>, VolumeError> {
+        let source = self.manager.get(volume)?;
+        let info = source.snapshot(snapshot)?;
+        let key = format!("{volume}@{snapshot}");
+        let mut views = self.views.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cached) = views.get(&key) {
+            if Arc::ptr_eq(cached.view.volume(), &source)
+                && cached.tlog == info.tlog
+                && cached.created == info.created
+            {
+                return Ok(cached.view.clone());
+            }
+        }
+        let view = Arc::new(source.snapshot_view(snapshot)?);
+        if views.len() >= MAX_IDLE_VIEWS {
+            // Drop the views no client uses any more.
+            views.retain(|_, cached| Arc::strong_count(&cached.view) > 1);
+        }
+        views.insert(
+            key,
+            CachedView {
+                view: view.clone(),
+                tlog: info.tlog,
+                created: info.created,
+            },
+        );
+        Ok(view)
+    }
+
+    /// Drop cached views of `volume` (all of them, or of one snapshot).
+    pub fn forget(&self, volume: &str, snapshot: Option<&str>) {
+        let mut views = self.views.lock().unwrap_or_else(PoisonError::into_inner);
+        views.retain(|key, _| match (snapshot_export_name(key), snapshot) {
+            (Some((v, _)), None) => v != volume,
+            (Some((v, s)), Some(snapshot)) => v != volume || s != snapshot,
+            (None, _) => true,
+        });
+    }
+}
 
 impl ExportRegistry for Exports {
     fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>> {
-        self.0
+        if let Some((volume, snapshot)) = snapshot_export_name(name) {
+            return match self.snapshot_view(volume, snapshot) {
+                Ok(view) => Some(Arc::new(SnapshotExport(view)) as Arc<dyn BlockTarget>),
+                Err(e) => {
+                    tracing::debug!(export = name, error = %e, "snapshot export lookup failed");
+                    None
+                }
+            };
+        }
+        self.manager
             .get(name)
             .ok()
             .map(|volume| Arc::new(VolumeExport(volume)) as Arc<dyn BlockTarget>)
     }
 
     fn list(&self) -> Vec<String> {
-        self.0.names()
+        let mut names = Vec::new();
+        for name in self.manager.names() {
+            let Ok(volume) = self.manager.get(&name) else {
+                continue;
+            };
+            names.push(name.clone());
+            names.extend(
+                volume
+                    .snapshots()
+                    .into_iter()
+                    .filter(|s| s.in_backend)
+                    .map(|s| format!("{name}@{}", s.name)),
+            );
+        }
+        names
     }
 }

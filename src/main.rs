@@ -5,6 +5,7 @@ mod api;
 mod client;
 mod config;
 mod export;
+mod scrub;
 mod server;
 mod size;
 
@@ -14,7 +15,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::{create_body, print_info, print_json, print_list, Client};
+use crate::client::{
+    create_body, print_info, print_json, print_list, print_scrub, print_snapshots, Client,
+};
 use crate::config::{FileConfig, Overrides, DEFAULT_API};
 use crate::size::{format_size, parse_size};
 
@@ -35,6 +38,12 @@ enum Command {
     Serve(ServeArgs),
     /// Manage volumes through a running daemon's API.
     Volume(VolumeArgs),
+    /// Snapshots of a volume: create, list, delete, roll back to, export read-only.
+    Snapshot(SnapshotArgs),
+    /// Clones: writable volumes made from a snapshot or a template, sharing its data.
+    Clone(CloneArgs),
+    /// Templates: read-only golden images that are only cloned.
+    Template(TemplateArgs),
     /// Run a DTL (distributed transaction log) server that other nodes mirror writes to.
     Dtl(DtlArgs),
     /// Benchmarks against peer servers.
@@ -87,16 +96,111 @@ struct ServeArgs {
     no_default_volume: bool,
 }
 
+/// How the management verbs reach the daemon and print its answer.
 #[derive(Args)]
-struct VolumeArgs {
+struct Remote {
     /// Address of the daemon's API.
     #[arg(long, env = "VSTOR_API", default_value = DEFAULT_API, global = true)]
     api: String,
     /// Print the daemon's JSON answer instead of text.
     #[arg(long, global = true)]
     json: bool,
+}
+
+impl Remote {
+    fn show(&self, value: serde_json::Value, text: impl FnOnce(&serde_json::Value)) {
+        if self.json {
+            print_json(&value);
+        } else {
+            text(&value);
+        }
+    }
+}
+
+#[derive(Args)]
+struct VolumeArgs {
+    #[command(flatten)]
+    remote: Remote,
     #[command(subcommand)]
     verb: VolumeVerb,
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(subcommand)]
+    verb: SnapshotVerb,
+}
+
+#[derive(Subcommand)]
+enum SnapshotVerb {
+    /// Snapshot a volume's current content (instant; durable once acknowledged).
+    Create { volume: String, snapshot: String },
+    /// List a volume's snapshots, oldest first.
+    List { volume: String },
+    /// Delete a snapshot (refused while clones of it exist); a scrub reclaims its space.
+    Delete { volume: String, snapshot: String },
+    /// Roll a volume back to a snapshot, dropping everything written and every snapshot taken
+    /// after it. Refused while NBD clients or a vhost-user frontend use the volume.
+    Rollback {
+        volume: String,
+        snapshot: String,
+        /// Disconnect the volume's NBD clients and vhost-user frontend first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve a snapshot read-only over vhost-user at <vhost-dir>/VOLUME@SNAPSHOT.sock (over NBD
+    /// every snapshot is always readable as export VOLUME@SNAPSHOT). Not kept across restarts.
+    Export { volume: String, snapshot: String },
+    /// Stop serving a snapshot over vhost-user.
+    Unexport { volume: String, snapshot: String },
+}
+
+#[derive(Args)]
+struct CloneArgs {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(subcommand)]
+    verb: CloneVerb,
+}
+
+#[derive(Subcommand)]
+enum CloneVerb {
+    /// Create a writable volume from a snapshot without copying data.
+    Create {
+        name: String,
+        /// VOLUME@SNAPSHOT, or a template volume's name (its newest snapshot).
+        #[arg(long)]
+        from: String,
+        /// Not-yet-uploaded data above which writes are throttled [default: 1G].
+        #[arg(long)]
+        write_buffer: Option<String>,
+        /// DTL mode: sync, async or none [default: the node's].
+        #[arg(long, value_parser = ["sync", "async", "none"])]
+        dtl_mode: Option<String>,
+        /// DTL server HOST:PORT [default: the node's].
+        #[arg(long)]
+        dtl: Option<String>,
+        /// Seconds to wait for the snapshot to reach the backend.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+    },
+}
+
+#[derive(Args)]
+struct TemplateArgs {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(subcommand)]
+    verb: TemplateVerb,
+}
+
+#[derive(Subcommand)]
+enum TemplateVerb {
+    /// Make a volume a template, read-only for good: its content is snapshotted as `template`
+    /// (unless its newest snapshot already holds it) and clones are made from that.
+    Set { volume: String },
 }
 
 #[derive(Subcommand)]
@@ -146,8 +250,16 @@ enum VolumeVerb {
     /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
     /// the old node, and serve it from this node.
     Adopt { name: String },
-    /// Delete a volume and its backend data.
+    /// Delete a volume and its backend data (refused while clones of its snapshots exist).
     Delete { name: String },
+    /// Reclaim backend space that overwrites, trims and deleted snapshots left behind; prints
+    /// the progress on stderr and the report when done.
+    Scrub {
+        name: String,
+        /// Copy at most this many bytes per second, e.g. 64M [default: unlimited].
+        #[arg(long)]
+        rate: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -166,6 +278,9 @@ enum BenchTarget {
     /// fio 4k random writes over NBD: vstor volumes with DTL none, async and sync (a `vstor dtl`
     /// on loopback) against qemu-nbd serving a raw file, interleaved in one run.
     Dtl(BenchOptions),
+    /// The engine's snapshots, clones and scrub: creation latency under write load, clone
+    /// creation, scrub throughput and its impact, clone reads against the parent.
+    Snapshots(BenchOptions),
 }
 
 #[derive(Args)]
@@ -198,14 +313,9 @@ fn init_logging() {
 }
 
 fn run_volume(args: VolumeArgs) -> Result<()> {
-    let client = Client::new(&args.api);
-    let show = |value: serde_json::Value, text: &dyn Fn(&serde_json::Value)| {
-        if args.json {
-            print_json(&value);
-        } else {
-            text(&value);
-        }
-    };
+    let client = Client::new(&args.remote.api);
+    let show =
+        |value: serde_json::Value, text: &dyn Fn(&serde_json::Value)| args.remote.show(value, text);
     match args.verb {
         VolumeVerb::Create {
             name,
@@ -291,7 +401,150 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             let value = client.delete(&format!("/v1/volumes/{name}"))?;
             show(value, &|_| println!("deleted volume {name}"));
         }
+        VolumeVerb::Scrub { name, rate } => {
+            let rate = rate.as_deref().map(parse_size).transpose()?;
+            let mut body = serde_json::json!({});
+            if let Some(rate) = rate {
+                body["rate"] = serde_json::json!(rate);
+            }
+            let progress = client::ProgressPrinter::start(&args.remote.api, &name);
+            let result = Client::without_timeout(&args.remote.api)
+                .post(&format!("/v1/volumes/{name}/scrub"), body);
+            progress.stop();
+            show(result?, &print_scrub);
+        }
     }
+    Ok(())
+}
+
+fn run_snapshot(args: SnapshotArgs) -> Result<()> {
+    let client = Client::new(&args.remote.api);
+    let remote = &args.remote;
+    let path = |volume: &str, snapshot: &str| format!("/v1/volumes/{volume}/snapshots/{snapshot}");
+    match args.verb {
+        SnapshotVerb::Create { volume, snapshot } => {
+            let value = client.post(
+                &format!("/v1/volumes/{volume}/snapshots"),
+                serde_json::json!({ "name": snapshot }),
+            )?;
+            remote.show(value, |v| {
+                println!(
+                    "created snapshot {snapshot} of volume {volume} ({} written since the previous snapshot), NBD export {}",
+                    format_size(v["written_bytes"].as_u64().unwrap_or(0)),
+                    v["nbd_uri"].as_str().unwrap_or("-")
+                )
+            });
+        }
+        SnapshotVerb::List { volume } => {
+            let value = client.get(&format!("/v1/volumes/{volume}/snapshots"))?;
+            remote.show(value, |v| print_snapshots(&volume, v));
+        }
+        SnapshotVerb::Delete { volume, snapshot } => {
+            let value = client.delete(&path(&volume, &snapshot))?;
+            remote.show(value, |_| {
+                println!("deleted snapshot {snapshot} of volume {volume}")
+            });
+        }
+        SnapshotVerb::Rollback {
+            volume,
+            snapshot,
+            force,
+        } => {
+            let value = client.post(
+                &format!("{}/rollback", path(&volume, &snapshot)),
+                serde_json::json!({ "force": force }),
+            )?;
+            remote.show(value, |v| {
+                let mut notes = Vec::new();
+                if let Some(dropped) = v["snapshots_dropped"].as_array() {
+                    if !dropped.is_empty() {
+                        let names: Vec<&str> = dropped.iter().filter_map(|d| d.as_str()).collect();
+                        notes.push(format!("dropped snapshots {}", names.join(", ")));
+                    }
+                }
+                let clients = v["nbd_clients_disconnected"].as_u64().unwrap_or(0);
+                if clients > 0 {
+                    notes.push(format!("disconnected {clients} NBD client(s)"));
+                }
+                if v["vhost_frontend_disconnected"] == true {
+                    notes.push("disconnected the vhost-user frontend".into());
+                }
+                let notes = if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join("; "))
+                };
+                println!("rolled volume {volume} back to snapshot {snapshot}{notes}")
+            });
+        }
+        SnapshotVerb::Export { volume, snapshot } => {
+            let value = client.post(
+                &format!("{}/export", path(&volume, &snapshot)),
+                serde_json::json!({}),
+            )?;
+            remote.show(value, |v| {
+                println!(
+                    "snapshot {snapshot} of volume {volume} is served read-only at {} (vhost-user) and {} (NBD)",
+                    v["vhost_socket"].as_str().unwrap_or("-"),
+                    v["nbd_uri"].as_str().unwrap_or("-")
+                )
+            });
+        }
+        SnapshotVerb::Unexport { volume, snapshot } => {
+            let value = client.delete(&format!("{}/export", path(&volume, &snapshot)))?;
+            remote.show(value, |_| {
+                println!(
+                    "snapshot {snapshot} of volume {volume} is no longer served over vhost-user"
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+fn run_clone(args: CloneArgs) -> Result<()> {
+    let CloneVerb::Create {
+        name,
+        from,
+        write_buffer,
+        dtl_mode,
+        dtl,
+        wait,
+    } = args.verb;
+    let mut body = serde_json::json!({ "name": name, "from": from, "wait_secs": wait });
+    if let Some(write_buffer) = write_buffer {
+        body["write_buffer"] = serde_json::json!(parse_size(&write_buffer)?);
+    }
+    if let Some(mode) = dtl_mode {
+        body["dtl_mode"] = serde_json::json!(mode);
+    }
+    if let Some(addr) = dtl {
+        body["dtl"] = serde_json::json!(addr);
+    }
+    let value = Client::without_timeout(&args.remote.api).post("/v1/clones", body)?;
+    args.remote.show(value, |v| {
+        println!(
+            "created clone {name} of {} ({}), NBD export {}",
+            v["cloned_from"].as_str().unwrap_or(&from),
+            format_size(v["size"].as_u64().unwrap_or(0)),
+            v["nbd_uri"].as_str().unwrap_or("-")
+        )
+    });
+    Ok(())
+}
+
+fn run_template(args: TemplateArgs) -> Result<()> {
+    let TemplateVerb::Set { volume } = args.verb;
+    let value = Client::new(&args.remote.api).post(
+        &format!("/v1/volumes/{volume}/template"),
+        serde_json::json!({}),
+    )?;
+    args.remote.show(value, |v| {
+        println!(
+            "volume {volume} is now a read-only template (snapshot {}); clone it with `vstor clone create NAME --from {volume}`",
+            v["template_snapshot"]["name"].as_str().unwrap_or("-")
+        )
+    });
     Ok(())
 }
 
@@ -320,6 +573,9 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(server::serve(config))
         }
         Command::Volume(args) => run_volume(args),
+        Command::Snapshot(args) => run_snapshot(args),
+        Command::Clone(args) => run_clone(args),
+        Command::Template(args) => run_template(args),
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args
@@ -338,6 +594,7 @@ fn run(cli: Cli) -> Result<()> {
                     BenchTarget::Nbd(o) => (vstor_benches::nbd::run, o),
                     BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
                     BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
+                    BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
                 };
             run(&vstor_benches::BenchOptions {
                 vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,

@@ -16,6 +16,7 @@ use vstor_volumedriver::{DtlMode, ManagerConfig, VolumeManager, VolumeOptions};
 use crate::api::{router, ApiState};
 use crate::config::ServeConfig;
 use crate::export::Exports;
+use crate::scrub::{AutoScrubber, Scrubs};
 
 pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // Absolute paths: they are shown to users (socket paths) and must not depend on a later cwd.
@@ -61,15 +62,16 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     let nbd_addr = nbd_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
 
+    let exports = Arc::new(Exports::new(manager.clone()));
     let nbd = NbdServer::new(
-        Arc::new(Exports(manager.clone())),
+        exports.clone(),
         NbdServerConfig {
             max_payload: config.nbd_max_payload,
             max_inflight_per_conn: config.nbd_max_inflight,
         },
     );
     let vhost = VhostServer::new(
-        Arc::new(Exports(manager.clone())),
+        exports.clone(),
         config.vhost_dir.clone(),
         VhostConfig {
             num_queues: config.vhost_queues,
@@ -89,6 +91,11 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             .with_context(|| format!("cannot export volume {name} over vhost-user"))?;
     }
 
+    let scrubs = Arc::new(Scrubs::default());
+    let auto_scrub = config
+        .auto_scrub
+        .map(|settings| AutoScrubber::start(manager.clone(), scrubs.clone(), settings));
+
     let nbd_task = {
         let nbd = nbd.clone();
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
@@ -103,6 +110,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             default_sco_size: config.sco_size,
             default_write_buffer: config.write_buffer,
             default_dtl: config.dtl.clone(),
+            exports,
+            scrubs,
+            vhost_snapshots: Default::default(),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {
@@ -118,6 +128,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
 
     until_stop_signal(nbd_task, "NBD server").await?;
 
+    if let Some(auto_scrub) = auto_scrub {
+        auto_scrub.stop();
+    }
     nbd.shutdown().await;
     api_stop.notify_one();
     let _ = api_task.await;

@@ -12,10 +12,17 @@
 //! - [`dtl`]: the cost of mirroring writes to a DTL: vstor volumes in DTL modes `none`, `async`
 //!   and `sync` (with `vstor dtl` as a separate process) against `qemu-nbd`, driven by fio's
 //!   `nbd` engine (`vstor bench dtl`).
+//!
+//! One benchmark measures the engine on its own instead, linked in rather than behind a server:
+//!
+//! - [`snapshots`]: snapshot and clone creation latency under write load, scrub throughput and
+//!   its cost to a writer, and a clone's reads of inherited data against its parent's, straight
+//!   through `vstor-volumedriver` over a local backend (`vstor bench snapshots`).
 
 mod common;
 pub mod dtl;
 pub mod nbd;
+pub mod snapshots;
 pub mod vhost;
 
 use std::path::PathBuf;

@@ -345,3 +345,69 @@ pub fn decode_block(block: u64, data: &[u8]) -> Option<u64> {
     let seq = u64::from_le_bytes(data[8..16].try_into().ok()?);
     (block_content(block, seq, data.len()) == data).then_some(seq)
 }
+
+/// Payload of a local-backend object file (`backend/src/local.rs`: a 32-byte header whose bytes
+/// 20..24 hold the chunk count, a CRC32C per chunk, then the payload).
+pub fn backend_payload(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let chunks = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes")) as usize;
+    bytes[32 + 4 * chunks..].to_vec()
+}
+
+impl Daemon {
+    /// A volume's backend namespace directory (`<data-dir>/backend/<volume>/objects`).
+    pub fn backend_dir(&self, volume: &str) -> PathBuf {
+        self.data_dir.join("backend").join(volume).join("objects")
+    }
+
+    /// Names of the complete objects in a volume's backend namespace (puts in progress, named
+    /// `.tmp-*`, left out).
+    pub fn backend_objects(&self, volume: &str) -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(self.backend_dir(volume))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| !name.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Total size of the files in a volume's backend namespace.
+    pub fn backend_disk_bytes(&self, volume: &str) -> u64 {
+        std::fs::read_dir(self.backend_dir(volume))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The volume's backend TLog list (the `tlogs` object).
+    pub fn backend_tlog_list(&self, volume: &str) -> vstor_volumedriver::config::TLogList {
+        let payload = backend_payload(&self.backend_dir(volume).join("tlogs"));
+        vstor_volumedriver::config::TLogList::decode(volume, &payload).expect("backend tlogs")
+    }
+
+    /// Every object the volume's backend TLog list references: `volume_config`, `tlogs`, each
+    /// listed TLog and each SCO (at its version) a listed TLog names.
+    pub fn backend_referenced(&self, volume: &str) -> std::collections::BTreeSet<String> {
+        let list = self.backend_tlog_list(volume);
+        let mut names: std::collections::BTreeSet<String> =
+            ["volume_config".to_string(), "tlogs".to_string()].into();
+        for record in &list.tlogs {
+            names.insert(record.object_name());
+            for sco in &record.scos {
+                let name = vstor_volumedriver::ScoName {
+                    clone_id: 0,
+                    number: vstor_volumedriver::ScoNumber(*sco),
+                    version: record.sco_version(*sco),
+                };
+                names.insert(name.to_string());
+            }
+        }
+        names
+    }
+}

@@ -92,23 +92,6 @@ pub fn decode<T: DeserializeOwned>(
 }
 
 /// Replace `path` atomically with `bytes`: temp file, fsync, rename, fsync of the directory.
-/// Replace `path` with `bytes` atomically with respect to crashes of this process (write a
-/// temporary file, rename it over), without waiting for the disk: the caller fsyncs the file and
-/// its directory later (a volume's next FLUSH does).
-pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".tmp-{file_name}-{}", std::process::id()));
-    let result = fs::write(&temp, bytes).and_then(|()| fs::rename(&temp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
-}
-
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path

@@ -115,6 +115,8 @@ struct CurrentTLog {
     scos: Vec<u32>,
     data_bytes: u64,
     sealed_scos: u64,
+    /// Clusters this TLog's entries made garbage (overwrites, trims).
+    garbage: u64,
 }
 
 struct ClosedTLog {
@@ -123,6 +125,7 @@ struct ClosedTLog {
     file: Arc<File>,
     record: TLogRecord,
     dirty: bool,
+    garbage: u64,
 }
 
 #[derive(Default)]
@@ -181,8 +184,10 @@ struct State {
     /// Counts metadata changes, so a list put only clears `list_dirty` if nothing changed
     /// while it was in flight.
     list_changes: u64,
-    /// The snapshot metadata file was replaced without fsync: the next FLUSH syncs it.
+    /// The snapshot log was appended to without fsync: the next FLUSH syncs it.
     meta_unsynced: bool,
+    /// The open snapshot log (see `snapshots`).
+    meta_log: Option<Arc<File>>,
     /// Clusters overwritten or trimmed since the last scrub (garbage estimate).
     garbage_clusters: u64,
 }
@@ -499,7 +504,7 @@ impl Volume {
                 .map_err(VolumeError::backend(&name))?;
             let parsed = tlog::parse(&bytes, true)
                 .map_err(|e| VolumeError::corrupt(&name, format!("backend TLog {object}"), e))?;
-            self.apply_entries(st, &parsed.entries, &object)?;
+            st.garbage_clusters += self.apply_entries(st, &parsed.entries, &object)?;
             backend_scos.extend(record.scos.iter().map(|n| (*n, record.sco_version(*n))));
             if let Some(newest) = record.scos.iter().max() {
                 // Every SCO of an uploaded TLog is complete: nothing in it is left to replay.
@@ -567,7 +572,8 @@ impl Volume {
                     self.reseal_after_crash(st, number, &path, parsed.entries)?
                 }
             };
-            self.apply_entries(st, &entries, &path.display().to_string())?;
+            let garbage = self.apply_entries(st, &entries, &path.display().to_string())?;
+            st.garbage_clusters += garbage;
             let mut record = TLogRecord::new(number.0);
             for entry in &entries {
                 if let Entry::ScoCrc { sco, clusters, crc } = *entry {
@@ -608,6 +614,7 @@ impl Volume {
                 file: Arc::new(file),
                 record,
                 dirty: true,
+                garbage,
             });
             st.uploads.push_back(UploadTask::TLog(number));
             st.next_tlog = st.next_tlog.max(number.0 + 1);
@@ -749,8 +756,11 @@ impl Volume {
         Ok(entries)
     }
 
-    fn apply_entries(&self, st: &mut State, entries: &[Entry], what: &str) -> Result<()> {
+    /// Replay `entries` into the map; returns how many written clusters they overwrote or
+    /// trimmed (the garbage estimate).
+    fn apply_entries(&self, st: &mut State, entries: &[Entry], what: &str) -> Result<u64> {
         let clusters = st.map.clusters();
+        let mut garbage = 0;
         for entry in entries {
             match *entry {
                 Entry::Loc { address, location } => {
@@ -761,19 +771,23 @@ impl Volume {
                             format!("entry for cluster {address} beyond the volume's {clusters}"),
                         ));
                     }
-                    st.map.set(address, location);
+                    if !st.map.set(address, location).is_unwritten() {
+                        garbage += 1;
+                    }
                     if location.clone_id() == 0 && !location.is_unwritten() {
                         st.applied_end = st.applied_end.max(Position::after(location));
                     }
                 }
-                Entry::Trim { start, count } => st.map.clear_range(start, count, |_, _| {}),
+                Entry::Trim { start, count } => {
+                    st.map.clear_range(start, count, |_, _| garbage += 1)
+                }
                 Entry::ScoCrc { sco, clusters, .. } if sco.clone_id == 0 => {
                     st.applied_end = st.applied_end.max(Position::new(sco.number.0, clusters));
                 }
                 _ => {}
             }
         }
-        Ok(())
+        Ok(garbage)
     }
 
     fn sco_header(&self, st: &State, sco: ScoName) -> ScoHeader {
@@ -1157,7 +1171,7 @@ impl Volume {
                     },
                 )?;
                 if !st.map.set(first + done + i, location).is_unwritten() {
-                    st.garbage_clusters += 1;
+                    Self::note_garbage(st, 1);
                 }
             }
             st.non_disposable_bytes += n * cs;
@@ -1210,6 +1224,7 @@ impl Volume {
                 scos: Vec::new(),
                 data_bytes: 0,
                 sealed_scos: 0,
+                garbage: 0,
             });
         }
         let tlog = st.tlog.as_mut().expect("just created");
@@ -1299,6 +1314,7 @@ impl Volume {
                 ..TLogRecord::new(number.0)
             },
             dirty: true,
+            garbage: current.garbage,
         });
         st.uploads.push_back(UploadTask::TLog(number));
         st.last_sync = None;
@@ -1355,7 +1371,7 @@ impl Volume {
         let mut cleared = 0;
         st.map
             .clear_range(full_start, full_end - full_start, |_, _| cleared += 1);
-        st.garbage_clusters += cleared;
+        let garbage = cleared;
         let cleared = cleared > 0;
         if cleared {
             self.append_entry(
@@ -1365,6 +1381,7 @@ impl Volume {
                     count: full_end - full_start,
                 },
             )?;
+            Self::note_garbage(st, garbage);
             if st.dtl.is_some() {
                 self.dtl_record_trim(st, full_start, full_end - full_start);
             }
@@ -1444,16 +1461,9 @@ impl Volume {
                 files.push((closed.file.clone(), closed.path.clone()));
             }
             if std::mem::take(&mut st.meta_unsynced) {
-                let path = self.meta_path();
-                match File::open(&path) {
-                    Ok(handle) => files.push((Arc::new(handle), path)),
-                    Err(e) => {
-                        let err = VolumeError::io(&self.name, path)(e);
-                        self.halt(&mut st, err.to_string());
-                        return Err(err);
-                    }
+                if let Some(log) = st.meta_log.clone() {
+                    files.push((log, self.dir.join("snapshots.log")));
                 }
-                st.new_files = true;
             }
             if std::mem::take(&mut st.new_files) {
                 for dir in [
@@ -2085,6 +2095,22 @@ fn snapshots_last_tlog(st: &State) -> u64 {
         .max(st.backend_tlogs.last_number())
 }
 
+impl Volume {
+    /// Count clusters made garbage by the operation being applied to the current TLog.
+    fn note_garbage(st: &mut State, clusters: u64) {
+        st.garbage_clusters += clusters;
+        if let Some(tlog) = st.tlog.as_mut() {
+            tlog.garbage += clusters;
+        }
+    }
+
+    /// Garbage counted in TLogs not on the backend yet (a scrub cannot reclaim it).
+    fn garbage_not_uploaded(st: &State) -> u64 {
+        st.closed_tlogs.iter().map(|t| t.garbage).sum::<u64>()
+            + st.tlog.as_ref().map_or(0, |t| t.garbage)
+    }
+}
+
 /// Allocation runs of `[offset, offset+len)` in `map`: (length in bytes, is a hole), at most
 /// 1024 runs.
 fn allocation_runs(map: &ClusterMap, cs: u64, offset: u64, len: u64) -> Vec<(u64, bool)> {
@@ -2131,6 +2157,7 @@ impl State {
             list_dirty: false,
             list_changes: 0,
             meta_unsynced: false,
+            meta_log: None,
             garbage_clusters: 0,
         }
     }

@@ -1,5 +1,5 @@
-//! Command-line parsing shared by the benchmark examples (`nbd`, `vhost`, `dtl`): the flags every
-//! benchmark takes, plus any boolean flags of its own.
+//! Command-line parsing shared by the benchmark examples (`nbd`, `vhost`, `dtl`, `snapshots`):
+//! the flags every benchmark takes, plus any boolean flags of its own.
 
 use std::path::PathBuf;
 

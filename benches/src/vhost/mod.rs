@@ -26,7 +26,6 @@
 //! its ratios show how far apart two identical servers land on this machine, which is the noise
 //! any real ratio has to be read against.
 
-mod histogram;
 mod load;
 mod report;
 mod targets;

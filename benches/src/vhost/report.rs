@@ -187,9 +187,9 @@ pub(crate) fn to_table(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::histogram::Histogram;
     use super::super::JOBS;
     use super::*;
+    use crate::common::histogram::Histogram;
 
     fn sample(iops: f64, p50_us: f64, p99_us: f64) -> Sample {
         Sample {

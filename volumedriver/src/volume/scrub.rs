@@ -156,7 +156,7 @@ impl Volume {
         progress: &mut dyn FnMut(ScrubProgress),
     ) -> Result<ScrubReport> {
         let _one = self.scrub_lock.lock();
-        let (records, snapshots, epoch, namespace, owner) = {
+        let (records, snapshots, epoch, namespace, owner, covered) = {
             let st = self.state.lock();
             self.check_usable(&st)?;
             (
@@ -165,6 +165,10 @@ impl Volume {
                 st.epoch,
                 st.config.namespace.clone(),
                 st.config.owner_tag,
+                // What this scrub looks at: garbage counted so far, minus what is in TLogs not
+                // on the backend yet (left for a later scrub).
+                st.garbage_clusters
+                    .saturating_sub(Self::garbage_not_uploaded(&st)),
             )
         };
         let backend_error = VolumeError::backend(&self.name);
@@ -442,7 +446,7 @@ impl Volume {
                     }
                 }
             }
-            st.garbage_clusters = 0;
+            st.garbage_clusters = st.garbage_clusters.saturating_sub(covered);
             old_objects
         };
 
@@ -470,11 +474,14 @@ impl Volume {
         Ok(report)
     }
 
-    /// Delete every SCO and TLog object older than the newest one the backend list references
-    /// and not referenced by it (leftovers of interrupted scrubs and rollbacks). Returns how many.
+    /// Delete every SCO and TLog object the backend list does not reference and that no upload
+    /// can still add to it: anything older than the newest object the list references, anything
+    /// a rollback dropped (below the DTL floor, or in a dropped TLog range), but never a SCO the
+    /// write buffer still has to upload. These are the leftovers of interrupted scrubs and
+    /// rollbacks. Returns how many were deleted.
     pub fn sweep(&self) -> Result<u64> {
         let _list = self.list_lock.lock();
-        let (referenced_tlogs, referenced_scos, newest_tlog, newest_sco, namespace, owner) = {
+        let (referenced_tlogs, referenced_scos, pending, newest_tlog, newest_sco, meta) = {
             let st = self.state.lock();
             let records = &st.backend_tlogs.tlogs;
             let tlogs: BTreeSet<String> = records.iter().map(|r| r.object_name()).collect();
@@ -482,14 +489,28 @@ impl Volume {
                 .iter()
                 .flat_map(|r| r.scos.iter().map(move |n| (*n, r.sco_version(*n))))
                 .collect();
+            let pending: BTreeSet<u32> = st
+                .scos
+                .iter()
+                .filter(|(_, s)| s.state != ScoState::Disposable)
+                .map(|(n, _)| n.0)
+                .collect();
             (
                 tlogs,
                 scos.clone(),
+                pending,
                 st.backend_tlogs.last_number(),
-                scos.iter().map(|(n, _)| *n).max().unwrap_or(0),
-                st.config.namespace.clone(),
-                st.config.owner_tag,
+                scos.iter()
+                    .map(|(n, _)| *n)
+                    .max()
+                    .unwrap_or(0)
+                    .max(st.meta.dtl_floor.0.saturating_sub(1)),
+                st.meta.clone(),
             )
+        };
+        let (namespace, owner) = {
+            let st = self.state.lock();
+            (st.config.namespace.clone(), st.config.owner_tag)
         };
         let mut deleted = 0;
         let objects = self
@@ -500,9 +521,11 @@ impl Volume {
             let garbage = if let Some(sco) = ScoName::parse(&object) {
                 sco.clone_id == 0
                     && sco.number.0 <= newest_sco
+                    && !pending.contains(&sco.number.0)
                     && !referenced_scos.contains(&(sco.number.0, sco.version))
             } else if let Some(number) = super::snapshots::tlog_number_of(&object) {
-                number <= newest_tlog && !referenced_tlogs.contains(&object)
+                (number <= newest_tlog || meta.is_dropped(number))
+                    && !referenced_tlogs.contains(&object)
             } else {
                 false
             };

@@ -7,8 +7,13 @@
 //! whatever the volume's size (the file reaches the disk with the next FLUSH, like the TLog).
 //!
 //! # Where snapshot metadata lives
-//! The write buffer's `snapshots` file (format: `meta` envelope, kind `SNPS`) is authoritative
-//! on this node: every change is written there first. The backend TLog list carries the same
+//! The write buffer's `snapshots` file (format: `meta` envelope, kind `SNPS`) plus its
+//! append-only companion `snapshots.log` are authoritative on this node: every change is written
+//! there first. Creating a snapshot appends one record to the log (`u32` length, `u32` CRC32C,
+//! JSON; a torn or corrupt tail ends the log) — one `write(2)` to an open file, no file creation
+//! or rename, so it stays cheap while the volume is busy. Every other change (delete, rollback,
+//! clone registration) rewrites `snapshots` atomically and durably and then empties the log; a
+//! crash in between leaves records the base file already has, which loading skips. The backend TLog list carries the same
 //! records, so a restart from the backend alone knows them (snapshots whose TLogs never reached
 //! the backend are dropped then: their history is gone). Each change marks the backend list
 //! dirty and the uploader puts it.
@@ -39,11 +44,12 @@ use super::{State, Volume, TLOG_LIST_OBJECT};
 use crate::config::{validate_volume_name, SnapshotRecord, TLogList};
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
-use crate::meta::{self, replace_file, write_file_atomic};
+use crate::meta::{self, write_file_atomic};
 use crate::tlog::{self, Entry};
 use crate::types::{TLogNumber, LBA_SIZE};
 
 const META_FILE: &str = "snapshots";
+const META_LOG: &str = "snapshots.log";
 const META_KIND: &[u8; 4] = b"SNPS";
 const META_VERSION: u32 = 1;
 
@@ -58,10 +64,18 @@ pub(super) struct LocalMeta {
 impl LocalMeta {
     pub fn load(volume: &str, dir: &Path, backend: &TLogList) -> Result<Self> {
         let path = dir.join(META_FILE);
-        match fs::read(&path) {
+        let log = match fs::read(dir.join(META_LOG)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(VolumeError::io(volume, dir.join(META_LOG))(e)),
+        };
+        let base = match fs::read(&path) {
             Ok(bytes) => meta::decode(META_KIND, META_VERSION, &bytes).map_err(|e| {
                 VolumeError::corrupt(volume, path.display().to_string(), e.to_string())
             }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !log.is_empty() => {
+                Ok(Self::default())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let last = backend.last_number();
                 Ok(Self {
@@ -76,7 +90,14 @@ impl LocalMeta {
                 })
             }
             Err(e) => Err(VolumeError::io(volume, &path)(e)),
+        };
+        let mut meta = base?;
+        for record in log_records(&log) {
+            if !meta.snapshots.iter().any(|s| s.name == record.name) {
+                meta.snapshots.push(record);
+            }
         }
+        Ok(meta)
     }
 
     pub fn is_dropped(&self, number: u64) -> bool {
@@ -162,33 +183,62 @@ impl Volume {
         }
     }
 
-    /// Persist the snapshot metadata: durably, or (snapshot creation, the latency-critical case)
-    /// crash-safely now and durably at the next FLUSH.
-    fn store_meta(&self, st: &mut State, durable: bool) -> Result<()> {
+    /// Persist the snapshot metadata durably: rewrite the base file, then empty the log.
+    fn store_meta(&self, st: &mut State) -> Result<()> {
         let path = self.dir.join(META_FILE);
         let bytes = meta::encode(META_KIND, META_VERSION, &st.meta);
-        let written = if durable {
-            write_file_atomic(&path, &bytes)
-        } else {
-            replace_file(&path, &bytes)
-        };
+        let log = self.dir.join(META_LOG);
+        let written = write_file_atomic(&path, &bytes).and_then(|()| match &st.meta_log {
+            Some(file) => file.set_len(0).and_then(|()| file.sync_all()),
+            None => match fs::remove_file(&log) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        });
         if let Err(e) = written {
             let err = VolumeError::io(&self.name, &path)(e);
             self.halt(st, err.to_string());
             return Err(err);
         }
-        if !durable {
-            st.meta_unsynced = true;
-        }
-        st.list_dirty = true;
-        st.list_changes += 1;
-        self.upload_work.notify_all();
+        self.meta_changed(st);
         Ok(())
     }
 
-    /// The snapshot metadata file, for FLUSH to fsync.
-    pub(super) fn meta_path(&self) -> std::path::PathBuf {
-        self.dir.join(META_FILE)
+    /// Append one new snapshot to the log: crash-safe at once, durable at the next FLUSH.
+    fn append_snapshot(&self, st: &mut State, record: &SnapshotRecord) -> Result<()> {
+        use std::io::Write;
+        let path = self.dir.join(META_LOG);
+        let json = serde_json::to_vec(record).unwrap_or_default();
+        let mut frame = Vec::with_capacity(json.len() + 8);
+        frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+        frame.extend_from_slice(&json);
+        let written = (|| {
+            if st.meta_log.is_none() {
+                let file = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?;
+                st.new_files = true;
+                st.meta_log = Some(Arc::new(file));
+            }
+            let mut file: &fs::File = st.meta_log.as_deref().expect("opened above");
+            file.write_all(&frame)
+        })();
+        if let Err(e) = written {
+            let err = VolumeError::io(&self.name, &path)(e);
+            self.halt(st, err.to_string());
+            return Err(err);
+        }
+        st.meta_unsynced = true;
+        self.meta_changed(st);
+        Ok(())
+    }
+
+    fn meta_changed(&self, st: &mut State) {
+        st.list_dirty = true;
+        st.list_changes += 1;
+        self.upload_work.notify_all();
     }
 
     fn snapshot_info(st: &State, record: &SnapshotRecord) -> SnapshotInfo {
@@ -265,7 +315,7 @@ impl Volume {
             size: st.config.size,
         };
         st.meta.snapshots.push(record.clone());
-        self.store_meta(&mut st, false)?;
+        self.append_snapshot(&mut st, &record)?;
         Ok(Self::snapshot_info(&st, &record))
     }
 
@@ -298,7 +348,7 @@ impl Volume {
             });
         }
         st.meta.snapshots.retain(|s| s.name != name);
-        self.store_meta(&mut st, true)
+        self.store_meta(&mut st)
     }
 
     /// Clones of any snapshot of this volume.
@@ -325,7 +375,7 @@ impl Volume {
             if present {
                 record.clones.push(clone.to_string());
             }
-            self.store_meta(&mut st, true)?;
+            self.store_meta(&mut st)?;
         }
         self.put_backend_list()
     }
@@ -374,7 +424,7 @@ impl Volume {
         }
         st.meta.dtl_floor = (st.next_sco, 0);
         st.meta.snapshots.truncate(index + 1);
-        self.store_meta(&mut st, true)?;
+        self.store_meta(&mut st)?;
         // 2. The backend list without the dropped TLogs.
         let dropped_local: Vec<_> = st
             .closed_tlogs
@@ -615,4 +665,25 @@ impl SnapshotView {
 pub(super) fn tlog_number_of(object: &str) -> Option<u64> {
     let base = object.split('.').next()?;
     TLogNumber::parse_object_name(base).map(|n| n.0)
+}
+
+/// The records of a snapshot log, up to the first torn or corrupt one.
+fn log_records(mut bytes: &[u8]) -> Vec<SnapshotRecord> {
+    let mut records = Vec::new();
+    while bytes.len() >= 8 {
+        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        let Some(json) = bytes.get(8..8 + len) else {
+            break;
+        };
+        if crc32c::crc32c(json) != crc {
+            break;
+        }
+        match serde_json::from_slice(json) {
+            Ok(record) => records.push(record),
+            Err(_) => break,
+        }
+        bytes = &bytes[8 + len..];
+    }
+    records
 }
