@@ -32,7 +32,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let backend = LocalStore::open(&config.backend)
         .with_context(|| format!("cannot open backend directory {}", config.backend.display()))?;
-    let manager_config = ManagerConfig::under(&config.data_dir, config.write_buffer_limit);
+    let manager_config = ManagerConfig {
+        runtime: Some(tokio::runtime::Handle::current()),
+        ..ManagerConfig::under(&config.data_dir, config.write_buffer_limit)
+    };
     let manager =
         tokio::task::spawn_blocking(move || VolumeManager::open(manager_config, Arc::new(backend)))
             .await?

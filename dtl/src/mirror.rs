@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::client::{DtlClient, DtlClientConfig};
 use crate::error::DtlError;
@@ -161,7 +162,11 @@ struct Shared {
     /// Highest sequence number the DTL really acknowledged (`acked` also moves when waiters are
     /// released because the link failed).
     stored: AtomicU64,
-    work: Condvar,
+    /// Wakes the worker: work queued, or stopping.
+    work: Notify,
+    /// Set (and `exited` notified) when the worker returns.
+    finished: Mutex<bool>,
+    exited: Condvar,
     acked: watch::Sender<u64>,
     waker: Box<dyn Fn() + Send + Sync>,
 }
@@ -253,9 +258,14 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// Start the link. `waker` is called (from the worker thread) when the engine has something
-    /// to do: a catch-up to begin, or the link was fenced.
-    pub fn start(config: MirrorConfig, waker: Box<dyn Fn() + Send + Sync>) -> Arc<Self> {
+    /// Start the link: its worker runs as a task on `runtime` when given (a server's runtime),
+    /// else on a thread of its own. `waker` is called (from the worker) when the engine has
+    /// something to do: a catch-up to begin, or the link was fenced.
+    pub fn start(
+        config: MirrorConfig,
+        waker: Box<dyn Fn() + Send + Sync>,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Arc<Self> {
         let (acked, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             config,
@@ -274,19 +284,34 @@ impl Mirror {
                 degradations: 0,
             }),
             stored: AtomicU64::new(0),
-            work: Condvar::new(),
+            work: Notify::new(),
+            finished: Mutex::new(false),
+            exited: Condvar::new(),
             acked,
             waker,
         });
         let worker_shared = shared.clone();
-        let name = format!("dtl-{}", shared.config.namespace);
-        let worker = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || run(worker_shared))
-            .map_err(|e| {
-                tracing::error!(namespace = %shared.config.namespace, error = %e, "cannot start the DTL link thread");
-            })
-            .ok();
+        let worker = match runtime {
+            // On the frontends' runtime the worker is woken on the submitting thread and its
+            // replies wake the waiting connection there too: no cross-thread hop per write.
+            Some(handle) => {
+                handle.spawn(run(worker_shared));
+                None
+            }
+            None => std::thread::Builder::new()
+                .name(format!("dtl-{}", shared.config.namespace))
+                .spawn(move || match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(run(worker_shared)),
+                    Err(e) => degrade(&worker_shared, &DtlError::Io(e)),
+                })
+                .map_err(|e| {
+                    tracing::error!(namespace = %shared.config.namespace, error = %e, "cannot start the DTL link thread");
+                })
+                .ok(),
+        };
         Arc::new(Self {
             shared,
             worker: Mutex::new(worker),
@@ -404,10 +429,25 @@ impl Mirror {
     /// DTL is reachable; at once otherwise); pending tickets complete.
     pub fn stop(&self) {
         self.shared.inner.lock().stopping = true;
-        self.shared.work.notify_all();
+        self.shared.work.notify_one();
         if let Some(worker) = self.worker.lock().take() {
             let _ = worker.join();
         }
+        // A worker task on a runtime: wait for it to finish (it also finishes when the runtime
+        // drops it), bounded in case the runtime is gone.
+        let mut finished = self.shared.finished.lock();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !*finished {
+            if self
+                .shared
+                .exited
+                .wait_until(&mut finished, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        drop(finished);
         let inner = self.shared.inner.lock();
         self.shared.acked.send_replace(inner.next_seq);
     }
@@ -468,17 +508,18 @@ fn degrade(shared: &Shared, error: &DtlError) {
     }
 }
 
-fn run(shared: Arc<Shared>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            degrade(&shared, &DtlError::Io(e));
-            return;
-        }
-    };
+/// Marks the worker finished however it ends (returned, or dropped with its runtime).
+struct Finished(Arc<Shared>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        *self.0.finished.lock() = true;
+        self.0.exited.notify_all();
+    }
+}
+
+async fn run(shared: Arc<Shared>) {
+    let _finished = Finished(shared.clone());
     let config = &shared.config;
     let mut client: Option<DtlClient> = None;
     loop {
@@ -490,14 +531,15 @@ fn run(shared: Arc<Shared>) {
             }
         }
         if client.is_none() {
-            let connected = runtime.block_on(async {
+            let connected = async {
                 let mut c =
                     DtlClient::connect_with(config.addr.as_str(), config.client.clone()).await?;
                 c.register(&config.namespace, config.cluster_size, config.owner_tag)
                     .await?;
                 let range = c.sco_range(&config.namespace).await?;
                 Ok::<_, DtlError>((c, range))
-            });
+            }
+            .await;
             match connected {
                 Ok((c, range)) => {
                     client = Some(c);
@@ -512,86 +554,45 @@ fn run(shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     degrade(&shared, &e);
-                    let mut inner = shared.inner.lock();
-                    if matches!(inner.phase, Phase::Fenced) {
+                    let (fenced, stopping) = {
+                        let inner = shared.inner.lock();
+                        (matches!(inner.phase, Phase::Fenced), inner.stopping)
+                    };
+                    if fenced {
                         return;
                     }
-                    if !inner.stopping {
-                        shared.work.wait_for(&mut inner, config.retry_interval);
+                    if !stopping {
+                        tokio::select! {
+                            _ = tokio::time::sleep(config.retry_interval) => {}
+                            _ = shared.work.notified() => {}
+                        }
                     }
                     continue;
                 }
             }
         }
-        let mut inner = shared.inner.lock();
-        while inner.queue.is_empty() && !inner.stopping {
-            shared.work.wait(&mut inner);
-        }
-        let Some(first) = inner.queue.pop_front() else {
+        let outgoing = loop {
+            match take_batch(&shared) {
+                Taken::Batch(outgoing) => break Some(outgoing),
+                Taken::Stopping => break None,
+                Taken::Nothing => shared.work.notified().await,
+            }
+        };
+        let Some(outgoing) = outgoing else {
             continue;
         };
-        let outgoing = match first {
-            Item::Trim { mut sco } => {
-                while let Some(Item::Trim { sco: next }) = inner.queue.front() {
-                    sco = sco.max(*next);
-                    inner.queue.pop_front();
-                }
-                Outgoing::Trim { sco }
-            }
-            Item::Entries {
-                seq,
-                sco,
-                mut entries,
-                mut bytes,
-            } => {
-                let mut last_seq = seq;
-                while let Some(Item::Entries {
-                    sco: next_sco,
-                    entries: next,
-                    bytes: next_bytes,
-                    ..
-                }) = inner.queue.front()
-                {
-                    if *next_sco != sco
-                        || entries.len() + next.len() > MAX_BATCH_ENTRIES
-                        || bytes + next_bytes > MAX_BATCH_BYTES
-                    {
-                        break;
-                    }
-                    if let Some(Item::Entries {
-                        seq,
-                        entries: next,
-                        bytes: next_bytes,
-                        ..
-                    }) = inner.queue.pop_front()
-                    {
-                        entries.extend(next);
-                        bytes += next_bytes;
-                        last_seq = seq;
-                    }
-                }
-                Outgoing::Entries {
-                    last_seq,
-                    sco,
-                    entries,
-                    bytes,
-                }
-            }
-        };
-        drop(inner);
         let Some(c) = client.as_mut() else {
             continue;
         };
         let result = match &outgoing {
             Outgoing::Trim { sco } => {
-                runtime.block_on(c.remove_up_to(&config.namespace, config.owner_tag, *sco))
+                c.remove_up_to(&config.namespace, config.owner_tag, *sco)
+                    .await
             }
-            Outgoing::Entries { sco, entries, .. } => runtime.block_on(c.add_entries(
-                &config.namespace,
-                config.owner_tag,
-                *sco,
-                entries.clone(),
-            )),
+            Outgoing::Entries { sco, entries, .. } => {
+                c.add_entries(&config.namespace, config.owner_tag, *sco, entries.clone())
+                    .await
+            }
         };
         match result {
             Ok(()) => {
@@ -624,6 +625,74 @@ fn run(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+enum Taken {
+    Batch(Outgoing),
+    Nothing,
+    Stopping,
+}
+
+/// Take the next batch off the queue: consecutive entries of one SCO up to the batch limits, or
+/// the newest of consecutive trims.
+fn take_batch(shared: &Shared) -> Taken {
+    let mut inner = shared.inner.lock();
+    let Some(first) = inner.queue.pop_front() else {
+        return if inner.stopping {
+            Taken::Stopping
+        } else {
+            Taken::Nothing
+        };
+    };
+    let outgoing = match first {
+        Item::Trim { mut sco } => {
+            while let Some(Item::Trim { sco: next }) = inner.queue.front() {
+                sco = sco.max(*next);
+                inner.queue.pop_front();
+            }
+            Outgoing::Trim { sco }
+        }
+        Item::Entries {
+            seq,
+            sco,
+            mut entries,
+            mut bytes,
+        } => {
+            let mut last_seq = seq;
+            while let Some(Item::Entries {
+                sco: next_sco,
+                entries: next,
+                bytes: next_bytes,
+                ..
+            }) = inner.queue.front()
+            {
+                if *next_sco != sco
+                    || entries.len() + next.len() > MAX_BATCH_ENTRIES
+                    || bytes + next_bytes > MAX_BATCH_BYTES
+                {
+                    break;
+                }
+                if let Some(Item::Entries {
+                    seq,
+                    entries: next,
+                    bytes: next_bytes,
+                    ..
+                }) = inner.queue.pop_front()
+                {
+                    entries.extend(next);
+                    bytes += next_bytes;
+                    last_seq = seq;
+                }
+            }
+            Outgoing::Entries {
+                last_seq,
+                sco,
+                entries,
+                bytes,
+            }
+        }
+    };
+    Taken::Batch(outgoing)
 }
 
 enum Outgoing {

@@ -37,6 +37,9 @@ pub struct ManagerConfig {
     pub registry_path: PathBuf,
     /// Total SCO bytes the write buffer may hold before disposable SCOs are evicted.
     pub write_buffer_limit: u64,
+    /// The frontends' runtime: DTL links run their workers there (see `vstor_dtl::mirror`).
+    /// Without one each link gets a thread.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl ManagerConfig {
@@ -46,6 +49,7 @@ impl ManagerConfig {
             write_buffer_dir: data_dir.join("write-buffer"),
             registry_path: data_dir.join("registry"),
             write_buffer_limit,
+            runtime: None,
         }
     }
 }
@@ -96,6 +100,7 @@ impl VolumeManager {
                     if let Err(e) = volume.replay_dtl() {
                         tracing::error!(volume = %name, error = %e, "DTL replay at restart failed; continuing without it");
                     }
+                    volume.set_runtime(manager.config.runtime.clone());
                     volume.attach_dtl();
                     manager.volumes.write().insert(name.clone(), volume.clone());
                     manager.start_uploader(volume);
@@ -207,6 +212,7 @@ impl VolumeManager {
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());
+        volume.set_runtime(self.config.runtime.clone());
         volume.attach_dtl();
         self.start_uploader(volume.clone());
         tracing::info!(volume = %name, size = options.size, "volume created");
@@ -327,6 +333,7 @@ impl VolumeManager {
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());
+        volume.set_runtime(self.config.runtime.clone());
         volume.attach_dtl();
         self.start_uploader(volume.clone());
         tracing::info!(volume = %name, parent = %parent, %snapshot, clusters = inherited.len(), "clone created");
@@ -465,6 +472,7 @@ impl VolumeManager {
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());
+        volume.set_runtime(self.config.runtime.clone());
         volume.attach_dtl();
         self.start_uploader(volume.clone());
         tracing::info!(volume = %name, owner_tag = tag, replayed = summary.applied, "volume adopted");

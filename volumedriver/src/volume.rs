@@ -287,6 +287,7 @@ pub struct Volume {
     scrub_lock: Mutex<()>,
     /// Held for each upload step; a rollback waits for the step in flight.
     upload_lock: Mutex<()>,
+    runtime: Mutex<Option<tokio::runtime::Handle>>,
     upload_work: Condvar,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
@@ -421,6 +422,7 @@ impl Volume {
             list_lock: Mutex::new(()),
             scrub_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
+            runtime: Mutex::new(None),
             upload_work: Condvar::new(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),

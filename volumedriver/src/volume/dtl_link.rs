@@ -303,6 +303,7 @@ impl Volume {
                     volume.upload_work.notify_all();
                 }
             }),
+            self.runtime.lock().clone(),
         );
         let old = self.state.lock().dtl.replace(DtlLink {
             mirror,
@@ -313,6 +314,11 @@ impl Volume {
         if let Some(old) = old {
             old.mirror.stop();
         }
+    }
+
+    /// The runtime DTL link workers run on (none: a thread per link).
+    pub fn set_runtime(&self, runtime: Option<tokio::runtime::Handle>) {
+        *self.runtime.lock() = runtime;
     }
 
     /// Stop mirroring (volume stop, mode change).
