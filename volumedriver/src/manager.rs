@@ -100,10 +100,7 @@ impl VolumeManager {
                     if let Err(e) = volume.replay_dtl() {
                         tracing::error!(volume = %name, error = %e, "DTL replay at restart failed; continuing without it");
                     }
-                    volume.set_runtime(manager.config.runtime.clone());
-                    volume.attach_dtl();
-                    manager.volumes.write().insert(name.clone(), volume.clone());
-                    manager.start_uploader(volume);
+                    manager.serve(&name, &volume);
                 }
                 Err(e) => {
                     tracing::error!(volume = %name, error = %e, "volume could not be restarted");
@@ -209,12 +206,7 @@ impl VolumeManager {
             let _ = volume.destroy();
             return Err(e);
         }
-        self.volumes
-            .write()
-            .insert(name.to_string(), volume.clone());
-        volume.set_runtime(self.config.runtime.clone());
-        volume.attach_dtl();
-        self.start_uploader(volume.clone());
+        self.serve(name, &volume);
         tracing::info!(volume = %name, size = options.size, "volume created");
         Ok(volume)
     }
@@ -330,12 +322,7 @@ impl VolumeManager {
             let _ = volume.destroy();
             return Err(e);
         }
-        self.volumes
-            .write()
-            .insert(name.to_string(), volume.clone());
-        volume.set_runtime(self.config.runtime.clone());
-        volume.attach_dtl();
-        self.start_uploader(volume.clone());
+        self.serve(name, &volume);
         tracing::info!(volume = %name, parent = %parent, %snapshot, clusters = inherited.len(), "clone created");
         Ok(volume)
     }
@@ -469,14 +456,19 @@ impl VolumeManager {
             }
         };
         self.update_registry(|names| names.push(name.to_string()))?;
+        self.serve(name, &volume);
+        tracing::info!(volume = %name, owner_tag = tag, replayed = summary.applied, "volume adopted");
+        Ok((volume, summary))
+    }
+
+    /// Start serving a volume this node now owns: list it, link its DTL, start its uploader.
+    fn serve(self: &Arc<Self>, name: &str, volume: &Arc<Volume>) {
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());
         volume.set_runtime(self.config.runtime.clone());
         volume.attach_dtl();
         self.start_uploader(volume.clone());
-        tracing::info!(volume = %name, owner_tag = tag, replayed = summary.applied, "volume adopted");
-        Ok((volume, summary))
     }
 
     /// Clean stop: flush every volume, queue everything for upload, wait up to `timeout` for the

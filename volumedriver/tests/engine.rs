@@ -4,109 +4,29 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vstor_backend::{BackendError, LocalStore, ObjectStore, OwnerTag};
+use vstor_backend::ObjectStore;
 use vstor_volumedriver::config::{TLogList, TLOG_LIST_OBJECT};
 use vstor_volumedriver::{UploadTask, Volume, VolumeConfig, VolumeError, VolumeOptions};
 
 const CS: usize = 4096;
 
-/// A backend whose puts can be made to fail, standing in for an unreachable backend.
-struct FlakyStore {
-    inner: LocalStore,
-    failing: AtomicBool,
-}
+mod common;
 
-impl FlakyStore {
-    fn check(&self) -> vstor_backend::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(BackendError::Io {
-                path: PathBuf::from("flaky"),
-                source: std::io::Error::other("backend unreachable (injected)"),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl ObjectStore for FlakyStore {
-    fn create_namespace(&self, ns: &str, owner: OwnerTag) -> vstor_backend::Result<()> {
-        self.inner.create_namespace(ns, owner)
-    }
-    fn delete_namespace(&self, ns: &str) -> vstor_backend::Result<()> {
-        self.inner.delete_namespace(ns)
-    }
-    fn namespace_exists(&self, ns: &str) -> vstor_backend::Result<bool> {
-        self.inner.namespace_exists(ns)
-    }
-    fn list_namespaces(&self) -> vstor_backend::Result<Vec<String>> {
-        self.inner.list_namespaces()
-    }
-    fn owner_tag(&self, ns: &str) -> vstor_backend::Result<OwnerTag> {
-        self.inner.owner_tag(ns)
-    }
-    fn claim(&self, ns: &str, new: OwnerTag) -> vstor_backend::Result<()> {
-        self.inner.claim(ns, new)
-    }
-    fn put(&self, ns: &str, name: &str, data: &[u8]) -> vstor_backend::Result<()> {
-        self.check()?;
-        self.inner.put(ns, name, data)
-    }
-    fn put_if_owner(
-        &self,
-        ns: &str,
-        name: &str,
-        data: &[u8],
-        owner: OwnerTag,
-    ) -> vstor_backend::Result<()> {
-        self.check()?;
-        self.inner.put_if_owner(ns, name, data, owner)
-    }
-    fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
-        self.inner.get(ns, name)
-    }
-    fn get_range(
-        &self,
-        ns: &str,
-        name: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> vstor_backend::Result<()> {
-        self.inner.get_range(ns, name, offset, buf)
-    }
-    fn size(&self, ns: &str, name: &str) -> vstor_backend::Result<u64> {
-        self.inner.size(ns, name)
-    }
-    fn exists(&self, ns: &str, name: &str) -> vstor_backend::Result<bool> {
-        self.inner.exists(ns, name)
-    }
-    fn delete(&self, ns: &str, name: &str) -> vstor_backend::Result<()> {
-        self.inner.delete(ns, name)
-    }
-    fn delete_if_owner(&self, ns: &str, name: &str, owner: OwnerTag) -> vstor_backend::Result<()> {
-        self.inner.delete_if_owner(ns, name, owner)
-    }
-    fn list(&self, ns: &str) -> vstor_backend::Result<Vec<String>> {
-        self.inner.list(ns)
-    }
-}
+use common::FaultStore;
 
 struct Rig {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
-    store: Arc<FlakyStore>,
+    store: Arc<FaultStore>,
 }
 
 impl Rig {
     fn new() -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(FlakyStore {
-            inner: LocalStore::open(tmp.path().join("backend")).expect("store"),
-            failing: AtomicBool::new(false),
-        });
+        let store = Arc::new(FaultStore::open(&tmp.path().join("backend")));
         Self {
             dir: tmp.path().join("wb").join("vol"),
             _tmp: tmp,
@@ -242,7 +162,7 @@ fn corrupt_sco_in_write_buffer_is_caught_before_upload() {
 fn throttles_but_never_fails_when_backend_is_down() {
     let rig = Rig::new();
     let volume = rig.create(256, 4, 1, 8 * CS as u64);
-    rig.store.failing.store(true, Ordering::SeqCst);
+    rig.store.set_failing(true);
     let mut throttled = 0;
     for i in 0..64u64 {
         let outcome = volume
@@ -265,7 +185,7 @@ fn throttles_but_never_fails_when_backend_is_down() {
         .contains("unreachable"));
     volume.flush().unwrap();
     // Backend back: everything drains, throttling stops, nothing was lost.
-    rig.store.failing.store(false, Ordering::SeqCst);
+    rig.store.set_failing(false);
     volume.close_current_tlog().unwrap();
     volume.drain_uploads().unwrap();
     let info = volume.info();
@@ -326,7 +246,6 @@ fn corrupt_backend_tlog_is_reported_on_restart() {
     drop(volume);
     // Replace the TLog with garbage (a valid backend object whose content is not a TLog).
     rig.store
-        .inner
         .put("vol", "tlog_0000000000000001", b"not a tlog at all")
         .unwrap();
     std::fs::remove_dir_all(&rig.dir).unwrap();

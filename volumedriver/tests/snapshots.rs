@@ -7,6 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::FaultStore;
 use proptest::prelude::*;
 use vstor_backend::{LocalStore, ObjectStore};
 use vstor_volumedriver::{ManagerConfig, VolumeError, VolumeManager, VolumeOptions};
@@ -399,106 +402,6 @@ fn scrub_frees_overwritten_data_and_keeps_snapshots() {
     check_volume(&rig, "v", &model).unwrap();
 }
 
-/// A backend that refuses every mutation once its budget of puts and deletes is spent: an
-/// operation cut off at that point is what `kill -9` at that point leaves on the backend.
-struct CutStore {
-    inner: LocalStore,
-    budget: std::sync::atomic::AtomicI64,
-}
-
-impl CutStore {
-    fn spend(&self) -> vstor_backend::Result<()> {
-        use std::sync::atomic::Ordering;
-        if self.budget.fetch_sub(1, Ordering::SeqCst) <= 0 {
-            return Err(vstor_backend::BackendError::Io {
-                path: "cut".into(),
-                source: std::io::Error::other("cut off (injected)"),
-            });
-        }
-        Ok(())
-    }
-
-    fn set(&self, budget: i64) {
-        self.budget
-            .store(budget, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl ObjectStore for CutStore {
-    fn create_namespace(&self, ns: &str, owner: u64) -> vstor_backend::Result<()> {
-        self.inner.create_namespace(ns, owner)
-    }
-    fn delete_namespace(&self, ns: &str) -> vstor_backend::Result<()> {
-        self.inner.delete_namespace(ns)
-    }
-    fn namespace_exists(&self, ns: &str) -> vstor_backend::Result<bool> {
-        self.inner.namespace_exists(ns)
-    }
-    fn list_namespaces(&self) -> vstor_backend::Result<Vec<String>> {
-        self.inner.list_namespaces()
-    }
-    fn owner_tag(&self, ns: &str) -> vstor_backend::Result<u64> {
-        self.inner.owner_tag(ns)
-    }
-    fn claim(&self, ns: &str, new: u64) -> vstor_backend::Result<()> {
-        self.inner.claim(ns, new)
-    }
-    fn put(&self, ns: &str, name: &str, data: &[u8]) -> vstor_backend::Result<()> {
-        self.spend()?;
-        self.inner.put(ns, name, data)
-    }
-    fn put_if_owner(
-        &self,
-        ns: &str,
-        name: &str,
-        data: &[u8],
-        owner: u64,
-    ) -> vstor_backend::Result<()> {
-        self.spend()?;
-        self.inner.put_if_owner(ns, name, data, owner)
-    }
-    fn put_from(
-        &self,
-        ns: &str,
-        name: &str,
-        len: u64,
-        data: &mut dyn std::io::Read,
-        owner: u64,
-    ) -> vstor_backend::Result<()> {
-        self.spend()?;
-        self.inner.put_from(ns, name, len, data, owner)
-    }
-    fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
-        self.inner.get(ns, name)
-    }
-    fn get_range(
-        &self,
-        ns: &str,
-        name: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> vstor_backend::Result<()> {
-        self.inner.get_range(ns, name, offset, buf)
-    }
-    fn size(&self, ns: &str, name: &str) -> vstor_backend::Result<u64> {
-        self.inner.size(ns, name)
-    }
-    fn exists(&self, ns: &str, name: &str) -> vstor_backend::Result<bool> {
-        self.inner.exists(ns, name)
-    }
-    fn delete(&self, ns: &str, name: &str) -> vstor_backend::Result<()> {
-        self.spend()?;
-        self.inner.delete(ns, name)
-    }
-    fn delete_if_owner(&self, ns: &str, name: &str, owner: u64) -> vstor_backend::Result<()> {
-        self.spend()?;
-        self.inner.delete_if_owner(ns, name, owner)
-    }
-    fn list(&self, ns: &str) -> vstor_backend::Result<Vec<String>> {
-        self.inner.list(ns)
-    }
-}
-
 /// Scrub and rollback cut off after every possible number of backend mutations, followed by a
 /// restart: contents and snapshots are intact, and a re-run leaves no unreferenced object.
 #[test]
@@ -507,10 +410,7 @@ fn interrupted_scrub_and_rollback_lose_nothing_and_leak_nothing() {
     for operation in ["scrub", "rollback"] {
         for cut in 0..24i64 {
             let tmp = tempfile::tempdir().unwrap();
-            let store = Arc::new(CutStore {
-                inner: LocalStore::open(tmp.path().join("backend")).unwrap(),
-                budget: std::sync::atomic::AtomicI64::new(i64::MAX),
-            });
+            let store = Arc::new(FaultStore::open(&tmp.path().join("backend")));
             let dir = tmp.path().join("wb");
             let config = VolumeConfig::new("v", &options(), 0).unwrap();
             let volume = Volume::create(&dir, store.clone(), config).unwrap();
@@ -531,7 +431,7 @@ fn interrupted_scrub_and_rollback_lose_nothing_and_leak_nothing() {
             }
             volume.close_current_tlog().unwrap();
             volume.drain_uploads().unwrap();
-            store.set(cut);
+            store.cut_after(cut);
             let finished = match operation {
                 "scrub" => volume.scrub(None, &mut |_| {}).is_ok(),
                 _ => {
@@ -545,7 +445,7 @@ fn interrupted_scrub_and_rollback_lose_nothing_and_leak_nothing() {
             // The process dies here, whatever state the operation reached.
             volume.stop();
             drop(volume);
-            store.set(i64::MAX);
+            store.set_failing(false);
             let reopened = Volume::open(&dir, store.clone(), "v").unwrap();
             if operation == "rollback" && !finished {
                 // A rollback whose decision reached the disk completes at restart; one that did

@@ -283,11 +283,7 @@ impl Volume {
     /// starts degraded and catches up once connected.
     pub fn attach_dtl(self: &Arc<Self>) {
         let config = self.config();
-        let Some(addr) = config
-            .dtl_addr
-            .as_deref()
-            .filter(|_| config.dtl_mode != DtlMode::None)
-        else {
+        let Some(addr) = dtl_target(&config) else {
             return;
         };
         let volume = Arc::downgrade(self);
@@ -336,11 +332,7 @@ impl Volume {
     }
 
     fn forget_dtl_at(&self, config: &crate::config::VolumeConfig) {
-        let Some(addr) = config
-            .dtl_addr
-            .as_deref()
-            .filter(|_| config.dtl_mode != DtlMode::None)
-        else {
+        let Some(addr) = dtl_target(config) else {
             return;
         };
         let client = MirrorConfig::new(addr, &config.namespace, 0, 0).client;
@@ -486,4 +478,12 @@ impl Volume {
         }
         Ok(true)
     }
+}
+
+/// The DTL a volume's configuration mirrors to, if any.
+fn dtl_target(config: &crate::config::VolumeConfig) -> Option<&str> {
+    config
+        .dtl_addr
+        .as_deref()
+        .filter(|_| config.dtl_mode != DtlMode::None)
 }
