@@ -603,7 +603,18 @@ async fn rollback(
     }
     let before = snapshot_names(&volume.snapshots());
     let disconnected = if request.force {
-        state.nbd.disconnect_export(&name)
+        let clients = state.nbd.connections(&name);
+        // Wait until their requests are done: none may land after the rollback.
+        if !state
+            .nbd
+            .disconnect_export_and_wait(&name, std::time::Duration::from_secs(30))
+            .await
+        {
+            return Err(conflict(format!(
+                "volume {name}: NBD clients did not disconnect within 30 s; rollback not done"
+            )));
+        }
+        clients
     } else {
         0
     };

@@ -1002,3 +1002,37 @@ async fn target_io_errors_become_eio() {
     target.set_fail_io(false);
     assert_eq!(c.read(0, 512).await, vec![0; 512]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_disconnect_waits_for_requests_still_running() {
+    let (srv, target) = TestServer::with_export("vol", MIB).await;
+    let mut c = srv.client("vol", false, false).await;
+    let mut hold = target.hold_flushes();
+    c.send(0, CMD_FLUSH, 1, 0, 0).await;
+    within("flush to start", hold.flush_started()).await;
+    let server = srv.server.clone();
+    let waiter = tokio::spawn(async move {
+        server
+            .disconnect_export_and_wait("vol", Duration::from_secs(10))
+            .await
+    });
+    // The connection is cut, but the flush it started is still running: not gone yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), async {
+            while !waiter.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .is_err(),
+        "disconnect returned while a flush was running"
+    );
+    assert_eq!(target.flushes(), 0);
+    hold.release();
+    assert!(
+        waiter.await.unwrap(),
+        "connections gone once the flush is done"
+    );
+    assert_eq!(target.flushes(), 1);
+    assert_eq!(srv.server.connections("vol"), 0);
+}

@@ -639,7 +639,15 @@ pub(crate) async fn run(
 
         tokio::select! {
             biased;
-            _ = kill.cancelled() => return Ok(End::Killed),
+            _ = kill.cancelled() => {
+                // Operations still running on the blocking pool must finish before the
+                // connection counts as gone (a forced disconnect waits for that).
+                let mut running = s.inflight - s.acks.len();
+                while running > 0 && done_rx.recv().await.is_some() {
+                    running -= 1;
+                }
+                return Ok(End::Killed);
+            }
             _ = shutdown.cancelled(), if drain_deadline.is_none() => {
                 drain_deadline = Some(Instant::now() + params.shutdown_grace);
             }

@@ -131,6 +131,8 @@ struct Inner {
     shutdown: CancellationToken,
     table: Mutex<ConnTable>,
     all_closed: Notify,
+    /// Notified whenever a connection goes away.
+    conn_closed: Notify,
     next_id: AtomicU64,
 }
 
@@ -169,6 +171,7 @@ impl Inner {
         if table.conns.is_empty() {
             self.all_closed.notify_waiters();
         }
+        self.conn_closed.notify_waiters();
     }
 }
 
@@ -202,6 +205,7 @@ impl NbdServer {
                 shutdown: CancellationToken::new(),
                 table: Mutex::new(ConnTable::default()),
                 all_closed: Notify::new(),
+                conn_closed: Notify::new(),
                 next_id: AtomicU64::new(0),
             }),
         }
@@ -301,6 +305,30 @@ impl NbdServer {
             info!(export = name, closed, "disconnected NBD clients of export");
         }
         closed
+    }
+
+    /// Like [`disconnect_export`](Self::disconnect_export), and then wait (up to `timeout`)
+    /// until those connections are gone, including any FLUSH or FUA write they had running:
+    /// afterwards no request of theirs can still reach the export. Returns whether they are gone.
+    pub async fn disconnect_export_and_wait(&self, name: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.disconnect_export(name);
+        loop {
+            let closed = self.inner.conn_closed.notified();
+            let remaining = self
+                .inner
+                .table()
+                .conns
+                .values()
+                .filter(|e| e.export.as_deref() == Some(name))
+                .count();
+            if remaining == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Number of connected clients per export (for `vstor volume info`).
