@@ -28,7 +28,7 @@
 //! Snapshots: creating one also flushes the volume, so an acknowledged snapshot survives a crash
 //! with everything written before it. A snapshot is readable as the NBD export `VOL@SNAP`
 //! (read-only) and, once exported with `.../export`, as a read-only vhost-user-blk socket
-//! `<vhost-dir>/VOL@SNAP.sock` (not re-created by a restart). Rollback refuses (409) while NBD
+//! `<vhost-dir>/VOL@SNAP.sock` (re-created by a restart). Rollback refuses (409) while NBD
 //! clients or a vhost-user frontend use the volume, unless `force`, which disconnects them first.
 //! A clone's `from` is `VOL@SNAP`, or a template volume's name (its newest snapshot); the clone
 //! waits up to `wait_secs` (default 30) for the snapshot to reach the backend (else 503).
@@ -79,8 +79,18 @@ pub struct ApiState {
     pub default_dtl: Option<(DtlMode, String)>,
     pub exports: Arc<Exports>,
     pub scrubs: Arc<Scrubs>,
-    /// Snapshots exported over vhost-user (`VOL@SNAP`).
+    /// Snapshots exported over vhost-user (`VOL@SNAP`), kept in `vhost_snapshots_file` so a
+    /// restart exports them again.
     pub vhost_snapshots: Arc<Mutex<BTreeSet<String>>>,
+    pub vhost_snapshots_file: std::path::PathBuf,
+}
+
+/// Load the list of snapshots exported over vhost-user (missing file: none).
+pub fn load_vhost_snapshots(path: &std::path::Path) -> BTreeSet<String> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
 }
 
 impl ApiState {
@@ -88,6 +98,20 @@ impl ApiState {
         self.vhost_snapshots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Persist the vhost-user snapshot exports (replace the file atomically).
+    fn save_vhost_snapshots(&self) {
+        let list = self.vhost_snapshots().clone();
+        let path = &self.vhost_snapshots_file;
+        let temp = path.with_extension("tmp");
+        let saved = serde_json::to_vec(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&temp, bytes))
+            .and_then(|()| std::fs::rename(&temp, path));
+        if let Err(e) = saved {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the vhost-user snapshot exports");
+        }
     }
 }
 
@@ -217,6 +241,7 @@ async fn drop_snapshot_exports(state: &ApiState, volume: &str, snapshots: Vec<St
         if state.vhost_snapshots().remove(&export) {
             vhost_exports.push(export);
         }
+        state.save_vhost_snapshots();
         state.exports.forget(volume, Some(snapshot));
     }
     if !vhost_exports.is_empty() {
@@ -660,6 +685,7 @@ async fn snapshot_export(
         .await?
         .map_err(|e| internal(format!("cannot export {export} over vhost-user: {e}")))?;
     state.vhost_snapshots().insert(export);
+    state.save_vhost_snapshots();
     Ok(Json(snapshot_value(&state, &name, info)))
 }
 
@@ -674,6 +700,7 @@ async fn snapshot_unexport(
             format!("snapshot {snapshot:?} of volume {name} is not exported over vhost-user"),
         ));
     }
+    state.save_vhost_snapshots();
     let vhost = state.vhost.clone();
     off_reactor(move || vhost.remove_export(&export)).await?;
     Ok(Json(

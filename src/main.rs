@@ -151,7 +151,7 @@ enum SnapshotVerb {
         force: bool,
     },
     /// Serve a snapshot read-only over vhost-user at <vhost-dir>/VOLUME@SNAPSHOT.sock (over NBD
-    /// every snapshot is always readable as export VOLUME@SNAPSHOT). Not kept across restarts.
+    /// every snapshot is always readable as export VOLUME@SNAPSHOT). Re-created by a restart.
     Export { volume: String, snapshot: String },
     /// Stop serving a snapshot over vhost-user.
     Unexport { volume: String, snapshot: String },

@@ -99,6 +99,21 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .auto_scrub
         .map(|settings| AutoScrubber::start(manager.clone(), scrubs.clone(), settings));
 
+    // Snapshots exported over vhost-user before the restart are exported again.
+    let vhost_snapshots_file = config.data_dir.join("vhost-snapshot-exports.json");
+    let mut vhost_snapshots = crate::api::load_vhost_snapshots(&vhost_snapshots_file);
+    vhost_snapshots.retain(|export| {
+        let exists = export.split_once('@').is_some_and(|(volume, snapshot)| {
+            manager
+                .get(volume)
+                .is_ok_and(|v| v.snapshot(snapshot).is_ok())
+        });
+        exists
+            && vhost
+                .add_export(export)
+                .map_err(|e| tracing::error!(%export, error = %e, "cannot export the snapshot over vhost-user"))
+                .is_ok()
+    });
     let nbd_task = {
         let nbd = nbd.clone();
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
@@ -115,7 +130,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             default_dtl: config.dtl.clone(),
             exports,
             scrubs,
-            vhost_snapshots: Default::default(),
+            vhost_snapshots: Arc::new(std::sync::Mutex::new(vhost_snapshots)),
+            vhost_snapshots_file,
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {

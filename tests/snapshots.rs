@@ -841,7 +841,7 @@ fn template_refuses_writes_and_clones_from_it_work() {
 #[test]
 fn snapshot_export_over_vhost_user_is_read_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(tmp.path());
+    let mut daemon = Daemon::start(tmp.path());
     daemon.cli_ok(&[
         "volume",
         "create",
@@ -864,6 +864,10 @@ fn snapshot_export_over_vhost_user_is_read_only() {
         "{out}"
     );
     assert!(socket.exists());
+    // The export comes back after a restart.
+    assert!(daemon.terminate().success());
+    daemon.launch();
+    assert!(socket.exists(), "snapshot socket re-created by the restart");
     let listed = snapshot_list(&daemon, "img");
     assert_eq!(listed[0]["vhost_socket"], socket.to_str().unwrap());
 
