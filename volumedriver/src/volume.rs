@@ -257,6 +257,8 @@ pub struct VolumeInfo {
     pub dtl_addr: Option<String>,
     /// `ok_sync`, `ok_standalone`, `catch_up` or `degraded`.
     pub dtl_state: String,
+    /// Every acknowledged write not on the backend is on the DTL (`dtl_state` is `ok_sync`).
+    pub dtl_in_sync: bool,
     /// Data bytes queued for the DTL and not yet acknowledged by it.
     pub dtl_backlog_bytes: u64,
     /// Times the DTL link went degraded since the volume was opened.
@@ -2072,6 +2074,7 @@ impl Volume {
             dtl_mode: c.dtl_mode.as_str().to_string(),
             dtl_addr: c.dtl_addr.clone(),
             dtl_state: dtl.state.as_str().to_string(),
+            dtl_in_sync: dtl.state == vstor_dtl::DtlState::OkSync,
             dtl_backlog_bytes: dtl.backlog_bytes,
             dtl_degradations: dtl.degradations,
             dtl_last_error: dtl.last_error,
