@@ -9,24 +9,9 @@ mod common;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
-use vstor_benches::nbd::run;
-use vstor_benches::BenchOptions;
-
 const USAGE: &str = "usage: nbd [--vstor-bin PATH] [--size SIZE] [--runtime SECS] [--rounds N] [--work-dir DIR] [--json]
   SIZE takes a K, M, G or T suffix (powers of 1024); defaults: target/release/vstor, 1G, 10 s, 1 round, /var/tmp";
 
 fn main() -> ExitCode {
-    match parse_args().and_then(|options| options.map_or(Ok(()), |options| run(&options))) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `None` when only the usage was asked for.
-fn parse_args() -> Result<Option<BenchOptions>> {
-    Ok(common::parse(USAGE, &[])?.map(|args| args.options()))
+    common::run_main(USAGE, vstor_benches::nbd::run)
 }

@@ -9,25 +9,10 @@ mod common;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
-use vstor_benches::snapshots::run;
-use vstor_benches::BenchOptions;
-
 const USAGE: &str = "usage: snapshots [--size SIZE] [--runtime SECS] [--work-dir DIR] [--json]
   SIZE takes a K, M, G or T suffix (powers of 1024); defaults: 1G, 10 s, /var/tmp
   (--vstor-bin and --rounds are accepted and ignored: the engine is linked in, and each figure is one measurement)";
 
 fn main() -> ExitCode {
-    match parse_args().and_then(|options| options.map_or(Ok(()), |options| run(&options))) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `None` when only the usage was asked for.
-fn parse_args() -> Result<Option<BenchOptions>> {
-    Ok(common::parse(USAGE, &[])?.map(|args| args.options()))
+    common::run_main(USAGE, vstor_benches::snapshots::run)
 }

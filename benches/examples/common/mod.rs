@@ -2,6 +2,7 @@
 //! the flags every benchmark takes, plus any boolean flags of its own.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use vstor_benches::BenchOptions;
@@ -87,4 +88,19 @@ pub fn parse_size(text: &str) -> Result<u64> {
     number
         .checked_mul(1 << shift)
         .ok_or_else(|| anyhow!("size {text:?} is too large"))
+}
+
+/// The whole `main` of a benchmark example without switches of its own: parse the common flags,
+/// run `bench`, report an error on stderr.
+#[allow(dead_code)]
+pub fn run_main(usage: &str, bench: fn(&BenchOptions) -> Result<()>) -> ExitCode {
+    let outcome =
+        parse(usage, &[]).and_then(|args| args.map_or(Ok(()), |args| bench(&args.options())));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

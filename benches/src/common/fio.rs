@@ -241,6 +241,19 @@ pub(crate) fn run(
     parse_report(&text, direction).with_context(|| format!("fio ({label})"))
 }
 
+/// Checks fio (with its nbd engine) and qemu-nbd are installed; returns their versions (qemu-nbd's
+/// without the program name) for the report heading. `bench` names the benchmark in errors.
+pub(crate) fn nbd_tools(bench: &str) -> anyhow::Result<(String, String)> {
+    let fio_version = crate::common::setup::tool_version("fio", "fio", bench)?;
+    require_nbd_engine(bench)?;
+    let qemu_nbd_version = crate::common::setup::tool_version("qemu-nbd", "qemu-utils", bench)?;
+    let qemu_nbd_version = qemu_nbd_version
+        .strip_prefix("qemu-nbd ")
+        .unwrap_or(&qemu_nbd_version)
+        .to_string();
+    Ok((fio_version, qemu_nbd_version))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

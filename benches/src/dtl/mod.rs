@@ -310,13 +310,7 @@ impl Servers {
 fn measure(options: &BenchOptions) -> Result<Report> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
     let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
-    let fio_version = setup::tool_version("fio", "fio", "dtl")?;
-    fio::require_nbd_engine("dtl")?;
-    let qemu_nbd_version = setup::tool_version("qemu-nbd", "qemu-utils", "dtl")?;
-    let qemu_nbd_version = qemu_nbd_version
-        .strip_prefix("qemu-nbd ")
-        .unwrap_or(&qemu_nbd_version)
-        .to_string();
+    let (fio_version, qemu_nbd_version) = fio::nbd_tools("dtl")?;
 
     let _signals = InterruptGuard::install()?;
     let work = setup::work_dir(options.work_dir.as_deref())?;
