@@ -578,3 +578,26 @@ fn snapshot_log_survives_crashes_and_torn_tails() {
     let names: Vec<String> = again.snapshots().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["s1", "s2", "s3"]);
 }
+
+/// After a restart from the backend alone, the snapshots the backend knows are kept when the
+/// next snapshot starts a new local log.
+#[test]
+fn snapshots_from_the_backend_survive_the_next_local_snapshot() {
+    let mut rig = Rig::new();
+    let volume = rig.manager.create("v", &options()).unwrap();
+    volume.snapshot_create("s1").unwrap();
+    volume.write(0, &content(1), false).unwrap();
+    drop(volume);
+    rig.restart_from_backend();
+    rig.manager.get("v").unwrap().snapshot_create("s2").unwrap();
+    rig.restart();
+    let names: Vec<String> = rig
+        .manager
+        .get("v")
+        .unwrap()
+        .snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["s1", "s2"]);
+}

@@ -73,9 +73,6 @@ impl LocalMeta {
             Ok(bytes) => meta::decode(META_KIND, META_VERSION, &bytes).map_err(|e| {
                 VolumeError::corrupt(volume, path.display().to_string(), e.to_string())
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !log.is_empty() => {
-                Ok(Self::default())
-            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let last = backend.last_number();
                 Ok(Self {
