@@ -569,8 +569,21 @@ fn snapshot_log_survives_crashes_and_torn_tails() {
     expected[0] = Some(0);
     expected[1] = Some(1);
     compare(&buf, &expected, "v@s1").unwrap();
+    let log_before_delete = std::fs::read(&log).unwrap();
     reopened.snapshot_delete("s0").unwrap();
     assert_eq!(std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0), 0);
+    // A crash after the base file was rewritten but before the log was emptied: the deleted
+    // snapshot's record is still in the log and must stay deleted.
+    reopened.stop();
+    drop(reopened);
+    std::fs::write(&log, &log_before_delete).unwrap();
+    let reopened = Volume::open(&dir, store.clone(), "v").unwrap();
+    let names: Vec<String> = reopened.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(
+        names,
+        ["s1", "s2"],
+        "a deleted snapshot came back from the log"
+    );
     reopened.snapshot_create("s3").unwrap();
     reopened.stop();
     drop(reopened);

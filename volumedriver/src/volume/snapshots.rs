@@ -12,8 +12,10 @@
 //! there first. Creating a snapshot appends one record to the log (`u32` length, `u32` CRC32C,
 //! JSON; a torn or corrupt tail ends the log) — one `write(2)` to an open file, no file creation
 //! or rename, so it stays cheap while the volume is busy. Every other change (delete, rollback,
-//! clone registration) rewrites `snapshots` atomically and durably and then empties the log; a
-//! crash in between leaves records the base file already has, which loading skips. The backend TLog list carries the same
+//! clone registration) rewrites `snapshots` atomically and durably and then empties the log.
+//! Log records carry sequence numbers and the base file the next one, so a crash in between
+//! leaves records that loading skips, even ones the base has deleted since (a rollback that
+//! dropped a snapshot must not bring it back). The backend TLog list carries the same
 //! records, so a restart from the backend alone knows them (snapshots whose TLogs never reached
 //! the backend are dropped then: their history is gone). Each change marks the backend list
 //! dirty and the uploader puts it.
@@ -59,6 +61,17 @@ pub(super) struct LocalMeta {
     pub snapshots: Vec<SnapshotRecord>,
     pub dropped: Vec<(u64, u64)>,
     pub dtl_floor: (u32, u32),
+    /// Sequence number the next snapshot-log record gets; every record below it is folded into
+    /// this (base) document, deletions and rollbacks included.
+    #[serde(default)]
+    pub next_log_seq: u64,
+}
+
+/// One record of the snapshot log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LogRecord {
+    seq: u64,
+    snapshot: SnapshotRecord,
 }
 
 impl LocalMeta {
@@ -84,14 +97,38 @@ impl LocalMeta {
                         .collect(),
                     dropped: backend.dropped.clone(),
                     dtl_floor: backend.dtl_floor,
+                    next_log_seq: 0,
                 })
             }
             Err(e) => Err(VolumeError::io(volume, &path)(e)),
         };
         let mut meta = base?;
-        for record in log_records(&log) {
-            if !meta.snapshots.iter().any(|s| s.name == record.name) {
-                meta.snapshots.push(record);
+        // Records the base already folded in (a crash between rewriting the base and emptying
+        // the log) are skipped by sequence number: the base may have deleted them since.
+        let (records, valid) = log_records(&log);
+        if valid < log.len() {
+            // Cut a torn tail off, or the next record would land behind it, unreadable.
+            let log_path = dir.join(META_LOG);
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&log_path)
+                .and_then(|file| {
+                    file.set_len(valid as u64)?;
+                    file.sync_all()
+                })
+                .map_err(VolumeError::io(volume, &log_path))?;
+        }
+        for record in records {
+            if record.seq < meta.next_log_seq {
+                continue;
+            }
+            meta.next_log_seq = record.seq + 1;
+            if !meta
+                .snapshots
+                .iter()
+                .any(|s| s.name == record.snapshot.name)
+            {
+                meta.snapshots.push(record.snapshot);
             }
         }
         Ok(meta)
@@ -205,7 +242,11 @@ impl Volume {
     fn append_snapshot(&self, st: &mut State, record: &SnapshotRecord) -> Result<()> {
         use std::io::Write;
         let path = self.dir.join(META_LOG);
-        let json = serde_json::to_vec(record).unwrap_or_default();
+        let json = serde_json::to_vec(&LogRecord {
+            seq: st.meta.next_log_seq,
+            snapshot: record.clone(),
+        })
+        .unwrap_or_default();
         let mut frame = Vec::with_capacity(json.len() + 8);
         frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
@@ -227,6 +268,7 @@ impl Volume {
             self.halt(st, err.to_string());
             return Err(err);
         }
+        st.meta.next_log_seq += 1;
         st.meta_unsynced = true;
         self.meta_changed(st);
         Ok(())
@@ -664,9 +706,11 @@ pub(super) fn tlog_number_of(object: &str) -> Option<u64> {
     TLogNumber::parse_object_name(base).map(|n| n.0)
 }
 
-/// The records of a snapshot log, up to the first torn or corrupt one.
-fn log_records(mut bytes: &[u8]) -> Vec<SnapshotRecord> {
+/// The records of a snapshot log, up to the first torn or corrupt one, and how many bytes they
+/// take.
+fn log_records(mut bytes: &[u8]) -> (Vec<LogRecord>, usize) {
     let mut records = Vec::new();
+    let mut valid = 0;
     while bytes.len() >= 8 {
         let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
         let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -681,6 +725,7 @@ fn log_records(mut bytes: &[u8]) -> Vec<SnapshotRecord> {
             Err(_) => break,
         }
         bytes = &bytes[8 + len..];
+        valid += 8 + len;
     }
-    records
+    (records, valid)
 }
