@@ -39,7 +39,7 @@
 //! until the next one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -162,6 +162,9 @@ struct Shared {
     /// Highest sequence number the DTL really acknowledged (`acked` also moves when waiters are
     /// released because the link failed).
     stored: AtomicU64,
+    /// Set when the engine has something to do (a catch-up to begin, or the link was fenced),
+    /// so the write path can check with one atomic load.
+    attention: AtomicBool,
     /// Wakes the worker: work queued, or stopping.
     work: Notify,
     /// Set (and `exited` notified) when the worker returns.
@@ -284,6 +287,7 @@ impl Mirror {
                 degradations: 0,
             }),
             stored: AtomicU64::new(0),
+            attention: AtomicBool::new(false),
             work: Notify::new(),
             finished: Mutex::new(false),
             exited: Condvar::new(),
@@ -399,21 +403,24 @@ impl Mirror {
         match inner.phase {
             Phase::CatchUpRequested { epoch } => {
                 inner.phase = Phase::CatchUp { epoch };
+                self.shared.attention.store(false, Ordering::Release);
                 Some(CatchUpRequest {
                     epoch,
                     min_next_sco: inner.dtl_newest.map_or(0, |n| n.saturating_add(1)),
                 })
             }
-            _ => None,
+            Phase::Fenced => None,
+            _ => {
+                self.shared.attention.store(false, Ordering::Release);
+                None
+            }
         }
     }
 
-    /// Whether a catch-up request is waiting (cheap check for the write path).
-    pub fn catch_up_requested(&self) -> bool {
-        matches!(
-            self.shared.inner.lock().phase,
-            Phase::CatchUpRequested { .. }
-        )
+    /// Whether the engine should look at the link: a catch-up to begin, or fenced (one atomic
+    /// load, for the write path).
+    pub fn needs_attention(&self) -> bool {
+        self.shared.attention.load(Ordering::Acquire)
     }
 
     /// Everything written before catch-up `epoch` began is on the backend.
@@ -488,6 +495,7 @@ fn degrade(shared: &Shared, error: &DtlError) {
     inner.last_error = Some(error.to_string());
     if fenced {
         inner.phase = Phase::Fenced;
+        shared.attention.store(true, Ordering::Release);
         inner.fenced_reason = Some(format!(
             "DTL {} refused owner tag {}: another node took the volume over ({error})",
             shared.config.addr, shared.config.owner_tag
@@ -547,6 +555,7 @@ async fn run(shared: Arc<Shared>) {
                     inner.epoch += 1;
                     inner.dtl_newest = range.newest;
                     inner.phase = Phase::CatchUpRequested { epoch: inner.epoch };
+                    shared.attention.store(true, Ordering::Release);
                     inner.last_error = None;
                     drop(inner);
                     tracing::info!(namespace = %config.namespace, addr = %config.addr, "DTL connected");

@@ -175,6 +175,8 @@ struct State {
     applied_end: Position,
     /// Snapshots, rollback-dropped TLog ranges and the DTL floor (see `snapshots`).
     meta: LocalMeta,
+    /// Backend namespaces reads may go to, by clone id: the volume's own, then its ancestors'.
+    namespaces: Vec<Arc<str>>,
     /// Bumped by every change that rewrites the backend TLog list other than appending (a
     /// rollback, a scrub): an upload started before it must not put a list built on the old one.
     epoch: u64,
@@ -201,7 +203,8 @@ enum Source {
     },
     Backend {
         namespace: Arc<str>,
-        object: String,
+        /// The SCO object, named as in its own namespace (clone id 0).
+        sco: ScoName,
         offset: u64,
     },
 }
@@ -889,7 +892,6 @@ impl Volume {
     /// (clone id `k` > 0 is the `k`-th ancestor).
     fn plan_read_in(&self, st: &State, map: &ClusterMap, offset: u64, len: usize) -> Vec<Segment> {
         let cs = self.cluster_size;
-        let own: Arc<str> = Arc::from(st.config.namespace.as_str());
         let mut plan: Vec<Segment> = Vec::new();
         let mut pos = offset;
         let end = offset + len as u64;
@@ -903,28 +905,23 @@ impl Volume {
                 Source::Zero
             } else {
                 let file_offset = sco::cluster_offset(location.offset() as u64, cs) + within;
-                let object = ScoName {
-                    clone_id: 0,
-                    ..location.sco()
-                }
-                .to_string();
-                match (location.clone_id(), location.version()) {
-                    (0, 0) if st.scos.contains_key(&location.sco_number()) => Source::Local {
-                        file: st.scos[&location.sco_number()].file.clone(),
+                let local = (location.clone_id(), location.version()) == (0, 0);
+                match st.scos.get(&location.sco_number()).filter(|_| local) {
+                    Some(cached) => Source::Local {
+                        file: cached.file.clone(),
                         offset: file_offset,
                     },
-                    (0, _) => Source::Backend {
-                        namespace: own.clone(),
-                        object,
-                        offset: file_offset,
-                    },
-                    (k, _) => Source::Backend {
+                    // Clone id k reads from the k-th namespace: 0 is the volume's own.
+                    None => Source::Backend {
                         namespace: st
-                            .config
-                            .ancestors
-                            .get(k as usize - 1)
-                            .map_or_else(|| own.clone(), |ns| Arc::from(ns.as_str())),
-                        object,
+                            .namespaces
+                            .get(location.clone_id() as usize)
+                            .unwrap_or(&st.namespaces[0])
+                            .clone(),
+                        sco: ScoName {
+                            clone_id: 0,
+                            ..location.sco()
+                        },
                         offset: file_offset,
                     },
                 }
@@ -947,15 +944,18 @@ impl Volume {
                     Some(last),
                     Source::Backend {
                         namespace,
-                        object,
+                        sco,
                         offset,
                     },
                 ) => match &last.source {
                     Source::Backend {
                         namespace: ns,
-                        object: b,
+                        sco: s,
                         offset: o,
-                    } if ns == namespace && b == object && o + last.len as u64 == *offset => {
+                    } if Arc::ptr_eq(ns, namespace)
+                        && s == sco
+                        && o + last.len as u64 == *offset =>
+                    {
                         last.len += n;
                         true
                     }
@@ -990,12 +990,12 @@ impl Volume {
                 }
                 Source::Backend {
                     namespace,
-                    object,
+                    sco,
                     offset,
                 } => {
                     self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
                     self.backend
-                        .get_range(&namespace, &object, offset, out)
+                        .get_range(&namespace, &sco.to_string(), offset, out)
                         .map_err(VolumeError::backend(&self.name))?;
                 }
             }
@@ -2136,6 +2136,10 @@ fn allocation_runs(map: &ClusterMap, cs: u64, offset: u64, len: u64) -> Vec<(u64
 impl State {
     fn new(config: VolumeConfig, backend_tlogs: TLogList) -> Self {
         State {
+            namespaces: std::iter::once(&config.namespace)
+                .chain(&config.ancestors)
+                .map(|ns| Arc::from(ns.as_str()))
+                .collect(),
             map: ClusterMap::new(config.size / config.cluster_size),
             config,
             scos: BTreeMap::new(),

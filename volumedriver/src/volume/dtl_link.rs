@@ -203,7 +203,12 @@ impl Volume {
 
     /// Act on what the link asks for: halt when fenced, begin a catch-up when reconnected.
     pub(super) fn dtl_service(&self, st: &mut State) -> Result<()> {
-        let Some(mirror) = st.dtl.as_ref().map(|l| l.mirror.clone()) else {
+        let Some(mirror) = st
+            .dtl
+            .as_ref()
+            .filter(|l| l.mirror.needs_attention())
+            .map(|l| l.mirror.clone())
+        else {
             return Ok(());
         };
         if let Some(reason) = mirror.fenced() {
@@ -213,7 +218,7 @@ impl Volume {
                 reason,
             });
         }
-        if st.flush_in_progress || !mirror.catch_up_requested() {
+        if st.flush_in_progress {
             return Ok(());
         }
         let Some(request) = mirror.take_catch_up() else {
