@@ -58,21 +58,8 @@ const STATE_POLL: Duration = Duration::from_millis(200);
 /// plus the DTL's log of what the backend does not have yet.
 const SPACE_COPIES: u64 = 8;
 
-/// The rows, in the order they run.
-pub(crate) const JOBS: [Job; 2] = [
-    Job {
-        name: "4k randwrite qd1",
-        rw: "randwrite",
-        block_size: 4096,
-        iodepth: 1,
-    },
-    Job {
-        name: "4k randwrite qd32",
-        rw: "randwrite",
-        block_size: 4096,
-        iodepth: 32,
-    },
-];
+/// The rows, in the order they run: the NBD benchmark's 4 KiB random-write rows.
+pub(crate) const JOBS: [Job; 2] = [crate::nbd::JOBS[2], crate::nbd::JOBS[3]];
 
 /// A vstor volume's DTL mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
