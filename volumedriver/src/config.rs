@@ -252,6 +252,20 @@ impl VolumeConfig {
         crate::meta::encode(CONFIG_KIND, CONFIG_VERSION, self)
     }
 
+    /// The configuration stored in the volume's backend namespace (`NotFound` without one).
+    pub fn load_from_backend(
+        backend: &dyn vstor_backend::ObjectStore,
+        volume: &str,
+    ) -> Result<Self> {
+        let bytes = backend.get(volume, CONFIG_OBJECT).map_err(|e| match e {
+            vstor_backend::BackendError::NoSuchNamespace { .. } => VolumeError::NotFound {
+                volume: volume.to_string(),
+            },
+            other => VolumeError::backend(volume)(other),
+        })?;
+        Self::decode(volume, &format!("backend object {CONFIG_OBJECT}"), &bytes)
+    }
+
     pub fn decode(volume: &str, what: &str, bytes: &[u8]) -> Result<Self> {
         crate::meta::decode(CONFIG_KIND, CONFIG_VERSION, bytes)
             .map_err(|e| VolumeError::corrupt(volume, what, e.to_string()))

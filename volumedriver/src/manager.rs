@@ -412,16 +412,7 @@ impl VolumeManager {
                 reason: "already served by this node".into(),
             });
         }
-        let bytes = self
-            .backend
-            .get(name, crate::config::CONFIG_OBJECT)
-            .map_err(|e| match e {
-                vstor_backend::BackendError::NoSuchNamespace { .. } => VolumeError::NotFound {
-                    volume: name.to_string(),
-                },
-                other => VolumeError::backend(name)(other),
-            })?;
-        let mut config = VolumeConfig::decode(name, "backend volume_config", &bytes)?;
+        let mut config = VolumeConfig::load_from_backend(self.backend.as_ref(), name)?;
         let current = self
             .backend
             .owner_tag(&config.namespace)

@@ -442,14 +442,7 @@ impl Volume {
             let bytes = fs::read(&config_path).map_err(VolumeError::io(name, &config_path))?;
             VolumeConfig::decode(name, &config_path.display().to_string(), &bytes)?
         } else {
-            let bytes = backend.get(name, CONFIG_OBJECT).map_err(|e| match e {
-                BackendError::NoSuchNamespace { .. } => VolumeError::NotFound {
-                    volume: name.to_string(),
-                },
-                other => VolumeError::backend(name)(other),
-            })?;
-            let config =
-                VolumeConfig::decode(name, &format!("backend object {CONFIG_OBJECT}"), &bytes)?;
+            let config = VolumeConfig::load_from_backend(backend.as_ref(), name)?;
             Self::prepare_dir(name, dir, &config)?;
             config
         };
