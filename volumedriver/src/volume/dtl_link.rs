@@ -354,15 +354,13 @@ impl Volume {
         let before = self.config();
         let moved =
             before.dtl_mode != DtlMode::None && (mode == DtlMode::None || before.dtl_addr != addr);
-        {
-            let mut st = self.state.lock();
-            self.check_usable(&st)?;
-            let mut config = st.config.clone();
-            config.dtl_mode = mode;
-            config.dtl_addr = addr;
-            self.store_config(&config)?;
-            st.config = config;
-        }
+        self.change_config(|current| {
+            Ok(crate::config::VolumeConfig {
+                dtl_mode: mode,
+                dtl_addr: addr,
+                ..current.clone()
+            })
+        })?;
         self.detach_dtl();
         if moved {
             // The old DTL would otherwise keep this volume's entries forever.

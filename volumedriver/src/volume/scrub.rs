@@ -37,10 +37,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vstor_backend::BackendError;
 
-use super::{ScoState, Volume, SCO_HEADER_LEN, TLOG_LIST_OBJECT};
+use super::state::{sco_path, ScoState};
+use super::Volume;
 use crate::config::TLogRecord;
+use crate::config::TLOG_LIST_OBJECT;
 use crate::error::{Result, VolumeError};
-use crate::sco::{self, ScoHeader};
+use crate::sco::{self, ScoHeader, SCO_HEADER_LEN};
 use crate::tlog::{self, Entry};
 use crate::types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 
@@ -389,36 +391,42 @@ impl Volume {
 
         // 5. Commit.
         let old_objects: Vec<String> = {
+            // The list lock (not the state lock) is held across the list put: every change of
+            // `backend_tlogs` takes it, so the list built here stays current until committed.
             let _list = self.list_lock.lock();
+            let (tlogs, list, changes, old_objects) = {
+                let st = self.state.lock();
+                self.check_usable(&st)?;
+                if st.epoch != epoch || !st.backend_tlogs.tlogs.starts_with(&records) {
+                    return Err(VolumeError::Refused {
+                        volume: self.name.clone(),
+                        reason: "the volume was rolled back during the scrub; run it again".into(),
+                    });
+                }
+                let mut tlogs: Vec<TLogRecord> = Vec::new();
+                let mut next = 0;
+                let mut old_objects = Vec::new();
+                for (first, last, record) in &replaced {
+                    tlogs.extend_from_slice(&records[next..*first]);
+                    old_objects.extend(records[*first..=*last].iter().map(|r| r.object_name()));
+                    tlogs.push(record.clone());
+                    next = last + 1;
+                }
+                tlogs.extend_from_slice(&st.backend_tlogs.tlogs[next..]);
+                let mut list = Self::backend_list(&st);
+                list.tlogs = tlogs.clone();
+                (tlogs, list, st.list_changes, old_objects)
+            };
+            self.backend
+                .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
+                .map_err(backend_error)?;
             let mut st = self.state.lock();
-            self.check_usable(&st)?;
-            if st.epoch != epoch || !st.backend_tlogs.tlogs.starts_with(&records) {
-                return Err(VolumeError::Refused {
-                    volume: self.name.clone(),
-                    reason: "the volume was rolled back during the scrub; run it again".into(),
-                });
-            }
-            let mut tlogs: Vec<TLogRecord> = Vec::new();
-            let mut next = 0;
-            let mut old_objects = Vec::new();
-            for (first, last, record) in &replaced {
-                tlogs.extend_from_slice(&records[next..*first]);
-                old_objects.extend(records[*first..=*last].iter().map(|r| r.object_name()));
-                tlogs.push(record.clone());
-                next = last + 1;
-            }
-            tlogs.extend_from_slice(&st.backend_tlogs.tlogs[next..]);
-            let previous = std::mem::replace(&mut st.backend_tlogs.tlogs, tlogs);
-            let list = Self::backend_list(&st);
-            if let Err(e) =
-                self.backend
-                    .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
-            {
-                st.backend_tlogs.tlogs = previous;
-                return Err(backend_error(e));
-            }
+            st.backend_tlogs.tlogs = tlogs;
             st.epoch += 1;
-            st.list_dirty = false;
+            // A snapshot change made while the list was in flight is still to be put.
+            if st.list_changes == changes {
+                st.list_dirty = false;
+            }
             report.tlogs_after = st.backend_tlogs.tlogs.len();
             // A cluster the live map still takes from a rewritten SCO (whatever region wrote it)
             // now reads its new version.
@@ -439,7 +447,7 @@ impl Volume {
                     if let Some(local) = st.scos.remove(&ScoNumber(number)) {
                         let bytes = SCO_HEADER_LEN + local.clusters * self.cluster_size;
                         st.disposable_bytes = st.disposable_bytes.saturating_sub(bytes);
-                        let _ = std::fs::remove_file(super::sco_path(
+                        let _ = std::fs::remove_file(sco_path(
                             &self.dir,
                             ScoName::new(ScoNumber(number)),
                         ));

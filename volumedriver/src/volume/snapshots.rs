@@ -175,48 +175,6 @@ enum TLogSource {
 }
 
 impl Volume {
-    /// The full backend TLog list: uploaded TLogs plus the current snapshot metadata.
-    pub(super) fn backend_list(st: &State) -> TLogList {
-        TLogList {
-            tlogs: st.backend_tlogs.tlogs.clone(),
-            snapshots: st.meta.snapshots.clone(),
-            dropped: st.meta.dropped.clone(),
-            dtl_floor: st.meta.dtl_floor,
-        }
-    }
-
-    /// Put the backend TLog list as the state says it is now.
-    pub(super) fn put_backend_list(&self) -> Result<()> {
-        let _list = self.list_lock.lock();
-        let (list, namespace, owner, changes) = {
-            let st = self.state.lock();
-            (
-                Self::backend_list(&st),
-                st.config.namespace.clone(),
-                st.config.owner_tag,
-                st.list_changes,
-            )
-        };
-        match self
-            .backend
-            .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
-        {
-            Ok(()) => {
-                let mut st = self.state.lock();
-                if st.list_changes == changes {
-                    st.list_dirty = false;
-                }
-                drop(st);
-                self.upload_work.notify_all();
-                Ok(())
-            }
-            Err(e @ vstor_backend::BackendError::Fenced { .. }) => {
-                self.halt_with(VolumeError::backend(&self.name)(e))
-            }
-            Err(e) => Err(VolumeError::backend(&self.name)(e)),
-        }
-    }
-
     /// Persist the snapshot metadata durably: rewrite the base file, then empty the log.
     fn store_meta(&self, st: &mut State) -> Result<()> {
         let path = self.dir.join(META_FILE);
@@ -691,7 +649,7 @@ impl SnapshotView {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
         self.check(offset, len)?;
         let map = self.current_map()?;
-        Ok(super::allocation_runs(
+        Ok(super::read::allocation_runs(
             &map,
             self.volume.cluster_size,
             offset,

@@ -1,0 +1,222 @@
+//! Reads: a pure plan (`plan_read_in`: which bytes come from zeros, a local SCO file or a
+//! backend SCO object) made under the state lock, executed (`execute_read`) without it.
+//!
+//! The plan holds `Arc<File>`s of the local SCOs, so an eviction or upload that happens between
+//! planning and executing cannot pull a file out from under the read.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::error::{Result, VolumeError};
+use crate::map::ClusterMap;
+use crate::sco;
+use crate::types::ScoName;
+
+use super::state::{State, SCO_DIR};
+use super::Volume;
+
+/// Where the bytes of one piece of a read come from.
+pub(super) enum Source {
+    Zero,
+    Local {
+        file: Arc<File>,
+        offset: u64,
+    },
+    Backend {
+        namespace: Arc<str>,
+        /// The SCO object, named as in its own namespace (clone id 0).
+        sco: ScoName,
+        offset: u64,
+    },
+}
+
+pub(super) struct Segment {
+    start: usize,
+    len: usize,
+    source: Source,
+}
+
+impl Volume {
+    fn plan_read(&self, st: &State, offset: u64, len: usize) -> Vec<Segment> {
+        self.plan_read_in(st, &st.map, offset, len)
+    }
+
+    /// Plan a read of `map` (the live map or a snapshot's): own SCOs from the write buffer when
+    /// a copy of that version is there, everything else from its namespace on the backend
+    /// (clone id `k` > 0 is the `k`-th ancestor).
+    pub(super) fn plan_read_in(
+        &self,
+        st: &State,
+        map: &ClusterMap,
+        offset: u64,
+        len: usize,
+    ) -> Vec<Segment> {
+        let cs = self.cluster_size;
+        let mut plan: Vec<Segment> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len as u64;
+        while pos < end {
+            let cluster = pos / cs;
+            let within = pos % cs;
+            let n = (cs - within).min(end - pos) as usize;
+            let start = (pos - offset) as usize;
+            let location = map.get(cluster);
+            let source = if location.is_unwritten() {
+                Source::Zero
+            } else {
+                let file_offset = sco::cluster_offset(location.offset() as u64, cs) + within;
+                let local = (location.clone_id(), location.version()) == (0, 0);
+                match st.scos.get(&location.sco_number()).filter(|_| local) {
+                    Some(cached) => Source::Local {
+                        file: cached.file.clone(),
+                        offset: file_offset,
+                    },
+                    // Clone id k reads from the k-th namespace: 0 is the volume's own.
+                    None => Source::Backend {
+                        namespace: st
+                            .namespaces
+                            .get(location.clone_id() as usize)
+                            .unwrap_or(&st.namespaces[0])
+                            .clone(),
+                        sco: ScoName {
+                            clone_id: 0,
+                            ..location.sco()
+                        },
+                        offset: file_offset,
+                    },
+                }
+            };
+            let merged = match (plan.last_mut(), &source) {
+                (Some(last), Source::Zero) if matches!(last.source, Source::Zero) => {
+                    last.len += n;
+                    true
+                }
+                (Some(last), Source::Local { file, offset }) => match &last.source {
+                    Source::Local { file: f, offset: o }
+                        if Arc::ptr_eq(f, file) && o + last.len as u64 == *offset =>
+                    {
+                        last.len += n;
+                        true
+                    }
+                    _ => false,
+                },
+                (
+                    Some(last),
+                    Source::Backend {
+                        namespace,
+                        sco,
+                        offset,
+                    },
+                ) => match &last.source {
+                    Source::Backend {
+                        namespace: ns,
+                        sco: s,
+                        offset: o,
+                    } if Arc::ptr_eq(ns, namespace)
+                        && s == sco
+                        && o + last.len as u64 == *offset =>
+                    {
+                        last.len += n;
+                        true
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !merged {
+                plan.push(Segment {
+                    start,
+                    len: n,
+                    source,
+                });
+            }
+            pos += n as u64;
+        }
+        plan
+    }
+
+    pub(super) fn execute_read(&self, plan: Vec<Segment>, buf: &mut [u8]) -> Result<()> {
+        for segment in plan {
+            let out = &mut buf[segment.start..segment.start + segment.len];
+            match segment.source {
+                Source::Zero => out.fill(0),
+                Source::Local { file, offset } => {
+                    file.read_exact_at(out, offset)
+                        .map_err(|e| VolumeError::Io {
+                            volume: self.name.clone(),
+                            path: self.dir.join(SCO_DIR),
+                            source: e,
+                        })?;
+                }
+                Source::Backend {
+                    namespace,
+                    sco,
+                    offset,
+                } => {
+                    self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
+                    self.backend
+                        .get_range(&namespace, &sco.to_string(), offset, out)
+                        .map_err(VolumeError::backend(&self.name))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` (both multiples of 512).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let plan = {
+            let st = self.state.lock();
+            self.check_range(&st, offset, buf.len() as u64, false)?;
+            self.plan_read(&st, offset, buf.len())
+        };
+        self.execute_read(plan, buf)?;
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read one whole cluster while holding the lock (read-modify-write).
+    pub(super) fn read_cluster_locked(
+        &self,
+        st: &State,
+        cluster: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let plan = self.plan_read(st, cluster * self.cluster_size, out.len());
+        self.execute_read(plan, out)
+    }
+
+    /// Allocation map of `[offset, offset+len)`: runs of (length in bytes, is a hole).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let st = self.state.lock();
+        self.check_range(&st, offset, len, false)?;
+        Ok(allocation_runs(&st.map, self.cluster_size, offset, len))
+    }
+}
+
+/// Allocation runs of `[offset, offset+len)` in `map`: (length in bytes, is a hole), at most
+/// 1024 runs.
+pub(super) fn allocation_runs(
+    map: &ClusterMap,
+    cs: u64,
+    offset: u64,
+    len: u64,
+) -> Vec<(u64, bool)> {
+    let end = offset + len;
+    let mut runs = Vec::new();
+    let mut pos = offset;
+    while pos < end && runs.len() < 1024 {
+        let cluster = pos / cs;
+        let limit = (end - cluster * cs).div_ceil(cs);
+        let (written, count) = map.run_at(cluster, limit);
+        let run_end = ((cluster + count.max(1)) * cs).min(end);
+        runs.push((run_end - pos, !written));
+        pos = run_end;
+    }
+    runs
+}

@@ -1,0 +1,337 @@
+//! Restart: rebuild the map from the backend's TLogs and then the write buffer's, and recover an
+//! unclosed TLog left by a crash.
+//!
+//! The backend list is the source of truth; local TLogs newer than it are replayed on top. A
+//! closed local TLog whose SCOs do not match their CRCs, or an unclosed one, is cut back to its
+//! last verified SYNC and resealed (`reseal_after_crash`); anything after a torn TLog is
+//! dropped, because later TLogs could depend on it. Files nothing references are deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::TLogRecord;
+use crate::error::{Result, VolumeError};
+use crate::meta::write_file_atomic;
+use crate::sco::{self, SCO_HEADER_LEN};
+use crate::tlog::{self, Entry};
+use crate::types::{ScoName, ScoNumber, TLogNumber};
+
+use super::dtl_link::Position;
+use super::state::{sco_path, ClosedTLog, LocalSco, ScoState, State, SCO_DIR, TLOG_DIR};
+use super::upload::UploadTask;
+use super::Volume;
+
+impl Volume {
+    pub(super) fn rebuild(&self, st: &mut State) -> Result<()> {
+        let name = self.name.clone();
+        let namespace = st.config.namespace.clone();
+        let mut backend_scos = BTreeSet::new();
+        // A rollback that was killed after writing its decision down but before rewriting the
+        // backend list: finish it here.
+        let before = st.backend_tlogs.tlogs.len();
+        let meta = st.meta.clone();
+        st.backend_tlogs
+            .tlogs
+            .retain(|r| !meta.is_dropped(r.number));
+        if st.backend_tlogs.tlogs.len() != before {
+            st.list_dirty = true;
+            st.list_changes += 1;
+        }
+        let records = st.backend_tlogs.tlogs.clone();
+        st.applied_end = st.applied_end.max(Position::from_pair(st.meta.dtl_floor));
+        for record in &records {
+            let object = record.object_name();
+            let bytes = self
+                .backend
+                .get(&namespace, &object)
+                .map_err(VolumeError::backend(&name))?;
+            let parsed = tlog::parse(&bytes, true)
+                .map_err(|e| VolumeError::corrupt(&name, format!("backend TLog {object}"), e))?;
+            st.garbage_clusters += self.apply_entries(st, &parsed.entries, &object)?;
+            backend_scos.extend(record.scos.iter().map(|n| (*n, record.sco_version(*n))));
+            if let Some(newest) = record.scos.iter().max() {
+                // Every SCO of an uploaded TLog is complete: nothing in it is left to replay.
+                st.applied_end = st.applied_end.max(Position::new(*newest, u32::MAX));
+            }
+            st.next_tlog = st.next_tlog.max(record.number + 1);
+        }
+        if let Some((max, _)) = backend_scos.last() {
+            st.next_sco = st.next_sco.max(max + 1);
+        }
+        // Numbers handed out before a rollback are never reused.
+        st.next_sco = st.next_sco.max(st.meta.dtl_floor.0);
+        if let Some(end) = st.meta.dropped.iter().map(|(_, to)| *to).max() {
+            st.next_tlog = st.next_tlog.max(end + 1);
+        }
+        let last_backend_tlog = records.last().map_or(0, |r| r.number);
+
+        // Local TLogs newer than the backend's, oldest first.
+        let tlog_dir = self.dir.join(TLOG_DIR);
+        let mut local_tlogs: Vec<(TLogNumber, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(&tlog_dir).map_err(VolumeError::io(&name, &tlog_dir))? {
+            let entry = entry.map_err(VolumeError::io(&name, &tlog_dir))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            match TLogNumber::parse_object_name(&file_name) {
+                Some(number) => local_tlogs.push((number, entry.path())),
+                None => {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        local_tlogs.sort();
+        let mut pending_scos = BTreeSet::new();
+        let mut torn = false;
+        for (number, path) in local_tlogs {
+            if number.0 <= last_backend_tlog || torn || st.meta.is_dropped(number.0) {
+                fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(VolumeError::io(&name, &path))?;
+            let parsed = match tlog::parse(&bytes, false) {
+                Ok(parsed) if parsed.number == number => parsed,
+                _ => {
+                    // Not even a valid header: created, but nothing in it was ever synced.
+                    fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
+                    torn = true;
+                    continue;
+                }
+            };
+            let entries = match (parsed.closed, self.first_bad_sco(st, &parsed.entries)) {
+                (true, None) => parsed.entries,
+                (true, Some(reason)) => {
+                    tracing::warn!(
+                        volume = %name,
+                        tlog = %number.object_name(),
+                        %reason,
+                        "closed TLog describes data that did not reach the disk; keeping its synced prefix"
+                    );
+                    torn = true;
+                    let prefix = tlog::parse_synced_prefix(&bytes)
+                        .map_err(|e| VolumeError::corrupt(&name, path.display().to_string(), e))?;
+                    self.reseal_after_crash(st, number, &path, prefix.entries)?
+                }
+                (false, _) => {
+                    torn = true;
+                    self.reseal_after_crash(st, number, &path, parsed.entries)?
+                }
+            };
+            let garbage = self.apply_entries(st, &entries, &path.display().to_string())?;
+            st.garbage_clusters += garbage;
+            let mut record = TLogRecord::new(number.0);
+            for entry in &entries {
+                if let Entry::ScoCrc { sco, clusters, crc } = *entry {
+                    let header = self.sco_header(st, sco);
+                    let sco_file = sco_path(&self.dir, sco);
+                    let (file, len) = sco::open(&sco_file, &header).map_err(|e| {
+                        VolumeError::corrupt(&name, sco_file.display().to_string(), e)
+                    })?;
+                    let clusters = clusters as u64;
+                    if len < sco::cluster_offset(clusters, self.cluster_size) {
+                        return Err(VolumeError::corrupt(
+                            &name,
+                            sco_file.display().to_string(),
+                            format!("holds fewer than the {clusters} clusters its TLog records"),
+                        ));
+                    }
+                    st.scos.insert(
+                        sco.number,
+                        LocalSco {
+                            file: Arc::new(file),
+                            clusters,
+                            state: ScoState::Sealed { crc },
+                            dirty: true,
+                        },
+                    );
+                    st.uploads.push_back(UploadTask::Sco(sco.number));
+                    st.non_disposable_bytes += clusters * self.cluster_size;
+                    record.scos.push(sco.number.0);
+                    record.data_bytes += clusters * self.cluster_size;
+                    pending_scos.insert(sco.number.0);
+                    st.next_sco = st.next_sco.max(sco.number.0 + 1);
+                }
+            }
+            let file = File::open(&path).map_err(VolumeError::io(&name, &path))?;
+            st.closed_tlogs.push_back(ClosedTLog {
+                number,
+                path,
+                file: Arc::new(file),
+                record,
+                dirty: true,
+                garbage,
+            });
+            st.uploads.push_back(UploadTask::TLog(number));
+            st.next_tlog = st.next_tlog.max(number.0 + 1);
+        }
+
+        // SCO files: cached copies of backend SCOs stay (disposable); anything else is debris of
+        // writes that no surviving TLog entry references.
+        let sco_dir = self.dir.join(SCO_DIR);
+        for entry in fs::read_dir(&sco_dir).map_err(VolumeError::io(&name, &sco_dir))? {
+            let entry = entry.map_err(VolumeError::io(&name, &sco_dir))?;
+            let path = entry.path();
+            let parsed = ScoName::parse(&entry.file_name().to_string_lossy());
+            let Some(sco) = parsed.filter(|s| s.clone_id == 0) else {
+                let _ = fs::remove_file(&path);
+                continue;
+            };
+            if pending_scos.contains(&sco.number.0) {
+                continue;
+            }
+            if !backend_scos.contains(&(sco.number.0, sco.version)) {
+                fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
+                continue;
+            }
+            let header = self.sco_header(st, sco);
+            match sco::open(&path, &header) {
+                Ok((file, len))
+                    if len >= SCO_HEADER_LEN
+                        && (len - SCO_HEADER_LEN).is_multiple_of(self.cluster_size) =>
+                {
+                    st.scos.insert(
+                        sco.number,
+                        LocalSco {
+                            file: Arc::new(file),
+                            clusters: (len - SCO_HEADER_LEN) / self.cluster_size,
+                            state: ScoState::Disposable,
+                            dirty: false,
+                        },
+                    );
+                    st.disposable_bytes += len;
+                }
+                // A damaged cached copy is dropped: the backend has the SCO.
+                _ => fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the SCOs sealed in `entries` cannot be trusted, if they cannot: a file missing, too
+    /// short, or whose data no longer matches the CRC the TLog recorded for it.
+    fn first_bad_sco(&self, st: &State, entries: &[Entry]) -> Option<String> {
+        entries.iter().find_map(|entry| {
+            let Entry::ScoCrc { sco, clusters, crc } = *entry else {
+                return None;
+            };
+            let path = sco_path(&self.dir, sco);
+            let clusters = clusters as u64;
+            let check = sco::open(&path, &self.sco_header(st, sco)).and_then(|(file, len)| {
+                if len < sco::cluster_offset(clusters, self.cluster_size) {
+                    return Err(format!("holds fewer than {clusters} clusters"));
+                }
+                match sco::data_crc(&file, clusters, self.cluster_size) {
+                    Ok(found) if found == crc => Ok(()),
+                    Ok(_) => Err("data does not match its CRC".to_string()),
+                    Err(e) => Err(format!("cannot read: {e}")),
+                }
+            });
+            check.err().map(|reason| format!("SCO {sco}: {reason}"))
+        })
+    }
+
+    /// Crash recovery of an unclosed TLog: keep its verified entries, truncate and reseal the SCOs
+    /// they reference, and rewrite it as a closed TLog. Returns the entries of the closed TLog.
+    fn reseal_after_crash(
+        &self,
+        st: &State,
+        number: TLogNumber,
+        path: &Path,
+        mut entries: Vec<Entry>,
+    ) -> Result<Vec<Entry>> {
+        let name = &self.name;
+        let mut sealed = BTreeMap::new();
+        let mut referenced: BTreeMap<ScoNumber, u64> = BTreeMap::new();
+        for entry in &entries {
+            match *entry {
+                Entry::ScoCrc { sco, clusters, .. } => {
+                    sealed.insert(sco.number, clusters as u64);
+                }
+                Entry::Loc { location, .. }
+                    if !location.is_unwritten() && location.clone_id() == 0 =>
+                {
+                    let end = referenced.entry(location.sco_number()).or_default();
+                    *end = (*end).max(location.offset() as u64 + 1);
+                }
+                _ => {}
+            }
+        }
+        for (&number, &clusters) in referenced.iter().filter(|(n, _)| !sealed.contains_key(n)) {
+            let sco = ScoName::new(number);
+            let sco_file = sco_path(&self.dir, sco);
+            let (file, len) = sco::open(&sco_file, &self.sco_header(st, sco))
+                .map_err(|e| VolumeError::corrupt(name, sco_file.display().to_string(), e))?;
+            let want = sco::cluster_offset(clusters, self.cluster_size);
+            if len < want {
+                return Err(VolumeError::corrupt(
+                    name,
+                    sco_file.display().to_string(),
+                    format!("is {len} bytes but its synced TLog entries reference {want}"),
+                ));
+            }
+            file.set_len(want)
+                .map_err(VolumeError::io(name, &sco_file))?;
+            let crc = sco::data_crc(&file, clusters, self.cluster_size)
+                .map_err(VolumeError::io(name, &sco_file))?;
+            file.sync_all().map_err(VolumeError::io(name, &sco_file))?;
+            entries.push(Entry::ScoCrc {
+                sco,
+                clusters: clusters as u32,
+                crc,
+            });
+        }
+        for (&number, &clusters) in &sealed {
+            let sco_file = sco_path(&self.dir, ScoName::new(number));
+            let want = sco::cluster_offset(clusters, self.cluster_size);
+            if let Ok(file) = fs::OpenOptions::new().write(true).open(&sco_file) {
+                if file.metadata().map(|m| m.len() > want).unwrap_or(false) {
+                    file.set_len(want)
+                        .map_err(VolumeError::io(name, &sco_file))?;
+                }
+            }
+        }
+        let bytes = tlog::encode_closed(number, &entries);
+        write_file_atomic(path, &bytes).map_err(VolumeError::io(name, path))?;
+        tracing::warn!(
+            volume = %name,
+            tlog = %number.object_name(),
+            entries = entries.len(),
+            "recovered an unclosed TLog after a crash"
+        );
+        Ok(entries)
+    }
+
+    /// Replay `entries` into the map; returns how many written clusters they overwrote or
+    /// trimmed (the garbage estimate).
+    fn apply_entries(&self, st: &mut State, entries: &[Entry], what: &str) -> Result<u64> {
+        let clusters = st.map.clusters();
+        let mut garbage = 0;
+        for entry in entries {
+            match *entry {
+                Entry::Loc { address, location } => {
+                    if address >= clusters {
+                        return Err(VolumeError::corrupt(
+                            &self.name,
+                            what,
+                            format!("entry for cluster {address} beyond the volume's {clusters}"),
+                        ));
+                    }
+                    if !st.map.set(address, location).is_unwritten() {
+                        garbage += 1;
+                    }
+                    if location.clone_id() == 0 && !location.is_unwritten() {
+                        st.applied_end = st.applied_end.max(Position::after(location));
+                    }
+                }
+                Entry::Trim { start, count } => {
+                    st.map.clear_range(start, count, |_, _| garbage += 1)
+                }
+                Entry::ScoCrc { sco, clusters, .. } if sco.clone_id == 0 => {
+                    st.applied_end = st.applied_end.max(Position::new(sco.number.0, clusters));
+                }
+                _ => {}
+            }
+        }
+        Ok(garbage)
+    }
+}

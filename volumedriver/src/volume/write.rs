@@ -1,0 +1,450 @@
+//! Writes, zeroing and discard: append whole clusters to the open SCO, one TLog entry per
+//! cluster, update the map; seal a full SCO and roll the TLog (`seal_and_maybe_roll`,
+//! `close_tlog`); and the throttle that pushes back when the upload backlog is over budget.
+//!
+//! All of it runs under the state lock: appending to the SCO and the TLog must happen in the
+//! order the map sees, and the files are local (page cache, no fsync here).
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vstor_dtl::Ticket;
+
+use crate::config::TLogRecord;
+use crate::error::{Result, VolumeError};
+use crate::sco;
+use crate::tlog::{Entry, TLogWriter};
+use crate::types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
+
+use super::state::{
+    sco_path, tlog_path, ClosedTLog, CurrentTLog, LocalSco, OpenSco, ScoState, State,
+};
+use super::upload::UploadTask;
+use super::Volume;
+
+/// Bounds of the delay imposed on one request while the volume is over its write-buffer budget.
+const THROTTLE_MIN: Duration = Duration::from_micros(50);
+const THROTTLE_MAX: Duration = Duration::from_millis(100);
+/// Upload rate assumed before any upload was measured, and the floor of the estimate.
+const MIN_UPLOAD_RATE: u64 = 16 << 20;
+/// WRITE_ZEROES with allocation writes zeros in chunks of this size.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// A reply to a write: done, and possibly a request to slow the client down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub throttle: Option<Duration>,
+}
+
+impl Volume {
+    /// Write `data` at `offset` (both multiples of 512). With `fua` the write is durable before
+    /// this returns.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteOutcome> {
+        let (outcome, dtl) = self.write_deferred(offset, data)?;
+        if let Some(ticket) = dtl {
+            self.dtl_wait(ticket)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(outcome)
+    }
+
+    /// A write without FUA whose DTL wait is left to the caller: when a ticket is returned
+    /// (sync mode, or an async backlog over its bound), the write must not be acknowledged to
+    /// the client before the ticket completes. Lets a frontend keep serving other requests
+    /// while the DTL round trip is in flight.
+    pub fn write_deferred(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(WriteOutcome, Option<Ticket>)> {
+        let (outcome, dtl) = {
+            let mut st = self.state.lock();
+            self.check_range(&st, offset, data.len() as u64, true)?;
+            self.dtl_service(&mut st)?;
+            let written = self.write_locked(&mut st, offset, data);
+            let dtl = self.dtl_submit(&mut st);
+            (written?, dtl)
+        };
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok((outcome, dtl))
+    }
+
+    fn write_locked(&self, st: &mut State, offset: u64, data: &[u8]) -> Result<WriteOutcome> {
+        if data.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let cs = self.cluster_size;
+        let end = offset + data.len() as u64;
+        let first = offset / cs;
+        if offset.is_multiple_of(cs) && end.is_multiple_of(cs) {
+            self.write_clusters(st, first, data)?;
+        } else {
+            let last = (end - 1) / cs;
+            let mut whole = vec![0u8; ((last - first + 1) * cs) as usize];
+            if !offset.is_multiple_of(cs) {
+                self.read_cluster_locked(st, first, &mut whole[..cs as usize])?;
+            }
+            if !end.is_multiple_of(cs) && (last != first || offset.is_multiple_of(cs)) {
+                let at = ((last - first) * cs) as usize;
+                self.read_cluster_locked(st, last, &mut whole[at..at + cs as usize])?;
+            }
+            let at = (offset - first * cs) as usize;
+            whole[at..at + data.len()].copy_from_slice(data);
+            self.write_clusters(st, first, &whole)?;
+        }
+        Ok(self.throttle(st, data.len() as u64))
+    }
+
+    /// Backpressure for a write of `bytes` while not-yet-uploaded data exceeds the budget: the
+    /// delay that makes ingest match the upload rate, growing with the overshoot so that a backlog
+    /// that keeps growing (the rate estimate is stale, the backend is failing) is pushed back
+    /// harder, up to `THROTTLE_MAX` per request.
+    fn throttle(&self, st: &State, bytes: u64) -> WriteOutcome {
+        let budget = st.config.write_buffer;
+        if st.non_disposable_bytes <= budget {
+            return WriteOutcome::default();
+        }
+        let rate = self
+            .upload_rate
+            .load(Ordering::Relaxed)
+            .max(MIN_UPLOAD_RATE);
+        let overshoot = (st.non_disposable_bytes - budget) as f64 / budget as f64;
+        let seconds = bytes as f64 / rate as f64 * (1.0 + 8.0 * overshoot);
+        let delay = Duration::from_secs_f64(seconds).clamp(THROTTLE_MIN, THROTTLE_MAX);
+        self.stats.throttled_writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .throttle_micros
+            .fetch_add(delay.as_micros() as u64, Ordering::Relaxed);
+        WriteOutcome {
+            throttle: Some(delay),
+        }
+    }
+
+    /// Tell the throttle how fast uploads currently go (bytes per second), as measured by
+    /// whoever drives [`upload_one`](Self::upload_one).
+    pub fn report_upload_rate(&self, bytes_per_second: u64) {
+        let old = self.upload_rate.load(Ordering::Relaxed);
+        let smoothed = if old == 0 {
+            bytes_per_second
+        } else {
+            (old + bytes_per_second) / 2
+        };
+        self.upload_rate.store(smoothed, Ordering::Relaxed);
+    }
+
+    /// Append whole clusters starting at cluster `first`.
+    pub(super) fn write_clusters(&self, st: &mut State, first: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut done = 0u64;
+        let total = data.len() as u64 / cs;
+        while done < total {
+            if st.open_sco.is_none() {
+                self.open_new_sco(st)?;
+            }
+            let (number, index, room) = match &st.open_sco {
+                Some(open) => (
+                    open.number,
+                    open.clusters,
+                    st.config.sco_clusters - open.clusters,
+                ),
+                None => unreachable!("open_new_sco succeeded"),
+            };
+            let n = room.min(total - done);
+            let chunk = &data[(done * cs) as usize..((done + n) * cs) as usize];
+            let local = st.scos.get_mut(&number).expect("open SCO is local");
+            if let Err(e) = local
+                .file
+                .write_all_at(chunk, sco::cluster_offset(index, cs))
+            {
+                let path = sco_path(&self.dir, ScoName::new(number));
+                let err = VolumeError::io(&self.name, path)(e);
+                self.halt(st, err.to_string());
+                return Err(err);
+            }
+            local.clusters += n;
+            local.dirty = true;
+            if let Some(open) = st.open_sco.as_mut() {
+                open.crc = crc32c::crc32c_append(open.crc, chunk);
+                open.clusters += n;
+            }
+            let sco = ScoName::new(number);
+            if st.dtl.is_some() {
+                self.dtl_record_writes(st, sco, index, first + done, chunk);
+            }
+            for i in 0..n {
+                let location = ClusterLocation::new(sco, (index + i) as u16);
+                self.append_entry(
+                    st,
+                    Entry::Loc {
+                        address: first + done + i,
+                        location,
+                    },
+                )?;
+                if !st.map.set(first + done + i, location).is_unwritten() {
+                    Self::note_garbage(st, 1);
+                }
+            }
+            st.non_disposable_bytes += n * cs;
+            if let Some(tlog) = st.tlog.as_mut() {
+                tlog.data_bytes += n * cs;
+            }
+            done += n;
+            if index + n == st.config.sco_clusters {
+                self.seal_and_maybe_roll(st)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_new_sco(&self, st: &mut State) -> Result<()> {
+        let number = ScoNumber(st.next_sco);
+        let sco = ScoName::new(number);
+        let path = sco_path(&self.dir, sco);
+        let file = sco::create(&path, &self.sco_header(st, sco))
+            .map_err(VolumeError::io(&self.name, &path))?;
+        st.next_sco += 1;
+        st.new_files = true;
+        st.scos.insert(
+            number,
+            LocalSco {
+                file: Arc::new(file),
+                clusters: 0,
+                state: ScoState::Open,
+                dirty: true,
+            },
+        );
+        st.open_sco = Some(OpenSco {
+            number,
+            crc: 0,
+            clusters: 0,
+        });
+        Ok(())
+    }
+
+    fn append_entry(&self, st: &mut State, entry: Entry) -> Result<()> {
+        if st.tlog.is_none() {
+            let number = TLogNumber(st.next_tlog);
+            let path = tlog_path(&self.dir, number);
+            let writer =
+                TLogWriter::create(&path, number).map_err(VolumeError::io(&self.name, &path))?;
+            st.next_tlog += 1;
+            st.new_files = true;
+            st.tlog = Some(CurrentTLog {
+                writer,
+                scos: Vec::new(),
+                data_bytes: 0,
+                sealed_scos: 0,
+                garbage: 0,
+            });
+        }
+        let tlog = st.tlog.as_mut().expect("just created");
+        if let Err(e) = tlog.writer.append(entry) {
+            let err = VolumeError::io(&self.name, tlog.writer.path().to_path_buf())(e);
+            self.halt(st, err.to_string());
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn seal_open_sco(&self, st: &mut State) -> Result<()> {
+        let Some(open) = st.open_sco.take() else {
+            return Ok(());
+        };
+        if open.clusters == 0 {
+            // Never written: drop the empty file instead of sealing it.
+            st.scos.remove(&open.number);
+            let _ = fs::remove_file(sco_path(&self.dir, ScoName::new(open.number)));
+            return Ok(());
+        }
+        self.append_entry(
+            st,
+            Entry::ScoCrc {
+                sco: ScoName::new(open.number),
+                clusters: open.clusters as u32,
+                crc: open.crc,
+            },
+        )?;
+        if let Some(local) = st.scos.get_mut(&open.number) {
+            local.state = ScoState::Sealed { crc: open.crc };
+        }
+        st.uploads.push_back(UploadTask::Sco(open.number));
+        let tlog = st.tlog.as_mut().expect("a sealed SCO has TLog entries");
+        tlog.scos.push(open.number.0);
+        tlog.sealed_scos += 1;
+        self.upload_work.notify_all();
+        Ok(())
+    }
+
+    /// Seal the full open SCO and close the TLog if it now covers `tlog_scos` SCOs, or early if
+    /// not-yet-uploaded data passed half the write-buffer budget: data only becomes disposable
+    /// once its TLog is on the backend, so a TLog larger than the budget would throttle the
+    /// volume forever. Closing is deferred while a flush is between its two phases.
+    fn seal_and_maybe_roll(&self, st: &mut State) -> Result<()> {
+        self.seal_open_sco(st)?;
+        let over_budget = st.non_disposable_bytes > st.config.write_buffer / 2;
+        if st
+            .tlog
+            .as_ref()
+            .is_some_and(|t| t.sealed_scos >= st.config.tlog_scos || over_budget)
+        {
+            if st.flush_in_progress {
+                st.roll_pending = true;
+            } else {
+                self.close_tlog(st)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Close the current TLog (sealing the open SCO first) and queue it for upload.
+    pub(super) fn close_tlog(&self, st: &mut State) -> Result<()> {
+        st.roll_pending = false;
+        self.seal_open_sco(st)?;
+        let Some(current) = st.tlog.take() else {
+            return Ok(());
+        };
+        let (number, path, file) = match current.writer.close() {
+            Ok(closed) => closed,
+            Err(e) => {
+                let err = VolumeError::io(
+                    &self.name,
+                    tlog_path(&self.dir, TLogNumber(st.next_tlog - 1)),
+                )(e);
+                self.halt(st, err.to_string());
+                return Err(err);
+            }
+        };
+        st.closed_tlogs.push_back(ClosedTLog {
+            number,
+            path,
+            file,
+            record: TLogRecord {
+                scos: current.scos,
+                data_bytes: current.data_bytes,
+                ..TLogRecord::new(number.0)
+            },
+            dirty: true,
+            garbage: current.garbage,
+        });
+        st.uploads.push_back(UploadTask::TLog(number));
+        st.last_sync = None;
+        self.upload_work.notify_all();
+        Ok(())
+    }
+
+    /// Make `[offset, offset+len)` read as zeros without writing data: whole clusters are
+    /// unmapped (a TRIM entry in the TLog), partial clusters at the edges are read-modify-written.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        self.check_range(&st, offset, len, true)?;
+        self.dtl_service(&mut st)?;
+        let zeroed = self.zero_locked(&mut st, offset, len);
+        let dtl = self.dtl_submit(&mut st);
+        drop(st);
+        zeroed?;
+        if let Some(ticket) = dtl {
+            self.dtl_wait(ticket)?;
+        }
+        self.stats.discards.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn zero_locked(&self, st: &mut State, offset: u64, len: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let end = offset + len;
+        let full_start = offset.div_ceil(cs);
+        let full_end = end / cs;
+        let partial = |st: &mut State, from: u64, to: u64| -> Result<()> {
+            if from >= to {
+                return Ok(());
+            }
+            let cluster = from / cs;
+            if st.map.get(cluster).is_unwritten() {
+                return Ok(());
+            }
+            let mut buf = vec![0u8; cs as usize];
+            self.read_cluster_locked(st, cluster, &mut buf)?;
+            buf[(from - cluster * cs) as usize..(to - cluster * cs) as usize].fill(0);
+            self.write_clusters(st, cluster, &buf)
+        };
+        if full_start >= full_end {
+            // No whole cluster inside: one or two partial clusters.
+            let split = (offset / cs + 1) * cs;
+            partial(st, offset, end.min(split))?;
+            if end > split {
+                partial(st, split, end)?;
+            }
+            return Ok(());
+        }
+        partial(st, offset, full_start * cs)?;
+        partial(st, full_end * cs, end)?;
+        let mut cleared = 0;
+        st.map
+            .clear_range(full_start, full_end - full_start, |_, _| cleared += 1);
+        let garbage = cleared;
+        let cleared = cleared > 0;
+        if cleared {
+            self.append_entry(
+                st,
+                Entry::Trim {
+                    start: full_start,
+                    count: full_end - full_start,
+                },
+            )?;
+            Self::note_garbage(st, garbage);
+            if st.dtl.is_some() {
+                self.dtl_record_trim(st, full_start, full_end - full_start);
+            }
+        }
+        Ok(())
+    }
+
+    /// WRITE_ZEROES: like `discard`, or with `allocate` by writing zeros as data.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fua: bool,
+    ) -> Result<WriteOutcome> {
+        let outcome = if allocate {
+            let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+            let mut outcome = WriteOutcome::default();
+            let mut pos = offset;
+            {
+                let st = self.state.lock();
+                self.check_range(&st, offset, len, true)?;
+            }
+            let mut dtl = None;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(ZERO_CHUNK);
+                let mut st = self.state.lock();
+                self.check_usable(&st)?;
+                self.dtl_service(&mut st)?;
+                let step = self.write_locked(&mut st, pos, &zeros[..n as usize]);
+                dtl = self.dtl_submit(&mut st).or(dtl);
+                outcome.throttle = outcome.throttle.max(step?.throttle);
+                pos += n;
+            }
+            if let Some(ticket) = dtl {
+                self.dtl_wait(ticket)?;
+            }
+            outcome
+        } else {
+            self.discard(offset, len)?;
+            WriteOutcome::default()
+        };
+        if fua {
+            self.flush()?;
+        }
+        Ok(outcome)
+    }
+}
