@@ -4,6 +4,7 @@
 mod api;
 mod client;
 mod config;
+mod dirlock;
 mod export;
 mod scrub;
 mod server;
