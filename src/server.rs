@@ -29,6 +29,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         *path = std::path::absolute(&*path)
             .with_context(|| format!("cannot resolve path {}", path.display()))?;
     }
+    // Settings that depend on the absolute paths, checked before anything is touched.
+    vstor_edge::vhost::check_socket_dir(&config.vhost_dir).map_err(|e| {
+        anyhow::anyhow!("setting vhost_dir (--vhost-dir): {e}; choose a shorter one")
+    })?;
     // Before anything in the directory is read or written: a second node must not touch it.
     let _lock = DirLock::acquire(&config.data_dir, "vstor serve")?;
     let backend = LocalStore::open(&config.backend)
