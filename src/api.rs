@@ -9,7 +9,7 @@
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
 //! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
 //! | POST   | /v1/volumes/{name}/adopt                  |                                        |
-//! | DELETE | /v1/volumes/{name}                        |                                        |
+//! | DELETE | /v1/volumes/{name}[?force=true]           |                                        |
 //! | POST   | /v1/volumes/{name}/scrub                  | `{rate?}` (bytes per second; body optional) |
 //! | POST   | /v1/volumes/{name}/template               |                                        |
 //! | GET    | /v1/volumes/{name}/snapshots              |                                        |
@@ -28,8 +28,9 @@
 //! Snapshots: creating one also flushes the volume, so an acknowledged snapshot survives a crash
 //! with everything written before it. A snapshot is readable as the NBD export `VOL@SNAP`
 //! (read-only) and, once exported with `.../export`, as a read-only vhost-user-blk socket
-//! `<vhost-dir>/VOL@SNAP.sock` (re-created by a restart). Rollback refuses (409) while NBD
-//! clients or a vhost-user frontend use the volume, unless `force`, which disconnects them first.
+//! `<vhost-dir>/VOL@SNAP.sock` (re-created by a restart). Rollback and delete refuse (409) while
+//! NBD clients or a vhost-user frontend use the volume, unless `force`, which disconnects them
+//! first.
 //! A clone's `from` is `VOL@SNAP`, or a template volume's name (its newest snapshot); the clone
 //! waits up to `wait_secs` (default 30) for the snapshot to reach the backend (else 503).
 //!
@@ -46,7 +47,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -290,6 +291,14 @@ pub struct SnapshotRequest {
     pub name: String,
 }
 
+/// Query of `DELETE /v1/volumes/{name}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRequest {
+    #[serde(default)]
+    pub force: bool,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
@@ -457,9 +466,55 @@ async fn adopt(
     Ok(Json(value))
 }
 
+/// Refuse (409) while NBD clients or a vhost-user frontend use volume `name`, unless `force`.
+/// Returns whether a vhost-user frontend is connected.
+fn refuse_in_use(
+    state: &ApiState,
+    name: &str,
+    force: bool,
+    action: &str,
+) -> Result<bool, ApiError> {
+    let nbd_clients = state.nbd.connections(name);
+    let vhost_connected = state.vhost.connected(name);
+    if !force && (nbd_clients > 0 || vhost_connected) {
+        let mut users = Vec::new();
+        if nbd_clients > 0 {
+            users.push(format!(
+                "{nbd_clients} NBD client{}",
+                if nbd_clients == 1 { "" } else { "s" }
+            ));
+        }
+        if vhost_connected {
+            users.push("a vhost-user frontend".to_string());
+        }
+        return Err(conflict(format!(
+            "volume {name} is in use ({} connected); disconnect them first, or use --force to disconnect them and {action}",
+            users.join(" and ")
+        )));
+    }
+    Ok(vhost_connected)
+}
+
+/// Disconnect volume `name`'s NBD clients and wait until their requests are done (none may land
+/// after what follows); returns how many there were.
+async fn disconnect_nbd(state: &ApiState, name: &str, what: &str) -> Result<usize, ApiError> {
+    let clients = state.nbd.connections(name);
+    if !state
+        .nbd
+        .disconnect_export_and_wait(name, Duration::from_secs(30))
+        .await
+    {
+        return Err(conflict(format!(
+            "volume {name}: NBD clients did not disconnect within 30 s; {what} not done"
+        )));
+    }
+    Ok(clients)
+}
+
 async fn delete(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    Query(request): Query<DeleteRequest>,
 ) -> Result<Json<Value>, ApiError> {
     // Refuse before anything is torn down: a volume whose snapshots have clones stays served.
     let snapshots = match state.manager.get(&name) {
@@ -476,6 +531,13 @@ async fn delete(
             snapshot_names(&volume.snapshots())
         }
         Err(_) => Vec::new(),
+    };
+    // Nor is a volume deleted under its clients, unless forced.
+    let vhost_connected = refuse_in_use(&state, &name, request.force, "delete")?;
+    let disconnected = if request.force {
+        disconnect_nbd(&state, &name, "delete").await?
+    } else {
+        0
     };
     let manager = state.manager.clone();
     let target = name.clone();
@@ -500,7 +562,12 @@ async fn delete(
     drop_snapshot_exports(&state, &name, snapshots).await;
     state.exports.forget(&name, None);
     state.scrubs.forget(&name);
-    Ok(Json(json!({ "deleted": name })))
+    tracing::info!(volume = %name, force = request.force, "volume deleted");
+    Ok(Json(json!({
+        "deleted": name,
+        "nbd_clients_disconnected": disconnected,
+        "vhost_frontend_disconnected": request.force && vhost_connected,
+    })))
 }
 
 async fn scrub(
@@ -608,38 +675,10 @@ async fn rollback(
     let request = request.map(|Json(r)| r).unwrap_or_default();
     let volume = state.manager.get(&name)?;
     volume.snapshot(&snapshot)?;
-    let nbd_clients = state.nbd.connections(&name);
-    let vhost_connected = state.vhost.connected(&name);
-    if !request.force && (nbd_clients > 0 || vhost_connected) {
-        let mut users = Vec::new();
-        if nbd_clients > 0 {
-            users.push(format!(
-                "{nbd_clients} NBD client{}",
-                if nbd_clients == 1 { "" } else { "s" }
-            ));
-        }
-        if vhost_connected {
-            users.push("a vhost-user frontend".to_string());
-        }
-        return Err(conflict(format!(
-            "volume {name} is in use ({} connected); disconnect them first, or use --force to disconnect them and roll back",
-            users.join(" and ")
-        )));
-    }
+    let vhost_connected = refuse_in_use(&state, &name, request.force, "roll back")?;
     let before = snapshot_names(&volume.snapshots());
     let disconnected = if request.force {
-        let clients = state.nbd.connections(&name);
-        // Wait until their requests are done: none may land after the rollback.
-        if !state
-            .nbd
-            .disconnect_export_and_wait(&name, std::time::Duration::from_secs(30))
-            .await
-        {
-            return Err(conflict(format!(
-                "volume {name}: NBD clients did not disconnect within 30 s; rollback not done"
-            )));
-        }
-        clients
+        disconnect_nbd(&state, &name, "rollback").await?
     } else {
         0
     };

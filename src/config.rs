@@ -1,6 +1,10 @@
 //! `vstor serve` settings: built-in defaults, overridden by a TOML file (`--config`), overridden
 //! by command-line flags. `docs/vstor.example.toml` documents every setting and is checked by a
 //! test to parse to exactly these defaults.
+//!
+//! Every setting is checked here, when the node starts, against the range the engine and the
+//! frontends accept: a bad value stops `vstor serve` with one line naming the setting and its
+//! allowed range, instead of starting a node whose every `volume create` then fails.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +13,10 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::size::parse_size;
+use vstor_edge::vhost::MAX_QUEUES;
+use vstor_volumedriver::config::{
+    validate_size, validate_volume_name, CLUSTER_SIZE, USER_SCO_SIZE_RANGE,
+};
 use vstor_volumedriver::DtlMode;
 
 pub const DEFAULT_API: &str = "127.0.0.1:7800";
@@ -199,6 +207,11 @@ fn parse_addr(what: &str, value: &str) -> Result<SocketAddr> {
         .with_context(|| format!("{what} address {value:?} is not IP:PORT"))
 }
 
+/// The one-line error for a setting outside its allowed range.
+fn not_allowed(setting: &str, value: impl std::fmt::Debug, allowed: &str) -> String {
+    format!("setting {setting} = {value:?} is not allowed: must be {allowed}")
+}
+
 fn size_setting(what: &str, value: &str) -> Result<u64> {
     parse_size(value).with_context(|| format!("setting {what}"))
 }
@@ -237,37 +250,62 @@ impl FileConfig {
         }
         let max_payload = size_setting("nbd_server.max_payload", &self.nbd_server.max_payload)?;
         if !(4096..=u32::MAX as u64).contains(&max_payload) {
-            bail!("nbd_server.max_payload must be between 4K and 4G");
+            bail!(not_allowed(
+                "nbd_server.max_payload",
+                &self.nbd_server.max_payload,
+                "from 4K to 4G"
+            ));
         }
-        if !(1..=8).contains(&self.vhost.num_queues) {
-            bail!("vhost.num_queues must be between 1 and 8");
+        if !(1..=MAX_QUEUES).contains(&self.vhost.num_queues) {
+            bail!(not_allowed(
+                "vhost.num_queues",
+                self.vhost.num_queues,
+                &format!("from 1 to {MAX_QUEUES}")
+            ));
         }
-        if !self.vhost.queue_size.is_power_of_two() || self.vhost.queue_size > 1024 {
-            bail!("vhost.queue_size must be a power of two up to 1024");
+        let queue_size = self.vhost.queue_size;
+        if !queue_size.is_power_of_two() || !(4..=1024).contains(&queue_size) {
+            bail!(not_allowed(
+                "vhost.queue_size",
+                queue_size,
+                "a power of two from 4 to 1024"
+            ));
         }
         if self.nbd_server.max_inflight_per_connection == 0 {
-            bail!("nbd_server.max_inflight_per_connection must be at least 1");
+            bail!(not_allowed(
+                "nbd_server.max_inflight_per_connection",
+                0,
+                "at least 1"
+            ));
         }
         let dtl_mode: DtlMode = self
             .volume_defaults
             .dtl_mode
             .parse()
-            .map_err(|e| anyhow::anyhow!("setting volume_defaults.dtl_mode: {e}"))?;
-        if dtl_mode == DtlMode::None {
-            bail!("volume_defaults.dtl_mode must be sync or async (leave `dtl` empty for no DTL)");
-        }
+            .ok()
+            .filter(|mode| *mode != DtlMode::None)
+            .ok_or_else(|| {
+                anyhow::anyhow!(not_allowed(
+                    "volume_defaults.dtl_mode",
+                    &self.volume_defaults.dtl_mode,
+                    "sync or async (leave `dtl` empty for no DTL)"
+                ))
+            })?;
         let dtl = match self.dtl.trim() {
             "" => None,
             addr => {
-                if !addr.contains(':') {
-                    bail!("DTL address {addr:?} is not HOST:PORT");
+                let port = addr
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()));
+                if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
+                    bail!("setting dtl (--dtl) = {addr:?} is not allowed: must be HOST:PORT");
                 }
                 Some((dtl_mode, addr.to_string()))
             }
         };
         let auto_scrub = if self.scrub.auto {
             if self.scrub.check_interval_secs == 0 {
-                bail!("scrub.check_interval_secs must be at least 1");
+                bail!(not_allowed("scrub.check_interval_secs", 0, "at least 1"));
             }
             let rate = size_setting("scrub.rate", &self.scrub.rate)?;
             Some(AutoScrub {
@@ -282,13 +320,53 @@ impl FileConfig {
             None
         };
         let default_volume = if self.default_volume.create {
-            Some((
-                self.default_volume.name.clone(),
-                size_setting("default_volume.size", &self.default_volume.size)?,
-            ))
+            let (name, size) = (&self.default_volume.name, &self.default_volume.size);
+            validate_volume_name(name).map_err(|e| {
+                anyhow::anyhow!("setting default_volume.name = {name:?} is not allowed: {e}")
+            })?;
+            let bytes = size_setting("default_volume.size", size)?;
+            if validate_size(name, bytes).is_err() {
+                bail!(not_allowed(
+                    "default_volume.size",
+                    size,
+                    "a multiple of 4K from 4K to 64T"
+                ));
+            }
+            Some((name.clone(), bytes))
         } else {
             None
         };
+        let write_buffer_limit = size_setting("write_buffer_limit", &self.write_buffer_limit)?;
+        if write_buffer_limit < USER_SCO_SIZE_RANGE.0 {
+            bail!(not_allowed(
+                "write_buffer_limit (--write-buffer-limit)",
+                &self.write_buffer_limit,
+                "at least 4M (one SCO)"
+            ));
+        }
+        let sco_size = size_setting("volume_defaults.sco_size", &self.volume_defaults.sco_size)?;
+        let (min_sco, max_sco) = USER_SCO_SIZE_RANGE;
+        if !(min_sco..=max_sco).contains(&sco_size) || !sco_size.is_multiple_of(CLUSTER_SIZE) {
+            bail!(not_allowed(
+                "volume_defaults.sco_size",
+                &self.volume_defaults.sco_size,
+                "a multiple of 4K from 4M to 128M"
+            ));
+        }
+        let write_buffer = size_setting(
+            "volume_defaults.write_buffer",
+            &self.volume_defaults.write_buffer,
+        )?;
+        if write_buffer < sco_size {
+            bail!(not_allowed(
+                "volume_defaults.write_buffer",
+                &self.volume_defaults.write_buffer,
+                &format!(
+                    "at least volume_defaults.sco_size ({})",
+                    self.volume_defaults.sco_size
+                )
+            ));
+        }
         Ok(ServeConfig {
             backend: self
                 .backend
@@ -302,14 +380,11 @@ impl FileConfig {
                 .unwrap_or_else(|| self.data_dir.join("vhost")),
             vhost_queues: self.vhost.num_queues,
             vhost_queue_size: self.vhost.queue_size,
-            write_buffer_limit: size_setting("write_buffer_limit", &self.write_buffer_limit)?,
+            write_buffer_limit,
             shutdown_upload_timeout_secs: self.shutdown_upload_timeout_secs,
             default_volume,
-            sco_size: size_setting("volume_defaults.sco_size", &self.volume_defaults.sco_size)?,
-            write_buffer: size_setting(
-                "volume_defaults.write_buffer",
-                &self.volume_defaults.write_buffer,
-            )?,
+            sco_size,
+            write_buffer,
             nbd_max_payload: max_payload as u32,
             nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
             dtl,
@@ -357,6 +432,67 @@ mod tests {
         };
         let err = bad.resolve(Overrides::default()).unwrap_err();
         assert!(format!("{err:#}").contains("scrub.rate"), "{err:#}");
+    }
+
+    /// Every bad value stops the node with one line naming the setting and its allowed range.
+    #[test]
+    fn every_bad_value_is_named_with_its_allowed_range() {
+        let cases: &[(&str, &str)] = &[
+            ("[volume_defaults]\nsco_size = \"3M\"", "setting volume_defaults.sco_size = \"3M\" is not allowed: must be a multiple of 4K from 4M to 128M"),
+            ("[volume_defaults]\nsco_size = \"256M\"", "volume_defaults.sco_size = \"256M\""),
+            ("[volume_defaults]\nsco_size = \"5000000\"", "volume_defaults.sco_size = \"5000000\""),
+            ("[volume_defaults]\nsco_size = \"big\"", "setting volume_defaults.sco_size"),
+            ("[volume_defaults]\nwrite_buffer = \"8M\"", "volume_defaults.write_buffer = \"8M\" is not allowed: must be at least volume_defaults.sco_size (64M)"),
+            ("[volume_defaults]\ndtl_mode = \"none\"", "volume_defaults.dtl_mode = \"none\" is not allowed: must be sync or async"),
+            ("[volume_defaults]\ndtl_mode = \"fast\"", "volume_defaults.dtl_mode = \"fast\""),
+            ("write_buffer_limit = \"1M\"", "write_buffer_limit (--write-buffer-limit) = \"1M\" is not allowed: must be at least 4M"),
+            ("write_buffer_limit = \"lots\"", "setting write_buffer_limit"),
+            ("dtl = \"localhost\"", "setting dtl (--dtl) = \"localhost\" is not allowed: must be HOST:PORT"),
+            ("dtl = \"host:99999\"", "setting dtl (--dtl) = \"host:99999\""),
+            ("api = \"localhost\"", "API address \"localhost\" is not IP:PORT"),
+            ("nbd = \"127.0.0.1\"", "NBD address \"127.0.0.1\" is not IP:PORT"),
+            ("[default_volume]\nsize = \"0\"", "default_volume.size = \"0\" is not allowed: must be a multiple of 4K from 4K to 64T"),
+            ("[default_volume]\nsize = \"1000\"", "default_volume.size = \"1000\""),
+            ("[default_volume]\nsize = \"65T\"", "default_volume.size = \"65T\""),
+            ("[default_volume]\nname = \"a/b\"", "setting default_volume.name = \"a/b\" is not allowed"),
+            ("[default_volume]\nname = \"\"", "setting default_volume.name = \"\" is not allowed"),
+            ("[vhost]\nnum_queues = 0", "vhost.num_queues = 0 is not allowed: must be from 1 to 8"),
+            ("[vhost]\nnum_queues = 9", "vhost.num_queues = 9"),
+            ("[vhost]\nqueue_size = 2", "vhost.queue_size = 2 is not allowed: must be a power of two from 4 to 1024"),
+            ("[vhost]\nqueue_size = 100", "vhost.queue_size = 100"),
+            ("[vhost]\nqueue_size = 2048", "vhost.queue_size = 2048"),
+            ("[nbd_server]\nmax_payload = \"1K\"", "nbd_server.max_payload = \"1K\" is not allowed: must be from 4K to 4G"),
+            ("[nbd_server]\nmax_payload = \"5G\"", "nbd_server.max_payload = \"5G\""),
+            ("[nbd_server]\nmax_inflight_per_connection = 0", "nbd_server.max_inflight_per_connection = 0 is not allowed: must be at least 1"),
+            ("[scrub]\ncheck_interval_secs = 0", "scrub.check_interval_secs = 0 is not allowed: must be at least 1"),
+            ("[scrub]\nrate = \"fast\"", "setting scrub.rate"),
+            ("[scrub]\ngarbage_threshold = \"x\"", "setting scrub.garbage_threshold"),
+        ];
+        for (text, expected) in cases {
+            let file: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let err = format!("{:#}", file.resolve(Overrides::default()).unwrap_err());
+            assert!(err.contains(expected), "{text}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        // Flags are checked the same way.
+        let err = FileConfig::default()
+            .resolve(Overrides {
+                write_buffer_limit: Some("2M".into()),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("write_buffer_limit (--write-buffer-limit) = \"2M\""));
+        let err = FileConfig::default()
+            .resolve(Overrides {
+                dtl: Some("nowhere".into()),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("setting dtl (--dtl) = \"nowhere\""));
+        // The edges of each range are accepted.
+        let edges = "write_buffer_limit = \"4M\"\n[volume_defaults]\nsco_size = \"128M\"\nwrite_buffer = \"128M\"\n[vhost]\nnum_queues = 8\nqueue_size = 4\n";
+        let file: FileConfig = toml::from_str(edges).unwrap();
+        file.resolve(Overrides::default()).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod api;
 mod client;
 mod config;
+mod dirlock;
 mod export;
 mod scrub;
 mod server;
@@ -250,8 +251,14 @@ enum VolumeVerb {
     /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
     /// the old node, and serve it from this node.
     Adopt { name: String },
-    /// Delete a volume and its backend data (refused while clones of its snapshots exist).
-    Delete { name: String },
+    /// Delete a volume and its backend data. Refused while clones of its snapshots exist, and
+    /// while NBD clients or a vhost-user frontend use the volume.
+    Delete {
+        name: String,
+        /// Disconnect the volume's NBD clients and vhost-user frontend first.
+        #[arg(long)]
+        force: bool,
+    },
     /// Reclaim backend space that overwrites, trims and deleted snapshots left behind; prints
     /// the progress on stderr and the report when done.
     Scrub {
@@ -397,9 +404,24 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 )
             });
         }
-        VolumeVerb::Delete { name } => {
-            let value = client.delete(&format!("/v1/volumes/{name}"))?;
-            show(value, &|_| println!("deleted volume {name}"));
+        VolumeVerb::Delete { name, force } => {
+            let query = if force { "?force=true" } else { "" };
+            let value = client.delete(&format!("/v1/volumes/{name}{query}"))?;
+            show(value, &|v| {
+                let mut notes = Vec::new();
+                let clients = v["nbd_clients_disconnected"].as_u64().unwrap_or(0);
+                if clients > 0 {
+                    notes.push(format!("disconnected {clients} NBD client(s)"));
+                }
+                if v["vhost_frontend_disconnected"] == true {
+                    notes.push("disconnected the vhost-user frontend".into());
+                }
+                if notes.is_empty() {
+                    println!("deleted volume {name}");
+                } else {
+                    println!("deleted volume {name} ({})", notes.join("; "));
+                }
+            });
         }
         VolumeVerb::Scrub { name, rate } => {
             let rate = rate.as_deref().map(parse_size).transpose()?;

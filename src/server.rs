@@ -15,6 +15,7 @@ use vstor_volumedriver::{DtlMode, ManagerConfig, VolumeManager, VolumeOptions};
 
 use crate::api::{router, ApiState};
 use crate::config::ServeConfig;
+use crate::dirlock::DirLock;
 use crate::export::Exports;
 use crate::scrub::{AutoScrubber, Scrubs};
 
@@ -28,8 +29,12 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         *path = std::path::absolute(&*path)
             .with_context(|| format!("cannot resolve path {}", path.display()))?;
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    // Settings that depend on the absolute paths, checked before anything is touched.
+    vstor_edge::vhost::check_socket_dir(&config.vhost_dir).map_err(|e| {
+        anyhow::anyhow!("setting vhost_dir (--vhost-dir): {e}; choose a shorter one")
+    })?;
+    // Before anything in the directory is read or written: a second node must not touch it.
+    let _lock = DirLock::acquire(&config.data_dir, "vstor serve")?;
     let backend = LocalStore::open(&config.backend)
         .with_context(|| format!("cannot open backend directory {}", config.backend.display()))?;
     let manager_config = ManagerConfig {
@@ -173,6 +178,7 @@ pub async fn serve_dtl(
     data_dir: std::path::PathBuf,
     fsync: bool,
 ) -> Result<()> {
+    let _lock = DirLock::acquire(&data_dir, "vstor dtl")?;
     let server = Arc::new(
         vstor_dtl::DtlServer::new(&data_dir, vstor_dtl::DtlServerConfig { fsync }).with_context(
             || format!("cannot open the DTL data directory {}", data_dir.display()),

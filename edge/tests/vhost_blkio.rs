@@ -618,15 +618,30 @@ fn add_export_validates_and_replaces_stale_sockets() {
             "{bad:?}"
         );
     }
+    // A name too long for `<dir>/<name>.sock` is served at a hashed path that fits.
     let long = "x".repeat(200);
-    f.registry.insert(
-        &long,
-        Arc::new(MemTarget::new(DEV_SIZE)) as Arc<dyn BlockTarget>,
+    f.add(&long, MemTarget::new(DEV_SIZE));
+    let long_path = f.server.socket_path(&long);
+    assert!(
+        long_path.as_os_str().len() <= 107,
+        "{}",
+        long_path.display()
     );
-    assert!(matches!(
-        f.server.add_export(&long),
-        Err(VhostError::PathTooLong(_))
-    ));
+    assert_eq!(
+        long_path.parent(),
+        Some(f.dir.path().join("sockets").as_path())
+    );
+    let file_name = long_path.file_name().unwrap().to_str().unwrap();
+    assert!(
+        file_name.starts_with("xxx") && file_name.contains('~'),
+        "{file_name}"
+    );
+    let other = format!("{}y", "x".repeat(199));
+    assert_ne!(f.server.socket_path(&other), long_path);
+    let mut c = connect(&long_path, 1);
+    c.write_data(8192, &pattern(7, 4096));
+    assert_eq!(c.read_data(8192, 4096), pattern(7, 4096));
+    drop(c);
 
     // A socket file left behind by a dead process is replaced.
     let path = f.server.socket_path("vol");
@@ -688,4 +703,17 @@ fn invalid_configs_are_refused() {
         .expect("invalid config accepted");
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{config:?}");
     }
+    // A directory too long to hold any socket path.
+    let long_dir = dir.path().join("d".repeat(90));
+    let err = VhostServer::new(
+        Arc::new(MemRegistry::new()),
+        long_dir.clone(),
+        VhostConfig::default(),
+        rt.handle().clone(),
+    )
+    .err()
+    .expect("too long a socket directory accepted");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("is too long"), "{err}");
+    assert!(!long_dir.exists(), "the directory was created");
 }

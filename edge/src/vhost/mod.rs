@@ -2,6 +2,17 @@
 //! VMMs (QEMU `vhost-user-blk-pci`, Cloud Hypervisor, libblkio) over one UNIX socket per export,
 //! `<dir>/<export>.sock`.
 //!
+//! # Socket paths
+//!
+//! A UNIX socket address holds at most 107 bytes of path, fewer than a long export name needs
+//! (volume names go up to 128 characters, snapshot exports `VOL@SNAP` twice that). So every name
+//! gets a connectable path: `<dir>/<export>.sock` when that fits in 107 bytes, otherwise
+//! `<dir>/<prefix>~<hash>.sock`, where `<hash>` is the 16-hex-digit FNV-1a 64 hash of the export
+//! name (stable across restarts and versions, so VM definitions keep working) and `<prefix>` as
+//! many leading characters of the name as still fit. [`VhostServer::socket_path`] tells which;
+//! the server refuses a directory too long to hold even the shortest such path
+//! ([`check_socket_dir`]).
+//!
 //! # Why vhost-user
 //!
 //! With vhost-user the guest's virtqueues live in guest memory that the VMM shares with us, so a
@@ -87,6 +98,10 @@ use request::GuestMem;
 pub const MAX_QUEUES: u16 = 8;
 /// Longest socket path a `sockaddr_un` holds (108 bytes including the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// Suffix of a hashed socket name: `~` and 16 hex digits of the name's hash, then `.sock`.
+const HASHED_SUFFIX_LEN: usize = 1 + 16 + 5;
+/// Longest socket directory: one that still holds `/` and a hashed name with an empty prefix.
+pub const MAX_SOCKET_DIR: usize = MAX_SOCKET_PATH - 1 - HASHED_SUFFIX_LEN;
 /// Pause after a failed `accept` or daemon creation before trying again (e.g. out of file
 /// descriptors or threads).
 const ACCEPT_RETRY: Duration = Duration::from_millis(200);
@@ -141,6 +156,17 @@ pub enum VhostError {
     InvalidName(String),
     #[error("socket path {0} is longer than a UNIX socket address allows")]
     PathTooLong(PathBuf),
+    #[error(
+        "vhost socket directory {0} is too long: a UNIX socket path holds at most {MAX_SOCKET_PATH} bytes, so the directory may have at most {max} bytes",
+        max = MAX_SOCKET_DIR
+    )]
+    DirTooLong(PathBuf),
+    #[error("socket path {path} of export {name:?} is already used by export {other:?}")]
+    PathTaken {
+        name: String,
+        other: String,
+        path: PathBuf,
+    },
     #[error("unknown export {0:?}")]
     UnknownExport(String),
     #[error("vhost-user server is shutting down")]
@@ -276,6 +302,8 @@ impl VhostServer {
         runtime: tokio::runtime::Handle,
     ) -> io::Result<Self> {
         config.validate()?;
+        check_socket_dir(&dir)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -291,9 +319,10 @@ impl VhostServer {
         })
     }
 
-    /// Where `name` is (or would be) served: `<dir>/<name>.sock`.
+    /// Where `name` is (or would be) served: `<dir>/<name>.sock`, or a hashed name when that is
+    /// too long for a UNIX socket (see the module docs).
     pub fn socket_path(&self, name: &str) -> PathBuf {
-        self.inner.dir.join(format!("{name}.sock"))
+        socket_path_in(&self.inner.dir, name)
     }
 
     /// Start serving `name` (export name = volume name) at its socket path, replacing a stale
@@ -309,6 +338,17 @@ impl VhostServer {
         let mut exports = lock(&self.inner.exports);
         if exports.shutting_down {
             return Err(VhostError::ShuttingDown);
+        }
+        if let Some((other, _)) = exports
+            .map
+            .iter()
+            .find(|(other, e)| other.as_str() != name && e.shared.path == path)
+        {
+            return Err(VhostError::PathTaken {
+                name: name.to_owned(),
+                other: other.clone(),
+                path,
+            });
         }
         if let Some(existing) = exports.map.get_mut(name) {
             let alive = existing.thread.as_ref().is_some_and(|t| !t.is_finished());
@@ -507,6 +547,34 @@ fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
             VhostUserError::Disconnected | VhostUserError::PartialMessage
         )
     )
+}
+
+/// Fail if `dir` is too long to hold any socket (even a hashed name).
+pub fn check_socket_dir(dir: &Path) -> Result<(), VhostError> {
+    if dir.as_os_str().len() > MAX_SOCKET_DIR {
+        return Err(VhostError::DirTooLong(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// `<dir>/<name>.sock` if it fits in a socket address, else `<dir>/<prefix>~<hash>.sock`.
+fn socket_path_in(dir: &Path, name: &str) -> PathBuf {
+    let plain = dir.join(format!("{name}.sock"));
+    if plain.as_os_str().len() <= MAX_SOCKET_PATH {
+        return plain;
+    }
+    let mut hasher = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut hasher, name.as_bytes());
+    let hash = std::hash::Hasher::finish(&hasher);
+    let room = MAX_SOCKET_PATH.saturating_sub(dir.as_os_str().len() + 1 + HASHED_SUFFIX_LEN);
+    let mut prefix = String::new();
+    for c in name.chars() {
+        if prefix.len() + c.len_utf8() > room {
+            break;
+        }
+        prefix.push(c);
+    }
+    dir.join(format!("{prefix}~{hash:016x}.sock"))
 }
 
 /// Listen on `path`, replacing a stale socket file (but nothing else). The socket file is
