@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use serde::Serialize;
 use vstor_backend::{BackendError, ObjectStore};
 use vstor_dtl::Ticket;
@@ -54,6 +54,7 @@ pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
 mod dtl_link;
 mod scrub;
 mod snapshots;
+mod upload_hooks;
 
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
@@ -117,6 +118,8 @@ struct CurrentTLog {
     sealed_scos: u64,
     /// Clusters this TLog's entries made garbage (overwrites, trims).
     garbage: u64,
+    /// When its first entry was written (the age of data not yet queued for upload).
+    opened: std::time::Instant,
 }
 
 struct ClosedTLog {
@@ -293,7 +296,8 @@ pub struct Volume {
     /// Held for each upload step; a rollback waits for the step in flight.
     upload_lock: Mutex<()>,
     runtime: Mutex<Option<tokio::runtime::Handle>>,
-    upload_work: Condvar,
+    /// Notified whenever upload work is queued or done; also wakes the node's upload scheduler.
+    upload_work: crate::scheduler::UploadSignal,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
     stats: Stats,
@@ -428,7 +432,7 @@ impl Volume {
             scrub_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
             runtime: Mutex::new(None),
-            upload_work: Condvar::new(),
+            upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
         }
@@ -1222,6 +1226,7 @@ impl Volume {
                 data_bytes: 0,
                 sealed_scos: 0,
                 garbage: 0,
+                opened: std::time::Instant::now(),
             });
         }
         let tlog = st.tlog.as_mut().expect("just created");
