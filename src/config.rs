@@ -42,6 +42,26 @@ pub struct FileConfig {
     pub nbd_server: NbdSettings,
     pub vhost: VhostSettings,
     pub scrub: ScrubSettings,
+    pub upload: UploadSettings,
+}
+
+/// The node's upload scheduler (one for all volumes).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadSettings {
+    /// Upload steps in flight at once across all volumes.
+    pub concurrency: usize,
+    /// Open TLog/SCO age after which they are closed and uploaded ("60s", "500ms"; "0s" = never).
+    pub max_open_age: String,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: vstor_volumedriver::manager::DEFAULT_UPLOAD_CONCURRENCY,
+            max_open_age: "60s".into(),
+        }
+    }
 }
 
 /// Background scrubbing: reclaim backend space once a volume's garbage passes a threshold.
@@ -123,6 +143,7 @@ impl Default for FileConfig {
             nbd_server: NbdSettings::default(),
             vhost: VhostSettings::default(),
             scrub: ScrubSettings::default(),
+            upload: UploadSettings::default(),
         }
     }
 }
@@ -177,6 +198,9 @@ pub struct ServeConfig {
     pub dtl: Option<(DtlMode, String)>,
     /// Background scrubbing; `None` when `scrub.auto` is false.
     pub auto_scrub: Option<AutoScrub>,
+    pub upload_concurrency: usize,
+    /// `None`: open TLogs are not closed by age.
+    pub max_open_age: Option<std::time::Duration>,
 }
 
 /// Resolved `[scrub]` settings.
@@ -198,6 +222,7 @@ pub struct Overrides {
     pub vhost_dir: Option<PathBuf>,
     pub dtl: Option<String>,
     pub write_buffer_limit: Option<String>,
+    pub upload_concurrency: Option<usize>,
     pub no_default_volume: bool,
 }
 
@@ -244,6 +269,9 @@ impl FileConfig {
         }
         if let Some(limit) = overrides.write_buffer_limit {
             self.write_buffer_limit = limit;
+        }
+        if let Some(concurrency) = overrides.upload_concurrency {
+            self.upload.concurrency = concurrency;
         }
         if overrides.no_default_volume {
             self.default_volume.create = false;
@@ -319,6 +347,16 @@ impl FileConfig {
         } else {
             None
         };
+        if !(1..=256).contains(&self.upload.concurrency) {
+            bail!("upload.concurrency must be between 1 and 256");
+        }
+        let max_open_age = humantime::parse_duration(self.upload.max_open_age.trim())
+            .with_context(|| {
+                format!(
+                    "setting upload.max_open_age: {:?} is not a duration like \"60s\"",
+                    self.upload.max_open_age
+                )
+            })?;
         let default_volume = if self.default_volume.create {
             let (name, size) = (&self.default_volume.name, &self.default_volume.size);
             validate_volume_name(name).map_err(|e| {
@@ -389,6 +427,8 @@ impl FileConfig {
             nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
             dtl,
             auto_scrub,
+            upload_concurrency: self.upload.concurrency,
+            max_open_age: (!max_open_age.is_zero()).then_some(max_open_age),
             data_dir: self.data_dir,
         })
     }
@@ -516,6 +556,48 @@ mod tests {
         let unlimited: FileConfig = toml::from_str("[scrub]\nrate = \"0\"\n").unwrap();
         let resolved = unlimited.resolve(Overrides::default()).unwrap();
         assert_eq!(resolved.auto_scrub.unwrap().rate, None);
+    }
+
+    #[test]
+    fn upload_settings_resolve() {
+        let config = FileConfig::default().resolve(Overrides::default()).unwrap();
+        assert_eq!(config.upload_concurrency, 4);
+        assert_eq!(
+            config.max_open_age,
+            Some(std::time::Duration::from_secs(60))
+        );
+        let text = "[upload]\nconcurrency = 2\nmax_open_age = \"250ms\"\n";
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let config = file
+            .clone()
+            .resolve(Overrides {
+                upload_concurrency: Some(8),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(config.upload_concurrency, 8);
+        assert_eq!(
+            config.max_open_age,
+            Some(std::time::Duration::from_millis(250))
+        );
+        let off: FileConfig = toml::from_str("[upload]\nmax_open_age = \"0s\"\n").unwrap();
+        assert_eq!(
+            off.resolve(Overrides::default()).unwrap().max_open_age,
+            None
+        );
+        let bad: FileConfig = toml::from_str("[upload]\nmax_open_age = \"soon\"\n").unwrap();
+        let err = bad.resolve(Overrides::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("upload.max_open_age"),
+            "{err:#}"
+        );
+        let err = file
+            .resolve(Overrides {
+                upload_concurrency: Some(0),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("upload.concurrency"), "{err:#}");
     }
 
     #[test]

@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Write-buffer size limit before disposable SCOs are evicted, e.g. 8G.
     #[arg(long)]
     write_buffer_limit: Option<String>,
+    /// Upload steps in flight at once across all volumes [default: 4].
+    #[arg(long)]
+    upload_concurrency: Option<usize>,
     /// DTL server (HOST:PORT) new volumes mirror their writes to, in sync mode unless the config
     /// file says otherwise [default: none].
     #[arg(long)]
@@ -586,6 +589,7 @@ fn run(cli: Cli) -> Result<()> {
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
+                upload_concurrency: args.upload_concurrency,
                 no_default_volume: args.no_default_volume,
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -39,6 +39,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .with_context(|| format!("cannot open backend directory {}", config.backend.display()))?;
     let manager_config = ManagerConfig {
         runtime: Some(tokio::runtime::Handle::current()),
+        upload_concurrency: config.upload_concurrency,
+        max_open_age: config.max_open_age,
         ..ManagerConfig::under(&config.data_dir, config.write_buffer_limit)
     };
     let manager =

@@ -7,7 +7,7 @@
 //!
 //! Layering: [`volume::Volume`] is the state machine. It does file I/O but owns no threads and
 //! no timers — waiting, retrying and pacing (throttle delays) are decided by its caller, the
-//! [`manager::VolumeManager`] and the frontends, which keeps the engine testable step by step.
+//! [`manager::VolumeManager`] (through the node's [`scheduler`]) and the frontends, which keeps the engine testable step by step.
 //! On-disk formats live in [`sco`], [`tlog`] and [`meta`], each documenting its layout and
 //! invariants, and each read back by the same code that writes it.
 
@@ -16,6 +16,7 @@ pub mod error;
 pub mod manager;
 pub mod map;
 pub mod meta;
+pub mod scheduler;
 pub mod sco;
 pub mod tlog;
 pub mod types;

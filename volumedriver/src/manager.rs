@@ -1,17 +1,17 @@
-//! The node's set of volumes: creation, deletion, restart, the upload threads, and the write
-//! buffer's size limit.
+//! The node's set of volumes: creation, deletion, restart, uploads, and the write buffer's size
+//! limit.
 //!
 //! The registry file lists the volumes this node owns, so a restart knows what to bring back
-//! even if a volume's write-buffer directory is gone (then it is rebuilt from the backend). Each
-//! volume gets one uploader thread that drives [`Volume::upload_one`], backing off while the
-//! backend fails; after every successful upload the manager checks the write buffer against its
-//! limit and evicts disposable SCOs, oldest first, from every volume.
+//! even if a volume's write-buffer directory is gone (then it is rebuilt from the backend). One
+//! [`UploadScheduler`] per node drives every volume's [`Volume::upload_one`] with a bounded
+//! number of threads, backing a volume off while its backend fails; after every successful
+//! upload the manager checks the write buffer against its limit and evicts disposable SCOs,
+//! oldest first, from every volume.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
@@ -21,13 +21,16 @@ use vstor_backend::ObjectStore;
 use crate::config::{validate_volume_name, DtlMode, ParentRef, VolumeConfig, VolumeOptions};
 use crate::error::{Result, VolumeError};
 use crate::meta;
+use crate::scheduler::{SchedulerConfig, UploadScheduler};
 use crate::types::{ClusterLocation, ScoName};
 use crate::volume::{ReplaySummary, Volume, VolumeInfo};
 
 const REGISTRY_KIND: &[u8; 4] = b"REGY";
 const REGISTRY_VERSION: u32 = 1;
-const UPLOAD_IDLE_WAIT: Duration = Duration::from_secs(1);
-const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Default of [`ManagerConfig::upload_concurrency`].
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+/// Default of [`ManagerConfig::max_open_age`].
+pub const DEFAULT_MAX_OPEN_AGE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -40,6 +43,12 @@ pub struct ManagerConfig {
     /// The frontends' runtime: DTL links run their workers there (see `vstor_dtl::mirror`).
     /// Without one each link gets a thread.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Upload steps in flight at once across all volumes (the upload scheduler's threads).
+    pub upload_concurrency: usize,
+    /// An open TLog and SCO whose oldest data waited this long are closed and queued for upload,
+    /// so an idle volume's last writes reach the backend. `None`: only when full (or at
+    /// shutdown and snapshots).
+    pub max_open_age: Option<Duration>,
 }
 
 impl ManagerConfig {
@@ -50,6 +59,8 @@ impl ManagerConfig {
             registry_path: data_dir.join("registry"),
             write_buffer_limit,
             runtime: None,
+            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
+            max_open_age: Some(DEFAULT_MAX_OPEN_AGE),
         }
     }
 }
@@ -65,7 +76,7 @@ pub struct VolumeManager {
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     /// Volumes in the registry that could not be restarted, with the reason.
     failed: RwLock<BTreeMap<String, String>>,
-    uploaders: Mutex<HashMap<String, JoinHandle<()>>>,
+    uploads: UploadScheduler,
     registry_lock: Mutex<()>,
 }
 
@@ -81,13 +92,27 @@ impl VolumeManager {
         let wb = &config.write_buffer_dir;
         fs::create_dir_all(wb).map_err(VolumeError::io("-", wb))?;
         let registry = Self::load_registry(&config.registry_path)?;
-        let manager = Arc::new(Self {
-            config,
-            backend,
-            volumes: RwLock::new(BTreeMap::new()),
-            failed: RwLock::new(BTreeMap::new()),
-            uploaders: Mutex::new(HashMap::new()),
-            registry_lock: Mutex::new(()),
+        let scheduler = SchedulerConfig {
+            concurrency: config.upload_concurrency,
+            max_open_age: config.max_open_age,
+        };
+        let manager = Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
+            let me = me.clone();
+            Self {
+                config,
+                backend,
+                volumes: RwLock::new(BTreeMap::new()),
+                failed: RwLock::new(BTreeMap::new()),
+                uploads: UploadScheduler::start(
+                    scheduler,
+                    Box::new(move || {
+                        if let Some(manager) = me.upgrade() {
+                            manager.enforce_write_buffer_limit();
+                        }
+                    }),
+                ),
+                registry_lock: Mutex::new(()),
+            }
         });
         for name in registry.volumes {
             let dir = manager.config.write_buffer_dir.join(&name);
@@ -132,47 +157,6 @@ impl VolumeManager {
             &meta::encode(REGISTRY_KIND, REGISTRY_VERSION, &registry),
         )
         .map_err(VolumeError::io("-", path))
-    }
-
-    fn start_uploader(self: &Arc<Self>, volume: Arc<Volume>) {
-        let manager = Arc::downgrade(self);
-        let name = volume.name().to_string();
-        let handle = std::thread::Builder::new()
-            .name(format!("upload-{name}"))
-            .spawn(move || {
-                let mut backoff = Duration::from_millis(50);
-                while !volume.is_stopped() {
-                    volume.dtl_tick();
-                    let before = volume.uploaded_bytes();
-                    let started = Instant::now();
-                    match volume.upload_one() {
-                        Ok(true) => {
-                            let bytes = volume.uploaded_bytes() - before;
-                            let elapsed = started.elapsed().as_secs_f64();
-                            if bytes > 0 && elapsed > 0.0 {
-                                volume.report_upload_rate((bytes as f64 / elapsed) as u64);
-                            }
-                            backoff = Duration::from_millis(50);
-                            if let Some(manager) = manager.upgrade() {
-                                manager.enforce_write_buffer_limit();
-                            }
-                        }
-                        Ok(false) => volume.wait_for_upload_work(UPLOAD_IDLE_WAIT),
-                        Err(VolumeError::Halted { .. }) | Err(VolumeError::Stopped { .. }) => break,
-                        Err(e) => {
-                            tracing::warn!(volume = %volume.name(), error = %e, retry_in = ?backoff, "upload failed");
-                            volume.pause(backoff);
-                            backoff = (backoff * 2).min(UPLOAD_BACKOFF_MAX);
-                        }
-                    }
-                }
-            });
-        match handle {
-            Ok(handle) => {
-                self.uploaders.lock().insert(name, handle);
-            }
-            Err(e) => tracing::error!(volume = %name, error = %e, "cannot start uploader thread"),
-        }
     }
 
     /// Evict disposable SCOs while the write buffer holds more than its limit.
@@ -240,11 +224,9 @@ impl VolumeManager {
         self.failed.read().clone()
     }
 
+    /// Stop scheduling the volume's uploads; returns once no upload step of it is running.
     fn stop_uploader(&self, name: &str) {
-        let handle = self.uploaders.lock().remove(name);
-        if let Some(handle) = handle {
-            let _ = handle.join();
-        }
+        self.uploads.remove(name);
     }
 
     /// Clone snapshot `snapshot` of `parent` as a new volume `name` (see `Volume::create_clone`).
@@ -459,7 +441,7 @@ impl VolumeManager {
             .insert(name.to_string(), volume.clone());
         volume.set_runtime(self.config.runtime.clone());
         volume.attach_dtl();
-        self.start_uploader(volume.clone());
+        self.uploads.add(volume.clone());
     }
 
     /// Clean stop: flush every volume, queue everything for upload, wait up to `timeout` for the
@@ -480,10 +462,7 @@ impl VolumeManager {
             volume.stop();
             volume.detach_dtl();
         }
-        let names: Vec<String> = self.uploaders.lock().keys().cloned().collect();
-        for name in names {
-            self.stop_uploader(&name);
-        }
+        self.uploads.shutdown();
         unfinished
     }
 }

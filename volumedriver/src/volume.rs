@@ -78,7 +78,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use vstor_backend::{BackendError, ObjectStore};
 
 use crate::config::{TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT};
@@ -97,6 +97,7 @@ mod snapshots;
 mod state;
 mod upload;
 mod write;
+mod upload_hooks;
 mod write_buffer;
 
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
@@ -126,7 +127,8 @@ pub struct Volume {
     /// Held for each upload step; a rollback waits for the step in flight.
     upload_lock: Mutex<()>,
     runtime: Mutex<Option<tokio::runtime::Handle>>,
-    upload_work: Condvar,
+    /// Notified whenever upload work is queued or done; also wakes the node's upload scheduler.
+    upload_work: crate::scheduler::UploadSignal,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
     stats: Stats,
@@ -236,7 +238,7 @@ impl Volume {
             config_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
             runtime: Mutex::new(None),
-            upload_work: Condvar::new(),
+            upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
         }

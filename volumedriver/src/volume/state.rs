@@ -55,6 +55,8 @@ pub(super) struct CurrentTLog {
     pub(super) sealed_scos: u64,
     /// Clusters this TLog's entries made garbage (overwrites, trims).
     pub(super) garbage: u64,
+    /// When its first entry was written (the age of data not yet queued for upload).
+    pub(super) opened: std::time::Instant,
 }
 
 pub(super) struct ClosedTLog {

@@ -243,6 +243,7 @@ impl Volume {
                 data_bytes: 0,
                 sealed_scos: 0,
                 garbage: 0,
+                opened: std::time::Instant::now(),
             });
         }
         let tlog = st.tlog.as_mut().expect("just created");
