@@ -604,14 +604,14 @@ impl Decoder for DtlCodec {
         if src.len() < 4 {
             return Ok(None);
         }
-        let magic = u32::from_le_bytes(src[0..4].try_into().unwrap());
+        let magic = (&src[0..4]).get_u32_le();
         if magic != MAGIC {
             return Err(DtlError::BadMagic(magic));
         }
         if src.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_le_bytes(src[8..12].try_into().unwrap()) as usize;
+        let len = (&src[8..12]).get_u32_le() as usize;
         if len > MAX_FRAME_PAYLOAD {
             return Err(DtlError::FrameTooLarge {
                 len,
@@ -626,13 +626,13 @@ impl Decoder for DtlCodec {
         // on frame boundaries.
         let frame = src.split_to(HEADER_LEN + len).freeze();
         let (head, payload) = frame.split_at(HEADER_LEN);
-        let expected = u32::from_le_bytes(head[12..16].try_into().unwrap());
+        let expected = (&head[12..16]).get_u32_le();
         let actual = frame_crc(head, payload);
         if expected != actual {
             return Err(DtlError::CrcMismatch { expected, actual });
         }
-        let version = u16::from_le_bytes(head[4..6].try_into().unwrap());
-        let kind = u16::from_le_bytes(head[6..8].try_into().unwrap());
+        let version = (&head[4..6]).get_u16_le();
+        let kind = (&head[6..8]).get_u16_le();
         if version != self.version && !kind::is_frozen(kind) {
             return Err(DtlError::UnsupportedVersion {
                 got: version,

@@ -64,7 +64,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
@@ -115,16 +115,16 @@ impl Registration {
                 b.len()
             )));
         }
-        let crc = u32::from_le_bytes(b[20..24].try_into().unwrap());
+        let crc = (&b[20..24]).get_u32_le();
         if crc32c::crc32c(&b[0..20]) != crc
-            || u32::from_le_bytes(b[0..4].try_into().unwrap()) != REG_MAGIC
-            || u16::from_le_bytes(b[4..6].try_into().unwrap()) != REG_FORMAT
+            || (&b[0..4]).get_u32_le() != REG_MAGIC
+            || (&b[4..6]).get_u16_le() != REG_FORMAT
         {
             return Err(DtlError::Corrupt("registration fails its checks".into()));
         }
         Ok(Self {
-            cluster_size: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-            owner_tag: u64::from_le_bytes(b[12..20].try_into().unwrap()),
+            cluster_size: (&b[8..12]).get_u32_le(),
+            owner_tag: (&b[12..20]).get_u64_le(),
         })
     }
 }
@@ -223,11 +223,11 @@ fn read_record(r: &mut impl Read, sco: u32, cluster_size: u32) -> io::Result<Rec
     if n < RECORD_HEADER_LEN {
         return Ok(RecordRead::Bad(format!("short record header ({n} bytes)")));
     }
-    let magic = u32::from_le_bytes(head[0..4].try_into().unwrap());
-    let location = u64::from_le_bytes(head[4..12].try_into().unwrap());
-    let lba = u64::from_le_bytes(head[12..20].try_into().unwrap());
-    let len = u32::from_le_bytes(head[20..24].try_into().unwrap());
-    let crc = u32::from_le_bytes(head[24..28].try_into().unwrap());
+    let magic = (&head[0..4]).get_u32_le();
+    let location = (&head[4..12]).get_u64_le();
+    let lba = (&head[12..20]).get_u64_le();
+    let len = (&head[20..24]).get_u32_le();
+    let crc = (&head[24..28]).get_u32_le();
     if magic != RECORD_MAGIC {
         return Ok(RecordRead::Bad(format!("bad record magic {magic:#x}")));
     }
@@ -375,8 +375,13 @@ impl Namespace {
         for e in entries {
             encode_record(&mut buf, e);
         }
-        let (_, file) = self.writer.as_mut().expect("writer opened above");
-        let seg = self.segments.get_mut(&sco).expect("segment exists");
+        let (Some((_, file)), Some(seg)) = (self.writer.as_mut(), self.segments.get_mut(&sco))
+        else {
+            return Err(DtlError::Corrupt(format!(
+                "namespace {}: segment {sco} vanished while appending",
+                self.name
+            )));
+        };
         let res = file
             .write_all(&buf)
             .and_then(|_| if fsync { file.sync_data() } else { Ok(()) });
