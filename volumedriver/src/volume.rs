@@ -2,7 +2,8 @@
 //!
 //! # Write path
 //! A write appends whole clusters to the open SCO (unaligned writes are read-modify-written under
-//! the volume lock, so two sub-cluster writes to one cluster cannot lose each other), appends one
+//! the volume lock, so two sub-cluster writes to one cluster cannot lose each other; a cluster
+//! only on the backend is fetched first, without the lock), appends one
 //! LOC entry per cluster to the current TLog, and updates the in-RAM map. Nothing is fsynced: the
 //! data sits in the page cache until a FLUSH or FUA write. A full SCO is sealed (its CRC goes into
 //! the TLog) and queued for upload; after `tlog_scos` SCOs the TLog is closed and queued behind
@@ -61,9 +62,10 @@
 //! would stall every client. The exceptions are deliberate: `open` (the volume is not shared
 //! yet); `rollback`, which replaces the whole state and holds the lock across its list put and
 //! the rebuild that re-reads the backend's TLogs so that no request sees or writes into a
-//! half-rolled-back volume (an admin operation; I/O waits for it); and the read-modify-write of
-//! a partial cluster whose data is only on the backend (an evicted SCO or a clone's ancestor),
-//! which reads that one cluster under the lock.
+//! half-rolled-back volume (an admin operation; I/O waits for it). A read-modify-write of a
+//! partial cluster whose data is only on the backend (an evicted SCO, a clone's ancestor) reads
+//! that cluster without the lock and retries under it if the map moved meanwhile
+//! (`read::fetch_cluster`).
 //!
 //! The serialising locks *are* held across backend I/O, by design: `upload_lock` across an
 //! upload step's puts (steps must complete in queue order, and rollback must not race a put),

@@ -222,6 +222,73 @@ fn evicted_scos_are_read_back_with_ranged_backend_reads() {
     assert_eq!(read_all(&volume)[..data.len()], data[..]);
 }
 
+/// A read-modify-write of a partial cluster whose data is only on the backend (write, discard,
+/// allocating WRITE_ZEROES) reads it without holding the volume's state lock: from inside each
+/// backend read, another thread must get through a call that takes the lock.
+#[test]
+fn partial_cluster_rewrites_read_the_backend_without_the_state_lock() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Mutex, Weak};
+    use std::time::Duration;
+
+    let rig = Rig::new();
+    let volume = rig.create(64, 8, 1, 1 << 30);
+    let mut expected = pattern(8 * CS, 3);
+    volume.write(0, &expected, false).unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    volume.evict(u64::MAX);
+    assert_eq!(std::fs::read_dir(sco_dir(&rig.dir)).unwrap().count(), 0);
+
+    let target: Arc<Mutex<Weak<Volume>>> = Arc::new(Mutex::new(Weak::new()));
+    let probes = Arc::new(AtomicUsize::new(0));
+    let blocked = Arc::new(AtomicUsize::new(0));
+    let hook = {
+        let (target, probes, blocked) = (target.clone(), probes.clone(), blocked.clone());
+        Arc::new(move || {
+            let Some(volume) = target.lock().unwrap().upgrade() else {
+                return;
+            };
+            probes.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::channel();
+            // `size` takes the state lock; if this read held it, the probe could not finish.
+            std::thread::spawn(move || {
+                let _ = tx.send(volume.size());
+            });
+            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                blocked.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    rig.store.on_get_range(hook);
+    *target.lock().unwrap() = Arc::downgrade(&volume);
+
+    let patch = pattern(1024, 77);
+    volume.write(CS as u64 + 512, &patch, false).unwrap();
+    expected[CS + 512..CS + 1536].copy_from_slice(&patch);
+    volume.discard(3 * CS as u64 + 1024, 2048).unwrap();
+    expected[3 * CS + 1024..3 * CS + 3072].fill(0);
+    volume
+        .write_zeroes(5 * CS as u64 + 2048, 1024, true, false)
+        .unwrap();
+    expected[5 * CS + 2048..5 * CS + 3072].fill(0);
+    *target.lock().unwrap() = Weak::new();
+
+    assert!(
+        probes.load(Ordering::SeqCst) >= 3,
+        "each rewrite read the backend"
+    );
+    assert_eq!(
+        blocked.load(Ordering::SeqCst),
+        0,
+        "a backend read held the state lock"
+    );
+    assert_eq!(read_all(&volume)[..expected.len()], expected[..]);
+    volume.flush().unwrap();
+    drop(volume);
+    assert_eq!(read_all(&rig.open())[..expected.len()], expected[..]);
+}
+
 #[test]
 fn fenced_volume_halts_instead_of_overwriting_the_new_owner() {
     let rig = Rig::new();

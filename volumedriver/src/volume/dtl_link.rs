@@ -472,7 +472,7 @@ impl Volume {
                     "trims {count} clusters at {address}, beyond the volume"
                 ));
             }
-            self.zero_locked(st, address * cs, count * cs)?;
+            self.trim_locked(st, address, count)?;
         } else {
             if address >= clusters {
                 return bad(format!("cluster {address} is beyond the volume"));

@@ -12,10 +12,18 @@ use std::sync::Arc;
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
 use crate::sco;
-use crate::types::ScoName;
+use crate::types::{ClusterLocation, ScoName};
 
 use super::state::{State, SCO_DIR};
 use super::Volume;
+
+/// One cluster read from the backend without the state lock for a read-modify-write: its
+/// address, the location it was read from, and its bytes.
+pub(super) struct Fetched {
+    cluster: u64,
+    location: ClusterLocation,
+    data: Vec<u8>,
+}
 
 /// Where the bytes of one piece of a read come from.
 pub(super) enum Source {
@@ -180,15 +188,61 @@ impl Volume {
         Ok(())
     }
 
-    /// Read one whole cluster while holding the lock (read-modify-write).
+    /// Read one whole cluster under the lock, for a read-modify-write. Zeros and local data are
+    /// read here; data that is only on the backend (an evicted SCO, a clone's ancestor) is not,
+    /// since the state lock is never held across backend I/O: it must be in `fetched`, read
+    /// without the lock ([`fetch_cluster`](Self::fetch_cluster)) from the location the map
+    /// still has. Returns `false` when it is not there: fetch it, then retry.
     pub(super) fn read_cluster_locked(
         &self,
         st: &State,
         cluster: u64,
         out: &mut [u8],
-    ) -> Result<()> {
+        fetched: &[Fetched],
+    ) -> Result<bool> {
         let plan = self.plan_read(st, cluster * self.cluster_size, out.len());
-        self.execute_read(plan, out)
+        if plan
+            .iter()
+            .any(|s| matches!(s.source, Source::Backend { .. }))
+        {
+            let location = st.map.get(cluster);
+            return Ok(
+                match fetched
+                    .iter()
+                    .find(|f| f.cluster == cluster && f.location == location)
+                {
+                    Some(f) => {
+                        out.copy_from_slice(&f.data);
+                        true
+                    }
+                    None => false,
+                },
+            );
+        }
+        self.execute_read(plan, out)?;
+        Ok(true)
+    }
+
+    /// Read one whole cluster for a later read-modify-write: planned under the lock, read
+    /// without it. The data at a location never changes, so it stays valid for as long as the
+    /// map still points at the same location.
+    pub(super) fn fetch_cluster(&self, cluster: u64) -> Result<Fetched> {
+        let (plan, location) = {
+            let st = self.state.lock();
+            self.check_usable(&st)?;
+            let offset = cluster * self.cluster_size;
+            (
+                self.plan_read(&st, offset, self.cluster_size as usize),
+                st.map.get(cluster),
+            )
+        };
+        let mut data = vec![0u8; self.cluster_size as usize];
+        self.execute_read(plan, &mut data)?;
+        Ok(Fetched {
+            cluster,
+            location,
+            data,
+        })
     }
 
     /// Allocation map of `[offset, offset+len)`: runs of (length in bytes, is a hole).

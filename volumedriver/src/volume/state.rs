@@ -262,3 +262,57 @@ impl State {
         }
     }
 }
+
+/// States for unit tests of the pure decisions (plan and complete an upload step, choose
+/// eviction victims). The file handles in them are `/dev/null`: the pure functions only carry
+/// handles on to the I/O step, they never read or write them.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::*;
+    use crate::config::VolumeOptions;
+    use crate::sco::SCO_HEADER_LEN;
+
+    pub const CLUSTER: u64 = crate::config::CLUSTER_SIZE;
+
+    pub fn state() -> State {
+        let config = VolumeConfig::new("unit", &VolumeOptions::new(1 << 30), 0)
+            .expect("a valid test configuration");
+        State::new(config, TLogList::default())
+    }
+
+    fn handle() -> Arc<File> {
+        Arc::new(File::open("/dev/null").expect("/dev/null opens"))
+    }
+
+    /// A local SCO of `clusters` clusters in `state`, with the byte accounting it implies.
+    pub fn add_sco(st: &mut State, number: u32, clusters: u64, state: ScoState) {
+        match state {
+            ScoState::Disposable => st.disposable_bytes += SCO_HEADER_LEN + clusters * CLUSTER,
+            _ => st.non_disposable_bytes += clusters * CLUSTER,
+        }
+        st.scos.insert(
+            ScoNumber(number),
+            LocalSco {
+                file: handle(),
+                clusters,
+                state,
+                dirty: true,
+            },
+        );
+    }
+
+    /// A closed TLog covering `scos`.
+    pub fn add_closed_tlog(st: &mut State, number: u64, scos: &[u32]) {
+        st.closed_tlogs.push_back(ClosedTLog {
+            number: TLogNumber(number),
+            path: PathBuf::from(format!("/nonexistent/{number}")),
+            file: handle(),
+            record: TLogRecord {
+                scos: scos.to_vec(),
+                ..TLogRecord::new(number)
+            },
+            dirty: true,
+            garbage: 0,
+        });
+    }
+}

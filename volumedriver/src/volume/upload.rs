@@ -20,7 +20,7 @@ use crate::sco::{self, SCO_HEADER_LEN};
 use crate::tlog;
 use crate::types::{ScoName, ScoNumber, TLogNumber};
 
-use super::state::{sco_path, ScoState, State};
+use super::state::{sco_path, ClosedTLog, ScoState, State};
 use super::Volume;
 
 /// One step of the upload pipeline, in queue order.
@@ -48,87 +48,170 @@ impl std::io::Read for ScoReader<'_> {
     }
 }
 
+/// The next upload step, as [`plan_upload`] decides it from the state alone.
+pub(super) enum UploadJob {
+    /// The queue is empty but the backend TLog list lacks a metadata change.
+    PutList,
+    Sco {
+        number: ScoNumber,
+        file: Arc<File>,
+        clusters: u64,
+        crc: u32,
+    },
+    TLog {
+        number: TLogNumber,
+        file: Arc<File>,
+        path: PathBuf,
+        record: TLogRecord,
+    },
+}
+
+/// A planned step and what its puts need: where they go, and the list generation (`epoch`) the
+/// step was planned against.
+pub(super) struct UploadPlan {
+    job: UploadJob,
+    namespace: String,
+    owner: u64,
+    epoch: u64,
+}
+
+/// Decide the next upload step (pure: no I/O). `Ok(None)` when there is nothing to do. An error
+/// means the volume must halt: it is halted already, or the queue contradicts the state.
+pub(super) fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>> {
+    if let Some(reason) = &st.halted {
+        return Err(VolumeError::Halted {
+            volume: volume.to_string(),
+            reason: reason.clone(),
+        });
+    }
+    let job = match st.uploads.front() {
+        None if st.list_dirty => UploadJob::PutList,
+        None => return Ok(None),
+        Some(UploadTask::Sco(number)) => {
+            let object = || ScoName::new(*number).to_string();
+            match st.scos.get(number) {
+                Some(local) => match local.state {
+                    ScoState::Sealed { crc } => UploadJob::Sco {
+                        number: *number,
+                        file: local.file.clone(),
+                        clusters: local.clusters,
+                        crc,
+                    },
+                    _ => {
+                        return Err(VolumeError::corrupt(
+                            volume,
+                            object(),
+                            "queued for upload but not sealed",
+                        ))
+                    }
+                },
+                None => {
+                    return Err(VolumeError::corrupt(
+                        volume,
+                        object(),
+                        "queued for upload but missing from the write buffer",
+                    ))
+                }
+            }
+        }
+        Some(UploadTask::TLog(number)) => {
+            match st.closed_tlogs.iter().find(|t| t.number == *number) {
+                Some(closed) => UploadJob::TLog {
+                    number: *number,
+                    file: closed.file.clone(),
+                    path: closed.path.clone(),
+                    record: closed.record.clone(),
+                },
+                None => {
+                    return Err(VolumeError::corrupt(
+                        volume,
+                        number.object_name(),
+                        "queued for upload but not a closed local TLog",
+                    ))
+                }
+            }
+        }
+    };
+    Ok(Some(UploadPlan {
+        job,
+        namespace: st.config.namespace.clone(),
+        owner: st.config.owner_tag,
+        epoch: st.epoch,
+    }))
+}
+
+/// Record a completed step (pure): it leaves the queue (unless a rollback rebuilt the queue
+/// meanwhile), and a TLog is uncorked: its SCOs become disposable and it leaves the closed
+/// TLogs. Returns the uncorked TLog, whose local file the caller deletes.
+pub(super) fn complete_upload(
+    st: &mut State,
+    done: UploadTask,
+    cluster_size: u64,
+) -> Option<ClosedTLog> {
+    st.last_upload_error = None;
+    if st.uploads.front() == Some(&done) {
+        st.uploads.pop_front();
+    }
+    let UploadTask::TLog(number) = done else {
+        return None;
+    };
+    let position = st.closed_tlogs.iter().position(|t| t.number == number)?;
+    let closed = st.closed_tlogs.remove(position)?;
+    for sco in &closed.record.scos {
+        if let Some(local) = st.scos.get_mut(&ScoNumber(*sco)) {
+            local.state = ScoState::Disposable;
+            local.dirty = false;
+            let bytes = local.clusters * cluster_size;
+            st.non_disposable_bytes = st.non_disposable_bytes.saturating_sub(bytes);
+            st.disposable_bytes += bytes + SCO_HEADER_LEN;
+        }
+    }
+    Some(closed)
+}
+
 impl Volume {
     /// Perform the next upload step, if any. Returns whether there was one. On a transient
     /// backend error the step stays queued and the error is returned; the caller retries.
+    ///
+    /// Plan ([`plan_upload`], under the state lock), execute (the backend I/O, without it), then
+    /// complete ([`complete_upload`], under the lock again).
     pub fn upload_one(&self) -> Result<bool> {
-        enum Job {
-            Sco {
-                number: ScoNumber,
-                file: Arc<File>,
-                clusters: u64,
-                crc: u32,
-            },
-            TLog {
-                number: TLogNumber,
-                file: Arc<File>,
-                path: PathBuf,
-                record: TLogRecord,
-            },
-        }
         let _step = self.upload_lock.lock();
-        let (job, namespace, owner, epoch) = {
-            let st = self.state.lock();
-            if let Some(reason) = &st.halted {
-                return Err(VolumeError::Halted {
-                    volume: self.name.clone(),
-                    reason: reason.clone(),
-                });
-            }
-            let job = match st.uploads.front() {
-                None if st.list_dirty => {
-                    drop(st);
-                    self.put_backend_list()?;
-                    return Ok(true);
-                }
-                None => return Ok(false),
-                Some(UploadTask::Sco(number)) => match st.scos.get(number) {
-                    Some(local) => match local.state {
-                        ScoState::Sealed { crc } => Ok(Job::Sco {
-                            number: *number,
-                            file: local.file.clone(),
-                            clusters: local.clusters,
-                            crc,
-                        }),
-                        _ => Err(VolumeError::corrupt(
-                            &self.name,
-                            ScoName::new(*number).to_string(),
-                            "queued for upload but not sealed",
-                        )),
-                    },
-                    None => Err(VolumeError::corrupt(
-                        &self.name,
-                        ScoName::new(*number).to_string(),
-                        "queued for upload but missing from the write buffer",
-                    )),
-                },
-                Some(UploadTask::TLog(number)) => {
-                    match st.closed_tlogs.iter().find(|t| t.number == *number) {
-                        Some(closed) => Ok(Job::TLog {
-                            number: *number,
-                            file: closed.file.clone(),
-                            path: closed.path.clone(),
-                            record: closed.record.clone(),
-                        }),
-                        None => Err(VolumeError::corrupt(
-                            &self.name,
-                            number.object_name(),
-                            "queued for upload but not a closed local TLog",
-                        )),
-                    }
-                }
-            };
-            (
-                job,
-                st.config.namespace.clone(),
-                st.config.owner_tag,
-                st.epoch,
-            )
-        };
-        let job = match job {
-            Ok(job) => job,
+        let plan = plan_upload(&self.name, &self.state.lock());
+        let plan = match plan {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return Ok(false),
             Err(err) => return self.halt_with(err),
         };
+        let Some(done) = self.execute_upload(plan)? else {
+            return Ok(true);
+        };
+        let mut st = self.state.lock();
+        let uncorked = complete_upload(&mut st, done, self.cluster_size);
+        if let Some(closed) = &uncorked {
+            self.dtl_uncorked(&mut st, &closed.record);
+        }
+        if st.uploads.is_empty() {
+            self.upload_work.notify_all();
+        }
+        drop(st);
+        if let Some(closed) = uncorked {
+            if let Err(e) = fs::remove_file(&closed.path) {
+                tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
+            }
+        }
+        Ok(true)
+    }
+
+    /// The I/O of one planned step. Returns the task to complete, or `None` when there is
+    /// nothing to complete (a list put; a TLog whose list was rewritten meanwhile).
+    fn execute_upload(&self, plan: UploadPlan) -> Result<Option<UploadTask>> {
+        let UploadPlan {
+            job,
+            namespace,
+            owner,
+            epoch,
+        } = plan;
         let upload =
             |object: &str,
              store_op: &mut dyn FnMut(&dyn ObjectStore, &str) -> vstor_backend::Result<()>|
@@ -151,8 +234,12 @@ impl Volume {
                 store.put_if_owner(&namespace, object, bytes, owner)
             })
         };
-        let done = match job {
-            Job::Sco {
+        match job {
+            UploadJob::PutList => {
+                self.put_backend_list()?;
+                Ok(None)
+            }
+            UploadJob::Sco {
                 number,
                 file,
                 clusters,
@@ -188,9 +275,9 @@ impl Volume {
                 }
                 self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
                 self.stats.uploaded_scos.fetch_add(1, Ordering::Relaxed);
-                UploadTask::Sco(number)
+                Ok(Some(UploadTask::Sco(number)))
             }
-            Job::TLog {
+            UploadJob::TLog {
                 number,
                 file,
                 path,
@@ -218,7 +305,7 @@ impl Volume {
                     let st = self.state.lock();
                     if st.epoch != epoch {
                         // A rollback or scrub rewrote the list meanwhile; the queue was rebuilt.
-                        return Ok(true);
+                        return Ok(None);
                     }
                     let mut list = Self::backend_list(&st);
                     list.tlogs.push(record.clone());
@@ -232,43 +319,8 @@ impl Volume {
                 }
                 drop(st);
                 self.stats.uploaded_tlogs.fetch_add(1, Ordering::Relaxed);
-                UploadTask::TLog(number)
+                Ok(Some(UploadTask::TLog(number)))
             }
-        };
-        let mut st = self.state.lock();
-        st.last_upload_error = None;
-        if st.uploads.front() == Some(&done) {
-            st.uploads.pop_front();
-        }
-        if let UploadTask::TLog(number) = done {
-            self.uncork(&mut st, number);
-        }
-        if st.uploads.is_empty() {
-            self.upload_work.notify_all();
-        }
-        Ok(true)
-    }
-
-    /// The TLog is on the backend: its SCOs become disposable and its local file goes.
-    fn uncork(&self, st: &mut State, number: TLogNumber) {
-        let Some(position) = st.closed_tlogs.iter().position(|t| t.number == number) else {
-            return;
-        };
-        let Some(closed) = st.closed_tlogs.remove(position) else {
-            return;
-        };
-        for sco in &closed.record.scos {
-            if let Some(local) = st.scos.get_mut(&ScoNumber(*sco)) {
-                local.state = ScoState::Disposable;
-                local.dirty = false;
-                let bytes = local.clusters * self.cluster_size;
-                st.non_disposable_bytes = st.non_disposable_bytes.saturating_sub(bytes);
-                st.disposable_bytes += bytes + SCO_HEADER_LEN;
-            }
-        }
-        self.dtl_uncorked(st, &closed.record);
-        if let Err(e) = fs::remove_file(&closed.path) {
-            tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
         }
     }
 
@@ -355,5 +407,122 @@ impl Volume {
             }
             Err(e) => Err(VolumeError::backend(&self.name)(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::testing::{add_closed_tlog, add_sco, state, CLUSTER};
+    use super::*;
+
+    fn job(st: &State) -> Option<UploadJob> {
+        plan_upload("unit", st)
+            .expect("a consistent state plans")
+            .map(|p| p.job)
+    }
+
+    #[test]
+    fn plan_upload_is_idle_without_work_and_puts_a_dirty_list() {
+        let mut st = state();
+        assert!(job(&st).is_none());
+        st.list_dirty = true;
+        assert!(matches!(job(&st), Some(UploadJob::PutList)));
+    }
+
+    #[test]
+    fn plan_upload_takes_the_queue_front() {
+        let mut st = state();
+        st.epoch = 7;
+        add_sco(&mut st, 3, 5, ScoState::Sealed { crc: 0xabcd });
+        add_closed_tlog(&mut st, 2, &[3]);
+        st.uploads.push_back(UploadTask::Sco(ScoNumber(3)));
+        st.uploads.push_back(UploadTask::TLog(TLogNumber(2)));
+        // A dirty list waits for the queue: the TLog put rewrites the list anyway.
+        st.list_dirty = true;
+        let plan = plan_upload("unit", &st).unwrap().unwrap();
+        assert_eq!((plan.epoch, plan.owner), (7, st.config.owner_tag));
+        assert_eq!(plan.namespace, st.config.namespace);
+        match plan.job {
+            UploadJob::Sco {
+                number,
+                clusters,
+                crc,
+                ..
+            } => assert_eq!((number, clusters, crc), (ScoNumber(3), 5, 0xabcd)),
+            _ => panic!("expected the SCO first"),
+        }
+        st.uploads.pop_front();
+        match job(&st) {
+            Some(UploadJob::TLog { number, record, .. }) => {
+                assert_eq!(number, TLogNumber(2));
+                assert_eq!(record.scos, vec![3]);
+            }
+            _ => panic!("expected the TLog after its SCO"),
+        }
+    }
+
+    #[test]
+    fn plan_upload_refuses_a_queue_that_contradicts_the_state() {
+        let mut st = state();
+        add_sco(&mut st, 1, 1, ScoState::Open);
+        st.uploads.push_back(UploadTask::Sco(ScoNumber(1)));
+        let err = plan_upload("unit", &st)
+            .err()
+            .expect("an open SCO is not uploaded");
+        assert!(err.to_string().contains("not sealed"), "{err}");
+
+        st.uploads = [UploadTask::Sco(ScoNumber(9))].into();
+        let err = plan_upload("unit", &st).err().expect("a missing SCO");
+        assert!(err.to_string().contains("missing"), "{err}");
+
+        st.uploads = [UploadTask::TLog(TLogNumber(4))].into();
+        let err = plan_upload("unit", &st).err().expect("a missing TLog");
+        assert!(err.to_string().contains("not a closed local TLog"), "{err}");
+
+        st.halted = Some("test".into());
+        st.uploads.clear();
+        assert!(matches!(
+            plan_upload("unit", &st),
+            Err(VolumeError::Halted { .. })
+        ));
+    }
+
+    #[test]
+    fn complete_upload_uncorks_a_tlog_and_moves_its_bytes_to_disposable() {
+        let mut st = state();
+        add_sco(&mut st, 1, 4, ScoState::Sealed { crc: 1 });
+        add_sco(&mut st, 2, 2, ScoState::Sealed { crc: 2 });
+        add_sco(&mut st, 3, 1, ScoState::Open);
+        add_closed_tlog(&mut st, 1, &[1, 2]);
+        st.uploads = [UploadTask::TLog(TLogNumber(1))].into();
+        st.last_upload_error = Some("earlier".into());
+
+        let closed = complete_upload(&mut st, UploadTask::TLog(TLogNumber(1)), CLUSTER)
+            .expect("the TLog is uncorked");
+        assert_eq!(closed.number, TLogNumber(1));
+        assert!(st.uploads.is_empty() && st.closed_tlogs.is_empty());
+        assert_eq!(st.last_upload_error, None);
+        for n in [1, 2] {
+            assert_eq!(st.scos[&ScoNumber(n)].state, ScoState::Disposable);
+            assert!(!st.scos[&ScoNumber(n)].dirty);
+        }
+        assert_eq!(st.scos[&ScoNumber(3)].state, ScoState::Open);
+        assert_eq!(st.non_disposable_bytes, CLUSTER);
+        assert_eq!(st.disposable_bytes, 6 * CLUSTER + 2 * SCO_HEADER_LEN);
+    }
+
+    #[test]
+    fn complete_upload_leaves_a_rebuilt_queue_alone() {
+        let mut st = state();
+        add_sco(&mut st, 5, 1, ScoState::Sealed { crc: 0 });
+        st.uploads = [UploadTask::Sco(ScoNumber(5))].into();
+        // The step completed was planned before a rollback rebuilt the queue.
+        assert!(complete_upload(&mut st, UploadTask::Sco(ScoNumber(4)), CLUSTER).is_none());
+        assert_eq!(st.uploads.len(), 1);
+        assert!(complete_upload(&mut st, UploadTask::TLog(TLogNumber(3)), CLUSTER).is_none());
+        assert_eq!(st.uploads.len(), 1);
+        assert!(complete_upload(&mut st, UploadTask::Sco(ScoNumber(5)), CLUSTER).is_none());
+        assert!(st.uploads.is_empty());
+        assert_eq!(st.scos[&ScoNumber(5)].state, ScoState::Sealed { crc: 0 });
     }
 }

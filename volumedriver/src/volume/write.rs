@@ -19,6 +19,7 @@ use crate::sco;
 use crate::tlog::{Entry, TLogWriter};
 use crate::types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 
+use super::read::Fetched;
 use super::state::{
     sco_path, tlog_path, ClosedTLog, CurrentTLog, LocalSco, OpenSco, ScoState, State,
 };
@@ -32,6 +33,14 @@ const THROTTLE_MAX: Duration = Duration::from_millis(100);
 const MIN_UPLOAD_RATE: u64 = 16 << 20;
 /// WRITE_ZEROES with allocation writes zeros in chunks of this size.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// The result of a step under the state lock that may need a cluster read from the backend
+/// first (a read-modify-write of a cluster whose data is not local): done, or which cluster to
+/// fetch without the lock before retrying the step.
+enum Locked<T> {
+    Done(T),
+    Fetch(u64),
+}
 
 /// A reply to a write: done, and possibly a request to slow the client down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,13 +71,19 @@ impl Volume {
         offset: u64,
         data: &[u8],
     ) -> Result<(WriteOutcome, Option<Ticket>)> {
-        let (outcome, dtl) = {
+        let mut fetched = Vec::new();
+        let mut dtl = None;
+        let outcome = loop {
             let mut st = self.state.lock();
             self.check_range(&st, offset, data.len() as u64, true)?;
             self.dtl_service(&mut st)?;
-            let written = self.write_locked(&mut st, offset, data);
-            let dtl = self.dtl_submit(&mut st);
-            (written?, dtl)
+            let written = self.write_locked(&mut st, offset, data, &fetched);
+            dtl = self.dtl_submit(&mut st).or(dtl);
+            drop(st);
+            match written? {
+                Locked::Done(outcome) => break outcome,
+                Locked::Fetch(cluster) => fetched.push(self.fetch_cluster(cluster)?),
+            }
         };
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -77,9 +92,18 @@ impl Volume {
         Ok((outcome, dtl))
     }
 
-    fn write_locked(&self, st: &mut State, offset: u64, data: &[u8]) -> Result<WriteOutcome> {
+    /// Write under the lock. A partial cluster at either end is read-modify-written; if its data
+    /// is only on the backend and not in `fetched`, nothing is written and `Fetch` says which
+    /// cluster to read without the lock before retrying.
+    fn write_locked(
+        &self,
+        st: &mut State,
+        offset: u64,
+        data: &[u8],
+        fetched: &[Fetched],
+    ) -> Result<Locked<WriteOutcome>> {
         if data.is_empty() {
-            return Ok(WriteOutcome::default());
+            return Ok(Locked::Done(WriteOutcome::default()));
         }
         let cs = self.cluster_size;
         let end = offset + data.len() as u64;
@@ -89,18 +113,22 @@ impl Volume {
         } else {
             let last = (end - 1) / cs;
             let mut whole = vec![0u8; ((last - first + 1) * cs) as usize];
-            if !offset.is_multiple_of(cs) {
-                self.read_cluster_locked(st, first, &mut whole[..cs as usize])?;
+            if !offset.is_multiple_of(cs)
+                && !self.read_cluster_locked(st, first, &mut whole[..cs as usize], fetched)?
+            {
+                return Ok(Locked::Fetch(first));
             }
             if !end.is_multiple_of(cs) && (last != first || offset.is_multiple_of(cs)) {
                 let at = ((last - first) * cs) as usize;
-                self.read_cluster_locked(st, last, &mut whole[at..at + cs as usize])?;
+                if !self.read_cluster_locked(st, last, &mut whole[at..at + cs as usize], fetched)? {
+                    return Ok(Locked::Fetch(last));
+                }
             }
             let at = (offset - first * cs) as usize;
             whole[at..at + data.len()].copy_from_slice(data);
             self.write_clusters(st, first, &whole)?;
         }
-        Ok(self.throttle(st, data.len() as u64))
+        Ok(Locked::Done(self.throttle(st, data.len() as u64)))
     }
 
     /// Backpressure for a write of `bytes` while not-yet-uploaded data exceeds the budget: the
@@ -344,65 +372,79 @@ impl Volume {
     /// Make `[offset, offset+len)` read as zeros without writing data: whole clusters are
     /// unmapped (a TRIM entry in the TLog), partial clusters at the edges are read-modify-written.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let mut st = self.state.lock();
-        self.check_range(&st, offset, len, true)?;
-        self.dtl_service(&mut st)?;
-        let zeroed = self.zero_locked(&mut st, offset, len);
-        let dtl = self.dtl_submit(&mut st);
-        drop(st);
-        zeroed?;
-        if let Some(ticket) = dtl {
-            self.dtl_wait(ticket)?;
+        let mut fetched = Vec::new();
+        loop {
+            let mut st = self.state.lock();
+            self.check_range(&st, offset, len, true)?;
+            self.dtl_service(&mut st)?;
+            let zeroed = self.zero_locked(&mut st, offset, len, &fetched);
+            let dtl = self.dtl_submit(&mut st);
+            drop(st);
+            let zeroed = zeroed?;
+            if let Some(ticket) = dtl {
+                self.dtl_wait(ticket)?;
+            }
+            match zeroed {
+                Locked::Done(()) => break,
+                Locked::Fetch(cluster) => fetched.push(self.fetch_cluster(cluster)?),
+            }
         }
         self.stats.discards.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    pub(super) fn zero_locked(&self, st: &mut State, offset: u64, len: u64) -> Result<()> {
+    /// Zero `[offset, offset+len)` under the lock: the partial clusters at the edges are
+    /// read-modify-written (both read before either is written, so a `Fetch` leaves nothing
+    /// half done), the whole clusters are trimmed.
+    fn zero_locked(
+        &self,
+        st: &mut State,
+        offset: u64,
+        len: u64,
+        fetched: &[Fetched],
+    ) -> Result<Locked<()>> {
         let cs = self.cluster_size;
         let end = offset + len;
         let full_start = offset.div_ceil(cs);
         let full_end = end / cs;
-        let partial = |st: &mut State, from: u64, to: u64| -> Result<()> {
-            if from >= to {
-                return Ok(());
-            }
-            let cluster = from / cs;
-            if st.map.get(cluster).is_unwritten() {
-                return Ok(());
-            }
-            let mut buf = vec![0u8; cs as usize];
-            self.read_cluster_locked(st, cluster, &mut buf)?;
-            buf[(from - cluster * cs) as usize..(to - cluster * cs) as usize].fill(0);
-            self.write_clusters(st, cluster, &buf)
-        };
-        if full_start >= full_end {
+        let edges = if full_start >= full_end {
             // No whole cluster inside: one or two partial clusters.
             let split = (offset / cs + 1) * cs;
-            partial(st, offset, end.min(split))?;
-            if end > split {
-                partial(st, split, end)?;
+            [(offset, end.min(split)), (split, end)]
+        } else {
+            [(offset, full_start * cs), (full_end * cs, end)]
+        };
+        let mut patched = Vec::new();
+        for (from, to) in edges {
+            let cluster = from / cs;
+            if from >= to || st.map.get(cluster).is_unwritten() {
+                continue;
             }
-            return Ok(());
+            let mut buf = vec![0u8; cs as usize];
+            if !self.read_cluster_locked(st, cluster, &mut buf, fetched)? {
+                return Ok(Locked::Fetch(cluster));
+            }
+            buf[(from - cluster * cs) as usize..(to - cluster * cs) as usize].fill(0);
+            patched.push((cluster, buf));
         }
-        partial(st, offset, full_start * cs)?;
-        partial(st, full_end * cs, end)?;
+        for (cluster, buf) in patched {
+            self.write_clusters(st, cluster, &buf)?;
+        }
+        if full_start < full_end {
+            self.trim_locked(st, full_start, full_end - full_start)?;
+        }
+        Ok(Locked::Done(()))
+    }
+
+    /// Unmap `count` whole clusters from `start`: one TRIM entry, if any of them was mapped.
+    pub(super) fn trim_locked(&self, st: &mut State, start: u64, count: u64) -> Result<()> {
         let mut cleared = 0;
-        st.map
-            .clear_range(full_start, full_end - full_start, |_, _| cleared += 1);
-        let garbage = cleared;
-        let cleared = cleared > 0;
-        if cleared {
-            self.append_entry(
-                st,
-                Entry::Trim {
-                    start: full_start,
-                    count: full_end - full_start,
-                },
-            )?;
-            Self::note_garbage(st, garbage);
+        st.map.clear_range(start, count, |_, _| cleared += 1);
+        if cleared > 0 {
+            self.append_entry(st, Entry::Trim { start, count })?;
+            Self::note_garbage(st, cleared);
             if st.dtl.is_some() {
-                self.dtl_record_trim(st, full_start, full_end - full_start);
+                self.dtl_record_trim(st, start, count);
             }
         }
         Ok(())
@@ -425,15 +467,22 @@ impl Volume {
                 self.check_range(&st, offset, len, true)?;
             }
             let mut dtl = None;
+            let mut fetched = Vec::new();
             while pos < offset + len {
                 let n = (offset + len - pos).min(ZERO_CHUNK);
                 let mut st = self.state.lock();
                 self.check_usable(&st)?;
                 self.dtl_service(&mut st)?;
-                let step = self.write_locked(&mut st, pos, &zeros[..n as usize]);
+                let step = self.write_locked(&mut st, pos, &zeros[..n as usize], &fetched);
                 dtl = self.dtl_submit(&mut st).or(dtl);
-                outcome.throttle = outcome.throttle.max(step?.throttle);
-                pos += n;
+                drop(st);
+                match step? {
+                    Locked::Done(step) => {
+                        outcome.throttle = outcome.throttle.max(step.throttle);
+                        pos += n;
+                    }
+                    Locked::Fetch(cluster) => fetched.push(self.fetch_cluster(cluster)?),
+                }
             }
             if let Some(ticket) = dtl {
                 self.dtl_wait(ticket)?;

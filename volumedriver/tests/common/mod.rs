@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vstor_backend::{BackendError, LocalStore, ObjectStore, OwnerTag};
 
@@ -13,6 +14,8 @@ pub struct FaultStore {
     inner: LocalStore,
     /// Mutations still allowed; `i64::MAX` means no limit.
     budget: AtomicI64,
+    /// Called at the start of every ranged read (to observe the engine from inside one).
+    on_get_range: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl FaultStore {
@@ -20,7 +23,13 @@ impl FaultStore {
         Self {
             inner: LocalStore::open(dir).expect("local store"),
             budget: AtomicI64::new(i64::MAX),
+            on_get_range: Mutex::new(None),
         }
+    }
+
+    /// Call `hook` at the start of every ranged read.
+    pub fn on_get_range(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        *self.on_get_range.lock().expect("hook lock") = Some(hook);
     }
 
     /// Refuse every mutation (an unreachable backend) or accept them all again.
@@ -100,6 +109,10 @@ impl ObjectStore for FaultStore {
         offset: u64,
         buf: &mut [u8],
     ) -> vstor_backend::Result<()> {
+        let hook = self.on_get_range.lock().expect("hook lock").clone();
+        if let Some(hook) = hook {
+            hook();
+        }
         self.inner.get_range(ns, name, offset, buf)
     }
     fn size(&self, ns: &str, name: &str) -> vstor_backend::Result<u64> {
