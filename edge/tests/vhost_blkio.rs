@@ -638,7 +638,7 @@ fn add_export_validates_and_replaces_stale_sockets() {
     );
     let other = format!("{}y", "x".repeat(199));
     assert_ne!(f.server.socket_path(&other), long_path);
-    let mut c = connect(&long_path, 1);
+    let mut c = try_connect_sized(&long_path, 1, false, 128).unwrap();
     c.write_data(8192, &pattern(7, 4096));
     assert_eq!(c.read_data(8192, 4096), pattern(7, 4096));
     drop(c);
