@@ -230,7 +230,8 @@ enum VolumeVerb {
     },
     /// List volumes.
     List,
-    /// Show a volume's state and counters.
+    /// Show a volume's state and counters, and its vhost-user socket: `<vhost-dir>/NAME.sock`, or
+    /// `<vhost-dir>/<prefix>~<hash>.sock` when that path is longer than a UNIX socket allows.
     Info { name: String },
     /// Grow a volume.
     Resize {

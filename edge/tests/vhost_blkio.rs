@@ -638,7 +638,7 @@ fn add_export_validates_and_replaces_stale_sockets() {
     );
     let other = format!("{}y", "x".repeat(199));
     assert_ne!(f.server.socket_path(&other), long_path);
-    let mut c = connect(&long_path, 1);
+    let mut c = try_connect_sized(&long_path, 1, false, 128).unwrap();
     c.write_data(8192, &pattern(7, 4096));
     assert_eq!(c.read_data(8192, 4096), pattern(7, 4096));
     drop(c);
@@ -716,4 +716,51 @@ fn invalid_configs_are_refused() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(err.to_string().contains("is too long"), "{err}");
     assert!(!long_dir.exists(), "the directory was created");
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn idle_exports_cost_no_thread() {
+    let before = threads();
+    let f = Fixture::new(VhostConfig::default());
+    let with_server = threads();
+    assert!(with_server <= before + 2, "{before} -> {with_server}");
+    let targets: Vec<_> = (0..50)
+        .map(|i| f.add(&format!("idle{i}"), MemTarget::new(DEV_SIZE)))
+        .collect();
+    let idle = threads();
+    assert!(
+        idle <= with_server,
+        "50 idle exports: {with_server} -> {idle} threads"
+    );
+
+    // A frontend still gets served on any of them, and another after it disconnects.
+    for round in 0..2u64 {
+        let mut c = connect(&f.server.socket_path("idle17"), 1);
+        wait_until("connected", || f.server.connected("idle17"));
+        c.write_data(round * 4096, &pattern(round + 1, 4096));
+        assert_eq!(c.read_data(round * 4096, 4096), pattern(round + 1, 4096));
+        drop(c);
+        wait_until("disconnected", || !f.server.connected("idle17"));
+    }
+    assert_eq!(
+        checksum(&targets[17].contents(0, 8192)),
+        checksum(&[pattern(1, 4096), pattern(2, 4096)].concat())
+    );
+    // Once the frontend is gone, its threads end too (allowing for the runtime's idle blocking
+    // threads, which linger 10 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads() > idle {
+        assert!(
+            Instant::now() < deadline,
+            "threads left: {} > {idle}",
+            threads()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f.server.shutdown();
+    assert!(!f.server.socket_path("idle0").exists());
 }

@@ -32,10 +32,13 @@
 //!   `stop_vring`.
 //! * `config`: the virtio-blk configuration space.
 //!
-//! [`VhostServer`] runs one thread per export. A `VhostUserDaemon` handles exactly one frontend,
-//! so the thread loops: wait for a frontend to connect, build a backend and a daemon (which starts
-//! one worker thread per queue), accept the frontend, serve it until it disconnects, drain its
-//! in-flight requests, repeat. An idle export therefore costs one thread.
+//! [`VhostServer`] runs one acceptor thread for all exports: it polls (epoll) every idle export's
+//! listening socket. A `VhostUserDaemon` handles exactly one frontend, so when one knocks the
+//! acceptor starts a connection thread for that export, which builds a backend and a daemon
+//! (which starts one worker thread per queue), accepts the frontend, serves it until it
+//! disconnects, drains its in-flight requests and hands the socket back to the acceptor (the
+//! socket is registered one-shot, so it is not polled while its frontend is served). An idle
+//! export therefore costs no thread: a node with hundreds of volumes and no VMs runs one.
 //!
 //! The target is looked up in the registry when the frontend first asks for features or config,
 //! so every connection sees the volume's current size and read-only flag. If the volume has left
@@ -52,8 +55,8 @@
 //! # Stopping
 //!
 //! [`VhostServer::remove_export`] and [`VhostServer::shutdown`] shut down the frontend's
-//! connection and `shutdown(2)` the listening socket (which wakes an export thread waiting for a
-//! frontend), wait for the queue workers and every request in flight to finish, then remove the
+//! connection and `shutdown(2)` the listening socket (which wakes a connection thread blocked
+//! in accept), wait for the queue workers and every request in flight to finish, then remove the
 //! socket file. They block until that is done (call them from `spawn_blocking`
 //! in async code).
 //!
@@ -75,7 +78,7 @@ mod tests;
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -89,6 +92,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::target::ExportRegistry;
 use backend::BlkBackend;
@@ -190,21 +194,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// State shared between the server and the thread serving one export.
+/// Epoll token of the acceptor's wake-up eventfd; exports use their id (never 0).
+const WAKE_TOKEN: u64 = 0;
+
+/// State shared between the server, the acceptor and the thread serving one export's frontend.
 struct ExportShared {
     name: String,
     path: PathBuf,
+    /// The export's epoll token.
+    id: u64,
     stop: AtomicBool,
     connected: AtomicBool,
     /// Set while a frontend is being served; checked under the same lock as `stop`.
     conn: Mutex<Option<ShutdownHandle>>,
+    /// Taken by the connection thread while it accepts and serves a frontend.
+    listener: Mutex<Listener>,
+    /// The listening socket's fd, as registered with the acceptor's epoll.
+    listen_fd: RawFd,
     /// The listening socket (a duplicate of its fd), only used to `shutdown(2)` it. Typed as a
     /// stream because std offers `shutdown` there; the syscall is the same for a listener.
     accept_waker: UnixStream,
 }
 
 impl ExportShared {
-    /// Ask the export's thread to stop and get it out of whatever it blocks on.
+    /// Ask the export's connection thread to stop and get it out of whatever it blocks on.
     fn request_stop(&self) {
         let conn = lock(&self.conn);
         self.stop.store(true, Ordering::SeqCst);
@@ -212,8 +225,8 @@ impl ExportShared {
             // Serving a frontend: close its connection; the daemon's request loop ends.
             handle.shutdown();
         }
-        // Waiting for a frontend: shutdown(2) on the listening socket wakes the thread's poll and
-        // makes a blocked (or the next) accept fail with EINVAL.
+        // Accepting: shutdown(2) on the listening socket makes a blocked (or the next) accept
+        // fail with EINVAL.
         if let Err(e) = self.accept_waker.shutdown(Shutdown::Both) {
             debug!(export = %self.name, error = %e, "cannot shut down the listening socket");
         }
@@ -222,6 +235,7 @@ impl ExportShared {
 
 struct Export {
     shared: Arc<ExportShared>,
+    /// The thread serving the current frontend, if one connected.
     thread: Option<JoinHandle<()>>,
 }
 
@@ -229,13 +243,13 @@ impl Export {
     fn join(&mut self) {
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                error!(export = %self.shared.name, "vhost-user export thread panicked");
+                error!(export = %self.shared.name, "vhost-user connection thread panicked");
             }
         }
     }
 }
 
-/// What an export thread needs (it must not hold the server itself, whose drop shuts it down).
+/// What a connection thread needs (it must not hold the server itself, whose drop shuts it down).
 #[derive(Clone)]
 struct ServeParams {
     registry: Arc<dyn ExportRegistry>,
@@ -246,13 +260,38 @@ struct ServeParams {
 #[derive(Default)]
 struct Exports {
     shutting_down: bool,
+    next_id: u64,
     map: HashMap<String, Export>,
+}
+
+/// Shared by the server handle, the acceptor thread and the connection threads.
+struct Shared {
+    params: ServeParams,
+    exports: Mutex<Exports>,
+    /// Every idle export's listening socket (one-shot: disarmed while its frontend is served)
+    /// and the wake-up eventfd.
+    epoll: Epoll,
+    wake: EventFd,
+}
+
+impl Shared {
+    /// Watch `shared`'s listening socket again (one-shot), unless the export is stopping.
+    fn arm(&self, shared: &ExportShared, op: ControlOperation) -> io::Result<()> {
+        if shared.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.epoll.ctl(
+            op,
+            shared.listen_fd,
+            EpollEvent::new(EventSet::IN | EventSet::ONE_SHOT, shared.id),
+        )
+    }
 }
 
 struct Inner {
     dir: PathBuf,
-    params: ServeParams,
-    exports: Mutex<Exports>,
+    shared: Arc<Shared>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
     /// Held by `stop_all`, so that a concurrent second `shutdown()` also returns only when done.
     stopping: Mutex<()>,
 }
@@ -261,10 +300,18 @@ impl Inner {
     fn stop_all(&self) {
         let _serial = lock(&self.stopping);
         let mut exports = {
-            let mut guard = lock(&self.exports);
+            let mut guard = lock(&self.shared.exports);
             guard.shutting_down = true;
             std::mem::take(&mut guard.map)
         };
+        if let Some(acceptor) = lock(&self.acceptor).take() {
+            if let Err(e) = self.shared.wake.write(1) {
+                error!(error = %e, "cannot wake the vhost-user acceptor");
+            }
+            if acceptor.join().is_err() {
+                error!("vhost-user acceptor thread panicked");
+            }
+        }
         if !exports.is_empty() {
             info!(exports = exports.len(), "vhost-user server shutting down");
         }
@@ -274,6 +321,11 @@ impl Inner {
         }
         for export in exports.values_mut() {
             export.join();
+            let _ = self.shared.epoll.ctl(
+                ControlOperation::Delete,
+                export.shared.listen_fd,
+                EpollEvent::default(),
+            );
             remove_socket(&export.shared.path);
         }
     }
@@ -305,15 +357,37 @@ impl VhostServer {
         check_socket_dir(&dir)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         std::fs::create_dir_all(&dir)?;
+        let epoll = Epoll::new()?;
+        let wake = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        let shared = Arc::new(Shared {
+            params: ServeParams {
+                registry,
+                config,
+                runtime,
+            },
+            exports: Mutex::new(Exports {
+                next_id: WAKE_TOKEN + 1,
+                ..Exports::default()
+            }),
+            epoll,
+            wake,
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("vhost-acceptor".into())
+                .spawn(move || accept_loop(&shared))?
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
-                params: ServeParams {
-                    registry,
-                    config,
-                    runtime,
-                },
-                exports: Mutex::new(Exports::default()),
+                shared,
+                acceptor: Mutex::new(Some(acceptor)),
                 stopping: Mutex::new(()),
             }),
         })
@@ -335,60 +409,54 @@ impl VhostServer {
         if path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(VhostError::PathTooLong(path));
         }
-        let mut exports = lock(&self.inner.exports);
+        let shared = &self.inner.shared;
+        let mut exports = lock(&shared.exports);
         if exports.shutting_down {
             return Err(VhostError::ShuttingDown);
         }
-        if let Some((other, _)) = exports
-            .map
-            .iter()
-            .find(|(other, e)| other.as_str() != name && e.shared.path == path)
-        {
+        if exports.map.contains_key(name) {
+            return Ok(path);
+        }
+        if let Some((other, _)) = exports.map.iter().find(|(_, e)| e.shared.path == path) {
             return Err(VhostError::PathTaken {
                 name: name.to_owned(),
                 other: other.clone(),
                 path,
             });
         }
-        if let Some(existing) = exports.map.get_mut(name) {
-            let alive = existing.thread.as_ref().is_some_and(|t| !t.is_finished());
-            if alive {
-                return Ok(path);
-            }
-            // The thread ended on its own (it logged why); serve afresh.
-            existing.join();
-            exports.map.remove(name);
-        }
-        if self.inner.params.registry.lookup(name).is_none() {
+        if shared.params.registry.lookup(name).is_none() {
             return Err(VhostError::UnknownExport(name.to_owned()));
         }
         let (listener, accept_waker) = bind(&path).map_err(|source| VhostError::Listen {
             path: path.clone(),
             source,
         })?;
-        let shared = Arc::new(ExportShared {
+        let id = exports.next_id;
+        exports.next_id += 1;
+        let export = Arc::new(ExportShared {
             name: name.to_owned(),
             path: path.clone(),
+            id,
             stop: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             conn: Mutex::new(None),
+            listen_fd: listener.as_raw_fd(),
+            listener: Mutex::new(listener),
             accept_waker,
         });
-        let params = self.inner.params.clone();
-        let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("vhost-{name}"))
-            .spawn(move || serve_export(thread_shared, listener, params))
-            .map_err(|source| VhostError::Spawn {
-                name: name.to_owned(),
-                source,
-            })?;
+        if let Err(e) = shared.arm(&export, ControlOperation::Add) {
+            remove_socket(&path);
+            return Err(VhostError::Listen {
+                path,
+                source: VhostUserError::SocketError(e),
+            });
+        }
         info!(export = name, path = %path.display(), "vhost-user-blk export listening");
         exports.map.insert(
             name.to_owned(),
             Export {
-                shared,
-                thread: Some(thread),
+                shared: export,
+                thread: None,
             },
         );
         Ok(path)
@@ -397,13 +465,19 @@ impl VhostServer {
     /// Stop serving `name`: disconnect its frontend (in-flight requests finish first), remove the
     /// socket file. Blocks until done; a no-op for an unknown name.
     pub fn remove_export(&self, name: &str) {
-        let Some(mut export) = lock(&self.inner.exports).map.remove(name) else {
+        let shared = &self.inner.shared;
+        let Some(mut export) = lock(&shared.exports).map.remove(name) else {
             return;
         };
         export.shared.request_stop();
         export.join();
+        let _ = shared.epoll.ctl(
+            ControlOperation::Delete,
+            export.shared.listen_fd,
+            EpollEvent::default(),
+        );
         // Unless the export was added again meanwhile (it then owns a new socket at this path).
-        let exports = lock(&self.inner.exports);
+        let exports = lock(&shared.exports);
         if !exports.map.contains_key(name) {
             remove_socket(&export.shared.path);
         }
@@ -413,7 +487,7 @@ impl VhostServer {
 
     /// Whether a frontend is currently connected to this export.
     pub fn connected(&self, name: &str) -> bool {
-        lock(&self.inner.exports)
+        lock(&self.inner.shared.exports)
             .map
             .get(name)
             .is_some_and(|e| e.shared.connected.load(Ordering::SeqCst))
@@ -426,118 +500,140 @@ impl VhostServer {
     }
 }
 
-/// The export thread: one frontend after another until asked to stop. The server removes the
-/// socket file once this has returned.
-fn serve_export(shared: Arc<ExportShared>, mut listener: Listener, params: ServeParams) {
-    let name = shared.name.as_str();
-    let waiter = match AcceptWaiter::new(&listener) {
-        Ok(waiter) => waiter,
+/// The acceptor: one thread for all exports. When a frontend knocks on an idle export's socket
+/// it starts that export's connection thread; the socket stays disarmed (one-shot) until that
+/// thread is done with the frontend, so an idle export costs no thread at all.
+fn accept_loop(shared: &Arc<Shared>) {
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = match shared.epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!(error = %e, "vhost-user acceptor cannot poll; no new frontends are accepted");
+                return;
+            }
+        };
+        for event in &events[..n] {
+            let token = event.data();
+            if token == WAKE_TOKEN {
+                let _ = shared.wake.read();
+                if lock(&shared.exports).shutting_down {
+                    debug!("vhost-user acceptor exiting");
+                    return;
+                }
+                continue;
+            }
+            start_connection(shared, token);
+        }
+    }
+}
+
+/// Start the connection thread of the export with epoll token `id` (if it still exists).
+fn start_connection(shared: &Arc<Shared>, id: u64) {
+    let mut exports = lock(&shared.exports);
+    let Some(export) = exports.map.values_mut().find(|e| e.shared.id == id) else {
+        return; // Removed meanwhile.
+    };
+    if export.shared.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    // The previous frontend's thread re-armed the socket as its last step.
+    export.join();
+    let thread_shared = Arc::clone(shared);
+    let export_shared = Arc::clone(&export.shared);
+    let name = export.shared.name.clone();
+    match std::thread::Builder::new()
+        .name(format!("vhost-{name}"))
+        .spawn(move || serve_connection(&thread_shared, &export_shared))
+    {
+        Ok(thread) => export.thread = Some(thread),
         Err(e) => {
-            error!(export = name, error = %e, "cannot poll the vhost-user socket; export stopped");
+            // Out of threads: the frontend stays queued; try again shortly.
+            error!(export = %name, error = %e, "cannot start the vhost-user connection thread");
+            let export_shared = Arc::clone(&export.shared);
+            drop(exports);
+            std::thread::sleep(ACCEPT_RETRY);
+            if let Err(e) = shared.arm(&export_shared, ControlOperation::Modify) {
+                debug!(export = %name, error = %e, "cannot re-arm the vhost-user socket");
+            }
+        }
+    }
+}
+
+/// A connection thread: accept the waiting frontend, serve it until it disconnects, drain its
+/// in-flight requests, then hand the socket back to the acceptor.
+fn serve_connection(shared: &Shared, export: &ExportShared) {
+    let name = export.name.as_str();
+    let params = &shared.params;
+    let mem = GuestMemoryAtomic::new(GuestMem::new());
+    let backend = Arc::new(BlkBackend::new(
+        name,
+        Arc::clone(&params.registry),
+        params.runtime.clone(),
+        usize::from(params.config.num_queues),
+        params.config.queue_size,
+        mem.clone(),
+    ));
+    let rearm = || {
+        if let Err(e) = shared.arm(export, ControlOperation::Modify) {
+            debug!(export = name, error = %e, "cannot re-arm the vhost-user socket");
+        }
+    };
+    let mut daemon = match VhostUserDaemon::new(format!("vhost-{name}"), Arc::clone(&backend), mem)
+    {
+        Ok(daemon) => daemon,
+        Err(e) => {
+            // Out of threads or file descriptors: try again (the frontend is still queued).
+            error!(export = name, error = %e, "cannot create the vhost-user daemon");
+            backend.close();
+            std::thread::sleep(ACCEPT_RETRY);
+            rearm();
             return;
         }
     };
-    while !shared.stop.load(Ordering::SeqCst) {
-        // Build the daemon (and its per-queue worker threads) only once a frontend knocks, so an
-        // idle export costs one thread.
-        if let Err(e) = waiter.wait() {
-            error!(export = name, error = %e, "cannot poll the vhost-user socket; export stopped");
-            break;
-        }
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let backend = Arc::new(BlkBackend::new(
-            name,
-            Arc::clone(&params.registry),
-            params.runtime.clone(),
-            usize::from(params.config.num_queues),
-            params.config.queue_size,
-            mem.clone(),
-        ));
-        let mut daemon =
-            match VhostUserDaemon::new(format!("vhost-{name}"), Arc::clone(&backend), mem) {
-                Ok(daemon) => daemon,
-                Err(e) => {
-                    // Out of threads or file descriptors: try again (the frontend is still
-                    // queued).
-                    error!(export = name, error = %e, "cannot create the vhost-user daemon");
-                    backend.close();
-                    std::thread::sleep(ACCEPT_RETRY);
-                    continue;
-                }
-            };
-        if let Err(e) = daemon.start(&mut listener) {
-            backend.close();
-            if shared.stop.load(Ordering::SeqCst) {
-                break;
-            }
+    let started = daemon.start(&mut lock(&export.listener));
+    if let Err(e) = started {
+        backend.close();
+        if !export.stop.load(Ordering::SeqCst) {
             error!(export = name, error = %e, "vhost-user accept failed");
             std::thread::sleep(ACCEPT_RETRY);
-            continue;
+            rearm();
         }
-        let serving = {
-            let mut conn = lock(&shared.conn);
-            if shared.stop.load(Ordering::SeqCst) {
-                daemon.request_shutdown();
-                false
-            } else {
-                *conn = daemon.shutdown_handle();
-                shared.connected.store(true, Ordering::SeqCst);
-                true
+        return;
+    }
+    let serving = {
+        let mut conn = lock(&export.conn);
+        if export.stop.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+            false
+        } else {
+            *conn = daemon.shutdown_handle();
+            export.connected.store(true, Ordering::SeqCst);
+            true
+        }
+    };
+    if serving {
+        info!(export = name, "vhost-user frontend connected");
+    }
+    let result = daemon.wait();
+    {
+        let _conn = lock(&export.conn).take();
+        export.connected.store(false, Ordering::SeqCst);
+    }
+    // The frontend is gone; let the queue workers finish what they started.
+    backend.close();
+    drop(daemon);
+    if serving {
+        match result {
+            Ok(()) => info!(export = name, "vhost-user frontend disconnected"),
+            Err(e) if is_disconnect(&e) => {
+                info!(export = name, "vhost-user frontend disconnected");
             }
-        };
-        if serving {
-            info!(export = name, "vhost-user frontend connected");
-        }
-        let result = daemon.wait();
-        {
-            let _conn = lock(&shared.conn).take();
-            shared.connected.store(false, Ordering::SeqCst);
-        }
-        // The frontend is gone; let the queue workers finish what they started.
-        backend.close();
-        drop(daemon);
-        if serving {
-            match result {
-                Ok(()) => info!(export = name, "vhost-user frontend disconnected"),
-                Err(e) if is_disconnect(&e) => {
-                    info!(export = name, "vhost-user frontend disconnected");
-                }
-                Err(e) => warn!(export = name, error = %e, "vhost-user connection ended"),
-            }
+            Err(e) => warn!(export = name, error = %e, "vhost-user connection ended"),
         }
     }
-    debug!(export = name, "vhost-user export thread exiting");
-}
-
-/// Waits until the listening socket has a connection to accept (or has been shut down).
-struct AcceptWaiter {
-    epoll: Epoll,
-}
-
-impl AcceptWaiter {
-    fn new(listener: &Listener) -> io::Result<Self> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )?;
-        Ok(Self { epoll })
-    }
-
-    fn wait(&self) -> io::Result<()> {
-        let mut events = [EpollEvent::default()];
-        loop {
-            match self.epoll.wait(-1, &mut events) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
+    rearm();
 }
 
 fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
