@@ -50,8 +50,10 @@ use vstor_dtl::Ticket;
 use crate::config::{TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT};
 use dtl_link::{DtlLink, Position};
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
+pub use read_nonblocking::ReadAttempt;
 
 mod dtl_link;
+mod read_nonblocking;
 mod scrub;
 mod snapshots;
 
