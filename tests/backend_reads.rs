@@ -1,7 +1,7 @@
 //! Reads of data that left the write buffer wait for the backend off the frontend's hot path: the
-//! real engine (`VolumeManager`, evicted SCOs, a snapshot) behind the real NBD server and the
-//! binary's own export glue, over a backend whose ranged reads take 50 ms (the engine tests'
-//! `FaultStore`, slowed down).
+//! real engine (`VolumeManager`, evicted SCOs, a snapshot) behind the real NBD and vhost-user-blk
+//! servers and the binary's own export glue, over a backend whose ranged reads take 50 ms (the
+//! engine tests' `FaultStore`, slowed down). The vhost-user client is libblkio's driver.
 //!
 //! Why here: the root crate is the only one that depends on both the engine and the frontends,
 //! and the glue between them (`src/export.rs`) belongs to the binary, which has no library
@@ -15,6 +15,7 @@ mod export;
 #[path = "../volumedriver/tests/common/mod.rs"]
 mod store;
 
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::NbdClient;
 use store::FaultStore;
-use vstor_edge::{NbdServer, NbdServerConfig};
+use vstor_edge::vhost::{VhostConfig, VhostServer};
+use vstor_edge::{ExportRegistry, NbdServer, NbdServerConfig};
 use vstor_volumedriver::{ManagerConfig, Volume, VolumeManager, VolumeOptions};
 
 const KIB: u64 = 1024;
@@ -57,6 +59,7 @@ fn crc(data: &[u8]) -> u32 {
 struct Node {
     store: Arc<FaultStore>,
     manager: Arc<VolumeManager>,
+    exports: Arc<export::Exports>,
     server: NbdServer,
     addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
@@ -76,10 +79,8 @@ impl Node {
         let mut config = ManagerConfig::under(tmp.path(), 1 << 40);
         config.runtime = Some(runtime.handle().clone());
         let manager = VolumeManager::open(config, store.clone()).expect("volume manager");
-        let server = NbdServer::new(
-            Arc::new(export::Exports::new(manager.clone())),
-            NbdServerConfig::default(),
-        );
+        let exports = Arc::new(export::Exports::new(manager.clone()));
+        let server = NbdServer::new(exports.clone(), NbdServerConfig::default());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
@@ -89,6 +90,7 @@ impl Node {
         Self {
             store,
             manager,
+            exports,
             server,
             addr,
             runtime: Some(runtime),
@@ -297,5 +299,117 @@ fn pipelined_reads_overtake_a_backend_read_on_the_same_connection() {
             node.store.delayed_reads() > before,
             "{export}: went to the backend"
         );
+    }
+}
+
+/// A vhost-user-blk server for the node's exports, dropped (shut down) before the node.
+struct Vhost {
+    server: VhostServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Vhost {
+    fn start(node: &Node) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry: Arc<dyn ExportRegistry> = node.exports.clone();
+        let server = VhostServer::new(
+            registry,
+            dir.path().join("sockets"),
+            VhostConfig::default(),
+            node.runtime.as_ref().expect("runtime").handle().clone(),
+        )
+        .expect("vhost server");
+        Self { server, _dir: dir }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        self.server.shutdown();
+    }
+}
+
+/// On one virtqueue, reads submitted behind a read of evicted data complete before it, and
+/// every buffer holds the right data (the volume and its snapshot).
+#[test]
+fn vhost_reads_overtake_a_backend_read_on_the_same_queue() {
+    let node = Node::start();
+    let (cold, hot, _) = setup(&node);
+    let vhost = Vhost::start(&node);
+
+    for (export, fast_want) in [
+        ("slow", hot[..4096].to_vec()),
+        ("slow@snap", vec![0u8; 4096]),
+    ] {
+        let path = vhost.server.add_export(export).expect("add export");
+        let mut blkio = blkio::Blkio::new("virtio-blk-vhost-user").expect("blkio");
+        blkio
+            .set_str("path", path.to_str().expect("utf-8 path"))
+            .expect("path");
+        if export.contains('@') {
+            blkio.set_bool("read-only", true).expect("read-only");
+        }
+        blkio.connect().expect("connect");
+        blkio.set_i32("num-queues", 1).expect("num-queues");
+        let mut queues = blkio.start().expect("start").queues;
+        let region = blkio.alloc_mem_region(MIB as usize).expect("region");
+        blkio.map_mem_region(&region).expect("map region");
+        let buf = |off: usize| (region.addr + off) as *mut u8;
+        let contents = |off: usize, len: usize| {
+            let mut out = vec![0u8; len];
+            // SAFETY: inside the mapped region; no request is using it any more.
+            unsafe { std::ptr::copy_nonoverlapping(buf(off), out.as_mut_ptr(), len) };
+            out
+        };
+
+        let q = &mut queues[0];
+        let before = node.store.delayed_reads();
+        let started = Instant::now();
+        q.read(
+            COLD + 64 * KIB,
+            buf(0),
+            64 * 1024,
+            1,
+            blkio::ReqFlags::empty(),
+        );
+        for i in 2..=11usize {
+            let at = 64 * 1024 + i * 4096;
+            q.read(HOT, buf(at), 4096, i, blkio::ReqFlags::empty());
+        }
+        let mut order = Vec::new();
+        let mut one = [MaybeUninit::<blkio::Completion>::uninit()];
+        while order.len() < 11 {
+            if q.do_io(&mut one, 1, None, None).expect("do_io") == 1 {
+                // SAFETY: do_io initialised the first entry.
+                let c = unsafe { one[0].assume_init_read() };
+                assert_eq!(c.ret, 0, "{export}: request {} failed", c.user_data);
+                order.push(c.user_data);
+                if order.len() == 10 {
+                    assert!(
+                        started.elapsed() < BACKEND_DELAY,
+                        "{export}: fast reads waited {:?}",
+                        started.elapsed()
+                    );
+                }
+            }
+        }
+        assert_eq!(order[10], 1, "{export}: the backend read completes last");
+        for i in 2..=11usize {
+            let got = contents(64 * 1024 + i * 4096, 4096);
+            assert_eq!(crc(&got), crc(&fast_want), "{export}: fast data");
+        }
+        let want = &cold[64 * 1024..128 * 1024];
+        assert_eq!(
+            crc(&contents(0, 64 * 1024)),
+            crc(want),
+            "{export}: backend data"
+        );
+        assert!(
+            node.store.delayed_reads() > before,
+            "{export}: went to the backend"
+        );
+        drop(queues);
+        drop(blkio);
+        vhost.server.remove_export(export);
     }
 }
