@@ -12,7 +12,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vstor_edge::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
+use vstor_edge::{
+    BlockTarget, ExportRegistry, Extent, PendingAck, ReadAttempt, TargetError, WriteAck,
+};
 use vstor_volumedriver::{SnapshotView, Volume, VolumeError, VolumeManager, WriteOutcome};
 
 pub struct VolumeExport(pub Arc<Volume>);
@@ -25,6 +27,13 @@ fn target_error(err: VolumeError) -> TargetError {
         VolumeError::ReadOnly { .. } => TargetError::ReadOnly,
         VolumeError::Stopped { .. } | VolumeError::NotFound { .. } => TargetError::Shutdown,
         other => TargetError::Io(other.to_string()),
+    }
+}
+
+fn attempt(attempt: vstor_volumedriver::ReadAttempt) -> ReadAttempt {
+    match attempt {
+        vstor_volumedriver::ReadAttempt::Done => ReadAttempt::Done,
+        vstor_volumedriver::ReadAttempt::WouldBlock => ReadAttempt::WouldBlock,
     }
 }
 
@@ -46,6 +55,13 @@ impl BlockTarget for VolumeExport {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
         self.0.read(offset, buf).map_err(target_error)
+    }
+
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
+        self.0
+            .try_read(offset, buf)
+            .map(attempt)
+            .map_err(target_error)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
@@ -116,6 +132,13 @@ impl BlockTarget for SnapshotExport {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
         self.0.read(offset, buf).map_err(target_error)
+    }
+
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
+        self.0
+            .try_read(offset, buf)
+            .map(attempt)
+            .map_err(target_error)
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<WriteAck, TargetError> {

@@ -1,10 +1,13 @@
 //! vstor frontends. `target` is the contract with the volume engine; `nbd` is the NBD server.
 
 pub mod nbd;
+pub(crate) mod read_pool;
 pub mod target;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod vhost;
 
 pub use nbd::{NbdError, NbdServer, NbdServerConfig};
-pub use target::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
+pub use target::{
+    BlockTarget, ExportRegistry, Extent, PendingAck, ReadAttempt, TargetError, WriteAck,
+};

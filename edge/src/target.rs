@@ -6,10 +6,13 @@
 //! read-only bit and six operations. Keeping the trait this small is what lets a frontend be tested
 //! against an in-memory target and lets the binary swap the engine in without the frontend knowing.
 //!
-//! Blocking contract: `read`, `write` without FUA, `discard`, `write_zeroes` and `block_status` touch
-//! only memory and the page cache on the fast path, so a frontend may call them inline on its
-//! reactor thread (run to completion, no thread hop). `flush` and FUA writes wait for fsync and may
-//! take milliseconds; frontends run them off the reactor (e.g. `spawn_blocking`).
+//! Blocking contract: `try_read`, `write` without FUA, `discard`, `write_zeroes` and `block_status`
+//! touch only memory and the page cache on the fast path, so a frontend may call them inline on its
+//! reactor thread (run to completion, no thread hop). `read` may wait for the backend (data no
+//! longer in the write buffer: a network round trip once the backend is remote), so frontends call
+//! `try_read` inline and only when it answers [`ReadAttempt::WouldBlock`] run `read` on the bounded
+//! backend-read pool (`read_pool`). `flush` and FUA writes wait for fsync and may take
+//! milliseconds; frontends run them off the reactor (e.g. `spawn_blocking`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +75,16 @@ pub struct Extent {
     pub hole: bool,
 }
 
+/// What [`BlockTarget::try_read`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAttempt {
+    /// The buffer holds the data.
+    Done,
+    /// The data (or part of it) must come from somewhere slow: the buffer holds nothing useful,
+    /// and `read` must be called where blocking is allowed.
+    WouldBlock,
+}
+
 /// A block device served by a frontend. Offsets and lengths are in bytes; any 512-byte-aligned
 /// request is valid, and implementations handle sub-cluster I/O themselves.
 pub trait BlockTarget: Send + Sync + 'static {
@@ -80,6 +93,12 @@ pub trait BlockTarget: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Fill `buf` with the bytes at `offset`. Unwritten ranges read as zeros.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError>;
+    /// `read`, but only if it can be done without waiting on the backend; otherwise
+    /// [`ReadAttempt::WouldBlock`] and nothing was waited for. The default suits targets whose
+    /// reads only touch memory and the page cache.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
+        self.read(offset, buf).map(|()| ReadAttempt::Done)
+    }
     /// Write `data` at `offset`. With `fua`, the data is durable before this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError>;
     /// Unmap `[offset, offset+len)`: afterwards it reads as zeros and costs no space.

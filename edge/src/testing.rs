@@ -5,7 +5,8 @@
 //! thin-provisioned volume would (writes allocate, whole-block discards and hole-punching zeroes
 //! deallocate), records every operation it receives, and has a few knobs to make a frontend's
 //! behaviour observable: a flush gate that holds `flush` until released, a throttle returned in
-//! every `WriteAck`, and I/O-error injection.
+//! every `WriteAck`, I/O-error injection, and slow ranges whose reads behave like reads from a
+//! remote backend (`try_read` says `WouldBlock`, `read` takes a set delay).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::target::{BlockTarget, ExportRegistry, Extent, TargetError, WriteAck};
+use crate::target::{BlockTarget, ExportRegistry, Extent, ReadAttempt, TargetError, WriteAck};
 
 /// Allocation granularity of [`MemTarget`].
 pub const ALLOC_BLOCK: u64 = 4096;
@@ -72,6 +73,9 @@ pub struct MemTarget {
     gate: FlushGate,
     /// While set, writes return acknowledgements that stay pending until the sender says true.
     ack_gate: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
+    /// Byte ranges "only on the backend", and how long a `read` touching one takes.
+    slow: Mutex<Option<(Vec<std::ops::Range<u64>>, Duration)>>,
+    slow_reads: AtomicU64,
 }
 
 /// Holds the acknowledgements of writes made while it lives (see [`MemTarget::hold_acks`]).
@@ -126,6 +130,8 @@ impl MemTarget {
             fail_io: AtomicBool::new(false),
             gate: FlushGate::default(),
             ack_gate: Mutex::new(None),
+            slow: Mutex::new(None),
+            slow_reads: AtomicU64::new(0),
         }
     }
 
@@ -163,6 +169,31 @@ impl MemTarget {
     /// Report this throttle delay in every `WriteAck` from now on.
     pub fn set_throttle(&self, delay: Option<Duration>) {
         *lock(&self.throttle) = delay;
+    }
+
+    /// Make reads that touch `range` slow, like reads of data that is only on a remote backend:
+    /// `try_read` answers `WouldBlock` and `read` sleeps `delay` first (the latest delay given
+    /// applies to every slow range).
+    pub fn add_slow_range(&self, range: std::ops::Range<u64>, delay: Duration) {
+        let mut slow = lock(&self.slow);
+        let ranges = slow.take().map(|(ranges, _)| ranges).unwrap_or_default();
+        *slow = Some((ranges.into_iter().chain([range]).collect(), delay));
+    }
+
+    /// Number of `read` calls that were slow (went through the blocking path).
+    pub fn slow_reads(&self) -> u64 {
+        self.slow_reads.load(Ordering::SeqCst)
+    }
+
+    /// The delay of a read of `[offset, offset+len)` if it touches a slow range.
+    fn slow_delay(&self, offset: u64, len: u64) -> Option<Duration> {
+        let slow = lock(&self.slow);
+        let (ranges, delay) = slow.as_ref()?;
+        let end = offset.saturating_add(len);
+        ranges
+            .iter()
+            .any(|r| r.start < end && offset < r.end)
+            .then_some(*delay)
     }
 
     /// Make every operation fail with `TargetError::Io`.
@@ -275,9 +306,21 @@ impl BlockTarget for MemTarget {
             len: buf.len() as u64,
         });
         self.check(offset, buf.len() as u64, false)?;
+        if let Some(delay) = self.slow_delay(offset, buf.len() as u64) {
+            // Stands in for a backend round trip.
+            std::thread::sleep(delay);
+            self.slow_reads.fetch_add(1, Ordering::SeqCst);
+        }
         let dev = lock(&self.device);
         buf.copy_from_slice(&dev.data[offset as usize..offset as usize + buf.len()]);
         Ok(())
+    }
+
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
+        if self.slow_delay(offset, buf.len() as u64).is_some() {
+            return Ok(ReadAttempt::WouldBlock);
+        }
+        self.read(offset, buf).map(|()| ReadAttempt::Done)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {

@@ -324,6 +324,38 @@ impl NbdClient {
         }
         Ok(error)
     }
+
+    /// Send a READ without waiting for its reply (pipelining); collect it with `reply`.
+    pub fn send_read(&mut self, cookie: u64, offset: u64, len: u32) -> std::io::Result<()> {
+        let mut header = Vec::with_capacity(28);
+        header.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        header.extend_from_slice(&0u16.to_be_bytes());
+        header.extend_from_slice(&NBD_CMD_READ.to_be_bytes());
+        header.extend_from_slice(&cookie.to_be_bytes());
+        header.extend_from_slice(&offset.to_be_bytes());
+        header.extend_from_slice(&len.to_be_bytes());
+        self.stream.write_all(&header)
+    }
+
+    /// The next reply to a READ sent with `send_read`: (cookie, error, data), where `len_of`
+    /// gives the length each outstanding cookie asked for.
+    pub fn reply(&mut self, len_of: impl Fn(u64) -> usize) -> std::io::Result<(u64, u32, Vec<u8>)> {
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply)?;
+        assert_eq!(
+            u32::from_be_bytes(reply[..4].try_into().expect("4")),
+            0x6744_6698,
+            "simple reply magic"
+        );
+        let error = u32::from_be_bytes(reply[4..8].try_into().expect("4"));
+        let cookie = u64::from_be_bytes(reply[8..].try_into().expect("8"));
+        let mut data = Vec::new();
+        if error == 0 {
+            data.resize(len_of(cookie), 0);
+            self.stream.read_exact(&mut data)?;
+        }
+        Ok((cookie, error, data))
+    }
 }
 
 /// Content of `block` for write sequence number `seq`: derived from both, so a read tells which

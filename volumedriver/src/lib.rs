@@ -27,7 +27,7 @@ pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 pub use volume::{
-    ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView, UploadTask, Volume,
-    VolumeInfo, WriteOutcome,
+    ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView, UploadTask,
+    Volume, VolumeInfo, WriteOutcome,
 };
 pub use vstor_dtl::{DtlState, Ticket};

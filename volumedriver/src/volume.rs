@@ -93,6 +93,7 @@ mod dtl_link;
 mod flush;
 mod info;
 mod read;
+mod read_nonblocking;
 mod restart;
 mod scrub;
 mod snapshots;
@@ -104,6 +105,7 @@ mod write_buffer;
 
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
 pub use info::VolumeInfo;
+pub use read_nonblocking::ReadAttempt;
 pub use scrub::{ScrubProgress, ScrubReport};
 pub use snapshots::{SnapshotInfo, SnapshotView};
 pub use upload::UploadTask;

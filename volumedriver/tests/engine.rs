@@ -9,7 +9,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vstor_backend::ObjectStore;
 use vstor_volumedriver::config::{TLogList, TLOG_LIST_OBJECT};
-use vstor_volumedriver::{UploadTask, Volume, VolumeConfig, VolumeError, VolumeOptions};
+use vstor_volumedriver::{
+    ReadAttempt, UploadTask, Volume, VolumeConfig, VolumeError, VolumeOptions,
+};
 
 const CS: usize = 4096;
 
@@ -287,6 +289,73 @@ fn partial_cluster_rewrites_read_the_backend_without_the_state_lock() {
     volume.flush().unwrap();
     drop(volume);
     assert_eq!(read_all(&rig.open())[..expected.len()], expected[..]);
+}
+
+#[test]
+fn try_read_serves_local_data_and_refuses_backend_reads_without_touching_the_backend() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 8, 1, 1 << 30);
+    let cold = pattern(16 * CS, 3);
+    volume.write(0, &cold, false).unwrap();
+    volume.snapshot_create("snap").unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    assert!(volume.evict(u64::MAX) > 0);
+    let hot = pattern(4 * CS, 4);
+    volume.write(32 * CS as u64, &hot, false).unwrap();
+    // Every ranged backend read from now on is counted (and would take 1 ms).
+    rig.store
+        .delay_reads(std::time::Duration::from_millis(1), |_, _| true);
+
+    let mut buf = vec![0u8; 4 * CS];
+    assert_eq!(
+        volume.try_read(32 * CS as u64, &mut buf).unwrap(),
+        ReadAttempt::Done
+    );
+    assert_eq!(buf, hot);
+    assert_eq!(
+        volume.try_read(48 * CS as u64, &mut buf).unwrap(),
+        ReadAttempt::Done
+    );
+    assert_eq!(buf, vec![0u8; 4 * CS], "unwritten reads as zeros");
+    assert_eq!(
+        volume.try_read(28 * CS as u64 - 512, &mut buf).unwrap(),
+        ReadAttempt::Done,
+        "zeros and local data only"
+    );
+    // One evicted cluster in the range is enough to refuse it.
+    assert_eq!(
+        volume.try_read(15 * CS as u64, &mut buf).unwrap(),
+        ReadAttempt::WouldBlock
+    );
+    let view = volume.snapshot_view("snap").unwrap();
+    assert_eq!(view.try_read(0, &mut buf).unwrap(), ReadAttempt::WouldBlock);
+    assert_eq!(
+        view.try_read(32 * CS as u64, &mut buf).unwrap(),
+        ReadAttempt::Done
+    );
+    assert_eq!(
+        buf,
+        vec![0u8; 4 * CS],
+        "not written when the snapshot was taken"
+    );
+    assert_eq!(
+        rig.store.delayed_reads(),
+        0,
+        "try_read never reads the backend"
+    );
+    assert!(matches!(
+        volume.try_read(63 * CS as u64, &mut buf),
+        Err(VolumeError::OutOfRange { .. })
+    ));
+
+    // `read` gets what `try_read` refused.
+    volume.read(15 * CS as u64, &mut buf).unwrap();
+    assert_eq!(buf[..CS], cold[15 * CS..]);
+    assert_eq!(buf[CS..], vec![0u8; 3 * CS][..]);
+    view.read(0, &mut buf).unwrap();
+    assert_eq!(buf, cold[..4 * CS]);
+    assert!(rig.store.delayed_reads() >= 2);
 }
 
 #[test]

@@ -7,7 +7,12 @@
 //!
 //! * `READ`, `WRITE`, `TRIM`, `WRITE_ZEROES` and `BLOCK_STATUS` run inline. The target contract
 //!   says these only touch memory and the page cache, so a thread hop would cost more than the
-//!   operation; `READ` data is filled straight into the reply buffer.
+//!   operation; `READ` data is filled straight into the reply buffer (`BlockTarget::try_read`).
+//! * A `READ` the target cannot serve without the backend (`ReadAttempt::WouldBlock`: data no
+//!   longer in the write buffer) goes to the bounded backend-read pool (`read_pool`) and is
+//!   answered when it completes, like a flush: other requests on the connection keep being served
+//!   and answered meanwhile, so replies go out of order, matched by cookie. It takes one of the
+//!   `max_inflight` slots while it runs.
 //! * `FLUSH` and anything carrying FUA wait for fsync, so they go to `spawn_blocking`; their
 //!   completions come back over a channel to this same task, which stays the only writer of the
 //!   socket. Reads keep flowing while a flush is in progress, and replies go out in completion
@@ -46,7 +51,8 @@ use tracing::{debug, error, warn};
 use super::handshake::{Negotiated, MIN_BLOCK_SIZE};
 use super::proto::*;
 use super::NbdError;
-use crate::target::{BlockTarget, Extent, TargetError, WriteAck};
+use crate::read_pool;
+use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
 
 /// Socket read size; large enough for a QD32 burst of 4 KiB writes in one `read`.
 const READ_BUF: usize = 256 * 1024;
@@ -96,7 +102,64 @@ impl End {
 struct Completion {
     cookie: u64,
     command: Command,
-    result: Result<WriteAck, TargetError>,
+    result: Result<Output, TargetError>,
+}
+
+/// What a request completed off the connection's task produced.
+enum Output {
+    Ack(WriteAck),
+    /// A `READ`'s data.
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+    },
+}
+
+/// Sends a request's completion to the connection; if dropped unsent (the job never ran: the
+/// runtime is shutting down, or it panicked) it reports the request as failed, so the connection
+/// never waits for a completion that cannot come.
+struct Completer {
+    tx: mpsc::UnboundedSender<Completion>,
+    cookie: u64,
+    command: Command,
+    sent: bool,
+}
+
+impl Completer {
+    fn send(mut self, result: Result<Output, TargetError>) {
+        self.sent = true;
+        // The connection may be gone (forced disconnect); then nobody wants the reply.
+        let _ = self.tx.send(Completion {
+            cookie: self.cookie,
+            command: self.command,
+            result,
+        });
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if !self.sent {
+            let _ = self.tx.send(Completion {
+                cookie: self.cookie,
+                command: self.command,
+                result: Err(TargetError::Io("request was abandoned".into())),
+            });
+        }
+    }
+}
+
+/// Whether a request was executed (or handed off), or must wait for a free in-flight slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    Stall,
+}
+
+/// Why `READ` data could not be filled in inline.
+enum Fill {
+    Failed(TargetError),
+    WouldBlock,
 }
 
 /// A request that failed: the NBD error to send, a message, and whose fault it was (client
@@ -282,11 +345,11 @@ impl Session {
     }
 
     /// Execute or queue one request; its reply is either in `wbuf` on return or will come back as
-    /// a completion.
-    fn handle(&mut self, req: Request, shutting_down: bool) {
+    /// a completion. A request handed back must be retried once an in-flight slot is free.
+    fn handle(&mut self, req: Request, shutting_down: bool) -> Option<Request> {
         if req.command == Command::Disc {
             self.disc = true;
-            return;
+            return None;
         }
         let result = if shutting_down {
             Err(Failure {
@@ -297,12 +360,17 @@ impl Session {
         } else {
             self.execute(&req)
         };
-        if let Err(failure) = result {
-            self.fail(&req, failure);
+        match result {
+            Ok(Step::Done) => None,
+            Ok(Step::Stall) => Some(req),
+            Err(failure) => {
+                self.fail(&req, failure);
+                None
+            }
         }
     }
 
-    fn execute(&mut self, req: &Request) -> Result<(), Failure> {
+    fn execute(&mut self, req: &Request) -> Result<Step, Failure> {
         let allowed = NBD_CMD_FLAG_FUA
             | match req.command {
                 Command::Read => NBD_CMD_FLAG_DF,
@@ -318,7 +386,7 @@ impl Session {
         }
         let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
         match req.command {
-            Command::Read => self.read(req),
+            Command::Read => return self.read(req),
             Command::Write => self.write(req, fua),
             Command::Flush => {
                 self.spawn(req, |t| t.flush().map(|()| WriteAck::default()));
@@ -331,6 +399,7 @@ impl Session {
                 Err(client_fault(NBD_EINVAL, "unsupported command"))
             }
         }
+        .map(|()| Step::Done)
     }
 
     /// Validate `[offset, offset+length)`: nonzero, 512-aligned, inside the export. `beyond` is
@@ -367,23 +436,44 @@ impl Session {
     where
         F: FnOnce(&dyn BlockTarget) -> Result<WriteAck, TargetError> + Send + 'static,
     {
-        self.inflight += 1;
         let target = Arc::clone(&self.target);
-        let tx = self.done_tx.clone();
-        let (cookie, command) = (req.cookie, req.command);
+        let done = self.completer(req);
         tokio::task::spawn_blocking(move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut ack = op(target.as_ref())?;
                 ack.wait_blocking()?;
-                Ok(ack)
+                Ok(Output::Ack(ack))
             }))
             .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
-            // The connection may be gone (forced disconnect); then nobody wants the reply.
-            let _ = tx.send(Completion {
-                cookie,
-                command,
-                result,
-            });
+            done.send(result);
+        });
+    }
+
+    /// Take an in-flight slot for `req`, completed through the returned sender.
+    fn completer(&mut self, req: &Request) -> Completer {
+        self.inflight += 1;
+        Completer {
+            tx: self.done_tx.clone(),
+            cookie: req.cookie,
+            command: req.command,
+            sent: false,
+        }
+    }
+
+    /// Run a `READ` that waits for the backend on the backend-read pool.
+    fn spawn_read(&mut self, req: &Request) {
+        let target = Arc::clone(&self.target);
+        let done = self.completer(req);
+        let (offset, len) = (req.offset, req.length as usize);
+        read_pool::spawn(&tokio::runtime::Handle::current(), move || {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let mut data = vec![0u8; len];
+                target
+                    .read(offset, &mut data)
+                    .map(|()| Output::Data { offset, data })
+            }))
+            .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
+            done.send(result);
         });
     }
 
@@ -402,7 +492,7 @@ impl Session {
             Completion {
                 cookie,
                 command,
-                result: pending.await.map(|()| WriteAck::default()),
+                result: pending.await.map(|()| Output::Ack(WriteAck::default())),
             }
         }));
     }
@@ -410,11 +500,23 @@ impl Session {
     fn complete(&mut self, done: Completion) {
         self.inflight -= 1;
         match done.result {
-            Ok(ack) => {
+            Ok(Output::Ack(ack)) => {
                 self.throttle(ack);
                 self.push(Reply::Simple {
                     cookie: done.cookie,
                     error: 0,
+                });
+            }
+            Ok(Output::Data { offset, data }) => {
+                let (cookie, data) = (done.cookie, data.into());
+                self.push(if self.structured {
+                    Reply::OffsetData {
+                        cookie,
+                        offset,
+                        data,
+                    }
+                } else {
+                    Reply::SimpleData { cookie, data }
                 });
             }
             Err(err) => {
@@ -433,7 +535,7 @@ impl Session {
         }
     }
 
-    fn read(&mut self, req: &Request) -> Result<(), Failure> {
+    fn read(&mut self, req: &Request) -> Result<Step, Failure> {
         self.check_range(req, NBD_EINVAL)?;
         if req.length > self.max_payload {
             return Err(client_fault(
@@ -442,15 +544,27 @@ impl Session {
             ));
         }
         let target = &self.target;
-        encode_read_reply(
+        let filled = encode_read_reply(
             &mut self.wbuf,
             req.cookie,
             req.offset,
             req.length as usize,
             self.structured,
-            |buf| target.read(req.offset, buf),
-        )
-        .map_err(|e| target_failure(Command::Read, e))
+            |buf| match target.try_read(req.offset, buf) {
+                Ok(ReadAttempt::Done) => Ok(()),
+                Ok(ReadAttempt::WouldBlock) => Err(Fill::WouldBlock),
+                Err(e) => Err(Fill::Failed(e)),
+            },
+        );
+        match filled {
+            Ok(()) => Ok(Step::Done),
+            Err(Fill::Failed(e)) => Err(target_failure(Command::Read, e)),
+            Err(Fill::WouldBlock) if self.inflight >= self.max_inflight => Ok(Step::Stall),
+            Err(Fill::WouldBlock) => {
+                self.spawn_read(req);
+                Ok(Step::Done)
+            }
+        }
     }
 
     fn write(&mut self, req: &Request, fua: bool) -> Result<(), Failure> {
@@ -613,7 +727,10 @@ pub(crate) async fn run(
                 stalled = Some(req);
                 break;
             }
-            s.handle(req, shutting_down);
+            if let Some(req) = s.handle(req, shutting_down) {
+                stalled = Some(req);
+                break;
+            }
         }
 
         let idle = s.inflight == 0 && s.wbuf.is_empty();

@@ -92,8 +92,9 @@ pub struct NbdServerConfig {
     /// Largest READ/WRITE accepted, advertised as the maximum block size. Rounded down to a
     /// multiple of 512 and kept within [4096, 2^32 - 512].
     pub max_payload: u32,
-    /// Fsync-bound operations (`FLUSH`, FUA writes) running at once per connection; further ones
-    /// wait, and the connection stops reading until one finishes.
+    /// Operations running off the connection's task at once per connection (`FLUSH`, FUA
+    /// writes, reads waiting for the backend); further ones wait, and the connection stops
+    /// reading until one finishes.
     pub max_inflight_per_conn: usize,
 }
 

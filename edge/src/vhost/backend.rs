@@ -8,8 +8,11 @@
 //! atomic or per queue ([`QueueCtl`]), so workers never contend on a backend-wide lock.
 //!
 //! Fast requests (read, write, discard, write-zeroes, get-id) run to completion on the queue's
-//! worker, through the queue's bounce buffer. Requests that wait for durability (FLUSH, and writes
-//! while the guest has the cache in writethrough mode) go to the tokio blocking pool carrying
+//! worker, through the queue's bounce buffer. A read whose data is only on the backend
+//! (`BlockTarget::try_read` says `WouldBlock`) goes to the backend-read pool (`read_pool`), so a
+//! backend round trip never holds up the rest of the queue. Requests that wait for durability
+//! (FLUSH, and writes while the guest has the cache in writethrough mode) go to the tokio
+//! blocking pool. Both carry
 //! everything needed to complete them: a [`VringRwLock`] clone, the head index, the status address
 //! and a snapshot of the guest memory map. Their completion writes the status, adds the chain to
 //! the used ring and signals the guest if `needs_notification()` says so.
@@ -17,8 +20,8 @@
 //! # In-flight accounting
 //!
 //! Every queue counts its in-flight work: a pass of the worker over the ring counts as one, and so
-//! does every request handed to the blocking pool until its completion has been published. At
-//! most `MAX_DEFERRED_PER_QUEUE` requests per queue wait on the blocking pool; beyond that the
+//! does every request handed to a pool until its completion has been published. At
+//! most `MAX_DEFERRED_PER_QUEUE` requests per queue wait on the pools; beyond that the
 //! worker waits, which stops the queue (backpressure) instead of growing memory and threads.
 //! `stop_vring` (GET_VRING_BASE) and `reset_device` wait for the count to reach zero, so nothing is
 //! written to guest memory after the frontend has stopped the ring. A deferred request that is
@@ -55,6 +58,7 @@ use super::request::{
     self, GuestMem, Limits, Outcome, Parsed, RequestKind, ID_LEN, MAX_DISCARD_SECTORS,
     MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, STATUS_IOERR,
 };
+use crate::read_pool;
 use crate::target::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
 
 /// Longest pause honoured for one `WriteAck::throttle`.
@@ -455,7 +459,7 @@ impl BlkBackend {
                 }
                 Parsed::Request(req) => {
                     let mut acks = Vec::new();
-                    let outcome = request::execute_deferrable(
+                    let Some(outcome) = request::execute_deferrable(
                         &req.kind,
                         &mem,
                         target.as_ref(),
@@ -463,7 +467,15 @@ impl BlkBackend {
                         &self.id,
                         &mut bounce,
                         &mut acks,
-                    );
+                    ) else {
+                        // A read that waits for the backend: complete it from the backend-read
+                        // pool, and keep draining.
+                        if std::mem::take(&mut pending_signal) {
+                            signal_if_needed(vring);
+                        }
+                        self.defer_read(ctl, vring, head, mem.clone(), req, &target);
+                        continue;
+                    };
                     if !acks.is_empty() {
                         // Applied, but not acknowledgeable yet (sync DTL): complete it from the
                         // runtime once the acknowledgements arrive, and keep draining.
@@ -553,6 +565,44 @@ impl BlkBackend {
             let mut bounce = Vec::new();
             let outcome =
                 request::execute(&kind, &deferred.mem, target.as_ref(), fua, &id, &mut bounce);
+            deferred.complete(outcome);
+        });
+    }
+}
+
+impl BlkBackend {
+    /// Run a read that must wait for the backend on the backend-read pool and complete its chain
+    /// from there.
+    fn defer_read(
+        &self,
+        ctl: &Arc<QueueCtl>,
+        vring: &VringRwLock,
+        head: u16,
+        mem: GuestMemoryLoadGuard<GuestMem>,
+        req: request::Request,
+        target: &Arc<dyn BlockTarget>,
+    ) {
+        let mut deferred = Deferred {
+            vring: vring.clone(),
+            head,
+            status: req.status,
+            mem,
+            done: false,
+            _inflight: ctl.enter_deferred(),
+        };
+        let target = Arc::clone(target);
+        let id = self.id;
+        let kind: RequestKind = req.kind;
+        read_pool::spawn(&self.runtime, move || {
+            let mut bounce = Vec::new();
+            let outcome = request::execute(
+                &kind,
+                &deferred.mem,
+                target.as_ref(),
+                false,
+                &id,
+                &mut bounce,
+            );
             deferred.complete(outcome);
         });
     }

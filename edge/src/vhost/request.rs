@@ -47,7 +47,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
-use crate::target::{BlockTarget, PendingAck, TargetError};
+use crate::target::{BlockTarget, PendingAck, ReadAttempt, TargetError};
 
 /// The guest memory type of the backend: plain mmap regions, no dirty bitmap (live migration's
 /// dirty logging is not offered).
@@ -487,7 +487,8 @@ fn max_throttle(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 /// Run a validated request. `bounce` is scratch space (grown up to [`BOUNCE_CHUNK`]); `fua` makes
-/// writes durable before they complete. Waits for any pending acknowledgement on this thread.
+/// writes durable before they complete. Waits for the backend and for any pending
+/// acknowledgement on this thread.
 pub(crate) fn execute(
     kind: &RequestKind,
     mem: &GuestMem,
@@ -497,7 +498,8 @@ pub(crate) fn execute(
     bounce: &mut Vec<u8>,
 ) -> Outcome {
     let mut pending = Vec::new();
-    let outcome = execute_deferrable(kind, mem, target, fua, id, bounce, &mut pending);
+    let outcome = run(kind, mem, target, fua, id, bounce, &mut pending, true)
+        .unwrap_or_else(|| Outcome::new(STATUS_IOERR, 0));
     settle(
         outcome,
         pending.into_iter().map(futures::executor::block_on),
@@ -517,9 +519,14 @@ pub(crate) fn settle(
     outcome
 }
 
-/// Like [`execute`], but acknowledgements the target left pending (a sync-mode DTL round trip)
-/// are handed back in `pending`: the request's status must not be published before they all
-/// complete, and the caller decides where to wait for them.
+/// Like [`execute`], for the queue thread: it does not wait for the backend, and
+/// acknowledgements the target left pending (a sync-mode DTL round trip) are handed back in
+/// `pending`: the request's status must not be published before they all complete, and the caller
+/// decides where to wait for them.
+///
+/// `None`: a read whose data is (partly) only on the backend (`ReadAttempt::WouldBlock`); nothing
+/// is complete, and the caller runs it with [`execute`] where waiting is allowed. Guest memory may
+/// have been partly written meanwhile; that is harmless, the status is not published yet.
 pub(crate) fn execute_deferrable(
     kind: &RequestKind,
     mem: &GuestMem,
@@ -528,8 +535,23 @@ pub(crate) fn execute_deferrable(
     id: &[u8; ID_LEN],
     bounce: &mut Vec<u8>,
     pending: &mut Vec<PendingAck>,
-) -> Outcome {
-    match kind {
+) -> Option<Outcome> {
+    run(kind, mem, target, fua, id, bounce, pending, false)
+}
+
+/// Run a request; with `may_block` false, reads use `try_read` and `None` means "would block".
+#[allow(clippy::too_many_arguments)]
+fn run(
+    kind: &RequestKind,
+    mem: &GuestMem,
+    target: &dyn BlockTarget,
+    fua: bool,
+    id: &[u8; ID_LEN],
+    bounce: &mut Vec<u8>,
+    pending: &mut Vec<PendingAck>,
+    may_block: bool,
+) -> Option<Outcome> {
+    let outcome = match kind {
         RequestKind::Read { offset, len, data } => {
             let mut cursor = Cursor::new(data);
             let mut done = 0u64;
@@ -538,15 +560,27 @@ pub(crate) fn execute_deferrable(
                 if bounce.len() < n {
                     bounce.resize(n, 0);
                 }
-                if let Err(e) = target.read(offset + done, &mut bounce[..n]) {
-                    return Outcome {
-                        written: done,
-                        ..target_failed("read", *offset, *len, &e)
-                    };
+                let at = offset + done;
+                let attempt = if may_block {
+                    target
+                        .read(at, &mut bounce[..n])
+                        .map(|()| ReadAttempt::Done)
+                } else {
+                    target.try_read(at, &mut bounce[..n])
+                };
+                match attempt {
+                    Ok(ReadAttempt::Done) => {}
+                    Ok(ReadAttempt::WouldBlock) => return None,
+                    Err(e) => {
+                        return Some(Outcome {
+                            written: done,
+                            ..target_failed("read", *offset, *len, &e)
+                        })
+                    }
                 }
                 if cursor.write_from(mem, &bounce[..n]).is_err() {
                     debug!(offset, len, "IN request: guest buffer became inaccessible");
-                    return Outcome::new(STATUS_IOERR, done);
+                    return Some(Outcome::new(STATUS_IOERR, done));
                 }
                 done += n as u64;
             }
@@ -563,14 +597,14 @@ pub(crate) fn execute_deferrable(
                 }
                 if cursor.read_into(mem, &mut bounce[..n]).is_err() {
                     debug!(offset, len, "OUT request: guest buffer became inaccessible");
-                    return Outcome::new(STATUS_IOERR, 0);
+                    return Some(Outcome::new(STATUS_IOERR, 0));
                 }
                 match target.write(offset + done, &bounce[..n], fua) {
                     Ok(mut ack) => {
                         pending.extend(ack.pending.take());
                         throttle = max_throttle(throttle, ack.throttle)
                     }
-                    Err(e) => return target_failed("write", *offset, *len, &e),
+                    Err(e) => return Some(target_failed("write", *offset, *len, &e)),
                 }
                 done += n as u64;
             }
@@ -587,7 +621,7 @@ pub(crate) fn execute_deferrable(
         RequestKind::GetId { data } => {
             let n = (total_len(data) as usize).min(ID_LEN);
             if Cursor::new(data).write_from(mem, &id[..n]).is_err() {
-                return Outcome::new(STATUS_IOERR, 0);
+                return Some(Outcome::new(STATUS_IOERR, 0));
             }
             Outcome::new(STATUS_OK, n as u64)
         }
@@ -608,7 +642,8 @@ pub(crate) fn execute_deferrable(
                 Err(e) => target_failed("write_zeroes", *offset, *len, &e),
             }
         }
-    }
+    };
+    Some(outcome)
 }
 
 /// The `GET_ID` serial for an export: its name, truncated or zero-padded to 20 bytes.

@@ -43,11 +43,11 @@ pub(super) enum Source {
 pub(super) struct Segment {
     start: usize,
     len: usize,
-    source: Source,
+    pub(super) source: Source,
 }
 
 impl Volume {
-    fn plan_read(&self, st: &State, offset: u64, len: usize) -> Vec<Segment> {
+    pub(super) fn plan_read(&self, st: &State, offset: u64, len: usize) -> Vec<Segment> {
         self.plan_read_in(st, &st.map, offset, len)
     }
 

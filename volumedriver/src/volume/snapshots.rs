@@ -42,7 +42,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{State, Volume, TLOG_LIST_OBJECT};
+use super::read_nonblocking::{self, ReadAttempt};
+use super::{Segment, State, Volume, TLOG_LIST_OBJECT};
 use crate::config::{validate_volume_name, SnapshotRecord, TLogList};
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
@@ -636,13 +637,34 @@ impl SnapshotView {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         let map = self.current_map()?;
-        let plan = {
-            let st = self.volume.state.lock();
-            self.volume.check_usable(&st)?;
-            self.volume.find_snapshot(&st, &self.snapshot).map(|_| ())?;
-            self.volume.plan_read_in(&st, &map, offset, buf.len())
-        };
+        let plan = self.plan(&map, offset, buf.len())?;
         self.volume.execute_read(plan, buf)
+    }
+
+    /// [`read`](Self::read) if it needs no backend I/O: neither for the data nor for rebuilding
+    /// the map after a scrub or rollback (see `read_nonblocking`).
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt> {
+        self.check(offset, buf.len() as u64)?;
+        let map = {
+            let cached = self.map.lock();
+            if cached.0 != self.volume.current_epoch() {
+                return Ok(ReadAttempt::WouldBlock);
+            }
+            cached.1.clone()
+        };
+        let plan = self.plan(&map, offset, buf.len())?;
+        if read_nonblocking::needs_backend(&plan) {
+            return Ok(ReadAttempt::WouldBlock);
+        }
+        self.volume.execute_read(plan, buf)?;
+        Ok(ReadAttempt::Done)
+    }
+
+    fn plan(&self, map: &ClusterMap, offset: u64, len: usize) -> Result<Vec<Segment>> {
+        let st = self.volume.state.lock();
+        self.volume.check_usable(&st)?;
+        self.volume.find_snapshot(&st, &self.snapshot).map(|_| ())?;
+        Ok(self.volume.plan_read_in(&st, map, offset, len))
     }
 
     /// Allocation map of `[offset, offset+len)`: runs of (length in bytes, is a hole).

@@ -2,20 +2,33 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use vstor_backend::{BackendError, LocalStore, ObjectStore, OwnerTag};
 
 /// A local store whose mutations (puts and deletes) can be refused: all of them while
 /// "unreachable", or every one after a budget is spent. An operation cut off by the budget
-/// leaves on the backend exactly what `kill -9` at that point would.
+/// leaves on the backend exactly what `kill -9` at that point would. Ranged reads of chosen
+/// objects can be slowed down, like a backend across a network.
 pub struct FaultStore {
     inner: LocalStore,
     /// Mutations still allowed; `i64::MAX` means no limit.
     budget: AtomicI64,
     /// Called at the start of every ranged read (to observe the engine from inside one).
     on_get_range: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    slow: RwLock<Option<SlowReads>>,
+    slow_reads: AtomicU64,
+}
+
+/// Whether a `get_range` of (namespace, object) is slow.
+type ReadFilter = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Which `get_range` calls are delayed, and by how much.
+struct SlowReads {
+    delay: Duration,
+    matches: ReadFilter,
 }
 
 impl FaultStore {
@@ -24,7 +37,27 @@ impl FaultStore {
             inner: LocalStore::open(dir).expect("local store"),
             budget: AtomicI64::new(i64::MAX),
             on_get_range: Mutex::new(None),
+            slow: RwLock::new(None),
+            slow_reads: AtomicU64::new(0),
         }
+    }
+
+    /// Delay every `get_range` of an object for which `matches(namespace, name)` holds by
+    /// `delay` (a network round trip), from now on.
+    pub fn delay_reads(
+        &self,
+        delay: Duration,
+        matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
+    ) {
+        *self.slow.write().unwrap_or_else(|e| e.into_inner()) = Some(SlowReads {
+            delay,
+            matches: Box::new(matches),
+        });
+    }
+
+    /// Number of `get_range` calls delayed so far (counted when the delay starts).
+    pub fn delayed_reads(&self) -> u64 {
+        self.slow_reads.load(Ordering::SeqCst)
     }
 
     /// Call `hook` at the start of every ranged read.
@@ -112,6 +145,18 @@ impl ObjectStore for FaultStore {
         let hook = self.on_get_range.lock().expect("hook lock").clone();
         if let Some(hook) = hook {
             hook();
+        }
+        let delay = self
+            .slow
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|slow| (slow.matches)(ns, name))
+            .map(|slow| slow.delay);
+        if let Some(delay) = delay {
+            self.slow_reads.fetch_add(1, Ordering::SeqCst);
+            // Stands in for the round trip to a remote backend.
+            std::thread::sleep(delay);
         }
         self.inner.get_range(ns, name, offset, buf)
     }

@@ -1,0 +1,62 @@
+//! Reads that never wait on the backend: what a frontend calls on its reactor or queue thread.
+//!
+//! Why: a frontend serves many requests from one task (an NBD connection) or one thread (a
+//! vhost-user queue). A read of data that is no longer in the write buffer (an evicted SCO, a
+//! clone's ancestor, a volume restarted from the backend) is a `get_range` on the backend, and
+//! every backend after the local one is on the network. Running it inline would stall every
+//! other request behind it for a network round trip.
+//!
+//! So the frontend first calls [`Volume::try_read`]: the read is planned under the volume lock
+//! exactly like [`Volume::read`] does. If every piece of the plan is zeros or write-buffer data,
+//! it is executed at once (page-cache reads, run to completion: no thread hop, which is what QD1
+//! latency needs). If any piece needs the backend, nothing is read and
+//! [`ReadAttempt::WouldBlock`] tells the frontend to run [`Volume::read`] on a pool instead. The
+//! plan is then made again there: planning is cheap next to a backend round trip, and a fresh
+//! plan sees whatever changed in between (the data may even be local again after a rewrite).
+//!
+//! Not covered: a sub-cluster write (or trim) whose partial cluster lives only on the backend
+//! still reads that cluster on the frontend's thread (without the volume lock, retrying if the
+//! map moved meanwhile: `read::fetch_cluster`).
+
+use std::sync::atomic::Ordering;
+
+use super::read::{Segment, Source};
+use super::Volume;
+use crate::error::Result;
+
+/// What [`Volume::try_read`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAttempt {
+    /// The buffer holds the data.
+    Done,
+    /// Part of the range is only on the backend: nothing useful is in the buffer; call `read`
+    /// where waiting is allowed.
+    WouldBlock,
+}
+
+/// Whether executing `plan` would read from the backend.
+pub(super) fn needs_backend(plan: &[Segment]) -> bool {
+    plan.iter()
+        .any(|segment| matches!(segment.source, Source::Backend { .. }))
+}
+
+impl Volume {
+    /// [`read`](Self::read) if it can be done without backend I/O (see the module docs).
+    /// Errors (out of range, misaligned, halted) are reported as `read` would.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt> {
+        let plan = {
+            let st = self.state.lock();
+            self.check_range(&st, offset, buf.len() as u64, false)?;
+            self.plan_read(&st, offset, buf.len())
+        };
+        if needs_backend(&plan) {
+            return Ok(ReadAttempt::WouldBlock);
+        }
+        self.execute_read(plan, buf)?;
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(ReadAttempt::Done)
+    }
+}
