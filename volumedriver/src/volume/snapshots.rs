@@ -43,7 +43,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::read_nonblocking::{self, ReadAttempt};
-use super::{Segment, State, Volume, TLOG_LIST_OBJECT};
+use super::read::Segment;
+use super::{State, Volume, TLOG_LIST_OBJECT};
 use crate::config::{validate_volume_name, SnapshotRecord, TLogList};
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
