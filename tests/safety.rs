@@ -316,11 +316,32 @@ fn a_volume_name_of_the_maximum_length_works_over_nbd_and_vhost_user() {
     );
     let more = pattern(6, 64 << 10);
     vhost.write(4 << 20, &more);
-    drop(vhost);
     assert_eq!(
         read_crc(&daemon.nbd, &name, 4 << 20, more.len()),
         crc32c::crc32c(&more)
     );
+
+    // Delete is refused while the vhost-user frontend is connected, and forced it cuts it.
+    let out = daemon.cli(&["volume", "delete", &name]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "volume {name} is in use (a vhost-user frontend connected)"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        crc32c::crc32c(&vhost.read(1 << 20, data.len())),
+        crc32c::crc32c(&data)
+    );
+    let out = daemon.cli_ok(&["volume", "delete", &name, "--force"]);
+    assert!(
+        out.contains("(disconnected the vhost-user frontend)"),
+        "{out}"
+    );
+    drop(vhost);
+    assert!(!socket.exists(), "{}", socket.display());
 }
 
 #[test]
