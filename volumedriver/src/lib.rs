@@ -21,6 +21,7 @@ pub mod sco;
 pub mod tlog;
 pub mod types;
 pub mod volume;
+mod wbfs;
 
 pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};

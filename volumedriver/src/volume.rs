@@ -65,7 +65,9 @@
 //! half-rolled-back volume (an admin operation; I/O waits for it). A read-modify-write of a
 //! partial cluster whose data is only on the backend (an evicted SCO, a clone's ancestor) reads
 //! that cluster without the lock and retries under it if the map moved meanwhile
-//! (`read::fetch_cluster`).
+//! (`read::fetch_cluster`). The tests `backend_calls_never_hold_the_state_lock` and
+//! `partial_cluster_rewrites_read_the_backend_without_the_state_lock` (tests/engine.rs) check
+//! this from inside every backend call.
 //!
 //! The serialising locks *are* held across backend I/O, by design: `upload_lock` across an
 //! upload step's puts (steps must complete in queue order, and rollback must not race a put),

@@ -224,15 +224,62 @@ fn evicted_scos_are_read_back_with_ranged_backend_reads() {
     assert_eq!(read_all(&volume)[..data.len()], data[..]);
 }
 
+/// Watches a volume from inside every backend call: another thread must get through a call
+/// that takes the volume's state lock (`size`), or the backend call holds it.
+struct LockProbe {
+    target: Arc<std::sync::Mutex<std::sync::Weak<Volume>>>,
+    calls: Arc<std::sync::Mutex<Vec<String>>>,
+    blocked: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LockProbe {
+    fn install(rig: &Rig, volume: &Arc<Volume>) -> Self {
+        let probe = Self {
+            target: Arc::new(std::sync::Mutex::new(Arc::downgrade(volume))),
+            calls: Arc::default(),
+            blocked: Arc::default(),
+        };
+        let (target, calls, blocked) = (
+            probe.target.clone(),
+            probe.calls.clone(),
+            probe.blocked.clone(),
+        );
+        rig.store.on_call(Some(Arc::new(move |operation: &str| {
+            let Some(volume) = target.lock().unwrap().upgrade() else {
+                return;
+            };
+            calls.lock().unwrap().push(operation.to_string());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(volume.size());
+            });
+            if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+                blocked.lock().unwrap().push(operation.to_string());
+            }
+        })));
+        probe
+    }
+
+    fn calls(&self, operation: &str) -> usize {
+        let calls = self.calls.lock().unwrap();
+        calls.iter().filter(|c| *c == operation).count()
+    }
+
+    fn blocked(&self) -> Vec<String> {
+        self.blocked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LockProbe {
+    fn drop(&mut self) {
+        *self.target.lock().unwrap() = std::sync::Weak::new();
+    }
+}
+
 /// A read-modify-write of a partial cluster whose data is only on the backend (write, discard,
-/// allocating WRITE_ZEROES) reads it without holding the volume's state lock: from inside each
-/// backend read, another thread must get through a call that takes the lock.
+/// allocating WRITE_ZEROES) reads it without holding the volume's state lock.
 #[test]
 fn partial_cluster_rewrites_read_the_backend_without_the_state_lock() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{mpsc, Mutex, Weak};
-    use std::time::Duration;
-
     let rig = Rig::new();
     let volume = rig.create(64, 8, 1, 1 << 30);
     let mut expected = pattern(8 * CS, 3);
@@ -242,29 +289,7 @@ fn partial_cluster_rewrites_read_the_backend_without_the_state_lock() {
     volume.evict(u64::MAX);
     assert_eq!(std::fs::read_dir(sco_dir(&rig.dir)).unwrap().count(), 0);
 
-    let target: Arc<Mutex<Weak<Volume>>> = Arc::new(Mutex::new(Weak::new()));
-    let probes = Arc::new(AtomicUsize::new(0));
-    let blocked = Arc::new(AtomicUsize::new(0));
-    let hook = {
-        let (target, probes, blocked) = (target.clone(), probes.clone(), blocked.clone());
-        Arc::new(move || {
-            let Some(volume) = target.lock().unwrap().upgrade() else {
-                return;
-            };
-            probes.fetch_add(1, Ordering::SeqCst);
-            let (tx, rx) = mpsc::channel();
-            // `size` takes the state lock; if this read held it, the probe could not finish.
-            std::thread::spawn(move || {
-                let _ = tx.send(volume.size());
-            });
-            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                blocked.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-    };
-    rig.store.on_get_range(hook);
-    *target.lock().unwrap() = Arc::downgrade(&volume);
-
+    let probe = LockProbe::install(&rig, &volume);
     let patch = pattern(1024, 77);
     volume.write(CS as u64 + 512, &patch, false).unwrap();
     expected[CS + 512..CS + 1536].copy_from_slice(&patch);
@@ -274,19 +299,64 @@ fn partial_cluster_rewrites_read_the_backend_without_the_state_lock() {
         .write_zeroes(5 * CS as u64 + 2048, 1024, true, false)
         .unwrap();
     expected[5 * CS + 2048..5 * CS + 3072].fill(0);
-    *target.lock().unwrap() = Weak::new();
 
     assert!(
-        probes.load(Ordering::SeqCst) >= 3,
+        probe.calls("get_range") >= 3,
         "each rewrite read the backend"
     );
     assert_eq!(
-        blocked.load(Ordering::SeqCst),
-        0,
-        "a backend read held the state lock"
+        probe.blocked(),
+        Vec::<String>::new(),
+        "backend calls under the state lock"
     );
+    drop(probe);
     assert_eq!(read_all(&volume)[..expected.len()], expected[..]);
     volume.flush().unwrap();
+    drop(volume);
+    assert_eq!(read_all(&rig.open())[..expected.len()], expected[..]);
+}
+
+/// Uploads (SCO, TLog, list puts), snapshot metadata puts, configuration changes, backend reads,
+/// scrub and sweep all do their backend I/O without holding the volume's state lock.
+#[test]
+fn backend_calls_never_hold_the_state_lock() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 2, 1 << 30);
+    let probe = LockProbe::install(&rig, &volume);
+    let mut expected = pattern(16 * CS, 5);
+    volume.write(0, &expected, false).unwrap();
+    volume.flush().unwrap();
+    volume.snapshot_create("one").unwrap();
+    volume.drain_uploads().unwrap();
+    // Overwrites make garbage for the scrub.
+    let again = pattern(8 * CS, 6);
+    volume.write(0, &again, true).unwrap();
+    expected[..again.len()].copy_from_slice(&again);
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    volume.resize(128 * CS as u64).unwrap();
+    volume.set_read_only(true).unwrap();
+    volume.set_read_only(false).unwrap();
+    volume.snapshot_delete("one").unwrap();
+    volume.drain_uploads().unwrap();
+    volume.evict(u64::MAX);
+    assert_eq!(read_all(&volume)[..expected.len()], expected[..]);
+    let report = volume.scrub(None, &mut |_| {}).unwrap();
+    // It rewrote TLogs, so its list commit ran too.
+    assert!(report.tlogs_after < report.tlogs_before, "{report:?}");
+    volume.sweep().unwrap();
+
+    for operation in ["put_from", "put_if_owner", "get", "get_range", "list"] {
+        assert!(probe.calls(operation) > 0, "no {operation} observed");
+    }
+    assert_eq!(
+        probe.blocked(),
+        Vec::<String>::new(),
+        "backend calls under the state lock"
+    );
+    drop(probe);
+    assert_eq!(volume.size(), 128 * CS as u64);
+    assert_eq!(read_all(&volume)[..expected.len()], expected[..]);
     drop(volume);
     assert_eq!(read_all(&rig.open())[..expected.len()], expected[..]);
 }

@@ -49,7 +49,7 @@ impl std::io::Read for ScoReader<'_> {
 }
 
 /// The next upload step, as [`plan_upload`] decides it from the state alone.
-pub(super) enum UploadJob {
+enum UploadJob {
     /// The queue is empty but the backend TLog list lacks a metadata change.
     PutList,
     Sco {
@@ -68,7 +68,7 @@ pub(super) enum UploadJob {
 
 /// A planned step and what its puts need: where they go, and the list generation (`epoch`) the
 /// step was planned against.
-pub(super) struct UploadPlan {
+struct UploadPlan {
     job: UploadJob,
     namespace: String,
     owner: u64,
@@ -77,7 +77,7 @@ pub(super) struct UploadPlan {
 
 /// Decide the next upload step (pure: no I/O). `Ok(None)` when there is nothing to do. An error
 /// means the volume must halt: it is halted already, or the queue contradicts the state.
-pub(super) fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>> {
+fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>> {
     if let Some(reason) = &st.halted {
         return Err(VolumeError::Halted {
             volume: volume.to_string(),
@@ -143,11 +143,7 @@ pub(super) fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>
 /// Record a completed step (pure): it leaves the queue (unless a rollback rebuilt the queue
 /// meanwhile), and a TLog is uncorked: its SCOs become disposable and it leaves the closed
 /// TLogs. Returns the uncorked TLog, whose local file the caller deletes.
-pub(super) fn complete_upload(
-    st: &mut State,
-    done: UploadTask,
-    cluster_size: u64,
-) -> Option<ClosedTLog> {
+fn complete_upload(st: &mut State, done: UploadTask, cluster_size: u64) -> Option<ClosedTLog> {
     st.last_upload_error = None;
     if st.uploads.front() == Some(&done) {
         st.uploads.pop_front();

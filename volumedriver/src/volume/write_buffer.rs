@@ -49,7 +49,7 @@ impl Volume {
 
 /// The disposable SCOs to evict to free at least `want` bytes (pure): oldest (lowest number)
 /// first, stopping as soon as enough is chosen; all of them if they are not enough.
-pub(super) fn choose_victims(st: &State, want: u64, cluster_size: u64) -> Vec<ScoNumber> {
+fn choose_victims(st: &State, want: u64, cluster_size: u64) -> Vec<ScoNumber> {
     st.scos
         .iter()
         .filter(|(_, s)| s.state == ScoState::Disposable)
@@ -65,7 +65,7 @@ pub(super) fn choose_victims(st: &State, want: u64, cluster_size: u64) -> Vec<Sc
 
 /// Forget the `victims` (pure): drop them from the local SCOs and the disposable bytes.
 /// Returns the bytes freed.
-pub(super) fn forget_victims(st: &mut State, victims: &[ScoNumber], cluster_size: u64) -> u64 {
+fn forget_victims(st: &mut State, victims: &[ScoNumber], cluster_size: u64) -> u64 {
     let mut freed = 0;
     for number in victims {
         if let Some(local) = st.scos.remove(number) {

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use vstor_backend::{BackendError, LocalStore, ObjectStore, OwnerTag};
 
+/// See [`FaultStore::on_call`].
+pub type Hook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A local store whose mutations (puts and deletes) can be refused: all of them while
 /// "unreachable", or every one after a budget is spent. An operation cut off by the budget
 /// leaves on the backend exactly what `kill -9` at that point would. Ranged reads of chosen
@@ -16,8 +19,9 @@ pub struct FaultStore {
     inner: LocalStore,
     /// Mutations still allowed; `i64::MAX` means no limit.
     budget: AtomicI64,
-    /// Called at the start of every ranged read (to observe the engine from inside one).
-    on_get_range: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Called at the start of every object read, write, delete and listing, with the
+    /// operation's name (to observe the engine from inside a backend call).
+    on_call: Mutex<Option<Hook>>,
     slow: RwLock<Option<SlowReads>>,
     slow_reads: AtomicU64,
 }
@@ -36,7 +40,7 @@ impl FaultStore {
         Self {
             inner: LocalStore::open(dir).expect("local store"),
             budget: AtomicI64::new(i64::MAX),
-            on_get_range: Mutex::new(None),
+            on_call: Mutex::new(None),
             slow: RwLock::new(None),
             slow_reads: AtomicU64::new(0),
         }
@@ -60,9 +64,16 @@ impl FaultStore {
         self.slow_reads.load(Ordering::SeqCst)
     }
 
-    /// Call `hook` at the start of every ranged read.
-    pub fn on_get_range(&self, hook: Arc<dyn Fn() + Send + Sync>) {
-        *self.on_get_range.lock().expect("hook lock") = Some(hook);
+    /// Call `hook` at the start of every object read, write, delete and listing (`None`: stop).
+    pub fn on_call(&self, hook: Option<Hook>) {
+        *self.on_call.lock().expect("hook lock") = hook;
+    }
+
+    fn observe(&self, operation: &str) {
+        let hook = self.on_call.lock().expect("hook lock").clone();
+        if let Some(hook) = hook {
+            hook(operation);
+        }
     }
 
     /// Refuse every mutation (an unreachable backend) or accept them all again.
@@ -119,6 +130,7 @@ impl ObjectStore for FaultStore {
         owner: OwnerTag,
     ) -> vstor_backend::Result<()> {
         self.spend()?;
+        self.observe("put_if_owner");
         self.inner.put_if_owner(ns, name, data, owner)
     }
     fn put_from(
@@ -130,9 +142,11 @@ impl ObjectStore for FaultStore {
         owner: OwnerTag,
     ) -> vstor_backend::Result<()> {
         self.spend()?;
+        self.observe("put_from");
         self.inner.put_from(ns, name, len, data, owner)
     }
     fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
+        self.observe("get");
         self.inner.get(ns, name)
     }
     fn get_range(
@@ -142,10 +156,7 @@ impl ObjectStore for FaultStore {
         offset: u64,
         buf: &mut [u8],
     ) -> vstor_backend::Result<()> {
-        let hook = self.on_get_range.lock().expect("hook lock").clone();
-        if let Some(hook) = hook {
-            hook();
-        }
+        self.observe("get_range");
         let delay = self
             .slow
             .read()
@@ -161,6 +172,7 @@ impl ObjectStore for FaultStore {
         self.inner.get_range(ns, name, offset, buf)
     }
     fn size(&self, ns: &str, name: &str) -> vstor_backend::Result<u64> {
+        self.observe("size");
         self.inner.size(ns, name)
     }
     fn exists(&self, ns: &str, name: &str) -> vstor_backend::Result<bool> {
@@ -172,9 +184,11 @@ impl ObjectStore for FaultStore {
     }
     fn delete_if_owner(&self, ns: &str, name: &str, owner: OwnerTag) -> vstor_backend::Result<()> {
         self.spend()?;
+        self.observe("delete_if_owner");
         self.inner.delete_if_owner(ns, name, owner)
     }
     fn list(&self, ns: &str) -> vstor_backend::Result<Vec<String>> {
+        self.observe("list");
         self.inner.list(ns)
     }
 }
