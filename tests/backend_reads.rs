@@ -221,7 +221,7 @@ fn write_buffer_reads_keep_their_latency_while_backend_reads_wait() {
 
     let before = node.store.delayed_reads();
     let mut same = node.connect("slow");
-    let span = 5 * BACKEND_DELAY;
+    let span = 20 * BACKEND_DELAY;
     let same_volume = timed_reads(&mut same, HOT, &hot, span);
     let mut elsewhere = node.connect("other");
     let other_volume = timed_reads(&mut elsewhere, HOT, &other, span);
@@ -244,7 +244,7 @@ fn write_buffer_reads_keep_their_latency_while_backend_reads_wait() {
         p99(&other_volume),
         other_volume.last().expect("reads"),
     );
-    assert!(during >= 10, "backend reads kept going while measuring");
+    assert!(during >= 40, "backend reads kept going while measuring");
     assert!(cold_reads.iter().all(|&n| n > 0));
     assert!(
         p99(&same_volume) < Duration::from_millis(5),

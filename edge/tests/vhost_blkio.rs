@@ -825,3 +825,21 @@ fn backend_reads_do_not_hold_up_the_queue() {
         checksum(&pattern(7, 8192))
     );
 }
+
+/// A read larger than one bounce chunk whose later chunk is slow: the local chunk is copied
+/// inline, then the whole request is redone on the backend-read pool; the guest sees all of it.
+#[test]
+fn a_large_read_with_a_slow_tail_completes_intact() {
+    let (f, target) = Fixture::with_volume();
+    let data = pattern(8, 3 * MIB as usize);
+    target.preload(0, &data);
+    target.add_slow_range(2 * MIB + 4096..2 * MIB + 8192, Duration::from_millis(20));
+    let mut c = connect(&f.server.socket_path("vol"), 1);
+    let got = c.read_data(0, data.len());
+    assert_eq!(checksum(&got), checksum(&data));
+    assert_eq!(
+        target.slow_reads(),
+        1,
+        "one chunk went through the blocking path"
+    );
+}
