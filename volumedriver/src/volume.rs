@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
-use vstor_backend::{BackendError, ObjectStore};
+use vstor_backend::{BackendError, ChunkCrcs, ObjectStore};
 use vstor_dtl::Ticket;
 
 use crate::config::{TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT};
@@ -102,11 +102,15 @@ struct LocalSco {
     clusters: u64,
     state: ScoState,
     dirty: bool,
+    /// CRC32C of each 64 KiB chunk of the file, computed while it was appended to; `None` for
+    /// SCOs found at restart. Lets the upload hand the file to the backend without reading it.
+    chunk_crcs: Option<Arc<[u32]>>,
 }
 
 struct OpenSco {
     number: ScoNumber,
-    crc: u32,
+    /// The file's per-chunk CRCs (header included); its data CRC for the TLog follows from them.
+    crcs: ChunkCrcs,
     clusters: u64,
 }
 
@@ -597,6 +601,7 @@ impl Volume {
                             clusters,
                             state: ScoState::Sealed { crc },
                             dirty: true,
+                            chunk_crcs: None,
                         },
                     );
                     st.uploads.push_back(UploadTask::Sco(sco.number));
@@ -651,6 +656,7 @@ impl Volume {
                             clusters: (len - SCO_HEADER_LEN) / self.cluster_size,
                             state: ScoState::Disposable,
                             dirty: false,
+                            chunk_crcs: None,
                         },
                     );
                     st.disposable_bytes += len;
@@ -1151,7 +1157,7 @@ impl Volume {
             local.clusters += n;
             local.dirty = true;
             if let Some(open) = st.open_sco.as_mut() {
-                open.crc = crc32c::crc32c_append(open.crc, chunk);
+                open.crcs.append(chunk);
                 open.clusters += n;
             }
             let sco = ScoName::new(number);
@@ -1187,8 +1193,8 @@ impl Volume {
         let number = ScoNumber(st.next_sco);
         let sco = ScoName::new(number);
         let path = sco_path(&self.dir, sco);
-        let file = sco::create(&path, &self.sco_header(st, sco))
-            .map_err(VolumeError::io(&self.name, &path))?;
+        let header = self.sco_header(st, sco);
+        let file = sco::create(&path, &header).map_err(VolumeError::io(&self.name, &path))?;
         st.next_sco += 1;
         st.new_files = true;
         st.scos.insert(
@@ -1198,11 +1204,12 @@ impl Volume {
                 clusters: 0,
                 state: ScoState::Open,
                 dirty: true,
+                chunk_crcs: None,
             },
         );
         st.open_sco = Some(OpenSco {
             number,
-            crc: 0,
+            crcs: ChunkCrcs::with_prefix(&header.encode()),
             clusters: 0,
         });
         Ok(())
@@ -1243,16 +1250,18 @@ impl Volume {
             let _ = fs::remove_file(sco_path(&self.dir, ScoName::new(open.number)));
             return Ok(());
         }
+        let crc = open.crcs.data_crc();
         self.append_entry(
             st,
             Entry::ScoCrc {
                 sco: ScoName::new(open.number),
                 clusters: open.clusters as u32,
-                crc: open.crc,
+                crc,
             },
         )?;
         if let Some(local) = st.scos.get_mut(&open.number) {
-            local.state = ScoState::Sealed { crc: open.crc };
+            local.state = ScoState::Sealed { crc };
+            local.chunk_crcs = Some(open.crcs.chunk_crcs().into());
         }
         st.uploads.push_back(UploadTask::Sco(open.number));
         let tlog = st.tlog.as_mut().expect("a sealed SCO has TLog entries");
@@ -1579,6 +1588,7 @@ impl Volume {
                 file: Arc<File>,
                 clusters: u64,
                 crc: u32,
+                chunk_crcs: Option<Arc<[u32]>>,
             },
             TLog {
                 number: TLogNumber,
@@ -1610,6 +1620,7 @@ impl Volume {
                             file: local.file.clone(),
                             clusters: local.clusters,
                             crc,
+                            chunk_crcs: local.chunk_crcs.clone(),
                         }),
                         _ => Err(VolumeError::corrupt(
                             &self.name,
@@ -1678,35 +1689,72 @@ impl Volume {
                 file,
                 clusters,
                 crc,
+                chunk_crcs,
             } => {
                 let name = ScoName::new(number);
                 let path = sco_path(&self.dir, name);
                 let len = sco::cluster_offset(clusters, self.cluster_size);
-                // No fsync of the write-buffer copy first: the backend copy is made durable by
-                // the put, and restart verifies every not-yet-uploaded SCO against its CRC. The
-                // CRC is checked while streaming, in the same pass as the upload; a mismatch
-                // deletes the object again (no TLog references it yet) and halts the volume.
-                let mut reader = ScoReader {
-                    file: &file,
-                    offset: 0,
-                    crc: 0,
-                };
-                upload(
-                    &name.to_string(),
-                    &mut |store: &dyn ObjectStore, object: &str| {
-                        store.put_from(&namespace, object, len, &mut reader, owner)
-                    },
-                )?;
-                if reader.crc != crc {
-                    let _ = self
-                        .backend
-                        .delete_if_owner(&namespace, &name.to_string(), owner);
-                    return self.halt_with(VolumeError::corrupt(
-                        &self.name,
-                        path.display().to_string(),
-                        "data does not match the CRC recorded when it was sealed",
-                    ));
+                // --- put_file: begin. A SCO sealed by this process comes with the chunk CRCs
+                // its appends computed (its TLog CRC derives from them): hand the file itself
+                // to the backend, which checks it against them and may hard-link it instead of
+                // copying. A mismatch (the file was damaged in the write buffer) stores nothing
+                // and halts the volume. The file is never written again once sealed
+                // (`sco::create` replaces a path rather than truncating it; eviction unlinks).
+                // SCOs found at restart have no chunk CRCs and stream as before.
+                if let Some(chunk_crcs) = chunk_crcs {
+                    let mut damaged = false;
+                    upload(
+                        &name.to_string(),
+                        &mut |store: &dyn ObjectStore, object: &str| match store.put_file(
+                            &namespace,
+                            object,
+                            &path,
+                            len,
+                            Some(&chunk_crcs[..]),
+                            owner,
+                        ) {
+                            Err(BackendError::Corrupt { .. }) => {
+                                damaged = true;
+                                Ok(())
+                            }
+                            other => other,
+                        },
+                    )?;
+                    if damaged {
+                        return self.halt_with(VolumeError::corrupt(
+                            &self.name,
+                            path.display().to_string(),
+                            "data does not match the CRC recorded when it was sealed",
+                        ));
+                    }
+                } else {
+                    // No fsync of the write-buffer copy first: the backend copy is made durable by
+                    // the put, and restart verifies every not-yet-uploaded SCO against its CRC. The
+                    // CRC is checked while streaming, in the same pass as the upload; a mismatch
+                    // deletes the object again (no TLog references it yet) and halts the volume.
+                    let mut reader = ScoReader {
+                        file: &file,
+                        offset: 0,
+                        crc: 0,
+                    };
+                    upload(
+                        &name.to_string(),
+                        &mut |store: &dyn ObjectStore, object: &str| {
+                            store.put_from(&namespace, object, len, &mut reader, owner)
+                        },
+                    )?;
+                    if reader.crc != crc {
+                        let _ = self
+                            .backend
+                            .delete_if_owner(&namespace, &name.to_string(), owner);
+                        return self.halt_with(VolumeError::corrupt(
+                            &self.name,
+                            path.display().to_string(),
+                            "data does not match the CRC recorded when it was sealed",
+                        ));
+                    }
                 }
+                // --- put_file: end.
                 self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
                 self.stats.uploaded_scos.fetch_add(1, Ordering::Relaxed);
                 UploadTask::Sco(number)
@@ -1758,6 +1806,12 @@ impl Volume {
         };
         let mut st = self.state.lock();
         st.last_upload_error = None;
+        if let UploadTask::Sco(number) = done {
+            // put_file: the chunk CRCs are only needed until the SCO is on the backend.
+            if let Some(local) = st.scos.get_mut(&number) {
+                local.chunk_crcs = None;
+            }
+        }
         if st.uploads.front() == Some(&done) {
             st.uploads.pop_front();
         }
