@@ -1,5 +1,6 @@
-//! `vstor`: the node daemon (`serve`), the management CLI (`volume ...`) and the benchmarks
-//! (`bench ...`), in one binary.
+//! `vstor`: the node daemon (`serve`, `dtl`) and the management CLI (`volume ...`, `snapshot
+//! ...`), in one binary. The benchmarks are a separate binary, `vstor-bench` (crate
+//! `vstor-benches`), so the product links neither them nor libblkio.
 
 mod api;
 mod client;
@@ -47,8 +48,6 @@ enum Command {
     Template(TemplateArgs),
     /// Run a DTL (distributed transaction log) server that other nodes mirror writes to.
     Dtl(DtlArgs),
-    /// Benchmarks against peer servers.
-    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -271,47 +270,6 @@ enum VolumeVerb {
         #[arg(long)]
         rate: Option<String>,
     },
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    #[command(subcommand)]
-    target: BenchTarget,
-}
-
-#[derive(Subcommand)]
-enum BenchTarget {
-    /// fio over NBD: vstor against qemu-nbd serving a raw file, interleaved in one run.
-    Nbd(BenchOptions),
-    /// A blkio load generator over vhost-user-blk: vstor against qemu-storage-daemon serving a
-    /// raw file, interleaved in one run.
-    Vhost(BenchOptions),
-    /// fio 4k random writes over NBD: vstor volumes with DTL none, async and sync (a `vstor dtl`
-    /// on loopback) against qemu-nbd serving a raw file, interleaved in one run.
-    Dtl(BenchOptions),
-    /// The engine's snapshots, clones and scrub: creation latency under write load, clone
-    /// creation, scrub throughput and its impact, clone reads against the parent.
-    Snapshots(BenchOptions),
-}
-
-#[derive(Args)]
-struct BenchOptions {
-    /// Size of the test volume and file.
-    #[arg(long, default_value = "1G")]
-    size: String,
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 10)]
-    runtime: u64,
-    /// Interleaved rounds per row; the median is reported (an even number cancels any advantage
-    /// of running first).
-    #[arg(long, default_value_t = 2)]
-    rounds: u32,
-    /// Directory for the test data [default: a temporary directory under /var/tmp].
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 fn init_logging() {
@@ -614,23 +572,6 @@ fn run(cli: Cli) -> Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(server::serve_dtl(listen, args.data_dir, args.fsync))
-        }
-        Command::Bench(BenchArgs { target }) => {
-            let (run, o): (fn(&vstor_benches::BenchOptions) -> Result<()>, BenchOptions) =
-                match target {
-                    BenchTarget::Nbd(o) => (vstor_benches::nbd::run, o),
-                    BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
-                    BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
-                    BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
-                };
-            run(&vstor_benches::BenchOptions {
-                vstor_bin: std::env::current_exe().context("cannot locate the vstor binary")?,
-                size: parse_size(&o.size)?,
-                runtime_secs: o.runtime,
-                rounds: o.rounds.max(1),
-                json: o.json,
-                work_dir: o.work_dir,
-            })
         }
     }
 }

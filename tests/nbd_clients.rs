@@ -291,7 +291,9 @@ fn fio_verify_at_depth_32_over_two_connections() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(tmp.path());
     daemon.create_volume("fio", "256M");
-    let out = run_ok(Command::new("fio").args([
+    // fio saves `local-verify-N-verify.state` files into its working directory: run it in the
+    // test's temporary directory, not in the repository.
+    let out = run_ok(Command::new("fio").current_dir(tmp.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", daemon.uri("fio")),

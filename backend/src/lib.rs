@@ -12,11 +12,13 @@
 //! The embedded default is [`LocalStore`], a directory tree; the erasure-coded tier and S3 will be
 //! further implementations of the same trait.
 
+mod chunks;
 mod local;
 
+pub use chunks::{chunk_crcs_of, ChunkCrcs, CHUNK_SIZE};
 pub use local::LocalStore;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Fencing token of a namespace's current owner; higher is newer.
 pub type OwnerTag = u64;
@@ -118,6 +120,43 @@ pub trait ObjectStore: Send + Sync + 'static {
                 name: name.to_string(),
                 source,
             }),
+        }
+    }
+    /// As [`put_from`](Self::put_from), with the first `len` bytes of the file at `path`.
+    /// `chunk_crcs`, if given, are the CRC32Cs of every [`CHUNK_SIZE`] chunk of those bytes (as
+    /// [`ChunkCrcs`] computes them while the file is written): the store checks the file against
+    /// them in the one pass it reads it in, and refuses a file that changed since with
+    /// [`BackendError::Corrupt`], storing nothing.
+    ///
+    /// The caller must never modify the file after this call: a store on the same filesystem may
+    /// keep it by hard link ([`LocalStore`] does). Unlinking or renaming it is fine. The object is
+    /// durable when this returns.
+    fn put_file(
+        &self,
+        namespace: &str,
+        name: &str,
+        path: &Path,
+        len: u64,
+        chunk_crcs: Option<&[u32]>,
+        owner: OwnerTag,
+    ) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|source| BackendError::Source {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            source,
+        })?;
+        let mut source = chunks::CheckingReader::new(file, len, chunk_crcs);
+        match self.put_from(namespace, name, len, &mut source, owner) {
+            Err(BackendError::Source { source, .. })
+                if source.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                Err(BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: format!("{}: {source}", path.display()),
+                })
+            }
+            other => other,
         }
     }
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>>;

@@ -7,6 +7,7 @@
 //!                                     conditional writes
 //! <root>/<namespace>/objects/<name>   one file per object, in the object format below
 //! <root>/<namespace>/objects/.tmp-*   puts in progress (removed on success or at next open)
+//! <root>/<namespace>/data/<name>.<id>  payloads of version-2 objects (see below)
 //! ```
 //!
 //! Object file format (version 1), all integers little-endian:
@@ -24,6 +25,27 @@
 //! ..  payload
 //! ```
 //!
+//! Version 2 ("linked"), written by [`ObjectStore::put_file`]: the same 32-byte header and CRC
+//! table with version 2, the payload *not* inline but in `data/<data name>`, whose name follows
+//! the table; bytes 28..32 hold its length N (in version 1 they are reserved), and the header
+//! CRC covers bytes 0..24, the table and the name:
+//!
+//! ```text
+//! 32       u32 × chunk count: CRC32C of each payload chunk (of the data file)
+//! 32+4×n   [u8; N] data file name, `<object name>.<unique id>`
+//! ```
+//!
+//! Why: a sealed SCO in the engine's write buffer is on the same filesystem as the embedded
+//! store, so `put_file` hard-links it into `data/` (copying it only across filesystems) and
+//! writes this small descriptor instead of a second copy of 64 MiB. The file is read once, from
+//! the page cache, to check it against the per-chunk CRCs the engine computed while appending;
+//! those become the table. The data
+//! file has a unique name so that replacing an object never changes bytes a reader of the old
+//! descriptor may still be reading; it is removed after its descriptor is replaced or deleted.
+//! Version-1 objects stay readable and are still written by every other put. A crash between
+//! linking a data file and renaming its descriptor into place leaves an unreferenced data file
+//! behind (space only; nothing reads it).
+//!
 //! Invariants: a file under `objects/` with a name not starting with `.` is complete (it was
 //! written to a temp file, fsynced, renamed into place, and the directory fsynced), so a crash
 //! leaves either the old object, the new one, or none. Every read verifies the header CRC and the
@@ -40,14 +62,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
+use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result, CHUNK_SIZE};
+
+mod linked;
 
 const MAGIC: u32 = 0x424f_5356;
+/// Payload inline, after the CRC table.
 const VERSION: u16 = 1;
+/// Payload in a data file under `data/`, named after the CRC table.
+const VERSION_LINKED: u16 = 2;
 const HEADER_LEN: u64 = 32;
-const CHUNK_SIZE: u32 = 64 * 1024;
 const OWNER_TAG_FILE: &str = "owner_tag";
 const OBJECTS_DIR: &str = "objects";
+const DATA_DIR: &str = "data";
 
 /// A directory holding namespaces of objects.
 pub struct LocalStore {
@@ -59,6 +86,17 @@ struct Header {
     payload_len: u64,
     chunk_size: u32,
     chunk_crcs: Vec<u32>,
+    /// Version 2: the name of the data file under `data/` holding the payload.
+    data_name: Option<String>,
+}
+
+/// An object opened for reading: where its payload is and the checksums to verify it with.
+struct Opened {
+    header: Header,
+    /// The file holding the payload (the object file itself, or its data file).
+    file: File,
+    path: PathBuf,
+    payload_start: u64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
@@ -148,7 +186,7 @@ impl LocalStore {
             return Err(Self::corrupt(namespace, name, "bad magic number"));
         }
         let version = u16::from_le_bytes([fixed[4], fixed[5]]);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_LINKED {
             return Err(Self::corrupt(
                 namespace,
                 name,
@@ -169,23 +207,39 @@ impl LocalStore {
             ));
         }
         let table_len = chunk_count * 4;
-        if file_len != HEADER_LEN + table_len + payload_len {
+        // Version 1: the payload follows the table; version 2: the data file's name does.
+        let linked = version == VERSION_LINKED;
+        let tail_len = if linked {
+            u32_at(&fixed, 28) as u64
+        } else {
+            payload_len
+        };
+        if file_len != HEADER_LEN + table_len + tail_len {
             return Err(Self::corrupt(
                 namespace,
                 name,
                 format!(
                     "file is {file_len} bytes, header promises {}",
-                    HEADER_LEN + table_len + payload_len
+                    HEADER_LEN + table_len + tail_len
                 ),
             ));
         }
-        let mut table = vec![0u8; table_len as usize];
+        let mut table = vec![0u8; (table_len + if linked { tail_len } else { 0 }) as usize];
         file.read_exact_at(&mut table, HEADER_LEN)
             .map_err(io_err(path))?;
         let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed[..24]), &table);
         if crc != stored_crc {
             return Err(Self::corrupt(namespace, name, "header checksum mismatch"));
         }
+        let data_name = if linked {
+            let bytes = table.split_off(table_len as usize);
+            match String::from_utf8(bytes) {
+                Ok(data_name) if linked::valid_data_name(&data_name) => Some(data_name),
+                _ => return Err(Self::corrupt(namespace, name, "invalid data file name")),
+            }
+        } else {
+            None
+        };
         let chunk_crcs = table
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -194,6 +248,64 @@ impl LocalStore {
             payload_len,
             chunk_size,
             chunk_crcs,
+            data_name,
+        })
+    }
+
+    /// Open an object and its payload: the object file itself (version 1) or its data file
+    /// (version 2), which must hold exactly the payload.
+    fn open_verified(&self, namespace: &str, name: &str) -> Result<Opened> {
+        let (file, path) = self.open_object(namespace, name)?;
+        let header = self.read_header(&file, &path, namespace, name)?;
+        let Some(data_name) = &header.data_name else {
+            let payload_start = HEADER_LEN + 4 * header.chunk_crcs.len() as u64;
+            return Ok(Opened {
+                header,
+                file,
+                path,
+                payload_start,
+            });
+        };
+        let data_path = path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.root)
+            .join(DATA_DIR)
+            .join(data_name);
+        let data = match File::open(&data_path) {
+            Ok(data) => data,
+            // Deleted or replaced since we read the descriptor: the object is gone, not corrupt.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.exists() => {
+                return Err(BackendError::NoSuchObject {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Self::corrupt(
+                    namespace,
+                    name,
+                    format!("its data file {data_name} is missing"),
+                ))
+            }
+            Err(e) => return Err(io_err(&data_path)(e)),
+        };
+        let data_len = data.metadata().map_err(io_err(&data_path))?.len();
+        if data_len != header.payload_len {
+            return Err(Self::corrupt(
+                namespace,
+                name,
+                format!(
+                    "its data file is {data_len} bytes, header promises {}",
+                    header.payload_len
+                ),
+            ));
+        }
+        Ok(Opened {
+            header,
+            file: data,
+            path: data_path,
+            payload_start: 0,
         })
     }
 
@@ -443,7 +555,9 @@ impl ObjectStore for LocalStore {
     fn put(&self, namespace: &str, name: &str, data: &[u8]) -> Result<()> {
         validate_name(name)?;
         let dir = self.namespace_dir(namespace)?.join(OBJECTS_DIR);
-        self.atomic_write(&dir, name, &[&Self::encode_header(data), data])
+        self.replacing(&dir, name, || {
+            self.atomic_write(&dir, name, &[&Self::encode_header(data), data])
+        })
     }
 
     fn put_if_owner(
@@ -456,7 +570,10 @@ impl ObjectStore for LocalStore {
         validate_name(name)?;
         let header = Self::encode_header(data);
         self.as_owner(namespace, owner, |dir| {
-            self.atomic_write(&dir.join(OBJECTS_DIR), name, &[&header, data])
+            let dir = dir.join(OBJECTS_DIR);
+            self.replacing(&dir, name, || {
+                self.atomic_write(&dir, name, &[&header, data])
+            })
         })
     }
 
@@ -478,32 +595,50 @@ impl ObjectStore for LocalStore {
             source,
         };
         self.as_owner(namespace, owner, |dir| {
-            self.atomic_write_with(&dir.join(OBJECTS_DIR), name, |file, temp| {
-                // Stream the payload behind room for the header, checksumming chunk by chunk,
-                // then write the header (which needs every chunk's CRC) in front of it.
-                let mut crcs = Vec::with_capacity(chunk_count);
-                let mut buf = vec![0u8; 16 * CHUNK_SIZE as usize];
-                let mut remaining = len;
-                let mut offset = payload_at as u64;
-                while remaining > 0 {
-                    let n = remaining.min(buf.len() as u64) as usize;
-                    source.read_exact(&mut buf[..n]).map_err(source_err)?;
-                    crcs.extend(buf[..n].chunks(CHUNK_SIZE as usize).map(crc32c::crc32c));
-                    file.write_all_at(&buf[..n], offset).map_err(io_err(temp))?;
-                    offset += n as u64;
-                    remaining -= n as u64;
-                }
-                let header = Self::header_from_crcs(len, &crcs);
-                file.write_all_at(&header, 0).map_err(io_err(temp))
+            let dir = dir.join(OBJECTS_DIR);
+            self.replacing(&dir, name, || {
+                self.atomic_write_with(&dir, name, |file, temp| {
+                    // Stream the payload behind room for the header, checksumming chunk by chunk,
+                    // then write the header (which needs every chunk's CRC) in front of it.
+                    let mut crcs = Vec::with_capacity(chunk_count);
+                    let mut buf = vec![0u8; 16 * CHUNK_SIZE as usize];
+                    let mut remaining = len;
+                    let mut offset = payload_at as u64;
+                    while remaining > 0 {
+                        let n = remaining.min(buf.len() as u64) as usize;
+                        source.read_exact(&mut buf[..n]).map_err(source_err)?;
+                        crcs.extend(buf[..n].chunks(CHUNK_SIZE as usize).map(crc32c::crc32c));
+                        file.write_all_at(&buf[..n], offset).map_err(io_err(temp))?;
+                        offset += n as u64;
+                        remaining -= n as u64;
+                    }
+                    let header = Self::header_from_crcs(len, &crcs);
+                    file.write_all_at(&header, 0).map_err(io_err(temp))
+                })
             })
         })
     }
 
+    fn put_file(
+        &self,
+        namespace: &str,
+        name: &str,
+        path: &Path,
+        len: u64,
+        chunk_crcs: Option<&[u32]>,
+        owner: OwnerTag,
+    ) -> Result<()> {
+        self.put_linked(namespace, name, path, len, chunk_crcs, owner)
+    }
+
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
-        let (file, path) = self.open_object(namespace, name)?;
-        let header = self.read_header(&file, &path, namespace, name)?;
+        let Opened {
+            header,
+            file,
+            path,
+            payload_start,
+        } = self.open_verified(namespace, name)?;
         let mut data = vec![0u8; header.payload_len as usize];
-        let payload_start = HEADER_LEN + 4 * header.chunk_crcs.len() as u64;
         file.read_exact_at(&mut data, payload_start)
             .map_err(io_err(&path))?;
         for (index, (chunk, crc)) in data
@@ -523,8 +658,12 @@ impl ObjectStore for LocalStore {
     }
 
     fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (file, path) = self.open_object(namespace, name)?;
-        let header = self.read_header(&file, &path, namespace, name)?;
+        let Opened {
+            header,
+            file,
+            path,
+            payload_start,
+        } = self.open_verified(namespace, name)?;
         let len = buf.len() as u64;
         if offset
             .checked_add(len)
@@ -547,7 +686,6 @@ impl ObjectStore for LocalStore {
         let span_start = first * chunk_size;
         let span_end = ((last + 1) * chunk_size).min(header.payload_len);
         let mut span = vec![0u8; (span_end - span_start) as usize];
-        let payload_start = HEADER_LEN + 4 * header.chunk_crcs.len() as u64;
         file.read_exact_at(&mut span, payload_start + span_start)
             .map_err(io_err(&path))?;
         for (i, chunk) in span.chunks(chunk_size as usize).enumerate() {
@@ -576,11 +714,12 @@ impl ObjectStore for LocalStore {
 
     fn delete(&self, namespace: &str, name: &str) -> Result<()> {
         let path = self.object_path(namespace, name)?;
-        match fs::remove_file(&path) {
-            Ok(()) => fsync_dir(path.parent().unwrap_or(&self.root)),
+        let dir = path.parent().unwrap_or(&self.root);
+        self.replacing(dir, name, || match fs::remove_file(&path) {
+            Ok(()) => fsync_dir(dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(&path)(e)),
-        }
+        })
     }
 
     fn delete_if_owner(&self, namespace: &str, name: &str, owner: OwnerTag) -> Result<()> {
@@ -832,6 +971,211 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, BackendError::Fenced { .. }), "{err}");
         assert_eq!(store.list("ns").unwrap(), vec!["buffered", "streamed"]);
+    }
+
+    /// A file outside the store (as the engine's write buffer is) holding `data`.
+    fn source_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, data).unwrap();
+        path
+    }
+
+    fn data_files(store: &LocalStore, ns: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(store.root().join(ns).join(DATA_DIR))
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn put_file_links_the_file_and_reads_verify_it() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, store) = store();
+        store.create_namespace("ns", 4).unwrap();
+        let data = pattern(5 * CHUNK_SIZE as usize + 4096, 21);
+        let source = source_file(dir.path(), "sco", &data);
+        let crcs = crate::chunk_crcs_of(&data);
+        store
+            .put_file("ns", "sco", &source, data.len() as u64, Some(&crcs), 4)
+            .unwrap();
+        let linked = data_files(&store, "ns");
+        assert_eq!(linked.len(), 1, "one data file");
+        let data_path = store.root().join("ns").join(DATA_DIR).join(&linked[0]);
+        assert_eq!(
+            fs::metadata(&data_path).unwrap().ino(),
+            fs::metadata(&source).unwrap().ino(),
+            "hard link, not a copy"
+        );
+        assert_eq!(store.get("ns", "sco").unwrap(), data);
+        assert_eq!(store.size("ns", "sco").unwrap(), data.len() as u64);
+        assert_eq!(store.list("ns").unwrap(), vec!["sco"]);
+        let mut part = vec![0u8; 70_000];
+        store.get_range("ns", "sco", 100_000, &mut part).unwrap();
+        assert_eq!(part, data[100_000..170_000]);
+
+        // The caller may unlink its copy (write-buffer eviction): the object stays.
+        fs::remove_file(&source).unwrap();
+        assert_eq!(store.get("ns", "sco").unwrap(), data);
+
+        // A damaged payload byte is caught by ranged reads of its chunk only.
+        let mut bad = fs::read(&data_path).unwrap();
+        bad[2 * CHUNK_SIZE as usize + 7] ^= 0x40;
+        fs::write(&data_path, &bad).unwrap();
+        let mut buf = vec![0u8; 4096];
+        store.get_range("ns", "sco", 0, &mut buf).unwrap();
+        assert_eq!(buf, data[..4096]);
+        let err = store
+            .get_range("ns", "sco", 2 * CHUNK_SIZE as u64, &mut buf)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("ns/sco"), "{err}");
+        assert!(matches!(
+            store.get("ns", "sco"),
+            Err(BackendError::Corrupt { .. })
+        ));
+        // So is a damaged descriptor (header, CRC table, data file name) or a truncated payload.
+        let descriptor_path = object_file(&store, "ns", "sco");
+        let descriptor = fs::read(&descriptor_path).unwrap();
+        for pos in [0usize, 4, 9, 17, 25, 29, 33, descriptor.len() - 1] {
+            let mut bad = descriptor.clone();
+            bad[pos] ^= 0x10;
+            fs::write(&descriptor_path, &bad).unwrap();
+            assert!(
+                matches!(
+                    store.get_range("ns", "sco", 0, &mut buf),
+                    Err(BackendError::Corrupt { .. })
+                ),
+                "flip at {pos}"
+            );
+        }
+        fs::write(&descriptor_path, &descriptor).unwrap();
+        fs::write(&data_path, &data[..data.len() - 1]).unwrap();
+        assert!(matches!(
+            store.get_range("ns", "sco", 0, &mut buf),
+            Err(BackendError::Corrupt { .. })
+        ));
+
+        // Replacing it with an inline object, and deleting that, leaves no data file behind.
+        store.put_if_owner("ns", "sco", b"inline", 4).unwrap();
+        assert_eq!(store.get("ns", "sco").unwrap(), b"inline");
+        assert!(data_files(&store, "ns").is_empty());
+        let source = source_file(dir.path(), "sco2", &data);
+        store
+            .put_file("ns", "sco", &source, data.len() as u64, None, 4)
+            .unwrap();
+        assert_eq!(
+            store.get("ns", "sco").unwrap(),
+            data,
+            "CRCs computed by the store"
+        );
+        store.delete("ns", "sco").unwrap();
+        assert!(!store.exists("ns", "sco").unwrap());
+        assert!(data_files(&store, "ns").is_empty());
+        assert_eq!(
+            fs::read(&source).unwrap(),
+            data,
+            "the caller's file is untouched"
+        );
+    }
+
+    #[test]
+    fn put_file_copies_what_it_cannot_link() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, store) = store();
+        store.create_namespace("ns", 1).unwrap();
+        let data = pattern(2 * CHUNK_SIZE as usize + 10, 5);
+        // A file longer than the object cannot be linked: only its first `len` bytes are copied.
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"tail that is not part of the object");
+        let source = source_file(dir.path(), "longer", &longer);
+        let crcs = crate::chunk_crcs_of(&data);
+        store
+            .put_file("ns", "obj", &source, data.len() as u64, Some(&crcs), 1)
+            .unwrap();
+        assert_eq!(store.get("ns", "obj").unwrap(), data);
+        let copies = data_files(&store, "ns");
+        let copy = store.root().join("ns").join(DATA_DIR).join(&copies[0]);
+        assert_ne!(
+            fs::metadata(&copy).unwrap().ino(),
+            fs::metadata(&source).unwrap().ino()
+        );
+        // Across filesystems (when /dev/shm is another one here) it is copied as well.
+        let shm = Path::new("/dev/shm");
+        let other_fs = shm.is_dir()
+            && fs::metadata(shm).map(|m| m.dev()).ok()
+                != fs::metadata(store.root()).map(|m| m.dev()).ok();
+        if other_fs {
+            let elsewhere = tempfile::tempdir_in(shm).unwrap();
+            let source = source_file(elsewhere.path(), "sco", &data);
+            store
+                .put_file("ns", "far", &source, data.len() as u64, Some(&crcs), 1)
+                .unwrap();
+            assert_eq!(store.get("ns", "far").unwrap(), data);
+        }
+        // A source shorter than promised, or CRCs that do not fit, store nothing.
+        let source = source_file(dir.path(), "exact", &data);
+        let err = store
+            .put_file("ns", "short", &source, data.len() as u64 + 1, None, 1)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Source { .. }), "{err}");
+        let err = store
+            .put_file("ns", "bad", &source, data.len() as u64, Some(&crcs[..1]), 1)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Source { .. }), "{err}");
+        assert!(!store.exists("ns", "short").unwrap());
+        assert!(!store.exists("ns", "bad").unwrap());
+    }
+
+    #[test]
+    fn put_file_refuses_a_file_that_does_not_match_its_crcs() {
+        let (dir, store) = store();
+        store.create_namespace("ns", 2).unwrap();
+        let data = pattern(3 * CHUNK_SIZE as usize, 8);
+        let crcs = crate::chunk_crcs_of(&data);
+        let mut damaged = data.clone();
+        damaged[CHUNK_SIZE as usize + 3] ^= 1;
+        let source = source_file(dir.path(), "sco", &damaged);
+        let err = store
+            .put_file("ns", "sco", &source, data.len() as u64, Some(&crcs), 2)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        assert!(!store.exists("ns", "sco").unwrap());
+        assert!(data_files(&store, "ns").is_empty());
+    }
+
+    #[test]
+    fn put_file_is_fenced() {
+        let (dir, store) = store();
+        store.create_namespace("ns", 7).unwrap();
+        let data = pattern(100_000, 1);
+        let source = source_file(dir.path(), "sco", &data);
+        store.claim("ns", 8).unwrap();
+        let err = store
+            .put_file("ns", "sco", &source, data.len() as u64, None, 7)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BackendError::Fenced {
+                    current: 8,
+                    presented: 7,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!store.exists("ns", "sco").unwrap());
+        assert!(data_files(&store, "ns").is_empty(), "no data file left");
+        store
+            .put_file("ns", "sco", &source, data.len() as u64, None, 8)
+            .unwrap();
+        assert_eq!(store.get("ns", "sco").unwrap(), data);
     }
 
     #[test]

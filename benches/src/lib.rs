@@ -6,19 +6,23 @@
 //! same load generator and the same parameters, and reports the ratio next to the raw figures.
 //!
 //! - [`nbd`]: vstor's NBD export against `qemu-nbd` serving a raw file, driven by fio's `nbd`
-//!   engine (`vstor bench nbd`).
+//!   engine (`vstor-bench nbd`).
 //! - [`vhost`]: vstor's vhost-user-blk export against `qemu-storage-daemon` exporting a raw
-//!   file, driven by a load generator built on libblkio (`vstor bench vhost`).
+//!   file, driven by a load generator built on libblkio (`vstor-bench vhost`).
 //! - [`dtl`]: the cost of mirroring writes to a DTL: vstor volumes in DTL modes `none`, `async`
 //!   and `sync` (with `vstor dtl` as a separate process) against `qemu-nbd`, driven by fio's
-//!   `nbd` engine (`vstor bench dtl`).
+//!   `nbd` engine (`vstor-bench dtl`).
 //!
-//! One benchmark measures the engine on its own instead, linked in rather than behind a server:
+//! Two benchmarks measure the engine and its store on their own instead, linked in rather than
+//! behind a server:
 //!
+//! - [`backend`]: upload throughput of a store (`put_file` against `put_from`) and 4 KiB random
+//!   reads of evicted data at queue depth 1 and 32 (`vstor-bench backend`).
 //! - [`snapshots`]: snapshot and clone creation latency under write load, scrub throughput and
 //!   its cost to a writer, and a clone's reads of inherited data against its parent's, straight
-//!   through `vstor-volumedriver` over a local backend (`vstor bench snapshots`).
+//!   through `vstor-volumedriver` over a local backend (`vstor-bench snapshots`).
 
+pub mod backend;
 mod common;
 pub mod dtl;
 pub mod nbd;
@@ -40,14 +44,21 @@ pub struct BenchOptions {
     pub rounds: u32,
     /// Print one JSON document instead of a table.
     pub json: bool,
+    /// The store `bench backend` measures: a directory path, `file://PATH`, or (once a store for
+    /// it exists) `s3://...`; a local store in the work directory when `None`.
+    pub backend: Option<String>,
+    /// Run only the rows whose name contains this (`bench nbd`; e.g. `seqwrite`); all when
+    /// `None`.
+    pub rows: Option<String>,
     /// Directory under which a fresh work directory is made (and removed afterwards);
     /// `/var/tmp` when `None`, to stay off a RAM-backed `/tmp`.
     pub work_dir: Option<PathBuf>,
 }
 
 impl Default for BenchOptions {
-    /// 1 GiB, 10 s per row, one round. `vstor_bin` is the running executable when that is
-    /// `vstor` itself (the `vstor bench ...` case), else `target/release/vstor`.
+    /// 1 GiB, 10 s per row, one round. `vstor_bin` is the `vstor` next to the running
+    /// executable (as `vstor-bench` and `vstor` share `target/<profile>/`), else
+    /// `target/release/vstor`.
     fn default() -> Self {
         Self {
             vstor_bin: common::setup::default_vstor_bin(),
@@ -55,6 +66,8 @@ impl Default for BenchOptions {
             runtime_secs: 10,
             rounds: 1,
             json: false,
+            backend: None,
+            rows: None,
             work_dir: None,
         }
     }

@@ -19,7 +19,8 @@
 //! Invariants:
 //! * The header occupies exactly one 4 KiB block, so cluster `i` starts at `4096 + i * cluster
 //!   size` and the data stays block-aligned (ranged backend reads and direct I/O need that).
-//! * A SCO is only ever appended to while it is the volume's open SCO. Once sealed, its length is
+//! * A SCO is only ever appended to while it is the volume's open SCO. Once sealed it is never
+//!   written again (the local backend may hold it by hard link). Once sealed, its length is
 //!   `4096 + clusters * cluster size` and its data CRC32C is recorded in the TLog (an SCO-CRC entry),
 //!   which the uploader checks before the SCO leaves the node: a SCO damaged in the write buffer is
 //!   caught before it reaches the backend.
@@ -99,13 +100,19 @@ pub fn cluster_offset(index: u64, cluster_size: u64) -> u64 {
     SCO_HEADER_LEN + index * cluster_size
 }
 
-/// Create a new SCO file holding just its header.
+/// Create a new SCO file holding just its header. A file already at `path` is unlinked, never
+/// truncated: an uploaded SCO may share its inode with the backend's copy (a hard link made by
+/// `ObjectStore::put_file`), which must not change.
 pub fn create(path: &Path, header: &ScoHeader) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(path)?;
     file.write_all_at(&header.encode(), 0)?;
     Ok(file)

@@ -30,6 +30,8 @@ impl Args {
             runtime_secs: self.runtime_secs.unwrap_or(defaults.runtime_secs),
             rounds: self.rounds.unwrap_or(defaults.rounds),
             json: self.json,
+            backend: None,
+            rows: None,
             work_dir: self.work_dir.clone().or(defaults.work_dir),
         }
     }

@@ -35,13 +35,17 @@ impl Direction {
     }
 }
 
-/// One row of the benchmark: a time-based fio job.
+/// One row of the benchmark: a time-based fio job, or one that writes half the device once.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Job {
     pub name: &'static str,
     pub rw: &'static str,
     pub block_size: u64,
     pub iodepth: u32,
+    /// Write the first half of the device once (2 GiB into a 4 GiB volume) instead of running
+    /// for `runtime` seconds: sustained ingest well past vstor's write-buffer budget, as a guest
+    /// copying a large file does, with a fixed amount of work for both servers.
+    pub half_device: bool,
 }
 
 impl Job {
@@ -57,8 +61,13 @@ impl Job {
         self.name.replace(' ', "-")
     }
 
-    pub(crate) fn args(&self, uri: &str, runtime_secs: u64) -> Vec<String> {
+    /// fio's arguments for this job on the device at `uri` of `device_size` bytes.
+    pub(crate) fn args(&self, uri: &str, runtime_secs: u64, device_size: u64) -> Vec<String> {
         let mut args = common_args(&self.slug(), uri, self.rw, self.block_size, self.iodepth);
+        if self.half_device {
+            args.push(format!("--size={}", device_size / 2));
+            return args;
+        }
         args.extend([
             "--time_based".into(),
             format!("--runtime={runtime_secs}"),
@@ -101,7 +110,7 @@ pub(crate) fn require_nbd_engine(bench: &str) -> Result<()> {
         .status()
         .context("cannot run `fio --enghelp=nbd`")?;
     if !status.success() {
-        bail!("this fio has no nbd engine, which `vstor bench {bench}` needs; it needs a fio built with libnbd (Debian/Ubuntu: apt-get install fio libnbd0)");
+        bail!("this fio has no nbd engine, which `vstor-bench {bench}` needs; it needs a fio built with libnbd (Debian/Ubuntu: apt-get install fio libnbd0)");
     }
     Ok(())
 }
@@ -211,6 +220,9 @@ pub(crate) fn run(
     label: &str,
     timeout: Duration,
 ) -> Result<Sample> {
+    // Absolute, because fio runs in `dir`: a relative `--work-dir` must not be resolved twice.
+    let dir =
+        &std::path::absolute(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let report_path = dir.join(format!("{label}.json"));
     let log_path = dir.join(format!("{label}.log"));
     let log = log_file(&log_path)?;
@@ -218,6 +230,9 @@ pub(crate) fn run(
     command
         .args(args)
         .arg(format!("--output={}", report_path.display()))
+        // fio drops state files (e.g. `*-verify.state`) into its working directory: keep them
+        // in the benchmark's work directory, never in the caller's.
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -325,8 +340,9 @@ mod tests {
             rw: "randread",
             block_size: 4096,
             iodepth: 32,
+            half_device: false,
         };
-        let args = job.args("nbd://127.0.0.1:10809/bench", 10);
+        let args = job.args("nbd://127.0.0.1:10809/bench", 10, 1 << 30);
         for expected in [
             "--ioengine=nbd",
             "--uri=nbd://127.0.0.1:10809/bench",

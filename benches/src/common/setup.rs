@@ -13,12 +13,17 @@ pub(crate) const MIB: u64 = 1 << 20;
 pub(crate) const GIB: u64 = 1 << 30;
 const DEFAULT_WORK_ROOT: &str = "/var/tmp";
 
-/// The running executable when that is `vstor` itself (the `vstor bench ...` case), else
-/// `target/release/vstor`.
+/// The `vstor` next to the running executable (`target/<profile>/vstor` beside
+/// `target/<profile>/vstor-bench` or its examples' directory's parent), else `target/release/vstor`.
 pub(crate) fn default_vstor_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .filter(|exe| exe.file_stem().is_some_and(|stem| stem == "vstor"))
+    let exe = std::env::current_exe().ok();
+    let dir = exe.as_deref().and_then(Path::parent);
+    let candidates = dir
+        .into_iter()
+        .flat_map(|dir| [dir.join("vstor"), dir.join("../vstor")]);
+    candidates
+        .into_iter()
+        .find(|path| path.is_file())
         .unwrap_or_else(|| PathBuf::from("target/release/vstor"))
 }
 
@@ -50,7 +55,7 @@ pub(crate) fn validate(size: u64, runtime_secs: u64, rounds: u32) -> Result<()> 
 /// `bench` names the benchmark that needs it (`"nbd"`, `"vhost"`).
 pub(crate) fn tool_version(program: &str, package: &str, bench: &str) -> Result<String> {
     if find_program(Path::new(program)).is_none() {
-        bail!("`{program}` not found on PATH; `vstor bench {bench}` needs it (Debian/Ubuntu: apt-get install {package})");
+        bail!("`{program}` not found on PATH; `vstor-bench {bench}` needs it (Debian/Ubuntu: apt-get install {package})");
     }
     let output = Command::new(program)
         .arg("--version")

@@ -1,4 +1,4 @@
-//! `vstor bench dtl`: what mirroring writes to a DTL costs. 4 KiB random writes at queue depth 1
+//! `vstor-bench dtl`: what mirroring writes to a DTL costs. 4 KiB random writes at queue depth 1
 //! and 32, driven by fio's `nbd` engine, against three vstor volumes, one per DTL mode (`none`,
 //! `async`, `sync`), and against `qemu-nbd` serving a raw file, in one run on one machine.
 //!
@@ -262,7 +262,7 @@ impl Servers {
         };
         let timeout = Duration::from_secs(runtime_secs + RAMP_SECS + 60);
         let sample = fio::run(
-            &job.args(&self.uri(target), runtime_secs),
+            &job.args(&self.uri(target), runtime_secs, 0),
             Direction::Write,
             fio_dir,
             label,

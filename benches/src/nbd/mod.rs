@@ -1,4 +1,4 @@
-//! `vstor bench nbd`: vstor's NBD export against `qemu-nbd` on a raw file, measured with fio's
+//! `vstor-bench nbd`: vstor's NBD export against `qemu-nbd` on a raw file, measured with fio's
 //! `nbd` engine (libnbd) in one run on one machine.
 //!
 //! How the numbers are made, and why:
@@ -40,42 +40,55 @@ use report::{Memory, Report, Row};
 const EXPORT: &str = "bench";
 
 /// The rows, in the order they run.
-pub(crate) const JOBS: [Job; 6] = [
+pub(crate) const JOBS: [Job; 7] = [
     Job {
         name: "4k randread qd1",
         rw: "randread",
         block_size: 4096,
         iodepth: 1,
+        half_device: false,
     },
     Job {
         name: "4k randread qd32",
         rw: "randread",
         block_size: 4096,
         iodepth: 32,
+        half_device: false,
     },
     Job {
         name: "4k randwrite qd1",
         rw: "randwrite",
         block_size: 4096,
         iodepth: 1,
+        half_device: false,
     },
     Job {
         name: "4k randwrite qd32",
         rw: "randwrite",
         block_size: 4096,
         iodepth: 32,
+        half_device: false,
     },
     Job {
         name: "1M seqwrite qd8",
         rw: "write",
         block_size: MIB,
         iodepth: 8,
+        half_device: false,
     },
     Job {
         name: "1M seqread qd8",
         rw: "read",
         block_size: MIB,
         iodepth: 8,
+        half_device: false,
+    },
+    Job {
+        name: "1M seqwrite half qd8",
+        rw: "write",
+        block_size: MIB,
+        iodepth: 8,
+        half_device: true,
     },
 ];
 
@@ -133,14 +146,33 @@ fn measure(options: &BenchOptions) -> Result<Report> {
     );
     fio::prefill("qemu-nbd", &qemu_uri, options.size, &fio_dir, &progress)?;
 
-    let job_timeout = Duration::from_secs(options.runtime_secs + RAMP_SECS + 60);
-    let total = JOBS.len() * options.rounds as usize;
-    let mut rows = Vec::with_capacity(JOBS.len());
-    for (index, job) in JOBS.iter().enumerate() {
+    // A half-device write runs until done: allow it 10 MB/s at least.
+    let job_timeout = Duration::from_secs(
+        (options.runtime_secs + RAMP_SECS + 60).max(options.size / 2 / 10_000_000 + 60),
+    );
+    let jobs: Vec<&Job> = JOBS
+        .iter()
+        .filter(|job| {
+            options
+                .rows
+                .as_deref()
+                .is_none_or(|only| job.name.contains(only))
+        })
+        .collect();
+    if jobs.is_empty() {
+        anyhow::bail!(
+            "no row's name contains {:?}; rows are: {}",
+            options.rows.as_deref().unwrap_or_default(),
+            JOBS.map(|job| job.name).join(", ")
+        );
+    }
+    let total = jobs.len() * options.rounds as usize;
+    let mut rows = Vec::with_capacity(jobs.len());
+    for (index, job) in jobs.into_iter().enumerate() {
         let mut vstor_samples = Vec::new();
         let mut qemu_samples = Vec::new();
         for round in 1..=options.rounds {
-            let args = |uri: &str| job.args(uri, options.runtime_secs);
+            let args = |uri: &str| job.args(uri, options.runtime_secs, options.size);
             let label = |target: &str| format!("{target}-{}-{round}", job.name.replace(' ', "-"));
             let v = fio::run(
                 &args(&vstor_uri),

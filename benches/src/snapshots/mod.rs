@@ -1,4 +1,4 @@
-//! `vstor bench snapshots`: what snapshots, clones and scrubbing cost, measured on the volume
+//! `vstor-bench snapshots`: what snapshots, clones and scrubbing cost, measured on the volume
 //! engine itself. No server, no NBD or vhost-user, no HTTP: the benchmark links
 //! `vstor-volumedriver` and `vstor-backend`, opens a [`VolumeManager`] over a [`LocalStore`] in a
 //! fresh work directory, and drives volumes through their API ([`Volume::write`],

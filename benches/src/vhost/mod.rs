@@ -1,4 +1,4 @@
-//! `vstor bench vhost`: vstor's vhost-user-blk export against `qemu-storage-daemon` exporting a
+//! `vstor-bench vhost`: vstor's vhost-user-blk export against `qemu-storage-daemon` exporting a
 //! raw file, both driven by the same libblkio-based load generator in one run on one machine.
 //!
 //! How the numbers are made, and why (the same rules as [`crate::nbd`]):

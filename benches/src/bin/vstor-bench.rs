@@ -1,0 +1,133 @@
+//! `vstor-bench`: the benchmarks, in a binary of their own so that the product binary `vstor`
+//! links neither this crate nor libblkio. The verbs and flags are those `vstor-bench ...` had;
+//! the `vstor` binary under test is `--vstor PATH`, by default the one next to this executable
+//! (both land in the same `target/<profile>/` directory).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vstor-bench",
+    version,
+    about = "Benchmarks of vstor against peer servers (qemu-nbd, qemu-storage-daemon) and of its engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    target: BenchTarget,
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// fio over NBD: vstor against qemu-nbd serving a raw file, interleaved in one run.
+    Nbd(BenchOptions),
+    /// A blkio load generator over vhost-user-blk: vstor against qemu-storage-daemon serving a
+    /// raw file, interleaved in one run.
+    Vhost(BenchOptions),
+    /// fio 4k random writes over NBD: vstor volumes with DTL none, async and sync (a `vstor dtl`
+    /// on loopback) against qemu-nbd serving a raw file, interleaved in one run.
+    Dtl(BenchOptions),
+    /// The engine's snapshots, clones and scrub: creation latency under write load, clone
+    /// creation, scrub throughput and its impact, clone reads against the parent.
+    Snapshots(BenchOptions),
+    /// A backend store: upload throughput (put_file and put_from of 64 MiB objects) and 4 KiB
+    /// random reads of evicted volume data at queue depth 1 and 32.
+    Backend(BackendArgs),
+}
+
+#[derive(Args)]
+struct BackendArgs {
+    #[command(flatten)]
+    options: BenchOptions,
+    /// The store: a directory, file://PATH, or s3://BUCKET/PREFIX once this build has an S3
+    /// store [default: a local store in the work directory].
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+#[derive(Args)]
+struct BenchOptions {
+    /// Size of the test volume and file.
+    #[arg(long, default_value = "1G")]
+    size: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    runtime: u64,
+    /// Interleaved rounds per row; the median is reported (an even number cancels any advantage
+    /// of running first).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Directory for the test data [default: a temporary directory under /var/tmp].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Run only the rows whose name contains this text (`nbd` only), e.g. `seqwrite`.
+    #[arg(long)]
+    rows: Option<String>,
+    /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].
+    #[arg(long)]
+    vstor: Option<PathBuf>,
+}
+
+/// A number of bytes with an optional binary suffix, as `vstor` parses sizes.
+fn parse_size(text: &str) -> Result<u64> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(text.trim())
+        .map_err(|e| {
+            anyhow!("bad size {text:?}: {e} (use a number with an optional K, M, G or T suffix)")
+        })
+}
+
+/// `vstor` in the directory of the running executable.
+fn sibling_vstor() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the vstor-bench executable")?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    Ok(dir.join("vstor"))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut backend = None;
+    let (run, o): (fn(&vstor_benches::BenchOptions) -> Result<()>, BenchOptions) = match cli.target
+    {
+        BenchTarget::Nbd(o) => (vstor_benches::nbd::run, o),
+        BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
+        BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
+        BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
+        BenchTarget::Backend(args) => {
+            backend = args.backend;
+            (vstor_benches::backend::run, args.options)
+        }
+    };
+    let vstor_bin = match o.vstor {
+        Some(path) => path,
+        None => sibling_vstor()?,
+    };
+    run(&vstor_benches::BenchOptions {
+        vstor_bin,
+        size: parse_size(&o.size)?,
+        runtime_secs: o.runtime,
+        rounds: o.rounds.max(1),
+        json: o.json,
+        backend,
+        rows: o.rows,
+        work_dir: o.work_dir,
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
