@@ -58,8 +58,7 @@ impl Client {
             let message = body
                 .get("error")
                 .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("daemon answered {status}"));
+                .map_or_else(|| format!("daemon answered {status}"), str::to_string);
             bail!(message);
         }
         Ok(body)

@@ -277,7 +277,7 @@ impl FileConfig {
             self.default_volume.create = false;
         }
         let max_payload = size_setting("nbd_server.max_payload", &self.nbd_server.max_payload)?;
-        if !(4096..=u32::MAX as u64).contains(&max_payload) {
+        if !(4096..=u64::from(u32::MAX)).contains(&max_payload) {
             bail!(not_allowed(
                 "nbd_server.max_payload",
                 &self.nbd_server.max_payload,

@@ -310,7 +310,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                     "created volume {name} ({}), NBD export {}",
                     format_size(size),
                     v["nbd_uri"].as_str().unwrap_or("-")
-                )
+                );
             });
         }
         VolumeVerb::List => show(client.get("/v1/volumes")?, &print_list),
@@ -322,7 +322,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 serde_json::json!({ "size": size }),
             )?;
             show(value, &|_| {
-                println!("resized volume {name} to {}", format_size(size))
+                println!("resized volume {name} to {}", format_size(size));
             });
         }
         VolumeVerb::Update {
@@ -354,7 +354,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                     v["dtl_mode"].as_str().unwrap_or("-"),
                     v["dtl_addr"].as_str().unwrap_or(""),
                     v["dtl_state"].as_str().unwrap_or("-")
-                )
+                );
             });
         }
         VolumeVerb::Adopt { name } => {
@@ -363,7 +363,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 println!(
                     "adopted volume {name}: owner tag {}, {} DTL entries replayed ({} held)",
                     v["owner_tag"], v["dtl_entries_replayed"], v["dtl_entries_held"]
-                )
+                );
             });
         }
         VolumeVerb::Delete { name, force } => {
@@ -416,7 +416,7 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
                     "created snapshot {snapshot} of volume {volume} ({} written since the previous snapshot), NBD export {}",
                     format_size(v["written_bytes"].as_u64().unwrap_or(0)),
                     v["nbd_uri"].as_str().unwrap_or("-")
-                )
+                );
             });
         }
         SnapshotVerb::List { volume } => {
@@ -426,7 +426,7 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
         SnapshotVerb::Delete { volume, snapshot } => {
             let value = client.delete(&path(&volume, &snapshot))?;
             remote.show(value, |_| {
-                println!("deleted snapshot {snapshot} of volume {volume}")
+                println!("deleted snapshot {snapshot} of volume {volume}");
             });
         }
         SnapshotVerb::Rollback {
@@ -458,7 +458,7 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
                 } else {
                     format!(" ({})", notes.join("; "))
                 };
-                println!("rolled volume {volume} back to snapshot {snapshot}{notes}")
+                println!("rolled volume {volume} back to snapshot {snapshot}{notes}");
             });
         }
         SnapshotVerb::Export { volume, snapshot } => {
@@ -471,7 +471,7 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
                     "snapshot {snapshot} of volume {volume} is served read-only at {} (vhost-user) and {} (NBD)",
                     v["vhost_socket"].as_str().unwrap_or("-"),
                     v["nbd_uri"].as_str().unwrap_or("-")
-                )
+                );
             });
         }
         SnapshotVerb::Unexport { volume, snapshot } => {
@@ -479,7 +479,7 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
             remote.show(value, |_| {
                 println!(
                     "snapshot {snapshot} of volume {volume} is no longer served over vhost-user"
-                )
+                );
             });
         }
     }
@@ -512,7 +512,7 @@ fn run_clone(args: CloneArgs) -> Result<()> {
             v["cloned_from"].as_str().unwrap_or(&from),
             format_size(v["size"].as_u64().unwrap_or(0)),
             v["nbd_uri"].as_str().unwrap_or("-")
-        )
+        );
     });
     Ok(())
 }
@@ -527,7 +527,7 @@ fn run_template(args: TemplateArgs) -> Result<()> {
         println!(
             "volume {volume} is now a read-only template (snapshot {}); clone it with `vstor clone create NAME --from {volume}`",
             v["template_snapshot"]["name"].as_str().unwrap_or("-")
-        )
+        );
     });
     Ok(())
 }

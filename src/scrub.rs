@@ -95,7 +95,7 @@ impl Scrubs {
             finished: now_secs(),
             seconds: started.elapsed().as_secs_f64(),
             report: result.as_ref().ok().cloned(),
-            error: result.as_ref().err().map(|e| e.to_string()),
+            error: result.as_ref().err().map(std::string::ToString::to_string),
         };
         if let Some(error) = &outcome.error {
             tracing::warn!(volume = %name, trigger, %error, "scrub failed");

@@ -7,6 +7,7 @@
 //! and the glue between them (`src/export.rs`) belongs to the binary, which has no library
 //! target; it is compiled into this test by path, so the test runs exactly the code `vstor serve`
 //! runs. The daemon itself cannot be used: its backend cannot be slowed down from outside.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 #[allow(dead_code)]

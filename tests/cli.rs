@@ -1,4 +1,5 @@
 //! The management CLI against a running daemon: every verb, `--json`, and the errors a user meets.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 

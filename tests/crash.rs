@@ -1,5 +1,6 @@
 //! Crash safety and backend behaviour of `vstor serve` as a process: `kill -9` under load with a
 //! crash oracle, clean stop and restart from the backend alone, eviction, a broken backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -50,7 +51,7 @@ fn writer(addr: String, oracle: Arc<Mutex<Oracle>>, seq: Arc<AtomicU64>, progres
             let mut o = oracle.lock().unwrap();
             o.committed.insert(block, n);
             if let Some(v) = o.since.get_mut(&block) {
-                v.retain(|s| *s > n)
+                v.retain(|s| *s > n);
             }
         } else {
             unflushed.push((block, n));
@@ -66,7 +67,7 @@ fn writer(addr: String, oracle: Arc<Mutex<Oracle>>, seq: Arc<AtomicU64>, progres
                     o.committed.insert(block, n);
                 }
                 if let Some(v) = o.since.get_mut(&block) {
-                    v.retain(|s| *s > n)
+                    v.retain(|s| *s > n);
                 }
             }
         }
@@ -135,7 +136,7 @@ fn kill_9_under_load_loses_no_flushed_write() {
                 found == committed || later,
                 "round {round}: block {block} reads write {found}, last flushed write was {committed}"
             );
-            checked_nonzero += (found != 0) as u32;
+            checked_nonzero += u32::from(found != 0);
             o.committed.insert(block, found);
         }
         o.since.clear();

@@ -1,4 +1,5 @@
 //! `vstor dtl` as a process: entries acknowledged with `--fsync` survive `kill -9`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -46,8 +47,8 @@ async fn acknowledged_entries_survive_kill_9_of_the_dtl() {
     let batch = |sco: u32, seed: u8| -> Vec<Entry> {
         (0..16u64)
             .map(|i| Entry {
-                location: sco as u64 | (i << 32),
-                lba: (seed as u64 * 16 + i) * 8,
+                location: u64::from(sco) | (i << 32),
+                lba: (u64::from(seed) * 16 + i) * 8,
                 data: cluster(seed.wrapping_add(i as u8)),
             })
             .collect()

@@ -2,6 +2,7 @@
 //! buffer deleted) and another node on the same backend adopts the volume; every acknowledged
 //! write (sync mode) or every write acknowledged before a completed FLUSH (async mode) must read
 //! back. Also: fencing of the old node, a DTL killed or paused under load, and CLI errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -403,7 +404,7 @@ fn verify(node: &Daemon, load: &Load, context: &str) -> u64 {
             let block = offset / BLOCK as u64 + i as u64;
             match decode_block(block, data) {
                 Some(found) => {
-                    written += (found != 0) as u64;
+                    written += u64::from(found != 0);
                     if let Err(e) = oracle.check_and_settle(block, found) {
                         errors.push(e);
                     }
@@ -491,7 +492,7 @@ fn crash_oracle_adopt(mode: Mode) {
         let held = adopted["dtl_entries_held"].as_u64().expect("held");
         let replayed = adopted["dtl_entries_replayed"].as_u64().expect("replayed");
         assert!(replayed <= held, "{context}: {adopted}");
-        replayed_rounds += (replayed > 0) as u64;
+        replayed_rounds += u64::from(replayed > 0);
         replayed_total += replayed;
         held_total += held;
 

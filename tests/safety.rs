@@ -1,5 +1,6 @@
 //! Safety rails a new user runs into: one daemon per data directory, no deleting a volume under
 //! its clients, every accepted volume name usable on every frontend, settings validated at start.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! errors, real clients (qemu-img, qemu-io, nbdinfo) on `VOL@SNAP` exports and clones, a
 //! vhost-user probe on a snapshot socket, backend object accounting, and `kill -9` during
 //! snapshot creation, rollback and scrubbing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -1437,8 +1438,7 @@ fn kill_9_during_snapshot_creation_keeps_every_acknowledged_snapshot_intact() {
                 .iter()
                 .chain(st.attempting.iter())
                 .find(|(n, _)| n == name)
-                .map(|(_, m)| m.clone())
-                .unwrap_or_else(|| panic!("unknown snapshot {name}"));
+                .map_or_else(|| panic!("unknown snapshot {name}"), |(_, m)| m.clone());
             check_content(&daemon, &format!("crash@{name}"), &model);
         }
         let mut attempt_outcome = None;

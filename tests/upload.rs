@@ -2,6 +2,7 @@
 //! with the number of volumes, and an idle volume's writes reach the backend after
 //! `[upload] max_open_age` (set in the config file), so the volume comes back from the backend
 //! alone after a crash that also lost its write buffer.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -71,7 +72,10 @@ fn upload_threads_do_not_grow_with_the_number_of_volumes() {
     assert_eq!(few.upload, 3, "one upload thread per unit of concurrency");
     assert_eq!(many.upload, 3, "200 volumes, still 3 upload threads");
     // No frontend is connected over vhost-user: idle exports share one acceptor thread.
-    assert_eq!(many.vhost, 0, "idle vhost-user exports must not own threads");
+    assert_eq!(
+        many.vhost, 0,
+        "idle vhost-user exports must not own threads"
+    );
     // The total must not grow with the volume count; a little slack for the async runtime's
     // blocking pool.
     assert!(

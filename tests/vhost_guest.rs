@@ -24,6 +24,7 @@
 //!
 //! A third test restarts `vstor serve` under a running guest whose QEMU reconnects to the
 //! socket; see [`guest_keeps_its_disk_across_a_vstor_restart`].
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -657,7 +658,7 @@ fn reconnect_option() -> &'static str {
         .skip_while(|word| *word != "version")
         .nth(1)
         .unwrap_or_else(|| panic!("no version in `qemu-system-x86_64 --version`: {out}"));
-    let mut numbers = version.split(['.', '-', '+']).map(|n| n.parse::<u32>());
+    let mut numbers = version.split(['.', '-', '+']).map(str::parse::<u32>);
     let (Some(Ok(major)), Some(Ok(minor))) = (numbers.next(), numbers.next()) else {
         panic!("cannot parse QEMU version {version:?}");
     };

@@ -29,7 +29,7 @@ impl ChunkCrcs {
     /// Start with `prefix` (shorter than one chunk) as the first bytes of the object.
     pub fn with_prefix(prefix: &[u8]) -> Self {
         assert!(
-            (prefix.len() as u64) < CHUNK_SIZE as u64,
+            (prefix.len() as u64) < u64::from(CHUNK_SIZE),
             "prefix must be shorter than a chunk"
         );
         Self {
@@ -42,7 +42,7 @@ impl ChunkCrcs {
 
     /// Add `bytes` at the end of the object.
     pub fn append(&mut self, mut bytes: &[u8]) {
-        let chunk = CHUNK_SIZE as u64;
+        let chunk = u64::from(CHUNK_SIZE);
         while !bytes.is_empty() {
             let offset = self.prefix_len + self.data_len;
             let index = (offset / chunk) as usize;
@@ -52,8 +52,9 @@ impl ChunkCrcs {
             let used = offset % chunk;
             let room = (chunk - used) as usize;
             let n = room.min(bytes.len());
-            let last = self.data_crcs.last_mut().expect("pushed above");
-            *last = crc32c::crc32c_append(*last, &bytes[..n]);
+            if let Some(last) = self.data_crcs.last_mut() {
+                *last = crc32c::crc32c_append(*last, &bytes[..n]);
+            }
             self.data_len += n as u64;
             bytes = &bytes[n..];
         }
@@ -85,7 +86,7 @@ impl ChunkCrcs {
         match crcs.first_mut() {
             Some(first) if self.prefix_len > 0 => {
                 *first =
-                    crc32c::crc32c_combine(self.prefix_crc, *first, self.data_len_of(0) as usize)
+                    crc32c::crc32c_combine(self.prefix_crc, *first, self.data_len_of(0) as usize);
             }
             None if self.prefix_len > 0 => crcs.push(self.prefix_crc),
             _ => {}
@@ -95,7 +96,7 @@ impl ChunkCrcs {
 
     /// Data bytes in chunk `index`.
     fn data_len_of(&self, index: usize) -> u64 {
-        let chunk = CHUNK_SIZE as u64;
+        let chunk = u64::from(CHUNK_SIZE);
         let start = (index as u64 * chunk).max(self.prefix_len);
         let end = ((index as u64 + 1) * chunk).min(self.len());
         end.saturating_sub(start)

@@ -197,9 +197,9 @@ impl LocalStore {
         len_bytes.copy_from_slice(&fixed[8..16]);
         let payload_len = u64::from_le_bytes(len_bytes);
         let chunk_size = u32_at(&fixed, 16);
-        let chunk_count = u32_at(&fixed, 20) as u64;
+        let chunk_count = u64::from(u32_at(&fixed, 20));
         let stored_crc = u32_at(&fixed, 24);
-        if chunk_size == 0 || payload_len.div_ceil(chunk_size as u64) != chunk_count {
+        if chunk_size == 0 || payload_len.div_ceil(u64::from(chunk_size)) != chunk_count {
             return Err(Self::corrupt(
                 namespace,
                 name,
@@ -210,7 +210,7 @@ impl LocalStore {
         // Version 1: the payload follows the table; version 2: the data file's name does.
         let linked = version == VERSION_LINKED;
         let tail_len = if linked {
-            u32_at(&fixed, 28) as u64
+            u64::from(u32_at(&fixed, 28))
         } else {
             payload_len
         };
@@ -586,7 +586,7 @@ impl ObjectStore for LocalStore {
         owner: OwnerTag,
     ) -> Result<()> {
         validate_name(name)?;
-        let chunk_count = len.div_ceil(CHUNK_SIZE as u64) as usize;
+        let chunk_count = len.div_ceil(u64::from(CHUNK_SIZE)) as usize;
         let table_at = HEADER_LEN as usize;
         let payload_at = table_at + chunk_count * 4;
         let source_err = |source| BackendError::Source {
@@ -680,7 +680,7 @@ impl ObjectStore for LocalStore {
         if len == 0 {
             return Ok(());
         }
-        let chunk_size = header.chunk_size as u64;
+        let chunk_size = u64::from(header.chunk_size);
         let first = offset / chunk_size;
         let last = (offset + len - 1) / chunk_size;
         let span_start = first * chunk_size;
@@ -1030,7 +1030,7 @@ mod tests {
         store.get_range("ns", "sco", 0, &mut buf).unwrap();
         assert_eq!(buf, data[..4096]);
         let err = store
-            .get_range("ns", "sco", 2 * CHUNK_SIZE as u64, &mut buf)
+            .get_range("ns", "sco", 2 * u64::from(CHUNK_SIZE), &mut buf)
             .unwrap_err();
         assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("ns/sco"), "{err}");

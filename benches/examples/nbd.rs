@@ -4,6 +4,7 @@
 //! cargo build --release
 //! cargo run --release -p vstor-benches --example nbd -- --vstor-bin target/release/vstor --size 256M --runtime 2
 //! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 

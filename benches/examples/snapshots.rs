@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p vstor-benches --example snapshots -- --size 256M --runtime 2
 //! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 

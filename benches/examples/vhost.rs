@@ -5,6 +5,7 @@
 //! cargo run --release -p vstor-benches --example vhost -- --vstor-bin target/release/vstor --size 256M --runtime 3
 //! cargo run --release -p vstor-benches --example vhost -- --calibrate --size 256M --runtime 3
 //! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 

@@ -21,6 +21,7 @@
 //! - [`snapshots`]: snapshot and clone creation latency under write load, scrub throughput and
 //!   its cost to a writer, and a clone's reads of inherited data against its parent's, straight
 //!   through `vstor-volumedriver` over a local backend (`vstor-bench snapshots`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 pub mod backend;
 mod common;

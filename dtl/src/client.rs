@@ -63,10 +63,12 @@ impl DtlClient {
                 .await?;
             match framed.next().await {
                 Some(Ok(Message::HelloOk { version })) if version == PROTOCOL_VERSION => Ok(framed),
-                Some(Ok(Message::HelloOk { version }))
-                | Some(Ok(Message::VersionMismatch {
-                    server: version, ..
-                })) => Err(DtlError::VersionMismatch {
+                Some(Ok(
+                    Message::HelloOk { version }
+                    | Message::VersionMismatch {
+                        server: version, ..
+                    },
+                )) => Err(DtlError::VersionMismatch {
                     server: version,
                     client: PROTOCOL_VERSION,
                 }),

@@ -280,7 +280,7 @@ impl Message {
                 put_entries(out, entries)?;
             }
             Message::Flush { namespace } | Message::GetScoRange { namespace } => {
-                put_string(out, namespace)?
+                put_string(out, namespace)?;
             }
             Message::GetEntries {
                 namespace,
@@ -411,7 +411,7 @@ fn put_string(out: &mut BytesMut, s: &str) -> Result<(), DtlError> {
 }
 
 fn put_opt_u32(out: &mut BytesMut, v: Option<u32>) {
-    out.put_u8(v.is_some() as u8);
+    out.put_u8(u8::from(v.is_some()));
     out.put_u32_le(v.unwrap_or(0));
 }
 
@@ -747,48 +747,46 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn round_trip(msg in arb_message()) {
-            let mut buf = encode(&msg);
-            let decoded = decode_all(&mut buf).unwrap().unwrap();
-            prop_assert_eq!(&decoded, &msg);
-            prop_assert!(buf.is_empty());
-        }
-
-        #[test]
-        fn round_trip_byte_by_byte_and_back_to_back(a in arb_message(), b in arb_message()) {
-            let mut wire = encode(&a);
-            wire.extend_from_slice(&encode(&b));
-            let mut codec = DtlCodec::new();
-            let mut buf = BytesMut::new();
-            let mut out = Vec::new();
-            for byte in wire.iter() {
-                buf.put_u8(*byte);
-                while let Some(m) = codec.decode(&mut buf).unwrap() {
-                    out.push(m);
-                }
+            #[test]
+            fn round_trip(msg in arb_message()) {
+                let mut buf = encode(&msg);
+                let decoded = decode_all(&mut buf).unwrap().unwrap();
+                prop_assert_eq!(&decoded, &msg);
+                prop_assert!(buf.is_empty());
             }
-            prop_assert_eq!(out, vec![a, b]);
-        }
 
-        #[test]
-        fn any_flipped_byte_is_detected(msg in arb_message(), pos in any::<proptest::sample::Index>(), mask in 1u8..=255) {
-            let mut buf = encode(&msg);
-            let i = pos.index(buf.len());
-            buf[i] ^= mask;
-            let res = decode_all(&mut buf);
-            prop_assert!(
-                matches!(
-                    res,
-                    Err(DtlError::BadMagic(_))
-                        | Err(DtlError::CrcMismatch { .. })
-                        | Err(DtlError::FrameTooLarge { .. })
-                        | Err(DtlError::Truncated(_))
-                ),
-                "flip at {} gave {:?}", i, res
-            );
+            #[test]
+            fn round_trip_byte_by_byte_and_back_to_back(a in arb_message(), b in arb_message()) {
+                let mut wire = encode(&a);
+                wire.extend_from_slice(&encode(&b));
+                let mut codec = DtlCodec::new();
+                let mut buf = BytesMut::new();
+                let mut out = Vec::new();
+                for byte in wire.iter() {
+                    buf.put_u8(*byte);
+                    while let Some(m) = codec.decode(&mut buf).unwrap() {
+                        out.push(m);
+                    }
+                }
+                prop_assert_eq!(out, vec![a, b]);
+            }
+
+            #[test]
+            fn any_flipped_byte_is_detected(msg in arb_message(), pos in any::<proptest::sample::Index>(), mask in 1u8..=255) {
+                let mut buf = encode(&msg);
+                let i = pos.index(buf.len());
+                buf[i] ^= mask;
+                let res = decode_all(&mut buf);
+                prop_assert!(
+                    matches!(
+                        res,
+                        Err(DtlError::BadMagic(_) | DtlError::CrcMismatch { .. } |
+    DtlError::FrameTooLarge { .. } | DtlError::Truncated(_))
+                    ),
+                    "flip at {} gave {:?}", i, res
+                );
+            }
         }
-    }
 
     #[test]
     fn every_kind_is_distinct() {

@@ -273,7 +273,7 @@ async fn stream_entries(
                             sco: snap.sco,
                             entries,
                         })
-                        .await?
+                        .await?;
                 }
                 Err(e) => {
                     warn!(namespace, sco = snap.sco, error = %e, "reading entries failed");

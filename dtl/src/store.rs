@@ -452,7 +452,7 @@ fn scan_segment(path: &Path, sco: u32, cluster_size: u32, fsync: bool) -> Result
     loop {
         match read_record(&mut r, sco, cluster_size)? {
             RecordRead::Entry(_) => {
-                len += (RECORD_HEADER_LEN as u64) + cluster_size as u64;
+                len += (RECORD_HEADER_LEN as u64) + u64::from(cluster_size);
                 entries += 1;
             }
             RecordRead::Eof => break,
@@ -583,8 +583,7 @@ impl DtlStore {
                 Err(e) => {
                     let secs = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
+                        .map_or(0, |d| d.as_secs());
                     let q = root.join(format!(".quarantine-{name}-{secs}"));
                     warn!(namespace = %name, error = %e, quarantine = %q.display(), "quarantining unreadable DTL namespace");
                     fs::rename(dent.path(), &q)?;
@@ -890,7 +889,7 @@ mod tests {
 
     fn entry(sco: u32, offset: u16, lba: u64, fill: u8) -> Entry {
         Entry {
-            location: sco as u64 | (offset as u64) << 32,
+            location: u64::from(sco) | u64::from(offset) << 32,
             lba,
             data: Bytes::from(vec![fill; CS as usize]),
         }
@@ -902,7 +901,7 @@ mod tests {
                 entry(
                     sco,
                     i,
-                    (sco as u64) * 1000 + i as u64,
+                    u64::from(sco) * 1000 + u64::from(i),
                     seed.wrapping_add(i as u8),
                 )
             })

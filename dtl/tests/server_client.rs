@@ -1,4 +1,5 @@
 //! Server + client over 127.0.0.1:0.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -48,8 +49,8 @@ fn batch(sco: u32, first_offset: u16, n: u16, seed: u8) -> Vec<Entry> {
                 .map(|j| (j as u8) ^ seed ^ (off as u8).wrapping_mul(31))
                 .collect();
             Entry {
-                location: sco as u64 | (off as u64) << 32,
-                lba: (sco as u64 * 1_000 + off as u64) * 8,
+                location: u64::from(sco) | u64::from(off) << 32,
+                lba: (u64::from(sco) * 1_000 + u64::from(off)) * 8,
                 data: Bytes::from(data),
             }
         })

@@ -4,6 +4,7 @@ pub mod nbd;
 pub(crate) mod read_pool;
 pub mod target;
 #[cfg(any(test, feature = "testing"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // test support for the frontends
 pub mod testing;
 pub mod vhost;
 

@@ -3,6 +3,7 @@
 //!
 //! These tools must be installed (`apt-get install libnbd-bin qemu-utils`); set
 //! `VSTOR_SKIP_NBD_TOOLS=1` to skip the tests on a machine without them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 

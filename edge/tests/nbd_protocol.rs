@@ -1,4 +1,5 @@
 //! Protocol conformance of the NBD server, driven by a hand-written raw client.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
@@ -132,7 +133,7 @@ async fn export_name_with_and_without_no_zeroes() {
         assert!(reply[10..].iter().all(|&b| b == 0));
         // Any stray or missing padding would desynchronise this exchange.
         let mut c = raw.into_client(false);
-        let data = pattern(no_zeroes as u64, 512);
+        let data = pattern(u64::from(no_zeroes), 512);
         assert_eq!(c.write(0, 8192, &data).await, 0);
         assert_eq!(c.read(8192, 512).await, data);
     }

@@ -1,5 +1,6 @@
 //! The vhost-user-blk server driven end to end by a real virtio-blk driver: libblkio's
 //! `virtio-blk-vhost-user` driver (pure Rust), in this process, over the export's UNIX socket.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -121,7 +122,7 @@ impl Client {
     fn fill(&self, off: usize, data: &[u8]) {
         // SAFETY: the range is inside our mapped region and no request uses it concurrently.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(off, data.len()), data.len())
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(off, data.len()), data.len());
         }
     }
 
@@ -135,14 +136,14 @@ impl Client {
     fn write(&mut self, offset: u64, buf_off: usize, len: usize) -> i32 {
         let buf = self.buf(buf_off, len);
         run_one(&mut self.queues[0], |q| {
-            q.write(offset, buf, len, 0, ReqFlags::empty())
+            q.write(offset, buf, len, 0, ReqFlags::empty());
         })
     }
 
     fn read(&mut self, offset: u64, buf_off: usize, len: usize) -> i32 {
         let buf = self.buf(buf_off, len);
         run_one(&mut self.queues[0], |q| {
-            q.read(offset, buf, len, 0, ReqFlags::empty())
+            q.read(offset, buf, len, 0, ReqFlags::empty());
         })
     }
 
@@ -298,7 +299,7 @@ fn several_queues_in_parallel() {
                 let mut back = vec![0u8; PER_QUEUE as usize];
                 // SAFETY: as above; all reads have completed.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(buf as *const u8, back.as_mut_ptr(), back.len())
+                    std::ptr::copy_nonoverlapping(buf as *const u8, back.as_mut_ptr(), back.len());
                 };
                 assert_eq!(checksum(&back), checksum(&data), "queue {qi}");
             });

@@ -1,5 +1,6 @@
 //! The vhost-user-blk server driven message by message with rust-vmm's vhost-user `Frontend`, the
 //! way QEMU drives it: feature and config negotiation, and the GET_VRING_BASE (stop) path.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::sync::mpsc;
 use std::sync::Arc;

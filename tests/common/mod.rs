@@ -29,8 +29,7 @@ pub fn require_tool(tool: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+        .is_ok_and(|o| o.status.success());
     assert!(
         found,
         "{tool} is not installed (run .ci/run or apt-get install it)"
@@ -50,7 +49,7 @@ impl Daemon {
             api: String::new(),
             nbd: String::new(),
             log: root.join("daemon.log"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: extra.iter().map(std::string::ToString::to_string).collect(),
         };
         daemon.launch();
         daemon
@@ -397,7 +396,7 @@ impl Daemon {
     pub fn backend_objects(&self, volume: &str) -> std::collections::BTreeSet<String> {
         std::fs::read_dir(self.backend_dir(volume))
             .map(|dir| {
-                dir.filter_map(|e| e.ok())
+                dir.filter_map(std::result::Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .filter(|name| !name.starts_with('.'))
                     .collect()
@@ -407,14 +406,12 @@ impl Daemon {
 
     /// Total size of the files in a volume's backend namespace.
     pub fn backend_disk_bytes(&self, volume: &str) -> u64 {
-        std::fs::read_dir(self.backend_dir(volume))
-            .map(|dir| {
-                dir.filter_map(|e| e.ok())
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        std::fs::read_dir(self.backend_dir(volume)).map_or(0, |dir| {
+            dir.filter_map(std::result::Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
     }
 
     /// The volume's backend TLog list (the `tlogs` object).

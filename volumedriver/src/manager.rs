@@ -356,7 +356,7 @@ impl VolumeManager {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %name, %parent, error = %e, "parent of the deleted clone is not on this node")
+                    tracing::warn!(volume = %name, %parent, error = %e, "parent of the deleted clone is not on this node");
                 }
             }
         }

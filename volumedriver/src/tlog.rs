@@ -82,11 +82,11 @@ impl Entry {
             Entry::Loc { address, location } => (T_LOC << 56 | (address & LOW56), location.raw()),
             Entry::Trim { start, count } => (T_TRIM << 56 | (start & LOW56), count),
             Entry::ScoCrc { sco, clusters, crc } => (
-                T_SCOCRC << 56 | (clusters as u64 & 0xff_ffff) << 32 | crc as u64,
+                T_SCOCRC << 56 | (u64::from(clusters) & 0xff_ffff) << 32 | u64::from(crc),
                 ClusterLocation::new(sco, 0).raw(),
             ),
-            Entry::Sync { index, crc } => (T_SYNC << 56 | (index & LOW56), crc as u64),
-            Entry::Close { count, crc } => (T_CLOSE << 56 | (count & LOW56), crc as u64),
+            Entry::Sync { index, crc } => (T_SYNC << 56 | (index & LOW56), u64::from(crc)),
+            Entry::Close { count, crc } => (T_CLOSE << 56 | (count & LOW56), u64::from(crc)),
         };
         let mut out = [0u8; ENTRY_LEN];
         out[..8].copy_from_slice(&w0.to_le_bytes());
@@ -126,11 +126,11 @@ impl Entry {
                 clusters: (payload >> 32) as u32,
                 crc: payload as u32,
             },
-            T_SYNC if w1 <= u32::MAX as u64 => Entry::Sync {
+            T_SYNC if u32::try_from(w1).is_ok() => Entry::Sync {
                 index: payload,
                 crc: w1 as u32,
             },
-            T_CLOSE if w1 <= u32::MAX as u64 => Entry::Close {
+            T_CLOSE if u32::try_from(w1).is_ok() => Entry::Close {
                 count: payload,
                 crc: w1 as u32,
             },
@@ -172,9 +172,8 @@ fn parse_inner(
     }
     let mut entry = [0u8; ENTRY_LEN];
     entry.copy_from_slice(&bytes[..ENTRY_LEN]);
-    let number = match Entry::decode(&entry)? {
-        Entry::Header { number } => number,
-        _ => return Err("TLog does not start with a header".into()),
+    let Entry::Header { number } = Entry::decode(&entry)? else {
+        return Err("TLog does not start with a header".into());
     };
     // crc_before[i] = CRC of entries [0, i).
     let whole = bytes.len() / ENTRY_LEN;

@@ -97,10 +97,10 @@ impl ClusterLocation {
 
     pub fn new(sco: ScoName, offset: u16) -> Self {
         Self(
-            sco.number.0 as u64
-                | (offset as u64) << 32
-                | (sco.clone_id as u64) << 48
-                | (sco.version as u64) << 56,
+            u64::from(sco.number.0)
+                | u64::from(offset) << 32
+                | u64::from(sco.clone_id) << 48
+                | u64::from(sco.version) << 56,
         )
     }
 

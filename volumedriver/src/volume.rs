@@ -101,8 +101,8 @@ mod scrub;
 mod snapshots;
 mod state;
 mod upload;
-mod write;
 mod upload_hooks;
+mod write;
 mod write_buffer;
 
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};

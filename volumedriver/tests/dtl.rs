@@ -2,6 +2,7 @@
 //! the write buffer, replay after a crash that kept it, trims, catch-up after an outage, and
 //! fencing of a previous owner. Node loss is simulated by dropping a volume without flushing and
 //! deleting its write-buffer directory; uploads are stepped by hand unless a manager runs them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
 //! Engine tests through the public API: no sockets, no threads, no timers. Uploads are stepped by
 //! hand, crashes are simulated by dropping a volume without flushing (what `kill -9` leaves:
 //! everything written to files survives, everything buffered in the process is gone).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -170,7 +171,7 @@ fn throttles_but_never_fails_when_backend_is_down() {
         let outcome = volume
             .write(i * CS as u64, &pattern(CS, i as u8), false)
             .unwrap();
-        throttled += outcome.throttle.is_some() as u32;
+        throttled += u32::from(outcome.throttle.is_some());
         if i % 8 == 7 {
             let err = volume.upload_one().unwrap_err();
             assert!(err.to_string().contains("backend unreachable"), "{err}");
@@ -179,7 +180,7 @@ fn throttles_but_never_fails_when_backend_is_down() {
     assert!(throttled > 0);
     let info = volume.info();
     assert!(info.throttling);
-    assert!(info.throttled_writes >= throttled as u64);
+    assert!(info.throttled_writes >= u64::from(throttled));
     assert!(info
         .last_upload_error
         .as_deref()

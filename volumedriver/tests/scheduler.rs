@@ -2,6 +2,7 @@
 //! of one volume does not hold up the others, every volume's TLog reaches the backend only
 //! after its SCOs, and an idle volume's open TLog is uploaded once it is older than
 //! `max_open_age`. Every test reads the data back from the backend alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

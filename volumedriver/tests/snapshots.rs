@@ -1,6 +1,7 @@
 //! Snapshots, clones (of clones), rollback, snapshot deletion, scrubbing and restarts against a
 //! model: after every step every volume and every snapshot must read back exactly as the model
 //! says. Runs the real manager (uploader threads included) on a local backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,7 +27,7 @@ fn options() -> VolumeOptions {
 }
 
 fn content(seed: u32) -> Vec<u8> {
-    let mut x = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..CS)
         .map(|_| {
             x ^= x << 13;
@@ -419,7 +420,7 @@ fn interrupted_scrub_and_rollback_lose_nothing_and_leak_nothing() {
                 ..ModelVolume::default()
             };
             for round in 0..4u32 {
-                for c in (round as u64 % 3..CLUSTERS).step_by(2) {
+                for c in (u64::from(round) % 3..CLUSTERS).step_by(2) {
                     let seed = round * 1000 + c as u32;
                     volume.write(c * CS, &content(seed), false).unwrap();
                     model.clusters[c as usize] = Some(seed);
@@ -502,7 +503,7 @@ fn clone_chains_255_deep() {
         let name = format!("c{depth}");
         let volume = rig.manager.get(&name).unwrap();
         volume
-            .write(depth as u64 * CS, &content(depth + 1), false)
+            .write(u64::from(depth) * CS, &content(depth + 1), false)
             .unwrap();
         expected[depth as usize] = Some(depth + 1);
         volume.snapshot_create("s").unwrap();
@@ -546,7 +547,7 @@ fn snapshot_log_survives_crashes_and_torn_tails() {
     )
     .unwrap();
     for i in 0..3u32 {
-        volume.write(i as u64 * CS, &content(i), false).unwrap();
+        volume.write(u64::from(i) * CS, &content(i), false).unwrap();
         volume.snapshot_create(&format!("s{i}")).unwrap();
     }
     volume.stop();
@@ -571,7 +572,7 @@ fn snapshot_log_survives_crashes_and_torn_tails() {
     compare(&buf, &expected, "v@s1").unwrap();
     let log_before_delete = std::fs::read(&log).unwrap();
     reopened.snapshot_delete("s0").unwrap();
-    assert_eq!(std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0), 0);
+    assert_eq!(std::fs::metadata(&log).map_or(0, |m| m.len()), 0);
     // A crash after the base file was rewritten but before the log was emptied: the deleted
     // snapshot's record is still in the log and must stay deleted.
     reopened.stop();

@@ -52,8 +52,7 @@ impl LocalStore {
     fn unique_data_name(&self, name: &str) -> String {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+            .map_or(0, |d| d.as_nanos());
         format!(
             "{name}.{}-{}-{nanos}",
             std::process::id(),
@@ -127,7 +126,7 @@ impl LocalStore {
                 format!("{} is {source_len} bytes, not {len}", path.display()),
             )));
         }
-        let chunk_count = len.div_ceil(CHUNK_SIZE as u64) as usize;
+        let chunk_count = len.div_ceil(u64::from(CHUNK_SIZE)) as usize;
         if let Some(crcs) = chunk_crcs.filter(|crcs| crcs.len() != chunk_count) {
             return Err(invalid(format!(
                 "{} chunk CRCs given for {len} bytes ({chunk_count} chunks)",
@@ -223,7 +222,7 @@ impl LocalStore {
 
 /// The chunk CRCs of the first `len` bytes of `file`, read from its start (positional reads).
 fn file_chunk_crcs(file: &File, len: u64) -> std::io::Result<Vec<u32>> {
-    let mut crcs = Vec::with_capacity(len.div_ceil(CHUNK_SIZE as u64) as usize);
+    let mut crcs = Vec::with_capacity(len.div_ceil(u64::from(CHUNK_SIZE)) as usize);
     let mut buf = vec![0u8; 16 * CHUNK_SIZE as usize];
     let mut offset = 0u64;
     while offset < len {

@@ -2,6 +2,7 @@
 //! links neither this crate nor libblkio. The verbs and flags are those `vstor-bench ...` had;
 //! the `vstor` binary under test is `--vstor PATH`, by default the one next to this executable
 //! (both land in the same `target/<profile>/` directory).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 use std::path::PathBuf;
 use std::process::ExitCode;

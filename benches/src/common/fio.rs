@@ -237,13 +237,12 @@ pub(crate) fn run(
         .stdout(log.try_clone()?)
         .stderr(log);
     let mut fio = ChildGuard::spawn(&mut command, "fio", Duration::from_secs(5))?;
-    let status = match fio.wait_timeout(timeout)? {
-        Some(status) => status,
-        None => bail!(
+    let Some(status) = fio.wait_timeout(timeout)? else {
+        bail!(
             "fio ({label}) did not finish within {} s; is the server stuck?\n{}",
             timeout.as_secs(),
             log_tail(&log_path, 20)
-        ),
+        );
     };
     if !status.success() {
         bail!(

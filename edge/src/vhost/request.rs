@@ -325,8 +325,8 @@ pub(crate) fn parse(
     if stream.read_into(mem, &mut header).is_err() {
         return reject(STATUS_IOERR, "cannot read the request header");
     }
-    let req_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let req_type = le_u32(&header, 0);
+    let sector = le_u64(&header, 8);
     let out_len = readable_len - HEADER_LEN;
 
     let kind = match req_type {
@@ -401,9 +401,9 @@ pub(crate) fn parse(
             if stream.read_into(mem, &mut seg).is_err() {
                 return reject(STATUS_IOERR, "cannot read the discard/write-zeroes segment");
             }
-            let start = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
-            let sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
-            let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+            let start = le_u64(&seg, 0);
+            let sectors = le_u32(&seg, 8);
+            let flags = le_u32(&seg, 12);
             let (known_flags, max_sectors) = if discard {
                 // The spec reserves UNMAP for write-zeroes; a discard always unmaps.
                 (0, MAX_DISCARD_SECTORS)
@@ -602,7 +602,7 @@ fn run(
                 match target.write(offset + done, &bounce[..n], fua) {
                     Ok(mut ack) => {
                         pending.extend(ack.pending.take());
-                        throttle = max_throttle(throttle, ack.throttle)
+                        throttle = max_throttle(throttle, ack.throttle);
                     }
                     Err(e) => return Some(target_failed("write", *offset, *len, &e)),
                 }
@@ -652,4 +652,16 @@ pub(crate) fn serial(name: &str) -> [u8; ID_LEN] {
     let n = name.len().min(ID_LEN);
     id[..n].copy_from_slice(&name.as_bytes()[..n]);
     id
+}
+
+/// The little-endian `u32` at `at` of a header whose length the caller has checked.
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// The little-endian `u64` at `at` of a header whose length the caller has checked.
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
 }

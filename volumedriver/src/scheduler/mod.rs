@@ -239,10 +239,10 @@ impl Shared {
         if plan::should_seal(volume.unclosed_data_age(), self.config.max_open_age) {
             match volume.close_current_tlog() {
                 Ok(()) => {
-                    tracing::debug!(volume = %volume.name(), "closed the idle open TLog for upload")
+                    tracing::debug!(volume = %volume.name(), "closed the idle open TLog for upload");
                 }
                 Err(e) => {
-                    tracing::debug!(volume = %volume.name(), error = %e, "could not close the idle open TLog")
+                    tracing::debug!(volume = %volume.name(), error = %e, "could not close the idle open TLog");
                 }
             }
         }
@@ -259,7 +259,7 @@ impl Shared {
                 Outcome::Progress
             }
             Ok(false) => Outcome::Idle,
-            Err(VolumeError::Halted { .. }) | Err(VolumeError::Stopped { .. }) => Outcome::Idle,
+            Err(VolumeError::Halted { .. } | VolumeError::Stopped { .. }) => Outcome::Idle,
             Err(e) => {
                 tracing::warn!(volume = %volume.name(), error = %e, "upload failed; retrying after a back-off");
                 Outcome::Failed

@@ -65,11 +65,11 @@ impl Position {
 
     /// The position just after `location`.
     pub fn after(location: ClusterLocation) -> Self {
-        Self::new(location.sco_number().0, location.offset() as u32 + 1)
+        Self::new(location.sco_number().0, u32::from(location.offset()) + 1)
     }
 
     fn of(location: ClusterLocation) -> Self {
-        Self::new(location.sco_number().0, location.offset() as u32)
+        Self::new(location.sco_number().0, u32::from(location.offset()))
     }
 }
 
@@ -229,7 +229,7 @@ impl Volume {
         }
         st.next_sco = st.next_sco.max(request.min_next_sco);
         let barrier = st.closed_tlogs.back().map(|t| t.number);
-        tracing::info!(volume = %self.name, barrier = ?barrier.map(|b| b.object_name()), "DTL catch-up: sealed the current SCO");
+        tracing::info!(volume = %self.name, barrier = ?barrier.map(super::super::types::TLogNumber::object_name), "DTL catch-up: sealed the current SCO");
         match (barrier, st.dtl.as_mut()) {
             (Some(number), Some(link)) => link.barrier = Some((request.epoch, number)),
             _ => mirror.caught_up(request.epoch),

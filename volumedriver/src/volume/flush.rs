@@ -76,7 +76,7 @@ impl Volume {
                         failure = Some(VolumeError::io(
                             &self.name,
                             tlog.writer.path().to_path_buf(),
-                        )(e))
+                        )(e));
                     }
                 }
             }

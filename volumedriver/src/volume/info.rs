@@ -134,7 +134,7 @@ impl Volume {
             dtl_degradations: dtl.degradations,
             dtl_last_error: dtl.last_error,
             backend_bytes: st.backend_tlogs.tlogs.iter().map(|r| r.data_bytes).sum(),
-            parent: c.parent.as_ref().map(|p| p.to_string()),
+            parent: c.parent.as_ref().map(std::string::ToString::to_string),
             children: st
                 .meta
                 .snapshots

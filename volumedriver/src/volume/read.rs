@@ -74,7 +74,7 @@ impl Volume {
             let source = if location.is_unwritten() {
                 Source::Zero
             } else {
-                let file_offset = sco::cluster_offset(location.offset() as u64, cs) + within;
+                let file_offset = sco::cluster_offset(u64::from(location.offset()), cs) + within;
                 let local = (location.clone_id(), location.version()) == (0, 0);
                 match st.scos.get(&location.sco_number()).filter(|_| local) {
                     Some(cached) => Source::Local {

@@ -127,7 +127,7 @@ impl Volume {
                     let (file, len) = sco::open(&sco_file, &header).map_err(|e| {
                         VolumeError::corrupt(&name, sco_file.display().to_string(), e)
                     })?;
-                    let clusters = clusters as u64;
+                    let clusters = u64::from(clusters);
                     if len < sco::cluster_offset(clusters, self.cluster_size) {
                         return Err(VolumeError::corrupt(
                             &name,
@@ -215,7 +215,7 @@ impl Volume {
                 return None;
             };
             let path = sco_path(&self.dir, sco);
-            let clusters = clusters as u64;
+            let clusters = u64::from(clusters);
             let check = sco::open(&path, &self.sco_header(st, sco)).and_then(|(file, len)| {
                 if len < sco::cluster_offset(clusters, self.cluster_size) {
                     return Err(format!("holds fewer than {clusters} clusters"));
@@ -245,13 +245,13 @@ impl Volume {
         for entry in &entries {
             match *entry {
                 Entry::ScoCrc { sco, clusters, .. } => {
-                    sealed.insert(sco.number, clusters as u64);
+                    sealed.insert(sco.number, u64::from(clusters));
                 }
                 Entry::Loc { location, .. }
                     if !location.is_unwritten() && location.clone_id() == 0 =>
                 {
                     let end = referenced.entry(location.sco_number()).or_default();
-                    *end = (*end).max(location.offset() as u64 + 1);
+                    *end = (*end).max(u64::from(location.offset()) + 1);
                 }
                 _ => {}
             }
@@ -284,7 +284,7 @@ impl Volume {
             let sco_file = sco_path(&self.dir, ScoName::new(number));
             let want = sco::cluster_offset(clusters, self.cluster_size);
             if let Ok(file) = fs::OpenOptions::new().write(true).open(&sco_file) {
-                if file.metadata().map(|m| m.len() > want).unwrap_or(false) {
+                if file.metadata().is_ok_and(|m| m.len() > want) {
                     file.set_len(want)
                         .map_err(VolumeError::io(name, &sco_file))?;
                 }
@@ -324,7 +324,7 @@ impl Volume {
                     }
                 }
                 Entry::Trim { start, count } => {
-                    st.map.clear_range(start, count, |_, _| garbage += 1)
+                    st.map.clear_range(start, count, |_, _| garbage += 1);
                 }
                 Entry::ScoCrc { sco, clusters, .. } if sco.clone_id == 0 => {
                     st.applied_end = st.applied_end.max(Position::new(sco.number.0, clusters));

@@ -193,15 +193,18 @@ impl Volume {
         let mut region_of_last: Option<usize> = None;
         for (index, record) in records.iter().enumerate() {
             let region = boundaries.partition_point(|b| *b < record.number);
-            if region_of_last != Some(region) {
-                summaries.push(Summary {
-                    first: index,
-                    last: index,
-                    ..Summary::default()
-                });
-                region_of_last = Some(region);
-            }
-            let summary = summaries.last_mut().expect("pushed above");
+            let summary = match summaries.last_mut() {
+                Some(summary) if region_of_last == Some(region) => summary,
+                _ => {
+                    region_of_last = Some(region);
+                    summaries.push(Summary {
+                        first: index,
+                        ..Summary::default()
+                    });
+                    let last = summaries.len() - 1;
+                    &mut summaries[last]
+                }
+            };
             summary.last = index;
             let object = record.object_name();
             let bytes = self
@@ -307,7 +310,7 @@ impl Volume {
             }
             .encode();
             for (new_offset, old_offset) in offsets.iter().enumerate() {
-                let at = sco::cluster_offset(*old_offset as u64, self.cluster_size) as usize;
+                let at = sco::cluster_offset(u64::from(*old_offset), self.cluster_size) as usize;
                 let Some(cluster) = bytes.get(at..at + cs) else {
                     return Err(VolumeError::corrupt(
                         &self.name,
@@ -408,7 +411,11 @@ impl Volume {
                 let mut old_objects = Vec::new();
                 for (first, last, record) in &replaced {
                     tlogs.extend_from_slice(&records[next..*first]);
-                    old_objects.extend(records[*first..=*last].iter().map(|r| r.object_name()));
+                    old_objects.extend(
+                        records[*first..=*last]
+                            .iter()
+                            .map(super::super::config::TLogRecord::object_name),
+                    );
                     tlogs.push(record.clone());
                     next = last + 1;
                 }
@@ -492,7 +499,10 @@ impl Volume {
         let (referenced_tlogs, referenced_scos, pending, newest_tlog, newest_sco, meta) = {
             let st = self.state.lock();
             let records = &st.backend_tlogs.tlogs;
-            let tlogs: BTreeSet<String> = records.iter().map(|r| r.object_name()).collect();
+            let tlogs: BTreeSet<String> = records
+                .iter()
+                .map(super::super::config::TLogRecord::object_name)
+                .collect();
             let scos: BTreeSet<(u32, u8)> = records
                 .iter()
                 .flat_map(|r| r.scos.iter().map(move |n| (*n, r.sco_version(*n))))

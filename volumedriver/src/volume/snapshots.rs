@@ -42,8 +42,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::read_nonblocking::{self, ReadAttempt};
 use super::read::Segment;
+use super::read_nonblocking::{self, ReadAttempt};
 use super::{State, Volume, TLOG_LIST_OBJECT};
 use crate::config::{validate_volume_name, SnapshotRecord, TLogList};
 use crate::error::{Result, VolumeError};
@@ -212,15 +212,20 @@ impl Volume {
         frame.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
         frame.extend_from_slice(&json);
         let written = (|| {
-            if st.meta_log.is_none() {
-                let file = fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)?;
-                st.new_files = true;
-                st.meta_log = Some(Arc::new(file));
-            }
-            let mut file: &fs::File = st.meta_log.as_deref().expect("opened above");
+            let log = match &st.meta_log {
+                Some(log) => log.clone(),
+                None => {
+                    let file = fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)?;
+                    st.new_files = true;
+                    let log = Arc::new(file);
+                    st.meta_log = Some(log.clone());
+                    log
+                }
+            };
+            let mut file: &fs::File = &log;
             file.write_all(&frame)
         })();
         if let Err(e) = written {

@@ -187,7 +187,13 @@ impl Volume {
             };
             let n = room.min(total - done);
             let chunk = &data[(done * cs) as usize..((done + n) * cs) as usize];
-            let local = st.scos.get_mut(&number).expect("open SCO is local");
+            let Some(local) = st.scos.get_mut(&number) else {
+                return self.halt_with(VolumeError::corrupt(
+                    &self.name,
+                    ScoName::new(number).to_string(),
+                    "the open SCO is missing from the write buffer's table",
+                ));
+            };
             if let Err(e) = local
                 .file
                 .write_all_at(chunk, sco::cluster_offset(index, cs))
@@ -258,23 +264,25 @@ impl Volume {
     }
 
     fn append_entry(&self, st: &mut State, entry: Entry) -> Result<()> {
-        if st.tlog.is_none() {
-            let number = TLogNumber(st.next_tlog);
-            let path = tlog_path(&self.dir, number);
-            let writer =
-                TLogWriter::create(&path, number).map_err(VolumeError::io(&self.name, &path))?;
-            st.next_tlog += 1;
-            st.new_files = true;
-            st.tlog = Some(CurrentTLog {
-                writer,
-                scos: Vec::new(),
-                data_bytes: 0,
-                sealed_scos: 0,
-                garbage: 0,
-                opened: std::time::Instant::now(),
-            });
-        }
-        let tlog = st.tlog.as_mut().expect("just created");
+        let tlog = match &mut st.tlog {
+            Some(tlog) => tlog,
+            None => {
+                let number = TLogNumber(st.next_tlog);
+                let path = tlog_path(&self.dir, number);
+                let writer = TLogWriter::create(&path, number)
+                    .map_err(VolumeError::io(&self.name, &path))?;
+                st.next_tlog += 1;
+                st.new_files = true;
+                st.tlog.insert(CurrentTLog {
+                    writer,
+                    scos: Vec::new(),
+                    data_bytes: 0,
+                    sealed_scos: 0,
+                    garbage: 0,
+                    opened: std::time::Instant::now(),
+                })
+            }
+        };
         if let Err(e) = tlog.writer.append(entry) {
             let err = VolumeError::io(&self.name, tlog.writer.path().to_path_buf())(e);
             self.halt(st, err.to_string());
@@ -305,9 +313,11 @@ impl Volume {
             local.state = ScoState::Sealed { crc: open.crc };
         }
         st.uploads.push_back(UploadTask::Sco(open.number));
-        let tlog = st.tlog.as_mut().expect("a sealed SCO has TLog entries");
-        tlog.scos.push(open.number.0);
-        tlog.sealed_scos += 1;
+        // `append_entry` above made sure there is a current TLog.
+        if let Some(tlog) = st.tlog.as_mut() {
+            tlog.scos.push(open.number.0);
+            tlog.sealed_scos += 1;
+        }
         self.upload_work.notify_all();
         Ok(())
     }

@@ -53,7 +53,10 @@ impl FaultStore {
         delay: Duration,
         matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
     ) {
-        *self.slow.write().unwrap_or_else(|e| e.into_inner()) = Some(SlowReads {
+        *self
+            .slow
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SlowReads {
             delay,
             matches: Box::new(matches),
         });
@@ -160,7 +163,7 @@ impl ObjectStore for FaultStore {
         let delay = self
             .slow
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .filter(|slow| (slow.matches)(ns, name))
             .map(|slow| slow.delay);
