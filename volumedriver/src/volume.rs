@@ -24,7 +24,7 @@
 //! TLog list is rewritten to include it; only then is the TLog *uncorked*: its SCOs become
 //! disposable (evictable; still read locally until evicted) and its local file is deleted. The
 //! engine performs no waiting of its own: [`Volume::upload_one`] does one step and the caller
-//! (the manager's uploader thread, or a test) decides when to call it, which keeps this module
+//! (the node's upload scheduler, or a test) decides when to call it, which keeps this module
 //! free of timers and threads.
 //!
 //! # Restart

@@ -10,7 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use vstor_backend::{BackendError, ObjectStore};
 
@@ -334,21 +333,6 @@ impl Volume {
     /// Number of queued upload steps.
     pub fn pending_uploads(&self) -> usize {
         self.state.lock().uploads.len()
-    }
-
-    /// Block until there is upload work, the volume stops, or `timeout` passes.
-    pub fn wait_for_upload_work(&self, timeout: Duration) {
-        let mut st = self.state.lock();
-        if st.uploads.is_empty() && !st.list_dirty && !st.stopped {
-            self.upload_work.wait_for(&mut st, timeout);
-        }
-    }
-
-    /// Block for `timeout` or until the volume stops (upload retry back-off).
-    pub fn pause(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut st = self.state.lock();
-        while !st.stopped && !self.upload_work.wait_until(&mut st, deadline).timed_out() {}
     }
 
     /// Block until the upload queue is empty, the volume halts, or `deadline` passes. Returns
