@@ -27,7 +27,7 @@ pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
     pub data_dir: PathBuf,
-    /// Backend directory; empty means `<data_dir>/backend`.
+    /// Backend: a directory, or `s3://BUCKET[/PREFIX]`; empty means `<data_dir>/backend`.
     pub backend: Option<PathBuf>,
     pub api: String,
     pub nbd: String,
@@ -177,11 +177,42 @@ impl Default for NbdSettings {
     }
 }
 
+/// Where the node keeps its backend objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// A local (or shared) directory.
+    Dir(PathBuf),
+    /// An S3 bucket and key prefix; endpoint and credentials come from the `AWS_*` environment.
+    S3(vstor_backend::S3Location),
+}
+
+impl BackendSpec {
+    /// A value starting with `s3://` selects S3, anything else is a directory.
+    pub fn parse(value: &std::path::Path) -> Result<Self> {
+        match value.to_str() {
+            Some(text) if text.starts_with("s3://") => Ok(Self::S3(
+                vstor_backend::S3Location::parse(text)
+                    .map_err(|e| anyhow::anyhow!("setting backend: {e}"))?,
+            )),
+            _ => Ok(Self::Dir(value.to_path_buf())),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+            Self::S3(location) => write!(f, "{location}"),
+        }
+    }
+}
+
 /// Resolved, validated settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
-    pub backend: PathBuf,
+    pub backend: BackendSpec,
     pub api: SocketAddr,
     pub nbd: SocketAddr,
     pub vhost_dir: PathBuf,
@@ -406,10 +437,12 @@ impl FileConfig {
             ));
         }
         Ok(ServeConfig {
-            backend: self
-                .backend
-                .clone()
-                .unwrap_or_else(|| self.data_dir.join("backend")),
+            backend: BackendSpec::parse(
+                &self
+                    .backend
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("backend")),
+            )?,
             api: parse_addr("API", &self.api)?,
             nbd: parse_addr("NBD", &self.nbd)?,
             vhost_dir: self
@@ -610,8 +643,33 @@ mod tests {
                 ..Overrides::default()
             })
             .unwrap();
-        assert_eq!(config.backend, PathBuf::from("/tmp/d/backend"));
+        assert_eq!(
+            config.backend,
+            BackendSpec::Dir(PathBuf::from("/tmp/d/backend"))
+        );
         assert_eq!(config.nbd.port(), 0);
         assert!(config.default_volume.is_none());
+    }
+
+    #[test]
+    fn backend_values_starting_with_s3_select_s3() {
+        let resolve = |backend: &str| {
+            FileConfig::default().resolve(Overrides {
+                backend: Some(backend.into()),
+                ..Overrides::default()
+            })
+        };
+        let config = resolve("s3://vstor-bucket/cluster1").unwrap();
+        assert_eq!(config.backend.to_string(), "s3://vstor-bucket/cluster1");
+        assert!(matches!(config.backend, BackendSpec::S3(ref l) if l.prefix == "cluster1"));
+        let file: FileConfig = toml::from_str("backend = \"s3://other\"\n").unwrap();
+        let config = file.resolve(Overrides::default()).unwrap();
+        assert!(matches!(config.backend, BackendSpec::S3(ref l) if l.bucket == "other"));
+        assert_eq!(
+            resolve("/srv/backend").unwrap().backend,
+            BackendSpec::Dir("/srv/backend".into())
+        );
+        let err = resolve("s3://Bad_Bucket").unwrap_err().to_string();
+        assert!(err.contains("s3://Bad_Bucket"), "{err}");
     }
 }

@@ -72,7 +72,8 @@ struct ServeArgs {
     /// Node state directory [default: ./vstor-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Backend directory [default: <data-dir>/backend].
+    /// Backend: a directory, or s3://BUCKET[/PREFIX] (endpoint, region and credentials from the
+    /// AWS_* environment) [default: <data-dir>/backend].
     #[arg(long)]
     backend: Option<PathBuf>,
     /// Management API listen address [default: 127.0.0.1:7800].

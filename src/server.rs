@@ -8,24 +8,27 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use vstor_backend::LocalStore;
+use vstor_backend::{LocalStore, ObjectStore, S3Options, S3Store};
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
 use vstor_edge::vhost::{VhostConfig, VhostServer};
 use vstor_volumedriver::{DtlMode, ManagerConfig, VolumeManager, VolumeOptions};
 
 use crate::api::{router, ApiState};
-use crate::config::ServeConfig;
+use crate::config::{BackendSpec, ServeConfig};
 use crate::dirlock::DirLock;
 use crate::export::Exports;
 use crate::scrub::{AutoScrubber, Scrubs};
 
 pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // Absolute paths: they are shown to users (socket paths) and must not depend on a later cwd.
-    for path in [
-        &mut config.data_dir,
-        &mut config.backend,
-        &mut config.vhost_dir,
-    ] {
+    let backend_dir = match &mut config.backend {
+        BackendSpec::Dir(dir) => Some(dir),
+        BackendSpec::S3(_) => None,
+    };
+    for path in [&mut config.data_dir, &mut config.vhost_dir]
+        .into_iter()
+        .chain(backend_dir)
+    {
         *path = std::path::absolute(&*path)
             .with_context(|| format!("cannot resolve path {}", path.display()))?;
     }
@@ -35,18 +38,17 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     })?;
     // Before anything in the directory is read or written: a second node must not touch it.
     let _lock = DirLock::acquire(&config.data_dir, "vstor serve")?;
-    let backend = LocalStore::open(&config.backend)
-        .with_context(|| format!("cannot open backend directory {}", config.backend.display()))?;
+    let spec = config.backend.clone();
+    let backend = tokio::task::spawn_blocking(move || open_backend(&spec)).await??;
     let manager_config = ManagerConfig {
         runtime: Some(tokio::runtime::Handle::current()),
         upload_concurrency: config.upload_concurrency,
         max_open_age: config.max_open_age,
         ..ManagerConfig::under(&config.data_dir, config.write_buffer_limit)
     };
-    let manager =
-        tokio::task::spawn_blocking(move || VolumeManager::open(manager_config, Arc::new(backend)))
-            .await?
-            .context("cannot start the volume manager")?;
+    let manager = tokio::task::spawn_blocking(move || VolumeManager::open(manager_config, backend))
+        .await?
+        .context("cannot start the volume manager")?;
 
     if let Some((name, size)) = &config.default_volume {
         if manager.names().is_empty() && manager.failed().is_empty() {
@@ -221,4 +223,29 @@ where
         }
     }
     Ok(())
+}
+
+/// Open the configured backend; a bad bucket or bad credentials fail here, at startup.
+fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn ObjectStore>> {
+    Ok(match spec {
+        BackendSpec::Dir(dir) => Arc::new(
+            LocalStore::open(dir)
+                .with_context(|| format!("cannot open backend directory {}", dir.display()))?,
+        ),
+        BackendSpec::S3(location) => {
+            let options = S3Options {
+                // The objects the volume layer overwrites in place: a claim re-stamps them so a
+                // fenced node can no longer replace them (backend/src/s3.rs explains).
+                restamp_on_claim: vec![
+                    vstor_volumedriver::config::CONFIG_OBJECT.to_string(),
+                    vstor_volumedriver::config::TLOG_LIST_OBJECT.to_string(),
+                ],
+                ..S3Options::default()
+            };
+            Arc::new(
+                S3Store::open(location.clone(), options)
+                    .with_context(|| format!("cannot open S3 backend {location}"))?,
+            )
+        }
+    })
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{block_content, decode_block, require_tool, run_ok, Daemon, NbdClient};
+use common::{block_content, decode_block, require_tool, run_ok, Daemon, NbdClient, TestBackend};
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 2048;
@@ -75,10 +75,9 @@ fn writer(addr: String, oracle: Arc<Mutex<Oracle>>, seq: Arc<AtomicU64>, progres
     }
 }
 
-#[test]
-fn kill_9_under_load_loses_no_flushed_write() {
+fn kill_9_under_load_loses_no_flushed_write_on(backend: TestBackend, rounds: u64) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(tmp.path());
+    let mut daemon = Daemon::start_on(tmp.path(), &backend, &[]);
     daemon.cli_ok(&[
         "volume",
         "create",
@@ -92,7 +91,7 @@ fn kill_9_under_load_loses_no_flushed_write() {
     ]);
     let oracle = Arc::new(Mutex::new(Oracle::default()));
     let seq = Arc::new(AtomicU64::new(1));
-    for round in 0..4 {
+    for round in 0..rounds {
         let progress = Arc::new(AtomicU64::new(0));
         let handle = {
             let (addr, oracle, seq, progress) = (
@@ -152,6 +151,16 @@ fn kill_9_under_load_loses_no_flushed_write() {
     );
 }
 
+#[test]
+fn kill_9_under_load_loses_no_flushed_write() {
+    kill_9_under_load_loses_no_flushed_write_on(TestBackend::Default, 4);
+}
+
+#[test]
+fn kill_9_under_load_on_s3_loses_no_flushed_write() {
+    kill_9_under_load_loses_no_flushed_write_on(TestBackend::s3(), 2);
+}
+
 fn write_reference(uri: &str, reference: &std::path::Path, commands: &[&str]) {
     for target in [uri.to_string(), reference.display().to_string()] {
         let mut cmd = Command::new("qemu-io");
@@ -163,11 +172,10 @@ fn write_reference(uri: &str, reference: &std::path::Path, commands: &[&str]) {
     }
 }
 
-#[test]
-fn clean_stop_then_restart_from_backend_alone() {
+fn clean_stop_then_restart_from_backend_alone_on(backend: TestBackend) {
     require_tool("qemu-img");
     let tmp = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(tmp.path());
+    let mut daemon = Daemon::start_on(tmp.path(), &backend, &[]);
     daemon.cli_ok(&[
         "volume",
         "create",
@@ -237,6 +245,16 @@ fn clean_stop_then_restart_from_backend_alone() {
         info["local_sco_bytes"], 0,
         "everything is read from the backend now: {info}"
     );
+}
+
+#[test]
+fn clean_stop_then_restart_from_backend_alone() {
+    clean_stop_then_restart_from_backend_alone_on(TestBackend::Default);
+}
+
+#[test]
+fn clean_stop_then_restart_from_s3_alone() {
+    clean_stop_then_restart_from_backend_alone_on(TestBackend::s3());
 }
 
 #[test]

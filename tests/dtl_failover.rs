@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use common::{block_content, decode_block, Daemon, NbdClient, VSTOR};
+use common::{block_content, decode_block, Daemon, NbdClient, TestBackend, VSTOR};
 
 const BLOCK: usize = 4096;
 /// Blocks the writers touch (16 MiB of the volume); the rest of it must stay zeros.
@@ -140,18 +140,10 @@ impl Drop for Dtl {
 // ------------------------------------------------------------------------------- nodes
 
 /// A node in `<root>/<name>` on the shared backend, mirroring new volumes to `dtl`.
-fn start_node(root: &Path, name: &str, backend: &Path, dtl: &str) -> Daemon {
+fn start_node(root: &Path, name: &str, backend: &TestBackend, dtl: &str) -> Daemon {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    Daemon::start_with(
-        &dir,
-        &[
-            "--backend",
-            backend.to_str().expect("utf-8 path"),
-            "--dtl",
-            dtl,
-        ],
-    )
+    Daemon::start_on(&dir, backend, &["--dtl", dtl])
 }
 
 /// Poll `check` until it returns something, failing after `timeout`.
@@ -429,10 +421,10 @@ const ROUNDS: u64 = 20;
 /// Rounds of: write under load, `kill -9` the node, delete its data directory, adopt the volume
 /// on a fresh node on the same backend and DTL, check every block; the new node is the next
 /// round's writer.
-fn crash_oracle_adopt(mode: Mode) {
+fn crash_oracle_adopt(mode: Mode, kind: TestBackend, rounds: u64) {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
-    let backend = tmp.path().join("backend");
+    let backend = kind.shared(&tmp.path().join("backend"));
     let dtl = Dtl::start(&tmp.path().join("dtl"));
     let mut node = start_node(tmp.path(), "node-0", &backend, &dtl.addr);
     node.cli_ok(&[
@@ -458,7 +450,7 @@ fn crash_oracle_adopt(mode: Mode) {
     let mut replayed_rounds = 0;
     let mut replayed_total = 0;
     let mut held_total = 0;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let context = format!("{} round {round}", mode.as_str());
         let writers = start_writers(&node, mode, &load);
         // Vary the moment of the crash: sometimes early in a SCO, sometimes after a rollover.
@@ -504,13 +496,14 @@ fn crash_oracle_adopt(mode: Mode) {
     }
     // Replay, not the backend, saved the writes that had not been uploaded yet.
     assert!(
-        replayed_rounds >= ROUNDS / 2,
-        "only {replayed_rounds} of {ROUNDS} adoptions replayed DTL entries"
+        replayed_rounds >= rounds / 2,
+        "only {replayed_rounds} of {rounds} adoptions replayed DTL entries"
     );
     eprintln!(
-        "{} mode: {ROUNDS} rounds, {} writes, {replayed_total} DTL entries replayed \
+        "{} mode: {rounds} rounds on {}, {} writes, {replayed_total} DTL entries replayed \
          ({held_total} held) in {replayed_rounds} adoptions, {:.1} s",
         mode.as_str(),
+        if backend.is_s3() { "S3" } else { "a directory" },
         load.seq.load(Ordering::SeqCst) - 1,
         started.elapsed().as_secs_f64()
     );
@@ -518,12 +511,18 @@ fn crash_oracle_adopt(mode: Mode) {
 
 #[test]
 fn crash_oracle_adopt_sync() {
-    crash_oracle_adopt(Mode::Sync);
+    crash_oracle_adopt(Mode::Sync, TestBackend::Default, ROUNDS);
 }
 
 #[test]
 fn crash_oracle_adopt_async() {
-    crash_oracle_adopt(Mode::Async);
+    crash_oracle_adopt(Mode::Async, TestBackend::Default, ROUNDS);
+}
+
+/// Fewer rounds on S3: each adoption restores from a Python S3 server.
+#[test]
+fn crash_oracle_adopt_sync_on_s3() {
+    crash_oracle_adopt(Mode::Sync, TestBackend::s3(), 4);
 }
 
 // ------------------------------------------------------------------------- fencing
@@ -573,8 +572,17 @@ fn try_info(node: &Daemon) -> Result<serde_json::Value, String> {
 
 #[test]
 fn old_node_is_fenced_after_adopt() {
+    old_node_is_fenced_after_adopt_on(TestBackend::Default);
+}
+
+#[test]
+fn old_node_is_fenced_after_adopt_on_s3() {
+    old_node_is_fenced_after_adopt_on(TestBackend::s3());
+}
+
+fn old_node_is_fenced_after_adopt_on(kind: TestBackend) {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = tmp.path().join("backend");
+    let backend = kind.shared(&tmp.path().join("backend"));
     let dtl = Dtl::start(&tmp.path().join("dtl"));
     let mut a = start_node(tmp.path(), "node-a", &backend, &dtl.addr);
     a.cli_ok(&[
@@ -683,7 +691,10 @@ fn old_node_is_fenced_after_adopt() {
         list.as_array().unwrap().iter().all(|v| v["name"] != VOLUME),
         "{list}"
     );
-    assert!(backend.join(VOLUME).exists(), "A deleted B's namespace");
+    assert!(
+        backend.store(&a.data_dir).namespace_exists(VOLUME).unwrap(),
+        "A deleted B's namespace"
+    );
     verify(&b, &load, "B after A deleted its copy");
 
     // B's backend data and DTL registration are intact: B dies, C adopts and reads it all.
@@ -714,7 +725,7 @@ fn old_node_is_fenced_after_adopt() {
 /// A node with `vol` (64M, sync DTL) and writers running on it.
 fn node_with_writers(
     root: &Path,
-    backend: &Path,
+    backend: &TestBackend,
     dtl: &Dtl,
     load: &Arc<Load>,
 ) -> (Daemon, Vec<JoinHandle<Result<u64, String>>>) {
@@ -740,7 +751,7 @@ fn node_with_writers(
 /// `kill -9` the node under load, drop its write buffer, adopt on a fresh node, check it all.
 fn crash_and_adopt(
     root: &Path,
-    backend: &Path,
+    backend: &TestBackend,
     dtl: &Dtl,
     mut node: Daemon,
     load: &Load,
@@ -780,7 +791,7 @@ fn states_until_ok_sync(node: &Daemon) -> Vec<String> {
 #[test]
 fn dtl_killed_and_restarted_during_writes() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = tmp.path().join("backend");
+    let backend = TestBackend::Dir(tmp.path().join("backend"));
     let mut dtl = Dtl::start(&tmp.path().join("dtl"));
     let load = Load::new();
     let (node, writers) = node_with_writers(tmp.path(), &backend, &dtl, &load);
@@ -816,7 +827,7 @@ fn dtl_killed_and_restarted_during_writes() {
 #[test]
 fn dtl_paused_with_sigstop() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = tmp.path().join("backend");
+    let backend = TestBackend::Dir(tmp.path().join("backend"));
     let dtl = Dtl::start(&tmp.path().join("dtl"));
     let load = Load::new();
     let (node, writers) = node_with_writers(tmp.path(), &backend, &dtl, &load);

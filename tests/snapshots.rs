@@ -14,7 +14,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{block_content, checksum_file, decode_block, require_tool, run_ok, Daemon, NbdClient};
+use common::{
+    block_content, checksum_file, decode_block, require_tool, run_ok, Daemon, NbdClient,
+    TestBackend,
+};
 use serde_json::Value;
 
 const BLOCK: u64 = 4096;
@@ -465,11 +468,10 @@ fn snapshots_are_created_listed_read_through_nbd_and_deleted() {
     assert!(err.contains("has no snapshot \"s1\""), "{err}");
 }
 
-#[test]
-fn clone_equals_its_snapshot_and_then_diverges_on_its_own() {
+fn clone_equals_its_snapshot_and_then_diverges_on_its_own_on(backend: TestBackend) {
     require_qemu_tools();
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(tmp.path());
+    let daemon = Daemon::start_on(tmp.path(), &backend, &[]);
     daemon.cli_ok(&[
         "volume",
         "create",
@@ -630,6 +632,16 @@ fn clone_equals_its_snapshot_and_then_diverges_on_its_own() {
     daemon.cli_ok(&["snapshot", "delete", "base", "gold"]);
     daemon.cli_ok(&["volume", "delete", "base"]);
     assert!(daemon.backend_objects("base").is_empty());
+}
+
+#[test]
+fn clone_equals_its_snapshot_and_then_diverges_on_its_own() {
+    clone_equals_its_snapshot_and_then_diverges_on_its_own_on(TestBackend::Default);
+}
+
+#[test]
+fn clone_on_s3_equals_its_snapshot_and_then_diverges_on_its_own() {
+    clone_equals_its_snapshot_and_then_diverges_on_its_own_on(TestBackend::s3());
 }
 
 #[test]
@@ -1182,10 +1194,11 @@ fn make_garbage(
     model[..dead as usize].copy_from_slice(&seqs);
 }
 
-#[test]
-fn scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects() {
+fn scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects_on(
+    backend: TestBackend,
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(tmp.path());
+    let daemon = Daemon::start_on(tmp.path(), &backend, &[]);
     daemon.cli_ok(&[
         "volume",
         "create",
@@ -1269,6 +1282,20 @@ fn scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_obje
     check_content(&daemon, "sc@s2", &model);
     wait_no_leaked_objects(&daemon, "sc");
     assert_eq!(daemon.info("sc")["backend_bytes"], blocks * BLOCK);
+}
+
+#[test]
+fn scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects() {
+    scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects_on(
+        TestBackend::Default,
+    );
+}
+
+#[test]
+fn scrub_on_s3_reclaims_space_and_leaves_only_referenced_objects() {
+    scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects_on(
+        TestBackend::s3(),
+    );
 }
 
 #[test]

@@ -9,14 +9,19 @@
 //! [`ObjectStore::put_if_owner`] succeeds only while the namespace's tag equals the writer's, so a
 //! node that lost a volume (and does not know it yet) cannot overwrite the new owner's objects.
 //!
-//! The embedded default is [`LocalStore`], a directory tree; the erasure-coded tier and S3 will be
-//! further implementations of the same trait.
+//! The embedded default is [`LocalStore`], a directory tree; [`S3Store`] puts the same namespaces
+//! on an S3 bucket (see its module for how fencing holds without locks).
 
 mod chunks;
 mod local;
+pub mod s3;
+#[cfg(any(test, feature = "testing"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is a failure report
+pub mod testing;
 
 pub use chunks::{chunk_crcs_of, ChunkCrcs, CHUNK_SIZE};
 pub use local::LocalStore;
+pub use s3::{S3Location, S3Options, S3Store};
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +65,20 @@ pub enum BackendError {
     },
     #[error("invalid name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
+    #[error("invalid S3 location {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: &'static str },
+    #[error("S3 bucket {bucket} does not exist")]
+    NoSuchBucket { bucket: String },
+    #[error("S3 refused the credentials for bucket {bucket} (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY): {reason}")]
+    S3Auth { bucket: String, reason: String },
+    #[error("cannot configure the S3 client for bucket {bucket}: {reason}")]
+    S3Config { bucket: String, reason: String },
+    #[error("S3 request on bucket {bucket}, key {key:?} failed: {reason}")]
+    S3 {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -14,12 +14,87 @@ use nix::unistd::Pid;
 
 pub const VSTOR: &str = env!("CARGO_BIN_EXE_vstor");
 
+/// The backend a test's daemons run on.
+#[derive(Clone)]
+pub enum TestBackend {
+    /// Each daemon's default `<data-dir>/backend`.
+    Default,
+    /// A directory shared by the daemons given it (`--backend DIR`).
+    Dir(PathBuf),
+    /// A bucket on a real S3 server (moto) started for the test (`--backend s3://...`).
+    S3(Arc<S3Fixture>),
+}
+
+/// A moto server and the bucket and prefix the daemons use; the server stops when the last
+/// daemon and test holding it drop it.
+pub struct S3Fixture {
+    pub moto: vstor_backend::testing::Moto,
+    pub uri: String,
+}
+
+impl TestBackend {
+    /// A fresh moto server with a bucket, used under a key prefix.
+    pub fn s3() -> Self {
+        let moto = vstor_backend::testing::Moto::start();
+        moto.create_bucket("vstor-tests");
+        TestBackend::S3(Arc::new(S3Fixture {
+            moto,
+            uri: "s3://vstor-tests/nodes".into(),
+        }))
+    }
+
+    /// A backend of the same kind as `self` that daemons can share: `dir` for local ones.
+    pub fn shared(&self, dir: &Path) -> Self {
+        match self {
+            TestBackend::S3(_) => self.clone(),
+            _ => TestBackend::Dir(dir.to_path_buf()),
+        }
+    }
+
+    pub fn is_s3(&self) -> bool {
+        matches!(self, TestBackend::S3(_))
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            TestBackend::Default => vec![],
+            TestBackend::Dir(dir) => vec!["--backend".into(), dir.display().to_string()],
+            TestBackend::S3(s3) => vec!["--backend".into(), s3.uri.clone()],
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        match self {
+            TestBackend::S3(s3) => s3.moto.env(),
+            _ => vec![],
+        }
+    }
+
+    /// A client of the store a daemon on `data_dir` uses.
+    pub fn store(&self, data_dir: &Path) -> Arc<dyn vstor_backend::ObjectStore> {
+        match self {
+            TestBackend::Default => Arc::new(
+                vstor_backend::LocalStore::open(data_dir.join("backend")).expect("open backend"),
+            ),
+            TestBackend::Dir(dir) => {
+                Arc::new(vstor_backend::LocalStore::open(dir).expect("open backend"))
+            }
+            TestBackend::S3(s3) => Arc::new(
+                s3.moto
+                    .store(&s3.uri, vstor_backend::S3Options::default())
+                    .expect("open the S3 backend"),
+            ),
+        }
+    }
+}
+
 pub struct Daemon {
     pub child: Option<Child>,
     pub data_dir: PathBuf,
     pub api: String,
     pub nbd: String,
     pub log: PathBuf,
+    pub backend: TestBackend,
     extra: Vec<String>,
 }
 
@@ -43,12 +118,18 @@ impl Daemon {
     }
 
     pub fn start_with(root: &Path, extra: &[&str]) -> Self {
+        Self::start_on(root, &TestBackend::Default, extra)
+    }
+
+    /// Start a daemon on a fresh data directory inside `root`, on `backend`.
+    pub fn start_on(root: &Path, backend: &TestBackend, extra: &[&str]) -> Self {
         let mut daemon = Daemon {
             child: None,
             data_dir: root.join("data"),
             api: String::new(),
             nbd: String::new(),
             log: root.join("daemon.log"),
+            backend: backend.clone(),
             extra: extra.iter().map(std::string::ToString::to_string).collect(),
         };
         daemon.launch();
@@ -73,7 +154,9 @@ impl Daemon {
                 "127.0.0.1:0",
                 "--no-default-volume",
             ])
+            .args(self.backend.args())
             .args(&self.extra)
+            .envs(self.backend.env())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -394,6 +477,14 @@ impl Daemon {
     /// Names of the complete objects in a volume's backend namespace (puts in progress, named
     /// `.tmp-*`, left out).
     pub fn backend_objects(&self, volume: &str) -> std::collections::BTreeSet<String> {
+        if self.backend.is_s3() {
+            return self
+                .backend
+                .store(&self.data_dir)
+                .list(volume)
+                .map(|names| names.into_iter().collect())
+                .unwrap_or_default();
+        }
         std::fs::read_dir(self.backend_dir(volume))
             .map(|dir| {
                 dir.filter_map(std::result::Result::ok)
@@ -406,6 +497,16 @@ impl Daemon {
 
     /// Total size of the files in a volume's backend namespace.
     pub fn backend_disk_bytes(&self, volume: &str) -> u64 {
+        if self.backend.is_s3() {
+            // Payload bytes of each object (S3 does not show the space it really uses).
+            let store = self.backend.store(&self.data_dir);
+            return store
+                .list(volume)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|name| store.size(volume, name).ok())
+                .sum();
+        }
         std::fs::read_dir(self.backend_dir(volume)).map_or(0, |dir| {
             dir.filter_map(std::result::Result::ok)
                 .filter_map(|e| e.metadata().ok())
@@ -416,7 +517,14 @@ impl Daemon {
 
     /// The volume's backend TLog list (the `tlogs` object).
     pub fn backend_tlog_list(&self, volume: &str) -> vstor_volumedriver::config::TLogList {
-        let payload = backend_payload(&self.backend_dir(volume).join("tlogs"));
+        let payload = match self.backend {
+            TestBackend::S3(_) => self
+                .backend
+                .store(&self.data_dir)
+                .get(volume, "tlogs")
+                .expect("backend tlogs"),
+            _ => backend_payload(&self.backend_dir(volume).join("tlogs")),
+        };
         vstor_volumedriver::config::TLogList::decode(volume, &payload).expect("backend tlogs")
     }
 
