@@ -16,8 +16,9 @@
 //!
 //! `--backend` names the store: absent, a local store in the work directory (the embedded
 //! default, on the same filesystem as the write buffer); a directory path or `file://PATH`, a
-//! local store there (on another filesystem `put_file` copies). Other schemes (`s3://...`) are
-//! refused until this build has a store for them.
+//! local store there (on another filesystem `put_file` copies); `s3://BUCKET[/PREFIX]`, the S3
+//! store with endpoint, region and credentials from the standard `AWS_*` environment (the
+//! bucket must exist; `put_file` streams there, as every store without links does).
 
 mod report;
 
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use vstor_backend::{ChunkCrcs, LocalStore, ObjectStore};
+use vstor_backend::{ChunkCrcs, LocalStore, ObjectStore, S3Location, S3Options, S3Store};
 use vstor_volumedriver::config::DEFAULT_SCO_SIZE;
 use vstor_volumedriver::{ManagerConfig, Volume, VolumeManager, VolumeOptions};
 
@@ -60,15 +61,28 @@ pub fn run(options: &BenchOptions) -> Result<()> {
 }
 
 /// The store `--backend` names, and where it lives.
-fn open_store(backend: Option<&str>, work: &Path) -> Result<(Arc<LocalStore>, String)> {
+fn open_store(backend: Option<&str>, work: &Path) -> Result<(Arc<dyn ObjectStore>, String)> {
     let root = match backend {
         None => work.join("backend"),
         Some(uri) => match uri.split_once("://") {
             None => PathBuf::from(uri),
             Some(("file", path)) => PathBuf::from(path),
+            Some(("s3", _)) => {
+                let location = S3Location::parse(uri)?;
+                let options = S3Options {
+                    restamp_on_claim: vec![
+                        vstor_volumedriver::config::CONFIG_OBJECT.to_string(),
+                        vstor_volumedriver::config::TLOG_LIST_OBJECT.to_string(),
+                    ],
+                    ..S3Options::default()
+                };
+                let store = S3Store::open(location.clone(), options)
+                    .with_context(|| format!("cannot open S3 backend {location}"))?;
+                return Ok((Arc::new(store), format!("S3 {location}")));
+            }
             Some((scheme, _)) => bail!(
-                "backend {uri:?}: this build has no {scheme} store (local directories only: a \
-                 path or file://PATH)"
+                "backend {uri:?}: no {scheme} store (a directory, file://PATH or \
+                 s3://BUCKET[/PREFIX])"
             ),
         },
     };
@@ -103,7 +117,7 @@ fn measure(options: &BenchOptions) -> Result<Report> {
 
 /// Writes `UPLOADS` SCO-sized files with their chunk CRCs, then stores each with `put_file` and
 /// with `put_from`.
-fn upload_phase(store: &LocalStore, work: &Path, seed: u64) -> Result<Vec<UploadRow>> {
+fn upload_phase(store: &dyn ObjectStore, work: &Path, seed: u64) -> Result<Vec<UploadRow>> {
     let len = DEFAULT_SCO_SIZE;
     if store.namespace_exists(NAMESPACE)? {
         store.delete_namespace(NAMESPACE)?;
@@ -185,7 +199,7 @@ fn write_object_file(path: &Path, len: u64, seed: u64) -> Result<Vec<u32>> {
 
 /// Fills a volume, uploads and evicts it, then measures random 4 KiB reads at QD 1 and 32.
 fn read_phase(
-    store: Arc<LocalStore>,
+    store: Arc<dyn ObjectStore>,
     work: &Path,
     options: &BenchOptions,
     seed: u64,
