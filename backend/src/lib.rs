@@ -192,6 +192,50 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn list(&self, namespace: &str) -> Result<Vec<String>>;
 }
 
+/// The whole checksum chunks a ranged read of `[offset, offset+len)` must fetch and verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkSpan {
+    /// Index of the first chunk.
+    pub first: u64,
+    /// Payload offsets of the span: from the first chunk's start to the last chunk's end.
+    pub start: u64,
+    pub end: u64,
+}
+
+impl ChunkSpan {
+    /// The span of a read of `len` bytes at `offset` of an object of `payload_len` bytes cut
+    /// into `chunk_size` chunks (not zero); `None` for an empty read, an error outside the
+    /// object. Shared by every store that keeps a CRC32C per chunk.
+    pub(crate) fn of(
+        namespace: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+        payload_len: u64,
+        chunk_size: u64,
+    ) -> Result<Option<Self>> {
+        if offset.checked_add(len).is_none_or(|end| end > payload_len) {
+            return Err(BackendError::RangeOutOfBounds {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                offset,
+                len,
+                size: payload_len,
+            });
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        let first = offset / chunk_size;
+        let last = (offset + len - 1) / chunk_size;
+        Ok(Some(Self {
+            first,
+            start: first * chunk_size,
+            end: ((last + 1) * chunk_size).min(payload_len),
+        }))
+    }
+}
+
 /// Names are used as file names by the local store and as keys elsewhere: keep them portable.
 pub fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {

@@ -62,7 +62,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result, CHUNK_SIZE};
+use crate::{validate_name, BackendError, ChunkSpan, ObjectStore, OwnerTag, Result, CHUNK_SIZE};
 
 mod linked;
 
@@ -665,26 +665,15 @@ impl ObjectStore for LocalStore {
             payload_start,
         } = self.open_verified(namespace, name)?;
         let len = buf.len() as u64;
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > header.payload_len)
-        {
-            return Err(BackendError::RangeOutOfBounds {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                offset,
-                len,
-                size: header.payload_len,
-            });
-        }
-        if len == 0 {
-            return Ok(());
-        }
         let chunk_size = u64::from(header.chunk_size);
-        let first = offset / chunk_size;
-        let last = (offset + len - 1) / chunk_size;
-        let span_start = first * chunk_size;
-        let span_end = ((last + 1) * chunk_size).min(header.payload_len);
+        let Some(ChunkSpan {
+            first,
+            start: span_start,
+            end: span_end,
+        }) = ChunkSpan::of(namespace, name, offset, len, header.payload_len, chunk_size)?
+        else {
+            return Ok(());
+        };
         let mut span = vec![0u8; (span_end - span_start) as usize];
         file.read_exact_at(&mut span, payload_start + span_start)
             .map_err(io_err(&path))?;

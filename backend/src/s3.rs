@@ -80,7 +80,7 @@ use object_store::{
     PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
 };
 
-use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
+use crate::{validate_name, BackendError, ChunkSpan, ObjectStore, OwnerTag, Result};
 use format::{Header, HEADER_LEN};
 
 const OWNERS_DIR: &str = ".owners";
@@ -899,26 +899,21 @@ impl ObjectStore for S3Store {
                 .map_err(|fail| self.error(namespace, name, fail))?;
             let header = header.map_err(|reason| Self::corrupt(namespace, name, reason))?;
             let len = buf.len() as u64;
-            if offset
-                .checked_add(len)
-                .is_none_or(|end| end > header.payload_len)
-            {
-                return Err(BackendError::RangeOutOfBounds {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    offset,
-                    len,
-                    size: header.payload_len,
-                });
-            }
-            if len == 0 {
+            let Some(ChunkSpan {
+                first,
+                start: span_start,
+                end: span_end,
+            }) = ChunkSpan::of(
+                namespace,
+                name,
+                offset,
+                len,
+                header.payload_len,
+                u64::from(header.chunk_size),
+            )?
+            else {
                 return Ok(());
-            }
-            let chunk_size = u64::from(header.chunk_size);
-            let first = offset / chunk_size;
-            let last_chunk = (offset + len - 1) / chunk_size;
-            let span_start = first * chunk_size;
-            let span_end = ((last_chunk + 1) * chunk_size).min(header.payload_len);
+            };
             let base = header.payload_start();
             // If-Match: the span must come from the object whose header was just verified.
             let span =
