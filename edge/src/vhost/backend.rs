@@ -455,7 +455,16 @@ impl BlkBackend {
                     if std::mem::take(&mut pending_signal) {
                         signal_if_needed(vring);
                     }
-                    self.defer(ctl, vring, head, mem.clone(), req, fua, &target);
+                    self.defer(
+                        ctl,
+                        vring,
+                        head,
+                        mem.clone(),
+                        req,
+                        fua,
+                        &target,
+                        Pool::Blocking,
+                    );
                 }
                 Parsed::Request(req) => {
                     let mut acks = Vec::new();
@@ -473,7 +482,16 @@ impl BlkBackend {
                         if std::mem::take(&mut pending_signal) {
                             signal_if_needed(vring);
                         }
-                        self.defer_read(ctl, vring, head, mem.clone(), req, &target);
+                        self.defer(
+                            ctl,
+                            vring,
+                            head,
+                            mem.clone(),
+                            req,
+                            false,
+                            &target,
+                            Pool::BackendRead,
+                        );
                         continue;
                     };
                     if !acks.is_empty() {
@@ -539,6 +557,8 @@ impl BlkBackend {
         });
     }
 
+    /// Run a request that must not run on the queue thread on `pool` and complete its chain
+    /// from there.
     #[allow(clippy::too_many_arguments)]
     fn defer(
         &self,
@@ -549,6 +569,7 @@ impl BlkBackend {
         req: request::Request,
         fua: bool,
         target: &Arc<dyn BlockTarget>,
+        pool: Pool,
     ) {
         let mut deferred = Deferred {
             vring: vring.clone(),
@@ -561,51 +582,28 @@ impl BlkBackend {
         let target = Arc::clone(target);
         let id = self.id;
         let kind: RequestKind = req.kind;
-        self.runtime.spawn_blocking(move || {
+        let job = move || {
             let mut bounce = Vec::new();
             let outcome =
                 request::execute(&kind, &deferred.mem, target.as_ref(), fua, &id, &mut bounce);
             deferred.complete(outcome);
-        });
+        };
+        match pool {
+            Pool::Blocking => {
+                self.runtime.spawn_blocking(job);
+            }
+            Pool::BackendRead => read_pool::spawn(&self.runtime, job),
+        }
     }
 }
 
-impl BlkBackend {
-    /// Run a read that must wait for the backend on the backend-read pool and complete its chain
-    /// from there.
-    fn defer_read(
-        &self,
-        ctl: &Arc<QueueCtl>,
-        vring: &VringRwLock,
-        head: u16,
-        mem: GuestMemoryLoadGuard<GuestMem>,
-        req: request::Request,
-        target: &Arc<dyn BlockTarget>,
-    ) {
-        let mut deferred = Deferred {
-            vring: vring.clone(),
-            head,
-            status: req.status,
-            mem,
-            done: false,
-            _inflight: ctl.enter_deferred(),
-        };
-        let target = Arc::clone(target);
-        let id = self.id;
-        let kind: RequestKind = req.kind;
-        read_pool::spawn(&self.runtime, move || {
-            let mut bounce = Vec::new();
-            let outcome = request::execute(
-                &kind,
-                &deferred.mem,
-                target.as_ref(),
-                false,
-                &id,
-                &mut bounce,
-            );
-            deferred.complete(outcome);
-        });
-    }
+/// Where a deferred request runs.
+#[derive(Clone, Copy)]
+enum Pool {
+    /// The runtime's blocking pool: FLUSH and write-through writes (fsync).
+    Blocking,
+    /// The process-wide bounded pool of reads that wait for the backend (`read_pool`).
+    BackendRead,
 }
 
 impl VhostUserBackend for BlkBackend {
