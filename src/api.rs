@@ -134,6 +134,7 @@ impl From<VolumeError> for ApiError {
             | VolumeError::SnapshotExists { .. }
             | VolumeError::HasClones { .. }
             | VolumeError::Refused { .. }
+            | VolumeError::Moved { .. }
             | VolumeError::ReadOnly { .. } => StatusCode::CONFLICT,
             VolumeError::InvalidName { .. }
             | VolumeError::InvalidConfig { .. }
@@ -142,6 +143,7 @@ impl From<VolumeError> for ApiError {
             VolumeError::Halted { .. }
             | VolumeError::Adopted { .. }
             | VolumeError::Stopped { .. }
+            | VolumeError::Fenced { .. }
             | VolumeError::NotInBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             VolumeError::Dtl { .. } => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -363,7 +365,15 @@ async fn list(State(state): State<ApiState>) -> Json<Value> {
         .into_iter()
         .map(|(name, reason)| json!({ "name": name, "state": "failed", "halted_reason": reason }))
         .collect();
-    Json(Value::Array(volumes.into_iter().chain(failed).collect()))
+    let moved: Vec<Value> = state
+        .manager
+        .moved()
+        .into_iter()
+        .map(|(name, node)| json!({ "name": name, "state": "moved", "moved_to": node }))
+        .collect();
+    Json(Value::Array(
+        volumes.into_iter().chain(failed).chain(moved).collect(),
+    ))
 }
 
 async fn create(

@@ -129,7 +129,10 @@ pub fn print_list(volumes: &Value) {
             size_of(volume, "size"),
             size_of(volume, "written_bytes"),
             size_of(volume, "not_uploaded_bytes"),
-            text(volume, "state"),
+            match volume.get("moved_to").and_then(Value::as_str) {
+                Some(node) => format!("moved to {node}"),
+                None => text(volume, "state"),
+            },
             text(volume, "nbd_connections"),
         );
     }

@@ -80,7 +80,9 @@ impl BlockTarget for VolumeExport {
                 ticket
                     .wait()
                     .await
-                    .map_err(|reason| target_error(volume.dtl_fenced(reason)))
+                    .map_err(|reason| target_error(volume.dtl_fenced(reason)))?;
+                // Fenced while the DTL round trip was in flight: not acknowledged.
+                volume.check_fence().map_err(target_error)
             }) as PendingAck
         });
         Ok(write_ack)

@@ -58,6 +58,10 @@ pub enum VolumeError {
         ours: u64,
         current: u64,
     },
+    #[error("volume {volume} is fenced: this node lost its cluster lease; it acknowledges no write, flush or trim until the lease is back")]
+    Fenced { volume: String },
+    #[error("volume {volume} moved to node {node}; it is no longer served here")]
+    Moved { volume: String, node: String },
     #[error("volume {volume} has no snapshot {snapshot:?}")]
     SnapshotNotFound { volume: String, snapshot: String },
     #[error("volume {volume} already has a snapshot {snapshot:?}")]

@@ -25,6 +25,8 @@ use crate::scheduler::{SchedulerConfig, UploadScheduler};
 use crate::types::{ClusterLocation, ScoName};
 use crate::volume::{ReplaySummary, Volume, VolumeInfo};
 
+mod handoff;
+
 const REGISTRY_KIND: &[u8; 4] = b"REGY";
 const REGISTRY_VERSION: u32 = 1;
 /// Default of [`ManagerConfig::upload_concurrency`].
@@ -76,6 +78,8 @@ pub struct VolumeManager {
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     /// Volumes in the registry that could not be restarted, with the reason.
     failed: RwLock<BTreeMap<String, String>>,
+    /// Volumes another node owns now, with that node's name (see [`Self::drop_moved`]).
+    moved: RwLock<BTreeMap<String, String>>,
     uploads: UploadScheduler,
     registry_lock: Mutex<()>,
 }
@@ -103,6 +107,7 @@ impl VolumeManager {
                 backend,
                 volumes: RwLock::new(BTreeMap::new()),
                 failed: RwLock::new(BTreeMap::new()),
+                moved: RwLock::new(BTreeMap::new()),
                 uploads: UploadScheduler::start(
                     scheduler,
                     Box::new(move || {
@@ -202,13 +207,18 @@ impl VolumeManager {
                 reason: format!("restart failed: {reason}"),
             });
         }
-        self.volumes
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| VolumeError::NotFound {
+        if let Some(volume) = self.volumes.read().get(name) {
+            return Ok(volume.clone());
+        }
+        if let Some(node) = self.moved.read().get(name) {
+            return Err(VolumeError::Moved {
                 volume: name.to_string(),
-            })
+                node: node.clone(),
+            });
+        }
+        Err(VolumeError::NotFound {
+            volume: name.to_string(),
+        })
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -222,6 +232,11 @@ impl VolumeManager {
     /// Volumes that failed to restart, with the reason.
     pub fn failed(&self) -> BTreeMap<String, String> {
         self.failed.read().clone()
+    }
+
+    /// Volumes this node served until another node took them, with that node's name.
+    pub fn moved(&self) -> BTreeMap<String, String> {
+        self.moved.read().clone()
     }
 
     /// Stop scheduling the volume's uploads; returns once no upload step of it is running.
@@ -436,6 +451,7 @@ impl VolumeManager {
 
     /// Start serving a volume this node now owns: list it, link its DTL, start its uploader.
     fn serve(self: &Arc<Self>, name: &str, volume: &Arc<Volume>) {
+        self.moved.write().remove(name);
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());

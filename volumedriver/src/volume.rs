@@ -79,7 +79,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -92,6 +92,7 @@ use crate::tlog::{self, Entry};
 use crate::types::{ClusterLocation, TLogNumber};
 
 mod dtl_link;
+mod fence;
 mod flush;
 mod info;
 mod read;
@@ -138,6 +139,12 @@ pub struct Volume {
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
     stats: Stats,
+    /// Set while this node lost its cluster lease (see `set_fenced`); checked under the state
+    /// lock by every write, trim and flush, so none started after the fence is acknowledged.
+    fenced: AtomicBool,
+    /// Set while the volume is handed to another node (see `VolumeManager::release`): writes
+    /// are refused, flushes still run.
+    releasing: AtomicBool,
 }
 
 impl Volume {
@@ -247,6 +254,8 @@ impl Volume {
             upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
+            fenced: AtomicBool::new(false),
+            releasing: AtomicBool::new(false),
         }
     }
 

@@ -21,7 +21,8 @@ impl Volume {
         if let Some(ticket) = dtl {
             self.dtl_wait(ticket)?;
         }
-        Ok(())
+        // A flush that was in flight when the fence went up is not acknowledged either.
+        self.check_fence()
     }
 
     fn flush_local(&self) -> Result<()> {
@@ -29,6 +30,7 @@ impl Volume {
         let (files, point) = {
             let mut st = self.state.lock();
             self.check_usable(&st)?;
+            self.check_fence()?;
             let mut files: Vec<(Arc<File>, PathBuf)> = Vec::new();
             for (number, local) in st.scos.iter_mut().filter(|(_, s)| s.dirty) {
                 local.dirty = false;

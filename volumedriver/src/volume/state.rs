@@ -184,6 +184,9 @@ impl Volume {
                 size,
             });
         }
+        if write {
+            self.check_write_gates()?;
+        }
         if write && st.config.read_only {
             return Err(VolumeError::ReadOnly {
                 volume: self.name.clone(),

@@ -55,6 +55,7 @@ impl Volume {
         let (outcome, dtl) = self.write_deferred(offset, data)?;
         if let Some(ticket) = dtl {
             self.dtl_wait(ticket)?;
+            self.check_fence()?;
         }
         if fua {
             self.flush()?;
@@ -393,6 +394,7 @@ impl Volume {
             let zeroed = zeroed?;
             if let Some(ticket) = dtl {
                 self.dtl_wait(ticket)?;
+                self.check_fence()?;
             }
             match zeroed {
                 Locked::Done(()) => break,
@@ -482,6 +484,7 @@ impl Volume {
                 let n = (offset + len - pos).min(ZERO_CHUNK);
                 let mut st = self.state.lock();
                 self.check_usable(&st)?;
+                self.check_write_gates()?;
                 self.dtl_service(&mut st)?;
                 let step = self.write_locked(&mut st, pos, &zeros[..n as usize], &fetched);
                 dtl = self.dtl_submit(&mut st).or(dtl);
@@ -496,6 +499,7 @@ impl Volume {
             }
             if let Some(ticket) = dtl {
                 self.dtl_wait(ticket)?;
+                self.check_fence()?;
             }
             outcome
         } else {

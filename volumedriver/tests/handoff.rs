@@ -1,0 +1,200 @@
+//! Fencing and hand-off in the engine: a fenced volume acknowledges no write, trim or flush but
+//! still reads; `release` puts everything on the backend before a volume leaves (and keeps
+//! serving when it cannot); `drop_moved` forgets a volume another node took and says where it
+//! went. Two managers share one backend directory, as two nodes share a backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::FaultStore;
+use vstor_volumedriver::{ManagerConfig, VolumeError, VolumeManager, VolumeOptions};
+
+const CS: u64 = 4096;
+
+fn node(root: &Path, name: &str, backend: &Arc<FaultStore>) -> Arc<VolumeManager> {
+    let config = ManagerConfig {
+        max_open_age: None,
+        ..ManagerConfig::under(&root.join(name), 1 << 30)
+    };
+    VolumeManager::open(config, backend.clone()).unwrap()
+}
+
+fn pattern(cluster: u64, round: u64) -> Vec<u8> {
+    (0..CS)
+        .map(|i| (i as u8) ^ (cluster as u8).rotate_left(2) ^ (round as u8).wrapping_mul(29))
+        .collect()
+}
+
+/// 4 MiB volume with small SCOs so a few hundred writes span several SCOs and TLogs.
+fn options() -> VolumeOptions {
+    VolumeOptions {
+        sco_size: 4 << 20,
+        ..VolumeOptions::new(1024 * CS)
+    }
+}
+
+fn check(manager: &VolumeManager, name: &str, written: &[(u64, Vec<u8>)]) {
+    let volume = manager.get(name).unwrap();
+    let mut buf = vec![0u8; CS as usize];
+    for (cluster, want) in written {
+        volume.read(cluster * CS, &mut buf).unwrap();
+        assert!(&buf == want, "cluster {cluster} of {name} differs");
+    }
+}
+
+#[test]
+fn fenced_volume_refuses_writes_trims_and_flushes_but_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("fenceme", &options()).unwrap();
+    let old = pattern(7, 1);
+    volume.write(7 * CS, &old, false).unwrap();
+
+    volume.set_fenced(true);
+    assert!(volume.is_fenced());
+    assert!(volume.info().fenced);
+    let err = volume.write(7 * CS, &pattern(7, 2), false).unwrap_err();
+    assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("fenceme") && message.contains("lost its cluster lease"),
+        "{message}"
+    );
+    assert!(matches!(
+        volume.write_deferred(8 * CS, &pattern(8, 2)),
+        Err(VolumeError::Fenced { .. })
+    ));
+    assert!(matches!(volume.flush(), Err(VolumeError::Fenced { .. })));
+    assert!(matches!(
+        volume.discard(7 * CS, CS),
+        Err(VolumeError::Fenced { .. })
+    ));
+    for allocate in [false, true] {
+        assert!(matches!(
+            volume.write_zeroes(7 * CS, CS, allocate, false),
+            Err(VolumeError::Fenced { .. })
+        ));
+    }
+    // Reads still work and see exactly the acknowledged data.
+    let mut buf = vec![0u8; CS as usize];
+    volume.read(7 * CS, &mut buf).unwrap();
+    assert_eq!(buf, old);
+    volume.read(8 * CS, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0), "refused write landed");
+
+    volume.set_fenced(false);
+    assert!(!volume.info().fenced);
+    let new = pattern(7, 3);
+    volume.write(7 * CS, &new, true).unwrap();
+    volume.flush().unwrap();
+    volume.read(7 * CS, &mut buf).unwrap();
+    assert_eq!(buf, new);
+}
+
+#[test]
+fn release_puts_everything_on_the_backend_and_another_node_adopts_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("moving", &options()).unwrap();
+    let tag = volume.info().owner_tag;
+    let written: Vec<(u64, Vec<u8>)> = (0..600u64)
+        .map(|i| {
+            let cluster = (i * 37) % 1024;
+            (cluster, pattern(cluster, i))
+        })
+        .collect();
+    let mut last = std::collections::BTreeMap::new();
+    for (cluster, data) in &written {
+        // No flush: release itself must make all of it durable and uploaded.
+        volume.write(cluster * CS, data, false).unwrap();
+        last.insert(*cluster, data.clone());
+    }
+    let last: Vec<(u64, Vec<u8>)> = last.into_iter().collect();
+
+    a.release("moving", Duration::from_secs(60)).unwrap();
+    assert!(volume.is_stopped());
+    assert!(matches!(a.get("moving"), Err(VolumeError::NotFound { .. })));
+    assert!(a.names().is_empty());
+    assert!(!tmp.path().join("a/write-buffer/moving").exists());
+    assert!(matches!(
+        volume.write(0, &pattern(0, 0), false),
+        Err(VolumeError::Stopped { .. } | VolumeError::Refused { .. })
+    ));
+    // The registry file forgot it: a restart of node a does not bring it back.
+    drop(a);
+    let a = node(tmp.path(), "a", &backend);
+    assert!(a.names().is_empty() && a.failed().is_empty());
+
+    // Node b adopts from the backend alone (no DTL: mode none) and has every write.
+    let b = node(tmp.path(), "b", &backend);
+    let (adopted, summary) = b.adopt("moving").unwrap();
+    assert_eq!(summary.applied, 0);
+    assert!(adopted.info().owner_tag > tag);
+    check(&b, "moving", &last);
+}
+
+#[test]
+fn release_that_cannot_upload_in_time_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("stuck", &options()).unwrap();
+    let first = pattern(3, 1);
+    volume.write(3 * CS, &first, false).unwrap();
+    backend.set_failing(true);
+    let err = a.release("stuck", Duration::from_millis(500)).unwrap_err();
+    assert!(matches!(err, VolumeError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("stays on this node"), "{err}");
+    // Still served, accepting writes again.
+    let served = a.get("stuck").unwrap();
+    assert!(Arc::ptr_eq(&served, &volume));
+    let second = pattern(4, 1);
+    volume.write(4 * CS, &second, false).unwrap();
+    // With the backend back the release goes through and nothing is missing.
+    backend.set_failing(false);
+    a.release("stuck", Duration::from_secs(60)).unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    b.adopt("stuck").unwrap();
+    check(&b, "stuck", &[(3, first), (4, second)]);
+}
+
+#[test]
+fn drop_moved_forgets_the_volume_and_says_where_it_went() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("taken", &options()).unwrap();
+    let data = pattern(9, 1);
+    volume.write(9 * CS, &data, true).unwrap();
+    a.release("taken", Duration::from_secs(60)).unwrap();
+    // Simulate the failover case: a serves it again, then b adopts behind its back.
+    a.adopt("taken").unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    b.adopt("taken").unwrap();
+
+    a.drop_moved("taken", "node-b").unwrap();
+    let err = a.get("taken").err().expect("volume still served");
+    assert!(matches!(err, VolumeError::Moved { .. }), "{err}");
+    assert!(err.to_string().contains("node-b"), "{err}");
+    assert_eq!(a.moved().get("taken").map(String::as_str), Some("node-b"));
+    assert!(a.names().is_empty());
+    assert!(!tmp.path().join("a/write-buffer/taken").exists());
+    // Unknown volumes are an error; dropping twice is harmless.
+    assert!(matches!(
+        a.drop_moved("nothere", "node-b"),
+        Err(VolumeError::NotFound { .. })
+    ));
+    a.drop_moved("taken", "node-b").unwrap();
+    // The backend data stayed for b.
+    check(&b, "taken", &[(9, data)]);
+    // A restart of a does not bring it back.
+    drop(a);
+    let a = node(tmp.path(), "a", &backend);
+    assert!(a.names().is_empty() && a.failed().is_empty());
+}
