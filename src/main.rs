@@ -4,6 +4,7 @@
 
 mod api;
 mod client;
+mod cluster;
 mod config;
 mod dirlock;
 mod export;

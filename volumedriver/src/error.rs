@@ -58,8 +58,10 @@ pub enum VolumeError {
         ours: u64,
         current: u64,
     },
-    #[error("volume {volume} is fenced: this node lost its cluster lease; it acknowledges no write, flush or trim until the lease is back")]
-    Fenced { volume: String },
+    /// The node fenced itself (it may have lost its registry lease): writes and flushes are
+    /// not acknowledged until it is healthy again. See [`crate::Volume::set_fenced`].
+    #[error("volume {volume}: this node is fenced ({reason}); writes are not acknowledged")]
+    Fenced { volume: String, reason: String },
     #[error("volume {volume} moved to node {node}; it is no longer served here")]
     Moved { volume: String, node: String },
     #[error("volume {volume} has no snapshot {snapshot:?}")]

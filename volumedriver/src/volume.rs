@@ -139,9 +139,8 @@ pub struct Volume {
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
     stats: Stats,
-    /// Set while this node lost its cluster lease (see `set_fenced`); checked under the state
-    /// lock by every write, trim and flush, so none started after the fence is acknowledged.
-    fenced: AtomicBool,
+    /// Why the node fenced this volume, if it did (see [`Volume::set_fenced`]).
+    fenced: parking_lot::RwLock<Option<String>>,
     /// Set while the volume is handed to another node (see `VolumeManager::release`): writes
     /// are refused, flushes still run.
     releasing: AtomicBool,
@@ -254,7 +253,7 @@ impl Volume {
             upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),
-            fenced: AtomicBool::new(false),
+            fenced: parking_lot::RwLock::new(None),
             releasing: AtomicBool::new(false),
         }
     }

@@ -55,9 +55,9 @@ fn fenced_volume_refuses_writes_trims_and_flushes_but_reads() {
     let old = pattern(7, 1);
     volume.write(7 * CS, &old, false).unwrap();
 
-    volume.set_fenced(true);
-    assert!(volume.is_fenced());
-    assert!(volume.info().fenced);
+    volume.set_fenced(Some("this node lost its cluster lease".into()));
+    assert!(volume.fenced().is_some());
+    assert_eq!(volume.info().state, "fenced");
     let err = volume.write(7 * CS, &pattern(7, 2), false).unwrap_err();
     assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
     let message = err.to_string();
@@ -87,8 +87,9 @@ fn fenced_volume_refuses_writes_trims_and_flushes_but_reads() {
     volume.read(8 * CS, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 0), "refused write landed");
 
-    volume.set_fenced(false);
-    assert!(!volume.info().fenced);
+    volume.set_fenced(None);
+    assert!(volume.info().fenced.is_none());
+    assert_eq!(volume.info().state, "running");
     let new = pattern(7, 3);
     volume.write(7 * CS, &new, true).unwrap();
     volume.flush().unwrap();

@@ -19,22 +19,28 @@ use crate::error::{Result, VolumeError};
 use super::Volume;
 
 impl Volume {
-    /// Fence (or unfence) the volume: while fenced it acknowledges no write, flush, trim or
-    /// write-zeroes (they fail with [`VolumeError::Fenced`]); reads still work.
-    pub fn set_fenced(&self, fenced: bool) {
+    /// Fence the volume (`Some(reason)`, e.g. "this node lost its cluster lease") or lift the
+    /// fence (`None`). While fenced, writes, trims, write-zeroes and flushes fail with
+    /// [`VolumeError::Fenced`] instead of being acknowledged; reads go on.
+    pub fn set_fenced(&self, reason: Option<String>) {
         let _st = self.state.lock();
-        let was = self.fenced.swap(fenced, Ordering::SeqCst);
-        if was != fenced {
-            if fenced {
-                tracing::warn!(volume = %self.name, "volume fenced: this node lost its cluster lease");
-            } else {
-                tracing::info!(volume = %self.name, "volume unfenced: the cluster lease is back");
+        let mut fenced = self.fenced.write();
+        if fenced.is_some() != reason.is_some() {
+            match &reason {
+                Some(reason) => {
+                    tracing::warn!(volume = %self.name, %reason, "volume fenced: writes refused");
+                }
+                None => {
+                    tracing::info!(volume = %self.name, "volume unfenced: writes accepted again")
+                }
             }
         }
+        *fenced = reason;
     }
 
-    pub fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::SeqCst)
+    /// Why the volume is fenced, if it is (see [`Volume::set_fenced`]).
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.read().clone()
     }
 
     /// Refuse (or accept again) writes while the volume is handed to another node.
@@ -50,12 +56,13 @@ impl Volume {
     /// `Err(Fenced)` while the volume is fenced. Frontends call it again before acknowledging
     /// a write whose DTL round trip was still in flight when the fence went up.
     pub fn check_fence(&self) -> Result<()> {
-        if self.is_fenced() {
-            return Err(VolumeError::Fenced {
+        match &*self.fenced.read() {
+            Some(reason) => Err(VolumeError::Fenced {
                 volume: self.name.clone(),
-            });
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether a write, trim or write-zeroes may start now (call under the state lock).

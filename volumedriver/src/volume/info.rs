@@ -23,8 +23,9 @@ pub struct VolumeInfo {
     pub created: u64,
     pub state: String,
     pub halted_reason: Option<String>,
-    /// This node lost its cluster lease: writes, trims and flushes are refused until it is back.
-    pub fenced: bool,
+    /// Why this node fenced the volume (it may have lost its cluster lease): writes, trims and
+    /// flushes are refused until the fence is lifted.
+    pub fenced: Option<String>,
     pub written_bytes: u64,
     pub map_memory_bytes: u64,
     pub local_sco_bytes: u64,
@@ -95,14 +96,14 @@ impl Volume {
                 "halted"
             } else if st.stopped {
                 "stopped"
-            } else if self.is_fenced() {
+            } else if self.fenced.read().is_some() {
                 "fenced"
             } else {
                 "running"
             }
             .to_string(),
             halted_reason: st.halted.clone(),
-            fenced: self.is_fenced(),
+            fenced: self.fenced(),
             written_bytes: st.map.written_clusters() * c.cluster_size,
             map_memory_bytes: st.map.memory_bytes(),
             local_sco_bytes: st

@@ -1,0 +1,282 @@
+//! Pure failover decisions: no I/O, no clock, no registry. Every survivor of a node's death
+//! runs the same functions on the same registry snapshot and so computes the same plan, which
+//! is what lets them split the dead node's volumes without talking to each other first (the
+//! registry's ownership transaction still decides the one winner of each volume).
+//!
+//! - [`plan_adoptions`]: each orphaned volume to a survivor, spread by load.
+//! - [`may_adopt`]: whether this node may take a volume now (its planned adopter, or anyone
+//!   once the planned one had its grace period).
+//! - [`pick_dtl_node`]: where a volume's DTL goes when its DTL node died (or the adopter is the
+//!   DTL node itself).
+//! - [`recovery`]: whether an orphan can be recovered at all or must halt.
+//! - [`after_fence`]: what a node does with a volume it held once its lease is back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A live node as the plan sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveNode {
+    pub name: String,
+    pub domain: String,
+    pub recovery_domain: Option<String>,
+    /// Volumes the node owns now.
+    pub volumes: usize,
+}
+
+/// A volume whose owner died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub name: String,
+    /// The node holding its DTL, if it has one.
+    pub dtl_node: Option<String>,
+    /// The volume's DTL mode is not `none`: acknowledged writes may exist only on the DTL.
+    pub mirrored: bool,
+}
+
+/// Assign every orphan to a live node: volumes in name order, each to the node with the fewest
+/// volumes at that point (counting the ones already assigned), preferring a node that is not
+/// the volume's DTL node (so the DTL stays where it is and needs no re-placement), then the
+/// smallest name. Deterministic for a given input, whatever order it comes in. Empty when no
+/// node is alive.
+pub fn plan_adoptions(live: &[LiveNode], orphans: &[Orphan]) -> BTreeMap<String, String> {
+    let mut load: BTreeMap<&str, usize> =
+        live.iter().map(|n| (n.name.as_str(), n.volumes)).collect();
+    let mut sorted: Vec<&Orphan> = orphans.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut plan = BTreeMap::new();
+    for orphan in sorted {
+        let best = load
+            .iter()
+            .min_by_key(|(name, count)| {
+                (**count, orphan.dtl_node.as_deref() == Some(**name), **name)
+            })
+            .map(|(name, _)| *name);
+        if let Some(node) = best {
+            *load.entry(node).or_default() += 1;
+            plan.insert(orphan.name.clone(), node.to_string());
+        }
+    }
+    plan
+}
+
+/// Whether node `me` may try to take a volume now: it is the planned adopter, or the planned
+/// adopter has had `grace` since the death was seen and has not taken it (it may be dead too, or
+/// stuck). The registry transaction makes sure only one attempt wins.
+pub fn may_adopt(me: &str, planned: Option<&str>, since_death: Duration, grace: Duration) -> bool {
+    planned == Some(me) || since_death >= grace
+}
+
+/// The DTL node for a volume owned by `owner` (with its `domain` and `recovery_domain`): a live
+/// node in the owner's recovery domain, else one in the owner's own domain, never the owner;
+/// among several the one with the fewest volumes, then the smallest name. `None`: no such node
+/// (the volume runs without a DTL, degraded, until one appears).
+pub fn pick_dtl_node(
+    owner: &str,
+    domain: &str,
+    recovery_domain: Option<&str>,
+    live: &[LiveNode],
+) -> Option<String> {
+    let in_domain = |wanted: &str| {
+        live.iter()
+            .filter(|n| n.name != owner && n.domain == wanted)
+            .min_by_key(|n| (n.volumes, n.name.as_str()))
+            .map(|n| n.name.clone())
+    };
+    recovery_domain
+        .and_then(in_domain)
+        .or_else(|| in_domain(domain))
+}
+
+/// Whether an orphan can be brought back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Adopt it: the backend plus (if any) the DTL hold every acknowledged write.
+    Adopt,
+    /// Do not serve it: data may be missing. The reason goes to `volume info`.
+    Halt(String),
+}
+
+/// A mirrored volume whose DTL node is dead too may have acknowledged writes that exist
+/// nowhere else: serving it would hand out stale data, so it halts until an operator decides.
+/// A volume without a DTL (mode `none`) acknowledged only what a FLUSH put on its own node, so
+/// it is adopted from the backend as its mode promised.
+pub fn recovery(orphan: &Orphan, live: &[LiveNode]) -> Recovery {
+    match (&orphan.dtl_node, orphan.mirrored) {
+        (_, false) => Recovery::Adopt,
+        (Some(dtl), true) if live.iter().any(|n| &n.name == dtl) => Recovery::Adopt,
+        (Some(dtl), true) => Recovery::Halt(format!(
+            "its owner and its DTL node {dtl} are both gone; acknowledged writes not yet on the backend may be lost, so it is not served until an operator adopts it"
+        )),
+        (None, true) => Recovery::Halt(
+            "its owner is gone and it has no DTL node on record; acknowledged writes not yet on the backend may be lost".into(),
+        ),
+    }
+}
+
+/// What a node does with a volume it served once its lease is back after being fenced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterFence {
+    /// Nobody took it: take it again under a new owner tag and serve it.
+    Retake,
+    /// Another node owns it now: stop serving it here and say where it went.
+    DropMoved(String),
+}
+
+/// `registry_owner` is the volume's owner as the registry says now (`None`: no owner key, e.g.
+/// it expired with our lease and nobody adopted the volume yet).
+pub fn after_fence(me: &str, registry_owner: Option<&str>) -> AfterFence {
+    match registry_owner {
+        Some(owner) if owner != me => AfterFence::DropMoved(owner.to_string()),
+        _ => AfterFence::Retake,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, domain: &str, recovery: Option<&str>, volumes: usize) -> LiveNode {
+        LiveNode {
+            name: name.into(),
+            domain: domain.into(),
+            recovery_domain: recovery.map(Into::into),
+            volumes,
+        }
+    }
+
+    fn orphan(name: &str, dtl: Option<&str>) -> Orphan {
+        Orphan {
+            name: name.into(),
+            dtl_node: dtl.map(Into::into),
+            mirrored: true,
+        }
+    }
+
+    #[test]
+    fn adoptions_spread_by_load() {
+        let live = [node("b", "d1", None, 3), node("c", "d1", None, 0)];
+        let orphans: Vec<Orphan> = (0..5).map(|i| orphan(&format!("v{i}"), None)).collect();
+        let plan = plan_adoptions(&live, &orphans);
+        assert_eq!(plan.len(), 5);
+        let to_c = plan.values().filter(|n| *n == "c").count();
+        // c starts 3 behind: it takes the first 3, then they alternate (b wins ties by name).
+        assert_eq!(to_c, 4);
+        assert_eq!(plan["v0"], "c");
+        assert_eq!(plan["v3"], "b");
+        assert_eq!(plan["v4"], "c");
+    }
+
+    #[test]
+    fn plan_is_the_same_whatever_the_input_order() {
+        let live = [
+            node("n1", "a", None, 1),
+            node("n2", "a", None, 2),
+            node("n3", "b", None, 1),
+        ];
+        let orphans: Vec<Orphan> = (0..9)
+            .map(|i| orphan(&format!("vol{i}"), Some(["n1", "n2", "n3"][i % 3])))
+            .collect();
+        let plan = plan_adoptions(&live, &orphans);
+        let mut live_rev = live.to_vec();
+        live_rev.reverse();
+        let mut orphans_rev = orphans.clone();
+        orphans_rev.reverse();
+        assert_eq!(plan, plan_adoptions(&live_rev, &orphans_rev));
+        // Loads end balanced: 1+2+1 existing + 9 new = 13 over 3 nodes.
+        let mut counts = BTreeMap::new();
+        for n in plan.values() {
+            *counts.entry(n.as_str()).or_insert(0) += 1;
+        }
+        let total: Vec<usize> = ["n1", "n2", "n3"]
+            .iter()
+            .zip([1, 2, 1])
+            .map(|(n, base)| base + counts.get(n).copied().unwrap_or(0))
+            .collect();
+        assert!(
+            total.iter().max().unwrap() - total.iter().min().unwrap() <= 1,
+            "{total:?}"
+        );
+    }
+
+    #[test]
+    fn adopter_avoids_the_dtl_node_on_a_tie() {
+        let live = [node("a", "d", None, 0), node("b", "d", None, 0)];
+        let plan = plan_adoptions(&live, &[orphan("v", Some("a"))]);
+        assert_eq!(plan["v"], "b");
+        // But load wins over the preference.
+        let live = [node("a", "d", None, 0), node("b", "d", None, 5)];
+        let plan = plan_adoptions(&live, &[orphan("v", Some("a"))]);
+        assert_eq!(plan["v"], "a");
+    }
+
+    #[test]
+    fn no_survivor_no_plan() {
+        assert!(plan_adoptions(&[], &[orphan("v", None)]).is_empty());
+    }
+
+    #[test]
+    fn anyone_may_adopt_after_the_grace() {
+        let grace = Duration::from_secs(3);
+        assert!(may_adopt("a", Some("a"), Duration::ZERO, grace));
+        assert!(!may_adopt("b", Some("a"), Duration::from_secs(1), grace));
+        assert!(may_adopt("b", Some("a"), Duration::from_secs(3), grace));
+        assert!(!may_adopt("b", None, Duration::from_secs(2), grace));
+    }
+
+    #[test]
+    fn dtl_goes_to_the_recovery_domain_then_the_own_domain_never_the_owner() {
+        let live = [
+            node("own", "d1", Some("d2"), 0),
+            node("same1", "d1", None, 4),
+            node("same2", "d1", None, 2),
+            node("rec1", "d2", None, 7),
+            node("rec2", "d2", None, 7),
+        ];
+        assert_eq!(
+            pick_dtl_node("own", "d1", Some("d2"), &live).as_deref(),
+            Some("rec1")
+        );
+        assert_eq!(
+            pick_dtl_node("own", "d1", None, &live).as_deref(),
+            Some("same2")
+        );
+        // Recovery domain empty: fall back to the own domain.
+        assert_eq!(
+            pick_dtl_node("own", "d1", Some("d9"), &live).as_deref(),
+            Some("same2")
+        );
+        // Only the owner itself left in its domain: no DTL node.
+        let alone = [node("own", "d1", None, 0), node("x", "d3", None, 0)];
+        assert_eq!(pick_dtl_node("own", "d1", None, &alone), None);
+    }
+
+    #[test]
+    fn orphan_with_a_dead_dtl_halts() {
+        let live = [node("b", "d", None, 0)];
+        assert_eq!(recovery(&orphan("v", Some("b")), &live), Recovery::Adopt);
+        match recovery(&orphan("v", Some("gone")), &live) {
+            Recovery::Halt(reason) => assert!(reason.contains("gone"), "{reason}"),
+            Recovery::Adopt => panic!("adopted without its DTL"),
+        }
+        assert!(matches!(
+            recovery(&orphan("v", None), &live),
+            Recovery::Halt(_)
+        ));
+        let unmirrored = Orphan {
+            mirrored: false,
+            ..orphan("v", Some("gone"))
+        };
+        assert_eq!(recovery(&unmirrored, &live), Recovery::Adopt);
+    }
+
+    #[test]
+    fn after_the_fence_drop_what_moved_and_retake_the_rest() {
+        assert_eq!(
+            after_fence("a", Some("b")),
+            AfterFence::DropMoved("b".into())
+        );
+        assert_eq!(after_fence("a", Some("a")), AfterFence::Retake);
+        assert_eq!(after_fence("a", None), AfterFence::Retake);
+    }
+}

@@ -1,0 +1,7 @@
+//! The cluster layer: how nodes share volumes through the registry.
+//!
+//! `failover_plan` holds the pure decisions of failover (who adopts what, where a DTL goes,
+//! what a node does after it was fenced); the code that carries them out against the registry
+//! and the volume manager lives next to it.
+
+pub mod failover_plan;
