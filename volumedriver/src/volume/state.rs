@@ -189,6 +189,9 @@ impl Volume {
                 volume: self.name.clone(),
             });
         }
+        if write {
+            self.check_fence()?;
+        }
         Ok(())
     }
 
