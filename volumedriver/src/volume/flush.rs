@@ -16,12 +16,13 @@ impl Volume {
     /// Make every write completed before this call durable: in the write buffer, and on the DTL
     /// when the volume has one.
     pub fn flush(&self) -> Result<()> {
+        self.check_fence()?;
         let dtl = self.dtl_flush_ticket();
         self.flush_local()?;
         if let Some(ticket) = dtl {
             self.dtl_wait(ticket)?;
         }
-        // A flush that was in flight when the fence went up is not acknowledged either.
+        // Fenced while flushing: not acknowledged (another node may be taking over).
         self.check_fence()
     }
 
