@@ -402,6 +402,25 @@ impl VolumeManager {
     /// and serve it here. Fails if the DTL cannot be read: adopting without it would silently
     /// drop every acknowledged write that had not reached the backend.
     pub fn adopt(self: &Arc<Self>, name: &str) -> Result<(Arc<Volume>, ReplaySummary)> {
+        self.adopt_as(name, None)
+    }
+
+    /// [`adopt`](Self::adopt) with the owner tag the cluster registry handed out
+    /// (`take_ownership`), so the backend and the registry agree on the fencing token. Refused
+    /// if the backend already carries that tag or a newer one (another node claimed it).
+    pub fn adopt_with_tag(
+        self: &Arc<Self>,
+        name: &str,
+        tag: u64,
+    ) -> Result<(Arc<Volume>, ReplaySummary)> {
+        self.adopt_as(name, Some(tag))
+    }
+
+    fn adopt_as(
+        self: &Arc<Self>,
+        name: &str,
+        wanted: Option<u64>,
+    ) -> Result<(Arc<Volume>, ReplaySummary)> {
         validate_volume_name(name)?;
         if self.volumes.read().contains_key(name) {
             return Err(VolumeError::InvalidConfig {
@@ -414,7 +433,18 @@ impl VolumeManager {
             .backend
             .owner_tag(&config.namespace)
             .map_err(VolumeError::backend(name))?;
-        let tag = current.max(config.owner_tag) + 1;
+        let newest = current.max(config.owner_tag);
+        let tag = match wanted {
+            None => newest + 1,
+            Some(tag) if tag > newest => tag,
+            Some(tag) => {
+                return Err(VolumeError::Adopted {
+                    volume: name.to_string(),
+                    ours: tag,
+                    current: newest,
+                })
+            }
+        };
         self.backend
             .claim(&config.namespace, tag)
             .map_err(VolumeError::backend(name))?;

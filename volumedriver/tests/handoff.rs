@@ -199,3 +199,35 @@ fn drop_moved_forgets_the_volume_and_says_where_it_went() {
     let a = node(tmp.path(), "a", &backend);
     assert!(a.names().is_empty() && a.failed().is_empty());
 }
+
+#[test]
+fn adopt_with_tag_uses_the_registry_tag_and_refuses_an_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("tagged", &options()).unwrap();
+    let data = pattern(5, 5);
+    volume.write(5 * CS, &data, true).unwrap();
+    let tag = volume.info().owner_tag;
+    a.release("tagged", Duration::from_secs(60)).unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    // The registry's tag may jump ahead of the backend's: the backend follows it.
+    let (adopted, _) = b.adopt_with_tag("tagged", tag + 5).unwrap();
+    assert_eq!(adopted.info().owner_tag, tag + 5);
+    check(&b, "tagged", &[(5, data)]);
+    // A tag that is not newer than the backend's is refused: another node got there first.
+    let c = node(tmp.path(), "c", &backend);
+    for stale in [tag + 5, tag + 1] {
+        let err = c
+            .adopt_with_tag("tagged", stale)
+            .err()
+            .expect("stale tag adopted");
+        assert!(matches!(err, VolumeError::Adopted { .. }), "{err}");
+    }
+    assert!(c.names().is_empty());
+    // b still serves it.
+    b.get("tagged")
+        .unwrap()
+        .write(6 * CS, &pattern(6, 6), true)
+        .unwrap();
+}
