@@ -4,4 +4,6 @@
 //! what a node does after it was fenced); the code that carries them out against the registry
 //! and the volume manager lives next to it.
 
+pub mod failover;
 pub mod failover_plan;
+pub mod moving;

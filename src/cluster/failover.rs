@@ -1,0 +1,490 @@
+//! Automatic failover, DTL re-placement and the clean-up after a fence, carried out against the
+//! registry and the volume manager. The decisions themselves are the pure functions of
+//! [`failover_plan`](super::failover_plan); this module is the I/O around them.
+//!
+//! Every node runs one [`Failover`] task. It watches node leases ([`Registry::watch_nodes`]) and
+//! also sweeps the registry every `sweep` interval, so a missed event (a watch re-established,
+//! a node that died while this one was down) is caught up within one sweep.
+//!
+//! When a node's lease ends:
+//! 1. Volumes this node owns whose DTL lived on the dead node get a new DTL node (placement
+//!    rule: the owner's recovery domain, else its own domain, never the owner); the DTL link
+//!    then catches up and returns to `ok_sync` by itself.
+//! 2. The dead node's volumes (record still names it, owner key gone with its lease) are split
+//!    over the survivors by [`plan_adoptions`]; each survivor computes the same plan. The planned
+//!    adopter takes its share at once: [`Registry::take_ownership`] (one transaction, expected
+//!    tag: at most one winner), then [`VolumeManager::adopt_with_tag`] (claims the backend with
+//!    that tag, replays the DTL). If the planned adopter has not taken a volume after `grace`,
+//!    any survivor may (the transaction still picks one).
+//! 3. A mirrored volume whose DTL node is dead too is recorded halted with the reason
+//!    ([`recovery`]) instead of being served with acknowledged writes missing.
+//!
+//! After a fence: a volume this node still serves while fenced whose record names another
+//! owner now was taken over; it is dropped here ([`VolumeManager::drop_moved`]), its clients
+//! disconnected, and `volume list` says where it went.
+//!
+//! Each adoption is logged (node log, `volume failed over`) and kept in a [`FailoverLog`]
+//! that `volume info` shows as `last_failover`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use vstor_volumedriver::{DtlMode, VolumeManager};
+
+use super::failover_plan::{
+    may_adopt, pick_dtl_node, plan_adoptions, recovery, LiveNode, Orphan, Recovery,
+};
+use crate::registry::{
+    LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError, VolumeRecord, VolumeState,
+};
+
+/// One adoption as `volume info` shows it (`last_failover`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FailoverRecord {
+    /// The node that died (or, for a move, the node that released the volume).
+    pub from: String,
+    pub to: String,
+    /// `failover` or `move`.
+    pub kind: String,
+    /// Seconds since the Unix epoch when the volume served again.
+    pub at: u64,
+    /// From the death being seen here to the volume serving again, milliseconds.
+    pub adopt_ms: u64,
+    pub owner_tag: u64,
+    pub dtl_entries_replayed: u64,
+}
+
+/// The last adoption of each volume this node made.
+#[derive(Default)]
+pub struct FailoverLog(Mutex<BTreeMap<String, FailoverRecord>>);
+
+impl FailoverLog {
+    pub fn record(&self, volume: &str, record: FailoverRecord) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(volume.to_string(), record);
+    }
+
+    pub fn get(&self, volume: &str) -> Option<FailoverRecord> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(volume)
+            .cloned()
+    }
+}
+
+/// Called with a volume's name when this node starts serving it (export it over vhost-user) and
+/// when it stops (disconnect its NBD clients, remove the vhost-user export).
+pub type VolumeHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Everything failover needs from the node.
+pub struct Failover {
+    pub registry: Arc<dyn Registry>,
+    pub node: NodeRecord,
+    /// The node's current lease (it changes when the node registers again after losing it).
+    pub lease: watch::Receiver<LeaseId>,
+    pub manager: Arc<VolumeManager>,
+    /// How long the planned adopter has before any survivor may take a volume.
+    pub grace: Duration,
+    /// How often the registry is swept for orphans and moved volumes.
+    pub sweep: Duration,
+    pub on_served: VolumeHook,
+    pub on_dropped: VolumeHook,
+    pub log: Arc<FailoverLog>,
+    /// When this node first saw each dead owner (for the grace period and the timings).
+    seen_dead: Mutex<HashMap<String, Instant>>,
+    /// One pass at a time (events and sweeps both start passes).
+    passes: tokio::sync::Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn live_view(nodes: &[NodeStatus]) -> Vec<LiveNode> {
+    nodes
+        .iter()
+        .filter(|n| n.alive)
+        .map(|n| LiveNode {
+            name: n.record.name.clone(),
+            domain: n.record.domain.clone(),
+            recovery_domain: n.record.recovery_domain.clone(),
+            volumes: n.volumes,
+        })
+        .collect()
+}
+
+impl Failover {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        node: NodeRecord,
+        lease: watch::Receiver<LeaseId>,
+        manager: Arc<VolumeManager>,
+        grace: Duration,
+        on_served: VolumeHook,
+        on_dropped: VolumeHook,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            node,
+            lease,
+            manager,
+            grace,
+            sweep: Duration::from_secs(1),
+            on_served,
+            on_dropped,
+            log: Arc::new(FailoverLog::default()),
+            seen_dead: Mutex::new(HashMap::new()),
+            passes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn lease(&self) -> LeaseId {
+        *self.lease.borrow()
+    }
+
+    /// Run until the task is aborted: react to lease events, sweep periodically.
+    pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.run().await })
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut events = None;
+        let mut sweep = tokio::time::interval(self.sweep);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if events.is_none() {
+                match self.registry.watch_nodes().await {
+                    Ok(rx) => events = Some(rx),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot watch node leases; sweeping only")
+                    }
+                }
+            }
+            let event = async {
+                match events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                event = event => match event {
+                    Some(NodeEvent::Down(node)) => {
+                        self.saw_dead(&node);
+                        self.clone().spawn_pass();
+                    }
+                    Some(NodeEvent::Live(_) | NodeEvent::Up(_)) => self.clone().spawn_pass(),
+                    None => events = None,
+                },
+                _ = sweep.tick() => self.clone().spawn_pass(),
+            }
+        }
+    }
+
+    fn saw_dead(&self, node: &str) {
+        self.seen_dead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(node.to_string())
+            .or_insert_with(Instant::now);
+    }
+
+    fn forget_dead(&self, alive: &BTreeSet<String>) {
+        self.seen_dead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|node, _| !alive.contains(node));
+    }
+
+    fn dead_since(&self, node: &str) -> Duration {
+        self.seen_dead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map_or(Duration::ZERO, Instant::elapsed)
+    }
+
+    /// One pass in its own task, so a slow adoption never delays the next event.
+    fn spawn_pass(self: Arc<Self>) {
+        tokio::spawn(async move {
+            if let Err(e) = self.pass().await {
+                tracing::debug!(error = %e, "failover pass incomplete (registry unreachable?)");
+            }
+        });
+    }
+
+    /// Compare the registry with the live nodes and act on what changed.
+    pub async fn pass(self: &Arc<Self>) -> Result<(), RegistryError> {
+        let _one = self.passes.lock().await;
+        let nodes = self.registry.nodes().await?;
+        let alive: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.record.name.clone())
+            .collect();
+        if !alive.contains(&self.node.name) {
+            // This node's own lease is gone: it is fenced, it must not take anything.
+            return Ok(());
+        }
+        self.forget_dead(&alive);
+        let live = live_view(&nodes);
+        let records = self.registry.volumes().await?;
+        self.drop_moved_volumes(&records);
+        self.replace_dead_dtls(&records, &alive, &live, &nodes)
+            .await;
+
+        let mut orphans = Vec::new();
+        let mut by_name = BTreeMap::new();
+        for record in records {
+            if alive.contains(&record.owner) || record.state != VolumeState::Serving {
+                continue;
+            }
+            if self.registry.owner(&record.name).await?.is_some() {
+                continue; // the owner key is still there: not dead yet as far as etcd knows
+            }
+            self.saw_dead(&record.owner);
+            orphans.push(Orphan {
+                name: record.name.clone(),
+                dtl_node: record.dtl_node.clone(),
+                // A DTL at an explicit address outside the cluster is not tracked here: the
+                // adoption's replay finds out whether it is reachable.
+                mirrored: record.dtl_mode != DtlMode::None && record.dtl_addr.is_none(),
+            });
+            by_name.insert(record.name.clone(), record);
+        }
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let plan = plan_adoptions(&live, &orphans);
+        for orphan in orphans {
+            let Some(record) = by_name.remove(&orphan.name) else {
+                continue;
+            };
+            let planned = plan.get(&orphan.name).map(String::as_str);
+            let since = self.dead_since(&record.owner);
+            match recovery(&orphan, &live) {
+                Recovery::Halt(reason) => {
+                    if planned == Some(self.node.name.as_str()) {
+                        self.halt(&record, &reason).await;
+                    }
+                }
+                Recovery::Adopt => {
+                    if may_adopt(&self.node.name, planned, since, self.grace) {
+                        self.adopt(&record, &nodes, &live, since, "failover").await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn halt(&self, record: &VolumeRecord, reason: &str) {
+        let state = VolumeState::Halted {
+            reason: format!("owner {} died: {reason}", record.owner),
+        };
+        match self
+            .registry
+            .set_state(&record.name, record.owner_tag, state)
+            .await
+        {
+            Ok(()) => {
+                tracing::error!(volume = %record.name, owner = %record.owner, %reason, "volume halted: cannot be recovered")
+            }
+            Err(e) => {
+                tracing::debug!(volume = %record.name, error = %e, "recording the halt failed")
+            }
+        }
+    }
+
+    /// Take `record`'s volume: the registry transaction first (losing it is normal: another
+    /// survivor got there first), then the engine's adoption with the new tag.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        record: &VolumeRecord,
+        nodes: &[NodeStatus],
+        live: &[LiveNode],
+        since: Duration,
+        kind: &str,
+    ) -> Option<FailoverRecord> {
+        let started = Instant::now();
+        let name = record.name.clone();
+        let tag = match self
+            .registry
+            .take_ownership(&name, record.owner_tag, &self.node.name, self.lease())
+            .await
+        {
+            Ok(tag) => tag,
+            Err(RegistryError::StaleTag { owner, .. }) => {
+                tracing::debug!(volume = %name, %owner, "another node took the volume first");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(volume = %name, error = %e, "cannot take ownership");
+                return None;
+            }
+        };
+        let manager = self.manager.clone();
+        let target = name.clone();
+        let adopted =
+            tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag)).await;
+        let summary = match adopted {
+            Ok(Ok((_, summary))) => summary,
+            Ok(Err(e)) => {
+                let reason = format!("adoption by {} failed: {e}", self.node.name);
+                tracing::error!(volume = %name, %reason, "volume halted");
+                if let Err(e) = self
+                    .registry
+                    .set_state(&name, tag, VolumeState::Halted { reason })
+                    .await
+                {
+                    tracing::warn!(volume = %name, error = %e, "recording the halt failed");
+                }
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(volume = %name, error = %e, "adoption task failed");
+                return None;
+            }
+        };
+        (self.on_served)(&name);
+        let dtl_dead = record
+            .dtl_node
+            .as_ref()
+            .is_some_and(|d| !live.iter().any(|n| &n.name == d));
+        if record.dtl_node.as_deref() == Some(self.node.name.as_str()) || dtl_dead {
+            self.replace_dtl(&name, tag, record.dtl_mode, live, nodes)
+                .await;
+        }
+        let entry = FailoverRecord {
+            from: record.owner.clone(),
+            to: self.node.name.clone(),
+            kind: kind.to_string(),
+            at: now_secs(),
+            adopt_ms: u64::try_from((since + started.elapsed()).as_millis()).unwrap_or(u64::MAX),
+            owner_tag: tag,
+            dtl_entries_replayed: summary.applied,
+        };
+        tracing::warn!(
+            volume = %name,
+            from = %record.owner,
+            to = %self.node.name,
+            kind,
+            owner_tag = tag,
+            replayed = summary.applied,
+            detected_to_serving_ms = entry.adopt_ms,
+            adopt_ms = started.elapsed().as_millis() as u64,
+            "volume failed over"
+        );
+        self.log.record(&name, entry.clone());
+        Some(entry)
+    }
+
+    /// Point volume `name` (owned here with `tag`) at a new DTL node chosen by the placement
+    /// rule; without a candidate it stays on its current (dead) DTL, degraded.
+    async fn replace_dtl(
+        &self,
+        name: &str,
+        tag: u64,
+        mode: DtlMode,
+        live: &[LiveNode],
+        nodes: &[NodeStatus],
+    ) {
+        if mode == DtlMode::None {
+            return;
+        }
+        let Some(pick) = pick_dtl_node(
+            &self.node.name,
+            &self.node.domain,
+            self.node.recovery_domain.as_deref(),
+            live,
+        ) else {
+            tracing::warn!(volume = %name, "no live node can hold the DTL (recovery domain, own domain, never this node); the volume stays degraded");
+            return;
+        };
+        let Some(addr) = nodes
+            .iter()
+            .find(|n| n.record.name == pick)
+            .map(|n| n.record.dtl_addr.clone())
+        else {
+            return;
+        };
+        let manager = self.manager.clone();
+        let target = name.to_string();
+        let dtl_addr = addr.clone();
+        let updated =
+            tokio::task::spawn_blocking(move || manager.update_dtl(&target, mode, Some(dtl_addr)))
+                .await;
+        match updated {
+            Ok(Ok(())) => {
+                if let Err(e) = self.registry.set_dtl(name, tag, Some(pick.clone())).await {
+                    tracing::warn!(volume = %name, error = %e, "cannot record the new DTL node");
+                }
+                tracing::warn!(volume = %name, dtl_node = %pick, %addr, "DTL re-placed");
+            }
+            Ok(Err(e)) => tracing::error!(volume = %name, error = %e, "cannot re-place the DTL"),
+            Err(e) => tracing::error!(volume = %name, error = %e, "DTL re-placement task failed"),
+        }
+    }
+
+    /// Volumes this node owns whose DTL node is dead get a new one.
+    async fn replace_dead_dtls(
+        &self,
+        records: &[VolumeRecord],
+        alive: &BTreeSet<String>,
+        live: &[LiveNode],
+        nodes: &[NodeStatus],
+    ) {
+        for record in records {
+            let Some(dtl) = &record.dtl_node else {
+                continue;
+            };
+            if record.owner != self.node.name || alive.contains(dtl) {
+                continue;
+            }
+            let Ok(volume) = self.manager.get(&record.name) else {
+                continue;
+            };
+            let info = volume.info();
+            if info.owner_tag != record.owner_tag || volume.fenced().is_some() {
+                continue;
+            }
+            let mode = volume.config().dtl_mode;
+            self.replace_dtl(&record.name, record.owner_tag, mode, live, nodes)
+                .await;
+        }
+    }
+
+    /// Volumes served here whose record names another owner were taken over while this node
+    /// was cut off: stop serving them and say where they went.
+    fn drop_moved_volumes(&self, records: &[VolumeRecord]) {
+        for record in records {
+            if record.owner == self.node.name {
+                continue;
+            }
+            let Ok(volume) = self.manager.get(&record.name) else {
+                continue;
+            };
+            if record.owner_tag <= volume.info().owner_tag {
+                continue; // not a newer owner (a record being moved to us, say)
+            }
+            (self.on_dropped)(&record.name);
+            match self.manager.drop_moved(&record.name, &record.owner) {
+                Ok(()) => {
+                    tracing::warn!(volume = %record.name, new_owner = %record.owner, tag = record.owner_tag, "volume taken over by another node while this one was cut off; dropped here")
+                }
+                Err(e) => {
+                    tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved")
+                }
+            }
+        }
+    }
+}
