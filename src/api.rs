@@ -9,6 +9,7 @@
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
 //! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
 //! | POST   | /v1/volumes/{name}/adopt                  |                                        |
+//! | POST   | /v1/volumes/{name}/move                   | `{to, timeout_secs?}` (cluster; see `cluster::move_api`) |
 //! | DELETE | /v1/volumes/{name}[?force=true]           |                                        |
 //! | POST   | /v1/volumes/{name}/scrub                  | `{rate?}` (bytes per second; body optional) |
 //! | POST   | /v1/volumes/{name}/template               |                                        |
@@ -84,6 +85,8 @@ pub struct ApiState {
     /// restart exports them again.
     pub vhost_snapshots: Arc<Mutex<BTreeSet<String>>>,
     pub vhost_snapshots_file: std::path::PathBuf,
+    /// Failover and moves, when the node runs in a cluster (`--registry etcd://…`).
+    pub failover: Option<Arc<crate::cluster::failover::Failover>>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).
@@ -117,6 +120,12 @@ impl ApiState {
 }
 
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self(status, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -180,7 +189,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-fn view(state: &ApiState, info: VolumeInfo) -> Value {
+pub fn view(state: &ApiState, info: VolumeInfo) -> Value {
     let connections = state.nbd.connections(&info.name);
     let uri = format!("nbd://{}/{}", state.nbd_addr, info.name);
     let mut value = serde_json::to_value(info).unwrap_or(Value::Null);
@@ -197,6 +206,9 @@ fn view(state: &ApiState, info: VolumeInfo) -> Value {
             "vhost_connected".into(),
             json!(state.vhost.connected(&name)),
         );
+        if let Some(failover) = &state.failover {
+            object.insert("last_failover".into(), json!(failover.log.get(&name)));
+        }
         let (progress, last) = state.scrubs.status(&name);
         object.insert("scrub_progress".into(), progress);
         object.insert("last_scrub".into(), last);
@@ -822,6 +834,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}", get(info).patch(update).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
         .route("/v1/volumes/{name}/adopt", post(adopt))
+        .route(
+            "/v1/volumes/{name}/move",
+            post(crate::cluster::move_api::move_volume),
+        )
+        .route(
+            "/v1/volumes/{name}/takeover",
+            post(crate::cluster::move_api::takeover),
+        )
         .route("/v1/volumes/{name}/scrub", post(scrub))
         .route("/v1/volumes/{name}/template", post(template))
         .route(

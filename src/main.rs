@@ -259,6 +259,18 @@ enum VolumeVerb {
     /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
     /// the old node, and serve it from this node.
     Adopt { name: String },
+    /// Move a volume to another node of the cluster: flush, hand it over under a new owner tag,
+    /// serve it from NODE. Its NBD clients are disconnected; the new NBD address is printed
+    /// on stdout, progress on stderr.
+    Move {
+        name: String,
+        /// The node to move the volume to.
+        #[arg(long)]
+        to: String,
+        /// How long the owner may take to put the volume's data on the backend.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
     /// Delete a volume and its backend data. Refused while clones of its snapshots exist, and
     /// while NBD clients or a vhost-user frontend use the volume.
     Delete {
@@ -369,6 +381,28 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                     "adopted volume {name}: owner tag {}, {} DTL entries replayed ({} held)",
                     v["owner_tag"], v["dtl_entries_replayed"], v["dtl_entries_held"]
                 );
+            });
+        }
+        VolumeVerb::Move {
+            name,
+            to,
+            timeout_secs,
+        } => {
+            eprintln!("moving volume {name} to {to}: flushing and uploading on its owner, then handing it over");
+            let started = std::time::Instant::now();
+            let value = Client::without_timeout(&args.remote.api).post(
+                &format!("/v1/volumes/{name}/move"),
+                serde_json::json!({ "to": to, "timeout_secs": timeout_secs }),
+            )?;
+            eprintln!(
+                "moved volume {name} from {} to {to} in {:.1} s ({} NBD clients disconnected); new owner tag {}",
+                value["moved_from"].as_str().unwrap_or("?"),
+                started.elapsed().as_secs_f64(),
+                value["nbd_clients_disconnected"],
+                value["owner_tag"]
+            );
+            show(value, &|v| {
+                println!("{}", v["nbd_uri"].as_str().unwrap_or("-"))
             });
         }
         VolumeVerb::Delete { name, force } => {

@@ -141,6 +141,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             scrubs,
             vhost_snapshots: Arc::new(std::sync::Mutex::new(vhost_snapshots)),
             vhost_snapshots_file,
+            failover: None,
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {

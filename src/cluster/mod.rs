@@ -6,4 +6,5 @@
 
 pub mod failover;
 pub mod failover_plan;
+pub mod move_api;
 pub mod moving;

@@ -107,8 +107,10 @@ async fn post(
             .timeout_global(Some(timeout))
             .build()
             .into();
+        // Marked as forwarded: the target must handle it itself, not send it to the owner.
         let mut response = agent
             .post(&url)
+            .header("x-vstor-forwarded", "1")
             .send_json(body)
             .map_err(|e| format!("cannot reach node API {target}: {e}"))?;
         let status = response.status().as_u16();
