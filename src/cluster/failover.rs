@@ -35,8 +35,9 @@ use tokio::sync::watch;
 use vstor_volumedriver::{DtlMode, VolumeManager};
 
 use super::failover_plan::{
-    may_adopt, pick_dtl_node, plan_adoptions, recovery, LiveNode, Orphan, Recovery,
+    after_fence, may_adopt, plan_adoptions, recovery, AfterFence, LiveNode, Orphan, Recovery,
 };
+use super::placement;
 use crate::registry::{
     LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError, VolumeRecord, VolumeState,
 };
@@ -401,12 +402,21 @@ impl Failover {
         if mode == DtlMode::None {
             return;
         }
-        let Some(pick) = pick_dtl_node(
-            &self.node.name,
-            &self.node.domain,
-            self.node.recovery_domain.as_deref(),
-            live,
-        ) else {
+        // The placement rule of new volumes, with DTLs counted from the registry.
+        let mut dtls = BTreeMap::new();
+        for record in self.registry.volumes().await.unwrap_or_default() {
+            if let Some(node) = record.dtl_node {
+                *dtls.entry(node).or_insert(0) += 1;
+            }
+        }
+        let live_records: Vec<NodeRecord> = nodes
+            .iter()
+            .filter(|n| n.alive && live.iter().any(|l| l.name == n.record.name))
+            .map(|n| n.record.clone())
+            .collect();
+        let Some(pick) =
+            placement::dtl_node(&self.node, &live_records, &dtls).map(|n| n.name.clone())
+        else {
             tracing::warn!(volume = %name, "no live node can hold the DTL (recovery domain, own domain, never this node); the volume stays degraded");
             return;
         };
@@ -467,9 +477,10 @@ impl Failover {
     /// was cut off: stop serving them and say where they went.
     fn drop_moved_volumes(&self, records: &[VolumeRecord]) {
         for record in records {
-            if record.owner == self.node.name {
+            let AfterFence::DropMoved(owner) = after_fence(&self.node.name, Some(&record.owner))
+            else {
                 continue;
-            }
+            };
             let Ok(volume) = self.manager.get(&record.name) else {
                 continue;
             };
@@ -477,7 +488,7 @@ impl Failover {
                 continue; // not a newer owner (a record being moved to us, say)
             }
             (self.on_dropped)(&record.name);
-            match self.manager.drop_moved(&record.name, &record.owner) {
+            match self.manager.drop_moved(&record.name, &owner) {
                 Ok(()) => {
                     tracing::warn!(volume = %record.name, new_owner = %record.owner, tag = record.owner_tag, "volume taken over by another node while this one was cut off; dropped here")
                 }

@@ -6,8 +6,7 @@
 //! - [`plan_adoptions`]: each orphaned volume to a survivor, spread by load.
 //! - [`may_adopt`]: whether this node may take a volume now (its planned adopter, or anyone
 //!   once the planned one had its grace period).
-//! - [`pick_dtl_node`]: where a volume's DTL goes when its DTL node died (or the adopter is the
-//!   DTL node itself).
+//! - Where a re-placed DTL goes is the create-time rule, `placement::dtl_node`.
 //! - [`recovery`]: whether an orphan can be recovered at all or must halt.
 //! - [`after_fence`]: what a node does with a volume it held once its lease is back.
 
@@ -65,27 +64,6 @@ pub fn plan_adoptions(live: &[LiveNode], orphans: &[Orphan]) -> BTreeMap<String,
 /// stuck). The registry transaction makes sure only one attempt wins.
 pub fn may_adopt(me: &str, planned: Option<&str>, since_death: Duration, grace: Duration) -> bool {
     planned == Some(me) || since_death >= grace
-}
-
-/// The DTL node for a volume owned by `owner` (with its `domain` and `recovery_domain`): a live
-/// node in the owner's recovery domain, else one in the owner's own domain, never the owner;
-/// among several the one with the fewest volumes, then the smallest name. `None`: no such node
-/// (the volume runs without a DTL, degraded, until one appears).
-pub fn pick_dtl_node(
-    owner: &str,
-    domain: &str,
-    recovery_domain: Option<&str>,
-    live: &[LiveNode],
-) -> Option<String> {
-    let in_domain = |wanted: &str| {
-        live.iter()
-            .filter(|n| n.name != owner && n.domain == wanted)
-            .min_by_key(|n| (n.volumes, n.name.as_str()))
-            .map(|n| n.name.clone())
-    };
-    recovery_domain
-        .and_then(in_domain)
-        .or_else(|| in_domain(domain))
 }
 
 /// Whether an orphan can be brought back.
@@ -222,33 +200,6 @@ mod tests {
         assert!(!may_adopt("b", Some("a"), Duration::from_secs(1), grace));
         assert!(may_adopt("b", Some("a"), Duration::from_secs(3), grace));
         assert!(!may_adopt("b", None, Duration::from_secs(2), grace));
-    }
-
-    #[test]
-    fn dtl_goes_to_the_recovery_domain_then_the_own_domain_never_the_owner() {
-        let live = [
-            node("own", "d1", Some("d2"), 0),
-            node("same1", "d1", None, 4),
-            node("same2", "d1", None, 2),
-            node("rec1", "d2", None, 7),
-            node("rec2", "d2", None, 7),
-        ];
-        assert_eq!(
-            pick_dtl_node("own", "d1", Some("d2"), &live).as_deref(),
-            Some("rec1")
-        );
-        assert_eq!(
-            pick_dtl_node("own", "d1", None, &live).as_deref(),
-            Some("same2")
-        );
-        // Recovery domain empty: fall back to the own domain.
-        assert_eq!(
-            pick_dtl_node("own", "d1", Some("d9"), &live).as_deref(),
-            Some("same2")
-        );
-        // Only the owner itself left in its domain: no DTL node.
-        let alone = [node("own", "d1", None, 0), node("x", "d3", None, 0)];
-        assert_eq!(pick_dtl_node("own", "d1", None, &alone), None);
     }
 
     #[test]

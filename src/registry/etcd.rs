@@ -109,6 +109,9 @@ impl EtcdRegistry {
             E::GRpcStatus(status) if status.message().contains("lease not found") => {
                 RegistryError::LeaseExpired { lease: 0 }
             }
+            E::LeaseKeepAliveError(message) if message.contains("not found") => {
+                RegistryError::LeaseExpired { lease: 0 }
+            }
             E::GRpcStatus(status)
                 if matches!(
                     status.code(),
@@ -336,16 +339,26 @@ impl Registry for EtcdRegistry {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&lease);
-        let (mut keeper, mut stream) = match taken {
-            Some(keeper) => keeper,
-            None => self.open_keeper(lease).await?,
+        let opened = match taken {
+            Some(keeper) => Ok(keeper),
+            None => self.open_keeper(lease).await,
         };
-        let renewed = self
+        let (mut keeper, mut stream) = match opened {
+            Ok(keeper) => keeper,
+            Err(RegistryError::LeaseExpired { .. }) => return Ok(KeepAlive::Expired),
+            Err(e) => return Err(e),
+        };
+        let renewed = match self
             .call("lease keepalive", async {
                 keeper.keep_alive().await?;
                 stream.message().await
             })
-            .await?;
+            .await
+        {
+            Ok(renewed) => renewed,
+            Err(RegistryError::LeaseExpired { .. }) => return Ok(KeepAlive::Expired),
+            Err(e) => return Err(e),
+        };
         match renewed {
             Some(response) if response.ttl() > 0 => {
                 self.keepers
@@ -630,6 +643,7 @@ fn with_lease(error: RegistryError, lease: LeaseId) -> RegistryError {
 }
 
 /// The live nodes and the revision they were read at.
+#[allow(dead_code)] // Through `watch_nodes`, the failover layer's.
 async fn live_snapshot(
     client: &Client,
     timeout: Duration,
@@ -651,6 +665,7 @@ async fn live_snapshot(
 
 /// Follow the live keys from `revision` on; when the watch breaks, read a new snapshot and
 /// watch again (retrying once a second) until the receiver is gone.
+#[allow(dead_code)] // Through `watch_nodes`, the failover layer's.
 async fn watch_loop(
     client: Client,
     timeout: Duration,
