@@ -476,7 +476,16 @@ impl Failover {
     /// Volumes served here whose record names another owner were taken over while this node
     /// was cut off: stop serving them and say where they went.
     fn drop_moved_volumes(&self, records: &[VolumeRecord]) {
+        let failed = self.manager.failed();
         for record in records {
+            if record.owner != self.node.name && failed.contains_key(&record.name) {
+                // Could not restart here because another node adopted it meanwhile.
+                match self.manager.drop_moved(&record.name, &record.owner) {
+                    Ok(()) => tracing::warn!(volume = %record.name, new_owner = %record.owner, "volume adopted by another node while this one was down; dropped here"),
+                    Err(e) => tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved"),
+                }
+                continue;
+            }
             let AfterFence::DropMoved(owner) = after_fence(&self.node.name, Some(&record.owner))
             else {
                 continue;

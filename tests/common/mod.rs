@@ -2,7 +2,9 @@
 //! real client tools, and a minimal synchronous NBD client for crash tests.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod netns;
+pub mod oracle;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

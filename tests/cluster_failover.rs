@@ -1,0 +1,328 @@
+//! Cluster failover as processes: a real etcd on loopback, three `vstor serve` nodes on one
+//! shared backend directory, crash-oracle writers over NBD (`common::oracle`).
+//!
+//! - The owner of a sync-DTL volume is killed (`kill -9`) under load: another node adopts it
+//!   by itself and every acknowledged write reads back there (10 rounds).
+//! - The DTL node is killed: the owner re-places the DTL and is back to `ok_sync` by itself.
+//! - etcd is killed and restarted under load: no I/O error, ownership unchanged.
+//! - `vstor volume move` under load: no acknowledged write lost, the clients reconnect to the
+//!   printed address.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
+use common::{Daemon, TestBackend};
+
+const VOLUME: &str = "vol";
+const NODES: usize = 3;
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    etcd: Etcd,
+    nodes: Vec<Daemon>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(&tmp.path().join("etcd"));
+        let backend = TestBackend::Dir(tmp.path().join("backend"));
+        let nodes = (0..NODES)
+            .map(|i| start_node(tmp.path(), &etcd, &backend, i))
+            .collect();
+        Self {
+            _tmp: tmp,
+            etcd,
+            nodes,
+        }
+    }
+
+    fn index(&self, name: &str) -> usize {
+        name.strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .unwrap_or_else(|| panic!("not a node name: {name}"))
+    }
+
+    /// Create the test volume on node `n0`, sync DTL, small SCOs and write buffer so TLogs reach
+    /// the backend (and trim the DTL) every few MiB.
+    fn create_volume(&self) -> serde_json::Value {
+        self.nodes[0].cli_ok(&[
+            "volume",
+            "create",
+            VOLUME,
+            "--size",
+            "64M",
+            "--sco-size",
+            "4M",
+            "--write-buffer",
+            "8M",
+            "--dtl-mode",
+            "sync",
+            "--node",
+            "n0",
+        ]);
+        wait_info(&self.nodes[0], "the new volume's DTL link", Duration::from_secs(30), |i| {
+            i["dtl_state"] == "ok_sync" && i["owner"] == "n0"
+        })
+    }
+}
+
+fn start_node(root: &Path, etcd: &Etcd, backend: &TestBackend, i: usize) -> Daemon {
+    let dir = root.join(format!("n{i}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("n{i}");
+    Daemon::start_on(
+        &dir,
+        backend,
+        &[
+            "--registry",
+            &etcd.url(),
+            "--node",
+            &name,
+            "--domain",
+            "d1",
+        ],
+    )
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn try_info(node: &Daemon) -> Option<serde_json::Value> {
+    let out = node.cli(&["volume", "info", VOLUME, "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Poll the volume's info through `node` until `ready` holds.
+fn wait_info(
+    node: &Daemon,
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(info) = try_info(node) {
+            if ready(&info) {
+                return info;
+            }
+            last = Some(info);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn writers_end_with_errors(writers: Vec<std::thread::JoinHandle<Result<u64, String>>>, context: &str) {
+    for w in writers {
+        assert!(
+            w.join().expect("writer panicked").is_err(),
+            "{context}: writer ended without an error"
+        );
+    }
+}
+
+const ROUNDS: u64 = 10;
+
+#[test]
+fn owner_killed_under_load_fails_over_without_losing_a_write() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let mut owner_tag = info["owner_tag"].as_u64().expect("owner_tag");
+    let load = Load::new();
+    let mut times = Vec::new();
+    for round in 0..ROUNDS {
+        let context = format!("round {round}");
+        let any = &cluster.nodes[(round as usize) % NODES];
+        let info = wait_info(any, &format!("{context}: volume serving"), Duration::from_secs(30), |i| {
+            i["state"] == "running" && i["dtl_state"] == "ok_sync"
+        });
+        let owner = info["owner"].as_str().expect("owner").to_string();
+        let owner_idx = cluster.index(&owner);
+        let writers = oracle::start_writers(&cluster.nodes[owner_idx].nbd, VOLUME, Mode::Sync, &load);
+        let target = 300 + (round * 719) % 3000;
+        wait_progress(&load, &writers, target, &context);
+        let killed = Instant::now();
+        cluster.nodes[owner_idx].kill9();
+        writers_end_with_errors(writers, &context);
+
+        let survivor = &cluster.nodes[(owner_idx + 1) % NODES];
+        let adopted = wait_info(survivor, &format!("{context}: adoption"), Duration::from_secs(30), |i| {
+            i["owner"] != owner.as_str() && i["state"] == "running"
+        });
+        let took = killed.elapsed();
+        times.push(took);
+        let new_owner = adopted["owner"].as_str().expect("owner").to_string();
+        let tag = adopted["owner_tag"].as_u64().expect("owner_tag");
+        assert!(tag > owner_tag, "{context}: owner tag {tag} after {owner_tag}");
+        owner_tag = tag;
+        let failover = &adopted["last_failover"];
+        assert_eq!(failover["from"], owner.as_str(), "{context}: {adopted}");
+        assert_eq!(failover["to"], new_owner.as_str(), "{context}: {adopted}");
+        let new_idx = cluster.index(&new_owner);
+        let written = oracle::verify(&cluster.nodes[new_idx].nbd, VOLUME, &load, &context);
+        assert!(written > 0, "{context}: nothing written");
+        // The killed node comes back (same data directory): it must not serve the volume.
+        cluster.nodes[owner_idx].launch();
+        let back = &cluster.nodes[owner_idx];
+        wait_info(back, &format!("{context}: the old owner forwards to the new one"), Duration::from_secs(30), |i| {
+            i["owner"] == new_owner.as_str()
+        });
+        eprintln!("{context}: {owner} killed, {new_owner} serving after {took:?}");
+    }
+    times.sort();
+    eprintln!(
+        "failover (kill -9 to serving on the new owner) over {ROUNDS} rounds: p50 {:?}, max {:?}",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    // Detection within the lease TTL (5 s) plus adoption within 2 s, with slack for a loaded
+    // machine.
+    assert!(
+        times[times.len() / 2] < Duration::from_secs(10),
+        "median failover took {:?}",
+        times[times.len() / 2]
+    );
+}
+
+#[test]
+fn dtl_node_killed_is_replaced_and_back_to_ok_sync() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let dtl_node = info["dtl_node"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| {
+            // Local view: find the node whose DTL address the volume uses.
+            let nodes = json(&cluster.nodes[0].cli_ok(&["node", "list", "--json"]));
+            nodes.as_array().and_then(|list| {
+                list.iter()
+                    .find(|n| n["dtl_addr"] == info["dtl_addr"])
+                    .and_then(|n| n["name"].as_str().map(str::to_string))
+            })
+        })
+        .expect("the volume has a DTL node");
+    assert_ne!(dtl_node, "n0");
+    let old_addr = info["dtl_addr"].as_str().expect("dtl_addr").to_string();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "before the DTL node dies");
+    let idx = cluster.index(&dtl_node);
+    let killed = Instant::now();
+    cluster.nodes[idx].kill9();
+    let healed = wait_info(&cluster.nodes[0], "DTL re-placed and in sync", Duration::from_secs(40), |i| {
+        i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr.as_str()
+    });
+    eprintln!("DTL node {dtl_node} killed: ok_sync on {} after {:?}", healed["dtl_addr"], killed.elapsed());
+    // Writes went on, and keep going in sync with the new DTL.
+    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&load, &writers, before + 200, "after the DTL moved");
+    stop_writers(&load, writers);
+    oracle::verify(&cluster.nodes[0].nbd, VOLUME, &load, "after DTL re-placement");
+    // The re-placed DTL really holds the writes: kill the owner and the adopter replays them.
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "before the owner dies");
+    cluster.nodes[0].kill9();
+    writers_end_with_errors(writers, "owner killed after DTL re-placement");
+    let survivor = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != 0 && *i != idx)
+        .map(|(_, d)| d)
+        .unwrap();
+    let adopted = wait_info(survivor, "adoption", Duration::from_secs(30), |i| {
+        i["owner"] != "n0" && i["state"] == "running"
+    });
+    let new_owner = cluster.index(adopted["owner"].as_str().unwrap());
+    oracle::verify(&cluster.nodes[new_owner].nbd, VOLUME, &load, "after the owner died too");
+}
+
+#[test]
+fn etcd_killed_and_restarted_under_load_changes_nothing() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let tag = info["owner_tag"].as_u64().unwrap();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "before etcd dies");
+    cluster.etcd.kill9();
+    // Longer than the lease TTL (5 s): every node notices, none may stop serving or take over.
+    let until = Instant::now() + Duration::from_secs(7);
+    let mut progress = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    while Instant::now() < until {
+        wait_progress(&load, &writers, progress + 50, "while etcd is down");
+        progress = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    }
+    cluster.etcd.restart();
+    wait_progress(&load, &writers, progress + 300, "after etcd is back");
+    stop_writers(&load, writers);
+    let after = wait_info(&cluster.nodes[1], "volume info through another node", Duration::from_secs(30), |i| {
+        i["owner"] == "n0"
+    });
+    assert_eq!(after["owner_tag"].as_u64(), Some(tag), "{after}");
+    oracle::verify(&cluster.nodes[0].nbd, VOLUME, &load, "after etcd restarted");
+}
+
+#[test]
+fn move_under_load_loses_no_write_and_prints_the_new_address() {
+    let cluster = Cluster::start();
+    cluster.create_volume();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 500, "before the move");
+    // Asked on a node that is neither the owner nor the target: forwarded to the owner.
+    let started = Instant::now();
+    let out = cluster.nodes[1].cli(&["volume", "move", VOLUME, "--to", "n2"]);
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "move failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let expected = format!("nbd://{}/{VOLUME}", cluster.nodes[2].nbd);
+    assert_eq!(printed, expected);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("moving volume vol to n2"), "{stderr}");
+    // The old owner's clients were disconnected; unacknowledged writes are allowed to be lost.
+    writers_end_with_errors(writers, "move");
+    let info = wait_info(&cluster.nodes[0], "moved", Duration::from_secs(10), |i| i["owner"] == "n2");
+    assert_eq!(info["last_failover"]["kind"], "move", "{info}");
+    eprintln!("move took {took:?}");
+    // Clients reconnect to the printed address and go on.
+    let addr = printed
+        .strip_prefix("nbd://")
+        .and_then(|r| r.strip_suffix(&format!("/{VOLUME}")))
+        .unwrap();
+    oracle::verify(addr, VOLUME, &load, "right after the move");
+    let writers = oracle::start_writers(addr, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "after the move");
+    stop_writers(&load, writers);
+    oracle::verify(addr, VOLUME, &load, "after writing on the new owner");
+    // Clear errors.
+    for (args, needle) in [
+        (vec!["--to", "n2"], "already its owner"),
+        (vec!["--to", "nope"], "no node nope"),
+    ] {
+        let mut full = vec!["volume", "move", VOLUME];
+        full.extend(args);
+        let out = cluster.nodes[0].cli(&full);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{full:?}: {stderr}");
+    }
+}
