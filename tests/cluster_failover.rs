@@ -30,6 +30,7 @@ struct Cluster {
 impl Cluster {
     fn start() -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
         let etcd = Etcd::start(&tmp.path().join("etcd"));
         let backend = TestBackend::Dir(tmp.path().join("backend"));
         let nodes = (0..NODES)
