@@ -370,7 +370,11 @@ fn dtl_choice(
 }
 
 async fn health(State(state): State<ApiState>) -> Json<Value> {
-    Json(json!({ "status": "ok", "node": state.node.name }))
+    let mut value = json!({ "status": "ok", "node": state.node.name });
+    if let Some(cluster) = &state.cluster {
+        value["peers"] = json!(cluster.peers_known());
+    }
+    Json(value)
 }
 
 async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {

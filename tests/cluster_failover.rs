@@ -43,6 +43,22 @@ impl Cluster {
         }
     }
 
+    /// Wait until every node's self-fencing monitor knows all its peers (so an etcd outage
+    /// finds them to ask).
+    fn wait_peers_known(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &self.nodes {
+            loop {
+                let health = http_get(&node.api, "/v1/health");
+                if health["peers"].as_u64() == Some(NODES as u64 - 1) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "peers not known: {health}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     fn index(&self, name: &str) -> usize {
         name.strip_prefix('n')
             .and_then(|i| i.parse().ok())
@@ -67,9 +83,12 @@ impl Cluster {
             "--node",
             "n0",
         ]);
-        wait_info(&self.nodes[0], "the new volume's DTL link", Duration::from_secs(30), |i| {
-            i["dtl_state"] == "ok_sync" && i["owner"] == "n0"
-        })
+        wait_info(
+            &self.nodes[0],
+            "the new volume's DTL link",
+            Duration::from_secs(30),
+            |i| i["dtl_state"] == "ok_sync" && i["owner"] == "n0",
+        )
     }
 }
 
@@ -80,15 +99,26 @@ fn start_node(root: &Path, etcd: &Etcd, backend: &TestBackend, i: usize) -> Daem
     Daemon::start_on(
         &dir,
         backend,
-        &[
-            "--registry",
-            &etcd.url(),
-            "--node",
-            &name,
-            "--domain",
-            "d1",
-        ],
+        &["--registry", &etcd.url(), "--node", &name, "--domain", "d1"],
     )
+}
+
+/// GET `path` from the API at `addr` (HTTP/1.1 by hand: the tests have no HTTP client).
+fn http_get(addr: &str, path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    json(body.trim())
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -127,7 +157,10 @@ fn wait_info(
     }
 }
 
-fn writers_end_with_errors(writers: Vec<std::thread::JoinHandle<Result<u64, String>>>, context: &str) {
+fn writers_end_with_errors(
+    writers: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+    context: &str,
+) {
     for w in writers {
         assert!(
             w.join().expect("writer panicked").is_err(),
@@ -148,12 +181,16 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
     for round in 0..ROUNDS {
         let context = format!("round {round}");
         let any = &cluster.nodes[(round as usize) % NODES];
-        let info = wait_info(any, &format!("{context}: volume serving"), Duration::from_secs(30), |i| {
-            i["state"] == "running" && i["dtl_state"] == "ok_sync"
-        });
+        let info = wait_info(
+            any,
+            &format!("{context}: volume serving"),
+            Duration::from_secs(30),
+            |i| i["state"] == "running" && i["dtl_state"] == "ok_sync",
+        );
         let owner = info["owner"].as_str().expect("owner").to_string();
         let owner_idx = cluster.index(&owner);
-        let writers = oracle::start_writers(&cluster.nodes[owner_idx].nbd, VOLUME, Mode::Sync, &load);
+        let writers =
+            oracle::start_writers(&cluster.nodes[owner_idx].nbd, VOLUME, Mode::Sync, &load);
         let target = 300 + (round * 719) % 3000;
         wait_progress(&load, &writers, target, &context);
         let killed = Instant::now();
@@ -161,14 +198,20 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
         writers_end_with_errors(writers, &context);
 
         let survivor = &cluster.nodes[(owner_idx + 1) % NODES];
-        let adopted = wait_info(survivor, &format!("{context}: adoption"), Duration::from_secs(30), |i| {
-            i["owner"] != owner.as_str() && i["state"] == "running"
-        });
+        let adopted = wait_info(
+            survivor,
+            &format!("{context}: adoption"),
+            Duration::from_secs(30),
+            |i| i["owner"] != owner.as_str() && i["state"] == "running",
+        );
         let took = killed.elapsed();
         times.push(took);
         let new_owner = adopted["owner"].as_str().expect("owner").to_string();
         let tag = adopted["owner_tag"].as_u64().expect("owner_tag");
-        assert!(tag > owner_tag, "{context}: owner tag {tag} after {owner_tag}");
+        assert!(
+            tag > owner_tag,
+            "{context}: owner tag {tag} after {owner_tag}"
+        );
         owner_tag = tag;
         let failover = &adopted["last_failover"];
         assert_eq!(failover["from"], owner.as_str(), "{context}: {adopted}");
@@ -179,9 +222,12 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
         // The killed node comes back (same data directory): it must not serve the volume.
         cluster.nodes[owner_idx].launch();
         let back = &cluster.nodes[owner_idx];
-        wait_info(back, &format!("{context}: the old owner forwards to the new one"), Duration::from_secs(30), |i| {
-            i["owner"] == new_owner.as_str()
-        });
+        wait_info(
+            back,
+            &format!("{context}: the old owner forwards to the new one"),
+            Duration::from_secs(30),
+            |i| i["owner"] == new_owner.as_str(),
+        );
         eprintln!("{context}: {owner} killed, {new_owner} serving after {took:?}");
     }
     times.sort();
@@ -224,15 +270,27 @@ fn dtl_node_killed_is_replaced_and_back_to_ok_sync() {
     let idx = cluster.index(&dtl_node);
     let killed = Instant::now();
     cluster.nodes[idx].kill9();
-    let healed = wait_info(&cluster.nodes[0], "DTL re-placed and in sync", Duration::from_secs(40), |i| {
-        i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr.as_str()
-    });
-    eprintln!("DTL node {dtl_node} killed: ok_sync on {} after {:?}", healed["dtl_addr"], killed.elapsed());
+    let healed = wait_info(
+        &cluster.nodes[0],
+        "DTL re-placed and in sync",
+        Duration::from_secs(40),
+        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr.as_str(),
+    );
+    eprintln!(
+        "DTL node {dtl_node} killed: ok_sync on {} after {:?}",
+        healed["dtl_addr"],
+        killed.elapsed()
+    );
     // Writes went on, and keep going in sync with the new DTL.
     let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
     wait_progress(&load, &writers, before + 200, "after the DTL moved");
     stop_writers(&load, writers);
-    oracle::verify(&cluster.nodes[0].nbd, VOLUME, &load, "after DTL re-placement");
+    oracle::verify(
+        &cluster.nodes[0].nbd,
+        VOLUME,
+        &load,
+        "after DTL re-placement",
+    );
     // The re-placed DTL really holds the writes: kill the owner and the adopter replays them.
     let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
     wait_progress(&load, &writers, 300, "before the owner dies");
@@ -249,7 +307,12 @@ fn dtl_node_killed_is_replaced_and_back_to_ok_sync() {
         i["owner"] != "n0" && i["state"] == "running"
     });
     let new_owner = cluster.index(adopted["owner"].as_str().unwrap());
-    oracle::verify(&cluster.nodes[new_owner].nbd, VOLUME, &load, "after the owner died too");
+    oracle::verify(
+        &cluster.nodes[new_owner].nbd,
+        VOLUME,
+        &load,
+        "after the owner died too",
+    );
 }
 
 #[test]
@@ -257,6 +320,7 @@ fn etcd_killed_and_restarted_under_load_changes_nothing() {
     let mut cluster = Cluster::start();
     let info = cluster.create_volume();
     let tag = info["owner_tag"].as_u64().unwrap();
+    cluster.wait_peers_known();
     let load = Load::new();
     let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
     wait_progress(&load, &writers, 300, "before etcd dies");
@@ -265,15 +329,32 @@ fn etcd_killed_and_restarted_under_load_changes_nothing() {
     let until = Instant::now() + Duration::from_secs(7);
     let mut progress = load.progress.load(std::sync::atomic::Ordering::SeqCst);
     while Instant::now() < until {
-        wait_progress(&load, &writers, progress + 50, "while etcd is down");
-        progress = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(i) = writers
+            .iter()
+            .position(std::thread::JoinHandle::is_finished)
+        {
+            let ended = writers.into_iter().nth(i).unwrap().join().unwrap();
+            panic!(
+                "a writer stopped while etcd was down: {ended:?}; node log:\n{}",
+                cluster.nodes[0].log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(
+        load.progress.load(std::sync::atomic::Ordering::SeqCst) > progress + 100,
+        "writes stalled while etcd was down"
+    );
+    progress = load.progress.load(std::sync::atomic::Ordering::SeqCst);
     cluster.etcd.restart();
     wait_progress(&load, &writers, progress + 300, "after etcd is back");
     stop_writers(&load, writers);
-    let after = wait_info(&cluster.nodes[1], "volume info through another node", Duration::from_secs(30), |i| {
-        i["owner"] == "n0"
-    });
+    let after = wait_info(
+        &cluster.nodes[1],
+        "volume info through another node",
+        Duration::from_secs(30),
+        |i| i["owner"] == "n0",
+    );
     assert_eq!(after["owner_tag"].as_u64(), Some(tag), "{after}");
     oracle::verify(&cluster.nodes[0].nbd, VOLUME, &load, "after etcd restarted");
 }
@@ -301,7 +382,9 @@ fn move_under_load_loses_no_write_and_prints_the_new_address() {
     assert!(stderr.contains("moving volume vol to n2"), "{stderr}");
     // The old owner's clients were disconnected; unacknowledged writes are allowed to be lost.
     writers_end_with_errors(writers, "move");
-    let info = wait_info(&cluster.nodes[0], "moved", Duration::from_secs(10), |i| i["owner"] == "n2");
+    let info = wait_info(&cluster.nodes[0], "moved", Duration::from_secs(10), |i| {
+        i["owner"] == "n2"
+    });
     assert_eq!(info["last_failover"]["kind"], "move", "{info}");
     eprintln!("move took {took:?}");
     // Clients reconnect to the printed address and go on.

@@ -481,8 +481,12 @@ impl Failover {
             if record.owner != self.node.name && failed.contains_key(&record.name) {
                 // Could not restart here because another node adopted it meanwhile.
                 match self.manager.drop_moved(&record.name, &record.owner) {
-                    Ok(()) => tracing::warn!(volume = %record.name, new_owner = %record.owner, "volume adopted by another node while this one was down; dropped here"),
-                    Err(e) => tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved"),
+                    Ok(()) => {
+                        tracing::warn!(volume = %record.name, new_owner = %record.owner, "volume adopted by another node while this one was down; dropped here")
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved")
+                    }
                 }
                 continue;
             }

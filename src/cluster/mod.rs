@@ -36,6 +36,8 @@ pub struct Cluster {
     pub settings: ClusterSettings,
     lease: watch::Sender<LeaseId>,
     health: watch::Sender<Health>,
+    /// Peers the self-fencing probe would ask now (shown by `/v1/health`).
+    peers_known: std::sync::atomic::AtomicUsize,
 }
 
 impl Cluster {
@@ -82,6 +84,7 @@ impl Cluster {
             settings,
             lease: lease_tx,
             health,
+            peers_known: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -99,6 +102,11 @@ impl Cluster {
         self.health.subscribe()
     }
 
+    /// How many peers the self-fencing probe would ask now.
+    pub fn peers_known(&self) -> usize {
+        self.peers_known.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn is_fenced(&self) -> bool {
         matches!(*self.health.borrow(), Health::Fenced { .. })
     }
@@ -113,21 +121,22 @@ impl Cluster {
         let interval = self.settings.keepalive_interval();
         let mut monitor = Monitor::new(Instant::now(), self.settings.fence_after());
         let mut peers: Vec<NodeRecord> = Vec::new();
-        let mut ticks: u64 = 0;
         loop {
             let started = Instant::now();
             // Peers to ask if this node is cut off: every known member but this one, refreshed
-            // while the registry answers.
-            if ticks.is_multiple_of(5) {
-                if let Ok(nodes) = self.registry.nodes().await {
-                    peers = nodes
-                        .into_iter()
-                        .map(|n| n.record)
-                        .filter(|n| n.name != self.node.name)
-                        .collect();
-                }
+            // every tick while the registry answers (one small range read). Refreshing only
+            // every few ticks left a node that joined before its peers with nobody to ask when
+            // the registry went down soon after, and it fenced itself (cluster_failover's
+            // etcd test).
+            if let Ok(nodes) = self.registry.nodes().await {
+                peers = nodes
+                    .into_iter()
+                    .map(|n| n.record)
+                    .filter(|n| n.name != self.node.name)
+                    .collect();
+                self.peers_known
+                    .store(peers.len(), std::sync::atomic::Ordering::Relaxed);
             }
-            ticks += 1;
             let sent = Instant::now();
             let mut actions = Vec::new();
             match self.registry.keep_alive(self.lease()).await {

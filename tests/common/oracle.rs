@@ -204,8 +204,8 @@ pub fn stop_writers(load: &Load, writers: Vec<JoinHandle<Result<u64, String>>>) 
 /// Read the whole volume `volume` at `nbd` and check every block against the oracle; returns the number
 /// of blocks holding data.
 pub fn verify(nbd: &str, volume: &str, load: &Load, context: &str) -> u64 {
-    let mut client = NbdClient::connect(nbd, volume)
-        .unwrap_or_else(|e| panic!("{context}: NBD connect: {e}"));
+    let mut client =
+        NbdClient::connect(nbd, volume).unwrap_or_else(|e| panic!("{context}: NBD connect: {e}"));
     let mut oracle = load.oracle.lock().unwrap();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut written = 0;
