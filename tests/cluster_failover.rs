@@ -15,8 +15,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
+use common::netns::NetNs;
 use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
-use common::{Daemon, TestBackend};
+use common::{block_content, Daemon, NbdClient, TestBackend};
 
 const VOLUME: &str = "vol";
 const NODES: usize = 3;
@@ -46,23 +47,11 @@ impl Cluster {
     /// Wait until every node's self-fencing monitor knows all its peers (so an etcd outage
     /// finds them to ask).
     fn wait_peers_known(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for node in &self.nodes {
-            loop {
-                let health = http_get(&node.api, "/v1/health");
-                if health["peers"].as_u64() == Some(NODES as u64 - 1) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "peers not known: {health}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        wait_peers_known(&self.nodes);
     }
 
     fn index(&self, name: &str) -> usize {
-        name.strip_prefix('n')
-            .and_then(|i| i.parse().ok())
-            .unwrap_or_else(|| panic!("not a node name: {name}"))
+        index(name)
     }
 
     /// Create the test volume on node `n0`, sync DTL, small SCOs and write buffer so TLogs reach
@@ -90,6 +79,26 @@ impl Cluster {
             |i| i["dtl_state"] == "ok_sync" && i["owner"] == "n0",
         )
     }
+}
+
+fn wait_peers_known(nodes: &[Daemon]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in nodes {
+        loop {
+            let health = http_get(&node.api, "/v1/health");
+            if health["peers"].as_u64() == Some(nodes.len() as u64 - 1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "peers not known: {health}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn index(name: &str) -> usize {
+    name.strip_prefix('n')
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("not a node name: {name}"))
 }
 
 fn start_node(root: &Path, etcd: &Etcd, backend: &TestBackend, i: usize) -> Daemon {
@@ -409,4 +418,151 @@ fn move_under_load_loses_no_write_and_prints_the_new_address() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{full:?}: {stderr}");
     }
+}
+
+#[test]
+fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
+    let net = NetNs::new(NODES);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
+    let etcd = Etcd::start_also_on(&tmp.path().join("etcd"), Some(net.host_ip()));
+    let backend = TestBackend::Dir(tmp.path().join("backend"));
+    let registry = etcd.url_on(net.host_ip());
+    let nodes: Vec<Daemon> = (0..NODES)
+        .map(|i| {
+            let dir = tmp.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let name = format!("n{i}");
+            Daemon::start_in_netns(
+                &dir,
+                &backend,
+                &["--registry", &registry, "--node", &name, "--domain", "d1"],
+                &net.ns(i),
+                net.ip(i),
+            )
+        })
+        .collect();
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        "64M",
+        "--sco-size",
+        "4M",
+        "--write-buffer",
+        "8M",
+        "--dtl-mode",
+        "sync",
+        "--node",
+        "n0",
+    ]);
+    wait_info(
+        &nodes[0],
+        "the new volume's DTL link",
+        Duration::from_secs(30),
+        |i| i["dtl_state"] == "ok_sync",
+    );
+    wait_peers_known(&nodes);
+    let load = Load::new();
+    let writers = oracle::start_writers(&nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 500, "before the partition");
+    stop_writers(&load, writers);
+
+    net.link_down(0);
+    let cut = Instant::now();
+    // n0 stops acknowledging: a client on n0 itself sees its writes fail (EIO) once the node
+    // fenced itself, before its lease can expire anywhere.
+    let nbd = nodes[0].nbd.clone();
+    let local = load.clone();
+    let refused_after = net.run_in(0, move || {
+        let mut client = NbdClient::connect(&nbd, VOLUME).expect("connect on n0");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let block = 100;
+        loop {
+            let seq = local.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            local.oracle.lock().unwrap().issue(block, seq);
+            match client.write(block * 4096, &block_content(block, seq, 4096), false) {
+                Ok(0) => local.oracle.lock().unwrap().commit(block, seq),
+                Ok(5) => return Some(Instant::now()),
+                other => panic!("unexpected write result {other:?}"),
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let refused_after = refused_after.expect("n0 kept acknowledging writes while cut off") - cut;
+    // The lease TTL is 5 s: the fence must come before it can expire elsewhere.
+    assert!(
+        refused_after < Duration::from_secs(5),
+        "fenced only after {refused_after:?}"
+    );
+
+    // Asked of the survivors' own volume lists (a request forwarded to the cut-off owner would
+    // wait for TCP to give up).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_owner = loop {
+        let serving = nodes[1..].iter().find_map(|node| {
+            let out = node.cli(&["volume", "list", "--json"]);
+            let list = json(&String::from_utf8_lossy(&out.stdout));
+            list.as_array()?
+                .iter()
+                .find(|v| v["name"] == VOLUME && v["state"] == "running" && v["owner"] != "n0")
+                .and_then(|v| v["owner"].as_str().map(str::to_string))
+        });
+        if let Some(owner) = serving {
+            break owner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody adopted the volume; n1 log:\n{}",
+            nodes[1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "partition: n0 fenced after {refused_after:?}, {new_owner} serving after {:?}",
+        cut.elapsed()
+    );
+    oracle::verify(
+        &nodes[index(&new_owner)].nbd,
+        VOLUME,
+        &load,
+        "after the partition",
+    );
+
+    net.link_up(0);
+    // Back on the network, n0 learns the volume moved, drops it and says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = nodes[0].cli(&["volume", "list", "--json"]);
+        let list = json(&String::from_utf8_lossy(&out.stdout));
+        let moved = list.as_array().and_then(|l| {
+            l.iter()
+                .find(|v| v["name"] == VOLUME && v["state"] == "moved")
+                .cloned()
+        });
+        if let Some(entry) = moved {
+            assert_eq!(entry["moved_to"], new_owner.as_str(), "{entry}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n0 does not report the move: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And it serves the volume no more: no export, no writes.
+    assert!(NbdClient::connect(&nodes[0].nbd, VOLUME).is_err());
+    oracle::verify(
+        &nodes[index(&new_owner)].nbd,
+        VOLUME,
+        &load,
+        "after n0 came back",
+    );
+    drop(nodes);
+    drop(etcd);
+    drop(net);
 }

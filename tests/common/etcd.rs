@@ -17,6 +17,8 @@ pub struct Etcd {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// Also listen for clients on this address (nodes in network namespaces reach it there).
+    pub also_on: Option<std::net::Ipv4Addr>,
 }
 
 fn free_port() -> u16 {
@@ -30,6 +32,11 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Start etcd with its data and log under `root`; waits until it is healthy.
     pub fn start(root: &Path) -> Self {
+        Self::start_also_on(root, None)
+    }
+
+    /// Like `start`, also listening for clients on `ip` (the host end of a netns bridge).
+    pub fn start_also_on(root: &Path, also_on: Option<std::net::Ipv4Addr>) -> Self {
         let mut last = String::new();
         for _ in 0..5 {
             let mut etcd = Etcd {
@@ -38,6 +45,7 @@ impl Etcd {
                 peer_port: free_port(),
                 data_dir: root.join("etcd-data"),
                 log: root.join("etcd.log"),
+                also_on,
             };
             let _ = std::fs::remove_dir_all(&etcd.data_dir);
             match etcd.launch() {
@@ -53,6 +61,11 @@ impl Etcd {
         format!("etcd://127.0.0.1:{}", self.client_port)
     }
 
+    /// `etcd://IP:PORT` on the extra address given to `start_also_on`.
+    pub fn url_on(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("etcd://{ip}:{}", self.client_port)
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
@@ -64,11 +77,15 @@ impl Etcd {
             .open(&self.log)
             .unwrap();
         let client = format!("http://127.0.0.1:{}", self.client_port);
+        let listen = match self.also_on {
+            Some(ip) => format!("{client},http://{ip}:{}", self.client_port),
+            None => client.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(ETCD)
             .arg("--name=vstor-test")
             .arg(format!("--data-dir={}", self.data_dir.display()))
-            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--listen-client-urls={listen}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))

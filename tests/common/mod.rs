@@ -100,6 +100,8 @@ pub struct Daemon {
     pub log: PathBuf,
     pub backend: TestBackend,
     extra: Vec<String>,
+    /// Run inside this network namespace, listening on this address (partition tests).
+    netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 /// Is a command-line tool installed? Tests of real clients require it: a missing tool is a
@@ -135,6 +137,30 @@ impl Daemon {
             log: root.join("daemon.log"),
             backend: backend.clone(),
             extra: extra.iter().map(std::string::ToString::to_string).collect(),
+            netns: None,
+        };
+        daemon.launch();
+        daemon
+    }
+
+    /// Like [`start_on`](Self::start_on), inside network namespace `ns` (see `netns`), with
+    /// its API, NBD server and DTL listening on `ip`.
+    pub fn start_in_netns(
+        root: &Path,
+        backend: &TestBackend,
+        extra: &[&str],
+        ns: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Self {
+        let mut daemon = Daemon {
+            child: None,
+            data_dir: root.join("data"),
+            api: String::new(),
+            nbd: String::new(),
+            log: root.join("daemon.log"),
+            backend: backend.clone(),
+            extra: extra.iter().map(std::string::ToString::to_string).collect(),
+            netns: Some((ns.to_string(), ip)),
         };
         daemon.launch();
         daemon
@@ -147,15 +173,24 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log");
-        let mut child = Command::new(VSTOR)
+        let (mut command, listen) = match &self.netns {
+            // `ip netns exec` execs the daemon: the child's pid is the daemon's.
+            Some((ns, ip)) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns.as_str(), VSTOR]);
+                (command, format!("{ip}:0"))
+            }
+            None => (Command::new(VSTOR), "127.0.0.1:0".to_string()),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args([
                 "--api",
-                "127.0.0.1:0",
+                listen.as_str(),
                 "--nbd",
-                "127.0.0.1:0",
+                listen.as_str(),
                 "--no-default-volume",
             ])
             .args(self.backend.args())
