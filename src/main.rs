@@ -442,7 +442,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 value["owner_tag"]
             );
             show(value, &|v| {
-                println!("{}", v["nbd_uri"].as_str().unwrap_or("-"))
+                println!("{}", v["nbd_uri"].as_str().unwrap_or("-"));
             });
         }
         VolumeVerb::Delete { name, force } => {

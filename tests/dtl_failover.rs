@@ -6,20 +6,19 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use common::oracle::{self, stop_writers, wait_progress, Load, Mode, BLOCK, BLOCKS};
-use common::{block_content, decode_block, Daemon, NbdClient, TestBackend, VSTOR};
+use common::oracle::{self, stop_writers, wait_progress, Load, Mode, BLOCK};
+use common::{block_content, Daemon, NbdClient, TestBackend, VSTOR};
 
 const VOLUME: &str = "vol";
 

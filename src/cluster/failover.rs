@@ -167,7 +167,7 @@ impl Failover {
                 match self.registry.watch_nodes().await {
                     Ok(rx) => events = Some(rx),
                     Err(e) => {
-                        tracing::debug!(error = %e, "cannot watch node leases; sweeping only")
+                        tracing::debug!(error = %e, "cannot watch node leases; sweeping only");
                     }
                 }
             }
@@ -298,10 +298,10 @@ impl Failover {
             .await
         {
             Ok(()) => {
-                tracing::error!(volume = %record.name, owner = %record.owner, %reason, "volume halted: cannot be recovered")
+                tracing::error!(volume = %record.name, owner = %record.owner, %reason, "volume halted: cannot be recovered");
             }
             Err(e) => {
-                tracing::debug!(volume = %record.name, error = %e, "recording the halt failed")
+                tracing::debug!(volume = %record.name, error = %e, "recording the halt failed");
             }
         }
     }
@@ -482,10 +482,10 @@ impl Failover {
                 // Could not restart here because another node adopted it meanwhile.
                 match self.manager.drop_moved(&record.name, &record.owner) {
                     Ok(()) => {
-                        tracing::warn!(volume = %record.name, new_owner = %record.owner, "volume adopted by another node while this one was down; dropped here")
+                        tracing::warn!(volume = %record.name, new_owner = %record.owner, "volume adopted by another node while this one was down; dropped here");
                     }
                     Err(e) => {
-                        tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved")
+                        tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved");
                     }
                 }
                 continue;
@@ -503,10 +503,10 @@ impl Failover {
             (self.on_dropped)(&record.name);
             match self.manager.drop_moved(&record.name, &owner) {
                 Ok(()) => {
-                    tracing::warn!(volume = %record.name, new_owner = %record.owner, tag = record.owner_tag, "volume taken over by another node while this one was cut off; dropped here")
+                    tracing::warn!(volume = %record.name, new_owner = %record.owner, tag = record.owner_tag, "volume taken over by another node while this one was cut off; dropped here");
                 }
                 Err(e) => {
-                    tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved")
+                    tracing::error!(volume = %record.name, error = %e, "cannot drop a volume that moved");
                 }
             }
         }
