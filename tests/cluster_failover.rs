@@ -566,3 +566,38 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
     drop(etcd);
     drop(net);
 }
+
+#[test]
+fn owner_and_dtl_node_both_killed_halts_the_volume_with_the_reason() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let dtl_addr = info["dtl_addr"].as_str().expect("dtl_addr").to_string();
+    let nodes = json(&cluster.nodes[0].cli_ok(&["node", "list", "--json"]));
+    let dtl_name = nodes
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["dtl_addr"] == dtl_addr.as_str()))
+        .and_then(|n| n["name"].as_str())
+        .expect("the DTL node is listed")
+        .to_string();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "before the double failure");
+    let dtl_idx = cluster.index(&dtl_name);
+    cluster.nodes[dtl_idx].kill9();
+    cluster.nodes[0].kill9();
+    writers_end_with_errors(writers, "double failure");
+    let survivor = (0..NODES).find(|i| *i != 0 && *i != dtl_idx).unwrap();
+    let halted = wait_info(
+        &cluster.nodes[survivor],
+        "the volume halted",
+        Duration::from_secs(30),
+        |i| i["state"] == "halted",
+    );
+    let reason = halted["halted_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&dtl_name) && reason.contains("lost"),
+        "{halted}"
+    );
+    // Nobody serves it with writes missing.
+    assert_eq!(halted["owner"], "n0", "{halted}");
+}
