@@ -39,10 +39,10 @@
 //! self-fencing monitor (`crate::cluster::fencing`) decides it is partitioned. Every registry
 //! call is bounded by a timeout, so an unreachable etcd gives an error, never a hang.
 
-pub mod etcd;
-pub mod local;
 #[cfg(test)]
 mod contract_tests;
+pub mod etcd;
+pub mod local;
 
 use std::time::Duration;
 

@@ -548,3 +548,5 @@ impl Daemon {
         names
     }
 }
+
+pub mod etcd;
