@@ -653,7 +653,9 @@ async fn live_snapshot(
         tokio::time::timeout(timeout, kv.get(LIVE, Some(GetOptions::new().with_prefix())))
             .await
             .map_err(|_| etcd_client::Error::WatchError("no answer from etcd".into()))??;
-    let revision = response.header().map_or(0, |h| h.revision());
+    let revision = response
+        .header()
+        .map_or(0, etcd_client::ResponseHeader::revision);
     let mut nodes: Vec<NodeRecord> = response
         .kvs()
         .iter()

@@ -348,8 +348,12 @@ impl Volume {
         let mut fenced = self.fenced.write();
         if fenced.is_some() != reason.is_some() {
             match &reason {
-                Some(reason) => tracing::warn!(volume = %self.name, %reason, "volume fenced: writes refused"),
-                None => tracing::info!(volume = %self.name, "volume unfenced: writes accepted again"),
+                Some(reason) => {
+                    tracing::warn!(volume = %self.name, %reason, "volume fenced: writes refused")
+                }
+                None => {
+                    tracing::info!(volume = %self.name, "volume unfenced: writes accepted again")
+                }
             }
         }
         *fenced = reason;

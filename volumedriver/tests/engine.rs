@@ -852,12 +852,12 @@ fn fenced_volumes_refuse_writes_and_flushes_until_unfenced() {
     volume.set_fenced(Some("lease lost".into()));
     assert_eq!(volume.fenced().as_deref(), Some("lease lost"));
     let refused = |e: VolumeError| matches!(e, VolumeError::Fenced { .. });
-    assert!(refused(volume.write(0, &pattern(CS, 12), false).unwrap_err()));
+    assert!(refused(
+        volume.write(0, &pattern(CS, 12), false).unwrap_err()
+    ));
     assert!(refused(volume.discard(0, CS as u64).unwrap_err()));
     assert!(refused(
-        volume
-            .write_zeroes(0, CS as u64, false, false)
-            .unwrap_err()
+        volume.write_zeroes(0, CS as u64, false, false).unwrap_err()
     ));
     assert!(refused(volume.flush().unwrap_err()));
     assert_eq!(read_all(&volume)[..before.len()], before[..]);
