@@ -241,6 +241,25 @@ fn a_killed_node_shows_dead_within_the_lease_ttl_and_its_volumes_answer_from_the
         String::from_utf8_lossy(&out.stderr).contains("owner node n3 is dead"),
         "{out:?}"
     );
+
+    // n3 comes back (new ports, new lease): it takes its volume's owner key back, and the
+    // volume is served and managed through any node again.
+    cluster.nodes[2].launch();
+    let n3_nbd = cluster.nodes[2].nbd.clone();
+    let info = cluster
+        .node("n1")
+        .wait_for("v3", "v3 served by n3 again", |v| {
+            v["state"] == "running" && v["owner"] == "n3"
+        });
+    assert_eq!(info["nbd_uri"], format!("nbd://{n3_nbd}/v3"));
+    let nodes = Cluster::node_list(cluster.node("n2"));
+    assert_eq!(find(&nodes, "n3")["alive"], true);
+    assert_eq!(find(&nodes, "n3")["nbd_addr"], n3_nbd.as_str());
+    let out = cluster
+        .node("n2")
+        .cli(&["volume", "resize", "v3", "--size", "32M"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(cluster.node("n1").info("v3")["size"], 32 << 20);
 }
 
 /// GET a JSON document from a node's API (Null when it does not answer).
@@ -304,7 +323,7 @@ fn startup_refuses_unreachable_etcd_a_live_duplicate_name_and_a_missing_name() {
     let url = etcd.url();
     let first = root.path().join("first");
     std::fs::create_dir_all(&first).unwrap();
-    let _n1 = Daemon::start_on(
+    let n1 = Daemon::start_on(
         &first,
         &TestBackend::Default,
         &node_args(&url, "n1", "a", "b"),
@@ -343,6 +362,21 @@ fn startup_refuses_unreachable_etcd_a_live_duplicate_name_and_a_missing_name() {
         &["--registry", "127.0.0.1:2379", "--node", "n"],
     );
     assert!(err.contains("etcd://HOST:PORT"), "{err}");
+
+    // A clean stop leaves the cluster at once (its lease is revoked): the name is free again.
+    let mut n1 = n1;
+    assert!(n1.terminate().success());
+    let second = root.path().join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let again = Daemon::start_on(
+        &second,
+        &TestBackend::Default,
+        &node_args(&url, "n1", "a", "b"),
+    );
+    let nodes = Cluster::node_list(&again);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["alive"], true);
+    assert_eq!(nodes[0]["api_addr"], again.api.as_str());
 }
 
 #[test]
