@@ -439,3 +439,50 @@ fn with_etcd_down_for_everybody_nodes_keep_serving_and_recover_when_it_returns()
     assert_eq!(info["state"], "running");
     let _ = &cluster.root;
 }
+
+#[test]
+fn a_node_restarted_at_once_after_kill_9_waits_for_its_old_lease_then_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let dir = root.path().join("n1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut n1 = Daemon::start_on(
+        &dir,
+        &TestBackend::Default,
+        &node_args(&url, "n1", "a", "b"),
+    );
+    Cluster::json(&n1, &["volume", "create", "v5", "--size", "16M"]);
+    let killed = Instant::now();
+    n1.kill9();
+    // Its old lease still holds the name; the old API does not answer, so the new process
+    // waits for the lease to expire instead of failing, then serves its volume again.
+    n1.launch();
+    let waited = killed.elapsed();
+    assert!(waited < TTL + Duration::from_secs(5), "{waited:?}");
+    let info = n1.wait_for("v5", "v5 served again", |v| v["state"] == "running");
+    assert_eq!(info["owner"], "n1");
+    assert!(n1
+        .log_text()
+        .contains("waiting for the previous registration"));
+    let nodes = Cluster::node_list(&n1);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["volumes"], 1);
+}
+
+#[test]
+fn node_list_on_a_single_node_shows_that_node() {
+    let root = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(root.path());
+    daemon.create_volume("solo", "16M");
+    let nodes = Cluster::node_list(&daemon);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0]["name"], "local");
+    assert_eq!(nodes[0]["alive"], true);
+    assert_eq!(nodes[0]["volumes"], 1);
+    assert_eq!(nodes[0]["api_addr"], daemon.api.as_str());
+    assert_eq!(nodes[0]["nbd_addr"], daemon.nbd.as_str());
+    assert_eq!(daemon.info("solo")["owner"], "local");
+    let text = daemon.cli_ok(&["node", "list"]);
+    assert!(text.contains("local") && text.contains("yes"), "{text}");
+}
