@@ -349,10 +349,10 @@ impl Volume {
         if fenced.is_some() != reason.is_some() {
             match &reason {
                 Some(reason) => {
-                    tracing::warn!(volume = %self.name, %reason, "volume fenced: writes refused")
+                    tracing::warn!(volume = %self.name, %reason, "volume fenced: writes refused");
                 }
                 None => {
-                    tracing::info!(volume = %self.name, "volume unfenced: writes accepted again")
+                    tracing::info!(volume = %self.name, "volume unfenced: writes accepted again");
                 }
             }
         }
