@@ -2,9 +2,11 @@
 //!
 //! | method | path                                      | body                                   |
 //! |--------|-------------------------------------------|----------------------------------------|
-//! | GET    | /v1/health                                |                                        |
+//! | GET    | /v1/health                                | (`node`; in a cluster `cluster_health`: healthy, registry_down, fenced) |
+//! | GET    | /v1/nodes                                 | (the cluster's nodes; see `cluster::api`) |
+//! | GET    | /v1/cluster/registry                      | (`reachable`: this node reaches the registry) |
 //! | GET    | /v1/volumes                               |                                        |
-//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?}` |
+//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?, node?}` (`node`: cluster only) |
 //! | GET    | /v1/volumes/{name}                        |                                        |
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
 //! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
@@ -372,7 +374,15 @@ fn dtl_choice(
 async fn health(State(state): State<ApiState>) -> Json<Value> {
     let mut value = json!({ "status": "ok", "node": state.node.name });
     if let Some(cluster) = &state.cluster {
-        value["peers"] = json!(cluster.peers_known());
+        let health = cluster.health().borrow().clone();
+        let (name, reason) = match health {
+            crate::cluster::Health::Healthy => ("healthy", None),
+            crate::cluster::Health::RegistryDown => ("registry_down", None),
+            crate::cluster::Health::Fenced { reason } => ("fenced", Some(reason)),
+        };
+        value["cluster_health"] = json!(name);
+        value["fenced_reason"] = json!(reason);
+        value["peers"] = json!(cluster.peer_names());
     }
     Json(value)
 }

@@ -581,6 +581,72 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_resolve_and_are_checked() {
+        let cluster = |c: ClusterFileSettings| {
+            FileConfig {
+                cluster: c,
+                ..FileConfig::default()
+            }
+            .resolve(Overrides::default())
+        };
+        let single = cluster(ClusterFileSettings::default()).unwrap();
+        assert_eq!(single.identity.cluster, None);
+        assert_eq!(single.identity.name, "local");
+        let node = cluster(ClusterFileSettings {
+            registry: "etcd://127.0.0.1:2379,127.0.0.2:2379".into(),
+            node: "n1".into(),
+            domain: "rack1".into(),
+            recovery_domain: "rack2".into(),
+            dtl_listen: "127.0.0.1:10900".into(),
+        })
+        .unwrap();
+        let c = node.identity.cluster.unwrap();
+        assert_eq!(
+            c.endpoints,
+            ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+        );
+        assert_eq!((c.node.as_str(), c.domain.as_str()), ("n1", "rack1"));
+        assert_eq!(c.recovery_domain.as_deref(), Some("rack2"));
+        assert_eq!(c.dtl_listen, Some("127.0.0.1:10900".parse().unwrap()));
+        let errors = [
+            (
+                ClusterFileSettings {
+                    registry: "etcd://x:1".into(),
+                    ..Default::default()
+                },
+                "--node NAME",
+            ),
+            (
+                ClusterFileSettings {
+                    registry: "x:1".into(),
+                    node: "n".into(),
+                    ..Default::default()
+                },
+                "etcd://HOST:PORT",
+            ),
+            (
+                ClusterFileSettings {
+                    registry: "etcd://x:1".into(),
+                    node: "a/b".into(),
+                    ..Default::default()
+                },
+                "cluster.node",
+            ),
+            (
+                ClusterFileSettings {
+                    recovery_domain: "r".into(),
+                    ..Default::default()
+                },
+                "need a cluster registry",
+            ),
+        ];
+        for (settings, expected) in errors {
+            let err = cluster(settings).unwrap_err();
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
+    }
+
+    #[test]
     fn unknown_settings_and_bad_values_are_rejected() {
         assert!(toml::from_str::<FileConfig>("dat_dir = \"x\"").is_err());
         let bad = FileConfig {

@@ -56,7 +56,16 @@ fn unavailable(message: impl Into<String>) -> ApiError {
 }
 
 pub async fn nodes(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let nodes = state.registry.nodes().await?;
+    let mut nodes = state.registry.nodes().await?;
+    if state.cluster.is_none() {
+        // The single-node default keeps no volume records: its volumes are the manager's.
+        for node in nodes
+            .iter_mut()
+            .filter(|n| n.record.name == state.node.name)
+        {
+            node.volumes = state.manager.names().len() + state.manager.failed().len();
+        }
+    }
     Ok(Json(serde_json::to_value(nodes).map_err(internal)?))
 }
 

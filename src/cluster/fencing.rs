@@ -55,7 +55,12 @@ pub struct Monitor {
     lease_lost: bool,
     /// A probe is out; no new one until it is answered.
     probing: bool,
+    /// When the last probe was sent: probes go out at most once per `PROBE_EVERY`.
+    last_probe: Option<Instant>,
 }
+
+/// Least time between two probes while the registry stays unreachable.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 impl Monitor {
     /// A node that just registered (its registration request was sent at `sent_at`).
@@ -66,6 +71,7 @@ impl Monitor {
             health: Health::Healthy,
             lease_lost: false,
             probing: false,
+            last_probe: None,
         }
     }
 
@@ -113,6 +119,13 @@ impl Monitor {
             // Already fenced: keep renewing (the driver does), nothing to ask.
             return None;
         }
+        if self
+            .last_probe
+            .is_some_and(|at| now.saturating_duration_since(at) < PROBE_EVERY)
+        {
+            return None;
+        }
+        self.last_probe = Some(now);
         self.probing = true;
         Some(Action::Probe)
     }
@@ -213,7 +226,8 @@ mod tests {
         m.tick(at(t0, 3000));
         m.probed(at(t0, 3200), &[Some(false), None, Some(false)]);
         assert_eq!(m.health(), &Health::RegistryDown);
-        // Still overdue: probe again on the next tick; now a peer reaches it: fence.
+        // Still overdue: probe again, at most once a second; now a peer reaches it: fence.
+        assert_eq!(m.tick(at(t0, 3500)), None);
         assert_eq!(m.tick(at(t0, 4200)), Some(Action::Probe));
         m.probed(at(t0, 4300), &[Some(true), Some(false)]);
         assert!(matches!(m.health(), Health::Fenced { .. }));

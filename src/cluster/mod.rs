@@ -36,8 +36,9 @@ pub struct Cluster {
     pub settings: ClusterSettings,
     lease: watch::Sender<LeaseId>,
     health: watch::Sender<Health>,
-    /// Peers the self-fencing probe would ask now (shown by `/v1/health`).
-    peers_known: std::sync::atomic::AtomicUsize,
+    /// The nodes this node would ask whether they reach the registry: every other node seen
+    /// alive since it started.
+    peers: watch::Sender<Vec<NodeRecord>>,
 }
 
 impl Cluster {
@@ -78,13 +79,14 @@ impl Cluster {
         tracing::info!(node = %node.name, domain = %node.domain, lease = lease.id, registry = %registry.describe(), "node registered");
         let (lease_tx, _) = watch::channel(lease.id);
         let (health, _) = watch::channel(Health::Healthy);
+        let (peers, _) = watch::channel(Vec::new());
         Ok(Arc::new(Self {
             registry,
             node,
             settings,
             lease: lease_tx,
             health,
-            peers_known: std::sync::atomic::AtomicUsize::new(0),
+            peers,
         }))
     }
 
@@ -102,9 +104,9 @@ impl Cluster {
         self.health.subscribe()
     }
 
-    /// How many peers the self-fencing probe would ask now.
-    pub fn peers_known(&self) -> usize {
-        self.peers_known.load(std::sync::atomic::Ordering::Relaxed)
+    /// Names of the peers the self-fencing monitor would ask.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.peers.borrow().iter().map(|p| p.name.clone()).collect()
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -117,37 +119,80 @@ impl Cluster {
         tokio::spawn(async move { me.keepalive_loop().await })
     }
 
-    async fn keepalive_loop(self: Arc<Self>) {
+    /// Renew the lease every keepalive interval (each attempt bounded by the interval), report
+    /// each outcome with the time its request was sent, and refresh the list of peers while the
+    /// registry answers. Runs beside the monitor so a slow registry never delays its ticks.
+    async fn renew_loop(
+        self: Arc<Self>,
+        results: tokio::sync::mpsc::Sender<(Instant, Result<KeepAlive, RegistryError>)>,
+    ) {
         let interval = self.settings.keepalive_interval();
-        let mut monitor = Monitor::new(Instant::now(), self.settings.fence_after());
-        let mut peers: Vec<NodeRecord> = Vec::new();
         loop {
-            let started = Instant::now();
-            // Peers to ask if this node is cut off: every known member but this one, refreshed
-            // every tick while the registry answers (one small range read). Refreshing only
-            // every few ticks left a node that joined before its peers with nobody to ask when
-            // the registry went down soon after, and it fenced itself (cluster_failover's
-            // etcd test).
-            if let Ok(nodes) = self.registry.nodes().await {
-                peers = nodes
-                    .into_iter()
-                    .map(|n| n.record)
-                    .filter(|n| n.name != self.node.name)
-                    .collect();
-                self.peers_known
-                    .store(peers.len(), std::sync::atomic::Ordering::Relaxed);
-            }
             let sent = Instant::now();
+            let result = match tokio::time::timeout(
+                interval,
+                self.registry.keep_alive(self.lease()),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(RegistryError::Unreachable {
+                    registry: self.registry.describe(),
+                    reason: format!("lease renewal: no answer within {interval:?}"),
+                }),
+            };
+            let renewed = matches!(result, Ok(KeepAlive::Renewed { .. }));
+            if results.send((sent, result)).await.is_err() {
+                return;
+            }
+            // Peers to ask if this node is cut off: every node seen alive since this one
+            // started (a dead one just does not answer), refreshed while the registry answers.
+            if renewed {
+                if let Ok(Ok(live)) =
+                    tokio::time::timeout(interval / 2, self.registry.live_nodes()).await
+                {
+                    self.peers.send_if_modified(|known| {
+                        let before = known.clone();
+                        for node in live.into_iter().filter(|n| n.name != self.node.name) {
+                            match known.iter_mut().find(|k| k.name == node.name) {
+                                Some(k) => *k = node,
+                                None => known.push(node),
+                            }
+                        }
+                        *known != before
+                    });
+                }
+            }
+            tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
+        }
+    }
+
+    /// The monitor: fed with renewal outcomes, ticked four times a keepalive interval, carrying
+    /// out its actions and publishing the node's health.
+    async fn keepalive_loop(self: Arc<Self>) {
+        let (results_tx, mut results) = tokio::sync::mpsc::channel(16);
+        let peers = self.peers.subscribe();
+        let renewer = tokio::spawn(self.clone().renew_loop(results_tx));
+        let _stop_renewer = AbortOnDrop(renewer);
+        let mut monitor = Monitor::new(Instant::now(), self.settings.fence_after());
+        let mut ticker = tokio::time::interval(self.settings.keepalive_interval() / 4);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
             let mut actions = Vec::new();
-            match self.registry.keep_alive(self.lease()).await {
-                Ok(KeepAlive::Renewed { .. }) => monitor.renewed(sent),
-                Ok(KeepAlive::Expired) => actions.extend(monitor.lease_expired()),
-                Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+            tokio::select! {
+                result = results.recv() => match result {
+                    Some((sent, Ok(KeepAlive::Renewed { .. }))) => monitor.renewed(sent),
+                    Some((_, Ok(KeepAlive::Expired))) => actions.extend(monitor.lease_expired()),
+                    Some((_, Err(e))) => tracing::debug!(error = %e, "lease renewal failed"),
+                    None => return,
+                },
+                _ = ticker.tick() => {}
             }
             actions.extend(monitor.tick(Instant::now()));
             for action in actions {
                 match action {
                     Action::Probe => {
+                        let peers = peers.borrow().clone();
                         let answers =
                             forward::probe_registry(&peers, self.settings.peer_probe_timeout())
                                 .await;
@@ -186,7 +231,6 @@ impl Cluster {
                 *current = health;
                 true
             });
-            tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
         }
     }
 
@@ -269,5 +313,14 @@ impl Cluster {
         if let Err(e) = self.registry.revoke(self.lease()).await {
             tracing::warn!(error = %e, "cannot revoke the node's lease; it expires on its own");
         }
+    }
+}
+
+/// Aborts a task when dropped (the renewer stops with the monitor).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

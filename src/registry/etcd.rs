@@ -112,10 +112,15 @@ impl EtcdRegistry {
             E::LeaseKeepAliveError(message) if message.contains("not found") => {
                 RegistryError::LeaseExpired { lease: 0 }
             }
+            // A connection that broke under a call comes back as `Unknown` or `Cancelled`
+            // (h2 reset) rather than `Unavailable`: all of them mean "etcd did not answer".
             E::GRpcStatus(status)
                 if matches!(
                     status.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
                 ) =>
             {
                 RegistryError::Unreachable {
