@@ -211,7 +211,11 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
             survivor,
             &format!("{context}: adoption"),
             Duration::from_secs(30),
-            |i| i["owner"] != owner.as_str() && i["state"] == "running",
+            |i| {
+                i["owner"] != owner.as_str()
+                    && i["state"] == "running"
+                    && !i["last_failover"].is_null()
+            },
         );
         let took = killed.elapsed();
         times.push(took);

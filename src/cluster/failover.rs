@@ -356,15 +356,6 @@ impl Failover {
                 return None;
             }
         };
-        (self.on_served)(&name);
-        let dtl_dead = record
-            .dtl_node
-            .as_ref()
-            .is_some_and(|d| !live.iter().any(|n| &n.name == d));
-        if record.dtl_node.as_deref() == Some(self.node.name.as_str()) || dtl_dead {
-            self.replace_dtl(&name, tag, record.dtl_mode, live, nodes)
-                .await;
-        }
         let entry = FailoverRecord {
             from: record.owner.clone(),
             to: self.node.name.clone(),
@@ -385,7 +376,17 @@ impl Failover {
             adopt_ms = started.elapsed().as_millis() as u64,
             "volume failed over"
         );
+        // Recorded before anything else, so `volume info` never shows the new owner without it.
         self.log.record(&name, entry.clone());
+        (self.on_served)(&name);
+        let dtl_dead = record
+            .dtl_node
+            .as_ref()
+            .is_some_and(|d| !live.iter().any(|n| &n.name == d));
+        if record.dtl_node.as_deref() == Some(self.node.name.as_str()) || dtl_dead {
+            self.replace_dtl(&name, tag, record.dtl_mode, live, nodes)
+                .await;
+        }
         Some(entry)
     }
 
