@@ -29,22 +29,21 @@ pub enum UploadTask {
     TLog(TLogNumber),
 }
 
-/// Reads a SCO file from the start with positional reads (leaving its cursor alone) and
-/// computes the CRC32C of its data (everything after the header) on the way.
-struct ScoReader<'a> {
-    file: &'a File,
-    offset: u64,
-    crc: u32,
-}
-
-impl std::io::Read for ScoReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read_at(buf, self.offset)?;
-        let data_start = SCO_HEADER_LEN.saturating_sub(self.offset).min(n as u64) as usize;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[data_start..n]);
-        self.offset += n as u64;
-        Ok(n)
+/// The backend chunk CRCs of the first `len` bytes of a SCO file (header included) and the
+/// CRC32C of its data (after the header), in one read.
+fn sco_chunk_crcs(file: &File, len: u64) -> std::io::Result<(Vec<u32>, u32)> {
+    let mut header = vec![0u8; SCO_HEADER_LEN.min(len) as usize];
+    file.read_exact_at(&mut header, 0)?;
+    let mut crcs = vstor_backend::ChunkCrcs::with_prefix(&header);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = header.len() as u64;
+    while offset < len {
+        let n = ((len - offset) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], offset)?;
+        crcs.append(&buf[..n]);
+        offset += n as u64;
     }
+    Ok((crcs.chunk_crcs(), crcs.data_crc()))
 }
 
 /// The next upload step, as [`plan_upload`] decides it from the state alone.
@@ -56,6 +55,7 @@ enum UploadJob {
         file: Arc<File>,
         clusters: u64,
         crc: u32,
+        chunk_crcs: Option<Arc<[u32]>>,
     },
     TLog {
         number: TLogNumber,
@@ -95,6 +95,7 @@ fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>> {
                         file: local.file.clone(),
                         clusters: local.clusters,
                         crc,
+                        chunk_crcs: local.chunk_crcs.clone(),
                     },
                     _ => {
                         return Err(VolumeError::corrupt(
@@ -239,35 +240,53 @@ impl Volume {
                 file,
                 clusters,
                 crc,
+                chunk_crcs,
             } => {
                 let name = ScoName::new(number);
                 let path = sco_path(&self.dir, name);
                 let len = sco::cluster_offset(clusters, self.cluster_size);
-                // No fsync of the write-buffer copy first: the backend copy is made durable by
-                // the put, and restart verifies every not-yet-uploaded SCO against its CRC. The
-                // CRC is checked while streaming, in the same pass as the upload; a mismatch
-                // deletes the object again (no TLog references it yet) and halts the volume.
-                let mut reader = ScoReader {
-                    file: &file,
-                    offset: 0,
-                    crc: 0,
-                };
-                upload(
-                    &name.to_string(),
-                    &mut |store: &dyn ObjectStore, object: &str| {
-                        store.put_from(&namespace, object, len, &mut reader, owner)
-                    },
-                )?;
-                if reader.crc != crc {
-                    let _ = self
-                        .backend
-                        .delete_if_owner(&namespace, &name.to_string(), owner);
-                    return self.halt_with(VolumeError::corrupt(
+                let corrupt = |reason: String| {
+                    self.halt_with(VolumeError::corrupt(
                         &self.name,
                         path.display().to_string(),
-                        "data does not match the CRC recorded when it was sealed",
+                        reason,
+                    ))
+                };
+                // The chunk CRCs come from the write path; only a SCO restored after a restart
+                // is read (once) to compute them, checked against the CRC its TLog recorded.
+                let chunk_crcs = match chunk_crcs {
+                    Some(crcs) => crcs,
+                    None => match sco_chunk_crcs(&file, len) {
+                        Ok((crcs, data_crc)) if data_crc == crc => crcs.into(),
+                        Ok(_) => {
+                            return corrupt(
+                                "data does not match the CRC recorded when it was sealed".into(),
+                            )
+                        }
+                        Err(e) => return self.halt_with(VolumeError::io(&self.name, &path)(e)),
+                    },
+                };
+                // No fsync of the write-buffer copy first: `put_file` makes the backend's copy
+                // durable (on the local store it *is* this file, hard-linked), and restart
+                // verifies every not-yet-uploaded SCO against its CRC. The store checks the
+                // file against the chunk CRCs in the one pass it reads it in; a file changed
+                // since it was sealed is refused, nothing is stored, and the volume halts.
+                let stored = upload(
+                    &name.to_string(),
+                    &mut |store: &dyn ObjectStore, object: &str| {
+                        store.put_file(&namespace, object, &path, len, Some(&chunk_crcs), owner)
+                    },
+                );
+                if let Err(VolumeError::Backend {
+                    source: BackendError::Corrupt { reason, .. },
+                    ..
+                }) = &stored
+                {
+                    return corrupt(format!(
+                        "data does not match the chunk CRCs recorded when it was sealed: {reason}"
                     ));
                 }
+                stored?;
                 self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
                 self.stats.uploaded_scos.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(UploadTask::Sco(number)))
