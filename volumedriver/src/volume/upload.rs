@@ -5,8 +5,6 @@
 //! Backend puts run under `upload_lock` (one step at a time) and `list_lock` (list puts), never
 //! under the state lock; see the lock order in the `volume` module docs.
 
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +16,7 @@ use crate::error::{Result, VolumeError};
 use crate::sco::{self, SCO_HEADER_LEN};
 use crate::tlog;
 use crate::types::{ScoName, ScoNumber, TLogNumber};
+use crate::wbfs::WbFile;
 
 use super::state::{sco_path, ClosedTLog, ScoState, State};
 use super::Volume;
@@ -29,17 +28,19 @@ pub enum UploadTask {
     TLog(TLogNumber),
 }
 
-/// Reads a SCO file from the start with positional reads (leaving its cursor alone) and
-/// computes the CRC32C of its data (everything after the header) on the way.
+/// Reads the first `len` bytes of a SCO file with positional reads and computes the CRC32C of
+/// its data (everything after the header) on the way.
 struct ScoReader<'a> {
-    file: &'a File,
+    file: &'a dyn WbFile,
     offset: u64,
+    len: u64,
     crc: u32,
 }
 
 impl std::io::Read for ScoReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read_at(buf, self.offset)?;
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.offset)) as usize;
+        self.file.read_exact_at(&mut buf[..n], self.offset)?;
         let data_start = SCO_HEADER_LEN.saturating_sub(self.offset).min(n as u64) as usize;
         self.crc = crc32c::crc32c_append(self.crc, &buf[data_start..n]);
         self.offset += n as u64;
@@ -53,13 +54,13 @@ enum UploadJob {
     PutList,
     Sco {
         number: ScoNumber,
-        file: Arc<File>,
+        file: Arc<dyn WbFile>,
         clusters: u64,
         crc: u32,
     },
     TLog {
         number: TLogNumber,
-        file: Arc<File>,
+        file: Arc<dyn WbFile>,
         path: PathBuf,
         record: TLogRecord,
     },
@@ -191,7 +192,7 @@ impl Volume {
         }
         drop(st);
         if let Some(closed) = uncorked {
-            if let Err(e) = fs::remove_file(&closed.path) {
+            if let Err(e) = self.fs.remove(&closed.path) {
                 tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
             }
         }
@@ -248,8 +249,9 @@ impl Volume {
                 // CRC is checked while streaming, in the same pass as the upload; a mismatch
                 // deletes the object again (no TLog references it yet) and halts the volume.
                 let mut reader = ScoReader {
-                    file: &file,
+                    file: file.as_ref(),
                     offset: 0,
+                    len,
                     crc: 0,
                 };
                 upload(
@@ -280,7 +282,7 @@ impl Volume {
             } => {
                 let mut bytes = Vec::new();
                 let read = file.sync_data().and_then(|()| {
-                    let len = file.metadata()?.len();
+                    let len = file.size()?;
                     bytes.resize(len as usize, 0);
                     file.read_exact_at(&mut bytes, 0)
                 });
