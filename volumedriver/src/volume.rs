@@ -330,6 +330,15 @@ impl Volume {
         };
         let mut state = State::new(config, backend_tlogs);
         state.meta = LocalMeta::load(fs.as_ref(), name, dir, &state.backend_tlogs)?;
+        // Snapshot metadata the write buffer has and the backend list lacks (a crash before the
+        // uploader put the list): put it again, or a restart from the backend would lose it.
+        if state.meta.snapshots != state.backend_tlogs.snapshots
+            || state.meta.dropped != state.backend_tlogs.dropped
+            || state.meta.dtl_floor != state.backend_tlogs.dtl_floor
+        {
+            state.list_dirty = true;
+            state.list_changes += 1;
+        }
         let volume = Self::from_state(fs, dir, backend, state);
         {
             let mut st = volume.state.lock();
