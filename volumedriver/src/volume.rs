@@ -343,6 +343,7 @@ impl Volume {
         {
             let mut st = volume.state.lock();
             volume.rebuild(&mut st)?;
+            volume.settle_snapshots(&mut st)?;
         }
         Ok(Arc::new(volume))
     }

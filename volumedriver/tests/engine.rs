@@ -821,7 +821,7 @@ fn check_after_restart(
     // any of them until the next flush.
     model.current = actual;
     let names: Vec<String> = volume.snapshots().into_iter().map(|s| s.name).collect();
-    for snapshot in &model.snapshots {
+    for snapshot in &mut model.snapshots {
         let present = names.contains(&snapshot.name);
         prop_assert!(
             present || !snapshot.flushed,
@@ -859,6 +859,8 @@ fn check_after_restart(
                     cluster
                 );
             }
+            // That is the snapshot now: the next flush makes exactly this durable.
+            snapshot.image = content;
         }
     }
     model.snapshots.retain(|s| names.contains(&s.name));

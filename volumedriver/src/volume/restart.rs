@@ -62,6 +62,11 @@ impl Volume {
         if let Some(end) = st.meta.dropped.iter().map(|(_, to)| *to).max() {
             st.next_tlog = st.next_tlog.max(end + 1);
         }
+        // Nor a TLog number a snapshot ends at: a power cut can keep the snapshot's record but
+        // lose the TLog it closed, and a new TLog under that number would change the snapshot.
+        if let Some(end) = st.meta.snapshots.iter().map(|s| s.tlog).max() {
+            st.next_tlog = st.next_tlog.max(end + 1);
+        }
         let last_backend_tlog = records.last().map_or(0, |r| r.number);
 
         // Local TLogs newer than the backend's, oldest first.
@@ -173,6 +178,9 @@ impl Volume {
             });
             st.uploads.push_back(UploadTask::TLog(number));
             st.next_tlog = st.next_tlog.max(number.0 + 1);
+            // After a kill -9 neither the files nor their directory entries need be on disk
+            // yet: the next FLUSH syncs both (the files are `dirty`).
+            st.new_files = true;
         }
 
         // SCO files: cached copies of backend SCOs stay (disposable); anything else is debris of
@@ -221,6 +229,34 @@ impl Volume {
                     .remove(&path)
                     .map_err(VolumeError::io(&name, &path))?,
             }
+        }
+        Ok(())
+    }
+
+    /// After a restart: a snapshot whose boundary TLog does not exist (a power cut kept its
+    /// record but lost the TLog it closed, which held nothing a FLUSH had covered) ends at the
+    /// newest TLog that does, which is the same content. Otherwise a restart from the backend
+    /// alone would take it for a snapshot whose history never reached the backend and drop it.
+    pub(super) fn settle_snapshots(&self, st: &mut State) -> Result<()> {
+        let newest = st
+            .closed_tlogs
+            .back()
+            .map_or(0, |t| t.number.0)
+            .max(st.backend_tlogs.last_number());
+        let mut changed = false;
+        for snapshot in st.meta.snapshots.iter_mut().filter(|s| s.tlog > newest) {
+            tracing::warn!(
+                volume = %self.name,
+                snapshot = %snapshot.name,
+                from = snapshot.tlog,
+                to = newest,
+                "snapshot's last TLog was lost before it was flushed; it ends at the newest TLog"
+            );
+            snapshot.tlog = newest;
+            changed = true;
+        }
+        if changed {
+            self.store_meta(st)?;
         }
         Ok(())
     }

@@ -105,6 +105,15 @@ impl LocalMeta {
             Err(e) => Err(VolumeError::io(volume, &path)(e)),
         };
         let mut meta = base?;
+        if !log.is_empty() {
+            // A crash (kill -9) may have left records that never reached the disk: whatever
+            // this restart shows must survive a power cut that follows it.
+            let log_path = dir.join(META_LOG);
+            fs.open(&log_path)
+                .and_then(|file| file.sync_data())
+                .and_then(|()| fs.sync_dir(dir))
+                .map_err(VolumeError::io(volume, &log_path))?;
+        }
         // Records the base already folded in (a crash between rewriting the base and emptying
         // the log) are skipped by sequence number: the base may have deleted them since.
         let (records, valid) = log_records(&log);
@@ -176,7 +185,7 @@ enum TLogSource {
 
 impl Volume {
     /// Persist the snapshot metadata durably: rewrite the base file, then empty the log.
-    fn store_meta(&self, st: &mut State) -> Result<()> {
+    pub(super) fn store_meta(&self, st: &mut State) -> Result<()> {
         let path = self.dir.join(META_FILE);
         let bytes = meta::encode(META_KIND, META_VERSION, &st.meta);
         let log = self.dir.join(META_LOG);
