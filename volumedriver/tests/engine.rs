@@ -375,7 +375,7 @@ fn backend_calls_never_hold_the_state_lock() {
     assert!(report.tlogs_after < report.tlogs_before, "{report:?}");
     volume.sweep().unwrap();
 
-    for operation in ["put_from", "put_if_owner", "get", "get_range", "list"] {
+    for operation in ["put_file", "put_if_owner", "get", "get_range", "list"] {
         assert!(probe.calls(operation) > 0, "no {operation} observed");
     }
     assert_eq!(

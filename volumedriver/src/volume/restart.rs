@@ -154,6 +154,7 @@ impl Volume {
                             clusters,
                             state: ScoState::Sealed { crc },
                             dirty: true,
+                            chunk_crcs: None,
                         },
                     );
                     st.uploads.push_back(UploadTask::Sco(sco.number));
@@ -219,6 +220,7 @@ impl Volume {
                             clusters: (len - SCO_HEADER_LEN) / self.cluster_size,
                             state: ScoState::Disposable,
                             dirty: false,
+                            chunk_crcs: None,
                         },
                     );
                     st.disposable_bytes += len;

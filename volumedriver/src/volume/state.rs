@@ -40,11 +40,16 @@ pub(super) struct LocalSco {
     pub(super) clusters: u64,
     pub(super) state: ScoState,
     pub(super) dirty: bool,
+    /// CRC32C of every backend chunk of the sealed file (header included), kept from the write
+    /// path so the upload need not checksum the SCO again (`ObjectStore::put_file`). `None` for a
+    /// SCO restored after a restart: the upload then computes them in one read.
+    pub(super) chunk_crcs: Option<Arc<[u32]>>,
 }
 
 pub(super) struct OpenSco {
     pub(super) number: ScoNumber,
-    pub(super) crc: u32,
+    /// Chunk CRCs of the file so far; their combination is the data CRC recorded at seal.
+    pub(super) crcs: vstor_backend::ChunkCrcs,
     pub(super) clusters: u64,
 }
 
@@ -300,6 +305,7 @@ pub(super) mod testing {
                 clusters,
                 state,
                 dirty: true,
+                chunk_crcs: None,
             },
         );
     }

@@ -203,7 +203,7 @@ impl Volume {
             local.clusters += n;
             local.dirty = true;
             if let Some(open) = st.open_sco.as_mut() {
-                open.crc = crc32c::crc32c_append(open.crc, chunk);
+                open.crcs.append(chunk);
                 open.clusters += n;
             }
             let sco = ScoName::new(number);
@@ -239,7 +239,8 @@ impl Volume {
         let number = ScoNumber(st.next_sco);
         let sco = ScoName::new(number);
         let path = sco_path(&self.dir, sco);
-        let file = sco::create(self.fs.as_ref(), &path, &self.sco_header(st, sco))
+        let header = self.sco_header(st, sco);
+        let file = sco::create(self.fs.as_ref(), &path, &header)
             .map_err(VolumeError::io(&self.name, &path))?;
         st.next_sco += 1;
         st.new_files = true;
@@ -250,11 +251,12 @@ impl Volume {
                 clusters: 0,
                 state: ScoState::Open,
                 dirty: true,
+                chunk_crcs: None,
             },
         );
         st.open_sco = Some(OpenSco {
             number,
-            crc: 0,
+            crcs: vstor_backend::ChunkCrcs::with_prefix(&header.encode()),
             clusters: 0,
         });
         Ok(())
@@ -292,6 +294,7 @@ impl Volume {
         let Some(open) = st.open_sco.take() else {
             return Ok(());
         };
+        let crc = open.crcs.data_crc();
         if open.clusters == 0 {
             // Never written: drop the empty file instead of sealing it.
             st.scos.remove(&open.number);
@@ -305,11 +308,12 @@ impl Volume {
             Entry::ScoCrc {
                 sco: ScoName::new(open.number),
                 clusters: open.clusters as u32,
-                crc: open.crc,
+                crc,
             },
         )?;
         if let Some(local) = st.scos.get_mut(&open.number) {
-            local.state = ScoState::Sealed { crc: open.crc };
+            local.state = ScoState::Sealed { crc };
+            local.chunk_crcs = Some(open.crcs.chunk_crcs().into());
         }
         st.uploads.push_back(UploadTask::Sco(open.number));
         // `append_entry` above made sure there is a current TLog.
