@@ -103,11 +103,7 @@ pub fn cluster_offset(index: u64, cluster_size: u64) -> u64 {
 /// Create a new SCO file holding just its header. A file already at `path` is unlinked, never
 /// truncated: an uploaded SCO may share its inode with the backend's copy (a hard link made by
 /// `ObjectStore::put_file`), which must not change.
-pub fn create(
-    fs: &dyn WbFs,
-    path: &Path,
-    header: &ScoHeader,
-) -> std::io::Result<Arc<dyn WbFile>> {
+pub fn create(fs: &dyn WbFs, path: &Path, header: &ScoHeader) -> std::io::Result<Arc<dyn WbFile>> {
     match fs.remove(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

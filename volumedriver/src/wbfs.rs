@@ -635,7 +635,10 @@ mod tests {
         assert!(fs.create(&dir.join("b")).is_err());
         assert!(fs.power_on());
         assert_eq!(read_all(&fs, &path).unwrap(), b"one");
-        assert!(file.write_all_at(b"x", 0).is_err(), "a handle from before the cut");
+        assert!(
+            file.write_all_at(b"x", 0).is_err(),
+            "a handle from before the cut"
+        );
         // A cut that does not fire is disarmed by power_on.
         fs.cut_power_after(5, PowerCut::Clean);
         assert!(!fs.power_on());

@@ -95,10 +95,7 @@ impl Volume {
                     .map_err(VolumeError::io(&name, &path))?;
                 continue;
             }
-            let bytes = self
-                .fs
-                .read(&path)
-                .map_err(VolumeError::io(&name, &path))?;
+            let bytes = self.fs.read(&path).map_err(VolumeError::io(&name, &path))?;
             let parsed = match tlog::parse(&bytes, false) {
                 Ok(parsed) if parsed.number == number => parsed,
                 _ => {
@@ -136,9 +133,10 @@ impl Volume {
                 if let Entry::ScoCrc { sco, clusters, crc } = *entry {
                     let header = self.sco_header(st, sco);
                     let sco_file = sco_path(&self.dir, sco);
-                    let (file, len) = sco::open(self.fs.as_ref(), &sco_file, &header).map_err(|e| {
-                        VolumeError::corrupt(&name, sco_file.display().to_string(), e)
-                    })?;
+                    let (file, len) =
+                        sco::open(self.fs.as_ref(), &sco_file, &header).map_err(|e| {
+                            VolumeError::corrupt(&name, sco_file.display().to_string(), e)
+                        })?;
                     let clusters = u64::from(clusters);
                     if len < sco::cluster_offset(clusters, self.cluster_size) {
                         return Err(VolumeError::corrupt(
@@ -165,10 +163,7 @@ impl Volume {
                     st.next_sco = st.next_sco.max(sco.number.0 + 1);
                 }
             }
-            let file = self
-                .fs
-                .open(&path)
-                .map_err(VolumeError::io(&name, &path))?;
+            let file = self.fs.open(&path).map_err(VolumeError::io(&name, &path))?;
             st.closed_tlogs.push_back(ClosedTLog {
                 number,
                 path,
@@ -272,16 +267,18 @@ impl Volume {
             };
             let path = sco_path(&self.dir, sco);
             let clusters = u64::from(clusters);
-            let check = sco::open(self.fs.as_ref(), &path, &self.sco_header(st, sco)).and_then(|(file, len)| {
-                if len < sco::cluster_offset(clusters, self.cluster_size) {
-                    return Err(format!("holds fewer than {clusters} clusters"));
-                }
-                match sco::data_crc(file.as_ref(), clusters, self.cluster_size) {
-                    Ok(found) if found == crc => Ok(()),
-                    Ok(_) => Err("data does not match its CRC".to_string()),
-                    Err(e) => Err(format!("cannot read: {e}")),
-                }
-            });
+            let check = sco::open(self.fs.as_ref(), &path, &self.sco_header(st, sco)).and_then(
+                |(file, len)| {
+                    if len < sco::cluster_offset(clusters, self.cluster_size) {
+                        return Err(format!("holds fewer than {clusters} clusters"));
+                    }
+                    match sco::data_crc(file.as_ref(), clusters, self.cluster_size) {
+                        Ok(found) if found == crc => Ok(()),
+                        Ok(_) => Err("data does not match its CRC".to_string()),
+                        Err(e) => Err(format!("cannot read: {e}")),
+                    }
+                },
+            );
             check.err().map(|reason| format!("SCO {sco}: {reason}"))
         })
     }
@@ -329,8 +326,7 @@ impl Volume {
                 .map_err(VolumeError::io(name, &sco_file))?;
             let crc = sco::data_crc(file.as_ref(), clusters, self.cluster_size)
                 .map_err(VolumeError::io(name, &sco_file))?;
-            file.sync_data()
-                .map_err(VolumeError::io(name, &sco_file))?;
+            file.sync_data().map_err(VolumeError::io(name, &sco_file))?;
             entries.push(Entry::ScoCrc {
                 sco,
                 clusters: clusters as u32,

@@ -189,13 +189,16 @@ impl Volume {
         let path = self.dir.join(META_FILE);
         let bytes = meta::encode(META_KIND, META_VERSION, &st.meta);
         let log = self.dir.join(META_LOG);
-        let written = self.fs.write_atomic(&path, &bytes).and_then(|()| match &st.meta_log {
-            Some(file) => file.set_len(0).and_then(|()| file.sync_data()),
-            None => match self.fs.remove(&log) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        });
+        let written = self
+            .fs
+            .write_atomic(&path, &bytes)
+            .and_then(|()| match &st.meta_log {
+                Some(file) => file.set_len(0).and_then(|()| file.sync_data()),
+                None => match self.fs.remove(&log) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            });
         if let Err(e) = written {
             let err = VolumeError::io(&self.name, &path)(e);
             self.halt(st, err.to_string());
