@@ -5,10 +5,7 @@
 //! All of it runs under the state lock: appending to the SCO and the TLog must happen in the
 //! order the map sees, and the files are local (page cache, no fsync here).
 
-use std::fs;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use vstor_dtl::Ticket;
@@ -243,13 +240,14 @@ impl Volume {
         let sco = ScoName::new(number);
         let path = sco_path(&self.dir, sco);
         let header = self.sco_header(st, sco);
-        let file = sco::create(&path, &header).map_err(VolumeError::io(&self.name, &path))?;
+        let file = sco::create(self.fs.as_ref(), &path, &header)
+            .map_err(VolumeError::io(&self.name, &path))?;
         st.next_sco += 1;
         st.new_files = true;
         st.scos.insert(
             number,
             LocalSco {
-                file: Arc::new(file),
+                file,
                 clusters: 0,
                 state: ScoState::Open,
                 dirty: true,
@@ -270,7 +268,7 @@ impl Volume {
             None => {
                 let number = TLogNumber(st.next_tlog);
                 let path = tlog_path(&self.dir, number);
-                let writer = TLogWriter::create(&path, number)
+                let writer = TLogWriter::create(self.fs.as_ref(), &path, number)
                     .map_err(VolumeError::io(&self.name, &path))?;
                 st.next_tlog += 1;
                 st.new_files = true;
@@ -300,7 +298,9 @@ impl Volume {
         if open.clusters == 0 {
             // Never written: drop the empty file instead of sealing it.
             st.scos.remove(&open.number);
-            let _ = fs::remove_file(sco_path(&self.dir, ScoName::new(open.number)));
+            let _ = self
+                .fs
+                .remove(&sco_path(&self.dir, ScoName::new(open.number)));
             return Ok(());
         }
         self.append_entry(
