@@ -2,9 +2,11 @@
 //!
 //! | method | path                                      | body                                   |
 //! |--------|-------------------------------------------|----------------------------------------|
-//! | GET    | /v1/health                                |                                        |
+//! | GET    | /v1/health                                | (`node`; in a cluster `cluster_health`: healthy, registry_down, fenced) |
+//! | GET    | /v1/nodes                                 | (the cluster's nodes; see `cluster::api`) |
+//! | GET    | /v1/cluster/registry                      | (`reachable`: this node reaches the registry) |
 //! | GET    | /v1/volumes                               |                                        |
-//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?}` |
+//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?, node?}` (`node`: cluster only) |
 //! | GET    | /v1/volumes/{name}                        |                                        |
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
 //! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
@@ -84,6 +86,12 @@ pub struct ApiState {
     /// restart exports them again.
     pub vhost_snapshots: Arc<Mutex<BTreeSet<String>>>,
     pub vhost_snapshots_file: std::path::PathBuf,
+    /// This node's record (in the single-node default too: `vstor node list` shows it).
+    pub node: crate::registry::NodeRecord,
+    /// The registry: the local file by default, etcd in a cluster.
+    pub registry: Arc<dyn crate::registry::Registry>,
+    /// The cluster runtime when the node runs on a cluster registry (`--registry etcd://…`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).
@@ -116,7 +124,7 @@ impl ApiState {
     }
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -150,15 +158,15 @@ impl From<VolumeError> for ApiError {
     }
 }
 
-fn bad_request(message: impl Into<String>) -> ApiError {
+pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
 }
 
-fn conflict(message: impl Into<String>) -> ApiError {
+pub(crate) fn conflict(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::CONFLICT, message.into())
 }
 
-fn internal(message: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(message: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, message.to_string())
 }
 
@@ -178,11 +186,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-fn view(state: &ApiState, info: VolumeInfo) -> Value {
+pub(crate) fn view(state: &ApiState, info: VolumeInfo) -> Value {
     let connections = state.nbd.connections(&info.name);
     let uri = format!("nbd://{}/{}", state.nbd_addr, info.name);
     let mut value = serde_json::to_value(info).unwrap_or(Value::Null);
     if let Some(object) = value.as_object_mut() {
+        object.insert("owner".into(), json!(state.node.name));
         object.insert("nbd_uri".into(), json!(uri));
         object.insert("nbd_connections".into(), json!(connections));
         let name = object
@@ -269,6 +278,8 @@ pub struct CreateRequest {
     pub write_buffer: Option<u64>,
     pub dtl_mode: Option<String>,
     pub dtl: Option<String>,
+    /// Cluster only: the node that serves the new volume [default: the least-loaded live node].
+    pub node: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -346,30 +357,78 @@ fn dtl_choice(
     Ok((dtl_mode, addr.or(default_dtl.map(|(_, addr)| addr))))
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn health(State(state): State<ApiState>) -> Json<Value> {
+    let mut value = json!({ "status": "ok", "node": state.node.name });
+    if let Some(cluster) = &state.cluster {
+        let health = cluster.health().borrow().clone();
+        let (name, reason) = match health {
+            crate::cluster::Health::Healthy => ("healthy", None),
+            crate::cluster::Health::RegistryDown => ("registry_down", None),
+            crate::cluster::Health::Fenced { reason } => ("fenced", Some(reason)),
+        };
+        value["cluster_health"] = json!(name);
+        value["fenced_reason"] = json!(reason);
+        value["peers"] = json!(cluster.peer_names());
+    }
+    Json(value)
 }
 
-async fn list(State(state): State<ApiState>) -> Json<Value> {
+async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let local = local_list(&state);
+    match &state.cluster {
+        Some(cluster) => crate::cluster::api::list(&state, cluster, local)
+            .await
+            .map(Json),
+        None => Ok(Json(local)),
+    }
+}
+
+fn local_list(state: &ApiState) -> Value {
     let volumes: Vec<Value> = state
         .manager
         .list()
         .into_iter()
-        .map(|info| view(&state, info))
+        .map(|info| view(state, info))
         .collect();
     let failed: Vec<Value> = state
         .manager
         .failed()
         .into_iter()
-        .map(|(name, reason)| json!({ "name": name, "state": "failed", "halted_reason": reason }))
+        .map(|(name, reason)| json!({ "name": name, "state": "failed", "halted_reason": reason, "owner": state.node.name }))
         .collect();
-    Json(Value::Array(volumes.into_iter().chain(failed).collect()))
+    Value::Array(volumes.into_iter().chain(failed).collect())
 }
 
 async fn create(
     State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
     Json(request): Json<CreateRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if let Some(cluster) = state.cluster.clone() {
+        let forwarded = headers.contains_key(crate::cluster::forward::FORWARDED);
+        return crate::cluster::api::create(state, &cluster, forwarded, request).await;
+    }
+    if let Some(node) = &request.node {
+        if *node != state.node.name {
+            return Err(bad_request(format!(
+                "node {node}: this node ({}) is not part of a cluster (start it with --registry)",
+                state.node.name
+            )));
+        }
+    }
+    let (dtl_mode, dtl_addr) =
+        dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
+    let volume = create_local(&state, &request, dtl_mode, dtl_addr).await?;
+    Ok((StatusCode::CREATED, Json(view(&state, volume.info()))))
+}
+
+/// Create a volume served by this node.
+pub(crate) async fn create_local(
+    state: &ApiState,
+    request: &CreateRequest,
+    dtl_mode: DtlMode,
+    dtl_addr: Option<String>,
+) -> Result<Arc<vstor_volumedriver::Volume>, ApiError> {
     let sco_size = request.sco_size.unwrap_or(state.default_sco_size);
     let (min, max) = USER_SCO_SIZE_RANGE;
     if !(min..=max).contains(&sco_size) {
@@ -378,8 +437,6 @@ async fn create(
             request.name
         )));
     }
-    let (dtl_mode, dtl_addr) =
-        dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
     let options = VolumeOptions {
         size: request.size,
         sco_size,
@@ -389,15 +446,15 @@ async fn create(
     };
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
-    let volume = blocking(move || {
-        let volume = manager.create(&request.name, &options)?;
-        if let Err(e) = vhost.add_export(&request.name) {
-            tracing::error!(volume = %request.name, error = %e, "cannot export the volume over vhost-user");
+    let name = request.name.clone();
+    blocking(move || {
+        let volume = manager.create(&name, &options)?;
+        if let Err(e) = vhost.add_export(&name) {
+            tracing::error!(volume = %name, error = %e, "cannot export the volume over vhost-user");
         }
         Ok(volume)
     })
-    .await?;
-    Ok((StatusCode::CREATED, Json(view(&state, volume.info()))))
+    .await
 }
 
 async fn info(
@@ -516,6 +573,8 @@ async fn delete(
     Path(name): Path<String>,
     Query(request): Query<DeleteRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    // The tag the volume's cluster record must still carry for this node to delete it.
+    let tag = state.manager.get(&name).ok().map(|v| v.info().owner_tag);
     // Refuse before anything is torn down: a volume whose snapshots have clones stays served.
     let snapshots = match state.manager.get(&name) {
         Ok(volume) => {
@@ -562,6 +621,17 @@ async fn delete(
     drop_snapshot_exports(&state, &name, snapshots).await;
     state.exports.forget(&name, None);
     state.scrubs.forget(&name);
+    if let (Some(cluster), Some(tag)) = (&state.cluster, tag) {
+        match cluster.registry.delete_volume(&name, tag).await {
+            Ok(()) | Err(crate::registry::RegistryError::VolumeNotFound { .. }) => {}
+            Err(e) => {
+                return Err(internal(format!(
+                    "volume {name} was deleted on node {} but its cluster record was not: {e}",
+                    state.node.name
+                )))
+            }
+        }
+    }
     tracing::info!(volume = %name, force = request.force, "volume deleted");
     Ok(Json(json!({
         "deleted": name,
@@ -808,6 +878,11 @@ async fn clone_create(
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/nodes", get(crate::cluster::api::nodes))
+        .route(
+            "/v1/cluster/registry",
+            get(crate::cluster::api::registry_reachable),
+        )
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{name}", get(info).patch(update).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
@@ -831,5 +906,9 @@ pub fn router(state: ApiState) -> Router {
             post(snapshot_export).delete(snapshot_unexport),
         )
         .route("/v1/clones", post(clone_create))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::api::route_to_owner,
+        ))
         .with_state(state)
 }

@@ -119,18 +119,42 @@ pub fn print_list(volumes: &Value) {
         return;
     }
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:<9} {:>7}",
-        "NAME", "SIZE", "WRITTEN", "UPLOADING", "STATE", "CLIENTS"
+        "{:<24} {:>10} {:>10} {:>10} {:<10} {:>7} {:<16}",
+        "NAME", "SIZE", "WRITTEN", "UPLOADING", "STATE", "CLIENTS", "OWNER"
     );
     for volume in volumes {
         println!(
-            "{:<24} {:>10} {:>10} {:>10} {:<9} {:>7}",
+            "{:<24} {:>10} {:>10} {:>10} {:<10} {:>7} {:<16}",
             text(volume, "name"),
             size_of(volume, "size"),
             size_of(volume, "written_bytes"),
             size_of(volume, "not_uploaded_bytes"),
             text(volume, "state"),
             text(volume, "nbd_connections"),
+            text(volume, "owner"),
+        );
+    }
+}
+
+/// `vstor node list`.
+pub fn print_nodes(nodes: &Value) {
+    let empty = Vec::new();
+    let nodes = nodes.as_array().unwrap_or(&empty);
+    println!(
+        "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21}",
+        "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL"
+    );
+    for node in nodes {
+        println!(
+            "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21}",
+            text(node, "name"),
+            text(node, "domain"),
+            text(node, "recovery_domain"),
+            if node["alive"] == true { "yes" } else { "no" },
+            text(node, "volumes"),
+            text(node, "api_addr"),
+            text(node, "nbd_addr"),
+            text(node, "dtl_addr"),
         );
     }
 }
@@ -296,6 +320,7 @@ pub fn print_info(volume: &Value) {
         .unwrap_or_default();
     let rows: Vec<(&str, String)> = vec![
         ("name", text(volume, "name")),
+        ("owner", text(volume, "owner")),
         ("state", text(volume, "state")),
         ("halted reason", text(volume, "halted_reason")),
         ("size", size_of(volume, "size")),

@@ -43,6 +43,23 @@ pub struct FileConfig {
     pub vhost: VhostSettings,
     pub scrub: ScrubSettings,
     pub upload: UploadSettings,
+    pub cluster: ClusterFileSettings,
+}
+
+/// `[cluster]`: run the node in a cluster on etcd (empty `registry`: the single-node default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterFileSettings {
+    /// `etcd://HOST:PORT[,HOST:PORT…]`; empty: the local registry file (single node).
+    pub registry: String,
+    /// This node's unique name (required with a registry).
+    pub node: String,
+    /// Failure domain of the node [default: "default"].
+    pub domain: String,
+    /// Domain where this node's volumes keep their DTL [default: the node's own domain].
+    pub recovery_domain: String,
+    /// Listen address of the node's DTL server [default: an ephemeral port on the API's host].
+    pub dtl_listen: String,
 }
 
 /// The node's upload scheduler (one for all volumes).
@@ -144,6 +161,7 @@ impl Default for FileConfig {
             vhost: VhostSettings::default(),
             scrub: ScrubSettings::default(),
             upload: UploadSettings::default(),
+            cluster: ClusterFileSettings::default(),
         }
     }
 }
@@ -232,6 +250,8 @@ pub struct ServeConfig {
     pub upload_concurrency: usize,
     /// `None`: open TLogs are not closed by age.
     pub max_open_age: Option<std::time::Duration>,
+    /// The node's name and domain, and its cluster registry if it has one.
+    pub identity: NodeIdentity,
 }
 
 /// Resolved `[scrub]` settings.
@@ -255,6 +275,32 @@ pub struct Overrides {
     pub write_buffer_limit: Option<String>,
     pub upload_concurrency: Option<usize>,
     pub no_default_volume: bool,
+    pub registry: Option<String>,
+    pub node: Option<String>,
+    pub domain: Option<String>,
+    pub recovery_domain: Option<String>,
+    pub dtl_listen: Option<String>,
+}
+
+/// The node's place in a cluster, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `http://host:port` etcd endpoints.
+    pub endpoints: Vec<String>,
+    pub node: String,
+    pub domain: String,
+    pub recovery_domain: Option<String>,
+    /// `None`: an ephemeral port on the API's host.
+    pub dtl_listen: Option<SocketAddr>,
+}
+
+/// This node's identity: its registry (`cluster`, or none: the local registry file) and, in the
+/// single-node default, its name and domain for `vstor node list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub domain: String,
+    pub cluster: Option<ClusterConfig>,
 }
 
 fn parse_addr(what: &str, value: &str) -> Result<SocketAddr> {
@@ -307,6 +353,19 @@ impl FileConfig {
         if overrides.no_default_volume {
             self.default_volume.create = false;
         }
+        let c = &mut self.cluster;
+        for (field, value) in [
+            (&mut c.registry, overrides.registry),
+            (&mut c.node, overrides.node),
+            (&mut c.domain, overrides.domain),
+            (&mut c.recovery_domain, overrides.recovery_domain),
+            (&mut c.dtl_listen, overrides.dtl_listen),
+        ] {
+            if let Some(value) = value {
+                *field = value;
+            }
+        }
+        let identity = self.cluster.resolve()?;
         let max_payload = size_setting("nbd_server.max_payload", &self.nbd_server.max_payload)?;
         if !(4096..=u64::from(u32::MAX)).contains(&max_payload) {
             bail!(not_allowed(
@@ -463,6 +522,49 @@ impl FileConfig {
             upload_concurrency: self.upload.concurrency,
             max_open_age: (!max_open_age.is_zero()).then_some(max_open_age),
             data_dir: self.data_dir,
+            identity,
+        })
+    }
+}
+
+impl ClusterFileSettings {
+    fn resolve(&self) -> Result<NodeIdentity> {
+        let text = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+        let domain = text(&self.domain).unwrap_or_else(|| "default".into());
+        let Some(registry) = text(&self.registry) else {
+            if text(&self.recovery_domain).is_some() || text(&self.dtl_listen).is_some() {
+                bail!("setting cluster.recovery_domain (--recovery-domain) and cluster.dtl_listen (--dtl-listen) need a cluster registry (--registry etcd://HOST:PORT)");
+            }
+            return Ok(NodeIdentity {
+                name: text(&self.node).unwrap_or_else(|| "local".into()),
+                domain,
+                cluster: None,
+            });
+        };
+        let endpoints = match crate::registry::etcd_endpoints(&registry) {
+            Some(parsed) => parsed.map_err(|e| anyhow::anyhow!("setting cluster.registry (--registry): {e}"))?,
+            None => bail!(
+                "setting cluster.registry (--registry) = {registry:?} is not allowed: must be etcd://HOST:PORT[,HOST:PORT...]"
+            ),
+        };
+        let Some(node) = text(&self.node) else {
+            bail!("a cluster node needs a name: give --node NAME (or cluster.node in the config file)");
+        };
+        validate_volume_name(&node)
+            .map_err(|_| anyhow::anyhow!("setting cluster.node (--node) = {node:?} is not allowed: use letters, digits, '-', '_' and '.'"))?;
+        let dtl_listen = text(&self.dtl_listen)
+            .map(|addr| parse_addr("DTL listen (--dtl-listen)", &addr))
+            .transpose()?;
+        Ok(NodeIdentity {
+            name: node.clone(),
+            domain,
+            cluster: Some(ClusterConfig {
+                endpoints,
+                node,
+                domain: text(&self.domain).unwrap_or_else(|| "default".into()),
+                recovery_domain: text(&self.recovery_domain),
+                dtl_listen,
+            }),
         })
     }
 }
@@ -476,6 +578,72 @@ mod tests {
         let text = include_str!("../docs/vstor.example.toml");
         let parsed: FileConfig = toml::from_str(text).expect("example parses");
         assert_eq!(parsed, FileConfig::default());
+    }
+
+    #[test]
+    fn cluster_settings_resolve_and_are_checked() {
+        let cluster = |c: ClusterFileSettings| {
+            FileConfig {
+                cluster: c,
+                ..FileConfig::default()
+            }
+            .resolve(Overrides::default())
+        };
+        let single = cluster(ClusterFileSettings::default()).unwrap();
+        assert_eq!(single.identity.cluster, None);
+        assert_eq!(single.identity.name, "local");
+        let node = cluster(ClusterFileSettings {
+            registry: "etcd://127.0.0.1:2379,127.0.0.2:2379".into(),
+            node: "n1".into(),
+            domain: "rack1".into(),
+            recovery_domain: "rack2".into(),
+            dtl_listen: "127.0.0.1:10900".into(),
+        })
+        .unwrap();
+        let c = node.identity.cluster.unwrap();
+        assert_eq!(
+            c.endpoints,
+            ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+        );
+        assert_eq!((c.node.as_str(), c.domain.as_str()), ("n1", "rack1"));
+        assert_eq!(c.recovery_domain.as_deref(), Some("rack2"));
+        assert_eq!(c.dtl_listen, Some("127.0.0.1:10900".parse().unwrap()));
+        let errors = [
+            (
+                ClusterFileSettings {
+                    registry: "etcd://x:1".into(),
+                    ..Default::default()
+                },
+                "--node NAME",
+            ),
+            (
+                ClusterFileSettings {
+                    registry: "x:1".into(),
+                    node: "n".into(),
+                    ..Default::default()
+                },
+                "etcd://HOST:PORT",
+            ),
+            (
+                ClusterFileSettings {
+                    registry: "etcd://x:1".into(),
+                    node: "a/b".into(),
+                    ..Default::default()
+                },
+                "cluster.node",
+            ),
+            (
+                ClusterFileSettings {
+                    recovery_domain: "r".into(),
+                    ..Default::default()
+                },
+                "need a cluster registry",
+            ),
+        ];
+        for (settings, expected) in errors {
+            let err = cluster(settings).unwrap_err();
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
     }
 
     #[test]

@@ -4,9 +4,11 @@
 
 mod api;
 mod client;
+mod cluster;
 mod config;
 mod dirlock;
 mod export;
+mod registry;
 mod scrub;
 mod server;
 mod size;
@@ -48,6 +50,23 @@ enum Command {
     Template(TemplateArgs),
     /// Run a DTL (distributed transaction log) server that other nodes mirror writes to.
     Dtl(DtlArgs),
+    /// The nodes of the cluster (one in the single-node default).
+    Node(NodeArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(subcommand)]
+    verb: NodeVerb,
+}
+
+#[derive(Subcommand)]
+enum NodeVerb {
+    /// List the nodes: name, domain, recovery domain, liveness, volume count, API/NBD/DTL
+    /// addresses.
+    List,
 }
 
 #[derive(Args)]
@@ -98,6 +117,22 @@ struct ServeArgs {
     /// Do not create the default volume on first start.
     #[arg(long)]
     no_default_volume: bool,
+    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] [default: none, a single node with a
+    /// local registry file].
+    #[arg(long)]
+    registry: Option<String>,
+    /// This node's unique name in the cluster (required with --registry).
+    #[arg(long)]
+    node: Option<String>,
+    /// The node's failure domain (rack, room...) [default: "default"].
+    #[arg(long)]
+    domain: Option<String>,
+    /// Domain where this node's volumes keep their DTL [default: the node's own domain].
+    #[arg(long)]
+    recovery_domain: Option<String>,
+    /// Listen address of the node's DTL server [default: an ephemeral port on the API's host].
+    #[arg(long)]
+    dtl_listen: Option<String>,
 }
 
 /// How the management verbs reach the daemon and print its answer.
@@ -224,11 +259,15 @@ enum VolumeVerb {
         /// DTL mode: sync, async or none [default: the node's, see `vstor serve --dtl`].
         #[arg(long, value_parser = ["sync", "async", "none"])]
         dtl_mode: Option<String>,
-        /// DTL server HOST:PORT [default: the node's].
-        #[arg(long)]
+        /// DTL server HOST:PORT [default: the node's; in a cluster, a node chosen by the
+        /// placement rule].
+        #[arg(long, alias = "dtl-addr")]
         dtl: Option<String>,
+        /// Cluster: the node that serves the volume [default: the least-loaded live node].
+        #[arg(long)]
+        node: Option<String>,
     },
-    /// List volumes.
+    /// List volumes (in a cluster: every volume of the cluster, with its owner).
     List,
     /// Show a volume's state and counters, and its vhost-user socket: `<vhost-dir>/NAME.sock`, or
     /// `<vhost-dir>/<prefix>~<hash>.sock` when that path is longer than a UNIX socket allows.
@@ -294,6 +333,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             write_buffer,
             dtl_mode,
             dtl,
+            node,
         } => {
             let size = parse_size(&size)?;
             let sco_size = sco_size.as_deref().map(parse_size).transpose()?;
@@ -305,11 +345,15 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             if let Some(addr) = dtl {
                 body["dtl"] = serde_json::json!(addr);
             }
+            if let Some(node) = node {
+                body["node"] = serde_json::json!(node);
+            }
             let value = client.post("/v1/volumes", body)?;
             show(value, &|v| {
                 println!(
-                    "created volume {name} ({}), NBD export {}",
+                    "created volume {name} ({}) on node {}, NBD export {}",
                     format_size(size),
+                    v["owner"].as_str().unwrap_or("-"),
                     v["nbd_uri"].as_str().unwrap_or("-")
                 );
             });
@@ -551,6 +595,11 @@ fn run(cli: Cli) -> Result<()> {
                 write_buffer_limit: args.write_buffer_limit,
                 upload_concurrency: args.upload_concurrency,
                 no_default_volume: args.no_default_volume,
+                registry: args.registry,
+                node: args.node,
+                domain: args.domain,
+                recovery_domain: args.recovery_domain,
+                dtl_listen: args.dtl_listen,
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -562,6 +611,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(args) => run_snapshot(args),
         Command::Clone(args) => run_clone(args),
         Command::Template(args) => run_template(args),
+        Command::Node(args) => {
+            let NodeVerb::List = args.verb;
+            let value = Client::new(&args.remote.api).get("/v1/nodes")?;
+            args.remote.show(value, client::print_nodes);
+            Ok(())
+        }
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args

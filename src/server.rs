@@ -14,9 +14,11 @@ use vstor_edge::vhost::{VhostConfig, VhostServer};
 use vstor_volumedriver::{DtlMode, ManagerConfig, VolumeManager, VolumeOptions};
 
 use crate::api::{router, ApiState};
+use crate::cluster::Cluster;
 use crate::config::{BackendSpec, ServeConfig};
 use crate::dirlock::DirLock;
 use crate::export::Exports;
+use crate::registry::{self, etcd::EtcdRegistry, local::LocalRegistry, NodeRecord, Registry};
 use crate::scrub::{AutoScrubber, Scrubs};
 
 pub async fn serve(mut config: ServeConfig) -> Result<()> {
@@ -38,6 +40,67 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     })?;
     // Before anything in the directory is read or written: a second node must not touch it.
     let _lock = DirLock::acquire(&config.data_dir, "vstor serve")?;
+    // The registry first: a cluster node that cannot reach etcd, or whose name a live node
+    // holds, stops here, before its volumes are touched.
+    let registry: Arc<dyn Registry> = match &config.identity.cluster {
+        Some(cluster) => Arc::new(
+            EtcdRegistry::connect(&cluster.endpoints, registry::etcd::DEFAULT_TIMEOUT)
+                .await
+                .context(
+                    "cannot reach the cluster registry; is etcd running and --registry right?",
+                )?,
+        ),
+        None => Arc::new(LocalRegistry::open(
+            &config.data_dir.join(registry::local::FILE_NAME),
+        )?),
+    };
+    let nbd_listener = TcpListener::bind(config.nbd)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", config.nbd))?;
+    let api_listener = TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", config.api))?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+    // Every cluster node runs a DTL server for the other nodes' volumes.
+    let dtl = match &config.identity.cluster {
+        Some(cluster) => Some(
+            start_node_dtl(
+                &config.data_dir,
+                cluster
+                    .dtl_listen
+                    .unwrap_or_else(|| std::net::SocketAddr::new(api_addr.ip(), 0)),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let node = NodeRecord {
+        name: config.identity.name.clone(),
+        domain: config.identity.domain.clone(),
+        recovery_domain: config
+            .identity
+            .cluster
+            .as_ref()
+            .and_then(|c| c.recovery_domain.clone()),
+        api_addr: api_addr.to_string(),
+        nbd_addr: nbd_addr.to_string(),
+        dtl_addr: dtl
+            .as_ref()
+            .map_or_else(String::new, |(_, addr, _)| addr.to_string()),
+        started_at: registry::now_secs(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let cluster = if registry.is_cluster() {
+        Some(Cluster::join(registry.clone(), node.clone()).await?)
+    } else {
+        registry
+            .register_node(&node, std::time::Duration::from_secs(5))
+            .await
+            .context("cannot register the node in the local registry")?;
+        None
+    };
+    let keepalive = cluster.as_ref().map(Cluster::start);
     let spec = config.backend.clone();
     let backend = tokio::task::spawn_blocking(move || open_backend(&spec)).await??;
     let manager_config = ManagerConfig {
@@ -50,7 +113,11 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .await?
         .context("cannot start the volume manager")?;
 
-    if let Some((name, size)) = &config.default_volume {
+    let gate = cluster.as_ref().map(|c| c.gate(manager.clone()));
+    if cluster.is_some() && config.default_volume.is_some() {
+        tracing::info!("cluster node: no default volume is created (create volumes with `vstor volume create`)");
+    }
+    if let (Some((name, size)), None) = (&config.default_volume, &cluster) {
         if manager.names().is_empty() && manager.failed().is_empty() {
             let options = VolumeOptions {
                 size: *size,
@@ -64,15 +131,6 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 .with_context(|| format!("cannot create the default volume {name}"))?;
         }
     }
-
-    let nbd_listener = TcpListener::bind(config.nbd)
-        .await
-        .with_context(|| format!("cannot listen for NBD on {}", config.nbd))?;
-    let api_listener = TcpListener::bind(config.api)
-        .await
-        .with_context(|| format!("cannot listen for the API on {}", config.api))?;
-    let nbd_addr = nbd_listener.local_addr()?;
-    let api_addr = api_listener.local_addr()?;
 
     let exports = Arc::new(Exports::new(manager.clone()));
     let nbd = NbdServer::new(
@@ -141,6 +199,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             scrubs,
             vhost_snapshots: Arc::new(std::sync::Mutex::new(vhost_snapshots)),
             vhost_snapshots_file,
+            node: node.clone(),
+            registry: registry.clone(),
+            cluster: cluster.clone(),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {
@@ -151,6 +212,15 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     };
 
     println!("vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}");
+    if let Some(cluster) = &cluster {
+        println!(
+            "vstor node: {} domain={} dtl={} registry={}",
+            node.name,
+            node.domain,
+            node.dtl_addr,
+            cluster.registry.describe()
+        );
+    }
     tracing::info!(dir = %config.vhost_dir.display(), "vhost-user-blk sockets");
     tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %config.data_dir.display(), "vstor serving");
 
@@ -165,6 +235,19 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     tokio::task::spawn_blocking(move || vhost.shutdown()).await?;
     let timeout = Duration::from_secs(config.shutdown_upload_timeout_secs);
     let unfinished = tokio::task::spawn_blocking(move || manager.shutdown(timeout)).await?;
+    if let Some(gate) = gate {
+        gate.abort();
+    }
+    if let Some(keepalive) = keepalive {
+        keepalive.abort();
+    }
+    if let Some(cluster) = &cluster {
+        cluster.leave().await;
+    }
+    if let Some((server, _, task)) = dtl {
+        server.shutdown().await;
+        task.abort();
+    }
     if unfinished.is_empty() {
         tracing::info!("all volumes flushed and uploaded; bye");
     } else {
@@ -174,6 +257,33 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+type NodeDtl = (
+    Arc<vstor_dtl::DtlServer>,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::result::Result<(), vstor_dtl::DtlError>>,
+);
+
+/// A cluster node's own DTL server (data under `<data-dir>/dtl`), serving until shut down.
+async fn start_node_dtl(
+    data_dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> Result<NodeDtl> {
+    let dir = data_dir.join("dtl");
+    let server = Arc::new(
+        vstor_dtl::DtlServer::new(&dir, vstor_dtl::DtlServerConfig { fsync: false })
+            .with_context(|| format!("cannot open the DTL data directory {}", dir.display()))?,
+    );
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for the DTL on {listen} (--dtl-listen)"))?;
+    let addr = listener.local_addr()?;
+    let task = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener).await })
+    };
+    Ok((server, addr, task))
 }
 
 /// `vstor dtl`: a DTL server until SIGTERM or SIGINT.

@@ -2,6 +2,8 @@
 //! real client tools, and a minimal synchronous NBD client for crash tests.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

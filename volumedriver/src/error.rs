@@ -58,6 +58,10 @@ pub enum VolumeError {
         ours: u64,
         current: u64,
     },
+    /// The node fenced itself (it may have lost its registry lease): writes and flushes are
+    /// not acknowledged until it is healthy again. See [`crate::Volume::set_fenced`].
+    #[error("volume {volume}: this node is fenced ({reason}); writes are not acknowledged")]
+    Fenced { volume: String, reason: String },
     #[error("volume {volume} has no snapshot {snapshot:?}")]
     SnapshotNotFound { volume: String, snapshot: String },
     #[error("volume {volume} already has a snapshot {snapshot:?}")]

@@ -138,6 +138,8 @@ pub struct Volume {
     upload_work: crate::scheduler::UploadSignal,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
     upload_rate: AtomicU64,
+    /// Why the node fenced this volume, if it did (see [`Volume::set_fenced`]).
+    fenced: parking_lot::RwLock<Option<String>>,
     stats: Stats,
 }
 
@@ -277,6 +279,7 @@ impl Volume {
             runtime: Mutex::new(None),
             upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
+            fenced: parking_lot::RwLock::new(None),
             stats: Stats::default(),
         }
     }
@@ -386,6 +389,42 @@ impl Volume {
                 ..current.clone()
             })
         })
+    }
+
+    /// Fence the volume (`Some(reason)`) or lift the fence (`None`). While fenced, writes,
+    /// trims, write-zeroes and flushes fail with [`VolumeError::Fenced`] instead of being
+    /// acknowledged; reads go on. The cluster layer fences a node's volumes when the node may have
+    /// lost its registry lease, so another node may adopt them: this node must not acknowledge
+    /// anything from then on. A write that passed the gate before it closed may still complete;
+    /// a flush checks the gate again after its work, so no FLUSH is acknowledged once fenced.
+    pub fn set_fenced(&self, reason: Option<String>) {
+        let mut fenced = self.fenced.write();
+        if fenced.is_some() != reason.is_some() {
+            match &reason {
+                Some(reason) => {
+                    tracing::warn!(volume = %self.name, %reason, "volume fenced: writes refused");
+                }
+                None => {
+                    tracing::info!(volume = %self.name, "volume unfenced: writes accepted again");
+                }
+            }
+        }
+        *fenced = reason;
+    }
+
+    /// Whether the volume is fenced (see [`Volume::set_fenced`]).
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.read().clone()
+    }
+
+    pub(crate) fn check_fence(&self) -> Result<()> {
+        match &*self.fenced.read() {
+            Some(reason) => Err(VolumeError::Fenced {
+                volume: self.name.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Make the volume read-only (writes fail with `ReadOnly`) or writable again. Writes that

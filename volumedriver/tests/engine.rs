@@ -1174,3 +1174,31 @@ fn a_snapshot_not_yet_in_the_backend_list_at_a_crash_reaches_it_after_restart() 
     view.read(0, &mut back).unwrap();
     assert_eq!(back, pattern(4 * CS, 1));
 }
+
+/// A fenced volume acknowledges no write, trim, write-zeroes or flush, still serves reads, and
+/// accepts writes again once the fence is lifted; data written before the fence is intact.
+#[test]
+fn fenced_volumes_refuse_writes_and_flushes_until_unfenced() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 4, 2, 1 << 30);
+    let before = pattern(4 * CS, 11);
+    volume.write(0, &before, true).unwrap();
+    volume.set_fenced(Some("lease lost".into()));
+    assert_eq!(volume.fenced().as_deref(), Some("lease lost"));
+    let refused = |e: VolumeError| matches!(e, VolumeError::Fenced { .. });
+    assert!(refused(
+        volume.write(0, &pattern(CS, 12), false).unwrap_err()
+    ));
+    assert!(refused(volume.discard(0, CS as u64).unwrap_err()));
+    assert!(refused(
+        volume.write_zeroes(0, CS as u64, false, false).unwrap_err()
+    ));
+    assert!(refused(volume.flush().unwrap_err()));
+    assert_eq!(read_all(&volume)[..before.len()], before[..]);
+    volume.set_fenced(None);
+    let after = pattern(CS, 13);
+    volume.write(0, &after, true).unwrap();
+    let mut expected = before.clone();
+    expected[..CS].copy_from_slice(&after);
+    assert_eq!(read_all(&volume)[..expected.len()], expected[..]);
+}

@@ -16,12 +16,14 @@ impl Volume {
     /// Make every write completed before this call durable: in the write buffer, and on the DTL
     /// when the volume has one.
     pub fn flush(&self) -> Result<()> {
+        self.check_fence()?;
         let dtl = self.dtl_flush_ticket();
         self.flush_local()?;
         if let Some(ticket) = dtl {
             self.dtl_wait(ticket)?;
         }
-        Ok(())
+        // Fenced while flushing: not acknowledged (another node may be taking over).
+        self.check_fence()
     }
 
     fn flush_local(&self) -> Result<()> {

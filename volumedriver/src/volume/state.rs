@@ -194,6 +194,9 @@ impl Volume {
                 volume: self.name.clone(),
             });
         }
+        if write {
+            self.check_fence()?;
+        }
         Ok(())
     }
 

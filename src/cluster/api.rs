@@ -1,0 +1,361 @@
+//! The cluster side of the management API: any node manages any volume.
+//!
+//! - `GET /v1/nodes`: every node of the registry with liveness, volume count and addresses.
+//! - `GET /v1/cluster/registry`: whether this node reaches the registry now (asked by peers'
+//!   self-fencing monitors; answers within half their probe timeout).
+//! - Every `/v1/volumes/{name}…` request for a volume another node owns is forwarded to the
+//!   owner's API (marked with [`FORWARDED`], never forwarded twice), or, when the owner is dead,
+//!   `GET /v1/volumes/{name}` is answered from the registry and the rest refused (503).
+//! - `GET /v1/volumes` lists every volume of the cluster with its owner.
+//! - `POST /v1/volumes` places the volume on `node` or the least-loaded live node (forwarding the
+//!   create there), and its DTL by the placement rule unless `dtl` names a server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use vstor_volumedriver::DtlMode;
+
+use super::forward::{forward, FORWARDED};
+use super::{placement, Cluster};
+use crate::api::{
+    bad_request, conflict, create_local, internal, view, ApiError, ApiState, CreateRequest,
+};
+use crate::registry::{NodeRecord, RegistryError, VolumeRecord, VolumeState};
+
+/// Largest request body forwarded to another node.
+const MAX_FORWARD_BODY: usize = 1 << 20;
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        let status = match &err {
+            RegistryError::VolumeNotFound { .. } => StatusCode::NOT_FOUND,
+            RegistryError::VolumeExists { .. }
+            | RegistryError::StaleTag { .. }
+            | RegistryError::NodeAlive { .. } => StatusCode::CONFLICT,
+            RegistryError::Unreachable { .. } | RegistryError::LeaseExpired { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RegistryError::InvalidSettings { .. } => StatusCode::BAD_REQUEST,
+            RegistryError::Corrupt { .. } | RegistryError::Failed { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError(status, err.to_string())
+    }
+}
+
+fn unavailable(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, message.into())
+}
+
+pub async fn nodes(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let mut nodes = state.registry.nodes().await?;
+    if state.cluster.is_none() {
+        // The single-node default keeps no volume records: its volumes are the manager's.
+        for node in nodes
+            .iter_mut()
+            .filter(|n| n.record.name == state.node.name)
+        {
+            node.volumes = state.manager.names().len() + state.manager.failed().len();
+        }
+    }
+    Ok(Json(serde_json::to_value(nodes).map_err(internal)?))
+}
+
+pub async fn registry_reachable(State(state): State<ApiState>) -> Json<Value> {
+    let budget = state
+        .cluster
+        .as_ref()
+        .map_or(Duration::from_millis(250), |c| {
+            c.settings.peer_probe_timeout() / 2
+        });
+    let reachable = matches!(
+        tokio::time::timeout(budget, state.registry.ping()).await,
+        Ok(Ok(()))
+    );
+    Json(json!({ "node": state.node.name, "reachable": reachable }))
+}
+
+/// A volume's view built from its registry record (the owner is elsewhere or dead).
+fn record_view(
+    record: &VolumeRecord,
+    owner: Option<&NodeRecord>,
+    dtl: Option<&NodeRecord>,
+) -> Value {
+    let (state, reason) = match &record.state {
+        VolumeState::Serving if owner.is_some() => ("serving", None),
+        VolumeState::Serving => ("owner-dead", None),
+        VolumeState::Halted { reason } => ("halted", Some(reason.clone())),
+    };
+    json!({
+        "name": record.name,
+        "owner": record.owner,
+        "owner_alive": owner.is_some(),
+        "owner_tag": record.owner_tag,
+        "size": record.size,
+        "state": state,
+        "halted_reason": reason,
+        "dtl_mode": record.dtl_mode.as_str(),
+        "dtl_node": record.dtl_node,
+        "dtl_addr": dtl.map(|n| n.dtl_addr.clone()).or_else(|| record.dtl_addr.clone()),
+        "nbd_uri": owner.map(|n| format!("nbd://{}/{}", n.nbd_addr, record.name)),
+    })
+}
+
+fn by_name(nodes: Vec<NodeRecord>) -> BTreeMap<String, NodeRecord> {
+    nodes.into_iter().map(|n| (n.name.clone(), n)).collect()
+}
+
+/// The volume name of a `/v1/volumes/{name}…` path.
+fn volume_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/volumes/")?;
+    let name = rest.split('/').next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Middleware: send requests for a volume another node owns to that node.
+pub async fn route_to_owner(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(cluster) = state.cluster.clone() else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path().to_string();
+    let Some(name) = volume_of(&path).map(str::to_string) else {
+        return next.run(request).await;
+    };
+    if request.headers().contains_key(FORWARDED)
+        || state.manager.names().contains(&name)
+        || state.manager.failed().contains_key(&name)
+    {
+        return next.run(request).await;
+    }
+    match owner_route(&state, &cluster, &name, request).await {
+        Ok(Route::Local(request)) => next.run(request).await,
+        Ok(Route::Answered(response)) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+enum Route {
+    Local(Request),
+    Answered(Response),
+}
+
+async fn owner_route(
+    state: &ApiState,
+    cluster: &Arc<Cluster>,
+    name: &str,
+    request: Request,
+) -> Result<Route, ApiError> {
+    let Some(record) = cluster.registry.volume(name).await? else {
+        return Ok(Route::Local(request));
+    };
+    if record.owner == state.node.name {
+        return Ok(Route::Local(request));
+    }
+    let live = by_name(cluster.registry.live_nodes().await?);
+    let owner_alive = cluster.registry.owner(name).await?.is_some();
+    let Some(owner) = live.get(&record.owner).filter(|_| owner_alive) else {
+        let is_info = request.method() == axum::http::Method::GET
+            && request.uri().path().trim_end_matches('/') == format!("/v1/volumes/{name}");
+        if is_info {
+            let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
+            return Ok(Route::Answered(
+                Json(record_view(&record, None, dtl)).into_response(),
+            ));
+        }
+        return Err(unavailable(format!(
+            "volume {name}: its owner node {} is dead (owner tag {}); it cannot be managed until it is adopted",
+            record.owner, record.owner_tag
+        )));
+    };
+    let method = request.method().to_string();
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| request.uri().path().to_string(), ToString::to_string);
+    let body = axum::body::to_bytes(request.into_body(), MAX_FORWARD_BODY)
+        .await
+        .map_err(|e| bad_request(format!("cannot read the request body: {e}")))?;
+    let body = (!body.is_empty()).then(|| body.to_vec());
+    let answer = forward(&owner.api_addr, &method, &path_and_query, body)
+        .await
+        .map_err(|e| unavailable(format!("volume {name}: owner node {}: {e}", owner.name)))?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Ok(Route::Answered((status, Json(answer.body)).into_response()))
+}
+
+/// `GET /v1/volumes` in a cluster: this node's volumes in full, the others from the registry.
+pub async fn list(
+    state: &ApiState,
+    cluster: &Arc<Cluster>,
+    local: Value,
+) -> Result<Value, ApiError> {
+    let records = cluster.registry.volumes().await?;
+    let live = by_name(cluster.registry.live_nodes().await?);
+    let mut volumes: Vec<Value> = local.as_array().cloned().unwrap_or_default();
+    let here: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    for record in records.iter().filter(|r| !here.contains(&r.name)) {
+        let owner = if record.owner == state.node.name {
+            None
+        } else {
+            live.get(&record.owner)
+        };
+        let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
+        volumes.push(record_view(record, owner, dtl));
+    }
+    volumes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Ok(Value::Array(volumes))
+}
+
+/// `POST /v1/volumes` in a cluster.
+pub async fn create(
+    state: ApiState,
+    cluster: &Arc<Cluster>,
+    forwarded: bool,
+    mut request: CreateRequest,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if let Some(existing) = cluster.registry.volume(&request.name).await? {
+        return Err(RegistryError::VolumeExists {
+            volume: request.name,
+            owner: existing.owner,
+        }
+        .into());
+    }
+    let live = cluster.registry.live_nodes().await?;
+    let records = cluster.registry.volumes().await?;
+    let target = match &request.node {
+        Some(node) => live
+            .iter()
+            .find(|n| n.name == *node)
+            .cloned()
+            .ok_or_else(|| conflict(format!("node {node} is not a live node of the cluster")))?,
+        None => {
+            let mut loads: BTreeMap<String, usize> = BTreeMap::new();
+            for record in &records {
+                *loads.entry(record.owner.clone()).or_default() += 1;
+            }
+            placement::least_loaded(&live, &loads)
+                .cloned()
+                .ok_or_else(|| unavailable("no live node in the cluster"))?
+        }
+    };
+    if target.name != state.node.name {
+        if forwarded {
+            return Err(conflict(format!(
+                "create of volume {} was forwarded to node {} but is meant for node {}",
+                request.name, state.node.name, target.name
+            )));
+        }
+        request.node = Some(target.name.clone());
+        let body = serde_json::to_vec(&create_body(&request)).map_err(internal)?;
+        let answer = forward(&target.api_addr, "POST", "/v1/volumes", Some(body))
+            .await
+            .map_err(|e| {
+                unavailable(format!(
+                    "volume {}: node {}: {e}",
+                    request.name, target.name
+                ))
+            })?;
+        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        return Ok((status, Json(answer.body)));
+    }
+    if cluster.is_fenced() {
+        return Err(unavailable(format!(
+            "node {} is fenced (it cannot renew its registry lease); create volume {} elsewhere",
+            state.node.name, request.name
+        )));
+    }
+    // DTL: an explicit server, else the placement rule, in the requested (or cluster) mode.
+    let requested_mode = request
+        .dtl_mode
+        .as_deref()
+        .map(str::parse::<DtlMode>)
+        .transpose()
+        .map_err(bad_request)?;
+    let (dtl_mode, dtl_addr, dtl_node) = match (&request.dtl, requested_mode) {
+        (_, Some(DtlMode::None)) => (DtlMode::None, None, None),
+        (Some(addr), mode) => (mode.unwrap_or(DtlMode::Sync), Some(addr.clone()), None),
+        (None, mode) => {
+            let mut dtls: BTreeMap<String, usize> = BTreeMap::new();
+            for node in records.iter().filter_map(|r| r.dtl_node.clone()) {
+                *dtls.entry(node).or_default() += 1;
+            }
+            match placement::dtl_node(&cluster.node, &live, &dtls) {
+                Some(node) => (
+                    mode.unwrap_or(cluster.settings.default_dtl_mode),
+                    Some(node.dtl_addr.clone()),
+                    Some(node.name.clone()),
+                ),
+                None if mode.is_some() => {
+                    return Err(conflict(format!(
+                    "volume {}: no live node for its DTL in node {}'s recovery domain or domain",
+                    request.name, cluster.node.name
+                )))
+                }
+                None => {
+                    tracing::warn!(volume = %request.name, "no live node can hold the DTL; the volume has none");
+                    (DtlMode::None, None, None)
+                }
+            }
+        }
+    };
+    let volume = create_local(&state, &request, dtl_mode, dtl_addr.clone()).await?;
+    let info = volume.info();
+    let record = VolumeRecord {
+        name: request.name.clone(),
+        owner: state.node.name.clone(),
+        owner_tag: info.owner_tag,
+        dtl_node: dtl_node.clone(),
+        dtl_addr: if dtl_node.is_some() { None } else { dtl_addr },
+        dtl_mode,
+        state: VolumeState::Serving,
+        size: request.size,
+        created_at: crate::registry::now_secs(),
+    };
+    if let Err(e) = cluster
+        .registry
+        .create_volume(&record, cluster.lease())
+        .await
+    {
+        // Not in the registry: the volume must not exist either.
+        let manager = state.manager.clone();
+        let vhost = state.vhost.clone();
+        let name = request.name.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            vhost.remove_export(&name);
+            manager.delete(&name)
+        })
+        .await;
+        return Err(e.into());
+    }
+    tracing::info!(volume = %request.name, dtl_node = ?dtl_node, "volume created in the cluster");
+    let mut value = view(&state, info);
+    value["dtl_node"] = json!(dtl_node);
+    Ok((StatusCode::CREATED, Json(value)))
+}
+
+fn create_body(request: &CreateRequest) -> Value {
+    json!({
+        "name": request.name,
+        "size": request.size,
+        "sco_size": request.sco_size,
+        "write_buffer": request.write_buffer,
+        "dtl_mode": request.dtl_mode,
+        "dtl": request.dtl,
+        "node": request.node,
+    })
+}

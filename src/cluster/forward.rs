@@ -1,0 +1,94 @@
+//! HTTP between nodes: forwarding a management request to the node that owns the volume, and
+//! the short questions of the self-fencing monitor. `ureq` (already the CLI's client) runs on
+//! the blocking pool; every call has a timeout.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::registry::NodeRecord;
+
+/// Header marking a request one node forwarded to another: it is never forwarded again.
+pub const FORWARDED: &str = "x-vstor-forwarded";
+/// How long a forwarded management request may take (as long as the CLI waits).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// GET `http://{addr}{path}` as JSON; `None` on no answer or a non-JSON one.
+async fn get_json(addr: &str, path: &str, timeout: Duration) -> Option<Value> {
+    let url = format!("http://{addr}{path}");
+    tokio::task::spawn_blocking(move || {
+        let mut response = agent(timeout).get(&url).call().ok()?;
+        response.body_mut().read_json::<Value>().ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Whether the API at `addr` answers as node `name`.
+pub async fn is_node(addr: &str, name: &str) -> bool {
+    get_json(addr, "/v1/health", Duration::from_secs(1))
+        .await
+        .is_some_and(|v| v["node"] == name)
+}
+
+/// Ask every peer, concurrently, whether it reaches the registry: `Some(reaches)` per peer
+/// that answered within `timeout`, `None` for the others.
+pub async fn probe_registry(peers: &[NodeRecord], timeout: Duration) -> Vec<Option<bool>> {
+    let asks = peers.iter().map(|peer| {
+        let addr = peer.api_addr.clone();
+        async move {
+            get_json(&addr, "/v1/cluster/registry", timeout)
+                .await
+                .and_then(|v| v["reachable"].as_bool())
+        }
+    });
+    futures::future::join_all(asks).await
+}
+
+/// The owner's answer to a forwarded request: status and JSON body.
+pub struct Forwarded {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// Send `method path` with `body` (JSON, or none) to the API at `addr`, marked as forwarded.
+pub async fn forward(
+    addr: &str,
+    method: &str,
+    path_and_query: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Forwarded, String> {
+    let url = format!("http://{addr}{path_and_query}");
+    let method = method.to_string();
+    let target = addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        let agent = agent(FORWARD_TIMEOUT);
+        let request = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url)
+            .header(FORWARDED, "1")
+            .header("content-type", "application/json")
+            .body(body.unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        let mut response = agent
+            .run(request)
+            .map_err(|e| format!("cannot reach node API {target}: {e}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .read_json::<Value>()
+            .map_err(|e| format!("node API {target} sent a reply that is not JSON: {e}"))?;
+        Ok(Forwarded { status, body })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}

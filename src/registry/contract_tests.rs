@@ -1,0 +1,309 @@
+//! One contract, both registries: the local file and a real etcd (`tests/common/etcd.rs`).
+
+use std::time::{Duration, Instant};
+
+use super::etcd::EtcdRegistry;
+use super::local::LocalRegistry;
+use super::*;
+
+#[path = "../../tests/common/etcd.rs"]
+mod harness;
+
+fn node(name: &str) -> NodeRecord {
+    NodeRecord {
+        name: name.into(),
+        domain: "a".into(),
+        recovery_domain: Some("b".into()),
+        api_addr: format!("127.0.0.1:{}", 1000 + name.len()),
+        nbd_addr: "127.0.0.1:2".into(),
+        dtl_addr: "127.0.0.1:3".into(),
+        started_at: 1,
+        version: "t".into(),
+    }
+}
+
+fn volume(name: &str, owner: &str, tag: u64) -> VolumeRecord {
+    VolumeRecord {
+        name: name.into(),
+        owner: owner.into(),
+        owner_tag: tag,
+        dtl_node: None,
+        dtl_addr: None,
+        dtl_mode: DtlMode::Sync,
+        state: VolumeState::Serving,
+        size: 1 << 30,
+        created_at: 1,
+    }
+}
+
+async fn next_event(rx: &mut mpsc::Receiver<NodeEvent>) -> NodeEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a node event within 10 s")
+        .expect("watch open")
+}
+
+async fn contract(registry: &dyn Registry) {
+    const TTL: Duration = Duration::from_secs(5);
+    // Settings: defaults, then stored; invalid ones refused.
+    assert_eq!(
+        registry.settings().await.unwrap(),
+        ClusterSettings::default()
+    );
+    let settings = ClusterSettings {
+        lease_ttl_secs: 6,
+        ..ClusterSettings::default()
+    };
+    registry.put_settings(&settings).await.unwrap();
+    assert_eq!(registry.settings().await.unwrap(), settings);
+    let bad = ClusterSettings {
+        lease_ttl_secs: 1,
+        ..settings
+    };
+    assert!(matches!(
+        registry.put_settings(&bad).await,
+        Err(RegistryError::InvalidSettings { .. })
+    ));
+
+    // Nodes: one live registration per name.
+    let l1 = registry.register_node(&node("n1"), TTL).await.unwrap();
+    match registry.register_node(&node("n1"), TTL).await {
+        Err(RegistryError::NodeAlive { node, api_addr }) => {
+            assert_eq!(node, "n1");
+            assert_eq!(api_addr, "127.0.0.1:1002");
+        }
+        other => panic!("duplicate registration: {other:?}"),
+    }
+    let l2 = registry.register_node(&node("n2"), TTL).await.unwrap();
+    let l3 = registry.register_node(&node("n3"), TTL).await.unwrap();
+    let names = |nodes: Vec<NodeRecord>| nodes.into_iter().map(|n| n.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(registry.live_nodes().await.unwrap()),
+        ["n1", "n2", "n3"]
+    );
+    let mut watch = registry.watch_nodes().await.unwrap();
+    match next_event(&mut watch).await {
+        NodeEvent::Live(nodes) => assert_eq!(names(nodes), ["n1", "n2", "n3"]),
+        other => panic!("first event {other:?}"),
+    }
+    assert!(matches!(
+        registry.keep_alive(l3.id).await.unwrap(),
+        KeepAlive::Renewed { .. }
+    ));
+    registry.revoke(l3.id).await.unwrap();
+    assert_eq!(next_event(&mut watch).await, NodeEvent::Down("n3".into()));
+    assert_eq!(
+        registry.keep_alive(l3.id).await.unwrap(),
+        KeepAlive::Expired
+    );
+    let l3 = registry.register_node(&node("n3"), TTL).await.unwrap();
+    assert_eq!(next_event(&mut watch).await, NodeEvent::Up(node("n3")));
+
+    // Volumes: created with the owner key under the owner's lease; one record per name.
+    registry
+        .create_volume(&volume("v", "n1", 1), l1.id)
+        .await
+        .unwrap();
+    match registry.create_volume(&volume("v", "n2", 1), l2.id).await {
+        Err(RegistryError::VolumeExists { owner, .. }) => assert_eq!(owner, "n1"),
+        other => panic!("second create: {other:?}"),
+    }
+    assert_eq!(
+        registry.volume("v").await.unwrap(),
+        Some(volume("v", "n1", 1))
+    );
+    assert_eq!(registry.volume("w").await.unwrap(), None);
+    assert_eq!(registry.volumes().await.unwrap(), [volume("v", "n1", 1)]);
+    let owner = registry.owner("v").await.unwrap().unwrap();
+    assert_eq!(
+        (owner.node.as_str(), owner.tag, owner.lease),
+        ("n1", 1, l1.id)
+    );
+    let counts: Vec<(String, bool, usize)> = registry
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.record.name, n.alive, n.volumes))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("n1".into(), true, 1),
+            ("n2".into(), true, 0),
+            ("n3".into(), true, 0)
+        ]
+    );
+
+    // Ownership: two nodes race from the same tag; exactly one wins.
+    let (a, b) = tokio::join!(
+        registry.take_ownership("v", 1, "n2", l2.id),
+        registry.take_ownership("v", 1, "n3", l3.id)
+    );
+    let (winner, lease) = match (a, b) {
+        (Ok(2), Err(RegistryError::StaleTag { actual: 2, .. })) => ("n2", l2.id),
+        (Err(RegistryError::StaleTag { actual: 2, .. }), Ok(2)) => ("n3", l3.id),
+        other => panic!("race outcome {other:?}"),
+    };
+    let record = registry.volume("v").await.unwrap().unwrap();
+    assert_eq!((record.owner.as_str(), record.owner_tag), (winner, 2));
+    assert_eq!(registry.owner("v").await.unwrap().unwrap().node, winner);
+
+    // Conditional writes need the current tag.
+    assert!(matches!(
+        registry.set_dtl("v", 1, Some("n1".into())).await,
+        Err(RegistryError::StaleTag {
+            expected: 1,
+            actual: 2,
+            ..
+        })
+    ));
+    registry.set_dtl("v", 2, Some("n1".into())).await.unwrap();
+    let halted = VolumeState::Halted {
+        reason: "test".into(),
+    };
+    registry.set_state("v", 2, halted.clone()).await.unwrap();
+    let record = registry.volume("v").await.unwrap().unwrap();
+    assert_eq!(record.dtl_node.as_deref(), Some("n1"));
+    assert_eq!(record.state, halted);
+
+    // The owner's lease ends: its owner key goes, the record stays.
+    registry.revoke(lease).await.unwrap();
+    assert_eq!(registry.owner("v").await.unwrap(), None);
+    assert_eq!(registry.volume("v").await.unwrap().unwrap().owner, winner);
+    assert!(matches!(
+        registry.take_ownership("v", 2, winner, lease).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+    // Back with a new lease, the owner puts its key back; another node cannot.
+    let again = registry.register_node(&node(winner), TTL).await.unwrap();
+    assert!(matches!(
+        registry.refresh_owner("v", "n1", 2, l1.id).await,
+        Err(RegistryError::StaleTag { .. })
+    ));
+    registry
+        .refresh_owner("v", winner, 2, again.id)
+        .await
+        .unwrap();
+    assert_eq!(registry.owner("v").await.unwrap().unwrap().lease, again.id);
+
+    // Delete needs the current tag too.
+    assert!(matches!(
+        registry.delete_volume("v", 1).await,
+        Err(RegistryError::StaleTag { .. })
+    ));
+    registry.delete_volume("v", 2).await.unwrap();
+    assert_eq!(registry.volume("v").await.unwrap(), None);
+    assert_eq!(registry.owner("v").await.unwrap(), None);
+    assert!(matches!(
+        registry.delete_volume("v", 2).await,
+        Err(RegistryError::VolumeNotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn local_registry_keeps_the_contract_and_its_records_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(local::FILE_NAME);
+    let registry = LocalRegistry::open(&path).unwrap();
+    contract(&registry).await;
+    let lease = registry
+        .register_node(&node("n9"), Duration::from_secs(5))
+        .await;
+    let lease = lease.unwrap();
+    registry
+        .create_volume(&volume("kept", "n9", 4), lease.id)
+        .await
+        .unwrap();
+    drop(registry);
+    let reopened = LocalRegistry::open(&path).unwrap();
+    assert_eq!(
+        reopened.volume("kept").await.unwrap(),
+        Some(volume("kept", "n9", 4))
+    );
+    // Leases (and the owner keys under them) died with the process.
+    assert_eq!(reopened.owner("kept").await.unwrap(), None);
+    assert!(reopened.live_nodes().await.unwrap().is_empty());
+    assert_eq!(reopened.nodes().await.unwrap().len(), 4);
+    // A damaged file is refused, not half-read.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    assert!(matches!(
+        LocalRegistry::open(&path),
+        Err(RegistryError::Corrupt { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registry_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = harness::Etcd::start(dir.path());
+    let registry = EtcdRegistry::connect(&[etcd.endpoint()], Duration::from_secs(2))
+        .await
+        .unwrap();
+    contract(&registry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leases_expire_without_keepalive_and_unreachable_etcd_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = harness::Etcd::start(dir.path());
+    let registry = EtcdRegistry::connect(&[etcd.endpoint()], Duration::from_secs(1))
+        .await
+        .unwrap();
+    let lease = registry
+        .register_node(&node("short"), Duration::from_secs(2))
+        .await
+        .unwrap();
+    registry
+        .create_volume(&volume("v", "short", 1), lease.id)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while !registry.live_nodes().await.unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(registry.owner("v").await.unwrap(), None);
+    assert_eq!(
+        registry.keep_alive(lease.id).await.unwrap(),
+        KeepAlive::Expired
+    );
+    let nodes = registry.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert!(!nodes[0].alive);
+    assert_eq!(nodes[0].volumes, 1);
+
+    // etcd gone: calls fail in bounded time with Unreachable; a new client cannot connect.
+    etcd.kill9();
+    let started = Instant::now();
+    let ping = registry.ping().await;
+    assert!(
+        matches!(ping, Err(RegistryError::Unreachable { .. })),
+        "{ping:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(matches!(
+        EtcdRegistry::connect(&[etcd.endpoint()], Duration::from_secs(1)).await,
+        Err(RegistryError::Unreachable { .. })
+    ));
+    // Back on the same data: the records are there.
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match registry.volume("v").await {
+            Ok(record) => {
+                assert_eq!(record, Some(volume("v", "short", 1)));
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "etcd did not come back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

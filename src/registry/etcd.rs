@@ -1,0 +1,735 @@
+//! The etcd registry (`--registry etcd://HOST:PORT[,HOST:PORT…]`); key layout in the parent
+//! module's docs.
+//!
+//! Client: the `etcd-client` crate (etcd's v3 gRPC API over tonic). It gives leases with a
+//! keepalive stream, multi-key transactions with compares and watches, everything the cluster
+//! needs, as typed calls; the alternative, etcd's JSON gateway over plain HTTP, would need
+//! hand-written request types, base64 keys, and long-polling for watches. Its build needs
+//! `protoc` (package `protobuf-compiler`).
+//!
+//! Every call runs under [`EtcdRegistry::timeout`]: an unreachable or quorum-less etcd gives
+//! [`RegistryError::Unreachable`] in bounded time, which the self-fencing monitor relies on.
+//! Conditional updates read the record, check the caller's tag, and write in a transaction that
+//! compares the record's `mod_revision`; when another writer changed the record in between (with
+//! the same tag, e.g. a DTL change) the update is retried on the new record.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::{
+    ClusterSettings, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord, NodeStatus, OwnerRecord,
+    Registry, RegistryError, Result, VolumeRecord, VolumeState,
+};
+
+const SETTINGS_KEY: &str = "/vstor/settings";
+const NODES: &str = "/vstor/nodes/";
+const LIVE: &str = "/vstor/live/";
+const VOLUMES: &str = "/vstor/volumes/";
+const OWNERS: &str = "/vstor/owners/";
+/// Default bound on one registry call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Conditional updates retried this often when the record changes under them (same tag).
+const UPDATE_ATTEMPTS: usize = 8;
+
+type Keeper = (LeaseKeeper, LeaseKeepAliveStream);
+
+pub struct EtcdRegistry {
+    client: Client,
+    spec: String,
+    timeout: Duration,
+    /// Open keepalive streams per lease. Taken out of the map for the duration of a renewal (no
+    /// lock is held across the network round trip) and put back when it worked.
+    keepers: std::sync::Mutex<HashMap<LeaseId, Keeper>>,
+}
+
+impl EtcdRegistry {
+    /// Connect to `endpoints` (`http://host:port`) and check that etcd answers within
+    /// `timeout`: an unreachable registry is an error at startup, not later.
+    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
+        let spec = format!(
+            "etcd://{}",
+            endpoints
+                .iter()
+                .map(|e| e.trim_start_matches("http://"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(1), timeout);
+        let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
+            .await
+            .map_err(|_| RegistryError::Unreachable {
+                registry: spec.clone(),
+                reason: format!("no answer within {timeout:?}"),
+            })?
+            .map_err(|e| RegistryError::Unreachable {
+                registry: spec.clone(),
+                reason: e.to_string(),
+            })?;
+        let registry = Self {
+            client,
+            spec,
+            timeout,
+            keepers: std::sync::Mutex::new(HashMap::new()),
+        };
+        registry.ping().await?;
+        Ok(registry)
+    }
+
+    /// Run one etcd call under the timeout, mapping failures to registry errors.
+    async fn call<T>(
+        &self,
+        op: &str,
+        future: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, future).await {
+            Err(_) => Err(RegistryError::Unreachable {
+                registry: self.spec.clone(),
+                reason: format!("{op}: no answer within {:?}", self.timeout),
+            }),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.error(op, &e)),
+        }
+    }
+
+    fn error(&self, op: &str, e: &etcd_client::Error) -> RegistryError {
+        use etcd_client::Error as E;
+        match e {
+            E::GRpcStatus(status) if status.message().contains("lease not found") => {
+                RegistryError::LeaseExpired { lease: 0 }
+            }
+            E::LeaseKeepAliveError(message) if message.contains("not found") => {
+                RegistryError::LeaseExpired { lease: 0 }
+            }
+            // A connection that broke under a call comes back as `Unknown` or `Cancelled`
+            // (h2 reset) rather than `Unavailable`: all of them mean "etcd did not answer".
+            E::GRpcStatus(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) =>
+            {
+                RegistryError::Unreachable {
+                    registry: self.spec.clone(),
+                    reason: format!("{op}: {}", status.message()),
+                }
+            }
+            E::TransportError(_) | E::IoError(_) => RegistryError::Unreachable {
+                registry: self.spec.clone(),
+                reason: format!("{op}: {e}"),
+            },
+            _ => RegistryError::Failed {
+                op: format!("{op} on {}", self.spec),
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let mut kv = self.client.kv_client();
+        let mut response = self
+            .call(
+                "list",
+                kv.get(prefix, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        Ok(response.take_kvs())
+    }
+
+    async fn get_one(&self, key: &str) -> Result<Option<KeyValue>> {
+        let mut kv = self.client.kv_client();
+        let mut response = self.call("get", kv.get(key, None)).await?;
+        Ok(response.take_kvs().into_iter().next())
+    }
+
+    async fn txn(&self, op: &str, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        let mut kv = self.client.kv_client();
+        self.call(op, kv.txn(txn)).await
+    }
+
+    async fn volume_entry(&self, volume: &str) -> Result<Option<(VolumeRecord, i64)>> {
+        let key = format!("{VOLUMES}{volume}");
+        match self.get_one(&key).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some((decode(&key, kv.value())?, kv.mod_revision()))),
+        }
+    }
+
+    /// Read the volume's record, check `tag`, let `change` compute the new record (or none: only
+    /// `extra` operations) and write it all if the record did not change meanwhile.
+    async fn update_volume(
+        &self,
+        op: &str,
+        volume: &str,
+        tag: u64,
+        change: impl Fn(&VolumeRecord) -> Result<(Option<VolumeRecord>, Vec<TxnOp>)> + Send + Sync,
+    ) -> Result<VolumeRecord> {
+        let key = format!("{VOLUMES}{volume}");
+        for _ in 0..UPDATE_ATTEMPTS {
+            let (record, revision) =
+                self.volume_entry(volume)
+                    .await?
+                    .ok_or_else(|| RegistryError::VolumeNotFound {
+                        volume: volume.to_string(),
+                    })?;
+            check_tag(&record, tag)?;
+            let (new, mut ops) = change(&record)?;
+            if let Some(new) = &new {
+                ops.insert(0, TxnOp::put(key.as_str(), encode(new), None));
+            }
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then(ops);
+            if self.txn(op, txn).await?.succeeded() {
+                return Ok(new.unwrap_or(record));
+            }
+        }
+        Err(RegistryError::Failed {
+            op: format!("{op} of volume {volume}"),
+            reason: format!("the record kept changing ({UPDATE_ATTEMPTS} attempts)"),
+        })
+    }
+
+    async fn open_keeper(&self, lease: LeaseId) -> Result<Keeper> {
+        let mut client = self.client.lease_client();
+        self.call("lease keepalive", client.keep_alive(lease)).await
+    }
+}
+
+fn check_tag(record: &VolumeRecord, tag: u64) -> Result<()> {
+    if record.owner_tag == tag {
+        Ok(())
+    } else {
+        Err(RegistryError::StaleTag {
+            volume: record.name.clone(),
+            expected: tag,
+            actual: record.owner_tag,
+            owner: record.owner.clone(),
+        })
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain records cannot fail; an empty value would be refused on read.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_kv<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+    decode(&String::from_utf8_lossy(kv.key()), kv.value())
+}
+
+fn name_after(prefix: &str, key: &[u8]) -> String {
+    String::from_utf8_lossy(key)
+        .strip_prefix(prefix)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn txn_gets(response: &etcd_client::TxnResponse) -> Vec<Vec<KeyValue>> {
+    response
+        .op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl Registry for EtcdRegistry {
+    fn describe(&self) -> String {
+        self.spec.clone()
+    }
+
+    fn is_cluster(&self) -> bool {
+        true
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.get_one(SETTINGS_KEY).await.map(|_| ())
+    }
+
+    async fn settings(&self) -> Result<ClusterSettings> {
+        match self.get_one(SETTINGS_KEY).await? {
+            None => Ok(ClusterSettings::default()),
+            Some(kv) => decode(SETTINGS_KEY, kv.value()),
+        }
+    }
+
+    async fn put_settings(&self, settings: &ClusterSettings) -> Result<()> {
+        settings.validate()?;
+        let mut kv = self.client.kv_client();
+        self.call("put settings", kv.put(SETTINGS_KEY, encode(settings), None))
+            .await
+            .map(|_| ())
+    }
+
+    async fn register_node(&self, node: &NodeRecord, ttl: Duration) -> Result<Lease> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut leases = self.client.lease_client();
+        let granted = self.call("lease grant", leases.grant(secs, None)).await?;
+        let lease = granted.id();
+        let live = format!("{LIVE}{}", node.name);
+        let member = format!("{NODES}{}", node.name);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                live.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![
+                TxnOp::put(
+                    live.as_str(),
+                    encode(node),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(member.as_str(), encode(node), None),
+            ])
+            .or_else(vec![TxnOp::get(live.as_str(), None)]);
+        let response = self.txn("register node", txn).await;
+        let response = match response {
+            Ok(response) => response,
+            Err(e) => {
+                let _ = self.revoke(lease).await;
+                return Err(e);
+            }
+        };
+        if response.succeeded() {
+            return Ok(Lease {
+                id: lease,
+                ttl: Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)),
+            });
+        }
+        let _ = self.revoke(lease).await;
+        let holder: Option<NodeRecord> = txn_gets(&response)
+            .into_iter()
+            .flatten()
+            .next()
+            .and_then(|kv| decode_kv(&kv).ok());
+        Err(RegistryError::NodeAlive {
+            node: node.name.clone(),
+            api_addr: holder.map_or_else(|| "unknown".into(), |h| h.api_addr),
+        })
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<KeepAlive> {
+        let taken = self
+            .keepers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&lease);
+        let opened = match taken {
+            Some(keeper) => Ok(keeper),
+            None => self.open_keeper(lease).await,
+        };
+        let (mut keeper, mut stream) = match opened {
+            Ok(keeper) => keeper,
+            Err(RegistryError::LeaseExpired { .. }) => return Ok(KeepAlive::Expired),
+            Err(e) => return Err(e),
+        };
+        let renewed = match self
+            .call("lease keepalive", async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await
+        {
+            Ok(renewed) => renewed,
+            Err(RegistryError::LeaseExpired { .. }) => return Ok(KeepAlive::Expired),
+            Err(e) => return Err(e),
+        };
+        match renewed {
+            Some(response) if response.ttl() > 0 => {
+                self.keepers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(lease, (keeper, stream));
+                Ok(KeepAlive::Renewed {
+                    ttl: Duration::from_secs(u64::try_from(response.ttl()).unwrap_or(0)),
+                })
+            }
+            Some(_) => Ok(KeepAlive::Expired),
+            None => Err(RegistryError::Unreachable {
+                registry: self.spec.clone(),
+                reason: "lease keepalive stream closed".into(),
+            }),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        self.keepers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&lease);
+        let mut leases = self.client.lease_client();
+        match self.call("lease revoke", leases.revoke(lease)).await {
+            Ok(_) | Err(RegistryError::LeaseExpired { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeStatus>> {
+        // One transaction: members, live keys and volumes from the same revision.
+        let prefix = || Some(GetOptions::new().with_prefix());
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(NODES, prefix()),
+            TxnOp::get(LIVE, prefix()),
+            TxnOp::get(VOLUMES, prefix()),
+        ]);
+        let response = self.txn("list nodes", txn).await?;
+        let mut gets = txn_gets(&response).into_iter();
+        let (members, live, volumes) = (
+            gets.next().unwrap_or_default(),
+            gets.next().unwrap_or_default(),
+            gets.next().unwrap_or_default(),
+        );
+        let mut live_records: HashMap<String, NodeRecord> = HashMap::new();
+        for kv in &live {
+            let record: NodeRecord = decode_kv(kv)?;
+            live_records.insert(name_after(LIVE, kv.key()), record);
+        }
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for kv in &volumes {
+            let record: VolumeRecord = decode_kv(kv)?;
+            *counts.entry(record.owner).or_default() += 1;
+        }
+        let mut nodes = Vec::new();
+        for kv in &members {
+            let member: NodeRecord = decode_kv(kv)?;
+            let alive = live_records.remove(&member.name);
+            let record = alive.clone().unwrap_or(member);
+            nodes.push(NodeStatus {
+                volumes: counts.get(&record.name).copied().unwrap_or(0),
+                alive: alive.is_some(),
+                record,
+            });
+        }
+        nodes.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(nodes)
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let mut nodes: Vec<NodeRecord> = self
+            .get_prefix(LIVE)
+            .await?
+            .iter()
+            .map(decode_kv)
+            .collect::<Result<_>>()?;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
+    }
+
+    async fn watch_nodes(&self) -> Result<mpsc::Receiver<NodeEvent>> {
+        let (tx, rx) = mpsc::channel(64);
+        // The first snapshot is read here so an unreachable registry is reported to the caller.
+        let (first, revision) = live_snapshot(&self.client, self.timeout)
+            .await
+            .map_err(|e| self.error("watch nodes", &e))?;
+        let _ = tx.send(NodeEvent::Live(first)).await;
+        tokio::spawn(watch_loop(
+            self.client.clone(),
+            self.timeout,
+            tx,
+            revision,
+            self.spec.clone(),
+        ));
+        Ok(rx)
+    }
+
+    async fn create_volume(&self, record: &VolumeRecord, lease: LeaseId) -> Result<()> {
+        let key = format!("{VOLUMES}{}", record.name);
+        let owner_key = format!("{OWNERS}{}", record.name);
+        let owner = OwnerRecord {
+            node: record.owner.clone(),
+            tag: record.owner_tag,
+            lease,
+        };
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![
+                TxnOp::put(key.as_str(), encode(record), None),
+                TxnOp::put(
+                    owner_key.as_str(),
+                    encode(&owner),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            ])
+            .or_else(vec![TxnOp::get(key.as_str(), None)]);
+        let response = self
+            .txn("create volume", txn)
+            .await
+            .map_err(|e| with_lease(e, lease))?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let existing: Option<VolumeRecord> = txn_gets(&response)
+            .into_iter()
+            .flatten()
+            .next()
+            .and_then(|kv| decode_kv(&kv).ok());
+        Err(RegistryError::VolumeExists {
+            volume: record.name.clone(),
+            owner: existing.map_or_else(|| "unknown".into(), |r| r.owner),
+        })
+    }
+
+    async fn delete_volume(&self, volume: &str, tag: u64) -> Result<()> {
+        let owner_key = format!("{OWNERS}{volume}");
+        let key = format!("{VOLUMES}{volume}");
+        self.update_volume("delete volume", volume, tag, |_| {
+            Ok((
+                None,
+                vec![
+                    TxnOp::delete(key.as_str(), None),
+                    TxnOp::delete(owner_key.as_str(), None),
+                ],
+            ))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn volume(&self, volume: &str) -> Result<Option<VolumeRecord>> {
+        Ok(self.volume_entry(volume).await?.map(|(record, _)| record))
+    }
+
+    async fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let mut volumes: Vec<VolumeRecord> = self
+            .get_prefix(VOLUMES)
+            .await?
+            .iter()
+            .map(decode_kv)
+            .collect::<Result<_>>()?;
+        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(volumes)
+    }
+
+    async fn take_ownership(
+        &self,
+        volume: &str,
+        expected_tag: u64,
+        new_owner: &str,
+        lease: LeaseId,
+    ) -> Result<u64> {
+        let owner_key = format!("{OWNERS}{volume}");
+        let record = self
+            .update_volume("take ownership", volume, expected_tag, |record| {
+                let new = VolumeRecord {
+                    owner: new_owner.to_string(),
+                    owner_tag: expected_tag + 1,
+                    ..record.clone()
+                };
+                let owner = OwnerRecord {
+                    node: new_owner.to_string(),
+                    tag: expected_tag + 1,
+                    lease,
+                };
+                let put_owner = TxnOp::put(
+                    owner_key.as_str(),
+                    encode(&owner),
+                    Some(PutOptions::new().with_lease(lease)),
+                );
+                Ok((Some(new), vec![put_owner]))
+            })
+            .await
+            .map_err(|e| with_lease(e, lease))?;
+        Ok(record.owner_tag)
+    }
+
+    async fn refresh_owner(
+        &self,
+        volume: &str,
+        owner: &str,
+        tag: u64,
+        lease: LeaseId,
+    ) -> Result<()> {
+        let owner_key = format!("{OWNERS}{volume}");
+        self.update_volume("refresh owner", volume, tag, |record| {
+            if record.owner != owner {
+                return Err(RegistryError::StaleTag {
+                    volume: volume.to_string(),
+                    expected: tag,
+                    actual: record.owner_tag,
+                    owner: record.owner.clone(),
+                });
+            }
+            let value = OwnerRecord {
+                node: owner.to_string(),
+                tag,
+                lease,
+            };
+            Ok((
+                None,
+                vec![TxnOp::put(
+                    owner_key.as_str(),
+                    encode(&value),
+                    Some(PutOptions::new().with_lease(lease)),
+                )],
+            ))
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| with_lease(e, lease))
+    }
+
+    async fn owner(&self, volume: &str) -> Result<Option<OwnerRecord>> {
+        let key = format!("{OWNERS}{volume}");
+        match self.get_one(&key).await? {
+            None => Ok(None),
+            Some(kv) => decode(&key, kv.value()).map(Some),
+        }
+    }
+
+    async fn set_dtl(&self, volume: &str, tag: u64, dtl_node: Option<String>) -> Result<()> {
+        self.update_volume("set DTL", volume, tag, |record| {
+            Ok((
+                Some(VolumeRecord {
+                    dtl_node: dtl_node.clone(),
+                    ..record.clone()
+                }),
+                Vec::new(),
+            ))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn set_state(&self, volume: &str, tag: u64, state: VolumeState) -> Result<()> {
+        self.update_volume("set state", volume, tag, |record| {
+            Ok((
+                Some(VolumeRecord {
+                    state: state.clone(),
+                    ..record.clone()
+                }),
+                Vec::new(),
+            ))
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// A "lease not found" error names the lease the caller passed.
+fn with_lease(error: RegistryError, lease: LeaseId) -> RegistryError {
+    match error {
+        RegistryError::LeaseExpired { .. } => RegistryError::LeaseExpired { lease },
+        other => other,
+    }
+}
+
+/// The live nodes and the revision they were read at.
+#[allow(dead_code)] // Through `watch_nodes`, the failover layer's.
+async fn live_snapshot(
+    client: &Client,
+    timeout: Duration,
+) -> std::result::Result<(Vec<NodeRecord>, i64), etcd_client::Error> {
+    let mut kv = client.kv_client();
+    let response =
+        tokio::time::timeout(timeout, kv.get(LIVE, Some(GetOptions::new().with_prefix())))
+            .await
+            .map_err(|_| etcd_client::Error::WatchError("no answer from etcd".into()))??;
+    let revision = response
+        .header()
+        .map_or(0, etcd_client::ResponseHeader::revision);
+    let mut nodes: Vec<NodeRecord> = response
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((nodes, revision))
+}
+
+/// Follow the live keys from `revision` on; when the watch breaks, read a new snapshot and
+/// watch again (retrying once a second) until the receiver is gone.
+#[allow(dead_code)] // Through `watch_nodes`, the failover layer's.
+async fn watch_loop(
+    client: Client,
+    timeout: Duration,
+    tx: mpsc::Sender<NodeEvent>,
+    mut revision: i64,
+    spec: String,
+) {
+    const RETRY: Duration = Duration::from_secs(1);
+    loop {
+        let mut watcher = client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let stream = tokio::select! {
+            () = tx.closed() => return,
+            s = tokio::time::timeout(timeout, watcher.watch(LIVE, Some(options))) => s,
+        };
+        if let Ok(Ok(mut stream)) = stream {
+            loop {
+                let message = tokio::select! {
+                    () = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let Ok(Some(response)) = message else { break };
+                if response.canceled() {
+                    break;
+                }
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    revision = revision.max(kv.mod_revision());
+                    let event = match event.event_type() {
+                        EventType::Put => match serde_json::from_slice(kv.value()) {
+                            Ok(record) => NodeEvent::Up(record),
+                            Err(_) => continue,
+                        },
+                        EventType::Delete => NodeEvent::Down(name_after(LIVE, kv.key())),
+                    };
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        tracing::debug!(registry = %spec, "node watch interrupted; resynchronising");
+        // Resynchronise: a fresh snapshot, then watch from its revision.
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(RETRY) => {}
+            }
+            if let Ok((nodes, at)) = live_snapshot(&client, timeout).await {
+                revision = at;
+                if tx.send(NodeEvent::Live(nodes)).await.is_err() {
+                    return;
+                }
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! A cluster on a real etcd: three `vstor serve` processes on loopback sharing one backend
+//! directory, each registered under a lease, each running a DTL server.
+//!
+//! Domains: n1 in `a` (recovery domain `b`), n2 in `b` (recovery `a`), n3 in `a` (recovery `b`),
+//! so a volume on n2 gets its DTL on n1 or n3, and one on n1 or n3 on n2.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::{Daemon, NbdClient, TestBackend, VSTOR};
+use serde_json::Value;
+
+/// Lease TTL of the cluster (the default).
+const TTL: Duration = Duration::from_secs(5);
+
+struct Cluster {
+    etcd: Etcd,
+    nodes: Vec<Daemon>,
+    root: tempfile::TempDir,
+}
+
+const LAYOUT: [(&str, &str, &str); 3] = [("n1", "a", "b"), ("n2", "b", "a"), ("n3", "a", "b")];
+
+fn node_args<'a>(etcd: &'a str, name: &'a str, domain: &'a str, recovery: &'a str) -> Vec<&'a str> {
+    vec![
+        "--registry",
+        etcd,
+        "--node",
+        name,
+        "--domain",
+        domain,
+        "--recovery-domain",
+        recovery,
+    ]
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(root.path());
+        let backend = TestBackend::Dir(root.path().join("backend"));
+        let url = etcd.url();
+        let nodes = LAYOUT
+            .iter()
+            .map(|(name, domain, recovery)| {
+                let dir = root.path().join(name);
+                std::fs::create_dir_all(&dir).unwrap();
+                Daemon::start_on(&dir, &backend, &node_args(&url, name, domain, recovery))
+            })
+            .collect();
+        Cluster { etcd, nodes, root }
+    }
+
+    fn node(&self, name: &str) -> &Daemon {
+        let i = LAYOUT.iter().position(|(n, _, _)| *n == name).unwrap();
+        &self.nodes[i]
+    }
+
+    fn json(daemon: &Daemon, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&daemon.cli_ok(&all)).unwrap()
+    }
+
+    fn node_list(daemon: &Daemon) -> Vec<Value> {
+        Self::json(daemon, &["node", "list"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn find<'a>(list: &'a [Value], name: &str) -> &'a Value {
+    list.iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {list:?}"))
+}
+
+fn crc_of(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+#[test]
+fn nodes_volumes_forwarding_placement_and_delete_across_three_nodes() {
+    let cluster = Cluster::start();
+    let (n1, n2, n3) = (cluster.node("n1"), cluster.node("n2"), cluster.node("n3"));
+
+    // Every node sees the three live nodes with their domains and addresses.
+    let nodes = Cluster::node_list(n3);
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    for ((name, domain, recovery), daemon) in LAYOUT.iter().zip(&cluster.nodes) {
+        let node = find(&nodes, name);
+        assert_eq!(node["alive"], true, "{node}");
+        assert_eq!(node["domain"], *domain);
+        assert_eq!(node["recovery_domain"], *recovery);
+        assert_eq!(node["api_addr"], daemon.api.as_str());
+        assert_eq!(node["nbd_addr"], daemon.nbd.as_str());
+        assert_eq!(node["volumes"], 0);
+        assert!(node["dtl_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+    let text = n1.cli_ok(&["node", "list"]);
+    assert!(
+        text.lines().count() == 4 && text.contains("n2") && text.contains("yes"),
+        "{text}"
+    );
+
+    // Created through n1 on n2: it lands on n2.
+    let created = Cluster::json(
+        n1,
+        &["volume", "create", "v1", "--size", "64M", "--node", "n2"],
+    );
+    assert_eq!(created["owner"], "n2", "{created}");
+    assert_eq!(created["nbd_uri"], format!("nbd://{}/v1", n2.nbd));
+    assert!(n2.cli_ok(&["volume", "list"]).contains("v1"));
+
+    // Its DTL is on a live node of n2's recovery domain (a), not on n2, and in sync.
+    let dtl_node = created["dtl_node"].as_str().unwrap().to_string();
+    assert!(dtl_node == "n1" || dtl_node == "n3", "{created}");
+    let dtl_addr = find(&nodes, &dtl_node)["dtl_addr"].clone();
+    assert_eq!(created["dtl_addr"], dtl_addr);
+    assert_eq!(created["dtl_mode"], "sync");
+
+    // Info from n3 is n2's: owner, its NBD export, the DTL address.
+    let info = n3.wait_for("v1", "the DTL in sync", |v| v["dtl_state"] == "ok_sync");
+    assert_eq!(info["owner"], "n2");
+    assert_eq!(info["nbd_uri"], format!("nbd://{}/v1", n2.nbd));
+    assert_eq!(info["dtl_addr"], dtl_addr);
+    assert!(info["owner_tag"].as_u64().unwrap() >= 1);
+
+    // Write through that NBD URI, read back through it, compare checksums.
+    let addr = info["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("nbd://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    {
+        let mut client = NbdClient::connect(&addr, "v1").unwrap();
+        assert_eq!(client.write(4096, &data, false).unwrap(), 0);
+        assert_eq!(client.flush().unwrap(), 0);
+        let mut back = vec![0u8; data.len()];
+        assert_eq!(client.read(4096, &mut back).unwrap(), 0);
+        assert_eq!(crc_of(&back), crc_of(&data));
+    }
+    // The sync DTL holds the writes: it is still in sync after them.
+    let info = n1.wait_for("v1", "the DTL in sync after writes", |v| {
+        v["dtl_state"] == "ok_sync"
+    });
+    assert!(
+        info["written_bytes"].as_u64().unwrap() >= data.len() as u64,
+        "{info}"
+    );
+
+    // A second volume without --node goes to the least-loaded node (n1, by name among the
+    // empty ones), its DTL on n2 (n1's recovery domain b).
+    let second = Cluster::json(n2, &["volume", "create", "v2", "--size", "16M"]);
+    assert_eq!(second["owner"], "n1", "{second}");
+    assert_eq!(second["dtl_node"], "n2");
+
+    // Every node lists every volume with its owner.
+    for daemon in &cluster.nodes {
+        let list = Cluster::json(daemon, &["volume", "list"]);
+        let list = list.as_array().unwrap();
+        assert_eq!(find(list, "v1")["owner"], "n2");
+        assert_eq!(find(list, "v2")["owner"], "n1");
+        assert_eq!(list.len(), 2);
+    }
+    let nodes = Cluster::node_list(n1);
+    assert_eq!(find(&nodes, "n2")["volumes"], 1);
+    assert_eq!(find(&nodes, "n1")["volumes"], 1);
+
+    // Delete from n1 (forwarded to n2): gone everywhere.
+    n1.cli_ok(&["volume", "delete", "v1"]);
+    for daemon in &cluster.nodes {
+        let out = daemon.cli(&["volume", "info", "v1"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("v1"));
+        let list = Cluster::json(daemon, &["volume", "list"]);
+        assert!(
+            list.as_array().unwrap().iter().all(|v| v["name"] != "v1"),
+            "{list}"
+        );
+    }
+    assert_eq!(find(&Cluster::node_list(n3), "n2")["volumes"], 0);
+    // A duplicate name is refused wherever it is asked.
+    let out = n3.cli(&["volume", "create", "v2", "--size", "16M"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_killed_node_shows_dead_within_the_lease_ttl_and_its_volumes_answer_from_the_registry() {
+    let mut cluster = Cluster::start();
+    Cluster::json(
+        cluster.node("n1"),
+        &["volume", "create", "v3", "--size", "16M", "--node", "n3"],
+    );
+    let killed = Instant::now();
+    cluster.nodes[2].kill9();
+    let n1 = cluster.node("n1");
+    let deadline = killed + TTL + Duration::from_secs(3);
+    loop {
+        let nodes = Cluster::node_list(n1);
+        if find(&nodes, "n3")["alive"] == false {
+            assert_eq!(find(&nodes, "n1")["alive"], true);
+            assert_eq!(find(&nodes, "n2")["alive"], true);
+            assert_eq!(find(&nodes, "n3")["volumes"], 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n3 still alive after {:?}: {nodes:?}",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        killed.elapsed() <= TTL + Duration::from_secs(2),
+        "{:?}",
+        killed.elapsed()
+    );
+    // Its volume is answered from the registry, and other requests say why they cannot run.
+    let info = Cluster::json(n1, &["volume", "info", "v3"]);
+    assert_eq!(info["owner"], "n3");
+    assert_eq!(info["owner_alive"], false);
+    assert_eq!(info["state"], "owner-dead");
+    let out = n1.cli(&["volume", "resize", "v3", "--size", "32M"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owner node n3 is dead"),
+        "{out:?}"
+    );
+
+    // n3 comes back (new ports, new lease): it takes its volume's owner key back, and the
+    // volume is served and managed through any node again.
+    cluster.nodes[2].launch();
+    let n3_nbd = cluster.nodes[2].nbd.clone();
+    let info = cluster
+        .node("n1")
+        .wait_for("v3", "v3 served by n3 again", |v| {
+            v["state"] == "running" && v["owner"] == "n3"
+        });
+    assert_eq!(info["nbd_uri"], format!("nbd://{n3_nbd}/v3"));
+    let nodes = Cluster::node_list(cluster.node("n2"));
+    assert_eq!(find(&nodes, "n3")["alive"], true);
+    assert_eq!(find(&nodes, "n3")["nbd_addr"], n3_nbd.as_str());
+    let out = cluster
+        .node("n2")
+        .cli(&["volume", "resize", "v3", "--size", "32M"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(cluster.node("n1").info("v3")["size"], 32 << 20);
+}
+
+/// GET a JSON document from a node's API (Null when it does not answer).
+fn http_get_json(addr: &str, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return Value::Null;
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return Value::Null;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Run `vstor serve` expecting it to fail at startup; returns its stderr.
+fn serve_fails(dir: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(VSTOR)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--nbd",
+            "127.0.0.1:0",
+            "--no-default-volume",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success());
+            let output = child.wait_with_output().unwrap();
+            return String::from_utf8_lossy(&output.stderr).into_owned();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vstor serve {args:?} did not fail");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn startup_refuses_unreachable_etcd_a_live_duplicate_name_and_a_missing_name() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let first = root.path().join("first");
+    std::fs::create_dir_all(&first).unwrap();
+    let n1 = Daemon::start_on(
+        &first,
+        &TestBackend::Default,
+        &node_args(&url, "n1", "a", "b"),
+    );
+
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = serve_fails(
+        &root.path().join("x"),
+        &[
+            "--registry",
+            &format!("etcd://127.0.0.1:{unused}"),
+            "--node",
+            "nx",
+        ],
+    );
+    assert!(err.contains("cannot reach the cluster registry"), "{err}");
+
+    let err = serve_fails(
+        &root.path().join("y"),
+        &["--registry", &url, "--node", "n1"],
+    );
+    assert!(
+        err.contains("node n1 is already registered by a live node"),
+        "{err}"
+    );
+
+    let err = serve_fails(&root.path().join("z"), &["--registry", &url]);
+    assert!(err.contains("--node NAME"), "{err}");
+
+    let err = serve_fails(
+        &root.path().join("w"),
+        &["--registry", "127.0.0.1:2379", "--node", "n"],
+    );
+    assert!(err.contains("etcd://HOST:PORT"), "{err}");
+
+    // A clean stop leaves the cluster at once (its lease is revoked): the name is free again.
+    let mut n1 = n1;
+    assert!(n1.terminate().success());
+    let second = root.path().join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let again = Daemon::start_on(
+        &second,
+        &TestBackend::Default,
+        &node_args(&url, "n1", "a", "b"),
+    );
+    let nodes = Cluster::node_list(&again);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["alive"], true);
+    assert_eq!(nodes[0]["api_addr"], again.api.as_str());
+}
+
+#[test]
+fn with_etcd_down_for_everybody_nodes_keep_serving_and_recover_when_it_returns() {
+    let mut cluster = Cluster::start();
+    let created = Cluster::json(
+        cluster.node("n1"),
+        &["volume", "create", "v4", "--size", "16M", "--node", "n1"],
+    );
+    assert_eq!(created["owner"], "n1");
+    let health = |daemon: &Daemon| -> Value { http_get_json(&daemon.api, "/v1/health") };
+    let wait_health = |daemon: &Daemon, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = health(daemon);
+            if h["cluster_health"] == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node never became {want}: {h}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Every node knows the two others it would ask (it learns them from the registry).
+    for daemon in &cluster.nodes {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = health(daemon);
+            if h["cluster_health"] == "healthy"
+                && h["peers"].as_array().is_some_and(|p| p.len() == 2)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node does not know its peers: {h}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    cluster.etcd.kill9();
+    // Past TTL - margin every node asks its peers; all say etcd is unreachable: serve on.
+    wait_health(cluster.node("n1"), "registry_down");
+    let n1 = cluster.node("n1");
+    let data = vec![0x5au8; 256 * 1024];
+    let mut client = NbdClient::connect(&n1.nbd, "v4").unwrap();
+    assert_eq!(client.write(0, &data, true).unwrap(), 0);
+    assert_eq!(client.flush().unwrap(), 0);
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(client.read(0, &mut back).unwrap(), 0);
+    assert_eq!(crc_of(&back), crc_of(&data));
+    drop(client);
+    cluster.etcd.restart();
+    for daemon in &cluster.nodes {
+        wait_health(daemon, "healthy");
+    }
+    // Ownership intact: same owner, same tag, owner key back under n1's lease.
+    let info = Cluster::json(cluster.node("n2"), &["volume", "info", "v4"]);
+    assert_eq!(info["owner"], "n1");
+    assert_eq!(info["owner_tag"], created["owner_tag"]);
+    assert_eq!(info["state"], "running");
+    let _ = &cluster.root;
+}
+
+#[test]
+fn a_node_restarted_at_once_after_kill_9_waits_for_its_old_lease_then_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let dir = root.path().join("n1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut n1 = Daemon::start_on(
+        &dir,
+        &TestBackend::Default,
+        &node_args(&url, "n1", "a", "b"),
+    );
+    Cluster::json(&n1, &["volume", "create", "v5", "--size", "16M"]);
+    let killed = Instant::now();
+    n1.kill9();
+    // Its old lease still holds the name; the old API does not answer, so the new process
+    // waits for the lease to expire instead of failing, then serves its volume again.
+    n1.launch();
+    let waited = killed.elapsed();
+    assert!(waited < TTL + Duration::from_secs(5), "{waited:?}");
+    let info = n1.wait_for("v5", "v5 served again", |v| v["state"] == "running");
+    assert_eq!(info["owner"], "n1");
+    assert!(n1
+        .log_text()
+        .contains("waiting for the previous registration"));
+    let nodes = Cluster::node_list(&n1);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["volumes"], 1);
+}
+
+#[test]
+fn node_list_on_a_single_node_shows_that_node() {
+    let root = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(root.path());
+    daemon.create_volume("solo", "16M");
+    let nodes = Cluster::node_list(&daemon);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0]["name"], "local");
+    assert_eq!(nodes[0]["alive"], true);
+    assert_eq!(nodes[0]["volumes"], 1);
+    assert_eq!(nodes[0]["api_addr"], daemon.api.as_str());
+    assert_eq!(nodes[0]["nbd_addr"], daemon.nbd.as_str());
+    assert_eq!(daemon.info("solo")["owner"], "local");
+    let text = daemon.cli_ok(&["node", "list"]);
+    assert!(text.contains("local") && text.contains("yes"), "{text}");
+}
