@@ -13,6 +13,10 @@
 //!   and `sync` (with `vstor dtl` as a separate process) against `qemu-nbd`, driven by fio's
 //!   `nbd` engine (`vstor-bench dtl`).
 //!
+//! - [`cluster`]: failover (detection, adoption, the client's I/O pause) and `volume move` on a
+//!   3-node cluster with a real etcd, against the peers' documented defaults
+//!   (`vstor-bench cluster`).
+//!
 //! Two benchmarks measure the engine and its store on their own instead, linked in rather than
 //! behind a server:
 //!
@@ -24,6 +28,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 pub mod backend;
+pub mod cluster;
 mod common;
 pub mod dtl;
 pub mod nbd;

@@ -1122,3 +1122,46 @@ async fn backend_reads_are_limited_per_connection() {
     assert_eq!(order, [1, 3, 2]);
     assert_eq!(target.slow_reads(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_client_writes_reads_flushes_and_reports_errors() {
+    use vstor_edge::nbd::client::NbdClient;
+    let (srv, target) = TestServer::with_export("vol", 4 * MIB).await;
+    let addr = srv.addr.to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut client =
+            NbdClient::connect_timeout(&addr, "vol", Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(client.size, 4 * MIB);
+        let data = pattern(7, 8192);
+        assert_eq!(client.write(4096, &data, true).unwrap(), 0);
+        assert_eq!(client.flush().unwrap(), 0);
+        let mut back = vec![0u8; 8192];
+        assert_eq!(client.read(4096, &mut back).unwrap(), 0);
+        assert_eq!(back, data);
+        // Out of range: an NBD error code, and the connection stays usable.
+        let mut past = vec![0u8; 4096];
+        assert_ne!(client.read(4 * MIB, &mut past).unwrap(), 0);
+        assert_eq!(client.read(4096, &mut back).unwrap(), 0);
+        // Pipelined reads come back with their cookies.
+        client.send_read(100, 4096, 4096).unwrap();
+        client.send_read(101, 8192, 4096).unwrap();
+        let mut seen = HashSet::new();
+        for _ in 0..2 {
+            let (cookie, error, bytes) = client.reply(|_| 4096).unwrap();
+            assert_eq!(error, 0);
+            let at = if cookie == 100 { 0 } else { 4096 };
+            assert_eq!(bytes, data[at..at + 4096]);
+            seen.insert(cookie);
+        }
+        assert_eq!(seen, HashSet::from([100, 101]));
+        // An unknown export: an error, not a panic or a hang.
+        let err = NbdClient::connect_timeout(&addr, "nope", Some(Duration::from_secs(10)))
+            .err()
+            .expect("unknown export refused");
+        assert!(err.to_string().contains("nope"), "{err}");
+        data
+    })
+    .await
+    .unwrap();
+    assert_eq!(target.contents(4096, 8192), result);
+}

@@ -21,7 +21,7 @@ pub mod sco;
 pub mod tlog;
 pub mod types;
 pub mod volume;
-mod wbfs;
+pub mod wbfs;
 
 pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
@@ -32,3 +32,4 @@ pub use volume::{
     Volume, VolumeInfo, WriteOutcome,
 };
 pub use vstor_dtl::{DtlState, Ticket};
+pub use wbfs::{PowerCut, SimFs, StdFs, WbFile, WbFs};

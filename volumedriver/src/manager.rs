@@ -24,6 +24,7 @@ use crate::meta;
 use crate::scheduler::{SchedulerConfig, UploadScheduler};
 use crate::types::{ClusterLocation, ScoName};
 use crate::volume::{ReplaySummary, Volume, VolumeInfo};
+use crate::wbfs::{StdFs, WbFs};
 
 mod handoff;
 
@@ -74,6 +75,8 @@ struct Registry {
 
 pub struct VolumeManager {
     config: ManagerConfig,
+    /// The volumes' write buffers' file system (the registry, a node-level file, is not on it).
+    fs: Arc<dyn WbFs>,
     backend: Arc<dyn ObjectStore>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     /// Volumes in the registry that could not be restarted, with the reason.
@@ -93,8 +96,18 @@ fn now_secs() -> u64 {
 impl VolumeManager {
     /// Open the node: restart every registered volume and start its uploader.
     pub fn open(config: ManagerConfig, backend: Arc<dyn ObjectStore>) -> Result<Arc<Self>> {
+        Self::open_on(config, backend, Arc::new(StdFs))
+    }
+
+    /// [`open`](Self::open) with the volumes' write buffers on `wbfs` (a test's
+    /// [`SimFs`](crate::SimFs)).
+    pub fn open_on(
+        config: ManagerConfig,
+        backend: Arc<dyn ObjectStore>,
+        wbfs: Arc<dyn WbFs>,
+    ) -> Result<Arc<Self>> {
         let wb = &config.write_buffer_dir;
-        fs::create_dir_all(wb).map_err(VolumeError::io("-", wb))?;
+        wbfs.create_dir_all(wb).map_err(VolumeError::io("-", wb))?;
         let registry = Self::load_registry(&config.registry_path)?;
         let scheduler = SchedulerConfig {
             concurrency: config.upload_concurrency,
@@ -104,6 +117,7 @@ impl VolumeManager {
             let me = me.clone();
             Self {
                 config,
+                fs: wbfs,
                 backend,
                 volumes: RwLock::new(BTreeMap::new()),
                 failed: RwLock::new(BTreeMap::new()),
@@ -121,7 +135,7 @@ impl VolumeManager {
         });
         for name in registry.volumes {
             let dir = manager.config.write_buffer_dir.join(&name);
-            match Volume::open(&dir, manager.backend.clone(), &name) {
+            match Volume::open_on(manager.fs.clone(), &dir, manager.backend.clone(), &name) {
                 Ok(volume) => {
                     tracing::info!(volume = %name, "volume restarted");
                     // Writes acknowledged after the last FLUSH may be missing from the write
@@ -190,7 +204,7 @@ impl VolumeManager {
         }
         let config = VolumeConfig::new(name, options, now_secs())?;
         let dir = self.config.write_buffer_dir.join(name);
-        let volume = Volume::create(&dir, self.backend.clone(), config)?;
+        let volume = Volume::create_on(self.fs.clone(), &dir, self.backend.clone(), config)?;
         if let Err(e) = self.update_registry(|names| names.push(name.to_string())) {
             let _ = volume.destroy();
             return Err(e);
@@ -310,7 +324,13 @@ impl VolumeManager {
             .chain(parent_config.ancestors.iter().cloned())
             .collect();
         let dir = self.config.write_buffer_dir.join(name);
-        let volume = Volume::create_clone(&dir, self.backend.clone(), config, &inherited)?;
+        let volume = Volume::create_clone_on(
+            self.fs.clone(),
+            &dir,
+            self.backend.clone(),
+            config,
+            &inherited,
+        )?;
         let registered = source
             .set_clone(snapshot, name, true)
             .and_then(|()| self.update_registry(|names| names.push(name.to_string())));
@@ -346,7 +366,7 @@ impl VolumeManager {
             } else {
                 let _ = self.backend.delete_namespace(name);
             }
-            let _ = fs::remove_dir_all(&dir);
+            let _ = self.fs.remove_dir_all(&dir);
             return self.update_registry(|names| names.retain(|n| n != name));
         }
         let volume = self
@@ -380,7 +400,9 @@ impl VolumeManager {
     }
 
     fn owned_elsewhere(&self, name: &str, dir: &Path) -> bool {
-        let ours = fs::read(dir.join("config"))
+        let ours = self
+            .fs
+            .read(&dir.join("config"))
             .ok()
             .and_then(|bytes| VolumeConfig::decode(name, "config", &bytes).ok())
             .map(|c| c.owner_tag);
@@ -458,18 +480,18 @@ impl VolumeManager {
             )
             .map_err(VolumeError::backend(name))?;
         let dir = self.config.write_buffer_dir.join(name);
-        match fs::remove_dir_all(&dir) {
+        match self.fs.remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(VolumeError::io(name, &dir)(e)),
         }
         self.failed.write().remove(name);
-        let volume = Volume::open(&dir, self.backend.clone(), name)?;
+        let volume = Volume::open_on(self.fs.clone(), &dir, self.backend.clone(), name)?;
         let summary = match volume.replay_dtl() {
             Ok(summary) => summary,
             Err(e) => {
                 volume.stop();
-                let _ = fs::remove_dir_all(&dir);
+                let _ = self.fs.remove_dir_all(&dir);
                 return Err(e);
             }
         };

@@ -26,11 +26,11 @@
 //!   caught before it reaches the backend.
 //! * The header names its SCO and volume, so a misplaced or swapped file is detected on open.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::types::{ScoName, ScoNumber};
+use crate::wbfs::{WbFile, WbFs};
 
 pub const SCO_HEADER_LEN: u64 = 4096;
 const MAGIC: &[u8; 8] = b"VSTORSCO";
@@ -103,28 +103,24 @@ pub fn cluster_offset(index: u64, cluster_size: u64) -> u64 {
 /// Create a new SCO file holding just its header. A file already at `path` is unlinked, never
 /// truncated: an uploaded SCO may share its inode with the backend's copy (a hard link made by
 /// `ObjectStore::put_file`), which must not change.
-pub fn create(path: &Path, header: &ScoHeader) -> std::io::Result<File> {
-    match std::fs::remove_file(path) {
+pub fn create(fs: &dyn WbFs, path: &Path, header: &ScoHeader) -> std::io::Result<Arc<dyn WbFile>> {
+    match fs.remove(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)?;
+    let file = fs.create(path)?;
     file.write_all_at(&header.encode(), 0)?;
     Ok(file)
 }
 
 /// Open an existing SCO file and check that its header is the expected one.
-pub fn open(path: &Path, expected: &ScoHeader) -> Result<(File, u64), String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("cannot open: {e}"))?;
+pub fn open(
+    fs: &dyn WbFs,
+    path: &Path,
+    expected: &ScoHeader,
+) -> Result<(Arc<dyn WbFile>, u64), String> {
+    let file = fs.open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut header = vec![0u8; SCO_HEADER_LEN as usize];
     file.read_exact_at(&mut header, 0)
         .map_err(|e| format!("cannot read header: {e}"))?;
@@ -135,15 +131,12 @@ pub fn open(path: &Path, expected: &ScoHeader) -> Result<(File, u64), String> {
             found.sco, found.namespace, expected.sco, expected.namespace
         ));
     }
-    let len = file
-        .metadata()
-        .map_err(|e| format!("cannot stat: {e}"))?
-        .len();
+    let len = file.size().map_err(|e| format!("cannot stat: {e}"))?;
     Ok((file, len))
 }
 
 /// CRC32C of the first `clusters` clusters of an open SCO file.
-pub fn data_crc(file: &File, clusters: u64, cluster_size: u64) -> std::io::Result<u32> {
+pub fn data_crc(file: &dyn WbFile, clusters: u64, cluster_size: u64) -> std::io::Result<u32> {
     let mut crc = 0u32;
     let mut buf = vec![0u8; (1 << 20).min((clusters * cluster_size).max(1)) as usize];
     let mut offset = SCO_HEADER_LEN;
@@ -160,6 +153,7 @@ pub fn data_crc(file: &File, clusters: u64, cluster_size: u64) -> std::io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wbfs::StdFs;
 
     fn header() -> ScoHeader {
         ScoHeader {
@@ -186,18 +180,20 @@ mod tests {
     fn open_rejects_a_swapped_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sco");
-        let file = create(&path, &header()).unwrap();
+        let file = create(&StdFs, &path, &header()).unwrap();
         file.write_all_at(&[7u8; 8192], cluster_offset(0, 4096))
             .unwrap();
-        let (_, len) = open(&path, &header()).unwrap();
+        let (_, len) = open(&StdFs, &path, &header()).unwrap();
         assert_eq!(len, 4096 + 8192);
         assert_eq!(
-            data_crc(&file, 2, 4096).unwrap(),
+            data_crc(file.as_ref(), 2, 4096).unwrap(),
             crc32c::crc32c(&[7u8; 8192])
         );
         let mut other = header();
         other.sco.number = ScoNumber(43);
-        let err = open(&path, &other).unwrap_err();
+        let Err(err) = open(&StdFs, &path, &other) else {
+            panic!("a swapped SCO opens");
+        };
         assert!(err.contains("expected 00_0000002b_00"), "{err}");
     }
 }

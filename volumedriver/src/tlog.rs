@@ -25,12 +25,11 @@
 //! * A SCO's entries all live in one TLog, followed by its SCOCRC entry; a TLog is closed only
 //!   after the SCOCRC of every SCO it references.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::types::{ClusterAddress, ClusterLocation, ScoName, TLogNumber};
+use crate::wbfs::{WbFile, WbFs};
 
 pub const ENTRY_LEN: usize = 16;
 const MAGIC: u64 = 0x474c_5456;
@@ -279,7 +278,7 @@ pub struct SyncPoint {
 pub struct TLogWriter {
     number: TLogNumber,
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<dyn WbFile>,
     buffer: Vec<u8>,
     entries: u64,
     written: u64,
@@ -288,17 +287,12 @@ pub struct TLogWriter {
 }
 
 impl TLogWriter {
-    pub fn create(path: &Path, number: TLogNumber) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+    pub fn create(fs: &dyn WbFs, path: &Path, number: TLogNumber) -> std::io::Result<Self> {
+        let file = fs.create(path)?;
         let mut writer = Self {
             number,
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file,
             buffer: Vec::with_capacity(WRITE_OUT_THRESHOLD + ENTRY_LEN),
             entries: 0,
             written: 0,
@@ -317,7 +311,7 @@ impl TLogWriter {
         &self.path
     }
 
-    pub fn file(&self) -> &Arc<File> {
+    pub fn file(&self) -> &Arc<dyn WbFile> {
         &self.file
     }
 
@@ -384,7 +378,7 @@ impl TLogWriter {
     }
 
     /// Append the CLOSE entry and write everything out. The file is not fsynced here.
-    pub fn close(mut self) -> std::io::Result<(TLogNumber, PathBuf, Arc<File>)> {
+    pub fn close(mut self) -> std::io::Result<(TLogNumber, PathBuf, Arc<dyn WbFile>)> {
         let close = Entry::Close {
             count: self.entries,
             crc: self.crc,
@@ -455,7 +449,7 @@ mod tests {
     fn unclosed_tlog_keeps_exactly_the_synced_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tlog");
-        let mut writer = TLogWriter::create(&path, TLogNumber(3)).unwrap();
+        let mut writer = TLogWriter::create(&crate::wbfs::StdFs, &path, TLogNumber(3)).unwrap();
         let e = |a: u64| Entry::Loc {
             address: a,
             location: loc(1, a as u16),

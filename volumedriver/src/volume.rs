@@ -77,7 +77,6 @@
 //! read/write path (`flush_lock` is, by FLUSH, but only across local fsyncs), so holding them
 //! delays only background and admin work, which would have to wait for each other anyway.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -87,9 +86,9 @@ use vstor_backend::{BackendError, ObjectStore};
 
 use crate::config::{TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT};
 use crate::error::{Result, VolumeError};
-use crate::meta::write_file_atomic;
 use crate::tlog::{self, Entry};
 use crate::types::{ClusterLocation, TLogNumber};
+use crate::wbfs::{StdFs, WbFs};
 
 mod dtl_link;
 mod fence;
@@ -121,6 +120,8 @@ use state::{State, Stats, CONFIG_FILE, SCO_DIR, TLOG_DIR};
 pub struct Volume {
     name: String,
     dir: PathBuf,
+    /// The write buffer's file system: every file under `dir` is read and written through it.
+    fs: Arc<dyn WbFs>,
     backend: Arc<dyn ObjectStore>,
     cluster_size: u64,
     state: Mutex<State>,
@@ -156,10 +157,21 @@ impl Volume {
         config: VolumeConfig,
         inherited: &[(u64, ClusterLocation)],
     ) -> Result<Arc<Self>> {
+        Self::create_clone_on(Arc::new(StdFs), dir, backend, config, inherited)
+    }
+
+    /// [`create_clone`](Self::create_clone) with its write buffer on `fs`.
+    pub fn create_clone_on(
+        fs: Arc<dyn WbFs>,
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        config: VolumeConfig,
+        inherited: &[(u64, ClusterLocation)],
+    ) -> Result<Arc<Self>> {
         let name = config.name.clone();
         let namespace = config.namespace.clone();
         let owner = config.owner_tag;
-        Self::create(dir, backend.clone(), config)?;
+        Self::create_on(fs.clone(), dir, backend.clone(), config)?;
         let base = (|| {
             let entries: Vec<Entry> = inherited
                 .iter()
@@ -180,11 +192,11 @@ impl Volume {
             backend
                 .put_if_owner(&namespace, TLOG_LIST_OBJECT, &list.encode(), owner)
                 .map_err(VolumeError::backend(&name))?;
-            Self::open(dir, backend.clone(), &name)
+            Self::open_on(fs.clone(), dir, backend.clone(), &name)
         })();
         if base.is_err() {
             let _ = backend.delete_namespace(&namespace);
-            let _ = fs::remove_dir_all(dir);
+            let _ = fs.remove_dir_all(dir);
         }
         base
     }
@@ -192,6 +204,16 @@ impl Volume {
     /// Create a new volume: its backend namespace (owned with the config's owner tag), its
     /// configuration there and in the write buffer directory `dir`.
     pub fn create(
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        config: VolumeConfig,
+    ) -> Result<Arc<Self>> {
+        Self::create_on(Arc::new(StdFs), dir, backend, config)
+    }
+
+    /// [`create`](Self::create) with the write buffer on `fs` (a test's [`SimFs`](crate::SimFs)).
+    pub fn create_on(
+        fs: Arc<dyn WbFs>,
         dir: &Path,
         backend: Arc<dyn ObjectStore>,
         config: VolumeConfig,
@@ -214,33 +236,42 @@ impl Volume {
                     config.owner_tag,
                 )
                 .map_err(VolumeError::backend(&name))?;
-            Self::prepare_dir(&name, dir, &config)
+            Self::prepare_dir(fs.as_ref(), &name, dir, &config)
         })();
         if let Err(e) = setup {
             let _ = backend.delete_namespace(&config.namespace);
-            let _ = fs::remove_dir_all(dir);
+            let _ = fs.remove_dir_all(dir);
             return Err(e);
         }
         Ok(Arc::new(Self::from_state(
+            fs,
             dir,
             backend,
             State::new(config, TLogList::default()),
         )))
     }
 
-    fn prepare_dir(name: &str, dir: &Path, config: &VolumeConfig) -> Result<()> {
+    fn prepare_dir(fs: &dyn WbFs, name: &str, dir: &Path, config: &VolumeConfig) -> Result<()> {
         for sub in [SCO_DIR, TLOG_DIR] {
             let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(VolumeError::io(name, &path))?;
+            fs.create_dir_all(&path)
+                .map_err(VolumeError::io(name, &path))?;
         }
         let path = dir.join(CONFIG_FILE);
-        write_file_atomic(&path, &config.encode()).map_err(VolumeError::io(name, &path))
+        fs.write_atomic(&path, &config.encode())
+            .map_err(VolumeError::io(name, &path))
     }
 
-    fn from_state(dir: &Path, backend: Arc<dyn ObjectStore>, state: State) -> Self {
+    fn from_state(
+        fs: Arc<dyn WbFs>,
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        state: State,
+    ) -> Self {
         Self {
             name: state.config.name.clone(),
             dir: dir.to_path_buf(),
+            fs,
             backend,
             cluster_size: state.config.cluster_size,
             state: Mutex::new(state),
@@ -261,14 +292,26 @@ impl Volume {
     /// Restart a volume. With its write-buffer directory present this is a local restart
     /// (including crash recovery); without it, the volume is rebuilt from the backend alone.
     pub fn open(dir: &Path, backend: Arc<dyn ObjectStore>, name: &str) -> Result<Arc<Self>> {
+        Self::open_on(Arc::new(StdFs), dir, backend, name)
+    }
+
+    /// [`open`](Self::open) with the write buffer on `fs` (a test's [`SimFs`](crate::SimFs),
+    /// after a power cut).
+    pub fn open_on(
+        fs: Arc<dyn WbFs>,
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        name: &str,
+    ) -> Result<Arc<Self>> {
         let config_path = dir.join(CONFIG_FILE);
-        let config = if config_path.exists() {
-            let bytes = fs::read(&config_path).map_err(VolumeError::io(name, &config_path))?;
-            VolumeConfig::decode(name, &config_path.display().to_string(), &bytes)?
-        } else {
-            let config = VolumeConfig::load_from_backend(backend.as_ref(), name)?;
-            Self::prepare_dir(name, dir, &config)?;
-            config
+        let config = match fs.read(&config_path) {
+            Ok(bytes) => VolumeConfig::decode(name, &config_path.display().to_string(), &bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = VolumeConfig::load_from_backend(backend.as_ref(), name)?;
+                Self::prepare_dir(fs.as_ref(), name, dir, &config)?;
+                config
+            }
+            Err(e) => return Err(VolumeError::io(name, &config_path)(e)),
         };
         if config.name != name {
             return Err(VolumeError::corrupt(
@@ -294,11 +337,21 @@ impl Volume {
             Err(e) => return Err(VolumeError::backend(name)(e)),
         };
         let mut state = State::new(config, backend_tlogs);
-        state.meta = LocalMeta::load(name, dir, &state.backend_tlogs)?;
-        let volume = Self::from_state(dir, backend, state);
+        state.meta = LocalMeta::load(fs.as_ref(), name, dir, &state.backend_tlogs)?;
+        // Snapshot metadata the write buffer has and the backend list lacks (a crash before the
+        // uploader put the list): put it again, or a restart from the backend would lose it.
+        if state.meta.snapshots != state.backend_tlogs.snapshots
+            || state.meta.dropped != state.backend_tlogs.dropped
+            || state.meta.dtl_floor != state.backend_tlogs.dtl_floor
+        {
+            state.list_dirty = true;
+            state.list_changes += 1;
+        }
+        let volume = Self::from_state(fs, dir, backend, state);
         {
             let mut st = volume.state.lock();
             volume.rebuild(&mut st)?;
+            volume.settle_snapshots(&mut st)?;
         }
         Ok(Arc::new(volume))
     }
@@ -473,7 +526,9 @@ impl Volume {
             )
             .map_err(VolumeError::backend(&self.name))?;
         let path = self.dir.join(CONFIG_FILE);
-        write_file_atomic(&path, &config.encode()).map_err(VolumeError::io(&self.name, &path))
+        self.fs
+            .write_atomic(&path, &config.encode())
+            .map_err(VolumeError::io(&self.name, &path))
     }
 
     /// Refuse further I/O and wake the uploader so it can exit.
@@ -496,7 +551,7 @@ impl Volume {
             Ok(()) | Err(BackendError::NoSuchNamespace { .. }) => {}
             Err(e) => return Err(VolumeError::backend(&self.name)(e)),
         }
-        match fs::remove_dir_all(&self.dir) {
+        match self.fs.remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VolumeError::io(&self.name, &self.dir)(e)),

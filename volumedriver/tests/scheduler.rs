@@ -125,6 +125,22 @@ impl ObjectStore for TestStore {
         self.before_put(ns)?;
         self.logged(ns, name, self.inner.put_from(ns, name, len, data, owner))
     }
+    fn put_file(
+        &self,
+        ns: &str,
+        name: &str,
+        path: &std::path::Path,
+        len: u64,
+        chunk_crcs: Option<&[u32]>,
+        owner: OwnerTag,
+    ) -> vstor_backend::Result<()> {
+        self.before_put(ns)?;
+        self.logged(
+            ns,
+            name,
+            self.inner.put_file(ns, name, path, len, chunk_crcs, owner),
+        )
+    }
     fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
         self.inner.get(ns, name)
     }

@@ -37,6 +37,28 @@ enum BenchTarget {
     /// A backend store: upload throughput (put_file and put_from of 64 MiB objects) and 4 KiB
     /// random reads of evicted volume data at queue depth 1 and 32.
     Backend(BackendArgs),
+    /// Failover and move on a 3-node cluster with a real etcd: detection, adoption and the
+    /// client's I/O pause over repeated kill -9 of the owner; move duration and pause.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Owner kills (kill -9) to measure.
+    #[arg(long, default_value_t = 20)]
+    kills: u32,
+    /// Volume moves to measure.
+    #[arg(long, default_value_t = 10)]
+    moves: u32,
+    /// Directory for the test data [default: a temporary directory under /var/tmp].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].
+    #[arg(long)]
+    vstor: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -102,6 +124,18 @@ fn run(cli: Cli) -> Result<()> {
         BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
         BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
         BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
+        BenchTarget::Cluster(args) => {
+            return vstor_benches::cluster::run(&vstor_benches::cluster::ClusterOptions {
+                vstor_bin: match args.vstor {
+                    Some(path) => path,
+                    None => sibling_vstor()?,
+                },
+                kills: args.kills,
+                moves: args.moves,
+                json: args.json,
+                work_dir: args.work_dir,
+            });
+        }
         BenchTarget::Backend(args) => {
             backend = args.backend;
             (vstor_benches::backend::run, args.options)

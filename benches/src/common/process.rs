@@ -144,6 +144,20 @@ impl ChildGuard {
         }
     }
 
+    /// `kill -9` (a crash, for failover measurements) and reap it.
+    pub(crate) fn kill9(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        let _ = self.child.kill();
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("cannot reap {}", self.name))?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
     /// SIGTERM, then SIGKILL if the child is still there after the grace period (or once the
     /// harness receives another signal). Returns the exit status.
     pub(crate) fn stop(&mut self) -> Result<ExitStatus> {

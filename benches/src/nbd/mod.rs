@@ -10,6 +10,9 @@
 //! - **Medians.** Each figure of a row is the median over its rounds, taken per column, so one
 //!   disturbed round does not move the result. The ratio is vstor IOPS / qemu-nbd IOPS of those
 //!   medians.
+//! - **Settled between jobs.** Before every job vstor's upload queue drains and `sync` writes
+//!   back dirty pages, so neither server's background work (vstor's uploads, the kernel's
+//!   writeback of qemu-nbd's page cache) lands in the other's measurement.
 //! - **Prefill before reading.** vstor answers reads of never-written blocks from memory, and
 //!   qemu-nbd reads holes of a sparse file almost as cheaply, so reading an empty volume measures
 //!   neither. Both targets are first written end to end with sequential 1 MiB writes.
@@ -26,7 +29,7 @@ mod report;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::common::fio::{self, Job, Sample, RAMP_SECS};
@@ -174,13 +177,16 @@ fn measure(options: &BenchOptions) -> Result<Report> {
         for round in 1..=options.rounds {
             let args = |uri: &str| job.args(uri, options.runtime_secs, options.size);
             let label = |target: &str| format!("{target}-{}-{round}", job.name.replace(' ', "-"));
+            settle(&vstor)?;
             let v = fio::run(
                 &args(&vstor_uri),
                 job.direction(),
                 &fio_dir,
                 &label("vstor"),
                 job_timeout,
-            )?;
+            )
+            .with_context(|| format!("vstor's log ends with:\n{}", vstor.log_tail(20)))?;
+            settle(&vstor)?;
             let q = fio::run(
                 &args(&qemu_uri),
                 job.direction(),
@@ -219,6 +225,26 @@ fn measure(options: &BenchOptions) -> Result<Report> {
         rows,
         vstor_memory,
     })
+}
+
+/// Lets the previous job's background work finish before the next job starts, so no job pays
+/// for another's: vstor's upload queue drains (uploads of sealed SCOs and TLogs continue after a
+/// write job ends), then `sync` writes back every dirty page (qemu-nbd's writes sit in the page
+/// cache, and the kernel would otherwise write them back during the next job, vstor's or not).
+fn settle(vstor: &Vstor) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = vstor.volume_info(EXPORT)?;
+        if info.get("upload_queue").and_then(Value::as_u64) == Some(0) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("vstor's upload queue did not drain within 120 s: {info}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::unistd::sync();
+    Ok(())
 }
 
 fn progress(message: std::fmt::Arguments) {

@@ -38,6 +38,7 @@
 //! payloads by `max_payload` (larger ones are read and dropped, then answered with `EINVAL`), and
 //! replies waiting for a slow reader by a high-water mark after which the socket is not read.
 
+pub mod client;
 pub mod proto;
 
 mod conn;

@@ -1,13 +1,13 @@
 //! FLUSH: make every completed write durable in the write buffer, with the fsyncs outside the
 //! state lock (see "FLUSH" in the `volume` module docs).
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{Result, VolumeError};
 use crate::types::ScoName;
+use crate::wbfs::WbFile;
 
 use super::state::{sco_path, State, SCO_DIR, TLOG_DIR};
 use super::Volume;
@@ -28,11 +28,12 @@ impl Volume {
 
     fn flush_local(&self) -> Result<()> {
         let _serial = self.flush_lock.lock();
-        let (files, point) = {
+        let (files, dirs, point) = {
             let mut st = self.state.lock();
             self.check_usable(&st)?;
             self.check_fence()?;
-            let mut files: Vec<(Arc<File>, PathBuf)> = Vec::new();
+            let mut files: Vec<(Arc<dyn WbFile>, PathBuf)> = Vec::new();
+            let mut dirs: Vec<PathBuf> = Vec::new();
             for (number, local) in st.scos.iter_mut().filter(|(_, s)| s.dirty) {
                 local.dirty = false;
                 files.push((
@@ -50,20 +51,11 @@ impl Volume {
                 }
             }
             if std::mem::take(&mut st.new_files) {
-                for dir in [
+                dirs = vec![
                     self.dir.join(SCO_DIR),
                     self.dir.join(TLOG_DIR),
                     self.dir.clone(),
-                ] {
-                    match File::open(&dir) {
-                        Ok(handle) => files.push((Arc::new(handle), dir)),
-                        Err(e) => {
-                            let err = VolumeError::io(&self.name, dir)(e);
-                            self.halt(&mut st, err.to_string());
-                            return Err(err);
-                        }
-                    }
-                }
+                ];
             }
             let last_sync = st.last_sync;
             let mut point = None;
@@ -87,16 +79,25 @@ impl Volume {
                 self.halt(&mut st, err.to_string());
                 return Err(err);
             }
-            if files.is_empty() && point.is_none() {
+            if files.is_empty() && dirs.is_empty() && point.is_none() {
                 self.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             st.flush_in_progress = true;
-            (files, point)
+            (files, dirs, point)
         };
-        let synced = files.iter().try_for_each(|(file, path)| {
-            file.sync_data().map_err(VolumeError::io(&self.name, path))
-        });
+        let synced = files
+            .iter()
+            .try_for_each(|(file, path)| {
+                file.sync_data().map_err(VolumeError::io(&self.name, path))
+            })
+            .and_then(|()| {
+                dirs.iter().try_for_each(|dir| {
+                    self.fs
+                        .sync_dir(dir)
+                        .map_err(VolumeError::io(&self.name, dir))
+                })
+            });
         let mut st = self.state.lock();
         st.flush_in_progress = false;
         if let Err(err) = synced {

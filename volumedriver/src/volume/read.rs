@@ -1,11 +1,9 @@
 //! Reads: a pure plan (`plan_read_in`: which bytes come from zeros, a local SCO file or a
 //! backend SCO object) made under the state lock, executed (`execute_read`) without it.
 //!
-//! The plan holds `Arc<File>`s of the local SCOs, so an eviction or upload that happens between
+//! The plan holds `Arc<dyn WbFile>`s of the local SCOs, so an eviction or upload that happens between
 //! planning and executing cannot pull a file out from under the read.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,6 +11,7 @@ use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
 use crate::sco;
 use crate::types::{ClusterLocation, ScoName};
+use crate::wbfs::WbFile;
 
 use super::state::{State, SCO_DIR};
 use super::Volume;
@@ -29,7 +28,7 @@ pub(super) struct Fetched {
 pub(super) enum Source {
     Zero,
     Local {
-        file: Arc<File>,
+        file: Arc<dyn WbFile>,
         offset: u64,
     },
     Backend {

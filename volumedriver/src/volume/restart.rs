@@ -7,13 +7,10 @@
 //! dropped, because later TLogs could depend on it. Files nothing references are deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::config::TLogRecord;
 use crate::error::{Result, VolumeError};
-use crate::meta::write_file_atomic;
 use crate::sco::{self, SCO_HEADER_LEN};
 use crate::tlog::{self, Entry};
 use crate::types::{ScoName, ScoNumber, TLogNumber};
@@ -65,18 +62,26 @@ impl Volume {
         if let Some(end) = st.meta.dropped.iter().map(|(_, to)| *to).max() {
             st.next_tlog = st.next_tlog.max(end + 1);
         }
+        // Nor a TLog number a snapshot ends at: a power cut can keep the snapshot's record but
+        // lose the TLog it closed, and a new TLog under that number would change the snapshot.
+        if let Some(end) = st.meta.snapshots.iter().map(|s| s.tlog).max() {
+            st.next_tlog = st.next_tlog.max(end + 1);
+        }
         let last_backend_tlog = records.last().map_or(0, |r| r.number);
 
         // Local TLogs newer than the backend's, oldest first.
         let tlog_dir = self.dir.join(TLOG_DIR);
         let mut local_tlogs: Vec<(TLogNumber, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(&tlog_dir).map_err(VolumeError::io(&name, &tlog_dir))? {
-            let entry = entry.map_err(VolumeError::io(&name, &tlog_dir))?;
-            let file_name = entry.file_name().to_string_lossy().into_owned();
+        for file_name in self
+            .fs
+            .list(&tlog_dir)
+            .map_err(VolumeError::io(&name, &tlog_dir))?
+        {
+            let path = tlog_dir.join(&file_name);
             match TLogNumber::parse_object_name(&file_name) {
-                Some(number) => local_tlogs.push((number, entry.path())),
+                Some(number) => local_tlogs.push((number, path)),
                 None => {
-                    let _ = fs::remove_file(entry.path());
+                    let _ = self.fs.remove(&path);
                 }
             }
         }
@@ -85,15 +90,19 @@ impl Volume {
         let mut torn = false;
         for (number, path) in local_tlogs {
             if number.0 <= last_backend_tlog || torn || st.meta.is_dropped(number.0) {
-                fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
+                self.fs
+                    .remove(&path)
+                    .map_err(VolumeError::io(&name, &path))?;
                 continue;
             }
-            let bytes = fs::read(&path).map_err(VolumeError::io(&name, &path))?;
+            let bytes = self.fs.read(&path).map_err(VolumeError::io(&name, &path))?;
             let parsed = match tlog::parse(&bytes, false) {
                 Ok(parsed) if parsed.number == number => parsed,
                 _ => {
                     // Not even a valid header: created, but nothing in it was ever synced.
-                    fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
+                    self.fs
+                        .remove(&path)
+                        .map_err(VolumeError::io(&name, &path))?;
                     torn = true;
                     continue;
                 }
@@ -124,9 +133,10 @@ impl Volume {
                 if let Entry::ScoCrc { sco, clusters, crc } = *entry {
                     let header = self.sco_header(st, sco);
                     let sco_file = sco_path(&self.dir, sco);
-                    let (file, len) = sco::open(&sco_file, &header).map_err(|e| {
-                        VolumeError::corrupt(&name, sco_file.display().to_string(), e)
-                    })?;
+                    let (file, len) =
+                        sco::open(self.fs.as_ref(), &sco_file, &header).map_err(|e| {
+                            VolumeError::corrupt(&name, sco_file.display().to_string(), e)
+                        })?;
                     let clusters = u64::from(clusters);
                     if len < sco::cluster_offset(clusters, self.cluster_size) {
                         return Err(VolumeError::corrupt(
@@ -138,10 +148,11 @@ impl Volume {
                     st.scos.insert(
                         sco.number,
                         LocalSco {
-                            file: Arc::new(file),
+                            file,
                             clusters,
                             state: ScoState::Sealed { crc },
                             dirty: true,
+                            chunk_crcs: None,
                         },
                     );
                     st.uploads.push_back(UploadTask::Sco(sco.number));
@@ -152,39 +163,47 @@ impl Volume {
                     st.next_sco = st.next_sco.max(sco.number.0 + 1);
                 }
             }
-            let file = File::open(&path).map_err(VolumeError::io(&name, &path))?;
+            let file = self.fs.open(&path).map_err(VolumeError::io(&name, &path))?;
             st.closed_tlogs.push_back(ClosedTLog {
                 number,
                 path,
-                file: Arc::new(file),
+                file,
                 record,
                 dirty: true,
                 garbage,
             });
             st.uploads.push_back(UploadTask::TLog(number));
             st.next_tlog = st.next_tlog.max(number.0 + 1);
+            // After a kill -9 neither the files nor their directory entries need be on disk
+            // yet: the next FLUSH syncs both (the files are `dirty`).
+            st.new_files = true;
         }
 
         // SCO files: cached copies of backend SCOs stay (disposable); anything else is debris of
         // writes that no surviving TLog entry references.
         let sco_dir = self.dir.join(SCO_DIR);
-        for entry in fs::read_dir(&sco_dir).map_err(VolumeError::io(&name, &sco_dir))? {
-            let entry = entry.map_err(VolumeError::io(&name, &sco_dir))?;
-            let path = entry.path();
-            let parsed = ScoName::parse(&entry.file_name().to_string_lossy());
+        for file_name in self
+            .fs
+            .list(&sco_dir)
+            .map_err(VolumeError::io(&name, &sco_dir))?
+        {
+            let path = sco_dir.join(&file_name);
+            let parsed = ScoName::parse(&file_name);
             let Some(sco) = parsed.filter(|s| s.clone_id == 0) else {
-                let _ = fs::remove_file(&path);
+                let _ = self.fs.remove(&path);
                 continue;
             };
             if pending_scos.contains(&sco.number.0) {
                 continue;
             }
             if !backend_scos.contains(&(sco.number.0, sco.version)) {
-                fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?;
+                self.fs
+                    .remove(&path)
+                    .map_err(VolumeError::io(&name, &path))?;
                 continue;
             }
             let header = self.sco_header(st, sco);
-            match sco::open(&path, &header) {
+            match sco::open(self.fs.as_ref(), &path, &header) {
                 Ok((file, len))
                     if len >= SCO_HEADER_LEN
                         && (len - SCO_HEADER_LEN).is_multiple_of(self.cluster_size) =>
@@ -192,17 +211,49 @@ impl Volume {
                     st.scos.insert(
                         sco.number,
                         LocalSco {
-                            file: Arc::new(file),
+                            file,
                             clusters: (len - SCO_HEADER_LEN) / self.cluster_size,
                             state: ScoState::Disposable,
                             dirty: false,
+                            chunk_crcs: None,
                         },
                     );
                     st.disposable_bytes += len;
                 }
                 // A damaged cached copy is dropped: the backend has the SCO.
-                _ => fs::remove_file(&path).map_err(VolumeError::io(&name, &path))?,
+                _ => self
+                    .fs
+                    .remove(&path)
+                    .map_err(VolumeError::io(&name, &path))?,
             }
+        }
+        Ok(())
+    }
+
+    /// After a restart: a snapshot whose boundary TLog does not exist (a power cut kept its
+    /// record but lost the TLog it closed, which held nothing a FLUSH had covered) ends at the
+    /// newest TLog that does, which is the same content. Otherwise a restart from the backend
+    /// alone would take it for a snapshot whose history never reached the backend and drop it.
+    pub(super) fn settle_snapshots(&self, st: &mut State) -> Result<()> {
+        let newest = st
+            .closed_tlogs
+            .back()
+            .map_or(0, |t| t.number.0)
+            .max(st.backend_tlogs.last_number());
+        let mut changed = false;
+        for snapshot in st.meta.snapshots.iter_mut().filter(|s| s.tlog > newest) {
+            tracing::warn!(
+                volume = %self.name,
+                snapshot = %snapshot.name,
+                from = snapshot.tlog,
+                to = newest,
+                "snapshot's last TLog was lost before it was flushed; it ends at the newest TLog"
+            );
+            snapshot.tlog = newest;
+            changed = true;
+        }
+        if changed {
+            self.store_meta(st)?;
         }
         Ok(())
     }
@@ -216,16 +267,18 @@ impl Volume {
             };
             let path = sco_path(&self.dir, sco);
             let clusters = u64::from(clusters);
-            let check = sco::open(&path, &self.sco_header(st, sco)).and_then(|(file, len)| {
-                if len < sco::cluster_offset(clusters, self.cluster_size) {
-                    return Err(format!("holds fewer than {clusters} clusters"));
-                }
-                match sco::data_crc(&file, clusters, self.cluster_size) {
-                    Ok(found) if found == crc => Ok(()),
-                    Ok(_) => Err("data does not match its CRC".to_string()),
-                    Err(e) => Err(format!("cannot read: {e}")),
-                }
-            });
+            let check = sco::open(self.fs.as_ref(), &path, &self.sco_header(st, sco)).and_then(
+                |(file, len)| {
+                    if len < sco::cluster_offset(clusters, self.cluster_size) {
+                        return Err(format!("holds fewer than {clusters} clusters"));
+                    }
+                    match sco::data_crc(file.as_ref(), clusters, self.cluster_size) {
+                        Ok(found) if found == crc => Ok(()),
+                        Ok(_) => Err("data does not match its CRC".to_string()),
+                        Err(e) => Err(format!("cannot read: {e}")),
+                    }
+                },
+            );
             check.err().map(|reason| format!("SCO {sco}: {reason}"))
         })
     }
@@ -259,7 +312,7 @@ impl Volume {
         for (&number, &clusters) in referenced.iter().filter(|(n, _)| !sealed.contains_key(n)) {
             let sco = ScoName::new(number);
             let sco_file = sco_path(&self.dir, sco);
-            let (file, len) = sco::open(&sco_file, &self.sco_header(st, sco))
+            let (file, len) = sco::open(self.fs.as_ref(), &sco_file, &self.sco_header(st, sco))
                 .map_err(|e| VolumeError::corrupt(name, sco_file.display().to_string(), e))?;
             let want = sco::cluster_offset(clusters, self.cluster_size);
             if len < want {
@@ -271,9 +324,9 @@ impl Volume {
             }
             file.set_len(want)
                 .map_err(VolumeError::io(name, &sco_file))?;
-            let crc = sco::data_crc(&file, clusters, self.cluster_size)
+            let crc = sco::data_crc(file.as_ref(), clusters, self.cluster_size)
                 .map_err(VolumeError::io(name, &sco_file))?;
-            file.sync_all().map_err(VolumeError::io(name, &sco_file))?;
+            file.sync_data().map_err(VolumeError::io(name, &sco_file))?;
             entries.push(Entry::ScoCrc {
                 sco,
                 clusters: clusters as u32,
@@ -283,15 +336,17 @@ impl Volume {
         for (&number, &clusters) in &sealed {
             let sco_file = sco_path(&self.dir, ScoName::new(number));
             let want = sco::cluster_offset(clusters, self.cluster_size);
-            if let Ok(file) = fs::OpenOptions::new().write(true).open(&sco_file) {
-                if file.metadata().is_ok_and(|m| m.len() > want) {
+            if let Ok(file) = self.fs.open(&sco_file) {
+                if file.size().is_ok_and(|len| len > want) {
                     file.set_len(want)
                         .map_err(VolumeError::io(name, &sco_file))?;
                 }
             }
         }
         let bytes = tlog::encode_closed(number, &entries);
-        write_file_atomic(path, &bytes).map_err(VolumeError::io(name, path))?;
+        self.fs
+            .write_atomic(path, &bytes)
+            .map_err(VolumeError::io(name, path))?;
         tracing::warn!(
             volume = %name,
             tlog = %number.object_name(),

@@ -454,10 +454,9 @@ impl Volume {
                     if let Some(local) = st.scos.remove(&ScoNumber(number)) {
                         let bytes = SCO_HEADER_LEN + local.clusters * self.cluster_size;
                         st.disposable_bytes = st.disposable_bytes.saturating_sub(bytes);
-                        let _ = std::fs::remove_file(sco_path(
-                            &self.dir,
-                            ScoName::new(ScoNumber(number)),
-                        ));
+                        let _ = self
+                            .fs
+                            .remove(&sco_path(&self.dir, ScoName::new(ScoNumber(number))));
                     }
                 }
             }

@@ -34,7 +34,6 @@
 //! read path (write-buffer copies of SCOs where present, ranged backend reads otherwise). Its map
 //! is rebuilt whenever a scrub or rollback changed the TLogs under it.
 
-use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,9 +47,10 @@ use super::{State, Volume, TLOG_LIST_OBJECT};
 use crate::config::{validate_volume_name, SnapshotRecord, TLogList};
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
-use crate::meta::{self, write_file_atomic};
+use crate::meta;
 use crate::tlog::{self, Entry};
 use crate::types::{TLogNumber, LBA_SIZE};
+use crate::wbfs::WbFs;
 
 const META_FILE: &str = "snapshots";
 const META_LOG: &str = "snapshots.log";
@@ -77,14 +77,14 @@ struct LogRecord {
 }
 
 impl LocalMeta {
-    pub fn load(volume: &str, dir: &Path, backend: &TLogList) -> Result<Self> {
+    pub fn load(fs: &dyn WbFs, volume: &str, dir: &Path, backend: &TLogList) -> Result<Self> {
         let path = dir.join(META_FILE);
-        let log = match fs::read(dir.join(META_LOG)) {
+        let log = match fs.read(&dir.join(META_LOG)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(VolumeError::io(volume, dir.join(META_LOG))(e)),
         };
-        let base = match fs::read(&path) {
+        let base = match fs.read(&path) {
             Ok(bytes) => meta::decode(META_KIND, META_VERSION, &bytes).map_err(|e| {
                 VolumeError::corrupt(volume, path.display().to_string(), e.to_string())
             }),
@@ -105,18 +105,25 @@ impl LocalMeta {
             Err(e) => Err(VolumeError::io(volume, &path)(e)),
         };
         let mut meta = base?;
+        if !log.is_empty() {
+            // A crash (kill -9) may have left records that never reached the disk: whatever
+            // this restart shows must survive a power cut that follows it.
+            let log_path = dir.join(META_LOG);
+            fs.open(&log_path)
+                .and_then(|file| file.sync_data())
+                .and_then(|()| fs.sync_dir(dir))
+                .map_err(VolumeError::io(volume, &log_path))?;
+        }
         // Records the base already folded in (a crash between rewriting the base and emptying
         // the log) are skipped by sequence number: the base may have deleted them since.
         let (records, valid) = log_records(&log);
         if valid < log.len() {
             // Cut a torn tail off, or the next record would land behind it, unreadable.
             let log_path = dir.join(META_LOG);
-            fs::OpenOptions::new()
-                .write(true)
-                .open(&log_path)
+            fs.open(&log_path)
                 .and_then(|file| {
                     file.set_len(valid as u64)?;
-                    file.sync_all()
+                    file.sync_data()
                 })
                 .map_err(VolumeError::io(volume, &log_path))?;
         }
@@ -178,17 +185,20 @@ enum TLogSource {
 
 impl Volume {
     /// Persist the snapshot metadata durably: rewrite the base file, then empty the log.
-    fn store_meta(&self, st: &mut State) -> Result<()> {
+    pub(super) fn store_meta(&self, st: &mut State) -> Result<()> {
         let path = self.dir.join(META_FILE);
         let bytes = meta::encode(META_KIND, META_VERSION, &st.meta);
         let log = self.dir.join(META_LOG);
-        let written = write_file_atomic(&path, &bytes).and_then(|()| match &st.meta_log {
-            Some(file) => file.set_len(0).and_then(|()| file.sync_all()),
-            None => match fs::remove_file(&log) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        });
+        let written = self
+            .fs
+            .write_atomic(&path, &bytes)
+            .and_then(|()| match &st.meta_log {
+                Some(file) => file.set_len(0).and_then(|()| file.sync_data()),
+                None => match self.fs.remove(&log) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            });
         if let Err(e) = written {
             let err = VolumeError::io(&self.name, &path)(e);
             self.halt(st, err.to_string());
@@ -200,7 +210,6 @@ impl Volume {
 
     /// Append one new snapshot to the log: crash-safe at once, durable at the next FLUSH.
     fn append_snapshot(&self, st: &mut State, record: &SnapshotRecord) -> Result<()> {
-        use std::io::Write;
         let path = self.dir.join(META_LOG);
         let json = serde_json::to_vec(&LogRecord {
             seq: st.meta.next_log_seq,
@@ -215,18 +224,20 @@ impl Volume {
             let log = match &st.meta_log {
                 Some(log) => log.clone(),
                 None => {
-                    let file = fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&path)?;
+                    let log = match self.fs.open(&path) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            self.fs.create(&path)?
+                        }
+                        other => other?,
+                    };
                     st.new_files = true;
-                    let log = Arc::new(file);
                     st.meta_log = Some(log.clone());
                     log
                 }
             };
-            let mut file: &fs::File = &log;
-            file.write_all(&frame)
+            // Appends happen under the state lock, so the end of the file is where this
+            // record goes.
+            log.write_all_at(&frame, log.size()?)
         })();
         if let Err(e) = written {
             let err = VolumeError::io(&self.name, &path)(e);
@@ -546,7 +557,7 @@ impl Volume {
                     object,
                 ),
                 // Uploaded (and removed locally) since the list was taken: the backend has it.
-                TLogSource::Local(path, object) => match fs::read(&path) {
+                TLogSource::Local(path, object) => match self.fs.read(&path) {
                     Ok(bytes) => (bytes, path.display().to_string()),
                     Err(_) => (
                         self.backend

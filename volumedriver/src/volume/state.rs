@@ -7,7 +7,6 @@
 //! module docs of `volume`).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use crate::map::ClusterMap;
 use crate::sco::ScoHeader;
 use crate::tlog::{SyncPoint, TLogWriter};
 use crate::types::{ScoName, ScoNumber, TLogNumber, LBA_SIZE};
+use crate::wbfs::WbFile;
 
 use super::dtl_link::{DtlLink, Position};
 use super::snapshots::LocalMeta;
@@ -36,15 +36,20 @@ pub(super) enum ScoState {
 }
 
 pub(super) struct LocalSco {
-    pub(super) file: Arc<File>,
+    pub(super) file: Arc<dyn WbFile>,
     pub(super) clusters: u64,
     pub(super) state: ScoState,
     pub(super) dirty: bool,
+    /// CRC32C of every backend chunk of the sealed file (header included), kept from the write
+    /// path so the upload need not checksum the SCO again (`ObjectStore::put_file`). `None` for a
+    /// SCO restored after a restart: the upload then computes them in one read.
+    pub(super) chunk_crcs: Option<Arc<[u32]>>,
 }
 
 pub(super) struct OpenSco {
     pub(super) number: ScoNumber,
-    pub(super) crc: u32,
+    /// Chunk CRCs of the file so far; their combination is the data CRC recorded at seal.
+    pub(super) crcs: vstor_backend::ChunkCrcs,
     pub(super) clusters: u64,
 }
 
@@ -62,7 +67,7 @@ pub(super) struct CurrentTLog {
 pub(super) struct ClosedTLog {
     pub(super) number: TLogNumber,
     pub(super) path: PathBuf,
-    pub(super) file: Arc<File>,
+    pub(super) file: Arc<dyn WbFile>,
     pub(super) record: TLogRecord,
     pub(super) dirty: bool,
     pub(super) garbage: u64,
@@ -129,7 +134,7 @@ pub(super) struct State {
     /// The snapshot log was appended to without fsync: the next FLUSH syncs it.
     pub(super) meta_unsynced: bool,
     /// The open snapshot log (see `snapshots`).
-    pub(super) meta_log: Option<Arc<File>>,
+    pub(super) meta_log: Option<Arc<dyn WbFile>>,
     /// Clusters overwritten or trimmed since the last scrub (garbage estimate).
     pub(super) garbage_clusters: u64,
 }
@@ -267,8 +272,8 @@ impl State {
 }
 
 /// States for unit tests of the pure decisions (plan and complete an upload step, choose
-/// eviction victims). The file handles in them are `/dev/null`: the pure functions only carry
-/// handles on to the I/O step, they never read or write them.
+/// eviction victims). The file handles in them are of an empty [`SimFs`](crate::wbfs::SimFs):
+/// the pure functions only carry handles on to the I/O step, they never read or write them.
 #[cfg(test)]
 pub(super) mod testing {
     use super::*;
@@ -283,8 +288,11 @@ pub(super) mod testing {
         State::new(config, TLogList::default())
     }
 
-    fn handle() -> Arc<File> {
-        Arc::new(File::open("/dev/null").expect("/dev/null opens"))
+    fn handle() -> Arc<dyn WbFile> {
+        use crate::wbfs::{SimFs, WbFs};
+        SimFs::new()
+            .create(Path::new("/unit/file"))
+            .expect("a simulated file")
     }
 
     /// A local SCO of `clusters` clusters in `state`, with the byte accounting it implies.
@@ -300,6 +308,7 @@ pub(super) mod testing {
                 clusters,
                 state,
                 dirty: true,
+                chunk_crcs: None,
             },
         );
     }

@@ -5,8 +5,6 @@
 //! Backend puts run under `upload_lock` (one step at a time) and `list_lock` (list puts), never
 //! under the state lock; see the lock order in the `volume` module docs.
 
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +16,7 @@ use crate::error::{Result, VolumeError};
 use crate::sco::{self, SCO_HEADER_LEN};
 use crate::tlog;
 use crate::types::{ScoName, ScoNumber, TLogNumber};
+use crate::wbfs::WbFile;
 
 use super::state::{sco_path, ClosedTLog, ScoState, State};
 use super::Volume;
@@ -29,22 +28,42 @@ pub enum UploadTask {
     TLog(TLogNumber),
 }
 
-/// Reads a SCO file from the start with positional reads (leaving its cursor alone) and
-/// computes the CRC32C of its data (everything after the header) on the way.
+/// Reads the first `len` bytes of a SCO file with positional reads and computes the CRC32C of
+/// its data (everything after the header) on the way: the upload of a SCO whose write buffer has
+/// no real path (a simulated one), streamed with `put_from`.
 struct ScoReader<'a> {
-    file: &'a File,
+    file: &'a dyn WbFile,
     offset: u64,
+    len: u64,
     crc: u32,
 }
 
 impl std::io::Read for ScoReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read_at(buf, self.offset)?;
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.offset)) as usize;
+        self.file.read_exact_at(&mut buf[..n], self.offset)?;
         let data_start = SCO_HEADER_LEN.saturating_sub(self.offset).min(n as u64) as usize;
         self.crc = crc32c::crc32c_append(self.crc, &buf[data_start..n]);
         self.offset += n as u64;
         Ok(n)
     }
+}
+
+/// The backend chunk CRCs of the first `len` bytes of a SCO file (header included) and the
+/// CRC32C of its data (after the header), in one read.
+fn sco_chunk_crcs(file: &dyn WbFile, len: u64) -> std::io::Result<(Vec<u32>, u32)> {
+    let mut header = vec![0u8; SCO_HEADER_LEN.min(len) as usize];
+    file.read_exact_at(&mut header, 0)?;
+    let mut crcs = vstor_backend::ChunkCrcs::with_prefix(&header);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = header.len() as u64;
+    while offset < len {
+        let n = ((len - offset) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], offset)?;
+        crcs.append(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok((crcs.chunk_crcs(), crcs.data_crc()))
 }
 
 /// The next upload step, as [`plan_upload`] decides it from the state alone.
@@ -53,13 +72,14 @@ enum UploadJob {
     PutList,
     Sco {
         number: ScoNumber,
-        file: Arc<File>,
+        file: Arc<dyn WbFile>,
         clusters: u64,
         crc: u32,
+        chunk_crcs: Option<Arc<[u32]>>,
     },
     TLog {
         number: TLogNumber,
-        file: Arc<File>,
+        file: Arc<dyn WbFile>,
         path: PathBuf,
         record: TLogRecord,
     },
@@ -95,6 +115,7 @@ fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>> {
                         file: local.file.clone(),
                         clusters: local.clusters,
                         crc,
+                        chunk_crcs: local.chunk_crcs.clone(),
                     },
                     _ => {
                         return Err(VolumeError::corrupt(
@@ -191,7 +212,7 @@ impl Volume {
         }
         drop(st);
         if let Some(closed) = uncorked {
-            if let Err(e) = fs::remove_file(&closed.path) {
+            if let Err(e) = self.fs.remove(&closed.path) {
                 tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
             }
         }
@@ -239,35 +260,95 @@ impl Volume {
                 file,
                 clusters,
                 crc,
+                chunk_crcs,
             } => {
                 let name = ScoName::new(number);
                 let path = sco_path(&self.dir, name);
                 let len = sco::cluster_offset(clusters, self.cluster_size);
-                // No fsync of the write-buffer copy first: the backend copy is made durable by
-                // the put, and restart verifies every not-yet-uploaded SCO against its CRC. The
-                // CRC is checked while streaming, in the same pass as the upload; a mismatch
-                // deletes the object again (no TLog references it yet) and halts the volume.
-                let mut reader = ScoReader {
-                    file: &file,
-                    offset: 0,
-                    crc: 0,
-                };
-                upload(
-                    &name.to_string(),
-                    &mut |store: &dyn ObjectStore, object: &str| {
-                        store.put_from(&namespace, object, len, &mut reader, owner)
-                    },
-                )?;
-                if reader.crc != crc {
-                    let _ = self
-                        .backend
-                        .delete_if_owner(&namespace, &name.to_string(), owner);
-                    return self.halt_with(VolumeError::corrupt(
+                let corrupt = |reason: String| {
+                    self.halt_with(VolumeError::corrupt(
                         &self.name,
                         path.display().to_string(),
-                        "data does not match the CRC recorded when it was sealed",
+                        reason,
+                    ))
+                };
+                // The write-buffer copy is made durable first: once its TLog is on the backend
+                // it is a cached copy that restart keeps and reads from, so a power cut must not
+                // leave it shorter or older than the backend's (the power-cut model test found
+                // this). On the local store `put_file` below syncs this same inode anyway.
+                if let Err(e) = file.sync_data() {
+                    return self.halt_with(VolumeError::io(&self.name, &path)(e));
+                }
+                let Some(real_path) = self.fs.real_path(&path) else {
+                    // A write buffer without real files (a simulated one): stream through it,
+                    // checking the data CRC on the way; a mismatch deletes the object again (no
+                    // TLog references it yet) and halts the volume.
+                    let mut reader = ScoReader {
+                        file: file.as_ref(),
+                        offset: 0,
+                        len,
+                        crc: 0,
+                    };
+                    upload(
+                        &name.to_string(),
+                        &mut |store: &dyn ObjectStore, object: &str| {
+                            store.put_from(&namespace, object, len, &mut reader, owner)
+                        },
+                    )?;
+                    if reader.crc != crc {
+                        let _ = self
+                            .backend
+                            .delete_if_owner(&namespace, &name.to_string(), owner);
+                        return corrupt(
+                            "data does not match the CRC recorded when it was sealed".into(),
+                        );
+                    }
+                    self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+                    self.stats.uploaded_scos.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some(UploadTask::Sco(number)));
+                };
+                // The chunk CRCs come from the write path; only a SCO restored after a restart
+                // is read (once) to compute them, checked against the CRC its TLog recorded.
+                let chunk_crcs = match chunk_crcs {
+                    Some(crcs) => crcs,
+                    None => match sco_chunk_crcs(file.as_ref(), len) {
+                        Ok((crcs, data_crc)) if data_crc == crc => crcs.into(),
+                        Ok(_) => {
+                            return corrupt(
+                                "data does not match the CRC recorded when it was sealed".into(),
+                            )
+                        }
+                        Err(e) => return self.halt_with(VolumeError::io(&self.name, &path)(e)),
+                    },
+                };
+                // `put_file` makes the backend's copy durable (on the local store it *is* this
+                // file, hard-linked), and restart verifies every not-yet-uploaded SCO against
+                // its CRC. The store checks the
+                // file against the chunk CRCs in the one pass it reads it in; a file changed
+                // since it was sealed is refused, nothing is stored, and the volume halts.
+                let stored = upload(
+                    &name.to_string(),
+                    &mut |store: &dyn ObjectStore, object: &str| {
+                        store.put_file(
+                            &namespace,
+                            object,
+                            &real_path,
+                            len,
+                            Some(&chunk_crcs),
+                            owner,
+                        )
+                    },
+                );
+                if let Err(VolumeError::Backend {
+                    source: BackendError::Corrupt { reason, .. },
+                    ..
+                }) = &stored
+                {
+                    return corrupt(format!(
+                        "data does not match the chunk CRCs recorded when it was sealed: {reason}"
                     ));
                 }
+                stored?;
                 self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
                 self.stats.uploaded_scos.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(UploadTask::Sco(number)))
@@ -280,7 +361,7 @@ impl Volume {
             } => {
                 let mut bytes = Vec::new();
                 let read = file.sync_data().and_then(|()| {
-                    let len = file.metadata()?.len();
+                    let len = file.size()?;
                     bytes.resize(len as usize, 0);
                     file.read_exact_at(&mut bytes, 0)
                 });

@@ -5,10 +5,7 @@
 //! All of it runs under the state lock: appending to the SCO and the TLog must happen in the
 //! order the map sees, and the files are local (page cache, no fsync here).
 
-use std::fs;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use vstor_dtl::Ticket;
@@ -207,7 +204,7 @@ impl Volume {
             local.clusters += n;
             local.dirty = true;
             if let Some(open) = st.open_sco.as_mut() {
-                open.crc = crc32c::crc32c_append(open.crc, chunk);
+                open.crcs.append(chunk);
                 open.clusters += n;
             }
             let sco = ScoName::new(number);
@@ -243,22 +240,24 @@ impl Volume {
         let number = ScoNumber(st.next_sco);
         let sco = ScoName::new(number);
         let path = sco_path(&self.dir, sco);
-        let file = sco::create(&path, &self.sco_header(st, sco))
+        let header = self.sco_header(st, sco);
+        let file = sco::create(self.fs.as_ref(), &path, &header)
             .map_err(VolumeError::io(&self.name, &path))?;
         st.next_sco += 1;
         st.new_files = true;
         st.scos.insert(
             number,
             LocalSco {
-                file: Arc::new(file),
+                file,
                 clusters: 0,
                 state: ScoState::Open,
                 dirty: true,
+                chunk_crcs: None,
             },
         );
         st.open_sco = Some(OpenSco {
             number,
-            crc: 0,
+            crcs: vstor_backend::ChunkCrcs::with_prefix(&header.encode()),
             clusters: 0,
         });
         Ok(())
@@ -270,7 +269,7 @@ impl Volume {
             None => {
                 let number = TLogNumber(st.next_tlog);
                 let path = tlog_path(&self.dir, number);
-                let writer = TLogWriter::create(&path, number)
+                let writer = TLogWriter::create(self.fs.as_ref(), &path, number)
                     .map_err(VolumeError::io(&self.name, &path))?;
                 st.next_tlog += 1;
                 st.new_files = true;
@@ -296,10 +295,13 @@ impl Volume {
         let Some(open) = st.open_sco.take() else {
             return Ok(());
         };
+        let crc = open.crcs.data_crc();
         if open.clusters == 0 {
             // Never written: drop the empty file instead of sealing it.
             st.scos.remove(&open.number);
-            let _ = fs::remove_file(sco_path(&self.dir, ScoName::new(open.number)));
+            let _ = self
+                .fs
+                .remove(&sco_path(&self.dir, ScoName::new(open.number)));
             return Ok(());
         }
         self.append_entry(
@@ -307,11 +309,12 @@ impl Volume {
             Entry::ScoCrc {
                 sco: ScoName::new(open.number),
                 clusters: open.clusters as u32,
-                crc: open.crc,
+                crc,
             },
         )?;
         if let Some(local) = st.scos.get_mut(&open.number) {
-            local.state = ScoState::Sealed { crc: open.crc };
+            local.state = ScoState::Sealed { crc };
+            local.chunk_crcs = Some(open.crcs.chunk_crcs().into());
         }
         st.uploads.push_back(UploadTask::Sco(open.number));
         // `append_entry` above made sure there is a current TLog.

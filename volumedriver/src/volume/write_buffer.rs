@@ -1,7 +1,6 @@
 //! Write-buffer space: how much SCO data is local and how much of it is disposable, and eviction
 //! of disposable SCOs (their data is on the backend, so reads fall back to it).
 
-use std::fs;
 use std::sync::atomic::Ordering;
 
 use crate::sco::SCO_HEADER_LEN;
@@ -38,7 +37,7 @@ impl Volume {
         };
         for number in victims {
             let path = sco_path(&self.dir, ScoName::new(number));
-            if let Err(e) = fs::remove_file(&path) {
+            if let Err(e) = self.fs.remove(&path) {
                 tracing::warn!(volume = %self.name, path = %path.display(), error = %e, "evict failed");
             }
             self.stats.evicted_scos.fetch_add(1, Ordering::Relaxed);

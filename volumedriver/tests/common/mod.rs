@@ -148,6 +148,19 @@ impl ObjectStore for FaultStore {
         self.observe("put_from");
         self.inner.put_from(ns, name, len, data, owner)
     }
+    fn put_file(
+        &self,
+        ns: &str,
+        name: &str,
+        path: &std::path::Path,
+        len: u64,
+        chunk_crcs: Option<&[u32]>,
+        owner: OwnerTag,
+    ) -> vstor_backend::Result<()> {
+        self.spend()?;
+        self.observe("put_file");
+        self.inner.put_file(ns, name, path, len, chunk_crcs, owner)
+    }
     fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
         self.observe("get");
         self.inner.get(ns, name)
