@@ -1240,7 +1240,7 @@ fn scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_obje
     assert!(
         disk_after + freed * 9 / 10 <= disk_before,
         "backend shrank by {} bytes, the scrub says {freed} were freed",
-        disk_before - disk_after
+        i128::from(disk_before) - i128::from(disk_after)
     );
     check_content(&daemon, "sc", &model);
     check_content(&daemon, "sc@s1", &model);

@@ -546,12 +546,21 @@ impl Daemon {
                 .filter_map(|name| store.size(volume, name).ok())
                 .sum();
         }
-        std::fs::read_dir(self.backend_dir(volume)).map_or(0, |dir| {
-            dir.filter_map(std::result::Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
+        // Descriptors and whole objects under `objects/`, and the payloads of linked objects
+        // (SCOs stored by hard link, `put_file`) under `data/`.
+        let objects = self.backend_dir(volume);
+        let data = objects.with_file_name("data");
+        [objects, data]
+            .iter()
+            .map(|dir| {
+                std::fs::read_dir(dir).map_or(0, |dir| {
+                    dir.filter_map(std::result::Result::ok)
+                        .filter_map(|e| e.metadata().ok())
+                        .map(|m| m.len())
+                        .sum::<u64>()
+                })
+            })
+            .sum()
     }
 
     /// The volume's backend TLog list (the `tlogs` object).
