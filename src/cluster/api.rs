@@ -165,9 +165,9 @@ async fn owner_route(
     }
     let live = by_name(cluster.registry.live_nodes().await?);
     let owner_alive = cluster.registry.owner(name).await?.is_some();
+    let is_info = request.method() == axum::http::Method::GET
+        && request.uri().path().trim_end_matches('/') == format!("/v1/volumes/{name}");
     let Some(owner) = live.get(&record.owner).filter(|_| owner_alive) else {
-        let is_info = request.method() == axum::http::Method::GET
-            && request.uri().path().trim_end_matches('/') == format!("/v1/volumes/{name}");
         if is_info {
             let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
             return Ok(Route::Answered(
@@ -188,9 +188,23 @@ async fn owner_route(
         .await
         .map_err(|e| bad_request(format!("cannot read the request body: {e}")))?;
     let body = (!body.is_empty()).then(|| body.to_vec());
-    let answer = forward(&owner.api_addr, &method, &path_and_query, body)
-        .await
-        .map_err(|e| unavailable(format!("volume {name}: owner node {}: {e}", owner.name)))?;
+    let answer = match forward(&owner.api_addr, &method, &path_and_query, body).await {
+        Ok(answer) => answer,
+        // The owner holds its lease but does not answer (partitioned from this node, or
+        // stopped): `volume info` still answers, from the registry, and says so.
+        Err(e) if is_info => {
+            let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
+            let mut view = record_view(&record, Some(owner), dtl);
+            view["owner_unreachable"] = serde_json::json!(e);
+            return Ok(Route::Answered(Json(view).into_response()));
+        }
+        Err(e) => {
+            return Err(unavailable(format!(
+                "volume {name}: owner node {}: {e}",
+                owner.name
+            )))
+        }
+    };
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     Ok(Route::Answered((status, Json(answer.body)).into_response()))
 }

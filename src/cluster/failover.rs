@@ -109,7 +109,7 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn live_view(nodes: &[NodeStatus]) -> Vec<LiveNode> {
+pub(super) fn live_view(nodes: &[NodeStatus]) -> Vec<LiveNode> {
     nodes
         .iter()
         .filter(|n| n.alive)

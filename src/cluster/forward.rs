@@ -10,13 +10,21 @@ use crate::registry::NodeRecord;
 
 /// Header marking a request one node forwarded to another: it is never forwarded again.
 pub const FORWARDED: &str = "x-vstor-forwarded";
-/// How long a forwarded management request may take (as long as the CLI waits).
+/// How long a forwarded management request may take (as long as the CLI waits): moves, scrubs
+/// and deletes wait for uploads.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a forwarded read-only request (GET) may take: the owner answers those from memory,
+/// so a slow answer means a partitioned or stopped owner, and the caller falls back to the
+/// registry instead of hanging.
+const FORWARD_GET_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting to another node's API: a node cut off by a partition never answers the SYN.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
+        .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
         .build()
         .into()
 }
@@ -70,8 +78,13 @@ pub async fn forward(
     let url = format!("http://{addr}{path_and_query}");
     let method = method.to_string();
     let target = addr.to_string();
+    let timeout = if method.eq_ignore_ascii_case("GET") {
+        FORWARD_GET_TIMEOUT
+    } else {
+        FORWARD_TIMEOUT
+    };
     tokio::task::spawn_blocking(move || {
-        let agent = agent(FORWARD_TIMEOUT);
+        let agent = agent(timeout);
         let request = ureq::http::Request::builder()
             .method(method.as_str())
             .uri(&url)

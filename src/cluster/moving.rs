@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::failover::{Failover, FailoverRecord};
-use super::failover_plan::LiveNode;
+use super::failover::{live_view, Failover, FailoverRecord};
 use crate::registry::{NodeStatus, VolumeRecord};
 
 /// A move that could not be done: HTTP status and message.
@@ -31,19 +30,6 @@ fn refused(status: u16, message: impl Into<String>) -> MoveError {
         status,
         message: message.into(),
     }
-}
-
-fn live(nodes: &[NodeStatus]) -> Vec<LiveNode> {
-    nodes
-        .iter()
-        .filter(|n| n.alive)
-        .map(|n| LiveNode {
-            name: n.record.name.clone(),
-            domain: n.record.domain.clone(),
-            recovery_domain: n.record.recovery_domain.clone(),
-            volumes: n.volumes,
-        })
-        .collect()
 }
 
 async fn record(failover: &Failover, name: &str) -> Result<VolumeRecord, MoveError> {
@@ -176,7 +162,13 @@ pub async fn move_volume(
     tracing::error!(volume = %name, to, error = %failure, "move failed; taking the volume back");
     let nodes = failover.registry.nodes().await.unwrap_or_default();
     let back = failover
-        .adopt(&record, &nodes, &live(&nodes), Duration::ZERO, "move-back")
+        .adopt(
+            &record,
+            &nodes,
+            &live_view(&nodes),
+            Duration::ZERO,
+            "move-back",
+        )
         .await;
     let where_now = if back.is_some() {
         format!("it stays on {}", failover.node.name)
@@ -213,7 +205,7 @@ pub async fn take_over(
         .await
         .map_err(|e| refused(503, e.to_string()))?;
     failover
-        .adopt(&record, &nodes, &live(&nodes), Duration::ZERO, "move")
+        .adopt(&record, &nodes, &live_view(&nodes), Duration::ZERO, "move")
         .await
         .ok_or_else(|| {
             refused(

@@ -6,8 +6,7 @@ pub mod etcd;
 pub mod netns;
 pub mod oracle;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Arc};
@@ -357,127 +356,9 @@ pub fn checksum_file(path: &Path) -> String {
     }
 }
 
-/// A deliberately small NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies, one
-/// request at a time) so crash tests control exactly which writes were acknowledged.
-pub struct NbdClient {
-    stream: TcpStream,
-    pub size: u64,
-    cookie: u64,
-}
-
-pub const NBD_CMD_READ: u16 = 0;
-pub const NBD_CMD_WRITE: u16 = 1;
-pub const NBD_CMD_FLUSH: u16 = 3;
-pub const NBD_CMD_FLAG_FUA: u16 = 1;
-
-impl NbdClient {
-    pub fn connect(addr: &str, export: &str) -> std::io::Result<Self> {
-        let mut stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        let mut hello = [0u8; 18];
-        stream.read_exact(&mut hello)?;
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        let flags = u16::from_be_bytes([hello[16], hello[17]]);
-        assert!(flags & 1 != 0, "server is not fixed newstyle");
-        stream.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
-        let mut option = Vec::new();
-        option.extend_from_slice(b"IHAVEOPT");
-        option.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
-        option.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        option.extend_from_slice(export.as_bytes());
-        stream.write_all(&option)?;
-        let mut reply = [0u8; 10];
-        stream.read_exact(&mut reply)?;
-        let size = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
-        Ok(Self {
-            stream,
-            size,
-            cookie: 0,
-        })
-    }
-
-    fn request(
-        &mut self,
-        flags: u16,
-        kind: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> std::io::Result<u32> {
-        self.cookie += 1;
-        let mut header = Vec::with_capacity(28 + payload.len());
-        header.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        header.extend_from_slice(&flags.to_be_bytes());
-        header.extend_from_slice(&kind.to_be_bytes());
-        header.extend_from_slice(&self.cookie.to_be_bytes());
-        header.extend_from_slice(&offset.to_be_bytes());
-        header.extend_from_slice(&len.to_be_bytes());
-        header.extend_from_slice(payload);
-        self.stream.write_all(&header)?;
-        let mut reply = [0u8; 16];
-        self.stream.read_exact(&mut reply)?;
-        assert_eq!(
-            u32::from_be_bytes(reply[..4].try_into().expect("4")),
-            0x6744_6698,
-            "simple reply magic"
-        );
-        assert_eq!(
-            u64::from_be_bytes(reply[8..].try_into().expect("8")),
-            self.cookie,
-            "reply cookie"
-        );
-        Ok(u32::from_be_bytes(reply[4..8].try_into().expect("4")))
-    }
-
-    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<u32> {
-        let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
-        self.request(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)
-    }
-
-    pub fn flush(&mut self) -> std::io::Result<u32> {
-        self.request(0, NBD_CMD_FLUSH, 0, 0, &[])
-    }
-
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<u32> {
-        let error = self.request(0, NBD_CMD_READ, offset, buf.len() as u32, &[])?;
-        if error == 0 {
-            self.stream.read_exact(buf)?;
-        }
-        Ok(error)
-    }
-
-    /// Send a READ without waiting for its reply (pipelining); collect it with `reply`.
-    pub fn send_read(&mut self, cookie: u64, offset: u64, len: u32) -> std::io::Result<()> {
-        let mut header = Vec::with_capacity(28);
-        header.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        header.extend_from_slice(&0u16.to_be_bytes());
-        header.extend_from_slice(&NBD_CMD_READ.to_be_bytes());
-        header.extend_from_slice(&cookie.to_be_bytes());
-        header.extend_from_slice(&offset.to_be_bytes());
-        header.extend_from_slice(&len.to_be_bytes());
-        self.stream.write_all(&header)
-    }
-
-    /// The next reply to a READ sent with `send_read`: (cookie, error, data), where `len_of`
-    /// gives the length each outstanding cookie asked for.
-    pub fn reply(&mut self, len_of: impl Fn(u64) -> usize) -> std::io::Result<(u64, u32, Vec<u8>)> {
-        let mut reply = [0u8; 16];
-        self.stream.read_exact(&mut reply)?;
-        assert_eq!(
-            u32::from_be_bytes(reply[..4].try_into().expect("4")),
-            0x6744_6698,
-            "simple reply magic"
-        );
-        let error = u32::from_be_bytes(reply[4..8].try_into().expect("4"));
-        let cookie = u64::from_be_bytes(reply[8..].try_into().expect("8"));
-        let mut data = Vec::new();
-        if error == 0 {
-            data.resize(len_of(cookie), 0);
-            self.stream.read_exact(&mut data)?;
-        }
-        Ok((cookie, error, data))
-    }
-}
+/// The small blocking NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies, one
+/// request at a time) crash tests use to control exactly which writes were acknowledged.
+pub use vstor_edge::nbd::client::NbdClient;
 
 /// Content of `block` for write sequence number `seq`: derived from both, so a read tells which
 /// write it came from.
