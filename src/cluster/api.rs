@@ -133,17 +133,33 @@ pub async fn route_to_owner(
     let Some(name) = volume_of(&path).map(str::to_string) else {
         return next.run(request).await;
     };
-    if request.headers().contains_key(FORWARDED)
-        || state.manager.names().contains(&name)
-        || state.manager.failed().contains_key(&name)
-    {
+    if state.manager.names().contains(&name) || state.manager.failed().contains_key(&name) {
         return next.run(request).await;
+    }
+    if request.headers().contains_key(FORWARDED) {
+        // Never forwarded twice. A node that is still adopting the volume it was sent says so
+        // (503) rather than "does not exist".
+        return match cluster.registry.volume(&name).await {
+            Ok(Some(record)) if record.owner == state.node.name => {
+                being_taken_over(&state, &name, record.owner_tag).into_response()
+            }
+            _ => next.run(request).await,
+        };
     }
     match owner_route(&state, &cluster, &name, request).await {
         Ok(Route::Local(request)) => next.run(request).await,
         Ok(Route::Answered(response)) => response,
         Err(e) => e.into_response(),
     }
+}
+
+/// The registry names this node as the owner but the manager does not serve the volume (yet):
+/// it is being adopted (failover, move) or restored.
+fn being_taken_over(state: &ApiState, name: &str, tag: u64) -> ApiError {
+    unavailable(format!(
+        "volume {name} is being taken over by node {} (owner tag {tag}); retry in a moment",
+        state.node.name
+    ))
 }
 
 enum Route {
@@ -161,7 +177,7 @@ async fn owner_route(
         return Ok(Route::Local(request));
     };
     if record.owner == state.node.name {
-        return Ok(Route::Local(request));
+        return Err(being_taken_over(state, name, record.owner_tag));
     }
     let live = by_name(cluster.registry.live_nodes().await?);
     let owner_alive = cluster.registry.owner(name).await?.is_some();

@@ -173,6 +173,10 @@ pub(crate) fn get(api: &str, path: &str) -> Result<Option<Value>> {
         .body_mut()
         .read_json()
         .with_context(|| format!("GET {path} on {api}: not JSON"))?;
+    // 503: the node cannot say yet (a volume being adopted); ask again.
+    if status == 503 {
+        return Ok(None);
+    }
     if !status.is_success() {
         bail!("GET {path} on {api}: {status}: {body}");
     }
