@@ -338,7 +338,8 @@ pub struct ScrubRequest {
     pub rate: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// Also serialized: a cluster node forwards it to the node that owns the parent.
+#[derive(Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloneRequest {
     pub name: String,
@@ -839,8 +840,29 @@ async fn snapshot_unexport(
 
 async fn clone_create(
     State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
     Json(request): Json<CloneRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if let Some(cluster) = state.cluster.clone() {
+        let forwarded = headers.contains_key(crate::cluster::forward::FORWARDED);
+        return crate::cluster::api::clone(state, &cluster, forwarded, request).await;
+    }
+    let (dtl_mode, dtl_addr) =
+        dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
+    let (volume, cloned_from) = clone_local(&state, &request, dtl_mode, dtl_addr).await?;
+    let mut value = view(&state, volume.info());
+    value["cloned_from"] = json!(cloned_from);
+    Ok((StatusCode::CREATED, Json(value)))
+}
+
+/// Make a clone on this node (its parent must be served here) and export it; returns it and
+/// `PARENT@SNAPSHOT` it was cloned from.
+pub(crate) async fn clone_local(
+    state: &ApiState,
+    request: &CloneRequest,
+    dtl_mode: DtlMode,
+    dtl_addr: Option<String>,
+) -> Result<(Arc<vstor_volumedriver::Volume>, String), ApiError> {
     let (parent, snapshot) = match snapshot_export_name(&request.from) {
         Some((volume, snapshot)) => (volume.to_string(), snapshot.to_string()),
         None if request.from.contains('@') => {
@@ -864,8 +886,6 @@ async fn clone_create(
             (request.from.clone(), newest.name)
         }
     };
-    let (dtl_mode, dtl_addr) =
-        dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
     // Size and SCO size come from the parent.
     let options = VolumeOptions {
         size: 0,
@@ -890,9 +910,7 @@ async fn clone_create(
         Ok(volume)
     })
     .await?;
-    let mut value = view(&state, volume.info());
-    value["cloned_from"] = json!(format!("{parent}@{snapshot}"));
-    Ok((StatusCode::CREATED, Json(value)))
+    Ok((volume, format!("{parent}@{snapshot}")))
 }
 
 pub fn router(state: ApiState) -> Router {

@@ -490,3 +490,86 @@ fn node_list_on_a_single_node_shows_that_node() {
     let text = daemon.cli_ok(&["node", "list"]);
     assert!(text.contains("local") && text.contains("yes"), "{text}");
 }
+
+/// The NBD `host:port` of a volume's owner, as a node's `volume info` gives it.
+fn nbd_addr_of(info: &Value, volume: &str) -> String {
+    info["nbd_uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no nbd_uri for {volume}: {info}"))
+        .trim_start_matches("nbd://")
+        .trim_end_matches(&format!("/{volume}"))
+        .to_string()
+}
+
+#[test]
+fn clones_are_made_by_the_parents_owner_recorded_and_fail_over() {
+    let mut cluster = Cluster::start();
+    let (n1, n3) = (cluster.node("n1"), cluster.node("n3"));
+    Cluster::json(
+        n1,
+        &["volume", "create", "base", "--size", "16M", "--node", "n2"],
+    );
+    let info = n1.wait_for("base", "base's DTL in sync", |v| {
+        v["dtl_state"] == "ok_sync"
+    });
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    {
+        let mut client = NbdClient::connect(&nbd_addr_of(&info, "base"), "base").unwrap();
+        assert_eq!(client.write(0, &data, false).unwrap(), 0);
+        assert_eq!(client.flush().unwrap(), 0);
+    }
+    // Snapshot and clone asked on n3: both run on n2, the parent's owner.
+    n3.cli_ok(&["snapshot", "create", "base", "gold"]);
+    let clone = Cluster::json(n3, &["clone", "create", "c1", "--from", "base@gold"]);
+    assert_eq!(clone["owner"], "n2", "{clone}");
+    assert_eq!(clone["cloned_from"], "base@gold", "{clone}");
+    // Recorded in the registry: every node lists it with its owner.
+    for daemon in &cluster.nodes {
+        let list = Cluster::json(daemon, &["volume", "list"]);
+        assert_eq!(
+            find(list.as_array().unwrap(), "c1")["owner"],
+            "n2",
+            "{list}"
+        );
+    }
+    let read_clone = |daemon: &Daemon| {
+        let info = daemon.info("c1");
+        let mut client = NbdClient::connect(&nbd_addr_of(&info, "c1"), "c1").unwrap();
+        let mut back = vec![0u8; data.len()];
+        assert_eq!(client.read(0, &mut back).unwrap(), 0);
+        (info["owner"].as_str().unwrap().to_string(), crc_of(&back))
+    };
+    assert_eq!(read_clone(n1), ("n2".to_string(), crc_of(&data)));
+    // A duplicate clone name is refused on any node.
+    let out = n1.cli(&["clone", "create", "c1", "--from", "base@gold"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{out:?}"
+    );
+
+    // The owner dies: the clone fails over like any volume and still reads its parent's data.
+    cluster.nodes[1].kill9();
+    let n1 = cluster.node("n1");
+    // While a survivor adopts it, `volume info` answers "being taken over" (503): poll.
+    let deadline = Instant::now() + TTL + Duration::from_secs(20);
+    loop {
+        let out = n1.cli(&["volume", "info", "c1", "--json"]);
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["state"] == "running" && (v["owner"] == "n1" || v["owner"] == "n3") {
+                break;
+            }
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("c1"), "{err}");
+        }
+        assert!(Instant::now() < deadline, "c1 not adopted: {out:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (owner, crc) = read_clone(n1);
+    assert!(owner == "n1" || owner == "n3", "{owner}");
+    assert_eq!(crc, crc_of(&data));
+}

@@ -309,22 +309,51 @@ pub async fn create(
             state.node.name, request.name
         )));
     }
-    // DTL: an explicit server, else the placement rule, in the requested (or cluster) mode.
-    let requested_mode = request
-        .dtl_mode
-        .as_deref()
+    let (dtl_mode, dtl_addr, dtl_node) = choose_dtl(
+        cluster,
+        &request.name,
+        request.dtl.clone(),
+        request.dtl_mode.as_deref(),
+        &live,
+        &records,
+    )?;
+    let volume = create_local(&state, &request, dtl_mode, dtl_addr.clone()).await?;
+    let value = register(
+        &state,
+        cluster,
+        &request.name,
+        volume.info(),
+        request.size,
+        (dtl_mode, dtl_addr, dtl_node),
+    )
+    .await?;
+    tracing::info!(volume = %request.name, "volume created in the cluster");
+    Ok((StatusCode::CREATED, Json(value)))
+}
+
+/// DTL of a new volume: an explicit server, else the placement rule, in the requested (or the
+/// cluster's default) mode. Returns (mode, server address, DTL node).
+fn choose_dtl(
+    cluster: &Arc<Cluster>,
+    volume: &str,
+    dtl: Option<String>,
+    dtl_mode: Option<&str>,
+    live: &[NodeRecord],
+    records: &[VolumeRecord],
+) -> Result<(DtlMode, Option<String>, Option<String>), ApiError> {
+    let requested_mode = dtl_mode
         .map(str::parse::<DtlMode>)
         .transpose()
         .map_err(bad_request)?;
-    let (dtl_mode, dtl_addr, dtl_node) = match (&request.dtl, requested_mode) {
+    Ok(match (dtl, requested_mode) {
         (_, Some(DtlMode::None)) => (DtlMode::None, None, None),
-        (Some(addr), mode) => (mode.unwrap_or(DtlMode::Sync), Some(addr.clone()), None),
+        (Some(addr), mode) => (mode.unwrap_or(DtlMode::Sync), Some(addr), None),
         (None, mode) => {
             let mut dtls: BTreeMap<String, usize> = BTreeMap::new();
             for node in records.iter().filter_map(|r| r.dtl_node.clone()) {
                 *dtls.entry(node).or_default() += 1;
             }
-            match placement::dtl_node(&cluster.node, &live, &dtls) {
+            match placement::dtl_node(&cluster.node, live, &dtls) {
                 Some(node) => (
                     mode.unwrap_or(cluster.settings.default_dtl_mode),
                     Some(node.dtl_addr.clone()),
@@ -332,28 +361,39 @@ pub async fn create(
                 ),
                 None if mode.is_some() => {
                     return Err(conflict(format!(
-                    "volume {}: no live node for its DTL in node {}'s recovery domain or domain",
-                    request.name, cluster.node.name
-                )))
+                        "volume {volume}: no live node for its DTL in node {}'s recovery domain or domain",
+                        cluster.node.name
+                    )))
                 }
                 None => {
-                    tracing::warn!(volume = %request.name, "no live node can hold the DTL; the volume has none");
+                    tracing::warn!(volume = %volume, "no live node can hold the DTL; the volume has none");
                     (DtlMode::None, None, None)
                 }
             }
         }
-    };
-    let volume = create_local(&state, &request, dtl_mode, dtl_addr.clone()).await?;
-    let info = volume.info();
+    })
+}
+
+/// Record a volume this node just created (or cloned) in the registry, with its owner key under
+/// this node's lease. If the registry refuses, the volume is deleted again: a volume the
+/// registry does not know would never fail over. Returns the volume's view.
+async fn register(
+    state: &ApiState,
+    cluster: &Arc<Cluster>,
+    name: &str,
+    info: vstor_volumedriver::VolumeInfo,
+    size: u64,
+    (dtl_mode, dtl_addr, dtl_node): (DtlMode, Option<String>, Option<String>),
+) -> Result<Value, ApiError> {
     let record = VolumeRecord {
-        name: request.name.clone(),
+        name: name.to_string(),
         owner: state.node.name.clone(),
         owner_tag: info.owner_tag,
         dtl_node: dtl_node.clone(),
         dtl_addr: if dtl_node.is_some() { None } else { dtl_addr },
         dtl_mode,
         state: VolumeState::Serving,
-        size: request.size,
+        size,
         created_at: crate::registry::now_secs(),
     };
     if let Err(e) = cluster
@@ -361,10 +401,9 @@ pub async fn create(
         .create_volume(&record, cluster.lease())
         .await
     {
-        // Not in the registry: the volume must not exist either.
         let manager = state.manager.clone();
         let vhost = state.vhost.clone();
-        let name = request.name.clone();
+        let name = name.to_string();
         let _ = tokio::task::spawn_blocking(move || {
             vhost.remove_export(&name);
             manager.delete(&name)
@@ -372,9 +411,82 @@ pub async fn create(
         .await;
         return Err(e.into());
     }
-    tracing::info!(volume = %request.name, dtl_node = ?dtl_node, "volume created in the cluster");
-    let mut value = view(&state, info);
+    let mut value = view(state, info);
     value["dtl_node"] = json!(dtl_node);
+    Ok(value)
+}
+
+/// `POST /v1/clones` in a cluster: the clone is made by the node that owns its parent (it reads
+/// the parent's snapshot), forwarded there if that is another node, and recorded in the
+/// registry like a created volume, so it fails over like one.
+pub async fn clone(
+    state: ApiState,
+    cluster: &Arc<Cluster>,
+    forwarded: bool,
+    request: crate::api::CloneRequest,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if let Some(existing) = cluster.registry.volume(&request.name).await? {
+        return Err(RegistryError::VolumeExists {
+            volume: request.name,
+            owner: existing.owner,
+        }
+        .into());
+    }
+    let parent = request
+        .from
+        .split_once('@')
+        .map_or(request.from.as_str(), |(volume, _)| volume)
+        .to_string();
+    let live = cluster.registry.live_nodes().await?;
+    if let Some(record) = cluster.registry.volume(&parent).await? {
+        if record.owner != state.node.name {
+            if forwarded {
+                return Err(conflict(format!(
+                    "clone {} was forwarded to node {}, but its parent {parent} is owned by {}",
+                    request.name, state.node.name, record.owner
+                )));
+            }
+            let owner = live
+                .iter()
+                .find(|n| n.name == record.owner)
+                .ok_or_else(|| {
+                    unavailable(format!(
+                        "clone {}: the owner {} of its parent {parent} is dead; retry once the parent is adopted",
+                        request.name, record.owner
+                    ))
+                })?;
+            let body = serde_json::to_vec(&request).map_err(internal)?;
+            let answer = forward(&owner.api_addr, "POST", "/v1/clones", Some(body))
+                .await
+                .map_err(|e| {
+                    unavailable(format!("clone {}: node {}: {e}", request.name, owner.name))
+                })?;
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            return Ok((status, Json(answer.body)));
+        }
+    }
+    if cluster.is_fenced() {
+        return Err(unavailable(format!(
+            "node {} is fenced (it cannot renew its registry lease); clone {} later",
+            state.node.name, request.name
+        )));
+    }
+    let records = cluster.registry.volumes().await?;
+    let dtl = choose_dtl(
+        cluster,
+        &request.name,
+        request.dtl.clone(),
+        request.dtl_mode.as_deref(),
+        &live,
+        &records,
+    )?;
+    let (volume, cloned_from) =
+        crate::api::clone_local(&state, &request, dtl.0, dtl.1.clone()).await?;
+    let info = volume.info();
+    let size = info.size;
+    let mut value = register(&state, cluster, &request.name, info, size, dtl).await?;
+    value["cloned_from"] = json!(cloned_from);
+    tracing::info!(volume = %request.name, from = %cloned_from, "clone created in the cluster");
     Ok((StatusCode::CREATED, Json(value)))
 }
 

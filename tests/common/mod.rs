@@ -302,7 +302,20 @@ impl Daemon {
     ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let info = self.info(name);
+            // In a cluster, a volume that is being adopted answers 503 "being taken over" for
+            // a moment: a state to wait through, not a failure.
+            let out = self.cli(&["volume", "info", name, "--json"]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && stderr.contains("being taken over") {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}: {stderr}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            assert!(out.status.success(), "volume info {name} failed: {stderr}");
+            let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
             if ready(&info) {
                 return info;
             }
