@@ -1202,3 +1202,32 @@ fn fenced_volumes_refuse_writes_and_flushes_until_unfenced() {
     expected[..CS].copy_from_slice(&after);
     assert_eq!(read_all(&volume)[..expected.len()], expected[..]);
 }
+
+/// Regression (found by the power-cut model test): a power cut during a flush, more writes, an
+/// upload, then a power cut during the next upload.
+#[test]
+fn power_cut_during_an_upload_after_a_cut_during_a_flush() {
+    let write = |sectors| Op::Write {
+        sector: 0,
+        sectors,
+        seed: 0,
+        fua: false,
+    };
+    let ops = vec![
+        write(1),
+        Op::CutDuring {
+            what: During::Flush,
+            after: 3,
+            torn: None,
+        },
+        write(17),
+        write(33),
+        Op::Upload(1),
+        Op::CutDuring {
+            what: During::Upload(2),
+            after: 2,
+            torn: None,
+        },
+    ];
+    run_model(ops, true).unwrap();
+}

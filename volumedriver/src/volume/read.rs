@@ -13,7 +13,7 @@ use crate::sco;
 use crate::types::{ClusterLocation, ScoName};
 use crate::wbfs::WbFile;
 
-use super::state::{State, SCO_DIR};
+use super::state::{ScoState, State, SCO_DIR};
 use super::Volume;
 
 /// One cluster read from the backend without the state lock for a read-modify-write: its
@@ -75,7 +75,14 @@ impl Volume {
             } else {
                 let file_offset = sco::cluster_offset(u64::from(location.offset()), cs) + within;
                 let local = (location.clone_id(), location.version()) == (0, 0);
-                match st.scos.get(&location.sco_number()).filter(|_| local) {
+                // A cached copy of an uploaded SCO is used only where it is long enough: after
+                // a power cut it may have lost its unsynced tail, which the backend still has.
+                let cached = st.scos.get(&location.sco_number()).filter(|cached| {
+                    local
+                        && (cached.state != ScoState::Disposable
+                            || u64::from(location.offset()) < cached.clusters)
+                });
+                match cached {
                     Some(cached) => Source::Local {
                         file: cached.file.clone(),
                         offset: file_offset,
