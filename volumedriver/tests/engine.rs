@@ -1231,3 +1231,41 @@ fn power_cut_during_an_upload_after_a_cut_during_a_flush() {
     ];
     run_model(ops, true).unwrap();
 }
+
+/// Regression (found by the power-cut model test): a power cut during the first flush, writes
+/// to other clusters, uploads, then a torn power cut during the next uploads.
+#[test]
+fn torn_power_cut_during_uploads_after_a_cut_during_the_first_flush() {
+    let ops = vec![
+        Op::Write {
+            sector: 0,
+            sectors: 1,
+            seed: 0,
+            fua: false,
+        },
+        Op::CutDuring {
+            what: During::Flush,
+            after: 3,
+            torn: None,
+        },
+        Op::Write {
+            sector: 8,
+            sectors: 17,
+            seed: 0,
+            fua: false,
+        },
+        Op::Write {
+            sector: 151,
+            sectors: 26,
+            seed: 47,
+            fua: false,
+        },
+        Op::Upload(5),
+        Op::CutDuring {
+            what: During::Upload(2),
+            after: 8,
+            torn: Some(16_466_478_080_166_134_327),
+        },
+    ];
+    run_model(ops, true).unwrap();
+}

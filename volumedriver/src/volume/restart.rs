@@ -182,11 +182,23 @@ impl Volume {
         // SCO files: cached copies of backend SCOs stay (disposable); anything else is debris of
         // writes that no surviving TLog entry references.
         let sco_dir = self.dir.join(SCO_DIR);
-        for file_name in self
+        let sco_files = self
             .fs
             .list(&sco_dir)
-            .map_err(VolumeError::io(&name, &sco_dir))?
+            .map_err(VolumeError::io(&name, &sco_dir))?;
+        // No SCO number that names a file here is handed out again, debris included: removing
+        // debris is a directory change, and a power cut before the next FLUSH syncs the
+        // directory undoes it. The old file would then come back under a name a newer SCO (and
+        // its backend object) has, and be taken for that SCO's cached copy.
+        if let Some(max) = sco_files
+            .iter()
+            .filter_map(|file_name| ScoName::parse(file_name))
+            .map(|sco| sco.number.0)
+            .max()
         {
+            st.next_sco = st.next_sco.max(max + 1);
+        }
+        for file_name in sco_files {
             let path = sco_dir.join(&file_name);
             let parsed = ScoName::parse(&file_name);
             let Some(sco) = parsed.filter(|s| s.clone_id == 0) else {
