@@ -20,6 +20,23 @@ use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
 use common::{block_content, Daemon, NbdClient, TestBackend};
 
 const VOLUME: &str = "vol";
+/// The test volume on node `n0`: sync DTL, small SCOs and write buffer so TLogs reach the
+/// backend (and trim the DTL) every few MiB.
+const CREATE_ON_N0: [&str; 13] = [
+    "volume",
+    "create",
+    VOLUME,
+    "--size",
+    "64M",
+    "--sco-size",
+    "4M",
+    "--write-buffer",
+    "8M",
+    "--dtl-mode",
+    "sync",
+    "--node",
+    "n0",
+];
 const NODES: usize = 3;
 
 struct Cluster {
@@ -57,21 +74,7 @@ impl Cluster {
     /// Create the test volume on node `n0`, sync DTL, small SCOs and write buffer so TLogs reach
     /// the backend (and trim the DTL) every few MiB.
     fn create_volume(&self) -> serde_json::Value {
-        self.nodes[0].cli_ok(&[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "64M",
-            "--sco-size",
-            "4M",
-            "--write-buffer",
-            "8M",
-            "--dtl-mode",
-            "sync",
-            "--node",
-            "n0",
-        ]);
+        self.nodes[0].cli_ok(&CREATE_ON_N0);
         wait_info(
             &self.nodes[0],
             "the new volume's DTL link",
@@ -446,21 +449,7 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
             )
         })
         .collect();
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        VOLUME,
-        "--size",
-        "64M",
-        "--sco-size",
-        "4M",
-        "--write-buffer",
-        "8M",
-        "--dtl-mode",
-        "sync",
-        "--node",
-        "n0",
-    ]);
+    nodes[0].cli_ok(&CREATE_ON_N0);
     wait_info(
         &nodes[0],
         "the new volume's DTL link",

@@ -292,16 +292,8 @@ pub async fn create(
         }
         request.node = Some(target.name.clone());
         let body = serde_json::to_vec(&create_body(&request)).map_err(internal)?;
-        let answer = forward(&target.api_addr, "POST", "/v1/volumes", Some(body))
-            .await
-            .map_err(|e| {
-                unavailable(format!(
-                    "volume {}: node {}: {e}",
-                    request.name, target.name
-                ))
-            })?;
-        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        return Ok((status, Json(answer.body)));
+        let what = format!("volume {}", request.name);
+        return post_to(&target, "/v1/volumes", body, &what).await;
     }
     if cluster.is_fenced() {
         return Err(unavailable(format!(
@@ -329,6 +321,20 @@ pub async fn create(
     .await?;
     tracing::info!(volume = %request.name, "volume created in the cluster");
     Ok((StatusCode::CREATED, Json(value)))
+}
+
+/// POST `body` to `path` on `node` (a create or clone meant for it) and pass its answer on.
+async fn post_to(
+    node: &NodeRecord,
+    path: &str,
+    body: Vec<u8>,
+    what: &str,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let answer = forward(&node.api_addr, "POST", path, Some(body))
+        .await
+        .map_err(|e| unavailable(format!("{what}: node {}: {e}", node.name)))?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Ok((status, Json(answer.body)))
 }
 
 /// DTL of a new volume: an explicit server, else the placement rule, in the requested (or the
@@ -456,13 +462,8 @@ pub async fn clone(
                     ))
                 })?;
             let body = serde_json::to_vec(&request).map_err(internal)?;
-            let answer = forward(&owner.api_addr, "POST", "/v1/clones", Some(body))
-                .await
-                .map_err(|e| {
-                    unavailable(format!("clone {}: node {}: {e}", request.name, owner.name))
-                })?;
-            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            return Ok((status, Json(answer.body)));
+            let what = format!("clone {}", request.name);
+            return post_to(owner, "/v1/clones", body, &what).await;
         }
     }
     if cluster.is_fenced() {
