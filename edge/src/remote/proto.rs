@@ -1,0 +1,943 @@
+//! The edge protocol: what an edge process (a hypervisor host's frontends) and the node that owns a
+//! volume say to each other. One versioned message enum and one codec, shared by the client
+//! (`remote::client`) and the server (`remote::server`).
+//!
+//! # Frame
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic          0x56534531 ("VSE1"), little-endian
+//!      4    2 version        protocol version of the sender
+//!      6    2 kind           message kind (see `Message::kind`)
+//!      8    8 id             request id chosen by the client; a reply carries its request's id
+//!     16    4 payload length bytes following the header, at most MAX_FRAME_PAYLOAD
+//!     20    4 CRC32C         over bytes 4..20 of the header (version, kind, id, length) + payload
+//!     24    n payload        little-endian fields per kind; a data block comes last
+//! ```
+//!
+//! *Why the CRC covers the header fields:* a flipped bit in `kind` could otherwise turn a `Trim`
+//! into a `WriteZeroes` with the same payload layout, and a flipped `id` would complete the wrong
+//! request. With the header covered every corruption of a frame is detected: magic → `BadMagic`,
+//! length → `FrameTooLarge` or a CRC mismatch, anything else → `CrcMismatch`. The connection is
+//! then closed; the client reconnects and resubmits what was in flight (see `remote::resubmit`).
+//!
+//! *Why the id sits in the header:* requests are pipelined (many in flight per connection) and
+//! replies come back in completion order, so every frame is matched by id. Handshake frames use 0.
+//!
+//! *Zero copy:* a `Write`'s or `Data`'s block is the last field of its payload, so the decoder
+//! hands it out as a slice of the received buffer ([`Bytes`], no copy), and
+//! [`EdgeCodec::encode_parts`] gives the header and fields apart from the block so a sender can
+//! write both with one vectored write instead of copying the block into a frame.
+//!
+//! # Owner tags
+//!
+//! Every request after the handshake carries the owner tag the client last saw for the volume
+//! (from the registry, confirmed by `Welcome`). The server refuses a request whose tag differs from
+//! the tag it holds the volume under with [`ErrorCode::StaleTag`], and a volume it does not own
+//! with [`ErrorCode::NotOwner`]: an edge that missed a failover can never write through a node
+//! that is no longer the owner, nor past a newer owner.
+//!
+//! # Versioning
+//!
+//! `Hello`, `Welcome` and `VersionMismatch` are frozen: their kind and layout never change and the
+//! decoder accepts them whatever version the header carries, so peers of different versions can
+//! always say so. Every other kind is accepted only with the receiver's version.
+//!
+//! # Limits
+//!
+//! Frames above [`MAX_FRAME_PAYLOAD`] are refused from the header alone, before any payload is
+//! buffered. A block status reply carries at most [`MAX_EXTENTS`] extents.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::target::Extent;
+
+/// "VSE1".
+pub const MAGIC: u32 = 0x5653_4531;
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 24;
+/// Largest payload accepted or produced: a 32 MiB block (NBD's largest request) plus fields.
+pub const MAX_FRAME_PAYLOAD: usize = (32 << 20) + 4096;
+/// Longest string (volume name, client name, error message) on the wire.
+pub const MAX_STRING_LEN: usize = 4096;
+/// Most extents in one `Extents` reply.
+pub const MAX_EXTENTS: usize = 65_536;
+
+/// Why a frame could not be encoded or decoded. Any of these ends the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("bad frame magic {0:#010x} (not an edge protocol peer?)")]
+    BadMagic(u32),
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame CRC mismatch: header says {expected:#010x}, computed {actual:#010x}")]
+    CrcMismatch { expected: u32, actual: u32 },
+    #[error("peer speaks edge protocol version {got}, this build speaks {ours}")]
+    UnsupportedVersion { got: u16, ours: u16 },
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Why a server refused a request. The client maps these onto [`crate::TargetError`] or, for
+/// `StaleTag`, `NotOwner` and `Fenced`, onto "find the owner again and resubmit".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request reaches beyond the end of the volume.
+    OutOfRange = 1,
+    /// A mutating request on a read-only volume (snapshot, template).
+    ReadOnly = 2,
+    /// The volume is stopping or was removed on this node.
+    Shutdown = 3,
+    /// The engine failed the request (halted volume, backend error, ...).
+    Io = 4,
+    /// The request carried another owner tag than the one this node holds the volume under.
+    StaleTag = 5,
+    /// This node does not serve the volume (it moved, or was never here).
+    NotOwner = 6,
+    /// This node fenced the volume (it may have lost its cluster lease): another node may own it.
+    Fenced = 7,
+    /// The request is not valid (unaligned, zero length, a request before `Hello`, ...).
+    Invalid = 8,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => ErrorCode::OutOfRange,
+            2 => ErrorCode::ReadOnly,
+            3 => ErrorCode::Shutdown,
+            4 => ErrorCode::Io,
+            5 => ErrorCode::StaleTag,
+            6 => ErrorCode::NotOwner,
+            7 => ErrorCode::Fenced,
+            8 => ErrorCode::Invalid,
+            _ => return None,
+        })
+    }
+
+    /// The owner may have changed: the client should look it up again and resubmit.
+    pub fn means_owner_changed(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::StaleTag | ErrorCode::NotOwner | ErrorCode::Fenced | ErrorCode::Shutdown
+        )
+    }
+}
+
+/// Every message of the protocol, requests and replies alike. The request id travels in the frame
+/// header, next to the message (see [`EdgeCodec`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    // --- handshake (frozen across versions) ---
+    /// First frame of a connection: which volume, under which owner tag, and who asks.
+    Hello {
+        version: u16,
+        volume: String,
+        tag: u64,
+        /// The edge's name, for the server's logs and metrics.
+        client: String,
+    },
+    /// The server holds `volume` under `tag` and serves it on this connection.
+    Welcome {
+        version: u16,
+        size: u64,
+        read_only: bool,
+        tag: u64,
+        dtl_in_sync: bool,
+    },
+    /// The server does not speak the client's version; the connection closes.
+    VersionMismatch {
+        server: u16,
+        client: u16,
+    },
+    // --- requests ---
+    Read {
+        tag: u64,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        tag: u64,
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    },
+    Flush {
+        tag: u64,
+    },
+    Trim {
+        tag: u64,
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        tag: u64,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fua: bool,
+    },
+    BlockStatus {
+        tag: u64,
+        offset: u64,
+        len: u64,
+    },
+    // --- replies ---
+    /// A write, flush, trim or write-zeroes completed (durably, if it was a flush or FUA).
+    /// `dtl_in_sync`: after it, every acknowledged write not on the backend is on the DTL.
+    Done {
+        dtl_in_sync: bool,
+    },
+    /// A read's bytes.
+    Data {
+        dtl_in_sync: bool,
+        data: Bytes,
+    },
+    /// A block status answer.
+    Extents {
+        extents: Vec<Extent>,
+    },
+    /// The request (or, with id 0, the handshake) failed.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+mod kind {
+    pub const HELLO: u16 = 1;
+    pub const WELCOME: u16 = 2;
+    pub const VERSION_MISMATCH: u16 = 3;
+    pub const READ: u16 = 10;
+    pub const WRITE: u16 = 11;
+    pub const FLUSH: u16 = 12;
+    pub const TRIM: u16 = 13;
+    pub const WRITE_ZEROES: u16 = 14;
+    pub const BLOCK_STATUS: u16 = 15;
+    pub const DONE: u16 = 100;
+    pub const DATA: u16 = 101;
+    pub const EXTENTS: u16 = 102;
+    pub const ERROR: u16 = 103;
+
+    /// Kinds whose layout never changes, accepted under any header version.
+    pub fn is_frozen(kind: u16) -> bool {
+        matches!(kind, HELLO | WELCOME | VERSION_MISMATCH)
+    }
+}
+
+impl Message {
+    /// Wire kind of this message.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Message::Hello { .. } => kind::HELLO,
+            Message::Welcome { .. } => kind::WELCOME,
+            Message::VersionMismatch { .. } => kind::VERSION_MISMATCH,
+            Message::Read { .. } => kind::READ,
+            Message::Write { .. } => kind::WRITE,
+            Message::Flush { .. } => kind::FLUSH,
+            Message::Trim { .. } => kind::TRIM,
+            Message::WriteZeroes { .. } => kind::WRITE_ZEROES,
+            Message::BlockStatus { .. } => kind::BLOCK_STATUS,
+            Message::Done { .. } => kind::DONE,
+            Message::Data { .. } => kind::DATA,
+            Message::Extents { .. } => kind::EXTENTS,
+            Message::Error { .. } => kind::ERROR,
+        }
+    }
+
+    /// Short name for logs and error messages (never includes data).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::VersionMismatch { .. } => "VersionMismatch",
+            Message::Read { .. } => "Read",
+            Message::Write { .. } => "Write",
+            Message::Flush { .. } => "Flush",
+            Message::Trim { .. } => "Trim",
+            Message::WriteZeroes { .. } => "WriteZeroes",
+            Message::BlockStatus { .. } => "BlockStatus",
+            Message::Done { .. } => "Done",
+            Message::Data { .. } => "Data",
+            Message::Extents { .. } => "Extents",
+            Message::Error { .. } => "Error",
+        }
+    }
+
+    /// The owner tag a request carries (`None` for handshake frames and replies).
+    pub fn tag(&self) -> Option<u64> {
+        match self {
+            Message::Read { tag, .. }
+            | Message::Write { tag, .. }
+            | Message::Flush { tag }
+            | Message::Trim { tag, .. }
+            | Message::WriteZeroes { tag, .. }
+            | Message::BlockStatus { tag, .. } => Some(*tag),
+            _ => None,
+        }
+    }
+
+    /// The data block sent after the fixed fields (`Write`, `Data`), if any.
+    fn block(&self) -> Option<&Bytes> {
+        match self {
+            Message::Write { data, .. } | Message::Data { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    /// Encode every field except the trailing data block.
+    fn encode_fields(&self, out: &mut BytesMut) -> Result<(), ProtoError> {
+        match self {
+            Message::Hello {
+                version,
+                volume,
+                tag,
+                client,
+            } => {
+                out.put_u16_le(*version);
+                put_string(out, volume)?;
+                out.put_u64_le(*tag);
+                put_string(out, client)?;
+            }
+            Message::Welcome {
+                version,
+                size,
+                read_only,
+                tag,
+                dtl_in_sync,
+            } => {
+                out.put_u16_le(*version);
+                out.put_u64_le(*size);
+                out.put_u8(u8::from(*read_only));
+                out.put_u64_le(*tag);
+                out.put_u8(u8::from(*dtl_in_sync));
+            }
+            Message::VersionMismatch { server, client } => {
+                out.put_u16_le(*server);
+                out.put_u16_le(*client);
+            }
+            Message::Read { tag, offset, len } => {
+                out.put_u64_le(*tag);
+                out.put_u64_le(*offset);
+                out.put_u32_le(*len);
+            }
+            Message::Write {
+                tag, offset, fua, ..
+            } => {
+                out.put_u64_le(*tag);
+                out.put_u64_le(*offset);
+                out.put_u8(u8::from(*fua));
+            }
+            Message::Flush { tag } => out.put_u64_le(*tag),
+            Message::Trim { tag, offset, len } | Message::BlockStatus { tag, offset, len } => {
+                out.put_u64_le(*tag);
+                out.put_u64_le(*offset);
+                out.put_u64_le(*len);
+            }
+            Message::WriteZeroes {
+                tag,
+                offset,
+                len,
+                allocate,
+                fua,
+            } => {
+                out.put_u64_le(*tag);
+                out.put_u64_le(*offset);
+                out.put_u64_le(*len);
+                out.put_u8(u8::from(*allocate));
+                out.put_u8(u8::from(*fua));
+            }
+            Message::Done { dtl_in_sync } | Message::Data { dtl_in_sync, .. } => {
+                out.put_u8(u8::from(*dtl_in_sync));
+            }
+            Message::Extents { extents } => {
+                if extents.len() > MAX_EXTENTS {
+                    return Err(ProtoError::Malformed(format!(
+                        "{} extents exceed the limit of {MAX_EXTENTS}",
+                        extents.len()
+                    )));
+                }
+                out.put_u32_le(extents.len() as u32);
+                for e in extents {
+                    out.put_u64_le(e.length);
+                    out.put_u8(u8::from(e.hole));
+                }
+            }
+            Message::Error { code, message } => {
+                out.put_u16_le(*code as u16);
+                // Error texts are for humans: cut rather than fail on a long one.
+                let mut end = message.len().min(MAX_STRING_LEN);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                put_string(out, &message[..end])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_payload(kind: u16, payload: Bytes) -> Result<Message, ProtoError> {
+        let mut r = Reader(payload);
+        let msg = match kind {
+            kind::HELLO => Message::Hello {
+                version: r.u16()?,
+                volume: r.string()?,
+                tag: r.u64()?,
+                client: r.string()?,
+            },
+            kind::WELCOME => Message::Welcome {
+                version: r.u16()?,
+                size: r.u64()?,
+                read_only: r.bool()?,
+                tag: r.u64()?,
+                dtl_in_sync: r.bool()?,
+            },
+            kind::VERSION_MISMATCH => Message::VersionMismatch {
+                server: r.u16()?,
+                client: r.u16()?,
+            },
+            kind::READ => Message::Read {
+                tag: r.u64()?,
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
+            kind::WRITE => Message::Write {
+                tag: r.u64()?,
+                offset: r.u64()?,
+                fua: r.bool()?,
+                data: r.rest(),
+            },
+            kind::FLUSH => Message::Flush { tag: r.u64()? },
+            kind::TRIM => Message::Trim {
+                tag: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            kind::WRITE_ZEROES => Message::WriteZeroes {
+                tag: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                allocate: r.bool()?,
+                fua: r.bool()?,
+            },
+            kind::BLOCK_STATUS => Message::BlockStatus {
+                tag: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            kind::DONE => Message::Done {
+                dtl_in_sync: r.bool()?,
+            },
+            kind::DATA => Message::Data {
+                dtl_in_sync: r.bool()?,
+                data: r.rest(),
+            },
+            kind::EXTENTS => {
+                let count = r.u32()? as usize;
+                if count > MAX_EXTENTS {
+                    return Err(ProtoError::Malformed(format!(
+                        "{count} extents exceed the limit of {MAX_EXTENTS}"
+                    )));
+                }
+                // 9 bytes per extent: don't trust `count` for the allocation.
+                r.need(count.saturating_mul(9))?;
+                let mut extents = Vec::with_capacity(count);
+                for _ in 0..count {
+                    extents.push(Extent {
+                        length: r.u64()?,
+                        hole: r.bool()?,
+                    });
+                }
+                Message::Extents { extents }
+            }
+            kind::ERROR => {
+                let raw = r.u16()?;
+                let code = ErrorCode::from_u16(raw)
+                    .ok_or_else(|| ProtoError::Malformed(format!("unknown error code {raw}")))?;
+                Message::Error {
+                    code,
+                    message: r.string()?,
+                }
+            }
+            other => return Err(ProtoError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn put_string(out: &mut BytesMut, s: &str) -> Result<(), ProtoError> {
+    if s.len() > MAX_STRING_LEN {
+        return Err(ProtoError::Malformed(format!(
+            "string of {} bytes exceeds {MAX_STRING_LEN}",
+            s.len()
+        )));
+    }
+    out.put_u16_le(s.len() as u16);
+    out.put_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Bounds-checked little-endian reader over a payload; running short is `Truncated`.
+struct Reader(Bytes);
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), ProtoError> {
+        if self.0.remaining() < n {
+            Err(ProtoError::Truncated("payload"))
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        self.need(1)?;
+        Ok(self.0.get_u8())
+    }
+    fn bool(&mut self) -> Result<bool, ProtoError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(ProtoError::Malformed(format!("bad boolean {other}"))),
+        }
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        self.need(2)?;
+        Ok(self.0.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        self.need(4)?;
+        Ok(self.0.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        self.need(8)?;
+        Ok(self.0.get_u64_le())
+    }
+    fn string(&mut self) -> Result<String, ProtoError> {
+        let len = self.u16()? as usize;
+        if len > MAX_STRING_LEN {
+            return Err(ProtoError::Malformed(format!(
+                "string of {len} bytes exceeds {MAX_STRING_LEN}"
+            )));
+        }
+        self.need(len)?;
+        let raw = self.0.split_to(len);
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| ProtoError::Malformed("string is not UTF-8".into()))
+    }
+    /// Everything left: the trailing data block, without a copy.
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.0)
+    }
+    fn finish(self) -> Result<(), ProtoError> {
+        if self.0.has_remaining() {
+            Err(ProtoError::Malformed(format!(
+                "{} trailing bytes after the message",
+                self.0.remaining()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One frame: the message and the request id it belongs to (0 for the handshake).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub id: u64,
+    pub message: Message,
+}
+
+impl Frame {
+    pub fn new(id: u64, message: Message) -> Self {
+        Self { id, message }
+    }
+}
+
+/// Frame codec for [`Message`], used by both client and server.
+#[derive(Clone, Debug)]
+pub struct EdgeCodec {
+    version: u16,
+}
+
+impl Default for EdgeCodec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EdgeCodec {
+    /// A codec speaking [`PROTOCOL_VERSION`].
+    pub fn new() -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// A codec speaking another version (for compatibility tests and future migrations).
+    pub fn with_version(version: u16) -> Self {
+        Self { version }
+    }
+
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Encode `frame` as its header and fixed fields, appended to `dst`, and its data block
+    /// (`Write`, `Data`) returned apart, so the caller can send both with one vectored write and
+    /// never copy the block. The CRC in the header covers the block.
+    pub fn encode_parts(
+        &self,
+        frame: &Frame,
+        dst: &mut BytesMut,
+    ) -> Result<Option<Bytes>, ProtoError> {
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + 32);
+        dst.put_bytes(0, HEADER_LEN);
+        if let Err(e) = frame.message.encode_fields(dst) {
+            dst.truncate(start);
+            return Err(e);
+        }
+        let block = frame.message.block().filter(|b| !b.is_empty()).cloned();
+        let fields = dst.len() - start - HEADER_LEN;
+        let len = fields + block.as_ref().map_or(0, Bytes::len);
+        if len > MAX_FRAME_PAYLOAD {
+            dst.truncate(start);
+            return Err(ProtoError::FrameTooLarge {
+                len,
+                max: MAX_FRAME_PAYLOAD,
+            });
+        }
+        let (head, fields) = dst[start..].split_at_mut(HEADER_LEN);
+        head[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        head[4..6].copy_from_slice(&self.version.to_le_bytes());
+        head[6..8].copy_from_slice(&frame.message.kind().to_le_bytes());
+        head[8..16].copy_from_slice(&frame.id.to_le_bytes());
+        head[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&head[4..20]), fields);
+        if let Some(block) = &block {
+            crc = crc32c::crc32c_append(crc, block);
+        }
+        head[20..24].copy_from_slice(&crc.to_le_bytes());
+        Ok(block)
+    }
+}
+
+impl Encoder<Frame> for EdgeCodec {
+    type Error = ProtoError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        self.encode(&frame, dst)
+    }
+}
+
+impl Encoder<&Frame> for EdgeCodec {
+    type Error = ProtoError;
+
+    /// The whole frame into `dst` (the block copied in); see [`EdgeCodec::encode_parts`].
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        if let Some(block) = self.encode_parts(frame, dst)? {
+            dst.extend_from_slice(&block);
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for EdgeCodec {
+    type Item = Frame;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let magic = (&src[0..4]).get_u32_le();
+        if magic != MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = (&src[16..20]).get_u32_le() as usize;
+        if len > MAX_FRAME_PAYLOAD {
+            return Err(ProtoError::FrameTooLarge {
+                len,
+                max: MAX_FRAME_PAYLOAD,
+            });
+        }
+        if src.len() < HEADER_LEN + len {
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        // The frame is complete: consume it whatever happens next, so the buffer stays aligned
+        // on frame boundaries.
+        let frame = src.split_to(HEADER_LEN + len).freeze();
+        let (head, payload) = frame.split_at(HEADER_LEN);
+        let expected = (&head[20..24]).get_u32_le();
+        let actual = crc32c::crc32c_append(crc32c::crc32c(&head[4..20]), payload);
+        if expected != actual {
+            return Err(ProtoError::CrcMismatch { expected, actual });
+        }
+        let version = (&head[4..6]).get_u16_le();
+        let kind = (&head[6..8]).get_u16_le();
+        let id = (&head[8..16]).get_u64_le();
+        if version != self.version && !kind::is_frozen(kind) {
+            return Err(ProtoError::UnsupportedVersion {
+                got: version,
+                ours: self.version,
+            });
+        }
+        let message = Message::decode_payload(kind, frame.slice(HEADER_LEN..))?;
+        Ok(Some(Frame { id, message }))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        match self.decode(buf)? {
+            Some(frame) => Ok(Some(frame)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(ProtoError::Truncated("frame: connection closed mid-frame")),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode(frame: &Frame) -> BytesMut {
+        let mut buf = BytesMut::new();
+        EdgeCodec::new().encode(frame, &mut buf).unwrap();
+        buf
+    }
+
+    fn arb_code() -> impl Strategy<Value = ErrorCode> {
+        (1u16..=8).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+    }
+
+    fn arb_data() -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..600).prop_map(Bytes::from)
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let name = "[a-zA-Z0-9._@-]{0,40}";
+        prop_oneof![
+            (any::<u16>(), name, any::<u64>(), name).prop_map(|(version, volume, tag, client)| {
+                Message::Hello {
+                    version,
+                    volume,
+                    tag,
+                    client,
+                }
+            }),
+            (
+                any::<u16>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(version, size, read_only, tag, dtl_in_sync)| {
+                    Message::Welcome {
+                        version,
+                        size,
+                        read_only,
+                        tag,
+                        dtl_in_sync,
+                    }
+                }),
+            (any::<u16>(), any::<u16>())
+                .prop_map(|(server, client)| Message::VersionMismatch { server, client }),
+            (any::<u64>(), any::<u64>(), any::<u32>())
+                .prop_map(|(tag, offset, len)| Message::Read { tag, offset, len }),
+            (any::<u64>(), any::<u64>(), any::<bool>(), arb_data()).prop_map(
+                |(tag, offset, fua, data)| Message::Write {
+                    tag,
+                    offset,
+                    fua,
+                    data
+                }
+            ),
+            any::<u64>().prop_map(|tag| Message::Flush { tag }),
+            (any::<u64>(), any::<u64>(), any::<u64>())
+                .prop_map(|(tag, offset, len)| Message::Trim { tag, offset, len }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(tag, offset, len, allocate, fua)| {
+                    Message::WriteZeroes {
+                        tag,
+                        offset,
+                        len,
+                        allocate,
+                        fua,
+                    }
+                }),
+            (any::<u64>(), any::<u64>(), any::<u64>())
+                .prop_map(|(tag, offset, len)| Message::BlockStatus { tag, offset, len }),
+            any::<bool>().prop_map(|dtl_in_sync| Message::Done { dtl_in_sync }),
+            (any::<bool>(), arb_data())
+                .prop_map(|(dtl_in_sync, data)| Message::Data { dtl_in_sync, data }),
+            proptest::collection::vec((any::<u64>(), any::<bool>()), 0..20).prop_map(|v| {
+                Message::Extents {
+                    extents: v
+                        .into_iter()
+                        .map(|(length, hole)| Extent { length, hole })
+                        .collect(),
+                }
+            }),
+            (arb_code(), "[ -~]{0,80}")
+                .prop_map(|(code, message)| Message::Error { code, message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(id in any::<u64>(), message in arb_message()) {
+            let frame = Frame::new(id, message);
+            let mut buf = encode(&frame);
+            let decoded = EdgeCodec::new().decode_eof(&mut buf).unwrap();
+            prop_assert_eq!(decoded, Some(frame));
+            prop_assert!(buf.is_empty());
+        }
+
+        /// Any single flipped byte is detected: the decoder errors (never returns another frame).
+        #[test]
+        fn every_corrupted_byte_is_detected(
+            id in any::<u64>(),
+            message in arb_message(),
+            pos in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let frame = Frame::new(id, message);
+            let mut buf = encode(&frame);
+            let at = pos.index(buf.len());
+            buf[at] ^= flip;
+            match EdgeCodec::new().decode_eof(&mut buf) {
+                Err(_) => {}
+                Ok(got) => prop_assert!(false, "corruption at {} decoded as {:?}", at, got),
+            }
+        }
+
+        /// Frames split at any point decode once the rest arrives, in order.
+        #[test]
+        fn split_frames_decode_in_order(
+            a in arb_message(),
+            b in arb_message(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut all = encode(&Frame::new(1, a.clone()));
+            all.extend_from_slice(&encode(&Frame::new(2, b.clone())));
+            let cut = cut.index(all.len());
+            let mut codec = EdgeCodec::new();
+            let mut buf = BytesMut::from(&all[..cut]);
+            let mut out = Vec::new();
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+            buf.extend_from_slice(&all[cut..]);
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+            prop_assert_eq!(out, vec![Frame::new(1, a), Frame::new(2, b)]);
+        }
+    }
+
+    #[test]
+    fn encode_parts_keeps_the_block_apart_and_covers_it_with_the_crc() {
+        let data = Bytes::from(vec![7u8; 4096]);
+        let frame = Frame::new(
+            9,
+            Message::Write {
+                tag: 3,
+                offset: 8192,
+                fua: false,
+                data: data.clone(),
+            },
+        );
+        let mut head = BytesMut::new();
+        let block = EdgeCodec::new().encode_parts(&frame, &mut head).unwrap();
+        assert_eq!(block.as_ref(), Some(&data));
+        assert!(
+            head.len() < 64,
+            "the block must not be copied into the head"
+        );
+        let mut whole = head.clone();
+        whole.extend_from_slice(&data);
+        assert_eq!(
+            EdgeCodec::new().decode(&mut whole.clone()).unwrap(),
+            Some(frame)
+        );
+        // A flipped bit in the block fails the CRC.
+        let last = whole.len() - 1;
+        whole[last] ^= 1;
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut whole),
+            Err(ProtoError::CrcMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_from_the_header_alone() {
+        let mut buf = encode(&Frame::new(1, Message::Flush { tag: 1 }));
+        buf[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        buf.truncate(HEADER_LEN);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn other_versions_only_pass_the_frozen_handshake() {
+        let hello = Frame::new(
+            0,
+            Message::Hello {
+                version: 2,
+                volume: "v".into(),
+                tag: 1,
+                client: "e".into(),
+            },
+        );
+        let mut buf = BytesMut::new();
+        EdgeCodec::with_version(2).encode(&hello, &mut buf).unwrap();
+        assert_eq!(EdgeCodec::new().decode(&mut buf).unwrap(), Some(hello));
+        let mut buf = BytesMut::new();
+        EdgeCodec::with_version(2)
+            .encode(&Frame::new(5, Message::Flush { tag: 1 }), &mut buf)
+            .unwrap();
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::UnsupportedVersion { got: 2, ours: 1 })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_not_a_frame() {
+        let mut buf = BytesMut::from(&b"NBDMAGIC and more bytes than a header"[..]);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::BadMagic(_))
+        ));
+        let mut short = encode(&Frame::new(1, Message::Flush { tag: 1 }));
+        short.truncate(short.len() - 1);
+        assert!(matches!(
+            EdgeCodec::new().decode_eof(&mut short),
+            Err(ProtoError::Truncated(_))
+        ));
+    }
+}
