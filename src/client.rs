@@ -144,12 +144,12 @@ pub fn print_nodes(nodes: &Value) {
     let empty = Vec::new();
     let nodes = nodes.as_array().unwrap_or(&empty);
     println!(
-        "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21}",
-        "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL"
+        "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21} {:<21}",
+        "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL", "EDGE"
     );
     for node in nodes {
         println!(
-            "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21}",
+            "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21} {:<21}",
             text(node, "name"),
             text(node, "domain"),
             text(node, "recovery_domain"),
@@ -158,6 +158,7 @@ pub fn print_nodes(nodes: &Value) {
             text(node, "api_addr"),
             text(node, "nbd_addr"),
             text(node, "dtl_addr"),
+            text(node, "edge_addr"),
         );
     }
 }

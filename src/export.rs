@@ -208,6 +208,10 @@ impl Exports {
         }
     }
 
+    pub fn manager(&self) -> &Arc<VolumeManager> {
+        &self.manager
+    }
+
     /// The read-only view of `volume@snapshot`, cached.
     pub fn snapshot_view(
         &self,

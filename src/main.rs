@@ -8,6 +8,7 @@ mod cluster;
 mod config;
 mod dirlock;
 mod export;
+mod export_remote;
 mod registry;
 mod scrub;
 mod server;
@@ -101,6 +102,10 @@ struct ServeArgs {
     /// NBD listen address [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd: Option<String>,
+    /// Serve the edge protocol (for `vstor edge` on hypervisor hosts) on HOST:PORT [default:
+    /// none, no edge can reach this node's volumes].
+    #[arg(long)]
+    edge_listen: Option<String>,
     /// Directory for the vhost-user-blk sockets [default: <data-dir>/vhost].
     #[arg(long)]
     vhost_dir: Option<PathBuf>,
@@ -624,6 +629,7 @@ fn run(cli: Cli) -> Result<()> {
                 backend: args.backend,
                 api: args.api,
                 nbd: args.nbd,
+                edge_listen: args.edge_listen,
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,

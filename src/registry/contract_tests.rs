@@ -17,6 +17,7 @@ fn node(name: &str) -> NodeRecord {
         api_addr: format!("127.0.0.1:{}", 1000 + name.len()),
         nbd_addr: "127.0.0.1:2".into(),
         dtl_addr: "127.0.0.1:3".into(),
+        edge_addr: Some("127.0.0.1:4".into()),
         started_at: 1,
         version: "t".into(),
     }

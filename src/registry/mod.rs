@@ -70,6 +70,10 @@ pub struct NodeRecord {
     pub nbd_addr: String,
     /// The node's DTL server, `host:port` (other nodes' volumes mirror their writes there).
     pub dtl_addr: String,
+    /// The node's edge-protocol listener, `host:port` (`vstor serve --edge-listen`); `None`:
+    /// it serves no edges.
+    #[serde(default)]
+    pub edge_addr: Option<String>,
     /// When this registration was made, seconds since the Unix epoch.
     #[serde(default)]
     pub started_at: u64,
