@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::target::{BlockTarget, ExportRegistry, Extent, ReadAttempt, TargetError, WriteAck};
 
+pub mod remote;
+
 /// Allocation granularity of [`MemTarget`].
 pub const ALLOC_BLOCK: u64 = 4096;
 
