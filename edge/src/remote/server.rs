@@ -430,22 +430,31 @@ impl Session {
                 offset, fua, data, ..
             } => {
                 self.check(offset, data.len() as u64, true)?;
-                if fua {
+                if fua && !self.target().fua_inline() {
                     self.spawn_blocking(id, move |t| t.write(offset, &data, true));
                     return Ok(());
                 }
-                let ack = self.target().write(offset, &data, false)?;
+                let ack = self.target().write(offset, &data, fua)?;
                 self.acknowledge(id, ack);
                 Ok(())
             }
             Message::Flush { .. } => {
-                self.spawn_blocking(id, |t| t.flush().map(|()| WriteAck::default()));
+                match self.target().flush_async() {
+                    Some(flush) => self.acknowledge(
+                        id,
+                        WriteAck {
+                            throttle: None,
+                            pending: Some(flush),
+                        },
+                    ),
+                    None => self.spawn_blocking(id, |t| t.flush().map(|()| WriteAck::default())),
+                }
                 Ok(())
             }
             Message::Trim { offset, len, .. } => {
                 self.check(offset, len, true)?;
-                self.target().discard(offset, len)?;
-                self.acknowledge(id, WriteAck::default());
+                let ack = self.target().discard(offset, len)?;
+                self.acknowledge(id, ack);
                 Ok(())
             }
             Message::WriteZeroes {
@@ -456,11 +465,11 @@ impl Session {
                 ..
             } => {
                 self.check(offset, len, true)?;
-                if fua {
+                if fua && !self.target().fua_inline() {
                     self.spawn_blocking(id, move |t| t.write_zeroes(offset, len, allocate, true));
                     return Ok(());
                 }
-                let ack = self.target().write_zeroes(offset, len, allocate, false)?;
+                let ack = self.target().write_zeroes(offset, len, allocate, fua)?;
                 self.acknowledge(id, ack);
                 Ok(())
             }
@@ -529,8 +538,16 @@ impl Session {
         Ok(())
     }
 
-    /// A read that must wait for the backend: on the bounded backend-read pool.
+    /// A read that must wait for the backend: the target's asynchronous read, or the bounded
+    /// backend-read pool.
     fn spawn_read(&mut self, id: u64, offset: u64, mut buf: BytesMut) {
+        if let Some(read) = self.target().read_async(offset, buf.len()) {
+            self.pending.push(Box::pin(async move {
+                let result = read.await.map(Output::Data);
+                Completion { id, result }
+            }));
+            return;
+        }
         let target = Arc::clone(self.target());
         let (tx, rx) = oneshot::channel();
         read_pool::spawn(&tokio::runtime::Handle::current(), move || {
