@@ -159,7 +159,7 @@ impl BlockTarget for RemoteTarget {
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<WriteAck, TargetError> {
         unimplemented!()
     }
-    fn discard(&self, _offset: u64, _len: u64) -> Result<(), TargetError> {
+    fn discard(&self, _offset: u64, _len: u64) -> Result<WriteAck, TargetError> {
         unimplemented!()
     }
     fn write_zeroes(
