@@ -14,6 +14,8 @@ pub struct Client {
     base: String,
     addr: String,
     agent: ureq::Agent,
+    /// The daemon the CLI expects at `addr`, for the "cannot reach" hint.
+    daemon: &'static str,
 }
 
 impl Client {
@@ -36,6 +38,15 @@ impl Client {
             base: format!("http://{addr}"),
             addr: addr.to_string(),
             agent,
+            daemon: "vstor serve",
+        }
+    }
+
+    /// A client of a `vstor edge` daemon's API.
+    pub fn edge(addr: &str) -> Self {
+        Self {
+            daemon: "vstor edge",
+            ..Self::new(addr)
         }
     }
 
@@ -45,8 +56,9 @@ impl Client {
     ) -> Result<Value> {
         let mut response = result.map_err(|e| {
             anyhow!(
-                "cannot reach the vstor daemon at {} ({e}); is `vstor serve` running? (set --api or VSTOR_API)",
-                self.addr
+                "cannot reach the vstor daemon at {} ({e}); is `{}` running? (set --api or VSTOR_API)",
+                self.addr,
+                self.daemon
             )
         })?;
         let status = response.status();

@@ -540,6 +540,15 @@ impl FileConfig {
     }
 }
 
+/// An edge name (`vstor edge --name`): the same characters as a node or volume name.
+pub fn validate_edge_name(name: &str) -> Result<()> {
+    validate_volume_name(name).map_err(|_| {
+        anyhow::anyhow!(
+            "edge name {name:?} is not allowed: use letters, digits, '-', '_' and '.' (--name)"
+        )
+    })
+}
+
 impl ClusterFileSettings {
     fn resolve(&self) -> Result<NodeIdentity> {
         let text = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());

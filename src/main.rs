@@ -7,6 +7,7 @@ mod client;
 mod cluster;
 mod config;
 mod dirlock;
+mod edge_host;
 mod export;
 mod export_remote;
 mod registry;
@@ -53,6 +54,9 @@ enum Command {
     Dtl(DtlArgs),
     /// The nodes of the cluster (one in the single-node default).
     Node(NodeArgs),
+    /// Run an edge on a hypervisor host (serve volumes other nodes own over vhost-user and NBD),
+    /// or, with a verb, manage a running edge: attach, detach, list.
+    Edge(edge_host::cli::EdgeArgs),
 }
 
 #[derive(Args)]
@@ -329,7 +333,7 @@ enum VolumeVerb {
     },
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -657,6 +661,7 @@ fn run(cli: Cli) -> Result<()> {
             args.remote.show(value, client::print_nodes);
             Ok(())
         }
+        Command::Edge(args) => edge_host::cli::run(args),
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args

@@ -386,7 +386,7 @@ pub async fn serve_dtl(
 
 /// Wait for SIGTERM or SIGINT. The server task ending first (with an error or not) is an error:
 /// a daemon that silently stopped serving must not look like a clean stop.
-async fn until_stop_signal<E>(
+pub(crate) async fn until_stop_signal<E>(
     task: tokio::task::JoinHandle<std::result::Result<(), E>>,
     what: &str,
 ) -> Result<()>
