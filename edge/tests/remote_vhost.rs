@@ -69,7 +69,7 @@ impl Region {
     fn fill(&self, off: usize, data: &[u8]) {
         // SAFETY: inside the mapped region; no request uses this range concurrently.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(off, data.len()), data.len())
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(off, data.len()), data.len());
         }
     }
     fn contents(&self, off: usize, len: usize) -> Vec<u8> {
