@@ -70,6 +70,14 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A per-volume number: metric name, type, help, and how to read it.
+type Counter = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&RemoteStats) -> u64,
+);
+
 /// Prometheus text exposition (format 0.0.4) of every attached volume. Written by hand: a
 /// handful of gauges and one histogram per volume, no registry of metrics to keep.
 pub fn metrics(edge: &str, volumes: &[RemoteStats]) -> String {
@@ -95,7 +103,7 @@ pub fn metrics(edge: &str, volumes: &[RemoteStats]) -> String {
             );
         }
     }
-    let simple: [(&str, &str, &str, fn(&RemoteStats) -> u64); 6] = [
+    let simple: [Counter; 6] = [
         (
             "vstor_edge_owner_tag",
             "gauge",
