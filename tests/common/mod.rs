@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod guest;
 pub mod netns;
 pub mod oracle;
 
