@@ -172,6 +172,16 @@ impl ConsoleReader {
         }
     }
 
+    /// The next console line, or an error if QEMU closed its stdout or `deadline` passed.
+    pub fn next_line(&self, deadline: Instant) -> Result<String, String> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Ok(line),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err("no console line in time".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("QEMU closed the console".into()),
+        }
+    }
+
     /// Wait for the reader to have written everything to the file (QEMU has exited).
     pub fn finish(self) {
         drop(self.lines);

@@ -206,7 +206,7 @@ loop)
         checked=$((checked + 1))
     done
     say VERIFIED "$checked"
-    say IOERRORS "$(dmesg | grep -c -i 'error')"
+    say IOERRORS "$(dmesg | grep -c -e 'I/O error' -e 'blk_update_request')"
     finish
     ;;
 *)
