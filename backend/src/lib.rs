@@ -13,6 +13,7 @@
 //! on an S3 bucket (see its module for how fencing holds without locks).
 
 mod chunks;
+pub mod ec;
 mod local;
 pub mod s3;
 #[cfg(any(test, feature = "testing"))]
