@@ -15,6 +15,7 @@
 mod chunks;
 pub mod ec;
 mod local;
+pub mod osd;
 pub mod s3;
 #[cfg(any(test, feature = "testing"))]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is a failure report
@@ -79,6 +80,13 @@ pub enum BackendError {
         bucket: String,
         key: String,
         reason: String,
+    },
+    #[error("OSD store {path} is full: {used} of {capacity} bytes used, {needed} more needed")]
+    Full {
+        path: PathBuf,
+        capacity: u64,
+        used: u64,
+        needed: u64,
     },
     #[error("I/O error on {path}: {source}")]
     Io {
