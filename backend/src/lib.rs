@@ -88,6 +88,14 @@ pub enum BackendError {
         used: u64,
         needed: u64,
     },
+    #[error("OSD {addr}: {reason}")]
+    Osd { addr: String, reason: String },
+    #[error("OSD {addr} refused the request ({code:?}): {message}")]
+    OsdRefused {
+        addr: String,
+        code: osd::proto::ErrorCode,
+        message: String,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

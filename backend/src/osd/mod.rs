@@ -2,5 +2,7 @@
 //! `ec` store and `vstor osd` daemons ([`proto`]), and an OSD's fragments on its disk
 //! ([`store`]).
 
+pub mod client;
 pub mod proto;
+pub mod server;
 pub mod store;
