@@ -109,6 +109,19 @@ pub struct FragmentId {
     pub size: u64,
 }
 
+/// What a fragment's header says, as `Head` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadEntry {
+    pub version: u64,
+    pub index: u8,
+    pub k: u8,
+    pub m: u8,
+    pub codec: u16,
+    pub fragment_size: u32,
+    pub object_size: u64,
+    pub data_len: u64,
+}
+
 /// An OSD's usage, as `Stat` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Usage {
@@ -160,6 +173,11 @@ pub enum Message {
         version: u64,
         index: u8,
     },
+    /// The headers of the fragments of `name` this OSD holds (every version and index).
+    Head {
+        namespace: String,
+        name: String,
+    },
     /// Delete every fragment of every version of `name` this OSD holds in `namespace`.
     Delete {
         namespace: String,
@@ -186,6 +204,9 @@ pub enum Message {
     Listing {
         fragments: Vec<FragmentId>,
     },
+    Heads {
+        heads: Vec<HeadEntry>,
+    },
     Usage(Usage),
     Error {
         code: ErrorCode,
@@ -204,11 +225,13 @@ mod kind {
     pub const LIST: u16 = 14;
     pub const SET_TAG: u16 = 15;
     pub const STAT: u16 = 16;
+    pub const HEAD: u16 = 17;
     pub const DONE: u16 = 100;
     pub const DATA: u16 = 101;
     pub const LISTING: u16 = 102;
     pub const USAGE: u16 = 103;
     pub const ERROR: u16 = 104;
+    pub const HEADS: u16 = 105;
 
     pub fn is_frozen(kind: u16) -> bool {
         matches!(kind, HELLO | WELCOME | VERSION_MISMATCH)
@@ -228,6 +251,8 @@ impl Message {
             Message::List { .. } => kind::LIST,
             Message::SetTag { .. } => kind::SET_TAG,
             Message::Stat => kind::STAT,
+            Message::Head { .. } => kind::HEAD,
+            Message::Heads { .. } => kind::HEADS,
             Message::Done => kind::DONE,
             Message::Data { .. } => kind::DATA,
             Message::Listing { .. } => kind::LISTING,
@@ -249,6 +274,8 @@ impl Message {
             Message::List { .. } => "List",
             Message::SetTag { .. } => "SetTag",
             Message::Stat => "Stat",
+            Message::Head { .. } => "Head",
+            Message::Heads { .. } => "Heads",
             Message::Done => "Done",
             Message::Data { .. } => "Data",
             Message::Listing { .. } => "Listing",
@@ -325,6 +352,29 @@ impl Message {
                 put_string(out, namespace)?;
                 put_string(out, name)?;
                 out.put_u64_le(*tag);
+            }
+            Message::Head { namespace, name } => {
+                put_string(out, namespace)?;
+                put_string(out, name)?;
+            }
+            Message::Heads { heads } => {
+                if heads.len() > MAX_LIST {
+                    return Err(ProtoError::Malformed(format!(
+                        "{} heads exceed {MAX_LIST}",
+                        heads.len()
+                    )));
+                }
+                out.put_u32_le(heads.len() as u32);
+                for h in heads {
+                    out.put_u64_le(h.version);
+                    out.put_u8(h.index);
+                    out.put_u8(h.k);
+                    out.put_u8(h.m);
+                    out.put_u16_le(h.codec);
+                    out.put_u32_le(h.fragment_size);
+                    out.put_u64_le(h.object_size);
+                    out.put_u64_le(h.data_len);
+                }
             }
             Message::List {
                 namespace,
@@ -426,6 +476,33 @@ impl Message {
                 tag: r.u64()?,
             },
             kind::STAT => Message::Stat,
+            kind::HEAD => Message::Head {
+                namespace: r.string()?,
+                name: r.string()?,
+            },
+            kind::HEADS => {
+                let count = r.u32()? as usize;
+                if count > MAX_LIST {
+                    return Err(ProtoError::Malformed(format!(
+                        "{count} heads exceed {MAX_LIST}"
+                    )));
+                }
+                r.need(count.saturating_mul(33))?;
+                let mut heads = Vec::with_capacity(count);
+                for _ in 0..count {
+                    heads.push(HeadEntry {
+                        version: r.u64()?,
+                        index: r.u8()?,
+                        k: r.u8()?,
+                        m: r.u8()?,
+                        codec: r.u16()?,
+                        fragment_size: r.u32()?,
+                        object_size: r.u64()?,
+                        data_len: r.u64()?,
+                    });
+                }
+                Message::Heads { heads }
+            }
             kind::DONE => Message::Done,
             kind::DATA => Message::Data { data: r.rest() },
             kind::LISTING => {
@@ -681,6 +758,36 @@ mod tests {
                 limit
             }),
             Just(Message::Stat),
+            (s, s).prop_map(|(namespace, name)| Message::Head { namespace, name }),
+            proptest::collection::vec(any::<(u64, u8, u8, u8, u16, u32, u64, u64)>(), 0..4)
+                .prop_map(|v| Message::Heads {
+                    heads: v
+                        .into_iter()
+                        .map(
+                            |(
+                                version,
+                                index,
+                                k,
+                                m,
+                                codec,
+                                fragment_size,
+                                object_size,
+                                data_len,
+                            )| {
+                                HeadEntry {
+                                    version,
+                                    index,
+                                    k,
+                                    m,
+                                    codec,
+                                    fragment_size,
+                                    object_size,
+                                    data_len,
+                                }
+                            }
+                        )
+                        .collect()
+                }),
             Just(Message::Done),
             data.prop_map(|data| Message::Data { data }),
             proptest::collection::vec((s, any::<u64>(), any::<u8>(), any::<u64>()), 0..5).prop_map(

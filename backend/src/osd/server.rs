@@ -238,6 +238,9 @@ fn handle(store: &FragmentStore, message: Message) -> Message {
                 (limit as usize).min(super::proto::MAX_LIST),
             )
             .map(|fragments| Message::Listing { fragments }),
+        Message::Head { namespace, name } => store
+            .head(&namespace, &name)
+            .map(|heads| Message::Heads { heads }),
         Message::SetTag { namespace, tag } => {
             store.set_tag(&namespace, tag).map(|()| Message::Done)
         }
