@@ -13,3 +13,4 @@ pub mod fragment;
 pub mod layout;
 pub mod placement;
 pub mod preset;
+pub mod store;
