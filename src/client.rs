@@ -14,6 +14,8 @@ pub struct Client {
     base: String,
     addr: String,
     agent: ureq::Agent,
+    /// The daemon the CLI expects at `addr`, for the "cannot reach" hint.
+    daemon: &'static str,
 }
 
 impl Client {
@@ -36,6 +38,15 @@ impl Client {
             base: format!("http://{addr}"),
             addr: addr.to_string(),
             agent,
+            daemon: "vstor serve",
+        }
+    }
+
+    /// A client of a `vstor edge` daemon's API.
+    pub fn edge(addr: &str) -> Self {
+        Self {
+            daemon: "vstor edge",
+            ..Self::new(addr)
         }
     }
 
@@ -45,8 +56,9 @@ impl Client {
     ) -> Result<Value> {
         let mut response = result.map_err(|e| {
             anyhow!(
-                "cannot reach the vstor daemon at {} ({e}); is `vstor serve` running? (set --api or VSTOR_API)",
-                self.addr
+                "cannot reach the vstor daemon at {} ({e}); is `{}` running? (set --api or VSTOR_API)",
+                self.addr,
+                self.daemon
             )
         })?;
         let status = response.status();
@@ -144,12 +156,12 @@ pub fn print_nodes(nodes: &Value) {
     let empty = Vec::new();
     let nodes = nodes.as_array().unwrap_or(&empty);
     println!(
-        "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21}",
-        "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL"
+        "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21} {:<21}",
+        "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL", "EDGE"
     );
     for node in nodes {
         println!(
-            "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21}",
+            "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21} {:<21}",
             text(node, "name"),
             text(node, "domain"),
             text(node, "recovery_domain"),
@@ -158,6 +170,7 @@ pub fn print_nodes(nodes: &Value) {
             text(node, "api_addr"),
             text(node, "nbd_addr"),
             text(node, "dtl_addr"),
+            text(node, "edge_addr"),
         );
     }
 }

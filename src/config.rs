@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub backend: Option<PathBuf>,
     pub api: String,
     pub nbd: String,
+    /// Edge protocol listener (`host:port`) for `vstor edge`; empty means none.
+    pub edge_listen: String,
     /// Directory of vhost-user-blk sockets; empty means `<data_dir>/vhost`.
     pub vhost_dir: Option<PathBuf>,
     /// DTL server (`host:port`) new volumes mirror their writes to; empty means none.
@@ -151,6 +153,7 @@ impl Default for FileConfig {
             backend: None,
             api: DEFAULT_API.into(),
             nbd: DEFAULT_NBD.into(),
+            edge_listen: String::new(),
             vhost_dir: None,
             dtl: String::new(),
             write_buffer_limit: "8G".into(),
@@ -233,6 +236,8 @@ pub struct ServeConfig {
     pub backend: BackendSpec,
     pub api: SocketAddr,
     pub nbd: SocketAddr,
+    /// `Some`: serve the edge protocol there (`vstor serve --edge-listen`).
+    pub edge_listen: Option<SocketAddr>,
     pub vhost_dir: PathBuf,
     pub vhost_queues: u16,
     pub vhost_queue_size: u16,
@@ -270,6 +275,7 @@ pub struct Overrides {
     pub backend: Option<PathBuf>,
     pub api: Option<String>,
     pub nbd: Option<String>,
+    pub edge_listen: Option<String>,
     pub vhost_dir: Option<PathBuf>,
     pub dtl: Option<String>,
     pub write_buffer_limit: Option<String>,
@@ -337,6 +343,9 @@ impl FileConfig {
         }
         if let Some(nbd) = overrides.nbd {
             self.nbd = nbd;
+        }
+        if let Some(edge) = overrides.edge_listen {
+            self.edge_listen = edge;
         }
         if let Some(dir) = overrides.vhost_dir {
             self.vhost_dir = Some(dir);
@@ -504,6 +513,10 @@ impl FileConfig {
             )?,
             api: parse_addr("API", &self.api)?,
             nbd: parse_addr("NBD", &self.nbd)?,
+            edge_listen: Some(self.edge_listen.trim())
+                .filter(|addr| !addr.is_empty())
+                .map(|addr| parse_addr("setting edge_listen (--edge-listen)", addr))
+                .transpose()?,
             vhost_dir: self
                 .vhost_dir
                 .clone()
@@ -525,6 +538,15 @@ impl FileConfig {
             identity,
         })
     }
+}
+
+/// An edge name (`vstor edge --name`): the same characters as a node or volume name.
+pub fn validate_edge_name(name: &str) -> Result<()> {
+    validate_volume_name(name).map_err(|_| {
+        anyhow::anyhow!(
+            "edge name {name:?} is not allowed: use letters, digits, '-', '_' and '.' (--name)"
+        )
+    })
 }
 
 impl ClusterFileSettings {

@@ -88,8 +88,11 @@ impl BlockTarget for VolumeExport {
         Ok(write_ack)
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError> {
-        self.0.discard(offset, len).map_err(target_error)
+    fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
+        self.0
+            .discard(offset, len)
+            .map(|()| WriteAck::default())
+            .map_err(target_error)
     }
 
     fn write_zeroes(
@@ -147,7 +150,7 @@ impl BlockTarget for SnapshotExport {
         Err(TargetError::ReadOnly)
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<(), TargetError> {
+    fn discard(&self, _offset: u64, _len: u64) -> Result<WriteAck, TargetError> {
         Err(TargetError::ReadOnly)
     }
 
@@ -206,6 +209,10 @@ impl Exports {
             manager,
             views: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn manager(&self) -> &Arc<VolumeManager> {
+        &self.manager
     }
 
     /// The read-only view of `volume@snapshot`, cached.

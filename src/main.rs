@@ -7,7 +7,9 @@ mod client;
 mod cluster;
 mod config;
 mod dirlock;
+mod edge_host;
 mod export;
+mod export_remote;
 mod registry;
 mod scrub;
 mod server;
@@ -52,6 +54,9 @@ enum Command {
     Dtl(DtlArgs),
     /// The nodes of the cluster (one in the single-node default).
     Node(NodeArgs),
+    /// Run an edge on a hypervisor host (serve volumes other nodes own over vhost-user and NBD),
+    /// or, with a verb, manage a running edge: attach, detach, list.
+    Edge(edge_host::cli::EdgeArgs),
 }
 
 #[derive(Args)]
@@ -101,6 +106,10 @@ struct ServeArgs {
     /// NBD listen address [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd: Option<String>,
+    /// Serve the edge protocol (for `vstor edge` on hypervisor hosts) on HOST:PORT [default:
+    /// none, no edge can reach this node's volumes].
+    #[arg(long)]
+    edge_listen: Option<String>,
     /// Directory for the vhost-user-blk sockets [default: <data-dir>/vhost].
     #[arg(long)]
     vhost_dir: Option<PathBuf>,
@@ -324,7 +333,7 @@ enum VolumeVerb {
     },
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -624,6 +633,7 @@ fn run(cli: Cli) -> Result<()> {
                 backend: args.backend,
                 api: args.api,
                 nbd: args.nbd,
+                edge_listen: args.edge_listen,
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
@@ -651,6 +661,7 @@ fn run(cli: Cli) -> Result<()> {
             args.remote.show(value, client::print_nodes);
             Ok(())
         }
+        Command::Edge(args) => edge_host::cli::run(args),
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args

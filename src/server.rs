@@ -22,8 +22,10 @@ const FAILOVER_GRACE: Duration = Duration::from_secs(3);
 use crate::config::{BackendSpec, ServeConfig};
 use crate::dirlock::DirLock;
 use crate::export::Exports;
+use crate::export_remote::RemoteVolumes;
 use crate::registry::{self, etcd::EtcdRegistry, local::LocalRegistry, NodeRecord, Registry};
 use crate::scrub::{AutoScrubber, Scrubs};
+use vstor_edge::remote::server::EdgeServerConfig;
 
 pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // Absolute paths: they are shown to users (socket paths) and must not depend on a later cwd.
@@ -64,8 +66,18 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     let api_listener = TcpListener::bind(config.api)
         .await
         .with_context(|| format!("cannot listen for the API on {}", config.api))?;
+    let edge_listener = match config.edge_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for edges on {addr} (--edge-listen / edge_listen)")
+        })?),
+        None => None,
+    };
     let nbd_addr = nbd_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
+    let edge_addr = edge_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     // Every cluster node runs a DTL server for the other nodes' volumes.
     let dtl = match &config.identity.cluster {
         Some(cluster) => Some(
@@ -92,6 +104,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         dtl_addr: dtl
             .as_ref()
             .map_or_else(String::new, |(_, addr, _)| addr.to_string()),
+        edge_addr: edge_addr.map(|addr| addr.to_string()),
         started_at: registry::now_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -214,6 +227,25 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         let nbd = nbd.clone();
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
     };
+    // The edge server: the same exports as NBD and vhost-user, for `vstor edge` processes.
+    let edge_stop = tokio_util::sync::CancellationToken::new();
+    let edge_task = edge_listener.map(|listener| {
+        let exports: Arc<dyn vstor_edge::remote::RemoteExports> =
+            Arc::new(RemoteVolumes(exports.clone()));
+        let stop = edge_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = vstor_edge::remote::server::serve(
+                listener,
+                exports,
+                EdgeServerConfig::default(),
+                stop,
+            )
+            .await
+            {
+                tracing::error!(error = %e, "edge server stopped");
+            }
+        })
+    });
     let api_stop = Arc::new(tokio::sync::Notify::new());
     let api_task = {
         let app = router(ApiState {
@@ -242,6 +274,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     };
 
     println!("vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}");
+    if let Some(addr) = edge_addr {
+        println!("vstor edge listener: {addr}");
+    }
     if let Some(cluster) = &cluster {
         println!(
             "vstor node: {} domain={} dtl={} registry={}",
@@ -260,6 +295,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         auto_scrub.stop();
     }
     nbd.shutdown().await;
+    edge_stop.cancel();
+    if let Some(task) = edge_task {
+        let _ = task.await;
+    }
     api_stop.notify_one();
     let _ = api_task.await;
     tokio::task::spawn_blocking(move || vhost.shutdown()).await?;
@@ -347,7 +386,7 @@ pub async fn serve_dtl(
 
 /// Wait for SIGTERM or SIGINT. The server task ending first (with an error or not) is an error:
 /// a daemon that silently stopped serving must not look like a clean stop.
-async fn until_stop_signal<E>(
+pub(crate) async fn until_stop_signal<E>(
     task: tokio::task::JoinHandle<std::result::Result<(), E>>,
     what: &str,
 ) -> Result<()>

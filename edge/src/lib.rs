@@ -13,5 +13,6 @@ pub mod vhost;
 
 pub use nbd::{NbdError, NbdServer, NbdServerConfig};
 pub use target::{
-    BlockTarget, ExportRegistry, Extent, PendingAck, ReadAttempt, TargetError, WriteAck,
+    BlockTarget, ExportRegistry, Extent, ExtentsFuture, PendingAck, ReadAttempt, ReadFuture,
+    TargetError, WriteAck,
 };

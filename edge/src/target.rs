@@ -13,11 +13,22 @@
 //! `try_read` inline and only when it answers [`ReadAttempt::WouldBlock`] run `read` on the bounded
 //! backend-read pool (`read_pool`). `flush` and FUA writes wait for fsync and may take
 //! milliseconds; frontends run them off the reactor (e.g. `spawn_blocking`).
+//!
+//! Asynchronous targets: a target whose operations are network requests (the edge's
+//! `remote::client::RemoteTarget`) would block a reactor or queue thread for a round trip on every
+//! call above. It offers futures instead, through default methods a local target leaves alone:
+//! [`BlockTarget::read_async`] (asked for when `try_read` says `WouldBlock`),
+//! [`BlockTarget::flush_async`], [`BlockTarget::block_status_async`], and
+//! [`BlockTarget::fua_inline`] (a FUA write returns at once and its durability is in
+//! `WriteAck::pending`). Frontends complete such requests when the future does, on the runtime,
+//! without a thread of their own waiting; `discard` returns a [`WriteAck`] for the same reason.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 /// Why an operation on a target failed. Frontends map these onto their protocol's error codes
 /// (NBD: `EINVAL`, `ENOSPC`, `EPERM`, `EIO`, `ESHUTDOWN`).
@@ -36,6 +47,13 @@ pub enum TargetError {
 /// Completes when a write may be acknowledged to the client (e.g. once its DTL mirror holds it),
 /// or fails: then the write must be reported as failed.
 pub type PendingAck = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send + 'static>>;
+
+/// The data of a read that completes later (see [`BlockTarget::read_async`]).
+pub type ReadFuture = Pin<Box<dyn Future<Output = Result<Bytes, TargetError>> + Send + 'static>>;
+
+/// An allocation map that completes later (see [`BlockTarget::block_status_async`]).
+pub type ExtentsFuture =
+    Pin<Box<dyn Future<Output = Result<Vec<Extent>, TargetError>> + Send + 'static>>;
 
 /// What a successful write reports back besides "done".
 #[derive(Default)]
@@ -101,8 +119,9 @@ pub trait BlockTarget: Send + Sync + 'static {
     }
     /// Write `data` at `offset`. With `fua`, the data is durable before this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError>;
-    /// Unmap `[offset, offset+len)`: afterwards it reads as zeros and costs no space.
-    fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError>;
+    /// Unmap `[offset, offset+len)`: afterwards it reads as zeros and costs no space. Like a
+    /// write, it may be acknowledged later (`WriteAck::pending`).
+    fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError>;
     /// Make `[offset, offset+len)` read as zeros. With `allocate` (NBD's NO_HOLE), the range stays
     /// allocated (zeros are written as data) instead of becoming a hole.
     fn write_zeroes(
@@ -117,6 +136,31 @@ pub trait BlockTarget: Send + Sync + 'static {
     /// Allocation map of `[offset, offset+len)`, in order, covering at least the first byte and at
     /// most the whole range.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError>;
+
+    /// `read` as a future, for targets whose slow reads are network requests: `Some` means the
+    /// frontend awaits it instead of running `read` on a blocking thread. Frontends ask only after
+    /// `try_read` said `WouldBlock`. The default (`None`) suits local targets.
+    fn read_async(&self, offset: u64, len: usize) -> Option<ReadFuture> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// `flush` as a future (`None`: call `flush` off the reactor).
+    fn flush_async(&self) -> Option<PendingAck> {
+        None
+    }
+
+    /// `block_status` as a future (`None`: call `block_status` inline).
+    fn block_status_async(&self, offset: u64, len: u64) -> Option<ExtentsFuture> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// True when a FUA `write` / `write_zeroes` returns at once and its durability is in
+    /// `WriteAck::pending`, so frontends call it inline instead of off the reactor.
+    fn fua_inline(&self) -> bool {
+        false
+    }
 }
 
 /// Name → target lookup for the frontends. The export name is the volume name.

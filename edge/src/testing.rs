@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::target::{BlockTarget, ExportRegistry, Extent, ReadAttempt, TargetError, WriteAck};
 
+pub mod remote;
+
 /// Allocation granularity of [`MemTarget`].
 pub const ALLOC_BLOCK: u64 = 4096;
 
@@ -334,11 +336,11 @@ impl BlockTarget for MemTarget {
         Ok(self.ack())
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+    fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
         self.record(Op::Discard { offset, len });
         self.check(offset, len, true)?;
         Self::zero(&mut lock(&self.device), offset, len, false);
-        Ok(())
+        Ok(WriteAck::default())
     }
 
     fn write_zeroes(

@@ -35,10 +35,14 @@ const MAX_FORWARD_BODY: usize = 1 << 20;
 impl From<RegistryError> for ApiError {
     fn from(err: RegistryError) -> Self {
         let status = match &err {
-            RegistryError::VolumeNotFound { .. } => StatusCode::NOT_FOUND,
+            RegistryError::VolumeNotFound { .. } | RegistryError::NotAttached { .. } => {
+                StatusCode::NOT_FOUND
+            }
             RegistryError::VolumeExists { .. }
             | RegistryError::StaleTag { .. }
-            | RegistryError::NodeAlive { .. } => StatusCode::CONFLICT,
+            | RegistryError::NodeAlive { .. }
+            | RegistryError::EdgeAlive { .. }
+            | RegistryError::AttachedElsewhere { .. } => StatusCode::CONFLICT,
             RegistryError::Unreachable { .. } | RegistryError::LeaseExpired { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

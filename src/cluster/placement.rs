@@ -50,6 +50,7 @@ mod tests {
             api_addr: format!("{name}:1"),
             nbd_addr: format!("{name}:2"),
             dtl_addr: format!("{name}:3"),
+            edge_addr: None,
             started_at: 0,
             version: String::new(),
         }

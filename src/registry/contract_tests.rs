@@ -17,6 +17,7 @@ fn node(name: &str) -> NodeRecord {
         api_addr: format!("127.0.0.1:{}", 1000 + name.len()),
         nbd_addr: "127.0.0.1:2".into(),
         dtl_addr: "127.0.0.1:3".into(),
+        edge_addr: Some("127.0.0.1:4".into()),
         started_at: 1,
         version: "t".into(),
     }
@@ -199,6 +200,77 @@ async fn contract(registry: &dyn Registry) {
         registry.delete_volume("v", 2).await,
         Err(RegistryError::VolumeNotFound { .. })
     ));
+
+    edges_contract(registry).await;
+}
+
+fn edge(name: &str) -> EdgeRecord {
+    EdgeRecord {
+        name: name.into(),
+        api_addr: format!("127.0.0.1:{}", 2000 + name.len()),
+        host: format!("host-{name}"),
+        nbd_addr: "127.0.0.1:5".into(),
+        started_at: 1,
+    }
+}
+
+/// Edges under leases; attachments: one writer or many readers, a dead holder taken over.
+async fn edges_contract(registry: &dyn Registry) {
+    const TTL: Duration = Duration::from_secs(5);
+    let e1 = registry.register_edge(&edge("e1"), TTL).await.unwrap();
+    match registry.register_edge(&edge("e1"), TTL).await {
+        Err(RegistryError::EdgeAlive { edge, host, .. }) => {
+            assert_eq!((edge.as_str(), host.as_str()), ("e1", "host-e1"));
+        }
+        other => panic!("duplicate edge: {other:?}"),
+    }
+    let e2 = registry.register_edge(&edge("e2"), TTL).await.unwrap();
+    assert!(matches!(
+        registry.keep_alive(e2.id).await.unwrap(),
+        KeepAlive::Renewed { .. }
+    ));
+    let names = |edges: Vec<EdgeRecord>| edges.into_iter().map(|e| e.name).collect::<Vec<_>>();
+    assert_eq!(names(registry.live_edges().await.unwrap()), ["e1", "e2"]);
+
+    let list = registry.attach("vol", "e1", false).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].edge.as_str(), list[0].read_only), ("e1", false));
+    let refused = registry.attach("vol", "e2", false).await.unwrap_err();
+    assert!(
+        matches!(&refused, RegistryError::AttachedElsewhere { edge, .. } if edge == "e1"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("attached writable on edge e1"));
+    // Attaching again on the same edge is idempotent.
+    registry.attach("vol", "e1", false).await.unwrap();
+    // Read-only: several edges.
+    registry.attach("tpl", "e1", true).await.unwrap();
+    let shared = registry.attach("tpl", "e2", true).await.unwrap();
+    assert_eq!(shared.len(), 2);
+    let all = registry.attachments().await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|(v, l)| (v.as_str(), l.len()))
+            .collect::<Vec<_>>(),
+        [("tpl", 2), ("vol", 1)]
+    );
+    // Detach removes the entry; detaching again is an error.
+    registry.detach("tpl", "e2").await.unwrap();
+    assert!(matches!(
+        registry.detach("tpl", "e2").await,
+        Err(RegistryError::NotAttached { .. })
+    ));
+    registry.detach("tpl", "e1").await.unwrap();
+    assert_eq!(registry.attachments().await.unwrap().len(), 1);
+    // The holder dies: its lease goes, and the writable attach is taken over.
+    registry.revoke(e1.id).await.unwrap();
+    assert_eq!(names(registry.live_edges().await.unwrap()), ["e2"]);
+    let taken = registry.attach("vol", "e2", false).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].edge, "e2");
+    registry.detach("vol", "e2").await.unwrap();
+    assert!(registry.attachments().await.unwrap().is_empty());
+    registry.revoke(e2.id).await.unwrap();
 }
 
 #[tokio::test]

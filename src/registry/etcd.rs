@@ -25,9 +25,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::edges::{attach_rule, detach_rule};
 use super::{
-    ClusterSettings, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord, NodeStatus, OwnerRecord,
-    Registry, RegistryError, Result, VolumeRecord, VolumeState,
+    Attachment, ClusterSettings, EdgeRecord, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord,
+    NodeStatus, OwnerRecord, Registry, RegistryError, Result, VolumeRecord, VolumeState,
 };
 
 const SETTINGS_KEY: &str = "/vstor/settings";
@@ -35,6 +36,8 @@ const NODES: &str = "/vstor/nodes/";
 const LIVE: &str = "/vstor/live/";
 const VOLUMES: &str = "/vstor/volumes/";
 const OWNERS: &str = "/vstor/owners/";
+const EDGES: &str = "/vstor/edges/";
+const ATTACHMENTS: &str = "/vstor/attachments/";
 /// Default bound on one registry call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Conditional updates retried this often when the record changes under them (same tag).
@@ -205,6 +208,44 @@ impl EtcdRegistry {
         Err(RegistryError::Failed {
             op: format!("{op} of volume {volume}"),
             reason: format!("the record kept changing ({UPDATE_ATTEMPTS} attempts)"),
+        })
+    }
+
+    /// Compare-and-swap `volume`'s attachment list: `change` computes the new list from the
+    /// current one (empty: the key is deleted), retried when another edge changed it meanwhile.
+    async fn update_attachments(
+        &self,
+        op: &str,
+        volume: &str,
+        change: impl Fn(&[Attachment]) -> Result<Vec<Attachment>> + Send + Sync,
+    ) -> Result<Vec<Attachment>> {
+        let key = format!("{ATTACHMENTS}{volume}");
+        for _ in 0..UPDATE_ATTEMPTS {
+            let (current, revision): (Vec<Attachment>, i64) = match self.get_one(&key).await? {
+                Some(kv) => (decode(&key, kv.value())?, kv.mod_revision()),
+                None => (Vec::new(), 0),
+            };
+            let next = change(&current)?;
+            let write = if next.is_empty() {
+                TxnOp::delete(key.as_str(), None)
+            } else {
+                TxnOp::put(key.as_str(), encode(&next), None)
+            };
+            // A missing key has mod_revision 0, so this also guards the first attach.
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then(vec![write]);
+            if self.txn(op, txn).await?.succeeded() {
+                return Ok(next);
+            }
+        }
+        Err(RegistryError::Failed {
+            op: format!("{op} of volume {volume}"),
+            reason: format!("the attachments kept changing ({UPDATE_ATTEMPTS} attempts)"),
         })
     }
 
@@ -633,6 +674,96 @@ impl Registry for EtcdRegistry {
                 }),
                 Vec::new(),
             ))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn register_edge(&self, edge: &EdgeRecord, ttl: Duration) -> Result<Lease> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut leases = self.client.lease_client();
+        let granted = self.call("lease grant", leases.grant(secs, None)).await?;
+        let lease = granted.id();
+        let key = format!("{EDGES}{}", edge.name);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                encode(edge),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else(vec![TxnOp::get(key.as_str(), None)]);
+        let response = match self.txn("register edge", txn).await {
+            Ok(response) => response,
+            Err(e) => {
+                let _ = self.revoke(lease).await;
+                return Err(e);
+            }
+        };
+        if response.succeeded() {
+            return Ok(Lease {
+                id: lease,
+                ttl: Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)),
+            });
+        }
+        let _ = self.revoke(lease).await;
+        let holder: Option<EdgeRecord> = txn_gets(&response)
+            .into_iter()
+            .flatten()
+            .next()
+            .and_then(|kv| decode_kv(&kv).ok());
+        Err(RegistryError::EdgeAlive {
+            edge: edge.name.clone(),
+            host: holder
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |h| h.host.clone()),
+            api_addr: holder.map_or_else(|| "unknown".into(), |h| h.api_addr),
+        })
+    }
+
+    async fn live_edges(&self) -> Result<Vec<EdgeRecord>> {
+        let mut edges: Vec<EdgeRecord> = self
+            .get_prefix(EDGES)
+            .await?
+            .iter()
+            .map(decode_kv)
+            .collect::<Result<_>>()?;
+        edges.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(edges)
+    }
+
+    async fn attachments(&self) -> Result<Vec<(String, Vec<Attachment>)>> {
+        let mut all = self
+            .get_prefix(ATTACHMENTS)
+            .await?
+            .iter()
+            .map(|kv| Ok((name_after(ATTACHMENTS, kv.key()), decode_kv(kv)?)))
+            .collect::<Result<Vec<_>>>()?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
+    async fn attach(&self, volume: &str, edge: &str, read_only: bool) -> Result<Vec<Attachment>> {
+        let live: std::collections::BTreeSet<String> = self
+            .live_edges()
+            .await?
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        let now = super::now_secs();
+        self.update_attachments("attach", volume, |current| {
+            attach_rule(volume, current, &live, edge, read_only, now)
+        })
+        .await
+    }
+
+    async fn detach(&self, volume: &str, edge: &str) -> Result<()> {
+        self.update_attachments("detach", volume, |current| {
+            detach_rule(volume, current, edge)
         })
         .await
         .map(|_| ())

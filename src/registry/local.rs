@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use vstor_volumedriver::meta;
 
+use super::edges::{attach_rule, detach_rule};
 use super::{
-    ClusterSettings, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord, NodeStatus, OwnerRecord,
-    Registry, RegistryError, Result, VolumeRecord, VolumeState,
+    Attachment, ClusterSettings, EdgeRecord, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord,
+    NodeStatus, OwnerRecord, Registry, RegistryError, Result, VolumeRecord, VolumeState,
 };
 
 const KIND: &[u8; 4] = b"CREG";
@@ -33,6 +34,8 @@ struct Persistent {
     nodes: BTreeMap<String, NodeRecord>,
     #[serde(default)]
     volumes: BTreeMap<String, VolumeRecord>,
+    #[serde(default)]
+    attachments: BTreeMap<String, Vec<Attachment>>,
 }
 
 #[derive(Default)]
@@ -42,6 +45,8 @@ struct State {
     /// Live nodes: name → (record, lease).
     live: BTreeMap<String, (NodeRecord, LeaseId)>,
     owners: BTreeMap<String, OwnerRecord>,
+    /// Live edges: name → (record, lease).
+    edges: BTreeMap<String, (EdgeRecord, LeaseId)>,
     watchers: Vec<mpsc::Sender<NodeEvent>>,
 }
 
@@ -111,6 +116,7 @@ impl LocalRegistry {
 
     fn lease_alive(state: &State, lease: LeaseId) -> bool {
         state.live.values().any(|(_, l)| *l == lease)
+            || state.edges.values().any(|(_, l)| *l == lease)
     }
 }
 
@@ -207,6 +213,7 @@ impl Registry for LocalRegistry {
             .map(|(name, _)| name.clone())
             .collect();
         state.owners.retain(|_, owner| owner.lease != lease);
+        state.edges.retain(|_, (_, l)| *l != lease);
         for name in gone {
             state.live.remove(&name);
             Self::notify(&mut state, &NodeEvent::Down(name));
@@ -366,6 +373,65 @@ impl Registry for LocalRegistry {
         let mut state = self.state();
         self.persist(&mut state, |stored, _| {
             record_mut(stored, volume, tag)?.state = volume_state;
+            Ok(())
+        })
+    }
+
+    async fn register_edge(&self, edge: &EdgeRecord, ttl: Duration) -> Result<Lease> {
+        let mut state = self.state();
+        if let Some((holder, _)) = state.edges.get(&edge.name) {
+            return Err(RegistryError::EdgeAlive {
+                edge: edge.name.clone(),
+                host: holder.host.clone(),
+                api_addr: holder.api_addr.clone(),
+            });
+        }
+        let lease = state.next_lease;
+        state.next_lease += 1;
+        state.edges.insert(edge.name.clone(), (edge.clone(), lease));
+        Ok(Lease { id: lease, ttl })
+    }
+
+    async fn live_edges(&self) -> Result<Vec<EdgeRecord>> {
+        Ok(self
+            .state()
+            .edges
+            .values()
+            .map(|(r, _)| r.clone())
+            .collect())
+    }
+
+    async fn attachments(&self) -> Result<Vec<(String, Vec<Attachment>)>> {
+        Ok(self
+            .state()
+            .stored
+            .attachments
+            .iter()
+            .map(|(volume, list)| (volume.clone(), list.clone()))
+            .collect())
+    }
+
+    async fn attach(&self, volume: &str, edge: &str, read_only: bool) -> Result<Vec<Attachment>> {
+        let mut state = self.state();
+        let live = state.edges.keys().cloned().collect();
+        self.persist(&mut state, |stored, _| {
+            let current = stored.attachments.get(volume).cloned().unwrap_or_default();
+            let next = attach_rule(volume, &current, &live, edge, read_only, super::now_secs())?;
+            stored.attachments.insert(volume.to_string(), next.clone());
+            Ok(next)
+        })
+    }
+
+    async fn detach(&self, volume: &str, edge: &str) -> Result<()> {
+        let mut state = self.state();
+        self.persist(&mut state, |stored, _| {
+            let current = stored.attachments.get(volume).cloned().unwrap_or_default();
+            let next = detach_rule(volume, &current, edge)?;
+            if next.is_empty() {
+                stored.attachments.remove(volume);
+            } else {
+                stored.attachments.insert(volume.to_string(), next);
+            }
             Ok(())
         })
     }

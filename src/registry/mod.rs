@@ -27,6 +27,8 @@
 //! | `/vstor/live/{node}`      | [`NodeRecord`]   | node's       | [`Registry::register_node`]: present while the node is alive |
 //! | `/vstor/volumes/{volume}` | [`VolumeRecord`] | none         | create, take_ownership, set_dtl, set_state, delete |
 //! | `/vstor/owners/{volume}`  | [`OwnerRecord`]  | owner's      | create, take_ownership, refresh_owner; gone when the owner's lease ends |
+//! | `/vstor/edges/{edge}`     | [`EdgeRecord`]   | edge's       | [`Registry::register_edge`]: present while the `vstor edge` process lives |
+//! | `/vstor/attachments/{volume}` | list of [`Attachment`] | none | [`Registry::attach`] / [`Registry::detach`], compare-and-swap (rule in [`edges`]) |
 //!
 //! Values are JSON, not a binary envelope: etcd already checksums and replicates what it stores,
 //! and JSON keeps `etcdctl get --prefix /vstor/` readable during an incident. Unknown fields are
@@ -41,6 +43,7 @@
 
 #[cfg(test)]
 mod contract_tests;
+pub mod edges;
 pub mod etcd;
 pub mod local;
 
@@ -49,6 +52,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use vstor_volumedriver::DtlMode;
+
+pub use edges::{Attachment, EdgeRecord};
 
 /// An etcd lease id (the local registry hands out its own).
 pub type LeaseId = i64;
@@ -70,6 +75,10 @@ pub struct NodeRecord {
     pub nbd_addr: String,
     /// The node's DTL server, `host:port` (other nodes' volumes mirror their writes there).
     pub dtl_addr: String,
+    /// The node's edge-protocol listener, `host:port` (`vstor serve --edge-listen`); `None`:
+    /// it serves no edges.
+    #[serde(default)]
+    pub edge_addr: Option<String>,
     /// When this registration was made, seconds since the Unix epoch.
     #[serde(default)]
     pub started_at: u64,
@@ -263,6 +272,20 @@ pub enum RegistryError {
     Corrupt { key: String, reason: String },
     #[error("invalid cluster settings: {reason}")]
     InvalidSettings { reason: String },
+    #[error("edge {edge} is already running (host {host}, API {api_addr}); give this one another --name")]
+    EdgeAlive {
+        edge: String,
+        host: String,
+        api_addr: String,
+    },
+    #[error("volume {volume} is attached{} on edge {edge}; detach it there first (a volume is attached on several edges only if it is read-only)", if *read_only { " read-only" } else { " writable" })]
+    AttachedElsewhere {
+        volume: String,
+        edge: String,
+        read_only: bool,
+    },
+    #[error("volume {volume} is not attached on edge {edge}")]
+    NotAttached { volume: String, edge: String },
     #[error("registry {op} failed: {reason}")]
     Failed { op: String, reason: String },
 }
@@ -371,6 +394,25 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Record whether the volume serves or is halted, if its tag is still `tag`.
     async fn set_state(&self, volume: &str, tag: u64, state: VolumeState) -> Result<()>;
+
+    // ---- edges (see [`edges`]) ----
+
+    /// Grant a lease of `ttl` and register the edge under it; [`RegistryError::EdgeAlive`]
+    /// while another lease holds the name. Renewed and revoked like a node's lease.
+    async fn register_edge(&self, edge: &EdgeRecord, ttl: Duration) -> Result<Lease>;
+
+    /// The edges whose lease is alive, by name.
+    async fn live_edges(&self) -> Result<Vec<EdgeRecord>>;
+
+    /// Every volume's attachments (volumes without any are absent), by volume name.
+    async fn attachments(&self) -> Result<Vec<(String, Vec<Attachment>)>>;
+
+    /// Attach `volume` on `edge` by [`edges::attach_rule`], as one compare-and-swap; returns
+    /// the new list.
+    async fn attach(&self, volume: &str, edge: &str, read_only: bool) -> Result<Vec<Attachment>>;
+
+    /// Remove `edge`'s attachment of `volume` ([`RegistryError::NotAttached`] if it has none).
+    async fn detach(&self, volume: &str, edge: &str) -> Result<()>;
 }
 
 /// Parse `etcd://HOST:PORT[,HOST:PORT…]` into `http://HOST:PORT` endpoints; `None` when the

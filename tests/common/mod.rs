@@ -2,6 +2,7 @@
 //! real client tools, and a minimal synchronous NBD client for crash tests.
 #![allow(dead_code)]
 
+pub mod edge;
 pub mod etcd;
 pub mod guest;
 pub mod netns;

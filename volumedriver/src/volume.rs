@@ -98,6 +98,7 @@ mod read;
 mod read_nonblocking;
 mod restart;
 mod scrub;
+mod served;
 mod snapshots;
 mod state;
 mod upload;
@@ -145,6 +146,8 @@ pub struct Volume {
     /// Set while the volume is handed to another node (see `VolumeManager::release`): writes
     /// are refused, flushes still run.
     releasing: AtomicBool,
+    /// Lock-free copies of facts the edge server checks on every request (see `served`).
+    served: served::ServedFacts,
 }
 
 impl Volume {
@@ -268,6 +271,7 @@ impl Volume {
         backend: Arc<dyn ObjectStore>,
         state: State,
     ) -> Self {
+        let owner_tag = state.config.owner_tag;
         Self {
             name: state.config.name.clone(),
             dir: dir.to_path_buf(),
@@ -286,6 +290,7 @@ impl Volume {
             stats: Stats::default(),
             fenced: parking_lot::RwLock::new(None),
             releasing: AtomicBool::new(false),
+            served: served::ServedFacts::new(owner_tag),
         }
     }
 
@@ -510,6 +515,7 @@ impl Volume {
         if config.size > st.config.size {
             st.map.grow(config.size / self.cluster_size);
         }
+        self.served.set_owner_tag(config.owner_tag);
         st.config = config;
         Ok(())
     }
@@ -535,6 +541,7 @@ impl Volume {
     pub fn stop(&self) {
         let mut st = self.state.lock();
         st.stopped = true;
+        self.served.set_stopped();
         drop(st);
         self.upload_work.notify_all();
     }

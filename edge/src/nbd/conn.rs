@@ -38,7 +38,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -111,7 +111,12 @@ enum Output {
     /// A `READ`'s data.
     Data {
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
+    },
+    /// A `BLOCK_STATUS` answered by an asynchronous target.
+    Extents {
+        context_id: u32,
+        descriptors: Vec<(u32, u32)>,
     },
 }
 
@@ -389,7 +394,12 @@ impl Session {
             Command::Read => return self.read(req),
             Command::Write => self.write(req, fua),
             Command::Flush => {
-                self.spawn(req, |t| t.flush().map(|()| WriteAck::default()));
+                match self.target.flush_async() {
+                    Some(flush) => self.later(req, async move {
+                        flush.await.map(|()| Output::Ack(WriteAck::default()))
+                    }),
+                    None => self.spawn(req, |t| t.flush().map(|()| WriteAck::default())),
+                }
                 Ok(())
             }
             Command::Trim => self.trim(req, fua),
@@ -460,6 +470,22 @@ impl Session {
         }
     }
 
+    /// Complete `req` when `fut` does (an asynchronous target's operation), polled by this task.
+    fn later<F>(&mut self, req: &Request, fut: F)
+    where
+        F: Future<Output = Result<Output, TargetError>> + Send + 'static,
+    {
+        self.inflight += 1;
+        let (cookie, command) = (req.cookie, req.command);
+        self.acks.push(Box::pin(async move {
+            Completion {
+                cookie,
+                command,
+                result: fut.await,
+            }
+        }));
+    }
+
     /// Run a `READ` that waits for the backend on the backend-read pool.
     fn spawn_read(&mut self, req: &Request) {
         let target = Arc::clone(&self.target);
@@ -468,9 +494,10 @@ impl Session {
         read_pool::spawn(&tokio::runtime::Handle::current(), move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut data = vec![0u8; len];
-                target
-                    .read(offset, &mut data)
-                    .map(|()| Output::Data { offset, data })
+                target.read(offset, &mut data).map(|()| Output::Data {
+                    offset,
+                    data: data.into(),
+                })
             }))
             .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
             done.send(result);
@@ -507,8 +534,23 @@ impl Session {
                     error: 0,
                 });
             }
+            Ok(Output::Extents {
+                context_id,
+                descriptors,
+            }) => {
+                if descriptors.is_empty() {
+                    let req = Self::placeholder(done.cookie, done.command);
+                    self.fail(&req, empty_map());
+                } else {
+                    self.push(Reply::BlockStatus {
+                        cookie: done.cookie,
+                        context_id,
+                        descriptors,
+                    });
+                }
+            }
             Ok(Output::Data { offset, data }) => {
-                let (cookie, data) = (done.cookie, data.into());
+                let cookie = done.cookie;
                 self.push(if self.structured {
                     Reply::OffsetData {
                         cookie,
@@ -520,18 +562,23 @@ impl Session {
                 });
             }
             Err(err) => {
-                let req = Request {
-                    flags: 0,
-                    command: done.command,
-                    cookie: done.cookie,
-                    offset: 0,
-                    length: 0,
-                    payload: Default::default(),
-                    payload_discarded: false,
-                };
+                let req = Self::placeholder(done.cookie, done.command);
                 let failure = target_failure(done.command, err);
                 self.fail(&req, failure);
             }
+        }
+    }
+
+    /// A request standing for a completed one in `fail` (which needs only cookie and command).
+    fn placeholder(cookie: u64, command: Command) -> Request {
+        Request {
+            flags: 0,
+            command,
+            cookie,
+            offset: 0,
+            length: 0,
+            payload: Default::default(),
+            payload_discarded: false,
         }
     }
 
@@ -561,7 +608,13 @@ impl Session {
             Err(Fill::Failed(e)) => Err(target_failure(Command::Read, e)),
             Err(Fill::WouldBlock) if self.inflight >= self.max_inflight => Ok(Step::Stall),
             Err(Fill::WouldBlock) => {
-                self.spawn_read(req);
+                let offset = req.offset;
+                match self.target.read_async(offset, req.length as usize) {
+                    Some(read) => self.later(req, async move {
+                        read.await.map(|data| Output::Data { offset, data })
+                    }),
+                    None => self.spawn_read(req),
+                }
                 Ok(Step::Done)
             }
         }
@@ -576,14 +629,14 @@ impl Session {
             ));
         }
         self.check_range(req, NBD_ENOSPC)?;
-        if fua {
+        if fua && !self.target.fua_inline() {
             let (offset, data) = (req.offset, req.payload.clone());
             self.spawn(req, move |t| t.write(offset, &data, true));
             return Ok(());
         }
         let ack = self
             .target
-            .write(req.offset, &req.payload, false)
+            .write(req.offset, &req.payload, fua)
             .map_err(|e| target_failure(Command::Write, e))?;
         self.acknowledge(req, ack);
         Ok(())
@@ -593,18 +646,41 @@ impl Session {
         self.writable()?;
         self.check_range(req, NBD_EINVAL)?;
         let (offset, len) = (req.offset, u64::from(req.length));
-        if fua {
+        if fua && !self.target.fua_inline() {
             self.spawn(req, move |t| {
-                t.discard(offset, len)?;
+                t.discard(offset, len)?.wait_blocking()?;
                 t.flush()?;
                 Ok(WriteAck::default())
             });
             return Ok(());
         }
-        self.target
+        let mut ack = self
+            .target
             .discard(offset, len)
             .map_err(|e| target_failure(Command::Trim, e))?;
-        self.ok(req);
+        if fua {
+            // An asynchronous target: flush once the discard is acknowledged, so the flush
+            // covers it.
+            self.throttle(WriteAck {
+                throttle: ack.throttle,
+                pending: None,
+            });
+            let (pending, target) = (ack.pending.take(), Arc::clone(&self.target));
+            self.later(req, async move {
+                if let Some(pending) = pending {
+                    pending.await?;
+                }
+                match target.flush_async() {
+                    Some(flush) => flush.await?,
+                    None => tokio::task::spawn_blocking(move || target.flush())
+                        .await
+                        .map_err(|e| TargetError::Io(format!("flush failed: {e}")))??,
+                }
+                Ok(Output::Ack(WriteAck::default()))
+            });
+            return Ok(());
+        }
+        self.acknowledge(req, ack);
         Ok(())
     }
 
@@ -621,13 +697,13 @@ impl Session {
             });
         }
         let (offset, len) = (req.offset, u64::from(req.length));
-        if fua {
+        if fua && !self.target.fua_inline() {
             self.spawn(req, move |t| t.write_zeroes(offset, len, allocate, true));
             return Ok(());
         }
         let ack = self
             .target
-            .write_zeroes(offset, len, allocate, false)
+            .write_zeroes(offset, len, allocate, fua)
             .map_err(|e| target_failure(Command::WriteZeroes, e))?;
         self.acknowledge(req, ack);
         Ok(())
@@ -644,17 +720,23 @@ impl Session {
             }
         };
         self.check_range(req, NBD_EINVAL)?;
+        let (len, req_one) = (req.length, req.flags & NBD_CMD_FLAG_REQ_ONE != 0);
+        if let Some(map) = self.target.block_status_async(req.offset, u64::from(len)) {
+            self.later(req, async move {
+                map.await.map(|extents| Output::Extents {
+                    context_id,
+                    descriptors: descriptors(&extents, len, req_one),
+                })
+            });
+            return Ok(());
+        }
         let extents = self
             .target
             .block_status(req.offset, u64::from(req.length))
             .map_err(|e| target_failure(Command::BlockStatus, e))?;
         let descriptors = descriptors(&extents, req.length, req.flags & NBD_CMD_FLAG_REQ_ONE != 0);
         if descriptors.is_empty() {
-            return Err(Failure {
-                errno: NBD_EIO,
-                message: Cow::Borrowed("target returned an empty allocation map"),
-                client_fault: false,
-            });
+            return Err(empty_map());
         }
         self.push(Reply::BlockStatus {
             cookie: req.cookie,
@@ -662,6 +744,14 @@ impl Session {
             descriptors,
         });
         Ok(())
+    }
+}
+
+fn empty_map() -> Failure {
+    Failure {
+        errno: NBD_EIO,
+        message: Cow::Borrowed("target returned an empty allocation map"),
+        client_fault: false,
     }
 }
 

@@ -8,6 +8,7 @@
 //! was in flight where that is safe ([`resubmit`]).
 
 pub mod client;
+mod outq;
 pub mod proto;
 pub mod resubmit;
 pub mod server;

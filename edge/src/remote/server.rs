@@ -1,12 +1,57 @@
-//! Server side of the edge protocol (runs in `vstor serve --edge-listen ADDR`). SKELETON: the
-//! public API is fixed; the implementation is being written.
+//! Server side of the edge protocol (runs in `vstor serve --edge-listen ADDR`).
+//!
+//! One tokio task per connection owns both halves of the socket, like the NBD server's
+//! connections (`nbd::conn`), and runs one event loop over: socket readable, replies writable,
+//! a request's completion, throttle expired, shutdown.
+//!
+//! * **Handshake.** The first frame must be `Hello`. Another protocol version gets
+//!   `VersionMismatch`; a volume this node does not serve, or serves under another owner tag, or
+//!   has fenced, gets `Error` (id 0: `NotOwner`, `StaleTag`, `Fenced`) and the connection closes.
+//!   Otherwise `Welcome` carries the size, read-only bit, tag and DTL state.
+//! * **Owner check per request.** Every request's tag is compared with [`ServedState::tag`] and the
+//!   volume's fenced / alive state before anything runs, so an edge that missed a failover can
+//!   never write through this node once it lost the volume. A request tag lower than ours is
+//!   `StaleTag` (the edge holds an old tag); a higher one means the registry moved the volume past
+//!   this node: `NotOwner`.
+//! * **Execution.** Reads are tried inline (`try_read`: write buffer and page cache); a read that
+//!   must wait for the backend goes to the async path the target offers or to the bounded
+//!   backend-read pool (`read_pool`). Writes, trims and write-zeroes run inline and their pending
+//!   acknowledgement (a DTL round trip) is awaited in a `FuturesUnordered` polled by this task, so
+//!   the connection keeps taking requests meanwhile. Flush and FUA operations run on the blocking
+//!   pool unless the target completes them asynchronously. Replies go out in completion order,
+//!   matched by id, each carrying [`ServedState::dtl_in_sync`] at the time of the reply: the
+//!   client needs it to decide what is safe to resend after a failover (`remote::resubmit`).
+//! * **Backpressure.** At most `max_inflight` requests wait for a completion per connection;
+//!   beyond that, and while the target asks for throttling, the socket is not read, so TCP flow
+//!   control slows the client down.
+//! * **Bad input.** A frame that does not decode (CRC, magic, unknown kind) is logged with the
+//!   volume and peer and the connection closes: after a corrupted frame nothing that follows can
+//!   be trusted. Unaligned or out-of-range requests get an `Error` reply and the connection stays.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
-use super::RemoteExports;
+use super::outq::OutQueue;
+use super::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
+use super::{RemoteExports, ServedVolume};
+use crate::read_pool;
+use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
 
 /// Tunables of the edge server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +66,19 @@ impl Default for EdgeServerConfig {
     }
 }
 
+/// How long a new connection may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Socket read size: a QD32 burst of 4 KiB writes fits in one `read`.
+const READ_BUF: usize = 256 * 1024;
+/// Below this much free space the read buffer is topped up before reading.
+const READ_MIN_SPARE: usize = 16 * 1024;
+/// Stop executing requests while this many reply bytes wait to be written.
+const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Largest read one request may ask for (its reply must fit in a frame).
+const MAX_READ: usize = MAX_FRAME_PAYLOAD - 64;
+/// Requests are 512-byte aligned, like the frontends'.
+const SECTOR: u64 = 512;
+
 /// Serve the edge protocol on `listener` until `shutdown` is cancelled; then every connection is
 /// closed (clients reconnect elsewhere or later).
 pub async fn serve(
@@ -29,6 +87,586 @@ pub async fn serve(
     config: EdgeServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let _ = (listener, exports, config, shutdown);
-    unimplemented!("edge server")
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: keep serving the connections we have.
+                        warn!(error = %e, "edge server: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let exports = Arc::clone(&exports);
+                let stop = shutdown.child_token();
+                conns.spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            debug!(%peer, "edge connection closed by server shutdown");
+                        }
+                        () = connection(stream, peer, exports, config) => {}
+                    }
+                });
+            }
+        }
+    }
+    conns.shutdown().await;
+    Ok(())
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    exports: Arc<dyn RemoteExports>,
+    config: EdgeServerConfig,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let mut rbuf = BytesMut::with_capacity(READ_BUF);
+    let mut out = OutQueue::new();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &mut rbuf)).await
+    {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "edge handshake: bad frame, closing");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "edge handshake: no Hello within {HELLO_TIMEOUT:?}, closing");
+            return;
+        }
+    };
+    let Some((volume, served)) = handshake(hello, &exports, &mut out, peer) else {
+        // Best effort: the refusal is what the client needs, the close follows anyway.
+        let _ = out.write_all(&mut stream).await;
+        return;
+    };
+    if let Err(e) = out.write_all(&mut stream).await {
+        debug!(%peer, volume, error = %e, "edge handshake: cannot send Welcome");
+        return;
+    }
+    let mut session = Session {
+        peer,
+        volume,
+        served,
+        max_inflight: config.max_inflight.max(1),
+        pending: FuturesUnordered::new(),
+        out,
+        throttle_until: None,
+    };
+    match session.run(&mut stream, rbuf).await {
+        Ok(()) => info!(%peer, volume = session.volume, "edge client disconnected"),
+        Err(e) => warn!(%peer, volume = session.volume, error = %e, "edge connection closed"),
+    }
+}
+
+/// Read one frame (handshake only; the session loop decodes in place).
+async fn read_frame(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+) -> Result<Option<Frame>, ProtoError> {
+    let mut codec = EdgeCodec::new();
+    loop {
+        if let Some(frame) = codec.decode(rbuf)? {
+            return Ok(Some(frame));
+        }
+        if stream.read_buf(rbuf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+fn refuse(out: &mut OutQueue, code: ErrorCode, message: String) {
+    let _ = out.push(&Frame::new(0, Message::Error { code, message }));
+}
+
+/// Check a connection's `Hello`; queue `Welcome` (and return the volume) or the refusal.
+fn handshake(
+    hello: Frame,
+    exports: &Arc<dyn RemoteExports>,
+    out: &mut OutQueue,
+    peer: SocketAddr,
+) -> Option<(String, ServedVolume)> {
+    let Message::Hello {
+        version,
+        volume,
+        tag,
+        client,
+    } = hello.message
+    else {
+        warn!(%peer, got = hello.message.name(), "edge handshake: first frame is not Hello");
+        refuse(
+            out,
+            ErrorCode::Invalid,
+            format!("expected Hello, got {}", hello.message.name()),
+        );
+        return None;
+    };
+    if version != PROTOCOL_VERSION {
+        warn!(%peer, volume, client, version, "edge handshake: unsupported protocol version");
+        let _ = out.push(&Frame::new(
+            0,
+            Message::VersionMismatch {
+                server: PROTOCOL_VERSION,
+                client: version,
+            },
+        ));
+        return None;
+    }
+    let Some(served) = exports.lookup(&volume) else {
+        info!(%peer, volume, client, "edge handshake: volume not served here");
+        refuse(
+            out,
+            ErrorCode::NotOwner,
+            format!("volume {volume} is not served on this node"),
+        );
+        return None;
+    };
+    if let Err((code, message)) = owner_check(&served, &volume, tag) {
+        info!(%peer, volume, client, tag, ?code, "edge handshake refused: {message}");
+        refuse(out, code, message);
+        return None;
+    }
+    let target = &served.target;
+    let _ = out.push(&Frame::new(
+        0,
+        Message::Welcome {
+            version: PROTOCOL_VERSION,
+            size: target.size(),
+            read_only: target.read_only(),
+            tag,
+            dtl_in_sync: served.state.dtl_in_sync(),
+        },
+    ));
+    info!(%peer, volume, client, tag, "edge client connected");
+    Some((volume, served))
+}
+
+/// May a request (or handshake) under `tag` run on this node?
+fn owner_check(served: &ServedVolume, volume: &str, tag: u64) -> Result<(), (ErrorCode, String)> {
+    let state = &served.state;
+    if let Some(reason) = state.fenced() {
+        return Err((
+            ErrorCode::Fenced,
+            format!("volume {volume} is fenced on this node: {reason}"),
+        ));
+    }
+    if !state.alive() {
+        return Err((
+            ErrorCode::NotOwner,
+            format!("volume {volume} is no longer served on this node"),
+        ));
+    }
+    let ours = state.tag();
+    if tag < ours {
+        return Err((
+            ErrorCode::StaleTag,
+            format!(
+                "stale owner tag {tag} for volume {volume}: this node holds it under tag {ours}"
+            ),
+        ));
+    }
+    if tag > ours {
+        return Err((
+            ErrorCode::NotOwner,
+            format!("volume {volume} has owner tag {tag}, newer than this node's {ours}: it moved"),
+        ));
+    }
+    Ok(())
+}
+
+fn error_code(err: &TargetError) -> ErrorCode {
+    match err {
+        TargetError::OutOfRange { .. } => ErrorCode::OutOfRange,
+        TargetError::ReadOnly => ErrorCode::ReadOnly,
+        TargetError::Shutdown => ErrorCode::Shutdown,
+        TargetError::Io(_) => ErrorCode::Io,
+    }
+}
+
+/// What a completed request answers.
+enum Output {
+    Done(WriteAck),
+    Data(Bytes),
+    Extents(Vec<Extent>),
+}
+
+struct Completion {
+    id: u64,
+    result: Result<Output, TargetError>,
+}
+
+type PendingCompletion = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// A request refused before it ran.
+struct Refusal(ErrorCode, String);
+
+impl From<TargetError> for Refusal {
+    fn from(err: TargetError) -> Self {
+        Refusal(error_code(&err), err.to_string())
+    }
+}
+
+struct Session {
+    peer: SocketAddr,
+    volume: String,
+    served: ServedVolume,
+    max_inflight: usize,
+    /// Every request that completes later: pending acknowledgements, blocking operations and slow
+    /// reads, polled by this task (its length is the number in flight).
+    pending: FuturesUnordered<PendingCompletion>,
+    out: OutQueue,
+    throttle_until: Option<Instant>,
+}
+
+impl Session {
+    fn target(&self) -> &Arc<dyn BlockTarget> {
+        &self.served.target
+    }
+
+    fn reply(&mut self, id: u64, message: Message) {
+        if let Err(e) = self.out.push(&Frame::new(id, message)) {
+            warn!(peer = %self.peer, volume = self.volume, id, error = %e, "cannot encode reply");
+            let _ = self.out.push(&Frame::new(
+                id,
+                Message::Error {
+                    code: ErrorCode::Io,
+                    message: format!("cannot encode reply: {e}"),
+                },
+            ));
+        }
+    }
+
+    fn complete(&mut self, done: Completion) {
+        let dtl_in_sync = self.served.state.dtl_in_sync();
+        let message = match done.result {
+            Ok(Output::Done(ack)) => {
+                self.throttle(&ack);
+                Message::Done { dtl_in_sync }
+            }
+            Ok(Output::Data(data)) => Message::Data { dtl_in_sync, data },
+            Ok(Output::Extents(extents)) => Message::Extents { extents },
+            Err(err) => {
+                debug!(peer = %self.peer, volume = self.volume, id = done.id, error = %err,
+                    "edge request failed");
+                Message::Error {
+                    code: error_code(&err),
+                    message: format!("volume {}: {err}", self.volume),
+                }
+            }
+        };
+        self.reply(done.id, message);
+    }
+
+    fn throttle(&mut self, ack: &WriteAck) {
+        if let Some(delay) = ack.throttle {
+            let until = Instant::now() + delay;
+            self.throttle_until = Some(self.throttle_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    fn throttled(&mut self) -> bool {
+        match self.throttle_until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.throttle_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.pending.len() >= self.max_inflight
+    }
+
+    /// Execute one request, or hand it back (`Err`) when it needs an in-flight slot and none is
+    /// free.
+    fn handle(&mut self, frame: Frame) -> Result<(), Frame> {
+        let id = frame.id;
+        let Some(tag) = frame.message.tag() else {
+            warn!(peer = %self.peer, volume = self.volume, id, got = frame.message.name(),
+                "edge client sent a non-request frame");
+            let message = format!("{} is not a request", frame.message.name());
+            self.reply(
+                id,
+                Message::Error {
+                    code: ErrorCode::Invalid,
+                    message,
+                },
+            );
+            return Ok(());
+        };
+        if let Err((code, message)) = owner_check(&self.served, &self.volume, tag) {
+            self.reply(id, Message::Error { code, message });
+            return Ok(());
+        }
+        if self.full() && self.may_need_slot(&frame.message) {
+            return Err(frame);
+        }
+        if let Err(Refusal(code, message)) = self.execute(id, frame.message) {
+            self.reply(id, Message::Error { code, message });
+        }
+        Ok(())
+    }
+
+    fn may_need_slot(&self, message: &Message) -> bool {
+        // Writes may return a pending acknowledgement; reads may go to the backend.
+        !matches!(message, Message::BlockStatus { .. })
+    }
+
+    fn execute(&mut self, id: u64, message: Message) -> Result<(), Refusal> {
+        match message {
+            Message::Read { offset, len, .. } => self.read(id, offset, len as usize),
+            Message::Write {
+                offset, fua, data, ..
+            } => {
+                self.check(offset, data.len() as u64, true)?;
+                if fua && !self.target().fua_inline() {
+                    self.spawn_blocking(id, move |t| t.write(offset, &data, true));
+                    return Ok(());
+                }
+                let ack = self.target().write(offset, &data, fua)?;
+                self.acknowledge(id, ack);
+                Ok(())
+            }
+            Message::Flush { .. } => {
+                match self.target().flush_async() {
+                    Some(flush) => self.acknowledge(
+                        id,
+                        WriteAck {
+                            throttle: None,
+                            pending: Some(flush),
+                        },
+                    ),
+                    None => self.spawn_blocking(id, |t| t.flush().map(|()| WriteAck::default())),
+                }
+                Ok(())
+            }
+            Message::Trim { offset, len, .. } => {
+                self.check(offset, len, true)?;
+                let ack = self.target().discard(offset, len)?;
+                self.acknowledge(id, ack);
+                Ok(())
+            }
+            Message::WriteZeroes {
+                offset,
+                len,
+                allocate,
+                fua,
+                ..
+            } => {
+                self.check(offset, len, true)?;
+                if fua && !self.target().fua_inline() {
+                    self.spawn_blocking(id, move |t| t.write_zeroes(offset, len, allocate, true));
+                    return Ok(());
+                }
+                let ack = self.target().write_zeroes(offset, len, allocate, fua)?;
+                self.acknowledge(id, ack);
+                Ok(())
+            }
+            Message::BlockStatus { offset, len, .. } => {
+                self.check(offset, len, false)?;
+                let mut extents = self.target().block_status(offset, len)?;
+                extents.truncate(MAX_EXTENTS);
+                self.complete(Completion {
+                    id,
+                    result: Ok(Output::Extents(extents)),
+                });
+                Ok(())
+            }
+            other => Err(Refusal(
+                ErrorCode::Invalid,
+                format!("{} is not a request", other.name()),
+            )),
+        }
+    }
+
+    /// Validate `[offset, offset+len)`: nonzero, 512-byte aligned, inside the volume, and
+    /// writable if it modifies.
+    fn check(&self, offset: u64, len: u64, modifies: bool) -> Result<(), Refusal> {
+        if modifies && self.target().read_only() {
+            return Err(Refusal(
+                ErrorCode::ReadOnly,
+                format!("volume {} is read-only", self.volume),
+            ));
+        }
+        if len == 0 || !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(Refusal(
+                ErrorCode::Invalid,
+                format!("request [{offset}, +{len}) is empty or not 512-byte aligned"),
+            ));
+        }
+        let size = self.target().size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Refusal(
+                ErrorCode::OutOfRange,
+                format!(
+                    "request [{offset}, +{len}) is beyond the end of volume {} ({size} bytes)",
+                    self.volume
+                ),
+            )),
+        }
+    }
+
+    fn read(&mut self, id: u64, offset: u64, len: usize) -> Result<(), Refusal> {
+        self.check(offset, len as u64, false)?;
+        if len > MAX_READ {
+            return Err(Refusal(
+                ErrorCode::Invalid,
+                format!("read of {len} bytes exceeds the limit of {MAX_READ}"),
+            ));
+        }
+        let mut buf = BytesMut::zeroed(len);
+        match self.target().try_read(offset, &mut buf)? {
+            ReadAttempt::Done => {
+                let dtl_in_sync = self.served.state.dtl_in_sync();
+                let data = buf.freeze();
+                self.reply(id, Message::Data { dtl_in_sync, data });
+            }
+            ReadAttempt::WouldBlock => self.spawn_read(id, offset, buf),
+        }
+        Ok(())
+    }
+
+    /// A read that must wait for the backend: the target's asynchronous read, or the bounded
+    /// backend-read pool.
+    fn spawn_read(&mut self, id: u64, offset: u64, mut buf: BytesMut) {
+        if let Some(read) = self.target().read_async(offset, buf.len()) {
+            self.pending.push(Box::pin(async move {
+                let result = read.await.map(Output::Data);
+                Completion { id, result }
+            }));
+            return;
+        }
+        let target = Arc::clone(self.target());
+        let (tx, rx) = oneshot::channel();
+        read_pool::spawn(&tokio::runtime::Handle::current(), move || {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                target
+                    .read(offset, &mut buf)
+                    .map(|()| Output::Data(buf.freeze()))
+            }))
+            .unwrap_or_else(|_| Err(TargetError::Io("target panicked".into())));
+            let _ = tx.send(result);
+        });
+        self.pending.push(Box::pin(async move {
+            let result = rx
+                .await
+                .unwrap_or_else(|_| Err(TargetError::Io("read was abandoned".into())));
+            Completion { id, result }
+        }));
+    }
+
+    /// Flush and FUA operations wait for fsync: run them on the blocking pool.
+    fn spawn_blocking<F>(&mut self, id: u64, op: F)
+    where
+        F: FnOnce(&dyn BlockTarget) -> Result<WriteAck, TargetError> + Send + 'static,
+    {
+        let target = Arc::clone(self.target());
+        let job = tokio::task::spawn_blocking(move || {
+            let mut ack = op(target.as_ref())?;
+            ack.wait_blocking()?;
+            Ok(Output::Done(ack))
+        });
+        self.pending.push(Box::pin(async move {
+            let result = job
+                .await
+                .unwrap_or_else(|e| Err(TargetError::Io(format!("operation failed: {e}"))));
+            Completion { id, result }
+        }));
+    }
+
+    /// Reply now, or once the write's pending acknowledgement completes.
+    fn acknowledge(&mut self, id: u64, mut ack: WriteAck) {
+        match ack.pending.take() {
+            None => self.complete(Completion {
+                id,
+                result: Ok(Output::Done(ack)),
+            }),
+            Some(pending) => {
+                self.throttle(&ack);
+                self.pending.push(Box::pin(async move {
+                    let result = pending.await.map(|()| Output::Done(WriteAck::default()));
+                    Completion { id, result }
+                }));
+            }
+        }
+    }
+
+    /// Serve requests until the client closes the connection (after its replies went out) or
+    /// something fails.
+    async fn run(&mut self, stream: &mut TcpStream, mut rbuf: BytesMut) -> Result<(), ProtoError> {
+        let (mut rd, mut wr) = stream.split();
+        let mut codec = EdgeCodec::new();
+        let mut stalled: Option<Frame> = None;
+        let mut eof = false;
+        loop {
+            while self.out.len() < WRITE_HIGH_WATER && !self.throttled() {
+                let frame = match stalled.take() {
+                    Some(f) => f,
+                    None => match codec.decode(&mut rbuf) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(peer = %self.peer, volume = self.volume, error = %e,
+                                "malformed edge frame, closing the connection");
+                            // Send what is already complete: those requests did run.
+                            let _ = self.out.write_all(&mut wr).await;
+                            return Err(e);
+                        }
+                    },
+                };
+                if let Err(frame) = self.handle(frame) {
+                    stalled = Some(frame);
+                    break;
+                }
+            }
+            if eof && self.pending.is_empty() && self.out.is_empty() {
+                return Ok(());
+            }
+            let can_read = !eof
+                && stalled.is_none()
+                && self.throttle_until.is_none()
+                && self.out.len() < WRITE_HIGH_WATER;
+            if can_read && rbuf.capacity() - rbuf.len() < READ_MIN_SPARE {
+                rbuf.reserve(READ_BUF);
+            }
+            let throttle_until = self.throttle_until;
+            tokio::select! {
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.complete(done);
+                    // Batch: take every completion that is ready before writing.
+                    while let Some(Some(done)) = self.pending.next().now_or_never() {
+                        self.complete(done);
+                    }
+                }
+                written = self.out.write_some(&mut wr), if !self.out.is_empty() => written?,
+                () = sleep_until(throttle_until), if throttle_until.is_some() => {
+                    self.throttle_until = None;
+                }
+                read = rd.read_buf(&mut rbuf), if can_read => {
+                    if read? == 0 {
+                        eof = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }

@@ -59,7 +59,9 @@ use super::request::{
     MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, STATUS_IOERR,
 };
 use crate::read_pool;
-use crate::target::{BlockTarget, ExportRegistry, Extent, PendingAck, TargetError, WriteAck};
+use crate::target::{
+    BlockTarget, ExportRegistry, Extent, PendingAck, ReadFuture, TargetError, WriteAck,
+};
 
 /// Longest pause honoured for one `WriteAck::throttle`.
 const MAX_THROTTLE: Duration = Duration::from_secs(1);
@@ -95,7 +97,7 @@ impl BlockTarget for Absent {
     fn write(&self, _: u64, _: &[u8], _: bool) -> Result<WriteAck, TargetError> {
         Err(TargetError::Shutdown)
     }
-    fn discard(&self, _: u64, _: u64) -> Result<(), TargetError> {
+    fn discard(&self, _: u64, _: u64) -> Result<WriteAck, TargetError> {
         Err(TargetError::Shutdown)
     }
     fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<WriteAck, TargetError> {
@@ -422,6 +424,8 @@ impl BlkBackend {
         let target = Arc::clone(&self.device().target);
         let limits = self.limits();
         let fua = self.writethrough();
+        // An asynchronous target takes FUA writes inline (durability comes as a pending ack).
+        let fua_blocks = fua && !target.fua_inline();
         let mut bounce = lock(&ctl.bounce);
         let mut pending_signal = false;
         loop {
@@ -450,10 +454,29 @@ impl BlkBackend {
                     add_used(vring, head, 1);
                     pending_signal = true;
                 }
-                Parsed::Request(req) if request::is_blocking(&req.kind, fua) => {
+                Parsed::Request(req) if request::is_blocking(&req.kind, fua_blocks) => {
                     // Publish what is done first: `defer` may wait for earlier deferred requests.
                     if std::mem::take(&mut pending_signal) {
                         signal_if_needed(vring);
+                    }
+                    if matches!(req.kind, RequestKind::Flush) {
+                        if let Some(flush) = target.flush_async() {
+                            let ok = Outcome {
+                                status: request::STATUS_OK,
+                                written: 0,
+                                throttle: None,
+                            };
+                            self.complete_later(
+                                ctl,
+                                vring,
+                                head,
+                                mem.clone(),
+                                req.status,
+                                ok,
+                                vec![flush],
+                            );
+                            continue;
+                        }
                     }
                     self.defer(
                         ctl,
@@ -482,16 +505,21 @@ impl BlkBackend {
                         if std::mem::take(&mut pending_signal) {
                             signal_if_needed(vring);
                         }
-                        self.defer(
-                            ctl,
-                            vring,
-                            head,
-                            mem.clone(),
-                            req,
-                            false,
-                            &target,
-                            Pool::BackendRead,
-                        );
+                        match request::read_async(&req.kind, target.as_ref()) {
+                            Some(reads) => {
+                                self.read_later(ctl, vring, head, mem.clone(), req, reads);
+                            }
+                            None => self.defer(
+                                ctl,
+                                vring,
+                                head,
+                                mem.clone(),
+                                req,
+                                false,
+                                &target,
+                                Pool::BackendRead,
+                            ),
+                        }
                         continue;
                     };
                     if !acks.is_empty() {
@@ -554,6 +582,31 @@ impl BlkBackend {
                 results.push(ack.await);
             }
             deferred.complete(request::settle(outcome, results));
+        });
+    }
+
+    /// Complete a read of an asynchronous target from the runtime once its data arrived.
+    fn read_later(
+        &self,
+        ctl: &Arc<QueueCtl>,
+        vring: &VringRwLock,
+        head: u16,
+        mem: GuestMemoryLoadGuard<GuestMem>,
+        req: request::Request,
+        reads: Vec<ReadFuture>,
+    ) {
+        let mut deferred = Deferred {
+            vring: vring.clone(),
+            head,
+            status: req.status,
+            mem,
+            done: false,
+            _inflight: ctl.enter_deferred(),
+        };
+        self.runtime.spawn(async move {
+            let pieces = futures::future::join_all(reads).await;
+            let outcome = request::finish_read(&req.kind, &deferred.mem, pieces);
+            deferred.complete(outcome);
         });
     }
 

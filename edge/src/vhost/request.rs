@@ -47,7 +47,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
-use crate::target::{BlockTarget, PendingAck, ReadAttempt, TargetError};
+use crate::target::{BlockTarget, PendingAck, ReadAttempt, ReadFuture, TargetError};
 
 /// The guest memory type of the backend: plain mmap regions, no dirty bitmap (live migration's
 /// dirty logging is not offered).
@@ -626,7 +626,14 @@ fn run(
             Outcome::new(STATUS_OK, n as u64)
         }
         RequestKind::Discard { offset, len } => match target.discard(*offset, *len) {
-            Ok(()) => Outcome::new(STATUS_OK, 0),
+            Ok(mut ack) => {
+                pending.extend(ack.pending.take());
+                Outcome {
+                    status: STATUS_OK,
+                    written: 0,
+                    throttle: ack.throttle,
+                }
+            }
             Err(e) => target_failed("discard", *offset, *len, &e),
         },
         RequestKind::WriteZeroes { offset, len, unmap } => {
@@ -644,6 +651,60 @@ fn run(
         }
     };
     Some(outcome)
+}
+
+/// An `IN` request as reads of an asynchronous target (`BlockTarget::read_async`), one per
+/// [`BOUNCE_CHUNK`] piece, or `None` when the target does not offer them (or `kind` is no read).
+pub(crate) fn read_async(kind: &RequestKind, target: &dyn BlockTarget) -> Option<Vec<ReadFuture>> {
+    let RequestKind::Read { offset, len, .. } = kind else {
+        return None;
+    };
+    let mut reads = Vec::new();
+    let mut done = 0u64;
+    while done < *len {
+        let n = (*len - done).min(BOUNCE_CHUNK as u64) as usize;
+        reads.push(target.read_async(offset + done, n)?);
+        done += n as u64;
+    }
+    Some(reads)
+}
+
+/// Copy the pieces [`read_async`] produced into the request's guest buffers.
+pub(crate) fn finish_read(
+    kind: &RequestKind,
+    mem: &GuestMem,
+    pieces: Vec<Result<bytes::Bytes, TargetError>>,
+) -> Outcome {
+    let RequestKind::Read { offset, len, data } = kind else {
+        return Outcome::new(STATUS_IOERR, 0);
+    };
+    let mut cursor = Cursor::new(data);
+    let mut done = 0u64;
+    for piece in pieces {
+        let piece = match piece {
+            Ok(piece) => piece,
+            Err(e) => {
+                return Outcome {
+                    written: done,
+                    ..target_failed("read", *offset, *len, &e)
+                }
+            }
+        };
+        let want = (*len - done).min(BOUNCE_CHUNK as u64) as usize;
+        if piece.len() != want {
+            let e = TargetError::Io(format!("read returned {} bytes, not {want}", piece.len()));
+            return Outcome {
+                written: done,
+                ..target_failed("read", *offset, *len, &e)
+            };
+        }
+        if cursor.write_from(mem, &piece).is_err() {
+            debug!(offset, len, "IN request: guest buffer became inaccessible");
+            return Outcome::new(STATUS_IOERR, done);
+        }
+        done += piece.len() as u64;
+    }
+    Outcome::new(STATUS_OK, done)
 }
 
 /// The `GET_ID` serial for an export: its name, truncated or zero-padded to 20 bytes.

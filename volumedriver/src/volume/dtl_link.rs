@@ -306,12 +306,16 @@ impl Volume {
             }),
             self.runtime.lock().clone(),
         );
-        let old = self.state.lock().dtl.replace(DtlLink {
-            mirror,
-            mode: config.dtl_mode,
-            pending: Vec::new(),
-            barrier: None,
-        });
+        let old = {
+            let mut st = self.state.lock();
+            self.served.set_mirror(Some(mirror.clone()));
+            st.dtl.replace(DtlLink {
+                mirror,
+                mode: config.dtl_mode,
+                pending: Vec::new(),
+                barrier: None,
+            })
+        };
         if let Some(old) = old {
             old.mirror.stop();
         }
@@ -324,7 +328,11 @@ impl Volume {
 
     /// Stop mirroring (volume stop, mode change).
     pub fn detach_dtl(&self) {
-        let link = self.state.lock().dtl.take();
+        let link = {
+            let mut st = self.state.lock();
+            self.served.set_mirror(None);
+            st.dtl.take()
+        };
         if let Some(link) = link {
             link.mirror.stop();
         }

@@ -206,6 +206,7 @@ impl Volume {
         if st.halted.is_none() {
             tracing::error!(volume = %self.name, %reason, "volume halted");
             st.halted = Some(reason);
+            self.served.set_halted();
         }
     }
 

@@ -1,0 +1,344 @@
+//! One connection of a remote target, and the supervisor that replaces it.
+//!
+//! A connection is a TCP socket (TCP_NODELAY) after a `Hello`/`Welcome` exchange, served by two
+//! tasks: the *writer* takes frames from an unbounded channel (the frontends' calls send into it
+//! without blocking) and writes every frame ready at once in one vectored write (`OutQueue`: a
+//! write's data block goes out from the frontend's buffer without another copy); the *reader*
+//! decodes replies and completes requests by id. Whichever notices the connection die (EOF, I/O
+//! error, corrupt frame, an owner-changed refusal) reports it once (`Shared::connection_lost`).
+//!
+//! The *supervisor* (one task per target) then looks the owner up again through the [`Resolver`]
+//! and reconnects, backing off from 50 ms to 1 s between attempts, and resends what waits. It also
+//! keeps the clock for the reconnect bound (`Shared::tick`). Being paused is not an error: the
+//! frontends' requests simply wait.
+//!
+//! [`Resolver`]: crate::remote::Resolver
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::{Decoder, Framed};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::inflight::{Conn, Shared};
+use super::{RemoteConfig, RemoteError};
+use crate::remote::outq::OutQueue;
+use crate::remote::proto::{EdgeCodec, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use crate::remote::{Endpoint, Resolver};
+
+/// First and longest pause between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The writer stops collecting frames for one write beyond this many bytes.
+const BATCH_BYTES: usize = 1 << 20;
+/// Socket read size of the reader.
+const READ_BUF: usize = 256 * 1024;
+
+/// An established, welcomed connection.
+pub(super) struct Welcomed {
+    pub(super) stream: TcpStream,
+    pub(super) endpoint: Endpoint,
+    pub(super) size: u64,
+    pub(super) read_only: bool,
+    pub(super) dtl_in_sync: bool,
+}
+
+/// Resolve the owner of `volume`, connect and handshake, all within `config.connect_timeout`
+/// (the resolution too: a registry that hangs is as bad as an owner that does).
+pub(super) async fn open(
+    volume: &str,
+    resolver: &Arc<dyn Resolver>,
+    config: &RemoteConfig,
+) -> Result<Welcomed, RemoteError> {
+    let endpoint =
+        match tokio::time::timeout(config.connect_timeout, resolver.resolve(volume)).await {
+            Ok(Ok(endpoint)) => endpoint,
+            Ok(Err(reason)) => {
+                return Err(RemoteError::Resolve {
+                    volume: volume.to_owned(),
+                    reason,
+                })
+            }
+            Err(_) => {
+                return Err(RemoteError::Resolve {
+                    volume: volume.to_owned(),
+                    reason: format!("no answer within {:?}", config.connect_timeout),
+                })
+            }
+        };
+    let addr = endpoint.addr.clone();
+    match tokio::time::timeout(config.connect_timeout, handshake(volume, endpoint, config)).await {
+        Ok(result) => result,
+        Err(_) => Err(RemoteError::Timeout {
+            volume: volume.to_owned(),
+            addr,
+            after: config.connect_timeout,
+        }),
+    }
+}
+
+async fn handshake(
+    volume: &str,
+    endpoint: Endpoint,
+    config: &RemoteConfig,
+) -> Result<Welcomed, RemoteError> {
+    let addr = endpoint.addr.clone();
+    let connect_err = |source| RemoteError::Connect {
+        volume: volume.to_owned(),
+        addr: addr.clone(),
+        source,
+    };
+    let proto_err = |source| RemoteError::Proto {
+        volume: volume.to_owned(),
+        addr: addr.clone(),
+        source,
+    };
+    let stream = TcpStream::connect(&endpoint.addr)
+        .await
+        .map_err(connect_err)?;
+    stream.set_nodelay(true).map_err(connect_err)?;
+    let mut framed = Framed::new(stream, EdgeCodec::new());
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        volume: volume.to_owned(),
+        tag: endpoint.tag,
+        client: config.client_name.clone(),
+    };
+    framed.send(Frame::new(0, hello)).await.map_err(proto_err)?;
+    let reply = match framed.next().await {
+        Some(reply) => reply.map_err(proto_err)?,
+        None => {
+            return Err(proto_err(ProtoError::Truncated(
+                "handshake: the node closed the connection",
+            )))
+        }
+    };
+    match reply.message {
+        Message::Welcome {
+            size,
+            read_only,
+            tag,
+            dtl_in_sync,
+            ..
+        } if tag == endpoint.tag => {
+            // Anything already buffered after the Welcome would be a reply to nothing.
+            let parts = framed.into_parts();
+            if !parts.read_buf.is_empty() {
+                return Err(proto_err(ProtoError::Malformed(
+                    "data after Welcome before any request".into(),
+                )));
+            }
+            Ok(Welcomed {
+                stream: parts.io,
+                endpoint,
+                size,
+                read_only,
+                dtl_in_sync,
+            })
+        }
+        Message::Welcome { tag, .. } => Err(proto_err(ProtoError::Malformed(format!(
+            "Welcome for owner tag {tag}, asked for {}",
+            endpoint.tag
+        )))),
+        Message::Error { code, message } => Err(RemoteError::Refused {
+            volume: volume.to_owned(),
+            addr,
+            code,
+            message,
+        }),
+        Message::VersionMismatch { server, .. } => Err(proto_err(ProtoError::UnsupportedVersion {
+            got: server,
+            ours: PROTOCOL_VERSION,
+        })),
+        other => Err(proto_err(ProtoError::Malformed(format!(
+            "expected Welcome, got {}",
+            other.name()
+        )))),
+    }
+}
+
+/// Make `welcomed` the target's connection: start its reader and writer and resend what waits.
+pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
+    let generation = {
+        let mut inner = shared.lock();
+        inner.generations += 1;
+        inner.generations
+    };
+    if welcomed.size != shared.size || welcomed.read_only != shared.read_only {
+        warn!(
+            volume = shared.volume,
+            size = welcomed.size,
+            read_only = welcomed.read_only,
+            "the new owner reports another size or mode; keeping the attached one"
+        );
+    }
+    let (rd, wr) = welcomed.stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = shared.shutdown.child_token();
+    tokio::spawn(writer(Arc::clone(shared), generation, wr, rx));
+    tokio::spawn(reader(Arc::clone(shared), generation, rd, stop.clone()));
+    info!(
+        volume = shared.volume,
+        node = welcomed.endpoint.node,
+        addr = welcomed.endpoint.addr,
+        tag = welcomed.endpoint.tag,
+        generation,
+        "connected to the volume's owner"
+    );
+    let conn = Conn {
+        generation,
+        tag: welcomed.endpoint.tag,
+        frames: tx,
+        stop,
+    };
+    shared.connected(conn, welcomed.endpoint, welcomed.dtl_in_sync);
+}
+
+async fn writer(
+    shared: Arc<Shared>,
+    generation: u64,
+    mut wr: OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+) {
+    let mut out = OutQueue::new();
+    // Ends when the connection is replaced or closed (the sender is dropped).
+    while let Some(frame) = frames.recv().await {
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            if let Err(e) = out.push(&frame) {
+                shared.connection_lost(generation, &format!("cannot encode a request: {e}"));
+                return;
+            }
+            if out.len() < BATCH_BYTES {
+                next = frames.try_recv().ok();
+            }
+        }
+        if let Err(e) = out.write_all(&mut wr).await {
+            shared.connection_lost(generation, &format!("write failed: {e}"));
+            return;
+        }
+    }
+}
+
+async fn reader(
+    shared: Arc<Shared>,
+    generation: u64,
+    mut rd: OwnedReadHalf,
+    stop: CancellationToken,
+) {
+    let mut codec = EdgeCodec::new();
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    loop {
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => shared.reply(generation, frame.id, frame.message),
+                Ok(None) => break,
+                Err(e) => {
+                    shared.connection_lost(generation, &format!("bad frame from the owner: {e}"));
+                    return;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(READ_BUF);
+        }
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            read = rd.read_buf(&mut buf) => read,
+        };
+        match read {
+            Ok(0) => {
+                shared.connection_lost(generation, "the owner closed the connection");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                shared.connection_lost(generation, &format!("read failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Sleep until `until`, but wake for the reconnect bound and for `close()`. False once closed.
+async fn pause(shared: &Shared, until: Instant) -> bool {
+    loop {
+        let deadline = shared
+            .lock()
+            .recovery
+            .deadline(shared.config.reconnect_bound)
+            .map(Instant::from_std);
+        let wake = deadline.map_or(until, |d| d.min(until));
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return false,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        shared.tick();
+        if Instant::now() >= until {
+            return true;
+        }
+    }
+}
+
+/// Reconnect whenever the connection is lost, until the target is closed.
+pub(super) async fn supervise(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            () = shared.lost.notified() => {}
+        }
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if shared.lock().conn.is_some() {
+                break;
+            }
+            let attempt = open(&shared.volume, &shared.resolver, &shared.config);
+            tokio::pin!(attempt);
+            // Keep the clock of the bound while an attempt is under way.
+            let result = loop {
+                let deadline = shared
+                    .lock()
+                    .recovery
+                    .deadline(shared.config.reconnect_bound)
+                    .map(Instant::from_std);
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    result = &mut attempt => break result,
+                    () = sleep_opt(deadline) => shared.tick(),
+                }
+            };
+            match result {
+                Ok(welcomed) => {
+                    shared
+                        .counters
+                        .reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    install(&shared, welcomed);
+                    break;
+                }
+                Err(e) => {
+                    debug!(volume = shared.volume, error = %e, ?backoff, "reconnect attempt failed");
+                    if !pause(&shared, Instant::now() + backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

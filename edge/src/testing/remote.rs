@@ -1,0 +1,112 @@
+//! Test doubles for the edge protocol: a volume's owner facts held in atomics
+//! ([`MemServedState`]), a name → served volume table ([`MemExports`]) and a resolver whose answer
+//! a test switches ([`StaticResolver`]).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::lock;
+use crate::remote::{Endpoint, RemoteExports, ResolveFuture, Resolver, ServedState, ServedVolume};
+use crate::target::BlockTarget;
+
+/// Owner facts a test can change while connections are open.
+pub struct MemServedState {
+    tag: AtomicU64,
+    dtl_in_sync: AtomicBool,
+    alive: AtomicBool,
+    fenced: Mutex<Option<String>>,
+}
+
+impl MemServedState {
+    /// Served under `tag`, DTL in sync, alive, not fenced.
+    pub fn new(tag: u64) -> Arc<Self> {
+        Arc::new(Self {
+            tag: AtomicU64::new(tag),
+            dtl_in_sync: AtomicBool::new(true),
+            alive: AtomicBool::new(true),
+            fenced: Mutex::new(None),
+        })
+    }
+    pub fn set_tag(&self, tag: u64) {
+        self.tag.store(tag, Ordering::SeqCst);
+    }
+    pub fn set_dtl_in_sync(&self, in_sync: bool) {
+        self.dtl_in_sync.store(in_sync, Ordering::SeqCst);
+    }
+    pub fn set_alive(&self, alive: bool) {
+        self.alive.store(alive, Ordering::SeqCst);
+    }
+    pub fn set_fenced(&self, reason: Option<&str>) {
+        *lock(&self.fenced) = reason.map(str::to_owned);
+    }
+}
+
+impl ServedState for MemServedState {
+    fn tag(&self) -> u64 {
+        self.tag.load(Ordering::SeqCst)
+    }
+    fn dtl_in_sync(&self) -> bool {
+        self.dtl_in_sync.load(Ordering::SeqCst)
+    }
+    fn fenced(&self) -> Option<String> {
+        lock(&self.fenced).clone()
+    }
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+/// The volumes one test "node" serves.
+#[derive(Default)]
+pub struct MemExports {
+    volumes: Mutex<BTreeMap<String, ServedVolume>>,
+}
+
+impl MemExports {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    pub fn insert(&self, name: &str, target: Arc<dyn BlockTarget>, state: Arc<MemServedState>) {
+        lock(&self.volumes).insert(name.to_owned(), ServedVolume { target, state });
+    }
+    pub fn remove(&self, name: &str) -> bool {
+        lock(&self.volumes).remove(name).is_some()
+    }
+}
+
+impl RemoteExports for MemExports {
+    fn lookup(&self, volume: &str) -> Option<ServedVolume> {
+        lock(&self.volumes).get(volume).cloned()
+    }
+}
+
+/// Answers every volume with one endpoint (or an error) that the test sets.
+pub struct StaticResolver {
+    answer: Mutex<Result<Endpoint, String>>,
+    calls: AtomicUsize,
+}
+
+impl StaticResolver {
+    pub fn new(endpoint: Endpoint) -> Arc<Self> {
+        Arc::new(Self {
+            answer: Mutex::new(Ok(endpoint)),
+            calls: AtomicUsize::new(0),
+        })
+    }
+    pub fn set(&self, answer: Result<Endpoint, String>) {
+        *lock(&self.answer) = answer;
+    }
+    /// How many times `resolve` was called.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Resolver for StaticResolver {
+    fn resolve(&self, _volume: &str) -> ResolveFuture {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let answer = lock(&self.answer).clone();
+        Box::pin(async move { answer })
+    }
+}

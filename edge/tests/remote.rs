@@ -1,0 +1,545 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The edge protocol end to end, in process, on loopback: `RemoteTarget` clients against
+//! `remote::server` nodes over in-memory targets. Data written reads back (checksums), pipelined
+//! random I/O, owner-tag refusals, corrupt frames, failover with and without the DTL in sync, the
+//! reconnect bound, and a real NBD client (`qemu-io`) through the NBD server on a `RemoteTarget`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{checksum, pattern, within, TestServer, MIB};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use vstor_edge::remote::client::{ConnState, RemoteConfig, RemoteError, RemoteTarget};
+use vstor_edge::remote::proto::ErrorCode;
+use vstor_edge::remote::server::{serve, EdgeServerConfig};
+use vstor_edge::remote::Endpoint;
+use vstor_edge::testing::remote::{MemExports, MemServedState, StaticResolver};
+use vstor_edge::testing::{MemRegistry, MemTarget};
+use vstor_edge::{BlockTarget, TargetError};
+
+const SIZE: u64 = 64 * MIB;
+const BLOCK: usize = 4096;
+
+/// One "node": an edge server serving `vol` from a shared in-memory target under a tag.
+struct Node {
+    addr: std::net::SocketAddr,
+    state: Arc<MemServedState>,
+    stop: CancellationToken,
+}
+
+impl Node {
+    async fn start(target: &Arc<MemTarget>, tag: u64) -> Node {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, target, tag)
+    }
+
+    fn start_on(listener: TcpListener, target: &Arc<MemTarget>, tag: u64) -> Node {
+        let state = MemServedState::new(tag);
+        let exports = MemExports::new();
+        exports.insert("vol", target.clone(), state.clone());
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            exports,
+            EdgeServerConfig::default(),
+            stop.clone(),
+        ));
+        Node { addr, state, stop }
+    }
+
+    fn endpoint(&self, name: &str) -> Endpoint {
+        Endpoint {
+            node: name.into(),
+            addr: self.addr.to_string(),
+            tag: self.state_tag(),
+        }
+    }
+
+    fn state_tag(&self) -> u64 {
+        use vstor_edge::remote::ServedState;
+        self.state.tag()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn config(bound: Duration) -> RemoteConfig {
+    RemoteConfig {
+        client_name: "test-edge".into(),
+        reconnect_bound: bound,
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+async fn write(t: &RemoteTarget, offset: u64, data: &[u8]) -> Result<(), TargetError> {
+    let mut ack = t.write(offset, data, false)?;
+    match ack.pending.take() {
+        Some(p) => p.await,
+        None => Ok(()),
+    }
+}
+
+async fn read(t: &RemoteTarget, offset: u64, len: usize) -> Result<Vec<u8>, TargetError> {
+    let fut = t
+        .read_async(offset, len)
+        .expect("remote target reads asynchronously");
+    fut.await.map(|b| b.to_vec())
+}
+
+async fn flush(t: &RemoteTarget) -> Result<(), TargetError> {
+    t.flush_async().expect("asynchronous flush").await
+}
+
+/// Poll `cond` until it holds, failing the test after 10 s.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn connect(resolver: &Arc<StaticResolver>, bound: Duration) -> Arc<RemoteTarget> {
+    RemoteTarget::connect("vol", resolver.clone(), config(bound))
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_written_reads_back() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let node = Node::start(&target, 5).await;
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    assert_eq!(t.size(), SIZE);
+    assert!(!t.read_only());
+
+    for i in 0..32u64 {
+        write(&t, i * 65536, &pattern(i, 65536)).await.unwrap();
+    }
+    for i in 0..32u64 {
+        let got = read(&t, i * 65536, 65536).await.unwrap();
+        assert_eq!(checksum(&got), checksum(&pattern(i, 65536)), "block {i}");
+    }
+    assert_eq!(
+        checksum(&target.contents(65536, 65536)),
+        checksum(&pattern(1, 65536))
+    );
+    // A large read (several frames' worth is split by the client) and the blocking API.
+    let t2 = t.clone();
+    let big = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 32 * 65536];
+        t2.read(0, &mut buf).unwrap();
+        t2.flush().unwrap();
+        buf
+    })
+    .await
+    .unwrap();
+    assert_eq!(checksum(&big[65536..131072]), checksum(&pattern(1, 65536)));
+    flush(&t).await.unwrap();
+    assert!(target.flushes() >= 2);
+
+    // Trim, write-zeroes (FUA inline), block status.
+    t.discard(0, 65536).unwrap().pending.unwrap().await.unwrap();
+    t.write_zeroes(65536, 65536, true, true)
+        .unwrap()
+        .pending
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(read(&t, 0, 131072).await.unwrap().iter().all(|&b| b == 0));
+    let map = t.block_status_async(0, 3 * 65536).unwrap().await.unwrap();
+    assert!(map[0].hole && map[0].length == 65536, "{map:?}");
+    assert!(!map[1].hole, "{map:?}");
+    // Out of range and unaligned requests fail with the right error, and the target stays usable.
+    assert!(matches!(
+        t.write(SIZE, &[0; 512], false),
+        Err(TargetError::OutOfRange { .. })
+    ));
+    assert!(write(&t, 100, &[1; 512]).await.is_err());
+    write(&t, 0, &pattern(99, 4096)).await.unwrap();
+
+    let stats = t.stats();
+    assert_eq!(stats.state, ConnState::Connected);
+    assert_eq!(stats.owner.as_deref(), Some("a"));
+    assert_eq!(stats.tag, 5);
+    assert_eq!(stats.reconnects, 0);
+    assert_eq!(stats.inflight, 0);
+    assert!(stats.completed >= 70, "{stats:?}");
+    assert_eq!(stats.latency_buckets.iter().sum::<u64>(), stats.completed);
+    t.close().await;
+    assert_eq!(t.stats().state, ConnState::Closed);
+    assert_eq!(write(&t, 0, &[0; 512]).await, Err(TargetError::Shutdown));
+}
+
+/// 32 workers, each owning a disjoint region, do random writes and verifying reads at once.
+async fn qd32_load(t: &Arc<RemoteTarget>, ops: usize, model: &Arc<Mutex<HashMap<u64, u64>>>) {
+    let mut tasks = Vec::new();
+    for w in 0..32u64 {
+        let t = t.clone();
+        let model = model.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut x = w * 7919 + 1;
+            for n in 0..ops {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let block = w * 64 + (x >> 33) % 64;
+                let offset = block * BLOCK as u64;
+                if n % 3 == 2 {
+                    let want = model.lock().unwrap().get(&block).copied();
+                    let got = read(&t, offset, BLOCK).await.unwrap();
+                    let want = want.map_or(vec![0; BLOCK], |seed| pattern(seed, BLOCK));
+                    assert_eq!(checksum(&got), checksum(&want), "block {block}");
+                } else {
+                    let seed = (w << 32) | n as u64;
+                    write(&t, offset, &pattern(seed, BLOCK)).await.unwrap();
+                    model.lock().unwrap().insert(block, seed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        within("QD32 workers", task).await.unwrap();
+    }
+}
+
+fn verify(target: &MemTarget, model: &HashMap<u64, u64>) {
+    for (&block, &seed) in model {
+        assert_eq!(
+            checksum(&target.contents(block * BLOCK as u64, BLOCK)),
+            checksum(&pattern(seed, BLOCK)),
+            "block {block} lost its last acknowledged write"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_qd32_random_io() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let node = Node::start(&target, 1).await;
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let model = Arc::new(Mutex::new(HashMap::new()));
+    qd32_load(&t, 300, &model).await;
+    verify(&target, &model.lock().unwrap());
+    assert_eq!(t.stats().failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_tag_is_refused_at_hello_and_per_request() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let node = Node::start(&target, 10).await;
+    let mut stale = node.endpoint("a");
+    stale.tag = 9;
+    let resolver = StaticResolver::new(stale);
+    match RemoteTarget::connect("vol", resolver.clone(), config(Duration::from_secs(30))).await {
+        Err(RemoteError::Refused { code, .. }) => assert_eq!(code, ErrorCode::StaleTag),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a stale tag was welcomed"),
+    }
+    resolver.set(Ok(node.endpoint("a")));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    // The node now holds the volume under a newer tag (the registry moved it on): the next
+    // request carries a stale tag, is refused, and the client looks the owner up again.
+    node.state.set_tag(11);
+    resolver.set(Ok(node.endpoint("a")));
+    write(&t, 4096, &pattern(2, BLOCK)).await.unwrap();
+    assert_eq!(read(&t, 4096, BLOCK).await.unwrap(), pattern(2, BLOCK));
+    let stats = t.stats();
+    assert_eq!(stats.reconnects, 1);
+    assert_eq!(stats.tag, 11);
+    assert_eq!(stats.failed, 0);
+}
+
+/// A TCP proxy that flips one byte of the client → server stream of its first connection.
+async fn corrupting_proxy(upstream: std::net::SocketAddr, at: usize) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let corrupted = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let corrupt = !corrupted.swap(true, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut up) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut dr, mut dw) = down.split();
+                let (mut ur, mut uw) = up.split();
+                let to_server = async {
+                    let mut seen = 0usize;
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let n = match dr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if corrupt && seen <= at && at < seen + n {
+                            buf[at - seen] ^= 0x01;
+                        }
+                        seen += n;
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = uw.shutdown().await;
+                };
+                let to_client = async {
+                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
+                    let _ = dw.shutdown().await;
+                };
+                tokio::select! {
+                    () = to_server => {}
+                    () = to_client => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_frame_closes_the_connection_and_the_client_reconnects() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let node = Node::start(&target, 1).await;
+    // Byte 1000 of the client's stream lies inside the first write's data block.
+    let proxy = corrupting_proxy(node.addr, 1000).await;
+    let mut endpoint = node.endpoint("a");
+    endpoint.addr = proxy.to_string();
+    let resolver = StaticResolver::new(endpoint);
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    for i in 0..8u64 {
+        write(&t, i * BLOCK as u64, &pattern(i, BLOCK))
+            .await
+            .unwrap();
+    }
+    for i in 0..8u64 {
+        assert_eq!(
+            checksum(&target.contents(i * BLOCK as u64, BLOCK)),
+            checksum(&pattern(i, BLOCK)),
+            "block {i}"
+        );
+    }
+    let stats = t.stats();
+    assert_eq!(stats.reconnects, 1, "{stats:?}");
+    assert!(stats.resubmitted >= 1, "{stats:?}");
+    assert_eq!(stats.failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_resends_inflight_writes_and_loses_nothing_acknowledged() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let b = Node::start(&target, 2).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let model = Arc::new(Mutex::new(HashMap::new()));
+    qd32_load(&t, 30, &model).await;
+
+    // Load running; hold acknowledgements so writes are surely in flight when A goes.
+    let hold = target.hold_acks();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let t = t.clone();
+        let model = model.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..20u64 {
+                let block = 4096 + w * 8 + n % 8;
+                let seed = 1_000_000 + (w << 16) + n;
+                match write(&t, block * BLOCK as u64, &pattern(seed, BLOCK)).await {
+                    Ok(()) => {
+                        model.lock().unwrap().insert(block, seed);
+                    }
+                    Err(e) => {
+                        eprintln!("write failed: {e}");
+                        errors.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    until("16 writes in flight", || t.stats().inflight >= 16).await;
+    drop(a);
+    until("the client notices", || {
+        t.stats().state == ConnState::Reconnecting
+    })
+    .await;
+    drop(hold);
+    resolver.set(Ok(b.endpoint("b")));
+    for task in tasks {
+        within("writers", task).await.unwrap();
+    }
+    assert_eq!(errors.load(Ordering::SeqCst), 0, "the guest saw an error");
+    verify(&target, &model.lock().unwrap());
+    let stats = t.stats();
+    assert_eq!(stats.state, ConnState::Connected);
+    assert_eq!(stats.owner.as_deref(), Some("b"));
+    assert_eq!(stats.tag, 2);
+    assert_eq!(stats.reconnects, 1);
+    assert!(stats.resubmitted >= 16, "{stats:?}");
+    assert_eq!(stats.failed, 0);
+    flush(&t).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_with_the_dtl_out_of_sync_fails_unacknowledged_writes_and_the_next_flush() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let b = Node::start(&target, 2).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    a.state.set_dtl_in_sync(false);
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    assert!(!t.stats().dtl_in_sync);
+
+    let hold = target.hold_acks();
+    let pending: Vec<_> = (1..5u64)
+        .map(|i| {
+            t.write(i * BLOCK as u64, &pattern(i, BLOCK), false)
+                .unwrap()
+                .pending
+                .unwrap()
+        })
+        .collect();
+    until("4 writes in flight", || t.stats().inflight == 4).await;
+    drop(a);
+    drop(hold);
+    resolver.set(Ok(b.endpoint("b")));
+    for p in pending {
+        match within("failed write", p).await {
+            Err(TargetError::Io(msg)) => assert!(msg.contains("DTL"), "{msg}"),
+            other => panic!("an unacknowledged write survived a DTL out of sync: {other:?}"),
+        }
+    }
+    until("reconnected", || t.stats().state == ConnState::Connected).await;
+    // The guest learns that acknowledged data may be gone: its next flush fails, once.
+    assert!(matches!(flush(&t).await, Err(TargetError::Io(_))));
+    flush(&t).await.unwrap();
+    write(&t, 0, &pattern(7, BLOCK)).await.unwrap();
+    assert_eq!(read(&t, 0, BLOCK).await.unwrap(), pattern(7, BLOCK));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_after_the_bound_then_succeed_once_an_owner_returns() {
+    let bound = Duration::from_secs(1);
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, bound).await;
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    drop(a);
+    resolver.set(Err("no node owns the volume".into()));
+    let lost = Instant::now();
+    let result = within("the bound", write(&t, 4096, &pattern(2, BLOCK))).await;
+    assert!(matches!(result, Err(TargetError::Io(_))), "{result:?}");
+    let waited = lost.elapsed();
+    assert!(waited >= bound - Duration::from_millis(100), "{waited:?}");
+    assert_eq!(t.stats().state, ConnState::Failed);
+    // Fail fast now.
+    let t0 = Instant::now();
+    assert!(read(&t, 0, BLOCK).await.is_err());
+    assert!(t0.elapsed() < Duration::from_millis(500));
+
+    let c = Node::start(&target, 2).await;
+    resolver.set(Ok(c.endpoint("c")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(data) = read(&t, 0, BLOCK).await {
+            assert_eq!(data, pattern(1, BLOCK));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.stats().state, ConnState::Connected);
+    write(&t, 4096, &pattern(3, BLOCK)).await.unwrap();
+    assert_eq!(read(&t, 4096, BLOCK).await.unwrap(), pattern(3, BLOCK));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_through_nbd_on_a_remote_target() {
+    let found = std::process::Command::new("qemu-io")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("VSTOR_SKIP_NBD_TOOLS").is_some(),
+            "qemu-io is not installed (apt-get install qemu-utils), or set VSTOR_SKIP_NBD_TOOLS=1"
+        );
+        return;
+    }
+    let target = Arc::new(MemTarget::new(16 * MIB));
+    let node = Node::start(&target, 3).await;
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let remote = connect(&resolver, Duration::from_secs(30)).await;
+    let registry = Arc::new(MemRegistry::new());
+    registry.insert("vol", remote.clone());
+    let nbd = TestServer::start(registry).await;
+    let uri = format!("nbd://{}/vol", nbd.addr);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                &uri,
+                "-c",
+                "write -P 0xab 0 64k",
+                "-c",
+                "write -P 0xcd 1m 1m",
+                "-c",
+                "write -z 2m 128k",
+                "-c",
+                "write -P 0xee 3m 64k",
+                "-c",
+                "discard 3m 64k",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0xab 0 64k",
+                "-c",
+                "read -P 0xcd 1m 1m",
+                "-c",
+                "read -P 0 2m 128k",
+                "-c",
+                "read -P 0 3m 64k",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("qemu-io in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("fail") && !stdout.contains("error"),
+        "qemu-io: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The owner's target holds the data (checksums against what qemu-io wrote).
+    assert_eq!(
+        checksum(&target.contents(0, 65536)),
+        checksum(&[0xab; 65536])
+    );
+    assert_eq!(
+        checksum(&target.contents(MIB, MIB as usize)),
+        checksum(&vec![0xcd; MIB as usize])
+    );
+    assert!(target.flushes() >= 1);
+    assert!(remote.stats().completed >= 6);
+}

@@ -1,0 +1,346 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The edge server (`remote::server`) over an in-memory target, driven by a raw protocol client
+//! (the codec on a TCP socket): handshake refusals, owner-tag checks per request, validation,
+//! pipelining and corrupt frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{Encoder, Framed};
+use tokio_util::sync::CancellationToken;
+use vstor_edge::remote::proto::{EdgeCodec, ErrorCode, Frame, Message, PROTOCOL_VERSION};
+use vstor_edge::remote::server::{serve, EdgeServerConfig};
+use vstor_edge::testing::remote::{MemExports, MemServedState};
+use vstor_edge::testing::MemTarget;
+
+const SIZE: u64 = 16 << 20;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Server {
+    addr: std::net::SocketAddr,
+    target: Arc<MemTarget>,
+    state: Arc<MemServedState>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.task.abort();
+    }
+}
+
+async fn server(tag: u64) -> Server {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let state = MemServedState::new(tag);
+    let exports = MemExports::new();
+    exports.insert("vol", target.clone(), state.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(
+        listener,
+        exports,
+        EdgeServerConfig::default(),
+        stop.clone(),
+    ));
+    Server {
+        addr,
+        target,
+        state,
+        stop,
+        task,
+    }
+}
+
+type Conn = Framed<TcpStream, EdgeCodec>;
+
+async fn recv(conn: &mut Conn) -> Option<Frame> {
+    tokio::time::timeout(TIMEOUT, conn.next())
+        .await
+        .expect("reply in time")
+        .map(|r| r.expect("well-formed reply"))
+}
+
+async fn hello(addr: std::net::SocketAddr, volume: &str, tag: u64) -> (Conn, Frame) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut conn = Framed::new(stream, EdgeCodec::new());
+    conn.send(Frame::new(
+        0,
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            volume: volume.into(),
+            tag,
+            client: "test".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let reply = recv(&mut conn).await.expect("handshake reply");
+    (conn, reply)
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test]
+async fn handshake_welcomes_the_owner_tag_and_refuses_others() {
+    let s = server(7).await;
+    let (_c, reply) = hello(s.addr, "vol", 7).await;
+    assert_eq!(
+        reply.message,
+        Message::Welcome {
+            version: PROTOCOL_VERSION,
+            size: SIZE,
+            read_only: false,
+            tag: 7,
+            dtl_in_sync: true
+        }
+    );
+    for (volume, tag, code) in [
+        ("vol", 6, ErrorCode::StaleTag),
+        ("vol", 8, ErrorCode::NotOwner),
+        ("nope", 7, ErrorCode::NotOwner),
+    ] {
+        let (mut c, reply) = hello(s.addr, volume, tag).await;
+        match reply.message {
+            Message::Error { code: got, .. } => assert_eq!(got, code, "{volume} tag {tag}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(
+            recv(&mut c).await.is_none(),
+            "connection closes after a refusal"
+        );
+    }
+    s.state.set_fenced(Some("lease lost"));
+    let (_c, reply) = hello(s.addr, "vol", 7).await;
+    assert!(matches!(
+        reply.message,
+        Message::Error {
+            code: ErrorCode::Fenced,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn other_version_gets_version_mismatch() {
+    let s = server(1).await;
+    let stream = TcpStream::connect(s.addr).await.unwrap();
+    let mut conn = Framed::new(stream, EdgeCodec::with_version(9));
+    conn.send(Frame::new(
+        0,
+        Message::Hello {
+            version: 9,
+            volume: "vol".into(),
+            tag: 1,
+            client: "future".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let reply = recv(&mut conn).await.unwrap();
+    assert_eq!(
+        reply.message,
+        Message::VersionMismatch {
+            server: PROTOCOL_VERSION,
+            client: 9
+        }
+    );
+}
+
+#[tokio::test]
+async fn pipelined_writes_read_back_and_requests_are_checked() {
+    let s = server(3).await;
+    let (mut c, _) = hello(s.addr, "vol", 3).await;
+    // 64 pipelined writes of distinct patterns, then 64 reads.
+    for i in 0..64u64 {
+        c.feed(Frame::new(
+            i + 1,
+            Message::Write {
+                tag: 3,
+                offset: i * 8192,
+                fua: i % 8 == 0,
+                data: pattern(i, 8192),
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    SinkExt::<Frame>::flush(&mut c).await.unwrap();
+    let mut acked = std::collections::HashSet::new();
+    for _ in 0..64 {
+        let f = recv(&mut c).await.unwrap();
+        assert_eq!(f.message, Message::Done { dtl_in_sync: true });
+        assert!(acked.insert(f.id));
+    }
+    for i in 0..64u64 {
+        c.feed(Frame::new(
+            1000 + i,
+            Message::Read {
+                tag: 3,
+                offset: i * 8192,
+                len: 8192,
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    SinkExt::<Frame>::flush(&mut c).await.unwrap();
+    for _ in 0..64 {
+        let f = recv(&mut c).await.unwrap();
+        let i = f.id - 1000;
+        match f.message {
+            Message::Data { data, dtl_in_sync } => {
+                assert!(dtl_in_sync);
+                assert_eq!(data, pattern(i, 8192), "block {i}");
+            }
+            other => panic!("read {i}: {other:?}"),
+        }
+    }
+    assert_eq!(s.target.contents(8192, 8192), pattern(1, 8192).to_vec());
+
+    // Validation and owner checks, one request each; the connection stays usable.
+    let cases = [
+        (
+            Message::Read {
+                tag: 3,
+                offset: 100,
+                len: 512,
+            },
+            ErrorCode::Invalid,
+        ),
+        (
+            Message::Read {
+                tag: 3,
+                offset: SIZE,
+                len: 512,
+            },
+            ErrorCode::OutOfRange,
+        ),
+        (
+            Message::Trim {
+                tag: 3,
+                offset: 0,
+                len: 0,
+            },
+            ErrorCode::Invalid,
+        ),
+        (Message::Flush { tag: 2 }, ErrorCode::StaleTag),
+        (Message::Flush { tag: 4 }, ErrorCode::NotOwner),
+    ];
+    for (n, (msg, code)) in cases.into_iter().enumerate() {
+        c.send(Frame::new(5000 + n as u64, msg)).await.unwrap();
+        let f = recv(&mut c).await.unwrap();
+        assert_eq!(f.id, 5000 + n as u64);
+        match f.message {
+            Message::Error { code: got, .. } => assert_eq!(got, code, "case {n}"),
+            other => panic!("case {n}: {other:?}"),
+        }
+    }
+    // The owner moves on: the same connection's requests are refused as stale.
+    s.state.set_tag(4);
+    s.state.set_dtl_in_sync(false);
+    c.send(Frame::new(6000, Message::Flush { tag: 3 }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv(&mut c).await.unwrap().message,
+        Message::Error {
+            code: ErrorCode::StaleTag,
+            ..
+        }
+    ));
+    c.send(Frame::new(6001, Message::Flush { tag: 4 }))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut c).await.unwrap().message,
+        Message::Done { dtl_in_sync: false }
+    );
+    // Trim and block status.
+    c.send(Frame::new(
+        6002,
+        Message::Trim {
+            tag: 4,
+            offset: 0,
+            len: 8192,
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        recv(&mut c).await.unwrap().message,
+        Message::Done { dtl_in_sync: false }
+    );
+    c.send(Frame::new(
+        6003,
+        Message::BlockStatus {
+            tag: 4,
+            offset: 0,
+            len: 16384,
+        },
+    ))
+    .await
+    .unwrap();
+    match recv(&mut c).await.unwrap().message {
+        Message::Extents { extents } => {
+            assert!(extents[0].hole);
+            assert_eq!(extents[0].length, 8192);
+            assert!(!extents[1].hole);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn corrupt_frame_closes_the_connection() {
+    let s = server(1).await;
+    let (c, _) = hello(s.addr, "vol", 1).await;
+    let mut stream = c.into_inner();
+    let mut buf = BytesMut::new();
+    EdgeCodec::new()
+        .encode(
+            Frame::new(
+                1,
+                Message::Write {
+                    tag: 1,
+                    offset: 0,
+                    fua: false,
+                    data: pattern(1, 4096),
+                },
+            ),
+            &mut buf,
+        )
+        .unwrap();
+    let last = buf.len() - 1;
+    buf[last] ^= 0x40;
+    stream.write_all(&buf).await.unwrap();
+    let mut conn = Framed::new(stream, EdgeCodec::new());
+    assert!(
+        recv(&mut conn).await.is_none(),
+        "server closes after a corrupt frame"
+    );
+    assert_eq!(
+        s.target.contents(0, 4096),
+        vec![0u8; 4096],
+        "corrupt write not applied"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections() {
+    let s = server(1).await;
+    let (mut c, _) = hello(s.addr, "vol", 1).await;
+    s.stop.cancel();
+    assert!(recv(&mut c).await.is_none());
+}

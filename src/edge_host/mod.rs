@@ -1,0 +1,202 @@
+//! `vstor edge`: the edge daemon on a hypervisor host (no volumes of its own) and its CLI verbs.
+//!
+//! It registers itself in the cluster registry under its own lease (`/vstor/edges/NAME`), runs
+//! the NBD server and the vhost-user-blk backend over the volumes attached to it, each a
+//! [`RemoteTarget`](vstor_edge::remote::client::RemoteTarget) talking the edge protocol to the
+//! volume's owner (found by [`resolver`]), and answers `vstor edge attach|detach|list` on its
+//! HTTP API ([`api`]). On start it re-attaches what the registry records for its name, so after
+//! an edge restart QEMU (`reconnect=1`) finds its socket again.
+//!
+//! Defaults (chosen not to clash with `vstor serve` on the same host: API 7800, NBD 10809):
+//! API `127.0.0.1:7900`, NBD `127.0.0.1:10909`, sockets under `./vstor-edge/vhost`.
+
+pub mod api;
+pub mod cli;
+pub mod host;
+pub mod report;
+pub mod resolver;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::net::TcpListener;
+use vstor_edge::nbd::{NbdServer, NbdServerConfig};
+use vstor_edge::remote::client::RemoteConfig;
+use vstor_edge::vhost::{VhostConfig, VhostServer};
+
+use crate::registry::{self, etcd::EtcdRegistry, EdgeRecord, KeepAlive, Registry, RegistryError};
+use host::{EdgeExports, EdgeHost};
+
+pub const DEFAULT_EDGE_API: &str = "127.0.0.1:7900";
+pub const DEFAULT_EDGE_NBD: &str = "127.0.0.1:10909";
+pub const DEFAULT_EDGE_VHOST_DIR: &str = "./vstor-edge/vhost";
+
+/// `vstor edge` daemon settings, resolved from its flags.
+pub struct EdgeConfig {
+    pub registry: String,
+    pub name: String,
+    pub vhost_dir: PathBuf,
+    pub nbd: SocketAddr,
+    pub api: SocketAddr,
+    pub reconnect_bound: Duration,
+}
+
+/// This machine's host name (the default edge name).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Register the edge; when the name is held by a previous run of this same edge (same host, same
+/// API address, which this process could bind, so that run is dead) wait for its lease to expire.
+async fn register(
+    registry: &dyn Registry,
+    record: &EdgeRecord,
+    ttl: Duration,
+) -> Result<registry::Lease> {
+    let deadline = Instant::now() + ttl * 2 + Duration::from_secs(2);
+    loop {
+        match registry.register_edge(record, ttl).await {
+            Ok(lease) => return Ok(lease),
+            Err(RegistryError::EdgeAlive { host, api_addr, .. })
+                if host == record.host
+                    && api_addr == record.api_addr
+                    && Instant::now() < deadline =>
+            {
+                tracing::info!(edge = %record.name, "the previous run's lease is still alive; waiting for it to expire");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("cannot register the edge"),
+        }
+    }
+}
+
+pub async fn run(config: EdgeConfig) -> Result<()> {
+    let Some(endpoints) = registry::etcd_endpoints(&config.registry) else {
+        bail!(
+            "--registry {:?} is not allowed: an edge needs the cluster registry, etcd://HOST:PORT[,HOST:PORT...]",
+            config.registry
+        );
+    };
+    let endpoints = endpoints.map_err(|e| anyhow::anyhow!("--registry: {e}"))?;
+    crate::config::validate_edge_name(&config.name)?;
+    let vhost_dir = std::path::absolute(&config.vhost_dir)
+        .with_context(|| format!("cannot resolve path {}", config.vhost_dir.display()))?;
+    vstor_edge::vhost::check_socket_dir(&vhost_dir)
+        .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
+    let registry: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT)
+            .await
+            .context("cannot reach the cluster registry; is etcd running and --registry right?")?,
+    );
+    let settings = registry.settings().await?;
+    let api_listener = TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("cannot listen for the edge API on {} (--api)", config.api))?;
+    let nbd_listener = TcpListener::bind(config.nbd)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {} (--nbd)", config.nbd))?;
+    let api_addr = api_listener.local_addr()?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let record = EdgeRecord {
+        name: config.name.clone(),
+        api_addr: api_addr.to_string(),
+        host: host_name(),
+        nbd_addr: nbd_addr.to_string(),
+        started_at: registry::now_secs(),
+    };
+    let lease = register(registry.as_ref(), &record, settings.lease_ttl()).await?;
+
+    let exports = Arc::new(EdgeExports::default());
+    let nbd = NbdServer::new(exports.clone(), NbdServerConfig::default());
+    let vhost = VhostServer::new(
+        exports.clone(),
+        vhost_dir.clone(),
+        VhostConfig::default(),
+        tokio::runtime::Handle::current(),
+    )
+    .with_context(|| format!("cannot use vhost socket directory {}", vhost_dir.display()))?;
+    let remote = RemoteConfig {
+        client_name: config.name.clone(),
+        reconnect_bound: config.reconnect_bound,
+        ..RemoteConfig::default()
+    };
+    let host = Arc::new(EdgeHost::new(
+        config.name.clone(),
+        registry.clone(),
+        Arc::new(resolver::RegistryResolver(registry.clone())),
+        remote,
+        exports,
+        nbd.clone(),
+        nbd_addr,
+        vhost.clone(),
+    ));
+    let keepalive = tokio::spawn(keep_registered(
+        registry.clone(),
+        record.clone(),
+        lease,
+        settings.keepalive_interval(),
+    ));
+    let nbd_task = {
+        let nbd = nbd.clone();
+        tokio::spawn(async move { nbd.serve(nbd_listener).await })
+    };
+    let api_stop = Arc::new(tokio::sync::Notify::new());
+    let api_task = {
+        let app = api::router(host.clone());
+        let stop = api_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(api_listener, app)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await
+        })
+    };
+    let reattached = host.reattach().await?;
+    println!(
+        "vstor edge ready: name={} api=http://{api_addr} nbd=nbd://{nbd_addr} vhost={} reattached={reattached}",
+        config.name,
+        vhost_dir.display()
+    );
+    tracing::info!(edge = %config.name, registry = %registry.describe(), "vstor edge serving");
+
+    crate::server::until_stop_signal(nbd_task, "edge NBD server").await?;
+    nbd.shutdown().await;
+    api_stop.notify_one();
+    let _ = api_task.await;
+    tokio::task::spawn_blocking(move || vhost.shutdown()).await?;
+    host.close_all().await;
+    keepalive.abort();
+    // The attachments stay: the next start re-attaches them.
+    let _ = registry.revoke(lease.id).await;
+    Ok(())
+}
+
+/// Renew the edge's lease; register again with a new one if it expired (the registry was
+/// unreachable for longer than the TTL).
+async fn keep_registered(
+    registry: Arc<dyn Registry>,
+    record: EdgeRecord,
+    mut lease: registry::Lease,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match registry.keep_alive(lease.id).await {
+            Ok(KeepAlive::Renewed { .. }) => {}
+            Ok(KeepAlive::Expired) => {
+                tracing::error!(edge = %record.name, "edge lease expired; registering again");
+                match registry.register_edge(&record, lease.ttl).await {
+                    Ok(new) => lease = new,
+                    Err(e) => tracing::error!(error = %e, "cannot register the edge again"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the edge lease"),
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! `vstor edge` against a real cluster on loopback: etcd, nodes n1 and n2 serving edges
+//! (`--edge-listen`), n3 serving none, and edges e1 and e2. Data written through an edge is read
+//! back (patterns and checksums) through the edge and through the owner's own NBD export; the
+//! attachment rule, the error texts, a stale owner tag refused by the node, and an edge restart
+//! (kill -9) that re-attaches from the registry. Failover under load is in `edge_failover.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::edge::EdgeDaemon;
+use common::etcd::Etcd;
+use common::{checksum_file, require_tool, run_ok, Daemon, NbdClient, TestBackend, VSTOR};
+use serde_json::Value;
+
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = run_ok(&mut cmd);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("error"), "{out}");
+    out
+}
+
+fn node(
+    root: &std::path::Path,
+    backend: &TestBackend,
+    etcd: &str,
+    name: &str,
+    edge: bool,
+) -> Daemon {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec!["--registry", etcd, "--node", name];
+    if edge {
+        args.extend(["--edge-listen", "127.0.0.1:0"]);
+    }
+    Daemon::start_on(&dir, backend, &args)
+}
+
+fn failure(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a failure, got: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn entry<'a>(list: &'a [Value], volume: &str) -> &'a Value {
+    list.iter()
+        .find(|v| v["volume"] == volume)
+        .unwrap_or_else(|| panic!("{volume} not in {list:?}"))
+}
+
+/// `Hello` with `tag` straight to a node's edge listener: the first reply.
+fn raw_hello(addr: &str, volume: &str, tag: u64) -> vstor_edge::remote::proto::Message {
+    use futures::{SinkExt, StreamExt};
+    use vstor_edge::remote::proto::{EdgeCodec, Frame, Message, PROTOCOL_VERSION};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut conn = tokio_util::codec::Framed::new(stream, EdgeCodec::new());
+        conn.send(Frame::new(
+            0,
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                volume: volume.into(),
+                tag,
+                client: "stale-edge".into(),
+            },
+        ))
+        .await
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), conn.next())
+            .await
+            .expect("a reply within 10 s")
+            .expect("a reply, not a closed connection")
+            .expect("a well-formed reply")
+            .message
+    })
+}
+
+fn node_edge_addr(daemon: &Daemon, name: &str) -> String {
+    let nodes: Value = serde_json::from_str(&daemon.cli_ok(&["node", "list", "--json"])).unwrap();
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap();
+    node["edge_addr"].as_str().expect("edge_addr").to_string()
+}
+
+#[test]
+fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let n1 = node(root.path(), &backend, &url, "n1", true);
+    let _n2 = node(root.path(), &backend, &url, "n2", true);
+    let n3 = node(root.path(), &backend, &url, "n3", false);
+    n1.cli_ok(&["volume", "create", "vol", "--size", "64M", "--node", "n1"]);
+    n1.cli_ok(&["volume", "create", "far", "--size", "16M", "--node", "n3"]);
+    // `node list` shows which nodes serve edges.
+    assert!(node_edge_addr(&n1, "n1").starts_with("127.0.0.1:"));
+    let nodes: Value = serde_json::from_str(&n1.cli_ok(&["node", "list", "--json"])).unwrap();
+    let n3_record = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "n3")
+        .unwrap();
+    assert!(n3_record["edge_addr"].is_null(), "{n3_record}");
+
+    let mut e1 = EdgeDaemon::start(root.path(), "e1", &url, &[]);
+    let e2 = EdgeDaemon::start(root.path(), "e2", &url, &[]);
+    assert_eq!(e1.reattached, 0);
+
+    // Attach: a socket and an NBD export on the edge.
+    let out = e1.cli_ok(&["attach", "vol"]);
+    assert!(out.contains(&e1.uri("vol")), "{out}");
+    assert!(e1.socket("vol").exists(), "no vhost-user socket");
+
+    // Write through the edge; read back through the edge and through the owner itself.
+    qemu_io(
+        &e1.uri("vol"),
+        &["write -P 0xa5 0 1M", "write -P 0x3c 5M 64k", "flush"],
+    );
+    qemu_io(
+        &e1.uri("vol"),
+        &[
+            "read -P 0xa5 0 1M",
+            "read -P 0x3c 5M 64k",
+            "read -P 0 1M 4M",
+        ],
+    );
+    let source = root.path().join("random.img");
+    let random: Vec<u8> = (0..(8u64 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&source, &random).unwrap();
+    run_ok(Command::new("nbdcopy").args([source.to_str().unwrap(), &e1.uri("vol")]));
+    let via_owner = root.path().join("via-owner.img");
+    let via_edge = root.path().join("via-edge.img");
+    run_ok(Command::new("nbdcopy").args([&n1.uri("vol"), via_owner.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args([&e1.uri("vol"), via_edge.to_str().unwrap()]));
+    let want = checksum_file(&source);
+    let head = |path: &std::path::Path| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes.truncate(random.len());
+        let out = path.with_extension("head");
+        std::fs::write(&out, bytes).unwrap();
+        checksum_file(&out)
+    };
+    assert_eq!(head(&via_owner), want, "owner's export differs");
+    assert_eq!(head(&via_edge), want, "edge's export differs");
+
+    // `edge list`: owner, tag, state; the tag is the owner's.
+    let tag = n1.info("vol")["owner_tag"].as_u64().unwrap();
+    let list = e1.list();
+    let vol = entry(&list, "vol");
+    assert_eq!(vol["owner"], "n1", "{vol}");
+    assert_eq!(vol["tag"], tag, "{vol}");
+    assert_eq!(vol["state"], "connected", "{vol}");
+    assert_eq!(vol["read_only"], false);
+    assert_eq!(vol["nbd_uri"], e1.uri("vol"));
+    assert!(vol["completed"].as_u64().unwrap() > 0, "{vol}");
+    let text = e1.cli_ok(&["list"]);
+    assert!(text.contains("vol") && text.contains("connected"), "{text}");
+    let metrics = ureq::get(format!("http://{}/metrics", e1.api))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("vstor_edge_volume_state{edge=\"e1\",volume=\"vol\",owner=\"n1\",state=\"connected\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "vstor_edge_request_latency_seconds_bucket{edge=\"e1\",volume=\"vol\",le=\"+Inf\"}"
+    ));
+
+    // A second writable attach elsewhere is refused, naming the holder.
+    let err = failure(&e2.cli(&["attach", "vol"]));
+    assert!(
+        err.contains("volume vol is attached writable on edge e1"),
+        "{err}"
+    );
+    assert!(!e2.socket("vol").exists());
+    // Unknown volume, a node without --edge-listen: clear errors.
+    let err = failure(&e1.cli(&["attach", "nosuch"]));
+    assert!(
+        err.contains("volume nosuch is not in the cluster registry"),
+        "{err}"
+    );
+    let err = failure(&e1.cli(&["attach", "far"]));
+    assert!(
+        err.contains("node n3 owns volume far but serves no edges"),
+        "{err}"
+    );
+    let err = failure(&e1.cli(&["detach", "far"]));
+    assert!(
+        err.contains("volume far is not attached on edge e1"),
+        "{err}"
+    );
+    // A second edge process under a live name is refused.
+    let mut dup = EdgeDaemon::start_command(root.path(), "e1", &url);
+    let out = dup.output().unwrap();
+    let err = failure(&out);
+    assert!(err.contains("edge e1 is already running"), "{err}");
+
+    // Read-only: a snapshot attaches on several edges.
+    n1.cli_ok(&["snapshot", "create", "vol", "s1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = e1.cli(&["attach", "vol@s1"]);
+        if out.status.success() {
+            break;
+        }
+        // The snapshot's view needs it on the backend: poll until it is.
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    e2.cli_ok(&["attach", "vol@s1"]);
+    assert_eq!(entry(&e2.list(), "vol@s1")["read_only"], true);
+    qemu_io(&e2.uri("vol@s1"), &["read -P 0xa5 0 1M"]);
+
+    // A stale edge (an old owner tag) is refused by the node.
+    let addr = node_edge_addr(&n1, "n1");
+    match raw_hello(&addr, "vol", tag - 1) {
+        vstor_edge::remote::proto::Message::Error { code, message } => {
+            assert_eq!(
+                code,
+                vstor_edge::remote::proto::ErrorCode::StaleTag,
+                "{message}"
+            );
+        }
+        other => panic!("stale tag accepted: {other:?}"),
+    }
+    assert!(matches!(
+        raw_hello(&addr, "vol", tag),
+        vstor_edge::remote::proto::Message::Welcome { .. }
+    ));
+
+    // kill -9 the edge: it comes back with its attachments and serves the same data.
+    e1.kill9();
+    e1.launch();
+    assert_eq!(e1.reattached, 2, "{}", e1.log_text());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while entry(&e1.list(), "vol")["state"] != "connected" {
+        assert!(Instant::now() < deadline, "{:?}", e1.list());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(e1.socket("vol").exists());
+    qemu_io(&e1.uri("vol"), &["read -P 0x3c 5M 64k"]);
+
+    // Detach is refused while a client is connected, unless forced.
+    let client = NbdClient::connect(&e1.nbd, "vol").unwrap();
+    let err = failure(&e1.cli(&["detach", "vol"]));
+    assert!(err.contains("volume vol is in use on edge e1"), "{err}");
+    e1.cli_ok(&["detach", "vol", "--force"]);
+    drop(client);
+    assert!(!e1.socket("vol").exists());
+    e1.cli_ok(&["detach", "vol@s1"]);
+    e2.cli_ok(&["detach", "vol@s1"]);
+    assert!(e1.list().is_empty());
+    // Detached: another edge may attach it writable now.
+    e2.cli_ok(&["attach", "vol"]);
+    qemu_io(&e2.uri("vol"), &["read -P 0xa5 0 1M"]);
+    drop(n3);
+}
+
+#[test]
+fn edge_command_line_errors_are_clear() {
+    let run = |args: &[&str]| {
+        let out = Command::new(VSTOR)
+            .args(args)
+            .env_remove("VSTOR_EDGE_API")
+            .output()
+            .unwrap();
+        failure(&out)
+    };
+    let err = run(&["edge"]);
+    assert!(
+        err.contains("vstor edge needs the cluster registry"),
+        "{err}"
+    );
+    let err = run(&["edge", "--registry", "/some/dir"]);
+    assert!(
+        err.contains("an edge needs the cluster registry, etcd://"),
+        "{err}"
+    );
+    let err = run(&[
+        "edge",
+        "--registry",
+        "etcd://127.0.0.1:1",
+        "--name",
+        "x",
+        "--api",
+        "127.0.0.1:0",
+        "--nbd",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("cannot reach the cluster registry"), "{err}");
+    let err = run(&[
+        "edge",
+        "--registry",
+        "etcd://127.0.0.1:1",
+        "--reconnect-bound",
+        "soon",
+    ]);
+    assert!(
+        err.contains("--reconnect-bound \"soon\" is not a duration"),
+        "{err}"
+    );
+    let err = run(&[
+        "edge",
+        "--registry",
+        "etcd://127.0.0.1:1",
+        "--name",
+        "bad/name",
+    ]);
+    assert!(
+        err.contains("edge name \"bad/name\" is not allowed"),
+        "{err}"
+    );
+    let err = run(&["edge", "list", "--api", "127.0.0.1:1"]);
+    assert!(err.contains("is `vstor edge` running?"), "{err}");
+    let err = run(&["edge", "attach"]);
+    assert!(err.contains("VOLUME"), "{err}");
+    let err = run(&["serve", "--edge-listen", "nowhere"]);
+    assert!(err.contains("edge_listen (--edge-listen)"), "{err}");
+}
