@@ -13,7 +13,9 @@
 //! on an S3 bucket (see its module for how fencing holds without locks).
 
 mod chunks;
+pub mod ec;
 mod local;
+pub mod osd;
 pub mod s3;
 #[cfg(any(test, feature = "testing"))]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is a failure report
@@ -78,6 +80,21 @@ pub enum BackendError {
         bucket: String,
         key: String,
         reason: String,
+    },
+    #[error("OSD store {path} is full: {used} of {capacity} bytes used, {needed} more needed")]
+    Full {
+        path: PathBuf,
+        capacity: u64,
+        used: u64,
+        needed: u64,
+    },
+    #[error("OSD {addr}: {reason}")]
+    Osd { addr: String, reason: String },
+    #[error("OSD {addr} refused the request ({code:?}): {message}")]
+    OsdRefused {
+        addr: String,
+        code: osd::proto::ErrorCode,
+        message: String,
     },
     #[error("I/O error on {path}: {source}")]
     Io {

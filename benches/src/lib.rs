@@ -13,6 +13,8 @@
 //!   and `sync` (with `vstor dtl` as a separate process) against `qemu-nbd`, driven by fio's
 //!   `nbd` engine (`vstor-bench dtl`).
 //!
+//! - [`edge`]: 4 KiB random I/O through `vstor edge` against the owner's own vhost-user-blk
+//!   export, with the edge on the owner's host and in a network namespace (`vstor-bench edge`).
 //! - [`cluster`]: failover (detection, adoption, the client's I/O pause) and `volume move` on a
 //!   3-node cluster with a real etcd, against the peers' documented defaults
 //!   (`vstor-bench cluster`).
@@ -31,6 +33,7 @@ pub mod backend;
 pub mod cluster;
 mod common;
 pub mod dtl;
+pub mod edge;
 pub mod nbd;
 pub mod snapshots;
 pub mod vhost;

@@ -36,6 +36,10 @@ impl Drop for Server {
 }
 
 async fn server(tag: u64) -> Server {
+    server_with(tag, EdgeServerConfig::default()).await
+}
+
+async fn server_with(tag: u64, config: EdgeServerConfig) -> Server {
     let target = Arc::new(MemTarget::new(SIZE));
     let state = MemServedState::new(tag);
     let exports = MemExports::new();
@@ -43,12 +47,7 @@ async fn server(tag: u64) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(serve(
-        listener,
-        exports,
-        EdgeServerConfig::default(),
-        stop.clone(),
-    ));
+    let task = tokio::spawn(serve(listener, exports, config, stop.clone()));
     Server {
         addr,
         target,
@@ -343,4 +342,83 @@ async fn shutdown_closes_connections() {
     let (mut c, _) = hello(s.addr, "vol", 1).await;
     s.stop.cancel();
     assert!(recv(&mut c).await.is_none());
+}
+
+fn write_frame(id: u64, tag: u64, offset: u64) -> Frame {
+    Frame::new(
+        id,
+        Message::Write {
+            tag,
+            offset,
+            fua: false,
+            data: pattern(id, 4096),
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_full_connection_stops_taking_requests_until_acks_complete() {
+    let s = server_with(1, EdgeServerConfig { max_inflight: 2 }).await;
+    let (mut c, _) = hello(s.addr, "vol", 1).await;
+    let hold = s.target.hold_acks();
+    for id in 1..=5u64 {
+        c.feed(write_frame(id, 1, id * 4096)).await.unwrap();
+    }
+    SinkExt::<Frame>::flush(&mut c).await.unwrap();
+    // Two writes take the two slots; the third waits in the socket, not in the target.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while s.target.ops().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes never reached the target"
+        );
+        tokio::task::yield_now().await;
+    }
+    // A reply cannot come while the acknowledgements are held, so the server has had every
+    // chance to (wrongly) take more requests by the time this times out.
+    assert!(tokio::time::timeout(Duration::from_millis(200), c.next())
+        .await
+        .is_err());
+    assert_eq!(
+        s.target.ops().len(),
+        2,
+        "a full connection took another request"
+    );
+    drop(hold);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let f = recv(&mut c).await.unwrap();
+        assert_eq!(f.message, Message::Done { dtl_in_sync: true });
+        ids.push(f.id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 3, 4, 5]);
+    for id in 1..=5u64 {
+        assert_eq!(
+            s.target.contents(id * 4096, 4096),
+            pattern(id, 4096).to_vec()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_throttling_target_pauses_the_connection() {
+    let s = server(1).await;
+    let (mut c, _) = hello(s.addr, "vol", 1).await;
+    s.target.set_throttle(Some(Duration::from_millis(300)));
+    let start = std::time::Instant::now();
+    c.send(write_frame(1, 1, 0)).await.unwrap();
+    assert_eq!(
+        recv(&mut c).await.unwrap().id,
+        1,
+        "the throttled write is answered"
+    );
+    s.target.set_throttle(None);
+    c.send(write_frame(2, 1, 4096)).await.unwrap();
+    assert_eq!(recv(&mut c).await.unwrap().id, 2);
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "the next request ran before the throttle delay: {:?}",
+        start.elapsed()
+    );
 }

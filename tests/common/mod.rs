@@ -4,6 +4,7 @@
 
 pub mod edge;
 pub mod etcd;
+pub mod guest;
 pub mod netns;
 pub mod oracle;
 

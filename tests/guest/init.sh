@@ -1,6 +1,6 @@
 #!/bin/busybox sh
 # /init of the vhost_guest test's initramfs. The scenario comes from the kernel command line
-# (vstor.mode=write|verify|readonly|reconnect); results go to the console as `VSTOR-<KEY> ...`
+# (vstor.mode=write|verify|readonly|reconnect|loop); results go to the console as `VSTOR-<KEY> ...`
 # lines that tests/vhost_guest.rs parses. Every path ends in `poweroff -f`, which makes QEMU exit.
 
 /bin/busybox --install -s /bin
@@ -168,6 +168,45 @@ reconnect)
     done
     report_tail
     umount /mnt
+    finish
+    ;;
+loop)
+    # The edge failover tests (tests/edge_failover.rs): raw 1 MiB regions written (O_DIRECT,
+    # then fsync) and read back in a loop while the host kills the volume's owner, until the host
+    # sends a line on the console. Each completed round is reported with its region and digest;
+    # at the end every region is read back once more against its last digest.
+    regions=$((size / 1048576))
+    mkdir -p /tmp/sums
+    (read -r line < /dev/console; touch /tmp/stop) &
+    say LOOPING "$regions"
+    round=0
+    while [ ! -e /tmp/stop ]; do
+        round=$((round + 1))
+        region=$(( (round * 7) % regions ))
+        dd if=/dev/urandom of=/tmp/blk bs=65536 count=16 2>/dev/null || fail "make data"
+        want=$(sha256sum /tmp/blk)
+        want=${want%% *}
+        dd if=/tmp/blk of=/dev/vda bs=65536 seek=$((region * 16)) count=16 oflag=direct conv=fsync,notrunc 2>/dev/null \
+            || fail "write round $round region $region"
+        dd if=/dev/vda of=/tmp/back bs=65536 skip=$((region * 16)) count=16 iflag=direct 2>/dev/null \
+            || fail "read round $round region $region"
+        got=$(sha256sum /tmp/back)
+        got=${got%% *}
+        [ "$got" = "$want" ] || fail "round $round: region $region reads back $got, wrote $want"
+        echo "$want" > "/tmp/sums/$region"
+        say ROUND "$round $region $want"
+    done
+    checked=0
+    for file in /tmp/sums/*; do
+        region=${file##*/}
+        dd if=/dev/vda of=/tmp/back bs=65536 skip=$((region * 16)) count=16 iflag=direct 2>/dev/null \
+            || fail "final read of region $region"
+        got=$(sha256sum /tmp/back)
+        [ "${got%% *}" = "$(cat "$file")" ] || fail "region $region lost its last write"
+        checked=$((checked + 1))
+    done
+    say VERIFIED "$checked"
+    say IOERRORS "$(dmesg | grep -c -e 'I/O error' -e 'blk_update_request')"
     finish
     ;;
 *)

@@ -37,6 +37,9 @@ enum BenchTarget {
     /// A backend store: upload throughput (put_file and put_from of 64 MiB objects) and 4 KiB
     /// random reads of evicted volume data at queue depth 1 and 32.
     Backend(BackendArgs),
+    /// 4 KiB random I/O at QD1 and QD32 through `vstor edge` (vhost-user-blk) against the owner's
+    /// own vhost-user-blk export, with the edge on the owner's host and in a network namespace.
+    Edge(BenchOptions),
     /// Failover and move on a 3-node cluster with a real etcd: detection, adoption and the
     /// client's I/O pause over repeated kill -9 of the owner; move duration and pause.
     Cluster(ClusterArgs),
@@ -56,6 +59,10 @@ struct ClusterArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Write through a `vstor edge` on the host instead of to the owner directly: the pause is
+    /// then what a guest on the edge sees.
+    #[arg(long)]
+    edge: bool,
     /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].
     #[arg(long)]
     vstor: Option<PathBuf>,
@@ -124,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
         BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
         BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
         BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
+        BenchTarget::Edge(o) => (vstor_benches::edge::run, o),
         BenchTarget::Cluster(args) => {
             return vstor_benches::cluster::run(&vstor_benches::cluster::ClusterOptions {
                 vstor_bin: match args.vstor {
@@ -134,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
                 moves: args.moves,
                 json: args.json,
                 work_dir: args.work_dir,
+                edge: args.edge,
             });
         }
         BenchTarget::Backend(args) => {

@@ -6,6 +6,10 @@
 //! from both) at the next block of a 16 MiB window. After an error or a dead connection the
 //! writer asks the nodes' APIs where the volume is now and reconnects there. A gap between two
 //! acknowledgements longer than [`PAUSE`] is recorded with its start and end.
+//!
+//! With `--edge` the writer instead stays on one address, a `vstor edge`'s NBD export, which
+//! follows the volume itself: there the writer must never see an error nor reconnect, and the
+//! pauses it records are what a guest on the edge sees.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,6 +29,8 @@ pub(crate) const BLOCKS: u64 = 4096;
 const PAUSE: Duration = Duration::from_millis(5);
 /// Socket timeout: a stopped server must not hang the writer.
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Socket timeout through an edge: above the edge's 30 s pause bound.
+const EDGE_IO_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Content of `block` written with sequence number `seq`.
 pub(crate) fn block_content(block: u64, seq: u64) -> Vec<u8> {
@@ -56,6 +62,15 @@ struct Log {
     reconnects: u64,
 }
 
+/// Where the writer finds the volume.
+#[derive(Clone)]
+enum Route {
+    /// Ask these nodes' APIs for the owner, and reconnect there after an error.
+    Owner(Arc<Mutex<Vec<String>>>),
+    /// Always this NBD address (an edge that follows the volume itself).
+    Fixed(String),
+}
+
 pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Log>>,
@@ -66,16 +81,28 @@ pub(crate) struct Writer {
 impl Writer {
     /// Start writing to `volume`, found through the APIs in `apis`.
     pub(crate) fn start(volume: &str, apis: Vec<String>) -> Self {
+        let apis = Arc::new(Mutex::new(apis));
+        Self::start_on(volume, apis.clone(), Route::Owner(apis))
+    }
+
+    /// Start writing to `volume` at the NBD server `addr`, always there.
+    pub(crate) fn start_fixed(volume: &str, addr: &str) -> Self {
+        Self::start_on(
+            volume,
+            Arc::new(Mutex::new(Vec::new())),
+            Route::Fixed(addr.to_string()),
+        )
+    }
+
+    fn start_on(volume: &str, apis: Arc<Mutex<Vec<String>>>, route: Route) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Log {
             expected: vec![0; BLOCKS as usize],
             ..Log::default()
         }));
-        let apis = Arc::new(Mutex::new(apis));
         let handle = {
-            let (stop, log, apis, volume) =
-                (stop.clone(), log.clone(), apis.clone(), volume.to_string());
-            std::thread::spawn(move || write_loop(&volume, &stop, &log, &apis))
+            let (stop, log, volume) = (stop.clone(), log.clone(), volume.to_string());
+            std::thread::spawn(move || write_loop(&volume, &stop, &log, &route))
         };
         Self {
             stop,
@@ -142,19 +169,25 @@ pub(crate) fn locate(apis: &[String], volume: &str) -> Option<(String, String)> 
         .find_map(|api| owner_of(api, volume).ok().flatten())
 }
 
-fn write_loop(
-    volume: &str,
-    stop: &AtomicBool,
-    log: &Mutex<Log>,
-    apis: &Mutex<Vec<String>>,
-) -> Result<()> {
+fn write_loop(volume: &str, stop: &AtomicBool, log: &Mutex<Log>, route: &Route) -> Result<()> {
     let mut seq = 0u64;
     let mut client: Option<NbdClient> = None;
     while !stop.load(Ordering::SeqCst) {
         let Some(conn) = client.as_mut() else {
-            let apis = apis.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            client = locate(&apis, volume).and_then(|(_, addr)| {
-                NbdClient::connect_timeout(&addr, volume, Some(IO_TIMEOUT)).ok()
+            let addr = match route {
+                Route::Owner(apis) => {
+                    let apis = apis.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    locate(&apis, volume).map(|(_, addr)| addr)
+                }
+                Route::Fixed(addr) => Some(addr.clone()),
+            };
+            client = addr.and_then(|addr| {
+                // Through an edge a request may wait out a whole failover.
+                let timeout = match route {
+                    Route::Owner(_) => IO_TIMEOUT,
+                    Route::Fixed(_) => EDGE_IO_TIMEOUT,
+                };
+                NbdClient::connect_timeout(&addr, volume, Some(timeout)).ok()
             });
             if client.is_none() {
                 std::thread::sleep(Duration::from_millis(10));

@@ -21,7 +21,7 @@
 //! Polls run every 10 ms, which bounds the resolution of detection and adoption.
 
 mod load;
-mod nodes;
+pub(crate) mod nodes;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -56,6 +56,8 @@ pub struct ClusterOptions {
     pub moves: u32,
     pub json: bool,
     pub work_dir: Option<PathBuf>,
+    /// Write through a `vstor edge` (its NBD export) instead of to the owner directly.
+    pub edge: bool,
 }
 
 struct Kill {
@@ -80,9 +82,23 @@ pub fn run(options: &ClusterOptions) -> Result<()> {
     progress(format_args!("work directory {}", work.path().display()));
     let etcd = Etcd::start(work.path())?;
     let backend = work.path().join("backend");
+    let extra: &[&str] = if options.edge {
+        &["--edge-listen", "127.0.0.1:0"]
+    } else {
+        &[]
+    };
     let mut nodes = NODES
         .iter()
-        .map(|name| Node::start(&vstor_bin, work.path(), etcd.client_port, name, &backend))
+        .map(|name| {
+            Node::start_with(
+                &vstor_bin,
+                work.path(),
+                etcd.client_port,
+                name,
+                &backend,
+                extra,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     progress(format_args!(
         "3 nodes registered in etcd on port {}",
@@ -90,7 +106,27 @@ pub fn run(options: &ClusterOptions) -> Result<()> {
     ));
     create_volume(&nodes[0].api)?;
 
-    let writer = Writer::start(VOLUME, apis(&nodes));
+    let edge = if options.edge {
+        let edge = crate::edge::procs::Edge::start(
+            &vstor_bin,
+            work.path(),
+            "edge",
+            &format!("etcd://127.0.0.1:{}", etcd.client_port),
+            None,
+        )?;
+        edge.cli(&["attach", VOLUME])?;
+        progress(format_args!(
+            "writing through vstor edge at nbd://{}",
+            edge.nbd
+        ));
+        Some(edge)
+    } else {
+        None
+    };
+    let writer = match &edge {
+        Some(edge) => Writer::start_fixed(VOLUME, &edge.nbd),
+        None => Writer::start(VOLUME, apis(&nodes)),
+    };
     let mut kills = Vec::new();
     for round in 1..=options.kills {
         let kill =
@@ -116,6 +152,15 @@ pub fn run(options: &ClusterOptions) -> Result<()> {
         moves.push(moved);
     }
     let (acked, reconnects, expected) = writer.finish()?;
+    if let Some(edge) = &edge {
+        if reconnects != 1 {
+            bail!("the writer on the edge had to connect {reconnects} times (an error reached it)");
+        }
+        progress(format_args!(
+            "edge: {}",
+            edge.entry(VOLUME)?.unwrap_or_default()
+        ));
+    }
     let (lost, corrupt) = load::verify(&apis(&nodes), VOLUME, &expected)?;
     progress(format_args!(
         "{acked} writes acknowledged, {reconnects} connections; read back: {lost} lost, {corrupt} corrupt"
@@ -126,6 +171,7 @@ pub fn run(options: &ClusterOptions) -> Result<()> {
         acked,
         lost,
         corrupt,
+        edge: options.edge,
     };
     if options.json {
         println!("{}", report.to_json());
@@ -272,6 +318,8 @@ struct Report {
     acked: u64,
     lost: u64,
     corrupt: u64,
+    /// The writer went through a `vstor edge`.
+    edge: bool,
 }
 
 fn millis(values: impl Iterator<Item = Duration>) -> Vec<f64> {
@@ -311,9 +359,14 @@ impl Report {
 
     fn to_table(&self) -> String {
         let mut out = format!(
-            "vstor cluster: 3 nodes on one etcd, {} owner kills (kill -9), {} moves; writer at QD1 with a sync DTL\n\n",
+            "vstor cluster: 3 nodes on one etcd, {} owner kills (kill -9), {} moves; writer at QD1 with a sync DTL{}\n\n",
             self.kills.len(),
-            self.moves.len()
+            self.moves.len(),
+            if self.edge {
+                ", through vstor edge (the pause is what a guest on the edge sees)"
+            } else {
+                ", reconnecting to the new owner itself"
+            }
         );
         out.push_str(&format!(
             "{:<22} {:>4} {:>9} {:>9} {:>9}  {}\n",
@@ -364,6 +417,7 @@ impl Report {
         json!({
             "series": series,
             "acked_writes": self.acked,
+            "through_edge": self.edge,
             "lost": self.lost,
             "corrupt": self.corrupt,
         })

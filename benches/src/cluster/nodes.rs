@@ -30,16 +30,26 @@ pub(crate) struct Etcd {
 
 impl Etcd {
     pub(crate) fn start(work: &Path) -> Result<Self> {
+        Self::start_also_on(work, None)
+    }
+
+    /// Like [`start`](Self::start), also listening for clients on `also_on` (a bridge address
+    /// that a network namespace reaches the host by).
+    pub(crate) fn start_also_on(work: &Path, also_on: Option<std::net::Ipv4Addr>) -> Result<Self> {
         let client_port = free_port()?;
         let peer_port = free_port()?;
         let client = format!("http://127.0.0.1:{client_port}");
+        let listen = match also_on {
+            Some(ip) => format!("{client},http://{ip}:{client_port}"),
+            None => client.clone(),
+        };
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log = work.join("etcd.log");
         let mut command = Command::new("etcd");
         command
             .arg("--name=bench")
             .arg(format!("--data-dir={}", work.join("etcd-data").display()))
-            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--listen-client-urls={listen}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
@@ -78,15 +88,17 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    pub(crate) fn start(
+    /// Start node `name` on etcd at `etcd_port`, with `extra` arguments to `vstor serve`.
+    pub(crate) fn start_with(
         bin: &Path,
         work: &Path,
         etcd_port: u16,
         name: &str,
         backend: &Path,
+        extra: &[&str],
     ) -> Result<Self> {
         let data = work.join(name);
-        let args = vec![
+        let mut args = vec![
             "serve".to_string(),
             "--data-dir".into(),
             data.display().to_string(),
@@ -104,6 +116,7 @@ impl Node {
             "--domain".into(),
             "bench".into(),
         ];
+        args.extend(extra.iter().map(|a| (*a).to_string()));
         let mut node = Self {
             name: name.to_string(),
             process: None,

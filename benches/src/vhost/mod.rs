@@ -26,7 +26,7 @@
 //! its ratios show how far apart two identical servers land on this machine, which is the noise
 //! any real ratio has to be read against.
 
-mod load;
+pub(crate) mod load;
 mod report;
 mod targets;
 

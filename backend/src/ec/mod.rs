@@ -1,0 +1,16 @@
+//! The erasure-coded tier's pure building blocks (issue 12, in progress): the codec, how an
+//! object is cut into fragments, the fragment file format, computed placement over the OSD map,
+//! and presets. No I/O here; the OSD daemon, its protocol and the `ec` ObjectStore build on these.
+//!
+//! - [`codec`]: `ErasureCodec` and systematic Reed-Solomon over GF(2^8).
+//! - [`layout`]: chunks and contiguous data pieces, so a small read touches one data fragment.
+//! - [`fragment`]: the self-describing fragment file (header, data, per-4 KiB CRC32C table).
+//! - [`placement`]: weighted rendezvous hashing per fragment with a per-domain cap.
+//! - [`preset`]: ordered `(k, m, c, x)` policies, best first, falling back when OSDs are down.
+
+pub mod codec;
+pub mod fragment;
+pub mod layout;
+pub mod placement;
+pub mod preset;
+pub mod store;

@@ -1,0 +1,846 @@
+//! The `ec` [`ObjectStore`]: objects erasure-coded over OSD daemons.
+//!
+//! **Put.** The namespace's record (owner tag, preset) comes from the [`TierMap`] (the registry).
+//! The preset's best policy that the writable OSDs can hold is chosen; the object is cut into
+//! chunks and pieces (`layout`), each chunk's `m` parity pieces are computed (`codec`), and
+//! fragment `i` (piece `i` of every chunk, as a self-describing file, `fragment`) goes to the
+//! OSD that `placement` computes for it. The put returns once `c` fragments are durable; the
+//! others finish in the background (a fragment that fails is rebuilt by repair).
+//!
+//! **Get.** An object's newest version with at least `k` fragments is found by asking the OSDs
+//! that rank first for each fragment index (`Head`), then cached. A ranged read asks only the
+//! data fragments that hold the range (`layout::locate`): 4 KiB of a 64 MiB object is one
+//! request to one OSD. When a data fragment is unreachable or fails its CRC, the same fragment
+//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column,
+//! so equal offsets in every fragment belong together.
+//!
+//! **Fencing.** Puts and deletes carry the writer's owner tag: the store refuses a tag that is
+//! not the namespace's current one in the registry, and every OSD refuses tags older than the
+//! newest it has seen (a claim sends `SetTag` to every OSD).
+//!
+//! Known limits (issue 12 is in progress): the whole object is encoded in memory; older versions
+//! on OSDs other than the new version's are left for repair to collect; `list` reports a name
+//! once any OSD holds a fragment of it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use super::codec::{codec, CodecId};
+use super::fragment::{encode_fragment, FragmentHeader};
+use super::layout::Layout;
+use super::placement::{place, ranking, OsdSlot};
+use super::preset::Preset;
+use crate::osd::client::OsdClient;
+use crate::osd::proto::{ErrorCode, HeadEntry, Message};
+use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
+
+/// An OSD as the tier's map lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OsdEntry {
+    pub slot: OsdSlot,
+    /// `host:port` of its OSD protocol listener.
+    pub addr: String,
+}
+
+/// A namespace as the registry records it for the tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceRecord {
+    pub tag: OwnerTag,
+    pub preset: String,
+}
+
+/// Where the tier's shared state lives: the OSD map, presets and namespaces (the cluster
+/// registry, or a fixed map in tests). Blocking, like [`ObjectStore`].
+pub trait TierMap: Send + Sync + 'static {
+    fn osds(&self) -> Result<Vec<OsdEntry>>;
+    fn preset(&self, name: &str) -> Result<Option<Preset>>;
+    fn namespace(&self, namespace: &str) -> Result<Option<NamespaceRecord>>;
+    /// Create; `NamespaceExists` if it does.
+    fn create_namespace(&self, namespace: &str, record: &NamespaceRecord) -> Result<()>;
+    /// Set the tag to `new` if it is `expected` now (compare-and-swap).
+    fn swap_tag(&self, namespace: &str, expected: OwnerTag, new: OwnerTag) -> Result<()>;
+    fn delete_namespace(&self, namespace: &str) -> Result<()>;
+    fn list_namespaces(&self) -> Result<Vec<String>>;
+}
+
+/// Tunables of the store.
+#[derive(Debug, Clone)]
+pub struct EcOptions {
+    /// Preset of namespaces created by this store.
+    pub default_preset: String,
+    /// Bound on every OSD call.
+    pub timeout: Duration,
+    /// Name sent to OSDs in `Hello`.
+    pub client: String,
+}
+
+/// An object's newest readable version, as the OSDs report it.
+#[derive(Debug, Clone)]
+struct Found {
+    version: u64,
+    layout: Layout,
+    codec: CodecId,
+    /// Which OSD holds each fragment index (as far as the `Head` answers said).
+    holders: HashMap<u8, u64>,
+}
+
+/// The erasure-coded store.
+pub struct EcStore {
+    map: Arc<dyn TierMap>,
+    options: EcOptions,
+    runtime: Option<tokio::runtime::Runtime>,
+    clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
+    found: Mutex<HashMap<(String, String), Found>>,
+}
+
+impl Drop for EcStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn object_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl EcStore {
+    pub fn new(map: Arc<dyn TierMap>, options: EcOptions) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vstor-ec")
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Osd {
+                addr: "-".into(),
+                reason: format!("cannot start the EC client runtime: {e}"),
+            })?;
+        Ok(Self {
+            map,
+            options,
+            runtime: Some(runtime),
+            clients: Arc::default(),
+            found: Mutex::default(),
+        })
+    }
+
+    /// Run `fut` on the store's runtime and wait for it (callable from any thread, also from
+    /// inside another runtime's worker).
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        let runtime = self.runtime.as_ref().ok_or_else(|| BackendError::Osd {
+            addr: "-".into(),
+            reason: "the EC client runtime is shut down".into(),
+        })?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| BackendError::Osd {
+            addr: "-".into(),
+            reason: "the EC client runtime stopped".into(),
+        })
+    }
+
+    /// A connected client for OSD `entry`, reused across calls.
+    async fn client(
+        clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
+        entry: OsdEntry,
+        options: EcOptions,
+    ) -> Result<Arc<OsdClient>> {
+        if let Some(client) = clients.lock().get(&entry.slot.id).filter(|c| c.is_alive()) {
+            return Ok(client.clone());
+        }
+        let client =
+            Arc::new(OsdClient::connect(&entry.addr, &options.client, options.timeout).await?);
+        clients.lock().insert(entry.slot.id, client.clone());
+        Ok(client)
+    }
+
+    fn call_all(
+        &self,
+        targets: Vec<(OsdEntry, Message)>,
+    ) -> Result<Vec<(OsdEntry, Result<Message>)>> {
+        let (clients, options) = (self.clients.clone(), self.options.clone());
+        self.run(async move {
+            let calls = targets.into_iter().map(|(entry, message)| {
+                let (clients, options) = (clients.clone(), options.clone());
+                async move {
+                    let result = async {
+                        let client = Self::client(clients, entry.clone(), options.clone()).await?;
+                        client.call(message, options.timeout).await
+                    }
+                    .await;
+                    (entry, result)
+                }
+            });
+            futures::future::join_all(calls).await
+        })
+    }
+
+    fn record(&self, namespace: &str) -> Result<NamespaceRecord> {
+        self.map
+            .namespace(namespace)?
+            .ok_or_else(|| BackendError::NoSuchNamespace {
+                namespace: namespace.to_string(),
+            })
+    }
+
+    fn check_owner(&self, namespace: &str, owner: OwnerTag) -> Result<NamespaceRecord> {
+        let record = self.record(namespace)?;
+        if record.tag != owner {
+            return Err(BackendError::Fenced {
+                namespace: namespace.to_string(),
+                current: record.tag,
+                presented: owner,
+            });
+        }
+        Ok(record)
+    }
+
+    /// Tell every OSD the namespace's tag (best effort: an OSD that is down learns it from
+    /// the writes it later refuses... or accepts from the current owner, which carry it).
+    fn broadcast_tag(&self, namespace: &str, tag: OwnerTag) -> Result<()> {
+        let targets = self
+            .map
+            .osds()?
+            .into_iter()
+            .map(|entry| {
+                (
+                    entry,
+                    Message::SetTag {
+                        namespace: namespace.to_string(),
+                        tag,
+                    },
+                )
+            })
+            .collect();
+        for (entry, result) in self.call_all(targets)? {
+            if let Err(e) = result {
+                tracing::warn!(
+                    osd = entry.slot.id,
+                    "cannot tell OSD the owner tag of {namespace}: {e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Find the newest version of `name` with at least `k` fragments.
+    fn find(&self, namespace: &str, name: &str) -> Result<Found> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(found) = self.found.lock().get(&key) {
+            return Ok(found.clone());
+        }
+        validate_name(namespace)?;
+        validate_name(name)?;
+        let osds = self.map.osds()?;
+        let slots: Vec<OsdSlot> = osds.iter().map(|o| o.slot.clone()).collect();
+        // Ask the two best-ranked OSDs of every fragment index that could exist (up to 255).
+        let object = object_key(namespace, name);
+        let mut ask: BTreeSet<u64> = BTreeSet::new();
+        for index in 0..slots.len().min(255) {
+            for osd in ranking(&object, index, &slots).into_iter().take(2) {
+                ask.insert(osd.id);
+            }
+        }
+        let targets = osds
+            .into_iter()
+            .filter(|o| ask.contains(&o.slot.id))
+            .map(|o| {
+                (
+                    o,
+                    Message::Head {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                    },
+                )
+            })
+            .collect();
+        let mut versions: HashMap<u64, (HeadEntry, HashMap<u8, u64>)> = HashMap::new();
+        let mut unreachable = Vec::new();
+        for (entry, result) in self.call_all(targets)? {
+            let Ok(Message::Heads { heads }) = result else {
+                unreachable.push(entry.slot.id);
+                continue;
+            };
+            {
+                for head in heads {
+                    let slot = versions
+                        .entry(head.version)
+                        .or_insert_with(|| (head.clone(), HashMap::new()));
+                    slot.1.insert(head.index, entry.slot.id);
+                }
+            }
+        }
+        let newest_seen = versions
+            .iter()
+            .max_by_key(|(version, _)| **version)
+            .map(|(_, (head, holders))| (holders.len(), head.k));
+        let best = versions
+            .into_iter()
+            .filter(|(_, (head, holders))| holders.len() >= usize::from(head.k))
+            .max_by_key(|(version, _)| *version);
+        let Some((version, (head, holders))) = best else {
+            // Nothing readable. With every OSD answering and no fragment anywhere, the object
+            // does not exist; otherwise it may, and saying so would make a caller treat lost
+            // data as never written.
+            if unreachable.is_empty() && newest_seen.is_none() {
+                return Err(BackendError::NoSuchObject {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                });
+            }
+            let (seen, k) = newest_seen.unwrap_or((0, 0));
+            return Err(BackendError::Osd {
+                addr: "-".into(),
+                reason: format!(
+                    "{namespace}/{name} cannot be rebuilt: {seen} fragments reachable (k = {k}), OSDs {unreachable:?} unreachable"
+                ),
+            });
+        };
+        let found = Found {
+            version,
+            layout: Layout {
+                size: head.object_size,
+                k: u32::from(head.k),
+                m: u32::from(head.m),
+                fragment_size: head.fragment_size,
+            },
+            codec: CodecId(head.codec),
+            holders,
+        };
+        self.found.lock().insert(key, found.clone());
+        Ok(found)
+    }
+
+    fn entry_of(osds: &[OsdEntry], id: u64) -> Option<OsdEntry> {
+        osds.iter().find(|o| o.slot.id == id).cloned()
+    }
+
+    /// Read `[offset, offset + len)` of fragment `index` of `found` from its OSD.
+    fn read_fragment_ranges(
+        &self,
+        namespace: &str,
+        name: &str,
+        found: &Found,
+        osds: &[OsdEntry],
+        reads: Vec<(u8, u64, u64)>,
+    ) -> Result<Vec<Result<Vec<u8>>>> {
+        let mut targets = Vec::new();
+        let mut missing = Vec::new();
+        for (i, (index, offset, len)) in reads.iter().enumerate() {
+            match found
+                .holders
+                .get(index)
+                .and_then(|id| Self::entry_of(osds, *id))
+            {
+                Some(entry) => targets.push((
+                    entry,
+                    Message::GetRange {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        version: found.version,
+                        index: *index,
+                        offset: *offset,
+                        len: u32::try_from(*len).unwrap_or(u32::MAX),
+                    },
+                )),
+                None => missing.push(i),
+            }
+        }
+        let mut answers = self.call_all(targets)?.into_iter();
+        let mut out = Vec::with_capacity(reads.len());
+        for (i, read) in reads.iter().enumerate() {
+            if missing.contains(&i) {
+                out.push(Err(BackendError::Osd {
+                    addr: "-".into(),
+                    reason: format!("no OSD holds fragment {} of {namespace}/{name}", read.0),
+                }));
+                continue;
+            }
+            out.push(match answers.next() {
+                Some((_, Ok(Message::Data { data }))) => Ok(data.to_vec()),
+                Some((_, Ok(other))) => Err(BackendError::Osd {
+                    addr: "-".into(),
+                    reason: format!("answered GetRange with {}", other.name()),
+                }),
+                Some((_, Err(e))) => Err(e),
+                None => Err(BackendError::Osd {
+                    addr: "-".into(),
+                    reason: "missing answer".into(),
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fragment `index`'s bytes `[offset, offset + len)` rebuilt from `k` other fragments.
+    fn degraded_read(
+        &self,
+        namespace: &str,
+        name: &str,
+        found: &Found,
+        osds: &[OsdEntry],
+        (index, offset, len): (u8, u64, u64),
+    ) -> Result<Vec<u8>> {
+        let (k, m) = (found.layout.k as usize, found.layout.m as usize);
+        let others: Vec<u8> = (0..(k + m) as u8).filter(|i| *i != index).collect();
+        let reads = others.iter().map(|i| (*i, offset, len)).collect();
+        let answers = self.read_fragment_ranges(namespace, name, found, osds, reads)?;
+        let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
+        for (i, answer) in others.iter().zip(answers) {
+            if let Ok(data) = answer {
+                shards[usize::from(*i)] = Some(data);
+            }
+        }
+        let code = codec(found.codec, k, m).map_err(|e| BackendError::Corrupt {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        code.reconstruct(&mut shards, true)
+            .map_err(|e| BackendError::Osd {
+                addr: "-".into(),
+                reason: format!(
+                    "{namespace}/{name}: fragment {index} is lost and cannot be rebuilt: {e}"
+                ),
+            })?;
+        shards[usize::from(index)]
+            .take()
+            .ok_or_else(|| BackendError::Corrupt {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason: format!("fragment {index} was not rebuilt"),
+            })
+    }
+
+    /// The `k + m` fragment files of `data` as version `version` under `owner`.
+    fn encode_object(
+        namespace: &str,
+        name: &str,
+        data: &[u8],
+        fragment_size: u32,
+        (k, m): (u8, u8),
+        (version, owner): (u64, OwnerTag),
+    ) -> Result<Vec<Vec<u8>>> {
+        let layout = Layout {
+            size: data.len() as u64,
+            k: u32::from(k),
+            m: u32::from(m),
+            fragment_size,
+        };
+        let code =
+            codec(CodecId::REED_SOLOMON_GF8, usize::from(k), usize::from(m)).map_err(|e| {
+                BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let frag_len = layout.fragment_len() as usize;
+        let mut fragments = vec![Vec::with_capacity(frag_len); usize::from(k) + usize::from(m)];
+        for chunk in 0..layout.chunks() {
+            let start = (chunk * layout.chunk_bytes()) as usize;
+            let chunk_data = &data[start..start + layout.chunk_len(chunk) as usize];
+            let piece = layout.piece_len(chunk) as usize;
+            let mut pieces: Vec<Vec<u8>> = (0..usize::from(k))
+                .map(|i| {
+                    let from = (i * piece).min(chunk_data.len());
+                    let to = ((i + 1) * piece).min(chunk_data.len());
+                    let mut p = chunk_data[from..to].to_vec();
+                    p.resize(piece, 0);
+                    p
+                })
+                .collect();
+            let mut parity = vec![vec![0u8; piece]; usize::from(m)];
+            {
+                let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+                let mut outs: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
+                code.encode(&refs, &mut outs)
+                    .map_err(|e| BackendError::Corrupt {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            pieces.extend(parity);
+            for (fragment, piece) in fragments.iter_mut().zip(pieces) {
+                fragment.extend_from_slice(&piece);
+            }
+        }
+        fragments
+            .into_iter()
+            .enumerate()
+            .map(|(index, fragment_data)| {
+                let header = FragmentHeader {
+                    codec: CodecId::REED_SOLOMON_GF8,
+                    k,
+                    m,
+                    index: index as u8,
+                    fragment_size,
+                    object_size: data.len() as u64,
+                    object_version: version,
+                    owner_tag: owner,
+                    data_len: fragment_data.len() as u64,
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                };
+                encode_fragment(&header, &fragment_data).map_err(|e| BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl ObjectStore for EcStore {
+    fn create_namespace(&self, namespace: &str, owner: OwnerTag) -> Result<()> {
+        validate_name(namespace)?;
+        self.map.create_namespace(
+            namespace,
+            &NamespaceRecord {
+                tag: owner,
+                preset: self.options.default_preset.clone(),
+            },
+        )?;
+        self.broadcast_tag(namespace, owner)
+    }
+
+    fn delete_namespace(&self, namespace: &str) -> Result<()> {
+        let record = self.record(namespace)?;
+        for name in self.list(namespace)? {
+            self.delete_if_owner(namespace, &name, record.tag)?;
+        }
+        self.map.delete_namespace(namespace)
+    }
+
+    fn namespace_exists(&self, namespace: &str) -> Result<bool> {
+        Ok(self.map.namespace(namespace)?.is_some())
+    }
+
+    fn list_namespaces(&self) -> Result<Vec<String>> {
+        self.map.list_namespaces()
+    }
+
+    fn owner_tag(&self, namespace: &str) -> Result<OwnerTag> {
+        Ok(self.record(namespace)?.tag)
+    }
+
+    fn claim(&self, namespace: &str, new: OwnerTag) -> Result<()> {
+        let record = self.record(namespace)?;
+        if new <= record.tag {
+            return Err(BackendError::Fenced {
+                namespace: namespace.to_string(),
+                current: record.tag,
+                presented: new,
+            });
+        }
+        self.map.swap_tag(namespace, record.tag, new)?;
+        self.broadcast_tag(namespace, new)
+    }
+
+    fn put(&self, namespace: &str, name: &str, data: &[u8]) -> Result<()> {
+        let tag = self.record(namespace)?.tag;
+        self.put_if_owner(namespace, name, data, tag)
+    }
+
+    fn put_if_owner(
+        &self,
+        namespace: &str,
+        name: &str,
+        data: &[u8],
+        owner: OwnerTag,
+    ) -> Result<()> {
+        validate_name(name)?;
+        let record = self.check_owner(namespace, owner)?;
+        let preset = self
+            .map
+            .preset(&record.preset)?
+            .ok_or_else(|| BackendError::Osd {
+                addr: "-".into(),
+                reason: format!(
+                    "namespace {namespace} uses unknown preset {}",
+                    record.preset
+                ),
+            })?;
+        let osds = self.map.osds()?;
+        let slots: Vec<OsdSlot> = osds.iter().map(|o| o.slot.clone()).collect();
+        let (_, policy) = preset.choose(&slots).ok_or_else(|| BackendError::Osd {
+            addr: "-".into(),
+            reason: format!(
+                "too few writable OSDs or domains for any policy of preset {} ({} OSDs)",
+                preset.name,
+                slots.iter().filter(|s| s.writable).count()
+            ),
+        })?;
+        let placed = place(
+            &object_key(namespace, name),
+            &slots,
+            policy.fragments(),
+            usize::from(policy.x),
+        )
+        .map_err(|e| BackendError::Osd {
+            addr: "-".into(),
+            reason: e.to_string(),
+        })?;
+        // Versions grow with time, and past whatever this store last saw of the name.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let key = (namespace.to_string(), name.to_string());
+        let version = self
+            .found
+            .lock()
+            .get(&key)
+            .map_or(now, |f| now.max(f.version + 1));
+        let files = Self::encode_object(
+            namespace,
+            name,
+            data,
+            preset.fragment_size,
+            (policy.k, policy.m),
+            (version, owner),
+        )?;
+        let mut targets = Vec::new();
+        for (index, (osd, file)) in placed.iter().zip(files).enumerate() {
+            let entry = Self::entry_of(&osds, *osd).ok_or_else(|| BackendError::Osd {
+                addr: "-".into(),
+                reason: format!("placed OSD {osd} is not in the map"),
+            })?;
+            targets.push((
+                entry,
+                Message::Put {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    version,
+                    index: index as u8,
+                    tag: owner,
+                    file: file.into(),
+                },
+            ));
+        }
+        let needed = usize::from(policy.c);
+        let (clients, options) = (self.clients.clone(), self.options.clone());
+        // Acknowledge after `c` successes; the rest keep running on the runtime.
+        let outcome = self.run(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for (entry, message) in targets {
+                let (tx, clients, options) = (tx.clone(), clients.clone(), options.clone());
+                tokio::spawn(async move {
+                    let result = async {
+                        let client = Self::client(clients, entry.clone(), options.clone()).await?;
+                        client.call(message, options.timeout).await
+                    }
+                    .await;
+                    let _ = tx.send((entry, result));
+                });
+            }
+            drop(tx);
+            let (mut ok, mut errors) = (0usize, Vec::new());
+            while let Some((entry, result)) = rx.recv().await {
+                match result {
+                    Ok(_) => ok += 1,
+                    Err(e) => errors.push((entry.slot.id, e)),
+                }
+                if ok >= needed {
+                    break;
+                }
+            }
+            (ok, errors)
+        })?;
+        let (ok, mut errors) = outcome;
+        if ok < needed {
+            // A fenced writer learns it as such, not as a generic OSD failure.
+            if let Some(pos) = errors.iter().position(|(_, e)| {
+                matches!(
+                    e,
+                    BackendError::OsdRefused {
+                        code: ErrorCode::Fenced,
+                        ..
+                    }
+                )
+            }) {
+                return Err(errors.swap_remove(pos).1);
+            }
+            return Err(BackendError::Osd {
+                addr: "-".into(),
+                reason: format!(
+                    "put {namespace}/{name}: only {ok} of the {needed} fragments needed were stored: {}",
+                    errors
+                        .iter()
+                        .map(|(id, e)| format!("OSD {id}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            });
+        }
+        let holders = placed
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (i as u8, *id))
+            .collect();
+        self.found.lock().insert(
+            key,
+            Found {
+                version,
+                layout: Layout {
+                    size: data.len() as u64,
+                    k: u32::from(policy.k),
+                    m: u32::from(policy.m),
+                    fragment_size: preset.fragment_size,
+                },
+                codec: CodecId::REED_SOLOMON_GF8,
+                holders,
+            },
+        );
+        Ok(())
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
+        let size = self.size(namespace, name)?;
+        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+        self.get_range(namespace, name, 0, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let found = self.find(namespace, name)?;
+        let len = buf.len() as u64;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > found.layout.size)
+        {
+            return Err(BackendError::RangeOutOfBounds {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                offset,
+                len,
+                size: found.layout.size,
+            });
+        }
+        let osds = self.map.osds()?;
+        let pieces = found.layout.locate(offset, len);
+        let reads = pieces
+            .iter()
+            .map(|p| (p.index as u8, p.fragment_offset, p.len))
+            .collect();
+        let answers = self.read_fragment_ranges(namespace, name, &found, &osds, reads)?;
+        for (piece, answer) in pieces.iter().zip(answers) {
+            let data = match answer {
+                Ok(data) if data.len() as u64 == piece.len => data,
+                failed => {
+                    if let Err(e) = &failed {
+                        tracing::warn!(
+                            "{namespace}/{name}: fragment {} unreadable ({e}); decoding from the others",
+                            piece.index
+                        );
+                    }
+                    self.degraded_read(
+                        namespace,
+                        name,
+                        &found,
+                        &osds,
+                        (piece.index as u8, piece.fragment_offset, piece.len),
+                    )?
+                }
+            };
+            let at = (piece.object_offset - offset) as usize;
+            buf[at..at + data.len()].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    fn size(&self, namespace: &str, name: &str) -> Result<u64> {
+        Ok(self.find(namespace, name)?.layout.size)
+    }
+
+    fn exists(&self, namespace: &str, name: &str) -> Result<bool> {
+        match self.find(namespace, name) {
+            Ok(_) => Ok(true),
+            Err(BackendError::NoSuchObject { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn delete(&self, namespace: &str, name: &str) -> Result<()> {
+        let tag = self.record(namespace)?.tag;
+        self.delete_if_owner(namespace, name, tag)
+    }
+
+    fn delete_if_owner(&self, namespace: &str, name: &str, owner: OwnerTag) -> Result<()> {
+        validate_name(name)?;
+        self.check_owner(namespace, owner)?;
+        let targets = self
+            .map
+            .osds()?
+            .into_iter()
+            .map(|entry| {
+                (
+                    entry,
+                    Message::Delete {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        tag: owner,
+                    },
+                )
+            })
+            .collect();
+        self.found
+            .lock()
+            .remove(&(namespace.to_string(), name.to_string()));
+        let mut failed = Vec::new();
+        for (entry, result) in self.call_all(targets)? {
+            if let Err(e) = result {
+                failed.push(format!("OSD {}: {e}", entry.slot.id));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Osd {
+                addr: "-".into(),
+                reason: format!("delete {namespace}/{name}: {}", failed.join("; ")),
+            })
+        }
+    }
+
+    fn list(&self, namespace: &str) -> Result<Vec<String>> {
+        self.record(namespace)?;
+        let mut names = BTreeSet::new();
+        for entry in self.map.osds()? {
+            let mut after = String::new();
+            loop {
+                let answer = self.call_all(vec![(
+                    entry.clone(),
+                    Message::List {
+                        namespace: namespace.to_string(),
+                        after: after.clone(),
+                        limit: 1000,
+                    },
+                )])?;
+                let Some((_, Ok(Message::Listing { fragments }))) = answer.into_iter().next()
+                else {
+                    // An unreachable OSD: its fragments are on others too (k of k+m suffice).
+                    break;
+                };
+                let Some(last) = fragments.last().map(|f| f.name.clone()) else {
+                    break;
+                };
+                names.extend(fragments.into_iter().map(|f| f.name));
+                after = last;
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

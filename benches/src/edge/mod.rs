@@ -1,0 +1,376 @@
+//! `vstor-bench edge`: what serving a volume through `vstor edge` costs, against the owner's own
+//! vhost-user-blk export of the same volume, in one run.
+//!
+//! - **Setup.** One etcd, one `vstor serve` node with `--edge-listen`, one volume (DTL off, so
+//!   the figures are the edge's and not the DTL's), prefilled end to end through the node's own
+//!   socket. The edge runs in two placements, one after the other: on the owner's host, and in
+//!   a network namespace joined to the host by a veth pair on a bridge (another hypervisor host,
+//!   as far as one machine can show it). A writable volume is attached on one edge at a time.
+//! - **Same client, interleaved.** The vhost bench's libblkio load generator drives both the
+//!   owner's socket (`<data-dir>/vhost/VOLUME.sock`) and the edge's socket with the same offsets;
+//!   every row runs `rounds` pairs, alternating which goes first, and reports medians.
+//! - **Targets** (from issue 11): at queue depth 1 the edge adds at most one loopback TCP round
+//!   trip plus 10 µs to the median latency; at queue depth 32 it keeps at least 0.9× the IOPS.
+//!   The round trip is measured here too (1-byte ping-pong between two threads on loopback).
+
+pub(crate) mod procs;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cluster::nodes::{Etcd, Node};
+use crate::common::process::InterruptGuard;
+use crate::common::setup::{self, MIB};
+use crate::common::stats::median;
+use crate::common::table;
+use crate::vhost::load::{self, Measurement, Op, Workload};
+use crate::BenchOptions;
+use procs::{Edge, Netns};
+
+const VOLUME: &str = "bench";
+const WARMUP: Duration = Duration::from_secs(1);
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+/// Issue 11's targets.
+const QD1_ADDED_BUDGET_US: f64 = 10.0;
+const QD32_TARGET_RATIO: f64 = 0.9;
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    name: &'static str,
+    op: Op,
+    iodepth: usize,
+}
+
+const JOBS: [Job; 4] = [
+    Job {
+        name: "randread-qd1",
+        op: Op::Read,
+        iodepth: 1,
+    },
+    Job {
+        name: "randread-qd32",
+        op: Op::Read,
+        iodepth: 32,
+    },
+    Job {
+        name: "randwrite-qd1",
+        op: Op::Write,
+        iodepth: 1,
+    },
+    Job {
+        name: "randwrite-qd32",
+        op: Op::Write,
+        iodepth: 32,
+    },
+];
+
+#[derive(Debug, Clone, Serialize)]
+struct Side {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    placement: String,
+    job: String,
+    iodepth: usize,
+    local: Side,
+    edge: Side,
+    /// Edge IOPS / local IOPS.
+    ratio: f64,
+    /// Edge median latency minus local median latency.
+    added_p50_us: f64,
+    meets_target: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    size_bytes: u64,
+    runtime_secs: u64,
+    rounds: u32,
+    loopback_rtt_us: f64,
+    rows: Vec<Row>,
+}
+
+/// Runs the benchmark and prints the report to stdout; progress goes to stderr.
+pub fn run(options: &BenchOptions) -> Result<()> {
+    setup::validate(options.size, options.runtime_secs, options.rounds)?;
+    let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
+    let _signals = InterruptGuard::install()?;
+    let work = setup::work_dir(options.work_dir.as_deref())?;
+    setup::require_free_space(work.path(), options.size, 2)?;
+    progress(format_args!("work directory {}", work.path().display()));
+
+    let netns = match Netns::create() {
+        Ok(netns) => Some(netns),
+        Err(e) => {
+            progress(format_args!(
+                "no network namespace ({e:#}): measuring the same-host edge only"
+            ));
+            None
+        }
+    };
+    let etcd = Etcd::start_also_on(work.path(), netns.as_ref().map(|n| n.host_ip))?;
+    let listen = netns
+        .as_ref()
+        .map_or_else(|| "127.0.0.1".to_string(), |n| n.host_ip.to_string());
+    let edge_listen = format!("{listen}:0");
+    let node = Node::start_with(
+        &vstor_bin,
+        work.path(),
+        etcd.client_port,
+        "n1",
+        &work.path().join("backend"),
+        &["--edge-listen", &edge_listen],
+    )?;
+    create_volume(&node.api, options.size)?;
+    let local_socket = work
+        .path()
+        .join("n1")
+        .join("vhost")
+        .join(format!("{VOLUME}.sock"));
+    wait_for_socket(&local_socket)?;
+    progress(format_args!(
+        "prefilling {} MiB through the owner's socket",
+        options.size / MIB
+    ));
+    let prefill = load::prefill(&local_socket, options.size, SOCKET_TIMEOUT)?;
+    progress(format_args!("prefilled at {:.0} MB/s", prefill.mb_per_s()));
+    nix::unistd::sync();
+    let rtt = loopback_rtt_us()?;
+    progress(format_args!(
+        "loopback TCP round trip: {rtt:.1} µs (median)"
+    ));
+
+    let mut placements: Vec<(String, Edge)> = vec![(
+        "same host".to_string(),
+        Edge::start(
+            &vstor_bin,
+            work.path(),
+            "edge-local",
+            &format!("etcd://127.0.0.1:{}", etcd.client_port),
+            None,
+        )?,
+    )];
+    if let Some(netns) = &netns {
+        placements.push((
+            "other host (netns)".to_string(),
+            Edge::start(
+                &vstor_bin,
+                work.path(),
+                "edge-ns",
+                &format!("etcd://{}:{}", netns.host_ip, etcd.client_port),
+                Some(netns),
+            )?,
+        ));
+    }
+    let mut rows = Vec::new();
+    for (placement, edge) in &mut placements {
+        edge.cli(&["attach", VOLUME])
+            .with_context(|| format!("attaching {VOLUME} on the {placement} edge"))?;
+        let socket = edge.socket(VOLUME);
+        wait_for_socket(&socket)?;
+        for job in JOBS {
+            let row = measure_row(placement, job, &local_socket, &socket, options, rtt)
+                .with_context(|| format!("{placement}: {}\n{}", job.name, edge.log_tail()))?;
+            progress(format_args!(
+                "{placement} {}: local {:.0} IOPS, edge {:.0} IOPS ({:.2}x), p50 +{:.0} µs",
+                job.name, row.local.iops, row.edge.iops, row.ratio, row.added_p50_us
+            ));
+            rows.push(row);
+        }
+        edge.cli(&["detach", VOLUME])
+            .with_context(|| format!("detaching {VOLUME} from the {placement} edge"))?;
+        edge.stop()?;
+    }
+    let report = Report {
+        size_bytes: options.size,
+        runtime_secs: options.runtime_secs,
+        rounds: options.rounds,
+        loopback_rtt_us: rtt,
+        rows,
+    };
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", to_table(&report));
+    }
+    Ok(())
+}
+
+fn measure_row(
+    placement: &str,
+    job: Job,
+    local_socket: &Path,
+    edge_socket: &Path,
+    options: &BenchOptions,
+    rtt_us: f64,
+) -> Result<Row> {
+    let workload = Workload {
+        op: job.op,
+        iodepth: job.iodepth,
+        queues: 1,
+    };
+    let runtime = Duration::from_secs(options.runtime_secs);
+    let (mut local, mut edge) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        let seed = 0x5eed_0000 + u64::from(round);
+        let one = |socket: &Path| -> Result<Measurement> {
+            crate::common::process::check_interrupted()?;
+            load::run(socket, workload, WARMUP, runtime, seed)
+        };
+        if round % 2 == 0 {
+            local.push(one(local_socket)?);
+            edge.push(one(edge_socket)?);
+        } else {
+            edge.push(one(edge_socket)?);
+            local.push(one(local_socket)?);
+        }
+    }
+    let local = side(&local);
+    let edge = side(&edge);
+    let ratio = edge.iops / local.iops;
+    let added = edge.p50_us - local.p50_us;
+    let meets_target = if job.iodepth == 1 {
+        added <= rtt_us + QD1_ADDED_BUDGET_US
+    } else {
+        ratio >= QD32_TARGET_RATIO
+    };
+    Ok(Row {
+        placement: placement.to_string(),
+        job: job.name.to_string(),
+        iodepth: job.iodepth,
+        local,
+        edge,
+        ratio,
+        added_p50_us: added,
+        meets_target,
+    })
+}
+
+fn side(measurements: &[Measurement]) -> Side {
+    let us = |percent: f64| {
+        median(
+            measurements
+                .iter()
+                .map(|m| m.latency.percentile(percent).unwrap_or(0) as f64 / 1000.0),
+        )
+    };
+    Side {
+        iops: median(measurements.iter().map(Measurement::iops)),
+        p50_us: us(50.0),
+        p99_us: us(99.0),
+    }
+}
+
+fn to_table(report: &Report) -> String {
+    let mut out = format!(
+        "vstor edge: 4 KiB random I/O through `vstor edge` (vhost-user-blk) against the owner's own \
+         vhost-user-blk export of the same {} volume; libblkio, 1 queue, {} s x {} rounds per side\n\
+         loopback TCP round trip {:.1} µs; targets: QD1 adds <= RTT + {QD1_ADDED_BUDGET_US} µs, \
+         QD32 >= {QD32_TARGET_RATIO}x\n\n",
+        table::mib_or_gib(report.size_bytes as f64),
+        report.runtime_secs,
+        report.rounds,
+        report.loopback_rtt_us
+    );
+    let mut lines = vec![[
+        "placement",
+        "job",
+        "local IOPS",
+        "edge IOPS",
+        "ratio",
+        "local p50/p99 µs",
+        "edge p50/p99 µs",
+        "added p50",
+        "target",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for row in &report.rows {
+        lines.push(vec![
+            row.placement.clone(),
+            row.job.clone(),
+            format!("{:.0}", row.local.iops),
+            format!("{:.0}", row.edge.iops),
+            format!("{:.2}x", row.ratio),
+            format!("{:.0}/{:.0}", row.local.p50_us, row.local.p99_us),
+            format!("{:.0}/{:.0}", row.edge.p50_us, row.edge.p99_us),
+            format!("{:+.0} µs", row.added_p50_us),
+            if row.meets_target { "met" } else { "MISSED" }.to_string(),
+        ]);
+    }
+    out.push_str(&table::render(&lines));
+    out
+}
+
+fn create_volume(api: &str, size: u64) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(format!("http://{api}/v1/volumes"))
+        .send_json(json!({"name": VOLUME, "size": size, "node": "n1", "dtl_mode": "none"}))
+        .context("cannot create the volume")?;
+    if !response.status().is_success() {
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("creating the volume: {}: {body}", response.status());
+    }
+    Ok(())
+}
+
+fn wait_for_socket(socket: &Path) -> Result<()> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    while !socket.exists() {
+        crate::common::process::check_interrupted()?;
+        if Instant::now() > deadline {
+            bail!("{} did not appear", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Median round trip of a 1-byte ping-pong between two threads over loopback TCP.
+fn loopback_rtt_us() -> Result<f64> {
+    const TRIPS: usize = 20_000;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        let mut byte = [0u8; 1];
+        for _ in 0..TRIPS {
+            stream.read_exact(&mut byte)?;
+            stream.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut times = Vec::with_capacity(TRIPS);
+    let mut byte = [7u8; 1];
+    for _ in 0..TRIPS {
+        let start = Instant::now();
+        stream.write_all(&byte)?;
+        stream.read_exact(&mut byte)?;
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    echo.join()
+        .map_err(|_| anyhow!("the echo thread panicked"))??;
+    Ok(median(times.into_iter()))
+}
+
+fn progress(message: std::fmt::Arguments) {
+    eprintln!("[edge] {message}");
+}
