@@ -17,6 +17,10 @@ use serde_json::Value;
 
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
     let mut cmd = Command::new("qemu-io");
+    // A read-only export (a snapshot) is opened read-only.
+    if uri.contains('@') {
+        cmd.arg("-r");
+    }
     cmd.args(["-f", "raw", uri]);
     for c in commands {
         cmd.args(["-c", c]);
@@ -136,13 +140,13 @@ fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
     // Write through the edge; read back through the edge and through the owner itself.
     qemu_io(
         &e1.uri("vol"),
-        &["write -P 0xa5 0 1M", "write -P 0x3c 5M 64k", "flush"],
+        &["write -P 0xa5 0 1M", "write -P 0x3c 20M 64k", "flush"],
     );
     qemu_io(
         &e1.uri("vol"),
         &[
             "read -P 0xa5 0 1M",
-            "read -P 0x3c 5M 64k",
+            "read -P 0x3c 20M 64k",
             "read -P 0 1M 4M",
         ],
     );
@@ -240,7 +244,7 @@ fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
     }
     e2.cli_ok(&["attach", "vol@s1"]);
     assert_eq!(entry(&e2.list(), "vol@s1")["read_only"], true);
-    qemu_io(&e2.uri("vol@s1"), &["read -P 0xa5 0 1M"]);
+    qemu_io(&e2.uri("vol@s1"), &["read -P 0x3c 20M 64k"]);
 
     // A stale edge (an old owner tag) is refused by the node.
     let addr = node_edge_addr(&n1, "n1");
@@ -269,7 +273,7 @@ fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(e1.socket("vol").exists());
-    qemu_io(&e1.uri("vol"), &["read -P 0x3c 5M 64k"]);
+    qemu_io(&e1.uri("vol"), &["read -P 0x3c 20M 64k"]);
 
     // Detach is refused while a client is connected, unless forced.
     let client = NbdClient::connect(&e1.nbd, "vol").unwrap();
@@ -283,7 +287,7 @@ fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
     assert!(e1.list().is_empty());
     // Detached: another edge may attach it writable now.
     e2.cli_ok(&["attach", "vol"]);
-    qemu_io(&e2.uri("vol"), &["read -P 0xa5 0 1M"]);
+    qemu_io(&e2.uri("vol"), &["read -P 0x3c 20M 64k"]);
     drop(n3);
 }
 
