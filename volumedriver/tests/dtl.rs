@@ -356,6 +356,8 @@ fn outage_goes_degraded_then_catches_up_without_replaying_history() {
     assert_eq!(held, 30, "only writes after the reconnection were sent");
     volume.drain_uploads().unwrap();
     wait_for_state(&volume, DtlState::OkSync);
+    // The lock-free accessor the edge server reads per request agrees.
+    assert!(volume.dtl_in_sync());
 
     // Kill the DTL mid-way: degraded, writes continue; back: catch-up again.
     dtl.stop();
@@ -363,6 +365,7 @@ fn outage_goes_degraded_then_catches_up_without_replaying_history() {
         model.write(&volume, c, 200 + i as u64);
     }
     wait_for_state(&volume, DtlState::Degraded);
+    assert!(!volume.dtl_in_sync());
     assert!(volume.info().dtl_degradations >= 1);
     dtl.launch();
     wait_for_state(&volume, DtlState::CatchUp);

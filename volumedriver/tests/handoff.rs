@@ -140,6 +140,31 @@ fn release_puts_everything_on_the_backend_and_another_node_adopts_it() {
     check(&b, "moving", &last);
 }
 
+/// The lock-free facts the edge server checks per request follow the volume: its owner tag, the
+/// fence, DTL sync (none without a DTL) and whether it is still served here.
+#[test]
+fn served_facts_follow_fence_release_and_adoption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("facts", &options()).unwrap();
+    let tag = volume.info().owner_tag;
+    assert_eq!(volume.owner_tag(), tag);
+    assert!(!volume.is_gone());
+    assert!(!volume.dtl_in_sync(), "no DTL: not in sync");
+    volume.set_fenced(Some("test fence".into()));
+    assert_eq!(volume.fenced().as_deref(), Some("test fence"));
+    volume.set_fenced(None);
+    volume.write(0, &pattern(0, 1), false).unwrap();
+    a.release("facts", Duration::from_secs(60)).unwrap();
+    assert!(volume.is_gone(), "released: no longer served here");
+    let b = node(tmp.path(), "b", &backend);
+    let (adopted, _) = b.adopt("facts").unwrap();
+    assert!(adopted.owner_tag() > tag);
+    assert_eq!(adopted.owner_tag(), adopted.info().owner_tag);
+    assert!(!adopted.is_gone());
+}
+
 #[test]
 fn release_that_cannot_upload_in_time_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
