@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -56,9 +57,20 @@ async fn list(State(host): State<Arc<EdgeHost>>) -> Json<Value> {
 
 async fn attach(
     State(host): State<Arc<EdgeHost>>,
-    Json(request): Json<AttachRequest>,
-) -> Result<Json<Value>, HostError> {
-    host.attach(&request.volume).await.map(Json)
+    request: Result<Json<AttachRequest>, JsonRejection>,
+) -> Response {
+    match request {
+        // A bad body gets a JSON error too, like every other answer.
+        Err(rejection) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": format!("attach: {}", rejection.body_text()) })),
+        )
+            .into_response(),
+        Ok(Json(request)) => match host.attach(&request.volume).await {
+            Ok(value) => Json(value).into_response(),
+            Err(e) => e.into_response(),
+        },
+    }
 }
 
 async fn detach(

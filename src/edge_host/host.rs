@@ -320,6 +320,28 @@ impl EdgeHost {
         }
     }
 
+    /// Stop serving the volumes the registry no longer lists for this edge (after its lease
+    /// expired, another edge may have taken a writable one over: two hosts must not write it).
+    pub async fn drop_lost_attachments(&self) -> Result<(), RegistryError> {
+        let listed: BTreeSet<String> = self
+            .registry
+            .attachments()
+            .await?
+            .into_iter()
+            .filter(|(_, list)| list.iter().any(|a| a.edge == self.name))
+            .map(|(volume, _)| volume)
+            .collect();
+        for volume in self.exports.list() {
+            if !listed.contains(&volume) {
+                tracing::error!(%volume, edge = %self.name, "the registry no longer lists this attachment (taken over while the edge's lease was gone): detaching");
+                if let Err(e) = self.detach(&volume, true).await {
+                    tracing::error!(%volume, error = e.message(), "cannot detach");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Close every remote target (the daemon stops; the attachments stay in the registry).
     pub async fn close_all(&self) {
         for target in self.exports.all() {

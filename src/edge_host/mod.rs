@@ -138,7 +138,7 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
         vhost.clone(),
     ));
     let keepalive = tokio::spawn(keep_registered(
-        registry.clone(),
+        host.clone(),
         record.clone(),
         lease,
         settings.keepalive_interval(),
@@ -180,11 +180,12 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
 /// Renew the edge's lease; register again with a new one if it expired (the registry was
 /// unreachable for longer than the TTL).
 async fn keep_registered(
-    registry: Arc<dyn Registry>,
+    host: Arc<EdgeHost>,
     record: EdgeRecord,
     mut lease: registry::Lease,
     interval: Duration,
 ) {
+    let registry = host.registry.clone();
     loop {
         tokio::time::sleep(interval).await;
         match registry.keep_alive(lease.id).await {
@@ -192,7 +193,12 @@ async fn keep_registered(
             Ok(KeepAlive::Expired) => {
                 tracing::error!(edge = %record.name, "edge lease expired; registering again");
                 match registry.register_edge(&record, lease.ttl).await {
-                    Ok(new) => lease = new,
+                    Ok(new) => {
+                        lease = new;
+                        if let Err(e) = host.drop_lost_attachments().await {
+                            tracing::error!(error = %e, "cannot check the edge's attachments");
+                        }
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot register the edge again"),
                 }
             }

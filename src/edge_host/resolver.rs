@@ -58,3 +58,80 @@ impl Resolver for RegistryResolver {
         Box::pin(async move { resolve(registry.as_ref(), &volume).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::local::LocalRegistry;
+    use crate::registry::{NodeRecord, VolumeRecord, VolumeState};
+
+    fn node(name: &str, edge_addr: Option<&str>) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            domain: "a".into(),
+            recovery_domain: None,
+            api_addr: "127.0.0.1:1".into(),
+            nbd_addr: "127.0.0.1:2".into(),
+            dtl_addr: "127.0.0.1:3".into(),
+            edge_addr: edge_addr.map(Into::into),
+            started_at: 0,
+            version: String::new(),
+        }
+    }
+
+    fn volume(name: &str, owner: &str, tag: u64) -> VolumeRecord {
+        VolumeRecord {
+            name: name.into(),
+            owner: owner.into(),
+            owner_tag: tag,
+            dtl_node: None,
+            dtl_addr: None,
+            dtl_mode: vstor_volumedriver::DtlMode::None,
+            state: VolumeState::Serving,
+            size: 1 << 20,
+            created_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn resolves_owner_edge_address_and_tag_or_says_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = LocalRegistry::open(&dir.path().join("r")).unwrap();
+        let ttl = Duration::from_secs(5);
+        let n1 = registry
+            .register_node(&node("n1", Some("127.0.0.1:9")), ttl)
+            .await
+            .unwrap();
+        let n2 = registry
+            .register_node(&node("n2", None), ttl)
+            .await
+            .unwrap();
+        registry
+            .create_volume(&volume("v", "n1", 4), n1.id)
+            .await
+            .unwrap();
+        registry
+            .create_volume(&volume("w", "n2", 1), n2.id)
+            .await
+            .unwrap();
+        let want = Endpoint {
+            node: "n1".into(),
+            addr: "127.0.0.1:9".into(),
+            tag: 4,
+        };
+        assert_eq!(resolve(&registry, "v").await.unwrap(), want);
+        assert_eq!(resolve(&registry, "v@snap").await.unwrap(), want);
+        let err = resolve(&registry, "nope").await.unwrap_err();
+        assert_eq!(err, "volume nope is not in the cluster registry");
+        let err = resolve(&registry, "w").await.unwrap_err();
+        assert!(
+            err.contains("node n2 owns volume w but serves no edges"),
+            "{err}"
+        );
+        registry.revoke(n1.id).await.unwrap();
+        let err = resolve(&registry, "v").await.unwrap_err();
+        assert!(err.contains("node n1, is not alive"), "{err}");
+    }
+}
