@@ -1,0 +1,491 @@
+//! The edge through failover, as processes: a real etcd, three `vstor serve` nodes (each with
+//! `--edge-listen`) on one shared backend directory, and a `vstor edge` on loopback that serves
+//! the test volume to a QEMU guest (vhost-user-blk) or to NBD clients, whichever node owns it.
+//!
+//! - A TCG guest writes and reads back 1 MiB regions in a loop (O_DIRECT + fsync, `loop` mode
+//!   of `tests/guest/init.sh`) while the owner gets `kill -9`: the guest sees a pause, never an
+//!   I/O error, and every region it wrote reads back on the new owner as the guest last wrote it.
+//! - Crash-oracle NBD writers on the edge's NBD export while the owner gets `kill -9`: no request
+//!   fails, and every acknowledged write reads back (through the edge and on the new owner).
+//! - `vstor volume move` under the same load through the edge: nothing fails, nothing is lost.
+//! - The edge itself is killed and restarted under a running guest: it re-attaches its volumes
+//!   from the registry and QEMU reconnects to the socket (`reconnect=1`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::edge::EdgeDaemon;
+use common::etcd::Etcd;
+use common::guest::{
+    reconnect_option, sha256, wait_with_deadline, ConsoleReader, GuestImage, KillOnDrop, TestDir,
+};
+use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
+use common::{Daemon, NbdClient, TestBackend};
+use serde_json::Value;
+
+const VOLUME: &str = "vol";
+const VOLUME_SIZE: u64 = 64 << 20;
+const NODES: usize = 3;
+const GUEST_QUEUES: usize = 2;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+const REGION: u64 = 1 << 20;
+
+struct Cluster {
+    tmp: TestDir,
+    _etcd: Etcd,
+    nodes: Vec<Daemon>,
+    edge: EdgeDaemon,
+}
+
+impl Cluster {
+    /// etcd, three nodes, the test volume on `n0` (sync DTL, small SCOs and write buffer so
+    /// TLogs reach the backend every few MiB), and an edge with the volume attached.
+    fn start() -> Self {
+        let tmp = TestDir::new();
+        std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
+        let etcd = Etcd::start(&tmp.path().join("etcd"));
+        let backend = TestBackend::Dir(tmp.path().join("backend"));
+        let nodes: Vec<Daemon> = (0..NODES)
+            .map(|i| {
+                let dir = tmp.path().join(format!("n{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let name = format!("n{i}");
+                Daemon::start_on(
+                    &dir,
+                    &backend,
+                    &[
+                        "--registry",
+                        &etcd.url(),
+                        "--node",
+                        &name,
+                        "--domain",
+                        "d1",
+                        "--edge-listen",
+                        "127.0.0.1:0",
+                    ],
+                )
+            })
+            .collect();
+        nodes[0].cli_ok(&[
+            "volume",
+            "create",
+            VOLUME,
+            "--size",
+            "64M",
+            "--sco-size",
+            "4M",
+            "--write-buffer",
+            "8M",
+            "--dtl-mode",
+            "sync",
+            "--node",
+            "n0",
+        ]);
+        nodes[0].wait_for(VOLUME, "the new volume's DTL link", |i| {
+            i["dtl_state"] == "ok_sync" && i["owner"] == "n0"
+        });
+        let edge_dir = tmp.path().join("edge");
+        std::fs::create_dir_all(&edge_dir).unwrap();
+        let edge = EdgeDaemon::start(&edge_dir, "e0", &etcd.url(), &[]);
+        edge.cli_ok(&["attach", VOLUME]);
+        let cluster = Self {
+            tmp,
+            _etcd: etcd,
+            nodes,
+            edge,
+        };
+        let entry = cluster.edge_entry();
+        assert_eq!(entry["owner"], "n0", "edge list: {entry}");
+        assert_eq!(entry["state"], "connected", "edge list: {entry}");
+        cluster
+    }
+
+    fn index(name: &str) -> usize {
+        name.strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .unwrap_or_else(|| panic!("not a node name: {name}"))
+    }
+
+    /// The test volume's entry in `vstor edge list --json`.
+    fn edge_entry(&self) -> Value {
+        let list: Value = serde_json::from_str(&self.edge.cli_ok(&["list", "--json"]))
+            .expect("edge list --json is JSON");
+        list.as_array()
+            .and_then(|l| l.iter().find(|v| v["volume"] == VOLUME).cloned())
+            .unwrap_or_else(|| panic!("{VOLUME} in edge list: {list}"))
+    }
+
+    /// Poll `vstor edge list` until the volume's entry satisfies `ready`.
+    fn wait_edge(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let entry = self.edge_entry();
+            if ready(&entry) {
+                return entry;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {entry}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The current owner, as the registry (through any live node) says.
+    fn owner(&self, through: usize) -> (String, u64) {
+        let info = self.nodes[through].wait_for(VOLUME, "the volume running", |i| {
+            i["state"] == "running"
+        });
+        (
+            info["owner"].as_str().expect("owner").to_string(),
+            info["owner_tag"].as_u64().expect("owner_tag"),
+        )
+    }
+
+    /// Kill the owner and wait until another node serves the volume under a newer tag and the
+    /// edge is connected to it; returns the new owner's index.
+    fn kill_owner_and_wait_for_failover(&mut self, context: &str) -> usize {
+        let (owner, tag) = self.owner(0);
+        let owner_idx = Self::index(&owner);
+        let killed = Instant::now();
+        self.nodes[owner_idx].kill9();
+        let survivor = &self.nodes[(owner_idx + 1) % NODES];
+        let adopted = survivor.wait_for(VOLUME, &format!("{context}: adoption"), |i| {
+            i["owner"] != owner.as_str() && i["state"] == "running"
+        });
+        let new_owner = adopted["owner"].as_str().expect("owner").to_string();
+        let new_tag = adopted["owner_tag"].as_u64().expect("owner_tag");
+        assert!(new_tag > tag, "{context}: owner tag {new_tag} after {tag}");
+        let entry = self.wait_edge(&format!("{context}: the edge on {new_owner}"), |e| {
+            e["owner"] == new_owner.as_str()
+                && e["state"] == "connected"
+                && e["tag"].as_u64() == Some(new_tag)
+        });
+        assert!(
+            entry["reconnects"].as_u64().unwrap_or(0) >= 1,
+            "{context}: the edge counts its reconnect: {entry}"
+        );
+        eprintln!(
+            "{context}: {owner} killed; {new_owner} serving and the edge reconnected after {:?}",
+            killed.elapsed()
+        );
+        Self::index(&new_owner)
+    }
+}
+
+/// The last digest the guest reported for each region it wrote.
+#[derive(Default)]
+struct Rounds {
+    count: u64,
+    regions: BTreeMap<u64, String>,
+}
+
+impl Rounds {
+    /// Take a `VSTOR-ROUND <round> <region> <sha256>` line into account; panic on a failure line.
+    fn take(&mut self, line: &str, context: &dyn Fn() -> String) {
+        if line.contains("VSTOR-FAIL") {
+            panic!("the guest failed: {}\n{}", line.trim(), context());
+        }
+        let Some(at) = line.find("VSTOR-ROUND ") else {
+            return;
+        };
+        let fields: Vec<&str> = line[at + 12..].split_whitespace().collect();
+        let [round, region, sum] = fields[..] else {
+            panic!("bad round line {line:?}");
+        };
+        let round: u64 = round.parse().unwrap();
+        assert_eq!(round, self.count + 1, "rounds are reported in order: {line}");
+        self.count = round;
+        self.regions
+            .insert(region.parse().unwrap(), sum.to_string());
+    }
+
+    /// Read console lines until the guest completed `rounds` rounds.
+    fn until(&mut self, console: &ConsoleReader, rounds: u64, context: &dyn Fn() -> String) {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while self.count < rounds {
+            match console.next_line(deadline) {
+                Ok(line) => self.take(&line, context),
+                Err(e) => panic!(
+                    "waiting for round {rounds} (at {}): {e}\n{}",
+                    self.count,
+                    context()
+                ),
+            }
+        }
+    }
+
+    /// Take every line already printed.
+    fn drain(&mut self, console: &ConsoleReader, context: &dyn Fn() -> String) {
+        while let Ok(line) = console.next_line(Instant::now()) {
+            self.take(&line, context);
+        }
+    }
+}
+
+#[test]
+fn guest_on_the_edge_sees_a_pause_not_an_error_when_the_owner_dies() {
+    let mut cluster = Cluster::start();
+    let image = GuestImage::build(cluster.tmp.path());
+    let socket = cluster.edge.socket(VOLUME);
+    assert!(socket.exists(), "{} exists after attach", socket.display());
+    let console_path = image.dir.join("console-loop.log");
+    let qemu_log = image.dir.join("qemu-loop.log");
+    let mut qemu = KillOnDrop(
+        image
+            .qemu(&socket, "loop", GUEST_QUEUES, None)
+            .args(["-serial", "stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&qemu_log).unwrap())
+            .spawn()
+            .expect("spawn qemu-system-x86_64"),
+    );
+    let mut input = qemu.0.stdin.take().expect("QEMU's stdin");
+    let console = ConsoleReader::spawn(qemu.0.stdout.take().expect("QEMU's stdout"), &console_path);
+    let edge_log = cluster.edge.log.clone();
+    let context = || {
+        format!(
+            "--- console:\n{}\n--- QEMU:\n{}\n--- edge log:\n{}",
+            tail_of(&console_path, 40),
+            tail_of(&qemu_log, 20),
+            tail_of(&edge_log, 40)
+        )
+    };
+
+    let mut rounds = Rounds::default();
+    rounds.until(&console, 3, &context);
+    cluster.kill_owner_and_wait_for_failover("guest");
+    rounds.drain(&console, &context);
+    // The guest goes on through the new owner.
+    let resumed_at = rounds.count;
+    rounds.until(&console, resumed_at + 5, &context);
+    input.write_all(b"stop\n").unwrap();
+    input.flush().unwrap();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut lines = Vec::new();
+    loop {
+        match console.next_line(deadline) {
+            Ok(line) => {
+                rounds.take(&line, &context);
+                let done = line.contains("VSTOR-DONE");
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(e) => panic!("waiting for the guest to finish: {e}\n{}", context()),
+        }
+    }
+    let status = wait_with_deadline(&mut qemu.0, BOOT_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "QEMU exits cleanly ({status:?})\n{}",
+        context()
+    );
+    drop(input);
+    drop(qemu);
+    console.finish();
+    let report = |key: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| {
+                l.find(&format!("VSTOR-{key} "))
+                    .map(|at| l[at + key.len() + 7..].trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no VSTOR-{key} line\n{}", context()))
+    };
+    assert_eq!(
+        report("VERIFIED"),
+        rounds.regions.len().to_string(),
+        "the guest re-read every region it wrote\n{}",
+        context()
+    );
+    assert_eq!(
+        report("IOERRORS"),
+        "0",
+        "the guest's kernel logged no I/O error\n{}",
+        context()
+    );
+
+    // The host reads every region on the new owner as the guest last wrote it.
+    let (owner, _) = cluster.owner(1);
+    let node = &cluster.nodes[Cluster::index(&owner)];
+    let mut client = NbdClient::connect(&node.nbd, VOLUME).expect("NBD connect to the owner");
+    assert_eq!(client.size, VOLUME_SIZE);
+    let mut buf = vec![0u8; REGION as usize];
+    for (region, sum) in &rounds.regions {
+        assert_eq!(client.read(region * REGION, &mut buf).unwrap(), 0);
+        assert_eq!(
+            &sha256(&buf),
+            sum,
+            "region {region} on {owner} holds what the guest last wrote there"
+        );
+    }
+    eprintln!(
+        "guest: {} rounds over {} regions, {} after the failover",
+        rounds.count,
+        rounds.regions.len(),
+        rounds.count - resumed_at
+    );
+}
+
+#[test]
+fn nbd_client_on_the_edge_loses_nothing_when_the_owner_dies() {
+    let mut cluster = Cluster::start();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.edge.nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 500, "before the owner dies");
+    let new_owner = cluster.kill_owner_and_wait_for_failover("nbd");
+    // The writers never saw an error and go on through the new owner.
+    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&load, &writers, before + 500, "after the failover");
+    let writes = stop_writers(&load, writers);
+    assert!(writes > 1000, "{writes} writes");
+    oracle::verify(&cluster.edge.nbd, VOLUME, &load, "through the edge");
+    oracle::verify(
+        &cluster.nodes[new_owner].nbd,
+        VOLUME,
+        &load,
+        "on the new owner",
+    );
+}
+
+#[test]
+fn volume_moves_under_load_through_the_edge() {
+    let cluster = Cluster::start();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.edge.nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 500, "before the move");
+    let (_, tag) = cluster.owner(0);
+    cluster.nodes[0].cli_ok(&["volume", "move", VOLUME, "--to", "n2"]);
+    let moved = cluster.nodes[1].wait_for(VOLUME, "the move to n2", |i| {
+        i["owner"] == "n2" && i["state"] == "running"
+    });
+    let new_tag = moved["owner_tag"].as_u64().expect("owner_tag");
+    assert!(new_tag > tag, "owner tag {new_tag} after {tag}");
+    cluster.wait_edge("the edge on n2", |e| {
+        e["owner"] == "n2" && e["state"] == "connected" && e["tag"].as_u64() == Some(new_tag)
+    });
+    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&load, &writers, before + 500, "after the move");
+    stop_writers(&load, writers);
+    oracle::verify(&cluster.edge.nbd, VOLUME, &load, "through the edge");
+    oracle::verify(&cluster.nodes[2].nbd, VOLUME, &load, "on n2");
+}
+
+/// The edge is killed (`kill -9`) under a running guest whose file system is mounted, and
+/// started again: it re-attaches the volume from the registry, QEMU reconnects to the socket by
+/// itself, and the guest reads its files back and writes new ones. As in the vhost-user restart
+/// test of `vhost_guest.rs`, the guest is idle while the edge is down (vhost-user-backend keeps
+/// no inflight record for QEMU to resubmit from).
+#[test]
+fn guest_reconnects_after_the_edge_restarts() {
+    let mut cluster = Cluster::start();
+    let image = GuestImage::build(cluster.tmp.path());
+    let socket = cluster.edge.socket(VOLUME);
+    let console_path = image.dir.join("console-reconnect.log");
+    let qemu_log = image.dir.join("qemu-reconnect.log");
+    let mut qemu = KillOnDrop(
+        image
+            .qemu(
+                &socket,
+                "reconnect",
+                GUEST_QUEUES,
+                Some(reconnect_option()),
+            )
+            .args(["-serial", "stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&qemu_log).unwrap())
+            .spawn()
+            .expect("spawn qemu-system-x86_64"),
+    );
+    let mut input = qemu.0.stdin.take().expect("QEMU's stdin");
+    let console = ConsoleReader::spawn(qemu.0.stdout.take().expect("QEMU's stdout"), &console_path);
+    let edge_log = cluster.edge.log.clone();
+    let context = || {
+        format!(
+            "--- console:\n{}\n--- QEMU:\n{}\n--- edge log:\n{}",
+            tail_of(&console_path, 40),
+            tail_of(&qemu_log, 20),
+            tail_of(&edge_log, 40)
+        )
+    };
+    if let Err(e) = console.wait_for("VSTOR-READY-FOR-RESTART", Instant::now() + BOOT_TIMEOUT) {
+        panic!("the guest gets ready for the restart: {e}\n{}", context());
+    }
+    cluster.wait_edge("QEMU connected to the edge", |e| {
+        e["vhost_connected"] == true
+    });
+    cluster.edge.kill9();
+    cluster.edge.launch();
+    cluster.wait_edge("QEMU reconnected to the restarted edge", |e| {
+        e["vhost_connected"] == true && e["state"] == "connected"
+    });
+    input.write_all(b"go\n").unwrap();
+    input.flush().unwrap();
+    let status = wait_with_deadline(&mut qemu.0, BOOT_TIMEOUT);
+    drop(input);
+    drop(qemu);
+    console.finish();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "QEMU exits cleanly ({status:?})\n{}",
+        context()
+    );
+    let text = std::fs::read_to_string(&console_path).unwrap().replace('\r', "");
+    let reports: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.find("VSTOR-").map(|at| &l[at + 6..]))
+        .map(|r| {
+            let (k, v) = r.split_once(' ').unwrap_or((r, ""));
+            (k.to_string(), v.trim().to_string())
+        })
+        .collect();
+    assert!(
+        !reports.iter().any(|(k, _)| k == "FAIL") && reports.iter().any(|(k, _)| k == "DONE"),
+        "the guest finishes without a failure\n{}",
+        context()
+    );
+    let digests = |key: &str| -> BTreeMap<String, String> {
+        reports
+            .iter()
+            .filter(|(k, _)| k == key)
+            .filter_map(|(_, v)| v.split_once(' '))
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect()
+    };
+    let sums = digests("SUM");
+    let reread = digests("REREAD");
+    assert_eq!(reread.len(), 3, "three files re-read\n{}", context());
+    for (name, sum) in &reread {
+        assert_eq!(
+            sums.get(name),
+            Some(sum),
+            "{name} reads back after the edge restart as written before it"
+        );
+    }
+    // The host reads the raw last MiB the guest wrote after the restart, on the owner.
+    let (owner, _) = cluster.owner(0);
+    let node = &cluster.nodes[Cluster::index(&owner)];
+    let mut client = NbdClient::connect(&node.nbd, VOLUME).expect("NBD connect to the owner");
+    let mut tail = vec![0u8; REGION as usize];
+    assert_eq!(client.read(VOLUME_SIZE - REGION, &mut tail).unwrap(), 0);
+    assert_eq!(
+        Some(&sha256(&tail)),
+        sums.get("tail"),
+        "the last MiB on the owner is what the guest wrote through the restarted edge"
+    );
+}
+
+fn tail_of(path: &Path, lines: usize) -> String {
+    common::guest::tail(&std::fs::read_to_string(path).unwrap_or_default(), lines)
+}
