@@ -140,9 +140,8 @@ impl Cluster {
 
     /// The current owner, as the registry (through any live node) says.
     fn owner(&self, through: usize) -> (String, u64) {
-        let info = self.nodes[through].wait_for(VOLUME, "the volume running", |i| {
-            i["state"] == "running"
-        });
+        let info =
+            self.nodes[through].wait_for(VOLUME, "the volume running", |i| i["state"] == "running");
         (
             info["owner"].as_str().expect("owner").to_string(),
             info["owner_tag"].as_u64().expect("owner_tag"),
@@ -201,7 +200,11 @@ impl Rounds {
             panic!("bad round line {line:?}");
         };
         let round: u64 = round.parse().unwrap();
-        assert_eq!(round, self.count + 1, "rounds are reported in order: {line}");
+        assert_eq!(
+            round,
+            self.count + 1,
+            "rounds are reported in order: {line}"
+        );
         self.count = round;
         self.regions
             .insert(region.parse().unwrap(), sum.to_string());
@@ -395,12 +398,7 @@ fn guest_reconnects_after_the_edge_restarts() {
     let qemu_log = image.dir.join("qemu-reconnect.log");
     let mut qemu = KillOnDrop(
         image
-            .qemu(
-                &socket,
-                "reconnect",
-                GUEST_QUEUES,
-                Some(reconnect_option()),
-            )
+            .qemu(&socket, "reconnect", GUEST_QUEUES, Some(reconnect_option()))
             .args(["-serial", "stdio"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -441,7 +439,9 @@ fn guest_reconnects_after_the_edge_restarts() {
         "QEMU exits cleanly ({status:?})\n{}",
         context()
     );
-    let text = std::fs::read_to_string(&console_path).unwrap().replace('\r', "");
+    let text = std::fs::read_to_string(&console_path)
+        .unwrap()
+        .replace('\r', "");
     let reports: Vec<(String, String)> = text
         .lines()
         .filter_map(|l| l.find("VSTOR-").map(|at| &l[at + 6..]))
