@@ -180,7 +180,14 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         wait_for_socket(&socket)?;
         for job in JOBS {
             let row = measure_row(placement, job, &local_socket, &socket, options, rtt)
-                .with_context(|| format!("{placement}: {}\n{}", job.name, edge.log_tail()))?;
+                .with_context(|| {
+                    format!(
+                        "{placement}: {}\n--- edge log:\n{}\n--- node log:\n{}",
+                        job.name,
+                        edge.log_tail(),
+                        node.log_tail()
+                    )
+                })?;
             progress(format_args!(
                 "{placement} {}: local {:.0} IOPS, edge {:.0} IOPS ({:.2}x), p50 +{:.0} µs",
                 job.name, row.local.iops, row.edge.iops, row.ratio, row.added_p50_us
