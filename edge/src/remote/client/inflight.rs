@@ -66,6 +66,18 @@ impl Op {
         }
     }
 
+    /// The byte range the request covers (`(0, 0)` for a flush).
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Op::Read { offset, len } => (*offset, u64::from(*len)),
+            Op::Write { offset, data, .. } => (*offset, data.len() as u64),
+            Op::Flush => (0, 0),
+            Op::Trim { offset, len }
+            | Op::WriteZeroes { offset, len, .. }
+            | Op::BlockStatus { offset, len } => (*offset, *len),
+        }
+    }
+
     fn message(&self, tag: u64) -> Message {
         match self.clone() {
             Op::Read { offset, len } => Message::Read { tag, offset, len },
@@ -309,14 +321,14 @@ impl Shared {
                 return;
             }
             Message::Error { code, message } => Err(match code {
-                ErrorCode::OutOfRange => match &pending.op {
-                    Op::Read { offset, len } => TargetError::OutOfRange {
-                        offset: *offset,
-                        len: u64::from(*len),
+                ErrorCode::OutOfRange => {
+                    let (offset, len) = pending.op.range();
+                    TargetError::OutOfRange {
+                        offset,
+                        len,
                         size: self.size,
-                    },
-                    _ => TargetError::Io(message),
-                },
+                    }
+                }
                 ErrorCode::ReadOnly => TargetError::ReadOnly,
                 _ => TargetError::Io(format!("volume {}: {message}", self.volume)),
             }),
