@@ -79,6 +79,7 @@ fn config(bound: Duration) -> RemoteConfig {
         client_name: "test-edge".into(),
         reconnect_bound: bound,
         connect_timeout: Duration::from_secs(2),
+        liveness: Duration::from_secs(4),
     }
 }
 
