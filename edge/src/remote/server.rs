@@ -129,6 +129,14 @@ async fn connection(
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
+    // An edge host that lost power leaves no FIN: keepalive frees its connection in ~20 s.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        debug!(%peer, error = %e, "cannot set TCP keepalive");
+    }
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let mut out = OutQueue::new();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &mut rbuf)).await
