@@ -120,6 +120,8 @@ struct Pending {
     op: Op,
     /// Generation of the connection it was sent on; `None` while it waits for one.
     sent_on: Option<u64>,
+    /// For a flush: the acknowledged writes it covers (`Recovery::flush_mark`).
+    mark: u64,
     started: Instant,
     done: oneshot::Sender<Outcome>,
 }
@@ -249,6 +251,7 @@ impl Shared {
             return rx;
         }
         let admit = inner.recovery.admit(op.kind());
+        let mark = inner.recovery.flush_mark();
         let id = inner.next_id;
         inner.next_id += 1;
         match admit {
@@ -270,6 +273,7 @@ impl Shared {
                         Pending {
                             op,
                             sent_on,
+                            mark,
                             started,
                             done,
                         },
@@ -283,6 +287,7 @@ impl Shared {
             Pending {
                 op,
                 sent_on: None,
+                mark,
                 started,
                 done,
             },
@@ -333,7 +338,11 @@ impl Shared {
                 _ => TargetError::Io(format!("volume {}: {message}", self.volume)),
             }),
             Message::Done { dtl_in_sync } if kind != Kind::Read && kind != Kind::BlockStatus => {
+                let mark = pending.mark;
                 inner.recovery.on_reply(kind, Some(dtl_in_sync));
+                if kind == Kind::Flush {
+                    inner.recovery.on_flushed(mark);
+                }
                 Ok(Reply::Done)
             }
             Message::Data { dtl_in_sync, data } => match pending.op {
