@@ -418,6 +418,11 @@ async fn failover_with_the_dtl_out_of_sync_fails_unacknowledged_writes_and_the_n
         .collect();
     until("4 writes in flight", || t.stats().inflight == 4).await;
     drop(a);
+    // Released only once the client saw A go: A must not acknowledge them on its way down.
+    until("the client notices", || {
+        t.stats().state == ConnState::Reconnecting
+    })
+    .await;
     drop(hold);
     resolver.set(Ok(b.endpoint("b")));
     for p in pending {
