@@ -79,6 +79,7 @@ fn config(bound: Duration) -> RemoteConfig {
         client_name: "test-edge".into(),
         reconnect_bound: bound,
         connect_timeout: Duration::from_secs(2),
+        liveness: Duration::from_secs(4),
     }
 }
 
@@ -417,6 +418,11 @@ async fn failover_with_the_dtl_out_of_sync_fails_unacknowledged_writes_and_the_n
         .collect();
     until("4 writes in flight", || t.stats().inflight == 4).await;
     drop(a);
+    // Released only once the client saw A go: A must not acknowledge them on its way down.
+    until("the client notices", || {
+        t.stats().state == ConnState::Reconnecting
+    })
+    .await;
     drop(hold);
     resolver.set(Ok(b.endpoint("b")));
     for p in pending {
@@ -542,4 +548,33 @@ async fn qemu_io_through_nbd_on_a_remote_target() {
     );
     assert!(target.flushes() >= 1);
     assert!(remote.stats().completed >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_or_fenced_volume_is_followed_to_its_new_owner() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let b = Node::start(&target, 2).await;
+    let c = Node::start(&target, 3).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    // A move: A still runs but no longer serves the volume (NotOwner per request).
+    a.state.set_alive(false);
+    resolver.set(Ok(b.endpoint("b")));
+    write(&t, 4096, &pattern(2, BLOCK)).await.unwrap();
+    assert_eq!(t.stats().owner.as_deref(), Some("b"));
+    // A fence: B fenced the volume (lease lost); C took it over.
+    b.state.set_fenced(Some("lease lost"));
+    resolver.set(Ok(c.endpoint("c")));
+    write(&t, 8192, &pattern(3, BLOCK)).await.unwrap();
+    let stats = t.stats();
+    assert_eq!(stats.owner.as_deref(), Some("c"));
+    assert_eq!((stats.reconnects, stats.failed), (2, 0), "{stats:?}");
+    for i in 0..3u64 {
+        assert_eq!(
+            read(&t, i * 4096, BLOCK).await.unwrap(),
+            pattern(i + 1, BLOCK)
+        );
+    }
 }

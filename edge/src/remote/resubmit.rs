@@ -109,8 +109,10 @@ pub struct Recovery {
     read_only: bool,
     /// What the current (or, while reconnecting, the lost) owner last said about its DTL.
     dtl_in_sync: bool,
-    /// A mutating request was acknowledged since the last successful flush.
-    unflushed: bool,
+    /// Mutating requests (flushes aside) acknowledged so far, and how many of the first of them a
+    /// completed flush covers: those in between may be lost if the owner dies out of sync.
+    acked: u64,
+    flushed: u64,
     /// The next flush must fail (see the module docs).
     poison_flush: bool,
 }
@@ -122,7 +124,8 @@ impl Recovery {
             link: Link::Connected,
             read_only,
             dtl_in_sync,
-            unflushed: false,
+            acked: 0,
+            flushed: 0,
             poison_flush: false,
         }
     }
@@ -136,16 +139,25 @@ impl Recovery {
     }
 
     /// A successful reply of a `kind` request arrived, carrying the owner's DTL state (`None`
-    /// for replies without it).
+    /// for replies without it). A flush's reply is reported with [`Recovery::on_flushed`] too.
     pub fn on_reply(&mut self, kind: Kind, dtl_in_sync: Option<bool>) {
         if let Some(in_sync) = dtl_in_sync {
             self.dtl_in_sync = in_sync;
         }
-        match kind {
-            Kind::Flush => self.unflushed = false,
-            k if k.mutating() => self.unflushed = true,
-            _ => {}
+        if kind.mutating() && kind != Kind::Flush {
+            self.acked += 1;
         }
+    }
+
+    /// What a flush submitted now covers: pass it to [`Recovery::on_flushed`] when it succeeds.
+    /// (A write acknowledged while the flush is in flight is not covered by it.)
+    pub fn flush_mark(&self) -> u64 {
+        self.acked
+    }
+
+    /// A flush submitted at `mark` succeeded.
+    pub fn on_flushed(&mut self, mark: u64) {
+        self.flushed = self.flushed.max(mark);
     }
 
     /// The connection died at `now` with `inflight` requests (id, kind) sent or waiting to be
@@ -170,12 +182,12 @@ impl Recovery {
                 }
             })
             .collect();
-        if !safe && self.unflushed && !failed_flush {
+        if !safe && self.acked > self.flushed && !failed_flush {
             self.poison_flush = true;
         }
         if !safe {
             // What was acknowledged is now either lost or reported (a failed flush).
-            self.unflushed = false;
+            self.flushed = self.acked;
         }
         decisions
     }
@@ -325,10 +337,25 @@ mod tests {
     fn flushed_writes_are_not_at_risk() {
         let mut r = Recovery::new(false, true);
         r.on_reply(Kind::Write, Some(false));
+        let mark = r.flush_mark();
         r.on_reply(Kind::Flush, Some(false));
+        r.on_flushed(mark);
         r.on_lost(Instant::now(), []);
         r.on_connected(true);
         assert_eq!(r.admit(Kind::Flush), Admit::Send);
+    }
+
+    #[test]
+    fn a_write_acknowledged_while_a_flush_was_in_flight_is_not_covered_by_it() {
+        let mut r = Recovery::new(false, true);
+        r.on_reply(Kind::Write, Some(false));
+        let mark = r.flush_mark();
+        r.on_reply(Kind::Write, Some(false));
+        r.on_reply(Kind::Flush, Some(false));
+        r.on_flushed(mark);
+        r.on_lost(Instant::now(), []);
+        r.on_connected(true);
+        assert_eq!(r.admit(Kind::Flush), Admit::Fail(FailReason::DtlOutOfSync));
     }
 
     #[test]

@@ -105,6 +105,7 @@ async fn handshake(
         .await
         .map_err(connect_err)?;
     stream.set_nodelay(true).map_err(connect_err)?;
+    set_liveness(&stream, config.liveness).map_err(connect_err)?;
     let mut framed = Framed::new(stream, EdgeCodec::new());
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
@@ -165,6 +166,22 @@ async fn handshake(
     }
 }
 
+/// Declare the connection dead after `after` of silence from the peer's TCP: unacknowledged
+/// data for that long (`TCP_USER_TIMEOUT`), or an idle connection whose keepalive probes (sent
+/// every quarter of it) go unanswered. Without this an owner that lost power or sits behind a
+/// partition would leave requests waiting for the kernel's default of ~15 minutes, far past the
+/// reconnect bound.
+fn set_liveness(stream: &TcpStream, after: Duration) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let probe = (after / 4).max(Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(probe)
+        .with_interval(probe)
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(after))
+}
+
 /// Make `welcomed` the target's connection: start its reader and writer and resend what waits.
 pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
     let generation = {
@@ -183,7 +200,7 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
     let (rd, wr) = welcomed.stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = shared.shutdown.child_token();
-    tokio::spawn(writer(Arc::clone(shared), generation, wr, rx));
+    tokio::spawn(writer(Arc::clone(shared), generation, wr, rx, stop.clone()));
     tokio::spawn(reader(Arc::clone(shared), generation, rd, stop.clone()));
     info!(
         volume = shared.volume,
@@ -207,10 +224,19 @@ async fn writer(
     generation: u64,
     mut wr: OwnedWriteHalf,
     mut frames: mpsc::UnboundedReceiver<Frame>,
+    stop: CancellationToken,
 ) {
     let mut out = OutQueue::new();
-    // Ends when the connection is replaced or closed (the sender is dropped).
-    while let Some(frame) = frames.recv().await {
+    // Ends when the connection is given up (`stop`, also while a write hangs on a dead peer), or
+    // replaced or closed (the sender is dropped).
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return,
+            frame = frames.recv() => match frame {
+                Some(frame) => frame,
+                None => return,
+            },
+        };
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
             if let Err(e) = out.push(&frame) {
@@ -221,7 +247,11 @@ async fn writer(
                 next = frames.try_recv().ok();
             }
         }
-        if let Err(e) = out.write_all(&mut wr).await {
+        let written = tokio::select! {
+            _ = stop.cancelled() => return,
+            written = out.write_all(&mut wr) => written,
+        };
+        if let Err(e) = written {
             shared.connection_lost(generation, &format!("write failed: {e}"));
             return;
         }

@@ -66,6 +66,18 @@ impl Op {
         }
     }
 
+    /// The byte range the request covers (`(0, 0)` for a flush).
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Op::Read { offset, len } => (*offset, u64::from(*len)),
+            Op::Write { offset, data, .. } => (*offset, data.len() as u64),
+            Op::Flush => (0, 0),
+            Op::Trim { offset, len }
+            | Op::WriteZeroes { offset, len, .. }
+            | Op::BlockStatus { offset, len } => (*offset, *len),
+        }
+    }
+
     fn message(&self, tag: u64) -> Message {
         match self.clone() {
             Op::Read { offset, len } => Message::Read { tag, offset, len },
@@ -108,6 +120,8 @@ struct Pending {
     op: Op,
     /// Generation of the connection it was sent on; `None` while it waits for one.
     sent_on: Option<u64>,
+    /// For a flush: the acknowledged writes it covers (`Recovery::flush_mark`).
+    mark: u64,
     started: Instant,
     done: oneshot::Sender<Outcome>,
 }
@@ -237,6 +251,7 @@ impl Shared {
             return rx;
         }
         let admit = inner.recovery.admit(op.kind());
+        let mark = inner.recovery.flush_mark();
         let id = inner.next_id;
         inner.next_id += 1;
         match admit {
@@ -258,6 +273,7 @@ impl Shared {
                         Pending {
                             op,
                             sent_on,
+                            mark,
                             started,
                             done,
                         },
@@ -271,6 +287,7 @@ impl Shared {
             Pending {
                 op,
                 sent_on: None,
+                mark,
                 started,
                 done,
             },
@@ -309,19 +326,23 @@ impl Shared {
                 return;
             }
             Message::Error { code, message } => Err(match code {
-                ErrorCode::OutOfRange => match &pending.op {
-                    Op::Read { offset, len } => TargetError::OutOfRange {
-                        offset: *offset,
-                        len: u64::from(*len),
+                ErrorCode::OutOfRange => {
+                    let (offset, len) = pending.op.range();
+                    TargetError::OutOfRange {
+                        offset,
+                        len,
                         size: self.size,
-                    },
-                    _ => TargetError::Io(message),
-                },
+                    }
+                }
                 ErrorCode::ReadOnly => TargetError::ReadOnly,
                 _ => TargetError::Io(format!("volume {}: {message}", self.volume)),
             }),
             Message::Done { dtl_in_sync } if kind != Kind::Read && kind != Kind::BlockStatus => {
+                let mark = pending.mark;
                 inner.recovery.on_reply(kind, Some(dtl_in_sync));
+                if kind == Kind::Flush {
+                    inner.recovery.on_flushed(mark);
+                }
                 Ok(Reply::Done)
             }
             Message::Data { dtl_in_sync, data } => match pending.op {

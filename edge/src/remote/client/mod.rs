@@ -48,6 +48,10 @@ pub struct RemoteConfig {
     pub reconnect_bound: Duration,
     /// Bound on one TCP connect + handshake attempt.
     pub connect_timeout: Duration,
+    /// How long the owner may stay silent at the TCP level (unacknowledged data, or no answer to
+    /// keepalive probes) before the connection counts as dead: catches an owner that vanished
+    /// without closing its sockets (power loss, network partition).
+    pub liveness: Duration,
 }
 
 impl Default for RemoteConfig {
@@ -56,6 +60,7 @@ impl Default for RemoteConfig {
             client_name: "edge".into(),
             reconnect_bound: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
+            liveness: Duration::from_secs(4),
         }
     }
 }

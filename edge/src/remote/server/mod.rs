@@ -46,8 +46,11 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod handshake;
+
+use self::handshake::{handshake, owner_check, read_frame};
 use super::outq::OutQueue;
-use super::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use super::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError};
 use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
 use super::{RemoteExports, ServedVolume};
 use crate::read_pool;
@@ -129,6 +132,14 @@ async fn connection(
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
+    // An edge host that lost power leaves no FIN: keepalive frees its connection in ~20 s.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        debug!(%peer, error = %e, "cannot set TCP keepalive");
+    }
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let mut out = OutQueue::new();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &mut rbuf)).await
@@ -166,121 +177,6 @@ async fn connection(
         Ok(()) => info!(%peer, volume = session.volume, "edge client disconnected"),
         Err(e) => warn!(%peer, volume = session.volume, error = %e, "edge connection closed"),
     }
-}
-
-/// Read one frame (handshake only; the session loop decodes in place).
-async fn read_frame(
-    stream: &mut TcpStream,
-    rbuf: &mut BytesMut,
-) -> Result<Option<Frame>, ProtoError> {
-    let mut codec = EdgeCodec::new();
-    loop {
-        if let Some(frame) = codec.decode(rbuf)? {
-            return Ok(Some(frame));
-        }
-        if stream.read_buf(rbuf).await? == 0 {
-            return Ok(None);
-        }
-    }
-}
-
-fn refuse(out: &mut OutQueue, code: ErrorCode, message: String) {
-    let _ = out.push(&Frame::new(0, Message::Error { code, message }));
-}
-
-/// Check a connection's `Hello`; queue `Welcome` (and return the volume) or the refusal.
-fn handshake(
-    hello: Frame,
-    exports: &Arc<dyn RemoteExports>,
-    out: &mut OutQueue,
-    peer: SocketAddr,
-) -> Option<(String, ServedVolume)> {
-    let Message::Hello {
-        version,
-        volume,
-        tag,
-        client,
-    } = hello.message
-    else {
-        warn!(%peer, got = hello.message.name(), "edge handshake: first frame is not Hello");
-        refuse(
-            out,
-            ErrorCode::Invalid,
-            format!("expected Hello, got {}", hello.message.name()),
-        );
-        return None;
-    };
-    if version != PROTOCOL_VERSION {
-        warn!(%peer, volume, client, version, "edge handshake: unsupported protocol version");
-        let _ = out.push(&Frame::new(
-            0,
-            Message::VersionMismatch {
-                server: PROTOCOL_VERSION,
-                client: version,
-            },
-        ));
-        return None;
-    }
-    let Some(served) = exports.lookup(&volume) else {
-        info!(%peer, volume, client, "edge handshake: volume not served here");
-        refuse(
-            out,
-            ErrorCode::NotOwner,
-            format!("volume {volume} is not served on this node"),
-        );
-        return None;
-    };
-    if let Err((code, message)) = owner_check(&served, &volume, tag) {
-        info!(%peer, volume, client, tag, ?code, "edge handshake refused: {message}");
-        refuse(out, code, message);
-        return None;
-    }
-    let target = &served.target;
-    let _ = out.push(&Frame::new(
-        0,
-        Message::Welcome {
-            version: PROTOCOL_VERSION,
-            size: target.size(),
-            read_only: target.read_only(),
-            tag,
-            dtl_in_sync: served.state.dtl_in_sync(),
-        },
-    ));
-    info!(%peer, volume, client, tag, "edge client connected");
-    Some((volume, served))
-}
-
-/// May a request (or handshake) under `tag` run on this node?
-fn owner_check(served: &ServedVolume, volume: &str, tag: u64) -> Result<(), (ErrorCode, String)> {
-    let state = &served.state;
-    if let Some(reason) = state.fenced() {
-        return Err((
-            ErrorCode::Fenced,
-            format!("volume {volume} is fenced on this node: {reason}"),
-        ));
-    }
-    if !state.alive() {
-        return Err((
-            ErrorCode::NotOwner,
-            format!("volume {volume} is no longer served on this node"),
-        ));
-    }
-    let ours = state.tag();
-    if tag < ours {
-        return Err((
-            ErrorCode::StaleTag,
-            format!(
-                "stale owner tag {tag} for volume {volume}: this node holds it under tag {ours}"
-            ),
-        ));
-    }
-    if tag > ours {
-        return Err((
-            ErrorCode::NotOwner,
-            format!("volume {volume} has owner tag {tag}, newer than this node's {ours}: it moved"),
-        ));
-    }
-    Ok(())
 }
 
 fn error_code(err: &TargetError) -> ErrorCode {

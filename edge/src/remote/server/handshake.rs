@@ -1,0 +1,134 @@
+//! The handshake of an edge connection (`Hello` → `Welcome` or a refusal) and the owner check
+//! every request repeats.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+use tracing::{info, warn};
+
+use crate::remote::outq::OutQueue;
+use crate::remote::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use crate::remote::{RemoteExports, ServedVolume};
+
+/// Read one frame (handshake only; the session loop decodes in place).
+pub(super) async fn read_frame(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+) -> Result<Option<Frame>, ProtoError> {
+    let mut codec = EdgeCodec::new();
+    loop {
+        if let Some(frame) = codec.decode(rbuf)? {
+            return Ok(Some(frame));
+        }
+        if stream.read_buf(rbuf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+fn refuse(out: &mut OutQueue, code: ErrorCode, message: String) {
+    let _ = out.push(&Frame::new(0, Message::Error { code, message }));
+}
+
+/// Check a connection's `Hello`; queue `Welcome` (and return the volume) or the refusal.
+pub(super) fn handshake(
+    hello: Frame,
+    exports: &Arc<dyn RemoteExports>,
+    out: &mut OutQueue,
+    peer: SocketAddr,
+) -> Option<(String, ServedVolume)> {
+    let Message::Hello {
+        version,
+        volume,
+        tag,
+        client,
+    } = hello.message
+    else {
+        warn!(%peer, got = hello.message.name(), "edge handshake: first frame is not Hello");
+        refuse(
+            out,
+            ErrorCode::Invalid,
+            format!("expected Hello, got {}", hello.message.name()),
+        );
+        return None;
+    };
+    if version != PROTOCOL_VERSION {
+        warn!(%peer, volume, client, version, "edge handshake: unsupported protocol version");
+        let _ = out.push(&Frame::new(
+            0,
+            Message::VersionMismatch {
+                server: PROTOCOL_VERSION,
+                client: version,
+            },
+        ));
+        return None;
+    }
+    let Some(served) = exports.lookup(&volume) else {
+        info!(%peer, volume, client, "edge handshake: volume not served here");
+        refuse(
+            out,
+            ErrorCode::NotOwner,
+            format!("volume {volume} is not served on this node"),
+        );
+        return None;
+    };
+    if let Err((code, message)) = owner_check(&served, &volume, tag) {
+        info!(%peer, volume, client, tag, ?code, "edge handshake refused: {message}");
+        refuse(out, code, message);
+        return None;
+    }
+    let target = &served.target;
+    let _ = out.push(&Frame::new(
+        0,
+        Message::Welcome {
+            version: PROTOCOL_VERSION,
+            size: target.size(),
+            read_only: target.read_only(),
+            tag,
+            dtl_in_sync: served.state.dtl_in_sync(),
+        },
+    ));
+    info!(%peer, volume, client, tag, "edge client connected");
+    Some((volume, served))
+}
+
+/// May a request (or handshake) under `tag` run on this node?
+pub(super) fn owner_check(
+    served: &ServedVolume,
+    volume: &str,
+    tag: u64,
+) -> Result<(), (ErrorCode, String)> {
+    let state = &served.state;
+    if let Some(reason) = state.fenced() {
+        return Err((
+            ErrorCode::Fenced,
+            format!("volume {volume} is fenced on this node: {reason}"),
+        ));
+    }
+    if !state.alive() {
+        return Err((
+            ErrorCode::NotOwner,
+            format!("volume {volume} is no longer served on this node"),
+        ));
+    }
+    let ours = state.tag();
+    if tag < ours {
+        return Err((
+            ErrorCode::StaleTag,
+            format!(
+                "stale owner tag {tag} for volume {volume}: this node holds it under tag {ours}"
+            ),
+        ));
+    }
+    if tag > ours {
+        return Err((
+            ErrorCode::NotOwner,
+            format!("volume {volume} has owner tag {tag}, newer than this node's {ours}: it moved"),
+        ));
+    }
+    Ok(())
+}
