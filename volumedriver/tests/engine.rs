@@ -1269,3 +1269,42 @@ fn torn_power_cut_during_uploads_after_a_cut_during_the_first_flush() {
     ];
     run_model(ops, true).unwrap();
 }
+
+/// Regression (found by the power-cut model test): a cut during the first flush, a kill -9,
+/// writes and uploads, then a torn power cut during the next uploads.
+#[test]
+fn torn_power_cut_during_uploads_after_a_cut_during_a_flush_and_a_crash() {
+    let ops = vec![
+        Op::Write {
+            sector: 0,
+            sectors: 1,
+            seed: 0,
+            fua: false,
+        },
+        Op::CutDuring {
+            what: During::Flush,
+            after: 3,
+            torn: None,
+        },
+        Op::Crash,
+        Op::Write {
+            sector: 8,
+            sectors: 30,
+            seed: 44,
+            fua: false,
+        },
+        Op::Upload(4),
+        Op::Write {
+            sector: 271,
+            sectors: 33,
+            seed: 237,
+            fua: false,
+        },
+        Op::CutDuring {
+            what: During::Upload(2),
+            after: 10,
+            torn: Some(14_443_886_925_458_661_256),
+        },
+    ];
+    run_model(ops, true).unwrap();
+}

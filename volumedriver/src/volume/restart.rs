@@ -239,6 +239,15 @@ impl Volume {
                     .map_err(VolumeError::io(&name, &path))?,
             }
         }
+        // Make this restart's removals durable before anything new is written. Otherwise a
+        // later power cut (with no FLUSH in between, e.g. after a kill -9 and another restart,
+        // which no longer sees the file and hands its number out again) brings a removed file
+        // back: old debris under the name of a newer SCO that reached the backend is then taken
+        // for that SCO's cached copy (wrong data), and a removed TLog under a reused number
+        // would replay entries nothing acknowledged.
+        for dir in [&sco_dir, &tlog_dir] {
+            self.fs.sync_dir(dir).map_err(VolumeError::io(&name, dir))?;
+        }
         Ok(())
     }
 
