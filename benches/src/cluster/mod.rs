@@ -234,6 +234,20 @@ fn measure_kill(nodes: &mut [Node], writer: &Writer) -> Result<Kill> {
     let (owner, _) = poll("the volume's owner", || {
         Ok(load::locate(&apis(nodes), VOLUME))
     })?;
+    // Kill only once the DTL is back in sync after the previous round (the restarted node may
+    // hold it and catch up): with the DTL out of sync a failover may lose acknowledged writes,
+    // and an edge then rightly fails the writes in flight instead of resending them.
+    poll("the volume's DTL in sync", || {
+        Ok(apis(nodes).iter().find_map(|api| {
+            nodes::get(api, &format!("/v1/volumes/{VOLUME}"))
+                .ok()
+                .flatten()
+                .filter(|info| {
+                    info.get("dtl_in_sync").and_then(serde_json::Value::as_bool) == Some(true)
+                })
+                .map(drop)
+        }))
+    })?;
     let victim = nodes
         .iter()
         .position(|n| n.name == owner)
