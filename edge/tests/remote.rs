@@ -578,3 +578,51 @@ async fn a_moved_or_fenced_volume_is_followed_to_its_new_owner() {
         );
     }
 }
+
+/// A move while the DTL is out of sync: the old owner refuses new requests (`NotOwner`) but
+/// still answers those it accepted; the client drains the connection, so every write either
+/// completed there or was refused unexecuted and is resent: none fails, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_with_the_dtl_out_of_sync_fails_no_write() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let b = Node::start(&target, 2).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    a.state.set_dtl_in_sync(false);
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    let hold = target.hold_acks();
+    let mut pending: Vec<_> = (1..5u64)
+        .map(|i| {
+            t.write(i * BLOCK as u64, &pattern(i + 1, BLOCK), false)
+                .unwrap()
+                .pending
+                .unwrap()
+        })
+        .collect();
+    until("4 writes in flight", || t.stats().inflight == 4).await;
+    // The volume moves: A stops serving it; new requests get NotOwner.
+    a.state.set_alive(false);
+    resolver.set(Ok(b.endpoint("b")));
+    pending.push(
+        t.write(5 * BLOCK as u64, &pattern(6, BLOCK), false)
+            .unwrap()
+            .pending
+            .unwrap(),
+    );
+    // The refused write does not fail the ones A still owes answers for.
+    until("five in flight", || t.stats().inflight == 5).await;
+    drop(hold);
+    for p in pending {
+        within("write across the move", p).await.unwrap();
+    }
+    let stats = t.stats();
+    assert_eq!(stats.owner.as_deref(), Some("b"), "{stats:?}");
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    for i in 0..6u64 {
+        assert_eq!(
+            read(&t, i * BLOCK as u64, BLOCK).await.unwrap(),
+            pattern(i + 1, BLOCK)
+        );
+    }
+}

@@ -215,6 +215,7 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
         tag: welcomed.endpoint.tag,
         frames: tx,
         stop,
+        draining: false,
     };
     shared.connected(conn, welcomed.endpoint, welcomed.dtl_in_sync);
 }

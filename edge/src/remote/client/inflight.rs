@@ -133,6 +133,11 @@ pub(super) struct Conn {
     pub(super) frames: mpsc::UnboundedSender<Frame>,
     /// Cancelled when this connection is given up: stops its reader.
     pub(super) stop: CancellationToken,
+    /// The owner refused a request as no longer its own (moved, fenced, stopping): nothing more
+    /// is sent on this connection, and it is given up once every request sent on it has its
+    /// answer. Each answer is certain (done, or refused and so not executed), so only requests
+    /// whose fate is really unknown go through the resubmission rule.
+    pub(super) draining: bool,
 }
 
 pub(super) struct Inner {
@@ -263,7 +268,7 @@ impl Shared {
             }
             Admit::Wait => {}
             Admit::Send => {
-                if let Some(conn) = &inner.conn {
+                if let Some(conn) = inner.conn.as_ref().filter(|c| !c.draining) {
                     let frame = Frame::new(id, op.message(conn.tag));
                     // A closed channel means the writer died: the loss handling resends it.
                     let _ = conn.frames.send(frame);
@@ -314,15 +319,32 @@ impl Shared {
         let kind = pending.op.kind();
         let outcome = match message {
             Message::Error { code, message } if code.means_owner_changed() => {
-                // Not executed: the owner moved. Find it again; the request is still in flight.
+                // Not executed: the owner moved. The request waits for the next owner whatever
+                // the DTL says (it never ran); the others sent on this connection still get
+                // their answers before it is given up (`draining`).
+                if let Some(p) = inner.table.get_mut(&id) {
+                    p.sent_on = None;
+                }
+                let first = inner
+                    .conn
+                    .as_mut()
+                    .is_some_and(|c| !std::mem::replace(&mut c.draining, true));
+                let drained = !inner.table.values().any(|p| p.sent_on == Some(generation));
                 drop(inner);
-                warn!(
-                    volume = self.volume,
-                    id,
-                    ?code,
-                    "owner refused a request: {message}"
-                );
-                self.connection_lost(generation, &format!("owner refused a request: {message}"));
+                if first {
+                    warn!(
+                        volume = self.volume,
+                        id,
+                        ?code,
+                        "owner refused a request: {message}; draining the connection"
+                    );
+                }
+                if drained {
+                    self.connection_lost(
+                        generation,
+                        &format!("owner refused a request: {message}"),
+                    );
+                }
                 return;
             }
             Message::Error { code, message } => Err(match code {
@@ -369,9 +391,17 @@ impl Shared {
         let Some(pending) = inner.table.remove(&id) else {
             return;
         };
+        let drained = inner.conn.as_ref().is_some_and(|c| c.draining)
+            && !inner.table.values().any(|p| p.sent_on == Some(generation));
         drop(inner);
         self.counters.record(pending.started, outcome.is_ok());
         let _ = pending.done.send(outcome);
+        if drained {
+            self.connection_lost(
+                generation,
+                "the owner handed the volume over; connection drained",
+            );
+        }
     }
 
     /// Connection `generation` is dead (EOF, I/O or protocol error, owner refused): decide the
