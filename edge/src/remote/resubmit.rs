@@ -23,7 +23,7 @@
 //! losing its volatile cache). Reads and block-status queries are always resent: they change
 //! nothing. On a read-only volume (snapshot, template) everything is resent.
 //!
-//! //! A request the owner *refused* as no longer its own (`NotOwner`, `Fenced`, `StaleTag`,
+//! A request the owner *refused* as no longer its own (`NotOwner`, `Fenced`, `StaleTag`,
 //! `Shutdown`) never ran, so it is always resent. After such a refusal the client sends nothing
 //! more on that connection and gives it up only once every request sent on it has its answer
 //! (done, or refused): on a move, nothing is left whose fate is unknown, and the rule above
