@@ -273,18 +273,20 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         })
     };
 
-    println!("vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}");
+    announce(&format!(
+        "vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}"
+    ));
     if let Some(addr) = edge_addr {
-        println!("vstor edge listener: {addr}");
+        announce(&format!("vstor edge listener: {addr}"));
     }
     if let Some(cluster) = &cluster {
-        println!(
+        announce(&format!(
             "vstor node: {} domain={} dtl={} registry={}",
             node.name,
             node.domain,
             node.dtl_addr,
             cluster.registry.describe()
-        );
+        ));
     }
     tracing::info!(dir = %config.vhost_dir.display(), "vhost-user-blk sockets");
     tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %config.data_dir.display(), "vstor serving");
@@ -378,7 +380,7 @@ pub async fn serve_dtl(
         let server = server.clone();
         tokio::spawn(async move { server.serve(listener).await })
     };
-    println!("vstor dtl ready: {addr}");
+    announce(&format!("vstor dtl ready: {addr}"));
     until_stop_signal(task, "DTL server").await?;
     server.shutdown().await;
     Ok(())
@@ -430,4 +432,14 @@ fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn ObjectStore>> {
             )
         }
     })
+}
+
+/// Print a startup line on stdout for whoever started the daemon (scripts and tests wait for
+/// them). A reader that went away is not the daemon's problem: `println!` would panic on the
+/// broken pipe and take the node down with it, so errors are ignored (the same facts are
+/// logged).
+pub(crate) fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }

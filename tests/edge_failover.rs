@@ -179,16 +179,18 @@ impl Cluster {
     }
 }
 
-/// The last digest the guest reported for each region it wrote.
+/// The last digest the guest reported for each region it wrote, and when each round ended.
 #[derive(Default)]
 struct Rounds {
     count: u64,
     regions: BTreeMap<u64, String>,
+    ended: Vec<Instant>,
 }
 
 impl Rounds {
     /// Take a `VSTOR-ROUND <round> <region> <sha256>` line into account; panic on a failure line.
-    fn take(&mut self, line: &str, context: &dyn Fn() -> String) {
+    fn take(&mut self, (arrived, line): (Instant, String), context: &dyn Fn() -> String) {
+        let line = line.as_str();
         if line.contains("VSTOR-FAIL") {
             panic!("the guest failed: {}\n{}", line.trim(), context());
         }
@@ -206,16 +208,25 @@ impl Rounds {
             "rounds are reported in order: {line}"
         );
         self.count = round;
+        self.ended.push(arrived);
         self.regions
             .insert(region.parse().unwrap(), sum.to_string());
+    }
+
+    /// The gap between two consecutive rounds that spans `moment`, if any.
+    fn gap_across(&self, moment: Instant) -> Option<Duration> {
+        self.ended
+            .windows(2)
+            .find(|w| w[0] <= moment && moment <= w[1])
+            .map(|w| w[1] - w[0])
     }
 
     /// Read console lines until the guest completed `rounds` rounds.
     fn until(&mut self, console: &ConsoleReader, rounds: u64, context: &dyn Fn() -> String) {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while self.count < rounds {
-            match console.next_line(deadline) {
-                Ok(line) => self.take(&line, context),
+            match console.next_timed(deadline) {
+                Ok(timed) => self.take(timed, context),
                 Err(e) => panic!(
                     "waiting for round {rounds} (at {}): {e}\n{}",
                     self.count,
@@ -227,8 +238,8 @@ impl Rounds {
 
     /// Take every line already printed.
     fn drain(&mut self, console: &ConsoleReader, context: &dyn Fn() -> String) {
-        while let Ok(line) = console.next_line(Instant::now()) {
-            self.take(&line, context);
+        while let Ok(timed) = console.next_timed(Instant::now()) {
+            self.take(timed, context);
         }
     }
 }
@@ -265,6 +276,7 @@ fn guest_on_the_edge_sees_a_pause_not_an_error_when_the_owner_dies() {
 
     let mut rounds = Rounds::default();
     rounds.until(&console, 3, &context);
+    let killed = Instant::now();
     cluster.kill_owner_and_wait_for_failover("guest");
     rounds.drain(&console, &context);
     // The guest goes on through the new owner.
@@ -275,9 +287,9 @@ fn guest_on_the_edge_sees_a_pause_not_an_error_when_the_owner_dies() {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let mut lines = Vec::new();
     loop {
-        match console.next_line(deadline) {
-            Ok(line) => {
-                rounds.take(&line, &context);
+        match console.next_timed(deadline) {
+            Ok((at, line)) => {
+                rounds.take((at, line.clone()), &context);
                 let done = line.contains("VSTOR-DONE");
                 lines.push(line);
                 if done {
@@ -332,8 +344,21 @@ fn guest_on_the_edge_sees_a_pause_not_an_error_when_the_owner_dies() {
             "region {region} on {owner} holds what the guest last wrote there"
         );
     }
+    // The kill caught the guest mid-round: the round in progress waited out the failover (a
+    // pause of seconds between two rounds that otherwise take a fraction of one) and then
+    // completed without an error.
+    let gap = rounds.gap_across(killed).unwrap_or_else(|| {
+        panic!(
+            "no round was in progress when the owner was killed\n{}",
+            context()
+        )
+    });
+    assert!(
+        gap >= Duration::from_secs(2),
+        "the round in progress at the kill waited out the failover, but took only {gap:?}"
+    );
     eprintln!(
-        "guest: {} rounds over {} regions, {} after the failover",
+        "guest: {} rounds over {} regions, {} after the failover; the round across the kill took {gap:?}",
         rounds.count,
         rounds.regions.len(),
         rounds.count - resumed_at

@@ -158,11 +158,11 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
         })
     };
     let reattached = host.reattach().await?;
-    println!(
+    crate::server::announce(&format!(
         "vstor edge ready: name={} api=http://{api_addr} nbd=nbd://{nbd_addr} vhost={} reattached={reattached}",
         config.name,
         vhost_dir.display()
-    );
+    ));
     tracing::info!(edge = %config.name, registry = %registry.describe(), "vstor edge serving");
 
     crate::server::until_stop_signal(nbd_task, "edge NBD server").await?;

@@ -123,9 +123,9 @@ pub fn reconnect_option() -> &'static str {
 }
 
 /// A guest's serial console read from QEMU's stdout, line by line as it comes, by a thread that
-/// also appends it to a file.
+/// also appends it to a file. Each line keeps the moment it arrived.
 pub struct ConsoleReader {
-    lines: mpsc::Receiver<String>,
+    lines: mpsc::Receiver<(Instant, String)>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -143,7 +143,8 @@ impl ConsoleReader {
                     Ok(_) => {
                         file.write_all(&line).unwrap();
                         // The test may have stopped listening; the file still gets everything.
-                        let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                        let text = String::from_utf8_lossy(&line).into_owned();
+                        let _ = tx.send((Instant::now(), text));
                     }
                 }
             }
@@ -157,8 +158,8 @@ impl ConsoleReader {
         loop {
             let timeout = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(timeout) {
-                Ok(line) if line.contains(marker) => return Ok(()),
-                Ok(line) if line.contains("VSTOR-FAIL") => {
+                Ok((_, line)) if line.contains(marker) => return Ok(()),
+                Ok((_, line)) if line.contains("VSTOR-FAIL") => {
                     return Err(format!("the guest failed: {}", line.trim()))
                 }
                 Ok(_) => {}
@@ -174,9 +175,14 @@ impl ConsoleReader {
 
     /// The next console line, or an error if QEMU closed its stdout or `deadline` passed.
     pub fn next_line(&self, deadline: Instant) -> Result<String, String> {
+        self.next_timed(deadline).map(|(_, line)| line)
+    }
+
+    /// The next console line and when it arrived.
+    pub fn next_timed(&self, deadline: Instant) -> Result<(Instant, String), String> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         match self.lines.recv_timeout(timeout) {
-            Ok(line) => Ok(line),
+            Ok(timed) => Ok(timed),
             Err(mpsc::RecvTimeoutError::Timeout) => Err("no console line in time".into()),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err("QEMU closed the console".into()),
         }
