@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::vhost_client::VhostClient;
 use common::{Daemon, NbdClient, VSTOR};
 
 /// Run `cmd` (a daemon expected to refuse to start) with a deadline; its stderr goes to `log`.
@@ -210,69 +211,6 @@ fn volume_delete_refuses_while_a_client_is_connected_unless_forced() {
     assert_eq!(list, serde_json::json!([]), "{list}");
     // The forced client's connection is closed.
     assert!(held.read(0, &mut buf[..4096]).is_err());
-}
-
-/// A vhost-user-blk frontend (libblkio) with one queue and one shared buffer region.
-struct VhostClient {
-    queue: blkio::Blkioq,
-    region: blkio::MemoryRegion,
-    blkio: blkio::Blkio,
-}
-
-const REGION: usize = 1 << 20;
-
-impl VhostClient {
-    fn connect(path: &Path) -> Self {
-        let mut blkio = blkio::Blkio::new("virtio-blk-vhost-user").expect("blkio");
-        blkio
-            .set_str("path", path.to_str().expect("UTF-8 path"))
-            .expect("path");
-        blkio
-            .connect()
-            .unwrap_or_else(|e| panic!("vhost-user connect to {}: {e}", path.display()));
-        blkio.set_i32("num-queues", 1).expect("num-queues");
-        let queue = blkio.start().expect("start").queues.remove(0);
-        let region = blkio.alloc_mem_region(REGION).expect("region");
-        blkio.map_mem_region(&region).expect("map");
-        Self {
-            queue,
-            region,
-            blkio,
-        }
-    }
-
-    fn run_one(&mut self) -> i32 {
-        let mut completion = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
-        let got = self
-            .queue
-            .do_io(&mut completion, 1, None, None)
-            .expect("do_io");
-        assert_eq!(got, 1);
-        // SAFETY: do_io initialised the first `got` (1) entries.
-        unsafe { completion[0].assume_init_read() }.ret
-    }
-
-    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
-        assert!(len <= REGION);
-        let buf = self.region.addr as *mut u8;
-        self.queue
-            .read(offset, buf, len, 0, blkio::ReqFlags::empty());
-        assert_eq!(self.run_one(), 0, "vhost read at {offset}");
-        let mut out = vec![0u8; len];
-        // SAFETY: the range lies inside our mapped region and no request is using it now.
-        unsafe { std::ptr::copy_nonoverlapping(buf, out.as_mut_ptr(), len) };
-        out
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        assert!(data.len() <= REGION);
-        let buf = self.region.addr as *mut u8;
-        // SAFETY: as in `read`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len()) };
-        self.queue
-            .write(offset, buf, data.len(), 0, blkio::ReqFlags::empty());
-        assert_eq!(self.run_one(), 0, "vhost write at {offset}");
-    }
 }
 
 #[test]

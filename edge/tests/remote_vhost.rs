@@ -4,11 +4,13 @@
 //! the edge protocol to a server over an in-memory target.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+mod common;
+
+use blkio::{Blkio, MemoryRegion, ReqFlags};
+use common::{checksum, pattern, wait_all};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vstor_edge::remote::client::{RemoteConfig, RemoteTarget};
@@ -21,43 +23,6 @@ use vstor_edge::BlockTarget;
 
 const MIB: u64 = 1 << 20;
 const DEV_SIZE: u64 = 16 * MIB;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// Wait for `n` completions; returns (user_data, ret) sorted by user_data.
-fn wait_all(q: &mut Blkioq, n: usize) -> Vec<(usize, i32)> {
-    let mut completions: Vec<MaybeUninit<Completion>> =
-        (0..n).map(|_| MaybeUninit::uninit()).collect();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let got = q
-            .do_io(&mut completions[..n - out.len()], 1, None, None)
-            .unwrap();
-        for c in &completions[..got] {
-            // SAFETY: do_io initialised the first `got` entries.
-            let c = unsafe { c.assume_init_read() };
-            out.push((c.user_data, c.ret));
-        }
-    }
-    out.sort();
-    out
-}
 
 struct Region(MemoryRegion);
 

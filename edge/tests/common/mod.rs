@@ -495,3 +495,22 @@ pub fn checksum(data: &[u8]) -> u64 {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
+
+/// Wait for `n` completions; returns (user_data, ret) sorted by user_data.
+pub fn wait_all(q: &mut blkio::Blkioq, n: usize) -> Vec<(usize, i32)> {
+    let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> =
+        (0..n).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let got = q
+            .do_io(&mut completions[..n - out.len()], 1, None, None)
+            .unwrap();
+        for c in &completions[..got] {
+            // SAFETY: do_io initialised the first `got` entries.
+            let c = unsafe { c.assume_init_read() };
+            out.push((c.user_data, c.ret));
+        }
+    }
+    out.sort();
+    out
+}
