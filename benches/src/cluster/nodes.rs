@@ -18,7 +18,8 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Every API call is bounded: a stopped or dead node must not stall the measurement.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn free_port() -> Result<u16> {
+/// A free TCP port on the host (a network namespace has its own ports, all free).
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

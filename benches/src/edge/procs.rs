@@ -2,25 +2,19 @@
 //! the host, one in a network namespace standing for another hypervisor host) and the namespace
 //! itself, joined to the host by a veth pair on a bridge.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::common::process::{log_file, log_tail, ChildGuard};
+use crate::cluster::nodes::free_port;
+use crate::common::process::{log_tail, spawn_until_ready, ChildGuard};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(30);
-
-/// A free TCP port on the host (a namespace has its own ports, all free).
-pub(crate) fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// A network namespace with one veth pair to a bridge on the host: the host is `host_ip`, the
 /// namespace `ns_ip`. Removed when dropped.
@@ -157,40 +151,21 @@ impl Edge {
         Ok(edge)
     }
 
-    /// Start the process and wait until its API accepts connections.
+    /// Start the process and wait for its ready line (printed once its API and sockets are up).
     pub(crate) fn launch(&mut self) -> Result<()> {
         let mut command = Command::new(&self.command[0]);
         command
             .args(&self.command[1..])
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(log_file(&self.log)?)
-            .stderr(log_file(&self.log)?);
-        let mut process = ChildGuard::spawn(
+            .env("RUST_LOG", "info");
+        let (process, ()) = spawn_until_ready(
             &mut command,
             &format!("vstor edge {}", self.name),
             STOP_GRACE,
+            &self.log,
+            READY_TIMEOUT,
+            |line| line.starts_with("vstor edge ready:").then_some(()),
         )?;
-        let addr: SocketAddr = self.api.parse()?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Some(status) = process.try_wait()? {
-                bail!(
-                    "vstor edge {} exited ({status})\n{}",
-                    self.name,
-                    log_tail(&self.log, 20)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "vstor edge {} did not listen on {addr}\n{}",
-                    self.name,
-                    log_tail(&self.log, 20)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         self.process = Some(process);
         Ok(())
     }
