@@ -38,12 +38,41 @@ use crate::osd::client::OsdClient;
 use crate::osd::proto::{ErrorCode, HeadEntry, Message};
 use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
 
+/// An OSD's state in the tier's map (`vstor osd list` shows it).
+///
+/// The map decides it: `Up` while the OSD's lease/heartbeat lives; `Down` when it lapses; an OSD
+/// down past the grace period (default 10 minutes) or marked out by an operator is `Out`, and
+/// its fragments are rebuilt elsewhere; `Draining` (`vstor osd decommission`) keeps serving
+/// reads while repair moves every fragment off it, then it becomes `Out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OsdState {
+    Up,
+    Down,
+    Draining,
+    Out,
+}
+
+impl OsdState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Draining => "draining",
+            Self::Out => "out",
+        }
+    }
+}
+
 /// An OSD as the tier's map lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OsdEntry {
+    /// Placement's view: `writable` is `state == Up` and not full; weight 0 when `Out` or
+    /// `Draining` (it takes nothing new).
     pub slot: OsdSlot,
     /// `host:port` of its OSD protocol listener.
     pub addr: String,
+    pub state: OsdState,
 }
 
 /// A namespace as the registry records it for the tier.
@@ -55,6 +84,9 @@ pub struct NamespaceRecord {
 
 /// Where the tier's shared state lives: the OSD map, presets and namespaces (the cluster
 /// registry, or a fixed map in tests). Blocking, like [`ObjectStore`].
+///
+/// `osds()` is called on every read and write, so implementations answer it from memory (the
+/// registry-backed map keeps a cache that a watch or a short poll refreshes).
 pub trait TierMap: Send + Sync + 'static {
     fn osds(&self) -> Result<Vec<OsdEntry>>;
     fn preset(&self, name: &str) -> Result<Option<Preset>>;

@@ -117,6 +117,7 @@ fn tier() -> Tier {
                 writable: true,
             },
             addr,
+            state: OsdState::Up,
         });
         osds.push(Osd {
             store,
