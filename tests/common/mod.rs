@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod guest;
 pub mod netns;
 pub mod oracle;
+pub mod tier;
 pub mod vhost_client;
 
 use std::io::{BufRead, BufReader, Read};
