@@ -96,7 +96,10 @@ fn apply(plan: &Plan, model: &mut Model, osds: &[PlanOsd]) -> Result<(), TestCas
     Ok(())
 }
 
-fn arb_case() -> impl Strategy<Value = (Vec<PlanOsd>, Model, BTreeMap<u64, (u8, u8)>, usize)> {
+/// The map, what the OSDs hold, each version's (k, m), and x.
+type Case = (Vec<PlanOsd>, Model, BTreeMap<u64, (u8, u8)>, usize);
+
+fn arb_case() -> impl Strategy<Value = Case> {
     (
         3usize..10,
         1usize..4,
