@@ -464,37 +464,70 @@ impl EcStore {
         let mut header: Option<FragmentHeader> = None;
         let mut got = 0;
         let mut errors = Vec::new();
-        for (index, entry) in sources {
-            if got >= k {
+        let mut sources = sources.into_iter();
+        // Read the k best survivors at once; if some fail, the next ones, until k are in.
+        while got < k {
+            let batch: Vec<(u8, &OsdEntry)> = sources.by_ref().take(k - got).collect();
+            if batch.is_empty() {
                 break;
             }
-            let file = match self.get_file(run, name, (version, index), entry) {
-                Ok(file) => file,
-                Err(e) => {
-                    errors.push(format!("fragment {index} on OSD {}: {e}", entry.slot.id));
-                    continue;
+            let targets = batch
+                .iter()
+                .map(|(index, entry)| {
+                    (
+                        (*entry).clone(),
+                        Message::GetFile {
+                            namespace: run.namespace.to_string(),
+                            name: name.to_string(),
+                            version,
+                            index: *index,
+                        },
+                    )
+                })
+                .collect();
+            for ((index, entry), (_, answer)) in batch.iter().zip(self.call_all(targets)?) {
+                let file = match answer {
+                    Ok(Message::Data { data }) => data,
+                    Ok(other) => {
+                        errors.push(format!(
+                            "fragment {index} on OSD {}: answered {}",
+                            entry.slot.id,
+                            other.name()
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        errors.push(format!("fragment {index} on OSD {}: {e}", entry.slot.id));
+                        continue;
+                    }
+                };
+                let len = file.len() as u64;
+                run.report.bytes_read += len;
+                if dest_domains.iter().any(|d| *d != entry.slot.domain) {
+                    run.report.cross_domain_bytes += len;
                 }
-            };
-            let len = file.len() as u64;
-            run.report.bytes_read += len;
-            if dest_domains.iter().any(|d| *d != entry.slot.domain) {
-                run.report.cross_domain_bytes += len;
+                run.throttle.account(len);
+                let h = match FragmentHeader::decode(&file) {
+                    Ok(h)
+                        if h.object_version == version
+                            && h.index == *index
+                            && file.len() as u64 == h.file_len() =>
+                    {
+                        h
+                    }
+                    _ => {
+                        errors.push(format!(
+                            "fragment {index} on OSD {}: not the fragment asked for",
+                            entry.slot.id
+                        ));
+                        continue;
+                    }
+                };
+                shards[usize::from(*index)] =
+                    Some(file[h.data_offset() as usize..h.table_offset() as usize].to_vec());
+                header.get_or_insert(h);
+                got += 1;
             }
-            run.throttle.account(len);
-            let corrupt = |reason: String| BackendError::Corrupt {
-                namespace: run.namespace.to_string(),
-                name: format!("{name} v{version} fragment {index}"),
-                reason,
-            };
-            let h = FragmentHeader::decode(&file).map_err(|e| corrupt(e.to_string()))?;
-            if h.object_version != version || h.index != index || file.len() as u64 != h.file_len()
-            {
-                return Err(corrupt("the OSD sent another fragment".into()));
-            }
-            shards[usize::from(index)] =
-                Some(file[h.data_offset() as usize..h.table_offset() as usize].to_vec());
-            header.get_or_insert(h);
-            got += 1;
         }
         let header = match header {
             Some(h) if got >= k => h,

@@ -202,6 +202,41 @@ fn a_draining_osd_is_emptied() {
 }
 
 #[test]
+fn repair_keeps_to_its_bandwidth() {
+    let t = tier(7);
+    let objects = fill(&t, 4);
+    // Drain the busiest OSD of the domain with three.
+    let drained = [0, 3, 6]
+        .into_iter()
+        .max_by_key(|id| t.fragments_on(*id))
+        .unwrap();
+    t.set_state(drained, OsdState::Draining);
+    let limit = 1_000_000;
+    let started = Instant::now();
+    let report = t
+        .store
+        .repair_namespace(
+            NS,
+            &RepairOptions {
+                bandwidth: Some(limit),
+                ..RepairOptions::default()
+            },
+            &|_| {},
+        )
+        .unwrap();
+    let bytes = report.bytes_read + report.bytes_written;
+    assert!(bytes > 100_000, "{report:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs_f64(bytes as f64 / limit as f64),
+        "{bytes} bytes in {:?} at {limit} B/s",
+        started.elapsed()
+    );
+    assert_eq!(t.fragments_on(drained), 0);
+    assert_exact(&t.client(), &objects);
+    drop(t.runtime);
+}
+
+#[test]
 fn scrub_finds_a_corrupt_fragment_and_rebuilds_it() {
     let t = tier(6);
     let objects = fill(&t, 4);

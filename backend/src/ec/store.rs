@@ -7,20 +7,29 @@
 //! OSD that `placement` computes for it. The put returns once `c` fragments are durable; the
 //! others finish in the background (a fragment that fails is rebuilt by repair).
 //!
-//! **Get.** An object's newest version with at least `k` fragments is found by asking the OSDs
-//! that rank first for each fragment index (`Head`), then cached. A ranged read asks only the
-//! data fragments that hold the range (`layout::locate`): 4 KiB of a 64 MiB object is one
-//! request to one OSD. When a data fragment is unreachable or fails its CRC, the same fragment
-//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column,
-//! so equal offsets in every fragment belong together.
+//! **Get.** An object's newest version with at least `k` fragments is found by asking OSDs
+//! `Head` in rounds (see `find`): the two best-ranked for each index among the OSDs up or
+//! draining, then every other such OSD if that found fewer than `k`, then the down ones. The
+//! answer is cached, and forgotten when a read from a holder fails, so a read after repair or
+//! rebalancing moved fragments finds them again (a failed read with cached holders is retried
+//! once with fresh ones). A ranged read asks only the data fragments that hold the range
+//! (`layout::locate`): 4 KiB of a 64 MiB object is one request to one OSD. When a data
+//! fragment is unreachable, on an OSD the map says is down, or fails its CRC, the same fragment
+//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column, so
+//! equal offsets in every fragment belong together.
+//!
+//! **OSD states.** The map gives each OSD a state ([`OsdState`]). New fragments go only to up
+//! OSDs with room; reads use up and draining OSDs, go around down ones first (a down OSD is
+//! asked only when the others do not suffice) and never ask an out one. Repair ([`super::repair`])
+//! rebuilds what out OSDs held and empties draining ones.
 //!
 //! **Fencing.** Puts and deletes carry the writer's owner tag: the store refuses a tag that is
 //! not the namespace's current one in the registry, and every OSD refuses tags older than the
 //! newest it has seen (a claim sends `SetTag` to every OSD).
 //!
 //! Known limits (issue 12 is in progress): the whole object is encoded in memory; older versions
-//! on OSDs other than the new version's are left for repair to collect; `list` reports a name
-//! once any OSD holds a fragment of it.
+//! on OSDs other than the new version's are left for repair to collect (it deletes them);
+//! `list` reports a name once any up or draining OSD holds a fragment of it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -331,7 +340,6 @@ impl EcStore {
             .collect();
         let mut versions: HashMap<u64, (HeadEntry, HashMap<u8, u64>)> = HashMap::new();
         let mut unreachable = Vec::new();
-        let down_ids: Vec<u64> = down.iter().copied().collect();
         for round in [first, rest, down] {
             let readable = versions
                 .values()
@@ -366,12 +374,6 @@ impl EcStore {
                         .or_insert_with(|| (head.clone(), HashMap::new()));
                     slot.1.insert(head.index, entry.slot.id);
                 }
-            }
-        }
-        // Down OSDs not asked count as unreachable: they may hold what is missing.
-        for id in down_ids {
-            if !unreachable.contains(&id) {
-                unreachable.push(id);
             }
         }
         let newest_seen = versions
