@@ -185,14 +185,26 @@ impl EcStore {
         progress: &dyn Fn(&RepairProgress),
     ) -> Result<RepairReport> {
         validate_name(namespace)?;
-        let record = self.record(namespace)?;
-        let preset: Option<Preset> = self.map.preset(&record.preset)?;
         let osds = self.map.osds()?;
         let observed = self.observe_all(namespace, object, &osds, options.verify)?;
+        self.repair_observed(namespace, &osds, observed, options, progress)
+    }
+
+    /// Plan and carry out the repair of what was observed, under the map `osds`.
+    pub(super) fn repair_observed(
+        &self,
+        namespace: &str,
+        osds: &[OsdEntry],
+        observed: Vec<Observed>,
+        options: &RepairOptions,
+        progress: &dyn Fn(&RepairProgress),
+    ) -> Result<RepairReport> {
+        let record = self.record(namespace)?;
+        let preset: Option<Preset> = self.map.preset(&record.preset)?;
         let mut run = Run {
             namespace,
             tag: record.tag,
-            osds: &osds,
+            osds,
             report: RepairReport::default(),
             throttle: Throttle {
                 limit: options.bandwidth,
@@ -202,7 +214,7 @@ impl EcStore {
         };
         let total = observed.len() as u64;
         for observed in observed {
-            let mut plan = observed.plan(&osds, preset.as_ref());
+            let mut plan = observed.plan(osds, preset.as_ref());
             if !options.rebalance {
                 plan.actions.retain(|a| match a {
                     Action::Move { from, .. } => osds
@@ -362,6 +374,7 @@ impl EcStore {
             })
             .collect();
         let mut failed = Vec::new();
+        let written_before = run.report.bytes_written;
         if !rebuilds.is_empty() {
             if let Err(e) = self.rebuild(run, observed, plan, version, &rebuilds) {
                 failed.push(e.to_string());
@@ -392,6 +405,9 @@ impl EcStore {
                 ));
             }
         }
+        if run.report.bytes_written > written_before {
+            self.undo_if_deleted(run, observed, plan, version)?;
+        }
         if !failed.is_empty() {
             return Err(BackendError::Osd {
                 addr: "-".into(),
@@ -405,6 +421,52 @@ impl EcStore {
             }
         }
         Ok(())
+    }
+
+    /// The owner may have deleted the object while repair copied it, and a fragment written
+    /// after the delete would linger (fewer than `k`: never readable, reported unrecoverable
+    /// forever). So after writing, look again: if every live OSD answered and fewer than `k`
+    /// fragments of the version are left, the object was deleted, and what repair wrote goes.
+    fn undo_if_deleted(
+        &self,
+        run: &mut Run<'_>,
+        observed: &Observed,
+        plan: &Plan,
+        version: u64,
+    ) -> Result<()> {
+        let name = observed.name.as_str();
+        let live: Vec<OsdEntry> = run
+            .osds
+            .iter()
+            .filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining))
+            .cloned()
+            .collect();
+        let now = self.observe(run.namespace, name, &live, false)?;
+        let left = now.seen.versions.get(&version).map_or(0, |v| {
+            v.copies
+                .keys()
+                .filter(|i| u16::from(**i) < u16::from(plan.k) + u16::from(plan.m))
+                .count()
+        });
+        if !now.silent.is_empty() || left >= usize::from(plan.k) {
+            return Ok(());
+        }
+        for (index, copies) in now
+            .seen
+            .versions
+            .get(&version)
+            .into_iter()
+            .flat_map(|v| &v.copies)
+        {
+            for on in copies.keys() {
+                self.delete_fragment(run, name, (version, *index), *on)?;
+                run.report.fragments_deleted += 1;
+            }
+        }
+        Err(BackendError::NoSuchObject {
+            namespace: run.namespace.to_string(),
+            name: format!("{name} (deleted while repair copied it; its copies were removed)"),
+        })
     }
 
     /// Rebuild `targets` (index, destination) of `version` from `k` surviving fragments.

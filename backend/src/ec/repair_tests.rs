@@ -237,6 +237,37 @@ fn repair_keeps_to_its_bandwidth() {
 }
 
 #[test]
+fn an_object_deleted_while_repaired_leaves_nothing_behind() {
+    let t = tier(7);
+    let objects = fill(&t, 1);
+    let name = &objects[0].0;
+    let drained = [0, 3, 6]
+        .into_iter()
+        .find(|id| t.fragments_on(*id) > 0)
+        .unwrap();
+    t.set_state(drained, OsdState::Draining);
+    let osds = t.map.osds.lock().clone();
+    // Repair observes (and so plans) first; then the owner's delete lands everywhere but on
+    // the draining OSD, whose fragment repair is about to move.
+    let observed = t.store.observe_all(NS, None, &osds, false).unwrap();
+    for (id, osd) in t.osds.iter().enumerate() {
+        if id as u64 != drained {
+            osd.store.delete(NS, name, 1).unwrap();
+        }
+    }
+    let report = t
+        .store
+        .repair_observed(NS, &osds, observed, &RepairOptions::default(), &|_| {})
+        .unwrap();
+    assert!(report.bytes_written > 0, "the move was made: {report:?}");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(report.errors[0].contains("deleted while repair copied it"));
+    assert_eq!(t.total_fragments(), 0, "nothing left behind: {report:?}");
+    assert!(!t.client().exists(NS, name).unwrap());
+    drop(t.runtime);
+}
+
+#[test]
 fn scrub_finds_a_corrupt_fragment_and_rebuilds_it() {
     let t = tier(6);
     let objects = fill(&t, 4);
