@@ -128,12 +128,17 @@ impl Observed {
             .collect()
     }
 
-    pub(super) fn plan(&self, osds: &[OsdEntry], preset: Option<&Preset>) -> Plan {
-        plan_object(&self.seen, &self.plan_osds(osds), |k, m| {
-            preset
-                .and_then(|p| p.policies.iter().find(|p| p.k == k && p.m == m))
-                .map_or(usize::from(m.max(1)), |p| usize::from(p.x))
-        })
+    pub(super) fn plan(&self, osds: &[OsdEntry], preset: Option<&Preset>, rebalance: bool) -> Plan {
+        plan_object(
+            &self.seen,
+            &self.plan_osds(osds),
+            |k, m| {
+                preset
+                    .and_then(|p| p.policies.iter().find(|p| p.k == k && p.m == m))
+                    .map_or(usize::from(m.max(1)), |p| usize::from(p.x))
+            },
+            rebalance,
+        )
     }
 }
 
@@ -326,7 +331,7 @@ impl EcStore {
         let osds = self.map.osds()?;
         let mut out = Vec::new();
         for observed in self.observe_all(namespace, object, &osds, verify)? {
-            let plan = observed.plan(&osds, preset.as_ref());
+            let plan = observed.plan(&osds, preset.as_ref(), true);
             out.push(health_of(&observed, &plan, &osds));
         }
         Ok(out)

@@ -127,8 +127,16 @@ fn reachable(state: OsdState) -> bool {
 }
 
 /// Plan the repair of `seen` under the map `osds`; `x` is the most fragments per domain for
-/// the object's `(k, m)` (the preset policy's `x`).
-pub fn plan_object(seen: &ObjectSeen, osds: &[PlanOsd], x: impl Fn(u8, u8) -> usize) -> Plan {
+/// the object's `(k, m)` (the preset policy's `x`). Without `rebalance`, a sound copy on an up
+/// OSD stays where it is (only lost fragments are rebuilt and draining OSDs emptied, each onto
+/// an OSD holding nothing else of the object): the least traffic after a loss, at the price of
+/// fragments left off their computed place (reads still find them, in a later lookup round).
+pub fn plan_object(
+    seen: &ObjectSeen,
+    osds: &[PlanOsd],
+    x: impl Fn(u8, u8) -> usize,
+    rebalance: bool,
+) -> Plan {
     let by_id: BTreeMap<u64, &PlanOsd> = osds.iter().map(|o| (o.slot.id, o)).collect();
     let state = |id: u64| by_id.get(&id).map_or(OsdState::Out, |o| o.state);
     let writable = |id: u64| {
@@ -202,6 +210,17 @@ pub fn plan_object(seen: &ObjectSeen, osds: &[PlanOsd], x: impl Fn(u8, u8) -> us
     for i in 0..n {
         let index = i as u8;
         let hs = healthy(current, index);
+        if !rebalance {
+            match (hs.iter().find(|h| state(**h) == OsdState::Up), desired[i]) {
+                (Some(h), _) => keep[i] = Some(*h),
+                (None, Some(d)) if hs.is_empty() && state(d) == OsdState::Down => {
+                    keep[i] = Some(d);
+                    pending.push(index);
+                }
+                (None, _) => need_target.push((index, hs.first().copied())),
+            }
+            continue;
+        }
         match desired[i] {
             Some(d) if hs.contains(&d) => keep[i] = Some(d),
             Some(d) if state(d) == OsdState::Down => match hs.first() {
@@ -228,8 +247,10 @@ pub fn plan_object(seen: &ObjectSeen, osds: &[PlanOsd], x: impl Fn(u8, u8) -> us
             },
         }
     }
-    // Second pass: an OSD for each index placement could not give one, holding nothing else of
-    // the object, best-ranked for the index, at most `x` per domain when possible.
+    // Second pass: an OSD for each index placement could not give one (or, without rebalance,
+    // each index without a sound copy on an up OSD), holding nothing else of the object: the
+    // desired one if it can, else the best-ranked for the index, at most `x` per domain when
+    // possible.
     let mut unplaceable = Vec::new();
     for (index, source) in need_target {
         let used: BTreeSet<u64> = keep.iter().flatten().copied().collect();
@@ -244,13 +265,16 @@ pub fn plan_object(seen: &ObjectSeen, osds: &[PlanOsd], x: impl Fn(u8, u8) -> us
             .filter(|o| writable(o.slot.id) && !used.contains(&o.slot.id))
             .map(|o| o.slot.clone())
             .collect();
-        let ranked = ranking(&seen.key, usize::from(index), &candidates);
+        let i = usize::from(index);
+        let fits = |o: &OsdSlot| per.get(o.domain.as_str()).copied().unwrap_or(0) < per_domain;
+        let ranked = ranking(&seen.key, i, &candidates);
         let pick = ranked
             .iter()
-            .find(|o| per.get(o.domain.as_str()).copied().unwrap_or(0) < per_domain)
-            .or(ranked.first())
+            .copied()
+            .find(|o| Some(o.id) == desired[i] && fits(o))
+            .or_else(|| ranked.iter().copied().find(|o| fits(o)))
+            .or(ranked.first().copied())
             .map(|o| o.id);
-        let i = usize::from(index);
         match (pick, source) {
             (Some(to), Some(from)) => {
                 keep[i] = Some(to);

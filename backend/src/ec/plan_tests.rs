@@ -97,7 +97,7 @@ fn apply(plan: &Plan, model: &mut Model, osds: &[PlanOsd]) -> Result<(), TestCas
 }
 
 /// The map, what the OSDs hold, each version's (k, m), and x.
-type Case = (Vec<PlanOsd>, Model, BTreeMap<u64, (u8, u8)>, usize);
+type Case = (Vec<PlanOsd>, Model, BTreeMap<u64, (u8, u8)>, usize, bool);
 
 fn arb_case() -> impl Strategy<Value = Case> {
     (
@@ -105,59 +105,61 @@ fn arb_case() -> impl Strategy<Value = Case> {
         1usize..4,
         proptest::collection::vec((0u8..10, 0u8..10), 10),
         (1u8..5, 0u8..3),
-        1usize..4,
+        (1usize..4, any::<bool>()),
         proptest::collection::vec(
             proptest::collection::vec(proptest::collection::vec((0u64..10, 0u8..4), 0..3), 8),
             1..3,
         ),
     )
-        .prop_map(|(count, domains, traits, (k, m), x, versions)| {
-            let osds: Vec<PlanOsd> = (0..count)
-                .map(|i| {
-                    let (state, full) = traits[i];
-                    let state = match state {
-                        0..=5 => OsdState::Up,
-                        6 | 7 => OsdState::Down,
-                        8 => OsdState::Draining,
-                        _ => OsdState::Out,
-                    };
-                    let mut o = osd(i as u64, i % domains, state);
-                    o.slot.writable = full != 0;
-                    o
-                })
-                .collect();
-            let mut model = Model::new();
-            let mut shapes = BTreeMap::new();
-            for (vi, copies) in versions.iter().enumerate() {
-                let version = 10 * (vi as u64 + 1);
-                shapes.insert(version, (k, m));
-                let n = usize::from(k) + usize::from(m);
-                for (index, holders) in copies.iter().take(n).enumerate() {
-                    for (id, health) in holders {
-                        // Only what an up or draining OSD reports is seen.
-                        if *id as usize >= count || !reachable(osds[*id as usize].state) {
-                            continue;
-                        }
-                        let health = match health {
-                            0 => CopyHealth::Corrupt,
-                            1 => CopyHealth::Healthy,
-                            _ => CopyHealth::Unverified,
+        .prop_map(
+            |(count, domains, traits, (k, m), (x, rebalance), versions)| {
+                let osds: Vec<PlanOsd> = (0..count)
+                    .map(|i| {
+                        let (state, full) = traits[i];
+                        let state = match state {
+                            0..=5 => OsdState::Up,
+                            6 | 7 => OsdState::Down,
+                            8 => OsdState::Draining,
+                            _ => OsdState::Out,
                         };
-                        model.insert((version, index as u8, *id), health);
+                        let mut o = osd(i as u64, i % domains, state);
+                        o.slot.writable = full != 0;
+                        o
+                    })
+                    .collect();
+                let mut model = Model::new();
+                let mut shapes = BTreeMap::new();
+                for (vi, copies) in versions.iter().enumerate() {
+                    let version = 10 * (vi as u64 + 1);
+                    shapes.insert(version, (k, m));
+                    let n = usize::from(k) + usize::from(m);
+                    for (index, holders) in copies.iter().take(n).enumerate() {
+                        for (id, health) in holders {
+                            // Only what an up or draining OSD reports is seen.
+                            if *id as usize >= count || !reachable(osds[*id as usize].state) {
+                                continue;
+                            }
+                            let health = match health {
+                                0 => CopyHealth::Corrupt,
+                                1 => CopyHealth::Healthy,
+                                _ => CopyHealth::Unverified,
+                            };
+                            model.insert((version, index as u8, *id), health);
+                        }
                     }
                 }
-            }
-            (osds, model, shapes, x)
-        })
+                (osds, model, shapes, x, rebalance)
+            },
+        )
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn plans_never_lose_data_and_converge((osds, mut model, shapes, x) in arb_case()) {
+    fn plans_never_lose_data_and_converge((osds, mut model, shapes, x, rebalance) in arb_case()) {
         let seen = seen_of("ns/obj", &model, &shapes);
-        let plan = plan_object(&seen, &osds, |_, _| x);
+        let plan = plan_object(&seen, &osds, |_, _| x, rebalance);
         let readable = |model: &Model, version: u64, (k, m): (u8, u8)| {
             (0..k + m).filter(|i| healthy_copies(model, version, *i) > 0).count() >= usize::from(k)
         };
@@ -189,7 +191,27 @@ proptest! {
         );
         // A healthy map (nothing down, every up OSD has room, placement feasible): exactly
         // one copy of every fragment, where placement wants it.
-        let calm = osds.iter().all(|o| o.state != OsdState::Down)
+        let up = |id: u64| osds.iter().any(|o| o.slot.id == id && o.state == OsdState::Up);
+        if !rebalance {
+            // Sound copies on up OSDs stay; new copies go where no other fragment will be.
+            for action in &plan.actions {
+                let (from, to) = match *action {
+                    Action::Move { from, to, .. } => (Some(from), to),
+                    Action::Rebuild { to, .. } => (None, to),
+                    Action::Delete { .. } => continue,
+                };
+                prop_assert!(!from.is_some_and(up), "moved off an up OSD");
+                {
+                        let held = model
+                            .iter()
+                            .filter(|((version, _, osd), h)| *version == v && *osd == to && h.usable())
+                            .count();
+                        prop_assert_eq!(held, 1, "OSD {} holds several fragments", to);
+                }
+            }
+        }
+        let calm = rebalance
+            && osds.iter().all(|o| o.state != OsdState::Down)
             && osds.iter().all(|o| o.state != OsdState::Up || o.slot.writable)
             && plan.desired.iter().all(Option::is_some);
         if calm {
@@ -204,7 +226,7 @@ proptest! {
             }
         }
         // Converged: planning again finds nothing to do.
-        let again = plan_object(&seen_of("ns/obj", &model, &shapes), &osds, |_, _| x);
+        let again = plan_object(&seen_of("ns/obj", &model, &shapes), &osds, |_, _| x, rebalance);
         prop_assert_eq!(again.version, Some(v));
         prop_assert!(again.actions.is_empty(), "second plan: {:?}", again.actions);
     }
@@ -230,11 +252,11 @@ fn a_down_osd_waits_and_an_out_one_is_rebuilt() {
     let lost = model.keys().next().unwrap().2;
     osds[lost as usize].state = OsdState::Down;
     model.retain(|k, _| k.2 != lost);
-    let plan = plan_object(&seen_of("ns/o", &model, &shapes), &osds, |_, _| 2);
+    let plan = plan_object(&seen_of("ns/o", &model, &shapes), &osds, |_, _| 2, true);
     assert!(plan.is_noop(), "down: wait, {:?}", plan.actions);
     assert_eq!(plan.pending.len(), 1);
     osds[lost as usize].state = OsdState::Out;
-    let plan = plan_object(&seen_of("ns/o", &model, &shapes), &osds, |_, _| 2);
+    let plan = plan_object(&seen_of("ns/o", &model, &shapes), &osds, |_, _| 2, true);
     // One rebuild; placement over the smaller map may also move others (knock-on).
     let rebuilds: Vec<&Action> = plan
         .actions
@@ -259,7 +281,7 @@ fn a_draining_osd_is_emptied_by_moves_and_unreadable_objects_are_left_alone() {
     let shapes = BTreeMap::from([(1, (4, 2))]);
     let (_, index, drained) = *model.keys().next().unwrap();
     osds[drained as usize].state = OsdState::Draining;
-    let plan = plan_object(&seen_of("ns/o", &model, &shapes), &osds, |_, _| 2);
+    let plan = plan_object(&seen_of("ns/o", &model, &shapes), &osds, |_, _| 2, true);
     assert!(
         plan.actions
             .iter()
@@ -276,7 +298,7 @@ fn a_draining_osd_is_emptied_by_moves_and_unreadable_objects_are_left_alone() {
     assert!(model.keys().all(|(_, _, osd)| *osd != drained));
     // Three of six fragments left of a 4+2 object: report it, touch nothing.
     let few: Model = model.into_iter().take(3).collect();
-    let plan = plan_object(&seen_of("ns/o", &few, &shapes), &osds, |_, _| 2);
+    let plan = plan_object(&seen_of("ns/o", &few, &shapes), &osds, |_, _| 2, true);
     assert!(plan.actions.is_empty());
     let lost = plan.unrecoverable.unwrap();
     assert_eq!((lost.version, lost.healthy, lost.k), (1, 3, 4));

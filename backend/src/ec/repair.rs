@@ -42,8 +42,10 @@ pub struct RepairOptions {
     pub bandwidth: Option<u64>,
     /// Check every current fragment's CRCs on its OSD first, and rebuild corrupt ones (scrub).
     pub verify: bool,
-    /// Move fragments to where placement wants them (a joined OSD's share). Moves off
-    /// draining OSDs happen either way.
+    /// Move fragments to where placement wants them (a joined OSD's share, and the knock-on
+    /// of a changed map). Without it, sound fragments on up OSDs stay put: lost ones are
+    /// rebuilt and draining OSDs emptied onto OSDs holding nothing else of the object (the
+    /// least traffic after a loss); a later rebalancing pass puts everything in place.
     pub rebalance: bool,
 }
 
@@ -214,15 +216,7 @@ impl EcStore {
         };
         let total = observed.len() as u64;
         for observed in observed {
-            let mut plan = observed.plan(osds, preset.as_ref());
-            if !options.rebalance {
-                plan.actions.retain(|a| match a {
-                    Action::Move { from, .. } => osds
-                        .iter()
-                        .any(|o| o.slot.id == *from && o.state != OsdState::Up),
-                    _ => true,
-                });
-            }
+            let plan = observed.plan(osds, preset.as_ref(), options.rebalance);
             run.report.objects_checked += 1;
             run.report.corrupt_found += observed
                 .seen

@@ -132,6 +132,48 @@ fn osds_lost_and_marked_out_are_rebuilt_with_exact_data() {
 }
 
 #[test]
+fn without_rebalance_a_loss_costs_only_its_rebuilds() {
+    let t = tier(9);
+    let objects = fill(&t, 12);
+    let lost = t.fragments_on(0) + t.fragments_on(1);
+    for id in [0, 1] {
+        t.kill(id);
+        t.set_state(id, OsdState::Out);
+    }
+    let sticky = RepairOptions {
+        rebalance: false,
+        ..RepairOptions::default()
+    };
+    let report = t.store.repair_namespace(NS, &sticky, &|_| {}).unwrap();
+    assert!(report.fully_redundant(), "{report:?}");
+    assert_eq!(
+        (report.fragments_rebuilt, report.fragments_moved),
+        (lost, 0)
+    );
+    // Still one fragment per OSD, at most two per domain.
+    for (name, _) in &objects {
+        let holders: Vec<u64> = (2..9)
+            .filter(|id| !t.fragment_files(*id, NS, name).is_empty())
+            .collect();
+        assert_eq!(holders.len(), 6, "{name}: {holders:?}");
+        assert!(holders
+            .iter()
+            .all(|id| t.fragment_files(*id, NS, name).len() == 1));
+        for domain in 0..3 {
+            assert!(holders.iter().filter(|id| *id % 3 == domain).count() <= 2);
+        }
+    }
+    assert_exact(&t.client(), &objects);
+    assert_nothing_done(&t.store.repair_namespace(NS, &sticky, &|_| {}).unwrap());
+    // A rebalancing pass then puts everything where placement wants it.
+    let report = repair(&t);
+    assert_eq!(report.fragments_rebuilt, 0);
+    assert_all_healthy(&t, 12);
+    assert_exact(&t.client(), &objects);
+    drop(t.runtime);
+}
+
+#[test]
 fn a_joining_osd_gets_its_share_and_reads_stay_exact() {
     let mut t = tier(6);
     let objects = fill(&t, 28);
