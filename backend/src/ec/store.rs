@@ -7,20 +7,29 @@
 //! OSD that `placement` computes for it. The put returns once `c` fragments are durable; the
 //! others finish in the background (a fragment that fails is rebuilt by repair).
 //!
-//! **Get.** An object's newest version with at least `k` fragments is found by asking the OSDs
-//! that rank first for each fragment index (`Head`), then cached. A ranged read asks only the
-//! data fragments that hold the range (`layout::locate`): 4 KiB of a 64 MiB object is one
-//! request to one OSD. When a data fragment is unreachable or fails its CRC, the same fragment
-//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column,
-//! so equal offsets in every fragment belong together.
+//! **Get.** An object's newest version with at least `k` fragments is found by asking OSDs
+//! `Head` in rounds (see `find`): the two best-ranked for each index among the OSDs up or
+//! draining, then every other such OSD if that found fewer than `k`, then the down ones. The
+//! answer is cached, and forgotten when a read from a holder fails, so a read after repair or
+//! rebalancing moved fragments finds them again (a failed read with cached holders is retried
+//! once with fresh ones). A ranged read asks only the data fragments that hold the range
+//! (`layout::locate`): 4 KiB of a 64 MiB object is one request to one OSD. When a data
+//! fragment is unreachable, on an OSD the map says is down, or fails its CRC, the same fragment
+//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column, so
+//! equal offsets in every fragment belong together.
+//!
+//! **OSD states.** The map gives each OSD a state ([`OsdState`]). New fragments go only to up
+//! OSDs with room; reads use up and draining OSDs, go around down ones first (a down OSD is
+//! asked only when the others do not suffice) and never ask an out one. Repair ([`super::repair`])
+//! rebuilds what out OSDs held and empties draining ones.
 //!
 //! **Fencing.** Puts and deletes carry the writer's owner tag: the store refuses a tag that is
 //! not the namespace's current one in the registry, and every OSD refuses tags older than the
 //! newest it has seen (a claim sends `SetTag` to every OSD).
 //!
 //! Known limits (issue 12 is in progress): the whole object is encoded in memory; older versions
-//! on OSDs other than the new version's are left for repair to collect; `list` reports a name
-//! once any OSD holds a fragment of it.
+//! on OSDs other than the new version's are left for repair to collect (it deletes them);
+//! `list` reports a name once any up or draining OSD holds a fragment of it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -112,18 +121,34 @@ pub struct EcOptions {
 
 /// An object's newest readable version, as the OSDs report it.
 #[derive(Debug, Clone)]
-struct Found {
-    version: u64,
-    layout: Layout,
-    codec: CodecId,
+pub(super) struct Found {
+    pub(super) version: u64,
+    pub(super) layout: Layout,
+    pub(super) codec: CodecId,
     /// Which OSD holds each fragment index (as far as the `Head` answers said).
-    holders: HashMap<u8, u64>,
+    pub(super) holders: HashMap<u8, u64>,
+}
+
+/// Placement's view of the map for new fragments: only an OSD that is up (and not full) takes
+/// them, and one draining or out has no weight. The map should say so already; this makes it
+/// hold whatever the map's `slot` says.
+pub(super) fn write_slots(osds: &[OsdEntry]) -> Vec<OsdSlot> {
+    osds.iter()
+        .map(|o| OsdSlot {
+            writable: o.slot.writable && o.state == OsdState::Up,
+            weight: match o.state {
+                OsdState::Up | OsdState::Down => o.slot.weight,
+                OsdState::Draining | OsdState::Out => 0.0,
+            },
+            ..o.slot.clone()
+        })
+        .collect()
 }
 
 /// The erasure-coded store.
 pub struct EcStore {
-    map: Arc<dyn TierMap>,
-    options: EcOptions,
+    pub(super) map: Arc<dyn TierMap>,
+    pub(super) options: EcOptions,
     runtime: Option<tokio::runtime::Runtime>,
     clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
     found: Mutex<HashMap<(String, String), Found>>,
@@ -140,7 +165,7 @@ impl Drop for EcStore {
     }
 }
 
-fn object_key(namespace: &str, name: &str) -> String {
+pub(super) fn object_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
@@ -186,7 +211,10 @@ impl EcStore {
 
     /// Run `fut` on the store's runtime and wait for it (callable from any thread, also from
     /// inside another runtime's worker).
-    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+    pub(super) fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
         let runtime = self.runtime.as_ref().ok_or_else(|| BackendError::Osd {
             addr: "-".into(),
             reason: "the EC client runtime is shut down".into(),
@@ -216,7 +244,9 @@ impl EcStore {
         Ok(client)
     }
 
-    fn call_all(
+    /// Send each request to its OSD, all at once, and wait for every answer (each bounded by
+    /// the timeout).
+    pub(super) fn call_all(
         &self,
         targets: Vec<(OsdEntry, Message)>,
     ) -> Result<Vec<(OsdEntry, Result<Message>)>> {
@@ -237,7 +267,7 @@ impl EcStore {
         })
     }
 
-    fn record(&self, namespace: &str) -> Result<NamespaceRecord> {
+    pub(super) fn record(&self, namespace: &str) -> Result<NamespaceRecord> {
         self.map
             .namespace(namespace)?
             .ok_or_else(|| BackendError::NoSuchNamespace {
@@ -264,6 +294,7 @@ impl EcStore {
             .map
             .osds()?
             .into_iter()
+            .filter(|entry| entry.state != OsdState::Out)
             .map(|entry| {
                 (
                     entry,
@@ -286,7 +317,14 @@ impl EcStore {
     }
 
     /// Find the newest version of `name` with at least `k` fragments.
-    fn find(&self, namespace: &str, name: &str) -> Result<Found> {
+    ///
+    /// Asked in rounds, so the usual case costs few requests and a moved or drained fragment is
+    /// still found: first the two best-ranked OSDs of every fragment index among the OSDs that
+    /// are up or draining (ranked regardless of weight, so a draining OSD is still asked where
+    /// placement put its fragments); when that finds fewer than `k` fragments of any version,
+    /// every other up or draining OSD; and only then the OSDs the map says are down (each
+    /// costs at most the timeout). An OSD that is out is never asked.
+    pub(super) fn find(&self, namespace: &str, name: &str) -> Result<Found> {
         let key = (namespace.to_string(), name.to_string());
         if let Some(found) = self.found.lock().get(&key) {
             return Ok(found.clone());
@@ -294,36 +332,65 @@ impl EcStore {
         validate_name(namespace)?;
         validate_name(name)?;
         let osds = self.map.osds()?;
-        let slots: Vec<OsdSlot> = osds.iter().map(|o| o.slot.clone()).collect();
-        // Ask the two best-ranked OSDs of every fragment index that could exist (up to 255).
         let object = object_key(namespace, name);
-        let mut ask: BTreeSet<u64> = BTreeSet::new();
-        for index in 0..slots.len().min(255) {
-            for osd in ranking(&object, index, &slots).into_iter().take(2) {
-                ask.insert(osd.id);
+        let live: Vec<OsdSlot> = osds
+            .iter()
+            .filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining))
+            .map(|o| OsdSlot {
+                weight: if o.slot.weight > 0.0 {
+                    o.slot.weight
+                } else {
+                    1.0
+                },
+                ..o.slot.clone()
+            })
+            .collect();
+        let mut first: BTreeSet<u64> = BTreeSet::new();
+        for index in 0..live.len().min(255) {
+            for osd in ranking(&object, index, &live).into_iter().take(2) {
+                first.insert(osd.id);
             }
         }
-        let targets = osds
-            .into_iter()
-            .filter(|o| ask.contains(&o.slot.id))
-            .map(|o| {
-                (
-                    o,
-                    Message::Head {
-                        namespace: namespace.to_string(),
-                        name: name.to_string(),
-                    },
-                )
-            })
+        let rest: BTreeSet<u64> = live
+            .iter()
+            .map(|s| s.id)
+            .filter(|id| !first.contains(id))
+            .collect();
+        let down: BTreeSet<u64> = osds
+            .iter()
+            .filter(|o| o.state == OsdState::Down)
+            .map(|o| o.slot.id)
             .collect();
         let mut versions: HashMap<u64, (HeadEntry, HashMap<u8, u64>)> = HashMap::new();
         let mut unreachable = Vec::new();
-        for (entry, result) in self.call_all(targets)? {
-            let Ok(Message::Heads { heads }) = result else {
-                unreachable.push(entry.slot.id);
+        for round in [first, rest, down] {
+            let readable = versions
+                .values()
+                .any(|(head, holders)| holders.len() >= usize::from(head.k));
+            if readable {
+                break;
+            }
+            let targets = osds
+                .iter()
+                .filter(|o| round.contains(&o.slot.id))
+                .map(|o| {
+                    (
+                        o.clone(),
+                        Message::Head {
+                            namespace: namespace.to_string(),
+                            name: name.to_string(),
+                        },
+                    )
+                })
+                .collect::<Vec<_>>();
+            if targets.is_empty() {
                 continue;
-            };
-            {
+            }
+            for (entry, result) in self.call_all(targets)? {
+                let Ok(Message::Heads { heads }) = result else {
+                    unreachable.push(entry.slot.id);
+                    continue;
+                };
                 for head in heads {
                     let slot = versions
                         .entry(head.version)
@@ -343,7 +410,7 @@ impl EcStore {
         let Some((version, (head, holders))) = best else {
             // Nothing readable. With every OSD answering and no fragment anywhere, the object
             // does not exist; otherwise it may, and saying so would make a caller treat lost
-            // data as never written.
+            // data as never written. (Out OSDs hold nothing the tier counts on.)
             if unreachable.is_empty() && newest_seen.is_none() {
                 return Err(BackendError::NoSuchObject {
                     namespace: namespace.to_string(),
@@ -373,11 +440,21 @@ impl EcStore {
         Ok(found)
     }
 
-    fn entry_of(osds: &[OsdEntry], id: u64) -> Option<OsdEntry> {
+    /// Forget what [`find`](Self::find) cached for `name` (a read from a holder failed, or
+    /// repair moved its fragments): the next read asks the OSDs again.
+    pub(super) fn forget(&self, namespace: &str, name: &str) {
+        self.found
+            .lock()
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    pub(super) fn entry_of(osds: &[OsdEntry], id: u64) -> Option<OsdEntry> {
         osds.iter().find(|o| o.slot.id == id).cloned()
     }
 
-    /// Read `[offset, offset + len)` of fragment `index` of `found` from its OSD.
+    /// Read `[offset, offset + len)` of fragment `index` of `found` from its OSD. A holder
+    /// that is out is never asked; one that is down only `with_down` (it costs the timeout if
+    /// it really is down, so a read first goes around it).
     fn read_fragment_ranges(
         &self,
         namespace: &str,
@@ -385,6 +462,7 @@ impl EcStore {
         found: &Found,
         osds: &[OsdEntry],
         reads: Vec<(u8, u64, u64)>,
+        with_down: bool,
     ) -> Result<Vec<Result<Vec<u8>>>> {
         let mut targets = Vec::new();
         let mut missing = Vec::new();
@@ -393,7 +471,11 @@ impl EcStore {
                 .holders
                 .get(index)
                 .and_then(|id| Self::entry_of(osds, *id))
-            {
+                .filter(|e| match e.state {
+                    OsdState::Up | OsdState::Draining => true,
+                    OsdState::Down => with_down,
+                    OsdState::Out => false,
+                }) {
                 Some(entry) => targets.push((
                     entry,
                     Message::GetRange {
@@ -414,7 +496,10 @@ impl EcStore {
             if missing.contains(&i) {
                 out.push(Err(BackendError::Osd {
                     addr: "-".into(),
-                    reason: format!("no OSD holds fragment {} of {namespace}/{name}", read.0),
+                    reason: format!(
+                        "no reachable OSD holds fragment {} of {namespace}/{name}",
+                        read.0
+                    ),
                 }));
                 continue;
             }
@@ -445,12 +530,25 @@ impl EcStore {
     ) -> Result<Vec<u8>> {
         let (k, m) = (found.layout.k as usize, found.layout.m as usize);
         let others: Vec<u8> = (0..(k + m) as u8).filter(|i| *i != index).collect();
-        let reads = others.iter().map(|i| (*i, offset, len)).collect();
-        let answers = self.read_fragment_ranges(namespace, name, found, osds, reads)?;
         let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
-        for (i, answer) in others.iter().zip(answers) {
-            if let Ok(data) = answer {
-                shards[usize::from(*i)] = Some(data);
+        // First around the OSDs the map says are down; then, if that is not enough, them too.
+        for with_down in [false, true] {
+            let wanted: Vec<u8> = others
+                .iter()
+                .copied()
+                .filter(|i| shards[usize::from(*i)].is_none())
+                .collect();
+            let reads = wanted.iter().map(|i| (*i, offset, len)).collect();
+            let answers =
+                self.read_fragment_ranges(namespace, name, found, osds, reads, with_down)?;
+            for (i, answer) in wanted.iter().zip(answers) {
+                match answer {
+                    Ok(data) if data.len() as u64 == len => shards[usize::from(*i)] = Some(data),
+                    _ => {}
+                }
+            }
+            if shards.iter().flatten().count() >= k {
+                break;
             }
         }
         let code = codec(found.codec, k, m).map_err(|e| BackendError::Corrupt {
@@ -474,8 +572,65 @@ impl EcStore {
             })
     }
 
+    /// Read `[offset, offset + buf.len())` of the version `found` describes. A fragment that
+    /// cannot be read is decoded from the others, and the cached holders are forgotten so the
+    /// next read finds the fragments again.
+    fn read_found(
+        &self,
+        namespace: &str,
+        name: &str,
+        found: &Found,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > found.layout.size)
+        {
+            return Err(BackendError::RangeOutOfBounds {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                offset,
+                len,
+                size: found.layout.size,
+            });
+        }
+        let osds = self.map.osds()?;
+        let pieces = found.layout.locate(offset, len);
+        let reads = pieces
+            .iter()
+            .map(|p| (p.index as u8, p.fragment_offset, p.len))
+            .collect();
+        let answers = self.read_fragment_ranges(namespace, name, found, &osds, reads, false)?;
+        for (piece, answer) in pieces.iter().zip(answers) {
+            let data = match answer {
+                Ok(data) if data.len() as u64 == piece.len => data,
+                failed => {
+                    if let Err(e) = &failed {
+                        tracing::warn!(
+                            "{namespace}/{name}: fragment {} unreadable ({e}); decoding from the others",
+                            piece.index
+                        );
+                    }
+                    self.forget(namespace, name);
+                    self.degraded_read(
+                        namespace,
+                        name,
+                        found,
+                        &osds,
+                        (piece.index as u8, piece.fragment_offset, piece.len),
+                    )?
+                }
+            };
+            let at = (piece.object_offset - offset) as usize;
+            buf[at..at + data.len()].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+
     /// The `k + m` fragment files of `data` as version `version` under `owner`.
-    fn encode_object(
+    pub(super) fn encode_object(
         namespace: &str,
         name: &str,
         data: &[u8],
@@ -626,7 +781,7 @@ impl ObjectStore for EcStore {
                 ),
             })?;
         let osds = self.map.osds()?;
-        let slots: Vec<OsdSlot> = osds.iter().map(|o| o.slot.clone()).collect();
+        let slots = write_slots(&osds);
         let (_, policy) = preset.choose(&slots).ok_or_else(|| BackendError::Osd {
             addr: "-".into(),
             reason: format!(
@@ -766,50 +921,24 @@ impl ObjectStore for EcStore {
     }
 
     fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cached = self
+            .found
+            .lock()
+            .contains_key(&(namespace.to_string(), name.to_string()));
         let found = self.find(namespace, name)?;
-        let len = buf.len() as u64;
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > found.layout.size)
-        {
-            return Err(BackendError::RangeOutOfBounds {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                offset,
-                len,
-                size: found.layout.size,
-            });
+        match self.read_found(namespace, name, &found, offset, buf) {
+            // What was cached may be out of date (repair moved or rebuilt fragments since):
+            // find again and read once more.
+            Err(e) if cached && !matches!(e, BackendError::RangeOutOfBounds { .. }) => {
+                tracing::debug!(
+                    "{namespace}/{name}: read with cached holders failed ({e}); finding again"
+                );
+                self.forget(namespace, name);
+                let found = self.find(namespace, name)?;
+                self.read_found(namespace, name, &found, offset, buf)
+            }
+            other => other,
         }
-        let osds = self.map.osds()?;
-        let pieces = found.layout.locate(offset, len);
-        let reads = pieces
-            .iter()
-            .map(|p| (p.index as u8, p.fragment_offset, p.len))
-            .collect();
-        let answers = self.read_fragment_ranges(namespace, name, &found, &osds, reads)?;
-        for (piece, answer) in pieces.iter().zip(answers) {
-            let data = match answer {
-                Ok(data) if data.len() as u64 == piece.len => data,
-                failed => {
-                    if let Err(e) = &failed {
-                        tracing::warn!(
-                            "{namespace}/{name}: fragment {} unreadable ({e}); decoding from the others",
-                            piece.index
-                        );
-                    }
-                    self.degraded_read(
-                        namespace,
-                        name,
-                        &found,
-                        &osds,
-                        (piece.index as u8, piece.fragment_offset, piece.len),
-                    )?
-                }
-            };
-            let at = (piece.object_offset - offset) as usize;
-            buf[at..at + data.len()].copy_from_slice(&data);
-        }
-        Ok(())
     }
 
     fn size(&self, namespace: &str, name: &str) -> Result<u64> {
@@ -836,6 +965,7 @@ impl ObjectStore for EcStore {
             .map
             .osds()?
             .into_iter()
+            .filter(|entry| entry.state != OsdState::Out)
             .map(|entry| {
                 (
                     entry,
@@ -869,7 +999,9 @@ impl ObjectStore for EcStore {
     fn list(&self, namespace: &str) -> Result<Vec<String>> {
         self.record(namespace)?;
         let mut names = BTreeSet::new();
-        for entry in self.map.osds()? {
+        // Out OSDs are never asked, down ones skipped: k of k + m fragments are elsewhere.
+        let osds = self.map.osds()?.into_iter();
+        for entry in osds.filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining)) {
             let mut after = String::new();
             loop {
                 let answer = self.call_all(vec![(
