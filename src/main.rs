@@ -63,6 +63,8 @@ enum Command {
     Osd(tier::cli::OsdArgs),
     /// Presets of the erasure-coded tier: how objects are encoded and spread.
     Preset(tier::cli::PresetArgs),
+    /// The erasure-coded tier's objects: inspect their fragments, repair them.
+    Backend(tier::backend_cli::BackendArgs),
 }
 
 #[derive(Args)]
@@ -678,6 +680,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Edge(args) => edge_host::cli::run(args),
         Command::Osd(args) => tier::cli::run_osd(args),
         Command::Preset(args) => tier::cli::run_preset(args),
+        Command::Backend(args) => tier::backend_cli::run(args),
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args

@@ -20,7 +20,7 @@ use crate::cluster::Cluster;
 
 /// Bound on every call to an OSD: a dead OSD fails the call in this time, and the request is
 /// served from the other fragments.
-const EC_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const EC_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the planned adopter of a dead node's volume has before any survivor may take it.
 const FAILOVER_GRACE: Duration = Duration::from_secs(3);
 use crate::config::{BackendSpec, ServeConfig};
@@ -148,6 +148,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .context("cannot start the volume manager")?;
 
     let gate = cluster.as_ref().map(|c| c.gate(manager.clone()));
+    // The EC tier's background repair of this node's volumes (aborted with the runtime).
+    let _tier_maintenance = tier.as_ref().map(|store| {
+        crate::tier::maintenance::start(store.clone(), store.tier_map(), manager.clone())
+    });
     if cluster.is_some() && config.default_volume.is_some() {
         tracing::info!("cluster node: no default volume is created (create volumes with `vstor volume create`)");
     }

@@ -242,3 +242,157 @@ fn m_osds_killed_under_fio_lose_nothing_and_m_plus_one_fail_cleanly() {
         "verify after the OSDs returned",
     );
 }
+
+fn qemu_io(uri: &str, command: &str) -> String {
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", command, uri]))
+}
+
+/// `vstor backend repair NS --json`: the namespace's report (the command must succeed).
+fn repair(tier: &Tier, namespace: &str) -> serde_json::Value {
+    let out = tier.cli(&["backend", "repair", namespace, "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "repair of {namespace} failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(all[0]["fully_redundant"], true, "{all}");
+    all[0]["report"].clone()
+}
+
+/// `vstor backend inspect NS --json`.
+fn inspect(tier: &Tier, namespace: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str(&tier.cli_ok(&["backend", "inspect", namespace, "--json"])).unwrap()
+}
+
+fn fragments_on(osds: &[serde_json::Value], id: u64) -> u64 {
+    osds.iter()
+        .find(|o| o["id"] == id)
+        .and_then(|o| o["fragments"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn repair_rebuilds_what_out_osds_held_and_a_restarted_osd_needs_none() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = Tier::start(tmp.path(), 6, 3);
+    // 2+2, at most two per domain: with two OSDs of a domain out, four OSDs in two domains
+    // still hold every object at full redundancy (4+2 would need six OSDs).
+    tier.cli_ok(&[
+        "preset", "create", "r22", "--k", "2", "--m", "2", "--x", "2",
+    ]);
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "r22"]);
+    let uri = node.uri("v");
+    qemu_io(&uri, "write -P 0x3c 0 48M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    // Objects the volume rewrites in place (its TLog list) leave older versions behind until
+    // a repair collects them.
+    let report = repair(&tier, "v");
+    assert_eq!(report["fragments_rebuilt"], 0, "{report}");
+    let objects = inspect(&tier, "v");
+    assert!(objects.len() >= 12, "{} objects", objects.len());
+    let unhealthy: Vec<_> = objects
+        .iter()
+        .filter(|o| o["status"] != "healthy")
+        .collect();
+    assert!(unhealthy.is_empty(), "{unhealthy:?}");
+
+    // An OSD killed and restarted with its disk intact: nothing to rebuild.
+    let id = tier.osds[1].id;
+    tier.osds[1].kill9();
+    tier.osds[1].launch();
+    assert_eq!(tier.osds[1].id, id, "the same OSD came back");
+    tier.wait_osds("all up", |osds| osds.iter().all(|o| o["state"] == "up"));
+    let report = repair(&tier, "v");
+    assert_eq!(report["fragments_rebuilt"], 0, "{report}");
+    assert_eq!(report["fragments_moved"], 0, "{report}");
+
+    // Two OSDs die and are marked out: their fragments are rebuilt on the other four.
+    let (a, b) = (tier.osds[0].id, tier.osds[3].id);
+    tier.osds[0].kill9();
+    tier.osds[3].kill9();
+    for id in [a, b] {
+        tier.cli_ok(&["osd", "out", &id.to_string()]);
+    }
+    tier.wait_osds("two out", |osds| {
+        osds.iter().filter(|o| o["state"] == "out").count() == 2
+    });
+    repair(&tier, "v");
+    let objects = inspect(&tier, "v");
+    for o in &objects {
+        assert_eq!(o["status"], "healthy", "{o}");
+        for f in o["fragments"].as_array().unwrap() {
+            for c in f["copies"].as_array().unwrap() {
+                let on = c["osd"]["id"].as_u64().unwrap();
+                assert!(on != a && on != b, "a fragment left on an out OSD: {o}");
+            }
+        }
+    }
+    // And the data is intact, read from the tier.
+    qemu_io(&uri, "read -P 0x3c 0 48M");
+    let text = tier.cli_ok(&["backend", "inspect", "v"]);
+    assert!(
+        text.contains("need repair") && text.contains(" 0 need repair"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_new_osd_gets_its_share_under_load_and_decommission_empties_one() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = Tier::start(tmp.path(), 6, 3);
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "512M", &[]);
+    let uri = node.uri("v");
+    qemu_io(&uri, "write -P 0x77 256M 64M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+
+    // Under load (fio writes and verifies the first 96 MiB), a seventh OSD joins.
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || fio(&uri, "96M", "write"))
+    };
+    let new = tier.add_osd("d0");
+    let new_id = tier.osds[new].id;
+    let osds = tier.wait_osds("the new OSD gets fragments", |osds| {
+        fragments_on(osds, new_id) > 0
+    });
+    assert!(osds.iter().any(|o| o["id"] == new_id && o["state"] == "up"));
+    assert_fio_ok(&writer.join().unwrap(), "write+verify while an OSD joined");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    repair(&tier, "v");
+    // Its share: with seven equal OSDs, about a seventh of the fragments.
+    let osds = tier.wait_osds("usage reported after the rebalance", |osds| {
+        let total: u64 = osds.iter().filter_map(|o| o["fragments"].as_u64()).sum();
+        let objects = inspect(&tier, "v").len() as u64;
+        total == objects * 6
+    });
+    let total: u64 = osds.iter().filter_map(|o| o["fragments"].as_u64()).sum();
+    let mine = fragments_on(&osds, new_id);
+    assert!(
+        mine * 7 * 2 >= total && mine * 7 <= total * 2,
+        "the new OSD holds {mine} of {total} fragments"
+    );
+
+    // Decommission one: it empties, and nothing is lost.
+    let gone = tier.osds[2].id;
+    tier.cli_ok(&["osd", "decommission", &gone.to_string()]);
+    tier.wait_osds("the decommissioned OSD empty", |osds| {
+        osds.iter()
+            .any(|o| o["id"] == gone && o["state"] == "draining" && o["fragments"] == 0)
+    });
+    repair(&tier, "v");
+    qemu_io(&uri, "read -P 0x77 256M 64M");
+    assert_fio_ok(&fio(&uri, "96M", "verify"), "verify after decommission");
+}

@@ -9,7 +9,9 @@
 //! - [`map`]: [`map::RegistryTierMap`], the `TierMap` the `ec` store reads, backed by the
 //!   registry, with the OSD map cached in memory;
 //! - [`osd`]: the `vstor osd` daemon;
-//! - [`cli`]: `vstor osd list|decommission|out|in` and `vstor preset create|list|show`.
+//! - [`cli`]: `vstor osd list|decommission|out|in` and `vstor preset create|list|show`;
+//! - [`backend_cli`]: `vstor backend inspect|repair`;
+//! - [`maintenance`]: a node's background repair and scrub of its volumes' objects.
 //!
 //! # Registry records (under `/vstor/` in etcd; values JSON)
 //! | key                          | value           | lease  | written by |
@@ -24,7 +26,9 @@
 //! object: the registry's size depends on the number of OSDs, presets and volumes, never on the
 //! number of objects.
 
+pub mod backend_cli;
 pub mod cli;
+pub mod maintenance;
 pub mod map;
 pub mod osd;
 pub mod records;

@@ -209,6 +209,11 @@ impl EcStore {
         &self.options.default_preset
     }
 
+    /// The map the store reads (the node's background repair watches it for changes).
+    pub fn tier_map(&self) -> Arc<dyn TierMap> {
+        self.map.clone()
+    }
+
     /// Run `fut` on the store's runtime and wait for it (callable from any thread, also from
     /// inside another runtime's worker).
     pub(super) fn run<T: Send + 'static>(
