@@ -171,7 +171,7 @@ pub fn repair_until_done(
     show: bool,
 ) -> Result<RepairReport> {
     let show_progress = |p: &RepairProgress| {
-        if show && (p.objects_checked % 64 == 0 || p.objects_checked == p.objects_total) {
+        if show && (p.objects_checked.is_multiple_of(64) || p.objects_checked == p.objects_total) {
             eprintln!(
                 "repair {}: {}/{} objects, {} fragments rebuilt, {} moved, {} read, {} written",
                 p.namespace,

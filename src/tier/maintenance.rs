@@ -111,7 +111,7 @@ fn run_pass(store: &EcStore, manager: &VolumeManager, scrub: bool) -> bool {
     for name in manager.names() {
         let started = Instant::now();
         let report: Result<RepairReport, _> = store.repair_namespace(&name, &options, &|p| {
-            if p.objects_checked % 256 == 0 && p.objects_checked > 0 {
+            if p.objects_checked.is_multiple_of(256) && p.objects_checked > 0 {
                 tracing::info!(
                     volume = %p.namespace,
                     "{}: {}/{} objects, {} fragments rebuilt, {} moved",
