@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use super::codec::{codec, CodecId};
 use super::fragment::{encode_fragment, FragmentHeader};
 use super::inspect::Observed;
+use super::local::xor_into;
 use super::plan::{Action, Plan};
 use super::preset::Preset;
 use super::store::{EcStore, OsdEntry, OsdState};
@@ -80,6 +81,8 @@ pub struct RepairReport {
     /// Objects with at least one action carried out.
     pub objects_repaired: u64,
     pub fragments_rebuilt: u64,
+    /// Of those, rebuilt from a local parity and its own domain.
+    pub fragments_rebuilt_locally: u64,
     pub fragments_moved: u64,
     /// Stale versions, misplaced and corrupt copies removed.
     pub fragments_deleted: u64,
@@ -463,7 +466,119 @@ impl EcStore {
         })
     }
 
-    /// Rebuild `targets` (index, destination) of `version` from `k` surviving fragments.
+    /// Rebuild fragment `index` onto `to` from a local parity and the rest of its group, if
+    /// every one of them has a sound copy: `Ok(false)` when not (the code then rebuilds it).
+    fn rebuild_local(
+        &self,
+        run: &mut Run<'_>,
+        observed: &Observed,
+        (version, index): (u64, u8),
+        to: u64,
+        skip: &[u8],
+    ) -> Result<bool> {
+        let name = observed.name.as_str();
+        let Some(current) = observed.seen.versions.get(&version) else {
+            return Ok(false);
+        };
+        let plan_osds = observed.plan_osds(run.osds);
+        let sound = |i: u8| -> Option<&OsdEntry> {
+            current
+                .copies
+                .get(&i)?
+                .iter()
+                .filter(|(id, h)| {
+                    h.usable()
+                        && plan_osds.iter().any(|o| {
+                            o.slot.id == **id
+                                && matches!(o.state, OsdState::Up | OsdState::Draining)
+                        })
+                })
+                .filter_map(|(id, _)| run.osds.iter().find(|o| o.slot.id == *id))
+                .min_by_key(|o| (o.state != OsdState::Up, o.slot.id))
+        };
+        // A local parity covering `index` whose other members are all there.
+        let Some(sources) = observed
+            .groups
+            .iter()
+            .filter(|((v, _), group)| *v == version && group.contains(&index))
+            .find_map(|((_, parity), group)| {
+                let mut sources = vec![(*parity, sound(*parity)?)];
+                for member in group.iter().filter(|m| **m != index) {
+                    if skip.contains(member) {
+                        return None;
+                    }
+                    sources.push((*member, sound(*member)?));
+                }
+                Some(sources)
+            })
+        else {
+            return Ok(false);
+        };
+        let dest = Self::osd(run, to)?;
+        let targets = sources
+            .iter()
+            .map(|(i, entry)| {
+                (
+                    (*entry).clone(),
+                    Message::GetFile {
+                        namespace: run.namespace.to_string(),
+                        name: name.to_string(),
+                        version,
+                        index: *i,
+                    },
+                )
+            })
+            .collect();
+        let mut data: Option<Vec<u8>> = None;
+        let mut header: Option<FragmentHeader> = None;
+        for ((i, entry), (_, answer)) in sources.iter().zip(self.call_all(targets)?) {
+            let Ok(Message::Data { data: file }) = answer else {
+                return Ok(false);
+            };
+            let len = file.len() as u64;
+            run.report.bytes_read += len;
+            if entry.slot.domain != dest.slot.domain {
+                run.report.cross_domain_bytes += len;
+            }
+            run.throttle.account(len);
+            let h = match FragmentHeader::decode(&file) {
+                Ok(h) if h.object_version == version && h.index == *i && len == h.file_len() => h,
+                _ => return Ok(false),
+            };
+            let part = &file[h.data_offset() as usize..h.table_offset() as usize];
+            match &mut data {
+                None => data = Some(part.to_vec()),
+                Some(acc) if acc.len() == part.len() => xor_into(acc, part),
+                Some(_) => return Ok(false),
+            }
+            if !h.is_local_parity() {
+                header.get_or_insert(h);
+            }
+        }
+        let (Some(data), Some(header)) = (data, header) else {
+            return Ok(false);
+        };
+        let file = encode_fragment(
+            &FragmentHeader {
+                index,
+                local_group: Vec::new(),
+                ..header
+            },
+            &data,
+        )
+        .map_err(|e| BackendError::Corrupt {
+            namespace: run.namespace.to_string(),
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.put_file(run, name, (version, index), dest, file)?;
+        run.report.fragments_rebuilt += 1;
+        run.report.fragments_rebuilt_locally += 1;
+        Ok(true)
+    }
+
+    /// Rebuild `targets` (index, destination) of `version`: from a local parity and its
+    /// domain where one covers the index, otherwise from `k` surviving fragments.
     fn rebuild(
         &self,
         run: &mut Run<'_>,
@@ -473,6 +588,17 @@ impl EcStore {
         targets: &[(u8, u64)],
     ) -> Result<()> {
         let name = observed.name.as_str();
+        let missing: Vec<u8> = targets.iter().map(|(i, _)| *i).collect();
+        let mut rest = Vec::new();
+        for (index, to) in targets {
+            if !self.rebuild_local(run, observed, (version, *index), *to, &missing)? {
+                rest.push((*index, *to));
+            }
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let targets = &rest[..];
         let (k, m) = (usize::from(plan.k), usize::from(plan.m));
         let dest_domains: Vec<&str> = targets
             .iter()
@@ -619,6 +745,7 @@ impl EcStore {
             let file = encode_fragment(
                 &FragmentHeader {
                     index: *index,
+                    local_group: Vec::new(),
                     ..header.clone()
                 },
                 &data,

@@ -41,6 +41,7 @@ use parking_lot::Mutex;
 use super::codec::{codec, CodecId};
 use super::fragment::{encode_fragment, FragmentHeader};
 use super::layout::Layout;
+use super::local::local_parities;
 use super::placement::{place, ranking, OsdSlot};
 use super::preset::Preset;
 use crate::osd::client::OsdClient;
@@ -368,7 +369,8 @@ impl EcStore {
                     unreachable.push(entry.slot.id);
                     continue;
                 };
-                for head in heads {
+                // Local parities are for repair; reads and `k` count the code's fragments.
+                for head in heads.into_iter().filter(|h| h.group.is_empty()) {
                     let slot = versions
                         .entry(head.version)
                         .or_insert_with(|| (head.clone(), HashMap::new()));
@@ -676,6 +678,7 @@ impl EcStore {
                     data_len: fragment_data.len() as u64,
                     namespace: namespace.to_string(),
                     name: name.to_string(),
+                    local_group: Vec::new(),
                 };
                 encode_fragment(&header, &fragment_data).map_err(|e| BackendError::Corrupt {
                     namespace: namespace.to_string(),
@@ -795,9 +798,30 @@ impl ObjectStore for EcStore {
             (policy.k, policy.m),
             (version, owner),
         )?;
+        let locals = if preset.local_parity {
+            local_parities(&object_key(namespace, name), &files, &placed, &slots).map_err(|e| {
+                BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                }
+            })?
+        } else {
+            Vec::new()
+        };
         let mut targets = Vec::new();
-        for (index, (osd, file)) in placed.iter().zip(files).enumerate() {
-            let entry = Self::entry_of(&osds, *osd).ok_or_else(|| BackendError::Osd {
+        let all = placed
+            .iter()
+            .zip(files)
+            .enumerate()
+            .map(|(index, (osd, file))| (*osd, index as u8, file, false))
+            .chain(
+                locals
+                    .into_iter()
+                    .map(|(osd, index, file)| (osd, index, file, true)),
+            );
+        for (osd, index, file, local) in all {
+            let entry = Self::entry_of(&osds, osd).ok_or_else(|| BackendError::Osd {
                 addr: "-".into(),
                 reason: format!("placed OSD {osd} is not in the map"),
             })?;
@@ -807,18 +831,20 @@ impl ObjectStore for EcStore {
                     namespace: namespace.to_string(),
                     name: name.to_string(),
                     version,
-                    index: index as u8,
+                    index,
                     tag: owner,
                     file: file.into(),
                 },
+                local,
             ));
         }
         let needed = usize::from(policy.c);
         let (clients, options) = (self.clients.clone(), self.options.clone());
-        // Acknowledge after `c` successes; the rest keep running on the runtime.
+        // Acknowledge after `c` of the `k + m` are stored (local parities do not count); the
+        // rest keep running on the runtime.
         let outcome = self.run(async move {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            for (entry, message) in targets {
+            for (entry, message, local) in targets {
                 let (tx, clients, options) = (tx.clone(), clients.clone(), options.clone());
                 tokio::spawn(async move {
                     let result = async {
@@ -826,14 +852,15 @@ impl ObjectStore for EcStore {
                         client.call(message, options.timeout).await
                     }
                     .await;
-                    let _ = tx.send((entry, result));
+                    let _ = tx.send((entry, result, local));
                 });
             }
             drop(tx);
             let (mut ok, mut errors) = (0usize, Vec::new());
-            while let Some((entry, result)) = rx.recv().await {
+            while let Some((entry, result, local)) = rx.recv().await {
                 match result {
-                    Ok(_) => ok += 1,
+                    Ok(_) if !local => ok += 1,
+                    Ok(_) => {}
                     Err(e) => errors.push((entry.slot.id, e)),
                 }
                 if ok >= needed {
