@@ -153,6 +153,9 @@ pub struct EcStore {
     runtime: Option<tokio::runtime::Runtime>,
     clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
     found: Mutex<HashMap<(String, String), Found>>,
+    /// Presets chosen for namespaces about to be created (`volume create --preset`), taken by
+    /// `create_namespace`.
+    reserved: Mutex<HashMap<String, String>>,
 }
 
 impl Drop for EcStore {
@@ -184,7 +187,27 @@ impl EcStore {
             runtime: Some(runtime),
             clients: Arc::default(),
             found: Mutex::default(),
+            reserved: Mutex::default(),
         })
+    }
+
+    /// Make the next `create_namespace(namespace, …)` use `preset` instead of the store's
+    /// default (a volume picks its preset at creation). The preset must exist.
+    pub fn reserve_preset(&self, namespace: &str, preset: &str) -> Result<()> {
+        if self.map.preset(preset)?.is_none() {
+            return Err(BackendError::TierRegistry {
+                reason: format!("preset {preset} does not exist (see `vstor preset list`)"),
+            });
+        }
+        self.reserved
+            .lock()
+            .insert(namespace.to_string(), preset.to_string());
+        Ok(())
+    }
+
+    /// The store's default preset.
+    pub fn default_preset(&self) -> &str {
+        &self.options.default_preset
     }
 
     /// Run `fut` on the store's runtime and wait for it (callable from any thread, also from
@@ -693,13 +716,13 @@ impl EcStore {
 impl ObjectStore for EcStore {
     fn create_namespace(&self, namespace: &str, owner: OwnerTag) -> Result<()> {
         validate_name(namespace)?;
-        self.map.create_namespace(
-            namespace,
-            &NamespaceRecord {
-                tag: owner,
-                preset: self.options.default_preset.clone(),
-            },
-        )?;
+        let preset = self
+            .reserved
+            .lock()
+            .remove(namespace)
+            .unwrap_or_else(|| self.options.default_preset.clone());
+        self.map
+            .create_namespace(namespace, &NamespaceRecord { tag: owner, preset })?;
         self.broadcast_tag(namespace, owner)
     }
 
