@@ -20,6 +20,7 @@ pub mod local;
 pub mod placement;
 pub mod plan;
 pub mod preset;
+mod read;
 pub mod repair;
 #[cfg(test)]
 #[path = "repair_tests.rs"]
