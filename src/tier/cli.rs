@@ -97,6 +97,10 @@ enum PresetVerb {
         /// A 32-byte key file: fragments are encrypted with AES-256-CTR.
         #[arg(long)]
         encryption_key_file: Option<PathBuf>,
+        /// Add a local parity per failure domain, so one lost fragment is rebuilt from its own
+        /// domain (0 cross-domain repair bytes).
+        #[arg(long)]
+        local_parity: bool,
     },
     /// Every preset.
     List,
@@ -278,6 +282,7 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                 fragment_size,
                 compression,
                 encryption_key_file,
+                local_parity,
             } => {
                 vstor_backend::validate_name(&name)
                     .map_err(|e| anyhow::anyhow!("preset name: {e}"))?;
@@ -314,6 +319,7 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                     fragment_size,
                     compression,
                     encrypted: false,
+                    local_parity,
                 };
                 preset.validate().map_err(anyhow::Error::msg)?;
                 map::create_preset(registry.as_ref(), &preset).await?;

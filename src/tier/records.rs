@@ -81,6 +81,8 @@ pub struct PresetRecord {
     pub compression: String,
     #[serde(default)]
     pub encrypted: bool,
+    #[serde(default)]
+    pub local_parity: bool,
 }
 
 fn none() -> String {
@@ -117,6 +119,7 @@ impl PresetRecord {
             }
             .into(),
             encrypted: preset.encrypted,
+            local_parity: preset.local_parity,
         }
     }
 
@@ -142,6 +145,7 @@ impl PresetRecord {
                 other => return Err(format!("preset {}: unknown compression {other}", self.name)),
             },
             encrypted: self.encrypted,
+            local_parity: self.local_parity,
         };
         preset.validate()?;
         Ok(preset)
@@ -171,6 +175,7 @@ pub fn default_preset(name: &str) -> Preset {
         fragment_size: 1 << 20,
         compression: Compression::None,
         encrypted: false,
+        local_parity: false,
     }
 }
 

@@ -107,6 +107,7 @@ impl TierMap for EtcdTierMap {
                 fragment_size: p["fragment_size"].as_u64().unwrap() as u32,
                 compression: Compression::None,
                 encrypted: false,
+                local_parity: p["local_parity"].as_bool().unwrap_or(false),
             }))
     }
 

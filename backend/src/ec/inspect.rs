@@ -57,6 +57,14 @@ pub struct FragmentHealth {
     pub desired: Option<OsdRef>,
 }
 
+/// A local parity: the XOR of the fragments in `group`, kept in their domain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalParity {
+    pub index: u8,
+    pub group: Vec<u8>,
+    pub copies: Vec<FragmentCopy>,
+}
+
 /// A copy of an older version, left to be deleted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StaleFragment {
@@ -93,6 +101,8 @@ pub struct ObjectHealth {
     pub healthy_fragments: usize,
     pub fragments: Vec<FragmentHealth>,
     pub stale: Vec<StaleFragment>,
+    /// Local parities of the version (presets with `local_parity`).
+    pub local_parities: Vec<LocalParity>,
     /// Newer versions with fewer than `k` fragments (a put in progress or a failed one).
     pub incomplete_versions: Vec<u64>,
     /// What repair would do now.
@@ -110,6 +120,8 @@ pub(super) struct Observed {
     pub(super) heads: BTreeMap<u64, HeadEntry>,
     /// OSDs expected to answer that did not.
     pub(super) silent: BTreeSet<u64>,
+    /// The group of each local parity seen, by (version, index).
+    pub(super) groups: BTreeMap<(u64, u8), Vec<u8>>,
 }
 
 impl Observed {
@@ -221,6 +233,7 @@ impl EcStore {
             },
             heads: BTreeMap::new(),
             silent: BTreeSet::new(),
+            groups: BTreeMap::new(),
         };
         let targets = holders
             .iter()
@@ -254,6 +267,11 @@ impl EcStore {
                     .entry(head.index)
                     .or_default()
                     .insert(entry.slot.id, CopyHealth::Unverified);
+                if !head.group.is_empty() {
+                    observed
+                        .groups
+                        .insert((head.version, head.index), head.group.clone());
+                }
                 observed.heads.entry(head.version).or_insert(head);
             }
         }
@@ -464,6 +482,29 @@ pub(super) fn health_of(observed: &Observed, plan: &Plan, osds: &[OsdEntry]) -> 
         healthy_fragments,
         fragments,
         stale,
+        local_parities: current
+            .into_iter()
+            .flat_map(|v| {
+                v.copies
+                    .range((u16::from(k) + u16::from(m)).min(255) as u8..)
+            })
+            .filter(|(index, _)| u16::from(**index) >= u16::from(k) + u16::from(m))
+            .map(|(index, copies)| LocalParity {
+                index: *index,
+                group: observed
+                    .groups
+                    .get(&(version, *index))
+                    .cloned()
+                    .unwrap_or_default(),
+                copies: copies
+                    .iter()
+                    .map(|(id, health)| FragmentCopy {
+                        osd: osd_ref(osds, *id),
+                        health: *health,
+                    })
+                    .collect(),
+            })
+            .collect(),
         incomplete_versions: observed
             .seen
             .versions

@@ -321,6 +321,22 @@ pub fn plan_object(
             }
         }
     }
+    // Local parities (indices past the code) are extras: a copy that is corrupt or on an OSD
+    // being emptied goes (its group falls back to the code until a put rewrites it).
+    for (index, copies) in current.copies.range(n.min(255) as u8..) {
+        if usize::from(*index) < n {
+            continue;
+        }
+        for (id, health) in copies {
+            if reachable(state(*id)) && (!health.usable() || state(*id) == OsdState::Draining) {
+                deletes.push(Action::Delete {
+                    version,
+                    index: *index,
+                    on: *id,
+                });
+            }
+        }
+    }
     // Older versions are stale: the object's version is readable, so they are never needed.
     for (older, v) in seen.versions.range(..version) {
         for (index, copies) in &v.copies {

@@ -26,8 +26,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::codec::{codec, CodecId};
-use super::fragment::{encode_fragment, FragmentHeader};
+#[path = "rebuild.rs"]
+mod rebuild;
+
 use super::inspect::Observed;
 use super::plan::{Action, Plan};
 use super::preset::Preset;
@@ -80,6 +81,8 @@ pub struct RepairReport {
     /// Objects with at least one action carried out.
     pub objects_repaired: u64,
     pub fragments_rebuilt: u64,
+    /// Of those, rebuilt from a local parity and its own domain.
+    pub fragments_rebuilt_locally: u64,
     pub fragments_moved: u64,
     /// Stale versions, misplaced and corrupt copies removed.
     pub fragments_deleted: u64,
@@ -461,177 +464,5 @@ impl EcStore {
             namespace: run.namespace.to_string(),
             name: format!("{name} (deleted while repair copied it; its copies were removed)"),
         })
-    }
-
-    /// Rebuild `targets` (index, destination) of `version` from `k` surviving fragments.
-    fn rebuild(
-        &self,
-        run: &mut Run<'_>,
-        observed: &Observed,
-        plan: &Plan,
-        version: u64,
-        targets: &[(u8, u64)],
-    ) -> Result<()> {
-        let name = observed.name.as_str();
-        let (k, m) = (usize::from(plan.k), usize::from(plan.m));
-        let dest_domains: Vec<&str> = targets
-            .iter()
-            .filter_map(|(_, to)| Self::osd(run, *to).ok())
-            .map(|o| o.slot.domain.as_str())
-            .collect();
-        let current = observed.seen.versions.get(&version);
-        // Survivors: one sound copy per index not being rebuilt, local (destination's
-        // domain) and up ones first.
-        let plan_osds = observed.plan_osds(run.osds);
-        let mut sources: Vec<(u8, &OsdEntry)> = Vec::new();
-        for (index, copies) in current.into_iter().flat_map(|v| v.copies.iter()) {
-            if targets.iter().any(|(i, _)| i == index) || usize::from(*index) >= k + m {
-                continue;
-            }
-            let best = copies
-                .iter()
-                .filter(|(id, health)| {
-                    health.usable()
-                        && plan_osds.iter().any(|o| {
-                            o.slot.id == **id
-                                && matches!(o.state, OsdState::Up | OsdState::Draining)
-                        })
-                })
-                .filter_map(|(id, _)| run.osds.iter().find(|o| o.slot.id == *id))
-                .min_by_key(|o| {
-                    (
-                        !dest_domains.contains(&o.slot.domain.as_str()),
-                        o.state != OsdState::Up,
-                        o.slot.id,
-                    )
-                });
-            if let Some(entry) = best {
-                sources.push((*index, entry));
-            }
-        }
-        sources.sort_by_key(|(index, o)| {
-            (
-                !dest_domains.contains(&o.slot.domain.as_str()),
-                o.state != OsdState::Up,
-                *index,
-            )
-        });
-        let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
-        let mut header: Option<FragmentHeader> = None;
-        let mut got = 0;
-        let mut errors = Vec::new();
-        let mut sources = sources.into_iter();
-        // Read the k best survivors at once; if some fail, the next ones, until k are in.
-        while got < k {
-            let batch: Vec<(u8, &OsdEntry)> = sources.by_ref().take(k - got).collect();
-            if batch.is_empty() {
-                break;
-            }
-            let targets = batch
-                .iter()
-                .map(|(index, entry)| {
-                    (
-                        (*entry).clone(),
-                        Message::GetFile {
-                            namespace: run.namespace.to_string(),
-                            name: name.to_string(),
-                            version,
-                            index: *index,
-                        },
-                    )
-                })
-                .collect();
-            for ((index, entry), (_, answer)) in batch.iter().zip(self.call_all(targets)?) {
-                let file = match answer {
-                    Ok(Message::Data { data }) => data,
-                    Ok(other) => {
-                        errors.push(format!(
-                            "fragment {index} on OSD {}: answered {}",
-                            entry.slot.id,
-                            other.name()
-                        ));
-                        continue;
-                    }
-                    Err(e) => {
-                        errors.push(format!("fragment {index} on OSD {}: {e}", entry.slot.id));
-                        continue;
-                    }
-                };
-                let len = file.len() as u64;
-                run.report.bytes_read += len;
-                if dest_domains.iter().any(|d| *d != entry.slot.domain) {
-                    run.report.cross_domain_bytes += len;
-                }
-                run.throttle.account(len);
-                let h = match FragmentHeader::decode(&file) {
-                    Ok(h)
-                        if h.object_version == version
-                            && h.index == *index
-                            && file.len() as u64 == h.file_len() =>
-                    {
-                        h
-                    }
-                    _ => {
-                        errors.push(format!(
-                            "fragment {index} on OSD {}: not the fragment asked for",
-                            entry.slot.id
-                        ));
-                        continue;
-                    }
-                };
-                shards[usize::from(*index)] =
-                    Some(file[h.data_offset() as usize..h.table_offset() as usize].to_vec());
-                header.get_or_insert(h);
-                got += 1;
-            }
-        }
-        let header = match header {
-            Some(h) if got >= k => h,
-            _ => {
-                return Err(BackendError::Osd {
-                    addr: "-".into(),
-                    reason: format!(
-                        "{}/{name}: only {got} of the {k} fragments needed to rebuild could be read: {}",
-                        run.namespace,
-                        errors.join("; ")
-                    ),
-                })
-            }
-        };
-        if header.data_len > 0 {
-            let code = codec(CodecId(header.codec.0), k, m).map_err(|e| BackendError::Corrupt {
-                namespace: run.namespace.to_string(),
-                name: name.to_string(),
-                reason: e.to_string(),
-            })?;
-            code.reconstruct(&mut shards, false)
-                .map_err(|e| BackendError::Corrupt {
-                    namespace: run.namespace.to_string(),
-                    name: name.to_string(),
-                    reason: format!("cannot rebuild: {e}"),
-                })?;
-        }
-        for (index, to) in targets {
-            let data = match header.data_len {
-                0 => Vec::new(),
-                _ => shards[usize::from(*index)].take().unwrap_or_default(),
-            };
-            let file = encode_fragment(
-                &FragmentHeader {
-                    index: *index,
-                    ..header.clone()
-                },
-                &data,
-            )
-            .map_err(|e| BackendError::Corrupt {
-                namespace: run.namespace.to_string(),
-                name: name.to_string(),
-                reason: e.to_string(),
-            })?;
-            let dest = Self::osd(run, *to)?;
-            self.put_file(run, name, (version, *index), dest, file)?;
-            run.report.fragments_rebuilt += 1;
-        }
-        Ok(())
     }
 }

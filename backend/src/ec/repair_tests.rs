@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::fragment::FragmentHeader;
 use super::inspect::{FragmentStatus, ObjectStatus};
 use super::repair::{RepairOptions, RepairProgress, RepairReport};
-use super::store::OsdState;
+use super::store::{NamespaceRecord, OsdState, TierMap};
 use super::testkit::{object, tier, Tier};
 use crate::{BackendError, ObjectStore};
 
@@ -170,6 +170,63 @@ fn without_rebalance_a_loss_costs_only_its_rebuilds() {
     assert_eq!(report.fragments_rebuilt, 0);
     assert_all_healthy(&t, 12);
     assert_exact(&t.client(), &objects);
+    drop(t.runtime);
+}
+
+#[test]
+fn with_local_parity_one_loss_is_rebuilt_within_its_domain() {
+    let t = tier(9);
+    t.map
+        .create_namespace(
+            NS,
+            &NamespaceRecord {
+                tag: 1,
+                preset: "lrc".into(),
+            },
+        )
+        .unwrap();
+    let objects: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| {
+            let name = format!("{i:08}.sco");
+            let data = object(50_000 + i * 40_000, i as u32);
+            t.store.put(NS, &name, &data).unwrap();
+            (name, data)
+        })
+        .collect();
+    // 4+2 over three domains of three OSDs: two fragments per domain, and its local parity
+    // on the third OSD.
+    settle(&t, 10 * 9);
+    for object in t.store.inspect(NS, None, true).unwrap() {
+        assert_eq!(object.status, ObjectStatus::Healthy, "{object:?}");
+        assert_eq!(object.local_parities.len(), 3, "{object:?}");
+        assert!(object.local_parities.iter().all(|p| p.group.len() == 2));
+    }
+    assert_exact(&t.client(), &objects);
+    let lost = (0..9).max_by_key(|id| t.fragments_on(*id)).unwrap();
+    let globals: u64 = objects
+        .iter()
+        .flat_map(|(name, _)| t.fragment_files(lost, NS, name))
+        .filter(|path| {
+            let index = path.extension().unwrap().to_str().unwrap();
+            index.parse::<u8>().unwrap() < 6
+        })
+        .count() as u64;
+    assert!(globals > 0);
+    t.kill(lost);
+    t.set_state(lost, OsdState::Out);
+    assert_exact(&t.client(), &objects);
+    let sticky = RepairOptions {
+        rebalance: false,
+        ..RepairOptions::default()
+    };
+    let report = t.store.repair_namespace(NS, &sticky, &|_| {}).unwrap();
+    assert!(report.fully_redundant(), "{report:?}");
+    assert_eq!(report.fragments_rebuilt, globals, "{report:?}");
+    assert_eq!(report.fragments_rebuilt_locally, globals, "{report:?}");
+    assert_eq!(report.cross_domain_bytes, 0, "{report:?}");
+    assert!(report.bytes_read > 0);
+    assert_exact(&t.client(), &objects);
+    assert_nothing_done(&t.store.repair_namespace(NS, &sticky, &|_| {}).unwrap());
     drop(t.runtime);
 }
 

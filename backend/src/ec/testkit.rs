@@ -28,8 +28,9 @@ impl TierMap for MemMap {
         Ok(self.osds.lock().clone())
     }
     fn preset(&self, name: &str) -> Result<Option<Preset>> {
-        Ok((name == "p").then(|| Preset {
-            name: "p".into(),
+        // "p": 4+2 (2+1 when a domain is missing); "lrc": the same with local parities.
+        Ok((name == "p" || name == "lrc").then(|| Preset {
+            name: name.into(),
             policies: vec![
                 Policy {
                     x: 2,
@@ -43,6 +44,7 @@ impl TierMap for MemMap {
             fragment_size: 64 * 1024,
             compression: Compression::None,
             encrypted: false,
+            local_parity: name == "lrc",
         }))
     }
     fn namespace(&self, namespace: &str) -> Result<Option<NamespaceRecord>> {

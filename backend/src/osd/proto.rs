@@ -39,7 +39,8 @@
 //! - Version 2 (repair, issue 12): `Verify` checks a whole fragment's CRCs on the OSD and
 //!   answers `Done` or `Error { Corrupt }`, so a scrub does not ship fragments over the wire;
 //!   `DeleteFragment` removes one fragment (one version, one index) under the owner tag, for
-//!   moves (after the new copy is durable), misplaced copies and stale versions.
+//!   moves (after the new copy is durable), misplaced copies and stale versions; each `Heads`
+//!   entry ends with the local parity group it covers (count byte, then indices).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -127,6 +128,8 @@ pub struct HeadEntry {
     pub fragment_size: u32,
     pub object_size: u64,
     pub data_len: u64,
+    /// For a local parity, the indices it covers; empty otherwise.
+    pub group: Vec<u8>,
 }
 
 /// An OSD's usage, as `Stat` reports it.
@@ -421,6 +424,11 @@ impl Message {
                     out.put_u32_le(h.fragment_size);
                     out.put_u64_le(h.object_size);
                     out.put_u64_le(h.data_len);
+                    if h.group.len() > 255 {
+                        return Err(ProtoError::Malformed("local group over 255".into()));
+                    }
+                    out.put_u8(h.group.len() as u8);
+                    out.put_slice(&h.group);
                 }
             }
             Message::List {
@@ -547,7 +555,7 @@ impl Message {
                         "{count} heads exceed {MAX_LIST}"
                     )));
                 }
-                r.need(count.saturating_mul(33))?;
+                r.need(count.saturating_mul(34))?;
                 let mut heads = Vec::with_capacity(count);
                 for _ in 0..count {
                     heads.push(HeadEntry {
@@ -559,6 +567,11 @@ impl Message {
                         fragment_size: r.u32()?,
                         object_size: r.u64()?,
                         data_len: r.u64()?,
+                        group: {
+                            let len = usize::from(r.u8()?);
+                            r.need(len)?;
+                            r.0.split_to(len).to_vec()
+                        },
                     });
                 }
                 Message::Heads { heads }
@@ -836,12 +849,22 @@ mod tests {
                 }
             ),
             (s, s).prop_map(|(namespace, name)| Message::Head { namespace, name }),
-            proptest::collection::vec(any::<(u64, u8, u8, u8, u16, u32, u64, u64)>(), 0..4)
-                .prop_map(|v| Message::Heads {
-                    heads: v
-                        .into_iter()
-                        .map(
-                            |(
+            proptest::collection::vec(
+                (
+                    any::<(u64, u8, u8, u8, u16, u32, u64, u64)>(),
+                    proptest::collection::vec(any::<u8>(), 0..5)
+                ),
+                0..4
+            )
+            .prop_map(|v| Message::Heads {
+                heads: v
+                    .into_iter()
+                    .map(
+                        |(
+                            (version, index, k, m, codec, fragment_size, object_size, data_len),
+                            group,
+                        )| {
+                            HeadEntry {
                                 version,
                                 index,
                                 k,
@@ -850,21 +873,12 @@ mod tests {
                                 fragment_size,
                                 object_size,
                                 data_len,
-                            )| {
-                                HeadEntry {
-                                    version,
-                                    index,
-                                    k,
-                                    m,
-                                    codec,
-                                    fragment_size,
-                                    object_size,
-                                    data_len,
-                                }
+                                group,
                             }
-                        )
-                        .collect()
-                }),
+                        }
+                    )
+                    .collect()
+            }),
             Just(Message::Done),
             data.prop_map(|data| Message::Data { data }),
             proptest::collection::vec((s, any::<u64>(), any::<u8>(), any::<u64>()), 0..5).prop_map(

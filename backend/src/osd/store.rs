@@ -131,6 +131,7 @@ impl FragmentStore {
                     fragment_size: h.fragment_size,
                     object_size: h.object_size,
                     data_len: h.data_len,
+                    group: h.local_group,
                 });
             }
         }
@@ -554,6 +555,7 @@ mod tests {
             data_len: data.len() as u64,
             namespace: "ns".into(),
             name: name.into(),
+            local_group: Vec::new(),
         };
         fragment::encode_fragment(&header, data).unwrap()
     }
