@@ -102,15 +102,31 @@ pub fn start(
 /// One pass over the node's volumes; `true` when every namespace was handled without errors
 /// (objects waiting on a down OSD are fine: the next map change brings them back to repair).
 fn run_pass(store: &EcStore, manager: &VolumeManager, scrub: bool) -> bool {
-    let options = RepairOptions {
-        bandwidth: Some(BANDWIDTH),
-        verify: scrub,
-        rebalance: true,
-    };
+    // Two passes: the first restores redundancy at the least traffic (lost fragments rebuilt,
+    // draining OSDs emptied, sound fragments left where they are); the second moves fragments
+    // to where placement wants them (a new OSD's share, and the knock-on of a changed map).
+    let mut clean = true;
+    for rebalance in [false, true] {
+        let options = RepairOptions {
+            bandwidth: Some(BANDWIDTH),
+            verify: scrub && !rebalance,
+            rebalance,
+        };
+        clean &= pass_over_volumes(store, manager, scrub, &options);
+    }
+    clean
+}
+
+fn pass_over_volumes(
+    store: &EcStore,
+    manager: &VolumeManager,
+    scrub: bool,
+    options: &RepairOptions,
+) -> bool {
     let mut clean = true;
     for name in manager.names() {
         let started = Instant::now();
-        let report: Result<RepairReport, _> = store.repair_namespace(&name, &options, &|p| {
+        let report: Result<RepairReport, _> = store.repair_namespace(&name, options, &|p| {
             if p.objects_checked.is_multiple_of(256) && p.objects_checked > 0 {
                 tracing::info!(
                     volume = %p.namespace,
