@@ -340,6 +340,37 @@ fn repair_rebuilds_what_out_osds_held_and_a_restarted_osd_needs_none() {
         text.contains("need repair") && text.contains(" 0 need repair"),
         "{text}"
     );
+
+    // A fragment rots on disk: a verifying inspect finds it, a verifying repair rebuilds it.
+    let file = tier.osds[1]
+        .fragment_files()
+        .into_iter()
+        .max_by_key(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&file, bytes).unwrap();
+    let corrupt = |objects: &[serde_json::Value]| {
+        objects
+            .iter()
+            .flat_map(|o| o["fragments"].as_array().unwrap().clone())
+            .filter(|f| f["status"] == "corrupt")
+            .count()
+    };
+    let objects: Vec<serde_json::Value> =
+        serde_json::from_str(&tier.cli_ok(&["backend", "inspect", "v", "--verify", "--json"]))
+            .unwrap();
+    assert_eq!(corrupt(&objects), 1, "{objects:?}");
+    let out = tier.cli_ok(&["backend", "repair", "v", "--verify", "--json"]);
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(all[0]["report"]["corrupt_found"], 1, "{all}");
+    assert_eq!(all[0]["fully_redundant"], true, "{all}");
+    let objects: Vec<serde_json::Value> =
+        serde_json::from_str(&tier.cli_ok(&["backend", "inspect", "v", "--verify", "--json"]))
+            .unwrap();
+    assert_eq!(corrupt(&objects), 0);
+    qemu_io(&uri, "read -P 0x3c 0 48M");
 }
 
 #[test]
@@ -395,4 +426,57 @@ fn a_new_osd_gets_its_share_under_load_and_decommission_empties_one() {
     repair(&tier, "v");
     qemu_io(&uri, "read -P 0x77 256M 64M");
     assert_fio_ok(&fio(&uri, "96M", "verify"), "verify after decommission");
+}
+
+#[test]
+fn with_local_parity_a_lost_osd_is_rebuilt_without_crossing_domains() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    // Three OSDs per domain: two hold an object's fragments there, the third its local parity.
+    let mut tier = Tier::start(tmp.path(), 9, 3);
+    tier.cli_ok(&[
+        "preset",
+        "create",
+        "lrc",
+        "--k",
+        "4",
+        "--m",
+        "2",
+        "--x",
+        "2",
+        "--local-parity",
+    ]);
+    let mut node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "lrc"]);
+    qemu_io(&node.uri("v"), "write -P 0x21 0 32M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    // The node stops, so the CLI's repair below is the only one.
+    assert!(node.terminate().success());
+    repair(&tier, "v");
+
+    let lost = tier.osds[4].id;
+    tier.osds[4].kill9();
+    tier.cli_ok(&["osd", "out", &lost.to_string()]);
+    tier.wait_osds("the OSD out", |osds| {
+        osds.iter().any(|o| o["id"] == lost && o["state"] == "out")
+    });
+    let out = tier.cli_ok(&["backend", "repair", "v", "--no-rebalance", "--json"]);
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let report = &all[0]["report"];
+    assert_eq!(all[0]["fully_redundant"], true, "{all}");
+    assert!(
+        report["fragments_rebuilt"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["fragments_rebuilt_locally"], report["fragments_rebuilt"],
+        "{report}"
+    );
+    assert_eq!(report["cross_domain_bytes"], 0, "{report}");
+
+    // Every byte is still there.
+    node.launch();
+    qemu_io(&node.uri("v"), "read -P 0x21 0 32M");
 }

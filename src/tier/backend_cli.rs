@@ -206,6 +206,7 @@ fn merge(total: &mut RepairReport, pass: RepairReport, first: bool) {
     }
     total.objects_repaired += pass.objects_repaired;
     total.fragments_rebuilt += pass.fragments_rebuilt;
+    total.fragments_rebuilt_locally += pass.fragments_rebuilt_locally;
     total.fragments_moved += pass.fragments_moved;
     total.fragments_deleted += pass.fragments_deleted;
     total.corrupt_found += pass.corrupt_found;
@@ -221,10 +222,11 @@ fn merge(total: &mut RepairReport, pass: RepairReport, first: bool) {
 
 fn print_report(namespace: &str, r: &RepairReport) {
     println!(
-        "{namespace}: {} objects checked, {} repaired; fragments: {} rebuilt, {} moved, {} deleted, {} corrupt found; {} read, {} written, {} across domains",
+        "{namespace}: {} objects checked, {} repaired; fragments: {} rebuilt ({} from their domain's local parity), {} moved, {} deleted, {} corrupt found; {} read, {} written, {} across domains",
         r.objects_checked,
         r.objects_repaired,
         r.fragments_rebuilt,
+        r.fragments_rebuilt_locally,
         r.fragments_moved,
         r.fragments_deleted,
         r.corrupt_found,
