@@ -480,3 +480,73 @@ fn with_local_parity_a_lost_osd_is_rebuilt_without_crossing_domains() {
     node.launch();
     qemu_io(&node.uri("v"), "read -P 0x21 0 32M");
 }
+
+#[test]
+fn an_encrypted_preset_keeps_plaintext_off_the_osds() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let tier = Tier::start(tmp.path(), 6, 3);
+    let key_file = tmp.path().join("tier.key");
+    std::fs::write(&key_file, [0xa7u8; 32]).unwrap();
+    let bad_key = tmp.path().join("bad.key");
+    std::fs::write(&bad_key, b"too short").unwrap();
+    let bad = tier.cli(&[
+        "preset",
+        "create",
+        "x",
+        "--k",
+        "4",
+        "--m",
+        "2",
+        "--x",
+        "2",
+        "--encryption-key-file",
+        bad_key.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--encryption-key-file"));
+    tier.cli_ok(&[
+        "preset",
+        "create",
+        "sealed",
+        "--k",
+        "4",
+        "--m",
+        "2",
+        "--x",
+        "2",
+        "--encryption-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    let shown = tier.cli_ok(&["preset", "show", "sealed", "--json"]);
+    assert!(shown.contains("key_fingerprint"), "{shown}");
+    assert!(
+        !shown.contains(&"a7".repeat(32)),
+        "the key is never printed: {shown}"
+    );
+
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "sealed"]);
+    let uri = node.uri("v");
+    // 0x6b repeated: any 64 plaintext bytes on an OSD's disk would be found.
+    qemu_io(&uri, "write -P 0x6b 0 24M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    let needle = [0x6bu8; 64];
+    let mut files = 0;
+    for osd in &tier.osds {
+        for file in osd.fragment_files() {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(
+                !bytes.windows(64).any(|w| w == needle),
+                "plaintext in {}",
+                file.display()
+            );
+            files += 1;
+        }
+    }
+    assert!(files >= 36, "{files} fragment files");
+    qemu_io(&uri, "read -P 0x6b 0 24M");
+    qemu_io(&uri, "read -P 0x6b 12345k 4k");
+}

@@ -94,7 +94,9 @@ enum PresetVerb {
         /// zstd, lz4 or none.
         #[arg(long, default_value = "none")]
         compression: String,
-        /// A 32-byte key file: fragments are encrypted with AES-256-CTR.
+        /// A key file (32 raw bytes, or 64 hex digits): objects are encrypted with AES-256-CTR
+        /// before encoding, so OSDs and their disks hold only ciphertext and partial reads stay
+        /// partial. The key is kept in the registry with the preset.
         #[arg(long)]
         encryption_key_file: Option<PathBuf>,
         /// Add a local parity per failure domain, so one lost fragment is rebuilt from its own
@@ -305,12 +307,17 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                     ),
                     other => bail!("--compression {other}: choose zstd, lz4 or none"),
                 };
-                if encryption_key_file.is_some() {
-                    bail!(
-                        "--encryption-key-file: encrypted fragments are not built yet; create \
-                         the preset without it"
-                    );
-                }
+                let encryption_key = match &encryption_key_file {
+                    Some(path) => {
+                        let bytes = std::fs::read(path).with_context(|| {
+                            format!("cannot read the key file {}", path.display())
+                        })?;
+                        Some(vstor_backend::ec::crypt::parse_key(&bytes).map_err(|e| {
+                            anyhow::anyhow!("--encryption-key-file {}: {e}", path.display())
+                        })?)
+                    }
+                    None => None,
+                };
                 let fragment_size = u32::try_from(parse_size(&fragment_size)?)
                     .context("--fragment-size is too large")?;
                 let preset = Preset {
@@ -318,16 +325,17 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                     policies,
                     fragment_size,
                     compression,
-                    encrypted: false,
+                    encryption_key,
                     local_parity,
                 };
                 preset.validate().map_err(anyhow::Error::msg)?;
                 map::create_preset(registry.as_ref(), &preset).await?;
+                let shown = PresetRecord::from_preset(&preset).redacted();
                 if args.json {
-                    print_json(&serde_json::to_value(PresetRecord::from_preset(&preset))?);
+                    print_json(&serde_json::to_value(shown)?);
                 } else {
                     println!("created preset {name}");
-                    print_preset(&PresetRecord::from_preset(&preset));
+                    print_preset(&shown);
                 }
                 Ok(())
             }
@@ -335,7 +343,7 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                 let presets: Vec<PresetRecord> = map::list(registry.as_ref(), PRESETS)
                     .await?
                     .into_iter()
-                    .map(|(_, p)| p)
+                    .map(|(_, p)| PresetRecord::redacted(&p))
                     .collect();
                 if args.json {
                     print_json(&serde_json::to_value(&presets)?);
@@ -363,6 +371,7 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                 else {
                     bail!("there is no preset {name} (see `vstor preset list`)");
                 };
+                let preset = preset.redacted();
                 if args.json {
                     print_json(&serde_json::to_value(&preset)?);
                 } else {
@@ -395,5 +404,8 @@ fn print_preset(p: &PresetRecord) {
         format_size(u64::from(p.fragment_size))
     );
     println!("  compression: {}", p.compression);
-    println!("  encrypted: {}", if p.encrypted { "yes" } else { "no" });
+    match &p.key_fingerprint {
+        Some(fp) => println!("  encrypted: yes (AES-256-CTR, key fingerprint {fp})"),
+        None => println!("  encrypted: {}", if p.encrypted { "yes" } else { "no" }),
+    }
 }

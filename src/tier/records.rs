@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vstor_backend::ec::crypt;
 use vstor_backend::ec::placement::OsdSlot;
 use vstor_backend::ec::preset::{Compression, Policy, Preset};
 use vstor_backend::ec::store::{NamespaceRecord, OsdEntry, OsdState};
@@ -81,6 +82,13 @@ pub struct PresetRecord {
     pub compression: String,
     #[serde(default)]
     pub encrypted: bool,
+    /// The AES-256 key, hex (Open vStorage ALBA keeps it in the preset as well). Never printed:
+    /// [`PresetRecord::redacted`] replaces it with `key_fingerprint` for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
+    /// A non-secret fingerprint of the key, for display only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
     #[serde(default)]
     pub local_parity: bool,
 }
@@ -98,6 +106,19 @@ pub struct PolicyRecord {
 }
 
 impl PresetRecord {
+    /// The record as shown to users: the key replaced by its fingerprint.
+    pub fn redacted(&self) -> Self {
+        Self {
+            key_fingerprint: self
+                .encryption_key
+                .as_deref()
+                .and_then(|hex| crypt::parse_key(hex.as_bytes()).ok())
+                .map(|key| crypt::fingerprint(&key)),
+            encryption_key: None,
+            ..self.clone()
+        }
+    }
+
     pub fn from_preset(preset: &Preset) -> Self {
         Self {
             name: preset.name.clone(),
@@ -118,7 +139,9 @@ impl PresetRecord {
                 Compression::Lz4 => "lz4",
             }
             .into(),
-            encrypted: preset.encrypted,
+            encrypted: preset.encryption_key.is_some(),
+            encryption_key: preset.encryption_key.as_ref().map(crypt::to_hex),
+            key_fingerprint: None,
             local_parity: preset.local_parity,
         }
     }
@@ -144,7 +167,18 @@ impl PresetRecord {
                 "lz4" => Compression::Lz4,
                 other => return Err(format!("preset {}: unknown compression {other}", self.name)),
             },
-            encrypted: self.encrypted,
+            encryption_key: match (&self.encryption_key, self.encrypted) {
+                (Some(hex), _) => Some(crypt::parse_key(hex.as_bytes()).map_err(|e| {
+                    format!("preset {}: its encryption key is unusable: {e}", self.name)
+                })?),
+                (None, true) => {
+                    return Err(format!(
+                        "preset {}: encrypted, but its key is missing",
+                        self.name
+                    ))
+                }
+                (None, false) => None,
+            },
             local_parity: self.local_parity,
         };
         preset.validate()?;
@@ -174,7 +208,7 @@ pub fn default_preset(name: &str) -> Preset {
         ],
         fragment_size: 1 << 20,
         compression: Compression::None,
-        encrypted: false,
+        encryption_key: None,
         local_parity: false,
     }
 }
@@ -365,5 +399,22 @@ mod tests {
         let mut bad = record;
         bad.compression = "brotli".into();
         assert!(bad.to_preset().unwrap_err().contains("brotli"));
+    }
+
+    #[test]
+    fn an_encrypted_preset_keeps_its_key_and_shows_only_a_fingerprint() {
+        let preset = Preset {
+            encryption_key: Some([9; 32]),
+            ..default_preset("sealed")
+        };
+        let record = PresetRecord::from_preset(&preset);
+        assert!(record.encrypted);
+        assert_eq!(record.to_preset().unwrap(), preset);
+        let shown = serde_json::to_string(&record.redacted()).unwrap();
+        assert!(!shown.contains(&crypt::to_hex(&[9; 32])), "{shown}");
+        assert!(shown.contains(&crypt::fingerprint(&[9; 32])), "{shown}");
+        let mut lost = record.redacted();
+        lost.key_fingerprint = None;
+        assert!(lost.to_preset().unwrap_err().contains("key is missing"));
     }
 }

@@ -106,7 +106,7 @@ impl TierMap for EtcdTierMap {
                     .collect(),
                 fragment_size: p["fragment_size"].as_u64().unwrap() as u32,
                 compression: Compression::None,
-                encrypted: false,
+                encryption_key: None,
                 local_parity: p["local_parity"].as_bool().unwrap_or(false),
             }))
     }

@@ -13,6 +13,7 @@
 //!   rebalancing and scrub to it.
 
 pub mod codec;
+pub mod crypt;
 pub mod fragment;
 pub mod inspect;
 pub mod layout;

@@ -85,8 +85,9 @@ pub struct Preset {
     /// Bytes per fragment piece of a full chunk (see `layout`).
     pub fragment_size: u32,
     pub compression: Compression,
-    /// Fragments are encrypted (AES-256-CTR, so partial reads stay partial).
-    pub encrypted: bool,
+    /// Objects are encrypted with this key before encoding (AES-256-CTR, so partial reads stay
+    /// partial: `crypt`).
+    pub encryption_key: Option<super::crypt::Key>,
     /// Add a local parity per failure domain holding two or more of an object's fragments
     /// (`ec::local`), so one lost fragment is rebuilt from its own domain.
     pub local_parity: bool,
@@ -160,7 +161,7 @@ mod tests {
             ],
             fragment_size: 1 << 20,
             compression: Compression::None,
-            encrypted: false,
+            encryption_key: None,
             local_parity: false,
         }
     }

@@ -39,6 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::codec::{codec, CodecId};
+use super::crypt;
 use super::fragment::{encode_fragment, FragmentHeader};
 use super::layout::Layout;
 use super::local::local_parities;
@@ -156,6 +157,8 @@ pub struct EcStore {
     /// Presets chosen for namespaces about to be created (`volume create --preset`), taken by
     /// `create_namespace`.
     reserved: Mutex<HashMap<String, String>>,
+    /// Each namespace's encryption key, from its preset (fixed at creation), once looked up.
+    keys: Mutex<HashMap<String, Option<crypt::Key>>>,
 }
 
 impl Drop for EcStore {
@@ -188,6 +191,7 @@ impl EcStore {
             clients: Arc::default(),
             found: Mutex::default(),
             reserved: Mutex::default(),
+            keys: Mutex::default(),
         })
     }
 
@@ -208,6 +212,29 @@ impl EcStore {
     /// The store's default preset.
     pub fn default_preset(&self) -> &str {
         &self.options.default_preset
+    }
+
+    /// The namespace's encryption key (`None`: its preset does not encrypt). A namespace keeps
+    /// the preset it was created with, and presets are never changed, so this is cached.
+    fn namespace_key(&self, namespace: &str) -> Result<Option<crypt::Key>> {
+        if let Some(key) = self.keys.lock().get(namespace) {
+            return Ok(*key);
+        }
+        let record = self.record(namespace)?;
+        let preset = self
+            .map
+            .preset(&record.preset)?
+            .ok_or_else(|| BackendError::Osd {
+                addr: "-".into(),
+                reason: format!(
+                    "namespace {namespace} uses unknown preset {}",
+                    record.preset
+                ),
+            })?;
+        self.keys
+            .lock()
+            .insert(namespace.to_string(), preset.encryption_key);
+        Ok(preset.encryption_key)
     }
 
     /// The map the store reads (the node's background repair watches it for changes).
@@ -407,6 +434,7 @@ impl EcStore {
 impl ObjectStore for EcStore {
     fn create_namespace(&self, namespace: &str, owner: OwnerTag) -> Result<()> {
         validate_name(namespace)?;
+        self.keys.lock().remove(namespace);
         let preset = self
             .reserved
             .lock()
@@ -418,6 +446,7 @@ impl ObjectStore for EcStore {
     }
 
     fn delete_namespace(&self, namespace: &str) -> Result<()> {
+        self.keys.lock().remove(namespace);
         let record = self.record(namespace)?;
         for name in self.list(namespace)? {
             self.delete_if_owner(namespace, &name, record.tag)?;
@@ -504,6 +533,16 @@ impl ObjectStore for EcStore {
             .lock()
             .get(&key)
             .map_or(now, |f| now.max(f.version + 1));
+        let sealed;
+        let data = match &preset.encryption_key {
+            Some(key) => {
+                let mut copy = data.to_vec();
+                crypt::apply(key, namespace, name, version, 0, &mut copy);
+                sealed = copy;
+                sealed.as_slice()
+            }
+            None => data,
+        };
         let files = Self::encode_object(
             namespace,
             name,
@@ -643,8 +682,9 @@ impl ObjectStore for EcStore {
             .found
             .lock()
             .contains_key(&(namespace.to_string(), name.to_string()));
+        let key = self.namespace_key(namespace)?;
         let found = self.find(namespace, name)?;
-        match self.read_found(namespace, name, &found, offset, buf) {
+        let version = match self.read_found(namespace, name, &found, offset, buf) {
             // What was cached may be out of date (repair moved or rebuilt fragments since):
             // find again and read once more.
             Err(e) if cached && !matches!(e, BackendError::RangeOutOfBounds { .. }) => {
@@ -653,10 +693,15 @@ impl ObjectStore for EcStore {
                 );
                 self.forget(namespace, name);
                 let found = self.find(namespace, name)?;
-                self.read_found(namespace, name, &found, offset, buf)
+                self.read_found(namespace, name, &found, offset, buf)?;
+                found.version
             }
-            other => other,
+            other => other.map(|()| found.version)?,
+        };
+        if let Some(key) = key {
+            crypt::apply(&key, namespace, name, version, offset, buf);
         }
+        Ok(())
     }
 
     fn size(&self, namespace: &str, name: &str) -> Result<u64> {

@@ -28,8 +28,9 @@ impl TierMap for MemMap {
         Ok(self.osds.lock().clone())
     }
     fn preset(&self, name: &str) -> Result<Option<Preset>> {
-        // "p": 4+2 (2+1 when a domain is missing); "lrc": the same with local parities.
-        Ok((name == "p" || name == "lrc").then(|| Preset {
+        // "p": 4+2 (2+1 when a domain is missing); "lrc": the same with local parities; "enc":
+        // the same, encrypted.
+        Ok(["p", "lrc", "enc"].contains(&name).then(|| Preset {
             name: name.into(),
             policies: vec![
                 Policy {
@@ -43,7 +44,7 @@ impl TierMap for MemMap {
             ],
             fragment_size: 64 * 1024,
             compression: Compression::None,
-            encrypted: false,
+            encryption_key: (name == "enc").then_some([0x5e; 32]),
             local_parity: name == "lrc",
         }))
     }
