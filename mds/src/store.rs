@@ -1,0 +1,615 @@
+//! The MDS's tables on disk, in one [redb](https://docs.rs/redb) database file.
+//!
+//! Why redb: the tables need atomic multi-key updates (one TLog's updates and its new cork in
+//! one commit, or none of them) and must survive `kill -9` and power loss without a repair step.
+//! redb gives ACID transactions over copy-on-write B-trees in a single file, with a commit that
+//! is durable when it returns (two-phase fsync, checksummed pages), in pure Rust and with no
+//! background threads. fjall (an LSM tree) needs its own journal and compaction threads, and
+//! RocksDB a C++ build; neither buys anything at an MDS's write rate (one commit per TLog).
+//!
+//! Layout: table `volumes` maps a volume name to its encoded [`TableMeta`] (role, owner tag,
+//! cork, counters, namespace); table `map:<volume>` maps cluster address → raw location. Every
+//! change of a volume's map is committed together with its metadata (cork), so a reopened store
+//! always holds a map that matches its cork exactly.
+//!
+//! The store is synchronous: the server runs it on the blocking pool.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::error::{MdsError, Result};
+use crate::table::{check_set, Cork, Role, TableMeta, Update};
+
+/// The database file inside the MDS data directory.
+pub const DB_FILE: &str = "mds.redb";
+
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+
+fn map_table_name(volume: &str) -> String {
+    format!("map:{volume}")
+}
+
+/// Longest volume name the MDS accepts (table names stay short).
+pub const MAX_VOLUME_NAME: usize = 255;
+
+/// A table's metadata plus how many clusters its map holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    pub volume: String,
+    pub meta: TableMeta,
+    pub entries: u64,
+}
+
+/// The per-volume tables of one MDS.
+pub struct MdsStore {
+    db: Database,
+    path: PathBuf,
+}
+
+fn check_name(volume: &str) -> Result<()> {
+    if volume.is_empty() || volume.len() > MAX_VOLUME_NAME {
+        return Err(MdsError::Invalid {
+            volume: volume.to_string(),
+            reason: format!("volume name must be 1..={MAX_VOLUME_NAME} bytes"),
+        });
+    }
+    Ok(())
+}
+
+fn apply_updates(
+    table: &mut redb::Table<'_, u64, u64>,
+    updates: &[Update],
+) -> std::result::Result<(), redb::StorageError> {
+    for u in updates {
+        match *u {
+            Update::Loc { address, location } if location as u32 == 0 => {
+                table.remove(address)?;
+            }
+            Update::Loc { address, location } => {
+                table.insert(address, location)?;
+            }
+            Update::Trim { start, count } => {
+                let end = start.saturating_add(count);
+                table.retain_in(start..end, |_, _| false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MdsStore {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| MdsError::Store {
+            path: dir.display().to_string(),
+            what: "create the data directory".into(),
+            source: e.into(),
+        })?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(MdsError::store(&path, "open"))?;
+        let store = Self { db, path };
+        // Make sure the volumes table exists so readers never see "no such table".
+        let tx = store
+            .db
+            .begin_write()
+            .map_err(MdsError::store(&store.path, "begin"))?;
+        tx.open_table(VOLUMES)
+            .map_err(MdsError::store(&store.path, "open table volumes"))?;
+        tx.commit()
+            .map_err(MdsError::store(&store.path, "commit"))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err<E: Into<redb::Error>>(&self, what: impl Into<String>) -> impl FnOnce(E) -> MdsError {
+        MdsError::store(&self.path, what)
+    }
+
+    fn decode_meta(volume: &str, bytes: &[u8]) -> Result<TableMeta> {
+        TableMeta::decode(bytes).map_err(|reason| MdsError::Corrupt {
+            volume: volume.to_string(),
+            reason,
+        })
+    }
+
+    /// The table's metadata, `None` without a table.
+    pub fn meta(&self, volume: &str) -> Result<Option<TableMeta>> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+        let got = volumes.get(volume).map_err(self.err("read volumes"))?;
+        got.map(|v| Self::decode_meta(volume, v.value()))
+            .transpose()
+    }
+
+    fn require_meta(&self, volume: &str) -> Result<TableMeta> {
+        self.meta(volume)?.ok_or_else(|| MdsError::NoTable {
+            volume: volume.to_string(),
+        })
+    }
+
+    /// Every table with its metadata and size, by volume name.
+    pub fn tables(&self) -> Result<Vec<TableInfo>> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+        let mut out = Vec::new();
+        for item in volumes.iter().map_err(self.err("list volumes"))? {
+            let (k, v) = item.map_err(self.err("list volumes"))?;
+            let volume = k.value().to_string();
+            let meta = Self::decode_meta(&volume, v.value())?;
+            let entries = self.entries_in(&tx, &volume)?;
+            out.push(TableInfo {
+                volume,
+                meta,
+                entries,
+            });
+        }
+        Ok(out)
+    }
+
+    fn entries_in(&self, tx: &redb::ReadTransaction, volume: &str) -> Result<u64> {
+        let name = map_table_name(volume);
+        let def: TableDefinition<u64, u64> = TableDefinition::new(&name);
+        match tx.open_table(def) {
+            Ok(t) => t.len().map_err(self.err("count entries")),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(self.err("open map")(e)),
+        }
+    }
+
+    /// One table's metadata and size.
+    pub fn info(&self, volume: &str) -> Result<TableInfo> {
+        let meta = self.require_meta(volume)?;
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        Ok(TableInfo {
+            volume: volume.to_string(),
+            entries: self.entries_in(&tx, volume)?,
+            meta,
+        })
+    }
+
+    /// Create the table if needed and set its role. A role change with an owner tag older than
+    /// the table's is refused; a newer one raises the table's tag.
+    pub fn set_role(
+        &self,
+        volume: &str,
+        namespace: &str,
+        role: Role,
+        owner_tag: u64,
+    ) -> Result<TableMeta> {
+        check_name(volume)?;
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        let meta = {
+            let mut volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+            let old = volumes
+                .get(volume)
+                .map_err(self.err("read volumes"))?
+                .map(|v| Self::decode_meta(volume, v.value()))
+                .transpose()?;
+            let meta = match old {
+                Some(mut meta) => {
+                    if owner_tag < meta.owner_tag {
+                        return Err(MdsError::Fenced {
+                            volume: volume.to_string(),
+                            got: owner_tag,
+                            known: meta.owner_tag,
+                        });
+                    }
+                    if meta.namespace != namespace {
+                        return Err(MdsError::Invalid {
+                            volume: volume.to_string(),
+                            reason: format!(
+                                "table is for namespace {:?}, not {namespace:?}",
+                                meta.namespace
+                            ),
+                        });
+                    }
+                    meta.role = role;
+                    meta.owner_tag = owner_tag;
+                    meta
+                }
+                None => TableMeta::new(namespace, role, owner_tag),
+            };
+            volumes
+                .insert(volume, meta.encode().as_slice())
+                .map_err(self.err("write volumes"))?;
+            meta
+        };
+        tx.commit().map_err(self.err("commit"))?;
+        Ok(meta)
+    }
+
+    /// The master's multi-set: apply `updates` and move the cork from `expect` to `cork`, in one
+    /// commit. Refused (see [`check_set`]) for an old owner tag, on a slave, or when the table is
+    /// not at `expect`; a refusal is counted.
+    pub fn multi_set(
+        &self,
+        volume: &str,
+        owner_tag: u64,
+        expect: Cork,
+        cork: Cork,
+        updates: &[Update],
+    ) -> Result<TableMeta> {
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        let outcome = {
+            let mut volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+            let mut meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
+                Some(v) => Self::decode_meta(volume, v.value())?,
+                None => {
+                    return Err(MdsError::NoTable {
+                        volume: volume.to_string(),
+                    })
+                }
+            };
+            match check_set(volume, &meta, owner_tag, expect) {
+                Ok(()) => {
+                    let name = map_table_name(volume);
+                    let mut map = tx
+                        .open_table(TableDefinition::<u64, u64>::new(&name))
+                        .map_err(self.err("open map"))?;
+                    apply_updates(&mut map, updates).map_err(self.err("update map"))?;
+                    meta.owner_tag = owner_tag;
+                    meta.cork = cork;
+                    meta.counters.sets += 1;
+                    volumes
+                        .insert(volume, meta.encode().as_slice())
+                        .map_err(self.err("write volumes"))?;
+                    Ok(meta)
+                }
+                Err(refusal) => {
+                    meta.counters.refused += 1;
+                    volumes
+                        .insert(volume, meta.encode().as_slice())
+                        .map_err(self.err("write volumes"))?;
+                    Err(refusal)
+                }
+            }
+        };
+        tx.commit().map_err(self.err("commit"))?;
+        outcome
+    }
+
+    /// Catch-up's step: apply one backend TLog's updates (after clearing the map when `reset`)
+    /// and move the cork from `expect` to `cork`. Refused with `CorkMismatch` if the table moved
+    /// meanwhile (the master took a set): the caller plans again.
+    pub fn replay(
+        &self,
+        volume: &str,
+        reset: bool,
+        expect: Cork,
+        cork: Cork,
+        updates: &[Update],
+    ) -> Result<TableMeta> {
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        let meta = {
+            let mut volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+            let mut meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
+                Some(v) => Self::decode_meta(volume, v.value())?,
+                None => {
+                    return Err(MdsError::NoTable {
+                        volume: volume.to_string(),
+                    })
+                }
+            };
+            if meta.cork != expect {
+                return Err(MdsError::CorkMismatch {
+                    volume: volume.to_string(),
+                    expected: expect,
+                    have: meta.cork,
+                });
+            }
+            let name = map_table_name(volume);
+            let def = TableDefinition::<u64, u64>::new(&name);
+            if reset {
+                tx.delete_table(def).map_err(self.err("clear map"))?;
+                meta.counters.full_rebuilds += 1;
+            }
+            let mut map = tx.open_table(def).map_err(self.err("open map"))?;
+            apply_updates(&mut map, updates).map_err(self.err("update map"))?;
+            meta.cork = cork;
+            meta.counters.tlogs_replayed += u64::from(cork != expect || reset);
+            volumes
+                .insert(volume, meta.encode().as_slice())
+                .map_err(self.err("write volumes"))?;
+            meta
+        };
+        tx.commit().map_err(self.err("commit"))?;
+        Ok(meta)
+    }
+
+    /// Count an incremental catch-up (one that replayed on top of the cork).
+    pub fn count_incremental(&self, volume: &str) -> Result<()> {
+        self.update_meta(volume, |m| m.counters.incremental += 1)
+    }
+
+    fn update_meta(&self, volume: &str, change: impl FnOnce(&mut TableMeta)) -> Result<()> {
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        {
+            let mut volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+            let mut meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
+                Some(v) => Self::decode_meta(volume, v.value())?,
+                None => {
+                    return Err(MdsError::NoTable {
+                        volume: volume.to_string(),
+                    })
+                }
+            };
+            change(&mut meta);
+            volumes
+                .insert(volume, meta.encode().as_slice())
+                .map_err(self.err("write volumes"))?;
+        }
+        tx.commit().map_err(self.err("commit"))
+    }
+
+    /// Locations of `addresses` (0 = unwritten) and the cork they are as of.
+    pub fn multi_get(&self, volume: &str, addresses: &[u64]) -> Result<(Cork, Vec<u64>)> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+        let meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
+            Some(v) => Self::decode_meta(volume, v.value())?,
+            None => {
+                return Err(MdsError::NoTable {
+                    volume: volume.to_string(),
+                })
+            }
+        };
+        let name = map_table_name(volume);
+        let map = match tx.open_table(TableDefinition::<u64, u64>::new(&name)) {
+            Ok(map) => map,
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Ok((meta.cork, vec![0; addresses.len()]))
+            }
+            Err(e) => return Err(self.err("open map")(e)),
+        };
+        let mut out = Vec::with_capacity(addresses.len());
+        for a in addresses {
+            out.push(
+                map.get(*a)
+                    .map_err(self.err("read map"))?
+                    .map_or(0, |v| v.value()),
+            );
+        }
+        Ok((meta.cork, out))
+    }
+
+    /// Up to `limit` entries with addresses after `after` (all from the start with `None`), in
+    /// address order, and the cork they are as of (one read transaction: a consistent page).
+    pub fn dump(
+        &self,
+        volume: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Cork, Vec<(u64, u64)>)> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+        let meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
+            Some(v) => Self::decode_meta(volume, v.value())?,
+            None => {
+                return Err(MdsError::NoTable {
+                    volume: volume.to_string(),
+                })
+            }
+        };
+        let name = map_table_name(volume);
+        let map = match tx.open_table(TableDefinition::<u64, u64>::new(&name)) {
+            Ok(map) => map,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((meta.cork, Vec::new())),
+            Err(e) => return Err(self.err("open map")(e)),
+        };
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out = Vec::new();
+        for item in map
+            .range::<u64>((start, Bound::Unbounded))
+            .map_err(self.err("read map"))?
+            .take(limit)
+        {
+            let (k, v) = item.map_err(self.err("read map"))?;
+            out.push((k.value(), v.value()));
+        }
+        Ok((meta.cork, out))
+    }
+
+    /// Remove a volume's table (its map and metadata). Refused with an older owner tag.
+    pub fn drop_table(&self, volume: &str, owner_tag: u64) -> Result<()> {
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        {
+            let mut volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
+            let meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
+                Some(v) => Self::decode_meta(volume, v.value())?,
+                None => {
+                    return Err(MdsError::NoTable {
+                        volume: volume.to_string(),
+                    })
+                }
+            };
+            if owner_tag < meta.owner_tag {
+                return Err(MdsError::Fenced {
+                    volume: volume.to_string(),
+                    got: owner_tag,
+                    known: meta.owner_tag,
+                });
+            }
+            volumes.remove(volume).map_err(self.err("write volumes"))?;
+            let name = map_table_name(volume);
+            tx.delete_table(TableDefinition::<u64, u64>::new(&name))
+                .map_err(self.err("drop map"))?;
+        }
+        tx.commit().map_err(self.err("commit"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+mod tests {
+    use super::*;
+    use crate::table::apply_to_model;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use vstor_volumedriver::config::TLogRecord;
+
+    fn all(store: &MdsStore, volume: &str) -> BTreeMap<u64, u64> {
+        let mut out = BTreeMap::new();
+        let mut after = None;
+        loop {
+            let (_, page) = store.dump(volume, after, 7).unwrap();
+            if page.is_empty() {
+                return out;
+            }
+            after = page.last().map(|(k, _)| *k);
+            out.extend(page);
+        }
+    }
+
+    #[test]
+    fn tables_survive_reopen_and_fence_old_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let c1 = Cork::EMPTY.after(&TLogRecord::new(1));
+        {
+            let store = MdsStore::open(dir.path()).unwrap();
+            assert!(matches!(
+                store.multi_set("v", 1, Cork::EMPTY, c1, &[]),
+                Err(MdsError::NoTable { .. })
+            ));
+            store.set_role("v", "ns-v", Role::Master, 3).unwrap();
+            store
+                .multi_set(
+                    "v",
+                    3,
+                    Cork::EMPTY,
+                    c1,
+                    &[
+                        Update::Loc {
+                            address: 10,
+                            location: 0x1_0000_0005,
+                        },
+                        Update::Loc {
+                            address: 11,
+                            location: 0x2_0000_0005,
+                        },
+                    ],
+                )
+                .unwrap();
+            let err = store.multi_set("v", 2, c1, c1, &[]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    MdsError::Fenced {
+                        got: 2,
+                        known: 3,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            let err = store.multi_set("v", 3, Cork::EMPTY, c1, &[]).unwrap_err();
+            assert!(matches!(err, MdsError::CorkMismatch { .. }), "{err}");
+        }
+        let store = MdsStore::open(dir.path()).unwrap();
+        let info = store.info("v").unwrap();
+        assert_eq!(info.meta.cork, c1);
+        assert_eq!(info.meta.owner_tag, 3);
+        assert_eq!(info.meta.counters.sets, 1);
+        assert_eq!(info.meta.counters.refused, 2);
+        assert_eq!(info.entries, 2);
+        assert_eq!(
+            store.multi_get("v", &[10, 11, 12]).unwrap(),
+            (c1, vec![0x1_0000_0005, 0x2_0000_0005, 0])
+        );
+        // A slave takes no sets; an old owner cannot change roles or drop the table.
+        store.set_role("v", "ns-v", Role::Slave, 3).unwrap();
+        assert!(matches!(
+            store.multi_set("v", 3, c1, c1, &[]),
+            Err(MdsError::NotMaster { .. })
+        ));
+        assert!(matches!(
+            store.set_role("v", "ns-v", Role::Master, 1),
+            Err(MdsError::Fenced { .. })
+        ));
+        assert!(matches!(
+            store.drop_table("v", 2),
+            Err(MdsError::Fenced { .. })
+        ));
+        store.drop_table("v", 3).unwrap();
+        assert!(store.meta("v").unwrap().is_none());
+        assert!(store.tables().unwrap().is_empty());
+    }
+
+    #[test]
+    fn replay_resets_and_checks_the_cork() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MdsStore::open(dir.path()).unwrap();
+        store.set_role("v", "ns", Role::Slave, 1).unwrap();
+        let c1 = Cork::EMPTY.after(&TLogRecord::new(1));
+        let set = |a| Update::Loc {
+            address: a,
+            location: 0x1_0000_0001,
+        };
+        store
+            .replay("v", false, Cork::EMPTY, c1, &[set(1), set(2)])
+            .unwrap();
+        assert!(matches!(
+            store.replay("v", false, Cork::EMPTY, c1, &[]),
+            Err(MdsError::CorkMismatch { .. })
+        ));
+        let fresh = Cork::EMPTY.after(&TLogRecord::new(9));
+        let meta = store.replay("v", true, c1, fresh, &[set(5)]).unwrap();
+        assert_eq!(meta.counters.full_rebuilds, 1);
+        assert_eq!(all(&store, "v"), BTreeMap::from([(5, 0x1_0000_0001)]));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(Vec<Update>),
+        Reopen,
+    }
+
+    fn arb_update() -> impl Strategy<Value = Update> {
+        prop_oneof![
+            4 => (0u64..200, 0u64..4).prop_map(|(address, sco)| Update::Loc {
+                address,
+                location: sco | (address << 32),
+            }),
+            1 => (0u64..200, 0u64..50).prop_map(|(start, count)| Update::Trim { start, count }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn store_matches_the_model_across_reopens(ops in proptest::collection::vec(
+            prop_oneof![
+                5 => proptest::collection::vec(arb_update(), 0..30).prop_map(Op::Set),
+                1 => Just(Op::Reopen),
+            ], 1..20))
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = MdsStore::open(dir.path()).unwrap();
+            store.set_role("v", "ns", Role::Master, 1).unwrap();
+            let mut model = BTreeMap::new();
+            let mut cork = Cork::EMPTY;
+            let mut n = 0;
+            for op in ops {
+                match op {
+                    Op::Set(updates) => {
+                        n += 1;
+                        let next = cork.after(&TLogRecord::new(n));
+                        store.multi_set("v", 1, cork, next, &updates).unwrap();
+                        apply_to_model(&mut model, &updates);
+                        cork = next;
+                    }
+                    Op::Reopen => {
+                        drop(store);
+                        store = MdsStore::open(dir.path()).unwrap();
+                    }
+                }
+                prop_assert_eq!(&all(&store, "v"), &model);
+                prop_assert_eq!(store.meta("v").unwrap().unwrap().cork, cork);
+            }
+        }
+    }
+}
