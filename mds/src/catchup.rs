@@ -173,3 +173,49 @@ pub fn backend_map(
     }
     Ok((Cork::of_prefix(&list.tlogs), map))
 }
+
+/// A volume's map rebuilt from an MDS table plus the backend TLogs after its cork.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub map: BTreeMap<u64, u64>,
+    /// Cork of the whole list: what the map now reflects.
+    pub cork: Cork,
+    /// TLogs read from the backend.
+    pub replayed: u64,
+    /// Why the table could not be used and the whole history was replayed, if so.
+    pub full_replay: Option<String>,
+}
+
+/// Restart from an MDS: start from `table` (the MDS's cork and map; `None` when the MDS had no
+/// usable table) and replay only the backend TLogs of `list` after its cork. A table whose cork
+/// is not a prefix of `list` is ignored and the whole list is replayed, with a log line saying
+/// why. The result equals a full backend replay of `list`.
+pub fn restore_map(
+    backend: &dyn ObjectStore,
+    volume: &str,
+    namespace: &str,
+    list: &[vstor_volumedriver::config::TLogRecord],
+    table: Option<(Cork, BTreeMap<u64, u64>)>,
+) -> Result<Restored> {
+    let (from, mut map, full_replay) = match table {
+        None => (0, BTreeMap::new(), Some("no MDS table".to_string())),
+        Some((cork, map)) => match plan_catch_up(cork, list) {
+            CatchUpPlan::UpToDate => (list.len(), map, None),
+            CatchUpPlan::Incremental { from } => (from, map, None),
+            CatchUpPlan::Full { reason } => (0, BTreeMap::new(), Some(reason)),
+        },
+    };
+    if let Some(reason) = &full_replay {
+        tracing::warn!(volume, %reason, tlogs = list.len(), "MDS table not usable: full backend replay");
+    }
+    for record in &list[from..] {
+        let updates = read_tlog_updates(backend, volume, namespace, &record.object_name())?;
+        apply_to_model(&mut map, &updates);
+    }
+    Ok(Restored {
+        map,
+        cork: Cork::of_prefix(list),
+        replayed: (list.len() - from) as u64,
+        full_replay,
+    })
+}
