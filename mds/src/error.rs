@@ -9,7 +9,7 @@ pub enum MdsError {
         path: String,
         what: String,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     #[error("MDS table of volume {volume} is corrupt: {reason}")]
     Corrupt { volume: String, reason: String },
@@ -55,7 +55,7 @@ impl MdsError {
         move |e| MdsError::Store {
             path,
             what,
-            source: e.into(),
+            source: Box::new(e.into()),
         }
     }
 }

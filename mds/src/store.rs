@@ -85,7 +85,7 @@ impl MdsStore {
         std::fs::create_dir_all(dir).map_err(|e| MdsError::Store {
             path: dir.display().to_string(),
             what: "create the data directory".into(),
-            source: e.into(),
+            source: Box::new(e.into()),
         })?;
         let path = dir.join(DB_FILE);
         let db = Database::create(&path).map_err(MdsError::store(&path, "open"))?;

@@ -70,7 +70,7 @@ impl Cork {
 
     /// The cork of a table holding exactly `records` (a prefix of a backend list).
     pub fn of_prefix(records: &[TLogRecord]) -> Cork {
-        records.iter().fold(Cork::EMPTY, |cork, r| cork.after(r))
+        records.iter().fold(Cork::EMPTY, Cork::after)
     }
 }
 

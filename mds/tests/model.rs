@@ -90,7 +90,7 @@ fn open_volume(dir: &Path, backend: &Arc<dyn ObjectStore>) -> Arc<Volume> {
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let tmp = tempfile::tempdir().unwrap();
     let backend: Arc<dyn ObjectStore> =
-        Arc::new(LocalStore::open(&tmp.path().join("backend")).unwrap());
+        Arc::new(LocalStore::open(tmp.path().join("backend")).unwrap());
     let wb = tmp.path().join("wb");
     let mut options = VolumeOptions::new(CLUSTERS * CS);
     options.sco_size = 4 << 20;
@@ -184,7 +184,7 @@ proptest! {
 fn restore_replays_only_after_the_cork_and_falls_back_when_stale() {
     let tmp = tempfile::tempdir().unwrap();
     let backend: Arc<dyn ObjectStore> =
-        Arc::new(LocalStore::open(&tmp.path().join("backend")).unwrap());
+        Arc::new(LocalStore::open(tmp.path().join("backend")).unwrap());
     let mut options = VolumeOptions::new(CLUSTERS * CS);
     options.sco_size = 4 << 20;
     let config = VolumeConfig::new("v", &options, 0).unwrap();
