@@ -10,6 +10,7 @@ mod dirlock;
 mod edge_host;
 mod export;
 mod export_remote;
+mod mds_host;
 mod registry;
 mod scrub;
 mod server;
@@ -57,6 +58,9 @@ enum Command {
     /// Run an edge on a hypervisor host (serve volumes other nodes own over vhost-user and NBD),
     /// or, with a verb, manage a running edge: attach, detach, list.
     Edge(edge_host::cli::EdgeArgs),
+    /// Run an MDS (metadata server: per-volume map tables), or, with a verb, ask running ones:
+    /// list, rebuild.
+    Mds(mds_host::MdsArgs),
 }
 
 #[derive(Args)]
@@ -662,6 +666,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Edge(args) => edge_host::cli::run(args),
+        Command::Mds(args) => mds_host::run(args),
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args

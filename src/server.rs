@@ -410,7 +410,7 @@ where
 }
 
 /// Open the configured backend; a bad bucket or bad credentials fail here, at startup.
-fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn ObjectStore>> {
+pub(crate) fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn ObjectStore>> {
     Ok(match spec {
         BackendSpec::Dir(dir) => Arc::new(
             LocalStore::open(dir)

@@ -15,6 +15,7 @@
 pub mod catchup;
 pub mod client;
 pub mod error;
+pub mod owner;
 pub mod proto;
 pub mod server;
 pub mod store;
