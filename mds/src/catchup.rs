@@ -75,6 +75,11 @@ pub fn read_tlog_updates(
     Ok(updates_of(&parsed.entries))
 }
 
+/// Catch-up commits after this many TLogs or updates, whichever comes first: few commits (each
+/// is two fsyncs), bounded memory, and progress that survives a crash.
+const BATCH_TLOGS: usize = 64;
+const BATCH_UPDATES: usize = 1 << 20;
+
 /// How many attempts a catch-up makes when the master moves the table under it.
 const ATTEMPTS: usize = 3;
 
@@ -142,15 +147,23 @@ fn catch_up_once(
         return Ok(report);
     }
     let mut expect = meta.cork;
-    for record in &list.tlogs[from..] {
+    let mut batch: Vec<(Cork, Vec<Update>)> = Vec::new();
+    let mut batched = 0usize;
+    let records = &list.tlogs[from..];
+    for (index, record) in records.iter().enumerate() {
         let updates = read_tlog_updates(backend, volume, &meta.namespace, &record.object_name())?;
-        let next = cork.after(record);
-        store.replay(volume, reset, expect, next, &updates)?;
-        reset = false;
-        cork = next;
-        expect = next;
-        report.replayed += 1;
-        report.cork = next;
+        cork = cork.after(record);
+        batched += updates.len();
+        batch.push((cork, updates));
+        if batch.len() >= BATCH_TLOGS || batched >= BATCH_UPDATES || index + 1 == records.len() {
+            store.replay_batch(volume, reset, expect, &batch)?;
+            reset = false;
+            expect = cork;
+            report.replayed += batch.len() as u64;
+            report.cork = cork;
+            batch.clear();
+            batched = 0;
+        }
     }
     if report.full_rebuild.is_none() {
         store.count_incremental(volume)?;

@@ -127,9 +127,12 @@ async fn requests_fencing_roles_and_catch_up_over_the_wire() {
     server.await.unwrap().unwrap();
     let deadline = Instant::now() + T;
     while client.is_alive() && Instant::now() < deadline {
-        tokio::task::yield_now().await;
-        let _ = client.list().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(
+        !client.is_alive(),
+        "the server closed the connection at shutdown"
+    );
     let err = client.list().await.unwrap_err();
     assert!(err.to_string().contains(&addr), "{err}");
 }
