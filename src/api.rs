@@ -95,6 +95,8 @@ pub struct ApiState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Failover and moves, when the node runs in a cluster (`--registry etcd://…`).
     pub failover: Option<Arc<crate::cluster::failover::Failover>>,
+    /// The erasure-coded store, when the backend is `ec`.
+    pub tier: Option<Arc<vstor_backend::ec::store::EcStore>>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).
@@ -294,6 +296,8 @@ pub struct CreateRequest {
     pub dtl: Option<String>,
     /// Cluster only: the node that serves the new volume [default: the least-loaded live node].
     pub node: Option<String>,
+    /// The EC tier's preset for the volume's namespace (`--backend ec` only).
+    pub preset: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -468,7 +472,20 @@ pub(crate) async fn create_local(
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
     let name = request.name.clone();
+    let tier = match (&request.preset, &state.tier) {
+        (None, _) => None,
+        (Some(preset), Some(tier)) => Some((tier.clone(), preset.clone())),
+        (Some(preset), None) => {
+            return Err(bad_request(format!(
+                "volume {name}: preset {preset} needs the erasure-coded backend (vstor serve --backend ec)"
+            )))
+        }
+    };
     blocking(move || {
+        if let Some((tier, preset)) = tier {
+            tier.reserve_preset(&name, &preset)
+                .map_err(vstor_volumedriver::VolumeError::backend(&name))?;
+        }
         let volume = manager.create(&name, &options)?;
         if let Err(e) = vhost.add_export(&name) {
             tracing::error!(volume = %name, error = %e, "cannot export the volume over vhost-user");

@@ -205,16 +205,30 @@ pub enum BackendSpec {
     Dir(PathBuf),
     /// An S3 bucket and key prefix; endpoint and credentials come from the `AWS_*` environment.
     S3(vstor_backend::S3Location),
+    /// The erasure-coded tier over the cluster's OSDs; new namespaces use `preset` unless the
+    /// volume names one (`None`: the tier's `default` preset, created when missing).
+    Ec { preset: Option<String> },
 }
 
 impl BackendSpec {
-    /// A value starting with `s3://` selects S3, anything else is a directory.
+    /// A value starting with `s3://` selects S3, `ec` or `ec:PRESET` the erasure-coded tier,
+    /// anything else is a directory (write `./ec` for a directory called `ec`).
     pub fn parse(value: &std::path::Path) -> Result<Self> {
         match value.to_str() {
             Some(text) if text.starts_with("s3://") => Ok(Self::S3(
                 vstor_backend::S3Location::parse(text)
                     .map_err(|e| anyhow::anyhow!("setting backend: {e}"))?,
             )),
+            Some("ec") => Ok(Self::Ec { preset: None }),
+            Some(text) if text.starts_with("ec:") => {
+                let preset = &text[3..];
+                vstor_backend::validate_name(preset).map_err(|e| {
+                    anyhow::anyhow!("setting backend (--backend) = {text:?}: preset name: {e}")
+                })?;
+                Ok(Self::Ec {
+                    preset: Some(preset.to_string()),
+                })
+            }
             _ => Ok(Self::Dir(value.to_path_buf())),
         }
     }
@@ -225,6 +239,10 @@ impl std::fmt::Display for BackendSpec {
         match self {
             Self::Dir(dir) => write!(f, "{}", dir.display()),
             Self::S3(location) => write!(f, "{location}"),
+            Self::Ec { preset: None } => write!(f, "ec"),
+            Self::Ec {
+                preset: Some(preset),
+            } => write!(f, "ec:{preset}"),
         }
     }
 }
@@ -504,13 +522,20 @@ impl FileConfig {
                 )
             ));
         }
+        let backend = BackendSpec::parse(
+            &self
+                .backend
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("backend")),
+        )?;
+        if matches!(backend, BackendSpec::Ec { .. }) && identity.cluster.is_none() {
+            bail!(
+                "setting backend (--backend) = {backend}: the erasure-coded tier needs the \
+                 cluster registry its OSDs register in (--registry etcd://HOST:PORT)"
+            );
+        }
         Ok(ServeConfig {
-            backend: BackendSpec::parse(
-                &self
-                    .backend
-                    .clone()
-                    .unwrap_or_else(|| self.data_dir.join("backend")),
-            )?,
+            backend,
             api: parse_addr("API", &self.api)?,
             nbd: parse_addr("NBD", &self.nbd)?,
             edge_listen: Some(self.edge_listen.trim())
@@ -861,5 +886,42 @@ mod tests {
         );
         let err = resolve("s3://Bad_Bucket").unwrap_err().to_string();
         assert!(err.contains("s3://Bad_Bucket"), "{err}");
+    }
+
+    #[test]
+    fn ec_backends_name_a_preset_and_need_a_cluster_registry() {
+        assert_eq!(
+            BackendSpec::parse(std::path::Path::new("ec")).unwrap(),
+            BackendSpec::Ec { preset: None }
+        );
+        let spec = BackendSpec::parse(std::path::Path::new("ec:fast")).unwrap();
+        assert_eq!(spec.to_string(), "ec:fast");
+        assert!(BackendSpec::parse(std::path::Path::new("ec:")).is_err());
+        assert_eq!(
+            BackendSpec::parse(std::path::Path::new("./ec")).unwrap(),
+            BackendSpec::Dir("./ec".into())
+        );
+        let single = FileConfig {
+            backend: Some("ec".into()),
+            ..FileConfig::default()
+        }
+        .resolve(Overrides::default());
+        let err = single.unwrap_err().to_string();
+        assert!(err.contains("--registry etcd://"), "{err}");
+        let cluster = FileConfig {
+            backend: Some("ec:fast".into()),
+            ..FileConfig::default()
+        }
+        .resolve(Overrides {
+            registry: Some("etcd://127.0.0.1:2379".into()),
+            node: Some("n1".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(
+            cluster.unwrap().backend,
+            BackendSpec::Ec {
+                preset: Some("fast".into())
+            }
+        );
     }
 }

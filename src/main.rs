@@ -15,6 +15,7 @@ mod registry;
 mod scrub;
 mod server;
 mod size;
+mod tier;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,13 @@ enum Command {
     /// Run an edge on a hypervisor host (serve volumes other nodes own over vhost-user and NBD),
     /// or, with a verb, manage a running edge: attach, detach, list.
     Edge(edge_host::cli::EdgeArgs),
+    /// Run an OSD of the erasure-coded tier (one per disk), or, with a verb, manage the OSDs:
+    /// list, decommission, out, in.
+    Osd(tier::cli::OsdArgs),
+    /// Presets of the erasure-coded tier: how objects are encoded and spread.
+    Preset(tier::cli::PresetArgs),
+    /// The erasure-coded tier's objects: inspect their fragments, repair them.
+    Backend(tier::backend_cli::BackendArgs),
     /// Run an MDS (metadata server: per-volume map tables), or, with a verb, ask running ones:
     /// list, rebuild.
     Mds(mds_host::MdsArgs),
@@ -279,6 +287,10 @@ enum VolumeVerb {
         /// Cluster: the node that serves the volume [default: the least-loaded live node].
         #[arg(long)]
         node: Option<String>,
+        /// The erasure-coded tier's preset for the volume's objects (`vstor preset list`)
+        /// [default: the node's, from `--backend ec:PRESET`]. Needs `--backend ec`.
+        #[arg(long)]
+        preset: Option<String>,
     },
     /// List volumes (in a cluster: every volume of the cluster, with its owner).
     List,
@@ -359,6 +371,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             dtl_mode,
             dtl,
             node,
+            preset,
         } => {
             let size = parse_size(&size)?;
             let sco_size = sco_size.as_deref().map(parse_size).transpose()?;
@@ -372,6 +385,9 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             }
             if let Some(node) = node {
                 body["node"] = serde_json::json!(node);
+            }
+            if let Some(preset) = preset {
+                body["preset"] = serde_json::json!(preset);
             }
             let value = client.post("/v1/volumes", body)?;
             show(value, &|v| {
@@ -666,6 +682,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Edge(args) => edge_host::cli::run(args),
+        Command::Osd(args) => tier::cli::run_osd(args),
+        Command::Preset(args) => tier::cli::run_preset(args),
+        Command::Backend(args) => tier::backend_cli::run(args),
         Command::Mds(args) => mds_host::run(args),
         Command::Dtl(args) => {
             init_logging();

@@ -118,7 +118,14 @@ async fn daemon(
         .with_context(|| format!("cannot open the MDS store in {}", data_dir.display()))?,
     );
     let backend = match backend {
-        Some(spec) => Some(open_backend(&BackendSpec::parse(&spec)?)?),
+        Some(spec) => {
+            let spec = BackendSpec::parse(&spec)?;
+            // Blocking (an S3 or EC store connects at open). No registry: an `ec` backend
+            // needs one and fails here with the reason.
+            let (store, _) =
+                tokio::task::spawn_blocking(move || open_backend(&spec, None, "mds")).await??;
+            Some(store)
+        }
         None => None,
     };
     if let Some(registry) = registry {

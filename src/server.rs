@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use vstor_backend::ec::store::{EcOptions, EcStore, TierMap};
 use vstor_backend::{LocalStore, ObjectStore, S3Options, S3Store};
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
 use vstor_edge::vhost::{VhostConfig, VhostServer};
@@ -17,6 +18,9 @@ use crate::api::{router, ApiState};
 use crate::cluster::failover::Failover;
 use crate::cluster::Cluster;
 
+/// Bound on every call to an OSD: a dead OSD fails the call in this time, and the request is
+/// served from the other fragments.
+pub(crate) const EC_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the planned adopter of a dead node's volume has before any survivor may take it.
 const FAILOVER_GRACE: Duration = Duration::from_secs(3);
 use crate::config::{BackendSpec, ServeConfig};
@@ -25,13 +29,15 @@ use crate::export::Exports;
 use crate::export_remote::RemoteVolumes;
 use crate::registry::{self, etcd::EtcdRegistry, local::LocalRegistry, NodeRecord, Registry};
 use crate::scrub::{AutoScrubber, Scrubs};
+use crate::tier::map::RegistryTierMap;
+use crate::tier::records::default_preset;
 use vstor_edge::remote::server::EdgeServerConfig;
 
 pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // Absolute paths: they are shown to users (socket paths) and must not depend on a later cwd.
     let backend_dir = match &mut config.backend {
         BackendSpec::Dir(dir) => Some(dir),
-        BackendSpec::S3(_) => None,
+        BackendSpec::S3(_) | BackendSpec::Ec { .. } => None,
     };
     for path in [&mut config.data_dir, &mut config.vhost_dir]
         .into_iter()
@@ -119,7 +125,18 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     };
     let keepalive = cluster.as_ref().map(Cluster::start);
     let spec = config.backend.clone();
-    let backend = tokio::task::spawn_blocking(move || open_backend(&spec)).await??;
+    let (tier_endpoints, node_name) = (
+        config
+            .identity
+            .cluster
+            .as_ref()
+            .map(|c| c.endpoints.clone()),
+        config.identity.name.clone(),
+    );
+    let (backend, tier) = tokio::task::spawn_blocking(move || {
+        open_backend(&spec, tier_endpoints.as_deref(), &node_name)
+    })
+    .await??;
     let manager_config = ManagerConfig {
         runtime: Some(tokio::runtime::Handle::current()),
         upload_concurrency: config.upload_concurrency,
@@ -131,6 +148,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .context("cannot start the volume manager")?;
 
     let gate = cluster.as_ref().map(|c| c.gate(manager.clone()));
+    // The EC tier's background repair of this node's volumes (aborted with the runtime).
+    let _tier_maintenance = tier.as_ref().map(|store| {
+        crate::tier::maintenance::start(store.clone(), store.tier_map(), manager.clone())
+    });
     if cluster.is_some() && config.default_volume.is_some() {
         tracing::info!("cluster node: no default volume is created (create volumes with `vstor volume create`)");
     }
@@ -264,6 +285,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             registry: registry.clone(),
             cluster: cluster.clone(),
             failover: failover.clone(),
+            tier: tier.clone(),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {
@@ -409,9 +431,39 @@ where
     Ok(())
 }
 
-/// Open the configured backend; a bad bucket or bad credentials fail here, at startup.
-pub(crate) fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn ObjectStore>> {
-    Ok(match spec {
+/// SIGTERM or SIGINT, for daemons that select on more than one task. A handler that cannot be
+/// installed is logged and that signal left at its default action (which also stops the
+/// process).
+pub(crate) async fn stop_signal() {
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    match (terminate, interrupt) {
+        (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot install a stop signal handler: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The node's object store, and the same store as the `ec` store when it is one.
+type OpenedBackend = (Arc<dyn ObjectStore>, Option<Arc<EcStore>>);
+
+/// Open the configured backend; a bad bucket or bad credentials fail here, at startup. The
+/// `ec` store is also returned as itself: volume creation picks presets through it.
+pub(crate) fn open_backend(
+    spec: &BackendSpec,
+    registry: Option<&[String]>,
+    node: &str,
+) -> Result<OpenedBackend> {
+    let store: Arc<dyn ObjectStore> = match spec {
+        BackendSpec::Ec { preset } => {
+            let store = open_ec(preset.as_deref(), registry, node)?;
+            return Ok((store.clone(), Some(store)));
+        }
         BackendSpec::Dir(dir) => Arc::new(
             LocalStore::open(dir)
                 .with_context(|| format!("cannot open backend directory {}", dir.display()))?,
@@ -431,7 +483,49 @@ pub(crate) fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn ObjectStore>> {
                     .with_context(|| format!("cannot open S3 backend {location}"))?,
             )
         }
+    };
+    Ok((store, None))
+}
+
+/// The `ec` store over the cluster's OSDs, its map in the registry at `registry`; `preset`
+/// names the default preset of new namespaces (`None`: `default`, created when missing).
+fn open_ec(preset: Option<&str>, registry: Option<&[String]>, node: &str) -> Result<Arc<EcStore>> {
+    let endpoints = registry
+        .context("the ec backend needs the cluster registry (--registry etcd://HOST:PORT)")?
+        .to_vec();
+    let map = RegistryTierMap::open(move || async move {
+        let registry: Arc<dyn Registry> =
+            Arc::new(EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT).await?);
+        Ok(registry)
     })
+    .context("cannot open the EC tier's map in the registry")?;
+    let default_preset = match preset {
+        Some(name) => {
+            if map.preset(name)?.is_none() {
+                anyhow::bail!(
+                    "--backend ec:{name}: there is no preset {name}; create it with \
+                     `vstor preset create {name} --k K --m M`"
+                );
+            }
+            name.to_string()
+        }
+        None => {
+            map.ensure_preset(&default_preset("default"))
+                .context("cannot create the tier's default preset")?;
+            "default".to_string()
+        }
+    };
+    Ok(Arc::new(
+        EcStore::new(
+            Arc::new(map),
+            EcOptions {
+                default_preset,
+                timeout: EC_CALL_TIMEOUT,
+                client: node.to_string(),
+            },
+        )
+        .context("cannot start the EC store")?,
+    ))
 }
 
 /// Print a startup line on stdout for whoever started the daemon (scripts and tests wait for

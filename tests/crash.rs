@@ -161,6 +161,11 @@ fn kill_9_under_load_on_s3_loses_no_flushed_write() {
     kill_9_under_load_loses_no_flushed_write_on(TestBackend::s3(), 2);
 }
 
+#[test]
+fn kill_9_under_load_on_ec_loses_no_flushed_write() {
+    kill_9_under_load_loses_no_flushed_write_on(TestBackend::ec(), 2);
+}
+
 fn write_reference(uri: &str, reference: &std::path::Path, commands: &[&str]) {
     for target in [uri.to_string(), reference.display().to_string()] {
         let mut cmd = Command::new("qemu-io");
@@ -255,6 +260,11 @@ fn clean_stop_then_restart_from_backend_alone() {
 #[test]
 fn clean_stop_then_restart_from_s3_alone() {
     clean_stop_then_restart_from_backend_alone_on(TestBackend::s3());
+}
+
+#[test]
+fn clean_stop_then_restart_from_ec_alone() {
+    clean_stop_then_restart_from_backend_alone_on(TestBackend::ec());
 }
 
 #[test]

@@ -321,6 +321,11 @@ fn crash_oracle_adopt_sync_on_s3() {
     crash_oracle_adopt(Mode::Sync, TestBackend::s3(), 4);
 }
 
+#[test]
+fn crash_oracle_adopt_sync_on_ec() {
+    crash_oracle_adopt(Mode::Sync, TestBackend::ec(), 4);
+}
+
 // ------------------------------------------------------------------------- fencing
 
 /// Write `blocks` one at a time through `client` (each acknowledged write must survive).
@@ -374,6 +379,11 @@ fn old_node_is_fenced_after_adopt() {
 #[test]
 fn old_node_is_fenced_after_adopt_on_s3() {
     old_node_is_fenced_after_adopt_on(TestBackend::s3());
+}
+
+#[test]
+fn old_node_is_fenced_after_adopt_on_ec() {
+    old_node_is_fenced_after_adopt_on(TestBackend::ec());
 }
 
 fn old_node_is_fenced_after_adopt_on(kind: TestBackend) {

@@ -645,6 +645,11 @@ fn clone_on_s3_equals_its_snapshot_and_then_diverges_on_its_own() {
 }
 
 #[test]
+fn clone_on_ec_equals_its_snapshot_and_then_diverges_on_its_own() {
+    clone_equals_its_snapshot_and_then_diverges_on_its_own_on(TestBackend::ec());
+}
+
+#[test]
 fn rollback_is_refused_while_in_use_and_forced_rollback_restores_the_snapshot() {
     require_qemu_tools();
     let tmp = tempfile::tempdir().unwrap();
@@ -1295,6 +1300,13 @@ fn scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_obje
 fn scrub_on_s3_reclaims_space_and_leaves_only_referenced_objects() {
     scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects_on(
         TestBackend::s3(),
+    );
+}
+
+#[test]
+fn scrub_on_ec_reclaims_space_and_leaves_only_referenced_objects() {
+    scrub_reclaims_overwritten_and_unpinned_space_and_leaves_only_referenced_objects_on(
+        TestBackend::ec(),
     );
 }
 

@@ -90,6 +90,8 @@ pub enum BackendError {
     },
     #[error("OSD {addr}: {reason}")]
     Osd { addr: String, reason: String },
+    #[error("the EC tier's registry: {reason}")]
+    TierRegistry { reason: String },
     #[error("OSD {addr} refused the request ({code:?}): {message}")]
     OsdRefused {
         addr: String,

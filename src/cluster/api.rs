@@ -504,5 +504,6 @@ fn create_body(request: &CreateRequest) -> Value {
         "dtl_mode": request.dtl_mode,
         "dtl": request.dtl,
         "node": request.node,
+        "preset": request.preset,
     })
 }

@@ -273,12 +273,67 @@ async fn edges_contract(registry: &dyn Registry) {
     registry.revoke(e2.id).await.unwrap();
 }
 
+/// The raw records the EC tier's map is built on: compare-and-swap by revision, prefixes,
+/// records under a lease vanish with it.
+async fn records_contract(registry: &dyn Registry) {
+    assert_eq!(registry.get_record("tier/x/a").await.unwrap(), None);
+    assert!(registry
+        .swap_record("tier/x/a", 0, Some(b"{\"v\":1}"), None)
+        .await
+        .unwrap());
+    // Creating again (expected 0) loses: the key exists.
+    assert!(!registry
+        .swap_record("tier/x/a", 0, Some(b"{\"v\":2}"), None)
+        .await
+        .unwrap());
+    let (value, rev) = registry.get_record("tier/x/a").await.unwrap().unwrap();
+    assert_eq!(value, b"{\"v\":1}");
+    assert!(!registry
+        .swap_record("tier/x/a", rev + 100, Some(b"{}"), None)
+        .await
+        .unwrap());
+    assert!(registry
+        .swap_record("tier/x/a", rev, Some(b"{\"v\":3}"), None)
+        .await
+        .unwrap());
+    let lease = registry.grant_lease(Duration::from_secs(5)).await.unwrap();
+    assert!(registry
+        .swap_record("tier/x/b", 0, Some(b"{}"), Some(lease.id))
+        .await
+        .unwrap());
+    assert!(registry
+        .swap_record("tier/y/c", 0, Some(b"{}"), None)
+        .await
+        .unwrap());
+    let listed: Vec<String> = registry
+        .list_records("tier/x/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    assert_eq!(listed, ["a", "b"]);
+    registry.revoke(lease.id).await.unwrap();
+    assert_eq!(registry.get_record("tier/x/b").await.unwrap(), None);
+    let (_, rev) = registry.get_record("tier/x/a").await.unwrap().unwrap();
+    assert!(registry
+        .swap_record("tier/x/a", rev, None, None)
+        .await
+        .unwrap());
+    assert_eq!(registry.list_records("tier/x/").await.unwrap().len(), 0);
+}
+
 #[tokio::test]
 async fn local_registry_keeps_the_contract_and_its_records_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(local::FILE_NAME);
     let registry = LocalRegistry::open(&path).unwrap();
     contract(&registry).await;
+    records_contract(&registry).await;
+    assert!(registry
+        .swap_record("tier/kept", 0, Some(b"{\"k\":1}"), None)
+        .await
+        .unwrap());
     let lease = registry
         .register_node(&node("n9"), Duration::from_secs(5))
         .await;
@@ -297,6 +352,10 @@ async fn local_registry_keeps_the_contract_and_its_records_across_a_restart() {
     assert_eq!(reopened.owner("kept").await.unwrap(), None);
     assert!(reopened.live_nodes().await.unwrap().is_empty());
     assert_eq!(reopened.nodes().await.unwrap().len(), 4);
+    assert_eq!(
+        reopened.get_record("tier/kept").await.unwrap().unwrap().0,
+        b"{\"k\":1}"
+    );
     // A damaged file is refused, not half-read.
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 2;
@@ -316,6 +375,7 @@ async fn etcd_registry_keeps_the_contract() {
         .await
         .unwrap();
     contract(&registry).await;
+    records_contract(&registry).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

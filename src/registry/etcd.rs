@@ -38,6 +38,8 @@ const VOLUMES: &str = "/vstor/volumes/";
 const OWNERS: &str = "/vstor/owners/";
 const EDGES: &str = "/vstor/edges/";
 const ATTACHMENTS: &str = "/vstor/attachments/";
+/// Root of the raw records (`Registry::get_record` and friends).
+const ROOT: &str = "/vstor/";
 /// Default bound on one registry call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Conditional updates retried this often when the record changes under them (same tag).
@@ -767,6 +769,73 @@ impl Registry for EtcdRegistry {
         })
         .await
         .map(|_| ())
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut leases = self.client.lease_client();
+        let granted = self.call("lease grant", leases.grant(secs, None)).await?;
+        Ok(Lease {
+            id: granted.id(),
+            ttl: Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)),
+        })
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
+        Ok(self
+            .get_one(&format!("{ROOT}{key}"))
+            .await?
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    async fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>, i64)>> {
+        let full = format!("{ROOT}{prefix}");
+        let mut records: Vec<_> = self
+            .get_prefix(&full)
+            .await?
+            .iter()
+            .map(|kv| {
+                (
+                    name_after(&full, kv.key()),
+                    kv.value().to_vec(),
+                    kv.mod_revision(),
+                )
+            })
+            .collect();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(records)
+    }
+
+    async fn swap_record(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Option<&[u8]>,
+        lease: Option<LeaseId>,
+    ) -> Result<bool> {
+        let full = format!("{ROOT}{key}");
+        let write = match value {
+            Some(value) => TxnOp::put(
+                full.as_str(),
+                value.to_vec(),
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            ),
+            None => TxnOp::delete(full.as_str(), None),
+        };
+        // A missing key has mod_revision 0, so `expected == 0` means "create".
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                full.as_str(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then(vec![write]);
+        match self.txn("swap record", txn).await {
+            Ok(response) => Ok(response.succeeded()),
+            Err(e) => Err(match lease {
+                Some(l) => with_lease(e, l),
+                None => e,
+            }),
+        }
     }
 }
 

@@ -36,6 +36,9 @@ struct Persistent {
     volumes: BTreeMap<String, VolumeRecord>,
     #[serde(default)]
     attachments: BTreeMap<String, Vec<Attachment>>,
+    /// Raw records (`Registry::get_record`): key → (JSON value, revision).
+    #[serde(default)]
+    records: BTreeMap<String, (String, i64)>,
 }
 
 #[derive(Default)]
@@ -48,6 +51,12 @@ struct State {
     /// Live edges: name → (record, lease).
     edges: BTreeMap<String, (EdgeRecord, LeaseId)>,
     watchers: Vec<mpsc::Sender<NodeEvent>>,
+    /// Leases granted by `grant_lease` (live until revoked or the process ends).
+    granted: std::collections::BTreeSet<LeaseId>,
+    /// Raw records held under a lease: key → (value, revision, lease). Memory only.
+    leased: BTreeMap<String, (String, i64, LeaseId)>,
+    /// Next revision for raw records.
+    next_rev: i64,
 }
 
 pub struct LocalRegistry {
@@ -76,6 +85,7 @@ impl LocalRegistry {
         Ok(Self {
             path: path.to_path_buf(),
             state: Mutex::new(State {
+                next_rev: stored.records.values().map(|(_, r)| *r).max().unwrap_or(0) + 1,
                 stored,
                 next_lease: 1,
                 ..State::default()
@@ -117,6 +127,7 @@ impl LocalRegistry {
     fn lease_alive(state: &State, lease: LeaseId) -> bool {
         state.live.values().any(|(_, l)| *l == lease)
             || state.edges.values().any(|(_, l)| *l == lease)
+            || state.granted.contains(&lease)
     }
 }
 
@@ -214,6 +225,8 @@ impl Registry for LocalRegistry {
             .collect();
         state.owners.retain(|_, owner| owner.lease != lease);
         state.edges.retain(|_, (_, l)| *l != lease);
+        state.granted.remove(&lease);
+        state.leased.retain(|_, (_, _, l)| *l != lease);
         for name in gone {
             state.live.remove(&name);
             Self::notify(&mut state, &NodeEvent::Down(name));
@@ -435,4 +448,95 @@ impl Registry for LocalRegistry {
             Ok(())
         })
     }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        let mut state = self.state();
+        let lease = state.next_lease;
+        state.next_lease += 1;
+        state.granted.insert(lease);
+        Ok(Lease { id: lease, ttl })
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
+        let state = self.state();
+        Ok(current_record(&state, key).map(|(value, rev)| (value.as_bytes().to_vec(), rev)))
+    }
+
+    async fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>, i64)>> {
+        let state = self.state();
+        let stored = state.stored.records.iter().map(|(k, (v, r))| (k, v, *r));
+        let leased = state.leased.iter().map(|(k, (v, r, _))| (k, v, *r));
+        let mut out: Vec<_> = stored
+            .chain(leased)
+            .filter_map(|(k, v, r)| {
+                k.strip_prefix(prefix)
+                    .map(|rest| (rest.to_string(), v.as_bytes().to_vec(), r))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn swap_record(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Option<&[u8]>,
+        lease: Option<LeaseId>,
+    ) -> Result<bool> {
+        let value = value
+            .map(|v| {
+                String::from_utf8(v.to_vec()).map_err(|_| RegistryError::Failed {
+                    op: format!("write record {key}"),
+                    reason: "the value is not UTF-8 JSON".into(),
+                })
+            })
+            .transpose()?;
+        let mut state = self.state();
+        if current_record(&state, key).map_or(0, |(_, rev)| rev) != expected {
+            return Ok(false);
+        }
+        if let Some(lease) = lease {
+            if !Self::lease_alive(&state, lease) {
+                return Err(RegistryError::LeaseExpired { lease });
+            }
+        }
+        let rev = state.next_rev;
+        state.next_rev += 1;
+        let was_stored = state.stored.records.contains_key(key);
+        state.leased.remove(key);
+        match (value, lease) {
+            (Some(value), Some(lease)) => {
+                if was_stored {
+                    self.persist(&mut state, |stored, _| {
+                        stored.records.remove(key);
+                        Ok(())
+                    })?;
+                }
+                state.leased.insert(key.to_string(), (value, rev, lease));
+            }
+            (Some(value), None) => self.persist(&mut state, |stored, _| {
+                stored.records.insert(key.to_string(), (value, rev));
+                Ok(())
+            })?,
+            (None, _) => {
+                if was_stored {
+                    self.persist(&mut state, |stored, _| {
+                        stored.records.remove(key);
+                        Ok(())
+                    })?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A raw record's value and revision, leased or stored.
+fn current_record<'a>(state: &'a State, key: &str) -> Option<(&'a String, i64)> {
+    state
+        .leased
+        .get(key)
+        .map(|(v, r, _)| (v, *r))
+        .or_else(|| state.stored.records.get(key).map(|(v, r)| (v, *r)))
 }

@@ -191,6 +191,9 @@ pub struct ClusterSettings {
     pub peer_probe_timeout_ms: u64,
     /// DTL mode of a new cluster volume when the request names none.
     pub default_dtl_mode: DtlMode,
+    /// An OSD down for longer than this counts as out: its fragments are rebuilt elsewhere
+    /// (Ceph's `mon_osd_down_out_interval`, also 10 minutes by default). Seconds.
+    pub osd_out_grace_secs: u64,
 }
 
 impl Default for ClusterSettings {
@@ -201,6 +204,7 @@ impl Default for ClusterSettings {
             fence_margin_ms: 2000,
             peer_probe_timeout_ms: 500,
             default_dtl_mode: DtlMode::Sync,
+            osd_out_grace_secs: 600,
         }
     }
 }
@@ -219,6 +223,10 @@ impl ClusterSettings {
         self.lease_ttl()
             .saturating_sub(Duration::from_millis(self.fence_margin_ms))
             .max(self.keepalive_interval())
+    }
+
+    pub fn osd_out_grace(&self) -> Duration {
+        Duration::from_secs(self.osd_out_grace_secs)
     }
 
     pub fn peer_probe_timeout(&self) -> Duration {
@@ -413,6 +421,28 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Remove `edge`'s attachment of `volume` ([`RegistryError::NotAttached`] if it has none).
     async fn detach(&self, volume: &str, edge: &str) -> Result<()>;
+
+    // ---- raw records (the erasure-coded tier's map is built on these: `crate::tier::map`) ----
+
+    /// Grant a lease of `ttl` for records written under it (renew with `keep_alive`).
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease>;
+
+    /// The JSON value of record `key` (relative to the registry's root, e.g. `tier/osds/3`)
+    /// and its revision, which changes on every write.
+    async fn get_record(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>>;
+
+    /// Every record under `prefix`: (key relative to the prefix, value, revision), by key.
+    async fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>, i64)>>;
+
+    /// Compare-and-swap: if `key`'s revision is still `expected` (0: the key is absent), write
+    /// `value` (`None` deletes) under `lease` if given. `false` when the key changed meanwhile.
+    async fn swap_record(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Option<&[u8]>,
+        lease: Option<LeaseId>,
+    ) -> Result<bool>;
 }
 
 /// Parse `etcd://HOST:PORT[,HOST:PORT…]` into `http://HOST:PORT` endpoints; `None` when the

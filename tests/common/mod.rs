@@ -7,6 +7,8 @@ pub mod etcd;
 pub mod guest;
 pub mod netns;
 pub mod oracle;
+pub mod tier;
+pub mod tier_map;
 pub mod vhost_client;
 
 use std::io::{BufRead, BufReader, Read};
@@ -29,6 +31,17 @@ pub enum TestBackend {
     Dir(PathBuf),
     /// A bucket on a real S3 server (moto) started for the test (`--backend s3://...`).
     S3(Arc<S3Fixture>),
+    /// The erasure-coded tier: etcd and six OSDs in three domains started for the test
+    /// (`--backend ec --registry etcd://… --node NAME`: each daemon is a cluster node, named
+    /// after its data directory so a restart is the same node).
+    Ec(Arc<EcFixture>),
+}
+
+pub struct EcFixture {
+    pub tier: tier::Tier,
+    /// Node settings: open SCOs are uploaded after a second idle.
+    pub config: PathBuf,
+    _root: tempfile::TempDir,
 }
 
 /// A moto server and the bucket and prefix the daemons use; the server stops when the last
@@ -57,15 +70,47 @@ impl TestBackend {
         }
     }
 
+    /// etcd and six `vstor osd` processes in three domains.
+    pub fn ec() -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        let tier = tier::Tier::start(root.path(), 6, 3);
+        let config = root.path().join("node.toml");
+        std::fs::write(&config, "[upload]\nmax_open_age = \"1s\"\n").expect("node config");
+        TestBackend::Ec(Arc::new(EcFixture {
+            tier,
+            config,
+            _root: root,
+        }))
+    }
+
     pub fn is_s3(&self) -> bool {
         matches!(self, TestBackend::S3(_))
     }
 
-    fn args(&self) -> Vec<String> {
+    /// Objects are read through `store()`, not from files.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, TestBackend::S3(_) | TestBackend::Ec(_))
+    }
+
+    fn args(&self, data_dir: &Path) -> Vec<String> {
         match self {
             TestBackend::Default => vec![],
             TestBackend::Dir(dir) => vec!["--backend".into(), dir.display().to_string()],
             TestBackend::S3(s3) => vec!["--backend".into(), s3.uri.clone()],
+            TestBackend::Ec(ec) => {
+                // A node name that stays the same across restarts on the same directory.
+                let hash = crc32c::crc32c(data_dir.display().to_string().as_bytes());
+                vec![
+                    "--config".into(),
+                    ec.config.display().to_string(),
+                    "--backend".into(),
+                    "ec".into(),
+                    "--registry".into(),
+                    ec.tier.url(),
+                    "--node".into(),
+                    format!("n{hash:08x}"),
+                ]
+            }
         }
     }
 
@@ -89,6 +134,17 @@ impl TestBackend {
                 s3.moto
                     .store(&s3.uri, vstor_backend::S3Options::default())
                     .expect("open the S3 backend"),
+            ),
+            TestBackend::Ec(ec) => Arc::new(
+                vstor_backend::ec::store::EcStore::new(
+                    Arc::new(tier_map::EtcdTierMap::new(&ec.tier.url())),
+                    vstor_backend::ec::store::EcOptions {
+                        default_preset: "default".into(),
+                        timeout: Duration::from_secs(5),
+                        client: "test".into(),
+                    },
+                )
+                .expect("open the EC store"),
             ),
         }
     }
@@ -195,7 +251,7 @@ impl Daemon {
                 listen.as_str(),
                 "--no-default-volume",
             ])
-            .args(self.backend.args())
+            .args(self.backend.args(&self.data_dir))
             .args(&self.extra)
             .envs(self.backend.env())
             .env("RUST_LOG", "info")
@@ -413,7 +469,7 @@ impl Daemon {
     /// Names of the complete objects in a volume's backend namespace (puts in progress, named
     /// `.tmp-*`, left out).
     pub fn backend_objects(&self, volume: &str) -> std::collections::BTreeSet<String> {
-        if self.backend.is_s3() {
+        if self.backend.is_remote() {
             return self
                 .backend
                 .store(&self.data_dir)
@@ -433,7 +489,7 @@ impl Daemon {
 
     /// Total size of the files in a volume's backend namespace.
     pub fn backend_disk_bytes(&self, volume: &str) -> u64 {
-        if self.backend.is_s3() {
+        if self.backend.is_remote() {
             // Payload bytes of each object (S3 does not show the space it really uses).
             let store = self.backend.store(&self.data_dir);
             return store
@@ -463,7 +519,7 @@ impl Daemon {
     /// The volume's backend TLog list (the `tlogs` object).
     pub fn backend_tlog_list(&self, volume: &str) -> vstor_volumedriver::config::TLogList {
         let payload = match self.backend {
-            TestBackend::S3(_) => self
+            TestBackend::S3(_) | TestBackend::Ec(_) => self
                 .backend
                 .store(&self.data_dir)
                 .get(volume, "tlogs")

@@ -6,12 +6,12 @@
 //! ```text
 //! offset size field
 //!      0    4 magic            0x56534631 ("VSF1"), little-endian
-//!      4    2 format version   1
+//!      4    2 format version   1, or 2 for a local parity
 //!      6    2 codec id         see `codec::CodecId`
 //!      8    1 k                data fragments
 //!      9    1 m                parity fragments
-//!     10    1 index            this fragment (data 0..k, then parity k..k+m)
-//!     11    1 flags            0 (reserved)
+//!     10    1 index            this fragment (data 0..k, parity k..k+m, local parities after)
+//!     11    1 flags            bit 0: local parity (version 2); others reserved, 0
 //!     12    4 fragment size    bytes per piece of a full chunk (see `layout`)
 //!     16    8 object size      bytes of the whole object
 //!     24    8 object version   the object's version (a put of the same name makes a new one)
@@ -20,7 +20,8 @@
 //!     48    2 namespace length
 //!     50    2 name length
 //!     52    n namespace, then object name (UTF-8)
-//!   52+n    4 header CRC32C    over bytes 0 .. 52+n
+//!           g (version 2 only) group: 1 byte count, then the indices the local parity covers
+//!  52+n+g   4 header CRC32C    over every header byte before it
 //!      h    d data
 //!    h+d  4*b block CRCs       CRC32C of each BLOCK (4 KiB) of data, the last one partial
 //!        4    table CRC32C     over the block CRCs
@@ -31,12 +32,22 @@
 //! block, so a partial read verifies only the blocks it touches: reading 4 KiB costs 4 KiB plus
 //! one CRC, not the whole fragment. A fragment whose block fails its CRC is treated as lost for
 //! that range, and the read decodes from other fragments.
+//!
+//! A *local parity* (presets with `local_parity`, Open vStorage's NC-ECC) is the XOR of the
+//! fragments of one object that sit in one failure domain, stored in that domain, so one lost
+//! fragment there is rebuilt from its domain alone. Its header lists the indices it covers
+//! (placement can change later; the group cannot), which is why it needs format version 2.
+//! Fragments without local parity keep version 1, readable by every build.
 
 use super::codec::CodecId;
 
 /// "VSF1".
 pub const MAGIC: u32 = 0x5653_4631;
 pub const FORMAT_VERSION: u16 = 1;
+/// Format of a local parity fragment (adds the group to the header).
+pub const FORMAT_VERSION_LOCAL: u16 = 2;
+/// Header flag: the fragment is a local parity.
+pub const FLAG_LOCAL_PARITY: u8 = 1;
 /// Granularity of the data CRCs.
 pub const BLOCK: usize = 4096;
 const FIXED_HEADER: usize = 52;
@@ -48,7 +59,7 @@ pub const MAX_NAME: usize = 1024;
 pub enum FragmentError {
     #[error("not a fragment (magic {0:#010x})")]
     BadMagic(u32),
-    #[error("fragment format version {0} is not supported (this build reads 1)")]
+    #[error("fragment format version {0} is not supported (this build reads 1 and 2)")]
     Version(u16),
     #[error("fragment {what} is truncated")]
     Truncated { what: &'static str },
@@ -76,19 +87,49 @@ pub struct FragmentHeader {
     pub data_len: u64,
     pub namespace: String,
     pub name: String,
+    /// For a local parity, the indices (all `< k + m`, ascending) whose XOR it is; empty for
+    /// a data or parity fragment.
+    pub local_group: Vec<u8>,
 }
 
 impl FragmentHeader {
     /// Bytes of the encoded header, CRC included.
     pub fn encoded_len(&self) -> usize {
-        FIXED_HEADER + self.namespace.len() + self.name.len() + 4
+        let group = if self.local_group.is_empty() {
+            0
+        } else {
+            1 + self.local_group.len()
+        };
+        FIXED_HEADER + self.namespace.len() + self.name.len() + group + 4
+    }
+
+    /// A local parity (XOR of `local_group`), not one of the `k + m` code fragments.
+    pub fn is_local_parity(&self) -> bool {
+        !self.local_group.is_empty()
     }
 
     fn validate(&self) -> Result<(), FragmentError> {
-        if self.k == 0 || u16::from(self.index) >= u16::from(self.k) + u16::from(self.m) {
+        let n = u16::from(self.k) + u16::from(self.m);
+        if self.k == 0 || (u16::from(self.index) >= n) != self.is_local_parity() {
             return Err(FragmentError::Invalid(format!(
-                "index {} of a {}+{} code",
-                self.index, self.k, self.m
+                "index {} of a {}+{} code{}",
+                self.index,
+                self.k,
+                self.m,
+                if self.is_local_parity() {
+                    " for a local parity"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if self.is_local_parity()
+            && (self.local_group.windows(2).any(|w| w[0] >= w[1])
+                || self.local_group.iter().any(|i| u16::from(*i) >= n))
+        {
+            return Err(FragmentError::Invalid(format!(
+                "local group {:?} of a {}+{} code",
+                self.local_group, self.k, self.m
             )));
         }
         if self.fragment_size == 0 {
@@ -103,10 +144,15 @@ impl FragmentHeader {
     pub fn encode(&self) -> Result<Vec<u8>, FragmentError> {
         self.validate()?;
         let mut out = Vec::with_capacity(self.encoded_len());
+        let (version, flags) = if self.is_local_parity() {
+            (FORMAT_VERSION_LOCAL, FLAG_LOCAL_PARITY)
+        } else {
+            (FORMAT_VERSION, 0)
+        };
         out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&self.codec.0.to_le_bytes());
-        out.extend_from_slice(&[self.k, self.m, self.index, 0]);
+        out.extend_from_slice(&[self.k, self.m, self.index, flags]);
         out.extend_from_slice(&self.fragment_size.to_le_bytes());
         out.extend_from_slice(&self.object_size.to_le_bytes());
         out.extend_from_slice(&self.object_version.to_le_bytes());
@@ -116,6 +162,10 @@ impl FragmentHeader {
         out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
         out.extend_from_slice(self.namespace.as_bytes());
         out.extend_from_slice(self.name.as_bytes());
+        if self.is_local_parity() {
+            out.push(self.local_group.len() as u8);
+            out.extend_from_slice(&self.local_group);
+        }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
@@ -150,14 +200,21 @@ impl FragmentHeader {
         if ns_len > MAX_NAME || name_len > MAX_NAME {
             return Err(FragmentError::Invalid("name longer than 1024 bytes".into()));
         }
-        let end = FIXED_HEADER + ns_len + name_len;
+        let version = u16_at(4)?;
+        let flags = field(11, 1)?[0];
+        let local = version == FORMAT_VERSION_LOCAL && flags & FLAG_LOCAL_PARITY != 0;
+        let names_end = FIXED_HEADER + ns_len + name_len;
+        let end = if local {
+            names_end + 1 + usize::from(field(names_end, 1)?[0])
+        } else {
+            names_end
+        };
         let stored = u32_at(end)?;
         let computed = crc32c::crc32c(field(0, end)?);
         if stored != computed {
             return Err(FragmentError::HeaderCrc { stored, computed });
         }
-        let version = u16_at(4)?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_LOCAL {
             return Err(FragmentError::Version(version));
         }
         let text = |at: usize, len: usize| -> Result<String, FragmentError> {
@@ -177,6 +234,11 @@ impl FragmentHeader {
             data_len: u64_at(40)?,
             namespace: text(FIXED_HEADER, ns_len)?,
             name: text(FIXED_HEADER + ns_len, name_len)?,
+            local_group: if local {
+                field(names_end + 1, end - names_end - 1)?.to_vec()
+            } else {
+                Vec::new()
+            },
         };
         header.validate()?;
         Ok(header)
@@ -292,6 +354,7 @@ mod tests {
             data_len,
             namespace: "vol-a".into(),
             name: "00000001.sco".into(),
+            local_group: Vec::new(),
         }
     }
 
@@ -359,14 +422,41 @@ mod tests {
         assert!(wrong_index.encode().is_err());
     }
 
+    #[test]
+    fn a_local_parity_carries_its_group() {
+        let mut h = header(10);
+        h.index = 11;
+        h.local_group = vec![0, 4, 9];
+        let bytes = h.encode().unwrap();
+        assert_eq!(bytes.len(), h.encoded_len());
+        assert_eq!(
+            u16::from_le_bytes([bytes[4], bytes[5]]),
+            FORMAT_VERSION_LOCAL
+        );
+        assert_eq!(FragmentHeader::decode(&bytes).unwrap(), h);
+        // A global fragment stays version 1; a local index needs a group and vice versa.
+        assert_eq!(u16::from_le_bytes([header(10).encode().unwrap()[4], 0]), 1);
+        h.local_group.clear();
+        assert!(h.encode().is_err());
+        let mut g = header(10);
+        g.local_group = vec![1, 2];
+        assert!(g.encode().is_err());
+    }
+
     proptest! {
         /// Any single flipped byte of a header is caught: the decoder errors, never misreads.
         #[test]
         fn every_header_corruption_is_detected(
             pos in any::<prop::sample::Index>(),
             flip in 1u8..=255,
+            local in any::<bool>(),
         ) {
-            let mut bytes = header(12_345).encode().unwrap();
+            let mut h = header(12_345);
+            if local {
+                h.index = 11;
+                h.local_group = vec![2, 5, 7];
+            }
+            let mut bytes = h.encode().unwrap();
             let at = pos.index(bytes.len());
             bytes[at] ^= flip;
             prop_assert!(FragmentHeader::decode(&bytes).is_err());

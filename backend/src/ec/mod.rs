@@ -7,10 +7,24 @@
 //! - [`fragment`]: the self-describing fragment file (header, data, per-4 KiB CRC32C table).
 //! - [`placement`]: weighted rendezvous hashing per fragment with a per-domain cap.
 //! - [`preset`]: ordered `(k, m, c, x)` policies, best first, falling back when OSDs are down.
+//! - [`local`]: local parities per domain (LRC-style), so one loss is rebuilt within its domain.
+//! - [`plan`]: the pure repair planner (rebuild, move, delete) for one object.
+//! - [`store`]: the `ec` ObjectStore; [`inspect`] and [`repair`] add inspection, repair,
+//!   rebalancing and scrub to it.
 
 pub mod codec;
 pub mod fragment;
+pub mod inspect;
 pub mod layout;
+pub mod local;
 pub mod placement;
+pub mod plan;
 pub mod preset;
+mod read;
+pub mod repair;
+#[cfg(test)]
+#[path = "repair_tests.rs"]
+mod repair_tests;
 pub mod store;
+#[cfg(test)]
+mod testkit;

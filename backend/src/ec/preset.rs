@@ -87,6 +87,9 @@ pub struct Preset {
     pub compression: Compression,
     /// Fragments are encrypted (AES-256-CTR, so partial reads stay partial).
     pub encrypted: bool,
+    /// Add a local parity per failure domain holding two or more of an object's fragments
+    /// (`ec::local`), so one lost fragment is rebuilt from its own domain.
+    pub local_parity: bool,
 }
 
 impl Preset {
@@ -158,6 +161,7 @@ mod tests {
             fragment_size: 1 << 20,
             compression: Compression::None,
             encrypted: false,
+            local_parity: false,
         }
     }
 

@@ -7,20 +7,29 @@
 //! OSD that `placement` computes for it. The put returns once `c` fragments are durable; the
 //! others finish in the background (a fragment that fails is rebuilt by repair).
 //!
-//! **Get.** An object's newest version with at least `k` fragments is found by asking the OSDs
-//! that rank first for each fragment index (`Head`), then cached. A ranged read asks only the
-//! data fragments that hold the range (`layout::locate`): 4 KiB of a 64 MiB object is one
-//! request to one OSD. When a data fragment is unreachable or fails its CRC, the same fragment
-//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column,
-//! so equal offsets in every fragment belong together.
+//! **Get.** An object's newest version with at least `k` fragments is found by asking OSDs
+//! `Head` in rounds (see `find`): the two best-ranked for each index among the OSDs up or
+//! draining, then every other such OSD if that found fewer than `k`, then the down ones. The
+//! answer is cached, and forgotten when a read from a holder fails, so a read after repair or
+//! rebalancing moved fragments finds them again (a failed read with cached holders is retried
+//! once with fresh ones). A ranged read asks only the data fragments that hold the range
+//! (`layout::locate`): 4 KiB of a 64 MiB object is one request to one OSD. When a data
+//! fragment is unreachable, on an OSD the map says is down, or fails its CRC, the same fragment
+//! range is read from `k` other fragments and decoded: Reed-Solomon works column by column, so
+//! equal offsets in every fragment belong together.
+//!
+//! **OSD states.** The map gives each OSD a state ([`OsdState`]). New fragments go only to up
+//! OSDs with room; reads use up and draining OSDs, go around down ones first (a down OSD is
+//! asked only when the others do not suffice) and never ask an out one. Repair ([`super::repair`])
+//! rebuilds what out OSDs held and empties draining ones.
 //!
 //! **Fencing.** Puts and deletes carry the writer's owner tag: the store refuses a tag that is
 //! not the namespace's current one in the registry, and every OSD refuses tags older than the
 //! newest it has seen (a claim sends `SetTag` to every OSD).
 //!
 //! Known limits (issue 12 is in progress): the whole object is encoded in memory; older versions
-//! on OSDs other than the new version's are left for repair to collect; `list` reports a name
-//! once any OSD holds a fragment of it.
+//! on OSDs other than the new version's are left for repair to collect (it deletes them);
+//! `list` reports a name once any up or draining OSD holds a fragment of it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -32,10 +41,11 @@ use parking_lot::Mutex;
 use super::codec::{codec, CodecId};
 use super::fragment::{encode_fragment, FragmentHeader};
 use super::layout::Layout;
-use super::placement::{place, ranking, OsdSlot};
+use super::local::local_parities;
+use super::placement::{place, OsdSlot};
 use super::preset::Preset;
 use crate::osd::client::OsdClient;
-use crate::osd::proto::{ErrorCode, HeadEntry, Message};
+use crate::osd::proto::{ErrorCode, Message};
 use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
 
 /// An OSD's state in the tier's map (`vstor osd list` shows it).
@@ -112,21 +122,40 @@ pub struct EcOptions {
 
 /// An object's newest readable version, as the OSDs report it.
 #[derive(Debug, Clone)]
-struct Found {
-    version: u64,
-    layout: Layout,
-    codec: CodecId,
+pub(super) struct Found {
+    pub(super) version: u64,
+    pub(super) layout: Layout,
+    pub(super) codec: CodecId,
     /// Which OSD holds each fragment index (as far as the `Head` answers said).
-    holders: HashMap<u8, u64>,
+    pub(super) holders: HashMap<u8, u64>,
+}
+
+/// Placement's view of the map for new fragments: only an OSD that is up (and not full) takes
+/// them, and one draining or out has no weight. The map should say so already; this makes it
+/// hold whatever the map's `slot` says.
+pub(super) fn write_slots(osds: &[OsdEntry]) -> Vec<OsdSlot> {
+    osds.iter()
+        .map(|o| OsdSlot {
+            writable: o.slot.writable && o.state == OsdState::Up,
+            weight: match o.state {
+                OsdState::Up | OsdState::Down => o.slot.weight,
+                OsdState::Draining | OsdState::Out => 0.0,
+            },
+            ..o.slot.clone()
+        })
+        .collect()
 }
 
 /// The erasure-coded store.
 pub struct EcStore {
-    map: Arc<dyn TierMap>,
-    options: EcOptions,
+    pub(super) map: Arc<dyn TierMap>,
+    pub(super) options: EcOptions,
     runtime: Option<tokio::runtime::Runtime>,
     clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
-    found: Mutex<HashMap<(String, String), Found>>,
+    pub(super) found: Mutex<HashMap<(String, String), Found>>,
+    /// Presets chosen for namespaces about to be created (`volume create --preset`), taken by
+    /// `create_namespace`.
+    reserved: Mutex<HashMap<String, String>>,
 }
 
 impl Drop for EcStore {
@@ -137,7 +166,7 @@ impl Drop for EcStore {
     }
 }
 
-fn object_key(namespace: &str, name: &str) -> String {
+pub(super) fn object_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
@@ -158,12 +187,40 @@ impl EcStore {
             runtime: Some(runtime),
             clients: Arc::default(),
             found: Mutex::default(),
+            reserved: Mutex::default(),
         })
+    }
+
+    /// Make the next `create_namespace(namespace, …)` use `preset` instead of the store's
+    /// default (a volume picks its preset at creation). The preset must exist.
+    pub fn reserve_preset(&self, namespace: &str, preset: &str) -> Result<()> {
+        if self.map.preset(preset)?.is_none() {
+            return Err(BackendError::TierRegistry {
+                reason: format!("preset {preset} does not exist (see `vstor preset list`)"),
+            });
+        }
+        self.reserved
+            .lock()
+            .insert(namespace.to_string(), preset.to_string());
+        Ok(())
+    }
+
+    /// The store's default preset.
+    pub fn default_preset(&self) -> &str {
+        &self.options.default_preset
+    }
+
+    /// The map the store reads (the node's background repair watches it for changes).
+    pub fn tier_map(&self) -> Arc<dyn TierMap> {
+        self.map.clone()
     }
 
     /// Run `fut` on the store's runtime and wait for it (callable from any thread, also from
     /// inside another runtime's worker).
-    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+    pub(super) fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
         let runtime = self.runtime.as_ref().ok_or_else(|| BackendError::Osd {
             addr: "-".into(),
             reason: "the EC client runtime is shut down".into(),
@@ -193,7 +250,9 @@ impl EcStore {
         Ok(client)
     }
 
-    fn call_all(
+    /// Send each request to its OSD, all at once, and wait for every answer (each bounded by
+    /// the timeout).
+    pub(super) fn call_all(
         &self,
         targets: Vec<(OsdEntry, Message)>,
     ) -> Result<Vec<(OsdEntry, Result<Message>)>> {
@@ -214,7 +273,7 @@ impl EcStore {
         })
     }
 
-    fn record(&self, namespace: &str) -> Result<NamespaceRecord> {
+    pub(super) fn record(&self, namespace: &str) -> Result<NamespaceRecord> {
         self.map
             .namespace(namespace)?
             .ok_or_else(|| BackendError::NoSuchNamespace {
@@ -241,6 +300,7 @@ impl EcStore {
             .map
             .osds()?
             .into_iter()
+            .filter(|entry| entry.state != OsdState::Out)
             .map(|entry| {
                 (
                     entry,
@@ -262,197 +322,8 @@ impl EcStore {
         Ok(())
     }
 
-    /// Find the newest version of `name` with at least `k` fragments.
-    fn find(&self, namespace: &str, name: &str) -> Result<Found> {
-        let key = (namespace.to_string(), name.to_string());
-        if let Some(found) = self.found.lock().get(&key) {
-            return Ok(found.clone());
-        }
-        validate_name(namespace)?;
-        validate_name(name)?;
-        let osds = self.map.osds()?;
-        let slots: Vec<OsdSlot> = osds.iter().map(|o| o.slot.clone()).collect();
-        // Ask the two best-ranked OSDs of every fragment index that could exist (up to 255).
-        let object = object_key(namespace, name);
-        let mut ask: BTreeSet<u64> = BTreeSet::new();
-        for index in 0..slots.len().min(255) {
-            for osd in ranking(&object, index, &slots).into_iter().take(2) {
-                ask.insert(osd.id);
-            }
-        }
-        let targets = osds
-            .into_iter()
-            .filter(|o| ask.contains(&o.slot.id))
-            .map(|o| {
-                (
-                    o,
-                    Message::Head {
-                        namespace: namespace.to_string(),
-                        name: name.to_string(),
-                    },
-                )
-            })
-            .collect();
-        let mut versions: HashMap<u64, (HeadEntry, HashMap<u8, u64>)> = HashMap::new();
-        let mut unreachable = Vec::new();
-        for (entry, result) in self.call_all(targets)? {
-            let Ok(Message::Heads { heads }) = result else {
-                unreachable.push(entry.slot.id);
-                continue;
-            };
-            {
-                for head in heads {
-                    let slot = versions
-                        .entry(head.version)
-                        .or_insert_with(|| (head.clone(), HashMap::new()));
-                    slot.1.insert(head.index, entry.slot.id);
-                }
-            }
-        }
-        let newest_seen = versions
-            .iter()
-            .max_by_key(|(version, _)| **version)
-            .map(|(_, (head, holders))| (holders.len(), head.k));
-        let best = versions
-            .into_iter()
-            .filter(|(_, (head, holders))| holders.len() >= usize::from(head.k))
-            .max_by_key(|(version, _)| *version);
-        let Some((version, (head, holders))) = best else {
-            // Nothing readable. With every OSD answering and no fragment anywhere, the object
-            // does not exist; otherwise it may, and saying so would make a caller treat lost
-            // data as never written.
-            if unreachable.is_empty() && newest_seen.is_none() {
-                return Err(BackendError::NoSuchObject {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                });
-            }
-            let (seen, k) = newest_seen.unwrap_or((0, 0));
-            return Err(BackendError::Osd {
-                addr: "-".into(),
-                reason: format!(
-                    "{namespace}/{name} cannot be rebuilt: {seen} fragments reachable (k = {k}), OSDs {unreachable:?} unreachable"
-                ),
-            });
-        };
-        let found = Found {
-            version,
-            layout: Layout {
-                size: head.object_size,
-                k: u32::from(head.k),
-                m: u32::from(head.m),
-                fragment_size: head.fragment_size,
-            },
-            codec: CodecId(head.codec),
-            holders,
-        };
-        self.found.lock().insert(key, found.clone());
-        Ok(found)
-    }
-
-    fn entry_of(osds: &[OsdEntry], id: u64) -> Option<OsdEntry> {
-        osds.iter().find(|o| o.slot.id == id).cloned()
-    }
-
-    /// Read `[offset, offset + len)` of fragment `index` of `found` from its OSD.
-    fn read_fragment_ranges(
-        &self,
-        namespace: &str,
-        name: &str,
-        found: &Found,
-        osds: &[OsdEntry],
-        reads: Vec<(u8, u64, u64)>,
-    ) -> Result<Vec<Result<Vec<u8>>>> {
-        let mut targets = Vec::new();
-        let mut missing = Vec::new();
-        for (i, (index, offset, len)) in reads.iter().enumerate() {
-            match found
-                .holders
-                .get(index)
-                .and_then(|id| Self::entry_of(osds, *id))
-            {
-                Some(entry) => targets.push((
-                    entry,
-                    Message::GetRange {
-                        namespace: namespace.to_string(),
-                        name: name.to_string(),
-                        version: found.version,
-                        index: *index,
-                        offset: *offset,
-                        len: u32::try_from(*len).unwrap_or(u32::MAX),
-                    },
-                )),
-                None => missing.push(i),
-            }
-        }
-        let mut answers = self.call_all(targets)?.into_iter();
-        let mut out = Vec::with_capacity(reads.len());
-        for (i, read) in reads.iter().enumerate() {
-            if missing.contains(&i) {
-                out.push(Err(BackendError::Osd {
-                    addr: "-".into(),
-                    reason: format!("no OSD holds fragment {} of {namespace}/{name}", read.0),
-                }));
-                continue;
-            }
-            out.push(match answers.next() {
-                Some((_, Ok(Message::Data { data }))) => Ok(data.to_vec()),
-                Some((_, Ok(other))) => Err(BackendError::Osd {
-                    addr: "-".into(),
-                    reason: format!("answered GetRange with {}", other.name()),
-                }),
-                Some((_, Err(e))) => Err(e),
-                None => Err(BackendError::Osd {
-                    addr: "-".into(),
-                    reason: "missing answer".into(),
-                }),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Fragment `index`'s bytes `[offset, offset + len)` rebuilt from `k` other fragments.
-    fn degraded_read(
-        &self,
-        namespace: &str,
-        name: &str,
-        found: &Found,
-        osds: &[OsdEntry],
-        (index, offset, len): (u8, u64, u64),
-    ) -> Result<Vec<u8>> {
-        let (k, m) = (found.layout.k as usize, found.layout.m as usize);
-        let others: Vec<u8> = (0..(k + m) as u8).filter(|i| *i != index).collect();
-        let reads = others.iter().map(|i| (*i, offset, len)).collect();
-        let answers = self.read_fragment_ranges(namespace, name, found, osds, reads)?;
-        let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
-        for (i, answer) in others.iter().zip(answers) {
-            if let Ok(data) = answer {
-                shards[usize::from(*i)] = Some(data);
-            }
-        }
-        let code = codec(found.codec, k, m).map_err(|e| BackendError::Corrupt {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            reason: e.to_string(),
-        })?;
-        code.reconstruct(&mut shards, true)
-            .map_err(|e| BackendError::Osd {
-                addr: "-".into(),
-                reason: format!(
-                    "{namespace}/{name}: fragment {index} is lost and cannot be rebuilt: {e}"
-                ),
-            })?;
-        shards[usize::from(index)]
-            .take()
-            .ok_or_else(|| BackendError::Corrupt {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                reason: format!("fragment {index} was not rebuilt"),
-            })
-    }
-
     /// The `k + m` fragment files of `data` as version `version` under `owner`.
-    fn encode_object(
+    pub(super) fn encode_object(
         namespace: &str,
         name: &str,
         data: &[u8],
@@ -521,6 +392,7 @@ impl EcStore {
                     data_len: fragment_data.len() as u64,
                     namespace: namespace.to_string(),
                     name: name.to_string(),
+                    local_group: Vec::new(),
                 };
                 encode_fragment(&header, &fragment_data).map_err(|e| BackendError::Corrupt {
                     namespace: namespace.to_string(),
@@ -535,13 +407,13 @@ impl EcStore {
 impl ObjectStore for EcStore {
     fn create_namespace(&self, namespace: &str, owner: OwnerTag) -> Result<()> {
         validate_name(namespace)?;
-        self.map.create_namespace(
-            namespace,
-            &NamespaceRecord {
-                tag: owner,
-                preset: self.options.default_preset.clone(),
-            },
-        )?;
+        let preset = self
+            .reserved
+            .lock()
+            .remove(namespace)
+            .unwrap_or_else(|| self.options.default_preset.clone());
+        self.map
+            .create_namespace(namespace, &NamespaceRecord { tag: owner, preset })?;
         self.broadcast_tag(namespace, owner)
     }
 
@@ -603,7 +475,7 @@ impl ObjectStore for EcStore {
                 ),
             })?;
         let osds = self.map.osds()?;
-        let slots: Vec<OsdSlot> = osds.iter().map(|o| o.slot.clone()).collect();
+        let slots = write_slots(&osds);
         let (_, policy) = preset.choose(&slots).ok_or_else(|| BackendError::Osd {
             addr: "-".into(),
             reason: format!(
@@ -640,9 +512,30 @@ impl ObjectStore for EcStore {
             (policy.k, policy.m),
             (version, owner),
         )?;
+        let locals = if preset.local_parity {
+            local_parities(&object_key(namespace, name), &files, &placed, &slots).map_err(|e| {
+                BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                }
+            })?
+        } else {
+            Vec::new()
+        };
         let mut targets = Vec::new();
-        for (index, (osd, file)) in placed.iter().zip(files).enumerate() {
-            let entry = Self::entry_of(&osds, *osd).ok_or_else(|| BackendError::Osd {
+        let all = placed
+            .iter()
+            .zip(files)
+            .enumerate()
+            .map(|(index, (osd, file))| (*osd, index as u8, file, false))
+            .chain(
+                locals
+                    .into_iter()
+                    .map(|(osd, index, file)| (osd, index, file, true)),
+            );
+        for (osd, index, file, local) in all {
+            let entry = Self::entry_of(&osds, osd).ok_or_else(|| BackendError::Osd {
                 addr: "-".into(),
                 reason: format!("placed OSD {osd} is not in the map"),
             })?;
@@ -652,18 +545,20 @@ impl ObjectStore for EcStore {
                     namespace: namespace.to_string(),
                     name: name.to_string(),
                     version,
-                    index: index as u8,
+                    index,
                     tag: owner,
                     file: file.into(),
                 },
+                local,
             ));
         }
         let needed = usize::from(policy.c);
         let (clients, options) = (self.clients.clone(), self.options.clone());
-        // Acknowledge after `c` successes; the rest keep running on the runtime.
+        // Acknowledge after `c` of the `k + m` are stored (local parities do not count); the
+        // rest keep running on the runtime.
         let outcome = self.run(async move {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            for (entry, message) in targets {
+            for (entry, message, local) in targets {
                 let (tx, clients, options) = (tx.clone(), clients.clone(), options.clone());
                 tokio::spawn(async move {
                     let result = async {
@@ -671,14 +566,15 @@ impl ObjectStore for EcStore {
                         client.call(message, options.timeout).await
                     }
                     .await;
-                    let _ = tx.send((entry, result));
+                    let _ = tx.send((entry, result, local));
                 });
             }
             drop(tx);
             let (mut ok, mut errors) = (0usize, Vec::new());
-            while let Some((entry, result)) = rx.recv().await {
+            while let Some((entry, result, local)) = rx.recv().await {
                 match result {
-                    Ok(_) => ok += 1,
+                    Ok(_) if !local => ok += 1,
+                    Ok(_) => {}
                     Err(e) => errors.push((entry.slot.id, e)),
                 }
                 if ok >= needed {
@@ -743,50 +639,24 @@ impl ObjectStore for EcStore {
     }
 
     fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cached = self
+            .found
+            .lock()
+            .contains_key(&(namespace.to_string(), name.to_string()));
         let found = self.find(namespace, name)?;
-        let len = buf.len() as u64;
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > found.layout.size)
-        {
-            return Err(BackendError::RangeOutOfBounds {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                offset,
-                len,
-                size: found.layout.size,
-            });
+        match self.read_found(namespace, name, &found, offset, buf) {
+            // What was cached may be out of date (repair moved or rebuilt fragments since):
+            // find again and read once more.
+            Err(e) if cached && !matches!(e, BackendError::RangeOutOfBounds { .. }) => {
+                tracing::debug!(
+                    "{namespace}/{name}: read with cached holders failed ({e}); finding again"
+                );
+                self.forget(namespace, name);
+                let found = self.find(namespace, name)?;
+                self.read_found(namespace, name, &found, offset, buf)
+            }
+            other => other,
         }
-        let osds = self.map.osds()?;
-        let pieces = found.layout.locate(offset, len);
-        let reads = pieces
-            .iter()
-            .map(|p| (p.index as u8, p.fragment_offset, p.len))
-            .collect();
-        let answers = self.read_fragment_ranges(namespace, name, &found, &osds, reads)?;
-        for (piece, answer) in pieces.iter().zip(answers) {
-            let data = match answer {
-                Ok(data) if data.len() as u64 == piece.len => data,
-                failed => {
-                    if let Err(e) = &failed {
-                        tracing::warn!(
-                            "{namespace}/{name}: fragment {} unreadable ({e}); decoding from the others",
-                            piece.index
-                        );
-                    }
-                    self.degraded_read(
-                        namespace,
-                        name,
-                        &found,
-                        &osds,
-                        (piece.index as u8, piece.fragment_offset, piece.len),
-                    )?
-                }
-            };
-            let at = (piece.object_offset - offset) as usize;
-            buf[at..at + data.len()].copy_from_slice(&data);
-        }
-        Ok(())
     }
 
     fn size(&self, namespace: &str, name: &str) -> Result<u64> {
@@ -813,6 +683,7 @@ impl ObjectStore for EcStore {
             .map
             .osds()?
             .into_iter()
+            .filter(|entry| entry.state != OsdState::Out)
             .map(|entry| {
                 (
                     entry,
@@ -846,7 +717,9 @@ impl ObjectStore for EcStore {
     fn list(&self, namespace: &str) -> Result<Vec<String>> {
         self.record(namespace)?;
         let mut names = BTreeSet::new();
-        for entry in self.map.osds()? {
+        // Out OSDs are never asked, down ones skipped: k of k + m fragments are elsewhere.
+        let osds = self.map.osds()?.into_iter();
+        for entry in osds.filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining)) {
             let mut after = String::new();
             loop {
                 let answer = self.call_all(vec![(

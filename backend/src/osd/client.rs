@@ -227,6 +227,7 @@ mod tests {
             data_len: data.len() as u64,
             namespace: "ns".into(),
             name: "obj".into(),
+            local_group: Vec::new(),
         };
         encode_fragment(&header, data).unwrap()
     }

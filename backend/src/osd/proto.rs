@@ -32,13 +32,21 @@
 //! # Versioning
 //!
 //! `Hello`, `Welcome` and `VersionMismatch` are frozen across versions; every other kind is
-//! accepted only with the receiver's version.
+//! accepted only with the receiver's version, so a peer of another version learns it at the
+//! handshake (`VersionMismatch`), never as an unknown kind in the middle of a connection.
+//!
+//! - Version 1: `Put`, `GetRange`, `GetFile`, `Head`, `Delete`, `List`, `SetTag`, `Stat`.
+//! - Version 2 (repair, issue 12): `Verify` checks a whole fragment's CRCs on the OSD and
+//!   answers `Done` or `Error { Corrupt }`, so a scrub does not ship fragments over the wire;
+//!   `DeleteFragment` removes one fragment (one version, one index) under the owner tag, for
+//!   moves (after the new copy is durable), misplaced copies and stale versions; each `Heads`
+//!   entry ends with the local parity group it covers (count byte, then indices).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// "VSO1".
 pub const MAGIC: u32 = 0x5653_4F31;
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 24;
 /// A fragment of a 64 MiB object under k = 1 plus fields.
 pub const MAX_FRAME_PAYLOAD: usize = (64 << 20) + (1 << 20);
@@ -120,6 +128,8 @@ pub struct HeadEntry {
     pub fragment_size: u32,
     pub object_size: u64,
     pub data_len: u64,
+    /// For a local parity, the indices it covers; empty otherwise.
+    pub group: Vec<u8>,
 }
 
 /// An OSD's usage, as `Stat` reports it.
@@ -196,6 +206,21 @@ pub enum Message {
         tag: u64,
     },
     Stat,
+    /// Check every CRC of one fragment file on the OSD (scrub); `Done` or `Error { Corrupt }`.
+    Verify {
+        namespace: String,
+        name: String,
+        version: u64,
+        index: u8,
+    },
+    /// Delete one fragment (deleting one that is absent is fine).
+    DeleteFragment {
+        namespace: String,
+        name: String,
+        version: u64,
+        index: u8,
+        tag: u64,
+    },
     // --- replies ---
     Done,
     Data {
@@ -226,6 +251,8 @@ mod kind {
     pub const SET_TAG: u16 = 15;
     pub const STAT: u16 = 16;
     pub const HEAD: u16 = 17;
+    pub const VERIFY: u16 = 18;
+    pub const DELETE_FRAGMENT: u16 = 19;
     pub const DONE: u16 = 100;
     pub const DATA: u16 = 101;
     pub const LISTING: u16 = 102;
@@ -252,6 +279,8 @@ impl Message {
             Message::SetTag { .. } => kind::SET_TAG,
             Message::Stat => kind::STAT,
             Message::Head { .. } => kind::HEAD,
+            Message::Verify { .. } => kind::VERIFY,
+            Message::DeleteFragment { .. } => kind::DELETE_FRAGMENT,
             Message::Heads { .. } => kind::HEADS,
             Message::Done => kind::DONE,
             Message::Data { .. } => kind::DATA,
@@ -275,6 +304,8 @@ impl Message {
             Message::SetTag { .. } => "SetTag",
             Message::Stat => "Stat",
             Message::Head { .. } => "Head",
+            Message::Verify { .. } => "Verify",
+            Message::DeleteFragment { .. } => "DeleteFragment",
             Message::Heads { .. } => "Heads",
             Message::Done => "Done",
             Message::Data { .. } => "Data",
@@ -338,11 +369,30 @@ impl Message {
                 name,
                 version,
                 index,
+            }
+            | Message::Verify {
+                namespace,
+                name,
+                version,
+                index,
             } => {
                 put_string(out, namespace)?;
                 put_string(out, name)?;
                 out.put_u64_le(*version);
                 out.put_u8(*index);
+            }
+            Message::DeleteFragment {
+                namespace,
+                name,
+                version,
+                index,
+                tag,
+            } => {
+                put_string(out, namespace)?;
+                put_string(out, name)?;
+                out.put_u64_le(*version);
+                out.put_u8(*index);
+                out.put_u64_le(*tag);
             }
             Message::Delete {
                 namespace,
@@ -374,6 +424,11 @@ impl Message {
                     out.put_u32_le(h.fragment_size);
                     out.put_u64_le(h.object_size);
                     out.put_u64_le(h.data_len);
+                    if h.group.len() > 255 {
+                        return Err(ProtoError::Malformed("local group over 255".into()));
+                    }
+                    out.put_u8(h.group.len() as u8);
+                    out.put_slice(&h.group);
                 }
             }
             Message::List {
@@ -461,6 +516,19 @@ impl Message {
                 version: r.u64()?,
                 index: r.u8()?,
             },
+            kind::VERIFY => Message::Verify {
+                namespace: r.string()?,
+                name: r.string()?,
+                version: r.u64()?,
+                index: r.u8()?,
+            },
+            kind::DELETE_FRAGMENT => Message::DeleteFragment {
+                namespace: r.string()?,
+                name: r.string()?,
+                version: r.u64()?,
+                index: r.u8()?,
+                tag: r.u64()?,
+            },
             kind::DELETE => Message::Delete {
                 namespace: r.string()?,
                 name: r.string()?,
@@ -487,7 +555,7 @@ impl Message {
                         "{count} heads exceed {MAX_LIST}"
                     )));
                 }
-                r.need(count.saturating_mul(33))?;
+                r.need(count.saturating_mul(34))?;
                 let mut heads = Vec::with_capacity(count);
                 for _ in 0..count {
                     heads.push(HeadEntry {
@@ -499,6 +567,11 @@ impl Message {
                         fragment_size: r.u32()?,
                         object_size: r.u64()?,
                         data_len: r.u64()?,
+                        group: {
+                            let len = usize::from(r.u8()?);
+                            r.need(len)?;
+                            r.0.split_to(len).to_vec()
+                        },
                     });
                 }
                 Message::Heads { heads }
@@ -758,13 +831,40 @@ mod tests {
                 limit
             }),
             Just(Message::Stat),
+            (s, s, any::<u64>(), any::<u8>()).prop_map(|(namespace, name, version, index)| {
+                Message::Verify {
+                    namespace,
+                    name,
+                    version,
+                    index,
+                }
+            }),
+            (s, s, any::<u64>(), any::<u8>(), any::<u64>()).prop_map(
+                |(namespace, name, version, index, tag)| Message::DeleteFragment {
+                    namespace,
+                    name,
+                    version,
+                    index,
+                    tag
+                }
+            ),
             (s, s).prop_map(|(namespace, name)| Message::Head { namespace, name }),
-            proptest::collection::vec(any::<(u64, u8, u8, u8, u16, u32, u64, u64)>(), 0..4)
-                .prop_map(|v| Message::Heads {
-                    heads: v
-                        .into_iter()
-                        .map(
-                            |(
+            proptest::collection::vec(
+                (
+                    any::<(u64, u8, u8, u8, u16, u32, u64, u64)>(),
+                    proptest::collection::vec(any::<u8>(), 0..5)
+                ),
+                0..4
+            )
+            .prop_map(|v| Message::Heads {
+                heads: v
+                    .into_iter()
+                    .map(
+                        |(
+                            (version, index, k, m, codec, fragment_size, object_size, data_len),
+                            group,
+                        )| {
+                            HeadEntry {
                                 version,
                                 index,
                                 k,
@@ -773,21 +873,12 @@ mod tests {
                                 fragment_size,
                                 object_size,
                                 data_len,
-                            )| {
-                                HeadEntry {
-                                    version,
-                                    index,
-                                    k,
-                                    m,
-                                    codec,
-                                    fragment_size,
-                                    object_size,
-                                    data_len,
-                                }
+                                group,
                             }
-                        )
-                        .collect()
-                }),
+                        }
+                    )
+                    .collect()
+            }),
             Just(Message::Done),
             data.prop_map(|data| Message::Data { data }),
             proptest::collection::vec((s, any::<u64>(), any::<u8>(), any::<u64>()), 0..5).prop_map(
@@ -863,7 +954,7 @@ mod tests {
             Err(ProtoError::FrameTooLarge { .. })
         ));
         let mut buf = BytesMut::new();
-        OsdCodec::with_version(2)
+        OsdCodec::with_version(1)
             .encode(
                 &Frame {
                     id: 1,
@@ -874,7 +965,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             OsdCodec::default().decode(&mut buf),
-            Err(ProtoError::UnsupportedVersion { got: 2, ours: 1 })
+            Err(ProtoError::UnsupportedVersion { got: 1, ours: 2 })
         ));
     }
 }

@@ -245,6 +245,23 @@ fn handle(store: &FragmentStore, message: Message) -> Message {
             store.set_tag(&namespace, tag).map(|()| Message::Done)
         }
         Message::Stat => Ok(Message::Usage(store.usage())),
+        Message::Verify {
+            namespace,
+            name,
+            version,
+            index,
+        } => store
+            .verify(&namespace, &name, version, index)
+            .map(|()| Message::Done),
+        Message::DeleteFragment {
+            namespace,
+            name,
+            version,
+            index,
+            tag,
+        } => store
+            .delete_fragment(&namespace, &name, version, index, tag)
+            .map(|()| Message::Done),
         other => {
             return Message::Error {
                 code: ErrorCode::Invalid,

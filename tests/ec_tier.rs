@@ -1,0 +1,482 @@
+//! The erasure-coded tier with real processes: etcd, six `vstor osd` daemons in three domains and
+//! a node on `--backend ec`, driven by fio and qemu-io over NBD. The write buffer is kept small
+//! so the data a client reads back really comes from the OSDs.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::tier::Tier;
+use common::{require_tool, run_ok, Daemon};
+
+/// Node settings that keep little in the write buffer: SCOs are evicted once uploaded.
+const SMALL_BUFFER: &[&str] = &["--write-buffer-limit", "24M"];
+
+fn create_small_volume(node: &Daemon, name: &str, size: &str, extra: &[&str]) {
+    let mut args = vec![
+        "volume",
+        "create",
+        name,
+        "--size",
+        size,
+        "--sco-size",
+        "4M",
+        "--write-buffer",
+        "8M",
+    ];
+    args.extend_from_slice(extra);
+    node.cli_ok(&args);
+}
+
+/// fio over NBD on `uri`: `mode` is "write" (write then verify) or "verify" (verify what an
+/// earlier write left). Runs in a temporary directory (fio writes state files into its cwd).
+fn fio(uri: &str, size: &str, mode: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(dir.path()).args([
+        "--name=ec",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=write",
+        "--bs=64k",
+        &format!("--size={size}"),
+        "--iodepth=8",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randseed=1234",
+    ]);
+    if mode == "verify" {
+        cmd.arg("--verify_only");
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_fio_ok(out: &std::process::Output, what: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stdout.contains("verify:") && !stderr.contains("verify"),
+        "fio {what} failed:\n{stdout}\n{stderr}"
+    );
+}
+
+/// Poll `check` until it gives a value (bounded).
+fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn osds_register_and_a_node_stores_volumes_on_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tier = Tier::start(tmp.path(), 6, 3);
+    let osds = tier.osd_list();
+    assert_eq!(osds.len(), 6);
+    for (i, osd) in osds.iter().enumerate() {
+        assert_eq!(osd["state"], "up", "{osd}");
+        assert_eq!(osd["fragments"], 0, "{osd}");
+        assert_eq!(osd["capacity"], 4u64 << 30, "{osd}");
+        assert!(osd["domain"].as_str().unwrap().starts_with('d'), "{osd}");
+        assert_eq!(osd["id"], (i + 1) as u64);
+    }
+    let text = tier.cli_ok(&["osd", "list"]);
+    assert!(
+        text.lines().next().unwrap().contains("STATE") && text.contains(" up "),
+        "{text}"
+    );
+
+    // A preset of our own, and a volume on it.
+    tier.cli_ok(&[
+        "preset",
+        "create",
+        "wide",
+        "--k",
+        "3",
+        "--m",
+        "2",
+        "--x",
+        "2",
+        "--fallback",
+        "2,1",
+        "--fragment-size",
+        "64K",
+    ]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&tier.cli_ok(&["preset", "show", "wide", "--json"])).unwrap();
+    assert_eq!(shown["policies"][0]["k"], 3);
+    assert_eq!(shown["policies"][0]["c"], 4, "c defaults to k+1");
+    assert_eq!(shown["policies"][1]["m"], 1);
+    let dup = tier.cli(&["preset", "create", "wide", "--k", "2", "--m", "1"]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("exists"));
+    let bad = tier.cli(&[
+        "preset", "create", "bad", "--k", "2", "--m", "1", "--c", "9",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("c = 9"));
+
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "wide"]);
+    let missing = node.cli(&["volume", "create", "w", "--size", "1G", "--preset", "nope"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("preset nope does not exist"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    require_tool("qemu-io");
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 0 40M",
+        &node.uri("v"),
+    ]));
+    // Uploaded, evicted, and read back from the OSDs.
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5a 0 40M", &node.uri("v")]));
+    assert!(node.info("v")["backend_reads"].as_u64().unwrap() > 0);
+    // 3+2 spreads every object over five OSDs: each holds about a fifth of 40 MiB × 5/3.
+    let osds = tier.wait_osds("usage reported", |osds| {
+        osds.iter()
+            .map(|o| o["used"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            >= (40 << 20) * 5 / 3
+    });
+    for osd in &osds {
+        assert!(osd["fragments"].as_u64().unwrap() > 0, "{osd}");
+    }
+}
+
+#[test]
+fn m_osds_killed_under_fio_lose_nothing_and_m_plus_one_fail_cleanly() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = Tier::start(tmp.path(), 6, 3);
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "512M", &[]);
+    let uri = node.uri("v");
+
+    // fio writes 160 MiB and verifies it; two OSDs (m = 2 in the default 4+2) die mid-write.
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || fio(&uri, "160M", "write"))
+    };
+    poll(
+        "a third of the data written",
+        Duration::from_secs(120),
+        || (node.info("v")["written_bytes"].as_u64().unwrap() >= 48 << 20).then_some(()),
+    );
+    tier.osds[0].kill9();
+    poll(
+        "two thirds of the data written",
+        Duration::from_secs(120),
+        || (node.info("v")["written_bytes"].as_u64().unwrap() >= 96 << 20).then_some(()),
+    );
+    tier.osds[4].kill9();
+    let out = writer.join().unwrap();
+    assert_fio_ok(&out, "write+verify with two OSDs dead");
+    let info = node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    // Puts that raced the deaths (before the map saw the OSDs down) were retried: the client
+    // saw none of it.
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(info["backend_reads"].as_u64().unwrap() > 0, "{info}");
+    tier.wait_osds("the two dead OSDs seen down", |osds| {
+        osds.iter().filter(|o| o["state"] == "down").count() == 2
+    });
+    // Everything again, from the tier.
+    assert_fio_ok(&fio(&uri, "160M", "verify"), "verify with two OSDs dead");
+
+    // A third dead OSD: data that lost more than m fragments is an I/O error, never wrong data.
+    tier.osds[2].kill9();
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 160M", &uri])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Input/output error"), "{text}");
+    assert!(
+        node.log_text().contains("cannot be rebuilt"),
+        "the node says why"
+    );
+
+    // The OSDs come back with their disks intact: every byte is readable again.
+    for i in [0, 2, 4] {
+        tier.osds[i].launch();
+    }
+    tier.wait_osds("all up again", |osds| {
+        osds.iter().all(|o| o["state"] == "up")
+    });
+    // The node refreshes its OSD map every second: wait until it reads the first block.
+    poll(
+        "the node to see the OSDs back",
+        Duration::from_secs(20),
+        || {
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "read 0 4M", &uri])
+                .output()
+                .unwrap()
+                .stdout
+                .starts_with(b"read 4194304/4194304 bytes")
+                .then_some(())
+        },
+    );
+    assert_fio_ok(
+        &fio(&uri, "160M", "verify"),
+        "verify after the OSDs returned",
+    );
+}
+
+fn qemu_io(uri: &str, command: &str) -> String {
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", command, uri]))
+}
+
+/// `vstor backend repair NS --json`: the namespace's report (the command must succeed).
+fn repair(tier: &Tier, namespace: &str) -> serde_json::Value {
+    let out = tier.cli(&["backend", "repair", namespace, "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "repair of {namespace} failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(all[0]["fully_redundant"], true, "{all}");
+    all[0]["report"].clone()
+}
+
+/// `vstor backend inspect NS --json`.
+fn inspect(tier: &Tier, namespace: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str(&tier.cli_ok(&["backend", "inspect", namespace, "--json"])).unwrap()
+}
+
+fn fragments_on(osds: &[serde_json::Value], id: u64) -> u64 {
+    osds.iter()
+        .find(|o| o["id"] == id)
+        .and_then(|o| o["fragments"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn repair_rebuilds_what_out_osds_held_and_a_restarted_osd_needs_none() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = Tier::start(tmp.path(), 6, 3);
+    // 2+2, at most two per domain: with two OSDs of a domain out, four OSDs in two domains
+    // still hold every object at full redundancy (4+2 would need six OSDs).
+    tier.cli_ok(&[
+        "preset", "create", "r22", "--k", "2", "--m", "2", "--x", "2",
+    ]);
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "r22"]);
+    let uri = node.uri("v");
+    qemu_io(&uri, "write -P 0x3c 0 48M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    // Objects the volume rewrites in place (its TLog list) leave older versions behind until
+    // a repair collects them.
+    let report = repair(&tier, "v");
+    assert_eq!(report["fragments_rebuilt"], 0, "{report}");
+    let objects = inspect(&tier, "v");
+    assert!(objects.len() >= 12, "{} objects", objects.len());
+    let unhealthy: Vec<_> = objects
+        .iter()
+        .filter(|o| o["status"] != "healthy")
+        .collect();
+    assert!(unhealthy.is_empty(), "{unhealthy:?}");
+
+    // An OSD killed and restarted with its disk intact: nothing to rebuild.
+    let id = tier.osds[1].id;
+    tier.osds[1].kill9();
+    tier.osds[1].launch();
+    assert_eq!(tier.osds[1].id, id, "the same OSD came back");
+    tier.wait_osds("all up", |osds| osds.iter().all(|o| o["state"] == "up"));
+    let report = repair(&tier, "v");
+    assert_eq!(report["fragments_rebuilt"], 0, "{report}");
+    assert_eq!(report["fragments_moved"], 0, "{report}");
+
+    // Two OSDs die and are marked out: their fragments are rebuilt on the other four.
+    let (a, b) = (tier.osds[0].id, tier.osds[3].id);
+    tier.osds[0].kill9();
+    tier.osds[3].kill9();
+    for id in [a, b] {
+        tier.cli_ok(&["osd", "out", &id.to_string()]);
+    }
+    tier.wait_osds("two out", |osds| {
+        osds.iter().filter(|o| o["state"] == "out").count() == 2
+    });
+    repair(&tier, "v");
+    let objects = inspect(&tier, "v");
+    for o in &objects {
+        assert_eq!(o["status"], "healthy", "{o}");
+        for f in o["fragments"].as_array().unwrap() {
+            for c in f["copies"].as_array().unwrap() {
+                let on = c["osd"]["id"].as_u64().unwrap();
+                assert!(on != a && on != b, "a fragment left on an out OSD: {o}");
+            }
+        }
+    }
+    // And the data is intact, read from the tier.
+    qemu_io(&uri, "read -P 0x3c 0 48M");
+    let text = tier.cli_ok(&["backend", "inspect", "v"]);
+    assert!(
+        text.contains("need repair") && text.contains(" 0 need repair"),
+        "{text}"
+    );
+
+    // A fragment rots on disk: a verifying inspect finds it, a verifying repair rebuilds it.
+    let file = tier.osds[1]
+        .fragment_files()
+        .into_iter()
+        .max_by_key(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&file, bytes).unwrap();
+    let corrupt = |objects: &[serde_json::Value]| {
+        objects
+            .iter()
+            .flat_map(|o| o["fragments"].as_array().unwrap().clone())
+            .filter(|f| f["status"] == "corrupt")
+            .count()
+    };
+    let objects: Vec<serde_json::Value> =
+        serde_json::from_str(&tier.cli_ok(&["backend", "inspect", "v", "--verify", "--json"]))
+            .unwrap();
+    assert_eq!(corrupt(&objects), 1, "{objects:?}");
+    let out = tier.cli_ok(&["backend", "repair", "v", "--verify", "--json"]);
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(all[0]["report"]["corrupt_found"], 1, "{all}");
+    assert_eq!(all[0]["fully_redundant"], true, "{all}");
+    let objects: Vec<serde_json::Value> =
+        serde_json::from_str(&tier.cli_ok(&["backend", "inspect", "v", "--verify", "--json"]))
+            .unwrap();
+    assert_eq!(corrupt(&objects), 0);
+    qemu_io(&uri, "read -P 0x3c 0 48M");
+}
+
+#[test]
+fn a_new_osd_gets_its_share_under_load_and_decommission_empties_one() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = Tier::start(tmp.path(), 6, 3);
+    let node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "512M", &[]);
+    let uri = node.uri("v");
+    qemu_io(&uri, "write -P 0x77 256M 64M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+
+    // Under load (fio writes and verifies the first 96 MiB), a seventh OSD joins.
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || fio(&uri, "96M", "write"))
+    };
+    let new = tier.add_osd("d0");
+    let new_id = tier.osds[new].id;
+    let osds = tier.wait_osds("the new OSD gets fragments", |osds| {
+        fragments_on(osds, new_id) > 0
+    });
+    assert!(osds.iter().any(|o| o["id"] == new_id && o["state"] == "up"));
+    assert_fio_ok(&writer.join().unwrap(), "write+verify while an OSD joined");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    repair(&tier, "v");
+    // Its share: with seven equal OSDs, about a seventh of the fragments.
+    let osds = tier.wait_osds("usage reported after the rebalance", |osds| {
+        let total: u64 = osds.iter().filter_map(|o| o["fragments"].as_u64()).sum();
+        let objects = inspect(&tier, "v").len() as u64;
+        total == objects * 6
+    });
+    let total: u64 = osds.iter().filter_map(|o| o["fragments"].as_u64()).sum();
+    let mine = fragments_on(&osds, new_id);
+    assert!(
+        mine * 7 * 2 >= total && mine * 7 <= total * 2,
+        "the new OSD holds {mine} of {total} fragments"
+    );
+
+    // Decommission one: it empties, and nothing is lost.
+    let gone = tier.osds[2].id;
+    tier.cli_ok(&["osd", "decommission", &gone.to_string()]);
+    tier.wait_osds("the decommissioned OSD empty", |osds| {
+        osds.iter()
+            .any(|o| o["id"] == gone && o["state"] == "draining" && o["fragments"] == 0)
+    });
+    repair(&tier, "v");
+    qemu_io(&uri, "read -P 0x77 256M 64M");
+    assert_fio_ok(&fio(&uri, "96M", "verify"), "verify after decommission");
+}
+
+#[test]
+fn with_local_parity_a_lost_osd_is_rebuilt_without_crossing_domains() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    // Three OSDs per domain: two hold an object's fragments there, the third its local parity.
+    let mut tier = Tier::start(tmp.path(), 9, 3);
+    tier.cli_ok(&[
+        "preset",
+        "create",
+        "lrc",
+        "--k",
+        "4",
+        "--m",
+        "2",
+        "--x",
+        "2",
+        "--local-parity",
+    ]);
+    let mut node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "lrc"]);
+    qemu_io(&node.uri("v"), "write -P 0x21 0 32M");
+    node.wait_for("v", "everything uploaded", |i| {
+        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+    });
+    // The node stops, so the CLI's repair below is the only one.
+    assert!(node.terminate().success());
+    repair(&tier, "v");
+
+    let lost = tier.osds[4].id;
+    tier.osds[4].kill9();
+    tier.cli_ok(&["osd", "out", &lost.to_string()]);
+    tier.wait_osds("the OSD out", |osds| {
+        osds.iter().any(|o| o["id"] == lost && o["state"] == "out")
+    });
+    let out = tier.cli_ok(&["backend", "repair", "v", "--no-rebalance", "--json"]);
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let report = &all[0]["report"];
+    assert_eq!(all[0]["fully_redundant"], true, "{all}");
+    assert!(
+        report["fragments_rebuilt"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["fragments_rebuilt_locally"], report["fragments_rebuilt"],
+        "{report}"
+    );
+    assert_eq!(report["cross_domain_bytes"], 0, "{report}");
+
+    // Every byte is still there.
+    node.launch();
+    qemu_io(&node.uri("v"), "read -P 0x21 0 32M");
+}
