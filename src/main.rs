@@ -10,6 +10,7 @@ mod dirlock;
 mod edge_host;
 mod export;
 mod export_remote;
+mod mds_host;
 mod registry;
 mod scrub;
 mod server;
@@ -65,6 +66,9 @@ enum Command {
     Preset(tier::cli::PresetArgs),
     /// The erasure-coded tier's objects: inspect their fragments, repair them.
     Backend(tier::backend_cli::BackendArgs),
+    /// Run an MDS (metadata server: per-volume map tables), or, with a verb, ask running ones:
+    /// list, rebuild.
+    Mds(mds_host::MdsArgs),
 }
 
 #[derive(Args)]
@@ -681,6 +685,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Osd(args) => tier::cli::run_osd(args),
         Command::Preset(args) => tier::cli::run_preset(args),
         Command::Backend(args) => tier::backend_cli::run(args),
+        Command::Mds(args) => mds_host::run(args),
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args

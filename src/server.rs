@@ -454,7 +454,7 @@ type OpenedBackend = (Arc<dyn ObjectStore>, Option<Arc<EcStore>>);
 
 /// Open the configured backend; a bad bucket or bad credentials fail here, at startup. The
 /// `ec` store is also returned as itself: volume creation picks presets through it.
-fn open_backend(
+pub(crate) fn open_backend(
     spec: &BackendSpec,
     registry: Option<&[String]>,
     node: &str,

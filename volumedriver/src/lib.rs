@@ -28,8 +28,8 @@ pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 pub use volume::{
-    ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView, UploadTask,
-    Volume, VolumeInfo, WriteOutcome,
+    MapSeed, ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView,
+    UncorkSink, UploadTask, Volume, VolumeInfo, WriteOutcome,
 };
 pub use vstor_dtl::{DtlState, Ticket};
 pub use wbfs::{PowerCut, SimFs, StdFs, WbFile, WbFs};

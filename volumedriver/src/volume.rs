@@ -94,6 +94,7 @@ mod dtl_link;
 mod fence;
 mod flush;
 mod info;
+mod mds_link;
 mod read;
 mod read_nonblocking;
 mod restart;
@@ -108,6 +109,7 @@ mod write_buffer;
 
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
 pub use info::VolumeInfo;
+pub use mds_link::{MapSeed, UncorkSink};
 pub use read_nonblocking::ReadAttempt;
 pub use scrub::{ScrubProgress, ScrubReport};
 pub use snapshots::{SnapshotInfo, SnapshotView};
@@ -148,6 +150,8 @@ pub struct Volume {
     releasing: AtomicBool,
     /// Lock-free copies of facts the edge server checks on every request (see `served`).
     served: served::ServedFacts,
+    /// Told about every uncorked TLog (an MDS master's feed), see `mds_link`.
+    uncork_sink: parking_lot::RwLock<Option<Arc<dyn mds_link::UncorkSink>>>,
 }
 
 impl Volume {
@@ -291,6 +295,7 @@ impl Volume {
             fenced: parking_lot::RwLock::new(None),
             releasing: AtomicBool::new(false),
             served: served::ServedFacts::new(owner_tag),
+            uncork_sink: parking_lot::RwLock::new(None),
         }
     }
 
@@ -307,6 +312,19 @@ impl Volume {
         dir: &Path,
         backend: Arc<dyn ObjectStore>,
         name: &str,
+    ) -> Result<Arc<Self>> {
+        Self::open_seeded(fs, dir, backend, name, None)
+    }
+
+    /// [`open_on`](Self::open_on), starting from `seed` (the map as of a prefix of the backend
+    /// TLog list, e.g. an MDS table) instead of replaying that prefix. A seed that does not fit
+    /// the backend list is ignored (full replay) with a log line saying why.
+    pub fn open_seeded(
+        fs: Arc<dyn WbFs>,
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        name: &str,
+        seed: Option<MapSeed>,
     ) -> Result<Arc<Self>> {
         let config_path = dir.join(CONFIG_FILE);
         let config = match fs.read(&config_path) {
@@ -355,7 +373,7 @@ impl Volume {
         let volume = Self::from_state(fs, dir, backend, state);
         {
             let mut st = volume.state.lock();
-            volume.rebuild(&mut st)?;
+            volume.rebuild(&mut st, seed)?;
             volume.settle_snapshots(&mut st)?;
         }
         Ok(Arc::new(volume))

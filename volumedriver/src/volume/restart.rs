@@ -16,12 +16,13 @@ use crate::tlog::{self, Entry};
 use crate::types::{ScoName, ScoNumber, TLogNumber};
 
 use super::dtl_link::Position;
+use super::mds_link::MapSeed;
 use super::state::{sco_path, ClosedTLog, LocalSco, ScoState, State, SCO_DIR, TLOG_DIR};
 use super::upload::UploadTask;
 use super::Volume;
 
 impl Volume {
-    pub(super) fn rebuild(&self, st: &mut State) -> Result<()> {
+    pub(super) fn rebuild(&self, st: &mut State, seed: Option<MapSeed>) -> Result<()> {
         let name = self.name.clone();
         let namespace = st.config.namespace.clone();
         let mut backend_scos = BTreeSet::new();
@@ -38,15 +39,20 @@ impl Volume {
         }
         let records = st.backend_tlogs.tlogs.clone();
         st.applied_end = st.applied_end.max(Position::from_pair(st.meta.dtl_floor));
-        for record in &records {
-            let object = record.object_name();
-            let bytes = self
-                .backend
-                .get(&namespace, &object)
-                .map_err(VolumeError::backend(&name))?;
-            let parsed = tlog::parse(&bytes, true)
-                .map_err(|e| VolumeError::corrupt(&name, format!("backend TLog {object}"), e))?;
-            st.garbage_clusters += self.apply_entries(st, &parsed.entries, &object)?;
+        // A map seeded from an MDS stands for the replay of the first `seeded` records.
+        let seeded = self.apply_seed(st, &records, seed);
+        for (index, record) in records.iter().enumerate() {
+            if index >= seeded {
+                let object = record.object_name();
+                let bytes = self
+                    .backend
+                    .get(&namespace, &object)
+                    .map_err(VolumeError::backend(&name))?;
+                let parsed = tlog::parse(&bytes, true).map_err(|e| {
+                    VolumeError::corrupt(&name, format!("backend TLog {object}"), e)
+                })?;
+                st.garbage_clusters += self.apply_entries(st, &parsed.entries, &object)?;
+            }
             backend_scos.extend(record.scos.iter().map(|n| (*n, record.sco_version(*n))));
             if let Some(newest) = record.scos.iter().max() {
                 // Every SCO of an uploaded TLog is complete: nothing in it is left to replay.

@@ -481,7 +481,7 @@ impl Volume {
         // Open files of the dropped SCOs and TLogs close with the old state.
         let old = std::mem::replace(&mut *st, fresh);
         drop(old);
-        if let Err(e) = self.rebuild(&mut st) {
+        if let Err(e) = self.rebuild(&mut st, None) {
             self.halt(&mut st, e.to_string());
             return Err(e);
         }

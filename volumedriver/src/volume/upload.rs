@@ -212,6 +212,7 @@ impl Volume {
         }
         drop(st);
         if let Some(closed) = uncorked {
+            self.notify_uncorked(&closed.record, &closed.path);
             if let Err(e) = self.fs.remove(&closed.path) {
                 tracing::warn!(volume = %self.name, path = %closed.path.display(), error = %e, "could not remove uploaded TLog");
             }

@@ -1,0 +1,154 @@
+//! The volume owner's side of the MDS: seed a restart from the master's table, and feed the
+//! master every uncorked TLog.
+//!
+//! * [`seed_from_mds`]: dump the table, check its cork against the backend TLog list
+//!   ([`plan_catch_up`]) and hand the volume a [`MapSeed`] standing for the list prefix the
+//!   table holds; the volume then replays only the TLogs after it. A missing, unreachable,
+//!   stale (history rewritten) or corrupt table gives `None` and a log line saying why: the
+//!   volume replays its whole backend history, which is always right.
+//! * [`MdsFeed`]: the volume's [`UncorkSink`]. The engine calls it outside its locks and must
+//!   not block, so it only queues; one task sends each TLog's updates as a multi-set whose
+//!   `expect` is the cork of the list before that TLog. Any refusal but fencing (the table lags,
+//!   or was rebuilt) makes the master catch up from the backend, which brings it to the list
+//!   including the TLog just refused; fencing stops the feed (a newer owner exists).
+//!
+//! Correctness never depends on the feed: a table that missed updates has a cork that does not
+//! fingerprint the backend list, and a restart then replays from the backend.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use vstor_backend::ObjectStore;
+use vstor_volumedriver::config::TLogRecord;
+use vstor_volumedriver::tlog::Entry;
+use vstor_volumedriver::{ClusterLocation, MapSeed, UncorkSink};
+
+use crate::catchup::read_list;
+use crate::client::MdsClient;
+use crate::error::MdsError;
+use crate::proto::ErrorCode;
+use crate::table::{plan_catch_up, updates_of, CatchUpPlan, Cork, Update};
+
+/// The master's table as a seed for `volume`'s restart, or `None` (logged) when it cannot be
+/// used. Blocking backend reads run on the blocking pool.
+pub async fn seed_from_mds(
+    client: &MdsClient,
+    backend: Arc<dyn ObjectStore>,
+    volume: &str,
+    namespace: &str,
+) -> Option<MapSeed> {
+    let (cork, map) = match client.dump_all(volume).await {
+        Ok(table) => table,
+        Err(e) => {
+            tracing::warn!(volume, mds = client.addr(), error = %e, "no MDS table to restart from: full backend replay");
+            return None;
+        }
+    };
+    let list = {
+        let (volume, namespace) = (volume.to_string(), namespace.to_string());
+        tokio::task::spawn_blocking(move || read_list(backend.as_ref(), &volume, &namespace)).await
+    };
+    let list = match list {
+        Ok(Ok(list)) => list,
+        Ok(Err(e)) => {
+            tracing::warn!(volume, error = %e, "cannot read the backend TLog list to check the MDS table");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(volume, error = %e, "checking the MDS table failed");
+            return None;
+        }
+    };
+    let records = match plan_catch_up(cork, &list.tlogs) {
+        CatchUpPlan::UpToDate => list.tlogs.len(),
+        CatchUpPlan::Incremental { from } => from,
+        CatchUpPlan::Full { reason } => {
+            tracing::warn!(volume, mds = client.addr(), %reason, "MDS table is stale: full backend replay");
+            return None;
+        }
+    };
+    if records == 0 {
+        return None;
+    }
+    Some(MapSeed {
+        records,
+        through_tlog: cork.tlog,
+        entries: map
+            .into_iter()
+            .map(|(a, l)| (a, ClusterLocation::from_raw(l)))
+            .collect(),
+    })
+}
+
+/// Feeds a master MDS the volume's uncorked TLogs (see the module docs).
+pub struct MdsFeed {
+    queue: mpsc::UnboundedSender<(TLogRecord, Vec<Update>)>,
+}
+
+impl MdsFeed {
+    /// Start feeding `client`'s table of `volume` as owner `owner_tag`; `start` is the cork of
+    /// the backend list as the volume opened it (see [`Cork::of_prefix`]). Must be called
+    /// within a tokio runtime.
+    pub fn start(client: Arc<MdsClient>, volume: &str, owner_tag: u64, start: Cork) -> Arc<Self> {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(pump(client, volume.to_string(), owner_tag, start, rx));
+        Arc::new(Self { queue })
+    }
+}
+
+impl UncorkSink for MdsFeed {
+    fn uncorked(&self, _volume: &str, record: &TLogRecord, entries: &[Entry]) {
+        // A closed queue means the feed stopped (fenced): nothing to do.
+        let _ = self.queue.send((record.clone(), updates_of(entries)));
+    }
+}
+
+async fn pump(
+    client: Arc<MdsClient>,
+    volume: String,
+    owner_tag: u64,
+    mut cork: Cork,
+    mut rx: mpsc::UnboundedReceiver<(TLogRecord, Vec<Update>)>,
+) {
+    // The table should stand where the volume's list does; if not, let it catch up first.
+    match client.stat(&volume).await {
+        Ok(info) if info.meta.cork == cork => {}
+        _ => {
+            if let Ok(report) = client.catch_up(&volume, false).await {
+                cork = report.cork;
+            }
+        }
+    }
+    while let Some((record, updates)) = rx.recv().await {
+        if record.number <= cork.tlog {
+            // Already in the table (a catch-up got there first).
+            continue;
+        }
+        let next = cork.after(&record);
+        match client
+            .multi_set(&volume, owner_tag, cork, next, updates)
+            .await
+        {
+            Ok(()) => cork = next,
+            Err(MdsError::Refused {
+                code: ErrorCode::Fenced,
+                message,
+                ..
+            }) => {
+                tracing::warn!(volume, mds = client.addr(), %message, "MDS refused our owner tag: the feed stops");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(volume, mds = client.addr(), tlog = record.number, error = %e, "MDS update refused or lost: asking the MDS to catch up from the backend");
+                match client.catch_up(&volume, false).await {
+                    Ok(report) => cork = report.cork,
+                    Err(e) => {
+                        tracing::warn!(volume, mds = client.addr(), error = %e, "MDS catch-up failed; its table lags until the next one");
+                        // Keep `cork` as the list's: the next set is refused again and retried.
+                        cork = next;
+                    }
+                }
+            }
+        }
+    }
+}

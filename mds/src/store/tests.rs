@@ -1,0 +1,168 @@
+//! Tests of the `store` module (kept apart so the module stays readable).
+
+use super::*;
+use crate::table::apply_to_model;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use vstor_volumedriver::config::TLogRecord;
+
+fn all(store: &MdsStore, volume: &str) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let (_, page) = store.dump(volume, after, 7).unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        after = page.last().map(|(k, _)| *k);
+        out.extend(page);
+    }
+}
+
+#[test]
+fn tables_survive_reopen_and_fence_old_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = Cork::EMPTY.after(&TLogRecord::new(1));
+    {
+        let store = MdsStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            store.multi_set("v", 1, Cork::EMPTY, c1, &[]),
+            Err(MdsError::NoTable { .. })
+        ));
+        store.set_role("v", "ns-v", Role::Master, 3).unwrap();
+        store
+            .multi_set(
+                "v",
+                3,
+                Cork::EMPTY,
+                c1,
+                &[
+                    Update::Loc {
+                        address: 10,
+                        location: 0x1_0000_0005,
+                    },
+                    Update::Loc {
+                        address: 11,
+                        location: 0x2_0000_0005,
+                    },
+                ],
+            )
+            .unwrap();
+        let err = store.multi_set("v", 2, c1, c1, &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MdsError::Fenced {
+                    got: 2,
+                    known: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = store.multi_set("v", 3, Cork::EMPTY, c1, &[]).unwrap_err();
+        assert!(matches!(err, MdsError::CorkMismatch { .. }), "{err}");
+    }
+    let store = MdsStore::open(dir.path()).unwrap();
+    let info = store.info("v").unwrap();
+    assert_eq!(info.meta.cork, c1);
+    assert_eq!(info.meta.owner_tag, 3);
+    assert_eq!(info.meta.counters.sets, 1);
+    assert_eq!(info.meta.counters.refused, 2);
+    assert_eq!(info.entries, 2);
+    assert_eq!(
+        store.multi_get("v", &[10, 11, 12]).unwrap(),
+        (c1, vec![0x1_0000_0005, 0x2_0000_0005, 0])
+    );
+    // A slave takes no sets; an old owner cannot change roles or drop the table.
+    store.set_role("v", "ns-v", Role::Slave, 3).unwrap();
+    assert!(matches!(
+        store.multi_set("v", 3, c1, c1, &[]),
+        Err(MdsError::NotMaster { .. })
+    ));
+    assert!(matches!(
+        store.set_role("v", "ns-v", Role::Master, 1),
+        Err(MdsError::Fenced { .. })
+    ));
+    assert!(matches!(
+        store.drop_table("v", 2),
+        Err(MdsError::Fenced { .. })
+    ));
+    store.drop_table("v", 3).unwrap();
+    assert!(store.meta("v").unwrap().is_none());
+    assert!(store.tables().unwrap().is_empty());
+}
+
+#[test]
+fn replay_resets_and_checks_the_cork() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MdsStore::open(dir.path()).unwrap();
+    store.set_role("v", "ns", Role::Slave, 1).unwrap();
+    let c1 = Cork::EMPTY.after(&TLogRecord::new(1));
+    let set = |a| Update::Loc {
+        address: a,
+        location: 0x1_0000_0001,
+    };
+    store
+        .replay("v", false, Cork::EMPTY, c1, &[set(1), set(2)])
+        .unwrap();
+    assert!(matches!(
+        store.replay("v", false, Cork::EMPTY, c1, &[]),
+        Err(MdsError::CorkMismatch { .. })
+    ));
+    let fresh = Cork::EMPTY.after(&TLogRecord::new(9));
+    let meta = store.replay("v", true, c1, fresh, &[set(5)]).unwrap();
+    assert_eq!(meta.counters.full_rebuilds, 1);
+    assert_eq!(all(&store, "v"), BTreeMap::from([(5, 0x1_0000_0001)]));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(Vec<Update>),
+    Reopen,
+}
+
+fn arb_update() -> impl Strategy<Value = Update> {
+    prop_oneof![
+        4 => (0u64..200, 0u64..4).prop_map(|(address, sco)| Update::Loc {
+            address,
+            location: sco | (address << 32),
+        }),
+        1 => (0u64..200, 0u64..50).prop_map(|(start, count)| Update::Trim { start, count }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn store_matches_the_model_across_reopens(ops in proptest::collection::vec(
+        prop_oneof![
+            5 => proptest::collection::vec(arb_update(), 0..30).prop_map(Op::Set),
+            1 => Just(Op::Reopen),
+        ], 1..20))
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = MdsStore::open(dir.path()).unwrap();
+        store.set_role("v", "ns", Role::Master, 1).unwrap();
+        let mut model = BTreeMap::new();
+        let mut cork = Cork::EMPTY;
+        let mut n = 0;
+        for op in ops {
+            match op {
+                Op::Set(updates) => {
+                    n += 1;
+                    let next = cork.after(&TLogRecord::new(n));
+                    store.multi_set("v", 1, cork, next, &updates).unwrap();
+                    apply_to_model(&mut model, &updates);
+                    cork = next;
+                }
+                Op::Reopen => {
+                    drop(store);
+                    store = MdsStore::open(dir.path()).unwrap();
+                }
+            }
+            prop_assert_eq!(&all(&store, "v"), &model);
+            prop_assert_eq!(store.meta("v").unwrap().unwrap().cork, cork);
+        }
+    }
+}
