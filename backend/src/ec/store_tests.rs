@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::ec::testkit::{object, tier};
+use crate::osd::proto::ErrorCode;
 
 #[test]
 fn objects_round_trip_and_small_reads_touch_one_osd() {
