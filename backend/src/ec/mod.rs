@@ -9,8 +9,8 @@
 //! - [`preset`]: ordered `(k, m, c, x)` policies, best first, falling back when OSDs are down.
 //! - [`local`]: local parities per domain (LRC-style), so one loss is rebuilt within its domain.
 //! - [`plan`]: the pure repair planner (rebuild, move, delete) for one object.
-//! - [`store`]: the `ec` ObjectStore; [`inspect`] and [`repair`] add inspection, repair,
-//!   rebalancing and scrub to it.
+//! - [`store`]: the `ec` ObjectStore (its read path in `read`, its write path in `write`);
+//!   [`inspect`] and [`repair`] add inspection, repair, rebalancing and scrub to it.
 
 pub mod codec;
 pub mod crypt;
@@ -29,3 +29,7 @@ mod repair_tests;
 pub mod store;
 #[cfg(test)]
 mod testkit;
+mod write;
+#[cfg(test)]
+#[path = "write_tests.rs"]
+mod write_tests;

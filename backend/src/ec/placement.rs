@@ -104,6 +104,35 @@ pub fn place(
     Ok(chosen)
 }
 
+/// Where fragment `index` of `key` goes when the OSD it was sent to failed during the put: the
+/// best-ranked writable OSD for the index that is not in `taken` (the OSDs holding, or being
+/// sent, the object's other fragments) nor in `failed` (the OSDs that failed during this put),
+/// keeping its domain under `per_domain` fragments of `taken` when some OSD can; when none
+/// can, the cap is relaxed (a put at lower domain spread beats a failed one, and repair moves
+/// the fragment once the map allows), but one OSD never holds two fragments of the object.
+/// `None` when no OSD is left.
+pub fn reroute(
+    key: &str,
+    index: usize,
+    osds: &[OsdSlot],
+    taken: &[u64],
+    failed: &std::collections::BTreeSet<u64>,
+    per_domain: usize,
+) -> Option<u64> {
+    let mut per: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for osd in osds.iter().filter(|o| taken.contains(&o.id)) {
+        *per.entry(osd.domain.as_str()).or_default() += 1;
+    }
+    let candidates: Vec<OsdSlot> = osds
+        .iter()
+        .filter(|o| o.writable && !taken.contains(&o.id) && !failed.contains(&o.id))
+        .cloned()
+        .collect();
+    let ranked = ranking(key, index, &candidates);
+    let fits = |o: &&&OsdSlot| per.get(o.domain.as_str()).copied().unwrap_or(0) < per_domain;
+    ranked.iter().find(fits).or(ranked.first()).map(|o| o.id)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 mod tests {
@@ -211,5 +240,37 @@ mod tests {
         let placed = place("obj", &map, 4, 1).unwrap();
         assert!(!placed.contains(&2));
         assert_eq!(ranking("obj", 0, &map).len(), 5);
+    }
+
+    #[test]
+    fn a_failed_fragment_goes_to_the_next_free_osd_within_the_cap_then_beyond() {
+        // Nine OSDs, three per domain: six placed leave one free in each domain, and only
+        // the failed OSD's own domain has room under the cap.
+        let key = "vol/obj";
+        let nine = osds(9, 3);
+        let placed = place(key, &nine, 6, 2).unwrap();
+        let mut failed = std::collections::BTreeSet::new();
+        failed.insert(placed[0]);
+        let taken: Vec<u64> = placed[1..].to_vec();
+        let next = reroute(key, 0, &nine, &taken, &failed, 2).unwrap();
+        assert!(!placed.contains(&next), "{next} in {placed:?}");
+        assert_eq!(next % 3, placed[0] % 3, "within the cap");
+        let map = osds(8, 3); // d0: 0 3 6, d1: 1 4 7, d2: 2 5
+                              // Every free OSD failed or taken but one whose domain is full: the cap gives way.
+        let mut failed: std::collections::BTreeSet<u64> = (0..8).collect();
+        failed.remove(&6);
+        let taken = vec![0, 3, 1, 4, 2];
+        assert_eq!(reroute(key, 5, &map, &taken, &failed, 2), Some(6));
+        // Nothing left: never an OSD that already holds a fragment.
+        failed.insert(6);
+        assert_eq!(reroute(key, 5, &map, &taken, &failed, 2), None);
+        let mut unwritable = map.clone();
+        for o in &mut unwritable {
+            o.writable = false;
+        }
+        assert_eq!(
+            reroute(key, 5, &unwritable, &[], &Default::default(), 2),
+            None
+        );
     }
 }

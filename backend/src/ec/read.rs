@@ -58,6 +58,8 @@ impl EcStore {
             .map(|o| o.slot.id)
             .collect();
         let mut versions: HashMap<u64, (HeadEntry, HashMap<u8, u64>)> = HashMap::new();
+        // Every fragment seen, local parities and extra copies included: `(version, index, OSD)`.
+        let mut seen: Vec<(u64, u8, u64)> = Vec::new();
         let mut unreachable = Vec::new();
         for round in [first, rest, down] {
             let readable = versions
@@ -87,6 +89,7 @@ impl EcStore {
                     unreachable.push(entry.slot.id);
                     continue;
                 };
+                seen.extend(heads.iter().map(|h| (h.version, h.index, entry.slot.id)));
                 // Local parities are for repair; reads and `k` count the code's fragments.
                 for head in heads.into_iter().filter(|h| h.group.is_empty()) {
                     let slot = versions
@@ -131,7 +134,16 @@ impl EcStore {
                 fragment_size: head.fragment_size,
             },
             codec: CodecId(head.codec),
+            // What the next put collects: all but the holders of this version (newer versions
+            // with fewer than `k` fragments may be a put in progress: never collected).
+            extra: seen
+                .into_iter()
+                .filter(|(v, index, osd)| {
+                    *v < version || (*v == version && holders.get(index) != Some(osd))
+                })
+                .collect(),
             holders,
+            settled: None,
         };
         self.found.lock().insert(key, found.clone());
         Ok(found)

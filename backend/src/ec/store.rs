@@ -5,7 +5,9 @@
 //! chunks and pieces (`layout`), each chunk's `m` parity pieces are computed (`codec`), and
 //! fragment `i` (piece `i` of every chunk, as a self-describing file, `fragment`) goes to the
 //! OSD that `placement` computes for it. The put returns once `c` fragments are durable; the
-//! others finish in the background (a fragment that fails is rebuilt by repair).
+//! others finish in the background. A fragment whose OSD fails (dead before the map knew) is
+//! re-routed to the next OSD of its ranking, and the older versions of the object are deleted
+//! once the new one is safe: see the write path, `ec/write.rs`.
 //!
 //! **Get.** An object's newest version with at least `k` fragments is found by asking OSDs
 //! `Head` in rounds (see `find`): the two best-ranked for each index among the OSDs up or
@@ -27,9 +29,21 @@
 //! not the namespace's current one in the registry, and every OSD refuses tags older than the
 //! newest it has seen (a claim sends `SetTag` to every OSD).
 //!
+//! **Delete** asks every OSD that is not out to drop all versions of the name. It succeeds when
+//! every OSD that answered did, even if some could not be reached, as long as the map says
+//! those are down (a volume's garbage collection must not stall for the whole grace period
+//! because one OSD died); an OSD the map says is up (or draining) failing, or any OSD refusing,
+//! fails it. What a down OSD holds of the name stays there as an orphan: when the OSD comes
+//! back, `list` reports the name again, a read of it fails with "cannot be rebuilt" rather than
+//! "no such object", and repair reports it unrecoverable and leaves it (an object with fewer
+//! than `k` fragments is indistinguishable from lost data without a tombstone, which neither
+//! the OSDs nor the registry keep yet). Deleting the name again removes it: a caller that
+//! garbage-collects by listing does so on its next pass.
+//!
 //! Known limits (issue 12 is in progress): the whole object is encoded in memory; older versions
-//! on OSDs other than the new version's are left for repair to collect (it deletes them);
-//! `list` reports a name once any up or draining OSD holds a fragment of it.
+//! a store never saw (written before its process started, and not read since) are left for
+//! repair to collect (it deletes them); `list` reports a name once any up or draining OSD holds
+//! a fragment of it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -45,8 +59,9 @@ use super::layout::Layout;
 use super::local::local_parities;
 use super::placement::{place, OsdSlot};
 use super::preset::Preset;
+use super::write::{drive, Background, Clients, FoundCache, PutJob, Shared};
 use crate::osd::client::OsdClient;
-use crate::osd::proto::{ErrorCode, Message};
+use crate::osd::proto::Message;
 use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
 
 /// An OSD's state in the tier's map (`vstor osd list` shows it).
@@ -129,6 +144,12 @@ pub(super) struct Found {
     pub(super) codec: CodecId,
     /// Which OSD holds each fragment index (as far as the `Head` answers said).
     pub(super) holders: HashMap<u8, u64>,
+    /// Other fragments known of the object, `(version, index, OSD)`: older versions, local
+    /// parities, extra copies. The next put deletes them once its version is safe.
+    pub(super) extra: Vec<(u64, u8, u64)>,
+    /// For a version this store put: closed when the put's background work is over, so the
+    /// next put collects this version only once no fragment of it can still land.
+    pub(super) settled: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 /// Placement's view of the map for new fragments: only an OSD that is up (and not full) takes
@@ -152,8 +173,10 @@ pub struct EcStore {
     pub(super) map: Arc<dyn TierMap>,
     pub(super) options: EcOptions,
     runtime: Option<tokio::runtime::Runtime>,
-    clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
-    pub(super) found: Mutex<HashMap<(String, String), Found>>,
+    pub(super) clients: Clients,
+    pub(super) found: FoundCache,
+    /// Puts completing in the background.
+    background: Arc<Background>,
     /// Presets chosen for namespaces about to be created (`volume create --preset`), taken by
     /// `create_namespace`.
     reserved: Mutex<HashMap<String, String>>,
@@ -189,7 +212,8 @@ impl EcStore {
             options,
             runtime: Some(runtime),
             clients: Arc::default(),
-            found: Mutex::default(),
+            found: Arc::default(),
+            background: Arc::default(),
             reserved: Mutex::default(),
             keys: Mutex::default(),
         })
@@ -262,9 +286,16 @@ impl EcStore {
         })
     }
 
+    /// Wait until every put has finished its background work (the fragments past `c`, then
+    /// collecting older versions); `false` if `timeout` passed first. For tests and an orderly
+    /// shutdown: nothing else needs to wait.
+    pub fn wait_background(&self, timeout: Duration) -> bool {
+        self.background.wait_idle(timeout)
+    }
+
     /// A connected client for OSD `entry`, reused across calls.
-    async fn client(
-        clients: Arc<Mutex<HashMap<u64, Arc<OsdClient>>>>,
+    pub(super) async fn client(
+        clients: Clients,
         entry: OsdEntry,
         options: EcOptions,
     ) -> Result<Arc<OsdClient>> {
@@ -527,12 +558,12 @@ impl ObjectStore for EcStore {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
-        let key = (namespace.to_string(), name.to_string());
-        let version = self
+        let previous = self
             .found
             .lock()
-            .get(&key)
-            .map_or(now, |f| now.max(f.version + 1));
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned();
+        let version = previous.as_ref().map_or(now, |f| now.max(f.version + 1));
         let sealed;
         let data = match &preset.encryption_key {
             Some(key) => {
@@ -562,112 +593,50 @@ impl ObjectStore for EcStore {
         } else {
             Vec::new()
         };
-        let mut targets = Vec::new();
-        let all = placed
-            .iter()
-            .zip(files)
-            .enumerate()
-            .map(|(index, (osd, file))| (*osd, index as u8, file, false))
-            .chain(
-                locals
-                    .into_iter()
-                    .map(|(osd, index, file)| (osd, index, file, true)),
-            );
-        for (osd, index, file, local) in all {
-            let entry = Self::entry_of(&osds, osd).ok_or_else(|| BackendError::Osd {
-                addr: "-".into(),
-                reason: format!("placed OSD {osd} is not in the map"),
-            })?;
-            targets.push((
-                entry,
-                Message::Put {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    version,
-                    index,
-                    tag: owner,
-                    file: file.into(),
-                },
-                local,
-            ));
-        }
-        let needed = usize::from(policy.c);
-        let (clients, options) = (self.clients.clone(), self.options.clone());
-        // Acknowledge after `c` of the `k + m` are stored (local parities do not count); the
-        // rest keep running on the runtime.
-        let outcome = self.run(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            for (entry, message, local) in targets {
-                let (tx, clients, options) = (tx.clone(), clients.clone(), options.clone());
-                tokio::spawn(async move {
-                    let result = async {
-                        let client = Self::client(clients, entry.clone(), options.clone()).await?;
-                        client.call(message, options.timeout).await
-                    }
-                    .await;
-                    let _ = tx.send((entry, result, local));
-                });
-            }
-            drop(tx);
-            let (mut ok, mut errors) = (0usize, Vec::new());
-            while let Some((entry, result, local)) = rx.recv().await {
-                match result {
-                    Ok(_) if !local => ok += 1,
-                    Ok(_) => {}
-                    Err(e) => errors.push((entry.slot.id, e)),
-                }
-                if ok >= needed {
-                    break;
-                }
-            }
-            (ok, errors)
-        })?;
-        let (ok, mut errors) = outcome;
-        if ok < needed {
-            // A fenced writer learns it as such, not as a generic OSD failure.
-            if let Some(pos) = errors.iter().position(|(_, e)| {
-                matches!(
-                    e,
-                    BackendError::OsdRefused {
-                        code: ErrorCode::Fenced,
-                        ..
-                    }
-                )
-            }) {
-                return Err(errors.swap_remove(pos).1);
-            }
-            return Err(BackendError::Osd {
-                addr: "-".into(),
-                reason: format!(
-                    "put {namespace}/{name}: only {ok} of the {needed} fragments needed were stored: {}",
-                    errors
-                        .iter()
-                        .map(|(id, e)| format!("OSD {id}: {e}"))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ),
-            });
-        }
-        let holders = placed
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (i as u8, *id))
-            .collect();
-        self.found.lock().insert(
-            key,
-            Found {
-                version,
-                layout: Layout {
-                    size: data.len() as u64,
-                    k: u32::from(policy.k),
-                    m: u32::from(policy.m),
-                    fragment_size: preset.fragment_size,
-                },
-                codec: CodecId::REED_SOLOMON_GF8,
-                holders,
+        let job = PutJob {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            key: object_key(namespace, name),
+            version,
+            owner,
+            layout: Layout {
+                size: data.len() as u64,
+                k: u32::from(policy.k),
+                m: u32::from(policy.m),
+                fragment_size: preset.fragment_size,
             },
-        );
-        Ok(())
+            files: files.into_iter().map(Into::into).collect(),
+            placed,
+            locals: locals
+                .into_iter()
+                .map(|(osd, index, file)| (osd, index, file.into()))
+                .collect(),
+            osds,
+            slots,
+            needed: usize::from(policy.c),
+            per_domain: usize::from(policy.x),
+            previous,
+            settled: tokio::sync::watch::channel(()).0,
+        };
+        let shared = Shared {
+            clients: self.clients.clone(),
+            options: self.options.clone(),
+            found: self.found.clone(),
+            map: self.map.clone(),
+        };
+        // Acknowledged once `c` of the `k + m` are durable (local parities do not count); the
+        // rest, their re-routes and the collection of older versions go on in the background.
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        let running = self.background.start();
+        self.run(async move {
+            tokio::spawn(drive(job, shared, ack, running));
+            acked.await.unwrap_or_else(|_| {
+                Err(BackendError::Osd {
+                    addr: "-".into(),
+                    reason: "the put was cancelled (the EC client runtime stopped)".into(),
+                })
+            })
+        })?
     }
 
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
@@ -743,20 +712,36 @@ impl ObjectStore for EcStore {
         self.found
             .lock()
             .remove(&(namespace.to_string(), name.to_string()));
+        let answers = self.call_all(targets)?;
+        // The map as it is now: an OSD may have been found dead while we asked it.
+        let now = self.map.osds()?;
         let mut failed = Vec::new();
-        for (entry, result) in self.call_all(targets)? {
-            if let Err(e) = result {
+        let mut left = Vec::new();
+        for (entry, result) in answers {
+            let Err(e) = result else { continue };
+            let down = Self::entry_of(&now, entry.slot.id)
+                .is_some_and(|o| matches!(o.state, OsdState::Down | OsdState::Out));
+            // An answer refusing the delete is a failure whatever the map says; silence from
+            // an OSD the map says is down is expected.
+            if down && !matches!(e, BackendError::OsdRefused { .. }) {
+                left.push(entry.slot.id);
+            } else {
                 failed.push(format!("OSD {}: {e}", entry.slot.id));
             }
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(BackendError::Osd {
+        if !failed.is_empty() {
+            return Err(BackendError::Osd {
                 addr: "-".into(),
                 reason: format!("delete {namespace}/{name}: {}", failed.join("; ")),
-            })
+            });
         }
+        if !left.is_empty() {
+            tracing::info!(
+                "delete {namespace}/{name}: OSDs {left:?} are down; what they hold of it stays \
+                 until the name is deleted again (see the module docs)"
+            );
+        }
+        Ok(())
     }
 
     fn list(&self, namespace: &str) -> Result<Vec<String>> {

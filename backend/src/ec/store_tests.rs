@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::ec::testkit::{object, tier};
+use crate::osd::proto::ErrorCode;
 
 #[test]
 fn objects_round_trip_and_small_reads_touch_one_osd() {
@@ -21,7 +22,9 @@ fn objects_round_trip_and_small_reads_touch_one_osd() {
     let after: u64 = t.osds.iter().map(|o| o.store.range_reads()).sum();
     assert_eq!(after - before, 1, "a 4 KiB read is one request to one OSD");
     assert_eq!(t.store.list("vol").unwrap(), vec!["sco1".to_string()]);
-    // Every fragment of the 4+2 policy is on its own OSD, at most 2 per domain.
+    // Every fragment of the 4+2 policy is on its own OSD, at most 2 per domain (the put
+    // returned at c = 5: wait for the sixth).
+    assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
     let holders: usize = t
         .osds
         .iter()
@@ -117,6 +120,7 @@ fn a_lost_domain_falls_back_to_the_next_policy() {
     }
     let data = object(100_000, 3);
     t.store.put("vol", "obj", &data).unwrap();
+    assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
     let held: usize = t
         .osds
         .iter()

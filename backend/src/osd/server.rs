@@ -53,9 +53,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let config = Arc::new(config);
     loop {
+        // Shutdown first: once cancelled, no connection is accepted, even one already queued.
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+            biased;
             () = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted?,
         };
         let (store, config, shutdown) = (store.clone(), config.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -156,9 +158,12 @@ async fn connection(
     });
     let permits = Arc::new(Semaphore::new(config.max_inflight));
     let result = loop {
+        // Shutdown first: a request that arrives after it is not served (a stopped OSD stops
+        // at once, and a test's killed OSD is dead for every request sent after the kill).
         let frame = tokio::select! {
-            frame = read_frame(&mut rd, &mut buf, &codec) => frame,
+            biased;
             () = shutdown.cancelled() => break Ok(()),
+            frame = read_frame(&mut rd, &mut buf, &codec) => frame,
         };
         let frame = match frame {
             Ok(Some(frame)) => frame,
