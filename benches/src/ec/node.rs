@@ -207,6 +207,8 @@ pub(crate) struct RepairRow {
     pub rebuilt_mb_per_s: f64,
     /// From `vstor backend repair --json`.
     pub fragments_rebuilt: u64,
+    /// Sound fragments moved (the rebalance onto the replacement OSD).
+    pub fragments_moved: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub fully_redundant: bool,
@@ -331,6 +333,7 @@ pub(crate) fn repair(
         repair_secs: seconds,
         rebuilt_mb_per_s: lost_bytes as f64 / seconds / 1e6,
         fragments_rebuilt: number("fragments_rebuilt"),
+        fragments_moved: number("fragments_moved"),
         bytes_read: number("bytes_read"),
         bytes_written: number("bytes_written"),
         fully_redundant,

@@ -192,14 +192,14 @@ pub(crate) fn to_table(report: &Report) -> String {
                 "lost".to_string(),
                 "repair s".into(),
                 "rebuilt MB/s".into(),
-                "fragments".into(),
+                "rebuilt/moved".into(),
                 "read/written".into(),
             ],
             vec![
                 table::mib_or_gib(r.lost_bytes as f64),
                 format!("{:.2}", r.repair_secs),
                 format!("{:.0}", r.rebuilt_mb_per_s),
-                r.fragments_rebuilt.to_string(),
+                format!("{}/{}", r.fragments_rebuilt, r.fragments_moved),
                 format!(
                     "{}/{}",
                     table::mib_or_gib(r.bytes_read as f64),
