@@ -19,6 +19,10 @@
 //!   3-node cluster with a real etcd, against the peers' documented defaults
 //!   (`vstor-bench cluster`).
 //!
+//! - [`ec`]: the erasure-coded tier: its codec against ISA-L, upload throughput and evicted
+//!   random reads of a node on `--backend ec` against one on the local backend, and repair
+//!   after an OSD is lost (`vstor-bench ec`).
+//!
 //! Two benchmarks measure the engine and its store on their own instead, linked in rather than
 //! behind a server:
 //!
@@ -33,6 +37,7 @@ pub mod backend;
 pub mod cluster;
 mod common;
 pub mod dtl;
+pub mod ec;
 pub mod edge;
 pub mod nbd;
 pub mod snapshots;

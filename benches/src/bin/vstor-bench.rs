@@ -43,6 +43,44 @@ enum BenchTarget {
     /// Failover and move on a 3-node cluster with a real etcd: detection, adoption and the
     /// client's I/O pause over repeated kill -9 of the owner; move duration and pause.
     Cluster(ClusterArgs),
+    /// The erasure-coded tier: codec GB/s against ISA-L, upload throughput and evicted 4 KiB
+    /// random reads of a node on `--backend ec` (etcd + OSDs) against the local backend, and
+    /// repair after kill -9 of an OSD with the client's reads meanwhile.
+    Ec(EcArgs),
+}
+
+#[derive(Args)]
+struct EcArgs {
+    /// Bytes written sequentially through NBD (and the volume's size).
+    #[arg(long, default_value = "512M")]
+    size: String,
+    /// Seconds per random-read row (and of the read window before the OSD is killed).
+    #[arg(long, default_value_t = 8)]
+    runtime: u64,
+    /// Milliseconds per codec row.
+    #[arg(long, default_value_t = 300)]
+    codec_ms: u64,
+    /// OSDs of the tier.
+    #[arg(long, default_value_t = 6)]
+    osds: usize,
+    /// Failure domains the OSDs are spread over.
+    #[arg(long, default_value_t = 3)]
+    domains: usize,
+    /// Do not start a replacement OSD in the lost one's domain before repair.
+    #[arg(long)]
+    no_replacement: bool,
+    /// Phases to run, comma-separated: codec, upload, reads, repair [default: all].
+    #[arg(long, value_delimiter = ',')]
+    phases: Option<Vec<String>>,
+    /// Directory for the test data [default: a temporary directory under /var/tmp].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].
+    #[arg(long)]
+    vstor: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -143,6 +181,28 @@ fn run(cli: Cli) -> Result<()> {
                 json: args.json,
                 work_dir: args.work_dir,
                 edge: args.edge,
+            });
+        }
+        BenchTarget::Ec(args) => {
+            return vstor_benches::ec::run(&vstor_benches::ec::EcOptions {
+                vstor_bin: match args.vstor {
+                    Some(path) => path,
+                    None => sibling_vstor()?,
+                },
+                size: parse_size(&args.size)?,
+                runtime_secs: args.runtime,
+                codec_ms: args.codec_ms,
+                osds: args.osds,
+                domains: args.domains,
+                replace: !args.no_replacement,
+                phases: args.phases.unwrap_or_else(|| {
+                    vstor_benches::ec::PHASES
+                        .iter()
+                        .map(|p| (*p).to_string())
+                        .collect()
+                }),
+                json: args.json,
+                work_dir: args.work_dir,
             });
         }
         BenchTarget::Backend(args) => {

@@ -28,6 +28,17 @@ pub(crate) struct Vstor {
 impl Vstor {
     /// Starts `vstor serve` on ephemeral loopback ports and waits for its ready line.
     pub(crate) fn start(bin: &Path, data_dir: &Path, log_path: &Path) -> Result<Self> {
+        Self::start_with(bin, data_dir, log_path, &[])
+    }
+
+    /// Like [`start`](Self::start), with more arguments to `vstor serve` (e.g. `--backend ec
+    /// --registry ...`, `--write-buffer-limit 24M`).
+    pub(crate) fn start_with(
+        bin: &Path,
+        data_dir: &Path,
+        log_path: &Path,
+        extra: &[String],
+    ) -> Result<Self> {
         let mut command = Command::new(bin);
         command
             .arg("serve")
@@ -40,6 +51,7 @@ impl Vstor {
                 "127.0.0.1:0",
                 "--no-default-volume",
             ])
+            .args(extra)
             // Plain text in the log file, whose tail goes into error messages.
             .env("NO_COLOR", "1");
         let (process, (api, nbd)) = spawn_until_ready(
@@ -63,6 +75,11 @@ impl Vstor {
     /// The NBD URI of `export`.
     pub(crate) fn uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.nbd)
+    }
+
+    /// `HOST:PORT` of its management API.
+    pub(crate) fn api(&self) -> &str {
+        &self.api
     }
 
     /// The `--data-dir` it was started with.
