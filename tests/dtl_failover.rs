@@ -18,7 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use common::oracle::{self, stop_writers, wait_progress, Load, Mode, BLOCK};
-use common::{block_content, Daemon, NbdClient, TestBackend, VSTOR};
+use common::{block_content, poll, Daemon, NbdClient, TestBackend, VSTOR};
 
 const VOLUME: &str = "vol";
 
@@ -139,18 +139,6 @@ fn start_node(root: &Path, name: &str, backend: &TestBackend, dtl: &str) -> Daem
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     Daemon::start_on(&dir, backend, &["--dtl", dtl])
-}
-
-/// Poll `check` until it returns something, failing after `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Poll the volume's info until `ready` holds; the last info is in the failure message.

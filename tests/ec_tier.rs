@@ -6,10 +6,10 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::tier::Tier;
-use common::{require_tool, run_ok, Daemon};
+use common::{poll, require_tool, run_ok, Daemon};
 
 /// Node settings that keep little in the write buffer: SCOs are evicted once uploaded.
 const SMALL_BUFFER: &[&str] = &["--write-buffer-limit", "24M"];
@@ -60,18 +60,6 @@ fn assert_fio_ok(out: &std::process::Output, what: &str) {
         out.status.success() && !stdout.contains("verify:") && !stderr.contains("verify"),
         "fio {what} failed:\n{stdout}\n{stderr}"
     );
-}
-
-/// Poll `check` until it gives a value (bounded).
-fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -140,9 +128,7 @@ fn osds_register_and_a_node_stores_volumes_on_them() {
         &node.uri("v"),
     ]));
     // Uploaded, evicted, and read back from the OSDs.
-    node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    node.wait_uploaded("v");
     run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5a 0 40M", &node.uri("v")]));
     assert!(node.info("v")["backend_reads"].as_u64().unwrap() > 0);
     // 3+2 spreads every object over five OSDs: each holds about a fifth of 40 MiB × 5/3.
@@ -186,9 +172,7 @@ fn m_osds_killed_under_fio_lose_nothing_and_m_plus_one_fail_cleanly() {
     tier.osds[4].kill9();
     let out = writer.join().unwrap();
     assert_fio_ok(&out, "write+verify with two OSDs dead");
-    let info = node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    let info = node.wait_uploaded("v");
     // Puts that raced the deaths (before the map saw the OSDs down) were retried: the client
     // saw none of it.
     assert_eq!(info["state"], "running", "{info}");
@@ -287,9 +271,7 @@ fn repair_rebuilds_what_out_osds_held_and_a_restarted_osd_needs_none() {
     create_small_volume(&node, "v", "256M", &["--preset", "r22"]);
     let uri = node.uri("v");
     qemu_io(&uri, "write -P 0x3c 0 48M");
-    node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    node.wait_uploaded("v");
     // Objects the volume rewrites in place (its TLog list) leave older versions behind until
     // a repair collects them.
     let report = repair(&tier, "v");
@@ -383,9 +365,7 @@ fn a_new_osd_gets_its_share_under_load_and_decommission_empties_one() {
     create_small_volume(&node, "v", "512M", &[]);
     let uri = node.uri("v");
     qemu_io(&uri, "write -P 0x77 256M 64M");
-    node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    node.wait_uploaded("v");
 
     // Under load (fio writes and verifies the first 96 MiB), a seventh OSD joins.
     let writer = {
@@ -399,9 +379,7 @@ fn a_new_osd_gets_its_share_under_load_and_decommission_empties_one() {
     });
     assert!(osds.iter().any(|o| o["id"] == new_id && o["state"] == "up"));
     assert_fio_ok(&writer.join().unwrap(), "write+verify while an OSD joined");
-    node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    node.wait_uploaded("v");
     repair(&tier, "v");
     // Its share: with seven equal OSDs, about a seventh of the fragments.
     let osds = tier.wait_osds("usage reported after the rebalance", |osds| {
@@ -449,9 +427,7 @@ fn with_local_parity_a_lost_osd_is_rebuilt_without_crossing_domains() {
     let mut node = tier.node("n1", SMALL_BUFFER);
     create_small_volume(&node, "v", "256M", &["--preset", "lrc"]);
     qemu_io(&node.uri("v"), "write -P 0x21 0 32M");
-    node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    node.wait_uploaded("v");
     // The node stops, so the CLI's repair below is the only one.
     assert!(node.terminate().success());
     repair(&tier, "v");
@@ -530,9 +506,7 @@ fn an_encrypted_preset_keeps_plaintext_off_the_osds() {
     let uri = node.uri("v");
     // 0x6b repeated: any 64 plaintext bytes on an OSD's disk would be found.
     qemu_io(&uri, "write -P 0x6b 0 24M");
-    node.wait_for("v", "everything uploaded", |i| {
-        i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
-    });
+    node.wait_uploaded("v");
     let needle = [0x6bu8; 64];
     let mut files = 0;
     for osd in &tier.osds {

@@ -352,6 +352,13 @@ impl Daemon {
         serde_json::from_str(&self.cli_ok(&["volume", "info", name, "--json"])).expect("info JSON")
     }
 
+    /// Wait until every write to `name` is on the backend (nothing unuploaded, nothing queued).
+    pub fn wait_uploaded(&self, name: &str) -> serde_json::Value {
+        self.wait_for(name, "everything uploaded", |i| {
+            i["not_uploaded_bytes"] == 0 && i["upload_queue"] == 0
+        })
+    }
+
     /// Poll the volume's info until `ready` holds (state-based synchronisation with a deadline).
     pub fn wait_for(
         &self,
@@ -393,6 +400,19 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Poll `check` until it returns something, failing after `timeout` (state-based
+/// synchronisation with a deadline).
+pub fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
