@@ -3,17 +3,15 @@
 //! sockets under its own directory; killed in `Drop`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::VSTOR;
+use super::{stdout_lines, VSTOR};
 
 pub struct EdgeDaemon {
     child: Option<Child>,
@@ -94,15 +92,7 @@ impl EdgeDaemon {
             .stderr(log)
             .spawn()
             .expect("spawn vstor edge");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading after the test stopped listening: a closed pipe would make the
-            // daemon's next line fail.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         // A restart after kill -9 waits for the previous run's lease (5 s TTL) first.
         let ready = rx
             .recv_timeout(Duration::from_secs(60))

@@ -259,15 +259,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn vstor serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading after the test stopped listening: a closed pipe would make the
-            // daemon's next line fail.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let ready = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| {
@@ -401,6 +393,19 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// The lines `child` prints on stdout, read by a thread that keeps draining them after the
+/// test stopped listening (a closed pipe would make the daemon's next line fail).
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }
 
 /// Poll `check` until it returns something, failing after `timeout` (state-based

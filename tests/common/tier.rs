@@ -2,17 +2,15 @@
 //! with its own data directory, domain and port; `kill9` and `restart` as after a crash.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::etcd::Etcd;
-use super::{Daemon, VSTOR};
+use super::{stdout_lines, Daemon, VSTOR};
 
 /// One `vstor osd` process.
 pub struct Osd {
@@ -66,13 +64,7 @@ impl Osd {
             .stderr(log)
             .spawn()
             .expect("spawn vstor osd");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| {
