@@ -55,8 +55,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use vstor_edge::nbd::NbdServer;
 use vstor_edge::vhost::VhostServer;
 use vstor_volumedriver::config::USER_SCO_SIZE_RANGE;
@@ -64,6 +62,14 @@ use vstor_volumedriver::{
     DtlMode, SnapshotInfo, VolumeError, VolumeInfo, VolumeManager, VolumeOptions,
 };
 
+pub use crate::api_types::{
+    CloneRequest, CreateRequest, ForceQuery, ResizeRequest, RollbackRequest, ScrubRequest,
+    SnapshotRequest, UpdateRequest,
+};
+use crate::api_types::{
+    ErrorBody, Health, ScrubAnswer, SnapshotDeleted, SnapshotUnexported, SnapshotView,
+    VolumeDeleted, VolumeView,
+};
 use crate::export::{snapshot_export_name, Exports};
 use crate::scrub::{ScrubError, Scrubs};
 
@@ -139,7 +145,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -199,62 +205,39 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-pub(crate) fn view(state: &ApiState, info: VolumeInfo) -> Value {
-    let connections = state.nbd.connections(&info.name);
-    let uri = format!("nbd://{}/{}", state.nbd_addr, info.name);
-    let mut value = serde_json::to_value(info).unwrap_or(Value::Null);
-    if let Some(object) = value.as_object_mut() {
-        object.insert("owner".into(), json!(state.node.name));
-        object.insert("nbd_uri".into(), json!(uri));
-        object.insert("nbd_connections".into(), json!(connections));
-        let name = object
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        object.insert("vhost_socket".into(), json!(state.vhost.socket_path(&name)));
-        object.insert(
-            "vhost_connected".into(),
-            json!(state.vhost.connected(&name)),
-        );
-        if let Some(failover) = &state.failover {
-            object.insert("last_failover".into(), json!(failover.log.get(&name)));
-        }
-        let (progress, last) = state.scrubs.status(&name);
-        object.insert("scrub_progress".into(), progress);
-        object.insert("last_scrub".into(), last);
+pub(crate) fn view(state: &ApiState, info: VolumeInfo) -> VolumeView {
+    let name = info.name.clone();
+    let (scrub_progress, last_scrub) = state.scrubs.status(&name);
+    VolumeView {
+        owner: Some(state.node.name.clone()),
+        nbd_uri: Some(format!("nbd://{}/{name}", state.nbd_addr)),
+        nbd_connections: Some(state.nbd.connections(&name)),
+        vhost_socket: Some(state.vhost.socket_path(&name).display().to_string()),
+        vhost_connected: Some(state.vhost.connected(&name)),
+        last_failover: state.failover.as_ref().and_then(|f| f.log.get(&name)),
+        scrub_progress,
+        last_scrub,
+        ..VolumeView::from(info)
     }
-    value
 }
 
-fn snapshot_value(state: &ApiState, volume: &str, info: SnapshotInfo) -> Value {
+fn snapshot_value(state: &ApiState, volume: &str, info: SnapshotInfo) -> SnapshotView {
     let export = format!("{volume}@{}", info.name);
     let exported = state.vhost_snapshots().contains(&export);
-    let mut value = serde_json::to_value(info).unwrap_or(Value::Null);
-    if let Some(object) = value.as_object_mut() {
-        object.insert("volume".into(), json!(volume));
-        object.insert(
-            "nbd_uri".into(),
-            json!(format!("nbd://{}/{export}", state.nbd_addr)),
-        );
-        object.insert(
-            "nbd_connections".into(),
-            json!(state.nbd.connections(&export)),
-        );
-        object.insert(
-            "vhost_socket".into(),
-            if exported {
-                json!(state.vhost.socket_path(&export))
-            } else {
-                Value::Null
-            },
-        );
-        object.insert(
-            "vhost_connected".into(),
-            json!(state.vhost.connected(&export)),
-        );
+    SnapshotView {
+        volume: volume.to_string(),
+        nbd_uri: format!("nbd://{}/{export}", state.nbd_addr),
+        nbd_connections: state.nbd.connections(&export),
+        vhost_socket: exported.then(|| state.vhost.socket_path(&export).display().to_string()),
+        vhost_connected: state.vhost.connected(&export),
+        name: info.name,
+        created: info.created,
+        written_bytes: info.written_bytes,
+        in_backend: info.in_backend,
+        clones: info.clones,
+        size: info.size,
+        tlog: info.tlog,
     }
-    value
 }
 
 /// Stop serving snapshots that are gone: disconnect their NBD clients, remove their vhost-user
@@ -285,76 +268,6 @@ fn snapshot_names(snapshots: &[SnapshotInfo]) -> Vec<String> {
     snapshots.iter().map(|s| s.name.clone()).collect()
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRequest {
-    pub name: String,
-    pub size: u64,
-    pub sco_size: Option<u64>,
-    pub write_buffer: Option<u64>,
-    pub dtl_mode: Option<String>,
-    pub dtl: Option<String>,
-    /// Cluster only: the node that serves the new volume [default: the least-loaded live node].
-    pub node: Option<String>,
-    /// The EC tier's preset for the volume's namespace (`--backend ec` only).
-    pub preset: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResizeRequest {
-    pub size: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateRequest {
-    pub read_only: Option<bool>,
-    pub dtl_mode: Option<String>,
-    pub dtl: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotRequest {
-    pub name: String,
-}
-
-/// Query of `DELETE /v1/volumes/{name}`.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct DeleteRequest {
-    #[serde(default)]
-    pub force: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackRequest {
-    #[serde(default)]
-    pub force: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ScrubRequest {
-    /// Bytes copied per second at most; absent or 0: unlimited.
-    pub rate: Option<u64>,
-}
-
-/// Also serialized: a cluster node forwards it to the node that owns the parent.
-#[derive(Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloneRequest {
-    pub name: String,
-    /// `VOLUME@SNAPSHOT`, or a template volume (its newest snapshot).
-    pub from: String,
-    pub write_buffer: Option<u64>,
-    pub dtl_mode: Option<String>,
-    pub dtl: Option<String>,
-    pub wait_secs: Option<u64>,
-}
-
 fn parse_dtl_mode(mode: &str) -> Result<DtlMode, ApiError> {
     mode.parse().map_err(bad_request)
 }
@@ -376,8 +289,12 @@ fn dtl_choice(
     Ok((dtl_mode, addr.or(default_dtl.map(|(_, addr)| addr))))
 }
 
-async fn health(State(state): State<ApiState>) -> Json<Value> {
-    let mut value = json!({ "status": "ok", "node": state.node.name });
+async fn health(State(state): State<ApiState>) -> Json<Health> {
+    let mut value = Health {
+        status: "ok".into(),
+        node: state.node.name.clone(),
+        ..Health::default()
+    };
     if let Some(cluster) = &state.cluster {
         let health = cluster.health().borrow().clone();
         let (name, reason) = match health {
@@ -385,14 +302,14 @@ async fn health(State(state): State<ApiState>) -> Json<Value> {
             crate::cluster::Health::RegistryDown => ("registry_down", None),
             crate::cluster::Health::Fenced { reason } => ("fenced", Some(reason)),
         };
-        value["cluster_health"] = json!(name);
-        value["fenced_reason"] = json!(reason);
-        value["peers"] = json!(cluster.peer_names());
+        value.cluster_health = Some(name.into());
+        value.fenced_reason = reason;
+        value.peers = Some(cluster.peer_names());
     }
     Json(value)
 }
 
-async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+async fn list(State(state): State<ApiState>) -> Result<Json<Vec<VolumeView>>, ApiError> {
     let local = local_list(&state);
     match &state.cluster {
         Some(cluster) => crate::cluster::api::list(&state, cluster, local)
@@ -402,33 +319,49 @@ async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     }
 }
 
-fn local_list(state: &ApiState) -> Value {
-    let volumes: Vec<Value> = state
+fn local_list(state: &ApiState) -> Vec<VolumeView> {
+    let volumes: Vec<VolumeView> = state
         .manager
         .list()
         .into_iter()
         .map(|info| view(state, info))
         .collect();
-    let failed: Vec<Value> = state
+    let failed: Vec<VolumeView> = state
         .manager
         .failed()
         .into_iter()
-        .map(|(name, reason)| json!({ "name": name, "state": "failed", "halted_reason": reason, "owner": state.node.name }))
+        .map(|(name, reason)| failed_view(state, name, reason))
         .collect();
-    let moved: Vec<Value> = state
+    let moved: Vec<VolumeView> = state
         .manager
         .moved()
         .into_iter()
-        .map(|(name, node)| json!({ "name": name, "state": "moved", "moved_to": node }))
+        .map(|(name, node)| VolumeView {
+            name,
+            state: "moved".into(),
+            moved_to: Some(node),
+            ..VolumeView::default()
+        })
         .collect();
-    Value::Array(volumes.into_iter().chain(failed).chain(moved).collect())
+    volumes.into_iter().chain(failed).chain(moved).collect()
+}
+
+/// A volume this node could not open: its name and why.
+fn failed_view(state: &ApiState, name: String, reason: String) -> VolumeView {
+    VolumeView {
+        name,
+        state: "failed".into(),
+        halted_reason: Some(reason),
+        owner: Some(state.node.name.clone()),
+        ..VolumeView::default()
+    }
 }
 
 async fn create(
     State(state): State<ApiState>,
     headers: axum::http::HeaderMap,
     Json(request): Json<CreateRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     if let Some(cluster) = state.cluster.clone() {
         let forwarded = headers.contains_key(crate::cluster::forward::FORWARDED);
         return crate::cluster::api::create(state, &cluster, forwarded, request).await;
@@ -498,7 +431,11 @@ pub(crate) async fn create_local(
 async fn info(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
+    // A volume that could not be opened is shown with why, not answered with an error.
+    if let Some(reason) = state.manager.failed().remove(&name) {
+        return Ok(Json(failed_view(&state, name, reason)));
+    }
     let volume = state.manager.get(&name)?;
     Ok(Json(view(&state, volume.info())))
 }
@@ -507,7 +444,7 @@ async fn resize(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     Json(request): Json<ResizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let volume = state.manager.get(&name)?;
     let target = volume.clone();
     blocking(move || target.resize(request.size)).await?;
@@ -518,7 +455,7 @@ async fn update(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     Json(request): Json<UpdateRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let volume = state.manager.get(&name)?;
     if let Some(read_only) = request.read_only {
         let target = volume.clone();
@@ -544,7 +481,7 @@ async fn update(
 async fn adopt(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
     let (volume, summary) = blocking(move || {
@@ -556,8 +493,8 @@ async fn adopt(
     })
     .await?;
     let mut value = view(&state, volume.info());
-    value["dtl_entries_held"] = json!(summary.held);
-    value["dtl_entries_replayed"] = json!(summary.applied);
+    value.dtl_entries_held = Some(summary.held);
+    value.dtl_entries_replayed = Some(summary.applied);
     Ok(Json(value))
 }
 
@@ -609,8 +546,21 @@ async fn disconnect_nbd(state: &ApiState, name: &str, what: &str) -> Result<usiz
 async fn delete(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    Query(request): Query<DeleteRequest>,
-) -> Result<Json<Value>, ApiError> {
+    Query(request): Query<ForceQuery>,
+) -> Result<Json<VolumeDeleted>, ApiError> {
+    // A fenced node may have lost its lease: another node may be adopting the volume from the
+    // same backend, so nothing of it is deleted here (not even "only locally").
+    if let Some(cluster) = &state.cluster {
+        if cluster.is_fenced() {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "node {} is fenced (it cannot renew its registry lease): volume {name} was not deleted; retry once the node is healthy, or delete it through another node",
+                    state.node.name
+                ),
+            ));
+        }
+    }
     // The tag the volume's cluster record must still carry for this node to delete it.
     let tag = state.manager.get(&name).ok().map(|v| v.info().owner_tag);
     // Refuse before anything is torn down: a volume whose snapshots have clones stays served.
@@ -671,18 +621,18 @@ async fn delete(
         }
     }
     tracing::info!(volume = %name, force = request.force, "volume deleted");
-    Ok(Json(json!({
-        "deleted": name,
-        "nbd_clients_disconnected": disconnected,
-        "vhost_frontend_disconnected": request.force && vhost_connected,
-    })))
+    Ok(Json(VolumeDeleted {
+        deleted: name,
+        nbd_clients_disconnected: disconnected,
+        vhost_frontend_disconnected: request.force && vhost_connected,
+    }))
 }
 
 async fn scrub(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     request: Option<Json<ScrubRequest>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ScrubAnswer>, ApiError> {
     let request = request.map(|Json(r)| r).unwrap_or_default();
     let volume = state.manager.get(&name)?;
     let scrubs = state.scrubs.clone();
@@ -696,16 +646,18 @@ async fn scrub(
             )),
             ScrubError::Volume(e) => e.into(),
         })?;
-    let mut value = serde_json::to_value(report).unwrap_or(Value::Null);
-    value["volume"] = json!(name);
-    value["seconds"] = json!(started.elapsed().as_secs_f64());
+    let value = ScrubAnswer {
+        volume: name,
+        seconds: started.elapsed().as_secs_f64(),
+        report: report.into(),
+    };
     Ok(Json(value))
 }
 
 async fn template(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let volume = state.manager.get(&name)?;
     let target = volume.clone();
     let snapshot = blocking(move || {
@@ -716,29 +668,29 @@ async fn template(
     })
     .await?;
     let mut value = view(&state, volume.info());
-    value["template_snapshot"] = snapshot_value(&state, &name, snapshot);
+    value.template_snapshot = Some(snapshot_value(&state, &name, snapshot));
     Ok(Json(value))
 }
 
 async fn snapshot_list(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<SnapshotView>>, ApiError> {
     let volume = state.manager.get(&name)?;
-    Ok(Json(Value::Array(
+    Ok(Json(
         volume
             .snapshots()
             .into_iter()
             .map(|info| snapshot_value(&state, &name, info))
             .collect(),
-    )))
+    ))
 }
 
 async fn snapshot_create(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     Json(request): Json<SnapshotRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
     let volume = state.manager.get(&name)?;
     let info = blocking(move || {
         let info = volume.snapshot_create(&request.name)?;
@@ -757,7 +709,7 @@ async fn snapshot_create(
 async fn snapshot_info(
     State(state): State<ApiState>,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SnapshotView>, ApiError> {
     let volume = state.manager.get(&name)?;
     let info = volume.snapshot(&snapshot)?;
     Ok(Json(snapshot_value(&state, &name, info)))
@@ -766,20 +718,23 @@ async fn snapshot_info(
 async fn snapshot_delete(
     State(state): State<ApiState>,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SnapshotDeleted>, ApiError> {
     let volume = state.manager.get(&name)?;
     let target = snapshot.clone();
     blocking(move || volume.snapshot_delete(&target)).await?;
     drop_snapshot_exports(&state, &name, vec![snapshot.clone()]).await;
     tracing::info!(volume = %name, %snapshot, "snapshot deleted");
-    Ok(Json(json!({ "volume": name, "deleted": snapshot })))
+    Ok(Json(SnapshotDeleted {
+        volume: name,
+        deleted: snapshot,
+    }))
 }
 
 async fn rollback(
     State(state): State<ApiState>,
     Path((name, snapshot)): Path<(String, String)>,
     request: Option<Json<RollbackRequest>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let request = request.map(|Json(r)| r).unwrap_or_default();
     let volume = state.manager.get(&name)?;
     volume.snapshot(&snapshot)?;
@@ -812,17 +767,17 @@ async fn rollback(
     drop_snapshot_exports(&state, &name, dropped.clone()).await;
     tracing::info!(volume = %name, %snapshot, force = request.force, "volume rolled back");
     let mut value = view(&state, volume.info());
-    value["rolled_back_to"] = json!(snapshot);
-    value["snapshots_dropped"] = json!(dropped);
-    value["nbd_clients_disconnected"] = json!(disconnected);
-    value["vhost_frontend_disconnected"] = json!(request.force && vhost_connected);
+    value.rolled_back_to = Some(snapshot);
+    value.snapshots_dropped = Some(dropped);
+    value.nbd_clients_disconnected = Some(disconnected);
+    value.vhost_frontend_disconnected = Some(request.force && vhost_connected);
     Ok(Json(value))
 }
 
 async fn snapshot_export(
     State(state): State<ApiState>,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SnapshotView>, ApiError> {
     let volume = state.manager.get(&name)?;
     let info = volume.snapshot(&snapshot)?;
     let export = format!("{name}@{snapshot}");
@@ -839,7 +794,7 @@ async fn snapshot_export(
 async fn snapshot_unexport(
     State(state): State<ApiState>,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SnapshotUnexported>, ApiError> {
     let export = format!("{name}@{snapshot}");
     if !state.vhost_snapshots().remove(&export) {
         return Err(ApiError(
@@ -850,16 +805,18 @@ async fn snapshot_unexport(
     state.save_vhost_snapshots();
     let vhost = state.vhost.clone();
     off_reactor(move || vhost.remove_export(&export)).await?;
-    Ok(Json(
-        json!({ "volume": name, "snapshot": snapshot, "vhost_socket": null }),
-    ))
+    Ok(Json(SnapshotUnexported {
+        volume: name,
+        snapshot,
+        vhost_socket: None,
+    }))
 }
 
 async fn clone_create(
     State(state): State<ApiState>,
     headers: axum::http::HeaderMap,
     Json(request): Json<CloneRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     if let Some(cluster) = state.cluster.clone() {
         let forwarded = headers.contains_key(crate::cluster::forward::FORWARDED);
         return crate::cluster::api::clone(state, &cluster, forwarded, request).await;
@@ -868,7 +825,7 @@ async fn clone_create(
         dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
     let (volume, cloned_from) = clone_local(&state, &request, dtl_mode, dtl_addr).await?;
     let mut value = view(&state, volume.info());
-    value["cloned_from"] = json!(cloned_from);
+    value.cloned_from = Some(cloned_from);
     Ok((StatusCode::CREATED, Json(value)))
 }
 
@@ -930,9 +887,71 @@ pub(crate) async fn clone_local(
     Ok((volume, format!("{parent}@{snapshot}")))
 }
 
+/// Every answer that is an error but not JSON — axum's own rejections (malformed JSON: 400,
+/// not `application/json`: 415, missing or unknown field: 422, bad path or query: 400, body too
+/// large: 413) and empty ones — becomes `{"error": "..."}` with the same status and headers
+/// (`Allow` of a 405 stays). One layer for the node's and the edge's routers instead of a
+/// custom extractor per handler: no handler can forget it.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let mut answer = (status, Json(ErrorBody { error })).into_response();
+    for (name, value) in &parts.headers {
+        answer.headers_mut().insert(name.clone(), value.clone());
+    }
+    answer
+}
+
+/// 404 for a path no route serves.
+pub async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such API route: {method} {}", uri.path()),
+    )
+}
+
+/// 405 for a route asked with a method it does not serve.
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(crate::openapi::document())
+}
+
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/nodes", get(crate::cluster::api::nodes))
         .route(
             "/v1/cluster/registry",
@@ -969,9 +988,12 @@ pub fn router(state: ApiState) -> Router {
             post(snapshot_export).delete(snapshot_unexport),
         )
         .route("/v1/clones", post(clone_create))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::cluster::api::route_to_owner,
         ))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }

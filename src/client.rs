@@ -6,8 +6,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
+use crate::api_types::{
+    ErrorBody, NodeView, ScrubAnswer, ScrubOutcome, ScrubProgress, ScrubReport, SnapshotView,
+    VolumeView,
+};
 use crate::size::format_size;
 
 pub struct Client {
@@ -16,6 +21,14 @@ pub struct Client {
     agent: ureq::Agent,
     /// The daemon the CLI expects at `addr`, for the "cannot reach" hint.
     daemon: &'static str,
+}
+
+/// `http://127.0.0.1:7800/` (the form `vstor serve` prints) → `127.0.0.1:7800`.
+pub fn api_host(addr: &str) -> &str {
+    let addr = addr.trim();
+    addr.strip_prefix("http://")
+        .unwrap_or(addr)
+        .trim_end_matches('/')
 }
 
 impl Client {
@@ -34,6 +47,7 @@ impl Client {
             .timeout_global(timeout)
             .build()
             .into();
+        let addr = api_host(addr);
         Self {
             base: format!("http://{addr}"),
             addr: addr.to_string(),
@@ -50,10 +64,10 @@ impl Client {
         }
     }
 
-    fn handle(
+    fn handle<T: DeserializeOwned>(
         &self,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Value> {
+    ) -> Result<T> {
         let mut response = result.map_err(|e| {
             anyhow!(
                 "cannot reach the vstor daemon at {} ({e}); is `{}` running? (set --api or VSTOR_API)",
@@ -62,25 +76,29 @@ impl Client {
             )
         })?;
         let status = response.status();
-        let body: Value = response
+        let body = response
             .body_mut()
-            .read_json()
-            .with_context(|| format!("daemon at {} sent a reply that is not JSON", self.addr))?;
+            .read_to_vec()
+            .with_context(|| format!("cannot read the answer of the daemon at {}", self.addr))?;
         if !status.is_success() {
-            let message = body
-                .get("error")
-                .and_then(Value::as_str)
-                .map_or_else(|| format!("daemon answered {status}"), str::to_string);
-            bail!(message);
+            match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(error) => bail!(error.error),
+                Err(_) => bail!("daemon at {} answered {status}", self.addr),
+            }
         }
-        Ok(body)
+        serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "daemon at {} sent an answer this CLI does not understand",
+                self.addr
+            )
+        })
     }
 
-    pub fn get(&self, path: &str) -> Result<Value> {
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.handle(self.agent.get(format!("{}{path}", self.base)).call())
     }
 
-    pub fn post(&self, path: &str, body: Value) -> Result<Value> {
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         self.handle(
             self.agent
                 .post(format!("{}{path}", self.base))
@@ -88,7 +106,7 @@ impl Client {
         )
     }
 
-    pub fn patch(&self, path: &str, body: Value) -> Result<Value> {
+    pub fn patch<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         self.handle(
             self.agent
                 .patch(format!("{}{path}", self.base))
@@ -96,83 +114,146 @@ impl Client {
         )
     }
 
-    pub fn delete(&self, path: &str) -> Result<Value> {
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.handle(self.agent.delete(format!("{}{path}", self.base)).call())
     }
 }
 
-fn size_of(value: &Value, key: &str) -> String {
-    value
-        .get(key)
-        .and_then(Value::as_u64)
-        .map_or_else(|| "-".into(), format_size)
+fn size(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".into(), format_size)
 }
 
-fn text(value: &Value, key: &str) -> String {
-    match value.get(key) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
+fn opt<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-pub fn print_json(value: &Value) {
+fn opt_str(value: Option<&String>) -> String {
+    value.map_or_else(|| "-".into(), Clone::clone)
+}
+
+pub fn print_json(value: &impl Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
 }
 
-pub fn print_list(volumes: &Value) {
-    let empty = Vec::new();
-    let volumes = volumes.as_array().unwrap_or(&empty);
+/// Print rows under a header, each column as wide as its widest cell (names are up to 128
+/// characters). Columns listed in `right` are right-aligned (numbers, sizes).
+pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let text: Vec<String> = cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                let width = widths.get(i).copied().unwrap_or(0);
+                if right.contains(&i) {
+                    format!("{cell:>width$}")
+                } else if i == last {
+                    cell
+                } else {
+                    format!("{cell:<width$}")
+                }
+            })
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// `ro`, `template`, `clone` flags of a volume, `-` when none.
+fn flags(volume: &VolumeView) -> String {
+    let mut flags = Vec::new();
+    if volume.read_only == Some(true) {
+        flags.push("ro");
+    }
+    if volume.template == Some(true) {
+        flags.push("template");
+    }
+    if flags.is_empty() {
+        "-".into()
+    } else {
+        flags.join(",")
+    }
+}
+
+pub fn print_list(volumes: &[VolumeView]) {
     if volumes.is_empty() {
         println!("no volumes");
         return;
     }
-    println!(
-        "{:<24} {:>10} {:>10} {:>10} {:<10} {:>7} {:<16}",
-        "NAME", "SIZE", "WRITTEN", "UPLOADING", "STATE", "CLIENTS", "OWNER"
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                size(v.size),
+                size(v.written_bytes),
+                // Not on the backend yet: the open SCO and sealed SCOs waiting for upload.
+                size(v.not_uploaded_bytes),
+                match &v.moved_to {
+                    Some(node) => format!("moved to {node}"),
+                    None => v.state.clone(),
+                },
+                flags(v),
+                opt_str(v.parent.as_ref()),
+                opt(v.nbd_connections),
+                opt_str(v.owner.as_ref()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME",
+            "SIZE",
+            "WRITTEN",
+            "NOT UPLOADED",
+            "STATE",
+            "FLAGS",
+            "PARENT",
+            "CLIENTS",
+            "OWNER",
+        ],
+        &rows,
+        &[1, 2, 3, 7],
     );
-    for volume in volumes {
-        println!(
-            "{:<24} {:>10} {:>10} {:>10} {:<10} {:>7} {:<16}",
-            text(volume, "name"),
-            size_of(volume, "size"),
-            size_of(volume, "written_bytes"),
-            size_of(volume, "not_uploaded_bytes"),
-            match volume.get("moved_to").and_then(Value::as_str) {
-                Some(node) => format!("moved to {node}"),
-                None => text(volume, "state"),
-            },
-            text(volume, "nbd_connections"),
-            text(volume, "owner"),
-        );
-    }
 }
 
 /// `vstor node list`.
-pub fn print_nodes(nodes: &Value) {
-    let empty = Vec::new();
-    let nodes = nodes.as_array().unwrap_or(&empty);
-    println!(
-        "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21} {:<21}",
-        "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL", "EDGE"
+pub fn print_nodes(nodes: &[NodeView]) {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.domain.clone(),
+                opt_str(n.recovery_domain.as_ref()),
+                if n.alive { "yes" } else { "no" }.to_string(),
+                n.volumes.to_string(),
+                n.api_addr.clone(),
+                n.nbd_addr.clone(),
+                n.dtl_addr.clone(),
+                opt_str(n.edge_addr.as_ref()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL", "EDGE",
+        ],
+        &rows,
+        &[4],
     );
-    for node in nodes {
-        println!(
-            "{:<16} {:<12} {:<12} {:<6} {:>7}  {:<21} {:<21} {:<21} {:<21}",
-            text(node, "name"),
-            text(node, "domain"),
-            text(node, "recovery_domain"),
-            if node["alive"] == true { "yes" } else { "no" },
-            text(node, "volumes"),
-            text(node, "api_addr"),
-            text(node, "nbd_addr"),
-            text(node, "dtl_addr"),
-            text(node, "edge_addr"),
-        );
-    }
 }
 
 /// `1714567890` → `2024-05-01 12:51:30Z` (UTC).
@@ -197,78 +278,70 @@ pub fn format_time(secs: u64) -> String {
     )
 }
 
-pub fn print_snapshots(volume: &str, snapshots: &Value) {
-    let empty = Vec::new();
-    let snapshots = snapshots.as_array().unwrap_or(&empty);
+pub fn print_snapshots(volume: &str, snapshots: &[SnapshotView]) {
     if snapshots.is_empty() {
         println!("volume {volume} has no snapshots");
         return;
     }
-    println!(
-        "{:<24} {:<20} {:>10} {:<10} CLONES",
-        "NAME", "CREATED", "WRITTEN", "ON BACKEND"
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                format_time(s.created),
+                format_size(s.written_bytes),
+                if s.in_backend { "yes" } else { "no" }.to_string(),
+                if s.clones.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.clones.join(",")
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "CREATED", "WRITTEN", "ON BACKEND", "CLONES"],
+        &rows,
+        &[2],
     );
-    for snapshot in snapshots {
-        let clones: Vec<&str> = snapshot["clones"]
-            .as_array()
-            .map(|c| c.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        println!(
-            "{:<24} {:<20} {:>10} {:<10} {}",
-            text(snapshot, "name"),
-            snapshot["created"]
-                .as_u64()
-                .map_or_else(|| "-".into(), format_time),
-            size_of(snapshot, "written_bytes"),
-            if snapshot["in_backend"] == true {
-                "yes"
-            } else {
-                "no"
-            },
-            if clones.is_empty() {
-                "-".to_string()
-            } else {
-                clones.join(",")
-            },
-        );
-    }
 }
 
-fn progress_text(progress: &Value) -> String {
-    format!(
-        "{} {}/{}",
-        text(progress, "phase"),
-        text(progress, "done"),
-        text(progress, "total")
-    )
+pub fn progress_text(progress: &ScrubProgress) -> String {
+    format!("{} {}/{}", progress.phase, progress.done, progress.total)
 }
 
-fn scrub_summary(report: &Value) -> String {
+fn scrub_summary(report: &ScrubReport) -> String {
     format!(
         "{} SCOs rewritten, {} deleted, {} copied, {} freed, {} orphaned objects deleted, TLogs {} -> {}",
-        text(report, "scos_rewritten"),
-        text(report, "scos_deleted"),
-        size_of(report, "bytes_copied"),
-        size_of(report, "bytes_freed"),
-        text(report, "orphans_deleted"),
-        text(report, "tlogs_before"),
-        text(report, "tlogs_after"),
+        report.scos_rewritten,
+        report.scos_deleted,
+        format_size(report.bytes_copied),
+        format_size(report.bytes_freed),
+        report.orphans_deleted,
+        report.tlogs_before,
+        report.tlogs_after,
     )
 }
 
-pub fn print_scrub(report: &Value) {
+pub fn print_scrub(answer: &ScrubAnswer) {
     println!(
         "scrubbed volume {} in {:.1} s: {}",
-        text(report, "volume"),
-        report["seconds"].as_f64().unwrap_or(0.0),
-        scrub_summary(report)
+        answer.volume,
+        answer.seconds,
+        scrub_summary(&answer.report)
     );
 }
 
-/// Prints a volume's scrub progress on stderr while a scrub request runs (polling its info).
+/// Shows a volume's scrub progress while a scrub request runs (polling its info): a progress
+/// bar on a terminal, plain lines on stderr otherwise (logs, pipes, CI).
 pub struct ProgressPrinter {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Whether progress is drawn as bars (stderr is a terminal) or printed as lines.
+pub fn on_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 impl ProgressPrinter {
@@ -279,21 +352,44 @@ impl ProgressPrinter {
         let path = format!("/v1/volumes/{volume}");
         let volume = volume.to_string();
         let thread = std::thread::spawn(move || {
+            let bar = on_terminal().then(|| {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "scrub {prefix}: {msg:>12} [{bar:40}] {pos}/{len} ({elapsed})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(volume.clone());
+                bar
+            });
             let mut last = String::new();
             // Quick answers (a refusal, a small volume) print no progress.
             std::thread::park_timeout(Duration::from_millis(500));
             while !flag.load(Ordering::SeqCst) {
-                if let Ok(info) = client.get(&path) {
-                    let progress = &info["scrub_progress"];
-                    if !progress.is_null() {
-                        let line = progress_text(progress);
-                        if line != last {
-                            eprintln!("scrub {volume}: {line}");
-                            last = line;
+                if let Ok(info) = client.get::<VolumeView>(&path) {
+                    if let Some(progress) = &info.scrub_progress {
+                        match &bar {
+                            Some(bar) => {
+                                bar.set_length(progress.total);
+                                bar.set_position(progress.done);
+                                bar.set_message(progress.phase.clone());
+                            }
+                            None => {
+                                let line = progress_text(progress);
+                                if line != last {
+                                    eprintln!("scrub {volume}: {line}");
+                                    last = line;
+                                }
+                            }
                         }
                     }
                 }
                 std::thread::park_timeout(Duration::from_millis(250));
+            }
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
         });
         Self {
@@ -311,122 +407,126 @@ impl ProgressPrinter {
     }
 }
 
-pub fn print_info(volume: &Value) {
-    let scrub = if !volume["scrub_progress"].is_null() {
-        format!("running: {}", progress_text(&volume["scrub_progress"]))
-    } else if let Some(last) = volume["last_scrub"].as_object() {
-        let when = last
-            .get("finished")
-            .and_then(Value::as_u64)
-            .map_or_else(|| "-".into(), format_time);
-        match last.get("error").and_then(Value::as_str) {
-            Some(error) => format!("last one failed at {when}: {error}"),
-            None => format!(
-                "last one at {when} ({}): {}",
-                text(&volume["last_scrub"], "trigger"),
-                scrub_summary(&volume["last_scrub"]["report"])
-            ),
+/// A request that runs as long as its work (a clone waiting for its snapshot to reach the
+/// backend, a move): a spinner with the elapsed time on a terminal, nothing otherwise (the
+/// verb's result line says what happened; scripts get one line).
+pub struct Waiting(Option<indicatif::ProgressBar>);
+
+impl Waiting {
+    pub fn start(what: &str) -> Self {
+        if !on_terminal() {
+            return Self(None);
         }
-    } else {
-        "-".into()
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self(Some(bar))
+    }
+
+    pub fn done(self) {
+        if let Some(bar) = self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn last_scrub_text(last: &ScrubOutcome) -> String {
+    let when = format_time(last.finished);
+    match (&last.error, &last.report) {
+        (Some(error), _) => format!("last one failed at {when}: {error}"),
+        (None, Some(report)) => format!(
+            "last one at {when} ({}): {}",
+            last.trigger,
+            scrub_summary(report)
+        ),
+        (None, None) => format!("last one at {when} ({})", last.trigger),
+    }
+}
+
+pub fn print_info(volume: &VolumeView) {
+    let scrub = match (&volume.scrub_progress, &volume.last_scrub) {
+        (Some(progress), _) => format!("running: {}", progress_text(progress)),
+        (None, Some(last)) => last_scrub_text(last),
+        (None, None) => "-".into(),
     };
-    let children: Vec<&str> = volume["children"]
-        .as_array()
-        .map(|c| c.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let v = volume;
     let rows: Vec<(&str, String)> = vec![
-        ("name", text(volume, "name")),
-        ("owner", text(volume, "owner")),
-        ("state", text(volume, "state")),
-        ("halted reason", text(volume, "halted_reason")),
-        ("size", size_of(volume, "size")),
-        ("written", size_of(volume, "written_bytes")),
-        ("on backend", size_of(volume, "backend_bytes")),
-        ("garbage", size_of(volume, "garbage_bytes")),
-        ("read-only", text(volume, "read_only")),
-        ("template", text(volume, "template")),
-        ("parent", text(volume, "parent")),
+        ("name", v.name.clone()),
+        ("owner", opt_str(v.owner.as_ref())),
+        ("state", v.state.clone()),
+        ("halted reason", opt_str(v.halted_reason.as_ref())),
+        ("size", size(v.size)),
+        ("written", size(v.written_bytes)),
+        ("on backend", size(v.backend_bytes)),
+        ("garbage", size(v.garbage_bytes)),
+        ("read-only", opt(v.read_only)),
+        ("template", opt(v.template)),
+        ("parent", opt_str(v.parent.as_ref())),
         (
             "clones",
-            if children.is_empty() {
+            if v.children.is_empty() {
                 "-".into()
             } else {
-                children.join(", ")
+                v.children.join(", ")
             },
         ),
-        ("snapshots", text(volume, "snapshots")),
+        ("snapshots", opt(v.snapshots)),
         ("scrub", scrub),
-        ("SCO size", size_of(volume, "sco_size")),
-        ("write buffer budget", size_of(volume, "write_buffer")),
-        ("in write buffer", size_of(volume, "local_sco_bytes")),
-        ("not yet uploaded", size_of(volume, "not_uploaded_bytes")),
-        ("upload queue", text(volume, "upload_queue")),
-        ("TLogs on backend", text(volume, "tlogs_on_backend")),
-        ("throttling", text(volume, "throttling")),
+        ("SCO size", size(v.sco_size)),
+        ("write buffer budget", size(v.write_buffer)),
+        ("in write buffer", size(v.local_sco_bytes)),
+        ("not yet uploaded", size(v.not_uploaded_bytes)),
+        ("upload queue", opt(v.upload_queue)),
+        ("TLogs on backend", opt(v.tlogs_on_backend)),
+        ("throttling", opt(v.throttling)),
         (
             "DTL",
             format!(
                 "{} {} ({}, backlog {}, last error: {})",
-                text(volume, "dtl_mode"),
-                text(volume, "dtl_addr"),
-                text(volume, "dtl_state"),
-                size_of(volume, "dtl_backlog_bytes"),
-                text(volume, "dtl_last_error")
+                opt_str(v.dtl_mode.as_ref()),
+                opt_str(v.dtl_addr.as_ref()),
+                opt_str(v.dtl_state.as_ref()),
+                size(v.dtl_backlog_bytes),
+                opt_str(v.dtl_last_error.as_ref())
             ),
         ),
         (
             "throttled writes",
-            format!(
-                "{} ({} ms)",
-                text(volume, "throttled_writes"),
-                text(volume, "throttle_ms")
-            ),
+            format!("{} ({} ms)", opt(v.throttled_writes), opt(v.throttle_ms)),
         ),
         (
             "upload errors",
             format!(
                 "{} (last: {})",
-                text(volume, "upload_errors"),
-                text(volume, "last_upload_error")
+                opt(v.upload_errors),
+                opt_str(v.last_upload_error.as_ref())
             ),
         ),
         (
             "reads / writes",
-            format!("{} / {}", text(volume, "reads"), text(volume, "writes")),
+            format!("{} / {}", opt(v.reads), opt(v.writes)),
         ),
-        ("flushes", text(volume, "flushes")),
-        ("backend reads", text(volume, "backend_reads")),
-        ("NBD export", text(volume, "nbd_uri")),
-        ("NBD clients", text(volume, "nbd_connections")),
-        ("vhost-user socket", text(volume, "vhost_socket")),
+        ("flushes", opt(v.flushes)),
+        ("backend reads", opt(v.backend_reads)),
+        ("NBD export", opt_str(v.nbd_uri.as_ref())),
+        ("NBD clients", opt(v.nbd_connections)),
+        ("vhost-user socket", opt_str(v.vhost_socket.as_ref())),
         (
             "vhost-user frontend",
-            if volume["vhost_connected"] == true {
-                "connected".into()
-            } else {
-                "none".into()
+            match v.vhost_connected {
+                Some(true) => "connected".into(),
+                Some(false) => "none".into(),
+                None => "-".into(),
             },
         ),
     ];
     for (key, value) in rows {
         println!("{:<20} {value}", format!("{key}:"));
     }
-}
-
-pub fn create_body(
-    name: &str,
-    size: u64,
-    sco_size: Option<u64>,
-    write_buffer: Option<u64>,
-) -> Value {
-    let mut body = json!({ "name": name, "size": size });
-    if let Some(sco) = sco_size {
-        body["sco_size"] = json!(sco);
-    }
-    if let Some(wb) = write_buffer {
-        body["write_buffer"] = json!(wb);
-    }
-    body
 }
 
 #[cfg(test)]

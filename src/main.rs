@@ -3,6 +3,7 @@
 //! `vstor-benches`), so the product links neither them nor libblkio.
 
 mod api;
+mod api_types;
 mod client;
 mod cluster;
 mod config;
@@ -11,6 +12,7 @@ mod edge_host;
 mod export;
 mod export_remote;
 mod mds_host;
+mod openapi;
 mod registry;
 mod scrub;
 mod server;
@@ -21,11 +23,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::client::{
-    create_body, print_info, print_json, print_list, print_scrub, print_snapshots, Client,
+use crate::api_types::{
+    CloneRequest, CreateRequest, MoveRequest, ResizeRequest, RollbackRequest, ScrubAnswer,
+    ScrubRequest, SnapshotDeleted, SnapshotRequest, SnapshotUnexported, SnapshotView,
+    UpdateRequest, VolumeDeleted, VolumeView,
 };
+use crate::client::{print_info, print_json, print_list, print_scrub, print_snapshots, Client};
 use crate::config::{FileConfig, Overrides, DEFAULT_API};
 use crate::size::{format_size, parse_size};
 
@@ -36,6 +41,8 @@ use crate::size::{format_size, parse_size};
     about = "vstor: virtual block devices with SCO/TLog write buffer, NBD export and a local backend"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +76,16 @@ enum Command {
     /// Run an MDS (metadata server: per-volume map tables), or, with a verb, ask running ones:
     /// list, rebuild.
     Mds(mds_host::MdsArgs),
+    /// Print a shell completion script: `vstor completions bash > /etc/bash_completion.d/vstor`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vstor.1, vstor-volume.1, vstor-volume-create.1, ...) into DIR.
+    Man {
+        /// Directory to write the pages to (created if missing), e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -105,17 +122,17 @@ struct ServeArgs {
     /// TOML configuration file (see docs/vstor.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Node state directory [default: ./vstor-data].
+    /// Node state directory (config: `data_dir`) [default: ./vstor-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Backend: a directory, or s3://BUCKET[/PREFIX] (endpoint, region and credentials from the
     /// AWS_* environment) [default: <data-dir>/backend].
     #[arg(long)]
     backend: Option<PathBuf>,
-    /// Management API listen address [default: 127.0.0.1:7800].
+    /// Management API listen address (config: `api`) [default: 127.0.0.1:7800].
     #[arg(long)]
     api: Option<String>,
-    /// NBD listen address [default: 127.0.0.1:10809].
+    /// NBD listen address (config: `nbd`) [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd: Option<String>,
     /// Serve the edge protocol (for `vstor edge` on hypervisor hosts) on HOST:PORT [default:
@@ -125,10 +142,12 @@ struct ServeArgs {
     /// Directory for the vhost-user-blk sockets [default: <data-dir>/vhost].
     #[arg(long)]
     vhost_dir: Option<PathBuf>,
-    /// Write-buffer size limit before disposable SCOs are evicted, e.g. 8G.
+    /// Write-buffer size limit before disposable SCOs are evicted, at least 4M (config:
+    /// `write_buffer_limit`) [default: 8G].
     #[arg(long)]
     write_buffer_limit: Option<String>,
-    /// Upload steps in flight at once across all volumes [default: 4].
+    /// Upload steps in flight at once across all volumes (config: `upload_concurrency`)
+    /// [default: 4].
     #[arg(long)]
     upload_concurrency: Option<usize>,
     /// DTL server (HOST:PORT) new volumes mirror their writes to, in sync mode unless the config
@@ -159,21 +178,53 @@ struct ServeArgs {
 /// How the management verbs reach the daemon and print its answer.
 #[derive(Args)]
 struct Remote {
-    /// Address of the daemon's API.
-    #[arg(long, env = "VSTOR_API", default_value = DEFAULT_API, global = true)]
-    api: String,
-    /// Print the daemon's JSON answer instead of text.
+    /// Address of the daemon's API, HOST:PORT or http://HOST:PORT [env: VSTOR_API] [default:
+    /// 127.0.0.1:7800].
+    #[arg(long, global = true, value_name = "ADDR")]
+    api: Option<String>,
+    /// Print the daemon's JSON answer instead of text (errors too: `{"error": "..."}` on
+    /// stderr).
     #[arg(long, global = true)]
     json: bool,
 }
 
+/// `--api` and `--json` given before the command: `vstor --api ADDR volume list`.
+#[derive(Args)]
+struct GlobalOpts {
+    /// Address of the daemon's API for the management verbs (volume, snapshot, clone,
+    /// template, node), HOST:PORT or http://HOST:PORT [env: VSTOR_API] [default:
+    /// 127.0.0.1:7800]. Also accepted after the command.
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Print JSON instead of text, errors included (`{"error": "..."}` on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
 impl Remote {
-    fn show(&self, value: serde_json::Value, text: impl FnOnce(&serde_json::Value)) {
+    /// The daemon's address: `--api` (before or after the command), else `VSTOR_API`, else
+    /// the default.
+    fn api(&self) -> String {
+        self.api
+            .clone()
+            .or_else(|| std::env::var("VSTOR_API").ok().filter(|a| !a.is_empty()))
+            .unwrap_or_else(|| DEFAULT_API.to_string())
+    }
+
+    fn show<T: serde::Serialize>(&self, value: &T, text: impl FnOnce(&T)) {
         if self.json {
-            print_json(&value);
+            print_json(value);
         } else {
-            text(&value);
+            text(value);
         }
+    }
+
+    /// Fill in `--api`/`--json` given before the command (`vstor --api X volume list`).
+    fn inherit(&mut self, global: &GlobalOpts) {
+        if self.api.is_none() {
+            self.api.clone_from(&global.api);
+        }
+        self.json |= global.json;
     }
 }
 
@@ -229,11 +280,13 @@ struct CloneArgs {
 enum CloneVerb {
     /// Create a writable volume from a snapshot without copying data.
     Create {
+        /// Name of the new volume (the clone).
         name: String,
         /// VOLUME@SNAPSHOT, or a template volume's name (its newest snapshot).
         #[arg(long)]
         from: String,
-        /// Not-yet-uploaded data above which writes are throttled [default: 1G].
+        /// Not-yet-uploaded data above which writes are throttled [default: the node's
+        /// `volume_defaults.write_buffer`].
         #[arg(long)]
         write_buffer: Option<String>,
         /// DTL mode: sync, async or none [default: the node's].
@@ -267,14 +320,19 @@ enum TemplateVerb {
 enum VolumeVerb {
     /// Create a thin volume.
     Create {
+        /// Volume name: 1 to 128 ASCII letters, digits, '-', '_' and '.', not starting with '.'
+        /// or '-'.
         name: String,
-        /// Size, e.g. 10G (K/M/G/T suffixes).
+        /// Size of the volume, e.g. 10G or 10GiB (K, M, G, T: powers of 1024; KB, MB, GB, TB
+        /// are refused as ambiguous). Thin: nothing is allocated until written.
         #[arg(long)]
         size: String,
-        /// SCO size, 4M to 128M [default: 64M].
+        /// SCO size, 4M to 128M [default: the node's `volume_defaults.sco_size`, 64M unless
+        /// its config file says otherwise].
         #[arg(long)]
         sco_size: Option<String>,
-        /// Not-yet-uploaded data above which writes are throttled [default: 1G].
+        /// Not-yet-uploaded data above which writes are throttled [default: the node's
+        /// `volume_defaults.write_buffer`, 1G unless its config file says otherwise].
         #[arg(long)]
         write_buffer: Option<String>,
         /// DTL mode: sync, async or none [default: the node's, see `vstor serve --dtl`].
@@ -296,15 +354,21 @@ enum VolumeVerb {
     List,
     /// Show a volume's state and counters, and its vhost-user socket: `<vhost-dir>/NAME.sock`, or
     /// `<vhost-dir>/<prefix>~<hash>.sock` when that path is longer than a UNIX socket allows.
-    Info { name: String },
-    /// Grow a volume.
-    Resize {
+    Info {
+        /// Volume name.
         name: String,
+    },
+    /// Grow a volume (shrinking is refused, and so is resizing a template).
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size, larger than the current one, e.g. 20G (powers of 1024).
         #[arg(long)]
         size: String,
     },
     /// Change a volume's settings.
     Update {
+        /// Volume name.
         name: String,
         /// Refuse writes (true) or accept them again (false).
         #[arg(long)]
@@ -318,11 +382,15 @@ enum VolumeVerb {
     },
     /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
     /// the old node, and serve it from this node.
-    Adopt { name: String },
+    Adopt {
+        /// Volume name.
+        name: String,
+    },
     /// Move a volume to another node of the cluster: flush, hand it over under a new owner tag,
     /// serve it from NODE. Its NBD clients are disconnected; the new NBD address is printed
     /// on stdout, progress on stderr.
     Move {
+        /// Volume name.
         name: String,
         /// The node to move the volume to.
         #[arg(long)]
@@ -334,6 +402,7 @@ enum VolumeVerb {
     /// Delete a volume and its backend data. Refused while clones of its snapshots exist, and
     /// while NBD clients or a vhost-user frontend use the volume.
     Delete {
+        /// Volume name.
         name: String,
         /// Disconnect the volume's NBD clients and vhost-user frontend first.
         #[arg(long)]
@@ -342,6 +411,7 @@ enum VolumeVerb {
     /// Reclaim backend space that overwrites, trims and deleted snapshots left behind; prints
     /// the progress on stderr and the report when done.
     Scrub {
+        /// Volume name.
         name: String,
         /// Copy at most this many bytes per second, e.g. 64M [default: unlimited].
         #[arg(long)]
@@ -352,16 +422,21 @@ enum VolumeVerb {
 pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
+    // redirected to a file or journald stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
 }
 
 fn run_volume(args: VolumeArgs) -> Result<()> {
-    let client = Client::new(&args.remote.api);
-    let show =
-        |value: serde_json::Value, text: &dyn Fn(&serde_json::Value)| args.remote.show(value, text);
+    let api = args.remote.api();
+    let client = Client::new(&api);
+    let remote = &args.remote;
     match args.verb {
         VolumeVerb::Create {
             name,
@@ -374,40 +449,41 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             preset,
         } => {
             let size = parse_size(&size)?;
-            let sco_size = sco_size.as_deref().map(parse_size).transpose()?;
-            let write_buffer = write_buffer.as_deref().map(parse_size).transpose()?;
-            let mut body = create_body(&name, size, sco_size, write_buffer);
-            if let Some(mode) = dtl_mode {
-                body["dtl_mode"] = serde_json::json!(mode);
-            }
-            if let Some(addr) = dtl {
-                body["dtl"] = serde_json::json!(addr);
-            }
-            if let Some(node) = node {
-                body["node"] = serde_json::json!(node);
-            }
-            if let Some(preset) = preset {
-                body["preset"] = serde_json::json!(preset);
-            }
-            let value = client.post("/v1/volumes", body)?;
-            show(value, &|v| {
+            let request = CreateRequest {
+                name: name.clone(),
+                size,
+                sco_size: sco_size.as_deref().map(parse_size).transpose()?,
+                write_buffer: write_buffer.as_deref().map(parse_size).transpose()?,
+                dtl_mode,
+                dtl,
+                node,
+                preset,
+            };
+            let value = settle_dtl(&client, client.post("/v1/volumes", &request)?);
+            remote.show(&value, |v| {
                 println!(
                     "created volume {name} ({}) on node {}, NBD export {}",
                     format_size(size),
-                    v["owner"].as_str().unwrap_or("-"),
-                    v["nbd_uri"].as_str().unwrap_or("-")
+                    v.owner.as_deref().unwrap_or("-"),
+                    v.nbd_uri.as_deref().unwrap_or("-")
                 );
             });
         }
-        VolumeVerb::List => show(client.get("/v1/volumes")?, &print_list),
-        VolumeVerb::Info { name } => show(client.get(&format!("/v1/volumes/{name}"))?, &print_info),
+        VolumeVerb::List => {
+            let value: Vec<VolumeView> = client.get("/v1/volumes")?;
+            remote.show(&value, |v| print_list(v));
+        }
+        VolumeVerb::Info { name } => {
+            let value: VolumeView = client.get(&format!("/v1/volumes/{name}"))?;
+            remote.show(&value, print_info);
+        }
         VolumeVerb::Resize { name, size } => {
             let size = parse_size(&size)?;
-            let value = client.post(
+            let value: VolumeView = client.post(
                 &format!("/v1/volumes/{name}/resize"),
-                serde_json::json!({ "size": size }),
+                &ResizeRequest { size },
             )?;
-            show(value, &|_| {
+            remote.show(&value, |_| {
                 println!("resized volume {name} to {}", format_size(size));
             });
         }
@@ -422,33 +498,32 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                     "nothing to update: give --read-only true|false, --dtl-mode or --dtl"
                 );
             }
-            let mut body = serde_json::json!({});
-            if let Some(read_only) = read_only {
-                body["read_only"] = serde_json::json!(read_only);
-            }
-            if let Some(mode) = dtl_mode {
-                body["dtl_mode"] = serde_json::json!(mode);
-            }
-            if let Some(addr) = dtl {
-                body["dtl"] = serde_json::json!(addr);
-            }
-            let value = client.patch(&format!("/v1/volumes/{name}"), body)?;
-            show(value, &|v| {
+            let request = UpdateRequest {
+                read_only,
+                dtl_mode,
+                dtl,
+            };
+            let value = settle_dtl(
+                &client,
+                client.patch(&format!("/v1/volumes/{name}"), &request)?,
+            );
+            remote.show(&value, |v| {
                 println!(
-                    "updated volume {name}: read-only {}, DTL {} {} ({})",
-                    v["read_only"],
-                    v["dtl_mode"].as_str().unwrap_or("-"),
-                    v["dtl_addr"].as_str().unwrap_or(""),
-                    v["dtl_state"].as_str().unwrap_or("-")
+                    "updated volume {name}: read-only {}, DTL {}",
+                    v.read_only.unwrap_or(false),
+                    dtl_text(v)
                 );
             });
         }
         VolumeVerb::Adopt { name } => {
-            let value = client.post(&format!("/v1/volumes/{name}/adopt"), serde_json::json!({}))?;
-            show(value, &|v| {
+            let value: VolumeView =
+                client.post(&format!("/v1/volumes/{name}/adopt"), &serde_json::json!({}))?;
+            remote.show(&value, |v| {
                 println!(
                     "adopted volume {name}: owner tag {}, {} DTL entries replayed ({} held)",
-                    v["owner_tag"], v["dtl_entries_replayed"], v["dtl_entries_held"]
+                    v.owner_tag.unwrap_or(0),
+                    v.dtl_entries_replayed.unwrap_or(0),
+                    v.dtl_entries_held.unwrap_or(0)
                 );
             });
         }
@@ -457,33 +532,46 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             to,
             timeout_secs,
         } => {
-            eprintln!("moving volume {name} to {to}: flushing and uploading on its owner, then handing it over");
+            let what = format!(
+                "moving volume {name} to {to}: flushing and uploading on its owner, then handing it over"
+            );
+            if !client::on_terminal() {
+                eprintln!("{what}");
+            }
+            let waiting = client::Waiting::start(&what);
             let started = std::time::Instant::now();
-            let value = Client::without_timeout(&args.remote.api).post(
+            let moved: Result<VolumeView> = Client::without_timeout(&api).post(
                 &format!("/v1/volumes/{name}/move"),
-                serde_json::json!({ "to": to, "timeout_secs": timeout_secs }),
-            )?;
+                &MoveRequest {
+                    to: to.clone(),
+                    timeout_secs: Some(timeout_secs),
+                },
+            );
+            waiting.done();
+            let value = moved?;
             eprintln!(
                 "moved volume {name} from {} to {to} in {:.1} s ({} NBD clients disconnected); new owner tag {}",
-                value["moved_from"].as_str().unwrap_or("?"),
+                value.moved_from.as_deref().unwrap_or("?"),
                 started.elapsed().as_secs_f64(),
-                value["nbd_clients_disconnected"],
-                value["owner_tag"]
+                value.nbd_clients_disconnected.unwrap_or(0),
+                value.owner_tag.unwrap_or(0)
             );
-            show(value, &|v| {
-                println!("{}", v["nbd_uri"].as_str().unwrap_or("-"));
+            remote.show(&value, |v| {
+                println!("{}", v.nbd_uri.as_deref().unwrap_or("-"));
             });
         }
         VolumeVerb::Delete { name, force } => {
             let query = if force { "?force=true" } else { "" };
-            let value = client.delete(&format!("/v1/volumes/{name}{query}"))?;
-            show(value, &|v| {
+            let value: VolumeDeleted = client.delete(&format!("/v1/volumes/{name}{query}"))?;
+            remote.show(&value, |v| {
                 let mut notes = Vec::new();
-                let clients = v["nbd_clients_disconnected"].as_u64().unwrap_or(0);
-                if clients > 0 {
-                    notes.push(format!("disconnected {clients} NBD client(s)"));
+                if v.nbd_clients_disconnected > 0 {
+                    notes.push(format!(
+                        "disconnected {} NBD client(s)",
+                        v.nbd_clients_disconnected
+                    ));
                 }
-                if v["vhost_frontend_disconnected"] == true {
+                if v.vhost_frontend_disconnected {
                     notes.push("disconnected the vhost-user frontend".into());
                 }
                 if notes.is_empty() {
@@ -494,46 +582,89 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             });
         }
         VolumeVerb::Scrub { name, rate } => {
-            let rate = rate.as_deref().map(parse_size).transpose()?;
-            let mut body = serde_json::json!({});
-            if let Some(rate) = rate {
-                body["rate"] = serde_json::json!(rate);
-            }
-            let progress = client::ProgressPrinter::start(&args.remote.api, &name);
-            let result = Client::without_timeout(&args.remote.api)
-                .post(&format!("/v1/volumes/{name}/scrub"), body);
+            let request = ScrubRequest {
+                rate: rate.as_deref().map(parse_size).transpose()?,
+            };
+            let progress = client::ProgressPrinter::start(&api, &name);
+            let result: Result<ScrubAnswer> =
+                Client::without_timeout(&api).post(&format!("/v1/volumes/{name}/scrub"), &request);
             progress.stop();
-            show(result?, &print_scrub);
+            remote.show(&result?, print_scrub);
         }
     }
     Ok(())
 }
 
+/// `sync 127.0.0.1:10810 (ok_sync)`, or `none`.
+fn dtl_text(v: &VolumeView) -> String {
+    match v.dtl_mode.as_deref() {
+        None | Some("none") => "none".into(),
+        Some(mode) => format!(
+            "{mode} {} ({})",
+            v.dtl_addr.as_deref().unwrap_or("-"),
+            v.dtl_state.as_deref().unwrap_or("-")
+        ),
+    }
+}
+
+/// A DTL link that was just (re)started reports `degraded` until its first connection
+/// attempt ends: wait (a few seconds at most) for that, so that a healthy DTL is not shown as
+/// degraded. A volume whose DTL still does not answer (a wrong or unreachable address) is served
+/// without the DTL's protection: say so on stderr.
+fn settle_dtl(client: &Client, mut v: VolumeView) -> VolumeView {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let starting =
+        |v: &VolumeView| v.dtl_state.as_deref() == Some("degraded") && v.dtl_last_error.is_none();
+    while starting(&v) && std::time::Instant::now() < deadline {
+        std::thread::park_timeout(std::time::Duration::from_millis(100));
+        match client.get::<VolumeView>(&format!("/v1/volumes/{}", v.name)) {
+            Ok(now) => v = now,
+            Err(_) => break,
+        }
+    }
+    warn_dtl(&v);
+    v
+}
+
+fn warn_dtl(v: &VolumeView) {
+    if v.dtl_state.as_deref() == Some("degraded") {
+        eprintln!(
+            "warning: volume {}: its DTL {} is not reachable ({}); writes are not mirrored until it is",
+            v.name,
+            v.dtl_addr.as_deref().unwrap_or("-"),
+            v.dtl_last_error.as_deref().unwrap_or("no answer")
+        );
+    }
+}
+
 fn run_snapshot(args: SnapshotArgs) -> Result<()> {
-    let client = Client::new(&args.remote.api);
+    let client = Client::new(&args.remote.api());
     let remote = &args.remote;
     let path = |volume: &str, snapshot: &str| format!("/v1/volumes/{volume}/snapshots/{snapshot}");
     match args.verb {
         SnapshotVerb::Create { volume, snapshot } => {
-            let value = client.post(
+            let value: SnapshotView = client.post(
                 &format!("/v1/volumes/{volume}/snapshots"),
-                serde_json::json!({ "name": snapshot }),
+                &SnapshotRequest {
+                    name: snapshot.clone(),
+                },
             )?;
-            remote.show(value, |v| {
+            remote.show(&value, |v| {
                 println!(
                     "created snapshot {snapshot} of volume {volume} ({} written since the previous snapshot), NBD export {}",
-                    format_size(v["written_bytes"].as_u64().unwrap_or(0)),
-                    v["nbd_uri"].as_str().unwrap_or("-")
+                    format_size(v.written_bytes),
+                    v.nbd_uri
                 );
             });
         }
         SnapshotVerb::List { volume } => {
-            let value = client.get(&format!("/v1/volumes/{volume}/snapshots"))?;
-            remote.show(value, |v| print_snapshots(&volume, v));
+            let value: Vec<SnapshotView> =
+                client.get(&format!("/v1/volumes/{volume}/snapshots"))?;
+            remote.show(&value, |v| print_snapshots(&volume, v));
         }
         SnapshotVerb::Delete { volume, snapshot } => {
-            let value = client.delete(&path(&volume, &snapshot))?;
-            remote.show(value, |_| {
+            let value: SnapshotDeleted = client.delete(&path(&volume, &snapshot))?;
+            remote.show(&value, |_| {
                 println!("deleted snapshot {snapshot} of volume {volume}");
             });
         }
@@ -542,23 +673,20 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
             snapshot,
             force,
         } => {
-            let value = client.post(
+            let value: VolumeView = client.post(
                 &format!("{}/rollback", path(&volume, &snapshot)),
-                serde_json::json!({ "force": force }),
+                &RollbackRequest { force },
             )?;
-            remote.show(value, |v| {
+            remote.show(&value, |v| {
                 let mut notes = Vec::new();
-                if let Some(dropped) = v["snapshots_dropped"].as_array() {
-                    if !dropped.is_empty() {
-                        let names: Vec<&str> = dropped.iter().filter_map(|d| d.as_str()).collect();
-                        notes.push(format!("dropped snapshots {}", names.join(", ")));
-                    }
+                if let Some(dropped) = v.snapshots_dropped.as_ref().filter(|d| !d.is_empty()) {
+                    notes.push(format!("dropped snapshots {}", dropped.join(", ")));
                 }
-                let clients = v["nbd_clients_disconnected"].as_u64().unwrap_or(0);
+                let clients = v.nbd_clients_disconnected.unwrap_or(0);
                 if clients > 0 {
                     notes.push(format!("disconnected {clients} NBD client(s)"));
                 }
-                if v["vhost_frontend_disconnected"] == true {
+                if v.vhost_frontend_disconnected == Some(true) {
                     notes.push("disconnected the vhost-user frontend".into());
                 }
                 let notes = if notes.is_empty() {
@@ -570,21 +698,22 @@ fn run_snapshot(args: SnapshotArgs) -> Result<()> {
             });
         }
         SnapshotVerb::Export { volume, snapshot } => {
-            let value = client.post(
+            let value: SnapshotView = client.post(
                 &format!("{}/export", path(&volume, &snapshot)),
-                serde_json::json!({}),
+                &serde_json::json!({}),
             )?;
-            remote.show(value, |v| {
+            remote.show(&value, |v| {
                 println!(
                     "snapshot {snapshot} of volume {volume} is served read-only at {} (vhost-user) and {} (NBD)",
-                    v["vhost_socket"].as_str().unwrap_or("-"),
-                    v["nbd_uri"].as_str().unwrap_or("-")
+                    v.vhost_socket.as_deref().unwrap_or("-"),
+                    v.nbd_uri
                 );
             });
         }
         SnapshotVerb::Unexport { volume, snapshot } => {
-            let value = client.delete(&format!("{}/export", path(&volume, &snapshot)))?;
-            remote.show(value, |_| {
+            let value: SnapshotUnexported =
+                client.delete(&format!("{}/export", path(&volume, &snapshot)))?;
+            remote.show(&value, |_| {
                 println!(
                     "snapshot {snapshot} of volume {volume} is no longer served over vhost-user"
                 );
@@ -603,23 +732,27 @@ fn run_clone(args: CloneArgs) -> Result<()> {
         dtl,
         wait,
     } = args.verb;
-    let mut body = serde_json::json!({ "name": name, "from": from, "wait_secs": wait });
-    if let Some(write_buffer) = write_buffer {
-        body["write_buffer"] = serde_json::json!(parse_size(&write_buffer)?);
-    }
-    if let Some(mode) = dtl_mode {
-        body["dtl_mode"] = serde_json::json!(mode);
-    }
-    if let Some(addr) = dtl {
-        body["dtl"] = serde_json::json!(addr);
-    }
-    let value = Client::without_timeout(&args.remote.api).post("/v1/clones", body)?;
-    args.remote.show(value, |v| {
+    let request = CloneRequest {
+        name: name.clone(),
+        from: from.clone(),
+        write_buffer: write_buffer.as_deref().map(parse_size).transpose()?,
+        dtl_mode,
+        dtl,
+        wait_secs: Some(wait),
+    };
+    let client = Client::without_timeout(&args.remote.api());
+    let waiting = client::Waiting::start(&format!(
+        "cloning {name} from {from} (waiting up to {wait} s for the snapshot to reach the backend)"
+    ));
+    let cloned = client.post("/v1/clones", &request);
+    waiting.done();
+    let value = settle_dtl(&client, cloned?);
+    args.remote.show(&value, |v| {
         println!(
             "created clone {name} of {} ({}), NBD export {}",
-            v["cloned_from"].as_str().unwrap_or(&from),
-            format_size(v["size"].as_u64().unwrap_or(0)),
-            v["nbd_uri"].as_str().unwrap_or("-")
+            v.cloned_from.as_deref().unwrap_or(&from),
+            format_size(v.size.unwrap_or(0)),
+            v.nbd_uri.as_deref().unwrap_or("-")
         );
     });
     Ok(())
@@ -627,22 +760,41 @@ fn run_clone(args: CloneArgs) -> Result<()> {
 
 fn run_template(args: TemplateArgs) -> Result<()> {
     let TemplateVerb::Set { volume } = args.verb;
-    let value = Client::new(&args.remote.api).post(
+    let value: VolumeView = Client::new(&args.remote.api()).post(
         &format!("/v1/volumes/{volume}/template"),
-        serde_json::json!({}),
+        &serde_json::json!({}),
     )?;
-    args.remote.show(value, |v| {
+    args.remote.show(&value, |v| {
         println!(
             "volume {volume} is now a read-only template (snapshot {}); clone it with `vstor clone create NAME --from {volume}`",
-            v["template_snapshot"]["name"].as_str().unwrap_or("-")
+            v.template_snapshot.as_ref().map_or("-", |s| s.name.as_str())
         );
     });
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let global = cli.global;
+    if global.api.is_some()
+        && !matches!(
+            cli.command,
+            Command::Serve(_)
+                | Command::Volume(_)
+                | Command::Snapshot(_)
+                | Command::Clone(_)
+                | Command::Template(_)
+                | Command::Node(_)
+        )
+    {
+        anyhow::bail!(
+            "--api before the command is for serve, volume, snapshot, clone, template and node; give this command's own --api after its name"
+        );
+    }
     match cli.command {
-        Command::Serve(args) => {
+        Command::Serve(mut args) => {
+            if args.api.is_none() {
+                args.api = global.api;
+            }
             init_logging();
             let file = match &args.config {
                 Some(path) => FileConfig::load(path)?,
@@ -671,14 +823,28 @@ fn run(cli: Cli) -> Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(server::serve(config))
         }
-        Command::Volume(args) => run_volume(args),
-        Command::Snapshot(args) => run_snapshot(args),
-        Command::Clone(args) => run_clone(args),
-        Command::Template(args) => run_template(args),
-        Command::Node(args) => {
+        Command::Volume(mut args) => {
+            args.remote.inherit(&global);
+            run_volume(args)
+        }
+        Command::Snapshot(mut args) => {
+            args.remote.inherit(&global);
+            run_snapshot(args)
+        }
+        Command::Clone(mut args) => {
+            args.remote.inherit(&global);
+            run_clone(args)
+        }
+        Command::Template(mut args) => {
+            args.remote.inherit(&global);
+            run_template(args)
+        }
+        Command::Node(mut args) => {
+            args.remote.inherit(&global);
             let NodeVerb::List = args.verb;
-            let value = Client::new(&args.remote.api).get("/v1/nodes")?;
-            args.remote.show(value, client::print_nodes);
+            let value: Vec<api_types::NodeView> =
+                Client::new(&args.remote.api()).get("/v1/nodes")?;
+            args.remote.show(&value, |v| client::print_nodes(v));
             Ok(())
         }
         Command::Edge(args) => edge_host::cli::run(args),
@@ -686,6 +852,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Preset(args) => tier::cli::run_preset(args),
         Command::Backend(args) => tier::backend_cli::run(args),
         Command::Mds(args) => mds_host::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "vstor", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            println!("wrote the man pages into {}", dir.display());
+            Ok(())
+        }
         Command::Dtl(args) => {
             init_logging();
             let listen: std::net::SocketAddr = args
@@ -701,12 +879,28 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Whether `--json` is on the command line (before `--`): errors are then JSON too, whichever
+/// command failed.
+fn json_requested() -> bool {
+    std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if json_requested() {
+                let error = crate::api_types::ErrorBody {
+                    error: format!("{e:#}"),
+                };
+                eprintln!("{}", serde_json::to_string(&error).unwrap_or_default());
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

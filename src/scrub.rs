@@ -14,7 +14,6 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use serde_json::{json, Value};
 use vstor_volumedriver::{ScrubProgress, ScrubReport, Volume, VolumeError, VolumeManager};
 
 use crate::config::AutoScrub;
@@ -108,12 +107,33 @@ impl Scrubs {
     }
 
     /// `scrub_progress` and `last_scrub` of a volume, for its info.
-    pub fn status(&self, name: &str) -> (Value, Value) {
+    pub fn status(
+        &self,
+        name: &str,
+    ) -> (
+        Option<crate::api_types::ScrubProgress>,
+        Option<crate::api_types::ScrubOutcome>,
+    ) {
         let volumes = lock(&self.volumes);
-        match volumes.get(name) {
-            Some(entry) => (json!(entry.running), json!(entry.last)),
-            None => (Value::Null, Value::Null),
-        }
+        let Some(entry) = volumes.get(name) else {
+            return (None, None);
+        };
+        let running = entry
+            .running
+            .as_ref()
+            .map(|p| crate::api_types::ScrubProgress {
+                phase: p.phase.to_string(),
+                done: p.done,
+                total: p.total,
+            });
+        let last = entry.last.as_ref().map(|o| crate::api_types::ScrubOutcome {
+            trigger: o.trigger.to_string(),
+            finished: o.finished,
+            seconds: o.seconds,
+            report: o.report.clone().map(Into::into),
+            error: o.error.clone(),
+        });
+        (running, last)
     }
 
     /// Forget a deleted volume.

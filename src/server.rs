@@ -164,9 +164,17 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 dtl_mode: config.dtl.as_ref().map_or(DtlMode::None, |(mode, _)| *mode),
                 dtl_addr: config.dtl.as_ref().map(|(_, addr)| addr.clone()),
             };
-            manager
-                .create(name, &options)
-                .with_context(|| format!("cannot create the default volume {name}"))?;
+            match manager.create(name, &options) {
+                Ok(_) => {}
+                // A second node on a shared backend: the default volume is another node's.
+                Err(vstor_volumedriver::VolumeError::Exists { .. }) => tracing::warn!(
+                    volume = %name,
+                    "default volume {name} already exists on the backend (another node's?): not created; start with --no-default-volume to stop trying"
+                ),
+                Err(e) => return Err(anyhow::Error::new(e).context(format!(
+                    "cannot create the default volume {name} (or start with --no-default-volume)"
+                ))),
+            }
         }
     }
 

@@ -472,8 +472,16 @@ fn old_node_is_fenced_after_adopt_on(kind: TestBackend) {
             .contains("adopted"),
         "{entry}"
     );
-    let err = try_info(&a).expect_err("info of an adopted volume on the old node");
-    assert!(err.contains("adopted"), "{err}");
+    // Its info shows why it is not served (issue 14: not an error).
+    let info = try_info(&a).expect("info of an adopted volume on the old node");
+    assert_eq!(info["state"], "failed", "{info}");
+    assert!(
+        info["halted_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("adopted"),
+        "{info}"
+    );
     assert!(
         NbdClient::connect(&a.nbd, VOLUME).is_err(),
         "A still exports {VOLUME} over NBD"

@@ -19,7 +19,6 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 use vstor_volumedriver::DtlMode;
 
 use super::forward::{forward, FORWARDED};
@@ -27,6 +26,7 @@ use super::{placement, Cluster};
 use crate::api::{
     bad_request, conflict, create_local, internal, view, ApiError, ApiState, CreateRequest,
 };
+use crate::api_types::{ErrorBody, NodeView, RegistryReachable, VolumeView};
 use crate::registry::{NodeRecord, RegistryError, VolumeRecord, VolumeState};
 
 /// Largest request body forwarded to another node.
@@ -59,7 +59,7 @@ fn unavailable(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, message.into())
 }
 
-pub async fn nodes(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+pub async fn nodes(State(state): State<ApiState>) -> Result<Json<Vec<NodeView>>, ApiError> {
     let mut nodes = state.registry.nodes().await?;
     if state.cluster.is_none() {
         // The single-node default keeps no volume records: its volumes are the manager's.
@@ -70,10 +70,27 @@ pub async fn nodes(State(state): State<ApiState>) -> Result<Json<Value>, ApiErro
             node.volumes = state.manager.names().len() + state.manager.failed().len();
         }
     }
-    Ok(Json(serde_json::to_value(nodes).map_err(internal)?))
+    Ok(Json(
+        nodes
+            .into_iter()
+            .map(|n| NodeView {
+                name: n.record.name,
+                domain: n.record.domain,
+                recovery_domain: n.record.recovery_domain,
+                api_addr: n.record.api_addr,
+                nbd_addr: n.record.nbd_addr,
+                dtl_addr: n.record.dtl_addr,
+                edge_addr: n.record.edge_addr,
+                started_at: n.record.started_at,
+                version: n.record.version,
+                alive: n.alive,
+                volumes: n.volumes,
+            })
+            .collect(),
+    ))
 }
 
-pub async fn registry_reachable(State(state): State<ApiState>) -> Json<Value> {
+pub async fn registry_reachable(State(state): State<ApiState>) -> Json<RegistryReachable> {
     let budget = state
         .cluster
         .as_ref()
@@ -84,7 +101,10 @@ pub async fn registry_reachable(State(state): State<ApiState>) -> Json<Value> {
         tokio::time::timeout(budget, state.registry.ping()).await,
         Ok(Ok(()))
     );
-    Json(json!({ "node": state.node.name, "reachable": reachable }))
+    Json(RegistryReachable {
+        node: state.node.name.clone(),
+        reachable,
+    })
 }
 
 /// A volume's view built from its registry record (the owner is elsewhere or dead).
@@ -92,25 +112,28 @@ fn record_view(
     record: &VolumeRecord,
     owner: Option<&NodeRecord>,
     dtl: Option<&NodeRecord>,
-) -> Value {
+) -> VolumeView {
     let (state, reason) = match &record.state {
         VolumeState::Serving if owner.is_some() => ("serving", None),
         VolumeState::Serving => ("owner-dead", None),
         VolumeState::Halted { reason } => ("halted", Some(reason.clone())),
     };
-    json!({
-        "name": record.name,
-        "owner": record.owner,
-        "owner_alive": owner.is_some(),
-        "owner_tag": record.owner_tag,
-        "size": record.size,
-        "state": state,
-        "halted_reason": reason,
-        "dtl_mode": record.dtl_mode.as_str(),
-        "dtl_node": record.dtl_node,
-        "dtl_addr": dtl.map(|n| n.dtl_addr.clone()).or_else(|| record.dtl_addr.clone()),
-        "nbd_uri": owner.map(|n| format!("nbd://{}/{}", n.nbd_addr, record.name)),
-    })
+    VolumeView {
+        name: record.name.clone(),
+        owner: Some(record.owner.clone()),
+        owner_alive: Some(owner.is_some()),
+        owner_tag: Some(record.owner_tag),
+        size: Some(record.size),
+        state: state.into(),
+        halted_reason: reason,
+        dtl_mode: Some(record.dtl_mode.as_str().into()),
+        dtl_node: record.dtl_node.clone(),
+        dtl_addr: dtl
+            .map(|n| n.dtl_addr.clone())
+            .or_else(|| record.dtl_addr.clone()),
+        nbd_uri: owner.map(|n| format!("nbd://{}/{}", n.nbd_addr, record.name)),
+        ..VolumeView::default()
+    }
 }
 
 fn by_name(nodes: Vec<NodeRecord>) -> BTreeMap<String, NodeRecord> {
@@ -215,7 +238,7 @@ async fn owner_route(
         Err(e) if is_info => {
             let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
             let mut view = record_view(&record, Some(owner), dtl);
-            view["owner_unreachable"] = serde_json::json!(e);
+            view.owner_unreachable = Some(e);
             return Ok(Route::Answered(Json(view).into_response()));
         }
         Err(e) => {
@@ -233,15 +256,12 @@ async fn owner_route(
 pub async fn list(
     state: &ApiState,
     cluster: &Arc<Cluster>,
-    local: Value,
-) -> Result<Value, ApiError> {
+    local: Vec<VolumeView>,
+) -> Result<Vec<VolumeView>, ApiError> {
     let records = cluster.registry.volumes().await?;
     let live = by_name(cluster.registry.live_nodes().await?);
-    let mut volumes: Vec<Value> = local.as_array().cloned().unwrap_or_default();
-    let here: Vec<String> = volumes
-        .iter()
-        .filter_map(|v| v["name"].as_str().map(str::to_string))
-        .collect();
+    let mut volumes = local;
+    let here: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
     for record in records.iter().filter(|r| !here.contains(&r.name)) {
         let owner = if record.owner == state.node.name {
             None
@@ -251,8 +271,8 @@ pub async fn list(
         let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
         volumes.push(record_view(record, owner, dtl));
     }
-    volumes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    Ok(Value::Array(volumes))
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(volumes)
 }
 
 /// `POST /v1/volumes` in a cluster.
@@ -261,7 +281,7 @@ pub async fn create(
     cluster: &Arc<Cluster>,
     forwarded: bool,
     mut request: CreateRequest,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     if let Some(existing) = cluster.registry.volume(&request.name).await? {
         return Err(RegistryError::VolumeExists {
             volume: request.name,
@@ -295,7 +315,7 @@ pub async fn create(
             )));
         }
         request.node = Some(target.name.clone());
-        let body = serde_json::to_vec(&create_body(&request)).map_err(internal)?;
+        let body = serde_json::to_vec(&request).map_err(internal)?;
         let what = format!("volume {}", request.name);
         return post_to(&target, "/v1/volumes", body, &what).await;
     }
@@ -333,12 +353,25 @@ async fn post_to(
     path: &str,
     body: Vec<u8>,
     what: &str,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     let answer = forward(&node.api_addr, "POST", path, Some(body))
         .await
         .map_err(|e| unavailable(format!("{what}: node {}: {e}", node.name)))?;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    Ok((status, Json(answer.body)))
+    if !status.is_success() {
+        let error: ErrorBody = serde_json::from_value(answer.body).unwrap_or_default();
+        return Err(ApiError(status, error.error));
+    }
+    let volume: VolumeView = serde_json::from_value(answer.body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "{what}: node {} answered an unexpected body: {e}",
+                node.name
+            ),
+        )
+    })?;
+    Ok((status, Json(volume)))
 }
 
 /// DTL of a new volume: an explicit server, else the placement rule, in the requested (or the
@@ -394,7 +427,7 @@ async fn register(
     info: vstor_volumedriver::VolumeInfo,
     size: u64,
     (dtl_mode, dtl_addr, dtl_node): (DtlMode, Option<String>, Option<String>),
-) -> Result<Value, ApiError> {
+) -> Result<VolumeView, ApiError> {
     let record = VolumeRecord {
         name: name.to_string(),
         owner: state.node.name.clone(),
@@ -422,7 +455,7 @@ async fn register(
         return Err(e.into());
     }
     let mut value = view(state, info);
-    value["dtl_node"] = json!(dtl_node);
+    value.dtl_node = dtl_node;
     Ok(value)
 }
 
@@ -434,7 +467,7 @@ pub async fn clone(
     cluster: &Arc<Cluster>,
     forwarded: bool,
     request: crate::api::CloneRequest,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     if let Some(existing) = cluster.registry.volume(&request.name).await? {
         return Err(RegistryError::VolumeExists {
             volume: request.name,
@@ -490,20 +523,7 @@ pub async fn clone(
     let info = volume.info();
     let size = info.size;
     let mut value = register(&state, cluster, &request.name, info, size, dtl).await?;
-    value["cloned_from"] = json!(cloned_from);
     tracing::info!(volume = %request.name, from = %cloned_from, "clone created in the cluster");
+    value.cloned_from = Some(cloned_from);
     Ok((StatusCode::CREATED, Json(value)))
-}
-
-fn create_body(request: &CreateRequest) -> Value {
-    json!({
-        "name": request.name,
-        "size": request.size,
-        "sco_size": request.sco_size,
-        "write_buffer": request.write_buffer,
-        "dtl_mode": request.dtl_mode,
-        "dtl": request.dtl,
-        "node": request.node,
-        "preset": request.preset,
-    })
 }

@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::sync::watch;
 use vstor_volumedriver::{DtlMode, VolumeManager};
 
@@ -43,20 +42,7 @@ use crate::registry::{
 };
 
 /// One adoption as `volume info` shows it (`last_failover`).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct FailoverRecord {
-    /// The node that died (or, for a move, the node that released the volume).
-    pub from: String,
-    pub to: String,
-    /// `failover` or `move`.
-    pub kind: String,
-    /// Seconds since the Unix epoch when the volume served again.
-    pub at: u64,
-    /// From the death being seen here to the volume serving again, milliseconds.
-    pub adopt_ms: u64,
-    pub owner_tag: u64,
-    pub dtl_entries_replayed: u64,
-}
+pub use crate::api_types::FailoverRecord;
 
 /// The last adoption of each volume this node made.
 #[derive(Default)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::api_types::{Health, RegistryReachable};
 use crate::registry::NodeRecord;
 
 /// Header marking a request one node forwarded to another: it is never forwarded again.
@@ -29,12 +30,16 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-/// GET `http://{addr}{path}` as JSON; `None` on no answer or a non-JSON one.
-async fn get_json(addr: &str, path: &str, timeout: Duration) -> Option<Value> {
+/// GET `http://{addr}{path}` as JSON; `None` on no answer or one that is not a `T`.
+async fn get_json<T: serde::de::DeserializeOwned + Send + 'static>(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Option<T> {
     let url = format!("http://{addr}{path}");
     tokio::task::spawn_blocking(move || {
         let mut response = agent(timeout).get(&url).call().ok()?;
-        response.body_mut().read_json::<Value>().ok()
+        response.body_mut().read_json::<T>().ok()
     })
     .await
     .ok()
@@ -43,9 +48,9 @@ async fn get_json(addr: &str, path: &str, timeout: Duration) -> Option<Value> {
 
 /// Whether the API at `addr` answers as node `name`.
 pub async fn is_node(addr: &str, name: &str) -> bool {
-    get_json(addr, "/v1/health", Duration::from_secs(1))
+    get_json::<Health>(addr, "/v1/health", Duration::from_secs(1))
         .await
-        .is_some_and(|v| v["node"] == name)
+        .is_some_and(|v| v.node == name)
 }
 
 /// Ask every peer, concurrently, whether it reaches the registry: `Some(reaches)` per peer
@@ -54,9 +59,9 @@ pub async fn probe_registry(peers: &[NodeRecord], timeout: Duration) -> Vec<Opti
     let asks = peers.iter().map(|peer| {
         let addr = peer.api_addr.clone();
         async move {
-            get_json(&addr, "/v1/cluster/registry", timeout)
+            get_json::<RegistryReachable>(&addr, "/v1/cluster/registry", timeout)
                 .await
-                .and_then(|v| v["reachable"].as_bool())
+                .map(|v| v.reachable)
         }
     });
     futures::future::join_all(asks).await

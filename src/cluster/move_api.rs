@@ -15,29 +15,14 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::moving;
 use crate::api::{ApiError, ApiState};
+use crate::api_types::VolumeView;
+pub use crate::api_types::{MoveRequest, TakeoverRequest};
 
 /// How long a move waits for the owner's uploads unless told otherwise.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(120);
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MoveRequest {
-    pub to: String,
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TakeoverRequest {
-    pub from: String,
-    pub expected_tag: u64,
-}
 
 fn error(e: moving::MoveError) -> ApiError {
     ApiError::new(
@@ -59,7 +44,7 @@ pub async fn move_volume(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     Json(request): Json<MoveRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let failover = failover(&state)?;
     // Refuse a bad target before anything is disconnected.
     moving::check_target(&failover, &name, &request.to)
@@ -74,9 +59,9 @@ pub async fn move_volume(
         .await
         .map_err(error)?;
     state.exports.forget(&name, None);
-    value["moved_from"] = json!(failover.node.name);
-    value["nbd_clients_disconnected"] = json!(clients);
-    value["move_ms"] = json!(started.elapsed().as_millis() as u64);
+    value.moved_from = Some(failover.node.name.clone());
+    value.nbd_clients_disconnected = Some(clients);
+    value.move_ms = Some(started.elapsed().as_millis() as u64);
     Ok(Json(value))
 }
 
@@ -84,7 +69,7 @@ pub async fn takeover(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     Json(request): Json<TakeoverRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VolumeView>, ApiError> {
     let failover = failover(&state)?;
     moving::take_over(&failover, &name, &request.from, request.expected_tag)
         .await

@@ -13,7 +13,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::api_types::{ErrorBody, TakeoverRequest, VolumeView};
 
 use super::failover::{live_view, Failover, FailoverRecord};
 use crate::registry::{NodeStatus, VolumeRecord};
@@ -82,7 +84,7 @@ pub async fn check_target(
 async fn post(
     addr: &str,
     path: &str,
-    body: Value,
+    body: TakeoverRequest,
     timeout: Duration,
 ) -> Result<(u16, Value), String> {
     let url = format!("http://{addr}{path}");
@@ -118,7 +120,7 @@ pub async fn move_volume(
     name: &str,
     to: &str,
     release_timeout: Duration,
-) -> Result<Value, MoveError> {
+) -> Result<VolumeView, MoveError> {
     let (record, target) = check_target(failover, name, to).await?;
     tracing::info!(volume = %name, to, "moving volume: releasing it");
     (failover.on_dropped)(name);
@@ -137,7 +139,10 @@ pub async fn move_volume(
         }
         Err(e) => return Err(refused(500, e.to_string())),
     }
-    let body = json!({ "from": failover.node.name, "expected_tag": record.owner_tag });
+    let body = TakeoverRequest {
+        from: failover.node.name.clone(),
+        expected_tag: record.owner_tag,
+    };
     let path = format!("/v1/volumes/{name}/takeover");
     let answer = post(
         &target.record.api_addr,
@@ -149,11 +154,20 @@ pub async fn move_volume(
     let failure = match answer {
         Ok((status, value)) if (200..300).contains(&status) => {
             tracing::info!(volume = %name, to, "volume moved");
-            return Ok(value);
+            return serde_json::from_value(value).map_err(|e| {
+                refused(
+                    502,
+                    format!(
+                        "node {to} took volume {name} over but answered an unexpected body: {e}"
+                    ),
+                )
+            });
         }
         Ok((status, value)) => format!(
             "node {to} refused the takeover ({status}): {}",
-            value["error"].as_str().unwrap_or("no reason given")
+            serde_json::from_value::<ErrorBody>(value)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| "no reason given".into())
         ),
         Err(e) => e,
     };

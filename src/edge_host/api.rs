@@ -13,17 +13,16 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::host::{EdgeHost, HostError};
 use super::report;
+use crate::api_types::{AttachRequest, EdgeHealth, ForceQuery};
 
 impl IntoResponse for HostError {
     fn into_response(self) -> Response {
@@ -32,23 +31,18 @@ impl IntoResponse for HostError {
             HostError::Conflict(_) => StatusCode::CONFLICT,
             HostError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        (status, Json(json!({ "error": self.message() }))).into_response()
+        let error = crate::api_types::ErrorBody {
+            error: self.message().to_string(),
+        };
+        (status, Json(error)).into_response()
     }
 }
 
-#[derive(Deserialize)]
-struct AttachRequest {
-    volume: String,
-}
-
-#[derive(Deserialize)]
-struct DetachQuery {
-    #[serde(default)]
-    force: bool,
-}
-
-async fn health(State(host): State<Arc<EdgeHost>>) -> Json<Value> {
-    Json(json!({ "edge": host.name, "nbd_addr": host.nbd_addr.to_string() }))
+async fn health(State(host): State<Arc<EdgeHost>>) -> Json<EdgeHealth> {
+    Json(EdgeHealth {
+        edge: host.name.clone(),
+        nbd_addr: host.nbd_addr.to_string(),
+    })
 }
 
 async fn list(State(host): State<Arc<EdgeHost>>) -> Json<Value> {
@@ -57,26 +51,15 @@ async fn list(State(host): State<Arc<EdgeHost>>) -> Json<Value> {
 
 async fn attach(
     State(host): State<Arc<EdgeHost>>,
-    request: Result<Json<AttachRequest>, JsonRejection>,
-) -> Response {
-    match request {
-        // A bad body gets a JSON error too, like every other answer.
-        Err(rejection) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": format!("attach: {}", rejection.body_text()) })),
-        )
-            .into_response(),
-        Ok(Json(request)) => match host.attach(&request.volume).await {
-            Ok(value) => Json(value).into_response(),
-            Err(e) => e.into_response(),
-        },
-    }
+    Json(request): Json<AttachRequest>,
+) -> Result<Json<Value>, HostError> {
+    host.attach(&request.volume).await.map(Json)
 }
 
 async fn detach(
     State(host): State<Arc<EdgeHost>>,
     Path(volume): Path<String>,
-    Query(query): Query<DetachQuery>,
+    Query(query): Query<ForceQuery>,
 ) -> Result<Json<Value>, HostError> {
     host.detach(&volume, query.force).await.map(Json)
 }
@@ -96,5 +79,8 @@ pub fn router(host: Arc<EdgeHost>) -> Router {
         .route("/v1/attachments", get(list).post(attach))
         .route("/v1/attachments/{volume}", delete(detach))
         .route("/metrics", get(metrics))
+        .fallback(crate::api::no_route)
+        .method_not_allowed_fallback(crate::api::wrong_method)
+        .layer(axum::middleware::from_fn(crate::api::json_errors))
         .with_state(host)
 }

@@ -1,12 +1,11 @@
 //! `vstor edge [FLAGS] [attach VOLUME | detach VOLUME | list]`: without a verb, run the edge
 //! daemon; with one, ask the running daemon (at `--api`) to do it.
 
+use super::{EdgeConfig, DEFAULT_EDGE_API, DEFAULT_EDGE_NBD, DEFAULT_EDGE_VHOST_DIR};
+use crate::api_types::{AttachRequest, Attachment, Detached};
+use crate::client::{print_json, print_table, Client};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use serde_json::Value;
-
-use super::{EdgeConfig, DEFAULT_EDGE_API, DEFAULT_EDGE_NBD, DEFAULT_EDGE_VHOST_DIR};
-use crate::client::{print_json, Client};
 
 #[derive(Args)]
 pub struct EdgeArgs {
@@ -59,71 +58,77 @@ enum EdgeVerb {
     List,
 }
 
-fn text(value: &Value, key: &str) -> String {
-    match value.get(key) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn micros(value: &Value, key: &str) -> String {
-    match value.get(key).and_then(Value::as_u64) {
+fn micros(value: Option<u64>) -> String {
+    match value {
         Some(u64::MAX) => ">10s".into(),
         Some(us) => format!("{us}us"),
         None => "-".into(),
     }
 }
 
-fn print_list(value: &Value) {
-    let empty = Vec::new();
-    println!(
-        "{:<20} {:<12} {:>5} {:<13} {:>10} {:>8} {:>9} {:>9} {:>9}  {:<40} NBD",
-        "VOLUME", "OWNER", "TAG", "STATE", "RECONNECTS", "INFLIGHT", "MEAN", "P50", "P99", "SOCKET"
+fn print_list(attachments: &[Attachment]) {
+    let rows: Vec<Vec<String>> = attachments
+        .iter()
+        .map(|a| {
+            vec![
+                a.volume.clone(),
+                a.owner.clone().unwrap_or_else(|| "-".into()),
+                a.tag.to_string(),
+                a.state.clone(),
+                a.reconnects.to_string(),
+                a.inflight.to_string(),
+                micros(a.latency_mean_us),
+                micros(a.latency_p50_us),
+                micros(a.latency_p99_us),
+                a.socket.clone(),
+                a.nbd_uri.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "VOLUME",
+            "OWNER",
+            "TAG",
+            "STATE",
+            "RECONNECTS",
+            "INFLIGHT",
+            "MEAN",
+            "P50",
+            "P99",
+            "SOCKET",
+            "NBD",
+        ],
+        &rows,
+        &[2, 4, 5, 6, 7, 8],
     );
-    for v in value.as_array().unwrap_or(&empty) {
-        println!(
-            "{:<20} {:<12} {:>5} {:<13} {:>10} {:>8} {:>9} {:>9} {:>9}  {:<40} {}",
-            text(v, "volume"),
-            text(v, "owner"),
-            text(v, "tag"),
-            text(v, "state"),
-            text(v, "reconnects"),
-            text(v, "inflight"),
-            micros(v, "latency_mean_us"),
-            micros(v, "latency_p50_us"),
-            micros(v, "latency_p99_us"),
-            text(v, "socket"),
-            text(v, "nbd_uri"),
-        );
-    }
 }
 
 pub fn run(args: EdgeArgs) -> Result<()> {
-    let show = |value: Value, text: &dyn Fn(&Value)| {
-        if args.json {
-            print_json(&value);
+    fn show<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) {
+        if json {
+            print_json(value);
         } else {
-            text(&value);
+            text(value);
         }
-    };
+    }
     let client = || Client::edge(&args.api);
     match &args.verb {
         Some(EdgeVerb::Attach { volume }) => {
-            let value =
-                client().post("/v1/attachments", serde_json::json!({ "volume": volume }))?;
-            show(value, &|v| {
+            let value: Attachment = client().post(
+                "/v1/attachments",
+                &AttachRequest {
+                    volume: volume.clone(),
+                },
+            )?;
+            show(args.json, &value, |v| {
                 println!(
                     "attached volume {volume} (owner {}, tag {}{}): vhost-user {} , NBD {}",
-                    text(v, "owner"),
-                    text(v, "tag"),
-                    if v["read_only"] == true {
-                        ", read-only"
-                    } else {
-                        ""
-                    },
-                    text(v, "socket"),
-                    text(v, "nbd_uri"),
+                    v.owner.as_deref().unwrap_or("-"),
+                    v.tag,
+                    if v.read_only { ", read-only" } else { "" },
+                    v.socket,
+                    v.nbd_uri,
                 );
             });
             Ok(())
@@ -134,12 +139,13 @@ pub fn run(args: EdgeArgs) -> Result<()> {
             } else {
                 format!("/v1/attachments/{volume}")
             };
-            let value = client().delete(&path)?;
-            show(value, &|_| println!("detached volume {volume}"));
+            let value: Detached = client().delete(&path)?;
+            show(args.json, &value, |_| println!("detached volume {volume}"));
             Ok(())
         }
         Some(EdgeVerb::List) => {
-            show(client().get("/v1/attachments")?, &print_list);
+            let value: Vec<Attachment> = client().get("/v1/attachments")?;
+            show(args.json, &value, |v| print_list(v));
             Ok(())
         }
         None => run_daemon(&args),

@@ -112,10 +112,26 @@ impl std::str::FromStr for DtlMode {
 }
 
 /// Check a DTL setting: a mode other than `none` needs an address.
+/// A DTL address is `HOST:PORT` (a name or an IP, `[v6]:PORT`), the port a number from 1.
+pub fn check_dtl_addr(addr: &str) -> std::result::Result<(), String> {
+    let bad = || format!("DTL address {addr:?} is not HOST:PORT (e.g. 10.0.0.2:10810)");
+    let (host, port) = addr.trim().rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 pub fn validate_dtl(volume: &str, mode: DtlMode, addr: Option<&str>) -> Result<()> {
     match (mode, addr) {
         (DtlMode::None, _) => Ok(()),
-        (_, Some(addr)) if !addr.trim().is_empty() => Ok(()),
+        (_, Some(addr)) if !addr.trim().is_empty() => {
+            check_dtl_addr(addr).map_err(|reason| VolumeError::InvalidConfig {
+                volume: volume.to_string(),
+                reason,
+            })
+        }
         (mode, _) => Err(VolumeError::InvalidConfig {
             volume: volume.to_string(),
             reason: format!(
@@ -167,6 +183,23 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
         return bad("use ASCII letters, digits, '-', '_' and '.', not starting with '.' or '-'");
     }
     Ok(())
+}
+
+/// `2147483648` → `2 GiB`, `1536` → `1.5 KiB`: sizes in messages a user reads.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut value = bytes as f64;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let unit = UNITS.get(unit).copied().unwrap_or("B");
+    if value.fract() == 0.0 {
+        format!("{value:.0} {unit}")
+    } else {
+        format!("{value:.1} {unit}")
+    }
 }
 
 pub fn validate_size(volume: &str, size: u64) -> Result<()> {

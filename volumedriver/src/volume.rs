@@ -403,12 +403,20 @@ impl Volume {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         crate::config::validate_size(&self.name, new_size)?;
         self.change_config(|current| {
+            if current.template {
+                return Err(VolumeError::Refused {
+                    volume: self.name.clone(),
+                    reason: "it is a template, read-only for good: clone it and resize the clone"
+                        .into(),
+                });
+            }
             if new_size < current.size {
                 return Err(VolumeError::InvalidConfig {
                     volume: self.name.clone(),
                     reason: format!(
-                        "cannot shrink from {} to {new_size} bytes (only growing is supported)",
-                        current.size
+                        "cannot shrink from {} to {} (only growing is supported)",
+                        crate::config::human_size(current.size),
+                        crate::config::human_size(new_size)
                     ),
                 });
             }

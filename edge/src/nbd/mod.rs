@@ -359,7 +359,9 @@ async fn serve_connection(
     registration: Registration,
 ) {
     let inner = Arc::clone(&registration.inner);
-    info!(%peer, "NBD client connected");
+    // One INFO line per connection ("attached"); the rest of its life is at DEBUG unless it
+    // ends abnormally.
+    debug!(%peer, "NBD client connected");
 
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -376,11 +378,11 @@ async fn serve_connection(
     let negotiated = match outcome {
         Ok(Outcome::Transmission(negotiated)) => negotiated,
         Ok(Outcome::Aborted) => {
-            info!(%peer, "NBD client ended the handshake (NBD_OPT_ABORT)");
+            debug!(%peer, "NBD client ended the handshake (NBD_OPT_ABORT)");
             return;
         }
         Err(NbdError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            info!(%peer, "NBD client hung up during the handshake");
+            debug!(%peer, "NBD client hung up during the handshake");
             return;
         }
         Err(e) => {
@@ -409,7 +411,7 @@ async fn serve_connection(
     let result = conn::run(&mut stream, negotiated, &params, &inner.shutdown, &kill).await;
     let graceful = match &result {
         Ok(end) => {
-            info!(%peer, %export, reason = end.describe(), "NBD client disconnected");
+            debug!(%peer, %export, reason = end.describe(), "NBD client disconnected");
             end.graceful()
         }
         Err(NbdError::Io(e)) => {

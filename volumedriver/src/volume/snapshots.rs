@@ -173,7 +173,12 @@ fn now_secs() -> u64 {
 pub fn validate_snapshot_name(volume: &str, name: &str) -> Result<()> {
     validate_volume_name(name).map_err(|e| VolumeError::InvalidConfig {
         volume: volume.to_string(),
-        reason: format!("snapshot name: {e}"),
+        reason: match e {
+            VolumeError::InvalidName { reason, .. } => {
+                format!("invalid snapshot name {name:?}: {reason}")
+            }
+            other => format!("invalid snapshot name {name:?}: {other}"),
+        },
     })
 }
 
