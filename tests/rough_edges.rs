@@ -230,7 +230,7 @@ fn dtl_mode_change_shows_a_healthy_dtl_as_healthy() {
     assert!(text.contains("DTL async"), "{text}");
     assert!(!text.contains("degraded"), "{text}");
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
-    assert_eq!(daemon.info("v1")["dtl_state"], "ok_sync");
+    daemon.wait_for("v1", "DTL in sync", |i| i["dtl_state"] == "ok_sync");
     dtl.kill().unwrap();
     dtl.wait().unwrap();
 }
