@@ -493,7 +493,7 @@ fn help_explains_name_and_size_without_misleading_defaults() {
         let lines: Vec<&str> = help.lines().collect();
         let i = lines
             .iter()
-            .position(|l| l.contains(needle))
+            .position(|l| l.trim_start().starts_with(needle))
             .unwrap_or_else(|| panic!("{needle} not in {help}"));
         format!("{} {}", lines[i], lines.get(i + 1).unwrap_or(&""))
     };
