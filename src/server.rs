@@ -171,9 +171,11 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                     volume = %name,
                     "default volume {name} already exists on the backend (another node's?): not created; start with --no-default-volume to stop trying"
                 ),
-                Err(e) => return Err(anyhow::Error::new(e).context(format!(
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
                     "cannot create the default volume {name} (or start with --no-default-volume)"
-                ))),
+                )))
+                }
             }
         }
     }
