@@ -19,8 +19,10 @@ pub struct Client {
     base: String,
     addr: String,
     agent: ureq::Agent,
-    /// The daemon the CLI expects at `addr`, for the "cannot reach" hint.
+    /// The daemon the CLI expects at `addr` and the variable that names it, for the "cannot
+    /// reach" hint.
     daemon: &'static str,
+    env: &'static str,
 }
 
 /// `http://127.0.0.1:7800/` (the form `vstor serve` prints) → `127.0.0.1:7800`.
@@ -53,6 +55,7 @@ impl Client {
             addr: addr.to_string(),
             agent,
             daemon: "vstor serve",
+            env: "VSTOR_API",
         }
     }
 
@@ -60,6 +63,7 @@ impl Client {
     pub fn edge(addr: &str) -> Self {
         Self {
             daemon: "vstor edge",
+            env: "VSTOR_EDGE_API",
             ..Self::new(addr)
         }
     }
@@ -70,9 +74,10 @@ impl Client {
     ) -> Result<T> {
         let mut response = result.map_err(|e| {
             anyhow!(
-                "cannot reach the vstor daemon at {} ({e}); is `{}` running? (set --api or VSTOR_API)",
+                "cannot reach the vstor daemon at {} ({e}); is `{}` running? (set --api or {})",
                 self.addr,
-                self.daemon
+                self.daemon,
+                self.env
             )
         })?;
         let status = response.status();

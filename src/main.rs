@@ -784,10 +784,11 @@ fn run(cli: Cli) -> Result<()> {
                 | Command::Clone(_)
                 | Command::Template(_)
                 | Command::Node(_)
+                | Command::Edge(_)
         )
     {
         anyhow::bail!(
-            "--api before the command is for serve, volume, snapshot, clone, template and node; give this command's own --api after its name"
+            "--api before the command is for serve, volume, snapshot, clone, template, node and edge; this command has no --api"
         );
     }
     match cli.command {
@@ -847,7 +848,12 @@ fn run(cli: Cli) -> Result<()> {
             args.remote.show(&value, |v| client::print_nodes(v));
             Ok(())
         }
-        Command::Edge(args) => edge_host::cli::run(args),
+        Command::Edge(mut args) => {
+            // The edge's own `--api` is global to its verbs, and clap hands a global value to
+            // the top level too: `vstor edge --api X` and `vstor --api X edge` both land here.
+            args.inherit(global.api, global.json);
+            edge_host::cli::run(args)
+        }
         Command::Osd(args) => tier::cli::run_osd(args),
         Command::Preset(args) => tier::cli::run_preset(args),
         Command::Backend(args) => tier::backend_cli::run(args),

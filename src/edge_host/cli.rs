@@ -41,6 +41,16 @@ pub struct EdgeArgs {
     verb: Option<EdgeVerb>,
 }
 
+impl EdgeArgs {
+    /// `--api`/`--json` given before the command: `vstor --api ADDR edge list`.
+    pub fn inherit(&mut self, api: Option<String>, json: bool) {
+        if let Some(api) = api {
+            self.api = api;
+        }
+        self.json |= json;
+    }
+}
+
 #[derive(Subcommand)]
 enum EdgeVerb {
     /// Attach a volume: serve it at <vhost-dir>/VOLUME.sock and nbd://NBD/VOLUME, whichever node
