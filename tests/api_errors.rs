@@ -294,7 +294,13 @@ fn cluster_and_edge_api_errors_are_json() {
     // The edge's API.
     let edge = EdgeDaemon::start(tmp.path(), "e1", &url, &[]);
     assert_error(
-        http(&edge.api, "POST", "/v1/attachments", JSON, "{\"volume\": \"v\","),
+        http(
+            &edge.api,
+            "POST",
+            "/v1/attachments",
+            JSON,
+            "{\"volume\": \"v\",",
+        ),
         400,
         "json",
     );
