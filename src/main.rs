@@ -617,8 +617,16 @@ fn settle_dtl(client: &Client, mut v: VolumeView) -> VolumeView {
         |v: &VolumeView| v.dtl_state.as_deref() == Some("degraded") && v.dtl_last_error.is_none();
     while starting(&v) && std::time::Instant::now() < deadline {
         std::thread::park_timeout(std::time::Duration::from_millis(100));
+        // Only the DTL's fields are refreshed: the verb's own answer (`cloned_from`,
+        // `dtl_node`, ...) is what is printed.
         match client.get::<VolumeView>(&format!("/v1/volumes/{}", v.name)) {
-            Ok(now) => v = now,
+            Ok(now) => {
+                v.dtl_state = now.dtl_state;
+                v.dtl_in_sync = now.dtl_in_sync;
+                v.dtl_last_error = now.dtl_last_error;
+                v.dtl_backlog_bytes = now.dtl_backlog_bytes;
+                v.dtl_degradations = now.dtl_degradations;
+            }
             Err(_) => break,
         }
     }
