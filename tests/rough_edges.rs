@@ -87,7 +87,7 @@ impl Drop for Serve {
     }
 }
 
-/// 1. `VSTOR_API=http://HOST:PORT`, as the startup banner prints it, is accepted.
+/// Rough edge 1: `VSTOR_API=http://HOST:PORT`, as the startup banner prints it, is accepted.
 #[test]
 fn api_address_may_be_the_url_the_banner_prints() {
     let tmp = tempfile::tempdir().unwrap();
@@ -105,7 +105,7 @@ fn api_address_may_be_the_url_the_banner_prints() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-/// 2. `--api` is accepted before the command group, after it, and after the verb.
+/// Rough edge 2: `--api` is accepted before the command group, after it, and after the verb.
 #[test]
 fn api_flag_is_global() {
     let tmp = tempfile::tempdir().unwrap();
@@ -128,7 +128,7 @@ fn api_flag_is_global() {
     assert_eq!(list[0]["name"], "v1");
 }
 
-/// 3. With `--json`, errors are JSON too.
+/// Rough edge 3: With `--json`, errors are JSON too.
 #[test]
 fn json_errors_are_json() {
     let tmp = tempfile::tempdir().unwrap();
@@ -158,7 +158,7 @@ fn json_errors_are_json() {
     );
 }
 
-/// 4. Logs written to a file carry no ANSI colour codes.
+/// Rough edge 4: Logs written to a file carry no ANSI colour codes.
 #[test]
 fn logs_are_plain_text_off_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();
@@ -169,7 +169,7 @@ fn logs_are_plain_text_off_a_terminal() {
     assert!(!log.contains('\u{1b}'), "colour codes in the log: {log:?}");
 }
 
-/// 5. One NBD connection logs one INFO line, not three.
+/// Rough edge 5: One NBD connection logs one INFO line, not three.
 #[test]
 fn one_info_line_per_nbd_connection() {
     require_tool("qemu-io");
@@ -215,7 +215,7 @@ fn start_dtl(dir: &Path) -> (Child, String) {
     (child, addr)
 }
 
-/// 6. `volume update --dtl-mode async` shows the DTL's real state, not a transient
+/// Rough edge 6: `volume update --dtl-mode async` shows the DTL's real state, not a transient
 /// "degraded".
 #[test]
 fn dtl_mode_change_shows_a_healthy_dtl_as_healthy() {
@@ -235,7 +235,7 @@ fn dtl_mode_change_shows_a_healthy_dtl_as_healthy() {
     dtl.wait().unwrap();
 }
 
-/// 7. A DTL address that is not HOST:PORT is refused; one that does not answer is warned about.
+/// Rough edge 7: A DTL address that is not HOST:PORT is refused; one that does not answer is warned about.
 #[test]
 fn dtl_addresses_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
@@ -268,7 +268,7 @@ fn dtl_addresses_are_checked() {
     failed_with(&out, "not HOST:PORT");
 }
 
-/// 8. On a fenced node, `volume delete` is refused instead of deleting the volume locally.
+/// Rough edge 8: On a fenced node, `volume delete` is refused instead of deleting the volume locally.
 #[test]
 fn fenced_node_refuses_to_delete() {
     let tmp = tempfile::tempdir().unwrap();
@@ -294,7 +294,7 @@ fn fenced_node_refuses_to_delete() {
     assert!(node.backend_dir("v1").exists());
 }
 
-/// 9. A bad snapshot name is reported as a bad *snapshot* name.
+/// Rough edge 9: A bad snapshot name is reported as a bad *snapshot* name.
 #[test]
 fn bad_snapshot_name_is_called_a_snapshot_name() {
     let tmp = tempfile::tempdir().unwrap();
@@ -305,7 +305,7 @@ fn bad_snapshot_name_is_called_a_snapshot_name() {
     assert!(!err.contains("volume name"), "{err}");
 }
 
-/// 10. The shrink error shows sizes a human reads.
+/// Rough edge 10: The shrink error shows sizes a human reads.
 #[test]
 fn shrink_error_shows_readable_sizes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -316,7 +316,7 @@ fn shrink_error_shows_readable_sizes() {
     assert!(!err.contains("1073741824"), "{err}");
 }
 
-/// 11. `GB` is not silently taken as GiB: decimal units are refused with what to write instead;
+/// Rough edge 11: `GB` is not silently taken as GiB: decimal units are refused with what to write instead;
 /// binary ones are accepted, and `--help` says which is which.
 #[test]
 fn size_units_are_explicit() {
@@ -333,7 +333,7 @@ fn size_units_are_explicit() {
     assert!(help.contains("powers of 1024"), "{help}");
 }
 
-/// 12. `volume list` columns stay aligned with long names and show parent and flags.
+/// Rough edge 12: `volume list` columns stay aligned with long names and show parent and flags.
 #[test]
 fn volume_list_aligns_long_names_and_shows_flags() {
     let tmp = tempfile::tempdir().unwrap();
@@ -368,7 +368,7 @@ fn volume_list_aligns_long_names_and_shows_flags() {
     assert!(row(long)[parent..].starts_with('-'), "{list}");
 }
 
-/// 13. `volume info` of a volume that failed to open shows why instead of an error.
+/// Rough edge 13: `volume info` of a volume that failed to open shows why instead of an error.
 #[test]
 fn info_of_a_failed_volume_shows_why() {
     let tmp = tempfile::tempdir().unwrap();
@@ -390,7 +390,7 @@ fn info_of_a_failed_volume_shows_why() {
     assert!(text.contains(reason), "{text}");
 }
 
-/// 14. A template cannot be resized.
+/// Rough edge 14: A template cannot be resized.
 #[test]
 fn template_cannot_be_resized() {
     let tmp = tempfile::tempdir().unwrap();
@@ -402,7 +402,7 @@ fn template_cannot_be_resized() {
     assert_eq!(daemon.info("gold")["size"], 64u64 << 20);
 }
 
-/// 15. Data waiting in the open SCO is not shown as "uploading".
+/// Rough edge 15: Data waiting in the open SCO is not shown as "uploading".
 #[test]
 fn list_does_not_call_buffered_data_uploading() {
     require_tool("qemu-io");
@@ -425,7 +425,7 @@ fn list_does_not_call_buffered_data_uploading() {
     );
 }
 
-/// 16. A second node on a shared backend starts although the default volume exists.
+/// Rough edge 16: A second node on a shared backend starts although the default volume exists.
 #[test]
 fn second_node_on_a_shared_backend_skips_the_existing_default_volume() {
     let tmp = tempfile::tempdir().unwrap();
@@ -445,7 +445,7 @@ fn second_node_on_a_shared_backend_skips_the_existing_default_volume() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-/// 17. `--write-buffer-limit 0` is refused at start.
+/// Rough edge 17: `--write-buffer-limit 0` is refused at start.
 #[test]
 fn zero_write_buffer_limit_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -486,7 +486,7 @@ fn zero_write_buffer_limit_is_refused() {
     );
 }
 
-/// 18. Help explains NAME and --size, and shows no default the config file overrides.
+/// Rough edge 18: Help explains NAME and --size, and shows no default the config file overrides.
 #[test]
 fn help_explains_name_and_size_without_misleading_defaults() {
     let help = stdout(&vstor(&["volume", "create", "--help"]));
@@ -508,7 +508,7 @@ fn help_explains_name_and_size_without_misleading_defaults() {
     assert!(help.contains("New size"), "{help}");
 }
 
-/// 19. Every docs page the README links exists, and every snapshot verb is in the README.
+/// Rough edge 19: Every docs page the README links exists, and every snapshot verb is in the README.
 #[test]
 fn readme_documents_what_exists() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -613,7 +613,7 @@ fn completions_man_pages_and_systemd_units() {
             path.display(),
             stderr(&out)
         );
-        seen.push(args[0].to_string());
+        seen.push(args[0].clone());
     }
     seen.sort();
     assert_eq!(seen, ["dtl", "mds", "osd", "serve"]);

@@ -166,8 +166,7 @@ pub async fn move_volume(
         Ok((status, value)) => format!(
             "node {to} refused the takeover ({status}): {}",
             serde_json::from_value::<ErrorBody>(value)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| "no reason given".into())
+                .map_or_else(|_| "no reason given".into(), |e| e.error)
         ),
         Err(e) => e,
     };
