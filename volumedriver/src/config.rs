@@ -111,7 +111,6 @@ impl std::str::FromStr for DtlMode {
     }
 }
 
-/// Check a DTL setting: a mode other than `none` needs an address.
 /// A DTL address is `HOST:PORT` (a name or an IP, `[v6]:PORT`), the port a number from 1.
 pub fn check_dtl_addr(addr: &str) -> std::result::Result<(), String> {
     let bad = || format!("DTL address {addr:?} is not HOST:PORT (e.g. 10.0.0.2:10810)");
@@ -123,6 +122,8 @@ pub fn check_dtl_addr(addr: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Check a DTL setting: a mode other than `none` needs an address, and that address must be
+/// `HOST:PORT`.
 pub fn validate_dtl(volume: &str, mode: DtlMode, addr: Option<&str>) -> Result<()> {
     match (mode, addr) {
         (DtlMode::None, _) => Ok(()),
@@ -438,5 +439,35 @@ mod tests {
             err.to_string().contains("volume vol: config is corrupt"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dtl_addresses_must_be_host_and_port() {
+        for good in ["10.0.0.2:10810", "dtl-1:1", "[::1]:10810"] {
+            assert_eq!(check_dtl_addr(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "notahost",
+            "nowhere:port",
+            ":10810",
+            "host:0",
+            "host:70000",
+            "a b:1",
+        ] {
+            let err = check_dtl_addr(bad).unwrap_err();
+            assert!(err.contains("is not HOST:PORT"), "{bad}: {err}");
+        }
+        let err = validate_dtl("v", DtlMode::Sync, Some("notahost")).unwrap_err();
+        assert!(err.to_string().contains("volume v"), "{err}");
+        assert!(validate_dtl("v", DtlMode::None, Some("notahost")).is_ok());
+    }
+
+    #[test]
+    fn sizes_read_as_binary_units() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(512 << 20), "512 MiB");
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 40), "3 TiB");
     }
 }
