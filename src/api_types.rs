@@ -553,7 +553,7 @@ pub struct Attachment {
     pub read_only: bool,
     pub dtl_in_sync: bool,
     pub reconnects: u64,
-    pub inflight: u64,
+    pub inflight: usize,
     pub resubmitted: u64,
     pub completed: u64,
     pub failed: u64,

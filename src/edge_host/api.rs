@@ -3,7 +3,7 @@
 //! | method | path                               | body / answer |
 //! |--------|------------------------------------|---------------|
 //! | GET    | /v1/health                         | `{edge}` |
-//! | GET    | /v1/attachments                    | attached volumes (see `report::volume_json`) |
+//! | GET    | /v1/attachments                    | attached volumes (see `report::attachment`) |
 //! | POST   | /v1/attachments                    | `{volume}` → the attached volume |
 //! | DELETE | /v1/attachments/{volume}[?force=true] | detach |
 //! | GET    | /metrics                           | Prometheus text |
@@ -18,11 +18,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use serde_json::Value;
 
 use super::host::{EdgeHost, HostError};
 use super::report;
-use crate::api_types::{AttachRequest, EdgeHealth, ForceQuery};
+use crate::api_types::{AttachRequest, Attachment, Detached, EdgeHealth, ForceQuery};
 
 impl IntoResponse for HostError {
     fn into_response(self) -> Response {
@@ -45,14 +44,14 @@ async fn health(State(host): State<Arc<EdgeHost>>) -> Json<EdgeHealth> {
     })
 }
 
-async fn list(State(host): State<Arc<EdgeHost>>) -> Json<Value> {
-    Json(Value::Array(host.list()))
+async fn list(State(host): State<Arc<EdgeHost>>) -> Json<Vec<Attachment>> {
+    Json(host.list())
 }
 
 async fn attach(
     State(host): State<Arc<EdgeHost>>,
     Json(request): Json<AttachRequest>,
-) -> Result<Json<Value>, HostError> {
+) -> Result<Json<Attachment>, HostError> {
     host.attach(&request.volume).await.map(Json)
 }
 
@@ -60,7 +59,7 @@ async fn detach(
     State(host): State<Arc<EdgeHost>>,
     Path(volume): Path<String>,
     Query(query): Query<ForceQuery>,
-) -> Result<Json<Value>, HostError> {
+) -> Result<Json<Detached>, HostError> {
     host.detach(&volume, query.force).await.map(Json)
 }
 

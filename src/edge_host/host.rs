@@ -20,7 +20,8 @@ use vstor_edge::{BlockTarget, ExportRegistry};
 
 use crate::registry::{Registry, RegistryError};
 
-use super::report::{volume_json, Frontends};
+use super::report::{attachment, Frontends};
+use crate::api_types::{Attachment, Detached};
 
 /// Why an attach or detach failed, with the HTTP status the API answers.
 #[derive(Debug)]
@@ -155,7 +156,7 @@ impl EdgeHost {
     }
 
     /// `vstor edge attach VOLUME`. Attaching a volume already attached here answers its view.
-    pub async fn attach(&self, volume: &str) -> Result<serde_json::Value, HostError> {
+    pub async fn attach(&self, volume: &str) -> Result<Attachment, HostError> {
         if volume.is_empty() || volume.contains(['/', '\0']) {
             return Err(HostError::NotFound(format!(
                 "{volume:?} is not a volume name"
@@ -202,7 +203,7 @@ impl EdgeHost {
     }
 
     /// `vstor edge detach VOLUME [--force]`.
-    pub async fn detach(&self, volume: &str, force: bool) -> Result<serde_json::Value, HostError> {
+    pub async fn detach(&self, volume: &str, force: bool) -> Result<Detached, HostError> {
         let _busy = self.busy(volume)?;
         let Some(target) = self.exports.get(volume) else {
             return Err(HostError::NotFound(format!(
@@ -243,18 +244,18 @@ impl EdgeHost {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(%volume, edge = %self.name, "volume detached");
-        Ok(serde_json::json!({
-            "volume": volume,
-            "edge": self.name,
-            "nbd_clients_disconnected": nbd_clients,
-            "vhost_frontend_disconnected": vhost_connected,
-        }))
+        Ok(Detached {
+            volume: volume.to_string(),
+            edge: self.name.clone(),
+            nbd_clients_disconnected: nbd_clients,
+            vhost_frontend_disconnected: vhost_connected,
+        })
     }
 
     /// One attached volume as `vstor edge list` shows it.
-    pub fn view(&self, volume: &str) -> Option<serde_json::Value> {
+    pub fn view(&self, volume: &str) -> Option<Attachment> {
         let target = self.exports.get(volume)?;
-        Some(volume_json(
+        Some(attachment(
             &target.stats(),
             &Frontends {
                 socket: self.vhost.socket_path(volume).display().to_string(),
@@ -265,7 +266,7 @@ impl EdgeHost {
         ))
     }
 
-    pub fn list(&self) -> Vec<serde_json::Value> {
+    pub fn list(&self) -> Vec<Attachment> {
         self.exports
             .list()
             .iter()

@@ -3,8 +3,9 @@
 
 use std::fmt::Write as _;
 
-use serde_json::{json, Value};
 use vstor_edge::remote::client::{RemoteStats, LATENCY_BUCKETS_US};
+
+use crate::api_types::Attachment;
 
 /// The latency (upper bound of its histogram bucket, µs) under which a fraction `q` of the
 /// completed requests fell; `None` without requests, `Some(u64::MAX)` in the +Inf bucket.
@@ -33,34 +34,34 @@ pub struct Frontends {
     pub vhost_connected: bool,
 }
 
-/// One attached volume as JSON (`GET /v1/attachments`).
-pub fn volume_json(stats: &RemoteStats, frontends: &Frontends) -> Value {
+/// One attached volume as `GET /v1/attachments` answers it.
+pub fn attachment(stats: &RemoteStats, frontends: &Frontends) -> Attachment {
     let mean = stats
         .latency_sum_us
         .checked_div(stats.completed)
         .filter(|_| stats.completed > 0);
-    json!({
-        "volume": stats.volume,
-        "owner": stats.owner,
-        "owner_addr": stats.addr,
-        "tag": stats.tag,
-        "state": stats.state.as_str(),
-        "size": stats.size,
-        "read_only": stats.read_only,
-        "dtl_in_sync": stats.dtl_in_sync,
-        "reconnects": stats.reconnects,
-        "inflight": stats.inflight,
-        "resubmitted": stats.resubmitted,
-        "completed": stats.completed,
-        "failed": stats.failed,
-        "latency_mean_us": mean,
-        "latency_p50_us": quantile_us(&stats.latency_buckets, 0.50),
-        "latency_p99_us": quantile_us(&stats.latency_buckets, 0.99),
-        "socket": frontends.socket,
-        "nbd_uri": frontends.nbd_uri,
-        "nbd_clients": frontends.nbd_clients,
-        "vhost_connected": frontends.vhost_connected,
-    })
+    Attachment {
+        volume: stats.volume.clone(),
+        owner: stats.owner.clone(),
+        owner_addr: stats.addr.clone(),
+        tag: stats.tag,
+        state: stats.state.as_str().to_string(),
+        size: stats.size,
+        read_only: stats.read_only,
+        dtl_in_sync: stats.dtl_in_sync,
+        reconnects: stats.reconnects,
+        inflight: stats.inflight,
+        resubmitted: stats.resubmitted,
+        completed: stats.completed,
+        failed: stats.failed,
+        latency_mean_us: mean,
+        latency_p50_us: quantile_us(&stats.latency_buckets, 0.50),
+        latency_p99_us: quantile_us(&stats.latency_buckets, 0.99),
+        socket: frontends.socket.clone(),
+        nbd_uri: frontends.nbd_uri.clone(),
+        nbd_clients: frontends.nbd_clients,
+        vhost_connected: frontends.vhost_connected,
+    }
 }
 
 fn label(value: &str) -> String {
@@ -237,7 +238,7 @@ mod tests {
         assert!(text.contains("le=\"+Inf\"} 4"));
         assert!(text
             .contains("vstor_edge_request_latency_seconds_count{edge=\"e1\",volume=\"v\\\"1\"} 4"));
-        let json = volume_json(
+        let view = attachment(
             &stats(b),
             &Frontends {
                 socket: "/s".into(),
@@ -246,8 +247,8 @@ mod tests {
                 vhost_connected: false,
             },
         );
-        assert_eq!(json["latency_p50_us"], 100);
-        assert_eq!(json["latency_mean_us"], 250);
-        assert_eq!(json["state"], "connected");
+        assert_eq!(view.latency_p50_us, Some(100));
+        assert_eq!(view.latency_mean_us, Some(250));
+        assert_eq!(view.state, "connected");
     }
 }
