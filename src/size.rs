@@ -29,20 +29,10 @@ pub fn parse_size(text: &str) -> Result<u64> {
         })
 }
 
-/// `10737418240` → `10 GiB`; exact multiples print without decimals.
+/// `10737418240` → `10 GiB`; exact multiples print without decimals (the engine's
+/// `human_size`, so the CLI and the engine's error messages print sizes alike).
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut unit = 0;
-    let mut value = bytes as f64;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    vstor_volumedriver::config::human_size(bytes)
 }
 
 #[cfg(test)]
