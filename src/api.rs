@@ -103,6 +103,8 @@ pub struct ApiState {
     pub failover: Option<Arc<crate::cluster::failover::Failover>>,
     /// The erasure-coded store, when the backend is `ec`.
     pub tier: Option<Arc<vstor_backend::ec::store::EcStore>>,
+    /// The node's metadata servers (`--mds`), if it uses any.
+    pub mds: Option<Arc<crate::mds_link::MdsLink>>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).
@@ -217,6 +219,7 @@ pub(crate) fn view(state: &ApiState, info: VolumeInfo) -> VolumeView {
         last_failover: state.failover.as_ref().and_then(|f| f.log.get(&name)),
         scrub_progress,
         last_scrub,
+        mds: state.mds.as_ref().and_then(|m| m.status(&name)),
         ..VolumeView::from(info)
     }
 }

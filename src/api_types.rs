@@ -349,6 +349,15 @@ pub struct VolumeView {
     pub snapshots: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub garbage_bytes: Option<u64>,
+    /// At the last restart or adoption: backend TLogs whose map was loaded from an MDS table,
+    /// and TLogs replayed from the backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_from_mds_tlogs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_replayed_tlogs: Option<u64>,
+    /// The volume's metadata servers as the node last checked them (`vstor serve --mds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mds: Option<MdsStatus>,
     /// The node that serves it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -459,6 +468,8 @@ impl From<vstor_volumedriver::VolumeInfo> for VolumeView {
             template: Some(info.template),
             snapshots: Some(info.snapshots),
             garbage_bytes: Some(info.garbage_bytes),
+            opened_from_mds_tlogs: Some(info.opened_from_mds_tlogs),
+            opened_replayed_tlogs: Some(info.opened_replayed_tlogs),
             ..Self::default()
         }
     }
@@ -574,4 +585,34 @@ pub struct Detached {
     pub edge: String,
     pub nbd_clients_disconnected: usize,
     pub vhost_frontend_disconnected: bool,
+}
+
+/// A volume's metadata servers: the master its owner feeds, the slaves following the backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MdsStatus {
+    pub master: String,
+    /// Master first.
+    pub servers: Vec<MdsServerStatus>,
+    /// Times a slave was promoted for this volume.
+    pub promotions: u64,
+    /// When the node last checked them (seconds since the epoch).
+    pub checked_at: u64,
+    /// What is wrong, if anything (e.g. a dead master no slave could replace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// One MDS of a volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MdsServerStatus {
+    pub addr: String,
+    /// `master` or `slave`.
+    pub role: String,
+    pub reachable: bool,
+    /// Backend TLogs its table lacks (absent: unknown, no table, or a history that needs a
+    /// full rebuild).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

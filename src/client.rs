@@ -452,6 +452,43 @@ fn last_scrub_text(last: &ScrubOutcome) -> String {
     }
 }
 
+/// The volume's MDSes (`master A, slaves B (2 behind), C (unreachable)`) and how its last
+/// restart got its map.
+fn mds_text(v: &VolumeView) -> String {
+    let opened = match (v.opened_from_mds_tlogs, v.opened_replayed_tlogs) {
+        (Some(seeded), Some(replayed)) if seeded > 0 => {
+            format!("; last open: {seeded} TLogs from the MDS, {replayed} replayed")
+        }
+        (Some(_), Some(replayed)) => format!("; last open: {replayed} TLogs replayed"),
+        _ => String::new(),
+    };
+    let Some(mds) = &v.mds else {
+        return format!("-{opened}");
+    };
+    let servers: Vec<String> = mds
+        .servers
+        .iter()
+        .map(|s| {
+            let state = match (s.reachable, s.behind, &s.error) {
+                (false, _, _) => "unreachable".to_string(),
+                (true, Some(b), _) => format!("{b} behind"),
+                (true, None, Some(e)) => e.clone(),
+                (true, None, None) => "?".to_string(),
+            };
+            format!("{} {} ({state})", s.role, s.addr)
+        })
+        .collect();
+    let problem = mds
+        .problem
+        .as_ref()
+        .map_or_else(String::new, |p| format!("; problem: {p}"));
+    format!(
+        "{}; promotions {}{problem}{opened}",
+        servers.join(", "),
+        mds.promotions
+    )
+}
+
 pub fn print_info(volume: &VolumeView) {
     let scrub = match (&volume.scrub_progress, &volume.last_scrub) {
         (Some(progress), _) => format!("running: {}", progress_text(progress)),
@@ -516,6 +553,7 @@ pub fn print_info(volume: &VolumeView) {
             format!("{} / {}", opt(v.reads), opt(v.writes)),
         ),
         ("flushes", opt(v.flushes)),
+        ("MDS", mds_text(v)),
         ("backend reads", opt(v.backend_reads)),
         ("NBD export", opt_str(v.nbd_uri.as_ref())),
         ("NBD clients", opt(v.nbd_connections)),

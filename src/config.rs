@@ -46,6 +46,66 @@ pub struct FileConfig {
     pub scrub: ScrubSettings,
     pub upload: UploadSettings,
     pub cluster: ClusterFileSettings,
+    pub mds: MdsFileSettings,
+}
+
+/// `[mds]`: the metadata servers this node's volumes keep their map tables on (empty
+/// `servers`: none, a restart replays the volume's backend history).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MdsFileSettings {
+    /// `HOST:PORT` of each `vstor mds`; the first is the master of new volumes, the rest slaves.
+    pub servers: Vec<String>,
+    /// A slave more TLogs than this behind the backend is never promoted or restarted from.
+    pub max_behind: u64,
+    /// How often the node checks each volume's MDSes ("2s").
+    pub check_every: String,
+}
+
+impl Default for MdsFileSettings {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            max_behind: 64,
+            check_every: "2s".into(),
+        }
+    }
+}
+
+impl MdsFileSettings {
+    fn resolve(&self) -> Result<Option<crate::mds_link::MdsSettings>> {
+        if self.servers.is_empty() {
+            return Ok(None);
+        }
+        let mut servers: Vec<String> = Vec::new();
+        for server in &self.servers {
+            let server = server.trim();
+            let valid = server.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                bail!("setting mds.servers (--mds): {server:?} is not HOST:PORT");
+            }
+            if servers.iter().any(|s| s == server) {
+                bail!("setting mds.servers (--mds): {server} is listed twice");
+            }
+            servers.push(server.to_string());
+        }
+        let check_every = humantime::parse_duration(self.check_every.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| {
+                format!(
+                    "setting mds.check_every: {:?} is not a duration like \"2s\"",
+                    self.check_every
+                )
+            })?;
+        Ok(Some(crate::mds_link::MdsSettings {
+            servers,
+            max_behind: self.max_behind,
+            check_every,
+        }))
+    }
 }
 
 /// `[cluster]`: run the node in a cluster on etcd (empty `registry`: the single-node default).
@@ -165,6 +225,7 @@ impl Default for FileConfig {
             scrub: ScrubSettings::default(),
             upload: UploadSettings::default(),
             cluster: ClusterFileSettings::default(),
+            mds: MdsFileSettings::default(),
         }
     }
 }
@@ -275,6 +336,8 @@ pub struct ServeConfig {
     pub max_open_age: Option<std::time::Duration>,
     /// The node's name and domain, and its cluster registry if it has one.
     pub identity: NodeIdentity,
+    /// The volumes' metadata servers, if any.
+    pub mds: Option<crate::mds_link::MdsSettings>,
 }
 
 /// Resolved `[scrub]` settings.
@@ -304,6 +367,9 @@ pub struct Overrides {
     pub domain: Option<String>,
     pub recovery_domain: Option<String>,
     pub dtl_listen: Option<String>,
+    /// `--mds A,B`: replaces `mds.servers`.
+    pub mds: Option<Vec<String>>,
+    pub mds_max_behind: Option<u64>,
 }
 
 /// The node's place in a cluster, resolved.
@@ -376,6 +442,12 @@ impl FileConfig {
         }
         if let Some(concurrency) = overrides.upload_concurrency {
             self.upload.concurrency = concurrency;
+        }
+        if let Some(servers) = overrides.mds {
+            self.mds.servers = servers;
+        }
+        if let Some(max_behind) = overrides.mds_max_behind {
+            self.mds.max_behind = max_behind;
         }
         if overrides.no_default_volume {
             self.default_volume.create = false;
@@ -559,6 +631,7 @@ impl FileConfig {
             auto_scrub,
             upload_concurrency: self.upload.concurrency,
             max_open_age: (!max_open_age.is_zero()).then_some(max_open_age),
+            mds: self.mds.resolve()?,
             data_dir: self.data_dir,
             identity,
         })

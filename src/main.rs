@@ -12,6 +12,7 @@ mod edge_host;
 mod export;
 mod export_remote;
 mod mds_host;
+mod mds_link;
 mod openapi;
 mod registry;
 mod scrub;
@@ -157,6 +158,15 @@ struct ServeArgs {
     /// Do not create the default volume on first start.
     #[arg(long)]
     no_default_volume: bool,
+    /// Metadata servers (`vstor mds`) the volumes keep their map tables on, HOST:PORT,
+    /// comma-separated: the first is the master, the others slaves (config: `mds.servers`)
+    /// [default: none, a restart replays the volume's backend history].
+    #[arg(long, value_delimiter = ',')]
+    mds: Option<Vec<String>>,
+    /// A slave MDS more TLogs than this behind the backend is never promoted; the volume then
+    /// replays its backend history at its next restart (config: `mds.max_behind`) [default: 64].
+    #[arg(long)]
+    mds_max_behind: Option<u64>,
     /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] [default: none, a single node with a
     /// local registry file].
     #[arg(long)]
@@ -819,6 +829,8 @@ fn run(cli: Cli) -> Result<()> {
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
                 upload_concurrency: args.upload_concurrency,
+                mds: args.mds,
+                mds_max_behind: args.mds_max_behind,
                 no_default_volume: args.no_default_volume,
                 registry: args.registry,
                 node: args.node,

@@ -137,8 +137,21 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         open_backend(&spec, tier_endpoints.as_deref(), &node_name)
     })
     .await??;
+    // The MDS link exists before the volumes restart: each restart asks it for a seed.
+    let mds = config.mds.clone().map(|settings| {
+        crate::mds_link::MdsLink::new(
+            settings,
+            tokio::runtime::Handle::current(),
+            backend.clone(),
+            registry.clone(),
+        )
+    });
+    let _mds_checks = mds.as_ref().map(|link| AbortOnDrop(link.start()));
     let manager_config = ManagerConfig {
         runtime: Some(tokio::runtime::Handle::current()),
+        mds: mds.clone().map(|link| {
+            vstor_volumedriver::MdsHookRef(link as Arc<dyn vstor_volumedriver::MdsHook>)
+        }),
         upload_concurrency: config.upload_concurrency,
         max_open_age: config.max_open_age,
         ..ManagerConfig::under(&config.data_dir, config.write_buffer_limit)
@@ -296,6 +309,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             cluster: cluster.clone(),
             failover: failover.clone(),
             tier: tier.clone(),
+            mds: mds.clone(),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {
@@ -546,4 +560,13 @@ pub(crate) fn announce(line: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// Aborts a background task when the server's scope ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -6,12 +6,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::mds::Mds;
 use common::VSTOR;
 use vstor_backend::{LocalStore, ObjectStore};
 use vstor_mds::catchup::backend_map;
@@ -23,63 +22,6 @@ use vstor_volumedriver::config::TLogRecord;
 use vstor_volumedriver::{Volume, VolumeConfig, VolumeOptions};
 
 const T: Duration = Duration::from_secs(10);
-
-/// A running `vstor mds`; killed (SIGKILL) when dropped.
-struct Mds {
-    child: Child,
-    addr: String,
-}
-
-impl Mds {
-    fn start(dir: &Path, backend: &Path) -> Self {
-        let mut child = Command::new(VSTOR)
-            .args(["mds", "--listen", "127.0.0.1:0", "--catch-up-every", "0s"])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--backend")
-            .arg(backend)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn vstor mds");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let addr = line
-            .trim()
-            .strip_prefix("vstor mds ready: ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Self { child, addr }
-    }
-
-    fn kill9(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(VSTOR).arg("mds").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "vstor mds {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Mds {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn refused(e: &MdsError) -> Option<ErrorCode> {
     match e {

@@ -31,6 +31,9 @@
 //! - [`snapshots`]: snapshot and clone creation latency under write load, scrub throughput and
 //!   its cost to a writer, and a clone's reads of inherited data against its parent's, straight
 //!   through `vstor-volumedriver` over a local backend (`vstor-bench snapshots`).
+//! - [`mds`]: a volume's restart from a real `vstor mds` against a full backend replay at two
+//!   history lengths, the MDS's disk and memory per GiB, and a slave's catch-up rate
+//!   (`vstor-bench mds`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 pub mod backend;
@@ -39,6 +42,7 @@ mod common;
 pub mod dtl;
 pub mod ec;
 pub mod edge;
+pub mod mds;
 pub mod nbd;
 pub mod snapshots;
 pub mod vhost;

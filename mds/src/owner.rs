@@ -11,13 +11,17 @@
 //!   `expect` is the cork of the list before that TLog. Any refusal but fencing (the table lags,
 //!   or was rebuilt) makes the master catch up from the backend, which brings it to the list
 //!   including the TLog just refused; fencing stops the feed (a newer owner exists).
+//!   [`MdsFeed::follow`] feeds whichever MDS is master now: when the node promotes a slave it
+//!   publishes the new master, and the feed brings that table to the backend list (catch-up)
+//!   before its next update. While there is no master, TLogs are skipped: the next master's
+//!   catch-up covers them.
 //!
 //! Correctness never depends on the feed: a table that missed updates has a cork that does not
 //! fingerprint the backend list, and a restart then replays from the backend.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use vstor_backend::ObjectStore;
 use vstor_volumedriver::config::TLogRecord;
 use vstor_volumedriver::tlog::Entry;
@@ -90,8 +94,20 @@ impl MdsFeed {
     /// the backend list as the volume opened it (see [`Cork::of_prefix`]). Must be called
     /// within a tokio runtime.
     pub fn start(client: Arc<MdsClient>, volume: &str, owner_tag: u64, start: Cork) -> Arc<Self> {
+        let (_, master) = watch::channel(Some(client));
+        Self::follow(master, volume, owner_tag, start)
+    }
+
+    /// [`start`](Self::start), feeding whichever client `master` holds at each TLog (`None`:
+    /// no master now, the TLog is left to the next master's catch-up).
+    pub fn follow(
+        master: watch::Receiver<Option<Arc<MdsClient>>>,
+        volume: &str,
+        owner_tag: u64,
+        start: Cork,
+    ) -> Arc<Self> {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(pump(client, volume.to_string(), owner_tag, start, rx));
+        tokio::spawn(pump(master, volume.to_string(), owner_tag, start, rx));
         Arc::new(Self { queue })
     }
 }
@@ -103,23 +119,38 @@ impl UncorkSink for MdsFeed {
     }
 }
 
+/// Bring a (new) master's table to where the feed stands, or to the backend list.
+async fn sync(client: &MdsClient, volume: &str, cork: Cork) -> Cork {
+    match client.stat(volume).await {
+        Ok(info) if info.meta.cork == cork => cork,
+        _ => match client.catch_up(volume, false).await {
+            Ok(report) => report.cork,
+            Err(e) => {
+                tracing::warn!(volume, mds = client.addr(), error = %e, "MDS catch-up failed; its table lags until the next one");
+                cork
+            }
+        },
+    }
+}
+
 async fn pump(
-    client: Arc<MdsClient>,
+    mut master: watch::Receiver<Option<Arc<MdsClient>>>,
     volume: String,
     owner_tag: u64,
     mut cork: Cork,
     mut rx: mpsc::UnboundedReceiver<(TLogRecord, Vec<Update>)>,
 ) {
     // The table should stand where the volume's list does; if not, let it catch up first.
-    match client.stat(&volume).await {
-        Ok(info) if info.meta.cork == cork => {}
-        _ => {
-            if let Ok(report) = client.catch_up(&volume, false).await {
-                cork = report.cork;
-            }
-        }
-    }
+    let mut synced: Option<Arc<MdsClient>> = None;
     while let Some((record, updates)) = rx.recv().await {
+        let Some(client) = master.borrow_and_update().clone() else {
+            synced = None;
+            continue;
+        };
+        if !synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &client)) {
+            cork = sync(&client, &volume, cork).await;
+            synced = Some(client.clone());
+        }
         if record.number <= cork.tlog {
             // Already in the table (a catch-up got there first).
             continue;

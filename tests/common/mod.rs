@@ -5,6 +5,7 @@
 pub mod edge;
 pub mod etcd;
 pub mod guest;
+pub mod mds;
 pub mod netns;
 pub mod oracle;
 pub mod tier;

@@ -25,7 +25,7 @@ pub mod wbfs;
 
 pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
-pub use manager::{ManagerConfig, VolumeManager};
+pub use manager::{ManagerConfig, MdsHook, MdsHookRef, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 pub use volume::{
     MapSeed, ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView,

@@ -7,6 +7,10 @@
 //! number of threads, backing a volume off while its backend fails; after every successful
 //! upload the manager checks the write buffer against its limit and evicts disposable SCOs,
 //! oldest first, from every volume.
+//!
+//! An optional [`MdsHook`] connects the node's metadata servers without the engine knowing
+//! about networks: it is asked for a map to start each restarted or adopted volume from, and
+//! told which volumes the node serves (to feed their master MDS) and which it stops serving.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,7 +27,7 @@ use crate::error::{Result, VolumeError};
 use crate::meta;
 use crate::scheduler::{SchedulerConfig, UploadScheduler};
 use crate::types::{ClusterLocation, ScoName};
-use crate::volume::{ReplaySummary, Volume, VolumeInfo};
+use crate::volume::{MapSeed, ReplaySummary, Volume, VolumeInfo};
 use crate::wbfs::{StdFs, WbFs};
 
 mod handoff;
@@ -34,6 +38,29 @@ const REGISTRY_VERSION: u32 = 1;
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
 /// Default of [`ManagerConfig::max_open_age`].
 pub const DEFAULT_MAX_OPEN_AGE: Duration = Duration::from_secs(60);
+
+/// The node's metadata servers as the manager sees them (see the module docs). Called from
+/// blocking contexts (never a tokio worker): implementations may wait on the network, bounded.
+pub trait MdsHook: Send + Sync {
+    /// A map to start `volume` from (restart or adoption), or `None` for a full backend replay.
+    /// The engine checks the seed against the backend list and ignores one that does not fit.
+    fn seed(&self, volume: &str) -> Option<MapSeed>;
+    /// `volume` is served by this node from now on (created, cloned, restarted or adopted):
+    /// called before its first upload, so every uncorked TLog can reach the master.
+    fn serving(&self, volume: &Arc<Volume>);
+    /// `volume` is no longer served here: `deleted` when it is gone for good.
+    fn stopped(&self, volume: &str, deleted: bool);
+}
+
+/// A shared [`MdsHook`] in the manager's configuration.
+#[derive(Clone)]
+pub struct MdsHookRef(pub Arc<dyn MdsHook>);
+
+impl std::fmt::Debug for MdsHookRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MdsHook")
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -52,6 +79,8 @@ pub struct ManagerConfig {
     /// so an idle volume's last writes reach the backend. `None`: only when full (or at
     /// shutdown and snapshots).
     pub max_open_age: Option<Duration>,
+    /// The node's metadata servers, if it uses any.
+    pub mds: Option<MdsHookRef>,
 }
 
 impl ManagerConfig {
@@ -64,6 +93,7 @@ impl ManagerConfig {
             runtime: None,
             upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
             max_open_age: Some(DEFAULT_MAX_OPEN_AGE),
+            mds: None,
         }
     }
 }
@@ -135,7 +165,14 @@ impl VolumeManager {
         });
         for name in registry.volumes {
             let dir = manager.config.write_buffer_dir.join(&name);
-            match Volume::open_on(manager.fs.clone(), &dir, manager.backend.clone(), &name) {
+            let seed = manager.mds_seed(&name);
+            match Volume::open_seeded(
+                manager.fs.clone(),
+                &dir,
+                manager.backend.clone(),
+                &name,
+                seed,
+            ) {
                 Ok(volume) => {
                     tracing::info!(volume = %name, "volume restarted");
                     // Writes acknowledged after the last FLUSH may be missing from the write
@@ -153,6 +190,17 @@ impl VolumeManager {
             }
         }
         Ok(manager)
+    }
+
+    fn mds_seed(&self, name: &str) -> Option<MapSeed> {
+        self.config.mds.as_ref().and_then(|hook| hook.0.seed(name))
+    }
+
+    /// Tell the MDS hook, if any, that `name` is no longer served here.
+    pub(crate) fn mds_stopped(&self, name: &str, deleted: bool) {
+        if let Some(hook) = &self.config.mds {
+            hook.0.stopped(name, deleted);
+        }
     }
 
     fn load_registry(path: &Path) -> Result<Registry> {
@@ -379,6 +427,7 @@ impl VolumeManager {
         volume.stop();
         volume.detach_dtl();
         self.stop_uploader(name);
+        self.mds_stopped(name, true);
         volume.forget_dtl();
         let parent = volume.config().parent;
         volume.destroy()?;
@@ -486,7 +535,8 @@ impl VolumeManager {
             Err(e) => return Err(VolumeError::io(name, &dir)(e)),
         }
         self.failed.write().remove(name);
-        let volume = Volume::open_on(self.fs.clone(), &dir, self.backend.clone(), name)?;
+        let seed = self.mds_seed(name);
+        let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
         let summary = match volume.replay_dtl() {
             Ok(summary) => summary,
             Err(e) => {
@@ -509,6 +559,9 @@ impl VolumeManager {
             .insert(name.to_string(), volume.clone());
         volume.set_runtime(self.config.runtime.clone());
         volume.attach_dtl();
+        if let Some(hook) = &self.config.mds {
+            hook.0.serving(volume);
+        }
         self.uploads.add(volume.clone());
     }
 

@@ -34,6 +34,10 @@ enum BenchTarget {
     /// The engine's snapshots, clones and scrub: creation latency under write load, clone
     /// creation, scrub throughput and its impact, clone reads against the parent.
     Snapshots(BenchOptions),
+    /// Restart from a `vstor mds` against a full backend replay (volume written with 4 KiB
+    /// random writes; use --size 10G for the reference figure), MDS disk and memory per GiB,
+    /// slave catch-up TLogs/s.
+    Mds(BenchOptions),
     /// A backend store: upload throughput (put_file and put_from of 64 MiB objects) and 4 KiB
     /// random reads of evicted volume data at queue depth 1 and 32.
     Backend(BackendArgs),
@@ -169,6 +173,7 @@ fn run(cli: Cli) -> Result<()> {
         BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
         BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
         BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
+        BenchTarget::Mds(o) => (vstor_benches::mds::run, o),
         BenchTarget::Edge(o) => (vstor_benches::edge::run, o),
         BenchTarget::Cluster(args) => {
             return vstor_benches::cluster::run(&vstor_benches::cluster::ClusterOptions {

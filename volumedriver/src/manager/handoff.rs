@@ -97,6 +97,7 @@ impl VolumeManager {
         volume.stop();
         volume.detach_dtl();
         self.stop_uploader(name);
+        self.mds_stopped(name, false);
         remove_dir(name, volume.dir())?;
         self.update_registry(|names| names.retain(|n| n != name))
     }

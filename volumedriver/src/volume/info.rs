@@ -73,9 +73,26 @@ pub struct VolumeInfo {
     pub snapshots: usize,
     /// Overwritten or trimmed data since the last scrub (an estimate of what a scrub frees).
     pub garbage_bytes: u64,
+    /// At the last open (restart or adoption): backend TLogs whose map came from an MDS table
+    /// instead of a replay (0: full replay, or a new volume).
+    pub opened_from_mds_tlogs: u64,
+    /// At the last open: backend TLogs replayed.
+    pub opened_replayed_tlogs: u64,
 }
 
 impl Volume {
+    /// Every written cluster and where it is, by address: the whole map, copied (to compare
+    /// restarts, e.g. from an MDS, with a full replay).
+    pub fn map_entries(
+        &self,
+    ) -> Vec<(crate::types::ClusterAddress, crate::types::ClusterLocation)> {
+        let st = self.state.lock();
+        let mut entries = Vec::with_capacity(st.map.written_clusters() as usize);
+        st.map
+            .for_each_written(|address, location| entries.push((address, location)));
+        entries
+    }
+
     pub fn info(&self) -> VolumeInfo {
         let st = self.state.lock();
         let dtl = Self::dtl_status(&st);
@@ -150,6 +167,8 @@ impl Volume {
             template: c.template,
             snapshots: st.meta.snapshots.len(),
             garbage_bytes: st.garbage_clusters * c.cluster_size,
+            opened_from_mds_tlogs: st.opened_seeded,
+            opened_replayed_tlogs: st.opened_replayed,
         }
     }
 }

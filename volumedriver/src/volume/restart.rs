@@ -41,6 +41,8 @@ impl Volume {
         st.applied_end = st.applied_end.max(Position::from_pair(st.meta.dtl_floor));
         // A map seeded from an MDS stands for the replay of the first `seeded` records.
         let seeded = self.apply_seed(st, &records, seed);
+        st.opened_seeded = seeded as u64;
+        st.opened_replayed = (records.len() - seeded) as u64;
         for (index, record) in records.iter().enumerate() {
             if index >= seeded {
                 let object = record.object_name();

@@ -137,6 +137,9 @@ pub(super) struct State {
     pub(super) meta_log: Option<Arc<dyn WbFile>>,
     /// Clusters overwritten or trimmed since the last scrub (garbage estimate).
     pub(super) garbage_clusters: u64,
+    /// At the last open: backend TLogs a seed (an MDS table) stood for, and TLogs replayed.
+    pub(super) opened_seeded: u64,
+    pub(super) opened_replayed: u64,
 }
 
 pub(super) fn sco_path(dir: &Path, sco: ScoName) -> PathBuf {
@@ -268,6 +271,8 @@ impl State {
             meta_unsynced: false,
             meta_log: None,
             garbage_clusters: 0,
+            opened_seeded: 0,
+            opened_replayed: 0,
         }
     }
 }

@@ -1,0 +1,281 @@
+//! Nodes using their MDSes (`vstor serve --mds A,B`), as processes:
+//!
+//! * `kill -9` of the master MDS under write load: the slave is promoted (visible in
+//!   `volume info`), no write fails, the crash oracle finds every acknowledged write, and the
+//!   new master's table equals a full replay of the backend history (full map dumps);
+//! * restarts load the map from the MDS and replay only the TLogs it lacks: 0, at least 1, and
+//!   many TLogs behind, each time with the volume's contents checked against a reference file;
+//! * an MDS whose data directory was deleted gets its table rebuilt, and the next restart loads
+//!   from it again.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mds::{free_addr, Mds};
+use common::oracle::{start_writers, stop_writers, verify, wait_progress, Load, Mode};
+use common::{require_tool, run_ok, Daemon};
+use vstor_backend::LocalStore;
+use vstor_mds::catchup::backend_map;
+use vstor_mds::client::MdsClient;
+
+/// Node settings: TLogs close after `max_open_age` ("0s": only when full, at snapshots and at
+/// shutdown); MDSes are checked every 200 ms.
+fn node_config(dir: &Path, max_open_age: &str) -> PathBuf {
+    let path = dir.join("vstor.toml");
+    std::fs::write(
+        &path,
+        format!("[upload]\nmax_open_age = \"{max_open_age}\"\n\n[mds]\ncheck_every = \"200ms\"\n"),
+    )
+    .unwrap();
+    path
+}
+
+fn start_node(root: &Path, config: &Path, mds: &[&str]) -> Daemon {
+    std::fs::create_dir_all(root).unwrap();
+    Daemon::start_with(
+        root,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--mds",
+            &mds.join(","),
+        ],
+    )
+}
+
+/// Poll until the table `mds` holds for `volume` equals a full replay of the backend history
+/// (cork and map), or fail after a minute with both sides' sizes.
+fn wait_table_equals_backend(mds: &str, backend: &Path, volume: &str) -> usize {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = LocalStore::open(backend).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (cork, map) = backend_map(&store, volume, volume).unwrap();
+        // No table yet (an MDS that lost its data) is a state to wait through.
+        let table = runtime.block_on(async {
+            let client = MdsClient::connect(mds, "test", Duration::from_secs(10))
+                .await
+                .unwrap();
+            client.dump_all(volume).await
+        });
+        let table = match table {
+            Ok(table) if table == (cork, map.clone()) => return map.len(),
+            Ok((got, entries)) => format!("cork {got}, {} entries", entries.len()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "the MDS table of {volume} on {mds} ({table}) never matched the backend (cork \
+             {cork}, {} entries)",
+            map.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn u(info: &serde_json::Value, key: &str) -> u64 {
+    info[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {info}"))
+}
+
+#[test]
+fn a_killed_master_is_replaced_and_the_new_master_holds_the_backend_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (free_addr(), free_addr());
+    let config = node_config(tmp.path(), "200ms");
+    let node = start_node(&tmp.path().join("node"), &config, &[&a, &b]);
+    let backend = node.data_dir.join("backend");
+    let mut master = Mds::start_at(&tmp.path().join("mds-a"), &backend, &a, &[]);
+    let _slave = Mds::start_at(&tmp.path().join("mds-b"), &backend, &b, &[]);
+    node.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "64M",
+        "--sco-size",
+        "4M",
+    ]);
+    node.wait_for("vol", "both MDSes checked", |i| {
+        i["mds"]["master"] == a.as_str()
+            && i["mds"]["servers"][1]["role"] == "slave"
+            && i["mds"]["servers"][1]["reachable"] == true
+    });
+
+    let load = Load::new();
+    let writers = start_writers(&node.nbd, "vol", Mode::Sync, &load);
+    wait_progress(&load, &writers, 2000, "before the MDS dies");
+    node.wait_for("vol", "TLogs on the backend", |i| {
+        i["tlogs_on_backend"].as_u64() >= Some(3)
+    });
+    master.kill9();
+    let info = node.wait_for("vol", "the slave promoted", |i| {
+        i["mds"]["master"] == b.as_str() && i["mds"]["promotions"] == 1
+    });
+    assert_eq!(info["mds"]["servers"][1]["addr"], a.as_str(), "{info}");
+    assert_eq!(info["mds"]["servers"][1]["reachable"], false, "{info}");
+    wait_progress(&load, &writers, 2000, "after the promotion");
+    stop_writers(&load, writers);
+    verify(&node.nbd, "vol", &load, "after the promotion");
+
+    node.wait_uploaded("vol");
+    let entries = wait_table_equals_backend(&b, &backend, "vol");
+    assert!(entries > 100, "only {entries} clusters mapped");
+    let text = node.cli_ok(&["volume", "info", "vol"]);
+    assert!(
+        text.contains(&format!("master {b}")) && text.contains("promotions 1"),
+        "{text}"
+    );
+}
+
+fn write_both(uri: &str, reference: &Path, commands: &[String]) {
+    for target in [uri.to_string(), reference.display().to_string()] {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &target]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        run_ok(&mut cmd);
+    }
+}
+
+/// Write a pattern to the volume and the reference file, then snapshot (which closes the TLog
+/// and queues it for upload).
+fn write_round(node: &Daemon, reference: &Path, round: u64) {
+    let offset = (round * 1_310_720) % (60 << 20);
+    write_both(
+        &node.uri("vol"),
+        reference,
+        &[
+            format!("write -P {} {offset} 640k", 0x30 + round % 64),
+            format!(
+                "write -P {} {} 4k",
+                0x90 + round % 32,
+                (round * 8192) % (64 << 20)
+            ),
+        ],
+    );
+    node.cli_ok(&["snapshot", "create", "vol", &format!("s{round}")]);
+}
+
+fn compare(node: &Daemon, reference: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(reference)
+            .arg(node.uri("vol")),
+    );
+}
+
+/// Stop the node cleanly, run `between`, and start the node again; returns the volume's info
+/// once it serves.
+fn restart(node: &mut Daemon, between: impl FnOnce()) -> serde_json::Value {
+    let status = node.terminate();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    between();
+    node.launch();
+    node.info("vol")
+}
+
+#[test]
+fn restarts_load_the_map_from_the_mds_and_replay_only_what_it_lacks() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let a = free_addr();
+    let config = node_config(tmp.path(), "0s");
+    let mut node = start_node(&tmp.path().join("node"), &config, &[&a]);
+    let backend = node.data_dir.join("backend");
+    let mut mds = Mds::start_at(&tmp.path().join("mds"), &backend, &a, &[]);
+    node.create_volume("vol", "64M");
+    let reference = tmp.path().join("reference.raw");
+    std::fs::File::create(&reference)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let caught_up = |node: &Daemon| {
+        node.wait_uploaded("vol");
+        node.wait_for("vol", "the MDS caught up", |i| {
+            i["mds"]["servers"][0]["behind"] == 0
+        })
+    };
+    let mut round = 0;
+    for _ in 0..3 {
+        round += 1;
+        write_round(&node, &reference, round);
+    }
+
+    // 0 behind: the whole history comes from the MDS.
+    let before = caught_up(&node);
+    let info = restart(&mut node, || {});
+    assert_eq!(u(&info, "opened_replayed_tlogs"), 0, "{info}");
+    assert_eq!(
+        u(&info, "opened_from_mds_tlogs"),
+        u(&before, "tlogs_on_backend"),
+        "{info}"
+    );
+    compare(&node, &reference);
+
+    // Behind by 1 and by many: the MDS is down while TLogs reach the backend.
+    for missed in [1u64, 12] {
+        let held = u(&caught_up(&node), "tlogs_on_backend");
+        mds.kill9();
+        for _ in 0..missed {
+            round += 1;
+            write_round(&node, &reference, round);
+        }
+        node.wait_uploaded("vol");
+        // Back only once the node is down: a running node would catch it up at once.
+        let info = restart(&mut node, || mds.launch());
+        assert_eq!(u(&info, "opened_from_mds_tlogs"), held, "{info}");
+        let replayed = u(&info, "opened_replayed_tlogs");
+        assert!(
+            replayed >= missed,
+            "{missed} missed, {replayed} replayed: {info}"
+        );
+        assert_eq!(held + replayed, u(&info, "tlogs_on_backend"), "{info}");
+        compare(&node, &reference);
+    }
+
+    // A deleted data directory: the node recreates the table and it catches up from the
+    // backend; the next restart loads from it again.
+    mds.kill9();
+    std::fs::remove_dir_all(mds.dir()).unwrap();
+    mds.launch();
+    let before = caught_up(&node);
+    wait_table_equals_backend(&a, &backend, "vol");
+    let info = restart(&mut node, || {});
+    assert_eq!(
+        u(&info, "opened_from_mds_tlogs"),
+        u(&before, "tlogs_on_backend"),
+        "{info}"
+    );
+    compare(&node, &reference);
+}
+
+#[test]
+fn wrong_mds_settings_are_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (mds, expected) in [
+        ("127.0.0.1", "is not HOST:PORT"),
+        ("127.0.0.1:7,127.0.0.1:7", "listed twice"),
+        ("host:0", "is not HOST:PORT"),
+    ] {
+        let out = Command::new(common::VSTOR)
+            .args(["serve", "--data-dir"])
+            .arg(tmp.path().join("data"))
+            .args(["--mds", mds])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--mds {mds} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "--mds {mds}: {stderr}");
+    }
+}
