@@ -50,7 +50,8 @@ pub struct FileConfig {
 }
 
 /// `[mds]`: the metadata servers this node's volumes keep their map tables on (empty
-/// `servers`: none, a restart replays the volume's backend history).
+/// `servers`: on a cluster registry, the MDSes registered there; on a single node none, and a
+/// restart replays the volume's backend history).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MdsFileSettings {
@@ -73,8 +74,10 @@ impl Default for MdsFileSettings {
 }
 
 impl MdsFileSettings {
-    fn resolve(&self) -> Result<Option<crate::mds_link::MdsSettings>> {
-        if self.servers.is_empty() {
+    /// `None`: no MDS. Without servers, a cluster node places tables on the MDSes registered
+    /// in its registry; a single node then has none.
+    fn resolve(&self, cluster: bool) -> Result<Option<crate::mds_link::MdsSettings>> {
+        if self.servers.is_empty() && !cluster {
             return Ok(None);
         }
         let mut servers: Vec<String> = Vec::new();
@@ -631,7 +634,7 @@ impl FileConfig {
             auto_scrub,
             upload_concurrency: self.upload.concurrency,
             max_open_age: (!max_open_age.is_zero()).then_some(max_open_age),
-            mds: self.mds.resolve()?,
+            mds: self.mds.resolve(identity.cluster.is_some())?,
             data_dir: self.data_dir,
             identity,
         })
@@ -698,6 +701,55 @@ mod tests {
         let text = include_str!("../docs/vstor.example.toml");
         let parsed: FileConfig = toml::from_str(text).expect("example parses");
         assert_eq!(parsed, FileConfig::default());
+    }
+
+    #[test]
+    fn mds_settings_resolve_and_are_checked() {
+        let text = "[mds]\nservers = [\"10.0.0.1:10820\", \"mds-b:10820\"]\nmax_behind = 3\ncheck_every = \"500ms\"\n";
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let mds = file
+            .clone()
+            .resolve(Overrides::default())
+            .unwrap()
+            .mds
+            .unwrap();
+        assert_eq!(mds.servers, ["10.0.0.1:10820", "mds-b:10820"]);
+        assert_eq!(mds.max_behind, 3);
+        assert_eq!(mds.check_every, std::time::Duration::from_millis(500));
+        // Flags replace the file's servers and limit.
+        let flags = file
+            .resolve(Overrides {
+                mds: Some(vec!["127.0.0.1:1".into()]),
+                mds_max_behind: Some(9),
+                ..Overrides::default()
+            })
+            .unwrap()
+            .mds
+            .unwrap();
+        assert_eq!(
+            (flags.servers, flags.max_behind),
+            (vec!["127.0.0.1:1".to_string()], 9)
+        );
+        // None on a single node; automatic (no servers) on a cluster.
+        assert_eq!(
+            FileConfig::default()
+                .resolve(Overrides::default())
+                .unwrap()
+                .mds,
+            None
+        );
+        let cluster = FileConfig::default()
+            .resolve(Overrides {
+                registry: Some("etcd://127.0.0.1:2379".into()),
+                node: Some("n1".into()),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(cluster.mds.unwrap().servers, Vec::<String>::new());
+        let bad: FileConfig =
+            toml::from_str("[mds]\nservers = [\"a:1\"]\ncheck_every = \"0s\"\n").unwrap();
+        let err = format!("{:#}", bad.resolve(Overrides::default()).unwrap_err());
+        assert!(err.contains("mds.check_every"), "{err}");
     }
 
     #[test]

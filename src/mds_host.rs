@@ -20,6 +20,8 @@ use vstor_mds::{MdsError, MdsStore, Role};
 
 use crate::config::BackendSpec;
 use crate::dirlock::DirLock;
+use crate::mds_link::registration;
+use crate::registry::{self, etcd::EtcdRegistry, Registry};
 use crate::server::{announce, open_backend, until_stop_signal};
 
 /// Every call to an MDS from the CLI waits at most this long.
@@ -37,10 +39,16 @@ pub struct MdsArgs {
     /// [default: none, slaves do not catch up].
     #[arg(long)]
     backend: Option<PathBuf>,
-    /// Cluster registry (etcd://...). Accepted for the cluster setup; placement through the
-    /// registry is not implemented yet, so the MDS only logs it.
-    #[arg(long)]
+    /// Cluster registry (etcd://HOST:PORT[,...]): the MDS registers there (under a lease), and
+    /// cluster nodes started without `--mds` place volumes' tables on the registered MDSes.
+    #[arg(long, env = "VSTOR_REGISTRY")]
     registry: Option<String>,
+    /// The node this MDS runs beside: volumes that node owns get their master table here.
+    #[arg(long)]
+    node: Option<String>,
+    /// Failure domain of this MDS (a volume's slave goes to its owner's recovery domain).
+    #[arg(long, default_value = "default")]
+    domain: String,
     /// Name this MDS reports to clients [default: the listen address].
     #[arg(long)]
     name: Option<String>,
@@ -56,8 +64,11 @@ enum MdsVerb {
     /// Each MDS's tables: volume, role, cork, owner tag, entries, TLogs behind the backend.
     List {
         /// MDS addresses, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "registry")]
         mds: Vec<String>,
+        /// List the MDSes registered in this cluster registry (etcd://HOST:PORT) instead.
+        #[arg(long, env = "VSTOR_REGISTRY")]
+        registry: Option<String>,
     },
     /// Rebuild a volume's table on an MDS from the backend (a new table is a slave).
     Rebuild {
@@ -83,12 +94,38 @@ pub fn run(args: MdsArgs) -> Result<()> {
                 args.listen,
                 args.data_dir,
                 args.backend,
-                args.registry,
-                args.name,
+                Placement {
+                    registry: args.registry,
+                    name: args.name,
+                    node: args.node,
+                    domain: args.domain,
+                },
                 args.catch_up_every,
             ))
         }
-        Some(MdsVerb::List { mds }) => runtime.block_on(list(mds)),
+        Some(MdsVerb::List { mds, registry }) => runtime.block_on(async move {
+            let mds = match (mds.is_empty(), registry) {
+                (true, Some(spec)) => {
+                    let registry = connect(&spec).await?;
+                    let live = registration::servers(registry.as_ref()).await?;
+                    if live.is_empty() {
+                        bail!("no MDS is registered in {spec}");
+                    }
+                    for r in &live {
+                        println!(
+                            "registered: {} at {} (node {}, domain {})",
+                            r.name,
+                            r.addr,
+                            r.node.as_deref().unwrap_or("-"),
+                            r.domain
+                        );
+                    }
+                    live.into_iter().map(|r| r.addr).collect()
+                }
+                _ => mds,
+            };
+            list(mds).await
+        }),
         Some(MdsVerb::Rebuild {
             volume,
             mds,
@@ -97,12 +134,31 @@ pub fn run(args: MdsArgs) -> Result<()> {
     }
 }
 
+/// Where the daemon announces itself.
+struct Placement {
+    registry: Option<String>,
+    name: Option<String>,
+    node: Option<String>,
+    domain: String,
+}
+
+async fn connect(spec: &str) -> Result<Arc<dyn Registry>> {
+    let Some(endpoints) = registry::etcd_endpoints(spec) else {
+        bail!("registry {spec:?} is not etcd://HOST:PORT[,...]");
+    };
+    let endpoints = endpoints?;
+    Ok(Arc::new(
+        EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT)
+            .await
+            .with_context(|| format!("cannot reach the registry {spec}"))?,
+    ))
+}
+
 async fn daemon(
     listen: String,
     data_dir: PathBuf,
     backend: Option<PathBuf>,
-    registry: Option<String>,
-    name: Option<String>,
+    placement: Placement,
     catch_up_every: Duration,
 ) -> Result<()> {
     let listen: std::net::SocketAddr = listen
@@ -128,20 +184,41 @@ async fn daemon(
         }
         None => None,
     };
-    if let Some(registry) = registry {
-        tracing::warn!(%registry, "MDS placement through the registry is not implemented yet; volumes name their MDSes with `vstor serve --mds`");
-    }
+    // The registry before listening: a daemon told to register that cannot stops here.
+    let registry = match &placement.registry {
+        Some(spec) => Some(connect(spec).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for the MDS on {listen}"))?;
     let addr = listener.local_addr()?;
-    let mut config = MdsServerConfig::new(&name.unwrap_or_else(|| addr.to_string()), backend);
+    let name = placement.name.unwrap_or_else(|| addr.to_string());
+    let mut config = MdsServerConfig::new(&name, backend);
     config.catch_up_every = (!catch_up_every.is_zero()).then_some(catch_up_every);
+    let registered = match registry {
+        Some(registry) => {
+            let record =
+                registration::record(&name, &addr.to_string(), placement.node, &placement.domain);
+            let lease = registration::register(registry.as_ref(), &record).await?;
+            let keep = tokio::spawn(registration::keep_registered(
+                registry.clone(),
+                record,
+                lease,
+            ));
+            Some((registry, lease, keep))
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(listener, store, config, shutdown.clone()));
     announce(&format!("vstor mds ready: {addr}"));
     let result = until_stop_signal(task, "MDS server").await;
     shutdown.cancel();
+    if let Some((registry, lease, keep)) = registered {
+        keep.abort();
+        let _ = registry.revoke(lease).await;
+    }
     result
 }
 
@@ -180,8 +257,48 @@ async fn list(addrs: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// A whole-history rebuild is one request; it may take this long.
+const REBUILD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// Progress of a rebuild, read from a second connection: the table commits once per TLog, so
+/// its cork's record count is how many of the backend's TLogs it holds. A bar on a terminal, a
+/// line every few seconds otherwise.
+async fn show_progress(addr: String, volume: String, total: u64) {
+    let Ok(client) = MdsClient::connect(&addr, "vstor-cli-progress", CLI_TIMEOUT).await else {
+        return;
+    };
+    let bar = crate::client::on_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "rebuild {prefix}: [{bar:40}] {pos}/{len} TLogs ({elapsed}, {per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(volume.clone());
+        bar
+    });
+    let mut last_line = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(info) = client.stat(&volume).await else {
+            continue;
+        };
+        let done = u64::from(info.meta.cork.count);
+        match &bar {
+            Some(bar) => bar.set_position(done),
+            None if last_line.elapsed() >= Duration::from_secs(5) => {
+                eprintln!("rebuild {volume}: {done}/{total} TLogs");
+                last_line = std::time::Instant::now();
+            }
+            None => {}
+        }
+    }
+}
+
 async fn rebuild(volume: &str, addr: &str, namespace: Option<&str>) -> Result<()> {
-    let client = MdsClient::connect(addr, "vstor-cli", CLI_TIMEOUT).await?;
+    let client = MdsClient::connect(addr, "vstor-cli", REBUILD_TIMEOUT).await?;
     let (namespace, role, owner) = match client.stat(volume).await {
         Ok(info) => {
             client.drop_table(volume, info.meta.owner_tag).await?;
@@ -194,7 +311,12 @@ async fn rebuild(volume: &str, addr: &str, namespace: Option<&str>) -> Result<()
         Err(e) => return Err(e.into()),
     };
     client.set_role(volume, &namespace, role, owner).await?;
-    let report = client.catch_up(volume, false).await?;
+    let total = client.catch_up(volume, true).await?.behind;
+    let progress = tokio::spawn(show_progress(addr.to_string(), volume.to_string(), total));
+    let report = client.catch_up(volume, false).await;
+    progress.abort();
+    let _ = progress.await;
+    let report = report?;
     println!(
         "rebuilt the table of {volume} on {addr}: {} TLogs replayed, cork TLog {}",
         report.replayed, report.cork.tlog

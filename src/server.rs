@@ -144,6 +144,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             tokio::runtime::Handle::current(),
             backend.clone(),
             registry.clone(),
+            node.clone(),
         )
     });
     let _mds_checks = mds.as_ref().map(|link| AbortOnDrop(link.start()));

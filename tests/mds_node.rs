@@ -6,7 +6,10 @@
 //! * restarts load the map from the MDS and replay only the TLogs it lacks: 0, at least 1, and
 //!   many TLogs behind, each time with the volume's contents checked against a reference file;
 //! * an MDS whose data directory was deleted gets its table rebuilt, and the next restart loads
-//!   from it again.
+//!   from it again;
+//! * on a cluster (real etcd), the owner is killed under sync-DTL write load: the adopter loads
+//!   the map from the MDS, the crash oracle finds every acknowledged write, and the master's
+//!   table moves to the new owner's tag (the old owner's is refused from then on).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -15,9 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::etcd::Etcd;
 use common::mds::{free_addr, Mds};
 use common::oracle::{start_writers, stop_writers, verify, wait_progress, Load, Mode};
-use common::{require_tool, run_ok, Daemon};
+use common::{require_tool, run_ok, Daemon, TestBackend};
 use vstor_backend::LocalStore;
 use vstor_mds::catchup::backend_map;
 use vstor_mds::client::MdsClient;
@@ -278,4 +282,212 @@ fn wrong_mds_settings_are_refused_at_start() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "--mds {mds}: {stderr}");
     }
+}
+
+/// The volume's info through `node`, or `None` while it cannot answer (the owner died and no
+/// one adopted the volume yet, or the adoption is under way).
+fn try_info(node: &Daemon) -> Option<serde_json::Value> {
+    let out = node.cli(&["volume", "info", "vol", "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+#[test]
+fn an_adoption_after_node_loss_starts_from_the_mds_and_loses_no_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let backend_dir = tmp.path().join("backend");
+    std::fs::create_dir_all(&backend_dir).unwrap();
+    let backend = TestBackend::Dir(backend_dir.clone());
+    let (a, b) = (free_addr(), free_addr());
+    let _master = Mds::start_at(&tmp.path().join("mds-a"), &backend_dir, &a, &[]);
+    let _slave = Mds::start_at(&tmp.path().join("mds-b"), &backend_dir, &b, &[]);
+    let config = node_config(tmp.path(), "200ms");
+    let mds = format!("{a},{b}");
+    let mut nodes: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let dir = tmp.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let name = format!("n{i}");
+            Daemon::start_on(
+                &dir,
+                &backend,
+                &[
+                    "--registry",
+                    &etcd.url(),
+                    "--node",
+                    &name,
+                    "--domain",
+                    "d1",
+                    "--config",
+                    config.to_str().unwrap(),
+                    "--mds",
+                    &mds,
+                ],
+            )
+        })
+        .collect();
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "64M",
+        "--sco-size",
+        "4M",
+        "--write-buffer",
+        "8M",
+        "--dtl-mode",
+        "sync",
+        "--node",
+        "n0",
+    ]);
+    let info = nodes[0].wait_for("vol", "DTL in sync and the MDSes checked", |i| {
+        i["dtl_state"] == "ok_sync" && i["mds"]["master"] == a.as_str()
+    });
+    let old_tag = u(&info, "owner_tag");
+
+    let load = Load::new();
+    let writers = start_writers(&nodes[0].nbd, "vol", Mode::Sync, &load);
+    wait_progress(&load, &writers, 1500, "before the owner dies");
+    nodes[0].wait_for("vol", "TLogs on the backend", |i| {
+        i["tlogs_on_backend"].as_u64() >= Some(3)
+    });
+    wait_progress(&load, &writers, 3000, "before the owner dies");
+    nodes[0].kill9();
+    for w in writers {
+        assert!(
+            w.join().unwrap().is_err(),
+            "a writer went on after its node died"
+        );
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let adopted = loop {
+        if let Some(info) = try_info(&nodes[1]) {
+            if info["owner"] == "n1" && info["state"] == "running" {
+                break info;
+            }
+        }
+        assert!(Instant::now() < deadline, "n1 never adopted the volume");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let seeded = u(&adopted, "opened_from_mds_tlogs");
+    assert!(
+        seeded >= 2,
+        "the adoption did not start from the MDS: {adopted}"
+    );
+    assert!(u(&adopted, "owner_tag") > old_tag, "{adopted}");
+    let written = verify(&nodes[1].nbd, "vol", &load, "after the adoption");
+    assert!(written > 0);
+
+    // The new owner took the master's table over: the old owner's tag is refused there.
+    let new_tag = u(&adopted, "owner_tag");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tag = runtime.block_on(async {
+            let client = MdsClient::connect(&a, "test", Duration::from_secs(10))
+                .await
+                .unwrap();
+            client.stat("vol").await.unwrap().meta.owner_tag
+        });
+        if tag == new_tag {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the master's table kept owner tag {tag}, not the new owner's {new_tag}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nodes[1].wait_uploaded("vol");
+    wait_table_equals_backend(&a, &backend_dir, "vol");
+}
+
+#[test]
+fn on_a_cluster_the_master_goes_beside_the_owner_and_a_slave_to_its_recovery_domain() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let backend_dir = tmp.path().join("backend");
+    std::fs::create_dir_all(&backend_dir).unwrap();
+    let url = etcd.url();
+    let mut mdses: Vec<Mds> = [("m0", "n0", "d1"), ("m1", "n1", "d2"), ("m2", "n2", "d1")]
+        .iter()
+        .map(|(name, node, domain)| {
+            Mds::start_at(
+                &tmp.path().join(name),
+                &backend_dir,
+                "127.0.0.1:0",
+                &[
+                    "--registry",
+                    &url,
+                    "--name",
+                    name,
+                    "--node",
+                    node,
+                    "--domain",
+                    domain,
+                ],
+            )
+        })
+        .collect();
+    let listing = mdses[0].cli(&["list", "--registry", &url]);
+    for (name, mds) in ["m0", "m1", "m2"].iter().zip(&mdses) {
+        assert!(
+            listing.contains(&format!("registered: {name} at {}", mds.addr)),
+            "{listing}"
+        );
+    }
+
+    let dir = tmp.path().join("n0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = node_config(tmp.path(), "200ms");
+    let node = Daemon::start_on(
+        &dir,
+        &TestBackend::Dir(backend_dir.clone()),
+        &[
+            "--registry",
+            &url,
+            "--node",
+            "n0",
+            "--domain",
+            "d1",
+            "--recovery-domain",
+            "d2",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    node.create_volume("vol", "64M");
+    let (m0, m1) = (mdses[0].addr.clone(), mdses[1].addr.clone());
+    let info = node.wait_for("vol", "automatic MDS placement", |i| {
+        i["mds"]["master"] == m0.as_str() && i["mds"]["servers"][1]["behind"] == 0
+    });
+    let servers = info["mds"]["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{info}");
+    assert_eq!(servers[1]["addr"], m1.as_str(), "{info}");
+
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &node.uri("vol"),
+        "-c",
+        "write -P 0x5a 0 8M",
+    ]));
+    node.wait_uploaded("vol");
+    mdses[0].kill9();
+    node.wait_for("vol", "the slave in the recovery domain promoted", |i| {
+        i["mds"]["master"] == m1.as_str() && i["mds"]["promotions"] == 1
+    });
+    node.wait_uploaded("vol");
+    wait_table_equals_backend(&m1, &backend_dir, "vol");
 }

@@ -119,10 +119,11 @@ impl UncorkSink for MdsFeed {
     }
 }
 
-/// Bring a (new) master's table to where the feed stands, or to the backend list.
-async fn sync(client: &MdsClient, volume: &str, cork: Cork) -> Cork {
+/// Bring a (new) master's table to where the feed stands, or to the backend list (always
+/// when the feed `skipped` TLogs: a table at the feed's cork then lacks them).
+async fn sync(client: &MdsClient, volume: &str, cork: Cork, skipped: bool) -> Cork {
     match client.stat(volume).await {
-        Ok(info) if info.meta.cork == cork => cork,
+        Ok(info) if info.meta.cork == cork && !skipped => cork,
         _ => match client.catch_up(volume, false).await {
             Ok(report) => report.cork,
             Err(e) => {
@@ -142,14 +143,17 @@ async fn pump(
 ) {
     // The table should stand where the volume's list does; if not, let it catch up first.
     let mut synced: Option<Arc<MdsClient>> = None;
+    let mut skipped = false;
     while let Some((record, updates)) = rx.recv().await {
         let Some(client) = master.borrow_and_update().clone() else {
             synced = None;
+            skipped = true;
             continue;
         };
         if !synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &client)) {
-            cork = sync(&client, &volume, cork).await;
+            cork = sync(&client, &volume, cork, skipped).await;
             synced = Some(client.clone());
+            skipped = false;
         }
         if record.number <= cork.tlog {
             // Already in the table (a catch-up got there first).

@@ -15,12 +15,17 @@
 //!   are written to the registry (`mds/volumes/VOLUME`), so the next owner, after a restart or a
 //!   failover, uses the same master.
 //!
+//! * **Placement** comes from `--mds` (the first is the master, the others slaves) or, on a
+//!   cluster registry without `--mds`, from the live MDS records ([`registration`]): the master
+//!   beside the owner, one slave in its recovery domain. Either way it is stored per volume.
+//!
 //! Decisions are pure ([`plan`]); this module is the I/O around them. No lock is held across a
 //! network call: the per-volume state is copied out, the calls made, the result written back.
 //! Every MDS call is bounded by [`CALL_TIMEOUT`], so a dead MDS costs a check seconds, never a
 //! hang, and never blocks a write (the feed only queues).
 
 pub mod plan;
+pub mod registration;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -39,7 +44,7 @@ use vstor_mds::{Cork, MdsError, Role};
 use vstor_volumedriver::{MapSeed, MdsHook, Volume};
 
 use crate::api_types::{MdsServerStatus, MdsStatus};
-use crate::registry::{now_secs, Registry};
+use crate::registry::{now_secs, NodeRecord, Registry};
 use plan::{Placement, Probe};
 
 /// Every call to an MDS waits at most this long.
@@ -50,7 +55,8 @@ const SEED_WAIT: Duration = Duration::from_secs(120);
 /// `[mds]` / `--mds`: which MDSes the node's volumes use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MdsSettings {
-    /// `HOST:PORT`; the first is the master of new volumes, the others slaves.
+    /// `HOST:PORT`; the first is the master of new volumes, the others slaves. Empty: placed
+    /// automatically on the MDSes registered in the cluster registry.
     pub servers: Vec<String>,
     /// A slave more TLogs than this behind the backend is not promoted (nor seeded from).
     pub max_behind: u64,
@@ -68,6 +74,8 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     backend: Arc<dyn ObjectStore>,
     registry: Arc<dyn Registry>,
+    /// This node (its name and recovery domain place new volumes automatically).
+    node: NodeRecord,
     clients: Mutex<HashMap<String, Arc<MdsClient>>>,
     served: Mutex<BTreeMap<String, Served>>,
 }
@@ -94,6 +102,7 @@ impl MdsLink {
         runtime: tokio::runtime::Handle,
         backend: Arc<dyn ObjectStore>,
         registry: Arc<dyn Registry>,
+        node: NodeRecord,
     ) -> Arc<Self> {
         Arc::new(Self {
             inner: Arc::new(Inner {
@@ -101,6 +110,7 @@ impl MdsLink {
                 runtime,
                 backend,
                 registry,
+                node,
                 clients: Mutex::new(HashMap::new()),
                 served: Mutex::new(BTreeMap::new()),
             }),
@@ -238,7 +248,32 @@ impl Inner {
                 None
             }
         };
-        Placement::reconcile(stored, &self.settings.servers)
+        if !self.settings.servers.is_empty() {
+            return Placement::reconcile(stored, &self.settings.servers);
+        }
+        if stored.is_some() {
+            return stored;
+        }
+        let live = match registration::servers(self.registry.as_ref()).await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!(volume, error = %e, "cannot list the MDSes in the registry");
+                return None;
+            }
+        };
+        let candidates: Vec<(String, Option<String>, String)> = live
+            .into_iter()
+            .map(|r| (r.addr, r.node, r.domain))
+            .collect();
+        let recovery = self
+            .node
+            .recovery_domain
+            .as_deref()
+            .unwrap_or(&self.node.domain);
+        let placed = Placement::automatic(&candidates, &self.node.name, recovery)?;
+        tracing::info!(volume, master = %placed.master, slaves = ?placed.slaves, "MDS placement chosen from the registry");
+        self.save_placement(volume, Some(&placed)).await;
+        Some(placed)
     }
 
     /// Write (or with `None` delete) the volume's placement record.

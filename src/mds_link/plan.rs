@@ -28,15 +28,44 @@ impl Placement {
         })
     }
 
+    /// Placement on the cluster registry's live MDSes, `(addr, node, domain)` each: the master
+    /// beside the owner (an MDS started with `--node OWNER`), else the first; one slave in the
+    /// owner's recovery domain, else any other MDS. `None` without MDSes.
+    pub fn automatic(
+        servers: &[(String, Option<String>, String)],
+        owner: &str,
+        recovery_domain: &str,
+    ) -> Option<Self> {
+        let (master, _, _) = servers
+            .iter()
+            .find(|(_, node, _)| node.as_deref() == Some(owner))
+            .or_else(|| servers.first())?;
+        let others = || servers.iter().filter(|(addr, _, _)| addr != master);
+        let slave = others()
+            .find(|(_, _, domain)| domain == recovery_domain)
+            .or_else(|| others().next());
+        Some(Self {
+            master: master.clone(),
+            slaves: slave.map(|(addr, _, _)| addr.clone()).into_iter().collect(),
+            promotions: 0,
+        })
+    }
+
     /// A stored placement made to fit the configured servers: an MDS no longer configured is
-    /// dropped (a dropped master is replaced by the first configured server), new ones are
-    /// slaves. `None` without servers.
+    /// dropped (a dropped master is replaced by its first slave still configured, which follows
+    /// the backend, else the first configured server), new ones are slaves. `None` without
+    /// servers.
     pub fn reconcile(stored: Option<Self>, servers: &[String]) -> Option<Self> {
         let Some(mut p) = stored else {
             return Self::initial(servers);
         };
         if !servers.contains(&p.master) {
-            p.master = servers.first()?.clone();
+            p.master = p
+                .slaves
+                .iter()
+                .find(|s| servers.contains(s))
+                .or_else(|| servers.first())?
+                .clone();
         }
         p.slaves.retain(|s| servers.contains(s) && *s != p.master);
         for s in servers {
@@ -232,11 +261,43 @@ mod tests {
             Placement::reconcile(Some(promoted.clone()), &s),
             Some(promoted.clone())
         );
-        // ...and loses an MDS no longer configured, gaining new ones as slaves.
+        // ...and loses an MDS no longer configured (its first slave takes over as master),
+        // gaining new ones as slaves.
         let fewer = vec![s[0].clone(), s[1].clone(), "10.0.0.9:10820".to_string()];
         let p2 = Placement::reconcile(Some(promoted), &fewer).unwrap();
-        assert_eq!(p2.master, s[0]);
-        assert_eq!(p2.slaves, vec![s[1].clone(), "10.0.0.9:10820".to_string()]);
+        assert_eq!(p2.master, s[1]);
+        assert_eq!(p2.slaves, vec![s[0].clone(), "10.0.0.9:10820".to_string()]);
+    }
+
+    #[test]
+    fn automatic_placement_puts_the_master_beside_the_owner_and_a_slave_in_its_recovery_domain() {
+        let mds = |addr: &str, node: Option<&str>, domain: &str| {
+            (
+                addr.to_string(),
+                node.map(ToString::to_string),
+                domain.to_string(),
+            )
+        };
+        let servers = vec![
+            mds("a:1", Some("n0"), "d1"),
+            mds("b:1", Some("n1"), "d1"),
+            mds("c:1", Some("n2"), "d2"),
+        ];
+        let p = Placement::automatic(&servers, "n1", "d2").unwrap();
+        assert_eq!(
+            (p.master.as_str(), p.slaves.clone()),
+            ("b:1", vec!["c:1".to_string()])
+        );
+        // No MDS beside the owner, none in its recovery domain: the first, and any other.
+        let p = Placement::automatic(&servers, "n9", "d9").unwrap();
+        assert_eq!(
+            (p.master.as_str(), p.slaves.clone()),
+            ("a:1", vec!["b:1".to_string()])
+        );
+        // A lone MDS has no slave; none at all places nothing.
+        let p = Placement::automatic(&servers[..1], "n0", "d2").unwrap();
+        assert!(p.slaves.is_empty());
+        assert_eq!(Placement::automatic(&[], "n0", "d1"), None);
     }
 
     #[test]
