@@ -7,6 +7,8 @@
 //!   many TLogs behind, each time with the volume's contents checked against a reference file;
 //! * an MDS whose data directory was deleted gets its table rebuilt, and the next restart loads
 //!   from it again;
+//! * rollback, scrub (with relocations) and a clone: the tables equal the backend replay, and
+//!   a restart loads both volumes from the MDS with nothing to replay;
 //! * on a cluster (real etcd), the owner is killed under sync-DTL write load: the adopter loads
 //!   the map from the MDS, the crash oracle finds every acknowledged write, and the master's
 //!   table moves to the new owner's tag (the old owner's is refused from then on).
@@ -490,4 +492,93 @@ fn on_a_cluster_the_master_goes_beside_the_owner_and_a_slave_to_its_recovery_dom
     });
     node.wait_uploaded("vol");
     wait_table_equals_backend(&m1, &backend_dir, "vol");
+}
+
+/// Wait until the node shows `volume`'s master 0 TLogs behind, with everything uploaded.
+fn wait_master_caught_up(node: &Daemon, volume: &str) -> serde_json::Value {
+    node.wait_uploaded(volume);
+    node.wait_for(volume, "the master caught up", |i| {
+        i["mds"]["servers"][0]["behind"] == 0
+    })
+}
+
+#[test]
+fn rollback_scrub_and_clones_keep_the_tables_right() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let a = free_addr();
+    let config = node_config(tmp.path(), "0s");
+    let mut node = start_node(&tmp.path().join("node"), &config, &[&a]);
+    let backend = node.data_dir.join("backend");
+    let _mds = Mds::start_at(&tmp.path().join("mds"), &backend, &a, &[]);
+    node.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "64M",
+        "--sco-size",
+        "4M",
+    ]);
+    let reference = tmp.path().join("reference.raw");
+    let at_s3 = tmp.path().join("at-s3.raw");
+    std::fs::File::create(&reference)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    for round in 1..=3 {
+        write_round(&node, &reference, round);
+    }
+    std::fs::copy(&reference, &at_s3).unwrap();
+    for round in 4..=6 {
+        write_round(&node, &reference, round);
+    }
+    wait_master_caught_up(&node, "vol");
+
+    // A clone of s3: its table starts with the inherited map.
+    node.cli_ok(&["clone", "create", "c1", "--from", "vol@s3"]);
+    // Rollback to s3 rewrites the history the table followed: the table is rebuilt.
+    node.cli_ok(&["snapshot", "rollback", "vol", "s3"]);
+    std::fs::copy(&at_s3, &reference).unwrap();
+    wait_master_caught_up(&node, "vol");
+    wait_master_caught_up(&node, "c1");
+    wait_table_equals_backend(&a, &backend, "vol");
+    wait_table_equals_backend(&a, &backend, "c1");
+
+    // Half of two SCOs overwritten before any snapshot: the scrub relocates the other halves.
+    write_both(
+        &node.uri("vol"),
+        &reference,
+        &[
+            "write -P 0x61 40M 8M".to_string(),
+            "write -P 0x62 40M 2M".to_string(),
+            "write -P 0x63 44M 2M".to_string(),
+        ],
+    );
+    node.cli_ok(&["snapshot", "create", "vol", "s7"]);
+    wait_master_caught_up(&node, "vol");
+    let out = node.cli_ok(&["volume", "scrub", "vol", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rewritten = report["report"]["scos_rewritten"]
+        .as_u64()
+        .or_else(|| report["scos_rewritten"].as_u64())
+        .unwrap_or_else(|| panic!("no scos_rewritten in {report}"));
+    assert!(rewritten > 0, "the scrub relocated nothing: {report}");
+    wait_master_caught_up(&node, "vol");
+    wait_table_equals_backend(&a, &backend, "vol");
+
+    let tlogs = |name: &str| u(&node.info(name), "tlogs_on_backend");
+    let (vol_tlogs, clone_tlogs) = (tlogs("vol"), tlogs("c1"));
+    let info = restart(&mut node, || {});
+    assert_eq!(u(&info, "opened_from_mds_tlogs"), vol_tlogs, "{info}");
+    assert_eq!(u(&info, "opened_replayed_tlogs"), 0, "{info}");
+    compare(&node, &reference);
+    let clone = node.info("c1");
+    assert_eq!(u(&clone, "opened_from_mds_tlogs"), clone_tlogs, "{clone}");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&at_s3)
+            .arg(node.uri("c1")),
+    );
 }
