@@ -20,23 +20,6 @@ use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
 use common::{block_content, Daemon, NbdClient, TestBackend};
 
 const VOLUME: &str = "vol";
-/// The test volume on node `n0`: sync DTL, small SCOs and write buffer so TLogs reach the
-/// backend (and trim the DTL) every few MiB.
-const CREATE_ON_N0: [&str; 13] = [
-    "volume",
-    "create",
-    VOLUME,
-    "--size",
-    "64M",
-    "--sco-size",
-    "4M",
-    "--write-buffer",
-    "8M",
-    "--dtl-mode",
-    "sync",
-    "--node",
-    "n0",
-];
 const NODES: usize = 3;
 
 struct Cluster {
@@ -74,7 +57,7 @@ impl Cluster {
     /// Create the test volume on node `n0`, sync DTL, small SCOs and write buffer so TLogs reach
     /// the backend (and trim the DTL) every few MiB.
     fn create_volume(&self) -> serde_json::Value {
-        self.nodes[0].cli_ok(&CREATE_ON_N0);
+        self.nodes[0].cli_ok(&common::SYNC_DTL_VOLUME_ON_N0);
         wait_info(
             &self.nodes[0],
             "the new volume's DTL link",
@@ -105,14 +88,7 @@ fn index(name: &str) -> usize {
 }
 
 fn start_node(root: &Path, etcd: &Etcd, backend: &TestBackend, i: usize) -> Daemon {
-    let dir = root.join(format!("n{i}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let name = format!("n{i}");
-    Daemon::start_on(
-        &dir,
-        backend,
-        &["--registry", &etcd.url(), "--node", &name, "--domain", "d1"],
-    )
+    common::start_cluster_node(root, &etcd.url(), backend, &format!("n{i}"), "d1", &[])
 }
 
 /// GET `path` from the API at `addr` (HTTP/1.1 by hand: the tests have no HTTP client).
@@ -449,7 +425,7 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
             )
         })
         .collect();
-    nodes[0].cli_ok(&CREATE_ON_N0);
+    nodes[0].cli_ok(&common::SYNC_DTL_VOLUME_ON_N0);
     wait_info(
         &nodes[0],
         "the new volume's DTL link",

@@ -166,17 +166,6 @@ fn kill_9_under_load_on_ec_loses_no_flushed_write() {
     kill_9_under_load_loses_no_flushed_write_on(TestBackend::ec(), 2);
 }
 
-fn write_reference(uri: &str, reference: &std::path::Path, commands: &[&str]) {
-    for target in [uri.to_string(), reference.display().to_string()] {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw", &target]);
-        for c in commands {
-            cmd.args(["-c", c]);
-        }
-        run_ok(&mut cmd);
-    }
-}
-
 fn clean_stop_then_restart_from_backend_alone_on(backend: TestBackend) {
     require_tool("qemu-img");
     let tmp = tempfile::tempdir().unwrap();
@@ -196,7 +185,7 @@ fn clean_stop_then_restart_from_backend_alone_on(backend: TestBackend) {
         .unwrap()
         .set_len(128 << 20)
         .unwrap();
-    write_reference(
+    common::write_with_reference(
         &daemon.uri("vol"),
         &reference,
         &[

@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use common::etcd::Etcd;
 use common::mds::{free_addr, Mds};
 use common::oracle::{start_writers, stop_writers, verify, wait_progress, Load, Mode};
-use common::{require_tool, run_ok, Daemon, TestBackend};
+use common::{
+    require_tool, run_ok, start_cluster_node, write_with_reference, Daemon, TestBackend,
+    SYNC_DTL_VOLUME_ON_N0,
+};
 use vstor_backend::LocalStore;
 use vstor_mds::catchup::backend_map;
 use vstor_mds::client::MdsClient;
@@ -86,6 +89,17 @@ fn wait_table_equals_backend(mds: &str, backend: &Path, volume: &str) -> usize {
     }
 }
 
+/// `vol`, 64 MiB, in 4 MiB SCOs (several SCOs per test).
+const CREATE_VOL_4M_SCOS: [&str; 7] = [
+    "volume",
+    "create",
+    "vol",
+    "--size",
+    "64M",
+    "--sco-size",
+    "4M",
+];
+
 fn u(info: &serde_json::Value, key: &str) -> u64 {
     info[key]
         .as_u64()
@@ -101,15 +115,7 @@ fn a_killed_master_is_replaced_and_the_new_master_holds_the_backend_map() {
     let backend = node.data_dir.join("backend");
     let mut master = Mds::start_at(&tmp.path().join("mds-a"), &backend, &a, &[]);
     let _slave = Mds::start_at(&tmp.path().join("mds-b"), &backend, &b, &[]);
-    node.cli_ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "64M",
-        "--sco-size",
-        "4M",
-    ]);
+    node.cli_ok(&CREATE_VOL_4M_SCOS);
     node.wait_for("vol", "both MDSes checked", |i| {
         i["mds"]["master"] == a.as_str()
             && i["mds"]["servers"][1]["role"] == "slave"
@@ -142,22 +148,11 @@ fn a_killed_master_is_replaced_and_the_new_master_holds_the_backend_map() {
     );
 }
 
-fn write_both(uri: &str, reference: &Path, commands: &[String]) {
-    for target in [uri.to_string(), reference.display().to_string()] {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw", &target]);
-        for c in commands {
-            cmd.args(["-c", c]);
-        }
-        run_ok(&mut cmd);
-    }
-}
-
 /// Write a pattern to the volume and the reference file, then snapshot (which closes the TLog
 /// and queues it for upload).
 fn write_round(node: &Daemon, reference: &Path, round: u64) {
     let offset = (round * 1_310_720) % (60 << 20);
-    write_both(
+    write_with_reference(
         &node.uri("vol"),
         reference,
         &[
@@ -309,44 +304,14 @@ fn an_adoption_after_node_loss_starts_from_the_mds_and_loses_no_write() {
     let _slave = Mds::start_at(&tmp.path().join("mds-b"), &backend_dir, &b, &[]);
     let config = node_config(tmp.path(), "200ms");
     let mds = format!("{a},{b}");
-    let mut nodes: Vec<Daemon> = (0..2)
-        .map(|i| {
-            let dir = tmp.path().join(format!("n{i}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let name = format!("n{i}");
-            Daemon::start_on(
-                &dir,
-                &backend,
-                &[
-                    "--registry",
-                    &etcd.url(),
-                    "--node",
-                    &name,
-                    "--domain",
-                    "d1",
-                    "--config",
-                    config.to_str().unwrap(),
-                    "--mds",
-                    &mds,
-                ],
-            )
+    let mut nodes: Vec<Daemon> = ["n0", "n1"]
+        .iter()
+        .map(|name| {
+            let extra = ["--config", config.to_str().unwrap(), "--mds", &mds];
+            start_cluster_node(tmp.path(), &etcd.url(), &backend, name, "d1", &extra)
         })
         .collect();
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "64M",
-        "--sco-size",
-        "4M",
-        "--write-buffer",
-        "8M",
-        "--dtl-mode",
-        "sync",
-        "--node",
-        "n0",
-    ]);
+    nodes[0].cli_ok(&SYNC_DTL_VOLUME_ON_N0);
     let info = nodes[0].wait_for("vol", "DTL in sync and the MDSes checked", |i| {
         i["dtl_state"] == "ok_sync" && i["mds"]["master"] == a.as_str()
     });
@@ -450,24 +415,20 @@ fn on_a_cluster_the_master_goes_beside_the_owner_and_a_slave_to_its_recovery_dom
         );
     }
 
-    let dir = tmp.path().join("n0");
-    std::fs::create_dir_all(&dir).unwrap();
     let config = node_config(tmp.path(), "200ms");
-    let node = Daemon::start_on(
-        &dir,
+    let extra = [
+        "--recovery-domain",
+        "d2",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let node = start_cluster_node(
+        tmp.path(),
+        &url,
         &TestBackend::Dir(backend_dir.clone()),
-        &[
-            "--registry",
-            &url,
-            "--node",
-            "n0",
-            "--domain",
-            "d1",
-            "--recovery-domain",
-            "d2",
-            "--config",
-            config.to_str().unwrap(),
-        ],
+        "n0",
+        "d1",
+        &extra,
     );
     node.create_volume("vol", "64M");
     let (m0, m1) = (mdses[0].addr.clone(), mdses[1].addr.clone());
@@ -511,15 +472,7 @@ fn rollback_scrub_and_clones_keep_the_tables_right() {
     let mut node = start_node(&tmp.path().join("node"), &config, &[&a]);
     let backend = node.data_dir.join("backend");
     let _mds = Mds::start_at(&tmp.path().join("mds"), &backend, &a, &[]);
-    node.cli_ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "64M",
-        "--sco-size",
-        "4M",
-    ]);
+    node.cli_ok(&CREATE_VOL_4M_SCOS);
     let reference = tmp.path().join("reference.raw");
     let at_s3 = tmp.path().join("at-s3.raw");
     std::fs::File::create(&reference)
@@ -546,7 +499,7 @@ fn rollback_scrub_and_clones_keep_the_tables_right() {
     wait_table_equals_backend(&a, &backend, "c1");
 
     // Half of two SCOs overwritten before any snapshot: the scrub relocates the other halves.
-    write_both(
+    write_with_reference(
         &node.uri("vol"),
         &reference,
         &[

@@ -575,3 +575,50 @@ impl Daemon {
         names
     }
 }
+
+/// `vstor volume create vol` on node `n0` of a cluster: sync DTL, small SCOs and write buffer,
+/// so TLogs reach the backend (and trim the DTL) every few MiB.
+pub const SYNC_DTL_VOLUME_ON_N0: [&str; 13] = [
+    "volume",
+    "create",
+    "vol",
+    "--size",
+    "64M",
+    "--sco-size",
+    "4M",
+    "--write-buffer",
+    "8M",
+    "--dtl-mode",
+    "sync",
+    "--node",
+    "n0",
+];
+
+/// Start cluster node `name` in failure domain `domain` on the etcd at `registry`, its data
+/// directory under `root/name`, with `extra` flags.
+pub fn start_cluster_node(
+    root: &Path,
+    registry: &str,
+    backend: &TestBackend,
+    name: &str,
+    domain: &str,
+    extra: &[&str],
+) -> Daemon {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("node directory");
+    let mut args = vec!["--registry", registry, "--node", name, "--domain", domain];
+    args.extend_from_slice(extra);
+    Daemon::start_on(&dir, backend, &args)
+}
+
+/// Run the same qemu-io `commands` on the volume at `uri` and on the raw file `reference`.
+pub fn write_with_reference(uri: &str, reference: &Path, commands: &[impl AsRef<str>]) {
+    for target in [uri.to_string(), reference.display().to_string()] {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &target]);
+        for c in commands {
+            cmd.args(["-c", c.as_ref()]);
+        }
+        run_ok(&mut cmd);
+    }
+}
