@@ -990,7 +990,9 @@ pub fn router(state: ApiState) -> Router {
             "/v1/volumes/{name}/snapshots/{snap}/export",
             post(snapshot_export).delete(snapshot_unexport),
         )
+        .route("/v1/volumes/{name}/stats", get(crate::metrics::stats))
         .route("/v1/clones", post(clone_create))
+        .route("/metrics", get(crate::metrics::metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(

@@ -616,3 +616,31 @@ pub struct MdsServerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// A volume's cumulative request counters and latency histograms
+/// (`GET /v1/volumes/{name}/stats`); two of them give rates and percentiles.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeStats {
+    pub name: String,
+    /// When it was taken, milliseconds since the epoch.
+    pub at_ms: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Upper bounds of the latency buckets, seconds; a last bucket takes the rest.
+    pub bounds_seconds: Vec<f64>,
+    /// One histogram per operation (`read`, `write`, `flush`, `discard`).
+    pub latency: Vec<OpLatency>,
+}
+
+/// One operation's latency histogram: per-bucket counts (not cumulative).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OpLatency {
+    pub op: String,
+    pub buckets: Vec<u64>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}

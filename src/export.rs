@@ -8,13 +8,21 @@
 //! Its view (the snapshot's map, replayed from its TLogs) is built on first lookup and cached
 //! until the snapshot or its volume goes away; NBD_OPT_LIST shows the snapshots that are on
 //! the backend.
+//!
+//! [`VolumeExport`] times every request it serves into the volume's latency histograms
+//! (`vstor_volumedriver::latency`), for `/metrics`, `vstor volume stats` and `vstor top`: from
+//! the call to the acknowledgement, a sync DTL round trip included. A read that would block is
+//! timed when it is served on the backend-read pool.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::time::Instant;
 use vstor_edge::{
     BlockTarget, ExportRegistry, Extent, PendingAck, ReadAttempt, TargetError, WriteAck,
 };
+
+use vstor_volumedriver::latency::IoOp;
 use vstor_volumedriver::{SnapshotView, Volume, VolumeError, VolumeManager, WriteOutcome};
 
 pub struct VolumeExport(pub Arc<Volume>);
@@ -54,45 +62,66 @@ impl BlockTarget for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
-        self.0.read(offset, buf).map_err(target_error)
+        let started = Instant::now();
+        let result = self.0.read(offset, buf).map_err(target_error);
+        self.0.record_latency(IoOp::Read, started.elapsed());
+        result
     }
 
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
-        self.0
+        let started = Instant::now();
+        let result = self
+            .0
             .try_read(offset, buf)
             .map(attempt)
-            .map_err(target_error)
+            .map_err(target_error);
+        if !matches!(result, Ok(ReadAttempt::WouldBlock)) {
+            self.0.record_latency(IoOp::Read, started.elapsed());
+        }
+        result
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
+        let started = Instant::now();
         if fua {
-            return self
+            let result = self
                 .0
                 .write(offset, data, true)
                 .map(ack)
                 .map_err(target_error);
+            self.0.record_latency(IoOp::Write, started.elapsed());
+            return result;
         }
         let (outcome, dtl) = self.0.write_deferred(offset, data).map_err(target_error)?;
         let mut write_ack = ack(outcome);
-        write_ack.pending = dtl.map(|ticket| {
-            let volume = self.0.clone();
-            Box::pin(async move {
-                ticket
-                    .wait()
-                    .await
-                    .map_err(|reason| target_error(volume.dtl_fenced(reason)))?;
-                // Fenced while the DTL round trip was in flight: not acknowledged.
-                volume.check_fence().map_err(target_error)
-            }) as PendingAck
-        });
+        match dtl {
+            None => self.0.record_latency(IoOp::Write, started.elapsed()),
+            Some(ticket) => {
+                let volume = self.0.clone();
+                write_ack.pending = Some(Box::pin(async move {
+                    let result = ticket
+                        .wait()
+                        .await
+                        .map_err(|reason| target_error(volume.dtl_fenced(reason)))
+                        // Fenced while the DTL round trip was in flight: not acknowledged.
+                        .and_then(|()| volume.check_fence().map_err(target_error));
+                    volume.record_latency(IoOp::Write, started.elapsed());
+                    result
+                }) as PendingAck);
+            }
+        }
         Ok(write_ack)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
-        self.0
+        let started = Instant::now();
+        let result = self
+            .0
             .discard(offset, len)
             .map(|()| WriteAck::default())
-            .map_err(target_error)
+            .map_err(target_error);
+        self.0.record_latency(IoOp::Discard, started.elapsed());
+        result
     }
 
     fn write_zeroes(
@@ -102,14 +131,21 @@ impl BlockTarget for VolumeExport {
         allocate: bool,
         fua: bool,
     ) -> Result<WriteAck, TargetError> {
-        self.0
+        let started = Instant::now();
+        let result = self
+            .0
             .write_zeroes(offset, len, allocate, fua)
             .map(ack)
-            .map_err(target_error)
+            .map_err(target_error);
+        self.0.record_latency(IoOp::Write, started.elapsed());
+        result
     }
 
     fn flush(&self) -> Result<(), TargetError> {
-        self.0.flush().map_err(target_error)
+        let started = Instant::now();
+        let result = self.0.flush().map_err(target_error);
+        self.0.record_latency(IoOp::Flush, started.elapsed());
+        result
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError> {

@@ -13,12 +13,14 @@ mod export;
 mod export_remote;
 mod mds_host;
 mod mds_link;
+mod metrics;
 mod openapi;
 mod registry;
 mod scrub;
 mod server;
 mod size;
 mod tier;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +66,9 @@ enum Command {
     Dtl(DtlArgs),
     /// The nodes of the cluster (one in the single-node default).
     Node(NodeArgs),
+    /// A live view of every volume's IOPS, bandwidth and latency (p50/p99), refreshed every
+    /// `--interval`.
+    Top(TopArgs),
     /// Run an edge on a hypervisor host (serve volumes other nodes own over vhost-user and NBD),
     /// or, with a verb, manage a running edge: attach, detach, list.
     Edge(edge_host::cli::EdgeArgs),
@@ -87,6 +92,18 @@ enum Command {
         /// Directory to write the pages to (created if missing), e.g. /usr/local/share/man/man1.
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct TopArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Refresh period.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: std::time::Duration,
+    /// Stop after this many refreshes [default: 0, until interrupted].
+    #[arg(long, default_value_t = 0)]
+    count: u64,
 }
 
 #[derive(Args)]
@@ -368,6 +385,15 @@ enum VolumeVerb {
         /// Volume name.
         name: String,
     },
+    /// IOPS, bandwidth and latency percentiles (p50/p99 per operation) of a volume, measured
+    /// over `--interval` (the figures `vstor top` refreshes).
+    Stats {
+        /// Volume name.
+        name: String,
+        /// How long to measure.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Grow a volume (shrinking is refused, and so is resizing a template).
     Resize {
         /// Volume name.
@@ -486,6 +512,10 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
         VolumeVerb::Info { name } => {
             let value: VolumeView = client.get(&format!("/v1/volumes/{name}"))?;
             remote.show(&value, print_info);
+        }
+        VolumeVerb::Stats { name, interval } => {
+            let value = top::volume_stats(&client, &name, interval)?;
+            remote.show(&value, |v| top::print_rates(std::slice::from_ref(v)));
         }
         VolumeVerb::Resize { name, size } => {
             let size = parse_size(&size)?;
@@ -859,6 +889,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Template(mut args) => {
             args.remote.inherit(&global);
             run_template(args)
+        }
+        Command::Top(mut args) => {
+            args.remote.inherit(&global);
+            top::top(
+                &Client::new(&args.remote.api()),
+                args.interval,
+                args.count,
+                args.remote.json,
+            )
         }
         Command::Node(mut args) => {
             args.remote.inherit(&global);

@@ -13,8 +13,28 @@ use utoipa::OpenApi;
 use crate::api_types::{
     CloneRequest, CreateRequest, ErrorBody, Health, MoveRequest, NodeView, RegistryReachable,
     ResizeRequest, RollbackRequest, ScrubAnswer, ScrubRequest, SnapshotDeleted, SnapshotRequest,
-    SnapshotUnexported, SnapshotView, TakeoverRequest, UpdateRequest, VolumeDeleted, VolumeView,
+    SnapshotUnexported, SnapshotView, TakeoverRequest, UpdateRequest, VolumeDeleted, VolumeStats,
+    VolumeView,
 };
+
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{name}/stats",
+    tag = "volumes",
+    summary = "Cumulative request counters and latency histograms (`vstor volume stats`, `vstor top`).",
+    params(("name" = String, Path, description = "volume name")),
+    responses((status = 200, body = VolumeStats), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))
+)]
+fn volume_stats() {}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "node",
+    summary = "Prometheus metrics (OpenMetrics text): per-volume latency histograms, I/O, write buffer, DTL, uploads, scrub, MDS; process CPU and memory.",
+    responses((status = 200, body = String, content_type = "application/openmetrics-text"), (status = "5XX", body = ErrorBody))
+)]
+fn metrics() {}
 
 #[utoipa::path(
     get,
@@ -270,6 +290,8 @@ fn clone_create() {}
         volume_takeover,
         volume_scrub,
         volume_template,
+        volume_stats,
+        metrics,
         snapshot_list,
         snapshot_create,
         snapshot_info,

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod error;
+pub mod latency;
 pub mod manager;
 pub mod map;
 pub mod meta;

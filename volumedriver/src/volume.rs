@@ -152,6 +152,8 @@ pub struct Volume {
     served: served::ServedFacts,
     /// Told about every uncorked TLog (an MDS master's feed), see `mds_link`.
     uncork_sink: parking_lot::RwLock<Option<Arc<dyn mds_link::UncorkSink>>>,
+    /// Per-operation latency as the frontends see it (see `latency`).
+    latency: crate::latency::IoLatency,
 }
 
 impl Volume {
@@ -296,6 +298,7 @@ impl Volume {
             releasing: AtomicBool::new(false),
             served: served::ServedFacts::new(owner_tag),
             uncork_sink: parking_lot::RwLock::new(None),
+            latency: crate::latency::IoLatency::default(),
         }
     }
 

@@ -81,6 +81,16 @@ pub struct VolumeInfo {
 }
 
 impl Volume {
+    /// Record one request's latency (called by the export glue around each request).
+    pub fn record_latency(&self, op: crate::latency::IoOp, latency: std::time::Duration) {
+        self.latency.record(op, latency);
+    }
+
+    /// A copy of the latency histogram of `op`.
+    pub fn latency(&self, op: crate::latency::IoOp) -> crate::latency::LatencySnapshot {
+        self.latency.snapshot(op)
+    }
+
     /// Every written cluster and where it is, by address: the whole map, copied (to compare
     /// restarts, e.g. from an MDS, with a full replay).
     pub fn map_entries(

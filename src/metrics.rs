@@ -1,0 +1,431 @@
+//! `GET /metrics` (Prometheus text exposition) and `GET /v1/volumes/{name}/stats` (the raw
+//! counters and latency histograms `vstor volume stats` and `vstor top` turn into rates).
+//!
+//! A scrape reads the node's state once into a [`Scrape`] (volume infos, latency snapshots,
+//! scrub progress, process figures), then encodes it with `prometheus-client` through a
+//! `Collector`: nothing is registered ahead of time, so a deleted volume's series simply stop.
+//! Names follow Prometheus conventions: a `vstor_` prefix, base units (`_seconds`, `_bytes`),
+//! `_total` on counters (added by the encoder), labels `volume`, `op`, `state`, `mds`, `role`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use vstor_volumedriver::latency::{IoOp, LatencySnapshot, BOUNDS_SECONDS};
+use vstor_volumedriver::VolumeInfo;
+
+use crate::api::{ApiError, ApiState};
+use crate::api_types::{MdsStatus, OpLatency, ScrubProgress, VolumeStats};
+
+/// A per-volume metric read straight off [`VolumeInfo`]: name, help, value.
+type PerVolume = (&'static str, &'static str, fn(&VolumeInfo) -> u64);
+
+/// One volume as scraped.
+#[derive(Debug)]
+struct VolumeSample {
+    info: VolumeInfo,
+    latency: Vec<(IoOp, LatencySnapshot)>,
+    nbd_connections: usize,
+    scrub: Option<ScrubProgress>,
+    mds: Option<MdsStatus>,
+}
+
+/// Everything one scrape reports, read before encoding.
+#[derive(Debug)]
+struct Scrape {
+    node: String,
+    volumes: Vec<VolumeSample>,
+    failed: usize,
+    cpu_seconds: f64,
+    rss_bytes: u64,
+}
+
+fn cpu_seconds() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        secs(u.user_time()) + secs(u.system_time())
+    })
+}
+
+/// Resident set size (`VmRSS` of `/proc/self/status`); 0 if unreadable.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let kib = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn scrape(state: &ApiState) -> Scrape {
+    let volumes = state
+        .manager
+        .names()
+        .into_iter()
+        .filter_map(|name| state.manager.get(&name).ok())
+        .map(|volume| {
+            let name = volume.name().to_string();
+            VolumeSample {
+                latency: IoOp::ALL
+                    .iter()
+                    .map(|op| (*op, volume.latency(*op)))
+                    .collect(),
+                nbd_connections: state.nbd.connections(&name),
+                scrub: state.scrubs.status(&name).0,
+                mds: state.mds.as_ref().and_then(|m| m.status(&name)),
+                info: volume.info(),
+            }
+        })
+        .collect();
+    Scrape {
+        node: state.node.name.clone(),
+        volumes,
+        failed: state.manager.failed().len(),
+        cpu_seconds: cpu_seconds(),
+        rss_bytes: rss_bytes(),
+    }
+}
+
+/// Encode one metric family of `samples` (label values, metric).
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in samples {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn vol(info: &VolumeInfo) -> Vec<(&'static str, String)> {
+    vec![("volume", info.name.clone())]
+}
+
+fn vol_op(info: &VolumeInfo, op: &str) -> Vec<(&'static str, String)> {
+    vec![("volume", info.name.clone()), ("op", op.to_string())]
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let vols = &self.volumes;
+        let gauge = |v: u64| ConstGauge::new(v as i64);
+        // Latency histograms.
+        {
+            let mut family = encoder.encode_descriptor(
+                "vstor_volume_io_latency_seconds",
+                "Latency of a volume's requests as its frontends see them (NBD, vhost-user, edge)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for v in vols {
+                for (op, snap) in &v.latency {
+                    let buckets: Vec<(f64, u64)> = BOUNDS_SECONDS
+                        .iter()
+                        .copied()
+                        .chain(std::iter::once(f64::INFINITY))
+                        .zip(snap.buckets.iter().copied())
+                        .collect();
+                    family
+                        .encode_family(&vol_op(&v.info, op.as_str()))?
+                        .encode_histogram::<NoLabelSet>(
+                            snap.sum_seconds,
+                            snap.count,
+                            &buckets,
+                            None,
+                        )?;
+                }
+            }
+        }
+        family(
+            &mut encoder,
+            "vstor_volume_ops",
+            "Requests served, by operation",
+            MetricType::Counter,
+            vols.iter().flat_map(|v| {
+                let i = &v.info;
+                [
+                    ("read", i.reads),
+                    ("write", i.writes),
+                    ("flush", i.flushes),
+                    ("discard", i.discards),
+                ]
+                .into_iter()
+                .map(move |(op, n)| (vol_op(i, op), ConstCounter::new(n)))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_volume_io_bytes",
+            "Bytes read and written by clients",
+            MetricType::Counter,
+            vols.iter().flat_map(|v| {
+                let i = &v.info;
+                [("read", i.read_bytes), ("write", i.write_bytes)]
+                    .into_iter()
+                    .map(move |(op, n)| (vol_op(i, op), ConstCounter::new(n)))
+            }),
+        )?;
+        let gauges: [PerVolume; 8] = [
+            ("vstor_volume_size_bytes", "Volume size", |i| i.size),
+            (
+                "vstor_volume_written_bytes",
+                "Bytes of the volume that hold data",
+                |i| i.written_bytes,
+            ),
+            (
+                "vstor_volume_write_buffer_bytes",
+                "SCO bytes in the node's write buffer",
+                |i| i.local_sco_bytes,
+            ),
+            (
+                "vstor_volume_not_uploaded_bytes",
+                "Write-buffer bytes not on the backend yet",
+                |i| i.not_uploaded_bytes,
+            ),
+            (
+                "vstor_volume_throttling",
+                "1 while writes are throttled to the upload rate",
+                |i| u64::from(i.throttling),
+            ),
+            ("vstor_volume_upload_queue", "Upload steps queued", |i| {
+                i.upload_queue as u64
+            }),
+            (
+                "vstor_volume_dtl_backlog_bytes",
+                "Bytes queued for the DTL and not acknowledged",
+                |i| i.dtl_backlog_bytes,
+            ),
+            (
+                "vstor_volume_garbage_bytes",
+                "Overwritten data a scrub would free (estimate)",
+                |i| i.garbage_bytes,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            family(
+                &mut encoder,
+                name,
+                help,
+                MetricType::Gauge,
+                vols.iter().map(|v| (vol(&v.info), gauge(value(&v.info)))),
+            )?;
+        }
+        let counters: [PerVolume; 6] = [
+            (
+                "vstor_volume_throttled_writes",
+                "Writes held back by the throttle",
+                |i| i.throttled_writes,
+            ),
+            (
+                "vstor_volume_uploaded_bytes",
+                "Bytes uploaded to the backend",
+                |i| i.uploaded_bytes,
+            ),
+            (
+                "vstor_volume_uploaded_tlogs",
+                "TLogs uploaded to the backend",
+                |i| i.uploaded_tlogs,
+            ),
+            (
+                "vstor_volume_upload_errors",
+                "Failed upload attempts",
+                |i| i.upload_errors,
+            ),
+            (
+                "vstor_volume_backend_reads",
+                "Reads served from the backend (write-buffer misses)",
+                |i| i.backend_reads,
+            ),
+            (
+                "vstor_volume_evicted_scos",
+                "SCOs evicted from the write buffer",
+                |i| i.evicted_scos,
+            ),
+        ];
+        for (name, help, value) in counters {
+            family(
+                &mut encoder,
+                name,
+                help,
+                MetricType::Counter,
+                vols.iter()
+                    .map(|v| (vol(&v.info), ConstCounter::new(value(&v.info)))),
+            )?;
+        }
+        family(
+            &mut encoder,
+            "vstor_volume_state",
+            "1 for the volume's state (running, halted, stopped, fenced)",
+            MetricType::Gauge,
+            vols.iter().map(|v| {
+                let mut labels = vol(&v.info);
+                labels.push(("state", v.info.state.clone()));
+                (labels, gauge(1))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_volume_dtl_state",
+            "1 for the volume's DTL state (ok_sync, ok_standalone, catch_up, degraded)",
+            MetricType::Gauge,
+            vols.iter().map(|v| {
+                let mut labels = vol(&v.info);
+                labels.push(("state", v.info.dtl_state.clone()));
+                (labels, gauge(1))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_volume_nbd_connections",
+            "NBD clients connected to the volume",
+            MetricType::Gauge,
+            vols.iter()
+                .map(|v| (vol(&v.info), gauge(v.nbd_connections as u64))),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_volume_scrub_done_ratio",
+            "Progress of a running scrub (0 to 1)",
+            MetricType::Gauge,
+            vols.iter().filter_map(|v| {
+                let p = v.scrub.as_ref()?;
+                let ratio = if p.total == 0 {
+                    0.0
+                } else {
+                    p.done as f64 / p.total as f64
+                };
+                Some((vol(&v.info), ConstGauge::new(ratio)))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_volume_mds_behind_tlogs",
+            "Backend TLogs each of the volume's MDS tables lacks",
+            MetricType::Gauge,
+            vols.iter().flat_map(|v| {
+                let name = v.info.name.clone();
+                v.mds.iter().flat_map(move |m| {
+                    let name = name.clone();
+                    m.servers.iter().filter_map(move |s| {
+                        let behind = s.behind?;
+                        Some((
+                            vec![
+                                ("volume", name.clone()),
+                                ("mds", s.addr.clone()),
+                                ("role", s.role.clone()),
+                            ],
+                            gauge(behind),
+                        ))
+                    })
+                })
+            }),
+        )?;
+        let node = || vec![("node", self.node.clone())];
+        family(
+            &mut encoder,
+            "vstor_node_volumes",
+            "Volumes served by the node, and those that failed to restart",
+            MetricType::Gauge,
+            [
+                (
+                    vec![("node", self.node.clone()), ("state", "served".into())],
+                    gauge(vols.len() as u64),
+                ),
+                (
+                    vec![("node", self.node.clone()), ("state", "failed".into())],
+                    gauge(self.failed as u64),
+                ),
+            ],
+        )?;
+        family(
+            &mut encoder,
+            "vstor_process_cpu_seconds",
+            "User and system CPU time of the node process",
+            MetricType::Counter,
+            [(node(), ConstCounter::new(self.cpu_seconds))],
+        )?;
+        family(
+            &mut encoder,
+            "vstor_process_resident_memory_bytes",
+            "Resident memory of the node process",
+            MetricType::Gauge,
+            [(node(), gauge(self.rss_bytes))],
+        )?;
+        Ok(())
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let scraped = tokio::task::spawn_blocking(move || scrape(&state))
+        .await
+        .map_err(|e| ApiError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(scraped));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| {
+        ApiError(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the metrics failed: {e}"),
+        )
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// `GET /v1/volumes/{name}/stats`.
+pub async fn stats(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<VolumeStats>, ApiError> {
+    let volume = state.manager.get(&name)?;
+    let info = volume.info();
+    Ok(Json(VolumeStats {
+        name,
+        at_ms: now_ms(),
+        reads: info.reads,
+        writes: info.writes,
+        flushes: info.flushes,
+        discards: info.discards,
+        read_bytes: info.read_bytes,
+        write_bytes: info.write_bytes,
+        bounds_seconds: BOUNDS_SECONDS.to_vec(),
+        latency: IoOp::ALL
+            .iter()
+            .map(|op| {
+                let s = volume.latency(*op);
+                OpLatency {
+                    op: op.as_str().to_string(),
+                    buckets: s.buckets,
+                    sum_seconds: s.sum_seconds,
+                    count: s.count,
+                }
+            })
+            .collect(),
+    }))
+}

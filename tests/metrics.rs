@@ -1,0 +1,209 @@
+//! What an operator sees of a running node: `GET /metrics` read by a Prometheus text parser
+//! (names, labels, histograms that move after real I/O from qemu-io), and `vstor volume stats`
+//! and `vstor top` under a live NBD write load.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::oracle::{start_writers, stop_writers, wait_progress, Load, Mode};
+use common::{require_tool, run_ok, Daemon};
+use prometheus_parse::{Sample, Scrape, Value};
+
+fn scrape(daemon: &Daemon) -> Scrape {
+    let mut response = ureq::get(format!("http://{}/metrics", daemon.api))
+        .call()
+        .unwrap();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(content_type.contains("openmetrics-text"), "{content_type}");
+    let text = response.body_mut().read_to_string().unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format")
+}
+
+fn labelled<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect()
+}
+
+/// The histogram of `op` on volume `vol`: its count and its cumulative buckets.
+fn histogram(scrape: &Scrape, op: &str) -> (u64, Vec<(f64, u64)>) {
+    let samples = labelled(
+        scrape,
+        "vstor_volume_io_latency_seconds",
+        &[("volume", "vol"), ("op", op)],
+    );
+    assert_eq!(samples.len(), 1, "one histogram for op={op}");
+    match &samples[0].value {
+        Value::Histogram(buckets) => {
+            let cumulative: Vec<(f64, u64)> = buckets
+                .iter()
+                .map(|b| (b.less_than, b.count as u64))
+                .collect();
+            (cumulative.last().map_or(0, |b| b.1), cumulative)
+        }
+        other => panic!("op={op} is not a histogram: {other:?}"),
+    }
+}
+
+fn counter(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let samples = labelled(scrape, metric, labels);
+    assert_eq!(samples.len(), 1, "{metric} {labels:?}: {samples:?}");
+    match samples[0].value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+        ref other => panic!("{metric} is {other:?}"),
+    }
+}
+
+#[test]
+fn metrics_parse_and_the_histograms_move_after_io() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(tmp.path());
+    daemon.create_volume("vol", "64M");
+    let before = scrape(&daemon);
+    let (writes_before, _) = histogram(&before, "write");
+    let (reads_before, _) = histogram(&before, "read");
+
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &daemon.uri("vol"),
+        "-c",
+        "write -P 0x11 0 1M",
+        "-c",
+        "write -P 0x12 1M 64k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x11 0 1M",
+        "-c",
+        "discard 2M 1M",
+    ]));
+    let after = scrape(&daemon);
+    let (writes, buckets) = histogram(&after, "write");
+    let (reads, _) = histogram(&after, "read");
+    assert!(writes > writes_before, "{writes_before} -> {writes}");
+    assert!(reads > reads_before, "{reads_before} -> {reads}");
+    assert!(histogram(&after, "flush").0 >= 1);
+    assert!(histogram(&after, "discard").0 >= 1);
+    // Cumulative buckets never decrease and end at +Inf with the count.
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{buckets:?}"
+    );
+    assert_eq!(buckets.last().unwrap().0, f64::INFINITY);
+
+    // Counters match what qemu-io did; the volume's gauges and the process are there.
+    let written = counter(
+        &after,
+        "vstor_volume_io_bytes_total",
+        &[("volume", "vol"), ("op", "write")],
+    );
+    assert!(written >= f64::from((1 << 20) + (64 << 10)), "{written}");
+    assert!(
+        counter(
+            &after,
+            "vstor_volume_ops_total",
+            &[("volume", "vol"), ("op", "read")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        counter(&after, "vstor_volume_size_bytes", &[("volume", "vol")]),
+        f64::from(64 << 20)
+    );
+    assert_eq!(
+        counter(
+            &after,
+            "vstor_volume_state",
+            &[("volume", "vol"), ("state", "running")]
+        ),
+        1.0
+    );
+    assert!(counter(&after, "vstor_process_resident_memory_bytes", &[]) > 1e6);
+    // Every name follows the conventions: a vstor_ prefix, lower snake case.
+    let names: BTreeMap<&str, ()> = after
+        .samples
+        .iter()
+        .map(|s| (s.metric.as_str(), ()))
+        .collect();
+    for name in names.keys() {
+        assert!(
+            name.starts_with("vstor_") && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+            "{name}"
+        );
+    }
+    // A deleted volume's series are gone.
+    daemon.cli_ok(&["volume", "delete", "vol"]);
+    assert!(labelled(
+        &scrape(&daemon),
+        "vstor_volume_size_bytes",
+        &[("volume", "vol")]
+    )
+    .is_empty());
+}
+
+#[test]
+fn volume_stats_and_top_show_a_live_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(tmp.path());
+    daemon.create_volume("vol", "64M");
+    daemon.create_volume("idle", "16M");
+    let load = Load::new();
+    let writers = start_writers(&daemon.nbd, "vol", Mode::Sync, &load);
+    wait_progress(&load, &writers, 200, "warm-up");
+
+    let out = daemon.cli_ok(&["volume", "stats", "vol", "--interval", "500ms", "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(stats["write_iops"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(
+        stats["write_bytes_per_second"].as_f64().unwrap() > 0.0,
+        "{stats}"
+    );
+    let write = stats["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["op"] == "write")
+        .unwrap();
+    let (p50, p99) = (
+        write["p50_ms"].as_f64().unwrap(),
+        write["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "{write}");
+
+    let out = daemon.cli_ok(&["top", "--interval", "300ms", "--count", "2", "--json"]);
+    let refreshes: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('['))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(refreshes.len(), 2, "{out}");
+    let rows = refreshes[1].as_array().unwrap();
+    let row = |name: &str| rows.iter().find(|r| r["name"] == name).unwrap();
+    assert!(row("vol")["write_iops"].as_f64().unwrap() > 0.0, "{out}");
+    assert_eq!(row("idle")["write_iops"].as_f64().unwrap(), 0.0, "{out}");
+    let text = daemon.cli_ok(&["top", "--interval", "200ms", "--count", "1"]);
+    assert!(text.contains("W p99 ms") && text.contains("vol"), "{text}");
+    stop_writers(&load, writers);
+
+    let err = daemon.cli(&["volume", "stats", "nosuch"]);
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("nosuch"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+}
