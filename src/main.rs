@@ -7,6 +7,7 @@ mod api_types;
 mod client;
 mod cluster;
 mod config;
+mod dashboard;
 mod dirlock;
 mod edge_host;
 mod export;

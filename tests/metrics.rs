@@ -207,3 +207,53 @@ fn volume_stats_and_top_show_a_live_load() {
         String::from_utf8_lossy(&err.stderr)
     );
 }
+
+/// `docs/grafana-dashboard.json` only queries series a node exports: every `vstor_…` name in
+/// its expressions appears in a live scrape (with the suffixes Prometheus adds).
+#[test]
+fn the_grafana_dashboard_queries_metrics_that_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(tmp.path());
+    daemon.create_volume("vol", "16M");
+    let text = ureq::get(format!("http://{}/metrics", daemon.api))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("vstor_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                // Series that exist only in some states (a running scrub, an MDS) are
+                // declared by their TYPE line.
+                let declared = text.contains(&format!("# TYPE {name} "));
+                assert!(
+                    exported.contains(name.as_str()) || declared,
+                    "panel {:?} queries {name}, which the node does not export",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 15, "{queried}");
+}
