@@ -22,6 +22,7 @@ mod server;
 mod size;
 mod tier;
 mod top;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -386,6 +387,31 @@ enum VolumeVerb {
         /// Volume name.
         name: String,
     },
+    /// Create volume NAME from a disk image (raw or qcow2), writing only its data (holes and
+    /// zeros are skipped, so a thin image stays thin).
+    Import {
+        /// The image file.
+        file: PathBuf,
+        /// Name of the new volume.
+        name: String,
+        /// Image format [default: detected: qcow2 by its magic, raw otherwise].
+        #[arg(long, value_enum)]
+        format: Option<transfer::Format>,
+        /// Volume size, at least the image's [default: the image's (virtual) size, rounded up
+        /// to 4 KiB].
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Copy a volume into a raw image file, sparse (zero ranges are left as holes).
+    Export {
+        /// Volume name.
+        name: String,
+        /// The image file to write.
+        file: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// IOPS, bandwidth and latency percentiles (p50/p99 per operation) of a volume, measured
     /// over `--interval` (the figures `vstor top` refreshes).
     Stats {
@@ -513,6 +539,38 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
         VolumeVerb::Info { name } => {
             let value: VolumeView = client.get(&format!("/v1/volumes/{name}"))?;
             remote.show(&value, print_info);
+        }
+        VolumeVerb::Import {
+            file,
+            name,
+            format,
+            size,
+        } => {
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let report = transfer::import(&client, &file, &name, format, size)?;
+            remote.show(&report, |r| {
+                println!(
+                    "imported {} into volume {} ({}, {} of data) in {:.1} s",
+                    r.file,
+                    r.volume,
+                    format_size(r.size),
+                    format_size(r.data_bytes),
+                    r.seconds
+                );
+            });
+        }
+        VolumeVerb::Export { name, file, force } => {
+            let report = transfer::export(&client, &name, &file, force)?;
+            remote.show(&report, |r| {
+                println!(
+                    "exported volume {} ({}, {} of data) to {} in {:.1} s",
+                    r.volume,
+                    format_size(r.size),
+                    format_size(r.data_bytes),
+                    r.file,
+                    r.seconds
+                );
+            });
         }
         VolumeVerb::Stats { name, interval } => {
             let value = top::volume_stats(&client, &name, interval)?;
