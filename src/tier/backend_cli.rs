@@ -170,7 +170,29 @@ pub fn repair_until_done(
     options: &RepairOptions,
     show: bool,
 ) -> Result<RepairReport> {
+    // A bar on a terminal, a line every 64 objects otherwise (logs, pipes, CI).
+    let bar = (show && crate::client::on_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "repair {prefix}: [{bar:40}] {pos}/{len} objects ({elapsed}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(namespace.to_string());
+        bar
+    });
     let show_progress = |p: &RepairProgress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.objects_total);
+            bar.set_position(p.objects_checked);
+            bar.set_message(format!(
+                "{} rebuilt, {} moved",
+                p.fragments_rebuilt, p.fragments_moved
+            ));
+            return;
+        }
         if show && (p.objects_checked.is_multiple_of(64) || p.objects_checked == p.objects_total) {
             eprintln!(
                 "repair {}: {}/{} objects, {} fragments rebuilt, {} moved, {} read, {} written",
@@ -194,6 +216,9 @@ pub fn repair_until_done(
         if total.fully_redundant() || acted == 0 {
             break;
         }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     Ok(total)
 }
