@@ -105,6 +105,8 @@ pub struct ApiState {
     pub tier: Option<Arc<vstor_backend::ec::store::EcStore>>,
     /// The node's metadata servers (`--mds`), if it uses any.
     pub mds: Option<Arc<crate::mds_link::MdsLink>>,
+    /// Latency and errors of the node's backend requests (`/metrics`).
+    pub backend_timing: Arc<crate::backend_timing::BackendTiming>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).

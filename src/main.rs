@@ -4,6 +4,7 @@
 
 mod api;
 mod api_types;
+mod backend_timing;
 mod client;
 mod cluster;
 mod config;

@@ -44,6 +44,7 @@ struct Scrape {
     node: String,
     volumes: Vec<VolumeSample>,
     failed: usize,
+    backend: Vec<(&'static str, LatencySnapshot, u64)>,
     cpu_seconds: f64,
     rss_bytes: u64,
 }
@@ -90,6 +91,7 @@ fn scrape(state: &ApiState) -> Scrape {
         node: state.node.name.clone(),
         volumes,
         failed: state.manager.failed().len(),
+        backend: state.backend_timing.snapshot(),
         cpu_seconds: cpu_seconds(),
         rss_bytes: rss_bytes(),
     }
@@ -108,6 +110,16 @@ fn family<M: EncodeMetric>(
         metric.encode(family.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A snapshot's buckets as (upper bound, count), the last one +Inf.
+fn buckets(snap: &LatencySnapshot) -> Vec<(f64, u64)> {
+    BOUNDS_SECONDS
+        .iter()
+        .copied()
+        .chain(std::iter::once(f64::INFINITY))
+        .zip(snap.buckets.iter().copied())
+        .collect()
 }
 
 fn vol(info: &VolumeInfo) -> Vec<(&'static str, String)> {
@@ -132,18 +144,12 @@ impl Collector for Scrape {
             )?;
             for v in vols {
                 for (op, snap) in &v.latency {
-                    let buckets: Vec<(f64, u64)> = BOUNDS_SECONDS
-                        .iter()
-                        .copied()
-                        .chain(std::iter::once(f64::INFINITY))
-                        .zip(snap.buckets.iter().copied())
-                        .collect();
                     family
                         .encode_family(&vol_op(&v.info, op.as_str()))?
                         .encode_histogram::<NoLabelSet>(
                             snap.sum_seconds,
                             snap.count,
-                            &buckets,
+                            &buckets(snap),
                             None,
                         )?;
                 }
@@ -331,6 +337,36 @@ impl Collector for Scrape {
                         ))
                     })
                 })
+            }),
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "vstor_backend_request_latency_seconds",
+                "Latency of the node's backend requests by kind (put, get, get_range, delete, list, meta)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (kind, snap) in self.backend.iter().map(|(k, s, _)| (k, s)) {
+                family
+                    .encode_family(&vec![("op", (*kind).to_string())])?
+                    .encode_histogram::<NoLabelSet>(
+                        snap.sum_seconds,
+                        snap.count,
+                        &buckets(snap),
+                        None,
+                    )?;
+            }
+        }
+        family(
+            &mut encoder,
+            "vstor_backend_errors",
+            "Backend requests that failed, by kind",
+            MetricType::Counter,
+            self.backend.iter().map(|(kind, _, errors)| {
+                (
+                    vec![("op", (*kind).to_string())],
+                    ConstCounter::new(*errors),
+                )
             }),
         )?;
         let node = || vec![("node", self.node.clone())];

@@ -137,6 +137,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         open_backend(&spec, tier_endpoints.as_deref(), &node_name)
     })
     .await??;
+    // Every backend call is timed for `/metrics` (the wrapper only measures).
+    let (backend, backend_timing) = crate::backend_timing::TimedStore::wrap(backend);
     // The MDS link exists before the volumes restart: each restart asks it for a seed.
     let mds = config.mds.clone().map(|settings| {
         crate::mds_link::MdsLink::new(
@@ -311,6 +313,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             failover: failover.clone(),
             tier: tier.clone(),
             mds: mds.clone(),
+            backend_timing: backend_timing.clone(),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {

@@ -136,7 +136,18 @@ fn every_node_api_error_is_json_with_its_status() {
         404,
         "no such API route",
     );
-    assert_error(http(api, "GET", "/", None, ""), 404, "no such API route");
+    assert_error(
+        http(api, "GET", "/nope", None, ""),
+        404,
+        "no such API route",
+    );
+    // `/` is the dashboard page, and only GET serves it.
+    let (status, content_type, body) = http(api, "GET", "/", None, "");
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("text/html") && body.contains("<title>vstor dashboard</title>")
+    );
+    assert_error(http(api, "POST", "/", JSON, "{}"), 405, "not allowed");
     assert_error(
         http(api, "PUT", "/v1/volumes", JSON, "{}"),
         405,

@@ -38,11 +38,19 @@ fn labelled<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Ve
 
 /// The histogram of `op` on volume `vol`: its count and its cumulative buckets.
 fn histogram(scrape: &Scrape, op: &str) -> (u64, Vec<(f64, u64)>) {
-    let samples = labelled(
+    histogram_of(
         scrape,
         "vstor_volume_io_latency_seconds",
         &[("volume", "vol"), ("op", op)],
-    );
+    )
+}
+
+fn histogram_of(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> (u64, Vec<(f64, u64)>) {
+    let op = labels
+        .iter()
+        .find(|(k, _)| *k == "op")
+        .map_or("", |(_, v)| *v);
+    let samples = labelled(scrape, metric, labels);
     assert_eq!(samples.len(), 1, "one histogram for op={op}");
     match &samples[0].value {
         Value::Histogram(buckets) => {
@@ -133,6 +141,17 @@ fn metrics_parse_and_the_histograms_move_after_io() {
         1.0
     );
     assert!(counter(&after, "vstor_process_resident_memory_bytes", &[]) > 1e6);
+    // The backend's requests are timed too (creating the volume put its configuration).
+    let (puts, _) = histogram_of(
+        &after,
+        "vstor_backend_request_latency_seconds",
+        &[("op", "put")],
+    );
+    assert!(puts >= 1, "{puts}");
+    assert_eq!(
+        counter(&after, "vstor_backend_errors_total", &[("op", "put")]),
+        0.0
+    );
     // Every name follows the conventions: a vstor_ prefix, lower snake case.
     let names: BTreeMap<&str, ()> = after
         .samples
