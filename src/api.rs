@@ -995,6 +995,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/stats", get(crate::metrics::stats))
         .route("/v1/clones", post(clone_create))
         .route("/metrics", get(crate::metrics::metrics))
+        .route("/v1/osds", get(crate::metrics::osds))
         .route("/", get(crate::dashboard::page))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

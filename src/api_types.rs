@@ -644,3 +644,16 @@ pub struct OpLatency {
     pub sum_seconds: f64,
     pub count: u64,
 }
+
+/// An OSD of the erasure-coded tier as the node's tier map sees it (`GET /v1/osds`; empty on a
+/// node without `--backend ec`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OsdView {
+    pub id: u64,
+    pub addr: String,
+    pub domain: String,
+    /// `up`, `down`, `draining` or `out`.
+    pub state: String,
+    /// Up and taking new fragments (not draining, out or full).
+    pub writable: bool,
+}

@@ -23,7 +23,7 @@ use vstor_volumedriver::latency::{IoOp, LatencySnapshot, BOUNDS_SECONDS};
 use vstor_volumedriver::VolumeInfo;
 
 use crate::api::{ApiError, ApiState};
-use crate::api_types::{MdsStatus, OpLatency, ScrubProgress, VolumeStats};
+use crate::api_types::{MdsStatus, OpLatency, OsdView, ScrubProgress, VolumeStats};
 
 /// A per-volume metric read straight off [`VolumeInfo`]: name, help, value.
 type PerVolume = (&'static str, &'static str, fn(&VolumeInfo) -> u64);
@@ -45,6 +45,8 @@ struct Scrape {
     volumes: Vec<VolumeSample>,
     failed: usize,
     backend: Vec<(&'static str, LatencySnapshot, u64)>,
+    /// The EC tier's OSDs (`None`: not on the EC tier; an error reading the map: empty).
+    osds: Option<Vec<OsdView>>,
     cpu_seconds: f64,
     rss_bytes: u64,
 }
@@ -65,6 +67,29 @@ fn rss_bytes() -> u64 {
             kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// The tier's OSDs (blocking: the tier map may read the registry).
+fn osd_views(state: &ApiState) -> Option<Vec<OsdView>> {
+    let tier = state.tier.as_ref()?;
+    let osds = match tier.tier_map().osds() {
+        Ok(osds) => osds,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the tier's OSDs for the metrics");
+            Vec::new()
+        }
+    };
+    Some(
+        osds.into_iter()
+            .map(|o| OsdView {
+                id: o.slot.id,
+                addr: o.addr,
+                domain: o.slot.domain,
+                state: o.state.as_str().to_string(),
+                writable: o.slot.writable,
+            })
+            .collect(),
+    )
 }
 
 fn scrape(state: &ApiState) -> Scrape {
@@ -92,6 +117,7 @@ fn scrape(state: &ApiState) -> Scrape {
         volumes,
         failed: state.manager.failed().len(),
         backend: state.backend_timing.snapshot(),
+        osds: osd_views(state),
         cpu_seconds: cpu_seconds(),
         rss_bytes: rss_bytes(),
     }
@@ -369,6 +395,35 @@ impl Collector for Scrape {
                 )
             }),
         )?;
+        let osds = self.osds.as_deref().unwrap_or_default();
+        family(
+            &mut encoder,
+            "vstor_osd_state",
+            "1 for each OSD of the erasure-coded tier in its state (up, down, draining, out)",
+            MetricType::Gauge,
+            osds.iter().map(|o| {
+                (
+                    vec![
+                        ("osd", o.id.to_string()),
+                        ("domain", o.domain.clone()),
+                        ("state", o.state.clone()),
+                    ],
+                    gauge(1),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_osd_writable",
+            "1 while the OSD takes new fragments",
+            MetricType::Gauge,
+            osds.iter().map(|o| {
+                (
+                    vec![("osd", o.id.to_string()), ("domain", o.domain.clone())],
+                    gauge(u64::from(o.writable)),
+                )
+            }),
+        )?;
         let node = || vec![("node", self.node.clone())];
         family(
             &mut encoder,
@@ -464,4 +519,12 @@ pub async fn stats(
             })
             .collect(),
     }))
+}
+
+/// `GET /v1/osds`.
+pub async fn osds(State(state): State<ApiState>) -> Result<Json<Vec<OsdView>>, ApiError> {
+    let views = tokio::task::spawn_blocking(move || osd_views(&state))
+        .await
+        .map_err(|e| ApiError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(views.unwrap_or_default()))
 }

@@ -11,10 +11,10 @@ use utoipa::OpenApi;
 
 #[allow(unused_imports)]
 use crate::api_types::{
-    CloneRequest, CreateRequest, ErrorBody, Health, MoveRequest, NodeView, RegistryReachable,
-    ResizeRequest, RollbackRequest, ScrubAnswer, ScrubRequest, SnapshotDeleted, SnapshotRequest,
-    SnapshotUnexported, SnapshotView, TakeoverRequest, UpdateRequest, VolumeDeleted, VolumeStats,
-    VolumeView,
+    CloneRequest, CreateRequest, ErrorBody, Health, MoveRequest, NodeView, OsdView,
+    RegistryReachable, ResizeRequest, RollbackRequest, ScrubAnswer, ScrubRequest, SnapshotDeleted,
+    SnapshotRequest, SnapshotUnexported, SnapshotView, TakeoverRequest, UpdateRequest,
+    VolumeDeleted, VolumeStats, VolumeView,
 };
 
 #[utoipa::path(
@@ -35,6 +35,15 @@ fn volume_stats() {}
     responses((status = 200, body = String, content_type = "application/openmetrics-text"), (status = "5XX", body = ErrorBody))
 )]
 fn metrics() {}
+
+#[utoipa::path(
+    get,
+    path = "/v1/osds",
+    tag = "node",
+    summary = "The erasure-coded tier's OSDs as this node sees them (empty without `--backend ec`).",
+    responses((status = 200, body = Vec<OsdView>), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))
+)]
+fn osds() {}
 
 #[utoipa::path(
     get,
@@ -292,6 +301,7 @@ fn clone_create() {}
         volume_template,
         volume_stats,
         metrics,
+        osds,
         snapshot_list,
         snapshot_create,
         snapshot_info,

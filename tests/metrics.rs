@@ -276,3 +276,47 @@ fn the_grafana_dashboard_queries_metrics_that_exist() {
     }
     assert!(queried >= 15, "{queried}");
 }
+
+/// On the erasure-coded tier, `/metrics` and `GET /v1/osds` show every OSD's state, and a
+/// killed OSD turns `down` there.
+#[test]
+fn osd_health_is_exported_on_the_ec_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = common::tier::Tier::start(tmp.path(), 3, 3);
+    let node = tier.node("n1", &[]);
+    let up = |daemon: &Daemon| {
+        let scrape = scrape(daemon);
+        labelled(&scrape, "vstor_osd_state", &[("state", "up")]).len()
+    };
+    assert_eq!(up(&node), 3);
+    let osds: Vec<serde_json::Value> = serde_json::from_str(
+        &ureq::get(format!("http://{}/v1/osds", node.api))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(osds.len(), 3, "{osds:?}");
+    assert!(
+        osds.iter()
+            .all(|o| o["state"] == "up" && o["writable"] == true),
+        "{osds:?}"
+    );
+
+    tier.osds[0].kill9();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while up(&node) != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed OSD never showed down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let scrape = scrape(&node);
+    assert_eq!(
+        labelled(&scrape, "vstor_osd_state", &[("state", "down")]).len(),
+        1
+    );
+}
