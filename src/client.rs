@@ -349,6 +349,21 @@ pub fn on_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
+/// A progress bar of `len` in the style every verb uses (`template` is indicatif's, with
+/// `{prefix}` set to `prefix`), or `None` off a terminal: callers then print plain lines.
+pub fn progress_bar(template: &str, prefix: &str, len: u64) -> Option<indicatif::ProgressBar> {
+    on_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix.to_string());
+        bar
+    })
+}
+
 impl ProgressPrinter {
     pub fn start(api: &str, volume: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
@@ -357,18 +372,11 @@ impl ProgressPrinter {
         let path = format!("/v1/volumes/{volume}");
         let volume = volume.to_string();
         let thread = std::thread::spawn(move || {
-            let bar = on_terminal().then(|| {
-                let bar = indicatif::ProgressBar::new(0);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "scrub {prefix}: {msg:>12} [{bar:40}] {pos}/{len} ({elapsed})",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                );
-                bar.set_prefix(volume.clone());
-                bar
-            });
+            let bar = progress_bar(
+                "scrub {prefix}: {msg:>12} [{bar:40}] {pos}/{len} ({elapsed})",
+                &volume,
+                0,
+            );
             let mut last = String::new();
             // Quick answers (a refusal, a small volume) print no progress.
             std::thread::park_timeout(Duration::from_millis(500));

@@ -267,18 +267,11 @@ async fn show_progress(addr: String, volume: String, total: u64) {
     let Ok(client) = MdsClient::connect(&addr, "vstor-cli-progress", CLI_TIMEOUT).await else {
         return;
     };
-    let bar = crate::client::on_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "rebuild {prefix}: [{bar:40}] {pos}/{len} TLogs ({elapsed}, {per_sec})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(volume.clone());
-        bar
-    });
+    let bar = crate::client::progress_bar(
+        "rebuild {prefix}: [{bar:40}] {pos}/{len} TLogs ({elapsed}, {per_sec})",
+        &volume,
+        total,
+    );
     let mut last_line = std::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -65,18 +65,11 @@ struct Progress {
 
 impl Progress {
     fn new(what: &str, total: u64) -> Self {
-        let bar = crate::client::on_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(what.to_string());
-            bar
-        });
+        let bar = crate::client::progress_bar(
+            "{prefix} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            what,
+            total,
+        );
         Self {
             bar,
             what: what.to_string(),

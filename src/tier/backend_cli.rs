@@ -171,18 +171,15 @@ pub fn repair_until_done(
     show: bool,
 ) -> Result<RepairReport> {
     // A bar on a terminal, a line every 64 objects otherwise (logs, pipes, CI).
-    let bar = (show && crate::client::on_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
+    let bar = show
+        .then(|| {
+            crate::client::progress_bar(
                 "repair {prefix}: [{bar:40}] {pos}/{len} objects ({elapsed}) {msg}",
+                namespace,
+                0,
             )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(namespace.to_string());
-        bar
-    });
+        })
+        .flatten();
     let show_progress = |p: &RepairProgress| {
         if let Some(bar) = &bar {
             bar.set_length(p.objects_total);
