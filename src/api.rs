@@ -107,6 +107,8 @@ pub struct ApiState {
     pub mds: Option<Arc<crate::mds_link::MdsLink>>,
     /// Latency and errors of the node's backend requests (`/metrics`).
     pub backend_timing: Arc<crate::backend_timing::BackendTiming>,
+    /// The EC tier's background repair, when the backend is `ec`.
+    pub tier_repair: Option<Arc<crate::tier::maintenance::RepairStatus>>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).

@@ -34,6 +34,7 @@ struct VolumeSample {
     info: VolumeInfo,
     latency: Vec<(IoOp, LatencySnapshot)>,
     nbd_connections: usize,
+    vhost_connected: bool,
     scrub: Option<ScrubProgress>,
     mds: Option<MdsStatus>,
 }
@@ -47,6 +48,8 @@ struct Scrape {
     backend: Vec<(&'static str, LatencySnapshot, u64)>,
     /// The EC tier's OSDs (`None`: not on the EC tier; an error reading the map: empty).
     osds: Option<Vec<OsdView>>,
+    /// The tier's background repair: (name, help, kind, value).
+    repair: Vec<(&'static str, &'static str, MetricType, u64)>,
     cpu_seconds: f64,
     rss_bytes: u64,
 }
@@ -106,6 +109,7 @@ fn scrape(state: &ApiState) -> Scrape {
                     .map(|op| (*op, volume.latency(*op)))
                     .collect(),
                 nbd_connections: state.nbd.connections(&name),
+                vhost_connected: state.vhost.connected(&name),
                 scrub: state.scrubs.status(&name).0,
                 mds: state.mds.as_ref().and_then(|m| m.status(&name)),
                 info: volume.info(),
@@ -118,6 +122,60 @@ fn scrape(state: &ApiState) -> Scrape {
         failed: state.manager.failed().len(),
         backend: state.backend_timing.snapshot(),
         osds: osd_views(state),
+        repair: state.tier_repair.as_ref().map_or_else(Vec::new, |r| {
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            vec![
+                (
+                    "vstor_tier_repair_running",
+                    "1 while a background repair or scrub pass runs",
+                    MetricType::Gauge,
+                    get(&r.running),
+                ),
+                (
+                    "vstor_tier_repair_objects_checked",
+                    "Objects of the namespace being repaired checked so far",
+                    MetricType::Gauge,
+                    get(&r.objects_checked),
+                ),
+                (
+                    "vstor_tier_repair_objects",
+                    "Objects of the namespace being repaired",
+                    MetricType::Gauge,
+                    get(&r.objects_total),
+                ),
+                (
+                    "vstor_tier_repair_passes",
+                    "Background repair and scrub passes completed",
+                    MetricType::Counter,
+                    get(&r.passes),
+                ),
+                (
+                    "vstor_tier_repair_fragments_rebuilt",
+                    "Fragments rebuilt by background repair",
+                    MetricType::Counter,
+                    get(&r.fragments_rebuilt),
+                ),
+                (
+                    "vstor_tier_repair_fragments_moved",
+                    "Fragments moved by background repair",
+                    MetricType::Counter,
+                    get(&r.fragments_moved),
+                ),
+                (
+                    "vstor_tier_repair_corrupt_found",
+                    "Corrupt fragments found by background scrub",
+                    MetricType::Counter,
+                    get(&r.corrupt_found),
+                ),
+                (
+                    "vstor_tier_repair_failures",
+                    "Namespaces whose repair failed",
+                    MetricType::Counter,
+                    get(&r.failures),
+                ),
+            ]
+        }),
         cpu_seconds: cpu_seconds(),
         rss_bytes: rss_bytes(),
     }
@@ -329,6 +387,14 @@ impl Collector for Scrape {
         )?;
         family(
             &mut encoder,
+            "vstor_volume_vhost_connected",
+            "1 while a vhost-user frontend (QEMU) is connected to the volume",
+            MetricType::Gauge,
+            vols.iter()
+                .map(|v| (vol(&v.info), gauge(u64::from(v.vhost_connected)))),
+        )?;
+        family(
+            &mut encoder,
             "vstor_volume_scrub_done_ratio",
             "Progress of a running scrub (0 to 1)",
             MetricType::Gauge,
@@ -425,6 +491,19 @@ impl Collector for Scrape {
             }),
         )?;
         let node = || vec![("node", self.node.clone())];
+        for (name, help, kind, value) in &self.repair {
+            let labels = node();
+            match kind {
+                MetricType::Counter => family(
+                    &mut encoder,
+                    name,
+                    help,
+                    *kind,
+                    [(labels, ConstCounter::new(*value))],
+                )?,
+                _ => family(&mut encoder, name, help, *kind, [(labels, gauge(*value))])?,
+            }
+        }
         family(
             &mut encoder,
             "vstor_node_volumes",

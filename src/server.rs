@@ -165,8 +165,14 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
 
     let gate = cluster.as_ref().map(|c| c.gate(manager.clone()));
     // The EC tier's background repair of this node's volumes (aborted with the runtime).
+    let tier_repair = Arc::new(crate::tier::maintenance::RepairStatus::default());
     let _tier_maintenance = tier.as_ref().map(|store| {
-        crate::tier::maintenance::start(store.clone(), store.tier_map(), manager.clone())
+        crate::tier::maintenance::start(
+            store.clone(),
+            store.tier_map(),
+            manager.clone(),
+            tier_repair.clone(),
+        )
     });
     if cluster.is_some() && config.default_volume.is_some() {
         tracing::info!("cluster node: no default volume is created (create volumes with `vstor volume create`)");
@@ -314,6 +320,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             tier: tier.clone(),
             mds: mds.clone(),
             backend_timing: backend_timing.clone(),
+            tier_repair: tier.as_ref().map(|_| tier_repair.clone()),
         });
         let stop = api_stop.clone();
         tokio::spawn(async move {

@@ -314,9 +314,22 @@ fn osd_health_is_exported_on_the_ec_tier() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let scrape = scrape(&node);
+    let scraped = scrape(&node);
     assert_eq!(
-        labelled(&scrape, "vstor_osd_state", &[("state", "down")]).len(),
+        labelled(&scraped, "vstor_osd_state", &[("state", "down")]).len(),
         1
     );
+    // The background repair ran (its start-up pass, or the map change) and says so.
+    while counter(
+        &scrape(&node),
+        "vstor_tier_repair_passes_total",
+        &[("node", "n1")],
+    ) < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background repair pass was counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -10,6 +10,7 @@
 //! I/O keeps its share, and log their progress.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,21 @@ pub fn signature(osds: &[OsdEntry]) -> MapSignature {
     osds.iter()
         .map(|o| (o.slot.id, o.state.as_str(), o.slot.writable))
         .collect()
+}
+
+/// What the background passes are doing, for `/metrics` (counters since the node started).
+#[derive(Debug, Default)]
+pub struct RepairStatus {
+    /// 1 while a repair or scrub pass runs.
+    pub running: AtomicU64,
+    /// Objects of the namespace being repaired: checked so far, and in all.
+    pub objects_checked: AtomicU64,
+    pub objects_total: AtomicU64,
+    pub passes: AtomicU64,
+    pub fragments_rebuilt: AtomicU64,
+    pub fragments_moved: AtomicU64,
+    pub corrupt_found: AtomicU64,
+    pub failures: AtomicU64,
 }
 
 /// What the node last completed.
@@ -63,6 +79,7 @@ pub fn start(
     store: Arc<EcStore>,
     map: Arc<dyn TierMap>,
     manager: Arc<VolumeManager>,
+    status: Arc<RepairStatus>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut done = Done {
@@ -78,8 +95,12 @@ pub fn start(
             let Some(scrub) = due(&done, &sig, Instant::now()) else {
                 continue;
             };
-            let (store, manager) = (store.clone(), manager.clone());
-            let pass = tokio::task::spawn_blocking(move || run_pass(&store, &manager, scrub)).await;
+            let (store, manager, st) = (store.clone(), manager.clone(), status.clone());
+            status.running.store(1, Ordering::Relaxed);
+            let pass =
+                tokio::task::spawn_blocking(move || run_pass(&store, &manager, scrub, &st)).await;
+            status.running.store(0, Ordering::Relaxed);
+            status.passes.fetch_add(1, Ordering::Relaxed);
             let clean = match pass {
                 Ok(clean) => clean,
                 Err(e) => {
@@ -101,7 +122,7 @@ pub fn start(
 
 /// One pass over the node's volumes; `true` when every namespace was handled without errors
 /// (objects waiting on a down OSD are fine: the next map change brings them back to repair).
-fn run_pass(store: &EcStore, manager: &VolumeManager, scrub: bool) -> bool {
+fn run_pass(store: &EcStore, manager: &VolumeManager, scrub: bool, status: &RepairStatus) -> bool {
     // Two passes: the first restores redundancy at the least traffic (lost fragments rebuilt,
     // draining OSDs emptied, sound fragments left where they are); the second moves fragments
     // to where placement wants them (a new OSD's share, and the knock-on of a changed map).
@@ -112,7 +133,7 @@ fn run_pass(store: &EcStore, manager: &VolumeManager, scrub: bool) -> bool {
             verify: scrub && !rebalance,
             rebalance,
         };
-        clean &= pass_over_volumes(store, manager, scrub, &options);
+        clean &= pass_over_volumes(store, manager, scrub, &options, status);
     }
     clean
 }
@@ -122,11 +143,18 @@ fn pass_over_volumes(
     manager: &VolumeManager,
     scrub: bool,
     options: &RepairOptions,
+    status: &RepairStatus,
 ) -> bool {
     let mut clean = true;
     for name in manager.names() {
         let started = Instant::now();
         let report: Result<RepairReport, _> = store.repair_namespace(&name, options, &|p| {
+            status
+                .objects_checked
+                .store(p.objects_checked, Ordering::Relaxed);
+            status
+                .objects_total
+                .store(p.objects_total, Ordering::Relaxed);
             if p.objects_checked.is_multiple_of(256) && p.objects_checked > 0 {
                 tracing::info!(
                     volume = %p.namespace,
@@ -141,6 +169,15 @@ fn pass_over_volumes(
         });
         match report {
             Ok(r) => {
+                status
+                    .fragments_rebuilt
+                    .fetch_add(r.fragments_rebuilt, Ordering::Relaxed);
+                status
+                    .fragments_moved
+                    .fetch_add(r.fragments_moved, Ordering::Relaxed);
+                status
+                    .corrupt_found
+                    .fetch_add(r.corrupt_found, Ordering::Relaxed);
                 if r.fragments_rebuilt + r.fragments_moved + r.fragments_deleted + r.corrupt_found
                     > 0
                     || !r.unrecoverable.is_empty()
@@ -165,6 +202,7 @@ fn pass_over_volumes(
             }
             Err(e) => {
                 tracing::warn!(volume = %name, "tier repair failed: {e}");
+                status.failures.fetch_add(1, Ordering::Relaxed);
                 clean = false;
             }
         }
