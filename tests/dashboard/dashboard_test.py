@@ -14,6 +14,7 @@ import tempfile
 
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -24,6 +25,24 @@ URL, SHOT = sys.argv[1], sys.argv[2]
 
 def row(name):
     return f'tr.volume[data-volume="{name}"]'
+
+
+def click(wait, selector):
+    """Click the element at `selector`. The page redraws its tables every second, so an element
+    found a moment ago may be gone: find and click in one step, again until it holds."""
+
+    def attempt(driver):
+        try:
+            driver.find_element(By.CSS_SELECTOR, selector).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait.until(attempt)
+
+
+def text(driver, element_id):
+    return driver.find_element(By.ID, element_id).text
 
 
 def write_iops_positive(driver):
@@ -71,7 +90,8 @@ def main():
     try:
         driver.set_page_load_timeout(30)
         driver.get(URL)
-        wait = WebDriverWait(driver, 30)
+        # Lambdas that meet a redrawn (stale) element are simply polled again.
+        wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
         assert driver.title == "vstor dashboard", driver.title
 
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row("vol")))
@@ -80,37 +100,38 @@ def main():
         wait.until(lambda d: painted(d, f'canvas.iops[data-volume="vol"]') > 20)
 
         # The volume's detail: latency graph, snapshots, clone tree.
-        driver.find_element(By.CSS_SELECTOR, row("vol") + " td").click()
+        click(wait, row("vol") + " td")
         wait.until(lambda d: d.find_element(By.ID, "detail").is_displayed())
         wait.until(lambda d: painted(d, "#latency") > 20)
-        assert "vol" in driver.find_element(By.ID, "tree").text
+        wait.until(lambda d: "vol" in text(d, "tree"))
 
         driver.find_element(By.ID, "snapshot-name").send_keys("ui-snap")
         driver.find_element(By.CSS_SELECTOR, "#snapshot button").click()
-        wait.until(lambda d: "ui-snap" in d.find_element(By.ID, "snapshots").text)
+        wait.until(lambda d: "ui-snap" in text(d, "snapshots"))
 
         # A malformed size is refused with a message; a good one creates the volume.
         driver.find_element(By.ID, "create-name").send_keys("fromui")
         driver.find_element(By.ID, "create-size").send_keys("lots")
         driver.find_element(By.ID, "create-button").click()
-        wait.until(lambda d: "size must look like" in d.find_element(By.ID, "message").text)
+        wait.until(lambda d: "size must look like" in text(d, "message"))
         size = driver.find_element(By.ID, "create-size")
         size.clear()
         size.send_keys("32M")
         driver.find_element(By.ID, "create-button").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row("fromui")))
-        assert "created volume fromui" in driver.find_element(By.ID, "message").text
+        wait.until(lambda d: "created volume fromui" in text(d, "message"))
 
         # Delete asks first: dismissed, nothing happens; accepted, the volume goes.
-        driver.find_element(By.CSS_SELECTOR, row("doomed") + " button.delete").click()
+        click(wait, row("doomed") + " button.delete")
         wait.until(EC.alert_is_present()).dismiss()
-        driver.find_element(By.CSS_SELECTOR, row("doomed") + " button.delete").click()
+        assert driver.find_elements(By.CSS_SELECTOR, row("doomed")), "deleted without confirmation"
+        click(wait, row("doomed") + " button.delete")
         wait.until(EC.alert_is_present()).accept()
-        wait.until(lambda d: "deleted volume doomed" in d.find_element(By.ID, "message").text)
+        wait.until(lambda d: "deleted volume doomed" in text(d, "message"))
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, row("doomed")))
 
         # The nodes table.
-        assert "yes" in driver.find_element(By.ID, "nodes").text
+        wait.until(lambda d: "yes" in text(d, "nodes"))
         driver.save_screenshot(SHOT)
     finally:
         driver.quit()
