@@ -196,14 +196,27 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
-/// A snapshot's buckets as (upper bound, count), the last one +Inf.
-fn buckets(snap: &LatencySnapshot) -> Vec<(f64, u64)> {
-    BOUNDS_SECONDS
-        .iter()
-        .copied()
-        .chain(std::iter::once(f64::INFINITY))
-        .zip(snap.buckets.iter().copied())
-        .collect()
+/// Encode one histogram family: each sample's labels and latency snapshot (its buckets are
+/// `BOUNDS_SECONDS` and +Inf).
+fn histograms<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, &'a LatencySnapshot)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, snap) in samples {
+        let buckets: Vec<(f64, u64)> = BOUNDS_SECONDS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(snap.buckets.iter().copied())
+            .collect();
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(snap.sum_seconds, snap.count, &buckets, None)?;
+    }
+    Ok(())
 }
 
 fn vol(info: &VolumeInfo) -> Vec<(&'static str, String)> {
@@ -218,27 +231,16 @@ impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let vols = &self.volumes;
         let gauge = |v: u64| ConstGauge::new(v as i64);
-        // Latency histograms.
-        {
-            let mut family = encoder.encode_descriptor(
-                "vstor_volume_io_latency_seconds",
-                "Latency of a volume's requests as its frontends see them (NBD, vhost-user, edge)",
-                None,
-                MetricType::Histogram,
-            )?;
-            for v in vols {
-                for (op, snap) in &v.latency {
-                    family
-                        .encode_family(&vol_op(&v.info, op.as_str()))?
-                        .encode_histogram::<NoLabelSet>(
-                            snap.sum_seconds,
-                            snap.count,
-                            &buckets(snap),
-                            None,
-                        )?;
-                }
-            }
-        }
+        histograms(
+            &mut encoder,
+            "vstor_volume_io_latency_seconds",
+            "Latency of a volume's requests as its frontends see them (NBD, vhost-user, edge)",
+            vols.iter().flat_map(|v| {
+                v.latency
+                    .iter()
+                    .map(|(op, snap)| (vol_op(&v.info, op.as_str()), snap))
+            }),
+        )?;
         family(
             &mut encoder,
             "vstor_volume_ops",
@@ -431,24 +433,14 @@ impl Collector for Scrape {
                 })
             }),
         )?;
-        {
-            let mut family = encoder.encode_descriptor(
-                "vstor_backend_request_latency_seconds",
-                "Latency of the node's backend requests by kind (put, get, get_range, delete, list, meta)",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (kind, snap) in self.backend.iter().map(|(k, s, _)| (k, s)) {
-                family
-                    .encode_family(&vec![("op", (*kind).to_string())])?
-                    .encode_histogram::<NoLabelSet>(
-                        snap.sum_seconds,
-                        snap.count,
-                        &buckets(snap),
-                        None,
-                    )?;
-            }
-        }
+        histograms(
+            &mut encoder,
+            "vstor_backend_request_latency_seconds",
+            "Latency of the node's backend requests by kind (put, get, get_range, delete, list, meta)",
+            self.backend
+                .iter()
+                .map(|(kind, snap, _)| (vec![("op", (*kind).to_string())], snap)),
+        )?;
         family(
             &mut encoder,
             "vstor_backend_errors",

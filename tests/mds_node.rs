@@ -100,6 +100,11 @@ const CREATE_VOL_4M_SCOS: [&str; 7] = [
     "4M",
 ];
 
+/// A sparse file of `len` zero bytes (the reference a volume is compared with).
+fn zeroed_file(path: &Path, len: u64) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+}
+
 fn u(info: &serde_json::Value, key: &str) -> u64 {
     info[key]
         .as_u64()
@@ -197,10 +202,7 @@ fn restarts_load_the_map_from_the_mds_and_replay_only_what_it_lacks() {
     let mut mds = Mds::start_at(&tmp.path().join("mds"), &backend, &a, &[]);
     node.create_volume("vol", "64M");
     let reference = tmp.path().join("reference.raw");
-    std::fs::File::create(&reference)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    zeroed_file(&reference, 64 << 20);
     let caught_up = |node: &Daemon| {
         node.wait_uploaded("vol");
         node.wait_for("vol", "the MDS caught up", |i| {
@@ -475,10 +477,7 @@ fn rollback_scrub_and_clones_keep_the_tables_right() {
     node.cli_ok(&CREATE_VOL_4M_SCOS);
     let reference = tmp.path().join("reference.raw");
     let at_s3 = tmp.path().join("at-s3.raw");
-    std::fs::File::create(&reference)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    zeroed_file(&reference, 64 << 20);
     for round in 1..=3 {
         write_round(&node, &reference, round);
     }
