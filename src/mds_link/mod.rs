@@ -389,7 +389,11 @@ impl Inner {
         };
         let decided = plan::check(&placement, &probes, self.settings.max_behind);
         let mut notes = Vec::new();
+        // Whether this check changed anything an MDS reports: only then is a second probe
+        // (for the status `volume info` shows) worth its backend list read.
+        let mut acted = false;
         if let Some(to) = &decided.promote {
+            acted = true;
             let behind = probes.iter().find(|(a, _)| a == to).map(|(_, p)| p.clone());
             match self.promote(volume, to, owner_tag).await {
                 Ok(()) => {
@@ -414,6 +418,7 @@ impl Inner {
         };
         let mut all_roles = true;
         if decided.make_master || (!roles_set && reachable(&placement.master)) {
+            acted = true;
             all_roles &= self
                 .set_role(volume, &placement.master, Role::Master, owner_tag)
                 .await;
@@ -421,11 +426,13 @@ impl Inner {
         for slave in &placement.slaves {
             let wanted = decided.make_slave.contains(slave) || !roles_set;
             if wanted && reachable(slave) {
+                acted = true;
                 all_roles &= self.set_role(volume, slave, Role::Slave, owner_tag).await;
             }
         }
         for addr in &decided.catch_up {
             if let Ok(client) = self.client(addr).await {
+                acted = true;
                 match client.catch_up(volume, false).await {
                     Ok(r) if r.replayed > 0 => {
                         tracing::info!(volume, mds = %addr, replayed = r.replayed, full = ?r.full_rebuild, "MDS table caught up on demand");
@@ -443,10 +450,13 @@ impl Inner {
         } else {
             None
         };
-        let probes = self
-            .probe(volume, &placement)
-            .await
-            .unwrap_or_else(|| probes.clone());
+        let probes = if acted {
+            self.probe(volume, &placement)
+                .await
+                .unwrap_or_else(|| probes.clone())
+        } else {
+            probes.clone()
+        };
         let status = status_of(&placement, &probes, notes);
         let mut served = self.served.lock();
         let Some(s) = served.get_mut(volume) else {
