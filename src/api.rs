@@ -11,6 +11,7 @@
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
 //! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
 //! | POST   | /v1/volumes/{name}/adopt                  |                                        |
+//! | POST   | /v1/volumes/{name}/restart                |  (a halted volume, or one that failed to restart) |
 //! | POST   | /v1/volumes/{name}/move                   | `{to, timeout_secs?}` (cluster; see `cluster::move_api`) |
 //! | DELETE | /v1/volumes/{name}[?force=true]           |                                        |
 //! | POST   | /v1/volumes/{name}/scrub                  | `{rate?}` (bytes per second; body optional) |
@@ -505,6 +506,34 @@ async fn adopt(
     Ok(Json(value))
 }
 
+/// Restart a halted volume (or one that failed to open at node start) once what stopped it is
+/// gone: see `VolumeManager::restart`. Its NBD clients and vhost-user frontend, still talking to
+/// the stopped instance, are cut so that they reconnect to the new one.
+async fn restart(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<VolumeView>, ApiError> {
+    let manager = state.manager.clone();
+    let target = name.clone();
+    let volume = blocking(move || manager.restart(&target)).await?;
+    let disconnected = disconnect_nbd(&state, &name, "restart").await?;
+    let vhost = state.vhost.clone();
+    let export = name.clone();
+    off_reactor(move || {
+        vhost.remove_export(&export);
+        vhost.add_export(&export)
+    })
+    .await?
+    .map_err(|e| {
+        internal(format!(
+            "volume {name} restarted, but cannot be exported over vhost-user: {e}"
+        ))
+    })?;
+    let mut value = view(&state, volume.info());
+    value.nbd_clients_disconnected = Some(disconnected);
+    Ok(Json(value))
+}
+
 /// Refuse (409) while NBD clients or a vhost-user frontend use volume `name`, unless `force`.
 /// Returns whether a vhost-user frontend is connected.
 fn refuse_in_use(
@@ -968,6 +997,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}", get(info).patch(update).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
         .route("/v1/volumes/{name}/adopt", post(adopt))
+        .route("/v1/volumes/{name}/restart", post(restart))
         .route(
             "/v1/volumes/{name}/move",
             post(crate::cluster::move_api::move_volume),

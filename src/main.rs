@@ -450,6 +450,13 @@ enum VolumeVerb {
         /// Volume name.
         name: String,
     },
+    /// Restart a halted volume (for example one whose data the EC tier could not give back while
+    /// too many OSDs were down), or one that failed to open when the node started, once the
+    /// cause is gone: it is opened again from its write buffer, the backend and its DTL.
+    Restart {
+        /// Volume name.
+        name: String,
+    },
     /// Move a volume to another node of the cluster: flush, hand it over under a new owner tag,
     /// serve it from NODE. Its NBD clients are disconnected; the new NBD address is printed
     /// on stdout, progress on stderr.
@@ -625,6 +632,15 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                     v.dtl_entries_replayed.unwrap_or(0),
                     v.dtl_entries_held.unwrap_or(0)
                 );
+            });
+        }
+        VolumeVerb::Restart { name } => {
+            let value: VolumeView = client.post(
+                &format!("/v1/volumes/{name}/restart"),
+                &serde_json::json!({}),
+            )?;
+            remote.show(&value, |v| {
+                println!("restarted volume {name}: {}", v.state);
             });
         }
         VolumeVerb::Move {

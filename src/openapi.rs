@@ -154,6 +154,16 @@ fn volume_adopt() {}
 
 #[utoipa::path(
     post,
+    path = "/v1/volumes/{name}/restart",
+    tag = "volumes",
+    summary = "Restart a halted volume, or one that failed to restart, once its cause is gone.",
+    params(("name" = String, Path, description = "volume name")),
+    responses((status = 200, body = VolumeView), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))
+)]
+fn volume_restart() {}
+
+#[utoipa::path(
+    post,
     path = "/v1/volumes/{name}/move",
     tag = "cluster",
     summary = "Move a volume to another node.",
@@ -295,6 +305,7 @@ fn clone_create() {}
         volume_delete,
         volume_resize,
         volume_adopt,
+        volume_restart,
         volume_move,
         volume_takeover,
         volume_scrub,

@@ -90,6 +90,15 @@ pub enum BackendError {
     },
     #[error("OSD {addr}: {reason}")]
     Osd { addr: String, reason: String },
+    /// Fewer than `k` fragments of the object could be read (too many OSDs down or fragments
+    /// lost): its data is not available, and no store answers with anything but this error.
+    /// The volume driver halts a volume that meets it (see [`BackendError::is_unreadable`]).
+    #[error("{namespace}/{name} cannot be rebuilt: {reason}")]
+    Unreadable {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
     #[error("the EC tier's registry: {reason}")]
     TierRegistry { reason: String },
     #[error("OSD {addr} refused the request ({code:?}): {message}")]
@@ -104,6 +113,16 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl BackendError {
+    /// Whether this error means an existing object's data cannot be read at all (as opposed to
+    /// a missing object, a bad request, or a transient failure a retry may cure): a read that
+    /// meets it must not be answered, and the volume stops serving until an operator has
+    /// brought the data back (the OSDs) and restarts it.
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, BackendError::Unreadable { .. })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;

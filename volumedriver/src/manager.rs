@@ -31,6 +31,7 @@ use crate::volume::{MapSeed, ReplaySummary, Volume, VolumeInfo};
 use crate::wbfs::{StdFs, WbFs};
 
 mod handoff;
+mod restart;
 
 const REGISTRY_KIND: &[u8; 4] = b"REGY";
 const REGISTRY_VERSION: u32 = 1;
@@ -164,32 +165,30 @@ impl VolumeManager {
             }
         });
         for name in registry.volumes {
-            let dir = manager.config.write_buffer_dir.join(&name);
-            let seed = manager.mds_seed(&name);
-            match Volume::open_seeded(
-                manager.fs.clone(),
-                &dir,
-                manager.backend.clone(),
-                &name,
-                seed,
-            ) {
-                Ok(volume) => {
-                    tracing::info!(volume = %name, "volume restarted");
-                    // Writes acknowledged after the last FLUSH may be missing from the write
-                    // buffer after a crash; the DTL has them. An unreachable DTL is not fatal:
-                    // the volume comes up degraded with what the write buffer kept.
-                    if let Err(e) = volume.replay_dtl() {
-                        tracing::error!(volume = %name, error = %e, "DTL replay at restart failed; continuing without it");
-                    }
-                    manager.serve(&name, &volume);
-                }
-                Err(e) => {
-                    tracing::error!(volume = %name, error = %e, "volume could not be restarted");
-                    manager.failed.write().insert(name, e.to_string());
-                }
+            if let Err(e) = manager.open_registered(&name) {
+                tracing::error!(volume = %name, error = %e, "volume could not be restarted");
+                manager.failed.write().insert(name, e.to_string());
             }
         }
         Ok(manager)
+    }
+
+    /// Open registered volume `name` from its write buffer (and the MDS or the backend), replay
+    /// its DTL and serve it: what a node start does for each volume, and what
+    /// [`restart`](Self::restart) does for one.
+    fn open_registered(self: &Arc<Self>, name: &str) -> Result<Arc<Volume>> {
+        let dir = self.config.write_buffer_dir.join(name);
+        let seed = self.mds_seed(name);
+        let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
+        tracing::info!(volume = %name, "volume restarted");
+        // Writes acknowledged after the last FLUSH may be missing from the write buffer after a
+        // crash; the DTL has them. An unreachable DTL is not fatal: the volume comes up degraded
+        // with what the write buffer kept.
+        if let Err(e) = volume.replay_dtl() {
+            tracing::error!(volume = %name, error = %e, "DTL replay at restart failed; continuing without it");
+        }
+        self.serve(name, &volume);
+        Ok(volume)
     }
 
     fn mds_seed(&self, name: &str) -> Option<MapSeed> {

@@ -118,10 +118,11 @@ impl EcStore {
                 });
             }
             let (seen, k) = newest_seen.unwrap_or((0, 0));
-            return Err(BackendError::Osd {
-                addr: "-".into(),
+            return Err(BackendError::Unreadable {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
                 reason: format!(
-                    "{namespace}/{name} cannot be rebuilt: {seen} fragments reachable (k = {k}), OSDs {unreachable:?} unreachable"
+                    "{seen} fragments reachable (k = {k}), OSDs {unreachable:?} unreachable"
                 ),
             });
         };
@@ -266,11 +267,10 @@ impl EcStore {
             reason: e.to_string(),
         })?;
         code.reconstruct(&mut shards, true)
-            .map_err(|e| BackendError::Osd {
-                addr: "-".into(),
-                reason: format!(
-                    "{namespace}/{name}: fragment {index} is lost and cannot be rebuilt: {e}"
-                ),
+            .map_err(|e| BackendError::Unreadable {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason: format!("fragment {index} is lost and the others do not decode: {e}"),
             })?;
         shards[usize::from(index)]
             .take()

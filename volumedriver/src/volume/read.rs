@@ -170,9 +170,20 @@ impl Volume {
                     offset,
                 } => {
                     self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-                    self.backend
-                        .get_range(&namespace, &sco.to_string(), offset, out)
-                        .map_err(VolumeError::backend(&self.name))?;
+                    if let Err(e) =
+                        self.backend
+                            .get_range(&namespace, &sco.to_string(), offset, out)
+                    {
+                        return if e.is_unreadable() {
+                            // Data the backend cannot give back (an EC object with fewer than
+                            // k fragments reachable): stop serving rather than let the guest
+                            // carry on around a hole. Never called with the state lock held
+                            // (`read_cluster_locked` does not read the backend).
+                            self.halt_with(VolumeError::backend(&self.name)(e))
+                        } else {
+                            Err(VolumeError::backend(&self.name)(e))
+                        };
+                    }
                 }
             }
         }

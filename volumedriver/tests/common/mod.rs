@@ -24,6 +24,9 @@ pub struct FaultStore {
     on_call: Mutex<Option<Hook>>,
     slow: RwLock<Option<SlowReads>>,
     slow_reads: AtomicU64,
+    /// Object reads fail as data the backend cannot give back (an EC object that lost more
+    /// than `m` fragments).
+    unreadable: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a `get_range` of (namespace, object) is slow.
@@ -43,7 +46,24 @@ impl FaultStore {
             on_call: Mutex::new(None),
             slow: RwLock::new(None),
             slow_reads: AtomicU64::new(0),
+            unreadable: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Make every object read fail with [`BackendError::Unreadable`] (`true`), or work again.
+    pub fn set_unreadable(&self, unreadable: bool) {
+        self.unreadable.store(unreadable, Ordering::SeqCst);
+    }
+
+    fn readable(&self, ns: &str, name: &str) -> vstor_backend::Result<()> {
+        if self.unreadable.load(Ordering::SeqCst) {
+            return Err(BackendError::Unreadable {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                reason: "2 fragments reachable (k = 4) (injected)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Delay every `get_range` of an object for which `matches(namespace, name)` holds by
@@ -163,6 +183,7 @@ impl ObjectStore for FaultStore {
     }
     fn get(&self, ns: &str, name: &str) -> vstor_backend::Result<Vec<u8>> {
         self.observe("get");
+        self.readable(ns, name)?;
         self.inner.get(ns, name)
     }
     fn get_range(
@@ -173,6 +194,7 @@ impl ObjectStore for FaultStore {
         buf: &mut [u8],
     ) -> vstor_backend::Result<()> {
         self.observe("get_range");
+        self.readable(ns, name)?;
         let delay = self
             .slow
             .read()
