@@ -75,6 +75,7 @@ async fn configured_max_payload_is_advertised_rounded_to_512() {
     let config = NbdServerConfig {
         max_payload: 64 * 1024 + 100,
         max_inflight_per_conn: 4,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut raw = srv.connect().await;
@@ -512,6 +513,7 @@ async fn out_of_range_unaligned_and_oversized_requests() {
     let config = NbdServerConfig {
         max_payload: 64 * 1024,
         max_inflight_per_conn: 8,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;
@@ -743,6 +745,7 @@ async fn blocking_operations_are_limited_per_connection() {
     let config = NbdServerConfig {
         max_payload: 1 << 20,
         max_inflight_per_conn: 1,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;
@@ -1097,6 +1100,7 @@ async fn backend_reads_are_limited_per_connection() {
     let config = NbdServerConfig {
         max_payload: 1 << 20,
         max_inflight_per_conn: 1,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;

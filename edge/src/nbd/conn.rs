@@ -40,8 +40,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
@@ -50,6 +49,7 @@ use tracing::{debug, error, warn};
 
 use super::handshake::{Negotiated, MIN_BLOCK_SIZE};
 use super::proto::*;
+use super::stream::NbdStream;
 use super::NbdError;
 use crate::read_pool;
 use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
@@ -762,16 +762,31 @@ async fn until(deadline: Option<Instant>) {
     }
 }
 
+/// Write the reply buffer out and, on a stream that buffers (TLS), flush it. For TCP this is
+/// `write_all_buf` alone: `NEEDS_FLUSH` is a constant.
+async fn write_out<S: NbdStream, W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        wr.write_all_buf(buf).await?;
+    }
+    if S::NEEDS_FLUSH {
+        wr.flush().await?;
+    }
+    Ok(())
+}
+
 /// Serve requests until the client disconnects, the export is disconnected (`kill`), or the
 /// server shuts down. On return every reply that could be produced has been written.
-pub(crate) async fn run(
-    stream: &mut TcpStream,
+pub(crate) async fn run<S: NbdStream>(
+    stream: &mut S,
     negotiated: Negotiated,
     params: &ConnParams,
     shutdown: &CancellationToken,
     kill: &CancellationToken,
 ) -> Result<End, NbdError> {
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = stream.halves();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut s = Session {
         peer: params.peer,
@@ -794,6 +809,8 @@ pub(crate) async fn run(
     let mut eof = false;
     let mut drain_deadline: Option<Instant> = None;
     let mut grace_over = false;
+    // Bytes handed to a stream that buffers them (TLS) and not yet flushed to the socket.
+    let mut unflushed = false;
 
     loop {
         while let Ok(done) = done_rx.try_recv() {
@@ -823,7 +840,7 @@ pub(crate) async fn run(
             }
         }
 
-        let idle = s.inflight == 0 && s.wbuf.is_empty();
+        let idle = s.inflight == 0 && s.wbuf.is_empty() && !unflushed;
         if idle && s.disc {
             return Ok(End::Disconnect);
         }
@@ -844,6 +861,9 @@ pub(crate) async fn run(
             rbuf.reserve(READ_BUF);
         }
 
+        if S::NEEDS_FLUSH && !s.wbuf.is_empty() {
+            unflushed = true;
+        }
         tokio::select! {
             biased;
             _ = kill.cancelled() => {
@@ -863,7 +883,10 @@ pub(crate) async fn run(
             }
             Some(done) = done_rx.recv() => s.complete(done),
             Some(done) = s.acks.next(), if !s.acks.is_empty() => s.complete(done),
-            written = wr.write_all_buf(&mut s.wbuf), if !s.wbuf.is_empty() => written?,
+            written = write_out::<S, _>(&mut wr, &mut s.wbuf), if !s.wbuf.is_empty() || unflushed => {
+                written?;
+                unflushed = false;
+            }
             _ = until(s.throttle_until), if s.throttle_until.is_some() => {
                 s.throttle_until = None;
             }
