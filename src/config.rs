@@ -210,6 +210,11 @@ pub struct NbdSettings {
     pub max_inflight_per_connection: usize,
     /// Time from connect to the transmission phase (options and TLS handshake), e.g. "30s".
     pub handshake_timeout: String,
+    /// NBD connections at once, in total and from one client IP address.
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// Bytes of READ/WRITE requests in flight per connection before it stops reading.
+    pub max_inflight_bytes_per_connection: String,
     /// `allow` or `require`; empty: `require` when `tls_cert` is set, no TLS otherwise.
     pub tls: String,
     /// PEM certificate chain of the server; empty: no TLS.
@@ -270,6 +275,9 @@ impl Default for NbdSettings {
             max_payload: "32M".into(),
             max_inflight_per_connection: 64,
             handshake_timeout: "30s".into(),
+            max_connections: 1024,
+            max_connections_per_client: 128,
+            max_inflight_bytes_per_connection: "256M".into(),
             tls: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
@@ -399,6 +407,9 @@ pub struct ServeConfig {
     pub nbd_max_payload: u32,
     pub nbd_max_inflight: usize,
     pub nbd_handshake_timeout: std::time::Duration,
+    pub nbd_max_connections: usize,
+    pub nbd_max_connections_per_client: usize,
+    pub nbd_max_inflight_bytes: u64,
     /// `Some`: NBD clients may (or must) use TLS; the files are loaded and checked.
     pub nbd_tls: Option<NbdTls>,
     /// DTL of new volumes: `None` means mode `none`.
@@ -449,6 +460,8 @@ pub struct Overrides {
     pub tls_ca: Option<String>,
     /// `--nbd-tls allow|require`.
     pub nbd_tls: Option<String>,
+    pub nbd_max_connections: Option<usize>,
+    pub nbd_max_connections_per_client: Option<usize>,
 }
 
 /// The node's place in a cluster, resolved.
@@ -539,6 +552,12 @@ impl FileConfig {
                 *field = value;
             }
         }
+        if let Some(n) = overrides.nbd_max_connections {
+            self.nbd_server.max_connections = n;
+        }
+        if let Some(n) = overrides.nbd_max_connections_per_client {
+            self.nbd_server.max_connections_per_client = n;
+        }
         if overrides.no_default_volume {
             self.default_volume.create = false;
         }
@@ -597,6 +616,34 @@ impl FileConfig {
                     ))
                 })?;
         let nbd_tls = self.nbd_server.resolve_tls()?;
+        for (setting, value) in [
+            (
+                "nbd_server.max_connections (--nbd-max-connections)",
+                self.nbd_server.max_connections,
+            ),
+            (
+                "nbd_server.max_connections_per_client (--nbd-max-connections-per-client)",
+                self.nbd_server.max_connections_per_client,
+            ),
+        ] {
+            if value == 0 {
+                bail!(not_allowed(setting, 0, "at least 1"));
+            }
+        }
+        let nbd_max_inflight_bytes = size_setting(
+            "nbd_server.max_inflight_bytes_per_connection",
+            &self.nbd_server.max_inflight_bytes_per_connection,
+        )?;
+        if nbd_max_inflight_bytes < max_payload {
+            bail!(not_allowed(
+                "nbd_server.max_inflight_bytes_per_connection",
+                &self.nbd_server.max_inflight_bytes_per_connection,
+                &format!(
+                    "at least nbd_server.max_payload ({})",
+                    self.nbd_server.max_payload
+                )
+            ));
+        }
         let dtl_mode: DtlMode = self
             .volume_defaults
             .dtl_mode
@@ -730,6 +777,9 @@ impl FileConfig {
             nbd_max_payload: max_payload as u32,
             nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
             nbd_handshake_timeout,
+            nbd_max_connections: self.nbd_server.max_connections,
+            nbd_max_connections_per_client: self.nbd_server.max_connections_per_client,
+            nbd_max_inflight_bytes,
             nbd_tls,
             dtl,
             auto_scrub,
@@ -978,6 +1028,13 @@ mod tests {
             ("[nbd_server]\nmax_payload = \"1K\"", "nbd_server.max_payload = \"1K\" is not allowed: must be from 4K to 4G"),
             ("[nbd_server]\nmax_payload = \"5G\"", "nbd_server.max_payload = \"5G\""),
             ("[nbd_server]\nmax_inflight_per_connection = 0", "nbd_server.max_inflight_per_connection = 0 is not allowed: must be at least 1"),
+            ("[nbd_server]\nhandshake_timeout = \"0s\"", "nbd_server.handshake_timeout = \"0s\" is not allowed: must be a nonzero duration"),
+            ("[nbd_server]\nhandshake_timeout = \"soon\"", "nbd_server.handshake_timeout = \"soon\""),
+            ("[nbd_server]\nmax_connections = 0", "nbd_server.max_connections (--nbd-max-connections) = 0 is not allowed: must be at least 1"),
+            ("[nbd_server]\nmax_connections_per_client = 0", "nbd_server.max_connections_per_client (--nbd-max-connections-per-client) = 0"),
+            ("[nbd_server]\nmax_inflight_bytes_per_connection = \"1M\"", "nbd_server.max_inflight_bytes_per_connection = \"1M\" is not allowed: must be at least nbd_server.max_payload (32M)"),
+            ("[nbd_server]\ntls = \"maybe\"", "nbd_server.tls (--nbd-tls) = \"maybe\" is not allowed: must be allow or require"),
+            ("[nbd_server]\ntls_ca = \"ca.pem\"", "nbd_server.tls_ca (--tls-ca) needs a server certificate"),
             ("[scrub]\ncheck_interval_secs = 0", "scrub.check_interval_secs = 0 is not allowed: must be at least 1"),
             ("[scrub]\nrate = \"fast\"", "setting scrub.rate"),
             ("[scrub]\ngarbage_threshold = \"x\"", "setting scrub.garbage_threshold"),

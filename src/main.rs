@@ -171,6 +171,14 @@ struct ServeArgs {
     /// before TLS) (config: `nbd_server.tls`) [default: require when --tls-cert is given].
     #[arg(long, value_name = "MODE", value_parser = ["allow", "require"])]
     nbd_tls: Option<String>,
+    /// NBD connections at once; more are closed on accept (config: `nbd_server.max_connections`)
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    nbd_max_connections: Option<usize>,
+    /// NBD connections at once from one client IP address (config:
+    /// `nbd_server.max_connections_per_client`) [default: 128].
+    #[arg(long, value_name = "N")]
+    nbd_max_connections_per_client: Option<usize>,
     /// Serve the edge protocol (for `vstor edge` on hypervisor hosts) on HOST:PORT [default:
     /// none, no edge can reach this node's volumes].
     #[arg(long)]
@@ -946,6 +954,8 @@ fn run(cli: Cli) -> Result<()> {
                 tls_key: args.tls_key,
                 tls_ca: args.tls_ca,
                 nbd_tls: args.nbd_tls,
+                nbd_max_connections: args.nbd_max_connections,
+                nbd_max_connections_per_client: args.nbd_max_connections_per_client,
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

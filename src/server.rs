@@ -212,6 +212,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             max_payload: config.nbd_max_payload,
             max_inflight_per_conn: config.nbd_max_inflight,
             handshake_timeout: config.nbd_handshake_timeout,
+            max_connections: config.nbd_max_connections,
+            max_connections_per_client: config.nbd_max_connections_per_client,
+            max_inflight_bytes_per_conn: config.nbd_max_inflight_bytes,
         },
         config.nbd_tls.clone(),
     );

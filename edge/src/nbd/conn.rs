@@ -67,6 +67,7 @@ pub(crate) struct ConnParams {
     pub peer: SocketAddr,
     pub max_payload: u32,
     pub max_inflight: usize,
+    pub max_inflight_bytes: u64,
     pub shutdown_grace: Duration,
 }
 
@@ -102,7 +103,18 @@ impl End {
 struct Completion {
     cookie: u64,
     command: Command,
+    /// What the request counted against `max_inflight_bytes`.
+    bytes: u64,
     result: Result<Output, TargetError>,
+}
+
+/// What a request in flight counts against the per-connection byte limit: the data it carries or
+/// will carry back.
+fn weight(req: &Request) -> u64 {
+    match req.command {
+        Command::Read | Command::Write => u64::from(req.length),
+        _ => 0,
+    }
 }
 
 /// What a request completed off the connection's task produced.
@@ -127,6 +139,7 @@ struct Completer {
     tx: mpsc::UnboundedSender<Completion>,
     cookie: u64,
     command: Command,
+    bytes: u64,
     sent: bool,
 }
 
@@ -137,6 +150,7 @@ impl Completer {
         let _ = self.tx.send(Completion {
             cookie: self.cookie,
             command: self.command,
+            bytes: self.bytes,
             result,
         });
     }
@@ -148,6 +162,7 @@ impl Drop for Completer {
             let _ = self.tx.send(Completion {
                 cookie: self.cookie,
                 command: self.command,
+                bytes: self.bytes,
                 result: Err(TargetError::Io("request was abandoned".into())),
             });
         }
@@ -246,6 +261,8 @@ struct Session {
     max_payload: u32,
     max_inflight: usize,
     inflight: usize,
+    max_inflight_bytes: u64,
+    inflight_bytes: u64,
     done_tx: mpsc::UnboundedSender<Completion>,
     /// Writes applied but waiting for their acknowledgement (a DTL round trip), polled by this
     /// task itself: no spawn and no channel hop per write.
@@ -462,10 +479,12 @@ impl Session {
     /// Take an in-flight slot for `req`, completed through the returned sender.
     fn completer(&mut self, req: &Request) -> Completer {
         self.inflight += 1;
+        self.inflight_bytes += weight(req);
         Completer {
             tx: self.done_tx.clone(),
             cookie: req.cookie,
             command: req.command,
+            bytes: weight(req),
             sent: false,
         }
     }
@@ -476,11 +495,13 @@ impl Session {
         F: Future<Output = Result<Output, TargetError>> + Send + 'static,
     {
         self.inflight += 1;
-        let (cookie, command) = (req.cookie, req.command);
+        let (cookie, command, bytes) = (req.cookie, req.command, weight(req));
+        self.inflight_bytes += bytes;
         self.acks.push(Box::pin(async move {
             Completion {
                 cookie,
                 command,
+                bytes,
                 result: fut.await,
             }
         }));
@@ -514,11 +535,13 @@ impl Session {
         };
         self.throttle(ack);
         self.inflight += 1;
-        let (cookie, command) = (req.cookie, req.command);
+        let (cookie, command, bytes) = (req.cookie, req.command, weight(req));
+        self.inflight_bytes += bytes;
         self.acks.push(Box::pin(async move {
             Completion {
                 cookie,
                 command,
+                bytes,
                 result: pending.await.map(|()| Output::Ack(WriteAck::default())),
             }
         }));
@@ -526,6 +549,7 @@ impl Session {
 
     fn complete(&mut self, done: Completion) {
         self.inflight -= 1;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(done.bytes);
         match done.result {
             Ok(Output::Ack(ack)) => {
                 self.throttle(ack);
@@ -797,6 +821,8 @@ pub(crate) async fn run<S: NbdStream>(
         max_payload: params.max_payload,
         max_inflight: params.max_inflight.max(1),
         inflight: 0,
+        max_inflight_bytes: params.max_inflight_bytes.max(1),
+        inflight_bytes: 0,
         done_tx,
         acks: FuturesUnordered::new(),
         wbuf: BytesMut::with_capacity(64 * 1024),
@@ -818,7 +844,12 @@ pub(crate) async fn run<S: NbdStream>(
         }
 
         let mut input_drained = false;
-        while !s.disc && !grace_over && s.wbuf.len() < WRITE_HIGH_WATER && !s.throttled() {
+        while !s.disc
+            && !grace_over
+            && s.wbuf.len() < WRITE_HIGH_WATER
+            && s.inflight_bytes < s.max_inflight_bytes
+            && !s.throttled()
+        {
             let req = match stalled.take() {
                 Some(req) => req,
                 None => match decoder.decode(&mut rbuf)? {
@@ -856,7 +887,8 @@ pub(crate) async fn run<S: NbdStream>(
             && !grace_over
             && stalled.is_none()
             && s.throttle_until.is_none()
-            && s.wbuf.len() < WRITE_HIGH_WATER;
+            && s.wbuf.len() < WRITE_HIGH_WATER
+            && s.inflight_bytes < s.max_inflight_bytes;
         if can_read && rbuf.capacity() - rbuf.len() < READ_MIN_SPARE {
             rbuf.reserve(READ_BUF);
         }

@@ -39,6 +39,13 @@
 //! failing `NBD_OPT_EXPORT_NAME`). All buffering is bounded: option data by 64 KiB, `WRITE`
 //! payloads by `max_payload` (larger ones are read and dropped, then answered with `EINVAL`), and
 //! replies waiting for a slow reader by a high-water mark after which the socket is not read.
+//!
+//! Limits against clients that hold resources rather than misbehave on the wire: connections in
+//! total and per client IP address (a connection past either is closed right after `accept`,
+//! before the greeting), the time from connect to the transmission phase (`handshake_timeout`:
+//! a client that trickles its options, or never sends a TLS ClientHello, is dropped), and the
+//! bytes of `READ`/`WRITE` requests in flight per connection (past it the connection stops
+//! reading the socket until some complete, so TCP pushes back on the client).
 
 pub mod client;
 pub mod proto;
@@ -49,7 +56,7 @@ mod handshake;
 mod stream;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -118,6 +125,13 @@ pub struct NbdServerConfig {
     /// How long a client may take from connecting to entering the transmission phase (option
     /// haggling and the TLS handshake included); then the connection is closed.
     pub handshake_timeout: Duration,
+    /// Connections at once, in total (handshakes included).
+    pub max_connections: usize,
+    /// Connections at once from one client IP address.
+    pub max_connections_per_client: usize,
+    /// Bytes of `READ`/`WRITE` requests in flight per connection (running off the connection's
+    /// task) above which the connection stops reading requests.
+    pub max_inflight_bytes_per_conn: u64,
 }
 
 impl Default for NbdServerConfig {
@@ -126,6 +140,9 @@ impl Default for NbdServerConfig {
             max_payload: 32 * 1024 * 1024,
             max_inflight_per_conn: 64,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: 1024,
+            max_connections_per_client: 128,
+            max_inflight_bytes_per_conn: 256 * 1024 * 1024,
         }
     }
 }
@@ -137,6 +154,7 @@ impl NbdServerConfig {
 }
 
 struct ConnEntry {
+    ip: IpAddr,
     export: Option<String>,
     kill: CancellationToken,
 }
@@ -145,6 +163,14 @@ struct ConnEntry {
 struct ConnTable {
     shutting_down: bool,
     conns: HashMap<u64, ConnEntry>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// Why a new connection was not registered.
+enum Refused {
+    ShuttingDown,
+    TooMany(usize),
+    TooManyFromClient(usize),
 }
 
 struct Inner {
@@ -152,6 +178,9 @@ struct Inner {
     max_payload: u32,
     max_inflight: usize,
     handshake_timeout: Duration,
+    max_connections: usize,
+    max_connections_per_client: usize,
+    max_inflight_bytes: u64,
     tls: Option<NbdTls>,
     shutdown_grace_ms: AtomicU64,
     shutdown: CancellationToken,
@@ -168,21 +197,30 @@ impl Inner {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Add a connection unless the server is shutting down.
-    fn register(&self, kill: &CancellationToken) -> Option<u64> {
+    /// Add a connection unless the server is shutting down or a connection limit is reached.
+    fn register(&self, kill: &CancellationToken, ip: IpAddr) -> Result<u64, Refused> {
         let mut table = self.table();
         if table.shutting_down {
-            return None;
+            return Err(Refused::ShuttingDown);
         }
+        if table.conns.len() >= self.max_connections {
+            return Err(Refused::TooMany(self.max_connections));
+        }
+        let from_client = table.per_client.entry(ip).or_insert(0);
+        if *from_client >= self.max_connections_per_client {
+            return Err(Refused::TooManyFromClient(self.max_connections_per_client));
+        }
+        *from_client += 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         table.conns.insert(
             id,
             ConnEntry {
+                ip,
                 export: None,
                 kill: kill.clone(),
             },
         );
-        Some(id)
+        Ok(id)
     }
 
     fn attach(&self, id: u64, export: &str) {
@@ -193,7 +231,14 @@ impl Inner {
 
     fn deregister(&self, id: u64) {
         let mut table = self.table();
-        table.conns.remove(&id);
+        if let Some(entry) = table.conns.remove(&id) {
+            if let Some(n) = table.per_client.get_mut(&entry.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    table.per_client.remove(&entry.ip);
+                }
+            }
+        }
         if table.conns.is_empty() {
             self.all_closed.notify_waiters();
         }
@@ -237,6 +282,9 @@ impl NbdServer {
                 max_payload: config.effective_max_payload(),
                 max_inflight: config.max_inflight_per_conn.max(1),
                 handshake_timeout: config.handshake_timeout,
+                max_connections: config.max_connections.max(1),
+                max_connections_per_client: config.max_connections_per_client.max(1),
+                max_inflight_bytes: config.max_inflight_bytes_per_conn.max(1),
                 tls,
                 shutdown_grace_ms: AtomicU64::new(DEFAULT_SHUTDOWN_GRACE.as_millis() as u64),
                 shutdown: CancellationToken::new(),
@@ -292,9 +340,20 @@ impl NbdServer {
             warn!(%peer, error = %e, "cannot set TCP_NODELAY on NBD connection");
         }
         let kill = CancellationToken::new();
-        let Some(id) = self.inner.register(&kill) else {
-            debug!(%peer, "NBD server shutting down; dropping new connection");
-            return;
+        let id = match self.inner.register(&kill, peer.ip()) {
+            Ok(id) => id,
+            Err(Refused::ShuttingDown) => {
+                debug!(%peer, "NBD server shutting down; dropping new connection");
+                return;
+            }
+            Err(Refused::TooMany(limit)) => {
+                warn!(%peer, limit, "NBD connection limit reached; closing new connection");
+                return;
+            }
+            Err(Refused::TooManyFromClient(limit)) => {
+                warn!(%peer, limit, "NBD connections per client address limit reached; closing new connection");
+                return;
+            }
         };
         let registration = Registration {
             inner: Arc::clone(&self.inner),
@@ -503,6 +562,7 @@ async fn transmit<S: NbdStream>(
         peer,
         max_payload: inner.max_payload,
         max_inflight: inner.max_inflight,
+        max_inflight_bytes: inner.max_inflight_bytes,
         shutdown_grace: Duration::from_millis(inner.shutdown_grace_ms.load(Ordering::Relaxed)),
     };
     let result = conn::run(&mut stream, negotiated, &params, &inner.shutdown, &kill).await;
