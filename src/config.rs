@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::size::parse_size;
+use vstor_edge::nbd::{NbdTls, TlsFiles, TlsMode};
 use vstor_edge::vhost::MAX_QUEUES;
 use vstor_volumedriver::config::{
     validate_size, validate_volume_name, CLUSTER_SIZE, USER_SCO_SIZE_RANGE,
@@ -207,6 +208,21 @@ pub struct VolumeDefaults {
 pub struct NbdSettings {
     pub max_payload: String,
     pub max_inflight_per_connection: usize,
+    /// Time from connect to the transmission phase (options and TLS handshake), e.g. "30s".
+    pub handshake_timeout: String,
+    /// NBD connections at once, in total and from one client IP address.
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// Bytes of READ/WRITE requests in flight per connection before it stops reading.
+    pub max_inflight_bytes_per_connection: String,
+    /// `allow` or `require`; empty: `require` when `tls_cert` is set, no TLS otherwise.
+    pub tls: String,
+    /// PEM certificate chain of the server; empty: no TLS.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: String,
+    /// PEM CA certificates; when set, clients must present a certificate chaining to one.
+    pub tls_ca: String,
 }
 
 impl Default for FileConfig {
@@ -258,7 +274,67 @@ impl Default for NbdSettings {
         Self {
             max_payload: "32M".into(),
             max_inflight_per_connection: 64,
+            handshake_timeout: "30s".into(),
+            max_connections: 1024,
+            max_connections_per_client: 128,
+            max_inflight_bytes_per_connection: "256M".into(),
+            tls: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
         }
+    }
+}
+
+impl NbdSettings {
+    /// The TLS settings, checked and loaded: a mode without a certificate, a certificate without
+    /// a key, unreadable files and bad PEM stop the node here.
+    fn resolve_tls(&self) -> Result<Option<NbdTls>> {
+        let path = |s: &str| Some(s.trim()).filter(|s| !s.is_empty()).map(PathBuf::from);
+        let (cert, key, ca) = (
+            path(&self.tls_cert),
+            path(&self.tls_key),
+            path(&self.tls_ca),
+        );
+        let mode = match self.tls.trim() {
+            "" => None,
+            mode => Some(mode.parse::<TlsMode>().map_err(|_| {
+                anyhow::anyhow!(not_allowed(
+                    "nbd_server.tls (--nbd-tls)",
+                    mode,
+                    "allow or require"
+                ))
+            })?),
+        };
+        let (cert, key) = match (cert, key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => bail!(
+                "setting nbd_server.tls_cert (--tls-cert) needs nbd_server.tls_key (--tls-key)"
+            ),
+            (None, Some(_)) => bail!(
+                "setting nbd_server.tls_key (--tls-key) needs nbd_server.tls_cert (--tls-cert)"
+            ),
+            (None, None) => {
+                if mode.is_some() {
+                    bail!(
+                        "setting nbd_server.tls (--nbd-tls) = {:?} needs a server certificate: \
+                         set nbd_server.tls_cert and tls_key (--tls-cert, --tls-key)",
+                        self.tls.trim()
+                    );
+                }
+                if ca.is_some() {
+                    bail!(
+                        "setting nbd_server.tls_ca (--tls-ca) needs a server certificate: set \
+                         nbd_server.tls_cert and tls_key (--tls-cert, --tls-key)"
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        let files = TlsFiles { cert, key, ca };
+        let tls = NbdTls::load(&files, mode.unwrap_or(TlsMode::Require))
+            .context("cannot set up NBD TLS (nbd_server.tls_*, --tls-*)")?;
+        Ok(Some(tls))
     }
 }
 
@@ -330,6 +406,12 @@ pub struct ServeConfig {
     pub write_buffer: u64,
     pub nbd_max_payload: u32,
     pub nbd_max_inflight: usize,
+    pub nbd_handshake_timeout: std::time::Duration,
+    pub nbd_max_connections: usize,
+    pub nbd_max_connections_per_client: usize,
+    pub nbd_max_inflight_bytes: u64,
+    /// `Some`: NBD clients may (or must) use TLS; the files are loaded and checked.
+    pub nbd_tls: Option<NbdTls>,
     /// DTL of new volumes: `None` means mode `none`.
     pub dtl: Option<(DtlMode, String)>,
     /// Background scrubbing; `None` when `scrub.auto` is false.
@@ -373,6 +455,13 @@ pub struct Overrides {
     /// `--mds A,B`: replaces `mds.servers`.
     pub mds: Option<Vec<String>>,
     pub mds_max_behind: Option<u64>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_ca: Option<String>,
+    /// `--nbd-tls allow|require`.
+    pub nbd_tls: Option<String>,
+    pub nbd_max_connections: Option<usize>,
+    pub nbd_max_connections_per_client: Option<usize>,
 }
 
 /// The node's place in a cluster, resolved.
@@ -452,6 +541,23 @@ impl FileConfig {
         if let Some(max_behind) = overrides.mds_max_behind {
             self.mds.max_behind = max_behind;
         }
+        let n = &mut self.nbd_server;
+        for (field, value) in [
+            (&mut n.tls_cert, overrides.tls_cert),
+            (&mut n.tls_key, overrides.tls_key),
+            (&mut n.tls_ca, overrides.tls_ca),
+            (&mut n.tls, overrides.nbd_tls),
+        ] {
+            if let Some(value) = value {
+                *field = value;
+            }
+        }
+        if let Some(n) = overrides.nbd_max_connections {
+            self.nbd_server.max_connections = n;
+        }
+        if let Some(n) = overrides.nbd_max_connections_per_client {
+            self.nbd_server.max_connections_per_client = n;
+        }
         if overrides.no_default_volume {
             self.default_volume.create = false;
         }
@@ -496,6 +602,46 @@ impl FileConfig {
                 "nbd_server.max_inflight_per_connection",
                 0,
                 "at least 1"
+            ));
+        }
+        let nbd_handshake_timeout =
+            humantime::parse_duration(self.nbd_server.handshake_timeout.trim())
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(not_allowed(
+                        "nbd_server.handshake_timeout",
+                        &self.nbd_server.handshake_timeout,
+                        "a nonzero duration like \"30s\""
+                    ))
+                })?;
+        let nbd_tls = self.nbd_server.resolve_tls()?;
+        for (setting, value) in [
+            (
+                "nbd_server.max_connections (--nbd-max-connections)",
+                self.nbd_server.max_connections,
+            ),
+            (
+                "nbd_server.max_connections_per_client (--nbd-max-connections-per-client)",
+                self.nbd_server.max_connections_per_client,
+            ),
+        ] {
+            if value == 0 {
+                bail!(not_allowed(setting, 0, "at least 1"));
+            }
+        }
+        let nbd_max_inflight_bytes = size_setting(
+            "nbd_server.max_inflight_bytes_per_connection",
+            &self.nbd_server.max_inflight_bytes_per_connection,
+        )?;
+        if nbd_max_inflight_bytes < max_payload {
+            bail!(not_allowed(
+                "nbd_server.max_inflight_bytes_per_connection",
+                &self.nbd_server.max_inflight_bytes_per_connection,
+                &format!(
+                    "at least nbd_server.max_payload ({})",
+                    self.nbd_server.max_payload
+                )
             ));
         }
         let dtl_mode: DtlMode = self
@@ -630,6 +776,11 @@ impl FileConfig {
             write_buffer,
             nbd_max_payload: max_payload as u32,
             nbd_max_inflight: self.nbd_server.max_inflight_per_connection,
+            nbd_handshake_timeout,
+            nbd_max_connections: self.nbd_server.max_connections,
+            nbd_max_connections_per_client: self.nbd_server.max_connections_per_client,
+            nbd_max_inflight_bytes,
+            nbd_tls,
             dtl,
             auto_scrub,
             upload_concurrency: self.upload.concurrency,
@@ -877,6 +1028,13 @@ mod tests {
             ("[nbd_server]\nmax_payload = \"1K\"", "nbd_server.max_payload = \"1K\" is not allowed: must be from 4K to 4G"),
             ("[nbd_server]\nmax_payload = \"5G\"", "nbd_server.max_payload = \"5G\""),
             ("[nbd_server]\nmax_inflight_per_connection = 0", "nbd_server.max_inflight_per_connection = 0 is not allowed: must be at least 1"),
+            ("[nbd_server]\nhandshake_timeout = \"0s\"", "nbd_server.handshake_timeout = \"0s\" is not allowed: must be a nonzero duration"),
+            ("[nbd_server]\nhandshake_timeout = \"soon\"", "nbd_server.handshake_timeout = \"soon\""),
+            ("[nbd_server]\nmax_connections = 0", "nbd_server.max_connections (--nbd-max-connections) = 0 is not allowed: must be at least 1"),
+            ("[nbd_server]\nmax_connections_per_client = 0", "nbd_server.max_connections_per_client (--nbd-max-connections-per-client) = 0"),
+            ("[nbd_server]\nmax_inflight_bytes_per_connection = \"1M\"", "nbd_server.max_inflight_bytes_per_connection = \"1M\" is not allowed: must be at least nbd_server.max_payload (32M)"),
+            ("[nbd_server]\ntls = \"maybe\"", "nbd_server.tls (--nbd-tls) = \"maybe\" is not allowed: must be allow or require"),
+            ("[nbd_server]\ntls_ca = \"ca.pem\"", "nbd_server.tls_ca (--tls-ca) needs a server certificate"),
             ("[scrub]\ncheck_interval_secs = 0", "scrub.check_interval_secs = 0 is not allowed: must be at least 1"),
             ("[scrub]\nrate = \"fast\"", "setting scrub.rate"),
             ("[scrub]\ngarbage_threshold = \"x\"", "setting scrub.garbage_threshold"),

@@ -56,7 +56,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: volume engine, local backend, NBD server, management API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage volumes through a running daemon's API.
     Volume(VolumeArgs),
     /// Snapshots of a volume: create, list, delete, roll back to, export read-only.
@@ -156,6 +156,29 @@ struct ServeArgs {
     /// NBD listen address (config: `nbd`) [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd: Option<String>,
+    /// PEM certificate chain NBD clients get after NBD_OPT_STARTTLS (config:
+    /// `nbd_server.tls_cert`) [default: none, no TLS].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert (config: `nbd_server.tls_key`).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
+    /// PEM CA certificates: NBD clients must present a certificate chaining to one of them;
+    /// needs --nbd-tls require (config: `nbd_server.tls_ca`) [default: no client certificates].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<String>,
+    /// TLS for NBD clients: `allow` (optional) or `require` (every option but STARTTLS refused
+    /// before TLS) (config: `nbd_server.tls`) [default: require when --tls-cert is given].
+    #[arg(long, value_name = "MODE", value_parser = ["allow", "require"])]
+    nbd_tls: Option<String>,
+    /// NBD connections at once; more are closed on accept (config: `nbd_server.max_connections`)
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    nbd_max_connections: Option<usize>,
+    /// NBD connections at once from one client IP address (config:
+    /// `nbd_server.max_connections_per_client`) [default: 128].
+    #[arg(long, value_name = "N")]
+    nbd_max_connections_per_client: Option<usize>,
     /// Serve the edge protocol (for `vstor edge` on hypervisor hosts) on HOST:PORT [default:
     /// none, no edge can reach this node's volumes].
     #[arg(long)]
@@ -943,6 +966,12 @@ fn run(cli: Cli) -> Result<()> {
                 domain: args.domain,
                 recovery_domain: args.recovery_domain,
                 dtl_listen: args.dtl_listen,
+                tls_cert: args.tls_cert,
+                tls_key: args.tls_key,
+                tls_ca: args.tls_ca,
+                nbd_tls: args.nbd_tls,
+                nbd_max_connections: args.nbd_max_connections,
+                nbd_max_connections_per_client: args.nbd_max_connections_per_client,
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

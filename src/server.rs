@@ -203,12 +203,20 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     }
 
     let exports = Arc::new(Exports::new(manager.clone()));
-    let nbd = NbdServer::new(
+    if let Some(tls) = &config.nbd_tls {
+        tracing::info!(mode = ?tls.mode(), client_certificates = tls.client_auth(), "NBD TLS enabled");
+    }
+    let nbd = NbdServer::with_tls(
         exports.clone(),
         NbdServerConfig {
             max_payload: config.nbd_max_payload,
             max_inflight_per_conn: config.nbd_max_inflight,
+            handshake_timeout: config.nbd_handshake_timeout,
+            max_connections: config.nbd_max_connections,
+            max_connections_per_client: config.nbd_max_connections_per_client,
+            max_inflight_bytes_per_conn: config.nbd_max_inflight_bytes,
         },
+        config.nbd_tls.clone(),
     );
     let vhost = VhostServer::new(
         exports.clone(),

@@ -75,6 +75,7 @@ async fn configured_max_payload_is_advertised_rounded_to_512() {
     let config = NbdServerConfig {
         max_payload: 64 * 1024 + 100,
         max_inflight_per_conn: 4,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut raw = srv.connect().await;
@@ -512,6 +513,7 @@ async fn out_of_range_unaligned_and_oversized_requests() {
     let config = NbdServerConfig {
         max_payload: 64 * 1024,
         max_inflight_per_conn: 8,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;
@@ -735,6 +737,48 @@ async fn writes_are_answered_only_once_their_pending_ack_completes() {
     assert_eq!((r.cookie(), r.error()), (1, 0));
 }
 
+/// Past `max_inflight_bytes_per_conn` of requests in flight the connection takes no more
+/// requests (and stops reading the socket) until some complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_inflight_byte_limit_wait() {
+    let registry = Arc::new(MemRegistry::new());
+    let target = Arc::new(MemTarget::new(MIB));
+    registry.insert("vol", target.clone());
+    let config = NbdServerConfig {
+        max_inflight_bytes_per_conn: 8192,
+        ..NbdServerConfig::default()
+    };
+    let srv = TestServer::start_with(registry, config, None).await;
+    let mut c = srv.client("vol", false, false).await;
+
+    let hold = target.hold_acks();
+    c.send_write(0, 1, 0, &[7; 4096]).await;
+    c.send_write(0, 2, 4096, &[8; 4096]).await;
+    c.send(0, CMD_READ, 3, 0, 8192).await;
+    // Both writes are applied and wait for their acknowledgement: 8 KiB in flight, so the read
+    // is neither executed nor answered.
+    assert!(tokio::time::timeout(Duration::from_millis(200), c.reply())
+        .await
+        .is_err());
+    assert!(!target.ops().iter().any(|op| matches!(op, Op::Read { .. })));
+
+    hold.release();
+    let mut data = None;
+    let mut cookies = HashSet::new();
+    for _ in 0..3 {
+        let r = c.reply().await;
+        assert_eq!(r.error(), 0);
+        if r.cookie() == 3 {
+            data = Some(r.data().to_vec());
+        }
+        cookies.insert(r.cookie());
+    }
+    assert_eq!(cookies, HashSet::from([1, 2, 3]));
+    let mut expected = vec![7; 4096];
+    expected.extend([8; 4096]);
+    assert_eq!(data.unwrap(), expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_operations_are_limited_per_connection() {
     let registry = Arc::new(MemRegistry::new());
@@ -743,6 +787,7 @@ async fn blocking_operations_are_limited_per_connection() {
     let config = NbdServerConfig {
         max_payload: 1 << 20,
         max_inflight_per_conn: 1,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;
@@ -1097,6 +1142,7 @@ async fn backend_reads_are_limited_per_connection() {
     let config = NbdServerConfig {
         max_payload: 1 << 20,
         max_inflight_per_conn: 1,
+        ..NbdServerConfig::default()
     };
     let srv = TestServer::start_with(registry, config, None).await;
     let mut c = srv.client("vol", false, false).await;

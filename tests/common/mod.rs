@@ -10,6 +10,7 @@ pub mod netns;
 pub mod oracle;
 pub mod tier;
 pub mod tier_map;
+pub mod tls;
 pub mod vhost_client;
 
 use std::io::{BufRead, BufReader, Read};

@@ -40,8 +40,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
@@ -50,6 +49,7 @@ use tracing::{debug, error, warn};
 
 use super::handshake::{Negotiated, MIN_BLOCK_SIZE};
 use super::proto::*;
+use super::stream::NbdStream;
 use super::NbdError;
 use crate::read_pool;
 use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
@@ -67,6 +67,7 @@ pub(crate) struct ConnParams {
     pub peer: SocketAddr,
     pub max_payload: u32,
     pub max_inflight: usize,
+    pub max_inflight_bytes: u64,
     pub shutdown_grace: Duration,
 }
 
@@ -102,7 +103,18 @@ impl End {
 struct Completion {
     cookie: u64,
     command: Command,
+    /// What the request counted against `max_inflight_bytes`.
+    bytes: u64,
     result: Result<Output, TargetError>,
+}
+
+/// What a request in flight counts against the per-connection byte limit: the data it carries or
+/// will carry back.
+fn weight(req: &Request) -> u64 {
+    match req.command {
+        Command::Read | Command::Write => u64::from(req.length),
+        _ => 0,
+    }
 }
 
 /// What a request completed off the connection's task produced.
@@ -127,6 +139,7 @@ struct Completer {
     tx: mpsc::UnboundedSender<Completion>,
     cookie: u64,
     command: Command,
+    bytes: u64,
     sent: bool,
 }
 
@@ -137,6 +150,7 @@ impl Completer {
         let _ = self.tx.send(Completion {
             cookie: self.cookie,
             command: self.command,
+            bytes: self.bytes,
             result,
         });
     }
@@ -148,6 +162,7 @@ impl Drop for Completer {
             let _ = self.tx.send(Completion {
                 cookie: self.cookie,
                 command: self.command,
+                bytes: self.bytes,
                 result: Err(TargetError::Io("request was abandoned".into())),
             });
         }
@@ -246,6 +261,8 @@ struct Session {
     max_payload: u32,
     max_inflight: usize,
     inflight: usize,
+    max_inflight_bytes: u64,
+    inflight_bytes: u64,
     done_tx: mpsc::UnboundedSender<Completion>,
     /// Writes applied but waiting for their acknowledgement (a DTL round trip), polled by this
     /// task itself: no spawn and no channel hop per write.
@@ -462,10 +479,12 @@ impl Session {
     /// Take an in-flight slot for `req`, completed through the returned sender.
     fn completer(&mut self, req: &Request) -> Completer {
         self.inflight += 1;
+        self.inflight_bytes += weight(req);
         Completer {
             tx: self.done_tx.clone(),
             cookie: req.cookie,
             command: req.command,
+            bytes: weight(req),
             sent: false,
         }
     }
@@ -476,11 +495,13 @@ impl Session {
         F: Future<Output = Result<Output, TargetError>> + Send + 'static,
     {
         self.inflight += 1;
-        let (cookie, command) = (req.cookie, req.command);
+        let (cookie, command, bytes) = (req.cookie, req.command, weight(req));
+        self.inflight_bytes += bytes;
         self.acks.push(Box::pin(async move {
             Completion {
                 cookie,
                 command,
+                bytes,
                 result: fut.await,
             }
         }));
@@ -514,11 +535,13 @@ impl Session {
         };
         self.throttle(ack);
         self.inflight += 1;
-        let (cookie, command) = (req.cookie, req.command);
+        let (cookie, command, bytes) = (req.cookie, req.command, weight(req));
+        self.inflight_bytes += bytes;
         self.acks.push(Box::pin(async move {
             Completion {
                 cookie,
                 command,
+                bytes,
                 result: pending.await.map(|()| Output::Ack(WriteAck::default())),
             }
         }));
@@ -526,6 +549,7 @@ impl Session {
 
     fn complete(&mut self, done: Completion) {
         self.inflight -= 1;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(done.bytes);
         match done.result {
             Ok(Output::Ack(ack)) => {
                 self.throttle(ack);
@@ -762,16 +786,31 @@ async fn until(deadline: Option<Instant>) {
     }
 }
 
+/// Write the reply buffer out and, on a stream that buffers (TLS), flush it. For TCP this is
+/// `write_all_buf` alone: `NEEDS_FLUSH` is a constant.
+async fn write_out<S: NbdStream, W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        wr.write_all_buf(buf).await?;
+    }
+    if S::NEEDS_FLUSH {
+        wr.flush().await?;
+    }
+    Ok(())
+}
+
 /// Serve requests until the client disconnects, the export is disconnected (`kill`), or the
 /// server shuts down. On return every reply that could be produced has been written.
-pub(crate) async fn run(
-    stream: &mut TcpStream,
+pub(crate) async fn run<S: NbdStream>(
+    stream: &mut S,
     negotiated: Negotiated,
     params: &ConnParams,
     shutdown: &CancellationToken,
     kill: &CancellationToken,
 ) -> Result<End, NbdError> {
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = stream.halves();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut s = Session {
         peer: params.peer,
@@ -782,6 +821,8 @@ pub(crate) async fn run(
         max_payload: params.max_payload,
         max_inflight: params.max_inflight.max(1),
         inflight: 0,
+        max_inflight_bytes: params.max_inflight_bytes.max(1),
+        inflight_bytes: 0,
         done_tx,
         acks: FuturesUnordered::new(),
         wbuf: BytesMut::with_capacity(64 * 1024),
@@ -794,6 +835,8 @@ pub(crate) async fn run(
     let mut eof = false;
     let mut drain_deadline: Option<Instant> = None;
     let mut grace_over = false;
+    // Bytes handed to a stream that buffers them (TLS) and not yet flushed to the socket.
+    let mut unflushed = false;
 
     loop {
         while let Ok(done) = done_rx.try_recv() {
@@ -801,7 +844,12 @@ pub(crate) async fn run(
         }
 
         let mut input_drained = false;
-        while !s.disc && !grace_over && s.wbuf.len() < WRITE_HIGH_WATER && !s.throttled() {
+        while !s.disc
+            && !grace_over
+            && s.wbuf.len() < WRITE_HIGH_WATER
+            && s.inflight_bytes < s.max_inflight_bytes
+            && !s.throttled()
+        {
             let req = match stalled.take() {
                 Some(req) => req,
                 None => match decoder.decode(&mut rbuf)? {
@@ -823,7 +871,7 @@ pub(crate) async fn run(
             }
         }
 
-        let idle = s.inflight == 0 && s.wbuf.is_empty();
+        let idle = s.inflight == 0 && s.wbuf.is_empty() && !unflushed;
         if idle && s.disc {
             return Ok(End::Disconnect);
         }
@@ -839,11 +887,15 @@ pub(crate) async fn run(
             && !grace_over
             && stalled.is_none()
             && s.throttle_until.is_none()
-            && s.wbuf.len() < WRITE_HIGH_WATER;
+            && s.wbuf.len() < WRITE_HIGH_WATER
+            && s.inflight_bytes < s.max_inflight_bytes;
         if can_read && rbuf.capacity() - rbuf.len() < READ_MIN_SPARE {
             rbuf.reserve(READ_BUF);
         }
 
+        if S::NEEDS_FLUSH && !s.wbuf.is_empty() {
+            unflushed = true;
+        }
         tokio::select! {
             biased;
             _ = kill.cancelled() => {
@@ -863,7 +915,10 @@ pub(crate) async fn run(
             }
             Some(done) = done_rx.recv() => s.complete(done),
             Some(done) = s.acks.next(), if !s.acks.is_empty() => s.complete(done),
-            written = wr.write_all_buf(&mut s.wbuf), if !s.wbuf.is_empty() => written?,
+            written = write_out::<S, _>(&mut wr, &mut s.wbuf), if !s.wbuf.is_empty() || unflushed => {
+                written?;
+                unflushed = false;
+            }
             _ = until(s.throttle_until), if s.throttle_until.is_some() => {
                 s.throttle_until = None;
             }

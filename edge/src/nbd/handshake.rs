@@ -10,6 +10,11 @@
 //! ([`MAX_OPTION_LEN`]); oversized option data is drained and answered with `NBD_REP_ERR_TOO_BIG`
 //! so the client can carry on. Only the irrecoverable cases close the connection: a bad option
 //! magic, unknown client flags, and a failing `NBD_OPT_EXPORT_NAME` (which has no error reply).
+//!
+//! TLS (see `tls`): the greeting ([`greet`]) happens once; option haggling ([`negotiate`]) runs
+//! on the plain stream and, after `NBD_OPT_STARTTLS` was acknowledged ([`Outcome::StartTls`]),
+//! once more from scratch on the encrypted stream. [`TlsPhase`] says which of the two it is and
+//! whether the plain one may do anything but upgrade.
 
 use std::sync::Arc;
 
@@ -43,6 +48,19 @@ pub(crate) enum Outcome {
     Transmission(Negotiated),
     /// The client sent `NBD_OPT_ABORT`.
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next on the same socket.
+    StartTls,
+}
+
+/// Where option haggling stands with respect to TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsPhase {
+    /// The server has no TLS configuration: `NBD_OPT_STARTTLS` is unsupported.
+    Unavailable,
+    /// Plain text, TLS offered; `required`: nothing but `STARTTLS` and `ABORT` is allowed.
+    Offered { required: bool },
+    /// The connection is already encrypted.
+    Active,
 }
 
 /// Transmission flags for a target: everything we implement, minus the write side when read-only.
@@ -61,10 +79,12 @@ enum Step {
     Next,
     Abort,
     Go(Negotiated),
+    StartTls,
 }
 
 struct Negotiation<'a> {
     registry: &'a dyn ExportRegistry,
+    tls: TlsPhase,
     max_payload: u32,
     structured: bool,
     /// Export for which `base:allocation` is currently selected.
@@ -161,6 +181,14 @@ impl Negotiation<'_> {
                 self.reply(option, NBD_REP_ACK, &[]);
                 return Step::Abort;
             }
+            NBD_OPT_STARTTLS => match self.start_tls(option, data) {
+                Ok(()) => return Step::StartTls,
+                Err(refusal) => Err(refusal),
+            },
+            _ if self.tls == (TlsPhase::Offered { required: true }) => Err((
+                NBD_REP_ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first".into(),
+            )),
             NBD_OPT_LIST => self.list(option, data),
             NBD_OPT_INFO | NBD_OPT_GO => match self.info(option, data) {
                 Ok(Some(negotiated)) => return Step::Go(negotiated),
@@ -169,7 +197,6 @@ impl Negotiation<'_> {
             },
             NBD_OPT_STRUCTURED_REPLY => self.structured_reply(option, data),
             NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => self.meta_context(option, data),
-            NBD_OPT_STARTTLS => Err((NBD_REP_ERR_UNSUP, "TLS is not supported".into())),
             _ => Err((
                 NBD_REP_ERR_UNSUP,
                 format!("option {option} is not supported"),
@@ -180,6 +207,23 @@ impl Negotiation<'_> {
             self.reply(option, kind, message.as_bytes());
         }
         Step::Next
+    }
+
+    fn start_tls(&mut self, option: u32, data: &[u8]) -> Result<(), Refusal> {
+        match self.tls {
+            TlsPhase::Unavailable => Err((
+                NBD_REP_ERR_UNSUP,
+                "TLS is not configured on this server".into(),
+            )),
+            TlsPhase::Active => Err(invalid("TLS is already active")),
+            TlsPhase::Offered { .. } if !data.is_empty() => {
+                Err(invalid("NBD_OPT_STARTTLS takes no data"))
+            }
+            TlsPhase::Offered { .. } => {
+                self.reply(option, NBD_REP_ACK, &[]);
+                Ok(())
+            }
+        }
     }
 
     fn list(&mut self, option: u32, data: &[u8]) -> Result<(), Refusal> {
@@ -316,13 +360,9 @@ async fn discard<S: AsyncRead + Unpin>(io: &mut S, len: u32) -> std::io::Result<
     Ok(())
 }
 
-/// Run the handshake on a freshly accepted stream. `max_payload` is advertised as the maximum
-/// block size.
-pub(crate) async fn negotiate<S>(
-    io: &mut S,
-    registry: &dyn ExportRegistry,
-    max_payload: u32,
-) -> Result<Outcome, NbdError>
+/// Send the server greeting on a freshly accepted stream and read the client flags; returns
+/// whether the client asked for `NBD_FLAG_C_NO_ZEROES`.
+pub(crate) async fn greet<S>(io: &mut S) -> Result<bool, NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -336,10 +376,24 @@ where
     if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
         return Err(NbdError::UnknownClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & NBD_FLAG_C_NO_ZEROES != 0)
+}
 
+/// Haggle options until the client enters the transmission phase, aborts, or upgrades to TLS.
+/// `max_payload` is advertised as the maximum block size.
+pub(crate) async fn negotiate<S>(
+    io: &mut S,
+    registry: &dyn ExportRegistry,
+    max_payload: u32,
+    no_zeroes: bool,
+    tls: TlsPhase,
+) -> Result<Outcome, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut n = Negotiation {
         registry,
+        tls,
         max_payload,
         structured: false,
         meta_export: None,
@@ -355,6 +409,9 @@ where
         debug!(option, len, "NBD option");
 
         if option == NBD_OPT_EXPORT_NAME {
+            if tls == (TlsPhase::Offered { required: true }) {
+                return Err(NbdError::TlsRequired);
+            }
             if len as usize > MAX_STRING_LEN {
                 return Err(NbdError::ExportNameTooLong(len));
             }
@@ -372,6 +429,7 @@ where
                 reply.put_bytes(0, 124);
             }
             io.write_all(&reply).await?;
+            io.flush().await?;
             return Ok(Outcome::Transmission(n.finish(name, target)));
         }
 
@@ -389,7 +447,11 @@ where
             n.handle(option, &data)
         };
 
-        let written = io.write_all(&n.out).await;
+        // A TLS stream holds written bytes until flushed; on TCP the flush is a no-op.
+        let written = match io.write_all(&n.out).await {
+            Ok(()) => io.flush().await,
+            Err(e) => Err(e),
+        };
         n.out.clear();
         match step {
             // The client may already have hung up after sending ABORT; that is fine.
@@ -399,6 +461,104 @@ where
                 written?;
                 return Ok(Outcome::Transmission(negotiated));
             }
+            Step::StartTls => {
+                written?;
+                return Ok(Outcome::StartTls);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{MemRegistry, MemTarget};
+
+    fn registry() -> MemRegistry {
+        let r = MemRegistry::new();
+        r.insert("vol", Arc::new(MemTarget::new(1 << 20)));
+        r
+    }
+
+    async fn option(c: &mut tokio::io::DuplexStream, option: u32, data: &[u8]) {
+        let mut b = BytesMut::new();
+        b.put_u64(IHAVEOPT);
+        b.put_u32(option);
+        b.put_u32(data.len() as u32);
+        b.put_slice(data);
+        c.write_all(&b).await.unwrap();
+    }
+
+    /// (option, reply type, data) of the next option reply.
+    async fn reply(c: &mut tokio::io::DuplexStream) -> (u32, u32, Vec<u8>) {
+        assert_eq!(c.read_u64().await.unwrap(), NBD_REP_MAGIC);
+        let (option, kind, len) = (
+            c.read_u32().await.unwrap(),
+            c.read_u32().await.unwrap(),
+            c.read_u32().await.unwrap(),
+        );
+        let mut data = vec![0; len as usize];
+        c.read_exact(&mut data).await.unwrap();
+        (option, kind, data)
+    }
+
+    /// Under `require`, everything but STARTTLS is refused with `NBD_REP_ERR_TLS_REQD` (the
+    /// export list included), STARTTLS with data is invalid, and a plain STARTTLS is
+    /// acknowledged and ends plain-text haggling.
+    #[tokio::test]
+    async fn required_tls_refuses_everything_but_starttls() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let registry = registry();
+        let phase = TlsPhase::Offered { required: true };
+        let task = async {
+            negotiate(&mut server, &registry, 1 << 20, true, phase)
+                .await
+                .map(|o| matches!(o, Outcome::StartTls))
+        };
+        let talk = async {
+            for opt in [NBD_OPT_LIST, NBD_OPT_STRUCTURED_REPLY] {
+                option(&mut client, opt, &[]).await;
+                let (o, kind, msg) = reply(&mut client).await;
+                assert_eq!((o, kind), (opt, NBD_REP_ERR_TLS_REQD));
+                assert!(String::from_utf8_lossy(&msg).contains("STARTTLS"));
+            }
+            option(
+                &mut client,
+                NBD_OPT_GO,
+                &[0, 0, 0, 3, b'v', b'o', b'l', 0, 0],
+            )
+            .await;
+            assert_eq!(reply(&mut client).await.1, NBD_REP_ERR_TLS_REQD);
+            option(&mut client, NBD_OPT_STARTTLS, &[1]).await;
+            assert_eq!(reply(&mut client).await.1, NBD_REP_ERR_INVALID);
+            option(&mut client, NBD_OPT_STARTTLS, &[]).await;
+            assert_eq!(reply(&mut client).await.1, NBD_REP_ACK);
+        };
+        let (started, ()) = tokio::join!(task, talk);
+        assert!(started.unwrap());
+    }
+
+    #[tokio::test]
+    async fn export_name_without_required_tls_closes_and_tls_states_answer_starttls() {
+        let registry = registry();
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        option(&mut client, NBD_OPT_EXPORT_NAME, b"vol").await;
+        let phase = TlsPhase::Offered { required: true };
+        let result = negotiate(&mut server, &registry, 1 << 20, true, phase).await;
+        assert!(matches!(result, Err(NbdError::TlsRequired)));
+
+        for (phase, expected) in [
+            (TlsPhase::Unavailable, NBD_REP_ERR_UNSUP),
+            (TlsPhase::Active, NBD_REP_ERR_INVALID),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+            option(&mut client, NBD_OPT_STARTTLS, &[]).await;
+            option(&mut client, NBD_OPT_ABORT, &[]).await;
+            let outcome = negotiate(&mut server, &registry, 1 << 20, true, phase)
+                .await
+                .unwrap();
+            assert!(matches!(outcome, Outcome::Aborted));
+            assert_eq!(reply(&mut client).await.1, expected);
         }
     }
 }

@@ -17,6 +17,8 @@
 //!   structured replies, `base:allocation`).
 //! * `conn`: the per-connection event loop. Fast operations run inline on the connection's task;
 //!   only fsync-bound ones (`FLUSH`, FUA) hop to the blocking pool. See that module for why.
+//! * [`tls`]: `NBD_OPT_STARTTLS` (allow or require, optional client certificates), and `stream`,
+//!   which lets `conn` run on plain TCP or TLS without slowing the plain path.
 //!
 //! [`NbdServer`] owns the bookkeeping around them: a table of live connections (used by
 //! [`NbdServer::connections`], [`NbdServer::disconnect_export`] and [`NbdServer::shutdown`]) and
@@ -37,15 +39,24 @@
 //! failing `NBD_OPT_EXPORT_NAME`). All buffering is bounded: option data by 64 KiB, `WRITE`
 //! payloads by `max_payload` (larger ones are read and dropped, then answered with `EINVAL`), and
 //! replies waiting for a slow reader by a high-water mark after which the socket is not read.
+//!
+//! Limits against clients that hold resources rather than misbehave on the wire: connections in
+//! total and per client IP address (a connection past either is closed right after `accept`,
+//! before the greeting), the time from connect to the transmission phase (`handshake_timeout`:
+//! a client that trickles its options, or never sends a TLS ClientHello, is dropped), and the
+//! bytes of `READ`/`WRITE` requests in flight per connection (past it the connection stops
+//! reading the socket until some complete, so TCP pushes back on the client).
 
 pub mod client;
 pub mod proto;
+pub mod tls;
 
 mod conn;
 mod handshake;
+mod stream;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -57,10 +68,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::target::ExportRegistry;
-use handshake::{Outcome, PREFERRED_BLOCK_SIZE};
+use handshake::{Negotiated, Outcome, TlsPhase, PREFERRED_BLOCK_SIZE};
+use stream::NbdStream;
+pub use tls::{NbdTls, TlsFiles, TlsMode};
 
-/// How long a client may take to finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to finish the handshake, by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Largest READ/WRITE we can describe: a structured data chunk carries 8 bytes of offset in a
 /// 32-bit length, and the maximum block size must be a multiple of the 512-byte minimum.
@@ -85,6 +98,18 @@ pub enum NbdError {
     ReplyTooLarge(usize),
     #[error("handshake not completed within {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("client sent NBD_OPT_EXPORT_NAME without STARTTLS, but TLS is required")]
+    TlsRequired,
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("TLS {what} {path}: {reason}")]
+    TlsFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
 }
 
 /// Tunables of the NBD server.
@@ -97,6 +122,16 @@ pub struct NbdServerConfig {
     /// writes, reads waiting for the backend); further ones wait, and the connection stops
     /// reading until one finishes.
     pub max_inflight_per_conn: usize,
+    /// How long a client may take from connecting to entering the transmission phase (option
+    /// haggling and the TLS handshake included); then the connection is closed.
+    pub handshake_timeout: Duration,
+    /// Connections at once, in total (handshakes included).
+    pub max_connections: usize,
+    /// Connections at once from one client IP address.
+    pub max_connections_per_client: usize,
+    /// Bytes of `READ`/`WRITE` requests in flight per connection (running off the connection's
+    /// task) above which the connection stops reading requests.
+    pub max_inflight_bytes_per_conn: u64,
 }
 
 impl Default for NbdServerConfig {
@@ -104,6 +139,10 @@ impl Default for NbdServerConfig {
         Self {
             max_payload: 32 * 1024 * 1024,
             max_inflight_per_conn: 64,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: 1024,
+            max_connections_per_client: 128,
+            max_inflight_bytes_per_conn: 256 * 1024 * 1024,
         }
     }
 }
@@ -115,6 +154,7 @@ impl NbdServerConfig {
 }
 
 struct ConnEntry {
+    ip: IpAddr,
     export: Option<String>,
     kill: CancellationToken,
 }
@@ -123,12 +163,25 @@ struct ConnEntry {
 struct ConnTable {
     shutting_down: bool,
     conns: HashMap<u64, ConnEntry>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// Why a new connection was not registered.
+enum Refused {
+    ShuttingDown,
+    TooMany(usize),
+    TooManyFromClient(usize),
 }
 
 struct Inner {
     registry: Arc<dyn ExportRegistry>,
     max_payload: u32,
     max_inflight: usize,
+    handshake_timeout: Duration,
+    max_connections: usize,
+    max_connections_per_client: usize,
+    max_inflight_bytes: u64,
+    tls: Option<NbdTls>,
     shutdown_grace_ms: AtomicU64,
     shutdown: CancellationToken,
     table: Mutex<ConnTable>,
@@ -144,21 +197,30 @@ impl Inner {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Add a connection unless the server is shutting down.
-    fn register(&self, kill: &CancellationToken) -> Option<u64> {
+    /// Add a connection unless the server is shutting down or a connection limit is reached.
+    fn register(&self, kill: &CancellationToken, ip: IpAddr) -> Result<u64, Refused> {
         let mut table = self.table();
         if table.shutting_down {
-            return None;
+            return Err(Refused::ShuttingDown);
         }
+        if table.conns.len() >= self.max_connections {
+            return Err(Refused::TooMany(self.max_connections));
+        }
+        let from_client = table.per_client.entry(ip).or_insert(0);
+        if *from_client >= self.max_connections_per_client {
+            return Err(Refused::TooManyFromClient(self.max_connections_per_client));
+        }
+        *from_client += 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         table.conns.insert(
             id,
             ConnEntry {
+                ip,
                 export: None,
                 kill: kill.clone(),
             },
         );
-        Some(id)
+        Ok(id)
     }
 
     fn attach(&self, id: u64, export: &str) {
@@ -169,7 +231,14 @@ impl Inner {
 
     fn deregister(&self, id: u64) {
         let mut table = self.table();
-        table.conns.remove(&id);
+        if let Some(entry) = table.conns.remove(&id) {
+            if let Some(n) = table.per_client.get_mut(&entry.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    table.per_client.remove(&entry.ip);
+                }
+            }
+        }
         if table.conns.is_empty() {
             self.all_closed.notify_waiters();
         }
@@ -198,11 +267,25 @@ pub struct NbdServer {
 
 impl NbdServer {
     pub fn new(registry: Arc<dyn ExportRegistry>, config: NbdServerConfig) -> Self {
+        Self::with_tls(registry, config, None)
+    }
+
+    /// A server that offers (or requires) TLS when `tls` is given.
+    pub fn with_tls(
+        registry: Arc<dyn ExportRegistry>,
+        config: NbdServerConfig,
+        tls: Option<NbdTls>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry,
                 max_payload: config.effective_max_payload(),
                 max_inflight: config.max_inflight_per_conn.max(1),
+                handshake_timeout: config.handshake_timeout,
+                max_connections: config.max_connections.max(1),
+                max_connections_per_client: config.max_connections_per_client.max(1),
+                max_inflight_bytes: config.max_inflight_bytes_per_conn.max(1),
+                tls,
                 shutdown_grace_ms: AtomicU64::new(DEFAULT_SHUTDOWN_GRACE.as_millis() as u64),
                 shutdown: CancellationToken::new(),
                 table: Mutex::new(ConnTable::default()),
@@ -257,9 +340,20 @@ impl NbdServer {
             warn!(%peer, error = %e, "cannot set TCP_NODELAY on NBD connection");
         }
         let kill = CancellationToken::new();
-        let Some(id) = self.inner.register(&kill) else {
-            debug!(%peer, "NBD server shutting down; dropping new connection");
-            return;
+        let id = match self.inner.register(&kill, peer.ip()) {
+            Ok(id) => id,
+            Err(Refused::ShuttingDown) => {
+                debug!(%peer, "NBD server shutting down; dropping new connection");
+                return;
+            }
+            Err(Refused::TooMany(limit)) => {
+                warn!(%peer, limit, "NBD connection limit reached; closing new connection");
+                return;
+            }
+            Err(Refused::TooManyFromClient(limit)) => {
+                warn!(%peer, limit, "NBD connections per client address limit reached; closing new connection");
+                return;
+            }
         };
         let registration = Registration {
             inner: Arc::clone(&self.inner),
@@ -352,8 +446,59 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// A connection that finished the handshake, on whichever stream it ended up.
+enum Handshaken {
+    Plain(TcpStream, Negotiated),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Negotiated),
+    Aborted,
+}
+
+/// Greeting, option haggling and, when the client sends `NBD_OPT_STARTTLS`, the TLS handshake
+/// and a second round of haggling on the encrypted stream.
+async fn handshake(mut stream: TcpStream, inner: &Inner) -> Result<Handshaken, NbdError> {
+    let registry = inner.registry.as_ref();
+    let no_zeroes = handshake::greet(&mut stream).await?;
+    let phase = match &inner.tls {
+        None => TlsPhase::Unavailable,
+        Some(tls) => TlsPhase::Offered {
+            required: tls.mode == TlsMode::Require,
+        },
+    };
+    let outcome =
+        handshake::negotiate(&mut stream, registry, inner.max_payload, no_zeroes, phase).await?;
+    let acceptor = match (outcome, &inner.tls) {
+        (Outcome::Transmission(negotiated), _) => return Ok(Handshaken::Plain(stream, negotiated)),
+        (Outcome::Aborted, _) => return Ok(Handshaken::Aborted),
+        (Outcome::StartTls, Some(tls)) => tls.acceptor.clone(),
+        // `negotiate` acknowledges STARTTLS only when TLS is offered.
+        (Outcome::StartTls, None) => {
+            return Err(NbdError::TlsConfig("TLS is not configured".into()))
+        }
+    };
+    let mut tls = acceptor
+        .accept(stream)
+        .await
+        .map_err(NbdError::TlsHandshake)?;
+    let outcome = handshake::negotiate(
+        &mut tls,
+        registry,
+        inner.max_payload,
+        no_zeroes,
+        TlsPhase::Active,
+    )
+    .await?;
+    match outcome {
+        Outcome::Transmission(negotiated) => Ok(Handshaken::Tls(Box::new(tls), negotiated)),
+        Outcome::Aborted => {
+            let _ = tls.shutdown().await;
+            Ok(Handshaken::Aborted)
+        }
+        Outcome::StartTls => Err(NbdError::TlsConfig("TLS is already active".into())),
+    }
+}
+
 async fn serve_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     kill: CancellationToken,
     registration: Registration,
@@ -363,34 +508,45 @@ async fn serve_connection(
     // ends abnormally.
     debug!(%peer, "NBD client connected");
 
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake::negotiate(&mut stream, inner.registry.as_ref(), inner.max_payload),
-    );
+    let timeout = inner.handshake_timeout;
+    let handshake = tokio::time::timeout(timeout, handshake(stream, &inner));
     let outcome = tokio::select! {
         biased;
         _ = inner.shutdown.cancelled() => {
             info!(%peer, "NBD client closed during handshake: server shutting down");
             return;
         }
-        outcome = handshake => outcome.unwrap_or(Err(NbdError::HandshakeTimeout(HANDSHAKE_TIMEOUT))),
+        outcome = handshake => outcome.unwrap_or(Err(NbdError::HandshakeTimeout(timeout))),
     };
-    let negotiated = match outcome {
-        Ok(Outcome::Transmission(negotiated)) => negotiated,
-        Ok(Outcome::Aborted) => {
+    match outcome {
+        Ok(Handshaken::Plain(stream, negotiated)) => {
+            transmit(stream, negotiated, peer, false, kill, registration).await;
+        }
+        Ok(Handshaken::Tls(stream, negotiated)) => {
+            transmit(*stream, negotiated, peer, true, kill, registration).await;
+        }
+        Ok(Handshaken::Aborted) => {
             debug!(%peer, "NBD client ended the handshake (NBD_OPT_ABORT)");
-            return;
         }
         Err(NbdError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             debug!(%peer, "NBD client hung up during the handshake");
-            return;
         }
         Err(e) => {
             warn!(%peer, error = %e, "NBD handshake failed; closing connection");
-            return;
         }
-    };
+    }
+}
 
+/// The transmission phase of an attached connection, on plain TCP or TLS.
+async fn transmit<S: NbdStream>(
+    mut stream: S,
+    negotiated: Negotiated,
+    peer: SocketAddr,
+    tls: bool,
+    kill: CancellationToken,
+    registration: Registration,
+) {
+    let inner = Arc::clone(&registration.inner);
     let export = negotiated.name.clone();
     inner.attach(registration.id, &export);
     // Checked after attaching: if the export is removed concurrently, either this sees it gone or
@@ -399,13 +555,14 @@ async fn serve_connection(
         info!(%peer, %export, "NBD export removed during the handshake; closing");
         return;
     }
-    info!(%peer, %export, structured = negotiated.structured,
+    info!(%peer, %export, tls, structured = negotiated.structured,
         block_status = negotiated.base_allocation.is_some(), "NBD client attached");
 
     let params = conn::ConnParams {
         peer,
         max_payload: inner.max_payload,
         max_inflight: inner.max_inflight,
+        max_inflight_bytes: inner.max_inflight_bytes,
         shutdown_grace: Duration::from_millis(inner.shutdown_grace_ms.load(Ordering::Relaxed)),
     };
     let result = conn::run(&mut stream, negotiated, &params, &inner.shutdown, &kill).await;

@@ -1,0 +1,156 @@
+//! NBD over TLS: the server side of `NBD_OPT_STARTTLS` (`doc/proto.md`, "TLS support").
+//!
+//! # Why STARTTLS and not a TLS listener
+//!
+//! NBD clients (qemu, libnbd, nbd-client) never open TLS on connect: they greet in plain text and
+//! upgrade the connection with `NBD_OPT_STARTTLS` during option haggling. So TLS is a step of the
+//! handshake (`handshake` answers the option, `mod.rs` runs the TLS handshake on the same socket
+//! and restarts haggling on the encrypted stream, forgetting everything negotiated before, as the
+//! spec demands), and the transmission phase (`conn`) is generic over the stream.
+//!
+//! # Modes
+//!
+//! * [`TlsMode::Allow`]: clients may upgrade; plain-text clients are served as before.
+//! * [`TlsMode::Require`] (the spec's FORCEDTLS): before the upgrade every option but `STARTTLS`
+//!   and `ABORT` is refused with `NBD_REP_ERR_TLS_REQD` (so not even the export list leaks), and
+//!   `NBD_OPT_EXPORT_NAME`, which has no error reply, closes the connection.
+//!
+//! # Client certificates
+//!
+//! With a CA file ([`TlsFiles::ca`]) the TLS handshake requires a client certificate that chains
+//! to one of the CA file's certificates and is valid now (rustls' webpki verifier); a client
+//! without one, or with one from another CA or expired, fails the TLS handshake. Because a
+//! plain-text client would skip that check altogether, client certificates are only accepted
+//! together with [`TlsMode::Require`] ([`NbdTls::load`] refuses the other combination).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+
+use super::NbdError;
+
+/// Whether TLS is optional or mandatory for NBD clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Allow,
+    Require,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow" => Ok(TlsMode::Allow),
+            "require" => Ok(TlsMode::Require),
+            other => Err(format!("{other:?} is not allow or require")),
+        }
+    }
+}
+
+/// The PEM files of the server's TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The server certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates client certificates must chain to; `None`: no client certificates.
+    pub ca: Option<PathBuf>,
+}
+
+/// A loaded TLS configuration for the NBD server.
+#[derive(Clone)]
+pub struct NbdTls {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) mode: TlsMode,
+    pub(crate) client_auth: bool,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls")
+            .field("mode", &self.mode)
+            .field("client_auth", &self.client_auth)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> NbdError {
+    NbdError::TlsFile {
+        what,
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, NbdError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(what, path, "no CERTIFICATE block in the file"));
+    }
+    Ok(certs)
+}
+
+impl NbdTls {
+    /// Read and check the PEM files: unreadable files, files without the expected PEM blocks,
+    /// a key that does not match the certificate and a CA file without usable certificates are
+    /// errors naming the file.
+    pub fn load(files: &TlsFiles, mode: TlsMode) -> Result<Self, NbdError> {
+        let chain = certificates("certificate", &files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key)
+            .map_err(|e| file_error("private key", &files.key, e))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| NbdError::TlsConfig(e.to_string()))?;
+        let builder = match &files.ca {
+            Some(ca) => {
+                if mode != TlsMode::Require {
+                    return Err(NbdError::TlsConfig(
+                        "client certificates (a CA file) need TLS mode require: under allow a \
+                         client could skip the certificate check by not using TLS"
+                            .into(),
+                    ));
+                }
+                let mut roots = RootCertStore::empty();
+                for cert in certificates("CA certificate", ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| file_error("CA certificate", ca, e))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| file_error("CA certificate", ca, e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| file_error("certificate and key", &files.cert, e))?;
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            mode,
+            client_auth: files.ca.is_some(),
+        })
+    }
+
+    pub fn mode(&self) -> TlsMode {
+        self.mode
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn client_auth(&self) -> bool {
+        self.client_auth
+    }
+}

@@ -1,0 +1,163 @@
+//! Test certificates for NBD TLS, made with the `openssl` command-line tool.
+//!
+//! Why the CLI and not `rcgen`: no new dependency, and `openssl ca` sets any validity period, so
+//! an expired certificate is made directly instead of by waiting or faking the clock. The files
+//! are laid out as the clients want them: a directory per client identity with `ca-cert.pem`,
+//! `client-cert.pem` and `client-key.pem` is what qemu's `tls-creds-x509,dir=` and libnbd's
+//! `tls-certificates=` read (both GnuTLS).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::run_ok;
+
+/// A CA and certificates it signed, in one directory.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+const SERVER_EXT: &str =
+    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n";
+const CLIENT_EXT: &str = "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run_ok(Command::new("openssl").current_dir(dir).args(args));
+}
+
+impl Pki {
+    /// A fresh CA named `name` in `root/name`.
+    pub fn new(root: &Path, name: &str) -> Self {
+        super::require_tool("openssl");
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Pki {
+            dir,
+            name: name.to_string(),
+        };
+        pki.key("ca-key.pem");
+        openssl(
+            &pki.dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "30",
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        std::fs::write(pki.dir.join("index.txt"), "").unwrap();
+        std::fs::write(pki.dir.join("serial"), "10\n").unwrap();
+        std::fs::write(
+            pki.dir.join("ca.cnf"),
+            format!(
+                "[ca]\ndefault_ca = tca\n[tca]\ndatabase = index.txt\nnew_certs_dir = .\n\
+                 serial = serial\ndefault_md = sha256\npolicy = anything\nunique_subject = no\n\
+                 [anything]\ncommonName = supplied\n[server]\n{SERVER_EXT}[client]\n{CLIENT_EXT}"
+            ),
+        )
+        .unwrap();
+        pki
+    }
+
+    fn key(&self, file: &str) {
+        openssl(
+            &self.dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                file,
+            ],
+        );
+    }
+
+    /// Sign a new key for `cn` as `<stem>-cert.pem`/`<stem>-key.pem`; `expired`: valid only in
+    /// 2020. `server`: a server certificate for 127.0.0.1/localhost, else a client one.
+    fn issue(&self, stem: &str, cn: &str, server: bool, expired: bool) -> (PathBuf, PathBuf) {
+        let (cert, key, csr) = (
+            format!("{stem}-cert.pem"),
+            format!("{stem}-key.pem"),
+            format!("{stem}.csr"),
+        );
+        self.key(&key);
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let mut args = vec![
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca-cert.pem",
+            "-keyfile",
+            "ca-key.pem",
+            "-in",
+            &csr,
+            "-out",
+            &cert,
+            "-extensions",
+        ];
+        args.push(if server { "server" } else { "client" });
+        if expired {
+            args.extend([
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20210101000000Z",
+            ]);
+        } else {
+            args.extend(["-days", "30"]);
+        }
+        openssl(&self.dir, &args);
+        (self.dir.join(cert), self.dir.join(key))
+    }
+
+    /// A server certificate and key for 127.0.0.1.
+    pub fn server(&self, stem: &str, expired: bool) -> (PathBuf, PathBuf) {
+        self.issue(stem, "localhost", true, expired)
+    }
+
+    /// A client credentials directory: this CA (to check the server), and, unless `cn` is
+    /// `None`, a client certificate for `cn` signed by `signer` (expired if asked).
+    pub fn client_dir(&self, root: &Path, name: &str, cn: Option<(&str, &Pki, bool)>) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(self.ca(), dir.join("ca-cert.pem")).unwrap();
+        if let Some((cn, signer, expired)) = cn {
+            let (cert, key) = signer.issue(name, cn, false, expired);
+            std::fs::copy(cert, dir.join("client-cert.pem")).unwrap();
+            std::fs::copy(key, dir.join("client-key.pem")).unwrap();
+        }
+        dir
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca-cert.pem")
+    }
+}
