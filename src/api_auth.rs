@@ -132,8 +132,8 @@ pub fn read_ca(path: &Path, what: &str) -> Result<Vec<ureq::tls::Certificate<'st
         .with_context(|| format!("{what}: cannot read the CA file {}", path.display()))?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
-        if let ureq::tls::PemItem::Certificate(cert) = item
-            .with_context(|| format!("{what}: {} is not valid PEM", path.display()))?
+        if let ureq::tls::PemItem::Certificate(cert) =
+            item.with_context(|| format!("{what}: {} is not valid PEM", path.display()))?
         {
             certs.push(cert);
         }
@@ -214,7 +214,12 @@ pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
 }
 
 /// Log the loud startup warnings for listeners reachable from the network without protection.
-pub fn warn_exposed(api: std::net::SocketAddr, api_tls: bool, api_token: bool, nbd: std::net::SocketAddr) {
+pub fn warn_exposed(
+    api: std::net::SocketAddr,
+    api_tls: bool,
+    api_token: bool,
+    nbd: std::net::SocketAddr,
+) {
     if !is_loopback(&api) {
         let mut missing = Vec::new();
         if !api_tls {

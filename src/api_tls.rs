@@ -86,7 +86,9 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API: TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "API: TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(%peer, "API: TLS handshake timed out"),
                     }
                 });

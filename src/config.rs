@@ -215,8 +215,12 @@ impl VhostSettings {
             name => Some(match name.parse::<u32>() {
                 Ok(uid) => uid,
                 Err(_) => nix::unistd::User::from_name(name)
-                    .with_context(|| format!("setting vhost.socket_owner = {name:?}: cannot look the user up"))?
-                    .with_context(|| format!("setting vhost.socket_owner = {name:?}: no such user"))?
+                    .with_context(|| {
+                        format!("setting vhost.socket_owner = {name:?}: cannot look the user up")
+                    })?
+                    .with_context(|| {
+                        format!("setting vhost.socket_owner = {name:?}: no such user")
+                    })?
                     .uid
                     .as_raw(),
             }),
@@ -226,8 +230,12 @@ impl VhostSettings {
             name => Some(match name.parse::<u32>() {
                 Ok(gid) => gid,
                 Err(_) => nix::unistd::Group::from_name(name)
-                    .with_context(|| format!("setting vhost.socket_group = {name:?}: cannot look the group up"))?
-                    .with_context(|| format!("setting vhost.socket_group = {name:?}: no such group"))?
+                    .with_context(|| {
+                        format!("setting vhost.socket_group = {name:?}: cannot look the group up")
+                    })?
+                    .with_context(|| {
+                        format!("setting vhost.socket_group = {name:?}: no such group")
+                    })?
                     .gid
                     .as_raw(),
             }),

@@ -327,9 +327,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         })
     });
     let api_stop = Arc::new(tokio::sync::Notify::new());
-    let api_token = crate::api_auth::RequiredToken(
-        config.api_security.token.as_deref().map(Arc::from),
-    );
+    let api_token =
+        crate::api_auth::RequiredToken(config.api_security.token.as_deref().map(Arc::from));
     let api_task = {
         let app = router(ApiState {
             manager: manager.clone(),

@@ -134,7 +134,10 @@ fn every_documented_route_needs_the_token_but_health() {
     }
     assert!(asked >= 25, "only {asked} routes asked");
     // Routes no document lists, and unknown ones, are refused too.
-    assert_unauthorized(&http(api, "POST", "/v1/volumes/x/takeover", None), "takeover");
+    assert_unauthorized(
+        &http(api, "POST", "/v1/volumes/x/takeover", None),
+        "takeover",
+    );
     assert_unauthorized(&http(api, "GET", "/v1/nosuch", None), "unknown route");
     // Prometheus' scrape: refused without, served with the token.
     assert_unauthorized(&http(api, "GET", "/metrics", None), "metrics");
@@ -183,7 +186,17 @@ fn the_cli_sends_the_token_from_its_flag_or_environment_and_says_when_it_is_miss
 
     // --api-token-file, after or before the command.
     assert_ok(&vstor(
-        &["volume", "create", "a", "--size", "16M", "--api", api, "--api-token-file", file],
+        &[
+            "volume",
+            "create",
+            "a",
+            "--size",
+            "16M",
+            "--api",
+            api,
+            "--api-token-file",
+            file,
+        ],
         &[],
     ));
     let list = assert_ok(&vstor(
@@ -224,7 +237,14 @@ fn the_cli_sends_the_token_from_its_flag_or_environment_and_says_when_it_is_miss
     let empty = tmp.path().join("empty");
     std::fs::write(&empty, "\n").unwrap();
     let out = vstor(
-        &["volume", "list", "--api", api, "--api-token-file", empty.to_str().unwrap()],
+        &[
+            "volume",
+            "list",
+            "--api",
+            api,
+            "--api-token-file",
+            empty.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(!out.status.success());
@@ -240,7 +260,13 @@ fn serve_fails(dir: &Path, args: &[&str]) -> String {
         .arg("serve")
         .arg("--data-dir")
         .arg(dir)
-        .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--no-default-volume"])
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--nbd",
+            "127.0.0.1:0",
+            "--no-default-volume",
+        ])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -275,7 +301,10 @@ fn bad_token_files_tls_files_and_socket_groups_stop_the_node_at_startup() {
         err.contains("api.token_file") && err.contains("is empty"),
         "{err}"
     );
-    let err = serve_fails(&tmp.path().join("d2"), &["--api-token-file", "/nonexistent/t"]);
+    let err = serve_fails(
+        &tmp.path().join("d2"),
+        &["--api-token-file", "/nonexistent/t"],
+    );
     assert!(
         err.contains("cannot read the API token file /nonexistent/t"),
         "{err}"
@@ -283,23 +312,43 @@ fn bad_token_files_tls_files_and_socket_groups_stop_the_node_at_startup() {
     // The config file's spelling.
     let config = tmp.path().join("vstor.toml");
     std::fs::write(&config, "[api]\ntoken_file = \"/nonexistent/t\"\n").unwrap();
-    let err = serve_fails(&tmp.path().join("d3"), &["--config", config.to_str().unwrap()]);
+    let err = serve_fails(
+        &tmp.path().join("d3"),
+        &["--config", config.to_str().unwrap()],
+    );
     assert!(err.contains("api.token_file"), "{err}");
-    let err = serve_fails(&tmp.path().join("d4"), &["--api-tls-cert", "/nonexistent/c"]);
+    let err = serve_fails(
+        &tmp.path().join("d4"),
+        &["--api-tls-cert", "/nonexistent/c"],
+    );
     assert!(err.contains("go together"), "{err}");
     let err = serve_fails(
         &tmp.path().join("d5"),
-        &["--api-tls-cert", "/nonexistent/c", "--api-tls-key", "/nonexistent/k"],
+        &[
+            "--api-tls-cert",
+            "/nonexistent/c",
+            "--api-tls-key",
+            "/nonexistent/k",
+        ],
     );
-    assert!(err.contains("api.tls_cert") && err.contains("/nonexistent/c"), "{err}");
+    assert!(
+        err.contains("api.tls_cert") && err.contains("/nonexistent/c"),
+        "{err}"
+    );
     std::fs::write(&config, "[vhost]\nsocket_group = \"no-such-group-x\"\n").unwrap();
-    let err = serve_fails(&tmp.path().join("d6"), &["--config", config.to_str().unwrap()]);
+    let err = serve_fails(
+        &tmp.path().join("d6"),
+        &["--config", config.to_str().unwrap()],
+    );
     assert!(
         err.contains("vhost.socket_group = \"no-such-group-x\": no such group"),
         "{err}"
     );
     std::fs::write(&config, "[vhost]\nsocket_mode = \"rw\"\n").unwrap();
-    let err = serve_fails(&tmp.path().join("d7"), &["--config", config.to_str().unwrap()]);
+    let err = serve_fails(
+        &tmp.path().join("d7"),
+        &["--config", config.to_str().unwrap()],
+    );
     assert!(err.contains("vhost.socket_mode"), "{err}");
 }
 
@@ -319,14 +368,39 @@ fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         );
     };
     run(&[
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=vstor test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vstor test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     run(&[
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-        "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1",
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=127.0.0.1",
     ]);
     std::fs::write(
         dir.join("node.ext"),
@@ -334,10 +408,27 @@ fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
     .unwrap();
     run(&[
-        "x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "node.pem", "-days", "2", "-extfile", "node.ext",
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "node.ext",
     ]);
-    (dir.join("ca.pem"), dir.join("node.pem"), dir.join("node.key"))
+    (
+        dir.join("ca.pem"),
+        dir.join("node.pem"),
+        dir.join("node.key"),
+    )
 }
 
 #[test]
@@ -362,7 +453,9 @@ fn the_api_over_https_with_a_private_ca() {
 
     // --api-ca, or VSTOR_API_CA.
     assert_ok(&vstor(
-        &["volume", "create", "v", "--size", "16M", "--api", &https, "--api-ca", ca],
+        &[
+            "volume", "create", "v", "--size", "16M", "--api", &https, "--api-ca", ca,
+        ],
         &token,
     ));
     let list = assert_ok(&vstor(
@@ -407,7 +500,16 @@ fn cluster_nodes_forward_with_the_shared_token() {
 
     // Created through n1 on n2 (forwarded), read and deleted through n1 (forwarded).
     let created: Value = serde_json::from_str(&n1.cli_ok(&[
-        "volume", "create", "fw", "--size", "16M", "--node", "n2", "--dtl-mode", "none", "--json",
+        "volume",
+        "create",
+        "fw",
+        "--size",
+        "16M",
+        "--node",
+        "n2",
+        "--dtl-mode",
+        "none",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(created["owner"], "n2", "{created}");
@@ -514,7 +616,11 @@ fn listeners_reachable_from_the_network_without_protection_are_warned_about() {
     // A token only: the warning says TLS is missing, not the token.
     let half = tmp.path().join("half");
     std::fs::create_dir_all(&half).unwrap();
-    let (child, log) = serve_on(&half, "0.0.0.0:0", &["--api-token-file", file.to_str().unwrap()]);
+    let (child, log) = serve_on(
+        &half,
+        "0.0.0.0:0",
+        &["--api-token-file", file.to_str().unwrap()],
+    );
     stop(child);
     let lines = warnings(&log);
     let api = lines

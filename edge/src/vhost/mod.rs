@@ -461,10 +461,11 @@ impl VhostServer {
             return Err(VhostError::UnknownExport(name.to_owned()));
         }
         let permissions = *lock(&self.inner.socket_permissions);
-        let (listener, accept_waker) = bind(&path, permissions).map_err(|source| VhostError::Listen {
-            path: path.clone(),
-            source,
-        })?;
+        let (listener, accept_waker) =
+            bind(&path, permissions).map_err(|source| VhostError::Listen {
+                path: path.clone(),
+                source,
+            })?;
         let id = exports.next_id;
         exports.next_id += 1;
         let export = Arc::new(ExportShared {
@@ -729,14 +730,13 @@ fn bind(
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(VhostUserError::SocketError)?;
-    let restricted = std::os::unix::fs::chown(path, permissions.uid, permissions.gid).and_then(
-        |()| {
+    let restricted =
+        std::os::unix::fs::chown(path, permissions.uid, permissions.gid).and_then(|()| {
             std::fs::set_permissions(
                 path,
                 std::os::unix::fs::PermissionsExt::from_mode(permissions.mode),
             )
-        },
-    );
+        });
     if let Err(e) = restricted {
         remove_socket(path);
         return Err(VhostUserError::SocketError(io::Error::new(
