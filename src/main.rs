@@ -911,11 +911,12 @@ fn run(cli: Cli) -> Result<()> {
                 | Command::Clone(_)
                 | Command::Template(_)
                 | Command::Node(_)
+                | Command::Top(_)
                 | Command::Edge(_)
         )
     {
         anyhow::bail!(
-            "--api before the command is for serve, volume, snapshot, clone, template, node and edge; this command has no --api"
+            "--api before the command is for serve, volume, snapshot, clone, template, node, top and edge; this command has no --api"
         );
     }
     // ureq (HTTPS to an API) and the API's own TLS use rustls with this provider.
