@@ -87,9 +87,11 @@ impl TlsListener {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "API: TLS handshake failed")
+                            tracing::debug!(%peer, error = %e, "API: TLS handshake failed");
                         }
-                        Err(_) => tracing::debug!(%peer, "API: TLS handshake timed out"),
+                        Err(_) => {
+                            tracing::debug!(%peer, "API: TLS handshake timed out");
+                        }
                     }
                 });
             }
