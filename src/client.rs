@@ -25,12 +25,15 @@ pub struct Client {
     env: &'static str,
 }
 
-/// `http://127.0.0.1:7800/` (the form `vstor serve` prints) → `127.0.0.1:7800`.
-pub fn api_host(addr: &str) -> &str {
+/// `https://HOST:PORT/` → (`https`, `HOST:PORT`); `http://HOST:PORT/` (the form `vstor serve`
+/// prints) or no scheme → (`http`, `HOST:PORT`).
+fn api_scheme_host(addr: &str) -> (&'static str, &str) {
     let addr = addr.trim();
-    addr.strip_prefix("http://")
-        .unwrap_or(addr)
-        .trim_end_matches('/')
+    let (scheme, host) = match addr.strip_prefix("https://") {
+        Some(host) => ("https", host),
+        None => ("http", addr.strip_prefix("http://").unwrap_or(addr)),
+    };
+    (scheme, host.trim_end_matches('/'))
 }
 
 impl Client {
@@ -44,14 +47,16 @@ impl Client {
     }
 
     fn with_timeout(addr: &str, timeout: Option<Duration>) -> Self {
+        let outgoing = crate::api_auth::outgoing();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(timeout)
+            .tls_config(outgoing.tls_config())
             .build()
             .into();
-        let addr = api_host(addr);
+        let (scheme, addr) = api_scheme_host(addr);
         Self {
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             addr: addr.to_string(),
             agent,
             daemon: "vstor serve",
@@ -85,6 +90,21 @@ impl Client {
             .body_mut()
             .read_to_vec()
             .with_context(|| format!("cannot read the answer of the daemon at {}", self.addr))?;
+        if status == ureq::http::StatusCode::UNAUTHORIZED {
+            let outgoing = crate::api_auth::outgoing();
+            match &outgoing.token_source {
+                Some(source) => bail!(
+                    "{} (the daemon at {} refused the token from {source})",
+                    crate::api_auth::NEEDS_TOKEN,
+                    self.addr
+                ),
+                None => bail!(
+                    "{} (the daemon at {} was sent none)",
+                    crate::api_auth::NEEDS_TOKEN,
+                    self.addr
+                ),
+            }
+        }
         if !status.is_success() {
             match serde_json::from_slice::<ErrorBody>(&body) {
                 Ok(error) => bail!(error.error),
@@ -99,28 +119,32 @@ impl Client {
         })
     }
 
+    /// `request` with the API token, if this process has one.
+    fn authorized<B>(request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match crate::api_auth::outgoing().authorization() {
+            Some(value) => request.header("authorization", value),
+            None => request,
+        }
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.handle(self.agent.get(format!("{}{path}", self.base)).call())
+        self.handle(Self::authorized(self.agent.get(format!("{}{path}", self.base))).call())
     }
 
     pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         self.handle(
-            self.agent
-                .post(format!("{}{path}", self.base))
-                .send_json(body),
+            Self::authorized(self.agent.post(format!("{}{path}", self.base))).send_json(body),
         )
     }
 
     pub fn patch<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         self.handle(
-            self.agent
-                .patch(format!("{}{path}", self.base))
-                .send_json(body),
+            Self::authorized(self.agent.patch(format!("{}{path}", self.base))).send_json(body),
         )
     }
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.handle(self.agent.delete(format!("{}{path}", self.base)).call())
+        self.handle(Self::authorized(self.agent.delete(format!("{}{path}", self.base))).call())
     }
 }
 

@@ -30,7 +30,9 @@ pub struct FileConfig {
     pub data_dir: PathBuf,
     /// Backend: a directory, or `s3://BUCKET[/PREFIX]`; empty means `<data_dir>/backend`.
     pub backend: Option<PathBuf>,
-    pub api: String,
+    /// `api = "HOST:PORT"`, or an `[api]` table with `listen`, `token_file`, `tls_cert`,
+    /// `tls_key`, `ca_file`.
+    pub api: ApiFileSettings,
     pub nbd: String,
     /// Edge protocol listener (`host:port`) for `vstor edge`; empty means none.
     pub edge_listen: String,
@@ -175,6 +177,12 @@ impl Default for ScrubSettings {
 pub struct VhostSettings {
     pub num_queues: u16,
     pub queue_size: u16,
+    /// Octal mode of every vhost-user socket ("0600": only the daemon's user may connect).
+    pub socket_mode: String,
+    /// User name or numeric uid that owns the sockets; empty: the daemon's user.
+    pub socket_owner: String,
+    /// Group name or numeric gid of the sockets; empty: the daemon's group.
+    pub socket_group: String,
 }
 
 impl Default for VhostSettings {
@@ -182,7 +190,155 @@ impl Default for VhostSettings {
         Self {
             num_queues: 4,
             queue_size: 256,
+            socket_mode: "0600".into(),
+            socket_owner: String::new(),
+            socket_group: String::new(),
         }
+    }
+}
+
+impl VhostSettings {
+    /// Mode, uid and gid of the sockets, resolved (names through the system's user database).
+    fn socket_permissions(&self) -> Result<vstor_edge::vhost::SocketPermissions> {
+        let mode_text = self.socket_mode.trim();
+        let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .with_context(|| {
+                not_allowed(
+                    "vhost.socket_mode",
+                    &self.socket_mode,
+                    "an octal mode such as \"0600\" or \"0660\"",
+                )
+            })?;
+        let uid = match self.socket_owner.trim() {
+            "" => None,
+            name => Some(match name.parse::<u32>() {
+                Ok(uid) => uid,
+                Err(_) => nix::unistd::User::from_name(name)
+                    .with_context(|| {
+                        format!("setting vhost.socket_owner = {name:?}: cannot look the user up")
+                    })?
+                    .with_context(|| {
+                        format!("setting vhost.socket_owner = {name:?}: no such user")
+                    })?
+                    .uid
+                    .as_raw(),
+            }),
+        };
+        let gid = match self.socket_group.trim() {
+            "" => None,
+            name => Some(match name.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => nix::unistd::Group::from_name(name)
+                    .with_context(|| {
+                        format!("setting vhost.socket_group = {name:?}: cannot look the group up")
+                    })?
+                    .with_context(|| {
+                        format!("setting vhost.socket_group = {name:?}: no such group")
+                    })?
+                    .gid
+                    .as_raw(),
+            }),
+        };
+        Ok(vstor_edge::vhost::SocketPermissions { mode, uid, gid })
+    }
+}
+
+/// `[api]`: where the management API listens and how it is protected. `api = "HOST:PORT"` (the
+/// older spelling) is the same as a table with only `listen`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "ApiFileRepr")]
+pub struct ApiFileSettings {
+    pub listen: String,
+    /// File holding the bearer token every API call but `GET /v1/health` must carry.
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain and key: serve the API over HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA the node trusts when it calls other nodes' HTTPS APIs; none: the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ApiFileSettings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_API.into(),
+            token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ApiFileRepr {
+    Listen(String),
+    Table(ApiTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiTable {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+}
+
+impl From<ApiFileRepr> for ApiFileSettings {
+    fn from(repr: ApiFileRepr) -> Self {
+        match repr {
+            ApiFileRepr::Listen(listen) => Self {
+                listen,
+                ..Self::default()
+            },
+            ApiFileRepr::Table(t) => Self {
+                listen: t.listen.unwrap_or_else(|| DEFAULT_API.into()),
+                token_file: t.token_file,
+                tls_cert: t.tls_cert,
+                tls_key: t.tls_key,
+                ca_file: t.ca_file,
+            },
+        }
+    }
+}
+
+/// The API's protection, resolved and checked.
+#[derive(Debug, Clone, Default)]
+pub struct ApiSecurity {
+    /// The bearer token (the file's content).
+    pub token: Option<String>,
+    /// PEM certificate chain and key files, checked at startup.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// PEM CA file for calls to other nodes.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ApiFileSettings {
+    fn security(&self) -> Result<ApiSecurity> {
+        let token = self
+            .token_file
+            .as_deref()
+            .map(|path| {
+                crate::api_auth::read_token_file(path, "setting api.token_file (--api-token-file)")
+            })
+            .transpose()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => bail!(
+                "settings api.tls_cert (--api-tls-cert) and api.tls_key (--api-tls-key) go together: give both or neither"
+            ),
+        };
+        Ok(ApiSecurity {
+            token,
+            tls,
+            ca_file: self.ca_file.clone(),
+        })
     }
 }
 
@@ -230,7 +386,7 @@ impl Default for FileConfig {
         Self {
             data_dir: PathBuf::from("./vstor-data"),
             backend: None,
-            api: DEFAULT_API.into(),
+            api: ApiFileSettings::default(),
             nbd: DEFAULT_NBD.into(),
             edge_listen: String::new(),
             vhost_dir: None,
@@ -399,6 +555,10 @@ pub struct ServeConfig {
     pub vhost_dir: PathBuf,
     pub vhost_queues: u16,
     pub vhost_queue_size: u16,
+    /// Mode and owner of the vhost-user sockets (`[vhost] socket_*`).
+    pub vhost_socket: vstor_edge::vhost::SocketPermissions,
+    /// API token and TLS (`[api]`, `--api-token-file`, `--api-tls-*`).
+    pub api_security: ApiSecurity,
     pub write_buffer_limit: u64,
     pub shutdown_upload_timeout_secs: u64,
     pub default_volume: Option<(String, u64)>,
@@ -440,6 +600,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub backend: Option<PathBuf>,
     pub api: Option<String>,
+    pub api_token_file: Option<PathBuf>,
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
+    pub api_ca: Option<PathBuf>,
     pub nbd: Option<String>,
     pub edge_listen: Option<String>,
     pub vhost_dir: Option<PathBuf>,
@@ -515,7 +679,17 @@ impl FileConfig {
             self.backend = Some(dir);
         }
         if let Some(api) = overrides.api {
-            self.api = api;
+            self.api.listen = api;
+        }
+        for (field, value) in [
+            (&mut self.api.token_file, overrides.api_token_file),
+            (&mut self.api.tls_cert, overrides.api_tls_cert),
+            (&mut self.api.tls_key, overrides.api_tls_key),
+            (&mut self.api.ca_file, overrides.api_ca),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
         }
         if let Some(nbd) = overrides.nbd {
             self.nbd = nbd;
@@ -757,7 +931,9 @@ impl FileConfig {
         }
         Ok(ServeConfig {
             backend,
-            api: parse_addr("API", &self.api)?,
+            api: parse_addr("API", &self.api.listen)?,
+            api_security: self.api.security()?,
+            vhost_socket: self.vhost.socket_permissions()?,
             nbd: parse_addr("NBD", &self.nbd)?,
             edge_listen: Some(self.edge_listen.trim())
                 .filter(|addr| !addr.is_empty())
@@ -852,6 +1028,26 @@ mod tests {
         let text = include_str!("../docs/vstor.example.toml");
         let parsed: FileConfig = toml::from_str(text).expect("example parses");
         assert_eq!(parsed, FileConfig::default());
+    }
+
+    #[test]
+    fn api_is_an_address_or_a_table() {
+        let old: FileConfig = toml::from_str("api = \"0.0.0.0:7900\"").unwrap();
+        assert_eq!(old.api.listen, "0.0.0.0:7900");
+        assert_eq!(old.api.token_file, None);
+        let table: FileConfig =
+            toml::from_str("[api]\ntoken_file = \"/t\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n")
+                .unwrap();
+        assert_eq!(table.api.listen, DEFAULT_API);
+        assert_eq!(table.api.token_file, Some(PathBuf::from("/t")));
+        assert_eq!(table.api.tls_key, Some(PathBuf::from("/k")));
+        assert!(toml::from_str::<FileConfig>("[api]\ntoken = \"x\"").is_err());
+        let vhost: FileConfig =
+            toml::from_str("[vhost]\nsocket_mode = \"0660\"\nsocket_group = \"6\"\n").unwrap();
+        let resolved = vhost.resolve(Overrides::default()).unwrap();
+        assert_eq!(resolved.vhost_socket.mode, 0o660);
+        assert_eq!(resolved.vhost_socket.gid, Some(6));
+        assert_eq!(resolved.vhost_socket.uid, None);
     }
 
     #[test]
@@ -973,7 +1169,10 @@ mod tests {
     fn unknown_settings_and_bad_values_are_rejected() {
         assert!(toml::from_str::<FileConfig>("dat_dir = \"x\"").is_err());
         let bad = FileConfig {
-            api: "localhost".into(),
+            api: ApiFileSettings {
+                listen: "localhost".into(),
+                ..ApiFileSettings::default()
+            },
             ..FileConfig::default()
         };
         let err = bad.resolve(Overrides::default()).unwrap_err();

@@ -3,6 +3,8 @@
 //! `vstor-benches`), so the product links neither them nor libblkio.
 
 mod api;
+mod api_auth;
+mod api_tls;
 mod api_types;
 mod backend_timing;
 mod client;
@@ -226,13 +228,20 @@ struct ServeArgs {
     /// Listen address of the node's DTL server [default: an ephemeral port on the API's host].
     #[arg(long)]
     dtl_listen: Option<String>,
+    /// Serve the API over HTTPS with this PEM certificate chain (config: `api.tls_cert`; needs
+    /// --api-tls-key) [default: plain HTTP].
+    #[arg(long, value_name = "FILE")]
+    api_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --api-tls-cert (config: `api.tls_key`).
+    #[arg(long, value_name = "FILE")]
+    api_tls_key: Option<PathBuf>,
 }
 
 /// How the management verbs reach the daemon and print its answer.
 #[derive(Args)]
 struct Remote {
-    /// Address of the daemon's API, HOST:PORT or http://HOST:PORT [env: VSTOR_API] [default:
-    /// 127.0.0.1:7800].
+    /// Address of the daemon's API, HOST:PORT, http://HOST:PORT or https://HOST:PORT [env:
+    /// VSTOR_API] [default: 127.0.0.1:7800].
     #[arg(long, global = true, value_name = "ADDR")]
     api: Option<String>,
     /// Print the daemon's JSON answer instead of text (errors too: `{"error": "..."}` on
@@ -245,13 +254,23 @@ struct Remote {
 #[derive(Args)]
 struct GlobalOpts {
     /// Address of the daemon's API for the management verbs (volume, snapshot, clone,
-    /// template, node), HOST:PORT or http://HOST:PORT [env: VSTOR_API] [default:
+    /// template, node), HOST:PORT, http://HOST:PORT or https://HOST:PORT [env: VSTOR_API] [default:
     /// 127.0.0.1:7800]. Also accepted after the command.
     #[arg(long, value_name = "ADDR")]
     api: Option<String>,
     /// Print JSON instead of text, errors included (`{"error": "..."}` on stderr).
     #[arg(long)]
     json: bool,
+    /// File holding the API's bearer token. `vstor serve`: every API call but GET /v1/health
+    /// must carry it (config: `api.token_file`) [default: no token]. Every other command: the
+    /// token to send; else VSTOR_API_TOKEN, else the file VSTOR_API_TOKEN_FILE names.
+    #[arg(long, global = true, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for an https:// API (a private CA) [env: VSTOR_API_CA]
+    /// [default: the system's]. `vstor serve`: for its calls to other nodes (config:
+    /// `api.ca_file`).
+    #[arg(long, global = true, value_name = "FILE")]
+    api_ca: Option<PathBuf>,
 }
 
 impl Remote {
@@ -931,12 +950,31 @@ fn run(cli: Cli) -> Result<()> {
                 | Command::Clone(_)
                 | Command::Template(_)
                 | Command::Node(_)
+                | Command::Top(_)
                 | Command::Edge(_)
         )
     {
         anyhow::bail!(
-            "--api before the command is for serve, volume, snapshot, clone, template, node and edge; this command has no --api"
+            "--api before the command is for serve, volume, snapshot, clone, template, node, top and edge; this command has no --api"
         );
+    }
+    // ureq (HTTPS to an API) and the API's own TLS use rustls with this provider.
+    api_tls::install_crypto_provider();
+    // The commands that call a node's API send its token (and trust its CA).
+    if matches!(
+        cli.command,
+        Command::Volume(_)
+            | Command::Snapshot(_)
+            | Command::Clone(_)
+            | Command::Template(_)
+            | Command::Node(_)
+            | Command::Top(_)
+            | Command::Edge(_)
+    ) {
+        api_auth::set_outgoing(api_auth::Outgoing::from_cli(
+            global.api_token_file.as_deref(),
+            global.api_ca.as_deref(),
+        )?);
     }
     match cli.command {
         Command::Serve(mut args) => {
@@ -952,6 +990,10 @@ fn run(cli: Cli) -> Result<()> {
                 data_dir: args.data_dir,
                 backend: args.backend,
                 api: args.api,
+                api_token_file: global.api_token_file,
+                api_tls_cert: args.api_tls_cert,
+                api_tls_key: args.api_tls_key,
+                api_ca: global.api_ca,
                 nbd: args.nbd,
                 edge_listen: args.edge_listen,
                 vhost_dir: args.vhost_dir,

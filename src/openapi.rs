@@ -49,7 +49,8 @@ fn osds() {}
     get,
     path = "/v1/health",
     tag = "node",
-    summary = "The node's name and, in a cluster, its health.",
+    summary = "The node's name and, in a cluster, its health. The one call that never needs the API token.",
+    security(()),
     responses((status = 200, body = Health), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))
 )]
 fn health() {}
@@ -291,8 +292,10 @@ fn clone_create() {}
 #[openapi(
     info(
         title = "vstor management API",
-        description = "Volumes, snapshots, clones and the cluster of a vstor node. Every error is `{\"error\": \"...\"}` with its HTTP status."
+        description = "Volumes, snapshots, clones and the cluster of a vstor node. Every error is `{\"error\": \"...\"}` with its HTTP status. A node started with an API token (`--api-token-file`) answers every call but `GET /v1/health` with 401 and `WWW-Authenticate: Bearer` unless it carries `Authorization: Bearer TOKEN`."
     ),
+    modifiers(&BearerToken),
+    security(("api_token" = [])),
     paths(
         health,
         openapi,
@@ -324,6 +327,27 @@ fn clone_create() {}
     )
 )]
 struct ApiDoc;
+
+/// The `api_token` security scheme: HTTP bearer (the content of the node's token file).
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The content of the node's --api-token-file; required when the node has one",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The document (built on each request: it is small and asked for rarely).
 pub fn document() -> utoipa::openapi::OpenApi {

@@ -50,6 +50,26 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     vstor_edge::vhost::check_socket_dir(&config.vhost_dir).map_err(|e| {
         anyhow::anyhow!("setting vhost_dir (--vhost-dir): {e}; choose a shorter one")
     })?;
+    // The API's certificate and key are checked before anything is touched.
+    let api_tls = config
+        .api_security
+        .tls
+        .as_ref()
+        .map(|(cert, key)| crate::api_tls::server_config(cert, key))
+        .transpose()?;
+    // Calls to other nodes' APIs (forwarding, moves, fencing probes) carry this node's token: the
+    // nodes of a cluster share one token file, and one TLS setting.
+    crate::api_auth::set_outgoing(crate::api_auth::Outgoing {
+        token: config.api_security.token.clone(),
+        token_source: Some("setting api.token_file (--api-token-file)".into()),
+        ca: config
+            .api_security
+            .ca_file
+            .as_deref()
+            .map(|path| crate::api_auth::read_ca(path, "setting api.ca_file (--api-ca)"))
+            .transpose()?,
+        https: api_tls.is_some(),
+    });
     // Before anything in the directory is read or written: a second node must not touch it.
     let _lock = DirLock::acquire(&config.data_dir, "vstor serve")?;
     // The registry first: a cluster node that cannot reach etcd, or whose name a live node
@@ -80,6 +100,13 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     };
     let nbd_addr = nbd_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
+    crate::api_auth::warn_exposed(
+        api_addr,
+        api_tls.is_some(),
+        config.api_security.token.is_some(),
+        nbd_addr,
+        config.nbd_tls.as_ref(),
+    );
     let edge_addr = edge_listener
         .as_ref()
         .map(TcpListener::local_addr)
@@ -233,6 +260,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             config.vhost_dir.display()
         )
     })?;
+    vhost.set_socket_permissions(config.vhost_socket);
     for name in manager.names() {
         vhost
             .add_export(&name)
@@ -308,6 +336,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         })
     });
     let api_stop = Arc::new(tokio::sync::Notify::new());
+    let api_token =
+        crate::api_auth::RequiredToken(config.api_security.token.as_deref().map(Arc::from));
     let api_task = {
         let app = router(ApiState {
             manager: manager.clone(),
@@ -329,17 +359,38 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             mds: mds.clone(),
             backend_timing: backend_timing.clone(),
             tier_repair: tier.as_ref().map(|_| tier_repair.clone()),
-        });
-        let stop = api_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(api_listener, app)
-                .with_graceful_shutdown(async move { stop.notified().await })
-                .await
         })
+        // Outermost: a request is checked before it is routed or forwarded to another node.
+        .layer(axum::middleware::from_fn_with_state(
+            api_token,
+            crate::api_auth::require_token,
+        ));
+        let stop = api_stop.clone();
+        let shutdown = async move { stop.notified().await };
+        match api_tls {
+            Some(tls) => {
+                let listener = crate::api_tls::TlsListener::new(api_listener, tls)?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                })
+            }
+            None => tokio::spawn(async move {
+                axum::serve(api_listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }),
+        }
     };
 
+    let scheme = if config.api_security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     announce(&format!(
-        "vstor ready: api=http://{api_addr} nbd=nbd://{nbd_addr}"
+        "vstor ready: api={scheme}://{api_addr} nbd=nbd://{nbd_addr}"
     ));
     if let Some(addr) = edge_addr {
         announce(&format!("vstor edge listener: {addr}"));

@@ -18,23 +18,50 @@ const SCRIPT: &str = concat!(
 
 #[test]
 fn the_dashboard_shows_live_volumes_and_its_actions_work() {
+    dashboard_flow(None);
+}
+
+/// The node needs an API token: the page asks for it (a wrong one is refused), keeps it for the
+/// tab, and then works as without one.
+#[test]
+fn the_dashboard_asks_for_the_api_token_and_works_with_it() {
+    dashboard_flow(Some("dashboard-token-5f1c"));
+}
+
+fn dashboard_flow(token: Option<&str>) {
     require_tool("chromium");
     require_tool("chromedriver");
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(tmp.path());
+    let token_file = tmp.path().join("api-token");
+    let daemon = match token {
+        Some(token) => {
+            std::fs::write(&token_file, format!("{token}\n")).unwrap();
+            Daemon::start_with(
+                tmp.path(),
+                &["--api-token-file", token_file.to_str().unwrap()],
+            )
+        }
+        None => Daemon::start(tmp.path()),
+    };
     daemon.create_volume("vol", "64M");
     daemon.create_volume("doomed", "16M");
     let load = Load::new();
     let writers = start_writers(&daemon.nbd, "vol", Mode::Sync, &load);
     wait_progress(&load, &writers, 100, "warm-up");
 
-    // Kept after the test (target/tmp/dashboard.png) for a human to look at.
-    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    // Kept after the test (target/tmp/dashboard*.png) for a human to look at.
+    let name = if token.is_some() {
+        "dashboard-token.png"
+    } else {
+        "dashboard.png"
+    };
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_file(&shot);
     let out = Command::new("python3")
         .arg(SCRIPT)
         .arg(format!("http://{}/", daemon.api))
         .arg(&shot)
+        .args(token)
         .env("SE_OFFLINE", "true")
         .output()
         .expect("run python3");

@@ -1,6 +1,7 @@
 //! HTTP between nodes: forwarding a management request to the node that owns the volume, and
 //! the short questions of the self-fencing monitor. `ureq` (already the CLI's client) runs on
-//! the blocking pool; every call has a timeout.
+//! the blocking pool; every call has a timeout. Every call carries this node's API token (the
+//! nodes of a cluster share one token file) and, when this node serves HTTPS, goes over HTTPS.
 
 use std::time::Duration;
 
@@ -26,8 +27,22 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
         .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+        .tls_config(crate::api_auth::outgoing().tls_config())
         .build()
         .into()
+}
+
+/// `http(s)://{addr}{path}`: the scheme this node's own API uses.
+pub fn node_url(addr: &str, path: &str) -> String {
+    format!("{}://{addr}{path}", crate::api_auth::outgoing().scheme())
+}
+
+/// `request` with this node's API token, if it has one.
+pub fn authorized<B>(request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    match crate::api_auth::outgoing().authorization() {
+        Some(value) => request.header("authorization", value),
+        None => request,
+    }
 }
 
 /// GET `http://{addr}{path}` as JSON; `None` on no answer or one that is not a `T`.
@@ -36,9 +51,9 @@ async fn get_json<T: serde::de::DeserializeOwned + Send + 'static>(
     path: &str,
     timeout: Duration,
 ) -> Option<T> {
-    let url = format!("http://{addr}{path}");
+    let url = node_url(addr, path);
     tokio::task::spawn_blocking(move || {
-        let mut response = agent(timeout).get(&url).call().ok()?;
+        let mut response = authorized(agent(timeout).get(&url)).call().ok()?;
         response.body_mut().read_json::<T>().ok()
     })
     .await
@@ -80,7 +95,7 @@ pub async fn forward(
     path_and_query: &str,
     body: Option<Vec<u8>>,
 ) -> Result<Forwarded, String> {
-    let url = format!("http://{addr}{path_and_query}");
+    let url = node_url(addr, path_and_query);
     let method = method.to_string();
     let target = addr.to_string();
     let timeout = if method.eq_ignore_ascii_case("GET") {
@@ -90,11 +105,15 @@ pub async fn forward(
     };
     tokio::task::spawn_blocking(move || {
         let agent = agent(timeout);
-        let request = ureq::http::Request::builder()
+        let mut request = ureq::http::Request::builder()
             .method(method.as_str())
             .uri(&url)
             .header(FORWARDED, "1")
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(value) = crate::api_auth::outgoing().authorization() {
+            request = request.header("authorization", value);
+        }
+        let request = request
             .body(body.unwrap_or_default())
             .map_err(|e| e.to_string())?;
         let mut response = agent

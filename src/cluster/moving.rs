@@ -87,17 +87,17 @@ async fn post(
     body: TakeoverRequest,
     timeout: Duration,
 ) -> Result<(u16, Value), String> {
-    let url = format!("http://{addr}{path}");
+    let url = super::forward::node_url(addr, path);
     let target = addr.to_string();
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
+            .tls_config(crate::api_auth::outgoing().tls_config())
             .build()
             .into();
         // Marked as forwarded: the target must handle it itself, not send it to the owner.
-        let mut response = agent
-            .post(&url)
+        let mut response = super::forward::authorized(agent.post(&url))
             .header("x-vstor-forwarded", "1")
             .send_json(body)
             .map_err(|e| format!("cannot reach node API {target}: {e}"))?;

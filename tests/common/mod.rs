@@ -272,6 +272,7 @@ impl Daemon {
             });
         let rest = ready
             .strip_prefix("vstor ready: api=http://")
+            .or_else(|| ready.strip_prefix("vstor ready: api=https://"))
             .unwrap_or_else(|| panic!("unexpected first line {ready:?}"));
         let (api, nbd) = rest
             .split_once(" nbd=nbd://")
@@ -320,11 +321,19 @@ impl Daemon {
 
     /// Run `vstor <args> --api <this daemon>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(VSTOR)
-            .args(args)
-            .env("VSTOR_API", &self.api)
-            .output()
-            .expect("run vstor cli")
+        let mut command = Command::new(VSTOR);
+        command.args(args).env("VSTOR_API", &self.api);
+        // A daemon started with a token file: the CLI sends the same token.
+        if let Some(file) = self.token_file() {
+            command.env("VSTOR_API_TOKEN_FILE", file);
+        }
+        command.output().expect("run vstor cli")
+    }
+
+    /// The `--api-token-file` the daemon was started with, if any.
+    pub fn token_file(&self) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == "--api-token-file")?;
+        self.extra.get(at + 1).map(String::as_str)
     }
 
     /// Run the CLI and insist on success; returns stdout.

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """The dashboard in a real browser: headless Debian chromium driven by selenium.
 
-Usage: dashboard_test.py URL SCREENSHOT
+Usage: dashboard_test.py URL SCREENSHOT [TOKEN]
 
 The node behind URL serves volume `vol` under a write load and an idle volume `doomed`. The page
 must list them, show live write IOPS and draw the IOPS graph, open the volume's detail (latency
 graph, snapshots, clone tree), take a snapshot, create volume `fromui` (32M) through the form,
 refuse a malformed size with a message, and delete `doomed` only once the confirmation is
-accepted. Exits non-zero with the reason on the first failed check; saves a screenshot.
+accepted. With TOKEN (the node needs an API token), the page first asks for it: a wrong one is
+refused with a message, the right one shows the volumes. Exits non-zero with the reason on the first failed check; saves a screenshot.
 """
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 URL, SHOT = sys.argv[1], sys.argv[2]
+TOKEN = sys.argv[3] if len(sys.argv) > 3 else None
 
 
 def row(name):
@@ -68,6 +70,17 @@ def painted(driver, selector):
     )
 
 
+def d_rows(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "tr.volume")
+
+
+def enter_token(driver, token):
+    field = driver.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element(By.ID, "token-button").click()
+
+
 def main():
     profile = tempfile.mkdtemp(prefix="vstor-chromium-")
     options = Options()
@@ -93,6 +106,18 @@ def main():
         # Lambdas that meet a redrawn (stale) element are simply polled again.
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
         assert driver.title == "vstor dashboard", driver.title
+
+        if TOKEN is not None:
+            # The page loads, its data calls get 401: it asks for the token.
+            wait.until(lambda d: d.find_element(By.ID, "auth").is_displayed())
+            assert not d_rows(driver), "volumes listed without a token"
+            enter_token(driver, "not-the-token")
+            wait.until(lambda d: "refused" in text(d, "token-message"))
+            assert not d_rows(driver), "volumes listed with a wrong token"
+            enter_token(driver, TOKEN)
+            wait.until(lambda d: not d.find_element(By.ID, "auth").is_displayed())
+        else:
+            assert not driver.find_element(By.ID, "auth").is_displayed(), "asked for a token"
 
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row("vol")))
         assert driver.find_elements(By.CSS_SELECTOR, row("doomed")), "doomed is not listed"

@@ -153,6 +153,30 @@ impl VhostConfig {
     }
 }
 
+/// Mode and owner every export's socket gets right after it is bound. Connecting to a UNIX
+/// socket needs write permission on it, and whoever connects drives a volume, so the default is
+/// 0600: only the daemon's own user. A VMM running as another user (libvirt's `qemu`) gets in
+/// through a group: mode 0660 and that group (`[vhost] socket_mode`, `socket_group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPermissions {
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    /// New owner; `None` keeps the daemon's user.
+    pub uid: Option<u32>,
+    /// New group; `None` keeps the daemon's group.
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketPermissions {
+    fn default() -> Self {
+        Self {
+            mode: 0o600,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
 /// Failures of the vhost-user-blk server itself (as opposed to errors reported to the guest).
 #[derive(Debug, thiserror::Error)]
 pub enum VhostError {
@@ -292,6 +316,8 @@ struct Inner {
     dir: PathBuf,
     shared: Arc<Shared>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Mode and owner of new sockets.
+    socket_permissions: Mutex<SocketPermissions>,
     /// Held by `stop_all`, so that a concurrent second `shutdown()` also returns only when done.
     stopping: Mutex<()>,
 }
@@ -388,9 +414,16 @@ impl VhostServer {
                 dir,
                 shared,
                 acceptor: Mutex::new(Some(acceptor)),
+                socket_permissions: Mutex::new(SocketPermissions::default()),
                 stopping: Mutex::new(()),
             }),
         })
+    }
+
+    /// Mode and owner of the sockets of exports added from now on (default: 0600, the daemon's
+    /// user and group).
+    pub fn set_socket_permissions(&self, permissions: SocketPermissions) {
+        *lock(&self.inner.socket_permissions) = permissions;
     }
 
     /// Where `name` is (or would be) served: `<dir>/<name>.sock`, or a hashed name when that is
@@ -427,10 +460,12 @@ impl VhostServer {
         if shared.params.registry.lookup(name).is_none() {
             return Err(VhostError::UnknownExport(name.to_owned()));
         }
-        let (listener, accept_waker) = bind(&path).map_err(|source| VhostError::Listen {
-            path: path.clone(),
-            source,
-        })?;
+        let permissions = *lock(&self.inner.socket_permissions);
+        let (listener, accept_waker) =
+            bind(&path, permissions).map_err(|source| VhostError::Listen {
+                path: path.clone(),
+                source,
+            })?;
         let id = exports.next_id;
         exports.next_id += 1;
         let export = Arc::new(ExportShared {
@@ -676,7 +711,14 @@ fn socket_path_in(dir: &Path, name: &str) -> PathBuf {
 /// Listen on `path`, replacing a stale socket file (but nothing else). The socket file is
 /// removed by the server, not by the listener, so that a thread still winding down cannot delete
 /// the socket of a newer export of the same name.
-fn bind(path: &Path) -> Result<(Listener, UnixStream), VhostUserError> {
+///
+/// The socket is created with the process umask's mode and then set to `permissions`: between
+/// the two a umask of 022 (or stricter) leaves it unconnectable by other users, so nobody
+/// outside gets in; with a laxer umask, keep the socket directory closed (see docs/security.md).
+fn bind(
+    path: &Path,
+    permissions: SocketPermissions,
+) -> Result<(Listener, UnixStream), VhostUserError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => remove_socket(path),
         Ok(_) => {
@@ -688,6 +730,23 @@ fn bind(path: &Path) -> Result<(Listener, UnixStream), VhostUserError> {
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(VhostUserError::SocketError)?;
+    let restricted =
+        std::os::unix::fs::chown(path, permissions.uid, permissions.gid).and_then(|()| {
+            std::fs::set_permissions(
+                path,
+                std::os::unix::fs::PermissionsExt::from_mode(permissions.mode),
+            )
+        });
+    if let Err(e) = restricted {
+        remove_socket(path);
+        return Err(VhostUserError::SocketError(io::Error::new(
+            e.kind(),
+            format!(
+                "cannot give the socket mode {:o}, owner {:?} and group {:?}: {e}",
+                permissions.mode, permissions.uid, permissions.gid
+            ),
+        )));
+    }
     let waker = listener.try_clone().map_err(VhostUserError::SocketError)?;
     Ok((
         Listener::from(listener),

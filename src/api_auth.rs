@@ -1,0 +1,286 @@
+//! Who may use a node's management API, and how this process proves it when it calls one.
+//!
+//! The API can create, delete and roll back volumes, so on anything but loopback it needs a
+//! caller check. A bearer token read from a file (`vstor serve --api-token-file`, `[api]
+//! token_file`) is the simplest check every client already speaks: curl, Prometheus
+//! (`authorization: {credentials_file: …}`), the dashboard, the CLI. Nodes of a cluster share one
+//! token file, so the node that forwards a request to a volume's owner authenticates with the
+//! same token. Without a token the API stays open, the zero-config loopback default.
+//!
+//! `GET /v1/health` stays open (liveness probes and the cluster's "is this node X" check carry no
+//! data), and so does the dashboard page `GET /` itself: it holds no data, and asks the user for
+//! the token its data calls then send.
+//!
+//! The outgoing side ([`Outgoing`]) is set once per process: the CLI's token and CA from its
+//! flags or environment, or the node's own token and CA for forwarding between nodes.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::api_types::ErrorBody;
+
+/// The message a CLI user gets for a 401.
+pub const NEEDS_TOKEN: &str = "401: the API needs a token: --api-token-file or VSTOR_API_TOKEN";
+
+/// Read a token file: its content without surrounding whitespace (a trailing newline is what
+/// `echo`/editors leave). Unreadable or empty is an error naming the file and `what` set it.
+pub fn read_token_file(path: &Path, what: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{what}: cannot read the API token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("{what}: the API token file {} is empty", path.display());
+    }
+    if token.chars().any(|c| c.is_control() || c == ' ') {
+        bail!(
+            "{what}: the API token in {} has spaces or control characters; an HTTP header cannot carry them",
+            path.display()
+        );
+    }
+    Ok(token.to_string())
+}
+
+/// The token the API requires, if any.
+#[derive(Clone, Default)]
+pub struct RequiredToken(pub Option<Arc<str>>);
+
+/// Whether `presented` equals `expected`, in time independent of where they differ (`subtle`:
+/// a plain `==` stops at the first differing byte, which leaks the token's prefix to a caller
+/// who can time many attempts). Only the length is not hidden, which reveals nothing usable.
+fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.len() == expected.len() && bool::from(presented.ct_eq(expected))
+}
+
+/// Requests that need no token: liveness and the dashboard page (not its data).
+fn is_open(method: &Method, path: &str) -> bool {
+    (method == Method::GET || method == Method::HEAD) && (path == "/v1/health" || path == "/")
+}
+
+/// The middleware: 401 with `WWW-Authenticate: Bearer` unless the request carries the token.
+pub async fn require_token(
+    State(required): State<RequiredToken>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = required.0.as_deref() else {
+        return next.run(request).await;
+    };
+    if is_open(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let error = match presented {
+        Some(token) if token_matches(token.as_bytes(), expected.as_bytes()) => {
+            return next.run(request).await;
+        }
+        Some(_) => "the API token is wrong",
+        None => "the API needs a token: send Authorization: Bearer TOKEN",
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(ErrorBody {
+            error: error.to_string(),
+        }),
+    )
+        .into_response()
+}
+
+/// How this process calls a node's API: the token it sends and the CAs it trusts for HTTPS.
+#[derive(Default)]
+pub struct Outgoing {
+    pub token: Option<String>,
+    /// Where the token came from, for the 401 message.
+    pub token_source: Option<String>,
+    /// PEM CA certificates to trust (`--api-ca`); `None`: the system's.
+    pub ca: Option<Vec<ureq::tls::Certificate<'static>>>,
+    /// Nodes' APIs are HTTPS (this node serves TLS, so its peers do too: one cluster config).
+    pub https: bool,
+}
+
+static OUTGOING: OnceLock<Outgoing> = OnceLock::new();
+
+/// Set the process's outgoing credentials (once, before any API call).
+pub fn set_outgoing(outgoing: Outgoing) {
+    if OUTGOING.set(outgoing).is_err() {
+        tracing::warn!("the outgoing API credentials were set twice; the first setting stays");
+    }
+}
+
+pub fn outgoing() -> &'static Outgoing {
+    OUTGOING.get_or_init(Outgoing::default)
+}
+
+/// Read PEM CA certificates from `path`.
+pub fn read_ca(path: &Path, what: &str) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("{what}: cannot read the CA file {}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(cert) =
+            item.with_context(|| format!("{what}: {} is not valid PEM", path.display()))?
+        {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        bail!("{what}: {} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+impl Outgoing {
+    /// The CLI's credentials: token from `--api-token-file`, else `VSTOR_API_TOKEN`, else the
+    /// file `VSTOR_API_TOKEN_FILE` names; CA from `--api-ca`, else `VSTOR_API_CA`.
+    pub fn from_cli(token_file: Option<&Path>, ca: Option<&Path>) -> Result<Self> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let (token, token_source) = if let Some(path) = token_file {
+            (
+                Some(read_token_file(path, "--api-token-file")?),
+                Some(format!("--api-token-file {}", path.display())),
+            )
+        } else if let Some(token) = env("VSTOR_API_TOKEN") {
+            (
+                Some(token.trim().to_string()),
+                Some("VSTOR_API_TOKEN".to_string()),
+            )
+        } else if let Some(path) = env("VSTOR_API_TOKEN_FILE") {
+            let path = Path::new(&path);
+            (
+                Some(read_token_file(path, "VSTOR_API_TOKEN_FILE")?),
+                Some(format!("VSTOR_API_TOKEN_FILE {}", path.display())),
+            )
+        } else {
+            (None, None)
+        };
+        let ca = match (ca, env("VSTOR_API_CA")) {
+            (Some(path), _) => Some(read_ca(path, "--api-ca")?),
+            (None, Some(path)) => Some(read_ca(Path::new(&path), "VSTOR_API_CA")?),
+            (None, None) => None,
+        };
+        Ok(Self {
+            token,
+            token_source,
+            ca,
+            https: false,
+        })
+    }
+
+    /// `Authorization` header value, if a token is set.
+    pub fn authorization(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    /// `https` or `http`, for node-to-node calls.
+    pub fn scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// rustls settings for ureq: the given CAs, else the system's trust store.
+    pub fn tls_config(&self) -> ureq::tls::TlsConfig {
+        let roots = match &self.ca {
+            Some(certs) => ureq::tls::RootCerts::new_with_certs(certs),
+            None => ureq::tls::RootCerts::PlatformVerifier,
+        };
+        ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(roots)
+            .build()
+    }
+}
+
+/// Whether `addr` is loopback (the only place an unauthenticated, plain-text listener is fine).
+pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// Log the loud startup warnings for listeners reachable from the network without protection.
+pub fn warn_exposed(
+    api: std::net::SocketAddr,
+    api_tls: bool,
+    api_token: bool,
+    nbd: std::net::SocketAddr,
+    nbd_tls: Option<&vstor_edge::nbd::NbdTls>,
+) {
+    if !is_loopback(&api) {
+        let mut missing = Vec::new();
+        if !api_tls {
+            missing.push("TLS (--api-tls-cert/--api-tls-key): tokens and data cross the network in clear text");
+        }
+        if !api_token {
+            missing.push("a token (--api-token-file): anyone who reaches it can create, delete and roll back volumes");
+        }
+        if !missing.is_empty() {
+            tracing::warn!(
+                "SECURITY: the management API listens on {api}, reachable from the network, without {}",
+                missing.join("; and without ")
+            );
+        }
+    }
+    if !is_loopback(&nbd) {
+        match nbd_tls.map(|t| (t.mode(), t.client_auth())) {
+            None => tracing::warn!(
+                "SECURITY: the NBD server listens on {nbd}, reachable from the network, without TLS or \
+                 authentication (--tls-cert/--tls-key/--nbd-tls): anyone who reaches it can read and \
+                 write every volume"
+            ),
+            Some((vstor_edge::nbd::TlsMode::Allow, _)) => tracing::warn!(
+                "SECURITY: the NBD server listens on {nbd}, reachable from the network, with TLS only \
+                 optional (--nbd-tls allow): clients that skip it read and write in clear text, \
+                 unauthenticated"
+            ),
+            Some((_, false)) => tracing::warn!(
+                "SECURITY: the NBD server on {nbd} requires TLS but no client certificates \
+                 (--tls-ca): anyone who reaches it can read and write every volume, encrypted"
+            ),
+            Some((_, true)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secreT", b"secret"));
+        assert!(!token_matches(b"secret1", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc123\n").unwrap();
+        assert_eq!(read_token_file(&path, "t").unwrap(), "abc123");
+        std::fs::write(&path, " \n").unwrap();
+        let err = read_token_file(&path, "t").unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let err = read_token_file(&dir.path().join("missing"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read the API token file"), "{err}");
+    }
+}
