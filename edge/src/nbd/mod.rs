@@ -42,6 +42,8 @@ pub mod client;
 pub mod proto;
 
 mod conn;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handshake;
 
 use std::collections::HashMap;
