@@ -10,7 +10,11 @@ pub mod tlog {
             let mut raw = [0u8; ENTRY_LEN];
             raw.copy_from_slice(chunk);
             if let Ok(entry) = Entry::decode(&raw) {
-                assert_eq!(Entry::decode(&entry.encode()), Ok(entry), "entry round trip");
+                assert_eq!(
+                    Entry::decode(&entry.encode()),
+                    Ok(entry),
+                    "entry round trip"
+                );
             }
         }
         let _ = tlog::parse(data, false);
@@ -120,7 +124,10 @@ pub mod snapshot_log {
         let mut at = 0usize;
         while out.len() - at >= 8 {
             let len = u32::from_le_bytes([out[at], out[at + 1], out[at + 2], out[at + 3]]);
-            let Some(end) = (at + 8).checked_add(len as usize).filter(|&e| e <= out.len()) else {
+            let Some(end) = (at + 8)
+                .checked_add(len as usize)
+                .filter(|&e| e <= out.len())
+            else {
                 break;
             };
             let crc = crc32c::crc32c(&out[at + 8..end]);
@@ -133,7 +140,10 @@ pub mod snapshot_log {
     fn decode_all(bytes: &[u8]) {
         let (records, valid) = parse(bytes);
         assert!(valid <= bytes.len(), "valid prefix longer than the log");
-        let again: Vec<u8> = records.iter().flat_map(|(seq, s)| encode(*seq, s)).collect();
+        let again: Vec<u8> = records
+            .iter()
+            .flat_map(|(seq, s)| encode(*seq, s))
+            .collect();
         let (reparsed, revalid) = parse(&again);
         assert_eq!(reparsed, records, "snapshot log round trip");
         assert_eq!(revalid, again.len(), "re-encoded log not valid to its end");

@@ -50,7 +50,10 @@ pub mod nbd_request {
         let mut decoder = RequestDecoder::new(MAX_PAYLOAD);
         let mut buf = BytesMut::from(data);
         while let Ok(Some(req)) = decoder.decode(&mut buf) {
-            assert!(req.payload.len() <= MAX_PAYLOAD as usize, "payload over the limit");
+            assert!(
+                req.payload.len() <= MAX_PAYLOAD as usize,
+                "payload over the limit"
+            );
             if req.command == Command::Write && !req.payload_discarded {
                 assert_eq!(req.payload.len(), req.length as usize, "payload length");
             } else {

@@ -63,7 +63,11 @@ fn nbd_handshake() -> Vec<Vec<u8>> {
     option(&mut s, NBD_OPT_LIST, &[]);
     option(&mut s, NBD_OPT_STRUCTURED_REPLY, &[]);
     option(&mut s, NBD_OPT_LIST_META_CONTEXT, &meta("vol0", &["base:"]));
-    option(&mut s, NBD_OPT_SET_META_CONTEXT, &meta("vol0", &["base:allocation"]));
+    option(
+        &mut s,
+        NBD_OPT_SET_META_CONTEXT,
+        &meta("vol0", &["base:allocation"]),
+    );
     option(
         &mut s,
         NBD_OPT_GO,
@@ -152,7 +156,12 @@ fn vhost_request() -> Vec<Vec<u8>> {
             &header(1, 0),
         ),
         // FLUSH on a read-only device.
-        encode_input(true, 4, &[d(0, 16, false), d(0x3000, 1, true)], &header(4, 0)),
+        encode_input(
+            true,
+            4,
+            &[d(0, 16, false), d(0x3000, 1, true)],
+            &header(4, 0),
+        ),
         // GET_ID into the second memory region.
         encode_input(
             false,
@@ -414,7 +423,10 @@ fn tlog() -> Vec<Vec<u8>> {
             address: 11,
             location: ClusterLocation::new(sco, 1),
         },
-        Entry::Trim { start: 64, count: 8 },
+        Entry::Trim {
+            start: 64,
+            count: 8,
+        },
         Entry::ScoCrc {
             sco,
             clusters: 2,
@@ -451,7 +463,10 @@ fn sco_header() -> Vec<Vec<u8>> {
         b.truncate(end);
         b
     };
-    vec![trimmed(header("vol0", 7)), trimmed(header(&"v".repeat(255), 1))]
+    vec![
+        trimmed(header("vol0", 7)),
+        trimmed(header(&"v".repeat(255), 1)),
+    ]
 }
 
 fn meta_envelope() -> Vec<Vec<u8>> {

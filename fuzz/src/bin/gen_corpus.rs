@@ -11,7 +11,10 @@ fn main() -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seed-")) {
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+            {
                 std::fs::remove_file(path)?;
             }
         }
