@@ -26,7 +26,8 @@ fi
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    mapfile -t targets < <(cargo fuzz list)
+    # `gen_corpus` is the seed writer, not a target.
+    mapfile -t targets < <(cargo fuzz list | grep -vx gen_corpus)
 fi
 
 start=$(date +%s)
