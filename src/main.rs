@@ -138,6 +138,10 @@ struct DtlArgs {
     /// are written to the page cache.
     #[arg(long)]
     fsync: bool,
+    /// Close a connection whose frame is still incomplete this long after its first bytes
+    /// arrived (slowloris clients); idle connections between frames are kept.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    frame_timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -1086,7 +1090,14 @@ fn run(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(server::serve_dtl(listen, args.data_dir, args.fsync))
+            runtime.block_on(server::serve_dtl(
+                listen,
+                args.data_dir,
+                vstor_dtl::DtlServerConfig {
+                    fsync: args.fsync,
+                    frame_timeout: args.frame_timeout,
+                },
+            ))
         }
     }
 }

@@ -462,7 +462,7 @@ async fn start_node_dtl(
 ) -> Result<NodeDtl> {
     let dir = data_dir.join("dtl");
     let server = Arc::new(
-        vstor_dtl::DtlServer::new(&dir, vstor_dtl::DtlServerConfig { fsync: false })
+        vstor_dtl::DtlServer::new(&dir, vstor_dtl::DtlServerConfig::default())
             .with_context(|| format!("cannot open the DTL data directory {}", dir.display()))?,
     );
     let listener = TcpListener::bind(listen)
@@ -480,13 +480,13 @@ async fn start_node_dtl(
 pub async fn serve_dtl(
     listen: std::net::SocketAddr,
     data_dir: std::path::PathBuf,
-    fsync: bool,
+    config: vstor_dtl::DtlServerConfig,
 ) -> Result<()> {
     let _lock = DirLock::acquire(&data_dir, "vstor dtl")?;
     let server = Arc::new(
-        vstor_dtl::DtlServer::new(&data_dir, vstor_dtl::DtlServerConfig { fsync }).with_context(
-            || format!("cannot open the DTL data directory {}", data_dir.display()),
-        )?,
+        vstor_dtl::DtlServer::new(&data_dir, config).with_context(|| {
+            format!("cannot open the DTL data directory {}", data_dir.display())
+        })?,
     );
     let listener = TcpListener::bind(listen)
         .await

@@ -22,6 +22,8 @@ pub enum DtlError {
     Truncated(&'static str),
     #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge { len: usize, max: usize },
+    #[error("frame incomplete after {timeout:?} ({buffered} bytes of it received)")]
+    FrameTimeout { buffered: usize, timeout: Duration },
     #[error("batch of {count} entries exceeds the limit of {max}")]
     TooManyEntries { count: usize, max: usize },
     #[error("malformed message: {0}")]

@@ -28,7 +28,7 @@ pub use client::{DtlClient, DtlClientConfig};
 pub use error::DtlError;
 pub use mirror::{CatchUpRequest, DtlState, Mirror, MirrorConfig, MirrorStatus, Ticket};
 pub use protocol::{DtlCodec, Entry, ErrorCode, Message, ScoRange, PROTOCOL_VERSION};
-pub use server::{DtlServer, DtlServerConfig};
+pub use server::{DtlServer, DtlServerConfig, DEFAULT_FRAME_TIMEOUT};
 pub use store::{DtlStore, Registration};
 
 /// Result alias used throughout the crate.

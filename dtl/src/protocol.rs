@@ -940,6 +940,32 @@ mod tests {
     }
 
     #[test]
+    fn a_header_claiming_4_gib_is_refused_without_allocating() {
+        let mut buf = BytesMut::with_capacity(HEADER_LEN);
+        buf.put_u32_le(MAGIC);
+        buf.put_u16_le(PROTOCOL_VERSION);
+        buf.put_u16_le(kind::ADD_ENTRIES);
+        buf.put_u32_le(u32::MAX);
+        buf.put_u32_le(0);
+        let capacity = buf.capacity();
+        let err = DtlCodec::new().decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, DtlError::FrameTooLarge { len, max }
+                if len == u32::MAX as usize && max == MAX_FRAME_PAYLOAD),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "frame payload of 4294967295 bytes exceeds the limit of 67108864 bytes"
+        );
+        assert_eq!(
+            buf.capacity(),
+            capacity,
+            "nothing reserved for the claimed payload"
+        );
+    }
+
+    #[test]
     fn too_many_entries_rejected_both_ways() {
         let entries: Vec<Entry> = (0..MAX_BATCH_ENTRIES as u64 + 1)
             .map(|i| Entry {

@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,15 +33,33 @@ use crate::Result;
 const REPLY_MAX_ENTRIES: usize = 256;
 const REPLY_MAX_BYTES: usize = 8 << 20;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct DtlServerConfig {
     /// fdatasync every batch before acknowledging it (see the `store` module doc).
     pub fsync: bool,
+    /// A frame whose first bytes arrived must be complete within this (at most twice this from
+    /// its first byte), or the connection is closed: a client that trickles a frame (slowloris)
+    /// cannot hold a connection and its buffer forever. Idle connections between frames are
+    /// not affected.
+    pub frame_timeout: Duration,
+}
+
+/// Default [`DtlServerConfig::frame_timeout`]: a 64 MiB frame needs only ~2 MB/s to make it.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for DtlServerConfig {
+    fn default() -> Self {
+        Self {
+            fsync: false,
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
+        }
+    }
 }
 
 /// The DTL server. Cheap to share behind an `Arc`; `serve` may run on several listeners.
 pub struct DtlServer {
     store: Arc<DtlStore>,
+    frame_timeout: Duration,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -51,6 +70,7 @@ impl DtlServer {
         let store = DtlStore::open(data_dir, config.fsync)?;
         Ok(Self {
             store: Arc::new(store),
+            frame_timeout: config.frame_timeout,
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
@@ -75,8 +95,10 @@ impl DtlServer {
                 Ok((stream, peer)) => {
                     let store = self.store.clone();
                     let cancel = self.cancel.clone();
+                    let frame_timeout = self.frame_timeout;
                     self.tracker.spawn(async move {
-                        if let Err(e) = handle_connection(store, stream, peer, cancel).await {
+                        let conn = handle_connection(store, stream, peer, cancel, frame_timeout);
+                        if let Err(e) = conn.await {
                             debug!(%peer, error = %e, "DTL connection ended");
                         }
                     });
@@ -117,15 +139,33 @@ async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
     cancel: CancellationToken,
+    frame_timeout: Duration,
 ) -> Result<()> {
     stream.set_nodelay(true)?;
     let mut framed = Framed::new(stream, DtlCodec::new());
     let mut greeted = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Ok(()),
-            n = framed.next() => n,
+        // `Framed::next` is cancel-safe (bytes read stay in its buffer), so it is restarted
+        // every `frame_timeout`; finding part of a frame buffered when it expires means the
+        // frame took too long.
+        let next = loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                n = tokio::time::timeout(frame_timeout, framed.next()) => match n {
+                    Ok(n) => break n,
+                    Err(_) if framed.read_buffer().is_empty() => continue,
+                    Err(_) => {
+                        let e = DtlError::FrameTimeout {
+                            buffered: framed.read_buffer().len(),
+                            timeout: frame_timeout,
+                        };
+                        warn!(%peer, error = %e, "closing connection");
+                        let _ = framed.send(error_reply(&e)).await;
+                        return Err(e);
+                    }
+                },
+            }
         };
         let msg = match next {
             None => return Ok(()),

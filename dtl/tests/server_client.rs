@@ -27,7 +27,16 @@ struct Running {
 
 impl Running {
     async fn start(dir: &Path, fsync: bool) -> Self {
-        let server = Arc::new(DtlServer::new(dir, DtlServerConfig { fsync }).unwrap());
+        let server = Arc::new(
+            DtlServer::new(
+                dir,
+                DtlServerConfig {
+                    fsync,
+                    ..DtlServerConfig::default()
+                },
+            )
+            .unwrap(),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let s = server.clone();

@@ -35,6 +35,10 @@ pub struct OsdArgs {
     /// filesystem]. Past it, puts are refused and placement skips the OSD.
     #[arg(long)]
     capacity: Option<String>,
+    /// Close a connection whose frame is still incomplete this long after its first bytes
+    /// arrived (slowloris clients); idle connections are kept (daemon).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    frame_timeout: std::time::Duration,
     /// Print JSON instead of text (verbs).
     #[arg(long, global = true)]
     json: bool,
@@ -165,6 +169,7 @@ pub fn run_osd(args: OsdArgs) -> Result<()> {
                     registry,
                     domain: args.domain,
                     capacity,
+                    frame_timeout: args.frame_timeout,
                 })
                 .await
             }

@@ -38,6 +38,8 @@ pub struct OsdConfig {
     pub registry: Arc<dyn Registry>,
     pub domain: String,
     pub capacity: Option<u64>,
+    /// See `OsdServerConfig::frame_timeout`.
+    pub frame_timeout: std::time::Duration,
 }
 
 /// The id in `<data-dir>/osd-id`, if the OSD ran before.
@@ -109,7 +111,10 @@ pub async fn run(config: OsdConfig) -> Result<()> {
     let server = tokio::spawn(serve(
         listener,
         store.clone(),
-        OsdServerConfig::new(id, &config.domain),
+        OsdServerConfig {
+            frame_timeout: config.frame_timeout,
+            ..OsdServerConfig::new(id, &config.domain)
+        },
         shutdown.clone(),
     ));
     crate::server::announce(&format!(

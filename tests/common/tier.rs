@@ -20,6 +20,8 @@ pub struct Osd {
     pub domain: String,
     pub registry: String,
     pub capacity: String,
+    /// More `vstor osd` arguments.
+    pub extra: Vec<String>,
     /// Its id, from its startup line.
     pub id: u64,
     pub addr: String,
@@ -27,6 +29,18 @@ pub struct Osd {
 
 impl Osd {
     pub fn start(root: &Path, name: &str, registry: &str, domain: &str, capacity: &str) -> Self {
+        Self::start_with(root, name, registry, domain, capacity, &[])
+    }
+
+    /// Like `start`, with more `vstor osd` arguments.
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        registry: &str,
+        domain: &str,
+        capacity: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut osd = Osd {
             child: None,
             data_dir: root.join(name),
@@ -34,6 +48,7 @@ impl Osd {
             domain: domain.to_string(),
             registry: registry.to_string(),
             capacity: capacity.to_string(),
+            extra: extra.iter().map(ToString::to_string).collect(),
             id: 0,
             addr: String::new(),
         };
@@ -59,6 +74,7 @@ impl Osd {
                 "--capacity",
                 &self.capacity,
             ])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)

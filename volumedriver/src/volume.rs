@@ -112,6 +112,8 @@ pub use info::VolumeInfo;
 pub use mds_link::{MapSeed, UncorkSink};
 pub use read_nonblocking::ReadAttempt;
 pub use scrub::{ScrubProgress, ScrubReport};
+#[cfg(feature = "fuzzing")]
+pub use snapshots::fuzzing as snapshot_log;
 pub use snapshots::{SnapshotInfo, SnapshotView};
 pub use upload::UploadTask;
 pub use write::WriteOutcome;

@@ -55,7 +55,7 @@ impl DtlRig {
             .enable_all()
             .build()
             .unwrap();
-        let server = Arc::new(DtlServer::new(&self.dir, DtlServerConfig { fsync: false }).unwrap());
+        let server = Arc::new(DtlServer::new(&self.dir, DtlServerConfig::default()).unwrap());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(self.addr))
             .unwrap();

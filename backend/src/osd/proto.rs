@@ -938,6 +938,32 @@ mod tests {
 
     #[test]
     fn hostile_headers_are_refused_before_buffering() {
+        // A header claiming 4 GiB: refused with nothing reserved for it.
+        let mut buf = BytesMut::new();
+        OsdCodec::default()
+            .encode(
+                &Frame {
+                    id: 1,
+                    message: Message::Stat,
+                },
+                &mut buf,
+            )
+            .unwrap();
+        buf[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        buf.truncate(HEADER_LEN);
+        let capacity = buf.capacity();
+        let err = OsdCodec::default().decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::FrameTooLarge { len, max }
+                if len == u32::MAX as usize && max == MAX_FRAME_PAYLOAD),
+            "{err:?}"
+        );
+        assert_eq!(
+            buf.capacity(),
+            capacity,
+            "nothing reserved for the claimed payload"
+        );
+
         let mut buf = BytesMut::new();
         OsdCodec::default()
             .encode(

@@ -31,6 +31,10 @@ pub struct OsdServerConfig {
     pub max_inflight: usize,
     /// A connection must say `Hello` within this.
     pub handshake_timeout: Duration,
+    /// A frame whose first bytes arrived must be complete within this (at most twice this from
+    /// its first byte), or the connection is closed: a client that trickles a frame (slowloris)
+    /// cannot hold a connection and its buffer forever. Idle connections are not affected.
+    pub frame_timeout: Duration,
 }
 
 impl OsdServerConfig {
@@ -40,6 +44,7 @@ impl OsdServerConfig {
             domain: domain.to_string(),
             max_inflight: 64,
             handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -163,12 +168,24 @@ async fn connection(
         let frame = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            frame = read_frame(&mut rd, &mut buf, &codec) => frame,
+            frame = tokio::time::timeout(
+                config.frame_timeout,
+                read_frame(&mut rd, &mut buf, &codec),
+            ) => frame,
         };
+        // `read_frame` is cancel-safe (what it read stays in `buf`): restarted every
+        // `frame_timeout`, and finding part of a frame buffered when it expires means the frame
+        // took too long.
         let frame = match frame {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Err(e)) => break Err(e),
+            Err(_) if buf.is_empty() => continue,
+            Err(_) => {
+                break Err(ProtoError::Truncated(
+                    "frame: incomplete within the frame timeout",
+                ))
+            }
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break Ok(());

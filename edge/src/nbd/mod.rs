@@ -52,6 +52,8 @@ pub mod proto;
 pub mod tls;
 
 mod conn;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handshake;
 mod stream;
 

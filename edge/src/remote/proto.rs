@@ -896,6 +896,18 @@ mod tests {
         let mut buf = encode(&Frame::new(1, Message::Flush { tag: 1 }));
         buf[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
         buf.truncate(HEADER_LEN);
+        let capacity = buf.capacity();
+        let err = EdgeCodec::new().decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::FrameTooLarge { len, max }
+                if len == u32::MAX as usize && max == MAX_FRAME_PAYLOAD),
+            "{err:?}"
+        );
+        assert_eq!(
+            buf.capacity(),
+            capacity,
+            "nothing reserved for the claimed payload"
+        );
         assert!(matches!(
             EdgeCodec::new().decode(&mut buf),
             Err(ProtoError::FrameTooLarge { .. })

@@ -71,6 +71,8 @@
 
 mod backend;
 mod config;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod request;
 #[cfg(test)]
 mod tests;

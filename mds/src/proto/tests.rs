@@ -214,3 +214,35 @@ fn hostile_headers_and_other_versions_are_refused() {
         Err(ProtoError::Truncated(_))
     ));
 }
+
+#[test]
+fn a_header_claiming_4_gib_is_refused_without_allocating() {
+    let mut buf = BytesMut::new();
+    MdsCodec::default()
+        .encode(
+            &Frame {
+                id: 1,
+                message: Message::List,
+            },
+            &mut buf,
+        )
+        .unwrap();
+    buf[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    buf.truncate(HEADER_LEN);
+    let capacity = buf.capacity();
+    let err = MdsCodec::default().decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, ProtoError::FrameTooLarge { len, max }
+            if len == u32::MAX as usize && max == MAX_FRAME_PAYLOAD),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("frame of 4294967295 bytes exceeds the limit of {MAX_FRAME_PAYLOAD}")
+    );
+    assert_eq!(
+        buf.capacity(),
+        capacity,
+        "nothing reserved for the claimed payload"
+    );
+}

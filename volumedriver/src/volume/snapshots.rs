@@ -216,15 +216,10 @@ impl Volume {
     /// Append one new snapshot to the log: crash-safe at once, durable at the next FLUSH.
     fn append_snapshot(&self, st: &mut State, record: &SnapshotRecord) -> Result<()> {
         let path = self.dir.join(META_LOG);
-        let json = serde_json::to_vec(&LogRecord {
+        let frame = log_frame(&LogRecord {
             seq: st.meta.next_log_seq,
             snapshot: record.clone(),
-        })
-        .unwrap_or_default();
-        let mut frame = Vec::with_capacity(json.len() + 8);
-        frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
-        frame.extend_from_slice(&json);
+        });
         let written = (|| {
             let log = match &st.meta_log {
                 Some(log) => log.clone(),
@@ -706,6 +701,38 @@ impl SnapshotView {
 pub(super) fn tlog_number_of(object: &str) -> Option<u64> {
     let base = object.split('.').next()?;
     TLogNumber::parse_object_name(base).map(|n| n.0)
+}
+
+/// One snapshot-log record as it is appended: `u32` length, `u32` CRC32C, JSON.
+fn log_frame(record: &LogRecord) -> Vec<u8> {
+    // Serialising a plain data struct to JSON cannot fail.
+    let json = serde_json::to_vec(record).unwrap_or_default();
+    let mut frame = Vec::with_capacity(json.len() + 8);
+    frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+    frame.extend_from_slice(&json);
+    frame
+}
+
+/// The snapshot-log reader and writer for the fuzz target `snapshot_log` (`fuzz/`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::{log_frame, log_records, LogRecord, SnapshotRecord};
+
+    /// The records of a log (sequence number, snapshot) and how many bytes they take.
+    pub fn parse(bytes: &[u8]) -> (Vec<(u64, SnapshotRecord)>, usize) {
+        let (records, valid) = log_records(bytes);
+        let records = records.into_iter().map(|r| (r.seq, r.snapshot)).collect();
+        (records, valid)
+    }
+
+    /// One record as `Volume::snapshot_create` appends it.
+    pub fn encode(seq: u64, snapshot: &SnapshotRecord) -> Vec<u8> {
+        log_frame(&LogRecord {
+            seq,
+            snapshot: snapshot.clone(),
+        })
+    }
 }
 
 /// The records of a snapshot log, up to the first torn or corrupt one, and how many bytes they
