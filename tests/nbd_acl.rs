@@ -206,6 +206,22 @@ fn strings(value: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// A PATCH on the management API; the whole answer, status line first.
+fn http_patch(api: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "PATCH {path} HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
 #[test]
 fn a_network_allow_list_hides_the_volume_and_its_snapshots_from_other_addresses() {
     require_tool("nbdinfo");
@@ -459,6 +475,17 @@ fn the_allow_list_survives_a_restart_allow_any_lifts_it_and_bad_entries_are_refu
     );
     let err = cli_fails(&daemon, &["volume", "update", "vol", "--allow-subject", ""]);
     assert!(err.contains("--allow-subject: subject \"\""), "{err}");
+    // The API checks too (the CLI is not the only client): 400 naming the entry.
+    let answer = http_patch(
+        &daemon.api,
+        "/v1/volumes/vol",
+        r#"{"allow_networks": ["10.0.0.0/33"]}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains(r#"network \"10.0.0.0/33\" is not a CIDR"#),
+        "{answer}"
+    );
 
     // The list is part of the volume's configuration: a restart keeps it.
     assert!(daemon.terminate().success());
