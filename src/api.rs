@@ -6,10 +6,10 @@
 //! | GET    | /v1/nodes                                 | (the cluster's nodes; see `cluster::api`) |
 //! | GET    | /v1/cluster/registry                      | (`reachable`: this node reaches the registry) |
 //! | GET    | /v1/volumes                               |                                        |
-//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?, node?}` (`node`: cluster only) |
+//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?, node?, allow_subjects?, allow_networks?}` (`node`: cluster only) |
 //! | GET    | /v1/volumes/{name}                        |                                        |
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
-//! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?}`        |
+//! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?, allow_subjects?, allow_networks?}` |
 //! | POST   | /v1/volumes/{name}/adopt                  |                                        |
 //! | POST   | /v1/volumes/{name}/restart                |  (a halted volume, or one that failed to restart) |
 //! | POST   | /v1/volumes/{name}/move                   | `{to, timeout_secs?}` (cluster; see `cluster::move_api`) |
@@ -28,6 +28,11 @@
 //! `dtl_mode` is `sync`, `async` or `none`; `dtl` a DTL server's `host:port`. Without them a new
 //! volume (or clone) uses the node's default (`vstor serve --dtl`: mode `sync`, or the configured
 //! mode).
+//!
+//! `allow_subjects` (client-certificate CNs) and `allow_networks` (CIDRs or addresses) are the
+//! volume's NBD allow list, stored in its configuration (rule: `vstor_volumedriver::access`,
+//! `docs/security.md`). In a PATCH each given list replaces the current one and `[]` empties it;
+//! both empty means every client. A malformed entry is a 400 naming it.
 //!
 //! Snapshots: creating one also flushes the volume, so an acknowledged snapshot survives a crash
 //! with everything written before it. A snapshot is readable as the NBD export `VOL@SNAP`
@@ -58,6 +63,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use vstor_edge::nbd::NbdServer;
 use vstor_edge::vhost::VhostServer;
+use vstor_volumedriver::access::{parse_networks, parse_subjects, VolumeAccess};
 use vstor_volumedriver::config::USER_SCO_SIZE_RANGE;
 use vstor_volumedriver::{
     DtlMode, SnapshotInfo, VolumeError, VolumeInfo, VolumeManager, VolumeOptions,
@@ -403,12 +409,18 @@ pub(crate) async fn create_local(
             request.name
         )));
     }
+    let access = VolumeAccess::parse(
+        request.allow_subjects.as_deref().unwrap_or_default(),
+        request.allow_networks.as_deref().unwrap_or_default(),
+    )
+    .map_err(|e| bad_request(format!("volume {}: {e}", request.name)))?;
     let options = VolumeOptions {
         size: request.size,
         sco_size,
         write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
         dtl_mode,
         dtl_addr,
+        access,
     };
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
@@ -465,6 +477,23 @@ async fn update(
     Json(request): Json<UpdateRequest>,
 ) -> Result<Json<VolumeView>, ApiError> {
     let volume = state.manager.get(&name)?;
+    if request.allow_subjects.is_some() || request.allow_networks.is_some() {
+        let current = volume.access();
+        let access = VolumeAccess {
+            allow_subjects: match &request.allow_subjects {
+                Some(subjects) => parse_subjects(subjects),
+                None => Ok(current.allow_subjects),
+            }
+            .map_err(|e| bad_request(format!("volume {name}: {e}")))?,
+            allow_networks: match &request.allow_networks {
+                Some(networks) => parse_networks(networks),
+                None => Ok(current.allow_networks),
+            }
+            .map_err(|e| bad_request(format!("volume {name}: {e}")))?,
+        };
+        let target = volume.clone();
+        blocking(move || target.set_access(access)).await?;
+    }
     if let Some(read_only) = request.read_only {
         let target = volume.clone();
         blocking(move || target.set_read_only(read_only)).await?;
@@ -903,6 +932,8 @@ pub(crate) async fn clone_local(
         write_buffer: request.write_buffer.unwrap_or(state.default_write_buffer),
         dtl_mode,
         dtl_addr,
+        // A clone starts open to every client, like any new volume; set its list with PATCH.
+        access: VolumeAccess::default(),
     };
     let wait = request
         .wait_secs

@@ -46,6 +46,12 @@ pub struct CreateRequest {
     /// The EC tier's preset for the volume's namespace (`--backend ec` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    /// NBD allow list: client-certificate subject CNs (see `docs/security.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_subjects: Option<Vec<String>>,
+    /// NBD allow list: source networks, CIDR (`10.0.0.0/8`, `fd00::/64`) or a bare address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_networks: Option<Vec<String>>,
 }
 
 /// `POST /v1/volumes/{name}/resize`.
@@ -65,6 +71,12 @@ pub struct UpdateRequest {
     pub dtl_mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtl: Option<String>,
+    /// Replaces the subject list when given (`[]` empties it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_subjects: Option<Vec<String>>,
+    /// Replaces the network list when given (`[]` empties it); CIDR or a bare address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_networks: Option<Vec<String>>,
 }
 
 /// `POST /v1/volumes/{name}/snapshots`.
@@ -265,6 +277,11 @@ pub struct VolumeView {
     pub write_buffer: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
+    /// NBD allow list (both empty: every client); see `docs/security.md`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_subjects: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_networks: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_tag: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -426,6 +443,14 @@ impl From<vstor_volumedriver::VolumeInfo> for VolumeView {
             tlog_scos: Some(info.tlog_scos),
             write_buffer: Some(info.write_buffer),
             read_only: Some(info.read_only),
+            allow_subjects: Some(info.access.allow_subjects.clone()),
+            allow_networks: Some(
+                info.access
+                    .allow_networks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
             owner_tag: Some(info.owner_tag),
             created: Some(info.created),
             state: info.state,

@@ -521,6 +521,24 @@ fn mds_text(v: &VolumeView) -> String {
     )
 }
 
+/// The NBD allow list for humans: `any` when empty, else `subjects CN, CN; networks CIDR, CIDR`.
+pub fn allow_list_text(volume: &VolumeView) -> String {
+    let subjects = volume.allow_subjects.as_deref().unwrap_or_default();
+    let networks = volume.allow_networks.as_deref().unwrap_or_default();
+    let mut parts = Vec::new();
+    if !subjects.is_empty() {
+        parts.push(format!("subjects {}", subjects.join(", ")));
+    }
+    if !networks.is_empty() {
+        parts.push(format!("networks {}", networks.join(", ")));
+    }
+    if parts.is_empty() {
+        "any".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 pub fn print_info(volume: &VolumeView) {
     let scrub = match (&volume.scrub_progress, &volume.last_scrub) {
         (Some(progress), _) => format!("running: {}", progress_text(progress)),
@@ -538,6 +556,7 @@ pub fn print_info(volume: &VolumeView) {
         ("on backend", size(v.backend_bytes)),
         ("garbage", size(v.garbage_bytes)),
         ("read-only", opt(v.read_only)),
+        ("NBD allow list", allow_list_text(v)),
         ("template", opt(v.template)),
         ("parent", opt_str(v.parent.as_ref())),
         (

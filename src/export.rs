@@ -9,6 +9,10 @@
 //! until the snapshot or its volume goes away; NBD_OPT_LIST shows the snapshots that are on
 //! the backend.
 //!
+//! Allow lists: [`Exports::allows`] checks the NBD client against the volume's persisted allow
+//! list (`vstor_volumedriver::access` has the rule); a snapshot export `VOL@SNAP` follows the
+//! list of `VOL`, since it exposes the same data.
+//!
 //! [`VolumeExport`] times every request it serves into the volume's latency histograms
 //! (`vstor_volumedriver::latency`), for `/metrics`, `vstor volume stats` and `vstor top`: from
 //! the call to the acknowledgement, a sync DTL round trip included. A read that would block is
@@ -19,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use std::time::Instant;
 use vstor_edge::{
-    BlockTarget, ExportRegistry, Extent, PendingAck, ReadAttempt, TargetError, WriteAck,
+    BlockTarget, Client, ExportRegistry, Extent, PendingAck, ReadAttempt, TargetError, WriteAck,
 };
 
 use vstor_volumedriver::latency::IoOp;
@@ -297,6 +301,17 @@ impl Exports {
 }
 
 impl ExportRegistry for Exports {
+    fn allows(&self, name: &str, client: &Client) -> bool {
+        let volume = snapshot_export_name(name).map_or(name, |(volume, _)| volume);
+        match self.manager.get(volume) {
+            Ok(volume) => volume
+                .access()
+                .allows(client.addr.ip(), client.subject.as_deref()),
+            // Unknown: `lookup` answers it as such.
+            Err(_) => true,
+        }
+    }
+
     fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>> {
         if let Some((volume, snapshot)) = snapshot_export_name(name) {
             return match self.snapshot_view(volume, snapshot) {

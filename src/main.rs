@@ -425,6 +425,15 @@ enum VolumeVerb {
         /// [default: the node's, from `--backend ec:PRESET`]. Needs `--backend ec`.
         #[arg(long)]
         preset: Option<String>,
+        /// NBD allow list: a client-certificate subject CN allowed to see and open the volume
+        /// (repeatable; needs `vstor serve --tls-ca`). See docs/security.md for the rule.
+        #[arg(long = "allow-subject", value_name = "CN")]
+        allow_subjects: Vec<String>,
+        /// NBD allow list: a source network (CIDR such as 10.0.0.0/8, or an address) whose
+        /// clients may see and open the volume (repeatable). Without any --allow-subject or
+        /// --allow-net, every client may.
+        #[arg(long = "allow-net", value_name = "CIDR")]
+        allow_networks: Vec<String>,
     },
     /// List volumes (in a cluster: every volume of the cluster, with its owner).
     List,
@@ -489,6 +498,15 @@ enum VolumeVerb {
         /// DTL server HOST:PORT.
         #[arg(long)]
         dtl: Option<String>,
+        /// Replace the NBD allow list's subjects (client-certificate CNs; repeatable).
+        #[arg(long = "allow-subject", value_name = "CN")]
+        allow_subjects: Vec<String>,
+        /// Replace the NBD allow list's networks (CIDRs or addresses; repeatable).
+        #[arg(long = "allow-net", value_name = "CIDR")]
+        allow_networks: Vec<String>,
+        /// Empty the NBD allow list: every client may see and open the volume again.
+        #[arg(long, conflicts_with_all = ["allow_subjects", "allow_networks"])]
+        allow_any: bool,
     },
     /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
     /// the old node, and serve it from this node.
@@ -564,8 +582,11 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             dtl,
             node,
             preset,
+            allow_subjects,
+            allow_networks,
         } => {
             let size = parse_size(&size)?;
+            check_allow_list(&allow_subjects, &allow_networks)?;
             let request = CreateRequest {
                 name: name.clone(),
                 size,
@@ -575,6 +596,8 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 dtl,
                 node,
                 preset,
+                allow_subjects: (!allow_subjects.is_empty()).then_some(allow_subjects),
+                allow_networks: (!allow_networks.is_empty()).then_some(allow_networks),
             };
             let value = settle_dtl(&client, client.post("/v1/volumes", &request)?);
             remote.show(&value, |v| {
@@ -645,16 +668,37 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             read_only,
             dtl_mode,
             dtl,
+            allow_subjects,
+            allow_networks,
+            allow_any,
         } => {
-            if read_only.is_none() && dtl_mode.is_none() && dtl.is_none() {
+            if read_only.is_none()
+                && dtl_mode.is_none()
+                && dtl.is_none()
+                && allow_subjects.is_empty()
+                && allow_networks.is_empty()
+                && !allow_any
+            {
                 anyhow::bail!(
-                    "nothing to update: give --read-only true|false, --dtl-mode or --dtl"
+                    "nothing to update: give --read-only true|false, --dtl-mode, --dtl, \
+                     --allow-subject, --allow-net or --allow-any"
                 );
             }
+            check_allow_list(&allow_subjects, &allow_networks)?;
+            // A given list replaces the current one; --allow-any empties both.
+            let list = |given: Vec<String>| {
+                if allow_any {
+                    Some(Vec::new())
+                } else {
+                    (!given.is_empty()).then_some(given)
+                }
+            };
             let request = UpdateRequest {
                 read_only,
                 dtl_mode,
                 dtl,
+                allow_subjects: list(allow_subjects),
+                allow_networks: list(allow_networks),
             };
             let value = settle_dtl(
                 &client,
@@ -662,9 +706,10 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             );
             remote.show(&value, |v| {
                 println!(
-                    "updated volume {name}: read-only {}, DTL {}",
+                    "updated volume {name}: read-only {}, DTL {}, NBD allow list {}",
                     v.read_only.unwrap_or(false),
-                    dtl_text(v)
+                    dtl_text(v),
+                    crate::client::allow_list_text(v)
                 );
             });
         }
@@ -925,6 +970,16 @@ fn run_clone(args: CloneArgs) -> Result<()> {
             v.nbd_uri.as_deref().unwrap_or("-")
         );
     });
+    Ok(())
+}
+
+/// The same checks the API makes, before anything is sent: a bad CIDR or subject is named in a
+/// one-line error.
+fn check_allow_list(subjects: &[String], networks: &[String]) -> Result<()> {
+    vstor_volumedriver::access::parse_subjects(subjects)
+        .map_err(|e| anyhow::anyhow!("--allow-subject: {e}"))?;
+    vstor_volumedriver::access::parse_networks(networks)
+        .map_err(|e| anyhow::anyhow!("--allow-net: {e}"))?;
     Ok(())
 }
 

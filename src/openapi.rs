@@ -95,7 +95,7 @@ fn volume_list() {}
     post,
     path = "/v1/volumes",
     tag = "volumes",
-    summary = "Create a thin volume (201).",
+    summary = "Create a thin volume (201), optionally with an NBD allow list (allow_subjects, allow_networks).",
     request_body = CreateRequest,
     responses((status = 201, body = VolumeView), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))
 )]
@@ -115,7 +115,7 @@ fn volume_info() {}
     patch,
     path = "/v1/volumes/{name}",
     tag = "volumes",
-    summary = "Change read-only or the DTL.",
+    summary = "Change read-only, the DTL or the NBD allow list (each given list replaces the current one; [] empties it).",
     params(("name" = String, Path, description = "volume name")),
     request_body = UpdateRequest,
     responses((status = 200, body = VolumeView), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))

@@ -212,6 +212,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 write_buffer: config.write_buffer,
                 dtl_mode: config.dtl.as_ref().map_or(DtlMode::None, |(mode, _)| *mode),
                 dtl_addr: config.dtl.as_ref().map(|(_, addr)| addr.clone()),
+                access: Default::default(),
             };
             match manager.create(name, &options) {
                 Ok(_) => {}

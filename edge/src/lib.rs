@@ -13,6 +13,6 @@ pub mod vhost;
 
 pub use nbd::{NbdError, NbdServer, NbdServerConfig};
 pub use target::{
-    BlockTarget, ExportRegistry, Extent, ExtentsFuture, PendingAck, ReadAttempt, ReadFuture,
-    TargetError, WriteAck,
+    BlockTarget, Client, ExportRegistry, Extent, ExtentsFuture, PendingAck, ReadAttempt,
+    ReadFuture, TargetError, WriteAck,
 };

@@ -24,6 +24,7 @@
 //! without a thread of their own waiting; `discard` returns a [`WriteAck`] for the same reason.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,9 +164,27 @@ pub trait BlockTarget: Send + Sync + 'static {
     }
 }
 
+/// Who is asking for an export: what a registry's allow list is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The client's address as the server's socket sees it.
+    pub addr: SocketAddr,
+    /// The subject common name (CN) of the client certificate verified during the TLS handshake;
+    /// `None` without TLS, without client certificates, or when the certificate has no CN.
+    pub subject: Option<String>,
+}
+
 /// Name → target lookup for the frontends. The export name is the volume name.
 pub trait ExportRegistry: Send + Sync + 'static {
     fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>>;
     /// Names of every export, for NBD_OPT_LIST.
     fn list(&self) -> Vec<String>;
+    /// Whether `client` may see and open the export `name`. The NBD server asks before
+    /// `lookup` and filters `list` with it; a refused export is answered exactly like an unknown
+    /// one, so a client cannot probe which exports exist. The default allows everyone (registries
+    /// without allow lists); the answer for a name that does not exist does not matter.
+    fn allows(&self, name: &str, client: &Client) -> bool {
+        let _ = (name, client);
+        true
+    }
 }

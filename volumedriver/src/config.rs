@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::VolumeAccess;
 use crate::error::{Result, VolumeError};
 use crate::types::{MAX_SCO_CLUSTERS, MAX_VOLUME_SIZE};
 
@@ -56,6 +57,10 @@ pub struct VolumeConfig {
     /// A template is read-only and may only be cloned.
     #[serde(default)]
     pub template: bool,
+    /// Who may open the volume over NBD (`crate::access`); both lists empty: everyone.
+    /// Volumes written before allow lists existed load with empty lists.
+    #[serde(default, flatten)]
+    pub access: VolumeAccess,
 }
 
 /// `VOLUME@SNAPSHOT` a clone was made from.
@@ -151,6 +156,8 @@ pub struct VolumeOptions {
     pub write_buffer: u64,
     pub dtl_mode: DtlMode,
     pub dtl_addr: Option<String>,
+    /// The NBD allow list the volume starts with.
+    pub access: VolumeAccess,
 }
 
 impl VolumeOptions {
@@ -161,6 +168,7 @@ impl VolumeOptions {
             write_buffer: DEFAULT_WRITE_BUFFER,
             dtl_mode: DtlMode::None,
             dtl_addr: None,
+            access: VolumeAccess::default(),
         }
     }
 }
@@ -275,6 +283,7 @@ impl VolumeConfig {
             parent: None,
             ancestors: Vec::new(),
             template: false,
+            access: options.access.clone(),
         })
     }
 

@@ -11,6 +11,7 @@
 //! On-disk formats live in [`sco`], [`tlog`] and [`meta`], each documenting its layout and
 //! invariants, and each read back by the same code that writes it.
 
+pub mod access;
 pub mod config;
 pub mod error;
 pub mod latency;
@@ -24,6 +25,7 @@ pub mod types;
 pub mod volume;
 pub mod wbfs;
 
+pub use access::VolumeAccess;
 pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, MdsHook, MdsHookRef, VolumeManager};

@@ -487,6 +487,22 @@ impl Volume {
         })
     }
 
+    /// Replace the volume's NBD allow list (`crate::access`). Connections already attached are
+    /// not cut; the list is checked when a client opens or lists exports.
+    pub fn set_access(&self, access: crate::access::VolumeAccess) -> Result<()> {
+        self.change_config(|current| {
+            Ok(VolumeConfig {
+                access,
+                ..current.clone()
+            })
+        })
+    }
+
+    /// The volume's NBD allow list.
+    pub fn access(&self) -> crate::access::VolumeAccess {
+        self.state.lock().config.access.clone()
+    }
+
     /// Make the volume a template: flush it, snapshot its current state as `template` unless the
     /// newest snapshot already is it, and make it read-only for good. Templates are only cloned.
     pub fn set_template(&self) -> Result<SnapshotInfo> {

@@ -56,10 +56,19 @@ impl NbdClient {
         export: &str,
         timeout: Option<Duration>,
     ) -> io::Result<Self> {
-        let mut stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
+        let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(timeout)?;
         stream.set_write_timeout(timeout)?;
+        Self::over(stream, export)
+    }
+
+    /// Attach to `export` over `stream`, a connection the caller made (for example from a
+    /// chosen source address); its timeouts are left as they are.
+    pub fn over(mut stream: TcpStream, export: &str) -> io::Result<Self> {
+        stream.set_nodelay(true)?;
+        let addr = stream
+            .peer_addr()
+            .map_or_else(|_| "the server".to_owned(), |a| a.to_string());
         let mut hello = [0u8; 18];
         stream.read_exact(&mut hello)?;
         if be_u64(&hello) != NBDMAGIC || be_u64(&hello[8..]) != IHAVEOPT {

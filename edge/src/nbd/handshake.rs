@@ -15,16 +15,21 @@
 //! on the plain stream and, after `NBD_OPT_STARTTLS` was acknowledged ([`Outcome::StartTls`]),
 //! once more from scratch on the encrypted stream. [`TlsPhase`] says which of the two it is and
 //! whether the plain one may do anything but upgrade.
+//!
+//! Allow lists: every option that names an export asks the registry whether this [`Client`]
+//! (peer address, and after TLS the verified certificate's CN) may use it
+//! ([`ExportRegistry::allows`]); `NBD_OPT_LIST` leaves out what it may not. A refused export gets
+//! the same reply as an unknown one, byte for byte, so refusals do not reveal which exports exist.
 
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::proto::*;
 use super::NbdError;
-use crate::target::{BlockTarget, ExportRegistry};
+use crate::target::{BlockTarget, Client, ExportRegistry};
 
 /// Largest option payload accepted (the biggest legitimate one, a meta-context request with a few
 /// queries, is far below this).
@@ -84,6 +89,7 @@ enum Step {
 
 struct Negotiation<'a> {
     registry: &'a dyn ExportRegistry,
+    client: &'a Client,
     tls: TlsPhase,
     max_payload: u32,
     structured: bool,
@@ -159,9 +165,15 @@ impl Negotiation<'_> {
                 "no default export; give a volume name".into(),
             ));
         }
-        self.registry
-            .lookup(name)
-            .ok_or_else(|| (NBD_REP_ERR_UNKNOWN, format!("unknown export {name:?}")))
+        let unknown = || (NBD_REP_ERR_UNKNOWN, format!("unknown export {name:?}"));
+        // Asked before `lookup`: a refused client does not even get a snapshot view built. The
+        // refusal is the unknown-export reply, word for word, so it reveals nothing.
+        if !self.registry.allows(name, self.client) {
+            info!(export = name, client = %self.client.addr, subject = ?self.client.subject,
+                "NBD export refused by its allow list; answered as unknown");
+            return Err(unknown());
+        }
+        self.registry.lookup(name).ok_or_else(unknown)
     }
 
     fn finish(&self, name: String, target: Arc<dyn BlockTarget>) -> Negotiated {
@@ -231,7 +243,7 @@ impl Negotiation<'_> {
             return Err(invalid("NBD_OPT_LIST takes no data"));
         }
         for name in self.registry.list() {
-            if name.len() > MAX_STRING_LEN {
+            if name.len() > MAX_STRING_LEN || !self.registry.allows(&name, self.client) {
                 continue;
             }
             let mut entry = Vec::with_capacity(4 + name.len());
@@ -380,10 +392,12 @@ where
 }
 
 /// Haggle options until the client enters the transmission phase, aborts, or upgrades to TLS.
-/// `max_payload` is advertised as the maximum block size.
+/// `max_payload` is advertised as the maximum block size; `client` is checked against each
+/// export's allow list ([`ExportRegistry::allows`]).
 pub(crate) async fn negotiate<S>(
     io: &mut S,
     registry: &dyn ExportRegistry,
+    client: &Client,
     max_payload: u32,
     no_zeroes: bool,
     tls: TlsPhase,
@@ -393,6 +407,7 @@ where
 {
     let mut n = Negotiation {
         registry,
+        client,
         tls,
         max_payload,
         structured: false,
@@ -480,6 +495,13 @@ mod tests {
         r
     }
 
+    fn peer(subject: Option<&str>) -> Client {
+        Client {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            subject: subject.map(str::to_owned),
+        }
+    }
+
     async fn option(c: &mut tokio::io::DuplexStream, option: u32, data: &[u8]) {
         let mut b = BytesMut::new();
         b.put_u64(IHAVEOPT);
@@ -511,7 +533,7 @@ mod tests {
         let registry = registry();
         let phase = TlsPhase::Offered { required: true };
         let task = async {
-            negotiate(&mut server, &registry, 1 << 20, true, phase)
+            negotiate(&mut server, &registry, &peer(None), 1 << 20, true, phase)
                 .await
                 .map(|o| matches!(o, Outcome::StartTls))
         };
@@ -544,7 +566,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64 * 1024);
         option(&mut client, NBD_OPT_EXPORT_NAME, b"vol").await;
         let phase = TlsPhase::Offered { required: true };
-        let result = negotiate(&mut server, &registry, 1 << 20, true, phase).await;
+        let result = negotiate(&mut server, &registry, &peer(None), 1 << 20, true, phase).await;
         assert!(matches!(result, Err(NbdError::TlsRequired)));
 
         for (phase, expected) in [
@@ -554,11 +576,92 @@ mod tests {
             let (mut client, mut server) = tokio::io::duplex(64 * 1024);
             option(&mut client, NBD_OPT_STARTTLS, &[]).await;
             option(&mut client, NBD_OPT_ABORT, &[]).await;
-            let outcome = negotiate(&mut server, &registry, 1 << 20, true, phase)
+            let outcome = negotiate(&mut server, &registry, &peer(None), 1 << 20, true, phase)
                 .await
                 .unwrap();
             assert!(matches!(outcome, Outcome::Aborted));
             assert_eq!(reply(&mut client).await.1, expected);
+        }
+    }
+
+    /// A registry that only lets the subject `alice` see `vol`.
+    struct AliceOnly(MemRegistry);
+
+    impl ExportRegistry for AliceOnly {
+        fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>> {
+            self.0.lookup(name)
+        }
+        fn list(&self) -> Vec<String> {
+            self.0.list()
+        }
+        fn allows(&self, name: &str, client: &Client) -> bool {
+            name != "vol" || client.subject.as_deref() == Some("alice")
+        }
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    /// LIST hides a refused export, and GO, INFO and meta contexts answer it exactly as an
+    /// unknown one; the allowed client gets it.
+    #[tokio::test]
+    async fn a_refused_export_is_hidden_and_answered_as_unknown() {
+        let inner = registry();
+        inner.insert("other", Arc::new(MemTarget::new(1 << 20)));
+        let registry = AliceOnly(inner);
+        for (subject, allowed) in [(None, false), (Some("bob"), false), (Some("alice"), true)] {
+            let (mut client_io, mut server) = tokio::io::duplex(64 * 1024);
+            let who = peer(subject);
+            let task = negotiate(
+                &mut server,
+                &registry,
+                &who,
+                1 << 20,
+                true,
+                TlsPhase::Active,
+            );
+            let talk = async {
+                option(&mut client_io, NBD_OPT_LIST, &[]).await;
+                let mut names = Vec::new();
+                loop {
+                    let (_, kind, data) = reply(&mut client_io).await;
+                    if kind == NBD_REP_ACK {
+                        break;
+                    }
+                    names.push(String::from_utf8(data[4..].to_vec()).unwrap());
+                }
+                names.sort();
+                let expected: &[&str] = if allowed {
+                    &["other", "vol"]
+                } else {
+                    &["other"]
+                };
+                assert_eq!(names, expected);
+
+                let mut answers = Vec::new();
+                for name in ["vol", "nosuch"] {
+                    option(&mut client_io, NBD_OPT_INFO, &go_data(name)).await;
+                    let (_, kind, data) = reply(&mut client_io).await;
+                    if kind == NBD_REP_INFO {
+                        while reply(&mut client_io).await.1 != NBD_REP_ACK {}
+                    }
+                    answers.push((kind, String::from_utf8(data).unwrap().replace(name, "X")));
+                }
+                if allowed {
+                    assert_eq!(answers[0].0, NBD_REP_INFO);
+                } else {
+                    assert_eq!(answers[0], answers[1]);
+                    assert_eq!(answers[0].0, NBD_REP_ERR_UNKNOWN);
+                }
+                option(&mut client_io, NBD_OPT_ABORT, &[]).await;
+                assert_eq!(reply(&mut client_io).await.1, NBD_REP_ACK);
+            };
+            let (outcome, ()) = tokio::join!(task, talk);
+            assert!(matches!(outcome.unwrap(), Outcome::Aborted));
         }
     }
 }

@@ -19,6 +19,8 @@
 //!   only fsync-bound ones (`FLUSH`, FUA) hop to the blocking pool. See that module for why.
 //! * [`tls`]: `NBD_OPT_STARTTLS` (allow or require, optional client certificates), and `stream`,
 //!   which lets `conn` run on plain TCP or TLS without slowing the plain path.
+//! * Per-export allow lists: the handshake knows the client (peer address, verified certificate
+//!   CN) and lets the registry decide which exports it sees and opens (`handshake`).
 //!
 //! [`NbdServer`] owns the bookkeeping around them: a table of live connections (used by
 //! [`NbdServer::connections`], [`NbdServer::disconnect_export`] and [`NbdServer::shutdown`]) and
@@ -69,7 +71,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::target::ExportRegistry;
+use crate::target::{Client, ExportRegistry};
 use handshake::{Negotiated, Outcome, TlsPhase, PREFERRED_BLOCK_SIZE};
 use stream::NbdStream;
 pub use tls::{NbdTls, TlsFiles, TlsMode};
@@ -457,8 +459,16 @@ enum Handshaken {
 
 /// Greeting, option haggling and, when the client sends `NBD_OPT_STARTTLS`, the TLS handshake
 /// and a second round of haggling on the encrypted stream.
-async fn handshake(mut stream: TcpStream, inner: &Inner) -> Result<Handshaken, NbdError> {
+async fn handshake(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    inner: &Inner,
+) -> Result<Handshaken, NbdError> {
     let registry = inner.registry.as_ref();
+    let mut client = Client {
+        addr: peer,
+        subject: None,
+    };
     let no_zeroes = handshake::greet(&mut stream).await?;
     let phase = match &inner.tls {
         None => TlsPhase::Unavailable,
@@ -466,8 +476,15 @@ async fn handshake(mut stream: TcpStream, inner: &Inner) -> Result<Handshaken, N
             required: tls.mode == TlsMode::Require,
         },
     };
-    let outcome =
-        handshake::negotiate(&mut stream, registry, inner.max_payload, no_zeroes, phase).await?;
+    let outcome = handshake::negotiate(
+        &mut stream,
+        registry,
+        &client,
+        inner.max_payload,
+        no_zeroes,
+        phase,
+    )
+    .await?;
     let acceptor = match (outcome, &inner.tls) {
         (Outcome::Transmission(negotiated), _) => return Ok(Handshaken::Plain(stream, negotiated)),
         (Outcome::Aborted, _) => return Ok(Handshaken::Aborted),
@@ -481,9 +498,16 @@ async fn handshake(mut stream: TcpStream, inner: &Inner) -> Result<Handshaken, N
         .accept(stream)
         .await
         .map_err(NbdError::TlsHandshake)?;
+    // Only a certificate the verifier accepted is here: without `--tls-ca` none is asked for.
+    client.subject = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(tls::client_subject);
     let outcome = handshake::negotiate(
         &mut tls,
         registry,
+        &client,
         inner.max_payload,
         no_zeroes,
         TlsPhase::Active,
@@ -511,7 +535,7 @@ async fn serve_connection(
     debug!(%peer, "NBD client connected");
 
     let timeout = inner.handshake_timeout;
-    let handshake = tokio::time::timeout(timeout, handshake(stream, &inner));
+    let handshake = tokio::time::timeout(timeout, handshake(stream, peer, &inner));
     let outcome = tokio::select! {
         biased;
         _ = inner.shutdown.cancelled() => {

@@ -22,6 +22,10 @@
 //! without one, or with one from another CA or expired, fails the TLS handshake. Because a
 //! plain-text client would skip that check altogether, client certificates are only accepted
 //! together with [`TlsMode::Require`] ([`NbdTls::load`] refuses the other combination).
+//!
+//! The verified certificate's subject common name ([`client_subject`]) is what per-export allow
+//! lists match (`ExportRegistry::allows`). Only the CN is used, not DNS subject alternative
+//! names: client certificates name a user or a service, and operators write that name as the CN.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -98,6 +102,19 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
         return Err(file_error(what, path, "no CERTIFICATE block in the file"));
     }
     Ok(certs)
+}
+
+/// The subject common name of the end-entity certificate in `chain` (the client's own, first in
+/// the chain rustls returns after verifying it). `None` when the certificate has no CN, a CN that
+/// is not a string, or cannot be parsed (it cannot, once rustls accepted it; but a parse failure
+/// must not grant anything, and `None` matches no subject).
+pub(crate) fn client_subject(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let leaf = chain.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let mut names = cert.subject().iter_common_name();
+    let cn = names.next()?.as_str().ok()?.to_owned();
+    // Two CNs would make "the subject" ambiguous: match neither.
+    names.next().is_none().then_some(cn)
 }
 
 impl NbdTls {

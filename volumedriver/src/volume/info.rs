@@ -70,6 +70,8 @@ pub struct VolumeInfo {
     /// Volumes cloned from this volume's snapshots.
     pub children: Vec<String>,
     pub template: bool,
+    /// The NBD allow list (`crate::access`).
+    pub access: crate::access::VolumeAccess,
     pub snapshots: usize,
     /// Overwritten or trimmed data since the last scrub (an estimate of what a scrub frees).
     pub garbage_bytes: u64,
@@ -175,6 +177,7 @@ impl Volume {
                 .flat_map(|s| s.clones.iter().cloned())
                 .collect(),
             template: c.template,
+            access: c.access.clone(),
             snapshots: st.meta.snapshots.len(),
             garbage_bytes: st.garbage_clusters * c.cluster_size,
             opened_from_mds_tlogs: st.opened_seeded,
