@@ -50,6 +50,66 @@ pub struct FileConfig {
     pub upload: UploadSettings,
     pub cluster: ClusterFileSettings,
     pub mds: MdsFileSettings,
+    /// `[peer_tls]`: mutual TLS on the internal links (the DTL so far).
+    pub peer_tls: PeerTlsSettings,
+}
+
+/// `[peer_tls]` (`--peer-tls-cert`, `--peer-tls-key`, `--peer-tls-ca`): the node's certificate
+/// and key, and the cluster CA. With them the node connects to its volumes' DTL with mutual TLS
+/// and its own DTL server (cluster mode) serves only clients with a certificate of that CA.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsSettings {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl PeerTlsSettings {
+    /// Override each file given on the command line.
+    pub fn merge(&mut self, cert: Option<PathBuf>, key: Option<PathBuf>, ca: Option<PathBuf>) {
+        for (field, value) in [
+            (&mut self.cert, cert),
+            (&mut self.key, key),
+            (&mut self.ca, ca),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+    }
+
+    /// Load and check the files: all three or none (`None`: plain TCP); an error names the
+    /// setting and the file.
+    pub fn load(&self) -> Result<Option<vstor_net::PeerTls>> {
+        match (&self.cert, &self.key, &self.ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = vstor_net::PeerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                };
+                vstor_net::PeerTls::load(&files)
+                    .map(Some)
+                    .context("settings peer_tls (--peer-tls-cert, --peer-tls-key, --peer-tls-ca)")
+            }
+            _ => {
+                let missing: Vec<&str> = [
+                    ("peer_tls.cert (--peer-tls-cert)", self.cert.is_none()),
+                    ("peer_tls.key (--peer-tls-key)", self.key.is_none()),
+                    ("peer_tls.ca (--peer-tls-ca)", self.ca.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(name, missing)| missing.then_some(name))
+                .collect();
+                bail!(
+                    "peer TLS needs a certificate, its key and the cluster CA together: {} missing",
+                    missing.join(" and ")
+                )
+            }
+        }
+    }
 }
 
 /// `[mds]`: the metadata servers this node's volumes keep their map tables on (empty
@@ -401,6 +461,7 @@ impl Default for FileConfig {
             upload: UploadSettings::default(),
             cluster: ClusterFileSettings::default(),
             mds: MdsFileSettings::default(),
+            peer_tls: PeerTlsSettings::default(),
         }
     }
 }
@@ -583,6 +644,8 @@ pub struct ServeConfig {
     pub identity: NodeIdentity,
     /// The volumes' metadata servers, if any.
     pub mds: Option<crate::mds_link::MdsSettings>,
+    /// Mutual TLS on the DTL links (`[peer_tls]`), loaded and checked.
+    pub peer_tls: Option<vstor_net::PeerTls>,
 }
 
 /// Resolved `[scrub]` settings.
@@ -626,6 +689,9 @@ pub struct Overrides {
     pub nbd_tls: Option<String>,
     pub nbd_max_connections: Option<usize>,
     pub nbd_max_connections_per_client: Option<usize>,
+    pub peer_tls_cert: Option<PathBuf>,
+    pub peer_tls_key: Option<PathBuf>,
+    pub peer_tls_ca: Option<PathBuf>,
 }
 
 /// The node's place in a cluster, resolved.
@@ -790,6 +856,12 @@ impl FileConfig {
                     ))
                 })?;
         let nbd_tls = self.nbd_server.resolve_tls()?;
+        self.peer_tls.merge(
+            overrides.peer_tls_cert,
+            overrides.peer_tls_key,
+            overrides.peer_tls_ca,
+        );
+        let peer_tls = self.peer_tls.load()?;
         for (setting, value) in [
             (
                 "nbd_server.max_connections (--nbd-max-connections)",
@@ -957,6 +1029,7 @@ impl FileConfig {
             nbd_max_connections_per_client: self.nbd_server.max_connections_per_client,
             nbd_max_inflight_bytes,
             nbd_tls,
+            peer_tls,
             dtl,
             auto_scrub,
             upload_concurrency: self.upload.concurrency,
@@ -1405,5 +1478,40 @@ mod tests {
                 preset: Some("fast".into())
             }
         );
+    }
+
+    #[test]
+    fn peer_tls_files_go_together_and_bad_files_are_named() {
+        let config = FileConfig::default().resolve(Overrides::default()).unwrap();
+        assert!(config.peer_tls.is_none());
+
+        let file: FileConfig =
+            toml::from_str("[peer_tls]\ncert = \"/etc/vstor/node.pem\"\n").unwrap();
+        let err = format!("{:#}", file.resolve(Overrides::default()).unwrap_err());
+        assert!(
+            err.contains("peer_tls.key (--peer-tls-key) and peer_tls.ca (--peer-tls-ca) missing"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("node.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let err = format!(
+            "{:#}",
+            FileConfig::default()
+                .resolve(Overrides {
+                    peer_tls_cert: Some(not_pem.clone()),
+                    peer_tls_key: Some(dir.path().join("node-key.pem")),
+                    peer_tls_ca: Some(dir.path().join("ca.pem")),
+                    ..Overrides::default()
+                })
+                .unwrap_err()
+        );
+        assert!(err.contains("--peer-tls-cert"), "{err}");
+        assert!(
+            err.contains(&format!("certificate file {}", not_pem.display())),
+            "{err}"
+        );
+        assert!(err.contains("no CERTIFICATE block"), "{err}");
     }
 }

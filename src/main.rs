@@ -142,6 +142,24 @@ struct DtlArgs {
     /// arrived (slowloris clients); idle connections between frames are kept.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     frame_timeout: std::time::Duration,
+    #[command(flatten)]
+    peer_tls: PeerTlsArgs,
+}
+
+/// Mutual TLS on the internal links (`vstor dtl`, `vstor serve`): all three or none.
+#[derive(Args)]
+struct PeerTlsArgs {
+    /// PEM certificate chain of this process, signed by the cluster CA, presented on internal
+    /// links as server and client (config: `peer_tls.cert`) [default: none, plain TCP].
+    #[arg(long, value_name = "FILE")]
+    peer_tls_cert: Option<PathBuf>,
+    /// PEM private key of --peer-tls-cert (config: `peer_tls.key`).
+    #[arg(long, value_name = "FILE")]
+    peer_tls_key: Option<PathBuf>,
+    /// PEM cluster CA: peers must present a certificate chaining to it, and servers one for the
+    /// host dialled (config: `peer_tls.ca`).
+    #[arg(long, value_name = "FILE")]
+    peer_tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -239,6 +257,8 @@ struct ServeArgs {
     /// The PEM private key of --api-tls-cert (config: `api.tls_key`).
     #[arg(long, value_name = "FILE")]
     api_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    peer_tls: PeerTlsArgs,
 }
 
 /// How the management verbs reach the daemon and print its answer.
@@ -1073,6 +1093,9 @@ fn run(cli: Cli) -> Result<()> {
                 nbd_tls: args.nbd_tls,
                 nbd_max_connections: args.nbd_max_connections,
                 nbd_max_connections_per_client: args.nbd_max_connections_per_client,
+                peer_tls_cert: args.peer_tls.peer_tls_cert,
+                peer_tls_key: args.peer_tls.peer_tls_key,
+                peer_tls_ca: args.peer_tls.peer_tls_ca,
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -1141,6 +1164,13 @@ fn run(cli: Cli) -> Result<()> {
                 .listen
                 .parse()
                 .with_context(|| format!("listen address {:?} is not IP:PORT", args.listen))?;
+            let mut peer_tls = config::PeerTlsSettings::default();
+            peer_tls.merge(
+                args.peer_tls.peer_tls_cert,
+                args.peer_tls.peer_tls_key,
+                args.peer_tls.peer_tls_ca,
+            );
+            let tls = peer_tls.load()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -1151,6 +1181,7 @@ fn run(cli: Cli) -> Result<()> {
                 vstor_dtl::DtlServerConfig {
                     fsync: args.fsync,
                     frame_timeout: args.frame_timeout,
+                    tls,
                 },
             ))
         }

@@ -119,6 +119,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 cluster
                     .dtl_listen
                     .unwrap_or_else(|| std::net::SocketAddr::new(api_addr.ip(), 0)),
+                config.peer_tls.clone(),
             )
             .await?,
         ),
@@ -184,6 +185,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         }),
         upload_concurrency: config.upload_concurrency,
         max_open_age: config.max_open_age,
+        dtl_tls: config.peer_tls.clone(),
         ..ManagerConfig::under(&config.data_dir, config.write_buffer_limit)
     };
     let manager = tokio::task::spawn_blocking(move || VolumeManager::open(manager_config, backend))
@@ -460,10 +462,15 @@ type NodeDtl = (
 async fn start_node_dtl(
     data_dir: &std::path::Path,
     listen: std::net::SocketAddr,
+    tls: Option<vstor_net::PeerTls>,
 ) -> Result<NodeDtl> {
     let dir = data_dir.join("dtl");
+    let config = vstor_dtl::DtlServerConfig {
+        tls,
+        ..vstor_dtl::DtlServerConfig::default()
+    };
     let server = Arc::new(
-        vstor_dtl::DtlServer::new(&dir, vstor_dtl::DtlServerConfig::default())
+        vstor_dtl::DtlServer::new(&dir, config)
             .with_context(|| format!("cannot open the DTL data directory {}", dir.display()))?,
     );
     let listener = TcpListener::bind(listen)

@@ -11,6 +11,10 @@
 //! the mark only once the exchange completed; a broken client fails fast with
 //! [`DtlError::ConnectionBroken`] and the owner reconnects (and, in the engine, goes degraded).
 //! A server *refusal* (`Error` reply, e.g. a stale owner tag) leaves the connection usable.
+//!
+//! With [`DtlClientConfig::tls`] the connection is mutual TLS (`vstor_net`): the client presents
+//! the node's certificate and checks the server's against the cluster CA and the host it dialled;
+//! the TLS handshake counts towards the connect timeout.
 
 use std::time::Duration;
 
@@ -18,6 +22,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
+use vstor_net::{PeerStream, PeerTls};
 
 use crate::error::DtlError;
 use crate::protocol::{DtlCodec, Entry, Message, ScoRange, PROTOCOL_VERSION};
@@ -27,6 +32,8 @@ use crate::Result;
 pub struct DtlClientConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Mutual TLS with the DTL server; `None`: plain TCP.
+    pub tls: Option<PeerTls>,
 }
 
 impl Default for DtlClientConfig {
@@ -34,27 +41,38 @@ impl Default for DtlClientConfig {
         Self {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
 
 pub struct DtlClient {
-    framed: Framed<TcpStream, DtlCodec>,
+    framed: Framed<PeerStream, DtlCodec>,
     config: DtlClientConfig,
     broken: bool,
 }
 
 impl DtlClient {
     /// Connects with default timeouts and checks the protocol version.
-    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self> {
+    pub async fn connect(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<Self> {
         Self::connect_with(addr, DtlClientConfig::default()).await
     }
 
-    pub async fn connect_with(addr: impl ToSocketAddrs, config: DtlClientConfig) -> Result<Self> {
+    /// Connects to `addr` (`host:port`; with TLS its host is the name the server's certificate
+    /// must carry) and checks the protocol version.
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs + std::fmt::Display,
+        config: DtlClientConfig,
+    ) -> Result<Self> {
         let after = config.connect_timeout;
+        let name = addr.to_string();
         let handshake = async {
             let stream = TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
+            let stream = match &config.tls {
+                Some(tls) => tls.connect(&name, stream).await?,
+                None => PeerStream::Plain(stream),
+            };
             let mut framed = Framed::new(stream, DtlCodec::new());
             framed
                 .send(Message::Hello {

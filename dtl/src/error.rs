@@ -55,6 +55,9 @@ pub enum DtlError {
     ConnectionBroken,
     #[error("unexpected message from the peer: {0}")]
     UnexpectedMessage(String),
+    /// Mutual TLS failed: our certificate or the peer's was refused, or a file is bad.
+    #[error(transparent)]
+    Tls(#[from] vstor_net::NetError),
 }
 
 impl DtlError {

@@ -104,6 +104,7 @@ impl MirrorConfig {
             client: DtlClientConfig {
                 connect_timeout: Duration::from_secs(1),
                 request_timeout: Duration::from_secs(3),
+                tls: None,
             },
             retry_interval: Duration::from_millis(500),
         }

@@ -11,6 +11,12 @@
 //! best-effort `Error` reply and the connection is closed: after a framing error the byte stream
 //! cannot be trusted to be aligned on frames any more. Nothing of a bad frame reaches the store,
 //! and other connections are unaffected.
+//!
+//! With [`DtlServerConfig::tls`] every connection must open with a mutual-TLS handshake
+//! (`vstor_net`: a client certificate of the cluster CA is required), bounded by the frame
+//! timeout; a refused handshake closes that connection only. A client that speaks the DTL
+//! protocol in plain text gets a DTL `Error` saying the server requires mutual TLS, so its
+//! operator reads why instead of a TLS alert decoded as a corrupt frame.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +29,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+use vstor_net::{PeerStream, PeerTls};
 
 use crate::error::DtlError;
 use crate::protocol::{DtlCodec, Message, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
@@ -42,6 +49,9 @@ pub struct DtlServerConfig {
     /// cannot hold a connection and its buffer forever. Idle connections between frames are
     /// not affected.
     pub frame_timeout: Duration,
+    /// Mutual TLS: only clients with a certificate of the cluster CA are served. `None`: plain
+    /// TCP, no authentication (a trusted network only, see `docs/security.md`).
+    pub tls: Option<PeerTls>,
 }
 
 /// Default [`DtlServerConfig::frame_timeout`]: a 64 MiB frame needs only ~2 MB/s to make it.
@@ -52,6 +62,7 @@ impl Default for DtlServerConfig {
         Self {
             fsync: false,
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -60,6 +71,7 @@ impl Default for DtlServerConfig {
 pub struct DtlServer {
     store: Arc<DtlStore>,
     frame_timeout: Duration,
+    tls: Option<PeerTls>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -71,6 +83,7 @@ impl DtlServer {
         Ok(Self {
             store: Arc::new(store),
             frame_timeout: config.frame_timeout,
+            tls: config.tls,
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
@@ -83,7 +96,7 @@ impl DtlServer {
     /// Accepts connections until [`shutdown`](Self::shutdown) is called.
     pub async fn serve(&self, listener: TcpListener) -> Result<()> {
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, fsync = self.store.fsync_enabled(), "DTL server listening");
+            info!(%addr, fsync = self.store.fsync_enabled(), mtls = self.tls.is_some(), "DTL server listening");
         }
         loop {
             let accepted = tokio::select! {
@@ -96,8 +109,10 @@ impl DtlServer {
                     let store = self.store.clone();
                     let cancel = self.cancel.clone();
                     let frame_timeout = self.frame_timeout;
+                    let tls = self.tls.clone();
                     self.tracker.spawn(async move {
-                        let conn = handle_connection(store, stream, peer, cancel, frame_timeout);
+                        let conn =
+                            handle_connection(store, stream, peer, cancel, frame_timeout, tls);
                         if let Err(e) = conn.await {
                             debug!(%peer, error = %e, "DTL connection ended");
                         }
@@ -140,8 +155,20 @@ async fn handle_connection(
     peer: SocketAddr,
     cancel: CancellationToken,
     frame_timeout: Duration,
+    tls: Option<PeerTls>,
 ) -> Result<()> {
     stream.set_nodelay(true)?;
+    let stream = match tls {
+        None => PeerStream::Plain(stream),
+        Some(tls) => tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            s = accept_tls(&tls, stream, peer, frame_timeout) => match s? {
+                Some(s) => s,
+                None => return Ok(()),
+            },
+        },
+    };
     let mut framed = Framed::new(stream, DtlCodec::new());
     let mut greeted = false;
     loop {
@@ -225,6 +252,52 @@ async fn handle_connection(
     }
 }
 
+/// First byte of a TLS handshake record; a DTL frame starts with its magic (`1TLD`, LE).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The server side of the mutual-TLS handshake, bounded by `frame_timeout`. `None`: a
+/// plain-text client, answered with a DTL `Error` and closed.
+async fn accept_tls(
+    tls: &PeerTls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    frame_timeout: Duration,
+) -> Result<Option<PeerStream>> {
+    let timed_out = || DtlError::Timeout {
+        during: "the TLS handshake",
+        after: frame_timeout,
+    };
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(frame_timeout, stream.peek(&mut first))
+        .await
+        .map_err(|_| timed_out())??;
+    if n == 0 {
+        return Ok(None);
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        warn!(%peer, "plain-text client refused: this DTL server requires mutual TLS");
+        let mut framed = Framed::new(stream, DtlCodec::new());
+        // Read the client's `Hello` first: closing with unread bytes would reset the
+        // connection and could discard the reply before the client reads it.
+        let _ = tokio::time::timeout(frame_timeout, framed.next()).await;
+        let e = DtlError::Invalid(
+            "this DTL server requires mutual TLS: give the node a certificate of the cluster \
+             CA (--peer-tls-cert, --peer-tls-key, --peer-tls-ca or [peer_tls])"
+                .into(),
+        );
+        let _ = framed.send(error_reply(&e)).await;
+        return Ok(None);
+    }
+    match tokio::time::timeout(frame_timeout, tls.accept(stream)).await {
+        Ok(Ok(s)) => Ok(Some(s)),
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "DTL client refused");
+            Err(e.into())
+        }
+        Err(_) => Err(timed_out()),
+    }
+}
+
 fn handle_request(store: &DtlStore, msg: Message) -> Result<Message> {
     Ok(match msg {
         Message::Register {
@@ -284,7 +357,7 @@ fn handle_request(store: &DtlStore, msg: Message) -> Result<Message> {
 /// `Error` instead (the client must treat what it got as incomplete).
 async fn stream_entries(
     store: &DtlStore,
-    framed: &mut Framed<TcpStream, DtlCodec>,
+    framed: &mut Framed<PeerStream, DtlCodec>,
     namespace: &str,
     from: u32,
     to: u32,

@@ -411,6 +411,7 @@ async fn timeouts_are_reported_and_poison_the_client() {
     let config = DtlClientConfig {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_millis(100),
+        tls: None,
     };
     let mut c = DtlClient::connect_with(addr, config).await.unwrap();
     let e = c.flush("vol").await.unwrap_err();
@@ -430,6 +431,7 @@ async fn timeouts_are_reported_and_poison_the_client() {
     let config = DtlClientConfig {
         connect_timeout: Duration::from_millis(100),
         request_timeout: Duration::from_secs(5),
+        tls: None,
     };
     let e = DtlClient::connect_with(addr, config).await.err().unwrap();
     assert!(matches!(e, DtlError::Timeout { .. }), "{e}");

@@ -20,6 +20,8 @@ pub struct Pki {
 const SERVER_EXT: &str =
     "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n";
 const CLIENT_EXT: &str = "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n";
+/// A cluster member's certificate for internal mutual TLS: server and client at once.
+const PEER_EXT: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n";
 
 fn openssl(dir: &Path, args: &[&str]) {
     run_ok(Command::new("openssl").current_dir(dir).args(args));
@@ -63,7 +65,8 @@ impl Pki {
             format!(
                 "[ca]\ndefault_ca = tca\n[tca]\ndatabase = index.txt\nnew_certs_dir = .\n\
                  serial = serial\ndefault_md = sha256\npolicy = anything\nunique_subject = no\n\
-                 [anything]\ncommonName = supplied\n[server]\n{SERVER_EXT}[client]\n{CLIENT_EXT}"
+                 [anything]\ncommonName = supplied\n[server]\n{SERVER_EXT}[client]\n{CLIENT_EXT}\
+                 [peer]\n{PEER_EXT}"
             ),
         )
         .unwrap();
@@ -86,8 +89,9 @@ impl Pki {
     }
 
     /// Sign a new key for `cn` as `<stem>-cert.pem`/`<stem>-key.pem`; `expired`: valid only in
-    /// 2020. `server`: a server certificate for 127.0.0.1/localhost, else a client one.
-    fn issue(&self, stem: &str, cn: &str, server: bool, expired: bool) -> (PathBuf, PathBuf) {
+    /// 2020. `extensions`: the `ca.cnf` section (`server`: for 127.0.0.1/localhost, `client`,
+    /// `peer`: both, for 127.0.0.1/localhost).
+    fn issue(&self, stem: &str, cn: &str, extensions: &str, expired: bool) -> (PathBuf, PathBuf) {
         let (cert, key, csr) = (
             format!("{stem}-cert.pem"),
             format!("{stem}-key.pem"),
@@ -123,7 +127,7 @@ impl Pki {
             &cert,
             "-extensions",
         ];
-        args.push(if server { "server" } else { "client" });
+        args.push(extensions);
         if expired {
             args.extend([
                 "-startdate",
@@ -140,7 +144,12 @@ impl Pki {
 
     /// A server certificate and key for 127.0.0.1.
     pub fn server(&self, stem: &str, expired: bool) -> (PathBuf, PathBuf) {
-        self.issue(stem, "localhost", true, expired)
+        self.issue(stem, "localhost", "server", expired)
+    }
+
+    /// A cluster member's certificate and key for 127.0.0.1 (`--peer-tls-cert/key`).
+    pub fn peer(&self, stem: &str) -> (PathBuf, PathBuf) {
+        self.issue(stem, stem, "peer", false)
     }
 
     /// A client credentials directory: this CA (to check the server), and, unless `cn` is
@@ -150,7 +159,7 @@ impl Pki {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(self.ca(), dir.join("ca-cert.pem")).unwrap();
         if let Some((cn, signer, expired)) = cn {
-            let (cert, key) = signer.issue(name, cn, false, expired);
+            let (cert, key) = signer.issue(name, cn, "client", expired);
             std::fs::copy(cert, dir.join("client-cert.pem")).unwrap();
             std::fs::copy(key, dir.join("client-key.pem")).unwrap();
         }

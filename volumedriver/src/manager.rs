@@ -82,6 +82,8 @@ pub struct ManagerConfig {
     pub max_open_age: Option<Duration>,
     /// The node's metadata servers, if it uses any.
     pub mds: Option<MdsHookRef>,
+    /// The node's mutual-TLS identity for its volumes' DTL links; `None`: plain TCP.
+    pub dtl_tls: Option<vstor_net::PeerTls>,
 }
 
 impl ManagerConfig {
@@ -95,6 +97,7 @@ impl ManagerConfig {
             upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
             max_open_age: Some(DEFAULT_MAX_OPEN_AGE),
             mds: None,
+            dtl_tls: None,
         }
     }
 }
@@ -180,6 +183,7 @@ impl VolumeManager {
         let dir = self.config.write_buffer_dir.join(name);
         let seed = self.mds_seed(name);
         let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
+        volume.set_dtl_tls(self.config.dtl_tls.clone());
         tracing::info!(volume = %name, "volume restarted");
         // Writes acknowledged after the last FLUSH may be missing from the write buffer after a
         // crash; the DTL has them. An unreachable DTL is not fatal: the volume comes up degraded
@@ -536,6 +540,7 @@ impl VolumeManager {
         self.failed.write().remove(name);
         let seed = self.mds_seed(name);
         let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
+        volume.set_dtl_tls(self.config.dtl_tls.clone());
         let summary = match volume.replay_dtl() {
             Ok(summary) => summary,
             Err(e) => {
@@ -557,6 +562,7 @@ impl VolumeManager {
             .write()
             .insert(name.to_string(), volume.clone());
         volume.set_runtime(self.config.runtime.clone());
+        volume.set_dtl_tls(self.config.dtl_tls.clone());
         volume.attach_dtl();
         if let Some(hook) = &self.config.mds {
             hook.0.serving(volume);

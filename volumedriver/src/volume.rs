@@ -140,6 +140,9 @@ pub struct Volume {
     /// Held for each upload step; a rollback waits for the step in flight.
     upload_lock: Mutex<()>,
     runtime: Mutex<Option<tokio::runtime::Handle>>,
+    /// The node's mutual-TLS identity for the DTL link (`None`: plain TCP); see
+    /// [`Volume::set_dtl_tls`].
+    dtl_tls: Mutex<Option<vstor_net::PeerTls>>,
     /// Notified whenever upload work is queued or done; also wakes the node's upload scheduler.
     upload_work: crate::scheduler::UploadSignal,
     /// Smoothed upload throughput in bytes per second (0 = not measured yet).
@@ -293,6 +296,7 @@ impl Volume {
             config_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
             runtime: Mutex::new(None),
+            dtl_tls: Mutex::new(None),
             upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
             stats: Stats::default(),

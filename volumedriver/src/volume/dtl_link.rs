@@ -292,13 +292,15 @@ impl Volume {
             return;
         };
         let volume = Arc::downgrade(self);
+        let mut mirror_config = MirrorConfig::new(
+            addr,
+            &config.namespace,
+            config.cluster_size as u32,
+            config.owner_tag,
+        );
+        mirror_config.client = self.dtl_client_config(addr);
         let mirror = Mirror::start(
-            MirrorConfig::new(
-                addr,
-                &config.namespace,
-                config.cluster_size as u32,
-                config.owner_tag,
-            ),
+            mirror_config,
             Box::new(move || {
                 if let Some(volume) = volume.upgrade() {
                     volume.upload_work.notify_all();
@@ -319,6 +321,21 @@ impl Volume {
         if let Some(old) = old {
             old.mirror.stop();
         }
+    }
+
+    /// The node's mutual-TLS identity for the DTL link: the mirror and replays connect with it
+    /// from then on (`None`: plain TCP). Set before [`replay_dtl`](Self::replay_dtl) and
+    /// [`attach_dtl`](Self::attach_dtl); a running link keeps the one it started with.
+    pub fn set_dtl_tls(&self, tls: Option<vstor_net::PeerTls>) {
+        *self.dtl_tls.lock() = tls;
+    }
+
+    /// The DTL client settings for `addr`: the mirror's timeouts and the node's TLS identity
+    /// (cloned out: no lock is held while connecting).
+    fn dtl_client_config(&self, addr: &str) -> vstor_dtl::DtlClientConfig {
+        let mut client = MirrorConfig::new(addr, "", 0, 0).client;
+        client.tls = self.dtl_tls.lock().clone();
+        client
     }
 
     /// The runtime DTL link workers run on (none: a thread per link).
@@ -348,7 +365,7 @@ impl Volume {
         let Some(addr) = dtl_target(config) else {
             return;
         };
-        let client = MirrorConfig::new(addr, &config.namespace, 0, 0).client;
+        let client = self.dtl_client_config(addr);
         if let Err(e) =
             vstor_dtl::replay::unregister(addr, &config.namespace, config.owner_tag, client)
         {
@@ -407,7 +424,7 @@ impl Volume {
             addr: addr.clone(),
             reason,
         };
-        let client = MirrorConfig::new(&addr, &namespace, 0, 0).client;
+        let client = self.dtl_client_config(&addr);
         let mut summary = ReplaySummary::default();
         let mut first = true;
         vstor_dtl::replay::fetch(

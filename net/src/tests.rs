@@ -1,0 +1,246 @@
+//! Unit tests: PEM loading errors, server names, and a mutual-TLS exchange over [`PeerStream`]
+//! with certificates made by the `openssl` command-line tool (as the root crate's tests do).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA in `dir/name` and one peer certificate for 127.0.0.1 it signed.
+fn pki(dir: &Path, name: &str) -> PeerTlsFiles {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    for key in ["ca-key.pem", "key.pem"] {
+        openssl(
+            &d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                key,
+            ],
+        );
+    }
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        &d,
+        &[
+            "req", "-new", "-key", "key.pem", "-out", "peer.csr", "-subj", "/CN=peer",
+        ],
+    );
+    openssl(
+        &d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "peer.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    PeerTlsFiles {
+        cert: d.join("cert.pem"),
+        key: d.join("key.pem"),
+        ca: d.join("ca.pem"),
+    }
+}
+
+fn file_error_of(files: &PeerTlsFiles) -> (&'static str, PathBuf) {
+    match PeerTls::load(files) {
+        Err(NetError::File { what, path, .. }) => (what, path),
+        other => panic!("expected a file error, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = pki(dir.path(), "cluster");
+    PeerTls::load(&good).unwrap();
+
+    let missing = dir.path().join("missing.pem");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+
+    let f = PeerTlsFiles {
+        cert: missing.clone(),
+        ..good.clone()
+    };
+    assert_eq!(file_error_of(&f), ("certificate", missing.clone()));
+    let f = PeerTlsFiles {
+        key: not_pem.clone(),
+        ..good.clone()
+    };
+    assert_eq!(file_error_of(&f), ("private key", not_pem.clone()));
+    let f = PeerTlsFiles {
+        ca: not_pem.clone(),
+        ..good.clone()
+    };
+    assert_eq!(file_error_of(&f), ("CA certificate", not_pem.clone()));
+    // The key of another certificate.
+    let other = pki(dir.path(), "other");
+    let f = PeerTlsFiles {
+        key: other.key.clone(),
+        ..good.clone()
+    };
+    assert_eq!(
+        file_error_of(&f),
+        ("certificate and key", good.cert.clone())
+    );
+    let msg = PeerTls::load(&PeerTlsFiles {
+        ca: missing.clone(),
+        ..good
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains(&missing.display().to_string()), "{msg}");
+}
+
+#[test]
+fn server_names_come_from_the_dialled_host() {
+    assert_eq!(
+        server_name("10.0.0.5:7820").unwrap(),
+        ServerName::try_from("10.0.0.5").unwrap()
+    );
+    assert_eq!(
+        server_name("[::1]:7820").unwrap(),
+        ServerName::try_from("::1").unwrap()
+    );
+    assert_eq!(
+        server_name("dtl.example:7820").unwrap(),
+        ServerName::try_from("dtl.example").unwrap()
+    );
+    assert!(matches!(
+        server_name("no-port"),
+        Err(NetError::ServerName { .. })
+    ));
+}
+
+/// One connection: the server echoes what it reads back, upper-cased.
+async fn exchange(
+    server: Option<PeerTls>,
+    client: Option<PeerTls>,
+    dial: &str,
+) -> (Result<Vec<u8>, String>, Result<bool, String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = match &server {
+            Some(tls) => tls.accept(tcp).await.map_err(|e| e.to_string())?,
+            None => PeerStream::from(tcp),
+        };
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        buf.make_ascii_uppercase();
+        s.write_all(&buf).await.map_err(|e| e.to_string())?;
+        s.shutdown().await.map_err(|e| e.to_string())?;
+        Ok(s.is_tls())
+    });
+    let addr = format!("{dial}:{port}");
+    let client = async {
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut s = match &client {
+            Some(tls) => tls.connect(&addr, tcp).await.map_err(|e| e.to_string())?,
+            None => PeerStream::from(tcp),
+        };
+        s.write_all(b"hello").await.map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok(buf)
+    };
+    let got = client.await;
+    (got, srv.await.unwrap())
+}
+
+#[tokio::test]
+async fn plain_and_mutual_tls_streams_carry_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = PeerTls::load(&pki(dir.path(), "cluster")).unwrap();
+    let (got, srv) = exchange(None, None, "127.0.0.1").await;
+    assert_eq!(got.unwrap(), b"HELLO");
+    assert!(!srv.unwrap());
+    let (got, srv) = exchange(Some(tls.clone()), Some(tls), "127.0.0.1").await;
+    assert_eq!(got.unwrap(), b"HELLO");
+    assert!(srv.unwrap());
+}
+
+#[tokio::test]
+async fn foreign_plain_and_misnamed_clients_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = PeerTls::load(&pki(dir.path(), "cluster")).unwrap();
+    let foreign = PeerTls::load(&pki(dir.path(), "foreign")).unwrap();
+
+    // A certificate of another CA: the server refuses it at the handshake.
+    let (got, srv) = exchange(Some(tls.clone()), Some(foreign), "127.0.0.1").await;
+    assert!(got.is_err());
+    let srv = srv.unwrap_err();
+    assert!(srv.contains("TLS handshake"), "{srv}");
+
+    // No TLS at all.
+    let (got, srv) = exchange(Some(tls.clone()), None, "127.0.0.1").await;
+    // (It reads the server's TLS alert, never the answer.)
+    assert_ne!(got.ok().as_deref(), Some(&b"HELLO"[..]));
+    assert!(srv.unwrap_err().contains("TLS handshake"));
+
+    // The certificate is for 127.0.0.1, not for "localhost": the client refuses the server.
+    let (got, _) = exchange(Some(tls.clone()), Some(tls), "localhost").await;
+    let got = got.unwrap_err();
+    assert!(got.contains("not valid for name"), "{got}");
+}
