@@ -938,17 +938,22 @@ mod tests {
 
     #[test]
     fn hostile_headers_are_refused_before_buffering() {
+        // A `Stat` frame as `codec` encodes it.
+        let stat = |codec: OsdCodec| {
+            let mut buf = BytesMut::new();
+            codec
+                .encode(
+                    &Frame {
+                        id: 1,
+                        message: Message::Stat,
+                    },
+                    &mut buf,
+                )
+                .unwrap();
+            buf
+        };
         // A header claiming 4 GiB: refused with nothing reserved for it.
-        let mut buf = BytesMut::new();
-        OsdCodec::default()
-            .encode(
-                &Frame {
-                    id: 1,
-                    message: Message::Stat,
-                },
-                &mut buf,
-            )
-            .unwrap();
+        let mut buf = stat(OsdCodec::default());
         buf[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
         buf.truncate(HEADER_LEN);
         let capacity = buf.capacity();
@@ -964,31 +969,13 @@ mod tests {
             "nothing reserved for the claimed payload"
         );
 
-        let mut buf = BytesMut::new();
-        OsdCodec::default()
-            .encode(
-                &Frame {
-                    id: 1,
-                    message: Message::Stat,
-                },
-                &mut buf,
-            )
-            .unwrap();
+        let mut buf = stat(OsdCodec::default());
         buf[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             OsdCodec::default().decode(&mut buf),
             Err(ProtoError::FrameTooLarge { .. })
         ));
-        let mut buf = BytesMut::new();
-        OsdCodec::with_version(1)
-            .encode(
-                &Frame {
-                    id: 1,
-                    message: Message::Stat,
-                },
-                &mut buf,
-            )
-            .unwrap();
+        let mut buf = stat(OsdCodec::with_version(1));
         assert!(matches!(
             OsdCodec::default().decode(&mut buf),
             Err(ProtoError::UnsupportedVersion { got: 1, ours: 2 })

@@ -6,13 +6,15 @@
 //! with one writable and one read-only export. What the server writes back is counted, not kept.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::handshake::{negotiate, Outcome};
+use super::handshake::{negotiate, Outcome, TlsPhase};
+use crate::target::Client;
 use crate::testing::{MemRegistry, MemTarget};
 
 /// Exports the fuzzer can name: seeds use these.
@@ -30,6 +32,8 @@ pub enum HandshakeEnd {
         structured: bool,
     },
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged (the TLS handshake would come next).
+    StartTls,
     /// The server closed the connection with this error (EOF included).
     Closed(String),
 }
@@ -86,13 +90,26 @@ fn registry() -> &'static MemRegistry {
 /// and returns how it ended and how many bytes the server wrote.
 pub fn handshake(input: &[u8]) -> (HandshakeEnd, usize) {
     let mut stream = ClientBytes { input, written: 0 };
-    let outcome = futures::executor::block_on(negotiate(&mut stream, registry(), MAX_PAYLOAD));
+    // A plain-text client of a server that offers TLS: every option is reachable, STARTTLS too.
+    let client = Client {
+        addr: SocketAddr::from(([127, 0, 0, 1], 10809)),
+        subject: None,
+    };
+    let outcome = futures::executor::block_on(negotiate(
+        &mut stream,
+        registry(),
+        &client,
+        MAX_PAYLOAD,
+        false,
+        TlsPhase::Offered { required: false },
+    ));
     let end = match outcome {
         Ok(Outcome::Transmission(n)) => HandshakeEnd::Transmission {
             export: n.name,
             structured: n.structured,
         },
         Ok(Outcome::Aborted) => HandshakeEnd::Aborted,
+        Ok(Outcome::StartTls) => HandshakeEnd::StartTls,
         Err(e) => HandshakeEnd::Closed(e.to_string()),
     };
     (end, stream.written)
