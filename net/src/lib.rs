@@ -108,7 +108,12 @@ fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -
     }
 }
 
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, NetError> {
+/// The certificates of PEM file `path` (`what` names it in errors): at least one, or an error
+/// naming the file. Shared by every TLS setup of vstor (NBD, the internal links).
+pub fn pem_certificates(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, NetError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(what, path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -119,16 +124,20 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// The private key of PEM file `path`, or an error naming the file.
+pub fn pem_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, NetError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("private key", path, e))
+}
+
 impl PeerTls {
     /// Read and check the three PEM files. Unreadable files, files without the expected PEM
     /// blocks, a key that does not match the certificate and a CA file without usable
     /// certificates are errors naming the file.
     pub fn load(files: &PeerTlsFiles) -> Result<Self, NetError> {
-        let chain = certificates("certificate", &files.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&files.key)
-            .map_err(|e| file_error("private key", &files.key, e))?;
+        let chain = pem_certificates("certificate", &files.cert)?;
+        let key = pem_private_key(&files.key)?;
         let mut roots = RootCertStore::empty();
-        for cert in certificates("CA certificate", &files.ca)? {
+        for cert in pem_certificates("CA certificate", &files.ca)? {
             roots
                 .add(cert)
                 .map_err(|e| file_error("CA certificate", &files.ca, e))?;

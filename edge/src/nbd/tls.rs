@@ -30,8 +30,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
@@ -93,15 +92,18 @@ fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -
     }
 }
 
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, NbdError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(what, path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(what, path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(what, path, "no CERTIFICATE block in the file"));
+/// PEM loading is `vstor_net`'s (shared with the internal links); its file errors become ours.
+fn from_net(e: vstor_net::NetError) -> NbdError {
+    match e {
+        vstor_net::NetError::File { what, path, reason } => {
+            NbdError::TlsFile { what, path, reason }
+        }
+        other => NbdError::TlsConfig(other.to_string()),
     }
-    Ok(certs)
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, NbdError> {
+    vstor_net::pem_certificates(what, path).map_err(from_net)
 }
 
 /// The subject common name of the end-entity certificate in `chain` (the client's own, first in
@@ -123,8 +125,7 @@ impl NbdTls {
     /// errors naming the file.
     pub fn load(files: &TlsFiles, mode: TlsMode) -> Result<Self, NbdError> {
         let chain = certificates("certificate", &files.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&files.key)
-            .map_err(|e| file_error("private key", &files.key, e))?;
+        let key = vstor_net::pem_private_key(&files.key).map_err(from_net)?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
