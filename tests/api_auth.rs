@@ -12,10 +12,10 @@ use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::etcd::Etcd;
-use common::{poll, start_cluster_node, stdout_lines, Daemon, TestBackend, VSTOR};
+use common::{poll, serve_fails, start_cluster_node, stdout_lines, Daemon, TestBackend, VSTOR};
 use serde_json::Value;
 
 const TOKEN: &str = "s3cr3t-api-token-for-tests";
@@ -252,40 +252,6 @@ fn the_cli_sends_the_token_from_its_flag_or_environment_and_says_when_it_is_miss
         String::from_utf8_lossy(&out.stderr).contains("is empty"),
         "{out:?}"
     );
-}
-
-/// Run `vstor serve` expecting it to fail at startup; returns its stderr.
-fn serve_fails(dir: &Path, args: &[&str]) -> String {
-    let mut child = Command::new(VSTOR)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--api",
-            "127.0.0.1:0",
-            "--nbd",
-            "127.0.0.1:0",
-            "--no-default-volume",
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(!status.success());
-            let output = child.wait_with_output().unwrap();
-            return String::from_utf8_lossy(&output.stderr).into_owned();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vstor serve {args:?} did not fail");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{Daemon, NbdClient, TestBackend, VSTOR};
+use common::{serve_fails, Daemon, NbdClient, TestBackend};
 use serde_json::Value;
 
 /// Lease TTL of the cluster (the default).
@@ -285,39 +283,6 @@ fn http_get_json(addr: &str, path: &str) -> Value {
         .split_once("\r\n\r\n")
         .and_then(|(_, body)| serde_json::from_str(body).ok())
         .unwrap_or(Value::Null)
-}
-
-/// Run `vstor serve` expecting it to fail at startup; returns its stderr.
-fn serve_fails(dir: &Path, args: &[&str]) -> String {
-    let mut child = Command::new(VSTOR)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--api",
-            "127.0.0.1:0",
-            "--nbd",
-            "127.0.0.1:0",
-            "--no-default-volume",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(!status.success());
-            let output = child.wait_with_output().unwrap();
-            return String::from_utf8_lossy(&output.stderr).into_owned();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("vstor serve {args:?} did not fail");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

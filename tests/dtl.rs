@@ -3,31 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use bytes::Bytes;
-use common::VSTOR;
+use common::{start_dtl, VSTOR};
 use vstor_dtl::{DtlClient, Entry};
 
 fn start(dir: &std::path::Path, listen: &str) -> (Child, String) {
-    let mut child = Command::new(VSTOR)
-        .args(["dtl", "--fsync", "--listen", listen, "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn vstor dtl");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    let addr = line
-        .trim()
-        .strip_prefix("vstor dtl ready: ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (child, addr)
+    start_dtl(dir, &["--fsync", "--listen", listen])
 }
 
 fn cluster(seed: u8) -> Bytes {

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -16,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 
 use common::etcd::Etcd;
+use common::start_dtl;
 use common::tier::Osd;
-use common::VSTOR;
 
 /// The daemons run with this frame timeout, so a slowloris frame is dropped within twice it.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
@@ -65,27 +63,6 @@ async fn hostile(addr: &str, huge: &[u8], prefix: &[u8], partial: &[u8]) -> [Vec
     [huge_reply, garbage_reply, slow_reply]
 }
 
-fn start_dtl(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(VSTOR)
-        .args(["dtl", "--listen", "127.0.0.1:0", "--frame-timeout", "1s"])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn vstor dtl");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    let addr = line
-        .trim()
-        .strip_prefix("vstor dtl ready: ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (child, addr)
-}
-
 fn dtl_messages(bytes: &[u8]) -> Vec<vstor_dtl::Message> {
     let mut codec = vstor_dtl::DtlCodec::new();
     let mut buf = BytesMut::from(bytes);
@@ -109,7 +86,10 @@ async fn the_dtl_drops_hostile_clients_and_serves_others() {
     use vstor_dtl::{DtlClient, Entry, Message};
 
     let tmp = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_dtl(tmp.path());
+    let (mut child, addr) = start_dtl(
+        tmp.path(),
+        &["--listen", "127.0.0.1:0", "--frame-timeout", "1s"],
+    );
 
     let mut huge = BytesMut::new();
     huge.put_u32_le(MAGIC);

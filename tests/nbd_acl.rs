@@ -13,16 +13,16 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::nbd_raw::{self, greet};
 use common::tls::Pki;
 use common::{poll, require_tool, Daemon, NbdClient};
 
 const IHAVEOPT: u64 = 0x49484156454f5054;
-const NBDMAGIC: u64 = 0x4e42444d41474943;
 const REP_MAGIC: u64 = 0x3e889045565a9;
 const OPT_LIST: u32 = 3;
 const OPT_GO: u32 = 7;
@@ -38,30 +38,7 @@ fn path(p: &Path) -> &str {
 
 /// A connection to `addr` from source address `ip`.
 fn connect_from(ip: &str, addr: &str) -> TcpStream {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stream = rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-        socket.connect(addr).await.unwrap()
-    });
-    let stream = stream.into_std().unwrap();
-    stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-}
-
-/// Read the greeting and answer with fixed-newstyle + no-zeroes.
-fn greet(s: &mut TcpStream) {
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(u64::from_be_bytes(hello[..8].try_into().unwrap()), NBDMAGIC);
-    s.write_all(&3u32.to_be_bytes()).unwrap();
+    nbd_raw::connect_from(ip, addr.parse().unwrap(), Duration::from_secs(30))
 }
 
 fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {

@@ -14,11 +14,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::nbd_raw::{self, greet};
 use common::tls::Pki;
 use common::{poll, require_tool, run_ok, Daemon, NbdClient};
 
 const IHAVEOPT: u64 = 0x49484156454f5054;
-const NBDMAGIC: u64 = 0x4e42444d41474943;
 const REP_MAGIC: u64 = 0x3e889045565a9;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
@@ -29,29 +29,7 @@ const PER_CLIENT: usize = 8;
 
 /// A connection to `addr` from source address `ip`.
 fn connect_from(ip: &str, addr: SocketAddr) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stream = rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-        socket.connect(addr).await.unwrap()
-    });
-    let stream = stream.into_std().unwrap();
-    stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-}
-
-/// Read the greeting and answer with fixed-newstyle + no-zeroes.
-fn greet(s: &mut TcpStream) {
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(u64::from_be_bytes(hello[..8].try_into().unwrap()), NBDMAGIC);
-    s.write_all(&3u32.to_be_bytes()).unwrap();
+    nbd_raw::connect_from(ip, addr, Duration::from_secs(10))
 }
 
 fn option_header(option: u32, len: u32) -> Vec<u8> {

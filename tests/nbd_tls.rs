@@ -6,11 +6,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::tls::Pki;
-use common::{checksum_file, poll, require_tool, run_ok, Daemon, VSTOR};
+use common::{checksum_file, poll, require_tool, run_ok, serve_fails, Daemon};
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -312,40 +312,6 @@ fn client_certificates_are_required_and_checked_when_a_ca_is_given() {
     assert_ok_patterns(&out);
 }
 
-/// Run `vstor serve` expecting it to refuse to start; returns its stderr.
-fn serve_fails(root: &Path, args: &[&str]) -> String {
-    let mut child = Command::new(VSTOR)
-        .args(["serve", "--data-dir"])
-        .arg(root.join("data"))
-        .args([
-            "--api",
-            "127.0.0.1:0",
-            "--nbd",
-            "127.0.0.1:0",
-            "--no-default-volume",
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vstor serve {args:?} started instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().unwrap();
-    assert!(!status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn bad_tls_settings_stop_the_node_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -403,7 +369,7 @@ fn bad_tls_settings_stop_the_node_with_a_clear_error() {
         ),
     ];
     for (args, expect) in cases {
-        let stderr = serve_fails(tmp.path(), args);
+        let stderr = serve_fails(&tmp.path().join("data"), args);
         for e in *expect {
             assert!(stderr.contains(e), "{args:?}: stderr lacks {e:?}: {stderr}");
         }

@@ -6,6 +6,7 @@ pub mod edge;
 pub mod etcd;
 pub mod guest;
 pub mod mds;
+pub mod nbd_raw;
 pub mod netns;
 pub mod oracle;
 pub mod tier;
@@ -631,4 +632,66 @@ pub fn write_with_reference(uri: &str, reference: &Path, commands: &[impl AsRef<
         }
         run_ok(&mut cmd);
     }
+}
+
+/// Run `vstor serve` on `data_dir` (API and NBD on free loopback ports, no default volume) with
+/// `args`, expecting it to refuse to start; returns its stderr.
+pub fn serve_fails(data_dir: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(VSTOR)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--nbd",
+            "127.0.0.1:0",
+            "--no-default-volume",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                !status.success(),
+                "vstor serve {args:?} exited with success"
+            );
+            let output = child.wait_with_output().unwrap();
+            return String::from_utf8_lossy(&output.stderr).into_owned();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vstor serve {args:?} started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Start `vstor dtl --data-dir DIR ARGS` (ARGS must include `--listen`); returns the process and
+/// the address from its ready line.
+pub fn start_dtl(dir: &Path, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(VSTOR)
+        .arg("dtl")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vstor dtl");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let addr = line
+        .trim()
+        .strip_prefix("vstor dtl ready: ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
 }
