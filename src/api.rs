@@ -6,7 +6,7 @@
 //! | GET    | /v1/nodes                                 | (the cluster's nodes; see `cluster::api`) |
 //! | GET    | /v1/cluster/registry                      | (`reachable`: this node reaches the registry) |
 //! | GET    | /v1/volumes                               |                                        |
-//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?, node?, allow_subjects?, allow_networks?}` (`node`: cluster only) |
+//! | POST   | /v1/volumes                               | `{name, size, sco_size?, write_buffer?, dtl_mode?, dtl?, node?, allow_subjects?, allow_networks?, encryption_key_file?}` (`node`: cluster only) |
 //! | GET    | /v1/volumes/{name}                        |                                        |
 //! | POST   | /v1/volumes/{name}/resize                 | `{size}`                               |
 //! | PATCH  | /v1/volumes/{name}                        | `{read_only?, dtl_mode?, dtl?, allow_subjects?, allow_networks?}` |
@@ -176,6 +176,7 @@ impl From<VolumeError> for ApiError {
             | VolumeError::ReadOnly { .. } => StatusCode::CONFLICT,
             VolumeError::InvalidName { .. }
             | VolumeError::InvalidConfig { .. }
+            | VolumeError::EncryptionKey { .. }
             | VolumeError::OutOfRange { .. }
             | VolumeError::Misaligned { .. } => StatusCode::BAD_REQUEST,
             VolumeError::Halted { .. }
@@ -221,7 +222,11 @@ async fn blocking<T: Send + 'static>(
 pub(crate) fn view(state: &ApiState, info: VolumeInfo) -> VolumeView {
     let name = info.name.clone();
     let (scrub_progress, last_scrub) = state.scrubs.status(&name);
-    VolumeView {
+    let adopting = state
+        .failover
+        .as_ref()
+        .is_some_and(|f| f.log.pending(&name));
+    let mut view = VolumeView {
         owner: Some(state.node.name.clone()),
         nbd_uri: Some(format!("nbd://{}/{name}", state.nbd_addr)),
         nbd_connections: Some(state.nbd.connections(&name)),
@@ -232,7 +237,12 @@ pub(crate) fn view(state: &ApiState, info: VolumeInfo) -> VolumeView {
         last_scrub,
         mds: state.mds.as_ref().and_then(|m| m.status(&name)),
         ..VolumeView::from(info)
+    };
+    if adopting {
+        // Open but its failover not yet recorded (`FailoverLog`): not `running` yet.
+        view.state = "adopting".to_string();
     }
+    view
 }
 
 fn snapshot_value(state: &ApiState, volume: &str, info: SnapshotInfo) -> SnapshotView {
@@ -421,6 +431,10 @@ pub(crate) async fn create_local(
         dtl_mode,
         dtl_addr,
         access,
+        encryption_key_file: request
+            .encryption_key_file
+            .as_deref()
+            .map(std::path::PathBuf::from),
     };
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
@@ -934,6 +948,8 @@ pub(crate) async fn clone_local(
         dtl_addr,
         // A clone starts open to every client, like any new volume; set its list with PATCH.
         access: VolumeAccess::default(),
+        // A clone inherits its parent's encryption (`VolumeManager::clone_volume`).
+        encryption_key_file: None,
     };
     let wait = request
         .wait_secs

@@ -52,6 +52,11 @@ pub struct CreateRequest {
     /// NBD allow list: source networks, CIDR (`10.0.0.0/8`, `fd00::/64`) or a bare address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_networks: Option<Vec<String>>,
+    /// Encrypt the volume at rest (AES-256-XTS) with the key in this file: an absolute path
+    /// on the node that serves the volume, read there at every open. The key never travels
+    /// through the API and is never stored; see `docs/security.md`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<String>,
 }
 
 /// `POST /v1/volumes/{name}/resize`.
@@ -282,11 +287,20 @@ pub struct VolumeView {
     pub allow_subjects: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_networks: Option<Vec<String>>,
+    /// Encryption at rest: `aes-256-xts`, absent for a plaintext volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+    /// The encryption key's fingerprint (not secret: it identifies the key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_fingerprint: Option<String>,
+    /// The key file on the serving node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_tag: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created: Option<u64>,
-    /// `running`, `halted`, `stopped`, `fenced`; in lists also `failed` or `moved`; from a
+    /// `running`, `halted`, `stopped`, `fenced`, `adopting` (failover under way); in lists also `failed` or `moved`; from a
     /// cluster record `serving`, `owner-dead` or `halted`.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -451,6 +465,9 @@ impl From<vstor_volumedriver::VolumeInfo> for VolumeView {
                     .map(ToString::to_string)
                     .collect(),
             ),
+            encryption: info.encryption,
+            encryption_key_fingerprint: info.encryption_key_fingerprint,
+            encryption_key_file: info.encryption_key_file,
             owner_tag: Some(info.owner_tag),
             created: Some(info.created),
             state: info.state,

@@ -521,6 +521,20 @@ fn mds_text(v: &VolumeView) -> String {
     )
 }
 
+/// Encryption at rest for humans: `aes-256-xts (key 0123abcd…, /path/to/key)`, `none` for a
+/// plaintext volume, `-` when unknown (a volume answered from the registry).
+fn encryption_text(volume: &VolumeView) -> String {
+    match (&volume.encryption, volume.size) {
+        (Some(mode), _) => format!(
+            "{mode} (key {}, file {})",
+            opt_str(volume.encryption_key_fingerprint.as_ref()),
+            opt_str(volume.encryption_key_file.as_ref())
+        ),
+        (None, Some(_)) if volume.cluster_size.is_some() => "none".into(),
+        (None, _) => "-".into(),
+    }
+}
+
 /// The NBD allow list for humans: `any` when empty, else `subjects CN, CN; networks CIDR, CIDR`.
 pub fn allow_list_text(volume: &VolumeView) -> String {
     let subjects = volume.allow_subjects.as_deref().unwrap_or_default();
@@ -556,6 +570,7 @@ pub fn print_info(volume: &VolumeView) {
         ("on backend", size(v.backend_bytes)),
         ("garbage", size(v.garbage_bytes)),
         ("read-only", opt(v.read_only)),
+        ("encryption", encryption_text(v)),
         ("NBD allow list", allow_list_text(v)),
         ("template", opt(v.template)),
         ("parent", opt_str(v.parent.as_ref())),

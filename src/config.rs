@@ -50,7 +50,7 @@ pub struct FileConfig {
     pub upload: UploadSettings,
     pub cluster: ClusterFileSettings,
     pub mds: MdsFileSettings,
-    /// `[peer_tls]`: mutual TLS on the internal links (the DTL so far).
+    /// `[peer_tls]`: mutual TLS on the internal links (DTL, OSD, MDS, edge protocol).
     pub peer_tls: PeerTlsSettings,
 }
 
@@ -506,7 +506,7 @@ impl Default for NbdSettings {
 impl NbdSettings {
     /// The TLS settings, checked and loaded: a mode without a certificate, a certificate without
     /// a key, unreadable files and bad PEM stop the node here.
-    fn resolve_tls(&self) -> Result<Option<NbdTls>> {
+    pub fn resolve_tls(&self) -> Result<Option<NbdTls>> {
         let path = |s: &str| Some(s.trim()).filter(|s| !s.is_empty()).map(PathBuf::from);
         let (cert, key, ca) = (
             path(&self.tls_cert),
@@ -613,6 +613,9 @@ pub struct ServeConfig {
     pub nbd: SocketAddr,
     /// `Some`: serve the edge protocol there (`vstor serve --edge-listen`).
     pub edge_listen: Option<SocketAddr>,
+    /// A partly received edge-protocol frame must be complete within this
+    /// (`--edge-frame-timeout`).
+    pub edge_frame_timeout: std::time::Duration,
     pub vhost_dir: PathBuf,
     pub vhost_queues: u16,
     pub vhost_queue_size: u16,
@@ -644,7 +647,7 @@ pub struct ServeConfig {
     pub identity: NodeIdentity,
     /// The volumes' metadata servers, if any.
     pub mds: Option<crate::mds_link::MdsSettings>,
-    /// Mutual TLS on the DTL links (`[peer_tls]`), loaded and checked.
+    /// Mutual TLS on the internal links (`[peer_tls]`), loaded and checked.
     pub peer_tls: Option<vstor_net::PeerTls>,
 }
 
@@ -669,6 +672,7 @@ pub struct Overrides {
     pub api_ca: Option<PathBuf>,
     pub nbd: Option<String>,
     pub edge_listen: Option<String>,
+    pub edge_frame_timeout: Option<std::time::Duration>,
     pub vhost_dir: Option<PathBuf>,
     pub dtl: Option<String>,
     pub write_buffer_limit: Option<String>,
@@ -1011,6 +1015,9 @@ impl FileConfig {
                 .filter(|addr| !addr.is_empty())
                 .map(|addr| parse_addr("setting edge_listen (--edge-listen)", addr))
                 .transpose()?,
+            edge_frame_timeout: overrides
+                .edge_frame_timeout
+                .unwrap_or(std::time::Duration::from_secs(30)),
             vhost_dir: self
                 .vhost_dir
                 .clone()

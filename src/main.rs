@@ -21,6 +21,7 @@ mod metrics;
 mod openapi;
 mod registry;
 mod scrub;
+mod security_args;
 mod server;
 mod size;
 mod tier;
@@ -40,6 +41,7 @@ use crate::api_types::{
 };
 use crate::client::{print_info, print_json, print_list, print_scrub, print_snapshots, Client};
 use crate::config::{FileConfig, Overrides, DEFAULT_API};
+use crate::security_args::{NbdFrontendArgs, PeerTlsArgs};
 use crate::size::{format_size, parse_size};
 
 #[derive(Parser)]
@@ -146,22 +148,6 @@ struct DtlArgs {
     peer_tls: PeerTlsArgs,
 }
 
-/// Mutual TLS on the internal links (`vstor dtl`, `vstor serve`): all three or none.
-#[derive(Args)]
-struct PeerTlsArgs {
-    /// PEM certificate chain of this process, signed by the cluster CA, presented on internal
-    /// links as server and client (config: `peer_tls.cert`) [default: none, plain TCP].
-    #[arg(long, value_name = "FILE")]
-    peer_tls_cert: Option<PathBuf>,
-    /// PEM private key of --peer-tls-cert (config: `peer_tls.key`).
-    #[arg(long, value_name = "FILE")]
-    peer_tls_key: Option<PathBuf>,
-    /// PEM cluster CA: peers must present a certificate chaining to it, and servers one for the
-    /// host dialled (config: `peer_tls.ca`).
-    #[arg(long, value_name = "FILE")]
-    peer_tls_ca: Option<PathBuf>,
-}
-
 #[derive(Args)]
 struct ServeArgs {
     /// TOML configuration file (see docs/vstor.example.toml).
@@ -180,33 +166,16 @@ struct ServeArgs {
     /// NBD listen address (config: `nbd`) [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd: Option<String>,
-    /// PEM certificate chain NBD clients get after NBD_OPT_STARTTLS (config:
-    /// `nbd_server.tls_cert`) [default: none, no TLS].
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<String>,
-    /// PEM private key of --tls-cert (config: `nbd_server.tls_key`).
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<String>,
-    /// PEM CA certificates: NBD clients must present a certificate chaining to one of them;
-    /// needs --nbd-tls require (config: `nbd_server.tls_ca`) [default: no client certificates].
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<String>,
-    /// TLS for NBD clients: `allow` (optional) or `require` (every option but STARTTLS refused
-    /// before TLS) (config: `nbd_server.tls`) [default: require when --tls-cert is given].
-    #[arg(long, value_name = "MODE", value_parser = ["allow", "require"])]
-    nbd_tls: Option<String>,
-    /// NBD connections at once; more are closed on accept (config: `nbd_server.max_connections`)
-    /// [default: 1024].
-    #[arg(long, value_name = "N")]
-    nbd_max_connections: Option<usize>,
-    /// NBD connections at once from one client IP address (config:
-    /// `nbd_server.max_connections_per_client`) [default: 128].
-    #[arg(long, value_name = "N")]
-    nbd_max_connections_per_client: Option<usize>,
+    #[command(flatten)]
+    nbd_frontend: NbdFrontendArgs,
     /// Serve the edge protocol (for `vstor edge` on hypervisor hosts) on HOST:PORT [default:
     /// none, no edge can reach this node's volumes].
     #[arg(long)]
     edge_listen: Option<String>,
+    /// Close an edge connection whose frame is still incomplete this long after its first bytes
+    /// arrived (slowloris clients) [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    edge_frame_timeout: Option<std::time::Duration>,
     /// Directory for the vhost-user-blk sockets [default: <data-dir>/vhost].
     #[arg(long)]
     vhost_dir: Option<PathBuf>,
@@ -454,6 +423,12 @@ enum VolumeVerb {
         /// --allow-net, every client may.
         #[arg(long = "allow-net", value_name = "CIDR")]
         allow_networks: Vec<String>,
+        /// Encrypt the volume at rest (AES-256-XTS) with the key in PATH: at least 32 bytes
+        /// (e.g. `head -c 32 /dev/urandom`), an absolute path on the node that serves the
+        /// volume (and on any node that may adopt it), read there whenever the volume opens.
+        /// Clones inherit it. See docs/security.md.
+        #[arg(long, value_name = "PATH")]
+        encryption_key_file: Option<String>,
     },
     /// List volumes (in a cluster: every volume of the cluster, with its owner).
     List,
@@ -604,6 +579,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             preset,
             allow_subjects,
             allow_networks,
+            encryption_key_file,
         } => {
             let size = parse_size(&size)?;
             check_allow_list(&allow_subjects, &allow_networks)?;
@@ -618,6 +594,7 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 preset,
                 allow_subjects: (!allow_subjects.is_empty()).then_some(allow_subjects),
                 allow_networks: (!allow_networks.is_empty()).then_some(allow_networks),
+                encryption_key_file,
             };
             let value = settle_dtl(&client, client.post("/v1/volumes", &request)?);
             remote.show(&value, |v| {
@@ -1075,6 +1052,7 @@ fn run(cli: Cli) -> Result<()> {
                 api_ca: global.api_ca,
                 nbd: args.nbd,
                 edge_listen: args.edge_listen,
+                edge_frame_timeout: args.edge_frame_timeout,
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
@@ -1087,12 +1065,12 @@ fn run(cli: Cli) -> Result<()> {
                 domain: args.domain,
                 recovery_domain: args.recovery_domain,
                 dtl_listen: args.dtl_listen,
-                tls_cert: args.tls_cert,
-                tls_key: args.tls_key,
-                tls_ca: args.tls_ca,
-                nbd_tls: args.nbd_tls,
-                nbd_max_connections: args.nbd_max_connections,
-                nbd_max_connections_per_client: args.nbd_max_connections_per_client,
+                tls_cert: args.nbd_frontend.tls_cert,
+                tls_key: args.nbd_frontend.tls_key,
+                tls_ca: args.nbd_frontend.tls_ca,
+                nbd_tls: args.nbd_frontend.nbd_tls,
+                nbd_max_connections: args.nbd_frontend.nbd_max_connections,
+                nbd_max_connections_per_client: args.nbd_frontend.nbd_max_connections_per_client,
                 peer_tls_cert: args.peer_tls.peer_tls_cert,
                 peer_tls_key: args.peer_tls.peer_tls_key,
                 peer_tls_ca: args.peer_tls.peer_tls_ca,
@@ -1139,7 +1117,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Edge(mut args) => {
             // The edge's own `--api` is global to its verbs, and clap hands a global value to
             // the top level too: `vstor edge --api X` and `vstor --api X edge` both land here.
-            args.inherit(global.api, global.json);
+            args.inherit(global.api, global.json, global.api_token_file.clone());
             edge_host::cli::run(args)
         }
         Command::Osd(args) => tier::cli::run_osd(args),
@@ -1164,13 +1142,7 @@ fn run(cli: Cli) -> Result<()> {
                 .listen
                 .parse()
                 .with_context(|| format!("listen address {:?} is not IP:PORT", args.listen))?;
-            let mut peer_tls = config::PeerTlsSettings::default();
-            peer_tls.merge(
-                args.peer_tls.peer_tls_cert,
-                args.peer_tls.peer_tls_key,
-                args.peer_tls.peer_tls_ca,
-            );
-            let tls = peer_tls.load()?;
+            let tls = args.peer_tls.load()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -55,6 +55,14 @@ pub struct MdsArgs {
     /// How often slave tables catch up with the backend ("0s": only on demand).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     catch_up_every: Duration,
+    /// Close a connection whose frame is still incomplete this long after its first bytes
+    /// arrived (slowloris clients); idle connections between frames are kept (daemon).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    frame_timeout: Duration,
+    /// Mutual TLS: the daemon serves only clients with a certificate of the cluster CA; the
+    /// verbs connect with it.
+    #[command(flatten)]
+    peer_tls: crate::security_args::PeerTlsArgs,
     #[command(subcommand)]
     verb: Option<MdsVerb>,
 }
@@ -87,9 +95,14 @@ pub fn run(args: MdsArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let tls = args.peer_tls.load()?;
     match args.verb {
         None => {
             crate::init_logging();
+            let mut server = MdsServerConfig::new("", None);
+            server.catch_up_every = (!args.catch_up_every.is_zero()).then_some(args.catch_up_every);
+            server.frame_timeout = args.frame_timeout;
+            server.tls = tls;
             runtime.block_on(daemon(
                 args.listen,
                 args.data_dir,
@@ -100,7 +113,7 @@ pub fn run(args: MdsArgs) -> Result<()> {
                     node: args.node,
                     domain: args.domain,
                 },
-                args.catch_up_every,
+                server,
             ))
         }
         Some(MdsVerb::List { mds, registry }) => runtime.block_on(async move {
@@ -124,13 +137,13 @@ pub fn run(args: MdsArgs) -> Result<()> {
                 }
                 _ => mds,
             };
-            list(mds).await
+            list(mds, tls.as_ref()).await
         }),
         Some(MdsVerb::Rebuild {
             volume,
             mds,
             namespace,
-        }) => runtime.block_on(rebuild(&volume, &mds, namespace.as_deref())),
+        }) => runtime.block_on(rebuild(&volume, &mds, namespace.as_deref(), tls)),
     }
 }
 
@@ -159,7 +172,7 @@ async fn daemon(
     data_dir: PathBuf,
     backend: Option<PathBuf>,
     placement: Placement,
-    catch_up_every: Duration,
+    mut config: MdsServerConfig,
 ) -> Result<()> {
     let listen: std::net::SocketAddr = listen
         .parse()
@@ -179,7 +192,8 @@ async fn daemon(
             // Blocking (an S3 or EC store connects at open). No registry: an `ec` backend
             // needs one and fails here with the reason.
             let (store, _) =
-                tokio::task::spawn_blocking(move || open_backend(&spec, None, "mds")).await??;
+                tokio::task::spawn_blocking(move || open_backend(&spec, None, "mds", None))
+                    .await??;
             Some(store)
         }
         None => None,
@@ -194,8 +208,9 @@ async fn daemon(
         .with_context(|| format!("cannot listen for the MDS on {listen}"))?;
     let addr = listener.local_addr()?;
     let name = placement.name.unwrap_or_else(|| addr.to_string());
-    let mut config = MdsServerConfig::new(&name, backend);
-    config.catch_up_every = (!catch_up_every.is_zero()).then_some(catch_up_every);
+    config.name.clone_from(&name);
+    config.backend = backend;
+    let tls = config.tls.is_some();
     let registered = match registry {
         Some(registry) => {
             let record =
@@ -212,6 +227,7 @@ async fn daemon(
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(listener, store, config, shutdown.clone()));
+    tracing::info!(%addr, mutual_tls = tls, "MDS serving");
     announce(&format!("vstor mds ready: {addr}"));
     let result = until_stop_signal(task, "MDS server").await;
     shutdown.cancel();
@@ -222,10 +238,10 @@ async fn daemon(
     result
 }
 
-async fn list(addrs: Vec<String>) -> Result<()> {
+async fn list(addrs: Vec<String>, tls: Option<&vstor_net::PeerTls>) -> Result<()> {
     let mut failed = 0;
     for addr in &addrs {
-        let client = match MdsClient::connect(addr, "vstor-cli", CLI_TIMEOUT).await {
+        let client = match MdsClient::connect_with(addr, "vstor-cli", CLI_TIMEOUT, tls).await {
             Ok(client) => client,
             Err(e) => {
                 println!("{addr}: unreachable: {e}");
@@ -263,8 +279,9 @@ const REBUILD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// Progress of a rebuild, read from a second connection: the table commits once per TLog, so
 /// its cork's record count is how many of the backend's TLogs it holds. A bar on a terminal, a
 /// line every few seconds otherwise.
-async fn show_progress(addr: String, volume: String, total: u64) {
-    let Ok(client) = MdsClient::connect(&addr, "vstor-cli-progress", CLI_TIMEOUT).await else {
+async fn show_progress(addr: String, volume: String, total: u64, tls: Option<vstor_net::PeerTls>) {
+    let connect = MdsClient::connect_with(&addr, "vstor-cli-progress", CLI_TIMEOUT, tls.as_ref());
+    let Ok(client) = connect.await else {
         return;
     };
     let bar = crate::client::progress_bar(
@@ -290,8 +307,13 @@ async fn show_progress(addr: String, volume: String, total: u64) {
     }
 }
 
-async fn rebuild(volume: &str, addr: &str, namespace: Option<&str>) -> Result<()> {
-    let client = MdsClient::connect(addr, "vstor-cli", REBUILD_TIMEOUT).await?;
+async fn rebuild(
+    volume: &str,
+    addr: &str,
+    namespace: Option<&str>,
+    tls: Option<vstor_net::PeerTls>,
+) -> Result<()> {
+    let client = MdsClient::connect_with(addr, "vstor-cli", REBUILD_TIMEOUT, tls.as_ref()).await?;
     let (namespace, role, owner) = match client.stat(volume).await {
         Ok(info) => {
             client.drop_table(volume, info.meta.owner_tag).await?;
@@ -305,7 +327,12 @@ async fn rebuild(volume: &str, addr: &str, namespace: Option<&str>) -> Result<()
     };
     client.set_role(volume, &namespace, role, owner).await?;
     let total = client.catch_up(volume, true).await?.behind;
-    let progress = tokio::spawn(show_progress(addr.to_string(), volume.to_string(), total));
+    let progress = tokio::spawn(show_progress(
+        addr.to_string(),
+        volume.to_string(),
+        total,
+        tls,
+    ));
     let report = client.catch_up(volume, false).await;
     progress.abort();
     let _ = progress.await;

@@ -95,7 +95,7 @@ fn volume_list() {}
     post,
     path = "/v1/volumes",
     tag = "volumes",
-    summary = "Create a thin volume (201), optionally with an NBD allow list (allow_subjects, allow_networks).",
+    summary = "Create a thin volume (201), optionally with an NBD allow list (allow_subjects, allow_networks) and encryption at rest (encryption_key_file, a path on the serving node).",
     request_body = CreateRequest,
     responses((status = 201, body = VolumeView), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody))
 )]

@@ -161,8 +161,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             .map(|c| c.endpoints.clone()),
         config.identity.name.clone(),
     );
+    let osd_tls = config.peer_tls.clone();
     let (backend, tier) = tokio::task::spawn_blocking(move || {
-        open_backend(&spec, tier_endpoints.as_deref(), &node_name)
+        open_backend(&spec, tier_endpoints.as_deref(), &node_name, osd_tls)
     })
     .await??;
     // Every backend call is timed for `/metrics` (the wrapper only measures).
@@ -175,6 +176,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             backend.clone(),
             registry.clone(),
             node.clone(),
+            config.peer_tls.clone(),
         )
     });
     let _mds_checks = mds.as_ref().map(|link| AbortOnDrop(link.start()));
@@ -215,6 +217,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 dtl_mode: config.dtl.as_ref().map_or(DtlMode::None, |(mode, _)| *mode),
                 dtl_addr: config.dtl.as_ref().map(|(_, addr)| addr.clone()),
                 access: Default::default(),
+                encryption_key_file: None,
             };
             match manager.create(name, &options) {
                 Ok(_) => {}
@@ -325,14 +328,14 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         let exports: Arc<dyn vstor_edge::remote::RemoteExports> =
             Arc::new(RemoteVolumes(exports.clone()));
         let stop = edge_stop.clone();
+        let edge_config = EdgeServerConfig {
+            frame_timeout: config.edge_frame_timeout,
+            tls: config.peer_tls.clone(),
+            ..EdgeServerConfig::default()
+        };
         tokio::spawn(async move {
-            if let Err(e) = vstor_edge::remote::server::serve(
-                listener,
-                exports,
-                EdgeServerConfig::default(),
-                stop,
-            )
-            .await
+            if let Err(e) =
+                vstor_edge::remote::server::serve(listener, exports, edge_config, stop).await
             {
                 tracing::error!(error = %e, "edge server stopped");
             }
@@ -560,10 +563,11 @@ pub(crate) fn open_backend(
     spec: &BackendSpec,
     registry: Option<&[String]>,
     node: &str,
+    tls: Option<vstor_net::PeerTls>,
 ) -> Result<OpenedBackend> {
     let store: Arc<dyn ObjectStore> = match spec {
         BackendSpec::Ec { preset } => {
-            let store = open_ec(preset.as_deref(), registry, node)?;
+            let store = open_ec(preset.as_deref(), registry, node, tls)?;
             return Ok((store.clone(), Some(store)));
         }
         BackendSpec::Dir(dir) => Arc::new(
@@ -591,7 +595,13 @@ pub(crate) fn open_backend(
 
 /// The `ec` store over the cluster's OSDs, its map in the registry at `registry`; `preset`
 /// names the default preset of new namespaces (`None`: `default`, created when missing).
-fn open_ec(preset: Option<&str>, registry: Option<&[String]>, node: &str) -> Result<Arc<EcStore>> {
+/// With `tls`, every OSD connection is mutual TLS.
+fn open_ec(
+    preset: Option<&str>,
+    registry: Option<&[String]>,
+    node: &str,
+    tls: Option<vstor_net::PeerTls>,
+) -> Result<Arc<EcStore>> {
     let endpoints = registry
         .context("the ec backend needs the cluster registry (--registry etcd://HOST:PORT)")?
         .to_vec();
@@ -624,6 +634,7 @@ fn open_ec(preset: Option<&str>, registry: Option<&[String]>, node: &str) -> Res
                 default_preset,
                 timeout: EC_CALL_TIMEOUT,
                 client: node.to_string(),
+                tls,
             },
         )
         .context("cannot start the EC store")?,

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::tls::Pki;
+use common::tls::{peer_tls_flags, Pki};
 use common::{require_tool, run_ok, Daemon, TestBackend, VSTOR};
 
 const VOLUME: &str = "vol";
@@ -82,18 +82,6 @@ impl Drop for Dtl {
     }
 }
 
-/// `--peer-tls-*` flags for a certificate and key and a CA.
-fn tls_flags((cert, key): &(PathBuf, PathBuf), ca: &Path) -> Vec<String> {
-    vec![
-        "--peer-tls-cert".into(),
-        cert.display().to_string(),
-        "--peer-tls-key".into(),
-        key.display().to_string(),
-        "--peer-tls-ca".into(),
-        ca.display().to_string(),
-    ]
-}
-
 fn start_node(root: &Path, name: &str, backend: &TestBackend, dtl: &str, tls: &[String]) -> Daemon {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -125,7 +113,7 @@ fn mtls_dtl_replays_sync_writes_after_kill_9() {
     let pki = Pki::new(tmp.path(), "cluster");
     let dtl = Dtl::start(
         &tmp.path().join("dtl"),
-        &tls_flags(&pki.peer("dtl"), &pki.ca())
+        &peer_tls_flags(&pki.peer("dtl"), &pki.ca())
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -136,7 +124,7 @@ fn mtls_dtl_replays_sync_writes_after_kill_9() {
         "node-a",
         &backend,
         &dtl.addr,
-        &tls_flags(&pki.peer("node-a"), &pki.ca()),
+        &peer_tls_flags(&pki.peer("node-a"), &pki.ca()),
     );
     create_sync_volume(&a);
     let info = a.wait_for(VOLUME, "the DTL link in sync", |i| {
@@ -156,7 +144,7 @@ fn mtls_dtl_replays_sync_writes_after_kill_9() {
         "node-b",
         &backend,
         &dtl.addr,
-        &tls_flags(&pki.peer("node-b"), &pki.ca()),
+        &peer_tls_flags(&pki.peer("node-b"), &pki.ca()),
     );
     let adopted: serde_json::Value =
         serde_json::from_str(&b.cli_ok(&["volume", "adopt", VOLUME, "--json"])).unwrap();
@@ -180,7 +168,7 @@ fn nodes_without_a_cluster_certificate_cannot_attach() {
     let foreign = Pki::new(tmp.path(), "foreign");
     let mut dtl = Dtl::start(
         &tmp.path().join("dtl"),
-        &tls_flags(&pki.peer("dtl"), &pki.ca())
+        &peer_tls_flags(&pki.peer("dtl"), &pki.ca())
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -214,7 +202,7 @@ fn nodes_without_a_cluster_certificate_cannot_attach() {
         "node",
         &TestBackend::Default,
         &dtl.addr,
-        &tls_flags(&foreign.peer("stranger"), &pki.ca()),
+        &peer_tls_flags(&foreign.peer("stranger"), &pki.ca()),
     );
     create_sync_volume(&stranger);
     let info = stranger.wait_for(VOLUME, "a refusal", |i| {
@@ -241,7 +229,7 @@ fn nodes_without_a_cluster_certificate_cannot_attach() {
         "node",
         &TestBackend::Default,
         &dtl.addr,
-        &tls_flags(&pki.peer("member"), &pki.ca()),
+        &peer_tls_flags(&pki.peer("member"), &pki.ca()),
     );
     create_sync_volume(&member);
     member.wait_for(VOLUME, "the DTL link in sync", |i| {

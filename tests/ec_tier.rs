@@ -9,7 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::tier::Tier;
-use common::{poll, require_tool, run_ok, Daemon};
+use common::tier_map;
+use common::tls::{peer_tls_flags, strs, Pki};
+use common::{poll, require_tool, run_any, run_ok, Daemon, VSTOR};
+use vstor_backend::{BackendError, ObjectStore};
 
 /// Node settings that keep little in the write buffer: SCOs are evicted once uploaded.
 const SMALL_BUFFER: &[&str] = &["--write-buffer-limit", "24M"];
@@ -51,6 +54,13 @@ fn fio(uri: &str, size: &str, mode: &str) -> std::process::Output {
         cmd.arg("--verify_only");
     }
     cmd.output().unwrap()
+}
+
+/// `vstor preset create NAME --k 4 --m 2 --x 2 EXTRA...`.
+fn create_preset(tier: &Tier, name: &str, extra: &[&str]) {
+    let mut args = vec!["preset", "create", name, "--k", "4", "--m", "2", "--x", "2"];
+    args.extend_from_slice(extra);
+    tier.cli_ok(&args);
 }
 
 fn assert_fio_ok(out: &std::process::Output, what: &str) {
@@ -420,18 +430,7 @@ fn with_local_parity_a_lost_osd_is_rebuilt_without_crossing_domains() {
     let tmp = tempfile::tempdir().unwrap();
     // Three OSDs per domain: two hold an object's fragments there, the third its local parity.
     let mut tier = Tier::start(tmp.path(), 9, 3);
-    tier.cli_ok(&[
-        "preset",
-        "create",
-        "lrc",
-        "--k",
-        "4",
-        "--m",
-        "2",
-        "--x",
-        "2",
-        "--local-parity",
-    ]);
+    create_preset(&tier, "lrc", &["--local-parity"]);
     let mut node = tier.node("n1", SMALL_BUFFER);
     create_small_volume(&node, "v", "256M", &["--preset", "lrc"]);
     qemu_io(&node.uri("v"), "write -P 0x21 0 32M");
@@ -531,4 +530,336 @@ fn an_encrypted_preset_keeps_plaintext_off_the_osds() {
     assert!(files >= 36, "{files} fragment files");
     qemu_io(&uri, "read -P 0x6b 0 24M");
     qemu_io(&uri, "read -P 0x6b 12345k 4k");
+}
+
+/// Deterministic bytes for objects the tests put themselves.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
+        .collect()
+}
+
+fn is_tombstone(file: &std::path::Path) -> bool {
+    file.extension().is_some_and(|e| e == "255")
+}
+
+#[test]
+fn objects_deleted_while_an_osd_is_down_stay_deleted_when_it_returns() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tier = Tier::start(tmp.path(), 6, 3);
+    let mut node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &[]);
+    qemu_io(&node.uri("v"), "write -P 0x5a 0 16M");
+    node.wait_uploaded("v");
+    // The node stops: this test's deletes and the CLI's repair are the only writers.
+    assert!(node.terminate().success());
+
+    // Objects of our own in the volume's namespace, under its owner tag.
+    let store = tier_map::ec_store(&tier.url());
+    let objects: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("gone-{i}"), pattern(300_000 + i * 1000, i as u32)))
+        .collect();
+    for (name, data) in &objects {
+        store.put("v", name, data).unwrap();
+    }
+    assert!(store.wait_background(Duration::from_secs(30)));
+    let ours = |osd: &common::tier::Osd| {
+        osd.fragment_files()
+            .into_iter()
+            .filter(|f| f.to_string_lossy().contains("/gone-"))
+            .collect::<Vec<_>>()
+    };
+    let victim = (0..6).max_by_key(|i| ours(&tier.osds[*i]).len()).unwrap();
+    let held = ours(&tier.osds[victim]).len();
+    assert!(held >= 3, "OSD {victim} holds {held} of our fragments");
+    let id = tier.osds[victim].id;
+    tier.osds[victim].kill9();
+    tier.wait_osds("the killed OSD down", |osds| {
+        osds.iter().any(|o| o["id"] == id && o["state"] == "down")
+    });
+    for (name, _) in &objects {
+        store.delete("v", name).unwrap();
+    }
+    // The same name, put again after its delete (under the fallback policy: one OSD is down).
+    let fresh = pattern(123_457, 77);
+    store.put("v", "gone-0", &fresh).unwrap();
+    assert!(store.wait_background(Duration::from_secs(30)));
+
+    tier.osds[victim].launch();
+    tier.wait_osds("all up again", |osds| {
+        osds.iter().all(|o| o["state"] == "up")
+    });
+    // The OSD came back with its stale fragments; nobody sees them.
+    let stale = ours(&tier.osds[victim]);
+    assert_eq!(stale.len(), held, "{stale:?}");
+    let reader = tier_map::ec_store(&tier.url());
+    let listed: Vec<String> = reader
+        .list("v")
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("gone-"))
+        .collect();
+    assert_eq!(listed, vec!["gone-0".to_string()]);
+    for (name, _) in &objects[1..] {
+        let err = reader.get("v", name).unwrap_err();
+        assert!(
+            matches!(err, BackendError::NoSuchObject { .. }),
+            "{name}: {err}"
+        );
+    }
+    assert_eq!(reader.get("v", "gone-0").unwrap(), fresh);
+    let inspected: Vec<String> = inspect(&tier, "v")
+        .iter()
+        .filter_map(|o| o["name"].as_str().map(str::to_string))
+        .filter(|n| n.starts_with("gone-"))
+        .collect();
+    assert_eq!(inspected, vec!["gone-0".to_string()]);
+
+    // Repair removes the stale fragments, then every tombstone: nothing is left of them.
+    let report = repair(&tier, "v");
+    assert!(
+        report["fragments_deleted"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["tombstones_dropped"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    for osd in &tier.osds {
+        for file in ours(osd) {
+            let text = file.to_string_lossy();
+            assert!(
+                text.contains("/gone-0/") && !is_tombstone(&file),
+                "left behind: {text}"
+            );
+        }
+    }
+    assert_eq!(
+        tier_map::ec_store(&tier.url()).get("v", "gone-0").unwrap(),
+        fresh
+    );
+    // The volume's own objects were untouched.
+    node.launch();
+    qemu_io(&node.uri("v"), "read -P 0x5a 0 16M");
+}
+
+#[test]
+fn objects_written_under_a_fallback_policy_are_re_encoded_when_osds_join() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    // Three OSDs in three domains hold 2+1 at most one per domain, not 4+2 at most two.
+    let mut tier = Tier::start(tmp.path(), 3, 3);
+    create_preset(&tier, "grow", &["--fallback", "2,1"]);
+    let mut node = tier.node("n1", SMALL_BUFFER);
+    create_small_volume(&node, "v", "256M", &["--preset", "grow"]);
+    let uri = node.uri("v");
+    assert_fio_ok(
+        &fio(&uri, "20M", "write"),
+        "write under the fallback policy",
+    );
+    node.wait_uploaded("v");
+    let part = hexdump(&uri, "read -v 8195k 6k");
+    // The node stops, so the CLI's repair below is the only one.
+    assert!(node.terminate().success());
+    let policies = |tier: &Tier| -> Vec<(u64, u64, String)> {
+        inspect(tier, "v")
+            .iter()
+            .map(|o| {
+                (
+                    o["k"].as_u64().unwrap(),
+                    o["m"].as_u64().unwrap(),
+                    o["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = policies(&tier);
+    assert!(before.len() >= 5, "{before:?}");
+    assert!(
+        before.iter().all(|(k, m, _)| (*k, *m) == (2, 1)),
+        "{before:?}"
+    );
+    let text = tier.cli_ok(&["backend", "inspect", "v"]);
+    assert!(
+        !text.contains("re-encodes"),
+        "nothing better fits yet: {text}"
+    );
+
+    for d in 0..3 {
+        tier.add_osd(&format!("d{d}"));
+    }
+    tier.wait_osds("six OSDs up", |osds| {
+        osds.iter().filter(|o| o["state"] == "up").count() == 6
+    });
+    let text = tier.cli_ok(&["backend", "inspect", "v"]);
+    assert!(text.contains("repair re-encodes it as 4+2"), "{text}");
+    let report = repair(&tier, "v");
+    assert_eq!(
+        report["objects_reencoded"].as_u64().unwrap(),
+        before.len() as u64,
+        "{report}"
+    );
+    let after = policies(&tier);
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after
+            .iter()
+            .all(|(k, m, status)| (*k, *m) == (4, 2) && status == "healthy"),
+        "{after:?}"
+    );
+    // Every fragment where placement wants it, one per OSD at most two per domain: six each.
+    tier.wait_osds("the old fragments gone from the OSDs' counts", |osds| {
+        let total: u64 = osds.iter().filter_map(|o| o["fragments"].as_u64()).sum();
+        total == after.len() as u64 * 6
+    });
+    // The data reads back the same (fio's checksums), whole and in part, from the tier.
+    node.launch();
+    let uri = node.uri("v");
+    assert_fio_ok(&fio(&uri, "20M", "verify"), "verify after re-encoding");
+    assert_eq!(hexdump(&uri, "read -v 8195k 6k"), part);
+}
+
+/// The hex dump lines of a `qemu-io read -v` (without its timing line).
+fn hexdump(uri: &str, command: &str) -> Vec<String> {
+    let lines: Vec<String> = qemu_io(uri, command)
+        .lines()
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(at, _)| at.len() == 8 && u64::from_str_radix(at, 16).is_ok())
+        })
+        .map(str::to_string)
+        .collect();
+    assert!(!lines.is_empty(), "no dump from {command}");
+    lines
+}
+
+#[test]
+fn a_compressed_preset_stores_fewer_bytes_and_reads_back_in_part() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let tier = Tier::start(tmp.path(), 6, 3);
+    for (name, codec) in [("z", "zstd"), ("l", "lz4")] {
+        create_preset(&tier, name, &["--compression", codec]);
+        let shown: serde_json::Value =
+            serde_json::from_str(&tier.cli_ok(&["preset", "show", name, "--json"])).unwrap();
+        assert_eq!(shown["compression"], codec, "{shown}");
+    }
+    let bad = tier.cli(&[
+        "preset",
+        "create",
+        "b",
+        "--k",
+        "2",
+        "--m",
+        "1",
+        "--compression",
+        "xz",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("choose zstd, lz4 or none"));
+
+    let node = tier.node("n1", SMALL_BUFFER);
+    let volumes = [("vz", "z"), ("vl", "l")];
+    for (volume, preset) in volumes {
+        create_small_volume(&node, volume, "256M", &["--preset", preset]);
+        let uri = node.uri(volume);
+        qemu_io(&uri, "write -P 0x61 0 24M");
+        qemu_io(&uri, "write -P 0x17 5000k 3000k");
+        node.wait_uploaded(volume);
+    }
+    // Once the OSDs' reports count every fragment, the bytes they hold: 48 MiB written, which
+    // 4+2 would store as 72 MiB uncompressed.
+    let objects: usize = volumes.iter().map(|(v, _)| inspect(&tier, v).len()).sum();
+    let osds = tier.wait_osds("every fragment counted", |osds| {
+        osds.iter()
+            .filter_map(|o| o["fragments"].as_u64())
+            .sum::<u64>()
+            >= objects as u64 * 6
+    });
+    let used: u64 = osds.iter().filter_map(|o| o["used"].as_u64()).sum();
+    assert!(
+        used < 8 << 20,
+        "{used} bytes on the OSDs for 48 MiB written"
+    );
+    // Every byte back, whole and in part (qemu-io checks each against its pattern).
+    for (volume, _) in volumes {
+        let uri = node.uri(volume);
+        qemu_io(&uri, "read -P 0x61 0 5000k");
+        qemu_io(&uri, "read -P 0x17 5000k 3000k");
+        qemu_io(&uri, "read -P 0x61 8000k 16576k");
+        qemu_io(&uri, "read -P 0x17 6001k 4k");
+        qemu_io(&uri, "read -P 0x61 20000k 512");
+    }
+    let info = node.info("vz");
+    assert!(info["backend_reads"].as_u64().unwrap() > 0, "{info}");
+}
+
+/// `vstor backend [FLAGS] inspect NS --json` as an operator with `flags` (`--peer-tls-*`, or
+/// none): its exit status and everything it printed.
+fn inspect_as(tier: &Tier, flags: &[String], namespace: &str) -> (bool, String) {
+    run_any(
+        Command::new(VSTOR)
+            .arg("backend")
+            .args(flags)
+            .args(["inspect", namespace, "--json"])
+            .env("VSTOR_REGISTRY", tier.url()),
+    )
+}
+
+#[test]
+fn on_mutual_tls_osds_a_node_reads_back_its_data_and_strangers_are_refused() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "cluster");
+    let foreign = Pki::new(tmp.path(), "foreign");
+    let tier = Tier::start_with(tmp.path(), 3, 3, &pki.peer_flags("osd"));
+    let node_tls = pki.peer_flags("node");
+    let mut extra = SMALL_BUFFER.to_vec();
+    extra.extend(strs(&node_tls));
+    let node = tier.node("n1", &extra);
+    create_small_volume(&node, "v", "256M", &[]);
+
+    // 96 MiB through a 24 MiB write buffer: the verify pass reads most of it from the OSDs.
+    let uri = node.uri("v");
+    assert_fio_ok(&fio(&uri, "96M", "write"), "write+verify over mutual TLS");
+    node.wait_uploaded("v");
+    assert_fio_ok(&fio(&uri, "96M", "verify"), "verify over mutual TLS");
+    let (ok, text) = inspect_as(&tier, &pki.peer_flags("operator"), "v");
+    assert!(ok, "{text}");
+    let objects: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(!objects.is_empty());
+    assert!(
+        objects.iter().all(|o| o["status"] == "healthy"),
+        "{objects:?}"
+    );
+
+    // No certificate, and a certificate of another CA: refused by every OSD, with the reason
+    // and the OSD's address.
+    let osd = &tier.osds[0];
+    let (_, plain) = inspect_as(&tier, &[], "v");
+    assert!(
+        plain.contains("requires mutual TLS") && plain.contains(&osd.addr),
+        "{plain}"
+    );
+    let stranger = peer_tls_flags(&foreign.peer("stranger"), &pki.ca());
+    let (_, refused) = inspect_as(&tier, &stranger, "v");
+    assert!(
+        refused.contains("alert") && refused.contains(&osd.addr),
+        "{refused}"
+    );
+    let log = std::fs::read_to_string(&osd.log).unwrap();
+    assert!(
+        log.contains("plain-text client refused") && log.contains("OSD client refused"),
+        "{log}"
+    );
+
+    // Nothing was lost, and the node still reads everything back.
+    assert_fio_ok(&fio(&uri, "96M", "verify"), "verify after the refusals");
+    let (ok, text) = inspect_as(&tier, &pki.peer_flags("operator2"), "v");
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("unavailable") && !text.contains("missing"),
+        "{text}"
+    );
 }

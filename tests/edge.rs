@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::edge::EdgeDaemon;
 use common::etcd::Etcd;
+use common::tls::{nbds_uri, peer_tls_flags, qemu_tls_args, strs, Pki};
 use common::vhost_client::VhostClient;
 use common::{checksum_file, require_tool, run_ok, Daemon, NbdClient, TestBackend, VSTOR};
 use serde_json::Value;
@@ -39,12 +40,25 @@ fn node(
     name: &str,
     edge: bool,
 ) -> Daemon {
+    node_with(root, backend, etcd, name, edge, &[])
+}
+
+/// `node` with more flags.
+fn node_with(
+    root: &std::path::Path,
+    backend: &TestBackend,
+    etcd: &str,
+    name: &str,
+    edge: bool,
+    extra: &[&str],
+) -> Daemon {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let mut args = vec!["--registry", etcd, "--node", name];
     if edge {
         args.extend(["--edge-listen", "127.0.0.1:0"]);
     }
+    args.extend_from_slice(extra);
     Daemon::start_on(&dir, backend, &args)
 }
 
@@ -375,4 +389,101 @@ fn edge_command_line_errors_are_clear() {
     assert!(err.contains("VOLUME"), "{err}");
     let err = run(&["serve", "--edge-listen", "nowhere"]);
     assert!(err.contains("edge_listen (--edge-listen)"), "{err}");
+}
+
+#[test]
+fn an_edge_on_mutual_tls_serves_nbd_over_tls_behind_a_token_and_strangers_are_refused() {
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let cluster = Pki::new(root.path(), "cluster");
+    let foreign = Pki::new(root.path(), "foreign");
+    let nbd_ca = Pki::new(root.path(), "nbd-ca");
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let n1_tls = cluster.peer_flags("n1");
+    let n1 = node_with(root.path(), &backend, &url, "n1", true, &strs(&n1_tls));
+    for volume in ["vol", "other"] {
+        n1.cli_ok(&["volume", "create", volume, "--size", "64M", "--node", "n1"]);
+    }
+
+    // e1: mutual TLS to the owner, NBD TLS required of its clients, a token on its API.
+    let token = root.path().join("edge-token");
+    std::fs::write(&token, "edge-secret\n").unwrap();
+    let token = token.display().to_string();
+    let (cert, key) = nbd_ca.server("edge-nbd", false);
+    let mut e1_args = vec![
+        "--tls-cert".to_string(),
+        cert.display().to_string(),
+        "--tls-key".to_string(),
+        key.display().to_string(),
+        "--api-token-file".to_string(),
+        token.clone(),
+    ];
+    e1_args.extend(cluster.peer_flags("e1"));
+    let e1 = EdgeDaemon::start(root.path(), "e1", &url, &strs(&e1_args));
+    let no_token = failure(&e1.cli(&["list"]));
+    assert!(no_token.contains("401"), "{no_token}");
+    e1.cli_ok(&["--api-token-file", &token, "attach", "vol"]);
+    let listed = e1.cli_ok(&["--api-token-file", &token, "list", "--json"]);
+    assert!(listed.contains("\"vol\""), "{listed}");
+
+    // Written through the edge over NBD TLS, read back through it and through the owner.
+    let client = nbd_ca.client_dir(root.path(), "client", None);
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(qemu_tls_args(&e1.nbd, "vol", &client)).args([
+        "-c",
+        "write -P 0x3c 0 2M",
+        "-c",
+        "write -P 0xc3 5M 512k",
+        "-c",
+        "read -P 0x3c 0 2M",
+    ]);
+    let out = run_ok(&mut qemu);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let (via_edge, via_owner) = (root.path().join("edge.raw"), root.path().join("owner.raw"));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(nbds_uri(&e1.nbd, "vol", &client))
+            .arg(&via_edge),
+    );
+    run_ok(Command::new("nbdcopy").arg(n1.uri("vol")).arg(&via_owner));
+    assert_eq!(checksum_file(&via_edge), checksum_file(&via_owner));
+    qemu_io(&n1.uri("vol"), &["read -P 0xc3 5M 512k", "read -P 0 2M 3M"]);
+    // A plain NBD client is refused by the edge.
+    let plain = Command::new("qemu-io")
+        .args(["-f", "raw", &e1.uri("vol"), "-c", "read 0 4k"])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain NBD client was served");
+
+    // Edges without the cluster's certificate: refused by the owner, with the reason.
+    let e2 = EdgeDaemon::start(root.path(), "e2", &url, &[]);
+    let plain_edge = failure(&e2.cli(&["attach", "other"]));
+    assert!(plain_edge.contains("requires mutual TLS"), "{plain_edge}");
+    let stranger = peer_tls_flags(&foreign.peer("e3"), &cluster.ca());
+    let e3 = EdgeDaemon::start(root.path(), "e3", &url, &strs(&stranger));
+    let foreign_edge = failure(&e3.cli(&["attach", "other"]));
+    assert!(foreign_edge.contains("alert"), "{foreign_edge}");
+    let log = n1.log_text();
+    assert!(
+        log.contains("plain-text edge refused") && log.contains("edge client refused"),
+        "{log}"
+    );
+
+    // e1 still serves what it wrote.
+    qemu_io_tls_read(&e1.nbd, &client);
+}
+
+fn qemu_io_tls_read(nbd: &str, client: &std::path::Path) {
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(qemu_tls_args(nbd, "vol", client)).args([
+        "-c",
+        "read -P 0x3c 0 2M",
+        "-c",
+        "read -P 0xc3 5M 512k",
+    ]);
+    let out = run_ok(&mut qemu);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
 }

@@ -1,6 +1,7 @@
-//! Hostile clients against the `vstor dtl` and `vstor osd` processes (docs/security.md,
-//! "Internal protocol limits"): a frame header claiming 4 GiB, garbage, and a slowloris frame
-//! that never completes. Each hostile connection must be closed within a bound, the daemon must
+//! Hostile clients against the `vstor dtl`, `vstor osd` and `vstor mds` processes and the edge
+//! server of `vstor serve --edge-listen` (docs/security.md, "Internal protocol limits"): a frame
+//! header claiming 4 GiB, garbage, and a slowloris frame that never completes; a DTL client that
+//! never says `Hello`. Each hostile connection must be closed within a bound, the daemon must
 //! stay up, and a well-behaved client must be served afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
@@ -14,8 +15,9 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 
 use common::etcd::Etcd;
-use common::start_dtl;
+use common::mds::Mds;
 use common::tier::Osd;
+use common::{start_dtl, Daemon};
 
 /// The daemons run with this frame timeout, so a slowloris frame is dropped within twice it.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
@@ -37,6 +39,19 @@ async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     .await;
     assert!(read.is_ok(), "the server kept a hostile connection open");
     out
+}
+
+/// A frame header of the OSD, MDS and edge protocols (the same layout): magic, version, kind,
+/// id, payload length, CRC.
+fn header(magic: u32, version: u16, kind: u16, len: u32) -> BytesMut {
+    let mut huge = BytesMut::new();
+    huge.put_u32_le(magic);
+    huge.put_u16_le(version);
+    huge.put_u16_le(kind);
+    huge.put_u64_le(1);
+    huge.put_u32_le(len);
+    huge.put_u32_le(0);
+    huge
 }
 
 /// A 4 GiB header, garbage, and a frame cut short after `prefix` (a valid opening, e.g. the
@@ -61,6 +76,21 @@ async fn hostile(addr: &str, huge: &[u8], prefix: &[u8], partial: &[u8]) -> [Vec
         started.elapsed()
     );
     [huge_reply, garbage_reply, slow_reply]
+}
+
+/// The OSD, MDS and edge servers close a connection on a bad frame without a reply; the
+/// slowloris connection got its `Welcome` and nothing after it. `welcome`: decode one frame and
+/// say whether it is a `Welcome`.
+fn assert_silent_closes_and_welcome(
+    replies: &[Vec<u8>; 3],
+    welcome: impl Fn(&mut BytesMut) -> bool,
+) {
+    let [huge, garbage, slow] = replies;
+    assert!(huge.is_empty(), "{huge:?}");
+    assert!(garbage.is_empty(), "{garbage:?}");
+    let mut buf = BytesMut::from(&slow[..]);
+    assert!(welcome(&mut buf), "no Welcome first: {slow:?}");
+    assert!(buf.is_empty(), "nothing after Welcome: {buf:?}");
 }
 
 fn dtl_messages(bytes: &[u8]) -> Vec<vstor_dtl::Message> {
@@ -160,13 +190,7 @@ async fn the_osd_drops_hostile_clients_and_serves_others() {
         &["--frame-timeout", "1s"],
     );
 
-    let mut huge = BytesMut::new();
-    huge.put_u32_le(MAGIC);
-    huge.put_u16_le(PROTOCOL_VERSION);
-    huge.put_u16_le(10); // Put
-    huge.put_u64_le(1);
-    huge.put_u32_le(u32::MAX);
-    huge.put_u32_le(0);
+    let huge = header(MAGIC, PROTOCOL_VERSION, 10, u32::MAX); // Put
     let mut hello = BytesMut::new();
     OsdCodec::default()
         .encode(
@@ -180,26 +204,18 @@ async fn the_osd_drops_hostile_clients_and_serves_others() {
             &mut hello,
         )
         .unwrap();
-    // The OSD closes a connection on a bad frame without a reply.
-    let [huge_reply, garbage_reply, slow_reply] =
-        hostile(&osd.addr, &huge, &hello, &huge[..10]).await;
-    assert!(huge_reply.is_empty(), "{huge_reply:?}");
-    assert!(garbage_reply.is_empty(), "{garbage_reply:?}");
-    let mut buf = BytesMut::from(&slow_reply[..]);
-    let welcome = OsdCodec::default().decode(&mut buf).unwrap();
-    assert!(
+    let replies = hostile(&osd.addr, &huge, &hello, &huge[..10]).await;
+    assert_silent_closes_and_welcome(&replies, |buf| {
         matches!(
-            welcome,
-            Some(Frame {
+            OsdCodec::default().decode(buf),
+            Ok(Some(Frame {
                 message: Message::Welcome { .. },
                 ..
-            })
-        ),
-        "{welcome:?}"
-    );
-    assert!(buf.is_empty(), "nothing after Welcome: {buf:?}");
+            }))
+        )
+    });
 
-    let client = OsdClient::connect(&osd.addr, "good", Duration::from_secs(10))
+    let client = OsdClient::connect(&osd.addr, "good", Duration::from_secs(10), None)
         .await
         .unwrap();
     let usage = client
@@ -212,4 +228,141 @@ async fn the_osd_drops_hostile_clients_and_serves_others() {
     assert!(log.contains("incomplete within the frame timeout"), "{log}");
     drop(osd);
     drop(etcd);
+}
+
+#[tokio::test]
+async fn the_dtl_closes_a_connection_that_never_says_hello() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_dtl(
+        tmp.path(),
+        &["--listen", "127.0.0.1:0", "--frame-timeout", "1s"],
+    );
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let reply = read_until_closed(&mut silent).await;
+    assert!(
+        started.elapsed() >= FRAME_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
+    let text = dtl_error_text(&reply);
+    assert!(text.contains("waiting for Hello"), "{text}");
+    assert!(child.try_wait().unwrap().is_none(), "vstor dtl exited");
+    let mut client = vstor_dtl::DtlClient::connect(addr.as_str()).await.unwrap();
+    client.register("vol", 4096, 1).await.unwrap();
+    drop(client);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn the_mds_drops_hostile_clients_and_serves_others() {
+    use vstor_mds::client::MdsClient;
+    use vstor_mds::proto::{Frame, MdsCodec, Message, MAGIC, PROTOCOL_VERSION};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = tmp.path().join("backend");
+    std::fs::create_dir_all(&backend).unwrap();
+    let mut mds = Mds::start_at(
+        &tmp.path().join("mds"),
+        &backend,
+        "127.0.0.1:0",
+        &["--catch-up-every", "0s", "--frame-timeout", "1s"],
+    );
+    let huge = header(MAGIC, PROTOCOL_VERSION, 10, u32::MAX);
+    let mut hello = BytesMut::new();
+    MdsCodec::default()
+        .encode(
+            &Frame {
+                id: 0,
+                message: Message::Hello {
+                    version: PROTOCOL_VERSION,
+                    client: "hostile".into(),
+                },
+            },
+            &mut hello,
+        )
+        .unwrap();
+    let replies = hostile(&mds.addr, &huge, &hello, &huge[..10]).await;
+    assert_silent_closes_and_welcome(&replies, |buf| {
+        matches!(
+            MdsCodec::default().decode(buf),
+            Ok(Some(Frame {
+                message: Message::Welcome { .. },
+                ..
+            }))
+        )
+    });
+
+    let client = MdsClient::connect(&mds.addr, "good", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(client.list().await.unwrap().is_empty());
+    drop(client);
+    mds.kill9();
+}
+
+#[tokio::test]
+async fn the_edge_server_drops_hostile_clients_and_serves_others() {
+    use vstor_edge::remote::proto::{EdgeCodec, Frame, Message, MAGIC, PROTOCOL_VERSION};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Daemon::start_with(
+        tmp.path(),
+        &["--edge-listen", "127.0.0.1:0", "--edge-frame-timeout", "1s"],
+    );
+    node.create_volume("vol", "16M");
+    let tag = node.info("vol")["owner_tag"].as_u64().unwrap();
+    let nodes: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["node", "list", "--json"])).unwrap();
+    let addr = nodes[0]["edge_addr"].as_str().unwrap().to_string();
+    let mut hello = BytesMut::new();
+    EdgeCodec::new()
+        .encode(
+            Frame::new(
+                0,
+                Message::Hello {
+                    version: PROTOCOL_VERSION,
+                    volume: "vol".into(),
+                    tag,
+                    client: "hostile".into(),
+                },
+            ),
+            &mut hello,
+        )
+        .unwrap();
+    let huge = header(MAGIC, PROTOCOL_VERSION, 10, u32::MAX);
+    let replies = hostile(&addr, &huge, &hello, &huge[..10]).await;
+    assert_silent_closes_and_welcome(&replies, |buf| {
+        matches!(
+            EdgeCodec::new().decode(buf),
+            Ok(Some(Frame {
+                message: Message::Welcome { .. },
+                ..
+            }))
+        )
+    });
+    let log = node.log_text();
+    assert!(
+        log.contains("frame incomplete within the frame timeout"),
+        "{log}"
+    );
+    // Still serving: a well-behaved edge is welcomed.
+    let mut good = TcpStream::connect(&addr).await.unwrap();
+    good.write_all(&hello).await.unwrap();
+    let mut reply = BytesMut::new();
+    let welcome = loop {
+        if let Some(frame) = EdgeCodec::new().decode(&mut reply).unwrap() {
+            break frame;
+        }
+        let n = tokio::time::timeout(CLOSE_BOUND, good.read_buf(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before Welcome");
+    };
+    assert!(
+        matches!(welcome.message, Message::Welcome { .. }),
+        "{welcome:?}"
+    );
 }

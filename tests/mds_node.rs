@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use common::etcd::Etcd;
 use common::mds::{free_addr, Mds};
 use common::oracle::{start_writers, stop_writers, verify, wait_progress, Load, Mode};
+use common::tls::{peer_tls_flags, strs, Pki};
 use common::{
-    require_tool, run_ok, start_cluster_node, write_with_reference, Daemon, TestBackend,
-    SYNC_DTL_VOLUME_ON_N0,
+    require_tool, run_any, run_ok, start_cluster_node, write_with_reference, Daemon, TestBackend,
+    SYNC_DTL_VOLUME_ON_N0, VSTOR,
 };
 use vstor_backend::LocalStore;
 use vstor_mds::catchup::backend_map;
@@ -44,16 +45,16 @@ fn node_config(dir: &Path, max_open_age: &str) -> PathBuf {
 }
 
 fn start_node(root: &Path, config: &Path, mds: &[&str]) -> Daemon {
+    start_node_with(root, config, mds, &[])
+}
+
+/// `start_node` with more flags.
+fn start_node_with(root: &Path, config: &Path, mds: &[&str], extra: &[&str]) -> Daemon {
     std::fs::create_dir_all(root).unwrap();
-    Daemon::start_with(
-        root,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--mds",
-            &mds.join(","),
-        ],
-    )
+    let mds = mds.join(",");
+    let mut args = vec!["--config", config.to_str().unwrap(), "--mds", &mds];
+    args.extend_from_slice(extra);
+    Daemon::start_with(root, &args)
 }
 
 /// Poll until the table `mds` holds for `volume` equals a full replay of the backend history
@@ -191,6 +192,23 @@ fn restart(node: &mut Daemon, between: impl FnOnce()) -> serde_json::Value {
     node.info("vol")
 }
 
+/// Restart the node with its MDS caught up (`before`: the volume's info then): the whole map
+/// comes from the MDS, nothing is replayed, and the volume equals `reference`.
+fn restart_loads_everything_from_the_mds(
+    node: &mut Daemon,
+    before: &serde_json::Value,
+    reference: &Path,
+) {
+    let info = restart(node, || {});
+    assert_eq!(u(&info, "opened_replayed_tlogs"), 0, "{info}");
+    assert_eq!(
+        u(&info, "opened_from_mds_tlogs"),
+        u(before, "tlogs_on_backend"),
+        "{info}"
+    );
+    compare(node, reference);
+}
+
 #[test]
 fn restarts_load_the_map_from_the_mds_and_replay_only_what_it_lacks() {
     require_tool("qemu-io");
@@ -217,14 +235,7 @@ fn restarts_load_the_map_from_the_mds_and_replay_only_what_it_lacks() {
 
     // 0 behind: the whole history comes from the MDS.
     let before = caught_up(&node);
-    let info = restart(&mut node, || {});
-    assert_eq!(u(&info, "opened_replayed_tlogs"), 0, "{info}");
-    assert_eq!(
-        u(&info, "opened_from_mds_tlogs"),
-        u(&before, "tlogs_on_backend"),
-        "{info}"
-    );
-    compare(&node, &reference);
+    restart_loads_everything_from_the_mds(&mut node, &before, &reference);
 
     // Behind by 1 and by many: the MDS is down while TLogs reach the backend.
     for missed in [1u64, 12] {
@@ -533,4 +544,62 @@ fn rollback_scrub_and_clones_keep_the_tables_right() {
             .arg(&at_s3)
             .arg(node.uri("c1")),
     );
+}
+
+/// `vstor mds [FLAGS] list --mds ADDR`: exit status and what it printed.
+fn mds_list_as(addr: &str, flags: &[String]) -> (bool, String) {
+    run_any(
+        Command::new(VSTOR)
+            .arg("mds")
+            .args(flags)
+            .args(["list", "--mds", addr]),
+    )
+}
+
+#[test]
+fn over_mutual_tls_a_restart_loads_the_map_from_the_mds_and_strangers_are_refused() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "cluster");
+    let foreign = Pki::new(tmp.path(), "foreign");
+    let a = free_addr();
+    let config = node_config(tmp.path(), "0s");
+    let node_tls = pki.peer_flags("node");
+    let mut node = start_node_with(&tmp.path().join("node"), &config, &[&a], &strs(&node_tls));
+    let backend = node.data_dir.join("backend");
+    let mut mds_flags = vec!["--catch-up-every".to_string(), "0s".to_string()];
+    mds_flags.extend(pki.peer_flags("mds"));
+    let _mds = Mds::start_at(&tmp.path().join("mds"), &backend, &a, &strs(&mds_flags));
+    node.create_volume("vol", "64M");
+    let reference = tmp.path().join("reference.raw");
+    zeroed_file(&reference, 64 << 20);
+    for round in 1..=3 {
+        write_round(&node, &reference, round);
+    }
+    node.wait_uploaded("vol");
+    let before = node.wait_for("vol", "the MDS caught up over mutual TLS", |i| {
+        i["mds"]["servers"][0]["behind"] == 0
+    });
+    restart_loads_everything_from_the_mds(&mut node, &before, &reference);
+
+    // An operator with the cluster's certificate sees the table; one without, or with another
+    // CA's, is refused with the reason and the MDS's address.
+    let (ok, text) = mds_list_as(&a, &pki.peer_flags("operator"));
+    assert!(ok && text.contains("vol"), "{text}");
+    let (ok, text) = mds_list_as(&a, &[]);
+    assert!(
+        !ok && text.contains(&a) && text.contains("requires mutual TLS"),
+        "{text}"
+    );
+    let stranger = peer_tls_flags(&foreign.peer("stranger"), &pki.ca());
+    let (ok, text) = mds_list_as(&a, &stranger);
+    assert!(!ok && text.contains(&a) && text.contains("alert"), "{text}");
+
+    // The refusals cost the node nothing: it still writes through its MDS and reads back.
+    write_round(&node, &reference, 4);
+    node.wait_uploaded("vol");
+    node.wait_for("vol", "the MDS caught up again", |i| {
+        i["mds"]["servers"][0]["behind"] == 0
+    });
+    compare(&node, &reference);
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::tls::Pki;
+use common::tls::{nbds_uri, qemu_tls_args, Pki};
 use common::{checksum_file, poll, require_tool, run_ok, serve_fails, Daemon};
 
 fn path(p: &Path) -> &str {
@@ -25,31 +25,13 @@ fn start_tls(root: &Path, pki: &Pki, stem: &str, expired: bool, extra: &[&str]) 
 }
 
 /// qemu arguments opening `volume` over TLS with the credentials in `dir`.
-fn qemu_tls_args(daemon: &Daemon, volume: &str, dir: &Path) -> Vec<String> {
-    let (host, port) = daemon.nbd.rsplit_once(':').unwrap();
-    vec![
-        "--object".into(),
-        format!("tls-creds-x509,id=tls0,dir={},endpoint=client", path(dir)),
-        "--image-opts".into(),
-        format!("driver=nbd,host={host},port={port},export={volume},tls-creds=tls0"),
-    ]
-}
-
 fn qemu_io_tls(daemon: &Daemon, volume: &str, dir: &Path, commands: &[&str]) -> Output {
     let mut cmd = Command::new("qemu-io");
-    cmd.args(qemu_tls_args(daemon, volume, dir));
+    cmd.args(qemu_tls_args(&daemon.nbd, volume, dir));
     for c in commands {
         cmd.args(["-c", c]);
     }
     cmd.output().unwrap()
-}
-
-fn nbds_uri(daemon: &Daemon, volume: &str, dir: &Path) -> String {
-    format!(
-        "nbds://{}/{volume}?tls-certificates={}",
-        daemon.nbd,
-        path(dir)
-    )
 }
 
 fn text(out: &Output) -> String {
@@ -100,11 +82,11 @@ fn qemu_clients_write_and_read_back_over_tls_and_plain_ones_are_refused() {
     let daemon = start_tls(tmp.path(), &pki, "server", false, &[]);
     daemon.create_volume("vol", "64M");
 
-    let info = run_ok(
-        Command::new("qemu-img")
-            .arg("info")
-            .args(qemu_tls_args(&daemon, "vol", &client)),
-    );
+    let info = run_ok(Command::new("qemu-img").arg("info").args(qemu_tls_args(
+        &daemon.nbd,
+        "vol",
+        &client,
+    )));
     assert!(info.contains("virtual size: 64 MiB"), "{info}");
 
     let out = qemu_io_tls(
@@ -155,7 +137,7 @@ fn nbdcopy_copies_in_and_out_over_nbds_and_plain_libnbd_is_refused() {
     let client = pki.client_dir(tmp.path(), "client", None);
     let daemon = start_tls(tmp.path(), &pki, "server", false, &["--nbd-tls", "require"]);
     daemon.create_volume("vol", "8M");
-    let uri = nbds_uri(&daemon, "vol", &client);
+    let uri = nbds_uri(&daemon.nbd, "vol", &client);
 
     let info = run_ok(Command::new("nbdinfo").arg(&uri));
     assert!(info.contains("with TLS"), "{info}");
@@ -211,7 +193,7 @@ fn allow_mode_serves_plain_and_tls_clients_the_same_volume() {
     assert_ok_patterns(&out);
     let plain = run_ok(Command::new("nbdinfo").arg(daemon.uri("vol")));
     assert!(plain.contains("without TLS"), "{plain}");
-    let tls = run_ok(Command::new("nbdinfo").arg(nbds_uri(&daemon, "vol", &client)));
+    let tls = run_ok(Command::new("nbdinfo").arg(nbds_uri(&daemon.nbd, "vol", &client)));
     assert!(tls.contains("with TLS"), "{tls}");
 }
 
@@ -229,9 +211,9 @@ fn wrong_ca_and_expired_server_certificate_fail_the_handshake() {
     std::fs::create_dir_all(&valid_root).unwrap();
     let daemon = start_tls(&valid_root, &pki, "server", false, &[]);
     daemon.create_volume("vol", "16M");
-    run_ok(Command::new("nbdinfo").args(["--size", &nbds_uri(&daemon, "vol", &good)]));
+    run_ok(Command::new("nbdinfo").args(["--size", &nbds_uri(&daemon.nbd, "vol", &good)]));
     let out = Command::new("nbdinfo")
-        .args(["--size", &nbds_uri(&daemon, "vol", &wrong_ca)])
+        .args(["--size", &nbds_uri(&daemon.nbd, "vol", &wrong_ca)])
         .output()
         .unwrap();
     assert_refused(&out, &["gnutls_handshake"]);
@@ -244,7 +226,7 @@ fn wrong_ca_and_expired_server_certificate_fail_the_handshake() {
     let daemon = start_tls(&expired_root, &pki, "expired-server", true, &[]);
     daemon.create_volume("vol", "16M");
     let out = Command::new("nbdinfo")
-        .args(["--size", &nbds_uri(&daemon, "vol", &good)])
+        .args(["--size", &nbds_uri(&daemon.nbd, "vol", &good)])
         .output()
         .unwrap();
     assert_refused(&out, &["gnutls_handshake", "certificate verification"]);
@@ -275,7 +257,8 @@ fn client_certificates_are_required_and_checked_when_a_ca_is_given() {
         &["write -P 0x5a 4k 128k", "read -P 0x5a 4k 128k"],
     );
     assert_ok_patterns(&out);
-    let size = run_ok(Command::new("nbdinfo").args(["--size", &nbds_uri(&daemon, "vol", &good)]));
+    let size =
+        run_ok(Command::new("nbdinfo").args(["--size", &nbds_uri(&daemon.nbd, "vol", &good)]));
     assert_eq!(size.trim(), "16777216");
 
     // What the server logs for each. GnuTLS does not send a certificate whose issuer is not
@@ -288,7 +271,7 @@ fn client_certificates_are_required_and_checked_when_a_ca_is_given() {
     for (dir, server_says) in cases {
         let seen = daemon.log_text().len();
         let out = Command::new("nbdinfo")
-            .args(["--size", &nbds_uri(&daemon, "vol", dir)])
+            .args(["--size", &nbds_uri(&daemon.nbd, "vol", dir)])
             .output()
             .unwrap();
         assert_refused(&out, &["nbd_connect_uri"]);

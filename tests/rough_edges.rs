@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::etcd::Etcd;
 use common::{poll, require_tool, Daemon, VSTOR};
@@ -449,37 +449,7 @@ fn second_node_on_a_shared_backend_skips_the_existing_default_volume() {
 #[test]
 fn zero_write_buffer_limit_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(VSTOR)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(tmp.path().join("d"))
-        .args([
-            "--api",
-            "127.0.0.1:0",
-            "--nbd",
-            "127.0.0.1:0",
-            "--no-default-volume",
-        ])
-        .args(["--write-buffer-limit", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("vstor serve --write-buffer-limit 0 kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!status.success());
-    let out = child.wait_with_output().unwrap();
-    let err = stderr(&out);
+    let err = common::serve_fails(&tmp.path().join("d"), &["--write-buffer-limit", "0"]);
     assert!(
         err.contains("write_buffer_limit") && err.contains("at least"),
         "{err}"

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    block_content, checksum_file, decode_block, require_tool, run_ok, Daemon, NbdClient,
-    TestBackend,
+    block_content, checksum_file, decode_block, export_checksum, require_tool, run_ok, Daemon,
+    NbdClient, TestBackend,
 };
 use serde_json::Value;
 
@@ -80,21 +80,6 @@ fn qemu_io_ro(uri: &str, commands: &[&str]) -> String {
         "qemu-io -r {commands:?} on {uri}: {out}"
     );
     out
-}
-
-/// `qemu-img convert` an export to a raw file in `dir`; returns its checksum.
-fn export_checksum(daemon: &Daemon, export: &str, dir: &Path) -> String {
-    let file = dir.join(format!("{}.raw", export.replace('@', "_at_")));
-    let _ = std::fs::remove_file(&file);
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(daemon.uri(export))
-            .arg(&file),
-    );
-    let sum = checksum_file(&file);
-    std::fs::remove_file(&file).unwrap();
-    sum
 }
 
 fn qemu_img_compare(a: &str, b: &str) -> Output {

@@ -13,6 +13,7 @@
 //! on an S3 bucket (see its module for how fencing holds without locks).
 
 mod chunks;
+pub mod crypt;
 pub mod ec;
 mod local;
 pub mod osd;
@@ -107,6 +108,10 @@ pub enum BackendError {
         code: osd::proto::ErrorCode,
         message: String,
     },
+    #[error("encryption key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
+    #[error("cannot encrypt or decrypt {len} bytes in units of {unit_size}: not whole units of a multiple of 16 bytes")]
+    CryptUnits { len: usize, unit_size: usize },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -1118,10 +1118,23 @@ mod tests {
         assert!(matches!(err, BackendError::Source { .. }), "{err}");
         assert!(!store.exists("ns", "short").unwrap());
         assert!(!store.exists("ns", "bad").unwrap());
+        // A copy is read once and checked against the writer's CRCs: a damaged file is refused
+        // and leaves no data file behind.
+        let before = data_files(&store, "ns").len();
+        let mut damaged = longer.clone();
+        damaged[CHUNK_SIZE as usize + 1] ^= 0x40;
+        let source = source_file(dir.path(), "damaged", &damaged);
+        let err = store
+            .put_file("ns", "dmg", &source, data.len() as u64, Some(&crcs), 1)
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        assert!(!store.exists("ns", "dmg").unwrap());
+        assert_eq!(data_files(&store, "ns").len(), before);
     }
 
     #[test]
-    fn put_file_refuses_a_file_that_does_not_match_its_crcs() {
+    fn a_linked_file_damaged_after_its_crcs_were_computed_is_caught_on_its_first_read() {
         let (dir, store) = store();
         store.create_namespace("ns", 2).unwrap();
         let data = pattern(3 * CHUNK_SIZE as usize, 8);
@@ -1129,13 +1142,21 @@ mod tests {
         let mut damaged = data.clone();
         damaged[CHUNK_SIZE as usize + 3] ^= 1;
         let source = source_file(dir.path(), "sco", &damaged);
-        let err = store
+        // Linked: stored with the writer's checksums, not read again (one checksum pass).
+        store
             .put_file("ns", "sco", &source, data.len() as u64, Some(&crcs), 2)
-            .unwrap_err();
+            .unwrap();
+        let err = store.get("ns", "sco").unwrap_err();
         assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("chunk 1"), "{err}");
-        assert!(!store.exists("ns", "sco").unwrap());
-        assert!(data_files(&store, "ns").is_empty());
+        let mut buf = vec![0u8; 4096];
+        let err = store
+            .get_range("ns", "sco", u64::from(CHUNK_SIZE), &mut buf)
+            .unwrap_err();
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        // The undamaged chunks still read back.
+        store.get_range("ns", "sco", 0, &mut buf).unwrap();
+        assert_eq!(buf, data[..4096]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Test harness for the S3 store (feature `testing`): a real S3 server, moto, started on a free
 //! loopback port and stopped on drop, plus a TCP proxy that can refuse connections for a while
-//! (to test retries). Shared by this crate's tests and the root crate's process tests.
+//! (to test retries), and a scan of stored files for plaintext (encryption tests). Shared by this
+//! crate's tests, the engine's and the root crate's process tests.
 //!
 //! moto comes from PyPI (`pip install 'moto[server]'`; `.ci/run` installs it). A test that needs
 //! it and does not find it fails with a message saying so: a skipped S3 test would hide a
@@ -272,4 +273,26 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
         let _ = std::io::copy(&mut from, &mut to);
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+/// Files under `dir` (recursively; none if it does not exist) whose bytes contain `needle`: where
+/// an encryption test looks for plaintext that must not be there (or ciphertext that must).
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries {
+        let path = entry.expect("read a directory entry").path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path)
+            .unwrap_or_default()
+            .windows(needle.len())
+            .any(|w| w == needle)
+        {
+            found.push(path);
+        }
+    }
+    found
 }

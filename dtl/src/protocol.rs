@@ -619,7 +619,7 @@ impl Decoder for DtlCodec {
             });
         }
         if src.len() < HEADER_LEN + len {
-            src.reserve(HEADER_LEN + len - src.len());
+            vstor_net::reserve_frame(src, HEADER_LEN + len);
             return Ok(None);
         }
         // The frame is complete: consume it whatever happens next, so the buffer stays aligned

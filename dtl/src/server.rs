@@ -6,8 +6,9 @@
 //! the connection task: a page-cache append is a few microseconds, and a hand-off to another
 //! thread would cost more than the work (see DESIGN.md, performance notes).
 //!
-//! A connection must start with `Hello`; a version mismatch is answered and the connection
-//! closed. A frame that fails to decode (bad magic, CRC, oversized, unknown kind, ...) gets a
+//! A connection must start with `Hello`, within the frame timeout of connecting (or of the TLS
+//! handshake), else it gets `Error` and is closed; a version mismatch is answered and the
+//! connection closed. A frame that fails to decode (bad magic, CRC, oversized, unknown kind, ...) gets a
 //! best-effort `Error` reply and the connection is closed: after a framing error the byte stream
 //! cannot be trusted to be aligned on frames any more. Nothing of a bad frame reaches the store,
 //! and other connections are unaffected.
@@ -29,7 +30,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use vstor_net::{PeerStream, PeerTls};
+use vstor_net::{Accepted, PeerStream, PeerTls};
 
 use crate::error::DtlError;
 use crate::protocol::{DtlCodec, Message, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
@@ -181,6 +182,17 @@ async fn handle_connection(
                 _ = cancel.cancelled() => return Ok(()),
                 n = tokio::time::timeout(frame_timeout, framed.next()) => match n {
                     Ok(n) => break n,
+                    // Idle between frames is fine once greeted; a connection that has not
+                    // said `Hello` within the frame timeout holds a task for nothing.
+                    Err(_) if !greeted => {
+                        let e = DtlError::Timeout {
+                            during: "waiting for Hello",
+                            after: frame_timeout,
+                        };
+                        warn!(%peer, error = %e, "closing connection");
+                        let _ = framed.send(error_reply(&e)).await;
+                        return Err(e);
+                    }
                     Err(_) if framed.read_buffer().is_empty() => continue,
                     Err(_) => {
                         let e = DtlError::FrameTimeout {
@@ -252,49 +264,32 @@ async fn handle_connection(
     }
 }
 
-/// First byte of a TLS handshake record; a DTL frame starts with its magic (`1TLD`, LE).
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
-/// The server side of the mutual-TLS handshake, bounded by `frame_timeout`. `None`: a
-/// plain-text client, answered with a DTL `Error` and closed.
+/// The server side of the mutual-TLS handshake (`vstor_net::accept_peer`), bounded by
+/// `frame_timeout`. `None`: the client closed, or spoke plain text and was answered with a DTL
+/// `Error` saying why.
 async fn accept_tls(
     tls: &PeerTls,
     stream: TcpStream,
     peer: SocketAddr,
     frame_timeout: Duration,
 ) -> Result<Option<PeerStream>> {
-    let timed_out = || DtlError::Timeout {
-        during: "the TLS handshake",
-        after: frame_timeout,
-    };
-    let mut first = [0u8; 1];
-    let n = tokio::time::timeout(frame_timeout, stream.peek(&mut first))
-        .await
-        .map_err(|_| timed_out())??;
-    if n == 0 {
-        return Ok(None);
-    }
-    if first[0] != TLS_HANDSHAKE_RECORD {
-        warn!(%peer, "plain-text client refused: this DTL server requires mutual TLS");
-        let mut framed = Framed::new(stream, DtlCodec::new());
-        // Read the client's `Hello` first: closing with unread bytes would reset the
-        // connection and could discard the reply before the client reads it.
-        let _ = tokio::time::timeout(frame_timeout, framed.next()).await;
-        let e = DtlError::Invalid(
-            "this DTL server requires mutual TLS: give the node a certificate of the cluster \
-             CA (--peer-tls-cert, --peer-tls-key, --peer-tls-ca or [peer_tls])"
-                .into(),
-        );
-        let _ = framed.send(error_reply(&e)).await;
-        return Ok(None);
-    }
-    match tokio::time::timeout(frame_timeout, tls.accept(stream)).await {
-        Ok(Ok(s)) => Ok(Some(s)),
-        Ok(Err(e)) => {
+    match vstor_net::accept_peer(Some(tls), stream, frame_timeout).await {
+        Ok(Accepted::Stream(s)) => Ok(Some(s)),
+        Ok(Accepted::Closed) => Ok(None),
+        Ok(Accepted::PlainRefused(stream)) => {
+            warn!(%peer, "plain-text client refused: this DTL server requires mutual TLS");
+            let mut framed = Framed::new(stream, DtlCodec::new());
+            // Read the client's `Hello` first: closing with unread bytes would reset the
+            // connection and could discard the reply before the client reads it.
+            let _ = tokio::time::timeout(frame_timeout, framed.next()).await;
+            let e = DtlError::Invalid(vstor_net::PLAIN_REFUSED.into());
+            let _ = framed.send(error_reply(&e)).await;
+            Ok(None)
+        }
+        Err(e) => {
             warn!(%peer, error = %e, "DTL client refused");
             Err(e.into())
         }
-        Err(_) => Err(timed_out()),
     }
 }
 

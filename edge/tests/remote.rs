@@ -80,6 +80,7 @@ fn config(bound: Duration) -> RemoteConfig {
         reconnect_bound: bound,
         connect_timeout: Duration::from_secs(2),
         liveness: Duration::from_secs(4),
+        tls: None,
     }
 }
 

@@ -358,7 +358,14 @@ fn write_frame(id: u64, tag: u64, offset: u64) -> Frame {
 
 #[tokio::test]
 async fn a_full_connection_stops_taking_requests_until_acks_complete() {
-    let s = server_with(1, EdgeServerConfig { max_inflight: 2 }).await;
+    let s = server_with(
+        1,
+        EdgeServerConfig {
+            max_inflight: 2,
+            ..EdgeServerConfig::default()
+        },
+    )
+    .await;
     let (mut c, _) = hello(s.addr, "vol", 1).await;
     let hold = s.target.hold_acks();
     for id in 1..=5u64 {

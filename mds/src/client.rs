@@ -6,6 +6,11 @@
 //! socket's write half and one reader task its read half; a call registers a one-shot
 //! completion under a fresh id, queues its frame and awaits the reply matched by id. No lock is
 //! held across I/O (the pending map's mutex is taken only to insert or remove an entry).
+//!
+//! With a cluster identity ([`PeerTls`]) the connection is mutual TLS and the MDS's certificate
+//! must name the host dialled. The halves come from [`vstor_net::PeerStream::into_split`]:
+//! `TcpStream::into_split` (lock-free) on plain TCP, `tokio::io::split` over TLS, whose state
+//! machine serves both directions (see `vstor_net::split`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +22,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use vstor_net::PeerTls;
 
 use crate::catchup::CatchUpReport;
 use crate::error::{MdsError, Result};
@@ -53,18 +59,37 @@ fn unexpected(addr: &str, what: &str, got: &Message) -> MdsError {
 }
 
 impl MdsClient {
-    /// Connect and handshake within `timeout`; later calls each wait at most `timeout` too.
+    /// Connect over plain TCP and handshake within `timeout`; later calls each wait at most
+    /// `timeout` too.
     pub async fn connect(addr: &str, client: &str, timeout: Duration) -> Result<Self> {
-        tokio::time::timeout(timeout, Self::connect_now(addr, client, timeout))
+        Self::connect_with(addr, client, timeout, None).await
+    }
+
+    /// [`Self::connect`], over mutual TLS with `tls` (the handshake counts towards `timeout`).
+    pub async fn connect_with(
+        addr: &str,
+        client: &str,
+        timeout: Duration,
+        tls: Option<&PeerTls>,
+    ) -> Result<Self> {
+        tokio::time::timeout(timeout, Self::connect_now(addr, client, timeout, tls))
             .await
             .map_err(|_| net(addr, format!("no answer within {timeout:?}")))?
     }
 
-    async fn connect_now(addr: &str, client: &str, timeout: Duration) -> Result<Self> {
+    async fn connect_now(
+        addr: &str,
+        client: &str,
+        timeout: Duration,
+        tls: Option<&PeerTls>,
+    ) -> Result<Self> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| net(addr, format!("connect: {e}")))?;
         stream.set_nodelay(true).map_err(|e| net(addr, e))?;
+        let stream = vstor_net::connect_peer(tls, addr, stream)
+            .await
+            .map_err(|e| net(addr, e))?;
         let (mut rd, mut wr) = stream.into_split();
         let codec = MdsCodec::default();
         let mut out = BytesMut::new();
@@ -81,6 +106,7 @@ impl MdsClient {
             )
             .map_err(|e| net(addr, e))?;
         wr.write_all(&out).await.map_err(|e| net(addr, e))?;
+        wr.flush().await.map_err(|e| net(addr, e))?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let welcome = loop {
             if let Some(frame) = codec.decode(&mut buf).map_err(|e| net(addr, e))? {
@@ -115,7 +141,8 @@ impl MdsClient {
                     while let Ok(more) = queue.try_recv() {
                         ok &= codec.encode(&more, &mut out).is_ok();
                     }
-                    if !ok || wr.write_all(&out).await.is_err() {
+                    // `flush`: TLS keeps records until then; a no-op on TCP.
+                    if !ok || wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                         break;
                     }
                 }

@@ -7,18 +7,24 @@
 //! `max_inflight` requests run per connection: past that the socket is not read and TCP pushes
 //! back. No lock is held across I/O: the store serialises its own write transactions. A
 //! malformed frame closes the connection (logged with the peer); the client reconnects.
+//!
+//! A frame whose first bytes arrived must be complete within [`MdsServerConfig::frame_timeout`]
+//! (slowloris clients would otherwise hold a connection and its buffer forever); idle
+//! connections between frames are kept. With [`MdsServerConfig::tls`] every connection must be
+//! mutual TLS with a client certificate of the cluster CA; a plain-text client gets an `Error`
+//! naming the requirement in reply to its `Hello`, and is closed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use vstor_backend::ObjectStore;
+use vstor_net::{Accepted, PeerStream, PeerTls};
 
 use crate::catchup;
 use crate::proto::{ErrorCode, Frame, MdsCodec, Message, ProtoError, MAX_BATCH, PROTOCOL_VERSION};
@@ -37,8 +43,13 @@ pub struct MdsServerConfig {
     pub catch_up_every: Option<Duration>,
     /// Requests one connection may have running at once.
     pub max_inflight: usize,
-    /// A connection must say `Hello` within this.
+    /// A connection must say `Hello` within this (the TLS handshake included).
     pub handshake_timeout: Duration,
+    /// A frame whose first bytes arrived must be complete within this (at most twice this from
+    /// its first byte), or the connection is closed. Idle connections are not affected.
+    pub frame_timeout: Duration,
+    /// Mutual TLS: clients must present a certificate of the cluster CA. `None`: plain TCP.
+    pub tls: Option<PeerTls>,
 }
 
 impl MdsServerConfig {
@@ -49,6 +60,8 @@ impl MdsServerConfig {
             catch_up_every: Some(Duration::from_secs(60)),
             max_inflight: 64,
             handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -123,8 +136,8 @@ pub fn catch_up_slaves(store: &MdsStore, backend: &dyn ObjectStore) {
     }
 }
 
-async fn read_frame(
-    rd: &mut OwnedReadHalf,
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     codec: &MdsCodec,
 ) -> Result<Option<Frame>, ProtoError> {
@@ -152,6 +165,25 @@ async fn connection(
     shutdown: CancellationToken,
 ) -> Result<(), ProtoError> {
     stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let (stream, refusal) = match vstor_net::accept_peer(
+        config.tls.as_ref(),
+        stream,
+        config.handshake_timeout,
+    )
+    .await
+    {
+        Ok(Accepted::Stream(s)) => (s, None),
+        Ok(Accepted::PlainRefused(s)) => {
+            warn!(mds = %config.name, %peer, "plain-text client refused: this MDS requires mutual TLS");
+            (PeerStream::Plain(s), Some(vstor_net::PLAIN_REFUSED))
+        }
+        Ok(Accepted::Closed) => return Ok(()),
+        Err(e) => {
+            warn!(mds = %config.name, %peer, error = %e, "MDS client refused");
+            return Ok(());
+        }
+    };
     let (mut rd, mut wr) = stream.into_split();
     let codec = MdsCodec::default();
     let mut buf = BytesMut::with_capacity(256 * 1024);
@@ -162,6 +194,10 @@ async fn connection(
     .await
     .map_err(|_| ProtoError::Truncated("handshake: no Hello in time"))??;
     let reply = match hello.map(|f| f.message) {
+        Some(_) if refusal.is_some() => Some(Message::Error {
+            code: ErrorCode::Invalid,
+            message: refusal.unwrap_or_default().to_string(),
+        }),
         Some(Message::Hello { version, client }) if version == PROTOCOL_VERSION => {
             debug!(mds = %config.name, client, "MDS client connected");
             None
@@ -190,6 +226,7 @@ async fn connection(
         &mut out,
     )?;
     wr.write_all(&out).await?;
+    wr.flush().await?;
     if refused {
         return Ok(());
     }
@@ -206,19 +243,33 @@ async fn connection(
                 codec.encode(&more, &mut out)?;
             }
             wr.write_all(&out).await?;
+            // TLS keeps records until flushed; a no-op on TCP.
+            wr.flush().await?;
         }
         Ok::<(), ProtoError>(())
     });
     let permits = Arc::new(Semaphore::new(config.max_inflight));
     let result = loop {
         let frame = tokio::select! {
-            frame = read_frame(&mut rd, &mut buf, &codec) => frame,
+            frame = tokio::time::timeout(
+                config.frame_timeout,
+                read_frame(&mut rd, &mut buf, &codec),
+            ) => frame,
             () = shutdown.cancelled() => break Ok(()),
         };
+        // `read_frame` is cancel-safe (what it read stays in `buf`): restarted every
+        // `frame_timeout`, and finding part of a frame buffered when it expires means the frame
+        // took too long.
         let frame = match frame {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Err(e)) => break Err(e),
+            Err(_) if buf.is_empty() => continue,
+            Err(_) => {
+                break Err(ProtoError::Truncated(
+                    "frame: incomplete within the frame timeout",
+                ))
+            }
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break Ok(());

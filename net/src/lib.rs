@@ -1,5 +1,4 @@
-//! Mutual TLS for vstor's internal links (issue 15): the DTL today, the OSD and MDS protocols and
-//! node-to-node links next.
+//! Mutual TLS for vstor's internal links (issue 15): the DTL, OSD, MDS and edge protocols.
 //!
 //! # Why a crate of its own
 //!
@@ -72,6 +71,12 @@ pub enum NetError {
     /// The TLS handshake failed (the peer's certificate, or our own, was refused).
     #[error("TLS handshake with {peer} failed: {source}")]
     Handshake { peer: String, source: io::Error },
+    /// The peer did not complete the TLS handshake in time.
+    #[error("TLS handshake with {peer} not done within {after:?}")]
+    Timeout {
+        peer: String,
+        after: std::time::Duration,
+    },
 }
 
 /// The PEM files of this process's cluster identity.
@@ -305,6 +310,15 @@ impl AsyncWrite for PeerStream {
         }
     }
 }
+
+mod link;
+mod split;
+
+pub use link::{
+    accept_peer, connect_peer, reserve_frame, Accepted, FRAME_RESERVE_STEP, PLAIN_REFUSED,
+    TLS_HANDSHAKE_RECORD,
+};
+pub use split::{PeerReader, PeerWriter};
 
 #[cfg(test)]
 mod tests;

@@ -244,3 +244,89 @@ async fn foreign_plain_and_misnamed_clients_are_refused() {
     let got = got.unwrap_err();
     assert!(got.contains("not valid for name"), "{got}");
 }
+
+/// One connection through `accept_peer`/`connect_peer`, the client's halves split: the server
+/// upper-cases what it reads; `Accepted::PlainRefused` answers "REFUSED".
+async fn split_exchange(server: Option<PeerTls>, client: Option<PeerTls>) -> Vec<u8> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let timeout = std::time::Duration::from_secs(10);
+        match accept_peer(server.as_ref(), tcp, timeout).await.unwrap() {
+            Accepted::Stream(s) => {
+                let (mut rd, mut wr) = s.into_split();
+                let mut buf = [0u8; 5];
+                rd.read_exact(&mut buf).await.unwrap();
+                buf.make_ascii_uppercase();
+                wr.write_all(&buf).await.unwrap();
+                wr.flush().await.unwrap();
+                wr.shutdown().await.unwrap();
+            }
+            Accepted::PlainRefused(mut tcp) => {
+                let mut buf = [0u8; 5];
+                tcp.read_exact(&mut buf).await.unwrap();
+                tcp.write_all(b"REFUSED").await.unwrap();
+            }
+            Accepted::Closed => {}
+        }
+    });
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let stream = connect_peer(client.as_ref(), &addr, tcp).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    assert!(matches!(
+        (&rd, &wr, client.is_some()),
+        (PeerReader::Plain(_), PeerWriter::Plain(_), false)
+            | (PeerReader::Tls(_), PeerWriter::Tls(_), true)
+    ));
+    // Reader and writer in separate tasks, as the OSD and MDS clients run them.
+    let writer = tokio::spawn(async move {
+        wr.write_all(b"hello").await.unwrap();
+        wr.flush().await.unwrap();
+        wr
+    });
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).await.unwrap();
+    drop(writer.await.unwrap());
+    srv.await.unwrap();
+    got
+}
+
+#[tokio::test]
+async fn split_halves_carry_data_and_a_plain_client_of_a_tls_server_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = PeerTls::load(&pki(dir.path(), "cluster")).unwrap();
+    assert_eq!(split_exchange(None, None).await, b"HELLO");
+    assert_eq!(
+        split_exchange(Some(tls.clone()), Some(tls.clone())).await,
+        b"HELLO"
+    );
+    assert_eq!(split_exchange(Some(tls), None).await, b"REFUSED");
+}
+
+#[test]
+fn frame_reservations_follow_the_bytes_that_arrived() {
+    let mut buf = bytes::BytesMut::new();
+    buf.extend_from_slice(&[0u8; 24]);
+    // A header declaring 64 MiB reserves one step, not 64 MiB.
+    reserve_frame(&mut buf, 64 << 20);
+    assert!(
+        buf.capacity() >= 24 + FRAME_RESERVE_STEP,
+        "{}",
+        buf.capacity()
+    );
+    assert!(
+        buf.capacity() < 4 * FRAME_RESERVE_STEP,
+        "{}",
+        buf.capacity()
+    );
+    // A small frame reserves what it lacks.
+    let mut small = bytes::BytesMut::new();
+    small.extend_from_slice(&[0u8; 24]);
+    reserve_frame(&mut small, 100);
+    assert!(small.capacity() >= 100);
+    // Nothing missing: nothing reserved.
+    let cap = small.capacity();
+    reserve_frame(&mut small, 10);
+    assert_eq!(small.capacity(), cap);
+}

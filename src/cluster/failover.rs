@@ -44,24 +44,50 @@ use crate::registry::{
 /// One adoption as `volume info` shows it (`last_failover`).
 pub use crate::api_types::FailoverRecord;
 
-/// The last adoption of each volume this node made.
+/// The last adoption of each volume this node made, and the adoptions under way.
+///
+/// An adoption is marked pending before the engine opens the volume and stays so until its
+/// record is written: the engine publishes the volume as soon as it is open, so without the mark
+/// `volume info` could show the new owner `running` with no `last_failover` yet (the API shows a
+/// pending volume as `adopting`).
 #[derive(Default)]
-pub struct FailoverLog(Mutex<BTreeMap<String, FailoverRecord>>);
+pub struct FailoverLog(Mutex<LogInner>);
+
+#[derive(Default)]
+struct LogInner {
+    records: BTreeMap<String, FailoverRecord>,
+    pending: BTreeSet<String>,
+}
 
 impl FailoverLog {
+    fn inner(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An adoption of `volume` starts.
+    pub fn begin(&self, volume: &str) {
+        self.inner().pending.insert(volume.to_string());
+    }
+
+    /// The adoption of `volume` failed: nothing to record.
+    pub fn abort(&self, volume: &str) {
+        self.inner().pending.remove(volume);
+    }
+
+    /// The adoption of `volume` finished as `record`.
     pub fn record(&self, volume: &str, record: FailoverRecord) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(volume.to_string(), record);
+        let mut inner = self.inner();
+        inner.pending.remove(volume);
+        inner.records.insert(volume.to_string(), record);
     }
 
     pub fn get(&self, volume: &str) -> Option<FailoverRecord> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(volume)
-            .cloned()
+        self.inner().records.get(volume).cloned()
+    }
+
+    /// Whether an adoption of `volume` is under way on this node.
+    pub fn pending(&self, volume: &str) -> bool {
+        self.inner().pending.contains(volume)
     }
 }
 
@@ -321,11 +347,13 @@ impl Failover {
         };
         let manager = self.manager.clone();
         let target = name.clone();
+        self.log.begin(&name);
         let adopted =
             tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag)).await;
         let summary = match adopted {
             Ok(Ok((_, summary))) => summary,
             Ok(Err(e)) => {
+                self.log.abort(&name);
                 let reason = format!("adoption by {} failed: {e}", self.node.name);
                 tracing::error!(volume = %name, %reason, "volume halted");
                 if let Err(e) = self
@@ -338,6 +366,7 @@ impl Failover {
                 return None;
             }
             Err(e) => {
+                self.log.abort(&name);
                 tracing::error!(volume = %name, error = %e, "adoption task failed");
                 return None;
             }
@@ -362,7 +391,7 @@ impl Failover {
             adopt_ms = started.elapsed().as_millis() as u64,
             "volume failed over"
         );
-        // Recorded before anything else, so `volume info` never shows the new owner without it.
+        // Recorded before anything else; until then `volume info` says `adopting` (`FailoverLog`).
         self.log.record(&name, entry.clone());
         (self.on_served)(&name);
         let dtl_dead = record

@@ -34,6 +34,15 @@ pub struct EdgeArgs {
     /// attached volumes are busy at once.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
+    /// NBD TLS and connection limits, as `vstor serve`'s.
+    #[command(flatten)]
+    nbd_frontend: crate::security_args::NbdFrontendArgs,
+    /// Mutual TLS with the volumes' owners (their `--edge-listen` servers).
+    #[command(flatten)]
+    peer_tls: crate::security_args::PeerTlsArgs,
+    /// `--api-token-file` (a global flag): the daemon's API requires that token.
+    #[arg(skip)]
+    api_token_file: Option<std::path::PathBuf>,
     /// Print the daemon's JSON answer instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -43,11 +52,17 @@ pub struct EdgeArgs {
 
 impl EdgeArgs {
     /// `--api`/`--json` given before the command: `vstor --api ADDR edge list`.
-    pub fn inherit(&mut self, api: Option<String>, json: bool) {
+    pub fn inherit(
+        &mut self,
+        api: Option<String>,
+        json: bool,
+        api_token_file: Option<std::path::PathBuf>,
+    ) {
         if let Some(api) = api {
             self.api = api;
         }
         self.json |= json;
+        self.api_token_file = api_token_file;
     }
 }
 
@@ -181,6 +196,36 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
     if reconnect_bound.is_zero() {
         anyhow::bail!("--reconnect-bound must be more than 0");
     }
+    // The NBD frontend's settings are `vstor serve`'s (`[nbd_server]`), checked the same way.
+    let front = &args.nbd_frontend;
+    let mut nbd_settings = crate::config::NbdSettings::default();
+    for (field, value) in [
+        (&mut nbd_settings.tls_cert, &front.tls_cert),
+        (&mut nbd_settings.tls_key, &front.tls_key),
+        (&mut nbd_settings.tls_ca, &front.tls_ca),
+        (&mut nbd_settings.tls, &front.nbd_tls),
+    ] {
+        if let Some(value) = value {
+            field.clone_from(value);
+        }
+    }
+    for (name, value) in [
+        ("--nbd-max-connections", front.nbd_max_connections),
+        (
+            "--nbd-max-connections-per-client",
+            front.nbd_max_connections_per_client,
+        ),
+    ] {
+        if value == Some(0) {
+            anyhow::bail!("{name} must be at least 1");
+        }
+    }
+    let nbd_tls = nbd_settings.resolve_tls()?;
+    let api_token = args
+        .api_token_file
+        .as_deref()
+        .map(|path| crate::api_auth::read_token_file(path, "--api-token-file"))
+        .transpose()?;
     let config = EdgeConfig {
         registry,
         name: args.name.clone().unwrap_or_else(super::host_name),
@@ -188,6 +233,15 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
         nbd: parse("--nbd", &args.nbd)?,
         api: parse("--api", &args.api)?,
         reconnect_bound,
+        nbd_tls,
+        nbd_max_connections: front
+            .nbd_max_connections
+            .unwrap_or(nbd_settings.max_connections),
+        nbd_max_connections_per_client: front
+            .nbd_max_connections_per_client
+            .unwrap_or(nbd_settings.max_connections_per_client),
+        peer_tls: args.peer_tls.clone().load()?,
+        api_token,
     };
     if args.io_threads == 0 {
         anyhow::bail!("--io-threads must be at least 1");

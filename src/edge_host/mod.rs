@@ -7,6 +7,13 @@
 //! HTTP API ([`api`]). On start it re-attaches what the registry records for its name, so after
 //! an edge restart QEMU (`reconnect=1`) finds its socket again.
 //!
+//! Security is `vstor serve`'s: NBD TLS, client certificates and connection limits
+//! (`--tls-*`, `--nbd-tls`, `--nbd-max-connections[-per-client]`, the same NBD server code), a
+//! bearer token on the API (`--api-token-file`, the same middleware), and mutual TLS to the
+//! owners' edge servers (`--peer-tls-*`). Per-volume allow lists are *not* enforced here: they
+//! live in the volume's config on its owner, and the edge protocol's `Welcome` does not carry
+//! them (docs/security.md, known limits).
+//!
 //! Defaults (chosen not to clash with `vstor serve` on the same host: API 7800, NBD 10809):
 //! API `127.0.0.1:7900`, NBD `127.0.0.1:10909`, sockets under `./vstor-edge/vhost`.
 
@@ -42,6 +49,14 @@ pub struct EdgeConfig {
     pub nbd: SocketAddr,
     pub api: SocketAddr,
     pub reconnect_bound: Duration,
+    /// NBD TLS (`--tls-*`, `--nbd-tls`), checked and loaded.
+    pub nbd_tls: Option<vstor_edge::nbd::NbdTls>,
+    pub nbd_max_connections: usize,
+    pub nbd_max_connections_per_client: usize,
+    /// Mutual TLS to the owners' edge servers (`--peer-tls-*`).
+    pub peer_tls: Option<vstor_net::PeerTls>,
+    /// The bearer token the API requires (`--api-token-file`).
+    pub api_token: Option<String>,
 }
 
 /// This machine's host name (the default edge name).
@@ -114,7 +129,22 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     let lease = register(registry.as_ref(), &record, settings.lease_ttl()).await?;
 
     let exports = Arc::new(EdgeExports::default());
-    let nbd = NbdServer::new(exports.clone(), NbdServerConfig::default());
+    crate::api_auth::warn_exposed(
+        api_addr,
+        false,
+        config.api_token.is_some(),
+        nbd_addr,
+        config.nbd_tls.as_ref(),
+    );
+    let nbd = NbdServer::with_tls(
+        exports.clone(),
+        NbdServerConfig {
+            max_connections: config.nbd_max_connections,
+            max_connections_per_client: config.nbd_max_connections_per_client,
+            ..NbdServerConfig::default()
+        },
+        config.nbd_tls.clone(),
+    );
     let vhost = VhostServer::new(
         exports.clone(),
         vhost_dir.clone(),
@@ -125,6 +155,7 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     let remote = RemoteConfig {
         client_name: config.name.clone(),
         reconnect_bound: config.reconnect_bound,
+        tls: config.peer_tls.clone(),
         ..RemoteConfig::default()
     };
     let host = Arc::new(EdgeHost::new(
@@ -149,7 +180,12 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     };
     let api_stop = Arc::new(tokio::sync::Notify::new());
     let api_task = {
-        let app = api::router(host.clone());
+        let token = crate::api_auth::RequiredToken(config.api_token.as_deref().map(Arc::from));
+        // Outermost: a request is checked before it is routed.
+        let app = api::router(host.clone()).layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::api_auth::require_token,
+        ));
         let stop = api_stop.clone();
         tokio::spawn(async move {
             axum::serve(api_listener, app)
@@ -159,8 +195,9 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     };
     let reattached = host.reattach().await?;
     crate::server::announce(&format!(
-        "vstor edge ready: name={} api=http://{api_addr} nbd=nbd://{nbd_addr} vhost={} reattached={reattached}",
+        "vstor edge ready: name={} api=http://{api_addr} nbd={}://{nbd_addr} vhost={} reattached={reattached}",
         config.name,
+        if config.nbd_tls.is_some() { "nbds" } else { "nbd" },
         vhost_dir.display()
     ));
     tracing::info!(edge = %config.name, registry = %registry.describe(), "vstor edge serving");

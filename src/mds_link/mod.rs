@@ -76,6 +76,8 @@ struct Inner {
     registry: Arc<dyn Registry>,
     /// This node (its name and recovery domain place new volumes automatically).
     node: NodeRecord,
+    /// Mutual TLS with the MDSes (`[peer_tls]`); `None`: plain TCP.
+    tls: Option<vstor_net::PeerTls>,
     clients: Mutex<HashMap<String, Arc<MdsClient>>>,
     served: Mutex<BTreeMap<String, Served>>,
 }
@@ -103,6 +105,7 @@ impl MdsLink {
         backend: Arc<dyn ObjectStore>,
         registry: Arc<dyn Registry>,
         node: NodeRecord,
+        tls: Option<vstor_net::PeerTls>,
     ) -> Arc<Self> {
         Arc::new(Self {
             inner: Arc::new(Inner {
@@ -111,6 +114,7 @@ impl MdsLink {
                 backend,
                 registry,
                 node,
+                tls,
                 clients: Mutex::new(HashMap::new()),
                 served: Mutex::new(BTreeMap::new()),
             }),
@@ -228,7 +232,9 @@ impl Inner {
                 return Ok(client.clone());
             }
         }
-        let client = Arc::new(MdsClient::connect(addr, "vstor-node", CALL_TIMEOUT).await?);
+        let client = Arc::new(
+            MdsClient::connect_with(addr, "vstor-node", CALL_TIMEOUT, self.tls.as_ref()).await?,
+        );
         self.clients.lock().insert(addr.to_string(), client.clone());
         Ok(client)
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use vstor_backend::ec::inspect::{FragmentStatus, ObjectHealth, ObjectStatus};
+use vstor_backend::ec::plan::Action;
 use vstor_backend::ec::repair::{RepairOptions, RepairProgress, RepairReport};
 use vstor_backend::ec::store::{EcOptions, EcStore, TierMap};
 use vstor_backend::ObjectStore;
@@ -29,6 +30,9 @@ pub struct BackendArgs {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Mutual TLS with the OSDs (when they run with --peer-tls-*).
+    #[command(flatten)]
+    peer_tls: crate::security_args::PeerTlsArgs,
     #[command(subcommand)]
     verb: BackendVerb,
 }
@@ -65,7 +69,7 @@ enum BackendVerb {
 }
 
 /// An `ec` store over the tier at `spec`, for tools.
-pub fn open_store(spec: Option<&str>) -> Result<EcStore> {
+pub fn open_store(spec: Option<&str>, tls: Option<vstor_net::PeerTls>) -> Result<EcStore> {
     let Some(endpoints) = spec.and_then(registry::etcd_endpoints) else {
         bail!("give the tier's registry: --registry etcd://HOST:PORT (or set VSTOR_REGISTRY)");
     };
@@ -82,12 +86,13 @@ pub fn open_store(spec: Option<&str>) -> Result<EcStore> {
             default_preset: "default".into(),
             timeout: crate::server::EC_CALL_TIMEOUT,
             client: "vstor-cli".into(),
+            tls,
         },
     )?)
 }
 
 pub fn run(args: BackendArgs) -> Result<()> {
-    let store = open_store(args.registry.as_deref())?;
+    let store = open_store(args.registry.as_deref(), args.peer_tls.clone().load()?)?;
     match args.verb {
         BackendVerb::Inspect {
             namespace,
@@ -208,9 +213,20 @@ pub fn repair_until_done(
         let report = store
             .repair_namespace(namespace, options, &show_progress)
             .with_context(|| format!("repair of {namespace} failed"))?;
-        let acted = report.fragments_rebuilt + report.fragments_moved + report.fragments_deleted;
+        // Re-encoded objects are puts: let their fragments past `c` land and the old version
+        // go before looking again (and before this process exits).
+        if !store.wait_background(std::time::Duration::from_secs(120)) {
+            eprintln!("repair {namespace}: re-encoded objects still finishing in the background");
+        }
+        let acted = report.fragments_rebuilt
+            + report.fragments_moved
+            + report.fragments_deleted
+            + report.tombstones_dropped
+            + report.objects_reencoded;
+        // A pass that re-encoded leaves the old versions to the next one.
+        let reencoded = report.objects_reencoded > 0;
         merge(&mut total, report, pass == 0);
-        if total.fully_redundant() || acted == 0 {
+        if (total.fully_redundant() && !reencoded) || acted == 0 {
             break;
         }
     }
@@ -231,6 +247,9 @@ fn merge(total: &mut RepairReport, pass: RepairReport, first: bool) {
     total.fragments_rebuilt_locally += pass.fragments_rebuilt_locally;
     total.fragments_moved += pass.fragments_moved;
     total.fragments_deleted += pass.fragments_deleted;
+    total.tombstones_dropped += pass.tombstones_dropped;
+    total.tombstones_kept = pass.tombstones_kept;
+    total.objects_reencoded += pass.objects_reencoded;
     total.corrupt_found += pass.corrupt_found;
     total.bytes_read += pass.bytes_read;
     total.bytes_written += pass.bytes_written;
@@ -256,6 +275,12 @@ fn print_report(namespace: &str, r: &RepairReport) {
         format_size(r.bytes_written),
         format_size(r.cross_domain_bytes)
     );
+    if r.objects_reencoded > 0 || r.tombstones_dropped > 0 || r.tombstones_kept > 0 {
+        println!(
+            "{namespace}: {} objects re-encoded under a better policy; {} tombstones dropped, {} deleted objects keep theirs (an OSD is down)",
+            r.objects_reencoded, r.tombstones_dropped, r.tombstones_kept
+        );
+    }
     if r.fully_redundant() {
         println!("{namespace}: every object is fully redundant");
         return;
@@ -289,6 +314,7 @@ fn status_text(s: ObjectStatus) -> &'static str {
         ObjectStatus::Degraded => "degraded",
         ObjectStatus::Unavailable => "unavailable",
         ObjectStatus::Unrecoverable => "LOST",
+        ObjectStatus::Deleted => "deleted",
     }
 }
 
@@ -319,6 +345,11 @@ fn print_inspection(namespace: &str, objects: &[ObjectHealth]) {
             o.healthy_fragments,
             usize::from(o.k) + usize::from(o.m)
         );
+        for action in &o.planned {
+            if let Action::ReEncode { k, m } = action {
+                println!("  written under a fallback policy: repair re-encodes it as {k}+{m}");
+            }
+        }
         for f in &o.fragments {
             let copies = f
                 .copies

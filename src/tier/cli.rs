@@ -39,6 +39,9 @@ pub struct OsdArgs {
     /// arrived (slowloris clients); idle connections are kept (daemon).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     frame_timeout: std::time::Duration,
+    /// Mutual TLS (daemon): clients must present a certificate of the cluster CA.
+    #[command(flatten)]
+    peer_tls: crate::security_args::PeerTlsArgs,
     /// Print JSON instead of text (verbs).
     #[arg(long, global = true)]
     json: bool,
@@ -95,7 +98,8 @@ enum PresetVerb {
         /// Bytes of each fragment piece of a full chunk, a multiple of 4 KiB [default: 1M].
         #[arg(long, default_value = "1M")]
         fragment_size: String,
-        /// zstd, lz4 or none.
+        /// zstd, lz4 or none: objects are compressed in 64 KiB blocks (incompressible ones kept
+        /// raw) before encryption and encoding, so partial reads stay partial.
         #[arg(long, default_value = "none")]
         compression: String,
         /// A key file (32 raw bytes, or 64 hex digits): objects are encrypted with AES-256-CTR
@@ -170,6 +174,7 @@ pub fn run_osd(args: OsdArgs) -> Result<()> {
                     domain: args.domain,
                     capacity,
                     frame_timeout: args.frame_timeout,
+                    tls: args.peer_tls.load()?,
                 })
                 .await
             }
@@ -306,10 +311,8 @@ pub fn run_preset(args: PresetArgs) -> Result<()> {
                 }
                 let compression = match compression.as_str() {
                     "none" => Compression::None,
-                    "zstd" | "lz4" => bail!(
-                        "--compression {compression}: compressed fragments are not built yet \
-                         (partial reads must stay partial); use none"
-                    ),
+                    "zstd" => Compression::Zstd,
+                    "lz4" => Compression::Lz4,
                     other => bail!("--compression {other}: choose zstd, lz4 or none"),
                 };
                 let encryption_key = match &encryption_key_file {

@@ -40,6 +40,8 @@ pub struct OsdConfig {
     pub capacity: Option<u64>,
     /// See `OsdServerConfig::frame_timeout`.
     pub frame_timeout: std::time::Duration,
+    /// Mutual TLS: see `OsdServerConfig::tls`.
+    pub tls: Option<vstor_net::PeerTls>,
 }
 
 /// The id in `<data-dir>/osd-id`, if the OSD ran before.
@@ -113,14 +115,20 @@ pub async fn run(config: OsdConfig) -> Result<()> {
         store.clone(),
         OsdServerConfig {
             frame_timeout: config.frame_timeout,
+            tls: config.tls.clone(),
             ..OsdServerConfig::new(id, &config.domain)
         },
         shutdown.clone(),
     ));
     crate::server::announce(&format!(
-        "vstor osd {id} (domain {}) listening on {addr}, data in {}",
+        "vstor osd {id} (domain {}) listening on {addr}, data in {}{}",
         config.domain,
-        data_dir.display()
+        data_dir.display(),
+        if config.tls.is_some() {
+            ", mutual TLS"
+        } else {
+            ""
+        }
     ));
     tracing::info!(osd = id, %addr, "OSD up");
 

@@ -138,17 +138,7 @@ impl TestBackend {
                     .store(&s3.uri, vstor_backend::S3Options::default())
                     .expect("open the S3 backend"),
             ),
-            TestBackend::Ec(ec) => Arc::new(
-                vstor_backend::ec::store::EcStore::new(
-                    Arc::new(tier_map::EtcdTierMap::new(&ec.tier.url())),
-                    vstor_backend::ec::store::EcOptions {
-                        default_preset: "default".into(),
-                        timeout: Duration::from_secs(5),
-                        client: "test".into(),
-                    },
-                )
-                .expect("open the EC store"),
-            ),
+            TestBackend::Ec(ec) => Arc::new(tier_map::ec_store(&ec.tier.url())),
         }
     }
 }
@@ -448,6 +438,19 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run `cmd` whatever its outcome: whether it succeeded, and its stdout then stderr.
+pub fn run_any(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// CRC32C and length of a file's whole logical content (holes read as zeros). Hardware CRC32C
 /// keeps this at about a second per 4 GiB; any wrong byte changes it.
 pub fn checksum_file(path: &Path) -> String {
@@ -463,6 +466,21 @@ pub fn checksum_file(path: &Path) -> String {
         crc = crc32c::crc32c_append(crc, &buf[..n]);
         len += n as u64;
     }
+}
+
+/// `qemu-img convert` an export of `daemon` to a raw file in `dir`; returns its checksum.
+pub fn export_checksum(daemon: &Daemon, export: &str, dir: &Path) -> String {
+    let file = dir.join(format!("{}.raw", export.replace('@', "_at_")));
+    let _ = std::fs::remove_file(&file);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(daemon.uri(export))
+            .arg(&file),
+    );
+    let sum = checksum_file(&file);
+    std::fs::remove_file(&file).unwrap();
+    sum
 }
 
 /// The small blocking NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies, one

@@ -147,16 +147,24 @@ pub struct Tier {
     pub etcd: Etcd,
     pub osds: Vec<Osd>,
     pub root: PathBuf,
+    /// More `vstor osd` arguments for every OSD (`--peer-tls-*`).
+    pub osd_extra: Vec<String>,
 }
 
 impl Tier {
     /// `count` OSDs spread round-robin over `domains` domains (`d0`, `d1`, ...).
     pub fn start(root: &Path, count: usize, domains: usize) -> Self {
+        Self::start_with(root, count, domains, &[])
+    }
+
+    /// Like `start`, every OSD with more arguments.
+    pub fn start_with(root: &Path, count: usize, domains: usize, osd_extra: &[String]) -> Self {
         let etcd = Etcd::start(root);
         let mut tier = Tier {
             etcd,
             osds: Vec::new(),
             root: root.to_path_buf(),
+            osd_extra: osd_extra.to_vec(),
         };
         for i in 0..count {
             tier.add_osd(&format!("d{}", i % domains));
@@ -173,7 +181,8 @@ impl Tier {
 
     pub fn add_osd(&mut self, domain: &str) -> usize {
         let name = format!("osd{}", self.osds.len());
-        let osd = Osd::start(&self.root, &name, &self.url(), domain, "4G");
+        let extra: Vec<&str> = self.osd_extra.iter().map(String::as_str).collect();
+        let osd = Osd::start_with(&self.root, &name, &self.url(), domain, "4G", &extra);
         self.osds.push(osd);
         self.osds.len() - 1
     }

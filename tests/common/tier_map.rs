@@ -10,6 +10,20 @@ use vstor_backend::ec::preset::{Compression, Policy, Preset};
 use vstor_backend::ec::store::{NamespaceRecord, OsdEntry, OsdState, TierMap};
 use vstor_backend::{BackendError, Result};
 
+/// A client of the `ec` store over the tier at `url` (etcd), as a node opens it.
+pub fn ec_store(url: &str) -> vstor_backend::ec::store::EcStore {
+    vstor_backend::ec::store::EcStore::new(
+        std::sync::Arc::new(EtcdTierMap::new(url)),
+        vstor_backend::ec::store::EcOptions {
+            default_preset: "default".into(),
+            timeout: std::time::Duration::from_secs(5),
+            client: "test".into(),
+            tls: None,
+        },
+    )
+    .expect("open the EC store")
+}
+
 pub struct EtcdTierMap {
     runtime: tokio::runtime::Runtime,
     client: Client,

@@ -169,4 +169,49 @@ impl Pki {
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca-cert.pem")
     }
+
+    /// `--peer-tls-*` flags of a new cluster member `stem` of this CA, trusting this CA.
+    pub fn peer_flags(&self, stem: &str) -> Vec<String> {
+        peer_tls_flags(&self.peer(stem), &self.ca())
+    }
+}
+
+/// `--peer-tls-*` flags for a certificate and key and a CA.
+pub fn peer_tls_flags((cert, key): &(PathBuf, PathBuf), ca: &Path) -> Vec<String> {
+    vec![
+        "--peer-tls-cert".into(),
+        cert.display().to_string(),
+        "--peer-tls-key".into(),
+        key.display().to_string(),
+        "--peer-tls-ca".into(),
+        ca.display().to_string(),
+    ]
+}
+
+/// Borrowed flags, as the process helpers take them.
+pub fn strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// An `nbds://` URI for libnbd (nbdinfo, nbdcopy) with the credentials directory `dir`.
+pub fn nbds_uri(nbd_addr: &str, volume: &str, dir: &Path) -> String {
+    format!(
+        "nbds://{nbd_addr}/{volume}?tls-certificates={}",
+        dir.display()
+    )
+}
+
+/// qemu's arguments for export `volume` at `nbd_addr` over TLS with the credentials in `dir`
+/// (`tls-creds-x509`).
+pub fn qemu_tls_args(nbd_addr: &str, volume: &str, dir: &Path) -> Vec<String> {
+    let (host, port) = nbd_addr.rsplit_once(':').unwrap();
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            dir.display()
+        ),
+        "--image-opts".into(),
+        format!("driver=nbd,host={host},port={port},export={volume},tls-creds=tls0"),
+    ]
 }

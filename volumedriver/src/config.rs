@@ -61,6 +61,22 @@ pub struct VolumeConfig {
     /// Volumes written before allow lists existed load with empty lists.
     #[serde(default, flatten)]
     pub access: VolumeAccess,
+    /// Encryption at rest (`volume::crypt`); absent: the volume stores plaintext. Set at
+    /// creation, inherited by clones, never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How a volume's data is encrypted: the mode, where the key is and which key it is. The key
+/// itself is never stored, only read from `key_file` on the node that serves the volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// `aes-256-xts`.
+    pub mode: String,
+    /// Absolute path of the key file on the serving node.
+    pub key_file: std::path::PathBuf,
+    /// The key's fingerprint (`vstor_backend::crypt`), checked whenever the volume is opened.
+    pub fingerprint: String,
 }
 
 /// `VOLUME@SNAPSHOT` a clone was made from.
@@ -158,6 +174,8 @@ pub struct VolumeOptions {
     pub dtl_addr: Option<String>,
     /// The NBD allow list the volume starts with.
     pub access: VolumeAccess,
+    /// Encrypt the volume's data with the key in this file (an absolute path on the node).
+    pub encryption_key_file: Option<std::path::PathBuf>,
 }
 
 impl VolumeOptions {
@@ -169,6 +187,7 @@ impl VolumeOptions {
             dtl_mode: DtlMode::None,
             dtl_addr: None,
             access: VolumeAccess::default(),
+            encryption_key_file: None,
         }
     }
 }
@@ -264,6 +283,11 @@ impl VolumeConfig {
             ));
         }
         validate_dtl(name, options.dtl_mode, options.dtl_addr.as_deref())?;
+        let encryption = options
+            .encryption_key_file
+            .as_deref()
+            .map(|path| Encryption::for_key_file(name, path))
+            .transpose()?;
         Ok(Self {
             name: name.to_string(),
             namespace: name.to_string(),
@@ -284,6 +308,7 @@ impl VolumeConfig {
             ancestors: Vec::new(),
             template: false,
             access: options.access.clone(),
+            encryption,
         })
     }
 
@@ -312,6 +337,33 @@ impl VolumeConfig {
     pub fn decode(volume: &str, what: &str, bytes: &[u8]) -> Result<Self> {
         crate::meta::decode(CONFIG_KIND, CONFIG_VERSION, bytes)
             .map_err(|e| VolumeError::corrupt(volume, what, e.to_string()))
+    }
+}
+
+impl Encryption {
+    /// The setting for a new volume encrypted with the key in `path`: the file is read to take
+    /// the key's fingerprint.
+    pub fn for_key_file(volume: &str, path: &std::path::Path) -> Result<Self> {
+        if !path.is_absolute() {
+            return Err(VolumeError::InvalidConfig {
+                volume: volume.to_string(),
+                reason: format!(
+                    "encryption key file {} must be an absolute path (on the node that serves the volume)",
+                    path.display()
+                ),
+            });
+        }
+        let cipher = vstor_backend::crypt::UnitCipher::load(path).map_err(|source| {
+            VolumeError::EncryptionKey {
+                volume: volume.to_string(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            mode: vstor_backend::crypt::MODE.to_string(),
+            key_file: path.to_path_buf(),
+            fingerprint: cipher.fingerprint().to_string(),
+        })
     }
 }
 

@@ -78,6 +78,14 @@ pub enum VolumeError {
     NotInBackend { volume: String, snapshot: String },
     #[error("volume {volume}: {reason}")]
     Refused { volume: String, reason: String },
+    /// The volume's encryption key cannot be had: the file is missing, unreadable, too short,
+    /// or holds another key than the one the volume was encrypted with.
+    #[error("volume {volume}: {source}")]
+    EncryptionKey {
+        volume: String,
+        #[source]
+        source: BackendError,
+    },
     #[error("volume {volume}: {what} is corrupt: {reason}")]
     Corrupt {
         volume: String,

@@ -363,10 +363,19 @@ impl VolumeManager {
                 reason: "clone chain too deep".into(),
             });
         }
+        if options.encryption_key_file.is_some() {
+            return Err(VolumeError::InvalidConfig {
+                volume: name.to_string(),
+                reason: "a clone inherits its parent's encryption (and key): it cannot set its own"
+                    .into(),
+            });
+        }
         let mut options = options.clone();
         options.size = size;
         options.sco_size = parent_config.sco_size();
         let mut config = VolumeConfig::new(name, &options, now_secs())?;
+        // Same key, same cluster indexes: the clone reads its ancestors' clusters as they are.
+        config.encryption = parent_config.encryption.clone();
         config.parent = Some(ParentRef {
             volume: parent.to_string(),
             snapshot: snapshot.to_string(),

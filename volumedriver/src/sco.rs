@@ -23,7 +23,10 @@
 //!   written again (the local backend may hold it by hard link). Once sealed, its length is
 //!   `4096 + clusters * cluster size` and its data CRC32C is recorded in the TLog (an SCO-CRC entry),
 //!   which the uploader checks before the SCO leaves the node: a SCO damaged in the write buffer is
-//!   caught before it reaches the backend.
+//!   caught before it reaches a store that copies it (S3, the EC tier, a local store on another
+//!   file system). The local store on the same file system links the file with the chunk CRCs
+//!   the write path computed, without reading it again (one checksum pass, issue 9); there the
+//!   damage is caught by the CRC check of its first read.
 //! * The header names its SCO and volume, so a misplaced or swapped file is detected on open.
 
 use std::path::Path;

@@ -90,6 +90,7 @@ use crate::tlog::{self, Entry};
 use crate::types::{ClusterLocation, TLogNumber};
 use crate::wbfs::{StdFs, WbFs};
 
+mod crypt;
 mod dtl_link;
 mod fence;
 mod flush;
@@ -159,6 +160,8 @@ pub struct Volume {
     uncork_sink: parking_lot::RwLock<Option<Arc<dyn mds_link::UncorkSink>>>,
     /// Per-operation latency as the frontends see it (see `latency`).
     latency: crate::latency::IoLatency,
+    /// The data's cipher if the volume is encrypted at rest (see `crypt`).
+    cipher: Option<vstor_backend::crypt::UnitCipher>,
 }
 
 impl Volume {
@@ -233,6 +236,7 @@ impl Volume {
         config: VolumeConfig,
     ) -> Result<Arc<Self>> {
         let name = config.name.clone();
+        let cipher = crypt::load_cipher(&config)?;
         backend
             .create_namespace(&config.namespace, config.owner_tag)
             .map_err(|e| match e {
@@ -262,6 +266,7 @@ impl Volume {
             dir,
             backend,
             State::new(config, TLogList::default()),
+            cipher,
         )))
     }
 
@@ -281,6 +286,7 @@ impl Volume {
         dir: &Path,
         backend: Arc<dyn ObjectStore>,
         state: State,
+        cipher: Option<vstor_backend::crypt::UnitCipher>,
     ) -> Self {
         let owner_tag = state.config.owner_tag;
         Self {
@@ -305,6 +311,7 @@ impl Volume {
             served: served::ServedFacts::new(owner_tag),
             uncork_sink: parking_lot::RwLock::new(None),
             latency: crate::latency::IoLatency::default(),
+            cipher,
         }
     }
 
@@ -352,6 +359,7 @@ impl Volume {
                 format!("configuration is for volume {:?}", config.name),
             ));
         }
+        let cipher = crypt::load_cipher(&config)?;
         match backend.owner_tag(&config.namespace) {
             Ok(current) if current > config.owner_tag => {
                 return Err(VolumeError::Adopted {
@@ -379,7 +387,7 @@ impl Volume {
             state.list_dirty = true;
             state.list_changes += 1;
         }
-        let volume = Self::from_state(fs, dir, backend, state);
+        let volume = Self::from_state(fs, dir, backend, state, cipher);
         {
             let mut st = volume.state.lock();
             volume.rebuild(&mut st, seed)?;

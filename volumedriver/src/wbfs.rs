@@ -95,23 +95,123 @@ pub trait WbFs: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdFs;
 
-struct StdFile(File);
+struct StdFile {
+    file: File,
+    path: PathBuf,
+    /// The same file opened with `O_DIRECT`, for large aligned writes ([`direct`]); opened on
+    /// the first such write, `None` where the file system refuses direct I/O.
+    direct: std::sync::OnceLock<Option<File>>,
+}
+
+impl StdFile {
+    fn new(file: File, path: &Path) -> Self {
+        Self {
+            file,
+            path: path.to_path_buf(),
+            direct: std::sync::OnceLock::new(),
+        }
+    }
+}
 
 impl WbFile for StdFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, offset)
+        if direct::worth_it(buf.len(), offset) {
+            let fd = self.direct.get_or_init(|| direct::open(&self.path));
+            if let Some(fd) = fd {
+                if direct::write_all_at(fd, buf, offset)? {
+                    return Ok(());
+                }
+            }
+        }
+        self.file.write_all_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
     fn size(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
+    }
+}
+
+/// Direct I/O for the write buffer's bulk writes.
+///
+/// Why: a log-structured write buffer writes every byte to a page it has never used before (a new
+/// SCO). Through the page cache each such write allocates and fills fresh pages, which on a VM
+/// whose host reclaims free guest memory (virtio-balloon free page reporting) means a host fault
+/// per page, and then the kernel writes them back anyway: measured on the development VM, 2 GiB
+/// of 1 MiB writes took 0.7–0.9 GB/s buffered against 1.5 GB/s with `O_DIRECT` (benches/README.md).
+/// Data written directly goes to the device once and never lands in the page cache, which the
+/// guest above already does its own caching for.
+///
+/// Only large writes go direct (a 4 KiB write through the page cache returns in a microsecond,
+/// directly it waits for the device), at 4 KiB-aligned offsets and lengths (the SCO format keeps
+/// clusters aligned for this). The kernel keeps the page cache coherent: a direct write
+/// invalidates cached pages of its range, so buffered reads of the same file see it. Durability
+/// is unchanged: `O_DIRECT` without `O_DSYNC` promises nothing until `sync_data`, which every
+/// FLUSH still does. Where the file system refuses `O_DIRECT` (tmpfs) writes stay buffered.
+mod direct {
+    use std::cell::RefCell;
+    use std::fs::{File, OpenOptions};
+    use std::io;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::path::Path;
+
+    /// Alignment of offsets, lengths and memory for direct I/O (the largest logical block size in
+    /// use; 512-byte devices accept it too).
+    const ALIGN: usize = 4096;
+    /// Writes smaller than this stay buffered.
+    const MIN_DIRECT: usize = 128 << 10;
+
+    pub(super) fn worth_it(len: usize, offset: u64) -> bool {
+        len >= MIN_DIRECT && len.is_multiple_of(ALIGN) && offset.is_multiple_of(ALIGN as u64)
+    }
+
+    pub(super) fn open(path: &Path) -> Option<File> {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "no direct I/O; writes stay buffered");
+                None
+            }
+        }
+    }
+
+    thread_local! {
+        /// A per-thread bounce buffer for data whose memory is not aligned.
+        static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Write `buf` at `offset` through the direct descriptor. `Ok(false)` when the file system
+    /// refused this write as direct I/O (the caller writes it buffered).
+    pub(super) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<bool> {
+        let result = if (buf.as_ptr() as usize).is_multiple_of(ALIGN) {
+            file.write_all_at(buf, offset)
+        } else {
+            BOUNCE.with_borrow_mut(|bounce| {
+                if bounce.len() < buf.len() + ALIGN {
+                    bounce.resize(buf.len() + ALIGN, 0);
+                }
+                let skip = bounce.as_ptr().align_offset(ALIGN);
+                let aligned = &mut bounce[skip..skip + buf.len()];
+                aligned.copy_from_slice(buf);
+                file.write_all_at(aligned, offset)
+            })
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -123,11 +223,11 @@ impl WbFs for StdFs {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(Arc::new(StdFile(file)))
+        Ok(Arc::new(StdFile::new(file, path)))
     }
     fn open(&self, path: &Path) -> io::Result<Arc<dyn WbFile>> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Arc::new(StdFile(file)))
+        Ok(Arc::new(StdFile::new(file, path)))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
@@ -510,6 +610,56 @@ mod tests {
         let mut buf = vec![0u8; file.size()? as usize];
         file.read_exact_at(&mut buf, 0)?;
         Ok(buf)
+    }
+
+    /// Bulk writes go through `O_DIRECT` (from aligned and unaligned memory), small ones
+    /// through the page cache, and both read back through the buffered descriptor and a fresh
+    /// open; on tmpfs, which refuses `O_DIRECT`, everything stays buffered and still works.
+    #[test]
+    fn direct_and_buffered_writes_read_back_the_same_bytes() {
+        let disk = tempfile::tempdir().unwrap();
+        let shm = Path::new("/dev/shm");
+        let mut dirs = vec![disk.path().to_path_buf()];
+        let tmpfs = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        if let Some(t) = &tmpfs {
+            dirs.push(t.path().to_path_buf());
+        }
+        for dir in dirs {
+            let path = dir.join("sco");
+            let file = StdFs.create(&path).unwrap();
+            let big: Vec<u8> = (0..(1usize << 20) + 1)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect();
+            let header = vec![0x11u8; 4096];
+            file.write_all_at(&header, 0).unwrap();
+            // Page-aligned slice when the allocation allows one, then a surely unaligned one.
+            let aligned_at = big.as_ptr().align_offset(4096).min(1);
+            file.write_all_at(&big[aligned_at..aligned_at + (1 << 20)], 4096)
+                .unwrap();
+            file.write_all_at(&big[1..=(1 << 20)], 4096 + (1 << 20))
+                .unwrap();
+            let small = vec![0x5au8; 4096];
+            file.write_all_at(&small, 4096 + (2 << 20)).unwrap();
+            file.sync_data().unwrap();
+            let mut expect = header.clone();
+            expect.extend_from_slice(&big[aligned_at..aligned_at + (1 << 20)]);
+            expect.extend_from_slice(&big[1..=(1 << 20)]);
+            expect.extend_from_slice(&small);
+            assert_eq!(file.size().unwrap(), expect.len() as u64);
+            let mut back = vec![0u8; expect.len()];
+            file.read_exact_at(&mut back, 0).unwrap();
+            assert!(back == expect, "read back through the open file in {dir:?}");
+            assert!(
+                fs::read(&path).unwrap() == expect,
+                "read back fresh in {dir:?}"
+            );
+            // Rewriting a range directly is seen by buffered reads (the kernel drops the pages).
+            let again = vec![0xa5u8; 256 << 10];
+            file.write_all_at(&again, 4096).unwrap();
+            let mut part = vec![0u8; again.len()];
+            file.read_exact_at(&mut part, 4096).unwrap();
+            assert!(part == again, "a direct rewrite is visible in {dir:?}");
+        }
     }
 
     #[test]

@@ -6,12 +6,13 @@
 //! ```text
 //! offset size field
 //!      0    4 magic            0x56534631 ("VSF1"), little-endian
-//!      4    2 format version   1, or 2 for a local parity
+//!      4    2 format version   1, 2 for a local parity, 3 for a tombstone
 //!      6    2 codec id         see `codec::CodecId`
 //!      8    1 k                data fragments
 //!      9    1 m                parity fragments
 //!     10    1 index            this fragment (data 0..k, parity k..k+m, local parities after)
-//!     11    1 flags            bit 0: local parity (version 2); others reserved, 0
+//!     11    1 flags            bit 0: local parity (version 2); bit 1: tombstone (version 3);
+//!                              others reserved, 0
 //!     12    4 fragment size    bytes per piece of a full chunk (see `layout`)
 //!     16    8 object size      bytes of the whole object
 //!     24    8 object version   the object's version (a put of the same name makes a new one)
@@ -38,6 +39,16 @@
 //! fragment there is rebuilt from its domain alone. Its header lists the indices it covers
 //! (placement can change later; the group cannot), which is why it needs format version 2.
 //! Fragments without local parity keep version 1, readable by every build.
+//!
+//! A *tombstone* records that the object was deleted at `object version` by the owner holding
+//! `owner tag`: an empty fragment (k = m = 0, index [`TOMBSTONE_INDEX`], no data, so
+//! its block table is only the table CRC) with format version 3 and flag bit 1. It is stored beside the
+//! fragments of the name on every OSD that takes it, so a delete is durable while an OSD is
+//! down: when that OSD returns, its older fragments are older than the tombstone, and reads,
+//! listings and repair treat the name as deleted (see `ec::store`, `ec::plan`). A build that
+//! reads only versions 1 and 2 refuses the header, so an older OSD takes no tombstone and an
+//! older client skips one like any damaged header (it then sees the name as before: listed
+//! while fragments remain).
 
 use super::codec::CodecId;
 
@@ -48,6 +59,12 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const FORMAT_VERSION_LOCAL: u16 = 2;
 /// Header flag: the fragment is a local parity.
 pub const FLAG_LOCAL_PARITY: u8 = 1;
+/// Format of a tombstone.
+pub const FORMAT_VERSION_TOMBSTONE: u16 = 3;
+/// Header flag: the fragment is a tombstone (format version 3).
+pub const FLAG_TOMBSTONE: u8 = 2;
+/// The index a tombstone carries (no code fragment uses it: `k + m + local parities < 255`).
+pub const TOMBSTONE_INDEX: u8 = u8::MAX;
 /// Granularity of the data CRCs.
 pub const BLOCK: usize = 4096;
 const FIXED_HEADER: usize = 52;
@@ -59,7 +76,7 @@ pub const MAX_NAME: usize = 1024;
 pub enum FragmentError {
     #[error("not a fragment (magic {0:#010x})")]
     BadMagic(u32),
-    #[error("fragment format version {0} is not supported (this build reads 1 and 2)")]
+    #[error("fragment format version {0} is not supported (this build reads 1, 2 and 3)")]
     Version(u16),
     #[error("fragment {what} is truncated")]
     Truncated { what: &'static str },
@@ -108,7 +125,47 @@ impl FragmentHeader {
         !self.local_group.is_empty()
     }
 
+    /// The tombstone of `namespace/name`, deleted at `version` under `owner_tag`.
+    pub fn tombstone(namespace: &str, name: &str, version: u64, owner_tag: u64) -> Self {
+        Self {
+            codec: CodecId(0),
+            k: 0,
+            m: 0,
+            index: TOMBSTONE_INDEX,
+            fragment_size: 0,
+            object_size: 0,
+            object_version: version,
+            owner_tag,
+            data_len: 0,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            local_group: Vec::new(),
+        }
+    }
+
+    /// A tombstone: the object was deleted at `object_version`.
+    pub fn is_tombstone(&self) -> bool {
+        self.k == 0 && self.index == TOMBSTONE_INDEX
+    }
+
     fn validate(&self) -> Result<(), FragmentError> {
+        if self.namespace.len() > MAX_NAME || self.name.len() > MAX_NAME {
+            return Err(FragmentError::Invalid("name longer than 1024 bytes".into()));
+        }
+        if self.is_tombstone() {
+            if self.m != 0 || self.data_len != 0 || self.object_size != 0 || self.is_local_parity()
+            {
+                return Err(FragmentError::Invalid(
+                    "a tombstone has no code, data or group".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.index == TOMBSTONE_INDEX {
+            return Err(FragmentError::Invalid(format!(
+                "index {TOMBSTONE_INDEX} is a tombstone's"
+            )));
+        }
         let n = u16::from(self.k) + u16::from(self.m);
         if self.k == 0 || (u16::from(self.index) >= n) != self.is_local_parity() {
             return Err(FragmentError::Invalid(format!(
@@ -135,16 +192,15 @@ impl FragmentHeader {
         if self.fragment_size == 0 {
             return Err(FragmentError::Invalid("fragment size 0".into()));
         }
-        if self.namespace.len() > MAX_NAME || self.name.len() > MAX_NAME {
-            return Err(FragmentError::Invalid("name longer than 1024 bytes".into()));
-        }
         Ok(())
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, FragmentError> {
         self.validate()?;
         let mut out = Vec::with_capacity(self.encoded_len());
-        let (version, flags) = if self.is_local_parity() {
+        let (version, flags) = if self.is_tombstone() {
+            (FORMAT_VERSION_TOMBSTONE, FLAG_TOMBSTONE)
+        } else if self.is_local_parity() {
             (FORMAT_VERSION_LOCAL, FLAG_LOCAL_PARITY)
         } else {
             (FORMAT_VERSION, 0)
@@ -214,8 +270,20 @@ impl FragmentHeader {
         if stored != computed {
             return Err(FragmentError::HeaderCrc { stored, computed });
         }
-        if version != FORMAT_VERSION && version != FORMAT_VERSION_LOCAL {
+        if ![
+            FORMAT_VERSION,
+            FORMAT_VERSION_LOCAL,
+            FORMAT_VERSION_TOMBSTONE,
+        ]
+        .contains(&version)
+        {
             return Err(FragmentError::Version(version));
+        }
+        let tombstone = version == FORMAT_VERSION_TOMBSTONE;
+        if tombstone != (flags & FLAG_TOMBSTONE != 0) {
+            return Err(FragmentError::Invalid(format!(
+                "format version {version} with flags {flags:#04x}"
+            )));
         }
         let text = |at: usize, len: usize| -> Result<String, FragmentError> {
             String::from_utf8(field(at, len)?.to_vec())
@@ -241,6 +309,11 @@ impl FragmentHeader {
             },
         };
         header.validate()?;
+        if tombstone != header.is_tombstone() {
+            return Err(FragmentError::Invalid(
+                "a tombstone's format with a fragment's fields, or the reverse".into(),
+            ));
+        }
         Ok(header)
     }
 
@@ -443,6 +516,38 @@ mod tests {
         assert!(g.encode().is_err());
     }
 
+    #[test]
+    fn a_tombstone_reads_back_and_cannot_pose_as_a_fragment() {
+        let t = FragmentHeader::tombstone("vol-a", "00000001.sco", 42, 7);
+        let file = encode_fragment(&t, &[]).unwrap();
+        assert_eq!(file.len() as u64, t.file_len());
+        assert_eq!(
+            u16::from_le_bytes([file[4], file[5]]),
+            FORMAT_VERSION_TOMBSTONE
+        );
+        let back = FragmentHeader::decode(&file).unwrap();
+        assert!(back.is_tombstone());
+        assert_eq!(back, t);
+        assert!(parse_table(&back, &file[back.table_offset() as usize..])
+            .unwrap()
+            .is_empty());
+        // A tombstone with data, or a fragment with the tombstone's index, is refused.
+        let mut with_data = t.clone();
+        with_data.data_len = 1;
+        assert!(with_data.encode().is_err());
+        let mut posing = header(10);
+        posing.index = TOMBSTONE_INDEX;
+        assert!(posing.encode().is_err());
+        // Format 3 without the flag (or a fragment's header with it) is refused.
+        let mut bytes = t.encode().unwrap();
+        bytes[11] = 0;
+        let end = bytes.len() - 4;
+        let crc = crc32c::crc32c(&bytes[..end]);
+        bytes[end..].copy_from_slice(&crc.to_le_bytes());
+        assert!(FragmentHeader::decode(&bytes).is_err());
+        assert!(!header(10).is_tombstone());
+    }
+
     proptest! {
         /// Any single flipped byte of a header is caught: the decoder errors, never misreads.
         #[test]
@@ -450,9 +555,12 @@ mod tests {
             pos in any::<prop::sample::Index>(),
             flip in 1u8..=255,
             local in any::<bool>(),
+            tombstone in any::<bool>(),
         ) {
             let mut h = header(12_345);
-            if local {
+            if tombstone {
+                h = FragmentHeader::tombstone("vol-a", "obj", 9, 2);
+            } else if local {
                 h.index = 11;
                 h.local_group = vec![2, 5, 7];
             }

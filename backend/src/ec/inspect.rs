@@ -11,9 +11,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::fragment::TOMBSTONE_INDEX;
 use super::plan::{plan_object, Action, CopyHealth, ObjectSeen, Plan, PlanOsd, VersionSeen};
 use super::preset::Preset;
-use super::store::{object_key, EcStore, OsdEntry, OsdState};
+use super::store::{object_key, write_slots, EcStore, OsdEntry, OsdState};
 use crate::osd::proto::{ErrorCode, HeadEntry, Message};
 use crate::{validate_name, BackendError, Result};
 
@@ -85,6 +86,10 @@ pub enum ObjectStatus {
     Unavailable,
     /// Fewer than `k` fragments exist: the object is lost.
     Unrecoverable,
+    /// Its newest record is a tombstone: reads and listings do not see it; repair removes
+    /// the older fragments left (an OSD that was down at the delete) and the tombstones.
+    /// A namespace's inspection leaves such objects out; asking for one by name shows it.
+    Deleted,
 }
 
 /// One object's health, as `vstor backend inspect` reports it.
@@ -140,8 +145,12 @@ impl Observed {
             .collect()
     }
 
+    /// The repair plan of the object. With `rebalance`, an object written under one of its
+    /// preset's fallback policies is re-encoded once the writable OSDs (those that answered)
+    /// hold a better policy: its plan is then that alone (the rewrite replaces every fragment,
+    /// so rebuilding or moving the old ones first would be wasted).
     pub(super) fn plan(&self, osds: &[OsdEntry], preset: Option<&Preset>, rebalance: bool) -> Plan {
-        plan_object(
+        let mut plan = plan_object(
             &self.seen,
             &self.plan_osds(osds),
             |k, m| {
@@ -150,7 +159,32 @@ impl Observed {
                     .map_or(usize::from(m.max(1)), |p| usize::from(p.x))
             },
             rebalance,
-        )
+        );
+        let Some(preset) = preset.filter(|_| rebalance && plan.version.is_some()) else {
+            return plan;
+        };
+        let current = preset
+            .policies
+            .iter()
+            .position(|p| (p.k, p.m) == (plan.k, plan.m));
+        let answering: Vec<OsdEntry> = osds
+            .iter()
+            .filter(|o| !self.silent.contains(&o.slot.id))
+            .cloned()
+            .collect();
+        if let (Some(current), Some((best, policy))) =
+            (current, preset.choose(&write_slots(&answering)))
+        {
+            if best < current {
+                plan.actions = vec![Action::ReEncode {
+                    k: policy.k,
+                    m: policy.m,
+                }];
+                plan.pending.clear();
+                plan.unplaceable.clear();
+            }
+        }
+        plan
     }
 }
 
@@ -181,10 +215,14 @@ impl EcStore {
     ) -> Result<(Holders, BTreeSet<u64>)> {
         let mut names: Holders = BTreeMap::new();
         let mut silent = BTreeSet::new();
-        let live = osds
+        // When no OSD can be reached, the survey knows nothing: say why (the first OSD's error,
+        // e.g. a refused TLS handshake) rather than report an empty namespace.
+        let (mut first_error, mut unreachable) = (None, 0);
+        let live: Vec<&OsdEntry> = osds
             .iter()
-            .filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining));
-        for entry in live {
+            .filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining))
+            .collect();
+        for &entry in &live {
             let mut after = String::new();
             // Bounded: each page moves `after` forward, and a name sorts after the last one.
             loop {
@@ -196,10 +234,16 @@ impl EcStore {
                         limit: 1000,
                     },
                 )])?;
-                let Some((_, Ok(Message::Listing { fragments }))) = answer.into_iter().next()
-                else {
-                    silent.insert(entry.slot.id);
-                    break;
+                let fragments = match answer.into_iter().next() {
+                    Some((_, Ok(Message::Listing { fragments }))) => fragments,
+                    other => {
+                        if let Some((_, Err(e @ BackendError::Osd { .. }))) = other {
+                            first_error.get_or_insert(e);
+                            unreachable += 1;
+                        }
+                        silent.insert(entry.slot.id);
+                        break;
+                    }
                 };
                 let Some(last) = fragments.last().map(|f| f.name.clone()) else {
                     break;
@@ -211,6 +255,11 @@ impl EcStore {
                     break;
                 }
                 after = last;
+            }
+        }
+        if !live.is_empty() && unreachable == live.len() {
+            if let Some(e) = first_error {
+                return Err(e);
             }
         }
         Ok((names, silent))
@@ -229,7 +278,7 @@ impl EcStore {
             name: name.to_string(),
             seen: ObjectSeen {
                 key: object_key(namespace, name),
-                versions: BTreeMap::new(),
+                ..ObjectSeen::default()
             },
             heads: BTreeMap::new(),
             silent: BTreeSet::new(),
@@ -253,6 +302,15 @@ impl EcStore {
                 continue;
             };
             for head in heads {
+                if head.index == TOMBSTONE_INDEX && head.k == 0 {
+                    observed
+                        .seen
+                        .tombstones
+                        .entry(head.version)
+                        .or_default()
+                        .insert(entry.slot.id);
+                    continue;
+                }
                 let version = observed
                     .seen
                     .versions
@@ -350,6 +408,10 @@ impl EcStore {
         let mut out = Vec::new();
         for observed in self.observe_all(namespace, object, &osds, verify)? {
             let plan = observed.plan(&osds, preset.as_ref(), true);
+            // A deleted object is not part of the namespace (unless asked for by name).
+            if plan.deleted.is_some() && object.is_none() {
+                continue;
+            }
             out.push(health_of(&observed, &plan, &osds));
         }
         Ok(out)
@@ -397,7 +459,7 @@ impl EcStore {
 /// The report of one object from what was observed and the plan.
 pub(super) fn health_of(observed: &Observed, plan: &Plan, osds: &[OsdEntry]) -> ObjectHealth {
     let newest = observed.seen.versions.keys().next_back().copied();
-    let version = plan.version.or(newest).unwrap_or(0);
+    let version = plan.version.or(plan.deleted).or(newest).unwrap_or(0);
     let head = observed.heads.get(&version);
     let (k, m) = head.map_or((0, 0), |h| (h.k, h.m));
     let current = observed.seen.versions.get(&version);
@@ -423,6 +485,7 @@ pub(super) fn health_of(observed: &Observed, plan: &Plan, osds: &[OsdEntry]) -> 
                 index: i,
                 ..
             } => *v == version && *i == index,
+            Action::DropTombstone { .. } | Action::ReEncode { .. } => false,
         });
         let status = if plan.pending.contains(&index) {
             FragmentStatus::Pending
@@ -462,6 +525,7 @@ pub(super) fn health_of(observed: &Observed, plan: &Plan, osds: &[OsdEntry]) -> 
         })
         .collect();
     let status = match &plan.unrecoverable {
+        _ if plan.deleted.is_some() => ObjectStatus::Deleted,
         Some(lost) if lost.waiting_for_down => ObjectStatus::Unavailable,
         Some(_) => ObjectStatus::Unrecoverable,
         None if plan.actions.is_empty()

@@ -3,6 +3,8 @@
 //! and presets. No I/O here; the OSD daemon, its protocol and the `ec` ObjectStore build on these.
 //!
 //! - [`codec`]: `ErasureCodec` and systematic Reed-Solomon over GF(2^8).
+//! - [`compress`]: objects compressed in independent 64 KiB blocks with a block index, so a
+//!   ranged read decompresses only the blocks it needs (the store's side: `unpack`).
 //! - [`layout`]: chunks and contiguous data pieces, so a small read touches one data fragment.
 //! - [`fragment`]: the self-describing fragment file (header, data, per-4 KiB CRC32C table).
 //! - [`placement`]: weighted rendezvous hashing per fragment with a per-domain cap.
@@ -13,6 +15,7 @@
 //!   [`inspect`] and [`repair`] add inspection, repair, rebalancing and scrub to it.
 
 pub mod codec;
+pub mod compress;
 pub mod crypt;
 pub mod fragment;
 pub mod inspect;
@@ -29,6 +32,7 @@ mod repair_tests;
 pub mod store;
 #[cfg(test)]
 mod testkit;
+mod unpack;
 mod write;
 #[cfg(test)]
 #[path = "write_tests.rs"]

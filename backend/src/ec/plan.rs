@@ -9,6 +9,15 @@
 //! that may hold the rest is only down), and nothing is done to it: acting on fewer than `k`
 //! fragments could only lose what is left.
 //!
+//! **Deleted objects.** A tombstone (a delete, `fragment`) newer than every readable version
+//! means the object is deleted: every copy of an older version on an OSD that answered is
+//! deleted (an OSD that was down at the delete came back with them), and once no OSD of the
+//! map is down (nothing older can come back: an OSD taking a tombstone drops what it holds
+//! that is older) and no newer version is under way, the tombstones themselves are dropped,
+//! after those deletes succeeded. A readable version newer than the tombstones makes them
+//! stale: they are dropped with the other stale copies. Versions newer than the tombstone
+//! with fewer than `k` fragments (a put in progress) are left alone.
+//!
 //! **Where fragments belong.** Placement is recomputed over the map's *members*: OSDs up or
 //! down (a down OSD is still a member until it is out, so its fragments are not rebuilt while
 //! it might come back: Ceph's grace period), with their weights; draining and out OSDs are not
@@ -66,11 +75,14 @@ pub struct VersionSeen {
     pub copies: BTreeMap<u8, BTreeMap<u64, CopyHealth>>,
 }
 
-/// An object as observed: its placement key (`namespace/name`) and every version seen.
+/// An object as observed: its placement key (`namespace/name`), every version seen and every
+/// tombstone seen.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ObjectSeen {
     pub key: String,
     pub versions: BTreeMap<u64, VersionSeen>,
+    /// Tombstone version → the OSDs holding it.
+    pub tombstones: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 /// One step of a plan.
@@ -83,6 +95,14 @@ pub enum Action {
     Move { index: u8, from: u64, to: u64 },
     /// Delete fragment `index` of `version` on `on` (stale version, misplaced or corrupt copy).
     Delete { version: u64, index: u8, on: u64 },
+    /// Drop the tombstone of `version` on `on`: the delete it records can no longer be undone
+    /// by an OSD coming back, or a newer version supersedes it. Always after the deletes.
+    DropTombstone { version: u64, on: u64 },
+    /// The object was written under a fallback policy and the map now holds a better one of
+    /// its preset: write it again as `k + m` (the next version; the old one is then stale).
+    /// Decided outside the planner, from the preset (`inspect::Observed::plan`); alone in
+    /// its plan.
+    ReEncode { k: u8, m: u8 },
 }
 
 /// Why nothing can be done for an object.
@@ -113,6 +133,8 @@ pub struct Plan {
     /// Indices with no healthy copy and no OSD that could take one.
     pub unplaceable: Vec<u8>,
     pub unrecoverable: Option<Unrecoverable>,
+    /// The object was deleted: the newest tombstone's version (`version` is then `None`).
+    pub deleted: Option<u64>,
 }
 
 impl Plan {
@@ -164,12 +186,55 @@ pub fn plan_object(
             .filter(|i| !healthy(v, **i).is_empty())
             .count()
     };
-    let Some((&version, current)) = seen
-        .versions
-        .iter()
-        .rev()
-        .find(|(_, v)| v.k > 0 && readable(v) >= usize::from(v.k))
-    else {
+    // Deletes of every copy, on an OSD that answered, of the versions before `version`.
+    let older_than = |version: u64| -> Vec<Action> {
+        let mut out = Vec::new();
+        for (older, v) in seen.versions.range(..version) {
+            for (index, copies) in &v.copies {
+                for id in copies.keys().filter(|id| reachable(state(**id))) {
+                    out.push(Action::Delete {
+                        version: *older,
+                        index: *index,
+                        on: *id,
+                    });
+                }
+            }
+        }
+        out
+    };
+    let tombstone = seen.tombstones.keys().next_back().copied();
+    // Tombstone copies on OSDs that answered: dropped last, only once nothing else failed.
+    let drops = || -> Vec<Action> {
+        seen.tombstones
+            .iter()
+            .flat_map(|(version, on)| {
+                on.iter()
+                    .filter(|id| reachable(state(**id)))
+                    .map(|id| Action::DropTombstone {
+                        version: *version,
+                        on: *id,
+                    })
+            })
+            .collect()
+    };
+    let Some((&version, current)) = seen.versions.iter().rev().find(|(version, v)| {
+        v.k > 0 && readable(v) >= usize::from(v.k) && Some(**version) > tombstone
+    }) else {
+        if let Some(deleted) = tombstone {
+            // Every reachable copy older than the delete goes; versions newer than it (a put
+            // under way) stay, and so do the tombstones while they do or an OSD is down.
+            let mut actions = older_than(deleted);
+            let settled = seen.versions.range(deleted..).next().is_none()
+                && osds.iter().all(|o| o.state != OsdState::Down);
+            if settled {
+                actions.extend(drops());
+            }
+            return Plan {
+                actions,
+                deleted: Some(deleted),
+                ..Plan::default()
+            };
+        }
         let unrecoverable = seen
             .versions
             .iter()
@@ -338,20 +403,12 @@ pub fn plan_object(
         }
     }
     // Older versions are stale: the object's version is readable, so they are never needed.
-    for (older, v) in seen.versions.range(..version) {
-        for (index, copies) in &v.copies {
-            for id in copies.keys().filter(|id| reachable(state(**id))) {
-                deletes.push(Action::Delete {
-                    version: *older,
-                    index: *index,
-                    on: *id,
-                });
-            }
-        }
-    }
+    deletes.extend(older_than(version));
     let mut actions = rebuilds;
     actions.extend(moves);
     actions.extend(deletes);
+    // Tombstones older than a readable version: that version is what reads return anyway.
+    actions.extend(drops());
     Plan {
         version: Some(version),
         k,
@@ -361,6 +418,7 @@ pub fn plan_object(
         pending,
         unplaceable,
         unrecoverable: None,
+        deleted: None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! The planner against a model of the OSDs: plans are applied action by action and checked.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
@@ -25,7 +25,7 @@ fn osd(id: u64, domain: usize, state: OsdState) -> PlanOsd {
 fn seen_of(key: &str, model: &Model, shapes: &BTreeMap<u64, (u8, u8)>) -> ObjectSeen {
     let mut seen = ObjectSeen {
         key: key.into(),
-        versions: BTreeMap::new(),
+        ..ObjectSeen::default()
     };
     for ((version, index, osd), health) in model {
         let (k, m) = shapes[version];
@@ -81,6 +81,10 @@ fn apply(plan: &Plan, model: &mut Model, osds: &[PlanOsd]) -> Result<(), TestCas
                 model.insert((v, index, to), CopyHealth::Healthy);
                 model.remove(&(v, index, from));
             }
+            Action::DropTombstone { version, .. } => {
+                prop_assert!(version < v, "dropped a tombstone not older than the object");
+            }
+            Action::ReEncode { .. } => prop_assert!(false, "the planner never re-encodes"),
             Action::Delete { version, index, on } => {
                 prop_assert!(version <= v, "deleted a newer version");
                 prop_assert!(model.remove(&(version, index, on)).is_some());
@@ -198,7 +202,9 @@ proptest! {
                 let (from, to) = match *action {
                     Action::Move { from, to, .. } => (Some(from), to),
                     Action::Rebuild { to, .. } => (None, to),
-                    Action::Delete { .. } => continue,
+                    Action::Delete { .. }
+                    | Action::DropTombstone { .. }
+                    | Action::ReEncode { .. } => continue,
                 };
                 prop_assert!(!from.is_some_and(up), "moved off an up OSD");
                 {
@@ -229,6 +235,77 @@ proptest! {
         let again = plan_object(&seen_of("ns/obj", &model, &shapes), &osds, |_, _| x, rebalance);
         prop_assert_eq!(again.version, Some(v));
         prop_assert!(again.actions.is_empty(), "second plan: {:?}", again.actions);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// With tombstones: a tombstone newer than every readable version makes the object deleted
+    /// (nothing older survives the plan, nothing newer is touched, and tombstones go only once
+    /// no OSD is down and no newer version is under way); one older than a readable version
+    /// changes nothing about the repair of that version but is dropped.
+    #[test]
+    fn tombstones_delete_what_is_older_and_go_only_when_nothing_can_come_back(
+        (osds, mut model, shapes, x, rebalance) in arb_case(),
+        (at, holders) in (0u64..4, proptest::collection::btree_set(0u64..10, 1..4)),
+    ) {
+        let mut seen = seen_of("ns/obj", &model, &shapes);
+        // Tombstones on OSDs that answered (a down OSD's tombstone is not seen).
+        let on: BTreeSet<u64> = holders
+            .into_iter()
+            .filter(|id| osds.get(*id as usize).is_some_and(|o| reachable(o.state)))
+            .collect();
+        if on.is_empty() {
+            return Ok(());
+        }
+        let tombstone = at * 10 + 5; // between versions (10, 20, ...): never equal to one
+        seen.tombstones.insert(tombstone, on.clone());
+        let without = plan_object(&seen_of("ns/obj", &model, &shapes), &osds, |_, _| x, rebalance);
+        let plan = plan_object(&seen, &osds, |_, _| x, rebalance);
+        let drops: Vec<&Action> = plan
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::DropTombstone { .. }))
+            .collect();
+        // Drops come last.
+        let first_drop = plan.actions.iter().position(|a| matches!(a, Action::DropTombstone { .. }));
+        let drops_last = first_drop.is_none_or(|at| {
+            plan.actions[at..]
+                .iter()
+                .all(|a| matches!(a, Action::DropTombstone { .. }))
+        });
+        prop_assert!(drops_last, "a tombstone dropped before a delete");
+        match without.version {
+            Some(v) if v > tombstone => {
+                // The tombstone is stale: the plan is the plain one, plus its drops.
+                prop_assert_eq!(plan.version, Some(v));
+                prop_assert_eq!(&plan.actions[..without.actions.len()], &without.actions[..]);
+                prop_assert_eq!(drops.len(), on.len());
+            }
+            _ => {
+                prop_assert_eq!(plan.version, None);
+                prop_assert_eq!(plan.deleted, Some(tombstone));
+                for action in &plan.actions {
+                    if let Action::Delete { version, index, on } = *action {
+                        prop_assert!(version < tombstone, "deleted a version after the delete");
+                        prop_assert!(model.remove(&(version, index, on)).is_some());
+                    }
+                }
+                prop_assert!(
+                    model.keys().all(|(version, _, _)| *version > tombstone),
+                    "a copy older than the delete survived: {:?}", model
+                );
+                let nothing_down = osds.iter().all(|o| o.state != OsdState::Down);
+                let newer = shapes.keys().any(|v| *v > tombstone)
+                    && model.keys().any(|(v, _, _)| *v > tombstone);
+                if nothing_down && !newer {
+                    prop_assert_eq!(drops.len(), on.len());
+                } else {
+                    prop_assert!(drops.is_empty(), "dropped a tombstone too early");
+                }
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::codec::{codec, CodecId};
+use super::fragment::TOMBSTONE_INDEX;
 use super::layout::Layout;
 use super::placement::{ranking, OsdSlot};
 use super::store::{object_key, EcStore, Found, OsdEntry, OsdState};
@@ -20,6 +21,10 @@ impl EcStore {
     /// placement put its fragments); when that finds fewer than `k` fragments of any version,
     /// every other up or draining OSD; and only then the OSDs the map says are down (each
     /// costs at most the timeout). An OSD that is out is never asked.
+    ///
+    /// A tombstone (a delete) counts like a readable version: when the newest of those is a
+    /// tombstone the object does not exist, whatever older fragments an OSD that missed the
+    /// delete still holds. A lookup that found a tombstone does not ask the down OSDs.
     pub(super) fn find(&self, namespace: &str, name: &str) -> Result<Found> {
         let key = (namespace.to_string(), name.to_string());
         if let Some(found) = self.found.lock().get(&key) {
@@ -61,11 +66,16 @@ impl EcStore {
         // Every fragment seen, local parities and extra copies included: `(version, index, OSD)`.
         let mut seen: Vec<(u64, u8, u64)> = Vec::new();
         let mut unreachable = Vec::new();
-        for round in [first, rest, down] {
+        let mut tombstone: Option<u64> = None;
+        for (round, is_down) in [(first, false), (rest, false), (down, true)] {
             let readable = versions
-                .values()
-                .any(|(head, holders)| holders.len() >= usize::from(head.k));
-            if readable {
+                .iter()
+                .filter(|(_, (head, holders))| holders.len() >= usize::from(head.k))
+                .map(|(version, _)| *version)
+                .max();
+            // Settled: a readable version newer than any tombstone seen, or (after asking every
+            // OSD that is up) a tombstone.
+            if readable > tombstone || (tombstone.is_some() && is_down) {
                 break;
             }
             let targets = osds
@@ -90,8 +100,14 @@ impl EcStore {
                     continue;
                 };
                 seen.extend(heads.iter().map(|h| (h.version, h.index, entry.slot.id)));
+                for head in heads
+                    .iter()
+                    .filter(|h| h.index == TOMBSTONE_INDEX && h.k == 0)
+                {
+                    tombstone = tombstone.max(Some(head.version));
+                }
                 // Local parities are for repair; reads and `k` count the code's fragments.
-                for head in heads.into_iter().filter(|h| h.group.is_empty()) {
+                for head in heads.into_iter().filter(|h| h.group.is_empty() && h.k > 0) {
                     let slot = versions
                         .entry(head.version)
                         .or_insert_with(|| (head.clone(), HashMap::new()));
@@ -106,7 +122,15 @@ impl EcStore {
         let best = versions
             .into_iter()
             .filter(|(_, (head, holders))| holders.len() >= usize::from(head.k))
-            .max_by_key(|(version, _)| *version);
+            .max_by_key(|(version, _)| *version)
+            .filter(|(version, _)| Some(*version) > tombstone);
+        if best.is_none() && tombstone.is_some() {
+            // Deleted (and any newer version is a put still in progress, or a failed one).
+            return Err(BackendError::NoSuchObject {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            });
+        }
         let Some((version, (head, holders))) = best else {
             // Nothing readable. With every OSD answering and no fragment anywhere, the object
             // does not exist; otherwise it may, and saying so would make a caller treat lost

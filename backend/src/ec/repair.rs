@@ -11,6 +11,8 @@
 //!   source (`DeleteFragment`): never before the new copy is durable.
 //! - **Delete** (stale versions, misplaced and corrupt copies): only once every rebuild and
 //!   move of the object succeeded.
+//! - **Drop a tombstone**: last, only once every delete of the object succeeded (for a deleted
+//!   object, the planner asks for it only when no OSD is down: see `plan`).
 //!
 //! Writes carry the namespace's current owner tag from the map: repair runs on the volume's
 //! owner node, and a repair started under an older tag is fenced like any stale writer.
@@ -18,9 +20,15 @@
 //! reports progress after every object. Bytes read from an OSD in another failure domain than
 //! a destination count as cross-domain bytes (what a local parity would save).
 //!
-//! Known limits: the object's data is rebuilt in memory (`k` fragments at once); an object
-//! written under a fallback policy (fewer fragments) is not re-encoded under the preset's best
-//! one; a client delete racing a rebuild of the same object can leave a fragment behind (less
+//! - **Re-encode** (an object written under a fallback policy, now that the map holds a better
+//!   one): the object is read whole (decrypted and decompressed) and put again as the
+//!   version after the one read, under the best policy the map holds; the put collects the old
+//!   version once the new one is safe. Skipped if the object changed since the survey. The
+//!   next version, not the clock's: an owner's put since then is newer and stays the object,
+//!   and two repairs re-encoding the same object write the same fragments.
+//!
+//! Known limits: the object's data is rebuilt in memory (`k` fragments at once, or the whole
+//! object to re-encode it); a client delete racing a rebuild of the same object can leave a fragment behind (less
 //! than `k`: unreadable, and the next repair reports it), which repair on the owner node,
 //! serialised with the owner's deletes, avoids.
 
@@ -29,12 +37,13 @@ use std::time::{Duration, Instant};
 #[path = "rebuild.rs"]
 mod rebuild;
 
+use super::fragment::TOMBSTONE_INDEX;
 use super::inspect::Observed;
 use super::plan::{Action, Plan};
 use super::preset::Preset;
 use super::store::{EcStore, OsdEntry, OsdState};
 use crate::osd::proto::Message;
-use crate::{validate_name, BackendError, OwnerTag, Result};
+use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
 
 /// How a repair runs.
 #[derive(Debug, Clone)]
@@ -84,8 +93,18 @@ pub struct RepairReport {
     /// Of those, rebuilt from a local parity and its own domain.
     pub fragments_rebuilt_locally: u64,
     pub fragments_moved: u64,
-    /// Stale versions, misplaced and corrupt copies removed.
+    /// Stale versions, misplaced and corrupt copies removed (for a deleted object, what an
+    /// OSD that missed the delete still held).
     pub fragments_deleted: u64,
+    /// Tombstones dropped: their deletes can no longer be undone by an OSD coming back.
+    #[serde(default)]
+    pub tombstones_dropped: u64,
+    /// Deleted objects whose tombstones must stay (an OSD is down, or a put is under way).
+    #[serde(default)]
+    pub tombstones_kept: u64,
+    /// Objects written under a fallback policy and written again under a better one.
+    #[serde(default)]
+    pub objects_reencoded: u64,
     /// Copies that failed their CRC check (with `verify`).
     pub corrupt_found: u64,
     pub bytes_read: u64,
@@ -229,6 +248,14 @@ impl EcStore {
                 .filter(|h| !h.usable())
                 .count() as u64;
             run.report.pending_fragments += plan.pending.len() as u64;
+            if plan.deleted.is_some()
+                && !plan
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, Action::DropTombstone { .. }))
+            {
+                run.report.tombstones_kept += 1;
+            }
             run.report.unplaceable_fragments += plan.unplaceable.len() as u64;
             match &plan.unrecoverable {
                 Some(lost) if lost.waiting_for_down => {
@@ -359,8 +386,16 @@ impl EcStore {
     /// Carry out `plan` for one object: rebuilds, moves, then (if all succeeded) deletes.
     fn execute(&self, run: &mut Run<'_>, observed: &Observed, plan: &Plan) -> Result<()> {
         let Some(version) = plan.version else {
-            return Ok(());
+            // A deleted object: only deletes and tombstone drops.
+            return self.delete_and_drop(run, &observed.name, plan);
         };
+        if plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::ReEncode { .. }))
+        {
+            return self.reencode(run, &observed.name, version);
+        }
         let name = observed.name.as_str();
         let rebuilds: Vec<(u8, u64)> = plan
             .actions
@@ -411,10 +446,49 @@ impl EcStore {
                 reason: format!("{} (nothing deleted)", failed.join("; ")),
             });
         }
+        self.delete_and_drop(run, name, plan)
+    }
+
+    /// Write `name` (read at `version`) again as `version + 1` under the best policy the map
+    /// holds (see the module docs).
+    fn reencode(&self, run: &mut Run<'_>, name: &str, version: u64) -> Result<()> {
+        let namespace = run.namespace;
+        self.forget(namespace, name);
+        let found = self.find(namespace, name)?;
+        if found.version != version {
+            // Rewritten or deleted since the survey: the next pass looks again.
+            return Ok(());
+        }
+        // The object as a client reads it (decrypted, decompressed): the put below encodes it
+        // as a put would, under the best policy the map holds now.
+        let data = ObjectStore::get(self, namespace, name)?;
+        if self.find(namespace, name)?.version != version {
+            return Ok(());
+        }
+        run.report.bytes_read += data.len() as u64;
+        run.throttle.account(data.len() as u64);
+        self.put_version(namespace, name, &data, run.tag, Some(version + 1))?;
+        let written = self.find(namespace, name).map_or(0, |f| {
+            f.layout.fragment_len() * (u64::from(f.layout.k) + u64::from(f.layout.m))
+        });
+        run.report.bytes_written += written;
+        run.throttle.account(written);
+        run.report.objects_reencoded += 1;
+        Ok(())
+    }
+
+    /// The plan's deletes, then (all of them done) its tombstone drops.
+    fn delete_and_drop(&self, run: &mut Run<'_>, name: &str, plan: &Plan) -> Result<()> {
         for action in &plan.actions {
             if let Action::Delete { version, index, on } = *action {
                 self.delete_fragment(run, name, (version, index), on)?;
                 run.report.fragments_deleted += 1;
+            }
+        }
+        for action in &plan.actions {
+            if let Action::DropTombstone { version, on } = *action {
+                self.delete_fragment(run, name, (version, TOMBSTONE_INDEX), on)?;
+                run.report.tombstones_dropped += 1;
             }
         }
         Ok(())

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use super::fragment::FragmentHeader;
 use super::inspect::{FragmentStatus, ObjectStatus};
+use super::plan::Action;
 use super::repair::{RepairOptions, RepairProgress, RepairReport};
 use super::store::{NamespaceRecord, OsdState, TierMap};
 use super::testkit::{object, tier, Tier};
-use crate::ObjectStore;
+use crate::{BackendError, ObjectStore};
 
 const NS: &str = "vol";
 
@@ -510,4 +511,140 @@ fn new_puts_go_to_up_osds_only() {
     );
     assert_eq!(t.total_fragments(), 60);
     drop(t.runtime);
+}
+
+#[test]
+fn a_delete_while_an_osd_is_down_stays_deleted_when_it_returns() {
+    let mut t = tier(9);
+    let objects = fill(&t, 8);
+    let down = 4;
+    let (gone, kept): (Vec<_>, Vec<_>) = objects
+        .iter()
+        .cloned()
+        .partition(|(name, _)| !t.fragment_files(down, NS, name).is_empty());
+    assert!(gone.len() >= 2, "{} objects on OSD {down}", gone.len());
+    t.kill(down);
+    t.set_state(down, OsdState::Down);
+    for (name, _) in &gone {
+        t.store.delete(NS, name).unwrap();
+    }
+    // A writer holding an older owner tag cannot delete the new owner's objects.
+    t.store.claim(NS, 2).unwrap();
+    let fenced = t.store.delete_if_owner(NS, &kept[0].0, 1).unwrap_err();
+    assert!(matches!(fenced, BackendError::Fenced { .. }), "{fenced}");
+    // The same name put again while the OSD is still down.
+    let again = gone[0].0.clone();
+    let fresh = object(300_000, 99);
+    t.store.put(NS, &again, &fresh).unwrap();
+    assert!(t.store.wait_background(Duration::from_secs(10)));
+    let mut expected: Vec<(String, Vec<u8>)> = kept.clone();
+    expected.push((again.clone(), fresh));
+    expected.sort();
+    let names: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(t.client().list(NS).unwrap(), names);
+    // While the OSD is down the tombstones must stay.
+    let report = repair(&t);
+    assert_eq!(report.tombstones_kept, gone.len() as u64 - 1, "{report:?}");
+
+    t.restart(down);
+    // Its stale fragments are back, and hidden from every reader.
+    assert!(gone[1..]
+        .iter()
+        .all(|(name, _)| !t.fragment_files(down, NS, name).is_empty()));
+    let client = t.client();
+    assert_eq!(client.list(NS).unwrap(), names);
+    for (name, _) in &gone[1..] {
+        let err = client.get(NS, name).unwrap_err();
+        assert!(matches!(err, BackendError::NoSuchObject { .. }), "{err}");
+        assert!(!client.exists(NS, name).unwrap());
+    }
+    assert_exact(&client, &expected);
+    let listed: Vec<String> = t
+        .store
+        .inspect(NS, None, false)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert_eq!(listed, names);
+    let one = t.store.inspect(NS, Some(&gone[1].0), false).unwrap();
+    assert_eq!(one[0].status, ObjectStatus::Deleted, "{one:?}");
+
+    // Repair removes the stale fragments, then the tombstones: nothing of them is left.
+    let report = repair(&t);
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert!(report.fragments_deleted > 0, "{report:?}");
+    assert!(report.tombstones_dropped >= gone.len() as u64, "{report:?}");
+    for id in 0..9 {
+        for (name, _) in &gone[1..] {
+            assert_eq!(
+                t.fragment_files(id, NS, name),
+                Vec::<std::path::PathBuf>::new()
+            );
+        }
+        assert!(t
+            .fragment_files(id, NS, &again)
+            .iter()
+            .all(|f| !f.to_string_lossy().ends_with(".255")));
+    }
+    assert_exact(&t.client(), &expected);
+    let report = repair(&t);
+    assert_eq!(
+        (
+            report.tombstones_dropped,
+            report.tombstones_kept,
+            report.fragments_deleted
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    drop(t.runtime);
+}
+
+#[test]
+fn objects_written_under_a_fallback_policy_are_re_encoded_once_the_osds_are_back() {
+    for preset in ["p", "enc"] {
+        // Three OSDs hold 2+1 (the fallback), not 4+2 at most two per domain.
+        let mut t = tier(3);
+        t.store.reserve_preset(NS, preset).unwrap();
+        t.store.create_namespace(NS, 1).unwrap();
+        let objects: Vec<(String, Vec<u8>)> = (0..6)
+            .map(|i| {
+                let data = object([0, 100, 200_000, 700_000][i % 4] + i, i as u32);
+                let name = format!("{i:08}.sco");
+                t.store.put(NS, &name, &data).unwrap();
+                (name, data)
+            })
+            .collect();
+        assert!(t.store.wait_background(Duration::from_secs(10)));
+        let shapes = |t: &Tier| -> Vec<(u8, u8)> {
+            let health = t.store.inspect(NS, None, false).unwrap();
+            health.iter().map(|o| (o.k, o.m)).collect()
+        };
+        assert_eq!(shapes(&t), vec![(2, 1); 6]);
+        // Nothing better fits yet: nothing planned.
+        let report = repair(&t);
+        assert_eq!(report.objects_reencoded, 0, "{report:?}");
+        for d in 0..3 {
+            t.add_osd(&format!("d{d}"));
+        }
+        let health = t.store.inspect(NS, None, false).unwrap();
+        for o in &health {
+            assert_eq!(o.planned, vec![Action::ReEncode { k: 4, m: 2 }], "{o:?}");
+        }
+        let report = repair(&t);
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert_eq!(report.objects_reencoded, 6, "{report:?}");
+        assert!(t.store.wait_background(Duration::from_secs(10)));
+        assert_eq!(shapes(&t), vec![(4, 2); 6]);
+        assert_exact(&t.client(), &objects);
+        // What the re-encoding puts did not collect goes now; then nothing is left to do.
+        repair(&t);
+        assert_all_healthy(&t, 6);
+        let report = repair(&t);
+        assert_nothing_done(&report);
+        assert_eq!(report.objects_reencoded, 0);
+        assert_exact(&t.client(), &objects);
+        drop(t.runtime);
+    }
 }

@@ -29,36 +29,48 @@
 //! not the namespace's current one in the registry, and every OSD refuses tags older than the
 //! newest it has seen (a claim sends `SetTag` to every OSD).
 //!
-//! **Delete** asks every OSD that is not out to drop all versions of the name. It succeeds when
-//! every OSD that answered did, even if some could not be reached, as long as the map says
-//! those are down (a volume's garbage collection must not stall for the whole grace period
-//! because one OSD died); an OSD the map says is up (or draining) failing, or any OSD refusing,
-//! fails it. What a down OSD holds of the name stays there as an orphan: when the OSD comes
-//! back, `list` reports the name again, a read of it fails with "cannot be rebuilt" rather than
-//! "no such object", and repair reports it unrecoverable and leaves it (an object with fewer
-//! than `k` fragments is indistinguishable from lost data without a tombstone, which neither
-//! the OSDs nor the registry keep yet). Deleting the name again removes it: a caller that
-//! garbage-collects by listing does so on its next pass.
+//! **Delete** stores a *tombstone* (`fragment`: an empty record of the name at a new version,
+//! carrying the owner tag) on every OSD that is not out; an OSD taking it removes its older
+//! fragments of the name at once. It succeeds when every OSD that answered took it, even if
+//! some could not be reached, as long as the map says those are down (a volume's garbage
+//! collection must not stall for the whole grace period because one OSD died) and at least one
+//! OSD took it; an OSD the map says is up (or draining) failing, or any OSD refusing (a fenced
+//! writer: an old owner cannot tombstone the new owner's objects), fails it. What a down OSD
+//! holds of the name stays there, older than the tombstone: `find` and `list` go by an object's
+//! newest record, and when it is a tombstone the object does not exist (not "cannot be
+//! rebuilt"), whatever older fragments reappear. Repair deletes those stale fragments and drops
+//! the tombstones once every OSD that is not out is up and holds nothing older (`plan`). A put
+//! of the same name later gets a newer version than the tombstone (versions from this store
+//! never go backwards: see `next_version`), so it is read as usual. Versions come from the
+//! clock: nodes whose clocks differ by more than the time between a delete on one and a put of
+//! the same name on another would hide the put behind the tombstone (the volume driver never
+//! reuses a name across owners that fast).
 //!
-//! Known limits (issue 12 is in progress): the whole object is encoded in memory; older versions
-//! a store never saw (written before its process started, and not read since) are left for
-//! repair to collect (it deletes them); `list` reports a name once any up or draining OSD holds
-//! a fragment of it.
+//! **Compression.** A namespace whose preset compresses stores each object as a container of
+//! independently compressed 64 KiB blocks with a block index (`compress`), made before
+//! encryption and encoding; ranged reads of it are in `unpack`.
+//!
+//! Known limits (issue 12): the whole object is encoded (and compressed) in memory; older
+//! versions a store never saw (written before its process started, and not read since) are
+//! left for repair to collect (it deletes them); `list` reports a name once any up or draining
+//! OSD holds a fragment of it newer than every tombstone of it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
 use super::codec::{codec, CodecId};
+use super::compress::{self, BlockIndex};
 use super::crypt;
-use super::fragment::{encode_fragment, FragmentHeader};
+use super::fragment::{encode_fragment, FragmentHeader, TOMBSTONE_INDEX};
 use super::layout::Layout;
 use super::local::local_parities;
 use super::placement::{place, OsdSlot};
-use super::preset::Preset;
+use super::preset::{Compression, Preset};
 use super::write::{drive, Background, Clients, FoundCache, PutJob, Shared};
 use crate::osd::client::OsdClient;
 use crate::osd::proto::Message;
@@ -134,6 +146,8 @@ pub struct EcOptions {
     pub timeout: Duration,
     /// Name sent to OSDs in `Hello`.
     pub client: String,
+    /// Mutual TLS with the OSDs; `None`: plain TCP.
+    pub tls: Option<vstor_net::PeerTls>,
 }
 
 /// An object's newest readable version, as the OSDs report it.
@@ -168,6 +182,30 @@ pub(super) fn write_slots(osds: &[OsdEntry]) -> Vec<OsdSlot> {
         .collect()
 }
 
+/// A compressed object's block index and the version it belongs to.
+pub(super) type VersionedIndex = (u64, Arc<BlockIndex>);
+
+/// How a namespace's objects are stored, from its preset.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settings {
+    pub(super) key: Option<crypt::Key>,
+    /// Objects are compressed containers (`compress`) made with this codec.
+    pub(super) compression: Option<compress::Codec>,
+}
+
+impl Settings {
+    pub(super) fn of(preset: &Preset) -> Self {
+        Self {
+            key: preset.encryption_key,
+            compression: match preset.compression {
+                Compression::None => None,
+                Compression::Zstd => Some(compress::Codec::Zstd),
+                Compression::Lz4 => Some(compress::Codec::Lz4),
+            },
+        }
+    }
+}
+
 /// The erasure-coded store.
 pub struct EcStore {
     pub(super) map: Arc<dyn TierMap>,
@@ -181,7 +219,11 @@ pub struct EcStore {
     /// `create_namespace`.
     reserved: Mutex<HashMap<String, String>>,
     /// Each namespace's encryption key, from its preset (fixed at creation), once looked up.
-    keys: Mutex<HashMap<String, Option<crypt::Key>>>,
+    keys: Mutex<HashMap<String, Settings>>,
+    /// The block index of each compressed object read, with the version it belongs to.
+    pub(super) indexes: Mutex<HashMap<(String, String), VersionedIndex>>,
+    /// The last object version this store gave out (puts and tombstones).
+    last_version: AtomicU64,
 }
 
 impl Drop for EcStore {
@@ -216,7 +258,32 @@ impl EcStore {
             background: Arc::default(),
             reserved: Mutex::default(),
             keys: Mutex::default(),
+            indexes: Mutex::default(),
+            last_version: AtomicU64::new(0),
         })
+    }
+
+    /// A version for a new put or tombstone: the clock in nanoseconds, but past `previous`
+    /// (what this store last saw of the name) and past every version this store gave out, so
+    /// a delete then a put of the same name in the same nanosecond still order.
+    pub(super) fn next_version(&self, previous: Option<u64>) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let floor = previous.map_or(now, |p| now.max(p.saturating_add(1)));
+        let mut last = self.last_version.load(Ordering::SeqCst);
+        loop {
+            let version = floor.max(last.saturating_add(1));
+            match self.last_version.compare_exchange(
+                last,
+                version,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return version,
+                Err(seen) => last = seen,
+            }
+        }
     }
 
     /// Make the next `create_namespace(namespace, …)` use `preset` instead of the store's
@@ -238,15 +305,27 @@ impl EcStore {
         &self.options.default_preset
     }
 
-    /// The namespace's encryption key (`None`: its preset does not encrypt). A namespace keeps
-    /// the preset it was created with, and presets are never changed, so this is cached.
-    fn namespace_key(&self, namespace: &str) -> Result<Option<crypt::Key>> {
-        if let Some(key) = self.keys.lock().get(namespace) {
-            return Ok(*key);
+    /// The namespace's encryption key (`None`: its preset does not encrypt).
+    pub(super) fn namespace_key(&self, namespace: &str) -> Result<Option<crypt::Key>> {
+        Ok(self.settings(namespace)?.key)
+    }
+
+    /// How the namespace's objects are stored (encryption key, compression), from its preset.
+    /// A namespace keeps the preset it was created with, and presets are never changed, so
+    /// this is cached.
+    pub(super) fn settings(&self, namespace: &str) -> Result<Settings> {
+        if let Some(settings) = self.keys.lock().get(namespace) {
+            return Ok(*settings);
         }
         let record = self.record(namespace)?;
-        let preset = self
-            .map
+        let settings = Settings::of(&self.preset_of(namespace, &record)?);
+        self.keys.lock().insert(namespace.to_string(), settings);
+        Ok(settings)
+    }
+
+    /// The preset `record` (namespace `namespace`'s) names.
+    fn preset_of(&self, namespace: &str, record: &NamespaceRecord) -> Result<Preset> {
+        self.map
             .preset(&record.preset)?
             .ok_or_else(|| BackendError::Osd {
                 addr: "-".into(),
@@ -254,11 +333,7 @@ impl EcStore {
                     "namespace {namespace} uses unknown preset {}",
                     record.preset
                 ),
-            })?;
-        self.keys
-            .lock()
-            .insert(namespace.to_string(), preset.encryption_key);
-        Ok(preset.encryption_key)
+            })
     }
 
     /// The map the store reads (the node's background repair watches it for changes).
@@ -302,8 +377,14 @@ impl EcStore {
         if let Some(client) = clients.lock().get(&entry.slot.id).filter(|c| c.is_alive()) {
             return Ok(client.clone());
         }
-        let client =
-            Arc::new(OsdClient::connect(&entry.addr, &options.client, options.timeout).await?);
+        let client = OsdClient::connect(
+            &entry.addr,
+            &options.client,
+            options.timeout,
+            options.tls.as_ref(),
+        )
+        .await?;
+        let client = Arc::new(client);
         clients.lock().insert(entry.slot.id, client.clone());
         Ok(client)
     }
@@ -378,6 +459,170 @@ impl EcStore {
             }
         }
         Ok(())
+    }
+
+    /// Read `[offset, offset + buf.len())` of the object as stored (a compressed namespace's
+    /// container), decrypted; returns the version read and its stored size.
+    pub(super) fn read_stored(
+        &self,
+        namespace: &str,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(u64, u64)> {
+        let cached = self
+            .found
+            .lock()
+            .contains_key(&(namespace.to_string(), name.to_string()));
+        let key = self.namespace_key(namespace)?;
+        let found = self.find(namespace, name)?;
+        let (version, size) = match self.read_found(namespace, name, &found, offset, buf) {
+            // What was cached may be out of date (repair moved or rebuilt fragments since):
+            // find again and read once more.
+            Err(e) if cached && !matches!(e, BackendError::RangeOutOfBounds { .. }) => {
+                tracing::debug!(
+                    "{namespace}/{name}: read with cached holders failed ({e}); finding again"
+                );
+                self.forget(namespace, name);
+                let found = self.find(namespace, name)?;
+                self.read_found(namespace, name, &found, offset, buf)?;
+                (found.version, found.layout.size)
+            }
+            other => other.map(|()| (found.version, found.layout.size))?,
+        };
+        if let Some(key) = key {
+            crypt::apply(&key, namespace, name, version, offset, buf);
+        }
+        Ok((version, size))
+    }
+
+    /// Put `data` as `name` under `owner`, as `version` if given (repair re-encoding an object
+    /// writes the version after the one it read, so any put the owner made since stays newer),
+    /// else as a new version from the clock (`next_version`).
+    pub(super) fn put_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        data: &[u8],
+        owner: OwnerTag,
+        version: Option<u64>,
+    ) -> Result<()> {
+        validate_name(name)?;
+        let record = self.check_owner(namespace, owner)?;
+        let preset = self.preset_of(namespace, &record)?;
+        let osds = self.map.osds()?;
+        let slots = write_slots(&osds);
+        let (_, policy) = preset.choose(&slots).ok_or_else(|| BackendError::Osd {
+            addr: "-".into(),
+            reason: format!(
+                "too few writable OSDs or domains for any policy of preset {} ({} OSDs)",
+                preset.name,
+                slots.iter().filter(|s| s.writable).count()
+            ),
+        })?;
+        let placed = place(
+            &object_key(namespace, name),
+            &slots,
+            policy.fragments(),
+            usize::from(policy.x),
+        )
+        .map_err(|e| BackendError::Osd {
+            addr: "-".into(),
+            reason: e.to_string(),
+        })?;
+        // Versions grow with time, and past whatever this store last saw of the name.
+        let previous = self
+            .found
+            .lock()
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned();
+        let version =
+            version.unwrap_or_else(|| self.next_version(previous.as_ref().map(|f| f.version)));
+        let packed;
+        let data = match Settings::of(&preset).compression {
+            Some(codec) => {
+                packed = compress::pack(codec, data).map_err(|reason| BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: format!("cannot compress: {reason}"),
+                })?;
+                packed.as_slice()
+            }
+            None => data,
+        };
+        let sealed;
+        let data = match &preset.encryption_key {
+            Some(key) => {
+                let mut copy = data.to_vec();
+                crypt::apply(key, namespace, name, version, 0, &mut copy);
+                sealed = copy;
+                sealed.as_slice()
+            }
+            None => data,
+        };
+        let files = Self::encode_object(
+            namespace,
+            name,
+            data,
+            preset.fragment_size,
+            (policy.k, policy.m),
+            (version, owner),
+        )?;
+        let locals = if preset.local_parity {
+            local_parities(&object_key(namespace, name), &files, &placed, &slots).map_err(|e| {
+                BackendError::Corrupt {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                }
+            })?
+        } else {
+            Vec::new()
+        };
+        let job = PutJob {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            key: object_key(namespace, name),
+            version,
+            owner,
+            layout: Layout {
+                size: data.len() as u64,
+                k: u32::from(policy.k),
+                m: u32::from(policy.m),
+                fragment_size: preset.fragment_size,
+            },
+            files: files.into_iter().map(Into::into).collect(),
+            placed,
+            locals: locals
+                .into_iter()
+                .map(|(osd, index, file)| (osd, index, file.into()))
+                .collect(),
+            osds,
+            slots,
+            needed: usize::from(policy.c),
+            per_domain: usize::from(policy.x),
+            previous,
+            settled: tokio::sync::watch::channel(()).0,
+        };
+        let shared = Shared {
+            clients: self.clients.clone(),
+            options: self.options.clone(),
+            found: self.found.clone(),
+            map: self.map.clone(),
+        };
+        // Acknowledged once `c` of the `k + m` are durable (local parities do not count); the
+        // rest, their re-routes and the collection of older versions go on in the background.
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        let running = self.background.start();
+        self.run(async move {
+            tokio::spawn(drive(job, shared, ack, running));
+            acked.await.unwrap_or_else(|_| {
+                Err(BackendError::Osd {
+                    addr: "-".into(),
+                    reason: "the put was cancelled (the EC client runtime stopped)".into(),
+                })
+            })
+        })?
     }
 
     /// The `k + m` fragment files of `data` as version `version` under `owner`.
@@ -522,121 +767,7 @@ impl ObjectStore for EcStore {
         data: &[u8],
         owner: OwnerTag,
     ) -> Result<()> {
-        validate_name(name)?;
-        let record = self.check_owner(namespace, owner)?;
-        let preset = self
-            .map
-            .preset(&record.preset)?
-            .ok_or_else(|| BackendError::Osd {
-                addr: "-".into(),
-                reason: format!(
-                    "namespace {namespace} uses unknown preset {}",
-                    record.preset
-                ),
-            })?;
-        let osds = self.map.osds()?;
-        let slots = write_slots(&osds);
-        let (_, policy) = preset.choose(&slots).ok_or_else(|| BackendError::Osd {
-            addr: "-".into(),
-            reason: format!(
-                "too few writable OSDs or domains for any policy of preset {} ({} OSDs)",
-                preset.name,
-                slots.iter().filter(|s| s.writable).count()
-            ),
-        })?;
-        let placed = place(
-            &object_key(namespace, name),
-            &slots,
-            policy.fragments(),
-            usize::from(policy.x),
-        )
-        .map_err(|e| BackendError::Osd {
-            addr: "-".into(),
-            reason: e.to_string(),
-        })?;
-        // Versions grow with time, and past whatever this store last saw of the name.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        let previous = self
-            .found
-            .lock()
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned();
-        let version = previous.as_ref().map_or(now, |f| now.max(f.version + 1));
-        let sealed;
-        let data = match &preset.encryption_key {
-            Some(key) => {
-                let mut copy = data.to_vec();
-                crypt::apply(key, namespace, name, version, 0, &mut copy);
-                sealed = copy;
-                sealed.as_slice()
-            }
-            None => data,
-        };
-        let files = Self::encode_object(
-            namespace,
-            name,
-            data,
-            preset.fragment_size,
-            (policy.k, policy.m),
-            (version, owner),
-        )?;
-        let locals = if preset.local_parity {
-            local_parities(&object_key(namespace, name), &files, &placed, &slots).map_err(|e| {
-                BackendError::Corrupt {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    reason: e.to_string(),
-                }
-            })?
-        } else {
-            Vec::new()
-        };
-        let job = PutJob {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            key: object_key(namespace, name),
-            version,
-            owner,
-            layout: Layout {
-                size: data.len() as u64,
-                k: u32::from(policy.k),
-                m: u32::from(policy.m),
-                fragment_size: preset.fragment_size,
-            },
-            files: files.into_iter().map(Into::into).collect(),
-            placed,
-            locals: locals
-                .into_iter()
-                .map(|(osd, index, file)| (osd, index, file.into()))
-                .collect(),
-            osds,
-            slots,
-            needed: usize::from(policy.c),
-            per_domain: usize::from(policy.x),
-            previous,
-            settled: tokio::sync::watch::channel(()).0,
-        };
-        let shared = Shared {
-            clients: self.clients.clone(),
-            options: self.options.clone(),
-            found: self.found.clone(),
-            map: self.map.clone(),
-        };
-        // Acknowledged once `c` of the `k + m` are durable (local parities do not count); the
-        // rest, their re-routes and the collection of older versions go on in the background.
-        let (ack, acked) = tokio::sync::oneshot::channel();
-        let running = self.background.start();
-        self.run(async move {
-            tokio::spawn(drive(job, shared, ack, running));
-            acked.await.unwrap_or_else(|_| {
-                Err(BackendError::Osd {
-                    addr: "-".into(),
-                    reason: "the put was cancelled (the EC client runtime stopped)".into(),
-                })
-            })
-        })?
+        self.put_version(namespace, name, data, owner, None)
     }
 
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
@@ -647,33 +778,16 @@ impl ObjectStore for EcStore {
     }
 
     fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let cached = self
-            .found
-            .lock()
-            .contains_key(&(namespace.to_string(), name.to_string()));
-        let key = self.namespace_key(namespace)?;
-        let found = self.find(namespace, name)?;
-        let version = match self.read_found(namespace, name, &found, offset, buf) {
-            // What was cached may be out of date (repair moved or rebuilt fragments since):
-            // find again and read once more.
-            Err(e) if cached && !matches!(e, BackendError::RangeOutOfBounds { .. }) => {
-                tracing::debug!(
-                    "{namespace}/{name}: read with cached holders failed ({e}); finding again"
-                );
-                self.forget(namespace, name);
-                let found = self.find(namespace, name)?;
-                self.read_found(namespace, name, &found, offset, buf)?;
-                found.version
-            }
-            other => other.map(|()| found.version)?,
-        };
-        if let Some(key) = key {
-            crypt::apply(&key, namespace, name, version, offset, buf);
+        if self.settings(namespace)?.compression.is_some() {
+            return self.read_compressed(namespace, name, offset, buf);
         }
-        Ok(())
+        self.read_stored(namespace, name, offset, buf).map(drop)
     }
 
     fn size(&self, namespace: &str, name: &str) -> Result<u64> {
+        if self.settings(namespace)?.compression.is_some() {
+            return Ok(self.block_index(namespace, name)?.1.size);
+        }
         Ok(self.find(namespace, name)?.layout.size)
     }
 
@@ -693,6 +807,22 @@ impl ObjectStore for EcStore {
     fn delete_if_owner(&self, namespace: &str, name: &str, owner: OwnerTag) -> Result<()> {
         validate_name(name)?;
         self.check_owner(namespace, owner)?;
+        let previous = self
+            .found
+            .lock()
+            .remove(&(namespace.to_string(), name.to_string()));
+        let version = self.next_version(previous.map(|f| f.version));
+        self.indexes
+            .lock()
+            .remove(&(namespace.to_string(), name.to_string()));
+        let header = FragmentHeader::tombstone(namespace, name, version, owner);
+        let file: bytes::Bytes = encode_fragment(&header, &[])
+            .map_err(|e| BackendError::Corrupt {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason: e.to_string(),
+            })?
+            .into();
         let targets = self
             .map
             .osds()?
@@ -701,24 +831,28 @@ impl ObjectStore for EcStore {
             .map(|entry| {
                 (
                     entry,
-                    Message::Delete {
+                    Message::Put {
                         namespace: namespace.to_string(),
                         name: name.to_string(),
+                        version,
+                        index: TOMBSTONE_INDEX,
                         tag: owner,
+                        file: file.clone(),
                     },
                 )
             })
             .collect();
-        self.found
-            .lock()
-            .remove(&(namespace.to_string(), name.to_string()));
         let answers = self.call_all(targets)?;
         // The map as it is now: an OSD may have been found dead while we asked it.
         let now = self.map.osds()?;
         let mut failed = Vec::new();
         let mut left = Vec::new();
+        let mut stored = 0;
         for (entry, result) in answers {
-            let Err(e) = result else { continue };
+            let Err(e) = result else {
+                stored += 1;
+                continue;
+            };
             let down = Self::entry_of(&now, entry.slot.id)
                 .is_some_and(|o| matches!(o.state, OsdState::Down | OsdState::Out));
             // An answer refusing the delete is a failure whatever the map says; silence from
@@ -735,10 +869,18 @@ impl ObjectStore for EcStore {
                 reason: format!("delete {namespace}/{name}: {}", failed.join("; ")),
             });
         }
+        if stored == 0 {
+            return Err(BackendError::Osd {
+                addr: "-".into(),
+                reason: format!(
+                    "delete {namespace}/{name}: no OSD took its tombstone (OSDs {left:?} are down)"
+                ),
+            });
+        }
         if !left.is_empty() {
             tracing::info!(
-                "delete {namespace}/{name}: OSDs {left:?} are down; what they hold of it stays \
-                 until the name is deleted again (see the module docs)"
+                "delete {namespace}/{name}: OSDs {left:?} are down; the tombstone (version \
+                 {version}) hides what they hold of it, and repair removes it once they are back"
             );
         }
         Ok(())
@@ -746,7 +888,9 @@ impl ObjectStore for EcStore {
 
     fn list(&self, namespace: &str) -> Result<Vec<String>> {
         self.record(namespace)?;
-        let mut names = BTreeSet::new();
+        // Per name, its newest fragment and newest tombstone: a name whose newest record is a
+        // tombstone was deleted.
+        let mut newest: HashMap<String, (Option<u64>, Option<u64>)> = HashMap::new();
         // Out OSDs are never asked, down ones skipped: k of k + m fragments are elsewhere.
         let osds = self.map.osds()?.into_iter();
         for entry in osds.filter(|o| matches!(o.state, OsdState::Up | OsdState::Draining)) {
@@ -768,11 +912,25 @@ impl ObjectStore for EcStore {
                 let Some(last) = fragments.last().map(|f| f.name.clone()) else {
                     break;
                 };
-                names.extend(fragments.into_iter().map(|f| f.name));
+                for f in fragments {
+                    let (data, tomb) = newest.entry(f.name).or_default();
+                    let slot = if f.index == TOMBSTONE_INDEX {
+                        tomb
+                    } else {
+                        data
+                    };
+                    *slot = (*slot).max(Some(f.version));
+                }
                 after = last;
             }
         }
-        Ok(names.into_iter().collect())
+        let mut names: Vec<String> = newest
+            .into_iter()
+            .filter(|(_, (data, tomb))| data.is_some() && data > tomb)
+            .map(|(name, _)| name)
+            .collect();
+        names.sort();
+        Ok(names)
     }
 }
 

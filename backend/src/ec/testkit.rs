@@ -29,8 +29,9 @@ impl TierMap for MemMap {
     }
     fn preset(&self, name: &str) -> Result<Option<Preset>> {
         // "p": 4+2 (2+1 when a domain is missing); "lrc": the same with local parities; "enc":
-        // the same, encrypted.
-        Ok(["p", "lrc", "enc"].contains(&name).then(|| Preset {
+        // the same, encrypted; "zstd", "lz4": compressed; "zenc": compressed and encrypted.
+        let known = ["p", "lrc", "enc", "zstd", "lz4", "zenc"];
+        Ok(known.contains(&name).then(|| Preset {
             name: name.into(),
             policies: vec![
                 Policy {
@@ -43,8 +44,12 @@ impl TierMap for MemMap {
                 },
             ],
             fragment_size: 64 * 1024,
-            compression: Compression::None,
-            encryption_key: (name == "enc").then_some([0x5e; 32]),
+            compression: match name {
+                "zstd" | "zenc" => Compression::Zstd,
+                "lz4" => Compression::Lz4,
+                _ => Compression::None,
+            },
+            encryption_key: ["enc", "zenc"].contains(&name).then_some([0x5e; 32]),
             local_parity: name == "lrc",
         }))
     }
@@ -102,6 +107,7 @@ pub(super) fn options() -> EcOptions {
         default_preset: "p".into(),
         timeout: Duration::from_secs(2),
         client: "test".into(),
+        tls: None,
     }
 }
 

@@ -133,22 +133,13 @@ impl LocalStore {
                 crcs.len()
             )));
         }
-        // One read of the file (from the page cache, as it was just written): the chunk CRCs
-        // the object gets, checked against the caller's, so a file damaged since they were
-        // computed is refused here rather than stored and found corrupt on a later read.
-        let crcs = file_chunk_crcs(&source, len).map_err(source_err)?;
-        if let Some(expected) = chunk_crcs {
-            if let Some(chunk) = crcs.iter().zip(expected).position(|(a, b)| a != b) {
-                return Err(BackendError::Corrupt {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    reason: format!(
-                        "{} does not match the CRC its writer computed, in chunk {chunk}",
-                        path.display()
-                    ),
-                });
-            }
-        }
+        // The checksums are computed once, by the writer, from the bytes it wrote (issue 9): a
+        // linked object is stored with the caller's chunk CRCs without reading the file again
+        // (that read doubled the device traffic of every upload), and every read of the object
+        // checks them, so damage to the file after they were computed is found on its first
+        // read, as for any stored object. Without the caller's CRCs, or when the file has to be
+        // copied (below), they come from one read of the bytes.
+        let given = chunk_crcs.map(<[u32]>::to_vec);
         // The stored copy may be this very inode: its data must be on disk before the
         // descriptor that makes it an object is.
         source.sync_data().map_err(source_err)?;
@@ -164,6 +155,37 @@ impl LocalStore {
             if !linked {
                 self.copy_into(&source, len, &data_dir, &data_name)?;
             }
+            let crcs = match (&given, linked) {
+                (Some(given), true) => given.clone(),
+                _ => {
+                    // The kernel made the copy; this is the one read of the stored bytes.
+                    let read = File::open(&data_path)
+                        .and_then(|file| read_chunk_crcs(&file, &data_path, len))
+                        .map_err(io_err(&data_path));
+                    let mismatch = match (&read, &given) {
+                        (Ok(read), Some(given)) => read.iter().zip(given).position(|(a, b)| a != b),
+                        _ => None,
+                    };
+                    match (read, mismatch) {
+                        (Ok(read), None) => read,
+                        (Err(e), _) => {
+                            let _ = fs::remove_file(&data_path);
+                            return Err(e);
+                        }
+                        (Ok(_), Some(chunk)) => {
+                            let _ = fs::remove_file(&data_path);
+                            return Err(BackendError::Corrupt {
+                                namespace: namespace.to_string(),
+                                name: name.to_string(),
+                                reason: format!(
+                                    "{} does not match the CRC its writer computed, in chunk {chunk}",
+                                    path.display()
+                                ),
+                            });
+                        }
+                    }
+                }
+            };
             let objects_dir = dir.join(OBJECTS_DIR);
             let stored = fsync_dir(&data_dir).and_then(|()| {
                 self.replacing(&objects_dir, name, || {
@@ -218,6 +240,47 @@ impl LocalStore {
         let descriptor = encode_descriptor(len, crcs, data_name);
         self.atomic_write(objects_dir, name, &[&descriptor])
     }
+}
+
+/// The chunk CRCs of the first `len` bytes of the file at `path` (open as `file`), read
+/// directly where possible: the write buffer writes its SCOs with `O_DIRECT`, so their data is
+/// not in the page cache, and pulling 64 MiB into it only to drop it again costs more than the
+/// read.
+fn read_chunk_crcs(file: &File, path: &Path, len: u64) -> std::io::Result<Vec<u32>> {
+    direct_chunk_crcs(path, len).unwrap_or_else(|| file_chunk_crcs(file, len))
+}
+
+/// [`file_chunk_crcs`] through an `O_DIRECT` descriptor into an aligned buffer; `None` when the
+/// file system or the length does not allow direct reads (the caller reads through the page
+/// cache instead).
+fn direct_chunk_crcs(path: &Path, len: u64) -> Option<std::io::Result<Vec<u32>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const ALIGN: usize = 4096;
+    if !len.is_multiple_of(ALIGN as u64) {
+        return None;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()?;
+    let step = 16 * CHUNK_SIZE as usize;
+    let mut backing = vec![0u8; step + ALIGN];
+    let skip = backing.as_ptr().align_offset(ALIGN);
+    let buf = &mut backing[skip..skip + step];
+    let mut crcs = Vec::with_capacity(len.div_ceil(u64::from(CHUNK_SIZE)) as usize);
+    let mut offset = 0u64;
+    while offset < len {
+        let n = (len - offset).min(step as u64) as usize;
+        match file.read_exact_at(&mut buf[..n], offset) {
+            Ok(()) => {}
+            Err(e) if offset == 0 && e.raw_os_error() == Some(libc::EINVAL) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        crcs.extend(chunk_crcs_of(&buf[..n]));
+        offset += n as u64;
+    }
+    Some(Ok(crcs))
 }
 
 /// The chunk CRCs of the first `len` bytes of `file`, read from its start (positional reads).

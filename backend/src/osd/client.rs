@@ -8,6 +8,11 @@
 //! One writer task owns the socket's write half and one reader task its read half; a call
 //! registers a one-shot completion under a fresh id, queues its frame, and awaits the reply
 //! matched by id.
+//!
+//! With a cluster identity ([`vstor_net::PeerTls`]) the connection is mutual TLS: the client
+//! presents its certificate and checks the OSD's against the cluster CA and the host it dialled.
+//! The halves come from [`vstor_net::PeerStream::into_split`]: `TcpStream::into_split` (no lock,
+//! the plain fast path) without TLS, `tokio::io::split` over TLS (see that module for why).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +24,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use vstor_net::PeerTls;
 
 use super::proto::{Frame, Message, OsdCodec, PROTOCOL_VERSION};
 use crate::{BackendError, Result};
@@ -44,18 +50,26 @@ fn osd_error(addr: &str, reason: impl std::fmt::Display) -> BackendError {
 }
 
 impl OsdClient {
-    /// Connect and handshake within `timeout`.
-    pub async fn connect(addr: &str, client: &str, timeout: Duration) -> Result<Self> {
-        tokio::time::timeout(timeout, Self::connect_now(addr, client))
+    /// Connect and handshake (TLS included, with `tls`) within `timeout`.
+    pub async fn connect(
+        addr: &str,
+        client: &str,
+        timeout: Duration,
+        tls: Option<&PeerTls>,
+    ) -> Result<Self> {
+        tokio::time::timeout(timeout, Self::connect_now(addr, client, tls))
             .await
             .map_err(|_| osd_error(addr, format!("no answer within {timeout:?}")))?
     }
 
-    async fn connect_now(addr: &str, client: &str) -> Result<Self> {
+    async fn connect_now(addr: &str, client: &str, tls: Option<&PeerTls>) -> Result<Self> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| osd_error(addr, format!("connect: {e}")))?;
         stream.set_nodelay(true).map_err(|e| osd_error(addr, e))?;
+        let stream = vstor_net::connect_peer(tls, addr, stream)
+            .await
+            .map_err(|e| osd_error(addr, e))?;
         let (mut rd, mut wr) = stream.into_split();
         let codec = OsdCodec::default();
         let mut out = BytesMut::new();
@@ -72,6 +86,7 @@ impl OsdClient {
             )
             .map_err(|e| osd_error(addr, e))?;
         wr.write_all(&out).await.map_err(|e| osd_error(addr, e))?;
+        wr.flush().await.map_err(|e| osd_error(addr, e))?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let welcome = loop {
             if let Some(frame) = codec.decode(&mut buf).map_err(|e| osd_error(addr, e))? {
@@ -116,7 +131,8 @@ impl OsdClient {
                     while let Ok(more) = queue.try_recv() {
                         ok &= codec.encode(&more, &mut out).is_ok();
                     }
-                    if !ok || wr.write_all(&out).await.is_err() {
+                    // `flush`: TLS keeps records until then; a no-op on TCP.
+                    if !ok || wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                         break;
                     }
                 }
@@ -245,7 +261,7 @@ mod tests {
             OsdServerConfig::new(7, "rack1"),
             shutdown.clone(),
         ));
-        let client = OsdClient::connect(&addr, "test", T).await.unwrap();
+        let client = OsdClient::connect(&addr, "test", T, None).await.unwrap();
         assert_eq!((client.osd_id, client.domain.as_str()), (7, "rack1"));
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
         // Pipelined: several puts in flight at once.
@@ -330,7 +346,7 @@ mod tests {
         shutdown.cancel();
         server.await.unwrap().unwrap();
         drop(client);
-        let client = OsdClient::connect(&addr, "test", Duration::from_secs(1)).await;
+        let client = OsdClient::connect(&addr, "test", Duration::from_secs(1), None).await;
         assert!(client.is_err());
     }
 
@@ -346,7 +362,7 @@ mod tests {
             }
         });
         let started = std::time::Instant::now();
-        let err = OsdClient::connect(&addr, "test", Duration::from_millis(300))
+        let err = OsdClient::connect(&addr, "test", Duration::from_millis(300), None)
             .await
             .err()
             .expect("no Welcome");

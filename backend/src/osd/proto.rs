@@ -758,7 +758,7 @@ impl OsdCodec {
             });
         }
         if src.len() < HEADER_LEN + len {
-            src.reserve(HEADER_LEN + len - src.len());
+            vstor_net::reserve_frame(src, HEADER_LEN + len);
             return Ok(None);
         }
         let frame = src.split_to(HEADER_LEN + len).freeze();

@@ -6,17 +6,21 @@
 //! completion order, matched by id. At most `max_inflight` requests run per connection: past
 //! that the socket is not read, and TCP pushes back on the client. A malformed frame closes the
 //! connection (logged with the peer); the client reconnects.
+//!
+//! With [`OsdServerConfig::tls`] every connection must be mutual TLS with a client certificate
+//! of the cluster CA (`vstor_net::accept_peer`, bounded by the handshake timeout); a plain-text
+//! client gets an `Error` naming the requirement in reply to its `Hello`, and is closed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+use vstor_net::{Accepted, PeerStream, PeerTls};
 
 use super::proto::{ErrorCode, Frame, Message, OsdCodec, ProtoError, PROTOCOL_VERSION};
 use super::store::FragmentStore;
@@ -35,6 +39,8 @@ pub struct OsdServerConfig {
     /// its first byte), or the connection is closed: a client that trickles a frame (slowloris)
     /// cannot hold a connection and its buffer forever. Idle connections are not affected.
     pub frame_timeout: Duration,
+    /// Mutual TLS: clients must present a certificate of the cluster CA. `None`: plain TCP.
+    pub tls: Option<PeerTls>,
 }
 
 impl OsdServerConfig {
@@ -45,6 +51,7 @@ impl OsdServerConfig {
             max_inflight: 64,
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -73,8 +80,8 @@ pub async fn serve(
     }
 }
 
-async fn read_frame(
-    rd: &mut OwnedReadHalf,
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     codec: &OsdCodec,
 ) -> Result<Option<Frame>, ProtoError> {
@@ -102,6 +109,25 @@ async fn connection(
     shutdown: CancellationToken,
 ) -> Result<(), ProtoError> {
     stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let (stream, refusal) = match vstor_net::accept_peer(
+        config.tls.as_ref(),
+        stream,
+        config.handshake_timeout,
+    )
+    .await
+    {
+        Ok(Accepted::Stream(s)) => (s, None),
+        Ok(Accepted::PlainRefused(s)) => {
+            warn!(osd = config.osd_id, %peer, "plain-text client refused: this OSD requires mutual TLS");
+            (PeerStream::Plain(s), Some(vstor_net::PLAIN_REFUSED))
+        }
+        Ok(Accepted::Closed) => return Ok(()),
+        Err(e) => {
+            warn!(osd = config.osd_id, %peer, error = %e, "OSD client refused");
+            return Ok(());
+        }
+    };
     let (mut rd, mut wr) = stream.into_split();
     let codec = OsdCodec::default();
     let mut buf = BytesMut::with_capacity(256 * 1024);
@@ -112,6 +138,10 @@ async fn connection(
     .await
     .map_err(|_| ProtoError::Truncated("handshake: no Hello in time"))??;
     let reply = match hello.map(|f| f.message) {
+        Some(_) if refusal.is_some() => Some(Message::Error {
+            code: ErrorCode::Invalid,
+            message: refusal.unwrap_or_default().to_string(),
+        }),
         Some(Message::Hello { version, client }) if version == PROTOCOL_VERSION => {
             debug!(osd = config.osd_id, client, "OSD client connected");
             None
@@ -141,6 +171,7 @@ async fn connection(
         &mut out,
     )?;
     wr.write_all(&out).await?;
+    wr.flush().await?;
     if refused {
         return Ok(());
     }
@@ -158,6 +189,8 @@ async fn connection(
                 codec.encode(&more, &mut out)?;
             }
             wr.write_all(&out).await?;
+            // TLS keeps records until flushed; a no-op on TCP.
+            wr.flush().await?;
         }
         Ok::<(), ProtoError>(())
     });

@@ -15,6 +15,13 @@
 //! table; a damaged table entry then shows up as a corrupt block (a false alarm the client
 //! repairs from other fragments), never as wrong data.
 //!
+//! Tombstones (`ec::fragment`, index 255): a delete stores one instead of removing the name, so
+//! the delete outlives an OSD that missed it. Keeping a tombstone of version `v` removes every
+//! fragment of the name older than `v` here in the same call (the space comes back at once);
+//! a tombstone is tiny and is taken even when the store is full. `usage().fragments` does not
+//! count tombstones (they are bytes in `used`). Repair drops them once no OSD can still hold an
+//! older fragment (`DeleteFragment` of index 255).
+//!
 //! Fencing: the store keeps, per namespace, the highest owner tag it has seen (persisted before
 //! it is acted on) and refuses mutations carrying an older one.
 
@@ -28,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use super::proto::{FragmentId, HeadEntry, Usage};
-use crate::ec::fragment::{self, FragmentHeader};
+use crate::ec::fragment::{self, FragmentHeader, TOMBSTONE_INDEX};
 use crate::{validate_name, BackendError, Result};
 
 const FRAGMENTS: &str = "fragments";
@@ -80,7 +87,7 @@ impl FragmentStore {
                         continue;
                     }
                     used += fs::metadata(&file).map_err(io_err(&file))?.len();
-                    count += 1;
+                    count += u64::from(!is_tombstone_file(&name));
                 }
             }
         }
@@ -237,7 +244,8 @@ impl FragmentStore {
         let _put = self.put_lock.lock();
         let old = fs::metadata(&path).map(|m| m.len()).ok();
         let used = self.used.load(Ordering::SeqCst) - old.unwrap_or(0);
-        if used + file.len() as u64 > self.capacity {
+        // A tombstone frees space: a full OSD takes it.
+        if !header.is_tombstone() && used + file.len() as u64 > self.capacity {
             return Err(BackendError::Full {
                 path: self.root.clone(),
                 capacity: self.capacity,
@@ -255,8 +263,37 @@ impl FragmentStore {
         let temp = dir.join(format!("{TEMP_PREFIX}{version:016x}.{index}"));
         write_durably(&temp, &path, file)?;
         self.used.store(used + file.len() as u64, Ordering::SeqCst);
-        if old.is_none() {
+        if old.is_none() && !header.is_tombstone() {
             self.fragments.fetch_add(1, Ordering::SeqCst);
+        }
+        if header.is_tombstone() {
+            self.remove_older(&dir, version)?;
+        }
+        Ok(())
+    }
+
+    /// Remove every fragment (and tombstone) in `dir` older than `version` (the caller holds
+    /// `put_lock`, and has just stored a tombstone of `version` there).
+    fn remove_older(&self, dir: &Path, version: u64) -> Result<()> {
+        let mut removed = false;
+        for file in read_dir(dir)? {
+            let file_name = file.file_name().unwrap_or_default().to_string_lossy();
+            let Some((v, index)) = parse_file_name(&file_name) else {
+                continue;
+            };
+            if v >= version {
+                continue;
+            }
+            let len = fs::metadata(&file).map_err(io_err(&file))?.len();
+            fs::remove_file(&file).map_err(io_err(&file))?;
+            self.used.fetch_sub(len, Ordering::SeqCst);
+            if index != TOMBSTONE_INDEX {
+                self.fragments.fetch_sub(1, Ordering::SeqCst);
+            }
+            removed = true;
+        }
+        if removed {
+            fsync_dir(dir)?;
         }
         Ok(())
     }
@@ -374,7 +411,9 @@ impl FragmentStore {
         };
         fs::remove_file(&path).map_err(io_err(&path))?;
         self.used.fetch_sub(len, Ordering::SeqCst);
-        self.fragments.fetch_sub(1, Ordering::SeqCst);
+        if index != TOMBSTONE_INDEX {
+            self.fragments.fetch_sub(1, Ordering::SeqCst);
+        }
         let dir = self.object_dir(namespace, name)?;
         // The last fragment of the object here: drop its directory too (not empty: keep it).
         if fs::remove_dir(&dir).is_ok() {
@@ -396,7 +435,10 @@ impl FragmentStore {
             let len = fs::metadata(&file).map_err(io_err(&file))?.len();
             fs::remove_file(&file).map_err(io_err(&file))?;
             self.used.fetch_sub(len, Ordering::SeqCst);
-            self.fragments.fetch_sub(1, Ordering::SeqCst);
+            let file_name = file.file_name().unwrap_or_default().to_string_lossy();
+            if !is_tombstone_file(&file_name) {
+                self.fragments.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         match fs::remove_dir(&dir) {
             Ok(()) => {}
@@ -429,12 +471,7 @@ impl FragmentStore {
             files.sort();
             for file in files {
                 let file_name = file.file_name().unwrap_or_default().to_string_lossy();
-                let Some((version, index)) = file_name.split_once('.') else {
-                    continue;
-                };
-                let (Ok(version), Ok(index)) =
-                    (u64::from_str_radix(version, 16), index.parse::<u8>())
-                else {
+                let Some((version, index)) = parse_file_name(&file_name) else {
                     continue;
                 };
                 let size = fs::metadata(&file).map_err(io_err(&file))?.len();
@@ -452,6 +489,20 @@ impl FragmentStore {
         }
         Ok(out)
     }
+}
+
+/// `(version, index)` of a fragment file named `<version hex>.<index>`; `None` for anything
+/// else (a temporary file).
+fn parse_file_name(file_name: &str) -> Option<(u64, u8)> {
+    let (version, index) = file_name.split_once('.')?;
+    Some((
+        u64::from_str_radix(version, 16).ok()?,
+        index.parse::<u8>().ok()?,
+    ))
+}
+
+fn is_tombstone_file(file_name: &str) -> bool {
+    parse_file_name(file_name).is_some_and(|(_, index)| index == TOMBSTONE_INDEX)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -646,6 +697,71 @@ mod tests {
             store.put("../x", "obj", 1, 0, 1, &file),
             Err(BackendError::InvalidName { .. })
         ));
+    }
+
+    #[test]
+    fn a_tombstone_removes_older_fragments_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(5000, 4);
+        let old = fragment_file("obj", 1, 0, &d);
+        let newer = fragment_file("obj", 9, 1, &d);
+        let tomb = |version: u64, tag: u64| {
+            let h = FragmentHeader::tombstone("ns", "obj", version, tag);
+            fragment::encode_fragment(&h, &[]).unwrap()
+        };
+        {
+            // Room for one fragment only: the tombstone still goes in.
+            let store = FragmentStore::open(dir.path(), old.len() as u64 + 10).unwrap();
+            store.put("ns", "obj", 1, 0, 3, &old).unwrap();
+            assert!(matches!(
+                store.put("ns", "obj", 5, TOMBSTONE_INDEX, 2, &tomb(5, 2)),
+                Err(BackendError::Fenced { .. })
+            ));
+            store
+                .put("ns", "obj", 5, TOMBSTONE_INDEX, 3, &tomb(5, 3))
+                .unwrap();
+            // The older fragment went with it; the tombstone is not counted as a fragment.
+            assert!(matches!(
+                store.get_file("ns", "obj", 1, 0),
+                Err(BackendError::NoSuchObject { .. })
+            ));
+            assert_eq!(store.usage().fragments, 0);
+            assert_eq!(store.usage().used, tomb(5, 3).len() as u64);
+        }
+        let store = FragmentStore::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(store.usage().fragments, 0);
+        let heads = store.head("ns", "obj").unwrap();
+        assert_eq!(heads.len(), 1);
+        assert_eq!(
+            (heads[0].version, heads[0].index, heads[0].k),
+            (5, TOMBSTONE_INDEX, 0)
+        );
+        // A newer version is untouched by an older tombstone, and listed beside it.
+        store.put("ns", "obj", 9, 1, 3, &newer).unwrap();
+        store
+            .put("ns", "obj", 4, TOMBSTONE_INDEX, 3, &tomb(4, 3))
+            .unwrap();
+        assert_eq!(store.get_file("ns", "obj", 9, 1).unwrap(), newer);
+        let listed: Vec<(u64, u8)> = store
+            .list("ns", "", 10)
+            .unwrap()
+            .iter()
+            .map(|f| (f.version, f.index))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(4, TOMBSTONE_INDEX), (5, TOMBSTONE_INDEX), (9, 1)]
+        );
+        assert_eq!(store.usage().fragments, 1);
+        // Dropping the tombstones (repair) leaves the newer fragment.
+        for version in [4, 5] {
+            store
+                .delete_fragment("ns", "obj", version, TOMBSTONE_INDEX, 3)
+                .unwrap();
+        }
+        assert_eq!(store.head("ns", "obj").unwrap().len(), 1);
+        assert_eq!(store.usage().fragments, 1);
+        assert_eq!(store.usage().used, newer.len() as u64);
     }
 
     #[test]

@@ -57,7 +57,7 @@ mod conn;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod handshake;
-mod stream;
+pub(crate) mod stream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -89,7 +89,7 @@ impl OutQueue {
         Ok(())
     }
 
-    /// Write everything queued.
+    /// Write everything queued, and flush.
     pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
         &mut self,
         w: &mut W,
@@ -97,7 +97,8 @@ impl OutQueue {
         while !self.is_empty() {
             self.write_some(w).await?;
         }
-        Ok(())
+        // TLS keeps records until flushed; a no-op on TCP.
+        w.flush().await
     }
 
     fn consume(&mut self, mut written: usize) {

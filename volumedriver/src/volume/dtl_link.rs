@@ -502,7 +502,8 @@ impl Volume {
             if address >= clusters {
                 return bad(format!("cluster {address} is beyond the volume"));
             }
-            self.write_clusters(st, address, &entry.data)?;
+            // The DTL holds clusters as stored (ciphertext for an encrypted volume).
+            self.append_clusters(st, address, &entry.data)?;
         }
         Ok(true)
     }

@@ -19,6 +19,11 @@ pub struct VolumeInfo {
     pub tlog_scos: u64,
     pub write_buffer: u64,
     pub read_only: bool,
+    /// Encryption at rest: the mode (`aes-256-xts`), the key's fingerprint and its file on
+    /// the serving node; all `None` for a plaintext volume.
+    pub encryption: Option<String>,
+    pub encryption_key_fingerprint: Option<String>,
+    pub encryption_key_file: Option<String>,
     pub owner_tag: u64,
     pub created: u64,
     pub state: String,
@@ -119,6 +124,12 @@ impl Volume {
             tlog_scos: c.tlog_scos,
             write_buffer: c.write_buffer,
             read_only: c.read_only,
+            encryption: c.encryption.as_ref().map(|e| e.mode.clone()),
+            encryption_key_fingerprint: c.encryption.as_ref().map(|e| e.fingerprint.clone()),
+            encryption_key_file: c
+                .encryption
+                .as_ref()
+                .map(|e| e.key_file.display().to_string()),
             owner_tag: c.owner_tag,
             created: c.created,
             state: if st.halted.is_some() {

@@ -40,8 +40,11 @@ pub(super) enum Source {
 }
 
 pub(super) struct Segment {
+    /// Where the piece goes in the caller's buffer.
     start: usize,
     len: usize,
+    /// Its byte offset in the volume (which clusters it is, for decryption).
+    at: u64,
     pub(super) source: Source,
 }
 
@@ -143,6 +146,7 @@ impl Volume {
                 plan.push(Segment {
                     start,
                     len: n,
+                    at: pos,
                     source,
                 });
             }
@@ -152,38 +156,63 @@ impl Volume {
     }
 
     pub(super) fn execute_read(&self, plan: Vec<Segment>, buf: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size;
         for segment in plan {
             let out = &mut buf[segment.start..segment.start + segment.len];
-            match segment.source {
-                Source::Zero => out.fill(0),
-                Source::Local { file, offset } => {
-                    file.read_exact_at(out, offset)
-                        .map_err(|e| VolumeError::Io {
-                            volume: self.name.clone(),
-                            path: self.dir.join(SCO_DIR),
-                            source: e,
-                        })?;
-                }
-                Source::Backend {
-                    namespace,
-                    sco,
-                    offset,
-                } => {
-                    self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) =
-                        self.backend
-                            .get_range(&namespace, &sco.to_string(), offset, out)
-                    {
-                        return if e.is_unreadable() {
-                            // Data the backend cannot give back (an EC object with fewer than
-                            // k fragments reachable): stop serving rather than let the guest
-                            // carry on around a hole. Never called with the state lock held
-                            // (`read_cluster_locked` does not read the backend).
-                            self.halt_with(VolumeError::backend(&self.name)(e))
-                        } else {
-                            Err(VolumeError::backend(&self.name)(e))
-                        };
-                    }
+            if matches!(segment.source, Source::Zero) {
+                out.fill(0);
+                continue;
+            }
+            let first = segment.at / cs;
+            let within = segment.at % cs;
+            if !self.encrypted() || (within == 0 && (out.len() as u64).is_multiple_of(cs)) {
+                self.read_stored(&segment.source, 0, out)?;
+                self.open_clusters(first, out)?;
+            } else {
+                // Part of a cluster: XTS decrypts whole clusters only, so read the clusters
+                // the piece touches (all in the same SCO: a piece never spans two) and copy out.
+                let mut whole =
+                    vec![0u8; (within + out.len() as u64).div_ceil(cs) as usize * cs as usize];
+                self.read_stored(&segment.source, within, &mut whole)?;
+                self.open_clusters(first, &mut whole)?;
+                out.copy_from_slice(&whole[within as usize..within as usize + out.len()]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Read stored bytes (ciphertext for an encrypted volume) of a local or backend source into
+    /// `out`, starting `back` bytes before the source's offset.
+    fn read_stored(&self, source: &Source, back: u64, out: &mut [u8]) -> Result<()> {
+        match source {
+            Source::Zero => out.fill(0),
+            Source::Local { file, offset } => {
+                file.read_exact_at(out, offset - back)
+                    .map_err(|e| VolumeError::Io {
+                        volume: self.name.clone(),
+                        path: self.dir.join(SCO_DIR),
+                        source: e,
+                    })?;
+            }
+            Source::Backend {
+                namespace,
+                sco,
+                offset,
+            } => {
+                self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) =
+                    self.backend
+                        .get_range(namespace, &sco.to_string(), offset - back, out)
+                {
+                    return if e.is_unreadable() {
+                        // Data the backend cannot give back (an EC object with fewer than
+                        // k fragments reachable): stop serving rather than let the guest
+                        // carry on around a hole. Never called with the state lock held
+                        // (`read_cluster_locked` does not read the backend).
+                        self.halt_with(VolumeError::backend(&self.name)(e))
+                    } else {
+                        Err(VolumeError::backend(&self.name)(e))
+                    };
                 }
             }
         }

@@ -324,9 +324,10 @@ impl Volume {
                 };
                 // `put_file` makes the backend's copy durable (on the local store it *is* this
                 // file, hard-linked), and restart verifies every not-yet-uploaded SCO against
-                // its CRC. The store checks the
-                // file against the chunk CRCs in the one pass it reads it in; a file changed
-                // since it was sealed is refused, nothing is stored, and the volume halts.
+                // its CRC. A store that copies the bytes checks them against the chunk CRCs in
+                // the one pass it reads them in; a file changed since it was sealed is refused,
+                // nothing is stored, and the volume halts. A local store that links the file
+                // stores it with these CRCs unread, and its reads check them.
                 let stored = upload(
                     &name.to_string(),
                     &mut |store: &dyn ObjectStore, object: &str| {

@@ -166,8 +166,16 @@ impl Volume {
         self.upload_rate.store(smoothed, Ordering::Relaxed);
     }
 
-    /// Append whole clusters starting at cluster `first`.
+    /// Write whole plaintext clusters starting at cluster `first`: encrypted if the volume is
+    /// (`crypt`), then appended.
     pub(super) fn write_clusters(&self, st: &mut State, first: u64, data: &[u8]) -> Result<()> {
+        let stored = self.seal_clusters(first, data)?;
+        self.append_clusters(st, first, &stored)
+    }
+
+    /// Append whole clusters, as stored (ciphertext for an encrypted volume), starting at
+    /// cluster `first`: to the open SCO, the TLog, the map and the DTL.
+    pub(super) fn append_clusters(&self, st: &mut State, first: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size;
         let mut done = 0u64;
         let total = data.len() as u64 / cs;

@@ -1,6 +1,7 @@
 //! One connection of a remote target, and the supervisor that replaces it.
 //!
-//! A connection is a TCP socket (TCP_NODELAY) after a `Hello`/`Welcome` exchange, served by two
+//! A connection is a TCP socket (TCP_NODELAY), mutual TLS on it with [`RemoteConfig::tls`], after
+//! a `Hello`/`Welcome` exchange, served by two
 //! tasks: the *writer* takes frames from an unbounded channel (the frontends' calls send into it
 //! without blocking) and writes every frame ready at once in one vectored write (`OutQueue`: a
 //! write's data block goes out from the frontend's buffer without another copy); the *reader*
@@ -20,13 +21,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use vstor_net::{PeerReader, PeerStream, PeerWriter};
 
 use super::inflight::{Conn, Shared};
 use super::{RemoteConfig, RemoteError};
@@ -44,7 +45,7 @@ const READ_BUF: usize = 256 * 1024;
 
 /// An established, welcomed connection.
 pub(super) struct Welcomed {
-    pub(super) stream: TcpStream,
+    pub(super) stream: PeerStream,
     pub(super) endpoint: Endpoint,
     pub(super) size: u64,
     pub(super) read_only: bool,
@@ -106,6 +107,13 @@ async fn handshake(
         .map_err(connect_err)?;
     stream.set_nodelay(true).map_err(connect_err)?;
     set_liveness(&stream, config.liveness).map_err(connect_err)?;
+    let stream = vstor_net::connect_peer(config.tls.as_ref(), &addr, stream)
+        .await
+        .map_err(|source| RemoteError::Tls {
+            volume: volume.to_owned(),
+            addr: addr.clone(),
+            source,
+        })?;
     let mut framed = Framed::new(stream, EdgeCodec::new());
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
@@ -197,6 +205,7 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
             "the new owner reports another size or mode; keeping the attached one"
         );
     }
+    // Owned halves for two tasks: lock-free on TCP, `tokio::io::split` over TLS (`vstor_net`).
     let (rd, wr) = welcomed.stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = shared.shutdown.child_token();
@@ -223,7 +232,7 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
 async fn writer(
     shared: Arc<Shared>,
     generation: u64,
-    mut wr: OwnedWriteHalf,
+    mut wr: PeerWriter,
     mut frames: mpsc::UnboundedReceiver<Frame>,
     stop: CancellationToken,
 ) {
@@ -259,12 +268,7 @@ async fn writer(
     }
 }
 
-async fn reader(
-    shared: Arc<Shared>,
-    generation: u64,
-    mut rd: OwnedReadHalf,
-    stop: CancellationToken,
-) {
+async fn reader(shared: Arc<Shared>, generation: u64, mut rd: PeerReader, stop: CancellationToken) {
     let mut codec = EdgeCodec::new();
     let mut buf = BytesMut::with_capacity(READ_BUF);
     loop {

@@ -52,6 +52,8 @@ pub struct RemoteConfig {
     /// keepalive probes) before the connection counts as dead: catches an owner that vanished
     /// without closing its sockets (power loss, network partition).
     pub liveness: Duration,
+    /// Mutual TLS with the owners' edge servers; `None`: plain TCP.
+    pub tls: Option<vstor_net::PeerTls>,
 }
 
 impl Default for RemoteConfig {
@@ -61,6 +63,7 @@ impl Default for RemoteConfig {
             reconnect_bound: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             liveness: Duration::from_secs(4),
+            tls: None,
         }
     }
 }
@@ -75,6 +78,12 @@ pub enum RemoteError {
         volume: String,
         addr: String,
         source: std::io::Error,
+    },
+    #[error("cannot open volume {volume} on {addr}: {source}")]
+    Tls {
+        volume: String,
+        addr: String,
+        source: vstor_net::NetError,
     },
     #[error("node {addr} refused volume {volume} ({code:?}): {message}")]
     Refused {

@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::Decoder;
 use tracing::{info, warn};
 
@@ -15,8 +14,8 @@ use crate::remote::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError, PRO
 use crate::remote::{RemoteExports, ServedVolume};
 
 /// Read one frame (handshake only; the session loop decodes in place).
-pub(super) async fn read_frame(
-    stream: &mut TcpStream,
+pub(super) async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
     rbuf: &mut BytesMut,
 ) -> Result<Option<Frame>, ProtoError> {
     let mut codec = EdgeCodec::new();

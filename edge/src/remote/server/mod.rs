@@ -24,6 +24,13 @@
 //! * **Backpressure.** At most `max_inflight` requests wait for a completion per connection;
 //!   beyond that, and while the target asks for throttling, the socket is not read, so TCP flow
 //!   control slows the client down.
+//! * **Security.** With [`EdgeServerConfig::tls`] every connection must be mutual TLS with a client
+//!   certificate of the cluster CA (`vstor_net::accept_peer`, bounded by the Hello timeout); a
+//!   plain-text edge gets an `Error` naming the requirement in reply to its `Hello`. The session
+//!   loop is generic over the stream (`nbd::stream::NbdStream`, shared with the NBD server):
+//!   plain TCP keeps its borrowed, lock-free `split`; TLS is flushed once the reply queue drains.
+//!   A frame whose first bytes arrived must be complete within
+//!   [`EdgeServerConfig::frame_timeout`], or the connection is closed (slowloris clients).
 //! * **Bad input.** A frame that does not decode (CRC, magic, unknown kind) is logged with the
 //!   volume and peer and the connection closes: after a corrupted frame nothing that follows can
 //!   be trusted. Unaligned or out-of-range requests get an `Error` reply and the connection stays.
@@ -38,13 +45,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use vstor_net::{Accepted, PeerStream, PeerTls};
 
 mod handshake;
 
@@ -53,19 +61,29 @@ use super::outq::OutQueue;
 use super::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError};
 use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
 use super::{RemoteExports, ServedVolume};
+use crate::nbd::stream::NbdStream;
 use crate::read_pool;
 use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
 
 /// Tunables of the edge server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct EdgeServerConfig {
     /// Requests one connection may have in flight before the server stops reading its socket.
     pub max_inflight: usize,
+    /// A frame whose first bytes arrived must be complete within this, or the connection is
+    /// closed. Idle connections between frames are kept (keepalive finds dead ones).
+    pub frame_timeout: Duration,
+    /// Mutual TLS: edges must present a certificate of the cluster CA. `None`: plain TCP.
+    pub tls: Option<PeerTls>,
 }
 
 impl Default for EdgeServerConfig {
     fn default() -> Self {
-        Self { max_inflight: 256 }
+        Self {
+            max_inflight: 256,
+            frame_timeout: Duration::from_secs(30),
+            tls: None,
+        }
     }
 }
 
@@ -90,6 +108,7 @@ pub async fn serve(
     config: EdgeServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let config = Arc::new(config);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -107,6 +126,7 @@ pub async fn serve(
                     }
                 };
                 let exports = Arc::clone(&exports);
+                let config = Arc::clone(&config);
                 let stop = shutdown.child_token();
                 conns.spawn(async move {
                     tokio::select! {
@@ -124,10 +144,10 @@ pub async fn serve(
 }
 
 async fn connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     exports: Arc<dyn RemoteExports>,
-    config: EdgeServerConfig,
+    config: Arc<EdgeServerConfig>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -140,6 +160,42 @@ async fn connection(
     if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
         debug!(%peer, error = %e, "cannot set TCP keepalive");
     }
+    match vstor_net::accept_peer(config.tls.as_ref(), stream, HELLO_TIMEOUT).await {
+        Ok(Accepted::Stream(PeerStream::Plain(tcp))) => session(tcp, peer, exports, &config).await,
+        Ok(Accepted::Stream(PeerStream::Server(tls))) => {
+            session(*tls, peer, exports, &config).await;
+        }
+        Ok(Accepted::Stream(PeerStream::Client(_)) | Accepted::Closed) => {}
+        Ok(Accepted::PlainRefused(mut tcp)) => {
+            warn!(%peer, "plain-text edge refused: this edge server requires mutual TLS");
+            refuse_plain(&mut tcp).await;
+        }
+        Err(e) => warn!(%peer, error = %e, "edge client refused"),
+    }
+}
+
+/// Answer a plain-text client's `Hello` on a TLS server with the reason, then close.
+async fn refuse_plain(tcp: &mut TcpStream) {
+    let mut rbuf = BytesMut::with_capacity(READ_BUF);
+    if let Ok(Ok(Some(_))) = tokio::time::timeout(HELLO_TIMEOUT, read_frame(tcp, &mut rbuf)).await {
+        let mut out = OutQueue::new();
+        let refusal = Message::Error {
+            code: ErrorCode::Invalid,
+            message: vstor_net::PLAIN_REFUSED.to_string(),
+        };
+        if out.push(&Frame::new(0, refusal)).is_ok() {
+            let _ = out.write_all(tcp).await;
+        }
+    }
+}
+
+/// Handshake and serve one connection on its (plain or TLS) stream.
+async fn session<S: NbdStream>(
+    mut stream: S,
+    peer: SocketAddr,
+    exports: Arc<dyn RemoteExports>,
+    config: &EdgeServerConfig,
+) {
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let mut out = OutQueue::new();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &mut rbuf)).await
@@ -169,6 +225,7 @@ async fn connection(
         volume,
         served,
         max_inflight: config.max_inflight.max(1),
+        frame_timeout: config.frame_timeout,
         pending: FuturesUnordered::new(),
         out,
         throttle_until: None,
@@ -216,6 +273,7 @@ struct Session {
     volume: String,
     served: ServedVolume,
     max_inflight: usize,
+    frame_timeout: Duration,
     /// Every request that completes later: pending acknowledgements, blocking operations and slow
     /// reads, polled by this task (its length is the number in flight).
     pending: FuturesUnordered<PendingCompletion>,
@@ -501,18 +559,28 @@ impl Session {
 
     /// Serve requests until the client closes the connection (after its replies went out) or
     /// something fails.
-    async fn run(&mut self, stream: &mut TcpStream, mut rbuf: BytesMut) -> Result<(), ProtoError> {
-        let (mut rd, mut wr) = stream.split();
+    async fn run<S: NbdStream>(
+        &mut self,
+        stream: &mut S,
+        mut rbuf: BytesMut,
+    ) -> Result<(), ProtoError> {
+        let (mut rd, mut wr) = stream.halves();
         let mut codec = EdgeCodec::new();
         let mut stalled: Option<Frame> = None;
         let mut eof = false;
+        // When the frame partly buffered now must be complete (`None`: no partial frame).
+        let mut frame_deadline: Option<Instant> = None;
         loop {
+            let mut drained = false;
             while self.out.len() < WRITE_HIGH_WATER && !self.throttled() {
                 let frame = match stalled.take() {
                     Some(f) => f,
                     None => match codec.decode(&mut rbuf) {
                         Ok(Some(f)) => f,
-                        Ok(None) => break,
+                        Ok(None) => {
+                            drained = true;
+                            break;
+                        }
                         Err(e) => {
                             warn!(peer = %self.peer, volume = self.volume, error = %e,
                                 "malformed edge frame, closing the connection");
@@ -530,6 +598,13 @@ impl Session {
             if eof && self.pending.is_empty() && self.out.is_empty() {
                 return Ok(());
             }
+            // Only a frame waiting for the client's bytes counts, not one this side has not
+            // read yet because of backpressure.
+            frame_deadline = match (drained && !rbuf.is_empty(), frame_deadline) {
+                (false, _) => None,
+                (true, None) => Some(Instant::now() + self.frame_timeout),
+                (true, deadline) => deadline,
+            };
             let can_read = !eof
                 && stalled.is_none()
                 && self.throttle_until.is_none()
@@ -546,9 +621,21 @@ impl Session {
                         self.complete(done);
                     }
                 }
-                written = self.out.write_some(&mut wr), if !self.out.is_empty() => written?,
+                written = self.out.write_some(&mut wr), if !self.out.is_empty() => {
+                    written?;
+                    // TLS keeps records until flushed (the client's reader always reads, so
+                    // this cannot wait on us); TCP's flush is skipped at compile time.
+                    if S::NEEDS_FLUSH && self.out.is_empty() {
+                        wr.flush().await?;
+                    }
+                }
                 () = sleep_until(throttle_until), if throttle_until.is_some() => {
                     self.throttle_until = None;
+                }
+                () = sleep_until(frame_deadline), if frame_deadline.is_some() && can_read => {
+                    return Err(ProtoError::Truncated(
+                        "frame incomplete within the frame timeout",
+                    ));
                 }
                 read = rd.read_buf(&mut rbuf), if can_read => {
                     if read? == 0 {
