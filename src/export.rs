@@ -117,6 +117,10 @@ impl BlockTarget for VolumeExport {
         Ok(write_ack)
     }
 
+    fn write_waits(&self, len: usize) -> bool {
+        vstor_volumedriver::Volume::write_waits_for_device(len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
         let started = Instant::now();
         let result = self

@@ -157,6 +157,15 @@ pub trait BlockTarget: Send + Sync + 'static {
         None
     }
 
+    /// True when a plain `write` of `len` bytes waits for a device rather than only copying into
+    /// memory or the page cache, so frontends run it off the reactor where several such writes
+    /// are in flight at once (a client at queue depth 8 then reaches the disk at queue depth 8).
+    /// The default suits targets whose writes are memory copies or network sends.
+    fn write_waits(&self, len: usize) -> bool {
+        let _ = len;
+        false
+    }
+
     /// True when a FUA `write` / `write_zeroes` returns at once and its durability is in
     /// `WriteAck::pending`, so frontends call it inline instead of off the reactor.
     fn fua_inline(&self) -> bool {

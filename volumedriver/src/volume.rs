@@ -9,6 +9,11 @@
 //! the TLog) and queued for upload; after `tlog_scos` SCOs the TLog is closed and queued behind
 //! them.
 //!
+//! A large cluster-aligned write (128 KiB and up) makes all of those decisions under the lock but
+//! copies its data into the reserved SCO slots after releasing it, so that several such writes
+//! reach the disk at once (they go with `O_DIRECT`); reads of those slots, the SCO's upload,
+//! FLUSH and TLog closes wait for the copy first. `inflight` has the rules.
+//!
 //! # FLUSH
 //! A flush (1) writes the TLog's buffered entries out and notes the current end of the log, (2)
 //! fsyncs every SCO and closed TLog written since the last flush, *outside* the volume lock, then
@@ -38,7 +43,8 @@
 //! # Modules, along the path a request takes
 //! `state` (the state behind the lock, request checks, halting), `restart` (rebuild and crash
 //! recovery), `read` (plan under the lock, execute without it), `write` (write, zero, discard,
-//! SCO/TLog append, seal, roll, throttle), `flush`, `upload` (upload steps, uncork, backend list
+//! SCO/TLog append, seal, roll, throttle), `inflight` (large writes copying without the lock),
+//! `flush`, `upload` (upload steps, uncork, backend list
 //! puts), `write_buffer` (local bytes, eviction), `info`; then the features built on them:
 //! `snapshots` (and rollback, clones' views), `scrub`, `dtl_link`. This file keeps the
 //! [`Volume`] struct, create/open, stop/destroy and configuration changes.
@@ -55,6 +61,8 @@
 //!    still current (and every change of `State::backend_tlogs` after open).
 //! 6. `state` — the `State`; the `upload_work` condvar waits on it.
 //! 7. `runtime` — a leaf: never held with another lock.
+//! 8. `inflight`'s tracker — a leaf. Waiting on it while holding `state` is allowed: finishing
+//!    a copy takes no other lock, and a thread never waits while it holds a reservation.
 //!
 //! (A [`SnapshotView`]'s map cache lock is taken before `state`.)
 //!
@@ -94,6 +102,7 @@ mod crypt;
 mod dtl_link;
 mod fence;
 mod flush;
+mod inflight;
 mod info;
 mod mds_link;
 mod read;
@@ -162,6 +171,8 @@ pub struct Volume {
     latency: crate::latency::IoLatency,
     /// The data's cipher if the volume is encrypted at rest (see `crypt`).
     cipher: Option<vstor_backend::crypt::UnitCipher>,
+    /// Writes reserved under the state lock whose data is still being copied (see `inflight`).
+    inflight: inflight::InFlight,
 }
 
 impl Volume {
@@ -305,6 +316,7 @@ impl Volume {
             dtl_tls: Mutex::new(None),
             upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
+            inflight: inflight::InFlight::default(),
             stats: Stats::default(),
             fenced: parking_lot::RwLock::new(None),
             releasing: AtomicBool::new(false),

@@ -716,6 +716,8 @@ enum Op {
 
 const CLUSTERS: u64 = 48;
 const SECTORS: u64 = CLUSTERS * 8;
+/// Clusters of a large write: the smallest that copies its data without the volume lock.
+const BIG: u64 = 32;
 
 fn arb_op() -> impl Strategy<Value = Op> {
     let range = (0..SECTORS).prop_flat_map(|s| (Just(s), 1..=(SECTORS - s).min(40)));
@@ -726,6 +728,8 @@ fn arb_op() -> impl Strategy<Value = Op> {
     ];
     prop_oneof![
         8 => (range.clone(), any::<u8>(), prop::bool::weighted(0.1)).prop_map(|((sector, sectors), seed, fua)| Op::Write { sector, sectors, seed, fua }),
+        // Large cluster-aligned writes reserve under the lock and copy after it (`inflight`).
+        2 => (0..=CLUSTERS - BIG, any::<u8>(), prop::bool::weighted(0.1)).prop_map(|(cluster, seed, fua)| Op::Write { sector: cluster * 8, sectors: BIG * 8, seed, fua }),
         2 => range.clone().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
         1 => (range, any::<bool>()).prop_map(|((sector, sectors), allocate)| Op::Zero { sector, sectors, allocate }),
         2 => Just(Op::Flush),

@@ -13,7 +13,9 @@
 //!   answered when it completes, like a flush: other requests on the connection keep being served
 //!   and answered meanwhile, so replies go out of order, matched by cookie. It takes one of the
 //!   `max_inflight` slots while it runs.
-//! * `FLUSH` and anything carrying FUA wait for fsync, so they go to `spawn_blocking`; their
+//! * `FLUSH`, anything carrying FUA, and writes the target says wait for a device
+//!   (`BlockTarget::write_waits`: large writes that go to the disk with `O_DIRECT`) go to
+//!   `spawn_blocking`, so several are in flight at once; their
 //!   completions come back over a channel to this same task, which stays the only writer of the
 //!   socket. Reads keep flowing while a flush is in progress, and replies go out in completion
 //!   order, matched by cookie. At most `max_inflight` of them run at once per connection; the next
@@ -653,9 +655,9 @@ impl Session {
             ));
         }
         self.check_range(req, NBD_ENOSPC)?;
-        if fua && !self.target.fua_inline() {
+        if (fua && !self.target.fua_inline()) || self.target.write_waits(req.payload.len()) {
             let (offset, data) = (req.offset, req.payload.clone());
-            self.spawn(req, move |t| t.write(offset, &data, true));
+            self.spawn(req, move |t| t.write(offset, &data, fua));
             return Ok(());
         }
         let ack = self

@@ -28,7 +28,7 @@ impl Volume {
 
     fn flush_local(&self) -> Result<()> {
         let _serial = self.flush_lock.lock();
-        let (files, dirs, point) = {
+        let (files, dirs, point, reserved) = {
             let mut st = self.state.lock();
             self.check_usable(&st)?;
             self.check_fence()?;
@@ -84,20 +84,29 @@ impl Volume {
                 return Ok(());
             }
             st.flush_in_progress = true;
-            (files, dirs, point)
+            (files, dirs, point, self.inflight.issued())
         };
-        let synced = files
-            .iter()
-            .try_for_each(|(file, path)| {
+        // Writes reserved before the SYNC point copy their data without the lock: wait for
+        // them before the fsyncs the SYNC vouches for (see `inflight`).
+        let copied = self
+            .inflight
+            .wait_through(reserved)
+            .map_err(|reason| VolumeError::Halted {
+                volume: self.name.clone(),
+                reason,
+            });
+        let synced = copied.and_then(|()| {
+            files.iter().try_for_each(|(file, path)| {
                 file.sync_data().map_err(VolumeError::io(&self.name, path))
             })
-            .and_then(|()| {
-                dirs.iter().try_for_each(|dir| {
-                    self.fs
-                        .sync_dir(dir)
-                        .map_err(VolumeError::io(&self.name, dir))
-                })
-            });
+        });
+        let synced = synced.and_then(|()| {
+            dirs.iter().try_for_each(|dir| {
+                self.fs
+                    .sync_dir(dir)
+                    .map_err(VolumeError::io(&self.name, dir))
+            })
+        });
         let mut st = self.state.lock();
         st.flush_in_progress = false;
         if let Err(err) = synced {

@@ -47,6 +47,9 @@ pub struct VolumeInfo {
     pub write_bytes: u64,
     pub flushes: u64,
     pub discards: u64,
+    /// Reads, uploads, flushes and TLog closes that waited for a large write still copying its
+    /// data into the write buffer without the volume lock (`inflight`).
+    pub copy_waits: u64,
     pub backend_reads: u64,
     pub evicted_scos: u64,
     pub uploaded_scos: u64,
@@ -164,6 +167,7 @@ impl Volume {
             write_bytes: load(&self.stats.write_bytes),
             flushes: load(&self.stats.flushes),
             discards: load(&self.stats.discards),
+            copy_waits: self.inflight.waits(),
             backend_reads: load(&self.stats.backend_reads),
             evicted_scos: load(&self.stats.evicted_scos),
             uploaded_scos: load(&self.stats.uploaded_scos),

@@ -30,6 +30,9 @@ pub(super) enum Source {
     Local {
         file: Arc<dyn WbFile>,
         offset: u64,
+        /// The newest write reservation into the file when the read was planned: its data must
+        /// be in before the file is read (see `inflight`).
+        written_by: u64,
     },
     Backend {
         namespace: Arc<str>,
@@ -89,6 +92,7 @@ impl Volume {
                     Some(cached) => Source::Local {
                         file: cached.file.clone(),
                         offset: file_offset,
+                        written_by: cached.copying_into(u64::from(location.offset())),
                     },
                     // Clone id k reads from the k-th namespace: 0 is the volume's own.
                     None => Source::Backend {
@@ -110,11 +114,20 @@ impl Volume {
                     last.len += n;
                     true
                 }
-                (Some(last), Source::Local { file, offset }) => match &last.source {
-                    Source::Local { file: f, offset: o }
-                        if Arc::ptr_eq(f, file) && o + last.len as u64 == *offset =>
-                    {
+                (Some(last), Source::Local { file, offset, .. }) => match &last.source {
+                    Source::Local {
+                        file: f, offset: o, ..
+                    } if Arc::ptr_eq(f, file) && o + last.len as u64 == *offset => {
                         last.len += n;
+                        if let (
+                            Source::Local {
+                                written_by: merged, ..
+                            },
+                            Source::Local { written_by, .. },
+                        ) = (&mut last.source, &source)
+                        {
+                            *merged = (*merged).max(*written_by);
+                        }
                         true
                     }
                     _ => false,
@@ -186,7 +199,17 @@ impl Volume {
     fn read_stored(&self, source: &Source, back: u64, out: &mut [u8]) -> Result<()> {
         match source {
             Source::Zero => out.fill(0),
-            Source::Local { file, offset } => {
+            Source::Local {
+                file,
+                offset,
+                written_by,
+            } => {
+                self.inflight
+                    .wait_through(*written_by)
+                    .map_err(|reason| VolumeError::Halted {
+                        volume: self.name.clone(),
+                        reason,
+                    })?;
                 file.read_exact_at(out, offset - back)
                     .map_err(|e| VolumeError::Io {
                         volume: self.name.clone(),

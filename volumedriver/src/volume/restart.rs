@@ -161,6 +161,8 @@ impl Volume {
                             state: ScoState::Sealed { crc },
                             dirty: true,
                             chunk_crcs: None,
+                            last_write: 0,
+                            copying: Vec::new(),
                         },
                     );
                     st.uploads.push_back(UploadTask::Sco(sco.number));
@@ -236,6 +238,8 @@ impl Volume {
                             state: ScoState::Disposable,
                             dirty: false,
                             chunk_crcs: None,
+                            last_write: 0,
+                            copying: Vec::new(),
                         },
                     );
                     st.disposable_bytes += len;

@@ -429,6 +429,8 @@ impl Volume {
             });
         }
         let boundary = st.meta.snapshots[index].tlog;
+        // Nothing may still be copying into files the rollback is about to drop.
+        self.wait_for_copies()?;
         if self.has_unclosed_data(&st) {
             self.close_tlog(&mut st)?;
         }

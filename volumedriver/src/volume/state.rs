@@ -44,6 +44,24 @@ pub(super) struct LocalSco {
     /// path so the upload need not checksum the SCO again (`ObjectStore::put_file`). `None` for a
     /// SCO restored after a restart: the upload then computes them in one read.
     pub(super) chunk_crcs: Option<Arc<[u32]>>,
+    /// The newest write reservation into this file (0: none since open): the upload waits for
+    /// it before reading the file (see `inflight`).
+    pub(super) last_write: u64,
+    /// Reservations whose copy into this file may still run: (sequence, first slot, end slot).
+    /// A read of a slot in one of them waits for it. Finished ones are pruned as new ones come.
+    pub(super) copying: Vec<(u64, u64, u64)>,
+}
+
+impl LocalSco {
+    /// The newest reservation that may still be copying into `slot` (0: none).
+    pub(super) fn copying_into(&self, slot: u64) -> u64 {
+        self.copying
+            .iter()
+            .filter(|&&(_, start, end)| (start..end).contains(&slot))
+            .map(|&(seq, _, _)| seq)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 pub(super) struct OpenSco {
@@ -315,6 +333,8 @@ pub(super) mod testing {
                 state,
                 dirty: true,
                 chunk_crcs: None,
+                last_write: 0,
+                copying: Vec::new(),
             },
         );
     }

@@ -76,6 +76,8 @@ enum UploadJob {
         clusters: u64,
         crc: u32,
         chunk_crcs: Option<Arc<[u32]>>,
+        /// The newest write reservation into the file: waited for before it is read.
+        written_by: u64,
     },
     TLog {
         number: TLogNumber,
@@ -116,6 +118,7 @@ fn plan_upload(volume: &str, st: &State) -> Result<Option<UploadPlan>> {
                         clusters: local.clusters,
                         crc,
                         chunk_crcs: local.chunk_crcs.clone(),
+                        written_by: local.last_write,
                     },
                     _ => {
                         return Err(VolumeError::corrupt(
@@ -262,9 +265,17 @@ impl Volume {
                 clusters,
                 crc,
                 chunk_crcs,
+                written_by,
             } => {
                 let name = ScoName::new(number);
                 let path = sco_path(&self.dir, name);
+                // The last writes into it may still be copying their data (see `inflight`).
+                if let Err(reason) = self.inflight.wait_through(written_by) {
+                    return Err(VolumeError::Halted {
+                        volume: self.name.clone(),
+                        reason,
+                    });
+                }
                 let len = sco::cluster_offset(clusters, self.cluster_size);
                 let corrupt = |reason: String| {
                     self.halt_with(VolumeError::corrupt(

@@ -2,8 +2,12 @@
 //! cluster, update the map; seal a full SCO and roll the TLog (`seal_and_maybe_roll`,
 //! `close_tlog`); and the throttle that pushes back when the upload backlog is over budget.
 //!
-//! All of it runs under the state lock: appending to the SCO and the TLog must happen in the
-//! order the map sees, and the files are local (page cache, no fsync here).
+//! The decisions run under the state lock: slots in the SCO, TLog entries and map updates must
+//! be made in the order the map sees. A small or unaligned write also copies its data under the
+//! lock (a page-cache copy of a few KiB costs less than the bookkeeping of doing it later). A
+//! large cluster-aligned write (`DEFERRED_COPY_MIN`) only *reserves* under the lock and copies
+//! its data afterwards, so that several large writes reach the disk at once; `inflight` says who
+//! waits for such a copy and why that is safe.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -30,6 +34,28 @@ const THROTTLE_MAX: Duration = Duration::from_millis(100);
 const MIN_UPLOAD_RATE: u64 = 16 << 20;
 /// WRITE_ZEROES with allocation writes zeros in chunks of this size.
 const ZERO_CHUNK: u64 = 1 << 20;
+/// Cluster-aligned writes of at least this size copy their data without the state lock (see
+/// `inflight`). The same size from which the write buffer writes with `O_DIRECT`
+/// (`wbfs::direct`): from there on a copy waits for the device, which is what must not happen
+/// under the lock.
+const DEFERRED_COPY_MIN: usize = 128 << 10;
+
+/// What a write reserved under the state lock and copies after releasing it (see `inflight`).
+struct Reservation {
+    seq: u64,
+    copies: Vec<SlotCopy>,
+    /// The reservation filled a SCO whose TLog is due to be closed: closing (which waits for
+    /// every reservation, this one included) is left until the copy is done (`roll_pending`).
+    roll_deferred: bool,
+}
+
+/// One run of reserved slots: `data[range]` goes to `file` at byte `at`.
+struct SlotCopy {
+    file: std::sync::Arc<dyn crate::wbfs::WbFile>,
+    sco: ScoName,
+    at: u64,
+    range: std::ops::Range<usize>,
+}
 
 /// The result of a step under the state lock that may need a cluster read from the backend
 /// first (a read-modify-write of a cluster whose data is not local): done, or which cluster to
@@ -60,6 +86,13 @@ impl Volume {
         Ok(outcome)
     }
 
+    /// Whether a cluster-aligned write of `len` bytes goes to the disk rather than the page cache
+    /// (`O_DIRECT`, see `wbfs`) and copies its data without the volume lock: a frontend should
+    /// run it where it may block, and gains from having several in flight.
+    pub fn write_waits_for_device(len: usize) -> bool {
+        len >= DEFERRED_COPY_MIN
+    }
+
     /// A write without FUA whose DTL wait is left to the caller: when a ticket is returned
     /// (sync mode, or an async backlog over its bound), the write must not be acknowledged to
     /// the client before the ticket completes. Lets a frontend keep serving other requests
@@ -69,6 +102,13 @@ impl Volume {
         offset: u64,
         data: &[u8],
     ) -> Result<(WriteOutcome, Option<Ticket>)> {
+        let cs = self.cluster_size;
+        if data.len() >= DEFERRED_COPY_MIN
+            && offset.is_multiple_of(cs)
+            && (data.len() as u64).is_multiple_of(cs)
+        {
+            return self.write_reserved(offset, data);
+        }
         let mut fetched = Vec::new();
         let mut dtl = None;
         let outcome = loop {
@@ -83,6 +123,55 @@ impl Volume {
                 Locked::Fetch(cluster) => fetched.push(self.fetch_cluster(cluster)?),
             }
         };
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok((outcome, dtl))
+    }
+
+    /// A large cluster-aligned write: reserve under the state lock, copy without it (see
+    /// `inflight`). Encryption happens before the lock is taken.
+    fn write_reserved(&self, offset: u64, data: &[u8]) -> Result<(WriteOutcome, Option<Ticket>)> {
+        let first = offset / self.cluster_size;
+        let stored = self.seal_clusters(first, data)?;
+        let (reservation, outcome, dtl) = {
+            let mut st = self.state.lock();
+            self.check_range(&st, offset, data.len() as u64, true)?;
+            self.dtl_service(&mut st)?;
+            let mut reservation = Reservation {
+                seq: self.inflight.begin(),
+                copies: Vec::new(),
+                roll_deferred: false,
+            };
+            let appended = self.append_clusters_in(&mut st, first, &stored, Some(&mut reservation));
+            let dtl = self.dtl_submit(&mut st);
+            if let Err(e) = appended {
+                // The volume is halted (every append failure halts it); what was reserved is
+                // never read again.
+                self.inflight.finish(reservation.seq, Some(e.to_string()));
+                return Err(e);
+            }
+            (reservation, self.throttle(&st, data.len() as u64), dtl)
+        };
+        let copied = reservation.copies.iter().try_for_each(|copy| {
+            copy.file
+                .write_all_at(&stored[copy.range.clone()], copy.at)
+                .map_err(VolumeError::io(&self.name, sco_path(&self.dir, copy.sco)))
+        });
+        self.inflight.finish(
+            reservation.seq,
+            copied.as_ref().err().map(ToString::to_string),
+        );
+        if let Err(err) = copied {
+            return self.halt_with(err);
+        }
+        if reservation.roll_deferred {
+            let mut st = self.state.lock();
+            if st.roll_pending && !st.flush_in_progress {
+                self.close_tlog(&mut st)?;
+            }
+        }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .write_bytes
@@ -176,6 +265,18 @@ impl Volume {
     /// Append whole clusters, as stored (ciphertext for an encrypted volume), starting at
     /// cluster `first`: to the open SCO, the TLog, the map and the DTL.
     pub(super) fn append_clusters(&self, st: &mut State, first: u64, data: &[u8]) -> Result<()> {
+        self.append_clusters_in(st, first, data, None)
+    }
+
+    /// [`append_clusters`](Self::append_clusters), copying the data now, or with a `reservation`
+    /// only reserving the slots and noting the copies to make once the lock is released.
+    fn append_clusters_in(
+        &self,
+        st: &mut State,
+        first: u64,
+        data: &[u8],
+        mut reservation: Option<&mut Reservation>,
+    ) -> Result<()> {
         let cs = self.cluster_size;
         let mut done = 0u64;
         let total = data.len() as u64 / cs;
@@ -200,10 +301,19 @@ impl Volume {
                     "the open SCO is missing from the write buffer's table",
                 ));
             };
-            if let Err(e) = local
-                .file
-                .write_all_at(chunk, sco::cluster_offset(index, cs))
-            {
+            let at = sco::cluster_offset(index, cs);
+            if let Some(r) = reservation.as_deref_mut() {
+                local.last_write = r.seq;
+                let inflight = &self.inflight;
+                local.copying.retain(|&(seq, _, _)| !inflight.is_done(seq));
+                local.copying.push((r.seq, index, index + n));
+                r.copies.push(SlotCopy {
+                    file: local.file.clone(),
+                    sco: ScoName::new(number),
+                    at,
+                    range: (done * cs) as usize..((done + n) * cs) as usize,
+                });
+            } else if let Err(e) = local.file.write_all_at(chunk, at) {
                 let path = sco_path(&self.dir, ScoName::new(number));
                 let err = VolumeError::io(&self.name, path)(e);
                 self.halt(st, err.to_string());
@@ -238,7 +348,12 @@ impl Volume {
             }
             done += n;
             if index + n == st.config.sco_clusters {
-                self.seal_and_maybe_roll(st)?;
+                let defer = reservation.is_some();
+                if self.seal_and_maybe_roll(st, defer)? {
+                    if let Some(r) = reservation.as_deref_mut() {
+                        r.roll_deferred = true;
+                    }
+                }
             }
         }
         Ok(())
@@ -261,6 +376,8 @@ impl Volume {
                 state: ScoState::Open,
                 dirty: true,
                 chunk_crcs: None,
+                last_write: 0,
+                copying: Vec::new(),
             },
         );
         st.open_sco = Some(OpenSco {
@@ -337,8 +454,10 @@ impl Volume {
     /// Seal the full open SCO and close the TLog if it now covers `tlog_scos` SCOs, or early if
     /// not-yet-uploaded data passed half the write-buffer budget: data only becomes disposable
     /// once its TLog is on the backend, so a TLog larger than the budget would throttle the
-    /// volume forever. Closing is deferred while a flush is between its two phases.
-    fn seal_and_maybe_roll(&self, st: &mut State) -> Result<()> {
+    /// volume forever. Closing is deferred (`roll_pending`) while a flush is between its two
+    /// phases, and with `defer` (the caller holds a write reservation, which closing would wait
+    /// for); true if it was deferred for that reason.
+    fn seal_and_maybe_roll(&self, st: &mut State, defer: bool) -> Result<bool> {
         self.seal_open_sco(st)?;
         let over_budget = st.non_disposable_bytes > st.config.write_buffer / 2;
         if st
@@ -346,19 +465,22 @@ impl Volume {
             .as_ref()
             .is_some_and(|t| t.sealed_scos >= st.config.tlog_scos || over_budget)
         {
-            if st.flush_in_progress {
+            if st.flush_in_progress || defer {
                 st.roll_pending = true;
+                return Ok(defer);
             } else {
                 self.close_tlog(st)?;
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Close the current TLog (sealing the open SCO first) and queue it for upload.
     pub(super) fn close_tlog(&self, st: &mut State) -> Result<()> {
         st.roll_pending = false;
         self.seal_open_sco(st)?;
+        // Its CLOSE vouches for the data of every SCO it seals (see `inflight`).
+        self.wait_for_copies()?;
         let Some(current) = st.tlog.take() else {
             return Ok(());
         };
@@ -389,6 +511,17 @@ impl Volume {
         st.last_sync = None;
         self.upload_work.notify_all();
         Ok(())
+    }
+
+    /// Wait until the data of every write reserved so far is in the write buffer (see
+    /// `inflight`); never called by a thread holding a reservation.
+    pub(super) fn wait_for_copies(&self) -> Result<()> {
+        self.inflight
+            .wait_all()
+            .map_err(|reason| VolumeError::Halted {
+                volume: self.name.clone(),
+                reason,
+            })
     }
 
     /// Make `[offset, offset+len)` read as zeros without writing data: whole clusters are
