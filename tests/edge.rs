@@ -545,7 +545,10 @@ fn an_edge_enforces_the_volume_network_allow_list_and_follows_updates() {
     assert_eq!(nbdinfo_list(&list_uri), ["open"]);
     assert_eq!(nbdinfo_list(&format!("nbd://{}", n1.nbd)), ["open"]);
     let (opened, said) = nbdinfo_opens(&e1.uri("vol"));
-    assert!(!opened, "an excluded client opened vol through the edge: {said}");
+    assert!(
+        !opened,
+        "an excluded client opened vol through the edge: {said}"
+    );
     let (opened, said) = run_any(Command::new("qemu-img").args(["info", &e1.uri("vol")]));
     assert!(!opened, "qemu-img opened vol through the edge: {said}");
     let (opened, said) = nbdinfo_opens(&e1.uri("open"));
@@ -564,7 +567,11 @@ fn an_edge_enforces_the_volume_network_allow_list_and_follows_updates() {
     until_listed(&list_uri, &["open", "vol"]);
     qemu_io(
         &e1.uri("vol"),
-        &["write -P 0x7e 0 1M", "write -P 0x81 9M 256k", "read -P 0x7e 0 1M"],
+        &[
+            "write -P 0x7e 0 1M",
+            "write -P 0x81 9M 256k",
+            "read -P 0x7e 0 1M",
+        ],
     );
     let via_edge = uri_checksum(&e1.uri("vol"), &root.path().join("edge.raw"));
     let via_owner = uri_checksum(&n1.uri("vol"), &root.path().join("owner.raw"));
@@ -591,7 +598,10 @@ fn an_edge_enforces_the_volume_network_allow_list_and_follows_updates() {
     // --allow-any lifts it: every client again, and what was written is there.
     n1.cli_ok(&["volume", "update", "vol", "--allow-any"]);
     until_listed(&list_uri, &["open", "vol"]);
-    qemu_io(&e1.uri("vol"), &["read -P 0x7e 0 1M", "read -P 0x81 9M 256k"]);
+    qemu_io(
+        &e1.uri("vol"),
+        &["read -P 0x7e 0 1M", "read -P 0x81 9M 256k"],
+    );
     assert_eq!(
         uri_checksum(&e1.uri("vol"), &root.path().join("edge.raw")),
         via_owner
@@ -641,9 +651,8 @@ fn an_edge_with_client_certificates_admits_only_the_allowed_subject() {
     e1.cli_ok(&["attach", "open"]);
     let alice = nbd_ca.client_dir(root.path(), "alice", Some(("alice", &nbd_ca, false)));
     let bob = nbd_ca.client_dir(root.path(), "bob", Some(("bob", &nbd_ca, false)));
-    let list_uri = |dir: &std::path::Path| {
-        format!("nbds://{}/?tls-certificates={}", e1.nbd, dir.display())
-    };
+    let list_uri =
+        |dir: &std::path::Path| format!("nbds://{}/?tls-certificates={}", e1.nbd, dir.display());
 
     assert_eq!(nbdinfo_list(&list_uri(&alice)), ["open", "vol"]);
     let mut qemu = Command::new("qemu-io");

@@ -367,7 +367,10 @@ async fn the_allow_list_comes_with_the_handshake_and_follows_changes_and_failove
     b.state.set_access(AllowList::default());
     resolver.set(Ok(b.endpoint("b")));
     drop(a);
-    until("the new owner's list", || t.access() == AllowList::default()).await;
+    until("the new owner's list", || {
+        t.access() == AllowList::default()
+    })
+    .await;
     assert_eq!(t.stats().owner.as_deref(), Some("b"));
     assert_eq!(read(&t, 0, BLOCK).await.unwrap(), pattern(1, BLOCK));
 }

@@ -121,7 +121,9 @@ async fn the_allow_list_follows_welcome_and_changes_are_pushed() {
     s.state
         .set_access(allow_list(&["alice"], &["10.1.0.0/16", "fd00::/64"]));
     let (mut c, reply) = hello_in(s.addr, "vol", 7, PROTOCOL_VERSION).await;
-    assert!(matches!(reply.message, Message::Welcome { version, .. } if version == PROTOCOL_VERSION));
+    assert!(
+        matches!(reply.message, Message::Welcome { version, .. } if version == PROTOCOL_VERSION)
+    );
     assert_eq!(
         recv(&mut c).await.unwrap(),
         Frame::new(
@@ -141,14 +143,18 @@ async fn the_allow_list_follows_welcome_and_changes_are_pushed() {
         pushed,
         Frame::new(0, Message::Access(allow_list(&[], &["127.0.0.0/8"])))
     );
-    c.send(Frame::new(5, Message::Flush { tag: 7 })).await.unwrap();
+    c.send(Frame::new(5, Message::Flush { tag: 7 }))
+        .await
+        .unwrap();
     assert_eq!(
         recv(&mut c).await.unwrap(),
         Frame::new(5, Message::Done { dtl_in_sync: true })
     );
     // No change, nothing pushed.
     assert!(
-        tokio::time::timeout(ACCESS_POLL * 2, c.next()).await.is_err(),
+        tokio::time::timeout(ACCESS_POLL * 2, c.next())
+            .await
+            .is_err(),
         "an unchanged list is not resent"
     );
     // Lifted: the empty list (everyone) is pushed too.
@@ -217,7 +223,9 @@ async fn a_version_1_edge_is_served_without_access() {
         )
     );
     assert!(
-        tokio::time::timeout(ACCESS_POLL * 2, c.next()).await.is_err(),
+        tokio::time::timeout(ACCESS_POLL * 2, c.next())
+            .await
+            .is_err(),
         "nothing unasked for on a version-1 connection"
     );
 }

@@ -881,8 +881,7 @@ mod tests {
 
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
-            (any::<[u8; 4]>(), 0u8..=32)
-                .prop_map(|(a, p)| IpNet::new(IpAddr::from(a), p).unwrap()),
+            (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| IpNet::new(IpAddr::from(a), p).unwrap()),
             (any::<[u8; 16]>(), 0u8..=128)
                 .prop_map(|(a, p)| IpNet::new(IpAddr::from(a), p).unwrap()),
         ]
@@ -1121,7 +1120,9 @@ mod tests {
             },
         );
         let mut buf = BytesMut::new();
-        EdgeCodec::with_version(1).encode(&welcome, &mut buf).unwrap();
+        EdgeCodec::with_version(1)
+            .encode(&welcome, &mut buf)
+            .unwrap();
         let mut want = vec![1u8, 0];
         want.extend(0x0102_0304_0506_0708u64.to_le_bytes());
         want.push(1);

@@ -322,7 +322,10 @@ async fn reader(shared: Arc<Shared>, generation: u64, mut rd: PeerReader, stop: 
                     message: Message::Access(_),
                     ..
                 })) => {
-                    shared.connection_lost(generation, "bad frame from the owner: Access with a request id");
+                    shared.connection_lost(
+                        generation,
+                        "bad frame from the owner: Access with a request id",
+                    );
                     return;
                 }
                 Ok(Some(frame)) => shared.reply(generation, frame.id, frame.message),
