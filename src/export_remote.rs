@@ -2,10 +2,12 @@
 //! lookup gives the same [`VolumeExport`] the NBD server and the vhost-user backend use, plus a
 //! [`ServedState`] read on every request from the volume's lock-free accessors
 //! (`owner_tag`, `dtl_in_sync`, `fenced`, `is_gone`), so a check never waits for the volume's
-//! state lock. `VOLUME@SNAPSHOT` gives the snapshot read-only, as over NBD.
+//! state lock; the allow list (`access`, read at the handshake and once a second per edge
+//! connection, never per request) is the one thing that takes it. `VOLUME@SNAPSHOT` gives the snapshot read-only, as over NBD.
 
 use std::sync::Arc;
 
+use vstor_edge::remote::proto::AllowList;
 use vstor_edge::remote::{RemoteExports, ServedState, ServedVolume};
 use vstor_volumedriver::Volume;
 
@@ -31,6 +33,15 @@ impl ServedState for VolumeState {
         // A volume being handed to another node is no longer served here: the edge looks for
         // the new owner instead of waiting on refused writes.
         !self.0.is_gone() && !self.0.is_releasing()
+    }
+
+    fn access(&self) -> AllowList {
+        // A snapshot's state is its volume's: it follows the volume's list, as over NBD.
+        let access = self.0.access();
+        AllowList {
+            subjects: access.allow_subjects,
+            networks: access.allow_networks,
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! `vstor edge` against a real cluster on loopback: etcd, nodes n1 and n2 serving edges
 //! (`--edge-listen`), n3 serving none, and edges e1 and e2. Data written through an edge is read
 //! back (patterns and checksums) through the edge and through the owner's own NBD export; the
-//! attachment rule, the error texts, a stale owner tag refused by the node, and an edge restart
-//! (kill -9) that re-attaches from the registry. Failover under load is in `edge_failover.rs`.
+//! attachment rule, the error texts, a stale owner tag refused by the node, an edge restart
+//! (kill -9) that re-attaches from the registry, and the volumes' NBD allow lists (networks and
+//! client-certificate subjects) enforced by the edge's NBD server as the owner changes them. Failover under load is in `edge_failover.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -14,7 +15,10 @@ use common::edge::EdgeDaemon;
 use common::etcd::Etcd;
 use common::tls::{nbds_uri, peer_tls_flags, qemu_tls_args, strs, Pki};
 use common::vhost_client::VhostClient;
-use common::{checksum_file, require_tool, run_ok, Daemon, NbdClient, TestBackend, VSTOR};
+use common::{
+    checksum_file, nbdinfo_list, poll, require_tool, run_any, run_ok, uri_checksum, Daemon,
+    NbdClient, TestBackend, VSTOR,
+};
 use serde_json::Value;
 
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
@@ -484,6 +488,210 @@ fn qemu_io_tls_read(nbd: &str, client: &std::path::Path) {
         "-c",
         "read -P 0xc3 5M 512k",
     ]);
+    let out = run_ok(&mut qemu);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// `nbdinfo URI` (one export): whether it opened, and what it said.
+fn nbdinfo_opens(uri: &str) -> (bool, String) {
+    run_any(Command::new("nbdinfo").arg(uri))
+}
+
+/// Poll until the edge's `nbdinfo --list` (at `list_uri`) shows exactly `want`: an allow list
+/// changed on the node reaches an attached edge within about a second (pushed over the edge
+/// protocol), so a few seconds is a generous bound.
+fn until_listed(list_uri: &str, want: &[&str]) {
+    poll(
+        &format!("{list_uri} to list {want:?}"),
+        Duration::from_secs(10),
+        || (nbdinfo_list(list_uri) == want).then_some(()),
+    );
+}
+
+/// Issue 15 on an edge: a volume's NBD allow list, kept by its owner, is enforced by
+/// `vstor edge`'s own NBD server exactly as by the node's: an excluded client (every tool here
+/// connects from 127.0.0.1) does not see the volume in `nbdinfo --list` and cannot open it,
+/// `volume update` takes effect on the attached edge without a re-attach, and a restarted edge
+/// enforces the list it gets when it re-attaches.
+#[test]
+fn an_edge_enforces_the_volume_network_allow_list_and_follows_updates() {
+    require_tool("nbdinfo");
+    require_tool("qemu-io");
+    require_tool("qemu-img");
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let n1 = node(root.path(), &backend, &url, "n1", true);
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "16M",
+        "--node",
+        "n1",
+        "--allow-net",
+        "192.0.2.0/24",
+    ]);
+    n1.cli_ok(&["volume", "create", "open", "--size", "16M", "--node", "n1"]);
+    let mut e1 = EdgeDaemon::start(root.path(), "e1", &url, &[]);
+    e1.cli_ok(&["attach", "vol"]);
+    e1.cli_ok(&["attach", "open"]);
+    let list_uri = format!("nbd://{}", e1.nbd);
+
+    // Excluded: not listed, and neither nbdinfo nor qemu-img can open it; the other volume is
+    // served as usual. The edge answers exactly what the owner's own NBD server answers.
+    assert_eq!(nbdinfo_list(&list_uri), ["open"]);
+    assert_eq!(nbdinfo_list(&format!("nbd://{}", n1.nbd)), ["open"]);
+    let (opened, said) = nbdinfo_opens(&e1.uri("vol"));
+    assert!(
+        !opened,
+        "an excluded client opened vol through the edge: {said}"
+    );
+    let (opened, said) = run_any(Command::new("qemu-img").args(["info", &e1.uri("vol")]));
+    assert!(!opened, "qemu-img opened vol through the edge: {said}");
+    let (opened, said) = nbdinfo_opens(&e1.uri("open"));
+    assert!(opened, "{said}");
+    let log = e1.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("refused by its allow list")
+            && l.contains("export=\"vol\"")
+            && l.contains("client=127.0.0.1:")),
+        "{log}"
+    );
+
+    // Allowed on the node: the attached edge follows without a re-attach; written through the
+    // edge, read back, and the same bytes through the edge and through the owner.
+    n1.cli_ok(&["volume", "update", "vol", "--allow-net", "127.0.0.0/8"]);
+    until_listed(&list_uri, &["open", "vol"]);
+    qemu_io(
+        &e1.uri("vol"),
+        &[
+            "write -P 0x7e 0 1M",
+            "write -P 0x81 9M 256k",
+            "read -P 0x7e 0 1M",
+        ],
+    );
+    let via_edge = uri_checksum(&e1.uri("vol"), &root.path().join("edge.raw"));
+    let via_owner = uri_checksum(&n1.uri("vol"), &root.path().join("owner.raw"));
+    assert_eq!(via_edge, via_owner);
+    assert!(
+        e1.log_text()
+            .contains("the owner changed the volume's allow list"),
+        "{}",
+        e1.log_text()
+    );
+
+    // Excluded again: refused again, the data stays where it is.
+    n1.cli_ok(&["volume", "update", "vol", "--allow-net", "198.51.100.0/24"]);
+    until_listed(&list_uri, &["open"]);
+    assert!(!nbdinfo_opens(&e1.uri("vol")).0);
+
+    // A restarted edge re-attaches and enforces the list its owner sends in the handshake.
+    e1.kill9();
+    e1.launch();
+    assert_eq!(e1.reattached, 2);
+    assert_eq!(nbdinfo_list(&list_uri), ["open"]);
+    assert!(!nbdinfo_opens(&e1.uri("vol")).0);
+
+    // --allow-any lifts it: every client again, and what was written is there.
+    n1.cli_ok(&["volume", "update", "vol", "--allow-any"]);
+    until_listed(&list_uri, &["open", "vol"]);
+    qemu_io(
+        &e1.uri("vol"),
+        &["read -P 0x7e 0 1M", "read -P 0x81 9M 256k"],
+    );
+    assert_eq!(
+        uri_checksum(&e1.uri("vol"), &root.path().join("edge.raw")),
+        via_owner
+    );
+}
+
+/// The subject half of the rule on an edge whose NBD server asks for client certificates: only
+/// the listed certificate CN sees and opens the volume through the edge.
+#[test]
+fn an_edge_with_client_certificates_admits_only_the_allowed_subject() {
+    require_tool("nbdinfo");
+    require_tool("qemu-io");
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let nbd_ca = Pki::new(root.path(), "nbd-ca");
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let n1 = node(root.path(), &backend, &url, "n1", true);
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "16M",
+        "--node",
+        "n1",
+        "--allow-subject",
+        "alice",
+    ]);
+    n1.cli_ok(&["volume", "create", "open", "--size", "16M", "--node", "n1"]);
+    let (cert, key) = nbd_ca.server("edge-nbd", false);
+    let ca = nbd_ca.ca();
+    let e1 = EdgeDaemon::start(
+        root.path(),
+        "e1",
+        &url,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    e1.cli_ok(&["attach", "vol"]);
+    e1.cli_ok(&["attach", "open"]);
+    let alice = nbd_ca.client_dir(root.path(), "alice", Some(("alice", &nbd_ca, false)));
+    let bob = nbd_ca.client_dir(root.path(), "bob", Some(("bob", &nbd_ca, false)));
+    let list_uri =
+        |dir: &std::path::Path| format!("nbds://{}/?tls-certificates={}", e1.nbd, dir.display());
+
+    assert_eq!(nbdinfo_list(&list_uri(&alice)), ["open", "vol"]);
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(qemu_tls_args(&e1.nbd, "vol", &alice)).args([
+        "-c",
+        "write -P 0x5a 0 64k",
+        "-c",
+        "read -P 0x5a 0 64k",
+    ]);
+    let out = run_ok(&mut qemu);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    assert_eq!(nbdinfo_list(&list_uri(&bob)), ["open"]);
+    let (opened, said) = nbdinfo_opens(&nbds_uri(&e1.nbd, "vol", &bob));
+    assert!(!opened, "bob opened vol through the edge: {said}");
+    let (opened, said) = nbdinfo_opens(&nbds_uri(&e1.nbd, "open", &bob));
+    assert!(opened, "{said}");
+    let log = e1.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("refused by its allow list")
+            && l.contains("export=\"vol\"")
+            && l.contains("subject=Some(\"bob\")")),
+        "{log}"
+    );
+
+    // Bob added on the node: admitted through the attached edge, and reads what alice wrote.
+    n1.cli_ok(&[
+        "volume",
+        "update",
+        "vol",
+        "--allow-subject",
+        "alice",
+        "--allow-subject",
+        "bob",
+    ]);
+    until_listed(&list_uri(&bob), &["open", "vol"]);
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(qemu_tls_args(&e1.nbd, "vol", &bob))
+        .args(["-c", "read -P 0x5a 0 64k"]);
     let out = run_ok(&mut qemu);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }

@@ -79,8 +79,8 @@ async fn hostile(addr: &str, huge: &[u8], prefix: &[u8], partial: &[u8]) -> [Vec
 }
 
 /// The OSD, MDS and edge servers close a connection on a bad frame without a reply; the
-/// slowloris connection got its `Welcome` and nothing after it. `welcome`: decode one frame and
-/// say whether it is a `Welcome`.
+/// slowloris connection got its `Welcome` and nothing after it. `welcome`: decode the handshake's
+/// answer and say whether it is a `Welcome` (for the edge: followed by its `Access`).
 fn assert_silent_closes_and_welcome(
     replies: &[Vec<u8>; 3],
     welcome: impl Fn(&mut BytesMut) -> bool,
@@ -333,12 +333,20 @@ async fn the_edge_server_drops_hostile_clients_and_serves_others() {
         .unwrap();
     let huge = header(MAGIC, PROTOCOL_VERSION, 10, u32::MAX);
     let replies = hostile(&addr, &huge, &hello, &huge[..10]).await;
+    // The edge's handshake is Welcome followed by the volume's allow list.
     assert_silent_closes_and_welcome(&replies, |buf| {
+        let mut codec = EdgeCodec::new();
         matches!(
-            EdgeCodec::new().decode(buf),
+            codec.decode(buf),
             Ok(Some(Frame {
                 message: Message::Welcome { .. },
                 ..
+            }))
+        ) && matches!(
+            codec.decode(buf),
+            Ok(Some(Frame {
+                id: 0,
+                message: Message::Access(_),
             }))
         )
     });

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::nbd_raw::{self, greet};
 use common::tls::Pki;
-use common::{poll, require_tool, Daemon, NbdClient};
+use common::{nbdinfo_list, poll, require_tool, Daemon, NbdClient};
 
 const IHAVEOPT: u64 = 0x49484156454f5054;
 const REP_MAGIC: u64 = 0x3e889045565a9;
@@ -122,24 +122,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// `nbdinfo --list --json URI`: the export names (libnbd connects from 127.0.0.1).
-fn nbdinfo_list(uri: &str) -> Vec<String> {
-    let out = Command::new("nbdinfo")
-        .args(["--list", "--json", uri])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut names: Vec<String> = doc["exports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["export-name"].as_str().unwrap().to_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 fn sorted(names: &[&str]) -> Vec<String> {

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The edge protocol end to end, in process, on loopback: `RemoteTarget` clients against
 //! `remote::server` nodes over in-memory targets. Data written reads back (checksums), pipelined
-//! random I/O, owner-tag refusals, corrupt frames, failover with and without the DTL in sync, the
+//! random I/O, the allow list (handshake, pushed change, failover), owner-tag refusals, corrupt
+//! frames, failover with and without the DTL in sync, the
 //! reconnect bound, and a real NBD client (`qemu-io`) through the NBD server on a `RemoteTarget`.
 
 mod common;
@@ -16,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use vstor_edge::remote::client::{ConnState, RemoteConfig, RemoteError, RemoteTarget};
-use vstor_edge::remote::proto::ErrorCode;
+use vstor_edge::remote::proto::{AllowList, ErrorCode};
 use vstor_edge::remote::server::{serve, EdgeServerConfig};
 use vstor_edge::remote::Endpoint;
 use vstor_edge::testing::remote::{MemExports, MemServedState, StaticResolver};
@@ -338,6 +339,40 @@ async fn corrupt_frame_closes_the_connection_and_the_client_reconnects() {
     assert_eq!(stats.reconnects, 1, "{stats:?}");
     assert!(stats.resubmitted >= 1, "{stats:?}");
     assert_eq!(stats.failed, 0);
+}
+
+/// The volume's allow list reaches the edge with the handshake, follows a change on the owner
+/// while connected, and after a failover is the new owner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_list_comes_with_the_handshake_and_follows_changes_and_failover() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let alice = AllowList {
+        subjects: vec!["alice".into()],
+        networks: vec![],
+    };
+    a.state.set_access(alice.clone());
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    assert_eq!(t.access(), alice, "known as soon as connect returns");
+    let nets = AllowList {
+        subjects: vec![],
+        networks: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/64".parse().unwrap()],
+    };
+    a.state.set_access(nets.clone());
+    until("the pushed list", || t.access() == nets).await;
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+
+    let b = Node::start(&target, 2).await;
+    b.state.set_access(AllowList::default());
+    resolver.set(Ok(b.endpoint("b")));
+    drop(a);
+    until("the new owner's list", || {
+        t.access() == AllowList::default()
+    })
+    .await;
+    assert_eq!(t.stats().owner.as_deref(), Some("b"));
+    assert_eq!(read(&t, 0, BLOCK).await.unwrap(), pattern(1, BLOCK));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

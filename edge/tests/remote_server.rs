@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The edge server (`remote::server`) over an in-memory target, driven by a raw protocol client
-//! (the codec on a TCP socket): handshake refusals, owner-tag checks per request, validation,
-//! pipelining and corrupt frames.
+//! (the codec on a TCP socket): handshake refusals, the allow list after `Welcome` and its pushed
+//! changes, a version-1 edge, owner-tag checks per request, validation, pipelining and corrupt
+//! frames.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Encoder, Framed};
 use tokio_util::sync::CancellationToken;
-use vstor_edge::remote::proto::{EdgeCodec, ErrorCode, Frame, Message, PROTOCOL_VERSION};
+use vstor_edge::remote::proto::{
+    AllowList, EdgeCodec, ErrorCode, Frame, Message, ACCESS_POLL, PROTOCOL_VERSION,
+};
 use vstor_edge::remote::server::{serve, EdgeServerConfig};
 use vstor_edge::testing::remote::{MemExports, MemServedState};
 use vstor_edge::testing::MemTarget;
@@ -66,13 +69,34 @@ async fn recv(conn: &mut Conn) -> Option<Frame> {
         .map(|r| r.expect("well-formed reply"))
 }
 
+/// `Hello` in the current version; the first reply. After a `Welcome` the `Access` that must
+/// follow it is read too (and must be the volume's list), so callers see request replies next.
 async fn hello(addr: std::net::SocketAddr, volume: &str, tag: u64) -> (Conn, Frame) {
+    let (mut conn, reply) = hello_in(addr, volume, tag, PROTOCOL_VERSION).await;
+    if matches!(reply.message, Message::Welcome { .. }) {
+        let access = recv(&mut conn).await.expect("Access after Welcome");
+        assert_eq!(access.id, 0);
+        assert!(
+            matches!(access.message, Message::Access(_)),
+            "expected Access after Welcome, got {access:?}"
+        );
+    }
+    (conn, reply)
+}
+
+/// `Hello` in protocol `version`; the first reply.
+async fn hello_in(
+    addr: std::net::SocketAddr,
+    volume: &str,
+    tag: u64,
+    version: u16,
+) -> (Conn, Frame) {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let mut conn = Framed::new(stream, EdgeCodec::new());
+    let mut conn = Framed::new(stream, EdgeCodec::with_version(version));
     conn.send(Frame::new(
         0,
         Message::Hello {
-            version: PROTOCOL_VERSION,
+            version,
             volume: volume.into(),
             tag,
             client: "test".into(),
@@ -82,6 +106,128 @@ async fn hello(addr: std::net::SocketAddr, volume: &str, tag: u64) -> (Conn, Fra
     .unwrap();
     let reply = recv(&mut conn).await.expect("handshake reply");
     (conn, reply)
+}
+
+fn allow_list(subjects: &[&str], networks: &[&str]) -> AllowList {
+    AllowList {
+        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        networks: networks.iter().map(|n| n.parse().unwrap()).collect(),
+    }
+}
+
+#[tokio::test]
+async fn the_allow_list_follows_welcome_and_changes_are_pushed() {
+    let s = server(7).await;
+    s.state
+        .set_access(allow_list(&["alice"], &["10.1.0.0/16", "fd00::/64"]));
+    let (mut c, reply) = hello_in(s.addr, "vol", 7, PROTOCOL_VERSION).await;
+    assert!(
+        matches!(reply.message, Message::Welcome { version, .. } if version == PROTOCOL_VERSION)
+    );
+    assert_eq!(
+        recv(&mut c).await.unwrap(),
+        Frame::new(
+            0,
+            Message::Access(allow_list(&["alice"], &["10.1.0.0/16", "fd00::/64"]))
+        )
+    );
+    // A change is pushed within the poll period, on an idle connection, while requests still
+    // get their replies.
+    s.state.set_access(allow_list(&[], &["127.0.0.0/8"]));
+    let pushed = tokio::time::timeout(ACCESS_POLL * 3, c.next())
+        .await
+        .expect("the change within three poll periods")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        pushed,
+        Frame::new(0, Message::Access(allow_list(&[], &["127.0.0.0/8"])))
+    );
+    c.send(Frame::new(5, Message::Flush { tag: 7 }))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut c).await.unwrap(),
+        Frame::new(5, Message::Done { dtl_in_sync: true })
+    );
+    // No change, nothing pushed.
+    assert!(
+        tokio::time::timeout(ACCESS_POLL * 2, c.next())
+            .await
+            .is_err(),
+        "an unchanged list is not resent"
+    );
+    // Lifted: the empty list (everyone) is pushed too.
+    s.state.set_access(AllowList::default());
+    let pushed = tokio::time::timeout(ACCESS_POLL * 3, c.next())
+        .await
+        .expect("the change within three poll periods")
+        .unwrap()
+        .unwrap();
+    assert_eq!(pushed, Frame::new(0, Message::Access(AllowList::default())));
+}
+
+/// An edge of the previous release (version 1) is still served: `Welcome` in its version, no
+/// `Access` (it could not decode it), and replies in version-1 frames.
+#[tokio::test]
+async fn a_version_1_edge_is_served_without_access() {
+    let s = server(7).await;
+    s.state.set_access(allow_list(&["alice"], &[]));
+    let (mut c, reply) = hello_in(s.addr, "vol", 7, 1).await;
+    assert_eq!(
+        reply.message,
+        Message::Welcome {
+            version: 1,
+            size: SIZE,
+            read_only: false,
+            tag: 7,
+            dtl_in_sync: true
+        }
+    );
+    let data = pattern(3, 4096);
+    c.send(Frame::new(
+        1,
+        Message::Write {
+            tag: 7,
+            offset: 0,
+            fua: false,
+            data: data.clone(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        recv(&mut c).await.unwrap(),
+        Frame::new(1, Message::Done { dtl_in_sync: true })
+    );
+    // A list change is not pushed to it.
+    s.state.set_access(allow_list(&["bob"], &[]));
+    c.send(Frame::new(
+        2,
+        Message::Read {
+            tag: 7,
+            offset: 0,
+            len: 4096,
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        recv(&mut c).await.unwrap(),
+        Frame::new(
+            2,
+            Message::Data {
+                dtl_in_sync: true,
+                data
+            }
+        )
+    );
+    assert!(
+        tokio::time::timeout(ACCESS_POLL * 2, c.next())
+            .await
+            .is_err(),
+        "nothing unasked for on a version-1 connection"
+    );
 }
 
 fn pattern(seed: u64, len: usize) -> Bytes {

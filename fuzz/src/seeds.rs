@@ -346,7 +346,9 @@ fn osd_codec() -> Vec<Vec<u8>> {
 }
 
 fn edge_codec() -> Vec<Vec<u8>> {
-    use vstor_edge::remote::proto::{EdgeCodec, ErrorCode, Frame, Message, PROTOCOL_VERSION};
+    use vstor_edge::remote::proto::{
+        AllowList, EdgeCodec, ErrorCode, Frame, Message, PROTOCOL_VERSION,
+    };
     use vstor_edge::Extent;
     let messages = vec![
         Message::Hello {
@@ -355,6 +357,13 @@ fn edge_codec() -> Vec<Vec<u8>> {
             tag: 3,
             client: "edge-a".into(),
         },
+        Message::Access(AllowList {
+            subjects: vec!["alice".into()],
+            networks: ["10.1.0.0/16", "fd00::/64"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+        }),
         Message::Write {
             tag: 3,
             offset: 4096,

@@ -16,7 +16,8 @@ use vstor_edge::nbd::NbdServer;
 use vstor_edge::remote::client::{RemoteConfig, RemoteError, RemoteTarget};
 use vstor_edge::remote::Resolver;
 use vstor_edge::vhost::VhostServer;
-use vstor_edge::{BlockTarget, ExportRegistry};
+use vstor_edge::{BlockTarget, Client, ExportRegistry};
+use vstor_volumedriver::access::VolumeAccess;
 
 use crate::registry::{Registry, RegistryError};
 
@@ -84,6 +85,23 @@ impl EdgeExports {
 }
 
 impl ExportRegistry for EdgeExports {
+    /// The volume's allow list as its owner sent it over the edge protocol, under the node's
+    /// rule (`VolumeAccess::allows`): an edge refuses exactly the clients the owner would.
+    fn allows(&self, name: &str, client: &Client) -> bool {
+        match self.get(name) {
+            Some(target) => {
+                let list = target.access();
+                VolumeAccess {
+                    allow_subjects: list.subjects,
+                    allow_networks: list.networks,
+                }
+                .allows(client.addr.ip(), client.subject.as_deref())
+            }
+            // Not attached: `lookup` answers it as unknown.
+            None => true,
+        }
+    }
+
     fn lookup(&self, name: &str) -> Option<Arc<dyn BlockTarget>> {
         self.get(name).map(|t| t as Arc<dyn BlockTarget>)
     }

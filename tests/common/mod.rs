@@ -471,16 +471,47 @@ pub fn checksum_file(path: &Path) -> String {
 /// `qemu-img convert` an export of `daemon` to a raw file in `dir`; returns its checksum.
 pub fn export_checksum(daemon: &Daemon, export: &str, dir: &Path) -> String {
     let file = dir.join(format!("{}.raw", export.replace('@', "_at_")));
-    let _ = std::fs::remove_file(&file);
+    uri_checksum(&daemon.uri(export), &file)
+}
+
+/// `qemu-img convert` the NBD export at `uri` to the raw file `file` (removed afterwards);
+/// returns its checksum.
+pub fn uri_checksum(uri: &str, file: &Path) -> String {
+    let _ = std::fs::remove_file(file);
     run_ok(
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(daemon.uri(export))
-            .arg(&file),
+            .arg(uri)
+            .arg(file),
     );
-    let sum = checksum_file(&file);
-    std::fs::remove_file(&file).unwrap();
+    let sum = checksum_file(file);
+    std::fs::remove_file(file).unwrap();
     sum
+}
+
+/// `nbdinfo --list --json URI`: the export names, sorted (the URI may carry TLS parameters).
+/// libnbd connects from 127.0.0.1.
+pub fn nbdinfo_list(uri: &str) -> Vec<String> {
+    let out = Command::new("nbdinfo")
+        .args(["--list", "--json", uri])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nbdinfo: {e}"));
+    assert!(
+        out.status.success(),
+        "nbdinfo --list {uri}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("nbdinfo JSON: {e}"));
+    let mut names: Vec<String> = doc["exports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no exports array: {doc}"))
+        .iter()
+        .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
 }
 
 /// The small blocking NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies, one

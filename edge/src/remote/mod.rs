@@ -60,6 +60,10 @@ pub trait ServedState: Send + Sync + 'static {
     fn fenced(&self) -> Option<String>;
     /// The volume is still served here (not released, moved, deleted or stopped).
     fn alive(&self) -> bool;
+    /// The volume's NBD allow list, which edges enforce on their own NBD clients. Not read per
+    /// request: at the handshake and every [`proto::ACCESS_POLL`] per connection, so it may
+    /// take a lock.
+    fn access(&self) -> proto::AllowList;
 }
 
 /// The volumes a node serves over the edge protocol.

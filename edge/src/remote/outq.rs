@@ -41,6 +41,12 @@ impl OutQueue {
         }
     }
 
+    /// Encode later frames with protocol `version` (the version a server chose for the
+    /// connection in its handshake).
+    pub(crate) fn set_version(&mut self, version: u16) {
+        self.codec = EdgeCodec::with_version(version);
+    }
+
     /// Bytes waiting to be written.
     pub(crate) fn len(&self) -> usize {
         self.queued

@@ -41,22 +41,69 @@
 //!
 //! `Hello`, `Welcome` and `VersionMismatch` are frozen: their kind and layout never change and the
 //! decoder accepts them whatever version the header carries, so peers of different versions can
-//! always say so. Every other kind is accepted only with the receiver's version.
+//! always say so. Every other kind is accepted only with the version of the connection.
+//!
+//! The version of a connection is chosen by the server from the client's `Hello`: a server
+//! speaks every version from [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]; a `Hello` in that
+//! range is answered with a `Welcome` carrying the client's version, and every later frame of the
+//! connection, both ways, is of that version (its header and its set of kinds). A `Hello` outside
+//! the range gets `VersionMismatch`. A client does not fall back: an edge newer than the node
+//! that owns its volume is refused (upgrade nodes before edges), because a version-1 connection
+//! cannot carry what a newer edge must enforce (the allow list below).
+//!
+//! | version | adds |
+//! |---------|------|
+//! | 1       | handshake, requests, replies |
+//! | 2       | `Access` (kind 20): the volume's NBD allow list, server → client |
+//!
+//! # Access (version 2)
+//!
+//! The volume's NBD allow list (`vstor volume create|update --allow-subject/--allow-net`), which
+//! an edge enforces on its own NBD clients exactly as the node does (see
+//! `vstor_volumedriver::access` for the rule). Invariants:
+//!
+//! * Sent by the server only, with id 0, never as a reply to a request: once right after
+//!   `Welcome` (the handshake of a version-2 connection is `Hello` → `Welcome` + `Access`, and a
+//!   client holds no connection until it has both), and again whenever the list changes on the
+//!   node while the connection is open. The server looks for changes every
+//!   [`ACCESS_POLL`]; every reconnect carries the current list anyway.
+//! * Each `Access` replaces the whole list (no deltas): losing or reordering one cannot leave an
+//!   edge with a list the node never had. Empty lists mean everyone (as on the node).
+//! * Payload: `u16` subject count, each a string (`u16` length + UTF-8, at most
+//!   [`MAX_ACCESS_SUBJECT_LEN`] bytes); `u16` network count, each `u8` family (4 or 6), the
+//!   address (4 or 16 bytes) and `u8` prefix length (at most 32 or 128). At most
+//!   [`MAX_ACCESS_ENTRIES`] of each. Anything else is `Malformed` and closes the connection
+//!   (the edge reconnects and gets the list again).
 //!
 //! # Limits
 //!
 //! Frames above [`MAX_FRAME_PAYLOAD`] are refused from the header alone, before any payload is
 //! buffered. A block status reply carries at most [`MAX_EXTENTS`] extents.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use ipnet::IpNet;
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::target::Extent;
 
 /// "VSE1".
 pub const MAGIC: u32 = 0x5653_4531;
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks (what a client sends in `Hello`).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version a server still serves (edges of older builds keep working; they get no
+/// `Access` and so enforce no allow list).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The first version with `Access`.
+pub const ACCESS_VERSION: u16 = 2;
+/// How often a server looks for a change of a served volume's allow list to push.
+pub const ACCESS_POLL: Duration = Duration::from_secs(1);
+/// Most subjects and most networks in one `Access` (the volume config's own limit).
+pub const MAX_ACCESS_ENTRIES: usize = 256;
+/// Longest subject in an `Access` (X.509's upper bound for a common name).
+pub const MAX_ACCESS_SUBJECT_LEN: usize = 64;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted or produced: a 32 MiB block (NBD's largest request) plus fields.
@@ -134,6 +181,14 @@ impl ErrorCode {
     }
 }
 
+/// A volume's NBD allow list as the edge protocol carries it (`Message::Access`): client
+/// certificate subject CNs and source networks. Both empty: everyone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowList {
+    pub subjects: Vec<String>,
+    pub networks: Vec<IpNet>,
+}
+
 /// Every message of the protocol, requests and replies alike. The request id travels in the frame
 /// header, next to the message (see [`EdgeCodec`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +215,9 @@ pub enum Message {
         server: u16,
         client: u16,
     },
+    // --- notices (server → client, id 0; version 2) ---
+    /// The volume's allow list, after `Welcome` and whenever it changes (see the module docs).
+    Access(AllowList),
     // --- requests ---
     Read {
         tag: u64,
@@ -218,6 +276,7 @@ mod kind {
     pub const HELLO: u16 = 1;
     pub const WELCOME: u16 = 2;
     pub const VERSION_MISMATCH: u16 = 3;
+    pub const ACCESS: u16 = 20;
     pub const READ: u16 = 10;
     pub const WRITE: u16 = 11;
     pub const FLUSH: u16 = 12;
@@ -242,6 +301,7 @@ impl Message {
             Message::Hello { .. } => kind::HELLO,
             Message::Welcome { .. } => kind::WELCOME,
             Message::VersionMismatch { .. } => kind::VERSION_MISMATCH,
+            Message::Access(_) => kind::ACCESS,
             Message::Read { .. } => kind::READ,
             Message::Write { .. } => kind::WRITE,
             Message::Flush { .. } => kind::FLUSH,
@@ -261,6 +321,7 @@ impl Message {
             Message::Hello { .. } => "Hello",
             Message::Welcome { .. } => "Welcome",
             Message::VersionMismatch { .. } => "VersionMismatch",
+            Message::Access(_) => "Access",
             Message::Read { .. } => "Read",
             Message::Write { .. } => "Write",
             Message::Flush { .. } => "Flush",
@@ -326,6 +387,7 @@ impl Message {
                 out.put_u16_le(*server);
                 out.put_u16_le(*client);
             }
+            Message::Access(list) => put_access(out, list)?,
             Message::Read { tag, offset, len } => {
                 out.put_u64_le(*tag);
                 out.put_u64_le(*offset);
@@ -406,6 +468,7 @@ impl Message {
                 server: r.u16()?,
                 client: r.u16()?,
             },
+            kind::ACCESS => Message::Access(r.access()?),
             kind::READ => Message::Read {
                 tag: r.u64()?,
                 offset: r.u64()?,
@@ -488,6 +551,41 @@ fn put_string(out: &mut BytesMut, s: &str) -> Result<(), ProtoError> {
     Ok(())
 }
 
+fn put_access(out: &mut BytesMut, list: &AllowList) -> Result<(), ProtoError> {
+    if list.subjects.len() > MAX_ACCESS_ENTRIES || list.networks.len() > MAX_ACCESS_ENTRIES {
+        return Err(ProtoError::Malformed(format!(
+            "allow list of {} subjects and {} networks exceeds {MAX_ACCESS_ENTRIES} of each",
+            list.subjects.len(),
+            list.networks.len()
+        )));
+    }
+    out.put_u16_le(list.subjects.len() as u16);
+    for subject in &list.subjects {
+        if subject.len() > MAX_ACCESS_SUBJECT_LEN {
+            return Err(ProtoError::Malformed(format!(
+                "subject of {} bytes exceeds {MAX_ACCESS_SUBJECT_LEN}",
+                subject.len()
+            )));
+        }
+        put_string(out, subject)?;
+    }
+    out.put_u16_le(list.networks.len() as u16);
+    for net in &list.networks {
+        match net.addr() {
+            IpAddr::V4(a) => {
+                out.put_u8(4);
+                out.put_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.put_u8(6);
+                out.put_slice(&a.octets());
+            }
+        }
+        out.put_u8(net.prefix_len());
+    }
+    Ok(())
+}
+
 /// Bounds-checked little-endian reader over a payload; running short is `Truncated`.
 struct Reader(Bytes);
 
@@ -533,6 +631,58 @@ impl Reader {
         let raw = self.0.split_to(len);
         String::from_utf8(raw.to_vec())
             .map_err(|_| ProtoError::Malformed("string is not UTF-8".into()))
+    }
+    fn count(&mut self, what: &str) -> Result<usize, ProtoError> {
+        let n = self.u16()? as usize;
+        if n > MAX_ACCESS_ENTRIES {
+            return Err(ProtoError::Malformed(format!(
+                "{n} {what} exceed the limit of {MAX_ACCESS_ENTRIES}"
+            )));
+        }
+        Ok(n)
+    }
+    fn access(&mut self) -> Result<AllowList, ProtoError> {
+        let n = self.count("subjects")?;
+        let mut subjects = Vec::with_capacity(n);
+        for _ in 0..n {
+            let subject = self.string()?;
+            if subject.len() > MAX_ACCESS_SUBJECT_LEN {
+                return Err(ProtoError::Malformed(format!(
+                    "subject of {} bytes exceeds {MAX_ACCESS_SUBJECT_LEN}",
+                    subject.len()
+                )));
+            }
+            subjects.push(subject);
+        }
+        let n = self.count("networks")?;
+        let mut networks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let addr = match self.u8()? {
+                4 => {
+                    self.need(4)?;
+                    let mut octets = [0u8; 4];
+                    self.0.copy_to_slice(&mut octets);
+                    IpAddr::V4(Ipv4Addr::from(octets))
+                }
+                6 => {
+                    self.need(16)?;
+                    let mut octets = [0u8; 16];
+                    self.0.copy_to_slice(&mut octets);
+                    IpAddr::V6(Ipv6Addr::from(octets))
+                }
+                other => {
+                    return Err(ProtoError::Malformed(format!(
+                        "unknown address family {other}"
+                    )))
+                }
+            };
+            let prefix = self.u8()?;
+            let net = IpNet::new(addr, prefix).map_err(|_| {
+                ProtoError::Malformed(format!("prefix length {prefix} is too long for {addr}"))
+            })?;
+            networks.push(net);
+        }
+        Ok(AllowList { subjects, networks })
     }
     /// Everything left: the trailing data block, without a copy.
     fn rest(&mut self) -> Bytes {
@@ -729,9 +879,26 @@ mod tests {
         proptest::collection::vec(any::<u8>(), 0..600).prop_map(Bytes::from)
     }
 
+    fn arb_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| IpNet::new(IpAddr::from(a), p).unwrap()),
+            (any::<[u8; 16]>(), 0u8..=128)
+                .prop_map(|(a, p)| IpNet::new(IpAddr::from(a), p).unwrap()),
+        ]
+    }
+
+    fn arb_access() -> impl Strategy<Value = AllowList> {
+        (
+            proptest::collection::vec("[ -~]{1,64}", 0..6),
+            proptest::collection::vec(arb_net(), 0..6),
+        )
+            .prop_map(|(subjects, networks)| AllowList { subjects, networks })
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         let name = "[a-zA-Z0-9._@-]{0,40}";
         prop_oneof![
+            arb_access().prop_map(Message::Access),
             (any::<u16>(), name, any::<u64>(), name).prop_map(|(version, volume, tag, client)| {
                 Message::Hello {
                     version,
@@ -919,21 +1086,166 @@ mod tests {
         let hello = Frame::new(
             0,
             Message::Hello {
-                version: 2,
+                version: 3,
                 volume: "v".into(),
                 tag: 1,
                 client: "e".into(),
             },
         );
         let mut buf = BytesMut::new();
-        EdgeCodec::with_version(2).encode(&hello, &mut buf).unwrap();
+        EdgeCodec::with_version(3).encode(&hello, &mut buf).unwrap();
         assert_eq!(EdgeCodec::new().decode(&mut buf).unwrap(), Some(hello));
         let mut buf = BytesMut::new();
-        EdgeCodec::with_version(2)
+        EdgeCodec::with_version(3)
             .encode(&Frame::new(5, Message::Flush { tag: 1 }), &mut buf)
             .unwrap();
         assert!(matches!(
             EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::UnsupportedVersion { got: 3, ours: 2 })
+        ));
+    }
+
+    /// The frozen handshake frames are byte for byte what version 1 sent, so a version-1 edge
+    /// and a version-2 node understand each other's `Hello` and `Welcome`.
+    #[test]
+    fn frozen_frames_keep_their_version_1_layout() {
+        let welcome = Frame::new(
+            0,
+            Message::Welcome {
+                version: 1,
+                size: 0x0102_0304_0506_0708,
+                read_only: true,
+                tag: 9,
+                dtl_in_sync: false,
+            },
+        );
+        let mut buf = BytesMut::new();
+        EdgeCodec::with_version(1)
+            .encode(&welcome, &mut buf)
+            .unwrap();
+        let mut want = vec![1u8, 0];
+        want.extend(0x0102_0304_0506_0708u64.to_le_bytes());
+        want.push(1);
+        want.extend(9u64.to_le_bytes());
+        want.push(0);
+        assert_eq!(&buf[6..8], &2u16.to_le_bytes(), "kind of Welcome");
+        assert_eq!(&buf[HEADER_LEN..], &want[..]);
+        assert_eq!(EdgeCodec::new().decode(&mut buf).unwrap(), Some(welcome));
+    }
+
+    fn access_frame(list: AllowList) -> BytesMut {
+        encode(&Frame::new(0, Message::Access(list)))
+    }
+
+    /// Re-seal a hand-edited frame's CRC, so the decoder's field checks are what is tested.
+    fn reseal(buf: &mut BytesMut) {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[4..20]), &buf[HEADER_LEN..]);
+        buf[20..24].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn access_carries_both_families_and_its_layout_is_fixed() {
+        let list = AllowList {
+            subjects: vec!["alice".into()],
+            networks: vec!["10.1.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
+        };
+        let mut buf = access_frame(list.clone());
+        let mut want = vec![1u8, 0, 5, 0];
+        want.extend(b"alice");
+        want.extend([2, 0, 4, 10, 1, 0, 0, 16, 6, 0xfd]);
+        want.extend([0u8; 15]);
+        want.push(64);
+        assert_eq!(&buf[6..8], &20u16.to_le_bytes(), "kind of Access");
+        assert_eq!(&buf[HEADER_LEN..], &want[..]);
+        assert_eq!(
+            EdgeCodec::new().decode(&mut buf).unwrap(),
+            Some(Frame::new(0, Message::Access(list)))
+        );
+        // An empty list (everyone) is four bytes.
+        let mut buf = access_frame(AllowList::default());
+        assert_eq!(&buf[HEADER_LEN..], &[0u8, 0, 0, 0]);
+        assert_eq!(
+            EdgeCodec::new().decode(&mut buf).unwrap(),
+            Some(Frame::new(0, Message::Access(AllowList::default())))
+        );
+    }
+
+    #[test]
+    fn access_with_bad_fields_is_malformed_even_with_a_good_crc() {
+        let one_net = |net: &str| AllowList {
+            subjects: vec![],
+            networks: vec![net.parse().unwrap()],
+        };
+        // Prefix longer than the family allows.
+        let mut buf = access_frame(one_net("10.0.0.0/8"));
+        let last = buf.len() - 1;
+        buf[last] = 33;
+        reseal(&mut buf);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::Malformed(m)) if m.contains("prefix length 33")
+        ));
+        let mut buf = access_frame(one_net("fd00::/8"));
+        let last = buf.len() - 1;
+        buf[last] = 129;
+        reseal(&mut buf);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::Malformed(_))
+        ));
+        // Unknown family.
+        let mut buf = access_frame(one_net("10.0.0.0/8"));
+        buf[HEADER_LEN + 4] = 5;
+        reseal(&mut buf);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::Malformed(m)) if m.contains("family 5")
+        ));
+        // A count beyond the limit is refused before anything is allocated for it.
+        let mut buf = access_frame(AllowList::default());
+        buf[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+        reseal(&mut buf);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::Malformed(m)) if m.contains("subjects exceed")
+        ));
+        // A count the payload does not hold.
+        let mut buf = access_frame(AllowList::default());
+        buf[HEADER_LEN + 2] = 3;
+        reseal(&mut buf);
+        assert!(matches!(
+            EdgeCodec::new().decode(&mut buf),
+            Err(ProtoError::Truncated(_))
+        ));
+        // A subject longer than a CN.
+        let mut buf = access_frame(AllowList {
+            subjects: vec!["x".repeat(MAX_ACCESS_SUBJECT_LEN)],
+            networks: vec![],
+        });
+        let long = AllowList {
+            subjects: vec!["x".repeat(MAX_ACCESS_SUBJECT_LEN + 1)],
+            networks: vec![],
+        };
+        assert!(EdgeCodec::new().decode(&mut buf).unwrap().is_some());
+        let mut out = BytesMut::new();
+        assert!(matches!(
+            EdgeCodec::new().encode(&Frame::new(0, Message::Access(long)), &mut out),
+            Err(ProtoError::Malformed(_))
+        ));
+        assert!(out.is_empty(), "nothing queued for a refused frame");
+    }
+
+    #[test]
+    fn access_is_not_accepted_on_a_version_1_connection() {
+        let mut buf = BytesMut::new();
+        EdgeCodec::new()
+            .encode(
+                &Frame::new(0, Message::Access(AllowList::default())),
+                &mut buf,
+            )
+            .unwrap();
+        assert!(matches!(
+            EdgeCodec::with_version(1).decode(&mut buf),
             Err(ProtoError::UnsupportedVersion { got: 2, ours: 1 })
         ));
     }

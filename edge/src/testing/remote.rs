@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::lock;
+use crate::remote::proto::AllowList;
 use crate::remote::{Endpoint, RemoteExports, ResolveFuture, Resolver, ServedState, ServedVolume};
 use crate::target::BlockTarget;
 
@@ -16,6 +17,7 @@ pub struct MemServedState {
     dtl_in_sync: AtomicBool,
     alive: AtomicBool,
     fenced: Mutex<Option<String>>,
+    access: Mutex<AllowList>,
 }
 
 impl MemServedState {
@@ -26,6 +28,7 @@ impl MemServedState {
             dtl_in_sync: AtomicBool::new(true),
             alive: AtomicBool::new(true),
             fenced: Mutex::new(None),
+            access: Mutex::new(AllowList::default()),
         })
     }
     pub fn set_tag(&self, tag: u64) {
@@ -39,6 +42,9 @@ impl MemServedState {
     }
     pub fn set_fenced(&self, reason: Option<&str>) {
         *lock(&self.fenced) = reason.map(str::to_owned);
+    }
+    pub fn set_access(&self, access: AllowList) {
+        *lock(&self.access) = access;
     }
 }
 
@@ -54,6 +60,9 @@ impl ServedState for MemServedState {
     }
     fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+    }
+    fn access(&self) -> AllowList {
+        lock(&self.access).clone()
     }
 }
 

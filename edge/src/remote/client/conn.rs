@@ -1,7 +1,8 @@
 //! One connection of a remote target, and the supervisor that replaces it.
 //!
 //! A connection is a TCP socket (TCP_NODELAY), mutual TLS on it with [`RemoteConfig::tls`], after
-//! a `Hello`/`Welcome` exchange, served by two
+//! a `Hello` → `Welcome` + `Access` exchange (the volume's allow list; later `Access` frames
+//! replace it while the connection lives), served by two
 //! tasks: the *writer* takes frames from an unbounded channel (the frontends' calls send into it
 //! without blocking) and writes every frame ready at once in one vectored write (`OutQueue`: a
 //! write's data block goes out from the frontend's buffer without another copy); the *reader*
@@ -32,7 +33,7 @@ use vstor_net::{PeerReader, PeerStream, PeerWriter};
 use super::inflight::{Conn, Shared};
 use super::{RemoteConfig, RemoteError};
 use crate::remote::outq::OutQueue;
-use crate::remote::proto::{EdgeCodec, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use crate::remote::proto::{AllowList, EdgeCodec, Frame, Message, ProtoError, PROTOCOL_VERSION};
 use crate::remote::{Endpoint, Resolver};
 
 /// First and longest pause between reconnection attempts.
@@ -50,6 +51,8 @@ pub(super) struct Welcomed {
     pub(super) size: u64,
     pub(super) read_only: bool,
     pub(super) dtl_in_sync: bool,
+    /// The volume's allow list (`Access`, right after `Welcome`).
+    pub(super) access: AllowList,
 }
 
 /// Resolve the owner of `volume`, connect and handshake, all within `config.connect_timeout`
@@ -138,7 +141,38 @@ async fn handshake(
             dtl_in_sync,
             ..
         } if tag == endpoint.tag => {
-            // Anything already buffered after the Welcome would be a reply to nothing.
+            // A version-2 server sends the allow list right after Welcome; the edge holds no
+            // connection (and serves nothing) without it.
+            let access = match framed.next().await {
+                Some(Ok(Frame {
+                    id: 0,
+                    message: Message::Access(access),
+                })) => access,
+                Some(Ok(Frame {
+                    message: Message::Error { code, message },
+                    ..
+                })) => {
+                    return Err(RemoteError::Refused {
+                        volume: volume.to_owned(),
+                        addr,
+                        code,
+                        message,
+                    })
+                }
+                Some(Ok(other)) => {
+                    return Err(proto_err(ProtoError::Malformed(format!(
+                        "expected Access after Welcome, got {}",
+                        other.message.name()
+                    ))))
+                }
+                Some(Err(e)) => return Err(proto_err(e)),
+                None => {
+                    return Err(proto_err(ProtoError::Truncated(
+                        "handshake: the node closed the connection after Welcome",
+                    )))
+                }
+            };
+            // Anything already buffered after the handshake would be a reply to nothing.
             let parts = framed.into_parts();
             if !parts.read_buf.is_empty() {
                 return Err(proto_err(ProtoError::Malformed(
@@ -151,6 +185,7 @@ async fn handshake(
                 size,
                 read_only,
                 dtl_in_sync,
+                access,
             })
         }
         Message::Welcome { tag, .. } => Err(proto_err(ProtoError::Malformed(format!(
@@ -226,7 +261,12 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
         stop,
         draining: false,
     };
-    shared.connected(conn, welcomed.endpoint, welcomed.dtl_in_sync);
+    shared.connected(
+        conn,
+        welcomed.endpoint,
+        welcomed.dtl_in_sync,
+        welcomed.access,
+    );
 }
 
 async fn writer(
@@ -274,6 +314,20 @@ async fn reader(shared: Arc<Shared>, generation: u64, mut rd: PeerReader, stop: 
     loop {
         loop {
             match codec.decode(&mut buf) {
+                Ok(Some(Frame {
+                    id: 0,
+                    message: Message::Access(access),
+                })) => shared.set_access(generation, access),
+                Ok(Some(Frame {
+                    message: Message::Access(_),
+                    ..
+                })) => {
+                    shared.connection_lost(
+                        generation,
+                        "bad frame from the owner: Access with a request id",
+                    );
+                    return;
+                }
                 Ok(Some(frame)) => shared.reply(generation, frame.id, frame.message),
                 Ok(None) => break,
                 Err(e) => {

@@ -17,10 +17,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{ConnState, RemoteConfig, LATENCY_BUCKETS_US};
-use crate::remote::proto::{ErrorCode, Frame, Message};
+use crate::remote::proto::{AllowList, ErrorCode, Frame, Message};
 use crate::remote::resubmit::{Admit, Decision, FailReason, Kind, Link, Recovery};
 use crate::remote::{Endpoint, Resolver};
 use crate::target::{Extent, TargetError};
@@ -142,6 +142,8 @@ pub(super) struct Conn {
 
 pub(super) struct Inner {
     pub(super) recovery: Recovery,
+    /// The volume's NBD allow list as the owner last sent it (`Access`).
+    pub(super) access: AllowList,
     pub(super) conn: Option<Conn>,
     pub(super) owner: Option<Endpoint>,
     pub(super) generations: u64,
@@ -203,6 +205,7 @@ impl Shared {
         size: u64,
         read_only: bool,
         dtl_in_sync: bool,
+        access: AllowList,
     ) -> Self {
         Self {
             volume: volume.to_owned(),
@@ -212,6 +215,7 @@ impl Shared {
             read_only,
             inner: Mutex::new(Inner {
                 recovery: Recovery::new(read_only, dtl_in_sync),
+                access,
                 conn: None,
                 owner: None,
                 generations: 0,
@@ -457,14 +461,39 @@ impl Shared {
         self.lost.notify_one();
     }
 
+    /// The owner sent the volume's allow list on connection `generation` (a connection that
+    /// was replaced meanwhile is not listened to: its successor's handshake carried the list).
+    pub(super) fn set_access(&self, generation: u64, access: AllowList) {
+        let mut inner = self.lock();
+        if inner.conn.as_ref().map(|c| c.generation) != Some(generation) {
+            return;
+        }
+        if inner.access != access {
+            info!(
+                volume = self.volume,
+                subjects = access.subjects.len(),
+                networks = access.networks.len(),
+                "the owner changed the volume's allow list"
+            );
+            inner.access = access;
+        }
+    }
+
     /// A new connection is up: send everything waiting, in id order, under its tag.
-    pub(super) fn connected(&self, conn: Conn, owner: Endpoint, dtl_in_sync: bool) {
+    pub(super) fn connected(
+        &self,
+        conn: Conn,
+        owner: Endpoint,
+        dtl_in_sync: bool,
+        access: AllowList,
+    ) {
         let mut inner = self.lock();
         if inner.closed {
             conn.stop.cancel();
             return;
         }
         inner.recovery.on_connected(dtl_in_sync);
+        inner.access = access;
         let mut resent = 0u64;
         let Inner { table, .. } = &mut *inner;
         for (id, p) in table.iter_mut().filter(|(_, p)| p.sent_on.is_none()) {

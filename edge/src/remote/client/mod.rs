@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::inflight::{Op, Outcome, Reply, Shared};
-use super::proto::{ErrorCode, ProtoError, MAX_FRAME_PAYLOAD};
+use super::proto::{AllowList, ErrorCode, ProtoError, MAX_FRAME_PAYLOAD};
 use super::Resolver;
 use crate::target::{
     BlockTarget, Extent, ExtentsFuture, PendingAck, ReadAttempt, ReadFuture, TargetError, WriteAck,
@@ -184,6 +184,7 @@ impl RemoteTarget {
             welcomed.size,
             welcomed.read_only,
             welcomed.dtl_in_sync,
+            welcomed.access.clone(),
         ));
         conn::install(&shared, welcomed);
         tokio::spawn(conn::supervise(Arc::clone(&shared)));
@@ -224,6 +225,13 @@ impl RemoteTarget {
             latency_buckets,
             latency_sum_us: c.latency_sum_us.load(Ordering::Relaxed),
         }
+    }
+
+    /// The volume's NBD allow list as its owner last sent it: from the handshake of every
+    /// (re)connection, and pushed by the owner when it changes there. The frontends enforce it
+    /// through the edge's export registry (`ExportRegistry::allows`).
+    pub fn access(&self) -> AllowList {
+        self.shared.lock().access.clone()
     }
 
     /// Stop: fail what is in flight with `Shutdown` and close the connection.

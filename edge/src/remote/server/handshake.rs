@@ -1,5 +1,5 @@
-//! The handshake of an edge connection (`Hello` → `Welcome` or a refusal) and the owner check
-//! every request repeats.
+//! The handshake of an edge connection (`Hello` → `Welcome` (+ `Access` from version 2) or a
+//! refusal) and the owner check every request repeats.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +10,10 @@ use tokio_util::codec::Decoder;
 use tracing::{info, warn};
 
 use crate::remote::outq::OutQueue;
-use crate::remote::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use crate::remote::proto::{
+    AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use crate::remote::{RemoteExports, ServedVolume};
 
 /// Read one frame (handshake only; the session loop decodes in place).
@@ -33,13 +36,23 @@ fn refuse(out: &mut OutQueue, code: ErrorCode, message: String) {
     let _ = out.push(&Frame::new(0, Message::Error { code, message }));
 }
 
-/// Check a connection's `Hello`; queue `Welcome` (and return the volume) or the refusal.
+/// A welcomed connection: its volume, the protocol version chosen for it, and the allow list
+/// sent (`None` on a version-1 connection, which has no `Access`).
+pub(super) struct Welcomed {
+    pub(super) volume: String,
+    pub(super) served: ServedVolume,
+    pub(super) version: u16,
+    pub(super) access: Option<AllowList>,
+}
+
+/// Check a connection's `Hello`; queue `Welcome` and, from version 2, `Access` (and return the
+/// volume), or the refusal. The connection speaks the client's version from here on.
 pub(super) fn handshake(
     hello: Frame,
     exports: &Arc<dyn RemoteExports>,
     out: &mut OutQueue,
     peer: SocketAddr,
-) -> Option<(String, ServedVolume)> {
+) -> Option<Welcomed> {
     let Message::Hello {
         version,
         volume,
@@ -55,7 +68,7 @@ pub(super) fn handshake(
         );
         return None;
     };
-    if version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         warn!(%peer, volume, client, version, "edge handshake: unsupported protocol version");
         let _ = out.push(&Frame::new(
             0,
@@ -81,18 +94,38 @@ pub(super) fn handshake(
         return None;
     }
     let target = &served.target;
+    out.set_version(version);
     let _ = out.push(&Frame::new(
         0,
         Message::Welcome {
-            version: PROTOCOL_VERSION,
+            version,
             size: target.size(),
             read_only: target.read_only(),
             tag,
             dtl_in_sync: served.state.dtl_in_sync(),
         },
     ));
-    info!(%peer, volume, client, tag, "edge client connected");
-    Some((volume, served))
+    let access = (version >= ACCESS_VERSION).then(|| served.state.access());
+    if let Some(list) = &access {
+        if let Err(e) = out.push(&Frame::new(0, Message::Access(list.clone()))) {
+            // The node's own limits keep a list encodable; if one is not, the edge must not
+            // serve the volume with no list at all.
+            warn!(%peer, volume, client, error = %e, "edge handshake: cannot send the allow list");
+            refuse(
+                out,
+                ErrorCode::Io,
+                format!("volume {volume}: cannot send its allow list: {e}"),
+            );
+            return None;
+        }
+    }
+    info!(%peer, volume, client, tag, version, "edge client connected");
+    Some(Welcomed {
+        volume,
+        served,
+        version,
+        access,
+    })
 }
 
 /// May a request (or handshake) under `tag` run on this node?

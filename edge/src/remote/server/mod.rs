@@ -7,7 +7,13 @@
 //! * **Handshake.** The first frame must be `Hello`. Another protocol version gets
 //!   `VersionMismatch`; a volume this node does not serve, or serves under another owner tag, or
 //!   has fenced, gets `Error` (id 0: `NotOwner`, `StaleTag`, `Fenced`) and the connection closes.
-//!   Otherwise `Welcome` carries the size, read-only bit, tag and DTL state.
+//!   Otherwise `Welcome` carries the size, read-only bit, tag and DTL state, and the connection
+//!   speaks the client's version (any from `MIN_PROTOCOL_VERSION`).
+//! * **Allow list.** On a version-2 connection `Access` follows `Welcome` with the volume's NBD
+//!   allow list ([`ServedState::access`]), and the session looks for a change every
+//!   `ACCESS_POLL` (one comparison of two short lists) and pushes the new list, so a
+//!   `vstor volume update --allow-…` reaches attached edges within about a second, and every
+//!   reconnect carries the current list anyway.
 //! * **Owner check per request.** Every request's tag is compared with [`ServedState::tag`] and the
 //!   volume's fenced / alive state before anything runs, so an edge that missed a failover can
 //!   never write through this node once it lost the volume. A request tag lower than ours is
@@ -58,7 +64,7 @@ mod handshake;
 
 use self::handshake::{handshake, owner_check, read_frame};
 use super::outq::OutQueue;
-use super::proto::{EdgeCodec, ErrorCode, Frame, Message, ProtoError};
+use super::proto::{AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_POLL};
 use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
 use super::{RemoteExports, ServedVolume};
 use crate::nbd::stream::NbdStream;
@@ -211,19 +217,21 @@ async fn session<S: NbdStream>(
             return;
         }
     };
-    let Some((volume, served)) = handshake(hello, &exports, &mut out, peer) else {
+    let Some(welcomed) = handshake(hello, &exports, &mut out, peer) else {
         // Best effort: the refusal is what the client needs, the close follows anyway.
         let _ = out.write_all(&mut stream).await;
         return;
     };
     if let Err(e) = out.write_all(&mut stream).await {
-        debug!(%peer, volume, error = %e, "edge handshake: cannot send Welcome");
+        debug!(%peer, volume = welcomed.volume, error = %e, "edge handshake: cannot send Welcome");
         return;
     }
     let mut session = Session {
         peer,
-        volume,
-        served,
+        volume: welcomed.volume,
+        served: welcomed.served,
+        version: welcomed.version,
+        access: welcomed.access,
         max_inflight: config.max_inflight.max(1),
         frame_timeout: config.frame_timeout,
         pending: FuturesUnordered::new(),
@@ -272,6 +280,10 @@ struct Session {
     peer: SocketAddr,
     volume: String,
     served: ServedVolume,
+    /// Protocol version of this connection (chosen from the client's `Hello`).
+    version: u16,
+    /// The allow list last sent (`None` on a version-1 connection: nothing is pushed).
+    access: Option<AllowList>,
     max_inflight: usize,
     frame_timeout: Duration,
     /// Every request that completes later: pending acknowledgements, blocking operations and slow
@@ -318,6 +330,27 @@ impl Session {
             }
         };
         self.reply(done.id, message);
+    }
+
+    /// Push the volume's allow list if it changed since it was last sent.
+    fn refresh_access(&mut self) {
+        let Some(sent) = &self.access else {
+            return;
+        };
+        let now = self.served.state.access();
+        if *sent == now {
+            return;
+        }
+        match self.out.push(&Frame::new(0, Message::Access(now.clone()))) {
+            Ok(()) => {
+                info!(peer = %self.peer, volume = self.volume, subjects = now.subjects.len(),
+                    networks = now.networks.len(), "allow list changed: sent to the edge");
+                self.access = Some(now);
+            }
+            // Keep the old one as "sent": the next poll tries again.
+            Err(e) => warn!(peer = %self.peer, volume = self.volume, error = %e,
+                "cannot send the changed allow list"),
+        }
     }
 
     fn throttle(&mut self, ack: &WriteAck) {
@@ -565,7 +598,8 @@ impl Session {
         mut rbuf: BytesMut,
     ) -> Result<(), ProtoError> {
         let (mut rd, mut wr) = stream.halves();
-        let mut codec = EdgeCodec::new();
+        let mut codec = EdgeCodec::with_version(self.version);
+        let mut access_check = Instant::now() + ACCESS_POLL;
         let mut stalled: Option<Frame> = None;
         let mut eof = false;
         // When the frame partly buffered now must be complete (`None`: no partial frame).
@@ -613,6 +647,7 @@ impl Session {
                 rbuf.reserve(READ_BUF);
             }
             let throttle_until = self.throttle_until;
+            let pushes_access = self.access.is_some();
             tokio::select! {
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.complete(done);
@@ -631,6 +666,10 @@ impl Session {
                 }
                 () = sleep_until(throttle_until), if throttle_until.is_some() => {
                     self.throttle_until = None;
+                }
+                () = tokio::time::sleep_until(access_check), if pushes_access => {
+                    self.refresh_access();
+                    access_check = Instant::now() + ACCESS_POLL;
                 }
                 () = sleep_until(frame_deadline), if frame_deadline.is_some() && can_read => {
                     return Err(ProtoError::Truncated(
