@@ -1632,6 +1632,85 @@ mod tests {
     }
 
     #[test]
+    fn etcd_settings_need_tls_and_go_together_and_the_password_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let resolve = |registry: &str, file: &str, flags: EtcdSettings| {
+            let mut config: FileConfig = toml::from_str(file).unwrap();
+            config.cluster.registry = registry.into();
+            config.cluster.node = "n1".into();
+            config.resolve(Overrides {
+                etcd: flags,
+                ..Overrides::default()
+            })
+        };
+        // From the file, the flag overriding the password file; the password is one line.
+        let config = resolve(
+            "etcd+https://e1:2379,e2:2379",
+            "[cluster.etcd]\nuser = \"vstor\"\npassword_file = \"/nonexistent\"\n",
+            EtcdSettings {
+                password_file: Some(password.clone()),
+                ..EtcdSettings::default()
+            },
+        )
+        .unwrap();
+        let target = config.identity.cluster.unwrap().registry;
+        assert_eq!(target.endpoints, ["https://e1:2379", "https://e2:2379"]);
+        assert_eq!(
+            target.access.user,
+            Some(("vstor".to_string(), "s3cret".to_string()))
+        );
+        assert!(!format!("{:?}", target.access).contains("s3cret"));
+        let errors = [
+            (
+                "etcd://e1:2379",
+                EtcdSettings {
+                    ca: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "need a TLS registry",
+            ),
+            (
+                "etcd+https://e1:2379",
+                EtcdSettings {
+                    cert: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "give --etcd-key",
+            ),
+            (
+                "etcd+https://e1:2379",
+                EtcdSettings {
+                    ca: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "cluster.etcd.ca (--etcd-ca)",
+            ),
+            (
+                "etcd://e1:2379",
+                EtcdSettings {
+                    password_file: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "give --etcd-user",
+            ),
+            (
+                "",
+                EtcdSettings {
+                    user: Some("vstor".into()),
+                    ..EtcdSettings::default()
+                },
+                "need a cluster registry",
+            ),
+        ];
+        for (registry, flags, expected) in errors {
+            let err = resolve(registry, "", flags).unwrap_err();
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
+    }
+
+    #[test]
     fn peer_tls_files_go_together_and_bad_files_are_named() {
         let config = FileConfig::default().resolve(Overrides::default()).unwrap();
         assert!(config.peer_tls.is_none());
