@@ -163,9 +163,12 @@ struct Placement {
 
 async fn connect(spec: &str, etcd: &crate::security_args::EtcdArgs) -> Result<Arc<dyn Registry>> {
     let target = etcd.target(spec)?;
-    Ok(Arc::new(target.connect().await.with_context(|| {
-        format!("cannot connect to the registry {spec}")
-    })?))
+    Ok(Arc::new(
+        target
+            .connect()
+            .await
+            .context("cannot connect to the cluster registry")?,
+    ))
 }
 
 async fn daemon(

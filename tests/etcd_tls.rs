@@ -204,7 +204,10 @@ fn the_wrong_ca_no_client_certificate_or_a_wrong_password_stop_startup_with_the_
             started.elapsed()
         );
         assert!(stderr.contains(expected), "{case}: {stderr}");
-        assert!(stderr.contains(&url), "{case}: the registry is named: {stderr}");
+        assert!(
+            stderr.contains(&url),
+            "{case}: the registry is named: {stderr}"
+        );
     }
 
     // Configuration mistakes are refused before any connection.

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
 use vstor_edge::remote::client::RemoteConfig;

@@ -108,11 +108,6 @@ impl EtcdTarget {
     pub async fn connect(&self) -> Result<EtcdRegistry> {
         EtcdRegistry::connect(&self.endpoints, &self.access, DEFAULT_TIMEOUT).await
     }
-
-    /// The registry URI, for messages.
-    pub fn describe(&self) -> String {
-        spec_of(&self.endpoints)
-    }
 }
 
 /// The registry's name in messages: `etcd://h:p,…` or `etcd+https://h:p,…`.
@@ -178,7 +173,7 @@ impl EtcdRegistry {
                         reason: format!("no answer within {timeout:?}"),
                     })
                 }
-                Ok(Err(e)) => return Err(classify(&spec, "connect", &e)),
+                Ok(Err(e)) => return Err(at_connect(classify(&spec, "connect", &e), access, tls)),
                 Ok(Ok(client)) => client,
             };
         let registry = Self {
@@ -187,7 +182,10 @@ impl EtcdRegistry {
             timeout,
             keepers: std::sync::Mutex::new(HashMap::new()),
         };
-        registry.ping().await?;
+        registry
+            .ping()
+            .await
+            .map_err(|e| at_connect(e, access, tls))?;
         Ok(registry)
     }
 
@@ -324,6 +322,65 @@ impl EtcdRegistry {
     }
 }
 
+/// A failure of the first calls, explained with what this client did not bring: etcd with
+/// `--client-cert-auth` closes a TLS connection without a client certificate (the client sees a
+/// broken pipe or a reset, seldom the alert); etcd serving TLS closes a plain-text one; etcd with
+/// authentication refuses a client without a user (or takes a client certificate's CN as one).
+fn at_connect(e: RegistryError, access: &EtcdAccess, tls: bool) -> RegistryError {
+    match e {
+        RegistryError::Unreachable { registry, reason } => {
+            let lower = reason.to_lowercase();
+            let closed = [
+                "broken pipe",
+                "connection reset",
+                "connection closed",
+                "stream closed",
+            ]
+            .iter()
+            .any(|s| lower.contains(s));
+            if closed && tls && access.client_pem.is_none() {
+                RegistryError::Tls {
+                    registry,
+                    reason: format!(
+                        "etcd closed the connection without a client certificate: it requires \
+                         one (--client-cert-auth), give --etcd-cert and --etcd-key ({reason})"
+                    ),
+                }
+            } else if closed && tls {
+                RegistryError::Tls {
+                    registry,
+                    reason: format!(
+                        "etcd closed the connection: does its --trusted-ca-file sign the client \
+                         certificate (--etcd-cert)? ({reason})"
+                    ),
+                }
+            } else if closed {
+                RegistryError::Unreachable {
+                    registry,
+                    reason: format!(
+                        "{reason} (if etcd serves TLS, write the registry as \
+                         etcd+https://HOST:PORT)"
+                    ),
+                }
+            } else {
+                RegistryError::Unreachable { registry, reason }
+            }
+        }
+        RegistryError::Denied { registry, reason } if access.user.is_none() => {
+            RegistryError::Denied {
+                registry,
+                reason: format!(
+                    "etcd has authentication enabled and no --etcd-user was given: give \
+                     --etcd-user and its password (--etcd-password-file or VSTOR_ETCD_PASSWORD), \
+                     or a client certificate whose CN is an etcd user with read and write on \
+                     /vstor/ ({reason})"
+                ),
+            }
+        }
+        other => other,
+    }
+}
+
 /// The whole story of an etcd-client error: tonic's statuses and transport errors keep the
 /// TLS or connection failure in their `source` chain, not in their message.
 fn error_chain(e: &etcd_client::Error) -> String {
@@ -388,7 +445,7 @@ fn classify(spec: &str, op: &str, e: &etcd_client::Error) -> RegistryError {
     {
         return tls(format!(
             "etcd refused the client certificate: it requires one signed by its \
-             --trusted-ca-file (give --etcd-cert and --etcd-key) ({op}: {detail})"
+             --trusted-ca-file (--etcd-cert, --etcd-key) ({op}: {detail})"
         ));
     }
     if lower.contains("received fatal alert") || lower.contains("tls handshake") {

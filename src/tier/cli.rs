@@ -144,9 +144,12 @@ pub async fn connect(
         );
     }
     let target = etcd.target(spec)?;
-    Ok(Arc::new(target.connect().await.with_context(|| {
-        format!("cannot connect to the registry {spec}")
-    })?))
+    Ok(Arc::new(
+        target
+            .connect()
+            .await
+            .context("cannot connect to the cluster registry")?,
+    ))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

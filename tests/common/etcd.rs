@@ -82,7 +82,11 @@ impl Etcd {
 
     /// `etcd://127.0.0.1:PORT` (`etcd+https://…` with TLS), as `vstor serve --registry` takes it.
     pub fn url(&self) -> String {
-        format!("{}127.0.0.1:{}", self.scheme("etcd://", "etcd+https://"), self.client_port)
+        format!(
+            "{}127.0.0.1:{}",
+            self.scheme("etcd://", "etcd+https://"),
+            self.client_port
+        )
     }
 
     fn scheme<'a>(&self, plain: &'a str, tls: &'a str) -> &'a str {
@@ -99,7 +103,11 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("{}127.0.0.1:{}", self.scheme("http://", "https://"), self.client_port)
+        format!(
+            "{}127.0.0.1:{}",
+            self.scheme("http://", "https://"),
+            self.client_port
+        )
     }
 
     fn launch(&mut self) -> Result<(), String> {
