@@ -180,10 +180,26 @@ fn the_wrong_ca_no_client_certificate_or_a_wrong_password_stop_startup_with_the_
             etcd_flags(&f.other.ca(), Some(&f.client), Some(&f.password_file)),
             "etcd's certificate is not trusted",
         ),
+        // etcd closes the connection; the client sees the alert or, as often, a broken pipe.
         (
             "no client certificate",
             etcd_flags(&f.pki.ca(), None, Some(&f.password_file)),
-            "etcd refused the client certificate",
+            "client certificate",
+        ),
+        (
+            "a client certificate of another CA",
+            {
+                let (cert, key) = f.other.client("stranger", "vstor");
+                let mut flags = etcd_flags(&f.pki.ca(), None, Some(&f.password_file));
+                flags.extend([
+                    "--etcd-cert".to_string(),
+                    cert.display().to_string(),
+                    "--etcd-key".to_string(),
+                    key.display().to_string(),
+                ]);
+                flags
+            },
+            "TLS with the registry",
         ),
         (
             "wrong password",
@@ -204,6 +220,9 @@ fn the_wrong_ca_no_client_certificate_or_a_wrong_password_stop_startup_with_the_
             started.elapsed()
         );
         assert!(stderr.contains(expected), "{case}: {stderr}");
+        if *case != "wrong password" {
+            assert!(stderr.contains("TLS with the registry"), "{case}: {stderr}");
+        }
         assert!(
             stderr.contains(&url),
             "{case}: the registry is named: {stderr}"
