@@ -116,7 +116,9 @@ fn a_node_joins_an_etcd_with_tls_client_certificates_and_authentication() {
         .unwrap_or_else(|| panic!("n1 not listed: {nodes}"));
     assert_eq!(n1["alive"], true, "{n1}");
 
-    // A volume is created in the registry and serves I/O.
+    // A volume is created in the registry and serves I/O; by now etcd's token (TTL 1 s here)
+    // has expired, so the node authenticates again.
+    std::thread::sleep(Duration::from_secs(3));
     node.cli_ok(&[
         "volume",
         "create",

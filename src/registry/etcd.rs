@@ -163,7 +163,11 @@ impl EtcdRegistry {
             options = options.with_tls(config);
         }
         if let Some((user, password)) = &access.user {
-            options = options.with_user(user.as_str(), password.as_str());
+            // etcd's tokens expire (`--auth-token-ttl`, 5 minutes by default, since last use):
+            // a call refused for an expired token authenticates again and is retried.
+            options = options
+                .with_user(user.as_str(), password.as_str())
+                .with_auto_token_refresh(true);
         }
         let client =
             match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {

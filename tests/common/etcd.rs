@@ -129,6 +129,9 @@ impl Etcd {
                 format!("--key-file={}", tls.key.display()),
                 format!("--trusted-ca-file={}", tls.client_ca.display()),
                 "--client-cert-auth".to_string(),
+                // Authentication tokens expire after 1 s unused (default 300 s): clients must
+                // authenticate again, as a long-running node does.
+                "--auth-token-ttl=1".to_string(),
             ];
         }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
