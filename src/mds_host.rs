@@ -167,7 +167,7 @@ async fn connect(spec: &str, etcd: &crate::security_args::EtcdArgs) -> Result<Ar
         target
             .connect()
             .await
-            .context("cannot connect to the cluster registry")?,
+            .context("cannot reach the cluster registry")?,
     ))
 }
 

@@ -76,7 +76,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // holds, stops here, before its volumes are touched.
     let registry: Arc<dyn Registry> = match &config.identity.cluster {
         Some(cluster) => Arc::new(cluster.registry.connect().await.context(
-            "cannot connect to the cluster registry; is etcd running, and are --registry and \
+            "cannot reach the cluster registry; is etcd running, and are --registry and \
                  --etcd-* right?",
         )?),
         None => Arc::new(LocalRegistry::open(

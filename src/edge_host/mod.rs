@@ -100,7 +100,7 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     vstor_edge::vhost::check_socket_dir(&vhost_dir)
         .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
     let registry: Arc<dyn Registry> = Arc::new(config.registry.connect().await.context(
-        "cannot connect to the cluster registry; is etcd running, and are --registry and \
+        "cannot reach the cluster registry; is etcd running, and are --registry and \
              --etcd-* right?",
     )?);
     let settings = registry.settings().await?;

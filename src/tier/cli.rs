@@ -148,7 +148,7 @@ pub async fn connect(
         target
             .connect()
             .await
-            .context("cannot connect to the cluster registry")?,
+            .context("cannot reach the cluster registry")?,
     ))
 }
 
