@@ -230,6 +230,12 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
         .as_deref()
         .map(|path| crate::api_auth::read_token_file(path, "--api-token-file"))
         .transpose()?;
+    if crate::registry::etcd_endpoints(&registry).is_none() {
+        anyhow::bail!(
+            "--registry {registry:?} is not allowed: an edge needs the cluster registry, {}",
+            crate::registry::ETCD_URI_FORMS
+        );
+    }
     let config = EdgeConfig {
         registry: args.etcd.target(&registry)?,
         name: args.name.clone().unwrap_or_else(super::host_name),
