@@ -112,6 +112,144 @@ impl PeerTlsSettings {
     }
 }
 
+/// Environment variable with the etcd password (`--etcd-user`), when no `--etcd-password-file`.
+pub const ETCD_PASSWORD_ENV: &str = "VSTOR_ETCD_PASSWORD";
+
+/// `[cluster.etcd]` (`--etcd-ca`, `--etcd-cert`, `--etcd-key`, `--etcd-user`,
+/// `--etcd-password-file`): how the node reaches an etcd with TLS (`etcd+https://` registry) or
+/// authentication. The password is never a flag or a setting: a file, or `VSTOR_ETCD_PASSWORD`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdSettings {
+    /// PEM CA etcd's certificate must chain to [default: the system's CAs].
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain, for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// etcd user (etcd's `auth enable`).
+    pub user: Option<String>,
+    /// File holding the user's password (one line).
+    pub password_file: Option<PathBuf>,
+}
+
+impl EtcdSettings {
+    /// Override each setting given on the command line.
+    pub fn merge(&mut self, flags: EtcdSettings) {
+        for (field, value) in [
+            (&mut self.ca, flags.ca),
+            (&mut self.cert, flags.cert),
+            (&mut self.key, flags.key),
+            (&mut self.password_file, flags.password_file),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if flags.user.is_some() {
+            self.user = flags.user;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The registry at `spec` (`etcd://…` or `etcd+https://…`) with these settings, files read and
+    /// checked; `what` names the registry setting in errors (`--registry`).
+    pub fn target(&self, what: &str, spec: &str) -> Result<crate::registry::etcd::EtcdTarget> {
+        let endpoints = match crate::registry::etcd_endpoints(spec) {
+            Some(parsed) => parsed.map_err(|e| anyhow::anyhow!("{what}: {e}"))?,
+            None => bail!(
+                "{what} = {spec:?} is not allowed: must be {}",
+                crate::registry::ETCD_URI_FORMS
+            ),
+        };
+        let access = self.load(crate::registry::etcd_uses_tls(&endpoints))?;
+        Ok(crate::registry::etcd::EtcdTarget { endpoints, access })
+    }
+
+    /// Read and check the files and the password; `tls`: the registry is `etcd+https://` (the
+    /// certificate settings need it). Errors name the setting and the file.
+    pub fn load(&self, tls: bool) -> Result<crate::registry::etcd::EtcdAccess> {
+        let mut access = crate::registry::etcd::EtcdAccess::default();
+        let has_tls = self.ca.is_some() || self.cert.is_some() || self.key.is_some();
+        if has_tls && !tls {
+            bail!(
+                "etcd TLS settings (--etcd-ca, --etcd-cert, --etcd-key) need a TLS registry: \
+                 write it etcd+https://HOST:PORT[,...]"
+            );
+        }
+        if let Some(ca) = &self.ca {
+            vstor_net::pem_certificates("CA certificate", ca)
+                .context("setting cluster.etcd.ca (--etcd-ca)")?;
+            access.ca_pem = Some(read_file("cluster.etcd.ca (--etcd-ca)", ca)?);
+        }
+        match (&self.cert, &self.key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                vstor_net::pem_certificates("certificate", cert)
+                    .context("setting cluster.etcd.cert (--etcd-cert)")?;
+                vstor_net::pem_private_key(key).context("setting cluster.etcd.key (--etcd-key)")?;
+                access.client_pem = Some((
+                    read_file("cluster.etcd.cert (--etcd-cert)", cert)?,
+                    read_file("cluster.etcd.key (--etcd-key)", key)?,
+                ));
+            }
+            (Some(_), None) => {
+                bail!("the etcd client certificate (--etcd-cert) needs its key: give --etcd-key")
+            }
+            (None, Some(_)) => {
+                bail!("the etcd client key (--etcd-key) needs its certificate: give --etcd-cert")
+            }
+        }
+        let user = self
+            .user
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty());
+        match (user, &self.password_file) {
+            (None, Some(_)) => {
+                bail!(
+                    "an etcd password file (--etcd-password-file) needs the user: give --etcd-user"
+                )
+            }
+            (None, None) => {}
+            (Some(user), file) => {
+                let password = match file {
+                    Some(path) => {
+                        let bytes =
+                            read_file("cluster.etcd.password_file (--etcd-password-file)", path)?;
+                        String::from_utf8(bytes).map_err(|_| {
+                            anyhow::anyhow!(
+                                "the etcd password file {} (--etcd-password-file) is not UTF-8 text",
+                                path.display()
+                            )
+                        })?
+                    }
+                    None => std::env::var(ETCD_PASSWORD_ENV).map_err(|_| {
+                        anyhow::anyhow!(
+                            "etcd user {user:?} (--etcd-user) needs its password: give \
+                             --etcd-password-file FILE or set {ETCD_PASSWORD_ENV}"
+                        )
+                    })?,
+                };
+                let password = password.trim_end_matches(['\n', '\r']).to_string();
+                if password.is_empty() {
+                    bail!("the password of etcd user {user:?} (--etcd-user) is empty");
+                }
+                access.user = Some((user.to_string(), password));
+            }
+        }
+        Ok(access)
+    }
+}
+
+/// Read a file named by setting `what`, or an error naming both.
+fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("setting {what}: cannot read {}", path.display()))
+}
+
 /// `[mds]`: the metadata servers this node's volumes keep their map tables on (empty
 /// `servers`: on a cluster registry, the MDSes registered there; on a single node none, and a
 /// restart replays the volume's backend history).
@@ -188,6 +326,8 @@ pub struct ClusterFileSettings {
     pub recovery_domain: String,
     /// Listen address of the node's DTL server [default: an ephemeral port on the API's host].
     pub dtl_listen: String,
+    /// `[cluster.etcd]`: TLS and authentication to the registry.
+    pub etcd: EtcdSettings,
 }
 
 /// The node's upload scheduler (one for all volumes).
@@ -696,13 +836,15 @@ pub struct Overrides {
     pub peer_tls_cert: Option<PathBuf>,
     pub peer_tls_key: Option<PathBuf>,
     pub peer_tls_ca: Option<PathBuf>,
+    /// `--etcd-*`: override `[cluster.etcd]`.
+    pub etcd: EtcdSettings,
 }
 
 /// The node's place in a cluster, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// `http://host:port` etcd endpoints.
-    pub endpoints: Vec<String>,
+    /// The etcd endpoints (`http://host:port` or `https://host:port`) and how to reach them.
+    pub registry: crate::registry::etcd::EtcdTarget,
     pub node: String,
     pub domain: String,
     pub recovery_domain: Option<String>,
@@ -817,6 +959,7 @@ impl FileConfig {
                 *field = value;
             }
         }
+        self.cluster.etcd.merge(overrides.etcd);
         let identity = self.cluster.resolve()?;
         let max_payload = size_setting("nbd_server.max_payload", &self.nbd_server.max_payload)?;
         if !(4096..=u64::from(u32::MAX)).contains(&max_payload) {
@@ -1065,18 +1208,18 @@ impl ClusterFileSettings {
             if text(&self.recovery_domain).is_some() || text(&self.dtl_listen).is_some() {
                 bail!("setting cluster.recovery_domain (--recovery-domain) and cluster.dtl_listen (--dtl-listen) need a cluster registry (--registry etcd://HOST:PORT)");
             }
+            if !self.etcd.is_empty() {
+                bail!("settings cluster.etcd (--etcd-*) need a cluster registry (--registry etcd+https://HOST:PORT or etcd://HOST:PORT)");
+            }
             return Ok(NodeIdentity {
                 name: text(&self.node).unwrap_or_else(|| "local".into()),
                 domain,
                 cluster: None,
             });
         };
-        let endpoints = match crate::registry::etcd_endpoints(&registry) {
-            Some(parsed) => parsed.map_err(|e| anyhow::anyhow!("setting cluster.registry (--registry): {e}"))?,
-            None => bail!(
-                "setting cluster.registry (--registry) = {registry:?} is not allowed: must be etcd://HOST:PORT[,HOST:PORT...]"
-            ),
-        };
+        let target = self
+            .etcd
+            .target("setting cluster.registry (--registry)", &registry)?;
         let Some(node) = text(&self.node) else {
             bail!("a cluster node needs a name: give --node NAME (or cluster.node in the config file)");
         };
@@ -1089,7 +1232,7 @@ impl ClusterFileSettings {
             name: node.clone(),
             domain,
             cluster: Some(ClusterConfig {
-                endpoints,
+                registry: target,
                 node,
                 domain: text(&self.domain).unwrap_or_else(|| "default".into()),
                 recovery_domain: text(&self.recovery_domain),
@@ -1197,11 +1340,12 @@ mod tests {
             domain: "rack1".into(),
             recovery_domain: "rack2".into(),
             dtl_listen: "127.0.0.1:10900".into(),
+            ..Default::default()
         })
         .unwrap();
         let c = node.identity.cluster.unwrap();
         assert_eq!(
-            c.endpoints,
+            c.registry.endpoints,
             ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
         );
         assert_eq!((c.node.as_str(), c.domain.as_str()), ("n1", "rack1"));
@@ -1485,6 +1629,85 @@ mod tests {
                 preset: Some("fast".into())
             }
         );
+    }
+
+    #[test]
+    fn etcd_settings_need_tls_and_go_together_and_the_password_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let resolve = |registry: &str, file: &str, flags: EtcdSettings| {
+            let mut config: FileConfig = toml::from_str(file).unwrap();
+            config.cluster.registry = registry.into();
+            config.cluster.node = "n1".into();
+            config.resolve(Overrides {
+                etcd: flags,
+                ..Overrides::default()
+            })
+        };
+        // From the file, the flag overriding the password file; the password is one line.
+        let config = resolve(
+            "etcd+https://e1:2379,e2:2379",
+            "[cluster.etcd]\nuser = \"vstor\"\npassword_file = \"/nonexistent\"\n",
+            EtcdSettings {
+                password_file: Some(password.clone()),
+                ..EtcdSettings::default()
+            },
+        )
+        .unwrap();
+        let target = config.identity.cluster.unwrap().registry;
+        assert_eq!(target.endpoints, ["https://e1:2379", "https://e2:2379"]);
+        assert_eq!(
+            target.access.user,
+            Some(("vstor".to_string(), "s3cret".to_string()))
+        );
+        assert!(!format!("{:?}", target.access).contains("s3cret"));
+        let errors = [
+            (
+                "etcd://e1:2379",
+                EtcdSettings {
+                    ca: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "need a TLS registry",
+            ),
+            (
+                "etcd+https://e1:2379",
+                EtcdSettings {
+                    cert: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "give --etcd-key",
+            ),
+            (
+                "etcd+https://e1:2379",
+                EtcdSettings {
+                    ca: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "cluster.etcd.ca (--etcd-ca)",
+            ),
+            (
+                "etcd://e1:2379",
+                EtcdSettings {
+                    password_file: Some(password.clone()),
+                    ..EtcdSettings::default()
+                },
+                "give --etcd-user",
+            ),
+            (
+                "",
+                EtcdSettings {
+                    user: Some("vstor".into()),
+                    ..EtcdSettings::default()
+                },
+                "need a cluster registry",
+            ),
+        ];
+        for (registry, flags, expected) in errors {
+            let err = resolve(registry, "", flags).unwrap_err();
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::api_types::{
 };
 use crate::client::{print_info, print_json, print_list, print_scrub, print_snapshots, Client};
 use crate::config::{FileConfig, Overrides, DEFAULT_API};
-use crate::security_args::{NbdFrontendArgs, PeerTlsArgs};
+use crate::security_args::{EtcdArgs, NbdFrontendArgs, PeerTlsArgs};
 use crate::size::{format_size, parse_size};
 
 #[derive(Parser)]
@@ -203,10 +203,12 @@ struct ServeArgs {
     /// replays its backend history at its next restart (config: `mds.max_behind`) [default: 64].
     #[arg(long)]
     mds_max_behind: Option<u64>,
-    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] [default: none, a single node with a
-    /// local registry file].
+    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...], or etcd+https://HOST:PORT[,...] for
+    /// TLS (see --etcd-ca) [default: none, a single node with a local registry file].
     #[arg(long)]
     registry: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// This node's unique name in the cluster (required with --registry).
     #[arg(long)]
     node: Option<String>,
@@ -1074,6 +1076,7 @@ fn run(cli: Cli) -> Result<()> {
                 peer_tls_cert: args.peer_tls.peer_tls_cert,
                 peer_tls_key: args.peer_tls.peer_tls_key,
                 peer_tls_ca: args.peer_tls.peer_tls_ca,
+                etcd: args.etcd.settings(),
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -21,7 +21,7 @@ use vstor_mds::{MdsError, MdsStore, Role};
 use crate::config::BackendSpec;
 use crate::dirlock::DirLock;
 use crate::mds_link::registration;
-use crate::registry::{self, etcd::EtcdRegistry, Registry};
+use crate::registry::Registry;
 use crate::server::{announce, open_backend, until_stop_signal};
 
 /// Every call to an MDS from the CLI waits at most this long.
@@ -39,10 +39,14 @@ pub struct MdsArgs {
     /// [default: none, slaves do not catch up].
     #[arg(long)]
     backend: Option<PathBuf>,
-    /// Cluster registry (etcd://HOST:PORT[,...]): the MDS registers there (under a lease), and
-    /// cluster nodes started without `--mds` place volumes' tables on the registered MDSes.
+    /// Cluster registry (etcd://HOST:PORT[,...] or etcd+https://HOST:PORT[,...]): the MDS
+    /// registers there (under a lease), and cluster nodes started without `--mds` place
+    /// volumes' tables on the registered MDSes.
     #[arg(long, env = "VSTOR_REGISTRY")]
     registry: Option<String>,
+    /// TLS and credentials to etcd (the daemon's `--registry` and `list --registry`).
+    #[command(flatten)]
+    etcd: crate::security_args::EtcdArgs,
     /// The node this MDS runs beside: volumes that node owns get their master table here.
     #[arg(long)]
     node: Option<String>,
@@ -109,6 +113,7 @@ pub fn run(args: MdsArgs) -> Result<()> {
                 args.backend,
                 Placement {
                     registry: args.registry,
+                    etcd: args.etcd,
                     name: args.name,
                     node: args.node,
                     domain: args.domain,
@@ -119,7 +124,7 @@ pub fn run(args: MdsArgs) -> Result<()> {
         Some(MdsVerb::List { mds, registry }) => runtime.block_on(async move {
             let mds = match (mds.is_empty(), registry) {
                 (true, Some(spec)) => {
-                    let registry = connect(&spec).await?;
+                    let registry = connect(&spec, &args.etcd).await?;
                     let live = registration::servers(registry.as_ref()).await?;
                     if live.is_empty() {
                         bail!("no MDS is registered in {spec}");
@@ -150,20 +155,19 @@ pub fn run(args: MdsArgs) -> Result<()> {
 /// Where the daemon announces itself.
 struct Placement {
     registry: Option<String>,
+    etcd: crate::security_args::EtcdArgs,
     name: Option<String>,
     node: Option<String>,
     domain: String,
 }
 
-async fn connect(spec: &str) -> Result<Arc<dyn Registry>> {
-    let Some(endpoints) = registry::etcd_endpoints(spec) else {
-        bail!("registry {spec:?} is not etcd://HOST:PORT[,...]");
-    };
-    let endpoints = endpoints?;
+async fn connect(spec: &str, etcd: &crate::security_args::EtcdArgs) -> Result<Arc<dyn Registry>> {
+    let target = etcd.target(spec)?;
     Ok(Arc::new(
-        EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT)
+        target
+            .connect()
             .await
-            .with_context(|| format!("cannot reach the registry {spec}"))?,
+            .context("cannot reach the cluster registry")?,
     ))
 }
 
@@ -200,7 +204,7 @@ async fn daemon(
     };
     // The registry before listening: a daemon told to register that cannot stops here.
     let registry = match &placement.registry {
-        Some(spec) => Some(connect(spec).await?),
+        Some(spec) => Some(connect(spec, &placement.etcd).await?),
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(listen)

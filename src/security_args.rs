@@ -2,14 +2,15 @@
 //! cannot drift apart: `--peer-tls-cert/--peer-tls-key/--peer-tls-ca` for every command that
 //! speaks an internal protocol (`vstor serve`, `dtl`, `osd`, `mds`, `edge`, `backend`; all three
 //! or none, files read at startup), and the NBD frontend's TLS and connection limits for the two
-//! commands that serve NBD (`vstor serve`, `vstor edge`: the same NBD server code).
+//! commands that serve NBD (`vstor serve`, `vstor edge`: the same NBD server code), and the
+//! etcd link's TLS and credentials (`--etcd-*`) for every command that takes `--registry`.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 
-use crate::config::PeerTlsSettings;
+use crate::config::{EtcdSettings, PeerTlsSettings};
 
 /// Mutual TLS on the internal links (DTL, OSD, MDS, edge protocol): all three or none.
 #[derive(Args, Clone, Default)]
@@ -68,4 +69,49 @@ pub struct NbdFrontendArgs {
     /// `nbd_server.max_connections_per_client`) [default: 128].
     #[arg(long, value_name = "N")]
     pub nbd_max_connections_per_client: Option<usize>,
+}
+
+/// TLS and authentication to the cluster registry (etcd), for every command that takes
+/// `--registry`. Global, so they may follow a verb (`vstor osd list --etcd-ca …`).
+#[derive(Args, Clone, Default)]
+pub struct EtcdArgs {
+    /// PEM CA certificate(s) etcd's server certificate must chain to, with an etcd+https://
+    /// registry (serve config: `cluster.etcd.ca`) [default: the system's CAs].
+    #[arg(long, value_name = "FILE", global = true)]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate chain presented to etcd (etcd's `--client-cert-auth`); needs
+    /// --etcd-key (serve config: `cluster.etcd.cert`) [default: none].
+    #[arg(long, value_name = "FILE", global = true)]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert (serve config: `cluster.etcd.key`).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user, when etcd runs with authentication enabled; the password comes from
+    /// --etcd-password-file or the environment variable VSTOR_ETCD_PASSWORD, never from the
+    /// command line (serve config: `cluster.etcd.user`) [default: none].
+    #[arg(long, value_name = "NAME", global = true)]
+    pub etcd_user: Option<String>,
+    /// File holding the --etcd-user's password, one line (serve config:
+    /// `cluster.etcd.password_file`).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The flags as settings (a command without a config file starts from none).
+    pub fn settings(self) -> EtcdSettings {
+        EtcdSettings {
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+            user: self.etcd_user,
+            password_file: self.etcd_password_file,
+        }
+    }
+
+    /// Parse the registry URI `spec` and read the files: what
+    /// [`EtcdTarget::connect`](crate::registry::etcd::EtcdTarget::connect) needs.
+    pub fn target(&self, spec: &str) -> Result<crate::registry::etcd::EtcdTarget> {
+        self.clone().settings().target("--registry", spec)
+    }
 }

@@ -27,7 +27,7 @@ use crate::config::{BackendSpec, ServeConfig};
 use crate::dirlock::DirLock;
 use crate::export::Exports;
 use crate::export_remote::RemoteVolumes;
-use crate::registry::{self, etcd::EtcdRegistry, local::LocalRegistry, NodeRecord, Registry};
+use crate::registry::{self, etcd::EtcdTarget, local::LocalRegistry, NodeRecord, Registry};
 use crate::scrub::{AutoScrubber, Scrubs};
 use crate::tier::map::RegistryTierMap;
 use crate::tier::records::default_preset;
@@ -75,13 +75,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // The registry first: a cluster node that cannot reach etcd, or whose name a live node
     // holds, stops here, before its volumes are touched.
     let registry: Arc<dyn Registry> = match &config.identity.cluster {
-        Some(cluster) => Arc::new(
-            EtcdRegistry::connect(&cluster.endpoints, registry::etcd::DEFAULT_TIMEOUT)
-                .await
-                .context(
-                    "cannot reach the cluster registry; is etcd running and --registry right?",
-                )?,
-        ),
+        Some(cluster) => Arc::new(cluster.registry.connect().await.context(
+            "cannot reach the cluster registry; is etcd running, and are --registry and \
+                 --etcd-* right?",
+        )?),
         None => Arc::new(LocalRegistry::open(
             &config.data_dir.join(registry::local::FILE_NAME),
         )?),
@@ -154,16 +151,12 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     let keepalive = cluster.as_ref().map(Cluster::start);
     let spec = config.backend.clone();
     let (tier_endpoints, node_name) = (
-        config
-            .identity
-            .cluster
-            .as_ref()
-            .map(|c| c.endpoints.clone()),
+        config.identity.cluster.as_ref().map(|c| c.registry.clone()),
         config.identity.name.clone(),
     );
     let osd_tls = config.peer_tls.clone();
     let (backend, tier) = tokio::task::spawn_blocking(move || {
-        open_backend(&spec, tier_endpoints.as_deref(), &node_name, osd_tls)
+        open_backend(&spec, tier_endpoints, &node_name, osd_tls)
     })
     .await??;
     // Every backend call is timed for `/metrics` (the wrapper only measures).
@@ -561,7 +554,7 @@ type OpenedBackend = (Arc<dyn ObjectStore>, Option<Arc<EcStore>>);
 /// `ec` store is also returned as itself: volume creation picks presets through it.
 pub(crate) fn open_backend(
     spec: &BackendSpec,
-    registry: Option<&[String]>,
+    registry: Option<EtcdTarget>,
     node: &str,
     tls: Option<vstor_net::PeerTls>,
 ) -> Result<OpenedBackend> {
@@ -598,16 +591,14 @@ pub(crate) fn open_backend(
 /// With `tls`, every OSD connection is mutual TLS.
 fn open_ec(
     preset: Option<&str>,
-    registry: Option<&[String]>,
+    registry: Option<EtcdTarget>,
     node: &str,
     tls: Option<vstor_net::PeerTls>,
 ) -> Result<Arc<EcStore>> {
-    let endpoints = registry
-        .context("the ec backend needs the cluster registry (--registry etcd://HOST:PORT)")?
-        .to_vec();
+    let target = registry
+        .context("the ec backend needs the cluster registry (--registry etcd://HOST:PORT)")?;
     let map = RegistryTierMap::open(move || async move {
-        let registry: Arc<dyn Registry> =
-            Arc::new(EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT).await?);
+        let registry: Arc<dyn Registry> = Arc::new(target.connect().await?);
         Ok(registry)
     })
     .context("cannot open the EC tier's map in the registry")?;

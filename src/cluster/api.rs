@@ -43,9 +43,10 @@ impl From<RegistryError> for ApiError {
             | RegistryError::NodeAlive { .. }
             | RegistryError::EdgeAlive { .. }
             | RegistryError::AttachedElsewhere { .. } => StatusCode::CONFLICT,
-            RegistryError::Unreachable { .. } | RegistryError::LeaseExpired { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            RegistryError::Unreachable { .. }
+            | RegistryError::LeaseExpired { .. }
+            | RegistryError::Tls { .. }
+            | RegistryError::Denied { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::InvalidSettings { .. } => StatusCode::BAD_REQUEST,
             RegistryError::Corrupt { .. } | RegistryError::Failed { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR

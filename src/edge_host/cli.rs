@@ -9,9 +9,13 @@ use clap::{Args, Subcommand};
 
 #[derive(Args)]
 pub struct EdgeArgs {
-    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] (required to run the daemon).
+    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] or etcd+https://HOST:PORT[,...]
+    /// (required to run the daemon).
     #[arg(long)]
     registry: Option<String>,
+    /// TLS and credentials to etcd.
+    #[command(flatten)]
+    etcd: crate::security_args::EtcdArgs,
     /// This edge's unique name [default: the host name].
     #[arg(long)]
     name: Option<String>,
@@ -226,8 +230,14 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
         .as_deref()
         .map(|path| crate::api_auth::read_token_file(path, "--api-token-file"))
         .transpose()?;
+    if crate::registry::etcd_endpoints(&registry).is_none() {
+        anyhow::bail!(
+            "--registry {registry:?} is not allowed: an edge needs the cluster registry, {}",
+            crate::registry::ETCD_URI_FORMS
+        );
+    }
     let config = EdgeConfig {
-        registry,
+        registry: args.etcd.target(&registry)?,
         name: args.name.clone().unwrap_or_else(super::host_name),
         vhost_dir: args.vhost_dir.clone(),
         nbd: parse("--nbd", &args.nbd)?,

@@ -28,13 +28,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
 use vstor_edge::remote::client::RemoteConfig;
 use vstor_edge::vhost::{VhostConfig, VhostServer};
 
-use crate::registry::{self, etcd::EtcdRegistry, EdgeRecord, KeepAlive, Registry, RegistryError};
+use crate::registry::{self, EdgeRecord, KeepAlive, Registry, RegistryError};
 use host::{EdgeExports, EdgeHost};
 
 pub const DEFAULT_EDGE_API: &str = "127.0.0.1:7900";
@@ -43,7 +43,8 @@ pub const DEFAULT_EDGE_VHOST_DIR: &str = "./vstor-edge/vhost";
 
 /// `vstor edge` daemon settings, resolved from its flags.
 pub struct EdgeConfig {
-    pub registry: String,
+    /// The cluster registry and how to reach it (`--registry`, `--etcd-*`).
+    pub registry: registry::etcd::EtcdTarget,
     pub name: String,
     pub vhost_dir: PathBuf,
     pub nbd: SocketAddr,
@@ -93,23 +94,15 @@ async fn register(
 }
 
 pub async fn run(config: EdgeConfig) -> Result<()> {
-    let Some(endpoints) = registry::etcd_endpoints(&config.registry) else {
-        bail!(
-            "--registry {:?} is not allowed: an edge needs the cluster registry, etcd://HOST:PORT[,HOST:PORT...]",
-            config.registry
-        );
-    };
-    let endpoints = endpoints.map_err(|e| anyhow::anyhow!("--registry: {e}"))?;
     crate::config::validate_edge_name(&config.name)?;
     let vhost_dir = std::path::absolute(&config.vhost_dir)
         .with_context(|| format!("cannot resolve path {}", config.vhost_dir.display()))?;
     vstor_edge::vhost::check_socket_dir(&vhost_dir)
         .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
-    let registry: Arc<dyn Registry> = Arc::new(
-        EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT)
-            .await
-            .context("cannot reach the cluster registry; is etcd running and --registry right?")?,
-    );
+    let registry: Arc<dyn Registry> = Arc::new(config.registry.connect().await.context(
+        "cannot reach the cluster registry; is etcd running, and are --registry and \
+             --etcd-* right?",
+    )?);
     let settings = registry.settings().await?;
     let api_listener = TcpListener::bind(config.api)
         .await

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::etcd::EtcdRegistry;
+use super::etcd::{EtcdAccess, EtcdRegistry};
 use super::local::LocalRegistry;
 use super::*;
 
@@ -371,9 +371,13 @@ async fn local_registry_keeps_the_contract_and_its_records_across_a_restart() {
 async fn etcd_registry_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = harness::Etcd::start(dir.path());
-    let registry = EtcdRegistry::connect(&[etcd.endpoint()], Duration::from_secs(2))
-        .await
-        .unwrap();
+    let registry = EtcdRegistry::connect(
+        &[etcd.endpoint()],
+        &EtcdAccess::default(),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
     contract(&registry).await;
     records_contract(&registry).await;
 }
@@ -382,9 +386,13 @@ async fn etcd_registry_keeps_the_contract() {
 async fn etcd_leases_expire_without_keepalive_and_unreachable_etcd_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = harness::Etcd::start(dir.path());
-    let registry = EtcdRegistry::connect(&[etcd.endpoint()], Duration::from_secs(1))
-        .await
-        .unwrap();
+    let registry = EtcdRegistry::connect(
+        &[etcd.endpoint()],
+        &EtcdAccess::default(),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
     let lease = registry
         .register_node(&node("short"), Duration::from_secs(2))
         .await
@@ -422,7 +430,12 @@ async fn etcd_leases_expire_without_keepalive_and_unreachable_etcd_is_an_error()
     );
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(matches!(
-        EtcdRegistry::connect(&[etcd.endpoint()], Duration::from_secs(1)).await,
+        EtcdRegistry::connect(
+            &[etcd.endpoint()],
+            &EtcdAccess::default(),
+            Duration::from_secs(1)
+        )
+        .await,
         Err(RegistryError::Unreachable { .. })
     ));
     // Back on the same data: the records are there.

@@ -1,5 +1,11 @@
-//! The etcd registry (`--registry etcd://HOST:PORT[,HOST:PORT…]`); key layout in the parent
-//! module's docs.
+//! The etcd registry (`--registry etcd://HOST:PORT[,HOST:PORT…]`, or `etcd+https://…` for TLS);
+//! key layout in the parent module's docs.
+//!
+//! Security: with `etcd+https://` the link is TLS (rustls on aws-lc-rs, through tonic), etcd's
+//! certificate checked against `--etcd-ca` (default: the system's CAs) for the host dialled, and
+//! `--etcd-cert/--etcd-key` presented when etcd runs with `--client-cert-auth`. With
+//! `--etcd-user` the client authenticates (etcd's `auth enable`) and sends the token etcd gives
+//! on every call; etcd-client renews it when etcd says it expired. See [`EtcdAccess`].
 //!
 //! Client: the `etcd-client` crate (etcd's v3 gRPC API over tonic). It gives leases with a
 //! keepalive stream, multi-key transactions with compares and watches, everything the cluster
@@ -18,8 +24,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -56,39 +63,133 @@ pub struct EtcdRegistry {
     keepers: std::sync::Mutex<HashMap<LeaseId, Keeper>>,
 }
 
+/// How vstor authenticates to etcd and checks etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`,
+/// `--etcd-user` with `--etcd-password-file` or `VSTOR_ETCD_PASSWORD`): the files' contents, read
+/// and checked by the caller. The default is none of it (plain etcd without authentication).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// PEM CA certificates etcd's server certificate must chain to; `None`: the system's CAs.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate chain and private key presented to etcd (its `--client-cert-auth`).
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// etcd user and password (etcd's `auth enable`).
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password, nor the key.
+        f.debug_struct("EtcdAccess")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Whether it carries TLS material (only valid with `https://` endpoints).
+    pub fn has_tls(&self) -> bool {
+        self.ca_pem.is_some() || self.client_pem.is_some()
+    }
+}
+
+/// Where the cluster registry is and how to reach it: its endpoints (from the registry URI) and
+/// the access settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTarget {
+    /// `http://host:port` or `https://host:port`.
+    pub endpoints: Vec<String>,
+    pub access: EtcdAccess,
+}
+
+impl EtcdTarget {
+    /// [`EtcdRegistry::connect`] with the default timeout.
+    pub async fn connect(&self) -> Result<EtcdRegistry> {
+        EtcdRegistry::connect(&self.endpoints, &self.access, DEFAULT_TIMEOUT).await
+    }
+}
+
+/// The registry's name in messages: `etcd://h:p,…` or `etcd+https://h:p,…`.
+pub fn spec_of(endpoints: &[String]) -> String {
+    let scheme = if super::etcd_uses_tls(endpoints) {
+        "etcd+https://"
+    } else {
+        "etcd://"
+    };
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| {
+            e.trim_start_matches("http://")
+                .trim_start_matches("https://")
+        })
+        .collect();
+    format!("{scheme}{}", hosts.join(","))
+}
+
 impl EtcdRegistry {
-    /// Connect to `endpoints` (`http://host:port`) and check that etcd answers within
-    /// `timeout`: an unreachable registry is an error at startup, not later.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
-        let spec = format!(
-            "etcd://{}",
-            endpoints
-                .iter()
-                .map(|e| e.trim_start_matches("http://"))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let options = ConnectOptions::new()
+    /// Connect to `endpoints` (`http://host:port`, or `https://host:port` for TLS) with
+    /// `access`'s certificates and credentials, and check that etcd answers within `timeout`:
+    /// an unreachable registry, an untrusted or refused certificate and wrong credentials are
+    /// errors at startup (naming the registry and what failed), not later.
+    pub async fn connect(
+        endpoints: &[String],
+        access: &EtcdAccess,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let spec = spec_of(endpoints);
+        let tls = super::etcd_uses_tls(endpoints);
+        if access.has_tls() && !tls {
+            return Err(RegistryError::Tls {
+                registry: spec,
+                reason: "--etcd-ca/--etcd-cert/--etcd-key need TLS: write the registry as \
+                         etcd+https://HOST:PORT"
+                    .into(),
+            });
+        }
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout);
-        let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
-            .await
-            .map_err(|_| RegistryError::Unreachable {
-                registry: spec.clone(),
-                reason: format!("no answer within {timeout:?}"),
-            })?
-            .map_err(|e| RegistryError::Unreachable {
-                registry: spec.clone(),
-                reason: e.to_string(),
-            })?;
+        if tls {
+            let mut config = TlsOptions::new();
+            config = match &access.ca_pem {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &access.client_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(config);
+        }
+        if let Some((user, password)) = &access.user {
+            // etcd's tokens expire (`--auth-token-ttl`, 5 minutes by default, since last use):
+            // a call refused for an expired token authenticates again and is retried.
+            options = options
+                .with_user(user.as_str(), password.as_str())
+                .with_auto_token_refresh(true);
+        }
+        let client =
+            match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
+                Err(_) => {
+                    return Err(RegistryError::Unreachable {
+                        registry: spec,
+                        reason: format!("no answer within {timeout:?}"),
+                    })
+                }
+                Ok(Err(e)) => return Err(at_connect(classify(&spec, "connect", &e), access, tls)),
+                Ok(Ok(client)) => client,
+            };
         let registry = Self {
             client,
             spec,
             timeout,
             keepers: std::sync::Mutex::new(HashMap::new()),
         };
-        registry.ping().await?;
+        registry
+            .ping()
+            .await
+            .map_err(|e| at_connect(e, access, tls))?;
         Ok(registry)
     }
 
@@ -109,39 +210,7 @@ impl EtcdRegistry {
     }
 
     fn error(&self, op: &str, e: &etcd_client::Error) -> RegistryError {
-        use etcd_client::Error as E;
-        match e {
-            E::GRpcStatus(status) if status.message().contains("lease not found") => {
-                RegistryError::LeaseExpired { lease: 0 }
-            }
-            E::LeaseKeepAliveError(message) if message.contains("not found") => {
-                RegistryError::LeaseExpired { lease: 0 }
-            }
-            // A connection that broke under a call comes back as `Unknown` or `Cancelled`
-            // (h2 reset) rather than `Unavailable`: all of them mean "etcd did not answer".
-            E::GRpcStatus(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Unknown
-                ) =>
-            {
-                RegistryError::Unreachable {
-                    registry: self.spec.clone(),
-                    reason: format!("{op}: {}", status.message()),
-                }
-            }
-            E::TransportError(_) | E::IoError(_) => RegistryError::Unreachable {
-                registry: self.spec.clone(),
-                reason: format!("{op}: {e}"),
-            },
-            _ => RegistryError::Failed {
-                op: format!("{op} on {}", self.spec),
-                reason: e.to_string(),
-            },
-        }
+        classify(&self.spec, op, e)
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
@@ -254,6 +323,177 @@ impl EtcdRegistry {
     async fn open_keeper(&self, lease: LeaseId) -> Result<Keeper> {
         let mut client = self.client.lease_client();
         self.call("lease keepalive", client.keep_alive(lease)).await
+    }
+}
+
+/// A failure of the first calls, explained with what this client did not bring: etcd with
+/// `--client-cert-auth` closes a TLS connection without a client certificate (the client sees a
+/// broken pipe or a reset, seldom the alert); etcd serving TLS closes a plain-text one; etcd with
+/// authentication refuses a client without a user (or takes a client certificate's CN as one).
+fn at_connect(e: RegistryError, access: &EtcdAccess, tls: bool) -> RegistryError {
+    match e {
+        RegistryError::Unreachable { registry, reason } => {
+            let lower = reason.to_lowercase();
+            let closed = [
+                "broken pipe",
+                "connection reset",
+                "connection closed",
+                "stream closed",
+            ]
+            .iter()
+            .any(|s| lower.contains(s));
+            if closed && tls && access.client_pem.is_none() {
+                RegistryError::Tls {
+                    registry,
+                    reason: format!(
+                        "etcd closed the connection without a client certificate: it requires \
+                         one (--client-cert-auth), give --etcd-cert and --etcd-key ({reason})"
+                    ),
+                }
+            } else if closed && tls {
+                RegistryError::Tls {
+                    registry,
+                    reason: format!(
+                        "etcd closed the connection: does its --trusted-ca-file sign the client \
+                         certificate (--etcd-cert)? ({reason})"
+                    ),
+                }
+            } else if closed {
+                RegistryError::Unreachable {
+                    registry,
+                    reason: format!(
+                        "{reason} (if etcd serves TLS, write the registry as \
+                         etcd+https://HOST:PORT)"
+                    ),
+                }
+            } else {
+                RegistryError::Unreachable { registry, reason }
+            }
+        }
+        RegistryError::Denied { registry, reason } if access.user.is_none() => {
+            RegistryError::Denied {
+                registry,
+                reason: format!(
+                    "etcd has authentication enabled and no --etcd-user was given: give \
+                     --etcd-user and its password (--etcd-password-file or VSTOR_ETCD_PASSWORD), \
+                     or a client certificate whose CN is an etcd user with read and write on \
+                     /vstor/ ({reason})"
+                ),
+            }
+        }
+        other => other,
+    }
+}
+
+/// The whole story of an etcd-client error: tonic's statuses and transport errors keep the
+/// TLS or connection failure in their `source` chain, not in their message.
+fn error_chain(e: &etcd_client::Error) -> String {
+    use etcd_client::Error as E;
+    let mut text = match e {
+        E::GRpcStatus(status) => status.message().to_string(),
+        other => other.to_string(),
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        E::GRpcStatus(status) => std::error::Error::source(status),
+        E::TransportError(error) => std::error::Error::source(error),
+        E::IoError(error) => std::error::Error::source(error),
+        _ => None,
+    };
+    while let Some(error) = source {
+        let message = error.to_string();
+        if !text.contains(&message) {
+            text = format!("{text}: {message}");
+        }
+        source = error.source();
+    }
+    text
+}
+
+/// Map an etcd-client failure of `op` on registry `spec` to a registry error: TLS failures
+/// (untrusted server certificate, client certificate refused) and refused credentials get their
+/// own errors with what to check, a connection that broke or never came is `Unreachable`.
+fn classify(spec: &str, op: &str, e: &etcd_client::Error) -> RegistryError {
+    use etcd_client::Error as E;
+    let detail = error_chain(e);
+    let lower = detail.to_lowercase();
+    let status = match e {
+        E::GRpcStatus(status) => Some(status),
+        _ => None,
+    };
+    let code = status.map(tonic::Status::code);
+    if lower.contains("lease not found")
+        || matches!(e, E::LeaseKeepAliveError(message) if message.contains("not found"))
+    {
+        return RegistryError::LeaseExpired { lease: 0 };
+    }
+    let tls = |reason: String| RegistryError::Tls {
+        registry: spec.to_string(),
+        reason,
+    };
+    let denied = |reason: String| RegistryError::Denied {
+        registry: spec.to_string(),
+        reason,
+    };
+    if lower.contains("invalid peer certificate") || lower.contains("unknownissuer") {
+        return tls(format!(
+            "etcd's certificate is not trusted: it does not chain to --etcd-ca (or, without \
+             --etcd-ca, to the system's CAs), or does not name the host dialled ({op}: {detail})"
+        ));
+    }
+    if lower.contains("certificaterequired")
+        || lower.contains("certificate required")
+        || lower.contains("badcertificate")
+        || lower.contains("bad certificate")
+        || lower.contains("unknownca")
+        || lower.contains("unknown ca")
+    {
+        return tls(format!(
+            "etcd refused the client certificate: it requires one signed by its \
+             --trusted-ca-file (--etcd-cert, --etcd-key) ({op}: {detail})"
+        ));
+    }
+    if lower.contains("received fatal alert") || lower.contains("tls handshake") {
+        return tls(format!("{op}: {detail}"));
+    }
+    if lower.contains("authentication failed") || lower.contains("invalid user id or password") {
+        return denied(format!("wrong etcd user or password (--etcd-user, --etcd-password-file or VSTOR_ETCD_PASSWORD) ({op}: {detail})"));
+    }
+    if lower.contains("user name is empty") || lower.contains("user name not found") {
+        return denied(format!(
+            "etcd has authentication enabled: give --etcd-user and its password \
+             (--etcd-password-file or VSTOR_ETCD_PASSWORD), or a client certificate whose CN \
+             is an etcd user ({op}: {detail})"
+        ));
+    }
+    if code == Some(tonic::Code::PermissionDenied) || lower.contains("permission denied") {
+        return denied(format!(
+            "the etcd user may not do this: grant it read and write on the prefix /vstor/ \
+             ({op}: {detail})"
+        ));
+    }
+    if code == Some(tonic::Code::Unauthenticated) {
+        return denied(format!("{op}: {detail}"));
+    }
+    // A connection that broke under a call comes back as `Unknown` or `Cancelled` (h2 reset)
+    // rather than `Unavailable`: all of them mean "etcd did not answer".
+    let unreachable = matches!(
+        code,
+        Some(
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+        )
+    ) || matches!(e, E::TransportError(_) | E::IoError(_));
+    if unreachable {
+        return RegistryError::Unreachable {
+            registry: spec.to_string(),
+            reason: format!("{op}: {detail}"),
+        };
+    }
+    RegistryError::Failed {
+        op: format!("{op} on {spec}"),
+        reason: detail,
     }
 }
 

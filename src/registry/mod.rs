@@ -5,7 +5,8 @@
 //! - [`local::LocalRegistry`]: the embedded single-node default (no `--registry`). One node, its
 //!   records in a checksummed file under the data directory; leases never expire while the
 //!   process runs (the process *is* the node).
-//! - [`etcd::EtcdRegistry`]: `--registry etcd://HOST:PORT[,HOST:PORT…]`, the multi-node cluster.
+//! - [`etcd::EtcdRegistry`]: `--registry etcd://HOST:PORT[,HOST:PORT…]` (or `etcd+https://…` for
+//!   TLS, with `--etcd-ca/--etcd-cert/--etcd-key/--etcd-user`), the multi-node cluster.
 //!
 //! # Liveness, ownership and fencing
 //! A node is alive while its **lease** is: it registers under a lease of `lease_ttl` and renews
@@ -296,6 +297,12 @@ pub enum RegistryError {
     NotAttached { volume: String, edge: String },
     #[error("registry {op} failed: {reason}")]
     Failed { op: String, reason: String },
+    /// The TLS handshake with etcd failed: its certificate is not trusted, or it refused ours.
+    #[error("TLS with the registry {registry} failed: {reason}")]
+    Tls { registry: String, reason: String },
+    /// etcd refused the credentials: wrong user or password, none given, or no permission.
+    #[error("the registry {registry} refused access: {reason}")]
+    Denied { registry: String, reason: String },
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -445,28 +452,47 @@ pub trait Registry: Send + Sync + 'static {
     ) -> Result<bool>;
 }
 
-/// Parse `etcd://HOST:PORT[,HOST:PORT…]` into `http://HOST:PORT` endpoints; `None` when the
-/// string is not an etcd URL.
+/// The registry URI forms, for messages.
+pub const ETCD_URI_FORMS: &str = "etcd://HOST:PORT[,HOST:PORT...] or etcd+https://HOST:PORT[,...]";
+
+/// Parse a registry URI into etcd endpoints; `None` when the string is not an etcd URI:
+/// - `etcd://HOST:PORT[,HOST:PORT…]` (or `etcd+http://`): plain gRPC, `http://HOST:PORT`;
+/// - `etcd+https://HOST:PORT[,HOST:PORT…]`: TLS, `https://HOST:PORT`, etcd's certificate
+///   checked against `--etcd-ca` (or the system's CAs), for the host name or IP address given.
 pub fn etcd_endpoints(spec: &str) -> Option<Result<Vec<String>>> {
-    let rest = spec.strip_prefix("etcd://")?;
-    let endpoints: Vec<String> = rest
+    let (scheme, rest) = if let Some(rest) = spec.strip_prefix("etcd+https://") {
+        ("https://", rest)
+    } else if let Some(rest) = spec
+        .strip_prefix("etcd://")
+        .or_else(|| spec.strip_prefix("etcd+http://"))
+    {
+        ("http://", rest)
+    } else {
+        return None;
+    };
+    let hosts: Vec<&str> = rest
         .split(',')
         .map(str::trim)
+        .map(|e| e.trim_end_matches('/'))
         .filter(|e| !e.is_empty())
-        .map(|e| format!("http://{}", e.trim_end_matches('/')))
         .collect();
-    let bad = endpoints.is_empty()
-        || endpoints
+    let bad = hosts.is_empty()
+        || hosts
             .iter()
-            .any(|e| !e[7..].contains(':') || e[7..].contains('/'));
+            .any(|e| !e.contains(':') || e.contains('/') || e.contains("://"));
     Some(if bad {
         Err(RegistryError::Failed {
             op: "parse".into(),
-            reason: format!("registry {spec:?} is not etcd://HOST:PORT[,HOST:PORT...]"),
+            reason: format!("registry {spec:?} is not {ETCD_URI_FORMS}"),
         })
     } else {
-        Ok(endpoints)
+        Ok(hosts.iter().map(|h| format!("{scheme}{h}")).collect())
     })
+}
+
+/// Whether parsed endpoints use TLS (`etcd+https://`).
+pub fn etcd_uses_tls(endpoints: &[String]) -> bool {
+    endpoints.iter().any(|e| e.starts_with("https://"))
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -488,6 +514,17 @@ mod tests {
         assert!(etcd_endpoints("/some/dir").is_none());
         assert!(etcd_endpoints("etcd://").unwrap().is_err());
         assert!(etcd_endpoints("etcd://hostonly").unwrap().is_err());
+        let tls = etcd_endpoints("etcd+https://a.example:2379, 10.0.0.2:2379/")
+            .unwrap()
+            .unwrap();
+        assert_eq!(tls, ["https://a.example:2379", "https://10.0.0.2:2379"]);
+        assert!(etcd_uses_tls(&tls) && !etcd_uses_tls(&parsed));
+        assert_eq!(
+            etcd_endpoints("etcd+http://h:1").unwrap().unwrap(),
+            ["http://h:1"]
+        );
+        assert!(etcd_endpoints("etcd://https://h:1").unwrap().is_err());
+        assert!(etcd_endpoints("https://h:1").is_none());
     }
 
     #[test]

@@ -19,14 +19,17 @@ use vstor_backend::ObjectStore;
 
 use super::map::RegistryTierMap;
 use crate::client::print_json;
-use crate::registry::{self, etcd::EtcdRegistry, Registry};
+use crate::registry::{self, Registry};
 use crate::size::{format_size, parse_size};
 
 #[derive(Args)]
 pub struct BackendArgs {
-    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...].
+    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] or etcd+https://HOST:PORT[,...].
     #[arg(long, env = "VSTOR_REGISTRY", global = true)]
     registry: Option<String>,
+    /// TLS and credentials to etcd.
+    #[command(flatten)]
+    etcd: crate::security_args::EtcdArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -69,14 +72,17 @@ enum BackendVerb {
 }
 
 /// An `ec` store over the tier at `spec`, for tools.
-pub fn open_store(spec: Option<&str>, tls: Option<vstor_net::PeerTls>) -> Result<EcStore> {
-    let Some(endpoints) = spec.and_then(registry::etcd_endpoints) else {
+pub fn open_store(
+    spec: Option<&str>,
+    etcd: &crate::security_args::EtcdArgs,
+    tls: Option<vstor_net::PeerTls>,
+) -> Result<EcStore> {
+    let Some(spec) = spec.filter(|spec| registry::etcd_endpoints(spec).is_some()) else {
         bail!("give the tier's registry: --registry etcd://HOST:PORT (or set VSTOR_REGISTRY)");
     };
-    let endpoints = endpoints?;
+    let target = etcd.target(spec)?;
     let map = RegistryTierMap::open(move || async move {
-        let registry: Arc<dyn Registry> =
-            Arc::new(EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT).await?);
+        let registry: Arc<dyn Registry> = Arc::new(target.connect().await?);
         Ok(registry)
     })
     .context("cannot read the EC tier's map from the registry")?;
@@ -92,7 +98,11 @@ pub fn open_store(spec: Option<&str>, tls: Option<vstor_net::PeerTls>) -> Result
 }
 
 pub fn run(args: BackendArgs) -> Result<()> {
-    let store = open_store(args.registry.as_deref(), args.peer_tls.clone().load()?)?;
+    let store = open_store(
+        args.registry.as_deref(),
+        &args.etcd,
+        args.peer_tls.clone().load()?,
+    )?;
     match args.verb {
         BackendVerb::Inspect {
             namespace,

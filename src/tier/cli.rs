@@ -14,14 +14,17 @@ use super::map::{self, update};
 use super::osd::{run, OsdConfig};
 use super::records::{OsdAdmin, OsdRecord, OsdStatus, PresetRecord, OSDS, PRESETS};
 use crate::client::print_json;
-use crate::registry::{self, etcd::EtcdRegistry, Registry};
+use crate::registry::{self, Registry};
 use crate::size::{format_size, parse_size};
 
 #[derive(Args)]
 pub struct OsdArgs {
-    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...].
+    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] or etcd+https://HOST:PORT[,...].
     #[arg(long, env = "VSTOR_REGISTRY", global = true)]
     registry: Option<String>,
+    /// TLS and credentials to etcd.
+    #[command(flatten)]
+    etcd: crate::security_args::EtcdArgs,
     /// Listen address of the OSD protocol (daemon).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
@@ -65,9 +68,12 @@ enum OsdVerb {
 
 #[derive(Args)]
 pub struct PresetArgs {
-    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...].
+    /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] or etcd+https://HOST:PORT[,...].
     #[arg(long, env = "VSTOR_REGISTRY", global = true)]
     registry: Option<String>,
+    /// TLS and credentials to etcd.
+    #[command(flatten)]
+    etcd: crate::security_args::EtcdArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -118,26 +124,31 @@ enum PresetVerb {
     Show { name: String },
 }
 
-/// Connect to the registry named by `--registry`.
-pub async fn connect(spec: Option<&str>) -> Result<Arc<dyn Registry>> {
+/// Connect to the registry named by `--registry`, with the `--etcd-*` settings.
+pub async fn connect(
+    spec: Option<&str>,
+    etcd: &crate::security_args::EtcdArgs,
+) -> Result<Arc<dyn Registry>> {
     let Some(spec) = spec else {
         bail!(
             "the EC tier lives in the cluster registry: give --registry etcd://HOST:PORT (or set \
              VSTOR_REGISTRY)"
         );
     };
-    let Some(endpoints) = registry::etcd_endpoints(spec) else {
+    if registry::etcd_endpoints(spec).is_none() {
         bail!(
-            "registry {spec:?} is not etcd://HOST:PORT[,...]: the EC tier needs the cluster \
-             registry (the single-node local registry lives inside one `vstor serve` process, \
-             where OSD daemons cannot reach it)"
+            "registry {spec:?} is not {}: the EC tier needs the cluster registry (the \
+             single-node local registry lives inside one `vstor serve` process, where OSD \
+             daemons cannot reach it)",
+            registry::ETCD_URI_FORMS
         );
-    };
-    let endpoints = endpoints?;
+    }
+    let target = etcd.target(spec)?;
     Ok(Arc::new(
-        EtcdRegistry::connect(&endpoints, registry::etcd::DEFAULT_TIMEOUT)
+        target
+            .connect()
             .await
-            .with_context(|| format!("cannot reach the registry {spec}"))?,
+            .context("cannot reach the cluster registry")?,
     ))
 }
 
@@ -151,7 +162,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run_osd(args: OsdArgs) -> Result<()> {
     let runtime = runtime()?;
     runtime.block_on(async move {
-        let registry = connect(args.registry.as_deref()).await?;
+        let registry = connect(args.registry.as_deref(), &args.etcd).await?;
         match args.verb {
             None => {
                 crate::init_logging();
@@ -282,7 +293,7 @@ fn parse_policy(text: &str) -> Result<Policy> {
 pub fn run_preset(args: PresetArgs) -> Result<()> {
     let runtime = runtime()?;
     runtime.block_on(async move {
-        let registry = connect(args.registry.as_deref()).await?;
+        let registry = connect(args.registry.as_deref(), &args.etcd).await?;
         match args.verb {
             PresetVerb::Create {
                 name,

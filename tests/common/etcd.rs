@@ -1,6 +1,7 @@
 //! A real `etcd` (`/usr/bin/etcd`, package etcd-server) on loopback for cluster tests: random free
 //! ports, its own data directory, killed in `Drop`. `kill9` + `restart` bring it back on the same
-//! ports and data, as after a crash.
+//! ports and data, as after a crash. [`Etcd::start_tls`] serves clients over TLS only, with
+//! client certificates required; [`Etcd::enable_auth`] turns on etcd's authentication.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -11,10 +12,22 @@ use std::time::{Duration, Instant};
 
 pub const ETCD: &str = "etcd";
 
+/// TLS on the client port: etcd's certificate and key, and the CA client certificates must
+/// chain to (etcd's `--client-cert-auth`).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
 pub struct Etcd {
     child: Option<Child>,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Plain-HTTP `/health` (and `/metrics`), whatever the client port speaks.
+    pub metrics_port: u16,
+    pub tls: Option<EtcdTls>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     /// Also listen for clients on this address (nodes in network namespaces reach it there).
@@ -37,12 +50,23 @@ impl Etcd {
 
     /// Like `start`, also listening for clients on `ip` (the host end of a netns bridge).
     pub fn start_also_on(root: &Path, also_on: Option<std::net::Ipv4Addr>) -> Self {
+        Self::start_with(root, also_on, None)
+    }
+
+    /// Like `start`, clients only over TLS with a certificate of `tls.client_ca`.
+    pub fn start_tls(root: &Path, tls: EtcdTls) -> Self {
+        Self::start_with(root, None, Some(tls))
+    }
+
+    fn start_with(root: &Path, also_on: Option<std::net::Ipv4Addr>, tls: Option<EtcdTls>) -> Self {
         let mut last = String::new();
         for _ in 0..5 {
             let mut etcd = Etcd {
                 child: None,
                 client_port: free_port(),
                 peer_port: free_port(),
+                metrics_port: free_port(),
+                tls: tls.clone(),
                 data_dir: root.join("etcd-data"),
                 log: root.join("etcd.log"),
                 also_on,
@@ -56,9 +80,21 @@ impl Etcd {
         panic!("etcd did not start: {last}");
     }
 
-    /// `etcd://127.0.0.1:PORT`, as `vstor serve --registry` takes it.
+    /// `etcd://127.0.0.1:PORT` (`etcd+https://…` with TLS), as `vstor serve --registry` takes it.
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        format!(
+            "{}127.0.0.1:{}",
+            self.scheme("etcd://", "etcd+https://"),
+            self.client_port
+        )
+    }
+
+    fn scheme<'a>(&self, plain: &'a str, tls: &'a str) -> &'a str {
+        if self.tls.is_some() {
+            tls
+        } else {
+            plain
+        }
     }
 
     /// `etcd://IP:PORT` on the extra address given to `start_also_on`.
@@ -67,7 +103,11 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!(
+            "{}127.0.0.1:{}",
+            self.scheme("http://", "https://"),
+            self.client_port
+        )
     }
 
     fn launch(&mut self) -> Result<(), String> {
@@ -76,11 +116,24 @@ impl Etcd {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
+        let scheme = self.scheme("http://", "https://");
         let listen = match self.also_on {
-            Some(ip) => format!("{client},http://{ip}:{}", self.client_port),
+            Some(ip) => format!("{client},{scheme}{ip}:{}", self.client_port),
             None => client.clone(),
         };
+        let mut tls_args = Vec::new();
+        if let Some(tls) = &self.tls {
+            tls_args = vec![
+                format!("--cert-file={}", tls.cert.display()),
+                format!("--key-file={}", tls.key.display()),
+                format!("--trusted-ca-file={}", tls.client_ca.display()),
+                "--client-cert-auth".to_string(),
+                // Authentication tokens expire after 1 s unused (default 300 s): clients must
+                // authenticate again, as a long-running node does.
+                "--auth-token-ttl=1".to_string(),
+            ];
+        }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(ETCD)
             .arg("--name=vstor-test")
@@ -90,6 +143,11 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=vstor-test={peer}"))
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
+            .args(&tls_args)
             .arg("--log-level=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -118,15 +176,15 @@ impl Etcd {
         Err("etcd did not become healthy within 30 s".into())
     }
 
-    /// etcd's own `/health` endpoint says it serves.
+    /// etcd's own `/health` endpoint (on the plain-HTTP metrics port) says it serves.
     pub fn healthy(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         let request = format!(
             "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.client_port
+            self.metrics_port
         );
         if stream.write_all(request.as_bytes()).is_err() {
             return false;
@@ -134,6 +192,59 @@ impl Etcd {
         let mut response = String::new();
         let _ = stream.read_to_string(&mut response);
         response.contains("\"health\":\"true\"")
+    }
+
+    /// Turn on etcd's authentication: user `root` with `root_password`, and user `user` with
+    /// `password` whose role may read and write the keys under `/vstor/` only (what a vstor
+    /// process needs). With TLS, connects with `client` (certificate and key) and trusting
+    /// `ca`.
+    pub fn enable_auth(
+        &self,
+        ca: Option<&Path>,
+        client: Option<(&Path, &Path)>,
+        root_password: &str,
+        user: &str,
+        password: &str,
+    ) {
+        use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+        let mut options = ConnectOptions::new().with_timeout(Duration::from_secs(5));
+        if self.tls.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = ca {
+                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+            }
+            if let Some((cert, key)) = client {
+                tls = tls.identity(Identity::from_pem(
+                    std::fs::read(cert).unwrap(),
+                    std::fs::read(key).unwrap(),
+                ));
+            }
+            options = options.with_tls(tls);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut etcd = Client::connect([self.endpoint()], Some(options))
+                .await
+                .expect("connect to etcd to enable auth");
+            let role = format!("{user}-role");
+            etcd.role_add(role.as_str()).await.unwrap();
+            etcd.role_grant_permission(
+                role.as_str(),
+                Permission::read_write("/vstor/").with_prefix(),
+            )
+            .await
+            .unwrap();
+            etcd.user_add(user, password, None).await.unwrap();
+            etcd.user_grant_role(user, role.as_str()).await.unwrap();
+            etcd.user_add("root", root_password, None).await.unwrap();
+            // etcd 3.4 knows the `root` role without it being added; a later one may want it.
+            let _ = etcd.role_add("root").await;
+            etcd.user_grant_role("root", "root").await.unwrap();
+            etcd.auth_enable().await.expect("etcd auth enable");
+        });
     }
 
     /// `kill -9` and reap.

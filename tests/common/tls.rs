@@ -1,4 +1,4 @@
-//! Test certificates for NBD TLS, made with the `openssl` command-line tool.
+//! Test certificates for NBD TLS (and the other TLS links: peers, etcd), made with the `openssl` command-line tool.
 //!
 //! Why the CLI and not `rcgen`: no new dependency, and `openssl ca` sets any validity period, so
 //! an expired certificate is made directly instead of by waiting or faking the clock. The files
@@ -145,6 +145,11 @@ impl Pki {
     /// A server certificate and key for 127.0.0.1.
     pub fn server(&self, stem: &str, expired: bool) -> (PathBuf, PathBuf) {
         self.issue(stem, "localhost", "server", expired)
+    }
+
+    /// A client certificate and key for `cn` (`--etcd-cert/--etcd-key`).
+    pub fn client(&self, stem: &str, cn: &str) -> (PathBuf, PathBuf) {
+        self.issue(stem, cn, "client", false)
     }
 
     /// A cluster member's certificate and key for 127.0.0.1 (`--peer-tls-cert/key`).
