@@ -508,6 +508,14 @@ fn until_listed(list_uri: &str, want: &[&str]) {
     );
 }
 
+/// On `n1`: volume `vol` (16 MiB) restricted by `flag value`, and volume `open` with no list.
+fn restricted_and_open_volumes(n1: &Daemon, flag: &str, value: &str) {
+    n1.cli_ok(&[
+        "volume", "create", "vol", "--size", "16M", "--node", "n1", flag, value,
+    ]);
+    n1.cli_ok(&["volume", "create", "open", "--size", "16M", "--node", "n1"]);
+}
+
 /// Issue 15 on an edge: a volume's NBD allow list, kept by its owner, is enforced by
 /// `vstor edge`'s own NBD server exactly as by the node's: an excluded client (every tool here
 /// connects from 127.0.0.1) does not see the volume in `nbdinfo --list` and cannot open it,
@@ -523,18 +531,7 @@ fn an_edge_enforces_the_volume_network_allow_list_and_follows_updates() {
     let url = etcd.url();
     let backend = TestBackend::Dir(root.path().join("backend"));
     let n1 = node(root.path(), &backend, &url, "n1", true);
-    n1.cli_ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "16M",
-        "--node",
-        "n1",
-        "--allow-net",
-        "192.0.2.0/24",
-    ]);
-    n1.cli_ok(&["volume", "create", "open", "--size", "16M", "--node", "n1"]);
+    restricted_and_open_volumes(&n1, "--allow-net", "192.0.2.0/24");
     let mut e1 = EdgeDaemon::start(root.path(), "e1", &url, &[]);
     e1.cli_ok(&["attach", "vol"]);
     e1.cli_ok(&["attach", "open"]);
@@ -620,18 +617,7 @@ fn an_edge_with_client_certificates_admits_only_the_allowed_subject() {
     let nbd_ca = Pki::new(root.path(), "nbd-ca");
     let backend = TestBackend::Dir(root.path().join("backend"));
     let n1 = node(root.path(), &backend, &url, "n1", true);
-    n1.cli_ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "16M",
-        "--node",
-        "n1",
-        "--allow-subject",
-        "alice",
-    ]);
-    n1.cli_ok(&["volume", "create", "open", "--size", "16M", "--node", "n1"]);
+    restricted_and_open_volumes(&n1, "--allow-subject", "alice");
     let (cert, key) = nbd_ca.server("edge-nbd", false);
     let ca = nbd_ca.ca();
     let e1 = EdgeDaemon::start(
