@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use vstor_backend::ObjectStore;
-use vstor_net::{Accepted, PeerStream, PeerTls};
+use vstor_net::PeerTls;
 
 use crate::catchup;
 use crate::proto::{ErrorCode, Frame, MdsCodec, Message, ProtoError, MAX_BATCH, PROTOCOL_VERSION};
@@ -165,24 +165,16 @@ async fn connection(
     shutdown: CancellationToken,
 ) -> Result<(), ProtoError> {
     stream.set_nodelay(true)?;
-    let peer = stream.peer_addr()?;
-    let (stream, refusal) = match vstor_net::accept_peer(
+    let Some((stream, refusal)) = vstor_net::accept_served(
         config.tls.as_ref(),
         stream,
         config.handshake_timeout,
+        "MDS",
+        &config.name,
     )
     .await
-    {
-        Ok(Accepted::Stream(s)) => (s, None),
-        Ok(Accepted::PlainRefused(s)) => {
-            warn!(mds = %config.name, %peer, "plain-text client refused: this MDS requires mutual TLS");
-            (PeerStream::Plain(s), Some(vstor_net::PLAIN_REFUSED))
-        }
-        Ok(Accepted::Closed) => return Ok(()),
-        Err(e) => {
-            warn!(mds = %config.name, %peer, error = %e, "MDS client refused");
-            return Ok(());
-        }
+    else {
+        return Ok(());
     };
     let (mut rd, mut wr) = stream.into_split();
     let codec = MdsCodec::default();

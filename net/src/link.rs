@@ -63,6 +63,35 @@ pub async fn connect_peer(
     }
 }
 
+/// [`accept_peer`] for a request/reply server (the MDS and the OSDs), with the one wording of its
+/// log lines: the stream to serve and, for a plain-text client of a server that requires TLS,
+/// the refusal to answer its first request with ([`PLAIN_REFUSED`]) before closing. `None`: nothing
+/// to serve (the client closed, or its handshake failed; logged). `server` names the kind of
+/// server (`"OSD"`, `"MDS"`) and `id` this one.
+pub async fn accept_served(
+    tls: Option<&PeerTls>,
+    tcp: TcpStream,
+    timeout: Duration,
+    server: &str,
+    id: &(dyn std::fmt::Display + Sync),
+) -> Option<(PeerStream, Option<&'static str>)> {
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+    match accept_peer(tls, tcp, timeout).await {
+        Ok(Accepted::Stream(s)) => Some((s, None)),
+        Ok(Accepted::PlainRefused(s)) => {
+            tracing::warn!(%id, %peer, "plain-text client refused: this {server} requires mutual TLS");
+            Some((PeerStream::Plain(s), Some(PLAIN_REFUSED)))
+        }
+        Ok(Accepted::Closed) => None,
+        Err(e) => {
+            tracing::warn!(%id, %peer, error = %e, "{server} client refused");
+            None
+        }
+    }
+}
+
 /// Server side: without an identity, the connection as it is; with one, the TLS handshake (the
 /// client must present a certificate of the cluster CA), or [`Accepted::PlainRefused`] for a
 /// client that speaks plain text. Everything up to the end of the handshake is bounded by

@@ -8,7 +8,7 @@
 //! connection (logged with the peer); the client reconnects.
 //!
 //! With [`OsdServerConfig::tls`] every connection must be mutual TLS with a client certificate
-//! of the cluster CA (`vstor_net::accept_peer`, bounded by the handshake timeout); a plain-text
+//! of the cluster CA (`vstor_net::accept_served`, bounded by the handshake timeout); a plain-text
 //! client gets an `Error` naming the requirement in reply to its `Hello`, and is closed.
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use vstor_net::{Accepted, PeerStream, PeerTls};
+use vstor_net::PeerTls;
 
 use super::proto::{ErrorCode, Frame, Message, OsdCodec, ProtoError, PROTOCOL_VERSION};
 use super::store::FragmentStore;
@@ -109,24 +109,16 @@ async fn connection(
     shutdown: CancellationToken,
 ) -> Result<(), ProtoError> {
     stream.set_nodelay(true)?;
-    let peer = stream.peer_addr()?;
-    let (stream, refusal) = match vstor_net::accept_peer(
+    let Some((stream, refusal)) = vstor_net::accept_served(
         config.tls.as_ref(),
         stream,
         config.handshake_timeout,
+        "OSD",
+        &config.osd_id,
     )
     .await
-    {
-        Ok(Accepted::Stream(s)) => (s, None),
-        Ok(Accepted::PlainRefused(s)) => {
-            warn!(osd = config.osd_id, %peer, "plain-text client refused: this OSD requires mutual TLS");
-            (PeerStream::Plain(s), Some(vstor_net::PLAIN_REFUSED))
-        }
-        Ok(Accepted::Closed) => return Ok(()),
-        Err(e) => {
-            warn!(osd = config.osd_id, %peer, error = %e, "OSD client refused");
-            return Ok(());
-        }
+    else {
+        return Ok(());
     };
     let (mut rd, mut wr) = stream.into_split();
     let codec = OsdCodec::default();
