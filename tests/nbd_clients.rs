@@ -325,3 +325,54 @@ fn fio_verify_at_depth_32_over_two_connections() {
     }
     assert_eq!(daemon.info("fio")["written_bytes"], 128u64 << 20);
 }
+
+/// fio with 256 KiB random writes at queue depth 8: large enough that the NBD server runs them on
+/// its blocking pool and the volume copies their data without its lock (`volume/inflight.rs`),
+/// several at once. Verified as written, and again after `kill -9` and a restart (the job ends
+/// with a flush, so every write it made must be there).
+#[test]
+fn fio_large_writes_at_depth_8_verify_before_and_after_kill_9() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(tmp.path());
+    daemon.create_volume("big", "256M");
+    let fio = |uri: String, verify_only: bool| {
+        let mut cmd = Command::new("fio");
+        // fio writes its verify state into its working directory: the test's, not the repo.
+        cmd.current_dir(tmp.path()).args([
+            "--name=large",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=256k",
+            "--iodepth=8",
+            "--size=192M",
+            "--randseed=4242",
+            "--end_fsync=1",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+        ]);
+        if verify_only {
+            cmd.arg("--verify_only");
+        }
+        let out = run_ok(&mut cmd);
+        let json: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+        let job = json["jobs"][0].clone();
+        assert_eq!(job["error"], 0, "{job}");
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap() >= 192 << 20,
+            "verify read everything back: {job}"
+        );
+        job
+    };
+    let written = fio(daemon.uri("big"), false);
+    assert!(
+        written["write"]["io_bytes"].as_u64().unwrap() >= 192 << 20,
+        "{written}"
+    );
+    daemon.kill9();
+    daemon.launch();
+    fio(daemon.uri("big"), true);
+}
