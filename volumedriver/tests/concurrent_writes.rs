@@ -29,6 +29,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 #[derive(Default)]
 struct Gate {
     armed: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    /// The next large write fails as a full disk would.
+    fail_next: AtomicBool,
 }
 
 impl Gate {
@@ -56,6 +58,9 @@ impl WbFile for GateFile {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if buf.len() >= LARGE && self.gate.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("No space left on device (test)"));
+        }
         if buf.len() >= LARGE {
             let armed = self.gate.armed.lock().unwrap().take();
             if let Some((held, release)) = armed {
@@ -320,5 +325,38 @@ fn concurrent_large_writes_with_uploads_flushes_and_rolls_read_back_after_a_cras
     assert!(
         read(&volume, 0, expected.len()) == expected,
         "after a clean restart"
+    );
+}
+
+#[test]
+fn a_failed_copy_halts_the_volume_and_keeps_what_was_flushed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let gate = Arc::new(Gate::default());
+    let fs: Arc<dyn WbFs> = Arc::new(GateFs { gate: gate.clone() });
+    let dir = tmp.path().join("wb").join("vol");
+    let volume = Volume::create_on(fs.clone(), &dir, store.clone(), config(1024, 256, 4))
+        .expect("create volume");
+    let kept = pattern(2 * LARGE, 7);
+    volume.write(0, &kept, false).unwrap();
+    volume.flush().unwrap();
+
+    gate.fail_next.store(true, Ordering::SeqCst);
+    let err = volume
+        .write(LARGE as u64 * 2, &pattern(LARGE, 8), false)
+        .expect_err("the copy failed: the write is not acknowledged");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    // Halted: nothing more is acknowledged, and the reason is the failed copy.
+    let later = volume.write(LARGE as u64 * 4, &pattern(8 * CS, 9), false);
+    assert!(later.is_err(), "a halted volume refuses writes");
+    assert!(volume.flush().is_err(), "a halted volume refuses flushes");
+    let halted = volume.info().halted_reason.expect("halted");
+    assert!(halted.contains("No space left"), "{halted}");
+
+    drop(volume);
+    let volume = Volume::open_on(fs, &dir, store, "vol").expect("reopen");
+    assert!(
+        read(&volume, 0, kept.len()) == kept,
+        "what was flushed survives"
     );
 }
