@@ -290,6 +290,19 @@ fn mds_codec() -> Vec<Vec<u8>> {
             locations: vec![0, 0x0100_0001],
         },
         Message::List,
+        Message::DumpPages {
+            volume: vol(),
+            first: 2,
+            count: 16,
+        },
+        Message::Pages {
+            cork,
+            next: Some(40),
+            pages: vec![(
+                3,
+                bytes::Bytes::from(vec![1u8; vstor_mds::proto::PAGE_BYTES]),
+            )],
+        },
     ];
     let codec = MdsCodec::default();
     framed(messages, |id, message, out| {

@@ -23,10 +23,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use vstor_net::PeerTls;
+use vstor_volumedriver::SeedPage;
 
 use crate::catchup::CatchUpReport;
 use crate::error::{MdsError, Result};
-use crate::proto::{Frame, MdsCodec, Message, PROTOCOL_VERSION};
+use crate::proto::{
+    Frame, MdsCodec, Message, MIN_PROTOCOL_VERSION, PAGE_BYTES, PAGE_ENTRIES, PROTOCOL_VERSION,
+};
 use crate::store::TableInfo;
 use crate::table::{Cork, Role, Update};
 
@@ -34,12 +37,18 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
 
 /// Entries per `Dump` page.
 pub const DUMP_PAGE: u32 = 65_536;
+/// Map pages asked for per `DumpPages` (4 MiB of reply at most).
+const PAGES_PER_CALL: u32 = 1024;
+/// `DumpPages` calls kept in flight: the MDS reads the next range while this side decodes.
+const PAGE_CALLS_IN_FLIGHT: usize = 4;
 
 /// A connected MDS.
 pub struct MdsClient {
     addr: String,
     /// The name the MDS gave in its `Welcome`.
     pub server: String,
+    /// The protocol version the connection agreed on.
+    pub version: u16,
     timeout: Duration,
     next_id: AtomicU64,
     pending: Pending,
@@ -52,6 +61,15 @@ fn net(addr: &str, reason: impl std::fmt::Display) -> MdsError {
         addr: addr.to_string(),
         reason: reason.to_string(),
     }
+}
+
+fn version_error(addr: &str, server: u16) -> MdsError {
+    net(
+        addr,
+        format!(
+            "speaks MDS protocol {server}, this build {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+        ),
+    )
 }
 
 fn unexpected(addr: &str, what: &str, got: &Message) -> MdsError {
@@ -72,17 +90,32 @@ impl MdsClient {
         timeout: Duration,
         tls: Option<&PeerTls>,
     ) -> Result<Self> {
-        tokio::time::timeout(timeout, Self::connect_now(addr, client, timeout, tls))
+        let connect = async {
+            match Self::connect_now(addr, client, timeout, tls, PROTOCOL_VERSION).await? {
+                Ok(connected) => Ok(connected),
+                // An older MDS: speak its version if this build still does.
+                Err(server) if (MIN_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&server) => {
+                    match Self::connect_now(addr, client, timeout, tls, server).await? {
+                        Ok(connected) => Ok(connected),
+                        Err(server) => Err(version_error(addr, server)),
+                    }
+                }
+                Err(server) => Err(version_error(addr, server)),
+            }
+        };
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| net(addr, format!("no answer within {timeout:?}")))?
     }
 
+    /// Connect speaking `version`; `Ok(Err(v))`: the MDS speaks only version `v`.
     async fn connect_now(
         addr: &str,
         client: &str,
         timeout: Duration,
         tls: Option<&PeerTls>,
-    ) -> Result<Self> {
+        version: u16,
+    ) -> Result<std::result::Result<Self, u16>> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| net(addr, format!("connect: {e}")))?;
@@ -91,14 +124,14 @@ impl MdsClient {
             .await
             .map_err(|e| net(addr, e))?;
         let (mut rd, mut wr) = stream.into_split();
-        let codec = MdsCodec::default();
+        let codec = MdsCodec::with_version(version);
         let mut out = BytesMut::new();
         codec
             .encode(
                 &Frame {
                     id: 0,
                     message: Message::Hello {
-                        version: PROTOCOL_VERSION,
+                        version,
                         client: client.to_string(),
                     },
                 },
@@ -117,13 +150,19 @@ impl MdsClient {
             }
         };
         let server = match welcome {
-            Message::Welcome { server, .. } => server,
-            Message::VersionMismatch { server, client } => {
+            Message::Welcome {
+                server,
+                version: agreed,
+            } if agreed == version => server,
+            Message::Welcome {
+                version: agreed, ..
+            } => {
                 return Err(net(
                     addr,
-                    format!("speaks MDS protocol {server}, this build {client}"),
+                    format!("welcomed protocol {agreed} after a Hello for {version}"),
                 ))
             }
+            Message::VersionMismatch { server, .. } => return Ok(Err(server)),
             Message::Error { message, .. } => return Err(net(addr, message)),
             other => return Err(unexpected(addr, "Hello", &other)),
         };
@@ -173,15 +212,16 @@ impl MdsClient {
                 pending.lock().clear();
             });
         }
-        Ok(Self {
+        Ok(Ok(Self {
             addr: addr.to_string(),
             server,
+            version,
             timeout,
             next_id: AtomicU64::new(1),
             pending,
             frames,
             alive,
-        })
+        }))
     }
 
     pub fn addr(&self) -> &str {
@@ -196,8 +236,25 @@ impl MdsClient {
     /// Send `message` and wait at most the client's timeout for its reply. An `Error` reply
     /// becomes [`MdsError::Refused`] with its code.
     pub async fn call(&self, message: Message) -> Result<Message> {
+        let (id, reply) = self.send(message)?;
+        self.reply(id, reply).await
+    }
+
+    /// Queue `message`; its reply arrives on the receiver (see [`reply`](Self::reply)).
+    fn send(&self, message: Message) -> Result<(u64, oneshot::Receiver<Message>)> {
         if !self.is_alive() {
             return Err(net(&self.addr, "connection lost"));
+        }
+        if message.since_version() > self.version {
+            return Err(net(
+                &self.addr,
+                format!(
+                    "{} needs MDS protocol {}; this MDS speaks {}",
+                    message.name(),
+                    message.since_version(),
+                    self.version
+                ),
+            ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
@@ -206,6 +263,11 @@ impl MdsClient {
             self.pending.lock().remove(&id);
             return Err(net(&self.addr, "connection lost"));
         }
+        Ok((id, reply))
+    }
+
+    /// Wait at most the client's timeout for the reply to request `id`.
+    async fn reply(&self, id: u64, reply: oneshot::Receiver<Message>) -> Result<Message> {
         let reply = match tokio::time::timeout(self.timeout, reply).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => return Err(net(&self.addr, "connection lost")),
@@ -334,7 +396,28 @@ impl MdsClient {
     /// The whole map, page by page. The cork must not move between pages (a table that changes
     /// under the dump gives an error rather than a mix of two states).
     pub async fn dump_all(&self, volume: &str) -> Result<(Cork, BTreeMap<u64, u64>)> {
-        let mut map = BTreeMap::new();
+        let (cork, entries) = self.dump_sorted(volume).await?;
+        Ok((cork, entries.into_iter().collect()))
+    }
+
+    /// [`dump_all`](Self::dump_all) as a vector in strictly increasing address order: what a
+    /// restart loads, without building a search tree it does not need.
+    pub async fn dump_sorted(&self, volume: &str) -> Result<(Cork, Vec<(u64, u64)>)> {
+        if self.version >= 2 {
+            let (cork, pages) = self.dump_by_pages(volume).await?;
+            let mut entries = Vec::new();
+            for (number, page) in pages {
+                let base = number * PAGE_ENTRIES as u64;
+                entries.extend(
+                    page.iter()
+                        .enumerate()
+                        .filter(|(_, raw)| **raw != 0)
+                        .map(|(i, raw)| (base + i as u64, *raw)),
+                );
+            }
+            return Ok((cork, entries));
+        }
+        let mut map: Vec<(u64, u64)> = Vec::new();
         let mut after = None;
         let mut first: Option<Cork> = None;
         loop {
@@ -362,15 +445,119 @@ impl MdsClient {
             let Some(last) = entries.last().map(|(a, _)| *a) else {
                 return Ok((first.unwrap_or_default(), map));
             };
-            if after.is_some_and(|a| last <= a) {
-                return Err(net(&self.addr, "dump pages do not advance"));
+            // Each page must continue the previous one in strictly increasing order: the
+            // restart loads the vector as it is.
+            let mut previous = after;
+            for (address, _) in &entries {
+                if previous.is_some_and(|p| *address <= p) {
+                    return Err(net(&self.addr, "dump pages are not in address order"));
+                }
+                previous = Some(*address);
             }
             let full = entries.len() == DUMP_PAGE as usize;
-            map.extend(entries);
+            if map.is_empty() {
+                map = entries;
+            } else {
+                map.extend(entries);
+            }
             if !full {
                 return Ok((first.unwrap_or_default(), map));
             }
             after = Some(last);
+        }
+    }
+
+    /// The whole map in pages of 512 raw locations (0 = unwritten), in page order: what a
+    /// restart loads. Protocol 2 sends it as the MDS stores it; from an MDS of protocol 1 the
+    /// entries are gathered into pages here.
+    pub async fn dump_pages(&self, volume: &str) -> Result<(Cork, Vec<(u64, SeedPage)>)> {
+        if self.version >= 2 {
+            return self.dump_by_pages(volume).await;
+        }
+        let (cork, entries) = self.dump_sorted(volume).await?;
+        let mut pages: Vec<(u64, SeedPage)> = Vec::new();
+        for (address, location) in entries {
+            let number = address / PAGE_ENTRIES as u64;
+            if pages.last().is_none_or(|(n, _)| *n != number) {
+                pages.push((number, Box::new([0; PAGE_ENTRIES])));
+            }
+            if let Some((_, page)) = pages.last_mut() {
+                page[(address % PAGE_ENTRIES as u64) as usize] = location;
+            }
+        }
+        Ok((cork, pages))
+    }
+
+    /// [`dump_pages`](Self::dump_pages) over protocol 2: ranges of pages, several in flight.
+    /// Ranges are asked in increasing order and their replies read in that order, so the pages
+    /// come out sorted; a reply's `next` skips unwritten stretches and ends the dump.
+    async fn dump_by_pages(&self, volume: &str) -> Result<(Cork, Vec<(u64, SeedPage)>)> {
+        let mut map: Vec<(u64, SeedPage)> = Vec::new();
+        let mut in_flight = std::collections::VecDeque::new();
+        let (mut cursor, mut done) = (0u64, false);
+        let mut cork: Option<Cork> = None;
+        loop {
+            while !done && in_flight.len() < PAGE_CALLS_IN_FLIGHT {
+                let call = self.send(Message::DumpPages {
+                    volume: volume.into(),
+                    first: cursor,
+                    count: PAGES_PER_CALL,
+                })?;
+                in_flight.push_back((cursor, call));
+                match cursor.checked_add(u64::from(PAGES_PER_CALL)) {
+                    Some(next) => cursor = next,
+                    None => done = true,
+                }
+            }
+            let Some((first, (id, reply))) = in_flight.pop_front() else {
+                return Ok((cork.unwrap_or_default(), map));
+            };
+            let end = first.saturating_add(u64::from(PAGES_PER_CALL));
+            let (got, next, pages) = match self.reply(id, reply).await? {
+                Message::Pages { cork, next, pages } => (cork, next, pages),
+                other => return Err(unexpected(&self.addr, "DumpPages", &other)),
+            };
+            match cork {
+                None => cork = Some(got),
+                Some(c) if c != got => {
+                    return Err(net(
+                        &self.addr,
+                        format!("table of {volume} moved from {c} to {got} during the dump"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            let mut previous = None;
+            for (number, page) in &pages {
+                let in_range =
+                    (first..end).contains(number) && previous.is_none_or(|p| *number > p);
+                if !in_range || page.len() != PAGE_BYTES {
+                    return Err(net(
+                        &self.addr,
+                        format!("page {number} of {volume} is out of order, out of range or not {PAGE_BYTES} bytes"),
+                    ));
+                }
+                previous = Some(*number);
+                let mut entries: SeedPage = Box::new([0; PAGE_ENTRIES]);
+                for (entry, raw) in entries.iter_mut().zip(page.chunks_exact(8)) {
+                    let mut le = [0u8; 8];
+                    le.copy_from_slice(raw);
+                    *entry = u64::from_le_bytes(le);
+                }
+                map.push((*number, entries));
+            }
+            match next {
+                None => done = true,
+                Some(n) if n < end => {
+                    return Err(net(
+                        &self.addr,
+                        format!("dump of {volume}: next page {n} inside the range"),
+                    ))
+                }
+                // Skip an unwritten stretch: ask from the next written page on.
+                Some(n) => cursor = cursor.max(n),
+            }
+            // Ranges asked before `done` beyond the table's end come back empty.
         }
     }
 }

@@ -46,15 +46,15 @@ pub enum MdsError {
 pub type Result<T, E = MdsError> = std::result::Result<T, E>;
 
 impl MdsError {
-    /// Map a redb error (any of its kinds) on the store at `path`.
-    pub(crate) fn store<E: Into<redb::Error>>(
-        path: &std::path::Path,
-        what: impl Into<String>,
-    ) -> impl FnOnce(E) -> MdsError {
-        let (path, what) = (path.display().to_string(), what.into());
+    /// Map a redb error (any of its kinds) on the store at `path`. Lazy: the path is formatted
+    /// only when there is an error (this sits on every entry of a dump and of a multi-set).
+    pub(crate) fn store<'a, E: Into<redb::Error>>(
+        path: &'a std::path::Path,
+        what: &'static str,
+    ) -> impl FnOnce(E) -> MdsError + 'a {
         move |e| MdsError::Store {
-            path,
-            what,
+            path: path.display().to_string(),
+            what: what.to_string(),
             source: Box::new(e.into()),
         }
     }

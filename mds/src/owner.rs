@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use vstor_backend::ObjectStore;
 use vstor_volumedriver::config::TLogRecord;
 use vstor_volumedriver::tlog::Entry;
-use vstor_volumedriver::{ClusterLocation, MapSeed, UncorkSink};
+use vstor_volumedriver::{MapSeed, UncorkSink};
 
 use crate::catchup::read_list;
 use crate::client::MdsClient;
@@ -41,7 +41,7 @@ pub async fn seed_from_mds(
     volume: &str,
     namespace: &str,
 ) -> Option<MapSeed> {
-    let (cork, map) = match client.dump_all(volume).await {
+    let (cork, pages) = match client.dump_pages(volume).await {
         Ok(table) => table,
         Err(e) => {
             tracing::warn!(volume, mds = client.addr(), error = %e, "no MDS table to restart from: full backend replay");
@@ -77,10 +77,7 @@ pub async fn seed_from_mds(
     Some(MapSeed {
         records,
         through_tlog: cork.tlog,
-        entries: map
-            .into_iter()
-            .map(|(a, l)| (a, ClusterLocation::from_raw(l)))
-            .collect(),
+        pages,
     })
 }
 

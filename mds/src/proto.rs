@@ -22,8 +22,15 @@
 //! # Versioning
 //!
 //! `Hello`, `Welcome` and `VersionMismatch` are frozen across versions; every other kind is
-//! accepted only with the receiver's version. A server that does not speak the client's version
-//! answers `VersionMismatch` and closes; the client reports both versions.
+//! accepted only with the version the connection agreed on. A server speaks every version from
+//! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]: its `Welcome` carries the client's version
+//! and the connection uses it. A server that does not speak the client's version answers
+//! `VersionMismatch` and closes; the client then retries once with the server's version when it
+//! speaks that one (an older MDS during an upgrade), and otherwise reports both versions.
+//!
+//! Version 2 adds `DumpPages`/`Pages`: the map as the store keeps it, 512 locations (4 KiB) per
+//! page, so a restart loads a table with one copy per page instead of a decode per cluster; a
+//! version-1 connection refuses these kinds as unknown.
 //!
 //! # Requests
 //!
@@ -39,7 +46,15 @@ use crate::table::{Cork, Counters, Role, TableMeta, Update};
 
 /// "VSM1".
 pub const MAGIC: u32 = 0x5653_4D31;
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest version a server still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Locations in one map page of `Pages` (the store's and the volume map's page).
+pub const PAGE_ENTRIES: usize = 512;
+/// Bytes of one page in `Pages`: `PAGE_ENTRIES` little-endian u64 raw locations, 0 = unwritten.
+pub const PAGE_BYTES: usize = PAGE_ENTRIES * 8;
+/// Most pages in one `Pages` reply (16 MiB).
+pub const MAX_PAGES: usize = 4096;
 pub const HEADER_LEN: usize = 24;
 pub const MAX_FRAME_PAYLOAD: usize = 32 << 20;
 pub const MAX_STRING_LEN: usize = 4096;
@@ -182,6 +197,13 @@ pub enum Message {
         volume: String,
         owner_tag: u64,
     },
+    /// (v2) The written pages among `count` pages from page `first` (page n holds clusters
+    /// n * 512 .. n * 512 + 511).
+    DumpPages {
+        volume: String,
+        first: u64,
+        count: u32,
+    },
     // --- replies ---
     Done,
     Locations {
@@ -199,6 +221,14 @@ pub enum Message {
     Entries {
         cork: Cork,
         entries: Vec<(u64, u64)>,
+    },
+    /// (v2) Answer to `DumpPages`: the written pages in the range, by page number, each
+    /// `PAGE_BYTES` long; `next` is the first written page after the range (`None`: there is
+    /// none, the dump is complete).
+    Pages {
+        cork: Cork,
+        next: Option<u64>,
+        pages: Vec<(u64, Bytes)>,
     },
     Error {
         code: ErrorCode,
@@ -218,6 +248,7 @@ mod kind {
     pub const LIST: u16 = 15;
     pub const DUMP: u16 = 16;
     pub const DROP: u16 = 17;
+    pub const DUMP_PAGES: u16 = 18;
     pub const DONE: u16 = 100;
     pub const LOCATIONS: u16 = 101;
     pub const CAUGHT_UP: u16 = 102;
@@ -225,9 +256,18 @@ mod kind {
     pub const TABLES: u16 = 104;
     pub const ENTRIES: u16 = 105;
     pub const ERROR: u16 = 106;
+    pub const PAGES: u16 = 107;
 
     pub fn is_frozen(kind: u16) -> bool {
         matches!(kind, HELLO | WELCOME | VERSION_MISMATCH)
+    }
+
+    /// The protocol version that introduced `kind`.
+    pub fn since(kind: u16) -> u16 {
+        match kind {
+            DUMP_PAGES | PAGES => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -252,14 +292,21 @@ impl Message {
             Message::List => kind::LIST,
             Message::Dump { .. } => kind::DUMP,
             Message::Drop { .. } => kind::DROP,
+            Message::DumpPages { .. } => kind::DUMP_PAGES,
             Message::Done => kind::DONE,
             Message::Locations { .. } => kind::LOCATIONS,
             Message::CaughtUp { .. } => kind::CAUGHT_UP,
             Message::Table(_) => kind::TABLE,
             Message::Tables(_) => kind::TABLES,
             Message::Entries { .. } => kind::ENTRIES,
+            Message::Pages { .. } => kind::PAGES,
             Message::Error { .. } => kind::ERROR,
         }
+    }
+
+    /// The protocol version that introduced this message.
+    pub fn since_version(&self) -> u16 {
+        kind::since(self.kind())
     }
 
     /// Short name for logs (never includes data).
@@ -276,12 +323,14 @@ impl Message {
             Message::List => "List",
             Message::Dump { .. } => "Dump",
             Message::Drop { .. } => "Drop",
+            Message::DumpPages { .. } => "DumpPages",
             Message::Done => "Done",
             Message::Locations { .. } => "Locations",
             Message::CaughtUp { .. } => "CaughtUp",
             Message::Table(_) => "Table",
             Message::Tables(_) => "Tables",
             Message::Entries { .. } => "Entries",
+            Message::Pages { .. } => "Pages",
             Message::Error { .. } => "Error",
         }
     }
@@ -394,6 +443,36 @@ impl Message {
                 put_count(out, tables.len(), MAX_TABLES)?;
                 for t in tables {
                     put_table(out, t)?;
+                }
+            }
+            Message::DumpPages {
+                volume,
+                first,
+                count,
+            } => {
+                put_string(out, volume)?;
+                out.put_u64_le(*first);
+                out.put_u32_le(*count);
+            }
+            Message::Pages { cork, next, pages } => {
+                put_cork(out, *cork);
+                match next {
+                    Some(n) => {
+                        out.put_u8(1);
+                        out.put_u64_le(*n);
+                    }
+                    None => out.put_u8(0),
+                }
+                put_count(out, pages.len(), MAX_PAGES)?;
+                for (number, page) in pages {
+                    if page.len() != PAGE_BYTES {
+                        return Err(ProtoError::Malformed(format!(
+                            "page {number} is {} bytes, not {PAGE_BYTES}",
+                            page.len()
+                        )));
+                    }
+                    out.put_u64_le(*number);
+                    out.put_slice(page);
                 }
             }
             Message::Entries { cork, entries } => {
@@ -533,6 +612,22 @@ impl Message {
                 }
                 Message::Entries { cork, entries }
             }
+            kind::DUMP_PAGES => Message::DumpPages {
+                volume: r.string()?,
+                first: r.u64()?,
+                count: r.u32()?,
+            },
+            kind::PAGES => {
+                let cork = r.cork()?;
+                let next = if r.flag()? { Some(r.u64()?) } else { None };
+                let n = r.count(MAX_PAGES, 8 + PAGE_BYTES)?;
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let number = r.u64()?;
+                    pages.push((number, r.bytes(PAGE_BYTES)?));
+                }
+                Message::Pages { cork, next, pages }
+            }
             kind::ERROR => {
                 let raw = r.u16()?;
                 let code = ErrorCode::from_u16(raw)
@@ -646,6 +741,11 @@ impl Reader {
         self.need(n.saturating_mul(item_len))?;
         Ok(n)
     }
+    /// `n` bytes, sharing the frame's buffer.
+    fn bytes(&mut self, n: usize) -> Result<Bytes, ProtoError> {
+        self.need(n)?;
+        Ok(self.0.split_to(n))
+    }
     fn cork(&mut self) -> Result<Cork, ProtoError> {
         Ok(Cork {
             tlog: self.u64()?,
@@ -732,8 +832,22 @@ impl MdsCodec {
         Self { version }
     }
 
+    /// The version this codec writes and accepts.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
     /// Append `frame` to `dst`.
     pub fn encode(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        let kind = frame.message.kind();
+        if kind::since(kind) > self.version {
+            return Err(ProtoError::Malformed(format!(
+                "{} needs protocol version {}, the connection speaks {}",
+                frame.message.name(),
+                kind::since(kind),
+                self.version
+            )));
+        }
         let start = dst.len();
         dst.put_bytes(0, HEADER_LEN);
         if let Err(e) = frame.message.encode_payload(dst) {
@@ -797,6 +911,9 @@ impl MdsCodec {
                 got: version,
                 ours: self.version,
             });
+        }
+        if kind::since(kind) > self.version {
+            return Err(ProtoError::UnknownKind(kind));
         }
         let message = Message::decode_payload(kind, frame.slice(HEADER_LEN..))?;
         Ok(Some(Frame { id, message }))

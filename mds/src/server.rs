@@ -27,7 +27,10 @@ use vstor_backend::ObjectStore;
 use vstor_net::PeerTls;
 
 use crate::catchup;
-use crate::proto::{ErrorCode, Frame, MdsCodec, Message, ProtoError, MAX_BATCH, PROTOCOL_VERSION};
+use crate::proto::{
+    ErrorCode, Frame, MdsCodec, Message, ProtoError, MAX_BATCH, MAX_PAGES, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
 use crate::store::MdsStore;
 use crate::table::Role;
 use crate::MdsError;
@@ -50,6 +53,9 @@ pub struct MdsServerConfig {
     pub frame_timeout: Duration,
     /// Mutual TLS: clients must present a certificate of the cluster CA. `None`: plain TCP.
     pub tls: Option<PeerTls>,
+    /// Newest protocol version to speak (default [`PROTOCOL_VERSION`]; a lower one makes this
+    /// server answer as an older build would, for mixed-version tests and staged upgrades).
+    pub max_version: u16,
 }
 
 impl MdsServerConfig {
@@ -62,6 +68,7 @@ impl MdsServerConfig {
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(30),
             tls: None,
+            max_version: PROTOCOL_VERSION,
         }
     }
 }
@@ -177,7 +184,8 @@ async fn connection(
         return Ok(());
     };
     let (mut rd, mut wr) = stream.into_split();
-    let codec = MdsCodec::default();
+    // `Hello` is frozen across versions: any codec reads it.
+    let codec = MdsCodec::with_version(config.max_version);
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let hello = tokio::time::timeout(
         config.handshake_timeout,
@@ -185,17 +193,21 @@ async fn connection(
     )
     .await
     .map_err(|_| ProtoError::Truncated("handshake: no Hello in time"))??;
+    let mut agreed = config.max_version;
     let reply = match hello.map(|f| f.message) {
         Some(_) if refusal.is_some() => Some(Message::Error {
             code: ErrorCode::Invalid,
             message: refusal.unwrap_or_default().to_string(),
         }),
-        Some(Message::Hello { version, client }) if version == PROTOCOL_VERSION => {
-            debug!(mds = %config.name, client, "MDS client connected");
+        Some(Message::Hello { version, client })
+            if (MIN_PROTOCOL_VERSION..=config.max_version).contains(&version) =>
+        {
+            debug!(mds = %config.name, client, version, "MDS client connected");
+            agreed = version;
             None
         }
         Some(Message::Hello { version, .. }) => Some(Message::VersionMismatch {
-            server: PROTOCOL_VERSION,
+            server: config.max_version,
             client: version,
         }),
         Some(other) => Some(Message::Error {
@@ -205,8 +217,9 @@ async fn connection(
         None => return Ok(()),
     };
     let refused = reply.is_some();
+    let codec = MdsCodec::with_version(agreed);
     let first = reply.unwrap_or(Message::Welcome {
-        version: PROTOCOL_VERSION,
+        version: agreed,
         server: config.name.clone(),
     });
     let mut out = BytesMut::new();
@@ -336,6 +349,13 @@ pub fn handle(store: &MdsStore, config: &MdsServerConfig, message: Message) -> M
         } => store
             .dump(&volume, after, (limit as usize).min(MAX_BATCH))
             .map(|(cork, entries)| Message::Entries { cork, entries }),
+        Message::DumpPages {
+            volume,
+            first,
+            count,
+        } => store
+            .dump_pages(&volume, first, u64::from(count).min(MAX_PAGES as u64))
+            .map(|(cork, next, pages)| Message::Pages { cork, next, pages }),
         Message::Drop { volume, owner_tag } => {
             store.drop_table(&volume, owner_tag).map(|()| Message::Done)
         }

@@ -8,16 +8,18 @@
 //! RocksDB a C++ build; neither buys anything at an MDS's write rate (one commit per TLog).
 //!
 //! Layout: table `volumes` maps a volume name to its encoded [`TableMeta`] (role, owner tag,
-//! cork, counters, namespace); table `map:<volume>` maps cluster address → raw location. Every
-//! change of a volume's map is committed together with its metadata (cork), so a reopened store
-//! always holds a map that matches its cork exactly.
+//! cork, counters, namespace); table `pages:<volume>` holds the map in pages of 512 raw
+//! locations and table `entries` each volume's number of written clusters (format and
+//! invariants: [`pages`]). Every change of a volume's map is committed together with its
+//! metadata (cork), so a reopened store always holds a map that matches its cork exactly. A
+//! store written by the first format (`map:<volume>`, one key per cluster) is rewritten as pages
+//! when it is opened.
 //!
 //! The store is synchronous: the server runs it on the blocking pool.
 
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use crate::error::{MdsError, Result};
 use crate::table::{check_set, Cork, Role, TableMeta, Update};
@@ -27,9 +29,8 @@ pub const DB_FILE: &str = "mds.redb";
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
-fn map_table_name(volume: &str) -> String {
-    format!("map:{volume}")
-}
+mod pages;
+use pages::PageError;
 
 /// Longest volume name the MDS accepts (table names stay short).
 pub const MAX_VOLUME_NAME: usize = 255;
@@ -58,27 +59,6 @@ fn check_name(volume: &str) -> Result<()> {
     Ok(())
 }
 
-fn apply_updates(
-    table: &mut redb::Table<'_, u64, u64>,
-    updates: &[Update],
-) -> std::result::Result<(), redb::StorageError> {
-    for u in updates {
-        match *u {
-            Update::Loc { address, location } if location as u32 == 0 => {
-                table.remove(address)?;
-            }
-            Update::Loc { address, location } => {
-                table.insert(address, location)?;
-            }
-            Update::Trim { start, count } => {
-                let end = start.saturating_add(count);
-                table.retain_in(start..end, |_, _| false)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 impl MdsStore {
     /// Open (or create) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -97,6 +77,9 @@ impl MdsStore {
             .map_err(MdsError::store(&store.path, "begin"))?;
         tx.open_table(VOLUMES)
             .map_err(MdsError::store(&store.path, "open table volumes"))?;
+        tx.open_table(pages::COUNTS)
+            .map_err(MdsError::store(&store.path, "open table entries"))?;
+        store.migrate_first_format(&tx)?;
         tx.commit()
             .map_err(MdsError::store(&store.path, "commit"))?;
         Ok(store)
@@ -106,8 +89,92 @@ impl MdsStore {
         &self.path
     }
 
-    fn err<E: Into<redb::Error>>(&self, what: impl Into<String>) -> impl FnOnce(E) -> MdsError {
+    fn err<E: Into<redb::Error>>(&self, what: &'static str) -> impl FnOnce(E) -> MdsError + '_ {
         MdsError::store(&self.path, what)
+    }
+
+    /// Map a page error on `volume`'s table.
+    fn page_err<'a>(
+        &'a self,
+        volume: &'a str,
+        what: &'static str,
+    ) -> impl FnOnce(PageError) -> MdsError + 'a {
+        move |e| match e {
+            PageError::Storage(e) => self.err(what)(e),
+            PageError::Table(e) => self.err(what)(e),
+            PageError::Corrupt(page, len) => MdsError::Corrupt {
+                volume: volume.to_string(),
+                reason: format!("map page {page} is {len} bytes, not 4096"),
+            },
+        }
+    }
+
+    /// Rewrite every table of the first format as pages (see the module docs).
+    fn migrate_first_format(&self, tx: &redb::WriteTransaction) -> Result<()> {
+        let old: Vec<String> = tx
+            .list_tables()
+            .map_err(self.err("list tables"))?
+            .filter_map(|t| t.name().strip_prefix("map:").map(ToString::to_string))
+            .collect();
+        for volume in old {
+            let count =
+                pages::migrate(tx, &volume).map_err(self.page_err(&volume, "migrate map"))?;
+            tx.open_table(pages::COUNTS)
+                .map_err(self.err("open entries"))?
+                .insert(volume.as_str(), count)
+                .map_err(self.err("write entries"))?;
+            tracing::info!(volume, entries = count, path = %self.path.display(), "MDS table rewritten as pages");
+        }
+        Ok(())
+    }
+
+    /// Apply `batches` of updates, in order, to `volume`'s pages and its count, in `tx`.
+    fn apply<'u>(
+        &self,
+        tx: &redb::WriteTransaction,
+        volume: &str,
+        batches: impl IntoIterator<Item = &'u [Update]>,
+    ) -> Result<()> {
+        let name = pages::table_name(volume);
+        let delta = {
+            let mut table = tx
+                .open_table(pages::definition(&name))
+                .map_err(self.err("open map"))?;
+            let mut apply = pages::Apply::new(&mut table);
+            for updates in batches {
+                apply
+                    .apply(updates)
+                    .map_err(self.page_err(volume, "update map"))?;
+            }
+            apply
+                .finish()
+                .map_err(self.page_err(volume, "update map"))?
+        };
+        if delta != 0 {
+            let mut counts = tx
+                .open_table(pages::COUNTS)
+                .map_err(self.err("open entries"))?;
+            let old = counts
+                .get(volume)
+                .map_err(self.err("read entries"))?
+                .map_or(0, |v| v.value());
+            counts
+                .insert(volume, old.saturating_add_signed(delta))
+                .map_err(self.err("write entries"))?;
+        }
+        Ok(())
+    }
+
+    /// Remove `volume`'s pages and count, in `tx`.
+    fn clear(&self, tx: &redb::WriteTransaction, volume: &str) -> Result<()> {
+        let name = pages::table_name(volume);
+        tx.delete_table(pages::definition(&name))
+            .map_err(self.err("clear map"))?;
+        tx.open_table(pages::COUNTS)
+            .map_err(self.err("open entries"))?
+            .remove(volume)
+            .map_err(self.err("write entries"))?;
+        Ok(())
     }
 
     fn decode_meta(volume: &str, bytes: &[u8]) -> Result<TableMeta> {
@@ -152,13 +219,11 @@ impl MdsStore {
     }
 
     fn entries_in(&self, tx: &redb::ReadTransaction, volume: &str) -> Result<u64> {
-        let name = map_table_name(volume);
-        let def: TableDefinition<u64, u64> = TableDefinition::new(&name);
-        match tx.open_table(def) {
-            Ok(t) => t.len().map_err(self.err("count entries")),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(self.err("open map")(e)),
-        }
+        let counts = tx
+            .open_table(pages::COUNTS)
+            .map_err(self.err("open entries"))?;
+        let count = counts.get(volume).map_err(self.err("count entries"))?;
+        Ok(count.map_or(0, |v| v.value()))
     }
 
     /// One table's metadata and size.
@@ -247,11 +312,7 @@ impl MdsStore {
             };
             match check_set(volume, &meta, owner_tag, expect) {
                 Ok(()) => {
-                    let name = map_table_name(volume);
-                    let mut map = tx
-                        .open_table(TableDefinition::<u64, u64>::new(&name))
-                        .map_err(self.err("open map"))?;
-                    apply_updates(&mut map, updates).map_err(self.err("update map"))?;
+                    self.apply(&tx, volume, [updates])?;
                     meta.owner_tag = owner_tag;
                     meta.cork = cork;
                     meta.counters.sets += 1;
@@ -315,16 +376,13 @@ impl MdsStore {
                     have: meta.cork,
                 });
             }
-            let name = map_table_name(volume);
-            let def = TableDefinition::<u64, u64>::new(&name);
             if reset {
-                tx.delete_table(def).map_err(self.err("clear map"))?;
+                self.clear(&tx, volume)?;
                 meta.counters.full_rebuilds += 1;
                 meta.cork = Cork::EMPTY;
             }
-            let mut map = tx.open_table(def).map_err(self.err("open map"))?;
-            for (cork, updates) in steps {
-                apply_updates(&mut map, updates).map_err(self.err("update map"))?;
+            self.apply(&tx, volume, steps.iter().map(|(_, u)| u.as_slice()))?;
+            for (cork, _) in steps {
                 meta.counters.tlogs_replayed += u64::from(*cork != meta.cork);
                 meta.cork = *cork;
             }
@@ -362,9 +420,13 @@ impl MdsStore {
         tx.commit().map_err(self.err("commit"))
     }
 
-    /// Locations of `addresses` (0 = unwritten) and the cork they are as of.
-    pub fn multi_get(&self, volume: &str, addresses: &[u64]) -> Result<(Cork, Vec<u64>)> {
-        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+    /// `volume`'s metadata and its pages (`None`: nothing written yet), as of `tx`.
+    #[allow(clippy::type_complexity)]
+    fn read_map(
+        &self,
+        tx: &redb::ReadTransaction,
+        volume: &str,
+    ) -> Result<(TableMeta, Option<redb::ReadOnlyTable<u64, &'static [u8]>>)> {
         let volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
         let meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
             Some(v) => Self::decode_meta(volume, v.value())?,
@@ -374,22 +436,22 @@ impl MdsStore {
                 })
             }
         };
-        let name = map_table_name(volume);
-        let map = match tx.open_table(TableDefinition::<u64, u64>::new(&name)) {
-            Ok(map) => map,
-            Err(redb::TableError::TableDoesNotExist(_)) => {
-                return Ok((meta.cork, vec![0; addresses.len()]))
-            }
-            Err(e) => return Err(self.err("open map")(e)),
-        };
-        let mut out = Vec::with_capacity(addresses.len());
-        for a in addresses {
-            out.push(
-                map.get(*a)
-                    .map_err(self.err("read map"))?
-                    .map_or(0, |v| v.value()),
-            );
+        let name = pages::table_name(volume);
+        match tx.open_table(pages::definition(&name)) {
+            Ok(map) => Ok((meta, Some(map))),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok((meta, None)),
+            Err(e) => Err(self.err("open map")(e)),
         }
+    }
+
+    /// Locations of `addresses` (0 = unwritten) and the cork they are as of.
+    pub fn multi_get(&self, volume: &str, addresses: &[u64]) -> Result<(Cork, Vec<u64>)> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let (meta, map) = self.read_map(&tx, volume)?;
+        let Some(map) = map else {
+            return Ok((meta.cork, vec![0; addresses.len()]));
+        };
+        let out = pages::get_many(&map, addresses).map_err(self.page_err(volume, "read map"))?;
         Ok((meta.cork, out))
     }
 
@@ -402,32 +464,32 @@ impl MdsStore {
         limit: usize,
     ) -> Result<(Cork, Vec<(u64, u64)>)> {
         let tx = self.db.begin_read().map_err(self.err("begin read"))?;
-        let volumes = tx.open_table(VOLUMES).map_err(self.err("open volumes"))?;
-        let meta = match volumes.get(volume).map_err(self.err("read volumes"))? {
-            Some(v) => Self::decode_meta(volume, v.value())?,
-            None => {
-                return Err(MdsError::NoTable {
-                    volume: volume.to_string(),
-                })
-            }
+        let (meta, map) = self.read_map(&tx, volume)?;
+        let Some(map) = map else {
+            return Ok((meta.cork, Vec::new()));
         };
-        let name = map_table_name(volume);
-        let map = match tx.open_table(TableDefinition::<u64, u64>::new(&name)) {
-            Ok(map) => map,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((meta.cork, Vec::new())),
-            Err(e) => return Err(self.err("open map")(e)),
-        };
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut out = Vec::new();
-        for item in map
-            .range::<u64>((start, Bound::Unbounded))
-            .map_err(self.err("read map"))?
-            .take(limit)
-        {
-            let (k, v) = item.map_err(self.err("read map"))?;
-            out.push((k.value(), v.value()));
-        }
+        let out = pages::dump(&map, after, limit).map_err(self.page_err(volume, "read map"))?;
         Ok((meta.cork, out))
+    }
+
+    /// The written pages of `volume` among `count` pages from page `first` (see the `pages`
+    /// module for their format), the first written page after them, and the cork they are as
+    /// of (one read transaction).
+    #[allow(clippy::type_complexity)]
+    pub fn dump_pages(
+        &self,
+        volume: &str,
+        first: u64,
+        count: u64,
+    ) -> Result<(Cork, Option<u64>, Vec<(u64, bytes::Bytes)>)> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let (meta, map) = self.read_map(&tx, volume)?;
+        let Some(map) = map else {
+            return Ok((meta.cork, None, Vec::new()));
+        };
+        let (out, next) =
+            pages::dump_pages(&map, first, count).map_err(self.page_err(volume, "read map"))?;
+        Ok((meta.cork, next, out))
     }
 
     /// Remove a volume's table (its map and metadata). Refused with an older owner tag.
@@ -451,9 +513,7 @@ impl MdsStore {
                 });
             }
             volumes.remove(volume).map_err(self.err("write volumes"))?;
-            let name = map_table_name(volume);
-            tx.delete_table(TableDefinition::<u64, u64>::new(&name))
-                .map_err(self.err("drop map"))?;
+            self.clear(&tx, volume)?;
         }
         tx.commit().map_err(self.err("commit"))
     }

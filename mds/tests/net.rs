@@ -1,5 +1,6 @@
 //! Client and server over real sockets: every request kind, fencing, slave refusals, catch-up
-//! from a backend, a version mismatch at the handshake, and a dead MDS costing a bounded wait.
+//! from a backend, a version mismatch at the handshake, a client falling back to an older MDS's
+//! version, and a dead MDS costing a bounded wait.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
 use std::sync::Arc;
@@ -150,16 +151,16 @@ async fn another_protocol_version_is_told_and_a_hung_mds_costs_the_timeout() {
         MdsServerConfig::new("mds", None),
         shutdown.clone(),
     ));
-    // A v2 client gets VersionMismatch naming both versions, then the connection closes.
+    // A client of a newer version gets VersionMismatch naming both, then the connection closes.
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let codec = MdsCodec::with_version(2);
+    let codec = MdsCodec::with_version(3);
     let mut out = BytesMut::new();
     codec
         .encode(
             &Frame {
                 id: 0,
                 message: Message::Hello {
-                    version: 2,
+                    version: 3,
                     client: "future".into(),
                 },
             },
@@ -177,8 +178,8 @@ async fn another_protocol_version_is_told_and_a_hung_mds_costs_the_timeout() {
     assert_eq!(
         reply,
         Message::VersionMismatch {
-            server: 1,
-            client: 2
+            server: 2,
+            client: 3
         }
     );
     assert_eq!(stream.read_buf(&mut buf).await.unwrap(), 0);
@@ -206,4 +207,75 @@ async fn another_protocol_version_is_told_and_a_hung_mds_costs_the_timeout() {
         .expect("no Welcome");
     assert!(err.to_string().contains(&silent_addr), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// A table over many pages, dumped by pages (protocol 2) and by entries from an MDS that
+/// speaks only protocol 1 (as an older build during an upgrade): the client falls back, and
+/// both dumps equal the store's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_dumps_the_same_by_pages_and_from_an_older_mds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(MdsStore::open(&tmp.path().join("mds")).unwrap());
+    store.set_role("v", "v", Role::Master, 1).unwrap();
+    // Sparse: runs, isolated clusters and a far page, so ranges of pages come back empty and
+    // `next` has to skip ahead.
+    let mut updates: Vec<Update> = (0..3000u64)
+        .chain((600_000..600_700).step_by(3))
+        .chain([5_000_000_000, 5_000_000_511])
+        .map(|a| Update::Loc {
+            address: a,
+            location: (a << 32) | 7,
+        })
+        .collect();
+    updates.push(Update::Trim {
+        start: 100,
+        count: 900,
+    });
+    let cork = Cork::EMPTY.after(&TLogRecord::new(1));
+    store
+        .multi_set("v", 1, Cork::EMPTY, cork, &updates)
+        .unwrap();
+    let mut want = Vec::new();
+    let mut after = None;
+    loop {
+        let (_, page) = store.dump("v", after, 1000).unwrap();
+        let Some(last) = page.last().map(|(a, _)| *a) else {
+            break;
+        };
+        want.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(want.len(), 3000 - 900 + 234 + 2);
+
+    for max_version in [2, 1] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let mut config = MdsServerConfig::new("mds", None);
+        config.max_version = max_version;
+        let server = tokio::spawn(serve(listener, store.clone(), config, shutdown.clone()));
+        let client = MdsClient::connect(&addr, "t", T).await.unwrap();
+        assert_eq!(client.version, max_version);
+        let (got_cork, got) = client.dump_sorted("v").await.unwrap();
+        assert_eq!(got_cork, cork);
+        assert_eq!(got, want, "dump over protocol {max_version}");
+        if max_version == 1 {
+            // The older MDS does not know DumpPages: it is not even sent.
+            let err = client
+                .call(Message::DumpPages {
+                    volume: "v".into(),
+                    first: 0,
+                    count: 1,
+                })
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, MdsError::Net { reason, .. } if reason.contains("needs MDS protocol 2")),
+                "{err}"
+            );
+            assert!(client.is_alive(), "the connection survives the refusal");
+        }
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
 }

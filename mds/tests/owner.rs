@@ -178,17 +178,46 @@ async fn a_stale_or_missing_table_falls_back_to_the_full_replay() {
         .await
         .is_none());
     // A seed that does not fit the backend list is refused by the volume itself, too.
-    let bogus = vstor_volumedriver::MapSeed {
-        records: 2,
-        through_tlog: 99,
-        entries: vec![(
+    let bogus = vstor_volumedriver::MapSeed::from_entries(
+        2,
+        99,
+        [(
             0,
             vstor_volumedriver::ClusterLocation::from_raw(0x1_0000_0007),
         )],
-    };
+    );
     std::fs::remove_dir_all(&wb).unwrap();
     let volume =
         Volume::open_seeded(Arc::new(StdFs), &wb, backend.clone(), "v", Some(bogus)).unwrap();
+    check(&volume, &model);
+    volume.stop();
+    drop(volume);
+    // So is one that fits the list but maps a cluster beyond the volume: nothing of it is
+    // loaded, and the full replay gives the right map.
+    let list = read_list(backend.as_ref(), "v", "v").unwrap();
+    let last = list.tlogs.last().unwrap().number;
+    let beyond = vstor_volumedriver::MapSeed::from_entries(
+        list.tlogs.len(),
+        last,
+        [
+            (
+                1,
+                vstor_volumedriver::ClusterLocation::from_raw(0x1_0000_0007),
+            ),
+            (
+                CLUSTERS + 600,
+                vstor_volumedriver::ClusterLocation::from_raw(0x1_0000_0007),
+            ),
+        ],
+    );
+    std::fs::remove_dir_all(&wb).unwrap();
+    let volume =
+        Volume::open_seeded(Arc::new(StdFs), &wb, backend.clone(), "v", Some(beyond)).unwrap();
+    assert_eq!(
+        volume.info().opened_from_mds_tlogs,
+        0,
+        "the seed was refused"
+    );
     check(&volume, &model);
     volume.stop();
     drop(volume);

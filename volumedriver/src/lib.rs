@@ -31,8 +31,8 @@ pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, MdsHook, MdsHookRef, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 pub use volume::{
-    MapSeed, ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SnapshotInfo, SnapshotView,
-    UncorkSink, UploadTask, Volume, VolumeInfo, WriteOutcome,
+    MapSeed, ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SeedPage, SnapshotInfo,
+    SnapshotView, UncorkSink, UploadTask, Volume, VolumeInfo, WriteOutcome,
 };
 pub use vstor_dtl::{DtlState, Ticket};
 pub use wbfs::{PowerCut, SimFs, StdFs, WbFile, WbFs};

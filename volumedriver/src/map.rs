@@ -17,6 +17,8 @@ use crate::types::{ClusterAddress, ClusterLocation};
 
 const LEAF_BITS: u32 = 9;
 const LEAF_ENTRIES: usize = 1 << LEAF_BITS;
+/// Clusters per leaf: the unit [`ClusterMap::load_leaf`] loads (an MDS page is the same).
+pub const LEAF_CLUSTERS: u64 = LEAF_ENTRIES as u64;
 const DIR_BITS: u32 = 9;
 const DIR_ENTRIES: usize = 1 << DIR_BITS;
 const DIR_SPAN: u64 = (LEAF_ENTRIES * DIR_ENTRIES) as u64;
@@ -129,6 +131,47 @@ impl ClusterMap {
         }
         leaf.entries[e] = location.raw();
         old
+    }
+
+    /// Replace the leaf of clusters `leaf * LEAF_CLUSTERS ..` with `entries` (raw locations;
+    /// unwritten ones are stored as 0): a restart's bulk load, one copy per leaf instead of a
+    /// lookup per cluster. The caller has checked that no written entry lies beyond the map.
+    ///
+    /// Panics if the leaf starts outside the map.
+    pub fn load_leaf(&mut self, leaf: u64, entries: &[u64; LEAF_ENTRIES]) {
+        let start = leaf * LEAF_CLUSTERS;
+        assert!(start < self.clusters, "leaf {leaf} outside the map");
+        let (d, l, _) = split(start);
+        let mut copy = Box::new(Leaf {
+            entries: [0; LEAF_ENTRIES],
+            written: 0,
+        });
+        for (to, raw) in copy.entries.iter_mut().zip(entries) {
+            if !ClusterLocation::from_raw(*raw).is_unwritten() {
+                *to = *raw;
+                copy.written += 1;
+            }
+        }
+        let dir = self.root[d].get_or_insert_with(|| {
+            self.directories += 1;
+            Box::new(std::array::from_fn(|_| None))
+        });
+        match dir[l].take() {
+            Some(old) => {
+                self.written -= u64::from(old.written);
+            }
+            None => self.leaves += 1,
+        }
+        self.written += u64::from(copy.written);
+        if copy.written == 0 {
+            self.leaves -= 1;
+            if dir.iter().all(Option::is_none) {
+                self.root[d] = None;
+                self.directories -= 1;
+            }
+        } else {
+            dir[l] = Some(copy);
+        }
     }
 
     /// Clear `[start, start+count)`, visiting only allocated leaves. Calls `on_cleared` with the
@@ -282,6 +325,8 @@ mod tests {
     enum Op {
         Set(u64, u32),
         Clear(u64, u64),
+        /// Load leaf n with every `step`th cluster written (0: an empty leaf).
+        Load(u64, u64),
     }
 
     proptest! {
@@ -290,6 +335,7 @@ mod tests {
             prop_oneof![
                 (0u64..3000, 0u32..4).prop_map(|(a, n)| Op::Set(a, n)),
                 (0u64..3000, 0u64..1500).prop_map(|(a, n)| Op::Clear(a, n)),
+                (0u64..5, 0u64..4).prop_map(|(l, step)| Op::Load(l, step)),
             ], 1..200))
         {
             let mut map = ClusterMap::new(3000);
@@ -304,6 +350,22 @@ mod tests {
                         let expect: Vec<u64> = model.range(a..a + n).map(|(k, _)| *k).collect();
                         prop_assert_eq!(cleared, expect);
                         model.retain(|k, _| *k < a || *k >= a + n);
+                    }
+                    Op::Load(leaf, step) => {
+                        let base = leaf * LEAF_CLUSTERS;
+                        let mut entries = [0u64; LEAF_ENTRIES];
+                        model.retain(|k, _| *k < base || *k >= base + LEAF_CLUSTERS);
+                        for (i, e) in entries.iter_mut().enumerate() {
+                            let a = base + i as u64;
+                            if step > 0 && (i as u64).is_multiple_of(step) && a < 3000 {
+                                *e = loc(7, i as u16).raw();
+                                model.insert(a, loc(7, i as u16));
+                            } else if i % 5 == 1 {
+                                // Unwritten but not zero (SCO 0): loaded as unwritten.
+                                *e = 0x0001_0000_0000;
+                            }
+                        }
+                        map.load_leaf(leaf, &entries);
                     }
                 }
             }

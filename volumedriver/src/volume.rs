@@ -119,7 +119,7 @@ mod write_buffer;
 
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
 pub use info::VolumeInfo;
-pub use mds_link::{MapSeed, UncorkSink};
+pub use mds_link::{MapSeed, SeedPage, UncorkSink};
 pub use read_nonblocking::ReadAttempt;
 pub use scrub::{ScrubProgress, ScrubReport};
 #[cfg(feature = "fuzzing")]

@@ -86,6 +86,24 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
         }),
         (s, any::<u64>()).prop_map(|(volume, owner_tag)| Message::Drop { volume, owner_tag }),
+        (s, any::<u64>(), any::<u32>()).prop_map(|(volume, first, count)| Message::DumpPages {
+            volume,
+            first,
+            count
+        }),
+        (
+            arb_cork(),
+            any::<Option<u64>>(),
+            proptest::collection::vec((any::<u64>(), any::<u8>()), 0..3)
+        )
+            .prop_map(|(cork, next, pages)| Message::Pages {
+                cork,
+                next,
+                pages: pages
+                    .into_iter()
+                    .map(|(n, fill)| (n, Bytes::from(vec![fill; PAGE_BYTES])))
+                    .collect(),
+            }),
         Just(Message::Done),
         (arb_cork(), proptest::collection::vec(any::<u64>(), 0..20))
             .prop_map(|(cork, locations)| Message::Locations { cork, locations }),
@@ -189,21 +207,53 @@ fn hostile_headers_and_other_versions_are_refused() {
         Err(ProtoError::FrameTooLarge { .. })
     ));
     let mut buf = BytesMut::new();
-    MdsCodec::with_version(2).encode(&stat, &mut buf).unwrap();
+    MdsCodec::with_version(3).encode(&stat, &mut buf).unwrap();
     assert!(matches!(
         MdsCodec::default().decode(&mut buf),
-        Err(ProtoError::UnsupportedVersion { got: 2, ours: 1 })
+        Err(ProtoError::UnsupportedVersion { got: 3, ours: 2 })
     ));
-    // The handshake is frozen: a v2 Hello still decodes, so a v1 server can answer it.
+    // Kinds newer than a connection's version are neither written nor read on it.
+    let pages = Frame {
+        id: 2,
+        message: Message::DumpPages {
+            volume: "v".into(),
+            first: 0,
+            count: 1,
+        },
+    };
+    let mut buf = BytesMut::new();
+    assert!(MdsCodec::with_version(1).encode(&pages, &mut buf).is_err());
+    assert!(buf.is_empty());
+    MdsCodec::with_version(2).encode(&pages, &mut buf).unwrap();
+    buf[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[4..20]), &buf[HEADER_LEN..]);
+    buf[20..24].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        MdsCodec::with_version(1).decode(&mut buf),
+        Err(ProtoError::UnknownKind(18))
+    ));
+    // A page of the wrong size is refused when written.
+    let short = Frame {
+        id: 3,
+        message: Message::Pages {
+            cork: Cork::EMPTY,
+            next: None,
+            pages: vec![(1, Bytes::from_static(&[0; 8]))],
+        },
+    };
+    assert!(MdsCodec::default()
+        .encode(&short, &mut BytesMut::new())
+        .is_err());
+    // The handshake is frozen: a v3 Hello still decodes, so a v2 server can answer it.
     let mut buf = BytesMut::new();
     let hello = Frame {
         id: 0,
         message: Message::Hello {
-            version: 2,
+            version: 3,
             client: "c".into(),
         },
     };
-    MdsCodec::with_version(2).encode(&hello, &mut buf).unwrap();
+    MdsCodec::with_version(3).encode(&hello, &mut buf).unwrap();
     assert_eq!(MdsCodec::default().decode(&mut buf).unwrap(), Some(hello));
     // A count larger than the bytes present is refused before allocating.
     let mut payload = BytesMut::new();

@@ -124,11 +124,13 @@ enum Op {
 
 fn arb_update() -> impl Strategy<Value = Update> {
     prop_oneof![
-        4 => (0u64..200, 0u64..4).prop_map(|(address, sco)| Update::Loc {
+        // Addresses over several 512-cluster pages, so updates and trims cross page boundaries
+        // and batches overflow the (test-sized) working set of pages.
+        4 => (0u64..3000, 0u64..4).prop_map(|(address, sco)| Update::Loc {
             address,
             location: sco | (address << 32),
         }),
-        1 => (0u64..200, 0u64..50).prop_map(|(start, count)| Update::Trim { start, count }),
+        1 => (0u64..3000, 0u64..1200).prop_map(|(start, count)| Update::Trim { start, count }),
     ]
 }
 
@@ -162,7 +164,68 @@ proptest! {
                 }
             }
             prop_assert_eq!(&all(&store, "v"), &model);
+            prop_assert_eq!(store.info("v").unwrap().entries, model.len() as u64);
+            let probe: Vec<u64> = (0..3000).step_by(7).collect();
+            let (_, got) = store.multi_get("v", &probe).unwrap();
+            let want: Vec<u64> = probe.iter().map(|a| model.get(a).copied().unwrap_or(0)).collect();
+            prop_assert_eq!(got, want);
             prop_assert_eq!(store.meta("v").unwrap().unwrap().cork, cork);
         }
     }
+}
+
+#[test]
+fn a_store_of_the_first_format_is_rewritten_as_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = BTreeMap::new();
+    {
+        // The first format: one key per cluster in `map:<volume>`.
+        let store = MdsStore::open(dir.path()).unwrap();
+        store.set_role("v", "ns", Role::Master, 1).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut old = tx
+                .open_table(TableDefinition::<u64, u64>::new("map:v"))
+                .unwrap();
+            for address in (0..5000u64).step_by(3) {
+                let location = 1 | (address << 32);
+                old.insert(address, location).unwrap();
+                model.insert(address, location);
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let store = MdsStore::open(dir.path()).unwrap();
+    assert_eq!(all(&store, "v"), model);
+    assert_eq!(store.info("v").unwrap().entries, model.len() as u64);
+    let tx = store.db.begin_read().unwrap();
+    assert!(
+        tx.list_tables()
+            .unwrap()
+            .all(|t| !t.name().starts_with("map:")),
+        "the old table is gone"
+    );
+}
+
+#[test]
+fn a_page_of_the_wrong_size_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MdsStore::open(dir.path()).unwrap();
+    store.set_role("v", "ns", Role::Master, 1).unwrap();
+    let tx = store.db.begin_write().unwrap();
+    {
+        let name = pages::table_name("v");
+        let mut t = tx.open_table(pages::definition(&name)).unwrap();
+        t.insert(2, [1u8; 100].as_slice()).unwrap();
+    }
+    tx.commit().unwrap();
+    let err = store.dump("v", None, 10).unwrap_err();
+    assert!(
+        matches!(&err, MdsError::Corrupt { volume, reason } if volume == "v" && reason.contains("page 2")),
+        "{err}"
+    );
+    assert!(matches!(
+        store.multi_get("v", &[1030]),
+        Err(MdsError::Corrupt { .. })
+    ));
 }

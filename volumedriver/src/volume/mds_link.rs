@@ -18,12 +18,16 @@ use std::sync::Arc;
 
 use crate::config::TLogRecord;
 use crate::error::{Result, VolumeError};
+use crate::map::LEAF_CLUSTERS;
 use crate::tlog::{self, Entry};
 use crate::types::{ClusterAddress, ClusterLocation};
 
 use super::dtl_link::Position;
 use super::state::State;
 use super::Volume;
+
+/// Raw locations of one page of [`LEAF_CLUSTERS`] clusters (0 = unwritten).
+pub type SeedPage = Box<[u64; LEAF_CLUSTERS as usize]>;
 
 /// A map as of the first `records` records of the backend TLog list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +36,32 @@ pub struct MapSeed {
     pub records: usize,
     /// Number of the last of them (checked against the list).
     pub through_tlog: u64,
-    /// Every written cluster.
-    pub entries: Vec<(ClusterAddress, ClusterLocation)>,
+    /// The map in pages of [`LEAF_CLUSTERS`] (page n holds clusters n * 512 ..), the layout of
+    /// an MDS table and of the map's leaves, so a restart loads it a page at a time. Pages not
+    /// listed are unwritten.
+    pub pages: Vec<(u64, SeedPage)>,
+}
+
+impl MapSeed {
+    /// A seed from written clusters in any order.
+    pub fn from_entries(
+        records: usize,
+        through_tlog: u64,
+        entries: impl IntoIterator<Item = (ClusterAddress, ClusterLocation)>,
+    ) -> Self {
+        let mut pages: std::collections::BTreeMap<u64, SeedPage> = Default::default();
+        for (address, location) in entries {
+            let page = pages
+                .entry(address / LEAF_CLUSTERS)
+                .or_insert_with(|| Box::new([0; LEAF_CLUSTERS as usize]));
+            page[(address % LEAF_CLUSTERS) as usize] = location.raw();
+        }
+        Self {
+            records,
+            through_tlog,
+            pages: pages.into_iter().collect(),
+        }
+    }
 }
 
 /// Receives every uncorked TLog, in order (see the module docs).
@@ -112,17 +140,33 @@ impl Volume {
         }
         let clusters = st.map.clusters();
         // Check everything before changing anything: a refused seed leaves no trace.
-        if let Some((address, _)) = seed.entries.iter().find(|(a, _)| *a >= clusters) {
-            return Err(VolumeError::corrupt(
-                &self.name,
-                "MDS map",
-                format!("entry for cluster {address} beyond the volume's {clusters}"),
-            ));
+        for (page, entries) in &seed.pages {
+            let base = page.saturating_mul(LEAF_CLUSTERS);
+            let beyond = entries.iter().enumerate().find(|(i, raw)| {
+                base.saturating_add(*i as u64) >= clusters
+                    && !ClusterLocation::from_raw(**raw).is_unwritten()
+            });
+            if let Some((i, _)) = beyond {
+                return Err(VolumeError::corrupt(
+                    &self.name,
+                    "MDS map",
+                    format!(
+                        "entry for cluster {} beyond the volume's {clusters}",
+                        base.saturating_add(i as u64)
+                    ),
+                ));
+            }
         }
-        for (address, location) in &seed.entries {
-            st.map.set(*address, *location);
-            if location.clone_id() == 0 && !location.is_unwritten() {
-                st.applied_end = st.applied_end.max(Position::after(*location));
+        for (page, entries) in &seed.pages {
+            if page.saturating_mul(LEAF_CLUSTERS) >= clusters {
+                continue; // nothing written there (checked above)
+            }
+            st.map.load_leaf(*page, entries);
+            for raw in entries.iter() {
+                let location = ClusterLocation::from_raw(*raw);
+                if location.clone_id() == 0 && !location.is_unwritten() {
+                    st.applied_end = st.applied_end.max(Position::after(location));
+                }
             }
         }
         Ok(())
