@@ -10,7 +10,11 @@ use crate::protocol::ErrorCode;
 pub enum DtlError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
-    #[error("bad frame magic {0:#010x}")]
+    #[error(
+        "bad frame magic {magic:#010x} ({hint})",
+        magic = .0,
+        hint = vstor_net::bad_magic_hint(*.0, "not a DTL protocol peer?")
+    )]
     BadMagic(u32),
     #[error("frame CRC mismatch: header says {expected:#010x}, computed {actual:#010x}")]
     CrcMismatch { expected: u32, actual: u32 },

@@ -400,6 +400,22 @@ impl MdsClient {
         Ok((cork, entries.into_iter().collect()))
     }
 
+    /// A dump's pages must all be as of one cork (a table that changes under the dump gives an
+    /// error rather than a mix of two states): `seen` is the first page's.
+    fn same_cork(&self, volume: &str, seen: &mut Option<Cork>, got: Cork) -> Result<()> {
+        match *seen {
+            None => *seen = Some(got),
+            Some(c) if c != got => {
+                return Err(net(
+                    &self.addr,
+                    format!("table of {volume} moved from {c} to {got} during the dump"),
+                ))
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
     /// [`dump_all`](Self::dump_all) as a vector in strictly increasing address order: what a
     /// restart loads, without building a search tree it does not need.
     pub async fn dump_sorted(&self, volume: &str) -> Result<(Cork, Vec<(u64, u64)>)> {
@@ -432,16 +448,7 @@ impl MdsClient {
                 Message::Entries { cork, entries } => (cork, entries),
                 other => return Err(unexpected(&self.addr, "Dump", &other)),
             };
-            match first {
-                None => first = Some(cork),
-                Some(c) if c != cork => {
-                    return Err(net(
-                        &self.addr,
-                        format!("table of {volume} moved from {c} to {cork} during the dump"),
-                    ))
-                }
-                Some(_) => {}
-            }
+            self.same_cork(volume, &mut first, cork)?;
             let Some(last) = entries.last().map(|(a, _)| *a) else {
                 return Ok((first.unwrap_or_default(), map));
             };
@@ -517,16 +524,7 @@ impl MdsClient {
                 Message::Pages { cork, next, pages } => (cork, next, pages),
                 other => return Err(unexpected(&self.addr, "DumpPages", &other)),
             };
-            match cork {
-                None => cork = Some(got),
-                Some(c) if c != got => {
-                    return Err(net(
-                        &self.addr,
-                        format!("table of {volume} moved from {c} to {got} during the dump"),
-                    ))
-                }
-                Some(_) => {}
-            }
+            self.same_cork(volume, &mut cork, got)?;
             let mut previous = None;
             for (number, page) in &pages {
                 let in_range =

@@ -68,7 +68,11 @@ pub const MAX_TABLES: usize = 100_000;
 pub enum ProtoError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("bad frame magic {0:#010x} (not an MDS protocol peer?)")]
+    #[error(
+        "bad frame magic {magic:#010x} ({hint})",
+        magic = .0,
+        hint = vstor_net::bad_magic_hint(*.0, "not an MDS protocol peer?")
+    )]
     BadMagic(u32),
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     FrameTooLarge { len: usize, max: usize },

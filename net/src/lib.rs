@@ -315,8 +315,8 @@ mod link;
 mod split;
 
 pub use link::{
-    accept_peer, accept_served, connect_peer, reserve_frame, Accepted, FRAME_RESERVE_STEP,
-    PLAIN_REFUSED, TLS_HANDSHAKE_RECORD,
+    accept_peer, accept_served, bad_magic_hint, connect_peer, reserve_frame, Accepted,
+    FRAME_RESERVE_STEP, PLAIN_REFUSED, TLS_HANDSHAKE_RECORD,
 };
 pub use split::{PeerReader, PeerWriter};
 

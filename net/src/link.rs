@@ -29,6 +29,20 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 pub const PLAIN_REFUSED: &str = "this server requires mutual TLS: give the client a certificate \
      of the cluster CA (--peer-tls-cert, --peer-tls-key, --peer-tls-ca or [peer_tls])";
 
+/// What a frame whose first four bytes (read as a little-endian u32) are not the protocol's magic
+/// probably is, for the error message: a plain server that is sent a TLS handshake (the peer was
+/// given `--peer-tls-*` and this end was not) is told so; anything else gets `otherwise`.
+pub fn bad_magic_hint(magic: u32, otherwise: &str) -> String {
+    let first = magic.to_le_bytes();
+    if first[0] == TLS_HANDSHAKE_RECORD && first[1] == 0x03 {
+        "the peer speaks TLS and this end does not: give both ends the cluster identity \
+         (--peer-tls-cert, --peer-tls-key, --peer-tls-ca or [peer_tls]), or neither"
+            .to_string()
+    } else {
+        otherwise.to_string()
+    }
+}
+
 /// At most this much is reserved ahead of the bytes that arrived for a frame.
 pub const FRAME_RESERVE_STEP: usize = 1 << 20;
 

@@ -59,7 +59,11 @@ pub const MAX_LIST: usize = 10_000;
 pub enum ProtoError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("bad frame magic {0:#010x} (not an OSD protocol peer?)")]
+    #[error(
+        "bad frame magic {magic:#010x} ({hint})",
+        magic = .0,
+        hint = vstor_net::bad_magic_hint(*.0, "not an OSD protocol peer?")
+    )]
     BadMagic(u32),
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     FrameTooLarge { len: usize, max: usize },

@@ -296,3 +296,23 @@ fn a_header_claiming_4_gib_is_refused_without_allocating() {
         "nothing reserved for the claimed payload"
     );
 }
+
+#[test]
+fn a_tls_handshake_sent_to_a_plain_server_is_named_as_such() {
+    // The start of a TLS 1.2/1.3 ClientHello record: handshake (0x16), version 3.1, length.
+    let mut hello = BytesMut::from(&[0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc][..]);
+    hello.resize(HEADER_LEN + 8, 0);
+    let err = MdsCodec::default().decode(&mut hello).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the peer speaks TLS and this end does not"),
+        "{err}"
+    );
+    let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
+    garbage.resize(HEADER_LEN + 8, 0);
+    let err = MdsCodec::default().decode(&mut garbage).unwrap_err();
+    assert!(
+        err.to_string().contains("not an MDS protocol peer?"),
+        "{err}"
+    );
+}
