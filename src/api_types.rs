@@ -617,6 +617,10 @@ pub struct Attachment {
     pub nbd_uri: String,
     pub nbd_clients: usize,
     pub vhost_connected: bool,
+    /// The volume's NBD allow list in force on this edge, as its owner last sent it: client
+    /// networks (CIDR) and client-certificate subjects. Both empty: every client.
+    pub allow_networks: Vec<String>,
+    pub allow_subjects: Vec<String>,
 }
 
 /// `DELETE /v1/attachments/{volume}` (edge API).

@@ -537,8 +537,14 @@ fn encryption_text(volume: &VolumeView) -> String {
 
 /// The NBD allow list for humans: `any` when empty, else `subjects CN, CN; networks CIDR, CIDR`.
 pub fn allow_list_text(volume: &VolumeView) -> String {
-    let subjects = volume.allow_subjects.as_deref().unwrap_or_default();
-    let networks = volume.allow_networks.as_deref().unwrap_or_default();
+    allow_text(
+        volume.allow_subjects.as_deref().unwrap_or_default(),
+        volume.allow_networks.as_deref().unwrap_or_default(),
+    )
+}
+
+/// [`allow_list_text`] of a list given as its parts (also `vstor edge list`).
+pub fn allow_text(subjects: &[String], networks: &[String]) -> String {
     let mut parts = Vec::new();
     if !subjects.is_empty() {
         parts.push(format!("subjects {}", subjects.join(", ")));

@@ -509,6 +509,26 @@ fn until_listed(list_uri: &str, want: &[&str]) {
 }
 
 /// On `n1`: volume `vol` (16 MiB) restricted by `flag value`, and volume `open` with no list.
+/// The allow list `vstor edge list --json` shows in force for `volume`: (networks, subjects).
+fn edge_allow(edge: &EdgeDaemon, volume: &str) -> (Vec<String>, Vec<String>) {
+    let list: Value = serde_json::from_str(&edge.cli_ok(&["list", "--json"])).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["volume"] == volume)
+        .unwrap_or_else(|| panic!("{volume} not in {list}"));
+    let strings = |key: &str| -> Vec<String> {
+        entry[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    (strings("allow_networks"), strings("allow_subjects"))
+}
+
 fn restricted_and_open_volumes(n1: &Daemon, flag: &str, value: &str) {
     n1.cli_ok(&[
         "volume", "create", "vol", "--size", "16M", "--node", "n1", flag, value,
@@ -557,11 +577,24 @@ fn an_edge_enforces_the_volume_network_allow_list_and_follows_updates() {
             && l.contains("client=127.0.0.1:")),
         "{log}"
     );
+    // `vstor edge list` shows the list in force.
+    assert_eq!(
+        edge_allow(&e1, "vol"),
+        (vec!["192.0.2.0/24".into()], vec![])
+    );
+    assert_eq!(edge_allow(&e1, "open"), (vec![], vec![]));
+    let text = e1.cli_ok(&["list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vol ") && l.contains("networks 192.0.2.0/24")),
+        "{text}"
+    );
 
     // Allowed on the node: the attached edge follows without a re-attach; written through the
     // edge, read back, and the same bytes through the edge and through the owner.
     n1.cli_ok(&["volume", "update", "vol", "--allow-net", "127.0.0.0/8"]);
     until_listed(&list_uri, &["open", "vol"]);
+    assert_eq!(edge_allow(&e1, "vol"), (vec!["127.0.0.0/8".into()], vec![]));
     qemu_io(
         &e1.uri("vol"),
         &[
@@ -635,6 +668,7 @@ fn an_edge_with_client_certificates_admits_only_the_allowed_subject() {
     );
     e1.cli_ok(&["attach", "vol"]);
     e1.cli_ok(&["attach", "open"]);
+    assert_eq!(edge_allow(&e1, "vol"), (vec![], vec!["alice".into()]));
     let alice = nbd_ca.client_dir(root.path(), "alice", Some(("alice", &nbd_ca, false)));
     let bob = nbd_ca.client_dir(root.path(), "bob", Some(("bob", &nbd_ca, false)));
     let list_uri =

@@ -111,6 +111,7 @@ fn print_list(attachments: &[Attachment]) {
                 micros(a.latency_p99_us),
                 a.socket.clone(),
                 a.nbd_uri.clone(),
+                crate::client::allow_text(&a.allow_subjects, &a.allow_networks),
             ]
         })
         .collect();
@@ -127,6 +128,7 @@ fn print_list(attachments: &[Attachment]) {
             "P99",
             "SOCKET",
             "NBD",
+            "NBD ALLOW",
         ],
         &rows,
         &[2, 4, 5, 6, 7, 8],

@@ -280,6 +280,7 @@ impl EdgeHost {
                 nbd_uri: format!("nbd://{}/{volume}", self.nbd_addr),
                 nbd_clients: self.nbd.connections(volume),
                 vhost_connected: self.vhost.connected(volume),
+                access: target.access(),
             },
         ))
     }

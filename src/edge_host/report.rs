@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use vstor_edge::remote::client::{RemoteStats, LATENCY_BUCKETS_US};
+use vstor_edge::remote::proto::AllowList;
 
 use crate::api_types::Attachment;
 
@@ -32,6 +33,8 @@ pub struct Frontends {
     pub nbd_uri: String,
     pub nbd_clients: usize,
     pub vhost_connected: bool,
+    /// The allow list the NBD frontend enforces (the owner's, see `EdgeHost::allows`).
+    pub access: AllowList,
 }
 
 /// One attached volume as `GET /v1/attachments` answers it.
@@ -61,6 +64,13 @@ pub fn attachment(stats: &RemoteStats, frontends: &Frontends) -> Attachment {
         nbd_uri: frontends.nbd_uri.clone(),
         nbd_clients: frontends.nbd_clients,
         vhost_connected: frontends.vhost_connected,
+        allow_networks: frontends
+            .access
+            .networks
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        allow_subjects: frontends.access.subjects.clone(),
     }
 }
 
@@ -245,8 +255,14 @@ mod tests {
                 nbd_uri: "nbd://x/v".into(),
                 nbd_clients: 0,
                 vhost_connected: false,
+                access: AllowList {
+                    subjects: vec!["alice".into()],
+                    networks: vec!["192.0.2.0/24".parse().unwrap()],
+                },
             },
         );
+        assert_eq!(view.allow_networks, ["192.0.2.0/24"]);
+        assert_eq!(view.allow_subjects, ["alice"]);
         assert_eq!(view.latency_p50_us, Some(100));
         assert_eq!(view.latency_mean_us, Some(250));
         assert_eq!(view.state, "connected");
