@@ -11,8 +11,10 @@
 //! worker, through the queue's bounce buffer. A read whose data is only on the backend
 //! (`BlockTarget::try_read` says `WouldBlock`) goes to the backend-read pool (`read_pool`), so a
 //! backend round trip never holds up the rest of the queue. Requests that wait for durability
-//! (FLUSH, and writes while the guest has the cache in writethrough mode) go to the tokio
-//! blocking pool. Both carry
+//! (FLUSH, and writes while the guest has the cache in writethrough mode) or for the disk (a
+//! write the target says waits for a device, `BlockTarget::write_waits`: a volume's large
+//! `O_DIRECT` writes) go to the tokio blocking pool, so several large writes of one queue reach
+//! the disk at once instead of one after the other. Both carry
 //! everything needed to complete them: a [`VringRwLock`] clone, the head index, the status address
 //! and a snapshot of the guest memory map. Their completion writes the status, adds the chain to
 //! the used ring and signals the guest if `needs_notification()` says so.
@@ -454,7 +456,9 @@ impl BlkBackend {
                     add_used(vring, head, 1);
                     pending_signal = true;
                 }
-                Parsed::Request(req) if request::is_blocking(&req.kind, fua_blocks) => {
+                Parsed::Request(req)
+                    if request::is_blocking(&req.kind, fua_blocks, target.as_ref()) =>
+                {
                     // Publish what is done first: `defer` may wait for earlier deferred requests.
                     if std::mem::take(&mut pending_signal) {
                         signal_if_needed(vring);
@@ -653,7 +657,8 @@ impl BlkBackend {
 /// Where a deferred request runs.
 #[derive(Clone, Copy)]
 enum Pool {
-    /// The runtime's blocking pool: FLUSH and write-through writes (fsync).
+    /// The runtime's blocking pool: FLUSH, write-through writes (fsync) and writes that wait for
+    /// a device.
     Blocking,
     /// The process-wide bounded pool of reads that wait for the backend (`read_pool`).
     BackendRead,

@@ -462,11 +462,16 @@ impl Outcome {
 }
 
 /// Whether `kind` must leave the queue thread: it waits for durability (fsync) when `fua` is set
-/// (writethrough mode) or always for FLUSH.
-pub(crate) fn is_blocking(kind: &RequestKind, fua: bool) -> bool {
+/// (writethrough mode) or always for FLUSH, or it is a write that waits for a device
+/// ([`BlockTarget::write_waits`]: large writes that go to the disk with `O_DIRECT`), which then
+/// runs on the blocking pool so that several reach the disk at once, as over NBD.
+pub(crate) fn is_blocking(kind: &RequestKind, fua: bool, target: &dyn BlockTarget) -> bool {
     match kind {
         RequestKind::Flush => true,
-        RequestKind::Write { .. } | RequestKind::WriteZeroes { .. } => fua,
+        RequestKind::Write { len, .. } => {
+            fua || usize::try_from(*len).is_ok_and(|len| target.write_waits(len))
+        }
+        RequestKind::WriteZeroes { .. } => fua,
         _ => false,
     }
 }
