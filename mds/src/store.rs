@@ -7,13 +7,13 @@
 //! background threads. fjall (an LSM tree) needs its own journal and compaction threads, and
 //! RocksDB a C++ build; neither buys anything at an MDS's write rate (one commit per TLog).
 //!
-//! Layout: table `volumes` maps a volume name to its encoded [`TableMeta`] (role, owner tag,
+//! Layout: table `tables` maps a volume name to its encoded [`TableMeta`] (role, owner tag,
 //! cork, counters, namespace); table `pages:<volume>` holds the map in pages of 512 raw
 //! locations and table `entries` each volume's number of written clusters (format and
 //! invariants: [`pages`]). Every change of a volume's map is committed together with its
 //! metadata (cork), so a reopened store always holds a map that matches its cork exactly. A
 //! store written by the first format (`map:<volume>`, one key per cluster) is rewritten as pages
-//! when it is opened.
+//! when it is opened, and its `volumes` table becomes `tables` (see [`VOLUMES`] for why).
 //!
 //! The store is synchronous: the server runs it on the blocking pool.
 
@@ -27,7 +27,13 @@ use crate::table::{check_set, Cork, Role, TableMeta, Update};
 /// The database file inside the MDS data directory.
 pub const DB_FILE: &str = "mds.redb";
 
-const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+/// Each volume's metadata. Named `tables` since the page format: the first format's `volumes`
+/// table is moved here when a store is opened, so a store of this format looks empty to a
+/// first-format binary (after a downgrade it starts its tables afresh and catches them up from
+/// the backend) instead of showing it metadata whose maps it cannot read.
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("tables");
+/// The first format's metadata table.
+const FIRST_FORMAT_VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
 mod pages;
 use pages::PageError;
@@ -111,17 +117,42 @@ impl MdsStore {
 
     /// Rewrite every table of the first format as pages (see the module docs).
     fn migrate_first_format(&self, tx: &redb::WriteTransaction) -> Result<()> {
-        let old: Vec<String> = tx
+        let names: Vec<String> = tx
             .list_tables()
             .map_err(self.err("list tables"))?
-            .filter_map(|t| t.name().strip_prefix("map:").map(ToString::to_string))
+            .map(|t| t.name().to_string())
             .collect();
-        for volume in old {
-            let count =
-                pages::migrate(tx, &volume).map_err(self.page_err(&volume, "migrate map"))?;
+        if names.iter().any(|n| n == "volumes") {
+            let metas: Vec<(String, Vec<u8>)> = {
+                let old = tx
+                    .open_table(FIRST_FORMAT_VOLUMES)
+                    .map_err(self.err("open volumes"))?;
+                let mut metas = Vec::new();
+                for item in old.iter().map_err(self.err("read volumes"))? {
+                    let (k, v) = item.map_err(self.err("read volumes"))?;
+                    metas.push((k.value().to_string(), v.value().to_vec()));
+                }
+                metas
+            };
+            for (volume, meta) in &metas {
+                // The first-format table is what the last binary to run wrote (an older one
+                // after a downgrade, say): pages left from an earlier run of this format are
+                // stale, whatever their cork says.
+                self.clear(tx, volume)?;
+                tx.open_table(VOLUMES)
+                    .map_err(self.err("open tables"))?
+                    .insert(volume.as_str(), meta.as_slice())
+                    .map_err(self.err("write tables"))?;
+            }
+            tx.delete_table(FIRST_FORMAT_VOLUMES)
+                .map_err(self.err("drop volumes"))?;
+        }
+        for volume in names.iter().filter_map(|n| n.strip_prefix("map:")) {
+            self.clear(tx, volume)?;
+            let count = pages::migrate(tx, volume).map_err(self.page_err(volume, "migrate map"))?;
             tx.open_table(pages::COUNTS)
                 .map_err(self.err("open entries"))?
-                .insert(volume.as_str(), count)
+                .insert(volume, count)
                 .map_err(self.err("write entries"))?;
             tracing::info!(volume, entries = count, path = %self.path.display(), "MDS table rewritten as pages");
         }

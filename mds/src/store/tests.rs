@@ -179,11 +179,16 @@ fn a_store_of_the_first_format_is_rewritten_as_pages() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = BTreeMap::new();
     {
-        // The first format: one key per cluster in `map:<volume>`.
+        // The first format: metadata in `volumes`, one key per cluster in `map:<volume>`.
         let store = MdsStore::open(dir.path()).unwrap();
-        store.set_role("v", "ns", Role::Master, 1).unwrap();
         let tx = store.db.begin_write().unwrap();
+        tx.delete_table(VOLUMES).unwrap();
         {
+            let meta = TableMeta::new("ns", Role::Master, 1);
+            tx.open_table(FIRST_FORMAT_VOLUMES)
+                .unwrap()
+                .insert("v", meta.encode().as_slice())
+                .unwrap();
             let mut old = tx
                 .open_table(TableDefinition::<u64, u64>::new("map:v"))
                 .unwrap();
@@ -197,14 +202,59 @@ fn a_store_of_the_first_format_is_rewritten_as_pages() {
     }
     let store = MdsStore::open(dir.path()).unwrap();
     assert_eq!(all(&store, "v"), model);
-    assert_eq!(store.info("v").unwrap().entries, model.len() as u64);
+    let info = store.info("v").unwrap();
+    assert_eq!(info.entries, model.len() as u64);
+    assert_eq!(
+        (info.meta.namespace.as_str(), info.meta.owner_tag),
+        ("ns", 1)
+    );
     let tx = store.db.begin_read().unwrap();
     assert!(
         tx.list_tables()
             .unwrap()
-            .all(|t| !t.name().starts_with("map:")),
-        "the old table is gone"
+            .all(|t| !t.name().starts_with("map:") && t.name() != "volumes"),
+        "the old tables are gone, so a first-format binary sees an empty store"
     );
+}
+
+/// Upgrade, downgrade (the older binary writes the first format again beside the pages), upgrade:
+/// the second rewrite takes the first-format tables as they are, never mixed with stale pages.
+#[test]
+fn a_rewrite_after_a_downgrade_drops_the_stale_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = Cork::EMPTY.after(&TLogRecord::new(1));
+    {
+        let store = MdsStore::open(dir.path()).unwrap();
+        store.set_role("v", "ns", Role::Master, 1).unwrap();
+        let updates: Vec<Update> = (0..2000u64)
+            .map(|address| Update::Loc {
+                address,
+                location: 1 | (address << 32),
+            })
+            .collect();
+        store.multi_set("v", 1, Cork::EMPTY, c1, &updates).unwrap();
+        // What an older binary leaves: `volumes` (it does not see `tables`) with a table at
+        // another cork, and a map with one entry.
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut meta = TableMeta::new("ns", Role::Master, 2);
+            meta.cork = Cork::EMPTY.after(&TLogRecord::new(7));
+            tx.open_table(FIRST_FORMAT_VOLUMES)
+                .unwrap()
+                .insert("v", meta.encode().as_slice())
+                .unwrap();
+            tx.open_table(TableDefinition::<u64, u64>::new("map:v"))
+                .unwrap()
+                .insert(5, 9 | (5 << 32))
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let store = MdsStore::open(dir.path()).unwrap();
+    assert_eq!(all(&store, "v"), BTreeMap::from([(5, 9 | (5 << 32))]));
+    let info = store.info("v").unwrap();
+    assert_eq!(info.entries, 1);
+    assert_eq!(info.meta.cork, Cork::EMPTY.after(&TLogRecord::new(7)));
 }
 
 #[test]
