@@ -16,8 +16,8 @@ use common::etcd::Etcd;
 use common::tls::{nbds_uri, peer_tls_flags, qemu_tls_args, strs, Pki};
 use common::vhost_client::VhostClient;
 use common::{
-    checksum_file, nbdinfo_list, poll, require_tool, run_any, run_ok, uri_checksum, Daemon,
-    NbdClient, TestBackend, VSTOR,
+    checksum_file, nbdinfo_list, poll, require_tool, run_any, run_ok, try_nbdinfo_list,
+    uri_checksum, Daemon, NbdClient, TestBackend, VSTOR,
 };
 use serde_json::Value;
 
@@ -499,16 +499,16 @@ fn nbdinfo_opens(uri: &str) -> (bool, String) {
 
 /// Poll until the edge's `nbdinfo --list` (at `list_uri`) shows exactly `want`: an allow list
 /// changed on the node reaches an attached edge within about a second (pushed over the edge
-/// protocol), so a few seconds is a generous bound.
+/// protocol), so a few seconds is a generous bound. A listing that fails meanwhile (nbdinfo
+/// listed an export the change then closed to it) counts as not yet.
 fn until_listed(list_uri: &str, want: &[&str]) {
     poll(
         &format!("{list_uri} to list {want:?}"),
         Duration::from_secs(10),
-        || (nbdinfo_list(list_uri) == want).then_some(()),
+        || (try_nbdinfo_list(list_uri).ok()? == want).then_some(()),
     );
 }
 
-/// On `n1`: volume `vol` (16 MiB) restricted by `flag value`, and volume `open` with no list.
 /// The allow list `vstor edge list --json` shows in force for `volume`: (networks, subjects).
 fn edge_allow(edge: &EdgeDaemon, volume: &str) -> (Vec<String>, Vec<String>) {
     let list: Value = serde_json::from_str(&edge.cli_ok(&["list", "--json"])).unwrap();
@@ -529,6 +529,7 @@ fn edge_allow(edge: &EdgeDaemon, volume: &str) -> (Vec<String>, Vec<String>) {
     (strings("allow_networks"), strings("allow_subjects"))
 }
 
+/// On `n1`: volume `vol` (16 MiB) restricted by `flag value`, and volume `open` with no list.
 fn restricted_and_open_volumes(n1: &Daemon, flag: &str, value: &str) {
     n1.cli_ok(&[
         "volume", "create", "vol", "--size", "16M", "--node", "n1", flag, value,

@@ -492,16 +492,23 @@ pub fn uri_checksum(uri: &str, file: &Path) -> String {
 /// `nbdinfo --list --json URI`: the export names, sorted (the URI may carry TLS parameters).
 /// libnbd connects from 127.0.0.1.
 pub fn nbdinfo_list(uri: &str) -> Vec<String> {
+    try_nbdinfo_list(uri).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`nbdinfo_list`], with nbdinfo's failure as an error: while a server's exports change,
+/// nbdinfo can list an export and then fail to open it.
+pub fn try_nbdinfo_list(uri: &str) -> Result<Vec<String>, String> {
     let out = Command::new("nbdinfo")
         .args(["--list", "--json", uri])
         .output()
         .unwrap_or_else(|e| panic!("cannot run nbdinfo: {e}"));
-    assert!(
-        out.status.success(),
-        "nbdinfo --list {uri}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(format!(
+            "nbdinfo --list {uri}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
     let doc: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("nbdinfo JSON: {e}"));
     let mut names: Vec<String> = doc["exports"]
@@ -511,7 +518,7 @@ pub fn nbdinfo_list(uri: &str) -> Vec<String> {
         .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
         .collect();
     names.sort();
-    names
+    Ok(names)
 }
 
 /// The small blocking NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies, one
