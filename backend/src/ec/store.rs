@@ -76,6 +76,10 @@ use crate::osd::client::OsdClient;
 use crate::osd::proto::Message;
 use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
 
+/// A whole-object `get` that keeps meeting a newer version of another size (an object being
+/// rewritten in a loop) gives up after this many reads.
+const GET_ATTEMPTS: usize = 4;
+
 /// An OSD's state in the tier's map (`vstor osd list` shows it).
 ///
 /// The map decides it: `Up` while the OSD's lease/heartbeat lives; `Down` when it lapses; an OSD
@@ -771,10 +775,45 @@ impl ObjectStore for EcStore {
     }
 
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
-        let size = self.size(namespace, name)?;
-        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
-        self.get_range(namespace, name, 0, &mut buf)?;
-        Ok(buf)
+        if self.settings(namespace)?.compression.is_some() {
+            let size = self.size(namespace, name)?;
+            let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+            self.read_compressed(namespace, name, 0, &mut buf)?;
+            return Ok(buf);
+        }
+        // One version, whole. An object another client overwrites in place (a volume's `tlogs`
+        // list, read by an MDS while its owner rewrites it) can change between finding it and
+        // reading it: a stale cached location then makes the read find the object again, and
+        // the version read may be another size than the buffer. Read again at that size rather
+        // than return a prefix of the newer version (or fail on the shorter one).
+        let mut last = None;
+        for _ in 0..GET_ATTEMPTS {
+            let size = self.find(namespace, name)?.layout.size;
+            let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+            match self.read_stored(namespace, name, 0, &mut buf) {
+                Ok((_, stored)) if stored == size => return Ok(buf),
+                Ok((version, stored)) => {
+                    tracing::debug!(
+                        "{namespace}/{name}: version {version} ({stored} bytes) replaced the \
+                         {size} bytes found; reading it again"
+                    );
+                    last = Some(BackendError::RangeOutOfBounds {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        offset: 0,
+                        len: size,
+                        size: stored,
+                    });
+                }
+                Err(e @ BackendError::RangeOutOfBounds { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+            self.forget(namespace, name);
+        }
+        Err(last.unwrap_or_else(|| BackendError::NoSuchObject {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }))
     }
 
     fn get_range(&self, namespace: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {

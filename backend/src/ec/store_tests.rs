@@ -249,3 +249,29 @@ fn compressed_objects_store_less_and_read_back_in_part_touching_few_osds() {
         drop(t.runtime);
     }
 }
+
+#[test]
+fn a_reader_with_a_stale_location_gets_the_rewritten_object_whole() {
+    // An MDS reads a volume's `tlogs` list while the owner, another client, rewrites it in
+    // place: the reader's cached location names a version that is gone.
+    let t = tier(6);
+    t.store.create_namespace("vol", 1).unwrap();
+    let first = object(5_000, 1);
+    t.store.put_if_owner("vol", "tlogs", &first, 1).unwrap();
+    let reader = t.client();
+    assert_eq!(reader.get("vol", "tlogs").unwrap(), first);
+    for (len, seed) in [(9_000, 2), (3_000, 3), (9_000, 4)] {
+        let next = object(len, seed);
+        t.store.put_if_owner("vol", "tlogs", &next, 1).unwrap();
+        assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
+        let got = reader.get("vol", "tlogs").unwrap();
+        assert_eq!(
+            got.len(),
+            len,
+            "read {} bytes of a {len}-byte object",
+            got.len()
+        );
+        assert_eq!(got, next);
+    }
+    drop(t.runtime);
+}
