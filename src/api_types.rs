@@ -386,6 +386,10 @@ pub struct VolumeView {
     pub opened_from_mds_tlogs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opened_replayed_tlogs: Option<u64>,
+    /// At the last restart or adoption: microseconds spent loading the map (MDS seed and
+    /// replay), before the DTL replay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_in_us: Option<u64>,
     /// The volume's metadata servers as the node last checked them (`vstor serve --mds`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mds: Option<MdsStatus>,
@@ -512,6 +516,7 @@ impl From<vstor_volumedriver::VolumeInfo> for VolumeView {
             garbage_bytes: Some(info.garbage_bytes),
             opened_from_mds_tlogs: Some(info.opened_from_mds_tlogs),
             opened_replayed_tlogs: Some(info.opened_replayed_tlogs),
+            opened_in_us: Some(info.opened_in_us),
             ..Self::default()
         }
     }

@@ -487,11 +487,15 @@ fn last_scrub_text(last: &ScrubOutcome) -> String {
 /// The volume's MDSes (`master A, slaves B (2 behind), C (unreachable)`) and how its last
 /// restart got its map.
 fn mds_text(v: &VolumeView) -> String {
+    let took = match v.opened_in_us {
+        Some(us) if us > 0 => format!(" in {:.1} ms", us as f64 / 1000.0),
+        _ => String::new(),
+    };
     let opened = match (v.opened_from_mds_tlogs, v.opened_replayed_tlogs) {
         (Some(seeded), Some(replayed)) if seeded > 0 => {
-            format!("; last open: {seeded} TLogs from the MDS, {replayed} replayed")
+            format!("; last open: {seeded} TLogs from the MDS, {replayed} replayed{took}")
         }
-        (Some(_), Some(replayed)) => format!("; last open: {replayed} TLogs replayed"),
+        (Some(_), Some(replayed)) => format!("; last open: {replayed} TLogs replayed{took}"),
         _ => String::new(),
     };
     let Some(mds) = &v.mds else {

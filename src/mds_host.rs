@@ -35,7 +35,8 @@ pub struct MdsArgs {
     /// Where the tables are kept (daemon).
     #[arg(long, default_value = "./vstor-mds")]
     data_dir: PathBuf,
-    /// Backend the volumes' TLogs are read from for catch-up: a directory or s3://BUCKET[/PREFIX]
+    /// Backend the volumes' TLogs are read from for catch-up, as the nodes name it: a directory,
+    /// s3://BUCKET[/PREFIX], or `ec` (the cluster's erasure-coded tier; needs `--registry`)
     /// [default: none, slaves do not catch up].
     #[arg(long)]
     backend: Option<PathBuf>,
@@ -193,10 +194,17 @@ async fn daemon(
     let backend = match backend {
         Some(spec) => {
             let spec = BackendSpec::parse(&spec)?;
-            // Blocking (an S3 or EC store connects at open). No registry: an `ec` backend
-            // needs one and fails here with the reason.
+            // The EC tier's map lives in the cluster registry, and its OSDs take the same mutual
+            // TLS as the MDS's peers: an `ec` backend without `--registry` fails here with the
+            // reason. Blocking (an S3 or EC store connects at open).
+            let registry = placement
+                .registry
+                .as_deref()
+                .map(|spec| placement.etcd.target(spec))
+                .transpose()?;
+            let tls = config.tls.clone();
             let (store, _) =
-                tokio::task::spawn_blocking(move || open_backend(&spec, None, "mds", None))
+                tokio::task::spawn_blocking(move || open_backend(&spec, registry, "mds", tls))
                     .await??;
             Some(store)
         }

@@ -11,7 +11,9 @@
 //!   a restart loads both volumes from the MDS with nothing to replay;
 //! * on a cluster (real etcd), the owner is killed under sync-DTL write load: the adopter loads
 //!   the map from the MDS, the crash oracle finds every acknowledged write, and the master's
-//!   table moves to the new owner's tag (the old owner's is refused from then on).
+//!   table moves to the new owner's tag (the old owner's is refused from then on);
+//! * on the erasure-coded tier (etcd and six OSDs), MDSes given `--backend ec` catch their slave
+//!   tables up from the OSDs, a promoted slave holds the tier's map, and a restart loads from it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -28,7 +30,7 @@ use common::{
     require_tool, run_any, run_ok, start_cluster_node, write_with_reference, Daemon, TestBackend,
     SYNC_DTL_VOLUME_ON_N0, VSTOR,
 };
-use vstor_backend::LocalStore;
+use vstor_backend::{LocalStore, ObjectStore};
 use vstor_mds::catchup::backend_map;
 use vstor_mds::client::MdsClient;
 
@@ -60,14 +62,18 @@ fn start_node_with(root: &Path, config: &Path, mds: &[&str], extra: &[&str]) -> 
 /// Poll until the table `mds` holds for `volume` equals a full replay of the backend history
 /// (cork and map), or fail after a minute with both sides' sizes.
 fn wait_table_equals_backend(mds: &str, backend: &Path, volume: &str) -> usize {
+    wait_table_equals_store(mds, &LocalStore::open(backend).unwrap(), volume)
+}
+
+/// [`wait_table_equals_backend`] for any store (the EC tier's).
+fn wait_table_equals_store(mds: &str, store: &dyn ObjectStore, volume: &str) -> usize {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let store = LocalStore::open(backend).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (cork, map) = backend_map(&store, volume, volume).unwrap();
+        let (cork, map) = backend_map(store, volume, volume).unwrap();
         // No table yet (an MDS that lost its data) is a state to wait through.
         let table = runtime.block_on(async {
             let client = MdsClient::connect(mds, "test", Duration::from_secs(10))
@@ -201,6 +207,8 @@ fn restart_loads_everything_from_the_mds(
 ) {
     let info = restart(node, || {});
     assert_eq!(u(&info, "opened_replayed_tlogs"), 0, "{info}");
+    // The open is timed (the figure `volume info` and `vstor-bench` report).
+    assert!(u(&info, "opened_in_us") > 0, "{info}");
     assert_eq!(
         u(&info, "opened_from_mds_tlogs"),
         u(before, "tlogs_on_backend"),
@@ -602,4 +610,69 @@ fn over_mutual_tls_a_restart_loads_the_map_from_the_mds_and_strangers_are_refuse
         i["mds"]["servers"][0]["behind"] == 0
     });
     compare(&node, &reference);
+}
+
+/// A node on the erasure-coded tier with `--mds m0,m1`, both MDSes on `--backend ec --registry`:
+/// the slave catches up by reading TLogs from the OSDs (before the master dies), is promoted
+/// after `kill -9` of the master with a table equal to a full replay of the tier's history, and
+/// a restart then loads the whole map from it with the contents unchanged.
+#[test]
+fn on_the_ec_tier_slaves_catch_up_from_the_osds() {
+    require_tool("qemu-io");
+    let backend = TestBackend::ec();
+    let TestBackend::Ec(ec) = &backend else {
+        unreachable!("TestBackend::ec is the EC tier")
+    };
+    let url = ec.tier.url();
+    let tmp = tempfile::tempdir().unwrap();
+    // The slave catches up on its own timer: nothing but the OSDs tells it what was written.
+    let mut mdses: Vec<Mds> = ["m0", "m1"]
+        .iter()
+        .map(|name| {
+            Mds::start_at(
+                &tmp.path().join(name),
+                Path::new("ec"),
+                "127.0.0.1:0",
+                &[
+                    "--registry",
+                    &url,
+                    "--name",
+                    name,
+                    "--catch-up-every",
+                    "200ms",
+                ],
+            )
+        })
+        .collect();
+    let (m0, m1) = (mdses[0].addr.clone(), mdses[1].addr.clone());
+    let mds = format!("{m0},{m1}");
+    let node_dir = tmp.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let mut node = Daemon::start_on(&node_dir, &backend, &["--mds", &mds]);
+    node.cli_ok(&CREATE_VOL_4M_SCOS);
+    let reference = tmp.path().join("reference.raw");
+    zeroed_file(&reference, 64 << 20);
+    for round in 0..3 {
+        write_round(&node, &reference, round);
+    }
+    node.wait_uploaded("vol");
+    let before = node.wait_for("vol", "the slave caught up from the OSDs", |i| {
+        i["tlogs_on_backend"].as_u64() >= Some(3)
+            && i["mds"]["servers"][0]["behind"] == 0
+            && i["mds"]["servers"][1]["behind"] == 0
+    });
+    let store = backend.store(&node.data_dir);
+    let entries = wait_table_equals_store(&m1, store.as_ref(), "vol");
+    assert!(entries > 0, "{before}");
+
+    mdses[0].kill9();
+    write_round(&node, &reference, 3);
+    node.wait_uploaded("vol");
+    let before = node.wait_for("vol", "the slave promoted and caught up", |i| {
+        i["mds"]["master"] == m1.as_str()
+            && i["mds"]["promotions"] == 1
+            && i["mds"]["servers"][0]["behind"] == 0
+    });
+    wait_table_equals_store(&m1, store.as_ref(), "vol");
+    restart_loads_everything_from_the_mds(&mut node, &before, &reference);
 }

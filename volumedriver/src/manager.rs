@@ -181,8 +181,10 @@ impl VolumeManager {
     /// [`restart`](Self::restart) does for one.
     fn open_registered(self: &Arc<Self>, name: &str) -> Result<Arc<Volume>> {
         let dir = self.config.write_buffer_dir.join(name);
+        let started = Instant::now();
         let seed = self.mds_seed(name);
         let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
+        volume.set_opened_in(started.elapsed());
         volume.set_dtl_tls(self.config.dtl_tls.clone());
         tracing::info!(volume = %name, "volume restarted");
         // Writes acknowledged after the last FLUSH may be missing from the write buffer after a
@@ -547,8 +549,10 @@ impl VolumeManager {
             Err(e) => return Err(VolumeError::io(name, &dir)(e)),
         }
         self.failed.write().remove(name);
+        let started = Instant::now();
         let seed = self.mds_seed(name);
         let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
+        volume.set_opened_in(started.elapsed());
         volume.set_dtl_tls(self.config.dtl_tls.clone());
         let summary = match volume.replay_dtl() {
             Ok(summary) => summary,

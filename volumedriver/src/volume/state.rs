@@ -158,6 +158,8 @@ pub(super) struct State {
     /// At the last open: backend TLogs a seed (an MDS table) stood for, and TLogs replayed.
     pub(super) opened_seeded: u64,
     pub(super) opened_replayed: u64,
+    /// At the last open: how long loading the map took (MDS seed and TLog replay).
+    pub(super) opened_in: std::time::Duration,
 }
 
 pub(super) fn sco_path(dir: &Path, sco: ScoName) -> PathBuf {
@@ -291,6 +293,7 @@ impl State {
             garbage_clusters: 0,
             opened_seeded: 0,
             opened_replayed: 0,
+            opened_in: std::time::Duration::ZERO,
         }
     }
 }
