@@ -60,8 +60,12 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-/// The store `--backend` names, and where it lives.
-fn open_store(backend: Option<&str>, work: &Path) -> Result<(Arc<dyn ObjectStore>, String)> {
+/// The store `--backend` names, and where it lives (`vstor-bench mds` opens its store here
+/// too).
+pub(crate) fn open_store(
+    backend: Option<&str>,
+    work: &Path,
+) -> Result<(Arc<dyn ObjectStore>, String)> {
     let root = match backend {
         None => work.join("backend"),
         Some(uri) => match uri.split_once("://") {

@@ -37,7 +37,7 @@ enum BenchTarget {
     /// Restart from a `vstor mds` against a full backend replay (volume written with 4 KiB
     /// random writes; use --size 10G for the reference figure), MDS disk and memory per GiB,
     /// slave catch-up TLogs/s.
-    Mds(BenchOptions),
+    Mds(MdsArgs),
     /// A backend store: upload throughput (put_file and put_from of 64 MiB objects) and 4 KiB
     /// random reads of evicted volume data at queue depth 1 and 32.
     Backend(BackendArgs),
@@ -121,6 +121,17 @@ struct BackendArgs {
 }
 
 #[derive(Args)]
+struct MdsArgs {
+    #[command(flatten)]
+    options: BenchOptions,
+    /// The backend the volume is written to and replayed from: `s3` (a moto server started for
+    /// the run), s3://BUCKET[/PREFIX] (endpoint and credentials from the AWS_* environment), a
+    /// directory or file://PATH [default: a local store in the work directory].
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+#[derive(Args)]
 struct BenchOptions {
     /// Size of the test volume and file.
     #[arg(long, default_value = "1G")]
@@ -173,7 +184,10 @@ fn run(cli: Cli) -> Result<()> {
         BenchTarget::Vhost(o) => (vstor_benches::vhost::run, o),
         BenchTarget::Dtl(o) => (vstor_benches::dtl::run, o),
         BenchTarget::Snapshots(o) => (vstor_benches::snapshots::run, o),
-        BenchTarget::Mds(o) => (vstor_benches::mds::run, o),
+        BenchTarget::Mds(args) => {
+            backend = args.backend;
+            (vstor_benches::mds::run, args.options)
+        }
         BenchTarget::Edge(o) => (vstor_benches::edge::run, o),
         BenchTarget::Cluster(args) => {
             return vstor_benches::cluster::run(&vstor_benches::cluster::ClusterOptions {

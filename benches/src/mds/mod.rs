@@ -18,13 +18,19 @@
 //! disk use (its data directory) and resident memory per GiB of volume data, and the catch-up
 //! rate of a second `vstor mds` (a new slave replaying the whole history from the backend), in
 //! TLogs and map entries per second.
+//!
+//! `--backend` picks the store (see [`store`]): the local store by default, where a replay
+//! reads TLogs from the page cache, or S3 (`--backend s3` runs moto for the run), where each
+//! replayed TLog is an HTTP round trip.
+
+mod store;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vstor_backend::{LocalStore, ObjectStore};
+use vstor_backend::ObjectStore;
 use vstor_mds::catchup::read_list;
 use vstor_mds::client::MdsClient;
 use vstor_mds::owner::{seed_from_mds, MdsFeed};
@@ -36,6 +42,7 @@ use crate::common::process::{check_interrupted, spawn_until_ready, ChildGuard, I
 use crate::common::setup::{self, GIB};
 use crate::common::table;
 use crate::BenchOptions;
+use store::BenchStore;
 
 const VOLUME: &str = "mdsbench";
 /// Every MDS call of the benchmark may take this long (a whole-history catch-up is one call).
@@ -46,7 +53,7 @@ struct MdsProcess {
     addr: String,
 }
 
-fn start_mds(o: &BenchOptions, work: &Path, name: &str) -> Result<MdsProcess> {
+fn start_mds(o: &BenchOptions, work: &Path, store: &BenchStore, name: &str) -> Result<MdsProcess> {
     let dir = work.join(name);
     let mut command = std::process::Command::new(&o.vstor_bin);
     command
@@ -54,7 +61,8 @@ fn start_mds(o: &BenchOptions, work: &Path, name: &str) -> Result<MdsProcess> {
         .arg("--data-dir")
         .arg(&dir)
         .arg("--backend")
-        .arg(work.join("backend"));
+        .arg(&store.spec)
+        .envs(store.env.iter().map(|(k, v)| (k, v)));
     let (process, addr) = spawn_until_ready(
         &mut command,
         name,
@@ -120,8 +128,10 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let backend: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(work.join("backend"))?);
-    let master = start_mds(o, work, "mds-master")?;
+    let store = BenchStore::open(o.backend.as_deref(), work)?;
+    eprintln!("mds bench: backend {}", store.label);
+    let backend = store.store.clone();
+    let master = start_mds(o, work, &store, "mds-master")?;
     let client =
         Arc::new(runtime.block_on(MdsClient::connect(&master.addr, "bench", CALL_TIMEOUT))?);
     let manager = VolumeManager::open(
@@ -196,10 +206,10 @@ pub fn run(o: &BenchOptions) -> Result<()> {
             list.tlogs.len(),
         )?);
     }
-    let catch_up = measure_catch_up(o, work, &runtime, tag)?;
+    let catch_up = measure_catch_up(o, work, &store, &runtime, tag)?;
     drop(volume);
     manager.shutdown(Duration::from_secs(60));
-    report(o, &points, &catch_up);
+    report(o, &store.label, &points, &catch_up);
     Ok(())
 }
 
@@ -268,10 +278,11 @@ struct CatchUp {
 fn measure_catch_up(
     o: &BenchOptions,
     work: &Path,
+    store: &BenchStore,
     runtime: &tokio::runtime::Runtime,
     tag: u64,
 ) -> Result<CatchUp> {
-    let slave = start_mds(o, work, "mds-slave")?;
+    let slave = start_mds(o, work, store, "mds-slave")?;
     let client = runtime.block_on(MdsClient::connect(&slave.addr, "bench", CALL_TIMEOUT))?;
     runtime.block_on(client.set_role(VOLUME, VOLUME, Role::Slave, tag))?;
     let started = Instant::now();
@@ -285,7 +296,7 @@ fn measure_catch_up(
     })
 }
 
-fn report(o: &BenchOptions, points: &[Point], catch_up: &CatchUp) {
+fn report(o: &BenchOptions, backend: &str, points: &[Point], catch_up: &CatchUp) {
     // Per GiB of volume data: the clusters the map holds, not the bytes written (overwrites
     // cost the MDS nothing).
     let per_gib = |bytes: u64, entries: usize| {
@@ -311,6 +322,7 @@ fn report(o: &BenchOptions, points: &[Point], catch_up: &CatchUp) {
         println!(
             "{}",
             serde_json::json!({
+                "backend": backend,
                 "points": points,
                 "catch_up": {
                     "tlogs": catch_up.tlogs,
@@ -347,7 +359,7 @@ fn report(o: &BenchOptions, points: &[Point], catch_up: &CatchUp) {
         ]);
     }
     println!(
-        "MDS: restart of a volume written with 4 KiB random writes ({}), medians",
+        "MDS: restart of a volume written with 4 KiB random writes ({}), medians; backend: {backend}",
         table::rounds_label(o.rounds)
     );
     print!("{}", table::render(&lines));
