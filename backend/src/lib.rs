@@ -17,6 +17,7 @@ pub mod crypt;
 pub mod ec;
 mod local;
 pub mod osd;
+pub mod prefetch;
 pub mod s3;
 #[cfg(any(test, feature = "testing"))]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is a failure report

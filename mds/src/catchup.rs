@@ -150,21 +150,36 @@ fn catch_up_once(
     let mut batch: Vec<(Cork, Vec<Update>)> = Vec::new();
     let mut batched = 0usize;
     let records = &list.tlogs[from..];
-    for (index, record) in records.iter().enumerate() {
-        let updates = read_tlog_updates(backend, volume, &meta.namespace, &record.object_name())?;
-        cork = cork.after(record);
-        batched += updates.len();
-        batch.push((cork, updates));
-        if batch.len() >= BATCH_TLOGS || batched >= BATCH_UPDATES || index + 1 == records.len() {
-            store.replay_batch(volume, reset, expect, &batch)?;
-            reset = false;
-            expect = cork;
-            report.replayed += batch.len() as u64;
-            report.cork = cork;
-            batch.clear();
-            batched = 0;
-        }
-    }
+    // TLogs are fetched and verified a few at a time (each is a round trip on S3 or the EC
+    // tier) and committed in list order.
+    vstor_backend::prefetch::in_order(
+        records.len(),
+        vstor_backend::prefetch::DEFAULT_DEPTH,
+        |index| {
+            read_tlog_updates(
+                backend,
+                volume,
+                &meta.namespace,
+                &records[index].object_name(),
+            )
+        },
+        |index, updates| {
+            cork = cork.after(&records[index]);
+            batched += updates.len();
+            batch.push((cork, updates));
+            if batch.len() >= BATCH_TLOGS || batched >= BATCH_UPDATES || index + 1 == records.len()
+            {
+                store.replay_batch(volume, reset, expect, &batch)?;
+                reset = false;
+                expect = cork;
+                report.replayed += batch.len() as u64;
+                report.cork = cork;
+                batch.clear();
+                batched = 0;
+            }
+            Ok(())
+        },
+    )?;
     if report.full_rebuild.is_none() {
         store.count_incremental(volume)?;
     }

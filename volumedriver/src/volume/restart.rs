@@ -43,9 +43,14 @@ impl Volume {
         let seeded = self.apply_seed(st, &records, seed);
         st.opened_seeded = seeded as u64;
         st.opened_replayed = (records.len() - seeded) as u64;
-        for (index, record) in records.iter().enumerate() {
-            if index >= seeded {
-                let object = record.object_name();
+        // The TLogs after the seed, applied in list order while the next few are fetched and
+        // verified (on S3 or the EC tier each is a round trip).
+        let replayed = &records[seeded..];
+        vstor_backend::prefetch::in_order(
+            replayed.len(),
+            vstor_backend::prefetch::DEFAULT_DEPTH,
+            |index| {
+                let object = replayed[index].object_name();
                 let bytes = self
                     .backend
                     .get(&namespace, &object)
@@ -53,8 +58,16 @@ impl Volume {
                 let parsed = tlog::parse(&bytes, true).map_err(|e| {
                     VolumeError::corrupt(&name, format!("backend TLog {object}"), e)
                 })?;
-                st.garbage_clusters += self.apply_entries(st, &parsed.entries, &object)?;
-            }
+                Ok((object, parsed.entries))
+            },
+            |_, (object, entries)| {
+                st.garbage_clusters += self.apply_entries(st, &entries, &object)?;
+                Ok(())
+            },
+        )?;
+        // What the whole list says, seeded or replayed (every step is a maximum, so order
+        // against the replay above does not matter).
+        for record in &records {
             backend_scos.extend(record.scos.iter().map(|n| (*n, record.sco_version(*n))));
             if let Some(newest) = record.scos.iter().max() {
                 // Every SCO of an uploaded TLog is complete: nothing in it is left to replay.
