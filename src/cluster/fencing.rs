@@ -7,7 +7,10 @@
 //!   *successful* renewal was **sent**: etcd counts the TTL from when it processed that request,
 //!   which is no earlier, so the lease lives at least until `last_ok_sent + TTL`.
 //! - Once `fence_after = TTL - margin` has passed since `last_ok_sent`, the node asks its peers
-//!   whether they reach the registry ([`Action::Probe`]).
+//!   whether they reach the registry ([`Action::Probe`]). When one does, the driver tries one
+//!   renewal of its own (bounded to a tenth of the margin) before reporting the answers: a
+//!   registry back for everybody at once must not fence a node whose next scheduled renewal is
+//!   merely later than a peer's (a renewal that works makes the answers moot, as below).
 //!   - At least one peer reaches it, or no peer answers at all: this node is the one cut off.
 //!     It enters [`Health::Fenced`] and stops acknowledging writes, `margin` before its lease
 //!     can expire anywhere (so before anyone can take its volumes over).

@@ -196,6 +196,27 @@ impl Cluster {
                         let answers =
                             forward::probe_registry(&peers, self.settings.peer_probe_timeout())
                                 .await;
+                        // A peer reaches the registry. When it came back for everybody at once
+                        // (etcd restarted), this node's own next renewal can be up to a
+                        // keepalive interval away, and fencing now would fail the writes in
+                        // flight for nothing. One renewal first, bounded to a tenth of the
+                        // fence margin (at most 100 ms) so the fence still goes up well before
+                        // the lease can expire: renewed, the answers are moot; not, the peers
+                        // decide as before.
+                        if answers.contains(&Some(true)) {
+                            let recheck = Duration::from_millis(
+                                (self.settings.fence_margin_ms / 10).min(100),
+                            );
+                            let sent = Instant::now();
+                            if let Ok(Ok(KeepAlive::Renewed { .. })) = tokio::time::timeout(
+                                recheck,
+                                self.registry.keep_alive(self.lease()),
+                            )
+                            .await
+                            {
+                                monitor.renewed(sent);
+                            }
+                        }
                         monitor.probed(Instant::now(), &answers);
                     }
                     Action::Register => {
