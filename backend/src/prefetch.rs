@@ -16,11 +16,13 @@
 //!
 //! Hand-written over std threads rather than a crate: rayon's parallel iterators collect a whole
 //! run (unbounded memory for a long history) and would add a global thread pool to every process
-//! linking the backend; the ordered, bounded hand-off needs one mutex and a condition variable.
+//! linking the backend; the ordered, bounded hand-off needs one mutex and a condition variable
+//! (parking_lot's, as elsewhere in this crate: no poisoning to unwrap).
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
-use std::sync::{Condvar, Mutex};
+
+use parking_lot::{Condvar, Mutex};
 
 /// How many gets a replay keeps in flight by default.
 pub const DEFAULT_DEPTH: usize = 8;
@@ -58,25 +60,15 @@ where
     });
     let moved = Condvar::new();
     let (sender, results) = mpsc::channel::<(usize, Result<T, E>)>();
-    // A poisoned lock means a worker panicked; the scope re-raises that panic when it joins.
-    let lock = || {
-        window
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
     std::thread::scope(|scope| {
         for _ in 0..depth.min(count) {
             let sender = sender.clone();
             let (fetch, window, moved) = (&fetch, &window, &moved);
             scope.spawn(move || loop {
                 let index = {
-                    let mut w = window
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut w = window.lock();
                     while !w.stopped && w.next < count && w.next >= w.applied + depth {
-                        w = moved
-                            .wait(w)
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        moved.wait(&mut w);
                     }
                     if w.stopped || w.next >= count {
                         return;
@@ -107,12 +99,12 @@ where
                     }
                 };
                 apply(index, value?)?;
-                lock().applied = index + 1;
+                window.lock().applied = index + 1;
                 moved.notify_all();
             }
             Ok(())
         })();
-        lock().stopped = true;
+        window.lock().stopped = true;
         moved.notify_all();
         outcome
     })

@@ -181,11 +181,7 @@ impl VolumeManager {
     /// [`restart`](Self::restart) does for one.
     fn open_registered(self: &Arc<Self>, name: &str) -> Result<Arc<Volume>> {
         let dir = self.config.write_buffer_dir.join(name);
-        let started = Instant::now();
-        let seed = self.mds_seed(name);
-        let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
-        volume.set_opened_in(started.elapsed());
-        volume.set_dtl_tls(self.config.dtl_tls.clone());
+        let volume = self.open_map(name, &dir)?;
         tracing::info!(volume = %name, "volume restarted");
         // Writes acknowledged after the last FLUSH may be missing from the write buffer after a
         // crash; the DTL has them. An unreachable DTL is not fatal: the volume comes up degraded
@@ -194,6 +190,18 @@ impl VolumeManager {
             tracing::error!(volume = %name, error = %e, "DTL replay at restart failed; continuing without it");
         }
         self.serve(name, &volume);
+        Ok(volume)
+    }
+
+    /// Open volume `name` from `dir`, its map seeded from the MDS when one has a usable table
+    /// (else replayed from the backend), timing both for `VolumeInfo::opened_in_us`; the DTL is
+    /// the caller's next step.
+    fn open_map(&self, name: &str, dir: &Path) -> Result<Arc<Volume>> {
+        let started = Instant::now();
+        let seed = self.mds_seed(name);
+        let volume = Volume::open_seeded(self.fs.clone(), dir, self.backend.clone(), name, seed)?;
+        volume.set_opened_in(started.elapsed());
+        volume.set_dtl_tls(self.config.dtl_tls.clone());
         Ok(volume)
     }
 
@@ -549,11 +557,7 @@ impl VolumeManager {
             Err(e) => return Err(VolumeError::io(name, &dir)(e)),
         }
         self.failed.write().remove(name);
-        let started = Instant::now();
-        let seed = self.mds_seed(name);
-        let volume = Volume::open_seeded(self.fs.clone(), &dir, self.backend.clone(), name, seed)?;
-        volume.set_opened_in(started.elapsed());
-        volume.set_dtl_tls(self.config.dtl_tls.clone());
+        let volume = self.open_map(name, &dir)?;
         let summary = match volume.replay_dtl() {
             Ok(summary) => summary,
             Err(e) => {

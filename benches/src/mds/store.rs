@@ -54,24 +54,16 @@ impl BenchStore {
                     _moto: Some(moto),
                 })
             }
-            Some(other) => {
-                let (store, label) = crate::backend::open_store(Some(other), work)?;
+            other => {
+                let (store, label) = crate::backend::open_store(other, work)?;
                 // `vstor mds --backend` takes a directory or an s3:// URI, as `vstor serve`.
-                let spec = other.strip_prefix("file://").unwrap_or(other);
+                let spec = match other {
+                    None => work.join("backend").into_os_string(),
+                    Some(spec) => spec.strip_prefix("file://").unwrap_or(spec).into(),
+                };
                 Ok(Self {
                     store,
-                    spec: spec.into(),
-                    env: Vec::new(),
-                    label,
-                    _moto: None,
-                })
-            }
-            None => {
-                let dir = work.join("backend");
-                let (store, label) = crate::backend::open_store(None, work)?;
-                Ok(Self {
-                    store,
-                    spec: dir.into_os_string(),
+                    spec,
                     env: Vec::new(),
                     label,
                     _moto: None,
