@@ -41,16 +41,20 @@ pub async fn seed_from_mds(
     volume: &str,
     namespace: &str,
 ) -> Option<MapSeed> {
-    let (cork, pages) = match client.dump_pages(volume).await {
+    // The backend list is read while the table comes in (on S3 it is a round trip of its own).
+    // Either may be read first: the check below only asks whether the table's cork fingerprints
+    // a prefix of the list, and nothing else writes the list while the volume is not open.
+    let list = {
+        let (volume, namespace) = (volume.to_string(), namespace.to_string());
+        tokio::task::spawn_blocking(move || read_list(backend.as_ref(), &volume, &namespace))
+    };
+    let (table, list) = tokio::join!(client.dump_pages(volume), list);
+    let (cork, pages) = match table {
         Ok(table) => table,
         Err(e) => {
             tracing::warn!(volume, mds = client.addr(), error = %e, "no MDS table to restart from: full backend replay");
             return None;
         }
-    };
-    let list = {
-        let (volume, namespace) = (volume.to_string(), namespace.to_string());
-        tokio::task::spawn_blocking(move || read_list(backend.as_ref(), &volume, &namespace)).await
     };
     let list = match list {
         Ok(Ok(list)) => list,

@@ -224,3 +224,61 @@ async fn a_stale_or_missing_table_falls_back_to_the_full_replay() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// A volume whose last map page reaches past its end (700 clusters: page 1 holds clusters
+/// 512..1024): a seed equal to the replayed map is adopted page by page and gives the same
+/// map; one with an entry in that last page beyond the volume is refused whole.
+#[test]
+fn a_seed_whose_last_page_reaches_past_the_volume_is_checked_there() {
+    const SMALL: u64 = 700;
+    let tmp = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::open(tmp.path().join("backend")).unwrap());
+    let wb = tmp.path().join("wb");
+    let mut options = VolumeOptions::new(SMALL * CS);
+    options.sco_size = 4 << 20;
+    let volume = Volume::create(
+        &wb,
+        backend.clone(),
+        VolumeConfig::new("v", &options, 0).unwrap(),
+    )
+    .unwrap();
+    for (n, start) in [(1u8, 0u64), (2, 500), (3, 640)] {
+        volume
+            .write(start * CS, &vec![n; (60 * CS) as usize], false)
+            .unwrap();
+        upload(&volume);
+    }
+    let map = volume.map_entries();
+    assert!(map.iter().any(|(a, _)| *a >= 512), "the last page is used");
+    volume.stop();
+    drop(volume);
+    let list = read_list(backend.as_ref(), "v", "v").unwrap();
+    let (records, last) = (list.tlogs.len(), list.tlogs.last().unwrap().number);
+    let open = |seed| {
+        std::fs::remove_dir_all(&wb).unwrap();
+        let volume =
+            Volume::open_seeded(Arc::new(StdFs), &wb, backend.clone(), "v", Some(seed)).unwrap();
+        let (seeded, entries) = (volume.info().opened_from_mds_tlogs, volume.map_entries());
+        volume.stop();
+        (seeded, entries)
+    };
+
+    let (seeded, entries) = open(vstor_volumedriver::MapSeed::from_entries(
+        records,
+        last,
+        map.iter().copied(),
+    ));
+    assert_eq!(seeded, records as u64, "the seed was adopted");
+    assert_eq!(entries, map);
+
+    let beyond = map.iter().copied().chain([(
+        SMALL + 10,
+        vstor_volumedriver::ClusterLocation::from_raw(0x1_0000_0007),
+    )]);
+    let (seeded, entries) = open(vstor_volumedriver::MapSeed::from_entries(
+        records, last, beyond,
+    ));
+    assert_eq!(seeded, 0, "the seed was refused");
+    assert_eq!(entries, map, "the full replay gave the map");
+}

@@ -4,15 +4,19 @@
 //! the volume *uses*, not what it could hold: a 64 TiB thin volume has 2^34 clusters, and a flat
 //! array of 8-byte locations would be 128 GiB. The map is a two-level radix tree of 4 KiB pages:
 //!
-//! * a **leaf** holds 512 locations (2 MiB of volume) plus a count of written entries, and is
-//!   freed when that count drops to zero (after a trim);
-//! * a **directory** node holds 512 leaf pointers (1 GiB of volume);
+//! * a **leaf** is one 4 KiB page of 512 locations (2 MiB of volume), freed when its count of
+//!   written entries drops to zero (after a trim);
+//! * a **directory** node holds 512 leaves, each a page pointer and its count (1 GiB of volume);
 //! * the root vector holds one slot per GiB of volume size (8 KiB per TiB).
 //!
 //! A 1 TiB volume with 1 GiB written sequentially therefore costs ~2 MiB of leaves plus a few KiB
 //! of directories and root. Unwritten runs are skipped a leaf or a directory at a time, so block
 //! status over a large empty volume is cheap.
-
+//!
+//! A leaf's page is a plain `Box<[u64; 512]>` (its count lives beside the pointer, not in the
+//! page), so a restart from an MDS adopts the pages the MDS client decoded instead of copying
+//! them: loading a 10 GiB volume's map is then a scan per page, not an allocation, a page fault
+//! and a copy per page (which had been most of the restart's own time).
 use crate::types::{ClusterAddress, ClusterLocation};
 
 const LEAF_BITS: u32 = 9;
@@ -23,12 +27,15 @@ const DIR_BITS: u32 = 9;
 const DIR_ENTRIES: usize = 1 << DIR_BITS;
 const DIR_SPAN: u64 = (LEAF_ENTRIES * DIR_ENTRIES) as u64;
 
+/// A leaf's 512 raw locations (0 = unwritten): the unit [`ClusterMap::load_leaf`] adopts.
+pub type LeafPage = Box<[u64; LEAF_ENTRIES]>;
+
 struct Leaf {
-    entries: [u64; LEAF_ENTRIES],
+    entries: LeafPage,
     written: u16,
 }
 
-type Directory = [Option<Box<Leaf>>; DIR_ENTRIES];
+type Directory = [Option<Leaf>; DIR_ENTRIES];
 
 pub struct ClusterMap {
     root: Vec<Option<Box<Directory>>>,
@@ -119,10 +126,10 @@ impl ClusterMap {
         });
         let leaf = dir[l].get_or_insert_with(|| {
             self.leaves += 1;
-            Box::new(Leaf {
-                entries: [0; LEAF_ENTRIES],
+            Leaf {
+                entries: Box::new([0; LEAF_ENTRIES]),
                 written: 0,
-            })
+            }
         });
         let old = ClusterLocation::from_raw(leaf.entries[e]);
         if old.is_unwritten() {
@@ -134,24 +141,32 @@ impl ClusterMap {
     }
 
     /// Replace the leaf of clusters `leaf * LEAF_CLUSTERS ..` with `entries` (raw locations;
-    /// unwritten ones are stored as 0): a restart's bulk load, one copy per leaf instead of a
-    /// lookup per cluster. The caller has checked that no written entry lies beyond the map.
+    /// unwritten ones are stored as 0): a restart's bulk load, which adopts the page as the
+    /// leaf (no copy) instead of a lookup per cluster, and calls `visit` with each written
+    /// location in the same pass. The caller has checked that no written entry lies beyond the
+    /// map.
     ///
     /// Panics if the leaf starts outside the map.
-    pub fn load_leaf(&mut self, leaf: u64, entries: &[u64; LEAF_ENTRIES]) {
+    pub fn load_leaf(
+        &mut self,
+        leaf: u64,
+        mut entries: LeafPage,
+        mut visit: impl FnMut(ClusterLocation),
+    ) {
         let start = leaf * LEAF_CLUSTERS;
         assert!(start < self.clusters, "leaf {leaf} outside the map");
         let (d, l, _) = split(start);
-        let mut copy = Box::new(Leaf {
-            entries: [0; LEAF_ENTRIES],
-            written: 0,
-        });
-        for (to, raw) in copy.entries.iter_mut().zip(entries) {
-            if !ClusterLocation::from_raw(*raw).is_unwritten() {
-                *to = *raw;
-                copy.written += 1;
+        let mut written = 0u16;
+        for raw in entries.iter_mut() {
+            let location = ClusterLocation::from_raw(*raw);
+            if location.is_unwritten() {
+                *raw = 0;
+            } else {
+                written += 1;
+                visit(location);
             }
         }
+        let loaded = Leaf { entries, written };
         let dir = self.root[d].get_or_insert_with(|| {
             self.directories += 1;
             Box::new(std::array::from_fn(|_| None))
@@ -162,15 +177,15 @@ impl ClusterMap {
             }
             None => self.leaves += 1,
         }
-        self.written += u64::from(copy.written);
-        if copy.written == 0 {
+        self.written += u64::from(loaded.written);
+        if loaded.written == 0 {
             self.leaves -= 1;
             if dir.iter().all(Option::is_none) {
                 self.root[d] = None;
                 self.directories -= 1;
             }
         } else {
-            dir[l] = Some(copy);
+            dir[l] = Some(loaded);
         }
     }
 
@@ -267,7 +282,7 @@ impl ClusterMap {
     pub fn memory_bytes(&self) -> u64 {
         (self.root.capacity() * std::mem::size_of::<Option<Box<Directory>>>()
             + self.directories * std::mem::size_of::<Directory>()
-            + self.leaves * std::mem::size_of::<Leaf>()) as u64
+            + self.leaves * std::mem::size_of::<[u64; LEAF_ENTRIES]>()) as u64
     }
 }
 
@@ -353,7 +368,7 @@ mod tests {
                     }
                     Op::Load(leaf, step) => {
                         let base = leaf * LEAF_CLUSTERS;
-                        let mut entries = [0u64; LEAF_ENTRIES];
+                        let mut entries: LeafPage = Box::new([0u64; LEAF_ENTRIES]);
                         model.retain(|k, _| *k < base || *k >= base + LEAF_CLUSTERS);
                         for (i, e) in entries.iter_mut().enumerate() {
                             let a = base + i as u64;
@@ -365,7 +380,9 @@ mod tests {
                                 *e = 0x0001_0000_0000;
                             }
                         }
-                        map.load_leaf(leaf, &entries);
+                        let mut visited = 0;
+                        map.load_leaf(leaf, entries, |_| visited += 1);
+                        prop_assert_eq!(visited, model.range(base..base + LEAF_CLUSTERS).count());
                     }
                 }
             }

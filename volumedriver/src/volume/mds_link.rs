@@ -26,8 +26,9 @@ use super::dtl_link::Position;
 use super::state::State;
 use super::Volume;
 
-/// Raw locations of one page of [`LEAF_CLUSTERS`] clusters (0 = unwritten).
-pub type SeedPage = Box<[u64; LEAF_CLUSTERS as usize]>;
+/// Raw locations of one page of [`LEAF_CLUSTERS`] clusters (0 = unwritten): a map leaf, which
+/// the restart adopts as it is.
+pub type SeedPage = crate::map::LeafPage;
 
 /// A map as of the first `records` records of the backend TLog list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,15 +109,16 @@ impl Volume {
         seed: Option<MapSeed>,
     ) -> usize {
         let Some(seed) = seed else { return 0 };
-        match self.load_seed(st, records, &seed) {
+        let seeded = seed.records;
+        match self.load_seed(st, records, seed) {
             Ok(()) => {
                 tracing::info!(
                     volume = %self.name,
-                    seeded = seed.records,
-                    replay = records.len() - seed.records,
+                    seeded,
+                    replay = records.len() - seeded,
                     "restart from the MDS: replaying only the TLogs after its cork"
                 );
-                seed.records
+                seeded
             }
             Err(e) => {
                 tracing::warn!(volume = %self.name, error = %e, "MDS map not usable: full backend replay");
@@ -125,7 +127,7 @@ impl Volume {
         }
     }
 
-    fn load_seed(&self, st: &mut State, records: &[TLogRecord], seed: &MapSeed) -> Result<()> {
+    fn load_seed(&self, st: &mut State, records: &[TLogRecord], seed: MapSeed) -> Result<()> {
         let fits = seed.records <= records.len()
             && (seed.records == 0 || records[seed.records - 1].number == seed.through_tlog);
         if !fits {
@@ -139,9 +141,13 @@ impl Volume {
             ));
         }
         let clusters = st.map.clusters();
-        // Check everything before changing anything: a refused seed leaves no trace.
+        // Check everything before changing anything: a refused seed leaves no trace. Only a
+        // page reaching past the volume's end can hold an entry beyond it.
         for (page, entries) in &seed.pages {
             let base = page.saturating_mul(LEAF_CLUSTERS);
+            if base.saturating_add(LEAF_CLUSTERS) <= clusters {
+                continue;
+            }
             let beyond = entries.iter().enumerate().find(|(i, raw)| {
                 base.saturating_add(*i as u64) >= clusters
                     && !ClusterLocation::from_raw(**raw).is_unwritten()
@@ -157,17 +163,17 @@ impl Volume {
                 ));
             }
         }
-        for (page, entries) in &seed.pages {
+        for (page, entries) in seed.pages {
             if page.saturating_mul(LEAF_CLUSTERS) >= clusters {
                 continue; // nothing written there (checked above)
             }
-            st.map.load_leaf(*page, entries);
-            for raw in entries.iter() {
-                let location = ClusterLocation::from_raw(*raw);
-                if location.clone_id() == 0 && !location.is_unwritten() {
-                    st.applied_end = st.applied_end.max(Position::after(location));
+            let mut applied_end = st.applied_end;
+            st.map.load_leaf(page, entries, |location| {
+                if location.clone_id() == 0 {
+                    applied_end = applied_end.max(Position::after(location));
                 }
-            }
+            });
+            st.applied_end = applied_end;
         }
         Ok(())
     }
