@@ -41,7 +41,7 @@ use vstor_mds::owner::{seed_from_mds, MdsFeed};
 use vstor_mds::proto::ErrorCode;
 use vstor_mds::table::{plan_catch_up, CatchUpPlan};
 use vstor_mds::{Cork, MdsError, Role};
-use vstor_volumedriver::{MapSeed, MdsHook, Volume};
+use vstor_volumedriver::{MapSeed, MdsHook, PendingSeed, Volume};
 
 use crate::api_types::{MdsServerStatus, MdsStatus};
 use crate::registry::{now_secs, NodeRecord, Registry};
@@ -144,31 +144,35 @@ impl MdsLink {
         (s.status.checked_at > 0).then(|| s.status.clone())
     }
 
-    /// Run `fut` on the node's runtime and wait for it from a blocking context.
-    fn block<T: Send + 'static>(
+    /// Run `fut` on the node's runtime; its result arrives on the receiver, which a blocking
+    /// context waits on.
+    fn spawn_for<T: Send + 'static>(
         &self,
-        wait: Duration,
         fut: impl Future<Output = T> + Send + 'static,
-    ) -> Option<T> {
+    ) -> std::sync::mpsc::Receiver<T> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.inner.runtime.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv_timeout(wait).ok()
+        rx
     }
 }
 
 impl MdsHook for MdsLink {
-    fn seed(&self, volume: &str) -> Option<MapSeed> {
+    fn seed(&self, volume: &str) -> PendingSeed {
         let (inner, name) = (self.inner.clone(), volume.to_string());
-        let seed = self.block(SEED_WAIT, async move { inner.seed(&name).await });
-        if seed.is_none() {
-            tracing::warn!(
-                volume,
-                "no answer from the MDSes in {SEED_WAIT:?}: full backend replay"
-            );
-        }
-        seed.flatten()
+        let wait = self.spawn_for(async move { inner.seed(&name).await });
+        let volume = volume.to_string();
+        Box::new(move || {
+            let seed = wait.recv_timeout(SEED_WAIT).ok();
+            if seed.is_none() {
+                tracing::warn!(
+                    volume,
+                    "no answer from the MDSes in {SEED_WAIT:?}: full backend replay"
+                );
+            }
+            seed.flatten()
+        })
     }
 
     fn serving(&self, volume: &Arc<Volume>) {

@@ -43,15 +43,21 @@ pub const DEFAULT_MAX_OPEN_AGE: Duration = Duration::from_secs(60);
 /// The node's metadata servers as the manager sees them (see the module docs). Called from
 /// blocking contexts (never a tokio worker): implementations may wait on the network, bounded.
 pub trait MdsHook: Send + Sync {
-    /// A map to start `volume` from (restart or adoption), or `None` for a full backend replay.
-    /// The engine checks the seed against the backend list and ignores one that does not fit.
-    fn seed(&self, volume: &str) -> Option<MapSeed>;
+    /// Start fetching a map to start `volume` from (restart or adoption). The open reads the
+    /// volume's configuration, owner tag and backend list meanwhile (on S3 or the EC tier each
+    /// a round trip), then calls the returned [`PendingSeed`] for the map, or `None` for a full
+    /// backend replay. The engine checks the seed against the backend list and ignores one that
+    /// does not fit.
+    fn seed(&self, volume: &str) -> PendingSeed;
     /// `volume` is served by this node from now on (created, cloned, restarted or adopted):
     /// called before its first upload, so every uncorked TLog can reach the master.
     fn serving(&self, volume: &Arc<Volume>);
     /// `volume` is no longer served here: `deleted` when it is gone for good.
     fn stopped(&self, volume: &str, deleted: bool);
 }
+
+/// A seed on its way from an MDS: calling it waits for it (bounded by the hook).
+pub type PendingSeed = Box<dyn FnOnce() -> Option<MapSeed> + Send>;
 
 /// A shared [`MdsHook`] in the manager's configuration.
 #[derive(Clone)]
@@ -199,14 +205,18 @@ impl VolumeManager {
     fn open_map(&self, name: &str, dir: &Path) -> Result<Arc<Volume>> {
         let started = Instant::now();
         let seed = self.mds_seed(name);
-        let volume = Volume::open_seeded(self.fs.clone(), dir, self.backend.clone(), name, seed)?;
+        let volume =
+            Volume::open_seeded_with(self.fs.clone(), dir, self.backend.clone(), name, seed)?;
         volume.set_opened_in(started.elapsed());
         volume.set_dtl_tls(self.config.dtl_tls.clone());
         Ok(volume)
     }
 
-    fn mds_seed(&self, name: &str) -> Option<MapSeed> {
-        self.config.mds.as_ref().and_then(|hook| hook.0.seed(name))
+    fn mds_seed(&self, name: &str) -> PendingSeed {
+        match &self.config.mds {
+            Some(hook) => hook.0.seed(name),
+            None => Box::new(|| None),
+        }
     }
 
     /// Tell the MDS hook, if any, that `name` is no longer served here.

@@ -354,6 +354,20 @@ impl Volume {
         name: &str,
         seed: Option<MapSeed>,
     ) -> Result<Arc<Self>> {
+        Self::open_seeded_with(fs, dir, backend, name, move || seed)
+    }
+
+    /// [`open_seeded`](Self::open_seeded), calling `seed` for the seed only once the volume's
+    /// configuration, owner tag, backend list and local metadata are read, so a seed fetched
+    /// over the network (an MDS dump) arrives while those reads run. Not called if the open
+    /// fails before.
+    pub fn open_seeded_with(
+        fs: Arc<dyn WbFs>,
+        dir: &Path,
+        backend: Arc<dyn ObjectStore>,
+        name: &str,
+        seed: impl FnOnce() -> Option<MapSeed>,
+    ) -> Result<Arc<Self>> {
         let config_path = dir.join(CONFIG_FILE);
         let config = match fs.read(&config_path) {
             Ok(bytes) => VolumeConfig::decode(name, &config_path.display().to_string(), &bytes)?,
@@ -400,6 +414,7 @@ impl Volume {
             state.list_changes += 1;
         }
         let volume = Self::from_state(fs, dir, backend, state, cipher);
+        let seed = seed();
         {
             let mut st = volume.state.lock();
             volume.rebuild(&mut st, seed)?;
