@@ -776,10 +776,7 @@ impl ObjectStore for EcStore {
 
     fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
         if self.settings(namespace)?.compression.is_some() {
-            let size = self.size(namespace, name)?;
-            let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
-            self.read_compressed(namespace, name, 0, &mut buf)?;
-            return Ok(buf);
+            return self.get_compressed(namespace, name, GET_ATTEMPTS);
         }
         // One version, whole. An object another client overwrites in place (a volume's `tlogs`
         // list, read by an MDS while its owner rewrites it) can change between finding it and

@@ -275,3 +275,32 @@ fn a_reader_with_a_stale_location_gets_the_rewritten_object_whole() {
     }
     drop(t.runtime);
 }
+
+#[test]
+fn a_reader_with_a_stale_index_gets_the_rewritten_compressed_object_whole() {
+    // The same on a compressed namespace, where the reader also caches the object's block
+    // index: a list that grows or shrinks is read at the size of the version actually read.
+    for preset in ["zstd", "lz4"] {
+        let t = tier(6);
+        t.store.reserve_preset("vol", preset).unwrap();
+        t.store.create_namespace("vol", 1).unwrap();
+        let first = object(5_000, 1);
+        t.store.put_if_owner("vol", "tlogs", &first, 1).unwrap();
+        let reader = t.client();
+        assert_eq!(reader.get("vol", "tlogs").unwrap(), first);
+        for (len, seed) in [(90_000, 2), (3_000, 3), (200_000, 4)] {
+            let next = object(len, seed);
+            t.store.put_if_owner("vol", "tlogs", &next, 1).unwrap();
+            assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
+            let got = reader.get("vol", "tlogs").unwrap();
+            assert_eq!(
+                got.len(),
+                len,
+                "{preset}: read {} bytes of a {len}-byte object",
+                got.len()
+            );
+            assert_eq!(got, next, "{preset}");
+        }
+        drop(t.runtime);
+    }
+}

@@ -3,7 +3,9 @@
 //! version (its first bytes, one request to one OSD for an object up to 128 MiB) and cached;
 //! a ranged read then asks only for the stored bytes of the blocks holding the range, and
 //! decompresses those. The index and the blocks must come from the same version: a read that
-//! finds the object rewritten between the two reads its index again.
+//! finds the object rewritten between the two reads its index again, and a whole-object read
+//! (`get`) is as long as the version it returns, never a prefix of a newer one sized by an
+//! older index.
 
 use std::sync::Arc;
 
@@ -71,38 +73,88 @@ impl EcStore {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        let key = (namespace.to_string(), name.to_string());
         for _ in 0..2 {
             let (version, index) = self.block_index(namespace, name)?;
-            let len = buf.len() as u64;
-            if offset.checked_add(len).is_none_or(|end| end > index.size) {
-                return Err(BackendError::RangeOutOfBounds {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    offset,
-                    len,
-                    size: index.size,
-                });
-            }
-            if len == 0 {
+            if self.unpack_version(namespace, name, version, &index, offset, buf)? {
                 return Ok(());
             }
-            let blocks = index.blocks_for(offset, len);
-            let (at, stored_len) = index.stored_span(blocks.0, blocks.1);
-            let mut stored = vec![0u8; usize::try_from(stored_len).unwrap_or(usize::MAX)];
-            let (read, _) = self.read_stored(namespace, name, at, &mut stored)?;
-            if read != version {
-                // Rewritten between the index and the blocks: read its index again.
-                self.indexes.lock().remove(&key);
-                continue;
-            }
-            return index
-                .unpack(blocks, &stored, offset, buf)
-                .map_err(|reason| corrupt(namespace, name, format!("v{version}: {reason}")));
+            // Rewritten between the index and the blocks: read its index again.
+            self.forget_index(namespace, name);
         }
-        Err(BackendError::Osd {
-            addr: "-".into(),
-            reason: format!("{namespace}/{name} was rewritten twice while it was read"),
-        })
+        Err(rewritten(namespace, name, 2))
+    }
+
+    /// The whole of a compressed object, one version: sized by the index of the version whose
+    /// blocks are read (an object rewritten in between is read again, up to `attempts` times).
+    pub(super) fn get_compressed(
+        &self,
+        namespace: &str,
+        name: &str,
+        attempts: usize,
+    ) -> Result<Vec<u8>> {
+        for _ in 0..attempts {
+            let (version, index) = self.block_index(namespace, name)?;
+            let mut buf = vec![0u8; usize::try_from(index.size).unwrap_or(usize::MAX)];
+            if self.unpack_version(namespace, name, version, &index, 0, &mut buf)? {
+                return Ok(buf);
+            }
+            // The cached location may be what is stale: find the object again too.
+            self.forget_index(namespace, name);
+            self.forget(namespace, name);
+        }
+        Err(rewritten(namespace, name, attempts))
+    }
+
+    /// Read `[offset, offset + buf.len())` through `index`, the block index of `version`.
+    /// `Ok(false)`: the stored bytes read belong to another version, or that version is too
+    /// short for `index`'s span (the object was rewritten), and `buf` holds nothing meaningful.
+    fn unpack_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u64,
+        index: &BlockIndex,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<bool> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > index.size) {
+            return Err(BackendError::RangeOutOfBounds {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                offset,
+                len,
+                size: index.size,
+            });
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        let blocks = index.blocks_for(offset, len);
+        let (at, stored_len) = index.stored_span(blocks.0, blocks.1);
+        let mut stored = vec![0u8; usize::try_from(stored_len).unwrap_or(usize::MAX)];
+        match self.read_stored(namespace, name, at, &mut stored) {
+            Ok((read, _)) if read == version => {}
+            // Another version: its blocks lie elsewhere, or past its (shorter) end.
+            Ok(_) | Err(BackendError::RangeOutOfBounds { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        index
+            .unpack(blocks, &stored, offset, buf)
+            .map_err(|reason| corrupt(namespace, name, format!("v{version}: {reason}")))?;
+        Ok(true)
+    }
+
+    fn forget_index(&self, namespace: &str, name: &str) {
+        self.indexes
+            .lock()
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+}
+
+fn rewritten(namespace: &str, name: &str, times: usize) -> BackendError {
+    BackendError::Osd {
+        addr: "-".into(),
+        reason: format!("{namespace}/{name} was rewritten {times} times while it was read"),
     }
 }
