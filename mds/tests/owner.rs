@@ -5,6 +5,7 @@
 //! rewritten by a scrub) is refused and the volume falls back to the full replay.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,18 @@ fn upload(volume: &Volume) {
     volume.flush().unwrap();
     volume.close_current_tlog().unwrap();
     volume.drain_uploads().unwrap();
+}
+
+/// Volume `v` of `clusters` clusters (4 MiB SCOs) with its write buffer in `wb`.
+fn create(wb: &Path, backend: &Arc<dyn ObjectStore>, clusters: u64) -> Arc<Volume> {
+    let mut options = VolumeOptions::new(clusters * CS);
+    options.sco_size = 4 << 20;
+    Volume::create(
+        wb,
+        backend.clone(),
+        VolumeConfig::new("v", &options, 0).unwrap(),
+    )
+    .unwrap()
 }
 
 fn round(volume: &Volume, model: &mut [Option<u8>], n: u8) {
@@ -82,14 +95,7 @@ async fn a_restart_seeded_from_the_master_replays_only_the_tlogs_after_its_cork(
     let client = Arc::new(MdsClient::connect(&addr, "owner", T).await.unwrap());
 
     let wb = tmp.path().join("wb");
-    let mut options = VolumeOptions::new(CLUSTERS * CS);
-    options.sco_size = 4 << 20;
-    let volume = Volume::create(
-        &wb,
-        backend.clone(),
-        VolumeConfig::new("v", &options, 0).unwrap(),
-    )
-    .unwrap();
+    let volume = create(&wb, &backend, CLUSTERS);
     client.set_role("v", "v", Role::Master, 0).await.unwrap();
     volume.set_uncork_sink(Some(MdsFeed::start(client.clone(), "v", 0, Cork::EMPTY)));
     let mut model = vec![None; CLUSTERS as usize];
@@ -154,14 +160,7 @@ async fn a_stale_or_missing_table_falls_back_to_the_full_replay() {
         .is_none());
 
     let wb = tmp.path().join("wb");
-    let mut options = VolumeOptions::new(CLUSTERS * CS);
-    options.sco_size = 4 << 20;
-    let volume = Volume::create(
-        &wb,
-        backend.clone(),
-        VolumeConfig::new("v", &options, 0).unwrap(),
-    )
-    .unwrap();
+    let volume = create(&wb, &backend, CLUSTERS);
     client.set_role("v", "v", Role::Master, 0).await.unwrap();
     volume.set_uncork_sink(Some(MdsFeed::start(client.clone(), "v", 0, Cork::EMPTY)));
     let mut model = vec![None; CLUSTERS as usize];
@@ -235,14 +234,7 @@ fn a_seed_whose_last_page_reaches_past_the_volume_is_checked_there() {
     let backend: Arc<dyn ObjectStore> =
         Arc::new(LocalStore::open(tmp.path().join("backend")).unwrap());
     let wb = tmp.path().join("wb");
-    let mut options = VolumeOptions::new(SMALL * CS);
-    options.sco_size = 4 << 20;
-    let volume = Volume::create(
-        &wb,
-        backend.clone(),
-        VolumeConfig::new("v", &options, 0).unwrap(),
-    )
-    .unwrap();
+    let volume = create(&wb, &backend, SMALL);
     for (n, start) in [(1u8, 0u64), (2, 500), (3, 640)] {
         volume
             .write(start * CS, &vec![n; (60 * CS) as usize], false)

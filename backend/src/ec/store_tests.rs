@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
 use super::*;
-use crate::ec::testkit::{object, tier};
+use crate::ec::testkit::{object, tier, Tier};
 use crate::osd::proto::ErrorCode;
 
 #[test]
@@ -250,17 +250,14 @@ fn compressed_objects_store_less_and_read_back_in_part_touching_few_osds() {
     }
 }
 
-#[test]
-fn a_reader_with_a_stale_location_gets_the_rewritten_object_whole() {
-    // An MDS reads a volume's `tlogs` list while the owner, another client, rewrites it in
-    // place: the reader's cached location names a version that is gone.
-    let t = tier(6);
-    t.store.create_namespace("vol", 1).unwrap();
+/// Another client rewrites `tlogs` to each of `rewrites` (length, seed) after `reader` read it
+/// once: every read returns the rewrite whole, at its own size.
+fn a_reader_gets_each_rewrite_whole(t: &Tier, rewrites: &[(usize, u32)], label: &str) {
     let first = object(5_000, 1);
     t.store.put_if_owner("vol", "tlogs", &first, 1).unwrap();
     let reader = t.client();
     assert_eq!(reader.get("vol", "tlogs").unwrap(), first);
-    for (len, seed) in [(9_000, 2), (3_000, 3), (9_000, 4)] {
+    for &(len, seed) in rewrites {
         let next = object(len, seed);
         t.store.put_if_owner("vol", "tlogs", &next, 1).unwrap();
         assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
@@ -268,11 +265,20 @@ fn a_reader_with_a_stale_location_gets_the_rewritten_object_whole() {
         assert_eq!(
             got.len(),
             len,
-            "read {} bytes of a {len}-byte object",
+            "{label}: read {} bytes of a {len}-byte object",
             got.len()
         );
-        assert_eq!(got, next);
+        assert_eq!(got, next, "{label}");
     }
+}
+
+#[test]
+fn a_reader_with_a_stale_location_gets_the_rewritten_object_whole() {
+    // An MDS reads a volume's `tlogs` list while the owner, another client, rewrites it in
+    // place: the reader's cached location names a version that is gone.
+    let t = tier(6);
+    t.store.create_namespace("vol", 1).unwrap();
+    a_reader_gets_each_rewrite_whole(&t, &[(9_000, 2), (3_000, 3), (9_000, 4)], "plain");
     drop(t.runtime);
 }
 
@@ -284,23 +290,7 @@ fn a_reader_with_a_stale_index_gets_the_rewritten_compressed_object_whole() {
         let t = tier(6);
         t.store.reserve_preset("vol", preset).unwrap();
         t.store.create_namespace("vol", 1).unwrap();
-        let first = object(5_000, 1);
-        t.store.put_if_owner("vol", "tlogs", &first, 1).unwrap();
-        let reader = t.client();
-        assert_eq!(reader.get("vol", "tlogs").unwrap(), first);
-        for (len, seed) in [(90_000, 2), (3_000, 3), (200_000, 4)] {
-            let next = object(len, seed);
-            t.store.put_if_owner("vol", "tlogs", &next, 1).unwrap();
-            assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
-            let got = reader.get("vol", "tlogs").unwrap();
-            assert_eq!(
-                got.len(),
-                len,
-                "{preset}: read {} bytes of a {len}-byte object",
-                got.len()
-            );
-            assert_eq!(got, next, "{preset}");
-        }
+        a_reader_gets_each_rewrite_whole(&t, &[(90_000, 2), (3_000, 3), (200_000, 4)], preset);
         drop(t.runtime);
     }
 }
