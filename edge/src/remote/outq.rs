@@ -18,7 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::proto::{EdgeCodec, Frame, ProtoError};
 
 /// Chunks handed to one `writev` (well below `IOV_MAX` = 1024).
-const MAX_IOVECS: usize = 64;
+pub(crate) const MAX_IOVECS: usize = 64;
 /// Blocks shorter than this are copied into the header buffer: an iovec of its own would cost
 /// more than the copy.
 const COPY_BELOW: usize = 2048;
@@ -73,20 +73,37 @@ impl OutQueue {
         Ok(())
     }
 
-    /// One vectored write of what is queued; returns once some bytes were written.
-    pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
-        &mut self,
-        w: &mut W,
-    ) -> std::io::Result<()> {
+    /// Everything queued, leaving this queue empty (same protocol version).
+    pub(crate) fn take(&mut self) -> Self {
+        let empty = Self {
+            codec: self.codec.clone(),
+            head: BytesMut::new(),
+            chunks: VecDeque::new(),
+            queued: 0,
+        };
+        std::mem::replace(self, empty)
+    }
+
+    /// Fill `slices` with the front of the queue (at most its length); returns how many.
+    pub(crate) fn slices<'a>(&'a mut self, slices: &mut [IoSlice<'a>]) -> usize {
         if !self.head.is_empty() {
             self.chunks.push_back(self.head.split().freeze());
         }
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut count = 0;
         for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
             *slot = IoSlice::new(chunk);
             count += 1;
         }
+        count
+    }
+
+    /// One vectored write of what is queued; returns once some bytes were written.
+    pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+    ) -> std::io::Result<()> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let count = self.slices(&mut slices);
         let written = w.write_vectored(&slices[..count]).await?;
         if written == 0 && count > 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -107,7 +124,8 @@ impl OutQueue {
         w.flush().await
     }
 
-    fn consume(&mut self, mut written: usize) {
+    /// Drop the first `written` bytes (the kernel took them).
+    pub(crate) fn consume(&mut self, mut written: usize) {
         self.queued -= written;
         while written > 0 {
             let Some(front) = self.chunks.front_mut() else {

@@ -3,9 +3,10 @@
 //! A connection is a TCP socket (TCP_NODELAY), mutual TLS on it with [`RemoteConfig::tls`], after
 //! a `Hello` → `Welcome` + `Access` exchange (the volume's allow list; later `Access` frames
 //! replace it while the connection lives), served by two
-//! tasks: the *writer* takes frames from an unbounded channel (the frontends' calls send into it
-//! without blocking) and writes every frame ready at once in one vectored write (`OutQueue`: a
-//! write's data block goes out from the frontend's buffer without another copy); the *reader*
+//! tasks: the *writer* (`send`) writes the frames the frontends' calls queue without blocking,
+//! every frame ready at once in one vectored write (`OutQueue`: a write's data block goes out
+//! from the frontend's buffer without another copy), unless the caller wrote its frame itself
+//! (plain TCP, nothing else in flight); the *reader*
 //! decodes replies and completes requests by id. Whichever notices the connection die (EOF, I/O
 //! error, corrupt frame, an owner-changed refusal) reports it once (`Shared::connection_lost`).
 //!
@@ -23,24 +24,21 @@ use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use vstor_net::{PeerReader, PeerStream, PeerWriter};
+use vstor_net::{PeerReader, PeerStream};
 
 use super::inflight::{Conn, Shared};
+use super::send;
 use super::{RemoteConfig, RemoteError};
-use crate::remote::outq::OutQueue;
 use crate::remote::proto::{AllowList, EdgeCodec, Frame, Message, ProtoError, PROTOCOL_VERSION};
 use crate::remote::{Endpoint, Resolver};
 
 /// First and longest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// The writer stops collecting frames for one write beyond this many bytes.
-const BATCH_BYTES: usize = 1 << 20;
 /// Socket read size of the reader.
 const READ_BUF: usize = 256 * 1024;
 
@@ -242,9 +240,13 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
     }
     // Owned halves for two tasks: lock-free on TCP, `tokio::io::split` over TLS (`vstor_net`).
     let (rd, wr) = welcomed.stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (frames, side) = send::channel(wr);
     let stop = shared.shutdown.child_token();
-    tokio::spawn(writer(Arc::clone(shared), generation, wr, rx, stop.clone()));
+    let lost = {
+        let shared = Arc::clone(shared);
+        move |why: &str| shared.connection_lost(generation, why)
+    };
+    tokio::spawn(send::writer(Arc::clone(&frames), side, stop.clone(), lost));
     tokio::spawn(reader(Arc::clone(shared), generation, rd, stop.clone()));
     info!(
         volume = shared.volume,
@@ -257,7 +259,7 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
     let conn = Conn {
         generation,
         tag: welcomed.endpoint.tag,
-        frames: tx,
+        frames,
         stop,
         draining: false,
     };
@@ -267,45 +269,6 @@ pub(super) fn install(shared: &Arc<Shared>, welcomed: Welcomed) {
         welcomed.dtl_in_sync,
         welcomed.access,
     );
-}
-
-async fn writer(
-    shared: Arc<Shared>,
-    generation: u64,
-    mut wr: PeerWriter,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
-    stop: CancellationToken,
-) {
-    let mut out = OutQueue::new();
-    // Ends when the connection is given up (`stop`, also while a write hangs on a dead peer), or
-    // replaced or closed (the sender is dropped).
-    loop {
-        let frame = tokio::select! {
-            _ = stop.cancelled() => return,
-            frame = frames.recv() => match frame {
-                Some(frame) => frame,
-                None => return,
-            },
-        };
-        let mut next = Some(frame);
-        while let Some(frame) = next.take() {
-            if let Err(e) = out.push(&frame) {
-                shared.connection_lost(generation, &format!("cannot encode a request: {e}"));
-                return;
-            }
-            if out.len() < BATCH_BYTES {
-                next = frames.try_recv().ok();
-            }
-        }
-        let written = tokio::select! {
-            _ = stop.cancelled() => return,
-            written = out.write_all(&mut wr) => written,
-        };
-        if let Err(e) = written {
-            shared.connection_lost(generation, &format!("write failed: {e}"));
-            return;
-        }
-    }
 }
 
 async fn reader(shared: Arc<Shared>, generation: u64, mut rd: PeerReader, stop: CancellationToken) {

@@ -11,14 +11,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::send::FrameSender;
 use super::{ConnState, RemoteConfig, LATENCY_BUCKETS_US};
 use crate::remote::proto::{AllowList, ErrorCode, Frame, Message};
 use crate::remote::resubmit::{Admit, Decision, FailReason, Kind, Link, Recovery};
@@ -130,7 +131,7 @@ struct Pending {
 pub(super) struct Conn {
     pub(super) generation: u64,
     pub(super) tag: u64,
-    pub(super) frames: mpsc::UnboundedSender<Frame>,
+    pub(super) frames: Arc<FrameSender>,
     /// Cancelled when this connection is given up: stops its reader.
     pub(super) stop: CancellationToken,
     /// The owner refused a request as no longer its own (moved, fenced, stopping): nothing more
@@ -274,8 +275,9 @@ impl Shared {
             Admit::Send => {
                 if let Some(conn) = inner.conn.as_ref().filter(|c| !c.draining) {
                     let frame = Frame::new(id, op.message(conn.tag));
-                    // A closed channel means the writer died: the loss handling resends it.
-                    let _ = conn.frames.send(frame);
+                    // Alone in flight: written from this thread if the writer is idle. A failed
+                    // send is reported by the writer, and the loss handling resends it.
+                    conn.frames.send(&frame, inner.table.is_empty());
                     let sent_on = Some(conn.generation);
                     inner.table.insert(
                         id,
@@ -497,7 +499,8 @@ impl Shared {
         let mut resent = 0u64;
         let Inner { table, .. } = &mut *inner;
         for (id, p) in table.iter_mut().filter(|(_, p)| p.sent_on.is_none()) {
-            let _ = conn.frames.send(Frame::new(*id, p.op.message(conn.tag)));
+            conn.frames
+                .send(&Frame::new(*id, p.op.message(conn.tag)), false);
             p.sent_on = Some(conn.generation);
             resent += 1;
         }

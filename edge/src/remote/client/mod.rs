@@ -3,7 +3,8 @@
 //!
 //! Layering: `inflight` holds the state shared by everyone (the table of requests in flight, the
 //! resubmission state machine of `remote::resubmit`, counters); `conn` runs the connection
-//! (reader, writer) and the supervisor that replaces it after a failure; this module maps the
+//! (reader) and the supervisor that replaces it after a failure; `send` queues and writes its
+//! frames (from the caller's thread when nothing else is in flight); this module maps the
 //! `BlockTarget` contract onto requests.
 //!
 //! The target is *asynchronous* in the sense of the contract (`target.rs`): `try_read` always
@@ -15,11 +16,12 @@
 //! threads where blocking is allowed).
 //!
 //! Ordering: a request is sent on the connection in the order `write`/`read`/... were called (one
-//! channel, filled under the table's lock), and the server executes requests in arrival order, so
+//! queue, filled under the table's lock), and the server executes requests in arrival order, so
 //! a read issued after a write returned sees that write, as the contract requires.
 
 mod conn;
 mod inflight;
+mod send;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
