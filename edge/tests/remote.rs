@@ -485,6 +485,12 @@ async fn requests_fail_after_the_bound_then_succeed_once_an_owner_returns() {
     write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
     drop(a);
     resolver.set(Err("no node owns the volume".into()));
+    // The node stops asynchronously: a request sent before its session closed would still be
+    // served (and acknowledged), so wait for the client to see the connection go.
+    until("the connection is lost", || {
+        t.stats().state != ConnState::Connected
+    })
+    .await;
     let lost = Instant::now();
     let result = within("the bound", write(&t, 4096, &pattern(2, BLOCK))).await;
     assert!(matches!(result, Err(TargetError::Io(_))), "{result:?}");
