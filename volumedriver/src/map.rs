@@ -17,6 +17,7 @@
 //! page), so a restart from an MDS adopts the pages the MDS client decoded instead of copying
 //! them: loading a 10 GiB volume's map is then a scan per page, not an allocation, a page fault
 //! and a copy per page (which had been most of the restart's own time).
+
 use crate::types::{ClusterAddress, ClusterLocation};
 
 const LEAF_BITS: u32 = 9;

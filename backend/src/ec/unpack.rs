@@ -73,36 +73,51 @@ impl EcStore {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        for _ in 0..2 {
-            let (version, index) = self.block_index(namespace, name)?;
-            if self.unpack_version(namespace, name, version, &index, offset, buf)? {
-                return Ok(());
-            }
-            // Rewritten between the index and the blocks: read its index again.
-            self.forget_index(namespace, name);
-        }
-        Err(rewritten(namespace, name, 2))
+        self.one_version(namespace, name, 2, |version, index| {
+            self.unpack_version(namespace, name, version, index, offset, buf)
+                .map(|done| done.then_some(()))
+        })
     }
 
     /// The whole of a compressed object, one version: sized by the index of the version whose
-    /// blocks are read (an object rewritten in between is read again, up to `attempts` times).
+    /// blocks are read.
     pub(super) fn get_compressed(
         &self,
         namespace: &str,
         name: &str,
         attempts: usize,
     ) -> Result<Vec<u8>> {
+        self.one_version(namespace, name, attempts, |version, index| {
+            let mut buf = vec![0u8; usize::try_from(index.size).unwrap_or(usize::MAX)];
+            self.unpack_version(namespace, name, version, index, 0, &mut buf)
+                .map(|done| done.then_some(buf))
+        })
+    }
+
+    /// Run `read` with the newest block index until it reads the blocks of that index's version
+    /// (`Some`), at most `attempts` times. An object rewritten in between is found again: the
+    /// cached index and the cached location may both be what is stale.
+    fn one_version<T>(
+        &self,
+        namespace: &str,
+        name: &str,
+        attempts: usize,
+        mut read: impl FnMut(u64, &BlockIndex) -> Result<Option<T>>,
+    ) -> Result<T> {
         for _ in 0..attempts {
             let (version, index) = self.block_index(namespace, name)?;
-            let mut buf = vec![0u8; usize::try_from(index.size).unwrap_or(usize::MAX)];
-            if self.unpack_version(namespace, name, version, &index, 0, &mut buf)? {
-                return Ok(buf);
+            if let Some(out) = read(version, &index)? {
+                return Ok(out);
             }
-            // The cached location may be what is stale: find the object again too.
-            self.forget_index(namespace, name);
+            self.indexes
+                .lock()
+                .remove(&(namespace.to_string(), name.to_string()));
             self.forget(namespace, name);
         }
-        Err(rewritten(namespace, name, attempts))
+        Err(BackendError::Osd {
+            addr: "-".into(),
+            reason: format!("{namespace}/{name} was rewritten {attempts} times while it was read"),
+        })
     }
 
     /// Read `[offset, offset + buf.len())` through `index`, the block index of `version`.
@@ -143,18 +158,5 @@ impl EcStore {
             .unpack(blocks, &stored, offset, buf)
             .map_err(|reason| corrupt(namespace, name, format!("v{version}: {reason}")))?;
         Ok(true)
-    }
-
-    fn forget_index(&self, namespace: &str, name: &str) {
-        self.indexes
-            .lock()
-            .remove(&(namespace.to_string(), name.to_string()));
-    }
-}
-
-fn rewritten(namespace: &str, name: &str, times: usize) -> BackendError {
-    BackendError::Osd {
-        addr: "-".into(),
-        reason: format!("{namespace}/{name} was rewritten {times} times while it was read"),
     }
 }
