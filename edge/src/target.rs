@@ -171,6 +171,40 @@ pub trait BlockTarget: Send + Sync + 'static {
     fn fua_inline(&self) -> bool {
         false
     }
+
+    /// Requests this thread submits from now on may be held back and sent together at
+    /// [`BlockTarget::unplug`] (like the kernel's block plugging). A frontend that takes a batch
+    /// of requests at once (a vhost-user queue pass) plugs around it, so a network target sends
+    /// the batch in one write instead of waking its writer for every request. Every `plug` must
+    /// be followed by `unplug` on the same thread before that thread waits for anything. The
+    /// default (local targets) does nothing.
+    fn plug(&self) {}
+
+    /// Send what this thread submitted since [`BlockTarget::plug`]; its requests are sent at
+    /// once again.
+    fn unplug(&self) {}
+}
+
+/// Plugs `target` for the calling thread until dropped ([`BlockTarget::plug`]).
+pub struct PlugGuard<'a>(&'a dyn BlockTarget);
+
+impl<'a> PlugGuard<'a> {
+    pub fn new(target: &'a dyn BlockTarget) -> Self {
+        target.plug();
+        Self(target)
+    }
+
+    /// Send what is held, and stay plugged: before the thread waits for anything.
+    pub fn flush(&self) {
+        self.0.unplug();
+        self.0.plug();
+    }
+}
+
+impl Drop for PlugGuard<'_> {
+    fn drop(&mut self) {
+        self.0.unplug();
+    }
 }
 
 /// Who is asking for an export: what a registry's allow list is checked against.

@@ -149,7 +149,7 @@ struct BenchOptions {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Run only the rows whose name contains this text (`nbd` only), e.g. `seqwrite`.
+    /// Run only the rows whose name contains this text (`nbd` and `edge`), e.g. `seqwrite` or `qd32`.
     #[arg(long)]
     rows: Option<String>,
     /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].

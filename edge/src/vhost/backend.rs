@@ -19,12 +19,19 @@
 //! and a snapshot of the guest memory map. Their completion writes the status, adds the chain to
 //! the used ring and signals the guest if `needs_notification()` says so.
 //!
+//! An asynchronous target (the edge's remote volume) hands out futures instead: its reads, and
+//! writes whose acknowledgement is pending, complete on the runtime, all of one pass in one task
+//! that signals the guest once for what completes together (`completion::Later`), and the pass
+//! plugs the target so its requests leave in one network write (`BlockTarget::plug`). Both are
+//! released before the worker could wait for anything, and at the end of the pass.
+//!
 //! # In-flight accounting
 //!
 //! Every queue counts its in-flight work: a pass of the worker over the ring counts as one, and so
-//! does every request handed to a pool until its completion has been published. At
-//! most `MAX_DEFERRED_PER_QUEUE` requests per queue wait on the pools; beyond that the
+//! does every request handed to a pool or the runtime until its completion has been published.
+//! At most `MAX_DEFERRED_PER_QUEUE` requests per queue wait on the pools; beyond that the
 //! worker waits, which stops the queue (backpressure) instead of growing memory and threads.
+//! Requests completed on the runtime hold neither, and are bounded by the ring's size.
 //! `stop_vring` (GET_VRING_BASE) and `reset_device` wait for the count to reach zero, so nothing is
 //! written to guest memory after the frontend has stopped the ring. A deferred request that is
 //! dropped without running (runtime shutting down) is completed with `IOERR` by its `Drop`, so the
@@ -49,20 +56,21 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::completion::{add_used, signal_if_needed, used_len, write_status, Deferred, Later};
 use super::config::{VirtioBlockConfig, WRITEBACK_OFFSET};
 use super::request::{
     self, GuestMem, Limits, Outcome, Parsed, RequestKind, ID_LEN, MAX_DISCARD_SECTORS,
-    MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, STATUS_IOERR,
+    MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE,
 };
 use crate::read_pool;
 use crate::target::{
-    BlockTarget, ExportRegistry, Extent, PendingAck, ReadFuture, TargetError, WriteAck,
+    BlockTarget, ExportRegistry, Extent, PendingAck, PlugGuard, ReadFuture, TargetError, WriteAck,
 };
 
 /// Longest pause honoured for one `WriteAck::throttle`.
@@ -127,10 +135,14 @@ struct Counts {
     inflight: usize,
     /// Deferred requests not yet completed.
     deferred: usize,
+    /// Threads waiting on `changed`. A `Condvar` notification is a futex system call even when
+    /// nobody waits, and an `Inflight` ends for every request completed away from the worker:
+    /// notifying only when someone waits saved one system call per request.
+    waiters: usize,
 }
 
 /// One unit of in-flight work on a queue; dropping it ends it.
-struct Inflight {
+pub(super) struct Inflight {
     ctl: Arc<QueueCtl>,
     deferred: bool,
 }
@@ -150,10 +162,7 @@ impl QueueCtl {
     fn enter_deferred(self: &Arc<Self>) -> Inflight {
         let mut counts = lock(&self.counts);
         while counts.deferred >= MAX_DEFERRED_PER_QUEUE {
-            counts = self
-                .changed
-                .wait(counts)
-                .unwrap_or_else(PoisonError::into_inner);
+            counts = self.wait(counts);
         }
         counts.inflight += 1;
         counts.deferred += 1;
@@ -163,13 +172,28 @@ impl QueueCtl {
         }
     }
 
+    /// Wait for `changed`, counted in `waiters` so that `Inflight`'s drop notifies only then.
+    fn wait<'a>(&self, mut counts: MutexGuard<'a, Counts>) -> MutexGuard<'a, Counts> {
+        counts.waiters += 1;
+        let mut counts = self
+            .changed
+            .wait(counts)
+            .unwrap_or_else(PoisonError::into_inner);
+        counts.waiters -= 1;
+        counts
+    }
+
+    /// Account for a request completed by the runtime (an asynchronous target's read, a write
+    /// waiting for its acknowledgements). Never waits: these hold no thread and no bounce
+    /// buffer, and there are never more than the ring has descriptors.
+    fn enter_async(self: &Arc<Self>) -> Inflight {
+        self.enter()
+    }
+
     fn wait_idle(&self) {
         let mut counts = lock(&self.counts);
         while counts.inflight > 0 {
-            counts = self
-                .changed
-                .wait(counts)
-                .unwrap_or_else(PoisonError::into_inner);
+            counts = self.wait(counts);
         }
     }
 }
@@ -181,71 +205,10 @@ impl Drop for Inflight {
         if self.deferred {
             counts.deferred -= 1;
         }
+        let waiters = counts.waiters > 0;
         drop(counts);
-        self.ctl.changed.notify_all();
-    }
-}
-
-fn write_status(mem: &GuestMem, addr: GuestAddress, status: u8) {
-    // The address was checked against this memory map when the chain was parsed.
-    if let Err(e) = mem.write_obj(status, addr) {
-        warn!(error = %e, "cannot write virtio-blk status byte");
-    }
-}
-
-fn used_len(outcome: &Outcome) -> u32 {
-    u32::try_from(outcome.written.saturating_add(1)).unwrap_or(u32::MAX)
-}
-
-fn signal_if_needed(vring: &VringRwLock) {
-    let needed = vring.needs_notification().unwrap_or_else(|e| {
-        warn!(error = %e, "cannot read used_event; notifying the guest");
-        true
-    });
-    if needed {
-        if let Err(e) = vring.signal_used_queue() {
-            warn!(error = %e, "cannot signal the used queue");
-        }
-    }
-}
-
-fn add_used(vring: &VringRwLock, head: u16, len: u32) {
-    if let Err(e) = vring.add_used(head, len) {
-        error!(head, error = %e, "cannot add a chain to the used ring");
-    }
-}
-
-/// A request running on the blocking pool. Completing it publishes the result; dropping it
-/// without completing (e.g. the runtime is shutting down) publishes `IOERR`.
-struct Deferred {
-    vring: VringRwLock,
-    head: u16,
-    status: GuestAddress,
-    mem: GuestMemoryLoadGuard<GuestMem>,
-    done: bool,
-    // Declared last: released only after the completion is visible to the guest.
-    _inflight: Inflight,
-}
-
-impl Deferred {
-    fn complete(&mut self, outcome: Outcome) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
-        write_status(&self.mem, self.status, outcome.status);
-        add_used(&self.vring, self.head, used_len(&outcome));
-        signal_if_needed(&self.vring);
-    }
-}
-
-impl Drop for Deferred {
-    fn drop(&mut self) {
-        if !self.done {
-            self.complete(Outcome {
-                status: STATUS_IOERR,
-                written: 0,
-                throttle: None,
-            });
+        if waiters {
+            self.ctl.changed.notify_all();
         }
     }
 }
@@ -430,6 +393,10 @@ impl BlkBackend {
         let fua_blocks = fua && !target.fua_inline();
         let mut bounce = lock(&ctl.bounce);
         let mut pending_signal = false;
+        let mut pass = Pass {
+            later: Later::default(),
+            plug: PlugGuard::new(target.as_ref()),
+        };
         loop {
             let chain = vring
                 .get_mut()
@@ -473,6 +440,7 @@ impl BlkBackend {
                             self.complete_later(
                                 ctl,
                                 vring,
+                                &mut pass.later,
                                 head,
                                 mem.clone(),
                                 req.status,
@@ -484,6 +452,7 @@ impl BlkBackend {
                     }
                     self.defer(
                         ctl,
+                        &mut pass,
                         vring,
                         head,
                         mem.clone(),
@@ -511,10 +480,19 @@ impl BlkBackend {
                         }
                         match request::read_async(&req.kind, target.as_ref()) {
                             Some(reads) => {
-                                self.read_later(ctl, vring, head, mem.clone(), req, reads);
+                                self.read_later(
+                                    ctl,
+                                    vring,
+                                    &mut pass.later,
+                                    head,
+                                    mem.clone(),
+                                    req,
+                                    reads,
+                                );
                             }
                             None => self.defer(
                                 ctl,
+                                &mut pass,
                                 vring,
                                 head,
                                 mem.clone(),
@@ -535,6 +513,7 @@ impl BlkBackend {
                         self.complete_later(
                             ctl,
                             vring,
+                            &mut pass.later,
                             head,
                             mem.clone(),
                             req.status,
@@ -551,67 +530,81 @@ impl BlkBackend {
                         // from this queue for a while.
                         signal_if_needed(vring);
                         pending_signal = false;
+                        pass.release(&self.runtime);
                         std::thread::sleep(delay.min(MAX_THROTTLE));
                     }
                 }
             }
         }
+        pass.finish(&self.runtime);
         if pending_signal {
             signal_if_needed(vring);
         }
     }
 
+    /// Complete a request from the runtime once its acknowledgements arrived (in `later`, the
+    /// pass's batch).
     #[allow(clippy::too_many_arguments)]
     fn complete_later(
         &self,
         ctl: &Arc<QueueCtl>,
         vring: &VringRwLock,
+        later: &mut Later,
         head: u16,
         mem: GuestMemoryLoadGuard<GuestMem>,
         status: GuestAddress,
         outcome: Outcome,
         acks: Vec<PendingAck>,
     ) {
-        let mut deferred = Deferred {
+        let deferred = Deferred {
             vring: vring.clone(),
             head,
             status,
             mem,
             done: false,
-            _inflight: ctl.enter_deferred(),
+            _inflight: ctl.enter_async(),
         };
-        self.runtime.spawn(async move {
-            let mut results = Vec::with_capacity(acks.len());
-            for ack in acks {
-                results.push(ack.await);
-            }
-            deferred.complete(request::settle(outcome, results));
-        });
+        later.push(
+            vring,
+            Box::pin(async move {
+                let mut results = Vec::with_capacity(acks.len());
+                for ack in acks {
+                    results.push(ack.await);
+                }
+                (deferred, request::settle(outcome, results))
+            }),
+        );
     }
 
-    /// Complete a read of an asynchronous target from the runtime once its data arrived.
+    /// Complete a read of an asynchronous target from the runtime once its data arrived (in
+    /// `later`, the pass's batch).
+    #[allow(clippy::too_many_arguments)]
     fn read_later(
         &self,
         ctl: &Arc<QueueCtl>,
         vring: &VringRwLock,
+        later: &mut Later,
         head: u16,
         mem: GuestMemoryLoadGuard<GuestMem>,
         req: request::Request,
         reads: Vec<ReadFuture>,
     ) {
-        let mut deferred = Deferred {
+        let deferred = Deferred {
             vring: vring.clone(),
             head,
             status: req.status,
             mem,
             done: false,
-            _inflight: ctl.enter_deferred(),
+            _inflight: ctl.enter_async(),
         };
-        self.runtime.spawn(async move {
-            let pieces = futures::future::join_all(reads).await;
-            let outcome = request::finish_read(&req.kind, &deferred.mem, pieces);
-            deferred.complete(outcome);
-        });
+        later.push(
+            vring,
+            Box::pin(async move {
+                let pieces = futures::future::join_all(reads).await;
+                let outcome = request::finish_read(&req.kind, &deferred.mem, pieces);
+                (deferred, outcome)
+            }),
+        );
     }
 
     /// Run a request that must not run on the queue thread on `pool` and complete its chain
@@ -620,6 +613,7 @@ impl BlkBackend {
     fn defer(
         &self,
         ctl: &Arc<QueueCtl>,
+        pass: &mut Pass<'_>,
         vring: &VringRwLock,
         head: u16,
         mem: GuestMemoryLoadGuard<GuestMem>,
@@ -628,6 +622,8 @@ impl BlkBackend {
         target: &Arc<dyn BlockTarget>,
         pool: Pool,
     ) {
+        // `enter_deferred` may wait for earlier requests: release the pass's first.
+        pass.release(&self.runtime);
         let mut deferred = Deferred {
             vring: vring.clone(),
             head,
@@ -651,6 +647,29 @@ impl BlkBackend {
             }
             Pool::BackendRead => read_pool::spawn(&self.runtime, job),
         }
+    }
+}
+
+/// What one pass over a queue holds back until it ends or the worker may wait: requests to a
+/// network target, sent together (one write for the batch, [`PlugGuard`]), and the requests
+/// completed on the runtime, started as one task ([`Later`]).
+struct Pass<'a> {
+    later: Later,
+    plug: PlugGuard<'a>,
+}
+
+impl Pass<'_> {
+    /// Send what is held and start the batch: before the worker may wait.
+    fn release(&mut self, runtime: &Handle) {
+        self.plug.flush();
+        self.later.spawn(runtime);
+    }
+
+    /// The same at the end of the pass.
+    fn finish(self, runtime: &Handle) {
+        let Pass { mut later, plug } = self;
+        drop(plug);
+        later.spawn(runtime);
     }
 }
 

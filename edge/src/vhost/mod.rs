@@ -70,6 +70,7 @@
 //! * Guest memory must be shared with us (e.g. QEMU `memory-backend-memfd,share=on`).
 
 mod backend;
+mod completion;
 mod config;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

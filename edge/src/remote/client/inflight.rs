@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::send::FrameSender;
+use super::send::{FrameSender, Send};
 use super::{ConnState, RemoteConfig, LATENCY_BUCKETS_US};
 use crate::remote::proto::{AllowList, ErrorCode, Frame, Message};
 use crate::remote::resubmit::{Admit, Decision, FailReason, Kind, Link, Recovery};
@@ -250,8 +250,9 @@ impl Shared {
         self.lock().table.len()
     }
 
-    /// Queue `op`; the receiver yields its outcome.
-    pub(super) fn submit(&self, op: Op) -> oneshot::Receiver<Outcome> {
+    /// Queue `op`; the receiver yields its outcome. With `hold` its frame is not sent until
+    /// [`Shared::flush`] (the caller plugged).
+    pub(super) fn submit(&self, op: Op, hold: bool) -> oneshot::Receiver<Outcome> {
         let (done, rx) = oneshot::channel();
         let started = Instant::now();
         let mut inner = self.lock();
@@ -277,7 +278,14 @@ impl Shared {
                     let frame = Frame::new(id, op.message(conn.tag));
                     // Alone in flight: written from this thread if the writer is idle. A failed
                     // send is reported by the writer, and the loss handling resends it.
-                    conn.frames.send(&frame, inner.table.is_empty());
+                    let how = if hold {
+                        Send::Hold
+                    } else if inner.table.is_empty() {
+                        Send::Direct
+                    } else {
+                        Send::Queue
+                    };
+                    conn.frames.send(&frame, how);
                     let sent_on = Some(conn.generation);
                     inner.table.insert(
                         id,
@@ -304,6 +312,14 @@ impl Shared {
             },
         );
         rx
+    }
+
+    /// Send the frames held by [`Shared::submit`] (`hold`).
+    pub(super) fn flush(&self) {
+        let frames = self.lock().conn.as_ref().map(|c| Arc::clone(&c.frames));
+        if let Some(frames) = frames {
+            frames.flush();
+        }
     }
 
     /// A reply to request `id` arrived on connection `generation`.
@@ -500,7 +516,7 @@ impl Shared {
         let Inner { table, .. } = &mut *inner;
         for (id, p) in table.iter_mut().filter(|(_, p)| p.sent_on.is_none()) {
             conn.frames
-                .send(&Frame::new(*id, p.op.message(conn.tag)), false);
+                .send(&Frame::new(*id, p.op.message(conn.tag)), Send::Queue);
             p.sent_on = Some(conn.generation);
             resent += 1;
         }

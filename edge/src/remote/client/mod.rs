@@ -23,6 +23,7 @@ mod conn;
 mod inflight;
 mod send;
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,6 +170,13 @@ pub struct RemoteTarget {
     shared: Arc<Shared>,
 }
 
+thread_local! {
+    /// The target this thread plugged (`BlockTarget::plug`), by the address of its shared state;
+    /// 0: none. Per thread because a plug covers the requests of one frontend pass, while other
+    /// threads (another queue, an NBD connection) keep sending theirs at once.
+    static PLUGGED: Cell<usize> = const { Cell::new(0) };
+}
+
 impl RemoteTarget {
     /// Resolve the owner, connect and handshake before returning, so an attach fails fast with a
     /// clear error (no such volume, no owner, refused). Must be called inside a tokio runtime;
@@ -241,6 +249,15 @@ impl RemoteTarget {
         self.shared.close();
     }
 
+    fn key(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// Whether this thread plugged this target: its frames wait for `unplug`.
+    fn held(&self) -> bool {
+        PLUGGED.with(Cell::get) == self.key()
+    }
+
     fn check(&self, offset: u64, len: u64, modifies: bool) -> Result<(), TargetError> {
         if modifies && self.shared.read_only {
             return Err(TargetError::ReadOnly);
@@ -254,7 +271,7 @@ impl RemoteTarget {
 
     /// Queue a request that answers `Done`; its acknowledgement is the pending future.
     fn mutate(&self, op: Op) -> WriteAck {
-        let rx = self.shared.submit(op);
+        let rx = self.shared.submit(op, self.held());
         let pending: PendingAck = Box::pin(async move { outcome(rx.await).map(|_| ()) });
         WriteAck {
             throttle: None,
@@ -264,10 +281,13 @@ impl RemoteTarget {
 
     fn read_future(&self, offset: u64, len: usize) -> ReadFuture {
         if len <= MAX_READ {
-            let rx = self.shared.submit(Op::Read {
-                offset,
-                len: len as u32,
-            });
+            let rx = self.shared.submit(
+                Op::Read {
+                    offset,
+                    len: len as u32,
+                },
+                self.held(),
+            );
             return Box::pin(async move {
                 match outcome(rx.await)? {
                     Reply::Data(data) => Ok(data),
@@ -389,6 +409,19 @@ impl BlockTarget for RemoteTarget {
     fn fua_inline(&self) -> bool {
         true
     }
+
+    fn plug(&self) {
+        PLUGGED.with(|p| p.set(self.key()));
+    }
+
+    fn unplug(&self) {
+        PLUGGED.with(|p| {
+            if p.get() == self.key() {
+                p.set(0);
+            }
+        });
+        self.shared.flush();
+    }
 }
 
 impl RemoteTarget {
@@ -396,7 +429,9 @@ impl RemoteTarget {
         if let Err(e) = self.check(offset, len, false) {
             return Box::pin(async move { Err(e) });
         }
-        let rx = self.shared.submit(Op::BlockStatus { offset, len });
+        let rx = self
+            .shared
+            .submit(Op::BlockStatus { offset, len }, self.held());
         Box::pin(async move {
             match outcome(rx.await)? {
                 Reply::Extents(extents) => Ok(extents),

@@ -101,6 +101,11 @@ const READ_BUF: usize = 256 * 1024;
 const READ_MIN_SPARE: usize = 16 * 1024;
 /// Stop executing requests while this many reply bytes wait to be written.
 const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Reply bytes produced by one round of executing requests before the loop writes them. A
+/// client that sends a batch of reads at once (an edge's vhost-user queue pass, 32 reads at
+/// queue depth 32) then gets the first replies while the rest execute, so its completions, and
+/// the guest's next requests, overlap with this side's work instead of alternating with it.
+const REPLY_BATCH: usize = 32 * 1024;
 /// Largest read one request may ask for (its reply must fit in a frame).
 const MAX_READ: usize = MAX_FRAME_PAYLOAD - 64;
 /// Requests are 512-byte aligned, like the frontends'.
@@ -606,7 +611,12 @@ impl Session {
         let mut frame_deadline: Option<Instant> = None;
         loop {
             let mut drained = false;
+            let replies_before = self.out.len();
             while self.out.len() < WRITE_HIGH_WATER && !self.throttled() {
+                if self.out.len() - replies_before >= REPLY_BATCH {
+                    // Let these replies go before executing more: see `REPLY_BATCH`.
+                    break;
+                }
                 let frame = match stalled.take() {
                     Some(f) => f,
                     None => match codec.decode(&mut rbuf) {
