@@ -119,6 +119,65 @@ async fn connect(resolver: &Arc<StaticResolver>, bound: Duration) -> Arc<RemoteT
         .expect("connect")
 }
 
+/// A frontend pass plugs the target: what it submits leaves together at `unplug`, in order
+/// (the reads see the writes before them). A blocking call on a plugged thread sends what is
+/// held first instead of waiting forever for an answer to a request never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugged_pass_sends_its_requests_at_unplug() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let node = Node::start(&target, 5).await;
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let t2 = t.clone();
+    let (done, result) = std::sync::mpsc::channel();
+    // A thread of its own, like a vhost-user queue's (and so that a hang fails the test
+    // instead of holding up the runtime's shutdown).
+    std::thread::spawn(move || {
+        t2.plug();
+        let mut acks: Vec<_> = (0..8u64)
+            .map(|i| t2.write(i * 4096, &pattern(i, 4096), false).unwrap())
+            .collect();
+        let reads: Vec<_> = (0..8u64)
+            .map(|i| t2.read_async(i * 4096, 4096).unwrap())
+            .collect();
+        t2.unplug();
+        for ack in &mut acks {
+            ack.wait_blocking().unwrap();
+        }
+        for (i, read) in reads.into_iter().enumerate() {
+            let data = futures::executor::block_on(read).unwrap();
+            assert_eq!(
+                checksum(&data),
+                checksum(&pattern(i as u64, 4096)),
+                "read {i}"
+            );
+        }
+        // Plugged again, a blocking read and flush must not wait on themselves.
+        t2.plug();
+        let write = t2.write(9 * 4096, &pattern(9, 4096), false).unwrap();
+        let mut buf = vec![0u8; 4096];
+        t2.read(9 * 4096, &mut buf).unwrap();
+        t2.flush().unwrap();
+        t2.unplug();
+        drop(write);
+        let _ = done.send(buf);
+    });
+    let buf = tokio::task::spawn_blocking(move || result.recv_timeout(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("a plugged thread's requests were never sent");
+    assert_eq!(checksum(&buf), checksum(&pattern(9, 4096)));
+    assert_eq!(
+        checksum(&target.contents(0, 8 * 4096)),
+        checksum(
+            &(0..8u64)
+                .flat_map(|i| pattern(i, 4096))
+                .collect::<Vec<u8>>()
+        )
+    );
+    assert_eq!(t.stats().failed, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_written_reads_back() {
     let target = Arc::new(MemTarget::new(SIZE));

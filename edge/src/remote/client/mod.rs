@@ -258,6 +258,15 @@ impl RemoteTarget {
         PLUGGED.with(Cell::get) == self.key()
     }
 
+    /// Wait on this thread for a request just submitted. A plugged thread's frames are sent
+    /// first: waiting for an answer to a request still held back would never end.
+    fn block_on<T>(&self, request: impl std::future::Future<Output = T>) -> T {
+        if self.held() {
+            self.shared.flush();
+        }
+        futures::executor::block_on(request)
+    }
+
     fn check(&self, offset: u64, len: u64, modifies: bool) -> Result<(), TargetError> {
         if modifies && self.shared.read_only {
             return Err(TargetError::ReadOnly);
@@ -335,7 +344,7 @@ impl BlockTarget for RemoteTarget {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
         self.check(offset, buf.len() as u64, false)?;
-        let data = futures::executor::block_on(self.read_future(offset, buf.len()))?;
+        let data = self.block_on(self.read_future(offset, buf.len()))?;
         if data.len() != buf.len() {
             return Err(TargetError::Io(format!(
                 "volume {}: read returned {} bytes, not {}",
@@ -384,11 +393,11 @@ impl BlockTarget for RemoteTarget {
     }
 
     fn flush(&self) -> Result<(), TargetError> {
-        futures::executor::block_on(acknowledged(self.mutate(Op::Flush)))
+        self.block_on(acknowledged(self.mutate(Op::Flush)))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError> {
-        futures::executor::block_on(self.extents(offset, len))
+        self.block_on(self.extents(offset, len))
     }
 
     fn read_async(&self, offset: u64, len: usize) -> Option<ReadFuture> {
