@@ -38,6 +38,28 @@ pub(crate) fn resolve_vstor_bin(vstor_bin: &Path) -> Result<PathBuf> {
 }
 
 /// The options every benchmark shares: a size in whole MiB, at least one second, one round.
+/// The rows of `all` whose name contains `only` (every row when `None`): `--rows TEXT`. An
+/// error naming the rows when none matches.
+pub(crate) fn select_rows<'a, T>(
+    all: &'a [T],
+    name: impl Fn(&T) -> &str,
+    only: Option<&str>,
+) -> Result<Vec<&'a T>> {
+    let rows: Vec<&T> = all
+        .iter()
+        .filter(|row| only.is_none_or(|only| name(row).contains(only)))
+        .collect();
+    if rows.is_empty() {
+        let names: Vec<&str> = all.iter().map(&name).collect();
+        bail!(
+            "no row's name contains {:?}; rows are: {}",
+            only.unwrap_or_default(),
+            names.join(", ")
+        );
+    }
+    Ok(rows)
+}
+
 pub(crate) fn validate(size: u64, runtime_secs: u64, rounds: u32) -> Result<()> {
     if size == 0 || !size.is_multiple_of(MIB) {
         bail!("size must be a positive multiple of 1 MiB, not {size}");

@@ -107,22 +107,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let _signals = InterruptGuard::install()?;
     let work = setup::work_dir(options.work_dir.as_deref())?;
     setup::require_free_space(work.path(), options.size, 2)?;
-    let jobs: Vec<Job> = JOBS
-        .into_iter()
-        .filter(|job| {
-            options
-                .rows
-                .as_deref()
-                .is_none_or(|only| job.name.contains(only))
-        })
-        .collect();
-    if jobs.is_empty() {
-        anyhow::bail!(
-            "no row's name contains {:?}; rows are: {}",
-            options.rows.as_deref().unwrap_or_default(),
-            JOBS.map(|job| job.name).join(", ")
-        );
-    }
+    let jobs = setup::select_rows(&JOBS, |job| job.name, options.rows.as_deref())?;
     progress(format_args!("work directory {}", work.path().display()));
 
     let netns = match Netns::create() {
@@ -194,7 +179,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             .with_context(|| format!("attaching {VOLUME} on the {placement} edge"))?;
         let socket = edge.socket(VOLUME);
         wait_for_socket(&socket)?;
-        for &job in &jobs {
+        for &&job in &jobs {
             let row = measure_row(
                 placement,
                 job,

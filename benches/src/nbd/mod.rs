@@ -108,6 +108,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
 
 fn measure(options: &BenchOptions) -> Result<Report> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
+    let jobs = setup::select_rows(&JOBS, |job| job.name, options.rows.as_deref())?;
     let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
     let (fio_version, qemu_nbd_version) = fio::nbd_tools("nbd")?;
 
@@ -153,22 +154,6 @@ fn measure(options: &BenchOptions) -> Result<Report> {
     let job_timeout = Duration::from_secs(
         (options.runtime_secs + RAMP_SECS + 60).max(options.size / 2 / 10_000_000 + 60),
     );
-    let jobs: Vec<&Job> = JOBS
-        .iter()
-        .filter(|job| {
-            options
-                .rows
-                .as_deref()
-                .is_none_or(|only| job.name.contains(only))
-        })
-        .collect();
-    if jobs.is_empty() {
-        anyhow::bail!(
-            "no row's name contains {:?}; rows are: {}",
-            options.rows.as_deref().unwrap_or_default(),
-            JOBS.map(|job| job.name).join(", ")
-        );
-    }
     let total = jobs.len() * options.rounds as usize;
     let mut rows = Vec::with_capacity(jobs.len());
     for (index, job) in jobs.into_iter().enumerate() {

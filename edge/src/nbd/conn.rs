@@ -54,7 +54,7 @@ use super::proto::*;
 use super::stream::NbdStream;
 use super::NbdError;
 use crate::read_pool;
-use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
+use crate::target::{BlockTarget, Extent, PlugGuard, ReadAttempt, TargetError, WriteAck};
 
 /// Socket read size; large enough for a QD32 burst of 4 KiB writes in one `read`.
 const READ_BUF: usize = 256 * 1024;
@@ -846,6 +846,10 @@ pub(crate) async fn run<S: NbdStream>(
         }
 
         let mut input_drained = false;
+        // The requests taken from one socket read leave together to a network target (one
+        // write for the batch, `BlockTarget::plug`); nothing in this loop waits.
+        let target = Arc::clone(&s.target);
+        let plug = PlugGuard::new(target.as_ref());
         while !s.disc
             && !grace_over
             && s.wbuf.len() < WRITE_HIGH_WATER
@@ -872,6 +876,7 @@ pub(crate) async fn run<S: NbdStream>(
                 break;
             }
         }
+        drop(plug);
 
         let idle = s.inflight == 0 && s.wbuf.is_empty() && !unflushed;
         if idle && s.disc {
