@@ -145,6 +145,11 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     ));
     let prefill = load::prefill(&local_socket, options.size, SOCKET_TIMEOUT)?;
     progress(format_args!("prefilled at {:.0} MB/s", prefill.mb_per_s()));
+    let warm = load::read_through(&local_socket, options.size, SOCKET_TIMEOUT)?;
+    progress(format_args!(
+        "read it back once at {:.0} MB/s (warm page cache for both sides)",
+        warm.mb_per_s()
+    ));
     nix::unistd::sync();
     let rtt = loopback_rtt_us()?;
     progress(format_args!(

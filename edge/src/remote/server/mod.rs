@@ -658,7 +658,11 @@ impl Session {
             }
             let throttle_until = self.throttle_until;
             let pushes_access = self.access.is_some();
+            // In order: completions, then replies out, before more requests are read in, so a
+            // batch's replies leave as they are made (`REPLY_BATCH`). Nothing starves: writing
+            // empties `out`, and reading is bounded by `max_inflight`.
             tokio::select! {
+                biased;
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.complete(done);
                     // Batch: take every completion that is ready before writing.
