@@ -9,6 +9,7 @@
 //! held only for map operations and channel sends (never across I/O or an await), and sending a
 //! frame to the writer while holding it is what keeps frames in id order on the wire.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -194,6 +195,13 @@ pub(super) struct Shared {
     pub(super) shutdown: CancellationToken,
 }
 
+thread_local! {
+    /// The target this thread plugged (`BlockTarget::plug`), by the address of its shared state;
+    /// 0: none. Per thread because a plug covers the requests of one frontend pass, while other
+    /// threads (another queue, an NBD connection) keep sending theirs at once.
+    static PLUGGED: Cell<usize> = const { Cell::new(0) };
+}
+
 fn unreachable_error(volume: &str, reason: FailReason) -> TargetError {
     TargetError::Io(format!("volume {volume}: {}", reason.describe()))
 }
@@ -250,9 +258,10 @@ impl Shared {
         self.lock().table.len()
     }
 
-    /// Queue `op`; the receiver yields its outcome. With `hold` its frame is not sent until
-    /// [`Shared::flush`] (the caller plugged).
-    pub(super) fn submit(&self, op: Op, hold: bool) -> oneshot::Receiver<Outcome> {
+    /// Queue `op`; the receiver yields its outcome. On a plugged thread its frame is not sent
+    /// until [`Shared::unplug`] or [`Shared::flush`].
+    pub(super) fn submit(&self, op: Op) -> oneshot::Receiver<Outcome> {
+        let hold = self.held();
         let (done, rx) = oneshot::channel();
         let started = Instant::now();
         let mut inner = self.lock();
@@ -276,8 +285,9 @@ impl Shared {
             Admit::Send => {
                 if let Some(conn) = inner.conn.as_ref().filter(|c| !c.draining) {
                     let frame = Frame::new(id, op.message(conn.tag));
-                    // Alone in flight: written from this thread if the writer is idle. A failed
-                    // send is reported by the writer, and the loss handling resends it.
+                    // Held on a plugged thread; alone in flight, written from this thread if the
+                    // writer is idle; else left to the writer. A failed send is reported by the
+                    // writer, and the loss handling resends it.
                     let how = if hold {
                         Send::Hold
                     } else if inner.table.is_empty() {
@@ -314,7 +324,31 @@ impl Shared {
         rx
     }
 
-    /// Send the frames held by [`Shared::submit`] (`hold`).
+    /// Hold this thread's frames from now on (`BlockTarget::plug`).
+    pub(super) fn plug(&self) {
+        PLUGGED.with(|p| p.set(self.key()));
+    }
+
+    /// Send what this thread held, and send at once again (`BlockTarget::unplug`).
+    pub(super) fn unplug(&self) {
+        PLUGGED.with(|p| {
+            if p.get() == self.key() {
+                p.set(0);
+            }
+        });
+        self.flush();
+    }
+
+    /// Whether this thread plugged this target: its frames wait for `unplug`.
+    pub(super) fn held(&self) -> bool {
+        PLUGGED.with(Cell::get) == self.key()
+    }
+
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// Send the frames held by [`Shared::submit`] on a plugged thread.
     pub(super) fn flush(&self) {
         let frames = self.lock().conn.as_ref().map(|c| Arc::clone(&c.frames));
         if let Some(frames) = frames {

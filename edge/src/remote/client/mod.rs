@@ -23,7 +23,6 @@ mod conn;
 mod inflight;
 mod send;
 
-use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,13 +169,6 @@ pub struct RemoteTarget {
     shared: Arc<Shared>,
 }
 
-thread_local! {
-    /// The target this thread plugged (`BlockTarget::plug`), by the address of its shared state;
-    /// 0: none. Per thread because a plug covers the requests of one frontend pass, while other
-    /// threads (another queue, an NBD connection) keep sending theirs at once.
-    static PLUGGED: Cell<usize> = const { Cell::new(0) };
-}
-
 impl RemoteTarget {
     /// Resolve the owner, connect and handshake before returning, so an attach fails fast with a
     /// clear error (no such volume, no owner, refused). Must be called inside a tokio runtime;
@@ -249,19 +241,10 @@ impl RemoteTarget {
         self.shared.close();
     }
 
-    fn key(&self) -> usize {
-        Arc::as_ptr(&self.shared) as usize
-    }
-
-    /// Whether this thread plugged this target: its frames wait for `unplug`.
-    fn held(&self) -> bool {
-        PLUGGED.with(Cell::get) == self.key()
-    }
-
     /// Wait on this thread for a request just submitted. A plugged thread's frames are sent
     /// first: waiting for an answer to a request still held back would never end.
     fn block_on<T>(&self, request: impl std::future::Future<Output = T>) -> T {
-        if self.held() {
+        if self.shared.held() {
             self.shared.flush();
         }
         futures::executor::block_on(request)
@@ -280,7 +263,7 @@ impl RemoteTarget {
 
     /// Queue a request that answers `Done`; its acknowledgement is the pending future.
     fn mutate(&self, op: Op) -> WriteAck {
-        let rx = self.shared.submit(op, self.held());
+        let rx = self.shared.submit(op);
         let pending: PendingAck = Box::pin(async move { outcome(rx.await).map(|_| ()) });
         WriteAck {
             throttle: None,
@@ -290,13 +273,10 @@ impl RemoteTarget {
 
     fn read_future(&self, offset: u64, len: usize) -> ReadFuture {
         if len <= MAX_READ {
-            let rx = self.shared.submit(
-                Op::Read {
-                    offset,
-                    len: len as u32,
-                },
-                self.held(),
-            );
+            let rx = self.shared.submit(Op::Read {
+                offset,
+                len: len as u32,
+            });
             return Box::pin(async move {
                 match outcome(rx.await)? {
                     Reply::Data(data) => Ok(data),
@@ -420,16 +400,11 @@ impl BlockTarget for RemoteTarget {
     }
 
     fn plug(&self) {
-        PLUGGED.with(|p| p.set(self.key()));
+        self.shared.plug();
     }
 
     fn unplug(&self) {
-        PLUGGED.with(|p| {
-            if p.get() == self.key() {
-                p.set(0);
-            }
-        });
-        self.shared.flush();
+        self.shared.unplug();
     }
 }
 
@@ -438,9 +413,7 @@ impl RemoteTarget {
         if let Err(e) = self.check(offset, len, false) {
             return Box::pin(async move { Err(e) });
         }
-        let rx = self
-            .shared
-            .submit(Op::BlockStatus { offset, len }, self.held());
+        let rx = self.shared.submit(Op::BlockStatus { offset, len });
         Box::pin(async move {
             match outcome(rx.await)? {
                 Reply::Extents(extents) => Ok(extents),
