@@ -581,6 +581,8 @@ pub struct NodeView {
     pub nbd_addr: String,
     pub dtl_addr: String,
     pub edge_addr: Option<String>,
+    /// Its unix socket for edges on its host (`vstor serve --edge-socket`).
+    pub edge_socket: Option<String>,
     pub started_at: u64,
     pub version: String,
     /// Its lease is alive.

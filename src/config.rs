@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub nbd: String,
     /// Edge protocol listener (`host:port`) for `vstor edge`; empty means none.
     pub edge_listen: String,
+    /// Unix socket for edges on this host (`vstor serve --edge-socket`); empty means none.
+    pub edge_socket: Option<PathBuf>,
     /// Directory of vhost-user-blk sockets; empty means `<data_dir>/vhost`.
     pub vhost_dir: Option<PathBuf>,
     /// DTL server (`host:port`) new volumes mirror their writes to; empty means none.
@@ -589,6 +591,7 @@ impl Default for FileConfig {
             api: ApiFileSettings::default(),
             nbd: DEFAULT_NBD.into(),
             edge_listen: String::new(),
+            edge_socket: None,
             vhost_dir: None,
             dtl: String::new(),
             write_buffer_limit: "8G".into(),
@@ -753,6 +756,9 @@ pub struct ServeConfig {
     pub nbd: SocketAddr,
     /// `Some`: serve the edge protocol there (`vstor serve --edge-listen`).
     pub edge_listen: Option<SocketAddr>,
+    /// `Some`: also serve it on this unix socket, for edges on this host
+    /// (`vstor serve --edge-socket`).
+    pub edge_socket: Option<PathBuf>,
     /// A partly received edge-protocol frame must be complete within this
     /// (`--edge-frame-timeout`).
     pub edge_frame_timeout: std::time::Duration,
@@ -812,6 +818,7 @@ pub struct Overrides {
     pub api_ca: Option<PathBuf>,
     pub nbd: Option<String>,
     pub edge_listen: Option<String>,
+    pub edge_socket: Option<PathBuf>,
     pub edge_frame_timeout: Option<std::time::Duration>,
     pub vhost_dir: Option<PathBuf>,
     pub dtl: Option<String>,
@@ -908,6 +915,9 @@ impl FileConfig {
         }
         if let Some(edge) = overrides.edge_listen {
             self.edge_listen = edge;
+        }
+        if let Some(path) = overrides.edge_socket {
+            self.edge_socket = Some(path);
         }
         if let Some(dir) = overrides.vhost_dir {
             self.vhost_dir = Some(dir);
@@ -1158,6 +1168,16 @@ impl FileConfig {
                 .filter(|addr| !addr.is_empty())
                 .map(|addr| parse_addr("setting edge_listen (--edge-listen)", addr))
                 .transpose()?,
+            edge_socket: match self.edge_socket.filter(|p| !p.as_os_str().is_empty()) {
+                // Edges elsewhere, and every edge after a failover to another host, need TCP;
+                // the socket is a shortcut next to it, not instead of it.
+                Some(path) if self.edge_listen.trim().is_empty() => anyhow::bail!(
+                    "setting edge_socket (--edge-socket {}) needs edge_listen (--edge-listen \
+                     HOST:PORT): edges on other hosts reach the node over TCP",
+                    path.display()
+                ),
+                socket => socket,
+            },
             edge_frame_timeout: overrides
                 .edge_frame_timeout
                 .unwrap_or(std::time::Duration::from_secs(30)),

@@ -15,6 +15,7 @@ mod dirlock;
 mod edge_host;
 mod export;
 mod export_remote;
+mod host_id;
 mod mds_host;
 mod mds_link;
 mod metrics;
@@ -172,6 +173,11 @@ struct ServeArgs {
     /// none, no edge can reach this node's volumes].
     #[arg(long)]
     edge_listen: Option<String>,
+    /// Also serve the edge protocol on this unix socket (mode 0600), which `vstor edge` on the
+    /// same host uses instead of TCP: no TCP stack and no TLS on the way [default: none; needs
+    /// --edge-listen].
+    #[arg(long, value_name = "PATH")]
+    edge_socket: Option<PathBuf>,
     /// Close an edge connection whose frame is still incomplete this long after its first bytes
     /// arrived (slowloris clients) [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -1054,6 +1060,7 @@ fn run(cli: Cli) -> Result<()> {
                 api_ca: global.api_ca,
                 nbd: args.nbd,
                 edge_listen: args.edge_listen,
+                edge_socket: args.edge_socket,
                 edge_frame_timeout: args.edge_frame_timeout,
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,

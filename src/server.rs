@@ -31,7 +31,7 @@ use crate::registry::{self, etcd::EtcdTarget, local::LocalRegistry, NodeRecord, 
 use crate::scrub::{AutoScrubber, Scrubs};
 use crate::tier::map::RegistryTierMap;
 use crate::tier::records::default_preset;
-use vstor_edge::remote::server::EdgeServerConfig;
+use vstor_edge::remote::server::{EdgeListener, EdgeServerConfig};
 
 pub async fn serve(mut config: ServeConfig) -> Result<()> {
     // Absolute paths: they are shown to users (socket paths) and must not depend on a later cwd.
@@ -108,6 +108,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .as_ref()
         .map(TcpListener::local_addr)
         .transpose()?;
+    let edge_socket = match &config.edge_socket {
+        Some(path) => Some(bind_edge_socket(path)?),
+        None => None,
+    };
     // Every cluster node runs a DTL server for the other nodes' volumes.
     let dtl = match &config.identity.cluster {
         Some(cluster) => Some(
@@ -136,6 +140,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             .as_ref()
             .map_or_else(String::new, |(_, addr, _)| addr.to_string()),
         edge_addr: edge_addr.map(|addr| addr.to_string()),
+        edge_socket: edge_socket
+            .as_ref()
+            .map(|(_, path)| path.display().to_string()),
+        host_id: crate::host_id::host_id(),
         started_at: registry::now_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -317,23 +325,29 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     };
     // The edge server: the same exports as NBD and vhost-user, for `vstor edge` processes.
     let edge_stop = tokio_util::sync::CancellationToken::new();
-    let edge_task = edge_listener.map(|listener| {
-        let exports: Arc<dyn vstor_edge::remote::RemoteExports> =
-            Arc::new(RemoteVolumes(exports.clone()));
-        let stop = edge_stop.clone();
-        let edge_config = EdgeServerConfig {
-            frame_timeout: config.edge_frame_timeout,
-            tls: config.peer_tls.clone(),
-            ..EdgeServerConfig::default()
-        };
-        tokio::spawn(async move {
-            if let Err(e) =
-                vstor_edge::remote::server::serve(listener, exports, edge_config, stop).await
-            {
-                tracing::error!(error = %e, "edge server stopped");
-            }
+    let edge_listeners = edge_listener
+        .map(EdgeListener::from)
+        .into_iter()
+        .chain(edge_socket.map(|(listener, _)| EdgeListener::from(listener)));
+    let edge_tasks: Vec<_> = edge_listeners
+        .map(|listener| {
+            let exports: Arc<dyn vstor_edge::remote::RemoteExports> =
+                Arc::new(RemoteVolumes(exports.clone()));
+            let stop = edge_stop.clone();
+            let edge_config = EdgeServerConfig {
+                frame_timeout: config.edge_frame_timeout,
+                tls: config.peer_tls.clone(),
+                ..EdgeServerConfig::default()
+            };
+            tokio::spawn(async move {
+                if let Err(e) =
+                    vstor_edge::remote::server::serve(listener, exports, edge_config, stop).await
+                {
+                    tracing::error!(error = %e, "edge server stopped");
+                }
+            })
         })
-    });
+        .collect();
     let api_stop = Arc::new(tokio::sync::Notify::new());
     let api_token =
         crate::api_auth::RequiredToken(config.api_security.token.as_deref().map(Arc::from));
@@ -394,6 +408,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     if let Some(addr) = edge_addr {
         announce(&format!("vstor edge listener: {addr}"));
     }
+    if let Some(path) = &node.edge_socket {
+        announce(&format!("vstor edge socket: {path}"));
+    }
     if let Some(cluster) = &cluster {
         announce(&format!(
             "vstor node: {} domain={} dtl={} registry={}",
@@ -413,8 +430,13 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
     }
     nbd.shutdown().await;
     edge_stop.cancel();
-    if let Some(task) = edge_task {
+    for task in edge_tasks {
         let _ = task.await;
+    }
+    if let Some(path) = &config.edge_socket {
+        // Edges that find no socket use TCP at once; a leftover file would only cost them a
+        // refused connect.
+        let _ = std::fs::remove_file(path);
     }
     api_stop.notify_one();
     let _ = api_task.await;
@@ -649,4 +671,40 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Bind the edge protocol's unix socket at `path` (`--edge-socket`), mode 0600. A socket file
+/// left by a node that died (nobody accepts on it) is replaced; a live one (another node given
+/// the same path) or any other file there is an error, not overwritten. Returns the listener
+/// and the absolute path other processes should dial.
+fn bind_edge_socket(
+    path: &std::path::Path,
+) -> Result<(tokio::net::UnixListener, std::path::PathBuf)> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let what = || format!("cannot serve edges on unix socket {}", path.display());
+    let path = std::path::absolute(path).with_context(what)?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(anyhow::anyhow!(
+                    "another process is serving on {} (--edge-socket / edge_socket)",
+                    path.display()
+                ))
+                .with_context(what);
+            }
+            std::fs::remove_file(&path).with_context(what)?;
+        }
+        Ok(_) => {
+            return Err(anyhow::anyhow!(
+                "{} exists and is not a socket (--edge-socket / edge_socket)",
+                path.display()
+            ))
+            .with_context(what)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(what),
+    }
+    let listener = tokio::net::UnixListener::bind(&path).with_context(what)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).with_context(what)?;
+    Ok((listener, path))
 }

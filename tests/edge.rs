@@ -393,6 +393,68 @@ fn edge_command_line_errors_are_clear() {
     assert!(err.contains("VOLUME"), "{err}");
     let err = run(&["serve", "--edge-listen", "nowhere"]);
     assert!(err.contains("edge_listen (--edge-listen)"), "{err}");
+    let err = run(&[
+        "edge",
+        "--registry",
+        "etcd://127.0.0.1:1",
+        "--transport",
+        "udp",
+    ]);
+    assert!(
+        err.contains("invalid value 'udp' for '--transport"),
+        "{err}"
+    );
+    let err = run(&["serve", "--edge-socket", "/tmp/vstor-no-listen.sock"]);
+    assert!(
+        err.contains("--edge-socket /tmp/vstor-no-listen.sock) needs edge_listen"),
+        "{err}"
+    );
+    // A file in the socket's place is not the node's to replace.
+    let dir = tempfile::tempdir().unwrap();
+    let taken = dir.path().join("edge.sock");
+    std::fs::write(&taken, b"keep me").unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let err = run(&[
+        "serve",
+        "--data-dir",
+        &data,
+        "--api",
+        "127.0.0.1:0",
+        "--nbd",
+        "127.0.0.1:0",
+        "--edge-listen",
+        "127.0.0.1:0",
+        "--edge-socket",
+        &taken.display().to_string(),
+    ]);
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
+    // Nor is a socket another process serves on; a dead one's leftover is replaced.
+    let live = dir.path().join("live.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let err = run(&[
+        "serve",
+        "--data-dir",
+        &data,
+        "--api",
+        "127.0.0.1:0",
+        "--nbd",
+        "127.0.0.1:0",
+        "--edge-listen",
+        "127.0.0.1:0",
+        "--edge-socket",
+        &live.display().to_string(),
+    ]);
+    assert!(err.contains("another process is serving on"), "{err}");
+    drop(listener);
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let live = live.display().to_string();
+    let _node = Daemon::start_with(
+        &node_dir,
+        &["--edge-listen", "127.0.0.1:0", "--edge-socket", &live],
+    );
+    std::os::unix::net::UnixStream::connect(&live).expect("the node serves on the leftover path");
 }
 
 #[test]

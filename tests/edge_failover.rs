@@ -48,6 +48,12 @@ impl Cluster {
     /// etcd, three nodes, the test volume on `n0` (sync DTL, small SCOs and write buffer so
     /// TLogs reach the backend every few MiB), and an edge with the volume attached.
     fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// `start`, with every node also serving edges on a unix socket (`--edge-socket`), which the
+    /// edge, on the same host, then uses.
+    fn start_with(edge_socket: bool) -> Self {
         let tmp = TestDir::new();
         std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
         let etcd = Etcd::start(&tmp.path().join("etcd"));
@@ -57,20 +63,22 @@ impl Cluster {
                 let dir = tmp.path().join(format!("n{i}"));
                 std::fs::create_dir_all(&dir).unwrap();
                 let name = format!("n{i}");
-                Daemon::start_on(
-                    &dir,
-                    &backend,
-                    &[
-                        "--registry",
-                        &etcd.url(),
-                        "--node",
-                        &name,
-                        "--domain",
-                        "d1",
-                        "--edge-listen",
-                        "127.0.0.1:0",
-                    ],
-                )
+                let socket = dir.join("edge.sock").display().to_string();
+                let url = etcd.url();
+                let mut args = vec![
+                    "--registry",
+                    &url,
+                    "--node",
+                    &name,
+                    "--domain",
+                    "d1",
+                    "--edge-listen",
+                    "127.0.0.1:0",
+                ];
+                if edge_socket {
+                    args.extend(["--edge-socket", &socket]);
+                }
+                Daemon::start_on(&dir, &backend, &args)
             })
             .collect();
         nodes[0].cli_ok(&[
@@ -373,6 +381,39 @@ fn nbd_client_on_the_edge_loses_nothing_when_the_owner_dies() {
     wait_progress(&load, &writers, 500, "before the owner dies");
     let new_owner = cluster.kill_owner_and_wait_for_failover("nbd");
     // The writers never saw an error and go on through the new owner.
+    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&load, &writers, before + 500, "after the failover");
+    let writes = stop_writers(&load, writers);
+    assert!(writes > 1000, "{writes} writes");
+    oracle::verify(&cluster.edge.nbd, VOLUME, &load, "through the edge");
+    oracle::verify(
+        &cluster.nodes[new_owner].nbd,
+        VOLUME,
+        &load,
+        "on the new owner",
+    );
+}
+
+/// Nodes with `--edge-socket`: the edge on their host reaches the owner over its unix socket,
+/// and after the owner's `kill -9` (its socket file stays behind, refusing) over the new
+/// owner's. Crash-oracle NBD writers on the edge lose nothing.
+#[test]
+fn a_same_host_edge_uses_the_owners_unix_socket_and_loses_nothing_when_the_owner_dies() {
+    let mut cluster = Cluster::start_with(true);
+    let root = cluster.tmp.path().to_path_buf();
+    let socket_of = |i: usize| format!("unix:{}", root.join(format!("n{i}/edge.sock")).display());
+    let entry = cluster.edge_entry();
+    assert_eq!(entry["owner_addr"], socket_of(0).as_str(), "{entry}");
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.edge.nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 500, "before the owner dies");
+    let new_owner = cluster.kill_owner_and_wait_for_failover("unix");
+    let entry = cluster.edge_entry();
+    assert_eq!(
+        entry["owner_addr"],
+        socket_of(new_owner).as_str(),
+        "{entry}"
+    );
     let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
     wait_progress(&load, &writers, before + 500, "after the failover");
     let writes = stop_writers(&load, writers);

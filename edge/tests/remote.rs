@@ -32,6 +32,9 @@ struct Node {
     addr: std::net::SocketAddr,
     state: Arc<MemServedState>,
     stop: CancellationToken,
+    /// The unix socket it also serves on (`Node::start_local`).
+    unix: Option<std::path::PathBuf>,
+    exports: Arc<MemExports>,
 }
 
 impl Node {
@@ -48,11 +51,31 @@ impl Node {
         let stop = CancellationToken::new();
         tokio::spawn(serve(
             listener,
-            exports,
+            exports.clone(),
             EdgeServerConfig::default(),
             stop.clone(),
         ));
-        Node { addr, state, stop }
+        Node {
+            addr,
+            state,
+            stop,
+            unix: None,
+            exports,
+        }
+    }
+
+    /// A node that also serves on a unix socket at `path`, as `vstor serve --edge-socket`.
+    async fn start_local(target: &Arc<MemTarget>, tag: u64, path: &std::path::Path) -> Node {
+        let mut node = Self::start(target, tag).await;
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(serve(
+            listener,
+            node.exports.clone(),
+            EdgeServerConfig::default(),
+            node.stop.clone(),
+        ));
+        node.unix = Some(path.to_path_buf());
+        node
     }
 
     fn endpoint(&self, name: &str) -> Endpoint {
@@ -60,6 +83,7 @@ impl Node {
             node: name.into(),
             addr: self.addr.to_string(),
             tag: self.state_tag(),
+            unix: self.unix.as_ref().map(|p| p.to_string_lossy().into_owned()),
         }
     }
 
@@ -297,6 +321,69 @@ async fn pipelined_qd32_random_io() {
     qd32_load(&t, 300, &model).await;
     verify(&target, &model.lock().unwrap());
     assert_eq!(t.stats().failed, 0);
+}
+
+/// An owner on the same host is reached over its unix socket: pipelined I/O reads back, a stale
+/// tag is refused there too, and an edge that cannot reach the socket (another mount namespace,
+/// a stopped owner's leftover path) uses TCP in the same attempt. The owner's death fails the
+/// socket at once and the edge follows the volume to the next owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_host_owner_is_reached_over_its_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Arc::new(MemTarget::new(SIZE));
+    let node = Node::start_local(&target, 3, &dir.path().join("a.sock")).await;
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let stats = t.stats();
+    let want = format!("unix:{}", dir.path().join("a.sock").display());
+    assert_eq!(stats.addr.as_deref(), Some(want.as_str()), "{stats:?}");
+    let model = Arc::new(Mutex::new(HashMap::new()));
+    qd32_load(&t, 200, &model).await;
+    verify(&target, &model.lock().unwrap());
+    flush(&t).await.unwrap();
+
+    // A stale tag on the unix socket gets the same refusal as on TCP.
+    let mut stale = node.endpoint("a");
+    stale.tag = 2;
+    match RemoteTarget::connect(
+        "vol",
+        StaticResolver::new(stale),
+        config(Duration::from_secs(5)),
+    )
+    .await
+    {
+        Err(RemoteError::Refused { code, addr, .. }) => {
+            assert_eq!(code, ErrorCode::StaleTag);
+            assert_eq!(addr, want);
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a stale tag was welcomed over the unix socket"),
+    }
+
+    // A path nobody listens on: TCP, same attempt, same data.
+    let mut elsewhere = node.endpoint("a");
+    elsewhere.unix = Some(dir.path().join("missing.sock").display().to_string());
+    let tcp = connect(&StaticResolver::new(elsewhere), Duration::from_secs(30)).await;
+    assert_eq!(tcp.stats().addr, Some(node.addr.to_string()));
+    let (&block, &seed) = model.lock().unwrap().iter().next().unwrap();
+    let got = read(&tcp, block * BLOCK as u64, BLOCK).await.unwrap();
+    assert_eq!(checksum(&got), checksum(&pattern(seed, BLOCK)));
+    tcp.close().await;
+
+    // The owner goes away (its listeners and connections close); the next owner, also local,
+    // takes over under a newer tag and the edge carries on over its socket.
+    let next = Node::start_local(&target, 4, &dir.path().join("b.sock")).await;
+    drop(node);
+    resolver.set(Ok(next.endpoint("b")));
+    write(&t, 0, &pattern(77, BLOCK)).await.unwrap();
+    assert_eq!(
+        checksum(&read(&t, 0, BLOCK).await.unwrap()),
+        checksum(&pattern(77, BLOCK))
+    );
+    let stats = t.stats();
+    let want = format!("unix:{}", dir.path().join("b.sock").display());
+    assert_eq!(stats.addr.as_deref(), Some(want.as_str()), "{stats:?}");
+    assert_eq!((stats.tag, stats.reconnects, stats.failed), (4, 1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,7 @@ fn blkio_through_vhost_on_a_remote_target() {
             node: "a".into(),
             addr: addr.to_string(),
             tag: 4,
+            unix: None,
         });
         let config = RemoteConfig {
             reconnect_bound: Duration::from_secs(10),

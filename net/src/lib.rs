@@ -33,8 +33,9 @@
 //!
 //! # Streams
 //!
-//! [`PeerStream`] is plain TCP or TLS, so one codec (`tokio_util::codec::Framed`) runs over
-//! either. It is an enum rather than a `Box<dyn AsyncRead + AsyncWrite>`: the plain case is a
+//! [`PeerStream`] is plain TCP, TLS, or a unix socket (the edge protocol between an edge and an
+//! owner on the same host, where the socket file's permissions and the peer's uid take the place
+//! of certificates), so one codec (`tokio_util::codec::Framed`) runs over any of them. It is an enum rather than a `Box<dyn AsyncRead + AsyncWrite>`: the plain case is a
 //! `match` on a well-predicted tag in front of the same `TcpStream` calls as before, no
 //! allocation and no dynamic dispatch, so a cluster without TLS runs exactly the code it ran.
 
@@ -49,7 +50,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// The crate's error type.
@@ -217,26 +218,30 @@ pub fn server_name(addr: &str) -> Result<ServerName<'static>, NetError> {
     ServerName::try_from(host.to_string()).map_err(|e| bad(&e.to_string()))
 }
 
-/// One end of an internal connection: plain TCP, or TLS on TCP (either side).
+/// One end of an internal connection: plain TCP, TLS on TCP (either side), or a unix socket
+/// (same host only).
 #[derive(Debug)]
 pub enum PeerStream {
     Plain(TcpStream),
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl PeerStream {
     /// Whether the stream is encrypted.
     pub fn is_tls(&self) -> bool {
-        !matches!(self, PeerStream::Plain(_))
+        matches!(self, PeerStream::Client(_) | PeerStream::Server(_))
     }
 
-    /// The underlying TCP socket (for `peer_addr`, `set_nodelay` and the like).
-    pub fn tcp(&self) -> &TcpStream {
+    /// The underlying TCP socket (for `peer_addr`, `set_nodelay` and the like); `None` on a
+    /// unix socket.
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            PeerStream::Plain(s) => s,
-            PeerStream::Client(s) => s.get_ref().0,
-            PeerStream::Server(s) => s.get_ref().0,
+            PeerStream::Plain(s) => Some(s),
+            PeerStream::Client(s) => Some(s.get_ref().0),
+            PeerStream::Server(s) => Some(s.get_ref().0),
+            PeerStream::Unix(_) => None,
         }
     }
 }
@@ -257,6 +262,7 @@ impl AsyncRead for PeerStream {
             PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             PeerStream::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             PeerStream::Server(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            PeerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -271,6 +277,7 @@ impl AsyncWrite for PeerStream {
             PeerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             PeerStream::Client(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             PeerStream::Server(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            PeerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -283,6 +290,7 @@ impl AsyncWrite for PeerStream {
             PeerStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             PeerStream::Client(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             PeerStream::Server(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            PeerStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -291,6 +299,7 @@ impl AsyncWrite for PeerStream {
             PeerStream::Plain(s) => s.is_write_vectored(),
             PeerStream::Client(s) => s.is_write_vectored(),
             PeerStream::Server(s) => s.is_write_vectored(),
+            PeerStream::Unix(s) => s.is_write_vectored(),
         }
     }
 
@@ -299,6 +308,7 @@ impl AsyncWrite for PeerStream {
             PeerStream::Plain(s) => Pin::new(s).poll_flush(cx),
             PeerStream::Client(s) => Pin::new(s.as_mut()).poll_flush(cx),
             PeerStream::Server(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            PeerStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -307,6 +317,7 @@ impl AsyncWrite for PeerStream {
             PeerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             PeerStream::Client(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             PeerStream::Server(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            PeerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix;
 
 use crate::PeerStream;
 
@@ -25,6 +26,7 @@ use crate::PeerStream;
 pub enum PeerReader {
     Plain(OwnedReadHalf),
     Tls(tokio::io::ReadHalf<PeerStream>),
+    Unix(unix::OwnedReadHalf),
 }
 
 /// The write half of a split [`PeerStream`]. Call `flush` after a batch of writes.
@@ -32,15 +34,21 @@ pub enum PeerReader {
 pub enum PeerWriter {
     Plain(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<PeerStream>),
+    Unix(unix::OwnedWriteHalf),
 }
 
 impl PeerStream {
-    /// Split into owned halves: lock-free for plain TCP, `tokio::io::split` for TLS.
+    /// Split into owned halves: lock-free for plain TCP and unix sockets, `tokio::io::split` for
+    /// TLS.
     pub fn into_split(self) -> (PeerReader, PeerWriter) {
         match self {
             PeerStream::Plain(tcp) => {
                 let (rd, wr) = tcp.into_split();
                 (PeerReader::Plain(rd), PeerWriter::Plain(wr))
+            }
+            PeerStream::Unix(unix) => {
+                let (rd, wr) = unix.into_split();
+                (PeerReader::Unix(rd), PeerWriter::Unix(wr))
             }
             tls => {
                 let (rd, wr) = tokio::io::split(tls);
@@ -59,6 +67,7 @@ impl AsyncRead for PeerReader {
         match self.get_mut() {
             PeerReader::Plain(r) => Pin::new(r).poll_read(cx, buf),
             PeerReader::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            PeerReader::Unix(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -72,6 +81,7 @@ impl AsyncWrite for PeerWriter {
         match self.get_mut() {
             PeerWriter::Plain(w) => Pin::new(w).poll_write(cx, buf),
             PeerWriter::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            PeerWriter::Unix(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
 
@@ -83,6 +93,7 @@ impl AsyncWrite for PeerWriter {
         match self.get_mut() {
             PeerWriter::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             PeerWriter::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            PeerWriter::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -90,6 +101,7 @@ impl AsyncWrite for PeerWriter {
         match self {
             PeerWriter::Plain(w) => w.is_write_vectored(),
             PeerWriter::Tls(w) => w.is_write_vectored(),
+            PeerWriter::Unix(w) => w.is_write_vectored(),
         }
     }
 
@@ -97,6 +109,7 @@ impl AsyncWrite for PeerWriter {
         match self.get_mut() {
             PeerWriter::Plain(w) => Pin::new(w).poll_flush(cx),
             PeerWriter::Tls(w) => Pin::new(w).poll_flush(cx),
+            PeerWriter::Unix(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -104,6 +117,7 @@ impl AsyncWrite for PeerWriter {
         match self.get_mut() {
             PeerWriter::Plain(w) => Pin::new(w).poll_shutdown(cx),
             PeerWriter::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            PeerWriter::Unix(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -51,6 +51,8 @@ mod tests {
             nbd_addr: format!("{name}:2"),
             dtl_addr: format!("{name}:3"),
             edge_addr: None,
+            edge_socket: None,
+            host_id: None,
             started_at: 0,
             version: String::new(),
         }

@@ -7,6 +7,15 @@ use crate::client::{print_json, print_table, Client};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
+/// `vstor edge --transport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// The owner's unix socket when it shares this host (same `/etc/machine-id`), else TCP.
+    Auto,
+    /// TCP (with mutual TLS where configured) to every owner.
+    Tcp,
+}
+
 #[derive(Args)]
 pub struct EdgeArgs {
     /// Cluster registry: etcd://HOST:PORT[,HOST:PORT...] or etcd+https://HOST:PORT[,...]
@@ -38,6 +47,11 @@ pub struct EdgeArgs {
     /// attached volumes are busy at once.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
+    /// How to reach an owner on this same host that offers a unix socket (`vstor serve
+    /// --edge-socket`): `auto` uses the socket (no TCP stack, no TLS), `tcp` always dials its
+    /// `--edge-listen` address.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
     /// NBD TLS and connection limits, as `vstor serve`'s.
     #[command(flatten)]
     nbd_frontend: crate::security_args::NbdFrontendArgs,
@@ -245,6 +259,10 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
         nbd: parse("--nbd", &args.nbd)?,
         api: parse("--api", &args.api)?,
         reconnect_bound,
+        local_host: match args.transport {
+            Transport::Auto => crate::host_id::host_id(),
+            Transport::Tcp => None,
+        },
         nbd_tls,
         nbd_max_connections: front
             .nbd_max_connections

@@ -50,6 +50,9 @@ pub struct EdgeConfig {
     pub nbd: SocketAddr,
     pub api: SocketAddr,
     pub reconnect_bound: Duration,
+    /// This host's id (`crate::host_id`), to reach owners on it by their unix socket; `None`
+    /// with `--transport tcp`.
+    pub local_host: Option<String>,
     /// NBD TLS (`--tls-*`, `--nbd-tls`), checked and loaded.
     pub nbd_tls: Option<vstor_edge::nbd::NbdTls>,
     pub nbd_max_connections: usize,
@@ -154,7 +157,10 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     let host = Arc::new(EdgeHost::new(
         config.name.clone(),
         registry.clone(),
-        Arc::new(resolver::RegistryResolver(registry.clone())),
+        Arc::new(resolver::RegistryResolver {
+            registry: registry.clone(),
+            local_host: config.local_host.clone(),
+        }),
         remote,
         exports,
         nbd.clone(),

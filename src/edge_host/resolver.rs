@@ -9,10 +9,19 @@ use vstor_edge::remote::{Endpoint, ResolveFuture, Resolver};
 
 use crate::registry::Registry;
 
-pub struct RegistryResolver(pub Arc<dyn Registry>);
+pub struct RegistryResolver {
+    pub registry: Arc<dyn Registry>,
+    /// This host's id: an owner on the same host is dialled at its unix socket.
+    pub local_host: Option<String>,
+}
 
-/// Where `volume` is served, or why it cannot be (a sentence naming the volume and node).
-pub async fn resolve(registry: &dyn Registry, export: &str) -> Result<Endpoint, String> {
+/// Where `volume` is served, or why it cannot be (a sentence naming the volume and node). An
+/// owner whose `host_id` is `local_host` and that has an `edge_socket` is given with it.
+pub async fn resolve(
+    registry: &dyn Registry,
+    export: &str,
+    local_host: Option<&str>,
+) -> Result<Endpoint, String> {
     let volume = crate::export::snapshot_export_name(export).map_or(export, |(v, _)| v);
     let record = registry
         .volume(volume)
@@ -44,18 +53,21 @@ pub async fn resolve(registry: &dyn Registry, export: &str) -> Result<Endpoint, 
             node.name
         )
     })?;
+    let same_host = local_host.is_some() && node.host_id.as_deref() == local_host;
     Ok(Endpoint {
         node: node.name,
         addr,
         tag: record.owner_tag,
+        unix: node.edge_socket.filter(|_| same_host),
     })
 }
 
 impl Resolver for RegistryResolver {
     fn resolve(&self, volume: &str) -> ResolveFuture {
-        let registry = self.0.clone();
+        let registry = self.registry.clone();
+        let local_host = self.local_host.clone();
         let volume = volume.to_string();
-        Box::pin(async move { resolve(registry.as_ref(), &volume).await })
+        Box::pin(async move { resolve(registry.as_ref(), &volume, local_host.as_deref()).await })
     }
 }
 
@@ -76,6 +88,8 @@ mod tests {
             nbd_addr: "127.0.0.1:2".into(),
             dtl_addr: "127.0.0.1:3".into(),
             edge_addr: edge_addr.map(Into::into),
+            edge_socket: Some(format!("/run/{name}.sock")),
+            host_id: Some(format!("host-of-{name}")),
             started_at: 0,
             version: String::new(),
         }
@@ -120,18 +134,25 @@ mod tests {
             node: "n1".into(),
             addr: "127.0.0.1:9".into(),
             tag: 4,
+            unix: None,
         };
-        assert_eq!(resolve(&registry, "v").await.unwrap(), want);
-        assert_eq!(resolve(&registry, "v@snap").await.unwrap(), want);
-        let err = resolve(&registry, "nope").await.unwrap_err();
+        assert_eq!(resolve(&registry, "v", None).await.unwrap(), want);
+        assert_eq!(resolve(&registry, "v@snap", None).await.unwrap(), want);
+        // The unix socket only for an edge on the owner's own host.
+        let other_host = resolve(&registry, "v", Some("host-of-n2")).await.unwrap();
+        assert_eq!(other_host, want);
+        let same_host = resolve(&registry, "v", Some("host-of-n1")).await.unwrap();
+        assert_eq!(same_host.unix.as_deref(), Some("/run/n1.sock"));
+        assert_eq!((same_host.addr, same_host.tag), (want.addr.clone(), 4));
+        let err = resolve(&registry, "nope", None).await.unwrap_err();
         assert_eq!(err, "volume nope is not in the cluster registry");
-        let err = resolve(&registry, "w").await.unwrap_err();
+        let err = resolve(&registry, "w", None).await.unwrap_err();
         assert!(
             err.contains("node n2 owns volume w but serves no edges"),
             "{err}"
         );
         registry.revoke(n1.id).await.unwrap();
-        let err = resolve(&registry, "v").await.unwrap_err();
+        let err = resolve(&registry, "v", None).await.unwrap_err();
         assert!(err.contains("node n1, is not alive"), "{err}");
     }
 }

@@ -18,6 +18,8 @@ fn node(name: &str) -> NodeRecord {
         nbd_addr: "127.0.0.1:2".into(),
         dtl_addr: "127.0.0.1:3".into(),
         edge_addr: Some("127.0.0.1:4".into()),
+        edge_socket: None,
+        host_id: None,
         started_at: 1,
         version: "t".into(),
     }
@@ -98,7 +100,10 @@ async fn contract(registry: &dyn Registry) {
         KeepAlive::Expired
     );
     let l3 = registry.register_node(&node("n3"), TTL).await.unwrap();
-    assert_eq!(next_event(&mut watch).await, NodeEvent::Up(node("n3")));
+    assert_eq!(
+        next_event(&mut watch).await,
+        NodeEvent::Up(Box::new(node("n3")))
+    );
 
     // Volumes: created with the owner key under the owner's lease; one record per name.
     registry

@@ -1145,7 +1145,7 @@ async fn watch_loop(
                     revision = revision.max(kv.mod_revision());
                     let event = match event.event_type() {
                         EventType::Put => match serde_json::from_slice(kv.value()) {
-                            Ok(record) => NodeEvent::Up(record),
+                            Ok(record) => NodeEvent::Up(Box::new(record)),
                             Err(_) => continue,
                         },
                         EventType::Delete => NodeEvent::Down(name_after(LIVE, kv.key())),

@@ -195,7 +195,7 @@ impl Registry for LocalRegistry {
         let lease = state.next_lease;
         state.next_lease += 1;
         state.live.insert(node.name.clone(), (node.clone(), lease));
-        Self::notify(&mut state, &NodeEvent::Up(node.clone()));
+        Self::notify(&mut state, &NodeEvent::Up(Box::new(node.clone())));
         Ok(Lease { id: lease, ttl })
     }
 

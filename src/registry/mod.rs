@@ -80,6 +80,13 @@ pub struct NodeRecord {
     /// it serves no edges.
     #[serde(default)]
     pub edge_addr: Option<String>,
+    /// The node's unix socket for edges on its host (`vstor serve --edge-socket`); `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_socket: Option<String>,
+    /// The node's host (`/etc/machine-id`, see `host_id`), for an edge to tell whether it
+    /// shares it and may use `edge_socket`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
     /// When this registration was made, seconds since the Unix epoch.
     #[serde(default)]
     pub started_at: u64,
@@ -107,7 +114,7 @@ pub enum NodeEvent {
     /// re-established (events may have been missed then): the receiver replaces its view.
     Live(Vec<NodeRecord>),
     /// A node registered (joined, or came back with a new lease).
-    Up(NodeRecord),
+    Up(Box<NodeRecord>),
     /// A node's lease ended: it died, was partitioned from the registry, or stopped cleanly.
     Down(String),
 }

@@ -113,6 +113,7 @@ pub fn run(options: &ClusterOptions) -> Result<()> {
             "edge",
             &format!("etcd://127.0.0.1:{}", etcd.client_port),
             None,
+            &[],
         )?;
         edge.cli(&["attach", VOLUME])?;
         progress(format_args!(

@@ -1,11 +1,15 @@
 //! `vstor-bench edge`: what serving a volume through `vstor edge` costs, against the owner's own
 //! vhost-user-blk export of the same volume, in one run.
 //!
-//! - **Setup.** One etcd, one `vstor serve` node with `--edge-listen`, one volume (DTL off, so
-//!   the figures are the edge's and not the DTL's), prefilled end to end through the node's own
-//!   socket. The edge runs in two placements, one after the other: on the owner's host, and in
-//!   a network namespace joined to the host by a veth pair on a bridge (another hypervisor host,
-//!   as far as one machine can show it). A writable volume is attached on one edge at a time.
+//! - **Setup.** One etcd, one `vstor serve` node with `--edge-listen` and `--edge-socket`, one
+//!   volume (DTL off, so the figures are the edge's and not the DTL's), prefilled end to end
+//!   through the node's own socket. The edge runs in three placements, one after the other: on
+//!   the owner's host over its unix socket (what `vstor edge` does there by default), on the
+//!   owner's host over TCP (`--transport tcp`), and in a network namespace joined to the host by
+//!   a veth pair on a bridge (another hypervisor host, as far as one machine can show it; also
+//!   `--transport tcp`, since the namespace shares the host's file system and machine id). A
+//!   writable volume is attached on one edge at a time, and the bench checks from `vstor edge
+//!   list` that each placement uses the transport it is named after.
 //! - **Same client, interleaved.** The vhost bench's libblkio load generator drives both the
 //!   owner's socket (`<data-dir>/vhost/VOLUME.sock`) and the edge's socket with the same offsets;
 //!   every row runs `rounds` pairs, alternating which goes first, and reports medians.
@@ -130,7 +134,12 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         etcd.client_port,
         "n1",
         &work.path().join("backend"),
-        &["--edge-listen", &edge_listen],
+        &[
+            "--edge-listen",
+            &edge_listen,
+            "--edge-socket",
+            &work.path().join("n1-edge.sock").display().to_string(),
+        ],
     )?;
     create_volume(&node.api, options.size)?;
     let local_socket = work
@@ -156,32 +165,59 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         "loopback TCP round trip: {rtt:.1} µs (median)"
     ));
 
-    let mut placements: Vec<(String, Edge)> = vec![(
-        "same host".to_string(),
-        Edge::start(
-            &vstor_bin,
-            work.path(),
-            "edge-local",
-            &format!("etcd://127.0.0.1:{}", etcd.client_port),
-            None,
-        )?,
-    )];
+    let local_registry = format!("etcd://127.0.0.1:{}", etcd.client_port);
+    // (name, over the unix socket, edge)
+    let mut placements: Vec<(String, bool, Edge)> = vec![
+        (
+            "same host (unix)".to_string(),
+            true,
+            Edge::start(
+                &vstor_bin,
+                work.path(),
+                "edge-unix",
+                &local_registry,
+                None,
+                &[],
+            )?,
+        ),
+        (
+            "same host (tcp)".to_string(),
+            false,
+            Edge::start(
+                &vstor_bin,
+                work.path(),
+                "edge-tcp",
+                &local_registry,
+                None,
+                &["--transport", "tcp"],
+            )?,
+        ),
+    ];
     if let Some(netns) = &netns {
         placements.push((
             "other host (netns)".to_string(),
+            false,
             Edge::start(
                 &vstor_bin,
                 work.path(),
                 "edge-ns",
                 &format!("etcd://{}:{}", netns.host_ip, etcd.client_port),
                 Some(netns),
+                &["--transport", "tcp"],
             )?,
         ));
     }
     let mut rows = Vec::new();
-    for (placement, edge) in &mut placements {
+    for (placement, unix, edge) in &mut placements {
         edge.cli(&["attach", VOLUME])
             .with_context(|| format!("attaching {VOLUME} on the {placement} edge"))?;
+        let addr = owner_addr(edge)?;
+        if addr.starts_with("unix:") != *unix {
+            bail!("the {placement} edge reaches the owner at {addr}, not over its own transport");
+        }
+        progress(format_args!(
+            "{placement}: the edge reaches the owner at {addr}"
+        ));
         let socket = edge.socket(VOLUME);
         wait_for_socket(&socket)?;
         for &&job in &jobs {
@@ -356,6 +392,17 @@ fn to_table(report: &Report) -> String {
     }
     out.push_str(&table::render(&lines));
     out
+}
+
+/// Where the edge reaches the test volume's owner (`owner_addr` in `vstor edge list --json`).
+fn owner_addr(edge: &Edge) -> Result<String> {
+    let list: Value = serde_json::from_str(&edge.cli(&["list", "--json"])?)
+        .context("vstor edge list --json is not JSON")?;
+    list.as_array()
+        .and_then(|l| l.iter().find(|v| v["volume"] == VOLUME))
+        .and_then(|v| v["owner_addr"].as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{VOLUME} has no owner address in vstor edge list: {list}"))
 }
 
 fn create_volume(api: &str, size: u64) -> Result<()> {

@@ -106,13 +106,14 @@ pub(crate) struct Edge {
 
 impl Edge {
     /// Start `vstor edge` named `name` on registry `registry`, in `netns` if given (listening on
-    /// the namespace's address), with its sockets and log in `work`.
+    /// the namespace's address), with its sockets and log in `work` and `extra` flags.
     pub(crate) fn start(
         bin: &Path,
         work: &Path,
         name: &str,
         registry: &str,
         netns: Option<&Netns>,
+        extra: &[&str],
     ) -> Result<Self> {
         let host = netns.map_or(Ipv4Addr::LOCALHOST, |n| n.ns_ip);
         let api = format!("{host}:{}", free_port()?);
@@ -137,6 +138,7 @@ impl Edge {
             "--api".into(),
             api.clone(),
         ]);
+        command.extend(extra.iter().map(ToString::to_string));
         let mut edge = Self {
             process: None,
             bin: bin.to_path_buf(),

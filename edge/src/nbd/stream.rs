@@ -1,4 +1,5 @@
-//! The byte streams a connection can run on: plain TCP or TLS over TCP.
+//! The byte streams a connection can run on: plain TCP, TLS over TCP, or a unix socket (the edge
+//! protocol's same-host transport; split like TCP).
 //!
 //! The transmission loop (`conn`) reads and writes the socket from the same task, in one
 //! `select!`, so it needs a read half and a write half borrowed at once. For TCP that is
@@ -42,5 +43,15 @@ impl NbdStream for TlsStream<TcpStream> {
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         tokio::io::split(self)
+    }
+}
+
+impl NbdStream for tokio::net::UnixStream {
+    const NEEDS_FLUSH: bool = false;
+    type Reader<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::unix::WriteHalf<'a>;
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        self.split()
     }
 }

@@ -25,9 +25,14 @@ use crate::target::BlockTarget;
 pub struct Endpoint {
     /// Name of the owning node (for `vstor edge list` and metrics).
     pub node: String,
-    /// `host:port` of the owner's edge listener (`vstor serve --edge-listen`).
+    /// `host:port` of the owner's edge listener (`vstor serve --edge-listen`). Once connected over
+    /// [`Endpoint::unix`] it reads `unix:PATH`, so `vstor edge list` shows the transport.
     pub addr: String,
     pub tag: u64,
+    /// The owner's unix socket for the edge protocol, when it runs on this host
+    /// (`vstor serve --edge-socket`). Tried first; a socket that cannot be reached (another mount
+    /// namespace, a stopped owner) falls back to `addr` in the same attempt.
+    pub unix: Option<String>,
 }
 
 /// Boxed future returned by [`Resolver::resolve`].

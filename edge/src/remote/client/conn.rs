@@ -1,14 +1,15 @@
 //! One connection of a remote target, and the supervisor that replaces it.
 //!
-//! A connection is a TCP socket (TCP_NODELAY), mutual TLS on it with [`RemoteConfig::tls`], after
-//! a `Hello` → `Welcome` + `Access` exchange (the volume's allow list; later `Access` frames
-//! replace it while the connection lives), served by two
-//! tasks: the *writer* (`send`) writes the frames the frontends' calls queue without blocking,
-//! every frame ready at once in one vectored write (`OutQueue`: a write's data block goes out
-//! from the frontend's buffer without another copy), unless the caller wrote its frame itself
-//! (plain TCP, nothing else in flight); the *reader*
-//! decodes replies and completes requests by id. Whichever notices the connection die (EOF, I/O
-//! error, corrupt frame, an owner-changed refusal) reports it once (`Shared::connection_lost`).
+//! A connection is the owner's unix socket when [`Endpoint::unix`] names one that answers (an
+//! owner on this host), else a TCP socket (TCP_NODELAY), mutual TLS on it with
+//! [`RemoteConfig::tls`]; either way the session starts with a `Hello` → `Welcome` + `Access`
+//! exchange (the volume's allow list; later `Access` frames replace it while the connection
+//! lives), and is served by two tasks: the *writer* (`send`) writes the frames the frontends'
+//! calls queue without blocking, every frame ready at once in one vectored write (`OutQueue`: a
+//! write's data block goes out from the frontend's buffer without another copy), unless the
+//! caller wrote its frame itself (no TLS, nothing else in flight); the *reader* decodes replies
+//! and completes requests by id. Whichever notices the connection die (EOF, I/O error, corrupt
+//! frame, an owner-changed refusal) reports it once (`Shared::connection_lost`).
 //!
 //! The *supervisor* (one task per target) then looks the owner up again through the [`Resolver`]
 //! and reconnects, backing off from 50 ms to 1 s between attempts, and resends what waits. It also
@@ -89,7 +90,7 @@ pub(super) async fn open(
 
 async fn handshake(
     volume: &str,
-    endpoint: Endpoint,
+    mut endpoint: Endpoint,
     config: &RemoteConfig,
 ) -> Result<Welcomed, RemoteError> {
     let addr = endpoint.addr.clone();
@@ -98,23 +99,32 @@ async fn handshake(
         addr: addr.clone(),
         source,
     };
+    let stream = match connect_unix(volume, &endpoint).await {
+        Some((stream, label)) => {
+            endpoint.addr = label;
+            stream
+        }
+        None => {
+            let stream = TcpStream::connect(&endpoint.addr)
+                .await
+                .map_err(connect_err)?;
+            stream.set_nodelay(true).map_err(connect_err)?;
+            set_liveness(&stream, config.liveness).map_err(connect_err)?;
+            vstor_net::connect_peer(config.tls.as_ref(), &addr, stream)
+                .await
+                .map_err(|source| RemoteError::Tls {
+                    volume: volume.to_owned(),
+                    addr: addr.clone(),
+                    source,
+                })?
+        }
+    };
+    let addr = endpoint.addr.clone();
     let proto_err = |source| RemoteError::Proto {
         volume: volume.to_owned(),
         addr: addr.clone(),
         source,
     };
-    let stream = TcpStream::connect(&endpoint.addr)
-        .await
-        .map_err(connect_err)?;
-    stream.set_nodelay(true).map_err(connect_err)?;
-    set_liveness(&stream, config.liveness).map_err(connect_err)?;
-    let stream = vstor_net::connect_peer(config.tls.as_ref(), &addr, stream)
-        .await
-        .map_err(|source| RemoteError::Tls {
-            volume: volume.to_owned(),
-            addr: addr.clone(),
-            source,
-        })?;
     let mut framed = Framed::new(stream, EdgeCodec::new());
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
@@ -204,6 +214,21 @@ async fn handshake(
             "expected Welcome, got {}",
             other.name()
         )))),
+    }
+}
+
+/// The owner's unix socket, when it has one on this host and it answers; `None` (after a debug
+/// line saying why) sends the caller to TCP. No TLS on it: the socket file is the owner's to
+/// protect (mode 0600) and the owner checks the peer's uid (`SO_PEERCRED`). A dead owner's socket
+/// refuses at once (no listener), so the liveness timers TCP needs have nothing to watch here.
+async fn connect_unix(volume: &str, endpoint: &Endpoint) -> Option<(PeerStream, String)> {
+    let path = endpoint.unix.as_deref()?;
+    match tokio::net::UnixStream::connect(path).await {
+        Ok(stream) => Some((PeerStream::Unix(stream), format!("unix:{path}"))),
+        Err(e) => {
+            debug!(volume, path, error = %e, "owner's unix socket unreachable; using TCP");
+            None
+        }
     }
 }
 

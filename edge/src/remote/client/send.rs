@@ -9,7 +9,7 @@
 //! connection task), and only what the kernel did not take is left for the writer. With requests
 //! in flight the frame is queued as before and the writer sends everything ready in one
 //! vectored write, so deep queues keep their batching. Over TLS the writer always writes (the
-//! TLS stream cannot be shared).
+//! TLS stream cannot be shared); plain TCP and a unix socket allow both ([`Direct`]).
 //!
 //! Plugged batches: a frontend that takes many requests at once (a vhost-user queue pass) plugs
 //! the target (`BlockTarget::plug`); its frames are held ([`Send::Hold`]) and the unplug writes
@@ -28,7 +28,7 @@
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{tcp, unix};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use vstor_net::PeerWriter;
@@ -50,26 +50,48 @@ pub(super) struct FrameSender {
     state: Mutex<State>,
     /// Wakes the writer: frames are queued, or a failure is recorded.
     wake: Notify,
-    /// The socket, for direct writes (plain TCP only).
-    direct: Option<Arc<OwnedWriteHalf>>,
+    /// The socket, for direct writes (plain TCP and unix sockets).
+    direct: Option<Direct>,
+}
+
+/// A write half that any thread may write with a non-blocking `writev`.
+#[derive(Clone)]
+pub(super) enum Direct {
+    Tcp(Arc<tcp::OwnedWriteHalf>),
+    Unix(Arc<unix::OwnedWriteHalf>),
+}
+
+impl Direct {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Direct::Tcp(half) => half.try_write_vectored(bufs),
+            Direct::Unix(half) => half.try_write_vectored(bufs),
+        }
+    }
+
+    async fn writable(&self) -> std::io::Result<()> {
+        match self {
+            Direct::Tcp(half) => half.writable().await,
+            Direct::Unix(half) => half.writable().await,
+        }
+    }
 }
 
 /// How the writer task writes.
 pub(super) enum WriteSide {
-    /// Plain TCP, shared with [`FrameSender`]'s direct writes.
-    Shared(Arc<OwnedWriteHalf>),
+    /// Plain TCP or a unix socket, shared with [`FrameSender`]'s direct writes.
+    Shared(Direct),
     /// TLS: the writer alone.
     Owned(PeerWriter),
 }
 
 /// A sender for a new connection's write half, and the writer's side of it.
 pub(super) fn channel(wr: PeerWriter) -> (Arc<FrameSender>, WriteSide) {
+    let shared = |direct: Direct| (Some(direct.clone()), WriteSide::Shared(direct));
     let (direct, side) = match wr {
-        PeerWriter::Plain(half) => {
-            let half = Arc::new(half);
-            (Some(Arc::clone(&half)), WriteSide::Shared(half))
-        }
-        tls => (None, WriteSide::Owned(tls)),
+        PeerWriter::Plain(half) => shared(Direct::Tcp(Arc::new(half))),
+        PeerWriter::Unix(half) => shared(Direct::Unix(Arc::new(half))),
+        tls @ PeerWriter::Tls(_) => (None, WriteSide::Owned(tls)),
     };
     let sender = FrameSender {
         state: Mutex::new(State {
@@ -149,7 +171,7 @@ pub(super) enum Send {
 }
 
 /// Write what the kernel takes without waiting. `Ok` also when some is left (would block).
-fn write_now(queue: &mut OutQueue, socket: &OwnedWriteHalf) -> std::io::Result<()> {
+fn write_now(queue: &mut OutQueue, socket: &Direct) -> std::io::Result<()> {
     while !queue.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let count = queue.slices(&mut slices);

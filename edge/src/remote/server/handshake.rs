@@ -1,7 +1,6 @@
 //! The handshake of an edge connection (`Hello` → `Welcome` (+ `Access` from version 2) or a
 //! refusal) and the owner check every request repeats.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -51,7 +50,7 @@ pub(super) fn handshake(
     hello: Frame,
     exports: &Arc<dyn RemoteExports>,
     out: &mut OutQueue,
-    peer: SocketAddr,
+    peer: &str,
 ) -> Option<Welcomed> {
     let Message::Hello {
         version,

@@ -52,7 +52,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -111,14 +111,49 @@ const MAX_READ: usize = MAX_FRAME_PAYLOAD - 64;
 /// Requests are 512-byte aligned, like the frontends'.
 const SECTOR: u64 = 512;
 
+/// Where the edge server takes its connections: the TCP listener (`--edge-listen`), or the unix
+/// socket (`--edge-socket`) that edges on the same host prefer.
+pub enum EdgeListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for EdgeListener {
+    fn from(listener: TcpListener) -> Self {
+        EdgeListener::Tcp(listener)
+    }
+}
+
+impl From<UnixListener> for EdgeListener {
+    fn from(listener: UnixListener) -> Self {
+        EdgeListener::Unix(listener)
+    }
+}
+
+/// An accepted connection, before its session.
+enum Incoming {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl EdgeListener {
+    async fn accept(&self) -> std::io::Result<Incoming> {
+        match self {
+            EdgeListener::Tcp(l) => l.accept().await.map(|(s, a)| Incoming::Tcp(s, a)),
+            EdgeListener::Unix(l) => l.accept().await.map(|(s, _)| Incoming::Unix(s)),
+        }
+    }
+}
+
 /// Serve the edge protocol on `listener` until `shutdown` is cancelled; then every connection is
 /// closed (clients reconnect elsewhere or later).
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<EdgeListener>,
     exports: Arc<dyn RemoteExports>,
     config: EdgeServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let listener = listener.into();
     let config = Arc::new(config);
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -127,7 +162,7 @@ pub async fn serve(
             // Reap finished connections so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
+                let incoming = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: keep serving the connections we have.
@@ -140,11 +175,19 @@ pub async fn serve(
                 let config = Arc::clone(&config);
                 let stop = shutdown.child_token();
                 conns.spawn(async move {
+                    let served = async {
+                        match incoming {
+                            Incoming::Tcp(stream, peer) => {
+                                connection(stream, peer, exports, config).await;
+                            }
+                            Incoming::Unix(stream) => local(stream, exports, &config).await,
+                        }
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => {
-                            debug!(%peer, "edge connection closed by server shutdown");
+                            debug!("edge connection closed by server shutdown");
                         }
-                        () = connection(stream, peer, exports, config) => {}
+                        () = served => {}
                     }
                 });
             }
@@ -171,18 +214,55 @@ async fn connection(
     if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
         debug!(%peer, error = %e, "cannot set TCP keepalive");
     }
+    let label = peer.to_string();
     match vstor_net::accept_peer(config.tls.as_ref(), stream, HELLO_TIMEOUT).await {
-        Ok(Accepted::Stream(PeerStream::Plain(tcp))) => session(tcp, peer, exports, &config).await,
-        Ok(Accepted::Stream(PeerStream::Server(tls))) => {
-            session(*tls, peer, exports, &config).await;
+        Ok(Accepted::Stream(PeerStream::Plain(tcp))) => {
+            session(tcp, label, exports, &config).await;
         }
-        Ok(Accepted::Stream(PeerStream::Client(_)) | Accepted::Closed) => {}
+        Ok(Accepted::Stream(PeerStream::Server(tls))) => {
+            session(*tls, label, exports, &config).await;
+        }
+        Ok(Accepted::Stream(PeerStream::Client(_) | PeerStream::Unix(_)) | Accepted::Closed) => {}
         Ok(Accepted::PlainRefused(mut tcp)) => {
             warn!(%peer, "plain-text edge refused: this edge server requires mutual TLS");
             refuse_plain(&mut tcp).await;
         }
         Err(e) => warn!(%peer, error = %e, "edge client refused"),
     }
+}
+
+/// A connection on the unix socket: an edge on this host. TLS is not asked for (nothing
+/// crosses a network); instead the peer must run as this server's user or as root
+/// (`SO_PEERCRED`), on top of the socket file's mode 0600. Anyone else is closed on without a
+/// word: it could not have reached the socket unless its permissions were loosened.
+async fn local(stream: UnixStream, exports: Arc<dyn RemoteExports>, config: &EdgeServerConfig) {
+    let cred = match stream.peer_cred() {
+        Ok(cred) => cred,
+        Err(e) => {
+            warn!(error = %e, "edge server: cannot read a local peer's credentials, closing");
+            return;
+        }
+    };
+    let pid = cred
+        .pid()
+        .map_or_else(|| "?".to_string(), |p| p.to_string());
+    if !local_peer_allowed(cred.uid(), effective_uid()) {
+        warn!(
+            uid = cred.uid(),
+            pid, "edge server: local peer refused (neither root nor this server's user)"
+        );
+        return;
+    }
+    session(stream, format!("local pid {pid}"), exports, config).await;
+}
+
+/// Whether a local peer running as `peer_uid` may speak to a server running as `own_uid`.
+fn local_peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
+}
+
+fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
 }
 
 /// Answer a plain-text client's `Hello` on a TLS server with the reason, then close.
@@ -203,7 +283,7 @@ async fn refuse_plain(tcp: &mut TcpStream) {
 /// Handshake and serve one connection on its (plain or TLS) stream.
 async fn session<S: NbdStream>(
     mut stream: S,
-    peer: SocketAddr,
+    peer: String,
     exports: Arc<dyn RemoteExports>,
     config: &EdgeServerConfig,
 ) {
@@ -222,7 +302,7 @@ async fn session<S: NbdStream>(
             return;
         }
     };
-    let Some(welcomed) = handshake(hello, &exports, &mut out, peer) else {
+    let Some(welcomed) = handshake(hello, &exports, &mut out, &peer) else {
         // Best effort: the refusal is what the client needs, the close follows anyway.
         let _ = out.write_all(&mut stream).await;
         return;
@@ -244,8 +324,13 @@ async fn session<S: NbdStream>(
         throttle_until: None,
     };
     match session.run(&mut stream, rbuf).await {
-        Ok(()) => info!(%peer, volume = session.volume, "edge client disconnected"),
-        Err(e) => warn!(%peer, volume = session.volume, error = %e, "edge connection closed"),
+        Ok(()) => info!(
+            peer = session.peer,
+            volume = session.volume,
+            "edge client disconnected"
+        ),
+        Err(e) => warn!(peer = session.peer, volume = session.volume, error = %e,
+            "edge connection closed"),
     }
 }
 
@@ -282,7 +367,8 @@ impl From<TargetError> for Refusal {
 }
 
 struct Session {
-    peer: SocketAddr,
+    /// `IP:port` of a TCP peer, `unix:PATH (pid N)` of a local one, for the log.
+    peer: String,
     volume: String,
     served: ServedVolume,
     /// Protocol version of this connection (chosen from the client's `Hello`).
@@ -704,5 +790,19 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_peer_allowed;
+
+    #[test]
+    fn a_local_peer_must_be_root_or_the_servers_user() {
+        assert!(local_peer_allowed(0, 1000));
+        assert!(local_peer_allowed(1000, 1000));
+        assert!(local_peer_allowed(0, 0));
+        assert!(!local_peer_allowed(1001, 1000));
+        assert!(!local_peer_allowed(1000, 0));
     }
 }
