@@ -411,40 +411,31 @@ fn edge_command_line_errors_are_clear() {
     );
     // A file in the socket's place is not the node's to replace.
     let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let serve_on = |socket: &std::path::Path| {
+        run(&[
+            "serve",
+            "--data-dir",
+            &data,
+            "--api",
+            "127.0.0.1:0",
+            "--nbd",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--edge-socket",
+            &socket.display().to_string(),
+        ])
+    };
     let taken = dir.path().join("edge.sock");
     std::fs::write(&taken, b"keep me").unwrap();
-    let data = dir.path().join("data").display().to_string();
-    let err = run(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--api",
-        "127.0.0.1:0",
-        "--nbd",
-        "127.0.0.1:0",
-        "--edge-listen",
-        "127.0.0.1:0",
-        "--edge-socket",
-        &taken.display().to_string(),
-    ]);
+    let err = serve_on(&taken);
     assert!(err.contains("exists and is not a socket"), "{err}");
     assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
     // Nor is a socket another process serves on; a dead one's leftover is replaced.
     let live = dir.path().join("live.sock");
     let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
-    let err = run(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--api",
-        "127.0.0.1:0",
-        "--nbd",
-        "127.0.0.1:0",
-        "--edge-listen",
-        "127.0.0.1:0",
-        "--edge-socket",
-        &live.display().to_string(),
-    ]);
+    let err = serve_on(&live);
     assert!(err.contains("another process is serving on"), "{err}");
     drop(listener);
     let node_dir = dir.path().join("node");
