@@ -3,7 +3,10 @@
 //! back (patterns and checksums) through the edge and through the owner's own NBD export; the
 //! attachment rule, the error texts, a stale owner tag refused by the node, an edge restart
 //! (kill -9) that re-attaches from the registry, and the volumes' NBD allow lists (networks and
-//! client-certificate subjects) enforced by the edge's NBD server as the owner changes them. Failover under load is in `edge_failover.rs`.
+//! client-certificate subjects) enforced by the edge's NBD server as the owner changes them; on
+//! a mutual-TLS cluster, an edge beside its owner reaching it over the owner's unix socket
+//! (`--edge-socket`) and another over TLS (`--transport tcp`). Failover under load is in
+//! `edge_failover.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -531,6 +534,66 @@ fn an_edge_on_mutual_tls_serves_nbd_over_tls_behind_a_token_and_strangers_are_re
 
     // e1 still serves what it wrote.
     qemu_io_tls_read(&e1.nbd, &client);
+}
+
+/// On a mutual-TLS cluster, a node with `--edge-socket`: an edge on its host reaches it over
+/// the unix socket (no certificate needed there: the socket's mode and the peer's uid are the
+/// check), an edge told `--transport tcp` over TLS, and both see the same data.
+#[test]
+fn on_a_tls_cluster_a_same_host_edge_uses_the_socket_and_a_tcp_edge_keeps_tls() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let cluster = Pki::new(root.path(), "cluster");
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let socket = root.path().join("n1-edge.sock").display().to_string();
+    let mut n1_args = cluster.peer_flags("n1");
+    n1_args.extend(["--edge-socket".to_string(), socket.clone()]);
+    let n1 = node_with(root.path(), &backend, &url, "n1", true, &strs(&n1_args));
+    n1.cli_ok(&["volume", "create", "vol", "--size", "64M", "--node", "n1"]);
+    let owner_addr = |edge: &EdgeDaemon| {
+        let list: Vec<Value> = serde_json::from_str(&edge.cli_ok(&["list", "--json"])).unwrap();
+        entry(&list, "vol")["owner_addr"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // No peer certificate: the socket admits it, TCP would not.
+    let local = EdgeDaemon::start(root.path(), "local", &url, &[]);
+    local.cli_ok(&["attach", "vol"]);
+    assert_eq!(owner_addr(&local), format!("unix:{socket}"));
+    qemu_io(
+        &local.uri("vol"),
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0xa5 3M 64k",
+            "read -P 0x5a 0 1M",
+        ],
+    );
+    local.cli_ok(&["detach", "vol"]);
+
+    let tcp_args = {
+        let mut args = cluster.peer_flags("remote");
+        args.extend(["--transport".to_string(), "tcp".to_string()]);
+        args
+    };
+    let remote = EdgeDaemon::start(root.path(), "remote", &url, &strs(&tcp_args));
+    remote.cli_ok(&["attach", "vol"]);
+    let addr = owner_addr(&remote);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    qemu_io(
+        &remote.uri("vol"),
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0xa5 3M 64k",
+            "read -P 0 1M 2M",
+        ],
+    );
+    assert!(
+        n1.log_text().contains("local pid"),
+        "the node logs the local edge by pid"
+    );
 }
 
 fn qemu_io_tls_read(nbd: &str, client: &std::path::Path) {
