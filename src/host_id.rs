@@ -10,16 +10,10 @@
 //! falls back to TCP anyway (`vstor_edge::remote::Endpoint::unix`).
 
 /// This host's identity: `/etc/machine-id`, or `host:<hostname>` without one.
-pub fn host_id() -> Option<String> {
-    let from_file = std::fs::read_to_string("/etc/machine-id")
+pub fn host_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
         .ok()
         .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
-    from_file.or_else(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("host:{h}"))
-    })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("host:{}", crate::edge_host::host_name()))
 }

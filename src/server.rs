@@ -143,7 +143,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         edge_socket: edge_socket
             .as_ref()
             .map(|(_, path)| path.display().to_string()),
-        host_id: crate::host_id::host_id(),
+        host_id: Some(crate::host_id::host_id()),
         started_at: registry::now_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };

@@ -35,8 +35,9 @@
 //!
 //! [`PeerStream`] is plain TCP, TLS, or a unix socket (the edge protocol between an edge and an
 //! owner on the same host, where the socket file's permissions and the peer's uid take the place
-//! of certificates), so one codec (`tokio_util::codec::Framed`) runs over any of them. It is an enum rather than a `Box<dyn AsyncRead + AsyncWrite>`: the plain case is a
-//! `match` on a well-predicted tag in front of the same `TcpStream` calls as before, no
+//! of certificates), so one codec (`tokio_util::codec::Framed`) runs over any of them. It is an
+//! enum rather than a `Box<dyn AsyncRead + AsyncWrite>`: the plain case is a `match` on a
+//! well-predicted tag in front of the same `TcpStream` calls as before, no
 //! allocation and no dynamic dispatch, so a cluster without TLS runs exactly the code it ran.
 
 use std::io;
@@ -232,17 +233,6 @@ impl PeerStream {
     /// Whether the stream is encrypted.
     pub fn is_tls(&self) -> bool {
         matches!(self, PeerStream::Client(_) | PeerStream::Server(_))
-    }
-
-    /// The underlying TCP socket (for `peer_addr`, `set_nodelay` and the like); `None` on a
-    /// unix socket.
-    pub fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            PeerStream::Plain(s) => Some(s),
-            PeerStream::Client(s) => Some(s.get_ref().0),
-            PeerStream::Server(s) => Some(s.get_ref().0),
-            PeerStream::Unix(_) => None,
-        }
     }
 }
 

@@ -260,7 +260,7 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
         api: parse("--api", &args.api)?,
         reconnect_bound,
         local_host: match args.transport {
-            Transport::Auto => crate::host_id::host_id(),
+            Transport::Auto => Some(crate::host_id::host_id()),
             Transport::Tcp => None,
         },
         nbd_tls,

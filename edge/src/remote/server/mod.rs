@@ -367,7 +367,7 @@ impl From<TargetError> for Refusal {
 }
 
 struct Session {
-    /// `IP:port` of a TCP peer, `unix:PATH (pid N)` of a local one, for the log.
+    /// `IP:port` of a TCP peer, `local pid N` of one on the unix socket, for the log.
     peer: String,
     volume: String,
     served: ServedVolume,
