@@ -260,7 +260,9 @@ fn a_volume_name_of_the_maximum_length_works_over_nbd_and_vhost_user() {
         crc32c::crc32c(&more)
     );
 
-    // Delete is refused while the vhost-user frontend is connected, and forced it cuts it.
+    // Delete is refused while the vhost-user frontend is connected, and forced it cuts it. The
+    // NBD reads above have closed their connections, but the server may not have seen it yet.
+    daemon.wait_for(&name, "the NBD clients gone", |i| i["nbd_connections"] == 0);
     let out = daemon.cli(&["volume", "delete", &name]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
