@@ -273,12 +273,22 @@ pub fn print_nodes(nodes: &[NodeView]) {
                 n.nbd_addr.clone(),
                 n.dtl_addr.clone(),
                 opt_str(n.edge_addr.as_ref()),
+                opt_str(n.edge_socket.as_ref()),
             ]
         })
         .collect();
     print_table(
         &[
-            "NODE", "DOMAIN", "RECOVERY", "ALIVE", "VOLUMES", "API", "NBD", "DTL", "EDGE",
+            "NODE",
+            "DOMAIN",
+            "RECOVERY",
+            "ALIVE",
+            "VOLUMES",
+            "API",
+            "NBD",
+            "DTL",
+            "EDGE",
+            "EDGE SOCKET",
         ],
         &rows,
         &[4],

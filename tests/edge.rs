@@ -551,6 +551,13 @@ fn on_a_tls_cluster_a_same_host_edge_uses_the_socket_and_a_tcp_edge_keeps_tls() 
     n1_args.extend(["--edge-socket".to_string(), socket.clone()]);
     let n1 = node_with(root.path(), &backend, &url, "n1", true, &strs(&n1_args));
     n1.cli_ok(&["volume", "create", "vol", "--size", "64M", "--node", "n1"]);
+    // The socket is in the node list, in its table as in its JSON.
+    let table = n1.cli_ok(&["node", "list"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("n1 "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.ends_with(&socket), "{table}");
     let owner_addr = |edge: &EdgeDaemon| {
         let list: Vec<Value> = serde_json::from_str(&edge.cli_ok(&["list", "--json"])).unwrap();
         entry(&list, "vol")["owner_addr"]

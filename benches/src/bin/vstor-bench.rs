@@ -43,7 +43,7 @@ enum BenchTarget {
     Backend(BackendArgs),
     /// 4 KiB random I/O at QD1 and QD32 through `vstor edge` (vhost-user-blk) against the owner's
     /// own vhost-user-blk export, with the edge on the owner's host and in a network namespace.
-    Edge(BenchOptions),
+    Edge(EdgeArgs),
     /// Failover and move on a 3-node cluster with a real etcd: detection, adoption and the
     /// client's I/O pause over repeated kill -9 of the owner; move duration and pause.
     Cluster(ClusterArgs),
@@ -108,6 +108,23 @@ struct ClusterArgs {
     /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].
     #[arg(long)]
     vstor: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EdgeArgs {
+    #[command(flatten)]
+    options: BenchOptions,
+    /// How the CPUs are shared: `shared` (nothing pinned), `split` (the node on the last CPU, the
+    /// load generator and the edge on the others: two hosts on one machine) or `both`.
+    #[arg(long, value_enum, default_value_t = Cpus::Both)]
+    cpus: Cpus,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Cpus {
+    Shared,
+    Split,
+    Both,
 }
 
 #[derive(Args)]
@@ -188,7 +205,15 @@ fn run(cli: Cli) -> Result<()> {
             backend = args.backend;
             (vstor_benches::mds::run, args.options)
         }
-        BenchTarget::Edge(o) => (vstor_benches::edge::run, o),
+        BenchTarget::Edge(args) => {
+            use vstor_benches::edge::cpus::CpuModel;
+            let models: &[CpuModel] = match args.cpus {
+                Cpus::Shared => &[CpuModel::Shared],
+                Cpus::Split => &[CpuModel::Split],
+                Cpus::Both => &[CpuModel::Shared, CpuModel::Split],
+            };
+            return vstor_benches::edge::run(&bench_options(args.options, None)?, models);
+        }
         BenchTarget::Cluster(args) => {
             return vstor_benches::cluster::run(&vstor_benches::cluster::ClusterOptions {
                 vstor_bin: match args.vstor {
@@ -229,11 +254,15 @@ fn run(cli: Cli) -> Result<()> {
             (vstor_benches::backend::run, args.options)
         }
     };
+    run(&bench_options(o, backend)?)
+}
+
+fn bench_options(o: BenchOptions, backend: Option<String>) -> Result<vstor_benches::BenchOptions> {
     let vstor_bin = match o.vstor {
         Some(path) => path,
         None => sibling_vstor()?,
     };
-    run(&vstor_benches::BenchOptions {
+    Ok(vstor_benches::BenchOptions {
         vstor_bin,
         size: parse_size(&o.size)?,
         runtime_secs: o.runtime,

@@ -25,11 +25,15 @@ pub(crate) fn free_port() -> Result<u16> {
 
 /// `etcd` (package etcd-server) with its data and log in the work directory.
 pub(crate) struct Etcd {
-    _process: ChildGuard,
+    process: ChildGuard,
     pub(crate) client_port: u16,
 }
 
 impl Etcd {
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub(crate) fn start(work: &Path) -> Result<Self> {
         Self::start_also_on(work, None)
     }
@@ -72,7 +76,7 @@ impl Etcd {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Self {
-            _process: process,
+            process,
             client_port,
         })
     }
@@ -147,6 +151,14 @@ impl Node {
         self.process = Some(process);
         self.api = api;
         Ok(())
+    }
+
+    /// The running process's id.
+    pub(crate) fn pid(&self) -> Result<u32> {
+        self.process
+            .as_ref()
+            .map(ChildGuard::pid)
+            .with_context(|| format!("node {} is not running", self.name))
     }
 
     /// `kill -9`, and wait until it is gone.

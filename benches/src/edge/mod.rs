@@ -13,10 +13,15 @@
 //! - **Same client, interleaved.** The vhost bench's libblkio load generator drives both the
 //!   owner's socket (`<data-dir>/vhost/VOLUME.sock`) and the edge's socket with the same offsets;
 //!   every row runs `rounds` pairs, alternating which goes first, and reports medians.
+//! - **Two CPU models** (`--cpus`, module `cpus`): every placement is measured with nothing
+//!   pinned (`shared`) and with the node on a CPU of its own and the guest and the edge on the
+//!   others (`split`), which stands for two hosts better than sharing every CPU does.
 //! - **Targets** (from issue 11): at queue depth 1 the edge adds at most one loopback TCP round
 //!   trip plus 10 µs to the median latency; at queue depth 32 it keeps at least 0.9× the IOPS.
-//!   The round trip is measured here too (1-byte ping-pong between two threads on loopback).
+//!   The round trip is measured here too (1-byte ping-pong between two threads on loopback), in
+//!   each CPU model: under `split` the two threads run on the two hosts' CPUs.
 
+pub mod cpus;
 pub(crate) mod procs;
 
 use std::io::{Read, Write};
@@ -35,6 +40,7 @@ use crate::common::stats::median;
 use crate::common::table;
 use crate::vhost::load::{self, Measurement, Op, Workload};
 use crate::BenchOptions;
+use cpus::{CpuModel, Placement};
 use procs::{Edge, Netns};
 
 const VOLUME: &str = "bench";
@@ -84,6 +90,8 @@ struct Side {
 #[derive(Debug, Clone, Serialize)]
 struct Row {
     placement: String,
+    /// The CPU model (`shared` or `split`).
+    cpus: String,
     job: String,
     iodepth: usize,
     local: Side,
@@ -92,6 +100,8 @@ struct Row {
     ratio: f64,
     /// Edge median latency minus local median latency.
     added_p50_us: f64,
+    /// The loopback round trip under this row's CPU model (QD1's budget is this plus 10 µs).
+    loopback_rtt_us: f64,
     meets_target: bool,
 }
 
@@ -100,13 +110,31 @@ struct Report {
     size_bytes: u64,
     runtime_secs: u64,
     rounds: u32,
-    loopback_rtt_us: f64,
+    /// Which CPUs each host had under `split`; `None` when it was not measured.
+    split: Option<String>,
     rows: Vec<Row>,
 }
 
-/// Runs the benchmark and prints the report to stdout; progress goes to stderr.
-pub fn run(options: &BenchOptions) -> Result<()> {
+/// Runs the benchmark under each CPU model of `models` and prints the report to stdout; progress
+/// goes to stderr.
+pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
+    if models.is_empty() {
+        bail!("no CPU model to measure");
+    }
+    let cpu_sets = Placement::detect()?;
+    let models: Vec<CpuModel> = match &cpu_sets {
+        Some(_) => models.to_vec(),
+        None if models == [CpuModel::Split] => {
+            bail!("--cpus split needs at least two CPUs: one for the node, one for the guest")
+        }
+        None => {
+            progress(format_args!(
+                "one CPU only: measuring the shared model, no split"
+            ));
+            vec![CpuModel::Shared]
+        }
+    };
     let vstor_bin = setup::resolve_vstor_bin(&options.vstor_bin)?;
     let _signals = InterruptGuard::install()?;
     let work = setup::work_dir(options.work_dir.as_deref())?;
@@ -128,6 +156,10 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         .as_ref()
         .map_or_else(|| "127.0.0.1".to_string(), |n| n.host_ip.to_string());
     let edge_listen = format!("{listen}:0");
+    // The bench scrubs by hand between measurements (`settle`) instead.
+    let config = work.path().join("n1.toml");
+    std::fs::write(&config, "[scrub]\nauto = false\n")
+        .with_context(|| format!("cannot write {}", config.display()))?;
     let node = Node::start_with(
         &vstor_bin,
         work.path(),
@@ -135,6 +167,8 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         "n1",
         &work.path().join("backend"),
         &[
+            "--config",
+            &config.display().to_string(),
             "--edge-listen",
             &edge_listen,
             "--edge-socket",
@@ -160,10 +194,29 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         warm.mb_per_s()
     ));
     nix::unistd::sync();
-    let rtt = loopback_rtt_us()?;
-    progress(format_args!(
-        "loopback TCP round trip: {rtt:.1} µs (median)"
-    ));
+    let pin = |model: CpuModel, edge: Option<&Edge>| -> Result<()> {
+        let Some(sets) = &cpu_sets else {
+            return Ok(());
+        };
+        cpus::pin_process(node.pid()?, sets.node(model))?;
+        cpus::pin_process(etcd.pid(), sets.node(model))?;
+        if let Some(edge) = edge {
+            cpus::pin_process(edge.pid()?, sets.guest(model))?;
+        }
+        cpus::pin_this_thread(sets.guest(model))
+    };
+    let mut rtts = Vec::new();
+    for &model in &models {
+        pin(model, None)?;
+        let rtt = loopback_rtt_us(cpu_sets.as_ref().map(|sets| sets.node(model)))?;
+        progress(format_args!(
+            "loopback TCP round trip ({model} CPUs): {rtt:.1} µs (median)"
+        ));
+        rtts.push((model, rtt));
+    }
+    // The edges start unpinned (children inherit this thread's mask); each is pinned to its
+    // model's CPUs before it is measured.
+    pin(CpuModel::Shared, None)?;
 
     let local_registry = format!("etcd://127.0.0.1:{}", etcd.client_port);
     // (name, over the unix socket, edge)
@@ -207,52 +260,86 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             )?,
         ));
     }
+    // Every read job first, then every write job: the writes' garbage is scrubbed between
+    // measurements (`settle`), and a scrub moves live data into new SCO versions that are read
+    // from the backend, not from the write buffer, which would change what a read measures.
+    let phases: Vec<Vec<Job>> = [Op::Read, Op::Write]
+        .iter()
+        .map(|&op| {
+            jobs.iter()
+                .copied()
+                .filter(|j| j.op == op)
+                .copied()
+                .collect()
+        })
+        .filter(|phase: &Vec<Job>| !phase.is_empty())
+        .collect();
     let mut rows = Vec::new();
-    for (placement, unix, edge) in &mut placements {
-        edge.cli(&["attach", VOLUME])
-            .with_context(|| format!("attaching {VOLUME} on the {placement} edge"))?;
-        let addr = owner_addr(edge)?;
-        if addr.starts_with("unix:") != *unix {
-            bail!("the {placement} edge reaches the owner at {addr}, not over its own transport");
-        }
-        progress(format_args!(
-            "{placement}: the edge reaches the owner at {addr}"
-        ));
-        let socket = edge.socket(VOLUME);
-        wait_for_socket(&socket)?;
-        for &&job in &jobs {
-            let row = measure_row(
-                placement,
-                job,
-                &node.api,
-                &local_socket,
-                &socket,
-                options,
-                rtt,
-            )
-            .with_context(|| {
-                format!(
-                    "{placement}: {}\n--- edge log:\n{}\n--- node log:\n{}",
-                    job.name,
-                    edge.log_tail(),
-                    node.log_tail()
-                )
-            })?;
+    for phase in &phases {
+        for (placement, unix, edge) in &mut placements {
+            edge.cli(&["attach", VOLUME])
+                .with_context(|| format!("attaching {VOLUME} on the {placement} edge"))?;
+            let addr = owner_addr(edge)?;
+            if addr.starts_with("unix:") != *unix {
+                bail!(
+                    "the {placement} edge reaches the owner at {addr}, not over its own transport"
+                );
+            }
             progress(format_args!(
-                "{placement} {}: local {:.0} IOPS, edge {:.0} IOPS ({:.2}x), p50 +{:.0} µs",
-                job.name, row.local.iops, row.edge.iops, row.ratio, row.added_p50_us
+                "{placement}: the edge reaches the owner at {addr}"
             ));
-            rows.push(row);
+            let socket = edge.socket(VOLUME);
+            wait_for_socket(&socket)?;
+            for &(model, rtt) in &rtts {
+                pin(model, Some(edge))?;
+                for &job in phase {
+                    let row = measure_row(
+                        (placement, model),
+                        job,
+                        &node.api,
+                        &local_socket,
+                        &socket,
+                        options,
+                        rtt,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "{placement}, {model} CPUs: {}\n--- edge log:\n{}\n--- node log:\n{}",
+                            job.name,
+                            edge.log_tail(),
+                            node.log_tail()
+                        )
+                    })?;
+                    progress(format_args!(
+                        "{placement}, {model} CPUs, {}: local {:.0} IOPS, edge {:.0} IOPS ({:.2}x), p50 +{:.0} µs",
+                        job.name, row.local.iops, row.edge.iops, row.ratio, row.added_p50_us
+                    ));
+                    rows.push(row);
+                }
+            }
+            edge.cli(&["detach", VOLUME])
+                .with_context(|| format!("detaching {VOLUME} from the {placement} edge"))?;
         }
-        edge.cli(&["detach", VOLUME])
-            .with_context(|| format!("detaching {VOLUME} from the {placement} edge"))?;
+    }
+    for (_, _, edge) in &mut placements {
         edge.stop()?;
     }
+    // Reported by placement, CPU model and job, whatever order they ran in.
+    let rank = |row: &Row| {
+        (
+            placements.iter().position(|(p, _, _)| *p == row.placement),
+            rtts.iter().position(|(m, _)| m.to_string() == row.cpus),
+            JOBS.iter().position(|j| j.name == row.job),
+        )
+    };
+    rows.sort_by_key(rank);
     let report = Report {
         size_bytes: options.size,
         runtime_secs: options.runtime_secs,
         rounds: options.rounds,
-        loopback_rtt_us: rtt,
+        split: cpu_sets
+            .filter(|_| models.contains(&CpuModel::Split))
+            .map(|sets| sets.describe()),
         rows,
     };
     if options.json {
@@ -265,7 +352,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 fn measure_row(
-    placement: &str,
+    (placement, model): (&str, CpuModel),
     job: Job,
     api: &str,
     local_socket: &Path,
@@ -284,7 +371,7 @@ fn measure_row(
         let seed = 0x5eed_0000 + u64::from(round);
         let one = |socket: &Path| -> Result<Measurement> {
             crate::common::process::check_interrupted()?;
-            settle(api)?;
+            settle(api, options.size)?;
             load::run(socket, workload, WARMUP, runtime, seed)
         };
         if round % 2 == 0 {
@@ -306,12 +393,14 @@ fn measure_row(
     };
     Ok(Row {
         placement: placement.to_string(),
+        cpus: model.to_string(),
         job: job.name.to_string(),
         iodepth: job.iodepth,
         local,
         edge,
         ratio,
         added_p50_us: added,
+        loopback_rtt_us: rtt_us,
         meets_target,
     })
 }
@@ -321,7 +410,54 @@ fn measure_row(
 /// backend after a write job ends), then `sync` writes back every dirty page. Without it the
 /// second write measurement of a pair ran at about half the speed of the first, whichever side
 /// it was.
-fn settle(api: &str) -> Result<()> {
+///
+/// Every write job leaves its overwritten data behind as garbage (a log-structured volume), a
+/// few GiB per measurement here, far faster than the node's background scrub (64 MiB/s) takes
+/// it away: a full run filled a 34 GiB disk. So the node runs without its background scrub and
+/// the volume is scrubbed here, unthrottled and outside any measurement, once its garbage passes
+/// twice its size.
+fn settle(api: &str, size: u64) -> Result<()> {
+    drain_uploads(api)?;
+    let info = crate::cluster::nodes::get(api, &format!("/v1/volumes/{VOLUME}"))?
+        .with_context(|| format!("volume {VOLUME} is gone from {api}"))?;
+    let garbage = info
+        .get("garbage_bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if garbage > 2 * size {
+        let started = Instant::now();
+        scrub(api)?;
+        progress(format_args!(
+            "scrubbed {} MiB of garbage in {:.1} s",
+            garbage / MIB,
+            started.elapsed().as_secs_f64()
+        ));
+        drain_uploads(api)?;
+    }
+    nix::unistd::sync();
+    Ok(())
+}
+
+/// `POST /v1/volumes/VOLUME/scrub` without a rate limit; it answers when the scrub is done.
+fn scrub(api: &str) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(600)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(format!("http://{api}/v1/volumes/{VOLUME}/scrub"))
+        .send_json(json!({}))
+        .context("cannot scrub the volume")?;
+    if !response.status().is_success() {
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("scrubbing the volume: {}: {body}", response.status());
+    }
+    Ok(())
+}
+
+/// Wait until the node's upload queue for the volume is empty.
+fn drain_uploads(api: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let info = crate::cluster::nodes::get(api, &format!("/v1/volumes/{VOLUME}"))?
@@ -334,7 +470,6 @@ fn settle(api: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    nix::unistd::sync();
     Ok(())
 }
 
@@ -357,15 +492,21 @@ fn to_table(report: &Report) -> String {
     let mut out = format!(
         "vstor edge: 4 KiB random I/O through `vstor edge` (vhost-user-blk) against the owner's own \
          vhost-user-blk export of the same {} volume; libblkio, 1 queue, {} s x {} rounds per side\n\
-         loopback TCP round trip {:.1} µs; targets: QD1 adds <= RTT + {QD1_ADDED_BUDGET_US} µs, \
-         QD32 >= {QD32_TARGET_RATIO}x\n\n",
+         targets: QD1 adds <= loopback TCP round trip (RTT) + {QD1_ADDED_BUDGET_US} µs, \
+         QD32 >= {QD32_TARGET_RATIO}x\n",
         table::mib_or_gib(report.size_bytes as f64),
         report.runtime_secs,
         report.rounds,
-        report.loopback_rtt_us
     );
+    out.push_str("cpus: shared = nothing pinned");
+    if let Some(split) = &report.split {
+        out.push_str(&format!("; split = {split}"));
+    }
+    out.push_str("\n\n");
     let mut lines = vec![[
         "placement",
+        "cpus",
+        "RTT µs",
         "job",
         "local IOPS",
         "edge IOPS",
@@ -380,6 +521,8 @@ fn to_table(report: &Report) -> String {
     for row in &report.rows {
         lines.push(vec![
             row.placement.clone(),
+            row.cpus.clone(),
+            format!("{:.1}", row.loopback_rtt_us),
             row.job.clone(),
             format!("{:.0}", row.local.iops),
             format!("{:.0}", row.edge.iops),
@@ -435,11 +578,17 @@ fn wait_for_socket(socket: &Path) -> Result<()> {
 }
 
 /// Median round trip of a 1-byte ping-pong between two threads over loopback TCP.
-fn loopback_rtt_us() -> Result<f64> {
+/// The echo thread runs on `echo_cpus` when given (the node's host), the caller's thread where
+/// it is pinned (the guest's host).
+fn loopback_rtt_us(echo_cpus: Option<&nix::sched::CpuSet>) -> Result<f64> {
     const TRIPS: usize = 20_000;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
+    let echo_cpus = echo_cpus.copied();
     let echo = std::thread::spawn(move || -> Result<()> {
+        if let Some(set) = &echo_cpus {
+            cpus::pin_this_thread(set)?;
+        }
         let (mut stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
         let mut byte = [0u8; 1];

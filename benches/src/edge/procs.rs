@@ -172,6 +172,14 @@ impl Edge {
         Ok(())
     }
 
+    /// The running process's id (`ip netns exec` execs the edge, so it is the edge's).
+    pub(crate) fn pid(&self) -> Result<u32> {
+        self.process
+            .as_ref()
+            .map(ChildGuard::pid)
+            .with_context(|| format!("vstor edge {} is not running", self.name))
+    }
+
     /// `vstor edge ARGS --api API`, its stdout, or an error with its stderr.
     pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.bin)
