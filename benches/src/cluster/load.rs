@@ -136,10 +136,16 @@ impl Writer {
     /// writer is still paused.
     pub(crate) fn pause_around(&self, from: Instant, to: Instant) -> Duration {
         let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let ongoing = log
+            .last_ack
+            .filter(|last| *last <= to && to - *last > PAUSE)
+            .map(|last| (last, to));
         log.pauses
             .iter()
+            .copied()
+            .chain(ongoing)
             .filter(|(start, end)| *start <= to && *end >= from)
-            .map(|(start, end)| *end - *start)
+            .map(|(start, end)| end - start)
             .max()
             .unwrap_or_default()
     }

@@ -275,8 +275,11 @@ fn measure_kill(nodes: &mut [Node], writer: &Writer) -> Result<Kill> {
             nodes[(victim + 1) % 3].log_tail()
         )
     })?;
+    // After the adoption, not after the kill: `kill9` returns once the process is gone, and
+    // until then the dying owner still acknowledges writes, so an acknowledgement after
+    // `killed_at` can be the old owner's, and the pause would be measured before it began.
     poll("the writer's first write on the new owner", || {
-        Ok(writer.last_ack().filter(|at| *at > killed_at).map(drop))
+        Ok(writer.last_ack().filter(|at| *at > adopted_at).map(drop))
     })?;
     let pause = writer.pause_around(killed_at, Instant::now());
     nodes[victim]
