@@ -194,22 +194,13 @@ fn apis(nodes: &[Node]) -> Vec<String> {
 }
 
 fn create_volume(api: &str) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(STEP_TIMEOUT))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
-        .post(format!("http://{api}/v1/volumes"))
-        .send_json(
-            json!({"name": VOLUME, "size": 1u64 << 30, "node": NODES[0], "dtl_mode": "sync"}),
-        )
-        .context("cannot create the volume")?;
-    if !response.status().is_success() {
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        bail!("creating the volume: {}: {body}", response.status());
-    }
-    Ok(())
+    nodes::post(
+        api,
+        "/v1/volumes",
+        &json!({"name": VOLUME, "size": 1u64 << 30, "node": NODES[0], "dtl_mode": "sync"}),
+        STEP_TIMEOUT,
+    )
+    .context("creating the volume")
 }
 
 /// Poll `what` every [`POLL`] until it gives `Some`, for at most [`STEP_TIMEOUT`].

@@ -209,6 +209,24 @@ pub(crate) fn get(api: &str, path: &str) -> Result<Option<Value>> {
     Ok(Some(body))
 }
 
+/// `POST http://API/PATH` with a JSON body; an error unless it answers with success.
+pub(crate) fn post(api: &str, path: &str, body: &Value, timeout: Duration) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(format!("http://{api}{path}"))
+        .send_json(body)
+        .with_context(|| format!("POST {path} on {api}"))?;
+    if !response.status().is_success() {
+        let answer = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("POST {path} on {api}: {}: {answer}", response.status());
+    }
+    Ok(())
+}
+
 /// Whether `node` is alive according to the node at `api` (`None`: that node did not answer).
 pub(crate) fn node_alive(api: &str, node: &str) -> Result<Option<bool>> {
     let Some(list) = get(api, "/v1/nodes")? else {

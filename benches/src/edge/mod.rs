@@ -440,20 +440,13 @@ fn settle(api: &str, size: u64) -> Result<()> {
 
 /// `POST /v1/volumes/VOLUME/scrub` without a rate limit; it answers when the scrub is done.
 fn scrub(api: &str) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(600)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
-        .post(format!("http://{api}/v1/volumes/{VOLUME}/scrub"))
-        .send_json(json!({}))
-        .context("cannot scrub the volume")?;
-    if !response.status().is_success() {
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        bail!("scrubbing the volume: {}: {body}", response.status());
-    }
-    Ok(())
+    crate::cluster::nodes::post(
+        api,
+        &format!("/v1/volumes/{VOLUME}/scrub"),
+        &json!({}),
+        Duration::from_secs(600),
+    )
+    .context("scrubbing the volume")
 }
 
 /// Wait until the node's upload queue for the volume is empty.
@@ -549,20 +542,13 @@ fn owner_addr(edge: &Edge) -> Result<String> {
 }
 
 fn create_volume(api: &str, size: u64) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
-        .post(format!("http://{api}/v1/volumes"))
-        .send_json(json!({"name": VOLUME, "size": size, "node": "n1", "dtl_mode": "none"}))
-        .context("cannot create the volume")?;
-    if !response.status().is_success() {
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        bail!("creating the volume: {}: {body}", response.status());
-    }
-    Ok(())
+    crate::cluster::nodes::post(
+        api,
+        "/v1/volumes",
+        &json!({"name": VOLUME, "size": size, "node": "n1", "dtl_mode": "none"}),
+        Duration::from_secs(60),
+    )
+    .context("creating the volume")
 }
 
 fn wait_for_socket(socket: &Path) -> Result<()> {
