@@ -105,6 +105,9 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// client that sends a batch of reads at once (an edge's vhost-user queue pass, 32 reads at
 /// queue depth 32) then gets the first replies while the rest execute, so its completions, and
 /// the guest's next requests, overlap with this side's work instead of alternating with it.
+/// Measured with `vstor-bench edge --cpus split` (4 KiB reads at QD32, two runs each): 128 KiB
+/// (a whole batch, no overlap) kept 0.48–0.51× of the local IOPS and 16 KiB (more writes)
+/// 0.58–0.84×, against a median of 0.77–0.88× at 32 KiB.
 const REPLY_BATCH: usize = 32 * 1024;
 /// Largest read one request may ask for (its reply must fit in a frame).
 const MAX_READ: usize = MAX_FRAME_PAYLOAD - 64;
