@@ -23,7 +23,8 @@ use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
 /// A CPU model of one measurement (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CpuModel {
     Shared,
     Split,
@@ -39,7 +40,7 @@ impl fmt::Display for CpuModel {
 }
 
 /// The CPU sets of the two hosts under each model.
-pub(crate) struct Placement {
+pub(crate) struct CpuSets {
     all: CpuSet,
     /// The owner's host under `split`.
     node: CpuSet,
@@ -47,7 +48,7 @@ pub(crate) struct Placement {
     guest: CpuSet,
 }
 
-impl Placement {
+impl CpuSets {
     /// From the CPUs this process may run on; `None` with a single CPU (no split possible).
     pub(crate) fn detect() -> Result<Option<Self>> {
         Self::of(sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?)
@@ -152,7 +153,7 @@ mod tests {
 
     #[test]
     fn the_node_gets_the_last_cpu_and_the_guest_the_others() {
-        let two = Placement::of(set(&[0, 1])).unwrap().unwrap();
+        let two = CpuSets::of(set(&[0, 1])).unwrap().unwrap();
         assert_eq!(members(two.node(CpuModel::Split)), [1]);
         assert_eq!(members(two.guest(CpuModel::Split)), [0]);
         assert_eq!(members(two.node(CpuModel::Shared)), [0, 1]);
@@ -160,15 +161,15 @@ mod tests {
         assert_eq!(two.describe(), "node on CPU 1, guest and edge on CPU 0");
 
         // Gaps (an affinity mask that excludes some CPUs) are kept out of both sides.
-        let four = Placement::of(set(&[0, 2, 3, 5])).unwrap().unwrap();
+        let four = CpuSets::of(set(&[0, 2, 3, 5])).unwrap().unwrap();
         assert_eq!(members(four.node(CpuModel::Split)), [5]);
         assert_eq!(members(four.guest(CpuModel::Split)), [0, 2, 3]);
 
         assert!(
-            Placement::of(set(&[3])).unwrap().is_none(),
+            CpuSets::of(set(&[3])).unwrap().is_none(),
             "one CPU cannot split"
         );
-        assert!(Placement::of(CpuSet::new()).is_err());
+        assert!(CpuSets::of(CpuSet::new()).is_err());
     }
 
     #[test]

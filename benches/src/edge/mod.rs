@@ -40,7 +40,7 @@ use crate::common::stats::median;
 use crate::common::table;
 use crate::vhost::load::{self, Measurement, Op, Workload};
 use crate::BenchOptions;
-use cpus::{CpuModel, Placement};
+use cpus::{CpuModel, CpuSets};
 use procs::{Edge, Netns};
 
 const VOLUME: &str = "bench";
@@ -91,7 +91,7 @@ struct Side {
 struct Row {
     placement: String,
     /// The CPU model (`shared` or `split`).
-    cpus: String,
+    cpus: CpuModel,
     job: String,
     iodepth: usize,
     local: Side,
@@ -122,7 +122,7 @@ pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
     if models.is_empty() {
         bail!("no CPU model to measure");
     }
-    let cpu_sets = Placement::detect()?;
+    let cpu_sets = CpuSets::detect()?;
     let models: Vec<CpuModel> = match &cpu_sets {
         Some(_) => models.to_vec(),
         None if models == [CpuModel::Split] => {
@@ -328,7 +328,7 @@ pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
     let rank = |row: &Row| {
         (
             placements.iter().position(|(p, _, _)| *p == row.placement),
-            rtts.iter().position(|(m, _)| m.to_string() == row.cpus),
+            rtts.iter().position(|(m, _)| *m == row.cpus),
             JOBS.iter().position(|j| j.name == row.job),
         )
     };
@@ -393,7 +393,7 @@ fn measure_row(
     };
     Ok(Row {
         placement: placement.to_string(),
-        cpus: model.to_string(),
+        cpus: model,
         job: job.name.to_string(),
         iodepth: job.iodepth,
         local,
@@ -417,9 +417,7 @@ fn measure_row(
 /// the volume is scrubbed here, unthrottled and outside any measurement, once its garbage passes
 /// twice its size.
 fn settle(api: &str, size: u64) -> Result<()> {
-    drain_uploads(api)?;
-    let info = crate::cluster::nodes::get(api, &format!("/v1/volumes/{VOLUME}"))?
-        .with_context(|| format!("volume {VOLUME} is gone from {api}"))?;
+    let info = drain_uploads(api)?;
     let garbage = info
         .get("garbage_bytes")
         .and_then(Value::as_u64)
@@ -449,21 +447,20 @@ fn scrub(api: &str) -> Result<()> {
     .context("scrubbing the volume")
 }
 
-/// Wait until the node's upload queue for the volume is empty.
-fn drain_uploads(api: &str) -> Result<()> {
+/// Wait until the node's upload queue for the volume is empty; the volume's info then.
+fn drain_uploads(api: &str) -> Result<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let info = crate::cluster::nodes::get(api, &format!("/v1/volumes/{VOLUME}"))?
             .with_context(|| format!("volume {VOLUME} is gone from {api}"))?;
         if info.get("upload_queue").and_then(Value::as_u64) == Some(0) {
-            break;
+            return Ok(info);
         }
         if Instant::now() > deadline {
             bail!("the node's upload queue did not drain within 120 s: {info}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(())
 }
 
 fn side(measurements: &[Measurement]) -> Side {
@@ -514,7 +511,7 @@ fn to_table(report: &Report) -> String {
     for row in &report.rows {
         lines.push(vec![
             row.placement.clone(),
-            row.cpus.clone(),
+            row.cpus.to_string(),
             format!("{:.1}", row.loopback_rtt_us),
             row.job.clone(),
             format!("{:.0}", row.local.iops),
