@@ -717,7 +717,7 @@ async fn scrub(
     let scrubs = state.scrubs.clone();
     let rate = request.rate.filter(|r| *r > 0);
     let started = std::time::Instant::now();
-    let report = off_reactor(move || scrubs.run(&volume, rate, "api"))
+    let report = off_reactor(move || scrubs.run(&volume, rate, "api", None))
         .await?
         .map_err(|e| match e {
             ScrubError::Busy => conflict(format!(

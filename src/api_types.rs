@@ -231,6 +231,11 @@ pub struct ScrubOutcome {
     pub report: Option<ScrubReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The volume's garbage estimate when the scrub ended: what the writes made while it ran.
+    pub garbage_after: u64,
+    /// A background scrub that ended with `garbage_after` at or above `[scrub]
+    /// garbage_threshold`: the scrubber does not keep up with the writes (raise `[scrub] rate`).
+    pub behind: bool,
 }
 
 /// `POST /v1/volumes/{name}/scrub`: the report of the scrub the request ran.
@@ -646,6 +651,11 @@ pub struct MdsStatus {
     pub master: String,
     /// Master first.
     pub servers: Vec<MdsServerStatus>,
+    /// The backend TLogs the servers were compared with at `checked_at` (each one's `behind`
+    /// counts out of these). Equal to the volume's `tlogs_on_backend` once the check saw the
+    /// latest list.
+    #[serde(default)]
+    pub backend_tlogs: u64,
     /// Times a slave was promoted for this volume.
     pub promotions: u64,
     /// When the node last checked them (seconds since the epoch).

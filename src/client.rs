@@ -483,7 +483,7 @@ impl Waiting {
 
 fn last_scrub_text(last: &ScrubOutcome) -> String {
     let when = format_time(last.finished);
-    match (&last.error, &last.report) {
+    let text = match (&last.error, &last.report) {
         (Some(error), _) => format!("last one failed at {when}: {error}"),
         (None, Some(report)) => format!(
             "last one at {when} ({}): {}",
@@ -491,6 +491,14 @@ fn last_scrub_text(last: &ScrubOutcome) -> String {
             scrub_summary(report)
         ),
         (None, None) => format!("last one at {when} ({})", last.trigger),
+    };
+    if last.behind {
+        format!(
+            "{text}; FALLING BEHIND: the writes made {} of garbage while it ran (raise [scrub] rate)",
+            crate::size::format_size(last.garbage_after)
+        )
+    } else {
+        text
     }
 }
 

@@ -229,6 +229,11 @@ pub fn snapshot_export_name(name: &str) -> Option<(&str, &str)> {
         .filter(|(volume, snapshot)| !volume.is_empty() && !snapshot.is_empty())
 }
 
+/// The volume an export name serves: `VOLUME` of `VOLUME@SNAPSHOT`, else the name itself.
+pub fn export_volume(name: &str) -> &str {
+    snapshot_export_name(name).map_or(name, |(volume, _)| volume)
+}
+
 /// Cached views beyond which the ones no client holds are dropped (each holds a map of the
 /// snapshot: about 2 MiB per GiB written).
 const MAX_IDLE_VIEWS: usize = 16;
@@ -306,7 +311,7 @@ impl Exports {
 
 impl ExportRegistry for Exports {
     fn allows(&self, name: &str, client: &Client) -> bool {
-        let volume = snapshot_export_name(name).map_or(name, |(volume, _)| volume);
+        let volume = export_volume(name);
         match self.manager.get(volume) {
             Ok(volume) => volume
                 .access()

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 
 use vstor_edge::remote::proto::AllowList;
-use vstor_edge::remote::{RemoteExports, ServedState, ServedVolume};
+use vstor_edge::remote::{Opening, OpeningFuture, RemoteExports, ServedState, ServedVolume};
 use vstor_volumedriver::Volume;
 
-use crate::export::{snapshot_export_name, Exports, SnapshotExport, VolumeExport};
+use crate::export::{export_volume, snapshot_export_name, Exports, SnapshotExport, VolumeExport};
 
 /// [`ServedState`] of one volume on this node.
 struct VolumeState(Arc<Volume>);
@@ -46,22 +46,30 @@ impl ServedState for VolumeState {
 }
 
 /// The node's volumes (and their snapshots) for the edge server.
-pub struct RemoteVolumes(pub Arc<Exports>);
+pub struct RemoteVolumes {
+    pub exports: Arc<Exports>,
+    /// The adoptions and moves under way on this node (`FailoverLog`); `None` outside a cluster.
+    pub opening: Option<Arc<Opening>>,
+}
 
 impl RemoteExports for RemoteVolumes {
     fn lookup(&self, name: &str) -> Option<ServedVolume> {
         if let Some((volume, snapshot)) = snapshot_export_name(name) {
-            let view = self.0.snapshot_view(volume, snapshot).ok()?;
+            let view = self.exports.snapshot_view(volume, snapshot).ok()?;
             let source = view.volume().clone();
             return Some(ServedVolume {
                 target: Arc::new(SnapshotExport(view)),
                 state: Arc::new(VolumeState(source)),
             });
         }
-        let volume = self.0.manager().get(name).ok()?;
+        let volume = self.exports.manager().get(name).ok()?;
         Some(ServedVolume {
             target: Arc::new(VolumeExport(volume.clone())),
             state: Arc::new(VolumeState(volume)),
         })
+    }
+
+    fn opening(&self, name: &str) -> Option<OpeningFuture> {
+        self.opening.as_ref()?.until_ended(export_volume(name))
     }
 }

@@ -36,6 +36,8 @@ struct VolumeSample {
     nbd_connections: usize,
     vhost_connected: bool,
     scrub: Option<ScrubProgress>,
+    /// The last scrub fell behind the writes (`ScrubOutcome::behind`).
+    scrub_behind: bool,
     mds: Option<MdsStatus>,
 }
 
@@ -103,6 +105,7 @@ fn scrape(state: &ApiState) -> Scrape {
         .filter_map(|name| state.manager.get(&name).ok())
         .map(|volume| {
             let name = volume.name().to_string();
+            let (scrub, last_scrub) = state.scrubs.status(&name);
             VolumeSample {
                 latency: IoOp::ALL
                     .iter()
@@ -110,7 +113,8 @@ fn scrape(state: &ApiState) -> Scrape {
                     .collect(),
                 nbd_connections: state.nbd.connections(&name),
                 vhost_connected: state.vhost.connected(&name),
-                scrub: state.scrubs.status(&name).0,
+                scrub,
+                scrub_behind: last_scrub.is_some_and(|last| last.behind),
                 mds: state.mds.as_ref().and_then(|m| m.status(&name)),
                 info: volume.info(),
             }
@@ -409,6 +413,14 @@ impl Collector for Scrape {
                 };
                 Some((vol(&v.info), ConstGauge::new(ratio)))
             }),
+        )?;
+        family(
+            &mut encoder,
+            "vstor_volume_scrub_behind",
+            "1 when the last background scrub fell behind the writes (raise [scrub] rate)",
+            MetricType::Gauge,
+            vols.iter()
+                .map(|v| (vol(&v.info), gauge(u64::from(v.scrub_behind)))),
         )?;
         family(
             &mut encoder,

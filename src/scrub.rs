@@ -29,6 +29,20 @@ pub struct ScrubOutcome {
     pub report: Option<ScrubReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The volume's garbage estimate when the scrub ended (see [`falling_behind`]).
+    pub garbage_after: u64,
+    /// A background scrub fell behind the writes ([`falling_behind`]).
+    pub behind: bool,
+}
+
+/// Whether a background scrub fell behind the writes: the garbage they made while it ran
+/// (`garbage_after`; a scrub takes off the estimate only what it covered, so this also holds the
+/// little that was not uploaded when it started, which the scrubber waits for) already reaches
+/// the `threshold` that starts the next one. Then scrubs run back to back at `[scrub] rate` and
+/// the garbage, and the disk it takes, still grows: a disk that fills halts the volume. A
+/// failed scrub is not judged (its error says more).
+pub(crate) fn falling_behind(garbage_after: u64, threshold: u64, failed: bool) -> bool {
+    !failed && garbage_after >= threshold.max(1)
 }
 
 #[derive(Default)]
@@ -63,11 +77,15 @@ fn now_secs() -> u64 {
 impl Scrubs {
     /// Scrub `volume` on the calling thread (it blocks: call from the blocking pool). Refused
     /// with [`ScrubError::Busy`] while another scrub of the same volume runs.
+    ///
+    /// `behind_at`: the background scrubber's threshold, to judge whether this scrub fell
+    /// behind the writes ([`falling_behind`]); `None` for scrubs by hand.
     pub fn run(
         &self,
         volume: &Volume,
         rate: Option<u64>,
         trigger: &'static str,
+        behind_at: Option<u64>,
     ) -> Result<ScrubReport, ScrubError> {
         let name = volume.name().to_string();
         {
@@ -89,15 +107,34 @@ impl Scrubs {
                 entry.running = Some(progress);
             }
         });
+        let garbage_after = volume.garbage_bytes();
+        let seconds = started.elapsed().as_secs_f64();
+        let behind = behind_at
+            .is_some_and(|threshold| falling_behind(garbage_after, threshold, result.is_err()));
         let outcome = ScrubOutcome {
             trigger,
             finished: now_secs(),
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
             report: result.as_ref().ok().cloned(),
             error: result.as_ref().err().map(std::string::ToString::to_string),
+            garbage_after,
+            behind,
         };
         if let Some(error) = &outcome.error {
             tracing::warn!(volume = %name, trigger, %error, "scrub failed");
+        }
+        if behind {
+            tracing::warn!(
+                volume = %name,
+                garbage_after,
+                seconds,
+                garbage_per_second = (garbage_after as f64 / seconds.max(0.001)) as u64,
+                ?rate,
+                threshold = behind_at,
+                "the background scrub is falling behind the writes: they made more garbage while \
+                 it ran than the threshold that starts the next; raise [scrub] rate, or the disk \
+                 fills and the volume halts"
+            );
         }
         let mut volumes = lock(&self.volumes);
         let entry = volumes.entry(name).or_default();
@@ -132,6 +169,8 @@ impl Scrubs {
             seconds: o.seconds,
             report: o.report.clone().map(Into::into),
             error: o.error.clone(),
+            garbage_after: o.garbage_after,
+            behind: o.behind,
         });
         (running, last)
     }
@@ -229,9 +268,29 @@ fn auto_scrub_loop(
             }
             deferred.remove(&name);
             tracing::info!(volume = %name, garbage, "garbage above the scrub threshold");
-            if let Ok(report) = scrubs.run(&volume, settings.rate, "auto") {
+            let threshold = Some(settings.garbage_threshold);
+            if let Ok(report) = scrubs.run(&volume, settings.rate, "auto", threshold) {
                 tracing::info!(volume = %name, ?report, "background scrub done");
             } // failures are logged by `run`; Busy: a scrub by hand is running
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::falling_behind;
+
+    #[test]
+    fn a_scrub_falls_behind_when_the_garbage_made_meanwhile_reaches_the_threshold() {
+        const MIB: u64 = 1 << 20;
+        assert!(!falling_behind(0, 64 * MIB, false));
+        assert!(!falling_behind(64 * MIB - 1, 64 * MIB, false));
+        assert!(falling_behind(64 * MIB, 64 * MIB, false));
+        assert!(falling_behind(5 << 30, 64 * MIB, false));
+        // A failed scrub is not judged.
+        assert!(!falling_behind(5 << 30, 64 * MIB, true));
+        // A zero threshold scrubs any garbage: behind only once there is some.
+        assert!(!falling_behind(0, 0, false));
+        assert!(falling_behind(1, 0, false));
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::task::AbortOnDropHandle;
 use vstor_backend::ec::store::{EcOptions, EcStore, TierMap};
 use vstor_backend::{LocalStore, ObjectStore, S3Options, S3Store};
 use vstor_edge::nbd::{NbdServer, NbdServerConfig};
@@ -180,7 +181,9 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             config.peer_tls.clone(),
         )
     });
-    let _mds_checks = mds.as_ref().map(|link| AbortOnDrop(link.start()));
+    let _mds_checks = mds
+        .as_ref()
+        .map(|link| AbortOnDropHandle::new(link.start()));
     let manager_config = ManagerConfig {
         runtime: Some(tokio::runtime::Handle::current()),
         mds: mds.clone().map(|link| {
@@ -331,8 +334,10 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .chain(edge_socket.map(|(listener, _)| EdgeListener::from(listener)));
     let edge_tasks: Vec<_> = edge_listeners
         .map(|listener| {
-            let exports: Arc<dyn vstor_edge::remote::RemoteExports> =
-                Arc::new(RemoteVolumes(exports.clone()));
+            let exports: Arc<dyn vstor_edge::remote::RemoteExports> = Arc::new(RemoteVolumes {
+                exports: exports.clone(),
+                opening: failover.as_ref().map(|f| f.log.opening()),
+            });
             let stop = edge_stop.clone();
             let edge_config = EdgeServerConfig {
                 frame_timeout: config.edge_frame_timeout,
@@ -662,15 +667,6 @@ pub(crate) fn announce(line: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
-}
-
-/// Aborts a background task when the server's scope ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Bind the edge protocol's unix socket at `path` (`--edge-socket`), mode 0600. A socket file

@@ -228,12 +228,7 @@ fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
     assert!(vol["completed"].as_u64().unwrap() > 0, "{vol}");
     let text = e1.cli_ok(&["list"]);
     assert!(text.contains("vol") && text.contains("connected"), "{text}");
-    let metrics = ureq::get(format!("http://{}/metrics", e1.api))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = common::metrics_text(&e1.api);
     assert!(
         metrics.contains("vstor_edge_volume_state{edge=\"e1\",volume=\"vol\",owner=\"n1\",state=\"connected\"} 1"),
         "{metrics}"

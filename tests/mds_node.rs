@@ -46,6 +46,12 @@ fn node_config(dir: &Path, max_open_age: &str) -> PathBuf {
     path
 }
 
+/// MDS `k` (0: the master) of the volume whose info `i` is is 0 TLogs behind, by a check that
+/// saw the backend's latest TLog list: a check from before the last upload says 0 too.
+fn mds_caught_up(i: &serde_json::Value, k: usize) -> bool {
+    i["mds"]["servers"][k]["behind"] == 0 && i["mds"]["backend_tlogs"] == i["tlogs_on_backend"]
+}
+
 fn start_node(root: &Path, config: &Path, mds: &[&str]) -> Daemon {
     start_node_with(root, config, mds, &[])
 }
@@ -231,9 +237,7 @@ fn restarts_load_the_map_from_the_mds_and_replay_only_what_it_lacks() {
     zeroed_file(&reference, 64 << 20);
     let caught_up = |node: &Daemon| {
         node.wait_uploaded("vol");
-        node.wait_for("vol", "the MDS caught up", |i| {
-            i["mds"]["servers"][0]["behind"] == 0
-        })
+        node.wait_for("vol", "the MDS caught up", |i| mds_caught_up(i, 0))
     };
     let mut round = 0;
     for _ in 0..3 {
@@ -454,7 +458,7 @@ fn on_a_cluster_the_master_goes_beside_the_owner_and_a_slave_to_its_recovery_dom
     node.create_volume("vol", "64M");
     let (m0, m1) = (mdses[0].addr.clone(), mdses[1].addr.clone());
     let info = node.wait_for("vol", "automatic MDS placement", |i| {
-        i["mds"]["master"] == m0.as_str() && i["mds"]["servers"][1]["behind"] == 0
+        i["mds"]["master"] == m0.as_str() && mds_caught_up(i, 1)
     });
     let servers = info["mds"]["servers"].as_array().unwrap();
     assert_eq!(servers.len(), 2, "{info}");
@@ -479,9 +483,7 @@ fn on_a_cluster_the_master_goes_beside_the_owner_and_a_slave_to_its_recovery_dom
 /// Wait until the node shows `volume`'s master 0 TLogs behind, with everything uploaded.
 fn wait_master_caught_up(node: &Daemon, volume: &str) -> serde_json::Value {
     node.wait_uploaded(volume);
-    node.wait_for(volume, "the master caught up", |i| {
-        i["mds"]["servers"][0]["behind"] == 0
-    })
+    node.wait_for(volume, "the master caught up", |i| mds_caught_up(i, 0))
 }
 
 #[test]
@@ -586,7 +588,7 @@ fn over_mutual_tls_a_restart_loads_the_map_from_the_mds_and_strangers_are_refuse
     }
     node.wait_uploaded("vol");
     let before = node.wait_for("vol", "the MDS caught up over mutual TLS", |i| {
-        i["mds"]["servers"][0]["behind"] == 0
+        mds_caught_up(i, 0)
     });
     restart_loads_everything_from_the_mds(&mut node, &before, &reference);
 
@@ -606,9 +608,7 @@ fn over_mutual_tls_a_restart_loads_the_map_from_the_mds_and_strangers_are_refuse
     // The refusals cost the node nothing: it still writes through its MDS and reads back.
     write_round(&node, &reference, 4);
     node.wait_uploaded("vol");
-    node.wait_for("vol", "the MDS caught up again", |i| {
-        i["mds"]["servers"][0]["behind"] == 0
-    });
+    node.wait_for("vol", "the MDS caught up again", |i| mds_caught_up(i, 0));
     compare(&node, &reference);
 }
 
@@ -657,9 +657,7 @@ fn on_the_ec_tier_slaves_catch_up_from_the_osds() {
     }
     node.wait_uploaded("vol");
     let before = node.wait_for("vol", "the slave caught up from the OSDs", |i| {
-        i["tlogs_on_backend"].as_u64() >= Some(3)
-            && i["mds"]["servers"][0]["behind"] == 0
-            && i["mds"]["servers"][1]["behind"] == 0
+        i["tlogs_on_backend"].as_u64() >= Some(3) && mds_caught_up(i, 0) && mds_caught_up(i, 1)
     });
     let store = backend.store(&node.data_dir);
     let entries = wait_table_equals_store(&m1, store.as_ref(), "vol");
@@ -669,9 +667,7 @@ fn on_the_ec_tier_slaves_catch_up_from_the_osds() {
     write_round(&node, &reference, 3);
     node.wait_uploaded("vol");
     let before = node.wait_for("vol", "the slave promoted and caught up", |i| {
-        i["mds"]["master"] == m1.as_str()
-            && i["mds"]["promotions"] == 1
-            && i["mds"]["servers"][0]["behind"] == 0
+        i["mds"]["master"] == m1.as_str() && i["mds"]["promotions"] == 1 && mds_caught_up(i, 0)
     });
     wait_table_equals_store(&m1, store.as_ref(), "vol");
     restart_loads_everything_from_the_mds(&mut node, &before, &reference);

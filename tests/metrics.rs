@@ -234,12 +234,7 @@ fn the_grafana_dashboard_queries_metrics_that_exist() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(tmp.path());
     daemon.create_volume("vol", "16M");
-    let text = ureq::get(format!("http://{}/metrics", daemon.api))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = common::metrics_text(&daemon.api);
     let exported: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -1347,6 +1347,78 @@ fn background_scrub_runs_once_garbage_passes_the_threshold() {
     // Below the threshold: left alone.
     assert!(daemon.info("quiet")["last_scrub"].is_null());
     assert!(daemon.log_text().contains("background scrubbing enabled"));
+    // Nothing was written while it ran: it kept up.
+    assert_eq!(info["last_scrub"]["behind"], false, "{info}");
+    assert_eq!(info["last_scrub"]["garbage_after"], 0, "{info}");
+    assert!(!daemon.log_text().contains("falling behind"));
+}
+
+/// A background scrub that the writes outrun says so, before the disk fills: `last_scrub`
+/// (`behind`, `garbage_after`) in `volume info`, its text, the `vstor_volume_scrub_behind`
+/// gauge and a warning in the log. The data written meanwhile reads back.
+#[test]
+fn a_background_scrub_outrun_by_the_writes_says_it_falls_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("vstor.toml");
+    // At 1 MiB/s the scrub copies the live half of 8 MiB for about 4 s.
+    std::fs::write(
+        &config,
+        "[scrub]\nauto = true\ngarbage_threshold = \"2M\"\nrate = \"1M\"\ncheck_interval_secs = 1\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(tmp.path(), &["--config", config.to_str().unwrap()]);
+    let create = [
+        "volume",
+        "create",
+        "busy",
+        "--size",
+        "64M",
+        "--sco-size",
+        "4M",
+    ];
+    daemon.cli_ok(&create);
+    let mut client = NbdClient::connect(&daemon.nbd, "busy").unwrap();
+    let first: Vec<u64> = (1..=2048).collect();
+    write_run(&mut client, 0, &first);
+    // Every other block again: each SCO is half garbage, so the scrub copies the other half.
+    for block in (0..2048u64).step_by(2) {
+        let data = block_content(block, 10_000 + block, BLOCK as usize);
+        assert_eq!(client.write(block * BLOCK, &data, false).unwrap(), 0);
+    }
+    assert_eq!(client.flush().unwrap(), 0);
+    // A snapshot closes the TLog (all of it reaches the backend); deleted, it pins nothing.
+    daemon.cli_ok(&["snapshot", "create", "busy", "s"]);
+    daemon.cli_ok(&["snapshot", "delete", "busy", "s"]);
+    daemon.wait_for("busy", "the background scrub to start", |i| {
+        !i["scrub_progress"].is_null()
+    });
+    // While it copies, 8 MiB is overwritten: four times the threshold in new garbage.
+    let second: Vec<u64> = (50_000..50_000 + 2048).collect();
+    write_run(&mut client, 0, &second);
+    drop(client);
+    let info = daemon.wait_for("busy", "the background scrub's outcome", |i| {
+        i["last_scrub"]["trigger"] == "auto"
+    });
+    let last = &info["last_scrub"];
+    assert!(last["error"].is_null(), "{info}");
+    assert_eq!(last["behind"], true, "{info}");
+    assert!(last["garbage_after"].as_u64().unwrap() >= 8 * MIB, "{info}");
+    let text = daemon.cli_ok(&["volume", "info", "busy"]);
+    assert!(text.contains("FALLING BEHIND"), "{text}");
+    assert!(text.contains("raise [scrub] rate"), "{text}");
+    let metrics = common::metrics_text(&daemon.api);
+    assert!(
+        metrics.contains("vstor_volume_scrub_behind{volume=\"busy\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("the background scrub is falling behind the writes"),
+        "{}",
+        daemon.log_text()
+    );
+    check_content(&daemon, "busy", &second);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ fn config(bound: Duration) -> RemoteConfig {
         reconnect_bound: bound,
         connect_timeout: Duration::from_secs(2),
         liveness: Duration::from_secs(4),
-        tls: None,
+        ..RemoteConfig::default()
     }
 }
 
@@ -662,6 +662,81 @@ async fn requests_fail_after_the_bound_then_succeed_once_an_owner_returns() {
     assert_eq!(t.stats().state, ConnState::Connected);
     write(&t, 4096, &pattern(3, BLOCK)).await.unwrap();
     assert_eq!(read(&t, 4096, BLOCK).await.unwrap(), pattern(3, BLOCK));
+}
+
+/// A client of `vol` (block 0 written) whose owner died and that the resolver names no owner
+/// for: its first attempt has failed, it watches the resolver and would back off for a minute
+/// (so within a test's 10 s only a notice can bring it back).
+async fn orphaned_with_a_slow_backoff(
+    target: &Arc<MemTarget>,
+) -> (Arc<StaticResolver>, Arc<RemoteTarget>) {
+    let a = Node::start(target, 1).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let backoff = Duration::from_secs(60);
+    let config = RemoteConfig {
+        backoff_min: backoff,
+        backoff_max: backoff,
+        ..config(Duration::from_secs(300))
+    };
+    let t = RemoteTarget::connect("vol", resolver.clone(), config)
+        .await
+        .expect("connect");
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    assert_eq!(resolver.watches(), 0, "no watch while connected");
+    let calls = resolver.calls();
+    resolver.set(Err("the owner of volume vol, node a, is not alive".into()));
+    drop(a);
+    until("a failed attempt and an open watch", || {
+        resolver.calls() > calls && resolver.watches() == 1
+    })
+    .await;
+    assert_ne!(t.stats().state, ConnState::Connected);
+    (resolver, t)
+}
+
+/// Block 0 of an [`orphaned_with_a_slow_backoff`] client reads back, through node B, within
+/// 10 s, after one reconnect and no failed request.
+async fn reads_back_through_b(t: &RemoteTarget) {
+    let data = within("the reconnect", read(t, 0, BLOCK)).await.unwrap();
+    assert_eq!(data, pattern(1, BLOCK));
+    let stats = t.stats();
+    assert_eq!(stats.owner.as_deref(), Some("b"));
+    assert_eq!((stats.reconnects, stats.failed), (1, 0), "{stats:?}");
+}
+
+/// While no owner can be found the client backs off between attempts, but a notice from the
+/// resolver's watch (the registry naming a new owner) ends the pause at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_notice_ends_the_reconnect_pause_at_once() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let (resolver, t) = orphaned_with_a_slow_backoff(&target).await;
+    let b = Node::start(&target, 2).await;
+    resolver.set(Ok(b.endpoint("b")));
+    reads_back_through_b(&t).await;
+    // The episode's watch is closed once connected.
+    until("the watch to close", || resolver.watches() == 0).await;
+}
+
+/// The registry names a new owner before that node has opened the volume. An edge that follows
+/// the notice at once finds it still opening: its handshake waits there for the volume instead
+/// of being refused (and backing off for a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_early_at_the_new_owner_waits_for_the_volume_to_open() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let (resolver, t) = orphaned_with_a_slow_backoff(&target).await;
+    // B has taken the volume in the registry but is still opening it.
+    let b = Node::start(&target, 2).await;
+    assert!(b.exports.remove("vol"));
+    b.exports.begin_opening("vol");
+    resolver.set(Ok(b.endpoint("b")));
+    until("the edge's handshake to wait at B", || {
+        b.exports.opening_waits() == 1
+    })
+    .await;
+    assert_ne!(t.stats().state, ConnState::Connected);
+    b.exports.insert("vol", target.clone(), b.state.clone());
+    b.exports.end_opening("vol");
+    reads_back_through_b(&t).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
+use vstor_edge::remote::Opening;
 use vstor_volumedriver::{DtlMode, VolumeManager};
 
 use super::failover_plan::{
@@ -50,44 +51,52 @@ pub use crate::api_types::FailoverRecord;
 /// record is written: the engine publishes the volume as soon as it is open, so without the mark
 /// `volume info` could show the new owner `running` with no `last_failover` yet (the API shows a
 /// pending volume as `adopting`).
+///
+/// The adoptions under way are also what the edge server's handshake waits for
+/// ([`FailoverLog::opening`]): an edge follows the registry to this node as soon as the
+/// ownership transaction is written, before the engine has opened the volume.
 #[derive(Default)]
-pub struct FailoverLog(Mutex<LogInner>);
-
-#[derive(Default)]
-struct LogInner {
-    records: BTreeMap<String, FailoverRecord>,
-    pending: BTreeSet<String>,
+pub struct FailoverLog {
+    records: Mutex<BTreeMap<String, FailoverRecord>>,
+    pending: Arc<Opening>,
 }
 
 impl FailoverLog {
-    fn inner(&self) -> std::sync::MutexGuard<'_, LogInner> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FailoverRecord>> {
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An adoption of `volume` starts.
     pub fn begin(&self, volume: &str) {
-        self.inner().pending.insert(volume.to_string());
+        self.pending.begin(volume);
     }
 
     /// The adoption of `volume` failed: nothing to record.
     pub fn abort(&self, volume: &str) {
-        self.inner().pending.remove(volume);
+        self.pending.end(volume);
     }
 
-    /// The adoption of `volume` finished as `record`.
+    /// The adoption of `volume` finished as `record` (recorded before it stops being pending, so
+    /// `volume info` never shows it neither adopting nor adopted).
     pub fn record(&self, volume: &str, record: FailoverRecord) {
-        let mut inner = self.inner();
-        inner.pending.remove(volume);
-        inner.records.insert(volume.to_string(), record);
+        self.records().insert(volume.to_string(), record);
+        self.pending.end(volume);
     }
 
     pub fn get(&self, volume: &str) -> Option<FailoverRecord> {
-        self.inner().records.get(volume).cloned()
+        self.records().get(volume).cloned()
     }
 
     /// Whether an adoption of `volume` is under way on this node.
     pub fn pending(&self, volume: &str) -> bool {
-        self.inner().pending.contains(volume)
+        self.pending.contains(volume)
+    }
+
+    /// The adoptions under way, for the edge server ([`RemoteExports::opening`]).
+    ///
+    /// [`RemoteExports::opening`]: vstor_edge::remote::RemoteExports::opening
+    pub fn opening(&self) -> Arc<Opening> {
+        Arc::clone(&self.pending)
     }
 }
 
@@ -330,6 +339,9 @@ impl Failover {
     ) -> Option<FailoverRecord> {
         let started = Instant::now();
         let name = record.name.clone();
+        // Pending before the registry names this node: an edge that follows the registry here
+        // at once must find the volume opening, so its handshake waits for it.
+        self.log.begin(&name);
         let tag = match self
             .registry
             .take_ownership(&name, record.owner_tag, &self.node.name, self.lease())
@@ -337,17 +349,18 @@ impl Failover {
         {
             Ok(tag) => tag,
             Err(RegistryError::StaleTag { owner, .. }) => {
+                self.log.abort(&name);
                 tracing::debug!(volume = %name, %owner, "another node took the volume first");
                 return None;
             }
             Err(e) => {
+                self.log.abort(&name);
                 tracing::warn!(volume = %name, error = %e, "cannot take ownership");
                 return None;
             }
         };
         let manager = self.manager.clone();
         let target = name.clone();
-        self.log.begin(&name);
         let adopted =
             tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag)).await;
         let summary = match adopted {

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 use vstor_volumedriver::VolumeManager;
 
 use crate::registry::{ClusterSettings, KeepAlive, LeaseId, NodeRecord, Registry, RegistryError};
@@ -173,7 +174,7 @@ impl Cluster {
         let (results_tx, mut results) = tokio::sync::mpsc::channel(16);
         let peers = self.peers.subscribe();
         let renewer = tokio::spawn(self.clone().renew_loop(results_tx));
-        let _stop_renewer = AbortOnDrop(renewer);
+        let _stop_renewer = AbortOnDropHandle::new(renewer);
         let mut monitor = Monitor::new(Instant::now(), self.settings.fence_after());
         let mut ticker = tokio::time::interval(self.settings.keepalive_interval() / 4);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,14 +335,5 @@ impl Cluster {
         if let Err(e) = self.registry.revoke(self.lease()).await {
             tracing::warn!(error = %e, "cannot revoke the node's lease; it expires on its own");
         }
-    }
-}
-
-/// Aborts a task when dropped (the renewer stops with the monitor).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

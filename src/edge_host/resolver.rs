@@ -5,8 +5,11 @@
 
 use std::sync::Arc;
 
-use vstor_edge::remote::{Endpoint, ResolveFuture, Resolver};
+use futures::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use vstor_edge::remote::{Endpoint, ResolveFuture, Resolver, WatchFuture};
 
+use crate::export::export_volume;
 use crate::registry::Registry;
 
 pub struct RegistryResolver {
@@ -22,7 +25,7 @@ pub async fn resolve(
     export: &str,
     local_host: Option<&str>,
 ) -> Result<Endpoint, String> {
-    let volume = crate::export::snapshot_export_name(export).map_or(export, |(v, _)| v);
+    let volume = export_volume(export);
     let record = registry
         .volume(volume)
         .await
@@ -68,6 +71,22 @@ impl Resolver for RegistryResolver {
         let local_host = self.local_host.clone();
         let volume = volume.to_string();
         Box::pin(async move { resolve(registry.as_ref(), &volume, local_host.as_deref()).await })
+    }
+
+    /// The volume's record and owner key (`Registry::watch_volume`), which the adoption or move
+    /// writes. A registry that cannot watch leaves the edge polling (`None`).
+    fn watch(&self, export: &str) -> WatchFuture {
+        let registry = self.registry.clone();
+        let volume = export_volume(export).to_string();
+        Box::pin(async move {
+            match registry.watch_volume(&volume).await {
+                Ok(changes) => Some(ReceiverStream::new(changes).map(|_| ()).boxed()),
+                Err(e) => {
+                    tracing::debug!(volume, error = %e, "cannot watch the volume; polling");
+                    None
+                }
+            }
+        })
     }
 }
 

@@ -317,7 +317,13 @@ impl Inner {
     }
 
     /// What each MDS of `placement` says about the volume's table, against the backend list.
-    async fn probe(&self, volume: &str, placement: &Placement) -> Option<Vec<(String, Probe)>> {
+    /// Every MDS of `placement` against the backend's TLog list, and that list's length (what
+    /// `behind` counts out of).
+    async fn probe(
+        &self,
+        volume: &str,
+        placement: &Placement,
+    ) -> Option<(Vec<(String, Probe)>, u64)> {
         let list = {
             let (backend, name) = (self.backend.clone(), volume.to_string());
             tokio::task::spawn_blocking(move || read_list(backend.as_ref(), &name, &name)).await
@@ -354,12 +360,13 @@ impl Inner {
             };
             (addr.clone(), probe)
         });
-        Some(futures::future::join_all(probes).await)
+        let probes = futures::future::join_all(probes).await;
+        Some((probes, tlogs.len() as u64))
     }
 
     async fn seed(&self, volume: &str) -> Option<MapSeed> {
         let placement = self.load_placement(volume).await?;
-        let probes = self.probe(volume, &placement).await?;
+        let (probes, _) = self.probe(volume, &placement).await?;
         let source = match plan::seed_source(&placement, &probes, self.settings.max_behind) {
             Ok(addr) => addr.to_string(),
             Err(reason) => {
@@ -394,7 +401,7 @@ impl Inner {
                 None => return,
             },
         };
-        let Some(probes) = self.probe(volume, &placement).await else {
+        let Some((probes, backend_tlogs)) = self.probe(volume, &placement).await else {
             return;
         };
         let decided = plan::check(&placement, &probes, self.settings.max_behind);
@@ -460,14 +467,14 @@ impl Inner {
         } else {
             None
         };
-        let probes = if acted {
+        let (probes, backend_tlogs) = if acted {
             self.probe(volume, &placement)
                 .await
-                .unwrap_or_else(|| probes.clone())
+                .unwrap_or_else(|| (probes.clone(), backend_tlogs))
         } else {
-            probes.clone()
+            (probes.clone(), backend_tlogs)
         };
-        let status = status_of(&placement, &probes, notes);
+        let status = status_of(&placement, &probes, backend_tlogs, notes);
         let mut served = self.served.lock();
         let Some(s) = served.get_mut(volume) else {
             return;
@@ -513,7 +520,12 @@ impl Inner {
     }
 }
 
-fn status_of(placement: &Placement, probes: &[(String, Probe)], notes: Vec<String>) -> MdsStatus {
+fn status_of(
+    placement: &Placement,
+    probes: &[(String, Probe)],
+    backend_tlogs: u64,
+    notes: Vec<String>,
+) -> MdsStatus {
     let servers = placement
         .all()
         .map(|addr| {
@@ -541,6 +553,7 @@ fn status_of(placement: &Placement, probes: &[(String, Probe)], notes: Vec<Strin
     MdsStatus {
         master: placement.master.clone(),
         servers,
+        backend_tlogs,
         promotions: placement.promotions,
         checked_at: now_secs(),
         problem: (!notes.is_empty()).then(|| notes.join("; ")),

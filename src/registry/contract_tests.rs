@@ -46,6 +46,24 @@ async fn next_event(rx: &mut mpsc::Receiver<NodeEvent>) -> NodeEvent {
         .expect("watch open")
 }
 
+/// The next `want.len()` notices of a volume watch, compared with `want` in any order (etcd
+/// reports a transaction's keys on separate watches).
+async fn expect_changes(rx: &mut mpsc::Receiver<VolumeChange>, want: &[VolumeChange], after: &str) {
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let change = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{after}: got {got:?} of {want:?} within 10 s"))
+            .expect("volume watch open");
+        got.push(change);
+    }
+    let key = |c: &VolumeChange| *c == VolumeChange::Owner;
+    got.sort_by_key(key);
+    let mut want = want.to_vec();
+    want.sort_by_key(key);
+    assert_eq!(got, want, "{after}");
+}
+
 async fn contract(registry: &dyn Registry) {
     const TTL: Duration = Duration::from_secs(5);
     // Settings: defaults, then stored; invalid ones refused.
@@ -105,11 +123,15 @@ async fn contract(registry: &dyn Registry) {
         NodeEvent::Up(Box::new(node("n3")))
     );
 
-    // Volumes: created with the owner key under the owner's lease; one record per name.
+    // Volumes: created with the owner key under the owner's lease; one record per name. A
+    // watch of the volume sees each of its keys change (and nothing for a failed write).
+    use VolumeChange::{Owner, Record};
+    let mut changes = registry.watch_volume("v").await.unwrap();
     registry
         .create_volume(&volume("v", "n1", 1), l1.id)
         .await
         .unwrap();
+    expect_changes(&mut changes, &[Record, Owner], "create").await;
     match registry.create_volume(&volume("v", "n2", 1), l2.id).await {
         Err(RegistryError::VolumeExists { owner, .. }) => assert_eq!(owner, "n1"),
         other => panic!("second create: {other:?}"),
@@ -154,6 +176,7 @@ async fn contract(registry: &dyn Registry) {
     let record = registry.volume("v").await.unwrap().unwrap();
     assert_eq!((record.owner.as_str(), record.owner_tag), (winner, 2));
     assert_eq!(registry.owner("v").await.unwrap().unwrap().node, winner);
+    expect_changes(&mut changes, &[Record, Owner], "take_ownership").await;
 
     // Conditional writes need the current tag.
     assert!(matches!(
@@ -172,9 +195,11 @@ async fn contract(registry: &dyn Registry) {
     let record = registry.volume("v").await.unwrap().unwrap();
     assert_eq!(record.dtl_node.as_deref(), Some("n1"));
     assert_eq!(record.state, halted);
+    expect_changes(&mut changes, &[Record, Record], "set_dtl, set_state").await;
 
     // The owner's lease ends: its owner key goes, the record stays.
     registry.revoke(lease).await.unwrap();
+    expect_changes(&mut changes, &[Owner], "revoke").await;
     assert_eq!(registry.owner("v").await.unwrap(), None);
     assert_eq!(registry.volume("v").await.unwrap().unwrap().owner, winner);
     assert!(matches!(
@@ -192,6 +217,7 @@ async fn contract(registry: &dyn Registry) {
         .await
         .unwrap();
     assert_eq!(registry.owner("v").await.unwrap().unwrap().lease, again.id);
+    expect_changes(&mut changes, &[Owner], "refresh_owner").await;
 
     // Delete needs the current tag too.
     assert!(matches!(
@@ -201,6 +227,8 @@ async fn contract(registry: &dyn Registry) {
     registry.delete_volume("v", 2).await.unwrap();
     assert_eq!(registry.volume("v").await.unwrap(), None);
     assert_eq!(registry.owner("v").await.unwrap(), None);
+    expect_changes(&mut changes, &[Record, Owner], "delete").await;
+    assert!(changes.try_recv().is_err(), "a notice no change explains");
     assert!(matches!(
         registry.delete_volume("v", 2).await,
         Err(RegistryError::VolumeNotFound { .. })

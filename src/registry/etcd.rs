@@ -35,7 +35,8 @@ use tokio::sync::mpsc;
 use super::edges::{attach_rule, detach_rule};
 use super::{
     Attachment, ClusterSettings, EdgeRecord, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord,
-    NodeStatus, OwnerRecord, Registry, RegistryError, Result, VolumeRecord, VolumeState,
+    NodeStatus, OwnerRecord, Registry, RegistryError, Result, VolumeChange, VolumeRecord,
+    VolumeState,
 };
 
 const SETTINGS_KEY: &str = "/vstor/settings";
@@ -742,6 +743,71 @@ impl Registry for EtcdRegistry {
             revision,
             self.spec.clone(),
         ));
+        Ok(rx)
+    }
+
+    async fn watch_volume(&self, volume: &str) -> Result<mpsc::Receiver<VolumeChange>> {
+        let keys = [
+            (format!("{VOLUMES}{volume}"), VolumeChange::Record),
+            (format!("{OWNERS}{volume}"), VolumeChange::Owner),
+        ];
+        let op = format!("watch volume {volume}");
+        let start = async {
+            let mut stream = self
+                .client
+                .watch_client()
+                .watch(keys[0].0.as_str(), None)
+                .await?;
+            stream.watch(keys[1].0.as_str(), None).await?;
+            // Events are promised from the return on, so wait until etcd confirmed both
+            // watches; it creates a stream's watches in the order they were asked for.
+            let mut ids = HashMap::new();
+            while ids.len() < keys.len() {
+                let response = stream.message().await?.ok_or_else(|| {
+                    etcd_client::Error::WatchError("watch stream closed at creation".into())
+                })?;
+                if response.created() {
+                    ids.insert(response.watch_id(), keys[ids.len()].1);
+                }
+            }
+            Ok::<_, etcd_client::Error>((stream, ids))
+        };
+        let (mut stream, ids) = match tokio::time::timeout(self.timeout, start).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(e)) => return Err(self.error(&op, &e)),
+            Err(_) => {
+                return Err(self.error(
+                    &op,
+                    &etcd_client::Error::WatchError("no answer from etcd".into()),
+                ))
+            }
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let spec = self.spec.clone();
+        let volume = volume.to_string();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    () = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let response = match message {
+                    Ok(Some(response)) if !response.canceled() => response,
+                    _ => break,
+                };
+                let Some(&change) = ids.get(&response.watch_id()) else {
+                    continue;
+                };
+                for _ in response.events() {
+                    // A full receiver loses the notice (see `Registry::watch_volume`).
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(change) {
+                        return;
+                    }
+                }
+            }
+            // The caller polls from here on (its receiver sees the end of the stream).
+            tracing::debug!(registry = %spec, volume, "volume watch ended");
+        });
         Ok(rx)
     }
 

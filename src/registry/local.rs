@@ -13,12 +13,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use vstor_volumedriver::meta;
 
 use super::edges::{attach_rule, detach_rule};
 use super::{
     Attachment, ClusterSettings, EdgeRecord, KeepAlive, Lease, LeaseId, NodeEvent, NodeRecord,
-    NodeStatus, OwnerRecord, Registry, RegistryError, Result, VolumeRecord, VolumeState,
+    NodeStatus, OwnerRecord, Registry, RegistryError, Result, VolumeChange, VolumeRecord,
+    VolumeState,
 };
 
 const KIND: &[u8; 4] = b"CREG";
@@ -51,6 +53,8 @@ struct State {
     /// Live edges: name → (record, lease).
     edges: BTreeMap<String, (EdgeRecord, LeaseId)>,
     watchers: Vec<mpsc::Sender<NodeEvent>>,
+    /// `watch_volume`'s receivers: volume name → senders.
+    volume_watchers: Vec<(String, mpsc::Sender<VolumeChange>)>,
     /// Leases granted by `grant_lease` (live until revoked or the process ends).
     granted: std::collections::BTreeSet<LeaseId>,
     /// Raw records held under a lease: key → (value, revision, lease). Memory only.
@@ -113,9 +117,38 @@ impl LocalRegistry {
                 reason: e.to_string(),
             },
         )?;
-        state.stored = stored;
-        state.owners = owners;
+        let old_volumes = std::mem::replace(&mut state.stored, stored).volumes;
+        let old_owners = std::mem::replace(&mut state.owners, owners);
+        Self::notify_volumes(state, Some(&old_volumes), &old_owners);
         Ok(value)
+    }
+
+    /// Tell `watch_volume`'s receivers which of their volumes' keys differ from `old_*`
+    /// (`old_volumes`: `None` when the records did not change).
+    fn notify_volumes(
+        state: &mut State,
+        old_volumes: Option<&BTreeMap<String, VolumeRecord>>,
+        old_owners: &BTreeMap<String, OwnerRecord>,
+    ) {
+        let State {
+            stored,
+            owners,
+            volume_watchers,
+            ..
+        } = state;
+        volume_watchers.retain(|(volume, tx)| {
+            let mut changes = Vec::new();
+            if old_volumes.is_some_and(|old| stored.volumes.get(volume) != old.get(volume)) {
+                changes.push(VolumeChange::Record);
+            }
+            if owners.get(volume) != old_owners.get(volume) {
+                changes.push(VolumeChange::Owner);
+            }
+            // A full receiver loses the notice (see `Registry::watch_volume`); a closed one goes.
+            changes
+                .into_iter()
+                .all(|change| !matches!(tx.try_send(change), Err(TrySendError::Closed(_))))
+        });
     }
 
     fn notify(state: &mut State, event: &NodeEvent) {
@@ -223,7 +256,9 @@ impl Registry for LocalRegistry {
             .filter(|(_, (_, l))| *l == lease)
             .map(|(name, _)| name.clone())
             .collect();
+        let old_owners = state.owners.clone();
         state.owners.retain(|_, owner| owner.lease != lease);
+        Self::notify_volumes(&mut state, None, &old_owners);
         state.edges.retain(|_, (_, l)| *l != lease);
         state.granted.remove(&lease);
         state.leased.retain(|_, (_, _, l)| *l != lease);
@@ -266,6 +301,12 @@ impl Registry for LocalRegistry {
         let live = state.live.values().map(|(r, _)| r.clone()).collect();
         let _ = tx.try_send(NodeEvent::Live(live));
         state.watchers.push(tx);
+        Ok(rx)
+    }
+
+    async fn watch_volume(&self, volume: &str) -> Result<mpsc::Receiver<VolumeChange>> {
+        let (tx, rx) = mpsc::channel(16);
+        self.state().volume_watchers.push((volume.to_string(), tx));
         Ok(rx)
     }
 
@@ -359,6 +400,7 @@ impl Registry for LocalRegistry {
                 owner: record.owner.clone(),
             });
         }
+        let old_owners = state.owners.clone();
         state.owners.insert(
             volume.to_string(),
             OwnerRecord {
@@ -367,6 +409,7 @@ impl Registry for LocalRegistry {
                 lease,
             },
         );
+        Self::notify_volumes(&mut state, None, &old_owners);
         Ok(())
     }
 

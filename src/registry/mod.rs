@@ -119,6 +119,15 @@ pub enum NodeEvent {
     Down(String),
 }
 
+/// What [`Registry::watch_volume`] reports: which of a volume's keys was written or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeChange {
+    /// The volume record (owner, tag, DTL, state; created or deleted).
+    Record,
+    /// The owner key: put by an owner, gone with its lease.
+    Owner,
+}
+
 /// A granted lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
@@ -365,6 +374,14 @@ pub trait Registry: Send + Sync + 'static {
     /// events (and a new `Live` snapshot after the watch was re-established). The stream ends
     /// when the receiver is dropped.
     async fn watch_nodes(&self) -> Result<mpsc::Receiver<NodeEvent>>;
+
+    /// Changes to `volume`'s record and owner key from the moment this returns, one
+    /// [`VolumeChange`] per key written or deleted, so a client waiting for a new owner (the
+    /// edge) learns of the adoption at once instead of polling. Nothing is replayed: read the
+    /// keys after this returns. A receiver that falls behind loses notices (its next read sees
+    /// the latest state anyway). The stream ends when the receiver is dropped, or when the
+    /// registry cannot follow the keys any more (the caller polls then).
+    async fn watch_volume(&self, volume: &str) -> Result<mpsc::Receiver<VolumeChange>>;
 
     // ---- volumes ----
 

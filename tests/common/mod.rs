@@ -495,6 +495,16 @@ pub fn nbdinfo_list(uri: &str) -> Vec<String> {
     try_nbdinfo_list(uri).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The OpenMetrics text of `GET /metrics` on a node's or an edge's API address.
+pub fn metrics_text(api: &str) -> String {
+    ureq::get(format!("http://{api}/metrics"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET http://{api}/metrics: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("GET http://{api}/metrics: body: {e}"))
+}
+
 /// [`nbdinfo_list`], with nbdinfo's failure as an error: while a server's exports change,
 /// nbdinfo can list an export and then fail to open it.
 pub fn try_nbdinfo_list(uri: &str) -> Result<Vec<String>, String> {

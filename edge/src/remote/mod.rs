@@ -13,9 +13,13 @@ pub mod proto;
 pub mod resubmit;
 pub mod server;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::stream::BoxStream;
+use tokio::sync::Notify;
 
 use crate::target::BlockTarget;
 
@@ -38,12 +42,28 @@ pub struct Endpoint {
 /// Boxed future returned by [`Resolver::resolve`].
 pub type ResolveFuture = Pin<Box<dyn Future<Output = Result<Endpoint, String>> + Send + 'static>>;
 
+/// Boxed future returned by [`Resolver::watch`]: a stream of change notices, or `None` when the
+/// resolver cannot watch.
+pub type WatchFuture =
+    Pin<Box<dyn Future<Output = Option<BoxStream<'static, ()>>> + Send + 'static>>;
+
 /// How a client finds a volume's current owner. In `vstor edge` this reads the cluster registry
 /// (volume record → owner node → its `edge_addr`); tests use a fixed table. An `Err` is a
 /// human-readable reason (no owner alive, registry unreachable, ...): the client keeps retrying
 /// until its reconnect bound.
 pub trait Resolver: Send + Sync + 'static {
     fn resolve(&self, volume: &str) -> ResolveFuture;
+
+    /// Notices that where `volume` is served may have changed (its record or owner key was
+    /// written or expired), from the moment the future resolves. A reconnecting client retries
+    /// at each notice instead of waiting out its backoff, so the guest's pause ends when the
+    /// registry names the new owner. Notices may be coalesced or spurious (the client resolves
+    /// again either way); a stream that ends, or `None` (the default: no watch), leaves the
+    /// client polling with backoff, which it also does to cover a notice missed before the
+    /// watch started.
+    fn watch(&self, _volume: &str) -> WatchFuture {
+        Box::pin(async { None })
+    }
 }
 
 /// A volume as the edge server sees it: the target to run requests on, and the facts a request
@@ -71,8 +91,95 @@ pub trait ServedState: Send + Sync + 'static {
     fn access(&self) -> proto::AllowList;
 }
 
+/// Boxed future returned by [`RemoteExports::opening`].
+pub type OpeningFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// The volumes a node serves over the edge protocol.
 pub trait RemoteExports: Send + Sync + 'static {
     /// The volume named `volume`, or `None` if this node does not serve it.
     fn lookup(&self, volume: &str) -> Option<ServedVolume>;
+
+    /// When this node is opening `volume` (an adoption or a move under way), a future that
+    /// resolves once that ended, served or failed; `None` otherwise (the default). Why: the
+    /// registry names the new owner before it has opened the volume (the ownership transaction
+    /// comes first), so an edge that follows the registry's notice at once would be refused and
+    /// back off; instead its handshake waits here for the volume (bounded by
+    /// `server::OPENING_WAIT`).
+    fn opening(&self, _volume: &str) -> Option<OpeningFuture> {
+        None
+    }
+}
+
+/// Volumes being opened on a node, and a way to wait for one to end: what
+/// [`RemoteExports::opening`] answers from.
+#[derive(Default)]
+pub struct Opening {
+    names: Mutex<BTreeSet<String>>,
+    ended: Notify,
+}
+
+impl Opening {
+    fn names(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opening `volume` starts.
+    pub fn begin(&self, volume: &str) {
+        self.names().insert(volume.to_owned());
+    }
+
+    /// Opening `volume` ended (served, or failed); wakes those waiting for it.
+    pub fn end(&self, volume: &str) {
+        self.names().remove(volume);
+        self.ended.notify_waiters();
+    }
+
+    pub fn contains(&self, volume: &str) -> bool {
+        self.names().contains(volume)
+    }
+
+    /// Resolves once `volume` is no longer being opened; `None` if it is not now.
+    pub fn until_ended(self: &Arc<Self>, volume: &str) -> Option<OpeningFuture> {
+        if !self.contains(volume) {
+            return None;
+        }
+        let this = Arc::clone(self);
+        let volume = volume.to_owned();
+        Some(Box::pin(async move {
+            loop {
+                let ended = this.ended.notified();
+                tokio::pin!(ended);
+                // Registered before the check, so an `end` between the two is not missed.
+                ended.as_mut().enable();
+                if !this.contains(&volume) {
+                    return;
+                }
+                ended.await;
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_an_opening_ends_with_it() {
+        let opening = Arc::new(Opening::default());
+        assert!(
+            opening.until_ended("v").is_none(),
+            "nothing is being opened"
+        );
+        opening.begin("v");
+        opening.begin("w");
+        let mut wait = opening.until_ended("v").expect("v is being opened");
+        assert!(futures::poll!(&mut wait).is_pending());
+        // Another volume's end wakes the waiter, which goes on waiting.
+        opening.end("w");
+        assert!(futures::poll!(&mut wait).is_pending());
+        opening.end("v");
+        assert!(futures::poll!(&mut wait).is_ready());
+        assert!(!opening.contains("v"));
+    }
 }

@@ -6,9 +6,16 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_stream::wrappers::ReceiverStream;
+
 use super::lock;
 use crate::remote::proto::AllowList;
-use crate::remote::{Endpoint, RemoteExports, ResolveFuture, Resolver, ServedState, ServedVolume};
+use crate::remote::{
+    Endpoint, Opening, OpeningFuture, RemoteExports, ResolveFuture, Resolver, ServedState,
+    ServedVolume, WatchFuture,
+};
 use crate::target::BlockTarget;
 
 /// Owner facts a test can change while connections are open.
@@ -70,6 +77,8 @@ impl ServedState for MemServedState {
 #[derive(Default)]
 pub struct MemExports {
     volumes: Mutex<BTreeMap<String, ServedVolume>>,
+    opening: Arc<Opening>,
+    waits: AtomicUsize,
 }
 
 impl MemExports {
@@ -82,18 +91,37 @@ impl MemExports {
     pub fn remove(&self, name: &str) -> bool {
         lock(&self.volumes).remove(name).is_some()
     }
+    /// This "node" starts opening `name` (as an adoption does): handshakes for it wait.
+    pub fn begin_opening(&self, name: &str) {
+        self.opening.begin(name);
+    }
+    /// Opening `name` ended; insert it first to have it served.
+    pub fn end_opening(&self, name: &str) {
+        self.opening.end(name);
+    }
+    /// How many handshakes found a volume being opened (and waited).
+    pub fn opening_waits(&self) -> usize {
+        self.waits.load(Ordering::SeqCst)
+    }
 }
 
 impl RemoteExports for MemExports {
     fn lookup(&self, volume: &str) -> Option<ServedVolume> {
         lock(&self.volumes).get(volume).cloned()
     }
+    fn opening(&self, volume: &str) -> Option<OpeningFuture> {
+        let wait = self.opening.until_ended(volume)?;
+        self.waits.fetch_add(1, Ordering::SeqCst);
+        Some(wait)
+    }
 }
 
-/// Answers every volume with one endpoint (or an error) that the test sets.
+/// Answers every volume with one endpoint (or an error) that the test sets, and, like the
+/// registry, notifies its watchers of each change.
 pub struct StaticResolver {
     answer: Mutex<Result<Endpoint, String>>,
     calls: AtomicUsize,
+    watchers: Mutex<Vec<mpsc::Sender<()>>>,
 }
 
 impl StaticResolver {
@@ -101,14 +129,23 @@ impl StaticResolver {
         Arc::new(Self {
             answer: Mutex::new(Ok(endpoint)),
             calls: AtomicUsize::new(0),
+            watchers: Mutex::new(Vec::new()),
         })
     }
+    /// Change the answer and notify the watchers.
     pub fn set(&self, answer: Result<Endpoint, String>) {
         *lock(&self.answer) = answer;
+        lock(&self.watchers).retain(|tx| !matches!(tx.try_send(()), Err(TrySendError::Closed(_))));
     }
     /// How many times `resolve` was called.
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+    /// How many watches are open.
+    pub fn watches(&self) -> usize {
+        let mut watchers = lock(&self.watchers);
+        watchers.retain(|tx| !tx.is_closed());
+        watchers.len()
     }
 }
 
@@ -117,5 +154,11 @@ impl Resolver for StaticResolver {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let answer = lock(&self.answer).clone();
         Box::pin(async move { answer })
+    }
+
+    fn watch(&self, _volume: &str) -> WatchFuture {
+        let (tx, rx) = mpsc::channel(1);
+        lock(&self.watchers).push(tx);
+        Box::pin(async move { Some(ReceiverStream::new(rx).boxed()) })
     }
 }

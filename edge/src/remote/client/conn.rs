@@ -12,9 +12,17 @@
 //! frame, an owner-changed refusal) reports it once (`Shared::connection_lost`).
 //!
 //! The *supervisor* (one task per target) then looks the owner up again through the [`Resolver`]
-//! and reconnects, backing off from 50 ms to 1 s between attempts, and resends what waits. It also
-//! keeps the clock for the reconnect bound (`Shared::tick`). Being paused is not an error: the
-//! frontends' requests simply wait.
+//! and reconnects, and resends what waits. Between failed attempts it backs off from
+//! [`RemoteConfig::backoff_min`] (50 ms) to [`RemoteConfig::backoff_max`] (250 ms), but for the
+//! whole episode it also follows the resolver's watch ([`Resolver::watch`]: the registry's volume
+//! record and owner key), and retries at once when a notice arrives. Why both: after an owner's
+//! death the registry names the new owner about 4.5 s later (lease expiry plus adoption); polling
+//! alone found it up to a backoff step after that (with a 1 s cap, pauses of 4.6 or 5.6 s and
+//! nothing between, in `vstor-bench cluster --edge`), and every attempt costs registry reads, for
+//! every volume that lost its owner. The watch ends the pause at the adoption; the backoff remains
+//! for a notice missed before the watch started, a broken watch, or a resolver without one. The
+//! supervisor also keeps the clock for the reconnect bound (`Shared::tick`). Being paused is not an
+//! error: the frontends' requests simply wait.
 //!
 //! [`Resolver`]: crate::remote::Resolver
 
@@ -25,9 +33,11 @@ use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 use vstor_net::{PeerReader, PeerStream};
 
@@ -37,13 +47,6 @@ use super::{RemoteConfig, RemoteError};
 use crate::remote::proto::{AllowList, EdgeCodec, Frame, Message, ProtoError, PROTOCOL_VERSION};
 use crate::remote::{Endpoint, Resolver};
 
-/// First and longest pause between reconnection attempts. The longest is short because the
-/// guest waits out every attempt: after an owner's death the registry names the new owner about
-/// 4.5 s later (lease expiry plus adoption), and with a 1 s cap the edge found it up to 1 s
-/// after that (`vstor-bench cluster --edge`: pauses of 4.6 or 5.6 s, nothing between). An
-/// attempt while the owner is dead costs two registry reads (volume record, owner key).
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// Socket read size of the reader.
 const READ_BUF: usize = 256 * 1024;
 
@@ -349,8 +352,9 @@ async fn reader(shared: Arc<Shared>, generation: u64, mut rd: PeerReader, stop: 
     }
 }
 
-/// Sleep until `until`, but wake for the reconnect bound and for `close()`. False once closed.
-async fn pause(shared: &Shared, until: Instant) -> bool {
+/// Sleep until `until` or a notice of `changes`, but wake for the reconnect bound and for
+/// `close()`. False once closed.
+async fn pause(shared: &Shared, until: Instant, changes: &Notify) -> bool {
     loop {
         let deadline = shared
             .lock()
@@ -360,6 +364,10 @@ async fn pause(shared: &Shared, until: Instant) -> bool {
         let wake = deadline.map_or(until, |d| d.min(until));
         tokio::select! {
             _ = shared.shutdown.cancelled() => return false,
+            () = changes.notified() => {
+                shared.tick();
+                return true;
+            }
             () = tokio::time::sleep_until(wake) => {}
         }
         shared.tick();
@@ -369,6 +377,32 @@ async fn pause(shared: &Shared, until: Instant) -> bool {
     }
 }
 
+/// Follow the resolver's watch of the volume for one reconnection episode: every notice wakes
+/// (or pre-arms, through `Notify`'s stored permit) the supervisor's next pause. Aborted when the
+/// episode ends, which drops the watch.
+fn follow_changes(shared: &Shared) -> (Arc<Notify>, AbortOnDropHandle<()>) {
+    let changes = Arc::new(Notify::new());
+    let watch = shared.resolver.watch(&shared.volume);
+    let timeout = shared.config.connect_timeout;
+    let volume = shared.volume.clone();
+    let notify = Arc::clone(&changes);
+    let task = tokio::spawn(async move {
+        let mut notices = match tokio::time::timeout(timeout, watch).await {
+            Ok(Some(notices)) => notices,
+            Ok(None) => return,
+            Err(_) => {
+                debug!(volume, "no registry watch within {timeout:?}; polling only");
+                return;
+            }
+        };
+        while notices.next().await.is_some() {
+            notify.notify_one();
+        }
+        debug!(volume, "registry watch ended; polling only");
+    });
+    (changes, AbortOnDropHandle::new(task))
+}
+
 /// Reconnect whenever the connection is lost, until the target is closed.
 pub(super) async fn supervise(shared: Arc<Shared>) {
     loop {
@@ -376,7 +410,8 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             () = shared.lost.notified() => {}
         }
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = shared.config.backoff_min;
+        let (changes, _watch) = follow_changes(&shared);
         loop {
             if shared.lock().conn.is_some() {
                 break;
@@ -407,10 +442,11 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     debug!(volume = shared.volume, error = %e, ?backoff, "reconnect attempt failed");
-                    if !pause(&shared, Instant::now() + backoff).await {
+                    if !pause(&shared, Instant::now() + backoff, &changes).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff =
+                        (backoff * 2).min(shared.config.backoff_max.max(shared.config.backoff_min));
                 }
             }
         }

@@ -56,6 +56,12 @@ pub struct RemoteConfig {
     pub liveness: Duration,
     /// Mutual TLS with the owners' edge servers; `None`: plain TCP.
     pub tls: Option<vstor_net::PeerTls>,
+    /// First and longest pause between two reconnection attempts while the owner cannot be
+    /// reached (doubling from the first). A notice from
+    /// [`Resolver::watch`](super::Resolver::watch) cuts a pause short, so these bound the wait
+    /// only when the watch missed the change or the resolver has none.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
 }
 
 impl Default for RemoteConfig {
@@ -66,6 +72,8 @@ impl Default for RemoteConfig {
             connect_timeout: Duration::from_secs(3),
             liveness: Duration::from_secs(4),
             tls: None,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(250),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! refusal) and the owner check every request repeats.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -28,6 +29,27 @@ pub(super) async fn read_frame<S: AsyncRead + Unpin>(
         if stream.read_buf(rbuf).await? == 0 {
             return Ok(None);
         }
+    }
+}
+
+/// If this node is opening the volume a `Hello` asks for (an adoption or a move under way,
+/// [`RemoteExports::opening`]), wait until that ended, at most `bound`: the handshake then
+/// finds the volume served instead of refusing an edge that was only early.
+pub(super) async fn await_opening(
+    hello: &Frame,
+    exports: &Arc<dyn RemoteExports>,
+    peer: &str,
+    bound: Duration,
+) {
+    let Message::Hello { volume, .. } = &hello.message else {
+        return;
+    };
+    let Some(opened) = exports.opening(volume) else {
+        return;
+    };
+    info!(%peer, volume, "edge handshake: waiting for this node to open the volume");
+    if tokio::time::timeout(bound, opened).await.is_err() {
+        warn!(%peer, volume, "edge handshake: the volume is still being opened after {bound:?}");
     }
 }
 

@@ -9,6 +9,11 @@
 //!   has fenced, gets `Error` (id 0: `NotOwner`, `StaleTag`, `Fenced`) and the connection closes.
 //!   Otherwise `Welcome` carries the size, read-only bit, tag and DTL state, and the connection
 //!   speaks the client's version (any from `MIN_PROTOCOL_VERSION`).
+//! * **An early edge waits.** The registry names a new owner (the ownership transaction) before
+//!   that node has opened the volume, and an edge follows the registry's notice at once. A
+//!   `Hello` for a volume this node is still opening ([`RemoteExports::opening`]: an adoption
+//!   or a move under way) waits for it, up to [`OPENING_WAIT`], instead of being refused and
+//!   backing off.
 //! * **Allow list.** On a version-2 connection `Access` follows `Welcome` with the volume's NBD
 //!   allow list ([`ServedState::access`]), and the session looks for a change every
 //!   `ACCESS_POLL` (one comparison of two short lists) and pushes the new list, so a
@@ -62,7 +67,7 @@ use vstor_net::{Accepted, PeerStream, PeerTls};
 
 mod handshake;
 
-use self::handshake::{handshake, owner_check, read_frame};
+use self::handshake::{await_opening, handshake, owner_check, read_frame};
 use super::outq::OutQueue;
 use super::proto::{AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_POLL};
 use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
@@ -95,6 +100,11 @@ impl Default for EdgeServerConfig {
 
 /// How long a new connection may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a `Hello` waits for a volume this node is still opening
+/// ([`RemoteExports::opening`]) before the handshake goes on (and refuses, if it is still not
+/// served). An edge gives up on a handshake sooner (`RemoteConfig::connect_timeout`, 3 s) and
+/// tries again.
+pub const OPENING_WAIT: Duration = Duration::from_secs(10);
 /// Socket read size: a QD32 burst of 4 KiB writes fits in one `read`.
 const READ_BUF: usize = 256 * 1024;
 /// Below this much free space the read buffer is topped up before reading.
@@ -305,6 +315,7 @@ async fn session<S: NbdStream>(
             return;
         }
     };
+    await_opening(&hello, &exports, &peer, OPENING_WAIT).await;
     let Some(welcomed) = handshake(hello, &exports, &mut out, &peer) else {
         // Best effort: the refusal is what the client needs, the close follows anyway.
         let _ = out.write_all(&mut stream).await;
