@@ -236,6 +236,10 @@ fn edge_attaches_serves_refuses_and_reattaches_after_a_restart() {
     assert!(metrics.contains(
         "vstor_edge_request_latency_seconds_bucket{edge=\"e1\",volume=\"vol\",le=\"+Inf\"}"
     ));
+    // What the alert rules query of an edge, it exports.
+    let checked =
+        common::assert_alerted_metrics_exported(&metrics, |m| m.starts_with("vstor_edge_"));
+    assert!(checked >= 2, "{checked}");
 
     // A second writable attach elsewhere is refused, naming the holder.
     let err = failure(&e2.cli(&["attach", "vol"]));

@@ -235,11 +235,6 @@ fn the_grafana_dashboard_queries_metrics_that_exist() {
     let daemon = Daemon::start(tmp.path());
     daemon.create_volume("vol", "16M");
     let text = common::metrics_text(&daemon.api);
-    let exported: std::collections::BTreeSet<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -251,17 +246,9 @@ fn the_grafana_dashboard_queries_metrics_that_exist() {
     let mut queried = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            for (i, _) in expr.match_indices("vstor_") {
-                let name: String = expr[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                    .collect();
-                // Series that exist only in some states (a running scrub, an MDS) are
-                // declared by their TYPE line.
-                let declared = text.contains(&format!("# TYPE {name} "));
+            for name in common::metric_names(target["expr"].as_str().unwrap()) {
                 assert!(
-                    exported.contains(name.as_str()) || declared,
+                    common::scrape_has(&text, &name),
                     "panel {:?} queries {name}, which the node does not export",
                     panel["title"]
                 );
@@ -270,6 +257,42 @@ fn the_grafana_dashboard_queries_metrics_that_exist() {
         }
     }
     assert!(queried >= 15, "{queried}");
+}
+
+/// `docs/prometheus-alerts.yml` is valid (`promtool check rules`), each alert fires on the series
+/// it is meant for and stays quiet on the others (`promtool test rules` with
+/// `docs/prometheus-alerts.test.yml`), and every node metric it queries is one a node exports.
+/// The EC tier's repair series are checked in `osd_health_is_exported_on_the_ec_tier`, the
+/// edge's in `tests/edge.rs`.
+#[test]
+fn the_alert_rules_pass_promtool_and_query_metrics_that_exist() {
+    require_tool("promtool");
+    let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
+    for args in [
+        ["check", "rules", "prometheus-alerts.yml"],
+        ["test", "rules", "prometheus-alerts.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(docs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(tmp.path());
+    daemon.create_volume("vol", "16M");
+    let text = common::metrics_text(&daemon.api);
+    let checked = common::assert_alerted_metrics_exported(&text, |m| {
+        !m.starts_with("vstor_tier_repair_") && !m.starts_with("vstor_edge_")
+    });
+    assert!(checked >= 12, "{checked}");
 }
 
 /// On the erasure-coded tier, `/metrics` and `GET /v1/osds` show every OSD's state, and a
@@ -327,4 +350,10 @@ fn osd_health_is_exported_on_the_ec_tier() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // The alert rules' EC series exist on a tier node.
+    let text = common::metrics_text(&node.api);
+    let checked = common::assert_alerted_metrics_exported(&text, |m| {
+        m.starts_with("vstor_tier_repair_") || m.starts_with("vstor_osd_")
+    });
+    assert!(checked >= 3, "{checked}");
 }

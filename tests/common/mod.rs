@@ -505,6 +505,67 @@ pub fn metrics_text(api: &str) -> String {
         .unwrap_or_else(|e| panic!("GET http://{api}/metrics: body: {e}"))
 }
 
+/// The `vstor_…` metric names a PromQL expression queries, in order, with repeats.
+pub fn metric_names(expr: &str) -> Vec<String> {
+    expr.match_indices("vstor_")
+        .map(|(i, _)| {
+            expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+/// Whether the scrape `text` has series `name` (a sample name, with the suffixes Prometheus
+/// adds), or declares its family by a TYPE line: families whose series exist only in some
+/// states (a running scrub, an MDS, an OSD) are declared even when empty. A counter's family
+/// is declared without its `_total`.
+pub fn scrape_has(text: &str, name: &str) -> bool {
+    let sampled = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .any(|l| l.split(['{', ' ']).next() == Some(name));
+    let declared = |family: &str| text.contains(&format!("# TYPE {family} "));
+    sampled || declared(name) || name.strip_suffix("_total").is_some_and(declared)
+}
+
+/// Every (alert, metric) pair of `docs/prometheus-alerts.yml`: the `vstor_…` names each
+/// alert's expression queries.
+pub fn alert_rule_metrics() -> Vec<(String, String)> {
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/prometheus-alerts.yml"
+    ))
+    .unwrap();
+    let mut alert = String::new();
+    let mut pairs = Vec::new();
+    for line in rules.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert:") {
+            alert = name.trim().to_string();
+        } else if let Some(expr) = line.strip_prefix("expr:") {
+            pairs.extend(metric_names(expr).into_iter().map(|m| (alert.clone(), m)));
+        }
+    }
+    pairs
+}
+
+/// Assert that the scrape `text` has every metric the alert rules query among those `which`
+/// selects; returns how many were checked.
+pub fn assert_alerted_metrics_exported(text: &str, which: impl Fn(&str) -> bool) -> usize {
+    let mut checked = 0;
+    for (alert, metric) in alert_rule_metrics() {
+        if which(&metric) {
+            assert!(
+                scrape_has(text, &metric),
+                "alert {alert} queries {metric}, which the scrape lacks:\n{text}"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
 /// [`nbdinfo_list`], with nbdinfo's failure as an error: while a server's exports change,
 /// nbdinfo can list an export and then fail to open it.
 pub fn try_nbdinfo_list(uri: &str) -> Result<Vec<String>, String> {
