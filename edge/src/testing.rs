@@ -4,9 +4,11 @@
 //! [`MemTarget`] keeps the device in a `Vec<u8>`, tracks allocation per 4 KiB block the way a
 //! thin-provisioned volume would (writes allocate, whole-block discards and hole-punching zeroes
 //! deallocate), records every operation it receives, and has a few knobs to make a frontend's
-//! behaviour observable: a flush gate that holds `flush` until released, a throttle returned in
-//! every `WriteAck`, I/O-error injection, and slow ranges whose reads behave like reads from a
-//! remote backend (`try_read` says `WouldBlock`, `read` takes a set delay).
+//! behaviour observable: a flush gate that holds `flush` until released, writes that wait for a
+//! device (`write_waits`, like a volume's large `O_DIRECT` writes) and a gate that holds those,
+//! a throttle returned in every `WriteAck`, I/O-error injection, and slow ranges whose reads
+//! behave like reads from a remote backend (`try_read` says `WouldBlock`, `read` takes a set
+//! delay).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,11 +58,41 @@ struct Device {
     allocated: Vec<bool>,
 }
 
+/// Holds the calls that pass it (flushes, or writes that wait for the device) while a [`Hold`]
+/// of it lives.
 #[derive(Default)]
-struct FlushGate {
+struct Gate {
     held: Mutex<bool>,
     released: Condvar,
     entered: Mutex<Option<mpsc::UnboundedSender<()>>>,
+}
+
+impl Gate {
+    fn hold(&self) -> Hold<'_> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *lock(&self.entered) = Some(tx);
+        *lock(&self.held) = true;
+        Hold {
+            gate: self,
+            entered: rx,
+        }
+    }
+
+    /// Block while held, after telling the hold that a call arrived.
+    fn pass(&self) {
+        let mut held = lock(&self.held);
+        if *held {
+            if let Some(tx) = lock(&self.entered).as_ref() {
+                let _ = tx.send(());
+            }
+            while *held {
+                held = self
+                    .released
+                    .wait(held)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+    }
 }
 
 /// A RAM-backed block device; see the module docs.
@@ -72,7 +104,10 @@ pub struct MemTarget {
     flushes: AtomicU64,
     throttle: Mutex<Option<Duration>>,
     fail_io: AtomicBool,
-    gate: FlushGate,
+    gate: Gate,
+    /// `write_waits(len)` is true from this length on (`None`: never).
+    device_writes_from: Mutex<Option<usize>>,
+    device_gate: Gate,
     /// While set, writes return acknowledgements that stay pending until the sender says true.
     ack_gate: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
     /// Byte ranges "only on the backend", and how long a `read` touching one takes.
@@ -130,7 +165,9 @@ impl MemTarget {
             flushes: AtomicU64::new(0),
             throttle: Mutex::new(None),
             fail_io: AtomicBool::new(false),
-            gate: FlushGate::default(),
+            gate: Gate::default(),
+            device_writes_from: Mutex::new(None),
+            device_gate: Gate::default(),
             ack_gate: Mutex::new(None),
             slow: Mutex::new(None),
             slow_reads: AtomicU64::new(0),
@@ -205,14 +242,20 @@ impl MemTarget {
 
     /// Make `flush` block until the returned hold is released or dropped (dropping it on a test
     /// failure keeps blocked flushes from hanging the runtime's shutdown).
-    pub fn hold_flushes(&self) -> FlushHold<'_> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        *lock(&self.gate.entered) = Some(tx);
-        *lock(&self.gate.held) = true;
-        FlushHold {
-            target: self,
-            entered: rx,
-        }
+    pub fn hold_flushes(&self) -> Hold<'_> {
+        self.gate.hold()
+    }
+
+    /// Say that writes of `len` bytes or more wait for a device (`BlockTarget::write_waits`),
+    /// as a volume's large `O_DIRECT` writes do; `None`: no write does.
+    pub fn set_device_writes_from(&self, len: Option<usize>) {
+        *lock(&self.device_writes_from) = len;
+    }
+
+    /// Make writes that wait for the device block in `write` until the returned hold is released
+    /// or dropped.
+    pub fn hold_device_writes(&self) -> Hold<'_> {
+        self.device_gate.hold()
     }
 
     fn record(&self, op: Op) {
@@ -332,8 +375,15 @@ impl BlockTarget for MemTarget {
             fua,
         });
         self.check(offset, data.len() as u64, true)?;
+        if self.write_waits(data.len()) {
+            self.device_gate.pass();
+        }
         Self::store(&mut lock(&self.device), offset, data);
         Ok(self.ack())
+    }
+
+    fn write_waits(&self, len: usize) -> bool {
+        lock(&self.device_writes_from).is_some_and(|from| len >= from)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
@@ -366,20 +416,7 @@ impl BlockTarget for MemTarget {
         if self.fail_io.load(Ordering::SeqCst) {
             return Err(TargetError::Io("injected failure".into()));
         }
-        let mut held = lock(&self.gate.held);
-        if *held {
-            if let Some(tx) = lock(&self.gate.entered).as_ref() {
-                let _ = tx.send(());
-            }
-            while *held {
-                held = self
-                    .gate
-                    .released
-                    .wait(held)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-        }
-        drop(held);
+        self.gate.pass();
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -408,31 +445,32 @@ impl BlockTarget for MemTarget {
     }
 }
 
-/// Flushes of a [`MemTarget`] block while this exists.
-pub struct FlushHold<'a> {
-    target: &'a MemTarget,
+/// Calls that pass a [`MemTarget`]'s gate block while this exists: flushes
+/// ([`MemTarget::hold_flushes`]) or writes that wait for the device
+/// ([`MemTarget::hold_device_writes`]).
+pub struct Hold<'a> {
+    gate: &'a Gate,
     entered: mpsc::UnboundedReceiver<()>,
 }
 
-impl FlushHold<'_> {
-    /// Wait until a flush is blocked on this hold.
-    pub async fn flush_started(&mut self) {
+impl Hold<'_> {
+    /// Wait until one more call is blocked on this hold.
+    pub async fn started(&mut self) {
         self.entered
             .recv()
             .await
             .expect("the target keeps the sender while held");
     }
 
-    /// Let held and future flushes through.
+    /// Let held and future calls through.
     pub fn release(self) {}
 }
 
-impl Drop for FlushHold<'_> {
+impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        let gate = &self.target.gate;
-        *lock(&gate.entered) = None;
-        *lock(&gate.held) = false;
-        gate.released.notify_all();
+        *lock(&self.gate.entered) = None;
+        *lock(&self.gate.held) = false;
+        self.gate.released.notify_all();
     }
 }
 

@@ -700,7 +700,7 @@ async fn reads_are_answered_while_a_flush_is_in_progress() {
 
     let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
-    within("flush to start", hold.flush_started()).await;
+    within("flush to start", hold.started()).await;
     c.send(0, CMD_READ, 2, 0, 4096).await;
     let r = c.reply().await;
     assert_eq!(r.cookie(), 2, "the read overtakes the pending flush");
@@ -711,6 +711,50 @@ async fn reads_are_answered_while_a_flush_is_in_progress() {
     let r = c.reply().await;
     assert_eq!((r.cookie(), r.error()), (1, 0));
     assert_eq!(target.flushes(), 1);
+}
+
+/// A write the target says waits for the disk (`write_waits`: a volume's large `O_DIRECT`
+/// copy) leaves the connection's task: a second one reaches the device while the first is held
+/// there, and a read is answered meanwhile.
+///
+/// The server runs on a runtime of its own: a connection that blocked its runtime thread in the
+/// write (what this test looks for) would also stop that runtime's timers, and the test's
+/// timeouts must still fire on this one.
+#[tokio::test(flavor = "current_thread")]
+async fn writes_that_wait_for_the_disk_run_several_at_once_and_reads_overtake_them() {
+    let server_rt = ServerRuntime::new();
+    let (srv, target) = server_rt
+        .handle()
+        .spawn(TestServer::with_export("vol", 4 * MIB))
+        .await
+        .unwrap();
+    target.set_device_writes_from(Some(128 << 10));
+    target.preload(3 * MIB, &[4; 4096]);
+    let mut c = srv.client("vol", false, false).await;
+
+    let mut hold = target.hold_device_writes();
+    c.send_write(0, 1, 0, &[7; 1 << 20]).await;
+    within("the first large write to reach the device", hold.started()).await;
+    // A connection stuck in the first write would not even read the second one off the socket.
+    within(
+        "the second large write to be sent",
+        c.send_write(0, 2, MIB, &[8; 1 << 20]),
+    )
+    .await;
+    within("a second large write while the first waits", hold.started()).await;
+    c.send(0, CMD_READ, 3, 3 * MIB, 4096).await;
+    let r = c.reply().await;
+    assert_eq!(r.cookie(), 3, "the read overtakes the held writes");
+    assert_eq!(r.data(), &[4; 4096][..]);
+
+    hold.release();
+    let mut done = [c.reply().await, c.reply().await].map(|r| (r.cookie(), r.error()));
+    done.sort_unstable();
+    assert_eq!(done, [(1, 0), (2, 0)]);
+    assert_eq!(
+        target.contents(MIB - 4096, 8192),
+        [[7; 4096], [8; 4096]].concat()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -796,7 +840,7 @@ async fn blocking_operations_are_limited_per_connection() {
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
     c.send(0, CMD_FLUSH, 2, 0, 0).await;
     c.send(0, CMD_READ, 3, 0, 512).await;
-    within("first flush to start", hold.flush_started()).await;
+    within("first flush to start", hold.started()).await;
     // The second flush waits for a slot, and the read queued behind it waits too.
     assert!(tokio::time::timeout(Duration::from_millis(200), c.reply())
         .await
@@ -893,7 +937,7 @@ async fn disc_finishes_outstanding_requests_then_closes() {
     let mut c = srv.client("vol", false, false).await;
     let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 8, 0, 0).await;
-    within("flush to start", hold.flush_started()).await;
+    within("flush to start", hold.started()).await;
     c.disc().await;
     // Give the server time to act on DISC; it must keep the connection open meanwhile.
     assert!(tokio::time::timeout(Duration::from_millis(100), c.reply())
@@ -923,7 +967,7 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
 
     let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
-    within("flush to start", hold.flush_started()).await;
+    within("flush to start", hold.started()).await;
 
     let shutdown = srv.server.shutdown();
     tokio::pin!(shutdown);
@@ -1055,7 +1099,7 @@ async fn a_forced_disconnect_waits_for_requests_still_running() {
     let mut c = srv.client("vol", false, false).await;
     let mut hold = target.hold_flushes();
     c.send(0, CMD_FLUSH, 1, 0, 0).await;
-    within("flush to start", hold.flush_started()).await;
+    within("flush to start", hold.started()).await;
     let server = srv.server.clone();
     let waiter = tokio::spawn(async move {
         server

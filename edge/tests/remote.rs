@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{checksum, pattern, within, TestServer, MIB};
+use common::{checksum, pattern, within, ServerRuntime, TestServer, MIB};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -267,6 +267,85 @@ async fn data_written_reads_back() {
     t.close().await;
     assert_eq!(t.stats().state, ConnState::Closed);
     assert_eq!(write(&t, 0, &[0; 512]).await, Err(TargetError::Shutdown));
+}
+
+/// A write the target says waits for the disk (a volume's large `O_DIRECT` copy) runs off the
+/// connection's task: while one is held in the device, a second one reaches the device too, and
+/// the same connection still answers a small write and a read. Released, both land. The node
+/// runs on a runtime of its own (`ServerRuntime`), so a node that blocked cannot stop this
+/// test's timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_wait_for_the_disk_do_not_hold_up_the_connection() {
+    const LARGE: usize = 1 << 20;
+    let target = Arc::new(MemTarget::new(SIZE));
+    target.set_device_writes_from(Some(128 << 10));
+    let server_rt = ServerRuntime::new();
+    let served = target.clone();
+    let node = server_rt
+        .handle()
+        .spawn(async move { Node::start(&served, 5).await })
+        .await
+        .unwrap();
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let mut hold = target.hold_device_writes();
+    let large = |i: u64| {
+        let t = t.clone();
+        tokio::spawn(async move { write(&t, i * MIB, &pattern(i, LARGE)).await })
+    };
+    let first = large(0);
+    within("the first large write to reach the device", hold.started()).await;
+    let second = large(1);
+    within(
+        "a second large write to reach the device while the first waits",
+        hold.started(),
+    )
+    .await;
+    within("a small write", write(&t, 8 * MIB, &pattern(8, BLOCK)))
+        .await
+        .unwrap();
+    let got = within("a read", read(&t, 8 * MIB, BLOCK)).await.unwrap();
+    assert_eq!(checksum(&got), checksum(&pattern(8, BLOCK)));
+    assert!(!first.is_finished() && !second.is_finished());
+    // A read of a held write's range waits for it: sent after the write, it must see it.
+    let behind = {
+        let t = t.clone();
+        tokio::spawn(async move { read(&t, MIB - 4096, 8192).await })
+    };
+    // Either it waits in flight with the two writes, or (had it not waited) it is answered.
+    until("the read to be in flight or answered", || {
+        t.stats().inflight == 3 || behind.is_finished()
+    })
+    .await;
+    hold.release();
+    within("the large writes", async {
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+    })
+    .await;
+    let got = within("the read behind them", behind)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        checksum(&got),
+        checksum(
+            &[
+                &pattern(0, LARGE)[LARGE - 4096..],
+                &pattern(1, LARGE)[..4096]
+            ]
+            .concat()
+        ),
+        "a read sent after the large writes did not see them"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            checksum(&target.contents(i * MIB, LARGE)),
+            checksum(&pattern(i, LARGE)),
+            "large write {i}"
+        );
+    }
+    t.close().await;
 }
 
 /// 32 workers, each owning a disjoint region, do random writes and verifying reads at once.

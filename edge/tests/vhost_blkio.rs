@@ -470,7 +470,7 @@ fn remove_export_waits_for_requests_in_flight() {
     // Submit without waiting for the completion.
     let mut none: [MaybeUninit<Completion>; 0] = [];
     c.queues[0].do_io(&mut none, 0, None, None).unwrap();
-    f._rt.block_on(hold.flush_started());
+    f._rt.block_on(hold.started());
 
     let (tx, rx) = mpsc::channel();
     let server = f.server.clone();
@@ -536,11 +536,11 @@ fn requests_waiting_for_durability_are_bounded_per_queue() {
     let mut none: [MaybeUninit<Completion>; 0] = [];
     c.queues[0].do_io(&mut none, 0, None, None).unwrap();
     for _ in 0..BOUND {
-        f._rt.block_on(hold.flush_started());
+        f._rt.block_on(hold.started());
     }
-    let more = f._rt.block_on(async {
-        tokio::time::timeout(Duration::from_millis(100), hold.flush_started()).await
-    });
+    let more = f
+        ._rt
+        .block_on(async { tokio::time::timeout(Duration::from_millis(100), hold.started()).await });
     assert!(
         more.is_err(),
         "more than {BOUND} flushes of one queue reached the target"

@@ -232,7 +232,7 @@ fn get_vring_base_waits_for_a_flush_in_flight() {
 
     let mut hold = f.target.hold_flushes();
     kick.write(1).unwrap();
-    f.rt.block_on(hold.flush_started());
+    f.rt.block_on(hold.started());
 
     let (tx, rx) = mpsc::channel();
     let stopper = std::thread::spawn(move || {

@@ -387,7 +387,7 @@ fn stop_vring_waits_for_a_flush_in_flight() {
     h.backend
         .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
         .unwrap();
-    h.rt.as_ref().unwrap().block_on(hold.flush_started());
+    h.rt.as_ref().unwrap().block_on(hold.started());
 
     let (tx, rx) = mpsc::channel();
     let backend = Arc::clone(&h.backend);

@@ -98,6 +98,39 @@ pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// A multi-thread runtime of its own for a server under test, shut down in the background when
+/// dropped (also while a failing test unwinds, where blocking on its shutdown is not allowed).
+/// A test that looks for a server blocking its runtime thread runs the server here: blocked,
+/// that runtime's timers stop too, but the test's timeouts (`within`) still fire on its own.
+pub struct ServerRuntime(Option<tokio::runtime::Runtime>);
+
+impl ServerRuntime {
+    pub fn new() -> Self {
+        Self(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("server runtime"),
+        ))
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("runtime is kept until drop")
+            .handle()
+    }
+}
+
+impl Drop for ServerRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 pub struct TestServer {
     pub server: NbdServer,
     pub addr: SocketAddr,

@@ -16,8 +16,10 @@
 //! threads where blocking is allowed).
 //!
 //! Ordering: a request is sent on the connection in the order `write`/`read`/... were called (one
-//! queue, filled under the table's lock), and the server executes requests in arrival order, so
-//! a read issued after a write returned sees that write, as the contract requires.
+//! queue, filled under the table's lock), and the server makes requests take effect in arrival
+//! order (a large write it runs off its connection's task holds back whatever touches its range:
+//! `server::device_writes`), so a read issued after a write returned sees that write, as the
+//! contract requires.
 
 mod conn;
 mod inflight;

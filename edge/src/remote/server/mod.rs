@@ -29,7 +29,11 @@
 //!   backend-read pool (`read_pool`). Writes, trims and write-zeroes run inline and their pending
 //!   acknowledgement (a DTL round trip) is awaited in a `FuturesUnordered` polled by this task, so
 //!   the connection keeps taking requests meanwhile. Flush and FUA operations run on the blocking
-//!   pool unless the target completes them asynchronously. Replies go out in completion order,
+//!   pool unless the target completes them asynchronously, and so do writes the target says wait
+//!   for a device (`BlockTarget::write_waits`: a volume's large `O_DIRECT` writes), which would
+//!   otherwise hold this task and its runtime thread for the disk's time; requests that touch
+//!   such a write's range, and flushes, wait for it (`device_writes`), so requests still take
+//!   effect in arrival order. Replies go out in completion order,
 //!   matched by id, each carrying [`ServedState::dtl_in_sync`] at the time of the reply: the
 //!   client needs it to decide what is safe to resend after a failover (`remote::resubmit`).
 //! * **Backpressure.** At most `max_inflight` requests wait for a completion per connection;
@@ -65,8 +69,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use vstor_net::{Accepted, PeerStream, PeerTls};
 
+mod device_writes;
 mod handshake;
 
+use self::device_writes::DeviceWrites;
 use self::handshake::{await_opening, handshake, owner_check, read_frame};
 use super::outq::OutQueue;
 use super::proto::{AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_POLL};
@@ -336,6 +342,7 @@ async fn session<S: NbdStream>(
         pending: FuturesUnordered::new(),
         out,
         throttle_until: None,
+        device_writes: DeviceWrites::default(),
     };
     match session.run(&mut stream, rbuf).await {
         Ok(()) => info!(
@@ -396,6 +403,9 @@ struct Session {
     pending: FuturesUnordered<PendingCompletion>,
     out: OutQueue,
     throttle_until: Option<Instant>,
+    /// Writes running on the blocking pool because they wait for the disk, and the rule for
+    /// what must wait for them (`device_writes`).
+    device_writes: DeviceWrites,
 }
 
 impl Session {
@@ -417,6 +427,7 @@ impl Session {
     }
 
     fn complete(&mut self, done: Completion) {
+        self.device_writes.end(done.id);
         let dtl_in_sync = self.served.state.dtl_in_sync();
         let message = match done.result {
             Ok(Output::Done(ack)) => {
@@ -501,7 +512,9 @@ impl Session {
             self.reply(id, Message::Error { code, message });
             return Ok(());
         }
-        if self.full() && self.may_need_slot(&frame.message) {
+        if (self.full() && self.may_need_slot(&frame.message))
+            || self.device_writes.blocks(&frame.message)
+        {
             return Err(frame);
         }
         if let Err(Refusal(code, message)) = self.execute(id, frame.message) {
@@ -522,6 +535,14 @@ impl Session {
                 offset, fua, data, ..
             } => {
                 self.check(offset, data.len() as u64, true)?;
+                // A write that waits for the disk (a volume's large `O_DIRECT` copy) would stop
+                // this task, and the runtime thread under it, for the device's time: it runs on
+                // the blocking pool, and what touches its range waits (`device_writes`).
+                if self.target().write_waits(data.len()) {
+                    self.device_writes.begin(id, offset, data.len() as u64);
+                    self.spawn_blocking(id, move |t| t.write(offset, &data, fua));
+                    return Ok(());
+                }
                 if fua && !self.target().fua_inline() {
                     self.spawn_blocking(id, move |t| t.write(offset, &data, true));
                     return Ok(());
@@ -659,7 +680,8 @@ impl Session {
         }));
     }
 
-    /// Flush and FUA operations wait for fsync: run them on the blocking pool.
+    /// Flush and FUA operations wait for fsync, large writes for the disk: run them on the
+    /// blocking pool.
     fn spawn_blocking<F>(&mut self, id: u64, op: F)
     where
         F: FnOnce(&dyn BlockTarget) -> Result<WriteAck, TargetError> + Send + 'static,
