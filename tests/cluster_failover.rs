@@ -18,6 +18,8 @@ use common::etcd::Etcd;
 use common::netns::NetNs;
 use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
 use common::{block_content, Daemon, NbdClient, TestBackend};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 const VOLUME: &str = "vol";
 const NODES: usize = 3;
@@ -52,6 +54,24 @@ impl Cluster {
 
     fn index(&self, name: &str) -> usize {
         index(name)
+    }
+
+    /// The node holding the DTL of the volume `info` describes (asking node `via` for the
+    /// node list when `info` is the owner's local view, which names only the address).
+    fn dtl_node(&self, via: usize, info: &serde_json::Value) -> String {
+        info["dtl_node"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| {
+                // Local view: find the node whose DTL address the volume uses.
+                let nodes = json(&self.nodes[via].cli_ok(&["node", "list", "--json"]));
+                nodes.as_array().and_then(|list| {
+                    list.iter()
+                        .find(|n| n["dtl_addr"] == info["dtl_addr"])
+                        .and_then(|n| n["name"].as_str().map(str::to_string))
+                })
+            })
+            .expect("the volume has a DTL node")
     }
 
     /// Create the test volume on node `n0`, sync DTL, small SCOs and write buffer so TLogs reach
@@ -126,23 +146,48 @@ fn wait_info(
     node: &Daemon,
     what: &str,
     timeout: Duration,
-    mut ready: impl FnMut(&serde_json::Value) -> bool,
+    ready: impl FnMut(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    try_wait_info(node, what, timeout, ready).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`wait_info`], saying on a timeout what it waited for and the last info seen.
+fn try_wait_info(
+    node: &Daemon,
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
         if let Some(info) = try_info(node) {
             if ready(&info) {
-                return info;
+                return Ok(info);
             }
             last = Some(info);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {last:?}"
-        );
+        if Instant::now() >= deadline {
+            return Err(format!("timed out waiting for {what}: {last:?}"));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The last lines of every node's log, for a failure report.
+fn log_tails(nodes: &[Daemon]) -> String {
+    let mut out = String::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let text = node.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(80)..];
+        out.push_str(&format!("--- n{i} log (last {} lines) ---\n", tail.len()));
+        for line in tail {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn writers_end_with_errors(
@@ -186,7 +231,7 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
         writers_end_with_errors(writers, &context);
 
         let survivor = &cluster.nodes[(owner_idx + 1) % NODES];
-        let adopted = wait_info(
+        let adopted = try_wait_info(
             survivor,
             &format!("{context}: adoption"),
             Duration::from_secs(30),
@@ -195,7 +240,8 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
                     && i["state"] == "running"
                     && !i["last_failover"].is_null()
             },
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
         let took = killed.elapsed();
         times.push(took);
         let new_owner = adopted["owner"].as_str().expect("owner").to_string();
@@ -241,19 +287,7 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
 fn dtl_node_killed_is_replaced_and_back_to_ok_sync() {
     let mut cluster = Cluster::start();
     let info = cluster.create_volume();
-    let dtl_node = info["dtl_node"]
-        .as_str()
-        .map(str::to_string)
-        .or_else(|| {
-            // Local view: find the node whose DTL address the volume uses.
-            let nodes = json(&cluster.nodes[0].cli_ok(&["node", "list", "--json"]));
-            nodes.as_array().and_then(|list| {
-                list.iter()
-                    .find(|n| n["dtl_addr"] == info["dtl_addr"])
-                    .and_then(|n| n["name"].as_str().map(str::to_string))
-            })
-        })
-        .expect("the volume has a DTL node");
+    let dtl_node = cluster.dtl_node(0, &info);
     assert_ne!(dtl_node, "n0");
     let old_addr = info["dtl_addr"].as_str().expect("dtl_addr").to_string();
     let load = Load::new();
@@ -305,6 +339,129 @@ fn dtl_node_killed_is_replaced_and_back_to_ok_sync() {
         &load,
         "after the owner died too",
     );
+}
+
+/// The survivor that is not the DTL node is frozen with SIGSTOP when the owner dies, long
+/// enough for its lease to run out too: the DTL node, the only live node left, adopts the
+/// volume, replays its own DTL and loses no acknowledged write. A DTL on the owner itself
+/// protects nothing, so it moves to the frozen node as soon as that one is back.
+#[test]
+fn the_dtl_node_adopts_when_the_planned_adopter_is_frozen() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let dtl_node = cluster.dtl_node(0, &info);
+    let dtl_idx = cluster.index(&dtl_node);
+    let frozen_idx = (1..NODES).find(|i| *i != dtl_idx).unwrap();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 500, "before the owner dies");
+    let frozen = cluster.nodes[frozen_idx].pid();
+    kill(frozen, Signal::SIGSTOP).unwrap();
+    let _thaw = Thaw(frozen);
+    cluster.nodes[0].kill9();
+    writers_end_with_errors(writers, "owner killed");
+    let adopted = try_wait_info(
+        &cluster.nodes[dtl_idx],
+        "adoption by the DTL node",
+        Duration::from_secs(30),
+        |i| i["owner"] == dtl_node.as_str() && i["state"] == "running",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+    assert_eq!(adopted["last_failover"]["from"], "n0", "{adopted}");
+    oracle::verify(
+        &cluster.nodes[dtl_idx].nbd,
+        VOLUME,
+        &load,
+        "after the DTL node adopted",
+    );
+    // The frozen node comes back; the volume's DTL must not stay on its own owner.
+    kill(frozen, Signal::SIGCONT).unwrap();
+    let frozen_name = format!("n{frozen_idx}");
+    let healed = try_wait_info(
+        &cluster.nodes[dtl_idx],
+        "the DTL moved off the owner",
+        Duration::from_secs(30),
+        |i| i["dtl_state"] == "ok_sync" && cluster.dtl_node(dtl_idx, i) == frozen_name,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+    eprintln!("DTL re-placed: {healed}");
+    let writers = oracle::start_writers(&cluster.nodes[dtl_idx].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "after the DTL moved");
+    stop_writers(&load, writers);
+    oracle::verify(
+        &cluster.nodes[dtl_idx].nbd,
+        VOLUME,
+        &load,
+        "after writing with the new DTL",
+    );
+}
+
+/// The DTL the adopter must replay is corrupt on disk: the adopter tries three times, then
+/// records the volume halted with the reason, and `volume info` says so through every node
+/// (not "being taken over, retry in a moment" forever).
+#[test]
+fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_and_says_why() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
+    let adopter = (1..NODES).find(|i| *i != dtl_idx).unwrap();
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "before the owner dies");
+    cluster.nodes[0].kill9();
+    writers_end_with_errors(writers, "owner killed");
+    // Within the lease TTL, before anyone adopts: flip a byte of every entry's data.
+    let dir = cluster.nodes[dtl_idx].data_dir.join("dtl").join(VOLUME);
+    let mut corrupted = 0;
+    for segment in std::fs::read_dir(&dir).unwrap() {
+        let path = segment.unwrap().path();
+        if path.extension().is_none_or(|e| e != "seg") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut at = 20 + 28;
+        while at < bytes.len() {
+            bytes[at] ^= 0xff;
+            corrupted += 1;
+            at += 28 + 4096;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    assert!(corrupted > 0, "no DTL entries in {}", dir.display());
+    let adopter_name = format!("n{adopter}");
+    for via in [adopter, dtl_idx] {
+        let halted = try_wait_info(
+            &cluster.nodes[via],
+            "the volume halted by its adopter",
+            Duration::from_secs(30),
+            |i| i["state"] == "halted",
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+        assert_eq!(halted["owner"], adopter_name.as_str(), "{halted}");
+        let reason = halted["halted_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains(&format!("adoption by {adopter_name} failed"))
+                && reason.contains("SCO"),
+            "{halted}"
+        );
+    }
+    let log = cluster.nodes[adopter].log_text();
+    assert_eq!(
+        log.matches("adoption failed; retrying").count(),
+        2,
+        "three attempts expected:\n{log}"
+    );
+    // Nobody serves it with acknowledged writes missing.
+    assert!(NbdClient::connect(&cluster.nodes[adopter].nbd, VOLUME).is_err());
+}
+
+/// Sends SIGCONT on drop, so a failed test never leaves a stopped process behind.
+struct Thaw(Pid);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
 }
 
 #[test]

@@ -142,6 +142,12 @@ fn by_name(nodes: Vec<NodeRecord>) -> BTreeMap<String, NodeRecord> {
     nodes.into_iter().map(|n| (n.name.clone(), n)).collect()
 }
 
+/// Whether `request` is `GET /v1/volumes/{name}` (volume info).
+fn is_info(request: &Request, name: &str) -> bool {
+    request.method() == axum::http::Method::GET
+        && request.uri().path().trim_end_matches('/') == format!("/v1/volumes/{name}")
+}
+
 /// The volume name of a `/v1/volumes/{name}…` path.
 fn volume_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v1/volumes/")?;
@@ -170,7 +176,8 @@ pub async fn route_to_owner(
         // (503) rather than "does not exist".
         return match cluster.registry.volume(&name).await {
             Ok(Some(record)) if record.owner == state.node.name => {
-                being_taken_over(&state, &name, record.owner_tag).into_response()
+                let info = is_info(&request, &name);
+                owned_here_not_served(&state, &cluster, &record, info).await
             }
             _ => next.run(request).await,
         };
@@ -180,6 +187,36 @@ pub async fn route_to_owner(
         Ok(Route::Answered(response)) => response,
         Err(e) => e.into_response(),
     }
+}
+
+/// The registry names this node as the owner but the manager does not serve the volume: it is
+/// being adopted (failover, move) or restored, or its adoption failed and the record says it
+/// is halted. A halted volume's info is answered from the record, with the reason, so an
+/// operator sees why it is down instead of an endless "retry in a moment".
+async fn owned_here_not_served(
+    state: &ApiState,
+    cluster: &Arc<Cluster>,
+    record: &VolumeRecord,
+    is_info: bool,
+) -> Response {
+    let VolumeState::Halted { reason } = &record.state else {
+        return being_taken_over(state, &record.name, record.owner_tag).into_response();
+    };
+    if !is_info {
+        return unavailable(format!(
+            "volume {} is halted on node {}: {reason}",
+            record.name, state.node.name
+        ))
+        .into_response();
+    }
+    let live = cluster
+        .registry
+        .live_nodes()
+        .await
+        .map(by_name)
+        .unwrap_or_default();
+    let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));
+    Json(record_view(record, Some(&state.node), dtl)).into_response()
 }
 
 /// The registry names this node as the owner but the manager does not serve the volume (yet):
@@ -206,12 +243,13 @@ async fn owner_route(
         return Ok(Route::Local(request));
     };
     if record.owner == state.node.name {
-        return Err(being_taken_over(state, name, record.owner_tag));
+        return Ok(Route::Answered(
+            owned_here_not_served(state, cluster, &record, is_info(&request, name)).await,
+        ));
     }
     let live = by_name(cluster.registry.live_nodes().await?);
     let owner_alive = cluster.registry.owner(name).await?.is_some();
-    let is_info = request.method() == axum::http::Method::GET
-        && request.uri().path().trim_end_matches('/') == format!("/v1/volumes/{name}");
+    let is_info = is_info(&request, name);
     let Some(owner) = live.get(&record.owner).filter(|_| owner_alive) else {
         if is_info {
             let dtl = record.dtl_node.as_ref().and_then(|n| live.get(n));

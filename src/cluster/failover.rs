@@ -9,13 +9,16 @@
 //! When a node's lease ends:
 //! 1. Volumes this node owns whose DTL lived on the dead node get a new DTL node (placement
 //!    rule: the owner's recovery domain, else its own domain, never the owner); the DTL link
-//!    then catches up and returns to `ok_sync` by itself.
+//!    then catches up and returns to `ok_sync` by itself. So does a DTL on the owner itself
+//!    (its DTL node adopted it when no other node was alive), once another node is.
 //! 2. The dead node's volumes (record still names it, owner key gone with its lease) are split
 //!    over the survivors by [`plan_adoptions`]; each survivor computes the same plan. The planned
 //!    adopter takes its share at once: [`Registry::take_ownership`] (one transaction, expected
 //!    tag: at most one winner), then [`VolumeManager::adopt_with_tag`] (claims the backend with
 //!    that tag, replays the DTL). If the planned adopter has not taken a volume after `grace`,
-//!    any survivor may (the transaction still picks one).
+//!    any survivor may (the transaction still picks one). An adoption that fails because the
+//!    DTL or the backend did not answer is tried again under a newer tag
+//!    ([`after_failed_adoption`]); one that cannot succeed records the volume halted.
 //! 3. A mirrored volume whose DTL node is dead too is recorded halted with the reason
 //!    ([`recovery`]) instead of being served with acknowledged writes missing.
 //!
@@ -32,15 +35,26 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use vstor_edge::remote::Opening;
-use vstor_volumedriver::{DtlMode, VolumeManager};
+use vstor_volumedriver::{DtlMode, VolumeError, VolumeManager};
 
 use super::failover_plan::{
-    after_fence, may_adopt, plan_adoptions, recovery, AfterFence, LiveNode, Orphan, Recovery,
+    after_failed_adoption, after_fence, may_adopt, plan_adoptions, recovery, AfterFailedAdoption,
+    AfterFence, LiveNode, Orphan, Recovery,
 };
 use super::placement;
 use crate::registry::{
     LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError, VolumeRecord, VolumeState,
 };
+
+/// Whether an adoption that failed with `error` may succeed if tried again: the DTL or the
+/// backend did not answer (in time). Anything else (another node claimed the volume, its
+/// configuration cannot be read) fails the same way again.
+fn adoption_may_succeed_later(error: &VolumeError) -> bool {
+    matches!(
+        error,
+        VolumeError::Dtl { .. } | VolumeError::Backend { .. } | VolumeError::Io { .. }
+    )
+}
 
 /// One adoption as `volume info` shows it (`last_failover`).
 pub use crate::api_types::FailoverRecord;
@@ -122,6 +136,8 @@ pub struct Failover {
     seen_dead: Mutex<HashMap<String, Instant>>,
     /// One pass at a time (events and sweeps both start passes).
     passes: tokio::sync::Mutex<()>,
+    /// Volumes whose DTL needs a new node and found none (warned about once).
+    no_dtl_node: Mutex<BTreeSet<String>>,
 }
 
 fn now_secs() -> u64 {
@@ -166,6 +182,7 @@ impl Failover {
             log: Arc::new(FailoverLog::default()),
             seen_dead: Mutex::new(HashMap::new()),
             passes: tokio::sync::Mutex::new(()),
+            no_dtl_node: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -342,46 +359,61 @@ impl Failover {
         // Pending before the registry names this node: an edge that follows the registry here
         // at once must find the volume opening, so its handshake waits for it.
         self.log.begin(&name);
-        let tag = match self
-            .registry
-            .take_ownership(&name, record.owner_tag, &self.node.name, self.lease())
-            .await
-        {
-            Ok(tag) => tag,
-            Err(RegistryError::StaleTag { owner, .. }) => {
-                self.log.abort(&name);
-                tracing::debug!(volume = %name, %owner, "another node took the volume first");
-                return None;
-            }
-            Err(e) => {
-                self.log.abort(&name);
-                tracing::warn!(volume = %name, error = %e, "cannot take ownership");
-                return None;
-            }
-        };
-        let manager = self.manager.clone();
-        let target = name.clone();
-        let adopted =
-            tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag)).await;
-        let summary = match adopted {
-            Ok(Ok((_, summary))) => summary,
-            Ok(Err(e)) => {
-                self.log.abort(&name);
-                let reason = format!("adoption by {} failed: {e}", self.node.name);
-                tracing::error!(volume = %name, %reason, "volume halted");
-                if let Err(e) = self
-                    .registry
-                    .set_state(&name, tag, VolumeState::Halted { reason })
-                    .await
-                {
-                    tracing::warn!(volume = %name, error = %e, "recording the halt failed");
+        let mut expected = record.owner_tag;
+        let mut attempt = 1;
+        let (tag, summary) = loop {
+            let tag = match self
+                .registry
+                .take_ownership(&name, expected, &self.node.name, self.lease())
+                .await
+            {
+                Ok(tag) => tag,
+                Err(RegistryError::StaleTag { owner, .. }) => {
+                    self.log.abort(&name);
+                    tracing::debug!(volume = %name, %owner, "another node took the volume first");
+                    return None;
                 }
-                return None;
-            }
-            Err(e) => {
-                self.log.abort(&name);
-                tracing::error!(volume = %name, error = %e, "adoption task failed");
-                return None;
+                Err(e) => {
+                    self.log.abort(&name);
+                    tracing::warn!(volume = %name, error = %e, "cannot take ownership");
+                    return None;
+                }
+            };
+            let manager = self.manager.clone();
+            let target = name.clone();
+            let adopted =
+                tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag)).await;
+            match adopted {
+                Ok(Ok((_, summary))) => break (tag, summary),
+                Ok(Err(e)) => {
+                    if let AfterFailedAdoption::Retry { after } =
+                        after_failed_adoption(attempt, adoption_may_succeed_later(&e))
+                    {
+                        // Again under a newer tag, which fences this attempt's claim like any
+                        // other.
+                        tracing::warn!(volume = %name, attempt, error = %e, "adoption failed; retrying");
+                        tokio::time::sleep(after).await;
+                        expected = tag;
+                        attempt += 1;
+                        continue;
+                    }
+                    self.log.abort(&name);
+                    let reason = format!("adoption by {} failed: {e}", self.node.name);
+                    tracing::error!(volume = %name, %reason, attempts = attempt, "volume halted");
+                    if let Err(e) = self
+                        .registry
+                        .set_state(&name, tag, VolumeState::Halted { reason })
+                        .await
+                    {
+                        tracing::warn!(volume = %name, error = %e, "recording the halt failed");
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    self.log.abort(&name);
+                    tracing::error!(volume = %name, error = %e, "adoption task failed");
+                    return None;
+                }
             }
         };
         let entry = FailoverRecord {
@@ -446,9 +478,21 @@ impl Failover {
         let Some(pick) =
             placement::dtl_node(&self.node, &live_records, &dtls).map(|n| n.name.clone())
         else {
-            tracing::warn!(volume = %name, "no live node can hold the DTL (recovery domain, own domain, never this node); the volume stays degraded");
+            // Said once per volume: the sweep asks again every second until a node can hold it.
+            if self
+                .no_dtl_node
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name.to_string())
+            {
+                tracing::warn!(volume = %name, "no live node can hold the DTL (recovery domain, own domain, never this node); the volume stays degraded");
+            }
             return;
         };
+        self.no_dtl_node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
         let Some(addr) = nodes
             .iter()
             .find(|n| n.record.name == pick)
@@ -486,7 +530,9 @@ impl Failover {
             let Some(dtl) = &record.dtl_node else {
                 continue;
             };
-            if record.owner != self.node.name || alive.contains(dtl) {
+            // A DTL on the owner itself (the DTL node adopted the volume when no other node
+            // could take the DTL) protects nothing: it moves as soon as another node can hold it.
+            if record.owner != self.node.name || (alive.contains(dtl) && *dtl != self.node.name) {
                 continue;
             }
             let Ok(volume) = self.manager.get(&record.name) else {

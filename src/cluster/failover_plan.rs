@@ -8,6 +8,7 @@
 //!   once the planned one had its grace period).
 //! - Where a re-placed DTL goes is the create-time rule, `placement::dtl_node`.
 //! - [`recovery`]: whether an orphan can be recovered at all or must halt.
+//! - [`after_failed_adoption`]: whether a failed adoption is tried again or halts the volume.
 //! - [`after_fence`]: what a node does with a volume it held once its lease is back.
 
 use std::collections::BTreeMap;
@@ -92,6 +93,35 @@ pub fn recovery(orphan: &Orphan, live: &[LiveNode]) -> Recovery {
     }
 }
 
+/// How many times a survivor tries to adopt a volume before it records the volume halted.
+pub const ADOPT_ATTEMPTS: u32 = 3;
+
+/// The pause after the first failed attempt; it doubles after each further one.
+pub const ADOPT_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a survivor does after its adoption attempt number `attempt` (from 1) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailedAdoption {
+    /// Take the volume again under a newer tag after the pause.
+    Retry { after: Duration },
+    /// Record the volume halted with the error as the reason.
+    Halt,
+}
+
+/// A DTL or backend that did not answer (in time) on a loaded machine is no reason to halt a
+/// volume for good: such a failure (`may_succeed_later`) is retried, with a growing pause, up
+/// to [`ADOPT_ATTEMPTS`] in all. Anything else (another node claimed the volume, its
+/// configuration cannot be read) fails the same way again and halts at once.
+pub fn after_failed_adoption(attempt: u32, may_succeed_later: bool) -> AfterFailedAdoption {
+    if may_succeed_later && attempt < ADOPT_ATTEMPTS {
+        AfterFailedAdoption::Retry {
+            after: ADOPT_RETRY_PAUSE * (1 << (attempt - 1).min(8)),
+        }
+    } else {
+        AfterFailedAdoption::Halt
+    }
+}
+
 /// What a node does with a volume it served once its lease is back after being fenced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterFence {
@@ -129,6 +159,31 @@ mod tests {
             dtl_node: dtl.map(Into::into),
             mirrored: true,
         }
+    }
+
+    #[test]
+    fn failed_adoptions_retry_only_what_may_succeed_later_and_only_a_few_times() {
+        assert_eq!(
+            after_failed_adoption(1, true),
+            AfterFailedAdoption::Retry {
+                after: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            after_failed_adoption(2, true),
+            AfterFailedAdoption::Retry {
+                after: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            after_failed_adoption(ADOPT_ATTEMPTS, true),
+            AfterFailedAdoption::Halt
+        );
+        assert_eq!(after_failed_adoption(1, false), AfterFailedAdoption::Halt);
+        assert_eq!(
+            after_failed_adoption(u32::MAX, true),
+            AfterFailedAdoption::Halt
+        );
     }
 
     #[test]

@@ -44,6 +44,12 @@ use crate::config::{DtlMode, TLogRecord};
 use crate::error::{Result, VolumeError};
 use crate::types::{ClusterLocation, ScoName, ScoNumber, TLogNumber, LBA_SIZE};
 
+/// How long a replay waits for the DTL to accept its connection and say hello.
+const REPLAY_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a replay waits for each answer (registration, SCO range, a batch of entries).
+const REPLAY_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Clone id marking a DTL entry as a trim instead of a cluster write.
 pub const TRIM_MARKER_CLONE: u8 = 0xFF;
 
@@ -424,7 +430,11 @@ impl Volume {
             addr: addr.clone(),
             reason,
         };
-        let client = self.dtl_client_config(&addr);
+        let mut client = self.dtl_client_config(&addr);
+        // A replay is a bulk read the volume cannot serve without: the mirror's short timeouts
+        // (made to degrade a sync write quickly) would fail an adoption on a merely busy DTL.
+        client.connect_timeout = REPLAY_CONNECT_TIMEOUT;
+        client.request_timeout = REPLAY_REQUEST_TIMEOUT;
         let mut summary = ReplaySummary::default();
         let mut first = true;
         vstor_dtl::replay::fetch(
