@@ -438,6 +438,7 @@ fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_and_says_why() {
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
         assert_eq!(halted["owner"], adopter_name.as_str(), "{halted}");
+        assert!(halted["nbd_uri"].is_null(), "served nowhere: {halted}");
         let reason = halted["halted_reason"].as_str().unwrap_or_default();
         assert!(
             reason.contains(&format!("adoption by {adopter_name} failed"))

@@ -1295,16 +1295,24 @@ fn scrub_on_ec_reclaims_space_and_leaves_only_referenced_objects() {
     );
 }
 
+/// A daemon in `root` whose background scrub checks every second and scrubs a volume once its
+/// garbage passes `threshold`, copying at `rate` ("0": unthrottled).
+fn background_scrub_daemon(root: &std::path::Path, threshold: &str, rate: &str) -> Daemon {
+    let config = root.join("vstor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[scrub]\nauto = true\ngarbage_threshold = \"{threshold}\"\nrate = \"{rate}\"\ncheck_interval_secs = 1\n"
+        ),
+    )
+    .unwrap();
+    Daemon::start_with(root, &["--config", config.to_str().unwrap()])
+}
+
 #[test]
 fn background_scrub_runs_once_garbage_passes_the_threshold() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("vstor.toml");
-    std::fs::write(
-        &config,
-        "[scrub]\nauto = true\ngarbage_threshold = \"8M\"\nrate = \"0\"\ncheck_interval_secs = 1\n",
-    )
-    .unwrap();
-    let daemon = Daemon::start_with(tmp.path(), &["--config", config.to_str().unwrap()]);
+    let daemon = background_scrub_daemon(tmp.path(), "8M", "0");
     daemon.cli_ok(&[
         "volume",
         "create",
@@ -1359,14 +1367,8 @@ fn background_scrub_runs_once_garbage_passes_the_threshold() {
 #[test]
 fn a_background_scrub_outrun_by_the_writes_says_it_falls_behind() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("vstor.toml");
     // At 1 MiB/s the scrub copies the live half of 8 MiB for about 4 s.
-    std::fs::write(
-        &config,
-        "[scrub]\nauto = true\ngarbage_threshold = \"2M\"\nrate = \"1M\"\ncheck_interval_secs = 1\n",
-    )
-    .unwrap();
-    let daemon = Daemon::start_with(tmp.path(), &["--config", config.to_str().unwrap()]);
+    let daemon = background_scrub_daemon(tmp.path(), "2M", "1M");
     let create = [
         "volume",
         "create",

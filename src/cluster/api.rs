@@ -133,7 +133,10 @@ fn record_view(
         dtl_addr: dtl
             .map(|n| n.dtl_addr.clone())
             .or_else(|| record.dtl_addr.clone()),
-        nbd_uri: owner.map(|n| format!("nbd://{}/{}", n.nbd_addr, record.name)),
+        // A halted volume is served nowhere, whoever the record names.
+        nbd_uri: owner
+            .filter(|_| record.state == VolumeState::Serving)
+            .map(|n| format!("nbd://{}/{}", n.nbd_addr, record.name)),
         ..VolumeView::default()
     }
 }
