@@ -512,7 +512,9 @@ enum VolumeVerb {
         allow_any: bool,
     },
     /// Take over a volume whose node died: restore it from the backend, replay its DTL, fence
-    /// the old node, and serve it from this node.
+    /// the old node, and serve it from this node. In a cluster this goes through the registry
+    /// and is how an operator brings back a volume recorded halted (once its DTL is reachable
+    /// again); a volume with a live owner is refused (use `volume move`).
     Adopt {
         /// Volume name.
         name: String,

@@ -171,6 +171,15 @@ pub async fn route_to_owner(
     let Some(name) = volume_of(&path).map(str::to_string) else {
         return next.run(request).await;
     };
+    if request.method() == axum::http::Method::POST
+        && path.trim_end_matches('/') == format!("/v1/volumes/{name}/adopt")
+    {
+        // Adopting a cluster volume goes through the registry, on the node asked.
+        return match super::move_api::adopt_in_cluster(&state, &name).await {
+            Some(answer) => answer.into_response(),
+            None => next.run(request).await,
+        };
+    }
     if state.manager.names().contains(&name) || state.manager.failed().contains_key(&name) {
         return next.run(request).await;
     }

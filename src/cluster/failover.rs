@@ -56,6 +56,27 @@ fn adoption_may_succeed_later(error: &VolumeError) -> bool {
     )
 }
 
+/// Why [`Failover::adopt`] did not adopt a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdoptError {
+    /// Another node took the volume first; it names the owner now.
+    Taken(String),
+    /// The registry did not answer, or refused the transaction (this node's lease is gone).
+    Registry(String),
+    /// The engine could not adopt it: the volume is recorded halted with this reason.
+    Halted(String),
+}
+
+impl std::fmt::Display for AdoptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Taken(owner) => write!(f, "node {owner} took the volume first"),
+            Self::Registry(e) => write!(f, "cannot take ownership in the registry: {e}"),
+            Self::Halted(reason) => write!(f, "{reason}; the volume is recorded halted"),
+        }
+    }
+}
+
 /// One adoption as `volume info` shows it (`last_failover`).
 pub use crate::api_types::FailoverRecord;
 
@@ -318,7 +339,8 @@ impl Failover {
                 }
                 Recovery::Adopt => {
                     if may_adopt(&self.node.name, planned, since, self.grace) {
-                        self.adopt(&record, &nodes, &live, since, "failover").await;
+                        // Failures are logged, and halt the volume when they must.
+                        let _ = self.adopt(&record, &nodes, &live, since, "failover").await;
                     }
                 }
             }
@@ -353,7 +375,7 @@ impl Failover {
         live: &[LiveNode],
         since: Duration,
         kind: &str,
-    ) -> Option<FailoverRecord> {
+    ) -> Result<FailoverRecord, AdoptError> {
         let started = Instant::now();
         let name = record.name.clone();
         // Pending before the registry names this node: an edge that follows the registry here
@@ -371,12 +393,12 @@ impl Failover {
                 Err(RegistryError::StaleTag { owner, .. }) => {
                     self.log.abort(&name);
                     tracing::debug!(volume = %name, %owner, "another node took the volume first");
-                    return None;
+                    return Err(AdoptError::Taken(owner));
                 }
                 Err(e) => {
                     self.log.abort(&name);
                     tracing::warn!(volume = %name, error = %e, "cannot take ownership");
-                    return None;
+                    return Err(AdoptError::Registry(e.to_string()));
                 }
             };
             let manager = self.manager.clone();
@@ -402,17 +424,23 @@ impl Failover {
                     tracing::error!(volume = %name, %reason, attempts = attempt, "volume halted");
                     if let Err(e) = self
                         .registry
-                        .set_state(&name, tag, VolumeState::Halted { reason })
+                        .set_state(
+                            &name,
+                            tag,
+                            VolumeState::Halted {
+                                reason: reason.clone(),
+                            },
+                        )
                         .await
                     {
                         tracing::warn!(volume = %name, error = %e, "recording the halt failed");
                     }
-                    return None;
+                    return Err(AdoptError::Halted(reason));
                 }
                 Err(e) => {
                     self.log.abort(&name);
                     tracing::error!(volume = %name, error = %e, "adoption task failed");
-                    return None;
+                    return Err(AdoptError::Halted(format!("adoption task failed: {e}")));
                 }
             }
         };
@@ -447,7 +475,7 @@ impl Failover {
             self.replace_dtl(&name, tag, record.dtl_mode, live, nodes)
                 .await;
         }
-        Some(entry)
+        Ok(entry)
     }
 
     /// Point volume `name` (owned here with `tag`) at a new DTL node chosen by the placement

@@ -4,6 +4,7 @@
 //! |--------|---------------------------------|----------------------------|
 //! | POST   | /v1/volumes/{name}/move         | `{to, timeout_secs?}`      |
 //! | POST   | /v1/volumes/{name}/takeover     | `{from, expected_tag}` (node to node) |
+//! | POST   | /v1/volumes/{name}/adopt        | (a cluster volume: [`adopt_in_cluster`]) |
 //!
 //! `move` answers with the volume as its new owner serves it (`nbd_uri` is where clients
 //! reconnect). Errors: 404 unknown node or volume, 409 target dead / already the owner / the
@@ -76,4 +77,64 @@ pub async fn takeover(
         .map_err(error)?;
     let volume = state.manager.get(&name)?;
     Ok(Json(crate::api::view(&state, volume.info())))
+}
+
+/// `vstor volume adopt` of a volume the registry knows: the operator's way back for a volume
+/// recorded halted (its adoption failed, or its owner and DTL node died together and the DTL
+/// node is back), or to take an orphan before the survivors do. The node asked takes it like a
+/// failover (`Failover::adopt`: registry transaction, backend claim, DTL replay, retries),
+/// and the record is serving again. A volume served by a live owner is refused (409: move it
+/// instead). `None`: not a cluster volume (no record, or no cluster), for the local handler.
+pub async fn adopt_in_cluster(
+    state: &ApiState,
+    name: &str,
+) -> Option<Result<Json<VolumeView>, ApiError>> {
+    let failover = state.failover.clone()?;
+    let record = match failover.registry.volume(name).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e.into())),
+    };
+    Some(adopt_record(state, &failover, record).await)
+}
+
+async fn adopt_record(
+    state: &ApiState,
+    failover: &std::sync::Arc<super::failover::Failover>,
+    record: crate::registry::VolumeRecord,
+) -> Result<Json<VolumeView>, ApiError> {
+    let name = record.name.clone();
+    if state.manager.names().contains(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("volume {name} is already served by this node"),
+        ));
+    }
+    let owner_alive = failover.registry.owner(&name).await?.is_some();
+    if record.state == crate::registry::VolumeState::Serving && owner_alive {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "volume {name} is served by node {} (owner tag {}); `vstor volume move` moves it",
+                record.owner, record.owner_tag
+            ),
+        ));
+    }
+    let nodes = failover.registry.nodes().await?;
+    let live = super::failover::live_view(&nodes);
+    let entry = failover
+        .adopt(&record, &nodes, &live, Duration::ZERO, "operator")
+        .await
+        .map_err(|e| {
+            let status = match e {
+                super::failover::AdoptError::Taken(_) => StatusCode::CONFLICT,
+                super::failover::AdoptError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
+                super::failover::AdoptError::Halted(_) => StatusCode::BAD_GATEWAY,
+            };
+            ApiError::new(status, format!("volume {name}: adoption failed: {e}"))
+        })?;
+    let volume = state.manager.get(&name)?;
+    let mut value = crate::api::view(state, volume.info());
+    value.dtl_entries_replayed = Some(entry.dtl_entries_replayed);
+    Ok(Json(value))
 }

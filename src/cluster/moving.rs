@@ -183,7 +183,7 @@ pub async fn move_volume(
             "move-back",
         )
         .await;
-    let where_now = if back.is_some() {
+    let where_now = if back.is_ok() {
         format!("it stays on {}", failover.node.name)
     } else {
         "check `vstor volume info` for where it is served".to_string()
@@ -220,11 +220,11 @@ pub async fn take_over(
     failover
         .adopt(&record, &nodes, &live_view(&nodes), Duration::ZERO, "move")
         .await
-        .ok_or_else(|| {
+        .map_err(|e| {
             refused(
                 409,
                 format!(
-                    "volume {name}: {} could not take it over (see its log)",
+                    "volume {name}: {} could not take it over: {e}",
                     failover.node.name
                 ),
             )

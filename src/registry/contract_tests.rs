@@ -218,19 +218,37 @@ async fn contract(registry: &dyn Registry) {
         .unwrap();
     assert_eq!(registry.owner("v").await.unwrap().unwrap().lease, again.id);
     expect_changes(&mut changes, &[Owner], "refresh_owner").await;
+    assert_eq!(registry.volume("v").await.unwrap().unwrap().state, halted);
+
+    // Taking a halted volume (an operator's adoption) serves it again.
+    assert_eq!(
+        registry
+            .take_ownership("v", 2, winner, again.id)
+            .await
+            .unwrap(),
+        3
+    );
+    let record = registry.volume("v").await.unwrap().unwrap();
+    assert_eq!((record.owner_tag, record.state), (3, VolumeState::Serving));
+    expect_changes(
+        &mut changes,
+        &[Record, Owner],
+        "take_ownership of a halted volume",
+    )
+    .await;
 
     // Delete needs the current tag too.
     assert!(matches!(
-        registry.delete_volume("v", 1).await,
+        registry.delete_volume("v", 2).await,
         Err(RegistryError::StaleTag { .. })
     ));
-    registry.delete_volume("v", 2).await.unwrap();
+    registry.delete_volume("v", 3).await.unwrap();
     assert_eq!(registry.volume("v").await.unwrap(), None);
     assert_eq!(registry.owner("v").await.unwrap(), None);
     expect_changes(&mut changes, &[Record, Owner], "delete").await;
     assert!(changes.try_recv().is_err(), "a notice no change explains");
     assert!(matches!(
-        registry.delete_volume("v", 2).await,
+        registry.delete_volume("v", 3).await,
         Err(RegistryError::VolumeNotFound { .. })
     ));
 

@@ -896,6 +896,7 @@ impl Registry for EtcdRegistry {
                 let new = VolumeRecord {
                     owner: new_owner.to_string(),
                     owner_tag: expected_tag + 1,
+                    state: VolumeState::Serving,
                     ..record.clone()
                 };
                 let owner = OwnerRecord {

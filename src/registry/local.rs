@@ -368,6 +368,7 @@ impl Registry for LocalRegistry {
             let record = record_mut(stored, volume, expected_tag)?;
             record.owner = new_owner.to_string();
             record.owner_tag = expected_tag + 1;
+            record.state = VolumeState::Serving;
             owners.insert(
                 volume.to_string(),
                 OwnerRecord {

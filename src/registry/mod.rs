@@ -401,8 +401,9 @@ pub trait Registry: Send + Sync + 'static {
     // ---- ownership ----
 
     /// Make `new_owner` the owner of `volume`, if its record's tag is still `expected_tag`: in
-    /// ONE transaction, write the record with `owner = new_owner` and `owner_tag =
-    /// expected_tag + 1` and put the owner key under `lease`. Returns the new tag. Two callers
+    /// ONE transaction, write the record with `owner = new_owner`, `owner_tag =
+    /// expected_tag + 1` and state `serving` (an operator's adoption of a halted volume serves
+    /// it again) and put the owner key under `lease`. Returns the new tag. Two callers
     /// with the same `expected_tag` can never both succeed; the loser gets
     /// [`RegistryError::StaleTag`]. The caller then claims the backend with the new tag.
     async fn take_ownership(

@@ -34,7 +34,7 @@ pub struct Etcd {
     pub also_on: Option<std::net::Ipv4Addr>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
