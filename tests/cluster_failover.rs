@@ -783,12 +783,18 @@ fn owner_and_dtl_node_both_killed_halts_the_volume_with_the_reason() {
     });
     assert_eq!(served["last_failover"]["kind"], "operator", "{served}");
     oracle::verify(&at.nbd, VOLUME, &load, "after the operator adopted it");
-    // A volume with a live owner is moved, not adopted.
+    // A volume with a live owner is moved, not adopted: asked elsewhere, the owner says so.
     let other = (0..NODES).find(|i| *i != survivor && *i != 0).unwrap();
     let out = cluster.nodes[other].cli(&["volume", "adopt", VOLUME]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("volume move"),
+        !out.status.success()
+            && stderr.contains(&format!("served by node {survivor_name}"))
+            && stderr.contains("volume move"),
         "{stderr}"
+    );
+    assert_eq!(
+        try_info(at).expect("volume info")["owner"],
+        survivor_name.as_str()
     );
 }

@@ -174,11 +174,12 @@ pub async fn route_to_owner(
     if request.method() == axum::http::Method::POST
         && path.trim_end_matches('/') == format!("/v1/volumes/{name}/adopt")
     {
-        // Adopting a cluster volume goes through the registry, on the node asked.
-        return match super::move_api::adopt_in_cluster(&state, &name).await {
-            Some(answer) => answer.into_response(),
-            None => next.run(request).await,
-        };
+        // Adopting a cluster volume goes through the registry, on the node asked (or on its
+        // live owner, which the normal routing below forwards it to).
+        let forwarded = request.headers().contains_key(FORWARDED);
+        if let Some(answer) = super::move_api::adopt_in_cluster(&state, &name, forwarded).await {
+            return answer.into_response();
+        }
     }
     if state.manager.names().contains(&name) || state.manager.failed().contains_key(&name) {
         return next.run(request).await;

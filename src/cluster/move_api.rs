@@ -83,11 +83,13 @@ pub async fn takeover(
 /// recorded halted (its adoption failed, or its owner and DTL node died together and the DTL
 /// node is back), or to take an orphan before the survivors do. The node asked takes it like a
 /// failover (`Failover::adopt`: registry transaction, backend claim, DTL replay, retries),
-/// and the record is serving again. A volume served by a live owner is refused (409: move it
-/// instead). `None`: not a cluster volume (no record, or no cluster), for the local handler.
+/// and the record is serving again. `None` leaves the request to the normal routing: not a
+/// cluster volume (no record, or no cluster), or a live owner elsewhere, which is asked instead
+/// (it knows whether it serves the volume).
 pub async fn adopt_in_cluster(
     state: &ApiState,
     name: &str,
+    forwarded: bool,
 ) -> Option<Result<Json<VolumeView>, ApiError>> {
     let failover = state.failover.clone()?;
     let record = match failover.registry.volume(name).await {
@@ -95,28 +97,41 @@ pub async fn adopt_in_cluster(
         Ok(None) => return None,
         Err(e) => return Some(Err(e.into())),
     };
-    Some(adopt_record(state, &failover, record).await)
+    let owner_alive = match failover.registry.owner(name).await {
+        Ok(owner) => owner.is_some(),
+        Err(e) => return Some(Err(e.into())),
+    };
+    if owner_alive && record.owner != failover.node.name {
+        if forwarded {
+            // Sent here as the owner, but the registry names another live owner now.
+            return Some(Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "volume {name}: its owner is node {} now; retry",
+                    record.owner
+                ),
+            )));
+        }
+        return None;
+    }
+    Some(adopt_record(state, &failover, record, owner_alive).await)
 }
 
 async fn adopt_record(
     state: &ApiState,
     failover: &std::sync::Arc<super::failover::Failover>,
     record: crate::registry::VolumeRecord,
+    owner_alive: bool,
 ) -> Result<Json<VolumeView>, ApiError> {
     let name = record.name.clone();
-    if state.manager.names().contains(&name) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("volume {name} is already served by this node"),
-        ));
-    }
-    let owner_alive = failover.registry.owner(&name).await?.is_some();
-    if record.state == crate::registry::VolumeState::Serving && owner_alive {
+    if state.manager.names().contains(&name)
+        || (record.state == crate::registry::VolumeState::Serving && owner_alive)
+    {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
                 "volume {name} is served by node {} (owner tag {}); `vstor volume move` moves it",
-                record.owner, record.owner_tag
+                failover.node.name, record.owner_tag
             ),
         ));
     }
