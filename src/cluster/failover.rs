@@ -403,46 +403,35 @@ impl Failover {
             };
             let manager = self.manager.clone();
             let target = name.clone();
-            let adopted =
-                tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag)).await;
-            match adopted {
-                Ok(Ok((_, summary))) => break (tag, summary),
-                Ok(Err(e)) => {
-                    if let AfterFailedAdoption::Retry { after } =
-                        after_failed_adoption(attempt, adoption_may_succeed_later(&e))
-                    {
-                        // Again under a newer tag, which fences this attempt's claim like any
-                        // other.
-                        tracing::warn!(volume = %name, attempt, error = %e, "adoption failed; retrying");
-                        tokio::time::sleep(after).await;
-                        expected = tag;
-                        attempt += 1;
-                        continue;
-                    }
-                    self.log.abort(&name);
-                    let reason = format!("adoption by {} failed: {e}", self.node.name);
-                    tracing::error!(volume = %name, %reason, attempts = attempt, "volume halted");
-                    if let Err(e) = self
-                        .registry
-                        .set_state(
-                            &name,
-                            tag,
-                            VolumeState::Halted {
-                                reason: reason.clone(),
-                            },
-                        )
-                        .await
-                    {
-                        tracing::warn!(volume = %name, error = %e, "recording the halt failed");
-                    }
-                    return Err(AdoptError::Halted(reason));
-                }
-                Err(e) => {
-                    self.log.abort(&name);
-                    tracing::error!(volume = %name, error = %e, "adoption task failed");
-                    return Err(AdoptError::Halted(format!("adoption task failed: {e}")));
-                }
+            // A failure: whether another attempt may succeed, and why it failed.
+            let (may_succeed_later, error) =
+                match tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag))
+                    .await
+                {
+                    Ok(Ok((_, summary))) => break (tag, summary),
+                    Ok(Err(e)) => (adoption_may_succeed_later(&e), e.to_string()),
+                    Err(e) => (false, format!("the adoption task failed: {e}")),
+                };
+            if let AfterFailedAdoption::Retry { after } =
+                after_failed_adoption(attempt, may_succeed_later)
+            {
+                // Again under a newer tag, which fences this attempt's claim like any other.
+                tracing::warn!(volume = %name, attempt, %error, "adoption failed; retrying");
+                tokio::time::sleep(after).await;
+                expected = tag;
+                attempt += 1;
+                continue;
             }
+            self.log.abort(&name);
+            let reason = format!("adoption by {} failed: {error}", self.node.name);
+            tracing::error!(volume = %name, %reason, attempts = attempt, "volume halted");
+            let halted = VolumeState::Halted {
+                reason: reason.clone(),
+            };
+            if let Err(e) = self.registry.set_state(&name, tag, halted).await {
+                tracing::warn!(volume = %name, error = %e, "recording the halt failed");
+            }
+            return Err(AdoptError::Halted(reason));
         };
         let entry = FailoverRecord {
             from: record.owner.clone(),
