@@ -235,12 +235,13 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
     for round in 0..ROUNDS {
         let context = format!("round {round}");
         let any = &cluster.nodes[(round as usize) % NODES];
-        let info = wait_info(
+        let info = try_wait_info(
             any,
             &format!("{context}: volume serving"),
             Duration::from_secs(30),
             |i| i["state"] == "running" && i["dtl_state"] == "ok_sync",
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
         let owner = info["owner"].as_str().expect("owner").to_string();
         let owner_idx = cluster.index(&owner);
         let writers =
@@ -281,12 +282,13 @@ fn owner_killed_under_load_fails_over_without_losing_a_write() {
         // The killed node comes back (same data directory): it must not serve the volume.
         cluster.nodes[owner_idx].launch();
         let back = &cluster.nodes[owner_idx];
-        wait_info(
+        try_wait_info(
             back,
             &format!("{context}: the old owner forwards to the new one"),
             Duration::from_secs(30),
             |i| i["owner"] == new_owner.as_str(),
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
         eprintln!("{context}: {owner} killed, {new_owner} serving after {took:?}");
     }
     times.sort();
@@ -475,6 +477,74 @@ fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_and_says_why() {
     );
     // Nobody serves it with acknowledged writes missing.
     assert!(NbdClient::connect(&cluster.nodes[adopter].nbd, VOLUME).is_err());
+}
+
+/// A node restarted while etcd stalls (a disk that holds its fsyncs, a leader election) is not
+/// failed by a registry call that times out: it tries again and joins once etcd answers.
+#[test]
+fn a_node_restarting_while_etcd_stalls_joins_once_it_answers() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let tag = info["owner_tag"].as_u64().expect("owner_tag");
+    let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
+    let restarted = (1..NODES).find(|i| *i != dtl_idx).unwrap();
+    cluster.nodes[restarted].kill9();
+    // The restarted node first waits for its killed run's lease to expire; etcd is stopped
+    // then, and woken only once the node has seen a registry call time out.
+    let log = cluster.nodes[restarted].log.clone();
+    let from = std::fs::metadata(&log).map_or(0, |m| m.len());
+    let etcd = Pid::from_raw(i32::try_from(cluster.etcd.pid()).unwrap());
+    let staller = std::thread::spawn(move || {
+        let _thaw = Thaw(etcd);
+        if !wait_log(&log, from, "waiting for the previous registration") {
+            return Err("the node never waited for its previous registration");
+        }
+        kill(etcd, Signal::SIGSTOP).unwrap();
+        if !wait_log(&log, from, "registering the node failed; retrying") {
+            return Err("the node never saw the stalled registry time out");
+        }
+        Ok(())
+    });
+    cluster.nodes[restarted].launch();
+    staller
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}; node log:\n{}", cluster.nodes[restarted].log_text()));
+    let seen = wait_info(
+        &cluster.nodes[restarted],
+        "volume info through the restarted node",
+        Duration::from_secs(30),
+        |i| i["owner"] == "n0" && i["state"] == "running",
+    );
+    assert_eq!(seen["owner_tag"].as_u64(), Some(tag), "no failover: {seen}");
+    let nodes = json(&cluster.nodes[restarted].cli_ok(&["node", "list", "--json"]));
+    let me = format!("n{restarted}");
+    let listed = nodes
+        .as_array()
+        .and_then(|list| list.iter().find(|n| n["name"] == me.as_str()))
+        .unwrap_or_else(|| panic!("{me} not listed: {nodes}"));
+    assert_eq!(
+        listed["api_addr"],
+        cluster.nodes[restarted].api.as_str(),
+        "registered with its new run's address: {listed}"
+    );
+}
+
+/// Whether `needle` appears in `log` after byte `from` within 30 s (polled: the log is the
+/// only event a daemon's start gives).
+fn wait_log(log: &std::path::Path, from: u64, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let text = std::fs::read(log).unwrap_or_default();
+        let tail = text
+            .get(usize::try_from(from).unwrap_or(0)..)
+            .unwrap_or_default();
+        if String::from_utf8_lossy(tail).contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 /// Sends SIGCONT on drop, so a failed test never leaves a stopped process behind.

@@ -30,6 +30,19 @@ use crate::registry::{ClusterSettings, KeepAlive, LeaseId, NodeRecord, Registry,
 pub use fencing::Health;
 use fencing::{Action, Monitor};
 
+/// How long [`Cluster::join`] keeps trying a registry that stopped answering after it was
+/// connected. A node started by a service manager is restarted anyway; this only spares it a
+/// restart (and the operator a scary log line) for a registry that is slow for a few seconds.
+pub const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+const JOIN_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// A failed registry call during [`Cluster::join`] is tried again when it is a timeout or a
+/// lost connection (the registry may answer in a moment) and there is patience left; anything
+/// else (refused credentials, corrupt records, a live node of the same name) fails the start.
+pub(crate) fn may_retry_join(error: &RegistryError, patience: Instant) -> bool {
+    matches!(error, RegistryError::Unreachable { .. }) && Instant::now() < patience
+}
+
 /// A node of the cluster: its registry, its record, its current lease and health.
 pub struct Cluster {
     pub registry: Arc<dyn Registry>,
@@ -46,13 +59,30 @@ impl Cluster {
     /// Register `node` under a new lease. A name held by another lease is refused at once when
     /// that node's API answers as that node; otherwise it may be this node's previous run
     /// (killed), whose lease runs out within the TTL: wait for that, then try once more.
+    ///
+    /// The registry answered when it was connected (a wrong address or credentials fail before
+    /// this), so a call that times out here is a registry busy for a moment (an etcd whose disk
+    /// stalls its fsyncs, a leader election): it is tried again for up to [`JOIN_PATIENCE`]
+    /// rather than failing the node's start on one slow answer.
     pub async fn join(registry: Arc<dyn Registry>, node: NodeRecord) -> Result<Arc<Self>> {
-        let settings = registry.settings().await.with_context(|| {
-            format!(
-                "cannot read the cluster settings from {}",
-                registry.describe()
-            )
-        })?;
+        let patience = Instant::now() + JOIN_PATIENCE;
+        let settings = loop {
+            match registry.settings().await {
+                Ok(settings) => break settings,
+                Err(e) if may_retry_join(&e, patience) => {
+                    tracing::warn!(node = %node.name, error = %e, "reading the cluster settings failed; retrying");
+                    tokio::time::sleep(JOIN_RETRY_PAUSE).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot read the cluster settings from {}",
+                            registry.describe()
+                        )
+                    })
+                }
+            }
+        };
         settings.validate()?;
         let ttl = settings.lease_ttl();
         let deadline = Instant::now() + ttl + Duration::from_secs(2);
@@ -65,6 +95,10 @@ impl Cluster {
                 {
                     tracing::info!(node = %node.name, "waiting for the previous registration of this node to expire");
                     tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) if may_retry_join(&e, patience) => {
+                    tracing::warn!(node = %node.name, error = %e, "registering the node failed; retrying");
+                    tokio::time::sleep(JOIN_RETRY_PAUSE).await;
                 }
                 Err(e) => {
                     return Err(e).with_context(|| {

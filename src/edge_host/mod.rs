@@ -74,12 +74,15 @@ pub fn host_name() -> String {
 
 /// Register the edge; when the name is held by a previous run of this same edge (same host, same
 /// API address, which this process could bind, so that run is dead) wait for its lease to expire.
+/// A registry call that times out is tried again for a while, as in [`crate::cluster::Cluster::join`].
 async fn register(
     registry: &dyn Registry,
     record: &EdgeRecord,
     ttl: Duration,
 ) -> Result<registry::Lease> {
     let deadline = Instant::now() + ttl * 2 + Duration::from_secs(2);
+    // A registry that answered at connect but times out now is busy for a moment (as for a node).
+    let patience = Instant::now() + crate::cluster::JOIN_PATIENCE;
     loop {
         match registry.register_edge(record, ttl).await {
             Ok(lease) => return Ok(lease),
@@ -89,6 +92,10 @@ async fn register(
                     && Instant::now() < deadline =>
             {
                 tracing::info!(edge = %record.name, "the previous run's lease is still alive; waiting for it to expire");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) if crate::cluster::may_retry_join(&e, patience) => {
+                tracing::warn!(edge = %record.name, error = %e, "registering the edge failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e).context("cannot register the edge"),

@@ -575,11 +575,21 @@ impl Registry for EtcdRegistry {
     }
 
     async fn register_node(&self, node: &NodeRecord, ttl: Duration) -> Result<Lease> {
+        let live = format!("{LIVE}{}", node.name);
+        // A name still held (a restarted node waiting for its killed run's lease to expire
+        // asks every 250 ms) is answered by a read: no lease is granted and revoked, two raft
+        // writes and their fsyncs, per attempt. The transaction below still decides.
+        if let Some(kv) = self.get_one(&live).await? {
+            return Err(RegistryError::NodeAlive {
+                node: node.name.clone(),
+                api_addr: decode_kv::<NodeRecord>(&kv)
+                    .map_or_else(|_| "unknown".into(), |h| h.api_addr),
+            });
+        }
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let mut leases = self.client.lease_client();
         let granted = self.call("lease grant", leases.grant(secs, None)).await?;
         let lease = granted.id();
-        let live = format!("{LIVE}{}", node.name);
         let member = format!("{NODES}{}", node.name);
         let txn = Txn::new()
             .when(vec![Compare::create_revision(

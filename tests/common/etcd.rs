@@ -29,6 +29,8 @@ pub struct Etcd {
     pub metrics_port: u16,
     pub tls: Option<EtcdTls>,
     pub data_dir: PathBuf,
+    /// The tmpfs directory holding `data_dir`, removed after etcd is killed.
+    _shm: Option<tempfile::TempDir>,
     pub log: PathBuf,
     /// Also listen for clients on this address (nodes in network namespaces reach it there).
     pub also_on: Option<std::net::Ipv4Addr>,
@@ -61,13 +63,25 @@ impl Etcd {
     fn start_with(root: &Path, also_on: Option<std::net::Ipv4Addr>, tls: Option<EtcdTls>) -> Self {
         let mut last = String::new();
         for _ in 0..5 {
+            // etcd fsyncs every write and its calls time out after 2 s in vstor; on this one shared
+            // disk the other tests' fsync storms stalled it past that (a production etcd gets a
+            // disk of its own). Its data lives on tmpfs when there is one; the stall itself is
+            // tested on purpose (`cluster_failover`, SIGSTOP).
+            let shm = tempfile::Builder::new()
+                .prefix("vstor-test-etcd")
+                .tempdir_in("/dev/shm")
+                .ok();
+            let data_dir = shm
+                .as_ref()
+                .map_or_else(|| root.join("etcd-data"), |d| d.path().join("etcd-data"));
             let mut etcd = Etcd {
                 child: None,
                 client_port: free_port(),
                 peer_port: free_port(),
                 metrics_port: free_port(),
                 tls: tls.clone(),
-                data_dir: root.join("etcd-data"),
+                data_dir,
+                _shm: shm,
                 log: root.join("etcd.log"),
                 also_on,
             };
@@ -253,6 +267,11 @@ impl Etcd {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The etcd process's id (to stop it with SIGSTOP, as a stalled disk would).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("etcd is running").id()
     }
 
     /// Start again on the same ports and data (after `kill9`).
