@@ -38,8 +38,8 @@ use vstor_edge::remote::Opening;
 use vstor_volumedriver::{DtlMode, VolumeError, VolumeManager};
 
 use super::failover_plan::{
-    after_failed_adoption, after_fence, may_adopt, plan_adoptions, recovery, AfterFailedAdoption,
-    AfterFence, LiveNode, Orphan, Recovery,
+    after_failed_adoption, after_fence, may_adopt, ownership_landed, plan_adoptions, recovery,
+    AfterFailedAdoption, AfterFence, LiveNode, Orphan, Recovery,
 };
 use super::placement;
 use crate::registry::{
@@ -55,6 +55,11 @@ fn adoption_may_succeed_later(error: &VolumeError) -> bool {
         VolumeError::Dtl { .. } | VolumeError::Backend { .. } | VolumeError::Io { .. }
     )
 }
+
+/// How often, and how far apart, the record is read after a `take_ownership` that got no
+/// answer (about the registry call timeout in all).
+const LANDED_READS: u32 = 4;
+const LANDED_READ_PAUSE: Duration = Duration::from_millis(500);
 
 /// Why [`Failover::adopt`] did not adopt a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,6 +400,19 @@ impl Failover {
                     tracing::debug!(volume = %name, %owner, "another node took the volume first");
                     return Err(AdoptError::Taken(owner));
                 }
+                Err(e @ RegistryError::Unreachable { .. }) => {
+                    match self.ownership_after_no_answer(&name, expected).await {
+                        Some(tag) => {
+                            tracing::warn!(volume = %name, error = %e, owner_tag = tag, "taking ownership got no answer but took effect; adopting");
+                            tag
+                        }
+                        None => {
+                            self.log.abort(&name);
+                            tracing::warn!(volume = %name, error = %e, "cannot take ownership");
+                            return Err(AdoptError::Registry(e.to_string()));
+                        }
+                    }
+                }
                 Err(e) => {
                     self.log.abort(&name);
                     tracing::warn!(volume = %name, error = %e, "cannot take ownership");
@@ -465,6 +483,24 @@ impl Failover {
                 .await;
         }
         Ok(entry)
+    }
+
+    /// After a `take_ownership` of `name` (expecting `expected`) got no answer: this node's tag
+    /// if it took effect anyway ([`ownership_landed`]). The record is read a few times, since
+    /// the registry that just timed out may be slow a little longer; if it never answers, the
+    /// transaction is taken as lost (and a volume it did give this node stays unserved until
+    /// an operator runs `vstor volume adopt`, which the record then allows).
+    async fn ownership_after_no_answer(&self, name: &str, expected: u64) -> Option<u64> {
+        for attempt in 0..LANDED_READS {
+            if attempt > 0 {
+                tokio::time::sleep(LANDED_READ_PAUSE).await;
+            }
+            if let Ok(record) = self.registry.volume(name).await {
+                let now = record.as_ref().map(|r| (r.owner.as_str(), r.owner_tag));
+                return ownership_landed(now, &self.node.name, expected);
+            }
+        }
+        None
     }
 
     /// Point volume `name` (owned here with `tag`) at a new DTL node chosen by the placement

@@ -8,6 +8,7 @@
 //!   once the planned one had its grace period).
 //! - Where a re-placed DTL goes is the create-time rule, `placement::dtl_node`.
 //! - [`recovery`]: whether an orphan can be recovered at all or must halt.
+//! - [`ownership_landed`]: whether an ownership transaction that got no answer took effect.
 //! - [`after_failed_adoption`]: whether a failed adoption is tried again or halts the volume.
 //! - [`after_fence`]: what a node does with a volume it held once its lease is back.
 
@@ -122,6 +123,17 @@ pub fn after_failed_adoption(attempt: u32, may_succeed_later: bool) -> AfterFail
     }
 }
 
+/// A `take_ownership` that got no answer (a timeout, a lost connection) may still have been
+/// applied by the registry. `now` is the volume's (owner, tag) read afterwards: if it names this
+/// node with a newer tag than the one expected, the transaction landed and this node owns the
+/// volume under that tag. It must adopt it then: nobody else will, the owner being alive.
+pub fn ownership_landed(now: Option<(&str, u64)>, me: &str, expected: u64) -> Option<u64> {
+    match now {
+        Some((owner, tag)) if owner == me && tag > expected => Some(tag),
+        _ => None,
+    }
+}
+
 /// What a node does with a volume it served once its lease is back after being fenced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterFence {
@@ -184,6 +196,19 @@ mod tests {
             after_failed_adoption(u32::MAX, true),
             AfterFailedAdoption::Halt
         );
+    }
+
+    #[test]
+    fn an_unanswered_ownership_transaction_landed_only_if_the_record_names_us_newer() {
+        assert_eq!(ownership_landed(Some(("b", 8)), "b", 7), Some(8));
+        // Not applied (yet): the old owner and tag.
+        assert_eq!(ownership_landed(Some(("a", 7)), "b", 7), None);
+        // Another survivor's transaction won.
+        assert_eq!(ownership_landed(Some(("c", 8)), "b", 7), None);
+        // Named us before this attempt (an older attempt's tag): not this transaction.
+        assert_eq!(ownership_landed(Some(("b", 7)), "b", 7), None);
+        // Deleted meanwhile, or the read failed too.
+        assert_eq!(ownership_landed(None, "b", 7), None);
     }
 
     #[test]

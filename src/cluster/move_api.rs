@@ -124,8 +124,12 @@ async fn adopt_record(
     owner_alive: bool,
 ) -> Result<Json<VolumeView>, ApiError> {
     let name = record.name.clone();
+    // The record names this node, yet nothing here serves or is opening it: an ownership
+    // transaction that took effect after it timed out (`Failover::adopt` checks, but the
+    // registry may not have answered that either). The operator's adopt serves it.
+    let mine_unserved = record.owner == failover.node.name && !failover.log.pending(&name);
     if state.manager.names().contains(&name)
-        || (record.state == crate::registry::VolumeState::Serving && owner_alive)
+        || (record.state == crate::registry::VolumeState::Serving && owner_alive && !mine_unserved)
     {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
