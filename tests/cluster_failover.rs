@@ -479,6 +479,48 @@ fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_and_says_why() {
     assert!(NbdClient::connect(&cluster.nodes[adopter].nbd, VOLUME).is_err());
 }
 
+/// The owner and the DTL node die together and nobody intervenes: the volume halts, and when
+/// the DTL node is restarted a survivor adopts the volume on its own and loses nothing.
+#[test]
+fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
+    let mut cluster = Cluster::start_with_fixed_dtl_ports();
+    let info = cluster.create_volume();
+    let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 300, "before the double failure");
+    stop_writers(&load, writers);
+    cluster.nodes[dtl_idx].kill9();
+    cluster.nodes[0].kill9();
+    let survivor = (1..NODES).find(|i| *i != dtl_idx).unwrap();
+    let halted = try_wait_info(
+        &cluster.nodes[survivor],
+        "the volume halted",
+        Duration::from_secs(30),
+        |i| i["state"] == "halted",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+    assert_eq!(halted["owner"], "n0", "{halted}");
+    cluster.nodes[dtl_idx].launch();
+    let served = try_wait_info(
+        &cluster.nodes[survivor],
+        "served again",
+        Duration::from_secs(30),
+        |i| i["state"] == "running",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+    assert_eq!(served["last_failover"]["kind"], "dtl-back", "{served}");
+    assert_eq!(served["last_failover"]["from"], "n0", "{served}");
+    let owner = cluster.index(served["owner"].as_str().expect("owner"));
+    assert_ne!(owner, 0, "{served}");
+    oracle::verify(
+        &cluster.nodes[owner].nbd,
+        VOLUME,
+        &load,
+        "after the DTL node came back",
+    );
+}
+
 /// A node restarted while etcd stalls (a disk that holds its fsyncs, a leader election) is not
 /// failed by a registry call that times out: it tries again and joins once etcd answers.
 #[test]
@@ -787,8 +829,8 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
 
 /// The owner and the DTL node die together: the volume halts with the reason. The operator
 /// cannot adopt it while the DTL is gone (a clear error, still halted); once the DTL node is
-/// back, `vstor volume adopt` on a survivor replays its DTL and every acknowledged write reads
-/// back.
+/// back, the survivor whose adoption failed adopts it again on its own, replays its DTL and
+/// every acknowledged write reads back.
 #[test]
 fn owner_and_dtl_node_both_killed_halts_the_volume_with_the_reason() {
     let mut cluster = Cluster::start_with_fixed_dtl_ports();
@@ -838,21 +880,32 @@ fn owner_and_dtl_node_both_killed_halts_the_volume_with_the_reason() {
     assert_eq!(info["state"], "halted", "{info}");
     assert!(info["nbd_uri"].is_null(), "{info}");
 
-    // The DTL node comes back with its entries: the operator's adoption loses nothing.
+    // The DTL node comes back with its entries: the node whose adoption failed (the record's
+    // owner now) adopts the volume again on its own, and loses nothing.
     cluster.nodes[dtl_idx].launch();
     let at = &cluster.nodes[survivor];
-    let adopted = json(&at.cli_ok(&["volume", "adopt", VOLUME, "--json"]));
     let survivor_name = format!("n{survivor}");
-    assert_eq!(adopted["owner"], survivor_name.as_str(), "{adopted}");
-    assert!(
-        adopted["dtl_entries_replayed"].as_u64().unwrap_or(0) > 0,
-        "{adopted}"
-    );
-    let served = wait_info(at, "served again", Duration::from_secs(10), |i| {
+    let served = try_wait_info(at, "served again", Duration::from_secs(30), |i| {
         i["state"] == "running"
-    });
-    assert_eq!(served["last_failover"]["kind"], "operator", "{served}");
-    oracle::verify(&at.nbd, VOLUME, &load, "after the operator adopted it");
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+    assert_eq!(served["owner"], survivor_name.as_str(), "{served}");
+    assert_eq!(served["last_failover"]["kind"], "dtl-back", "{served}");
+    assert!(
+        served["last_failover"]["dtl_entries_replayed"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{served}"
+    );
+    oracle::verify(&at.nbd, VOLUME, &load, "after the DTL node came back");
+    // Served: the operator's adopt on the owner is refused.
+    let out = at.cli(&["volume", "adopt", VOLUME]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("volume move"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A volume with a live owner is moved, not adopted: asked elsewhere, the owner says so.
     let other = (0..NODES).find(|i| *i != survivor && *i != 0).unwrap();
     let out = cluster.nodes[other].cli(&["volume", "adopt", VOLUME]);

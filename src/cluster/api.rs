@@ -118,7 +118,7 @@ fn record_view(
     let (state, reason) = match &record.state {
         VolumeState::Serving if owner.is_some() => ("serving", None),
         VolumeState::Serving => ("owner-dead", None),
-        VolumeState::Halted { reason } => ("halted", Some(reason.clone())),
+        VolumeState::Halted { reason, .. } => ("halted", Some(reason.clone())),
     };
     VolumeView {
         name: record.name.clone(),
@@ -212,7 +212,7 @@ async fn owned_here_not_served(
     record: &VolumeRecord,
     is_info: bool,
 ) -> Response {
-    let VolumeState::Halted { reason } = &record.state else {
+    let VolumeState::Halted { reason, .. } = &record.state else {
         return being_taken_over(state, &record.name, record.owner_tag).into_response();
     };
     if !is_info {

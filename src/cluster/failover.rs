@@ -38,12 +38,13 @@ use vstor_edge::remote::Opening;
 use vstor_volumedriver::{DtlMode, VolumeError, VolumeManager};
 
 use super::failover_plan::{
-    after_failed_adoption, after_fence, may_adopt, ownership_landed, plan_adoptions, recovery,
-    AfterFailedAdoption, AfterFence, LiveNode, Orphan, Recovery,
+    after_failed_adoption, after_fence, dtl_back_since_halt, may_adopt, ownership_landed,
+    plan_adoptions, recovery, AfterFailedAdoption, AfterFence, LiveNode, Orphan, Recovery,
 };
 use super::placement;
 use crate::registry::{
-    LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError, VolumeRecord, VolumeState,
+    now_ms, LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError, VolumeRecord,
+    VolumeState,
 };
 
 /// Whether an adoption that failed with `error` may succeed if tried again: the DTL or the
@@ -160,6 +161,9 @@ pub struct Failover {
     pub log: Arc<FailoverLog>,
     /// When this node first saw each dead owner (for the grace period and the timings).
     seen_dead: Mutex<HashMap<String, Instant>>,
+    /// When this node saw each node alive again after seeing it dead (ms since the epoch): a
+    /// DTL node back from a partition keeps its `started_at`.
+    came_back: Mutex<HashMap<String, u64>>,
     /// One pass at a time (events and sweeps both start passes).
     passes: tokio::sync::Mutex<()>,
     /// Volumes whose DTL needs a new node and found none (warned about once).
@@ -207,6 +211,7 @@ impl Failover {
             on_dropped,
             log: Arc::new(FailoverLog::default()),
             seen_dead: Mutex::new(HashMap::new()),
+            came_back: Mutex::new(HashMap::new()),
             passes: tokio::sync::Mutex::new(()),
             no_dtl_node: Mutex::new(BTreeSet::new()),
         })
@@ -264,10 +269,41 @@ impl Failover {
     }
 
     fn forget_dead(&self, alive: &BTreeSet<String>) {
+        let mut back = Vec::new();
         self.seen_dead
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|node, _| !alive.contains(node));
+            .retain(|node, _| {
+                let dead = !alive.contains(node);
+                if !dead {
+                    back.push(node.clone());
+                }
+                dead
+            });
+        let now = now_ms();
+        let mut came_back = self
+            .came_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for node in back {
+            came_back.insert(node, now);
+        }
+    }
+
+    /// Since when (ms since the epoch, rounded up) `node` has been alive as far as this node
+    /// knows: its process start, or when it was seen back after being seen dead.
+    fn alive_since_ms(&self, node: &str, nodes: &[NodeStatus]) -> Option<u64> {
+        let status = nodes.iter().find(|n| n.alive && n.record.name == node)?;
+        // `started_at` is whole seconds: the start was at most 999 ms later.
+        let started = status.record.started_at.saturating_mul(1000) + 999;
+        let back = self
+            .came_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .copied()
+            .unwrap_or(0);
+        Some(started.max(back))
     }
 
     fn dead_since(&self, node: &str) -> Duration {
@@ -306,6 +342,7 @@ impl Failover {
         self.drop_moved_volumes(&records);
         self.replace_dead_dtls(&records, &alive, &live, &nodes)
             .await;
+        self.revive_halted(&records, &alive, &live, &nodes).await;
 
         let mut orphans = Vec::new();
         let mut by_name = BTreeMap::new();
@@ -353,9 +390,74 @@ impl Failover {
         Ok(())
     }
 
+    /// Halted volumes whose DTL node is alive again since the halt ([`dtl_back_since_halt`])
+    /// are adopted again, once per comeback: by their recorded owner if it is alive (the
+    /// adopter whose replay failed), else by the planned survivor. A new failure records a new
+    /// halt, later than the comeback, so a DTL that is back but unreadable is not tried again
+    /// until it comes back once more (or an operator runs `vstor volume adopt`).
+    async fn revive_halted(
+        self: &Arc<Self>,
+        records: &[VolumeRecord],
+        alive: &BTreeSet<String>,
+        live: &[LiveNode],
+        nodes: &[NodeStatus],
+    ) {
+        let mut revivable = Vec::new();
+        for record in records {
+            let VolumeState::Halted { at_ms, .. } = &record.state else {
+                continue;
+            };
+            let Some(dtl) = &record.dtl_node else {
+                continue;
+            };
+            if dtl_back_since_halt(*at_ms, self.alive_since_ms(dtl, nodes)) {
+                revivable.push(record);
+            }
+        }
+        if revivable.is_empty() {
+            return;
+        }
+        let orphans: Vec<Orphan> = revivable
+            .iter()
+            .filter(|r| !alive.contains(&r.owner))
+            .map(|r| Orphan {
+                name: r.name.clone(),
+                dtl_node: r.dtl_node.clone(),
+                mirrored: true,
+            })
+            .collect();
+        let plan = plan_adoptions(live, &orphans);
+        for record in revivable {
+            let mine = if alive.contains(&record.owner) {
+                record.owner == self.node.name
+            } else {
+                self.saw_dead(&record.owner);
+                let planned = plan.get(&record.name).map(String::as_str);
+                may_adopt(
+                    &self.node.name,
+                    planned,
+                    self.dead_since(&record.owner),
+                    self.grace,
+                )
+            };
+            if !mine
+                || self.log.pending(&record.name)
+                || self.manager.names().contains(&record.name)
+            {
+                continue;
+            }
+            tracing::warn!(volume = %record.name, dtl_node = ?record.dtl_node, "the halted volume's DTL node is back; adopting it again");
+            // Failures are logged and recorded as a new halt.
+            let _ = self
+                .adopt(record, nodes, live, Duration::ZERO, "dtl-back")
+                .await;
+        }
+    }
+
     async fn halt(&self, record: &VolumeRecord, reason: &str) {
         let state = VolumeState::Halted {
             reason: format!("owner {} died: {reason}", record.owner),
+            at_ms: now_ms(),
         };
         match self
             .registry
@@ -445,6 +547,7 @@ impl Failover {
             tracing::error!(volume = %name, %reason, attempts = attempt, "volume halted");
             let halted = VolumeState::Halted {
                 reason: reason.clone(),
+                at_ms: now_ms(),
             };
             if let Err(e) = self.registry.set_state(&name, tag, halted).await {
                 tracing::warn!(volume = %name, error = %e, "recording the halt failed");

@@ -10,6 +10,7 @@
 //! - [`recovery`]: whether an orphan can be recovered at all or must halt.
 //! - [`ownership_landed`]: whether an ownership transaction that got no answer took effect.
 //! - [`after_failed_adoption`]: whether a failed adoption is tried again or halts the volume.
+//! - [`dtl_back_since_halt`]: whether a halted volume is adopted again on its own.
 //! - [`after_fence`]: what a node does with a volume it held once its lease is back.
 
 use std::collections::BTreeMap;
@@ -86,7 +87,7 @@ pub fn recovery(orphan: &Orphan, live: &[LiveNode]) -> Recovery {
         (_, false) => Recovery::Adopt,
         (Some(dtl), true) if live.iter().any(|n| &n.name == dtl) => Recovery::Adopt,
         (Some(dtl), true) => Recovery::Halt(format!(
-            "its owner and its DTL node {dtl} are both gone; acknowledged writes not yet on the backend may be lost, so it is not served until an operator adopts it"
+            "its owner and its DTL node {dtl} are both gone; acknowledged writes not yet on the backend may be lost, so it is not served until the DTL node is back or an operator adopts it"
         )),
         (None, true) => Recovery::Halt(
             "its owner is gone and it has no DTL node on record; acknowledged writes not yet on the backend may be lost".into(),
@@ -132,6 +133,14 @@ pub fn ownership_landed(now: Option<(&str, u64)>, me: &str, expected: u64) -> Op
         Some((owner, tag)) if owner == me && tag > expected => Some(tag),
         _ => None,
     }
+}
+
+/// A halted volume is adopted again when its DTL node has been alive since after the halt
+/// (`dtl_alive_since_ms`, `None` while it is dead): restarted, or back from a partition. The
+/// acknowledged writes the halt protected may be readable again. A halt recorded after that
+/// (the new attempt failed too) is not retried until the DTL node comes back once more.
+pub fn dtl_back_since_halt(halted_at_ms: u64, dtl_alive_since_ms: Option<u64>) -> bool {
+    dtl_alive_since_ms.is_some_and(|since| since > halted_at_ms)
 }
 
 /// What a node does with a volume it served once its lease is back after being fenced.
@@ -209,6 +218,19 @@ mod tests {
         assert_eq!(ownership_landed(Some(("b", 7)), "b", 7), None);
         // Deleted meanwhile, or the read failed too.
         assert_eq!(ownership_landed(None, "b", 7), None);
+    }
+
+    #[test]
+    fn a_halted_volume_is_revived_only_by_a_dtl_node_back_since_the_halt() {
+        // Restarted (or seen back) after the halt.
+        assert!(dtl_back_since_halt(10_000, Some(12_999)));
+        // Alive since before the halt: the halt already saw it (an unreadable DTL, say).
+        assert!(!dtl_back_since_halt(10_000, Some(9_999)));
+        assert!(!dtl_back_since_halt(10_000, Some(10_000)));
+        // Still dead.
+        assert!(!dtl_back_since_halt(10_000, None));
+        // A record from before halts had a time: revived by any live DTL node.
+        assert!(dtl_back_since_halt(0, Some(1)));
     }
 
     #[test]

@@ -190,6 +190,7 @@ async fn contract(registry: &dyn Registry) {
     registry.set_dtl("v", 2, Some("n1".into())).await.unwrap();
     let halted = VolumeState::Halted {
         reason: "test".into(),
+        at_ms: 1_700_000_000_123,
     };
     registry.set_state("v", 2, halted.clone()).await.unwrap();
     let record = registry.volume("v").await.unwrap().unwrap();

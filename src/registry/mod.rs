@@ -151,8 +151,14 @@ pub enum KeepAlive {
 pub enum VolumeState {
     #[default]
     Serving,
-    /// Not serving (unrecoverable, or stopped by the cluster) until an operator acts.
-    Halted { reason: String },
+    /// Not serving (unrecoverable, or stopped by the cluster) until an operator adopts it, or
+    /// its DTL node comes back after the halt (the failover sweep then adopts it again).
+    Halted {
+        reason: String,
+        /// When it halted (ms since the epoch; 0 in records written before this field).
+        #[serde(default)]
+        at_ms: u64,
+    },
 }
 
 /// A volume's persistent record (not under a lease: it outlives its owner).
@@ -520,6 +526,12 @@ pub fn etcd_uses_tls(endpoints: &[String]) -> bool {
     endpoints.iter().any(|e| e.starts_with("https://"))
 }
 
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -576,6 +588,7 @@ mod tests {
             dtl_mode: DtlMode::Sync,
             state: VolumeState::Halted {
                 reason: "DTL lost".into(),
+                at_ms: 1_700_000_000_000,
             },
             size: 1 << 30,
             created_at: 1,
