@@ -640,6 +640,17 @@ fn etcd_killed_and_restarted_under_load_changes_nothing() {
     );
     assert_eq!(after["owner_tag"].as_u64(), Some(tag), "{after}");
     oracle::verify(&cluster.nodes[0].nbd, VOLUME, &load, "after etcd restarted");
+    // Each node said once that its failover passes failed, and that they work again: a pass
+    // runs every second, so one line per second would bury everything else.
+    for node in &cluster.nodes {
+        let back = wait_log(&node.log, 0, "failover passes work again");
+        let log = node.log_text();
+        let failing = log.matches("failover pass incomplete").count();
+        assert!(
+            back && (1..=3).contains(&failing),
+            "{failing} warnings:\n{log}"
+        );
+    }
 }
 
 #[test]

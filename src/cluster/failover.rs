@@ -164,6 +164,8 @@ pub struct Failover {
     /// When this node saw each node alive again after seeing it dead (ms since the epoch): a
     /// DTL node back from a partition keeps its `started_at`.
     came_back: Mutex<HashMap<String, u64>>,
+    /// The last pass failed (its error was logged as a warning).
+    pass_failing: std::sync::atomic::AtomicBool,
     /// One pass at a time (events and sweeps both start passes).
     passes: tokio::sync::Mutex<()>,
     /// Volumes whose DTL needs a new node and found none (warned about once).
@@ -212,6 +214,7 @@ impl Failover {
             log: Arc::new(FailoverLog::default()),
             seen_dead: Mutex::new(HashMap::new()),
             came_back: Mutex::new(HashMap::new()),
+            pass_failing: std::sync::atomic::AtomicBool::new(false),
             passes: tokio::sync::Mutex::new(()),
             no_dtl_node: Mutex::new(BTreeSet::new()),
         })
@@ -317,8 +320,20 @@ impl Failover {
     /// One pass in its own task, so a slow adoption never delays the next event.
     fn spawn_pass(self: Arc<Self>) {
         tokio::spawn(async move {
-            if let Err(e) = self.pass().await {
-                tracing::debug!(error = %e, "failover pass incomplete (registry unreachable?)");
+            let result = self.pass().await;
+            // Said once when passes start failing and once when they work again: a pass runs
+            // every second, and a registry that is down is already reported by the fencing
+            // monitor.
+            let was_failing = self
+                .pass_failing
+                .swap(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+            match result {
+                Err(e) if !was_failing => {
+                    tracing::warn!(error = %e, "failover pass incomplete; no volume is adopted until a pass works again");
+                }
+                Err(e) => tracing::debug!(error = %e, "failover pass incomplete"),
+                Ok(()) if was_failing => tracing::info!("failover passes work again"),
+                Ok(()) => {}
             }
         });
     }
