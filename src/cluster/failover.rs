@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use vstor_edge::remote::Opening;
@@ -43,8 +43,8 @@ use super::failover_plan::{
 };
 use super::placement;
 use crate::registry::{
-    now_ms, LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError, VolumeRecord,
-    VolumeState,
+    now_ms, now_secs, LeaseId, NodeEvent, NodeRecord, NodeStatus, Registry, RegistryError,
+    VolumeRecord, VolumeState,
 };
 
 /// Whether an adoption that failed with `error` may succeed if tried again: the DTL or the
@@ -170,12 +170,6 @@ pub struct Failover {
     passes: tokio::sync::Mutex<()>,
     /// Volumes whose DTL needs a new node and found none (warned about once).
     no_dtl_node: Mutex<BTreeSet<String>>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 pub(super) fn live_view(nodes: &[NodeStatus]) -> Vec<LiveNode> {
@@ -357,12 +351,26 @@ impl Failover {
         self.drop_moved_volumes(&records);
         self.replace_dead_dtls(&records, &alive, &live, &nodes)
             .await;
-        self.revive_halted(&records, &alive, &live, &nodes).await;
 
+        // Orphans: volumes whose owner is dead, serving, or halted with their DTL node back
+        // since the halt (`dtl_back`); planned and adopted alike. A halted volume whose
+        // recorded owner is this node (its adoption here failed) is this node's to retry.
         let mut orphans = Vec::new();
         let mut by_name = BTreeMap::new();
+        let mut halted_here = Vec::new();
         for record in records {
-            if alive.contains(&record.owner) || record.state != VolumeState::Serving {
+            let revive = self.dtl_back(&record, &nodes);
+            if alive.contains(&record.owner) {
+                if revive
+                    && record.owner == self.node.name
+                    && !self.log.pending(&record.name)
+                    && !self.manager.names().contains(&record.name)
+                {
+                    halted_here.push(record);
+                }
+                continue;
+            }
+            if record.state != VolumeState::Serving && !revive {
                 continue;
             }
             if self.registry.owner(&record.name).await?.is_some() {
@@ -377,6 +385,9 @@ impl Failover {
                 mirrored: record.dtl_mode != DtlMode::None && record.dtl_addr.is_none(),
             });
             by_name.insert(record.name.clone(), record);
+        }
+        for record in halted_here {
+            self.adopt_again(&record, &nodes, &live).await;
         }
         if orphans.is_empty() {
             return Ok(());
@@ -395,9 +406,14 @@ impl Failover {
                     }
                 }
                 Recovery::Adopt => {
-                    if may_adopt(&self.node.name, planned, since, self.grace) {
+                    if !may_adopt(&self.node.name, planned, since, self.grace) {
+                        continue;
+                    }
+                    if record.state == VolumeState::Serving {
                         // Failures are logged, and halt the volume when they must.
                         let _ = self.adopt(&record, &nodes, &live, since, "failover").await;
+                    } else {
+                        self.adopt_again(&record, &nodes, &live).await;
                     }
                 }
             }
@@ -405,68 +421,31 @@ impl Failover {
         Ok(())
     }
 
-    /// Halted volumes whose DTL node is alive again since the halt ([`dtl_back_since_halt`])
-    /// are adopted again, once per comeback: by their recorded owner if it is alive (the
-    /// adopter whose replay failed), else by the planned survivor. A new failure records a new
-    /// halt, later than the comeback, so a DTL that is back but unreadable is not tried again
-    /// until it comes back once more (or an operator runs `vstor volume adopt`).
-    async fn revive_halted(
+    /// Adopt a halted volume whose DTL node is back (`last_failover.kind` `dtl-back`). A failure
+    /// is logged and recorded as a new halt.
+    async fn adopt_again(
         self: &Arc<Self>,
-        records: &[VolumeRecord],
-        alive: &BTreeSet<String>,
-        live: &[LiveNode],
+        record: &VolumeRecord,
         nodes: &[NodeStatus],
+        live: &[LiveNode],
     ) {
-        let mut revivable = Vec::new();
-        for record in records {
-            let VolumeState::Halted { at_ms, .. } = &record.state else {
-                continue;
-            };
-            let Some(dtl) = &record.dtl_node else {
-                continue;
-            };
-            if dtl_back_since_halt(*at_ms, self.alive_since_ms(dtl, nodes)) {
-                revivable.push(record);
-            }
-        }
-        if revivable.is_empty() {
-            return;
-        }
-        let orphans: Vec<Orphan> = revivable
-            .iter()
-            .filter(|r| !alive.contains(&r.owner))
-            .map(|r| Orphan {
-                name: r.name.clone(),
-                dtl_node: r.dtl_node.clone(),
-                mirrored: true,
-            })
-            .collect();
-        let plan = plan_adoptions(live, &orphans);
-        for record in revivable {
-            let mine = if alive.contains(&record.owner) {
-                record.owner == self.node.name
-            } else {
-                self.saw_dead(&record.owner);
-                let planned = plan.get(&record.name).map(String::as_str);
-                may_adopt(
-                    &self.node.name,
-                    planned,
-                    self.dead_since(&record.owner),
-                    self.grace,
-                )
-            };
-            if !mine
-                || self.log.pending(&record.name)
-                || self.manager.names().contains(&record.name)
-            {
-                continue;
-            }
-            tracing::warn!(volume = %record.name, dtl_node = ?record.dtl_node, "the halted volume's DTL node is back; adopting it again");
-            // Failures are logged and recorded as a new halt.
-            let _ = self
-                .adopt(record, nodes, live, Duration::ZERO, "dtl-back")
-                .await;
-        }
+        tracing::warn!(volume = %record.name, dtl_node = ?record.dtl_node, "the halted volume's DTL node is back; adopting it again");
+        let _ = self
+            .adopt(record, nodes, live, Duration::ZERO, "dtl-back")
+            .await;
+    }
+
+    /// `record` is halted and its DTL node has been alive since after the halt
+    /// ([`dtl_back_since_halt`]): it is adopted again, once per comeback (a new failure is a
+    /// new halt, later than the comeback, so an unreadable DTL is not tried every pass).
+    fn dtl_back(&self, record: &VolumeRecord, nodes: &[NodeStatus]) -> bool {
+        let VolumeState::Halted { at_ms, .. } = &record.state else {
+            return false;
+        };
+        record
+            .dtl_node
+            .as_ref()
+            .is_some_and(|dtl| dtl_back_since_halt(*at_ms, self.alive_since_ms(dtl, nodes)))
     }
 
     async fn halt(&self, record: &VolumeRecord, reason: &str) {
