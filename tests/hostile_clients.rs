@@ -65,10 +65,12 @@ async fn hostile(addr: &str, huge: &[u8], prefix: &[u8], partial: &[u8]) -> [Vec
     s.write_all(&[0xa5; 1024]).await.unwrap();
     let garbage_reply = read_until_closed(&mut s).await;
 
+    // The clock starts before the connection exists, so a test thread descheduled after the
+    // connect cannot make a timely close look early.
+    let started = Instant::now();
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(prefix).await.unwrap();
     s.write_all(partial).await.unwrap();
-    let started = Instant::now();
     let slow_reply = read_until_closed(&mut s).await;
     assert!(
         started.elapsed() >= FRAME_TIMEOUT,
@@ -237,8 +239,10 @@ async fn the_dtl_closes_a_connection_that_never_says_hello() {
         tmp.path(),
         &["--listen", "127.0.0.1:0", "--frame-timeout", "1s"],
     );
-    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // Before the connect: the server cannot start its timer any earlier, so a test thread
+    // descheduled after the connect cannot make a timely close look early.
     let started = Instant::now();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
     let reply = read_until_closed(&mut silent).await;
     assert!(
         started.elapsed() >= FRAME_TIMEOUT,
