@@ -519,6 +519,14 @@ fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
         &load,
         "after the DTL node came back",
     );
+    // The same through a real client.
+    let written = oracle::verify_with_qemu_img(
+        &cluster.nodes[owner].uri(VOLUME),
+        cluster._tmp.path(),
+        &load,
+        "qemu-img's copy after the DTL node came back",
+    );
+    assert!(written > 0, "nothing written");
 }
 
 /// A node restarted while etcd stalls (a disk that holds its fsyncs, a leader election) is not

@@ -206,16 +206,46 @@ pub fn stop_writers(load: &Load, writers: Vec<JoinHandle<Result<u64, String>>>) 
 pub fn verify(nbd: &str, volume: &str, load: &Load, context: &str) -> u64 {
     let mut client =
         NbdClient::connect(nbd, volume).unwrap_or_else(|e| panic!("{context}: NBD connect: {e}"));
+    let size = client.size;
+    verify_with(size, load, context, |offset, buf| {
+        let error = client
+            .read(offset, buf)
+            .unwrap_or_else(|e| panic!("{context}: read at {offset}: {e}"));
+        assert_eq!(error, 0, "{context}: read at {offset} failed");
+    })
+}
+
+/// Read the NBD export at `uri` with a real client (`qemu-img convert` into a raw file in `dir`)
+/// and check every block of the copy against the oracle, as [`verify`] does.
+pub fn verify_with_qemu_img(uri: &str, dir: &std::path::Path, load: &Load, context: &str) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("oracle-copy.raw");
+    let _ = std::fs::remove_file(&path);
+    super::run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(uri)
+            .arg(&path),
+    );
+    let file = std::fs::File::open(&path).unwrap();
+    let size = file.metadata().unwrap().len();
+    let written = verify_with(size, load, context, |offset, buf| {
+        file.read_exact_at(buf, offset)
+            .unwrap_or_else(|e| panic!("{context}: read the copy at {offset}: {e}"));
+    });
+    std::fs::remove_file(&path).unwrap();
+    written
+}
+
+/// Check `size` bytes read through `read` against the oracle; returns the blocks holding data.
+fn verify_with(size: u64, load: &Load, context: &str, mut read: impl FnMut(u64, &mut [u8])) -> u64 {
     let mut oracle = load.oracle.lock().unwrap();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut written = 0;
     let mut errors = Vec::new();
-    for offset in (0..client.size).step_by(READ_CHUNK) {
-        let len = READ_CHUNK.min((client.size - offset) as usize);
-        let error = client
-            .read(offset, &mut buf[..len])
-            .unwrap_or_else(|e| panic!("{context}: read at {offset}: {e}"));
-        assert_eq!(error, 0, "{context}: read at {offset} failed");
+    for offset in (0..size).step_by(READ_CHUNK) {
+        let len = READ_CHUNK.min((size - offset) as usize);
+        read(offset, &mut buf[..len]);
         for (i, data) in buf[..len].chunks(BLOCK).enumerate() {
             let block = offset / BLOCK as u64 + i as u64;
             match decode_block(block, data) {
