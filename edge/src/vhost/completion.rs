@@ -23,6 +23,7 @@ use tokio::runtime::Handle;
 use tracing::{error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryLoadGuard};
+use vmm_sys_util::event::EventNotifier;
 
 use super::backend::Inflight;
 use super::request::{GuestMem, Outcome, STATUS_IOERR};
@@ -38,15 +39,62 @@ pub(super) fn used_len(outcome: &Outcome) -> u32 {
     u32::try_from(outcome.written.saturating_add(1)).unwrap_or(u32::MAX)
 }
 
+/// Notify the guest if it asked for it, from the queue's worker (nothing else contends for the
+/// vring's lock there, so it signals under the lock, without `signal_unlocked`'s extra syscalls).
 pub(super) fn signal_if_needed(vring: &VringRwLock) {
-    let needed = vring.needs_notification().unwrap_or_else(|e| {
-        warn!(error = %e, "cannot read used_event; notifying the guest");
-        true
-    });
-    if needed {
+    if needs_notification(vring) {
         if let Err(e) = vring.signal_used_queue() {
             warn!(error = %e, "cannot signal the used queue");
         }
+    }
+}
+
+/// Notify the guest if it asked for it, from a thread other than the queue's worker.
+fn signal_if_needed_off_worker(vring: &VringRwLock) {
+    if needs_notification(vring) {
+        signal_unlocked(vring);
+    }
+}
+
+fn needs_notification(vring: &VringRwLock) -> bool {
+    vring.needs_notification().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read used_event; notifying the guest");
+        true
+    })
+}
+
+/// Notify the guest with the vring's lock released.
+///
+/// Why not `VringRwLock::signal_used_queue`: it writes the call eventfd while holding the vring's
+/// read lock, and that write wakes the guest's queue thread, which the scheduler may run at once
+/// on this CPU. When this is the runtime's thread completing a request, the guest's next kick
+/// wakes the queue's worker, which needs the same lock (`disable_notification`) and spins and
+/// sleeps on it until this thread runs again: at queue depth 32 through the edge on a small VM,
+/// that lock-holder preemption cost a few percent of a CPU and a context switch pair per pass.
+/// So the eventfd is duplicated under the lock (the frontend may replace it at any time,
+/// `SET_VRING_CALL`, so a raw fd number kept past the lock could name a closed or reused file)
+/// and written after it is released.
+fn signal_unlocked(vring: &VringRwLock) {
+    // One statement, so the read guard is released at its end (in a `match` scrutinee it would
+    // live through the arms, and the fallback below takes the lock again).
+    let cloned = vring
+        .get_ref()
+        .get_call()
+        .as_ref()
+        .map(EventNotifier::try_clone);
+    let call = match cloned {
+        None => return,
+        Some(Ok(call)) => call,
+        Some(Err(e)) => {
+            warn!(error = %e, "cannot duplicate the used queue's eventfd; signalling under the lock");
+            if let Err(e) = vring.signal_used_queue() {
+                warn!(error = %e, "cannot signal the used queue");
+            }
+            return;
+        }
+    };
+    if let Err(e) = call.notify() {
+        warn!(error = %e, "cannot signal the used queue");
     }
 }
 
@@ -72,7 +120,7 @@ impl Deferred {
     /// Publish `outcome` and notify the guest if it asked for it.
     pub(super) fn complete(&mut self, outcome: Outcome) {
         if self.publish(outcome) {
-            signal_if_needed(&self.vring);
+            signal_if_needed_off_worker(&self.vring);
         }
     }
 
@@ -138,7 +186,7 @@ impl Later {
                     }
                     ready_or_not => {
                         if !published.is_empty() {
-                            signal_if_needed(&vring);
+                            signal_if_needed_off_worker(&vring);
                             published.clear();
                         }
                         return ready_or_not.map(|_| ());
