@@ -133,6 +133,8 @@ pub struct EtcdSettings {
     pub user: Option<String>,
     /// File holding the user's password (one line).
     pub password_file: Option<PathBuf>,
+    /// Bound on one registry call, e.g. `5s` (`--registry-timeout`) [default: 2s].
+    pub timeout: Option<String>,
 }
 
 impl EtcdSettings {
@@ -151,6 +153,32 @@ impl EtcdSettings {
         if flags.user.is_some() {
             self.user = flags.user;
         }
+        if flags.timeout.is_some() {
+            self.timeout = flags.timeout;
+        }
+    }
+
+    /// `timeout` parsed and checked against [`TIMEOUT_RANGE`](crate::registry::etcd::TIMEOUT_RANGE).
+    fn call_timeout(&self) -> Result<std::time::Duration> {
+        use crate::registry::etcd::{DEFAULT_TIMEOUT, TIMEOUT_RANGE};
+        let Some(text) = &self.timeout else {
+            return Ok(DEFAULT_TIMEOUT);
+        };
+        let timeout = humantime::parse_duration(text.trim()).map_err(|e| {
+            anyhow::anyhow!(
+                "setting cluster.etcd.timeout (--registry-timeout) = {text:?} is not a duration \
+                 like 5s or 1500ms: {e}"
+            )
+        })?;
+        if !TIMEOUT_RANGE.contains(&timeout) {
+            bail!(
+                "setting cluster.etcd.timeout (--registry-timeout) = {text:?} is not allowed: \
+                 must be from {:?} to {:?}",
+                TIMEOUT_RANGE.start(),
+                TIMEOUT_RANGE.end()
+            );
+        }
+        Ok(timeout)
     }
 
     fn is_empty(&self) -> bool {
@@ -167,8 +195,13 @@ impl EtcdSettings {
                 crate::registry::ETCD_URI_FORMS
             ),
         };
+        let timeout = self.call_timeout()?;
         let access = self.load(crate::registry::etcd_uses_tls(&endpoints))?;
-        Ok(crate::registry::etcd::EtcdTarget { endpoints, access })
+        Ok(crate::registry::etcd::EtcdTarget {
+            endpoints,
+            access,
+            timeout,
+        })
     }
 
     /// Read and check the files and the password; `tls`: the registry is `etcd+https://` (the
@@ -1229,7 +1262,7 @@ impl ClusterFileSettings {
                 bail!("setting cluster.recovery_domain (--recovery-domain) and cluster.dtl_listen (--dtl-listen) need a cluster registry (--registry etcd://HOST:PORT)");
             }
             if !self.etcd.is_empty() {
-                bail!("settings cluster.etcd (--etcd-*) need a cluster registry (--registry etcd+https://HOST:PORT or etcd://HOST:PORT)");
+                bail!("settings cluster.etcd (--etcd-*, --registry-timeout) need a cluster registry (--registry etcd+https://HOST:PORT or etcd://HOST:PORT)");
             }
             return Ok(NodeIdentity {
                 name: text(&self.node).unwrap_or_else(|| "local".into()),
@@ -1727,6 +1760,50 @@ mod tests {
         for (registry, flags, expected) in errors {
             let err = resolve(registry, "", flags).unwrap_err();
             assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn the_registry_timeout_comes_from_the_file_or_the_flag_and_is_checked() {
+        let resolve = |registry: &str, file: &str, flag: Option<&str>| {
+            let mut config: FileConfig = toml::from_str(file).unwrap();
+            config.cluster.registry = registry.into();
+            config.cluster.node = "n1".into();
+            config
+                .resolve(Overrides {
+                    etcd: EtcdSettings {
+                        timeout: flag.map(str::to_string),
+                        ..EtcdSettings::default()
+                    },
+                    ..Overrides::default()
+                })
+                .map(|c| c.identity.cluster.unwrap().registry.timeout)
+        };
+        let file = "[cluster.etcd]\ntimeout = \"5s\"\n";
+        assert_eq!(
+            resolve("etcd://e1:2379", "", None).unwrap(),
+            crate::registry::etcd::DEFAULT_TIMEOUT
+        );
+        assert_eq!(
+            resolve("etcd://e1:2379", file, None).unwrap(),
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(
+            resolve("etcd://e1:2379", file, Some("1500ms")).unwrap(),
+            std::time::Duration::from_millis(1500)
+        );
+        for (registry, flag, expected) in [
+            ("etcd://e1:2379", "soon", "is not a duration"),
+            ("etcd://e1:2379", "10ms", "must be from 100ms to 60s"),
+            ("etcd://e1:2379", "2m", "must be from 100ms to 60s"),
+            ("", "5s", "need a cluster registry"),
+        ] {
+            let err = format!("{:#}", resolve(registry, "", Some(flag)).unwrap_err());
+            assert!(err.contains(expected), "{flag}: {err}");
+            assert!(
+                registry.is_empty() || err.contains("--registry-timeout"),
+                "{err}"
+            );
         }
     }
 

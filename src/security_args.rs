@@ -95,6 +95,11 @@ pub struct EtcdArgs {
     /// `cluster.etcd.password_file`).
     #[arg(long, value_name = "FILE", global = true)]
     pub etcd_password_file: Option<PathBuf>,
+    /// Bound on one call to the registry, e.g. 5s: an etcd whose disk is slow or shared may need
+    /// more than the default; from 100ms to 60s (serve config: `cluster.etcd.timeout`)
+    /// [default: 2s].
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub registry_timeout: Option<String>,
 }
 
 impl EtcdArgs {
@@ -106,6 +111,7 @@ impl EtcdArgs {
             key: self.etcd_key,
             user: self.etcd_user,
             password_file: self.etcd_password_file,
+            timeout: self.registry_timeout,
         }
     }
 

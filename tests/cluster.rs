@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{serve_fails, Daemon, NbdClient, TestBackend};
+use common::{serve_fails, Daemon, NbdClient, TestBackend, Thaw};
 use serde_json::Value;
 
 /// Lease TTL of the cluster (the default).
@@ -346,6 +346,77 @@ fn startup_refuses_unreachable_etcd_a_live_duplicate_name_and_a_missing_name() {
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0]["alive"], true);
     assert_eq!(nodes[0]["api_addr"], again.api.as_str());
+}
+
+/// `--registry-timeout`: two nodes on one etcd, n1 allowing each registry call 10 s, n2 with the
+/// default 2 s. etcd is stopped (SIGSTOP: it keeps its sockets, as an etcd stuck on its disk
+/// does); a `volume create` on n1 and a `node list` on n2 are sent. n2's answer is the registry's
+/// timeout, and only once it came is etcd woken: n1's create must then complete, and the volume be
+/// served.
+#[test]
+fn a_longer_registry_timeout_rides_out_an_etcd_stall_that_fails_the_default() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let start = |name: &str, domain: &str, recovery: &str, extra: &[&str]| {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args = node_args(&url, name, domain, recovery);
+        args.extend_from_slice(extra);
+        Daemon::start_on(&dir, &TestBackend::Dir(root.path().join("backend")), &args)
+    };
+    let patient = start("n1", "a", "b", &["--registry-timeout", "10s"]);
+    let default = start("n2", "b", "a", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Cluster::node_list(&patient).len() < 2 {
+        assert!(Instant::now() < deadline, "n1 never saw n2 registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let pid = Pid::from_raw(i32::try_from(etcd.pid()).unwrap());
+    let thaw = Thaw(pid);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let stalled_at = Instant::now();
+    let (created, listed) = std::thread::scope(|s| {
+        let create = s.spawn(|| {
+            patient.cli(&[
+                "volume", "create", "slow", "--size", "16M", "--node", "n1", "--json",
+            ])
+        });
+        let listed = default.cli(&["node", "list", "--json"]);
+        let waited = stalled_at.elapsed();
+        assert!(
+            !create.is_finished(),
+            "n1's create ended within n2's 2 s timeout ({waited:?}): {:?}",
+            create
+                .join()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        );
+        drop(thaw);
+        (create.join().unwrap(), listed)
+    });
+    let listed_err = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        !listed.status.success(),
+        "n2 answered while etcd was stopped"
+    );
+    assert!(
+        listed_err.contains("cannot reach the registry") && listed_err.contains("Timeout"),
+        "{listed_err}"
+    );
+    assert!(
+        created.status.success(),
+        "n1's create failed although etcd answered within its 10 s: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert_eq!(created["owner"], "n1", "{created}");
+    let info = Cluster::json(&default, &["volume", "info", "slow"]);
+    assert_eq!(info["owner"], "n1", "{info}");
+    assert_eq!(info["state"], "running", "{info}");
 }
 
 #[test]

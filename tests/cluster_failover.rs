@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::etcd::Etcd;
 use common::netns::NetNs;
 use common::oracle::{self, stop_writers, wait_progress, Load, Mode};
-use common::{block_content, Daemon, NbdClient, TestBackend};
+use common::{block_content, Daemon, NbdClient, TestBackend, Thaw};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -595,15 +595,6 @@ fn wait_log(log: &std::path::Path, from: u64, needle: &str) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
-}
-
-/// Sends SIGCONT on drop, so a failed test never leaves a stopped process behind.
-struct Thaw(Pid);
-
-impl Drop for Thaw {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
 }
 
 #[test]

@@ -48,8 +48,13 @@ const EDGES: &str = "/vstor/edges/";
 const ATTACHMENTS: &str = "/vstor/attachments/";
 /// Root of the raw records (`Registry::get_record` and friends).
 const ROOT: &str = "/vstor/";
-/// Default bound on one registry call.
+/// Default bound on one registry call (`--registry-timeout`, `cluster.etcd.timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Allowed `--registry-timeout` values. Below 100 ms even a healthy etcd's fsync misses it; above a
+/// minute an etcd without quorum would hold a volume create or a failover pass that long, and
+/// a lease renewal (the node's liveness) cannot wait past its TTL anyway.
+pub const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(60);
 /// Conditional updates retried this often when the record changes under them (same tag).
 const UPDATE_ATTEMPTS: usize = 8;
 
@@ -102,12 +107,15 @@ pub struct EtcdTarget {
     /// `http://host:port` or `https://host:port`.
     pub endpoints: Vec<String>,
     pub access: EtcdAccess,
+    /// Bound on one registry call ([`DEFAULT_TIMEOUT`] unless `--registry-timeout` says
+    /// otherwise): an etcd on a slow or shared disk may need more.
+    pub timeout: Duration,
 }
 
 impl EtcdTarget {
-    /// [`EtcdRegistry::connect`] with the default timeout.
+    /// [`EtcdRegistry::connect`] with this target's timeout.
     pub async fn connect(&self) -> Result<EtcdRegistry> {
-        EtcdRegistry::connect(&self.endpoints, &self.access, DEFAULT_TIMEOUT).await
+        EtcdRegistry::connect(&self.endpoints, &self.access, self.timeout).await
     }
 }
 

@@ -596,6 +596,15 @@ pub fn try_nbdinfo_list(uri: &str) -> Result<Vec<String>, String> {
 /// request at a time) crash tests use to control exactly which writes were acknowledged.
 pub use vstor_edge::nbd::client::NbdClient;
 
+/// Sends SIGCONT on drop, so a failed test never leaves a process it stopped (SIGSTOP) behind.
+pub struct Thaw(pub Pid);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
 /// Content of `block` for write sequence number `seq`: derived from both, so a read tells which
 /// write it came from.
 pub fn block_content(block: u64, seq: u64, len: usize) -> Vec<u8> {
