@@ -25,6 +25,16 @@ URL, SHOT = sys.argv[1], sys.argv[2]
 TOKEN = sys.argv[3] if len(sys.argv) > 3 else None
 
 
+# What the check is doing, for the failure message: a selenium timeout does not say what it
+# waited for.
+STEP = "starting chromium"
+
+
+def step(what):
+    global STEP
+    STEP = what
+
+
 def row(name):
     return f'tr.volume[data-volume="{name}"]'
 
@@ -102,12 +112,14 @@ def main():
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         driver.set_page_load_timeout(30)
+        step("loading the page")
         driver.get(URL)
         # Lambdas that meet a redrawn (stale) element are simply polled again.
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
         assert driver.title == "vstor dashboard", driver.title
 
         if TOKEN is not None:
+            step("the token prompt")
             # The page loads, its data calls get 401: it asks for the token.
             wait.until(lambda d: d.find_element(By.ID, "auth").is_displayed())
             assert not d_rows(driver), "volumes listed without a token"
@@ -119,22 +131,28 @@ def main():
         else:
             assert not driver.find_element(By.ID, "auth").is_displayed(), "asked for a token"
 
+        step("volume vol listed")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row("vol")))
         assert driver.find_elements(By.CSS_SELECTOR, row("doomed")), "doomed is not listed"
+        step("vol's write IOPS above 0")
         wait.until(write_iops_positive)
+        step("vol's IOPS graph drawn")
         wait.until(lambda d: painted(d, f'canvas.iops[data-volume="vol"]') > 20)
 
         # The volume's detail: latency graph, snapshots, clone tree.
+        step("vol's detail: latency graph and clone tree")
         click(wait, row("vol") + " td")
         wait.until(lambda d: d.find_element(By.ID, "detail").is_displayed())
         wait.until(lambda d: painted(d, "#latency") > 20)
         wait.until(lambda d: "vol" in text(d, "tree"))
 
+        step("a snapshot taken from the page")
         driver.find_element(By.ID, "snapshot-name").send_keys("ui-snap")
         driver.find_element(By.CSS_SELECTOR, "#snapshot button").click()
         wait.until(lambda d: "ui-snap" in text(d, "snapshots"))
 
         # A malformed size is refused with a message; a good one creates the volume.
+        step("volume fromui created from the form")
         driver.find_element(By.ID, "create-name").send_keys("fromui")
         driver.find_element(By.ID, "create-size").send_keys("lots")
         driver.find_element(By.ID, "create-button").click()
@@ -147,6 +165,7 @@ def main():
         wait.until(lambda d: "created volume fromui" in text(d, "message"))
 
         # Delete asks first: dismissed, nothing happens; accepted, the volume goes.
+        step("volume doomed deleted after the confirmation")
         click(wait, row("doomed") + " button.delete")
         wait.until(EC.alert_is_present()).dismiss()
         assert driver.find_elements(By.CSS_SELECTOR, row("doomed")), "deleted without confirmation"
@@ -156,8 +175,18 @@ def main():
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, row("doomed")))
 
         # The nodes table.
+        step("the nodes table")
         wait.until(lambda d: "yes" in text(d, "nodes"))
         driver.save_screenshot(SHOT)
+    except Exception:
+        # What the page showed when the check failed, and where it was.
+        try:
+            body = driver.execute_script("return document.body.innerText")
+            print(f"page text at the failure:\n{body[:3000]}", file=sys.stderr)
+            driver.save_screenshot(SHOT)
+        except Exception as e:  # the browser itself may be gone
+            print(f"(no page text: {e})", file=sys.stderr)
+        raise
     finally:
         driver.quit()
 
@@ -166,5 +195,5 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # the reason goes to the Rust test's failure message
-        print(f"dashboard check failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"dashboard check failed at: {STEP}: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
