@@ -497,6 +497,14 @@ async fn register(
         .create_volume(&record, cluster.lease())
         .await
     {
+        if matches!(e, RegistryError::Unreachable { .. })
+            && created_after_no_answer(cluster, &record).await
+        {
+            tracing::warn!(volume = %name, error = %e, "the registry gave no answer to the volume's record, but it was written: the volume is kept");
+            let mut value = view(state, info);
+            value.dtl_node = dtl_node;
+            return Ok(value);
+        }
         let manager = state.manager.clone();
         let vhost = state.vhost.clone();
         let name = name.to_string();
@@ -510,6 +518,16 @@ async fn register(
     let mut value = view(state, info);
     value.dtl_node = dtl_node;
     Ok(value)
+}
+
+/// Whether a `create_volume` of `record` that got no answer took effect after all
+/// ([`failover_plan::create_landed`](super::failover_plan::create_landed)): the volume must
+/// then be kept, or the registry would name this node the owner of a volume it deleted. A
+/// registry that answers none of the reads counts as not written.
+async fn created_after_no_answer(cluster: &Cluster, record: &VolumeRecord) -> bool {
+    super::failover::read_back_after_no_answer(cluster.registry.as_ref(), &record.name)
+        .await
+        .is_some_and(|now| super::failover_plan::create_landed(now.as_ref(), record))
 }
 
 /// `POST /v1/clones` in a cluster: the clone is made by the node that owns its parent (it reads

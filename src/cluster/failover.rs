@@ -57,10 +57,29 @@ fn adoption_may_succeed_later(error: &VolumeError) -> bool {
     )
 }
 
-/// How often, and how far apart, the record is read after a `take_ownership` that got no
-/// answer (about the registry call timeout in all).
+/// How often, and how far apart, the record is read after a registry write that got no answer
+/// (about the registry call timeout in all).
 const LANDED_READS: u32 = 4;
 const LANDED_READ_PAUSE: Duration = Duration::from_millis(500);
+
+/// Volume `name`'s record, read after a write to it got no answer: etcd may apply a
+/// transaction whose answer the client gave up on, so the writer must look before it acts on
+/// the failure. Read a few times, since the registry that just timed out may be slow a little
+/// longer; `None` if no read answered (the write is then taken as lost).
+pub(crate) async fn read_back_after_no_answer(
+    registry: &dyn Registry,
+    name: &str,
+) -> Option<Option<VolumeRecord>> {
+    for attempt in 0..LANDED_READS {
+        if attempt > 0 {
+            tokio::time::sleep(LANDED_READ_PAUSE).await;
+        }
+        if let Ok(record) = registry.volume(name).await {
+            return Some(record);
+        }
+    }
+    None
+}
 
 /// Why [`Failover::adopt`] did not adopt a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -583,21 +602,14 @@ impl Failover {
     }
 
     /// After a `take_ownership` of `name` (expecting `expected`) got no answer: this node's tag
-    /// if it took effect anyway ([`ownership_landed`]). The record is read a few times, since
-    /// the registry that just timed out may be slow a little longer; if it never answers, the
-    /// transaction is taken as lost (and a volume it did give this node stays unserved until
-    /// an operator runs `vstor volume adopt`, which the record then allows).
+    /// if it took effect anyway ([`ownership_landed`], [`read_back_after_no_answer`]). If the
+    /// registry never answers, the transaction is taken as lost (and a volume it did give this
+    /// node stays unserved until an operator runs `vstor volume adopt`, which the record then
+    /// allows).
     async fn ownership_after_no_answer(&self, name: &str, expected: u64) -> Option<u64> {
-        for attempt in 0..LANDED_READS {
-            if attempt > 0 {
-                tokio::time::sleep(LANDED_READ_PAUSE).await;
-            }
-            if let Ok(record) = self.registry.volume(name).await {
-                let now = record.as_ref().map(|r| (r.owner.as_str(), r.owner_tag));
-                return ownership_landed(now, &self.node.name, expected);
-            }
-        }
-        None
+        let record = read_back_after_no_answer(self.registry.as_ref(), name).await?;
+        let now = record.as_ref().map(|r| (r.owner.as_str(), r.owner_tag));
+        ownership_landed(now, &self.node.name, expected)
     }
 
     /// Point volume `name` (owned here with `tag`) at a new DTL node chosen by the placement

@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::registry::VolumeRecord;
+
 /// A live node as the plan sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveNode {
@@ -135,6 +137,18 @@ pub fn ownership_landed(now: Option<(&str, u64)>, me: &str, expected: u64) -> Op
     }
 }
 
+/// Whether a volume create whose registry write got no answer took effect: the record read
+/// afterwards is the one this node wrote (same owner, tag and creation time; another node's
+/// create of the same name, or an older volume, differs in one of them). The node then keeps
+/// the volume it created, instead of deleting it under a record that names it as the owner.
+pub fn create_landed(now: Option<&VolumeRecord>, written: &VolumeRecord) -> bool {
+    now.is_some_and(|r| {
+        r.owner == written.owner
+            && r.owner_tag == written.owner_tag
+            && r.created_at == written.created_at
+    })
+}
+
 /// A halted volume is adopted again when its DTL node has been alive since after the halt
 /// (`dtl_alive_since_ms`, `None` while it is dead): restarted, or back from a partition. The
 /// acknowledged writes the halt protected may be readable again. A halt recorded after that
@@ -218,6 +232,41 @@ mod tests {
         assert_eq!(ownership_landed(Some(("b", 7)), "b", 7), None);
         // Deleted meanwhile, or the read failed too.
         assert_eq!(ownership_landed(None, "b", 7), None);
+    }
+
+    #[test]
+    fn an_unanswered_create_landed_only_if_the_record_is_the_one_written() {
+        let written = crate::registry::VolumeRecord {
+            name: "v".into(),
+            owner: "n1".into(),
+            owner_tag: 1,
+            dtl_node: Some("n2".into()),
+            dtl_addr: None,
+            dtl_mode: vstor_volumedriver::DtlMode::Sync,
+            state: crate::registry::VolumeState::Serving,
+            size: 1 << 30,
+            created_at: 1_700_000_000,
+        };
+        assert!(create_landed(Some(&written), &written));
+        // Not applied (yet), or deleted meanwhile.
+        assert!(!create_landed(None, &written));
+        // Another node created the name, or this node did at another time.
+        for other in [
+            VolumeRecord {
+                owner: "n3".into(),
+                ..written.clone()
+            },
+            VolumeRecord {
+                owner_tag: 2,
+                ..written.clone()
+            },
+            VolumeRecord {
+                created_at: written.created_at - 60,
+                ..written.clone()
+            },
+        ] {
+            assert!(!create_landed(Some(&other), &written), "{other:?}");
+        }
     }
 
     #[test]
