@@ -171,12 +171,15 @@ impl EtcdSettings {
             )
         })?;
         if !TIMEOUT_RANGE.contains(&timeout) {
-            bail!(
-                "setting cluster.etcd.timeout (--registry-timeout) = {text:?} is not allowed: \
-                 must be from {:?} to {:?}",
-                TIMEOUT_RANGE.start(),
-                TIMEOUT_RANGE.end()
-            );
+            bail!(not_allowed(
+                "cluster.etcd.timeout (--registry-timeout)",
+                text,
+                &format!(
+                    "from {:?} to {:?}",
+                    TIMEOUT_RANGE.start(),
+                    TIMEOUT_RANGE.end()
+                )
+            ));
         }
         Ok(timeout)
     }

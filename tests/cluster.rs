@@ -417,6 +417,13 @@ fn a_longer_registry_timeout_rides_out_an_etcd_stall_that_fails_the_default() {
     let info = Cluster::json(&default, &["volume", "info", "slow"]);
     assert_eq!(info["owner"], "n1", "{info}");
     assert_eq!(info["state"], "running", "{info}");
+    // Served: what a client writes reads back.
+    let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut client = NbdClient::connect(&patient.nbd, "slow").unwrap();
+    assert_eq!(client.write(4096, &data, true).unwrap(), 0);
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(client.read(4096, &mut back).unwrap(), 0);
+    assert_eq!(crc_of(&back), crc_of(&data));
 }
 
 #[test]

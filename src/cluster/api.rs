@@ -497,23 +497,20 @@ async fn register(
         .create_volume(&record, cluster.lease())
         .await
     {
-        if matches!(e, RegistryError::Unreachable { .. })
-            && created_after_no_answer(cluster, &record).await
-        {
-            tracing::warn!(volume = %name, error = %e, "the registry gave no answer to the volume's record, but it was written: the volume is kept");
-            let mut value = view(state, info);
-            value.dtl_node = dtl_node;
-            return Ok(value);
+        let landed = matches!(e, RegistryError::Unreachable { .. })
+            && created_after_no_answer(cluster, &record).await;
+        if !landed {
+            let manager = state.manager.clone();
+            let vhost = state.vhost.clone();
+            let name = name.to_string();
+            let _ = tokio::task::spawn_blocking(move || {
+                vhost.remove_export(&name);
+                manager.delete(&name)
+            })
+            .await;
+            return Err(e.into());
         }
-        let manager = state.manager.clone();
-        let vhost = state.vhost.clone();
-        let name = name.to_string();
-        let _ = tokio::task::spawn_blocking(move || {
-            vhost.remove_export(&name);
-            manager.delete(&name)
-        })
-        .await;
-        return Err(e.into());
+        tracing::warn!(volume = %name, error = %e, "the registry gave no answer to the volume's record, but it was written: the volume is kept");
     }
     let mut value = view(state, info);
     value.dtl_node = dtl_node;

@@ -8,7 +8,8 @@
 //!   once the planned one had its grace period).
 //! - Where a re-placed DTL goes is the create-time rule, `placement::dtl_node`.
 //! - [`recovery`]: whether an orphan can be recovered at all or must halt.
-//! - [`ownership_landed`]: whether an ownership transaction that got no answer took effect.
+//! - [`ownership_landed`]: whether an ownership transaction that got no answer took effect;
+//!   [`create_landed`]: the same for the record of a volume this node just created.
 //! - [`after_failed_adoption`]: whether a failed adoption is tried again or halts the volume.
 //! - [`dtl_back_since_halt`]: whether a halted volume is adopted again on its own.
 //! - [`after_fence`]: what a node does with a volume it held once its lease is back.
