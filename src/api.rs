@@ -210,7 +210,7 @@ async fn off_reactor<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.map_err(internal)
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
@@ -704,6 +704,7 @@ async fn delete(
         deleted: name,
         nbd_clients_disconnected: disconnected,
         vhost_frontend_disconnected: request.force && vhost_connected,
+        left_behind: Vec::new(),
     }))
 }
 

@@ -556,6 +556,10 @@ pub struct VolumeDeleted {
     pub deleted: String,
     pub nbd_clients_disconnected: usize,
     pub vhost_frontend_disconnected: bool,
+    /// What of a volume its node did not serve (halted there, or a leftover record) could not
+    /// be removed once its cluster record was gone, each with the reason; empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<String>,
 }
 
 /// `DELETE /v1/volumes/{name}/snapshots/{snap}`.

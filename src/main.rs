@@ -793,6 +793,9 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
                 } else {
                     println!("deleted volume {name} ({})", notes.join("; "));
                 }
+                for what in &v.left_behind {
+                    println!("warning: could not remove {what}");
+                }
             });
         }
         VolumeVerb::Scrub { name, rate } => {

@@ -421,9 +421,10 @@ fn the_dtl_node_adopts_when_the_planned_adopter_is_frozen() {
 
 /// The DTL the adopter must replay is corrupt on disk: the adopter tries three times, then
 /// records the volume halted with the reason, and `volume info` says so through every node
-/// (not "being taken over, retry in a moment" forever).
+/// (not "being taken over, retry in a moment" forever). The operator then gives up on the
+/// volume: `volume delete` removes it, its backend data and its DTL entries, and frees the name.
 #[test]
-fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_and_says_why() {
+fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_says_why_and_it_can_be_deleted() {
     let mut cluster = Cluster::start();
     let info = cluster.create_volume();
     let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
@@ -477,6 +478,52 @@ fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_and_says_why() {
     );
     // Nobody serves it with acknowledged writes missing.
     assert!(NbdClient::connect(&cluster.nodes[adopter].nbd, VOLUME).is_err());
+
+    // Deleted through the DTL node, which sends the request on to the adopter the record names.
+    let backend_ns = cluster._tmp.path().join("backend").join(VOLUME);
+    assert!(backend_ns.is_dir(), "{} missing", backend_ns.display());
+    let deleted = cluster.nodes[dtl_idx].cli_ok(&["volume", "delete", VOLUME]);
+    assert_eq!(
+        deleted.trim(),
+        format!("deleted volume {VOLUME}"),
+        "{deleted}"
+    );
+    for via in [adopter, dtl_idx] {
+        let out = cluster.nodes[via].cli(&["volume", "info", VOLUME]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("does not exist"),
+            "volume info through n{via} after the delete: {err}"
+        );
+        let list = json(&cluster.nodes[via].cli_ok(&["volume", "list", "--json"]));
+        assert!(
+            list.as_array().unwrap().iter().all(|v| v["name"] != VOLUME),
+            "{list}"
+        );
+    }
+    assert!(!backend_ns.exists(), "backend namespace left behind");
+    assert!(
+        !dir.exists(),
+        "DTL entries left behind in {}",
+        dir.display()
+    );
+    // The name is free again, for a volume with nothing of the old one in it.
+    cluster.nodes[adopter].cli_ok(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        "64M",
+        "--node",
+        &adopter_name,
+    ]);
+    let mut client = NbdClient::connect(&cluster.nodes[adopter].nbd, VOLUME).unwrap();
+    let mut head = vec![0xa5u8; 1 << 20];
+    assert_eq!(client.read(0, &mut head).unwrap(), 0);
+    assert!(
+        head.iter().all(|b| *b == 0),
+        "the new volume shows old data"
+    );
 }
 
 /// The owner and the DTL node die together and nobody intervenes: the volume halts, and when

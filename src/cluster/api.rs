@@ -189,8 +189,7 @@ pub async fn route_to_owner(
         // (503) rather than "does not exist".
         return match cluster.registry.volume(&name).await {
             Ok(Some(record)) if record.owner == state.node.name => {
-                let info = is_info(&request, &name);
-                owned_here_not_served(&state, &cluster, &record, info).await
+                owned_here_not_served(&state, &cluster, &record, Asked::of(&request, &name)).await
             }
             _ => next.run(request).await,
         };
@@ -202,16 +201,46 @@ pub async fn route_to_owner(
     }
 }
 
+/// What a request for a volume this node owns but does not serve asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Info,
+    Delete,
+    Other,
+}
+
+impl Asked {
+    fn of(request: &Request, name: &str) -> Self {
+        if is_info(request, name) {
+            Asked::Info
+        } else if request.method() == axum::http::Method::DELETE
+            && request.uri().path().trim_end_matches('/') == format!("/v1/volumes/{name}")
+        {
+            Asked::Delete
+        } else {
+            Asked::Other
+        }
+    }
+}
+
 /// The registry names this node as the owner but the manager does not serve the volume: it is
 /// being adopted (failover, move) or restored, or its adoption failed and the record says it
-/// is halted. A halted volume's info is answered from the record, with the reason, so an
-/// operator sees why it is down instead of an endless "retry in a moment".
+/// is halted, or the record outlived the volume (a write that took effect after this node gave
+/// up on it). A halted volume's info is answered from the record, with the reason, so an
+/// operator sees why it is down instead of an endless "retry in a moment"; a delete removes
+/// what is left of it (`unserved`), unless an adoption is under way.
 async fn owned_here_not_served(
     state: &ApiState,
     cluster: &Arc<Cluster>,
     record: &VolumeRecord,
-    is_info: bool,
+    asked: Asked,
 ) -> Response {
+    if asked == Asked::Delete {
+        return super::unserved::delete(state, cluster, record)
+            .await
+            .into_response();
+    }
+    let is_info = asked == Asked::Info;
     let VolumeState::Halted { reason, .. } = &record.state else {
         return being_taken_over(state, &record.name, record.owner_tag).into_response();
     };
@@ -257,7 +286,7 @@ async fn owner_route(
     };
     if record.owner == state.node.name {
         return Ok(Route::Answered(
-            owned_here_not_served(state, cluster, &record, is_info(&request, name)).await,
+            owned_here_not_served(state, cluster, &record, Asked::of(&request, name)).await,
         ));
     }
     let live = by_name(cluster.registry.live_nodes().await?);

@@ -17,6 +17,7 @@ pub mod forward;
 pub mod move_api;
 pub mod moving;
 pub mod placement;
+mod unserved;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -28,7 +28,7 @@ pub mod wbfs;
 pub use access::VolumeAccess;
 pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
-pub use manager::{ManagerConfig, MdsHook, MdsHookRef, PendingSeed, VolumeManager};
+pub use manager::{ManagerConfig, MdsHook, MdsHookRef, PendingSeed, Unserved, VolumeManager};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 pub use volume::{
     MapSeed, ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SeedPage, SnapshotInfo,

@@ -32,6 +32,9 @@ use crate::wbfs::{StdFs, WbFs};
 
 mod handoff;
 mod restart;
+mod unserved;
+
+pub use unserved::Unserved;
 
 const REGISTRY_KIND: &[u8; 4] = b"REGY";
 const REGISTRY_VERSION: u32 = 1;

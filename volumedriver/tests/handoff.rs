@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::FaultStore;
+use vstor_backend::ObjectStore;
 use vstor_volumedriver::{ManagerConfig, VolumeError, VolumeManager, VolumeOptions};
 
 const CS: u64 = 4096;
@@ -255,4 +256,61 @@ fn adopt_with_tag_uses_the_registry_tag_and_refuses_an_old_one() {
         .unwrap()
         .write(6 * CS, &pattern(6, 6), true)
         .unwrap();
+}
+
+/// A volume the cluster names this node the owner of, but that it does not serve (halted, or a
+/// leftover record): the check refuses one served here, one another node claimed with a newer
+/// tag and one whose snapshots have clones, and removes nothing; the purge removes the backend
+/// namespace and frees the name.
+#[test]
+fn an_unserved_volume_is_checked_before_it_is_purged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let b = node(tmp.path(), "b", &backend);
+    let served = a.create("served", &options()).unwrap();
+    let err = a
+        .check_unserved_delete("served", served.info().owner_tag)
+        .unwrap_err();
+    assert!(matches!(err, VolumeError::InvalidConfig { .. }), "{err}");
+
+    let gone = a.create("gone", &options()).unwrap();
+    gone.write(3 * CS, &pattern(3, 1), true).unwrap();
+    let tag = gone.info().owner_tag;
+    a.release("gone", Duration::from_secs(60)).unwrap();
+    // A record older than the backend's claim: another node took the volume.
+    let err = b.check_unserved_delete("gone", tag - 1).unwrap_err();
+    assert!(matches!(err, VolumeError::Adopted { .. }), "{err}");
+
+    // Clones read a parent's SCOs: a parent with a clone stays.
+    let parent = a.create("parent", &options()).unwrap();
+    parent.write(0, &pattern(0, 1), true).unwrap();
+    parent.snapshot_create("s").unwrap();
+    a.clone_volume("child", "parent", "s", &options(), Duration::from_secs(30))
+        .unwrap();
+    let parent_tag = parent.info().owner_tag;
+    a.release("parent", Duration::from_secs(60)).unwrap();
+    let err = b.check_unserved_delete("parent", parent_tag).unwrap_err();
+    assert!(
+        matches!(&err, VolumeError::HasClones { clones, .. } if clones == &["child"]),
+        "{err}"
+    );
+    assert!(backend.namespace_exists("parent").unwrap());
+
+    let unserved = b.check_unserved_delete("gone", tag).unwrap();
+    assert!(unserved.has_backend_data());
+    assert!(backend.namespace_exists("gone").unwrap());
+    assert_eq!(b.purge_unserved(unserved), Vec::<String>::new());
+    assert!(!backend.namespace_exists("gone").unwrap());
+    // Nothing of it is left to adopt, and the name is free.
+    assert!(matches!(b.adopt("gone"), Err(VolumeError::NotFound { .. })));
+    let again = a.create("gone", &options()).unwrap();
+    let mut buf = vec![0xffu8; CS as usize];
+    again.read(3 * CS, &mut buf).unwrap();
+    assert!(buf.iter().all(|x| *x == 0), "old data in the new volume");
+
+    // A record whose volume never reached the backend (a rolled-back create).
+    let never = b.check_unserved_delete("never", 1).unwrap();
+    assert!(!never.has_backend_data());
+    assert_eq!(b.purge_unserved(never), Vec::<String>::new());
 }

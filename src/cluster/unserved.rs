@@ -1,0 +1,82 @@
+//! `DELETE /v1/volumes/{name}` of a volume the registry says this node owns but that nothing
+//! here serves: halted here (its adoption failed and the operator gives up on it), or left
+//! behind by a record write that took effect after this node gave up on it (a rolled-back
+//! create, a delete whose record removal timed out). Before, every request for such a volume
+//! was answered "halted" or "being taken over, retry in a moment", and none removed it.
+//!
+//! Refused while an adoption of the volume is under way on this node, while the node is
+//! fenced, and by the engine's checks (`VolumeManager::check_unserved_delete`: clones, a newer
+//! owner tag on the backend). Then the record goes first, conditional on the owner tag read, and
+//! the backend namespace, DTL registration and write-buffer leftovers after it (the engine's
+//! module docs say why in that order). What could not be removed after the record went is
+//! reported in the answer (`left_behind`) and logged; the delete stands.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::Cluster;
+use crate::api::{blocking, ApiError, ApiState};
+use crate::api_types::VolumeDeleted;
+use crate::registry::{RegistryError, VolumeRecord};
+
+/// Delete `record`'s volume, which names this node as its owner and is not served here.
+pub(super) async fn delete(
+    state: &ApiState,
+    cluster: &Arc<Cluster>,
+    record: &VolumeRecord,
+) -> Result<Json<VolumeDeleted>, ApiError> {
+    let name = record.name.clone();
+    let node = &state.node.name;
+    if cluster.is_fenced() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("node {node} is fenced (it cannot renew its registry lease): volume {name} was not deleted; retry once the node is healthy"),
+        ));
+    }
+    if state
+        .failover
+        .as_ref()
+        .is_some_and(|f| f.log.pending(&name))
+    {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("volume {name} is being taken over by node {node}; not deleted, retry once it is served or halted"),
+        ));
+    }
+    let manager = state.manager.clone();
+    let (target, tag) = (name.clone(), record.owner_tag);
+    let unserved = blocking(move || manager.check_unserved_delete(&target, tag)).await?;
+    match cluster.registry.delete_volume(&name, tag).await {
+        Ok(()) => {}
+        Err(e @ RegistryError::StaleTag { .. }) => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "volume {name} was taken over while it was being deleted; nothing deleted: {e}"
+                ),
+            ))
+        }
+        Err(e) => {
+            let ApiError(status, message) = ApiError::from(e);
+            return Err(ApiError(
+                status,
+                format!("volume {name}: its cluster record could not be removed, so nothing was deleted: {message}"),
+            ));
+        }
+    }
+    let manager = state.manager.clone();
+    let had_data = unserved.has_backend_data();
+    let left_behind = tokio::task::spawn_blocking(move || manager.purge_unserved(unserved))
+        .await
+        .unwrap_or_else(|e| vec![format!("the clean-up task failed: {e}")]);
+    state.exports.forget(&name, None);
+    state.scrubs.forget(&name);
+    tracing::info!(volume = %name, halted = !matches!(record.state, crate::registry::VolumeState::Serving), backend_data = had_data, "volume deleted (not served here)");
+    Ok(Json(VolumeDeleted {
+        deleted: name,
+        left_behind,
+        ..VolumeDeleted::default()
+    }))
+}

@@ -1,0 +1,166 @@
+//! Deleting a volume that this node is the recorded owner of but does not serve.
+//!
+//! Why this exists: a cluster registry can name a node as a volume's owner while nothing on
+//! that node serves it. The volume halted there (its adoption failed and the operator gives up
+//! on it), or a record write that got no answer took effect after the node had given up on it
+//! (a create it rolled back, a delete whose record removal timed out). Such a record answered
+//! every request with "halted" or "being taken over", and no command removed it. The node's API
+//! deletes it in three steps, this module doing the first and the last:
+//!
+//! 1. [`VolumeManager::check_unserved_delete`]: refuse, removing nothing, if the volume is
+//!    served here, if a snapshot of it has clones (they read its SCOs), or if its backend
+//!    namespace carries a newer owner tag than the record (another node claimed it).
+//! 2. The caller removes the registry record, conditional on its owner tag.
+//! 3. [`VolumeManager::purge_unserved`]: the backend namespace, the DTL registration and what
+//!    is left in the write buffer.
+//!
+//! Record first: once it is gone no node can adopt the volume (adoption starts with an
+//! ownership transaction on the record), so the namespace can go without racing one; and an
+//! adoption that took ownership before makes step 2 fail on the tag, with nothing deleted.
+
+use vstor_backend::{BackendError, ObjectStore};
+use vstor_dtl::MirrorConfig;
+
+use crate::config::{DtlMode, TLogList, VolumeConfig, TLOG_LIST_OBJECT};
+use crate::error::{Result, VolumeError};
+
+use super::VolumeManager;
+
+/// A volume [`VolumeManager::check_unserved_delete`] found deletable: what
+/// [`VolumeManager::purge_unserved`] needs.
+#[derive(Debug)]
+pub struct Unserved {
+    name: String,
+    tag: u64,
+    /// Whether the backend has a namespace for it (a rolled-back create has none).
+    namespace: bool,
+    /// Its configuration on the backend, when it has one (for the DTL registration).
+    config: Option<VolumeConfig>,
+}
+
+impl Unserved {
+    /// Whether the backend holds data of the volume.
+    pub fn has_backend_data(&self) -> bool {
+        self.namespace
+    }
+}
+
+impl VolumeManager {
+    /// Check that volume `name`, which the cluster registry says this node owns under owner
+    /// tag `tag` but which this node does not serve, may be deleted (see the module docs).
+    pub fn check_unserved_delete(&self, name: &str, tag: u64) -> Result<Unserved> {
+        crate::config::validate_volume_name(name)?;
+        if self.volumes.read().contains_key(name) {
+            return Err(VolumeError::InvalidConfig {
+                volume: name.to_string(),
+                reason: "it is served by this node; delete it as usual".into(),
+            });
+        }
+        let backend = self.backend.as_ref();
+        let namespace = backend
+            .namespace_exists(name)
+            .map_err(VolumeError::backend(name))?;
+        if !namespace {
+            return Ok(Unserved {
+                name: name.to_string(),
+                tag,
+                namespace,
+                config: None,
+            });
+        }
+        let current = backend
+            .owner_tag(name)
+            .map_err(VolumeError::backend(name))?;
+        if current > tag {
+            return Err(VolumeError::Adopted {
+                volume: name.to_string(),
+                ours: tag,
+                current,
+            });
+        }
+        let clones = snapshot_clones(backend, name)?;
+        if !clones.is_empty() {
+            return Err(VolumeError::HasClones {
+                volume: name.to_string(),
+                what: "a snapshot".into(),
+                clones,
+            });
+        }
+        let config = match VolumeConfig::load_from_backend(backend, name) {
+            Ok(config) => Some(config),
+            // A namespace without a configuration (a create interrupted early): nothing
+            // registered with a DTL either.
+            Err(
+                VolumeError::Backend {
+                    source: BackendError::NoSuchObject { .. },
+                    ..
+                }
+                | VolumeError::NotFound { .. },
+            ) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Unserved {
+            name: name.to_string(),
+            tag,
+            namespace,
+            config,
+        })
+    }
+
+    /// Remove what is left of a volume [`check_unserved_delete`](Self::check_unserved_delete)
+    /// accepted, once its registry record is gone: its backend namespace, its DTL registration
+    /// and its write-buffer directory. Returns what could not be removed, each with the reason
+    /// (the record is gone already, so the delete stands; the operator learns what to clean).
+    pub fn purge_unserved(&self, unserved: Unserved) -> Vec<String> {
+        let name = unserved.name.as_str();
+        let mut left = Vec::new();
+        if let Some(config) = &unserved.config {
+            if let Some(addr) = config
+                .dtl_addr
+                .as_deref()
+                .filter(|_| config.dtl_mode != DtlMode::None)
+            {
+                let mut client = MirrorConfig::new(addr, "", 0, 0).client;
+                client.tls = self.config.dtl_tls.clone();
+                let tag = unserved.tag.max(config.owner_tag);
+                if let Err(e) = vstor_dtl::replay::unregister(addr, &config.namespace, tag, client)
+                {
+                    left.push(format!("its DTL entries on {addr}: {e}"));
+                }
+            }
+        }
+        if unserved.namespace {
+            match self.backend.delete_namespace(name) {
+                Ok(()) | Err(BackendError::NoSuchNamespace { .. }) => {}
+                Err(e) => left.push(format!("its backend namespace: {e}")),
+            }
+        }
+        let dir = self.config.write_buffer_dir.join(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => left.push(format!("its write buffer {}: {e}", dir.display())),
+        }
+        self.failed.write().remove(name);
+        if let Err(e) = self.update_registry(|names| names.retain(|n| n != name)) {
+            left.push(format!("its entry in this node's volume list: {e}"));
+        }
+        for what in &left {
+            tracing::warn!(volume = %name, "deleted, but could not remove {what}");
+        }
+        tracing::info!(volume = %name, backend_data = unserved.namespace, "unserved volume deleted");
+        left
+    }
+}
+
+/// Clones of the snapshots of volume `name`, from its backend TLog list.
+fn snapshot_clones(backend: &dyn ObjectStore, name: &str) -> Result<Vec<String>> {
+    let list = match backend.get(name, TLOG_LIST_OBJECT) {
+        Ok(bytes) => TLogList::decode(name, &bytes)?,
+        Err(BackendError::NoSuchObject { .. } | BackendError::NoSuchNamespace { .. }) => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(VolumeError::backend(name)(e)),
+    };
+    Ok(list.snapshots.into_iter().flat_map(|s| s.clones).collect())
+}
