@@ -556,6 +556,8 @@ async fn restart(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<VolumeView>, ApiError> {
+    // Out of the manager's tables while it reopens: not for the failover pass to adopt.
+    let _held = state.failover.as_ref().map(|f| f.log.hold(&name));
     let manager = state.manager.clone();
     let target = name.clone();
     let volume = blocking(move || manager.restart(&target)).await?;
@@ -640,6 +642,9 @@ async fn delete(
             ));
         }
     }
+    // Between the local delete and the record's, the registry names this node as the owner of
+    // a volume it does not serve: the failover pass must not adopt it back meanwhile.
+    let _held = state.failover.as_ref().map(|f| f.log.hold(&name));
     // The tag the volume's cluster record must still carry for this node to delete it.
     let tag = state.manager.get(&name).ok().map(|v| v.info().owner_tag);
     // Refuse before anything is torn down: a volume whose snapshots have clones stays served.

@@ -517,6 +517,40 @@ fn a_node_restarted_at_once_after_kill_9_waits_for_its_old_lease_then_serves() {
     assert_eq!(nodes[0]["volumes"], 1);
 }
 
+/// A node comes back from a clean stop with an empty write-buffer disk (replaced, say), and no
+/// other node was there to adopt its volume meanwhile: the registry still names it the serving
+/// owner of a volume it knows nothing of. It adopts the volume from the backend
+/// (`last_failover.kind` `unserved`) instead of answering "being taken over" for ever, and what
+/// was written reads back.
+#[test]
+fn a_node_back_with_an_empty_disk_serves_the_volume_the_registry_gives_it() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let url = etcd.url();
+    let dir = root.path().join("n1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let mut n1 = Daemon::start_on(&dir, &backend, &node_args(&url, "n1", "a", "b"));
+    Cluster::json(&n1, &["volume", "create", "v6", "--size", "16M"]);
+    let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 13 % 253) as u8).collect();
+    let mut client = NbdClient::connect(&n1.nbd, "v6").unwrap();
+    assert_eq!(client.write(1 << 20, &data, true).unwrap(), 0);
+    drop(client);
+    // A clean stop puts everything on the backend; then the disk goes.
+    assert!(n1.terminate().success());
+    std::fs::remove_dir_all(&n1.data_dir).unwrap();
+    n1.launch();
+    let info = n1.wait_for("v6", "v6 served again by n1", |v| v["state"] == "running");
+    assert_eq!(info["owner"], "n1", "{info}");
+    assert_eq!(info["last_failover"]["kind"], "unserved", "{info}");
+    assert_eq!(info["last_failover"]["from"], "n1", "{info}");
+    let mut client = NbdClient::connect(&n1.nbd, "v6").unwrap();
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(client.read(1 << 20, &mut back).unwrap(), 0);
+    assert_eq!(crc_of(&back), crc_of(&data), "v6's data after the adoption");
+    assert!(n1.log_text().contains("nothing here does: adopting it"));
+}
+
 #[test]
 fn node_list_on_a_single_node_shows_that_node() {
     let root = tempfile::tempdir().unwrap();

@@ -22,6 +22,11 @@
 //! 3. A mirrored volume whose DTL node is dead too is recorded halted with the reason
 //!    ([`recovery`]) instead of being served with acknowledged writes missing.
 //!
+//! A volume whose record names this node (alive) as its serving owner while nothing here serves
+//! it, adopts it or holds it ([`FailoverLog::hold`]: a delete, a move, a restart) is adopted by
+//! this node once it has stayed so for [`UNSERVED_GRACE`] (`last_failover.kind` `unserved`;
+//! [`UnservedWatch`] lists how that state comes about).
+//!
 //! After a fence: a volume this node still serves while fenced whose record names another
 //! owner now was taken over; it is dropped here ([`VolumeManager::drop_moved`]), its clients
 //! disconnected, and `volume list` says where it went.
@@ -40,6 +45,7 @@ use vstor_volumedriver::{DtlMode, VolumeError, VolumeManager};
 use super::failover_plan::{
     after_failed_adoption, after_fence, dtl_back_since_halt, may_adopt, ownership_landed,
     plan_adoptions, recovery, AfterFailedAdoption, AfterFence, LiveNode, Orphan, Recovery,
+    UnservedWatch, UNSERVED_GRACE,
 };
 use super::placement;
 use crate::registry::{
@@ -119,6 +125,28 @@ pub use crate::api_types::FailoverRecord;
 pub struct FailoverLog {
     records: Mutex<BTreeMap<String, FailoverRecord>>,
     pending: Arc<Opening>,
+    /// Volumes this node is working on outside the manager's table of served volumes (a
+    /// delete, a move, a restart) while the registry names it their owner: the pass must not
+    /// take them for unserved and adopt them.
+    held: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+/// Marks a volume as held by a delete, move or restart while it lives ([`FailoverLog::hold`]).
+pub struct Held {
+    names: Arc<Mutex<BTreeMap<String, usize>>>,
+    volume: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = names.get_mut(&self.volume) {
+            *count -= 1;
+            if *count == 0 {
+                names.remove(&self.volume);
+            }
+        }
+    }
 }
 
 impl FailoverLog {
@@ -150,6 +178,30 @@ impl FailoverLog {
     /// Whether an adoption of `volume` is under way on this node.
     pub fn pending(&self, volume: &str) -> bool {
         self.pending.contains(volume)
+    }
+
+    /// This node starts working on `volume` outside the manager's table (deleting, moving or
+    /// restarting it); that ends when the guard is dropped. Several may overlap (a delete during
+    /// a move): each guard counts.
+    pub fn hold(&self, volume: &str) -> Held {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(volume.to_string())
+            .or_default() += 1;
+        Held {
+            names: Arc::clone(&self.held),
+            volume: volume.to_string(),
+        }
+    }
+
+    /// Whether a delete, move or restart of `volume` holds it now.
+    pub fn is_held(&self, volume: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(volume)
     }
 
     /// The adoptions under way, for the edge server ([`RemoteExports::opening`]).
@@ -189,6 +241,8 @@ pub struct Failover {
     passes: tokio::sync::Mutex<()>,
     /// Volumes whose DTL needs a new node and found none (warned about once).
     no_dtl_node: Mutex<BTreeSet<String>>,
+    /// Volumes the registry says this node serves that nothing here serves, and since when.
+    unserved: Mutex<UnservedWatch>,
 }
 
 pub(super) fn live_view(nodes: &[NodeStatus]) -> Vec<LiveNode> {
@@ -230,6 +284,7 @@ impl Failover {
             pass_failing: std::sync::atomic::AtomicBool::new(false),
             passes: tokio::sync::Mutex::new(()),
             no_dtl_node: Mutex::new(BTreeSet::new()),
+            unserved: Mutex::new(UnservedWatch::default()),
         })
     }
 
@@ -377,15 +432,21 @@ impl Failover {
         let mut orphans = Vec::new();
         let mut by_name = BTreeMap::new();
         let mut halted_here = Vec::new();
+        let mut unserved_here = BTreeMap::new();
         for record in records {
             let revive = self.dtl_back(&record, &nodes);
             if alive.contains(&record.owner) {
-                if revive
-                    && record.owner == self.node.name
+                let mine_unserved = record.owner == self.node.name
                     && !self.log.pending(&record.name)
-                    && !self.manager.names().contains(&record.name)
-                {
+                    && !self.manager.names().contains(&record.name);
+                if revive && mine_unserved {
                     halted_here.push(record);
+                } else if mine_unserved
+                    && record.state == VolumeState::Serving
+                    && !self.log.is_held(&record.name)
+                    && !self.manager.failed().contains_key(&record.name)
+                {
+                    unserved_here.insert(record.name.clone(), record);
                 }
                 continue;
             }
@@ -408,6 +469,7 @@ impl Failover {
         for record in halted_here {
             self.adopt_again(&record, &nodes, &live).await;
         }
+        self.adopt_unserved(unserved_here, &nodes, &live).await;
         if orphans.is_empty() {
             return Ok(());
         }
@@ -438,6 +500,34 @@ impl Failover {
             }
         }
         Ok(())
+    }
+
+    /// Adopt the volumes the registry says this node serves but nothing here serves, once they
+    /// stayed so for [`UNSERVED_GRACE`] ([`UnservedWatch`] says why they exist). A failure
+    /// halts the volume with the reason, as any adoption's does, so the operator sees it (and
+    /// may delete it: `cluster::unserved`).
+    async fn adopt_unserved(
+        self: &Arc<Self>,
+        mut unserved: BTreeMap<String, VolumeRecord>,
+        nodes: &[NodeStatus],
+        live: &[LiveNode],
+    ) {
+        let names: BTreeSet<String> = unserved.keys().cloned().collect();
+        let due = self
+            .unserved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update(Instant::now(), &names, UNSERVED_GRACE);
+        for name in due {
+            let Some(record) = unserved.remove(&name) else {
+                continue;
+            };
+            tracing::warn!(volume = %name, owner_tag = record.owner_tag, "the registry says this node serves the volume, but nothing here does: adopting it");
+            // Failures are logged, and halt the volume when they must.
+            let _ = self
+                .adopt(&record, nodes, live, Duration::ZERO, "unserved")
+                .await;
+        }
     }
 
     /// Adopt a halted volume whose DTL node is back (`last_failover.kind` `dtl-back`). A failure

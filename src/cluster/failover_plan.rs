@@ -13,9 +13,12 @@
 //! - [`after_failed_adoption`]: whether a failed adoption is tried again or halts the volume.
 //! - [`dtl_back_since_halt`]: whether a halted volume is adopted again on its own.
 //! - [`after_fence`]: what a node does with a volume it held once its lease is back.
+//! - [`UnservedWatch`]: which volumes the registry says this node serves, that nothing here
+//!   serves, have stayed so long enough for this node to adopt them (the caller passes the
+//!   time in: no clock here).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use crate::registry::VolumeRecord;
 
@@ -158,6 +161,46 @@ pub fn dtl_back_since_halt(halted_at_ms: u64, dtl_alive_since_ms: Option<u64>) -
     dtl_alive_since_ms.is_some_and(|since| since > halted_at_ms)
 }
 
+/// How long a volume must stay *unserved here* before this node adopts it: its record names
+/// this node, serving, yet nothing here serves it, adopts it, or is letting it go (delete,
+/// move). Longer than any window in which that is normal for a moment and not marked (a
+/// registry write on its way), short next to the failover detection time.
+pub const UNSERVED_GRACE: Duration = Duration::from_secs(5);
+
+/// The volumes found unserved here, pass after pass, and since when.
+///
+/// Why it exists: the registry can name this node as the serving owner of a volume it does not
+/// serve: an ownership transaction applied after the node gave up waiting for its answer, a
+/// node restarted with its write-buffer disk replaced (no other node was alive to adopt its
+/// volumes meanwhile), a create or delete whose record write landed late. Nothing else would
+/// ever serve such a volume, since its owner is alive; the node adopts it from the backend and
+/// its DTL, as in a failover, once it has stayed that way for [`UNSERVED_GRACE`].
+#[derive(Debug, Default)]
+pub struct UnservedWatch {
+    since: BTreeMap<String, Instant>,
+}
+
+impl UnservedWatch {
+    /// Note this pass's unserved volumes (`now`); returns those unserved for at least `grace`.
+    /// A volume missing from `unserved` is forgotten, so its time starts again if it comes back.
+    pub fn update(
+        &mut self,
+        now: Instant,
+        unserved: &BTreeSet<String>,
+        grace: Duration,
+    ) -> Vec<String> {
+        self.since.retain(|name, _| unserved.contains(name));
+        for name in unserved {
+            self.since.entry(name.clone()).or_insert(now);
+        }
+        self.since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= grace)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
 /// What a node does with a volume it served once its lease is back after being fenced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterFence {
@@ -179,6 +222,34 @@ pub fn after_fence(me: &str, registry_owner: Option<&str>) -> AfterFence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_is_adopted_only_after_staying_unserved_for_the_grace() {
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let set = |names: &[&str]| {
+            names
+                .iter()
+                .map(ToString::to_string)
+                .collect::<BTreeSet<_>>()
+        };
+        let mut watch = UnservedWatch::default();
+        assert!(watch.update(t0, &set(&["a", "b"]), grace).is_empty());
+        let t1 = t0 + Duration::from_secs(3);
+        assert!(watch.update(t1, &set(&["a", "b", "c"]), grace).is_empty());
+        // b is served again (or being let go) for one pass: its time starts over.
+        let t2 = t0 + Duration::from_secs(4);
+        assert!(watch.update(t2, &set(&["a", "c"]), grace).is_empty());
+        let t3 = t0 + Duration::from_secs(5);
+        assert_eq!(watch.update(t3, &set(&["a", "b", "c"]), grace), ["a"]);
+        let t4 = t0 + Duration::from_secs(8);
+        assert_eq!(watch.update(t4, &set(&["a", "b", "c"]), grace), ["a", "c"]);
+        assert_eq!(
+            watch.update(t0 + Duration::from_secs(10), &set(&["b"]), grace),
+            ["b"]
+        );
+        assert!(watch.update(t4, &set(&[]), grace).is_empty());
+    }
 
     fn node(name: &str, domain: &str, recovery: Option<&str>, volumes: usize) -> LiveNode {
         LiveNode {

@@ -122,6 +122,9 @@ pub async fn move_volume(
     release_timeout: Duration,
 ) -> Result<VolumeView, MoveError> {
     let (record, target) = check_target(failover, name, to).await?;
+    // Released here, not yet taken by the target: the registry names this node as the owner of
+    // a volume nothing here serves, which the failover pass must not adopt back.
+    let _held = failover.log.hold(name);
     tracing::info!(volume = %name, to, "moving volume: releasing it");
     (failover.on_dropped)(name);
     let manager = failover.manager.clone();

@@ -45,6 +45,8 @@ pub(super) async fn delete(
             format!("volume {name} is being taken over by node {node}; not deleted, retry once it is served or halted"),
         ));
     }
+    // Not adopted by the failover pass (as an unserved volume) while it is being deleted.
+    let _held = state.failover.as_ref().map(|f| f.log.hold(&name));
     let manager = state.manager.clone();
     let (target, tag) = (name.clone(), record.owner_tag);
     let unserved = blocking(move || manager.check_unserved_delete(&target, tag)).await?;
