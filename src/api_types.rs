@@ -255,7 +255,10 @@ pub struct FailoverRecord {
     /// The node that died (or, for a move, the node that released the volume).
     pub from: String,
     pub to: String,
-    /// `failover` or `move`.
+    /// Why: `failover` (the owner died), `move` or `move-back` (a `volume move`, or its undoing
+    /// after the target failed), `operator` (`volume adopt`), `dtl-back` (a halted volume whose
+    /// DTL node came back) or `unserved` (the registry named this node the owner of a volume
+    /// nothing here served).
     pub kind: String,
     /// Seconds since the Unix epoch when the volume served again.
     pub at: u64,

@@ -518,12 +518,13 @@ fn a_node_restarted_at_once_after_kill_9_waits_for_its_old_lease_then_serves() {
 }
 
 /// A node comes back from a clean stop with an empty write-buffer disk (replaced, say), and no
-/// other node was there to adopt its volume meanwhile: the registry still names it the serving
-/// owner of a volume it knows nothing of. It adopts the volume from the backend
-/// (`last_failover.kind` `unserved`) instead of answering "being taken over" for ever, and what
-/// was written reads back.
+/// other node was there to adopt its volumes meanwhile: the registry still names it the serving
+/// owner of volumes it knows nothing of. It adopts v6 from the backend (`last_failover.kind`
+/// `unserved`) instead of answering "being taken over" for ever, and what was written reads
+/// back. v7's backend namespace is gone too (a record that outlived its volume): its adoption
+/// halts it with the reason, and `volume delete` removes the record and frees the name.
 #[test]
-fn a_node_back_with_an_empty_disk_serves_the_volume_the_registry_gives_it() {
+fn a_node_back_with_an_empty_disk_serves_the_volumes_the_registry_gives_it() {
     let root = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(root.path());
     let url = etcd.url();
@@ -532,6 +533,7 @@ fn a_node_back_with_an_empty_disk_serves_the_volume_the_registry_gives_it() {
     let backend = TestBackend::Dir(root.path().join("backend"));
     let mut n1 = Daemon::start_on(&dir, &backend, &node_args(&url, "n1", "a", "b"));
     Cluster::json(&n1, &["volume", "create", "v6", "--size", "16M"]);
+    Cluster::json(&n1, &["volume", "create", "v7", "--size", "16M"]);
     let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 13 % 253) as u8).collect();
     let mut client = NbdClient::connect(&n1.nbd, "v6").unwrap();
     assert_eq!(client.write(1 << 20, &data, true).unwrap(), 0);
@@ -539,6 +541,7 @@ fn a_node_back_with_an_empty_disk_serves_the_volume_the_registry_gives_it() {
     // A clean stop puts everything on the backend; then the disk goes.
     assert!(n1.terminate().success());
     std::fs::remove_dir_all(&n1.data_dir).unwrap();
+    std::fs::remove_dir_all(root.path().join("backend").join("v7")).unwrap();
     n1.launch();
     let info = n1.wait_for("v6", "v6 served again by n1", |v| v["state"] == "running");
     assert_eq!(info["owner"], "n1", "{info}");
@@ -549,6 +552,23 @@ fn a_node_back_with_an_empty_disk_serves_the_volume_the_registry_gives_it() {
     assert_eq!(client.read(1 << 20, &mut back).unwrap(), 0);
     assert_eq!(crc_of(&back), crc_of(&data), "v6's data after the adoption");
     assert!(n1.log_text().contains("nothing here does: adopting it"));
+
+    let halted = n1.wait_for("v7", "v7 halted", |v| v["state"] == "halted");
+    let reason = halted["halted_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("adoption by n1 failed") && reason.contains("does not exist"),
+        "{halted}"
+    );
+    let deleted = n1.cli_ok(&["volume", "delete", "v7"]);
+    assert_eq!(deleted.trim(), "deleted volume v7", "{deleted}");
+    let out = n1.cli(&["volume", "info", "v7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not exist"),
+        "{err}"
+    );
+    Cluster::json(&n1, &["volume", "create", "v7", "--size", "16M"]);
+    assert_eq!(n1.info("v7")["state"], "running");
 }
 
 #[test]

@@ -693,9 +693,8 @@ impl Failover {
 
     /// After a `take_ownership` of `name` (expecting `expected`) got no answer: this node's tag
     /// if it took effect anyway ([`ownership_landed`], [`read_back_after_no_answer`]). If the
-    /// registry never answers, the transaction is taken as lost (and a volume it did give this
-    /// node stays unserved until an operator runs `vstor volume adopt`, which the record then
-    /// allows).
+    /// registry never answers, the transaction is taken as lost (a volume it did give this node
+    /// is then found unserved by a later pass and adopted: [`UnservedWatch`]).
     async fn ownership_after_no_answer(&self, name: &str, expected: u64) -> Option<u64> {
         let record = read_back_after_no_answer(self.registry.as_ref(), name).await?;
         let now = record.as_ref().map(|r| (r.owner.as_str(), r.owner_tag));

@@ -126,7 +126,8 @@ async fn adopt_record(
     let name = record.name.clone();
     // The record names this node, yet nothing here serves or is opening it: an ownership
     // transaction that took effect after it timed out (`Failover::adopt` checks, but the
-    // registry may not have answered that either). The operator's adopt serves it.
+    // registry may not have answered that either). The operator's adopt serves it (and the
+    // failover pass does the same by itself after `UNSERVED_GRACE`).
     let mine_unserved = record.owner == failover.node.name && !failover.log.pending(&name);
     if state.manager.names().contains(&name)
         || (record.state == crate::registry::VolumeState::Serving && owner_alive && !mine_unserved)
