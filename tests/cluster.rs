@@ -73,6 +73,15 @@ impl Cluster {
     }
 }
 
+/// A real etcd and one node, `n1`, on `backend`, both in `root`: a cluster of one.
+fn etcd_and_n1(root: &std::path::Path, backend: &TestBackend) -> (Etcd, Daemon) {
+    let etcd = Etcd::start(root);
+    let dir = root.join("n1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n1 = Daemon::start_on(&dir, backend, &node_args(&etcd.url(), "n1", "a", "b"));
+    (etcd, n1)
+}
+
 fn find<'a>(list: &'a [Value], name: &str) -> &'a Value {
     list.iter()
         .find(|v| v["name"] == name)
@@ -490,15 +499,7 @@ fn with_etcd_down_for_everybody_nodes_keep_serving_and_recover_when_it_returns()
 #[test]
 fn a_node_restarted_at_once_after_kill_9_waits_for_its_old_lease_then_serves() {
     let root = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(root.path());
-    let url = etcd.url();
-    let dir = root.path().join("n1");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut n1 = Daemon::start_on(
-        &dir,
-        &TestBackend::Default,
-        &node_args(&url, "n1", "a", "b"),
-    );
+    let (_etcd, mut n1) = etcd_and_n1(root.path(), &TestBackend::Default);
     Cluster::json(&n1, &["volume", "create", "v5", "--size", "16M"]);
     let killed = Instant::now();
     n1.kill9();
@@ -526,12 +527,8 @@ fn a_node_restarted_at_once_after_kill_9_waits_for_its_old_lease_then_serves() {
 #[test]
 fn a_node_back_with_an_empty_disk_serves_the_volumes_the_registry_gives_it() {
     let root = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(root.path());
-    let url = etcd.url();
-    let dir = root.path().join("n1");
-    std::fs::create_dir_all(&dir).unwrap();
     let backend = TestBackend::Dir(root.path().join("backend"));
-    let mut n1 = Daemon::start_on(&dir, &backend, &node_args(&url, "n1", "a", "b"));
+    let (_etcd, mut n1) = etcd_and_n1(root.path(), &backend);
     Cluster::json(&n1, &["volume", "create", "v6", "--size", "16M"]);
     Cluster::json(&n1, &["volume", "create", "v7", "--size", "16M"]);
     let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 13 % 253) as u8).collect();

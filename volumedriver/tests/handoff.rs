@@ -309,6 +309,30 @@ fn an_unserved_volume_is_checked_before_it_is_purged() {
     again.read(3 * CS, &mut buf).unwrap();
     assert!(buf.iter().all(|x| *x == 0), "old data in the new volume");
 
+    // A clone: the parent's snapshot stops listing it when the parent is served here...
+    let p2 = a.create("p2", &options()).unwrap();
+    p2.write(0, &pattern(0, 2), true).unwrap();
+    p2.snapshot_create("s").unwrap();
+    let c2 = a
+        .clone_volume("c2", "p2", "s", &options(), Duration::from_secs(30))
+        .unwrap();
+    let c2_tag = c2.info().owner_tag;
+    a.release("c2", Duration::from_secs(60)).unwrap();
+    let unserved = a.check_unserved_delete("c2", c2_tag).unwrap();
+    assert_eq!(a.purge_unserved(unserved), Vec::<String>::new());
+    assert!(p2.clones().is_empty());
+    a.delete("p2").unwrap();
+    // ... and says it could not when the parent is not.
+    let child_tag = a.get("child").unwrap().info().owner_tag;
+    a.release("child", Duration::from_secs(60)).unwrap();
+    let unserved = b.check_unserved_delete("child", child_tag).unwrap();
+    let left = b.purge_unserved(unserved);
+    assert!(
+        left.len() == 1 && left[0].contains("clone list of parent's snapshot s"),
+        "{left:?}"
+    );
+    assert!(!backend.namespace_exists("child").unwrap());
+
     // A record whose volume never reached the backend (a rolled-back create).
     let never = b.check_unserved_delete("never", 1).unwrap();
     assert!(!never.has_backend_data());

@@ -11,8 +11,9 @@
 //!    served here, if a snapshot of it has clones (they read its SCOs), or if its backend
 //!    namespace carries a newer owner tag than the record (another node claimed it).
 //! 2. The caller removes the registry record, conditional on its owner tag.
-//! 3. [`VolumeManager::purge_unserved`]: the backend namespace, the DTL registration and what
-//!    is left in the write buffer.
+//! 3. [`VolumeManager::purge_unserved`]: the backend namespace, the DTL registration, what is
+//!    left in the write buffer, and, for a clone, its entry in its parent's snapshot (when the
+//!    parent is served here; otherwise that is reported as left behind).
 //!
 //! Record first: once it is gone no node can adopt the volume (adoption starts with an
 //! ownership transaction on the record), so the namespace can go without racing one; and an
@@ -127,6 +128,22 @@ impl VolumeManager {
                 {
                     left.push(format!("its DTL entries on {addr}: {e}"));
                 }
+            }
+        }
+        if let Some(parent) = unserved.config.as_ref().and_then(|c| c.parent.as_ref()) {
+            // A clone: its parent's snapshot must stop listing it, or the parent could never be
+            // deleted. Only a parent served here can be told.
+            let forgotten = match self.get(&parent.volume) {
+                Ok(source) => source
+                    .set_clone(&parent.snapshot, name, false)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = forgotten {
+                left.push(format!(
+                    "its entry in the clone list of {}'s snapshot {}: {e}",
+                    parent.volume, parent.snapshot
+                ));
             }
         }
         if unserved.namespace {
