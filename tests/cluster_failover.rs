@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
@@ -751,8 +752,18 @@ fn move_under_load_loses_no_write_and_prints_the_new_address() {
     }
 }
 
-#[test]
-fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
+/// Three nodes in their own network namespaces (so one can be cut off), the sync-DTL test volume
+/// on n0 with its DTL in sync, and some acknowledged writes in it. Dropped in field order:
+/// nodes, then etcd, then the namespaces.
+struct NetCluster {
+    nodes: Vec<Daemon>,
+    _etcd: Etcd,
+    net: NetNs,
+    _tmp: tempfile::TempDir,
+    load: Arc<Load>,
+}
+
+fn net_cluster() -> NetCluster {
     let net = NetNs::new(NODES);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
@@ -785,7 +796,44 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
     let writers = oracle::start_writers(&nodes[0].nbd, VOLUME, Mode::Sync, &load);
     wait_progress(&load, &writers, 500, "before the partition");
     stop_writers(&load, writers);
+    NetCluster {
+        nodes,
+        _etcd: etcd,
+        net,
+        _tmp: tmp,
+        load,
+    }
+}
 
+/// The survivor that serves the test volume once n0 is cut off, asked of the survivors' own
+/// volume lists (a request forwarded to the cut-off owner would wait for TCP to give up).
+fn survivor_serving(nodes: &[Daemon]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let serving = nodes[1..].iter().find_map(|node| {
+            let out = node.cli(&["volume", "list", "--json"]);
+            let list = json(&String::from_utf8_lossy(&out.stdout));
+            list.as_array()?
+                .iter()
+                .find(|v| v["name"] == VOLUME && v["state"] == "running" && v["owner"] != "n0")
+                .and_then(|v| v["owner"].as_str().map(str::to_string))
+        });
+        if let Some(owner) = serving {
+            return owner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody adopted the volume; n1 log:\n{}",
+            nodes[1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
+    let cluster = net_cluster();
+    let (nodes, net, load) = (&cluster.nodes, &cluster.net, &cluster.load);
     net.link_down(0);
     let cut = Instant::now();
     // n0 stops acknowledging: a client on n0 itself sees its writes fail (EIO) once the node
@@ -817,28 +865,7 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
         "fenced only after {refused_after:?}"
     );
 
-    // Asked of the survivors' own volume lists (a request forwarded to the cut-off owner would
-    // wait for TCP to give up).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let new_owner = loop {
-        let serving = nodes[1..].iter().find_map(|node| {
-            let out = node.cli(&["volume", "list", "--json"]);
-            let list = json(&String::from_utf8_lossy(&out.stdout));
-            list.as_array()?
-                .iter()
-                .find(|v| v["name"] == VOLUME && v["state"] == "running" && v["owner"] != "n0")
-                .and_then(|v| v["owner"].as_str().map(str::to_string))
-        });
-        if let Some(owner) = serving {
-            break owner;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nobody adopted the volume; n1 log:\n{}",
-            nodes[1].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let new_owner = survivor_serving(nodes);
     eprintln!(
         "partition: n0 fenced after {refused_after:?}, {new_owner} serving after {:?}",
         cut.elapsed()
@@ -846,7 +873,7 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
     oracle::verify(
         &nodes[index(&new_owner)].nbd,
         VOLUME,
-        &load,
+        load,
         "after the partition",
     );
 
@@ -876,12 +903,67 @@ fn partitioned_owner_stops_acknowledging_and_learns_the_volume_moved() {
     oracle::verify(
         &nodes[index(&new_owner)].nbd,
         VOLUME,
-        &load,
+        load,
         "after n0 came back",
     );
-    drop(nodes);
-    drop(etcd);
-    drop(net);
+}
+
+/// The owner is cut off, a survivor adopts the volume, and the operator deletes it there. Back
+/// on the network, the old owner finds no record of the volume: it must not take that for a
+/// volume the cluster never knew and serve it again (its writes would reach no backend, and
+/// the name may be someone else's by then). It stays fenced and says why.
+#[test]
+fn a_volume_deleted_while_its_old_owner_was_cut_off_stays_fenced_there() {
+    let cluster = net_cluster();
+    let (nodes, net) = (&cluster.nodes, &cluster.net);
+    net.link_down(0);
+    let new_owner = survivor_serving(nodes);
+    let deleted = nodes[index(&new_owner)].cli_ok(&["volume", "delete", VOLUME]);
+    assert_eq!(
+        deleted.trim(),
+        format!("deleted volume {VOLUME}"),
+        "{deleted}"
+    );
+    net.link_up(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let entry = loop {
+        let out = nodes[0].cli(&["volume", "list", "--json"]);
+        let list = json(&String::from_utf8_lossy(&out.stdout));
+        let entry = list
+            .as_array()
+            .and_then(|l| l.iter().find(|v| v["name"] == VOLUME).cloned());
+        if let Some(entry) = entry.filter(|e| {
+            e["fenced"]
+                .as_str()
+                .is_some_and(|r| r.contains("deleted in the cluster"))
+        }) {
+            break entry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n0 does not keep the deleted volume fenced: {list}\n{}",
+            nodes[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entry["state"], "fenced", "{entry}");
+    assert!(
+        entry["fenced"]
+            .as_str()
+            .is_some_and(|r| r.contains("backend namespace was deleted")),
+        "{entry}"
+    );
+    // A client still on n0 gets its writes refused.
+    let nbd = nodes[0].nbd.clone();
+    let refused = net.run_in(0, move || {
+        let mut client = NbdClient::connect(&nbd, VOLUME).expect("connect on n0");
+        client.write(0, &[0x77u8; 4096], false)
+    });
+    assert_eq!(
+        refused.unwrap(),
+        5,
+        "n0 acknowledged a write to a deleted volume"
+    );
 }
 
 /// The owner and the DTL node die together: the volume halts with the reason. The operator

@@ -322,13 +322,15 @@ impl Cluster {
 
     /// Unfence the volumes this node still owns and put their owner keys under the current
     /// lease (a no-op when they are there already).
-    pub async fn reclaim(&self, manager: &VolumeManager) {
+    pub async fn reclaim(&self, manager: &Arc<VolumeManager>) {
         let lease = self.lease();
         for name in manager.names() {
             let Ok(volume) = manager.get(&name) else {
                 continue;
             };
             let tag = volume.info().owner_tag;
+            // Why the volume is not this node's any more, when its cluster record is gone.
+            let mut lost = None;
             let still_ours =
                 match self.registry.volume(&name).await {
                     Ok(Some(record))
@@ -348,9 +350,34 @@ impl Cluster {
                         tracing::warn!(volume = %name, owner = %record.owner, tag = record.owner_tag, ours = tag, "volume is owned by another node now; it stays fenced here");
                         false
                     }
-                    // No record: a volume of this node the cluster does not know (created before the
-                    // node joined a cluster); it stays served as before.
-                    Ok(None) => true,
+                    // No record: a volume of this node the cluster does not know (created before
+                    // the node joined a cluster) serves on; one the cluster deleted (and maybe
+                    // re-created elsewhere) while this node was cut off does not: the backend
+                    // tells them apart (`backend_lost`).
+                    Ok(None) => {
+                        let manager = manager.clone();
+                        let target = name.clone();
+                        match tokio::task::spawn_blocking(move || manager.backend_lost(&target))
+                            .await
+                        {
+                            Ok(Ok(None)) => true,
+                            Ok(Ok(Some(reason))) => {
+                                tracing::warn!(volume = %name, %reason, "the cluster has no record of the volume and its backend is not its own any more: it stays fenced here");
+                                lost = Some(format!(
+                                    "the volume was deleted in the cluster while this node was cut off ({reason})"
+                                ));
+                                false
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(volume = %name, error = %e, "cannot check the volume's backend");
+                                volume.fenced().is_none()
+                            }
+                            Err(e) => {
+                                tracing::warn!(volume = %name, error = %e, "the backend check failed");
+                                volume.fenced().is_none()
+                            }
+                        }
+                    }
                     Err(e) => {
                         // Registry down for everybody: nobody can have taken it; serve on.
                         tracing::debug!(volume = %name, error = %e, "cannot check the volume's record");
@@ -359,6 +386,8 @@ impl Cluster {
                 };
             if still_ours {
                 volume.set_fenced(None);
+            } else if let Some(reason) = lost {
+                volume.set_fenced(Some(reason));
             } else if volume.fenced().is_none() {
                 volume.set_fenced(Some("the volume is owned by another node".into()));
             }

@@ -338,3 +338,41 @@ fn an_unserved_volume_is_checked_before_it_is_purged() {
     assert!(!never.has_backend_data());
     assert_eq!(b.purge_unserved(never), Vec::<String>::new());
 }
+
+/// A node back from a fence that finds no cluster record of a volume it serves asks the backend
+/// whether the volume is still its own: not when its namespace was deleted, claimed with a newer
+/// owner tag, or holds another volume of the same name.
+#[test]
+fn backend_lost_tells_a_deleted_taken_or_replaced_volume_from_ours() {
+    use vstor_volumedriver::config::{VolumeConfig, CONFIG_OBJECT};
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    for name in ["kept", "deleted", "taken", "replaced"] {
+        a.create(name, &options()).unwrap();
+    }
+    assert_eq!(a.backend_lost("kept").unwrap(), None);
+
+    backend.delete_namespace("deleted").unwrap();
+    let why = a.backend_lost("deleted").unwrap().expect("deleted");
+    assert!(why.contains("deleted"), "{why}");
+
+    let tag = a.get("taken").unwrap().info().owner_tag;
+    backend.claim("taken", tag + 1).unwrap();
+    let why = a.backend_lost("taken").unwrap().expect("taken");
+    assert!(why.contains(&format!("owner tag {}", tag + 1)), "{why}");
+
+    // Another volume of the same name, created later, under the same tag.
+    let mut other = VolumeConfig::load_from_backend(backend.as_ref(), "replaced").unwrap();
+    other.created += 60;
+    backend
+        .put("replaced", CONFIG_OBJECT, &other.encode())
+        .unwrap();
+    let why = a.backend_lost("replaced").unwrap().expect("replaced");
+    assert!(why.contains("another volume of the same name"), "{why}");
+
+    assert!(matches!(
+        a.backend_lost("nosuch"),
+        Err(VolumeError::NotFound { .. })
+    ));
+}

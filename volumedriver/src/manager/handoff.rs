@@ -85,6 +85,43 @@ impl VolumeManager {
         Ok(())
     }
 
+    /// Why volume `name`, served here, no longer owns its backend namespace, or `None` if it
+    /// still does. For a node back from a fence that finds no cluster record of the volume:
+    /// either the volume never was in the cluster (it serves on), or it was deleted there while
+    /// this node was cut off, possibly re-created under the same name by another node (it must
+    /// not serve: its writes would never reach a backend, and the name is someone else's).
+    /// "Still ours": the namespace exists, carries no newer owner tag than this volume's, and
+    /// its configuration is this volume's incarnation (same creation time).
+    pub fn backend_lost(&self, name: &str) -> Result<Option<String>> {
+        let config = self.get(name)?.config();
+        let namespace = &config.namespace;
+        if !self
+            .backend
+            .namespace_exists(namespace)
+            .map_err(VolumeError::backend(name))?
+        {
+            return Ok(Some("its backend namespace was deleted".into()));
+        }
+        let current = self
+            .backend
+            .owner_tag(namespace)
+            .map_err(VolumeError::backend(name))?;
+        if current > config.owner_tag {
+            return Ok(Some(format!(
+                "its backend namespace was claimed with owner tag {current} (this node holds {})",
+                config.owner_tag
+            )));
+        }
+        let theirs = crate::config::VolumeConfig::load_from_backend(self.backend.as_ref(), name)?;
+        if theirs.created != config.created {
+            return Ok(Some(format!(
+                "its backend namespace holds another volume of the same name (created at {}, this one at {})",
+                theirs.created, config.created
+            )));
+        }
+        Ok(None)
+    }
+
     /// Stop serving a volume and forget it locally: out of the volume table, stopped, DTL link
     /// and uploader gone, write buffer removed, out of the registry file.
     fn unserve(&self, name: &str, volume: &Arc<Volume>) -> Result<()> {
