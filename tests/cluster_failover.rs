@@ -925,27 +925,23 @@ fn a_volume_deleted_while_its_old_owner_was_cut_off_stays_fenced_there() {
         "{deleted}"
     );
     net.link_up(0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let entry = loop {
-        let out = nodes[0].cli(&["volume", "list", "--json"]);
-        let list = json(&String::from_utf8_lossy(&out.stdout));
-        let entry = list
-            .as_array()
-            .and_then(|l| l.iter().find(|v| v["name"] == VOLUME).cloned());
-        if let Some(entry) = entry.filter(|e| {
-            e["fenced"]
-                .as_str()
-                .is_some_and(|r| r.contains("deleted in the cluster"))
-        }) {
-            break entry;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "n0 does not keep the deleted volume fenced: {list}\n{}",
-            nodes[0].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let entry = common::poll(
+        "n0 keeping the deleted volume fenced",
+        Duration::from_secs(30),
+        || {
+            let out = nodes[0].cli(&["volume", "list", "--json"]);
+            let list = json(&String::from_utf8_lossy(&out.stdout));
+            list.as_array()?
+                .iter()
+                .find(|v| {
+                    v["name"] == VOLUME
+                        && v["fenced"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("deleted in the cluster"))
+                })
+                .cloned()
+        },
+    );
     assert_eq!(entry["state"], "fenced", "{entry}");
     assert!(
         entry["fenced"]

@@ -433,18 +433,21 @@ impl Failover {
         let mut by_name = BTreeMap::new();
         let mut halted_here = Vec::new();
         let mut unserved_here = BTreeMap::new();
+        // Read once per pass, not per record: the pass runs every second.
+        let served: BTreeSet<String> = self.manager.names().into_iter().collect();
+        let failed = self.manager.failed();
         for record in records {
             let revive = self.dtl_back(&record, &nodes);
             if alive.contains(&record.owner) {
                 let mine_unserved = record.owner == self.node.name
                     && !self.log.pending(&record.name)
-                    && !self.manager.names().contains(&record.name);
+                    && !served.contains(&record.name);
                 if revive && mine_unserved {
                     halted_here.push(record);
                 } else if mine_unserved
                     && record.state == VolumeState::Serving
                     && !self.log.is_held(&record.name)
-                    && !self.manager.failed().contains_key(&record.name)
+                    && !failed.contains_key(&record.name)
                 {
                     unserved_here.insert(record.name.clone(), record);
                 }

@@ -117,6 +117,7 @@ mod upload_hooks;
 mod write;
 mod write_buffer;
 
+pub(crate) use dtl_link::unregister_dtl;
 pub use dtl_link::{ReplaySummary, TRIM_MARKER_CLONE};
 pub use info::VolumeInfo;
 pub use mds_link::{MapSeed, SeedPage, UncorkSink};

@@ -94,18 +94,9 @@ impl VolumeManager {
     /// its configuration is this volume's incarnation (same creation time).
     pub fn backend_lost(&self, name: &str) -> Result<Option<String>> {
         let config = self.get(name)?.config();
-        let namespace = &config.namespace;
-        if !self
-            .backend
-            .namespace_exists(namespace)
-            .map_err(VolumeError::backend(name))?
-        {
+        let Some(current) = self.backend_tag(&config.namespace)? else {
             return Ok(Some("its backend namespace was deleted".into()));
-        }
-        let current = self
-            .backend
-            .owner_tag(namespace)
-            .map_err(VolumeError::backend(name))?;
+        };
         if current > config.owner_tag {
             return Ok(Some(format!(
                 "its backend namespace was claimed with owner tag {current} (this node holds {})",
@@ -140,7 +131,7 @@ impl VolumeManager {
     }
 }
 
-fn remove_dir(name: &str, dir: &std::path::Path) -> Result<()> {
+pub(super) fn remove_dir(name: &str, dir: &std::path::Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

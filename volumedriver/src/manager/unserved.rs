@@ -20,11 +20,12 @@
 //! adoption that took ownership before makes step 2 fail on the tag, with nothing deleted.
 
 use vstor_backend::{BackendError, ObjectStore};
-use vstor_dtl::MirrorConfig;
 
-use crate::config::{DtlMode, TLogList, VolumeConfig, TLOG_LIST_OBJECT};
+use crate::config::{TLogList, VolumeConfig, TLOG_LIST_OBJECT};
 use crate::error::{Result, VolumeError};
+use crate::volume::unregister_dtl;
 
+use super::handoff::remove_dir;
 use super::VolumeManager;
 
 /// A volume [`VolumeManager::check_unserved_delete`] found deletable: what
@@ -58,20 +59,14 @@ impl VolumeManager {
             });
         }
         let backend = self.backend.as_ref();
-        let namespace = backend
-            .namespace_exists(name)
-            .map_err(VolumeError::backend(name))?;
-        if !namespace {
+        let Some(current) = self.backend_tag(name)? else {
             return Ok(Unserved {
                 name: name.to_string(),
                 tag,
-                namespace,
+                namespace: false,
                 config: None,
             });
-        }
-        let current = backend
-            .owner_tag(name)
-            .map_err(VolumeError::backend(name))?;
+        };
         if current > tag {
             return Err(VolumeError::Adopted {
                 volume: name.to_string(),
@@ -103,9 +98,25 @@ impl VolumeManager {
         Ok(Unserved {
             name: name.to_string(),
             tag,
-            namespace,
+            namespace: true,
             config,
         })
+    }
+
+    /// The owner tag of backend namespace `namespace`, or `None` when the
+    /// backend has no such namespace.
+    pub(super) fn backend_tag(&self, namespace: &str) -> Result<Option<u64>> {
+        let exists = self
+            .backend
+            .namespace_exists(namespace)
+            .map_err(VolumeError::backend(namespace))?;
+        if !exists {
+            return Ok(None);
+        }
+        self.backend
+            .owner_tag(namespace)
+            .map(Some)
+            .map_err(VolumeError::backend(namespace))
     }
 
     /// Remove what is left of a volume [`check_unserved_delete`](Self::check_unserved_delete)
@@ -116,18 +127,9 @@ impl VolumeManager {
         let name = unserved.name.as_str();
         let mut left = Vec::new();
         if let Some(config) = &unserved.config {
-            if let Some(addr) = config
-                .dtl_addr
-                .as_deref()
-                .filter(|_| config.dtl_mode != DtlMode::None)
-            {
-                let mut client = MirrorConfig::new(addr, "", 0, 0).client;
-                client.tls = self.config.dtl_tls.clone();
-                let tag = unserved.tag.max(config.owner_tag);
-                if let Err(e) = vstor_dtl::replay::unregister(addr, &config.namespace, tag, client)
-                {
-                    left.push(format!("its DTL entries on {addr}: {e}"));
-                }
+            let tag = unserved.tag.max(config.owner_tag);
+            if let Err(e) = unregister_dtl(config, tag, self.config.dtl_tls.clone()) {
+                left.push(format!("its DTL entries: {e}"));
             }
         }
         if let Some(parent) = unserved.config.as_ref().and_then(|c| c.parent.as_ref()) {
@@ -152,11 +154,8 @@ impl VolumeManager {
                 Err(e) => left.push(format!("its backend namespace: {e}")),
             }
         }
-        let dir = self.config.write_buffer_dir.join(name);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => left.push(format!("its write buffer {}: {e}", dir.display())),
+        if let Err(e) = remove_dir(name, &self.config.write_buffer_dir.join(name)) {
+            left.push(format!("its write buffer: {e}"));
         }
         self.failed.write().remove(name);
         if let Err(e) = self.update_registry(|names| names.retain(|n| n != name)) {

@@ -368,14 +368,9 @@ impl Volume {
     }
 
     fn forget_dtl_at(&self, config: &crate::config::VolumeConfig) {
-        let Some(addr) = dtl_target(config) else {
-            return;
-        };
-        let client = self.dtl_client_config(addr);
-        if let Err(e) =
-            vstor_dtl::replay::unregister(addr, &config.namespace, config.owner_tag, client)
-        {
-            tracing::warn!(volume = %self.name, addr, error = %e, "could not unregister from the DTL");
+        let tls = self.dtl_tls.lock().clone();
+        if let Err(e) = unregister_dtl(config, config.owner_tag, tls) {
+            tracing::warn!(volume = %self.name, error = %e, "could not unregister from the DTL");
         }
     }
 
@@ -520,6 +515,23 @@ impl Volume {
 }
 
 /// The DTL a volume's configuration mirrors to, if any.
+/// Drop the volume's log from the DTL `config` names (if any), as owner tag `tag`. Also used
+/// for a volume no longer served here (`VolumeManager::purge_unserved`). The error names the
+/// DTL's address.
+pub(crate) fn unregister_dtl(
+    config: &crate::config::VolumeConfig,
+    tag: u64,
+    tls: Option<vstor_net::PeerTls>,
+) -> std::result::Result<(), String> {
+    let Some(addr) = dtl_target(config) else {
+        return Ok(());
+    };
+    let mut client = MirrorConfig::new(addr, "", 0, 0).client;
+    client.tls = tls;
+    vstor_dtl::replay::unregister(addr, &config.namespace, tag, client)
+        .map_err(|e| format!("DTL {addr}: {e}"))
+}
+
 fn dtl_target(config: &crate::config::VolumeConfig) -> Option<&str> {
     config
         .dtl_addr
