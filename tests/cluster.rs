@@ -307,11 +307,7 @@ fn startup_refuses_unreachable_etcd_a_live_duplicate_name_and_a_missing_name() {
         &node_args(&url, "n1", "a", "b"),
     );
 
-    let unused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let unused = vstor_backend::testing::free_port();
     let err = serve_fails(
         &root.path().join("x"),
         &[

@@ -41,7 +41,7 @@ impl Cluster {
         Self::start_with(|_| {
             vec![
                 "--dtl-listen".to_string(),
-                format!("127.0.0.1:{}", common::etcd::free_port()),
+                format!("127.0.0.1:{}", vstor_backend::testing::free_port()),
             ]
         })
     }

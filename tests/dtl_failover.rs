@@ -41,7 +41,9 @@ impl Dtl {
             data_dir: root.join("data"),
             log: root.join("dtl.log"),
         };
-        if let Err(e) = dtl.launch("127.0.0.1:0") {
+        // A reserved port, not an ephemeral one: `restart` binds it again after a kill, and an
+        // ephemeral port may meanwhile be the source port of some outgoing connection.
+        if let Err(e) = dtl.launch(&vstor_backend::testing::free_addr()) {
             panic!("vstor dtl did not start: {e}");
         }
         dtl

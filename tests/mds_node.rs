@@ -23,13 +23,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::mds::{free_addr, Mds};
+use common::mds::Mds;
 use common::oracle::{start_writers, stop_writers, verify, wait_progress, Load, Mode};
 use common::tls::{peer_tls_flags, strs, Pki};
 use common::{
     require_tool, run_any, run_ok, start_cluster_node, write_with_reference, Daemon, TestBackend,
     SYNC_DTL_VOLUME_ON_N0, VSTOR,
 };
+use vstor_backend::testing::free_addr;
 use vstor_backend::{LocalStore, ObjectStore};
 use vstor_mds::catchup::backend_map;
 use vstor_mds::client::MdsClient;

@@ -22,10 +22,63 @@ use crate::{S3Location, S3Options, S3Store};
 pub const ACCESS_KEY: &str = "vstor-test-key";
 pub const SECRET_KEY: &str = "vstor-test-secret";
 
-/// A port nothing listens on right now.
+/// A loopback port for a server a test starts later (or restarts on the same address), which
+/// no other test and no outgoing connection on this machine will take meanwhile.
+///
+/// Why not "bind port 0 and drop the listener": that port comes from the kernel's ephemeral
+/// range, which the kernel also hands out as the source port of every outgoing connection and
+/// to every other `bind(…:0)`. Between the drop and the server's own bind, any of those can
+/// take it, and the server fails with "Address already in use" (it did, in CI). So ports come
+/// from the range just below the ephemeral one, which the kernel never assigns by itself, and
+/// a counter in a lock file shared by every test process (nextest runs each test in its own)
+/// hands each port out once per cycle through that range. A port something still listens on
+/// (a leftover from an earlier run) is skipped.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener.local_addr().expect("local address").port()
+    let (low, high) = reserved_port_range();
+    let path = std::env::temp_dir().join("vstor-test-ports.next");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open the test port counter {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("cannot lock the test port counter {}: {e}", path.display()));
+    let mut text = String::new();
+    // An unreadable or garbled counter starts over at the bottom of the range.
+    let _ = file.read_to_string(&mut text);
+    let mut next = text.trim().parse::<u16>().unwrap_or(low);
+    for _ in 0..(high - low) {
+        let port = if (low..high).contains(&next) {
+            next
+        } else {
+            low
+        };
+        next = port + 1;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            let saved = std::fs::write(&path, next.to_string());
+            saved.unwrap_or_else(|e| panic!("cannot save the test port counter: {e}"));
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}")
+}
+
+/// `free_port` as `127.0.0.1:PORT`.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// The 10,000 ports below the kernel's ephemeral range (`ip_local_port_range`), or below
+/// 32768 where that file cannot be read.
+fn reserved_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.max(11024);
+    (high - 10_000, high)
 }
 
 /// A running moto server; killed on drop.
@@ -295,4 +348,27 @@ pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let (low, high) = reserved_port_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+        for port in ports {
+            assert!((low..high).contains(&port), "{port} not in {low}..{high}");
+            TcpListener::bind(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("port {port} handed out but not bindable: {e}"));
+        }
+        // And the kernel never hands one of them out by itself.
+        let ephemeral = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(!(low..high).contains(&ephemeral.port()), "{ephemeral}");
+    }
 }

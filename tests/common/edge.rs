@@ -3,7 +3,6 @@
 //! sockets under its own directory; killed in `Drop`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -26,13 +25,7 @@ pub struct EdgeDaemon {
     pub reattached: usize,
 }
 
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
+use vstor_backend::testing::free_addr;
 
 impl EdgeDaemon {
     /// Start edge `name` on `registry` (`etcd://…`) with its files under `root/name`.

@@ -1,4 +1,4 @@
-//! A `vstor mds` daemon for process tests: started on a given or ephemeral loopback port,
+//! A `vstor mds` daemon for process tests: started on a given or reserved loopback port,
 //! restartable on the same address (nodes name their MDSes by address), killed when dropped.
 
 use std::io::{BufRead, BufReader};
@@ -19,17 +19,12 @@ pub struct Mds {
     extra: Vec<String>,
 }
 
-/// A loopback address with a port free right now (for a daemon that must keep its address
-/// across restarts).
-pub fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local addr").to_string()
-}
-
 impl Mds {
-    /// Start on an ephemeral port; slaves catch up only on demand.
+    /// Start on a reserved port (`launch` binds it again after a kill); slaves catch up only
+    /// on demand.
     pub fn start(dir: &Path, backend: &Path) -> Self {
-        Self::start_at(dir, backend, "127.0.0.1:0", &["--catch-up-every", "0s"])
+        let addr = vstor_backend::testing::free_addr();
+        Self::start_at(dir, backend, &addr, &["--catch-up-every", "0s"])
     }
 
     /// Start listening on `addr` with `extra` flags.

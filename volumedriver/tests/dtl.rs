@@ -39,9 +39,7 @@ impl DtlRig {
 
     /// An address nothing listens on yet; `launch` later binds it.
     fn reserved(dir: &Path) -> Self {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
+        let addr = vstor_backend::testing::free_addr().parse().unwrap();
         Self {
             dir: dir.to_path_buf(),
             addr,

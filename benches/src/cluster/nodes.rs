@@ -2,7 +2,7 @@
 //! registered in it, sharing one local backend directory, plus a small blocking client of the
 //! nodes' management API.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,9 +18,11 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Every API call is bounded: a stopped or dead node must not stall the measurement.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A free TCP port on the host (a network namespace has its own ports, all free).
+/// A free TCP port on the host (a network namespace has its own ports, all free), from the
+/// tests' allocator: below the ephemeral range, so no outgoing connection takes it before the
+/// process started on it binds it.
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(vstor_backend::testing::free_port())
 }
 
 /// `etcd` (package etcd-server) with its data and log in the work directory.

@@ -3,7 +3,7 @@
 //! It listens on loopback only and logs to a file in the work directory, whose tail goes into
 //! the error when it dies early.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,9 +79,10 @@ impl QemuNbd {
     }
 }
 
-/// Asks the kernel for a free loopback port. Another process could take it before qemu-nbd
-/// binds; qemu-nbd then exits and the error says so.
+/// A free loopback port for qemu-nbd, from the tests' allocator (below the ephemeral range,
+/// so no outgoing connection takes it before qemu-nbd binds it).
 fn free_loopback_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(listener.local_addr()?)
+    let addr = vstor_backend::testing::free_addr();
+    addr.parse()
+        .with_context(|| format!("bad loopback address {addr}"))
 }
