@@ -361,14 +361,21 @@ mod tests {
         let mut distinct = ports.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "a port handed out twice: {ports:?}"
+        );
         for port in ports {
             assert!((low..high).contains(&port), "{port} not in {low}..{high}");
             TcpListener::bind(("127.0.0.1", port))
                 .unwrap_or_else(|e| panic!("port {port} handed out but not bindable: {e}"));
         }
         // And the kernel never hands one of them out by itself.
-        let ephemeral = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let ephemeral = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         assert!(!(low..high).contains(&ephemeral.port()), "{ephemeral}");
     }
 }

@@ -474,7 +474,7 @@ impl Volume {
 
     /// Fence the volume (`Some(reason)`) or lift the fence (`None`). While fenced, writes,
     /// trims, write-zeroes and flushes fail with [`VolumeError::Fenced`] instead of being
-    /// acknowledged; reads go on. The cluster layer fences a node's volumes when the node may have
+    /// acknowledged; reads go on, and nothing is uploaded (see [`Volume::upload_one`]). The cluster layer fences a node's volumes when the node may have
     /// lost its registry lease, so another node may adopt them: this node must not acknowledge
     /// anything from then on. A write that passed the gate before it closed may still complete;
     /// a flush checks the gate again after its work, so no FLUSH is acknowledged once fenced.
@@ -490,7 +490,13 @@ impl Volume {
                 }
             }
         }
+        let lifted = fenced.is_some() && reason.is_none();
         *fenced = reason;
+        drop(fenced);
+        if lifted {
+            // Uploads paused while fenced (`upload_one`) resume now, not at the next tick.
+            self.upload_work.notify_all();
+        }
     }
 
     /// Whether the volume is fenced (see [`Volume::set_fenced`]).

@@ -376,3 +376,91 @@ fn backend_lost_tells_a_deleted_taken_or_replaced_volume_from_ours() {
         Err(VolumeError::NotFound { .. })
     ));
 }
+
+/// Every object of `namespace` with its content.
+fn objects(backend: &FaultStore, namespace: &str) -> Vec<(String, Vec<u8>)> {
+    let mut names = backend.list(namespace).unwrap();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let bytes = backend.get(namespace, &name).unwrap();
+            (name, bytes)
+        })
+        .collect()
+}
+
+/// A fenced node (cut off; another node may own the volume by now) uploads nothing of it. Else,
+/// once the volume was deleted and re-created under the same name, which starts again at the
+/// same owner tag, the old node's pending SCO and TLog would overwrite the new volume's objects
+/// of the same names. When the fence lifts because the volume is still this node's, the paused
+/// uploads go out.
+#[test]
+fn a_fenced_volume_uploads_nothing_and_resumes_when_the_fence_lifts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+
+    // Old node: writes whose TLog and SCO could not be uploaded before the node was cut off.
+    let zombie = a.create("vol", &options()).unwrap();
+    let kept = a.create("kept", &options()).unwrap();
+    backend.set_failing(true);
+    for volume in [&zombie, &kept] {
+        for cluster in 0..8 {
+            volume
+                .write(cluster * CS, &pattern(cluster, 1), false)
+                .unwrap();
+        }
+        volume.flush().unwrap();
+        volume.close_current_tlog().unwrap();
+        assert!(volume.pending_uploads() > 0);
+        volume.set_fenced(Some("this node lost its cluster lease".into()));
+    }
+
+    // The backend is reachable again: from here on the old node's scheduler would upload.
+    backend.set_failing(false);
+    // Meanwhile the cluster deleted "vol" and created it again on another node, at tag 1 too.
+    backend.delete_namespace("vol").unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    let new = b.create("vol", &options()).unwrap();
+    assert_eq!(new.owner_tag(), zombie.owner_tag(), "the dangerous case");
+    let mut written = Vec::new();
+    for cluster in 0..8 {
+        new.write(cluster * CS, &pattern(cluster, 2), false)
+            .unwrap();
+        written.push((cluster, pattern(cluster, 2)));
+    }
+    new.flush().unwrap();
+    new.close_current_tlog().unwrap();
+    new.drain_uploads().unwrap();
+    let before = objects(&backend, "vol");
+
+    // The old node tries (its scheduler would, on every tick): nothing reaches the backend.
+    for _ in 0..3 {
+        let err = zombie.upload_one().unwrap_err();
+        assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
+    }
+    assert!(zombie.pending_uploads() > 0);
+    assert_eq!(
+        objects(&backend, "vol"),
+        before,
+        "a fenced node changed the re-created volume's objects"
+    );
+    b.release("vol", Duration::from_secs(10)).unwrap();
+    let c = node(tmp.path(), "c", &backend);
+    c.adopt("vol").unwrap();
+    check(&c, "vol", &written);
+
+    // "kept" is still this node's: once unfenced, its paused uploads go out, and another node
+    // adopting it from the backend alone reads the old node's writes.
+    assert!(kept.upload_one().is_err(), "fenced");
+    kept.set_fenced(None);
+    kept.drain_uploads().unwrap();
+    assert_eq!(kept.pending_uploads(), 0);
+    a.release("kept", Duration::from_secs(10)).unwrap();
+    c.adopt("kept").unwrap();
+    let old: Vec<_> = (0..8)
+        .map(|cluster| (cluster, pattern(cluster, 1)))
+        .collect();
+    check(&c, "kept", &old);
+}

@@ -259,7 +259,12 @@ impl Shared {
                 Outcome::Progress
             }
             Ok(false) => Outcome::Idle,
-            Err(VolumeError::Halted { .. } | VolumeError::Stopped { .. }) => Outcome::Idle,
+            // A fence lifts with a notification (`Volume::set_fenced`), which makes it ready.
+            Err(
+                VolumeError::Halted { .. }
+                | VolumeError::Stopped { .. }
+                | VolumeError::Fenced { .. },
+            ) => Outcome::Idle,
             Err(e) => {
                 tracing::warn!(volume = %volume.name(), error = %e, "upload failed; retrying after a back-off");
                 Outcome::Failed

@@ -194,8 +194,17 @@ impl Volume {
     ///
     /// Plan ([`plan_upload`], under the state lock), execute (the backend I/O, without it), then
     /// complete ([`complete_upload`], under the lock again).
+    ///
+    /// A fenced volume uploads nothing (`Err(Fenced)`; the scheduler leaves it idle until the
+    /// fence lifts). Another node may own it by now, and its puts would be judged by the owner
+    /// tag alone: after a delete and a re-create of the same name, the new volume starts at the
+    /// same tag as this one may hold, and a pending SCO or TLog of this node would overwrite the
+    /// new volume's object of the same name. Nothing is lost by waiting: what is not on the
+    /// backend is in the DTL, which the adopter replays, and a fence that lifts because the
+    /// volume is still ours resumes the uploads.
     pub fn upload_one(&self) -> Result<bool> {
         let _step = self.upload_lock.lock();
+        self.check_fence()?;
         let plan = plan_upload(&self.name, &self.state.lock());
         let plan = match plan {
             Ok(Some(plan)) => plan,
