@@ -173,6 +173,7 @@ impl From<VolumeError> for ApiError {
             | VolumeError::HasClones { .. }
             | VolumeError::Refused { .. }
             | VolumeError::Moved { .. }
+            | VolumeError::Replaced { .. }
             | VolumeError::ReadOnly { .. } => StatusCode::CONFLICT,
             VolumeError::InvalidName { .. }
             | VolumeError::InvalidConfig { .. }

@@ -577,6 +577,58 @@ fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
     assert!(written > 0, "nothing written");
 }
 
+/// The owner and the DTL node die together and the operator gives the volume up: `volume
+/// delete` through the survivor removes the volume recorded halted on the dead owner at once,
+/// with no `volume adopt` first, and says what it could not remove (the dead DTL node's copy).
+#[test]
+fn a_volume_halted_on_a_dead_node_is_deleted_through_a_survivor() {
+    let mut cluster = Cluster::start();
+    let info = cluster.create_volume();
+    let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
+    wait_progress(&load, &writers, 100, "before the double failure");
+    stop_writers(&load, writers);
+    cluster.nodes[dtl_idx].kill9();
+    cluster.nodes[0].kill9();
+    let survivor = (1..NODES).find(|i| *i != dtl_idx).unwrap();
+    let halted = try_wait_info(
+        &cluster.nodes[survivor],
+        "the volume halted",
+        Duration::from_secs(30),
+        |i| i["state"] == "halted",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
+    assert_eq!(halted["owner"], "n0", "{halted}");
+    let backend_ns = cluster._tmp.path().join("backend").join(VOLUME);
+    assert!(backend_ns.is_dir(), "{} missing", backend_ns.display());
+
+    let deleted = cluster.nodes[survivor].cli_ok(&["volume", "delete", VOLUME]);
+    let mut lines = deleted.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("deleted volume {VOLUME}").as_str()),
+        "{deleted}"
+    );
+    let warning = lines.next().unwrap_or_default();
+    assert!(
+        warning.starts_with("warning: could not remove its DTL entries"),
+        "the dead DTL node's copy is reported: {deleted}"
+    );
+    let out = cluster.nodes[survivor].cli(&["volume", "info", VOLUME]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not exist"),
+        "volume info after the delete: {err}"
+    );
+    let list = json(&cluster.nodes[survivor].cli_ok(&["volume", "list", "--json"]));
+    assert!(
+        list.as_array().unwrap().iter().all(|v| v["name"] != VOLUME),
+        "{list}"
+    );
+    assert!(!backend_ns.exists(), "backend namespace left behind");
+}
+
 /// A node restarted while etcd stalls (a disk that holds its fsyncs, a leader election) is not
 /// failed by a registry call that times out: it tries again and joins once etcd answers.
 #[test]

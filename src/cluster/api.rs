@@ -299,6 +299,18 @@ async fn owner_route(
                 Json(record_view(&record, None, dtl)).into_response(),
             ));
         }
+        // A halted volume of a dead node: no failover pass adopts it (until its DTL node comes
+        // back), so a delete is done here, as its owner would (`unserved`); the record's owner
+        // tag decides a race with an adoption.
+        let halted = matches!(record.state, VolumeState::Halted { .. });
+        if halted && !live.contains_key(&record.owner) && Asked::of(&request, name) == Asked::Delete
+        {
+            return Ok(Route::Answered(
+                super::unserved::delete(state, cluster, &record)
+                    .await
+                    .into_response(),
+            ));
+        }
         return Err(unavailable(format!(
             "volume {name}: its owner node {} is dead (owner tag {}); it cannot be managed until it is adopted",
             record.owner, record.owner_tag

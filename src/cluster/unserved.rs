@@ -4,6 +4,11 @@
 //! create, a delete whose record removal timed out). Before, every request for such a volume
 //! was answered "halted" or "being taken over, retry in a moment", and none removed it.
 //!
+//! The same delete runs on any node for a volume recorded halted on a node that is dead: nothing
+//! adopts such a volume (unless its DTL node comes back), and before, its delete answered
+//! "owner dead, cannot be managed until it is adopted", so the operator had to `volume adopt`
+//! it (which halted it again, on a live node) and then delete it.
+//!
 //! Refused while an adoption of the volume is under way on this node, while the node is
 //! fenced, and by the engine's checks (`VolumeManager::check_unserved_delete`: clones, a newer
 //! owner tag on the backend). Then the record goes first, conditional on the owner tag read, and
@@ -21,7 +26,8 @@ use crate::api::{blocking, ApiError, ApiState};
 use crate::api_types::VolumeDeleted;
 use crate::registry::{RegistryError, VolumeRecord};
 
-/// Delete `record`'s volume, which names this node as its owner and is not served here.
+/// Delete `record`'s volume, which names this node (or a dead one, halted) as its owner and is
+/// not served here.
 pub(super) async fn delete(
     state: &ApiState,
     cluster: &Arc<Cluster>,
@@ -75,7 +81,7 @@ pub(super) async fn delete(
         .unwrap_or_else(|e| vec![format!("the clean-up task failed: {e}")]);
     state.exports.forget(&name, None);
     state.scrubs.forget(&name);
-    tracing::info!(volume = %name, halted = !matches!(record.state, crate::registry::VolumeState::Serving), backend_data = had_data, "volume deleted (not served here)");
+    tracing::info!(volume = %name, owner = %record.owner, halted = !matches!(record.state, crate::registry::VolumeState::Serving), backend_data = had_data, "volume deleted (not served here)");
     Ok(Json(VolumeDeleted {
         deleted: name,
         left_behind,

@@ -334,6 +334,19 @@ impl VolumeConfig {
         Self::decode(volume, &format!("backend object {CONFIG_OBJECT}"), &bytes)
     }
 
+    /// The creation time of the volume stored in this configuration's backend namespace, when
+    /// that is another incarnation of the name than this one (the volume was deleted and
+    /// created again, maybe on another node), else `None`. Owner tags cannot tell them apart:
+    /// a re-created volume starts again at tag 1. Creation times are in seconds, so a delete
+    /// and re-create within the same second goes unnoticed here.
+    pub fn other_incarnation(
+        &self,
+        backend: &dyn vstor_backend::ObjectStore,
+    ) -> Result<Option<u64>> {
+        let theirs = Self::load_from_backend(backend, &self.namespace)?;
+        Ok((theirs.created != self.created).then_some(theirs.created))
+    }
+
     pub fn decode(volume: &str, what: &str, bytes: &[u8]) -> Result<Self> {
         crate::meta::decode(CONFIG_KIND, CONFIG_VERSION, bytes)
             .map_err(|e| VolumeError::corrupt(volume, what, e.to_string()))

@@ -58,6 +58,14 @@ pub enum VolumeError {
         ours: u64,
         current: u64,
     },
+    /// The backend namespace holds another volume of the same name: this node's copy was
+    /// deleted in the cluster (and the name created again) while this node was down or cut off.
+    #[error("volume {volume}: the backend holds another volume of the same name (created at {theirs}; this node's copy was created at {ours}): this copy was deleted in the cluster and is not served here")]
+    Replaced {
+        volume: String,
+        ours: u64,
+        theirs: u64,
+    },
     /// The node fenced itself (it may have lost its registry lease): writes and flushes are
     /// not acknowledged until it is healthy again. See [`crate::Volume::set_fenced`].
     #[error("volume {volume}: this node is fenced ({reason}); writes are not acknowledged")]

@@ -488,11 +488,15 @@ impl VolumeManager {
             .fs
             .read(&dir.join("config"))
             .ok()
-            .and_then(|bytes| VolumeConfig::decode(name, "config", &bytes).ok())
-            .map(|c| c.owner_tag);
-        match (ours, self.backend.owner_tag(name)) {
-            (Some(ours), Ok(current)) => current > ours,
-            _ => false,
+            .and_then(|bytes| VolumeConfig::decode(name, "config", &bytes).ok());
+        let Some(ours) = ours else {
+            return false;
+        };
+        match self.backend.owner_tag(name) {
+            Ok(current) if current > ours.owner_tag => true,
+            // Deleted and created again meanwhile: the namespace is the new volume's.
+            Ok(_) => matches!(ours.other_incarnation(self.backend.as_ref()), Ok(Some(_))),
+            Err(_) => false,
         }
     }
 

@@ -398,6 +398,15 @@ impl Volume {
             Ok(_) => {}
             Err(e) => return Err(VolumeError::backend(name)(e)),
         }
+        // The same tag but another volume: this copy must neither merge that volume's TLogs
+        // nor upload into its namespace.
+        if let Some(theirs) = config.other_incarnation(backend.as_ref())? {
+            return Err(VolumeError::Replaced {
+                volume: name.to_string(),
+                ours: config.created,
+                theirs,
+            });
+        }
         let backend_tlogs = match backend.get(&config.namespace, TLOG_LIST_OBJECT) {
             Ok(bytes) => TLogList::decode(name, &bytes)?,
             Err(BackendError::NoSuchObject { .. }) => TLogList::default(),

@@ -377,9 +377,13 @@ fn backend_lost_tells_a_deleted_taken_or_replaced_volume_from_ours() {
     ));
 }
 
-/// Every object of `namespace` with its content.
+/// Every object of `namespace` with its content (none when the namespace is gone).
 fn objects(backend: &FaultStore, namespace: &str) -> Vec<(String, Vec<u8>)> {
-    let mut names = backend.list(namespace).unwrap();
+    let mut names = match backend.list(namespace) {
+        Ok(names) => names,
+        Err(vstor_backend::BackendError::NoSuchNamespace { .. }) => Vec::new(),
+        Err(e) => panic!("cannot list {namespace}: {e}"),
+    };
     names.sort();
     names
         .into_iter()
@@ -463,4 +467,67 @@ fn a_fenced_volume_uploads_nothing_and_resumes_when_the_fence_lifts() {
         .map(|cluster| (cluster, pattern(cluster, 1)))
         .collect();
     check(&c, "kept", &old);
+}
+
+/// A node that was down while its volume was deleted and created again elsewhere (at owner tag
+/// 1 again) restarts with its old copy. The copy is not opened: it would merge the new volume's
+/// TLogs and upload its own pending ones into the new namespace. It is listed as failed with the
+/// reason, and deleting it there removes the local copy only.
+#[test]
+fn a_copy_of_a_volume_created_again_elsewhere_is_not_opened_and_its_delete_spares_the_new_one() {
+    use vstor_volumedriver::config::VolumeConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let old = a.create("vol", &options()).unwrap();
+    for cluster in 0..8 {
+        old.write(cluster * CS, &pattern(cluster, 1), false)
+            .unwrap();
+    }
+    let dir = old.dir().to_path_buf();
+    // Down with writes not on the backend yet.
+    backend.set_failing(true);
+    assert_eq!(a.shutdown(Duration::ZERO), ["vol"]);
+    drop((old, a));
+    backend.set_failing(false);
+
+    backend.delete_namespace("vol").unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    let new = b.create("vol", &options()).unwrap();
+    let written: Vec<_> = (0..8)
+        .map(|cluster| (cluster, pattern(cluster, 2)))
+        .collect();
+    for (cluster, data) in &written {
+        new.write(cluster * CS, data, false).unwrap();
+    }
+    new.flush().unwrap();
+    new.close_current_tlog().unwrap();
+    new.drain_uploads().unwrap();
+    // The old copy was created earlier (a minute, rather than waiting for the clock).
+    let path = dir.join("config");
+    let mut config = VolumeConfig::decode("vol", "config", &std::fs::read(&path).unwrap()).unwrap();
+    config.created -= 60;
+    std::fs::write(&path, config.encode()).unwrap();
+    assert_eq!(config.owner_tag, new.owner_tag(), "the dangerous case");
+    let before = objects(&backend, "vol");
+
+    let a = node(tmp.path(), "a", &backend);
+    assert!(a.get("vol").is_err(), "the old copy is served");
+    let failed = a.failed();
+    let reason = failed.get("vol").expect("listed as failed");
+    assert!(
+        reason.contains("another volume of the same name"),
+        "{reason}"
+    );
+    a.delete("vol").unwrap();
+    assert!(!dir.exists(), "the old copy stays in the write buffer");
+    assert_eq!(
+        objects(&backend, "vol"),
+        before,
+        "the old node changed the new volume's objects"
+    );
+    b.release("vol", Duration::from_secs(10)).unwrap();
+    let c = node(tmp.path(), "c", &backend);
+    c.adopt("vol").unwrap();
+    check(&c, "vol", &written);
 }

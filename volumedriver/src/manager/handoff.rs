@@ -103,14 +103,14 @@ impl VolumeManager {
                 config.owner_tag
             )));
         }
-        let theirs = crate::config::VolumeConfig::load_from_backend(self.backend.as_ref(), name)?;
-        if theirs.created != config.created {
-            return Ok(Some(format!(
-                "its backend namespace holds another volume of the same name (created at {}, this one at {})",
-                theirs.created, config.created
-            )));
-        }
-        Ok(None)
+        Ok(config
+            .other_incarnation(self.backend.as_ref())?
+            .map(|theirs| {
+                format!(
+                    "its backend namespace holds another volume of the same name (created at {theirs}, this one at {})",
+                    config.created
+                )
+            }))
     }
 
     /// Stop serving a volume and forget it locally: out of the volume table, stopped, DTL link
