@@ -649,6 +649,7 @@ async fn delete(
     // The tag the volume's cluster record must still carry for this node to delete it.
     let tag = state.manager.get(&name).ok().map(|v| v.info().owner_tag);
     // Refuse before anything is torn down: a volume whose snapshots have clones stays served.
+    crate::stale_clones::forget(&state, &name, None).await?;
     let snapshots = match state.manager.get(&name) {
         Ok(volume) => {
             let clones = volume.clones();
@@ -806,6 +807,7 @@ async fn snapshot_delete(
     Path((name, snapshot)): Path<(String, String)>,
 ) -> Result<Json<SnapshotDeleted>, ApiError> {
     let volume = state.manager.get(&name)?;
+    crate::stale_clones::forget(&state, &name, Some(&snapshot)).await?;
     let target = snapshot.clone();
     blocking(move || volume.snapshot_delete(&target)).await?;
     drop_snapshot_exports(&state, &name, vec![snapshot.clone()]).await;

@@ -25,6 +25,7 @@ mod scrub;
 mod security_args;
 mod server;
 mod size;
+mod stale_clones;
 mod tier;
 mod top;
 mod transfer;

@@ -663,3 +663,49 @@ fn clones_are_made_by_the_parents_owner_recorded_and_fail_over() {
     assert!(owner == "n1" || owner == "n3", "{owner}");
     assert_eq!(crc, crc_of(&data));
 }
+
+/// A clone deleted on a node that does not serve its parent (it moved) cannot take itself off
+/// the parent's snapshot there. The parent's node finds that out when the entry is in the way:
+/// its snapshot and volume deletes drop entries of clones that no longer exist, and still
+/// refuse for clones that do.
+#[test]
+fn a_parent_forgets_clones_deleted_on_another_node() {
+    let cluster = Cluster::start();
+    let n1 = cluster.node("n1");
+    Cluster::json(
+        n1,
+        &["volume", "create", "base", "--size", "16M", "--node", "n2"],
+    );
+    for snapshot in ["gold", "silver"] {
+        n1.cli_ok(&["snapshot", "create", "base", snapshot]);
+    }
+    for (clone, from) in [("c1", "base@gold"), ("c2", "base@silver")] {
+        let made = Cluster::json(n1, &["clone", "create", clone, "--from", from]);
+        assert_eq!(made["owner"], "n2", "{made}");
+        n1.cli_ok(&["volume", "move", clone, "--to", "n3"]);
+        assert_eq!(n1.info(clone)["owner"], "n3");
+    }
+    let refused = |args: &[&str], want: &str| {
+        let out = n1.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("has clones") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    // Clones that exist keep their parent.
+    refused(&["volume", "delete", "base"], "c1, c2");
+
+    n1.cli_ok(&["volume", "delete", "c1"]);
+    n1.cli_ok(&["snapshot", "delete", "base", "gold"]);
+    refused(&["volume", "delete", "base"], "c2");
+    n1.cli_ok(&["volume", "delete", "c2"]);
+    let deleted = n1.cli_ok(&["volume", "delete", "base"]);
+    assert!(deleted.starts_with("deleted volume base"), "{deleted}");
+    let backend = cluster.root.path().join("backend");
+    for name in ["base", "c1", "c2"] {
+        assert!(!backend.join(name).exists(), "{name}'s namespace is left");
+        let out = n1.cli(&["volume", "info", name]);
+        assert!(!out.status.success(), "{name} still exists");
+    }
+}

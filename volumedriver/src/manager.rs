@@ -30,6 +30,7 @@ use crate::types::{ClusterLocation, ScoName};
 use crate::volume::{MapSeed, ReplaySummary, Volume, VolumeInfo};
 use crate::wbfs::{StdFs, WbFs};
 
+mod clones;
 mod handoff;
 mod restart;
 mod unserved;

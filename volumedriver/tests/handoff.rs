@@ -531,3 +531,60 @@ fn a_copy_of_a_volume_created_again_elsewhere_is_not_opened_and_its_delete_spare
     c.adopt("vol").unwrap();
     check(&c, "vol", &written);
 }
+
+/// A parent's snapshots keep listing clones deleted on other nodes; `forget_deleted_clones`
+/// drops those and only those: a clone served elsewhere (its namespace names the parent), one
+/// the caller knows of, and one served here stay; a deleted one and a name reused by an
+/// unrelated volume go; a snapshot filter touches only that snapshot.
+#[test]
+fn a_parent_forgets_only_clones_that_no_longer_exist() {
+    use std::collections::BTreeSet;
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let b = node(tmp.path(), "b", &backend);
+    let parent = a.create("parent", &options()).unwrap();
+    parent.write(0, &pattern(0, 1), true).unwrap();
+    parent.snapshot_create("s").unwrap();
+    parent.snapshot_create("t").unwrap();
+    let wait = Duration::from_secs(30);
+    for clone in ["here", "moved", "known", "deleted", "reused", "other"] {
+        let snapshot = if clone == "other" { "t" } else { "s" };
+        a.clone_volume(clone, "parent", snapshot, &options(), wait)
+            .unwrap();
+    }
+    // "moved" and "known" are served by b now; "deleted" and "reused" were deleted there, and
+    // "reused" is the name of a new, unrelated volume; "other" (of snapshot t) was deleted too.
+    for clone in ["moved", "known", "deleted", "reused", "other"] {
+        a.release(clone, wait).unwrap();
+        b.adopt(clone).unwrap();
+    }
+    for clone in ["deleted", "reused", "other"] {
+        b.delete(clone).unwrap();
+    }
+    b.create("reused", &options()).unwrap();
+    // A namespace the caller knows of is kept even when the backend cannot show it.
+    backend.delete_namespace("known").unwrap();
+    let known = BTreeSet::from(["known".to_string()]);
+    let listed = |snapshot: &str| parent.snapshot(snapshot).unwrap().clones;
+    assert_eq!(listed("s"), ["here", "moved", "known", "deleted", "reused"]);
+
+    let forgotten = a
+        .forget_deleted_clones("parent", Some("s"), &known)
+        .unwrap();
+    let pair = |s: &str, c: &str| (s.to_string(), c.to_string());
+    assert_eq!(forgotten, [pair("s", "deleted"), pair("s", "reused")]);
+    assert_eq!(listed("s"), ["here", "moved", "known"]);
+    assert_eq!(listed("t"), ["other"], "another snapshot was touched");
+    let forgotten = a.forget_deleted_clones("parent", None, &known).unwrap();
+    assert_eq!(forgotten, [pair("t", "other")]);
+    assert!(a
+        .forget_deleted_clones("parent", None, &known)
+        .unwrap()
+        .is_empty());
+    // What stays still keeps the parent.
+    assert!(matches!(
+        a.delete("parent"),
+        Err(VolumeError::HasClones { .. })
+    ));
+}
