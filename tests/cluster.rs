@@ -408,8 +408,11 @@ fn a_longer_registry_timeout_rides_out_an_etcd_stall_that_fails_the_default() {
         !listed.status.success(),
         "n2 answered while etcd was stopped"
     );
+    // The etcd client's own request timeout and the registry's bound around each call are
+    // both n2's 2 s; whichever fires first words it.
     assert!(
-        listed_err.contains("cannot reach the registry") && listed_err.contains("Timeout"),
+        listed_err.contains("cannot reach the registry")
+            && (listed_err.contains("Timeout") || listed_err.contains("no answer within 2s")),
         "{listed_err}"
     );
     assert!(

@@ -527,16 +527,14 @@ fn an_adoption_that_cannot_read_the_dtl_halts_the_volume_says_why_and_it_can_be_
     );
 }
 
-/// The owner and the DTL node die together and nobody intervenes: the volume halts, and when
-/// the DTL node is restarted a survivor adopts the volume on its own and loses nothing.
-#[test]
-fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
-    let mut cluster = Cluster::start_with_fixed_dtl_ports();
+/// Write `writes` times to the volume on n0, then kill n0 and the volume's DTL node: the
+/// survivor records the volume halted on n0. Returns the writes, the DTL node and the survivor.
+fn halt_by_a_double_failure(cluster: &mut Cluster, writes: u64) -> (Arc<Load>, usize, usize) {
     let info = cluster.create_volume();
     let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
     let load = Load::new();
     let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
-    wait_progress(&load, &writers, 300, "before the double failure");
+    wait_progress(&load, &writers, writes, "before the double failure");
     stop_writers(&load, writers);
     cluster.nodes[dtl_idx].kill9();
     cluster.nodes[0].kill9();
@@ -549,6 +547,15 @@ fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
     assert_eq!(halted["owner"], "n0", "{halted}");
+    (load, dtl_idx, survivor)
+}
+
+/// The owner and the DTL node die together and nobody intervenes: the volume halts, and when
+/// the DTL node is restarted a survivor adopts the volume on its own and loses nothing.
+#[test]
+fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
+    let mut cluster = Cluster::start_with_fixed_dtl_ports();
+    let (load, dtl_idx, survivor) = halt_by_a_double_failure(&mut cluster, 300);
     cluster.nodes[dtl_idx].launch();
     let served = try_wait_info(
         &cluster.nodes[survivor],
@@ -583,23 +590,7 @@ fn a_volume_halted_by_a_dead_dtl_node_is_served_again_when_it_comes_back() {
 #[test]
 fn a_volume_halted_on_a_dead_node_is_deleted_through_a_survivor() {
     let mut cluster = Cluster::start();
-    let info = cluster.create_volume();
-    let dtl_idx = cluster.index(&cluster.dtl_node(0, &info));
-    let load = Load::new();
-    let writers = oracle::start_writers(&cluster.nodes[0].nbd, VOLUME, Mode::Sync, &load);
-    wait_progress(&load, &writers, 100, "before the double failure");
-    stop_writers(&load, writers);
-    cluster.nodes[dtl_idx].kill9();
-    cluster.nodes[0].kill9();
-    let survivor = (1..NODES).find(|i| *i != dtl_idx).unwrap();
-    let halted = try_wait_info(
-        &cluster.nodes[survivor],
-        "the volume halted",
-        Duration::from_secs(30),
-        |i| i["state"] == "halted",
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&cluster.nodes)));
-    assert_eq!(halted["owner"], "n0", "{halted}");
+    let (_, _, survivor) = halt_by_a_double_failure(&mut cluster, 100);
     let backend_ns = cluster._tmp.path().join("backend").join(VOLUME);
     assert!(backend_ns.is_dir(), "{} missing", backend_ns.display());
 

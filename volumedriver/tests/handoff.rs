@@ -377,6 +377,17 @@ fn backend_lost_tells_a_deleted_taken_or_replaced_volume_from_ours() {
     ));
 }
 
+/// Write clusters 0 to 7 with `pattern(cluster, round)`; returns what was written.
+fn write_round(volume: &vstor_volumedriver::Volume, round: u64) -> Vec<(u64, Vec<u8>)> {
+    (0..8)
+        .map(|cluster| {
+            let data = pattern(cluster, round);
+            volume.write(cluster * CS, &data, false).unwrap();
+            (cluster, data)
+        })
+        .collect()
+}
+
 /// Every object of `namespace` with its content (none when the namespace is gone).
 fn objects(backend: &FaultStore, namespace: &str) -> Vec<(String, Vec<u8>)> {
     let mut names = match backend.list(namespace) {
@@ -410,11 +421,7 @@ fn a_fenced_volume_uploads_nothing_and_resumes_when_the_fence_lifts() {
     let kept = a.create("kept", &options()).unwrap();
     backend.set_failing(true);
     for volume in [&zombie, &kept] {
-        for cluster in 0..8 {
-            volume
-                .write(cluster * CS, &pattern(cluster, 1), false)
-                .unwrap();
-        }
+        write_round(volume, 1);
         volume.flush().unwrap();
         volume.close_current_tlog().unwrap();
         assert!(volume.pending_uploads() > 0);
@@ -428,12 +435,7 @@ fn a_fenced_volume_uploads_nothing_and_resumes_when_the_fence_lifts() {
     let b = node(tmp.path(), "b", &backend);
     let new = b.create("vol", &options()).unwrap();
     assert_eq!(new.owner_tag(), zombie.owner_tag(), "the dangerous case");
-    let mut written = Vec::new();
-    for cluster in 0..8 {
-        new.write(cluster * CS, &pattern(cluster, 2), false)
-            .unwrap();
-        written.push((cluster, pattern(cluster, 2)));
-    }
+    let written = write_round(&new, 2);
     new.flush().unwrap();
     new.close_current_tlog().unwrap();
     new.drain_uploads().unwrap();
@@ -480,10 +482,7 @@ fn a_copy_of_a_volume_created_again_elsewhere_is_not_opened_and_its_delete_spare
     let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
     let a = node(tmp.path(), "a", &backend);
     let old = a.create("vol", &options()).unwrap();
-    for cluster in 0..8 {
-        old.write(cluster * CS, &pattern(cluster, 1), false)
-            .unwrap();
-    }
+    write_round(&old, 1);
     let dir = old.dir().to_path_buf();
     // Down with writes not on the backend yet.
     backend.set_failing(true);
@@ -494,12 +493,7 @@ fn a_copy_of_a_volume_created_again_elsewhere_is_not_opened_and_its_delete_spare
     backend.delete_namespace("vol").unwrap();
     let b = node(tmp.path(), "b", &backend);
     let new = b.create("vol", &options()).unwrap();
-    let written: Vec<_> = (0..8)
-        .map(|cluster| (cluster, pattern(cluster, 2)))
-        .collect();
-    for (cluster, data) in &written {
-        new.write(cluster * CS, data, false).unwrap();
-    }
+    let written = write_round(&new, 2);
     new.flush().unwrap();
     new.close_current_tlog().unwrap();
     new.drain_uploads().unwrap();
