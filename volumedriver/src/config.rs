@@ -334,23 +334,55 @@ impl VolumeConfig {
         Self::decode(volume, &format!("backend object {CONFIG_OBJECT}"), &bytes)
     }
 
-    /// The creation time of the volume stored in this configuration's backend namespace, when
-    /// that is another incarnation of the name than this one (the volume was deleted and
-    /// created again, maybe on another node), else `None`. Owner tags cannot tell them apart:
-    /// a re-created volume starts again at tag 1. Creation times are in seconds, so a delete
-    /// and re-create within the same second goes unnoticed here.
-    pub fn other_incarnation(
-        &self,
-        backend: &dyn vstor_backend::ObjectStore,
-    ) -> Result<Option<u64>> {
-        let theirs = Self::load_from_backend(backend, &self.namespace)?;
-        Ok((theirs.created != self.created).then_some(theirs.created))
+    /// Whether this copy of a volume's configuration (a node's write buffer holds one) still
+    /// owns its backend namespace, or what became of the namespace. Shared by a volume's open,
+    /// a node back from a fence (`VolumeManager::backend_lost`) and the delete of a volume that
+    /// failed to open (`owned_elsewhere`).
+    ///
+    /// Owner tags alone cannot tell a volume deleted and created again under the same name
+    /// (it starts again at tag 1): the configuration's creation time does. It is in seconds, so
+    /// a delete and re-create within the same second goes unnoticed.
+    pub fn standing(&self, backend: &dyn vstor_backend::ObjectStore) -> Result<Standing> {
+        let namespace = &self.namespace;
+        let exists = backend
+            .namespace_exists(namespace)
+            .map_err(VolumeError::backend(&self.name))?;
+        if !exists {
+            return Ok(Standing::Deleted);
+        }
+        let current = backend
+            .owner_tag(namespace)
+            .map_err(VolumeError::backend(&self.name))?;
+        if current > self.owner_tag {
+            return Ok(Standing::Claimed { current });
+        }
+        let theirs = Self::load_from_backend(backend, namespace)?;
+        Ok(if theirs.created == self.created {
+            Standing::Ours
+        } else {
+            Standing::Replaced {
+                created: theirs.created,
+            }
+        })
     }
 
     pub fn decode(volume: &str, what: &str, bytes: &[u8]) -> Result<Self> {
         crate::meta::decode(CONFIG_KIND, CONFIG_VERSION, bytes)
             .map_err(|e| VolumeError::corrupt(volume, what, e.to_string()))
     }
+}
+
+/// What [`VolumeConfig::standing`] found on the backend for a copy of a configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The namespace is this copy's (same incarnation, no newer owner tag).
+    Ours,
+    /// The namespace is gone: the volume was deleted.
+    Deleted,
+    /// Another node claimed the namespace with a newer owner tag (adopted or moved).
+    Claimed { current: u64 },
+    /// The namespace holds another volume of the same name, created at `created`.
+    Replaced { created: u64 },
 }
 
 impl Encryption {

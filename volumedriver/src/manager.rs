@@ -22,7 +22,9 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use vstor_backend::ObjectStore;
 
-use crate::config::{validate_volume_name, DtlMode, ParentRef, VolumeConfig, VolumeOptions};
+use crate::config::{
+    validate_volume_name, DtlMode, ParentRef, Standing, VolumeConfig, VolumeOptions,
+};
 use crate::error::{Result, VolumeError};
 use crate::meta;
 use crate::scheduler::{SchedulerConfig, UploadScheduler};
@@ -490,15 +492,12 @@ impl VolumeManager {
             .read(&dir.join("config"))
             .ok()
             .and_then(|bytes| VolumeConfig::decode(name, "config", &bytes).ok());
-        let Some(ours) = ours else {
-            return false;
-        };
-        match self.backend.owner_tag(name) {
-            Ok(current) if current > ours.owner_tag => true,
-            // Deleted and created again meanwhile: the namespace is the new volume's.
-            Ok(_) => matches!(ours.other_incarnation(self.backend.as_ref()), Ok(Some(_))),
-            Err(_) => false,
-        }
+        ours.is_some_and(|ours| {
+            matches!(
+                ours.standing(self.backend.as_ref()),
+                Ok(Standing::Claimed { .. } | Standing::Replaced { .. })
+            )
+        })
     }
 
     /// Change a volume's DTL mode and address; the link restarts (and catches up).

@@ -92,7 +92,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use vstor_backend::{BackendError, ObjectStore};
 
-use crate::config::{TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT};
+use crate::config::{
+    Standing, TLogList, TLogRecord, VolumeConfig, CONFIG_OBJECT, TLOG_LIST_OBJECT,
+};
 use crate::error::{Result, VolumeError};
 use crate::tlog::{self, Entry};
 use crate::types::{ClusterLocation, TLogNumber};
@@ -387,25 +389,29 @@ impl Volume {
             ));
         }
         let cipher = crypt::load_cipher(&config)?;
-        match backend.owner_tag(&config.namespace) {
-            Ok(current) if current > config.owner_tag => {
+        // A copy whose namespace is another node's, or another volume's of the same name, must
+        // neither merge that namespace's TLogs nor upload into it.
+        match config.standing(backend.as_ref())? {
+            Standing::Ours => {}
+            Standing::Deleted => {
+                return Err(VolumeError::backend(name)(BackendError::NoSuchNamespace {
+                    namespace: config.namespace.clone(),
+                }))
+            }
+            Standing::Claimed { current } => {
                 return Err(VolumeError::Adopted {
                     volume: name.to_string(),
                     ours: config.owner_tag,
                     current,
                 })
             }
-            Ok(_) => {}
-            Err(e) => return Err(VolumeError::backend(name)(e)),
-        }
-        // The same tag but another volume: this copy must neither merge that volume's TLogs
-        // nor upload into its namespace.
-        if let Some(theirs) = config.other_incarnation(backend.as_ref())? {
-            return Err(VolumeError::Replaced {
-                volume: name.to_string(),
-                ours: config.created,
-                theirs,
-            });
+            Standing::Replaced { created } => {
+                return Err(VolumeError::Replaced {
+                    volume: name.to_string(),
+                    ours: config.created,
+                    theirs: created,
+                })
+            }
         }
         let backend_tlogs = match backend.get(&config.namespace, TLOG_LIST_OBJECT) {
             Ok(bytes) => TLogList::decode(name, &bytes)?,
@@ -483,9 +489,9 @@ impl Volume {
 
     /// Fence the volume (`Some(reason)`) or lift the fence (`None`). While fenced, writes,
     /// trims, write-zeroes and flushes fail with [`VolumeError::Fenced`] instead of being
-    /// acknowledged; reads go on, and nothing is uploaded (see [`Volume::upload_one`]). The cluster layer fences a node's volumes when the node may have
-    /// lost its registry lease, so another node may adopt them: this node must not acknowledge
-    /// anything from then on. A write that passed the gate before it closed may still complete;
+    /// acknowledged; reads go on, and nothing is uploaded (see [`Volume::upload_one`]). The
+    /// cluster layer fences a node's volumes when the node may have lost its registry lease, so
+    /// another node may adopt them: this node must not acknowledge anything from then on. A write that passed the gate before it closed may still complete;
     /// a flush checks the gate again after its work, so no FLUSH is acknowledged once fenced.
     pub fn set_fenced(&self, reason: Option<String>) {
         let mut fenced = self.fenced.write();

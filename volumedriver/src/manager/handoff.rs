@@ -8,6 +8,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::Standing;
 use crate::error::{Result, VolumeError};
 use crate::volume::Volume;
 
@@ -94,23 +95,18 @@ impl VolumeManager {
     /// its configuration is this volume's incarnation (same creation time).
     pub fn backend_lost(&self, name: &str) -> Result<Option<String>> {
         let config = self.get(name)?.config();
-        let Some(current) = self.backend_tag(&config.namespace)? else {
-            return Ok(Some("its backend namespace was deleted".into()));
-        };
-        if current > config.owner_tag {
-            return Ok(Some(format!(
+        Ok(match config.standing(self.backend.as_ref())? {
+            Standing::Ours => None,
+            Standing::Deleted => Some("its backend namespace was deleted".into()),
+            Standing::Claimed { current } => Some(format!(
                 "its backend namespace was claimed with owner tag {current} (this node holds {})",
                 config.owner_tag
-            )));
-        }
-        Ok(config
-            .other_incarnation(self.backend.as_ref())?
-            .map(|theirs| {
-                format!(
-                    "its backend namespace holds another volume of the same name (created at {theirs}, this one at {})",
-                    config.created
-                )
-            }))
+            )),
+            Standing::Replaced { created } => Some(format!(
+                "its backend namespace holds another volume of the same name (created at {created}, this one at {})",
+                config.created
+            )),
+        })
     }
 
     /// Stop serving a volume and forget it locally: out of the volume table, stopped, DTL link

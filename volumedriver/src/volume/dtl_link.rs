@@ -514,7 +514,6 @@ impl Volume {
     }
 }
 
-/// The DTL a volume's configuration mirrors to, if any.
 /// Drop the volume's log from the DTL `config` names (if any), as owner tag `tag`. Also used
 /// for a volume no longer served here (`VolumeManager::purge_unserved`). The error names the
 /// DTL's address.
@@ -532,6 +531,7 @@ pub(crate) fn unregister_dtl(
         .map_err(|e| format!("DTL {addr}: {e}"))
 }
 
+/// The DTL a volume's configuration mirrors to, if any.
 fn dtl_target(config: &crate::config::VolumeConfig) -> Option<&str> {
     config
         .dtl_addr
