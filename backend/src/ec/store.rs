@@ -80,6 +80,10 @@ use crate::{validate_name, BackendError, ObjectStore, OwnerTag, Result};
 /// rewritten in a loop) gives up after this many reads.
 const GET_ATTEMPTS: usize = 4;
 
+/// A read whose fragments keep moving under it (a repair pass moving one object's fragments
+/// one by one) gives up after this many attempts, each with the fragments found afresh.
+const READ_ATTEMPTS: usize = 4;
+
 /// An OSD's state in the tier's map (`vstor osd list` shows it).
 ///
 /// The map decides it: `Up` while the OSD's lease/heartbeat lives; `Down` when it lapses; an OSD
@@ -228,6 +232,10 @@ pub struct EcStore {
     pub(super) indexes: Mutex<HashMap<(String, String), VersionedIndex>>,
     /// The last object version this store gave out (puts and tombstones).
     last_version: AtomicU64,
+    /// Tests: run before each read of found fragments, first in first run (to move fragments
+    /// between a read's find and its read).
+    #[cfg(test)]
+    pub(super) before_read: Mutex<std::collections::VecDeque<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Drop for EcStore {
@@ -264,6 +272,8 @@ impl EcStore {
             keys: Mutex::default(),
             indexes: Mutex::default(),
             last_version: AtomicU64::new(0),
+            #[cfg(test)]
+            before_read: Mutex::default(),
         })
     }
 
@@ -474,30 +484,48 @@ impl EcStore {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(u64, u64)> {
-        let cached = self
-            .found
-            .lock()
-            .contains_key(&(namespace.to_string(), name.to_string()));
         let key = self.namespace_key(namespace)?;
-        let found = self.find(namespace, name)?;
-        let (version, size) = match self.read_found(namespace, name, &found, offset, buf) {
-            // What was cached may be out of date (repair moved or rebuilt fragments since):
-            // find again and read once more.
-            Err(e) if cached && !matches!(e, BackendError::RangeOutOfBounds { .. }) => {
-                tracing::debug!(
-                    "{namespace}/{name}: read with cached holders failed ({e}); finding again"
-                );
-                self.forget(namespace, name);
-                let found = self.find(namespace, name)?;
-                self.read_found(namespace, name, &found, offset, buf)?;
-                (found.version, found.layout.size)
+        let mut found = self.find(namespace, name)?;
+        let mut attempt = 1;
+        let (version, size) = loop {
+            #[cfg(test)]
+            self.run_test_hook();
+            match self.read_found(namespace, name, &found, offset, buf) {
+                Ok(()) => break (found.version, found.layout.size),
+                Err(e @ BackendError::RangeOutOfBounds { .. }) => return Err(e),
+                Err(e) => {
+                    // The holders may be out of date: cached from before a repair moved or
+                    // rebuilt fragments, or found just before one did (a node repairs and
+                    // rebalances its volumes' objects while serving their reads, and a move
+                    // deletes its source). Find again, and read again only if the fragments
+                    // are somewhere else now: a read fails only when the object as it is
+                    // stored now cannot be read.
+                    self.forget(namespace, name);
+                    let again = self.find(namespace, name)?;
+                    let moved = again.version != found.version || again.holders != found.holders;
+                    if !moved || attempt >= READ_ATTEMPTS {
+                        return Err(e);
+                    }
+                    tracing::debug!(
+                        "{namespace}/{name}: read failed ({e}); its fragments moved, reading again"
+                    );
+                    found = again;
+                    attempt += 1;
+                }
             }
-            other => other.map(|()| (found.version, found.layout.size))?,
         };
         if let Some(key) = key {
             crypt::apply(&key, namespace, name, version, offset, buf);
         }
         Ok((version, size))
+    }
+
+    #[cfg(test)]
+    fn run_test_hook(&self) {
+        let hook = self.before_read.lock().pop_front();
+        if let Some(hook) = hook {
+            hook();
+        }
     }
 
     /// Put `data` as `name` under `owner`, as `version` if given (repair re-encoding an object

@@ -294,3 +294,66 @@ fn a_reader_with_a_stale_index_gets_the_rewritten_compressed_object_whole() {
         drop(t.runtime);
     }
 }
+
+/// A read finds an object's fragments, and before it reads them a repair elsewhere (a node's
+/// rebalance runs beside its reads) moves them off the OSDs it found them on, twice: the read
+/// finds them again where they went, and returns the object's bytes.
+#[test]
+fn a_read_follows_fragments_moved_between_finding_and_reading_them() {
+    use crate::ec::repair::RepairOptions;
+    use crate::ec::testkit::{options, set_state};
+
+    let t = tier(9);
+    t.store.create_namespace("vol", 1).unwrap();
+    let data = object(1_500_000, 3);
+    t.store.put("vol", "sco1", &data).unwrap();
+    assert!(t.store.wait_background(std::time::Duration::from_secs(20)));
+    // 4+2 over three domains of three OSDs: two fragments in each domain, one OSD free there.
+    let holders: Vec<u64> = (0..9).filter(|id| t.fragments_on(*id) > 0).collect();
+    assert_eq!(holders.len(), 6);
+    let first: Vec<u64> = (0..3)
+        .map(|d| *holders.iter().find(|id| *id % 3 == d).unwrap())
+        .collect();
+    let free: Vec<u64> = (0..9).filter(|id| !holders.contains(id)).collect();
+    // Drain `from` and bring `back` up again, then repair: the fragments on `from` move.
+    let mover = |from: Vec<u64>, back: Vec<u64>| {
+        let map = t.map.clone();
+        Box::new(move || {
+            for id in &back {
+                set_state(&map, *id, OsdState::Up);
+            }
+            for id in &from {
+                set_state(&map, *id, OsdState::Draining);
+            }
+            let elsewhere = EcStore::new(map.clone(), options()).unwrap();
+            let report = elsewhere
+                .repair_namespace("vol", &RepairOptions::default(), &|_| {})
+                .unwrap();
+            assert!(report.errors.is_empty(), "{report:?}");
+            assert_eq!(report.fragments_moved, 3, "{report:?}");
+        }) as Box<dyn FnOnce() + Send>
+    };
+    let reader = t.client();
+    reader
+        .before_read
+        .lock()
+        .push_back(mover(first.clone(), vec![]));
+    reader
+        .before_read
+        .lock()
+        .push_back(mover(free.clone(), first.clone()));
+    let mut buf = vec![0u8; data.len()];
+    reader.get_range("vol", "sco1", 0, &mut buf).unwrap();
+    assert!(
+        buf == data,
+        "the object's bytes, read after its fragments moved twice"
+    );
+    assert!(reader.before_read.lock().is_empty(), "both moves ran");
+    for id in &first {
+        assert_eq!(t.fragments_on(*id), 1, "OSD {id}: its fragment moved back");
+    }
+    for id in &free {
+        assert_eq!(t.fragments_on(*id), 0, "OSD {id}: drained");
+    }
+    drop(t.runtime);
+}

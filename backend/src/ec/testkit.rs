@@ -199,17 +199,9 @@ impl Tier {
         self.set_state(id, OsdState::Up);
     }
 
-    /// Set an OSD's state the way the registry does: only an up OSD takes new fragments, and
-    /// draining and out ones have no weight.
+    /// Set an OSD's state the way the registry does (see [`set_state`]).
     pub(super) fn set_state(&self, id: u64, state: OsdState) {
-        let mut osds = self.map.osds.lock();
-        let entry = &mut osds[id as usize];
-        entry.state = state;
-        entry.slot.writable = state == OsdState::Up;
-        entry.slot.weight = match state {
-            OsdState::Up | OsdState::Down => 1.0,
-            OsdState::Draining | OsdState::Out => 0.0,
-        };
+        set_state(&self.map, id, state);
     }
 
     pub(super) fn fragments_on(&self, id: u64) -> u64 {
@@ -240,6 +232,19 @@ impl Tier {
     pub(super) fn client(&self) -> EcStore {
         EcStore::new(self.map.clone(), options()).unwrap()
     }
+}
+
+/// Set an OSD's state in `map` the way the registry does: only an up OSD takes new fragments,
+/// and draining and out ones have no weight.
+pub(super) fn set_state(map: &MemMap, id: u64, state: OsdState) {
+    let mut osds = map.osds.lock();
+    let entry = &mut osds[id as usize];
+    entry.state = state;
+    entry.slot.writable = state == OsdState::Up;
+    entry.slot.weight = match state {
+        OsdState::Up | OsdState::Down => 1.0,
+        OsdState::Draining | OsdState::Out => 0.0,
+    };
 }
 
 /// Deterministic object bytes.
