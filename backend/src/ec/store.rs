@@ -13,8 +13,11 @@
 //! `Head` in rounds (see `find`): the two best-ranked for each index among the OSDs up or
 //! draining, then every other such OSD if that found fewer than `k`, then the down ones. The
 //! answer is cached, and forgotten when a read from a holder fails, so a read after repair or
-//! rebalancing moved fragments finds them again (a failed read with cached holders is retried
-//! once with fresh ones). A ranged read asks only the data fragments that hold the range
+//! rebalancing moved fragments finds them again. A failed read, cached holders or fresh ones,
+//! is retried with the fragments found afresh whenever they are somewhere else now (a node's
+//! own rebalance moves fragments, deleting each source, while it serves reads of them; up to
+//! `READ_ATTEMPTS`): a read fails only when the object as stored now cannot be read, which
+//! halts the volume reading it. A ranged read asks only the data fragments that hold the range
 //! (`layout::locate`): 4 KiB of a 64 MiB object is one request to one OSD. When a data
 //! fragment is unreachable, on an OSD the map says is down, or fails its CRC, the same fragment
 //! range is read from `k` other fragments and decoded: Reed-Solomon works column by column, so
