@@ -26,7 +26,7 @@ async fn acknowledged_entries_survive_kill_9_of_the_dtl() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut child, addr) = start(tmp.path(), "127.0.0.1:0");
     let mut client = DtlClient::connect(addr.as_str()).await.unwrap();
-    client.register("vol", 4096, 1).await.unwrap();
+    client.register("vol", 4096, 1, 0).await.unwrap();
     let batch = |sco: u32, seed: u8| -> Vec<Entry> {
         (0..16u64)
             .map(|i| Entry {
@@ -54,7 +54,7 @@ async fn acknowledged_entries_survive_kill_9_of_the_dtl() {
     let expected: Vec<Entry> = batch(1, 1).into_iter().chain(batch(2, 2)).collect();
     assert_eq!(entries, expected);
     // The old owner is fenced once a newer one registers.
-    client.register("vol", 4096, 2).await.unwrap();
+    client.register("vol", 4096, 2, 0).await.unwrap();
     let err = client
         .add_entries("vol", 1, 3, batch(3, 3))
         .await

@@ -160,7 +160,7 @@ async fn the_dtl_drops_hostile_clients_and_serves_others() {
 
     assert!(child.try_wait().unwrap().is_none(), "vstor dtl exited");
     let mut client = DtlClient::connect(addr.as_str()).await.unwrap();
-    client.register("vol", 4096, 1).await.unwrap();
+    client.register("vol", 4096, 1, 0).await.unwrap();
     let entries = vec![Entry {
         location: 1,
         lba: 0,
@@ -253,7 +253,7 @@ async fn the_dtl_closes_a_connection_that_never_says_hello() {
     assert!(text.contains("waiting for Hello"), "{text}");
     assert!(child.try_wait().unwrap().is_none(), "vstor dtl exited");
     let mut client = vstor_dtl::DtlClient::connect(addr.as_str()).await.unwrap();
-    client.register("vol", 4096, 1).await.unwrap();
+    client.register("vol", 4096, 1, 0).await.unwrap();
     drop(client);
     child.kill().unwrap();
     child.wait().unwrap();

@@ -169,17 +169,20 @@ impl DtlClient {
         }
     }
 
-    /// Registers `namespace`, or takes it over with a newer `owner_tag`.
+    /// Registers `namespace`, or takes it over with a newer `owner_tag` or for a newer
+    /// `incarnation` of the volume (0: not known; see `DtlStore::register`).
     pub async fn register(
         &mut self,
         namespace: &str,
         cluster_size: u32,
         owner_tag: u64,
+        incarnation: u64,
     ) -> Result<()> {
         let msg = Message::Register {
             namespace: namespace.to_string(),
             cluster_size,
             owner_tag,
+            incarnation,
         };
         self.call_ok(msg, "registering").await
     }

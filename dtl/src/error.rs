@@ -42,6 +42,15 @@ pub enum DtlError {
         registered: u64,
         got: u64,
     },
+    /// A registration of an older incarnation of the volume than the one the namespace holds:
+    /// the registering copy is of a volume deleted and created again since. On the wire it is
+    /// a stale owner tag, so the copy's mirror is fenced.
+    #[error("namespace {namespace:?} holds a newer incarnation of the volume ({registered}) than the registering copy ({got}): that copy was deleted and the volume created again")]
+    OlderIncarnation {
+        namespace: String,
+        registered: u64,
+        got: u64,
+    },
     #[error("corrupt data: {0}")]
     Corrupt(String),
     #[error("invalid request: {0}")]
@@ -69,7 +78,9 @@ impl DtlError {
     pub fn code(&self) -> ErrorCode {
         match self {
             DtlError::UnknownNamespace(_) => ErrorCode::UnknownNamespace,
-            DtlError::StaleOwnerTag { .. } => ErrorCode::StaleOwnerTag,
+            DtlError::StaleOwnerTag { .. } | DtlError::OlderIncarnation { .. } => {
+                ErrorCode::StaleOwnerTag
+            }
             DtlError::Corrupt(_)
             | DtlError::CrcMismatch { .. }
             | DtlError::BadMagic(_)

@@ -86,6 +86,8 @@ pub struct MirrorConfig {
     pub namespace: String,
     pub cluster_size: u32,
     pub owner_tag: u64,
+    /// The volume's incarnation (`DtlStore::register`); 0: not known.
+    pub incarnation: u64,
     /// Most data bytes queued and unacknowledged before writes wait for the DTL.
     pub max_backlog_bytes: u64,
     pub client: DtlClientConfig,
@@ -100,6 +102,7 @@ impl MirrorConfig {
             namespace: namespace.to_string(),
             cluster_size,
             owner_tag,
+            incarnation: 0,
             max_backlog_bytes: 64 << 20,
             client: DtlClientConfig {
                 connect_timeout: Duration::from_secs(1),
@@ -543,8 +546,13 @@ async fn run(shared: Arc<Shared>) {
             let connected = async {
                 let mut c =
                     DtlClient::connect_with(config.addr.as_str(), config.client.clone()).await?;
-                c.register(&config.namespace, config.cluster_size, config.owner_tag)
-                    .await?;
+                c.register(
+                    &config.namespace,
+                    config.cluster_size,
+                    config.owner_tag,
+                    config.incarnation,
+                )
+                .await?;
                 let range = c.sco_range(&config.namespace).await?;
                 Ok::<_, DtlError>((c, range))
             }

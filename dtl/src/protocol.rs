@@ -34,6 +34,13 @@
 //! the receiver's own version in the header (`UnsupportedVersion` otherwise). A connection must
 //! start with `Hello`; the server answers `HelloOk` or `VersionMismatch` and closes.
 //!
+//! Version 2 added the volume's incarnation to `Register` (a trailing u64). A server serves
+//! clients of versions [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`]: it answers `HelloOk`
+//! with the client's version and speaks it on that connection (a v1 `Register` is incarnation
+//! 0, "not known"). A client speaks only its own version, so during a rolling upgrade a node
+//! already upgraded cannot mirror to a DTL that is not yet (its link stays degraded, with
+//! the version mismatch as its error, until that DTL's node is upgraded).
+//!
 //! # Limits
 //!
 //! Frames above [`MAX_FRAME_PAYLOAD`] (64 MiB) are refused by both encoder and decoder *from the
@@ -48,7 +55,10 @@ use crate::error::DtlError;
 /// "DTL1".
 pub const MAGIC: u32 = 0x4454_4C31;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version a server of this build still serves (a client of it, during a rolling
+/// upgrade): version 1's `Register` has no incarnation.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted or produced (64 MiB).
@@ -128,11 +138,14 @@ pub enum Message {
         client: u16,
     },
     // --- requests ---
-    /// Create the namespace, or take it over with a newer owner tag (entries are kept).
+    /// Create the namespace, or take it over with a newer owner tag (entries are kept), or
+    /// for a newer incarnation of the volume (its entries dropped; see `DtlStore::register`).
+    /// `incarnation` 0: not known. (Version 2 added `incarnation`.)
     Register {
         namespace: String,
         cluster_size: u32,
         owner_tag: u64,
+        incarnation: u64,
     },
     /// Append entries that all belong to SCO `sco`.
     AddEntries {
@@ -252,7 +265,7 @@ impl Message {
         }
     }
 
-    fn encode_payload(&self, out: &mut BytesMut) -> Result<(), DtlError> {
+    fn encode_payload(&self, version: u16, out: &mut BytesMut) -> Result<(), DtlError> {
         match self {
             Message::Hello { version } | Message::HelloOk { version } => out.put_u16_le(*version),
             Message::VersionMismatch { server, client } => {
@@ -263,10 +276,14 @@ impl Message {
                 namespace,
                 cluster_size,
                 owner_tag,
+                incarnation,
             } => {
                 put_string(out, namespace)?;
                 out.put_u32_le(*cluster_size);
                 out.put_u64_le(*owner_tag);
+                if version >= 2 {
+                    out.put_u64_le(*incarnation);
+                }
             }
             Message::AddEntries {
                 namespace,
@@ -328,7 +345,7 @@ impl Message {
         Ok(())
     }
 
-    fn decode_payload(kind: u16, payload: Bytes) -> Result<Message, DtlError> {
+    fn decode_payload(kind: u16, version: u16, payload: Bytes) -> Result<Message, DtlError> {
         let mut r = Reader(payload);
         let msg = match kind {
             kind::HELLO => Message::Hello { version: r.u16()? },
@@ -341,6 +358,7 @@ impl Message {
                 namespace: r.string()?,
                 cluster_size: r.u32()?,
                 owner_tag: r.u64()?,
+                incarnation: if version >= 2 { r.u64()? } else { 0 },
             },
             kind::ADD_ENTRIES => Message::AddEntries {
                 namespace: r.string()?,
@@ -552,6 +570,11 @@ impl DtlCodec {
     pub fn version(&self) -> u16 {
         self.version
     }
+
+    /// Speak `version` from now on (a server, once a client's `Hello` named it).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
 }
 
 fn frame_crc(header: &[u8], payload: &[u8]) -> u32 {
@@ -573,7 +596,7 @@ impl Encoder<&Message> for DtlCodec {
         let start = dst.len();
         dst.reserve(HEADER_LEN);
         dst.put_bytes(0, HEADER_LEN);
-        if let Err(e) = msg.encode_payload(dst) {
+        if let Err(e) = msg.encode_payload(self.version, dst) {
             dst.truncate(start);
             return Err(e);
         }
@@ -639,7 +662,7 @@ impl Decoder for DtlCodec {
                 ours: self.version,
             });
         }
-        Message::decode_payload(kind, frame.slice(HEADER_LEN..)).map(Some)
+        Message::decode_payload(kind, version, frame.slice(HEADER_LEN..)).map(Some)
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, DtlError> {
@@ -694,13 +717,14 @@ mod tests {
             any::<u16>().prop_map(|version| Message::HelloOk { version }),
             (any::<u16>(), any::<u16>())
                 .prop_map(|(server, client)| Message::VersionMismatch { server, client }),
-            (ns, any::<u32>(), any::<u64>()).prop_map(|(namespace, cluster_size, owner_tag)| {
-                Message::Register {
+            (ns, any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+                |(namespace, cluster_size, owner_tag, incarnation)| Message::Register {
                     namespace,
                     cluster_size,
                     owner_tag,
+                    incarnation,
                 }
-            }),
+            ),
             (ns, any::<u64>(), any::<u32>(), arb_entries()).prop_map(
                 |(namespace, owner_tag, sco, entries)| Message::AddEntries {
                     namespace,
@@ -801,6 +825,7 @@ mod tests {
                 namespace: String::new(),
                 cluster_size: 0,
                 owner_tag: 0,
+                incarnation: 0,
             },
             Message::AddEntries {
                 namespace: String::new(),
@@ -991,24 +1016,54 @@ mod tests {
 
     #[test]
     fn version_rules() {
-        // A v2 Hello is understood by a v1 decoder (frozen kind)...
+        // A v3 Hello is understood by a v2 decoder (frozen kind)...
         let mut buf = BytesMut::new();
-        DtlCodec::with_version(2)
-            .encode(&Message::Hello { version: 2 }, &mut buf)
+        DtlCodec::with_version(3)
+            .encode(&Message::Hello { version: 3 }, &mut buf)
             .unwrap();
         assert_eq!(
             decode_all(&mut buf).unwrap(),
-            Some(Message::Hello { version: 2 })
+            Some(Message::Hello { version: 3 })
         );
-        // ...but any other v2 message is refused.
+        // ...but any other v3 message is refused.
         let mut buf = BytesMut::new();
-        DtlCodec::with_version(2)
+        DtlCodec::with_version(3)
             .encode(&Message::Ok, &mut buf)
             .unwrap();
         assert!(matches!(
             decode_all(&mut buf),
-            Err(DtlError::UnsupportedVersion { got: 2, ours: 1 })
+            Err(DtlError::UnsupportedVersion { got: 3, ours: 2 })
         ));
+    }
+
+    #[test]
+    fn a_version_1_register_has_no_incarnation_and_a_version_2_one_round_trips_it() {
+        let register = |incarnation| Message::Register {
+            namespace: "vol".into(),
+            cluster_size: 4096,
+            owner_tag: 3,
+            incarnation,
+        };
+        // What a v1 client sends: a server speaking v1 on that connection reads incarnation 0.
+        let mut v1 = DtlCodec::with_version(1);
+        let mut buf = BytesMut::new();
+        v1.encode(&register(77), &mut buf).unwrap();
+        assert_eq!(
+            buf.len(),
+            HEADER_LEN + 2 + 3 + 4 + 8,
+            "v1 payload: no incarnation"
+        );
+        let mut server = DtlCodec::new();
+        assert!(matches!(
+            server.decode(&mut buf.clone()),
+            Err(DtlError::UnsupportedVersion { got: 1, ours: 2 })
+        ));
+        server.set_version(1);
+        assert_eq!(server.decode(&mut buf).unwrap(), Some(register(0)));
+        // v2 carries it.
+        let mut buf = encode(&register(77));
+        assert_eq!(buf.len(), HEADER_LEN + 2 + 3 + 4 + 8 + 8);
+        assert_eq!(decode_all(&mut buf).unwrap(), Some(register(77)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use crate::client::{DtlClient, DtlClientConfig};
 use crate::error::DtlError;
 use crate::protocol::{Entry, ScoRange};
+use crate::store::Registration;
 use crate::Result;
 
 /// What a fetch found.
@@ -29,14 +30,14 @@ enum Batch {
     Entries(u32, Vec<Entry>),
 }
 
-/// Register `namespace` with `owner_tag` on the DTL at `addr`, tell `begin` which SCOs it holds,
-/// and pass every held entry to `apply(sco, entry)` in replay order. An error from `apply` stops
-/// the fetch and is returned as [`DtlError::Invalid`].
+/// Register `namespace` as `registration` says (cluster size, owner tag, the volume's
+/// incarnation) on the DTL at `addr`, tell `begin` which SCOs it holds, and pass every held
+/// entry to `apply(sco, entry)` in replay order. An error from `apply` stops the fetch and is
+/// returned as [`DtlError::Invalid`].
 pub fn fetch(
     addr: &str,
     namespace: &str,
-    cluster_size: u32,
-    owner_tag: u64,
+    registration: Registration,
     config: DtlClientConfig,
     begin: impl FnOnce(ScoRange),
     mut apply: impl FnMut(u32, Entry) -> std::result::Result<(), String>,
@@ -52,7 +53,14 @@ pub fn fetch(
             runtime.block_on(async {
                 let ns = namespace_owned.as_str();
                 let mut client = DtlClient::connect_with(addr.as_str(), config).await?;
-                client.register(ns, cluster_size, owner_tag).await?;
+                client
+                    .register(
+                        ns,
+                        registration.cluster_size,
+                        registration.owner_tag,
+                        registration.incarnation,
+                    )
+                    .await?;
                 let range = client.sco_range(ns).await?;
                 if tx.send(Batch::Range(range)).is_err() {
                     return Ok(());

@@ -33,7 +33,9 @@ use tracing::{debug, info, warn};
 use vstor_net::{Accepted, PeerStream, PeerTls};
 
 use crate::error::DtlError;
-use crate::protocol::{DtlCodec, Message, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
+use crate::protocol::{
+    DtlCodec, Message, MAX_FRAME_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use crate::store::DtlStore;
 use crate::Result;
 
@@ -218,12 +220,12 @@ async fn handle_connection(
         };
         if !greeted {
             match msg {
-                Message::Hello { version } if version == PROTOCOL_VERSION => {
-                    framed
-                        .send(Message::HelloOk {
-                            version: PROTOCOL_VERSION,
-                        })
-                        .await?;
+                Message::Hello { version }
+                    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+                {
+                    // An older client (a rolling upgrade) is served in its own version.
+                    framed.codec_mut().set_version(version);
+                    framed.send(Message::HelloOk { version }).await?;
                     greeted = true;
                     continue;
                 }
@@ -299,8 +301,9 @@ fn handle_request(store: &DtlStore, msg: Message) -> Result<Message> {
             namespace,
             cluster_size,
             owner_tag,
+            incarnation,
         } => {
-            store.register(&namespace, cluster_size, owner_tag)?;
+            store.register(&namespace, cluster_size, owner_tag, incarnation)?;
             Message::Ok
         }
         Message::AddEntries {

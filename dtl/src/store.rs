@@ -3,7 +3,7 @@
 //! # Layout: one directory per namespace, one append-only segment file per SCO
 //!
 //! ```text
-//! <data_dir>/<namespace>/registration        cluster size + owner tag (24 bytes, CRC'd)
+//! <data_dir>/<namespace>/registration        cluster size, owner tag, incarnation (CRC'd)
 //! <data_dir>/<namespace>/sco_0000002a.seg    entries of SCO 0x2a, in append order
 //! ```
 //!
@@ -80,8 +80,11 @@ const RECORD_HEADER_LEN: usize = 28;
 const REG_FILE: &str = "registration";
 const REG_TMP: &str = "registration.tmp";
 const REG_MAGIC: u32 = 0x4745_5244; // "DREG"
-const REG_FORMAT: u16 = 1;
-const REG_LEN: usize = 24;
+/// Format 2 added the incarnation; format 1 (24 bytes, written before) is still read, as
+/// incarnation 0.
+const REG_FORMAT: u16 = 2;
+const REG_LEN: usize = 32;
+const REG_LEN_V1: usize = 24;
 
 /// Smallest and largest accepted cluster sizes (powers of two).
 pub const MIN_CLUSTER_SIZE: u32 = 512;
@@ -90,10 +93,22 @@ pub const MAX_CLUSTER_SIZE: u32 = 1 << 20;
 pub const MAX_NAMESPACE_LEN: usize = 200;
 
 /// What a namespace was registered with.
+///
+/// Registration file (little-endian), format 2:
+///
+/// ```text
+/// magic "DREG" u32 | format u16 (=2) | reserved u16 | cluster_size u32 | owner_tag u64
+///       | incarnation u64 | crc32c(previous 28 bytes) u32
+/// ```
+///
+/// Format 1 is the same without `incarnation` (24 bytes); it is read as incarnation 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Registration {
     pub cluster_size: u32,
     pub owner_tag: u64,
+    /// Which incarnation of the volume the entries belong to (see [`DtlStore::register`]); 0:
+    /// not known (a client or a registration file from before incarnations).
+    pub incarnation: u64,
 }
 
 impl Registration {
@@ -103,28 +118,37 @@ impl Registration {
         b[4..6].copy_from_slice(&REG_FORMAT.to_le_bytes());
         b[8..12].copy_from_slice(&self.cluster_size.to_le_bytes());
         b[12..20].copy_from_slice(&self.owner_tag.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..20]);
-        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        b[20..28].copy_from_slice(&self.incarnation.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Result<Self> {
-        if b.len() != REG_LEN {
-            return Err(DtlError::Corrupt(format!(
-                "registration is {} bytes, expected {REG_LEN}",
-                b.len()
-            )));
-        }
-        let crc = (&b[20..24]).get_u32_le();
-        if crc32c::crc32c(&b[0..20]) != crc
+        let (format, len) = match b.len() {
+            REG_LEN => (REG_FORMAT, REG_LEN),
+            REG_LEN_V1 => (1, REG_LEN_V1),
+            other => {
+                return Err(DtlError::Corrupt(format!(
+                    "registration is {other} bytes, expected {REG_LEN} (or {REG_LEN_V1})"
+                )))
+            }
+        };
+        let crc = (&b[len - 4..len]).get_u32_le();
+        if crc32c::crc32c(&b[0..len - 4]) != crc
             || (&b[0..4]).get_u32_le() != REG_MAGIC
-            || (&b[4..6]).get_u16_le() != REG_FORMAT
+            || (&b[4..6]).get_u16_le() != format
         {
             return Err(DtlError::Corrupt("registration fails its checks".into()));
         }
         Ok(Self {
             cluster_size: (&b[8..12]).get_u32_le(),
             owner_tag: (&b[12..20]).get_u64_le(),
+            incarnation: if format == 1 {
+                0
+            } else {
+                (&b[20..28]).get_u64_le()
+            },
         })
     }
 }
@@ -645,12 +669,33 @@ impl DtlStore {
     /// Registers a namespace, or takes it over with a newer owner tag (keeping its entries, which
     /// the new owner will replay). The same tag again is an idempotent no-op; an older tag is
     /// refused (fencing). Changing the cluster size is only allowed while it holds no entries.
-    pub fn register(&self, ns: &str, cluster_size: u32, owner_tag: u64) -> Result<Registration> {
+    ///
+    /// **Incarnations.** A volume deleted and created again under the same name is another
+    /// volume, and owner tags start again at 1 for it. Entries the DTL kept of the deleted one
+    /// (its DTL node was down at the delete) must neither fence the new volume (their tag may be
+    /// higher) nor be replayed into it. So a registration names the volume's incarnation, an
+    /// id that orders creations (the volume's creation time in nanoseconds):
+    /// - a newer incarnation than the registered one drops the namespace's entries (they are a
+    ///   deleted volume's) and takes the namespace over, whatever its owner tag;
+    /// - an older one is refused like a stale owner tag: it is a copy of the deleted volume;
+    /// - the same one (or 0 on either side: not known) follows the owner-tag rules above, and
+    ///   a known incarnation is recorded where the registration had none.
+    ///
+    /// The entries go before the new registration is written, so a crash in between leaves an
+    /// empty namespace of the old incarnation, never its entries under the new one.
+    pub fn register(
+        &self,
+        ns: &str,
+        cluster_size: u32,
+        owner_tag: u64,
+        incarnation: u64,
+    ) -> Result<Registration> {
         validate_namespace(ns)?;
         validate_cluster_size(cluster_size)?;
-        let new = Registration {
+        let mut new = Registration {
             cluster_size,
             owner_tag,
+            incarnation,
         };
         let mut map = self.namespaces.lock();
         if let Some(arc) = map.get(ns).cloned() {
@@ -660,6 +705,30 @@ impl DtlStore {
                 return Err(DtlError::Invalid(format!(
                     "namespace {ns:?} is being unregistered; retry"
                 )));
+            }
+            let registered = n.reg.incarnation;
+            if incarnation != 0 && registered != 0 && incarnation != registered {
+                if incarnation < registered {
+                    return Err(DtlError::OlderIncarnation {
+                        namespace: ns.to_string(),
+                        registered,
+                        got: incarnation,
+                    });
+                }
+                warn!(
+                    namespace = %ns,
+                    registered, incarnation,
+                    held = n.segments.len(),
+                    "a newer incarnation of the volume registers: dropping the entries of the deleted one"
+                );
+                n.remove_segments(None, self.fsync)?;
+                let dir = n.dir.clone();
+                self.write_registration(&dir, &new)?;
+                n.reg = new;
+                return Ok(new);
+            }
+            if incarnation == 0 {
+                new.incarnation = registered;
             }
             if owner_tag < n.reg.owner_tag {
                 return Err(DtlError::StaleOwnerTag {
@@ -912,7 +981,7 @@ mod tests {
     fn append_replay_trim_clear() {
         let dir = tempfile::tempdir().unwrap();
         let s = DtlStore::open(dir.path(), true).unwrap();
-        s.register("vol1", CS, 1).unwrap();
+        s.register("vol1", CS, 1, 0).unwrap();
         let mut expect = Vec::new();
         for sco in 1..=4u32 {
             for k in 0..2u8 {
@@ -965,15 +1034,15 @@ mod tests {
         let s = DtlStore::open(dir.path(), false).unwrap();
         for bad in ["", ".x", "a/b", "..", "a b"] {
             assert!(
-                matches!(s.register(bad, CS, 1), Err(DtlError::Invalid(_))),
+                matches!(s.register(bad, CS, 1, 0), Err(DtlError::Invalid(_))),
                 "{bad:?}"
             );
         }
         assert!(matches!(
-            s.register("v", 1000, 1),
+            s.register("v", 1000, 1, 0),
             Err(DtlError::Invalid(_))
         ));
-        s.register("v", CS, 1).unwrap();
+        s.register("v", CS, 1, 0).unwrap();
         assert!(matches!(
             s.add_entries("nope", 1, 1, &batch(1, 1, 0)),
             Err(DtlError::UnknownNamespace(_))
@@ -1002,16 +1071,16 @@ mod tests {
     fn owner_tags_fence() {
         let dir = tempfile::tempdir().unwrap();
         let s = DtlStore::open(dir.path(), false).unwrap();
-        s.register("v", CS, 5).unwrap();
+        s.register("v", CS, 5, 0).unwrap();
         s.add_entries("v", 5, 1, &batch(1, 2, 0)).unwrap();
         // Same tag again: idempotent. Older tag: stale.
-        s.register("v", CS, 5).unwrap();
+        s.register("v", CS, 5, 0).unwrap();
         assert!(matches!(
-            s.register("v", CS, 4),
+            s.register("v", CS, 4, 0),
             Err(DtlError::StaleOwnerTag { .. })
         ));
         // Newer owner takes over and keeps the entries.
-        s.register("v", CS, 6).unwrap();
+        s.register("v", CS, 6, 0).unwrap();
         assert_eq!(s.entries("v", 0, u32::MAX).unwrap().len(), 2);
         for res in [
             s.add_entries("v", 5, 1, &batch(1, 1, 0)),
@@ -1034,7 +1103,7 @@ mod tests {
         assert_eq!(s.entries("v", 0, u32::MAX).unwrap().len(), 2);
         // Cluster size can't change under existing entries.
         assert!(matches!(
-            s.register("v", CS * 2, 7),
+            s.register("v", CS * 2, 7, 0),
             Err(DtlError::Invalid(_))
         ));
         s.unregister("v", 6).unwrap();
@@ -1046,15 +1115,97 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_incarnation_drops_a_deleted_volumes_entries_and_an_older_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = batch(4, 3, 1);
+        {
+            let s = DtlStore::open(dir.path(), true).unwrap();
+            // A volume adopted twice (tag 3), deleted while this DTL was away: its entries stay.
+            s.register("v", CS, 3, 100).unwrap();
+            s.add_entries("v", 3, 4, &old).unwrap();
+            // The same incarnation follows the owner-tag rules: older refused, newer takes over
+            // and keeps the entries.
+            assert!(matches!(
+                s.register("v", CS, 2, 100),
+                Err(DtlError::StaleOwnerTag { .. })
+            ));
+            s.register("v", CS, 3, 0).unwrap();
+            assert_eq!(s.registration("v").unwrap().incarnation, 100, "0 keeps it");
+            assert_eq!(s.entries("v", 0, u32::MAX).unwrap(), old);
+        }
+        let s = DtlStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.registration("v").unwrap().incarnation, 100);
+        // The name created again: tag 1 of a newer incarnation takes the namespace over, and
+        // none of the old volume's entries are left to replay into the new one.
+        let reg = s.register("v", CS, 1, 200).unwrap();
+        assert_eq!((reg.owner_tag, reg.incarnation), (1, 200));
+        assert_eq!(s.sco_range("v").unwrap(), ScoRange::default());
+        let new = batch(1, 2, 9);
+        s.add_entries("v", 1, 1, &new).unwrap();
+        // A copy of the deleted volume (tag 3, incarnation 100) is refused, as a stale owner
+        // on the wire (its mirror is fenced), and leaves the new entries alone.
+        let err = s.register("v", CS, 3, 100).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DtlError::OlderIncarnation {
+                    registered: 200,
+                    got: 100,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.code(), crate::ErrorCode::StaleOwnerTag);
+        assert!(matches!(
+            s.add_entries("v", 3, 2, &batch(2, 1, 5)),
+            Err(DtlError::Invalid(_))
+        ));
+        drop(s);
+        let s = DtlStore::open(dir.path(), false).unwrap();
+        assert_eq!(s.entries("v", 0, u32::MAX).unwrap(), new);
+        assert_eq!(s.registration("v").unwrap().incarnation, 200);
+    }
+
+    #[test]
+    fn a_format_1_registration_is_read_as_incarnation_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = dir.path().join("v");
+        fs::create_dir(&ns).unwrap();
+        // What a DTL before incarnations wrote: 24 bytes, format 1.
+        let mut b = [0u8; REG_LEN_V1];
+        b[0..4].copy_from_slice(&REG_MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&1u16.to_le_bytes());
+        b[8..12].copy_from_slice(&CS.to_le_bytes());
+        b[12..20].copy_from_slice(&7u64.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..20]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        fs::write(ns.join(REG_FILE), b).unwrap();
+        let s = DtlStore::open(dir.path(), true).unwrap();
+        let reg = s.registration("v").unwrap();
+        assert_eq!(
+            (reg.cluster_size, reg.owner_tag, reg.incarnation),
+            (CS, 7, 0)
+        );
+        // Not known: the owner-tag rules alone, and the first known incarnation is recorded.
+        assert!(s.register("v", CS, 6, 500).is_err());
+        s.register("v", CS, 7, 500).unwrap();
+        drop(s);
+        let s = DtlStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.registration("v").unwrap().incarnation, 500);
+        assert_eq!(fs::read(ns.join(REG_FILE)).unwrap().len(), REG_LEN);
+    }
+
+    #[test]
     fn registration_and_entries_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let b1 = batch(7, 4, 1);
         let b2 = batch(9, 2, 2);
         {
             let s = DtlStore::open(dir.path(), true).unwrap();
-            s.register("a", CS, 3).unwrap();
-            s.register("a", CS, 4).unwrap();
-            s.register("b", 4096, 1).unwrap();
+            s.register("a", CS, 3, 0).unwrap();
+            s.register("a", CS, 4, 0).unwrap();
+            s.register("b", 4096, 1, 0).unwrap();
             s.add_entries("a", 4, 7, &b1).unwrap();
             s.add_entries("a", 4, 9, &b2).unwrap();
         }
@@ -1066,7 +1217,8 @@ mod tests {
             s.registration("a").unwrap(),
             Registration {
                 cluster_size: CS,
-                owner_tag: 4
+                owner_tag: 4,
+                incarnation: 0,
             }
         );
         assert_eq!(s.registration("b").unwrap().cluster_size, 4096);
@@ -1093,7 +1245,7 @@ mod tests {
         let b = batch(3, 5, 0);
         {
             let s = DtlStore::open(dir.path(), true).unwrap();
-            s.register("v", CS, 1).unwrap();
+            s.register("v", CS, 1, 0).unwrap();
             s.add_entries("v", 1, 3, &b).unwrap();
         }
         let seg = dir.path().join("v").join(segment_file_name(3));
@@ -1132,9 +1284,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = DtlStore::open(dir.path(), false).unwrap();
-            s.register("v", CS, 1).unwrap();
+            s.register("v", CS, 1, 0).unwrap();
             s.add_entries("v", 1, 1, &batch(1, 1, 0)).unwrap();
-            s.register("w", CS, 1).unwrap();
+            s.register("w", CS, 1, 0).unwrap();
             s.add_entries("w", 1, 1, &batch(1, 1, 0)).unwrap();
         }
         // A segment whose header never fully landed.
@@ -1159,6 +1311,6 @@ mod tests {
             .collect();
         assert_eq!(quarantined.len(), 1);
         // The name is free again.
-        s.register("w", CS, 1).unwrap();
+        s.register("w", CS, 1, 0).unwrap();
     }
 }

@@ -71,7 +71,7 @@ async fn full_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Running::start(dir.path(), false).await;
     let mut c = DtlClient::connect(srv.addr).await.unwrap();
-    c.register("vol", CS, 1).await.unwrap();
+    c.register("vol", CS, 1, 0).await.unwrap();
 
     let mut expect = Vec::new();
     for sco in 1..=3u32 {
@@ -146,13 +146,13 @@ async fn stale_owner_tag_is_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Running::start(dir.path(), false).await;
     let mut old = DtlClient::connect(srv.addr).await.unwrap();
-    old.register("vol", CS, 10).await.unwrap();
+    old.register("vol", CS, 10, 0).await.unwrap();
     let first = batch(1, 0, 4, 1);
     old.add_entries("vol", 10, 1, first.clone()).await.unwrap();
 
     // The volume moves: the new owner registers with a newer tag and sees the old entries.
     let mut new = DtlClient::connect(srv.addr).await.unwrap();
-    new.register("vol", CS, 11).await.unwrap();
+    new.register("vol", CS, 11, 0).await.unwrap();
     assert_eq!(new.entries("vol", 0, u32::MAX).await.unwrap(), first);
 
     for e in [
@@ -161,7 +161,7 @@ async fn stale_owner_tag_is_fenced() {
             .unwrap_err(),
         old.remove_up_to("vol", 10, 1).await.unwrap_err(),
         old.clear("vol", 10).await.unwrap_err(),
-        old.register("vol", CS, 10).await.unwrap_err(),
+        old.register("vol", CS, 10, 0).await.unwrap_err(),
     ] {
         assert_eq!(e.remote_code(), Some(ErrorCode::StaleOwnerTag), "{e}");
     }
@@ -179,8 +179,8 @@ async fn acknowledged_entries_survive_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Running::start(dir.path(), true).await;
     let mut c = DtlClient::connect(srv.addr).await.unwrap();
-    c.register("a", CS, 3).await.unwrap();
-    c.register("b", CS, 1).await.unwrap();
+    c.register("a", CS, 3, 0).await.unwrap();
+    c.register("b", CS, 1, 0).await.unwrap();
     let mut expect = Vec::new();
     for sco in [4u32, 5, 9] {
         let b = batch(sco, 0, 50, sco as u8);
@@ -228,7 +228,7 @@ async fn garbage_client_is_disconnected_others_unaffected() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Running::start(dir.path(), false).await;
     let mut good = DtlClient::connect(srv.addr).await.unwrap();
-    good.register("vol", CS, 1).await.unwrap();
+    good.register("vol", CS, 1, 0).await.unwrap();
     let b = batch(1, 0, 8, 9);
     good.add_entries("vol", 1, 1, b.clone()).await.unwrap();
 
@@ -334,6 +334,71 @@ async fn garbage_client_is_disconnected_others_unaffected() {
     let b2 = batch(1, 8, 2, 4);
     good.add_entries("vol", 1, 1, b2.clone()).await.unwrap();
     assert_eq!(good.entries("vol", 1, 1).await.unwrap().len(), 10);
+    srv.stop().await;
+}
+
+/// A node not yet upgraded (protocol 1, no incarnation in `Register`) still mirrors to an
+/// upgraded DTL: the server speaks version 1 on that connection.
+#[tokio::test]
+async fn a_version_1_client_is_served_in_its_own_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+    let mut v1 = Framed::new(
+        TcpStream::connect(srv.addr).await.unwrap(),
+        DtlCodec::with_version(1),
+    );
+    v1.send(Message::Hello { version: 1 }).await.unwrap();
+    assert_eq!(
+        v1.next().await.unwrap().unwrap(),
+        Message::HelloOk { version: 1 }
+    );
+    let entries = batch(3, 0, 4, 7);
+    for request in [
+        Message::Register {
+            namespace: "vol".into(),
+            cluster_size: CS,
+            owner_tag: 2,
+            incarnation: 99, // not on a v1 wire: the server reads 0
+        },
+        Message::AddEntries {
+            namespace: "vol".into(),
+            owner_tag: 2,
+            sco: 3,
+            entries: entries.clone(),
+        },
+    ] {
+        v1.send(request).await.unwrap();
+        assert_eq!(v1.next().await.unwrap().unwrap(), Message::Ok);
+    }
+    v1.send(Message::GetScoRange {
+        namespace: "vol".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        v1.next().await.unwrap().unwrap(),
+        Message::ScoRange(ScoRange {
+            oldest: Some(3),
+            newest: Some(3)
+        })
+    );
+    let reg = srv.server.store().registration("vol").unwrap();
+    assert_eq!((reg.owner_tag, reg.incarnation), (2, 0));
+    assert_eq!(
+        srv.server.store().entries("vol", 0, u32::MAX).unwrap(),
+        entries
+    );
+    // An upgraded client of the same volume records its incarnation and keeps the entries.
+    let mut c = DtlClient::connect(srv.addr).await.unwrap();
+    c.register("vol", CS, 2, 1234).await.unwrap();
+    assert_eq!(
+        srv.server.store().registration("vol").unwrap().incarnation,
+        1234
+    );
+    assert_eq!(
+        srv.server.store().entries("vol", 0, u32::MAX).unwrap(),
+        entries
+    );
     srv.stop().await;
 }
 
@@ -448,7 +513,7 @@ async fn many_clients_many_namespaces_concurrently() {
         tasks.push(tokio::spawn(async move {
             let ns = format!("vol{v}");
             let mut c = DtlClient::connect(addr).await.unwrap();
-            c.register(&ns, CS, 1).await.unwrap();
+            c.register(&ns, CS, 1, 0).await.unwrap();
             let mut expect = Vec::new();
             for sco in 1..=4u32 {
                 let b = batch(sco, 0, 16, v);

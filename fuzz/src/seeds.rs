@@ -200,6 +200,7 @@ fn dtl_codec() -> Vec<Vec<u8>> {
             namespace: ns(),
             cluster_size: 512,
             owner_tag: 3,
+            incarnation: 1_800_000_000_000_000_000,
         },
         Message::AddEntries {
             namespace: ns(),
@@ -499,7 +500,9 @@ fn meta_envelope() -> Vec<Vec<u8>> {
     let mut options = VolumeOptions::new(1 << 30);
     options.dtl_mode = DtlMode::Sync;
     options.dtl_addr = Some("127.0.0.1:7900".into());
-    if let Ok(config) = VolumeConfig::new("vol0", &options, 1_700_000_000) {
+    if let Ok(mut config) = VolumeConfig::new("vol0", &options, 1_700_000_000) {
+        // Fixed, so the committed seed does not change at every regeneration.
+        config.incarnation = 1_700_000_000_123_456_789;
         seeds.push(config.encode());
     }
     let mut record = TLogRecord::new(4);

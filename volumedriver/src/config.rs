@@ -41,6 +41,13 @@ pub struct VolumeConfig {
     pub read_only: bool,
     /// Unix seconds.
     pub created: u64,
+    /// Which incarnation of the name this volume is: its creation time in nanoseconds, so
+    /// creations order and a volume deleted and created again (owner tags start again at 1)
+    /// is told from the copy a node kept of the old one, even within the same second. The DTL
+    /// registration carries it (`vstor_dtl::DtlStore::register`). 0: created before
+    /// incarnations existed (then `created` tells incarnations apart, by the second).
+    #[serde(default)]
+    pub incarnation: u64,
     /// How writes are mirrored to the DTL.
     #[serde(default)]
     pub dtl_mode: DtlMode,
@@ -192,6 +199,16 @@ impl VolumeOptions {
     }
 }
 
+/// Now, in nanoseconds since the Unix epoch (a new volume's incarnation); never 0 (that means
+/// "not known"). Two volumes of one name are never created in the same nanosecond: a create
+/// takes the name's registry record first.
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .max(1)
+}
+
 pub fn validate_volume_name(name: &str) -> Result<()> {
     let bad = |reason: &str| {
         Err(VolumeError::InvalidName {
@@ -299,6 +316,7 @@ impl VolumeConfig {
             owner_tag: 1,
             read_only: false,
             created,
+            incarnation: now_nanos(),
             dtl_mode: options.dtl_mode,
             dtl_addr: options
                 .dtl_addr
@@ -340,8 +358,8 @@ impl VolumeConfig {
     /// failed to open (`owned_elsewhere`).
     ///
     /// Owner tags alone cannot tell a volume deleted and created again under the same name
-    /// (it starts again at tag 1): the configuration's creation time does. It is in seconds, so
-    /// a delete and re-create within the same second goes unnoticed.
+    /// (it starts again at tag 1): the configuration's incarnation does (see
+    /// [`same_incarnation`](Self::same_incarnation)).
     pub fn standing(&self, backend: &dyn vstor_backend::ObjectStore) -> Result<Standing> {
         let namespace = &self.namespace;
         let exists = backend
@@ -357,13 +375,24 @@ impl VolumeConfig {
             return Ok(Standing::Claimed { current });
         }
         let theirs = Self::load_from_backend(backend, namespace)?;
-        Ok(if theirs.created == self.created {
+        Ok(if self.same_incarnation(&theirs) {
             Standing::Ours
         } else {
             Standing::Replaced {
                 created: theirs.created,
             }
         })
+    }
+
+    /// Whether `other` is a configuration of the same volume, not of another one created under
+    /// the same name: the same incarnation, or where either predates incarnations the same
+    /// creation second.
+    pub fn same_incarnation(&self, other: &Self) -> bool {
+        if self.incarnation != 0 && other.incarnation != 0 {
+            self.incarnation == other.incarnation
+        } else {
+            self.created == other.created
+        }
     }
 
     pub fn decode(volume: &str, what: &str, bytes: &[u8]) -> Result<Self> {
@@ -519,6 +548,41 @@ impl TLogList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn incarnations_tell_volumes_of_one_name_apart_even_within_a_second() {
+        let options = VolumeOptions::new(1 << 30);
+        let first = VolumeConfig::new("vol", &options, 1_700_000_000).unwrap();
+        let again = VolumeConfig::new("vol", &options, 1_700_000_000).unwrap();
+        assert!(first.incarnation > 0 && again.incarnation > first.incarnation);
+        assert!(
+            !first.same_incarnation(&again),
+            "same second, another volume"
+        );
+        let mut moved = first.clone();
+        moved.owner_tag = 5;
+        assert!(
+            first.same_incarnation(&moved),
+            "an adopted copy is the same volume"
+        );
+        // A configuration from before incarnations (none stored) loads as 0: creation seconds
+        // decide.
+        let json = String::from_utf8(first.encode()[32..].to_vec()).unwrap();
+        let legacy: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let mut legacy = legacy.as_object().unwrap().clone();
+        legacy.remove("incarnation").unwrap();
+        let legacy: VolumeConfig = serde_json::from_value(legacy.into()).unwrap();
+        assert_eq!(legacy.incarnation, 0);
+        assert!(
+            legacy.same_incarnation(&again),
+            "same second, no incarnation on one side"
+        );
+        let mut later = again.clone();
+        later.created += 1;
+        assert!(!legacy.same_incarnation(&later));
+        let decoded = VolumeConfig::decode("vol", "config", &first.encode()).unwrap();
+        assert_eq!(decoded.incarnation, first.incarnation);
+    }
 
     #[test]
     fn defaults_and_validation() {

@@ -480,3 +480,59 @@ fn adopt_refuses_without_a_readable_dtl() {
     let err = manager.adopt("nosuch").err().expect("no such volume");
     assert!(matches!(err, VolumeError::NotFound { .. }), "{err}");
 }
+
+/// A volume deleted while its DTL node was down leaves its entries there. The same name created
+/// again and mirrored to that DTL is another volume: the old entries' higher owner tag must not
+/// fence it, and none of them may be replayed into it when its node is lost.
+#[test]
+fn a_volume_created_again_ignores_a_deleted_namesakes_dtl_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dtl = DtlRig::start(&tmp.path().join("dtl"));
+    let node = Node::new();
+    // The first volume: adopted once (tag 2), with writes only the DTL holds.
+    let first = node.create(DtlMode::Sync, &dtl.addr());
+    wait_for_state(&first, DtlState::OkSync);
+    let mut old = Model::default();
+    for (i, c) in clusters(21, 120, 1024).into_iter().enumerate() {
+        old.write(&first, c, 5000 + i as u64);
+    }
+    node.lose(first);
+    let (manager, adopted, _) = node.adopt("a");
+    old.check(&adopted);
+    for (i, c) in clusters(22, 60, 1024).into_iter().enumerate() {
+        old.write(&adopted, c, 7000 + i as u64);
+    }
+    let old_reg = dtl.store().registration("vol").unwrap();
+    assert!(old_reg.owner_tag >= 2, "{old_reg:?}");
+    assert!(dtl.store().sco_range("vol").unwrap().newest.is_some());
+    // Deleted while the DTL is away: its entries stay there. (The delete of the backend
+    // namespace is what `volume delete` does; the DTL's part fails.)
+    adopted.stop();
+    adopted.detach_dtl();
+    drop(adopted);
+    drop(manager);
+    node.backend.delete_namespace("vol").unwrap();
+    std::fs::remove_dir_all(node.root.join("node-a")).unwrap();
+
+    // Created again under the same name, on the same DTL: tag 1, a newer incarnation.
+    let again = node.create(DtlMode::Sync, &dtl.addr());
+    wait_for_state(&again, DtlState::OkSync);
+    let mut new = Model::default();
+    for (i, c) in clusters(23, 40, 1024).into_iter().enumerate() {
+        new.write(&again, c, 9000 + i as u64);
+    }
+    new.check(&again);
+    let reg = dtl.store().registration("vol").unwrap();
+    assert_eq!(reg.owner_tag, 1, "the new volume took the namespace over");
+    assert_eq!(reg.incarnation, again.config().incarnation);
+    assert!(reg.incarnation > old_reg.incarnation);
+    // Its node is lost before anything reached the backend: the adopter replays the DTL,
+    // which must hold the new volume's writes and nothing of the old one's.
+    node.lose(again);
+    let (_manager, adopted, replayed) = node.adopt("b");
+    assert!(
+        replayed >= 40,
+        "the new writes came from the DTL ({replayed})"
+    );
+    new.check(&adopted);
+}

@@ -365,6 +365,7 @@ fn backend_lost_tells_a_deleted_taken_or_replaced_volume_from_ours() {
     // Another volume of the same name, created later, under the same tag.
     let mut other = VolumeConfig::load_from_backend(backend.as_ref(), "replaced").unwrap();
     other.created += 60;
+    other.incarnation += 60_000_000_000;
     backend
         .put("replaced", CONFIG_OBJECT, &other.encode())
         .unwrap();
@@ -497,12 +498,12 @@ fn a_copy_of_a_volume_created_again_elsewhere_is_not_opened_and_its_delete_spare
     new.flush().unwrap();
     new.close_current_tlog().unwrap();
     new.drain_uploads().unwrap();
-    // The old copy was created earlier (a minute, rather than waiting for the clock).
-    let path = dir.join("config");
-    let mut config = VolumeConfig::decode("vol", "config", &std::fs::read(&path).unwrap()).unwrap();
-    config.created -= 60;
-    std::fs::write(&path, config.encode()).unwrap();
+    // The two were most likely created within the same second: their incarnations (creation
+    // times in nanoseconds) tell them apart.
+    let config =
+        VolumeConfig::decode("vol", "config", &std::fs::read(dir.join("config")).unwrap()).unwrap();
     assert_eq!(config.owner_tag, new.owner_tag(), "the dangerous case");
+    assert_ne!(config.incarnation, new.config().incarnation);
     let before = objects(&backend, "vol");
 
     let a = node(tmp.path(), "a", &backend);

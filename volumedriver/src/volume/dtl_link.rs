@@ -304,6 +304,7 @@ impl Volume {
             config.cluster_size as u32,
             config.owner_tag,
         );
+        mirror_config.incarnation = config.incarnation;
         mirror_config.client = self.dtl_client_config(addr);
         let mirror = Mirror::start(
             mirror_config,
@@ -402,7 +403,7 @@ impl Volume {
     ///
     /// [`attach_dtl`]: Self::attach_dtl
     pub fn replay_dtl(&self) -> Result<ReplaySummary> {
-        let (addr, namespace, owner_tag) = {
+        let (addr, namespace, owner_tag, incarnation) = {
             let st = self.state.lock();
             self.check_usable(&st)?;
             match (&st.config.dtl_addr, st.config.dtl_mode, &st.dtl) {
@@ -417,6 +418,7 @@ impl Volume {
                     addr.clone(),
                     st.config.namespace.clone(),
                     st.config.owner_tag,
+                    st.config.incarnation,
                 ),
             }
         };
@@ -435,8 +437,11 @@ impl Volume {
         vstor_dtl::replay::fetch(
             &addr,
             &namespace,
-            self.cluster_size as u32,
-            owner_tag,
+            vstor_dtl::Registration {
+                cluster_size: self.cluster_size as u32,
+                owner_tag,
+                incarnation,
+            },
             client,
             |range| {
                 if let Some(newest) = range.newest {
