@@ -489,10 +489,16 @@ impl Volume {
 
     /// Fence the volume (`Some(reason)`) or lift the fence (`None`). While fenced, writes,
     /// trims, write-zeroes and flushes fail with [`VolumeError::Fenced`] instead of being
-    /// acknowledged; reads go on, and nothing is uploaded (see [`Volume::upload_one`]). The
-    /// cluster layer fences a node's volumes when the node may have lost its registry lease, so
-    /// another node may adopt them: this node must not acknowledge anything from then on. A write that passed the gate before it closed may still complete;
-    /// a flush checks the gate again after its work, so no FLUSH is acknowledged once fenced.
+    /// acknowledged; reads go on, and nothing is uploaded (see [`Volume::upload_one`]), nor is
+    /// anything else written to the backend: configuration changes (resize, read-only, access,
+    /// DTL, template), snapshots and their deletes, clone bookkeeping, rollbacks, scrubs and
+    /// sweeps are refused with `Fenced` too. The cluster layer fences a node's volumes when the
+    /// node may have lost its registry lease, so another node may adopt them (and the volume
+    /// may be deleted and created again, starting again at owner tag 1, which the backend's
+    /// owner check cannot tell from this copy's): this node must not acknowledge anything, nor
+    /// write a backend object, from then on. A write that passed the gate before it closed may
+    /// still complete; a flush checks the gate again after its work, so no FLUSH is
+    /// acknowledged once fenced.
     pub fn set_fenced(&self, reason: Option<String>) {
         let mut fenced = self.fenced.write();
         if fenced.is_some() != reason.is_some() {
@@ -613,6 +619,7 @@ impl Volume {
         edit: impl FnOnce(&VolumeConfig) -> Result<VolumeConfig>,
     ) -> Result<()> {
         let _change = self.config_lock.lock();
+        self.check_fence()?;
         let config = {
             let st = self.state.lock();
             self.check_usable(&st)?;

@@ -472,6 +472,78 @@ fn a_fenced_volume_uploads_nothing_and_resumes_when_the_fence_lifts() {
     check(&c, "kept", &old);
 }
 
+/// Uploads are not the only backend writes a fenced node could make into a namespace that is
+/// another volume's by now: configuration changes, snapshots, clone bookkeeping, rollbacks,
+/// scrubs and sweeps write or delete objects under the same owner tag. All are refused while
+/// fenced, and work again once the fence lifts.
+#[test]
+fn a_fenced_volume_changes_nothing_on_the_backend_and_works_again_unfenced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let zombie = a.create("vol", &options()).unwrap();
+    write_round(&zombie, 1);
+    zombie.snapshot_create("s1").unwrap();
+    write_round(&zombie, 2);
+    zombie.flush().unwrap();
+    zombie.close_current_tlog().unwrap();
+    zombie.drain_uploads().unwrap();
+    zombie.set_fenced(Some("this node lost its cluster lease".into()));
+    // The cluster deleted "vol" and created it again on another node, at tag 1 too.
+    backend.delete_namespace("vol").unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    let new = b.create("vol", &options()).unwrap();
+    assert_eq!(new.owner_tag(), zombie.owner_tag(), "the dangerous case");
+    let written = write_round(&new, 3);
+    new.flush().unwrap();
+    new.close_current_tlog().unwrap();
+    new.drain_uploads().unwrap();
+    let before = objects(&backend, "vol");
+
+    let size = zombie.size();
+    let attempts: Vec<(&str, Result<(), VolumeError>)> = vec![
+        ("resize", zombie.resize(size * 2)),
+        ("read-only", zombie.set_read_only(true)),
+        ("snapshot", zombie.snapshot_create("s2").map(drop)),
+        ("snapshot delete", zombie.snapshot_delete("s1")),
+        ("clone record", zombie.set_clone("s1", "c1", true)),
+        ("rollback", zombie.rollback("s1")),
+        ("scrub", zombie.scrub(None, &mut |_| {}).map(drop)),
+        ("sweep", zombie.sweep().map(drop)),
+        ("template", zombie.set_template().map(drop)),
+    ];
+    for (what, result) in attempts {
+        assert!(
+            matches!(result, Err(VolumeError::Fenced { .. })),
+            "{what} while fenced: {result:?}"
+        );
+    }
+    assert_eq!(
+        objects(&backend, "vol"),
+        before,
+        "a fenced node changed the re-created volume's objects"
+    );
+    assert_eq!(zombie.size(), size);
+    assert_eq!(zombie.snapshots().len(), 1);
+    b.release("vol", Duration::from_secs(10)).unwrap();
+    let c = node(tmp.path(), "c", &backend);
+    c.adopt("vol").unwrap();
+    check(&c, "vol", &written);
+
+    // A volume still this node's works again once unfenced.
+    let kept = a.create("kept", &options()).unwrap();
+    write_round(&kept, 4);
+    kept.set_fenced(Some("this node lost its cluster lease".into()));
+    assert!(kept.snapshot_create("k1").is_err());
+    kept.set_fenced(None);
+    kept.resize(kept.size() * 2).unwrap();
+    kept.snapshot_create("k1").unwrap();
+    kept.flush().unwrap();
+    kept.drain_uploads().unwrap();
+    kept.scrub(None, &mut |_| {}).unwrap();
+    assert_eq!(kept.snapshots().len(), 1);
+}
+
 /// A node that was down while its volume was deleted and created again elsewhere (at owner tag
 /// 1 again) restarts with its old copy. The copy is not opened: it would merge the new volume's
 /// TLogs and upload its own pending ones into the new namespace. It is listed as failed with the

@@ -158,6 +158,7 @@ impl Volume {
         progress: &mut dyn FnMut(ScrubProgress),
     ) -> Result<ScrubReport> {
         let _one = self.scrub_lock.lock();
+        self.check_fence()?;
         let (records, snapshots, epoch, namespace, owner, covered) = {
             let st = self.state.lock();
             self.check_usable(&st)?;
@@ -397,6 +398,9 @@ impl Volume {
             // The list lock (not the state lock) is held across the list put: every change of
             // `backend_tlogs` takes it, so the list built here stays current until committed.
             let _list = self.list_lock.lock();
+            // Fenced since the scrub began: its new objects stay unreferenced (a later sweep
+            // of the owner's removes them), and the list is not touched.
+            self.check_fence()?;
             let (tlogs, list, changes, old_objects) = {
                 let st = self.state.lock();
                 self.check_usable(&st)?;
@@ -495,6 +499,7 @@ impl Volume {
     /// rollbacks. Returns how many were deleted.
     pub fn sweep(&self) -> Result<u64> {
         let _list = self.list_lock.lock();
+        self.check_fence()?;
         let (referenced_tlogs, referenced_scos, pending, newest_tlog, newest_sco, meta) = {
             let st = self.state.lock();
             let records = &st.backend_tlogs.tlogs;

@@ -295,6 +295,7 @@ impl Volume {
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
         validate_snapshot_name(&self.name, name)?;
         let _serial = self.flush_lock.lock();
+        self.check_fence()?;
         let mut st = self.state.lock();
         self.check_usable(&st)?;
         if st.meta.snapshots.iter().any(|s| s.name == name) {
@@ -352,6 +353,7 @@ impl Volume {
     /// Delete a snapshot: its TLogs now belong to the next snapshot's region, and the next scrub
     /// reclaims what only it kept alive. Refused while it has clones.
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.check_fence()?;
         let mut st = self.state.lock();
         self.check_usable(&st)?;
         let record = self.find_snapshot(&st, name)?;
@@ -378,6 +380,7 @@ impl Volume {
 
     /// Record (or forget) that `clone` was made from snapshot `name`.
     pub fn set_clone(&self, name: &str, clone: &str, present: bool) -> Result<()> {
+        self.check_fence()?;
         {
             let mut st = self.state.lock();
             let Some(record) = st.meta.snapshots.iter_mut().find(|s| s.name == name) else {
@@ -401,6 +404,7 @@ impl Volume {
         let _uploads = self.upload_lock.lock();
         let _serial = self.flush_lock.lock();
         let _list = self.list_lock.lock();
+        self.check_fence()?;
         let mut st = self.state.lock();
         self.check_usable(&st)?;
         if st.config.template {
