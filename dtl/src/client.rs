@@ -188,10 +188,17 @@ impl DtlClient {
     }
 
     /// Forgets `namespace` and deletes its entries on the server.
-    pub async fn unregister(&mut self, namespace: &str, owner_tag: u64) -> Result<()> {
+    /// `incarnation`: the volume's (0: not known); a namespace holding a newer one is left alone.
+    pub async fn unregister(
+        &mut self,
+        namespace: &str,
+        owner_tag: u64,
+        incarnation: u64,
+    ) -> Result<()> {
         let msg = Message::Unregister {
             namespace: namespace.to_string(),
             owner_tag,
+            incarnation,
         };
         self.call_ok(msg, "unregistering").await
     }

@@ -42,10 +42,10 @@ pub enum DtlError {
         registered: u64,
         got: u64,
     },
-    /// A registration of an older incarnation of the volume than the one the namespace holds:
-    /// the registering copy is of a volume deleted and created again since. On the wire it is
-    /// a stale owner tag, so the copy's mirror is fenced.
-    #[error("namespace {namespace:?} holds a newer incarnation of the volume ({registered}) than the registering copy ({got}): that copy was deleted and the volume created again")]
+    /// A registration or unregistration from an older incarnation of the volume than the one
+    /// the namespace holds: the requester is a copy of a volume deleted and created again
+    /// since. On the wire it is a stale owner tag, so such a copy's mirror is fenced.
+    #[error("namespace {namespace:?} holds a newer incarnation of the volume ({registered}) than the request's ({got}): that volume was deleted and the name created again")]
     OlderIncarnation {
         namespace: String,
         registered: u64,

@@ -34,7 +34,7 @@
 //! the receiver's own version in the header (`UnsupportedVersion` otherwise). A connection must
 //! start with `Hello`; the server answers `HelloOk` or `VersionMismatch` and closes.
 //!
-//! Version 2 added the volume's incarnation to `Register` (a trailing u64). A server serves
+//! Version 2 added the volume's incarnation to `Register` and `Unregister` (a trailing u64). A server serves
 //! clients of versions [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`]: it answers `HelloOk`
 //! with the client's version and speaks it on that connection (a v1 `Register` is incarnation
 //! 0, "not known"). A client speaks only its own version, so during a rolling upgrade a node
@@ -177,10 +177,12 @@ pub enum Message {
         namespace: String,
         owner_tag: u64,
     },
-    /// Forget the namespace and delete its entries.
+    /// Forget the namespace and delete its entries, unless it holds a newer incarnation of the
+    /// volume than `incarnation` (0: not known). (Version 2 added `incarnation`.)
     Unregister {
         namespace: String,
         owner_tag: u64,
+        incarnation: u64,
     },
     // --- replies ---
     Ok,
@@ -320,13 +322,20 @@ impl Message {
             Message::Clear {
                 namespace,
                 owner_tag,
-            }
-            | Message::Unregister {
-                namespace,
-                owner_tag,
             } => {
                 put_string(out, namespace)?;
                 out.put_u64_le(*owner_tag);
+            }
+            Message::Unregister {
+                namespace,
+                owner_tag,
+                incarnation,
+            } => {
+                put_string(out, namespace)?;
+                out.put_u64_le(*owner_tag);
+                if version >= 2 {
+                    out.put_u64_le(*incarnation);
+                }
             }
             Message::Ok | Message::EntriesEnd => {}
             Message::Error { code, message } => {
@@ -389,6 +398,7 @@ impl Message {
             kind::UNREGISTER => Message::Unregister {
                 namespace: r.string()?,
                 owner_tag: r.u64()?,
+                incarnation: if version >= 2 { r.u64()? } else { 0 },
             },
             kind::OK => Message::Ok,
             kind::ERROR => {
@@ -753,9 +763,12 @@ mod tests {
                 namespace,
                 owner_tag
             }),
-            (ns, any::<u64>()).prop_map(|(namespace, owner_tag)| Message::Unregister {
-                namespace,
-                owner_tag
+            (ns, any::<u64>(), any::<u64>()).prop_map(|(namespace, owner_tag, incarnation)| {
+                Message::Unregister {
+                    namespace,
+                    owner_tag,
+                    incarnation,
+                }
             }),
             Just(Message::Ok),
             (arb_code(), ".{0,60}").prop_map(|(code, message)| Message::Error { code, message }),
@@ -856,6 +869,7 @@ mod tests {
             Message::Unregister {
                 namespace: String::new(),
                 owner_tag: 0,
+                incarnation: 0,
             },
             Message::Ok,
             Message::Error {

@@ -119,6 +119,7 @@ pub fn unregister(
     addr: &str,
     namespace: &str,
     owner_tag: u64,
+    incarnation: u64,
     config: DtlClientConfig,
 ) -> Result<()> {
     let (addr, namespace) = (addr.to_string(), namespace.to_string());
@@ -130,7 +131,7 @@ pub fn unregister(
                 .build()?;
             runtime.block_on(async {
                 let mut client = DtlClient::connect_with(addr.as_str(), config).await?;
-                match client.unregister(&namespace, owner_tag).await {
+                match client.unregister(&namespace, owner_tag, incarnation).await {
                     Err(e) if e.remote_code() == Some(crate::ErrorCode::UnknownNamespace) => Ok(()),
                     other => other,
                 }

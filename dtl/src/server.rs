@@ -338,8 +338,9 @@ fn handle_request(store: &DtlStore, msg: Message) -> Result<Message> {
         Message::Unregister {
             namespace,
             owner_tag,
+            incarnation,
         } => {
-            store.unregister(&namespace, owner_tag)?;
+            store.unregister(&namespace, owner_tag, incarnation)?;
             Message::Ok
         }
         other => {

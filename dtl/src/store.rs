@@ -782,15 +782,30 @@ impl DtlStore {
         self.with_ns(ns, |n| Ok(n.reg))
     }
 
-    /// Forgets the namespace and deletes its entries.
-    pub fn unregister(&self, ns: &str, owner_tag: u64) -> Result<()> {
+    /// Forgets the namespace and deletes its entries, as owner tag `owner_tag` of the volume's
+    /// `incarnation` (0: not known). A namespace of a newer incarnation is another volume's,
+    /// created again under the name since (a delete whose DTL step comes late must not remove
+    /// it): refused. One of an older incarnation holds a deleted volume's leftovers: removed
+    /// whatever their owner tag. Within one incarnation the owner-tag rules apply.
+    pub fn unregister(&self, ns: &str, owner_tag: u64, incarnation: u64) -> Result<()> {
         let mut map = self.namespaces.lock();
         let arc = map
             .get(ns)
             .cloned()
             .ok_or_else(|| DtlError::UnknownNamespace(ns.to_string()))?;
         let mut n = arc.lock();
-        n.check_tag(owner_tag)?;
+        let registered = n.reg.incarnation;
+        let known = incarnation != 0 && registered != 0;
+        if known && incarnation < registered {
+            return Err(DtlError::OlderIncarnation {
+                namespace: ns.to_string(),
+                registered,
+                got: incarnation,
+            });
+        }
+        if !(known && incarnation > registered) {
+            n.check_tag(owner_tag)?;
+        }
         n.writer = None;
         // Atomic disappearance first, slow deletion after; a crash in between is finished at open.
         let doomed = self.root.join(format!(".deleting-{ns}"));
@@ -1086,7 +1101,7 @@ mod tests {
             s.add_entries("v", 5, 1, &batch(1, 1, 0)),
             s.remove_up_to("v", 5, 10),
             s.clear("v", 5),
-            s.unregister("v", 5),
+            s.unregister("v", 5, 0),
         ] {
             assert!(
                 matches!(
@@ -1106,7 +1121,7 @@ mod tests {
             s.register("v", CS * 2, 7, 0),
             Err(DtlError::Invalid(_))
         ));
-        s.unregister("v", 6).unwrap();
+        s.unregister("v", 6, 0).unwrap();
         assert!(!dir.path().join("v").exists());
         assert!(matches!(
             s.sco_range("v"),
@@ -1161,10 +1176,23 @@ mod tests {
             s.add_entries("v", 3, 2, &batch(2, 1, 5)),
             Err(DtlError::Invalid(_))
         ));
+        // The deleted volume's delete reaching this DTL late (same tag 1 as the new volume)
+        // does not remove the new volume's namespace.
+        assert!(matches!(
+            s.unregister("v", 1, 100),
+            Err(DtlError::OlderIncarnation { .. })
+        ));
         drop(s);
         let s = DtlStore::open(dir.path(), false).unwrap();
         assert_eq!(s.entries("v", 0, u32::MAX).unwrap(), new);
         assert_eq!(s.registration("v").unwrap().incarnation, 200);
+        // A newer incarnation's delete removes an older one's leftovers whatever their tag;
+        // within one incarnation the tag must match.
+        assert!(s.unregister("v", 2, 200).is_err());
+        s.register("w", CS, 4, 100).unwrap();
+        s.unregister("w", 1, 300).unwrap();
+        s.unregister("v", 1, 200).unwrap();
+        assert!(s.namespaces().is_empty());
     }
 
     #[test]

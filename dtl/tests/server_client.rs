@@ -135,7 +135,7 @@ async fn full_lifecycle() {
     assert_eq!(e.remote_code(), Some(ErrorCode::Invalid), "{e}");
     assert!(c.is_usable());
 
-    c.unregister("vol", 1).await.unwrap();
+    c.unregister("vol", 1, 0).await.unwrap();
     let e = c.flush("vol").await.unwrap_err();
     assert_eq!(e.remote_code(), Some(ErrorCode::UnknownNamespace));
     srv.stop().await;

@@ -218,6 +218,11 @@ fn dtl_codec() -> Vec<Vec<u8>> {
             owner_tag: 3,
             sco: 5,
         },
+        Message::Unregister {
+            namespace: ns(),
+            owner_tag: 3,
+            incarnation: 1_800_000_000_000_000_000,
+        },
         Message::Error {
             code: ErrorCode::StaleOwnerTag,
             message: "stale".into(),

@@ -526,6 +526,16 @@ fn a_volume_created_again_ignores_a_deleted_namesakes_dtl_entries() {
     assert_eq!(reg.owner_tag, 1, "the new volume took the namespace over");
     assert_eq!(reg.incarnation, again.config().incarnation);
     assert!(reg.incarnation > old_reg.incarnation);
+    // The deleted volume's delete reaching this DTL only now, under tag 1 like the new
+    // volume's, leaves the new volume's entries alone.
+    let late = vstor_dtl::replay::unregister(
+        &dtl.addr(),
+        "vol",
+        1,
+        old_reg.incarnation,
+        vstor_dtl::MirrorConfig::new(&dtl.addr(), "", 0, 0).client,
+    );
+    assert!(late.unwrap_err().to_string().contains("newer incarnation"));
     // Its node is lost before anything reached the backend: the adopter replays the DTL,
     // which must hold the new volume's writes and nothing of the old one's.
     node.lose(again);

@@ -532,7 +532,7 @@ pub(crate) fn unregister_dtl(
     };
     let mut client = MirrorConfig::new(addr, "", 0, 0).client;
     client.tls = tls;
-    vstor_dtl::replay::unregister(addr, &config.namespace, tag, client)
+    vstor_dtl::replay::unregister(addr, &config.namespace, tag, config.incarnation, client)
         .map_err(|e| format!("DTL {addr}: {e}"))
 }
 
