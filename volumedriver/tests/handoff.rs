@@ -390,6 +390,32 @@ fn write_round(volume: &vstor_volumedriver::Volume, round: u64) -> Vec<(u64, Vec
 }
 
 /// Every object of `namespace` with its content (none when the namespace is gone).
+/// The cluster deleted "vol" and created it again on node "b" (under `root`), at the same owner
+/// tag as the cut-off node's copy `zombie`, and wrote `round` to it, all on the backend. Returns
+/// node b, what it wrote, and the backend's objects of "vol" then.
+#[allow(clippy::type_complexity)] // test helper: the three things a caller checks
+fn recreated_on_b(
+    root: &Path,
+    backend: &Arc<FaultStore>,
+    zombie: &vstor_volumedriver::Volume,
+    round: u64,
+) -> (
+    Arc<VolumeManager>,
+    Vec<(u64, Vec<u8>)>,
+    Vec<(String, Vec<u8>)>,
+) {
+    backend.delete_namespace("vol").unwrap();
+    let b = node(root, "b", backend);
+    let new = b.create("vol", &options()).unwrap();
+    assert_eq!(new.owner_tag(), zombie.owner_tag(), "the dangerous case");
+    let written = write_round(&new, round);
+    new.flush().unwrap();
+    new.close_current_tlog().unwrap();
+    new.drain_uploads().unwrap();
+    let before = objects(backend, "vol");
+    (b, written, before)
+}
+
 fn objects(backend: &FaultStore, namespace: &str) -> Vec<(String, Vec<u8>)> {
     let mut names = match backend.list(namespace) {
         Ok(names) => names,
@@ -432,15 +458,7 @@ fn a_fenced_volume_uploads_nothing_and_resumes_when_the_fence_lifts() {
     // The backend is reachable again: from here on the old node's scheduler would upload.
     backend.set_failing(false);
     // Meanwhile the cluster deleted "vol" and created it again on another node, at tag 1 too.
-    backend.delete_namespace("vol").unwrap();
-    let b = node(tmp.path(), "b", &backend);
-    let new = b.create("vol", &options()).unwrap();
-    assert_eq!(new.owner_tag(), zombie.owner_tag(), "the dangerous case");
-    let written = write_round(&new, 2);
-    new.flush().unwrap();
-    new.close_current_tlog().unwrap();
-    new.drain_uploads().unwrap();
-    let before = objects(&backend, "vol");
+    let (b, written, before) = recreated_on_b(tmp.path(), &backend, &zombie, 2);
 
     // The old node tries (its scheduler would, on every tick): nothing reaches the backend.
     for _ in 0..3 {
@@ -490,15 +508,7 @@ fn a_fenced_volume_changes_nothing_on_the_backend_and_works_again_unfenced() {
     zombie.drain_uploads().unwrap();
     zombie.set_fenced(Some("this node lost its cluster lease".into()));
     // The cluster deleted "vol" and created it again on another node, at tag 1 too.
-    backend.delete_namespace("vol").unwrap();
-    let b = node(tmp.path(), "b", &backend);
-    let new = b.create("vol", &options()).unwrap();
-    assert_eq!(new.owner_tag(), zombie.owner_tag(), "the dangerous case");
-    let written = write_round(&new, 3);
-    new.flush().unwrap();
-    new.close_current_tlog().unwrap();
-    new.drain_uploads().unwrap();
-    let before = objects(&backend, "vol");
+    let (b, written, before) = recreated_on_b(tmp.path(), &backend, &zombie, 3);
 
     let size = zombie.size();
     let attempts: Vec<(&str, Result<(), VolumeError>)> = vec![
