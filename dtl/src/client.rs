@@ -25,7 +25,7 @@ use tokio_util::codec::Framed;
 use vstor_net::{PeerStream, PeerTls};
 
 use crate::error::DtlError;
-use crate::protocol::{DtlCodec, Entry, Message, ScoRange, PROTOCOL_VERSION};
+use crate::protocol::{DtlCodec, Entry, Message, ScoRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::Result;
 
 #[derive(Clone, Debug)]
@@ -59,49 +59,28 @@ impl DtlClient {
     }
 
     /// Connects to `addr` (`host:port`; with TLS its host is the name the server's certificate
-    /// must carry) and checks the protocol version.
+    /// must carry) and checks the protocol version. A server of an older version this build
+    /// still speaks (a rolling upgrade: [`MIN_PROTOCOL_VERSION`]) says so in its
+    /// `VersionMismatch`; the client then connects again speaking that version, which costs
+    /// what the old version lacks (a v1 `Register` carries no incarnation).
     pub async fn connect_with(
         addr: impl ToSocketAddrs + std::fmt::Display,
         config: DtlClientConfig,
     ) -> Result<Self> {
         let after = config.connect_timeout;
         let name = addr.to_string();
-        let handshake = async {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let stream = match &config.tls {
-                Some(tls) => tls.connect(&name, stream).await?,
-                None => PeerStream::Plain(stream),
-            };
-            let mut framed = Framed::new(stream, DtlCodec::new());
-            framed
-                .send(Message::Hello {
-                    version: PROTOCOL_VERSION,
-                })
-                .await?;
-            match framed.next().await {
-                Some(Ok(Message::HelloOk { version })) if version == PROTOCOL_VERSION => Ok(framed),
-                Some(Ok(
-                    Message::HelloOk { version }
-                    | Message::VersionMismatch {
-                        server: version, ..
-                    },
-                )) => Err(DtlError::VersionMismatch {
-                    server: version,
-                    client: PROTOCOL_VERSION,
-                }),
-                Some(Ok(Message::Error { code, message })) => {
-                    Err(DtlError::Remote { code, message })
+        let connect = async {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+            match Self::handshake(&addrs, &name, &config, PROTOCOL_VERSION).await {
+                Err(DtlError::VersionMismatch { server, .. })
+                    if (MIN_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&server) =>
+                {
+                    Self::handshake(&addrs, &name, &config, server).await
                 }
-                Some(Ok(other)) => Err(DtlError::UnexpectedMessage(format!(
-                    "{} in reply to Hello",
-                    other.name()
-                ))),
-                Some(Err(e)) => Err(e),
-                None => Err(DtlError::ConnectionClosed),
+                other => other,
             }
         };
-        let framed = timeout(after, handshake)
+        let framed = timeout(after, connect)
             .await
             .map_err(|_| DtlError::Timeout {
                 during: "connecting to the DTL",
@@ -112,6 +91,44 @@ impl DtlClient {
             config,
             broken: false,
         })
+    }
+
+    /// One connection's handshake, speaking `version`.
+    async fn handshake(
+        addrs: &[std::net::SocketAddr],
+        name: &str,
+        config: &DtlClientConfig,
+        version: u16,
+    ) -> Result<Framed<PeerStream, DtlCodec>> {
+        let stream = TcpStream::connect(addrs).await?;
+        stream.set_nodelay(true)?;
+        let stream = match &config.tls {
+            Some(tls) => tls.connect(name, stream).await?,
+            None => PeerStream::Plain(stream),
+        };
+        let mut framed = Framed::new(stream, DtlCodec::with_version(version));
+        framed.send(Message::Hello { version }).await?;
+        match framed.next().await {
+            Some(Ok(Message::HelloOk { version: agreed })) if agreed == version => Ok(framed),
+            Some(Ok(
+                Message::HelloOk { version: server } | Message::VersionMismatch { server, .. },
+            )) => Err(DtlError::VersionMismatch {
+                server,
+                client: version,
+            }),
+            Some(Ok(Message::Error { code, message })) => Err(DtlError::Remote { code, message }),
+            Some(Ok(other)) => Err(DtlError::UnexpectedMessage(format!(
+                "{} in reply to Hello",
+                other.name()
+            ))),
+            Some(Err(e)) => Err(e),
+            None => Err(DtlError::ConnectionClosed),
+        }
+    }
+
+    /// The protocol version this connection speaks.
+    pub fn version(&self) -> u16 {
+        self.framed.codec().version()
     }
 
     pub fn config(&self) -> &DtlClientConfig {

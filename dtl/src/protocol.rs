@@ -37,9 +37,10 @@
 //! Version 2 added the volume's incarnation to `Register` and `Unregister` (a trailing u64). A server serves
 //! clients of versions [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`]: it answers `HelloOk`
 //! with the client's version and speaks it on that connection (a v1 `Register` is incarnation
-//! 0, "not known"). A client speaks only its own version, so during a rolling upgrade a node
-//! already upgraded cannot mirror to a DTL that is not yet (its link stays degraded, with
-//! the version mismatch as its error, until that DTL's node is upgraded).
+//! 0, "not known"). A client told by `VersionMismatch` that the server speaks an older version
+//! it still knows connects again in that version (`DtlClient::connect_with`), so during a
+//! rolling upgrade nodes of both versions mirror to each other; what an old DTL cannot hold
+//! (the incarnation) is simply not sent.
 //!
 //! # Limits
 //!

@@ -402,6 +402,62 @@ async fn a_version_1_client_is_served_in_its_own_version() {
     srv.stop().await;
 }
 
+/// An upgraded node mirrors to a DTL not upgraded yet: told the server speaks version 1, the
+/// client connects again in version 1 (whose `Register` has no incarnation).
+#[tokio::test]
+async fn a_client_falls_back_to_a_version_1_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let old_server = tokio::spawn(async move {
+        // First connection: a v1 server's answer to a v2 Hello, then it closes.
+        let (s, _) = listener.accept().await.unwrap();
+        let mut f = Framed::new(s, DtlCodec::with_version(1));
+        let hello = f.next().await.unwrap().unwrap();
+        f.send(Message::VersionMismatch {
+            server: 1,
+            client: PROTOCOL_VERSION,
+        })
+        .await
+        .unwrap();
+        drop(f);
+        // Second connection: the client speaks v1.
+        let (s, _) = listener.accept().await.unwrap();
+        let mut f = Framed::new(s, DtlCodec::with_version(1));
+        let again = f.next().await.unwrap().unwrap();
+        f.send(Message::HelloOk { version: 1 }).await.unwrap();
+        let register = f.next().await.unwrap().unwrap();
+        f.send(Message::Ok).await.unwrap();
+        (hello, again, register)
+    });
+    let mut c = DtlClient::connect(addr).await.unwrap();
+    assert_eq!(c.version(), 1);
+    c.register("vol", CS, 4, 777).await.unwrap();
+    let (hello, again, register) = old_server.await.unwrap();
+    assert_eq!(
+        hello,
+        Message::Hello {
+            version: PROTOCOL_VERSION
+        }
+    );
+    assert_eq!(again, Message::Hello { version: 1 });
+    assert_eq!(
+        register,
+        Message::Register {
+            namespace: "vol".into(),
+            cluster_size: CS,
+            owner_tag: 4,
+            incarnation: 0,
+        },
+        "a v1 Register carries no incarnation"
+    );
+    // With a current server the client speaks the current version.
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path(), false).await;
+    let c = DtlClient::connect(srv.addr).await.unwrap();
+    assert_eq!(c.version(), PROTOCOL_VERSION);
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn version_mismatch_is_reported_both_ways() {
     let dir = tempfile::tempdir().unwrap();
