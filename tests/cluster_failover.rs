@@ -1003,6 +1003,19 @@ fn a_volume_deleted_while_its_old_owner_was_cut_off_stays_fenced_there() {
         5,
         "n0 acknowledged a write to a deleted volume"
     );
+    // Nor can an operator there change it: what would write the backend (the name may be
+    // another volume's by now, at the same owner tag) is refused as fenced.
+    for args in [
+        vec!["snapshot", "create", VOLUME, "after-the-delete"],
+        vec!["volume", "resize", VOLUME, "--size", "128M"],
+    ] {
+        let out = nodes[0].cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("fenced"),
+            "{args:?} on n0: {err}"
+        );
+    }
 }
 
 /// The owner and the DTL node die together: the volume halts with the reason. The operator
