@@ -554,6 +554,62 @@ fn a_fenced_volume_changes_nothing_on_the_backend_and_works_again_unfenced() {
     assert_eq!(kept.snapshots().len(), 1);
 }
 
+/// A scrub under way when the fence goes up puts no further object, deletes nothing and does
+/// not commit its TLog list; unfenced, the next scrub does the work and the data reads back.
+#[test]
+fn a_scrub_under_way_stops_at_the_fence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    let a = node(tmp.path(), "a", &backend);
+    let volume = a.create("vol", &options()).unwrap();
+    // Four TLogs, each with its own SCO: clusters 0-7 overwritten every time, and 8 clusters
+    // of its own, so every SCO but the newest is half garbage and the scrub rewrites them.
+    let mut model = std::collections::BTreeMap::new();
+    for round in 1..=4u64 {
+        for cluster in (0..8).chain(round * 8 + 8..round * 8 + 16) {
+            let data = pattern(cluster, round);
+            volume.write(cluster * CS, &data, false).unwrap();
+            model.insert(cluster, data);
+        }
+        volume.flush().unwrap();
+        volume.close_current_tlog().unwrap();
+    }
+    let written: Vec<(u64, Vec<u8>)> = model.into_iter().collect();
+    volume.drain_uploads().unwrap();
+    let before = objects(&backend, "vol");
+    let mut rewrites = 0;
+    let err = volume
+        .scrub(None, &mut |p| {
+            if p.phase == "rewriting SCOs" {
+                rewrites += 1;
+                volume.set_fenced(Some("this node lost its cluster lease".into()));
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
+    assert_eq!(
+        rewrites, 1,
+        "the scrub stopped after the SCO it was writing"
+    );
+    let after = objects(&backend, "vol");
+    for object in &before {
+        assert!(after.contains(object), "{} changed or went", object.0);
+    }
+    assert_eq!(
+        after.len(),
+        before.len() + 1,
+        "one rewritten SCO, unreferenced"
+    );
+    volume.set_fenced(None);
+    let report = volume.scrub(None, &mut |_| {}).unwrap();
+    assert!(report.scos_rewritten > 1, "{report:?}");
+    check(&a, "vol", &written);
+    a.release("vol", Duration::from_secs(10)).unwrap();
+    let b = node(tmp.path(), "b", &backend);
+    b.adopt("vol").unwrap();
+    check(&b, "vol", &written);
+}
+
 /// A node that was down while its volume was deleted and created again elsewhere (at owner tag
 /// 1 again) restarts with its old copy. The copy is not opened: it would merge the new volume's
 /// TLogs and upload its own pending ones into the new namespace. It is listed as failed with the

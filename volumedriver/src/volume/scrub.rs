@@ -322,6 +322,8 @@ impl Volume {
                 out.extend_from_slice(cluster);
                 relocate.insert((number, version, *old_offset), new_offset as u16);
             }
+            // Fenced meanwhile: not one more object (see `set_fenced`).
+            self.check_fence()?;
             self.backend
                 .put_if_owner(&namespace, &new.to_string(), &out, owner)
                 .map_err(VolumeError::backend(&self.name))?;
@@ -387,6 +389,7 @@ impl Volume {
                 .count() as u64
                 * self.cluster_size;
             let bytes = tlog::encode_closed(TLogNumber(number), &entries);
+            self.check_fence()?;
             self.backend
                 .put_if_owner(&namespace, &record.object_name(), &bytes, owner)
                 .map_err(VolumeError::backend(&self.name))?;
@@ -398,7 +401,7 @@ impl Volume {
             // The list lock (not the state lock) is held across the list put: every change of
             // `backend_tlogs` takes it, so the list built here stays current until committed.
             let _list = self.list_lock.lock();
-            // Fenced since the scrub began: its new objects stay unreferenced (a later sweep
+            // Fenced since the scrub began: the objects it put stay unreferenced (a later sweep
             // of the owner's removes them), and the list is not touched.
             self.check_fence()?;
             let (tlogs, list, changes, old_objects) = {
@@ -468,11 +471,14 @@ impl Volume {
             old_objects
         };
 
-        // 6. Delete what the list no longer references, then sweep.
+        // 6. Delete what the list no longer references, then sweep. Fenced meanwhile, it stops
+        // (what it leaves is garbage the owner's next sweep finds).
         for object in old_objects {
+            self.check_fence()?;
             let _ = self.backend.delete_if_owner(&namespace, &object, owner);
         }
         for &(number, version) in fates.keys() {
+            self.check_fence()?;
             let name = ScoName {
                 clone_id: 0,
                 number: ScoNumber(number),
@@ -552,6 +558,7 @@ impl Volume {
                 false
             };
             if garbage {
+                self.check_fence()?;
                 self.backend
                     .delete_if_owner(&namespace, &object, owner)
                     .map_err(VolumeError::backend(&self.name))?;
