@@ -8,6 +8,29 @@ use std::collections::BTreeSet;
 
 use crate::api::{blocking, ApiError, ApiState};
 
+/// Which of the clones `listed` by volume `parent`'s snapshots the cluster registry has a record
+/// of; a clone the registry cannot be asked about counts as known (its entry stays).
+pub(crate) async fn known_to(
+    cluster: &crate::cluster::Cluster,
+    parent: &str,
+    listed: Vec<String>,
+) -> BTreeSet<String> {
+    let mut known = BTreeSet::new();
+    for clone in listed {
+        match cluster.registry.volume(&clone).await {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                known.insert(clone);
+            }
+            Err(e) => {
+                tracing::debug!(volume = %parent, %clone, error = %e, "cannot ask the registry about a clone; its entry stays");
+                known.insert(clone);
+            }
+        }
+    }
+    known
+}
+
 /// Drop the stale clone entries of volume `name`'s snapshots (only `snapshot`'s, when given).
 /// Nothing is done (and nothing asked) when none lists a clone.
 pub(crate) async fn forget(
@@ -27,21 +50,10 @@ pub(crate) async fn forget(
     if listed.is_empty() {
         return Ok(());
     }
-    let mut known = BTreeSet::new();
-    if let Some(cluster) = &state.cluster {
-        for clone in listed {
-            match cluster.registry.volume(&clone).await {
-                Ok(None) => {}
-                Ok(Some(_)) => {
-                    known.insert(clone);
-                }
-                Err(e) => {
-                    tracing::debug!(volume = %name, %clone, error = %e, "cannot ask the registry about a clone; its entry stays");
-                    known.insert(clone);
-                }
-            }
-        }
-    }
+    let known = match &state.cluster {
+        Some(cluster) => known_to(cluster, name, listed).await,
+        None => BTreeSet::new(),
+    };
     let manager = state.manager.clone();
     let (target, snapshot) = (name.to_string(), snapshot.map(str::to_string));
     blocking(move || manager.forget_deleted_clones(&target, snapshot.as_deref(), &known)).await?;

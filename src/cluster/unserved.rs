@@ -10,10 +10,10 @@
 //! it (which halted it again, on a live node) and then delete it.
 //!
 //! Refused while an adoption of the volume is under way on this node, while the node is
-//! fenced, and by the engine's checks (`VolumeManager::check_unserved_delete`: clones, a newer
-//! owner tag on the backend). Then the record goes first, conditional on the owner tag read, and
-//! the backend namespace, DTL registration and write-buffer leftovers after it (the engine's
-//! module docs say why in that order). What could not be removed after the record went is
+//! fenced, and by the engine's checks (`VolumeManager::check_unserved_delete`: clones that still
+//! exist, which the registry helps tell, and a newer owner tag on the backend). Then the record
+//! goes first, conditional on the owner tag read, and the backend namespace, DTL registration
+//! and write-buffer leftovers after it (the engine's module docs say why in that order). What could not be removed after the record went is
 //! reported in the answer (`left_behind`) and logged; the delete stands.
 
 use std::sync::Arc;
@@ -53,9 +53,15 @@ pub(super) async fn delete(
     }
     // Not adopted by the failover pass (as an unserved volume) while it is being deleted.
     let _held = state.failover.as_ref().map(|f| f.log.hold(&name));
+    // Clones deleted through other nodes stay listed by this volume's snapshots: only those
+    // that still exist hold the delete up.
+    let manager = state.manager.clone();
+    let target = name.clone();
+    let listed = blocking(move || manager.backend_listed_clones(&target)).await?;
+    let known = crate::stale_clones::known_to(cluster, &name, listed).await;
     let manager = state.manager.clone();
     let (target, tag) = (name.clone(), record.owner_tag);
-    let unserved = blocking(move || manager.check_unserved_delete(&target, tag)).await?;
+    let unserved = blocking(move || manager.check_unserved_delete(&target, tag, &known)).await?;
     match cluster.registry.delete_volume(&name, tag).await {
         Ok(()) => {}
         Err(e @ RegistryError::StaleTag { .. }) => {

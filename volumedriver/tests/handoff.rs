@@ -258,6 +258,11 @@ fn adopt_with_tag_uses_the_registry_tag_and_refuses_an_old_one() {
         .unwrap();
 }
 
+/// No clone known to exist elsewhere.
+fn none() -> std::collections::BTreeSet<String> {
+    std::collections::BTreeSet::new()
+}
+
 /// A volume the cluster names this node the owner of, but that it does not serve (halted, or a
 /// leftover record): the check refuses one served here, one another node claimed with a newer
 /// tag and one whose snapshots have clones, and removes nothing; the purge removes the backend
@@ -270,7 +275,7 @@ fn an_unserved_volume_is_checked_before_it_is_purged() {
     let b = node(tmp.path(), "b", &backend);
     let served = a.create("served", &options()).unwrap();
     let err = a
-        .check_unserved_delete("served", served.info().owner_tag)
+        .check_unserved_delete("served", served.info().owner_tag, &none())
         .unwrap_err();
     assert!(matches!(err, VolumeError::InvalidConfig { .. }), "{err}");
 
@@ -279,7 +284,9 @@ fn an_unserved_volume_is_checked_before_it_is_purged() {
     let tag = gone.info().owner_tag;
     a.release("gone", Duration::from_secs(60)).unwrap();
     // A record older than the backend's claim: another node took the volume.
-    let err = b.check_unserved_delete("gone", tag - 1).unwrap_err();
+    let err = b
+        .check_unserved_delete("gone", tag - 1, &none())
+        .unwrap_err();
     assert!(matches!(err, VolumeError::Adopted { .. }), "{err}");
 
     // Clones read a parent's SCOs: a parent with a clone stays.
@@ -290,14 +297,16 @@ fn an_unserved_volume_is_checked_before_it_is_purged() {
         .unwrap();
     let parent_tag = parent.info().owner_tag;
     a.release("parent", Duration::from_secs(60)).unwrap();
-    let err = b.check_unserved_delete("parent", parent_tag).unwrap_err();
+    let err = b
+        .check_unserved_delete("parent", parent_tag, &none())
+        .unwrap_err();
     assert!(
         matches!(&err, VolumeError::HasClones { clones, .. } if clones == &["child"]),
         "{err}"
     );
     assert!(backend.namespace_exists("parent").unwrap());
 
-    let unserved = b.check_unserved_delete("gone", tag).unwrap();
+    let unserved = b.check_unserved_delete("gone", tag, &none()).unwrap();
     assert!(unserved.has_backend_data());
     assert!(backend.namespace_exists("gone").unwrap());
     assert_eq!(b.purge_unserved(unserved), Vec::<String>::new());
@@ -318,23 +327,38 @@ fn an_unserved_volume_is_checked_before_it_is_purged() {
         .unwrap();
     let c2_tag = c2.info().owner_tag;
     a.release("c2", Duration::from_secs(60)).unwrap();
-    let unserved = a.check_unserved_delete("c2", c2_tag).unwrap();
+    let unserved = a.check_unserved_delete("c2", c2_tag, &none()).unwrap();
     assert_eq!(a.purge_unserved(unserved), Vec::<String>::new());
     assert!(p2.clones().is_empty());
     a.delete("p2").unwrap();
     // ... and says it could not when the parent is not.
     let child_tag = a.get("child").unwrap().info().owner_tag;
     a.release("child", Duration::from_secs(60)).unwrap();
-    let unserved = b.check_unserved_delete("child", child_tag).unwrap();
+    let unserved = b
+        .check_unserved_delete("child", child_tag, &none())
+        .unwrap();
     let left = b.purge_unserved(unserved);
     assert!(
         left.len() == 1 && left[0].contains("clone list of parent's snapshot s"),
         "{left:?}"
     );
     assert!(!backend.namespace_exists("child").unwrap());
+    // So "parent" still lists "child" on the backend; a clone that is gone does not hold its
+    // delete up, one the registry knows of (or a namespace naming the snapshot) does.
+    assert_eq!(b.backend_listed_clones("parent").unwrap(), ["child"]);
+    let known: std::collections::BTreeSet<String> = ["child".to_string()].into();
+    let err = b
+        .check_unserved_delete("parent", parent_tag, &known)
+        .unwrap_err();
+    assert!(matches!(err, VolumeError::HasClones { .. }), "{err}");
+    let unserved = b
+        .check_unserved_delete("parent", parent_tag, &none())
+        .unwrap();
+    assert_eq!(b.purge_unserved(unserved), Vec::<String>::new());
+    assert!(!backend.namespace_exists("parent").unwrap());
 
     // A record whose volume never reached the backend (a rolled-back create).
-    let never = b.check_unserved_delete("never", 1).unwrap();
+    let never = b.check_unserved_delete("never", 1, &none()).unwrap();
     assert!(!never.has_backend_data());
     assert_eq!(b.purge_unserved(never), Vec::<String>::new());
 }

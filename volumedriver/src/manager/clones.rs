@@ -49,7 +49,7 @@ impl VolumeManager {
     }
 
     /// Whether `clone`, listed by `parent`'s snapshot `snapshot`, may still exist.
-    fn clone_exists(
+    pub(super) fn clone_exists(
         &self,
         parent: &str,
         snapshot: &str,

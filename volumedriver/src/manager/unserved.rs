@@ -8,8 +8,10 @@
 //! deletes it in three steps, this module doing the first and the last:
 //!
 //! 1. [`VolumeManager::check_unserved_delete`]: refuse, removing nothing, if the volume is
-//!    served here, if a snapshot of it has clones (they read its SCOs), or if its backend
-//!    namespace carries a newer owner tag than the record (another node claimed it).
+//!    served here, if a snapshot of it has clones that still exist (they read its SCOs; a clone
+//!    deleted through a node that did not serve this volume stays listed, and is told apart as
+//!    in `clones.rs`), or if its backend namespace carries a newer owner tag than the record
+//!    (another node claimed it).
 //! 2. The caller removes the registry record, conditional on its owner tag.
 //! 3. [`VolumeManager::purge_unserved`]: the backend namespace, the DTL registration, what is
 //!    left in the write buffer, and, for a clone, its entry in its parent's snapshot (when the
@@ -18,6 +20,8 @@
 //! Record first: once it is gone no node can adopt the volume (adoption starts with an
 //! ownership transaction on the record), so the namespace can go without racing one; and an
 //! adoption that took ownership before makes step 2 fail on the tag, with nothing deleted.
+
+use std::collections::BTreeSet;
 
 use vstor_backend::{BackendError, ObjectStore};
 
@@ -48,9 +52,29 @@ impl Unserved {
 }
 
 impl VolumeManager {
+    /// The clones the snapshots of volume `name` list on the backend (for a volume not served
+    /// here: the caller asks the registry which of them exist before
+    /// [`check_unserved_delete`](Self::check_unserved_delete)).
+    pub fn backend_listed_clones(&self, name: &str) -> Result<Vec<String>> {
+        crate::config::validate_volume_name(name)?;
+        Ok(snapshot_clones(self.backend.as_ref(), name)?
+            .into_iter()
+            .map(|(_, clone)| clone)
+            .collect())
+    }
+
     /// Check that volume `name`, which the cluster registry says this node owns under owner
     /// tag `tag` but which this node does not serve, may be deleted (see the module docs).
-    pub fn check_unserved_delete(&self, name: &str, tag: u64) -> Result<Unserved> {
+    ///
+    /// `known`: clones that exist elsewhere (the cluster registry has a record of them); a
+    /// listed clone that is neither known, nor served or failed here, nor has a namespace
+    /// naming this volume's snapshot as its parent, is gone and does not hold the delete up.
+    pub fn check_unserved_delete(
+        &self,
+        name: &str,
+        tag: u64,
+        known: &BTreeSet<String>,
+    ) -> Result<Unserved> {
         crate::config::validate_volume_name(name)?;
         if self.volumes.read().contains_key(name) {
             return Err(VolumeError::InvalidConfig {
@@ -74,7 +98,11 @@ impl VolumeManager {
                 current,
             });
         }
-        let clones = snapshot_clones(backend, name)?;
+        let clones: Vec<String> = snapshot_clones(backend, name)?
+            .into_iter()
+            .filter(|(snapshot, clone)| self.clone_exists(name, snapshot, clone, known))
+            .map(|(_, clone)| clone)
+            .collect();
         if !clones.is_empty() {
             return Err(VolumeError::HasClones {
                 volume: name.to_string(),
@@ -170,7 +198,8 @@ impl VolumeManager {
 }
 
 /// Clones of the snapshots of volume `name`, from its backend TLog list.
-fn snapshot_clones(backend: &dyn ObjectStore, name: &str) -> Result<Vec<String>> {
+/// `(snapshot, clone)` for every clone the backend TLog list of volume `name` lists.
+fn snapshot_clones(backend: &dyn ObjectStore, name: &str) -> Result<Vec<(String, String)>> {
     let list = match backend.get(name, TLOG_LIST_OBJECT) {
         Ok(bytes) => TLogList::decode(name, &bytes)?,
         Err(BackendError::NoSuchObject { .. } | BackendError::NoSuchNamespace { .. }) => {
@@ -178,5 +207,12 @@ fn snapshot_clones(backend: &dyn ObjectStore, name: &str) -> Result<Vec<String>>
         }
         Err(e) => return Err(VolumeError::backend(name)(e)),
     };
-    Ok(list.snapshots.into_iter().flat_map(|s| s.clones).collect())
+    Ok(list
+        .snapshots
+        .into_iter()
+        .flat_map(|s| {
+            let snapshot = s.name;
+            s.clones.into_iter().map(move |c| (snapshot.clone(), c))
+        })
+        .collect())
 }
