@@ -297,7 +297,14 @@ fn retries_ride_out_an_outage_and_give_up_past_the_budget() {
     let mut proxy = Proxy::start(moto.port());
     let env = Moto::env_for_port(proxy.port());
     let location = S3Location::parse(&format!("s3://{BUCKET}")).unwrap();
-    let store = S3Store::open_with_env(location.clone(), options(), &env).unwrap();
+    // A budget that outlasts the outage whatever the jitter draws: each backoff is at least
+    // 100 ms (decorrelated jitter between that and twice the last), so 10 retries can be
+    // spent in about a second; 40 take at least 4 s, and the 20 s timeout still bounds them.
+    let patient = S3Options {
+        max_retries: 40,
+        ..options()
+    };
+    let store = S3Store::open_with_env(location.clone(), patient, &env).unwrap();
     store.create_namespace("ns", 1).unwrap();
     let data = pattern(100_000, 5);
 
