@@ -153,6 +153,23 @@ impl Registration {
     }
 }
 
+/// Whether a request names a newer incarnation of the volume than the one registered in `ns`
+/// (its entries are a deleted volume's); `OlderIncarnation` when it names an older one. When
+/// either is not known (0), `false`: owner tags alone decide (see [`DtlStore::register`]).
+fn newer_incarnation(ns: &str, got: u64, registered: u64) -> Result<bool> {
+    if got == 0 || registered == 0 || got == registered {
+        return Ok(false);
+    }
+    if got < registered {
+        return Err(DtlError::OlderIncarnation {
+            namespace: ns.to_string(),
+            registered,
+            got,
+        });
+    }
+    Ok(true)
+}
+
 /// Checks that a namespace is a safe single path component.
 pub fn validate_namespace(ns: &str) -> Result<()> {
     let ok = !ns.is_empty()
@@ -707,14 +724,7 @@ impl DtlStore {
                 )));
             }
             let registered = n.reg.incarnation;
-            if incarnation != 0 && registered != 0 && incarnation != registered {
-                if incarnation < registered {
-                    return Err(DtlError::OlderIncarnation {
-                        namespace: ns.to_string(),
-                        registered,
-                        got: incarnation,
-                    });
-                }
+            if newer_incarnation(ns, incarnation, registered)? {
                 warn!(
                     namespace = %ns,
                     registered, incarnation,
@@ -794,16 +804,7 @@ impl DtlStore {
             .cloned()
             .ok_or_else(|| DtlError::UnknownNamespace(ns.to_string()))?;
         let mut n = arc.lock();
-        let registered = n.reg.incarnation;
-        let known = incarnation != 0 && registered != 0;
-        if known && incarnation < registered {
-            return Err(DtlError::OlderIncarnation {
-                namespace: ns.to_string(),
-                registered,
-                got: incarnation,
-            });
-        }
-        if !(known && incarnation > registered) {
+        if !newer_incarnation(ns, incarnation, n.reg.incarnation)? {
             n.check_tag(owner_tag)?;
         }
         n.writer = None;

@@ -13,8 +13,9 @@
 //! fenced, and by the engine's checks (`VolumeManager::check_unserved_delete`: clones that still
 //! exist, which the registry helps tell, and a newer owner tag on the backend). Then the record
 //! goes first, conditional on the owner tag read, and the backend namespace, DTL registration
-//! and write-buffer leftovers after it (the engine's module docs say why in that order). What could not be removed after the record went is
-//! reported in the answer (`left_behind`) and logged; the delete stands.
+//! and write-buffer leftovers after it (the engine's module docs say why in that order). What
+//! could not be removed after the record went is reported in the answer (`left_behind`) and
+//! logged; the delete stands.
 
 use std::sync::Arc;
 

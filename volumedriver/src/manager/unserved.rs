@@ -197,7 +197,6 @@ impl VolumeManager {
     }
 }
 
-/// Clones of the snapshots of volume `name`, from its backend TLog list.
 /// `(snapshot, clone)` for every clone the backend TLog list of volume `name` lists.
 fn snapshot_clones(backend: &dyn ObjectStore, name: &str) -> Result<Vec<(String, String)>> {
     let list = match backend.get(name, TLOG_LIST_OBJECT) {
