@@ -116,6 +116,8 @@ pub struct ApiState {
     pub backend_timing: Arc<crate::backend_timing::BackendTiming>,
     /// The EC tier's background repair, when the backend is `ec`.
     pub tier_repair: Option<Arc<crate::tier::maintenance::RepairStatus>>,
+    /// The sweep of DTL leftovers, on a cluster node.
+    pub dtl_sweep: Option<Arc<crate::cluster::dtl_sweep::SweepStatus>>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).

@@ -22,6 +22,10 @@ use vstor_volumedriver::DtlMode;
 
 pub const DEFAULT_API: &str = "127.0.0.1:7800";
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+/// `s3_retry_timeout`'s range: under a second is no ride-through at all, and past an hour a
+/// guest is better told.
+const S3_RETRY_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const S3_RETRY_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Settings as written in the TOML file; sizes are strings with K/M/G/T suffixes.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -44,6 +48,9 @@ pub struct FileConfig {
     pub dtl: String,
     pub write_buffer_limit: String,
     pub shutdown_upload_timeout_secs: u64,
+    /// How long one S3 request is retried through an outage before the operation fails
+    /// (`--s3-retry-timeout`), e.g. "30s".
+    pub s3_retry_timeout: String,
     pub default_volume: DefaultVolume,
     pub volume_defaults: VolumeDefaults,
     pub nbd_server: NbdSettings,
@@ -632,6 +639,7 @@ impl Default for FileConfig {
             dtl: String::new(),
             write_buffer_limit: "8G".into(),
             shutdown_upload_timeout_secs: 120,
+            s3_retry_timeout: "30s".into(),
             default_volume: DefaultVolume::default(),
             volume_defaults: VolumeDefaults::default(),
             nbd_server: NbdSettings::default(),
@@ -807,6 +815,8 @@ pub struct ServeConfig {
     pub api_security: ApiSecurity,
     pub write_buffer_limit: u64,
     pub shutdown_upload_timeout_secs: u64,
+    /// How long one S3 request is retried (`s3_retry_timeout`).
+    pub s3_retry_timeout: std::time::Duration,
     pub default_volume: Option<(String, u64)>,
     pub sco_size: u64,
     pub write_buffer: u64,
@@ -859,6 +869,7 @@ pub struct Overrides {
     pub vhost_dir: Option<PathBuf>,
     pub dtl: Option<String>,
     pub write_buffer_limit: Option<String>,
+    pub s3_retry_timeout: Option<String>,
     pub upload_concurrency: Option<usize>,
     pub no_default_volume: bool,
     pub registry: Option<String>,
@@ -963,6 +974,9 @@ impl FileConfig {
         }
         if let Some(limit) = overrides.write_buffer_limit {
             self.write_buffer_limit = limit;
+        }
+        if let Some(timeout) = overrides.s3_retry_timeout {
+            self.s3_retry_timeout = timeout;
         }
         if let Some(concurrency) = overrides.upload_concurrency {
             self.upload.concurrency = concurrency;
@@ -1151,6 +1165,16 @@ impl FileConfig {
         } else {
             None
         };
+        let s3_retry_timeout = humantime::parse_duration(self.s3_retry_timeout.trim())
+            .ok()
+            .filter(|t| (S3_RETRY_TIMEOUT_MIN..=S3_RETRY_TIMEOUT_MAX).contains(t))
+            .ok_or_else(|| {
+                anyhow::anyhow!(not_allowed(
+                    "s3_retry_timeout (--s3-retry-timeout)",
+                    &self.s3_retry_timeout,
+                    "a duration from 1s to 1h, like \"30s\""
+                ))
+            })?;
         let write_buffer_limit = size_setting("write_buffer_limit", &self.write_buffer_limit)?;
         if write_buffer_limit < USER_SCO_SIZE_RANGE.0 {
             bail!(not_allowed(
@@ -1225,6 +1249,7 @@ impl FileConfig {
             vhost_queue_size: self.vhost.queue_size,
             write_buffer_limit,
             shutdown_upload_timeout_secs: self.shutdown_upload_timeout_secs,
+            s3_retry_timeout,
             default_volume,
             sco_size,
             write_buffer,
@@ -1490,6 +1515,9 @@ mod tests {
             ("[volume_defaults]\ndtl_mode = \"fast\"", "volume_defaults.dtl_mode = \"fast\""),
             ("write_buffer_limit = \"1M\"", "write_buffer_limit (--write-buffer-limit) = \"1M\" is not allowed: must be at least 4M"),
             ("write_buffer_limit = \"lots\"", "setting write_buffer_limit"),
+            ("s3_retry_timeout = \"soon\"", "setting s3_retry_timeout (--s3-retry-timeout) = \"soon\" is not allowed: must be a duration from 1s to 1h"),
+            ("s3_retry_timeout = \"0s\"", "s3_retry_timeout (--s3-retry-timeout) = \"0s\""),
+            ("s3_retry_timeout = \"2h\"", "s3_retry_timeout (--s3-retry-timeout) = \"2h\""),
             ("dtl = \"localhost\"", "setting dtl (--dtl) = \"localhost\" is not allowed: must be HOST:PORT"),
             ("dtl = \"host:99999\"", "setting dtl (--dtl) = \"host:99999\""),
             ("api = \"localhost\"", "API address \"localhost\" is not IP:PORT"),
@@ -1532,6 +1560,13 @@ mod tests {
             })
             .unwrap_err();
         assert!(format!("{err:#}").contains("write_buffer_limit (--write-buffer-limit) = \"2M\""));
+        let config = FileConfig::default()
+            .resolve(Overrides {
+                s3_retry_timeout: Some("2m".into()),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(config.s3_retry_timeout, std::time::Duration::from_secs(120));
         let err = FileConfig::default()
             .resolve(Overrides {
                 dtl: Some("nowhere".into()),

@@ -190,6 +190,11 @@ struct ServeArgs {
     /// `write_buffer_limit`) [default: 8G].
     #[arg(long)]
     write_buffer_limit: Option<String>,
+    /// How long one request to an S3 backend is retried through an outage (connection refused,
+    /// timeouts, 5xx) before the operation fails: a guest reading evicted data waits this long
+    /// instead of getting an I/O error, 1s to 1h (config: `s3_retry_timeout`) [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    s3_retry_timeout: Option<String>,
     /// Upload steps in flight at once across all volumes (config: `upload_concurrency`)
     /// [default: 4].
     #[arg(long)]
@@ -1071,6 +1076,7 @@ fn run(cli: Cli) -> Result<()> {
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
+                s3_retry_timeout: args.s3_retry_timeout,
                 upload_concurrency: args.upload_concurrency,
                 mds: args.mds,
                 mds_max_behind: args.mds_max_behind,

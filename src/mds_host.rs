@@ -203,9 +203,10 @@ async fn daemon(
                 .map(|spec| placement.etcd.target(spec))
                 .transpose()?;
             let tls = config.tls.clone();
-            let (store, _) =
-                tokio::task::spawn_blocking(move || open_backend(&spec, registry, "mds", tls))
-                    .await??;
+            let (store, _) = tokio::task::spawn_blocking(move || {
+                open_backend(&spec, registry, "mds", tls, None)
+            })
+            .await??;
             Some(store)
         }
         None => None,

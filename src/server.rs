@@ -164,8 +164,15 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         config.identity.name.clone(),
     );
     let osd_tls = config.peer_tls.clone();
+    let s3_retry_timeout = config.s3_retry_timeout;
     let (backend, tier) = tokio::task::spawn_blocking(move || {
-        open_backend(&spec, tier_endpoints, &node_name, osd_tls)
+        open_backend(
+            &spec,
+            tier_endpoints,
+            &node_name,
+            osd_tls,
+            Some(s3_retry_timeout),
+        )
     })
     .await??;
     // Every backend call is timed for `/metrics` (the wrapper only measures).
@@ -579,11 +586,13 @@ type OpenedBackend = (Arc<dyn ObjectStore>, Option<Arc<EcStore>>);
 
 /// Open the configured backend; a bad bucket or bad credentials fail here, at startup. The
 /// `ec` store is also returned as itself: volume creation picks presets through it.
+/// `s3_retry_timeout` bounds each S3 request's retries (`None`: [`S3Options::default`]'s).
 pub(crate) fn open_backend(
     spec: &BackendSpec,
     registry: Option<EtcdTarget>,
     node: &str,
     tls: Option<vstor_net::PeerTls>,
+    s3_retry_timeout: Option<Duration>,
 ) -> Result<OpenedBackend> {
     let store: Arc<dyn ObjectStore> = match spec {
         BackendSpec::Ec { preset } => {
@@ -602,6 +611,7 @@ pub(crate) fn open_backend(
                     vstor_volumedriver::config::CONFIG_OBJECT.to_string(),
                     vstor_volumedriver::config::TLOG_LIST_OBJECT.to_string(),
                 ],
+                retry_timeout: s3_retry_timeout.unwrap_or(S3Options::default().retry_timeout),
                 ..S3Options::default()
             };
             Arc::new(

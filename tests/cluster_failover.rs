@@ -7,6 +7,8 @@
 //! - etcd is killed and restarted under load: no I/O error, ownership unchanged.
 //! - `vstor volume move` under load: no acknowledged write lost, the clients reconnect to the
 //!   printed address.
+//! - A DTL node that was down while its volume's DTL moved away, or while the volume was
+//!   deleted, removes the entries it kept once it is back (the leftover sweep).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -47,9 +49,18 @@ impl Cluster {
     }
 
     fn start_with(extra: impl Fn(usize) -> Vec<String>) -> Self {
+        Self::start_with_settings(extra, None)
+    }
+
+    /// Like [`start_with`](Self::start_with), with the cluster settings (`/vstor/settings`)
+    /// `settings` in etcd before the nodes start.
+    fn start_with_settings(extra: impl Fn(usize) -> Vec<String>, settings: Option<&str>) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
         let etcd = Etcd::start(&tmp.path().join("etcd"));
+        if let Some(settings) = settings {
+            etcd.put("/vstor/settings", settings);
+        }
         let backend = TestBackend::Dir(tmp.path().join("backend"));
         let nodes = (0..NODES)
             .map(|i| {
@@ -1110,5 +1121,115 @@ fn owner_and_dtl_node_both_killed_halts_the_volume_with_the_reason() {
     assert_eq!(
         try_info(at).expect("volume info")["owner"],
         survivor_name.as_str()
+    );
+}
+
+/// Node `node`'s counter `name` (`_total` included) from its `/metrics`; 0 when absent.
+fn node_counter(node: &Daemon, name: &str) -> u64 {
+    common::metrics_text(&node.api)
+        .lines()
+        .find(|line| line.starts_with(&format!("{name}{{")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+/// Poll until DTL namespace directory `dir` is gone (bounded).
+fn wait_gone(dir: &std::path::Path, nodes: &[Daemon]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} was never swept\n{}",
+            dir.display(),
+            log_tails(nodes)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// DTL entries a node kept while it was away are removed once it is back: first when the
+/// volume's DTL was placed on another node meanwhile, then when the volume was deleted
+/// meanwhile (the `Unregister` of either never reached it). A live volume's namespace stays
+/// however long it is idle. The grace is 2 s here (cluster setting
+/// `dtl_leftover_grace_secs`; 10 minutes by default).
+#[test]
+fn a_dtl_node_back_from_the_dead_sweeps_what_it_kept_of_moved_and_deleted_volumes() {
+    let mut cluster =
+        Cluster::start_with_settings(|_| Vec::new(), Some(r#"{"dtl_leftover_grace_secs":2}"#));
+    let info = cluster.create_volume();
+    let first = cluster.index(&cluster.dtl_node(0, &info));
+    let dirs: Vec<_> = cluster.nodes.iter().map(|n| n.data_dir.clone()).collect();
+    let namespace_on = |idx: usize| dirs[idx].join("dtl").join(VOLUME);
+    common::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &cluster.nodes[0].uri(VOLUME),
+        "-c",
+        "write -P 0x5a 0 1M",
+    ]));
+    assert!(namespace_on(first).join("registration").is_file());
+
+    // Idle for several graces, but the volume's DTL is here: kept.
+    let sweeps = |node: &Daemon| node_counter(node, "vstor_dtl_leftover_sweeps_total");
+    let from = sweeps(&cluster.nodes[first]);
+    common::poll("four more sweeps", Duration::from_secs(30), || {
+        (sweeps(&cluster.nodes[first]) >= from + 4).then_some(())
+    });
+    assert!(namespace_on(first).join("registration").is_file());
+    assert_eq!(
+        node_counter(&cluster.nodes[first], "vstor_dtl_leftovers_removed_total"),
+        0
+    );
+
+    // The DTL node dies; the owner places the DTL on the third node.
+    let old_addr = info["dtl_addr"].as_str().unwrap().to_string();
+    cluster.nodes[first].kill9();
+    let moved = wait_info(
+        &cluster.nodes[0],
+        "DTL re-placed and in sync",
+        Duration::from_secs(40),
+        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr.as_str(),
+    );
+    let second = cluster.index(&cluster.dtl_node(0, &moved));
+    assert!(second != first && second != 0);
+    // Back: what it kept is a leftover now, the DTL being on the other node.
+    cluster.nodes[first].launch();
+    assert!(namespace_on(first).is_dir(), "kept across the crash");
+    wait_gone(&namespace_on(first), &cluster.nodes);
+    let log = cluster.nodes[first].log_text();
+    assert!(
+        log.contains("removed a leftover DTL namespace")
+            && log.contains(&format!("the volume's DTL is on node n{second} now")),
+        "{log}"
+    );
+    assert!(namespace_on(second).join("registration").is_file());
+
+    // The second DTL node dies too, and the volume is deleted while it is away.
+    let second_addr = moved["dtl_addr"].as_str().unwrap().to_string();
+    cluster.nodes[second].kill9();
+    wait_info(
+        &cluster.nodes[0],
+        "DTL re-placed again",
+        Duration::from_secs(40),
+        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != second_addr.as_str(),
+    );
+    cluster.nodes[0].cli_ok(&["volume", "delete", VOLUME]);
+    assert!(
+        !namespace_on(first).exists(),
+        "the delete unregistered the live DTL"
+    );
+    cluster.nodes[second].launch();
+    wait_gone(&namespace_on(second), &cluster.nodes);
+    assert!(
+        cluster.nodes[second]
+            .log_text()
+            .contains("the registry has no volume of that name"),
+        "{}",
+        cluster.nodes[second].log_text()
+    );
+    assert_eq!(
+        node_counter(&cluster.nodes[second], "vstor_dtl_leftovers_removed_total"),
+        1
     );
 }

@@ -1,14 +1,16 @@
-//! `vstor serve --backend s3://...`: startup errors for bad S3 settings are one clear line.
-//! (The node's behaviour on S3 is covered by the `_on_s3` variants of the crash, snapshot, scrub
-//! and DTL failover tests.)
+//! `vstor serve --backend s3://...`: startup errors for bad S3 settings are one clear line, and
+//! an S3 outage is a pause for reads of evicted data up to `--s3-retry-timeout`, then an I/O
+//! error, never lost data. (The node's behaviour on S3 is otherwise covered by the `_on_s3`
+//! variants of the crash, snapshot, scrub and DTL failover tests.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::VSTOR;
-use vstor_backend::testing::Moto;
+use common::{require_tool, run_any, run_ok, Daemon, TestBackend, VSTOR};
+use vstor_backend::testing::{Moto, Proxy};
 
 /// Run `vstor serve` on `backend` with `env`; it must fail at once. Returns its stderr.
 fn serve_fails(backend: &str, env: &[(String, String)]) -> String {
@@ -59,4 +61,107 @@ fn serve_refuses_bad_s3_settings_at_startup_with_one_line() {
         err.contains("S3 refused the credentials for bucket some-bucket"),
         "{err}"
     );
+}
+
+/// qemu-io reading `len` bytes at `offset` of `uri`, checking every byte is `pattern`.
+fn read_pattern(uri: &str, offset: &str, len: &str, pattern: u8) -> Command {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args([
+        "-f",
+        "raw",
+        uri,
+        "-c",
+        &format!("read -P {pattern:#x} {offset} {len}"),
+    ]);
+    cmd
+}
+
+/// A volume whose first SCOs are evicted to S3, so reading them goes to the server: reads
+/// during an outage shorter than the retry timeout wait for it and return the data; past a
+/// short timeout they fail with an I/O error, and read the same data once the server is back
+/// (the volume is not halted, nothing is lost).
+#[test]
+fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let mut proxy = Proxy::start(moto.port());
+    let backend = TestBackend::s3_through(moto, proxy.port());
+    let mut node = Daemon::start_on(tmp.path(), &backend, &["--write-buffer-limit", "8M"]);
+    node.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "32M",
+        "--sco-size",
+        "4M",
+        "--write-buffer",
+        "32M",
+    ]);
+    let uri = node.uri("vol");
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x61 0 12M",
+        "-c",
+        "write -P 0x62 12M 12M",
+        "-c",
+        "flush",
+    ]));
+    // Oldest first: the first 4 MiB SCO is among those evicted.
+    node.wait_for("vol", "uploads and eviction", |i| {
+        i["not_uploaded_bytes"] == 0 && i["evicted_scos"].as_u64() >= Some(3)
+    });
+    let backend_reads = |node: &Daemon| node.info("vol")["backend_reads"].as_u64().unwrap();
+
+    // An outage of 5 s, inside the default 30 s: the read waits and returns the data.
+    let before = backend_reads(&node);
+    proxy.down();
+    let started = Instant::now();
+    let mut reader = read_pattern(&uri, "0", "4M", 0x61).spawn().unwrap();
+    // The outage itself is what is being tested: the server is away for this long.
+    let outage = Duration::from_secs(5);
+    std::thread::sleep(outage);
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "the read finished during the outage: {}",
+        node.log_text()
+    );
+    proxy.up();
+    let status = reader.wait().unwrap();
+    assert!(status.success(), "the read failed: {}", node.log_text());
+    assert!(started.elapsed() >= outage);
+    assert!(backend_reads(&node) > before, "the read went to S3");
+
+    // The same node with a 1 s budget: a longer outage fails the read, with a clear error.
+    node.terminate();
+    node.extra_args(&["--s3-retry-timeout", "1s"]);
+    node.launch();
+    proxy.down();
+    let started = Instant::now();
+    let (ok, out) = run_any(&mut read_pattern(&uri_of(&node), "0", "4M", 0x61));
+    let took = started.elapsed();
+    proxy.up();
+    assert!(!ok, "the read succeeded with S3 down: {out}");
+    assert!(out.contains("Input/output error"), "{out}");
+    assert!(
+        took < Duration::from_secs(20),
+        "gave up in bounded time: {took:?}"
+    );
+    let log = node.log_text();
+    assert!(
+        log.contains("S3 request on bucket vstor-tests") && log.contains("retries"),
+        "the node's log names the bucket and the retries: {log}"
+    );
+    // The server is back: the same read returns the data, and the rest of the volume is intact.
+    run_ok(&mut read_pattern(&uri_of(&node), "0", "12M", 0x61));
+    run_ok(&mut read_pattern(&uri_of(&node), "12M", "12M", 0x62));
+    assert_eq!(node.info("vol")["state"], "running");
+}
+
+fn uri_of(node: &Daemon) -> String {
+    node.uri("vol")
 }

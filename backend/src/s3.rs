@@ -146,11 +146,19 @@ impl std::fmt::Display for S3Location {
 }
 
 /// Tunables of an [`S3Store`].
+///
+/// Why the default budget is bound by time and not by count: `object_store` backs off with
+/// decorrelated jitter (each wait drawn between 100 ms and twice the last, at most 5 s here), so
+/// a count of retries lasts anywhere from about a second to half a minute. A short outage (an
+/// S3 gateway restarting, a load balancer failing over) would fail reads of evicted data with
+/// EIO after as little as a second. With a count that is never reached first, every request
+/// rides out an outage for `retry_timeout` and then fails, the same length every time.
 #[derive(Debug, Clone)]
 pub struct S3Options {
     /// Give up retrying a request after this long.
     pub retry_timeout: Duration,
-    /// Give up after this many retries of one request.
+    /// Give up after this many retries of one request, if `retry_timeout` has not ended them
+    /// first.
     pub max_retries: usize,
     /// Names of objects overwritten in place, re-stamped with the new tag by `claim`.
     pub restamp_on_claim: Vec<String>,
@@ -159,8 +167,11 @@ pub struct S3Options {
 impl Default for S3Options {
     fn default() -> Self {
         Self {
-            retry_timeout: Duration::from_secs(60),
-            max_retries: 10,
+            // What a guest waits at most on one read of evicted data during an outage: the
+            // same as the edge's default pause bound, so a guest sees one bound either way.
+            retry_timeout: Duration::from_secs(30),
+            // More than the timeout lets through (at least 100 ms each): the timeout binds.
+            max_retries: 10_000,
             restamp_on_claim: Vec::new(),
         }
     }

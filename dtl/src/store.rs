@@ -63,6 +63,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use parking_lot::Mutex;
@@ -315,6 +316,9 @@ struct Namespace {
     removed: bool,
     /// Set when a failed append could not be rolled back.
     poisoned: bool,
+    /// When a client last registered, appended, trimmed or read it (or the store opened):
+    /// [`DtlStore::remove_leftover`] removes only namespaces idle for a while.
+    last_active: Instant,
 }
 
 impl Namespace {
@@ -371,6 +375,7 @@ impl Namespace {
             segments,
             writer: None,
             removed: false,
+            last_active: Instant::now(),
             poisoned: false,
         })
     }
@@ -658,13 +663,75 @@ impl DtlStore {
             .ok_or_else(|| DtlError::UnknownNamespace(ns.to_string()))
     }
 
+    /// Every client request on a namespace goes through here, and marks it active.
     fn with_ns<T>(&self, ns: &str, f: impl FnOnce(&mut Namespace) -> Result<T>) -> Result<T> {
         let arc = self.get(ns)?;
         let mut guard = arc.lock();
         if guard.removed {
             return Err(DtlError::UnknownNamespace(ns.to_string()));
         }
+        guard.last_active = Instant::now();
         f(&mut guard)
+    }
+
+    /// Every namespace with its registration and how long no client has used it (since the
+    /// store opened at most), for the leftover sweep.
+    pub fn idle_namespaces(&self) -> Vec<(String, Registration, Duration)> {
+        let all: Vec<_> = self
+            .namespaces
+            .lock()
+            .iter()
+            .map(|(name, arc)| (name.clone(), arc.clone()))
+            .collect();
+        all.into_iter()
+            .filter_map(|(name, arc)| {
+                let n = arc.lock();
+                (!n.removed).then(|| (name, n.reg, n.last_active.elapsed()))
+            })
+            .collect()
+    }
+
+    /// Removes namespace `ns` as a leftover (a deleted volume's, or one whose DTL is elsewhere
+    /// now) if it is still registered as `expected` and no client has used it for `idle`: a
+    /// client that registered or wrote since the caller looked keeps it. `Ok(false)`: kept.
+    pub fn remove_leftover(
+        &self,
+        ns: &str,
+        expected: Registration,
+        idle: Duration,
+    ) -> Result<bool> {
+        let mut map = self.namespaces.lock();
+        let Some(arc) = map.get(ns).cloned() else {
+            return Ok(false);
+        };
+        let mut n = arc.lock();
+        if n.removed || n.reg != expected || n.last_active.elapsed() < idle {
+            return Ok(false);
+        }
+        let doomed = self.unlink_locked(&mut map, &mut n)?;
+        drop(n);
+        drop(map);
+        fs::remove_dir_all(&doomed)?;
+        Ok(true)
+    }
+
+    /// Forget `n` and move its directory out of the way (atomic disappearance first, slow
+    /// deletion after, by the caller with the locks released; a crash in between is finished
+    /// at open). The caller holds the map's lock and `n`'s. Returns the directory to delete.
+    fn unlink_locked(
+        &self,
+        map: &mut HashMap<String, Arc<Mutex<Namespace>>>,
+        n: &mut Namespace,
+    ) -> Result<PathBuf> {
+        n.writer = None;
+        let doomed = self.root.join(format!(".deleting-{}", n.name));
+        fs::rename(&n.dir, &doomed)?;
+        if self.fsync {
+            fsync_dir(&self.root)?;
+        }
+        n.removed = true;
+        map.remove(&n.name);
+        Ok(doomed)
     }
 
     fn write_registration(&self, dir: &Path, reg: &Registration) -> Result<()> {
@@ -723,6 +790,7 @@ impl DtlStore {
                     "namespace {ns:?} is being unregistered; retry"
                 )));
             }
+            n.last_active = Instant::now();
             let registered = n.reg.incarnation;
             if newer_incarnation(ns, incarnation, registered)? {
                 warn!(
@@ -782,6 +850,7 @@ impl DtlStore {
                 segments: BTreeMap::new(),
                 writer: None,
                 removed: false,
+                last_active: Instant::now(),
                 poisoned: false,
             })),
         );
@@ -807,15 +876,7 @@ impl DtlStore {
         if !newer_incarnation(ns, incarnation, n.reg.incarnation)? {
             n.check_tag(owner_tag)?;
         }
-        n.writer = None;
-        // Atomic disappearance first, slow deletion after; a crash in between is finished at open.
-        let doomed = self.root.join(format!(".deleting-{ns}"));
-        fs::rename(&n.dir, &doomed)?;
-        if self.fsync {
-            fsync_dir(&self.root)?;
-        }
-        n.removed = true;
-        map.remove(ns);
+        let doomed = self.unlink_locked(&mut map, &mut n)?;
         drop(n);
         drop(map);
         fs::remove_dir_all(&doomed)?;
@@ -991,6 +1052,49 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// The leftover sweep removes a namespace only if it is still what the sweep looked at and
+    /// idle for as long as asked; a client's use in between keeps it.
+    #[test]
+    fn leftovers_are_removed_only_when_unchanged_and_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DtlStore::open(dir.path(), true).unwrap();
+        s.register("gone", CS, 2, 100).unwrap();
+        s.add_entries("gone", 2, 1, &batch(1, 3, 1)).unwrap();
+        s.register("live", CS, 1, 200).unwrap();
+        let mut seen: Vec<_> = s.idle_namespaces();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(seen.len(), 2);
+        let (name, reg, idle) = seen[0].clone();
+        assert_eq!(
+            (name.as_str(), reg.owner_tag, reg.incarnation),
+            ("gone", 2, 100)
+        );
+        assert!(idle < Duration::from_secs(60), "{idle:?}");
+
+        // Used just now: not idle for an hour.
+        assert!(!s
+            .remove_leftover("gone", reg, Duration::from_secs(3600))
+            .unwrap());
+        // Registered again since the sweep looked (a newer owner): kept.
+        let live = s.registration("live").unwrap();
+        s.register("live", CS, 2, 200).unwrap();
+        assert!(!s.remove_leftover("live", live, Duration::ZERO).unwrap());
+        assert_eq!(s.registration("live").unwrap().owner_tag, 2);
+        // Unchanged and idle: removed, directory and all, and gone after a reopen too.
+        assert!(s.remove_leftover("gone", reg, Duration::ZERO).unwrap());
+        assert!(!dir.path().join("gone").exists());
+        assert!(matches!(
+            s.registration("gone"),
+            Err(DtlError::UnknownNamespace(_))
+        ));
+        assert!(!s.remove_leftover("gone", reg, Duration::ZERO).unwrap());
+        drop(s);
+        let s = DtlStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.namespaces(), vec!["live".to_string()]);
+        // A reopened store counts idle time from the open.
+        assert!(s.idle_namespaces()[0].2 < Duration::from_secs(60));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Failover ([`failover`], decisions in [`failover_plan`]) and moves ([`moving`]) run on top.
 
 pub mod api;
+pub mod dtl_sweep;
 pub mod failover;
 pub mod failover_plan;
 pub mod fencing;

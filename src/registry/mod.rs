@@ -217,6 +217,9 @@ pub struct ClusterSettings {
     /// An OSD down for longer than this counts as out: its fragments are rebuilt elsewhere
     /// (Ceph's `mon_osd_down_out_interval`, also 10 minutes by default). Seconds.
     pub osd_out_grace_secs: u64,
+    /// A DTL namespace no client has used for this long, whose volume is gone or has its DTL
+    /// elsewhere, is removed by its node (`crate::cluster::dtl_sweep`). Seconds.
+    pub dtl_leftover_grace_secs: u64,
 }
 
 impl Default for ClusterSettings {
@@ -228,6 +231,7 @@ impl Default for ClusterSettings {
             peer_probe_timeout_ms: 500,
             default_dtl_mode: DtlMode::Sync,
             osd_out_grace_secs: 600,
+            dtl_leftover_grace_secs: 600,
         }
     }
 }
@@ -250,6 +254,10 @@ impl ClusterSettings {
 
     pub fn osd_out_grace(&self) -> Duration {
         Duration::from_secs(self.osd_out_grace_secs)
+    }
+
+    pub fn dtl_leftover_grace(&self) -> Duration {
+        Duration::from_secs(self.dtl_leftover_grace_secs)
     }
 
     pub fn peer_probe_timeout(&self) -> Duration {

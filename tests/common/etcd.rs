@@ -202,6 +202,20 @@ impl Etcd {
         response.contains("\"health\":\"true\"")
     }
 
+    /// Put `value` under `key` (plain etcd, no authentication): cluster settings for a test.
+    pub fn put(&self, key: &str, value: &str) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut etcd = etcd_client::Client::connect([self.endpoint()], None)
+                .await
+                .expect("connect to etcd");
+            etcd.put(key, value, None).await.expect("etcd put");
+        });
+    }
+
     /// Turn on etcd's authentication: user `root` with `root_password`, and user `user` with
     /// `password` whose role may read and write the keys under `/vstor/` only (what a vstor
     /// process needs). With TLS, connects with `client` (certificate and key) and trusting

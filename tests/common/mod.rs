@@ -52,6 +52,8 @@ pub struct EcFixture {
 pub struct S3Fixture {
     pub moto: vstor_backend::testing::Moto,
     pub uri: String,
+    /// The port daemons reach the server on: moto's own, or a proxy's in front of it.
+    pub port: u16,
 }
 
 impl TestBackend {
@@ -59,9 +61,22 @@ impl TestBackend {
     pub fn s3() -> Self {
         let moto = vstor_backend::testing::Moto::start();
         moto.create_bucket("vstor-tests");
+        let port = moto.port();
         TestBackend::S3(Arc::new(S3Fixture {
             moto,
             uri: "s3://vstor-tests/nodes".into(),
+            port,
+        }))
+    }
+
+    /// A bucket on `moto` that daemons reach through `port` (a `Proxy` in front of it, which
+    /// the test takes down for an outage); the test's own clients go to moto directly.
+    pub fn s3_through(moto: vstor_backend::testing::Moto, port: u16) -> Self {
+        moto.create_bucket("vstor-tests");
+        TestBackend::S3(Arc::new(S3Fixture {
+            moto,
+            uri: "s3://vstor-tests/nodes".into(),
+            port,
         }))
     }
 
@@ -119,7 +134,7 @@ impl TestBackend {
 
     fn env(&self) -> Vec<(String, String)> {
         match self {
-            TestBackend::S3(s3) => s3.moto.env(),
+            TestBackend::S3(s3) => vstor_backend::testing::Moto::env_for_port(s3.port),
             _ => vec![],
         }
     }
@@ -271,6 +286,12 @@ impl Daemon {
         self.api = api.to_string();
         self.nbd = nbd.to_string();
         self.child = Some(child);
+    }
+
+    /// Arguments added to `vstor serve` from the next [`launch`](Self::launch) on.
+    pub fn extra_args(&mut self, args: &[&str]) {
+        self.extra
+            .extend(args.iter().map(std::string::ToString::to_string));
     }
 
     pub fn log_text(&self) -> String {
