@@ -329,6 +329,19 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         )
     });
     let failover_task = failover.as_ref().map(Failover::start);
+    // DTL namespaces of volumes deleted (or whose DTL moved) while this node was away.
+    let dtl_sweep = Arc::new(crate::cluster::dtl_sweep::SweepStatus::default());
+    let _dtl_sweep_task = cluster
+        .as_ref()
+        .zip(dtl.as_ref())
+        .map(|(cluster, (server, ..))| {
+            crate::cluster::dtl_sweep::start(
+                server.store().clone(),
+                cluster.registry.clone(),
+                cluster.node.name.clone(),
+                dtl_sweep.clone(),
+            )
+        });
     let nbd_task = {
         let nbd = nbd.clone();
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
@@ -384,6 +397,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             mds: mds.clone(),
             backend_timing: backend_timing.clone(),
             tier_repair: tier.as_ref().map(|_| tier_repair.clone()),
+            dtl_sweep: cluster.as_ref().map(|_| dtl_sweep.clone()),
         })
         // Outermost: a request is checked before it is routed or forwarded to another node.
         .layer(axum::middleware::from_fn_with_state(
