@@ -403,16 +403,18 @@ async fn create(
     }
     let (dtl_mode, dtl_addr) =
         dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
-    let volume = create_local(&state, &request, dtl_mode, dtl_addr).await?;
+    let volume = create_local(&state, &request, dtl_mode, dtl_addr, 0).await?;
     Ok((StatusCode::CREATED, Json(view(&state, volume.info()))))
 }
 
-/// Create a volume served by this node.
+/// Create a volume served by this node, its incarnation above `incarnation_floor` (a cluster's,
+/// `crate::cluster::incarnation`; 0 on a single node).
 pub(crate) async fn create_local(
     state: &ApiState,
     request: &CreateRequest,
     dtl_mode: DtlMode,
     dtl_addr: Option<String>,
+    incarnation_floor: u64,
 ) -> Result<Arc<vstor_volumedriver::Volume>, ApiError> {
     let sco_size = request.sco_size.unwrap_or(state.default_sco_size);
     let (min, max) = USER_SCO_SIZE_RANGE;
@@ -438,6 +440,7 @@ pub(crate) async fn create_local(
             .encryption_key_file
             .as_deref()
             .map(std::path::PathBuf::from),
+        incarnation_floor,
     };
     let manager = state.manager.clone();
     let vhost = state.vhost.clone();
@@ -913,19 +916,21 @@ async fn clone_create(
     }
     let (dtl_mode, dtl_addr) =
         dtl_choice(&state, request.dtl_mode.as_deref(), request.dtl.clone())?;
-    let (volume, cloned_from) = clone_local(&state, &request, dtl_mode, dtl_addr).await?;
+    let (volume, cloned_from) = clone_local(&state, &request, dtl_mode, dtl_addr, 0).await?;
     let mut value = view(&state, volume.info());
     value.cloned_from = Some(cloned_from);
     Ok((StatusCode::CREATED, Json(value)))
 }
 
 /// Make a clone on this node (its parent must be served here) and export it; returns it and
-/// `PARENT@SNAPSHOT` it was cloned from.
+/// `PARENT@SNAPSHOT` it was cloned from. Its incarnation is above `incarnation_floor`, as in
+/// [`create_local`].
 pub(crate) async fn clone_local(
     state: &ApiState,
     request: &CloneRequest,
     dtl_mode: DtlMode,
     dtl_addr: Option<String>,
+    incarnation_floor: u64,
 ) -> Result<(Arc<vstor_volumedriver::Volume>, String), ApiError> {
     let (parent, snapshot) = match snapshot_export_name(&request.from) {
         Some((volume, snapshot)) => (volume.to_string(), snapshot.to_string()),
@@ -961,6 +966,7 @@ pub(crate) async fn clone_local(
         access: VolumeAccess::default(),
         // A clone inherits its parent's encryption (`VolumeManager::clone_volume`).
         encryption_key_file: None,
+        incarnation_floor,
     };
     let wait = request
         .wait_secs

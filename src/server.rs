@@ -229,6 +229,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
                 dtl_addr: config.dtl.as_ref().map(|(_, addr)| addr.clone()),
                 access: Default::default(),
                 encryption_key_file: None,
+                incarnation_floor: 0,
             };
             match manager.create(name, &options) {
                 Ok(_) => {}

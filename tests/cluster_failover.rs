@@ -1233,3 +1233,89 @@ fn a_dtl_node_back_from_the_dead_sweeps_what_it_kept_of_moved_and_deleted_volume
         1
     );
 }
+
+/// Incarnations order creations whatever the nodes' clocks say. The DTL node holds entries of
+/// a deleted volume "vol" created on a node whose clock ran an hour ahead (its registration
+/// names that incarnation, and the cluster's incarnation floor in etcd says it was issued).
+/// "vol" is created again on `n0`, whose clock is right, with its DTL on that node: its
+/// incarnation is above the floor, so the DTL takes it for the newer volume (it drops the old
+/// entries) instead of refusing it as an older copy, and the volume is in sync and writes.
+#[test]
+fn a_volume_created_again_is_newer_than_its_namesake_even_if_that_ones_clock_ran_ahead() {
+    let mut cluster = Cluster::start();
+    let dtl_idx = 1;
+    // The deleted namesake's leftovers, written while the DTL node is stopped.
+    cluster.nodes[dtl_idx].terminate();
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        + 3600 * 1_000_000_000;
+    {
+        let store =
+            vstor_dtl::DtlStore::open(cluster.nodes[dtl_idx].data_dir.join("dtl"), true).unwrap();
+        store.register(VOLUME, 4096, 2, ahead).unwrap();
+    }
+    cluster.etcd.put("/vstor/incarnation", &ahead.to_string());
+    cluster.nodes[dtl_idx].launch();
+    let nodes = json(&cluster.nodes[0].cli_ok(&["node", "list", "--json"]));
+    let dtl_addr = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "n1" && n["alive"] == true)
+        .and_then(|n| n["dtl_addr"].as_str())
+        .unwrap_or_else(|| panic!("n1 is not alive with a DTL: {nodes}"))
+        .to_string();
+
+    cluster.nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        "64M",
+        "--node",
+        "n0",
+        "--dtl",
+        &dtl_addr,
+        "--dtl-mode",
+        "sync",
+    ]);
+    wait_info(
+        &cluster.nodes[0],
+        "the new volume in sync with its DTL",
+        Duration::from_secs(30),
+        |i| i["dtl_state"] == "ok_sync",
+    );
+    let uri = cluster.nodes[0].uri(VOLUME);
+    common::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x33 0 1M",
+        "-c",
+        "read -P 0x33 0 1M",
+    ]));
+    let info = cluster.nodes[0].info(VOLUME);
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["dtl_state"], "ok_sync", "{info}");
+    // The DTL holds the new volume's registration: owner tag 1, an incarnation past the floor.
+    let registration = std::fs::read(
+        cluster.nodes[dtl_idx]
+            .data_dir
+            .join("dtl")
+            .join(VOLUME)
+            .join("registration"),
+    )
+    .unwrap();
+    let tag = u64::from_le_bytes(registration[12..20].try_into().unwrap());
+    let incarnation = u64::from_le_bytes(registration[20..28].try_into().unwrap());
+    assert_eq!(tag, 1);
+    assert!(incarnation > ahead, "{incarnation} not above {ahead}");
+    // And the floor is the new volume's incarnation now, for the next namesake.
+    assert_eq!(
+        cluster.etcd.get("/vstor/incarnation"),
+        Some(incarnation.to_string())
+    );
+}

@@ -427,7 +427,16 @@ pub async fn create(
         &live,
         &records,
     )?;
-    let volume = create_local(&state, &request, dtl_mode, dtl_addr.clone()).await?;
+    let floor = super::incarnation::floor(&cluster.registry).await?;
+    let volume = create_local(&state, &request, dtl_mode, dtl_addr.clone(), floor).await?;
+    // Before the record: once it exists the volume can be deleted, and a namesake created
+    // after that must find this incarnation in the floor.
+    super::incarnation::raise(
+        &cluster.registry,
+        &request.name,
+        volume.config().incarnation,
+    )
+    .await;
     let value = register(
         &state,
         cluster,
@@ -627,8 +636,15 @@ pub async fn clone(
         &live,
         &records,
     )?;
+    let floor = super::incarnation::floor(&cluster.registry).await?;
     let (volume, cloned_from) =
-        crate::api::clone_local(&state, &request, dtl.0, dtl.1.clone()).await?;
+        crate::api::clone_local(&state, &request, dtl.0, dtl.1.clone(), floor).await?;
+    super::incarnation::raise(
+        &cluster.registry,
+        &request.name,
+        volume.config().incarnation,
+    )
+    .await;
     let info = volume.info();
     let size = info.size;
     let mut value = register(&state, cluster, &request.name, info, size, dtl).await?;

@@ -15,6 +15,7 @@ pub mod failover;
 pub mod failover_plan;
 pub mod fencing;
 pub mod forward;
+pub mod incarnation;
 pub mod move_api;
 pub mod moving;
 pub mod placement;

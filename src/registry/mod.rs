@@ -30,6 +30,7 @@
 //! | `/vstor/owners/{volume}`  | [`OwnerRecord`]  | owner's      | create, take_ownership, refresh_owner; gone when the owner's lease ends |
 //! | `/vstor/edges/{edge}`     | [`EdgeRecord`]   | edge's       | [`Registry::register_edge`]: present while the `vstor edge` process lives |
 //! | `/vstor/attachments/{volume}` | list of [`Attachment`] | none | [`Registry::attach`] / [`Registry::detach`], compare-and-swap (rule in [`edges`]) |
+//! | `/vstor/incarnation`      | number           | none         | volume create and clone: the highest incarnation issued, only raised (`crate::cluster::incarnation`) |
 //!
 //! Values are JSON, not a binary envelope: etcd already checksums and replicates what it stores,
 //! and JSON keeps `etcdctl get --prefix /vstor/` readable during an incident. Unknown fields are

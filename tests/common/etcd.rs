@@ -216,6 +216,23 @@ impl Etcd {
         });
     }
 
+    /// The value under `key` (plain etcd, no authentication), if any.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut etcd = etcd_client::Client::connect([self.endpoint()], None)
+                .await
+                .expect("connect to etcd");
+            let got = etcd.get(key, None).await.expect("etcd get");
+            got.kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        })
+    }
+
     /// Turn on etcd's authentication: user `root` with `root_password`, and user `user` with
     /// `password` whose role may read and write the keys under `/vstor/` only (what a vstor
     /// process needs). With TLS, connects with `client` (certificate and key) and trusting

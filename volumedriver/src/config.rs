@@ -183,6 +183,11 @@ pub struct VolumeOptions {
     pub access: VolumeAccess,
     /// Encrypt the volume's data with the key in this file (an absolute path on the node).
     pub encryption_key_file: Option<std::path::PathBuf>,
+    /// The new volume's incarnation is above this, whatever this node's clock says: a cluster
+    /// passes the highest incarnation issued in it (`crate`'s users: `src/cluster/incarnation.rs`
+    /// in the `vstor` binary), so a volume created again under a name always counts as newer
+    /// than the deleted one. 0: the clock alone.
+    pub incarnation_floor: u64,
 }
 
 impl VolumeOptions {
@@ -195,6 +200,7 @@ impl VolumeOptions {
             dtl_addr: None,
             access: VolumeAccess::default(),
             encryption_key_file: None,
+            incarnation_floor: 0,
         }
     }
 }
@@ -316,7 +322,7 @@ impl VolumeConfig {
             owner_tag: 1,
             read_only: false,
             created,
-            incarnation: now_nanos(),
+            incarnation: now_nanos().max(options.incarnation_floor.saturating_add(1)),
             dtl_mode: options.dtl_mode,
             dtl_addr: options
                 .dtl_addr
@@ -548,6 +554,20 @@ impl TLogList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node whose clock is behind the cluster's still issues a newer incarnation.
+    #[test]
+    fn an_incarnation_is_above_the_floor_whatever_the_clock() {
+        let future = now_nanos() + 3600 * 1_000_000_000;
+        let options = VolumeOptions {
+            incarnation_floor: future,
+            ..VolumeOptions::new(1 << 30)
+        };
+        let config = VolumeConfig::new("vol", &options, 1_700_000_000).unwrap();
+        assert_eq!(config.incarnation, future + 1);
+        let plain = VolumeConfig::new("vol", &VolumeOptions::new(1 << 30), 1_700_000_000).unwrap();
+        assert!(plain.incarnation < future && plain.incarnation > 0);
+    }
 
     #[test]
     fn incarnations_tell_volumes_of_one_name_apart_even_within_a_second() {
