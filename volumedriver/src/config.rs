@@ -386,6 +386,7 @@ impl VolumeConfig {
         } else {
             Standing::Replaced {
                 created: theirs.created,
+                incarnation: theirs.incarnation,
             }
         })
     }
@@ -416,8 +417,9 @@ pub enum Standing {
     Deleted,
     /// Another node claimed the namespace with a newer owner tag (adopted or moved).
     Claimed { current: u64 },
-    /// The namespace holds another volume of the same name, created at `created`.
-    Replaced { created: u64 },
+    /// The namespace holds another volume of the same name, created at `created` (Unix
+    /// seconds) as incarnation `incarnation` (two such volumes may share the second).
+    Replaced { created: u64, incarnation: u64 },
 }
 
 impl Encryption {

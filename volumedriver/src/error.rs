@@ -60,11 +60,15 @@ pub enum VolumeError {
     },
     /// The backend namespace holds another volume of the same name: this node's copy was
     /// deleted in the cluster (and the name created again) while this node was down or cut off.
-    #[error("volume {volume}: the backend holds another volume of the same name (created at {theirs}; this node's copy was created at {ours}): this copy was deleted in the cluster and is not served here")]
+    #[error("volume {volume}: the backend holds another volume of the same name (created at {theirs}, incarnation {theirs_incarnation}; this node's copy was created at {ours}, incarnation {ours_incarnation}): this copy was deleted in the cluster and is not served here")]
     Replaced {
         volume: String,
+        /// Creation times, Unix seconds.
         ours: u64,
         theirs: u64,
+        /// Incarnations (`VolumeConfig::incarnation`): they tell the two apart within a second.
+        ours_incarnation: u64,
+        theirs_incarnation: u64,
     },
     /// The node fenced itself (it may have lost its registry lease): writes and flushes are
     /// not acknowledged until it is healthy again. See [`crate::Volume::set_fenced`].

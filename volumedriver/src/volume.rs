@@ -405,11 +405,16 @@ impl Volume {
                     current,
                 })
             }
-            Standing::Replaced { created } => {
+            Standing::Replaced {
+                created,
+                incarnation,
+            } => {
                 return Err(VolumeError::Replaced {
                     volume: name.to_string(),
                     ours: config.created,
                     theirs: created,
+                    ours_incarnation: config.incarnation,
+                    theirs_incarnation: incarnation,
                 })
             }
         }

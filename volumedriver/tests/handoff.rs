@@ -395,6 +395,15 @@ fn backend_lost_tells_a_deleted_taken_or_replaced_volume_from_ours() {
         .unwrap();
     let why = a.backend_lost("replaced").unwrap().expect("replaced");
     assert!(why.contains("another volume of the same name"), "{why}");
+    // Both incarnations are named: two volumes of one second are told apart in the message too.
+    assert!(
+        why.contains(&format!("incarnation {}", other.incarnation))
+            && why.contains(&format!(
+                "incarnation {}",
+                other.incarnation - 60_000_000_000
+            )),
+        "{why}"
+    );
 
     assert!(matches!(
         a.backend_lost("nosuch"),

@@ -102,9 +102,12 @@ impl VolumeManager {
                 "its backend namespace was claimed with owner tag {current} (this node holds {})",
                 config.owner_tag
             )),
-            Standing::Replaced { created } => Some(format!(
-                "its backend namespace holds another volume of the same name (created at {created}, this one at {})",
-                config.created
+            Standing::Replaced {
+                created,
+                incarnation,
+            } => Some(format!(
+                "its backend namespace holds another volume of the same name (created at {created}, incarnation {incarnation}; this one at {}, incarnation {})",
+                config.created, config.incarnation
             )),
         })
     }
