@@ -127,63 +127,7 @@ fn scrape(state: &ApiState) -> Scrape {
         failed: state.manager.failed().len(),
         backend: state.backend_timing.snapshot(),
         osds: osd_views(state),
-        repair: state
-            .tier_repair
-            .as_ref()
-            .map_or_else(Vec::new, |r| {
-                let get =
-                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-                vec![
-                    (
-                        "vstor_tier_repair_running",
-                        "1 while a background repair or scrub pass runs",
-                        MetricType::Gauge,
-                        get(&r.running),
-                    ),
-                    (
-                        "vstor_tier_repair_objects_checked",
-                        "Objects of the namespace being repaired checked so far",
-                        MetricType::Gauge,
-                        get(&r.objects_checked),
-                    ),
-                    (
-                        "vstor_tier_repair_objects",
-                        "Objects of the namespace being repaired",
-                        MetricType::Gauge,
-                        get(&r.objects_total),
-                    ),
-                    (
-                        "vstor_tier_repair_passes",
-                        "Background repair and scrub passes completed",
-                        MetricType::Counter,
-                        get(&r.passes),
-                    ),
-                    (
-                        "vstor_tier_repair_fragments_rebuilt",
-                        "Fragments rebuilt by background repair",
-                        MetricType::Counter,
-                        get(&r.fragments_rebuilt),
-                    ),
-                    (
-                        "vstor_tier_repair_fragments_moved",
-                        "Fragments moved by background repair",
-                        MetricType::Counter,
-                        get(&r.fragments_moved),
-                    ),
-                    (
-                        "vstor_tier_repair_corrupt_found",
-                        "Corrupt fragments found by background scrub",
-                        MetricType::Counter,
-                        get(&r.corrupt_found),
-                    ),
-                    (
-                        "vstor_tier_repair_failures",
-                        "Namespaces whose repair failed",
-                        MetricType::Counter,
-                        get(&r.failures),
-                    ),
-                ]
-            })
+        repair: tier_repair_metrics(state)
             .into_iter()
             .chain(dtl_sweep_metrics(state))
             .collect(),
@@ -192,30 +136,88 @@ fn scrape(state: &ApiState) -> Scrape {
     }
 }
 
-/// The DTL leftover sweep's counters (a cluster node's; none elsewhere).
-fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
-    let Some(sweep) = &state.dtl_sweep else {
+/// The EC tier's background repair (none off the tier).
+fn tier_repair_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+    let Some(r) = &state.tier_repair else {
         return Vec::new();
     };
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     vec![
         (
+            "vstor_tier_repair_running",
+            "1 while a background repair or scrub pass runs",
+            MetricType::Gauge,
+            get(&r.running),
+        ),
+        (
+            "vstor_tier_repair_objects_checked",
+            "Objects of the namespace being repaired checked so far",
+            MetricType::Gauge,
+            get(&r.objects_checked),
+        ),
+        (
+            "vstor_tier_repair_objects",
+            "Objects of the namespace being repaired",
+            MetricType::Gauge,
+            get(&r.objects_total),
+        ),
+        (
+            "vstor_tier_repair_passes",
+            "Background repair and scrub passes completed",
+            MetricType::Counter,
+            get(&r.passes),
+        ),
+        (
+            "vstor_tier_repair_fragments_rebuilt",
+            "Fragments rebuilt by background repair",
+            MetricType::Counter,
+            get(&r.fragments_rebuilt),
+        ),
+        (
+            "vstor_tier_repair_fragments_moved",
+            "Fragments moved by background repair",
+            MetricType::Counter,
+            get(&r.fragments_moved),
+        ),
+        (
+            "vstor_tier_repair_corrupt_found",
+            "Corrupt fragments found by background scrub",
+            MetricType::Counter,
+            get(&r.corrupt_found),
+        ),
+        (
+            "vstor_tier_repair_failures",
+            "Namespaces whose repair failed",
+            MetricType::Counter,
+            get(&r.failures),
+        ),
+    ]
+}
+
+/// The DTL leftover sweep's counters (a cluster node's; none elsewhere).
+fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+    let Some(sweep) = &state.dtl_sweep else {
+        return Vec::new();
+    };
+    let counter = |name, help, value: &std::sync::atomic::AtomicU64| {
+        let value = value.load(std::sync::atomic::Ordering::Relaxed);
+        (name, help, MetricType::Counter, value)
+    };
+    vec![
+        counter(
             "vstor_dtl_leftover_sweeps",
             "Passes of the sweep of leftover DTL namespaces completed",
-            MetricType::Counter,
-            get(&sweep.passes),
+            &sweep.passes,
         ),
-        (
+        counter(
             "vstor_dtl_leftovers_removed",
             "Leftover DTL namespaces (deleted volumes', or DTLs placed elsewhere) removed",
-            MetricType::Counter,
-            get(&sweep.removed),
+            &sweep.removed,
         ),
-        (
+        counter(
             "vstor_dtl_leftover_sweep_failures",
             "Sweep passes or namespaces skipped because the registry or the DTL store failed",
-            MetricType::Counter,
-            get(&sweep.failures),
+            &sweep.failures,
         ),
     ]
 }

@@ -331,12 +331,7 @@ fn dtl_node_killed_is_replaced_and_back_to_ok_sync() {
     let idx = cluster.index(&dtl_node);
     let killed = Instant::now();
     cluster.nodes[idx].kill9();
-    let healed = wait_info(
-        &cluster.nodes[0],
-        "DTL re-placed and in sync",
-        Duration::from_secs(40),
-        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr.as_str(),
-    );
+    let healed = wait_dtl_replaced(&cluster.nodes[0], &old_addr);
     eprintln!(
         "DTL node {dtl_node} killed: ok_sync on {} after {:?}",
         healed["dtl_addr"],
@@ -1124,6 +1119,17 @@ fn owner_and_dtl_node_both_killed_halts_the_volume_with_the_reason() {
     );
 }
 
+/// Wait until the owner `owner` has its volume's DTL on another server than `old_addr`, in
+/// sync (the owner re-places the DTL of a dead node by itself).
+fn wait_dtl_replaced(owner: &Daemon, old_addr: &str) -> serde_json::Value {
+    wait_info(
+        owner,
+        "DTL re-placed and in sync",
+        Duration::from_secs(40),
+        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr,
+    )
+}
+
 /// Node `node`'s counter `name` (`_total` included) from its `/metrics`; 0 when absent.
 fn node_counter(node: &Daemon, name: &str) -> u64 {
     common::metrics_text(&node.api)
@@ -1185,12 +1191,7 @@ fn a_dtl_node_back_from_the_dead_sweeps_what_it_kept_of_moved_and_deleted_volume
     // The DTL node dies; the owner places the DTL on the third node.
     let old_addr = info["dtl_addr"].as_str().unwrap().to_string();
     cluster.nodes[first].kill9();
-    let moved = wait_info(
-        &cluster.nodes[0],
-        "DTL re-placed and in sync",
-        Duration::from_secs(40),
-        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != old_addr.as_str(),
-    );
+    let moved = wait_dtl_replaced(&cluster.nodes[0], &old_addr);
     let second = cluster.index(&cluster.dtl_node(0, &moved));
     assert!(second != first && second != 0);
     // Back: what it kept is a leftover now, the DTL being on the other node.
@@ -1208,12 +1209,7 @@ fn a_dtl_node_back_from_the_dead_sweeps_what_it_kept_of_moved_and_deleted_volume
     // The second DTL node dies too, and the volume is deleted while it is away.
     let second_addr = moved["dtl_addr"].as_str().unwrap().to_string();
     cluster.nodes[second].kill9();
-    wait_info(
-        &cluster.nodes[0],
-        "DTL re-placed again",
-        Duration::from_secs(40),
-        |i| i["dtl_state"] == "ok_sync" && i["dtl_addr"] != second_addr.as_str(),
-    );
+    wait_dtl_replaced(&cluster.nodes[0], &second_addr);
     cluster.nodes[0].cli_ok(&["volume", "delete", VOLUME]);
     assert!(
         !namespace_on(first).exists(),

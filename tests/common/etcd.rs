@@ -202,8 +202,8 @@ impl Etcd {
         response.contains("\"health\":\"true\"")
     }
 
-    /// Put `value` under `key` (plain etcd, no authentication): cluster settings for a test.
-    pub fn put(&self, key: &str, value: &str) {
+    /// Run `f` with a client of this etcd (plain, no authentication) on a runtime of its own.
+    fn with_client<T>(&self, f: impl AsyncFnOnce(&mut etcd_client::Client) -> T) -> T {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -212,20 +212,20 @@ impl Etcd {
             let mut etcd = etcd_client::Client::connect([self.endpoint()], None)
                 .await
                 .expect("connect to etcd");
+            f(&mut etcd).await
+        })
+    }
+
+    /// Put `value` under `key`: cluster settings for a test, say.
+    pub fn put(&self, key: &str, value: &str) {
+        self.with_client(async |etcd| {
             etcd.put(key, value, None).await.expect("etcd put");
         });
     }
 
-    /// The value under `key` (plain etcd, no authentication), if any.
+    /// The value under `key`, if any.
     pub fn get(&self, key: &str) -> Option<String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let mut etcd = etcd_client::Client::connect([self.endpoint()], None)
-                .await
-                .expect("connect to etcd");
+        self.with_client(async |etcd| {
             let got = etcd.get(key, None).await.expect("etcd get");
             got.kvs()
                 .first()
