@@ -1315,3 +1315,76 @@ fn a_volume_created_again_is_newer_than_its_namesake_even_if_that_ones_clock_ran
         Some(incarnation.to_string())
     );
 }
+
+/// A node restarting while its volume's record names another owner (a takeover under way: the
+/// registry says so, the backend is not claimed yet) fences the volume before it serves
+/// anything: the fence is in place before its NBD server listens. The owner on record being
+/// dead, the node then adopts the volume itself like any survivor, with its data.
+#[test]
+fn a_restarting_node_fences_a_volume_taken_over_while_it_was_down_before_serving_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("etcd")).unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let backend = TestBackend::Dir(tmp.path().join("backend"));
+    let mut node = common::start_cluster_node(tmp.path(), &etcd.url(), &backend, "n0", "d1", &[]);
+    node.cli_ok(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        "64M",
+        "--dtl-mode",
+        "none",
+    ]);
+    common::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &node.uri(VOLUME),
+        "-c",
+        "write -P 0x11 0 1M",
+        "-c",
+        "flush",
+    ]));
+    node.terminate();
+
+    // Another node took it over in the registry while this one was down.
+    let key = format!("/vstor/volumes/{VOLUME}");
+    let mut record: serde_json::Value =
+        serde_json::from_str(&etcd.get(&key).expect("the volume's record")).unwrap();
+    assert_eq!(record["owner"], "n0", "{record}");
+    let tag = record["owner_tag"].as_u64().unwrap();
+    record["owner"] = "n9".into();
+    record["owner_tag"] = (tag + 1).into();
+    etcd.put(&key, &record.to_string());
+
+    let from = std::fs::metadata(&node.log).unwrap().len() as usize;
+    node.launch();
+    let log = node.log_text()[from..].to_string();
+    let fenced = log
+        .find("volume is owned by another node now; it stays fenced here")
+        .unwrap_or_else(|| panic!("not fenced:\n{log}"));
+    let listening = log
+        .find("NBD server listening")
+        .unwrap_or_else(|| panic!("no NBD server:\n{log}"));
+    assert!(
+        fenced < listening,
+        "the volume was exported before it was fenced:\n{log}"
+    );
+    // The owner on record, n9, is not alive: this node adopts the volume from the backend as
+    // any survivor would (a newer tag than n9's), and serves it with its data.
+    let adopted = node.wait_for(VOLUME, "adopted again from the dead n9", |i| {
+        i["state"] == "running" && i["owner_tag"].as_u64() == Some(tag + 2)
+    });
+    assert_eq!(adopted["owner"], "n0", "{adopted}");
+    common::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &node.uri(VOLUME),
+        "-c",
+        "read -P 0x11 0 1M",
+        "-c",
+        "write -P 0x22 0 64k",
+        "-c",
+        "read -P 0x22 0 64k",
+    ]));
+}
