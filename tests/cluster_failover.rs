@@ -1314,6 +1314,25 @@ fn a_volume_created_again_is_newer_than_its_namesake_even_if_that_ones_clock_ran
         cluster.etcd.get("/vstor/incarnation"),
         Some(incarnation.to_string())
     );
+    // A clone is created above the floor and raises it too.
+    cluster.nodes[0].cli_ok(&["snapshot", "create", VOLUME, "s1"]);
+    cluster.nodes[0].cli_ok(&[
+        "clone",
+        "create",
+        "child",
+        "--from",
+        &format!("{VOLUME}@s1"),
+    ]);
+    let floor: u64 = cluster
+        .etcd
+        .get("/vstor/incarnation")
+        .expect("the floor")
+        .parse()
+        .unwrap();
+    assert!(
+        floor > incarnation,
+        "the clone's {floor} is not above {incarnation}"
+    );
 }
 
 /// A node restarting while its volume's record names another owner (a takeover under way: the
