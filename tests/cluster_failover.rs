@@ -1140,18 +1140,19 @@ fn node_counter(node: &Daemon, name: &str) -> u64 {
         .map_or(0, |value| value as u64)
 }
 
-/// Poll until DTL namespace directory `dir` is gone (bounded).
-fn wait_gone(dir: &std::path::Path, nodes: &[Daemon]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while dir.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} was never swept\n{}",
-            dir.display(),
-            log_tails(nodes)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Restart `node` and wait until its sweep logs the removal of namespace `VOLUME` for `reason`
+/// (the log line follows the removal, so the directory is gone by then).
+fn restart_and_wait_swept(node: &mut Daemon, reason: &str) {
+    let from = std::fs::metadata(&node.log).map_or(0, |m| m.len());
+    node.launch();
+    let needle = format!("removed a leftover DTL namespace namespace={VOLUME}");
+    assert!(
+        wait_log(&node.log, from, &needle),
+        "never swept:\n{}",
+        node.log_text()
+    );
+    let text = node.log_text();
+    assert!(text[from as usize..].contains(reason), "{text}");
 }
 
 /// DTL entries a node kept while it was away are removed once it is back: first when the
@@ -1195,15 +1196,12 @@ fn a_dtl_node_back_from_the_dead_sweeps_what_it_kept_of_moved_and_deleted_volume
     let second = cluster.index(&cluster.dtl_node(0, &moved));
     assert!(second != first && second != 0);
     // Back: what it kept is a leftover now, the DTL being on the other node.
-    cluster.nodes[first].launch();
     assert!(namespace_on(first).is_dir(), "kept across the crash");
-    wait_gone(&namespace_on(first), &cluster.nodes);
-    let log = cluster.nodes[first].log_text();
-    assert!(
-        log.contains("removed a leftover DTL namespace")
-            && log.contains(&format!("the volume's DTL is on node n{second} now")),
-        "{log}"
+    restart_and_wait_swept(
+        &mut cluster.nodes[first],
+        &format!("the volume's DTL is on node n{second} now"),
     );
+    assert!(!namespace_on(first).exists());
     assert!(namespace_on(second).join("registration").is_file());
 
     // The second DTL node dies too, and the volume is deleted while it is away.
@@ -1215,15 +1213,12 @@ fn a_dtl_node_back_from_the_dead_sweeps_what_it_kept_of_moved_and_deleted_volume
         !namespace_on(first).exists(),
         "the delete unregistered the live DTL"
     );
-    cluster.nodes[second].launch();
-    wait_gone(&namespace_on(second), &cluster.nodes);
-    assert!(
-        cluster.nodes[second]
-            .log_text()
-            .contains("the registry has no volume of that name"),
-        "{}",
-        cluster.nodes[second].log_text()
+    assert!(namespace_on(second).is_dir(), "kept across the crash");
+    restart_and_wait_swept(
+        &mut cluster.nodes[second],
+        "the registry has no volume of that name",
     );
+    assert!(!namespace_on(second).exists());
     assert_eq!(
         node_counter(&cluster.nodes[second], "vstor_dtl_leftovers_removed_total"),
         1
