@@ -1332,8 +1332,8 @@ fn a_volume_created_again_is_newer_than_its_namesake_even_if_that_ones_clock_ran
 
 /// A node restarting while its volume's record names another owner (a takeover under way: the
 /// registry says so, the backend is not claimed yet) fences the volume before it serves
-/// anything: the fence is in place before its NBD server listens. The owner on record being
-/// dead, the node then adopts the volume itself like any survivor, with its data.
+/// anything: the fence is in place before its vhost-user export listens. The owner on record
+/// being dead, the node then adopts the volume itself like any survivor, with its data.
 #[test]
 fn a_restarting_node_fences_a_volume_taken_over_while_it_was_down_before_serving_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1377,11 +1377,14 @@ fn a_restarting_node_fences_a_volume_taken_over_while_it_was_down_before_serving
     let fenced = log
         .find("volume is owned by another node now; it stays fenced here")
         .unwrap_or_else(|| panic!("not fenced:\n{log}"));
-    let listening = log
-        .find("NBD server listening")
-        .unwrap_or_else(|| panic!("no NBD server:\n{log}"));
+    // Logged as the export starts serving, before the node says it is ready.
+    let exported = log
+        .find(&format!(
+            "vhost-user-blk export listening export=\"{VOLUME}\""
+        ))
+        .unwrap_or_else(|| panic!("not exported over vhost-user:\n{log}"));
     assert!(
-        fenced < listening,
+        fenced < exported,
         "the volume was exported before it was fenced:\n{log}"
     );
     // The owner on record, n9, is not alive: this node adopts the volume from the backend as
