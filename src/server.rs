@@ -205,13 +205,12 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .await?
         .context("cannot start the volume manager")?;
 
-    // Before any export serves a volume: one whose record names another owner now (taken over
-    // while this node was down, its backend not claimed yet) is fenced here first, so not one
-    // write is acknowledged by this copy. The gate then follows the node's health.
-    if let Some(cluster) = &cluster {
-        cluster.reclaim(&manager).await;
-    }
-    let gate = cluster.as_ref().map(|c| c.gate(manager.clone()));
+    // Before any export serves a volume: the gate applies the node's health (and the volumes'
+    // records) before it returns, then follows it.
+    let gate = match &cluster {
+        Some(cluster) => Some(cluster.gate(manager.clone()).await),
+        None => None,
+    };
     // The EC tier's background repair of this node's volumes (aborted with the runtime).
     let tier_repair = Arc::new(crate::tier::maintenance::RepairStatus::default());
     let _tier_maintenance = tier.as_ref().map(|store| {

@@ -297,29 +297,43 @@ impl Cluster {
     /// volumes acknowledge no writes. On the way back to healthy, volumes whose record no longer
     /// names this node with their tag stay fenced (another node took them over), and the others
     /// get their owner key back under the current lease.
-    pub fn gate(self: &Arc<Self>, manager: Arc<VolumeManager>) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
+    ///
+    /// The current health is applied before this returns, so a node that starts calls it before
+    /// any export serves: a volume whose record names another owner now (taken over while the
+    /// node was down, its backend not claimed yet) is fenced before a write can reach it.
+    pub async fn gate(
+        self: &Arc<Self>,
+        manager: Arc<VolumeManager>,
+    ) -> tokio::task::JoinHandle<()> {
         let mut health = self.health();
+        let mut lease = self.lease.subscribe();
+        let current = health.borrow_and_update().clone();
+        self.apply_health(&manager, current).await;
+        let me = self.clone();
         tokio::spawn(async move {
-            let mut lease = me.lease.subscribe();
             loop {
-                let current = health.borrow_and_update().clone();
-                match current {
-                    Health::Fenced { reason } => {
-                        for name in manager.names() {
-                            if let Ok(volume) = manager.get(&name) {
-                                volume.set_fenced(Some(reason.clone()));
-                            }
-                        }
-                    }
-                    Health::Healthy | Health::RegistryDown => me.reclaim(&manager).await,
-                }
                 tokio::select! {
                     changed = health.changed() => if changed.is_err() { return },
                     changed = lease.changed() => if changed.is_err() { return },
                 }
+                let current = health.borrow_and_update().clone();
+                me.apply_health(&manager, current).await;
             }
         })
+    }
+
+    /// Fence every volume, or unfence those still this node's (`reclaim`).
+    async fn apply_health(&self, manager: &Arc<VolumeManager>, health: Health) {
+        match health {
+            Health::Fenced { reason } => {
+                for name in manager.names() {
+                    if let Ok(volume) = manager.get(&name) {
+                        volume.set_fenced(Some(reason.clone()));
+                    }
+                }
+            }
+            Health::Healthy | Health::RegistryDown => self.reclaim(manager).await,
+        }
     }
 
     /// Unfence the volumes this node still owns and put their owner keys under the current

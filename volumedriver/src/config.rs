@@ -184,9 +184,9 @@ pub struct VolumeOptions {
     /// Encrypt the volume's data with the key in this file (an absolute path on the node).
     pub encryption_key_file: Option<std::path::PathBuf>,
     /// The new volume's incarnation is above this, whatever this node's clock says: a cluster
-    /// passes the highest incarnation issued in it (`crate`'s users: `src/cluster/incarnation.rs`
-    /// in the `vstor` binary), so a volume created again under a name always counts as newer
-    /// than the deleted one. 0: the clock alone.
+    /// passes the highest incarnation issued in it (`src/cluster/incarnation.rs` in the `vstor`
+    /// binary), so a volume created again under a name always counts as newer than the deleted
+    /// one. 0: the clock alone.
     pub incarnation_floor: u64,
 }
 
