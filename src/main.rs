@@ -30,6 +30,11 @@ mod tier;
 mod top;
 mod transfer;
 
+/// mimalloc instead of glibc's malloc: request buffers are allocated on one thread and freed on
+/// another at high rates (why this crate: the comment on it in `Cargo.toml`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
