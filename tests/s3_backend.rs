@@ -61,6 +61,24 @@ fn serve_refuses_bad_s3_settings_at_startup_with_one_line() {
         err.contains("S3 refused the credentials for bucket some-bucket"),
         "{err}"
     );
+
+    // An endpoint nobody answers on: the startup check retries for its own budget (10 s), not
+    // the data path's 30 s, then names the bucket and the cause.
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let started = Instant::now();
+    let err = serve_fails("s3://some-bucket", &Moto::env_for_port(closed_port));
+    let took = started.elapsed();
+    assert!(
+        err.contains("some-bucket") && err.contains(&closed_port.to_string()),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(25),
+        "the startup check gave up after {took:?}, not after its 10 s budget: {err}"
+    );
 }
 
 /// qemu-io reading `len` bytes at `offset` of `uri`, checking every byte is `pattern`.

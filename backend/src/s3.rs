@@ -162,6 +162,11 @@ pub struct S3Options {
     pub max_retries: usize,
     /// Names of objects overwritten in place, re-stamped with the new tag by `claim`.
     pub restamp_on_claim: Vec<String>,
+    /// How long the bucket check at open is retried (at most `retry_timeout`). Shorter than the
+    /// data path's budget: that one keeps a running guest's reads alive through an outage, but
+    /// a node started against an endpoint that does not answer (a wrong address, a server not
+    /// up yet) should say so soon, and a supervisor restarts it anyway.
+    pub open_check_timeout: Duration,
 }
 
 impl Default for S3Options {
@@ -173,6 +178,7 @@ impl Default for S3Options {
             // More than the timeout lets through (at least 100 ms each): the timeout binds.
             max_retries: 10_000,
             restamp_on_claim: Vec::new(),
+            open_check_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -263,7 +269,7 @@ impl S3Store {
         };
         builder = builder
             .with_bucket_name(&location.bucket)
-            .with_retry(retry)
+            .with_retry(retry.clone())
             .with_client_options(
                 ClientOptions::new()
                     .with_allow_http(
@@ -282,6 +288,17 @@ impl S3Store {
                 .with_endpoint(endpoint)
                 .with_virtual_hosted_style_request(false);
         }
+        // The bucket check gets its own client, the same but for a shorter retry budget
+        // (`S3Options::open_check_timeout`); its errors still name the cause (refused, timed
+        // out, DNS) as the data path's do.
+        let check = builder
+            .clone()
+            .with_retry(RetryConfig {
+                retry_timeout: options.open_check_timeout.min(options.retry_timeout),
+                ..retry.clone()
+            })
+            .build()
+            .map_err(config_err)?;
         let s3 = Arc::new(builder.build().map_err(config_err)?);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -304,7 +321,7 @@ impl S3Store {
             options,
             runtime: Some(runtime),
         };
-        store.check_bucket()?;
+        store.check_bucket(check)?;
         Ok(store)
     }
 
@@ -327,10 +344,10 @@ impl S3Store {
             .map_err(|fail| self.error("?", key, fail))
     }
 
-    /// One LIST at open: a missing bucket or refused credentials fail here, by name.
-    fn check_bucket(&self) -> Result<()> {
+    /// One LIST at open, through `s3` (the client with the open check's budget): a missing
+    /// bucket, refused credentials or an endpoint that does not answer fail here, by name.
+    fn check_bucket(&self, s3: AmazonS3) -> Result<()> {
         let prefix = self.path(&format!("{}{OWNERS_DIR}", self.key_prefix))?;
-        let s3 = self.s3.clone();
         let listed = self.run(async move { s3.list_with_delimiter(Some(&prefix)).await })?;
         listed.map(|_| ()).map_err(|e| match self.fail(e) {
             Fail::Other(e) => e,

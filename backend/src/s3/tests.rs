@@ -18,6 +18,7 @@ fn options() -> S3Options {
         retry_timeout: Duration::from_secs(20),
         max_retries: 10,
         restamp_on_claim: vec!["volume_config".into(), "tlogs".into()],
+        open_check_timeout: Duration::from_secs(10),
     }
 }
 
