@@ -260,6 +260,90 @@ fn evicted_scos_are_read_back_with_ranged_backend_reads() {
     assert_eq!(read_all(&volume)[..data.len()], data[..]);
 }
 
+/// One read of clusters scattered over several evicted SCOs fetches its backend pieces
+/// concurrently and puts every byte in its place; a piece that cannot be read fails the read.
+#[test]
+fn scattered_backend_pieces_of_one_read_are_fetched_concurrently() {
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    let rig = Rig::new();
+    let volume = rig.create(64, 8, 1, 1 << 30);
+    // Clusters 0, 4, 8, ... fill the first SCO, 1, 5, 9, ... the second, and so on: every two
+    // neighbours of the volume live in different SCOs, so a read of 0..32 has 32 pieces.
+    let data = pattern(32 * CS, 21);
+    for first in 0..4 {
+        for cluster in (first..32).step_by(4) {
+            let at = cluster * CS;
+            volume.write(at as u64, &data[at..at + CS], false).unwrap();
+        }
+    }
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    assert!(volume.evict(u64::MAX) > 0);
+    let reads_before = volume.info().backend_reads;
+
+    // The first ranged get waits (up to 10 s) for a second one to start while it waits: only a
+    // read that has two in flight at once gets past it without the wait.
+    #[derive(Default)]
+    struct Probe {
+        first_taken: bool,
+        first_waiting: bool,
+        overlapped: bool,
+    }
+    let probe = Arc::new((Mutex::new(Probe::default()), Condvar::new()));
+    rig.store.on_call(Some(Arc::new({
+        let probe = probe.clone();
+        move |op: &str| {
+            if op != "get_range" {
+                return;
+            }
+            let (state, changed) = &*probe;
+            let mut st = state.lock().unwrap();
+            if st.first_taken {
+                if st.first_waiting {
+                    st.overlapped = true;
+                    changed.notify_all();
+                }
+                return;
+            }
+            st.first_taken = true;
+            st.first_waiting = true;
+            let (mut st, _) = changed
+                .wait_timeout_while(st, Duration::from_secs(10), |st| !st.overlapped)
+                .unwrap();
+            st.first_waiting = false;
+        }
+    })));
+    let mut back = vec![0u8; 32 * CS];
+    volume.read(0, &mut back).unwrap();
+    assert!(back == data, "the scattered read returned other bytes");
+    assert!(
+        probe.0.lock().unwrap().overlapped,
+        "no two backend pieces of the read were in flight at once"
+    );
+    assert_eq!(volume.info().backend_reads - reads_before, 32);
+    rig.store.on_call(None);
+
+    // One SCO gone from the backend: the read fails (and names the volume); pieces in the
+    // other SCOs still read back.
+    let mut scos: Vec<String> = rig
+        .store
+        .list("vol")
+        .unwrap()
+        .into_iter()
+        .filter(|n| vstor_volumedriver::ScoName::parse(n).is_some())
+        .collect();
+    scos.sort();
+    assert_eq!(scos.len(), 4, "{scos:?}");
+    rig.store.delete("vol", &scos[1]).unwrap();
+    let err = volume.read(0, &mut back).unwrap_err();
+    assert!(err.to_string().contains("vol"), "{err}");
+    let mut first = vec![0u8; CS];
+    volume.read(0, &mut first).unwrap();
+    assert_eq!(first, data[..CS]);
+}
+
 /// Watches a volume from inside every backend call: another thread must get through a call
 /// that takes the volume's state lock (`size`), or the backend call holds it.
 struct LockProbe {

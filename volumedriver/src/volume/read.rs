@@ -3,9 +3,20 @@
 //!
 //! The plan holds `Arc<dyn WbFile>`s of the local SCOs, so an eviction or upload that happens between
 //! planning and executing cannot pull a file out from under the read.
+//!
+//! A read whose plan has several backend pieces (clusters of evicted or ancestor SCOs that are
+//! not adjacent in one object) gets them with up to [`BACKEND_READS_IN_FLIGHT`] ranged gets at a
+//! time. Why: each get is a network round trip on S3 or the EC tier, and one at a time a 1 MiB
+//! read of scattered clusters (data a scrub rewrote, or a clone's reads of its template) paid up
+//! to 256 of them in a row. Measured: the EC scrub test (`tests/snapshots.rs`, whose checks read
+//! 48 MiB of scrubbed data back through NBD) went from 7.6 s to 5.0–5.7 s; on moto, which copies
+//! the whole object for every ranged get and is bound by its own CPU here, it gained nothing.
+//! Scoped threads rather than a pool: such reads are rare next to local ones and each piece is a
+//! network round trip, which dwarfs a thread's start. Local and zero pieces are done on the
+//! caller's thread.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
@@ -15,6 +26,9 @@ use crate::wbfs::WbFile;
 
 use super::state::{ScoState, State, SCO_DIR};
 use super::Volume;
+
+/// How many backend pieces of one read are fetched at once (see the module docs).
+pub(super) const BACKEND_READS_IN_FLIGHT: usize = 8;
 
 /// One cluster read from the backend without the state lock for a read-modify-write: its
 /// address, the location it was read from, and its bytes.
@@ -169,27 +183,88 @@ impl Volume {
     }
 
     pub(super) fn execute_read(&self, plan: Vec<Segment>, buf: &mut [u8]) -> Result<()> {
-        let cs = self.cluster_size;
-        for segment in plan {
-            let out = &mut buf[segment.start..segment.start + segment.len];
-            if matches!(segment.source, Source::Zero) {
-                out.fill(0);
-                continue;
+        let remote = plan
+            .iter()
+            .filter(|s| matches!(s.source, Source::Backend { .. }))
+            .count();
+        if remote < 2 {
+            for segment in &plan {
+                self.execute_segment(
+                    segment,
+                    &mut buf[segment.start..segment.start + segment.len],
+                )?;
             }
-            let first = segment.at / cs;
-            let within = segment.at % cs;
-            if !self.encrypted() || (within == 0 && (out.len() as u64).is_multiple_of(cs)) {
-                self.read_stored(&segment.source, 0, out)?;
-                self.open_clusters(first, out)?;
+            return Ok(());
+        }
+        // Each piece gets its own part of `buf` (the plan's pieces are in buffer order and do
+        // not overlap): local ones now, backend ones from a shared queue on scoped threads.
+        let mut backend: Vec<(&Segment, &mut [u8])> = Vec::with_capacity(remote);
+        let mut rest = buf;
+        let mut at = 0;
+        for segment in &plan {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(segment.start - at);
+            let (out, tail) = tail.split_at_mut(segment.len);
+            rest = tail;
+            at = segment.start + segment.len;
+            if matches!(segment.source, Source::Backend { .. }) {
+                backend.push((segment, out));
             } else {
-                // Part of a cluster: XTS decrypts whole clusters only, so read the clusters
-                // the piece touches (all in the same SCO: a piece never spans two) and copy out.
-                let mut whole =
-                    vec![0u8; (within + out.len() as u64).div_ceil(cs) as usize * cs as usize];
-                self.read_stored(&segment.source, within, &mut whole)?;
-                self.open_clusters(first, &mut whole)?;
-                out.copy_from_slice(&whole[within as usize..within as usize + out.len()]);
+                self.execute_segment(segment, out)?;
             }
+        }
+        let queue = Mutex::new(backend.into_iter());
+        let failed: Mutex<Option<VolumeError>> = Mutex::new(None);
+        let work = || loop {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((segment, out)) = next else { return };
+            if let Err(e) = self.execute_segment(segment, out) {
+                failed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(e);
+                return;
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..remote.min(BACKEND_READS_IN_FLIGHT) {
+                // A thread that cannot be started (the process is at its limit) leaves its share
+                // to the others and this one: slower, never a failed read.
+                if std::thread::Builder::new()
+                    .name("vstor-read".into())
+                    .spawn_scoped(scope, work)
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            work();
+        });
+        match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Read one piece of a plan into `out` (its part of the caller's buffer).
+    fn execute_segment(&self, segment: &Segment, out: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        if matches!(segment.source, Source::Zero) {
+            out.fill(0);
+            return Ok(());
+        }
+        let first = segment.at / cs;
+        let within = segment.at % cs;
+        if !self.encrypted() || (within == 0 && (out.len() as u64).is_multiple_of(cs)) {
+            self.read_stored(&segment.source, 0, out)?;
+            self.open_clusters(first, out)?;
+        } else {
+            // Part of a cluster: XTS decrypts whole clusters only, so read the clusters
+            // the piece touches (all in the same SCO: a piece never spans two) and copy out.
+            let mut whole =
+                vec![0u8; (within + out.len() as u64).div_ceil(cs) as usize * cs as usize];
+            self.read_stored(&segment.source, within, &mut whole)?;
+            self.open_clusters(first, &mut whole)?;
+            out.copy_from_slice(&whole[within as usize..within as usize + out.len()]);
         }
         Ok(())
     }
