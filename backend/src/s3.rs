@@ -295,7 +295,7 @@ impl S3Store {
             .clone()
             .with_retry(RetryConfig {
                 retry_timeout: options.open_check_timeout.min(options.retry_timeout),
-                ..retry.clone()
+                ..retry
             })
             .build()
             .map_err(config_err)?;

@@ -215,6 +215,14 @@ impl Volume {
         let queue = Mutex::new(backend.into_iter());
         let failed: Mutex<Option<VolumeError>> = Mutex::new(None);
         let work = || loop {
+            // Once a piece failed, the read fails: the pieces not started are not fetched.
+            if failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
+            {
+                return;
+            }
             let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
             let Some((segment, out)) = next else { return };
             if let Err(e) = self.execute_segment(segment, out) {
