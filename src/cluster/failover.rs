@@ -43,9 +43,9 @@ use vstor_edge::remote::Opening;
 use vstor_volumedriver::{DtlMode, VolumeError, VolumeManager};
 
 use super::failover_plan::{
-    after_failed_adoption, after_fence, dtl_back_since_halt, may_adopt, ownership_landed,
-    plan_adoptions, recovery, AfterFailedAdoption, AfterFence, LiveNode, Orphan, Recovery,
-    UnservedWatch, UNSERVED_GRACE,
+    after_failed_adoption, after_fence, dtl_back_since_halt, failed_adoption_reason, may_adopt,
+    ownership_landed, plan_adoptions, recovery, AfterFailedAdoption, AfterFence, LiveNode, Orphan,
+    Recovery, UnservedWatch, UNSERVED_GRACE,
 };
 use super::placement;
 use crate::registry::{
@@ -630,13 +630,17 @@ impl Failover {
             let manager = self.manager.clone();
             let target = name.clone();
             // A failure: whether another attempt may succeed, and why it failed.
-            let (may_succeed_later, error) =
+            let (may_succeed_later, dtl_failed, error) =
                 match tokio::task::spawn_blocking(move || manager.adopt_with_tag(&target, tag))
                     .await
                 {
                     Ok(Ok((_, summary))) => break (tag, summary),
-                    Ok(Err(e)) => (adoption_may_succeed_later(&e), e.to_string()),
-                    Err(e) => (false, format!("the adoption task failed: {e}")),
+                    Ok(Err(e)) => (
+                        adoption_may_succeed_later(&e),
+                        matches!(e, VolumeError::Dtl { .. }),
+                        e.to_string(),
+                    ),
+                    Err(e) => (false, false, format!("the adoption task failed: {e}")),
                 };
             if let AfterFailedAdoption::Retry { after } =
                 after_failed_adoption(attempt, may_succeed_later)
@@ -649,7 +653,12 @@ impl Failover {
                 continue;
             }
             self.log.abort(&name);
-            let reason = format!("adoption by {} failed: {error}", self.node.name);
+            let dtl_gone = if dtl_failed {
+                self.dtl_node_dead(record).await
+            } else {
+                None
+            };
+            let reason = failed_adoption_reason(&self.node.name, &error, dtl_gone.as_deref());
             tracing::error!(volume = %name, %reason, attempts = attempt, "volume halted");
             let halted = VolumeState::Halted {
                 reason: reason.clone(),
@@ -692,6 +701,16 @@ impl Failover {
                 .await;
         }
         Ok(entry)
+    }
+
+    /// `record`'s DTL node if the registry says it is dead now (read afresh: the caller's view
+    /// is from before its adoption attempts); `None` if it is alive, there is none, or the
+    /// registry does not answer.
+    async fn dtl_node_dead(&self, record: &VolumeRecord) -> Option<String> {
+        let dtl = record.dtl_node.as_ref()?;
+        let nodes = self.registry.nodes().await.ok()?;
+        let alive = nodes.iter().any(|n| n.alive && &n.record.name == dtl);
+        (!alive).then(|| dtl.clone())
     }
 
     /// After a `take_ownership` of `name` (expecting `expected`) got no answer: this node's tag

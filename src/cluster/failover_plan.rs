@@ -93,11 +93,31 @@ pub fn recovery(orphan: &Orphan, live: &[LiveNode]) -> Recovery {
         (_, false) => Recovery::Adopt,
         (Some(dtl), true) if live.iter().any(|n| &n.name == dtl) => Recovery::Adopt,
         (Some(dtl), true) => Recovery::Halt(format!(
-            "its owner and its DTL node {dtl} are both gone; acknowledged writes not yet on the backend may be lost, so it is not served until the DTL node is back or an operator adopts it"
+            "its owner and its DTL node {dtl} are both gone; {DTL_LOST_CONSEQUENCE}"
         )),
         (None, true) => Recovery::Halt(
             "its owner is gone and it has no DTL node on record; acknowledged writes not yet on the backend may be lost".into(),
         ),
+    }
+}
+
+/// What a volume whose owner and DTL node are both gone means for its data, and what brings it
+/// back: said alike whichever way the survivors found out ([`recovery`],
+/// [`failed_adoption_reason`]).
+const DTL_LOST_CONSEQUENCE: &str = "acknowledged writes not yet on the backend may be lost, so it is not served until the DTL node is back or an operator adopts it";
+
+/// The halt reason when `me`'s adoption failed for good with `error`. `dtl_gone` names the
+/// volume's DTL node if the failure was the DTL's and the registry says that node is dead by
+/// now: the owner and the DTL node died together, but the DTL node's lease outlived the
+/// owner's, so the survivor saw a dead owner with a live DTL node and tried. The reason then
+/// tells the same story as when both leases had expired by the survivor's pass ([`recovery`]),
+/// so the operator reads why, not only which connection was refused.
+pub fn failed_adoption_reason(me: &str, error: &str, dtl_gone: Option<&str>) -> String {
+    match dtl_gone {
+        Some(dtl) => format!(
+            "adoption by {me} failed: its DTL node {dtl} is gone too ({error}); {DTL_LOST_CONSEQUENCE}"
+        ),
+        None => format!("adoption by {me} failed: {error}"),
     }
 }
 
@@ -222,6 +242,29 @@ pub fn after_fence(me: &str, registry_owner: Option<&str>) -> AfterFence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_adoption_whose_dtl_node_died_too_says_so_like_a_double_failure() {
+        let error = "volume vol: DTL 127.0.0.1:26074: I/O error: Connection refused";
+        let plain = failed_adoption_reason("n2", error, None);
+        assert_eq!(plain, format!("adoption by n2 failed: {error}"));
+        let gone = failed_adoption_reason("n2", error, Some("n1"));
+        assert!(
+            gone.starts_with("adoption by n2 failed: its DTL node n1 is gone too"),
+            "{gone}"
+        );
+        assert!(gone.contains(error), "{gone}");
+        let orphan = Orphan {
+            name: "vol".into(),
+            dtl_node: Some("n1".into()),
+            mirrored: true,
+        };
+        let Recovery::Halt(both) = recovery(&orphan, &[]) else {
+            panic!("a mirrored orphan without its DTL node is not adopted");
+        };
+        assert!(gone.ends_with(DTL_LOST_CONSEQUENCE) && both.ends_with(DTL_LOST_CONSEQUENCE));
+        assert!(gone.contains("may be lost"), "{gone}");
+    }
 
     #[test]
     fn a_volume_is_adopted_only_after_staying_unserved_for_the_grace() {
