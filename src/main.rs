@@ -571,8 +571,11 @@ enum VolumeVerb {
 }
 
 pub(crate) fn init_logging() {
+    // `object_store` logs every retry of an S3 request at INFO (a line per request every
+    // 0.1–5 s during an outage); the S3 store says when an outage begins and ends instead
+    // (`vstor_backend::s3`'s outage watch). `RUST_LOG` still shows them.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,object_store=warn"));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
     // redirected to a file or journald stay plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())

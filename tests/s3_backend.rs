@@ -140,9 +140,16 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
     proxy.down();
     let started = Instant::now();
     let mut reader = read_pattern(&uri, "0", "4M", 0x61).spawn().unwrap();
-    // The outage itself is what is being tested: the server is away for this long.
+    // The node says once, within the outage, that S3 is not answering (after 3 s without an
+    // answer), instead of a line per retry of every request.
     let outage = Duration::from_secs(5);
-    std::thread::sleep(outage);
+    common::poll("the node's S3 outage warning", outage, || {
+        node.log_text()
+            .contains("S3 is not answering")
+            .then_some(())
+    });
+    // The outage itself is what is being tested: the server is away for this long.
+    std::thread::sleep(outage.saturating_sub(started.elapsed()));
     assert!(
         reader.try_wait().unwrap().is_none(),
         "the read finished during the outage: {}",
@@ -153,6 +160,23 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
     assert!(status.success(), "the read failed: {}", node.log_text());
     assert!(started.elapsed() >= outage);
     assert!(backend_reads(&node) > before, "the read went to S3");
+    // The next read of evicted data is answered at once: the node says S3 is back, once.
+    run_ok(&mut read_pattern(&uri, "4M", "4M", 0x61));
+    let log = node.log_text();
+    assert_eq!(
+        log.matches("S3 is not answering").count(),
+        1,
+        "one warning per outage: {log}"
+    );
+    assert_eq!(
+        log.matches("S3 answers again").count(),
+        1,
+        "one line when it ends: {log}"
+    );
+    assert!(
+        !log.contains("backing off"),
+        "object_store's line per retry is filtered out by default: {log}"
+    );
 
     // The same node with a 1 s budget: a longer outage fails the read, with a clear error.
     node.terminate();

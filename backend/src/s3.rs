@@ -62,6 +62,7 @@
 //! chunk's CRC, and a single PUT is the only upload S3 makes conditional everywhere.
 
 mod format;
+mod outage;
 #[cfg(test)]
 mod tests;
 
@@ -82,6 +83,7 @@ use object_store::{
 
 use crate::{validate_name, BackendError, ChunkSpan, ObjectStore, OwnerTag, Result};
 use format::{Header, HEADER_LEN};
+use outage::{Answer, Change, OutageWatch, SLOW_AFTER};
 
 const OWNERS_DIR: &str = ".owners";
 /// Bound on compare-and-swap rounds lost to concurrent writers before giving up.
@@ -194,6 +196,9 @@ pub struct S3Store {
     /// `Some` until drop, which shuts it down without blocking (dropping a runtime inside
     /// another runtime's context would panic).
     runtime: Option<tokio::runtime::Runtime>,
+    /// Whether S3 stopped answering ([`outage`]); locked only to update it, never across a
+    /// request.
+    outage: std::sync::Mutex<OutageWatch>,
 }
 
 impl Drop for S3Store {
@@ -320,6 +325,7 @@ impl S3Store {
             http: reqwest::Client::new(),
             options,
             runtime: Some(runtime),
+            outage: std::sync::Mutex::default(),
         };
         store.check_bucket(check)?;
         Ok(store)
@@ -357,7 +363,10 @@ impl S3Store {
         })
     }
 
-    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+    fn run<T: Answer + Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
         let runtime = self.runtime.as_ref().ok_or_else(|| BackendError::S3 {
             bucket: self.location.bucket.clone(),
             key: String::new(),
@@ -367,14 +376,54 @@ impl S3Store {
         // thread of another runtime draws on that runtime's cooperative budget, which a task
         // that blocks here many times without yielding would exhaust (then it never completes).
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let started = Instant::now();
         runtime.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv().map_err(|_| BackendError::S3 {
+        let ended = || BackendError::S3 {
             bucket: self.location.bucket.clone(),
             key: String::new(),
             reason: "the S3 request task ended without an answer".into(),
-        })
+        };
+        let answer = match rx.recv_timeout(SLOW_AFTER) {
+            Ok(answer) => answer,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let change = self.watch().no_answer(started);
+                self.say(change);
+                rx.recv().map_err(|_| ended())?
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(ended()),
+        };
+        let change =
+            self.watch()
+                .finished(started.elapsed(), answer.reached_server(), Instant::now());
+        self.say(change);
+        Ok(answer)
+    }
+
+    fn watch(&self) -> std::sync::MutexGuard<'_, OutageWatch> {
+        self.outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Log an outage's start or end ([`outage`]), once each.
+    fn say(&self, change: Option<Change>) {
+        let bucket = &self.location.bucket;
+        match change {
+            Some(Change::Began) => tracing::warn!(
+                %bucket,
+                retry_timeout_s = self.options.retry_timeout.as_secs_f64(),
+                "S3 is not answering: a request has had no answer for {} s; each request is retried for up to the retry timeout before it fails",
+                SLOW_AFTER.as_secs()
+            ),
+            Some(Change::Ended { lasted }) => tracing::warn!(
+                %bucket,
+                lasted_ms = u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX),
+                "S3 answers again"
+            ),
+            None => {}
+        }
     }
 
     fn path(&self, key: &str) -> Result<Path> {

@@ -262,7 +262,8 @@ impl Daemon {
             .args(self.backend.args(&self.data_dir))
             .args(&self.extra)
             .envs(self.backend.env())
-            .env("RUST_LOG", "info")
+            // The node's own default filter, as a user gets it (not the runner's `RUST_LOG`).
+            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
