@@ -108,6 +108,7 @@ mod inflight;
 mod info;
 mod mds_link;
 mod read;
+mod read_backend;
 mod read_nonblocking;
 mod restart;
 mod scrub;

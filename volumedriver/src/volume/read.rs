@@ -4,19 +4,12 @@
 //! The plan holds `Arc<dyn WbFile>`s of the local SCOs, so an eviction or upload that happens between
 //! planning and executing cannot pull a file out from under the read.
 //!
-//! A read whose plan has several backend pieces (clusters of evicted or ancestor SCOs that are
-//! not adjacent in one object) gets them with up to [`BACKEND_READS_IN_FLIGHT`] ranged gets at a
-//! time. Why: each get is a network round trip on S3 or the EC tier, and one at a time a 1 MiB
-//! read of scattered clusters (data a scrub rewrote, or a clone's reads of its template) paid up
-//! to 256 of them in a row. Measured: the EC scrub test (`tests/snapshots.rs`, whose checks read
-//! 48 MiB of scrubbed data back through NBD) went from 7.6 s to 5.0–5.7 s; on moto, which copies
-//! the whole object for every ranged get and is bound by its own CPU here, it gained nothing.
-//! Scoped threads rather than a pool: such reads are rare next to local ones and each piece is a
-//! network round trip, which dwarfs a thread's start. Local and zero pieces are done on the
+//! Backend pieces (evicted or ancestor SCOs) are fetched by `read_backend`: nearby ones of one
+//! object by one ranged get, several gets at once. Local and zero pieces are done on the
 //! caller's thread.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use crate::error::{Result, VolumeError};
 use crate::map::ClusterMap;
@@ -26,9 +19,6 @@ use crate::wbfs::WbFile;
 
 use super::state::{ScoState, State, SCO_DIR};
 use super::Volume;
-
-/// How many backend pieces of one read are fetched at once (see the module docs).
-pub(super) const BACKEND_READS_IN_FLIGHT: usize = 8;
 
 /// One cluster read from the backend without the state lock for a read-modify-write: its
 /// address, the location it was read from, and its bytes.
@@ -58,10 +48,10 @@ pub(super) enum Source {
 
 pub(super) struct Segment {
     /// Where the piece goes in the caller's buffer.
-    start: usize,
-    len: usize,
+    pub(super) start: usize,
+    pub(super) len: usize,
     /// Its byte offset in the volume (which clusters it is, for decryption).
-    at: u64,
+    pub(super) at: u64,
     pub(super) source: Source,
 }
 
@@ -197,7 +187,7 @@ impl Volume {
             return Ok(());
         }
         // Each piece gets its own part of `buf` (the plan's pieces are in buffer order and do
-        // not overlap): local ones now, backend ones from a shared queue on scoped threads.
+        // not overlap): local ones now, backend ones together (`read_backend`).
         let mut backend: Vec<(&Segment, &mut [u8])> = Vec::with_capacity(remote);
         let mut rest = buf;
         let mut at = 0;
@@ -212,49 +202,11 @@ impl Volume {
                 self.execute_segment(segment, out)?;
             }
         }
-        let queue = Mutex::new(backend.into_iter());
-        let failed: Mutex<Option<VolumeError>> = Mutex::new(None);
-        let work = || loop {
-            // Once a piece failed, the read fails: the pieces not started are not fetched.
-            if failed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_some()
-            {
-                return;
-            }
-            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
-            let Some((segment, out)) = next else { return };
-            if let Err(e) = self.execute_segment(segment, out) {
-                failed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(e);
-                return;
-            }
-        };
-        std::thread::scope(|scope| {
-            for _ in 1..remote.min(BACKEND_READS_IN_FLIGHT) {
-                // A thread that cannot be started (the process is at its limit) leaves its share
-                // to the others and this one: slower, never a failed read.
-                if std::thread::Builder::new()
-                    .name("vstor-read".into())
-                    .spawn_scoped(scope, work)
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            work();
-        });
-        match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.fetch_backend_pieces(backend)
     }
 
     /// Read one piece of a plan into `out` (its part of the caller's buffer).
-    fn execute_segment(&self, segment: &Segment, out: &mut [u8]) -> Result<()> {
+    pub(super) fn execute_segment(&self, segment: &Segment, out: &mut [u8]) -> Result<()> {
         let cs = self.cluster_size;
         if matches!(segment.source, Source::Zero) {
             out.fill(0);
@@ -304,23 +256,7 @@ impl Volume {
                 namespace,
                 sco,
                 offset,
-            } => {
-                self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) =
-                    self.backend
-                        .get_range(namespace, &sco.to_string(), offset - back, out)
-                {
-                    return if e.is_unreadable() {
-                        // Data the backend cannot give back (an EC object with fewer than
-                        // k fragments reachable): stop serving rather than let the guest
-                        // carry on around a hole. Never called with the state lock held
-                        // (`read_cluster_locked` does not read the backend).
-                        self.halt_with(VolumeError::backend(&self.name)(e))
-                    } else {
-                        Err(VolumeError::backend(&self.name)(e))
-                    };
-                }
-            }
+            } => self.get_stored(namespace, sco, offset - back, out)?,
         }
         Ok(())
     }
