@@ -141,6 +141,9 @@ impl ObjectStore for TimedStore {
             self.inner.get_range(namespace, name, offset, buf)
         })
     }
+    fn read_gap(&self) -> u64 {
+        self.inner.read_gap()
+    }
     fn size(&self, namespace: &str, name: &str) -> Result<u64> {
         self.time(META, || self.inner.size(namespace, name))
     }

@@ -275,26 +275,81 @@ fn scattered_backend_pieces_of_an_encrypted_volume_decrypt_in_their_places() {
     scattered_backend_read(true);
 }
 
+/// A volume of 64 clusters in SCOs of 8, encrypted at rest if `encrypted`.
+fn small_volume(rig: &Rig, encrypted: bool) -> Arc<Volume> {
+    if !encrypted {
+        return rig.create(64, 8, 1, 1 << 30);
+    }
+    let key = rig._tmp.path().join("volume.key");
+    std::fs::write(&key, [0x42; 32]).unwrap();
+    let options = VolumeOptions {
+        encryption_key_file: Some(key),
+        ..VolumeOptions::new(64 * CS as u64)
+    };
+    let mut config = VolumeConfig::new("vol", &options, 0).unwrap();
+    config.sco_clusters = 8;
+    config.tlog_scos = 1;
+    config.write_buffer = 1 << 30;
+    Volume::create_on(rig.fs(), &rig.dir, rig.store.clone(), config).expect("create volume")
+}
+
+/// Clusters of one SCO with gaps between them are fetched by one get where the store says
+/// reading across the gaps is cheaper than more requests (`read_gap`: S3, EC), and one by one
+/// where it does not (a local directory); the bytes are the same either way, encrypted or not.
+#[test]
+fn nearby_pieces_of_one_sco_share_a_get_where_the_store_says_so() {
+    for encrypted in [false, true] {
+        let rig = Rig::new();
+        let volume = small_volume(&rig, encrypted);
+        // Clusters 0..16 fill SCOs A and B in order; the odd ones are then overwritten into
+        // SCO C. A read of 0..16 wants every other cluster of A and of B (gaps of one cluster)
+        // and all of C (adjacent there, though not in the volume).
+        let mut data = pattern(16 * CS, 33);
+        for cluster in 0..16 {
+            let at = cluster * CS;
+            volume.write(at as u64, &data[at..at + CS], false).unwrap();
+        }
+        let odd = pattern(16 * CS, 77);
+        for cluster in (1..16).step_by(2) {
+            let at = cluster * CS;
+            data[at..at + CS].copy_from_slice(&odd[at..at + CS]);
+            volume.write(at as u64, &odd[at..at + CS], false).unwrap();
+        }
+        volume.close_current_tlog().unwrap();
+        volume.drain_uploads().unwrap();
+        assert!(volume.evict(u64::MAX) > 0);
+        for (gap, gets) in [(0, 4 + 4 + 1), (128 * 1024, 3)] {
+            rig.store.set_read_gap(gap);
+            let before = volume.info().backend_reads;
+            let mut back = vec![0u8; 16 * CS];
+            volume.read(0, &mut back).unwrap();
+            assert!(
+                back == data,
+                "gap {gap}, encrypted {encrypted}: other bytes read back"
+            );
+            assert_eq!(
+                volume.info().backend_reads - before,
+                gets,
+                "gap {gap}, encrypted {encrypted}"
+            );
+            // Starting and ending inside clusters.
+            let (from, to) = (CS + 1536, 15 * CS - 512);
+            let mut part = vec![0u8; to - from];
+            volume.read(from as u64, &mut part).unwrap();
+            assert!(
+                part == data[from..to],
+                "gap {gap}, encrypted {encrypted}: unaligned read"
+            );
+        }
+    }
+}
+
 fn scattered_backend_read(encrypted: bool) {
     use std::sync::{Condvar, Mutex};
     use std::time::Duration;
 
     let rig = Rig::new();
-    let volume = if encrypted {
-        let key = rig._tmp.path().join("volume.key");
-        std::fs::write(&key, [0x42; 32]).unwrap();
-        let options = VolumeOptions {
-            encryption_key_file: Some(key),
-            ..VolumeOptions::new(64 * CS as u64)
-        };
-        let mut config = VolumeConfig::new("vol", &options, 0).unwrap();
-        config.sco_clusters = 8;
-        config.tlog_scos = 1;
-        config.write_buffer = 1 << 30;
-        Volume::create_on(rig.fs(), &rig.dir, rig.store.clone(), config).expect("create volume")
-    } else {
-        rig.create(64, 8, 1, 1 << 30)
-    };
+    let volume = small_volume(&rig, encrypted);
     // Clusters 0, 4, 8, ... fill the first SCO, 1, 5, 9, ... the second, and so on: every two
     // neighbours of the volume live in different SCOs, so a read of 0..32 has 32 pieces.
     let data = pattern(32 * CS, 21);

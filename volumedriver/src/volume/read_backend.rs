@@ -10,16 +10,18 @@
 //! threads rather than a pool: such reads are rare next to local ones and each piece is a
 //! network round trip, which dwarfs a thread's start.
 //!
-//! Pieces that sit in the same SCO object less than [`GAP_MERGE`] apart are fetched by one
-//! ranged get of up to [`SPAN_MAX`] bytes (the bytes between are read and dropped). Why:
-//! volume neighbours end up scattered over a few SCOs (a scrub keeps each old SCO's live
-//! clusters together; random writes fill SCOs in arrival order), so one read's pieces are
-//! often near each other inside those SCOs. On S3 a get costs a round trip of tens of
-//! milliseconds and 128 KiB more payload about a millisecond; one get per 4 KiB cluster is
-//! the worst trade there is. Measured on moto (which copies the whole object for every ranged
-//! get): the S3 scrub test (`tests/snapshots.rs`, 48 MiB of scrubbed data read back five
-//! times) went from about 170 s to 46 s, and the EC one from 5.0–5.7 s to 4.7–5.3 s. The cost:
-//! a get reads up to 32 times the bytes asked for (4 KiB pieces 128 KiB apart), at most 1 MiB.
+//! Pieces that sit in the same SCO object at most the store's `read_gap` apart (128 KiB on S3
+//! and the EC tier, 0 on a local directory: adjacent only) are fetched by one ranged get of up
+//! to [`SPAN_MAX`] bytes (the bytes between are read and dropped). Why: volume neighbours end
+//! up scattered over a few SCOs (a scrub keeps each old SCO's live clusters together; random
+//! writes fill SCOs in arrival order), so one read's pieces are often near each other inside
+//! those SCOs. On S3 a get costs a round trip of milliseconds and 128 KiB more payload about
+//! one; one get per 4 KiB cluster is the worst trade there is, while on a local file a request
+//! costs little more than its bytes. Measured on moto (which copies the whole object for every
+//! ranged get): the S3 scrub test (`tests/snapshots.rs`, 48 MiB of scrubbed data read back
+//! five times) went from 161–204 s to 46–67 s, and the EC one from 5.0–5.7 s to 4.7–5.3 s. The
+//! cost: a get reads up to 32 times the bytes asked for (4 KiB pieces 128 KiB apart), at most
+//! 1 MiB.
 //!
 //! Encrypted volumes decrypt whole clusters, so a piece that starts or ends inside a cluster
 //! is fetched as the whole clusters it touches (a piece never spans two SCOs).
@@ -35,9 +37,6 @@ use super::Volume;
 
 /// How many ranged gets of one read are in flight at once (see the module docs).
 pub(super) const BACKEND_READS_IN_FLIGHT: usize = 8;
-
-/// Pieces of one object at most this far apart are fetched by one get.
-pub(super) const GAP_MERGE: u64 = 128 * 1024;
 
 /// One get fetches at most this many bytes, so a read's memory stays bounded; a single piece
 /// longer than this is fetched by itself, as it is.
@@ -155,7 +154,7 @@ impl Volume {
             }
         }
         let needs: Vec<_> = backend.iter().flatten().map(|p| p.need).collect();
-        let gets: Vec<Get> = coalesce(&needs, GAP_MERGE, SPAN_MAX)
+        let gets: Vec<Get> = coalesce(&needs, self.backend.read_gap(), SPAN_MAX)
             .into_iter()
             .filter_map(|group| {
                 let pieces: Vec<Piece> = group.iter().filter_map(|&i| backend[i].take()).collect();

@@ -27,6 +27,8 @@ pub struct FaultStore {
     /// Object reads fail as data the backend cannot give back (an EC object that lost more
     /// than `m` fragments).
     unreadable: std::sync::atomic::AtomicBool,
+    /// What [`ObjectStore::read_gap`] says (the local store's 0 unless set).
+    read_gap: AtomicU64,
 }
 
 /// Whether a `get_range` of (namespace, object) is slow.
@@ -47,7 +49,13 @@ impl FaultStore {
             slow: RwLock::new(None),
             slow_reads: AtomicU64::new(0),
             unreadable: std::sync::atomic::AtomicBool::new(false),
+            read_gap: AtomicU64::new(0),
         }
+    }
+
+    /// Answer `gap` to [`ObjectStore::read_gap`], as a store whose requests cost a round trip.
+    pub fn set_read_gap(&self, gap: u64) {
+        self.read_gap.store(gap, Ordering::SeqCst);
     }
 
     /// Make every object read fail with [`BackendError::Unreadable`] (`true`), or work again.
@@ -208,6 +216,9 @@ impl ObjectStore for FaultStore {
             std::thread::sleep(delay);
         }
         self.inner.get_range(ns, name, offset, buf)
+    }
+    fn read_gap(&self) -> u64 {
+        self.read_gap.load(Ordering::SeqCst)
     }
     fn size(&self, ns: &str, name: &str) -> vstor_backend::Result<u64> {
         self.observe("size");
