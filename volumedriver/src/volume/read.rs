@@ -213,19 +213,44 @@ impl Volume {
             return Ok(());
         }
         let first = segment.at / cs;
-        let within = segment.at % cs;
-        if !self.encrypted() || (within == 0 && (out.len() as u64).is_multiple_of(cs)) {
+        let (within, extent) = self.stored_extent(segment.at, out.len() as u64);
+        if extent == out.len() as u64 {
             self.read_stored(&segment.source, 0, out)?;
-            self.open_clusters(first, out)?;
+            self.open_clusters(first, out)
         } else {
-            // Part of a cluster: XTS decrypts whole clusters only, so read the clusters
-            // the piece touches (all in the same SCO: a piece never spans two) and copy out.
-            let mut whole =
-                vec![0u8; (within + out.len() as u64).div_ceil(cs) as usize * cs as usize];
+            let mut whole = vec![0u8; extent as usize];
             self.read_stored(&segment.source, within, &mut whole)?;
-            self.open_clusters(first, &mut whole)?;
-            out.copy_from_slice(&whole[within as usize..within as usize + out.len()]);
+            self.open_into(first, within, &mut whole, out)
         }
+    }
+
+    /// What must be read for a piece at volume offset `at` of `len` bytes: how far into the
+    /// stored bytes the piece starts, and how many stored bytes that is. The piece itself,
+    /// except on an encrypted volume where it starts or ends inside a cluster: XTS decrypts
+    /// whole clusters only, so then the clusters it touches (all in one SCO: a piece never
+    /// spans two).
+    pub(super) fn stored_extent(&self, at: u64, len: u64) -> (u64, u64) {
+        let cs = self.cluster_size;
+        let within = at % cs;
+        if !self.encrypted() || (within == 0 && len.is_multiple_of(cs)) {
+            (0, len)
+        } else {
+            (within, (within + len).div_ceil(cs) * cs)
+        }
+    }
+
+    /// Decrypt `stored` (a piece's stored extent, its clusters from `first` on) in place and
+    /// copy the piece's bytes, `within` bytes in, to `out`.
+    pub(super) fn open_into(
+        &self,
+        first: u64,
+        within: u64,
+        stored: &mut [u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.open_clusters(first, stored)?;
+        let within = within as usize;
+        out.copy_from_slice(&stored[within..within + out.len()]);
         Ok(())
     }
 

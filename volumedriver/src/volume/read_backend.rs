@@ -111,28 +111,14 @@ impl Volume {
         else {
             return None;
         };
-        let cs = self.cluster_size;
-        let within = segment.at % cs;
-        let len = segment.len as u64;
-        let object = (&**namespace, *sco);
-        Some(
-            if !self.encrypted() || (within == 0 && len.is_multiple_of(cs)) {
-                let need = Need {
-                    object,
-                    lo: *offset,
-                    hi: offset + len,
-                };
-                (need, 0)
-            } else {
-                let lo = offset - within;
-                let need = Need {
-                    object,
-                    lo,
-                    hi: lo + (within + len).div_ceil(cs) * cs,
-                };
-                (need, within)
-            },
-        )
+        let (within, extent) = self.stored_extent(segment.at, segment.len as u64);
+        let lo = offset - within;
+        let need = Need {
+            object: (&**namespace, *sco),
+            lo,
+            hi: lo + extent,
+        };
+        Some((need, within))
     }
 
     /// Fetch `pieces` (the backend pieces of one read, each with its part of the caller's
@@ -223,17 +209,11 @@ impl Volume {
             let stored =
                 &span[(piece.need.lo - get.lo) as usize..(piece.need.hi - get.lo) as usize];
             let first = piece.segment.at / self.cluster_size;
-            let within = piece.within as usize;
-            if within == 0 && stored.len() == piece.out.len() {
+            if stored.len() == piece.out.len() {
                 piece.out.copy_from_slice(stored);
                 self.open_clusters(first, piece.out)?;
             } else {
-                // Part of a cluster of an encrypted volume: decrypt the whole clusters, copy out.
-                let mut whole = stored.to_vec();
-                self.open_clusters(first, &mut whole)?;
-                piece
-                    .out
-                    .copy_from_slice(&whole[within..within + piece.out.len()]);
+                self.open_into(first, piece.within, &mut stored.to_vec(), piece.out)?;
             }
         }
         Ok(())
