@@ -10,7 +10,9 @@
 //!
 //! Both kinds of object use the format in [`format`] (magic, version, writer's owner tag, a
 //! CRC32C per 64 KiB chunk, header CRC32C), so reads verify what they return and ranged reads
-//! (two small GETs: header, then the span) check only the chunks they touch. A namespace exists
+//! check only the chunks they touch. A ranged read needs the header first; the store keeps the
+//! headers it read with their ETags ([`headers`]), so a read of an object read before is one GET
+//! (`If-Match` on that ETag), and the first read of an object two. A namespace exists
 //! iff its owner record does; names never start with '.', so `.owners` cannot clash with one.
 //!
 //! Client crate: `object_store` (Apache Arrow). It is small next to `aws-sdk-s3`, well kept,
@@ -62,6 +64,7 @@
 //! chunk's CRC, and a single PUT is the only upload S3 makes conditional everywhere.
 
 mod format;
+mod headers;
 mod outage;
 #[cfg(test)]
 mod tests;
@@ -83,6 +86,7 @@ use object_store::{
 
 use crate::{validate_name, BackendError, ChunkSpan, ObjectStore, OwnerTag, Result};
 use format::{Header, HEADER_LEN};
+use headers::{Cached, HeaderCache};
 use outage::{Answer, Change, OutageWatch, SLOW_AFTER};
 
 const OWNERS_DIR: &str = ".owners";
@@ -199,6 +203,8 @@ pub struct S3Store {
     /// Whether S3 stopped answering ([`outage`]); locked only to update it, never across a
     /// request.
     outage: std::sync::Mutex<OutageWatch>,
+    /// Headers of objects read by range, with their ETags ([`headers`]).
+    headers: HeaderCache,
 }
 
 impl Drop for S3Store {
@@ -326,6 +332,7 @@ impl S3Store {
             options,
             runtime: Some(runtime),
             outage: std::sync::Mutex::default(),
+            headers: HeaderCache::new(headers::DEFAULT_CAPACITY),
         };
         store.check_bucket(check)?;
         Ok(store)
@@ -552,6 +559,7 @@ impl S3Store {
         mode: PutMode,
     ) -> Result<std::result::Result<(), Fail>> {
         let path = self.path(key)?;
+        self.headers.forget(key);
         let s3 = self.s3.clone();
         let put = self.run(async move {
             s3.put_opts(&path, PutPayload::from(body), PutOptions::from(mode))
@@ -574,6 +582,9 @@ impl S3Store {
     }
 
     fn delete_keys(&self, keys: Vec<String>) -> Result<std::result::Result<(), Fail>> {
+        for key in &keys {
+            self.headers.forget(key);
+        }
         let paths = keys
             .iter()
             .map(|k| self.path(k))
@@ -593,6 +604,7 @@ impl S3Store {
     /// deleted (or already gone), `Ok(false)` when the ETag no longer matched.
     fn delete_if_etag(&self, key: &str, etag: &str) -> Result<bool> {
         let path = self.path(key)?;
+        self.headers.forget(key);
         let s3 = self.s3.clone();
         let http = self.http.clone();
         let etag = etag.to_string();
@@ -647,6 +659,16 @@ impl S3Store {
     }
 
     // ---- object-level helpers -------------------------------------------------------------
+
+    /// Read the header of `key` (object `name` of `namespace`) from S3 and keep it in the
+    /// header cache for the next ranged read.
+    fn fresh_header(&self, namespace: &str, name: &str, key: &str) -> Result<Cached> {
+        let (header, etag, _) = self
+            .read_header(key)?
+            .map_err(|fail| self.error(namespace, name, fail))?;
+        let header = header.map_err(|reason| Self::corrupt(namespace, name, reason))?;
+        Ok(self.headers.insert(key, header, etag))
+    }
 
     /// Read an object's header: `(decoded header or why not, ETag, object size)`.
     #[allow(clippy::type_complexity)]
@@ -970,38 +992,52 @@ impl ObjectStore for S3Store {
         validate_name(name)?;
         let key = self.object_key(namespace, name);
         let mut last = Fail::Changed;
+        // A cached header is trusted only as far as `If-Match` proves it current (`headers`).
+        let mut use_cache = true;
         for _ in 0..MAX_CAS_ROUNDS {
-            let (header, etag, _) = self
-                .read_header(&key)?
-                .map_err(|fail| self.error(namespace, name, fail))?;
-            let header = header.map_err(|reason| Self::corrupt(namespace, name, reason))?;
+            let (cached, from_cache) = match self.headers.get(&key).filter(|_| use_cache) {
+                Some(cached) => (cached, true),
+                None => (self.fresh_header(namespace, name, &key)?, false),
+            };
+            let Cached { header, etag } = cached;
             let len = buf.len() as u64;
-            let Some(ChunkSpan {
-                first,
-                start: span_start,
-                end: span_end,
-            }) = ChunkSpan::of(
+            let span = ChunkSpan::of(
                 namespace,
                 name,
                 offset,
                 len,
                 header.payload_len,
                 u64::from(header.chunk_size),
-            )?
+            );
+            let Some(ChunkSpan {
+                first,
+                start: span_start,
+                end: span_end,
+            }) = (match span {
+                // Beyond the end of the object as it was: ask the object as it is.
+                Err(_) if from_cache => {
+                    self.headers.forget(&key);
+                    use_cache = false;
+                    continue;
+                }
+                span => span?,
+            })
             else {
                 return Ok(());
             };
             let base = header.payload_start();
-            // If-Match: the span must come from the object whose header was just verified.
-            let span =
-                match self.get_raw(&key, Some(base + span_start..base + span_end), Some(etag))? {
-                    Ok((span, _, _)) => span,
-                    Err(fail @ (Fail::Changed | Fail::NotFound)) => {
-                        last = fail;
-                        continue;
-                    }
-                    Err(fail) => return Err(self.error(namespace, name, fail)),
-                };
+            // If-Match: the span must come from the object the header was read from.
+            let range = Some(base + span_start..base + span_end);
+            let span = match self.get_raw(&key, range, Some(etag.to_string()))? {
+                Ok((span, _, _)) => span,
+                Err(fail @ (Fail::Changed | Fail::NotFound)) => {
+                    self.headers.forget(&key);
+                    use_cache = false;
+                    last = fail;
+                    continue;
+                }
+                Err(fail) => return Err(self.error(namespace, name, fail)),
+            };
             if span.len() as u64 != span_end - span_start {
                 return Err(Self::corrupt(namespace, name, "short ranged read".into()));
             }

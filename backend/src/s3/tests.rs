@@ -157,6 +157,70 @@ fn empty_object_and_ranged_reads() {
     );
 }
 
+/// GET requests moto has served for bucket key `key`, from its request log (one line each).
+fn gets_of(moto: &Moto, key: &str) -> usize {
+    let request = format!("\"GET /{BUCKET}/{key} HTTP/");
+    moto.log_text()
+        .lines()
+        .filter(|line| line.contains(&request))
+        .count()
+}
+
+#[test]
+fn ranged_reads_of_an_object_read_before_are_one_get_and_see_it_rewritten() {
+    let (moto, store) = setup("");
+    let other_node = moto.store(&format!("s3://{BUCKET}"), options()).unwrap();
+    store.create_namespace("ns", 1).unwrap();
+    let data = pattern(1 << 20, 1);
+    store.put_if_owner("ns", "sco", &data, 1).unwrap();
+    let read = |offset: usize, len: usize| {
+        let mut buf = vec![0u8; len];
+        store
+            .get_range("ns", "sco", offset as u64, &mut buf)
+            .map(|()| buf)
+    };
+    let before = gets_of(&moto, "ns/sco");
+    for i in 0..5 {
+        let (offset, len) = (i * 200_000 + 7, 4096 + i);
+        assert!(
+            read(offset, len).unwrap() == data[offset..offset + len],
+            "read {i}"
+        );
+    }
+    assert_eq!(
+        gets_of(&moto, "ns/sco") - before,
+        6,
+        "the header once, then one GET per read"
+    );
+
+    // Another node takes the namespace over and writes the name again: other bytes, twice as
+    // long. The header this store keeps says the range is beyond the end: it asks S3 again
+    // before refusing.
+    other_node.claim("ns", 2).unwrap();
+    let rewritten = pattern(2 << 20, 9);
+    other_node.put_if_owner("ns", "sco", &rewritten, 2).unwrap();
+    let beyond = (1 << 20) + 1000;
+    assert!(read(beyond, 4096).unwrap() == rewritten[beyond..beyond + 4096]);
+    // Written once more, with the old length: the kept header names the old ETag, so the GET is
+    // refused and the header read again.
+    let third = pattern(2 << 20, 77);
+    other_node.put_if_owner("ns", "sco", &third, 2).unwrap();
+    assert!(read(100, 5000).unwrap() == third[100..5100]);
+    // Beyond the end of the object as it is now: still refused.
+    assert!(matches!(
+        read((2 << 20) - 10, 11),
+        Err(BackendError::RangeOutOfBounds { .. })
+    ));
+
+    // Deleted by the other node: an error naming the object, not bytes from memory.
+    other_node.delete_if_owner("ns", "sco", 2).unwrap();
+    let err = read(100, 4096).unwrap_err();
+    assert!(
+        matches!(&err, BackendError::NoSuchObject { name, .. } if name == "sco"),
+        "{err}"
+    );
+}
+
 #[test]
 fn corruption_written_behind_the_stores_back_is_detected() {
     let (_moto, store) = setup("pre");
