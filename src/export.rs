@@ -9,6 +9,17 @@
 //! until the snapshot or its volume goes away; NBD_OPT_LIST shows the snapshots that are on
 //! the backend.
 //!
+//! Building a view reads the snapshot's TLogs from the backend, which during a backend outage
+//! takes as long as the backend's retry budget (30 s on S3 by default); so does rebuilding its
+//! map after a scrub or rollback, which a `BLOCK_STATUS` does before it answers (a read that
+//! would do it goes to the backend-read pool instead, `try_read`). Lookups come from the NBD
+//! and edge handshakes, and block status from NBD connections: tasks on the node's runtime. So
+//! a build holds no lock (another client's lookup of a view already built, or of another
+//! snapshot, does not queue behind it) and runs in `block_in_place` ([`off_worker`]): the
+//! runtime hands this worker's other tasks (every NBD connection it was serving) to another
+//! thread meanwhile, instead of stalling them; with a build per worker, the whole node's NBD
+//! service would otherwise stop until the backend answered.
+//!
 //! Allow lists: [`Exports::allows`] checks the NBD client against the volume's persisted allow
 //! list (`vstor_volumedriver::access` has the rule); a snapshot export `VOL@SNAP` follows the
 //! list of `VOL`, since it exposes the same data.
@@ -213,9 +224,15 @@ impl BlockTarget for SnapshotExport {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, TargetError> {
-        Ok(self
-            .0
-            .block_status(offset, len)
+        // After a scrub or rollback the view's map is rebuilt from the backend first: like a
+        // view's first build, off the runtime's worker (module docs).
+        let status = || self.0.block_status(offset, len);
+        let runs = if self.0.map_is_current() {
+            status()
+        } else {
+            off_worker(status)
+        };
+        Ok(runs
             .map_err(target_error)?
             .into_iter()
             .map(|(length, hole)| Extent { length, hole })
@@ -264,7 +281,12 @@ impl Exports {
         &self.manager
     }
 
-    /// The read-only view of `volume@snapshot`, cached.
+    fn lock_views(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedView>> {
+        self.views.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The read-only view of `volume@snapshot`, cached. A view not cached yet is built without
+    /// the cache's lock and off the runtime's worker (module docs).
     pub fn snapshot_view(
         &self,
         volume: &str,
@@ -273,16 +295,25 @@ impl Exports {
         let source = self.manager.get(volume)?;
         let info = source.snapshot(snapshot)?;
         let key = format!("{volume}@{snapshot}");
-        let mut views = self.views.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(cached) = views.get(&key) {
-            if Arc::ptr_eq(cached.view.volume(), &source)
-                && cached.tlog == info.tlog
-                && cached.created == info.created
-            {
-                return Ok(cached.view.clone());
-            }
+        let cached = |views: &HashMap<String, CachedView>| {
+            views
+                .get(&key)
+                .filter(|cached| {
+                    Arc::ptr_eq(cached.view.volume(), &source)
+                        && cached.tlog == info.tlog
+                        && cached.created == info.created
+                })
+                .map(|cached| cached.view.clone())
+        };
+        if let Some(view) = cached(&self.lock_views()) {
+            return Ok(view);
         }
-        let view = Arc::new(source.snapshot_view(snapshot)?);
+        let view = Arc::new(off_worker(|| source.snapshot_view(snapshot))?);
+        let mut views = self.lock_views();
+        // Another client may have built it meanwhile: keep one map in memory.
+        if let Some(view) = cached(&views) {
+            return Ok(view);
+        }
         if views.len() >= MAX_IDLE_VIEWS {
             // Drop the views no client uses any more.
             views.retain(|_, cached| Arc::strong_count(&cached.view) > 1);
@@ -300,12 +331,25 @@ impl Exports {
 
     /// Drop cached views of `volume` (all of them, or of one snapshot).
     pub fn forget(&self, volume: &str, snapshot: Option<&str>) {
-        let mut views = self.views.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut views = self.lock_views();
         views.retain(|key, _| match (snapshot_export_name(key), snapshot) {
             (Some((v, _)), None) => v != volume,
             (Some((v, s)), Some(snapshot)) => v != volume || s != snapshot,
             (None, _) => true,
         });
+    }
+}
+
+/// Run `f`, which may wait on the backend for a long time, without holding up the other tasks of
+/// the tokio worker thread calling it: on a multi-thread runtime, in `block_in_place` (on a
+/// worker, its queue moves to another thread until `f` returns; on the blocking pool or a plain
+/// thread such as a vhost-user queue's, `f` just runs); on a current-thread runtime, where
+/// `block_in_place` would panic, `f` runs as it is.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! `vstor serve --backend s3://...`: startup errors for bad S3 settings are one clear line, and
 //! an S3 outage is a pause for reads of evicted data up to `--s3-retry-timeout`, then an I/O
 //! error, never lost data. (The node's behaviour on S3 is otherwise covered by the `_on_s3`
-//! variants of the crash, snapshot, scrub and DTL failover tests.)
+//! variants of the crash, snapshot, scrub and DTL failover tests.) Snapshot exports whose views
+//! wait for S3 during an outage hold up no other client of the node.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -206,4 +207,169 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
 
 fn uri_of(node: &Daemon) -> String {
     node.uri("vol")
+}
+
+/// qemu-io on `uri` running `commands`, given at most `bound` (coreutils `timeout`): a client
+/// that hangs fails instead of holding the test up. Snapshot exports (`VOL@SNAP`) are opened
+/// read-only.
+fn qemu_io_within(bound: Duration, uri: &str, commands: &[&str]) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(bound.as_secs().to_string())
+        .args(["qemu-io", "-f", "raw", uri]);
+    if uri.contains('@') {
+        cmd.arg("-r");
+    }
+    for command in commands {
+        cmd.args(["-c", command]);
+    }
+    cmd
+}
+
+/// Snapshot list of `volume`, as JSON.
+fn snapshots(node: &Daemon, volume: &str) -> Vec<serde_json::Value> {
+    let out = node.cli_ok(&["snapshot", "list", volume, "--json"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Opening a snapshot export builds its view from the snapshot's TLogs on S3, and a block-status
+/// query of a view whose volume was scrubbed since rebuilds its map from them, so during an S3
+/// outage those clients wait for S3. Only those: with six such opens and queries pending (more
+/// than the node's runtime has worker threads, one per CPU, on a machine of up to six CPUs:
+/// each used to block one for as long as S3 was away), another volume's NBD clients still
+/// connect, write and read back, and a snapshot view built before the outage opens at once.
+/// Once S3 is back, the waiting clients read their snapshots' data and allocation.
+#[test]
+fn snapshot_exports_waiting_for_s3_hold_up_no_other_client() {
+    require_tool("qemu-io");
+    require_tool("timeout");
+    require_tool("nbdinfo");
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let mut proxy = Proxy::start(moto.port());
+    let backend = TestBackend::s3_through(moto, proxy.port());
+    let node = Daemon::start_on(tmp.path(), &backend, &[]);
+    // a: two snapshots, 4 MiB each of 0x61 and 0x62; b: one of 0x70; c: one of 0x80, then the
+    // same range written twice more (garbage for the scrub below) and a second snapshot.
+    for (volume, snapshots_of) in [
+        ("a", &["s1", "s2"][..]),
+        ("b", &["s0"][..]),
+        ("c", &["s0", "s1", "s2"][..]),
+    ] {
+        node.cli_ok(&["volume", "create", volume, "--size", "16M"]);
+        for (i, snapshot) in snapshots_of.iter().enumerate() {
+            let pattern = match volume {
+                "a" => 0x61 + i,
+                "b" => 0x70,
+                _ => 0x80 + i,
+            };
+            run_ok(Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                &node.uri(volume),
+                "-c",
+                &format!("write -P {pattern:#x} 0 4M"),
+                "-c",
+                "flush",
+            ]));
+            node.cli_ok(&["snapshot", "create", volume, snapshot]);
+        }
+        common::poll(
+            &format!("the snapshots of {volume} on S3"),
+            Duration::from_secs(60),
+            || {
+                snapshots(&node, volume)
+                    .iter()
+                    .all(|s| s["in_backend"] == true)
+                    .then_some(())
+            },
+        );
+    }
+    // b@s0's and c@s0's views are built (and cached) while S3 answers; then c is scrubbed,
+    // which rewrites its TLog list, so c@s0's map must be rebuilt before its next answer.
+    let bound = Duration::from_secs(20);
+    let b_snap = node.uri("b@s0");
+    run_ok(&mut qemu_io_within(bound, &b_snap, &["read -P 0x70 0 4M"]));
+    let c_snap = node.uri("c@s0");
+    run_ok(&mut qemu_io_within(bound, &c_snap, &["read -P 0x80 0 4M"]));
+    node.cli_ok(&["snapshot", "delete", "c", "s1"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["volume", "scrub", "c", "--json"])).unwrap();
+    assert!(
+        report["scos_rewritten"].as_u64() > Some(0)
+            || report["tlogs_after"] != report["tlogs_before"],
+        "the scrub rewrote nothing: {report}"
+    );
+
+    proxy.down();
+    let mut waiting: Vec<_> = [("s1", 0x61), ("s1", 0x61), ("s2", 0x62)]
+        .iter()
+        .map(|(snapshot, pattern)| {
+            let uri = node.uri(&format!("a@{snapshot}"));
+            let read = format!("read -P {pattern:#x} 0 4M");
+            qemu_io_within(Duration::from_secs(120), &uri, &[&read])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut maps: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new("timeout")
+                .args(["120", "nbdinfo", "--map", &c_snap])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // The views' TLog reads are under way: S3 has not answered one for 3 s.
+    common::poll(
+        "the node's S3 outage warning",
+        Duration::from_secs(20),
+        || {
+            node.log_text()
+                .contains("S3 is not answering")
+                .then_some(())
+        },
+    );
+    // Meanwhile: another volume's clients connect and do I/O, and the view built before the
+    // outage opens again; each within the bound, while S3 is still away.
+    let b = node.uri("b");
+    let (ok, out) = run_any(&mut qemu_io_within(
+        bound,
+        &b,
+        &["write -P 0x71 4M 1M", "flush", "read -P 0x71 4M 1M"],
+    ));
+    assert!(ok, "I/O on volume b waited for S3: {out}");
+    let (ok, out) = run_any(&mut qemu_io_within(bound, &b_snap, &["read -P 0x70 0 4M"]));
+    assert!(ok, "the cached view of b@s0 waited for S3: {out}");
+    for client in waiting.iter_mut().chain(maps.iter_mut()) {
+        assert!(
+            client.try_wait().unwrap().is_none(),
+            "a snapshot client finished with S3 away: {}",
+            node.log_text()
+        );
+    }
+
+    proxy.up();
+    for mut reader in waiting {
+        let status = reader.wait().unwrap();
+        assert!(
+            status.success(),
+            "a snapshot client failed once S3 was back ({status}): {}",
+            node.log_text()
+        );
+    }
+    for map in maps {
+        let out = map.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "nbdinfo --map failed: {text}");
+        // The first 4 MiB hold c@s0's data, the rest of the 16 MiB volume is a hole.
+        let first = text.split_whitespace().take(3).collect::<Vec<_>>();
+        assert_eq!(first, ["0", "4194304", "0"], "c@s0's allocation: {text}");
+    }
+    run_ok(&mut qemu_io_within(bound, &c_snap, &["read -P 0x80 0 4M"]));
+    assert_eq!(node.info("a")["state"], "running");
 }

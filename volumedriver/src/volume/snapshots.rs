@@ -626,15 +626,31 @@ impl SnapshotView {
         &self.snapshot
     }
 
-    /// The map, rebuilt if a scrub or rollback rewrote the TLogs since it was built.
+    /// Whether the map was built since the last scrub or rollback: reads and block status need
+    /// no backend I/O to rebuild it.
+    pub fn map_is_current(&self) -> bool {
+        self.map.lock().0 == self.volume.current_epoch()
+    }
+
+    /// The map, rebuilt if a scrub or rollback rewrote the TLogs since it was built. The rebuild
+    /// reads TLogs from the backend, so it runs without the map's lock: a reader that finds the
+    /// map current is never queued behind it (two that find it stale both rebuild).
     fn current_map(&self) -> Result<Arc<ClusterMap>> {
         let epoch = self.volume.current_epoch();
-        let mut cached = self.map.lock();
-        if cached.0 != epoch {
-            let (map, _) = self.volume.snapshot_map(&self.snapshot)?;
-            *cached = (epoch, Arc::new(map));
+        {
+            let cached = self.map.lock();
+            if cached.0 == epoch {
+                return Ok(cached.1.clone());
+            }
         }
-        Ok(cached.1.clone())
+        let (map, _) = self.volume.snapshot_map(&self.snapshot)?;
+        let map = Arc::new(map);
+        let mut cached = self.map.lock();
+        // Epochs only grow: keep a map built for a later one if a concurrent rebuild stored it.
+        if cached.0 < epoch {
+            *cached = (epoch, map.clone());
+        }
+        Ok(map)
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
