@@ -2,7 +2,8 @@
 //! an S3 outage is a pause for reads of evicted data up to `--s3-retry-timeout`, then an I/O
 //! error, never lost data. (The node's behaviour on S3 is otherwise covered by the `_on_s3`
 //! variants of the crash, snapshot, scrub and DTL failover tests.) Snapshot exports whose views
-//! wait for S3 during an outage hold up no other client of the node.
+//! wait for S3 during an outage, and writes that must first read evicted data from it, hold up
+//! no other client of the node.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -10,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{require_tool, run_any, run_ok, Daemon, TestBackend, VSTOR};
+use common::{require_tool, run_any, run_ok, Daemon, NbdClient, TestBackend, VSTOR};
 use vstor_backend::testing::{Moto, Proxy};
 
 /// Run `vstor serve` on `backend` with `env`; it must fail at once. Returns its stderr.
@@ -372,4 +373,109 @@ fn snapshot_exports_waiting_for_s3_hold_up_no_other_client() {
     }
     run_ok(&mut qemu_io_within(bound, &c_snap, &["read -P 0x80 0 4M"]));
     assert_eq!(node.info("a")["state"], "running");
+}
+
+/// A write that covers part of a cluster whose data is only on S3 reads that cluster first, so
+/// during an S3 outage such writes wait for S3. Only they: with six of them pending (more than
+/// the node's runtime has worker threads on a machine of up to six CPUs), another volume's
+/// clients still connect, write and read back. Once S3 is back, every waiting write completes
+/// and reads back merged with the evicted data around it.
+#[test]
+fn partial_writes_over_evicted_data_waiting_for_s3_hold_up_no_other_client() {
+    require_tool("qemu-io");
+    require_tool("timeout");
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let mut proxy = Proxy::start(moto.port());
+    let backend = TestBackend::s3_through(moto, proxy.port());
+    let node = Daemon::start_on(tmp.path(), &backend, &["--write-buffer-limit", "8M"]);
+    node.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "32M",
+        "--sco-size",
+        "4M",
+        "--write-buffer",
+        "32M",
+    ]);
+    node.cli_ok(&["volume", "create", "other", "--size", "16M"]);
+    let uri = node.uri("vol");
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x61 0 12M",
+        "-c",
+        "write -P 0x62 12M 12M",
+        "-c",
+        "flush",
+    ]));
+    // Oldest first: the first 4 MiB SCO is among those evicted.
+    node.wait_for("vol", "uploads and eviction", |i| {
+        i["not_uploaded_bytes"] == 0 && i["evicted_scos"].as_u64() >= Some(3)
+    });
+
+    proxy.down();
+    // 512 bytes inside each of six evicted 4 KiB clusters of the first SCO, each from its own
+    // NBD connection (our client: qemu aligns such writes to 4 KiB itself, reading first).
+    let offsets: Vec<u64> = (0..6).map(|i| i * 65536 + 512).collect();
+    let writers: Vec<_> = offsets
+        .iter()
+        .map(|&offset| {
+            let addr = node.nbd.clone();
+            std::thread::spawn(move || {
+                let mut client =
+                    NbdClient::connect_timeout(&addr, "vol", Some(Duration::from_secs(120)))?;
+                client.write(offset, &[0x99; 512], false)
+            })
+        })
+        .collect();
+    common::poll(
+        "the node's S3 outage warning",
+        Duration::from_secs(20),
+        || {
+            node.log_text()
+                .contains("S3 is not answering")
+                .then_some(())
+        },
+    );
+    let (ok, out) = run_any(&mut qemu_io_within(
+        Duration::from_secs(20),
+        &node.uri("other"),
+        &["write -P 0x71 0 1M", "flush", "read -P 0x71 0 1M"],
+    ));
+    assert!(ok, "I/O on another volume waited for S3: {out}");
+    assert!(
+        writers.iter().all(|writer| !writer.is_finished()),
+        "a write over evicted data finished with S3 away: {}",
+        node.log_text()
+    );
+
+    proxy.up();
+    for writer in writers {
+        let answer = writer.join().unwrap();
+        assert!(
+            matches!(answer, Ok(0)),
+            "a write failed once S3 was back ({answer:?}): {}",
+            node.log_text()
+        );
+    }
+    for offset in offsets {
+        let cluster = offset - 512;
+        run_ok(&mut qemu_io_within(
+            Duration::from_secs(60),
+            &uri,
+            &[
+                &format!("read -P 0x61 {cluster} 512"),
+                &format!("read -P 0x99 {offset} 512"),
+                &format!("read -P 0x61 {} 3072", offset + 512),
+            ],
+        ));
+    }
+    run_ok(&mut read_pattern(&uri, "4M", "8M", 0x61));
+    run_ok(&mut read_pattern(&uri, "12M", "12M", 0x62));
+    assert_eq!(node.info("vol")["state"], "running");
 }

@@ -571,6 +571,62 @@ fn backend_calls_never_hold_the_state_lock() {
     assert_eq!(read_all(&rig.open())[..expected.len()], expected[..]);
 }
 
+/// `write_may_read_backend` says which writes and trims will read a partly covered cluster from
+/// the backend first (a frontend runs those off its runtime's worker), and asking reads nothing.
+#[test]
+fn writes_that_will_read_the_backend_are_known_beforehand() {
+    let rig = Rig::new();
+    let volume = rig.create(64, 8, 1, 1 << 30);
+    let cold = pattern(16 * CS, 5);
+    volume.write(0, &cold, false).unwrap();
+    volume.close_current_tlog().unwrap();
+    volume.drain_uploads().unwrap();
+    assert!(volume.evict(u64::MAX) > 0);
+    volume
+        .write(32 * CS as u64, &pattern(4 * CS, 6), false)
+        .unwrap();
+    rig.store
+        .delay_reads(std::time::Duration::from_millis(1), |_, _| true);
+    let cs = CS as u64;
+    for (offset, len, expected, why) in [
+        (0, cs, false, "whole evicted cluster: nothing to read"),
+        (0, 4 * cs, false, "whole evicted clusters"),
+        (512, 512, true, "inside an evicted cluster"),
+        (cs - 512, 1024, true, "across two evicted clusters"),
+        (2 * cs, cs + 512, true, "ends inside an evicted cluster"),
+        (
+            15 * cs + 512,
+            cs,
+            true,
+            "starts inside the last evicted cluster",
+        ),
+        (16 * cs + 512, 512, false, "inside a cluster never written"),
+        (32 * cs + 512, 512, false, "inside a local cluster"),
+        (33 * cs - 512, 1024, false, "across two local clusters"),
+        (
+            63 * cs + 512,
+            cs,
+            false,
+            "out of range: the write fails at once",
+        ),
+    ] {
+        assert_eq!(
+            volume.write_may_read_backend(offset, len),
+            expected,
+            "{offset}+{len}: {why}"
+        );
+    }
+    assert_eq!(rig.store.delayed_reads(), 0, "asking reads nothing");
+    // And a write it named does read the backend, then merges.
+    volume.write(512, &[0xEE; 512], false).unwrap();
+    assert!(rig.store.delayed_reads() >= 1);
+    let mut buf = vec![0u8; CS];
+    volume.read(0, &mut buf).unwrap();
+    assert_eq!(buf[..512], cold[..512]);
+    assert_eq!(buf[512..1024], [0xEE; 512]);
+    assert_eq!(buf[1024..], cold[1024..CS]);
+}
+
 #[test]
 fn try_read_serves_local_data_and_refuses_backend_reads_without_touching_the_backend() {
     let rig = Rig::new();

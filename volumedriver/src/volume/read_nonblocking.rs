@@ -14,9 +14,11 @@
 //! plan is then made again there: planning is cheap next to a backend round trip, and a fresh
 //! plan sees whatever changed in between (the data may even be local again after a rewrite).
 //!
-//! Not covered: a sub-cluster write (or trim) whose partial cluster lives only on the backend
-//! still reads that cluster on the frontend's thread (without the volume lock, retrying if the
-//! map moved meanwhile: `read::fetch_cluster`).
+//! Writes: a sub-cluster write (or trim) whose partial cluster lives only on the backend reads
+//! that cluster first (without the volume lock, retrying if the map moved meanwhile:
+//! `read::fetch_cluster`). [`Volume::write_may_read_backend`] says so beforehand, so that a
+//! frontend on an async runtime can run such a write off its worker (`src/export.rs`); a
+//! vhost-user queue thread still waits for it (its requests complete in order anyway).
 
 use std::sync::atomic::Ordering;
 
@@ -58,5 +60,35 @@ impl Volume {
             .read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(ReadAttempt::Done)
+    }
+
+    /// Whether a write, trim or write-zeroes of `[offset, offset+len)` would first read a
+    /// cluster it covers only in part from the backend (the read-modify-write of data that was
+    /// evicted or is inherited from a parent), so that a frontend can issue it where waiting for
+    /// the backend holds up nothing else. The answer may be stale by the time the write runs;
+    /// then the write waits where it is. A request the write will refuse (out of range) says
+    /// false: it fails at once.
+    pub fn write_may_read_backend(&self, offset: u64, len: u64) -> bool {
+        let cs = self.cluster_size;
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        let partial: Vec<u64> = [
+            (!offset.is_multiple_of(cs)).then_some(offset / cs),
+            (!end.is_multiple_of(cs)).then_some(end / cs),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if partial.is_empty() {
+            return false;
+        }
+        let st = self.state.lock();
+        if self.check_range(&st, offset, len, true).is_err() {
+            return false;
+        }
+        partial
+            .iter()
+            .any(|&cluster| needs_backend(&self.plan_read(&st, cluster * cs, cs as usize)))
     }
 }
