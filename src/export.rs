@@ -179,6 +179,10 @@ impl BlockTarget for VolumeExport {
         vstor_volumedriver::Volume::write_waits_for_device(len)
     }
 
+    fn write_reads_backend(&self, offset: u64, len: u64) -> bool {
+        self.0.write_may_read_backend(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
         self.may_read_backend(offset, len, || self.discard_now(offset, len))
     }

@@ -166,6 +166,16 @@ pub trait BlockTarget: Send + Sync + 'static {
         false
     }
 
+    /// True when a write, discard or write-zeroes of `[offset, offset+len)` will wait for a
+    /// remote backend before it completes: it covers part of a block whose data the target must
+    /// first fetch (a volume's read-modify-write of a cluster that is only on the backend). A
+    /// frontend thread that serves many requests runs such a request off that thread, as it
+    /// does reads that say `WouldBlock`. The default: never.
+    fn write_reads_backend(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// True when a FUA `write` / `write_zeroes` returns at once and its durability is in
     /// `WriteAck::pending`, so frontends call it inline instead of off the reactor.
     fn fua_inline(&self) -> bool {

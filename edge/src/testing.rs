@@ -8,7 +8,8 @@
 //! device (`write_waits`, like a volume's large `O_DIRECT` writes) and a gate that holds those,
 //! a throttle returned in every `WriteAck`, I/O-error injection, and slow ranges whose reads
 //! behave like reads from a remote backend (`try_read` says `WouldBlock`, `read` takes a set
-//! delay).
+//! delay; a write that covers part of a 4 KiB block there says `write_reads_backend` and waits
+//! at the device-write gate, like a volume's read-modify-write of an evicted cluster).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -375,7 +376,7 @@ impl BlockTarget for MemTarget {
             fua,
         });
         self.check(offset, data.len() as u64, true)?;
-        if self.write_waits(data.len()) {
+        if self.write_waits(data.len()) || self.write_reads_backend(offset, data.len() as u64) {
             self.device_gate.pass();
         }
         Self::store(&mut lock(&self.device), offset, data);
@@ -384,6 +385,15 @@ impl BlockTarget for MemTarget {
 
     fn write_waits(&self, len: usize) -> bool {
         lock(&self.device_writes_from).is_some_and(|from| len >= from)
+    }
+
+    fn write_reads_backend(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        let partial = |at: u64| {
+            let block = at - at % ALLOC_BLOCK;
+            !at.is_multiple_of(ALLOC_BLOCK) && self.slow_delay(block, ALLOC_BLOCK).is_some()
+        };
+        partial(offset) || partial(end)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {

@@ -14,7 +14,10 @@
 //! (FLUSH, and writes while the guest has the cache in writethrough mode) or for the disk (a
 //! write the target says waits for a device, `BlockTarget::write_waits`: a volume's large
 //! `O_DIRECT` writes) go to the tokio blocking pool, so several large writes of one queue reach
-//! the disk at once instead of one after the other. Both carry
+//! the disk at once instead of one after the other; so do writes, discards and write-zeroes the
+//! target says must first fetch data from the backend (`BlockTarget::write_reads_backend`: a
+//! volume's sub-cluster write over evicted data), which would hold up the queue like a read
+//! of that data. Both carry
 //! everything needed to complete them: a [`VringRwLock`] clone, the head index, the status address
 //! and a snapshot of the guest memory map. Their completion writes the status, adds the chain to
 //! the used ring and signals the guest if `needs_notification()` says so.

@@ -464,14 +464,21 @@ impl Outcome {
 /// Whether `kind` must leave the queue thread: it waits for durability (fsync) when `fua` is set
 /// (writethrough mode) or always for FLUSH, or it is a write that waits for a device
 /// ([`BlockTarget::write_waits`]: large writes that go to the disk with `O_DIRECT`), which then
-/// runs on the blocking pool so that several reach the disk at once, as over NBD.
+/// runs on the blocking pool so that several reach the disk at once, as over NBD, or a write,
+/// discard or write-zeroes that must first fetch data from a remote backend
+/// ([`BlockTarget::write_reads_backend`]), which would hold up the queue for a network round
+/// trip (for as long as the backend's retries last, when it is down).
 pub(crate) fn is_blocking(kind: &RequestKind, fua: bool, target: &dyn BlockTarget) -> bool {
     match kind {
         RequestKind::Flush => true,
-        RequestKind::Write { len, .. } => {
+        RequestKind::Write { offset, len, .. } => {
             fua || usize::try_from(*len).is_ok_and(|len| target.write_waits(len))
+                || target.write_reads_backend(*offset, *len)
         }
-        RequestKind::WriteZeroes { .. } => fua,
+        RequestKind::WriteZeroes { offset, len, .. } => {
+            fua || target.write_reads_backend(*offset, *len)
+        }
+        RequestKind::Discard { offset, len } => target.write_reads_backend(*offset, *len),
         _ => false,
     }
 }

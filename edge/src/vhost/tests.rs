@@ -410,6 +410,56 @@ fn stop_vring_waits_for_a_flush_in_flight() {
     assert_eq!(target.flushes(), 1);
 }
 
+/// A write that must first fetch its block from a remote backend (`write_reads_backend`: a
+/// sub-cluster write over evicted data) runs off the queue thread, which meanwhile serves the
+/// read behind it; the write completes once its fetch does, merged with the data around it.
+#[test]
+fn a_write_that_must_fetch_from_the_backend_leaves_the_queue_thread() {
+    let mut h = Harness::new(MemTarget::new(DEV_SIZE));
+    let target = Arc::clone(&h.target);
+    let old = pattern(1, 8192);
+    target.preload(0, &old);
+    target.preload(128 << 10, &pattern(2, 4096));
+    target.add_slow_range(0..(64 << 10), Duration::from_millis(1));
+    let mut hold = target.hold_device_writes();
+    // 512 bytes at sector 1, inside the first (slow) block; then a read of a fast block.
+    let hdr = h.header(VIRTIO_BLK_T_OUT, 1);
+    let data = h.buf(&pattern(9, 512));
+    let write_status = h.status_byte();
+    let write_head = h.submit(&[r(hdr, 16), r(data, 512), w(write_status, 1)]);
+    let hdr = h.header(VIRTIO_BLK_T_IN, 256);
+    let buf = h.alloc(4096);
+    let read_status = h.status_byte();
+    let read_head = h.submit(&[r(hdr, 16), w(buf, 4096), w(read_status, 1)]);
+
+    let backend = Arc::clone(&h.backend);
+    let vring = h.queues[0].vring.clone();
+    let (done, passed) = mpsc::channel();
+    let queue_thread = std::thread::spawn(move || {
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        let _ = done.send(());
+    });
+    h.rt.as_ref().unwrap().block_on(hold.started());
+    // The write waits at the gate; the queue's pass is over all the same (bounded wait: on the
+    // queue thread, the write would hold it until released).
+    let pass_over = passed.recv_timeout(Duration::from_secs(10)).is_ok();
+    let used = h.used();
+    hold.release();
+    queue_thread.join().unwrap();
+    assert!(pass_over, "the queue thread waited for the backend");
+    assert_eq!(used, [(u32::from(read_head), 4097)]);
+    assert_eq!(h.status_at(read_status), OK);
+    assert_eq!(h.read_guest(buf, 4096), pattern(2, 4096));
+    h.backend.stop_vring(0).unwrap();
+    assert_eq!(h.used(), [(u32::from(write_head), 1)]);
+    assert_eq!(h.status_at(write_status), OK);
+    let mut expected = old;
+    expected[512..1024].copy_from_slice(&pattern(9, 512));
+    assert_eq!(target.contents(0, 8192), expected);
+}
+
 #[test]
 fn deferred_request_dropped_by_a_dead_runtime_completes_with_ioerr() {
     let mut h = Harness::new(MemTarget::new(DEV_SIZE));

@@ -17,8 +17,8 @@
 //! Writes: a sub-cluster write (or trim) whose partial cluster lives only on the backend reads
 //! that cluster first (without the volume lock, retrying if the map moved meanwhile:
 //! `read::fetch_cluster`). [`Volume::write_may_read_backend`] says so beforehand, so that a
-//! frontend on an async runtime can run such a write off its worker (`src/export.rs`); a
-//! vhost-user queue thread still waits for it (its requests complete in order anyway).
+//! frontend can run such a write where waiting holds up nothing else: NBD and edge connections
+//! in `block_in_place` (`src/export.rs`), a vhost-user queue on the blocking pool.
 
 use std::sync::atomic::Ordering;
 
