@@ -96,18 +96,11 @@ fn read_pattern(uri: &str, offset: &str, len: &str, pattern: u8) -> Command {
     cmd
 }
 
-/// A volume whose first SCOs are evicted to S3, so reading them goes to the server: reads
-/// during an outage shorter than the retry timeout wait for it and return the data; past a
-/// short timeout they fail with an I/O error, and read the same data once the server is back
-/// (the volume is not halted, nothing is lost).
-#[test]
-fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
-    require_tool("qemu-io");
-    let tmp = tempfile::tempdir().unwrap();
-    let moto = Moto::start();
-    let mut proxy = Proxy::start(moto.port());
-    let backend = TestBackend::s3_through(moto, proxy.port());
-    let mut node = Daemon::start_on(tmp.path(), &backend, &["--write-buffer-limit", "8M"]);
+/// A node on `backend` with volume `vol` (32 MiB in 4 MiB SCOs): 0x61 in its first 12 MiB,
+/// 0x62 in the next 12, and its oldest SCOs (the first among them) evicted, so that reading them,
+/// or writing part of one of their clusters, goes to S3.
+fn node_with_evicted_volume(root: &std::path::Path, backend: &TestBackend) -> Daemon {
+    let node = Daemon::start_on(root, backend, &["--write-buffer-limit", "8M"]);
     node.cli_ok(&[
         "volume",
         "create",
@@ -119,11 +112,10 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
         "--write-buffer",
         "32M",
     ]);
-    let uri = node.uri("vol");
     run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
-        &uri,
+        &node.uri("vol"),
         "-c",
         "write -P 0x61 0 12M",
         "-c",
@@ -135,6 +127,22 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
     node.wait_for("vol", "uploads and eviction", |i| {
         i["not_uploaded_bytes"] == 0 && i["evicted_scos"].as_u64() >= Some(3)
     });
+    node
+}
+
+/// A volume whose first SCOs are evicted to S3, so reading them goes to the server: reads
+/// during an outage shorter than the retry timeout wait for it and return the data; past a
+/// short timeout they fail with an I/O error, and read the same data once the server is back
+/// (the volume is not halted, nothing is lost).
+#[test]
+fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let mut proxy = Proxy::start(moto.port());
+    let backend = TestBackend::s3_through(moto, proxy.port());
+    let mut node = node_with_evicted_volume(tmp.path(), &backend);
+    let uri = node.uri("vol");
     let backend_reads = |node: &Daemon| node.info("vol")["backend_reads"].as_u64().unwrap();
 
     // An outage of 5 s, inside the default 30 s: the read waits and returns the data.
@@ -208,6 +216,20 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
 
 fn uri_of(node: &Daemon) -> String {
     node.uri("vol")
+}
+
+/// Wait for the node to say that S3 has not answered a request for 3 s: the requests the test
+/// started are waiting for S3.
+fn wait_outage_warning(node: &Daemon) {
+    common::poll(
+        "the node's S3 outage warning",
+        Duration::from_secs(20),
+        || {
+            node.log_text()
+                .contains("S3 is not answering")
+                .then_some(())
+        },
+    );
 }
 
 /// qemu-io on `uri` running `commands`, given at most `bound` (coreutils `timeout`): a client
@@ -326,15 +348,7 @@ fn snapshot_exports_waiting_for_s3_hold_up_no_other_client() {
         })
         .collect();
     // The views' TLog reads are under way: S3 has not answered one for 3 s.
-    common::poll(
-        "the node's S3 outage warning",
-        Duration::from_secs(20),
-        || {
-            node.log_text()
-                .contains("S3 is not answering")
-                .then_some(())
-        },
-    );
+    wait_outage_warning(&node);
     // Meanwhile: another volume's clients connect and do I/O, and the view built before the
     // outage opens again; each within the bound, while S3 is still away.
     let b = node.uri("b");
@@ -388,35 +402,9 @@ fn partial_writes_over_evicted_data_waiting_for_s3_hold_up_no_other_client() {
     let moto = Moto::start();
     let mut proxy = Proxy::start(moto.port());
     let backend = TestBackend::s3_through(moto, proxy.port());
-    let node = Daemon::start_on(tmp.path(), &backend, &["--write-buffer-limit", "8M"]);
-    node.cli_ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "32M",
-        "--sco-size",
-        "4M",
-        "--write-buffer",
-        "32M",
-    ]);
+    let node = node_with_evicted_volume(tmp.path(), &backend);
     node.cli_ok(&["volume", "create", "other", "--size", "16M"]);
     let uri = node.uri("vol");
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &uri,
-        "-c",
-        "write -P 0x61 0 12M",
-        "-c",
-        "write -P 0x62 12M 12M",
-        "-c",
-        "flush",
-    ]));
-    // Oldest first: the first 4 MiB SCO is among those evicted.
-    node.wait_for("vol", "uploads and eviction", |i| {
-        i["not_uploaded_bytes"] == 0 && i["evicted_scos"].as_u64() >= Some(3)
-    });
 
     proxy.down();
     // 512 bytes inside each of six evicted 4 KiB clusters of the first SCO, each from its own
@@ -433,15 +421,7 @@ fn partial_writes_over_evicted_data_waiting_for_s3_hold_up_no_other_client() {
             })
         })
         .collect();
-    common::poll(
-        "the node's S3 outage warning",
-        Duration::from_secs(20),
-        || {
-            node.log_text()
-                .contains("S3 is not answering")
-                .then_some(())
-        },
-    );
+    wait_outage_warning(&node);
     let (ok, out) = run_any(&mut qemu_io_within(
         Duration::from_secs(20),
         &node.uri("other"),
