@@ -18,7 +18,9 @@
 //! snapshot, does not queue behind it) and runs in `block_in_place` ([`off_worker`]): the
 //! runtime hands this worker's other tasks (every NBD connection it was serving) to another
 //! thread meanwhile, instead of stalling them; with a build per worker, the whole node's NBD
-//! service would otherwise stop until the backend answered.
+//! service would otherwise stop until the backend answered. (A write that must first read its
+//! cluster from the backend is the frontends' to place: `VolumeExport` says which ones,
+//! `BlockTarget::write_reads_backend`, and they run them on the blocking pool.)
 //!
 //! Allow lists: [`Exports::allows`] checks the NBD client against the volume's persisted allow
 //! list (`vstor_volumedriver::access` has the rule); a snapshot export `VOL@SNAP` follows the
@@ -67,19 +69,36 @@ fn ack(outcome: WriteOutcome) -> WriteAck {
     }
 }
 
-impl VolumeExport {
-    /// Run a write-side request of `[offset, offset+len)`: off the runtime's worker when it
-    /// will first read a cluster it covers in part from the backend (`off_worker`), inline
-    /// otherwise.
-    fn may_read_backend<T>(&self, offset: u64, len: u64, request: impl FnOnce() -> T) -> T {
-        if self.0.write_may_read_backend(offset, len) {
-            off_worker(request)
-        } else {
-            request()
-        }
+impl BlockTarget for VolumeExport {
+    fn size(&self) -> u64 {
+        self.0.size()
     }
 
-    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+        let started = Instant::now();
+        let result = self.0.read(offset, buf).map_err(target_error);
+        self.0.record_latency(IoOp::Read, started.elapsed());
+        result
+    }
+
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
+        let started = Instant::now();
+        let result = self
+            .0
+            .try_read(offset, buf)
+            .map(attempt)
+            .map_err(target_error);
+        if !matches!(result, Ok(ReadAttempt::WouldBlock)) {
+            self.0.record_latency(IoOp::Read, started.elapsed());
+        }
+        result
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
         let started = Instant::now();
         if fua {
             let result = self
@@ -111,7 +130,15 @@ impl VolumeExport {
         Ok(write_ack)
     }
 
-    fn discard_now(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
+    fn write_waits(&self, len: usize) -> bool {
+        vstor_volumedriver::Volume::write_waits_for_device(len)
+    }
+
+    fn write_reads_backend(&self, offset: u64, len: u64) -> bool {
+        self.0.write_may_read_backend(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
         let started = Instant::now();
         let result = self
             .0
@@ -122,7 +149,7 @@ impl VolumeExport {
         result
     }
 
-    fn write_zeroes_now(
+    fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
@@ -138,66 +165,7 @@ impl VolumeExport {
         self.0.record_latency(IoOp::Write, started.elapsed());
         result
     }
-}
 
-impl BlockTarget for VolumeExport {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.0.read_only()
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
-        let started = Instant::now();
-        let result = self.0.read(offset, buf).map_err(target_error);
-        self.0.record_latency(IoOp::Read, started.elapsed());
-        result
-    }
-
-    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadAttempt, TargetError> {
-        let started = Instant::now();
-        let result = self
-            .0
-            .try_read(offset, buf)
-            .map(attempt)
-            .map_err(target_error);
-        if !matches!(result, Ok(ReadAttempt::WouldBlock)) {
-            self.0.record_latency(IoOp::Read, started.elapsed());
-        }
-        result
-    }
-
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
-        self.may_read_backend(offset, data.len() as u64, || {
-            self.write_now(offset, data, fua)
-        })
-    }
-
-    fn write_waits(&self, len: usize) -> bool {
-        vstor_volumedriver::Volume::write_waits_for_device(len)
-    }
-
-    fn write_reads_backend(&self, offset: u64, len: u64) -> bool {
-        self.0.write_may_read_backend(offset, len)
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
-        self.may_read_backend(offset, len, || self.discard_now(offset, len))
-    }
-
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        allocate: bool,
-        fua: bool,
-    ) -> Result<WriteAck, TargetError> {
-        self.may_read_backend(offset, len, || {
-            self.write_zeroes_now(offset, len, allocate, fua)
-        })
-    }
     fn flush(&self) -> Result<(), TargetError> {
         let started = Instant::now();
         let result = self.0.flush().map_err(target_error);

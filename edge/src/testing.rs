@@ -8,8 +8,9 @@
 //! device (`write_waits`, like a volume's large `O_DIRECT` writes) and a gate that holds those,
 //! a throttle returned in every `WriteAck`, I/O-error injection, and slow ranges whose reads
 //! behave like reads from a remote backend (`try_read` says `WouldBlock`, `read` takes a set
-//! delay; a write that covers part of a 4 KiB block there says `write_reads_backend` and waits
-//! at the device-write gate, like a volume's read-modify-write of an evicted cluster).
+//! delay; a write, discard or write-zeroes that covers part of a 4 KiB block there says
+//! `write_reads_backend` and waits at the device-write gate, like a volume's read-modify-write
+//! of an evicted cluster).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -399,6 +400,9 @@ impl BlockTarget for MemTarget {
     fn discard(&self, offset: u64, len: u64) -> Result<WriteAck, TargetError> {
         self.record(Op::Discard { offset, len });
         self.check(offset, len, true)?;
+        if self.write_reads_backend(offset, len) {
+            self.device_gate.pass();
+        }
         Self::zero(&mut lock(&self.device), offset, len, false);
         Ok(WriteAck::default())
     }
@@ -417,6 +421,9 @@ impl BlockTarget for MemTarget {
             fua,
         });
         self.check(offset, len, true)?;
+        if self.write_reads_backend(offset, len) {
+            self.device_gate.pass();
+        }
         Self::zero(&mut lock(&self.device), offset, len, allocate);
         Ok(self.ack())
     }

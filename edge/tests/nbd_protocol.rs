@@ -757,6 +757,52 @@ async fn writes_that_wait_for_the_disk_run_several_at_once_and_reads_overtake_th
     );
 }
 
+/// Writes, trims and write-zeroes that must first fetch their block from the backend
+/// (`write_reads_backend`: a volume's sub-cluster write over evicted data) leave the
+/// connection's task: all three reach the fetch while it is held, a read elsewhere is answered
+/// meanwhile, and once released they land merged with the block's data around them. (Own
+/// server runtime, as above.)
+#[tokio::test(flavor = "current_thread")]
+async fn writes_that_must_fetch_from_the_backend_leave_the_connection_free() {
+    let server_rt = ServerRuntime::new();
+    let (srv, target) = server_rt
+        .handle()
+        .spawn(TestServer::with_export("vol", 4 * MIB))
+        .await
+        .unwrap();
+    target.preload(0, &[5; 4096]);
+    target.preload(3 * MIB, &[4; 4096]);
+    target.add_slow_range(0..65536, Duration::from_millis(1));
+    let mut c = srv.client("vol", false, false).await;
+
+    let mut hold = target.hold_device_writes();
+    c.send_write(0, 1, 512, &[7; 512]).await;
+    within("the partial write to reach the fetch", hold.started()).await;
+    within("the trim to be sent", c.send(0, CMD_TRIM, 2, 1536, 512)).await;
+    within("the partial trim to reach it", hold.started()).await;
+    within(
+        "the write-zeroes to be sent",
+        c.send(0, CMD_WRITE_ZEROES, 3, 2560, 512),
+    )
+    .await;
+    within("the partial write-zeroes to reach it", hold.started()).await;
+    c.send(0, CMD_READ, 4, 3 * MIB, 4096).await;
+    let r = c.reply().await;
+    assert_eq!(r.cookie(), 4, "the read overtakes the held requests");
+    assert_eq!(r.data(), &[4; 4096][..]);
+
+    hold.release();
+    let mut done =
+        [c.reply().await, c.reply().await, c.reply().await].map(|r| (r.cookie(), r.error()));
+    done.sort_unstable();
+    assert_eq!(done, [(1, 0), (2, 0), (3, 0)]);
+    let mut expected = [5u8; 4096];
+    expected[512..1024].fill(7);
+    expected[1536..2048].fill(0);
+    expected[2560..3072].fill(0);
+    assert_eq!(target.contents(0, 4096), expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_are_answered_only_once_their_pending_ack_completes() {
     let (srv, target) = TestServer::with_export("vol", MIB).await;

@@ -269,6 +269,70 @@ async fn data_written_reads_back() {
     assert_eq!(write(&t, 0, &[0; 512]).await, Err(TargetError::Shutdown));
 }
 
+/// A write or write-zeroes that must first fetch its block from the backend
+/// (`write_reads_backend`: a volume's sub-cluster write over evicted data) runs off the
+/// connection's task: while they wait, the same connection still answers a write and a read
+/// elsewhere; released, they land merged with the block's data around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_must_fetch_from_the_backend_do_not_hold_up_the_connection() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let old = pattern(3, BLOCK);
+    target.preload(0, &old);
+    target.add_slow_range(0..(64 << 10), Duration::from_millis(1));
+    let server_rt = ServerRuntime::new();
+    let served = target.clone();
+    let node = server_rt
+        .handle()
+        .spawn(async move { Node::start(&served, 5).await })
+        .await
+        .unwrap();
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let mut hold = target.hold_device_writes();
+    let partial = {
+        let t = t.clone();
+        tokio::spawn(async move { write(&t, 512, &pattern(9, 512)).await })
+    };
+    within(
+        "the partial write to reach the backend fetch",
+        hold.started(),
+    )
+    .await;
+    let zeroes = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            let mut ack = t.write_zeroes(2560, 512, false, false)?;
+            match ack.pending.take() {
+                Some(p) => p.await,
+                None => Ok(()),
+            }
+        })
+    };
+    within("the partial write-zeroes to reach it", hold.started()).await;
+    within("a write elsewhere", write(&t, 8 * MIB, &pattern(8, BLOCK)))
+        .await
+        .unwrap();
+    let got = within("a read elsewhere", read(&t, 8 * MIB, BLOCK))
+        .await
+        .unwrap();
+    assert_eq!(checksum(&got), checksum(&pattern(8, BLOCK)));
+    assert!(!partial.is_finished() && !zeroes.is_finished());
+    hold.release();
+    within("the partial write", partial).await.unwrap().unwrap();
+    within("the partial write-zeroes", zeroes)
+        .await
+        .unwrap()
+        .unwrap();
+    let got = within("reading the block back", read(&t, 0, BLOCK))
+        .await
+        .unwrap();
+    let mut expected = old;
+    expected[512..1024].copy_from_slice(&pattern(9, 512));
+    expected[2560..3072].fill(0);
+    assert_eq!(checksum(&got), checksum(&expected));
+    t.close().await;
+}
+
 /// A write the target says waits for the disk (a volume's large `O_DIRECT` copy) runs off the
 /// connection's task: while one is held in the device, a second one reaches the device too, and
 /// the same connection still answers a small write and a read. Released, both land. The node

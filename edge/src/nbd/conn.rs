@@ -13,8 +13,10 @@
 //!   answered when it completes, like a flush: other requests on the connection keep being served
 //!   and answered meanwhile, so replies go out of order, matched by cookie. It takes one of the
 //!   `max_inflight` slots while it runs.
-//! * `FLUSH`, anything carrying FUA, and writes the target says wait for a device
-//!   (`BlockTarget::write_waits`: large writes that go to the disk with `O_DIRECT`) go to
+//! * `FLUSH`, anything carrying FUA, writes the target says wait for a device
+//!   (`BlockTarget::write_waits`: large writes that go to the disk with `O_DIRECT`), and writes,
+//!   trims and write-zeroes it says must first fetch data from the backend
+//!   (`BlockTarget::write_reads_backend`: a sub-cluster write over evicted data) go to
 //!   `spawn_blocking`, so several are in flight at once; their
 //!   completions come back over a channel to this same task, which stays the only writer of the
 //!   socket. Reads keep flowing while a flush is in progress, and replies go out in completion
@@ -655,7 +657,12 @@ impl Session {
             ));
         }
         self.check_range(req, NBD_ENOSPC)?;
-        if (fua && !self.target.fua_inline()) || self.target.write_waits(req.payload.len()) {
+        if (fua && !self.target.fua_inline())
+            || self.target.write_waits(req.payload.len())
+            || self
+                .target
+                .write_reads_backend(req.offset, req.payload.len() as u64)
+        {
             let (offset, data) = (req.offset, req.payload.clone());
             self.spawn(req, move |t| t.write(offset, &data, fua));
             return Ok(());
@@ -672,9 +679,13 @@ impl Session {
         self.writable()?;
         self.check_range(req, NBD_EINVAL)?;
         let (offset, len) = (req.offset, u64::from(req.length));
-        if fua && !self.target.fua_inline() {
+        if (fua && !self.target.fua_inline()) || self.target.write_reads_backend(offset, len) {
             self.spawn(req, move |t| {
-                t.discard(offset, len)?.wait_blocking()?;
+                let mut ack = t.discard(offset, len)?;
+                if !fua {
+                    return Ok(ack);
+                }
+                ack.wait_blocking()?;
                 t.flush()?;
                 Ok(WriteAck::default())
             });
@@ -723,8 +734,8 @@ impl Session {
             });
         }
         let (offset, len) = (req.offset, u64::from(req.length));
-        if fua && !self.target.fua_inline() {
-            self.spawn(req, move |t| t.write_zeroes(offset, len, allocate, true));
+        if (fua && !self.target.fua_inline()) || self.target.write_reads_backend(offset, len) {
+            self.spawn(req, move |t| t.write_zeroes(offset, len, allocate, fua));
             return Ok(());
         }
         let ack = self

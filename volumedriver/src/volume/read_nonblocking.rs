@@ -18,7 +18,7 @@
 //! that cluster first (without the volume lock, retrying if the map moved meanwhile:
 //! `read::fetch_cluster`). [`Volume::write_may_read_backend`] says so beforehand, so that a
 //! frontend can run such a write where waiting holds up nothing else: NBD and edge connections
-//! in `block_in_place` (`src/export.rs`), a vhost-user queue on the blocking pool.
+//! and vhost-user queues hand it to the blocking pool (`BlockTarget::write_reads_backend`).
 
 use std::sync::atomic::Ordering;
 

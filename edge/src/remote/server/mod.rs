@@ -535,10 +535,14 @@ impl Session {
                 offset, fua, data, ..
             } => {
                 self.check(offset, data.len() as u64, true)?;
-                // A write that waits for the disk (a volume's large `O_DIRECT` copy) would stop
-                // this task, and the runtime thread under it, for the device's time: it runs on
-                // the blocking pool, and what touches its range waits (`device_writes`).
-                if self.target().write_waits(data.len()) {
+                // A write that waits for the disk (a volume's large `O_DIRECT` copy) or must
+                // first fetch data from the backend (a sub-cluster write over evicted data)
+                // would stop this task, and the runtime thread under it, for the device's or the
+                // backend's time: it runs on the blocking pool, and what touches its range waits
+                // (`device_writes`).
+                if self.target().write_waits(data.len())
+                    || self.target().write_reads_backend(offset, data.len() as u64)
+                {
                     self.device_writes.begin(id, offset, data.len() as u64);
                     self.spawn_blocking(id, move |t| t.write(offset, &data, fua));
                     return Ok(());
@@ -566,6 +570,11 @@ impl Session {
             }
             Message::Trim { offset, len, .. } => {
                 self.check(offset, len, true)?;
+                if self.target().write_reads_backend(offset, len) {
+                    self.device_writes.begin(id, offset, len);
+                    self.spawn_blocking(id, move |t| t.discard(offset, len));
+                    return Ok(());
+                }
                 let ack = self.target().discard(offset, len)?;
                 self.acknowledge(id, ack);
                 Ok(())
@@ -578,6 +587,11 @@ impl Session {
                 ..
             } => {
                 self.check(offset, len, true)?;
+                if self.target().write_reads_backend(offset, len) {
+                    self.device_writes.begin(id, offset, len);
+                    self.spawn_blocking(id, move |t| t.write_zeroes(offset, len, allocate, fua));
+                    return Ok(());
+                }
                 if fua && !self.target().fua_inline() {
                     self.spawn_blocking(id, move |t| t.write_zeroes(offset, len, allocate, true));
                     return Ok(());
