@@ -713,6 +713,19 @@ async fn reads_are_answered_while_a_flush_is_in_progress() {
     assert_eq!(target.flushes(), 1);
 }
 
+/// A server with a 4 MiB export "vol" on a runtime of its own: a connection that blocked its
+/// runtime thread would also stop that runtime's timers, and the test's must still fire. Keep
+/// the runtime alive.
+async fn server_on_its_own_runtime() -> (ServerRuntime, TestServer, Arc<MemTarget>) {
+    let server_rt = ServerRuntime::new();
+    let (srv, target) = server_rt
+        .handle()
+        .spawn(TestServer::with_export("vol", 4 * MIB))
+        .await
+        .unwrap();
+    (server_rt, srv, target)
+}
+
 /// A write the target says waits for the disk (`write_waits`: a volume's large `O_DIRECT`
 /// copy) leaves the connection's task: a second one reaches the device while the first is held
 /// there, and a read is answered meanwhile.
@@ -722,12 +735,7 @@ async fn reads_are_answered_while_a_flush_is_in_progress() {
 /// timeouts must still fire on this one.
 #[tokio::test(flavor = "current_thread")]
 async fn writes_that_wait_for_the_disk_run_several_at_once_and_reads_overtake_them() {
-    let server_rt = ServerRuntime::new();
-    let (srv, target) = server_rt
-        .handle()
-        .spawn(TestServer::with_export("vol", 4 * MIB))
-        .await
-        .unwrap();
+    let (_server_rt, srv, target) = server_on_its_own_runtime().await;
     target.set_device_writes_from(Some(128 << 10));
     target.preload(3 * MIB, &[4; 4096]);
     let mut c = srv.client("vol", false, false).await;
@@ -764,12 +772,7 @@ async fn writes_that_wait_for_the_disk_run_several_at_once_and_reads_overtake_th
 /// server runtime, as above.)
 #[tokio::test(flavor = "current_thread")]
 async fn writes_that_must_fetch_from_the_backend_leave_the_connection_free() {
-    let server_rt = ServerRuntime::new();
-    let (srv, target) = server_rt
-        .handle()
-        .spawn(TestServer::with_export("vol", 4 * MIB))
-        .await
-        .unwrap();
+    let (_server_rt, srv, target) = server_on_its_own_runtime().await;
     target.preload(0, &[5; 4096]);
     target.preload(3 * MIB, &[4; 4096]);
     target.add_slow_range(0..65536, Duration::from_millis(1));

@@ -143,6 +143,23 @@ async fn connect(resolver: &Arc<StaticResolver>, bound: Duration) -> Arc<RemoteT
         .expect("connect")
 }
 
+/// A node serving `target` (tag 5) on a runtime of its own, so that a node that blocked cannot
+/// stop the test's timeouts, and a target connected to it. Keep the runtime and node alive.
+async fn node_on_its_own_runtime(
+    target: &Arc<MemTarget>,
+) -> (ServerRuntime, Node, Arc<RemoteTarget>) {
+    let server_rt = ServerRuntime::new();
+    let served = target.clone();
+    let node = server_rt
+        .handle()
+        .spawn(async move { Node::start(&served, 5).await })
+        .await
+        .unwrap();
+    let resolver = StaticResolver::new(node.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    (server_rt, node, t)
+}
+
 /// A frontend pass plugs the target: what it submits leaves together at `unplug`, in order
 /// (the reads see the writes before them). A blocking call on a plugged thread sends what is
 /// held first instead of waiting forever for an answer to a request never sent.
@@ -279,15 +296,7 @@ async fn writes_that_must_fetch_from_the_backend_do_not_hold_up_the_connection()
     let old = pattern(3, BLOCK);
     target.preload(0, &old);
     target.add_slow_range(0..(64 << 10), Duration::from_millis(1));
-    let server_rt = ServerRuntime::new();
-    let served = target.clone();
-    let node = server_rt
-        .handle()
-        .spawn(async move { Node::start(&served, 5).await })
-        .await
-        .unwrap();
-    let resolver = StaticResolver::new(node.endpoint("a"));
-    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let (_server_rt, _node, t) = node_on_its_own_runtime(&target).await;
     let mut hold = target.hold_device_writes();
     let partial = {
         let t = t.clone();
@@ -343,15 +352,7 @@ async fn writes_that_wait_for_the_disk_do_not_hold_up_the_connection() {
     const LARGE: usize = 1 << 20;
     let target = Arc::new(MemTarget::new(SIZE));
     target.set_device_writes_from(Some(128 << 10));
-    let server_rt = ServerRuntime::new();
-    let served = target.clone();
-    let node = server_rt
-        .handle()
-        .spawn(async move { Node::start(&served, 5).await })
-        .await
-        .unwrap();
-    let resolver = StaticResolver::new(node.endpoint("a"));
-    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let (_server_rt, _node, t) = node_on_its_own_runtime(&target).await;
     let mut hold = target.hold_device_writes();
     let large = |i: u64| {
         let t = t.clone();
