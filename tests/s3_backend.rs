@@ -138,9 +138,7 @@ fn node_with_evicted_volume(root: &std::path::Path, backend: &TestBackend) -> Da
 fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
     require_tool("qemu-io");
     let tmp = tempfile::tempdir().unwrap();
-    let moto = Moto::start();
-    let mut proxy = Proxy::start(moto.port());
-    let backend = TestBackend::s3_through(moto, proxy.port());
+    let (mut proxy, backend) = s3_behind_a_proxy();
     let mut node = node_with_evicted_volume(tmp.path(), &backend);
     let uri = node.uri("vol");
     let backend_reads = |node: &Daemon| node.info("vol")["backend_reads"].as_u64().unwrap();
@@ -218,6 +216,29 @@ fn uri_of(node: &Daemon) -> String {
     node.uri("vol")
 }
 
+/// moto behind a proxy the test can take down, and a backend on it.
+fn s3_behind_a_proxy() -> (Proxy, TestBackend) {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port());
+    let backend = TestBackend::s3_through(moto, proxy.port());
+    (proxy, backend)
+}
+
+/// A new qemu-io client of `volume` writes, flushes and reads back 1 MiB at `at` within 20 s:
+/// the node serves it while other clients wait for S3.
+fn io_carries_on(node: &Daemon, volume: &str, at: &str) {
+    let (ok, out) = run_any(&mut qemu_io_within(
+        Duration::from_secs(20),
+        &node.uri(volume),
+        &[
+            &format!("write -P 0x71 {at} 1M"),
+            "flush",
+            &format!("read -P 0x71 {at} 1M"),
+        ],
+    ));
+    assert!(ok, "I/O on volume {volume} waited for S3: {out}");
+}
+
 /// Wait for the node to say that S3 has not answered a request for 3 s: the requests the test
 /// started are waiting for S3.
 fn wait_outage_warning(node: &Daemon) {
@@ -271,9 +292,7 @@ fn snapshot_exports_waiting_for_s3_hold_up_no_other_client() {
     require_tool("timeout");
     require_tool("nbdinfo");
     let tmp = tempfile::tempdir().unwrap();
-    let moto = Moto::start();
-    let mut proxy = Proxy::start(moto.port());
-    let backend = TestBackend::s3_through(moto, proxy.port());
+    let (mut proxy, backend) = s3_behind_a_proxy();
     let node = Daemon::start_on(tmp.path(), &backend, &[]);
     // a: two snapshots, 4 MiB each of 0x61 and 0x62; b: one of 0x70; c: one of 0x80, then the
     // same range written twice more (garbage for the scrub below) and a second snapshot.
@@ -351,13 +370,7 @@ fn snapshot_exports_waiting_for_s3_hold_up_no_other_client() {
     wait_outage_warning(&node);
     // Meanwhile: another volume's clients connect and do I/O, and the view built before the
     // outage opens again; each within the bound, while S3 is still away.
-    let b = node.uri("b");
-    let (ok, out) = run_any(&mut qemu_io_within(
-        bound,
-        &b,
-        &["write -P 0x71 4M 1M", "flush", "read -P 0x71 4M 1M"],
-    ));
-    assert!(ok, "I/O on volume b waited for S3: {out}");
+    io_carries_on(&node, "b", "4M");
     let (ok, out) = run_any(&mut qemu_io_within(bound, &b_snap, &["read -P 0x70 0 4M"]));
     assert!(ok, "the cached view of b@s0 waited for S3: {out}");
     for client in waiting.iter_mut().chain(maps.iter_mut()) {
@@ -399,9 +412,7 @@ fn partial_writes_over_evicted_data_waiting_for_s3_hold_up_no_other_client() {
     require_tool("qemu-io");
     require_tool("timeout");
     let tmp = tempfile::tempdir().unwrap();
-    let moto = Moto::start();
-    let mut proxy = Proxy::start(moto.port());
-    let backend = TestBackend::s3_through(moto, proxy.port());
+    let (mut proxy, backend) = s3_behind_a_proxy();
     let node = node_with_evicted_volume(tmp.path(), &backend);
     node.cli_ok(&["volume", "create", "other", "--size", "16M"]);
     let uri = node.uri("vol");
@@ -422,12 +433,7 @@ fn partial_writes_over_evicted_data_waiting_for_s3_hold_up_no_other_client() {
         })
         .collect();
     wait_outage_warning(&node);
-    let (ok, out) = run_any(&mut qemu_io_within(
-        Duration::from_secs(20),
-        &node.uri("other"),
-        &["write -P 0x71 0 1M", "flush", "read -P 0x71 0 1M"],
-    ));
-    assert!(ok, "I/O on another volume waited for S3: {out}");
+    io_carries_on(&node, "other", "0");
     assert!(
         writers.iter().all(|writer| !writer.is_finished()),
         "a write over evicted data finished with S3 away: {}",

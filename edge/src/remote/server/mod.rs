@@ -543,8 +543,8 @@ impl Session {
                 if self.target().write_waits(data.len())
                     || self.target().write_reads_backend(offset, data.len() as u64)
                 {
-                    self.device_writes.begin(id, offset, data.len() as u64);
-                    self.spawn_blocking(id, move |t| t.write(offset, &data, fua));
+                    let len = data.len() as u64;
+                    self.spawn_ordered(id, offset, len, move |t| t.write(offset, &data, fua));
                     return Ok(());
                 }
                 if fua && !self.target().fua_inline() {
@@ -571,8 +571,7 @@ impl Session {
             Message::Trim { offset, len, .. } => {
                 self.check(offset, len, true)?;
                 if self.target().write_reads_backend(offset, len) {
-                    self.device_writes.begin(id, offset, len);
-                    self.spawn_blocking(id, move |t| t.discard(offset, len));
+                    self.spawn_ordered(id, offset, len, move |t| t.discard(offset, len));
                     return Ok(());
                 }
                 let ack = self.target().discard(offset, len)?;
@@ -588,8 +587,9 @@ impl Session {
             } => {
                 self.check(offset, len, true)?;
                 if self.target().write_reads_backend(offset, len) {
-                    self.device_writes.begin(id, offset, len);
-                    self.spawn_blocking(id, move |t| t.write_zeroes(offset, len, allocate, fua));
+                    self.spawn_ordered(id, offset, len, move |t| {
+                        t.write_zeroes(offset, len, allocate, fua)
+                    });
                     return Ok(());
                 }
                 if fua && !self.target().fua_inline() {
@@ -696,6 +696,17 @@ impl Session {
 
     /// Flush and FUA operations wait for fsync, large writes for the disk: run them on the
     /// blocking pool.
+    /// Run `op`, a request on `[offset, offset+len)` that waits for the disk or the backend, on
+    /// the blocking pool; requests touching its range (and flushes) wait for it
+    /// (`device_writes`), so they still take effect in arrival order.
+    fn spawn_ordered<F>(&mut self, id: u64, offset: u64, len: u64, op: F)
+    where
+        F: FnOnce(&dyn BlockTarget) -> Result<WriteAck, TargetError> + Send + 'static,
+    {
+        self.device_writes.begin(id, offset, len);
+        self.spawn_blocking(id, op);
+    }
+
     fn spawn_blocking<F>(&mut self, id: u64, op: F)
     where
         F: FnOnce(&dyn BlockTarget) -> Result<WriteAck, TargetError> + Send + 'static,
