@@ -349,6 +349,9 @@ pub struct VolumeView {
     pub discards: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_reads: Option<u64>,
+    /// Backend reads the node's read cache answered instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_hits: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evicted_scos: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -502,6 +505,7 @@ impl From<vstor_volumedriver::VolumeInfo> for VolumeView {
             flushes: Some(info.flushes),
             discards: Some(info.discards),
             backend_reads: Some(info.backend_reads),
+            cache_hits: Some(info.cache_hits),
             evicted_scos: Some(info.evicted_scos),
             uploaded_scos: Some(info.uploaded_scos),
             uploaded_bytes: Some(info.uploaded_bytes),

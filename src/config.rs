@@ -47,6 +47,9 @@ pub struct FileConfig {
     /// DTL server (`host:port`) new volumes mirror their writes to; empty means none.
     pub dtl: String,
     pub write_buffer_limit: String,
+    /// RAM the node keeps of backend data its volumes read (`--read-cache`), e.g. "256M"; "0"
+    /// turns it off; "auto": 256M on S3 and the erasure-coded tier, off on a directory.
+    pub read_cache: String,
     pub shutdown_upload_timeout_secs: u64,
     /// How long one S3 request is retried through an outage before the operation fails
     /// (`--s3-retry-timeout`), e.g. "30s".
@@ -638,6 +641,7 @@ impl Default for FileConfig {
             vhost_dir: None,
             dtl: String::new(),
             write_buffer_limit: "8G".into(),
+            read_cache: "auto".into(),
             shutdown_upload_timeout_secs: 120,
             s3_retry_timeout: "30s".into(),
             default_volume: DefaultVolume::default(),
@@ -814,6 +818,8 @@ pub struct ServeConfig {
     /// API token and TLS (`[api]`, `--api-token-file`, `--api-tls-*`).
     pub api_security: ApiSecurity,
     pub write_buffer_limit: u64,
+    /// Bytes of the node's read cache (`read_cache`, "auto" resolved); 0: none.
+    pub read_cache: u64,
     pub shutdown_upload_timeout_secs: u64,
     /// How long one S3 request is retried (`s3_retry_timeout`).
     pub s3_retry_timeout: std::time::Duration,
@@ -869,6 +875,7 @@ pub struct Overrides {
     pub vhost_dir: Option<PathBuf>,
     pub dtl: Option<String>,
     pub write_buffer_limit: Option<String>,
+    pub read_cache: Option<String>,
     pub s3_retry_timeout: Option<String>,
     pub upload_concurrency: Option<usize>,
     pub no_default_volume: bool,
@@ -926,6 +933,9 @@ fn not_allowed(setting: &str, value: impl std::fmt::Debug, allowed: &str) -> Str
     format!("setting {setting} = {value:?} is not allowed: must be {allowed}")
 }
 
+/// What `read_cache = "auto"` means on S3 and the erasure-coded tier: 65,536 blocks of 4 KiB.
+const DEFAULT_READ_CACHE: u64 = 256 << 20;
+
 fn size_setting(what: &str, value: &str) -> Result<u64> {
     parse_size(value).with_context(|| format!("setting {what}"))
 }
@@ -974,6 +984,9 @@ impl FileConfig {
         }
         if let Some(limit) = overrides.write_buffer_limit {
             self.write_buffer_limit = limit;
+        }
+        if let Some(size) = overrides.read_cache {
+            self.read_cache = size;
         }
         if let Some(timeout) = overrides.s3_retry_timeout {
             self.s3_retry_timeout = timeout;
@@ -1212,6 +1225,12 @@ impl FileConfig {
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("backend")),
         )?;
+        let read_cache = match self.read_cache.trim() {
+            // A directory's reads are the kernel's page cache already.
+            "auto" if matches!(backend, BackendSpec::Dir(_)) => 0,
+            "auto" => DEFAULT_READ_CACHE,
+            size => size_setting("read_cache (--read-cache)", size)?,
+        };
         if matches!(backend, BackendSpec::Ec { .. }) && identity.cluster.is_none() {
             bail!(
                 "setting backend (--backend) = {backend}: the erasure-coded tier needs the \
@@ -1248,6 +1267,7 @@ impl FileConfig {
             vhost_queues: self.vhost.num_queues,
             vhost_queue_size: self.vhost.queue_size,
             write_buffer_limit,
+            read_cache,
             shutdown_upload_timeout_secs: self.shutdown_upload_timeout_secs,
             s3_retry_timeout,
             default_volume,
@@ -1502,6 +1522,27 @@ mod tests {
         assert!(format!("{err:#}").contains("scrub.rate"), "{err:#}");
     }
 
+    /// `read_cache = "auto"` is off on a directory and 256M on S3; a size or the flag wins.
+    #[test]
+    fn the_read_cache_is_sized_by_backend_unless_given() {
+        let resolve = |toml: &str, flag: Option<&str>| {
+            let file: FileConfig = toml::from_str(toml).unwrap();
+            let overrides = Overrides {
+                read_cache: flag.map(str::to_string),
+                ..Overrides::default()
+            };
+            file.resolve(overrides).unwrap().read_cache
+        };
+        assert_eq!(resolve("", None), 0);
+        assert_eq!(resolve("backend = \"s3://bucket/p\"", None), 256 << 20);
+        assert_eq!(
+            resolve("backend = \"s3://bucket/p\"\nread_cache = \"0\"", None),
+            0
+        );
+        assert_eq!(resolve("read_cache = \"64M\"", None), 64 << 20);
+        assert_eq!(resolve("read_cache = \"64M\"", Some("1G")), 1 << 30);
+    }
+
     /// Every bad value stops the node with one line naming the setting and its allowed range.
     #[test]
     fn every_bad_value_is_named_with_its_allowed_range() {
@@ -1515,6 +1556,7 @@ mod tests {
             ("[volume_defaults]\ndtl_mode = \"fast\"", "volume_defaults.dtl_mode = \"fast\""),
             ("write_buffer_limit = \"1M\"", "write_buffer_limit (--write-buffer-limit) = \"1M\" is not allowed: must be at least 4M"),
             ("write_buffer_limit = \"lots\"", "setting write_buffer_limit"),
+            ("read_cache = \"lots\"", "setting read_cache (--read-cache)"),
             ("s3_retry_timeout = \"soon\"", "setting s3_retry_timeout (--s3-retry-timeout) = \"soon\" is not allowed: must be a duration from 1s to 1h"),
             ("s3_retry_timeout = \"0s\"", "s3_retry_timeout (--s3-retry-timeout) = \"0s\""),
             ("s3_retry_timeout = \"2h\"", "s3_retry_timeout (--s3-retry-timeout) = \"2h\""),

@@ -195,6 +195,11 @@ struct ServeArgs {
     /// `write_buffer_limit`) [default: 8G].
     #[arg(long)]
     write_buffer_limit: Option<String>,
+    /// RAM kept of backend data the volumes read, so rereads (and every clone's reads of one
+    /// template) skip the backend; 0 turns it off (config: `read_cache`) [default: auto, 256M
+    /// on S3 and the erasure-coded tier, off on a directory backend].
+    #[arg(long, value_name = "SIZE")]
+    read_cache: Option<String>,
     /// How long one request to an S3 backend is retried through an outage (connection refused,
     /// timeouts, 5xx) before the operation fails: a guest reading evicted data waits this long
     /// instead of getting an I/O error, 1s to 1h (config: `s3_retry_timeout`) [default: 30s].
@@ -1084,6 +1089,7 @@ fn run(cli: Cli) -> Result<()> {
                 vhost_dir: args.vhost_dir,
                 dtl: args.dtl,
                 write_buffer_limit: args.write_buffer_limit,
+                read_cache: args.read_cache,
                 s3_retry_timeout: args.s3_retry_timeout,
                 upload_concurrency: args.upload_concurrency,
                 mds: args.mds,

@@ -50,8 +50,8 @@ struct Scrape {
     backend: Vec<(&'static str, LatencySnapshot, u64)>,
     /// The EC tier's OSDs (`None`: not on the EC tier; an error reading the map: empty).
     osds: Option<Vec<OsdView>>,
-    /// The background passes (the tier's repair, the DTL leftover sweep): (name, help, kind,
-    /// value).
+    /// Node-level figures (the tier's repair, the DTL leftover sweep, the read cache): (name,
+    /// help, kind, value).
     repair: Vec<(&'static str, &'static str, MetricType, u64)>,
     cpu_seconds: f64,
     rss_bytes: u64,
@@ -130,10 +130,44 @@ fn scrape(state: &ApiState) -> Scrape {
         repair: tier_repair_metrics(state)
             .into_iter()
             .chain(dtl_sweep_metrics(state))
+            .chain(read_cache_metrics(state))
             .collect(),
         cpu_seconds: cpu_seconds(),
         rss_bytes: rss_bytes(),
     }
+}
+
+/// The node's read cache (none when it is off).
+fn read_cache_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+    let Some(c) = state.manager.read_cache_stats() else {
+        return Vec::new();
+    };
+    vec![
+        (
+            "vstor_read_cache_capacity_bytes",
+            "Bytes of backend data the read cache may keep",
+            MetricType::Gauge,
+            c.capacity_bytes,
+        ),
+        (
+            "vstor_read_cache_bytes",
+            "Bytes of backend data the read cache keeps",
+            MetricType::Gauge,
+            c.bytes,
+        ),
+        (
+            "vstor_read_cache_hits",
+            "Backend reads the read cache answered",
+            MetricType::Counter,
+            c.hits,
+        ),
+        (
+            "vstor_read_cache_misses",
+            "Backend reads the read cache could not answer",
+            MetricType::Counter,
+            c.misses,
+        ),
+    ]
 }
 
 /// The EC tier's background repair (none off the tier).
@@ -356,7 +390,7 @@ impl Collector for Scrape {
                 vols.iter().map(|v| (vol(&v.info), gauge(value(&v.info)))),
             )?;
         }
-        let counters: [PerVolume; 6] = [
+        let counters: [PerVolume; 7] = [
             (
                 "vstor_volume_throttled_writes",
                 "Writes held back by the throttle",
@@ -381,6 +415,11 @@ impl Collector for Scrape {
                 "vstor_volume_backend_reads",
                 "Reads served from the backend (write-buffer misses)",
                 |i| i.backend_reads,
+            ),
+            (
+                "vstor_volume_read_cache_hits",
+                "Backend reads the node's read cache answered instead",
+                |i| i.cache_hits,
             ),
             (
                 "vstor_volume_evicted_scos",

@@ -199,6 +199,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         upload_concurrency: config.upload_concurrency,
         max_open_age: config.max_open_age,
         dtl_tls: config.peer_tls.clone(),
+        read_cache_bytes: config.read_cache,
         ..ManagerConfig::under(&config.data_dir, config.write_buffer_limit)
     };
     let manager = tokio::task::spawn_blocking(move || VolumeManager::open(manager_config, backend))

@@ -3,7 +3,7 @@
 //! error, never lost data. (The node's behaviour on S3 is otherwise covered by the `_on_s3`
 //! variants of the crash, snapshot, scrub and DTL failover tests.) Snapshot exports whose views
 //! wait for S3 during an outage, and writes that must first read evicted data from it, hold up
-//! no other client of the node.
+//! no other client of the node. Rereads of evicted data come from the node's read cache.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -210,6 +210,92 @@ fn reads_of_evicted_data_ride_out_an_s3_outage_up_to_the_retry_timeout() {
     run_ok(&mut read_pattern(&uri_of(&node), "0", "12M", 0x61));
     run_ok(&mut read_pattern(&uri_of(&node), "12M", "12M", 0x62));
     assert_eq!(node.info("vol")["state"], "running");
+}
+
+/// The node's read cache on S3 (on by default there, 256 MiB): evicted data read once is read
+/// again without a request to S3, so it reads back even while S3 is away; metrics and volume
+/// info count the hits. With `--read-cache 0` every reread goes to S3 again.
+#[test]
+fn rereads_of_evicted_data_come_from_the_read_cache_even_during_an_s3_outage() {
+    require_tool("qemu-io");
+    require_tool("timeout");
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut proxy, backend) = s3_behind_a_proxy();
+    let mut node = node_with_evicted_volume(tmp.path(), &backend);
+    let uri = node.uri("vol");
+    let counts = |node: &Daemon| {
+        let info = node.info("vol");
+        let count = |key: &str| info[key].as_u64().unwrap();
+        (count("backend_reads"), count("cache_hits"))
+    };
+    let reread = [
+        "read -P 0x61 0 4M",
+        "read -P 0x61 512 3584",
+        "read -P 0x61 1M 8k",
+    ];
+
+    let (before, _) = counts(&node);
+    run_ok(&mut read_pattern(&uri, "0", "4M", 0x61));
+    let (fetched, hits) = counts(&node);
+    assert!(fetched > before, "the first read went to S3");
+
+    // S3 is away: the same data, also in other shapes, reads back from the cache at once.
+    proxy.down();
+    let (ok, out) = run_any(&mut qemu_io_within(Duration::from_secs(20), &uri, &reread));
+    proxy.up();
+    assert!(ok, "a reread waited for S3: {out}");
+    let (after, more_hits) = counts(&node);
+    assert_eq!(after, fetched, "a reread went to S3");
+    assert!(more_hits > hits, "no cache hits counted: {more_hits}");
+    let scrape = metrics(&node);
+    assert_eq!(
+        metric(&scrape, "vstor_read_cache_capacity_bytes", None),
+        Some(256.0 * 1024.0 * 1024.0)
+    );
+    assert!(metric(&scrape, "vstor_read_cache_bytes", None) >= Some(4.0 * 1024.0 * 1024.0));
+    assert!(metric(&scrape, "vstor_read_cache_hits_total", None) >= Some(more_hits as f64));
+    assert_eq!(
+        metric(&scrape, "vstor_volume_read_cache_hits_total", Some("vol")),
+        Some(more_hits as f64)
+    );
+
+    // Without the cache every reread is a request to S3 again.
+    node.terminate();
+    node.extra_args(&["--read-cache", "0"]);
+    node.launch();
+    let uri = node.uri("vol");
+    for _ in 0..2 {
+        let (before, _) = counts(&node);
+        run_ok(&mut read_pattern(&uri, "0", "4M", 0x61));
+        assert!(counts(&node).0 > before, "a reread did not go to S3");
+    }
+    assert_eq!(counts(&node).1, 0);
+    let scrape = metrics(&node);
+    assert_eq!(
+        metric(&scrape, "vstor_read_cache_capacity_bytes", None),
+        None
+    );
+}
+
+/// The node's metrics, parsed.
+fn metrics(node: &Daemon) -> prometheus_parse::Scrape {
+    let text = common::metrics_text(&node.api);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text format")
+}
+
+/// The value of `name` (of volume `volume`, if given) in `scrape`, if it is there.
+fn metric(scrape: &prometheus_parse::Scrape, name: &str, volume: Option<&str>) -> Option<f64> {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && volume.is_none_or(|v| s.labels.get("volume") == Some(v)))?;
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => Some(v),
+        _ => None,
+    }
 }
 
 fn uri_of(node: &Daemon) -> String {

@@ -237,9 +237,15 @@ impl Tier {
         std::fs::create_dir_all(&dir).unwrap();
         let url = self.url();
         // Open SCOs are sealed and uploaded within a second of going idle, so tests need not
-        // wait a minute for the last one.
+        // wait a minute for the last one. No read cache: these tests read back from the tier
+        // (degraded reads, repairs, halts), which a cache would answer from memory; a test of
+        // the cache passes `--read-cache`.
         let config = dir.join("vstor.toml");
-        std::fs::write(&config, "[upload]\nmax_open_age = \"1s\"\n").unwrap();
+        std::fs::write(
+            &config,
+            "read_cache = \"0\"\n[upload]\nmax_open_age = \"1s\"\n",
+        )
+        .unwrap();
         let config = config.display().to_string();
         let mut args = vec![
             "--config",

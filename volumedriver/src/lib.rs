@@ -18,6 +18,7 @@ pub mod latency;
 pub mod manager;
 pub mod map;
 pub mod meta;
+pub mod read_cache;
 pub mod scheduler;
 pub mod sco;
 pub mod tlog;
@@ -29,6 +30,7 @@ pub use access::VolumeAccess;
 pub use config::{DtlMode, VolumeConfig, VolumeOptions};
 pub use error::{Result, VolumeError};
 pub use manager::{ManagerConfig, MdsHook, MdsHookRef, PendingSeed, Unserved, VolumeManager};
+pub use read_cache::{ReadCache, ReadCacheStats};
 pub use types::{ClusterLocation, ScoName, ScoNumber, TLogNumber};
 pub use volume::{
     MapSeed, ReadAttempt, ReplaySummary, ScrubProgress, ScrubReport, SeedPage, SnapshotInfo,

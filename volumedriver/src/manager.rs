@@ -27,6 +27,7 @@ use crate::config::{
 };
 use crate::error::{Result, VolumeError};
 use crate::meta;
+use crate::read_cache::{ReadCache, ReadCacheStats};
 use crate::scheduler::{SchedulerConfig, UploadScheduler};
 use crate::types::{ClusterLocation, ScoName};
 use crate::volume::{MapSeed, ReplaySummary, Volume, VolumeInfo};
@@ -96,6 +97,9 @@ pub struct ManagerConfig {
     pub mds: Option<MdsHookRef>,
     /// The node's mutual-TLS identity for its volumes' DTL links; `None`: plain TCP.
     pub dtl_tls: Option<vstor_net::PeerTls>,
+    /// Bytes of backend SCO data the node keeps in RAM for its volumes' reads (`read_cache`);
+    /// 0: none.
+    pub read_cache_bytes: u64,
 }
 
 impl ManagerConfig {
@@ -110,6 +114,7 @@ impl ManagerConfig {
             max_open_age: Some(DEFAULT_MAX_OPEN_AGE),
             mds: None,
             dtl_tls: None,
+            read_cache_bytes: 0,
         }
     }
 }
@@ -131,6 +136,8 @@ pub struct VolumeManager {
     moved: RwLock<BTreeMap<String, String>>,
     uploads: UploadScheduler,
     registry_lock: Mutex<()>,
+    /// Shared by every volume served here (see `read_cache`).
+    read_cache: Option<Arc<ReadCache>>,
 }
 
 fn now_secs() -> u64 {
@@ -159,9 +166,11 @@ impl VolumeManager {
             concurrency: config.upload_concurrency,
             max_open_age: config.max_open_age,
         };
+        let read_cache = ReadCache::new(config.read_cache_bytes).map(Arc::new);
         let manager = Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
             let me = me.clone();
             Self {
+                read_cache,
                 config,
                 fs: wbfs,
                 backend,
@@ -320,6 +329,18 @@ impl VolumeManager {
         self.volumes.read().values().map(|v| v.info()).collect()
     }
 
+    /// The read cache's size and counters; `None` when the node has none.
+    pub fn read_cache_stats(&self) -> Option<ReadCacheStats> {
+        self.read_cache.as_ref().map(|c| c.stats())
+    }
+
+    /// Drop what the read cache keeps of `namespace` (a volume no longer served here).
+    pub(crate) fn forget_cached(&self, namespace: &str) {
+        if let Some(cache) = &self.read_cache {
+            cache.forget_namespace(namespace);
+        }
+    }
+
     /// Volumes that failed to restart, with the reason.
     pub fn failed(&self) -> BTreeMap<String, String> {
         self.failed.read().clone()
@@ -467,7 +488,9 @@ impl VolumeManager {
         self.stop_uploader(name);
         self.mds_stopped(name, true);
         volume.forget_dtl();
-        let parent = volume.config().parent;
+        let config = volume.config();
+        self.forget_cached(&config.namespace);
+        let parent = config.parent;
         volume.destroy()?;
         self.update_registry(|names| names.retain(|n| n != name))?;
         if let Some(parent) = parent {
@@ -595,6 +618,9 @@ impl VolumeManager {
         self.volumes
             .write()
             .insert(name.to_string(), volume.clone());
+        if let Some(cache) = &self.read_cache {
+            volume.attach_read_cache(cache.clone());
+        }
         volume.set_runtime(self.config.runtime.clone());
         volume.set_dtl_tls(self.config.dtl_tls.clone());
         volume.attach_dtl();

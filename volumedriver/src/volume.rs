@@ -177,6 +177,8 @@ pub struct Volume {
     cipher: Option<vstor_backend::crypt::UnitCipher>,
     /// Writes reserved under the state lock whose data is still being copied (see `inflight`).
     inflight: inflight::InFlight,
+    /// The node's read cache, once the manager serves the volume (see `read_cache`).
+    read_cache: std::sync::OnceLock<Arc<crate::read_cache::ReadCache>>,
 }
 
 impl Volume {
@@ -321,6 +323,7 @@ impl Volume {
             upload_work: crate::scheduler::UploadSignal::default(),
             upload_rate: AtomicU64::new(0),
             inflight: inflight::InFlight::default(),
+            read_cache: std::sync::OnceLock::new(),
             stats: Stats::default(),
             fenced: parking_lot::RwLock::new(None),
             releasing: AtomicBool::new(false),

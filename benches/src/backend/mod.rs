@@ -13,6 +13,10 @@
 //!    goes to the backend (a ranged read verifying the 64 KiB chunks it touches). 4 KiB reads at
 //!    pseudo-random aligned offsets for `--runtime` seconds at queue depth 1 (one thread) and
 //!    32 (32 threads): IOPS and latency percentiles.
+//! 3. **Rereads from the read cache.** The same volume then reads through a node read cache
+//!    as large as the volume (`read_cache` in the node's configuration), filled by one
+//!    sequential pass of 1 MiB reads, and the same random reads run again: what a node serves
+//!    of data read before (a guest's hot blocks, the template clusters of every clone).
 //!
 //! `--backend` names the store: absent, a local store in the work directory (the embedded
 //! default, on the same filesystem as the write buffer); a directory path or `file://PATH`, a
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use vstor_backend::{ChunkCrcs, LocalStore, ObjectStore, S3Location, S3Options, S3Store};
 use vstor_volumedriver::config::DEFAULT_SCO_SIZE;
-use vstor_volumedriver::{ManagerConfig, Volume, VolumeManager, VolumeOptions};
+use vstor_volumedriver::{ManagerConfig, ReadCache, Volume, VolumeManager, VolumeOptions};
 
 use crate::common::histogram::Histogram;
 use crate::common::process::{check_interrupted, InterruptGuard};
@@ -250,18 +254,36 @@ fn read_phase(
         info.local_sco_bytes
     ));
     let mut rows = Vec::new();
-    for depth in [1usize, 32] {
-        check_interrupted()?;
-        progress(format_args!(
-            "4k random reads at qd{depth} for {} s",
-            options.runtime_secs
-        ));
-        rows.push(random_reads(
-            &volume,
-            depth,
-            Duration::from_secs(options.runtime_secs),
-            seed ^ depth as u64,
-        )?);
+    for cached in [false, true] {
+        if cached {
+            let cache = ReadCache::new(size).context("the volume is smaller than one block")?;
+            volume.attach_read_cache(Arc::new(cache));
+            progress(format_args!(
+                "filling the read cache: {} MiB in 1 MiB reads",
+                size / MIB
+            ));
+            for offset in (0..size).step_by(MIB as usize) {
+                check_interrupted()?;
+                let n = (size - offset).min(MIB) as usize;
+                volume.read(offset, &mut chunk[..n])?;
+            }
+        }
+        for depth in [1usize, 32] {
+            check_interrupted()?;
+            progress(format_args!(
+                "4k random reads at qd{depth}{} for {} s",
+                if cached { " from the read cache" } else { "" },
+                options.runtime_secs
+            ));
+            let mut row = random_reads(
+                &volume,
+                depth,
+                Duration::from_secs(options.runtime_secs),
+                seed ^ depth as u64,
+            )?;
+            row.cached = cached;
+            rows.push(row);
+        }
     }
     Ok(rows)
 }
@@ -343,6 +365,7 @@ fn random_reads(
         p50_us: us(50.0),
         p99_us: us(99.0),
         backend_reads,
+        cached: false,
     })
 }
 

@@ -36,6 +36,8 @@ pub(crate) struct ReadRow {
     /// Ranged backend reads the volume made meanwhile (one per read that missed the write
     /// buffer, so about `reads` when everything was evicted).
     pub backend_reads: u64,
+    /// Read through a read cache holding the whole volume (0 backend reads expected).
+    pub cached: bool,
 }
 
 pub(crate) fn to_table(report: &Report) -> String {
@@ -70,7 +72,11 @@ pub(crate) fn to_table(report: &Report) -> String {
     ]];
     for row in &report.reads {
         lines.push(vec![
-            format!("qd{}", row.iodepth),
+            if row.cached {
+                format!("qd{}, read cache", row.iodepth)
+            } else {
+                format!("qd{}", row.iodepth)
+            },
             format!("{:.0}", row.iops),
             latencies(row.p50_us, row.p99_us),
             format!("{} of {}", row.backend_reads, row.reads),

@@ -116,11 +116,16 @@ fn measure(options: &EcOptions) -> Result<Report> {
 }
 
 /// `[upload] max_open_age = "1s"`: the last open SCO is sealed and uploaded a second after the
-/// write stops, so the drain time is the backend's, not the idle timer's.
+/// write stops, so the drain time is the backend's, not the idle timer's. `read_cache = "0"`:
+/// the reads phase measures the tier, which rereads served from the node's memory would hide
+/// (`vstor-bench backend` measures the cache).
 fn node_config(dir: &Path) -> Result<String> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("vstor.toml");
-    std::fs::write(&path, "[upload]\nmax_open_age = \"1s\"\n")?;
+    std::fs::write(
+        &path,
+        "read_cache = \"0\"\n[upload]\nmax_open_age = \"1s\"\n",
+    )?;
     Ok(path.display().to_string())
 }
 

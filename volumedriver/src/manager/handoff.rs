@@ -125,6 +125,7 @@ impl VolumeManager {
         volume.detach_dtl();
         self.stop_uploader(name);
         self.mds_stopped(name, false);
+        self.forget_cached(&volume.config().namespace);
         remove_dir(name, volume.dir())?;
         self.update_registry(|names| names.retain(|n| n != name))
     }

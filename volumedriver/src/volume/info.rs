@@ -51,6 +51,8 @@ pub struct VolumeInfo {
     /// data into the write buffer without the volume lock (`inflight`).
     pub copy_waits: u64,
     pub backend_reads: u64,
+    /// Backend reads the node's read cache answered instead (`read_cache`).
+    pub cache_hits: u64,
     pub evicted_scos: u64,
     pub uploaded_scos: u64,
     pub uploaded_bytes: u64,
@@ -178,6 +180,7 @@ impl Volume {
             discards: load(&self.stats.discards),
             copy_waits: self.inflight.waits(),
             backend_reads: load(&self.stats.backend_reads),
+            cache_hits: load(&self.stats.cache_hits),
             evicted_scos: load(&self.stats.evicted_scos),
             uploaded_scos: load(&self.stats.uploaded_scos),
             uploaded_bytes: load(&self.stats.uploaded_bytes),

@@ -27,9 +27,10 @@
 //! is fetched as the whole clusters it touches (a piece never spans two SCOs).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Result, VolumeError};
+use crate::read_cache::{Lookup, ReadCache};
 use crate::types::ScoName;
 
 use super::read::{Segment, Source};
@@ -224,6 +225,9 @@ impl Volume {
     /// give back (an EC object with fewer than k fragments reachable) halts the volume rather
     /// than let the guest carry on around a hole; never called with the state lock held
     /// (`read_cluster_locked` does not read the backend).
+    ///
+    /// With the node's read cache (`read_cache.rs`), bytes kept there answer without a get; a
+    /// miss fetches the range widened to whole cache blocks and keeps them.
     pub(super) fn get_stored(
         &self,
         namespace: &str,
@@ -231,6 +235,32 @@ impl Volume {
         offset: u64,
         out: &mut [u8],
     ) -> Result<()> {
+        let Some(cache) = self.read_cache.get() else {
+            return self.get_range(namespace, sco, offset, out);
+        };
+        let generation = match cache.read(namespace, sco, offset, out) {
+            Lookup::Hit => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Lookup::Miss(generation) => generation,
+        };
+        let (lo, hi) = ReadCache::widen(offset, out.len() as u64);
+        if (lo, hi) == (offset, offset + out.len() as u64) {
+            self.get_range(namespace, sco, offset, out)?;
+            cache.insert(generation, namespace, sco, offset, out);
+        } else {
+            let mut whole = vec![0u8; (hi - lo) as usize];
+            self.get_range(namespace, sco, lo, &mut whole)?;
+            let within = (offset - lo) as usize;
+            out.copy_from_slice(&whole[within..within + out.len()]);
+            cache.insert(generation, namespace, sco, lo, &whole);
+        }
+        Ok(())
+    }
+
+    /// One ranged get from the backend (see [`get_stored`](Self::get_stored)).
+    fn get_range(&self, namespace: &str, sco: &ScoName, offset: u64, out: &mut [u8]) -> Result<()> {
         self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
         match self
             .backend
@@ -240,6 +270,15 @@ impl Volume {
             Err(e) if e.is_unreadable() => self.halt_with(VolumeError::backend(&self.name)(e)),
             Err(e) => Err(VolumeError::backend(&self.name)(e)),
         }
+    }
+
+    /// Read through the node's read cache from now on, forgetting first whatever it kept of
+    /// this volume's namespace (a previous owner may have written its SCOs differently: see
+    /// `read_cache`). Once per instance; the manager calls it when it starts serving the volume.
+    pub fn attach_read_cache(&self, cache: Arc<ReadCache>) {
+        let namespace = self.state.lock().config.namespace.clone();
+        cache.forget_namespace(&namespace);
+        let _ = self.read_cache.set(cache);
     }
 }
 

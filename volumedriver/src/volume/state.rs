@@ -100,6 +100,7 @@ pub(super) struct Stats {
     pub(super) flushes: AtomicU64,
     pub(super) discards: AtomicU64,
     pub(super) backend_reads: AtomicU64,
+    pub(super) cache_hits: AtomicU64,
     pub(super) throttled_writes: AtomicU64,
     pub(super) throttle_micros: AtomicU64,
     pub(super) evicted_scos: AtomicU64,

@@ -1,0 +1,385 @@
+//! The node's read cache: bytes of backend SCO objects that reads fetched, kept in RAM so the
+//! next read of them is not another backend request (DESIGN's read path: map, write buffer,
+//! read cache, then a ranged backend read).
+//!
+//! Why: on S3 or the erasure-coded tier every read of evicted data, or a clone's read of its
+//! template's data, is a network request of milliseconds. Guests reread their hot data (boot
+//! files, database pages), and every clone of one template on a node reads the same template
+//! clusters; without a cache each of those reads paid the round trip again. On a local backend
+//! directory the kernel's page cache does this job already, so the node leaves the cache off
+//! there (`read_cache` in the node's configuration; see the README).
+//!
+//! What is kept: stored bytes (ciphertext on an encrypted volume: nothing decrypted is kept),
+//! in blocks of [`BLOCK`] bytes aligned in the object, keyed by namespace, SCO name and block.
+//! A read that misses fetches whole blocks (widened to block alignment: an SCO object is a
+//! 4 KiB header plus 4 KiB clusters, so its length is a multiple of [`BLOCK`] and a widened
+//! range never passes its end), and every block a get returned is kept, including the bytes a
+//! coalesced get fetched between the pieces it served (`read_backend.rs`): a free read-ahead.
+//! A read is served from the cache only when every block it needs is there.
+//!
+//! Bounded by bytes (a count of equal blocks), least recently used first out (`lru` crate, as
+//! the S3 store's header cache: a well-kept, dependency-free LRU map).
+//!
+//! Invariants that make the cache safe without asking the backend:
+//! * An SCO name is never written with other content by its owner: SCO numbers only grow (a
+//!   rollback keeps counting from where it was), and a scrub's rewrite bumps the SCO version,
+//!   which is part of the name. The backend store checks every fetched byte's CRC, so what is
+//!   kept was good when fetched.
+//! * A new owner may rewrite an SCO its fenced predecessor uploaded (replaying the DTL from the
+//!   last TLog on the backend). So whenever a node starts serving a volume (create, restart,
+//!   adoption, clone) the manager forgets everything kept of its namespace first
+//!   ([`ReadCache::forget_namespace`]), and a fetch that started before that forget does not
+//!   put its bytes back: every fetch carries the namespace's generation it saw at its miss
+//!   ([`Lookup::Miss`]), and [`ReadCache::insert`] drops bytes of an older generation.
+//! * Data a clone reads from its ancestors' namespaces belongs to snapshots on the backend,
+//!   whose SCOs were all uploaded before the snapshot's TLog: no owner rewrites those.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::types::ScoName;
+
+/// Bytes per cached block: the cluster size, and the SCO header's length.
+pub const BLOCK: u64 = 4096;
+const _: () = assert!(BLOCK == crate::sco::SCO_HEADER_LEN && BLOCK == crate::config::CLUSTER_SIZE);
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    /// The namespace's generation (see the module docs): unique per namespace and forget.
+    generation: u64,
+    sco: ScoName,
+    block: u64,
+}
+
+struct Inner {
+    blocks: LruCache<Key, Arc<[u8]>>,
+    /// The current generation of each namespace with blocks kept (or a miss since its forget).
+    generations: HashMap<String, u64>,
+    next_generation: u64,
+}
+
+/// What [`ReadCache::read`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Every byte was in the cache and is now in the caller's buffer.
+    Hit,
+    /// Something was missing: fetch, then [`ReadCache::insert`] with this generation.
+    Miss(u64),
+}
+
+/// Counters of a [`ReadCache`], for the node's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadCacheStats {
+    pub capacity_bytes: u64,
+    pub bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// See the module docs. Shared by every volume of a node.
+pub struct ReadCache {
+    inner: Mutex<Inner>,
+    capacity: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl ReadCache {
+    /// A cache of at most `capacity` bytes; `None` for less than one block.
+    pub fn new(capacity: u64) -> Option<Self> {
+        let blocks = NonZeroUsize::new(usize::try_from(capacity / BLOCK).ok()?)?;
+        Some(Self {
+            inner: Mutex::new(Inner {
+                blocks: LruCache::new(blocks),
+                generations: HashMap::new(),
+                next_generation: 0,
+            }),
+            capacity: blocks.get() as u64 * BLOCK,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    /// The block-aligned range a fetch of `len` bytes at `offset` should get, so that
+    /// [`insert`](Self::insert) can keep all of it.
+    pub fn widen(offset: u64, len: u64) -> (u64, u64) {
+        let lo = offset - offset % BLOCK;
+        (lo, (offset + len).div_ceil(BLOCK) * BLOCK)
+    }
+
+    /// Copy `out.len()` bytes at `offset` of SCO `sco` in `namespace` into `out` if every
+    /// block of them is kept ([`Lookup::Hit`]; they become the most recently used).
+    pub fn read(&self, namespace: &str, sco: &ScoName, offset: u64, out: &mut [u8]) -> Lookup {
+        let found = {
+            let mut inner = self.inner.lock();
+            let generation = inner.generation(namespace);
+            let mut found = Vec::new();
+            for block in Self::blocks(offset, out.len() as u64) {
+                let key = Key {
+                    generation,
+                    sco: *sco,
+                    block,
+                };
+                match inner.blocks.get(&key) {
+                    Some(data) => found.push(data.clone()),
+                    None => {
+                        self.misses.fetch_add(1, Ordering::Relaxed);
+                        return Lookup::Miss(generation);
+                    }
+                }
+            }
+            found
+        };
+        // Copied without the lock: the blocks are immutable and shared.
+        let mut at = offset;
+        let mut written = 0;
+        for data in found {
+            let within = (at % BLOCK) as usize;
+            let n = (data.len() - within).min(out.len() - written);
+            out[written..written + n].copy_from_slice(&data[within..within + n]);
+            written += n;
+            at += n as u64;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Lookup::Hit
+    }
+
+    /// Keep the whole blocks of `data` (bytes at `offset` of SCO `sco` in `namespace`) fetched
+    /// after a miss of `generation`; dropped if the namespace was forgotten since.
+    pub fn insert(
+        &self,
+        generation: u64,
+        namespace: &str,
+        sco: &ScoName,
+        offset: u64,
+        data: &[u8],
+    ) {
+        let first = offset.div_ceil(BLOCK);
+        let end = (offset + data.len() as u64) / BLOCK;
+        let blocks: Vec<(u64, Arc<[u8]>)> = (first..end)
+            .map(|block| {
+                let at = (block * BLOCK - offset) as usize;
+                (block, Arc::from(&data[at..at + BLOCK as usize]))
+            })
+            .collect();
+        let mut inner = self.inner.lock();
+        if inner.generations.get(namespace) != Some(&generation) {
+            return;
+        }
+        for (block, data) in blocks {
+            let key = Key {
+                generation,
+                sco: *sco,
+                block,
+            };
+            inner.blocks.put(key, data);
+        }
+    }
+
+    /// Forget every block of `namespace`, and make fetches that missed before this call keep
+    /// nothing (see the module docs).
+    pub fn forget_namespace(&self, namespace: &str) {
+        let mut inner = self.inner.lock();
+        let Some(generation) = inner.generations.remove(namespace) else {
+            return;
+        };
+        let stale: Vec<Key> = inner
+            .blocks
+            .iter()
+            .filter(|(key, _)| key.generation == generation)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            inner.blocks.pop(&key);
+        }
+    }
+
+    pub fn stats(&self) -> ReadCacheStats {
+        ReadCacheStats {
+            capacity_bytes: self.capacity,
+            bytes: self.inner.lock().blocks.len() as u64 * BLOCK,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn blocks(offset: u64, len: u64) -> std::ops::Range<u64> {
+        offset / BLOCK..(offset + len).div_ceil(BLOCK)
+    }
+}
+
+impl Inner {
+    fn generation(&mut self, namespace: &str) -> u64 {
+        if let Some(generation) = self.generations.get(namespace) {
+            return *generation;
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.generations.insert(namespace.to_string(), generation);
+        generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ScoNumber;
+
+    fn sco(n: u32) -> ScoName {
+        ScoName::new(ScoNumber(n))
+    }
+
+    /// An object whose byte `i` is `(i * 7 + seed) % 251`, so every block differs.
+    fn object(seed: u64, len: u64) -> Vec<u8> {
+        (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+    }
+
+    fn fetch(cache: &ReadCache, ns: &str, name: &ScoName, obj: &[u8], offset: u64, len: usize) {
+        let mut out = vec![0u8; len];
+        let Lookup::Miss(generation) = cache.read(ns, name, offset, &mut out) else {
+            panic!("expected a miss at {offset}+{len}");
+        };
+        let (lo, hi) = ReadCache::widen(offset, len as u64);
+        cache.insert(generation, ns, name, lo, &obj[lo as usize..hi as usize]);
+    }
+
+    #[test]
+    fn a_read_fetched_once_is_served_from_memory_at_any_offset_inside() {
+        let cache = ReadCache::new(1 << 20).unwrap();
+        let obj = object(3, 64 * BLOCK);
+        // A misaligned read widens to whole blocks, which are all kept.
+        fetch(&cache, "a", &sco(1), &obj, 5 * BLOCK + 100, 3 * 4096);
+        for (offset, len) in [
+            (5 * BLOCK, 4 * BLOCK as usize),
+            (5 * BLOCK + 100, 3 * 4096),
+            (6 * BLOCK + 17, 512),
+            (8 * BLOCK + 4095, 1),
+        ] {
+            let mut out = vec![0u8; len];
+            assert_eq!(cache.read("a", &sco(1), offset, &mut out), Lookup::Hit);
+            assert_eq!(out, obj[offset as usize..offset as usize + len]);
+        }
+        // Beyond what was fetched, another SCO, another namespace: misses.
+        let mut out = vec![0u8; 4096];
+        assert!(matches!(
+            cache.read("a", &sco(1), 9 * BLOCK, &mut out),
+            Lookup::Miss(_)
+        ));
+        assert!(matches!(
+            cache.read("a", &sco(2), 5 * BLOCK, &mut out),
+            Lookup::Miss(_)
+        ));
+        assert!(matches!(
+            cache.read("b", &sco(1), 5 * BLOCK, &mut out),
+            Lookup::Miss(_)
+        ));
+        // A read that is only partly kept misses as a whole.
+        let mut out = vec![0u8; 2 * 4096];
+        assert!(matches!(
+            cache.read("a", &sco(1), 8 * BLOCK, &mut out),
+            Lookup::Miss(_)
+        ));
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.bytes), (4, 5, 4 * BLOCK));
+    }
+
+    #[test]
+    fn partial_blocks_of_an_insert_are_not_kept() {
+        let cache = ReadCache::new(1 << 20).unwrap();
+        let obj = object(1, 8 * BLOCK);
+        let mut out = vec![0u8; 4096];
+        let Lookup::Miss(generation) = cache.read("a", &sco(1), BLOCK, &mut out) else {
+            panic!()
+        };
+        // Bytes 100..3*BLOCK+100: only blocks 1 and 2 are whole.
+        cache.insert(
+            generation,
+            "a",
+            &sco(1),
+            100,
+            &obj[100..3 * BLOCK as usize + 100],
+        );
+        assert_eq!(cache.stats().bytes, 2 * BLOCK);
+        assert_eq!(cache.read("a", &sco(1), BLOCK, &mut out), Lookup::Hit);
+        assert_eq!(out, obj[BLOCK as usize..2 * BLOCK as usize]);
+        assert!(matches!(
+            cache.read("a", &sco(1), 0, &mut out),
+            Lookup::Miss(_)
+        ));
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes_and_drops_the_least_recently_used() {
+        let cache = ReadCache::new(4 * BLOCK + 100).unwrap();
+        assert_eq!(cache.stats().capacity_bytes, 4 * BLOCK);
+        let obj = object(9, 16 * BLOCK);
+        fetch(&cache, "a", &sco(1), &obj, 0, 4 * 4096);
+        // Touch block 0, then add two more: blocks 1 and 2 go.
+        let mut out = vec![0u8; 4096];
+        assert_eq!(cache.read("a", &sco(1), 0, &mut out), Lookup::Hit);
+        fetch(&cache, "a", &sco(1), &obj, 8 * BLOCK, 2 * 4096);
+        assert_eq!(cache.stats().bytes, 4 * BLOCK);
+        for (block, kept) in [
+            (0, true),
+            (1, false),
+            (2, false),
+            (3, true),
+            (8, true),
+            (9, true),
+        ] {
+            let hit = cache.read("a", &sco(1), block * BLOCK, &mut out) == Lookup::Hit;
+            assert_eq!(hit, kept, "block {block}");
+        }
+        assert!(ReadCache::new(BLOCK - 1).is_none());
+    }
+
+    #[test]
+    fn a_forgotten_namespace_is_read_afresh_and_late_fetches_keep_nothing() {
+        let cache = ReadCache::new(1 << 20).unwrap();
+        let old = object(1, 4 * BLOCK);
+        let new = object(2, 4 * BLOCK);
+        fetch(&cache, "a", &sco(1), &old, 0, 4096);
+        fetch(&cache, "b", &sco(1), &old, 0, 4096);
+        // A fetch of "a" misses, then the namespace is forgotten (a new owner serves it) before
+        // the fetch returns: its bytes must not come back.
+        let mut out = vec![0u8; 4096];
+        let Lookup::Miss(late) = cache.read("a", &sco(1), BLOCK, &mut out) else {
+            panic!()
+        };
+        cache.forget_namespace("a");
+        cache.insert(
+            late,
+            "a",
+            &sco(1),
+            BLOCK,
+            &old[BLOCK as usize..2 * BLOCK as usize],
+        );
+        assert_eq!(cache.stats().bytes, BLOCK, "only b's block is left");
+        for block in [0, 1] {
+            assert!(matches!(
+                cache.read("a", &sco(1), block * BLOCK, &mut out),
+                Lookup::Miss(_)
+            ));
+        }
+        // Read afresh: the new content.
+        fetch(&cache, "a", &sco(1), &new, 0, 4096);
+        assert_eq!(cache.read("a", &sco(1), 0, &mut out), Lookup::Hit);
+        assert_eq!(out, new[..4096]);
+        assert_eq!(cache.read("b", &sco(1), 0, &mut out), Lookup::Hit);
+        assert_eq!(out, old[..4096]);
+        cache.forget_namespace("never-seen");
+    }
+}

@@ -1,0 +1,169 @@
+//! The node's read cache (`read_cache.rs`) as a node's volumes use it: evicted data read once
+//! is read again from memory (no backend request, the same bytes, also on an encrypted volume
+//! and at sub-cluster offsets), still reads while the backend cannot, and a volume served
+//! again (here: restarted) reads its objects afresh, because a new owner may have rewritten
+//! them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::FaultStore;
+use vstor_backend::ObjectStore;
+use vstor_volumedriver::{ManagerConfig, ScoName, Volume, VolumeManager, VolumeOptions};
+
+const CS: usize = 4096;
+const MIB: usize = 1 << 20;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ ((i / CS) as u8))
+        .collect()
+}
+
+struct Node {
+    _tmp: tempfile::TempDir,
+    backend: Arc<FaultStore>,
+    manager: Arc<VolumeManager>,
+}
+
+/// A node with a 64 MiB read cache on a store that, like S3, prefers one get over gaps of up
+/// to 128 KiB; volume `v` holds `data` (8 MiB), all of it uploaded and evicted.
+fn node_with_evicted_volume(encrypted: bool, data: &[u8]) -> (Node, Arc<Volume>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FaultStore::open(&tmp.path().join("backend")));
+    backend.set_read_gap(128 << 10);
+    let config = ManagerConfig {
+        max_open_age: None,
+        read_cache_bytes: 64 << 20,
+        ..ManagerConfig::under(&tmp.path().join("node"), 1 << 30)
+    };
+    let manager = VolumeManager::open(config, backend.clone()).unwrap();
+    let key = tmp.path().join("volume.key");
+    std::fs::write(&key, [0x42; 32]).unwrap();
+    let options = VolumeOptions {
+        sco_size: 4 << 20,
+        encryption_key_file: encrypted.then_some(key),
+        ..VolumeOptions::new(64 << 20)
+    };
+    let volume = manager.create("v", &options).unwrap();
+    volume.write(0, data, false).unwrap();
+    volume.flush().unwrap();
+    volume.close_current_tlog().unwrap();
+    assert!(volume.wait_for_uploads(Instant::now() + Duration::from_secs(30)));
+    let (local, _) = volume.local_bytes();
+    assert_eq!(volume.evict(u64::MAX), local, "everything evicted");
+    (
+        Node {
+            _tmp: tmp,
+            backend,
+            manager,
+        },
+        volume,
+    )
+}
+
+/// Read `len` bytes at `offset` in reads of `chunk` bytes.
+fn read(volume: &Volume, offset: usize, len: usize, chunk: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    for (i, part) in out.chunks_mut(chunk).enumerate() {
+        volume.read((offset + i * chunk) as u64, part).unwrap();
+    }
+    out
+}
+
+fn evicted_data_is_fetched_once(encrypted: bool) {
+    let data = pattern(8 * MIB, 5);
+    let (node, volume) = node_with_evicted_volume(encrypted, &data);
+    assert!(read(&volume, 0, data.len(), MIB) == data, "first read");
+    let first = volume.info();
+    assert!(first.backend_reads > 0, "{first:?}");
+
+    // Again, in other shapes: whole 1 MiB reads, clusters, and 512-byte sectors that start
+    // inside clusters (an encrypted volume decrypts whole clusters of what the cache gives).
+    assert!(read(&volume, 0, data.len(), MIB) == data, "second read");
+    assert!(read(&volume, 3 * MIB, 64 * CS, CS) == data[3 * MIB..3 * MIB + 64 * CS]);
+    let odd = 5 * MIB + 3 * 512;
+    assert!(read(&volume, odd, 40 * 512, 512) == data[odd..odd + 40 * 512]);
+    let second = volume.info();
+    assert_eq!(second.backend_reads, first.backend_reads, "{second:?}");
+    assert!(second.cache_hits >= 8 + 64 + 40, "{second:?}");
+
+    // The backend cannot give anything back now: what the cache holds still reads, and the
+    // volume keeps running.
+    node.backend.set_unreadable(true);
+    assert!(
+        read(&volume, 0, data.len(), 256 << 10) == data,
+        "read in the outage"
+    );
+    assert_eq!(volume.info().state, "running");
+    node.backend.set_unreadable(false);
+
+    let stats = node.manager.read_cache_stats().unwrap();
+    assert_eq!(stats.capacity_bytes, 64 << 20);
+    assert!(stats.bytes >= data.len() as u64, "{stats:?}");
+    assert!(stats.hits >= volume.info().cache_hits, "{stats:?}");
+    // Deleting the volume drops what the cache kept of it.
+    drop(volume);
+    node.manager.delete("v").unwrap();
+    assert_eq!(node.manager.read_cache_stats().unwrap().bytes, 0);
+}
+
+#[test]
+fn evicted_data_is_fetched_once_and_then_read_from_the_cache() {
+    evicted_data_is_fetched_once(false);
+}
+
+#[test]
+fn an_encrypted_volume_reads_its_cached_ciphertext_back_as_its_data() {
+    evicted_data_is_fetched_once(true);
+}
+
+#[test]
+fn a_volume_served_again_reads_its_objects_afresh() {
+    let data = pattern(8 * MIB, 9);
+    let (node, volume) = node_with_evicted_volume(false, &data);
+    let half = 4 * MIB;
+    assert!(read(&volume, 0, half, MIB) == data[..half]);
+
+    // Another owner rewrites the volume's SCO objects under the same names (what a new owner's
+    // DTL replay may do to SCOs its fenced predecessor uploaded): every data byte inverted.
+    let mut rewritten = 0;
+    for name in node.backend.list("v").unwrap() {
+        if ScoName::parse(&name).is_none() {
+            continue;
+        }
+        let mut object = node.backend.get("v", &name).unwrap();
+        for byte in &mut object[CS..] {
+            *byte ^= 0xff;
+        }
+        node.backend.put("v", &name, &object).unwrap();
+        rewritten += 1;
+    }
+    assert!(rewritten >= 2, "{rewritten} SCOs");
+    let inverted: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
+
+    // This instance keeps reading what it read before (its own view), from the cache.
+    let before = volume.info().backend_reads;
+    assert!(read(&volume, 0, half, MIB) == data[..half]);
+    assert_eq!(volume.info().backend_reads, before);
+
+    // Halt it (a read the backend cannot serve), and serve it again: the new instance reads
+    // the objects as they are now, not what the cache kept for the old one.
+    node.backend.set_unreadable(true);
+    let mut buf = vec![0u8; CS];
+    assert!(volume.read(half as u64, &mut buf).is_err());
+    assert_eq!(volume.info().state, "halted");
+    node.backend.set_unreadable(false);
+    let restarted = node.manager.restart("v").unwrap();
+    assert!(
+        read(&restarted, 0, half, MIB) == inverted[..half],
+        "the restarted volume read what the cache kept for the old instance"
+    );
+    let reads = restarted.info().backend_reads;
+    assert!(reads > 0);
+    assert!(read(&restarted, 0, half, MIB) == inverted[..half]);
+    assert_eq!(restarted.info().backend_reads, reads, "cached again");
+}
