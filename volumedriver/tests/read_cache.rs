@@ -1,8 +1,8 @@
 //! The node's read cache (`read_cache.rs`) as a node's volumes use it: evicted data read once
 //! is read again from memory (no backend request, the same bytes, also on an encrypted volume
-//! and at sub-cluster offsets), still reads while the backend cannot, and a volume served
-//! again (here: restarted) reads its objects afresh, because a new owner may have rewritten
-//! them.
+//! and at sub-cluster offsets), still reads while the backend cannot, clones of one template
+//! share what was read of it, and a volume served again (here: restarted) reads its objects
+//! afresh, because a new owner may have rewritten them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 mod common;
@@ -166,4 +166,33 @@ fn a_volume_served_again_reads_its_objects_afresh() {
     assert!(reads > 0);
     assert!(read(&restarted, 0, half, MIB) == inverted[..half]);
     assert_eq!(restarted.info().backend_reads, reads, "cached again");
+}
+
+#[test]
+fn clones_of_one_template_share_what_was_read_of_it() {
+    let data = pattern(8 * MIB, 3);
+    let (node, template) = node_with_evicted_volume(false, &data);
+    template.snapshot_create("gold").unwrap();
+    let options = VolumeOptions::new(64 << 20);
+    let wait = Duration::from_secs(30);
+    let a = node
+        .manager
+        .clone_volume("a", "v", "gold", &options, wait)
+        .unwrap();
+    let b = node
+        .manager
+        .clone_volume("b", "v", "gold", &options, wait)
+        .unwrap();
+    // The first clone's reads go to the template's objects on the backend...
+    assert!(read(&a, 0, data.len(), MIB) == data);
+    assert!(a.info().backend_reads > 0);
+    // ...and the second clone finds them in the cache: not one backend read.
+    assert!(read(&b, 0, data.len(), MIB) == data);
+    let info = b.info();
+    assert_eq!(info.backend_reads, 0, "{info:?}");
+    assert!(info.cache_hits >= 8, "{info:?}");
+    // A clone's own writes are its own: the other clone still reads the template.
+    a.write(0, &pattern(CS, 77), false).unwrap();
+    assert!(read(&b, 0, CS, CS) == data[..CS]);
+    assert!(read(&a, 0, CS, CS) == pattern(CS, 77));
 }
