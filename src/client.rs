@@ -649,6 +649,7 @@ pub fn print_info(volume: &VolumeView) {
         ("flushes", opt(v.flushes)),
         ("MDS", mds_text(v)),
         ("backend reads", opt(v.backend_reads)),
+        ("read cache hits", opt(v.cache_hits)),
         ("NBD export", opt_str(v.nbd_uri.as_ref())),
         ("NBD clients", opt(v.nbd_connections)),
         ("vhost-user socket", opt_str(v.vhost_socket.as_ref())),

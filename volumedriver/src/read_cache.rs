@@ -23,8 +23,10 @@
 //! Invariants that make the cache safe without asking the backend:
 //! * An SCO name is never written with other content by its owner: SCO numbers only grow (a
 //!   rollback keeps counting from where it was), and a scrub's rewrite bumps the SCO version,
-//!   which is part of the name. The backend store checks every fetched byte's CRC, so what is
-//!   kept was good when fetched.
+//!   which is part of the name. Even so, the SCOs an owner deletes (a scrub's old versions, a
+//!   rollback's dropped SCOs) are forgotten ([`ReadCache::forget_scos`]): the version is 8
+//!   bits, and a name that came back after 256 scrubs must not find old bytes. The backend
+//!   store checks every fetched byte's CRC, so what is kept was good when fetched.
 //! * A new owner may rewrite an SCO its fenced predecessor uploaded (replaying the DTL from the
 //!   last TLog on the backend). So whenever a node starts serving a volume (create, restart,
 //!   adoption, clone) the manager forgets everything kept of its namespace first
@@ -207,6 +209,29 @@ impl ReadCache {
         }
     }
 
+    /// Forget every block of the SCOs `scos` of `namespace` (objects its owner deleted: a
+    /// scrub's old versions, a rollback's dropped SCOs), so a name that ever came back could
+    /// not be answered from memory.
+    pub fn forget_scos(&self, namespace: &str, scos: &[ScoName]) {
+        if scos.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        let Some(&generation) = inner.generations.get(namespace) else {
+            return;
+        };
+        let gone: std::collections::HashSet<&ScoName> = scos.iter().collect();
+        let stale: Vec<Key> = inner
+            .blocks
+            .iter()
+            .filter(|(key, _)| key.generation == generation && gone.contains(&key.sco))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            inner.blocks.pop(&key);
+        }
+    }
+
     pub fn stats(&self) -> ReadCacheStats {
         ReadCacheStats {
             capacity_bytes: self.capacity,
@@ -381,5 +406,27 @@ mod tests {
         assert_eq!(cache.read("b", &sco(1), 0, &mut out), Lookup::Hit);
         assert_eq!(out, old[..4096]);
         cache.forget_namespace("never-seen");
+    }
+
+    #[test]
+    fn deleted_scos_are_forgotten_and_the_others_kept() {
+        let cache = ReadCache::new(1 << 20).unwrap();
+        let obj = object(4, 4 * BLOCK);
+        for n in 1..=3 {
+            fetch(&cache, "a", &sco(n), &obj, 0, 2 * 4096);
+        }
+        fetch(&cache, "b", &sco(2), &obj, 0, 4096);
+        cache.forget_scos("a", &[sco(2), sco(3), sco(9)]);
+        cache.forget_scos("never-seen", &[sco(1)]);
+        let mut out = vec![0u8; 4096];
+        let hit = |ns: &str, n: u32, out: &mut [u8]| cache.read(ns, &sco(n), 0, out) == Lookup::Hit;
+        assert!(hit("a", 1, &mut out));
+        assert!(!hit("a", 2, &mut out));
+        assert!(!hit("a", 3, &mut out));
+        assert!(
+            hit("b", 2, &mut out),
+            "another namespace's SCO of the same name stays"
+        );
+        assert_eq!(cache.stats().bytes, 3 * BLOCK);
     }
 }

@@ -196,3 +196,37 @@ fn clones_of_one_template_share_what_was_read_of_it() {
     assert!(read(&b, 0, CS, CS) == data[..CS]);
     assert!(read(&a, 0, CS, CS) == pattern(CS, 77));
 }
+
+#[test]
+fn a_scrub_and_a_rollback_forget_the_scos_they_delete() {
+    let mut expected = pattern(8 * MIB, 11);
+    let (node, volume) = node_with_evicted_volume(false, &expected);
+    let cached = || node.manager.read_cache_stats().unwrap().bytes;
+    // Write `data` at 0, upload and evict it, and read the whole volume (into the cache).
+    let overwrite = |expected: &mut Vec<u8>, data: &[u8]| {
+        volume.write(0, data, false).unwrap();
+        expected[..data.len()].copy_from_slice(data);
+        volume.flush().unwrap();
+        volume.close_current_tlog().unwrap();
+        assert!(volume.wait_for_uploads(Instant::now() + Duration::from_secs(30)));
+        volume.evict(u64::MAX);
+        assert!(read(&volume, 0, expected.len(), MIB) == *expected);
+    };
+    // Most of the first SCO overwritten: garbage for the scrub.
+    overwrite(&mut expected, &pattern(3 * MIB + MIB / 2, 12));
+    let before = cached();
+    let report = volume.scrub(None, &mut |_| {}).unwrap();
+    assert!(report.scos_rewritten > 0, "{report:?}");
+    let after_scrub = cached();
+    assert!(after_scrub < before, "{after_scrub} of {before} bytes kept");
+    assert!(read(&volume, 0, expected.len(), MIB) == expected, "after the scrub");
+
+    // Back to a snapshot: the SCOs written since are dropped, and so are their cached blocks.
+    volume.snapshot_create("s0").unwrap();
+    let at_s0 = expected.clone();
+    overwrite(&mut expected, &pattern(2 * MIB, 13));
+    let filled = cached();
+    volume.rollback("s0").unwrap();
+    assert!(cached() < filled, "{} of {filled} bytes kept", cached());
+    assert!(read(&volume, 0, at_s0.len(), MIB) == at_s0, "after the rollback");
+}

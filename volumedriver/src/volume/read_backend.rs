@@ -272,6 +272,14 @@ impl Volume {
         }
     }
 
+    /// Make the read cache forget SCOs of this volume's `namespace` that it deleted from the
+    /// backend (see `read_cache`).
+    pub(super) fn forget_cached_scos(&self, namespace: &str, scos: &[ScoName]) {
+        if let Some(cache) = self.read_cache.get() {
+            cache.forget_scos(namespace, scos);
+        }
+    }
+
     /// Read through the node's read cache from now on, forgetting first whatever it kept of
     /// this volume's namespace (a previous owner may have written its SCOs differently: see
     /// `read_cache`). Once per instance; the manager calls it when it starts serving the volume.

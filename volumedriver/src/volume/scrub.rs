@@ -477,17 +477,23 @@ impl Volume {
             self.check_fence()?;
             let _ = self.backend.delete_if_owner(&namespace, &object, owner);
         }
-        for &(number, version) in fates.keys() {
-            self.check_fence()?;
-            let name = ScoName {
+        let rewritten: Vec<ScoName> = fates
+            .keys()
+            .map(|&(number, version)| ScoName {
                 clone_id: 0,
                 number: ScoNumber(number),
                 version,
-            };
+            })
+            .collect();
+        for name in &rewritten {
+            self.check_fence()?;
             let _ = self
                 .backend
                 .delete_if_owner(&namespace, &name.to_string(), owner);
         }
+        // After the deletes: a read planned on the old map before the switch cannot put them
+        // back (the objects are gone).
+        self.forget_cached_scos(&namespace, &rewritten);
         report.orphans_deleted = self.sweep()?;
         progress(ScrubProgress {
             phase: "done",

@@ -500,15 +500,21 @@ impl Volume {
             let _ = self
                 .backend
                 .delete_if_owner(&namespace, &record.object_name(), owner);
-            for sco in &record.scos {
-                let object = crate::types::ScoName {
+            let scos: Vec<crate::types::ScoName> = record
+                .scos
+                .iter()
+                .map(|sco| crate::types::ScoName {
                     clone_id: 0,
                     number: crate::types::ScoNumber(*sco),
                     version: record.sco_version(*sco),
-                }
-                .to_string();
-                let _ = self.backend.delete_if_owner(&namespace, &object, owner);
+                })
+                .collect();
+            for object in &scos {
+                let _ = self
+                    .backend
+                    .delete_if_owner(&namespace, &object.to_string(), owner);
             }
+            self.forget_cached_scos(&namespace, &scos);
         }
         tracing::info!(volume = %self.name, snapshot = %name, "rolled back");
         Ok(())
