@@ -361,7 +361,10 @@ impl S3Store {
     /// bucket, refused credentials or an endpoint that does not answer fail here, by name.
     fn check_bucket(&self, s3: AmazonS3) -> Result<()> {
         let prefix = self.path(&format!("{}{OWNERS_DIR}", self.key_prefix))?;
-        let listed = self.run(async move { s3.list_with_delimiter(Some(&prefix)).await })?;
+        let listed = self.run(
+            0,
+            async move { s3.list_with_delimiter(Some(&prefix)).await },
+        )?;
         listed.map(|_| ()).map_err(|e| match self.fail(e) {
             Fail::Other(e) => e,
             _ => BackendError::NoSuchBucket {
@@ -370,8 +373,11 @@ impl S3Store {
         })
     }
 
+    /// Run one request of the S3 client, which moves about `bytes` of payload (its
+    /// [`outage::patience`]), watching for an outage meanwhile.
     fn run<T: Answer + Send + 'static>(
         &self,
+        bytes: u64,
         fut: impl Future<Output = T> + Send + 'static,
     ) -> Result<T> {
         let runtime = self.runtime.as_ref().ok_or_else(|| BackendError::S3 {
@@ -392,7 +398,8 @@ impl S3Store {
             key: String::new(),
             reason: "the S3 request task ended without an answer".into(),
         };
-        let answer = match rx.recv_timeout(SLOW_AFTER) {
+        let patience = outage::patience(bytes);
+        let answer = match rx.recv_timeout(patience) {
             Ok(answer) => answer,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let change = self.watch().no_answer(started);
@@ -401,9 +408,12 @@ impl S3Store {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(ended()),
         };
-        let change =
-            self.watch()
-                .finished(started.elapsed(), answer.reached_server(), Instant::now());
+        let change = self.watch().finished(
+            started.elapsed(),
+            patience,
+            answer.reached_server(),
+            Instant::now(),
+        );
         self.say(change);
         Ok(answer)
     }
@@ -421,8 +431,9 @@ impl S3Store {
             Some(Change::Began) => tracing::warn!(
                 %bucket,
                 retry_timeout_s = self.options.retry_timeout.as_secs_f64(),
-                "S3 is not answering: a request has had no answer for {} s; each request is retried for up to the retry timeout before it fails",
-                SLOW_AFTER.as_secs()
+                "S3 is not answering: a request has had no answer for {} s (plus 1 s per {} MB it carries); each request is retried for up to the retry timeout before it fails",
+                SLOW_AFTER.as_secs(),
+                outage::SLOW_RATE / 1_000_000
             ),
             Some(Change::Ended { lasted }) => tracing::warn!(
                 %bucket,
@@ -535,7 +546,8 @@ impl S3Store {
     ) -> Result<std::result::Result<(Bytes, String, u64), Fail>> {
         let path = self.path(key)?;
         let s3 = self.s3.clone();
-        let got = self.run(async move {
+        let bytes = range.as_ref().map_or(0, |r| r.end.saturating_sub(r.start));
+        let got = self.run(bytes, async move {
             let options = GetOptions {
                 range: range.map(GetRange::Bounded),
                 if_match,
@@ -561,7 +573,7 @@ impl S3Store {
         let path = self.path(key)?;
         self.headers.forget(key);
         let s3 = self.s3.clone();
-        let put = self.run(async move {
+        let put = self.run(body.len() as u64, async move {
             s3.put_opts(&path, PutPayload::from(body), PutOptions::from(mode))
                 .await
         })?;
@@ -572,7 +584,7 @@ impl S3Store {
     fn list_keys(&self, prefix: &str) -> Result<std::result::Result<Vec<String>, Fail>> {
         let path = self.path(prefix.trim_end_matches('/'))?;
         let s3 = self.s3.clone();
-        let listed = self.run(async move {
+        let listed = self.run(0, async move {
             s3.list(Some(&path))
                 .map_ok(|meta| meta.location.to_string())
                 .try_collect::<Vec<_>>()
@@ -590,7 +602,7 @@ impl S3Store {
             .map(|k| self.path(k))
             .collect::<Result<Vec<_>>>()?;
         let s3 = self.s3.clone();
-        let deleted = self.run(async move {
+        let deleted = self.run(0, async move {
             let stream = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
             s3.delete_stream(stream).try_collect::<Vec<_>>().await
         })?;
@@ -610,7 +622,7 @@ impl S3Store {
         let etag = etag.to_string();
         let deadline = Instant::now() + self.options.retry_timeout;
         let max_retries = self.options.max_retries;
-        let outcome = self.run(async move {
+        let outcome = self.run(0, async move {
             let mut backoff = Duration::from_millis(100);
             let mut retries = 0;
             loop {
@@ -682,7 +694,7 @@ impl S3Store {
                 // An empty object has no byte to range over (416): that is corruption here.
                 let path = self.path(key)?;
                 let s3 = self.s3.clone();
-                return Ok(match self.run(async move { s3.head(&path).await })? {
+                return Ok(match self.run(0, async move { s3.head(&path).await })? {
                     Ok(meta) if meta.size < HEADER_LEN => Ok((
                         Err("shorter than its header".into()),
                         meta.e_tag.unwrap_or_default(),
@@ -1072,7 +1084,7 @@ impl ObjectStore for S3Store {
         validate_name(name)?;
         let path = self.path(&self.object_key(namespace, name))?;
         let s3 = self.s3.clone();
-        match self.run(async move { s3.head(&path).await })? {
+        match self.run(0, async move { s3.head(&path).await })? {
             Ok(_) => Ok(true),
             Err(e) => match self.fail(e) {
                 Fail::NotFound => match self.error(namespace, name, Fail::NotFound) {

@@ -219,7 +219,10 @@ fn a_scrub_and_a_rollback_forget_the_scos_they_delete() {
     assert!(report.scos_rewritten > 0, "{report:?}");
     let after_scrub = cached();
     assert!(after_scrub < before, "{after_scrub} of {before} bytes kept");
-    assert!(read(&volume, 0, expected.len(), MIB) == expected, "after the scrub");
+    assert!(
+        read(&volume, 0, expected.len(), MIB) == expected,
+        "after the scrub"
+    );
 
     // Back to a snapshot: the SCOs written since are dropped, and so are their cached blocks.
     volume.snapshot_create("s0").unwrap();
@@ -228,5 +231,8 @@ fn a_scrub_and_a_rollback_forget_the_scos_they_delete() {
     let filled = cached();
     volume.rollback("s0").unwrap();
     assert!(cached() < filled, "{} of {filled} bytes kept", cached());
-    assert!(read(&volume, 0, at_s0.len(), MIB) == at_s0, "after the rollback");
+    assert!(
+        read(&volume, 0, at_s0.len(), MIB) == at_s0,
+        "after the rollback"
+    );
 }
