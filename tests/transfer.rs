@@ -106,12 +106,21 @@ fn images_go_in_and_out_holes_stay_holes() {
     assert_eq!(report["size"], 32u64 << 20);
     compare("qcow2", &qcow2, &daemon.uri("q-vol"));
 
-    // Export: a sparse file equal to the volume.
+    // Export: a sparse file equal to the volume. Only the data is read: the allocation map
+    // says where the 2 MiB + 64 KiB are.
     let out = tmp.path().join("out.raw");
+    let read_bytes = || daemon.info("q-vol")["read_bytes"].as_u64().unwrap();
+    let before = read_bytes();
     let report = json(
         &daemon,
         &["volume", "export", "q-vol", out.to_str().unwrap()],
     );
+    let read = read_bytes() - before;
+    assert!(
+        ((2 << 20) + (64 << 10)..=4 << 20).contains(&read),
+        "export read {read} bytes of a 32 MiB volume holding 2 MiB + 64 KiB"
+    );
+    assert_eq!(report["data_bytes"], (2u64 << 20) + (64 << 10), "{report}");
     assert_eq!(report["size"], 32u64 << 20);
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 << 20);
     compare("raw", &out, &daemon.uri("q-vol"));

@@ -1304,3 +1304,55 @@ async fn blocking_client_writes_reads_flushes_and_reports_errors() {
     .unwrap();
     assert_eq!(target.contents(4096, 8192), result);
 }
+
+/// `MapClient`, the blocking client `vstor volume export` asks for the allocation map, reads the
+/// server's block status as runs (data where the target holds data, zeros elsewhere, never past
+/// the range asked), and an unknown export is an error with the server's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_client_reads_the_allocation_map_as_runs() {
+    use vstor_edge::nbd::map_client::{MapClient, Run};
+    let (srv, target) = TestServer::with_export("vol", 4 * MIB).await;
+    target.preload(0, &[1; 8192]);
+    target.preload(MIB, &[2; 4096]);
+    let addr = srv.addr.to_string();
+    let timeout = Some(Duration::from_secs(10));
+    let (runs, inner, unknown) = tokio::task::spawn_blocking(move || {
+        let mut map = MapClient::connect(&addr, "vol", timeout).unwrap();
+        assert_eq!(map.size, 4 * MIB);
+        let mut runs: Vec<Run> = Vec::new();
+        let mut at = 0;
+        while at < map.size {
+            let got = map.block_status(at, (map.size - at) as u32).unwrap();
+            at = got.last().map(|r| r.offset + r.length).unwrap();
+            runs.extend(got);
+        }
+        let inner = map.block_status(4096, 8192).unwrap();
+        let unknown = MapClient::connect(&addr, "nosuch", timeout).err();
+        (runs, inner, unknown)
+    })
+    .await
+    .unwrap();
+    // Adjacent runs of the same kind merged: the server may split them anywhere.
+    let merge = |runs: &[Run]| {
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        for r in runs {
+            match out.last_mut() {
+                Some(last) if last.2 == r.zero && last.0 + last.1 == r.offset => last.1 += r.length,
+                _ => out.push((r.offset, r.length, r.zero)),
+            }
+        }
+        out
+    };
+    assert_eq!(
+        merge(&runs),
+        [
+            (0, 8192, false),
+            (8192, MIB - 8192, true),
+            (MIB, 4096, false),
+            (MIB + 4096, 3 * MIB - 4096, true),
+        ]
+    );
+    assert_eq!(merge(&inner), [(4096, 4096, false), (8192, 4096, true)]);
+    let unknown = unknown.expect("an unknown export is refused").to_string();
+    assert!(unknown.contains("refused option"), "{unknown}");
+}

@@ -19,20 +19,42 @@ use super::proto::{
     NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
 };
 
-fn invalid(message: String) -> io::Error {
+pub(super) fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-fn be_u32(bytes: &[u8]) -> u32 {
+pub(super) fn be_u32(bytes: &[u8]) -> u32 {
     let mut out = [0u8; 4];
     out.copy_from_slice(&bytes[..4]);
     u32::from_be_bytes(out)
 }
 
-fn be_u64(bytes: &[u8]) -> u64 {
+pub(super) fn be_u64(bytes: &[u8]) -> u64 {
     let mut out = [0u8; 8];
     out.copy_from_slice(&bytes[..8]);
     u64::from_be_bytes(out)
+}
+
+/// Read the server's greeting on a new connection and answer it (fixed newstyle, no zeroes);
+/// returns the server's address for messages.
+pub(super) fn greet(stream: &mut TcpStream) -> io::Result<String> {
+    stream.set_nodelay(true)?;
+    let addr = stream
+        .peer_addr()
+        .map_or_else(|_| "the server".to_owned(), |a| a.to_string());
+    let mut hello = [0u8; 18];
+    stream.read_exact(&mut hello)?;
+    if be_u64(&hello) != NBDMAGIC || be_u64(&hello[8..]) != IHAVEOPT {
+        return Err(invalid(format!("{addr} is not an NBD newstyle server")));
+    }
+    let flags = u16::from_be_bytes([hello[16], hello[17]]);
+    if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(invalid(format!(
+            "{addr} is not a fixed newstyle NBD server"
+        )));
+    }
+    stream.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
+    Ok(addr)
 }
 
 /// One connection to one export.
@@ -65,22 +87,7 @@ impl NbdClient {
     /// Attach to `export` over `stream`, a connection the caller made (for example from a
     /// chosen source address); its timeouts are left as they are.
     pub fn over(mut stream: TcpStream, export: &str) -> io::Result<Self> {
-        stream.set_nodelay(true)?;
-        let addr = stream
-            .peer_addr()
-            .map_or_else(|_| "the server".to_owned(), |a| a.to_string());
-        let mut hello = [0u8; 18];
-        stream.read_exact(&mut hello)?;
-        if be_u64(&hello) != NBDMAGIC || be_u64(&hello[8..]) != IHAVEOPT {
-            return Err(invalid(format!("{addr} is not an NBD newstyle server")));
-        }
-        let flags = u16::from_be_bytes([hello[16], hello[17]]);
-        if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(invalid(format!(
-                "{addr} is not a fixed newstyle NBD server"
-            )));
-        }
-        stream.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
+        let addr = greet(&mut stream)?;
         let mut option = Vec::with_capacity(16 + export.len());
         option.extend_from_slice(&IHAVEOPT.to_be_bytes());
         option.extend_from_slice(&NBD_OPT_EXPORT_NAME.to_be_bytes());
@@ -105,7 +112,7 @@ impl NbdClient {
         })
     }
 
-    fn header(flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
+    pub(super) fn header(flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
         let mut header = [0u8; 28];
         header[..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
         header[4..6].copy_from_slice(&flags.to_be_bytes());
