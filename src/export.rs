@@ -18,7 +18,10 @@
 //! snapshot, does not queue behind it) and runs in `block_in_place` ([`off_worker`]): the
 //! runtime hands this worker's other tasks (every NBD connection it was serving) to another
 //! thread meanwhile, instead of stalling them; with a build per worker, the whole node's NBD
-//! service would otherwise stop until the backend answered. (A write that must first read its
+//! service would otherwise stop until the backend answered. Clients that ask for a view while
+//! it is being built wait for that build ([`Build`]) instead of reading the same TLogs again:
+//! during an outage, ten clients of one snapshot cost the backend one build, not ten. (They
+//! wait on a condition, not on a lock held across the reads.) (A write that must first read its
 //! cluster from the backend is the frontends' to place: `VolumeExport` says which ones,
 //! `BlockTarget::write_reads_backend`, and they run them on the blocking pool.)
 //!
@@ -32,7 +35,7 @@
 //! timed when it is served on the backend-read pool.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use std::time::Instant;
 use vstor_edge::{
@@ -269,10 +272,78 @@ struct CachedView {
     created: u64,
 }
 
+/// What a view's build came to: the view and the snapshot it was built for (its TLog and
+/// creation time), or why it failed.
+type Built = Result<(Arc<SnapshotView>, u64, u64), String>;
+
+/// A view being built: what the build came to, once it has, for the clients that asked
+/// meanwhile.
+#[derive(Default)]
+struct Build {
+    outcome: Mutex<Option<Built>>,
+    done: Condvar,
+}
+
+impl Build {
+    fn finish(&self, outcome: Built) {
+        *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Built {
+        let mut outcome = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(outcome) = outcome.as_ref() {
+                return outcome.clone();
+            }
+            outcome = self
+                .done
+                .wait(outcome)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The builder's part: ends the build for everyone, also when the build panics or returns
+/// early, and takes it out of the table.
+struct Building<'a> {
+    exports: &'a Exports,
+    key: String,
+    build: Arc<Build>,
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        let mut building = self
+            .exports
+            .building
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if building
+            .get(&self.key)
+            .is_some_and(|b| Arc::ptr_eq(b, &self.build))
+        {
+            building.remove(&self.key);
+        }
+        drop(building);
+        let mut outcome = self
+            .build
+            .outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if outcome.is_none() {
+            *outcome = Some(Err("the build was abandoned".into()));
+            self.build.done.notify_all();
+        }
+    }
+}
+
 /// The node's exports: volumes and their snapshots.
 pub struct Exports {
     manager: Arc<VolumeManager>,
     views: Mutex<HashMap<String, CachedView>>,
+    /// Views being built, by export name (see the module docs).
+    building: Mutex<HashMap<String, Arc<Build>>>,
 }
 
 impl Exports {
@@ -280,6 +351,7 @@ impl Exports {
         Self {
             manager,
             views: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashMap::new()),
         }
     }
 
@@ -292,7 +364,8 @@ impl Exports {
     }
 
     /// The read-only view of `volume@snapshot`, cached. A view not cached yet is built without
-    /// the cache's lock and off the runtime's worker (module docs).
+    /// the cache's lock and off the runtime's worker, once for all the clients that ask for it
+    /// meanwhile (module docs).
     pub fn snapshot_view(
         &self,
         volume: &str,
@@ -314,24 +387,76 @@ impl Exports {
         if let Some(view) = cached(&self.lock_views()) {
             return Ok(view);
         }
-        let view = Arc::new(off_worker(|| source.snapshot_view(snapshot))?);
-        let mut views = self.lock_views();
-        // Another client may have built it meanwhile: keep one map in memory.
-        if let Some(view) = cached(&views) {
-            return Ok(view);
+        let (build, mine) = {
+            let mut building = self.building.lock().unwrap_or_else(PoisonError::into_inner);
+            match building.get(&key) {
+                Some(build) => (build.clone(), false),
+                None => {
+                    let build = Arc::new(Build::default());
+                    building.insert(key.clone(), build.clone());
+                    (build, true)
+                }
+            }
+        };
+        if !mine {
+            return match off_worker(|| build.wait()) {
+                // Built for this very snapshot (not one deleted and re-created meanwhile).
+                Ok((view, tlog, created))
+                    if Arc::ptr_eq(view.volume(), &source)
+                        && (tlog, created) == (info.tlog, info.created) =>
+                {
+                    Ok(view)
+                }
+                Ok(_) => Err(VolumeError::Refused {
+                    volume: volume.to_string(),
+                    reason: format!("snapshot {snapshot:?} changed while its view was built"),
+                }),
+                Err(reason) => Err(VolumeError::Refused {
+                    volume: volume.to_string(),
+                    reason: format!(
+                        "the view of snapshot {snapshot:?} could not be built: {reason}"
+                    ),
+                }),
+            };
         }
-        if views.len() >= MAX_IDLE_VIEWS {
-            // Drop the views no client uses any more.
-            views.retain(|_, cached| Arc::strong_count(&cached.view) > 1);
-        }
-        views.insert(
-            key,
-            CachedView {
-                view: view.clone(),
-                tlog: info.tlog,
-                created: info.created,
-            },
-        );
+        let building = Building {
+            exports: self,
+            key: key.clone(),
+            build,
+        };
+        let view = match off_worker(|| source.snapshot_view(snapshot)) {
+            Ok(view) => Arc::new(view),
+            Err(e) => {
+                building.build.finish(Err(e.to_string()));
+                return Err(e);
+            }
+        };
+        // Cached before the build ends: a client asking from then on finds it there.
+        let view = {
+            let mut views = self.lock_views();
+            match cached(&views) {
+                // Another client's copy (built before this build started): keep one map.
+                Some(view) => view,
+                None => {
+                    if views.len() >= MAX_IDLE_VIEWS {
+                        // Drop the views no client uses any more.
+                        views.retain(|_, cached| Arc::strong_count(&cached.view) > 1);
+                    }
+                    views.insert(
+                        key,
+                        CachedView {
+                            view: view.clone(),
+                            tlog: info.tlog,
+                            created: info.created,
+                        },
+                    );
+                    view
+                }
+            }
+        };
+        building
+            .build
+            .finish(Ok((view.clone(), info.tlog, info.created)));
         Ok(view)
     }
 

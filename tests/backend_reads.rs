@@ -18,7 +18,7 @@ mod store;
 
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -413,4 +413,78 @@ fn vhost_reads_overtake_a_backend_read_on_the_same_queue() {
         drop(blkio);
         vhost.server.remove_export(export);
     }
+}
+
+/// `clients` threads asking `node` for the view of `slow@snap` at once: what each got.
+fn views_at_once(
+    node: &Node,
+    clients: usize,
+) -> Vec<Result<Arc<vstor_volumedriver::SnapshotView>, String>> {
+    let start = Arc::new(std::sync::Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (exports, start) = (node.exports.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                exports
+                    .snapshot_view("slow", "snap")
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// Clients that ask for a snapshot view while it is being built (from its TLogs on a backend
+/// whose every get is a round trip) wait for that build and get the same view: four at once
+/// cost the backend what one build costs, not four times that. A build that fails fails them
+/// all, with its reason, and the next client builds afresh.
+#[test]
+fn clients_asking_for_a_view_being_built_share_that_build() {
+    let node = Node::start();
+    setup(&node);
+    let gets = Arc::new(AtomicUsize::new(0));
+    let counted = gets.clone();
+    node.store.on_call(Some(Arc::new(move |op: &str| {
+        if op == "get" {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(BACKEND_DELAY); // the round trip each get costs
+        }
+    })));
+
+    // The backend cannot give the TLogs back: one attempt, four failures that say why.
+    node.store.set_unreadable(true);
+    let failed = views_at_once(&node, 4);
+    node.store.set_unreadable(false);
+    assert_eq!(
+        gets.swap(0, Ordering::SeqCst),
+        1,
+        "one attempt for four clients"
+    );
+    for outcome in &failed {
+        let err = outcome.as_ref().err().expect("no view without its TLogs");
+        assert!(err.contains("fragments reachable"), "{err}");
+    }
+
+    let views: Vec<_> = views_at_once(&node, 4)
+        .into_iter()
+        .map(|v| v.expect("snapshot view"))
+        .collect();
+    let together = gets.load(Ordering::SeqCst);
+    assert!(views.iter().all(|v| Arc::ptr_eq(v, &views[0])), "one view");
+
+    // One client alone, for comparison.
+    node.exports.forget("slow", Some("snap"));
+    drop(views);
+    let before = gets.load(Ordering::SeqCst);
+    node.exports
+        .snapshot_view("slow", "snap")
+        .expect("snapshot view");
+    let alone = gets.load(Ordering::SeqCst) - before;
+    node.store.on_call(None);
+    assert!(alone > 0, "the build read nothing from the backend");
+    assert_eq!(
+        together, alone,
+        "four clients cost {together} gets, one {alone}"
+    );
 }
