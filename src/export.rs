@@ -389,6 +389,11 @@ impl Exports {
         }
         let (build, mine) = {
             let mut building = self.building.lock().unwrap_or_else(PoisonError::into_inner);
+            // Cached by a build that ended since the check above (a builder caches its view
+            // before it leaves this table; lock order: this table, then the views).
+            if let Some(view) = cached(&self.lock_views()) {
+                return Ok(view);
+            }
             match building.get(&key) {
                 Some(build) => (build.clone(), false),
                 None => {
