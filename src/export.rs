@@ -384,13 +384,11 @@ impl Exports {
                 })
                 .map(|cached| cached.view.clone())
         };
-        if let Some(view) = cached(&self.lock_views()) {
-            return Ok(view);
-        }
         let (build, mine) = {
             let mut building = self.building.lock().unwrap_or_else(PoisonError::into_inner);
-            // Cached by a build that ended since the check above (a builder caches its view
-            // before it leaves this table; lock order: this table, then the views).
+            // Checked under this table's lock: a builder caches its view before it leaves the
+            // table, so a build cannot end unseen between the check and the table (lock
+            // order: this table, then the views).
             if let Some(view) = cached(&self.lock_views()) {
                 return Ok(view);
             }

@@ -1307,7 +1307,8 @@ async fn blocking_client_writes_reads_flushes_and_reports_errors() {
 
 /// `MapClient`, the blocking client `vstor volume export` asks for the allocation map, reads the
 /// server's block status as runs (data where the target holds data, zeros elsewhere, never past
-/// the range asked), and an unknown export is an error with the server's refusal.
+/// the range asked); a range past the end and an unknown export are errors with the server's
+/// reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn map_client_reads_the_allocation_map_as_runs() {
     use vstor_edge::nbd::map_client::{MapClient, Run};
@@ -1327,6 +1328,13 @@ async fn map_client_reads_the_allocation_map_as_runs() {
             runs.extend(got);
         }
         let inner = map.block_status(4096, 8192).unwrap();
+        // Past the end: the server's error, and the connection still answers.
+        let past = map
+            .block_status(4 * MIB - 4096, 8192)
+            .unwrap_err()
+            .to_string();
+        assert!(past.contains("NBD error"), "{past}");
+        assert_eq!(map.block_status(0, 4096).unwrap().len(), 1);
         let unknown = MapClient::connect(&addr, "nosuch", timeout).err();
         (runs, inner, unknown)
     })

@@ -195,17 +195,8 @@ impl ReadCache {
     /// nothing (see the module docs).
     pub fn forget_namespace(&self, namespace: &str) {
         let mut inner = self.inner.lock();
-        let Some(generation) = inner.generations.remove(namespace) else {
-            return;
-        };
-        let stale: Vec<Key> = inner
-            .blocks
-            .iter()
-            .filter(|(key, _)| key.generation == generation)
-            .map(|(key, _)| *key)
-            .collect();
-        for key in stale {
-            inner.blocks.pop(&key);
+        if let Some(generation) = inner.generations.remove(namespace) {
+            inner.drop_blocks(|key| key.generation == generation);
         }
     }
 
@@ -217,18 +208,9 @@ impl ReadCache {
             return;
         }
         let mut inner = self.inner.lock();
-        let Some(&generation) = inner.generations.get(namespace) else {
-            return;
-        };
-        let gone: std::collections::HashSet<&ScoName> = scos.iter().collect();
-        let stale: Vec<Key> = inner
-            .blocks
-            .iter()
-            .filter(|(key, _)| key.generation == generation && gone.contains(&key.sco))
-            .map(|(key, _)| *key)
-            .collect();
-        for key in stale {
-            inner.blocks.pop(&key);
+        if let Some(&generation) = inner.generations.get(namespace) {
+            let gone: std::collections::HashSet<&ScoName> = scos.iter().collect();
+            inner.drop_blocks(|key| key.generation == generation && gone.contains(&key.sco));
         }
     }
 
@@ -247,6 +229,19 @@ impl ReadCache {
 }
 
 impl Inner {
+    /// Drop every block whose key `stale` picks (a walk over the whole cache).
+    fn drop_blocks(&mut self, stale: impl Fn(&Key) -> bool) {
+        let keys: Vec<Key> = self
+            .blocks
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|key| stale(key))
+            .collect();
+        for key in keys {
+            self.blocks.pop(&key);
+        }
+    }
+
     fn generation(&mut self, namespace: &str) -> u64 {
         if let Some(generation) = self.generations.get(namespace) {
             return *generation;

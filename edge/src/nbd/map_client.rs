@@ -59,8 +59,7 @@ impl MapClient {
             context: 0,
             cookie: 0,
         };
-        client.option(NBD_OPT_STRUCTURED_REPLY, &[])?;
-        client.expect_ack(NBD_OPT_STRUCTURED_REPLY, &server)?;
+        client.negotiate(NBD_OPT_STRUCTURED_REPLY, &[], &server, |_, _| false)?;
 
         let name = u32::try_from(export.len())
             .map_err(|_| invalid(format!("export name of {} bytes", export.len())))?;
@@ -70,24 +69,14 @@ impl MapClient {
         query.extend_from_slice(&1u32.to_be_bytes());
         query.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
         query.extend_from_slice(BASE_ALLOCATION.as_bytes());
-        client.option(NBD_OPT_SET_META_CONTEXT, &query)?;
         let mut context = None;
-        loop {
-            let (kind, data) = client.option_reply(NBD_OPT_SET_META_CONTEXT, &server)?;
-            match kind {
-                NBD_REP_META_CONTEXT if data.len() >= 4 => {
-                    if &data[4..] == BASE_ALLOCATION.as_bytes() {
-                        context = Some(be_u32(&data));
-                    }
-                }
-                NBD_REP_ACK => break,
-                other => {
-                    return Err(invalid(format!(
-                        "{server}: unexpected reply {other} to NBD_OPT_SET_META_CONTEXT"
-                    )))
-                }
+        client.negotiate(NBD_OPT_SET_META_CONTEXT, &query, &server, |kind, data| {
+            let ours = kind == NBD_REP_META_CONTEXT && data.len() >= 4;
+            if ours && &data[4..] == BASE_ALLOCATION.as_bytes() {
+                context = Some(be_u32(data));
             }
-        }
+            ours
+        })?;
         client.context = context.ok_or_else(|| {
             invalid(format!(
                 "{server} offers no {BASE_ALLOCATION} context for export {export:?}"
@@ -98,36 +87,47 @@ impl MapClient {
         go.extend_from_slice(&name.to_be_bytes());
         go.extend_from_slice(export.as_bytes());
         go.extend_from_slice(&0u16.to_be_bytes());
-        client.option(NBD_OPT_GO, &go)?;
         let mut size = None;
-        loop {
-            let (kind, data) = client.option_reply(NBD_OPT_GO, &server)?;
-            match kind {
-                NBD_REP_INFO if data.len() >= 10 => {
-                    if u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT {
-                        size = Some(be_u64(&data[2..]));
-                    }
-                }
-                NBD_REP_INFO => {}
-                NBD_REP_ACK => break,
-                other => {
-                    return Err(invalid(format!(
-                        "{server}: unexpected reply {other} to NBD_OPT_GO"
-                    )))
-                }
+        client.negotiate(NBD_OPT_GO, &go, &server, |kind, data| {
+            if kind != NBD_REP_INFO {
+                return false;
             }
-        }
+            if data.len() >= 10 && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT {
+                size = Some(be_u64(&data[2..]));
+            }
+            true
+        })?;
         client.size = size.ok_or_else(|| invalid(format!("{server} sent no export size")))?;
         Ok(client)
     }
 
-    fn option(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
+    /// Send `option` with `data` and take its replies up to the final ACK, handing each other
+    /// reply to `take` (its type and data), which says whether it expected it; an unexpected
+    /// reply or an error reply is an error.
+    fn negotiate(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        server: &str,
+        mut take: impl FnMut(u32, &[u8]) -> bool,
+    ) -> io::Result<()> {
         let mut out = Vec::with_capacity(16 + data.len());
         out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         out.extend_from_slice(&option.to_be_bytes());
         out.extend_from_slice(&(data.len() as u32).to_be_bytes());
         out.extend_from_slice(data);
-        self.stream.write_all(&out)
+        self.stream.write_all(&out)?;
+        loop {
+            match self.option_reply(option, server)? {
+                (NBD_REP_ACK, _) => return Ok(()),
+                (kind, data) if take(kind, &data) => {}
+                (kind, _) => {
+                    return Err(invalid(format!(
+                        "{server}: unexpected reply {kind} to option {option}"
+                    )))
+                }
+            }
+        }
     }
 
     /// The next reply to `option`: its type and data; an error reply is an error, with the
@@ -153,15 +153,6 @@ impl MapClient {
             )));
         }
         Ok((kind, data))
-    }
-
-    fn expect_ack(&mut self, option: u32, server: &str) -> io::Result<()> {
-        match self.option_reply(option, server)? {
-            (NBD_REP_ACK, _) => Ok(()),
-            (other, _) => Err(invalid(format!(
-                "{server}: reply {other} to option {option}, expected an ACK"
-            ))),
-        }
     }
 
     /// The allocation of `[offset, offset + len)` (`len` at most 4 GiB − 1): runs from
