@@ -425,6 +425,9 @@ impl Default for ScrubSettings {
 pub struct VhostSettings {
     pub num_queues: u16,
     pub queue_size: u16,
+    /// Longest a queue worker looks for the guest's next request before it sleeps ("32us";
+    /// "0s": never). Adaptive: only queues whose guest comes back that fast poll at all.
+    pub poll_max: String,
     /// Octal mode of every vhost-user socket ("0600": only the daemon's user may connect).
     pub socket_mode: String,
     /// User name or numeric uid that owns the sockets; empty: the daemon's user.
@@ -438,6 +441,7 @@ impl Default for VhostSettings {
         Self {
             num_queues: 4,
             queue_size: 256,
+            poll_max: "32us".into(),
             socket_mode: "0600".into(),
             socket_owner: String::new(),
             socket_group: String::new(),
@@ -813,6 +817,8 @@ pub struct ServeConfig {
     pub vhost_dir: PathBuf,
     pub vhost_queues: u16,
     pub vhost_queue_size: u16,
+    /// `[vhost] poll_max`, parsed.
+    pub vhost_poll_max: std::time::Duration,
     /// Mode and owner of the vhost-user sockets (`[vhost] socket_*`).
     pub vhost_socket: vstor_edge::vhost::SocketPermissions,
     /// API token and TLS (`[api]`, `--api-token-file`, `--api-tls-*`).
@@ -1057,6 +1063,16 @@ impl FileConfig {
                 "a power of two from 4 to 1024"
             ));
         }
+        let vhost_poll_max = humantime::parse_duration(self.vhost.poll_max.trim())
+            .ok()
+            .filter(|t| *t <= vstor_edge::vhost::MAX_POLL)
+            .ok_or_else(|| {
+                anyhow::anyhow!(not_allowed(
+                    "vhost.poll_max",
+                    &self.vhost.poll_max,
+                    "a duration from \"0s\" to \"1ms\", like \"32us\""
+                ))
+            })?;
         if self.nbd_server.max_inflight_per_connection == 0 {
             bail!(not_allowed(
                 "nbd_server.max_inflight_per_connection",
@@ -1266,6 +1282,7 @@ impl FileConfig {
                 .unwrap_or_else(|| self.data_dir.join("vhost")),
             vhost_queues: self.vhost.num_queues,
             vhost_queue_size: self.vhost.queue_size,
+            vhost_poll_max,
             write_buffer_limit,
             read_cache,
             shutdown_upload_timeout_secs: self.shutdown_upload_timeout_secs,
@@ -1372,6 +1389,14 @@ mod tests {
         assert_eq!(resolved.vhost_socket.mode, 0o660);
         assert_eq!(resolved.vhost_socket.gid, Some(6));
         assert_eq!(resolved.vhost_socket.uid, None);
+        assert_eq!(
+            resolved.vhost_poll_max,
+            std::time::Duration::from_micros(32),
+            "default"
+        );
+        let poll: FileConfig = toml::from_str("[vhost]\npoll_max = \"0s\"\n").unwrap();
+        let resolved = poll.resolve(Overrides::default()).unwrap();
+        assert_eq!(resolved.vhost_poll_max, std::time::Duration::ZERO);
     }
 
     #[test]
@@ -1574,6 +1599,8 @@ mod tests {
             ("[vhost]\nqueue_size = 2", "vhost.queue_size = 2 is not allowed: must be a power of two from 4 to 1024"),
             ("[vhost]\nqueue_size = 100", "vhost.queue_size = 100"),
             ("[vhost]\nqueue_size = 2048", "vhost.queue_size = 2048"),
+            ("[vhost]\npoll_max = \"2ms\"", "vhost.poll_max = \"2ms\" is not allowed: must be a duration from \"0s\" to \"1ms\""),
+            ("[vhost]\npoll_max = \"short\"", "vhost.poll_max = \"short\""),
             ("[nbd_server]\nmax_payload = \"1K\"", "nbd_server.max_payload = \"1K\" is not allowed: must be from 4K to 4G"),
             ("[nbd_server]\nmax_payload = \"5G\"", "nbd_server.max_payload = \"5G\""),
             ("[nbd_server]\nmax_inflight_per_connection = 0", "nbd_server.max_inflight_per_connection = 0 is not allowed: must be at least 1"),

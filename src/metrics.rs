@@ -131,6 +131,13 @@ fn scrape(state: &ApiState) -> Scrape {
             .into_iter()
             .chain(dtl_sweep_metrics(state))
             .chain(read_cache_metrics(state))
+            .chain(std::iter::once((
+                "vstor_vhost_polled",
+                "Times a vhost-user queue worker found the guest's next requests by polling, \
+                 without a kick or a wake-up ([vhost] poll_max)",
+                MetricType::Counter,
+                state.vhost.polled(),
+            )))
             .collect(),
         cpu_seconds: cpu_seconds(),
         rss_bytes: rss_bytes(),

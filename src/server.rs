@@ -275,6 +275,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         VhostConfig {
             num_queues: config.vhost_queues,
             queue_size: config.vhost_queue_size,
+            poll_max: config.vhost_poll_max,
         },
         tokio::runtime::Handle::current(),
     )

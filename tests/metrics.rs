@@ -152,6 +152,8 @@ fn metrics_parse_and_the_histograms_move_after_io() {
         counter(&after, "vstor_backend_errors_total", &[("op", "put")]),
         0.0
     );
+    // The vhost-user server's polling counter is there (no vhost-user client here: NBD only).
+    assert_eq!(counter(&after, "vstor_vhost_polled_total", &[]), 0.0);
     // Every name follows the conventions: a vstor_ prefix, lower snake case.
     let names: BTreeMap<&str, ()> = after
         .samples

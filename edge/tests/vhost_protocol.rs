@@ -46,6 +46,7 @@ fn fixture(target: MemTarget) -> Fixture {
         VhostConfig {
             num_queues: 3,
             queue_size: 64,
+            ..VhostConfig::default()
         },
         rt.handle().clone(),
     )

@@ -45,7 +45,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tracing::{debug, error, warn};
@@ -67,6 +67,7 @@ use vmm_sys_util::event::{
 
 use super::completion::{add_used, signal_if_needed, used_len, write_status, Deferred, Later};
 use super::config::{VirtioBlockConfig, WRITEBACK_OFFSET};
+use super::poll::Poller;
 use super::request::{
     self, GuestMem, Limits, Outcome, Parsed, RequestKind, ID_LEN, MAX_DISCARD_SECTORS,
     MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE,
@@ -81,6 +82,16 @@ const MAX_THROTTLE: Duration = Duration::from_secs(1);
 /// Most requests of one queue waiting on the blocking pool (FLUSH, writethrough writes). Each may
 /// hold a bounce buffer of up to `BOUNCE_CHUNK`, so this bounds memory and blocking threads.
 const MAX_DEFERRED_PER_QUEUE: usize = 32;
+
+/// Whether the guest has made chains available that the worker has not popped yet.
+fn has_chains(vring: &VringRwLock, mem: &GuestMem) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    // An unreadable ring index (a bad guest address) is for the next pass to report.
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every value behind these mutexes stays consistent across a panic (counters, buffers).
@@ -124,12 +135,27 @@ impl BlockTarget for Absent {
     }
 }
 
-/// Per-queue state: the in-flight counts and the bounce buffer of the queue's worker.
-#[derive(Default)]
+/// Per-queue state: the in-flight counts, the bounce buffer and the polling window of the
+/// queue's worker.
 struct QueueCtl {
     counts: Mutex<Counts>,
     changed: Condvar,
     bounce: Mutex<Vec<u8>>,
+    poll: Mutex<PollState>,
+}
+
+/// How a backend's queue workers poll (`VhostConfig::poll_max`) and where they count it.
+pub(crate) struct Polling {
+    pub(crate) max: Duration,
+    pub(crate) polled: Arc<AtomicU64>,
+}
+
+/// What the worker knows about its guest's pace (`poll`).
+struct PollState {
+    poller: Poller,
+    /// When the worker last ran out of chains without polling them up: the next pass tells the
+    /// poller how long the guest took.
+    ran_out: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -151,6 +177,18 @@ pub(super) struct Inflight {
 }
 
 impl QueueCtl {
+    fn new(poll_max: Duration) -> Self {
+        Self {
+            counts: Mutex::default(),
+            changed: Condvar::new(),
+            bounce: Mutex::default(),
+            poll: Mutex::new(PollState {
+                poller: Poller::new(poll_max),
+                ran_out: None,
+            }),
+        }
+    }
+
     fn enter(self: &Arc<Self>) -> Inflight {
         lock(&self.counts).inflight += 1;
         Inflight {
@@ -233,6 +271,8 @@ pub(crate) struct BlkBackend {
     /// Set once the connection is over: workers stop touching the rings.
     closed: AtomicBool,
     queues: Vec<Arc<QueueCtl>>,
+    /// The server's count of passes that polling found work for (`VhostServer::polled`).
+    polled: Arc<AtomicU64>,
     exit_notifiers: Mutex<Vec<EventNotifier>>,
 }
 
@@ -244,6 +284,7 @@ impl BlkBackend {
         runtime: Handle,
         num_queues: usize,
         queue_size: u16,
+        polling: Polling,
         mem: GuestMemoryAtomic<GuestMem>,
     ) -> Self {
         Self {
@@ -259,7 +300,10 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
             closed: AtomicBool::new(false),
-            queues: (0..num_queues).map(|_| Arc::default()).collect(),
+            queues: (0..num_queues)
+                .map(|_| Arc::new(QueueCtl::new(polling.max)))
+                .collect(),
+            polled: polling.polled,
             exit_notifiers: Mutex::new(Vec::new()),
         }
     }
@@ -365,6 +409,12 @@ impl BlkBackend {
             }
         }
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        {
+            let mut poll = lock(&ctl.poll);
+            if let Some(ran_out) = poll.ran_out.take() {
+                poll.poller.waited(ran_out.elapsed());
+            }
+        }
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
@@ -372,6 +422,9 @@ impl BlkBackend {
                 }
             }
             self.drain(ctl, vring);
+            if self.poll(ctl, vring) {
+                continue;
+            }
             if !event_idx {
                 break;
             }
@@ -384,6 +437,32 @@ impl BlkBackend {
                 }
             }
         }
+    }
+
+    /// The queue is empty: look at the ring for up to the queue's polling window (`poll`
+    /// module). True when the guest added chains meanwhile. The window is at most
+    /// `VhostConfig::poll_max`, and `closed` ends it early, so `stop_vring` waits no longer.
+    fn poll(&self, ctl: &QueueCtl, vring: &VringRwLock) -> bool {
+        let ran_out = Instant::now();
+        let mut poll = lock(&ctl.poll);
+        let window = poll.poller.window();
+        if !window.is_zero() {
+            let mem = lock(&self.mem).memory();
+            while !self.closed.load(Ordering::Acquire) {
+                if has_chains(vring, &mem) {
+                    poll.poller.waited(ran_out.elapsed());
+                    self.polled.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                if ran_out.elapsed() >= window {
+                    break;
+                }
+                // Let another thread that is ready on this CPU run instead of spinning it out.
+                std::thread::yield_now();
+            }
+        }
+        poll.ran_out = Some(ran_out);
+        false
     }
 
     /// Pop and process every available chain.

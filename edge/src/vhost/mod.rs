@@ -74,6 +74,7 @@ mod completion;
 mod config;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod poll;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -85,7 +86,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -113,6 +114,12 @@ pub const MAX_SOCKET_DIR: usize = MAX_SOCKET_PATH - 1 - HASHED_SUFFIX_LEN;
 /// descriptors or threads).
 const ACCEPT_RETRY: Duration = Duration::from_millis(200);
 
+/// Default [`VhostConfig::poll_max`]: QEMU's default `poll-max-ns` for its I/O threads, and
+/// enough to catch a guest that queues its next request right after a completion.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
+/// Longest [`VhostConfig::poll_max`]: beyond this a queue would spin longer than a wake-up costs.
+pub const MAX_POLL: Duration = Duration::from_millis(1);
+
 /// Tunables of the vhost-user-blk server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VhostConfig {
@@ -121,6 +128,10 @@ pub struct VhostConfig {
     pub num_queues: u16,
     /// Largest queue size the frontend may configure; a power of two from 4 to 32768.
     pub queue_size: u16,
+    /// Longest a queue worker keeps looking at its ring for more requests before it sleeps
+    /// (adaptive: only queues whose guest comes back within it poll at all; see `poll.rs`).
+    /// Zero: never poll. At most [`MAX_POLL`].
+    pub poll_max: Duration,
 }
 
 impl Default for VhostConfig {
@@ -128,6 +139,7 @@ impl Default for VhostConfig {
         Self {
             num_queues: 4,
             queue_size: 256,
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 }
@@ -149,6 +161,15 @@ impl VhostConfig {
                 format!(
                     "vhost queue_size must be a power of two in 4..=32768, not {}",
                     self.queue_size
+                ),
+            ));
+        }
+        if self.poll_max > MAX_POLL {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "vhost poll_max must be at most {MAX_POLL:?}, not {:?}",
+                    self.poll_max
                 ),
             ));
         }
@@ -282,6 +303,8 @@ struct ServeParams {
     registry: Arc<dyn ExportRegistry>,
     config: VhostConfig,
     runtime: tokio::runtime::Handle,
+    /// Passes of any queue worker that found the guest's next requests by polling.
+    polled: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -398,6 +421,7 @@ impl VhostServer {
                 registry,
                 config,
                 runtime,
+                polled: Arc::default(),
             },
             exports: Mutex::new(Exports {
                 next_id: WAKE_TOKEN + 1,
@@ -523,6 +547,12 @@ impl VhostServer {
         info!(export = name, "vhost-user-blk export removed");
     }
 
+    /// How many times a queue worker found the guest's next requests by polling its ring
+    /// (`VhostConfig::poll_max`), i.e. without a kick and a wake-up. Counts since start.
+    pub fn polled(&self) -> u64 {
+        self.inner.shared.params.polled.load(Ordering::Relaxed)
+    }
+
     /// Whether a frontend is currently connected to this export.
     pub fn connected(&self, name: &str) -> bool {
         lock(&self.inner.shared.exports)
@@ -611,6 +641,10 @@ fn serve_connection(shared: &Shared, export: &ExportShared) {
         params.runtime.clone(),
         usize::from(params.config.num_queues),
         params.config.queue_size,
+        backend::Polling {
+            max: params.config.poll_max,
+            polled: Arc::clone(&params.polled),
+        },
         mem.clone(),
     ));
     let rearm = || {

@@ -15,7 +15,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-use super::backend::BlkBackend;
+use super::backend::{BlkBackend, Polling};
 use super::config::VirtioBlockConfig;
 use super::request::{GuestMem, MAX_DISCARD_SECTORS};
 use crate::target::BlockTarget;
@@ -80,6 +80,10 @@ impl Harness {
             rt.handle().clone(),
             num_queues,
             QSIZE,
+            Polling {
+                max: super::DEFAULT_POLL_MAX,
+                polled: Arc::default(),
+            },
             atomic.clone(),
         ));
         backend.acked_features(backend.features());
@@ -1243,6 +1247,10 @@ fn a_vanished_export_is_an_empty_read_only_device() {
         rt.handle().clone(),
         1,
         QSIZE,
+        Polling {
+            max: Duration::ZERO,
+            polled: Arc::default(),
+        },
         mem,
     );
     assert_ne!(backend.features() & (1 << VIRTIO_BLK_F_RO), 0);

@@ -1,0 +1,172 @@
+//! Adaptive polling of a virtqueue: after a queue worker has served every chain, it looks at the
+//! ring a little longer before it goes back to sleep on the guest's kick.
+//!
+//! # Why
+//!
+//! A guest (or libblkio) submits its next request a few microseconds after it saw a completion.
+//! When the worker has already gone to sleep, that request costs a kick (an eventfd write in the
+//! guest), an epoll wake-up and a context switch in the worker: on a busy two-vCPU host that
+//! wake-up is most of a 4 KiB read's cost. Looking at the ring for a few more microseconds
+//! catches the request without either. Measured on this project's two-vCPU machine with the
+//! owner's own vhost-user export (`vstor-bench edge`): QD1 random reads went from about 22 k to
+//! 60 k+ IOPS (p50 45 → 15 µs) and QD32 reads gained about a quarter.
+//!
+//! # Why adaptive
+//!
+//! Spinning costs a CPU while it lasts, so it must only happen where it pays. The rule is
+//! QEMU's `IOThread` adaptive polling (`poll-max-ns`): each queue keeps a polling *window*.
+//! After each wait the worker learns how long the guest took to bring more work (the time it
+//! polled, plus the time it slept if the poll missed):
+//! - within the window: the poll paid, keep the window;
+//! - longer than the window but within `max`: a longer window would have caught it: double it
+//!   (from [`START`]);
+//! - longer than `max`: polling did not pay this time: halve the window, and below [`START`]
+//!   stop polling, until waits get short again.
+//!
+//! Halving rather than QEMU's default reset to zero: one preemption of the guest's thread on a
+//! busy host would otherwise throw away a window that pays for every other request (measured:
+//! with a reset, QD32 reads through the node's own export gained nothing, with halving they
+//! gain as with a fixed window). An idle queue stops polling after a handful of long waits, at a
+//! cost of a few `max` of CPU, and a queue with a tight guest spins at most `max` per wait. The spin loop
+//! yields the CPU between looks (`sched_yield`), so another runnable thread on the same CPU is
+//! not held up by it.
+//!
+//! This module is the decision only (no clock, no ring): the worker measures and asks.
+
+use std::time::Duration;
+
+/// First window after a wait that a window would have caught.
+pub(crate) const START: Duration = Duration::from_micros(4);
+
+/// The polling window of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Poller {
+    window: Duration,
+    max: Duration,
+}
+
+impl Poller {
+    /// A queue that polls at most `max` after each pass (`Duration::ZERO`: never).
+    pub(crate) fn new(max: Duration) -> Self {
+        Self {
+            window: Duration::ZERO,
+            max,
+        }
+    }
+
+    /// How long to look at the ring before sleeping.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The guest brought more work `waited` after the worker ran out of it (time spent polling,
+    /// plus sleeping if the poll missed).
+    pub(crate) fn waited(&mut self, waited: Duration) {
+        if waited <= self.window {
+            return;
+        }
+        self.window = if waited > self.max {
+            let half = self.window / 2;
+            if half < START {
+                Duration::ZERO
+            } else {
+                half
+            }
+        } else if self.window.is_zero() {
+            START.min(self.max)
+        } else {
+            (self.window * 2).min(self.max)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn a_queue_starts_without_polling() {
+        assert_eq!(Poller::new(32 * US).window(), Duration::ZERO);
+    }
+
+    #[test]
+    fn short_waits_grow_the_window_until_it_catches_them() {
+        let mut p = Poller::new(32 * US);
+        let mut windows = Vec::new();
+        for _ in 0..6 {
+            p.waited(13 * US);
+            windows.push(p.window());
+        }
+        assert_eq!(
+            windows,
+            vec![4 * US, 8 * US, 16 * US, 16 * US, 16 * US, 16 * US]
+        );
+    }
+
+    #[test]
+    fn the_window_never_passes_max() {
+        let mut p = Poller::new(20 * US);
+        for _ in 0..10 {
+            p.waited(19 * US);
+        }
+        assert_eq!(p.window(), 20 * US);
+        let mut tiny = Poller::new(2 * US);
+        tiny.waited(US + US / 2);
+        assert_eq!(tiny.window(), 2 * US, "START is capped at max too");
+    }
+
+    #[test]
+    fn waits_longer_than_max_halve_the_window_then_stop_polling() {
+        let mut p = Poller::new(32 * US);
+        for _ in 0..5 {
+            p.waited(20 * US);
+        }
+        assert_eq!(p.window(), 32 * US);
+        let mut windows = Vec::new();
+        for _ in 0..5 {
+            p.waited(Duration::from_millis(5));
+            windows.push(p.window());
+        }
+        assert_eq!(
+            windows,
+            vec![16 * US, 8 * US, 4 * US, Duration::ZERO, Duration::ZERO]
+        );
+        p.waited(33 * US);
+        assert_eq!(p.window(), Duration::ZERO, "still too slow to poll for");
+    }
+
+    #[test]
+    fn one_long_wait_costs_half_the_window_not_all_of_it() {
+        let mut p = Poller::new(32 * US);
+        for _ in 0..5 {
+            p.waited(20 * US);
+        }
+        p.waited(Duration::from_millis(2));
+        assert_eq!(p.window(), 16 * US);
+        p.waited(20 * US);
+        assert_eq!(p.window(), 32 * US, "the next short wait grows it back");
+    }
+
+    #[test]
+    fn waits_within_the_window_keep_it() {
+        let mut p = Poller::new(32 * US);
+        for _ in 0..4 {
+            p.waited(30 * US);
+        }
+        assert_eq!(p.window(), 32 * US);
+        p.waited(US);
+        p.waited(32 * US);
+        assert_eq!(p.window(), 32 * US);
+    }
+
+    #[test]
+    fn zero_max_never_polls() {
+        let mut p = Poller::new(Duration::ZERO);
+        for wait in [0, 1, 5, 100] {
+            p.waited(wait * US);
+            assert_eq!(p.window(), Duration::ZERO);
+        }
+    }
+}
