@@ -13,6 +13,13 @@
 //!   file, all-zero chunks not written either, so holes stay holes; the file is fsynced at the
 //!   end. A thin 1 TiB volume with 1 GiB of data costs 1 GiB of reads, not 1 TiB.
 //!
+//! * **TLS:** a node whose NBD server requires TLS (`--nbd-tls require`) refuses plain clients,
+//!   so both take `--tls-certificates DIR`, the credentials directory qemu (`tls-creds-x509`)
+//!   and libnbd (`tls-certificates`) use: `ca-cert.pem` to check the node, and
+//!   `client-cert.pem` / `client-key.pem` when the node wants client certificates. Our own
+//!   clients upgrade with `NBD_OPT_STARTTLS` (`vstor_edge::nbd::client_tls`); a qcow2 import
+//!   hands the same directory to qemu-img.
+//!
 //! A failed import deletes the half-imported volume (and says so). Progress is a bar on a
 //! terminal and a line every few seconds otherwise.
 
@@ -28,6 +35,7 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::{lseek, Whence};
 use serde::Serialize;
 use vstor_edge::nbd::client::NbdClient;
+use vstor_edge::nbd::client_tls::ClientTls;
 use vstor_edge::nbd::map_client::MapClient;
 
 use crate::api_types::{CreateRequest, VolumeView};
@@ -117,6 +125,22 @@ fn nbd_target(view: &VolumeView) -> Result<(String, String)> {
     Ok((addr.to_string(), export.to_string()))
 }
 
+/// The TLS credentials in `dir` (`--tls-certificates`), if given.
+fn client_tls(dir: Option<&Path>) -> Result<Option<ClientTls>> {
+    dir.map(|dir| ClientTls::from_dir(dir).context("--tls-certificates"))
+        .transpose()
+}
+
+/// What failing to open the NBD export says; without TLS it names the likely reason.
+fn reach(addr: &str, export: &str, tls: bool) -> String {
+    let hint = if tls {
+        ""
+    } else {
+        " (a node that requires NBD TLS drops plain clients: pass --tls-certificates DIR)"
+    };
+    format!("cannot reach the NBD export nbd://{addr}/{export}{hint}")
+}
+
 fn nbd_ok(code: std::io::Result<u32>, what: &str) -> Result<()> {
     match code {
         Ok(0) => Ok(()),
@@ -179,12 +203,18 @@ fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
     extents
 }
 
-fn write_raw(path: &Path, view: &VolumeView, progress: &mut Progress) -> Result<u64> {
+fn write_raw(
+    path: &Path,
+    view: &VolumeView,
+    tls: Option<&Path>,
+    progress: &mut Progress,
+) -> Result<u64> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
     let (addr, export) = nbd_target(view)?;
-    let mut nbd = NbdClient::connect_timeout(&addr, &export, Some(IO_TIMEOUT))
-        .with_context(|| format!("cannot reach the NBD export nbd://{addr}/{export}"))?;
+    let tls = client_tls(tls)?;
+    let mut nbd = NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls.as_ref())
+        .with_context(|| reach(&addr, &export, tls.is_some()))?;
     let mut buf = vec![0u8; CHUNK];
     let mut data = 0u64;
     for (start, end) in data_extents(&file, len) {
@@ -211,24 +241,42 @@ fn write_raw(path: &Path, view: &VolumeView, progress: &mut Progress) -> Result<
     Ok(data)
 }
 
-fn write_qcow2(path: &Path, view: &VolumeView) -> Result<u64> {
+fn write_qcow2(path: &Path, view: &VolumeView, tls: Option<&Path>) -> Result<u64> {
     let uri = view.nbd_uri.clone().unwrap_or_default();
     let mut command = Command::new("qemu-img");
-    command.args([
-        "convert",
-        "-n",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "--target-is-zero",
-    ]);
+    command.args(["convert", "-n", "-f", "qcow2", "--target-is-zero"]);
     if crate::client::on_terminal() {
         command.arg("-p");
     }
+    let target = match tls {
+        None => {
+            command.args(["-O", "raw"]);
+            uri.clone()
+        }
+        // The target as options (qemu-img takes no URI with TLS credentials); its format is
+        // then the options' driver, so no `-O`.
+        Some(dir) => {
+            // Fail here, with our message, on a directory qemu-img would only half explain.
+            client_tls(Some(dir))?;
+            let (addr, export) = nbd_target(view)?;
+            let (host, port) = addr
+                .rsplit_once(':')
+                .with_context(|| format!("unexpected NBD address {addr:?}"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            command.args([
+                "--object".to_string(),
+                format!(
+                    "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                    dir.display()
+                ),
+                "--target-image-opts".to_string(),
+            ]);
+            format!("driver=nbd,host={host},port={port},export={export},tls-creds=tls0")
+        }
+    };
     let status = command
         .arg(path)
-        .arg(&uri)
+        .arg(&target)
         .status()
         .context("qcow2 import needs qemu-img (package qemu-utils)")?;
     if !status.success() {
@@ -256,6 +304,7 @@ pub fn import(
     name: &str,
     format: Option<Format>,
     size: Option<u64>,
+    tls: Option<&Path>,
 ) -> Result<TransferReport> {
     let started = Instant::now();
     let format = match format {
@@ -292,8 +341,8 @@ pub fn import(
     )?;
     let mut progress = Progress::new(&format!("import {name}"), image_size);
     let written = match format {
-        Format::Raw => write_raw(path, &view, &mut progress),
-        Format::Qcow2 => write_qcow2(path, &view),
+        Format::Raw => write_raw(path, &view, tls, &mut progress),
+        Format::Qcow2 => write_qcow2(path, &view, tls),
     };
     progress.finish();
     let data_bytes = match written {
@@ -321,7 +370,13 @@ pub fn import(
 }
 
 /// `vstor volume export`.
-pub fn export(client: &Client, name: &str, path: &Path, force: bool) -> Result<TransferReport> {
+pub fn export(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    force: bool,
+    tls: Option<&Path>,
+) -> Result<TransferReport> {
     let started = Instant::now();
     let view: VolumeView = client.get(&format!("/v1/volumes/{name}"))?;
     let size = view
@@ -334,10 +389,12 @@ pub fn export(client: &Client, name: &str, path: &Path, force: bool) -> Result<T
         );
     }
     let (addr, export) = nbd_target(&view)?;
-    let reach = || format!("cannot reach the NBD export nbd://{addr}/{export}");
-    let mut nbd =
-        NbdClient::connect_timeout(&addr, &export, Some(IO_TIMEOUT)).with_context(reach)?;
-    let mut map = MapClient::connect(&addr, &export, Some(IO_TIMEOUT)).with_context(reach)?;
+    let tls = client_tls(tls)?;
+    let reach = || reach(&addr, &export, tls.is_some());
+    let mut map =
+        MapClient::connect(&addr, &export, Some(IO_TIMEOUT), tls.as_ref()).with_context(reach)?;
+    let mut nbd = NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls.as_ref())
+        .with_context(reach)?;
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     file.set_len(size)?;
     let mut progress = Progress::new(&format!("export {name}"), size);

@@ -1318,7 +1318,7 @@ async fn map_client_reads_the_allocation_map_as_runs() {
     let addr = srv.addr.to_string();
     let timeout = Some(Duration::from_secs(10));
     let (runs, inner, unknown) = tokio::task::spawn_blocking(move || {
-        let mut map = MapClient::connect(&addr, "vol", timeout).unwrap();
+        let mut map = MapClient::connect(&addr, "vol", timeout, None).unwrap();
         assert_eq!(map.size, 4 * MIB);
         let mut runs: Vec<Run> = Vec::new();
         let mut at = 0;
@@ -1335,7 +1335,7 @@ async fn map_client_reads_the_allocation_map_as_runs() {
             .to_string();
         assert!(past.contains("NBD error"), "{past}");
         assert_eq!(map.block_status(0, 4096).unwrap().len(), 1);
-        let unknown = MapClient::connect(&addr, "nosuch", timeout).err();
+        let unknown = MapClient::connect(&addr, "nosuch", timeout, None).err();
         (runs, inner, unknown)
     })
     .await

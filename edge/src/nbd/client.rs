@@ -1,5 +1,6 @@
-//! A small blocking NBD client: fixed newstyle, `NBD_OPT_EXPORT_NAME`, simple replies, one
-//! request at a time (plus pipelined reads for tests that need them).
+//! A small blocking NBD client: fixed newstyle, optional TLS (`NBD_OPT_STARTTLS`,
+//! `client_tls`), `NBD_OPT_EXPORT_NAME`, simple replies, one request at a time (plus pipelined
+//! reads for tests that need them).
 //!
 //! Why a client of our own next to the server: crash tests and the cluster benchmark must know
 //! exactly which writes were acknowledged, and must reconnect to another address (a volume's new
@@ -13,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use super::client_tls::{open, ClientTls, Stream};
 use super::proto::{
     IHAVEOPT, NBDMAGIC, NBD_CMD_FLAG_FUA, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE,
     NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_OPT_EXPORT_NAME,
@@ -59,7 +61,7 @@ pub(super) fn greet(stream: &mut TcpStream) -> io::Result<String> {
 
 /// One connection to one export.
 pub struct NbdClient {
-    stream: TcpStream,
+    stream: Stream,
     /// Size of the export in bytes, as the server announced it.
     pub size: u64,
     cookie: u64,
@@ -78,16 +80,30 @@ impl NbdClient {
         export: &str,
         timeout: Option<Duration>,
     ) -> io::Result<Self> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_read_timeout(timeout)?;
-        stream.set_write_timeout(timeout)?;
-        Self::over(stream, export)
+        Self::connect_tls(addr, export, timeout, None)
+    }
+
+    /// As [`connect_timeout`](Self::connect_timeout), over TLS when `tls` is given (the
+    /// connection is upgraded with `NBD_OPT_STARTTLS` before the export is named).
+    pub fn connect_tls(
+        addr: &str,
+        export: &str,
+        timeout: Option<Duration>,
+        tls: Option<&ClientTls>,
+    ) -> io::Result<Self> {
+        let (stream, server) = open(addr, timeout, tls)?;
+        Self::attach(stream, &server, export)
     }
 
     /// Attach to `export` over `stream`, a connection the caller made (for example from a
     /// chosen source address); its timeouts are left as they are.
     pub fn over(mut stream: TcpStream, export: &str) -> io::Result<Self> {
         let addr = greet(&mut stream)?;
+        Self::attach(Stream::Plain(stream), &addr, export)
+    }
+
+    /// Name `export` on a greeted (and maybe upgraded) connection.
+    fn attach(mut stream: Stream, addr: &str, export: &str) -> io::Result<Self> {
         let mut option = Vec::with_capacity(16 + export.len());
         option.extend_from_slice(&IHAVEOPT.to_be_bytes());
         option.extend_from_slice(&NBD_OPT_EXPORT_NAME.to_be_bytes());

@@ -11,10 +11,10 @@
 //! violation of the protocol by the server is an `InvalidData` error, never a panic.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use super::client::{be_u32, be_u64, greet, invalid, NbdClient};
+use super::client::{be_u32, be_u64, invalid, NbdClient};
+use super::client_tls::{open, ClientTls, Stream};
 use super::proto::{
     IHAVEOPT, NBD_CMD_BLOCK_STATUS, NBD_INFO_EXPORT, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT,
     NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
@@ -38,7 +38,7 @@ pub struct Run {
 
 /// A connection that asks one export for its allocation map.
 pub struct MapClient {
-    stream: TcpStream,
+    stream: Stream,
     /// Size of the export in bytes, as the server announced it.
     pub size: u64,
     context: u32,
@@ -47,12 +47,14 @@ pub struct MapClient {
 
 impl MapClient {
     /// Connect to `addr` (HOST:PORT) and negotiate block status on `export`, with `timeout` on
-    /// every socket read and write.
-    pub fn connect(addr: &str, export: &str, timeout: Option<Duration>) -> io::Result<Self> {
-        let mut stream = TcpStream::connect(addr)?;
-        stream.set_read_timeout(timeout)?;
-        stream.set_write_timeout(timeout)?;
-        let server = greet(&mut stream)?;
+    /// every socket read and write, over TLS when `tls` is given (`NBD_OPT_STARTTLS` first).
+    pub fn connect(
+        addr: &str,
+        export: &str,
+        timeout: Option<Duration>,
+        tls: Option<&ClientTls>,
+    ) -> io::Result<Self> {
+        let (stream, server) = open(addr, timeout, tls)?;
         let mut client = Self {
             stream,
             size: 0,

@@ -50,6 +50,7 @@
 //! reading the socket until some complete, so TCP pushes back on the client).
 
 pub mod client;
+pub mod client_tls;
 pub mod map_client;
 pub mod proto;
 pub mod tls;
