@@ -256,8 +256,6 @@ fn write_qcow2(path: &Path, view: &VolumeView, tls: Option<&Path>) -> Result<u64
         // The target as options (qemu-img takes no URI with TLS credentials); its format is
         // then the options' driver, so no `-O`.
         Some(dir) => {
-            // Fail here, with our message, on a directory qemu-img would only half explain.
-            client_tls(Some(dir))?;
             let (addr, export) = nbd_target(view)?;
             let (host, port) = addr
                 .rsplit_once(':')
@@ -265,9 +263,10 @@ fn write_qcow2(path: &Path, view: &VolumeView, tls: Option<&Path>) -> Result<u64
             let host = host.trim_start_matches('[').trim_end_matches(']');
             command.args([
                 "--object".to_string(),
+                // qemu's option syntax doubles a comma inside a value.
                 format!(
                     "tls-creds-x509,id=tls0,dir={},endpoint=client",
-                    dir.display()
+                    dir.display().to_string().replace(',', ",,")
                 ),
                 "--target-image-opts".to_string(),
             ]);
@@ -311,6 +310,9 @@ pub fn import(
         Some(f) => f,
         None => detect(path)?,
     };
+    // A bad credentials directory is refused before the volume is made (and qemu-img would
+    // explain it less well).
+    client_tls(tls)?;
     let image_size = match format {
         Format::Raw => {
             std::fs::metadata(path)

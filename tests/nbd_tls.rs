@@ -478,8 +478,23 @@ fn volume_import_and_export_go_over_tls() {
         path(tmp.path()),
     ]);
     assert!(err.contains("has no ca-cert.pem"), "{err}");
+    let err = failed(&[
+        "volume",
+        "import",
+        path(&raw),
+        "bad-dir",
+        "--tls-certificates",
+        path(tmp.path()),
+    ]);
+    assert!(
+        err.contains("has no ca-cert.pem") && !err.contains("half-imported"),
+        "refused before the volume is made: {err}"
+    );
     let list = daemon.cli_ok(&["volume", "list"]);
-    assert!(!list.contains("plain"), "{list}");
+    assert!(
+        !list.contains("plain") && !list.contains("bad-dir"),
+        "{list}"
+    );
     // The node still serves the good client.
     let out = qemu_io_tls(&daemon, "vol", &good, &["read -P 0x6b 4186112 8192"]);
     assert_ok_patterns(&out);
