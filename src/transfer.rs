@@ -132,7 +132,7 @@ fn client_tls(dir: Option<&Path>) -> Result<Option<ClientTls>> {
 }
 
 /// What failing to open the NBD export says; without TLS it names the likely reason.
-fn reach(addr: &str, export: &str, tls: bool) -> String {
+fn cannot_reach(addr: &str, export: &str, tls: bool) -> String {
     let hint = if tls {
         ""
     } else {
@@ -206,15 +206,14 @@ fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
 fn write_raw(
     path: &Path,
     view: &VolumeView,
-    tls: Option<&Path>,
+    tls: Option<&ClientTls>,
     progress: &mut Progress,
 ) -> Result<u64> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
     let (addr, export) = nbd_target(view)?;
-    let tls = client_tls(tls)?;
-    let mut nbd = NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls.as_ref())
-        .with_context(|| reach(&addr, &export, tls.is_some()))?;
+    let mut nbd = NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls)
+        .with_context(|| cannot_reach(&addr, &export, tls.is_some()))?;
     let mut buf = vec![0u8; CHUNK];
     let mut data = 0u64;
     for (start, end) in data_extents(&file, len) {
@@ -312,7 +311,7 @@ pub fn import(
     };
     // A bad credentials directory is refused before the volume is made (and qemu-img would
     // explain it less well).
-    client_tls(tls)?;
+    let credentials = client_tls(tls)?;
     let image_size = match format {
         Format::Raw => {
             std::fs::metadata(path)
@@ -343,7 +342,7 @@ pub fn import(
     )?;
     let mut progress = Progress::new(&format!("import {name}"), image_size);
     let written = match format {
-        Format::Raw => write_raw(path, &view, tls, &mut progress),
+        Format::Raw => write_raw(path, &view, credentials.as_ref(), &mut progress),
         Format::Qcow2 => write_qcow2(path, &view, tls),
     };
     progress.finish();
@@ -392,7 +391,7 @@ pub fn export(
     }
     let (addr, export) = nbd_target(&view)?;
     let tls = client_tls(tls)?;
-    let reach = || reach(&addr, &export, tls.is_some());
+    let reach = || cannot_reach(&addr, &export, tls.is_some());
     let mut map =
         MapClient::connect(&addr, &export, Some(IO_TIMEOUT), tls.as_ref()).with_context(reach)?;
     let mut nbd = NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls.as_ref())
