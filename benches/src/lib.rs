@@ -65,7 +65,7 @@ pub struct BenchOptions {
     /// The store `bench backend` measures: a directory path, `file://PATH`, or (once a store for
     /// it exists) `s3://...`; a local store in the work directory when `None`.
     pub backend: Option<String>,
-    /// Run only the rows whose name contains this (`bench nbd` and `bench edge`; e.g. `seqwrite`); all when
+    /// Run only the rows whose name contains this (`bench nbd`, `bench edge` and `bench vhost`; e.g. `seqwrite`); all when
     /// `None`.
     pub rows: Option<String>,
     /// Directory under which a fresh work directory is made (and removed afterwards);

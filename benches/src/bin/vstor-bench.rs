@@ -166,7 +166,7 @@ struct BenchOptions {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Run only the rows whose name contains this text (`nbd` and `edge`), e.g. `seqwrite` or `qd32`.
+    /// Run only the rows whose name contains this text (`nbd`, `edge` and `vhost`), e.g. `seqwrite` or `qd32`.
     #[arg(long)]
     rows: Option<String>,
     /// The `vstor` binary to benchmark [default: the `vstor` next to this executable].

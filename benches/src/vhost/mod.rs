@@ -134,6 +134,7 @@ impl Subject {
 
 fn measure(options: &BenchOptions, calibration: bool) -> Result<Report> {
     setup::validate(options.size, options.runtime_secs, options.rounds)?;
+    let jobs = setup::select_rows(&JOBS, |job| job.name, options.rows.as_deref())?;
     let vstor_bin = if calibration {
         None
     } else {
@@ -201,9 +202,9 @@ fn measure(options: &BenchOptions, calibration: bool) -> Result<Report> {
     let base_seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |t| t.as_nanos() as u64);
-    let total = JOBS.len() * options.rounds as usize;
-    let mut rows = Vec::with_capacity(JOBS.len());
-    for (index, job) in JOBS.iter().enumerate() {
+    let total = jobs.len() * options.rounds as usize;
+    let mut rows = Vec::with_capacity(jobs.len());
+    for (index, job) in jobs.into_iter().enumerate() {
         let mut subject_samples = Vec::new();
         let mut qsd_samples = Vec::new();
         for round in 1..=options.rounds {
