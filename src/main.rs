@@ -476,11 +476,8 @@ enum VolumeVerb {
         /// to 4 KiB].
         #[arg(long)]
         size: Option<String>,
-        /// TLS to the node's NBD server: a directory with ca-cert.pem, and client-cert.pem and
-        /// client-key.pem if the node wants client certificates (qemu's and libnbd's layout)
-        /// [default: plain NBD].
-        #[arg(long, value_name = "DIR")]
-        tls_certificates: Option<PathBuf>,
+        #[command(flatten)]
+        tls: transfer::TlsArgs,
     },
     /// Copy a volume into a raw image file, sparse (zero ranges are left as holes).
     Export {
@@ -491,9 +488,8 @@ enum VolumeVerb {
         /// Overwrite FILE if it exists.
         #[arg(long)]
         force: bool,
-        /// TLS to the node's NBD server, as for `volume import` [default: plain NBD].
-        #[arg(long, value_name = "DIR")]
-        tls_certificates: Option<PathBuf>,
+        #[command(flatten)]
+        tls: transfer::TlsArgs,
     },
     /// IOPS, bandwidth and latency percentiles (p50/p99 per operation) of a volume, measured
     /// over `--interval` (the figures `vstor top` refreshes).
@@ -656,17 +652,10 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             name,
             format,
             size,
-            tls_certificates,
+            tls,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let report = transfer::import(
-                &client,
-                &file,
-                &name,
-                format,
-                size,
-                tls_certificates.as_deref(),
-            )?;
+            let report = transfer::import(&client, &file, &name, format, size, &tls)?;
             remote.show(&report, |r| {
                 println!(
                     "imported {} into volume {} ({}, {} of data) in {:.1} s",
@@ -682,10 +671,9 @@ fn run_volume(args: VolumeArgs) -> Result<()> {
             name,
             file,
             force,
-            tls_certificates,
+            tls,
         } => {
-            let report =
-                transfer::export(&client, &name, &file, force, tls_certificates.as_deref())?;
+            let report = transfer::export(&client, &name, &file, force, &tls)?;
             remote.show(&report, |r| {
                 println!(
                     "exported volume {} ({}, {} of data) to {} in {:.1} s",

@@ -18,7 +18,10 @@
 //!   and libnbd (`tls-certificates`) use: `ca-cert.pem` to check the node, and
 //!   `client-cert.pem` / `client-key.pem` when the node wants client certificates. Our own
 //!   clients upgrade with `NBD_OPT_STARTTLS` (`vstor_edge::nbd::client_tls`); a qcow2 import
-//!   hands the same directory to qemu-img.
+//!   hands the same directory to qemu-img. The node's certificate must name the host of its
+//!   `nbd_uri` unless `--tls-server-name NAME` says which name to check instead (a node
+//!   advertised by IP address, its certificate issued for its host name), as qemu's
+//!   `tls-hostname` and libnbd's `tls-hostname` do.
 //!
 //! A failed import deletes the half-imported volume (and says so). Progress is a bar on a
 //! terminal and a line every few seconds otherwise.
@@ -27,7 +30,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -125,10 +128,32 @@ fn nbd_target(view: &VolumeView) -> Result<(String, String)> {
     Ok((addr.to_string(), export.to_string()))
 }
 
-/// The TLS credentials in `dir` (`--tls-certificates`), if given.
-fn client_tls(dir: Option<&Path>) -> Result<Option<ClientTls>> {
-    dir.map(|dir| ClientTls::from_dir(dir).context("--tls-certificates"))
-        .transpose()
+/// How `volume import` and `volume export` reach a node whose NBD server wants TLS.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// TLS to the node's NBD server: a directory with ca-cert.pem, and client-cert.pem and
+    /// client-key.pem if the node wants client certificates (qemu's and libnbd's layout)
+    /// [default: plain NBD].
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// The name the node's certificate must carry [default: the host of the node's NBD
+    /// address, often an IP address].
+    #[arg(long, value_name = "NAME", requires = "tls_certificates")]
+    pub tls_server_name: Option<String>,
+}
+
+/// The TLS credentials of `--tls-certificates`, if given, checking `--tls-server-name`.
+fn client_tls(args: &TlsArgs) -> Result<Option<ClientTls>> {
+    let Some(dir) = &args.tls_certificates else {
+        return Ok(None);
+    };
+    let tls = ClientTls::from_dir(dir).context("--tls-certificates")?;
+    match &args.tls_server_name {
+        None => Ok(Some(tls)),
+        Some(name) => Ok(Some(
+            tls.with_server_name(name).context("--tls-server-name")?,
+        )),
+    }
 }
 
 /// What failing to open the NBD export says; without TLS it names the likely reason.
@@ -240,14 +265,14 @@ fn write_raw(
     Ok(data)
 }
 
-fn write_qcow2(path: &Path, view: &VolumeView, tls: Option<&Path>) -> Result<u64> {
+fn write_qcow2(path: &Path, view: &VolumeView, tls: &TlsArgs) -> Result<u64> {
     let uri = view.nbd_uri.clone().unwrap_or_default();
     let mut command = Command::new("qemu-img");
     command.args(["convert", "-n", "-f", "qcow2", "--target-is-zero"]);
     if crate::client::on_terminal() {
         command.arg("-p");
     }
-    let target = match tls {
+    let target = match &tls.tls_certificates {
         None => {
             command.args(["-O", "raw"]);
             uri.clone()
@@ -269,7 +294,12 @@ fn write_qcow2(path: &Path, view: &VolumeView, tls: Option<&Path>) -> Result<u64
                 ),
                 "--target-image-opts".to_string(),
             ]);
-            format!("driver=nbd,host={host},port={port},export={export},tls-creds=tls0")
+            let mut opts =
+                format!("driver=nbd,host={host},port={port},export={export},tls-creds=tls0");
+            if let Some(name) = &tls.tls_server_name {
+                opts.push_str(&format!(",tls-hostname={}", name.replace(',', ",,")));
+            }
+            opts
         }
     };
     let status = command
@@ -302,7 +332,7 @@ pub fn import(
     name: &str,
     format: Option<Format>,
     size: Option<u64>,
-    tls: Option<&Path>,
+    tls: &TlsArgs,
 ) -> Result<TransferReport> {
     let started = Instant::now();
     let format = match format {
@@ -376,7 +406,7 @@ pub fn export(
     name: &str,
     path: &Path,
     force: bool,
-    tls: Option<&Path>,
+    tls: &TlsArgs,
 ) -> Result<TransferReport> {
     let started = Instant::now();
     let view: VolumeView = client.get(&format!("/v1/volumes/{name}"))?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::tls::{nbds_uri, qemu_tls_args, Pki};
+use common::tls::{nbds_uri, qemu_tls_args, Pki, NAMED_HOST};
 use common::{checksum_file, poll, require_tool, run_ok, serve_fails, Daemon};
 
 fn path(p: &Path) -> &str {
@@ -515,6 +515,113 @@ fn volume_import_and_export_go_over_tls() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("refused TLS"),
+        "{err}"
+    );
+}
+
+/// A node whose certificate names its host but not the address in its `nbd_uri` (127.0.0.1):
+/// import and export check the certificate against that address, and fail, unless
+/// `--tls-server-name` names the host; then raw and qcow2 images go in and come back out.
+#[test]
+fn tls_server_name_says_which_name_the_nodes_certificate_must_carry() {
+    require_tool("qemu-img");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "ca");
+    let (cert, key) = pki.server_named("named");
+    let daemon = Daemon::start_with(
+        tmp.path(),
+        &["--tls-cert", path(&cert), "--tls-key", path(&key)],
+    );
+    let creds = pki.client_dir(tmp.path(), "creds", None);
+    let creds = path(&creds);
+
+    let raw = tmp.path().join("disk.raw");
+    let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&raw, &image).unwrap();
+    let qcow2 = tmp.path().join("disk.qcow2");
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path(&raw),
+        path(&qcow2),
+    ]));
+
+    // Without the name: the certificate does not carry 127.0.0.1.
+    for (image, volume) in [(&raw, "raw-bad"), (&qcow2, "q-bad")] {
+        let out = daemon.cli(&[
+            "volume",
+            "import",
+            path(image),
+            volume,
+            "--tls-certificates",
+            creds,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{volume}: {err}");
+        assert!(err.contains("half-imported volume was deleted"), "{err}");
+        if volume == "raw-bad" {
+            assert!(err.contains("not valid for name"), "{err}");
+        }
+    }
+
+    // With it: both formats in, and out again, byte for byte.
+    let named = ["--tls-certificates", creds, "--tls-server-name", NAMED_HOST];
+    for (image, volume) in [(&raw, "raw-vol"), (&qcow2, "q-vol")] {
+        let mut args = vec!["volume", "import", path(image), volume];
+        args.extend(named);
+        daemon.cli_ok(&args);
+        let back = tmp.path().join(format!("{volume}.back"));
+        let mut args = vec!["volume", "export", volume, path(&back)];
+        args.extend(named);
+        daemon.cli_ok(&args);
+        assert_eq!(checksum_file(&back), checksum_file(&raw), "{volume}");
+    }
+    let list = daemon.cli_ok(&["volume", "list"]);
+    assert!(!list.contains("bad"), "{list}");
+
+    // Export checks the name too; the flag needs credentials; a name must be one.
+    let out = daemon.cli(&[
+        "volume",
+        "export",
+        "raw-vol",
+        path(&tmp.path().join("x.raw")),
+        "--tls-certificates",
+        creds,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not valid for name"),
+        "{err}"
+    );
+    let out = daemon.cli(&[
+        "volume",
+        "export",
+        "raw-vol",
+        path(&tmp.path().join("y.raw")),
+        "--tls-server-name",
+        NAMED_HOST,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tls-certificates"),
+        "{err}"
+    );
+    let out = daemon.cli(&[
+        "volume",
+        "export",
+        "raw-vol",
+        path(&tmp.path().join("z.raw")),
+        "--tls-certificates",
+        creds,
+        "--tls-server-name",
+        "not a name",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tls-server-name"),
         "{err}"
     );
 }

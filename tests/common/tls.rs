@@ -19,6 +19,11 @@ pub struct Pki {
 
 const SERVER_EXT: &str =
     "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n";
+/// A server certificate for a host name only ([`NAMED_HOST`]), not the address it is dialled at.
+const NAMED_EXT: &str =
+    "subjectAltName=DNS:node-a.vstor.test\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n";
+/// The one name a [`Pki::server_named`] certificate carries.
+pub const NAMED_HOST: &str = "node-a.vstor.test";
 const CLIENT_EXT: &str = "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n";
 /// A cluster member's certificate for internal mutual TLS: server and client at once.
 const PEER_EXT: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n";
@@ -66,7 +71,7 @@ impl Pki {
                 "[ca]\ndefault_ca = tca\n[tca]\ndatabase = index.txt\nnew_certs_dir = .\n\
                  serial = serial\ndefault_md = sha256\npolicy = anything\nunique_subject = no\n\
                  [anything]\ncommonName = supplied\n[server]\n{SERVER_EXT}[client]\n{CLIENT_EXT}\
-                 [peer]\n{PEER_EXT}"
+                 [peer]\n{PEER_EXT}[named]\n{NAMED_EXT}"
             ),
         )
         .unwrap();
@@ -145,6 +150,12 @@ impl Pki {
     /// A server certificate and key for 127.0.0.1.
     pub fn server(&self, stem: &str, expired: bool) -> (PathBuf, PathBuf) {
         self.issue(stem, "localhost", "server", expired)
+    }
+
+    /// A server certificate and key that name only [`NAMED_HOST`]: dialled at 127.0.0.1, a
+    /// client must be told which name to check.
+    pub fn server_named(&self, stem: &str) -> (PathBuf, PathBuf) {
+        self.issue(stem, NAMED_HOST, "named", false)
     }
 
     /// A client certificate and key for `cn` (`--etcd-cert/--etcd-key`).

@@ -9,8 +9,10 @@
 //! `vstor_net`'s helpers, as for the internal links.
 //!
 //! The server's certificate must chain to the CA given and carry the host that was dialled (an
-//! IP address or a name, as the node's `nbd_uri` says). A client certificate is sent only when
-//! one is given: a node with `nbd_server.tls_ca` requires it.
+//! IP address or a name, as the node's `nbd_uri` says), or the name given with
+//! [`ClientTls::with_server_name`] (`--tls-server-name`: a node advertised by IP address whose
+//! certificate names its host). A client certificate is sent only when one is given: a node
+//! with `nbd_server.tls_ca` requires it.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -31,6 +33,8 @@ const MAX_MESSAGE: u32 = 64 * 1024;
 #[derive(Clone)]
 pub struct ClientTls {
     config: Arc<ClientConfig>,
+    /// The name the server's certificate must carry, when not the host dialled.
+    server_name: Option<ServerName<'static>>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -70,7 +74,21 @@ impl ClientTls {
         };
         Ok(Self {
             config: Arc::new(config),
+            server_name: None,
         })
+    }
+
+    /// Check the server's certificate for `name` (a DNS name or an IP address) instead of the
+    /// host that is dialled.
+    pub fn with_server_name(mut self, name: &str) -> io::Result<Self> {
+        let parsed = ServerName::try_from(name.to_owned()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("TLS server name {name:?}: {e}"),
+            )
+        })?;
+        self.server_name = Some(parsed);
+        Ok(self)
     }
 
     /// A credentials directory laid out as qemu's `tls-creds-x509` and libnbd's
@@ -167,8 +185,11 @@ pub(super) fn open(
         return Ok((Stream::Plain(tcp), server));
     };
     starttls(&mut tcp, &server)?;
-    let name: ServerName<'static> = vstor_net::server_name(addr)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let name: ServerName<'static> = match &tls.server_name {
+        Some(name) => name.clone(),
+        None => vstor_net::server_name(addr)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
+    };
     let mut conn = ClientConnection::new(Arc::clone(&tls.config), name)
         .map_err(|e| io::Error::other(format!("TLS with {server}: {e}")))?;
     while conn.is_handshaking() {
