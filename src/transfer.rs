@@ -11,7 +11,10 @@
 //!   connection: `vstor_edge::nbd::map_client`), so what reads as zeros (never written, trimmed,
 //!   zeroed) is neither read nor written; the data runs are read in 1 MiB chunks into a sparse
 //!   file, all-zero chunks not written either, so holes stay holes; the file is fsynced at the
-//!   end. A thin 1 TiB volume with 1 GiB of data costs 1 GiB of reads, not 1 TiB.
+//!   end. A thin 1 TiB volume with 1 GiB of data costs 1 GiB of reads, not 1 TiB. The chunks
+//!   are read over [`EXPORT_CONNECTIONS`] connections at once (as nbdcopy does), so a node
+//!   whose reads wait for S3 or the erasure-coded tier has several in flight; the first failed
+//!   read stops the export with the volume and offset named.
 //!
 //! * **TLS:** a node whose NBD server requires TLS (`--nbd-tls require`) refuses plain clients,
 //!   so both take `--tls-certificates DIR`, the credentials directory qemu (`tls-creds-x509`)
@@ -32,6 +35,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -45,6 +50,10 @@ use crate::api_types::{CreateRequest, VolumeView};
 use crate::client::Client;
 
 const CHUNK: usize = 1 << 20;
+/// Connections an export reads the volume's data over, each one 1 MiB read at a time: as
+/// nbdcopy's default, so a node whose reads wait for S3 or the erasure-coded tier (a round trip
+/// each) keeps several in flight.
+const EXPORT_CONNECTIONS: usize = 4;
 /// One block status request of an export asks about this much (the server may answer less).
 const MAP_SPAN: u64 = 1 << 30;
 const BLOCK: u64 = 4096;
@@ -169,7 +178,11 @@ fn cannot_reach(addr: &str, export: &str, tls: bool) -> String {
 fn nbd_ok(code: std::io::Result<u32>, what: &str) -> Result<()> {
     match code {
         Ok(0) => Ok(()),
-        Ok(error) => bail!("{what} failed: NBD error {error}"),
+        // NBD's error values are Linux errno values (EIO, ENOSPC, ...): say which.
+        Ok(error) => bail!(
+            "{what} failed: the node answered NBD error {error} ({})",
+            std::io::Error::from_raw_os_error(error as i32)
+        ),
         Err(e) => Err(anyhow::Error::new(e).context(format!("{what} failed"))),
     }
 }
@@ -424,37 +437,86 @@ pub fn export(
     let reach = || cannot_reach(&addr, &export, tls.is_some());
     let mut map =
         MapClient::connect(&addr, &export, Some(IO_TIMEOUT), tls.as_ref()).with_context(reach)?;
-    let mut nbd = NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls.as_ref())
+    let readers = (0..EXPORT_CONNECTIONS)
+        .map(|_| NbdClient::connect_tls(&addr, &export, Some(IO_TIMEOUT), tls.as_ref()))
+        .collect::<std::io::Result<Vec<_>>>()
         .with_context(reach)?;
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     file.set_len(size)?;
     let mut progress = Progress::new(&format!("export {name}"), size);
-    let mut buf = vec![0u8; CHUNK];
-    let mut data = 0u64;
-    let mut at = 0u64;
-    while at < size {
-        let span = MAP_SPAN.min(size - at) as u32;
-        let runs = map
-            .block_status(at, span)
-            .with_context(|| format!("allocation map of volume {name} at {at}"))?;
-        for run in runs {
-            let end = run.offset + run.length;
-            let mut pos = run.offset;
-            while !run.zero && pos < end {
-                let n = (CHUNK as u64).min(end - pos) as usize;
-                nbd_ok(nbd.read(pos, &mut buf[..n]), "NBD read")?;
-                if buf[..n].iter().any(|b| *b != 0) {
-                    file.write_all_at(&buf[..n], pos)
-                        .with_context(|| format!("writing {} at {pos}", path.display()))?;
-                    data += n as u64;
+    let copied = AtomicU64::new(0);
+    let data = AtomicU64::new(0);
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let (jobs, queue) = std::sync::mpsc::sync_channel::<(u64, usize)>(2 * EXPORT_CONNECTIONS);
+    // Only the readers hold the receiving end: when every one of them has stopped, `send` fails
+    // instead of waiting for room.
+    let queue = Arc::new(Mutex::new(queue));
+    std::thread::scope(|scope| -> Result<()> {
+        for mut nbd in readers {
+            let queue = Arc::clone(&queue);
+            let (file, copied, data, failed) = (&file, &copied, &data, &failed);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok((pos, n)) = job else { return };
+                    match copy_chunk(&mut nbd, name, file, path, pos, &mut buf[..n]) {
+                        Ok(written) => {
+                            data.fetch_add(written, Ordering::Relaxed);
+                            copied.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get_or_insert(e);
+                            return;
+                        }
+                    }
                 }
-                pos += n as u64;
-                progress.set(pos);
-            }
-            at = end;
-            progress.set(at);
+            });
         }
+        drop(queue);
+        // Runs that read as zeros are skipped: they count as done at once.
+        let mut skipped = 0u64;
+        let mut at = 0u64;
+        while at < size {
+            let span = MAP_SPAN.min(size - at) as u32;
+            let runs = map
+                .block_status(at, span)
+                .with_context(|| format!("allocation map of volume {name} at {at}"))?;
+            for run in runs {
+                let end = run.offset + run.length;
+                if run.zero {
+                    skipped += run.length;
+                }
+                let mut pos = run.offset;
+                while !run.zero && pos < end {
+                    let n = (CHUNK as u64).min(end - pos) as usize;
+                    if jobs.send((pos, n)).is_err() {
+                        // Every reader stopped: one of them failed.
+                        return Ok(());
+                    }
+                    if failed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_some()
+                    {
+                        return Ok(());
+                    }
+                    pos += n as u64;
+                    progress.set(skipped + copied.load(Ordering::Relaxed));
+                }
+                at = end;
+            }
+        }
+        drop(jobs);
+        Ok(())
+    })?;
+    if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        return Err(e);
     }
+    let data = data.into_inner();
     file.sync_all()
         .with_context(|| format!("cannot fsync {}", path.display()))?;
     progress.finish();
@@ -466,4 +528,24 @@ pub fn export(
         data_bytes: data,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Read `buf.len()` bytes at `pos` of the export into `buf` and write them at `pos` of `file`
+/// unless they are all zeros (holes stay holes). Returns the bytes written.
+fn copy_chunk(
+    nbd: &mut NbdClient,
+    volume: &str,
+    file: &File,
+    path: &Path,
+    pos: u64,
+    buf: &mut [u8],
+) -> Result<u64> {
+    nbd_ok(nbd.read(pos, buf), "NBD read")
+        .with_context(|| format!("reading volume {volume} at byte {pos}"))?;
+    if buf.iter().all(|b| *b == 0) {
+        return Ok(0);
+    }
+    file.write_all_at(buf, pos)
+        .with_context(|| format!("writing {} at {pos}", path.display()))?;
+    Ok(buf.len() as u64)
 }
