@@ -264,7 +264,6 @@ pub(crate) struct BlkBackend {
     num_queues: usize,
     queue_size: u16,
     mem: Mutex<GuestMemoryAtomic<GuestMem>>,
-    event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// The `writeback` config byte: false = writethrough (every write is FUA).
     writeback: AtomicBool,
@@ -296,7 +295,6 @@ impl BlkBackend {
             num_queues,
             queue_size,
             mem: Mutex::new(mem),
-            event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
             closed: AtomicBool::new(false),
@@ -386,8 +384,8 @@ impl BlkBackend {
         }
     }
 
-    /// Serve queue `index` until it is empty (the EVENT_IDX-safe loop: re-check after
-    /// re-enabling notifications, since the guest may have added chains in between).
+    /// Serve queue `index` until it is empty (re-check after re-enabling notifications, since
+    /// the guest may have added chains in between).
     pub(crate) fn serve_queue(&self, index: usize, vring: &VringRwLock) {
         let Some(ctl) = self.queues.get(index) else {
             error!(
@@ -408,7 +406,6 @@ impl BlkBackend {
                 return;
             }
         }
-        let event_idx = self.event_idx.load(Ordering::Acquire);
         {
             let mut poll = lock(&ctl.poll);
             if let Some(ran_out) = poll.ran_out.take() {
@@ -416,17 +413,16 @@ impl BlkBackend {
             }
         }
         loop {
-            if event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    warn!(queue = index, error = %e, "cannot disable queue notifications");
-                }
+            // The guest need not kick while this pass serves and polls. With EVENT_IDX that is
+            // already so (the avail event stays behind until `enable_notification` moves it);
+            // without it this sets `VRING_USED_F_NO_NOTIFY`, which `enable_notification`
+            // clears before the last look.
+            if let Err(e) = vring.disable_notification() {
+                warn!(queue = index, error = %e, "cannot disable queue notifications");
             }
             self.drain(ctl, vring);
             if self.poll(ctl, vring) {
                 continue;
-            }
-            if !event_idx {
-                break;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
@@ -813,13 +809,12 @@ impl VhostUserBackend for BlkBackend {
             queue.wait_idle();
         }
         self.acked_features.store(0, Ordering::Release);
-        self.event_idx.store(false, Ordering::Release);
         self.writeback.store(true, Ordering::Release);
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
-    }
+    /// Nothing to keep: the vrings know (vhost-user-backend sets it on each), and the serving
+    /// loop is the same either way (`serve_queue`).
+    fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.config().read(offset, size)

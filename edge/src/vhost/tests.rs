@@ -1135,6 +1135,25 @@ fn event_idx_loop_serves_every_chain() {
     }
 }
 
+/// Without EVENT_IDX the worker asks the guest not to kick while it serves
+/// (`VRING_USED_F_NO_NOTIFY`), and must take that back before it sleeps: a flag left set would
+/// leave the guest's next request unnoticed.
+#[test]
+fn without_event_idx_kicks_are_wanted_again_after_every_pass() {
+    let mut h = Harness::new(MemTarget::new(DEV_SIZE));
+    for i in 0..3u64 {
+        let hdr = h.header(VIRTIO_BLK_T_OUT, i);
+        let d = h.buf(&pattern(i as u8 + 7, 512));
+        let st = h.status_byte();
+        assert_eq!(h.one(&[r(hdr, 16), r(d, 512), w(st, 1)]), 1);
+        assert_eq!(h.status_at(st), OK);
+        // The used ring starts with its flags.
+        let flags: u16 = h.mem.read_obj(h.queues[0].vq.used_addr()).unwrap();
+        assert_eq!(flags, 0, "pass {i}");
+    }
+    assert_eq!(h.target.contents(2 * 512, 512), pattern(9, 512));
+}
+
 #[test]
 fn throttled_writes_still_complete() {
     let mut h = Harness::new(MemTarget::new(DEV_SIZE));
