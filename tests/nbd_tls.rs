@@ -16,6 +16,19 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `qcow2`: the raw image `raw` converted by qemu-img.
+fn qcow2_of(raw: &Path, qcow2: &Path) {
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path(raw),
+        path(qcow2),
+    ]));
+}
+
 /// A daemon serving NBD with the server certificate `stem` of `pki`, plus `extra` flags.
 fn start_tls(root: &Path, pki: &Pki, stem: &str, expired: bool, extra: &[&str]) -> Daemon {
     let (cert, key) = pki.server(stem, expired);
@@ -406,15 +419,7 @@ fn volume_import_and_export_go_over_tls() {
 
     // qcow2 goes through qemu-img with the same directory.
     let qcow2 = tmp.path().join("disk.qcow2");
-    run_ok(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        path(&raw),
-        path(&qcow2),
-    ]));
+    qcow2_of(&raw, &qcow2);
     daemon.cli_ok(&[
         "volume",
         "import",
@@ -539,15 +544,7 @@ fn tls_server_name_says_which_name_the_nodes_certificate_must_carry() {
     let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(&raw, &image).unwrap();
     let qcow2 = tmp.path().join("disk.qcow2");
-    run_ok(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        path(&raw),
-        path(&qcow2),
-    ]));
+    qcow2_of(&raw, &qcow2);
 
     // Without the name: the certificate does not carry 127.0.0.1.
     for (image, volume) in [(&raw, "raw-bad"), (&qcow2, "q-bad")] {
@@ -583,45 +580,28 @@ fn tls_server_name_says_which_name_the_nodes_certificate_must_carry() {
     assert!(!list.contains("bad"), "{list}");
 
     // Export checks the name too; the flag needs credentials; a name must be one.
-    let out = daemon.cli(&[
-        "volume",
-        "export",
-        "raw-vol",
-        path(&tmp.path().join("x.raw")),
-        "--tls-certificates",
-        creds,
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("not valid for name"),
-        "{err}"
-    );
-    let out = daemon.cli(&[
-        "volume",
-        "export",
-        "raw-vol",
-        path(&tmp.path().join("y.raw")),
-        "--tls-server-name",
-        NAMED_HOST,
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--tls-certificates"),
-        "{err}"
-    );
-    let out = daemon.cli(&[
-        "volume",
-        "export",
-        "raw-vol",
-        path(&tmp.path().join("z.raw")),
-        "--tls-certificates",
-        creds,
-        "--tls-server-name",
-        "not a name",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--tls-server-name"),
-        "{err}"
-    );
+    let refused: [(&[&str], &str); 3] = [
+        (&["--tls-certificates", creds], "not valid for name"),
+        (&["--tls-server-name", NAMED_HOST], "--tls-certificates"),
+        (
+            &[
+                "--tls-certificates",
+                creds,
+                "--tls-server-name",
+                "not a name",
+            ],
+            "--tls-server-name",
+        ),
+    ];
+    for (i, (flags, says)) in refused.into_iter().enumerate() {
+        let out_file = tmp.path().join(format!("refused-{i}.raw"));
+        let mut args = vec!["volume", "export", "raw-vol", path(&out_file)];
+        args.extend(flags);
+        let out = daemon.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{flags:?}: {err}"
+        );
+    }
 }
