@@ -125,6 +125,23 @@ impl Vstor {
             .with_context(|| format!("`vstor volume info {name} --json` did not print JSON"))
     }
 
+    /// Wait until `volume`'s upload queue is empty: sealed SCOs and TLogs go on being uploaded
+    /// (on a local backend: copied) after the writes that made them, on the same disk and
+    /// CPUs as whatever is measured next.
+    pub(crate) fn wait_uploaded(&self, volume: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let info = self.volume_info(volume)?;
+            if info.get("upload_queue").and_then(Value::as_u64) == Some(0) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("vstor's upload queue of {volume} did not drain within 120 s: {info}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     fn cli(&self, args: &[&str]) -> Result<String> {
         let output = Command::new(&self.bin)
             .args(args)

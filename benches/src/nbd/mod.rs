@@ -217,17 +217,7 @@ fn measure(options: &BenchOptions) -> Result<Report> {
 /// write job ends), then `sync` writes back every dirty page (qemu-nbd's writes sit in the page
 /// cache, and the kernel would otherwise write them back during the next job, vstor's or not).
 fn settle(vstor: &Vstor) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let info = vstor.volume_info(EXPORT)?;
-        if info.get("upload_queue").and_then(Value::as_u64) == Some(0) {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("vstor's upload queue did not drain within 120 s: {info}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vstor.wait_uploaded(EXPORT)?;
     nix::unistd::sync();
     Ok(())
 }

@@ -192,8 +192,14 @@ fn measure(options: &BenchOptions, calibration: bool) -> Result<Report> {
         check_vstor_prefill(vstor, options.size)?;
     }
     let qsd_prefill = prefill("qsd", qsd.socket(), options.size)?;
-    // Both prefills leave dirty page cache behind (the raw file, vstor's files); write it back
-    // now rather than during the first rows.
+    // vstor goes on uploading the prefill's sealed SCOs (copying them to its backend) after
+    // the writes: let that finish, as `bench nbd` does between jobs, or the first rows pay for
+    // it. Then both prefills leave dirty page cache behind (the raw file, vstor's files); write
+    // it back now rather than during the first rows.
+    if let Subject::Vstor(vstor) = &subject {
+        progress(format_args!("waiting for vstor's uploads of the prefill"));
+        vstor.wait_uploaded(VOLUME)?;
+    }
     progress(format_args!(
         "writing back the prefills' dirty pages (sync)"
     ));
