@@ -5,9 +5,13 @@
 //! links) does the TLS; [`TlsListener`] plugs it into `axum::serve` through axum's `Listener`
 //! trait. Handshakes run in their own tasks with a deadline, so a client that connects and never
 //! finishes its handshake holds up nobody else; accepted streams reach axum through a channel.
+//!
+//! The certificate and key are an [`ApiTls`]: every handshake takes the current configuration,
+//! and [`ApiTls::reload`] (on `SIGHUP` and when the files change, `tls_reload`) swaps in one
+//! built from the files as they are now, so a renewed certificate needs no restart.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use vstor_net::{PemSnapshot, Reloadable};
 
 /// How long a client has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,8 +35,52 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The server's certificate chain and key, checked at startup.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+/// The API's certificate and key, reloadable from their files. Clones share them.
+#[derive(Clone)]
+pub struct ApiTls {
+    cert: PathBuf,
+    key: PathBuf,
+    live: Arc<Reloadable<TlsAcceptor>>,
+}
+
+impl ApiTls {
+    /// Read and check the files (at startup: an error stops the node).
+    pub fn load(cert: &Path, key: &Path) -> Result<Self> {
+        let snapshot = snapshot(cert, key)?;
+        let acceptor = acceptor(cert, key)?;
+        Ok(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            live: Arc::new(Reloadable::new(acceptor, snapshot)),
+        })
+    }
+
+    /// Read the files again and, if they changed, use them for every handshake from now on.
+    /// `Ok(false)`: unchanged. On an error the certificate in use stays.
+    pub fn reload(&self) -> Result<bool> {
+        let now = snapshot(&self.cert, &self.key)?;
+        self.live
+            .replace_if_changed(now, || acceptor(&self.cert, &self.key))
+    }
+
+    /// The certificate file (for logs).
+    pub fn cert(&self) -> &Path {
+        &self.cert
+    }
+}
+
+fn snapshot(cert: &Path, key: &Path) -> Result<PemSnapshot> {
+    PemSnapshot::read(&[("certificate", cert), ("private key", key)]).map_err(|e| match e {
+        vstor_net::NetError::File { what, path, reason } => anyhow::anyhow!(
+            "settings api.tls_cert/api.tls_key: cannot read the {what} {}: {reason}",
+            path.display()
+        ),
+        other => other.into(),
+    })
+}
+
+/// The server's certificate chain and key, checked.
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
     install_crypto_provider();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("setting api.tls_cert: cannot read {}", cert.display()))?
@@ -53,7 +102,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("setting api.tls_cert/api.tls_key: the key does not fit the certificate")?;
-    Ok(Arc::new(config))
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// TLS connections accepted on a TCP listener, for `axum::serve`.
@@ -64,10 +113,9 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Result<Self> {
+    pub fn new(listener: TcpListener, tls: ApiTls) -> Result<Self> {
         let local = listener.local_addr()?;
         let (tx, streams) = mpsc::channel(BACKLOG);
-        let acceptor = TlsAcceptor::from(config);
         let acceptor_task = tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -79,7 +127,7 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let acceptor = acceptor.clone();
+                let acceptor = TlsAcceptor::clone(&tls.live.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -27,6 +27,7 @@ mod server;
 mod size;
 mod stale_clones;
 mod tier;
+mod tls_reload;
 mod top;
 mod transfer;
 

@@ -183,6 +183,14 @@ async fn daemon(
         .parse()
         .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
     let _lock = DirLock::acquire(&data_dir, "vstor mds")?;
+    crate::tls_reload::spawn(
+        config
+            .tls
+            .clone()
+            .map(crate::tls_reload::Tls::Peer)
+            .into_iter()
+            .collect(),
+    )?;
     let store = Arc::new(
         tokio::task::spawn_blocking({
             let dir = data_dir.clone();

@@ -56,8 +56,19 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .api_security
         .tls
         .as_ref()
-        .map(|(cert, key)| crate::api_tls::server_config(cert, key))
+        .map(|(cert, key)| crate::api_tls::ApiTls::load(cert, key))
         .transpose()?;
+    // Renewed certificates are picked up on SIGHUP and when their files change.
+    let tls_reloads = crate::tls_reload::spawn(
+        config
+            .peer_tls
+            .clone()
+            .map(crate::tls_reload::Tls::Peer)
+            .into_iter()
+            .chain(config.nbd_tls.clone().map(crate::tls_reload::Tls::Nbd))
+            .chain(api_tls.clone().map(crate::tls_reload::Tls::Api))
+            .collect(),
+    )?;
     // Calls to other nodes' APIs (forwarding, moves, fencing probes) carry this node's token: the
     // nodes of a cluster share one token file, and one TLS setting.
     crate::api_auth::set_outgoing(crate::api_auth::Outgoing {
@@ -406,6 +417,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             backend_timing: backend_timing.clone(),
             tier_repair: tier.as_ref().map(|_| tier_repair.clone()),
             dtl_sweep: cluster.as_ref().map(|_| dtl_sweep.clone()),
+            tls_reloads,
         })
         // Outermost: a request is checked before it is routed or forwarded to another node.
         .layer(axum::middleware::from_fn_with_state(
@@ -543,11 +555,13 @@ pub async fn serve_dtl(
     config: vstor_dtl::DtlServerConfig,
 ) -> Result<()> {
     let _lock = DirLock::acquire(&data_dir, "vstor dtl")?;
+    let tls = config.tls.clone();
     let server = Arc::new(
         vstor_dtl::DtlServer::new(&data_dir, config).with_context(|| {
             format!("cannot open the DTL data directory {}", data_dir.display())
         })?,
     );
+    crate::tls_reload::spawn(tls.map(crate::tls_reload::Tls::Peer).into_iter().collect())?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for the DTL on {listen}"))?;

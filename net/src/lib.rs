@@ -94,20 +94,33 @@ pub struct PeerTlsFiles {
 }
 
 /// A loaded, checked mutual-TLS identity: the server and the client configuration built from
-/// the same files. Cheap to clone (two `Arc`s).
+/// the same files, reloadable from them ([`PeerTls::reload`], [`Reloadable`]). Cheap to clone, and
+/// the clones share one identity: a reload reaches every link the process built from it.
 #[derive(Clone)]
 pub struct PeerTls {
+    files: Arc<PeerTlsFiles>,
+    live: Arc<Reloadable<PeerConfigs>>,
+}
+
+/// The two configurations of one identity.
+struct PeerConfigs {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerTls").finish_non_exhaustive()
+        f.debug_struct("PeerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
     }
 }
 
-fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> NetError {
+pub(crate) fn file_error(
+    what: &'static str,
+    path: &Path,
+    reason: impl std::fmt::Display,
+) -> NetError {
     NetError::File {
         what,
         path: path.to_path_buf(),
@@ -136,11 +149,75 @@ pub fn pem_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, NetError> 
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("private key", path, e))
 }
 
+impl PeerTlsFiles {
+    fn snapshot(&self) -> Result<PemSnapshot, NetError> {
+        PemSnapshot::read(&[
+            ("certificate", &self.cert),
+            ("private key", &self.key),
+            ("CA certificate", &self.ca),
+        ])
+    }
+}
+
 impl PeerTls {
     /// Read and check the three PEM files. Unreadable files, files without the expected PEM
     /// blocks, a key that does not match the certificate and a CA file without usable
     /// certificates are errors naming the file.
     pub fn load(files: &PeerTlsFiles) -> Result<Self, NetError> {
+        let snapshot = files.snapshot()?;
+        let configs = PeerConfigs::build(files)?;
+        Ok(Self {
+            files: Arc::new(files.clone()),
+            live: Arc::new(Reloadable::new(configs, snapshot)),
+        })
+    }
+
+    /// The files this identity is read from.
+    pub fn files(&self) -> &PeerTlsFiles {
+        &self.files
+    }
+
+    /// Read the files again and, if they changed, use them for every handshake from now on
+    /// (this clone's and every other's). `Ok(false)`: unchanged. On an error (a file unreadable,
+    /// half written, a key that does not fit) the identity in use stays.
+    pub fn reload(&self) -> Result<bool, NetError> {
+        let now = self.files.snapshot()?;
+        self.live
+            .replace_if_changed(now, || PeerConfigs::build(&self.files))
+    }
+
+    /// Client side: the TLS handshake on a connected `tcp` to `addr` (`host:port`, the address
+    /// as dialled: its host is the name the server's certificate must carry).
+    pub async fn connect(&self, addr: &str, tcp: TcpStream) -> Result<PeerStream, NetError> {
+        let name = server_name(addr)?;
+        let client = Arc::clone(&self.live.current().client);
+        let tls = TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| NetError::Handshake {
+                peer: addr.to_string(),
+                source,
+            })?;
+        Ok(PeerStream::Client(Box::new(tls)))
+    }
+
+    /// Server side: the TLS handshake on an accepted `tcp`; fails unless the client presents a
+    /// certificate of the cluster CA. The caller bounds it with a timeout.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<PeerStream, NetError> {
+        let peer = tcp
+            .peer_addr()
+            .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+        let server = Arc::clone(&self.live.current().server);
+        let tls = TlsAcceptor::from(server)
+            .accept(tcp)
+            .await
+            .map_err(|source| NetError::Handshake { peer, source })?;
+        Ok(PeerStream::Server(Box::new(tls)))
+    }
+}
+
+impl PeerConfigs {
+    fn build(files: &PeerTlsFiles) -> Result<Self, NetError> {
         let chain = pem_certificates("certificate", &files.cert)?;
         let key = pem_private_key(&files.key)?;
         let mut roots = RootCertStore::empty();
@@ -173,33 +250,6 @@ impl PeerTls {
             server: Arc::new(server),
             client: Arc::new(client),
         })
-    }
-
-    /// Client side: the TLS handshake on a connected `tcp` to `addr` (`host:port`, the address
-    /// as dialled: its host is the name the server's certificate must carry).
-    pub async fn connect(&self, addr: &str, tcp: TcpStream) -> Result<PeerStream, NetError> {
-        let name = server_name(addr)?;
-        let tls = TlsConnector::from(Arc::clone(&self.client))
-            .connect(name, tcp)
-            .await
-            .map_err(|source| NetError::Handshake {
-                peer: addr.to_string(),
-                source,
-            })?;
-        Ok(PeerStream::Client(Box::new(tls)))
-    }
-
-    /// Server side: the TLS handshake on an accepted `tcp`; fails unless the client presents a
-    /// certificate of the cluster CA. The caller bounds it with a timeout.
-    pub async fn accept(&self, tcp: TcpStream) -> Result<PeerStream, NetError> {
-        let peer = tcp
-            .peer_addr()
-            .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
-        let tls = TlsAcceptor::from(Arc::clone(&self.server))
-            .accept(tcp)
-            .await
-            .map_err(|source| NetError::Handshake { peer, source })?;
-        Ok(PeerStream::Server(Box::new(tls)))
     }
 }
 
@@ -313,12 +363,14 @@ impl AsyncWrite for PeerStream {
 }
 
 mod link;
+mod reload;
 mod split;
 
 pub use link::{
     accept_peer, accept_served, bad_magic_hint, connect_peer, reserve_frame, Accepted,
     FRAME_RESERVE_STEP, PLAIN_REFUSED, TLS_HANDSHAKE_RECORD,
 };
+pub use reload::{PemSnapshot, Reloadable};
 pub use split::{PeerReader, PeerWriter};
 
 #[cfg(test)]

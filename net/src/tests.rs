@@ -245,6 +245,53 @@ async fn foreign_plain_and_misnamed_clients_are_refused() {
     assert!(got.contains("not valid for name"), "{got}");
 }
 
+/// Copy the identity `from` over the files of `to` (a renewal tool writing new files in place).
+fn overwrite(to: &PeerTlsFiles, from: &PeerTlsFiles) {
+    for (dst, src) in [
+        (&to.cert, &from.cert),
+        (&to.key, &from.key),
+        (&to.ca, &from.ca),
+    ] {
+        std::fs::copy(src, dst).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_reload_moves_every_clone_to_the_new_files_and_a_broken_one_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki(dir.path(), "cluster");
+    let rotated = pki(dir.path(), "rotated");
+    let tls = PeerTls::load(&files).unwrap();
+    let server = tls.clone();
+    // A peer that keeps the old identity (loaded on its own: no reload reaches it).
+    let old = PeerTls::load(&files).unwrap();
+    assert!(!tls.reload().unwrap(), "unchanged files are not reloaded");
+
+    overwrite(&files, &rotated);
+    let new = PeerTls::load(&rotated).unwrap();
+    // Before the reload the files changed but the identity in use did not.
+    let (got, _) = exchange(Some(server.clone()), Some(new.clone()), "127.0.0.1").await;
+    assert!(got.is_err(), "the old identity refuses the new CA's client");
+    assert!(tls.reload().unwrap());
+    // The clone held by the "server" follows the reload made through another clone.
+    let (got, srv) = exchange(Some(server.clone()), Some(new.clone()), "127.0.0.1").await;
+    assert_eq!(got.unwrap(), b"HELLO");
+    assert!(srv.unwrap());
+    let (got, _) = exchange(Some(server.clone()), Some(old), "127.0.0.1").await;
+    assert!(
+        got.is_err(),
+        "the old CA's client is refused after the rotation"
+    );
+
+    // A key that does not fit the certificate (a renewal half done): an error naming the files,
+    // and the rotated identity stays in use.
+    std::fs::copy(&files.ca, &files.key).unwrap();
+    let err = tls.reload().unwrap_err().to_string();
+    assert!(err.contains("key"), "{err}");
+    let (got, _) = exchange(Some(server), Some(new), "127.0.0.1").await;
+    assert_eq!(got.unwrap(), b"HELLO");
+}
+
 /// One connection through `accept_peer`/`connect_peer`, the client's halves split: the server
 /// upper-cases what it reads; `Accepted::PlainRefused` answers "REFUSED".
 async fn split_exchange(server: Option<PeerTls>, client: Option<PeerTls>) -> Vec<u8> {

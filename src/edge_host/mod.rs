@@ -109,6 +109,16 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
         .with_context(|| format!("cannot resolve path {}", config.vhost_dir.display()))?;
     vstor_edge::vhost::check_socket_dir(&vhost_dir)
         .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
+    // Renewed certificates are picked up on SIGHUP and when their files change.
+    crate::tls_reload::spawn(
+        config
+            .peer_tls
+            .clone()
+            .map(crate::tls_reload::Tls::Peer)
+            .into_iter()
+            .chain(config.nbd_tls.clone().map(crate::tls_reload::Tls::Nbd))
+            .collect(),
+    )?;
     let registry: Arc<dyn Registry> = Arc::new(config.registry.connect().await.context(
         "cannot reach the cluster registry; is etcd running, and are --registry and \
              --etcd-* right?",

@@ -68,6 +68,14 @@ pub async fn run(config: OsdConfig) -> Result<()> {
     let data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
     let _lock = DirLock::acquire(&data_dir, "vstor osd")?;
+    crate::tls_reload::spawn(
+        config
+            .tls
+            .clone()
+            .map(crate::tls_reload::Tls::Peer)
+            .into_iter()
+            .collect(),
+    )?;
     let registry = config.registry;
     let capacity = match config.capacity {
         Some(c) => c,

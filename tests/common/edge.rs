@@ -105,6 +105,11 @@ impl EdgeDaemon {
         self.child = Some(child);
     }
 
+    /// The running process's id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -65,6 +65,11 @@ impl Mds {
         self.child = Some(child);
     }
 
+    /// The running process's id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

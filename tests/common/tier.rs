@@ -100,6 +100,11 @@ impl Osd {
         self.child = Some(child);
     }
 
+    /// The running process's id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

@@ -475,7 +475,7 @@ async fn handshake(
     let phase = match &inner.tls {
         None => TlsPhase::Unavailable,
         Some(tls) => TlsPhase::Offered {
-            required: tls.mode == TlsMode::Require,
+            required: tls.mode() == TlsMode::Require,
         },
     };
     let outcome = handshake::negotiate(
@@ -490,7 +490,7 @@ async fn handshake(
     let acceptor = match (outcome, &inner.tls) {
         (Outcome::Transmission(negotiated), _) => return Ok(Handshaken::Plain(stream, negotiated)),
         (Outcome::Aborted, _) => return Ok(Handshaken::Aborted),
-        (Outcome::StartTls, Some(tls)) => tls.acceptor.clone(),
+        (Outcome::StartTls, Some(tls)) => tls.acceptor(),
         // `negotiate` acknowledges STARTTLS only when TLS is offered.
         (Outcome::StartTls, None) => {
             return Err(NbdError::TlsConfig("TLS is not configured".into()))

@@ -26,6 +26,12 @@
 //! The verified certificate's subject common name ([`client_subject`]) is what per-export allow
 //! lists match (`ExportRegistry::allows`). Only the CN is used, not DNS subject alternative
 //! names: client certificates name a user or a service, and operators write that name as the CN.
+//!
+//! # Renewal
+//!
+//! [`NbdTls::reload`] re-reads the files and, when they changed, gives every later `STARTTLS` the
+//! new certificate, key and CA; connections already encrypted keep theirs. `vstor serve` and
+//! `vstor edge` call it on `SIGHUP` and when they see the files change (`src/tls_reload.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +40,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
+use vstor_net::{PemSnapshot, Reloadable};
 
 use super::NbdError;
 
@@ -67,19 +74,20 @@ pub struct TlsFiles {
     pub ca: Option<PathBuf>,
 }
 
-/// A loaded TLS configuration for the NBD server.
+/// A loaded TLS configuration for the NBD server, reloadable from its files
+/// ([`NbdTls::reload`]; why and how: `vstor_net::Reloadable`). Clones share it.
 #[derive(Clone)]
 pub struct NbdTls {
-    pub(crate) acceptor: TlsAcceptor,
-    pub(crate) mode: TlsMode,
-    pub(crate) client_auth: bool,
+    files: Arc<TlsFiles>,
+    live: Arc<Reloadable<TlsAcceptor>>,
+    mode: TlsMode,
 }
 
 impl std::fmt::Debug for NbdTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdTls")
+            .field("files", &self.files)
             .field("mode", &self.mode)
-            .field("client_auth", &self.client_auth)
             .finish_non_exhaustive()
     }
 }
@@ -119,18 +127,26 @@ pub(crate) fn client_subject(chain: &[CertificateDer<'_>]) -> Option<String> {
     names.next().is_none().then_some(cn)
 }
 
-impl NbdTls {
-    /// Read and check the PEM files: unreadable files, files without the expected PEM blocks,
-    /// a key that does not match the certificate and a CA file without usable certificates are
-    /// errors naming the file.
-    pub fn load(files: &TlsFiles, mode: TlsMode) -> Result<Self, NbdError> {
-        let chain = certificates("certificate", &files.cert)?;
-        let key = vstor_net::pem_private_key(&files.key).map_err(from_net)?;
+impl TlsFiles {
+    fn snapshot(&self) -> Result<PemSnapshot, NbdError> {
+        let mut files = vec![
+            ("certificate", self.cert.as_path()),
+            ("private key", self.key.as_path()),
+        ];
+        if let Some(ca) = &self.ca {
+            files.push(("CA certificate", ca.as_path()));
+        }
+        PemSnapshot::read(&files).map_err(from_net)
+    }
+
+    fn acceptor(&self, mode: TlsMode) -> Result<TlsAcceptor, NbdError> {
+        let chain = certificates("certificate", &self.cert)?;
+        let key = vstor_net::pem_private_key(&self.key).map_err(from_net)?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(|e| NbdError::TlsConfig(e.to_string()))?;
-        let builder = match &files.ca {
+        let builder = match &self.ca {
             Some(ca) => {
                 if mode != TlsMode::Require {
                     return Err(NbdError::TlsConfig(
@@ -155,12 +171,42 @@ impl NbdTls {
         };
         let config = builder
             .with_single_cert(chain, key)
-            .map_err(|e| file_error("certificate and key", &files.cert, e))?;
+            .map_err(|e| file_error("certificate and key", &self.cert, e))?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl NbdTls {
+    /// Read and check the PEM files: unreadable files, files without the expected PEM blocks,
+    /// a key that does not match the certificate and a CA file without usable certificates are
+    /// errors naming the file.
+    pub fn load(files: &TlsFiles, mode: TlsMode) -> Result<Self, NbdError> {
+        let snapshot = files.snapshot()?;
+        let acceptor = files.acceptor(mode)?;
         Ok(Self {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            files: Arc::new(files.clone()),
+            live: Arc::new(Reloadable::new(acceptor, snapshot)),
             mode,
-            client_auth: files.ca.is_some(),
         })
+    }
+
+    /// Read the files again and, if they changed, use them for every TLS handshake from now on.
+    /// `Ok(false)`: unchanged. On an error the configuration in use stays. The mode and whether
+    /// clients need certificates (a CA file or not) are settings, not files: they stay.
+    pub fn reload(&self) -> Result<bool, NbdError> {
+        let now = self.files.snapshot()?;
+        self.live
+            .replace_if_changed(now, || self.files.acceptor(self.mode))
+    }
+
+    /// The files this configuration is read from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// The acceptor for a handshake starting now.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::clone(&self.live.current())
     }
 
     pub fn mode(&self) -> TlsMode {
@@ -169,6 +215,6 @@ impl NbdTls {
 
     /// Whether clients must present a certificate.
     pub fn client_auth(&self) -> bool {
-        self.client_auth
+        self.files.ca.is_some()
     }
 }

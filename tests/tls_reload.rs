@@ -1,0 +1,527 @@
+//! Renewed certificates without restarts (`src/tls_reload.rs`), as processes with certificates
+//! made by the `openssl` CLI and replaced the way renewal tools do (a new file renamed over the
+//! old one), then `SIGHUP`:
+//!
+//! * a node and its `vstor dtl` move the whole cluster to a new CA in the three usual steps
+//!   (trust both CAs, new certificates, trust only the new CA) while a sync-DTL volume takes
+//!   writes: the link that was up stays in sync, the DTL presents its new certificate to new
+//!   clients, the node's reconnection after the DTL restarts uses its new identity, and every
+//!   acknowledged write is read back by the node that adopts the volume after a `kill -9`;
+//! * a node's NBD and API certificates are replaced: new clients need the new CA, the volume's
+//!   data reads back over the new certificate, and broken files are reported and change nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use common::edge::EdgeDaemon;
+use common::etcd::Etcd;
+use common::mds::Mds;
+use common::tier::Osd;
+use common::tls::{nbds_uri, peer_tls_flags, strs, Pki};
+use common::{
+    metrics_text, poll, require_tool, run_ok, stdout_lines, try_nbdinfo_list, Daemon, TestBackend,
+    VSTOR,
+};
+
+const VOLUME: &str = "vol";
+const RELOADED: &str = "TLS certificates reloaded";
+const RELOAD_FAILED: &str = "cannot reload TLS certificates";
+
+/// Replace `dst` as renewal tools do: a new file next to it, renamed over it.
+fn replace(dst: &Path, bytes: &[u8]) {
+    let tmp = dst.with_extension("renewed");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dst).unwrap();
+}
+
+/// A process's certificate, key and CA file at fixed paths.
+struct TlsFiles {
+    dir: PathBuf,
+}
+
+impl TlsFiles {
+    fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Install a certificate and its key (key first: until the certificate follows, a reload
+    /// would find them mismatched and keep the old pair).
+    fn install_identity(&self, (cert, key): &(PathBuf, PathBuf)) {
+        replace(&self.key(), &std::fs::read(key).unwrap());
+        replace(&self.cert(), &std::fs::read(cert).unwrap());
+    }
+
+    /// Trust the CAs of `pkis` (one bundle file).
+    fn install_cas(&self, pkis: &[&Pki]) {
+        let bundle: Vec<u8> = pkis
+            .iter()
+            .flat_map(|p| std::fs::read(p.ca()).unwrap())
+            .collect();
+        replace(&self.ca(), &bundle);
+    }
+
+    fn peer_flags(&self) -> Vec<String> {
+        peer_tls_flags(&(self.cert(), self.key()), &self.ca())
+    }
+}
+
+fn sighup(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).expect("kill -HUP");
+}
+
+/// Wait until `log` says `what` at least `count` times.
+fn wait_for_log(log: &Path, what: &str, count: usize) {
+    poll(
+        &format!("{count} × {what:?} in {}", log.display()),
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            (text.matches(what).count() >= count).then_some(())
+        },
+    );
+}
+
+/// A `vstor dtl` process with its log; killed when dropped.
+struct Dtl {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Dtl {
+    fn start(root: &Path, listen: &str, tls: &TlsFiles) -> Self {
+        let log = root.join("dtl.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut child = Command::new(VSTOR)
+            .args(["dtl", "--listen", listen, "--data-dir"])
+            .arg(root.join("data"))
+            .args(tls.peer_flags())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn vstor dtl");
+        let ready = stdout_lines(&mut child)
+            .recv_timeout(Duration::from_secs(30))
+            .expect("vstor dtl ready line");
+        let addr = ready
+            .strip_prefix("vstor dtl ready: ")
+            .unwrap_or_else(|| panic!("unexpected first line {ready:?}"))
+            .to_string();
+        Dtl { child, addr, log }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Dtl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a TLS client trusting only `ca` accepts the certificate the server at `addr`
+/// presents (the client shows `client`'s certificate, for servers that require one).
+fn server_trusted(addr: &str, ca: &Path, client: &TlsFiles) -> bool {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            addr,
+            "-verify_return_error",
+            "-brief",
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-cert")
+        .arg(client.cert())
+        .arg("-key")
+        .arg(client.key())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+fn qemu_io(uri: &str, command: &str) {
+    run_ok(Command::new("qemu-io").args(["-f", "raw", uri, "-c", command]));
+}
+
+/// The value of the node-level counter `name` in a scrape of `api`.
+fn counter(api: &str, name: &str) -> u64 {
+    let text = metrics_text(api);
+    let line = text
+        .lines()
+        .find(|l| l.split(['{', ' ']).next() == Some(name))
+        .unwrap_or_else(|| panic!("no {name} in the scrape:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_node_and_its_dtl_move_to_a_new_ca_without_restarting_and_lose_no_acknowledged_write() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let old = Pki::new(tmp.path(), "old-ca");
+    let new = Pki::new(tmp.path(), "new-ca");
+    let dtl_tls = TlsFiles::new(&tmp.path().join("dtl-tls"));
+    dtl_tls.install_identity(&old.peer("dtl-old"));
+    dtl_tls.install_cas(&[&old]);
+    let node_tls = TlsFiles::new(&tmp.path().join("node-tls"));
+    node_tls.install_identity(&old.peer("node-old"));
+    node_tls.install_cas(&[&old]);
+    // What an outside client uses to look at the DTL's certificate.
+    let probe = TlsFiles::new(&tmp.path().join("probe"));
+    probe.install_identity(&new.peer("probe"));
+
+    let dtl_dir = tmp.path().join("dtl");
+    std::fs::create_dir_all(&dtl_dir).unwrap();
+    let mut dtl = Dtl::start(&dtl_dir, "127.0.0.1:0", &dtl_tls);
+    let backend = TestBackend::Default.shared(&tmp.path().join("backend"));
+    let node_dir = tmp.path().join("node-a");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let mut extra = vec!["--dtl".to_string(), dtl.addr.clone()];
+    extra.extend(node_tls.peer_flags());
+    let mut a = Daemon::start_on(&node_dir, &backend, &strs(&extra));
+    a.cli_ok(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        "64M",
+        "--dtl-mode",
+        "sync",
+    ]);
+    a.wait_for(VOLUME, "the DTL link in sync", |i| {
+        i["dtl_state"] == "ok_sync"
+    });
+    qemu_io(&a.uri(VOLUME), "write -P 0x5a 0 1M");
+    let node_pid = a.child.as_ref().unwrap().id();
+
+    // Step 1: everyone trusts both CAs.
+    let rotate = |step: usize| {
+        sighup(dtl.child.id());
+        sighup(node_pid);
+        wait_for_log(&dtl.log, RELOADED, step);
+        wait_for_log(&a.log, RELOADED, step);
+    };
+    dtl_tls.install_cas(&[&old, &new]);
+    node_tls.install_cas(&[&old, &new]);
+    rotate(1);
+    assert!(
+        !server_trusted(&dtl.addr, &new.ca(), &probe),
+        "still the old certificate"
+    );
+
+    // Step 2: certificates of the new CA.
+    dtl_tls.install_identity(&new.peer("dtl-new"));
+    node_tls.install_identity(&new.peer("node-new"));
+    rotate(2);
+    assert!(
+        server_trusted(&dtl.addr, &new.ca(), &probe),
+        "the DTL presents its new certificate to new clients"
+    );
+    assert!(!server_trusted(&dtl.addr, &old.ca(), &probe));
+
+    // Step 3: only the new CA is trusted.
+    dtl_tls.install_cas(&[&new]);
+    node_tls.install_cas(&[&new]);
+    rotate(3);
+
+    // The link that was up through the rotation carried on, and still carries sync writes.
+    assert_eq!(a.info(VOLUME)["dtl_state"], "ok_sync");
+    qemu_io(&a.uri(VOLUME), "write -P 0xa5 4M 256k");
+    assert_eq!(a.info(VOLUME)["dtl_state"], "ok_sync");
+    // Three reloads, one per step (a periodic check that caught a new key before its
+    // certificate could only add a failure, never a reload).
+    assert_eq!(counter(&a.api, "vstor_tls_reloads_total"), 3);
+
+    // A new connection: the DTL restarts on its address; the node's reconnection only gets
+    // through with the node's new identity (the DTL trusts only the new CA now, and presents a
+    // certificate only the new CA vouches for).
+    let addr = dtl.addr.clone();
+    dtl.kill9();
+    let _dtl = Dtl::start(&dtl_dir, &addr, &dtl_tls);
+    // (A write makes sure the node noticed the old connection's end.)
+    qemu_io(&a.uri(VOLUME), "write -P 0x77 12M 64k");
+    a.wait_for(
+        VOLUME,
+        "the node back in sync with the restarted DTL",
+        |i| i["dtl_degradations"].as_u64() >= Some(1) && i["dtl_state"] == "ok_sync",
+    );
+    qemu_io(&a.uri(VOLUME), "write -P 0x3c 8M 512k");
+
+    // Every acknowledged write survives the owner's death: a node of the new CA adopts the
+    // volume from the backend and the DTL.
+    a.kill9();
+    std::fs::remove_dir_all(&a.data_dir).unwrap();
+    let b_tls = TlsFiles::new(&tmp.path().join("node-b-tls"));
+    b_tls.install_identity(&new.peer("node-b"));
+    b_tls.install_cas(&[&new]);
+    let b_dir = tmp.path().join("node-b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let mut extra = vec!["--dtl".to_string(), addr];
+    extra.extend(b_tls.peer_flags());
+    let b = Daemon::start_on(&b_dir, &backend, &strs(&extra));
+    let adopted: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["volume", "adopt", VOLUME, "--json"])).unwrap();
+    assert_eq!(adopted["state"], "running", "{adopted}");
+    qemu_io(&b.uri(VOLUME), "read -P 0x5a 0 1M");
+    qemu_io(&b.uri(VOLUME), "read -P 0xa5 4M 256k");
+    qemu_io(&b.uri(VOLUME), "read -P 0x3c 8M 512k");
+    qemu_io(&b.uri(VOLUME), "read -P 0x77 12M 64k");
+    qemu_io(&b.uri(VOLUME), "read -P 0 1M 3M");
+}
+
+/// `vstor ARGS` against an HTTPS API trusting `ca`.
+fn api_cli(api: &str, ca: &Path, args: &[&str]) -> Output {
+    Command::new(VSTOR)
+        .args(args)
+        .arg("--api")
+        .arg(format!("https://{api}"))
+        .arg("--api-ca")
+        .arg(ca)
+        .output()
+        .unwrap()
+}
+
+/// Whether libnbd, trusting only `ca`, can read the export's size over TLS.
+fn nbd_size(nbd: &str, client_dir: &Path) -> Result<String, String> {
+    let out = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(nbds_uri(nbd, VOLUME, client_dir))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn renewed_nbd_and_api_certificates_reach_new_clients_and_broken_files_change_nothing() {
+    require_tool("nbdinfo");
+    require_tool("nbdcopy");
+    let tmp = tempfile::tempdir().unwrap();
+    let old = Pki::new(tmp.path(), "old-ca");
+    let new = Pki::new(tmp.path(), "new-ca");
+    let tls = TlsFiles::new(&tmp.path().join("tls"));
+    tls.install_identity(&old.server("node-old", false));
+    let old_client = old.client_dir(tmp.path(), "old-client", None);
+    let new_client = new.client_dir(tmp.path(), "new-client", None);
+    let (cert, key) = (tls.cert(), tls.key());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let node_dir = tmp.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let node = Daemon::start_with(
+        &node_dir,
+        &[
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--api-tls-cert",
+            cert,
+            "--api-tls-key",
+            key,
+        ],
+    );
+    let created = api_cli(
+        &node.api,
+        &old.ca(),
+        &["volume", "create", VOLUME, "--size", "8M"],
+    );
+    assert!(created.status.success(), "{created:?}");
+    // Some data to read back through the renewed certificate.
+    let data = tmp.path().join("data.bin");
+    let bytes: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&data, &bytes).unwrap();
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&data)
+            .arg(nbds_uri(&node.nbd, VOLUME, &old_client)),
+    );
+    assert_eq!(nbd_size(&node.nbd, &old_client).unwrap(), "8388608");
+    assert!(nbd_size(&node.nbd, &new_client).is_err());
+
+    // Renewed by the new CA; nothing changes until the node is told (or its check comes).
+    tls.install_identity(&new.server("node-new", false));
+    sighup(node.child.as_ref().unwrap().id());
+    // Two configurations read those files: the NBD server's and the API's.
+    wait_for_log(&node.log, RELOADED, 2);
+    let refused = nbd_size(&node.nbd, &old_client).unwrap_err();
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    let back = tmp.path().join("back.bin");
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(nbds_uri(&node.nbd, VOLUME, &new_client))
+            .arg(&back),
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "the data read back over the new certificate differs"
+    );
+    let listed = api_cli(&node.api, &new.ca(), &["volume", "list"]);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(VOLUME));
+    assert!(!api_cli(&node.api, &old.ca(), &["volume", "list"])
+        .status
+        .success());
+
+    // A renewal gone wrong (the key file is not a key): both reloads fail, naming the file, and
+    // the node keeps serving with the certificates it had.
+    replace(
+        &tls.key(),
+        b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n",
+    );
+    sighup(node.child.as_ref().unwrap().id());
+    wait_for_log(&node.log, RELOAD_FAILED, 2);
+    let log = node.log_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains(RELOAD_FAILED))
+            .all(|l| l.contains("key")),
+        "{log}"
+    );
+    assert_eq!(nbd_size(&node.nbd, &new_client).unwrap(), "8388608");
+    assert!(api_cli(&node.api, &new.ca(), &["volume", "list"])
+        .status
+        .success());
+}
+
+#[test]
+fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() {
+    require_tool("nbdinfo");
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(tmp.path());
+    let old = Pki::new(tmp.path(), "old-ca");
+    let new = Pki::new(tmp.path(), "new-ca");
+    let probe = TlsFiles::new(&tmp.path().join("probe"));
+    probe.install_identity(&new.peer("probe"));
+    let peer_files = |name: &str| {
+        let files = TlsFiles::new(&tmp.path().join(format!("{name}-tls")));
+        files.install_identity(&old.peer(&format!("{name}-old")));
+        files.install_cas(&[&old, &new]);
+        files
+    };
+
+    let osd_tls = peer_files("osd");
+    let osd = Osd::start_with(
+        tmp.path(),
+        "osd",
+        &etcd.url(),
+        "rack-a",
+        "1G",
+        &strs(&osd_tls.peer_flags()),
+    );
+    let mds_tls = peer_files("mds");
+    let backend = tmp.path().join("backend");
+    std::fs::create_dir_all(&backend).unwrap();
+    let mds_addr = vstor_backend::testing::free_addr();
+    let mds = Mds::start_at(
+        &tmp.path().join("mds"),
+        &backend,
+        &mds_addr,
+        &strs(&mds_tls.peer_flags()),
+    );
+    let edge_tls = TlsFiles::new(&tmp.path().join("edge-tls"));
+    edge_tls.install_identity(&old.server("edge-old", false));
+    let (cert, key) = (edge_tls.cert(), edge_tls.key());
+    let edge = EdgeDaemon::start(
+        tmp.path(),
+        "edge",
+        &etcd.url(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let old_client = old.client_dir(tmp.path(), "old-client", None);
+    let new_client = new.client_dir(tmp.path(), "new-client", None);
+    let edge_list = |dir: &Path| {
+        try_nbdinfo_list(&format!(
+            "nbds://{}/?tls-certificates={}",
+            edge.nbd,
+            dir.display()
+        ))
+    };
+
+    for addr in [&osd.addr, &mds.addr] {
+        assert!(
+            server_trusted(addr, &old.ca(), &probe),
+            "{addr}: the old certificate"
+        );
+        assert!(!server_trusted(addr, &new.ca(), &probe), "{addr}");
+    }
+    edge_list(&old_client).unwrap();
+    assert!(edge_list(&new_client).is_err());
+
+    osd_tls.install_identity(&new.peer("osd-new"));
+    mds_tls.install_identity(&new.peer("mds-new"));
+    edge_tls.install_identity(&new.server("edge-new", false));
+    for pid in [osd.pid(), mds.pid(), edge.pid()] {
+        sighup(pid);
+    }
+    for addr in [&osd.addr, &mds.addr] {
+        poll(
+            &format!("{addr} presenting its new certificate"),
+            Duration::from_secs(30),
+            || server_trusted(addr, &new.ca(), &probe).then_some(()),
+        );
+        assert!(!server_trusted(addr, &old.ca(), &probe), "{addr}");
+    }
+    poll(
+        "the edge's new NBD certificate",
+        Duration::from_secs(30),
+        || edge_list(&new_client).ok(),
+    );
+    assert!(edge_list(&old_client).is_err());
+    // The signal reloaded them; it ended none of them.
+    wait_for_log(&osd.log, RELOADED, 1);
+    wait_for_log(&edge.log, RELOADED, 1);
+    let statuses: Vec<serde_json::Value> =
+        serde_json::from_str(&run_ok(Command::new(VSTOR).args([
+            "osd",
+            "list",
+            "--json",
+            "--registry",
+            &etcd.url(),
+        ])))
+        .unwrap();
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    assert_eq!(statuses[0]["state"], "up", "{statuses:?}");
+}
