@@ -118,8 +118,8 @@ pub struct ApiState {
     pub tier_repair: Option<Arc<crate::tier::maintenance::RepairStatus>>,
     /// The sweep of DTL leftovers, on a cluster node.
     pub dtl_sweep: Option<Arc<crate::cluster::dtl_sweep::SweepStatus>>,
-    /// Reloads of the node's TLS certificates (`tls_reload`).
-    pub tls_reloads: Arc<crate::tls_reload::ReloadStats>,
+    /// Reloads of the node's TLS certificates and API tokens (`credentials`).
+    pub credential_reloads: Arc<crate::credentials::ReloadStats>,
 }
 
 /// Load the list of snapshots exported over vhost-user (missing file: none).

@@ -14,7 +14,7 @@
 //! The outgoing side ([`Outgoing`]) is set once per process: the CLI's token and CA from its
 //! flags or environment, or the node's own token and CA for forwarding between nodes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
@@ -25,31 +25,112 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::api_types::ErrorBody;
+use vstor_net::{FileSnapshot, Reloadable};
 
 /// The message a CLI user gets for a 401.
 pub const NEEDS_TOKEN: &str = "401: the API needs a token: --api-token-file or VSTOR_API_TOKEN";
 
-/// Read a token file: its content without surrounding whitespace (a trailing newline is what
-/// `echo`/editors leave). Unreadable or empty is an error naming the file and `what` set it.
-pub fn read_token_file(path: &Path, what: &str) -> Result<String> {
+/// Read a token file: its tokens, one per line, without surrounding whitespace (a trailing
+/// newline is what `echo`/editors leave); blank lines are skipped. Unreadable, empty, or a token
+/// an HTTP header cannot carry is an error naming the file and `what` set it.
+pub fn read_tokens(path: &Path, what: &str) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{what}: cannot read the API token file {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect();
+    if tokens.is_empty() {
         bail!("{what}: the API token file {} is empty", path.display());
     }
-    if token.chars().any(|c| c.is_control() || c == ' ') {
+    if tokens
+        .iter()
+        .any(|t| t.chars().any(|c| c.is_control() || c == ' '))
+    {
         bail!(
-            "{what}: the API token in {} has spaces or control characters; an HTTP header cannot carry them",
+            "{what}: an API token in {} has spaces or control characters; an HTTP header cannot carry them",
             path.display()
         );
     }
-    Ok(token.to_string())
+    Ok(tokens)
 }
 
-/// The token the API requires, if any.
+/// The token a token file gives a caller to send: its first.
+pub fn read_token_file(path: &Path, what: &str) -> Result<String> {
+    let mut tokens = read_tokens(path, what)?;
+    Ok(tokens.swap_remove(0))
+}
+
+/// The tokens a node's (or edge's) API accepts, from its token file: every line is accepted,
+/// and the first is the one the node sends when it calls another node. Several lines are how a
+/// cluster changes its token without refusing anyone: add the new token as a second line on
+/// every node (clients may switch to it from then on), move it to the first line, then drop
+/// the old one. Re-read on `SIGHUP` and when the file changes (`credentials`), so none of
+/// those steps is a restart.
+pub struct ApiTokens {
+    path: PathBuf,
+    what: &'static str,
+    live: Reloadable<Vec<String>>,
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens.
+        f.debug_struct("ApiTokens")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiTokens {
+    /// Read and check the file (`what` names the setting in errors).
+    pub fn load(path: &Path, what: &'static str) -> Result<Arc<Self>> {
+        let live = Reloadable::load(|| Self::snapshot(path, what), || read_tokens(path, what))?;
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            what,
+            live,
+        }))
+    }
+
+    fn snapshot(path: &Path, what: &str) -> Result<FileSnapshot> {
+        FileSnapshot::read(&[("API token", path)]).map_err(|e| match e {
+            vstor_net::NetError::File { path, reason, .. } => anyhow::anyhow!(
+                "{what}: cannot read the API token file {}: {reason}",
+                path.display()
+            ),
+            other => other.into(),
+        })
+    }
+
+    /// Read the file again and, if it changed, accept its tokens from the next request on.
+    /// `Ok(false)`: unchanged; on an error the tokens in use stay.
+    pub fn reload(&self) -> Result<bool> {
+        let now = Self::snapshot(&self.path, self.what)?;
+        self.live
+            .replace_if_changed(now, || read_tokens(&self.path, self.what))
+    }
+
+    /// The tokens accepted now.
+    pub fn accepted(&self) -> Arc<Vec<String>> {
+        self.live.current()
+    }
+
+    /// The token this process sends now (the file's first).
+    pub fn sent(&self) -> String {
+        self.live.current().first().cloned().unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The tokens the API requires, if any.
 #[derive(Clone, Default)]
-pub struct RequiredToken(pub Option<Arc<str>>);
+pub struct RequiredToken(pub Option<Arc<ApiTokens>>);
 
 /// Whether `presented` equals `expected`, in time independent of where they differ (`subtle`:
 /// a plain `==` stops at the first differing byte, which leaks the token's prefix to a caller
@@ -70,7 +151,7 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(expected) = required.0.as_deref() else {
+    let Some(tokens) = required.0.as_deref() else {
         return next.run(request).await;
     };
     if is_open(request.method(), request.uri().path()) {
@@ -84,8 +165,15 @@ pub async fn require_token(
             let (scheme, token) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
+    let accepted = tokens.accepted();
+    // Compared with every accepted token (no early exit: which one matched stays hidden too).
+    let matches = |token: &str| {
+        accepted.iter().fold(false, |hit, t| {
+            hit | token_matches(token.as_bytes(), t.as_bytes())
+        })
+    };
     let error = match presented {
-        Some(token) if token_matches(token.as_bytes(), expected.as_bytes()) => {
+        Some(token) if matches(token) => {
             return next.run(request).await;
         }
         Some(_) => "the API token is wrong",
@@ -101,10 +189,27 @@ pub async fn require_token(
         .into_response()
 }
 
+/// The token a process sends.
+pub enum OutgoingToken {
+    /// The CLI's, read once.
+    Fixed(String),
+    /// A node's own: the first of its token file as it is now.
+    Node(Arc<ApiTokens>),
+}
+
+impl OutgoingToken {
+    fn current(&self) -> String {
+        match self {
+            OutgoingToken::Fixed(token) => token.clone(),
+            OutgoingToken::Node(tokens) => tokens.sent(),
+        }
+    }
+}
+
 /// How this process calls a node's API: the token it sends and the CAs it trusts for HTTPS.
 #[derive(Default)]
 pub struct Outgoing {
-    pub token: Option<String>,
+    pub token: Option<OutgoingToken>,
     /// Where the token came from, for the 401 message.
     pub token_source: Option<String>,
     /// PEM CA certificates to trust (`--api-ca`); `None`: the system's.
@@ -174,7 +279,7 @@ impl Outgoing {
             (None, None) => None,
         };
         Ok(Self {
-            token,
+            token: token.map(OutgoingToken::Fixed),
             token_source,
             ca,
             https: false,
@@ -183,7 +288,9 @@ impl Outgoing {
 
     /// `Authorization` header value, if a token is set.
     pub fn authorization(&self) -> Option<String> {
-        self.token.as_ref().map(|t| format!("Bearer {t}"))
+        self.token
+            .as_ref()
+            .map(|t| format!("Bearer {}", t.current()))
     }
 
     /// `https` or `http`, for node-to-node calls.
@@ -282,5 +389,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot read the API token file"), "{err}");
+        std::fs::write(&path, "new token\n").unwrap();
+        let err = read_token_file(&path, "t").unwrap_err().to_string();
+        assert!(err.contains("spaces or control characters"), "{err}");
+    }
+
+    #[test]
+    fn every_line_is_accepted_the_first_is_sent_and_a_reload_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "old\n").unwrap();
+        let tokens = ApiTokens::load(&path, "t").unwrap();
+        assert_eq!(*tokens.accepted(), ["old"]);
+        assert!(!tokens.reload().unwrap(), "unchanged");
+
+        // The rotation's first step: the new token accepted too, the old one still sent.
+        std::fs::write(&path, "old\n\n  new  \n").unwrap();
+        assert!(tokens.reload().unwrap());
+        assert_eq!(*tokens.accepted(), ["old", "new"]);
+        assert_eq!(tokens.sent(), "old");
+        let outgoing = OutgoingToken::Node(Arc::clone(&tokens));
+        assert_eq!(outgoing.current(), "old");
+        std::fs::write(&path, "new\nold\n").unwrap();
+        assert!(tokens.reload().unwrap());
+        assert_eq!(
+            outgoing.current(),
+            "new",
+            "the node sends the new first line"
+        );
+
+        // A file emptied by mistake is refused and the tokens in use stay.
+        std::fs::write(&path, "\n").unwrap();
+        let err = tokens.reload().unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        assert_eq!(*tokens.accepted(), ["new", "old"]);
     }
 }

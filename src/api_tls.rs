@@ -7,7 +7,7 @@
 //! finishes its handshake holds up nobody else; accepted streams reach axum through a channel.
 //!
 //! The certificate and key are an [`ApiTls`]: every handshake takes the current configuration,
-//! and [`ApiTls::reload`] (on `SIGHUP` and when the files change, `tls_reload`) swaps in one
+//! and [`ApiTls::reload`] (on `SIGHUP` and when the files change, `credentials`) swaps in one
 //! built from the files as they are now, so a renewed certificate needs no restart.
 
 use std::net::SocketAddr;
@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use vstor_net::{PemSnapshot, Reloadable};
+use vstor_net::{FileSnapshot, Reloadable};
 
 /// How long a client has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,12 +46,11 @@ pub struct ApiTls {
 impl ApiTls {
     /// Read and check the files (at startup: an error stops the node).
     pub fn load(cert: &Path, key: &Path) -> Result<Self> {
-        let snapshot = snapshot(cert, key)?;
-        let acceptor = acceptor(cert, key)?;
+        let live = Reloadable::load(|| snapshot(cert, key), || acceptor(cert, key))?;
         Ok(Self {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
-            live: Arc::new(Reloadable::new(acceptor, snapshot)),
+            live: Arc::new(live),
         })
     }
 
@@ -69,8 +68,8 @@ impl ApiTls {
     }
 }
 
-fn snapshot(cert: &Path, key: &Path) -> Result<PemSnapshot> {
-    PemSnapshot::read(&[("certificate", cert), ("private key", key)]).map_err(|e| match e {
+fn snapshot(cert: &Path, key: &Path) -> Result<FileSnapshot> {
+    FileSnapshot::read(&[("certificate", cert), ("private key", key)]).map_err(|e| match e {
         vstor_net::NetError::File { what, path, reason } => anyhow::anyhow!(
             "settings api.tls_cert/api.tls_key: cannot read the {what} {}: {reason}",
             path.display()

@@ -562,8 +562,8 @@ impl From<ApiFileRepr> for ApiFileSettings {
 /// The API's protection, resolved and checked.
 #[derive(Debug, Clone, Default)]
 pub struct ApiSecurity {
-    /// The bearer token (the file's content).
-    pub token: Option<String>,
+    /// The bearer tokens (the file's lines; the first is sent to other nodes).
+    pub token: Option<std::sync::Arc<crate::api_auth::ApiTokens>>,
     /// PEM certificate chain and key files, checked at startup.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// PEM CA file for calls to other nodes.
@@ -576,7 +576,7 @@ impl ApiFileSettings {
             .token_file
             .as_deref()
             .map(|path| {
-                crate::api_auth::read_token_file(path, "setting api.token_file (--api-token-file)")
+                crate::api_auth::ApiTokens::load(path, "setting api.token_file (--api-token-file)")
             })
             .transpose()?;
         let tls = match (&self.tls_cert, &self.tls_key) {

@@ -10,6 +10,7 @@ mod backend_timing;
 mod client;
 mod cluster;
 mod config;
+mod credentials;
 mod dashboard;
 mod dirlock;
 mod edge_host;
@@ -27,7 +28,6 @@ mod server;
 mod size;
 mod stale_clones;
 mod tier;
-mod tls_reload;
 mod top;
 mod transfer;
 

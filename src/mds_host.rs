@@ -183,11 +183,11 @@ async fn daemon(
         .parse()
         .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
     let _lock = DirLock::acquire(&data_dir, "vstor mds")?;
-    crate::tls_reload::spawn(
+    crate::credentials::spawn(
         config
             .tls
             .clone()
-            .map(crate::tls_reload::Tls::Peer)
+            .map(crate::credentials::Credentials::Peer)
             .into_iter()
             .collect(),
     )?;

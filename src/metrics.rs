@@ -131,7 +131,7 @@ fn scrape(state: &ApiState) -> Scrape {
             .into_iter()
             .chain(dtl_sweep_metrics(state))
             .chain(read_cache_metrics(state))
-            .chain(tls_reload_metrics(state))
+            .chain(credential_reload_metrics(state))
             .chain(std::iter::once((
                 "vstor_vhost_polled",
                 "Times a vhost-user queue worker found the guest's next requests by polling, \
@@ -264,28 +264,30 @@ fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, Metri
     ]
 }
 
-/// Reloads of the node's TLS certificates (`tls_reload`).
-fn tls_reload_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
-    let stats = &state.tls_reloads;
+/// Reloads of the node's TLS certificates and API tokens (`credentials`).
+fn credential_reload_metrics(
+    state: &ApiState,
+) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+    let stats = &state.credential_reloads;
     let counter = |name, help, value: &std::sync::atomic::AtomicU64| {
         let value = value.load(std::sync::atomic::Ordering::Relaxed);
         (name, help, MetricType::Counter, value)
     };
     vec![
         counter(
-            "vstor_tls_reloads",
-            "TLS configurations (peer, NBD, API) replaced by renewed certificate files",
+            "vstor_credential_reloads",
+            "Credentials (peer, NBD and API TLS; API tokens) replaced by changed files",
             &stats.reloads,
         ),
         counter(
-            "vstor_tls_reload_failures",
-            "Checks of changed TLS certificate files that could not be used (the old ones stay)",
+            "vstor_credential_reload_failures",
+            "Checks of changed certificate or token files that could not be used (the old stay)",
             &stats.failures,
         ),
         (
-            "vstor_tls_reload_failing",
-            "TLS configurations whose changed files could not be used at the last check: they \
-             still run on the certificates loaded before, which will expire",
+            "vstor_credential_reload_failing",
+            "Credentials whose changed files could not be used at the last check: they still \
+             run on what was loaded before (certificates that will expire)",
             MetricType::Gauge,
             stats.failing.load(std::sync::atomic::Ordering::Relaxed),
         ),

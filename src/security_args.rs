@@ -1,7 +1,7 @@
 //! Security flag groups shared by several commands, so the flags, their help and their checks
 //! cannot drift apart: `--peer-tls-cert/--peer-tls-key/--peer-tls-ca` for every command that
 //! speaks an internal protocol (`vstor serve`, `dtl`, `osd`, `mds`, `edge`, `backend`; all three
-//! or none, files checked at startup and reloaded by `tls_reload`), and the NBD frontend's TLS
+//! or none, files checked at startup and reloaded by `credentials`), and the NBD frontend's TLS
 //! and connection limits for the two commands that serve NBD (`vstor serve`, `vstor edge`: the
 //! same NBD server code), and the etcd link's TLS and credentials (`--etcd-*`) for every command
 //! that takes `--registry`.

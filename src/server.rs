@@ -59,20 +59,36 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .map(|(cert, key)| crate::api_tls::ApiTls::load(cert, key))
         .transpose()?;
     // Renewed certificates are picked up on SIGHUP and when their files change.
-    let tls_reloads = crate::tls_reload::spawn(
+    let credential_reloads = crate::credentials::spawn(
         config
             .peer_tls
             .clone()
-            .map(crate::tls_reload::Tls::Peer)
+            .map(crate::credentials::Credentials::Peer)
             .into_iter()
-            .chain(config.nbd_tls.clone().map(crate::tls_reload::Tls::Nbd))
-            .chain(api_tls.clone().map(crate::tls_reload::Tls::Api))
+            .chain(
+                config
+                    .nbd_tls
+                    .clone()
+                    .map(crate::credentials::Credentials::Nbd),
+            )
+            .chain(api_tls.clone().map(crate::credentials::Credentials::Api))
+            .chain(
+                config
+                    .api_security
+                    .token
+                    .clone()
+                    .map(crate::credentials::Credentials::ApiToken),
+            )
             .collect(),
     )?;
     // Calls to other nodes' APIs (forwarding, moves, fencing probes) carry this node's token: the
     // nodes of a cluster share one token file, and one TLS setting.
     crate::api_auth::set_outgoing(crate::api_auth::Outgoing {
-        token: config.api_security.token.clone(),
+        token: config
+            .api_security
+            .token
+            .clone()
+            .map(crate::api_auth::OutgoingToken::Node),
         token_source: Some("setting api.token_file (--api-token-file)".into()),
         ca: config
             .api_security
@@ -393,8 +409,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         })
         .collect();
     let api_stop = Arc::new(tokio::sync::Notify::new());
-    let api_token =
-        crate::api_auth::RequiredToken(config.api_security.token.as_deref().map(Arc::from));
+    let api_token = crate::api_auth::RequiredToken(config.api_security.token.clone());
     let api_task = {
         let app = router(ApiState {
             manager: manager.clone(),
@@ -417,7 +432,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             backend_timing: backend_timing.clone(),
             tier_repair: tier.as_ref().map(|_| tier_repair.clone()),
             dtl_sweep: cluster.as_ref().map(|_| dtl_sweep.clone()),
-            tls_reloads,
+            credential_reloads,
         })
         // Outermost: a request is checked before it is routed or forwarded to another node.
         .layer(axum::middleware::from_fn_with_state(
@@ -561,7 +576,11 @@ pub async fn serve_dtl(
             format!("cannot open the DTL data directory {}", data_dir.display())
         })?,
     );
-    crate::tls_reload::spawn(tls.map(crate::tls_reload::Tls::Peer).into_iter().collect())?;
+    crate::credentials::spawn(
+        tls.map(crate::credentials::Credentials::Peer)
+            .into_iter()
+            .collect(),
+    )?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for the DTL on {listen}"))?;

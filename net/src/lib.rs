@@ -150,8 +150,8 @@ pub fn pem_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, NetError> 
 }
 
 impl PeerTlsFiles {
-    fn snapshot(&self) -> Result<PemSnapshot, NetError> {
-        PemSnapshot::read(&[
+    fn snapshot(&self) -> Result<FileSnapshot, NetError> {
+        FileSnapshot::read(&[
             ("certificate", &self.cert),
             ("private key", &self.key),
             ("CA certificate", &self.ca),
@@ -164,11 +164,10 @@ impl PeerTls {
     /// blocks, a key that does not match the certificate and a CA file without usable
     /// certificates are errors naming the file.
     pub fn load(files: &PeerTlsFiles) -> Result<Self, NetError> {
-        let snapshot = files.snapshot()?;
-        let configs = PeerConfigs::build(files)?;
+        let live = Reloadable::load(|| files.snapshot(), || PeerConfigs::build(files))?;
         Ok(Self {
             files: Arc::new(files.clone()),
-            live: Arc::new(Reloadable::new(configs, snapshot)),
+            live: Arc::new(live),
         })
     }
 
@@ -370,7 +369,7 @@ pub use link::{
     accept_peer, accept_served, bad_magic_hint, connect_peer, reserve_frame, Accepted,
     FRAME_RESERVE_STEP, PLAIN_REFUSED, TLS_HANDSHAKE_RECORD,
 };
-pub use reload::{PemSnapshot, Reloadable};
+pub use reload::{FileSnapshot, Reloadable};
 pub use split::{PeerReader, PeerWriter};
 
 #[cfg(test)]

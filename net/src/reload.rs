@@ -1,4 +1,4 @@
-//! TLS configurations that follow their PEM files while the process runs.
+//! Configurations that follow their files while the process runs: TLS (PEM files), API tokens.
 //!
 //! # Why
 //!
@@ -8,12 +8,13 @@
 //! vhost-user guests pause. So every TLS configuration built from files (the internal links'
 //! [`PeerTls`](crate::PeerTls), the NBD server's, the API's) is a [`Reloadable`]: connections
 //! take the current configuration at their handshake, and a reload swaps in a new one built from
-//! the files as they are now. Connections already up keep the configuration they started with
+//! the files as they are now. The API's bearer tokens (`src/api_auth.rs`) follow their file the
+//! same way. Connections already up keep the configuration they started with
 //! (TLS only checks certificates at the handshake), so a rotation never cuts one.
 //!
 //! # Rules
 //!
-//! * A reload first reads the files ([`PemSnapshot`]); when their bytes are those the current
+//! * A reload first reads the files ([`FileSnapshot`]); when their bytes are those the current
 //!   configuration was built from, nothing is rebuilt, so checking often costs three small reads.
 //! * A configuration that cannot be built (a file half written, a key that does not match its
 //!   certificate yet) leaves the current one in place and is an error naming the file; the
@@ -30,11 +31,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::{file_error, NetError};
 
-/// The bytes of the PEM files a configuration is built from, in a fixed order.
+/// The bytes of the files a configuration is built from (PEM files, a token file), in a fixed
+/// order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PemSnapshot(Vec<Vec<u8>>);
+pub struct FileSnapshot(Vec<Vec<u8>>);
 
-impl PemSnapshot {
+impl FileSnapshot {
     /// Read every file of `files` (`what` names it in errors: "certificate", "private key"...).
     pub fn read(files: &[(&'static str, &Path)]) -> Result<Self, NetError> {
         files
@@ -45,25 +47,38 @@ impl PemSnapshot {
     }
 }
 
-/// A value built from PEM files (a rustls configuration, an acceptor), replaceable while in use.
+/// A value built from files (a rustls configuration, an acceptor, a token list), replaceable
+/// while in use.
 pub struct Reloadable<T> {
     current: RwLock<Built<T>>,
 }
 
 struct Built<T> {
     value: Arc<T>,
-    from: PemSnapshot,
+    from: FileSnapshot,
 }
 
 impl<T> Reloadable<T> {
     /// `value`, built from the files whose bytes were `from`.
-    pub fn new(value: T, from: PemSnapshot) -> Self {
+    pub fn new(value: T, from: FileSnapshot) -> Self {
         Self {
             current: RwLock::new(Built {
                 value: Arc::new(value),
                 from,
             }),
         }
+    }
+
+    /// Build the first value: the files' bytes are read first (see the rules above), then
+    /// `build` runs even if that read failed, because its error says more than "cannot read"
+    /// (a certificate file without a certificate, a key that does not fit).
+    pub fn load<E>(
+        snapshot: impl FnOnce() -> Result<FileSnapshot, E>,
+        build: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Self, E> {
+        let snapshot = snapshot();
+        let value = build()?;
+        Ok(Self::new(value, snapshot?))
     }
 
     /// The configuration new connections use now.
@@ -77,7 +92,7 @@ impl<T> Reloadable<T> {
     /// `Err`: `build` failed and the current value stays.
     pub fn replace_if_changed<E>(
         &self,
-        now: PemSnapshot,
+        now: FileSnapshot,
         build: impl FnOnce() -> Result<T, E>,
     ) -> Result<bool, E> {
         if self.unchanged(&now) {
@@ -89,7 +104,7 @@ impl<T> Reloadable<T> {
         Ok(true)
     }
 
-    fn unchanged(&self, now: &PemSnapshot) -> bool {
+    fn unchanged(&self, now: &FileSnapshot) -> bool {
         let built = self.current.read().unwrap_or_else(PoisonError::into_inner);
         built.from == *now
     }
@@ -105,8 +120,8 @@ impl<T> std::fmt::Debug for Reloadable<T> {
 mod tests {
     use super::*;
 
-    fn snapshot(bytes: &[&[u8]]) -> PemSnapshot {
-        PemSnapshot(bytes.iter().map(|b| b.to_vec()).collect())
+    fn snapshot(bytes: &[&[u8]]) -> FileSnapshot {
+        FileSnapshot(bytes.iter().map(|b| b.to_vec()).collect())
     }
 
     #[test]
@@ -143,7 +158,7 @@ mod tests {
         let present = dir.path().join("cert.pem");
         std::fs::write(&present, b"pem").unwrap();
         let missing = dir.path().join("key.pem");
-        let err = PemSnapshot::read(&[("certificate", &present), ("private key", &missing)])
+        let err = FileSnapshot::read(&[("certificate", &present), ("private key", &missing)])
             .unwrap_err()
             .to_string();
         assert!(

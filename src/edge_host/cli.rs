@@ -244,7 +244,7 @@ fn run_daemon(args: &EdgeArgs) -> Result<()> {
     let api_token = args
         .api_token_file
         .as_deref()
-        .map(|path| crate::api_auth::read_token_file(path, "--api-token-file"))
+        .map(|path| crate::api_auth::ApiTokens::load(path, "--api-token-file"))
         .transpose()?;
     if crate::registry::etcd_endpoints(&registry).is_none() {
         anyhow::bail!(

@@ -60,7 +60,7 @@ pub struct EdgeConfig {
     /// Mutual TLS to the owners' edge servers (`--peer-tls-*`).
     pub peer_tls: Option<vstor_net::PeerTls>,
     /// The bearer token the API requires (`--api-token-file`).
-    pub api_token: Option<String>,
+    pub api_token: Option<Arc<crate::api_auth::ApiTokens>>,
 }
 
 /// This machine's host name (the default edge name).
@@ -110,13 +110,24 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     vstor_edge::vhost::check_socket_dir(&vhost_dir)
         .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
     // Renewed certificates are picked up on SIGHUP and when their files change.
-    crate::tls_reload::spawn(
+    crate::credentials::spawn(
         config
             .peer_tls
             .clone()
-            .map(crate::tls_reload::Tls::Peer)
+            .map(crate::credentials::Credentials::Peer)
             .into_iter()
-            .chain(config.nbd_tls.clone().map(crate::tls_reload::Tls::Nbd))
+            .chain(
+                config
+                    .nbd_tls
+                    .clone()
+                    .map(crate::credentials::Credentials::Nbd),
+            )
+            .chain(
+                config
+                    .api_token
+                    .clone()
+                    .map(crate::credentials::Credentials::ApiToken),
+            )
             .collect(),
     )?;
     let registry: Arc<dyn Registry> = Arc::new(config.registry.connect().await.context(
@@ -205,7 +216,7 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     };
     let api_stop = Arc::new(tokio::sync::Notify::new());
     let api_task = {
-        let token = crate::api_auth::RequiredToken(config.api_token.as_deref().map(Arc::from));
+        let token = crate::api_auth::RequiredToken(config.api_token.clone());
         // Outermost: a request is checked before it is routed.
         let app = api::router(host.clone()).layer(axum::middleware::from_fn_with_state(
             token,

@@ -68,11 +68,11 @@ pub async fn run(config: OsdConfig) -> Result<()> {
     let data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
     let _lock = DirLock::acquire(&data_dir, "vstor osd")?;
-    crate::tls_reload::spawn(
+    crate::credentials::spawn(
         config
             .tls
             .clone()
-            .map(crate::tls_reload::Tls::Peer)
+            .map(crate::credentials::Credentials::Peer)
             .into_iter()
             .collect(),
     )?;

@@ -31,7 +31,7 @@
 //!
 //! [`NbdTls::reload`] re-reads the files and, when they changed, gives every later `STARTTLS` the
 //! new certificate, key and CA; connections already encrypted keep theirs. `vstor serve` and
-//! `vstor edge` call it on `SIGHUP` and when they see the files change (`src/tls_reload.rs`).
+//! `vstor edge` call it on `SIGHUP` and when they see the files change (`src/credentials.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
-use vstor_net::{PemSnapshot, Reloadable};
+use vstor_net::{FileSnapshot, Reloadable};
 
 use super::NbdError;
 
@@ -128,7 +128,7 @@ pub(crate) fn client_subject(chain: &[CertificateDer<'_>]) -> Option<String> {
 }
 
 impl TlsFiles {
-    fn snapshot(&self) -> Result<PemSnapshot, NbdError> {
+    fn snapshot(&self) -> Result<FileSnapshot, NbdError> {
         let mut files = vec![
             ("certificate", self.cert.as_path()),
             ("private key", self.key.as_path()),
@@ -136,7 +136,7 @@ impl TlsFiles {
         if let Some(ca) = &self.ca {
             files.push(("CA certificate", ca.as_path()));
         }
-        PemSnapshot::read(&files).map_err(from_net)
+        FileSnapshot::read(&files).map_err(from_net)
     }
 
     fn acceptor(&self, mode: TlsMode) -> Result<TlsAcceptor, NbdError> {
@@ -181,11 +181,10 @@ impl NbdTls {
     /// a key that does not match the certificate and a CA file without usable certificates are
     /// errors naming the file.
     pub fn load(files: &TlsFiles, mode: TlsMode) -> Result<Self, NbdError> {
-        let snapshot = files.snapshot()?;
-        let acceptor = files.acceptor(mode)?;
+        let live = Reloadable::load(|| files.snapshot(), || files.acceptor(mode))?;
         Ok(Self {
             files: Arc::new(files.clone()),
-            live: Arc::new(Reloadable::new(acceptor, snapshot)),
+            live: Arc::new(live),
             mode,
         })
     }

@@ -1,6 +1,6 @@
-//! Renewed certificates without restarts (`src/tls_reload.rs`), as processes with certificates
-//! made by the `openssl` CLI and replaced the way renewal tools do (a new file renamed over the
-//! old one), then `SIGHUP`:
+//! Renewed credentials without restarts (`src/credentials.rs`), as processes with certificates
+//! made by the `openssl` CLI and files replaced the way renewal tools do (a new file renamed over
+//! the old one), then `SIGHUP`:
 //!
 //! * a node and its `vstor dtl` move the whole cluster to a new CA in the three usual steps
 //!   (trust both CAs, new certificates, trust only the new CA) while a sync-DTL volume takes
@@ -8,7 +8,11 @@
 //!   clients, the node's reconnection after the DTL restarts uses its new identity, and every
 //!   acknowledged write is read back by the node that adopts the volume after a `kill -9`;
 //! * a node's NBD and API certificates are replaced: new clients need the new CA, the volume's
-//!   data reads back over the new certificate, and broken files are reported and change nothing.
+//!   data reads back over the new certificate, and broken files are reported and change nothing;
+//! * the OSD, MDS and edge daemons present their renewed certificates;
+//! * two cluster nodes change their shared API token in the three steps of a rotation (accept
+//!   both, send the new one, drop the old one) and never refuse a request forwarded between
+//!   them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -31,8 +35,8 @@ use common::{
 };
 
 const VOLUME: &str = "vol";
-const RELOADED: &str = "TLS certificates reloaded";
-const RELOAD_FAILED: &str = "cannot reload TLS certificates";
+const RELOADED: &str = "credentials reloaded";
+const RELOAD_FAILED: &str = "cannot reload credentials";
 
 /// Replace `dst` as renewal tools do: a new file next to it, renamed over it.
 fn replace(dst: &Path, bytes: &[u8]) {
@@ -263,7 +267,7 @@ fn a_node_and_its_dtl_move_to_a_new_ca_without_restarting_and_lose_no_acknowledg
     assert_eq!(a.info(VOLUME)["dtl_state"], "ok_sync");
     // Three reloads, one per step (a periodic check that caught a new key before its
     // certificate could only add a failure, never a reload).
-    assert_eq!(counter(&a.api, "vstor_tls_reloads_total"), 3);
+    assert_eq!(counter(&a.api, "vstor_credential_reloads_total"), 3);
 
     // A new connection: the DTL restarts on its address; the node's reconnection only gets
     // through with the node's new identity (the DTL trusts only the new CA now, and presents a
@@ -524,4 +528,87 @@ fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() 
         .unwrap();
     assert_eq!(statuses.len(), 1, "{statuses:?}");
     assert_eq!(statuses[0]["state"], "up", "{statuses:?}");
+}
+
+/// The status of `GET path` on `api` with bearer `token`.
+fn get_status(api: &str, path: &str, token: &str) -> u16 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .get(format!("http://{api}{path}"))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn cluster_nodes_rotate_their_api_token_without_refusing_a_forwarded_request() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let token_files: Vec<PathBuf> = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            let path = root.path().join(format!("{n}-api-token"));
+            std::fs::write(&path, "old-token\n").unwrap();
+            path
+        })
+        .collect();
+    let node = |i: usize, name: &str, domain: &str| {
+        common::start_cluster_node(
+            root.path(),
+            &etcd.url(),
+            &backend,
+            name,
+            domain,
+            &["--api-token-file", token_files[i].to_str().unwrap()],
+        )
+    };
+    let n1 = node(0, "n1", "a");
+    let n2 = node(1, "n2", "b");
+    // On n2, reached through n1: every request below is forwarded with n1's token.
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "fw",
+        "--size",
+        "16M",
+        "--node",
+        "n2",
+        "--dtl-mode",
+        "none",
+    ]);
+    let forwarded = |token: &str| get_status(&n1.api, "/v1/volumes/fw", token);
+    let direct = |token: &str| get_status(&n2.api, "/v1/volumes/fw", token);
+    assert_eq!((forwarded("old-token"), direct("old-token")), (200, 200));
+    assert_eq!((forwarded("new-token"), direct("new-token")), (401, 401));
+
+    let step = |i: usize, daemon: &Daemon, content: &str, reloads: usize| {
+        replace(&token_files[i], content.as_bytes());
+        sighup(daemon.child.as_ref().unwrap().id());
+        wait_for_log(&daemon.log, RELOADED, reloads);
+    };
+    // 1: both nodes accept both tokens; clients may move to the new one.
+    step(0, &n1, "old-token\nnew-token\n", 1);
+    step(1, &n2, "old-token\nnew-token\n", 1);
+    for token in ["old-token", "new-token"] {
+        assert_eq!((forwarded(token), direct(token)), (200, 200), "{token}");
+    }
+    // 2: n1 sends the new token first (n2 not yet told): its forwarded requests still pass.
+    step(0, &n1, "new-token\nold-token\n", 2);
+    assert_eq!(forwarded("old-token"), 200);
+    step(1, &n2, "new-token\nold-token\n", 2);
+    // 3: the old token is dropped; n2 first, so n1's forwarding must already send the new one.
+    step(1, &n2, "new-token\n", 3);
+    assert_eq!(forwarded("new-token"), 200);
+    step(0, &n1, "new-token\n", 3);
+    assert_eq!((forwarded("old-token"), direct("old-token")), (401, 401));
+    assert_eq!((forwarded("new-token"), direct("new-token")), (200, 200));
+    // The CLI reads the file's (first) token as before.
+    n1.cli_ok(&["volume", "delete", "fw"]);
+    assert_eq!(direct("new-token"), 404);
 }

@@ -1,6 +1,6 @@
-//! Renewed TLS certificates without a restart: every long-running vstor process (`serve`, `edge`,
-//! `dtl`, `osd`, `mds`) re-reads its certificate files on `SIGHUP` and every [`CHECK_EVERY`],
-//! and the handshakes that follow use whatever changed.
+//! Renewed credentials without a restart: every long-running vstor process (`serve`, `edge`,
+//! `dtl`, `osd`, `mds`) re-reads its certificate files and API token file on `SIGHUP` and every
+//! [`CHECK_EVERY`], and the handshakes and requests that follow use whatever changed.
 //!
 //! Why both: renewal tools differ. Some signal the service (a `systemctl reload`, certbot's
 //! deploy hook), others only replace the files (cert-manager's mounted secrets, Vault agent);
@@ -10,14 +10,15 @@
 //! stay the same.
 //!
 //! What is reloaded: the internal links' identity (`--peer-tls-*`: DTL, OSD, MDS and edge
-//! protocol, as server and as client), the NBD server's (`--tls-*`) and the API's
-//! (`--api-tls-*`). Not reloaded: the etcd link's certificates and password (one etcd client
-//! lives as long as the process, with its leases and watches) and the CA `--api-ca` other nodes'
-//! APIs are checked against; those still need a restart. A reload that fails (a file half
-//! written, a key that does not fit its certificate) is logged with the file and counted
-//! (`vstor_tls_reload_failures_total`), and the certificates in use stay; the next check or
-//! signal tries again. A process without any TLS still takes `SIGHUP` (and logs that there was
-//! nothing to reload) rather than dying of it.
+//! protocol, as server and as client), the NBD server's (`--tls-*`), the API's (`--api-tls-*`)
+//! and the API's tokens (`--api-token-file`, several lines for a rotation: `api_auth`). Not
+//! reloaded: the etcd link's certificates and password (one etcd client lives as long as the
+//! process, with its leases and watches) and the CA `--api-ca` other nodes' APIs are checked
+//! against; those still need a restart. A reload that fails (a file half written, a key that
+//! does not fit its certificate) is logged with the file and counted
+//! (`vstor_credential_reload_failures_total`), and the credentials in use stay; the next check
+//! or signal tries again. A process without any of these files still takes `SIGHUP` (and logs
+//! it) rather than dying of it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,49 +32,54 @@ use tracing::{error, info};
 /// How often the files are compared with those in use.
 pub const CHECK_EVERY: Duration = Duration::from_secs(30);
 
-/// One TLS configuration built from files.
+/// One set of credentials built from files.
 #[derive(Clone)]
-pub enum Tls {
+pub enum Credentials {
     /// `--peer-tls-*`: the internal links.
     Peer(vstor_net::PeerTls),
     /// `--tls-*`: the NBD server.
     Nbd(vstor_edge::nbd::NbdTls),
-    /// `--api-tls-*`: the management API.
+    /// `--api-tls-*`: the management API's certificate.
     Api(crate::api_tls::ApiTls),
+    /// `--api-token-file`: the tokens the API accepts, and the one this process sends.
+    ApiToken(Arc<crate::api_auth::ApiTokens>),
 }
 
 /// What the loop needs of a configuration (a trait so the loop is tested without certificates).
 trait Reload: Clone + Send + Sync + 'static {
     /// The setting it comes from, for logs.
     fn setting(&self) -> &'static str;
-    /// Its certificate file, for logs.
-    fn certificate(&self) -> String;
+    /// Its (first) file, for logs.
+    fn file(&self) -> String;
     /// Read the files again: replaced, unchanged, or why not.
     fn reload(&self) -> Result<bool, String>;
 }
 
-impl Reload for Tls {
+impl Reload for Credentials {
     fn setting(&self) -> &'static str {
         match self {
-            Tls::Peer(_) => "peer_tls",
-            Tls::Nbd(_) => "nbd_server.tls",
-            Tls::Api(_) => "api.tls",
+            Credentials::Peer(_) => "peer_tls",
+            Credentials::Nbd(_) => "nbd_server.tls",
+            Credentials::Api(_) => "api.tls",
+            Credentials::ApiToken(_) => "api.token_file",
         }
     }
 
-    fn certificate(&self) -> String {
+    fn file(&self) -> String {
         match self {
-            Tls::Peer(tls) => tls.files().cert.display().to_string(),
-            Tls::Nbd(tls) => tls.files().cert.display().to_string(),
-            Tls::Api(tls) => tls.cert().display().to_string(),
+            Credentials::Peer(tls) => tls.files().cert.display().to_string(),
+            Credentials::Nbd(tls) => tls.files().cert.display().to_string(),
+            Credentials::Api(tls) => tls.cert().display().to_string(),
+            Credentials::ApiToken(tokens) => tokens.path().display().to_string(),
         }
     }
 
     fn reload(&self) -> Result<bool, String> {
         match self {
-            Tls::Peer(tls) => tls.reload().map_err(|e| e.to_string()),
-            Tls::Nbd(tls) => tls.reload().map_err(|e| e.to_string()),
-            Tls::Api(tls) => tls.reload().map_err(|e| format!("{e:#}")),
+            Credentials::Peer(tls) => tls.reload().map_err(|e| e.to_string()),
+            Credentials::Nbd(tls) => tls.reload().map_err(|e| e.to_string()),
+            Credentials::Api(tls) => tls.reload().map_err(|e| format!("{e:#}")),
+            Credentials::ApiToken(tokens) => tokens.reload().map_err(|e| format!("{e:#}")),
         }
     }
 }
@@ -92,11 +98,11 @@ pub struct ReloadStats {
 
 /// Watch `tls` from now on: install the `SIGHUP` handler (so the signal no longer ends the
 /// process) and start the checks on the current runtime.
-pub fn spawn(tls: Vec<Tls>) -> Result<Arc<ReloadStats>> {
+pub fn spawn(credentials: Vec<Credentials>) -> Result<Arc<ReloadStats>> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let signals = futures::stream::poll_fn(move |cx| hup.poll_recv(cx));
     let stats = Arc::new(ReloadStats::default());
-    tokio::spawn(run(tls, signals, CHECK_EVERY, Arc::clone(&stats)));
+    tokio::spawn(run(credentials, signals, CHECK_EVERY, Arc::clone(&stats)));
     Ok(stats)
 }
 
@@ -121,32 +127,32 @@ async fn run<R: Reload>(
         if signalled {
             info!(
                 configurations = tls.len(),
-                "SIGHUP: reading the TLS certificate files again"
+                "SIGHUP: reading the credential files again"
             );
         }
         let tls = tls.clone();
         let outcomes = tokio::task::spawn_blocking(move || {
             tls.iter()
-                .map(|t| (t.setting(), t.certificate(), t.reload()))
+                .map(|t| (t.setting(), t.file(), t.reload()))
                 .collect::<Vec<_>>()
         })
         .await;
         let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
             Err(e) => {
-                error!(error = %e, "the TLS certificate check failed");
+                error!(error = %e, "the credentials check failed");
                 continue;
             }
         };
         let failing = outcomes.iter().filter(|(_, _, o)| o.is_err()).count();
         stats.failing.store(failing as u64, Ordering::Relaxed);
-        for (setting, certificate, outcome) in outcomes {
+        for (setting, file, outcome) in outcomes {
             match outcome {
                 Ok(true) => {
                     stats.reloads.fetch_add(1, Ordering::Relaxed);
                     info!(
                         setting,
-                        certificate, "TLS certificates reloaded: new handshakes use them"
+                        file, "credentials reloaded: new connections and requests use them"
                     );
                 }
                 Ok(false) => {}
@@ -155,7 +161,7 @@ async fn run<R: Reload>(
                     error!(
                         setting,
                         error = %e,
-                        "cannot reload TLS certificates; the ones in use stay"
+                        "cannot reload credentials; the ones in use stay"
                     );
                 }
             }
@@ -177,7 +183,7 @@ mod tests {
         fn setting(&self) -> &'static str {
             "test"
         }
-        fn certificate(&self) -> String {
+        fn file(&self) -> String {
             "cert.pem".into()
         }
         fn reload(&self) -> Result<bool, String> {
