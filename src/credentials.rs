@@ -45,6 +45,20 @@ pub enum Credentials {
     ApiToken(Arc<crate::api_auth::ApiTokens>),
 }
 
+/// The credentials a process loaded (each may be absent), in the order they are checked.
+pub fn of(
+    peer: Option<vstor_net::PeerTls>,
+    nbd: Option<vstor_edge::nbd::NbdTls>,
+    api: Option<crate::api_tls::ApiTls>,
+    api_token: Option<Arc<crate::api_auth::ApiTokens>>,
+) -> Vec<Credentials> {
+    let peer = peer.map(Credentials::Peer);
+    let nbd = nbd.map(Credentials::Nbd);
+    let api = api.map(Credentials::Api);
+    let token = api_token.map(Credentials::ApiToken);
+    [peer, nbd, api, token].into_iter().flatten().collect()
+}
+
 /// What the loop needs of a configuration (a trait so the loop is tested without certificates).
 trait Reload: Clone + Send + Sync + 'static {
     /// The setting it comes from, for logs.

@@ -183,14 +183,7 @@ async fn daemon(
         .parse()
         .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
     let _lock = DirLock::acquire(&data_dir, "vstor mds")?;
-    crate::credentials::spawn(
-        config
-            .tls
-            .clone()
-            .map(crate::credentials::Credentials::Peer)
-            .into_iter()
-            .collect(),
-    )?;
+    crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
     let store = Arc::new(
         tokio::task::spawn_blocking({
             let dir = data_dir.clone();

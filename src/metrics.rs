@@ -236,14 +236,20 @@ fn tier_repair_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, Met
     ]
 }
 
+/// A node-level counter read off an atomic.
+fn counter(
+    name: &'static str,
+    help: &'static str,
+    value: &std::sync::atomic::AtomicU64,
+) -> (&'static str, &'static str, MetricType, u64) {
+    let value = value.load(std::sync::atomic::Ordering::Relaxed);
+    (name, help, MetricType::Counter, value)
+}
+
 /// The DTL leftover sweep's counters (a cluster node's; none elsewhere).
 fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
     let Some(sweep) = &state.dtl_sweep else {
         return Vec::new();
-    };
-    let counter = |name, help, value: &std::sync::atomic::AtomicU64| {
-        let value = value.load(std::sync::atomic::Ordering::Relaxed);
-        (name, help, MetricType::Counter, value)
     };
     vec![
         counter(
@@ -269,10 +275,6 @@ fn credential_reload_metrics(
     state: &ApiState,
 ) -> Vec<(&'static str, &'static str, MetricType, u64)> {
     let stats = &state.credential_reloads;
-    let counter = |name, help, value: &std::sync::atomic::AtomicU64| {
-        let value = value.load(std::sync::atomic::Ordering::Relaxed);
-        (name, help, MetricType::Counter, value)
-    };
     vec![
         counter(
             "vstor_credential_reloads",

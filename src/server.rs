@@ -58,29 +58,13 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .as_ref()
         .map(|(cert, key)| crate::api_tls::ApiTls::load(cert, key))
         .transpose()?;
-    // Renewed certificates are picked up on SIGHUP and when their files change.
-    let credential_reloads = crate::credentials::spawn(
-        config
-            .peer_tls
-            .clone()
-            .map(crate::credentials::Credentials::Peer)
-            .into_iter()
-            .chain(
-                config
-                    .nbd_tls
-                    .clone()
-                    .map(crate::credentials::Credentials::Nbd),
-            )
-            .chain(api_tls.clone().map(crate::credentials::Credentials::Api))
-            .chain(
-                config
-                    .api_security
-                    .token
-                    .clone()
-                    .map(crate::credentials::Credentials::ApiToken),
-            )
-            .collect(),
-    )?;
+    // Renewed certificates and token files are picked up on SIGHUP and when they change.
+    let credential_reloads = crate::credentials::spawn(crate::credentials::of(
+        config.peer_tls.clone(),
+        config.nbd_tls.clone(),
+        api_tls.clone(),
+        config.api_security.token.clone(),
+    ))?;
     // Calls to other nodes' APIs (forwarding, moves, fencing probes) carry this node's token: the
     // nodes of a cluster share one token file, and one TLS setting.
     crate::api_auth::set_outgoing(crate::api_auth::Outgoing {
@@ -576,11 +560,7 @@ pub async fn serve_dtl(
             format!("cannot open the DTL data directory {}", data_dir.display())
         })?,
     );
-    crate::credentials::spawn(
-        tls.map(crate::credentials::Credentials::Peer)
-            .into_iter()
-            .collect(),
-    )?;
+    crate::credentials::spawn(crate::credentials::of(tls, None, None, None))?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for the DTL on {listen}"))?;

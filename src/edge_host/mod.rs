@@ -110,26 +110,12 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     vstor_edge::vhost::check_socket_dir(&vhost_dir)
         .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
     // Renewed certificates are picked up on SIGHUP and when their files change.
-    crate::credentials::spawn(
-        config
-            .peer_tls
-            .clone()
-            .map(crate::credentials::Credentials::Peer)
-            .into_iter()
-            .chain(
-                config
-                    .nbd_tls
-                    .clone()
-                    .map(crate::credentials::Credentials::Nbd),
-            )
-            .chain(
-                config
-                    .api_token
-                    .clone()
-                    .map(crate::credentials::Credentials::ApiToken),
-            )
-            .collect(),
-    )?;
+    crate::credentials::spawn(crate::credentials::of(
+        config.peer_tls.clone(),
+        config.nbd_tls.clone(),
+        None,
+        config.api_token.clone(),
+    ))?;
     let registry: Arc<dyn Registry> = Arc::new(config.registry.connect().await.context(
         "cannot reach the cluster registry; is etcd running, and are --registry and \
              --etcd-* right?",

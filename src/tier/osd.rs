@@ -68,14 +68,7 @@ pub async fn run(config: OsdConfig) -> Result<()> {
     let data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
     let _lock = DirLock::acquire(&data_dir, "vstor osd")?;
-    crate::credentials::spawn(
-        config
-            .tls
-            .clone()
-            .map(crate::credentials::Credentials::Peer)
-            .into_iter()
-            .collect(),
-    )?;
+    crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
     let registry = config.registry;
     let capacity = match config.capacity {
         Some(c) => c,
