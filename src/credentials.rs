@@ -105,12 +105,12 @@ pub struct ReloadStats {
     pub reloads: AtomicU64,
     /// Attempts whose files could not be used.
     pub failures: AtomicU64,
-    /// Configurations whose files could not be used at the last check (they run on older
-    /// certificates, which will expire): what an alert watches.
+    /// Configurations whose files could not be used at the last check (they still run on what
+    /// was loaded before, certificates that will expire): what an alert watches.
     pub failing: AtomicU64,
 }
 
-/// Watch `tls` from now on: install the `SIGHUP` handler (so the signal no longer ends the
+/// Watch `credentials` from now on: install the `SIGHUP` handler (so the signal no longer ends the
 /// process) and start the checks on the current runtime.
 pub fn spawn(credentials: Vec<Credentials>) -> Result<Arc<ReloadStats>> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
@@ -122,7 +122,7 @@ pub fn spawn(credentials: Vec<Credentials>) -> Result<Arc<ReloadStats>> {
 
 /// The loop behind [`spawn`]: check at every item of `signals` and every `every`.
 async fn run<R: Reload>(
-    tls: Vec<R>,
+    credentials: Vec<R>,
     signals: impl Stream<Item = ()> + Unpin,
     every: Duration,
     stats: Arc<ReloadStats>,
@@ -140,13 +140,14 @@ async fn run<R: Reload>(
         };
         if signalled {
             info!(
-                configurations = tls.len(),
+                configurations = credentials.len(),
                 "SIGHUP: reading the credential files again"
             );
         }
-        let tls = tls.clone();
+        let batch = credentials.clone();
         let outcomes = tokio::task::spawn_blocking(move || {
-            tls.iter()
+            batch
+                .iter()
                 .map(|t| (t.setting(), t.file(), t.reload()))
                 .collect::<Vec<_>>()
         })
