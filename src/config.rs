@@ -214,6 +214,7 @@ impl EtcdSettings {
             endpoints,
             access,
             timeout,
+            settings: self.clone(),
         })
     }
 

@@ -12,9 +12,10 @@
 //! What is reloaded: the internal links' identity (`--peer-tls-*`: DTL, OSD, MDS and edge
 //! protocol, as server and as client), the NBD server's (`--tls-*`), the API's (`--api-tls-*`)
 //! and the API's tokens (`--api-token-file`, several lines for a rotation: `api_auth`). Not
-//! reloaded: the etcd link's certificates and password (one etcd client lives as long as the
-//! process, with its leases and watches) and the CA `--api-ca` other nodes' APIs are checked
-//! against; those still need a restart. A reload that fails (a file half written, a key that
+//! reloaded: the CA `--api-ca` other nodes' APIs are checked against (a restart). The etcd
+//! link's files (`--etcd-ca/cert/key`, the password file) are re-read too: a registry whose files
+//! changed connects a new client, checks it, and only then replaces the old one
+//! (`registry::etcd::reload_all`). A reload that fails (a file half written, a key that
 //! does not fit its certificate) is logged with the file and counted
 //! (`vstor_credential_reload_failures_total`), and the credentials in use stay; the next check
 //! or signal tries again. A process without any of these files still takes `SIGHUP` (and logs
@@ -43,9 +44,13 @@ pub enum Credentials {
     Api(crate::api_tls::ApiTls),
     /// `--api-token-file`: the tokens the API accepts, and the one this process sends.
     ApiToken(Arc<crate::api_auth::ApiTokens>),
+    /// `--etcd-*`: every etcd registry connection of the process
+    /// (`registry::etcd::reload_all`).
+    Etcd,
 }
 
-/// The credentials a process loaded (each may be absent), in the order they are checked.
+/// The credentials a process loaded (each may be absent), in the order they are checked, and
+/// its etcd connections (if it has any).
 pub fn of(
     peer: Option<vstor_net::PeerTls>,
     nbd: Option<vstor_edge::nbd::NbdTls>,
@@ -56,7 +61,10 @@ pub fn of(
     let nbd = nbd.map(Credentials::Nbd);
     let api = api.map(Credentials::Api);
     let token = api_token.map(Credentials::ApiToken);
-    [peer, nbd, api, token].into_iter().flatten().collect()
+    [peer, nbd, api, token, Some(Credentials::Etcd)]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// What the loop needs of a configuration (a trait so the loop is tested without certificates).
@@ -76,6 +84,7 @@ impl Reload for Credentials {
             Credentials::Nbd(_) => "nbd_server.tls",
             Credentials::Api(_) => "api.tls",
             Credentials::ApiToken(_) => "api.token_file",
+            Credentials::Etcd => "cluster.etcd",
         }
     }
 
@@ -85,6 +94,7 @@ impl Reload for Credentials {
             Credentials::Nbd(tls) => tls.files().cert.display().to_string(),
             Credentials::Api(tls) => tls.cert().display().to_string(),
             Credentials::ApiToken(tokens) => tokens.path().display().to_string(),
+            Credentials::Etcd => "the --etcd-* files".to_string(),
         }
     }
 
@@ -94,6 +104,7 @@ impl Reload for Credentials {
             Credentials::Nbd(tls) => tls.reload().map_err(|e| e.to_string()),
             Credentials::Api(tls) => tls.reload().map_err(|e| format!("{e:#}")),
             Credentials::ApiToken(tokens) => tokens.reload().map_err(|e| format!("{e:#}")),
+            Credentials::Etcd => crate::registry::etcd::reload_all(),
         }
     }
 }

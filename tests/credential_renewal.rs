@@ -10,6 +10,8 @@
 //! * a node's NBD and API certificates are replaced: new clients need the new CA, the volume's
 //!   data reads back over the new certificate, and broken files are reported and change nothing;
 //! * the OSD, MDS and edge daemons present their renewed certificates;
+//! * a cluster node's etcd client certificate is renewed: after `SIGHUP` and an etcd restart
+//!   that trusts only the new CA, the node keeps its lease and writes to the registry;
 //! * two cluster nodes change their shared API token in the three steps of a rotation (accept
 //!   both, send the new one, drop the old one) and never refuse a request forwarded between
 //!   them.
@@ -25,7 +27,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use common::edge::EdgeDaemon;
-use common::etcd::Etcd;
+use common::etcd::{Etcd, EtcdTls};
 use common::mds::Mds;
 use common::tier::Osd;
 use common::tls::{nbds_uri, peer_tls_flags, strs, Pki};
@@ -611,4 +613,86 @@ fn cluster_nodes_rotate_their_api_token_without_refusing_a_forwarded_request() {
     // The CLI reads the file's (first) token as before.
     n1.cli_ok(&["volume", "delete", "fw"]);
     assert_eq!(direct("new-token"), 404);
+}
+
+#[test]
+fn a_node_reconnects_to_etcd_with_its_renewed_client_certificate() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd_ca = Pki::new(root.path(), "etcd-ca");
+    let old = Pki::new(root.path(), "old-client-ca");
+    let new = Pki::new(root.path(), "new-client-ca");
+    let (cert, key) = etcd_ca.server("etcd", false);
+    // etcd trusts client certificates of both CAs while the node moves over.
+    let trusted = root.path().join("etcd-trusted.pem");
+    let bundle = [old.ca(), new.ca()]
+        .iter()
+        .flat_map(|ca| std::fs::read(ca).unwrap())
+        .collect::<Vec<u8>>();
+    std::fs::write(&trusted, bundle).unwrap();
+    let mut etcd = Etcd::start_tls(
+        root.path(),
+        EtcdTls {
+            cert,
+            key,
+            client_ca: trusted,
+        },
+    );
+    let client = TlsFiles::new(&root.path().join("node-etcd-tls"));
+    client.install_identity(&old.client("n1-old", "n1"));
+    let flags = [
+        "--etcd-ca".to_string(),
+        etcd_ca.ca().display().to_string(),
+        "--etcd-cert".to_string(),
+        client.cert().display().to_string(),
+        "--etcd-key".to_string(),
+        client.key().display().to_string(),
+    ];
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let n1 =
+        common::start_cluster_node(root.path(), &etcd.url(), &backend, "n1", "a", &strs(&flags));
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "before",
+        "--size",
+        "16M",
+        "--dtl-mode",
+        "none",
+    ]);
+
+    client.install_identity(&new.client("n1-new", "n1"));
+    sighup(n1.child.as_ref().unwrap().id());
+    wait_for_log(&n1.log, RELOADED, 1);
+
+    // etcd restarts trusting only the new CA: the node's connections break, and only its new
+    // certificate gets it back in.
+    etcd.kill9();
+    let only_new = root.path().join("etcd-trusted-new.pem");
+    std::fs::copy(new.ca(), &only_new).unwrap();
+    etcd.tls.as_mut().unwrap().client_ca = only_new;
+    etcd.restart();
+    poll(
+        "a registry write through the renewed client",
+        Duration::from_secs(30),
+        || {
+            let out = n1.cli(&[
+                "volume",
+                "create",
+                "after",
+                "--size",
+                "16M",
+                "--dtl-mode",
+                "none",
+            ]);
+            out.status.success().then_some(())
+        },
+    );
+    let nodes: serde_json::Value =
+        serde_json::from_str(&n1.cli_ok(&["node", "list", "--json"])).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+    assert_eq!(nodes[0]["alive"], true, "the node kept its lease: {nodes}");
+    // (A node that lost its lease fences its volumes.)
+    for volume in ["before", "after"] {
+        assert_eq!(n1.info(volume)["state"], "running", "{volume}");
+    }
 }

@@ -6,6 +6,8 @@
 //! `--etcd-cert/--etcd-key` presented when etcd runs with `--client-cert-auth`. With
 //! `--etcd-user` the client authenticates (etcd's `auth enable`) and sends the token etcd gives
 //! on every call; etcd-client renews it when etcd says it expired. See [`EtcdAccess`].
+//! Renewed files are picked up without a restart ([`reload_all`], called by the process's
+//! credentials check): the client is behind a lock and replaced by a new, checked one.
 //!
 //! Client: the `etcd-client` crate (etcd's v3 gRPC API over tonic). It gives leases with a
 //! keepalive stream, multi-key transactions with compares and watches, everything the cluster
@@ -21,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -60,13 +63,164 @@ const UPDATE_ATTEMPTS: usize = 8;
 
 type Keeper = (LeaseKeeper, LeaseKeepAliveStream);
 
+/// A registry's etcd client, replaced when renewed credentials are loaded ([`reload_all`]):
+/// every call clones the current one out of the lock (no lock across a network call).
+type SharedClient = Arc<std::sync::RwLock<Client>>;
+
+/// Open keepalive streams per lease (see [`EtcdRegistry::keep_alive`]).
+type Keepers = Arc<std::sync::Mutex<HashMap<LeaseId, Keeper>>>;
+
+fn current(client: &SharedClient) -> Client {
+    client
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 pub struct EtcdRegistry {
-    client: Client,
+    client: SharedClient,
     spec: String,
     timeout: Duration,
     /// Open keepalive streams per lease. Taken out of the map for the duration of a renewal (no
     /// lock is held across the network round trip) and put back when it worked.
-    keepers: std::sync::Mutex<HashMap<LeaseId, Keeper>>,
+    keepers: Keepers,
+    /// What [`reload_all`] needs to reconnect this registry; listed in [`RENEWABLE`] while
+    /// the registry lives.
+    _renewal: Option<Arc<Renewal>>,
+}
+
+/// How a registry reconnects with renewed credentials.
+struct Renewal {
+    endpoints: Vec<String>,
+    timeout: Duration,
+    spec: String,
+    client: SharedClient,
+    keepers: Keepers,
+    /// Where the credentials come from (re-read at each check) and what is in use.
+    settings: crate::config::EtcdSettings,
+    access: std::sync::Mutex<EtcdAccess>,
+}
+
+/// The registries of this process that can reconnect with renewed credentials.
+static RENEWABLE: std::sync::Mutex<Vec<std::sync::Weak<Renewal>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Read every live registry's etcd credentials again (`--etcd-ca/cert/key`, the password file)
+/// and reconnect those whose files changed: a new client is connected and checked (one read)
+/// before it replaces the old one, whose lease keepalive streams are dropped (the next renewal
+/// opens them on the new client; the leases themselves live in etcd and stay) and whose node
+/// watch resynchronises on the new client at its next interruption. Calls already running
+/// finish on the old client. A failure leaves the old client in place. Blocking: runs the
+/// reconnection on the current runtime (call it from `spawn_blocking`). `Ok(true)`: at least
+/// one registry reconnected.
+pub fn reload_all() -> std::result::Result<bool, String> {
+    let live: Vec<Arc<Renewal>> = {
+        let mut list = RENEWABLE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        list.retain(|weak| weak.strong_count() > 0);
+        list.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    let mut reloaded = false;
+    for renewal in live {
+        let tls = super::etcd_uses_tls(&renewal.endpoints);
+        let access = renewal
+            .settings
+            .load(tls)
+            .map_err(|e| format!("registry {}: {e:#}", renewal.spec))?;
+        let unchanged = *renewal
+            .access
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == access;
+        if unchanged {
+            continue;
+        }
+        let client = tokio::runtime::Handle::current()
+            .block_on(open_client(
+                &renewal.endpoints,
+                &access,
+                renewal.timeout,
+                &renewal.spec,
+            ))
+            .map_err(|e| e.to_string())?;
+        *renewal
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        renewal
+            .keepers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        *renewal
+            .access
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = access;
+        reloaded = true;
+    }
+    Ok(reloaded)
+}
+
+/// Connect a client to `endpoints` with `access` and check that etcd answers it (one read)
+/// within `timeout`.
+async fn open_client(
+    endpoints: &[String],
+    access: &EtcdAccess,
+    timeout: Duration,
+    spec: &str,
+) -> Result<Client> {
+    let tls = super::etcd_uses_tls(endpoints);
+    if access.has_tls() && !tls {
+        return Err(RegistryError::Tls {
+            registry: spec.to_string(),
+            reason: "--etcd-ca/--etcd-cert/--etcd-key need TLS: write the registry as \
+                     etcd+https://HOST:PORT"
+                .into(),
+        });
+    }
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(1), timeout);
+    if tls {
+        let mut config = TlsOptions::new();
+        config = match &access.ca_pem {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &access.client_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(config);
+    }
+    if let Some((user, password)) = &access.user {
+        // etcd's tokens expire (`--auth-token-ttl`, 5 minutes by default, since last use):
+        // a call refused for an expired token authenticates again and is retried.
+        options = options
+            .with_user(user.as_str(), password.as_str())
+            .with_auto_token_refresh(true);
+    }
+    let client =
+        match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
+            Err(_) => {
+                return Err(RegistryError::Unreachable {
+                    registry: spec.to_string(),
+                    reason: format!("no answer within {timeout:?}"),
+                })
+            }
+            Ok(Err(e)) => return Err(at_connect(classify(spec, "connect", &e), access, tls)),
+            Ok(Ok(client)) => client,
+        };
+    let mut kv = client.kv_client();
+    match tokio::time::timeout(timeout, kv.get(SETTINGS_KEY, None)).await {
+        Err(_) => Err(RegistryError::Unreachable {
+            registry: spec.to_string(),
+            reason: format!("ping: no answer within {timeout:?}"),
+        }),
+        Ok(Err(e)) => Err(at_connect(classify(spec, "ping", &e), access, tls)),
+        Ok(Ok(_)) => Ok(client),
+    }
 }
 
 /// How vstor authenticates to etcd and checks etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`,
@@ -110,12 +264,32 @@ pub struct EtcdTarget {
     /// Bound on one registry call ([`DEFAULT_TIMEOUT`] unless `--registry-timeout` says
     /// otherwise): an etcd on a slow or shared disk may need more.
     pub timeout: Duration,
+    /// The settings `access` was read from: a registry connected from this target re-reads
+    /// them at each credentials check ([`reload_all`]).
+    pub settings: crate::config::EtcdSettings,
 }
 
 impl EtcdTarget {
-    /// [`EtcdRegistry::connect`] with this target's timeout.
+    /// [`EtcdRegistry::connect`] with this target's timeout; the registry follows renewed
+    /// credential files ([`reload_all`]).
     pub async fn connect(&self) -> Result<EtcdRegistry> {
-        EtcdRegistry::connect(&self.endpoints, &self.access, self.timeout).await
+        let mut registry =
+            EtcdRegistry::connect(&self.endpoints, &self.access, self.timeout).await?;
+        let renewal = Arc::new(Renewal {
+            endpoints: self.endpoints.clone(),
+            timeout: self.timeout,
+            spec: registry.spec.clone(),
+            client: Arc::clone(&registry.client),
+            keepers: Arc::clone(&registry.keepers),
+            settings: self.settings.clone(),
+            access: std::sync::Mutex::new(self.access.clone()),
+        });
+        RENEWABLE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::downgrade(&renewal));
+        registry._renewal = Some(renewal);
+        Ok(registry)
     }
 }
 
@@ -147,59 +321,19 @@ impl EtcdRegistry {
         timeout: Duration,
     ) -> Result<Self> {
         let spec = spec_of(endpoints);
-        let tls = super::etcd_uses_tls(endpoints);
-        if access.has_tls() && !tls {
-            return Err(RegistryError::Tls {
-                registry: spec,
-                reason: "--etcd-ca/--etcd-cert/--etcd-key need TLS: write the registry as \
-                         etcd+https://HOST:PORT"
-                    .into(),
-            });
-        }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(1), timeout);
-        if tls {
-            let mut config = TlsOptions::new();
-            config = match &access.ca_pem {
-                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
-                None => config.with_native_roots(),
-            };
-            if let Some((cert, key)) = &access.client_pem {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            options = options.with_tls(config);
-        }
-        if let Some((user, password)) = &access.user {
-            // etcd's tokens expire (`--auth-token-ttl`, 5 minutes by default, since last use):
-            // a call refused for an expired token authenticates again and is retried.
-            options = options
-                .with_user(user.as_str(), password.as_str())
-                .with_auto_token_refresh(true);
-        }
-        let client =
-            match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
-                Err(_) => {
-                    return Err(RegistryError::Unreachable {
-                        registry: spec,
-                        reason: format!("no answer within {timeout:?}"),
-                    })
-                }
-                Ok(Err(e)) => return Err(at_connect(classify(&spec, "connect", &e), access, tls)),
-                Ok(Ok(client)) => client,
-            };
-        let registry = Self {
-            client,
+        let client = open_client(endpoints, access, timeout, &spec).await?;
+        Ok(Self {
+            client: Arc::new(std::sync::RwLock::new(client)),
             spec,
             timeout,
-            keepers: std::sync::Mutex::new(HashMap::new()),
-        };
-        registry
-            .ping()
-            .await
-            .map_err(|e| at_connect(e, access, tls))?;
-        Ok(registry)
+            keepers: Arc::default(),
+            _renewal: None,
+        })
+    }
+
+    /// The client calls use now (replaced by [`reload_all`]).
+    fn client(&self) -> Client {
+        current(&self.client)
     }
 
     /// Run one etcd call under the timeout, mapping failures to registry errors.
@@ -223,7 +357,7 @@ impl EtcdRegistry {
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let mut response = self
             .call(
                 "list",
@@ -234,13 +368,13 @@ impl EtcdRegistry {
     }
 
     async fn get_one(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let mut response = self.call("get", kv.get(key, None)).await?;
         Ok(response.take_kvs().into_iter().next())
     }
 
     async fn txn(&self, op: &str, txn: Txn) -> Result<etcd_client::TxnResponse> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         self.call(op, kv.txn(txn)).await
     }
 
@@ -330,7 +464,7 @@ impl EtcdRegistry {
     }
 
     async fn open_keeper(&self, lease: LeaseId) -> Result<Keeper> {
-        let mut client = self.client.lease_client();
+        let mut client = self.client().lease_client();
         self.call("lease keepalive", client.keep_alive(lease)).await
     }
 }
@@ -576,7 +710,7 @@ impl Registry for EtcdRegistry {
 
     async fn put_settings(&self, settings: &ClusterSettings) -> Result<()> {
         settings.validate()?;
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         self.call("put settings", kv.put(SETTINGS_KEY, encode(settings), None))
             .await
             .map(|_| ())
@@ -595,7 +729,7 @@ impl Registry for EtcdRegistry {
             });
         }
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut leases = self.client.lease_client();
+        let mut leases = self.client().lease_client();
         let granted = self.call("lease grant", leases.grant(secs, None)).await?;
         let lease = granted.id();
         let member = format!("{NODES}{}", node.name);
@@ -689,7 +823,7 @@ impl Registry for EtcdRegistry {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&lease);
-        let mut leases = self.client.lease_client();
+        let mut leases = self.client().lease_client();
         match self.call("lease revoke", leases.revoke(lease)).await {
             Ok(_) | Err(RegistryError::LeaseExpired { .. }) => Ok(()),
             Err(e) => Err(e),
@@ -750,12 +884,12 @@ impl Registry for EtcdRegistry {
     async fn watch_nodes(&self) -> Result<mpsc::Receiver<NodeEvent>> {
         let (tx, rx) = mpsc::channel(64);
         // The first snapshot is read here so an unreachable registry is reported to the caller.
-        let (first, revision) = live_snapshot(&self.client, self.timeout)
+        let (first, revision) = live_snapshot(&self.client(), self.timeout)
             .await
             .map_err(|e| self.error("watch nodes", &e))?;
         let _ = tx.send(NodeEvent::Live(first)).await;
         tokio::spawn(watch_loop(
-            self.client.clone(),
+            Arc::clone(&self.client),
             self.timeout,
             tx,
             revision,
@@ -772,7 +906,7 @@ impl Registry for EtcdRegistry {
         let op = format!("watch volume {volume}");
         let start = async {
             let mut stream = self
-                .client
+                .client()
                 .watch_client()
                 .watch(keys[0].0.as_str(), None)
                 .await?;
@@ -1008,7 +1142,7 @@ impl Registry for EtcdRegistry {
 
     async fn register_edge(&self, edge: &EdgeRecord, ttl: Duration) -> Result<Lease> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut leases = self.client.lease_client();
+        let mut leases = self.client().lease_client();
         let granted = self.call("lease grant", leases.grant(secs, None)).await?;
         let lease = granted.id();
         let key = format!("{EDGES}{}", edge.name);
@@ -1097,7 +1231,7 @@ impl Registry for EtcdRegistry {
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut leases = self.client.lease_client();
+        let mut leases = self.client().lease_client();
         let granted = self.call("lease grant", leases.grant(secs, None)).await?;
         Ok(Lease {
             id: granted.id(),
@@ -1199,7 +1333,7 @@ async fn live_snapshot(
 /// watch again (retrying once a second) until the receiver is gone.
 #[allow(dead_code)] // Through `watch_nodes`, the failover layer's.
 async fn watch_loop(
-    client: Client,
+    client: SharedClient,
     timeout: Duration,
     tx: mpsc::Sender<NodeEvent>,
     mut revision: i64,
@@ -1207,7 +1341,7 @@ async fn watch_loop(
 ) {
     const RETRY: Duration = Duration::from_secs(1);
     loop {
-        let mut watcher = client.watch_client();
+        let mut watcher = current(&client).watch_client();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
@@ -1248,7 +1382,7 @@ async fn watch_loop(
                 () = tx.closed() => return,
                 () = tokio::time::sleep(RETRY) => {}
             }
-            if let Ok((nodes, at)) = live_snapshot(&client, timeout).await {
+            if let Ok((nodes, at)) = live_snapshot(&current(&client), timeout).await {
                 revision = at;
                 if tx.send(NodeEvent::Live(nodes)).await.is_err() {
                     return;
