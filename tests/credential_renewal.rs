@@ -519,6 +519,8 @@ fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() 
     // The signal reloaded them; it ended none of them.
     wait_for_log(&osd.log, RELOADED, 1);
     wait_for_log(&edge.log, RELOADED, 1);
+    assert_eq!(counter(&edge.api, "vstor_credential_reloads_total"), 1);
+    assert_eq!(counter(&edge.api, "vstor_credential_reload_failing"), 0);
     let statuses: Vec<serde_json::Value> =
         serde_json::from_str(&run_ok(Command::new(VSTOR).args([
             "osd",

@@ -65,11 +65,12 @@ async fn detach(
 
 async fn metrics(State(host): State<Arc<EdgeHost>>) -> Response {
     let stats: Vec<_> = host.exports.all().iter().map(|t| t.stats()).collect();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        report::metrics(&host.name, &stats),
-    )
-        .into_response()
+    let mut text = report::metrics(&host.name, &stats);
+    text.push_str(&report::credential_metrics(
+        &host.name,
+        &host.credential_reloads,
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 pub fn router(host: Arc<EdgeHost>) -> Router {

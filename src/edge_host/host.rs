@@ -121,6 +121,8 @@ pub struct EdgeHost {
     pub nbd: NbdServer,
     pub nbd_addr: SocketAddr,
     pub vhost: VhostServer,
+    /// Reloads of the edge's credentials (`credentials`), for `/metrics`.
+    pub credential_reloads: Arc<crate::credentials::ReloadStats>,
     busy: Mutex<BTreeSet<String>>,
 }
 
@@ -148,6 +150,7 @@ impl EdgeHost {
         nbd: NbdServer,
         nbd_addr: SocketAddr,
         vhost: VhostServer,
+        credential_reloads: Arc<crate::credentials::ReloadStats>,
     ) -> Self {
         Self {
             name,
@@ -158,6 +161,7 @@ impl EdgeHost {
             nbd,
             nbd_addr,
             vhost,
+            credential_reloads,
             busy: Mutex::new(BTreeSet::new()),
         }
     }

@@ -110,7 +110,7 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
     vstor_edge::vhost::check_socket_dir(&vhost_dir)
         .map_err(|e| anyhow::anyhow!("--vhost-dir: {e}; choose a shorter one"))?;
     // Renewed certificates are picked up on SIGHUP and when their files change.
-    crate::credentials::spawn(crate::credentials::of(
+    let credential_reloads = crate::credentials::spawn(crate::credentials::of(
         config.peer_tls.clone(),
         config.nbd_tls.clone(),
         None,
@@ -189,6 +189,7 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
         nbd.clone(),
         nbd_addr,
         vhost.clone(),
+        credential_reloads,
     ));
     let keepalive = tokio::spawn(keep_registered(
         host.clone(),
