@@ -96,13 +96,7 @@ impl ApiTokens {
     }
 
     fn snapshot(path: &Path, what: &str) -> Result<FileSnapshot> {
-        FileSnapshot::read(&[("API token", path)]).map_err(|e| match e {
-            vstor_net::NetError::File { path, reason, .. } => anyhow::anyhow!(
-                "{what}: cannot read the API token file {}: {reason}",
-                path.display()
-            ),
-            other => other.into(),
-        })
+        FileSnapshot::read(&[("API token", path)]).with_context(|| what.to_string())
     }
 
     /// Read the file again and, if it changed, accept its tokens from the next request on.

@@ -69,13 +69,8 @@ impl ApiTls {
 }
 
 fn snapshot(cert: &Path, key: &Path) -> Result<FileSnapshot> {
-    FileSnapshot::read(&[("certificate", cert), ("private key", key)]).map_err(|e| match e {
-        vstor_net::NetError::File { what, path, reason } => anyhow::anyhow!(
-            "settings api.tls_cert/api.tls_key: cannot read the {what} {}: {reason}",
-            path.display()
-        ),
-        other => other.into(),
-    })
+    FileSnapshot::read(&[("certificate", cert), ("private key", key)])
+        .context("settings api.tls_cert/api.tls_key (--api-tls-cert/--api-tls-key)")
 }
 
 /// The server's certificate chain and key, checked.

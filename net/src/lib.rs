@@ -57,8 +57,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// The crate's error type.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// A PEM file is unreadable, has no usable block, or does not fit the others.
-    #[error("peer TLS {what} file {}: {reason}", path.display())]
+    /// A file (PEM, or another a configuration is built from) is unreadable, has no usable
+    /// block, or does not fit the others. The caller's context names the setting.
+    #[error("{what} file {}: {reason}", path.display())]
     File {
         what: &'static str,
         path: PathBuf,
