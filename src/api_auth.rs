@@ -12,7 +12,8 @@
 //! the token its data calls then send.
 //!
 //! The outgoing side ([`Outgoing`]) is set once per process: the CLI's token and CA from its
-//! flags or environment, or the node's own token and CA for forwarding between nodes.
+//! flags or environment, or the node's own token and CA for forwarding between nodes (both
+//! files re-read when they change: [`ApiTokens`], [`ApiCa`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -206,8 +207,8 @@ pub struct Outgoing {
     pub token: Option<OutgoingToken>,
     /// Where the token came from, for the 401 message.
     pub token_source: Option<String>,
-    /// PEM CA certificates to trust (`--api-ca`); `None`: the system's.
-    pub ca: Option<Vec<ureq::tls::Certificate<'static>>>,
+    /// The CAs to trust (`--api-ca`); `None`: the system's.
+    pub ca: Option<Arc<ApiCa>>,
     /// Nodes' APIs are HTTPS (this node serves TLS, so its peers do too: one cluster config).
     pub https: bool,
 }
@@ -243,6 +244,58 @@ pub fn read_ca(path: &Path, what: &str) -> Result<Vec<ureq::tls::Certificate<'st
     Ok(certs)
 }
 
+/// The CAs this process checks other nodes' HTTPS APIs against (`--api-ca`, a bundle of one or
+/// more). Re-read with the other credentials (`credentials`): a CA rotation first adds the new
+/// CA to every node's bundle, and only then gives nodes API certificates of it, so forwarding
+/// between nodes must follow the bundle without a restart. Every call builds its TLS settings
+/// from the bundle as it is then (`Outgoing::tls_config`).
+pub struct ApiCa {
+    path: PathBuf,
+    what: &'static str,
+    live: Reloadable<Vec<ureq::tls::Certificate<'static>>>,
+}
+
+impl ApiCa {
+    /// Read and check the bundle (`what` names the setting in errors).
+    pub fn load(path: &Path, what: &'static str) -> Result<Arc<Self>> {
+        let live = Reloadable::load(|| Self::snapshot(path, what), || read_ca(path, what))?;
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            what,
+            live,
+        }))
+    }
+
+    fn snapshot(path: &Path, what: &str) -> Result<FileSnapshot> {
+        FileSnapshot::read(&[("CA", path)]).with_context(|| what.to_string())
+    }
+
+    /// Read the bundle again and, if it changed, trust its CAs from the next call on.
+    /// `Ok(false)`: unchanged; on an error the CAs in use stay.
+    pub fn reload(&self) -> Result<bool> {
+        let now = Self::snapshot(&self.path, self.what)?;
+        self.live
+            .replace_if_changed(now, || read_ca(&self.path, self.what))
+    }
+
+    /// The CAs trusted now.
+    pub fn certs(&self) -> Arc<Vec<ureq::tls::Certificate<'static>>> {
+        self.live.current()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl std::fmt::Debug for ApiCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiCa")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Outgoing {
     /// The CLI's credentials: token from `--api-token-file`, else `VSTOR_API_TOKEN`, else the
     /// file `VSTOR_API_TOKEN_FILE` names; CA from `--api-ca`, else `VSTOR_API_CA`.
@@ -268,8 +321,8 @@ impl Outgoing {
             (None, None)
         };
         let ca = match (ca, env("VSTOR_API_CA")) {
-            (Some(path), _) => Some(read_ca(path, "--api-ca")?),
-            (None, Some(path)) => Some(read_ca(Path::new(&path), "VSTOR_API_CA")?),
+            (Some(path), _) => Some(ApiCa::load(path, "--api-ca")?),
+            (None, Some(path)) => Some(ApiCa::load(Path::new(&path), "VSTOR_API_CA")?),
             (None, None) => None,
         };
         Ok(Self {
@@ -299,7 +352,7 @@ impl Outgoing {
     /// rustls settings for ureq: the given CAs, else the system's trust store.
     pub fn tls_config(&self) -> ureq::tls::TlsConfig {
         let roots = match &self.ca {
-            Some(certs) => ureq::tls::RootCerts::new_with_certs(certs),
+            Some(ca) => ureq::tls::RootCerts::Specific(ca.certs()),
             None => ureq::tls::RootCerts::PlatformVerifier,
         };
         ureq::tls::TlsConfig::builder()
@@ -417,5 +470,50 @@ mod tests {
         let err = tokens.reload().unwrap_err().to_string();
         assert!(err.contains("is empty"), "{err}");
         assert_eq!(*tokens.accepted(), ["new", "old"]);
+    }
+
+    /// A PEM certificate block of `base64` (the bundle is parsed, not verified, here).
+    fn pem(base64: &str) -> String {
+        format!("-----BEGIN CERTIFICATE-----\n{base64}\n-----END CERTIFICATE-----\n")
+    }
+    const OLD: &str = "b2xkIGNh"; // "old ca"
+    const NEW: &str = "bmV3IGNh"; // "new ca"
+
+    /// The DER of each CA the outgoing calls trust now.
+    fn trusted(outgoing: &Outgoing) -> Vec<Vec<u8>> {
+        match outgoing.tls_config().root_certs() {
+            ureq::tls::RootCerts::Specific(certs) => {
+                certs.iter().map(|c| c.der().to_vec()).collect()
+            }
+            _ => panic!("not the --api-ca bundle"),
+        }
+    }
+
+    #[test]
+    fn outgoing_calls_trust_the_ca_bundle_as_it_is_now_and_a_broken_one_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, pem(OLD)).unwrap();
+        let ca = ApiCa::load(&path, "--api-ca").unwrap();
+        let outgoing = Outgoing {
+            ca: Some(Arc::clone(&ca)),
+            ..Outgoing::default()
+        };
+        assert_eq!(trusted(&outgoing), [b"old ca".to_vec()]);
+        assert!(!ca.reload().unwrap(), "unchanged");
+
+        // A rotation's first step: both CAs.
+        std::fs::write(&path, pem(OLD) + &pem(NEW)).unwrap();
+        assert!(ca.reload().unwrap());
+        assert_eq!(trusted(&outgoing), [b"old ca".to_vec(), b"new ca".to_vec()]);
+
+        // A file without a certificate is refused, naming it; the CAs in use stay.
+        std::fs::write(&path, "half written\n").unwrap();
+        let err = format!("{:#}", ca.reload().unwrap_err());
+        assert!(
+            err.contains("holds no PEM certificate") && err.contains("ca.pem"),
+            "{err}"
+        );
+        assert_eq!(trusted(&outgoing), [b"old ca".to_vec(), b"new ca".to_vec()]);
     }
 }

@@ -10,11 +10,11 @@
 //! stay the same.
 //!
 //! What is reloaded: the internal links' identity (`--peer-tls-*`: DTL, OSD, MDS and edge
-//! protocol, as server and as client), the NBD server's (`--tls-*`), the API's (`--api-tls-*`)
-//! and the API's tokens (`--api-token-file`, several lines for a rotation: `api_auth`). Not
-//! reloaded: the CA `--api-ca` other nodes' APIs are checked against (a restart). The etcd
-//! link's files (`--etcd-ca/cert/key`, the password file) are re-read too: a registry whose files
-//! changed connects a new client, checks it, and only then replaces the old one
+//! protocol, as server and as client), the NBD server's (`--tls-*`), the API's (`--api-tls-*`),
+//! the API's tokens (`--api-token-file`, several lines for a rotation: `api_auth`) and the CAs
+//! a node checks other nodes' APIs against (`--api-ca`). The etcd link's files
+//! (`--etcd-ca/cert/key`, the password file) are re-read too: a registry whose files changed
+//! connects a new client, checks it, and only then replaces the old one
 //! (`registry::etcd::reload_all`). A reload that fails (a file half written, a key that
 //! does not fit its certificate) is logged with the file and counted
 //! (`vstor_credential_reload_failures_total`), and the credentials in use stay; the next check
@@ -44,6 +44,8 @@ pub enum Credentials {
     Api(crate::api_tls::ApiTls),
     /// `--api-token-file`: the tokens the API accepts, and the one this process sends.
     ApiToken(Arc<crate::api_auth::ApiTokens>),
+    /// `--api-ca`: the CAs other nodes' APIs are checked against.
+    ApiCa(Arc<crate::api_auth::ApiCa>),
     /// `--etcd-*`: every etcd registry connection of the process
     /// (`registry::etcd::reload_all`).
     Etcd,
@@ -84,6 +86,7 @@ impl Reload for Credentials {
             Credentials::Nbd(_) => "nbd_server.tls",
             Credentials::Api(_) => "api.tls",
             Credentials::ApiToken(_) => "api.token_file",
+            Credentials::ApiCa(_) => "api.ca_file",
             Credentials::Etcd => "cluster.etcd",
         }
     }
@@ -94,6 +97,7 @@ impl Reload for Credentials {
             Credentials::Nbd(tls) => tls.files().cert.display().to_string(),
             Credentials::Api(tls) => tls.cert().display().to_string(),
             Credentials::ApiToken(tokens) => tokens.path().display().to_string(),
+            Credentials::ApiCa(ca) => ca.path().display().to_string(),
             Credentials::Etcd => "the --etcd-* files".to_string(),
         }
     }
@@ -104,6 +108,7 @@ impl Reload for Credentials {
             Credentials::Nbd(tls) => tls.reload().map_err(|e| e.to_string()),
             Credentials::Api(tls) => tls.reload().map_err(|e| format!("{e:#}")),
             Credentials::ApiToken(tokens) => tokens.reload().map_err(|e| format!("{e:#}")),
+            Credentials::ApiCa(ca) => ca.reload().map_err(|e| format!("{e:#}")),
             Credentials::Etcd => crate::registry::etcd::reload_all(),
         }
     }

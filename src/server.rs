@@ -59,12 +59,20 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         .map(|(cert, key)| crate::api_tls::ApiTls::load(cert, key))
         .transpose()?;
     // Renewed certificates and token files are picked up on SIGHUP and when they change.
-    let credential_reloads = crate::credentials::spawn(crate::credentials::of(
+    let api_ca = config
+        .api_security
+        .ca_file
+        .as_deref()
+        .map(|path| crate::api_auth::ApiCa::load(path, "setting api.ca_file (--api-ca)"))
+        .transpose()?;
+    let mut credentials = crate::credentials::of(
         config.peer_tls.clone(),
         config.nbd_tls.clone(),
         api_tls.clone(),
         config.api_security.token.clone(),
-    ))?;
+    );
+    credentials.extend(api_ca.clone().map(crate::credentials::Credentials::ApiCa));
+    let credential_reloads = crate::credentials::spawn(credentials)?;
     // Calls to other nodes' APIs (forwarding, moves, fencing probes) carry this node's token: the
     // nodes of a cluster share one token file, and one TLS setting.
     crate::api_auth::set_outgoing(crate::api_auth::Outgoing {
@@ -74,12 +82,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
             .clone()
             .map(crate::api_auth::OutgoingToken::Node),
         token_source: Some("setting api.token_file (--api-token-file)".into()),
-        ca: config
-            .api_security
-            .ca_file
-            .as_deref()
-            .map(|path| crate::api_auth::read_ca(path, "setting api.ca_file (--api-ca)"))
-            .transpose()?,
+        ca: api_ca,
         https: api_tls.is_some(),
     });
     // Before anything in the directory is read or written: a second node must not touch it.

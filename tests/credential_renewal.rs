@@ -14,7 +14,9 @@
 //!   that trusts only the new CA, the node keeps its lease and writes to the registry;
 //! * two cluster nodes change their shared API token in the three steps of a rotation (accept
 //!   both, send the new one, drop the old one) and never refuse a request forwarded between
-//!   them.
+//!   them;
+//! * two cluster nodes move their HTTPS APIs to a new CA in the three steps (their `--api-ca`
+//!   bundles re-read) and keep forwarding requests to each other throughout.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
 mod common;
@@ -615,6 +617,116 @@ fn cluster_nodes_rotate_their_api_token_without_refusing_a_forwarded_request() {
     // The CLI reads the file's (first) token as before.
     n1.cli_ok(&["volume", "delete", "fw"]);
     assert_eq!(direct("new-token"), 404);
+}
+
+#[test]
+fn cluster_nodes_move_their_https_apis_to_a_new_ca_without_refusing_a_forwarded_request() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let backend = TestBackend::Dir(root.path().join("backend"));
+    let old = Pki::new(root.path(), "old-ca");
+    let new = Pki::new(root.path(), "new-ca");
+    // Each node's API certificate and the CA bundle it checks the other's against (--api-ca).
+    let names = ["n1", "n2"];
+    let files: Vec<TlsFiles> = names
+        .iter()
+        .map(|n| {
+            let files = TlsFiles::new(&root.path().join(format!("{n}-api")));
+            files.install_identity(&old.server(&format!("{n}-old"), false));
+            files.install_cas(&[&old]);
+            files
+        })
+        .collect();
+    let nodes: Vec<Daemon> = files
+        .iter()
+        .zip(names.iter().zip(["a", "b"]))
+        .map(|(f, (name, domain))| {
+            let flags = [
+                "--api-tls-cert".to_string(),
+                f.cert().display().to_string(),
+                "--api-tls-key".to_string(),
+                f.key().display().to_string(),
+                "--api-ca".to_string(),
+                f.ca().display().to_string(),
+            ];
+            common::start_cluster_node(
+                root.path(),
+                &etcd.url(),
+                &backend,
+                name,
+                domain,
+                &strs(&flags),
+            )
+        })
+        .collect();
+    // The test's own CLI trusts both CAs throughout: what is rotated is the nodes' trust.
+    let both = TlsFiles::new(&root.path().join("cli"));
+    both.install_cas(&[&old, &new]);
+    let cli = |i: usize, args: &[&str]| api_cli(&nodes[i].api, &both.ca(), args);
+    // "fw1" lives on n1, "fw2" on n2; each is asked for through the other node, which forwards
+    // the request over HTTPS to the owner.
+    for (i, volume) in [(1, "fw1"), (0, "fw2")] {
+        let owner = names[1 - i];
+        let args = ["volume", "create", volume, "--size", "16M", "--node", owner];
+        let created = cli(i, &[&args[..], &["--dtl-mode", "none"]].concat());
+        assert!(created.status.success(), "{created:?}");
+    }
+    // The owner's own answer, or why the asked node could not get it (`volume info` then
+    // answers from the registry with `owner_unreachable`).
+    let forwarded = |through: usize, volume: &str| -> Result<(), String> {
+        let out = cli(through, &["volume", "info", volume, "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["name"], volume, "{info}");
+        match &info["owner_unreachable"] {
+            serde_json::Value::Null => Ok(()),
+            why => Err(why.to_string()),
+        }
+    };
+    let both_ways = |step: &str| {
+        forwarded(0, "fw2").unwrap_or_else(|e| panic!("{step}: n1 → n2: {e}"));
+        forwarded(1, "fw1").unwrap_or_else(|e| panic!("{step}: n2 → n1: {e}"));
+    };
+    both_ways("before");
+    let tell = |i: usize, reloads: usize| {
+        sighup(nodes[i].child.as_ref().unwrap().id());
+        wait_for_log(&nodes[i].log, RELOADED, reloads);
+    };
+
+    // 1: every node trusts both CAs.
+    for (i, f) in files.iter().enumerate() {
+        f.install_cas(&[&old, &new]);
+        tell(i, 1);
+    }
+    both_ways("both CAs trusted");
+    // 2: API certificates of the new CA, one node after the other; forwarding to the node
+    // already moved only works because the other re-read its bundle in step 1.
+    for (i, f) in files.iter().enumerate() {
+        f.install_identity(&new.server(&format!("{}-new", names[i]), false));
+        tell(i, 2);
+        assert!(
+            !api_cli(&nodes[i].api, &old.ca(), &["volume", "list"])
+                .status
+                .success(),
+            "{} still presents its old certificate",
+            names[i]
+        );
+        both_ways(&format!("{} on the new CA", names[i]));
+    }
+    // 3: only the new CA is trusted.
+    for (i, f) in files.iter().enumerate() {
+        f.install_cas(&[&new]);
+        tell(i, 3);
+    }
+    both_ways("only the new CA trusted");
+
+    // A bundle without the CA n2's certificate comes from: n1 refuses n2's API from then on
+    // (its bundle is what it checks against, not some default store), saying where it failed.
+    files[0].install_cas(&[&old]);
+    tell(0, 4);
+    let refused = forwarded(0, "fw2").unwrap_err();
+    assert!(refused.contains("cannot reach node API"), "{refused}");
+    forwarded(1, "fw1").unwrap();
 }
 
 #[test]
