@@ -4,7 +4,7 @@
 //! routes, wrong methods); and the OpenAPI document lists only routes that exist.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

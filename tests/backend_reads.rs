@@ -9,7 +9,7 @@
 //! runs. The daemon itself cannot be used: its backend cannot be slowed down from outside.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 #[allow(dead_code)]
 #[path = "../src/export.rs"]
 mod export;

@@ -1,7 +1,7 @@
 //! The management CLI against a running daemon: every verb, `--json`, and the errors a user meets.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

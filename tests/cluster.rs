@@ -5,7 +5,7 @@
 //! so a volume on n2 gets its DTL on n1 or n3, and one on n1 or n3 on n2.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@
 //!   deleted, removes the entries it kept once it is back (the leftover sweep).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! crash oracle, clean stop and restart from the backend alone, eviction, a broken backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! node's API then confirms what the UI did.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

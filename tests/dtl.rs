@@ -1,7 +1,7 @@
 //! `vstor dtl` as a process: entries acknowledged with `--fsync` survive `kill -9`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command};
 

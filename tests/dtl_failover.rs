@@ -4,7 +4,7 @@
 //! back. Also: fencing of the old node, a DTL killed or paused under load, and CLI errors.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

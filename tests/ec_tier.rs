@@ -3,7 +3,7 @@
 //! so the data a client reads back really comes from the OSDs.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

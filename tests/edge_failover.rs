@@ -12,7 +12,7 @@
 //!   from the registry and QEMU reconnects to the socket (`reconnect=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -5,7 +5,7 @@
 //! stay up, and a well-behaved client must be served afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! table is rebuilt from the backend (`vstor mds rebuild`) after its data directory was deleted.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::Command;

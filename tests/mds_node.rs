@@ -16,7 +16,7 @@
 //!   tables up from the OSDs, a promoted slave holds the tier's map, and a restart loads from it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

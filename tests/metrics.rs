@@ -3,7 +3,7 @@
 //! and `vstor top` under a live NBD write load.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -10,7 +10,7 @@
 //! for reads and writes. Clients from 127.0.0.1 are the real tools.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

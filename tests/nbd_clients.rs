@@ -1,7 +1,7 @@
 //! Real NBD clients against `vstor serve`: qemu-io, qemu-img, nbdinfo, nbdcopy and fio.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -7,7 +7,7 @@
 //! per-address limit they run into is not the normal clients' (127.0.0.1).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

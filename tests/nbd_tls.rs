@@ -3,7 +3,7 @@
 //! missing certificates on either side; bad TLS settings at startup.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

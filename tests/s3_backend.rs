@@ -6,7 +6,7 @@
 //! no other client of the node. Rereads of evicted data come from the node's read cache.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

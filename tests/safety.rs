@@ -2,7 +2,7 @@
 //! its clients, every accepted volume name usable on every frontend, settings validated at start.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};

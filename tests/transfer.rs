@@ -4,7 +4,7 @@
 //! input gets a clear error and creates nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! alone after a crash that also lost its write buffer.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -26,7 +26,7 @@
 //! socket; see [`guest_keeps_its_disk_across_a_vstor_restart`].
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -5,7 +5,7 @@
 //! `VSTOR_SKIP_NBD_TOOLS=1` to skip the tests on a machine without them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Protocol conformance of the NBD server, driven by a hand-written raw client.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

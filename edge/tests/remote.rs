@@ -5,7 +5,7 @@
 //! frames, failover with and without the DTL in sync, the
 //! reconnect bound, and a real NBD client (`qemu-io`) through the NBD server on a `RemoteTarget`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use blkio::{Blkio, MemoryRegion, ReqFlags};
 use common::{checksum, pattern, wait_all};

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod common;
+use crate::common;
 
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 use common::{checksum, pattern, wait_all};

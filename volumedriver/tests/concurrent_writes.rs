@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use vstor_volumedriver::{StdFs, Volume, VolumeConfig, VolumeOptions, WbFile, WbFs};
 
-mod common;
+use crate::common;
 
 use common::FaultStore;
 

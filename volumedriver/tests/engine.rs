@@ -18,7 +18,7 @@ use vstor_volumedriver::{
 
 const CS: usize = 4096;
 
-mod common;
+use crate::common;
 
 use common::FaultStore;
 

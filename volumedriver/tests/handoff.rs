@@ -4,7 +4,7 @@
 //! went. Two managers share one backend directory, as two nodes share a backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
