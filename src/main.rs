@@ -11,6 +11,7 @@ mod client;
 mod cluster;
 mod config;
 mod credentials;
+mod daemon_metrics;
 mod dashboard;
 mod dirlock;
 mod edge_host;
@@ -154,6 +155,8 @@ struct DtlArgs {
     frame_timeout: std::time::Duration,
     #[command(flatten)]
     peer_tls: PeerTlsArgs,
+    #[command(flatten)]
+    metrics: daemon_metrics::MetricsArgs,
 }
 
 #[derive(Args)]
@@ -1202,6 +1205,7 @@ fn run(cli: Cli) -> Result<()> {
                     frame_timeout: args.frame_timeout,
                     tls,
                 },
+                &args.metrics,
             ))
         }
     }

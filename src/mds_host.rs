@@ -68,6 +68,9 @@ pub struct MdsArgs {
     /// verbs connect with it.
     #[command(flatten)]
     peer_tls: crate::security_args::PeerTlsArgs,
+    /// Prometheus metrics of the daemon.
+    #[command(flatten)]
+    metrics: crate::daemon_metrics::MetricsArgs,
     #[command(subcommand)]
     verb: Option<MdsVerb>,
 }
@@ -120,6 +123,7 @@ pub fn run(args: MdsArgs) -> Result<()> {
                     domain: args.domain,
                 },
                 server,
+                &args.metrics,
             ))
         }
         Some(MdsVerb::List { mds, registry }) => runtime.block_on(async move {
@@ -178,12 +182,15 @@ async fn daemon(
     backend: Option<PathBuf>,
     placement: Placement,
     mut config: MdsServerConfig,
+    metrics: &crate::daemon_metrics::MetricsArgs,
 ) -> Result<()> {
     let listen: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
     let _lock = DirLock::acquire(&data_dir, "vstor mds")?;
-    crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
+    let reloads =
+        crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
+    crate::daemon_metrics::serve(metrics, "mds", reloads).await?;
     let store = Arc::new(
         tokio::task::spawn_blocking({
             let dir = data_dir.clone();

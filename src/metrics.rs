@@ -57,7 +57,7 @@ struct Scrape {
     rss_bytes: u64,
 }
 
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
         let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
         secs(u.user_time()) + secs(u.system_time())
@@ -65,7 +65,7 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Resident set size (`VmRSS` of `/proc/self/status`); 0 if unreadable.
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -131,7 +131,7 @@ fn scrape(state: &ApiState) -> Scrape {
             .into_iter()
             .chain(dtl_sweep_metrics(state))
             .chain(read_cache_metrics(state))
-            .chain(credential_reload_metrics(state))
+            .chain(credential_reload_metrics(&state.credential_reloads))
             .chain(std::iter::once((
                 "vstor_vhost_polled",
                 "Times a vhost-user queue worker found the guest's next requests by polling, \
@@ -270,15 +270,15 @@ fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, Metri
     ]
 }
 
-/// Reloads of the node's TLS certificates and API tokens (`credentials`).
-fn credential_reload_metrics(
-    state: &ApiState,
+/// Reloads of the process's certificates and API tokens (`credentials`): a node's, and the
+/// daemons' (`daemon_metrics`).
+pub(crate) fn credential_reload_metrics(
+    stats: &crate::credentials::ReloadStats,
 ) -> Vec<(&'static str, &'static str, MetricType, u64)> {
-    let stats = &state.credential_reloads;
     vec![
         counter(
             "vstor_credential_reloads",
-            "Credentials (peer, NBD and API TLS; API tokens) replaced by changed files",
+            "Credentials (certificates, CA bundles, API tokens, etcd files) replaced by changed files",
             &stats.reloads,
         ),
         counter(
@@ -297,7 +297,7 @@ fn credential_reload_metrics(
 }
 
 /// Encode one metric family of `samples` (label values, metric).
-fn family<M: EncodeMetric>(
+pub(crate) fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -658,27 +658,30 @@ impl Collector for Scrape {
     }
 }
 
+/// The content type of a scrape.
+pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A scrape as text: `collector`'s families, encoded by `prometheus-client`.
+pub(crate) fn encode_text(collector: impl Collector + 'static) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let scraped = tokio::task::spawn_blocking(move || scrape(&state))
         .await
         .map_err(|e| ApiError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(scraped));
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| {
+    let text = encode_text(scraped).map_err(|e| {
         ApiError(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the metrics failed: {e}"),
         )
     })?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    ))
+    Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text))
 }
 
 fn now_ms() -> u64 {

@@ -555,6 +555,7 @@ pub async fn serve_dtl(
     listen: std::net::SocketAddr,
     data_dir: std::path::PathBuf,
     config: vstor_dtl::DtlServerConfig,
+    metrics: &crate::daemon_metrics::MetricsArgs,
 ) -> Result<()> {
     let _lock = DirLock::acquire(&data_dir, "vstor dtl")?;
     let tls = config.tls.clone();
@@ -563,7 +564,8 @@ pub async fn serve_dtl(
             format!("cannot open the DTL data directory {}", data_dir.display())
         })?,
     );
-    crate::credentials::spawn(crate::credentials::of(tls, None, None, None))?;
+    let reloads = crate::credentials::spawn(crate::credentials::of(tls, None, None, None))?;
+    crate::daemon_metrics::serve(metrics, "dtl", reloads).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for the DTL on {listen}"))?;

@@ -116,11 +116,14 @@ struct Dtl {
     child: Child,
     addr: String,
     log: PathBuf,
+    /// Its `--metrics` listener.
+    metrics: String,
 }
 
 impl Dtl {
     fn start(root: &Path, listen: &str, tls: &TlsFiles) -> Self {
         let log = root.join("dtl.log");
+        let metrics = vstor_backend::testing::free_addr();
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -130,6 +133,7 @@ impl Dtl {
             .args(["dtl", "--listen", listen, "--data-dir"])
             .arg(root.join("data"))
             .args(tls.peer_flags())
+            .args(["--metrics", &metrics])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -142,7 +146,12 @@ impl Dtl {
             .strip_prefix("vstor dtl ready: ")
             .unwrap_or_else(|| panic!("unexpected first line {ready:?}"))
             .to_string();
-        Dtl { child, addr, log }
+        Dtl {
+            child,
+            addr,
+            log,
+            metrics,
+        }
     }
 
     fn kill9(&mut self) {
@@ -272,6 +281,7 @@ fn a_node_and_its_dtl_move_to_a_new_ca_without_restarting_and_lose_no_acknowledg
     // Three reloads, one per step (a periodic check that caught a new key before its
     // certificate could only add a failure, never a reload).
     assert_eq!(counter(&a.api, "vstor_credential_reloads_total"), 3);
+    assert_eq!(counter(&dtl.metrics, "vstor_credential_reloads_total"), 3);
 
     // A new connection: the DTL restarts on its address; the node's reconnection only gets
     // through with the node's new identity (the DTL trusts only the new CA now, and presents a
@@ -445,6 +455,14 @@ fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() 
         files
     };
 
+    // Both report their reloads on --metrics (they have no API).
+    let osd_metrics = vstor_backend::testing::free_addr();
+    let mds_metrics = vstor_backend::testing::free_addr();
+    let with_metrics = |files: &TlsFiles, addr: &str| {
+        let mut flags = files.peer_flags();
+        flags.extend(["--metrics".to_string(), addr.to_string()]);
+        flags
+    };
     let osd_tls = peer_files("osd");
     let osd = Osd::start_with(
         tmp.path(),
@@ -452,7 +470,7 @@ fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() 
         &etcd.url(),
         "rack-a",
         "1G",
-        &strs(&osd_tls.peer_flags()),
+        &strs(&with_metrics(&osd_tls, &osd_metrics)),
     );
     let mds_tls = peer_files("mds");
     let backend = tmp.path().join("backend");
@@ -462,7 +480,7 @@ fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() 
         &tmp.path().join("mds"),
         &backend,
         &mds_addr,
-        &strs(&mds_tls.peer_flags()),
+        &strs(&with_metrics(&mds_tls, &mds_metrics)),
     );
     let edge_tls = TlsFiles::new(&tmp.path().join("edge-tls"));
     edge_tls.install_identity(&old.server("edge-old", false));
@@ -523,6 +541,44 @@ fn the_osd_mds_and_edge_daemons_serve_their_renewed_certificates_after_sighup() 
     wait_for_log(&edge.log, RELOADED, 1);
     assert_eq!(counter(&edge.api, "vstor_credential_reloads_total"), 1);
     assert_eq!(counter(&edge.api, "vstor_credential_reload_failing"), 0);
+    // The OSD and the MDS count theirs on --metrics.
+    for addr in [&osd_metrics, &mds_metrics] {
+        poll(
+            &format!("{addr}: the reload counted"),
+            Duration::from_secs(30),
+            || (counter(addr, "vstor_credential_reloads_total") == 1).then_some(()),
+        );
+        assert_eq!(
+            counter(addr, "vstor_credential_reload_failing"),
+            0,
+            "{addr}"
+        );
+    }
+    // A renewal gone wrong on the MDS (its key file is not a key) is what an alert sees: the
+    // gauge stays up until the files are mended, and the MDS serves its certificate meanwhile.
+    let mds_counter = |name: &str, what: &str, value: u64| {
+        poll(what, Duration::from_secs(30), || {
+            (counter(&mds_metrics, name) == value).then_some(())
+        });
+    };
+    let renewed_key = std::fs::read(mds_tls.key()).unwrap();
+    replace(&mds_tls.key(), b"not a key\n");
+    sighup(mds.pid());
+    mds_counter(
+        "vstor_credential_reload_failing",
+        "the MDS's failed renewal reported",
+        1,
+    );
+    assert!(counter(&mds_metrics, "vstor_credential_reload_failures_total") >= 1);
+    assert!(server_trusted(&mds.addr, &new.ca(), &probe));
+    replace(&mds_tls.key(), &renewed_key);
+    sighup(mds.pid());
+    mds_counter(
+        "vstor_credential_reload_failing",
+        "the MDS's renewal mended",
+        0,
+    );
+    assert_eq!(counter(&mds_metrics, "vstor_credential_reloads_total"), 1);
     let statuses: Vec<serde_json::Value> =
         serde_json::from_str(&run_ok(Command::new(VSTOR).args([
             "osd",

@@ -45,6 +45,9 @@ pub struct OsdArgs {
     /// Mutual TLS (daemon): clients must present a certificate of the cluster CA.
     #[command(flatten)]
     peer_tls: crate::security_args::PeerTlsArgs,
+    /// Prometheus metrics of the daemon.
+    #[command(flatten)]
+    metrics: crate::daemon_metrics::MetricsArgs,
     /// Print JSON instead of text (verbs).
     #[arg(long, global = true)]
     json: bool,
@@ -186,6 +189,7 @@ pub fn run_osd(args: OsdArgs) -> Result<()> {
                     capacity,
                     frame_timeout: args.frame_timeout,
                     tls: args.peer_tls.load()?,
+                    metrics: args.metrics,
                 })
                 .await
             }

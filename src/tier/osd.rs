@@ -42,6 +42,8 @@ pub struct OsdConfig {
     pub frame_timeout: std::time::Duration,
     /// Mutual TLS: see `OsdServerConfig::tls`.
     pub tls: Option<vstor_net::PeerTls>,
+    /// `--metrics`.
+    pub metrics: crate::daemon_metrics::MetricsArgs,
 }
 
 /// The id in `<data-dir>/osd-id`, if the OSD ran before.
@@ -68,7 +70,9 @@ pub async fn run(config: OsdConfig) -> Result<()> {
     let data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
     let _lock = DirLock::acquire(&data_dir, "vstor osd")?;
-    crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
+    let reloads =
+        crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
+    crate::daemon_metrics::serve(&config.metrics, "osd", reloads).await?;
     let registry = config.registry;
     let capacity = match config.capacity {
         Some(c) => c,
