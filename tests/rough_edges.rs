@@ -519,7 +519,8 @@ fn readme_documents_what_exists() {
 }
 
 /// Packaging: completions and man pages are generated from the CLI and name its commands; the
-/// systemd units' command lines are ones the binary accepts.
+/// systemd units' command lines are ones the binary accepts, and `systemctl reload` sends the
+/// signal that re-reads credentials.
 #[test]
 fn completions_man_pages_and_systemd_units() {
     for shell in ["bash", "zsh", "fish"] {
@@ -582,6 +583,14 @@ fn completions_man_pages_and_systemd_units() {
             "{}: {args:?}: {}",
             path.display(),
             stderr(&out)
+        );
+        // `systemctl reload` is how an operator hands renewed certificates to the process
+        // (`credentials`: SIGHUP).
+        assert!(
+            text.lines()
+                .any(|l| l == "ExecReload=/bin/kill -HUP $MAINPID"),
+            "{} has no ExecReload sending SIGHUP",
+            path.display()
         );
         seen.push(args[0].clone());
     }
