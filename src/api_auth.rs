@@ -64,48 +64,75 @@ pub fn read_token_file(path: &Path, what: &str) -> Result<String> {
     Ok(tokens.swap_remove(0))
 }
 
+/// A file this process reads its API credentials from, as it is now: the token file
+/// ([`ApiTokens`]) and the `--api-ca` bundle ([`ApiCa`]). `read` parses the file (its errors
+/// name the file and the setting `what`); `reload` re-reads it when `credentials` checks, and
+/// replaces what is in use only if the bytes changed and parse (`vstor_net::Reloadable`).
+pub struct WatchedFile<T> {
+    path: PathBuf,
+    what: &'static str,
+    /// What the file holds, for errors: "API token", "CA".
+    kind: &'static str,
+    read: fn(&Path, &str) -> Result<T>,
+    live: Reloadable<T>,
+}
+
+impl<T> std::fmt::Debug for WatchedFile<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the contents (tokens).
+        f.debug_struct("WatchedFile")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> WatchedFile<T> {
+    fn open(
+        path: &Path,
+        what: &'static str,
+        kind: &'static str,
+        read: fn(&Path, &str) -> Result<T>,
+    ) -> Result<Arc<Self>> {
+        let live = Reloadable::load(|| Self::snapshot(path, what, kind), || read(path, what))?;
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            what,
+            kind,
+            read,
+            live,
+        }))
+    }
+
+    fn snapshot(path: &Path, what: &str, kind: &'static str) -> Result<FileSnapshot> {
+        FileSnapshot::read(&[(kind, path)]).with_context(|| what.to_string())
+    }
+
+    /// Read the file again and, if it changed, use its contents from the next request or call
+    /// on. `Ok(false)`: unchanged; on an error what is in use stays.
+    pub fn reload(&self) -> Result<bool> {
+        let now = Self::snapshot(&self.path, self.what, self.kind)?;
+        self.live
+            .replace_if_changed(now, || (self.read)(&self.path, self.what))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The tokens a node's (or edge's) API accepts, from its token file: every line is accepted,
 /// and the first is the one the node sends when it calls another node. Several lines are how a
 /// cluster changes its token without refusing anyone: add the new token as a second line on
 /// every node (clients may switch to it from then on), move it to the first line, then drop
 /// the old one. Re-read on `SIGHUP` and when the file changes (`credentials`), so none of
 /// those steps is a restart.
-pub struct ApiTokens {
-    path: PathBuf,
-    what: &'static str,
-    live: Reloadable<Vec<String>>,
-}
-
-impl std::fmt::Debug for ApiTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the tokens.
-        f.debug_struct("ApiTokens")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
+pub type ApiTokens = WatchedFile<Vec<String>>;
 
 impl ApiTokens {
     /// Read and check the file (`what` names the setting in errors).
     pub fn load(path: &Path, what: &'static str) -> Result<Arc<Self>> {
-        let live = Reloadable::load(|| Self::snapshot(path, what), || read_tokens(path, what))?;
-        Ok(Arc::new(Self {
-            path: path.to_path_buf(),
-            what,
-            live,
-        }))
-    }
-
-    fn snapshot(path: &Path, what: &str) -> Result<FileSnapshot> {
-        FileSnapshot::read(&[("API token", path)]).with_context(|| what.to_string())
-    }
-
-    /// Read the file again and, if it changed, accept its tokens from the next request on.
-    /// `Ok(false)`: unchanged; on an error the tokens in use stay.
-    pub fn reload(&self) -> Result<bool> {
-        let now = Self::snapshot(&self.path, self.what)?;
-        self.live
-            .replace_if_changed(now, || read_tokens(&self.path, self.what))
+        Self::open(path, what, "API token", read_tokens)
     }
 
     /// The tokens accepted now.
@@ -116,10 +143,6 @@ impl ApiTokens {
     /// The token this process sends now (the file's first).
     pub fn sent(&self) -> String {
         self.live.current().first().cloned().unwrap_or_default()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -249,50 +272,17 @@ pub fn read_ca(path: &Path, what: &str) -> Result<Vec<ureq::tls::Certificate<'st
 /// CA to every node's bundle, and only then gives nodes API certificates of it, so forwarding
 /// between nodes must follow the bundle without a restart. Every call builds its TLS settings
 /// from the bundle as it is then (`Outgoing::tls_config`).
-pub struct ApiCa {
-    path: PathBuf,
-    what: &'static str,
-    live: Reloadable<Vec<ureq::tls::Certificate<'static>>>,
-}
+pub type ApiCa = WatchedFile<Vec<ureq::tls::Certificate<'static>>>;
 
 impl ApiCa {
     /// Read and check the bundle (`what` names the setting in errors).
     pub fn load(path: &Path, what: &'static str) -> Result<Arc<Self>> {
-        let live = Reloadable::load(|| Self::snapshot(path, what), || read_ca(path, what))?;
-        Ok(Arc::new(Self {
-            path: path.to_path_buf(),
-            what,
-            live,
-        }))
-    }
-
-    fn snapshot(path: &Path, what: &str) -> Result<FileSnapshot> {
-        FileSnapshot::read(&[("CA", path)]).with_context(|| what.to_string())
-    }
-
-    /// Read the bundle again and, if it changed, trust its CAs from the next call on.
-    /// `Ok(false)`: unchanged; on an error the CAs in use stay.
-    pub fn reload(&self) -> Result<bool> {
-        let now = Self::snapshot(&self.path, self.what)?;
-        self.live
-            .replace_if_changed(now, || read_ca(&self.path, self.what))
+        Self::open(path, what, "CA", read_ca)
     }
 
     /// The CAs trusted now.
     pub fn certs(&self) -> Arc<Vec<ureq::tls::Certificate<'static>>> {
         self.live.current()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl std::fmt::Debug for ApiCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiCa")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
     }
 }
 

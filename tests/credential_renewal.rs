@@ -32,7 +32,7 @@ use common::edge::EdgeDaemon;
 use common::etcd::{Etcd, EtcdTls};
 use common::mds::Mds;
 use common::tier::Osd;
-use common::tls::{nbds_uri, peer_tls_flags, strs, Pki};
+use common::tls::{file_flags, nbds_uri, peer_tls_flags, strs, Pki};
 use common::{
     metrics_text, poll, require_tool, run_ok, stdout_lines, try_nbdinfo_list, Daemon, TestBackend,
     VSTOR,
@@ -697,14 +697,11 @@ fn cluster_nodes_move_their_https_apis_to_a_new_ca_without_refusing_a_forwarded_
         .iter()
         .zip(names.iter().zip(["a", "b"]))
         .map(|(f, (name, domain))| {
-            let flags = [
-                "--api-tls-cert".to_string(),
-                f.cert().display().to_string(),
-                "--api-tls-key".to_string(),
-                f.key().display().to_string(),
-                "--api-ca".to_string(),
-                f.ca().display().to_string(),
-            ];
+            let flags = file_flags(&[
+                ("--api-tls-cert", &f.cert()),
+                ("--api-tls-key", &f.key()),
+                ("--api-ca", &f.ca()),
+            ]);
             common::start_cluster_node(
                 root.path(),
                 &etcd.url(),
@@ -809,14 +806,11 @@ fn a_node_reconnects_to_etcd_with_its_renewed_client_certificate() {
     );
     let client = TlsFiles::new(&root.path().join("node-etcd-tls"));
     client.install_identity(&old.client("n1-old", "n1"));
-    let flags = [
-        "--etcd-ca".to_string(),
-        etcd_ca.ca().display().to_string(),
-        "--etcd-cert".to_string(),
-        client.cert().display().to_string(),
-        "--etcd-key".to_string(),
-        client.key().display().to_string(),
-    ];
+    let flags = file_flags(&[
+        ("--etcd-ca", &etcd_ca.ca()),
+        ("--etcd-cert", &client.cert()),
+        ("--etcd-key", &client.key()),
+    ]);
     let backend = TestBackend::Dir(root.path().join("backend"));
     let n1 =
         common::start_cluster_node(root.path(), &etcd.url(), &backend, "n1", "a", &strs(&flags));

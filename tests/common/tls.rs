@@ -204,6 +204,14 @@ pub fn peer_tls_flags((cert, key): &(PathBuf, PathBuf), ca: &Path) -> Vec<String
     ]
 }
 
+/// Flags that each take a file: `--flag PATH ...`.
+pub fn file_flags(pairs: &[(&str, &Path)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+}
+
 /// Borrowed flags, as the process helpers take them.
 pub fn strs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
