@@ -43,3 +43,28 @@ mod snapshots;
 mod transfer;
 mod upload;
 mod vhost_guest;
+
+/// With `autotests = false`, a file under a crate's `tests/` that `tests/main.rs` does not name
+/// would be silently left out of the suite: every one must be a module of its crate's binary.
+#[test]
+fn every_test_file_is_a_module_of_its_crates_test_binary() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for krate in [".", "volumedriver", "edge", "mds"] {
+        let dir = root.join(krate).join("tests");
+        let main = std::fs::read_to_string(dir.join("main.rs")).unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            if path.extension().is_some_and(|e| e == "rs") && stem != "main" {
+                assert!(
+                    main.lines().any(|l| l == format!("mod {stem};")),
+                    "{} is not declared in {}",
+                    path.display(),
+                    dir.join("main.rs").display()
+                );
+            }
+        }
+    }
+}
