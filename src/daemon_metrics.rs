@@ -25,12 +25,11 @@ use axum::routing::get;
 use clap::Args;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
 
 use crate::credentials::ReloadStats;
-use crate::metrics::{credential_reload_metrics, encode_text, family, OPENMETRICS};
+use crate::metrics::{
+    credential_reload_metrics, encode_text, process_figures, Figure, OPENMETRICS,
+};
 
 /// `--metrics`, shared by `vstor dtl`, `osd` and `mds`.
 #[derive(Args, Clone, Debug, Default)]
@@ -53,45 +52,19 @@ struct Daemon {
 #[derive(Debug)]
 struct Scrape {
     kind: &'static str,
-    figures: Vec<(&'static str, &'static str, MetricType, u64)>,
+    figures: Vec<Figure>,
     cpu_seconds: f64,
     rss_bytes: u64,
 }
 
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let labels = || vec![("daemon", self.kind.to_string())];
-        for (name, help, kind, value) in &self.figures {
-            match kind {
-                MetricType::Counter => family(
-                    &mut encoder,
-                    name,
-                    help,
-                    *kind,
-                    [(labels(), ConstCounter::new(*value))],
-                )?,
-                _ => family(
-                    &mut encoder,
-                    name,
-                    help,
-                    *kind,
-                    [(labels(), ConstGauge::new(*value as i64))],
-                )?,
-            }
-        }
-        family(
+        process_figures(
             &mut encoder,
-            "vstor_process_cpu_seconds",
-            "User and system CPU time of the process",
-            MetricType::Counter,
-            [(labels(), ConstCounter::new(self.cpu_seconds))],
-        )?;
-        family(
-            &mut encoder,
-            "vstor_process_resident_memory_bytes",
-            "Resident memory of the process",
-            MetricType::Gauge,
-            [(labels(), ConstGauge::new(self.rss_bytes as i64))],
+            &[("daemon", self.kind.to_string())],
+            &self.figures,
+            self.cpu_seconds,
+            self.rss_bytes,
         )
     }
 }

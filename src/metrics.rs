@@ -28,6 +28,9 @@ use crate::api_types::{MdsStatus, OpLatency, OsdView, ScrubProgress, VolumeStats
 /// A per-volume metric read straight off [`VolumeInfo`]: name, help, value.
 type PerVolume = (&'static str, &'static str, fn(&VolumeInfo) -> u64);
 
+/// A process-level figure: name (the encoder adds `_total` to counters), help, kind, value.
+pub(crate) type Figure = (&'static str, &'static str, MetricType, u64);
+
 /// One volume as scraped.
 #[derive(Debug)]
 struct VolumeSample {
@@ -50,9 +53,9 @@ struct Scrape {
     backend: Vec<(&'static str, LatencySnapshot, u64)>,
     /// The EC tier's OSDs (`None`: not on the EC tier; an error reading the map: empty).
     osds: Option<Vec<OsdView>>,
-    /// Node-level figures (the tier's repair, the DTL leftover sweep, the read cache): (name,
-    /// help, kind, value).
-    repair: Vec<(&'static str, &'static str, MetricType, u64)>,
+    /// Node-level figures (the tier's repair, the DTL leftover sweep, the read cache, the
+    /// credential reloads).
+    repair: Vec<Figure>,
     cpu_seconds: f64,
     rss_bytes: u64,
 }
@@ -146,7 +149,7 @@ fn scrape(state: &ApiState) -> Scrape {
 }
 
 /// The node's read cache (none when it is off).
-fn read_cache_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+fn read_cache_metrics(state: &ApiState) -> Vec<Figure> {
     let Some(c) = state.manager.read_cache_stats() else {
         return Vec::new();
     };
@@ -179,7 +182,7 @@ fn read_cache_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, Metr
 }
 
 /// The EC tier's background repair (none off the tier).
-fn tier_repair_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+fn tier_repair_metrics(state: &ApiState) -> Vec<Figure> {
     let Some(r) = &state.tier_repair else {
         return Vec::new();
     };
@@ -237,17 +240,13 @@ fn tier_repair_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, Met
 }
 
 /// A node-level counter read off an atomic.
-fn counter(
-    name: &'static str,
-    help: &'static str,
-    value: &std::sync::atomic::AtomicU64,
-) -> (&'static str, &'static str, MetricType, u64) {
+fn counter(name: &'static str, help: &'static str, value: &std::sync::atomic::AtomicU64) -> Figure {
     let value = value.load(std::sync::atomic::Ordering::Relaxed);
     (name, help, MetricType::Counter, value)
 }
 
 /// The DTL leftover sweep's counters (a cluster node's; none elsewhere).
-fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+fn dtl_sweep_metrics(state: &ApiState) -> Vec<Figure> {
     let Some(sweep) = &state.dtl_sweep else {
         return Vec::new();
     };
@@ -272,9 +271,7 @@ fn dtl_sweep_metrics(state: &ApiState) -> Vec<(&'static str, &'static str, Metri
 
 /// Reloads of the process's certificates and API tokens (`credentials`): a node's, and the
 /// daemons' (`daemon_metrics`).
-pub(crate) fn credential_reload_metrics(
-    stats: &crate::credentials::ReloadStats,
-) -> Vec<(&'static str, &'static str, MetricType, u64)> {
+pub(crate) fn credential_reload_metrics(stats: &crate::credentials::ReloadStats) -> Vec<Figure> {
     vec![
         counter(
             "vstor_credential_reloads",
@@ -611,19 +608,6 @@ impl Collector for Scrape {
             }),
         )?;
         let node = || vec![("node", self.node.clone())];
-        for (name, help, kind, value) in &self.repair {
-            let labels = node();
-            match kind {
-                MetricType::Counter => family(
-                    &mut encoder,
-                    name,
-                    help,
-                    *kind,
-                    [(labels, ConstCounter::new(*value))],
-                )?,
-                _ => family(&mut encoder, name, help, *kind, [(labels, gauge(*value))])?,
-            }
-        }
         family(
             &mut encoder,
             "vstor_node_volumes",
@@ -640,22 +624,52 @@ impl Collector for Scrape {
                 ),
             ],
         )?;
-        family(
+        process_figures(
             &mut encoder,
-            "vstor_process_cpu_seconds",
-            "User and system CPU time of the node process",
-            MetricType::Counter,
-            [(node(), ConstCounter::new(self.cpu_seconds))],
-        )?;
-        family(
-            &mut encoder,
-            "vstor_process_resident_memory_bytes",
-            "Resident memory of the node process",
-            MetricType::Gauge,
-            [(node(), gauge(self.rss_bytes))],
-        )?;
-        Ok(())
+            &node(),
+            &self.repair,
+            self.cpu_seconds,
+            self.rss_bytes,
+        )
     }
+}
+
+/// Encode `figures` and the process's CPU time and resident memory, each labelled `labels`
+/// (a node's `node`, a daemon's `daemon`).
+pub(crate) fn process_figures(
+    encoder: &mut DescriptorEncoder,
+    labels: &[(&'static str, String)],
+    figures: &[Figure],
+    cpu_seconds: f64,
+    rss_bytes: u64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = |v: u64| ConstGauge::new(v as i64);
+    for &(name, help, kind, value) in figures {
+        match kind {
+            MetricType::Counter => family(
+                encoder,
+                name,
+                help,
+                kind,
+                [(labels.to_vec(), ConstCounter::new(value))],
+            )?,
+            _ => family(encoder, name, help, kind, [(labels.to_vec(), gauge(value))])?,
+        }
+    }
+    family(
+        encoder,
+        "vstor_process_cpu_seconds",
+        "User and system CPU time of the process",
+        MetricType::Counter,
+        [(labels.to_vec(), ConstCounter::new(cpu_seconds))],
+    )?;
+    family(
+        encoder,
+        "vstor_process_resident_memory_bytes",
+        "Resident memory of the process",
+        MetricType::Gauge,
+        [(labels.to_vec(), gauge(rss_bytes))],
+    )
 }
 
 /// The content type of a scrape.
