@@ -196,31 +196,17 @@ pub fn metrics(edge: &str, volumes: &[RemoteStats]) -> String {
     out
 }
 
-/// The edge's credential reloads (`credentials`): the node's series, labelled by edge.
+/// The edge's credential reloads (`credentials`): the node's series
+/// (`metrics::credential_reload_metrics`, one list of names and help texts), labelled by edge,
+/// in this module's text exposition.
 pub fn credential_metrics(edge: &str, stats: &crate::credentials::ReloadStats) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
     let edge = label(edge);
     let mut out = String::new();
-    for (name, kind, help, value) in [
-        (
-            "vstor_credential_reloads_total",
-            "counter",
-            "Credentials (peer and NBD TLS, API tokens, etcd) replaced by changed files.",
-            stats.reloads.load(Relaxed),
-        ),
-        (
-            "vstor_credential_reload_failures_total",
-            "counter",
-            "Checks of changed certificate or token files that could not be used.",
-            stats.failures.load(Relaxed),
-        ),
-        (
-            "vstor_credential_reload_failing",
-            "gauge",
-            "Credentials whose changed files could not be used at the last check.",
-            stats.failing.load(Relaxed),
-        ),
-    ] {
+    for (name, help, kind, value) in crate::metrics::credential_reload_metrics(stats) {
+        let (name, kind) = match kind {
+            prometheus_client::metrics::MetricType::Counter => (format!("{name}_total"), "counter"),
+            _ => (name.to_string(), "gauge"),
+        };
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{edge=\"{edge}\"}} {value}"
