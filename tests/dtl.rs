@@ -72,3 +72,35 @@ async fn acknowledged_entries_survive_kill_9_of_the_dtl() {
         String::from_utf8_lossy(&out.stderr).contains("listen address \"nowhere\" is not IP:PORT")
     );
 }
+
+/// `--metrics` on an address another process holds: the daemon stops at startup and says which
+/// flag and address, rather than running without the metrics an alert depends on.
+#[test]
+fn a_busy_metrics_address_stops_the_daemon_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    // Killed when dropped, should it keep running.
+    let mut child = common::guest::KillOnDrop(
+        Command::new(VSTOR)
+            .args(["dtl", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path())
+            .args(["--metrics", &addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = common::poll(
+        "vstor dtl to stop",
+        std::time::Duration::from_secs(30),
+        || child.0.try_wait().unwrap(),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen for --metrics on {addr}")),
+        "{stderr}"
+    );
+}
