@@ -164,7 +164,10 @@ pub async fn run(config: EdgeConfig) -> Result<()> {
             // and at QD32 a spinning worker takes CPU from the threads that talk to the owner.
             // Measured with a fixed 30 µs window on two vCPUs (`vstor-bench edge`): no gain
             // (QD32 reads 155-158 k IOPS with it, 158-178 k without; QD1 read p50 78 µs against
-            // 73), while the owner's own export gained a lot from the same change.
+            // 73), while the owner's own export gained a lot from the same change. Nor did
+            // polling from the moment a reply's completion was published (a wake in the
+            // worker's epoll set): no QD1 gain, QD32 reads on shared CPUs 7-20 % lower
+            // (`benches/README.md`, 2026-12-07 evening).
             poll_max: Duration::ZERO,
             ..VhostConfig::default()
         },
