@@ -18,8 +18,9 @@
 //!   others (`split`), which stands for two hosts better than sharing every CPU does.
 //! - **Targets** (from issue 11): at queue depth 1 the edge adds at most one loopback TCP round
 //!   trip plus 10 µs to the median latency; at queue depth 32 it keeps at least 0.9× the IOPS.
-//!   The round trip is measured here too (1-byte ping-pong between two threads on loopback), in
-//!   each CPU model: under `split` the two threads run on the two hosts' CPUs.
+//!   The round trip is measured here too (1-byte ping-pong between two threads on loopback),
+//!   once, with the two threads on the two hosts' CPUs of the `split` model, and judges both
+//!   models (unpinned, the two threads sometimes shared one CPU and measured a tenth of it).
 
 pub mod cpus;
 pub(crate) mod procs;
@@ -100,7 +101,7 @@ struct Row {
     ratio: f64,
     /// Edge median latency minus local median latency.
     added_p50_us: f64,
-    /// The loopback round trip under this row's CPU model (QD1's budget is this plus 10 µs).
+    /// The loopback round trip between two CPUs (QD1's budget is this plus 10 µs).
     loopback_rtt_us: f64,
     meets_target: bool,
 }
@@ -208,7 +209,7 @@ pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
     // The round trip QD1 is judged against is measured between two CPUs under both models, as
     // between an edge and an owner on hosts of their own. Unpinned, the scheduler sometimes ran
     // both ends of the ping-pong on one CPU: two runs of 2026-12-07 measured 4.2 and 4.4 µs for
-    // the shared model where other runs measured 50-62 µs, which made its QD1 target one no
+    // the shared model where other runs measured 50-72 µs, which made its QD1 target one no
     // edge could meet (the edge's own hops were not on one CPU).
     pin(CpuModel::Split, None)?;
     let rtt = loopback_rtt_us(cpu_sets.as_ref().map(|sets| sets.node(CpuModel::Split)))?;
