@@ -86,16 +86,23 @@ async fn metrics(State(daemon): State<Daemon>) -> impl IntoResponse {
     }
 }
 
-/// Start serving `GET /metrics` for daemon `kind` if `args` ask for it (on the current
-/// runtime); returns the bound address. A listener that cannot be bound stops the daemon at
+/// What daemon `kind` does at startup (on the current runtime): reload its peer TLS
+/// credentials on `SIGHUP` and at every check (`credentials`), and serve their counts on
+/// `--metrics` if `args` ask for it. A listener that cannot be bound stops the daemon at
 /// startup, as a busy protocol port does.
-pub async fn serve(
-    args: &MetricsArgs,
+pub async fn start(
     kind: &'static str,
-    reloads: Arc<ReloadStats>,
-) -> Result<Option<SocketAddr>> {
+    tls: Option<vstor_net::PeerTls>,
+    args: &MetricsArgs,
+) -> Result<()> {
+    let reloads = crate::credentials::spawn(crate::credentials::of(tls, None, None, None))?;
+    serve(args, kind, reloads).await
+}
+
+/// Serve `GET /metrics` for daemon `kind` if `args` ask for it.
+async fn serve(args: &MetricsArgs, kind: &'static str, reloads: Arc<ReloadStats>) -> Result<()> {
     let Some(addr) = args.metrics else {
-        return Ok(None);
+        return Ok(());
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -110,7 +117,7 @@ pub async fn serve(
         }
     });
     tracing::info!("serving metrics on http://{bound}/metrics");
-    Ok(Some(bound))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -188,9 +188,7 @@ async fn daemon(
         .parse()
         .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
     let _lock = DirLock::acquire(&data_dir, "vstor mds")?;
-    let reloads =
-        crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
-    crate::daemon_metrics::serve(metrics, "mds", reloads).await?;
+    crate::daemon_metrics::start("mds", config.tls.clone(), metrics).await?;
     let store = Arc::new(
         tokio::task::spawn_blocking({
             let dir = data_dir.clone();

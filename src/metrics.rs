@@ -54,8 +54,8 @@ struct Scrape {
     /// The EC tier's OSDs (`None`: not on the EC tier; an error reading the map: empty).
     osds: Option<Vec<OsdView>>,
     /// Node-level figures (the tier's repair, the DTL leftover sweep, the read cache, the
-    /// credential reloads).
-    repair: Vec<Figure>,
+    /// credential reloads, vhost-user polling).
+    figures: Vec<Figure>,
     cpu_seconds: f64,
     rss_bytes: u64,
 }
@@ -130,7 +130,7 @@ fn scrape(state: &ApiState) -> Scrape {
         failed: state.manager.failed().len(),
         backend: state.backend_timing.snapshot(),
         osds: osd_views(state),
-        repair: tier_repair_metrics(state)
+        figures: tier_repair_metrics(state)
             .into_iter()
             .chain(dtl_sweep_metrics(state))
             .chain(read_cache_metrics(state))
@@ -294,7 +294,7 @@ pub(crate) fn credential_reload_metrics(stats: &crate::credentials::ReloadStats)
 }
 
 /// Encode one metric family of `samples` (label values, metric).
-pub(crate) fn family<M: EncodeMetric>(
+fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -627,7 +627,7 @@ impl Collector for Scrape {
         process_figures(
             &mut encoder,
             &node(),
-            &self.repair,
+            &self.figures,
             self.cpu_seconds,
             self.rss_bytes,
         )

@@ -564,8 +564,7 @@ pub async fn serve_dtl(
             format!("cannot open the DTL data directory {}", data_dir.display())
         })?,
     );
-    let reloads = crate::credentials::spawn(crate::credentials::of(tls, None, None, None))?;
-    crate::daemon_metrics::serve(metrics, "dtl", reloads).await?;
+    crate::daemon_metrics::start("dtl", tls, metrics).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for the DTL on {listen}"))?;

@@ -70,9 +70,7 @@ pub async fn run(config: OsdConfig) -> Result<()> {
     let data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
     let _lock = DirLock::acquire(&data_dir, "vstor osd")?;
-    let reloads =
-        crate::credentials::spawn(crate::credentials::of(config.tls.clone(), None, None, None))?;
-    crate::daemon_metrics::serve(&config.metrics, "osd", reloads).await?;
+    crate::daemon_metrics::start("osd", config.tls.clone(), &config.metrics).await?;
     let registry = config.registry;
     let capacity = match config.capacity {
         Some(c) => c,

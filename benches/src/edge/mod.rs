@@ -216,7 +216,6 @@ pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
     progress(format_args!(
         "loopback TCP round trip (between two CPUs): {rtt:.1} µs (median)"
     ));
-    let rtts: Vec<(CpuModel, f64)> = models.iter().map(|&model| (model, rtt)).collect();
     // The edges start unpinned (children inherit this thread's mask); each is pinned to its
     // model's CPUs before it is measured.
     pin(CpuModel::Shared, None)?;
@@ -293,7 +292,7 @@ pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
             ));
             let socket = edge.socket(VOLUME);
             wait_for_socket(&socket)?;
-            for &(model, rtt) in &rtts {
+            for &model in &models {
                 pin(model, Some(edge))?;
                 for &job in phase {
                     let row = measure_row(
@@ -331,7 +330,7 @@ pub fn run(options: &BenchOptions, models: &[CpuModel]) -> Result<()> {
     let rank = |row: &Row| {
         (
             placements.iter().position(|(p, _, _)| *p == row.placement),
-            rtts.iter().position(|(m, _)| *m == row.cpus),
+            models.iter().position(|m| *m == row.cpus),
             JOBS.iter().position(|j| j.name == row.job),
         )
     };
