@@ -71,6 +71,26 @@ async fn acknowledged_entries_survive_kill_9_of_the_dtl() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("listen address \"nowhere\" is not IP:PORT")
     );
+    // A --metrics value that is no address is refused before the daemon starts.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(VSTOR)
+        .args([
+            "dtl",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "nowhere",
+            "--data-dir",
+        ])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value 'nowhere' for '--metrics <IP:PORT>'"),
+        "{stderr}"
+    );
 }
 
 /// `--metrics` on an address another process holds: the daemon stops at startup and says which
