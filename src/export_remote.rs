@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use vstor_edge::remote::proto::AllowList;
-use vstor_edge::remote::{Opening, OpeningFuture, RemoteExports, ServedState, ServedVolume};
+use vstor_edge::remote::{
+    Handoff, Opening, OpeningFuture, RemoteExports, ServedState, ServedVolume,
+};
 use vstor_volumedriver::Volume;
 
 use crate::export::{export_volume, snapshot_export_name, Exports, SnapshotExport, VolumeExport};
@@ -33,6 +35,16 @@ impl ServedState for VolumeState {
         // A volume being handed to another node is no longer served here: the edge looks for
         // the new owner instead of waiting on refused writes.
         !self.0.is_gone() && !self.0.is_releasing()
+    }
+
+    fn handoff(&self) -> Handoff {
+        if self.0.is_handed_off() {
+            Handoff::Released
+        } else if self.0.is_releasing() {
+            Handoff::Releasing
+        } else {
+            Handoff::None
+        }
     }
 
     fn access(&self) -> AllowList {

@@ -7,7 +7,8 @@
 //!   I/O error, and every region it wrote reads back on the new owner as the guest last wrote it.
 //! - Crash-oracle NBD writers on the edge's NBD export while the owner gets `kill -9`: no request
 //!   fails, and every acknowledged write reads back (through the edge and on the new owner).
-//! - `vstor volume move` under the same load through the edge: nothing fails, nothing is lost.
+//! - `vstor volume move` under the same load through the edge: nothing fails, nothing is lost;
+//!   for a volume without a DTL too, whose writers' flushes go on working across the move.
 //! - The edge itself is killed and restarted under a running guest: it re-attaches its volumes
 //!   from the registry and QEMU reconnects to the socket (`reconnect=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
@@ -123,18 +124,28 @@ impl Cluster {
 
     /// The test volume's entry in `vstor edge list --json`.
     fn edge_entry(&self) -> Value {
+        self.edge_entry_of(VOLUME)
+    }
+
+    /// Volume `volume`'s entry in `vstor edge list --json`.
+    fn edge_entry_of(&self, volume: &str) -> Value {
         let list: Value = serde_json::from_str(&self.edge.cli_ok(&["list", "--json"]))
             .expect("edge list --json is JSON");
         list.as_array()
-            .and_then(|l| l.iter().find(|v| v["volume"] == VOLUME).cloned())
-            .unwrap_or_else(|| panic!("{VOLUME} in edge list: {list}"))
+            .and_then(|l| l.iter().find(|v| v["volume"] == volume).cloned())
+            .unwrap_or_else(|| panic!("{volume} in edge list: {list}"))
     }
 
-    /// Poll `vstor edge list` until the volume's entry satisfies `ready`.
+    /// Poll `vstor edge list` until the test volume's entry satisfies `ready`.
     fn wait_edge(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        self.wait_edge_of(VOLUME, what, ready)
+    }
+
+    /// Poll `vstor edge list` until volume `volume`'s entry satisfies `ready`.
+    fn wait_edge_of(&self, volume: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let entry = self.edge_entry();
+            let entry = self.edge_entry_of(volume);
             if ready(&entry) {
                 return entry;
             }
@@ -443,6 +454,61 @@ fn volume_moves_under_load_through_the_edge() {
     stop_writers(&load, writers);
     oracle::verify(&cluster.edge.nbd, VOLUME, &load, "through the edge");
     oracle::verify(&cluster.nodes[2].nbd, VOLUME, &load, "on n2");
+}
+
+/// A volume without a DTL, moved under load through the edge by writers that flush every few
+/// writes. The old owner holds the edge's requests while its release puts everything on the
+/// backend, then refuses them with `Released`, so the edge knows nothing it acknowledged can be
+/// lost: no write and no flush fails across the move (an edge that cannot tell a clean hand-off
+/// from a fence fails the guest's next flush, as it must after a fence), and every flushed write
+/// reads back through the edge and on the new owner.
+#[test]
+fn a_volume_without_a_dtl_moves_through_the_edge_and_no_flush_fails() {
+    const PLAIN: &str = "plain";
+    let cluster = Cluster::start();
+    cluster.nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        PLAIN,
+        "--size",
+        "64M",
+        "--sco-size",
+        "4M",
+        "--write-buffer",
+        "8M",
+        "--dtl-mode",
+        "none",
+        "--node",
+        "n0",
+    ]);
+    let created = cluster.nodes[0].wait_for(PLAIN, "the DTL-less volume", |i| {
+        i["owner"] == "n0" && i["state"] == "running"
+    });
+    let tag = created["owner_tag"].as_u64().expect("owner_tag");
+    cluster.edge.cli_ok(&["attach", PLAIN]);
+    cluster.wait_edge_of(PLAIN, "the edge on n0", |e| {
+        e["owner"] == "n0" && e["state"] == "connected"
+    });
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.edge.nbd, PLAIN, Mode::Async, &load);
+    wait_progress(&load, &writers, 500, "before the move");
+    cluster.nodes[0].cli_ok(&["volume", "move", PLAIN, "--to", "n2"]);
+    let moved = cluster.nodes[1].wait_for(PLAIN, "the move to n2", |i| {
+        i["owner"] == "n2" && i["state"] == "running"
+    });
+    let new_tag = moved["owner_tag"].as_u64().expect("owner_tag");
+    assert!(new_tag > tag, "owner tag {new_tag} after {tag}");
+    cluster.wait_edge_of(PLAIN, "the edge on n2", |e| {
+        e["owner"] == "n2" && e["state"] == "connected" && e["tag"].as_u64() == Some(new_tag)
+    });
+    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&load, &writers, before + 500, "after the move");
+    let writes = stop_writers(&load, writers);
+    assert!(writes > 1000, "{writes} writes");
+    let entry = cluster.edge_entry_of(PLAIN);
+    assert_eq!(entry["failed"], 0, "edge list: {entry}");
+    oracle::verify(&cluster.edge.nbd, PLAIN, &load, "through the edge");
+    oracle::verify(&cluster.nodes[2].nbd, PLAIN, &load, "on n2");
 }
 
 /// The edge is killed (`kill -9`) under a running guest whose file system is mounted, and

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use vstor_edge::remote::client::{ConnState, RemoteConfig, RemoteError, RemoteTarget};
 use vstor_edge::remote::proto::{AllowList, ErrorCode};
 use vstor_edge::remote::server::{serve, EdgeServerConfig};
-use vstor_edge::remote::Endpoint;
+use vstor_edge::remote::{Endpoint, Handoff};
 use vstor_edge::testing::remote::{MemExports, MemServedState, StaticResolver};
 use vstor_edge::testing::{MemRegistry, MemTarget};
 use vstor_edge::{BlockTarget, TargetError};
@@ -44,9 +44,13 @@ impl Node {
     }
 
     fn start_on(listener: TcpListener, target: &Arc<MemTarget>, tag: u64) -> Node {
+        Self::serving(listener, target.clone(), tag)
+    }
+
+    fn serving(listener: TcpListener, target: Arc<dyn BlockTarget>, tag: u64) -> Node {
         let state = MemServedState::new(tag);
         let exports = MemExports::new();
-        exports.insert("vol", target.clone(), state.clone());
+        exports.insert("vol", target, state.clone());
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(serve(
@@ -1031,5 +1035,171 @@ async fn a_move_with_the_dtl_out_of_sync_fails_no_write() {
             read(&t, i * BLOCK as u64, BLOCK).await.unwrap(),
             pattern(i + 1, BLOCK)
         );
+    }
+}
+
+/// A move of a volume whose DTL is out of sync, as a node does it: while the release runs
+/// (`Handoff::Releasing`) the old owner holds new requests back; once it succeeded it refuses
+/// them with `Released`, which tells the edge that everything acknowledged is on the backend.
+/// So the guest's next flush does not fail (after a bare `NotOwner` it would: the edge could not
+/// tell a clean hand-off from a fence), and no write fails or is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_hand_off_keeps_the_next_flush_without_an_in_sync_dtl() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let b = Node::start(&target, 2).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    a.state.set_dtl_in_sync(false);
+    write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+    // The release begins: A serves the volume no more, and its answer waits for the outcome.
+    a.state.set_handoff(Handoff::Releasing);
+    a.state.set_alive(false);
+    let held = t
+        .write(BLOCK as u64, &pattern(2, BLOCK), false)
+        .unwrap()
+        .pending
+        .unwrap();
+    until("A looks at the hand-off", || a.state.handoff_checks() > 0).await;
+    let stats = t.stats();
+    assert_eq!(
+        (stats.state, stats.inflight, stats.reconnects),
+        (ConnState::Connected, 1, 0),
+        "held, not refused: {stats:?}"
+    );
+    // Done: everything on the backend (here, the shared target); B serves it.
+    resolver.set(Ok(b.endpoint("b")));
+    a.state.set_handoff(Handoff::Released);
+    within("the held write, on B", held).await.unwrap();
+    let stats = t.stats();
+    assert_eq!(stats.owner.as_deref(), Some("b"), "{stats:?}");
+    assert_eq!((stats.reconnects, stats.failed), (1, 0), "{stats:?}");
+    flush(&t).await.expect("nothing acknowledged was at risk");
+    for i in 0..2u64 {
+        assert_eq!(
+            read(&t, i * BLOCK as u64, BLOCK).await.unwrap(),
+            pattern(i + 1, BLOCK)
+        );
+    }
+}
+
+/// A hand-off that fails (the release could not get the data to the backend in time): the old
+/// owner serves the volume again, and the requests it held back run there; the edge never left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_held_by_a_failed_hand_off_run_where_they_were() {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    a.state.set_handoff(Handoff::Releasing);
+    a.state.set_alive(false);
+    let held = t
+        .write(0, &pattern(3, BLOCK), false)
+        .unwrap()
+        .pending
+        .unwrap();
+    let reading = t.read_async(BLOCK as u64, BLOCK).unwrap();
+    until("A looks at the hand-off", || a.state.handoff_checks() > 0).await;
+    assert!(target.ops().is_empty(), "nothing ran while held");
+    a.state.set_alive(true);
+    a.state.set_handoff(Handoff::None);
+    within("the held write", held).await.unwrap();
+    assert_eq!(
+        within("the held read", reading).await.unwrap().to_vec(),
+        vec![0u8; BLOCK]
+    );
+    let stats = t.stats();
+    assert_eq!((stats.reconnects, stats.failed), (0, 0), "{stats:?}");
+    assert_eq!(target.contents(0, BLOCK), pattern(3, BLOCK));
+    flush(&t).await.unwrap();
+}
+
+/// A target whose next write finds the volume's own gate closed, as a node's volume does when
+/// a release (`set_releasing`) begins between the edge server's owner check and the write:
+/// the write fails with an I/O error, and the served state says "releasing" from then on.
+struct GateClosesOnWrite {
+    inner: Arc<MemTarget>,
+    state: Mutex<Option<Arc<MemServedState>>>,
+}
+
+impl BlockTarget for GateClosesOnWrite {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+        self.inner.read(offset, buf)
+    }
+    fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<vstor_edge::WriteAck, TargetError> {
+        if let Some(state) = self.state.lock().unwrap().take() {
+            state.set_handoff(Handoff::Releasing);
+            state.set_alive(false);
+            return Err(TargetError::Io(
+                "volume vol: it is being handed to another node; writes are refused".into(),
+            ));
+        }
+        self.inner.write(offset, data, fua)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<vstor_edge::WriteAck, TargetError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fua: bool,
+    ) -> Result<vstor_edge::WriteAck, TargetError> {
+        self.inner.write_zeroes(offset, len, allocate, fua)
+    }
+    fn flush(&self) -> Result<(), TargetError> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<vstor_edge::Extent>, TargetError> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// The race a move opens: a write passes the owner check, then the volume refuses it because
+/// the release began. It was not acknowledged, so it is held and then refused like any request
+/// that came later, and the edge resends it to the new owner: the guest sees no error. Inline
+/// writes and FUA writes (which run on the blocking pool and fail in a completion) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_volume_refuses_as_a_hand_off_begins_is_resent_not_failed() {
+    for fua in [false, true] {
+        let target = Arc::new(MemTarget::new(SIZE));
+        let gate = Arc::new(GateClosesOnWrite {
+            inner: target.clone(),
+            state: Mutex::new(None),
+        });
+        let a = Node::serving(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            gate.clone(),
+            1,
+        );
+        *gate.state.lock().unwrap() = Some(a.state.clone());
+        let b = Node::start(&target, 2).await;
+        let resolver = StaticResolver::new(a.endpoint("a"));
+        let t = connect(&resolver, Duration::from_secs(30)).await;
+        let refused = t
+            .write(0, &pattern(4, BLOCK), fua)
+            .unwrap()
+            .pending
+            .unwrap();
+        until("A looks at the hand-off", || a.state.handoff_checks() > 0).await;
+        resolver.set(Ok(b.endpoint("b")));
+        a.state.set_handoff(Handoff::Released);
+        within("the write, on B", refused).await.unwrap();
+        let stats = t.stats();
+        assert_eq!(stats.owner.as_deref(), Some("b"), "fua {fua}: {stats:?}");
+        assert_eq!(stats.failed, 0, "fua {fua}: {stats:?}");
+        assert_eq!(target.contents(0, BLOCK), pattern(4, BLOCK), "fua {fua}");
     }
 }

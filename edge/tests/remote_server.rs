@@ -17,6 +17,7 @@ use vstor_edge::remote::proto::{
     AllowList, EdgeCodec, ErrorCode, Frame, Message, ACCESS_POLL, PROTOCOL_VERSION,
 };
 use vstor_edge::remote::server::{serve, EdgeServerConfig};
+use vstor_edge::remote::Handoff;
 use vstor_edge::testing::remote::{MemExports, MemServedState};
 use vstor_edge::testing::MemTarget;
 
@@ -228,6 +229,47 @@ async fn a_version_1_edge_is_served_without_access() {
             .is_err(),
         "nothing unasked for on a version-1 connection"
     );
+}
+
+/// After a clean hand-off, requests are refused with `Released` on a version-3 connection and
+/// with `NotOwner` on older ones (which cannot decode the new code); a `Hello` while the
+/// hand-off runs is refused, not held.
+#[tokio::test]
+async fn a_released_volume_says_so_only_to_edges_that_understand_it() {
+    let s = server(7).await;
+    let (mut v3, _) = hello(s.addr, "vol", 7).await;
+    let (mut v2, reply) = hello_in(s.addr, "vol", 7, 2).await;
+    assert!(matches!(reply.message, Message::Welcome { version: 2, .. }));
+    let access = recv(&mut v2).await.unwrap();
+    assert!(matches!(access.message, Message::Access(_)), "{access:?}");
+    s.state.set_handoff(Handoff::Releasing);
+    s.state.set_alive(false);
+    let (_, refused) = hello(s.addr, "vol", 7).await;
+    assert!(
+        matches!(
+            refused.message,
+            Message::Error {
+                code: ErrorCode::NotOwner,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    s.state.set_handoff(Handoff::Released);
+    for (conn, want) in [
+        (&mut v3, ErrorCode::Released),
+        (&mut v2, ErrorCode::NotOwner),
+    ] {
+        conn.send(Frame::new(4, Message::Flush { tag: 7 }))
+            .await
+            .unwrap();
+        let reply = recv(conn).await.unwrap();
+        assert!(
+            matches!(&reply.message, Message::Error { code, .. } if *code == want),
+            "want {want:?}: {reply:?}"
+        );
+    }
+    assert_eq!(s.target.flushes(), 0, "a refused flush did not run");
 }
 
 fn pattern(seed: u64, len: usize) -> Bytes {

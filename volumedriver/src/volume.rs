@@ -167,6 +167,9 @@ pub struct Volume {
     /// Set while the volume is handed to another node (see `VolumeManager::release`): writes
     /// are refused, flushes still run.
     releasing: AtomicBool,
+    /// Set once a release succeeded: everything this volume acknowledged is on the backend
+    /// (see [`Volume::is_handed_off`]).
+    handed_off: AtomicBool,
     /// Lock-free copies of facts the edge server checks on every request (see `served`).
     served: served::ServedFacts,
     /// Told about every uncorked TLog (an MDS master's feed), see `mds_link`.
@@ -327,6 +330,7 @@ impl Volume {
             stats: Stats::default(),
             fenced: parking_lot::RwLock::new(None),
             releasing: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
             served: served::ServedFacts::new(owner_tag),
             uncork_sink: parking_lot::RwLock::new(None),
             latency: crate::latency::IoLatency::default(),

@@ -85,10 +85,33 @@ pub trait ServedState: Send + Sync + 'static {
     fn fenced(&self) -> Option<String>;
     /// The volume is still served here (not released, moved, deleted or stopped).
     fn alive(&self) -> bool;
+    /// Where handing the volume to another node (`vstor volume move`) stands. While the hand-off
+    /// is under way (`Releasing`) a request that finds the volume no longer [`alive`] waits for
+    /// the outcome instead of being refused at once: if the hand-off fails the volume is served
+    /// here again and the request runs; if it succeeds the request is refused with
+    /// `ErrorCode::Released`, which tells the edge that nothing it had acknowledged can be lost.
+    /// The default, for holders that never hand volumes over: [`Handoff::None`].
+    ///
+    /// [`alive`]: ServedState::alive
+    fn handoff(&self) -> Handoff {
+        Handoff::None
+    }
     /// The volume's NBD allow list, which edges enforce on their own NBD clients. Not read per
     /// request: at the handshake and every [`proto::ACCESS_POLL`] per connection, so it may
     /// take a lock.
     fn access(&self) -> proto::AllowList;
+}
+
+/// Where a hand-off of a served volume to another node stands ([`ServedState::handoff`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// No hand-off under way (or one that failed: the volume is served again).
+    None,
+    /// Under way: new writes are refused while what was acknowledged goes to the backend.
+    Releasing,
+    /// Done: everything this node acknowledged is on the backend, and it serves the volume no
+    /// more.
+    Released,
 }
 
 /// Boxed future returned by [`RemoteExports::opening`].

@@ -55,6 +55,7 @@
 //! |---------|------|
 //! | 1       | handshake, requests, replies |
 //! | 2       | `Access` (kind 20): the volume's NBD allow list, server → client |
+//! | 3       | [`ErrorCode::Released`]: a refusal that also says the volume was handed over cleanly |
 //!
 //! # Access (version 2)
 //!
@@ -92,12 +93,14 @@ use crate::target::Extent;
 /// "VSE1".
 pub const MAGIC: u32 = 0x5653_4531;
 /// The newest protocol version this build speaks (what a client sends in `Hello`).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest version a server still serves (edges of older builds keep working; they get no
 /// `Access` and so enforce no allow list).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first version with `Access`.
 pub const ACCESS_VERSION: u16 = 2;
+/// The first version with [`ErrorCode::Released`] (older connections get `NotOwner` instead).
+pub const RELEASED_VERSION: u16 = 3;
 /// How often a server looks for a change of a served volume's allow list to push.
 pub const ACCESS_POLL: Duration = Duration::from_secs(1);
 /// Most subjects and most networks in one `Access` (the volume config's own limit).
@@ -139,7 +142,8 @@ pub enum ProtoError {
 }
 
 /// Why a server refused a request. The client maps these onto [`crate::TargetError`] or, for
-/// `StaleTag`, `NotOwner` and `Fenced`, onto "find the owner again and resubmit".
+/// `StaleTag`, `NotOwner`, `Fenced`, `Shutdown` and `Released`, onto "find the owner again and
+/// resubmit".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum ErrorCode {
@@ -159,6 +163,12 @@ pub enum ErrorCode {
     Fenced = 7,
     /// The request is not valid (unaligned, zero length, a request before `Hello`, ...).
     Invalid = 8,
+    /// Version 3. The request did not run: this node handed the volume to another node
+    /// (`vstor volume move`), and the hand-off was clean: everything it acknowledged on this
+    /// connection is on the backend, where the next owner reads it. So, unlike after a bare
+    /// `NotOwner`, nothing acknowledged can be lost even without an in-sync DTL
+    /// (`remote::resubmit`).
+    Released = 9,
 }
 
 impl ErrorCode {
@@ -172,6 +182,7 @@ impl ErrorCode {
             6 => ErrorCode::NotOwner,
             7 => ErrorCode::Fenced,
             8 => ErrorCode::Invalid,
+            9 => ErrorCode::Released,
             _ => return None,
         })
     }
@@ -180,7 +191,11 @@ impl ErrorCode {
     pub fn means_owner_changed(self) -> bool {
         matches!(
             self,
-            ErrorCode::StaleTag | ErrorCode::NotOwner | ErrorCode::Fenced | ErrorCode::Shutdown
+            ErrorCode::StaleTag
+                | ErrorCode::NotOwner
+                | ErrorCode::Fenced
+                | ErrorCode::Shutdown
+                | ErrorCode::Released
         )
     }
 }
@@ -876,7 +891,7 @@ mod tests {
     }
 
     fn arb_code() -> impl Strategy<Value = ErrorCode> {
-        (1u16..=8).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+        (1u16..=9).prop_map(|c| ErrorCode::from_u16(c).unwrap())
     }
 
     fn arb_data() -> impl Strategy<Value = Bytes> {
@@ -1090,22 +1105,25 @@ mod tests {
         let hello = Frame::new(
             0,
             Message::Hello {
-                version: 3,
+                version: PROTOCOL_VERSION + 1,
                 volume: "v".into(),
                 tag: 1,
                 client: "e".into(),
             },
         );
         let mut buf = BytesMut::new();
-        EdgeCodec::with_version(3).encode(&hello, &mut buf).unwrap();
+        EdgeCodec::with_version(PROTOCOL_VERSION + 1)
+            .encode(&hello, &mut buf)
+            .unwrap();
         assert_eq!(EdgeCodec::new().decode(&mut buf).unwrap(), Some(hello));
         let mut buf = BytesMut::new();
-        EdgeCodec::with_version(3)
+        EdgeCodec::with_version(PROTOCOL_VERSION + 1)
             .encode(&Frame::new(5, Message::Flush { tag: 1 }), &mut buf)
             .unwrap();
         assert!(matches!(
             EdgeCodec::new().decode(&mut buf),
-            Err(ProtoError::UnsupportedVersion { got: 3, ours: 2 })
+            Err(ProtoError::UnsupportedVersion { got, ours })
+                if got == PROTOCOL_VERSION + 1 && ours == PROTOCOL_VERSION
         ));
     }
 
@@ -1242,7 +1260,7 @@ mod tests {
     #[test]
     fn access_is_not_accepted_on_a_version_1_connection() {
         let mut buf = BytesMut::new();
-        EdgeCodec::new()
+        EdgeCodec::with_version(ACCESS_VERSION)
             .encode(
                 &Frame::new(0, Message::Access(AllowList::default())),
                 &mut buf,

@@ -24,10 +24,16 @@
 //! nothing. On a read-only volume (snapshot, template) everything is resent.
 //!
 //! A request the owner *refused* as no longer its own (`NotOwner`, `Fenced`, `StaleTag`,
-//! `Shutdown`) never ran, so it is always resent. After such a refusal the client sends nothing
-//! more on that connection and gives it up only once every request sent on it has its answer
-//! (done, or refused): on a move, nothing is left whose fate is unknown, and the rule above
-//! applies to none.
+//! `Shutdown`, `Released`) never ran, so it is always resent. After such a refusal the client
+//! sends nothing more on that connection and gives it up only once every request sent on it has
+//! its answer (done, or refused): on a move, nothing is left whose fate is unknown, and the rule
+//! above applies to none.
+//!
+//! A refusal with `Released` says more: the owner handed the volume over cleanly (a
+//! `volume move`: flushed, everything on the backend, which the next owner reads), so nothing it
+//! acknowledged can be lost, DTL or not ([`Recovery::on_released`]). The loss of that
+//! connection is then safe, and the next flush does not fail. After a bare `NotOwner` or
+//! `Fenced` the client cannot tell a clean hand-off from a fence, and the rule above applies.
 //!
 //! # The pause bound
 //!
@@ -121,6 +127,8 @@ pub struct Recovery {
     flushed: u64,
     /// The next flush must fail (see the module docs).
     poison_flush: bool,
+    /// The current connection's owner said `Released`: its loss is safe.
+    released: bool,
 }
 
 impl Recovery {
@@ -133,6 +141,7 @@ impl Recovery {
             acked: 0,
             flushed: 0,
             poison_flush: false,
+            released: false,
         }
     }
 
@@ -166,6 +175,14 @@ impl Recovery {
         self.flushed = self.flushed.max(mark);
     }
 
+    /// The owner refused a request with `Released`: it handed the volume over cleanly, so
+    /// everything acknowledged so far (and whatever it still acknowledges on that connection)
+    /// is on the backend, and losing that connection loses nothing.
+    pub fn on_released(&mut self) {
+        self.released = true;
+        self.flushed = self.acked;
+    }
+
     /// The connection died at `now` with `inflight` requests (id, kind) sent or waiting to be
     /// sent on it. Returns each one's fate, in the order given.
     pub fn on_lost<I>(&mut self, now: Instant, inflight: I) -> Vec<(u64, Decision)>
@@ -175,7 +192,10 @@ impl Recovery {
         if self.link == Link::Connected {
             self.link = Link::Reconnecting { since: now };
         }
-        let safe = self.dtl_in_sync || self.read_only;
+        let safe = self.dtl_in_sync || self.read_only || self.released;
+        if std::mem::take(&mut self.released) {
+            self.flushed = self.acked;
+        }
         let mut failed_flush = false;
         let decisions = inflight
             .into_iter()
@@ -202,6 +222,7 @@ impl Recovery {
     pub fn on_connected(&mut self, dtl_in_sync: bool) {
         self.link = Link::Connected;
         self.dtl_in_sync = dtl_in_sync;
+        self.released = false;
     }
 
     /// Decide about a request the guest submits now.
@@ -327,6 +348,25 @@ mod tests {
         assert_eq!(r.admit(Kind::Write), Admit::Send, "writes go on");
         assert_eq!(r.admit(Kind::Flush), Admit::Fail(FailReason::DtlOutOfSync));
         assert_eq!(r.admit(Kind::Flush), Admit::Send, "only once");
+    }
+
+    #[test]
+    fn a_clean_hand_off_loses_nothing_so_the_next_flush_works() {
+        let mut r = Recovery::new(false, false);
+        r.on_reply(Kind::Write, Some(false));
+        r.on_released();
+        // A write the old owner still acknowledged after its refusal is on the backend too.
+        r.on_reply(Kind::Write, Some(false));
+        let d = r.on_lost(Instant::now(), [(7, Kind::Write), (8, Kind::Flush)]);
+        assert_eq!(d, [(7, Decision::Resend), (8, Decision::Resend)]);
+        r.on_connected(false);
+        assert_eq!(r.admit(Kind::Flush), Admit::Send);
+        // The promise was that connection's only: the next owner's loss out of sync is not safe.
+        r.on_reply(Kind::Write, Some(false));
+        let d = r.on_lost(Instant::now(), [(9, Kind::Write)]);
+        assert_eq!(d, [(9, Decision::Fail)]);
+        r.on_connected(false);
+        assert_eq!(r.admit(Kind::Flush), Admit::Fail(FailReason::DtlOutOfSync));
     }
 
     #[test]

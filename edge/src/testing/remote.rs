@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::lock;
 use crate::remote::proto::AllowList;
 use crate::remote::{
-    Endpoint, Opening, OpeningFuture, RemoteExports, ResolveFuture, Resolver, ServedState,
+    Endpoint, Handoff, Opening, OpeningFuture, RemoteExports, ResolveFuture, Resolver, ServedState,
     ServedVolume, WatchFuture,
 };
 use crate::target::BlockTarget;
@@ -25,6 +25,8 @@ pub struct MemServedState {
     alive: AtomicBool,
     fenced: Mutex<Option<String>>,
     access: Mutex<AllowList>,
+    handoff: Mutex<Handoff>,
+    handoff_checks: AtomicUsize,
 }
 
 impl MemServedState {
@@ -36,6 +38,8 @@ impl MemServedState {
             alive: AtomicBool::new(true),
             fenced: Mutex::new(None),
             access: Mutex::new(AllowList::default()),
+            handoff: Mutex::new(Handoff::None),
+            handoff_checks: AtomicUsize::new(0),
         })
     }
     pub fn set_tag(&self, tag: u64) {
@@ -52,6 +56,16 @@ impl MemServedState {
     }
     pub fn set_access(&self, access: AllowList) {
         *lock(&self.access) = access;
+    }
+    /// A hand-off's stage; with [`Handoff::Releasing`] or [`Handoff::Released`] also call
+    /// `set_alive(false)`, as a node does (its volume is not served while it is handed over).
+    pub fn set_handoff(&self, handoff: Handoff) {
+        *lock(&self.handoff) = handoff;
+    }
+    /// How often a server asked for the hand-off's stage (it asks when a request finds the
+    /// volume not served): a test's proof that a request reached the owner check.
+    pub fn handoff_checks(&self) -> usize {
+        self.handoff_checks.load(Ordering::SeqCst)
     }
 }
 
@@ -70,6 +84,10 @@ impl ServedState for MemServedState {
     }
     fn access(&self) -> AllowList {
         lock(&self.access).clone()
+    }
+    fn handoff(&self) -> Handoff {
+        self.handoff_checks.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.handoff)
     }
 }
 

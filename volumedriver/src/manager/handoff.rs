@@ -52,6 +52,7 @@ impl VolumeManager {
             tracing::warn!(volume = %name, error = %e, "release failed; still serving the volume");
             return Err(e);
         }
+        volume.set_handed_off();
         self.unserve(name, &volume)?;
         tracing::info!(volume = %name, "volume released: all data on the backend, no longer served here");
         Ok(())

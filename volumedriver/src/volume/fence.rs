@@ -29,6 +29,20 @@ impl Volume {
         self.releasing.load(Ordering::SeqCst)
     }
 
+    /// The release finished: writes stayed refused since it began, and everything acknowledged
+    /// before is on the backend, where the next owner reads it. Set before the volume stops
+    /// being served and never cleared (a volume taken back after a failed move is a new
+    /// `Volume`).
+    pub(crate) fn set_handed_off(&self) {
+        self.handed_off.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a release of this volume succeeded (see `set_handed_off`): the edge server tells
+    /// edges so, and they then know nothing they had acknowledged can be lost.
+    pub fn is_handed_off(&self) -> bool {
+        self.handed_off.load(Ordering::SeqCst)
+    }
+
     /// Whether a write, trim or write-zeroes may start now (call under the state lock).
     pub(super) fn check_write_gates(&self) -> Result<()> {
         self.check_fence()?;

@@ -381,6 +381,9 @@ impl Shared {
                 if let Some(p) = inner.table.get_mut(&id) {
                     p.sent_on = None;
                 }
+                if code == ErrorCode::Released {
+                    inner.recovery.on_released();
+                }
                 let first = inner
                     .conn
                     .as_mut()

@@ -12,9 +12,9 @@ use tracing::{info, warn};
 use crate::remote::outq::OutQueue;
 use crate::remote::proto::{
     AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_VERSION,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RELEASED_VERSION,
 };
-use crate::remote::{RemoteExports, ServedVolume};
+use crate::remote::{Handoff, RemoteExports, ServedVolume};
 
 /// Read one frame (handshake only; the session loop decodes in place).
 pub(super) async fn read_frame<S: AsyncRead + Unpin>(
@@ -109,7 +109,16 @@ pub(super) fn handshake(
         );
         return None;
     };
-    if let Err((code, message)) = owner_check(&served, &volume, tag) {
+    // A handshake does not wait out a hand-off: the edge comes back, to whichever node then
+    // serves the volume.
+    if let Err(refused) = owner_check(&served, &volume, tag, version) {
+        let (code, message) = match refused {
+            Refused::Now(code, message) => (code, message),
+            Refused::Wait => (
+                ErrorCode::NotOwner,
+                format!("volume {volume} is being handed to another node"),
+            ),
+        };
         info!(%peer, volume, client, tag, ?code, "edge handshake refused: {message}");
         refuse(out, code, message);
         return None;
@@ -149,28 +158,48 @@ pub(super) fn handshake(
     })
 }
 
-/// May a request (or handshake) under `tag` run on this node?
+/// Why [`owner_check`] does not let a request run.
+pub(super) enum Refused {
+    /// The volume is being handed to another node ([`Handoff::Releasing`]): ask again once
+    /// that settled (the request runs here if the hand-off fails).
+    Wait,
+    /// Refuse it now with this code and message.
+    Now(ErrorCode, String),
+}
+
+/// May a request (or handshake) under `tag` run on this node, on a connection of protocol
+/// `version`?
 pub(super) fn owner_check(
     served: &ServedVolume,
     volume: &str,
     tag: u64,
-) -> Result<(), (ErrorCode, String)> {
+    version: u16,
+) -> Result<(), Refused> {
     let state = &served.state;
     if let Some(reason) = state.fenced() {
-        return Err((
+        return Err(Refused::Now(
             ErrorCode::Fenced,
             format!("volume {volume} is fenced on this node: {reason}"),
         ));
     }
     if !state.alive() {
-        return Err((
-            ErrorCode::NotOwner,
-            format!("volume {volume} is no longer served on this node"),
-        ));
+        return Err(match state.handoff() {
+            Handoff::Releasing => Refused::Wait,
+            Handoff::Released if version >= RELEASED_VERSION => Refused::Now(
+                ErrorCode::Released,
+                format!(
+                    "volume {volume} was handed to another node; all its data is on the backend"
+                ),
+            ),
+            Handoff::Released | Handoff::None => Refused::Now(
+                ErrorCode::NotOwner,
+                format!("volume {volume} is no longer served on this node"),
+            ),
+        });
     }
     let ours = state.tag();
     if tag < ours {
-        return Err((
+        return Err(Refused::Now(
             ErrorCode::StaleTag,
             format!(
                 "stale owner tag {tag} for volume {volume}: this node holds it under tag {ours}"
@@ -178,7 +207,7 @@ pub(super) fn owner_check(
         ));
     }
     if tag > ours {
-        return Err((
+        return Err(Refused::Now(
             ErrorCode::NotOwner,
             format!("volume {volume} has owner tag {tag}, newer than this node's {ours}: it moved"),
         ));

@@ -24,6 +24,16 @@
 //!   never write through this node once it lost the volume. A request tag lower than ours is
 //!   `StaleTag` (the edge holds an old tag); a higher one means the registry moved the volume past
 //!   this node: `NotOwner`.
+//! * **A hand-off holds requests back.** While the volume is being handed to another node
+//!   ([`Handoff::Releasing`](super::Handoff): a `volume move` flushing it to the backend), a
+//!   request that finds it no longer served waits (polled every [`HANDOFF_POLL`], at most
+//!   [`HANDOFF_WAIT`]) instead of being refused: it runs here if the hand-off fails, and once it
+//!   succeeded it is refused with `Released` (version 3), which promises the edge that everything
+//!   acknowledged on the connection is on the backend. A request that fails with an I/O error
+//!   while the owner check no longer passes (the volume's own gate refused a write because the
+//!   hand-off or a fence began just after its check, or a FUA write on the blocking pool met it)
+//!   is answered with the owner's refusal (held like the others during a hand-off), not with the
+//!   I/O error: it was not acknowledged, and the edge resends it to the next owner.
 //! * **Execution.** Reads are tried inline (`try_read`: write buffer and page cache); a read that
 //!   must wait for the backend goes to the async path the target offers or to the bounded
 //!   backend-read pool (`read_pool`). Writes, trims and write-zeroes run inline and their pending
@@ -73,7 +83,7 @@ mod device_writes;
 mod handshake;
 
 use self::device_writes::DeviceWrites;
-use self::handshake::{await_opening, handshake, owner_check, read_frame};
+use self::handshake::{await_opening, handshake, owner_check, read_frame, Refused};
 use super::outq::OutQueue;
 use super::proto::{AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_POLL};
 use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
@@ -125,6 +135,12 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// (a whole batch, no overlap) kept 0.48–0.51× of the local IOPS and 16 KiB (more writes)
 /// 0.58–0.84×, against a median of 0.77–0.88× at 32 KiB.
 const REPLY_BATCH: usize = 32 * 1024;
+/// How often a request held back by a hand-off ([`Refused::Wait`]) looks at its outcome: a
+/// move's release takes from milliseconds (a flush and a TLog upload) to seconds, and while it
+/// runs the edge's requests wait anyway.
+const HANDOFF_POLL: Duration = Duration::from_millis(2);
+/// Longest a request waits for a hand-off's outcome before it is refused as `NotOwner`.
+const HANDOFF_WAIT: Duration = Duration::from_secs(10);
 /// Largest read one request may ask for (its reply must fit in a frame).
 const MAX_READ: usize = MAX_FRAME_PAYLOAD - 64;
 /// Requests are 512-byte aligned, like the frontends'.
@@ -343,6 +359,8 @@ async fn session<S: NbdStream>(
         out,
         throttle_until: None,
         device_writes: DeviceWrites::default(),
+        handoff_since: None,
+        held: Vec::new(),
     };
     match session.run(&mut stream, rbuf).await {
         Ok(()) => info!(
@@ -406,6 +424,11 @@ struct Session {
     /// Writes running on the blocking pool because they wait for the disk, and the rule for
     /// what must wait for them (`device_writes`).
     device_writes: DeviceWrites,
+    /// Since when requests wait for a hand-off of the volume (`owner_check`).
+    handoff_since: Option<Instant>,
+    /// Requests that failed while the volume was being handed over, answered once the
+    /// hand-off's outcome is known (`settle_held`).
+    held: Vec<u64>,
 }
 
 impl Session {
@@ -428,6 +451,22 @@ impl Session {
 
     fn complete(&mut self, done: Completion) {
         self.device_writes.end(done.id);
+        if matches!(done.result, Err(TargetError::Io(_))) {
+            // As in `handle`: a request that ran off this task (FUA, large writes) or waited
+            // for its DTL acknowledgement may have failed because a hand-off or a fence began
+            // meanwhile; then its answer is the owner's refusal, not an I/O error.
+            match self.owner_check(self.served.state.tag()) {
+                Ok(()) => {}
+                Err(Refused::Wait) => {
+                    self.held.push(done.id);
+                    return;
+                }
+                Err(Refused::Now(code, message)) => {
+                    self.reply(done.id, Message::Error { code, message });
+                    return;
+                }
+            }
+        }
         let dtl_in_sync = self.served.state.dtl_in_sync();
         let message = match done.result {
             Ok(Output::Done(ack)) => {
@@ -508,19 +547,95 @@ impl Session {
             );
             return Ok(());
         };
-        if let Err((code, message)) = owner_check(&self.served, &self.volume, tag) {
-            self.reply(id, Message::Error { code, message });
-            return Ok(());
+        match self.owner_check(tag) {
+            Ok(()) => {}
+            Err(Refused::Wait) => return Err(frame),
+            Err(Refused::Now(code, message)) => {
+                self.reply(id, Message::Error { code, message });
+                return Ok(());
+            }
         }
         if (self.full() && self.may_need_slot(&frame.message))
             || self.device_writes.blocks(&frame.message)
         {
             return Err(frame);
         }
+        // Kept (a reference count, not the data) in case the volume's own gate refuses it.
+        let again = matches!(
+            frame.message,
+            Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. }
+        )
+        .then(|| frame.clone());
         if let Err(Refusal(code, message)) = self.execute(id, frame.message) {
-            self.reply(id, Message::Error { code, message });
+            // The volume refuses a write by itself once a hand-off or a fence began, which can
+            // happen between the owner check above and the write: that is the owner changing,
+            // not an I/O error, and the request did not run, so it is held (and run here if the
+            // hand-off fails) or refused like one that came a moment later.
+            match (code, again) {
+                (ErrorCode::Io, Some(again)) => match self.owner_check(tag) {
+                    Err(Refused::Wait) => return Err(again),
+                    Err(Refused::Now(code, message)) => {
+                        self.reply(id, Message::Error { code, message });
+                    }
+                    Ok(()) => self.reply(id, Message::Error { code, message }),
+                },
+                _ => self.reply(id, Message::Error { code, message }),
+            }
         }
         Ok(())
+    }
+
+    /// Answer the requests whose failure waits for a hand-off's outcome (`held`) once it is
+    /// known: refused (`Released` after a clean hand-off), or, if the hand-off failed and the
+    /// volume is served here again, refused as `NotOwner` so that the edge sends them again
+    /// (they failed at the volume's gate and did not run).
+    fn settle_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (code, message) = match self.owner_check(self.served.state.tag()) {
+            Err(Refused::Wait) => return,
+            Err(Refused::Now(code, message)) => (code, message),
+            Ok(()) => (
+                ErrorCode::NotOwner,
+                format!(
+                    "volume {}: refused while it was being handed over; send it again",
+                    self.volume
+                ),
+            ),
+        };
+        for id in std::mem::take(&mut self.held) {
+            self.reply(
+                id,
+                Message::Error {
+                    code,
+                    message: message.clone(),
+                },
+            );
+        }
+    }
+
+    /// [`owner_check`] for a request of this connection, bounding how long requests wait for
+    /// a hand-off ([`HANDOFF_WAIT`]): past that they are refused as `NotOwner`, and the edge
+    /// looks for the owner without the promise that `Released` would have carried.
+    fn owner_check(&mut self, tag: u64) -> Result<(), Refused> {
+        let checked = owner_check(&self.served, &self.volume, tag, self.version);
+        if !matches!(checked, Err(Refused::Wait)) {
+            self.handoff_since = None;
+            return checked;
+        }
+        let now = Instant::now();
+        let since = *self.handoff_since.get_or_insert(now);
+        if now.duration_since(since) >= HANDOFF_WAIT {
+            return Err(Refused::Now(
+                ErrorCode::NotOwner,
+                format!(
+                    "volume {} is being handed to another node (still after {HANDOFF_WAIT:?})",
+                    self.volume
+                ),
+            ));
+        }
+        Err(Refused::Wait)
     }
 
     fn may_need_slot(&self, message: &Message) -> bool {
@@ -757,6 +872,7 @@ impl Session {
         // When the frame partly buffered now must be complete (`None`: no partial frame).
         let mut frame_deadline: Option<Instant> = None;
         loop {
+            self.settle_held();
             let mut drained = false;
             let replies_before = self.out.len();
             while self.out.len() < WRITE_HIGH_WATER && !self.throttled() {
@@ -805,6 +921,10 @@ impl Session {
             }
             let throttle_until = self.throttle_until;
             let pushes_access = self.access.is_some();
+            // A request held back by a hand-off looks again shortly (`HANDOFF_POLL`).
+            let handoff_retry = ((stalled.is_some() && self.handoff_since.is_some())
+                || !self.held.is_empty())
+            .then(|| Instant::now() + HANDOFF_POLL);
             // In order: completions, then replies out, before more requests are read in, so a
             // batch's replies leave as they are made (`REPLY_BATCH`). Nothing starves: writing
             // empties `out`, and reading is bounded by `max_inflight`.
@@ -828,6 +948,7 @@ impl Session {
                 () = sleep_until(throttle_until), if throttle_until.is_some() => {
                     self.throttle_until = None;
                 }
+                () = sleep_until(handoff_retry), if handoff_retry.is_some() => {}
                 () = tokio::time::sleep_until(access_check), if pushes_access => {
                     self.refresh_access();
                     access_check = Instant::now() + ACCESS_POLL;
