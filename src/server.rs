@@ -477,6 +477,15 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         auto_scrub.stop();
     }
     nbd.shutdown().await;
+    api_stop.notify_one();
+    let _ = api_task.await;
+    tokio::task::spawn_blocking(move || vhost.shutdown()).await?;
+    // The edge server runs on while the volumes are flushed and uploaded: edges' requests wait
+    // (the volumes refuse writes meanwhile), and once a volume's data is all on the backend
+    // they are refused with `Released`, so an edge knows that nothing it acknowledged is lost
+    // and resends to the next owner without failing anything (`edge::remote::resubmit`).
+    let timeout = Duration::from_secs(config.shutdown_upload_timeout_secs);
+    let unfinished = tokio::task::spawn_blocking(move || manager.shutdown(timeout)).await?;
     edge_stop.cancel();
     for task in edge_tasks {
         let _ = task.await;
@@ -486,11 +495,6 @@ pub async fn serve(mut config: ServeConfig) -> Result<()> {
         // refused connect.
         let _ = std::fs::remove_file(path);
     }
-    api_stop.notify_one();
-    let _ = api_task.await;
-    tokio::task::spawn_blocking(move || vhost.shutdown()).await?;
-    let timeout = Duration::from_secs(config.shutdown_upload_timeout_secs);
-    let unfinished = tokio::task::spawn_blocking(move || manager.shutdown(timeout)).await?;
     if let Some(task) = failover_task {
         task.abort();
     }

@@ -8,7 +8,8 @@
 //! - Crash-oracle NBD writers on the edge's NBD export while the owner gets `kill -9`: no request
 //!   fails, and every acknowledged write reads back (through the edge and on the new owner).
 //! - `vstor volume move` under the same load through the edge: nothing fails, nothing is lost;
-//!   for a volume without a DTL too, whose writers' flushes go on working across the move.
+//!   for a volume without a DTL too, whose writers' flushes go on working across the move, and
+//!   across a clean stop (SIGTERM) of its owner.
 //! - The edge itself is killed and restarted under a running guest: it re-attaches its volumes
 //!   from the registry and QEMU reconnects to the socket (`reconnect=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test/benchmark code: a panic is a failure report
@@ -456,6 +457,87 @@ fn volume_moves_under_load_through_the_edge() {
     oracle::verify(&cluster.nodes[2].nbd, VOLUME, &load, "on n2");
 }
 
+/// A second test volume, without a DTL (`--dtl-mode none`).
+const PLAIN: &str = "plain";
+
+impl Cluster {
+    /// Create `PLAIN` on `n0` and attach it on the edge; returns its owner tag.
+    fn add_plain_volume(&self) -> u64 {
+        self.nodes[0].cli_ok(&[
+            "volume",
+            "create",
+            PLAIN,
+            "--size",
+            "64M",
+            "--sco-size",
+            "4M",
+            "--write-buffer",
+            "8M",
+            "--dtl-mode",
+            "none",
+            "--node",
+            "n0",
+        ]);
+        let created = self.nodes[0].wait_for(PLAIN, "the DTL-less volume", |i| {
+            i["owner"] == "n0" && i["state"] == "running"
+        });
+        self.edge.cli_ok(&["attach", PLAIN]);
+        self.wait_edge_of(PLAIN, "the edge on n0", |e| {
+            e["owner"] == "n0" && e["state"] == "connected"
+        });
+        created["owner_tag"].as_u64().expect("owner_tag")
+    }
+
+    /// Wait until `node` says `PLAIN` is served by another node than `n0` under a tag above
+    /// `tag`, and the edge is connected to that owner; returns the new owner's index.
+    fn wait_plain_left_n0(&self, node: usize, tag: u64, context: &str) -> usize {
+        let info = self.nodes[node].wait_for(PLAIN, context, |i| {
+            i["owner"] != "n0" && i["state"] == "running"
+        });
+        let owner = info["owner"].as_str().expect("owner").to_string();
+        let new_tag = info["owner_tag"].as_u64().expect("owner_tag");
+        assert!(new_tag > tag, "{context}: owner tag {new_tag} after {tag}");
+        self.wait_edge_of(PLAIN, &format!("{context}: the edge on {owner}"), |e| {
+            e["owner"] == owner.as_str()
+                && e["state"] == "connected"
+                && e["tag"].as_u64() == Some(new_tag)
+        });
+        Self::index(&owner)
+    }
+}
+
+/// Writers on the edge's export of `PLAIN` that flush every few writes, while `hand_off` makes
+/// `n0` give the volume up cleanly; no write and no flush may fail, and every flushed write
+/// must read back through the edge and on the new owner.
+fn plain_writers_across(
+    cluster: &mut Cluster,
+    context: &str,
+    hand_off: impl FnOnce(&mut Cluster) -> usize,
+) {
+    let load = Load::new();
+    let writers = oracle::start_writers(&cluster.edge.nbd, PLAIN, Mode::Async, &load);
+    wait_progress(&load, &writers, 500, &format!("{context}: before"));
+    let new_owner = hand_off(cluster);
+    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&load, &writers, before + 500, &format!("{context}: after"));
+    let writes = stop_writers(&load, writers);
+    assert!(writes > 1000, "{context}: {writes} writes");
+    let entry = cluster.edge_entry_of(PLAIN);
+    assert_eq!(entry["failed"], 0, "{context}: edge list: {entry}");
+    oracle::verify(
+        &cluster.edge.nbd,
+        PLAIN,
+        &load,
+        &format!("{context}: through the edge"),
+    );
+    oracle::verify(
+        &cluster.nodes[new_owner].nbd,
+        PLAIN,
+        &load,
+        &format!("{context}: on the new owner"),
+    );
+}
+
 /// A volume without a DTL, moved under load through the edge by writers that flush every few
 /// writes. The old owner holds the edge's requests while its release puts everything on the
 /// backend, then refuses them with `Released`, so the edge knows nothing it acknowledged can be
@@ -464,51 +546,31 @@ fn volume_moves_under_load_through_the_edge() {
 /// reads back through the edge and on the new owner.
 #[test]
 fn a_volume_without_a_dtl_moves_through_the_edge_and_no_flush_fails() {
-    const PLAIN: &str = "plain";
-    let cluster = Cluster::start();
-    cluster.nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        PLAIN,
-        "--size",
-        "64M",
-        "--sco-size",
-        "4M",
-        "--write-buffer",
-        "8M",
-        "--dtl-mode",
-        "none",
-        "--node",
-        "n0",
-    ]);
-    let created = cluster.nodes[0].wait_for(PLAIN, "the DTL-less volume", |i| {
-        i["owner"] == "n0" && i["state"] == "running"
+    let mut cluster = Cluster::start();
+    let tag = cluster.add_plain_volume();
+    plain_writers_across(&mut cluster, "move", |cluster| {
+        cluster.nodes[0].cli_ok(&["volume", "move", PLAIN, "--to", "n2"]);
+        let new_owner = cluster.wait_plain_left_n0(1, tag, "the move to n2");
+        assert_eq!(new_owner, 2);
+        new_owner
     });
-    let tag = created["owner_tag"].as_u64().expect("owner_tag");
-    cluster.edge.cli_ok(&["attach", PLAIN]);
-    cluster.wait_edge_of(PLAIN, "the edge on n0", |e| {
-        e["owner"] == "n0" && e["state"] == "connected"
+}
+
+/// The owner of a volume without a DTL stops cleanly (SIGTERM) under the same writers: it
+/// refuses new writes, uploads everything, and meanwhile holds the edge's requests, then
+/// refuses them with `Released`; another node adopts the volume from the backend, and the
+/// writers on the edge see a pause, no error, and lose nothing. (Had the node closed its edge
+/// connections first, as it used to, the writes in flight would fail: without a DTL the edge
+/// must assume a crash.)
+#[test]
+fn a_clean_stop_of_the_owner_fails_nothing_on_the_edge_without_a_dtl() {
+    let mut cluster = Cluster::start();
+    let tag = cluster.add_plain_volume();
+    plain_writers_across(&mut cluster, "clean stop", |cluster| {
+        let status = cluster.nodes[0].terminate();
+        assert!(status.success(), "n0 after SIGTERM: {status:?}");
+        cluster.wait_plain_left_n0(1, tag, "adoption after n0's clean stop")
     });
-    let load = Load::new();
-    let writers = oracle::start_writers(&cluster.edge.nbd, PLAIN, Mode::Async, &load);
-    wait_progress(&load, &writers, 500, "before the move");
-    cluster.nodes[0].cli_ok(&["volume", "move", PLAIN, "--to", "n2"]);
-    let moved = cluster.nodes[1].wait_for(PLAIN, "the move to n2", |i| {
-        i["owner"] == "n2" && i["state"] == "running"
-    });
-    let new_tag = moved["owner_tag"].as_u64().expect("owner_tag");
-    assert!(new_tag > tag, "owner tag {new_tag} after {tag}");
-    cluster.wait_edge_of(PLAIN, "the edge on n2", |e| {
-        e["owner"] == "n2" && e["state"] == "connected" && e["tag"].as_u64() == Some(new_tag)
-    });
-    let before = load.progress.load(std::sync::atomic::Ordering::SeqCst);
-    wait_progress(&load, &writers, before + 500, "after the move");
-    let writes = stop_writers(&load, writers);
-    assert!(writes > 1000, "{writes} writes");
-    let entry = cluster.edge_entry_of(PLAIN);
-    assert_eq!(entry["failed"], 0, "edge list: {entry}");
-    oracle::verify(&cluster.edge.nbd, PLAIN, &load, "through the edge");
-    oracle::verify(&cluster.nodes[2].nbd, PLAIN, &load, "on n2");
 }
 
 /// The edge is killed (`kill -9`) under a running guest whose file system is mounted, and

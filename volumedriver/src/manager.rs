@@ -630,11 +630,17 @@ impl VolumeManager {
         self.uploads.add(volume.clone());
     }
 
-    /// Clean stop: flush every volume, queue everything for upload, wait up to `timeout` for the
-    /// uploads, then stop the volumes. Returns the names of volumes whose uploads did not finish.
+    /// Clean stop: refuse new writes, flush every volume, queue everything for upload, wait up
+    /// to `timeout` for the uploads, then stop the volumes. Returns the names of volumes whose
+    /// uploads did not finish.
+    ///
+    /// Like a move's `release`, a volume whose uploads finished counts as handed off
+    /// (`Volume::is_handed_off`): in a cluster the next owner adopts it from the backend with
+    /// nothing missing, and the edge server, still running, tells attached edges so.
     pub fn shutdown(&self, timeout: Duration) -> Vec<String> {
         let volumes: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
         for volume in &volumes {
+            volume.set_releasing(true);
             if let Err(e) = volume.flush().and_then(|()| volume.close_current_tlog()) {
                 tracing::error!(volume = %volume.name(), error = %e, "flush at shutdown failed");
             }
@@ -642,7 +648,9 @@ impl VolumeManager {
         let deadline = Instant::now() + timeout;
         let mut unfinished = Vec::new();
         for volume in &volumes {
-            if !volume.wait_for_uploads(deadline) {
+            if volume.wait_for_uploads(deadline) {
+                volume.set_handed_off();
+            } else {
                 unfinished.push(volume.name().to_string());
             }
             volume.stop();
