@@ -46,6 +46,16 @@ struct Cluster {
     edge: EdgeDaemon,
 }
 
+/// Create a test volume on `n0` (through `node`'s API) with DTL mode `dtl_mode`, small SCOs and
+/// write buffer so TLogs reach the backend every few MiB.
+fn create_volume(node: &Daemon, name: &str, dtl_mode: &str) {
+    let mut args: [&str; 13] = common::SYNC_DTL_VOLUME_ON_N0;
+    assert_eq!((args[2], args[9]), ("vol", "--dtl-mode"));
+    args[2] = name;
+    args[10] = dtl_mode;
+    node.cli_ok(&args);
+}
+
 impl Cluster {
     /// etcd, three nodes, the test volume on `n0` (sync DTL, small SCOs and write buffer so
     /// TLogs reach the backend every few MiB), and an edge with the volume attached.
@@ -83,21 +93,7 @@ impl Cluster {
                 Daemon::start_on(&dir, &backend, &args)
             })
             .collect();
-        nodes[0].cli_ok(&[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "64M",
-            "--sco-size",
-            "4M",
-            "--write-buffer",
-            "8M",
-            "--dtl-mode",
-            "sync",
-            "--node",
-            "n0",
-        ]);
+        create_volume(&nodes[0], VOLUME, "sync");
         nodes[0].wait_for(VOLUME, "the new volume's DTL link", |i| {
             i["dtl_state"] == "ok_sync" && i["owner"] == "n0"
         });
@@ -463,21 +459,7 @@ const PLAIN: &str = "plain";
 impl Cluster {
     /// Create `PLAIN` on `n0` and attach it on the edge; returns its owner tag.
     fn add_plain_volume(&self) -> u64 {
-        self.nodes[0].cli_ok(&[
-            "volume",
-            "create",
-            PLAIN,
-            "--size",
-            "64M",
-            "--sco-size",
-            "4M",
-            "--write-buffer",
-            "8M",
-            "--dtl-mode",
-            "none",
-            "--node",
-            "n0",
-        ]);
+        create_volume(&self.nodes[0], PLAIN, "none");
         let created = self.nodes[0].wait_for(PLAIN, "the DTL-less volume", |i| {
             i["owner"] == "n0" && i["state"] == "running"
         });

@@ -164,6 +164,23 @@ async fn node_on_its_own_runtime(
     (server_rt, node, t)
 }
 
+/// Two nodes serving one in-memory target, as two nodes read one backend (A under tag 1, B
+/// under tag 2), and a client connected to A by a resolver that names A.
+async fn a_and_b() -> (
+    Arc<MemTarget>,
+    Node,
+    Node,
+    Arc<StaticResolver>,
+    Arc<RemoteTarget>,
+) {
+    let target = Arc::new(MemTarget::new(SIZE));
+    let a = Node::start(&target, 1).await;
+    let b = Node::start(&target, 2).await;
+    let resolver = StaticResolver::new(a.endpoint("a"));
+    let t = connect(&resolver, Duration::from_secs(30)).await;
+    (target, a, b, resolver, t)
+}
+
 /// A frontend pass plugs the target: what it submits leaves together at `unplug`, in order
 /// (the reads see the writes before them). A blocking call on a plugged thread sends what is
 /// held first instead of waiting forever for an answer to a request never sent.
@@ -671,11 +688,7 @@ async fn the_allow_list_comes_with_the_handshake_and_follows_changes_and_failove
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_resends_inflight_writes_and_loses_nothing_acknowledged() {
-    let target = Arc::new(MemTarget::new(SIZE));
-    let a = Node::start(&target, 1).await;
-    let b = Node::start(&target, 2).await;
-    let resolver = StaticResolver::new(a.endpoint("a"));
-    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let (target, a, b, resolver, t) = a_and_b().await;
     let model = Arc::new(Mutex::new(HashMap::new()));
     qd32_load(&t, 30, &model).await;
 
@@ -728,11 +741,7 @@ async fn failover_resends_inflight_writes_and_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_the_dtl_out_of_sync_fails_unacknowledged_writes_and_the_next_flush() {
-    let target = Arc::new(MemTarget::new(SIZE));
-    let a = Node::start(&target, 1).await;
-    let b = Node::start(&target, 2).await;
-    let resolver = StaticResolver::new(a.endpoint("a"));
-    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let (target, a, b, resolver, t) = a_and_b().await;
     a.state.set_dtl_in_sync(false);
     write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
     assert!(!t.stats().dtl_in_sync);
@@ -995,11 +1004,7 @@ async fn a_moved_or_fenced_volume_is_followed_to_its_new_owner() {
 /// completed there or was refused unexecuted and is resent: none fails, none is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_with_the_dtl_out_of_sync_fails_no_write() {
-    let target = Arc::new(MemTarget::new(SIZE));
-    let a = Node::start(&target, 1).await;
-    let b = Node::start(&target, 2).await;
-    let resolver = StaticResolver::new(a.endpoint("a"));
-    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let (target, a, b, resolver, t) = a_and_b().await;
     a.state.set_dtl_in_sync(false);
     write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
     let hold = target.hold_acks();
@@ -1030,10 +1035,16 @@ async fn a_move_with_the_dtl_out_of_sync_fails_no_write() {
     let stats = t.stats();
     assert_eq!(stats.owner.as_deref(), Some("b"), "{stats:?}");
     assert_eq!(stats.failed, 0, "{stats:?}");
-    for i in 0..6u64 {
+    blocks_read_back(&t, 6).await;
+}
+
+/// Blocks `0..count` read back as `pattern(block + 1)`.
+async fn blocks_read_back(t: &RemoteTarget, count: u64) {
+    for i in 0..count {
         assert_eq!(
-            read(&t, i * BLOCK as u64, BLOCK).await.unwrap(),
-            pattern(i + 1, BLOCK)
+            read(t, i * BLOCK as u64, BLOCK).await.unwrap(),
+            pattern(i + 1, BLOCK),
+            "block {i}"
         );
     }
 }
@@ -1045,11 +1056,7 @@ async fn a_move_with_the_dtl_out_of_sync_fails_no_write() {
 /// tell a clean hand-off from a fence), and no write fails or is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_hand_off_keeps_the_next_flush_without_an_in_sync_dtl() {
-    let target = Arc::new(MemTarget::new(SIZE));
-    let a = Node::start(&target, 1).await;
-    let b = Node::start(&target, 2).await;
-    let resolver = StaticResolver::new(a.endpoint("a"));
-    let t = connect(&resolver, Duration::from_secs(30)).await;
+    let (_target, a, b, resolver, t) = a_and_b().await;
     a.state.set_dtl_in_sync(false);
     write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
     // The release begins: A serves the volume no more, and its answer waits for the outcome.
@@ -1075,12 +1082,7 @@ async fn a_clean_hand_off_keeps_the_next_flush_without_an_in_sync_dtl() {
     assert_eq!(stats.owner.as_deref(), Some("b"), "{stats:?}");
     assert_eq!((stats.reconnects, stats.failed), (1, 0), "{stats:?}");
     flush(&t).await.expect("nothing acknowledged was at risk");
-    for i in 0..2u64 {
-        assert_eq!(
-            read(&t, i * BLOCK as u64, BLOCK).await.unwrap(),
-            pattern(i + 1, BLOCK)
-        );
-    }
+    blocks_read_back(&t, 2).await;
 }
 
 /// A hand-off that fails (the release could not get the data to the backend in time): the old
@@ -1201,5 +1203,36 @@ async fn a_write_the_volume_refuses_as_a_hand_off_begins_is_resent_not_failed() 
         assert_eq!(stats.owner.as_deref(), Some("b"), "fua {fua}: {stats:?}");
         assert_eq!(stats.failed, 0, "fua {fua}: {stats:?}");
         assert_eq!(target.contents(0, BLOCK), pattern(4, BLOCK), "fua {fua}");
+    }
+}
+
+/// A node that stops after handing the volume over cleanly (what a clean stop does) tells an
+/// idle edge so before it closes (`Released` with id 0), so the close is not taken for a crash:
+/// the guest's next flush works although the DTL was out of sync. A node that stops without
+/// having handed the volume over closes as before, and that flush fails once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_owner_that_handed_the_volume_over_says_so_before_it_closes() {
+    for handed_over in [true, false] {
+        let (_target, a, b, resolver, t) = a_and_b().await;
+        a.state.set_dtl_in_sync(false);
+        write(&t, 0, &pattern(1, BLOCK)).await.unwrap();
+        if handed_over {
+            a.state.set_handoff(Handoff::Released);
+            a.state.set_alive(false);
+        }
+        resolver.set(Ok(b.endpoint("b")));
+        drop(a);
+        until("connected to B", || {
+            let stats = t.stats();
+            stats.owner.as_deref() == Some("b") && stats.state == ConnState::Connected
+        })
+        .await;
+        let flushed = flush(&t).await;
+        assert_eq!(
+            flushed.is_ok(),
+            handed_over,
+            "handed over {handed_over}: {flushed:?}"
+        );
+        blocks_read_back(&t, 1).await;
     }
 }

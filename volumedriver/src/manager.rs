@@ -639,16 +639,23 @@ impl VolumeManager {
     /// nothing missing, and the edge server, still running, tells attached edges so.
     pub fn shutdown(&self, timeout: Duration) -> Vec<String> {
         let volumes: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
-        for volume in &volumes {
-            volume.set_releasing(true);
-            if let Err(e) = volume.flush().and_then(|()| volume.close_current_tlog()) {
-                tracing::error!(volume = %volume.name(), error = %e, "flush at shutdown failed");
-            }
-        }
+        // Whether each volume's flush worked: one that failed is never called handed off, even
+        // if nothing was left to upload.
+        let flushed: Vec<bool> = volumes
+            .iter()
+            .map(|volume| {
+                volume.set_releasing(true);
+                let flushed = volume.flush().and_then(|()| volume.close_current_tlog());
+                if let Err(e) = &flushed {
+                    tracing::error!(volume = %volume.name(), error = %e, "flush at shutdown failed");
+                }
+                flushed.is_ok()
+            })
+            .collect();
         let deadline = Instant::now() + timeout;
         let mut unfinished = Vec::new();
-        for volume in &volumes {
-            if volume.wait_for_uploads(deadline) {
+        for (volume, flushed) in volumes.iter().zip(flushed) {
+            if volume.wait_for_uploads(deadline) && flushed {
                 volume.set_handed_off();
             } else {
                 unfinished.push(volume.name().to_string());

@@ -57,6 +57,14 @@
 //! | 2       | `Access` (kind 20): the volume's NBD allow list, server → client |
 //! | 3       | [`ErrorCode::Released`]: a refusal that also says the volume was handed over cleanly |
 //!
+//! # Released (version 3)
+//!
+//! An `Error` with code [`ErrorCode::Released`] answers a request the server did not run because
+//! it handed the volume to another node, and promises that everything it acknowledged on the
+//! connection is on the backend. A stopping server also sends it once with id 0, unasked, before
+//! it closes the connection (a clean stop hands every volume over), so an edge with nothing in
+//! flight learns it too. A client keeps the promise for that connection only.
+//!
 //! # Access (version 2)
 //!
 //! The volume's NBD allow list (`vstor volume create|update --allow-subject/--allow-net`), which

@@ -44,7 +44,9 @@ use vstor_net::{PeerReader, PeerStream};
 use super::inflight::{Conn, Shared};
 use super::send;
 use super::{RemoteConfig, RemoteError};
-use crate::remote::proto::{AllowList, EdgeCodec, Frame, Message, ProtoError, PROTOCOL_VERSION};
+use crate::remote::proto::{
+    AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, PROTOCOL_VERSION,
+};
 use crate::remote::{Endpoint, Resolver};
 
 /// Socket read size of the reader.
@@ -313,6 +315,14 @@ async fn reader(shared: Arc<Shared>, generation: u64, mut rd: PeerReader, stop: 
                     id: 0,
                     message: Message::Access(access),
                 })) => shared.set_access(generation, access),
+                Ok(Some(Frame {
+                    id: 0,
+                    message:
+                        Message::Error {
+                            code: ErrorCode::Released,
+                            ..
+                        },
+                })) => shared.released(generation),
                 Ok(Some(Frame {
                     message: Message::Access(_),
                     ..

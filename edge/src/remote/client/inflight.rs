@@ -516,6 +516,15 @@ impl Shared {
         self.lost.notify_one();
     }
 
+    /// The owner of connection `generation` said, unasked (id 0), that it handed the volume over
+    /// cleanly: it is stopping, and nothing it acknowledged can be lost with the connection.
+    pub(super) fn released(&self, generation: u64) {
+        let mut inner = self.lock();
+        if inner.conn.as_ref().map(|c| c.generation) == Some(generation) {
+            inner.recovery.on_released();
+        }
+    }
+
     /// The owner sent the volume's allow list on connection `generation` (a connection that
     /// was replaced meanwhile is not listened to: its successor's handshake carried the list).
     pub(super) fn set_access(&self, generation: u64, access: AllowList) {

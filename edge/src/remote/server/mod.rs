@@ -34,6 +34,10 @@
 //!   hand-off or a fence began just after its check, or a FUA write on the blocking pool met it)
 //!   is answered with the owner's refusal (held like the others during a hand-off), not with the
 //!   I/O error: it was not acknowledged, and the edge resends it to the next owner.
+//! * **Goodbye.** When the server stops (a clean stop of the node, which hands every volume
+//!   over first), each session answers what it holds and, for a volume handed over cleanly,
+//!   sends `Released` once more with id 0 before it closes (`Session::say_goodbye`, at most
+//!   [`CLOSE_GRACE`]): an edge would otherwise take the close for a crash.
 //! * **Execution.** Reads are tried inline (`try_read`: write buffer and page cache); a read that
 //!   must wait for the backend goes to the async path the target offers or to the bounded
 //!   backend-read pool (`read_pool`). Writes, trims and write-zeroes run inline and their pending
@@ -85,9 +89,10 @@ mod handshake;
 use self::device_writes::DeviceWrites;
 use self::handshake::{await_opening, handshake, owner_check, read_frame, Refused};
 use super::outq::OutQueue;
+use super::proto::RELEASED_VERSION;
 use super::proto::{AllowList, EdgeCodec, ErrorCode, Frame, Message, ProtoError, ACCESS_POLL};
 use super::proto::{MAX_EXTENTS, MAX_FRAME_PAYLOAD};
-use super::{RemoteExports, ServedVolume};
+use super::{Handoff, RemoteExports, ServedVolume};
 use crate::nbd::stream::NbdStream;
 use crate::read_pool;
 use crate::target::{BlockTarget, Extent, ReadAttempt, TargetError, WriteAck};
@@ -141,6 +146,9 @@ const REPLY_BATCH: usize = 32 * 1024;
 const HANDOFF_POLL: Duration = Duration::from_millis(2);
 /// Longest a request waits for a hand-off's outcome before it is refused as `NotOwner`.
 const HANDOFF_WAIT: Duration = Duration::from_secs(10);
+/// How long a stopping server gives a session to write its goodbye (`Session::say_goodbye`)
+/// before the connection is dropped anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Largest read one request may ask for (its reply must fit in a frame).
 const MAX_READ: usize = MAX_FRAME_PAYLOAD - 64;
 /// Requests are 512-byte aligned, like the frontends'.
@@ -210,19 +218,27 @@ pub async fn serve(
                 let config = Arc::clone(&config);
                 let stop = shutdown.child_token();
                 conns.spawn(async move {
+                    let goodbye = stop.clone();
                     let served = async {
                         match incoming {
                             Incoming::Tcp(stream, peer) => {
-                                connection(stream, peer, exports, config).await;
+                                connection(stream, peer, exports, config, goodbye).await;
                             }
-                            Incoming::Unix(stream) => local(stream, exports, &config).await,
+                            Incoming::Unix(stream) => {
+                                local(stream, exports, &config, goodbye).await;
+                            }
                         }
                     };
+                    tokio::pin!(served);
                     tokio::select! {
-                        _ = stop.cancelled() => {
-                            debug!("edge connection closed by server shutdown");
-                        }
-                        () = served => {}
+                        _ = stop.cancelled() => {}
+                        () = &mut served => return,
+                    }
+                    // A session sees the same token and ends by itself once it has told its
+                    // edge what it may assume (`Session::say_goodbye`); one still in its
+                    // handshake, or whose edge does not read, is dropped.
+                    if tokio::time::timeout(CLOSE_GRACE, served).await.is_err() {
+                        debug!("edge connection closed by server shutdown");
                     }
                 });
             }
@@ -237,6 +253,7 @@ async fn connection(
     peer: SocketAddr,
     exports: Arc<dyn RemoteExports>,
     config: Arc<EdgeServerConfig>,
+    stop: CancellationToken,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -252,10 +269,10 @@ async fn connection(
     let label = peer.to_string();
     match vstor_net::accept_peer(config.tls.as_ref(), stream, HELLO_TIMEOUT).await {
         Ok(Accepted::Stream(PeerStream::Plain(tcp))) => {
-            session(tcp, label, exports, &config).await;
+            session(tcp, label, exports, &config, stop).await;
         }
         Ok(Accepted::Stream(PeerStream::Server(tls))) => {
-            session(*tls, label, exports, &config).await;
+            session(*tls, label, exports, &config, stop).await;
         }
         Ok(Accepted::Stream(PeerStream::Client(_) | PeerStream::Unix(_)) | Accepted::Closed) => {}
         Ok(Accepted::PlainRefused(mut tcp)) => {
@@ -270,7 +287,12 @@ async fn connection(
 /// crosses a network); instead the peer must run as this server's user or as root
 /// (`SO_PEERCRED`), on top of the socket file's mode 0600. Anyone else is closed on without a
 /// word: it could not have reached the socket unless its permissions were loosened.
-async fn local(stream: UnixStream, exports: Arc<dyn RemoteExports>, config: &EdgeServerConfig) {
+async fn local(
+    stream: UnixStream,
+    exports: Arc<dyn RemoteExports>,
+    config: &EdgeServerConfig,
+    stop: CancellationToken,
+) {
     let cred = match stream.peer_cred() {
         Ok(cred) => cred,
         Err(e) => {
@@ -288,7 +310,7 @@ async fn local(stream: UnixStream, exports: Arc<dyn RemoteExports>, config: &Edg
         );
         return;
     }
-    session(stream, format!("local pid {pid}"), exports, config).await;
+    session(stream, format!("local pid {pid}"), exports, config, stop).await;
 }
 
 /// Whether a local peer running as `peer_uid` may speak to a server running as `own_uid`.
@@ -321,6 +343,7 @@ async fn session<S: NbdStream>(
     peer: String,
     exports: Arc<dyn RemoteExports>,
     config: &EdgeServerConfig,
+    stop: CancellationToken,
 ) {
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let mut out = OutQueue::new();
@@ -361,6 +384,7 @@ async fn session<S: NbdStream>(
         device_writes: DeviceWrites::default(),
         handoff_since: None,
         held: Vec::new(),
+        stop,
     };
     match session.run(&mut stream, rbuf).await {
         Ok(()) => info!(
@@ -429,6 +453,8 @@ struct Session {
     /// Requests that failed while the volume was being handed over, answered once the
     /// hand-off's outcome is known (`settle_held`).
     held: Vec<u64>,
+    /// Cancelled when the server stops: the session says goodbye (`say_goodbye`) and ends.
+    stop: CancellationToken,
 }
 
 impl Session {
@@ -612,6 +638,44 @@ impl Session {
                     message: message.clone(),
                 },
             );
+        }
+    }
+
+    /// The server is stopping (a clean stop of the node, after its volumes were flushed and
+    /// uploaded): answer the requests waiting for the hand-off, and, if the volume was handed
+    /// over cleanly, say so once more with id 0, so that an edge with nothing in flight learns
+    /// it too (the connection's close alone would look like a crash). Requests still executing
+    /// are left to the edge's resubmission rule.
+    fn say_goodbye(&mut self, stalled: Option<Frame>) {
+        let released = self.version >= RELEASED_VERSION
+            && self.served.state.fenced().is_none()
+            && self.served.state.handoff() == Handoff::Released;
+        let (code, message) = if released {
+            (
+                ErrorCode::Released,
+                format!(
+                    "volume {} was handed to another node; all its data is on the backend",
+                    self.volume
+                ),
+            )
+        } else {
+            (
+                ErrorCode::Shutdown,
+                format!("volume {}: this node is stopping", self.volume),
+            )
+        };
+        let waiting = stalled.map(|frame| frame.id).into_iter();
+        for id in waiting.chain(std::mem::take(&mut self.held)) {
+            self.reply(
+                id,
+                Message::Error {
+                    code,
+                    message: message.clone(),
+                },
+            );
+        }
+        if released {
+            self.reply(0, Message::Error { code, message });
         }
     }
 
@@ -949,6 +1013,14 @@ impl Session {
                     self.throttle_until = None;
                 }
                 () = sleep_until(handoff_retry), if handoff_retry.is_some() => {}
+                () = self.stop.cancelled() => {
+                    self.say_goodbye(stalled.take());
+                    self.out.write_all(&mut wr).await?;
+                    if S::NEEDS_FLUSH {
+                        wr.flush().await?;
+                    }
+                    return Ok(());
+                }
                 () = tokio::time::sleep_until(access_check), if pushes_access => {
                     self.refresh_access();
                     access_check = Instant::now() + ACCESS_POLL;
