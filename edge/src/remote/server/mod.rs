@@ -244,7 +244,9 @@ pub async fn serve(
             }
         }
     }
-    conns.shutdown().await;
+    // Every connection ends by itself within `CLOSE_GRACE` of the shutdown (after its
+    // goodbye); aborting them here would cut the goodbye short.
+    while conns.join_next().await.is_some() {}
     Ok(())
 }
 
