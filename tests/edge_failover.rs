@@ -518,6 +518,11 @@ fn plain_writers_across(
         &load,
         &format!("{context}: on the new owner"),
     );
+    // A real client reads the whole volume both ways too: the same bytes.
+    let dir = cluster.tmp.path();
+    let through_edge = common::uri_checksum(&cluster.edge.uri(PLAIN), &dir.join("edge.raw"));
+    let on_owner = common::export_checksum(&cluster.nodes[new_owner], PLAIN, dir);
+    assert_eq!(through_edge, on_owner, "{context}: qemu-img reads differ");
 }
 
 /// A volume without a DTL, moved under load through the edge by writers that flush every few

@@ -115,6 +115,8 @@ pub struct MemTarget {
     /// Byte ranges "only on the backend", and how long a `read` touching one takes.
     slow: Mutex<Option<(Vec<std::ops::Range<u64>>, Duration)>>,
     slow_reads: AtomicU64,
+    /// Run by the next write, which then fails unapplied (see [`MemTarget::refuse_next_write`]).
+    refuse_next_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Holds the acknowledgements of writes made while it lives (see [`MemTarget::hold_acks`]).
@@ -173,7 +175,15 @@ impl MemTarget {
             ack_gate: Mutex::new(None),
             slow: Mutex::new(None),
             slow_reads: AtomicU64::new(0),
+            refuse_next_write: Mutex::new(None),
         }
+    }
+
+    /// The next write runs `closing` and then fails with `TargetError::Io` without being applied
+    /// or recorded: a volume whose own gate closed (a hand-off or a fence began, which `closing`
+    /// tells the served state) between the edge server's owner check and the write.
+    pub fn refuse_next_write(&self, closing: impl FnOnce() + Send + 'static) {
+        *lock(&self.refuse_next_write) = Some(Box::new(closing));
     }
 
     /// Put data on the device without going through (or recording) the `BlockTarget` API.
@@ -371,6 +381,13 @@ impl BlockTarget for MemTarget {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WriteAck, TargetError> {
+        let refuse = lock(&self.refuse_next_write).take();
+        if let Some(closing) = refuse {
+            closing();
+            return Err(TargetError::Io(
+                "injected: the volume refuses writes (its gate closed)".into(),
+            ));
+        }
         self.record(Op::Write {
             offset,
             len: data.len() as u64,

@@ -44,13 +44,9 @@ impl Node {
     }
 
     fn start_on(listener: TcpListener, target: &Arc<MemTarget>, tag: u64) -> Node {
-        Self::serving(listener, target.clone(), tag)
-    }
-
-    fn serving(listener: TcpListener, target: Arc<dyn BlockTarget>, tag: u64) -> Node {
         let state = MemServedState::new(tag);
         let exports = MemExports::new();
-        exports.insert("vol", target, state.clone());
+        exports.insert("vol", target.clone(), state.clone());
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(serve(
@@ -1116,59 +1112,6 @@ async fn requests_held_by_a_failed_hand_off_run_where_they_were() {
     flush(&t).await.unwrap();
 }
 
-/// A target whose next write finds the volume's own gate closed, as a node's volume does when
-/// a release (`set_releasing`) begins between the edge server's owner check and the write:
-/// the write fails with an I/O error, and the served state says "releasing" from then on.
-struct GateClosesOnWrite {
-    inner: Arc<MemTarget>,
-    state: Mutex<Option<Arc<MemServedState>>>,
-}
-
-impl BlockTarget for GateClosesOnWrite {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
-        self.inner.read(offset, buf)
-    }
-    fn write(
-        &self,
-        offset: u64,
-        data: &[u8],
-        fua: bool,
-    ) -> Result<vstor_edge::WriteAck, TargetError> {
-        if let Some(state) = self.state.lock().unwrap().take() {
-            state.set_handoff(Handoff::Releasing);
-            state.set_alive(false);
-            return Err(TargetError::Io(
-                "volume vol: it is being handed to another node; writes are refused".into(),
-            ));
-        }
-        self.inner.write(offset, data, fua)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<vstor_edge::WriteAck, TargetError> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        allocate: bool,
-        fua: bool,
-    ) -> Result<vstor_edge::WriteAck, TargetError> {
-        self.inner.write_zeroes(offset, len, allocate, fua)
-    }
-    fn flush(&self) -> Result<(), TargetError> {
-        self.inner.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<vstor_edge::Extent>, TargetError> {
-        self.inner.block_status(offset, len)
-    }
-}
-
 /// The race a move opens: a write passes the owner check, then the volume refuses it because
 /// the release began. It was not acknowledged, so it is held and then refused like any request
 /// that came later, and the edge resends it to the new owner: the guest sees no error. Inline
@@ -1177,16 +1120,12 @@ impl BlockTarget for GateClosesOnWrite {
 async fn a_write_the_volume_refuses_as_a_hand_off_begins_is_resent_not_failed() {
     for fua in [false, true] {
         let target = Arc::new(MemTarget::new(SIZE));
-        let gate = Arc::new(GateClosesOnWrite {
-            inner: target.clone(),
-            state: Mutex::new(None),
+        let a = Node::start(&target, 1).await;
+        let state = a.state.clone();
+        target.refuse_next_write(move || {
+            state.set_handoff(Handoff::Releasing);
+            state.set_alive(false);
         });
-        let a = Node::serving(
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            gate.clone(),
-            1,
-        );
-        *gate.state.lock().unwrap() = Some(a.state.clone());
         let b = Node::start(&target, 2).await;
         let resolver = StaticResolver::new(a.endpoint("a"));
         let t = connect(&resolver, Duration::from_secs(30)).await;

@@ -479,21 +479,8 @@ impl Session {
 
     fn complete(&mut self, done: Completion) {
         self.device_writes.end(done.id);
-        if matches!(done.result, Err(TargetError::Io(_))) {
-            // As in `handle`: a request that ran off this task (FUA, large writes) or waited
-            // for its DTL acknowledgement may have failed because a hand-off or a fence began
-            // meanwhile; then its answer is the owner's refusal, not an I/O error.
-            match self.owner_check(self.served.state.tag()) {
-                Ok(()) => {}
-                Err(Refused::Wait) => {
-                    self.held.push(done.id);
-                    return;
-                }
-                Err(Refused::Now(code, message)) => {
-                    self.reply(done.id, Message::Error { code, message });
-                    return;
-                }
-            }
+        if matches!(done.result, Err(TargetError::Io(_))) && self.owner_changed_meanwhile(done.id) {
+            return;
         }
         let dtl_in_sync = self.served.state.dtl_in_sync();
         let message = match done.result {
@@ -588,29 +575,32 @@ impl Session {
         {
             return Err(frame);
         }
-        // Kept (a reference count, not the data) in case the volume's own gate refuses it.
-        let again = matches!(
-            frame.message,
-            Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. }
-        )
-        .then(|| frame.clone());
         if let Err(Refusal(code, message)) = self.execute(id, frame.message) {
-            // The volume refuses a write by itself once a hand-off or a fence began, which can
-            // happen between the owner check above and the write: that is the owner changing,
-            // not an I/O error, and the request did not run, so it is held (and run here if the
-            // hand-off fails) or refused like one that came a moment later.
-            match (code, again) {
-                (ErrorCode::Io, Some(again)) => match self.owner_check(tag) {
-                    Err(Refused::Wait) => return Err(again),
-                    Err(Refused::Now(code, message)) => {
-                        self.reply(id, Message::Error { code, message });
-                    }
-                    Ok(()) => self.reply(id, Message::Error { code, message }),
-                },
-                _ => self.reply(id, Message::Error { code, message }),
+            if !(code == ErrorCode::Io && self.owner_changed_meanwhile(id)) {
+                self.reply(id, Message::Error { code, message });
             }
         }
         Ok(())
+    }
+
+    /// Request `id` failed with an I/O error. The volume refuses writes by itself once a
+    /// hand-off or a fence began, which can happen after the owner check that let the request
+    /// run (between the check and an inline write, or while a FUA write waited for the blocking
+    /// pool): that is the owner changing, not an I/O error, and the request was not
+    /// acknowledged. If the owner check no longer passes, answer its refusal instead, or, during
+    /// a hand-off, hold the answer until its outcome (`settle_held`). True when so answered.
+    fn owner_changed_meanwhile(&mut self, id: u64) -> bool {
+        match self.owner_check(self.served.state.tag()) {
+            Ok(()) => false,
+            Err(Refused::Wait) => {
+                self.held.push(id);
+                true
+            }
+            Err(Refused::Now(code, message)) => {
+                self.reply(id, Message::Error { code, message });
+                true
+            }
+        }
     }
 
     /// Answer the requests whose failure waits for a hand-off's outcome (`held`) once it is
