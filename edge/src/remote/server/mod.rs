@@ -201,6 +201,8 @@ pub async fn serve(
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            // Checked first: no connection is accepted once the server is stopping.
+            biased;
             _ = shutdown.cancelled() => break,
             // Reap finished connections so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -363,6 +365,11 @@ async fn session<S: NbdStream>(
         }
     };
     await_opening(&hello, &exports, &peer, OPENING_WAIT).await;
+    // A server that began stopping welcomes nobody: the goodbye's grace is for sessions that
+    // have an edge to tell something, not for one that would only connect and be closed.
+    if stop.is_cancelled() {
+        return;
+    }
     let Some(welcomed) = handshake(hello, &exports, &mut out, &peer) else {
         // Best effort: the refusal is what the client needs, the close follows anyway.
         let _ = out.write_all(&mut stream).await;
