@@ -21,6 +21,9 @@
 //!   The round trip is measured here too (1-byte ping-pong between two threads on loopback),
 //!   once, with the two threads on the two hosts' CPUs of the `split` model, and judges both
 //!   models (unpinned, the two threads sometimes shared one CPU and measured a tenth of it).
+//! - **CPU per request.** Each side also reports the whole machine's busy CPU time per request
+//!   in its measured window (`common::cpu`): on shared CPUs the ratio is bounded by what the
+//!   edge's path costs the same two CPUs, and this column says how much that is.
 
 pub mod cpus;
 pub(crate) mod procs;
@@ -86,6 +89,9 @@ struct Side {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
+    /// The whole machine's busy CPU time per request (median of the rounds): what the path
+    /// costs the CPUs it shares (`common::cpu`).
+    cpu_us_per_io: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -473,10 +479,15 @@ fn side(measurements: &[Measurement]) -> Side {
                 .map(|m| m.latency.percentile(percent).unwrap_or(0) as f64 / 1000.0),
         )
     };
+    let cpu: Option<Vec<f64>> = measurements
+        .iter()
+        .map(Measurement::cpu_us_per_io)
+        .collect();
     Side {
         iops: median(measurements.iter().map(Measurement::iops)),
         p50_us: us(50.0),
         p99_us: us(99.0),
+        cpu_us_per_io: cpu.map(|cpu| median(cpu.into_iter())),
     }
 }
 
@@ -506,6 +517,7 @@ fn to_table(report: &Report) -> String {
         "local p50/p99 µs",
         "edge p50/p99 µs",
         "added p50",
+        "CPU µs/IO local/edge",
         "target",
     ]
     .map(String::from)
@@ -522,6 +534,10 @@ fn to_table(report: &Report) -> String {
             format!("{:.0}/{:.0}", row.local.p50_us, row.local.p99_us),
             format!("{:.0}/{:.0}", row.edge.p50_us, row.edge.p99_us),
             format!("{:+.0} µs", row.added_p50_us),
+            match (row.local.cpu_us_per_io, row.edge.cpu_us_per_io) {
+                (Some(local), Some(edge)) => format!("{local:.1}/{edge:.1}"),
+                _ => "-".to_string(),
+            },
             if row.meets_target { "met" } else { "MISSED" }.to_string(),
         ]);
     }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
+use crate::common::cpu;
 use crate::common::histogram::Histogram;
 use crate::common::process::{check_interrupted, POLL};
 use crate::common::rng::Rng;
@@ -75,11 +76,19 @@ pub(crate) struct Measurement {
     pub seconds: f64,
     /// Their latencies in nanoseconds.
     pub latency: Histogram,
+    /// The machine's busy CPU time within the window ([`crate::common::cpu`]), if it could be
+    /// read.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl Measurement {
     pub(crate) fn iops(&self) -> f64 {
         self.ios as f64 / self.seconds
+    }
+
+    /// The machine's busy CPU time per completed request, in microseconds.
+    pub(crate) fn cpu_us_per_io(&self) -> Option<f64> {
+        self.cpu_seconds.map(|busy| busy * 1e6 / self.ios as f64)
     }
 }
 
@@ -216,11 +225,12 @@ pub(crate) fn run(
     let until = measure_from + runtime;
     let abort = AtomicBool::new(false);
     let queues = std::mem::take(&mut device.queues);
-    let results: Vec<Result<Histogram>> = std::thread::scope(|scope| {
+    let (results, cpu_seconds) = std::thread::scope(|scope| {
+        let abort = &abort;
+        let meter = scope.spawn(move || cpu::busy_between(measure_from, until, abort));
         let mut workers = Vec::with_capacity(queues.len());
         let mut spawn_error = None;
         for (index, mut queue) in queues.into_iter().enumerate() {
-            let abort = &abort;
             let buffers = base + index * workload.iodepth * BLOCK_SIZE;
             let mut rng = Rng::new(seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let worker = std::thread::Builder::new()
@@ -255,7 +265,7 @@ pub(crate) fn run(
                 }
             }
         }
-        let mut results: Vec<_> = workers
+        let mut results: Vec<Result<Histogram>> = workers
             .into_iter()
             .map(|worker| {
                 worker
@@ -264,7 +274,8 @@ pub(crate) fn run(
             })
             .collect();
         results.extend(spawn_error.map(Err));
-        results
+        let cpu_seconds = meter.join().ok().flatten();
+        (results, cpu_seconds)
     });
     let mut latency = Histogram::new();
     for result in results {
@@ -282,6 +293,7 @@ pub(crate) fn run(
         ios,
         seconds: runtime.as_secs_f64(),
         latency,
+        cpu_seconds,
     })
 }
 
@@ -466,8 +478,10 @@ mod tests {
             ios: 30_000,
             seconds: 3.0,
             latency,
+            cpu_seconds: Some(0.375),
         };
         assert_eq!(measurement.iops(), 10_000.0);
+        assert_eq!(measurement.cpu_us_per_io(), Some(12.5));
         let prefill = Prefill {
             bytes: 256 << 20,
             seconds: 0.5,

@@ -365,6 +365,7 @@ mod tests {
             ios: 100,
             seconds: 0.01,
             latency,
+            cpu_seconds: None,
         })
         .unwrap();
         assert_eq!(measured.iops, 10_000.0);
@@ -376,6 +377,7 @@ mod tests {
             ios: 0,
             seconds: 1.0,
             latency: Histogram::new(),
+            cpu_seconds: None,
         };
         assert!(Sample::from_measurement(&empty).is_err());
 
