@@ -272,6 +272,88 @@ async fn a_released_volume_says_so_only_to_edges_that_understand_it() {
     assert_eq!(s.target.flushes(), 0, "a refused flush did not run");
 }
 
+/// While a hand-off runs, reads and block status under the volume's tag are answered (the
+/// volume is still here and cannot change), while a read under a stale tag and a write wait for
+/// the hand-off's outcome like every other request, and are refused with `Released` once it
+/// succeeded, without running.
+#[tokio::test]
+async fn reads_are_answered_while_a_hand_off_runs_and_the_rest_waits_for_it() {
+    let s = server(7).await;
+    let data = pattern(11, 8192);
+    s.target.preload(65536, &data);
+    let (mut conn, _) = hello(s.addr, "vol", 7).await;
+    s.state.set_handoff(Handoff::Releasing);
+    s.state.set_alive(false);
+    let read = |id: u64, tag: u64| {
+        Frame::new(
+            id,
+            Message::Read {
+                tag,
+                offset: 65536,
+                len: 8192,
+            },
+        )
+    };
+    conn.send(read(1, 7)).await.unwrap();
+    let reply = recv(&mut conn).await.unwrap();
+    assert_eq!(reply.id, 1);
+    match reply.message {
+        Message::Data { data: got, .. } => assert_eq!(got, data, "read during the hand-off"),
+        other => panic!("a read during a hand-off is answered, got {other:?}"),
+    }
+    conn.send(Frame::new(
+        2,
+        Message::BlockStatus {
+            tag: 7,
+            offset: 0,
+            len: SIZE,
+        },
+    ))
+    .await
+    .unwrap();
+    let reply = recv(&mut conn).await.unwrap();
+    assert_eq!(reply.id, 2);
+    assert!(
+        matches!(reply.message, Message::Extents { .. }),
+        "block status during a hand-off: {reply:?}"
+    );
+
+    // A stale tag is not served (it waits, then is refused), and the write behind it waits too.
+    let ops_before = s.target.ops().len();
+    let checks = s.state.handoff_checks();
+    conn.send(read(3, 6)).await.unwrap();
+    conn.send(write_frame(4, 7, 0)).await.unwrap();
+    // The server looks at the hand-off again and again while it holds them (every 2 ms).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while s.state.handoff_checks() < checks + 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never held the requests"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    s.state.set_handoff(Handoff::Released);
+    for id in [3, 4] {
+        let reply = recv(&mut conn).await.unwrap();
+        assert_eq!(reply.id, id);
+        assert!(
+            matches!(
+                reply.message,
+                Message::Error {
+                    code: ErrorCode::Released,
+                    ..
+                }
+            ),
+            "request {id} after the hand-off: {reply:?}"
+        );
+    }
+    assert_eq!(
+        s.target.ops().len(),
+        ops_before,
+        "nothing ran after the hand-off"
+    );
+}
+
 fn pattern(seed: u64, len: usize) -> Bytes {
     (0..len)
         .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)

@@ -86,10 +86,12 @@ pub trait ServedState: Send + Sync + 'static {
     /// The volume is still served here (not released, moved, deleted or stopped).
     fn alive(&self) -> bool;
     /// Where handing the volume to another node (`vstor volume move`) stands. While the hand-off
-    /// is under way (`Releasing`) a request that finds the volume no longer [`alive`] waits for
-    /// the outcome instead of being refused at once: if the hand-off fails the volume is served
-    /// here again and the request runs; if it succeeds the request is refused with
-    /// `ErrorCode::Released`, which tells the edge that nothing it had acknowledged can be lost.
+    /// is under way (`Releasing`) a write, flush or trim that finds the volume no longer
+    /// [`alive`] waits for the outcome instead of being refused at once: if the hand-off fails
+    /// the volume is served here again and the request runs; if it succeeds the request is
+    /// refused with `ErrorCode::Released`, which tells the edge that nothing it had acknowledged
+    /// can be lost. Reads and block status under the volume's tag still run meanwhile (nothing
+    /// can change the volume until the hand-off ends).
     /// The default, for holders that never hand volumes over: [`Handoff::None`].
     ///
     /// [`alive`]: ServedState::alive

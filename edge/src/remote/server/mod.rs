@@ -33,7 +33,10 @@
 //!   while the owner check no longer passes (the volume's own gate refused a write because the
 //!   hand-off or a fence began just after its check, or a FUA write on the blocking pool met it)
 //!   is answered with the owner's refusal (held like the others during a hand-off), not with the
-//!   I/O error: it was not acknowledged, and the edge resends it to the next owner.
+//!   I/O error: it was not acknowledged, and the edge resends it to the next owner. Reads and
+//!   block status under the volume's tag are not held: nothing can change the volume until the
+//!   hand-off ends, so they run here meanwhile (`Session::may_read_during_handoff`); requests
+//!   behind a held one wait with it, in order.
 //! * **Goodbye.** When the server stops (a clean stop of the node, which hands every volume
 //!   over first), each session answers what it holds and, for a volume handed over cleanly,
 //!   sends `Released` once more with id 0 before it closes (`Session::say_goodbye`, at most
@@ -571,6 +574,7 @@ impl Session {
         };
         match self.owner_check(tag) {
             Ok(()) => {}
+            Err(Refused::Wait) if self.may_read_during_handoff(&frame.message, tag) => {}
             Err(Refused::Wait) => return Err(frame),
             Err(Refused::Now(code, message)) => {
                 self.reply(id, Message::Error { code, message });
@@ -588,6 +592,19 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Whether `message` may run although the volume is being handed to another node
+    /// ([`Refused::Wait`]): a read or block status under the tag the volume is held under. The
+    /// volume is still here and unchanged since its writes were refused, and no other node
+    /// serves it before the hand-off ends, so a read answers what the next owner would; a
+    /// guest that only reads then sees no pause until the hand-off is done. A read that
+    /// finishes after the volume stopped fails at it and is answered with the owner's refusal
+    /// (`owner_changed_meanwhile`), so the edge sends it again. Writes, flushes and trims still
+    /// wait: only the hand-off's outcome says where they must run.
+    fn may_read_during_handoff(&self, message: &Message, tag: u64) -> bool {
+        matches!(message, Message::Read { .. } | Message::BlockStatus { .. })
+            && tag == self.served.state.tag()
     }
 
     /// Request `id` failed with an I/O error. The volume refuses writes by itself once a
