@@ -531,14 +531,62 @@ fn plain_writers_across(
 /// lost: no write and no flush fails across the move (an edge that cannot tell a clean hand-off
 /// from a fence fails the guest's next flush, as it must after a fence), and every flushed write
 /// reads back through the edge and on the new owner.
+///
+/// Meanwhile `qemu-io` reads a region the writers do not touch through the edge, one run after
+/// the other from before the move until the new owner serves the volume: every run must find
+/// the pattern written there first (the old owner answers reads while it hands the volume over,
+/// and the edge sends what it did not answer to the new owner).
 #[test]
 fn a_volume_without_a_dtl_moves_through_the_edge_and_no_flush_fails() {
     let mut cluster = Cluster::start();
     let tag = cluster.add_plain_volume();
+    // Beyond the writers' blocks (`oracle::LANES` × `oracle::BLOCKS`).
+    let (at, len) = ("32M", "16M");
+    let uri = cluster.edge.uri(PLAIN);
+    common::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        &format!("write -P 0x5a {at} {len}"),
+    ]));
     plain_writers_across(&mut cluster, "move", |cluster| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (stop, uri) = (stop.clone(), uri.clone());
+            std::thread::spawn(move || {
+                let mut runs = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || runs < 2 {
+                    let out = common::run_ok(std::process::Command::new("qemu-io").args([
+                        "-f",
+                        "raw",
+                        &uri,
+                        "-c",
+                        &format!("read -P 0x5a {at} {len}"),
+                    ]));
+                    assert!(
+                        out.contains("read 16777216/16777216 bytes") && !out.contains("failed"),
+                        "qemu-io read through the edge during the move: {out}"
+                    );
+                    runs += 1;
+                }
+                runs
+            })
+        };
         cluster.nodes[0].cli_ok(&["volume", "move", PLAIN, "--to", "n2"]);
         let new_owner = cluster.wait_plain_left_n0(1, tag, "the move to n2");
         assert_eq!(new_owner, 2);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let runs = reader.join().expect("the qemu-io reader");
+        assert!(runs >= 2, "{runs} qemu-io reads");
+        // Zeroes again, for the oracle's check of the whole volume (no write of its own there).
+        common::run_ok(std::process::Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            &format!("write -z {at} {len}"),
+        ]));
         new_owner
     });
 }
